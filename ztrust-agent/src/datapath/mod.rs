@@ -1,0 +1,1 @@
+//! Loading, attaching and syncing the eBPF datapath.

@@ -1,0 +1,1 @@
+//! The lab: a node built from network namespaces.

@@ -1,0 +1,6 @@
+//! ztrust agent: sources → pure policy engine → datapath sync, plus the lab.
+pub mod model;
+pub mod policy;
+pub mod source;
+pub mod lab;
+pub mod datapath;

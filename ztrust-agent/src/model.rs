@@ -1,0 +1,179 @@
+//! The cluster as the policy engine sees it: plain Rust types, no kube or BPF types.
+//!
+//! Sources (a directory of YAML files, the Kubernetes API) convert their objects into these, validating
+//! as they go; the engine (`crate::policy`) turns a [`Cluster`] into the desired datapath state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub type Labels = BTreeMap<String, String>;
+
+/// `namespace/name` of a namespaced object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct ObjectRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectRef {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// IANA protocol number, as in the IP header.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => ztrust_common::proto::TCP,
+            Protocol::Udp => ztrust_common::proto::UDP,
+            Protocol::Sctp => ztrust_common::proto::SCTP,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ContainerPort {
+    pub name: Option<String>,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub annotations: Labels,
+    /// `status.podIPs` (or `status.podIP`); empty while the pod has no address yet.
+    pub ips: Vec<IpAddr>,
+    /// All `containerPorts` of all containers (named ports resolve against these).
+    pub ports: Vec<ContainerPort>,
+    pub host_network: bool,
+    pub node_name: Option<String>,
+}
+
+impl Pod {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    pub values: BTreeSet<String>,
+}
+
+/// A Kubernetes label selector. The empty selector selects everything.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct LabelSelector {
+    pub match_labels: Labels,
+    pub match_expressions: Vec<Requirement>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Peer {
+    /// `podSelector` and/or `namespaceSelector`. `namespace_selector: None` means the policy's own
+    /// namespace; `pod_selector: None` means every pod of the selected namespaces.
+    Pods { namespace_selector: Option<LabelSelector>, pod_selector: Option<LabelSelector> },
+    IpBlock { cidr: IpNet, except: Vec<IpNet> },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PortRef {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortSpec {
+    pub protocol: Protocol,
+    /// `None`: every port of `protocol`.
+    pub port: Option<PortRef>,
+    /// Inclusive end of a range starting at a numeric `port`.
+    pub end_port: Option<u16>,
+}
+
+/// One `ingress` or `egress` rule. Per the API, an empty (or absent) `peers` list matches every peer and
+/// an empty (or absent) `ports` list matches every port.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PortSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPolicy {
+    pub namespace: String,
+    pub name: String,
+    pub pod_selector: LabelSelector,
+    /// `policyTypes` as given, or inferred as the API does (Ingress always; Egress if egress rules exist).
+    pub isolates_ingress: bool,
+    pub isolates_egress: bool,
+    pub ingress: Vec<Rule>,
+    pub egress: Vec<Rule>,
+}
+
+impl NetworkPolicy {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+}
+
+/// Everything the engine compiles from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Cluster {
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub pods: BTreeMap<ObjectRef, Pod>,
+    pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    /// Addresses of this node: traffic from them is never blocked (Kubernetes lets no pod block its node).
+    pub node_ips: Vec<IpAddr>,
+}

@@ -1,0 +1,2 @@
+//! Sources of cluster state.
+pub mod dir;

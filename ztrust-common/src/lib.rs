@@ -1,0 +1,325 @@
+//! Plain-old-data types shared by the kernel programs (`ztrust-ebpf`) and user space (`ztrust-agent`).
+//!
+//! Every type here is `#[repr(C)]`, holds only integers and byte arrays, and has its size checked at
+//! compile time: a layout change that would make the kernel and the agent disagree fails the build.
+//! Multi-byte fields of LPM-trie keys are big-endian, because the kernel's trie compares keys bit by bit
+//! from the most significant bit of the first byte.
+#![no_std]
+
+/// Direction of a packet relative to the endpoint (pod) whose hook sees it.
+pub mod dir {
+    /// Towards the endpoint: seen by the TC egress hook of the pod's host-side interface.
+    pub const INGRESS: u8 = 0;
+    /// From the endpoint: seen by the TC ingress hook of the pod's host-side interface.
+    pub const EGRESS: u8 = 1;
+}
+
+/// Reserved numeric identities. Pod and CIDR identities start at [`identity::FIRST_DYNAMIC`].
+pub mod identity {
+    /// Wildcard: in a policy key, any remote (including addresses outside the cluster).
+    pub const ANY: u32 = 0;
+    /// An address with no entry in the ipcache (outside every known pod and CIDR).
+    pub const WORLD: u32 = 1;
+    /// The node itself. Kubernetes does not let a pod block its own node (kubelet probes).
+    pub const HOST: u32 = 2;
+    /// First identity handed out by the agent's allocator.
+    pub const FIRST_DYNAMIC: u32 = 256;
+}
+
+/// IP protocol numbers the datapath parses. `ANY` is the policy-key wildcard.
+pub mod proto {
+    pub const ANY: u8 = 0;
+    pub const ICMP: u8 = 1;
+    pub const TCP: u8 = 6;
+    pub const UDP: u8 = 17;
+    pub const ICMPV6: u8 = 58;
+    pub const SCTP: u8 = 132;
+}
+
+/// Bits of [`EndpointInfo::flags`].
+pub mod ep_flags {
+    /// A policy with policyTypes Ingress selects the pod: ingress is default-deny plus allow entries.
+    pub const ISOLATED_INGRESS: u32 = 1 << 0;
+    /// A policy with policyTypes Egress selects the pod.
+    pub const ISOLATED_EGRESS: u32 = 1 << 1;
+    /// Audit mode: never drop, report `WOULD_DROP` instead.
+    pub const AUDIT: u32 = 1 << 2;
+}
+
+/// What happened to a packet.
+pub mod verdict {
+    pub const FORWARDED: u8 = 1;
+    pub const DROPPED: u8 = 2;
+    /// Enforcement would have dropped the packet, but the endpoint is in audit mode.
+    pub const WOULD_DROP: u8 = 3;
+}
+
+/// Why. A stable, documented enumeration: values are never reused, only added.
+pub mod reason {
+    /// Forwarded: a new connection matched an allow entry.
+    pub const ALLOWED_BY_POLICY: u8 = 1;
+    /// Forwarded: no policy isolates the endpoint in this direction.
+    pub const NOT_ISOLATED: u8 = 2;
+    /// Forwarded: packet of a connection in the conntrack table, original direction.
+    pub const ESTABLISHED: u8 = 3;
+    /// Forwarded: reply of a connection in the conntrack table.
+    pub const REPLY: u8 = 4;
+    /// Forwarded: traffic from the node itself, which Kubernetes never lets a pod block.
+    pub const FROM_HOST: u8 = 5;
+    /// Forwarded: not IP (ARP), or IPv6 neighbour discovery, which addressing itself needs.
+    pub const NOT_IP: u8 = 6;
+    /// Forwarded: a TCP packet of a connection whose conntrack entry was evicted, re-admitted because
+    /// the policy still allows the connection in its original direction.
+    pub const CT_RECOVERED: u8 = 7;
+
+    /// Dropped: the endpoint is isolated in this direction and no allow entry matches.
+    pub const POLICY_DENIED: u8 = 64;
+    /// Dropped: the interface carries the program but the agent has not (yet) described its endpoint.
+    /// This is what makes a pod fail closed before its rules are in place.
+    pub const UNKNOWN_ENDPOINT: u8 = 65;
+    /// Dropped: the packet is too short or its headers are inconsistent.
+    pub const MALFORMED: u8 = 66;
+    /// Dropped: a TCP packet that is not a SYN, with no conntrack entry, that no policy allows in either
+    /// direction.
+    pub const NO_CT_ENTRY: u8 = 67;
+    /// Dropped: IP fragment other than the first, whose ports cannot be known.
+    pub const FRAGMENT: u8 = 68;
+
+    /// First value meaning "dropped".
+    pub const FIRST_DROP: u8 = 64;
+}
+
+/// Bits of [`FlowEvent::flags`].
+pub mod event_flags {
+    /// The event is the first packet of a new connection (a SYN, or the first datagram of a flow).
+    pub const NEW_FLOW: u8 = 1 << 0;
+}
+
+/// Names of the pinned objects under the pin directory (default `/sys/fs/bpf/ztrust`).
+pub mod names {
+    pub const ENDPOINTS: &str = "ZT_ENDPOINTS";
+    pub const IPCACHE: &str = "ZT_IPCACHE";
+    pub const POLICY: &str = "ZT_POLICY";
+    pub const CONNTRACK: &str = "ZT_CONNTRACK";
+    pub const COUNTERS: &str = "ZT_COUNTERS";
+    pub const EVENTS: &str = "ZT_EVENTS";
+    pub const EVENT_RATE: &str = "ZT_EVENT_RATE";
+    pub const STATS: &str = "ZT_STATS";
+    pub const CONFIG: &str = "ZT_CONFIG";
+    pub const PROG_FROM_POD: &str = "zt_from_pod";
+    pub const PROG_TO_POD: &str = "zt_to_pod";
+}
+
+/// Capacities of the maps. The agent refuses updates past them rather than writing half a state.
+pub mod capacity {
+    pub const ENDPOINTS: u32 = 16_384;
+    pub const IPCACHE: u32 = 524_288;
+    pub const POLICY: u32 = 1_048_576;
+    pub const CONNTRACK: u32 = 262_144;
+    pub const COUNTERS: u32 = 65_536;
+    pub const EVENT_RATE: u32 = 65_536;
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 4 << 20;
+}
+
+/// Indices of the per-CPU [`names::STATS`] array.
+pub mod stat {
+    /// A flow event could not be reserved in the ring buffer (user space too slow).
+    pub const EVENTS_LOST: u32 = 0;
+    /// A conntrack entry could not be written.
+    pub const CT_INSERT_FAILED: u32 = 1;
+    /// Events suppressed by the per-flow rate limit.
+    pub const EVENTS_RATE_LIMITED: u32 = 2;
+    pub const COUNT: u32 = 4;
+}
+
+/// Value of the endpoint map, keyed by the `ifindex` (u32) of the pod's host-side interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EndpointInfo {
+    /// Scopes the endpoint's entries in the policy map ([`PolicyKey::endpoint`]).
+    pub endpoint_id: u32,
+    /// Security identity of the pod itself.
+    pub identity: u32,
+    /// [`ep_flags`] bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Data part of the ipcache LPM-trie key: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`,
+/// prefix length + 96), so one trie serves both families.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheKey {
+    pub addr: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub _pad: u32,
+}
+
+/// Data part of the policy LPM-trie key. Fields are big-endian and ordered so that a shorter prefix is a
+/// wildcard: prefix [`PolicyKey::PREFIX_ANY_PROTO`] matches any protocol and port,
+/// [`PolicyKey::PREFIX_ANY_PORT`] any port of one protocol, and a port range is a set of aligned port
+/// blocks of prefix `PREFIX_FULL - k`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyKey {
+    /// [`EndpointInfo::endpoint_id`], big-endian.
+    pub endpoint: [u8; 4],
+    /// Remote identity, big-endian; [`identity::ANY`] for "any peer".
+    pub identity: [u8; 4],
+    pub direction: u8,
+    pub protocol: u8,
+    /// Destination port, big-endian (the pod's own port for ingress, the peer's for egress).
+    pub port: [u8; 2],
+}
+
+impl PolicyKey {
+    pub const PREFIX_FULL: u32 = 96;
+    pub const PREFIX_ANY_PORT: u32 = 80;
+    pub const PREFIX_ANY_PROTO: u32 = 72;
+
+    pub const fn new(endpoint: u32, identity: u32, direction: u8, protocol: u8, port: u16) -> Self {
+        Self {
+            endpoint: endpoint.to_be_bytes(),
+            identity: identity.to_be_bytes(),
+            direction,
+            protocol,
+            port: port.to_be_bytes(),
+        }
+    }
+}
+
+/// What an allow entry says: which rule allowed the traffic (for attribution in flows).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    /// Agent-assigned rule reference; 0 = unknown.
+    pub rule_id: u32,
+    pub _pad: u32,
+}
+
+/// Conntrack key. The tuple is always in the connection's original direction, and the entry belongs to
+/// the endpoint and direction whose hook admitted the connection: a connection between two local pods has
+/// one entry at the client's egress and one at the server's ingress.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub ifindex: u32,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Ports in network byte order as on the wire; for ICMP echo, the identifier in both.
+    pub sport: u16,
+    pub dport: u16,
+    pub protocol: u8,
+    pub direction: u8,
+    pub _pad: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtValue {
+    pub created_ns: u64,
+    pub last_seen_ns: u64,
+    pub rule_id: u32,
+    pub flags: u32,
+}
+
+/// Key of the per-CPU counters.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CounterKey {
+    pub ifindex: u32,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub _pad: u8,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterValue {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Global settings written by the agent (single-entry array [`names::CONFIG`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Minimum interval between two events of the same flow and verdict, in nanoseconds.
+    pub event_interval_ns: u64,
+    /// Global [`ep_flags::AUDIT`] and friends, OR-ed into every endpoint's flags.
+    pub flags: u32,
+    /// Emit events for new allowed connections too (the connection log).
+    pub log_allowed: u32,
+}
+
+/// One record of the ring buffer: a new allowed connection, or a dropped (or would-drop) packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) at the hook.
+    pub ts_ns: u64,
+    pub ifindex: u32,
+    pub endpoint_identity: u32,
+    pub remote_identity: u32,
+    pub rule_id: u32,
+    /// Source and destination, IPv4-mapped for IPv4.
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Host byte order.
+    pub sport: u16,
+    pub dport: u16,
+    /// 4 or 6.
+    pub family: u8,
+    pub protocol: u8,
+    pub direction: u8,
+    pub verdict: u8,
+    pub reason: u8,
+    pub tcp_flags: u8,
+    /// [`event_flags`] bits.
+    pub flags: u8,
+    pub _pad: u8,
+    pub pkt_len: u32,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<EndpointInfo>() == 16);
+    assert!(core::mem::size_of::<IpcacheKey>() == 16);
+    assert!(core::mem::size_of::<IpcacheValue>() == 8);
+    assert!(core::mem::size_of::<PolicyKey>() * 8 == PolicyKey::PREFIX_FULL as usize);
+    assert!(core::mem::offset_of!(PolicyKey, direction) * 8 == 64);
+    assert!(core::mem::offset_of!(PolicyKey, port) * 8 == PolicyKey::PREFIX_ANY_PORT as usize);
+    assert!(core::mem::offset_of!(PolicyKey, protocol) * 8 == PolicyKey::PREFIX_ANY_PROTO as usize);
+    assert!(core::mem::size_of::<PolicyValue>() == 8);
+    assert!(core::mem::size_of::<CtKey>() == 44);
+    assert!(core::mem::size_of::<CtValue>() == 24);
+    assert!(core::mem::size_of::<CounterKey>() == 8);
+    assert!(core::mem::size_of::<CounterValue>() == 16);
+    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<FlowEvent>() == 72);
+};
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)], made only of integers and byte arrays, with explicit padding
+    // (checked by the size assertions above), so every bit pattern is valid.
+    unsafe impl aya::Pod for EndpointInfo {}
+    unsafe impl aya::Pod for IpcacheKey {}
+    unsafe impl aya::Pod for IpcacheValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for CounterKey {}
+    unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for FlowEvent {}
+}
