@@ -1,4 +1,300 @@
+//! ztrust datapath: TC programs on the host side of each pod's interface.
+//!
+//! `zt_from_pod` runs on the host interface's ingress (packets the pod sends: the pod's egress);
+//! `zt_to_pod` on its egress (packets delivered to the pod: the pod's ingress). Both run the same
+//! pipeline: parse → conntrack → identity of the remote address → policy lookup → verdict, counters and
+//! (rate-limited) events. Every error path drops: the datapath fails closed.
 #![no_std]
 #![no_main]
+
+mod maps;
+mod parse;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_ktime_get_ns,
+    macros::classifier,
+    maps::lpm_trie::Key,
+    programs::TcContext,
+};
+use ztrust_common::{
+    CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, dir,
+    ep_flags, event_flags, identity, proto, reason, stat, verdict,
+};
+
+use crate::{
+    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, POLICY, STATS},
+    parse::{Packet, Parsed},
+};
+
+/// TCP flag bits (RFC 9293 §3.1).
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+#[classifier]
+pub fn zt_from_pod(ctx: TcContext) -> i32 {
+    handle(&ctx, dir::EGRESS)
+}
+
+#[classifier]
+pub fn zt_to_pod(ctx: TcContext) -> i32 {
+    handle(&ctx, dir::INGRESS)
+}
+
+/// What the pipeline decided about one packet.
+struct Decision {
+    verdict: u8,
+    reason: u8,
+    remote_identity: u32,
+    rule_id: u32,
+    new_flow: bool,
+}
+
+#[inline(always)]
+fn handle(ctx: &TcContext, direction: u8) -> i32 {
+    // SAFETY: the context pointer is valid for the whole program run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
+        // The interface carries the program but the agent has not described the endpoint (yet):
+        // fail closed. Non-IP traffic is dropped too: the pod has no business on the wire yet.
+        count(ifindex, direction, verdict::DROPPED, reason::UNKNOWN_ENDPOINT, ctx.len());
+        return TC_ACT_SHOT as i32;
+    };
+    let ep = *ep;
+    let config = CONFIG.get(0).copied().unwrap_or_default();
+
+    let pkt = match parse::parse(ctx) {
+        Parsed::Ip(pkt) => pkt,
+        Parsed::NotIp => {
+            count(ifindex, direction, verdict::FORWARDED, reason::NOT_IP, ctx.len());
+            return TC_ACT_OK as i32;
+        }
+        Parsed::Fragment => {
+            count(ifindex, direction, verdict::DROPPED, reason::FRAGMENT, ctx.len());
+            return TC_ACT_SHOT as i32;
+        }
+        Parsed::Malformed => {
+            count(ifindex, direction, verdict::DROPPED, reason::MALFORMED, ctx.len());
+            return TC_ACT_SHOT as i32;
+        }
+    };
+
+    let fwd = ct_key(ifindex, direction, &pkt);
+    let d = decide(&fwd, direction, &ep, &pkt);
+    let mut v = d.verdict;
+    if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
+        v = verdict::WOULD_DROP;
+    }
+    count(ifindex, direction, v, d.reason, ctx.len());
+    if v != verdict::FORWARDED || (d.new_flow && config.log_allowed != 0) {
+        emit(ctx, &fwd, &ep, &pkt, &d, v, config.event_interval_ns);
+    }
+    if v == verdict::DROPPED { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
+}
+
+#[inline(always)]
+fn opposite(direction: u8) -> u8 {
+    if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS }
+}
+
+#[inline(always)]
+fn ct_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
+    CtKey {
+        ifindex,
+        saddr: pkt.saddr,
+        daddr: pkt.daddr,
+        sport: pkt.sport_be,
+        dport: pkt.dport_be,
+        protocol: pkt.protocol,
+        direction,
+        _pad: [0; 2],
+    }
+}
+
+/// The key of the connection this packet would be a reply to, as its original direction recorded it.
+#[inline(always)]
+fn ct_reply_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
+    CtKey {
+        ifindex,
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport_be,
+        dport: pkt.sport_be,
+        protocol: pkt.protocol,
+        direction: opposite(direction),
+        _pad: [0; 2],
+    }
+}
+
+#[inline(always)]
+fn remote_identity(addr: &[u8; 16]) -> u32 {
+    let key = Key::new(128, IpcacheKey { addr: *addr });
+    match IPCACHE.get(&key) {
+        Some(v) => v.identity,
+        None => identity::WORLD,
+    }
+}
+
+/// Looks up the allow entries of `ep` for traffic with `remote` in `direction` to `port`: first for the
+/// remote's own identity, then for the "any peer" wildcard. Returns the rule id (≥ 1) or 0.
+#[inline(always)]
+fn policy_lookup(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
+    let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ep.endpoint_id, remote, direction, protocol, port));
+    if let Some(v) = POLICY.get(&key) {
+        return Some(v.rule_id);
+    }
+    let key = Key::new(
+        PolicyKey::PREFIX_FULL,
+        PolicyKey::new(ep.endpoint_id, identity::ANY, direction, protocol, port),
+    );
+    POLICY.get(&key).map(|v| v.rule_id)
+}
+
+/// Would `ep` admit a new connection in `direction` with `remote` to `port`?
+/// Returns (reason, rule id) when it would.
+#[inline(always)]
+fn admits(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16) -> Option<(u8, u32)> {
+    // Kubernetes: a pod cannot block traffic from its own node (kubelet health checks).
+    if direction == dir::INGRESS && remote == identity::HOST {
+        return Some((reason::FROM_HOST, 0));
+    }
+    let isolated = if direction == dir::INGRESS {
+        ep.flags & ep_flags::ISOLATED_INGRESS != 0
+    } else {
+        ep.flags & ep_flags::ISOLATED_EGRESS != 0
+    };
+    if !isolated {
+        return Some((reason::NOT_ISOLATED, 0));
+    }
+    policy_lookup(ep, remote, direction, protocol, port).map(|rule| (reason::ALLOWED_BY_POLICY, rule))
+}
+
+#[inline(always)]
+fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decision {
+    if let Some(ct) = CONNTRACK.get_ptr(fwd) {
+        // SAFETY: pointer from a successful lookup; LRU values are plain data.
+        let rule_id = unsafe { (*ct).rule_id };
+        return Decision { verdict: verdict::FORWARDED, reason: reason::ESTABLISHED, remote_identity: 0, rule_id, new_flow: false };
+    }
+    let rev = ct_reply_key(fwd.ifindex, direction, pkt);
+    if let Some(ct) = CONNTRACK.get_ptr(&rev) {
+        let rule_id = unsafe { (*ct).rule_id };
+        return Decision { verdict: verdict::FORWARDED, reason: reason::REPLY, remote_identity: 0, rule_id, new_flow: false };
+    }
+
+    let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
+    let remote = remote_identity(remote_addr);
+    let dport = u16::from_be(pkt.dport_be);
+
+    if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
+        ct_create(fwd, rule_id);
+        return Decision { verdict: verdict::FORWARDED, reason: why, remote_identity: remote, rule_id, new_flow: true };
+    }
+
+    // A TCP segment that is not an opening SYN and has no conntrack entry: its entry may have been
+    // evicted from the LRU table. It is re-admitted only if policy allows the connection in the direction
+    // that would have opened it (the reverse one), so an eviction never opens anything the policy forbids
+    // and never cuts a connection the policy allows.
+    if pkt.protocol == proto::TCP && (pkt.tcp_flags & TCP_SYN == 0 || pkt.tcp_flags & TCP_ACK != 0) {
+        let sport = u16::from_be(pkt.sport_be);
+        if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
+            ct_create(&rev, rule_id);
+            return Decision { verdict: verdict::FORWARDED, reason: reason::CT_RECOVERED, remote_identity: remote, rule_id, new_flow: false };
+        }
+        return Decision { verdict: verdict::DROPPED, reason: reason::NO_CT_ENTRY, remote_identity: remote, rule_id: 0, new_flow: false };
+    }
+    Decision { verdict: verdict::DROPPED, reason: reason::POLICY_DENIED, remote_identity: remote, rule_id: 0, new_flow: true }
+}
+
+#[inline(always)]
+fn ct_create(key: &CtKey, rule_id: u32) {
+    // SAFETY: helper call without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let value = CtValue { created_ns: now, last_seen_ns: now, rule_id, flags: 0 };
+    if CONNTRACK.insert(key, &value, 0).is_err() {
+        stat_inc(stat::CT_INSERT_FAILED);
+    }
+}
+
+#[inline(always)]
+fn stat_inc(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn count(ifindex: u32, direction: u8, verdict: u8, reason: u8, len: u32) {
+    let key = CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
+    if let Some(p) = COUNTERS.get_ptr_mut(&key) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        unsafe {
+            (*p).packets += 1;
+            (*p).bytes += len as u64;
+        }
+    } else {
+        let _ = COUNTERS.insert(&key, &CounterValue { packets: 1, bytes: len as u64 }, 0);
+    }
+}
+
+/// Sends one event, unless the flow already had one within the configured interval (drops only: new
+/// allowed connections are already once per connection).
+#[inline(always)]
+fn emit(ctx: &TcContext, flow: &CtKey, ep: &EndpointInfo, pkt: &Packet, d: &Decision, v: u8, interval_ns: u64) {
+    // SAFETY: helper call without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if v != verdict::FORWARDED {
+        // A flood of denied packets costs one lookup each, not an event each.
+        if let Some(last) = EVENT_RATE.get_ptr_mut(flow) {
+            // SAFETY: pointer from a successful lookup.
+            unsafe {
+                if now.wrapping_sub(*last) < interval_ns {
+                    stat_inc(stat::EVENTS_RATE_LIMITED);
+                    return;
+                }
+                *last = now;
+            }
+        } else {
+            let _ = EVENT_RATE.insert(flow, &now, 0);
+        }
+    }
+    let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
+        stat_inc(stat::EVENTS_LOST);
+        return;
+    };
+    // Written field by field in place: a FlowEvent built on the stack would not fit the 512-byte frame.
+    let e = entry.as_mut_ptr();
+    // SAFETY: `e` points to a reserved, writable FlowEvent-sized record.
+    unsafe {
+        (*e).ts_ns = now;
+        (*e).ifindex = flow.ifindex;
+        (*e).endpoint_identity = ep.identity;
+        (*e).remote_identity = d.remote_identity;
+        (*e).rule_id = d.rule_id;
+        (*e).saddr = pkt.saddr;
+        (*e).daddr = pkt.daddr;
+        (*e).sport = u16::from_be(pkt.sport_be);
+        (*e).dport = u16::from_be(pkt.dport_be);
+        (*e).family = pkt.family;
+        (*e).protocol = pkt.protocol;
+        (*e).direction = flow.direction;
+        (*e).verdict = v;
+        (*e).reason = d.reason;
+        (*e).tcp_flags = pkt.tcp_flags;
+        (*e).flags = if d.new_flow { event_flags::NEW_FLOW } else { 0 };
+        (*e)._pad = 0;
+        (*e).pkt_len = ctx.len();
+    }
+    entry.submit(0);
+}
+
+#[cfg(not(test))]
 #[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! { loop {} }
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

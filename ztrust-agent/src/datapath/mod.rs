@@ -1,1 +1,4 @@
 //! Loading, attaching and syncing the eBPF datapath.
+
+/// The kernel programs, built by `build.rs` from `ztrust-ebpf`.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ztrust"));

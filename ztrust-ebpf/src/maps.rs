@@ -1,0 +1,45 @@
+//! Every map of the datapath. All are pinned by name so that a restarted agent adopts them and the kernel
+//! keeps enforcing with the last state while no agent runs.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use ztrust_common::{
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
+    PolicyValue, capacity,
+};
+
+/// Host-side interface index → endpoint. An interface that carries the programs but has no entry here
+/// drops everything (the pod is not yet known: fail closed).
+#[map(name = "ZT_ENDPOINTS")]
+pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
+
+/// Address prefix → identity (pods as /32 or /128, ipBlock CIDRs, the node).
+#[map(name = "ZT_IPCACHE")]
+pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
+
+/// Allow entries: (endpoint, remote identity, direction, protocol, port prefix) → rule.
+#[map(name = "ZT_POLICY")]
+pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
+
+/// Connections admitted at an endpoint and direction. LRU: when full, the least recently used entry goes;
+/// a connection that loses its entry is re-judged by policy, never admitted for free.
+#[map(name = "ZT_CONNTRACK")]
+pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::CONNTRACK, 0);
+
+#[map(name = "ZT_COUNTERS")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> = PerCpuHashMap::pinned(capacity::COUNTERS, 0);
+
+#[map(name = "ZT_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
+
+/// Last time (ns) an event was emitted for a flow, to rate-limit events per flow.
+#[map(name = "ZT_EVENT_RATE")]
+pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(capacity::EVENT_RATE, 0);
+
+#[map(name = "ZT_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ztrust_common::stat::COUNT, 0);
+
+#[map(name = "ZT_CONFIG")]
+pub static CONFIG: Array<Config> = Array::pinned(1, 0);

@@ -1,0 +1,186 @@
+//! Header parsing: Ethernet → IPv4 / IPv6 (with extension headers) → TCP, UDP, SCTP, ICMP, ICMPv6.
+//!
+//! Loads go through `bpf_skb_load_bytes`, which checks bounds itself, so a short packet is an error
+//! (→ `Malformed`) rather than a verifier rejection.
+
+use aya_ebpf::programs::TcContext;
+use ztrust_common::proto;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+
+/// IPv6 extension headers that may precede the transport header (RFC 8200 §4).
+const IPV6_HOP_BY_HOP: u8 = 0;
+const IPV6_ROUTING: u8 = 43;
+const IPV6_FRAGMENT: u8 = 44;
+const IPV6_DEST_OPTS: u8 = 60;
+/// Bounded walk: the verifier needs a fixed loop count, and real traffic has few extension headers.
+const IPV6_MAX_EXT: usize = 4;
+
+/// ICMP echo request/reply (RFC 792) and ICMPv6 echo request/reply (RFC 4443): the identifier plays the
+/// role of a port so that conntrack can match replies.
+const ICMP_ECHO_REPLY: u8 = 0;
+const ICMP_ECHO_REQUEST: u8 = 8;
+const ICMPV6_ECHO_REQUEST: u8 = 128;
+const ICMPV6_ECHO_REPLY: u8 = 129;
+/// ICMPv6 neighbour discovery (RFC 4861 §4): router/neighbour solicitation/advertisement and redirect.
+/// Addressing itself needs them, so they are never subject to policy (like ARP for IPv4).
+const ICMPV6_ND_FIRST: u8 = 133;
+const ICMPV6_ND_LAST: u8 = 137;
+
+pub struct Packet {
+    pub family: u8,
+    pub protocol: u8,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Network byte order as on the wire.
+    pub sport_be: u16,
+    pub dport_be: u16,
+    pub tcp_flags: u8,
+}
+
+pub enum Parsed {
+    Ip(Packet),
+    NotIp,
+    /// A non-first fragment: its transport header (ports) is in another packet.
+    Fragment,
+    Malformed,
+}
+
+#[inline(always)]
+fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    let Some(ethertype) = load::<u16>(ctx, 12) else {
+        return Parsed::Malformed;
+    };
+    match u16::from_be(ethertype) {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => Parsed::NotIp,
+    }
+}
+
+#[inline(always)]
+fn mapped_v4(addr: [u8; 4]) -> [u8; 16] {
+    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext) -> Parsed {
+    let Some(vihl) = load::<u8>(ctx, ETH_HLEN) else { return Parsed::Malformed };
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return Parsed::Malformed;
+    }
+    let (Some(frag), Some(protocol), Some(saddr), Some(daddr)) = (
+        load::<u16>(ctx, ETH_HLEN + 6),
+        load::<u8>(ctx, ETH_HLEN + 9),
+        load::<[u8; 4]>(ctx, ETH_HLEN + 12),
+        load::<[u8; 4]>(ctx, ETH_HLEN + 16),
+    ) else {
+        return Parsed::Malformed;
+    };
+    // Fragment offset ≠ 0: not the first fragment.
+    if u16::from_be(frag) & 0x1fff != 0 {
+        return Parsed::Fragment;
+    }
+    let mut pkt = Packet {
+        family: 4,
+        protocol,
+        saddr: mapped_v4(saddr),
+        daddr: mapped_v4(daddr),
+        sport_be: 0,
+        dport_be: 0,
+        tcp_flags: 0,
+    };
+    if l4(ctx, ETH_HLEN + ihl, &mut pkt) { Parsed::Ip(pkt) } else { Parsed::Malformed }
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Parsed {
+    let (Some(vtc), Some(mut next), Some(saddr), Some(daddr)) = (
+        load::<u8>(ctx, ETH_HLEN),
+        load::<u8>(ctx, ETH_HLEN + 6),
+        load::<[u8; 16]>(ctx, ETH_HLEN + 8),
+        load::<[u8; 16]>(ctx, ETH_HLEN + 24),
+    ) else {
+        return Parsed::Malformed;
+    };
+    if vtc >> 4 != 6 {
+        return Parsed::Malformed;
+    }
+    let mut off = ETH_HLEN + 40;
+    for _ in 0..IPV6_MAX_EXT {
+        match next {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+                let (Some(n), Some(len)) = (load::<u8>(ctx, off), load::<u8>(ctx, off + 1)) else {
+                    return Parsed::Malformed;
+                };
+                next = n;
+                off += (len as usize + 1) * 8;
+            }
+            IPV6_FRAGMENT => {
+                let (Some(n), Some(frag)) = (load::<u8>(ctx, off), load::<u16>(ctx, off + 2)) else {
+                    return Parsed::Malformed;
+                };
+                if u16::from_be(frag) & 0xfff8 != 0 {
+                    return Parsed::Fragment;
+                }
+                next = n;
+                off += 8;
+            }
+            _ => break,
+        }
+    }
+    let mut pkt = Packet { family: 6, protocol: next, saddr, daddr, sport_be: 0, dport_be: 0, tcp_flags: 0 };
+    if next == proto::ICMPV6 {
+        if let Some(t) = load::<u8>(ctx, off) {
+            if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&t) {
+                return Parsed::NotIp;
+            }
+        }
+    }
+    if l4(ctx, off, &mut pkt) { Parsed::Ip(pkt) } else { Parsed::Malformed }
+}
+
+/// Reads the transport header at `off`. Protocols without ports keep 0/0. False when the header of a
+/// protocol with ports is cut short.
+#[inline(always)]
+fn l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> bool {
+    match pkt.protocol {
+        proto::TCP | proto::UDP | proto::SCTP => {
+            let (Some(sport), Some(dport)) = (load::<u16>(ctx, off), load::<u16>(ctx, off + 2)) else {
+                return false;
+            };
+            pkt.sport_be = sport;
+            pkt.dport_be = dport;
+            if pkt.protocol == proto::TCP {
+                match load::<u8>(ctx, off + 13) {
+                    Some(flags) => pkt.tcp_flags = flags,
+                    None => return false,
+                }
+            }
+            true
+        }
+        proto::ICMP | proto::ICMPV6 => {
+            let Some(t) = load::<u8>(ctx, off) else { return false };
+            let echo = matches!(
+                (pkt.protocol, t),
+                (proto::ICMP, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
+                    | (proto::ICMPV6, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY)
+            );
+            if echo {
+                let Some(id) = load::<u16>(ctx, off + 4) else { return false };
+                pkt.sport_be = id;
+                pkt.dport_be = id;
+            }
+            true
+        }
+        _ => true,
+    }
+}
