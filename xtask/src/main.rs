@@ -1,1 +1,211 @@
-fn main(){}
+//! Project automation: `cargo xtask setup | build | lab | test`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+/// Debian packages the build needs. Debian's rustc ships the `core` sources that `-Z build-std=core`
+/// needs for the BPF target (rustup's toolchains here have no `rust-src`); LLVM 22 is what bpf-linker
+/// links against.
+const BUILD_PACKAGES: &[&str] =
+    &["rustc-web", "rust-web-src", "llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "util-linux"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
+const BPF_TOOLCHAIN: &str = "ztrust-bpf";
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install everything the build needs (idempotent; seconds when all is there).
+    Setup,
+    /// Set up and build the agent (the eBPF object is built and embedded by its build script).
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// The payments lab: build, bring pods up, probe, apply the policies, probe, show what was denied.
+    Lab {
+        /// Tear the lab down at the end instead of leaving it up to explore.
+        #[arg(long)]
+        down: bool,
+    },
+    /// All tests: unit tests, then the privileged integration tests one at a time.
+    Test {
+        /// Only the unit tests (no root needed).
+        #[arg(long)]
+        unit: bool,
+        /// Extra filter passed to the privileged test binaries.
+        filter: Option<String>,
+    },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn cmd(program: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args).current_dir(root());
+    c
+}
+
+fn run(mut c: Command) -> anyhow::Result<()> {
+    let shown = format!("{c:?}");
+    let status = c.status().with_context(|| format!("starting {shown}"))?;
+    if !status.success() {
+        bail!("{shown} failed: {status}");
+    }
+    Ok(())
+}
+
+fn output(mut c: Command) -> Option<String> {
+    let out = c.output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn step(what: &str) {
+    eprintln!("\n\x1b[1m==> {what}\x1b[0m");
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn setup() -> anyhow::Result<()> {
+    let started = Instant::now();
+    step("setup: build toolchain");
+    let missing: Vec<&str> = BUILD_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            !output(cmd("dpkg-query", &["-W", "-f=${Status}", p])).is_some_and(|s| s.contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("apt packages: all present");
+    } else {
+        eprintln!("apt packages missing: {}", missing.join(" "));
+        if !is_root() {
+            bail!("installing packages needs root: sudo apt-get install -y {}", missing.join(" "));
+        }
+        run(cmd("apt-get", &["update", "-q"]))?;
+        let mut c = cmd("apt-get", &["install", "-y", "-q", "--no-install-recommends"]);
+        c.args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+        run(c)?;
+    }
+
+    let have_linker = output(cmd("bpf-linker", &["--version"])).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    if have_linker {
+        eprintln!("bpf-linker {BPF_LINKER_VERSION}: present");
+    } else {
+        eprintln!("installing bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)");
+        // Without LLVM_PREFIX, bpf-linker's build finds an older llvm-config first.
+        let mut c = cmd(
+            "cargo",
+            &[
+                "install",
+                "--locked",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ],
+        );
+        c.env("LLVM_PREFIX", "/usr/lib/llvm-22");
+        run(c)?;
+    }
+
+    let linked = output(cmd("rustup", &["toolchain", "list"])).is_some_and(|l| l.lines().any(|t| t.starts_with(BPF_TOOLCHAIN)));
+    if linked {
+        eprintln!("rustup toolchain {BPF_TOOLCHAIN}: linked");
+    } else {
+        run(cmd("rustup", &["toolchain", "link", BPF_TOOLCHAIN, "/usr"]))?;
+        eprintln!("rustup toolchain {BPF_TOOLCHAIN}: linked to /usr (Debian's rustc with core sources)");
+    }
+    eprintln!("setup done in {:.1}s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    setup()?;
+    step("build");
+    let mut args = vec!["build", "--locked", "-p", "ztrust-agent"];
+    if release {
+        args.push("--release");
+    }
+    run(cmd("cargo", &args))?;
+    Ok(root().join("target").join(if release { "release" } else { "debug" }).join("ztrust-agent"))
+}
+
+fn lab(down: bool) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
+    }
+    let agent = build(false)?;
+    let example = root().join("deploy/examples/payments");
+    let agent_cmd = |args: &[&str]| {
+        let mut c = Command::new(&agent);
+        c.args(args).current_dir(root());
+        c
+    };
+    step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
+    run(agent_cmd(&["lab", "up", example.join("cluster.yaml").to_str().expect("utf-8 path")]))?;
+    step("probe: with no policy, everything reaches everything");
+    run(agent_cmd(&["lab", "probe"]))?;
+    step("apply the policies in deploy/examples/payments/policies");
+    run(agent_cmd(&["lab", "apply", example.join("policies").to_str().expect("utf-8 path")]))?;
+    step("probe: default deny, with only the allowed paths open");
+    run(agent_cmd(&["lab", "probe"]))?;
+    step("denied connections caused by that probe (from the kernel's ring buffer)");
+    run(agent_cmd(&["lab", "flows", "--denied", "-o", "table"]))?;
+    step("drop counters (per-CPU, from the pinned maps)");
+    run(agent_cmd(&["lab", "status", "--counters"]))?;
+    if down {
+        step("lab down");
+        run(agent_cmd(&["lab", "down"]))?;
+    } else {
+        eprintln!(
+            "\nThe lab is still up. Try:\n  {0} lab probe -o json\n  {0} lab flows --denied --follow\n  {0} lab down",
+            agent.display()
+        );
+    }
+    Ok(())
+}
+
+fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
+    setup()?;
+    step("unit tests (no root)");
+    run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
+    if unit_only {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the privileged tests load eBPF programs and create network namespaces: run as root");
+    }
+    step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
+    run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
+    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--", "--test-threads=1"]);
+    if let Some(f) = &filter {
+        c.arg(f);
+    }
+    c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
+    run(c)
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup => setup(),
+        Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
+        Cmd::Lab { down } => lab(down),
+        Cmd::Test { unit, filter } => test(unit, filter),
+    }
+}

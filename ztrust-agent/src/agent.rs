@@ -1,0 +1,388 @@
+//! `ztrust-agent run`: source → engine → datapath sync, and the flow pipeline.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::io::unix::AsyncFd;
+use tracing::{error, info, info_span, warn};
+use ztrust_common::{Config, FlowEvent, ep_flags};
+
+use crate::datapath::loader::Datapath;
+use crate::datapath::sync::{KernelMaps, Syncer};
+use crate::flows::{AllowedBy, EndpointView, Flow, PodView, View};
+use crate::model::{Cluster, ObjectRef};
+use crate::netif::{self, HostRoutes};
+use crate::policy::{Desired, Engine};
+use crate::source::dir::{self, Loaded};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("unknown source `{0}`: use `dir:<path>` (the Kubernetes API source is not built yet)")]
+    UnknownSource(String),
+    #[error(transparent)]
+    Datapath(#[from] crate::datapath::loader::Error),
+    #[error("reading {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Source {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.split_once(':') {
+            Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(PathBuf::from(path))),
+            _ => Err(Error::UnknownSource(s.to_owned())),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub source: Source,
+    pub pin_dir: PathBuf,
+    /// Interfaces with these name prefixes get the programs as soon as they appear, before their pod
+    /// is known (they drop everything until then: fail closed).
+    pub interface_prefixes: Vec<String>,
+    pub node_name: String,
+    pub node_ips: Vec<IpAddr>,
+    pub audit: bool,
+    pub log_allowed: bool,
+    pub event_interval: Duration,
+    pub flow_log: Option<PathBuf>,
+    pub poll: Duration,
+}
+
+/// Per-file last good parse: a file that stops parsing keeps its previous objects in force, so a typo in
+/// one file never lifts the policies it held.
+#[derive(Default)]
+struct DirSource {
+    root: PathBuf,
+    fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+    files: BTreeMap<PathBuf, Loaded>,
+    reported: BTreeSet<String>,
+}
+
+impl DirSource {
+    fn new(root: PathBuf) -> Self {
+        Self { root, ..Default::default() }
+    }
+
+    fn scan(&self) -> Vec<(PathBuf, SystemTime, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let path = e.path();
+                let Ok(meta) = e.metadata() else { continue };
+                if meta.is_dir() {
+                    stack.push(path);
+                } else if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
+                    out.push((path, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Re-reads changed files. Returns the merged state when anything changed.
+    fn poll(&mut self) -> Option<Loaded> {
+        let now = self.scan();
+        if now == self.fingerprint {
+            return None;
+        }
+        let old: BTreeMap<_, _> = self.fingerprint.iter().map(|(p, t, l)| (p.clone(), (*t, *l))).collect();
+        self.files.retain(|p, _| now.iter().any(|(q, _, _)| q == p));
+        for (path, mtime, len) in &now {
+            if old.get(path) == Some(&(*mtime, *len)) {
+                continue;
+            }
+            let text = match std::fs::read_to_string(path) {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good objects");
+                    continue;
+                }
+            };
+            let loaded = dir::parse_str(&path.display().to_string(), &text);
+            let objects = loaded.cluster.namespaces.len() + loaded.cluster.pods.len() + loaded.cluster.policies.len();
+            if objects == 0 && !loaded.errors.is_empty() && self.files.contains_key(path) {
+                for e in &loaded.errors {
+                    error!("{e} (keeping the objects this file held before)");
+                }
+                continue;
+            }
+            self.files.insert(path.clone(), loaded);
+        }
+        self.fingerprint = now;
+        let mut merged = Loaded::default();
+        for loaded in self.files.values() {
+            dir::merge(&mut merged, loaded.clone());
+        }
+        let mut reported = BTreeSet::new();
+        for e in &merged.errors {
+            let msg = e.to_string();
+            if !self.reported.contains(&msg) {
+                error!("{msg}");
+            }
+            reported.insert(msg);
+        }
+        self.reported = reported;
+        Some(merged)
+    }
+}
+
+fn build_view(node: &str, cluster: &Cluster, desired: &Desired, bindings: &BTreeMap<ObjectRef, u32>) -> View {
+    let mut view = View { node: node.to_owned(), ..Default::default() };
+    for pod in cluster.pods.values() {
+        for ip in &pod.ips {
+            view.pods_by_ip.insert(*ip, PodView { pod: pod.object_ref(), labels: pod.labels.clone() });
+        }
+    }
+    for (pod, ifindex) in bindings {
+        if let Some(ep) = desired.endpoints.get(pod) {
+            view.endpoints.insert(
+                *ifindex,
+                EndpointView {
+                    pod: pod.clone(),
+                    ingress_policies: ep.ingress_policies.iter().map(ToString::to_string).collect(),
+                    egress_policies: ep.egress_policies.iter().map(ToString::to_string).collect(),
+                },
+            );
+        }
+    }
+    for (id, rule) in &desired.rules {
+        view.rules.insert(
+            *id,
+            AllowedBy {
+                policy: rule.policy.to_string(),
+                direction: crate::flows::direction_name(rule.direction).into(),
+                rule: rule.index,
+            },
+        );
+    }
+    view
+}
+
+fn matches_prefix(name: &str, prefixes: &[String]) -> bool {
+    prefixes.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()))
+}
+
+/// Writes flows to the flow log (JSON lines) and the log.
+struct FlowSink {
+    file: Option<std::fs::File>,
+    seen: u64,
+}
+
+impl FlowSink {
+    fn record(&mut self, flow: &Flow) {
+        self.seen += 1;
+        if flow.is_drop() {
+            info!(target: "ztrust::flows", "{}", crate::flows::render_line(flow));
+        }
+        if let Some(f) = &mut self.file
+            && let Ok(line) = serde_json::to_string(flow)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+pub async fn run(opts: Options) -> anyhow::Result<()> {
+    let Source::Dir(root) = &opts.source;
+    let mut dp = Datapath::load(&opts.pin_dir)?;
+    let config = Config {
+        event_interval_ns: opts.event_interval.as_nanos() as u64,
+        flags: if opts.audit { ep_flags::AUDIT } else { 0 },
+        log_allowed: u32::from(opts.log_allowed),
+    };
+    dp.maps.config.set(0, config, 0)?;
+    let mut syncer = Syncer::adopt(&dp.maps);
+    // Audit mode is a property of every endpoint entry the sync writes.
+    syncer.global_flags = config.flags;
+
+    let view = Arc::new(RwLock::new(View { node: opts.node_name.clone(), ..Default::default() }));
+    let ring = dp.events.take().expect("events map taken once");
+    let sink = FlowSink {
+        file: match &opts.flow_log {
+            Some(p) => Some(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| Error::Io { path: p.clone(), source })?,
+            ),
+            None => None,
+        },
+        seen: 0,
+    };
+    let flows_task = tokio::spawn(read_events(ring, view.clone(), sink));
+
+    let mut source = DirSource::new(root.clone());
+    let mut engine = Engine::new();
+    let mut cluster = Cluster::default();
+    let mut desired = Desired::default();
+    let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
+    let mut unbound_reported: BTreeSet<ObjectRef> = BTreeSet::new();
+    let mut dirty = true;
+    // Adopt the links an earlier agent pinned (they keep enforcing until now).
+    let pinned = dp.pinned_interfaces();
+    info!(source = %root.display(), pinned = pinned.len(), "agent running");
+
+    let mut ticker = tokio::time::interval(opts.poll);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    let mut first = true;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = &mut shutdown => {
+                info!("shutting down; pinned programs and maps keep enforcing");
+                break;
+            }
+        }
+        let span = info_span!("reconcile");
+        let _enter = span.enter();
+
+        if let Some(loaded) = source.poll() {
+            let started = Instant::now();
+            cluster = loaded.cluster;
+            cluster.node_ips = opts.node_ips.clone();
+            desired = engine.compile(&cluster);
+            for w in &desired.warnings {
+                warn!("{w}");
+            }
+            info!(
+                pods = cluster.pods.len(),
+                policies = cluster.policies.len(),
+                endpoints = desired.endpoints.len(),
+                compile_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "policy compiled"
+            );
+            dirty = true;
+        }
+
+        // Interfaces: attach to new ones (fail closed), forget vanished ones.
+        let ifaces = match netif::interfaces() {
+            Ok(i) => i,
+            Err(e) => {
+                warn!(error = %e, "listing interfaces");
+                continue;
+            }
+        };
+        if first {
+            for name in &pinned {
+                if !ifaces.contains_key(name) {
+                    dp.detach(name);
+                }
+            }
+        }
+        let routes = HostRoutes::read().unwrap_or_default();
+        let mut new_bindings = BTreeMap::new();
+        for (pod, ep) in &desired.endpoints {
+            let iface = ep.ips.iter().find_map(|ip| routes.interface_of(ip));
+            match iface.and_then(|n| ifaces.get(n).map(|i| (n, *i))) {
+                Some((name, index)) => {
+                    new_bindings.insert(pod.clone(), index);
+                    unbound_reported.remove(pod);
+                    if !dp.is_attached(name)
+                        && let Err(e) = dp.attach(name, index)
+                    {
+                        error!(%pod, error = %e, "cannot attach; pod NOT enforced");
+                        new_bindings.remove(pod);
+                    }
+                }
+                None => {
+                    if unbound_reported.insert(pod.clone()) {
+                        warn!(%pod, ips = ?ep.ips, "no host route to the pod on this node; not enforced here");
+                    }
+                }
+            }
+        }
+        for (name, index) in &ifaces {
+            if matches_prefix(name, &opts.interface_prefixes) && !dp.is_attached(name) {
+                if let Err(e) = dp.attach(name, *index) {
+                    error!(ifname = %name, error = %e, "cannot attach to new interface");
+                }
+            }
+        }
+        let gone: Vec<String> =
+            dp.attached().filter(|(n, i)| ifaces.get(*n) != Some(i)).map(|(n, _)| n.to_owned()).collect();
+        for name in gone {
+            info!(ifname = %name, "interface gone");
+            dp.detach(&name);
+        }
+        if new_bindings != bindings {
+            bindings = new_bindings;
+            dirty = true;
+        }
+        first = false;
+
+        if dirty {
+            let started = Instant::now();
+            match syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings) {
+                Ok(stats) => {
+                    dirty = false;
+                    if stats.total() > 0 {
+                        info!(writes = stats.total(), sync_ms = started.elapsed().as_secs_f64() * 1000.0, "synced");
+                    }
+                }
+                Err(e) => error!(error = %e, "datapath sync failed; will retry"),
+            }
+            *view.write().expect("view lock") = build_view(&opts.node_name, &cluster, &desired, &bindings);
+        }
+    }
+    flows_task.abort();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwLock<View>>, mut sink: FlowSink) {
+    let mut fd = match AsyncFd::new(ring) {
+        Ok(fd) => fd,
+        Err(e) => {
+            error!(error = %e, "cannot poll the event ring buffer; no flows will be reported");
+            return;
+        }
+    };
+    loop {
+        let mut guard = match fd.readable_mut().await {
+            Ok(g) => g,
+            Err(e) => {
+                error!(error = %e, "event ring buffer");
+                return;
+            }
+        };
+        let ring = guard.get_inner_mut();
+        let mut batch: Vec<FlowEvent> = Vec::new();
+        while let Some(item) = ring.next() {
+            if item.len() >= std::mem::size_of::<FlowEvent>() {
+                // SAFETY: the kernel writes whole FlowEvent records (see ztrust-ebpf emit()).
+                batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+            }
+        }
+        guard.clear_ready();
+        let view = view.read().expect("view lock");
+        for ev in &batch {
+            sink.record(&view.enrich(ev));
+        }
+    }
+}

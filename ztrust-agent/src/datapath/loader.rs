@@ -1,0 +1,254 @@
+//! Loads the kernel programs, adopts or creates the pinned maps, and attaches programs to interfaces
+//! with pinned links, so that enforcement outlives the agent process.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
+        tc::SchedClassifierLink,
+    },
+};
+use tracing::{debug, info, warn};
+use ztrust_common::{
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
+    PolicyValue, names,
+};
+
+use super::EBPF_OBJECT;
+
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztrust";
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error("pin directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program { name: &'static str, source: ProgramError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+    #[error("map {0} missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("attaching to {ifname} ({hook}): {source}")]
+    Attach { ifname: String, hook: &'static str, source: ProgramError },
+    #[error("pinning link for {ifname} ({hook}) at {path}: {message}")]
+    PinLink { ifname: String, hook: &'static str, path: PathBuf, message: String },
+    #[error("adopting pinned link {path}: {source}")]
+    AdoptLink { path: PathBuf, source: LinkError },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The typed maps the agent writes and reads.
+pub struct Maps {
+    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pub conntrack: HashMap<MapData, CtKey, CtValue>,
+    pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, Config>,
+}
+
+/// The two hooks of a pod's host-side interface.
+const HOOKS: [(&str, TcAttachType, &str); 2] = [
+    (names::PROG_FROM_POD, TcAttachType::Ingress, "from-pod"),
+    (names::PROG_TO_POD, TcAttachType::Egress, "to-pod"),
+];
+
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: PathBuf,
+    pub maps: Maps,
+    pub events: Option<RingBuf<MapData>>,
+    /// Interfaces the programs are attached to: name → ifindex at attach time.
+    attached: BTreeMap<String, u32>,
+}
+
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted yet (a bare node or container).
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| Error::Bpffs(e.to_string()))?;
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")) {
+        return Ok(());
+    }
+    fs::create_dir_all(BPFFS).map_err(|e| Error::Bpffs(format!("creating {BPFFS}: {e}")))?;
+    nix::mount::mount(Some("bpffs"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+        .map_err(|e| Error::Bpffs(format!("mounting bpffs at {BPFFS}: {e}")))?;
+    info!("mounted bpffs at {BPFFS}");
+    Ok(())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}
+
+impl Datapath {
+    /// Loads the programs. Maps already pinned under `pin_dir/maps` (by an earlier agent) are reused with
+    /// their content, so enforcement continues across restarts; missing ones are created and pinned.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs()?;
+        let maps_dir = pin_dir.join("maps");
+        for dir in [&maps_dir, &pin_dir.join("links")] {
+            fs::create_dir_all(dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
+        }
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
+        for (name, _, _) in HOOKS {
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
+                .try_into()
+                .map_err(|source| Error::Program { name, source })?;
+            prog.load().map_err(|source| Error::Program { name, source })?;
+        }
+        let maps = Maps {
+            endpoints: take(&mut ebpf, names::ENDPOINTS)?,
+            ipcache: take(&mut ebpf, names::IPCACHE)?,
+            policy: take(&mut ebpf, names::POLICY)?,
+            conntrack: take(&mut ebpf, names::CONNTRACK)?,
+            counters: take(&mut ebpf, names::COUNTERS)?,
+            stats: take(&mut ebpf, names::STATS)?,
+            config: take(&mut ebpf, names::CONFIG)?,
+        };
+        let events = Some(take(&mut ebpf, names::EVENTS)?);
+        info!(pin_dir = %pin_dir.display(), "datapath loaded");
+        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new() })
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn link_path(&self, ifname: &str, hook: &str) -> PathBuf {
+        self.pin_dir.join("links").join(format!("{ifname}.{hook}"))
+    }
+
+    pub fn is_attached(&self, ifname: &str) -> bool {
+        self.attached.contains_key(ifname)
+    }
+
+    pub fn attached(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.attached.iter().map(|(n, i)| (n.as_str(), *i))
+    }
+
+    /// Attaches both programs to `ifname` (TCX where the kernel has it, else clsact) and pins the links.
+    /// A link pinned by an earlier agent is adopted and switched to this agent's programs atomically
+    /// (TCX replaces the program in place: no packet goes unfiltered).
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        for (name, attach_type, hook) in HOOKS {
+            let path = self.link_path(ifname, hook);
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
+                .try_into()
+                .map_err(|source| Error::Program { name, source })?;
+            let adopted = match PinnedLink::from_pin(&path) {
+                Ok(pinned) => {
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
+                        .map_err(|source| Error::AdoptLink { path: path.clone(), source })?;
+                    match prog.attach_to_link(link) {
+                        Ok(id) => Some(id),
+                        Err(e) => {
+                            // The interface was recreated, or the link is defunct: attach anew below.
+                            debug!(%ifname, hook, error = %e, "pinned link not reusable");
+                            let _ = fs::remove_file(&path);
+                            None
+                        }
+                    }
+                }
+                Err(_) => None,
+            };
+            let id = match adopted {
+                Some(id) => id,
+                None => prog
+                    .attach(ifname, attach_type)
+                    .map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?,
+            };
+            let link = prog.take_link(id).map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?;
+            let fd_link = FdLink::try_from(link).map_err(|e| Error::PinLink {
+                ifname: ifname.into(),
+                hook,
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            let _ = fs::remove_file(&path);
+            let pinned = fd_link.pin(&path).map_err(|e| Error::PinLink {
+                ifname: ifname.into(),
+                hook,
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            // The pin keeps the link (and so the attachment) alive; our descriptor is not needed.
+            drop(pinned);
+        }
+        self.attached.insert(ifname.to_owned(), ifindex);
+        info!(%ifname, ifindex, "programs attached");
+        Ok(())
+    }
+
+    /// Detaches from `ifname` by removing its pinned links (the last reference to them).
+    pub fn detach(&mut self, ifname: &str) {
+        for (_, _, hook) in HOOKS {
+            let path = self.link_path(ifname, hook);
+            if let Err(e) = fs::remove_file(&path)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                warn!(%ifname, path = %path.display(), error = %e, "removing pinned link");
+            }
+        }
+        self.attached.remove(ifname);
+    }
+
+    /// Interfaces whose links were pinned by an earlier agent (names from the pin directory).
+    pub fn pinned_interfaces(&self) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(self.pin_dir.join("links"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.rsplit_once('.')).map(|(n, _)| n.to_owned()))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+}
+
+/// Removes every pin the agent made (links first, so programs detach, then maps).
+pub fn cleanup(pin_dir: &Path) -> io::Result<()> {
+    let links = pin_dir.join("links");
+    if links.exists() {
+        for e in fs::read_dir(&links)? {
+            fs::remove_file(e?.path())?;
+        }
+    }
+    match fs::remove_dir_all(pin_dir) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Opens a pinned map of a running (or exited) agent, for `status` and tests.
+pub fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let path = pin_dir.join("maps").join(name);
+    let data = MapData::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+    let map = aya::maps::Map::from_map_data(data).map_err(|source| Error::Map { name, source })?;
+    T::try_from(map).map_err(|source| Error::Map { name, source })
+}

@@ -1,0 +1,550 @@
+//! Diffs the desired datapath state against what was applied, and writes only the difference, in an
+//! order that never opens anything: at every intermediate step, what the kernel allows is allowed by the
+//! old state or by the new one.
+//!
+//! The order (all allow entries are "allow"; there are no deny entries to race with):
+//! 1. narrowings: endpoints that go away or lose their interface are removed (the program then drops
+//!    their traffic), isolation flags that are set, allow entries that are removed;
+//! 2. the ipcache (addresses whose identity changes): at this point the allow sets are old ∩ new, so an
+//!    address in its old or new identity is allowed only where old or new allowed it;
+//! 3. widenings: allow entries that are added, then endpoint entries (new endpoints become known only
+//!    once their rules are in place; isolation flags that are cleared).
+//!
+//! Capacity is checked before anything is written: an update that would not fit is refused whole and the
+//! last applied state stays in force.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use tracing::{debug, warn};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, capacity, ep_flags};
+
+use crate::model::ObjectRef;
+use crate::policy::{Desired, policy_keys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{map} map would need {needed} entries, capacity is {capacity}; update refused, last state kept")]
+    Capacity { map: &'static str, needed: usize, capacity: u32 },
+    #[error("writing {map}: {message}")]
+    Write { map: &'static str, message: String },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The writes the sync layer makes. Implemented over the kernel maps, and over memory in tests.
+pub trait MapOps {
+    fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()>;
+    fn del_endpoint(&mut self, ifindex: u32) -> Result<()>;
+    fn set_ipcache(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<()>;
+    fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()>;
+    fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()>;
+    fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()>;
+}
+
+/// An ipcache key in the trie's format: IPv4 is stored IPv4-mapped with its prefix length + 96.
+pub fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
+    match net {
+        IpNet::V4(n) => (u32::from(n.prefix_len()) + 96, IpcacheKey { addr: n.network().to_ipv6_mapped().octets() }),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), IpcacheKey { addr: n.network().octets() }),
+    }
+}
+
+/// Inverse of [`ipcache_key`].
+pub fn ipcache_net(prefix: u32, key: &IpcacheKey) -> Option<IpNet> {
+    let v6 = std::net::Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if prefix >= 96 => ipnet::Ipv4Net::new(v4, (prefix - 96) as u8).ok().map(IpNet::V4),
+        _ => ipnet::Ipv6Net::new(v6, prefix as u8).ok().map(IpNet::V6),
+    }
+}
+
+pub fn ip_to_mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+type PolicyEntries = BTreeMap<(u32, PolicyKey), PolicyValue>;
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct AppliedEndpoint {
+    pod: ObjectRef,
+    info: EndpointInfo,
+    entries: PolicyEntries,
+}
+
+/// What one sync wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncStats {
+    pub endpoint_writes: usize,
+    pub ipcache_writes: usize,
+    pub policy_writes: usize,
+}
+
+impl SyncStats {
+    pub fn total(&self) -> usize {
+        self.endpoint_writes + self.ipcache_writes + self.policy_writes
+    }
+}
+
+/// The state last written to the maps.
+#[derive(Debug, Default)]
+pub struct Syncer {
+    ipcache: BTreeMap<IpNet, u32>,
+    endpoints: BTreeMap<u32, AppliedEndpoint>,
+    policy_entries: usize,
+    /// Global flags OR-ed into every endpoint (audit mode).
+    pub global_flags: u32,
+}
+
+fn entries_for(ifindex: u32, allow: &BTreeMap<crate::policy::AllowKey, u32>) -> PolicyEntries {
+    let mut out = PolicyEntries::new();
+    for (key, rule) in allow {
+        for (prefix, pk) in policy_keys(ifindex, key) {
+            out.entry((prefix, pk)).or_insert(PolicyValue { rule_id: *rule, _pad: 0 });
+        }
+    }
+    out
+}
+
+const ISOLATION: u32 = ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS;
+
+/// The endpoint entry to write during the narrowing step: isolated wherever the old or the new state is,
+/// in audit mode only where both are (audit never drops, so it is the open side).
+fn narrowest(old: &EndpointInfo, new: &EndpointInfo) -> EndpointInfo {
+    let iso = (old.flags | new.flags) & ISOLATION;
+    let rest = old.flags & new.flags & !ISOLATION;
+    EndpointInfo { flags: iso | rest, ..*new }
+}
+
+impl Syncer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts from what an earlier agent left in the pinned maps, so that the first sync of this agent
+    /// removes whatever is stale instead of leaving it open. Until that sync, the old state enforces.
+    pub fn adopt(maps: &super::loader::Maps) -> Self {
+        let mut me = Self::default();
+        for (ifindex, info) in maps.endpoints.iter().flatten() {
+            let pod = ObjectRef::new("(adopted)", format!("ifindex-{ifindex}"));
+            me.endpoints.insert(ifindex, AppliedEndpoint { pod, info, entries: PolicyEntries::new() });
+        }
+        for (key, value) in maps.policy.iter().flatten() {
+            let data = key.data();
+            let ifindex = u32::from_be_bytes(data.endpoint);
+            let ep = me.endpoints.entry(ifindex).or_insert_with(|| AppliedEndpoint {
+                pod: ObjectRef::new("(adopted)", format!("ifindex-{ifindex}")),
+                // Entries without an endpoint entry are unreachable; keep them to delete them.
+                info: EndpointInfo { endpoint_id: ifindex, ..Default::default() },
+                entries: PolicyEntries::new(),
+            });
+            ep.entries.insert((key.prefix_len(), data), value);
+            me.policy_entries += 1;
+        }
+        for (key, value) in maps.ipcache.iter().flatten() {
+            if let Some(net) = ipcache_net(key.prefix_len(), &key.data()) {
+                me.ipcache.insert(net, value.identity);
+            }
+        }
+        tracing::info!(
+            endpoints = me.endpoints.len(),
+            policy_entries = me.policy_entries,
+            ipcache = me.ipcache.len(),
+            "adopted state pinned by an earlier agent"
+        );
+        me
+    }
+
+    pub fn policy_entries(&self) -> usize {
+        self.policy_entries
+    }
+
+    pub fn endpoint_count(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    pub fn ipcache_entries(&self) -> usize {
+        self.ipcache.len()
+    }
+
+    /// Endpoint (pod) of an interface, as last applied.
+    pub fn pod_of(&self, ifindex: u32) -> Option<&ObjectRef> {
+        self.endpoints.get(&ifindex).map(|e| &e.pod)
+    }
+
+    /// Brings the maps to `desired`. `interfaces` binds pods to the ifindex of their host-side interface;
+    /// desired endpoints without an interface are not written (their pods are not on this node, or not
+    /// wired yet).
+    pub fn sync(
+        &mut self,
+        ops: &mut impl MapOps,
+        desired: &Desired,
+        interfaces: &BTreeMap<ObjectRef, u32>,
+    ) -> Result<SyncStats> {
+        // The new per-endpoint state.
+        let mut next: BTreeMap<u32, AppliedEndpoint> = BTreeMap::new();
+        for (pod, ep) in &desired.endpoints {
+            let Some(&ifindex) = interfaces.get(pod) else { continue };
+            let mut flags = self.global_flags;
+            if ep.isolated_ingress {
+                flags |= ep_flags::ISOLATED_INGRESS;
+            }
+            if ep.isolated_egress {
+                flags |= ep_flags::ISOLATED_EGRESS;
+            }
+            let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, _pad: 0 };
+            next.insert(ifindex, AppliedEndpoint { pod: pod.clone(), info, entries: entries_for(ifindex, &ep.allow) });
+        }
+
+        // Capacity, before any write.
+        let policy_needed: usize = next.values().map(|e| e.entries.len()).sum();
+        if policy_needed > capacity::POLICY as usize {
+            return Err(Error::Capacity { map: "policy", needed: policy_needed, capacity: capacity::POLICY });
+        }
+        if desired.ipcache.len() > capacity::IPCACHE as usize {
+            return Err(Error::Capacity { map: "ipcache", needed: desired.ipcache.len(), capacity: capacity::IPCACHE });
+        }
+        if next.len() > capacity::ENDPOINTS as usize {
+            return Err(Error::Capacity { map: "endpoints", needed: next.len(), capacity: capacity::ENDPOINTS });
+        }
+
+        let mut stats = SyncStats::default();
+        let empty = PolicyEntries::new();
+
+        // 1. Narrowings.
+        for (ifindex, old) in &self.endpoints {
+            match next.get(ifindex) {
+                None => {
+                    ops.del_endpoint(*ifindex)?;
+                    stats.endpoint_writes += 1;
+                    for (prefix, key) in old.entries.keys() {
+                        ops.del_policy(*prefix, key)?;
+                        stats.policy_writes += 1;
+                    }
+                }
+                Some(new) => {
+                    if new.info != old.info {
+                        let step = narrowest(&old.info, &new.info);
+                        if step != old.info {
+                            ops.set_endpoint(*ifindex, &step)?;
+                            stats.endpoint_writes += 1;
+                        }
+                    }
+                    for (prefix, key) in old.entries.keys() {
+                        if !new.entries.contains_key(&(*prefix, *key)) {
+                            ops.del_policy(*prefix, key)?;
+                            stats.policy_writes += 1;
+                        }
+                    }
+                }
+            }
+        }
+
+        // 2. The ipcache.
+        for (net, _) in self.ipcache.iter().filter(|(n, _)| !desired.ipcache.contains_key(n)) {
+            let (prefix, key) = ipcache_key(net);
+            ops.del_ipcache(prefix, &key)?;
+            stats.ipcache_writes += 1;
+        }
+        for (net, id) in desired.ipcache.iter().filter(|(n, id)| self.ipcache.get(n) != Some(id)) {
+            let (prefix, key) = ipcache_key(net);
+            ops.set_ipcache(prefix, &key, &IpcacheValue { identity: *id, _pad: 0 })?;
+            stats.ipcache_writes += 1;
+        }
+        self.ipcache = desired.ipcache.clone();
+
+        // 3. Widenings.
+        for (ifindex, new) in &next {
+            let old = self.endpoints.get(ifindex);
+            let old_entries = old.map_or(&empty, |o| &o.entries);
+            for ((prefix, key), value) in &new.entries {
+                if old_entries.get(&(*prefix, *key)) != Some(value) {
+                    ops.set_policy(*prefix, key, value)?;
+                    stats.policy_writes += 1;
+                }
+            }
+            if old.map(|o| o.info) != Some(new.info) {
+                ops.set_endpoint(*ifindex, &new.info)?;
+                stats.endpoint_writes += 1;
+            }
+        }
+        self.policy_entries = policy_needed;
+        self.endpoints = next;
+        debug!(?stats, "maps synced");
+        if stats.total() > 0 {
+            tracing::info!(
+                endpoints = self.endpoints.len(),
+                ipcache = self.ipcache.len(),
+                policy_entries = self.policy_entries,
+                writes = stats.total(),
+                "datapath updated"
+            );
+        }
+        Ok(stats)
+    }
+
+    /// Endpoint entries currently applied, for status output.
+    pub fn endpoints(&self) -> impl Iterator<Item = (u32, &ObjectRef, &EndpointInfo)> {
+        self.endpoints.iter().map(|(i, e)| (*i, &e.pod, &e.info))
+    }
+
+    /// Interfaces with an applied endpoint.
+    pub fn ifindexes(&self) -> BTreeSet<u32> {
+        self.endpoints.keys().copied().collect()
+    }
+}
+
+/// [`MapOps`] over the kernel maps.
+pub struct KernelMaps<'a>(pub &'a mut super::loader::Maps);
+
+fn werr(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
+    move |e| Error::Write { map, message: e.to_string() }
+}
+
+fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>, map: &'static str) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => {
+            warn!(map, error = %e, "delete failed");
+            Err(Error::Write { map, message: e.to_string() })
+        }
+    }
+}
+
+impl MapOps for KernelMaps<'_> {
+    fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()> {
+        self.0.endpoints.insert(ifindex, info, 0).map_err(werr("endpoints"))
+    }
+    fn del_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        ignore_missing(self.0.endpoints.remove(&ifindex), "endpoints")
+    }
+    fn set_ipcache(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<()> {
+        self.0.ipcache.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0).map_err(werr("ipcache"))
+    }
+    fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+        ignore_missing(self.0.ipcache.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "ipcache")
+    }
+    fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
+        self.0.policy.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0).map_err(werr("policy"))
+    }
+    fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()> {
+        ignore_missing(self.0.policy.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "policy")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{AllowKey, EndpointPolicy};
+    use ztrust_common::{dir, proto};
+
+    /// Records every write and checks, after each one, that no packet of a fixed probe set is allowed
+    /// unless the old or the new state allows it.
+    #[derive(Default, Clone)]
+    struct Mem {
+        endpoints: BTreeMap<u32, EndpointInfo>,
+        ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
+        policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+        log: Vec<String>,
+        snapshots: Vec<Mem>,
+    }
+
+    impl Mem {
+        fn snap(&mut self) {
+            let mut s = self.clone();
+            s.snapshots.clear();
+            self.snapshots.push(s);
+        }
+        fn identity_of(&self, ip: [u8; 16]) -> u32 {
+            let mut best: Option<(u32, u32)> = None;
+            for ((prefix, key), v) in &self.ipcache {
+                let bits = *prefix as usize;
+                let matches = (0..bits).all(|i| (key.addr[i / 8] >> (7 - i % 8)) & 1 == (ip[i / 8] >> (7 - i % 8)) & 1);
+                if matches && best.is_none_or(|(p, _)| *prefix > p) {
+                    best = Some((*prefix, v.identity));
+                }
+            }
+            best.map_or(ztrust_common::identity::WORLD, |(_, id)| id)
+        }
+        /// Ingress verdict at `ifindex` for a TCP packet from `src` to `port`, as the kernel decides it.
+        fn allows(&self, ifindex: u32, src: [u8; 16], port: u16) -> bool {
+            let Some(ep) = self.endpoints.get(&ifindex) else { return false };
+            if ep.flags & ep_flags::ISOLATED_INGRESS == 0 {
+                return true;
+            }
+            let id = self.identity_of(src);
+            [id, ztrust_common::identity::ANY].iter().any(|remote| {
+                let want = PolicyKey::new(ep.endpoint_id, *remote, dir::INGRESS, proto::TCP, port);
+                self.policy.keys().any(|(prefix, k)| {
+                    let a = bytes(k);
+                    let b = bytes(&want);
+                    (0..*prefix as usize).all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (b[i / 8] >> (7 - i % 8)) & 1)
+                })
+            })
+        }
+    }
+
+    fn bytes(k: &PolicyKey) -> [u8; 12] {
+        let mut out = [0u8; 12];
+        out[..4].copy_from_slice(&k.endpoint);
+        out[4..8].copy_from_slice(&k.identity);
+        out[8] = k.direction;
+        out[9] = k.protocol;
+        out[10..].copy_from_slice(&k.port);
+        out
+    }
+
+    impl MapOps for Mem {
+        fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()> {
+            self.endpoints.insert(ifindex, *info);
+            self.log.push(format!("set_endpoint {ifindex} flags={}", info.flags));
+            self.snap();
+            Ok(())
+        }
+        fn del_endpoint(&mut self, ifindex: u32) -> Result<()> {
+            self.endpoints.remove(&ifindex);
+            self.log.push(format!("del_endpoint {ifindex}"));
+            self.snap();
+            Ok(())
+        }
+        fn set_ipcache(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<()> {
+            self.ipcache.insert((prefix, *key), *value);
+            self.log.push("set_ipcache".into());
+            self.snap();
+            Ok(())
+        }
+        fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+            self.ipcache.remove(&(prefix, *key));
+            self.log.push("del_ipcache".into());
+            self.snap();
+            Ok(())
+        }
+        fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
+            self.policy.insert((prefix, *key), *value);
+            self.log.push("set_policy".into());
+            self.snap();
+            Ok(())
+        }
+        fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()> {
+            self.policy.remove(&(prefix, *key));
+            self.log.push("del_policy".into());
+            self.snap();
+            Ok(())
+        }
+    }
+
+    fn pod(name: &str) -> ObjectRef {
+        ObjectRef::new("x", name)
+    }
+
+    fn ip(last: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, last])
+    }
+
+    /// Endpoint "server" (ifindex 7) isolated for ingress, allowing `allowed` identities on TCP `port`;
+    /// `clients` maps client addresses to identities.
+    fn desired(isolated: bool, allowed: &[u32], port: u16, clients: &[(u8, u32)]) -> Desired {
+        let mut d = Desired::default();
+        let mut allow = BTreeMap::new();
+        for id in allowed {
+            allow.insert(
+                AllowKey { direction: dir::INGRESS, remote: *id, protocol: proto::TCP, port_lo: port, port_hi: port },
+                1,
+            );
+        }
+        d.endpoints.insert(
+            pod("server"),
+            EndpointPolicy {
+                identity: 300,
+                ips: vec![ip(1)],
+                isolated_ingress: isolated,
+                isolated_egress: false,
+                ingress_policies: vec![],
+                egress_policies: vec![],
+                allow,
+            },
+        );
+        d.ipcache.insert(IpNet::from(ip(1)), 300);
+        for (last, id) in clients {
+            d.ipcache.insert(IpNet::from(ip(*last)), *id);
+        }
+        d
+    }
+
+    fn check_transition(old: &Desired, new: &Desired) -> Mem {
+        let ifs: BTreeMap<_, _> = [(pod("server"), 7u32)].into();
+        let mut mem = Mem::default();
+        let mut syncer = Syncer::new();
+        syncer.sync(&mut mem, old, &ifs).unwrap();
+        let before = mem.clone();
+        mem.snapshots.clear();
+        syncer.sync(&mut mem, new, &ifs).unwrap();
+        let after = mem.clone();
+        for snap in &mem.snapshots {
+            for client in 2..6u8 {
+                let src = ip_to_mapped(ip(client));
+                for port in [80u16, 81] {
+                    if snap.allows(7, src, port) {
+                        assert!(
+                            before.allows(7, src, port) || after.allows(7, src, port),
+                            "intermediate state opened 10.0.0.{client}:{port}; writes: {:?}",
+                            mem.log
+                        );
+                    }
+                }
+            }
+        }
+        mem
+    }
+
+    #[test]
+    fn relabel_and_policy_change_never_open_more_than_old_or_new() {
+        // Old: client .2 is identity 400 (not allowed), 500 is allowed. New: the policy allows 400, and
+        // client .2 moves to identity 600 at the same time. Allowing 400 before .2 leaves it would open
+        // .2 for a moment; the sync must order the writes so that it never does.
+        let old = desired(true, &[500], 80, &[(2, 400), (3, 500)]);
+        let new = desired(true, &[400], 80, &[(2, 600), (3, 500), (4, 400)]);
+        check_transition(&old, &new);
+        check_transition(&new, &old);
+    }
+
+    #[test]
+    fn isolation_changes_are_ordered() {
+        let open = desired(false, &[], 80, &[(2, 400)]);
+        let closed = desired(true, &[400], 81, &[(2, 400)]);
+        check_transition(&open, &closed);
+        check_transition(&closed, &open);
+    }
+
+    #[test]
+    fn a_new_endpoint_becomes_known_only_after_its_rules() {
+        let new = desired(true, &[400], 80, &[(2, 400)]);
+        let mem = check_transition(&Desired::default(), &new);
+        let first_endpoint = mem.log.iter().position(|l| l.starts_with("set_endpoint")).unwrap();
+        let last_policy = mem.log.iter().rposition(|l| l == "set_policy").unwrap();
+        assert!(first_endpoint > last_policy, "{:?}", mem.log);
+    }
+
+    #[test]
+    fn unchanged_state_writes_nothing() {
+        let d = desired(true, &[400, 500], 80, &[(2, 400)]);
+        let ifs: BTreeMap<_, _> = [(pod("server"), 7u32)].into();
+        let mut mem = Mem::default();
+        let mut syncer = Syncer::new();
+        assert!(syncer.sync(&mut mem, &d, &ifs).unwrap().total() > 0);
+        assert_eq!(syncer.sync(&mut mem, &d, &ifs).unwrap().total(), 0);
+    }
+
+    #[test]
+    fn ipcache_keys_round_trip() {
+        for net in ["10.1.0.0/16", "0.0.0.0/0", "fd00::/64", "203.0.113.10/32"] {
+            let net: IpNet = net.parse().unwrap();
+            let (prefix, key) = ipcache_key(&net);
+            assert_eq!(ipcache_net(prefix, &key), Some(net));
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Flow records: kernel events decoded and enriched with what the agent knows (pods, labels, the
+//! policies that isolate an endpoint, the rule that allowed a connection).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv6Addr};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use ztrust_common::{FlowEvent, dir, event_flags, proto, reason, verdict};
+
+use crate::model::{Labels, ObjectRef};
+
+/// One end of a flow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    pub labels: Labels,
+    pub identity: u32,
+}
+
+impl Endpoint {
+    /// `ns/pod`, or the address for hosts outside the cluster.
+    pub fn display_name(&self) -> String {
+        match (&self.namespace, &self.pod) {
+            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            _ => self.ip.to_string(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AllowedBy {
+    pub policy: String,
+    pub direction: String,
+    pub rule: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// RFC 3339, UTC.
+    pub time: String,
+    pub node: String,
+    /// `forwarded`, `dropped` or `would-drop`.
+    pub verdict: String,
+    /// Relative to `endpoint`: `ingress` (towards it) or `egress` (from it).
+    pub direction: String,
+    pub reason: String,
+    /// The pod whose hook judged the packet.
+    pub endpoint: String,
+    pub protocol: String,
+    pub source: Endpoint,
+    pub destination: Endpoint,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub tcp_flags: String,
+    /// For drops: the policies that isolate `endpoint` in `direction` (none allowed the packet).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub policies: Vec<String>,
+    /// For allowed new connections: the policy rule that allowed it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub allowed_by: Option<AllowedBy>,
+    pub new_connection: bool,
+    pub bytes: u32,
+}
+
+impl Flow {
+    pub fn is_drop(&self) -> bool {
+        self.verdict != "forwarded"
+    }
+}
+
+pub fn verdict_name(v: u8) -> &'static str {
+    match v {
+        verdict::FORWARDED => "forwarded",
+        verdict::DROPPED => "dropped",
+        verdict::WOULD_DROP => "would-drop",
+        _ => "unknown",
+    }
+}
+
+/// Stable names of [`ztrust_common::reason`] values (documented in the README).
+pub fn reason_name(r: u8) -> &'static str {
+    match r {
+        reason::ALLOWED_BY_POLICY => "allowed-by-policy",
+        reason::NOT_ISOLATED => "not-isolated",
+        reason::ESTABLISHED => "established",
+        reason::REPLY => "reply",
+        reason::FROM_HOST => "from-host",
+        reason::NOT_IP => "not-ip",
+        reason::CT_RECOVERED => "conntrack-recovered",
+        reason::POLICY_DENIED => "policy-denied",
+        reason::UNKNOWN_ENDPOINT => "unknown-endpoint",
+        reason::MALFORMED => "malformed-packet",
+        reason::NO_CT_ENTRY => "no-conntrack-entry",
+        reason::FRAGMENT => "fragment",
+        _ => "unknown",
+    }
+}
+
+pub fn direction_name(d: u8) -> &'static str {
+    if d == dir::INGRESS { "ingress" } else { "egress" }
+}
+
+pub fn protocol_name(p: u8) -> String {
+    match p {
+        proto::TCP => "TCP".into(),
+        proto::UDP => "UDP".into(),
+        proto::SCTP => "SCTP".into(),
+        proto::ICMP => "ICMP".into(),
+        proto::ICMPV6 => "ICMPv6".into(),
+        other => format!("IP/{other}"),
+    }
+}
+
+fn tcp_flags_string(f: u8) -> String {
+    const NAMES: [(u8, &str); 6] =
+        [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
+    NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join("|")
+}
+
+fn addr(bytes: [u8; 16], family: u8) -> IpAddr {
+    let v6 = Ipv6Addr::from(bytes);
+    match (family, v6.to_ipv4_mapped()) {
+        (4, Some(v4)) => IpAddr::V4(v4),
+        _ => IpAddr::V6(v6),
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PodView {
+    pub pod: ObjectRef,
+    pub labels: Labels,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct EndpointView {
+    pub pod: ObjectRef,
+    pub ingress_policies: Vec<String>,
+    pub egress_policies: Vec<String>,
+}
+
+/// What the agent knows, for enrichment. Rebuilt after every compile.
+#[derive(Clone, Debug, Default)]
+pub struct View {
+    pub node: String,
+    pub pods_by_ip: HashMap<IpAddr, PodView>,
+    pub endpoints: HashMap<u32, EndpointView>,
+    /// rule id → (policy, direction, index)
+    pub rules: BTreeMap<u32, AllowedBy>,
+}
+
+/// CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads) → wall clock.
+pub fn monotonic_to_system(ts_ns: u64) -> SystemTime {
+    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+        .unwrap_or_default();
+    let now = SystemTime::now();
+    let age = now_mono.saturating_sub(Duration::from_nanos(ts_ns));
+    now - age
+}
+
+impl View {
+    fn endpoint(&self, ip: IpAddr, port: Option<u16>, identity: u32) -> Endpoint {
+        let pod = self.pods_by_ip.get(&ip);
+        Endpoint {
+            ip,
+            port,
+            namespace: pod.map(|p| p.pod.namespace.clone()),
+            pod: pod.map(|p| p.pod.name.clone()),
+            labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
+            identity,
+        }
+    }
+
+    pub fn enrich(&self, ev: &FlowEvent) -> Flow {
+        let has_ports = matches!(ev.protocol, proto::TCP | proto::UDP | proto::SCTP);
+        let src_ip = addr(ev.saddr, ev.family);
+        let dst_ip = addr(ev.daddr, ev.family);
+        let ep = self.endpoints.get(&ev.ifindex);
+        let (src_id, dst_id) = if ev.direction == dir::INGRESS {
+            (ev.remote_identity, ev.endpoint_identity)
+        } else {
+            (ev.endpoint_identity, ev.remote_identity)
+        };
+        let policies = match (ep, ev.verdict != verdict::FORWARDED) {
+            (Some(e), true) if ev.direction == dir::INGRESS => e.ingress_policies.clone(),
+            (Some(e), true) => e.egress_policies.clone(),
+            _ => Vec::new(),
+        };
+        Flow {
+            time: humantime::format_rfc3339_millis(monotonic_to_system(ev.ts_ns)).to_string(),
+            node: self.node.clone(),
+            verdict: verdict_name(ev.verdict).into(),
+            direction: direction_name(ev.direction).into(),
+            reason: reason_name(ev.reason).into(),
+            endpoint: ep.map_or_else(|| format!("ifindex/{}", ev.ifindex), |e| e.pod.to_string()),
+            protocol: protocol_name(ev.protocol),
+            source: self.endpoint(src_ip, has_ports.then_some(ev.sport), src_id),
+            destination: self.endpoint(dst_ip, has_ports.then_some(ev.dport), dst_id),
+            tcp_flags: if ev.protocol == proto::TCP { tcp_flags_string(ev.tcp_flags) } else { String::new() },
+            policies,
+            allowed_by: if ev.verdict == verdict::FORWARDED { self.rules.get(&ev.rule_id).cloned() } else { None },
+            new_connection: ev.flags & event_flags::NEW_FLOW != 0,
+            bytes: ev.pkt_len,
+        }
+    }
+}
+
+/// A one-line, human-readable rendering: `time verdict src -> dst proto/port reason [policies]`.
+pub fn render_line(f: &Flow) -> String {
+    let port = f.destination.port.map(|p| format!(":{p}")).unwrap_or_default();
+    let why = if f.is_drop() {
+        if f.policies.is_empty() {
+            format!("{} ({} {})", f.reason, f.endpoint, f.direction)
+        } else {
+            format!("{} ({} {} isolated by {})", f.reason, f.endpoint, f.direction, f.policies.join(", "))
+        }
+    } else {
+        match &f.allowed_by {
+            Some(a) => format!("{} ({} {} rule {})", f.reason, a.policy, a.direction, a.rule),
+            None => f.reason.clone(),
+        }
+    };
+    format!(
+        "{}  {:<10} {} -> {}{} {} {}",
+        f.time,
+        f.verdict.to_uppercase(),
+        f.source.display_name(),
+        f.destination.display_name(),
+        port,
+        f.protocol,
+        why
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drops_name_the_isolating_policies() {
+        let mut view = View { node: "lab".into(), ..Default::default() };
+        let db = ObjectRef::new("payments", "database");
+        let fe = ObjectRef::new("payments", "frontend");
+        view.pods_by_ip.insert("10.244.0.12".parse().unwrap(), PodView { pod: db.clone(), labels: Labels::new() });
+        view.pods_by_ip.insert("10.244.0.10".parse().unwrap(), PodView { pod: fe, labels: Labels::new() });
+        view.endpoints.insert(
+            5,
+            EndpointView {
+                pod: db,
+                ingress_policies: vec!["payments/default-deny-all".into(), "payments/backend-to-database".into()],
+                egress_policies: vec![],
+            },
+        );
+        let ev = FlowEvent {
+            ifindex: 5,
+            saddr: "10.244.0.10".parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped().octets(),
+            daddr: "10.244.0.12".parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped().octets(),
+            sport: 40000,
+            dport: 5432,
+            family: 4,
+            protocol: proto::TCP,
+            direction: dir::INGRESS,
+            verdict: verdict::DROPPED,
+            reason: reason::POLICY_DENIED,
+            tcp_flags: 0x02,
+            ..Default::default()
+        };
+        let flow = view.enrich(&ev);
+        assert_eq!(flow.source.display_name(), "payments/frontend");
+        assert_eq!(flow.destination.display_name(), "payments/database");
+        assert_eq!(flow.destination.port, Some(5432));
+        assert_eq!(flow.verdict, "dropped");
+        assert_eq!(flow.reason, "policy-denied");
+        assert_eq!(flow.tcp_flags, "SYN");
+        assert_eq!(flow.policies.len(), 2);
+        let line = render_line(&flow);
+        assert!(line.contains("payments/frontend -> payments/database:5432 TCP policy-denied"), "{line}");
+    }
+}

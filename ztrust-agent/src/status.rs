@@ -1,0 +1,128 @@
+//! `ztrust-agent status`: what the kernel enforces on this node, read straight from the pinned maps, so
+//! it answers even while no agent runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap};
+use serde::Serialize;
+use ztrust_common::{
+    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, capacity, ep_flags,
+    names, stat,
+};
+
+use crate::datapath::loader::{Result, open_pinned};
+use crate::flows::{direction_name, reason_name, verdict_name};
+
+#[derive(Debug, Default, Serialize)]
+pub struct Counter {
+    pub interface: String,
+    pub ifindex: u32,
+    pub direction: String,
+    pub verdict: String,
+    pub reason: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Status {
+    pub endpoints: Vec<(u32, String, EndpointInfo)>,
+    pub endpoints_capacity: u32,
+    pub policy_entries: usize,
+    pub policy_capacity: u32,
+    pub ipcache_entries: usize,
+    pub ipcache_capacity: u32,
+    pub counters: Vec<Counter>,
+    pub events_lost: u64,
+    pub events_rate_limited: u64,
+    pub ct_insert_failed: u64,
+}
+
+fn ifname(index: u32) -> String {
+    nix::net::if_::if_indextoname(index).map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("#{index}"))
+}
+
+pub fn read(pin_dir: &Path) -> Result<Status> {
+    let endpoints: HashMap<MapData, u32, EndpointInfo> = open_pinned(pin_dir, names::ENDPOINTS)?;
+    let policy: LpmTrie<MapData, PolicyKey, PolicyValue> = open_pinned(pin_dir, names::POLICY)?;
+    let ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue> = open_pinned(pin_dir, names::IPCACHE)?;
+    let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> = open_pinned(pin_dir, names::COUNTERS)?;
+    let stats: PerCpuArray<MapData, u64> = open_pinned(pin_dir, names::STATS)?;
+    let sum_stat = |i: u32| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    let mut st = Status {
+        endpoints_capacity: capacity::ENDPOINTS,
+        policy_capacity: capacity::POLICY,
+        ipcache_capacity: capacity::IPCACHE,
+        policy_entries: policy.keys().count(),
+        ipcache_entries: ipcache.keys().count(),
+        events_lost: sum_stat(stat::EVENTS_LOST),
+        events_rate_limited: sum_stat(stat::EVENTS_RATE_LIMITED),
+        ct_insert_failed: sum_stat(stat::CT_INSERT_FAILED),
+        ..Default::default()
+    };
+    for (ifindex, info) in endpoints.iter().flatten() {
+        st.endpoints.push((ifindex, ifname(ifindex), info));
+    }
+    st.endpoints.sort_by_key(|e| e.0);
+    let mut agg: BTreeMap<CounterKey, CounterValue> = BTreeMap::new();
+    for (key, values) in counters.iter().flatten() {
+        let total = agg.entry(key).or_default();
+        for v in values.iter() {
+            total.packets += v.packets;
+            total.bytes += v.bytes;
+        }
+    }
+    for (k, v) in agg {
+        st.counters.push(Counter {
+            interface: ifname(k.ifindex),
+            ifindex: k.ifindex,
+            direction: direction_name(k.direction).into(),
+            verdict: verdict_name(k.verdict).into(),
+            reason: reason_name(k.reason).into(),
+            packets: v.packets,
+            bytes: v.bytes,
+        });
+    }
+    Ok(st)
+}
+
+pub fn render(st: &Status) -> String {
+    let mut out = String::new();
+    out.push_str(&format!(
+        "endpoints {}/{}   policy entries {}/{}   ipcache {}/{}   events lost {}   rate-limited {}\n\n",
+        st.endpoints.len(),
+        st.endpoints_capacity,
+        st.policy_entries,
+        st.policy_capacity,
+        st.ipcache_entries,
+        st.ipcache_capacity,
+        st.events_lost,
+        st.events_rate_limited
+    ));
+    out.push_str(&format!("{:<16} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));
+    for (ifindex, name, info) in &st.endpoints {
+        let iso = |bit| if info.flags & bit != 0 { "isolated" } else { "open" };
+        let mode = if info.flags & ep_flags::AUDIT != 0 { "audit" } else { "enforce" };
+        out.push_str(&format!(
+            "{:<16} {:>7} {:>9} {:<8} {:<8} {}\n",
+            name,
+            ifindex,
+            info.identity,
+            iso(ep_flags::ISOLATED_INGRESS),
+            iso(ep_flags::ISOLATED_EGRESS),
+            mode
+        ));
+    }
+    out.push_str(&format!(
+        "\n{:<16} {:<8} {:<11} {:<20} {:>10} {:>12}\n",
+        "INTERFACE", "DIR", "VERDICT", "REASON", "PACKETS", "BYTES"
+    ));
+    for c in &st.counters {
+        out.push_str(&format!(
+            "{:<16} {:<8} {:<11} {:<20} {:>10} {:>12}\n",
+            c.interface, c.direction, c.verdict, c.reason, c.packets, c.bytes
+        ));
+    }
+    out
+}
