@@ -103,7 +103,8 @@ impl Datapath {
     pub fn load(pin_dir: &Path) -> Result<Self> {
         ensure_bpffs()?;
         let maps_dir = pin_dir.join("maps");
-        for dir in [&maps_dir, &pin_dir.join("links")] {
+        let links = pin_dir.join("links");
+        for dir in [&maps_dir, &links.join("from-pod"), &links.join("to-pod")] {
             fs::create_dir_all(dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
         }
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
@@ -133,8 +134,9 @@ impl Datapath {
         &self.pin_dir
     }
 
+    /// `links/<hook>/<ifname>`: bpffs reserves names with a dot for itself.
     fn link_path(&self, ifname: &str, hook: &str) -> PathBuf {
-        self.pin_dir.join("links").join(format!("{ifname}.{hook}"))
+        self.pin_dir.join("links").join(hook).join(ifname)
     }
 
     pub fn is_attached(&self, ifname: &str) -> bool {
@@ -184,14 +186,14 @@ impl Datapath {
                 ifname: ifname.into(),
                 hook,
                 path: path.clone(),
-                message: e.to_string(),
+                message: format!("{e:?}"),
             })?;
             let _ = fs::remove_file(&path);
             let pinned = fd_link.pin(&path).map_err(|e| Error::PinLink {
                 ifname: ifname.into(),
                 hook,
                 path: path.clone(),
-                message: e.to_string(),
+                message: format!("{e:?}"),
             })?;
             // The pin keeps the link (and so the attachment) alive; our descriptor is not needed.
             drop(pinned);
@@ -216,11 +218,10 @@ impl Datapath {
 
     /// Interfaces whose links were pinned by an earlier agent (names from the pin directory).
     pub fn pinned_interfaces(&self) -> Vec<String> {
-        let mut names: Vec<String> = fs::read_dir(self.pin_dir.join("links"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.rsplit_once('.')).map(|(n, _)| n.to_owned()))
+        let mut names: Vec<String> = HOOKS
+            .iter()
+            .flat_map(|(_, _, hook)| fs::read_dir(self.pin_dir.join("links").join(hook)).into_iter().flatten().flatten())
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
             .collect();
         names.sort();
         names.dedup();
@@ -230,10 +231,12 @@ impl Datapath {
 
 /// Removes every pin the agent made (links first, so programs detach, then maps).
 pub fn cleanup(pin_dir: &Path) -> io::Result<()> {
-    let links = pin_dir.join("links");
-    if links.exists() {
-        for e in fs::read_dir(&links)? {
-            fs::remove_file(e?.path())?;
+    for (_, _, hook) in HOOKS {
+        let dir = pin_dir.join("links").join(hook);
+        if dir.exists() {
+            for e in fs::read_dir(&dir)? {
+                fs::remove_file(e?.path())?;
+            }
         }
     }
     match fs::remove_dir_all(pin_dir) {

@@ -1,0 +1,183 @@
+//! Test topology: a "node" network namespace with one veth pair per "pod" namespace, routed like a
+//! per-pod CNI (Calico style: /32 host routes, proxy ARP, a link-local gateway). Everything is made in
+//! namespaces this test creates and removed by `Drop`, also when the test panics.
+
+#![allow(dead_code, reason = "each test binary uses a different part")]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+pub fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn sh_quiet(args: &[&str]) {
+    let _ = Command::new(args[0]).args(&args[1..]).output();
+}
+
+/// Moves the calling thread into a network namespace (threads keep their own).
+pub fn enter_netns(name: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{name}")).expect("open netns");
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+pub struct Pod {
+    pub netns: String,
+    pub host_if: String,
+    pub ip: IpAddr,
+}
+
+pub struct Topology {
+    pub prefix: String,
+    pub node: String,
+    pub pods: Vec<Pod>,
+    pub pin_dir: PathBuf,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+}
+
+impl Topology {
+    /// `prefix` must be unique per test; pods get 10.244.<subnet>.<10+i>.
+    pub fn new(prefix: &str, subnet: u8, pods: usize) -> Self {
+        let node = format!("{prefix}n");
+        let mut me = Topology {
+            prefix: prefix.to_owned(),
+            node: node.clone(),
+            pods: Vec::new(),
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
+            stop: Arc::new(AtomicBool::new(false)),
+            servers: Vec::new(),
+        };
+        me.cleanup();
+        sh(&["ip", "netns", "add", &node]);
+        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        for i in 0..pods {
+            let netns = format!("{prefix}p{i}");
+            let host_if = format!("{prefix}h{i}");
+            let ip: IpAddr = format!("10.244.{subnet}.{}", 10 + i).parse().unwrap();
+            sh(&["ip", "netns", "add", &netns]);
+            sh(&["ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+            sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+            sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+            sh(&["ip", "-n", &netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+            sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
+            sh(&["ip", "-n", &node, "link", "set", &host_if, "up"]);
+            sh(&["ip", "-n", &node, "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+            me.pods.push(Pod { netns, host_if, ip });
+        }
+        me
+    }
+
+    fn cleanup(&self) {
+        for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&self.prefix) {
+                sh_quiet(&["ip", "netns", "del", &name]);
+            }
+        }
+        let _ = ztrust_agent::datapath::loader::cleanup(&self.pin_dir);
+    }
+
+    /// A TCP echo server (line by line) and a UDP echo server on `port` inside pod `i`.
+    pub fn serve(&mut self, i: usize, port: u16) {
+        let netns = self.pods[i].netns.clone();
+        let ip = self.pods[i].ip;
+        let stop = self.stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.servers.push(std::thread::spawn(move || {
+            enter_netns(&netns);
+            let tcp = TcpListener::bind(SocketAddr::new(ip, port)).expect("bind tcp");
+            tcp.set_nonblocking(true).unwrap();
+            let udp = UdpSocket::bind(SocketAddr::new(ip, port)).expect("bind udp");
+            udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 1500];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((conn, _)) = tcp.accept() {
+                    conn.set_nonblocking(false).unwrap();
+                    std::thread::spawn(move || {
+                        let mut w = conn.try_clone().unwrap();
+                        for line in BufReader::new(conn).lines() {
+                            let Ok(line) = line else { break };
+                            if writeln!(w, "{line}").is_err() {
+                                break;
+                            }
+                        }
+                    });
+                }
+                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(&buf[..n], peer);
+                }
+            }
+        }));
+        rx.recv_timeout(Duration::from_secs(5)).expect("server up");
+    }
+
+    /// Runs `f` on a thread inside pod `i`'s namespace.
+    pub fn in_pod<T: Send + 'static>(&self, i: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let netns = self.pods[i].netns.clone();
+        std::thread::spawn(move || {
+            enter_netns(&netns);
+            f()
+        })
+        .join()
+        .expect("pod thread")
+    }
+
+    /// Does a TCP connection from pod `from` to pod `to`:`port` get through, with an echoed line?
+    pub fn tcp(&self, from: usize, to: usize, port: u16) -> bool {
+        let dst = SocketAddr::new(self.pods[to].ip, port);
+        self.in_pod(from, move || tcp_echo(dst))
+    }
+
+    pub fn udp(&self, from: usize, to: usize, port: u16) -> bool {
+        let dst = SocketAddr::new(self.pods[to].ip, port);
+        self.in_pod(from, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            let mut buf = [0u8; 64];
+            for _ in 0..2 {
+                let _ = s.send_to(b"ping", dst);
+                if let Ok((n, _)) = s.recv_from(&mut buf) {
+                    return &buf[..n] == b"ping";
+                }
+            }
+            false
+        })
+    }
+}
+
+pub fn tcp_echo(dst: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_millis(400)) else { return false };
+    s.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
+    if s.write_all(b"hello\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 6];
+    s.read_exact(&mut buf).is_ok() && &buf == b"hello\n"
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        self.cleanup();
+    }
+}
+
+pub fn require_root() {
+    assert!(nix::unistd::geteuid().is_root(), "privileged test: run as root via `cargo xtask test`");
+}

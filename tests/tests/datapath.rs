@@ -1,0 +1,203 @@
+//! The real programs in the kernel, real packets through veth pairs: passes, drops, conntrack replies,
+//! established connections surviving a narrowing policy, fail-closed unknown endpoints, counters and
+//! ring-buffer events.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use common::{Topology, enter_netns, require_root};
+use ztrust_agent::datapath::loader::Datapath;
+use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
+use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
+use ztrust_agent::policy::Engine;
+use ztrust_common::{CounterKey, FlowEvent, dir, reason, verdict};
+
+fn labels(app: &str) -> BTreeMap<String, String> {
+    [("app".to_owned(), app.to_owned())].into()
+}
+
+fn cluster(topo: &Topology, policies: Vec<NetworkPolicy>) -> Cluster {
+    let mut c = Cluster::default();
+    c.namespaces.insert("x".into(), Namespace { name: "x".into(), labels: [("ns".to_owned(), "x".to_owned())].into(), ..Default::default() });
+    for (i, p) in topo.pods.iter().enumerate() {
+        let name = ["a", "b", "c"][i];
+        let pod = Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: labels(name),
+            ips: vec![p.ip],
+            ports: vec![],
+            ..Default::default()
+        };
+        c.pods.insert(pod.object_ref(), pod);
+    }
+    for p in policies {
+        c.policies.insert(p.object_ref(), p);
+    }
+    c
+}
+
+fn selector(app: &str) -> LabelSelector {
+    LabelSelector { match_labels: labels(app), ..Default::default() }
+}
+
+/// Ingress to `app` from `from_app` on TCP `port` (and nothing else).
+fn allow_ingress(name: &str, app: &str, from_app: &str, port: u16) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: "x".into(),
+        name: name.into(),
+        pod_selector: selector(app),
+        isolates_ingress: true,
+        isolates_egress: false,
+        ingress: vec![Rule {
+            peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(selector(from_app)) }],
+            ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(port)), end_port: None }],
+        }],
+        egress: vec![],
+    }
+}
+
+fn deny_all_ingress(name: &str, app: &str) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: "x".into(),
+        name: name.into(),
+        pod_selector: selector(app),
+        isolates_ingress: true,
+        isolates_egress: false,
+        ingress: vec![],
+        egress: vec![],
+    }
+}
+
+struct Enforcer {
+    dp: Datapath,
+    syncer: Syncer,
+    engine: Engine,
+    bindings: BTreeMap<ObjectRef, u32>,
+}
+
+impl Enforcer {
+    /// Loads the programs with the topology's pin dir and attaches them to every pod's host interface.
+    /// Runs on the calling thread, which must be inside the node namespace.
+    fn new(topo: &Topology) -> Self {
+        let mut dp = Datapath::load(&topo.pin_dir).expect("load datapath");
+        let mut bindings = BTreeMap::new();
+        for (i, p) in topo.pods.iter().enumerate() {
+            let index = nix::net::if_::if_nametoindex(p.host_if.as_str()).expect("ifindex");
+            dp.attach(&p.host_if, index).expect("attach");
+            bindings.insert(ObjectRef::new("x", ["a", "b", "c"][i]), index);
+        }
+        dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 0, flags: 0, log_allowed: 1 }, 0).unwrap();
+        Enforcer { dp, syncer: Syncer::new(), engine: Engine::new(), bindings }
+    }
+
+    fn apply(&mut self, c: &Cluster) {
+        let desired = self.engine.compile(c);
+        self.syncer.sync(&mut KernelMaps(&mut self.dp.maps), &desired, &self.bindings).expect("sync");
+    }
+
+    fn counter(&self, host_if_index: u32, direction: u8, v: u8, r: u8) -> u64 {
+        let key = CounterKey { ifindex: host_if_index, direction, verdict: v, reason: r, _pad: 0 };
+        self.dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
+    }
+
+    fn events(&mut self) -> Vec<FlowEvent> {
+        let ring = self.dp.events.as_mut().expect("ring");
+        let mut out = Vec::new();
+        while let Some(item) = ring.next() {
+            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+        }
+        out
+    }
+}
+
+#[test]
+fn enforcement_conntrack_counters_and_events() {
+    require_root();
+    let mut topo = Topology::new("ztdp", 201, 3);
+    for i in 0..3 {
+        topo.serve(i, 80);
+        topo.serve(i, 81);
+    }
+    let node = topo.node.clone();
+    // The datapath is loaded on a thread inside the node namespace; probes run on pod threads.
+    enter_netns(&node);
+    let mut enf = Enforcer::new(&topo);
+    let (a, b, c) = (0, 1, 2);
+    let idx = |i: usize| enf.bindings[&ObjectRef::new("x", ["a", "b", "c"][i])];
+
+    // Attached but no endpoint written yet: fail closed.
+    assert!(!topo.tcp(a, b, 80), "an interface with no endpoint entry must drop");
+    assert!(enf.counter(idx(a), dir::EGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);
+
+    // No policies: everything reaches everything.
+    enf.apply(&cluster(&topo, vec![]));
+    assert!(topo.tcp(a, b, 80) && topo.tcp(c, b, 81) && topo.udp(a, b, 80) && topo.tcp(b, a, 80));
+
+    // b accepts only a on TCP 80.
+    enf.apply(&cluster(&topo, vec![allow_ingress("b-from-a", "b", "a", 80)]));
+    assert!(topo.tcp(a, b, 80), "a -> b:80 is allowed");
+    assert!(!topo.tcp(c, b, 80), "c -> b:80 is denied");
+    assert!(!topo.tcp(a, b, 81), "a -> b:81 is denied (port)");
+    assert!(!topo.udp(a, b, 80), "a -> b:80/UDP is denied (protocol)");
+    assert!(topo.tcp(b, a, 80), "egress of b is not isolated");
+    assert!(enf.counter(idx(b), dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED) > 0);
+    assert!(enf.counter(idx(b), dir::INGRESS, verdict::FORWARDED, reason::ALLOWED_BY_POLICY) > 0);
+
+    // Drop events name the endpoint, the direction and the flow.
+    let events = enf.events();
+    let c_ip = topo.pods[c].ip;
+    let drop = events
+        .iter()
+        .find(|e| e.verdict == verdict::DROPPED && e.reason == reason::POLICY_DENIED && e.dport == 80 && e.ifindex == idx(b))
+        .unwrap_or_else(|| panic!("no drop event for c -> b:80 among {} events", events.len()));
+    assert_eq!(drop.direction, dir::INGRESS);
+    let src = std::net::Ipv6Addr::from(drop.saddr).to_ipv4_mapped().map(std::net::IpAddr::V4);
+    assert_eq!(src, Some(c_ip));
+    assert!(drop.rule_id == 0 && drop.remote_identity >= ztrust_common::identity::FIRST_DYNAMIC);
+    let allowed = events.iter().find(|e| e.verdict == verdict::FORWARDED && e.reason == reason::ALLOWED_BY_POLICY);
+    assert!(allowed.is_some_and(|e| e.rule_id > 0), "allowed new connections carry the rule that allowed them");
+
+    // Replies pass by conntrack even where the other side is fully isolated: a's ingress denies all,
+    // yet a -> b:80 still works (the reply from b is not a new connection into a).
+    enf.apply(&cluster(&topo, vec![allow_ingress("b-from-a", "b", "a", 80), deny_all_ingress("a-deny", "a")]));
+    assert!(topo.tcp(a, b, 80), "replies of an allowed connection pass an isolated endpoint");
+    assert!(!topo.tcp(b, a, 80), "but new connections into a are denied");
+    assert!(enf.counter(idx(a), dir::INGRESS, verdict::FORWARDED, reason::REPLY) > 0);
+
+    // A policy that denies new connections does not cut an established one.
+    let dst = SocketAddr::new(topo.pods[b].ip, 80);
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let netns_a = topo.pods[a].netns.clone();
+    let client = std::thread::spawn(move || {
+        enter_netns(&netns_a);
+        let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        writeln!(w, "one").unwrap();
+        r.read_line(&mut line).unwrap();
+        tx.send(line == "one\n").unwrap();
+        go_rx.recv().unwrap();
+        line.clear();
+        let ok = writeln!(w, "two").is_ok() && r.read_line(&mut line).is_ok() && line == "two\n";
+        tx.send(ok).unwrap();
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(3)).unwrap(), "established before the change");
+    enf.apply(&cluster(&topo, vec![deny_all_ingress("b-deny", "b"), deny_all_ingress("a-deny", "a")]));
+    assert!(!topo.tcp(a, b, 80), "new connections to b are now denied");
+    go_tx.send(()).unwrap();
+    assert!(rx.recv_timeout(Duration::from_secs(4)).unwrap(), "the established connection survives");
+    client.join().unwrap();
+    assert!(enf.counter(idx(b), dir::INGRESS, verdict::FORWARDED, reason::ESTABLISHED) > 0);
+
+    // Removing the policies opens everything again.
+    enf.apply(&cluster(&topo, vec![]));
+    assert!(topo.tcp(c, b, 80) && topo.tcp(b, a, 80));
+}
