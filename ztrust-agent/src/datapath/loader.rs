@@ -130,6 +130,11 @@ impl Datapath {
         Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new() })
     }
 
+    /// A loaded program, e.g. to run it on prepared packets (`BPF_PROG_TEST_RUN`) in tests and benchmarks.
+    pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
+        self.ebpf.program(name).and_then(|p| <&SchedClassifier>::try_from(p).ok())
+    }
+
     pub fn pin_dir(&self) -> &Path {
         &self.pin_dir
     }
