@@ -1,0 +1,94 @@
+//! Allow entries → policy-map LPM keys, and a simulation of the kernel lookup over them.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use ztrust_common::{PolicyKey, dir, identity, proto};
+
+use super::{AllowKey, Desired};
+use crate::model::ObjectRef;
+
+/// The LPM-trie entries `(prefix length, key)` of one allow entry of endpoint `endpoint_id`.
+///
+/// Protocol 0 is a `PREFIX_ANY_PROTO` entry (any protocol and port); a full port range is a
+/// `PREFIX_ANY_PORT` entry; any other range is split into the minimal set of aligned power-of-two port
+/// blocks, each of prefix `PREFIX_FULL - log2(block size)`, because the trie matches bit prefixes only.
+pub fn policy_keys(endpoint_id: u32, key: &AllowKey) -> Vec<(u32, PolicyKey)> {
+    let new = |protocol, port| PolicyKey::new(endpoint_id, key.remote, key.direction, protocol, port);
+    if key.protocol == proto::ANY {
+        return vec![(PolicyKey::PREFIX_ANY_PROTO, new(proto::ANY, 0))];
+    }
+    if key.port_lo > key.port_hi {
+        return Vec::new();
+    }
+    if key.port_lo == 0 && key.port_hi == u16::MAX {
+        return vec![(PolicyKey::PREFIX_ANY_PORT, new(key.protocol, 0))];
+    }
+    let mut out = Vec::new();
+    let mut lo = u32::from(key.port_lo);
+    let hi = u32::from(key.port_hi);
+    while lo <= hi {
+        // Largest block aligned at `lo` that does not pass `hi`.
+        let mut k = if lo == 0 { 16 } else { lo.trailing_zeros().min(16) };
+        while lo + (1 << k) - 1 > hi {
+            k -= 1;
+        }
+        // lo < 65536 here: the loop only continues while lo <= hi <= 65535.
+        out.push((PolicyKey::PREFIX_FULL - k, new(key.protocol, lo as u16)));
+        lo += 1 << k;
+    }
+    out
+}
+
+/// The identity the kernel finds for `addr`: longest-prefix match in the ipcache, [`identity::WORLD`]
+/// when no entry contains it.
+pub fn remote_identity(desired: &Desired, addr: IpAddr) -> u32 {
+    let max = match addr {
+        IpAddr::V4(_) => 32,
+        IpAddr::V6(_) => 128,
+    };
+    (0..=max)
+        .rev()
+        .find_map(|len| IpNet::new(addr, len).ok().and_then(|n| desired.ipcache.get(&n.trunc())).copied())
+        .unwrap_or(identity::WORLD)
+}
+
+fn bits(k: &PolicyKey) -> u128 {
+    let mut b = [0u8; 16];
+    b[..4].copy_from_slice(&k.endpoint);
+    b[4..8].copy_from_slice(&k.identity);
+    b[8] = k.direction;
+    b[9] = k.protocol;
+    b[10..12].copy_from_slice(&k.port);
+    u128::from_be_bytes(b)
+}
+
+/// Simulates the kernel's verdict for a new connection's first packet at `endpoint`'s hook in
+/// `direction`: the remote is `src` on ingress, `dst` on egress. Traffic from the node is always
+/// allowed on ingress; a non-isolated direction allows everything; otherwise the policy LPM trie is
+/// looked up with the remote's identity, then with [`identity::ANY`]. An unknown endpoint is dropped,
+/// as the kernel drops traffic of an interface it has no endpoint entry for.
+pub fn lookup(
+    desired: &Desired,
+    src: IpAddr,
+    dst: IpAddr,
+    protocol: u8,
+    dport: u16,
+    endpoint: &ObjectRef,
+    direction: u8,
+) -> bool {
+    let Some(ep) = desired.endpoints.get(endpoint) else { return false };
+    let remote = remote_identity(desired, if direction == dir::INGRESS { src } else { dst });
+    let isolated = if direction == dir::INGRESS { ep.isolated_ingress } else { ep.isolated_egress };
+    if (direction == dir::INGRESS && remote == identity::HOST) || !isolated {
+        return true;
+    }
+    const EP: u32 = 1;
+    [remote, identity::ANY].iter().any(|id| {
+        let want = bits(&PolicyKey::new(EP, *id, direction, protocol, dport));
+        ep.allow.keys().flat_map(|k| policy_keys(EP, k)).any(|(plen, k)| {
+            let shift = 128 - plen;
+            (bits(&k) >> shift) == (want >> shift)
+        })
+    })
+}
