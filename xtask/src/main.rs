@@ -38,6 +38,12 @@ enum Cmd {
         #[arg(long)]
         down: bool,
     },
+    /// Benchmarks (not tests): per-packet cost of the real programs as the maps grow. Extra arguments go
+    /// to the benchmark (`-- --help`).
+    Bench {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// All tests: unit tests, then the privileged integration tests one at a time.
     Test {
         /// Only the unit tests (no root needed).
@@ -201,8 +207,22 @@ fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
     run(c)
 }
 
+fn bench(args: &[String]) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the benchmark loads eBPF programs: run it as root");
+    }
+    setup()?;
+    step("build (release)");
+    run(cmd("cargo", &["build", "--locked", "--release", "-p", "ztrust-tests", "--bin", "ztrust-bench"]))?;
+    step("per-packet datapath cost (BPF_PROG_TEST_RUN)");
+    let mut c = Command::new(root().join("target/release/ztrust-bench"));
+    c.args(args);
+    run(c)
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Bench { args } => bench(&args),
         Cmd::Setup => setup(),
         Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
         Cmd::Lab { down } => lab(down),
