@@ -83,7 +83,7 @@ fn step(what: &str) {
 }
 
 fn is_root() -> bool {
-    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+    output(cmd("id", &["-u"])).is_some_and(|s| s.trim() == "0")
 }
 
 fn setup() -> anyhow::Result<()> {
