@@ -22,5 +22,19 @@ fn main() -> anyhow::Result<()> {
     }
     let package = aya_build::Package { name: "ztrust-ebpf", root_dir: ebpf_dir, ..Default::default() };
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
-        .with_context(|| format!("building the eBPF programs with toolchain `{toolchain}` (run `cargo xtask setup`)"))
+        .with_context(|| format!("building the eBPF programs with toolchain `{toolchain}` (run `cargo xtask setup`)"))?;
+    compile_protos(&manifest_dir)
+}
+
+/// The flow API (`proto/observer.proto`) → Rust, with the pure-Rust `protox` compiler: no system
+/// `protoc` needed. The well-known types (`google/protobuf/timestamp.proto`) are built into protox.
+fn compile_protos(manifest_dir: &std::path::Path) -> anyhow::Result<()> {
+    let proto_dir = manifest_dir.join("proto");
+    println!("cargo:rerun-if-changed={}", proto_dir.display());
+    let fds = protox::compile(["observer.proto"], [&proto_dir]).context("compiling proto/observer.proto")?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)
+        .context("generating the gRPC code of proto/observer.proto")
 }

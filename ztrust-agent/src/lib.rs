@@ -4,3 +4,6 @@ pub mod policy;
 pub mod source;
 pub mod lab;
 pub mod datapath;
+pub mod observer;
+pub mod metrics;
+pub mod detector;

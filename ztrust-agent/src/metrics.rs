@@ -1,0 +1,329 @@
+//! Prometheus metrics, all in one registry with the `ztrust_` prefix, served at `/metrics`
+//! (`--metrics-addr`, default `0.0.0.0:9965`) in the OpenMetrics text format.
+//!
+//! Names are stable (documented in the README): a metric is never renamed or given another meaning,
+//! only added. Label values come from bounded sets (verdict, direction, reason names, namespaces);
+//! the `pod` label, whose cardinality follows pod churn, is only added with `--metrics-pod-label`.
+
+use std::future::Future;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::flows::Flow;
+use crate::observer::Hub;
+
+type Labels = Vec<(&'static str, String)>;
+type U64Gauge = Gauge<u64, AtomicU64>;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MetricsOptions {
+    /// Add the `pod` label to the per-flow counters.
+    pub pod_label: bool,
+}
+
+/// Counters the hub owns, mirrored into the registry at each scrape.
+#[derive(Default)]
+struct Mirrored {
+    lost_kernel: u64,
+    lost_slow: u64,
+    overwritten: u64,
+}
+
+pub struct Metrics {
+    opts: MetricsOptions,
+    registry: Registry,
+    flows: Family<Labels, Counter>,
+    drops: Family<Labels, Counter>,
+    flows_seen: Counter,
+    flows_lost: Family<Labels, Counter>,
+    ring_overwritten: Counter,
+    ring_flows: U64Gauge,
+    ring_capacity: U64Gauge,
+    subscribers: U64Gauge,
+    compile: Histogram,
+    sync: Histogram,
+    sync_writes: Counter,
+    endpoints: U64Gauge,
+    identities: U64Gauge,
+    map_entries: Family<Labels, U64Gauge>,
+    map_capacity: Family<Labels, U64Gauge>,
+    alerts: Family<Labels, Counter>,
+    hub: OnceLock<Arc<Hub>>,
+    mirrored: Mutex<Mirrored>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(MetricsOptions::default())
+    }
+}
+
+impl Metrics {
+    pub fn new(opts: MetricsOptions) -> Self {
+        let mut registry = Registry::with_prefix("ztrust");
+        let duration = || Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
+        let m = Self {
+            opts,
+            flows: Family::default(),
+            drops: Family::default(),
+            flows_seen: Counter::default(),
+            flows_lost: Family::default(),
+            ring_overwritten: Counter::default(),
+            ring_flows: U64Gauge::default(),
+            ring_capacity: U64Gauge::default(),
+            subscribers: U64Gauge::default(),
+            compile: duration(),
+            sync: duration(),
+            sync_writes: Counter::default(),
+            endpoints: U64Gauge::default(),
+            identities: U64Gauge::default(),
+            map_entries: Family::default(),
+            map_capacity: Family::default(),
+            alerts: Family::default(),
+            hub: OnceLock::new(),
+            mirrored: Mutex::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "flows",
+            "Flows reported by the datapath, by verdict, direction, reason and namespace of the judged pod",
+            m.flows.clone(),
+        );
+        registry.register(
+            "drops",
+            "Dropped and would-drop (audit) flows, by verdict, direction, reason and namespace of the judged pod",
+            m.drops.clone(),
+        );
+        registry.register("flows_seen", "Flows received from the kernel and enriched", m.flows_seen.clone());
+        registry.register(
+            "flows_lost",
+            "Flows lost: source=kernel_ring_buffer (kernel could not queue the event), slow_client (summed over API clients)",
+            m.flows_lost.clone(),
+        );
+        registry.register(
+            "flow_ring_overwritten",
+            "Flows overwritten in the in-memory flow ring (oldest first)",
+            m.ring_overwritten.clone(),
+        );
+        registry.register("flow_ring_flows", "Flows held in the in-memory flow ring", m.ring_flows.clone());
+        registry.register("flow_ring_capacity", "Capacity of the in-memory flow ring", m.ring_capacity.clone());
+        registry.register("flow_subscribers", "Open GetFlows/GetAlerts streams", m.subscribers.clone());
+        registry.register(
+            "policy_compile_duration_seconds",
+            "Time to compile cluster state into the desired datapath state",
+            m.compile.clone(),
+        );
+        registry.register(
+            "policy_sync_duration_seconds",
+            "Time to write the desired state into the kernel maps",
+            m.sync.clone(),
+        );
+        registry.register("policy_sync_writes", "Kernel map writes (updates and deletes) done by syncs", m.sync_writes.clone());
+        registry.register("endpoints", "Endpoints (pods) enforced on this node", m.endpoints.clone());
+        registry.register("identities", "Security identities allocated", m.identities.clone());
+        registry.register("map_entries", "Entries in a kernel map", m.map_entries.clone());
+        registry.register("map_capacity", "Capacity of a kernel map", m.map_capacity.clone());
+        registry.register("alerts", "Lateral-movement alerts raised, by kind (scan, sensitive_tier)", m.alerts.clone());
+        Self { registry, ..m }
+    }
+
+    /// Mirrors the hub's counters (flows lost, ring fill, subscribers) at every scrape.
+    pub fn attach_hub(&self, hub: Arc<Hub>) {
+        let _ = self.hub.set(hub);
+    }
+
+    /// Called for every flow.
+    pub fn observe_flow(&self, f: &Flow) {
+        self.flows_seen.inc();
+        let judged = if f.direction == "ingress" { &f.destination } else { &f.source };
+        let namespace = judged
+            .namespace
+            .clone()
+            .or_else(|| f.endpoint.split_once('/').filter(|(ns, _)| *ns != "ifindex").map(|(ns, _)| ns.to_owned()))
+            .unwrap_or_default();
+        let mut labels: Labels = vec![
+            ("verdict", f.verdict.clone()),
+            ("direction", f.direction.clone()),
+            ("reason", f.reason.clone()),
+            ("namespace", namespace),
+        ];
+        if self.opts.pod_label {
+            labels.push(("pod", judged.pod.clone().unwrap_or_default()));
+        }
+        if f.is_drop() {
+            self.drops.get_or_create(&labels).inc();
+        }
+        self.flows.get_or_create(&labels).inc();
+    }
+
+    pub fn observe_compile(&self, secs: f64) {
+        self.compile.observe(secs);
+    }
+
+    pub fn observe_sync(&self, secs: f64, writes: u64) {
+        self.sync.observe(secs);
+        self.sync_writes.inc_by(writes);
+    }
+
+    pub fn set_endpoints(&self, n: u64) {
+        self.endpoints.set(n);
+    }
+
+    pub fn set_identities(&self, n: u64) {
+        self.identities.set(n);
+    }
+
+    /// `map` is the pinned name (`ZT_POLICY`, ...) or any stable short name.
+    pub fn set_map_fill(&self, map: &str, used: u64, capacity: u64) {
+        let labels: Labels = vec![("map", map.to_owned())];
+        self.map_entries.get_or_create(&labels).set(used);
+        self.map_capacity.get_or_create(&labels).set(capacity);
+    }
+
+    /// `kind`: `scan` or `sensitive_tier`.
+    pub fn alert_raised(&self, kind: &str) {
+        self.alerts.get_or_create(&vec![("kind", kind.to_owned())]).inc();
+    }
+
+    fn refresh(&self) {
+        let Some(hub) = self.hub.get() else { return };
+        let st = hub.status();
+        let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        let mirror = |counter: &Counter, last: &mut u64, now: u64| {
+            if now > *last {
+                counter.inc_by(now - *last);
+            }
+            *last = now;
+        };
+        let kernel = self.flows_lost.get_or_create(&vec![("source", "kernel_ring_buffer".to_owned())]).clone();
+        let slow = self.flows_lost.get_or_create(&vec![("source", "slow_client".to_owned())]).clone();
+        mirror(&kernel, &mut m.lost_kernel, st.lost_kernel_ring_buffer);
+        mirror(&slow, &mut m.lost_slow, st.lost_slow_clients);
+        mirror(&self.ring_overwritten, &mut m.overwritten, st.ring_overwritten);
+        self.ring_flows.set(st.num_flows);
+        self.ring_capacity.set(st.max_flows);
+        self.subscribers.set(st.subscribers);
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn render(&self) -> String {
+        self.refresh();
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Serves `/metrics` (and `/healthz`) on `listener` until `shutdown` resolves.
+pub async fn serve(
+    metrics: Arc<Metrics>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    use axum::http::header::CONTENT_TYPE;
+    use axum::routing::get;
+    tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observer::HubOptions;
+    use crate::observer::filters::testing::{allowed, denied};
+
+    /// `name{labels} value` lines → value, for the checks below.
+    fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn flow_counters_by_verdict_direction_reason_namespace() {
+        let m = Metrics::default();
+        m.observe_flow(&denied());
+        m.observe_flow(&denied());
+        m.observe_flow(&allowed());
+        let text = m.render();
+        let drop = r#"{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments"}"#;
+        assert_eq!(sample(&text, &format!("ztrust_flows_total{drop}")), Some(2.0), "{text}");
+        assert_eq!(sample(&text, &format!("ztrust_drops_total{drop}")), Some(2.0));
+        let fwd = r#"{verdict="forwarded",direction="egress",reason="allowed-by-policy",namespace="shop"}"#;
+        assert_eq!(sample(&text, &format!("ztrust_flows_total{fwd}")), Some(1.0));
+        assert_eq!(sample(&text, &format!("ztrust_drops_total{fwd}")), None);
+        assert_eq!(sample(&text, "ztrust_flows_seen_total"), Some(3.0));
+        assert!(!text.contains("pod=\""), "no pod label by default");
+        assert!(text.trim_end().ends_with("# EOF"));
+    }
+
+    #[test]
+    fn pod_label_on_request() {
+        let m = Metrics::new(MetricsOptions { pod_label: true });
+        m.observe_flow(&denied());
+        let text = m.render();
+        assert!(text.contains(r#"namespace="payments",pod="database-0"}"#), "{text}");
+    }
+
+    #[test]
+    fn agent_facing_setters() {
+        let m = Metrics::default();
+        m.observe_compile(0.003);
+        m.observe_sync(0.010, 42);
+        m.observe_sync(0.020, 8);
+        m.set_endpoints(7);
+        m.set_identities(12);
+        m.set_map_fill("ZT_POLICY", 100, 1_048_576);
+        m.alert_raised("scan");
+        let text = m.render();
+        assert_eq!(sample(&text, "ztrust_policy_compile_duration_seconds_count"), Some(1.0), "{text}");
+        assert_eq!(sample(&text, "ztrust_policy_sync_duration_seconds_count"), Some(2.0));
+        assert_eq!(sample(&text, "ztrust_policy_sync_writes_total"), Some(50.0));
+        assert_eq!(sample(&text, "ztrust_endpoints"), Some(7.0));
+        assert_eq!(sample(&text, "ztrust_identities"), Some(12.0));
+        assert_eq!(sample(&text, r#"ztrust_map_entries{map="ZT_POLICY"}"#), Some(100.0));
+        assert_eq!(sample(&text, r#"ztrust_map_capacity{map="ZT_POLICY"}"#), Some(1_048_576.0));
+        assert_eq!(sample(&text, r#"ztrust_alerts_total{kind="scan"}"#), Some(1.0));
+    }
+
+    #[test]
+    fn hub_counters_are_mirrored_monotonically() {
+        let m = Metrics::default();
+        let hub = Arc::new(Hub::new(HubOptions { flow_buffer: 2, client_queue: 1, ..Default::default() }));
+        m.attach_hub(hub.clone());
+        let _slow = hub.flows.subscribe(true);
+        for _ in 0..4 {
+            hub.publish(denied());
+        }
+        hub.set_kernel_lost(9);
+        let text = m.render();
+        assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#), Some(9.0), "{text}");
+        // Queue of 1: the first flow went in, the 3 others did not.
+        assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="slow_client"}"#), Some(3.0));
+        assert_eq!(sample(&text, "ztrust_flow_ring_overwritten_total"), Some(2.0));
+        assert_eq!(sample(&text, "ztrust_flow_ring_flows"), Some(2.0));
+        assert_eq!(sample(&text, "ztrust_flow_ring_capacity"), Some(2.0));
+        // A second scrape does not count again.
+        let text = m.render();
+        assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#), Some(9.0));
+    }
+}

@@ -1,0 +1,58 @@
+//! `source_namespace`, `destination_namespace`, `namespace` (either end).
+//!
+//! Three fields, three predicates: all that are set must hold.
+
+use super::{Error, FilterFn, Result, any};
+use crate::flows::{Endpoint, Flow};
+use crate::observer::proto::FlowFilter;
+
+fn parse(ns: &String) -> Result<String> {
+    if ns.is_empty() { Err(Error::Empty("namespace")) } else { Ok(ns.clone()) }
+}
+
+fn in_ns(e: &Endpoint, ns: &str) -> bool {
+    e.namespace.as_deref() == Some(ns)
+}
+
+pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
+    let preds: Vec<FilterFn> = [
+        any(&ff.source_namespace, parse, |ns: &String, f: &Flow| in_ns(&f.source, ns))?,
+        any(&ff.destination_namespace, parse, |ns: &String, f: &Flow| in_ns(&f.destination, ns))?,
+        any(&ff.namespace, parse, |ns: &String, f: &Flow| in_ns(&f.source, ns) || in_ns(&f.destination, ns))?,
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    Ok(match preds.len() {
+        0 => None,
+        _ => Some(Box::new(move |f: &Flow| preds.iter().all(|p| p(f)))),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observer::filters::testing::{allowed, denied};
+
+    fn f(ff: FlowFilter) -> FilterFn {
+        build(&ff).unwrap().unwrap()
+    }
+
+    #[test]
+    fn source_destination_and_either() {
+        assert!(f(FlowFilter { source_namespace: vec!["payments".into()], ..Default::default() })(&denied()));
+        assert!(!f(FlowFilter { source_namespace: vec!["shop".into()], ..Default::default() })(&denied()));
+        // The destination of `allowed` is outside the cluster: no namespace.
+        assert!(!f(FlowFilter { destination_namespace: vec!["shop".into()], ..Default::default() })(&allowed()));
+        let either = f(FlowFilter { namespace: vec!["shop".into(), "payments".into()], ..Default::default() });
+        assert!(either(&denied()) && either(&allowed()));
+        let both = f(FlowFilter {
+            source_namespace: vec!["shop".into()],
+            destination_namespace: vec!["payments".into()],
+            ..Default::default()
+        });
+        assert!(!both(&denied()) && !both(&allowed()), "fields AND together");
+        assert!(build(&FlowFilter::default()).unwrap().is_none());
+        assert!(build(&FlowFilter { namespace: vec![String::new()], ..Default::default() }).is_err());
+    }
+}

@@ -1,0 +1,384 @@
+//! The gRPC service `ztrust.observer.v1.Observer` over a unix socket (always) and TCP with mutual TLS
+//! (optional).
+//!
+//! Each `GetFlows` stream is one task between a hub subscription and tonic's response channel. When
+//! the client reads slowly, the response channel fills, the task stops draining its subscription, the
+//! subscription's bounded queue overflows, and the hub counts the loss for this client only (reported
+//! as `LostEvents { SLOW_CLIENT }`). Malformed bytes or half-open connections stay inside their own
+//! h2 connection task; HTTP/2 keepalive pings reap peers that stopped answering.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+use crate::observer::convert;
+use crate::observer::filters::FlowFilters;
+use crate::observer::hub::{Hub, Item, Observed};
+use crate::observer::proto::observer_server::{Observer, ObserverServer};
+use crate::observer::proto::{
+    GetAlertsRequest, GetAlertsResponse, GetFlowsRequest, GetFlowsResponse, LostEventSource, LostEvents,
+    ServerStatusRequest, ServerStatusResponse, get_alerts_response, get_flows_response,
+};
+
+/// Where the `flows` command finds the agent.
+pub const DEFAULT_SOCKET: &str = "/var/run/ztrust/agent.sock";
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("preparing the socket {path}: {source}")]
+    Socket { path: PathBuf, source: std::io::Error },
+    #[error("reading {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// PEM files of the TCP listener: its certificate chain and key, and the CA that client certificates
+/// must chain to (clients without a certificate are refused).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// The unix socket (`--grpc-socket`).
+    pub socket: Option<PathBuf>,
+    /// TCP listener (`--grpc-tcp`), only with mTLS.
+    pub tcp: Option<(SocketAddr, TlsFiles)>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self { socket: Some(DEFAULT_SOCKET.into()), tcp: None }
+    }
+}
+
+/// Queue between a stream's task and tonic. Small: the per-client hub queue is the real buffer.
+const RESPONSE_QUEUE: usize = 64;
+
+#[derive(Clone)]
+pub struct ObserverService {
+    hub: Arc<Hub>,
+}
+
+impl ObserverService {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+
+    pub fn into_server(self) -> ObserverServer<Self> {
+        ObserverServer::new(self)
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn lost(source: LostEventSource, n: u64) -> get_flows_response::ResponseTypes {
+    get_flows_response::ResponseTypes::LostEvents(LostEvents { source: source as i32, num_events_lost: n })
+}
+
+/// Which kept flows a request wants, and how many it asked for that the ring no longer holds.
+fn select_kept(
+    req: &GetFlowsRequest,
+    filters: &FlowFilters,
+    kept: &[Arc<Observed>],
+    overwritten: u64,
+    since: Option<SystemTime>,
+    until: Option<SystemTime>,
+) -> (Vec<Arc<Observed>>, u64) {
+    let history = req.number > 0 || since.is_some() || !req.follow;
+    if !history {
+        return (Vec::new(), 0);
+    }
+    let in_window = |o: &Observed| since.is_none_or(|s| o.time >= s) && until.is_none_or(|u| o.time < u);
+    let mut out: Vec<Arc<Observed>> =
+        kept.iter().filter(|o| in_window(o) && filters.matches(&o.flow)).cloned().collect();
+    let mut lost_in_ring = 0;
+    if req.number > 0 {
+        let n = usize::try_from(req.number).unwrap_or(usize::MAX);
+        if out.len() > n {
+            out.drain(..out.len() - n);
+        } else if overwritten > 0 {
+            // Fewer than asked for, and flows were overwritten: some of them may have matched.
+            // Whether they did cannot be known any more; report how many the ring dropped, at most
+            // the shortfall.
+            lost_in_ring = overwritten.min(req.number - out.len() as u64);
+        }
+    } else if overwritten > 0 {
+        // Everything (since `since`) was asked for: the ring lost flows if the oldest kept one is
+        // already inside the window.
+        let oldest = kept.first().map(|o| o.time);
+        if since.is_none() || oldest.zip(since).is_some_and(|(o, s)| o >= s) {
+            lost_in_ring = overwritten;
+        }
+    }
+    (out, lost_in_ring)
+}
+
+#[tonic::async_trait]
+impl Observer for ObserverService {
+    type GetFlowsStream = BoxStream<GetFlowsResponse>;
+    type GetAlertsStream = BoxStream<GetAlertsResponse>;
+
+    async fn get_flows(&self, request: Request<GetFlowsRequest>) -> Result<Response<Self::GetFlowsStream>, Status> {
+        let req = request.into_inner();
+        let filters = FlowFilters::new(&req.whitelist, &req.blacklist)
+            .map_err(|e| Status::invalid_argument(format!("filter: {e}")))?;
+        let since = req.since.as_ref().map(convert::system_time);
+        let until = req.until.as_ref().map(convert::system_time);
+        let follow = req.follow && until.is_none_or(|u| u > SystemTime::now());
+        let snapshot = self.hub.flows.subscribe(follow);
+        let (kept, lost_in_ring) = select_kept(&req, &filters, &snapshot.kept, snapshot.overwritten, since, until);
+        drop(snapshot.kept);
+        let mut subscription = snapshot.subscription;
+        let node = self.hub.node.clone();
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        tokio::spawn(async move {
+            let response = |r: get_flows_response::ResponseTypes| {
+                Ok(GetFlowsResponse {
+                    response_types: Some(r),
+                    node_name: node.clone(),
+                    time: Some(convert::timestamp(SystemTime::now())),
+                })
+            };
+            let flow = |o: &Observed| {
+                response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(&o.flow, o.time)))
+            };
+            if lost_in_ring > 0 && tx.send(response(lost(LostEventSource::AgentRing, lost_in_ring))).await.is_err() {
+                return;
+            }
+            for o in &kept {
+                if tx.send(flow(o)).await.is_err() {
+                    return;
+                }
+            }
+            drop(kept);
+            let Some(sub) = subscription.as_mut() else { return };
+            loop {
+                let item = tokio::select! {
+                    item = sub.next() => item,
+                    () = tx.closed() => return,
+                };
+                let msg = match item {
+                    None => return,
+                    Some(Item::Lost(source, n)) => response(lost(source, n)),
+                    Some(Item::Value(o)) => {
+                        if until.is_some_and(|u| o.time >= u) {
+                            return;
+                        }
+                        if since.is_some_and(|s| o.time < s) || !filters.matches(&o.flow) {
+                            continue;
+                        }
+                        flow(&o)
+                    }
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_alerts(&self, request: Request<GetAlertsRequest>) -> Result<Response<Self::GetAlertsStream>, Status> {
+        let req = request.into_inner();
+        let snapshot = self.hub.alerts.subscribe(req.follow);
+        let n = usize::try_from(req.number).unwrap_or(usize::MAX);
+        let skip = if req.number == 0 { 0 } else { snapshot.kept.len().saturating_sub(n) };
+        let kept: Vec<_> = snapshot.kept[skip..].to_vec();
+        let mut subscription = snapshot.subscription;
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        tokio::spawn(async move {
+            let alert = |a: &crate::observer::proto::Alert| {
+                Ok(GetAlertsResponse { response_types: Some(get_alerts_response::ResponseTypes::Alert(a.clone())) })
+            };
+            for a in &kept {
+                if tx.send(alert(a)).await.is_err() {
+                    return;
+                }
+            }
+            let Some(sub) = subscription.as_mut() else { return };
+            loop {
+                let item = tokio::select! {
+                    item = sub.next() => item,
+                    () = tx.closed() => return,
+                };
+                let msg = match item {
+                    None => return,
+                    Some(Item::Value(a)) => alert(&a),
+                    Some(Item::Lost(source, n)) => Ok(GetAlertsResponse {
+                        response_types: Some(get_alerts_response::ResponseTypes::LostEvents(LostEvents {
+                            source: source as i32,
+                            num_events_lost: n,
+                        })),
+                    }),
+                };
+                if tx.send(msg).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn server_status(&self, _: Request<ServerStatusRequest>) -> Result<Response<ServerStatusResponse>, Status> {
+        let st = self.hub.status();
+        Ok(Response::new(ServerStatusResponse {
+            node_name: self.hub.node.clone(),
+            seen_flows: st.seen_flows,
+            num_flows: st.num_flows,
+            max_flows: st.max_flows,
+            uptime_ns: st.uptime_ns,
+            endpoints_enforced: st.endpoints_enforced,
+            lost_kernel_ring_buffer: st.lost_kernel_ring_buffer,
+            ring_overwritten: st.ring_overwritten,
+            lost_slow_clients: st.lost_slow_clients,
+            subscribers: st.subscribers,
+            alerts_raised: st.alerts_raised,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+}
+
+fn server() -> Server {
+    Server::builder()
+        // A peer that stops answering pings within the timeout is disconnected.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .concurrency_limit_per_connection(64)
+}
+
+/// Binds the unix socket: parent directory created (0755), a stale socket file replaced, the socket
+/// made 0600 (only root talks to the agent: flows name pods and policies).
+pub fn bind_unix(path: &Path) -> Result<UnixListener> {
+    let err = |source| Error::Socket { path: path.to_owned(), source };
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
+        Ok(_) => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "exists and is not a socket; not replacing it",
+            )));
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves.
+pub async fn serve_unix(
+    hub: Arc<Hub>,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    info!(socket = ?listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)), "flow API listening");
+    server()
+        .add_service(ObserverService::new(hub).into_server())
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+pub fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
+    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| Error::Read { path: p.clone(), source });
+    Ok(ServerTlsConfig::new()
+        .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
+        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?))
+        .client_auth_optional(false))
+}
+
+/// Serves the API on TCP with mutual TLS until `shutdown` resolves.
+pub async fn serve_tcp(
+    hub: Arc<Hub>,
+    listener: tokio::net::TcpListener,
+    tls: &TlsFiles,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<()> {
+    info!(addr = ?listener.local_addr().ok(), "flow API listening on TCP (mTLS)");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    server()
+        .tls_config(tls_config(tls)?)?
+        .add_service(ObserverService::new(hub).into_server())
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await?;
+    debug!("TCP flow API stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observer::hub::HubOptions;
+
+    fn observed(seq: u64, secs: u64) -> Arc<Observed> {
+        Arc::new(Observed {
+            seq,
+            time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+            flow: crate::observer::filters::testing::denied(),
+        })
+    }
+
+    #[test]
+    fn selecting_kept_flows() {
+        let kept: Vec<_> = (1..=5).map(|i| observed(i, 100 + i)).collect();
+        let f = FlowFilters::default();
+        let req = |number, follow| GetFlowsRequest { number, follow, ..Default::default() };
+        let seqs = |v: Vec<Arc<Observed>>| v.iter().map(|o| o.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(select_kept(&req(2, false), &f, &kept, 0, None, None).0), [4, 5]);
+        assert_eq!(seqs(select_kept(&req(0, false), &f, &kept, 0, None, None).0), [1, 2, 3, 4, 5]);
+        assert!(select_kept(&req(0, true), &f, &kept, 0, None, None).0.is_empty(), "follow alone: only new flows");
+        let since = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(103));
+        let until = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(105));
+        assert_eq!(seqs(select_kept(&req(0, false), &f, &kept, 0, since, until).0), [3, 4]);
+        // Asked for 10, 5 kept, 7 overwritten: at most 5 of those were wanted.
+        assert_eq!(select_kept(&req(10, false), &f, &kept, 7, None, None).1, 5);
+        assert_eq!(select_kept(&req(3, false), &f, &kept, 7, None, None).1, 0);
+        // `since` older than the oldest kept flow, and some overwritten: reported.
+        let early = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(50));
+        assert_eq!(select_kept(&req(0, false), &f, &kept, 7, early, None).1, 7);
+        assert_eq!(select_kept(&req(0, false), &f, &kept, 7, since, None).1, 0);
+    }
+
+    #[test]
+    fn stale_socket_is_replaced_and_made_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/agent.sock");
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            drop(bind_unix(&path).unwrap());
+            // The file stays behind after the listener is gone: a stale socket.
+            assert!(path.exists());
+            let _l = bind_unix(&path).unwrap();
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        });
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, "x").unwrap();
+        rt.block_on(async { assert!(bind_unix(&file).is_err()) });
+        let _ = Hub::new(HubOptions::default());
+    }
+}
