@@ -356,7 +356,9 @@ async fn shutdown_signal() {
 }
 
 async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwLock<View>>, mut sink: FlowSink) {
-    let mut fd = match AsyncFd::new(ring) {
+    // SAFETY: the ring buffer owns its map descriptor, which stays open for as long as the AsyncFd
+    // (which owns the ring buffer) lives.
+    let mut fd = match unsafe { AsyncFd::register(ring) } {
         Ok(fd) => fd,
         Err(e) => {
             error!(error = %e, "cannot poll the event ring buffer; no flows will be reported");

@@ -11,7 +11,7 @@ use ztrust_common::{FlowEvent, dir, event_flags, proto, reason, verdict};
 use crate::model::{Labels, ObjectRef};
 
 /// One end of a flow.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Endpoint {
     pub ip: IpAddr,
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub type Labels = BTreeMap<String, String>;
 
 /// `namespace/name` of a namespaced object.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {
     pub namespace: String,
     pub name: String,

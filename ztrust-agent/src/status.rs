@@ -26,8 +26,18 @@ pub struct Counter {
 }
 
 #[derive(Debug, Default, Serialize)]
+pub struct EndpointRow {
+    pub ifindex: u32,
+    pub interface: String,
+    pub identity: u32,
+    pub ingress_isolated: bool,
+    pub egress_isolated: bool,
+    pub audit: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
 pub struct Status {
-    pub endpoints: Vec<(u32, String, EndpointInfo)>,
+    pub endpoints: Vec<EndpointRow>,
     pub endpoints_capacity: u32,
     pub policy_entries: usize,
     pub policy_capacity: u32,
@@ -62,24 +72,31 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         ..Default::default()
     };
     for (ifindex, info) in endpoints.iter().flatten() {
-        st.endpoints.push((ifindex, ifname(ifindex), info));
+        st.endpoints.push(EndpointRow {
+            ifindex,
+            interface: ifname(ifindex),
+            identity: info.identity,
+            ingress_isolated: info.flags & ep_flags::ISOLATED_INGRESS != 0,
+            egress_isolated: info.flags & ep_flags::ISOLATED_EGRESS != 0,
+            audit: info.flags & ep_flags::AUDIT != 0,
+        });
     }
-    st.endpoints.sort_by_key(|e| e.0);
-    let mut agg: BTreeMap<CounterKey, CounterValue> = BTreeMap::new();
+    st.endpoints.sort_by_key(|e| e.ifindex);
+    let mut agg: BTreeMap<(u32, u8, u8, u8), CounterValue> = BTreeMap::new();
     for (key, values) in counters.iter().flatten() {
-        let total = agg.entry(key).or_default();
+        let total = agg.entry((key.ifindex, key.direction, key.verdict, key.reason)).or_default();
         for v in values.iter() {
             total.packets += v.packets;
             total.bytes += v.bytes;
         }
     }
-    for (k, v) in agg {
+    for ((ifindex, direction, verdict, reason), v) in agg {
         st.counters.push(Counter {
-            interface: ifname(k.ifindex),
-            ifindex: k.ifindex,
-            direction: direction_name(k.direction).into(),
-            verdict: verdict_name(k.verdict).into(),
-            reason: reason_name(k.reason).into(),
+            interface: ifname(ifindex),
+            ifindex,
+            direction: direction_name(direction).into(),
+            verdict: verdict_name(verdict).into(),
+            reason: reason_name(reason).into(),
             packets: v.packets,
             bytes: v.bytes,
         });
@@ -101,17 +118,16 @@ pub fn render(st: &Status) -> String {
         st.events_rate_limited
     ));
     out.push_str(&format!("{:<16} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));
-    for (ifindex, name, info) in &st.endpoints {
-        let iso = |bit| if info.flags & bit != 0 { "isolated" } else { "open" };
-        let mode = if info.flags & ep_flags::AUDIT != 0 { "audit" } else { "enforce" };
+    for e in &st.endpoints {
+        let iso = |b: bool| if b { "isolated" } else { "open" };
         out.push_str(&format!(
             "{:<16} {:>7} {:>9} {:<8} {:<8} {}\n",
-            name,
-            ifindex,
-            info.identity,
-            iso(ep_flags::ISOLATED_INGRESS),
-            iso(ep_flags::ISOLATED_EGRESS),
-            mode
+            e.interface,
+            e.ifindex,
+            e.identity,
+            iso(e.ingress_isolated),
+            iso(e.egress_isolated),
+            if e.audit { "audit" } else { "enforce" }
         ));
     }
     out.push_str(&format!(

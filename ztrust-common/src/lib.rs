@@ -149,7 +149,7 @@ pub struct EndpointInfo {
 /// Data part of the ipcache LPM-trie key: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`,
 /// prefix length + 96), so one trie serves both families.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IpcacheKey {
     pub addr: [u8; 16],
 }
