@@ -1,1 +1,466 @@
-//! Unit tests.
+//! Unit tests: one per semantic rule of NetworkPolicy v1, plus identities, keys and counterexamples.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::IpNet;
+use ztrust_common::{PolicyKey, dir, identity, proto};
+
+use super::reference::reference_allowed;
+use super::*;
+use crate::model::{
+    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef, PortSpec,
+    Protocol, Requirement, Rule,
+};
+
+fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, last))
+}
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
+    LabelSelector { match_labels: labels(pairs), match_expressions: vec![] }
+}
+
+fn pod(ns: &str, name: &str, l: &[(&str, &str)], ips: &[IpAddr]) -> Pod {
+    Pod { namespace: ns.into(), name: name.into(), labels: labels(l), ips: ips.to_vec(), ..Pod::default() }
+}
+
+fn with_port(mut p: Pod, name: &str, port: u16) -> Pod {
+    p.ports.push(ContainerPort { name: Some(name.into()), port, protocol: Protocol::Tcp });
+    p
+}
+
+fn policy(ns: &str, name: &str, selector: LabelSelector) -> NetworkPolicy {
+    NetworkPolicy {
+        namespace: ns.into(),
+        name: name.into(),
+        pod_selector: selector,
+        isolates_ingress: true,
+        isolates_egress: false,
+        ingress: vec![],
+        egress: vec![],
+    }
+}
+
+fn pods_peer(ns: Option<LabelSelector>, pods: Option<LabelSelector>) -> Peer {
+    Peer::Pods { namespace_selector: ns, pod_selector: pods }
+}
+
+fn tcp(port: u16) -> PortSpec {
+    PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(port)), end_port: None }
+}
+
+fn named(name: &str) -> PortSpec {
+    PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Name(name.into())), end_port: None }
+}
+
+fn net(s: &str) -> IpNet {
+    s.parse().expect("test CIDR")
+}
+
+fn cluster(pods: Vec<Pod>, policies: Vec<NetworkPolicy>) -> Cluster {
+    let mut c = Cluster::default();
+    for p in pods {
+        c.pods.insert(p.object_ref(), p);
+    }
+    for p in policies {
+        c.policies.insert(p.object_ref(), p);
+    }
+    c
+}
+
+fn add_ns(c: &mut Cluster, name: &str, l: &[(&str, &str)]) {
+    c.namespaces.insert(name.into(), Namespace { name: name.into(), labels: labels(l), annotations: Labels::new() });
+}
+
+/// Engine verdict for a connection, checked against the reference evaluator on the way.
+fn allowed(c: &Cluster, d: &Desired, src: IpAddr, dst: IpAddr, protocol: u8, port: u16) -> bool {
+    let mut ok = true;
+    for p in c.pods.values().filter(|p| !p.host_network) {
+        if p.ips.contains(&src) {
+            ok &= lookup(d, src, dst, protocol, port, &p.object_ref(), dir::EGRESS);
+        }
+        if p.ips.contains(&dst) {
+            ok &= lookup(d, src, dst, protocol, port, &p.object_ref(), dir::INGRESS);
+        }
+    }
+    assert_eq!(ok, reference_allowed(c, src, dst, protocol, port), "engine and reference disagree: {src} -> {dst} {protocol}/{port}");
+    ok
+}
+
+fn compile(c: &Cluster) -> Desired {
+    Engine::new().compile(c)
+}
+
+#[test]
+fn no_policy_allows_everything_and_isolates_nothing() {
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])], vec![]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
+    assert!(allowed(&c, &d, ip(1), ip(2), proto::ICMP, 0));
+    let ep = &d.endpoints[&ObjectRef::new("a", "x")];
+    assert!(!ep.isolated_ingress && !ep.isolated_egress);
+}
+
+#[test]
+fn default_deny_and_isolation_per_direction() {
+    // policyTypes [Ingress] with no rules: ingress denied, egress untouched.
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])], vec![policy("a", "deny", sel(&[]))]);
+    let d = compile(&c);
+    assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
+    assert!(lookup(&d, ip(1), ip(9), proto::TCP, 80, &ObjectRef::new("a", "x"), dir::EGRESS));
+    let ep = &d.endpoints[&ObjectRef::new("a", "y")];
+    assert!(ep.isolated_ingress && !ep.isolated_egress);
+    assert_eq!(ep.ingress_policies, vec![ObjectRef::new("a", "deny")]);
+
+    // policyTypes [Egress] only: ingress untouched.
+    let mut p = policy("a", "deny", sel(&[]));
+    p.isolates_ingress = false;
+    p.isolates_egress = true;
+    p.ingress = vec![Rule::default()]; // ignored: the policy does not affect ingress
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])], vec![p]);
+    let d = compile(&c);
+    assert!(lookup(&d, ip(9), ip(2), proto::TCP, 80, &ObjectRef::new("a", "y"), dir::INGRESS));
+    assert!(!lookup(&d, ip(1), ip(9), proto::TCP, 80, &ObjectRef::new("a", "x"), dir::EGRESS));
+    assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
+}
+
+#[test]
+fn empty_rule_allows_all_but_empty_rule_list_allows_nothing() {
+    let mut p = policy("a", "all", sel(&[("app", "db")]));
+    p.ingress = vec![Rule::default()];
+    let c = cluster(vec![pod("a", "db", &[("app", "db")], &[ip(1)]), pod("b", "c", &[], &[ip(2)])], vec![p]);
+    let d = compile(&c);
+    // No peers: any address at all; no ports: any protocol, ICMP included.
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 5432));
+    assert!(allowed(&c, &d, ip(200), ip(1), proto::ICMP, 0));
+    let ep = &d.endpoints[&ObjectRef::new("a", "db")];
+    assert!(ep.allow.keys().any(|k| k.remote == identity::ANY && k.protocol == proto::ANY));
+}
+
+#[test]
+fn port_without_number_is_every_port_of_that_protocol() {
+    let mut p = policy("a", "udp", sel(&[]));
+    p.ingress = vec![Rule { peers: vec![], ports: vec![PortSpec { protocol: Protocol::Udp, port: None, end_port: None }] }];
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::UDP, 53));
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::UDP, 65535));
+    assert!(!allowed(&c, &d, ip(2), ip(1), proto::TCP, 53));
+    assert!(!allowed(&c, &d, ip(2), ip(1), proto::ICMP, 0));
+}
+
+#[test]
+fn policies_add_up() {
+    let mut p1 = policy("a", "web", sel(&[("app", "db")]));
+    p1.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))], ports: vec![tcp(5432)] }];
+    let mut p2 = policy("a", "ops", sel(&[]));
+    p2.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "ops")])))], ports: vec![] }];
+    let pods = vec![
+        pod("a", "db", &[("app", "db")], &[ip(1)]),
+        pod("a", "web", &[("app", "web")], &[ip(2)]),
+        pod("a", "ops", &[("app", "ops")], &[ip(3)]),
+    ];
+    let c = cluster(pods, vec![p1, p2]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 5432));
+    assert!(!allowed(&c, &d, ip(2), ip(1), proto::TCP, 22));
+    assert!(allowed(&c, &d, ip(3), ip(1), proto::TCP, 22));
+    assert_eq!(d.endpoints[&ObjectRef::new("a", "db")].ingress_policies.len(), 2);
+}
+
+#[test]
+fn both_selectors_in_one_peer_are_anded_separate_peers_are_ored() {
+    let pods = vec![
+        pod("a", "db", &[("app", "db")], &[ip(1)]),
+        pod("prod", "web", &[("app", "web")], &[ip(2)]),
+        pod("prod", "other", &[("app", "other")], &[ip(3)]),
+        pod("dev", "web", &[("app", "web")], &[ip(4)]),
+    ];
+    let mut p = policy("a", "and", sel(&[("app", "db")]));
+    p.ingress = vec![Rule { peers: vec![pods_peer(Some(sel(&[("env", "prod")])), Some(sel(&[("app", "web")])))], ports: vec![] }];
+    let mut c = cluster(pods.clone(), vec![p]);
+    add_ns(&mut c, "prod", &[("env", "prod")]);
+    add_ns(&mut c, "dev", &[("env", "dev")]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80));
+    assert!(!allowed(&c, &d, ip(3), ip(1), proto::TCP, 80));
+    assert!(!allowed(&c, &d, ip(4), ip(1), proto::TCP, 80));
+
+    let mut p = policy("a", "or", sel(&[("app", "db")]));
+    p.ingress = vec![Rule {
+        peers: vec![pods_peer(Some(sel(&[("env", "prod")])), None), pods_peer(None, Some(sel(&[("app", "web")])))],
+        ports: vec![],
+    }];
+    let mut c = cluster(pods, vec![p]);
+    add_ns(&mut c, "prod", &[("env", "prod")]);
+    add_ns(&mut c, "dev", &[("env", "dev")]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80));
+    assert!(allowed(&c, &d, ip(3), ip(1), proto::TCP, 80));
+    // podSelector alone: the policy's own namespace only.
+    assert!(!allowed(&c, &d, ip(4), ip(1), proto::TCP, 80));
+}
+
+#[test]
+fn named_port_on_ingress_resolves_on_the_selected_pod() {
+    let mut p = policy("a", "http", sel(&[("app", "web")]));
+    p.ingress = vec![Rule { peers: vec![], ports: vec![named("http")] }];
+    let pods = vec![
+        with_port(pod("a", "w1", &[("app", "web")], &[ip(1)]), "http", 8080),
+        with_port(pod("a", "w2", &[("app", "web")], &[ip(2)]), "http", 9090),
+        pod("a", "w3", &[("app", "web")], &[ip(3)]),
+    ];
+    let c = cluster(pods, vec![p]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(9), ip(1), proto::TCP, 8080));
+    assert!(!allowed(&c, &d, ip(9), ip(1), proto::TCP, 9090));
+    assert!(allowed(&c, &d, ip(9), ip(2), proto::TCP, 9090));
+    assert!(!allowed(&c, &d, ip(9), ip(2), proto::TCP, 8080));
+    assert!(!allowed(&c, &d, ip(9), ip(3), proto::TCP, 8080), "no such port: nothing");
+    // Same labels, same identity: ingress resolution does not need a split.
+    assert_eq!(d.endpoints[&ObjectRef::new("a", "w1")].identity, d.endpoints[&ObjectRef::new("a", "w2")].identity);
+}
+
+#[test]
+fn named_port_on_egress_resolves_per_destination_pod() {
+    let mut p = policy("a", "out", sel(&[("app", "client")]));
+    p.isolates_egress = true;
+    p.isolates_ingress = false;
+    p.egress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))], ports: vec![named("http")] }];
+    // Same labels, different numbers for "http": they must get different identities.
+    let pods = vec![
+        pod("a", "client", &[("app", "client")], &[ip(1)]),
+        with_port(pod("a", "w1", &[("app", "web")], &[ip(2)]), "http", 8080),
+        with_port(pod("a", "w2", &[("app", "web")], &[ip(3)]), "http", 9090),
+    ];
+    let c = cluster(pods, vec![p.clone()]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(1), ip(2), proto::TCP, 8080));
+    assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 9090));
+    assert!(allowed(&c, &d, ip(1), ip(3), proto::TCP, 9090));
+    assert!(!allowed(&c, &d, ip(1), ip(3), proto::TCP, 8080));
+    assert_ne!(d.ipcache[&IpNet::from(ip(2))], d.ipcache[&IpNet::from(ip(3))]);
+    // A named port never matches a non-pod destination.
+    p.egress = vec![Rule { peers: vec![], ports: vec![named("http")] }];
+    let c = cluster(c.pods.values().cloned().collect(), vec![p]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(1), ip(3), proto::TCP, 9090));
+    assert!(!allowed(&c, &d, ip(1), ip(99), proto::TCP, 8080));
+}
+
+#[test]
+fn end_port_ranges() {
+    let mut p = policy("a", "range", sel(&[]));
+    p.ingress = vec![Rule {
+        peers: vec![],
+        ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(32000)), end_port: Some(32768) }],
+    }];
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p]);
+    let d = compile(&c);
+    for (port, want) in [(31999, false), (32000, true), (32500, true), (32767, true), (32768, true), (32769, false)] {
+        assert_eq!(allowed(&c, &d, ip(2), ip(1), proto::TCP, port), want, "port {port}");
+    }
+}
+
+#[test]
+fn policy_keys_are_minimal_aligned_blocks() {
+    let key = |lo, hi, protocol| AllowKey { direction: dir::INGRESS, remote: 300, protocol, port_lo: lo, port_hi: hi };
+    assert_eq!(policy_keys(7, &key(0, 65535, proto::ANY)), vec![(PolicyKey::PREFIX_ANY_PROTO, PolicyKey::new(7, 300, 0, 0, 0))]);
+    assert_eq!(policy_keys(7, &key(0, 65535, proto::TCP)), vec![(PolicyKey::PREFIX_ANY_PORT, PolicyKey::new(7, 300, 0, 6, 0))]);
+    assert_eq!(policy_keys(7, &key(80, 80, proto::TCP)), vec![(96, PolicyKey::new(7, 300, 0, 6, 80))]);
+    // 32000 = 125·2^8, 32256 = 63·2^9: a block of 256, one of 512, then the single port 32768.
+    let blocks: Vec<(u32, u16)> = policy_keys(7, &key(32000, 32768, proto::TCP))
+        .into_iter()
+        .map(|(p, k)| (p, u16::from_be_bytes(k.port)))
+        .collect();
+    assert_eq!(blocks, vec![(88, 32000), (87, 32256), (96, 32768)]);
+    // Exhaustively: the blocks cover exactly the range, do not overlap, and each is aligned.
+    for (lo, hi) in [(1u16, 1u16), (1, 65535), (0, 65534), (80, 1000), (1023, 1025), (65535, 65535), (32000, 32768)] {
+        let mut covered = 0u32;
+        let mut next = u32::from(lo);
+        for (plen, k) in policy_keys(1, &key(lo, hi, proto::UDP)) {
+            let size = 1u32 << (PolicyKey::PREFIX_FULL - plen);
+            let start = u32::from(u16::from_be_bytes(k.port));
+            assert_eq!(start % size, 0, "aligned");
+            assert_eq!(start, next, "contiguous");
+            next += size;
+            covered += size;
+        }
+        assert_eq!(covered, u32::from(hi) - u32::from(lo) + 1);
+        // Minimal: at most 2 blocks per bit length.
+        assert!(policy_keys(1, &key(lo, hi, proto::UDP)).len() <= 32);
+    }
+}
+
+#[test]
+fn ip_block_with_except_including_pod_addresses() {
+    let mut p = policy("a", "cidr", sel(&[("app", "db")]));
+    p.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/24"), except: vec![net("10.0.0.128/25"), net("10.0.0.2/32")] }],
+        ports: vec![],
+    }];
+    let pods = vec![
+        pod("a", "db", &[("app", "db")], &[ip(1)]),
+        pod("a", "in", &[], &[ip(3)]),
+        pod("a", "excepted", &[], &[ip(2)]),
+        pod("a", "high", &[], &[ip(200)]),
+    ];
+    let c = cluster(pods, vec![p]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(3), ip(1), proto::TCP, 80), "a pod address inside the block");
+    assert!(!allowed(&c, &d, ip(2), ip(1), proto::TCP, 80), "a pod address in an except");
+    assert!(!allowed(&c, &d, ip(200), ip(1), proto::TCP, 80));
+    assert!(allowed(&c, &d, ip(100), ip(1), proto::TCP, 80), "a non-pod address in the block");
+    assert!(!allowed(&c, &d, ip(130), ip(1), proto::TCP, 80), "a non-pod address in an except");
+    assert!(!allowed(&c, &d, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)), ip(1), proto::TCP, 80), "outside");
+    assert_eq!(remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))), identity::WORLD);
+}
+
+#[test]
+fn nested_ip_blocks_of_different_policies() {
+    // The /26 of another policy is inside this policy's /24 and not excepted: allowed.
+    let mut p1 = policy("a", "wide", sel(&[]));
+    p1.ingress =
+        vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/24"), except: vec![net("10.0.0.0/25")] }], ports: vec![] }];
+    let mut p2 = policy("a", "narrow", sel(&[("x", "y")]));
+    p2.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.192/26"), except: vec![] }], ports: vec![] }];
+    let mut p3 = policy("a", "inner", sel(&[("x", "y")]));
+    p3.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/26"), except: vec![] }], ports: vec![] }];
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p1, p2, p3]);
+    let d = compile(&c);
+    assert!(allowed(&c, &d, ip(200), ip(1), proto::TCP, 80));
+    assert!(allowed(&c, &d, ip(130), ip(1), proto::TCP, 80));
+    assert!(!allowed(&c, &d, ip(10), ip(1), proto::TCP, 80), "inside the except, and inside another policy's block");
+}
+
+#[test]
+fn pods_without_labels() {
+    let mut p = policy("a", "p", sel(&[("app", "db")]));
+    p.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[])))], ports: vec![] }];
+    let mut q = policy("a", "q", sel(&[]));
+    q.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))], ports: vec![] }];
+    let pods = vec![pod("a", "db", &[("app", "db")], &[ip(1)]), pod("a", "bare", &[], &[ip(2)])];
+    let c = cluster(pods, vec![p, q]);
+    let d = compile(&c);
+    // The empty podSelector selects the pod without labels (as peer), and selects it for isolation.
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80));
+    assert!(d.endpoints[&ObjectRef::new("a", "bare")].isolated_ingress);
+    assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
+}
+
+#[test]
+fn match_expressions() {
+    let req = |op, vals: &[&str]| Requirement { key: "tier".into(), operator: op, values: vals.iter().map(|v| (*v).to_owned()).collect() };
+    let none = labels(&[]);
+    let front = labels(&[("tier", "front")]);
+    let s = |r| LabelSelector { match_labels: Labels::new(), match_expressions: vec![r] };
+    assert!(matches(&s(req(Operator::In, &["front"])), &front));
+    assert!(!matches(&s(req(Operator::In, &["front"])), &none));
+    assert!(matches(&s(req(Operator::NotIn, &["back"])), &front));
+    assert!(matches(&s(req(Operator::NotIn, &["front"])), &none), "NotIn matches an absent key");
+    assert!(!matches(&s(req(Operator::NotIn, &["front"])), &front));
+    assert!(matches(&s(req(Operator::Exists, &[])), &front));
+    assert!(matches(&s(req(Operator::DoesNotExist, &[])), &none));
+    assert!(!matches(&s(req(Operator::DoesNotExist, &[])), &front));
+}
+
+#[test]
+fn relabelled_namespace_is_recompiled() {
+    let mut p = policy("a", "p", sel(&[]));
+    p.ingress = vec![Rule { peers: vec![pods_peer(Some(sel(&[("team", "blue")])), None)], ports: vec![] }];
+    let mut c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("b", "y", &[], &[ip(2)])], vec![p]);
+    add_ns(&mut c, "b", &[("team", "red")]);
+    let mut engine = Engine::new();
+    let d = engine.compile(&c);
+    assert!(!allowed(&c, &d, ip(2), ip(1), proto::TCP, 80));
+    add_ns(&mut c, "b", &[("team", "blue")]);
+    let d2 = engine.compile(&c);
+    assert!(allowed(&c, &d2, ip(2), ip(1), proto::TCP, 80));
+    assert_eq!(d.ipcache, d2.ipcache, "namespace labels are not part of identities");
+    // A namespace with no object has no labels.
+    c.namespaces.remove("b");
+    let d3 = engine.compile(&c);
+    assert!(!allowed(&c, &d3, ip(2), ip(1), proto::TCP, 80));
+}
+
+#[test]
+fn identities_are_shared_and_stable() {
+    let pods = vec![
+        pod("a", "w1", &[("app", "web")], &[ip(1)]),
+        pod("a", "w2", &[("app", "web")], &[ip(2)]),
+        pod("a", "db", &[("app", "db")], &[ip(3)]),
+        pod("b", "w1", &[("app", "web")], &[ip(4)]),
+    ];
+    let mut c = cluster(pods, vec![]);
+    let mut engine = Engine::new();
+    let d1 = engine.compile(&c);
+    let id = |d: &Desired, i| d.ipcache[&IpNet::from(ip(i))];
+    assert_eq!(id(&d1, 1), id(&d1, 2), "same namespace and labels");
+    assert_ne!(id(&d1, 1), id(&d1, 3));
+    assert_ne!(id(&d1, 1), id(&d1, 4), "namespace is part of the identity");
+    assert!(d1.ipcache.values().all(|i| *i >= identity::FIRST_DYNAMIC));
+    // Adding and removing other things keeps the numbers.
+    let extra = pod("c", "new", &[("app", "new")], &[ip(5)]);
+    c.pods.insert(extra.object_ref(), extra);
+    c.pods.remove(&ObjectRef::new("a", "db"));
+    let d2 = engine.compile(&c);
+    assert_eq!(id(&d1, 1), id(&d2, 1));
+    assert_eq!(id(&d1, 4), id(&d2, 4));
+    assert_ne!(id(&d2, 5), id(&d1, 3), "a freed number is not reused at once");
+    assert!(matches!(&d2.identities[&id(&d2, 1)], IdentityInfo::Pod { namespace, .. } if namespace == "a"));
+    assert_eq!(engine.compile(&c), d2, "compiling twice gives the same state");
+}
+
+#[test]
+fn host_and_host_network_pods() {
+    let mut p = policy("a", "deny", sel(&[]));
+    p.isolates_egress = true;
+    let mut hostnet = pod("kube-system", "proxy", &[], &[ip(50)]);
+    hostnet.host_network = true;
+    let mut c = cluster(vec![pod("a", "x", &[], &[ip(1)]), hostnet], vec![p]);
+    c.node_ips = vec![ip(100)];
+    let d = compile(&c);
+    assert!(!d.endpoints.contains_key(&ObjectRef::new("kube-system", "proxy")));
+    assert_eq!(d.ipcache[&IpNet::from(ip(100))], identity::HOST);
+    assert_eq!(d.ipcache[&IpNet::from(ip(50))], identity::HOST);
+    // The node (kubelet probes) always reaches its pods; the pod's egress to it is still policed.
+    assert!(allowed(&c, &d, ip(100), ip(1), proto::TCP, 8080));
+    assert!(allowed(&c, &d, ip(50), ip(1), proto::TCP, 8080));
+    assert!(!allowed(&c, &d, ip(9), ip(1), proto::TCP, 8080));
+    assert!(!allowed(&c, &d, ip(1), ip(100), proto::TCP, 10250));
+}
+
+#[test]
+fn dual_stack_pods_have_both_addresses() {
+    let v6: IpAddr = "fd00::1".parse().expect("v6");
+    let mut p = policy("a", "p", sel(&[("app", "db")]));
+    p.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/24"), except: vec![] }], ports: vec![] }];
+    let pods = vec![pod("a", "db", &[("app", "db")], &[ip(1)]), pod("a", "c", &[], &[ip(2), v6])];
+    let c = cluster(pods, vec![p]);
+    let d = compile(&c);
+    assert!(d.ipcache.contains_key(&net("10.0.0.2/32")) && d.ipcache.contains_key(&net("fd00::1/128")));
+    assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80));
+    // The v6 address of the same pod is not in the v4 block.
+    assert!(!lookup(&d, v6, ip(1), proto::TCP, 80, &ObjectRef::new("a", "db"), dir::INGRESS));
+    assert_eq!(d.endpoints[&ObjectRef::new("a", "c")].ips.len(), 2);
+}
+
+#[test]
+fn attribution_names_the_first_rule() {
+    let mut p = policy("a", "p", sel(&[]));
+    p.ingress = vec![Rule { peers: vec![], ports: vec![tcp(80)] }, Rule { peers: vec![], ports: vec![tcp(80), tcp(443)] }];
+    let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p]);
+    let d = compile(&c);
+    let ep = &d.endpoints[&ObjectRef::new("a", "x")];
+    let rule_of = |port| ep.allow.iter().find(|(k, _)| k.port_lo == port).map(|(_, r)| d.rules[r].clone());
+    assert_eq!(rule_of(80).map(|r| r.index), Some(0));
+    assert_eq!(rule_of(443).map(|r| r.index), Some(1));
+    assert!(d.rules.keys().all(|r| *r >= 1));
+    let ids: BTreeSet<u32> = d.rules.keys().copied().collect();
+    assert_eq!(ids.len(), 2);
+}
