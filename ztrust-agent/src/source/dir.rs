@@ -794,3 +794,263 @@ fn convert_port(p: &NetworkPolicyPort, object: &str, field: &str) -> Result<mode
     Ok(model::PortSpec { protocol, port, end_port })
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Peer, PortRef, Protocol};
+    use crate::policy::{Engine, lookup};
+    use crate::model::ObjectRef;
+
+    fn policy(yaml: &str) -> (Option<model::NetworkPolicy>, Vec<LoadError>) {
+        let l = parse_str("np.yaml", yaml);
+        (l.cluster.policies.values().next().cloned(), l.errors)
+    }
+
+    fn np(spec: &str) -> String {
+        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: prod}}\nspec:\n{spec}")
+    }
+
+    #[test]
+    fn multi_document_list_lab_and_unsupported() {
+        let text = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: prod, labels: {team: blue}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web, labels: {app: web}}
+  spec:
+    nodeName: n1
+    containers:
+    - name: c
+      ports: [{containerPort: 8080, name: http}, {containerPort: 53, protocol: UDP}]
+  status: {podIPs: [{ip: 10.0.0.1}, {ip: "fd00::1"}]}
+- apiVersion: networking.k8s.io/v1
+  kind: NetworkPolicy
+  metadata: {name: deny, namespace: prod}
+  spec: {podSelector: {}}
+---
+apiVersion: lab.ztrust.io/v1
+kind: Probe
+metadata: {name: p}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s, namespace: prod}
+---
+"#;
+        let l = parse_str("all.yaml", text);
+        let ns = &l.cluster.namespaces["prod"];
+        assert_eq!(ns.labels.get("team").map(String::as_str), Some("blue"));
+        assert_eq!(ns.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("prod"));
+        let pod = &l.cluster.pods[&ObjectRef::new("default", "web")];
+        assert_eq!(pod.ips.len(), 2);
+        assert_eq!(pod.node_name.as_deref(), Some("n1"));
+        assert_eq!(pod.ports[0], model::ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp });
+        assert_eq!(pod.ports[1].protocol, Protocol::Udp);
+        assert!(!pod.host_network);
+        assert!(l.cluster.policies.contains_key(&ObjectRef::new("prod", "deny")));
+        assert_eq!(l.lab_objects.len(), 1);
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        let msg = l.errors[0].to_string();
+        assert!(msg.contains("all.yaml") && msg.contains("Service prod/s") && msg.contains("unsupported kind"), "{msg}");
+    }
+
+    #[test]
+    fn json_and_syntax_errors() {
+        let l = parse_str("p.json", r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"x","namespace":"a"},"spec":{"containers":[],"hostNetwork":true},"status":{"podIP":"10.0.0.9"}}"#);
+        assert!(l.errors.is_empty(), "{:?}", l.errors);
+        let pod = &l.cluster.pods[&ObjectRef::new("a", "x")];
+        assert!(pod.host_network);
+        assert_eq!(pod.ips, vec!["10.0.0.9".parse::<IpAddr>().expect("ip")]);
+        let l = parse_str("bad.yaml", "kind: [unclosed");
+        assert!(l.errors[0].to_string().starts_with("bad.yaml: document #1: cannot parse"), "{}", l.errors[0]);
+    }
+
+    #[test]
+    fn pod_validation_drops_only_the_bad_values() {
+        let l = parse_str(
+            "pod.yaml",
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: a}
+spec:
+  containers:
+  - ports: [{containerPort: 0}, {containerPort: 80, name: HTTP}, {containerPort: 81, protocol: ICMP}, {containerPort: 82, name: web}]
+status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
+"#,
+        );
+        let pod = &l.cluster.pods[&ObjectRef::new("a", "web")];
+        assert_eq!(pod.ips, vec!["10.0.0.3".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(pod.ports.len(), 1);
+        let msgs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 4, "{msgs:#?}");
+        assert!(msgs.iter().any(|m| m.contains("pod.yaml: Pod a/web: status.podIPs[0].ip: invalid IP address")), "{msgs:#?}");
+        assert!(msgs.iter().any(|m| m.contains("spec.containers[0].ports[0].containerPort")), "{msgs:#?}");
+        assert!(msgs.iter().any(|m| m.contains("spec.containers[0].ports[1].name")), "{msgs:#?}");
+        assert!(msgs.iter().any(|m| m.contains("spec.containers[0].ports[2].protocol")), "{msgs:#?}");
+    }
+
+    #[test]
+    fn policy_types_are_defaulted_as_the_api_server_does() {
+        let (p, e) = policy(&np("  podSelector: {}\n"));
+        let p = p.expect("policy");
+        assert!(e.is_empty());
+        assert_eq!(p.namespace, "prod");
+        assert!(p.isolates_ingress && !p.isolates_egress, "Ingress always");
+        let (p, _) = policy(&np("  podSelector: {}\n  egress: [{}]\n"));
+        let p = p.expect("policy");
+        assert!(p.isolates_ingress && p.isolates_egress, "an egress rule adds Egress");
+        let (p, _) = policy(&np("  podSelector: {}\n  egress: []\n"));
+        assert!(!p.expect("policy").isolates_egress, "an empty egress list has no egress rule");
+        let (p, _) = policy(&np("  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n"));
+        let p = p.expect("policy");
+        assert!(!p.isolates_ingress && p.isolates_egress);
+        let (p, e) = policy(&np("  podSelector: {}\n  policyTypes: [Ingres]\n"));
+        let p = p.expect("policy");
+        assert!(p.isolates_ingress && p.isolates_egress, "unknown type: isolate both");
+        assert!(e[0].to_string().contains("spec.policyTypes[0]"));
+    }
+
+    #[test]
+    fn empty_versus_absent() {
+        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{}]\n"));
+        let p = p.expect("policy");
+        assert_eq!(p.ingress, vec![model::Rule::default()], "an empty rule allows everything");
+        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{from: [], ports: []}]\n"));
+        assert_eq!(p.expect("policy").ingress, vec![model::Rule::default()], "empty lists = absent lists");
+        let (p, _) = policy(&np("  podSelector: {}\n  ingress: []\n"));
+        let p = p.expect("policy");
+        assert!(p.ingress.is_empty() && p.isolates_ingress, "no rules: deny all");
+    }
+
+    #[test]
+    fn peers_and_ports() {
+        let (p, e) = policy(&np(r#"
+  podSelector: {matchLabels: {app: db}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {app: web}}
+      namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [blue]}]}
+    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}
+    - ipBlock: {cidr: "fd00::/64"}
+    ports:
+    - {port: 5432}
+    - {port: http, protocol: TCP}
+    - {port: 32000, endPort: 32768, protocol: UDP}
+    - {protocol: SCTP}
+"#));
+        assert!(e.is_empty(), "{e:?}");
+        let r = &p.expect("policy").ingress[0];
+        assert!(matches!(&r.peers[0], Peer::Pods { namespace_selector: Some(n), pod_selector: Some(_) } if n.match_expressions.len() == 1));
+        assert!(matches!(&r.peers[1], Peer::IpBlock { except, .. } if except.len() == 1));
+        assert_eq!(r.ports[0].port, Some(PortRef::Number(5432)));
+        assert_eq!(r.ports[0].protocol, Protocol::Tcp, "protocol defaults to TCP");
+        assert_eq!(r.ports[1].port, Some(PortRef::Name("http".into())));
+        assert_eq!((r.ports[2].protocol, r.ports[2].end_port), (Protocol::Udp, Some(32768)));
+        assert_eq!((r.ports[3].protocol, &r.ports[3].port), (Protocol::Sctp, &None));
+    }
+
+    /// Every validation error names the file, the object and the field.
+    #[test]
+    fn errors_name_file_object_and_field() {
+        let cases = [
+            ("  ingress: [{from: [{podSelector: {}}, {ipBlock: {cidr: 10.0.0.1}}]}]", "spec.ingress[0].from[1].ipBlock.cidr"),
+            ("  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.1.0.0/25]}}]}]", "spec.ingress[0].from[0].ipBlock.except[0]"),
+            ("  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [\"fd00::/120\"]}}]}]", "spec.ingress[0].from[0].ipBlock.except[0]"),
+            ("  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24}, podSelector: {}}]}]", "spec.egress[0].to[0]"),
+            ("  egress: [{to: [{}]}]", "spec.egress[0].to[0]"),
+            ("  ingress: [{ports: [{port: 0}]}]", "spec.ingress[0].ports[0].port"),
+            ("  ingress: [{ports: [{port: 70000}]}]", "spec.ingress[0].ports[0].port"),
+            ("  ingress: [{ports: [{port: \"80\"}]}]", "spec.ingress[0].ports[0].port"),
+            ("  ingress: [{ports: [{port: Http}]}]", "spec.ingress[0].ports[0].port"),
+            ("  ingress: [{ports: [{port: a-very-long-port-name}]}]", "spec.ingress[0].ports[0].port"),
+            ("  ingress: [{ports: [{port: http, endPort: 90}]}]", "spec.ingress[0].ports[0].endPort"),
+            ("  ingress: [{ports: [{endPort: 90}]}]", "spec.ingress[0].ports[0].endPort"),
+            ("  ingress: [{ports: [{port: 100, endPort: 90}]}]", "spec.ingress[0].ports[0].endPort"),
+            ("  ingress: [{ports: [{port: 100, protocol: ICMP}]}]", "spec.ingress[0].ports[0].protocol"),
+            ("  ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]}]", "spec.ingress[0].from[0].podSelector.matchExpressions[0].values"),
+            ("  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}]}]", "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].values"),
+            ("  ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: Equals, values: [x]}]}}]}]", "spec.ingress[0].from[0].podSelector.matchExpressions[0].operator"),
+        ];
+        for (spec, field) in cases {
+            let (p, e) = policy(&np(&format!("  podSelector: {{}}\n{spec}\n")));
+            assert!(p.is_some(), "{spec}: the policy is kept");
+            assert!(!e.is_empty(), "{spec}: an error");
+            let msg = e[0].to_string();
+            assert!(msg.starts_with(&format!("np.yaml: NetworkPolicy prod/np: {field}: ")), "{spec}: {msg}");
+        }
+    }
+
+    #[test]
+    fn invalid_peer_or_port_fails_closed() {
+        // Only invalid peers: the rule goes (it must not become "from everyone").
+        let (p, e) = policy(&np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}]}]\n"));
+        let p = p.expect("policy");
+        assert!(p.ingress.is_empty() && p.isolates_ingress);
+        assert!(e[0].to_string().contains("fail closed"), "{}", e[0]);
+        // A valid and an invalid peer: the valid one stays.
+        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}, {podSelector: {}}]}]\n"));
+        assert_eq!(p.expect("policy").ingress[0].peers.len(), 1);
+        // Only invalid ports: the rule goes (it must not become "all ports").
+        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{ports: [{port: 0}]}]\n"));
+        assert!(p.expect("policy").ingress.is_empty());
+        // An invalid except drops its peer: leaving the except out would allow what it excludes.
+        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.1.0/24]}}]}]\n"));
+        assert!(p.expect("policy").ingress.is_empty());
+        // An invalid podSelector drops the policy.
+        let (p, e) = policy(&np("  podSelector: {matchExpressions: [{key: a, operator: In}]}\n"));
+        assert!(p.is_none());
+        assert!(e.iter().any(|e| e.to_string().contains("spec.podSelector.matchExpressions[0].values")));
+    }
+
+    #[test]
+    fn undecodable_policy_still_isolates() {
+        let (p, e) = policy(&np("  podSelector: {matchLabels: {app: db}}\n  ingress: [{ports: [{port: [1]}]}]\n"));
+        let p = p.expect("fail-closed policy");
+        assert!(p.isolates_ingress && p.isolates_egress && p.ingress.is_empty() && p.egress.is_empty());
+        assert!(e[0].to_string().contains("allows nothing"), "{}", e[0]);
+    }
+
+    /// From files to verdicts: the invalid peer denies instead of allowing everyone.
+    #[test]
+    fn loaded_policy_enforces_fail_closed() {
+        let text = format!(
+            "{}\n---\n{}\n---\n{}",
+            np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.2}}]}]\n"),
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: a, namespace: prod}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.1}",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: b, namespace: prod}\nspec: {containers: []}\nstatus: {podIP: 10.0.0.2}",
+        );
+        let l = parse_str("x.yaml", &text);
+        let d = Engine::new().compile(&l.cluster);
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        assert!(!lookup(&d, b, a, ztrust_common::proto::TCP, 80, &ObjectRef::new("prod", "a"), ztrust_common::dir::INGRESS));
+    }
+
+    #[test]
+    fn load_dir_reads_recursively_in_order_and_reports_duplicates() {
+        let root = std::env::temp_dir().join(format!("ztrust-dir-test-{}", std::process::id()));
+        let sub = root.join("sub");
+        std::fs::create_dir_all(&sub).expect("mkdir");
+        let pod = |ip: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: []}}\nstatus: {{podIP: {ip}}}\n");
+        std::fs::write(root.join("a.yaml"), pod("10.0.0.1")).expect("write");
+        std::fs::write(sub.join("b.yml"), pod("10.0.0.2")).expect("write");
+        std::fs::write(root.join("ignored.txt"), "not: read").expect("write");
+        std::fs::write(root.join("c.json"), r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default"}}"#).expect("write");
+        let l = load_dir(&root);
+        let _ = std::fs::remove_dir_all(&root);
+        let l = l.expect("load");
+        // a.yaml < c.json < sub/b.yml: the later one wins and the duplicate is reported.
+        assert_eq!(l.cluster.pods[&ObjectRef::new("default", "p")].ips, vec!["10.0.0.2".parse::<IpAddr>().expect("ip")]);
+        assert!(l.cluster.namespaces.contains_key("default"));
+        assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
+        assert_eq!(l.errors[0].problem, Problem::Duplicate);
+    }
+}
