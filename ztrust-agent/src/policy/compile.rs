@@ -8,7 +8,9 @@ use ipnet::IpNet;
 use ztrust_common::{dir, identity, proto};
 
 use super::{AllowKey, Desired, EndpointPolicy, IdentityInfo, RuleRef, matches};
-use crate::model::{Cluster, LabelSelector, Labels, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, Protocol, Rule};
+use crate::model::{
+    Cluster, LabelSelector, Labels, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, Protocol, Rule,
+};
 
 /// A named port as a rule refers to it: the name and the rule's protocol. A container port matches
 /// only if both its name and its protocol are the same.
@@ -28,7 +30,11 @@ struct Signature {
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum IdentityKey {
-    Pod { namespace: String, labels: Labels, sig: Signature },
+    Pod {
+        namespace: String,
+        labels: Labels,
+        sig: Signature,
+    },
     Cidr(IpNet),
 }
 
@@ -44,7 +50,11 @@ struct Allocator<K: Ord> {
 
 impl<K: Ord + Clone> Allocator<K> {
     fn new(first: u32) -> Self {
-        Self { ids: BTreeMap::new(), free: VecDeque::new(), next: first }
+        Self {
+            ids: BTreeMap::new(),
+            free: VecDeque::new(),
+            next: first,
+        }
     }
 
     /// Keeps the numbers of the keys in `wanted`, frees the others, numbers the new ones (in key order,
@@ -82,6 +92,16 @@ impl<K: Ord + Clone> Allocator<K> {
 }
 
 type RuleKey = (ObjectRef, u8, usize);
+
+/// A `podSelector`/`namespaceSelector` peer; the namespace is the policy's when there is no
+/// namespaceSelector.
+type PodsPeerKey<'a> = (Option<LabelSelector>, Option<LabelSelector>, Option<&'a str>);
+
+/// An `ipBlock` peer (truncated cidr and excepts).
+type BlockKey = (IpNet, Vec<IpNet>);
+
+/// Identities of a peer, shared between the rules that use the same peer.
+type IdSet = Rc<BTreeSet<u32>>;
 
 /// The engine. Its state is the identity and rule-id allocators, so that numbers stay the same across
 /// [`Engine::compile`] calls for whatever did not change.
@@ -129,8 +149,8 @@ struct Compiler<'a> {
     /// Named port → pod identities where it resolves, with the numbers.
     named_index: HashMap<NamedPort, Vec<(u32, Vec<u16>)>>,
     host_addrs: BTreeSet<IpAddr>,
-    peer_cache: HashMap<(Option<LabelSelector>, Option<LabelSelector>, Option<&'a str>), Rc<BTreeSet<u32>>>,
-    block_cache: HashMap<(IpNet, Vec<IpNet>), (Rc<BTreeSet<u32>>, bool)>,
+    peer_cache: HashMap<PodsPeerKey<'a>, IdSet>,
+    block_cache: HashMap<BlockKey, (IdSet, bool)>,
     select_cache: HashMap<(&'a str, &'a LabelSelector), Rc<Vec<usize>>>,
     warnings: Vec<String>,
 }
@@ -140,8 +160,18 @@ fn host_net(ip: IpAddr) -> IpNet {
 }
 
 fn effective(p: &NetworkPolicy) -> impl Iterator<Item = (u8, usize, &Rule)> {
-    let ingress = p.ingress.iter().enumerate().filter(|_| p.isolates_ingress).map(|(i, r)| (dir::INGRESS, i, r));
-    let egress = p.egress.iter().enumerate().filter(|_| p.isolates_egress).map(|(i, r)| (dir::EGRESS, i, r));
+    let ingress = p
+        .ingress
+        .iter()
+        .enumerate()
+        .filter(|_| p.isolates_ingress)
+        .map(|(i, r)| (dir::INGRESS, i, r));
+    let egress = p
+        .egress
+        .iter()
+        .enumerate()
+        .filter(|_| p.isolates_egress)
+        .map(|(i, r)| (dir::EGRESS, i, r));
     ingress.chain(egress)
 }
 
@@ -151,7 +181,10 @@ fn is_endpoint(pod: &Pod) -> bool {
 
 impl Engine {
     pub fn new() -> Self {
-        Self { identities: Allocator::new(identity::FIRST_DYNAMIC), rules: Allocator::new(1) }
+        Self {
+            identities: Allocator::new(identity::FIRST_DYNAMIC),
+            rules: Allocator::new(1),
+        }
     }
 
     /// Compiles `cluster` into the desired datapath state, with exact Kubernetes NetworkPolicy v1
@@ -191,8 +224,16 @@ impl Engine {
             }
         }
         let prefix_set: std::collections::HashSet<IpNet> = prefixes.iter().copied().collect();
-        let lens_v4: BTreeSet<u8> = prefixes.iter().filter(|p| matches!(p, IpNet::V4(_))).map(IpNet::prefix_len).collect();
-        let lens_v6: BTreeSet<u8> = prefixes.iter().filter(|p| matches!(p, IpNet::V6(_))).map(IpNet::prefix_len).collect();
+        let lens_v4: BTreeSet<u8> = prefixes
+            .iter()
+            .filter(|p| matches!(p, IpNet::V4(_)))
+            .map(IpNet::prefix_len)
+            .collect();
+        let lens_v6: BTreeSet<u8> = prefixes
+            .iter()
+            .filter(|p| matches!(p, IpNet::V6(_)))
+            .map(IpNet::prefix_len)
+            .collect();
         let containing = |ip: IpAddr| -> Vec<IpNet> {
             let lens = if ip.is_ipv4() { &lens_v4 } else { &lens_v6 };
             let mut v: Vec<IpNet> = lens
@@ -234,14 +275,20 @@ impl Engine {
                 .map(|ip| IdentityKey::Pod {
                     namespace: pod.namespace.clone(),
                     labels: pod.labels.clone(),
-                    sig: Signature { prefixes: containing(*ip), named: named.clone() },
+                    sig: Signature {
+                        prefixes: containing(*ip),
+                        named: named.clone(),
+                    },
                 })
                 .collect();
             wanted.extend(keys.iter().cloned());
             addr_keys.push(keys);
         }
-        let exact: BTreeSet<IpNet> =
-            endpoints.iter().flat_map(|p| p.ips.iter().map(|ip| host_net(*ip))).chain(host_addrs.iter().map(|ip| host_net(*ip))).collect();
+        let exact: BTreeSet<IpNet> = endpoints
+            .iter()
+            .flat_map(|p| p.ips.iter().map(|ip| host_net(*ip)))
+            .chain(host_addrs.iter().map(|ip| host_net(*ip)))
+            .collect();
         for p in prefixes.iter().filter(|p| !exact.contains(p)) {
             wanted.insert(IdentityKey::Cidr(*p));
         }
@@ -249,19 +296,31 @@ impl Engine {
 
         // 4. ipcache and identity display. Longest-prefix match makes the /32 and /128 of a pod win
         // over any CIDR that contains it.
-        d.identities.insert(identity::WORLD, IdentityInfo::Reserved { name: "world" });
-        d.identities.insert(identity::HOST, IdentityInfo::Reserved { name: "host" });
+        d.identities
+            .insert(identity::WORLD, IdentityInfo::Reserved { name: "world" });
+        d.identities
+            .insert(identity::HOST, IdentityInfo::Reserved { name: "host" });
         let mut cidr_ids = BTreeMap::new();
         for key in &wanted {
-            let Some(id) = self.identities.get(key) else { continue };
+            let Some(id) = self.identities.get(key) else {
+                continue;
+            };
             match key {
                 IdentityKey::Cidr(p) => {
                     d.ipcache.insert(*p, id);
                     cidr_ids.insert(*p, id);
                     d.identities.insert(id, IdentityInfo::Cidr { prefix: *p });
                 }
-                IdentityKey::Pod { namespace, labels, .. } => {
-                    d.identities.insert(id, IdentityInfo::Pod { namespace: namespace.clone(), labels: labels.clone() });
+                IdentityKey::Pod {
+                    namespace, labels, ..
+                } => {
+                    d.identities.insert(
+                        id,
+                        IdentityInfo::Pod {
+                            namespace: namespace.clone(),
+                            labels: labels.clone(),
+                        },
+                    );
                 }
             }
         }
@@ -274,13 +333,21 @@ impl Engine {
         let mut named_index: HashMap<NamedPort, Vec<(u32, Vec<u16>)>> = HashMap::new();
         let pod_refs: Vec<ObjectRef> = endpoints.iter().map(|p| p.object_ref()).collect();
         for (i, pod) in endpoints.iter().enumerate() {
-            let g = *group_index.entry((pod.namespace.as_str(), &pod.labels)).or_insert_with(|| {
-                groups.push(Group { namespace: &pod.namespace, labels: &pod.labels, identities: BTreeSet::new() });
-                groups.len() - 1
-            });
+            let g = *group_index
+                .entry((pod.namespace.as_str(), &pod.labels))
+                .or_insert_with(|| {
+                    groups.push(Group {
+                        namespace: &pod.namespace,
+                        labels: &pod.labels,
+                        identities: BTreeSet::new(),
+                    });
+                    groups.len() - 1
+                });
             pod_group.push(g);
             for (ip, key) in pod.ips.iter().zip(&addr_keys[i]) {
-                let Some(id) = self.identities.get(key) else { continue };
+                let Some(id) = self.identities.get(key) else {
+                    continue;
+                };
                 if let Some(first) = owner.get(ip) {
                     warnings.push(format!(
                         "Pod {}: status.podIPs: address {ip} is also the address of Pod {first}; the ipcache maps it to {first}",
@@ -305,7 +372,10 @@ impl Engine {
                         inside.entry(*p).or_default().insert(id);
                     }
                     for (np, nums) in &sig.named {
-                        named_index.entry(np.clone()).or_default().push((id, nums.clone()));
+                        named_index
+                            .entry(np.clone())
+                            .or_default()
+                            .push((id, nums.clone()));
                     }
                     pod_ids.insert(id, sig);
                 }
@@ -334,7 +404,14 @@ impl Engine {
             .collect();
         self.rules.sync(&rule_keys);
         for (key, id) in &self.rules.ids {
-            d.rules.insert(*id, RuleRef { policy: key.0.clone(), direction: key.1, index: key.2 });
+            d.rules.insert(
+                *id,
+                RuleRef {
+                    policy: key.0.clone(),
+                    direction: key.1,
+                    index: key.2,
+                },
+            );
         }
 
         let mut c = Compiler {
@@ -374,18 +451,28 @@ impl Engine {
         for (i, pod) in endpoints.iter().enumerate() {
             let g = pod_group[i];
             let mut ep = EndpointPolicy {
-                identity: addr_keys[i].first().and_then(|k| self.identities.get(k)).unwrap_or(identity::WORLD),
+                identity: addr_keys[i]
+                    .first()
+                    .and_then(|k| self.identities.get(k))
+                    .unwrap_or(identity::WORLD),
                 ips: pod.ips.clone(),
                 isolated_ingress: !ingress_of[g].is_empty(),
                 isolated_egress: !egress_of[g].is_empty(),
-                ingress_policies: ingress_of[g].iter().map(|pi| policies[*pi].object_ref()).collect(),
+                ingress_policies: ingress_of[g]
+                    .iter()
+                    .map(|pi| policies[*pi].object_ref())
+                    .collect(),
                 egress_policies: egress_of[g].iter().map(|pi| policies[*pi].object_ref()).collect(),
                 allow: BTreeMap::new(),
             };
             for (direction, list) in [(dir::INGRESS, &ingress_of[g]), (dir::EGRESS, &egress_of[g])] {
                 for pi in list {
                     let p = policies[*pi];
-                    let rules = if direction == dir::INGRESS { &p.ingress } else { &p.egress };
+                    let rules = if direction == dir::INGRESS {
+                        &p.ingress
+                    } else {
+                        &p.egress
+                    };
                     for (ri, rule) in rules.iter().enumerate() {
                         let cr = match compiled.get(&(*pi, direction, ri)) {
                             Some(cr) => cr.clone(),
@@ -402,7 +489,9 @@ impl Engine {
                         for (name, protocol) in &cr.ingress_named {
                             // "If this is a string, it must be a named port on the pod" — the pod
                             // being the one the policy selects, for ingress.
-                            for port in pod.ports.iter().filter(|c| c.name.as_deref() == Some(name.as_str()) && c.protocol == *protocol) {
+                            for port in pod.ports.iter().filter(|c| {
+                                c.name.as_deref() == Some(name.as_str()) && c.protocol == *protocol
+                            }) {
                                 for r in cr.remotes.iter() {
                                     let k = AllowKey {
                                         direction,
@@ -434,7 +523,12 @@ impl<'a> Compiler<'a> {
         let v: Vec<usize> = self
             .groups_by_ns
             .get(namespace)
-            .map(|gs| gs.iter().copied().filter(|g| matches(sel, self.groups[*g].labels)).collect())
+            .map(|gs| {
+                gs.iter()
+                    .copied()
+                    .filter(|g| matches(sel, self.groups[*g].labels))
+                    .collect()
+            })
             .unwrap_or_default();
         let v = Rc::new(v);
         self.select_cache.insert((namespace, sel), v.clone());
@@ -443,23 +537,39 @@ impl<'a> Compiler<'a> {
 
     fn namespace_labels(&self, ns: &str) -> Labels {
         // A namespace with no object in the cluster has no labels.
-        self.cluster.namespaces.get(ns).map(|n| n.labels.clone()).unwrap_or_default()
+        self.cluster
+            .namespaces
+            .get(ns)
+            .map(|n| n.labels.clone())
+            .unwrap_or_default()
     }
 
     /// Identities a `podSelector`/`namespaceSelector` peer of a policy in `policy_ns` matches:
     /// "If namespaceSelector is also set, then the NetworkPolicyPeer as a whole selects the pods
     /// matching podSelector in the Namespaces selected by NamespaceSelector. Otherwise it selects the
     /// pods matching podSelector in the policy's own namespace."
-    fn pods_peer(&mut self, policy_ns: &'a str, ns_sel: &Option<LabelSelector>, pod_sel: &Option<LabelSelector>) -> Rc<BTreeSet<u32>> {
-        let key = (ns_sel.clone(), pod_sel.clone(), if ns_sel.is_none() { Some(policy_ns) } else { None });
+    fn pods_peer(
+        &mut self,
+        policy_ns: &'a str,
+        ns_sel: &Option<LabelSelector>,
+        pod_sel: &Option<LabelSelector>,
+    ) -> Rc<BTreeSet<u32>> {
+        let key = (
+            ns_sel.clone(),
+            pod_sel.clone(),
+            if ns_sel.is_none() { Some(policy_ns) } else { None },
+        );
         if let Some(v) = self.peer_cache.get(&key) {
             return v.clone();
         }
         let namespaces: Vec<&str> = match ns_sel {
             None => vec![policy_ns],
-            Some(sel) => {
-                self.groups_by_ns.keys().copied().filter(|ns| matches(sel, &self.namespace_labels(ns))).collect()
-            }
+            Some(sel) => self
+                .groups_by_ns
+                .keys()
+                .copied()
+                .filter(|ns| matches(sel, &self.namespace_labels(ns)))
+                .collect(),
         };
         let mut out = BTreeSet::new();
         for ns in namespaces {
@@ -519,8 +629,19 @@ impl<'a> Compiler<'a> {
         v
     }
 
-    fn compile_rule(&mut self, p: &'a NetworkPolicy, direction: u8, index: usize, rule: &Rule, rule_id: u32) -> CompiledRule {
-        let (dir_name, peers_name) = if direction == dir::INGRESS { ("ingress", "from") } else { ("egress", "to") };
+    fn compile_rule(
+        &mut self,
+        p: &'a NetworkPolicy,
+        direction: u8,
+        index: usize,
+        rule: &Rule,
+        rule_id: u32,
+    ) -> CompiledRule {
+        let (dir_name, peers_name) = if direction == dir::INGRESS {
+            ("ingress", "from")
+        } else {
+            ("egress", "to")
+        };
         // "If this field is empty or missing, this rule matches all sources/destinations."
         let mut remotes = BTreeSet::new();
         if rule.peers.is_empty() {
@@ -528,8 +649,15 @@ impl<'a> Compiler<'a> {
         }
         for (pi, peer) in rule.peers.iter().enumerate() {
             match peer {
-                Peer::Pods { namespace_selector, pod_selector } => {
-                    remotes.extend(self.pods_peer(&p.namespace, namespace_selector, pod_selector).iter().copied());
+                Peer::Pods {
+                    namespace_selector,
+                    pod_selector,
+                } => {
+                    remotes.extend(
+                        self.pods_peer(&p.namespace, namespace_selector, pod_selector)
+                            .iter()
+                            .copied(),
+                    );
                 }
                 Peer::IpBlock { cidr, except } => {
                     let (ids, partial) = self.block_peer(cidr, except);
@@ -577,7 +705,13 @@ impl<'a> Compiler<'a> {
                         for (id, nums) in list {
                             if rule.peers.is_empty() || remotes.contains(id) {
                                 for n in nums {
-                                    keys.push(AllowKey { direction, remote: *id, protocol, port_lo: *n, port_hi: *n });
+                                    keys.push(AllowKey {
+                                        direction,
+                                        remote: *id,
+                                        protocol,
+                                        port_lo: *n,
+                                        port_hi: *n,
+                                    });
                                 }
                             }
                         }
@@ -587,13 +721,27 @@ impl<'a> Compiler<'a> {
         }
         for r in &remotes {
             for (protocol, lo, hi) in &ranges {
-                keys.push(AllowKey { direction, remote: *r, protocol: *protocol, port_lo: *lo, port_hi: *hi });
+                keys.push(AllowKey {
+                    direction,
+                    remote: *r,
+                    protocol: *protocol,
+                    port_lo: *lo,
+                    port_hi: *hi,
+                });
             }
         }
-        CompiledRule { rule_id, keys, ingress_named, remotes: Rc::new(remotes) }
+        CompiledRule {
+            rule_id,
+            keys,
+            ingress_named,
+            remotes: Rc::new(remotes),
+        }
     }
 }
 
 fn same_family(a: &IpNet, b: &IpNet) -> bool {
-    matches!((a, b), (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)))
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
 }

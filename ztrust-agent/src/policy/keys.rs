@@ -49,7 +49,12 @@ pub fn remote_identity(desired: &Desired, addr: IpAddr) -> u32 {
     };
     (0..=max)
         .rev()
-        .find_map(|len| IpNet::new(addr, len).ok().and_then(|n| desired.ipcache.get(&n.trunc())).copied())
+        .find_map(|len| {
+            IpNet::new(addr, len)
+                .ok()
+                .and_then(|n| desired.ipcache.get(&n.trunc()))
+                .copied()
+        })
         .unwrap_or(identity::WORLD)
 }
 
@@ -77,9 +82,15 @@ pub fn lookup(
     endpoint: &ObjectRef,
     direction: u8,
 ) -> bool {
-    let Some(ep) = desired.endpoints.get(endpoint) else { return false };
+    let Some(ep) = desired.endpoints.get(endpoint) else {
+        return false;
+    };
     let remote = remote_identity(desired, if direction == dir::INGRESS { src } else { dst });
-    let isolated = if direction == dir::INGRESS { ep.isolated_ingress } else { ep.isolated_egress };
+    let isolated = if direction == dir::INGRESS {
+        ep.isolated_ingress
+    } else {
+        ep.isolated_egress
+    };
     if (direction == dir::INGRESS && remote == identity::HOST) || !isolated {
         return true;
     }

@@ -10,8 +10,8 @@ use ztrust_common::{dir, proto};
 use super::reference::{reference_allowed, reference_direction};
 use super::{Engine, lookup};
 use crate::model::{
-    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef, PortSpec,
-    Protocol, Requirement, Rule,
+    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef,
+    PortSpec, Protocol, Requirement, Rule,
 };
 
 const NAMESPACES: [&str; 3] = ["a", "b", "c"];
@@ -26,14 +26,23 @@ fn v6(last: u16) -> IpAddr {
 }
 
 fn labels() -> impl Strategy<Value = Labels> {
-    proptest::collection::btree_map(prop_oneof![Just("app"), Just("tier")], prop_oneof![Just("x"), Just("y")], 0..=2)
-        .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
+    proptest::collection::btree_map(
+        prop_oneof![Just("app"), Just("tier")],
+        prop_oneof![Just("x"), Just("y")],
+        0..=2,
+    )
+    .prop_map(|m| m.into_iter().map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
 }
 
 fn selector() -> impl Strategy<Value = LabelSelector> {
     let req = (
         prop_oneof![Just("app"), Just("tier")],
-        prop_oneof![Just(Operator::In), Just(Operator::NotIn), Just(Operator::Exists), Just(Operator::DoesNotExist)],
+        prop_oneof![
+            Just(Operator::In),
+            Just(Operator::NotIn),
+            Just(Operator::Exists),
+            Just(Operator::DoesNotExist)
+        ],
         proptest::collection::btree_set(prop_oneof![Just("x"), Just("y")], 0..=2),
     )
         .prop_map(|(k, op, vals)| Requirement {
@@ -41,8 +50,14 @@ fn selector() -> impl Strategy<Value = LabelSelector> {
             operator: op,
             values: vals.into_iter().map(str::to_owned).collect(),
         });
-    (labels().prop_map(|l| l.into_iter().take(1).collect()), proptest::collection::vec(req, 0..=1))
-        .prop_map(|(match_labels, match_expressions)| LabelSelector { match_labels, match_expressions })
+    (
+        labels().prop_map(|l| l.into_iter().take(1).collect()),
+        proptest::collection::vec(req, 0..=1),
+    )
+        .prop_map(|(match_labels, match_expressions)| LabelSelector {
+            match_labels,
+            match_expressions,
+        })
 }
 
 fn prefix() -> impl Strategy<Value = IpNet> {
@@ -54,15 +69,23 @@ fn prefix() -> impl Strategy<Value = IpNet> {
 
 fn peer() -> impl Strategy<Value = Peer> {
     prop_oneof![
-        (proptest::option::of(selector()), proptest::option::of(selector()))
-            .prop_map(|(namespace_selector, pod_selector)| Peer::Pods { namespace_selector, pod_selector }),
+        (proptest::option::of(selector()), proptest::option::of(selector())).prop_map(
+            |(namespace_selector, pod_selector)| Peer::Pods {
+                namespace_selector,
+                pod_selector
+            }
+        ),
         // Excepts anywhere: the API rejects those outside the cidr, but the model can hold them.
-        (prefix(), proptest::collection::vec(prefix(), 0..=2)).prop_map(|(cidr, except)| Peer::IpBlock { cidr, except }),
+        (prefix(), proptest::collection::vec(prefix(), 0..=2))
+            .prop_map(|(cidr, except)| Peer::IpBlock { cidr, except }),
         (prefix(), 1u8..=4).prop_map(|(cidr, extra)| {
             // An except that is surely inside the cidr.
             let len = (cidr.prefix_len() + extra).min(cidr.max_prefix_len());
             let except = IpNet::new(cidr.network(), len).expect("valid");
-            Peer::IpBlock { cidr, except: vec![except] }
+            Peer::IpBlock {
+                cidr,
+                except: vec![except],
+            }
         }),
     ]
 }
@@ -92,7 +115,10 @@ fn port_spec() -> impl Strategy<Value = PortSpec> {
 }
 
 fn rule() -> impl Strategy<Value = Rule> {
-    (proptest::collection::vec(peer(), 0..=3), proptest::collection::vec(port_spec(), 0..=2))
+    (
+        proptest::collection::vec(peer(), 0..=3),
+        proptest::collection::vec(port_spec(), 0..=2),
+    )
         .prop_map(|(peers, ports)| Rule { peers, ports })
 }
 
@@ -105,15 +131,17 @@ fn policy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
         proptest::collection::vec(rule(), 0..=2),
         proptest::collection::vec(rule(), 0..=2),
     )
-        .prop_map(move |(ns, pod_selector, isolates_ingress, isolates_egress, ingress, egress)| NetworkPolicy {
-            namespace: NAMESPACES[ns].to_owned(),
-            name: format!("p{i}"),
-            pod_selector,
-            isolates_ingress,
-            isolates_egress,
-            ingress,
-            egress,
-        })
+        .prop_map(
+            move |(ns, pod_selector, isolates_ingress, isolates_egress, ingress, egress)| NetworkPolicy {
+                namespace: NAMESPACES[ns].to_owned(),
+                name: format!("p{i}"),
+                pod_selector,
+                isolates_ingress,
+                isolates_egress,
+                ingress,
+                egress,
+            },
+        )
 }
 
 fn container_port() -> impl Strategy<Value = ContainerPort> {
@@ -122,7 +150,11 @@ fn container_port() -> impl Strategy<Value = ContainerPort> {
         prop_oneof![Just(80u16), Just(81), Just(443), Just(8080), Just(1100)],
         protocol(),
     )
-        .prop_map(|(name, port, protocol)| ContainerPort { name: name.map(str::to_owned), port, protocol })
+        .prop_map(|(name, port, protocol)| ContainerPort {
+            name: name.map(str::to_owned),
+            port,
+            protocol,
+        })
 }
 
 fn pod() -> impl Strategy<Value = (usize, Labels, bool, bool, Vec<ContainerPort>)> {
@@ -144,7 +176,14 @@ pub(super) fn cluster() -> impl Strategy<Value = Cluster> {
         let mut c = Cluster::default();
         for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
             if let Some(labels) = labels {
-                c.namespaces.insert((*name).to_owned(), Namespace { name: (*name).to_owned(), labels, annotations: Labels::new() });
+                c.namespaces.insert(
+                    (*name).to_owned(),
+                    Namespace {
+                        name: (*name).to_owned(),
+                        labels,
+                        annotations: Labels::new(),
+                    },
+                );
             }
         }
         for (i, (ns, labels, dual, host, ports)) in pods.into_iter().enumerate() {
@@ -189,26 +228,60 @@ fn address(c: &Cluster) -> impl Strategy<Value = IpAddr> + use<> {
 }
 
 fn packet(c: &Cluster) -> impl Strategy<Value = Packet> + use<> {
-    let ports: Vec<(IpAddr, Vec<ContainerPort>)> =
-        c.pods.values().flat_map(|p| p.ips.iter().map(|ip| (*ip, p.ports.clone()))).collect();
+    let ports: Vec<(IpAddr, Vec<ContainerPort>)> = c
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().map(|ip| (*ip, p.ports.clone())))
+        .collect();
     (
         address(c),
         address(c),
-        prop_oneof![Just(proto::TCP), Just(proto::UDP), Just(proto::SCTP), Just(proto::ICMP)],
-        prop_oneof![Just(80u16), Just(81), Just(82), Just(443), Just(444), Just(8080), Just(1000), Just(1100), Just(1299), Just(0), Just(65535)],
+        prop_oneof![
+            Just(proto::TCP),
+            Just(proto::UDP),
+            Just(proto::SCTP),
+            Just(proto::ICMP)
+        ],
+        prop_oneof![
+            Just(80u16),
+            Just(81),
+            Just(82),
+            Just(443),
+            Just(444),
+            Just(8080),
+            Just(1000),
+            Just(1100),
+            Just(1299),
+            Just(0),
+            Just(65535)
+        ],
         any::<prop::sample::Index>(),
         any::<bool>(),
     )
         .prop_map(move |(src, dst, protocol, dport, index, to_container_port)| {
             // Half of the packets go to one of the destination's container ports, which is where
             // named ports matter.
-            let target = ports.iter().find(|(ip, _)| *ip == dst).map(|(_, p)| p).filter(|p| !p.is_empty());
+            let target = ports
+                .iter()
+                .find(|(ip, _)| *ip == dst)
+                .map(|(_, p)| p)
+                .filter(|p| !p.is_empty());
             match target {
                 Some(list) if to_container_port => {
                     let cp = &list[index.index(list.len())];
-                    Packet { src, dst, protocol: cp.protocol.number(), dport: cp.port }
+                    Packet {
+                        src,
+                        dst,
+                        protocol: cp.protocol.number(),
+                        dport: cp.port,
+                    }
                 }
-                _ => Packet { src, dst, protocol, dport },
+                _ => Packet {
+                    src,
+                    dst,
+                    protocol,
+                    dport,
+                },
             }
         })
 }

@@ -9,8 +9,8 @@ use ztrust_common::{PolicyKey, dir, identity, proto};
 use super::reference::reference_allowed;
 use super::*;
 use crate::model::{
-    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef, PortSpec,
-    Protocol, Requirement, Rule,
+    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef,
+    PortSpec, Protocol, Requirement, Rule,
 };
 
 fn ip(last: u8) -> IpAddr {
@@ -18,19 +18,35 @@ fn ip(last: u8) -> IpAddr {
 }
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 fn sel(pairs: &[(&str, &str)]) -> LabelSelector {
-    LabelSelector { match_labels: labels(pairs), match_expressions: vec![] }
+    LabelSelector {
+        match_labels: labels(pairs),
+        match_expressions: vec![],
+    }
 }
 
 fn pod(ns: &str, name: &str, l: &[(&str, &str)], ips: &[IpAddr]) -> Pod {
-    Pod { namespace: ns.into(), name: name.into(), labels: labels(l), ips: ips.to_vec(), ..Pod::default() }
+    Pod {
+        namespace: ns.into(),
+        name: name.into(),
+        labels: labels(l),
+        ips: ips.to_vec(),
+        ..Pod::default()
+    }
 }
 
 fn with_port(mut p: Pod, name: &str, port: u16) -> Pod {
-    p.ports.push(ContainerPort { name: Some(name.into()), port, protocol: Protocol::Tcp });
+    p.ports.push(ContainerPort {
+        name: Some(name.into()),
+        port,
+        protocol: Protocol::Tcp,
+    });
     p
 }
 
@@ -47,15 +63,26 @@ fn policy(ns: &str, name: &str, selector: LabelSelector) -> NetworkPolicy {
 }
 
 fn pods_peer(ns: Option<LabelSelector>, pods: Option<LabelSelector>) -> Peer {
-    Peer::Pods { namespace_selector: ns, pod_selector: pods }
+    Peer::Pods {
+        namespace_selector: ns,
+        pod_selector: pods,
+    }
 }
 
 fn tcp(port: u16) -> PortSpec {
-    PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(port)), end_port: None }
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port: Some(PortRef::Number(port)),
+        end_port: None,
+    }
 }
 
 fn named(name: &str) -> PortSpec {
-    PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Name(name.into())), end_port: None }
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port: Some(PortRef::Name(name.into())),
+        end_port: None,
+    }
 }
 
 fn net(s: &str) -> IpNet {
@@ -74,7 +101,14 @@ fn cluster(pods: Vec<Pod>, policies: Vec<NetworkPolicy>) -> Cluster {
 }
 
 fn add_ns(c: &mut Cluster, name: &str, l: &[(&str, &str)]) {
-    c.namespaces.insert(name.into(), Namespace { name: name.into(), labels: labels(l), annotations: Labels::new() });
+    c.namespaces.insert(
+        name.into(),
+        Namespace {
+            name: name.into(),
+            labels: labels(l),
+            annotations: Labels::new(),
+        },
+    );
 }
 
 /// Engine verdict for a connection, checked against the reference evaluator on the way.
@@ -88,7 +122,11 @@ fn allowed(c: &Cluster, d: &Desired, src: IpAddr, dst: IpAddr, protocol: u8, por
             ok &= lookup(d, src, dst, protocol, port, &p.object_ref(), dir::INGRESS);
         }
     }
-    assert_eq!(ok, reference_allowed(c, src, dst, protocol, port), "engine and reference disagree: {src} -> {dst} {protocol}/{port}");
+    assert_eq!(
+        ok,
+        reference_allowed(c, src, dst, protocol, port),
+        "engine and reference disagree: {src} -> {dst} {protocol}/{port}"
+    );
     ok
 }
 
@@ -98,7 +136,10 @@ fn compile(c: &Cluster) -> Desired {
 
 #[test]
 fn no_policy_allows_everything_and_isolates_nothing() {
-    let c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])], vec![]);
+    let c = cluster(
+        vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])],
+        vec![],
+    );
     let d = compile(&c);
     assert!(allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
     assert!(allowed(&c, &d, ip(1), ip(2), proto::ICMP, 0));
@@ -109,10 +150,21 @@ fn no_policy_allows_everything_and_isolates_nothing() {
 #[test]
 fn default_deny_and_isolation_per_direction() {
     // policyTypes [Ingress] with no rules: ingress denied, egress untouched.
-    let c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])], vec![policy("a", "deny", sel(&[]))]);
+    let c = cluster(
+        vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])],
+        vec![policy("a", "deny", sel(&[]))],
+    );
     let d = compile(&c);
     assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
-    assert!(lookup(&d, ip(1), ip(9), proto::TCP, 80, &ObjectRef::new("a", "x"), dir::EGRESS));
+    assert!(lookup(
+        &d,
+        ip(1),
+        ip(9),
+        proto::TCP,
+        80,
+        &ObjectRef::new("a", "x"),
+        dir::EGRESS
+    ));
     let ep = &d.endpoints[&ObjectRef::new("a", "y")];
     assert!(ep.isolated_ingress && !ep.isolated_egress);
     assert_eq!(ep.ingress_policies, vec![ObjectRef::new("a", "deny")]);
@@ -122,10 +174,29 @@ fn default_deny_and_isolation_per_direction() {
     p.isolates_ingress = false;
     p.isolates_egress = true;
     p.ingress = vec![Rule::default()]; // ignored: the policy does not affect ingress
-    let c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])], vec![p]);
+    let c = cluster(
+        vec![pod("a", "x", &[], &[ip(1)]), pod("a", "y", &[], &[ip(2)])],
+        vec![p],
+    );
     let d = compile(&c);
-    assert!(lookup(&d, ip(9), ip(2), proto::TCP, 80, &ObjectRef::new("a", "y"), dir::INGRESS));
-    assert!(!lookup(&d, ip(1), ip(9), proto::TCP, 80, &ObjectRef::new("a", "x"), dir::EGRESS));
+    assert!(lookup(
+        &d,
+        ip(9),
+        ip(2),
+        proto::TCP,
+        80,
+        &ObjectRef::new("a", "y"),
+        dir::INGRESS
+    ));
+    assert!(!lookup(
+        &d,
+        ip(1),
+        ip(9),
+        proto::TCP,
+        80,
+        &ObjectRef::new("a", "x"),
+        dir::EGRESS
+    ));
     assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80));
 }
 
@@ -133,19 +204,36 @@ fn default_deny_and_isolation_per_direction() {
 fn empty_rule_allows_all_but_empty_rule_list_allows_nothing() {
     let mut p = policy("a", "all", sel(&[("app", "db")]));
     p.ingress = vec![Rule::default()];
-    let c = cluster(vec![pod("a", "db", &[("app", "db")], &[ip(1)]), pod("b", "c", &[], &[ip(2)])], vec![p]);
+    let c = cluster(
+        vec![
+            pod("a", "db", &[("app", "db")], &[ip(1)]),
+            pod("b", "c", &[], &[ip(2)]),
+        ],
+        vec![p],
+    );
     let d = compile(&c);
     // No peers: any address at all; no ports: any protocol, ICMP included.
     assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 5432));
     assert!(allowed(&c, &d, ip(200), ip(1), proto::ICMP, 0));
     let ep = &d.endpoints[&ObjectRef::new("a", "db")];
-    assert!(ep.allow.keys().any(|k| k.remote == identity::ANY && k.protocol == proto::ANY));
+    assert!(
+        ep.allow
+            .keys()
+            .any(|k| k.remote == identity::ANY && k.protocol == proto::ANY)
+    );
 }
 
 #[test]
 fn port_without_number_is_every_port_of_that_protocol() {
     let mut p = policy("a", "udp", sel(&[]));
-    p.ingress = vec![Rule { peers: vec![], ports: vec![PortSpec { protocol: Protocol::Udp, port: None, end_port: None }] }];
+    p.ingress = vec![Rule {
+        peers: vec![],
+        ports: vec![PortSpec {
+            protocol: Protocol::Udp,
+            port: None,
+            end_port: None,
+        }],
+    }];
     let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p]);
     let d = compile(&c);
     assert!(allowed(&c, &d, ip(2), ip(1), proto::UDP, 53));
@@ -157,9 +245,15 @@ fn port_without_number_is_every_port_of_that_protocol() {
 #[test]
 fn policies_add_up() {
     let mut p1 = policy("a", "web", sel(&[("app", "db")]));
-    p1.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))], ports: vec![tcp(5432)] }];
+    p1.ingress = vec![Rule {
+        peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))],
+        ports: vec![tcp(5432)],
+    }];
     let mut p2 = policy("a", "ops", sel(&[]));
-    p2.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "ops")])))], ports: vec![] }];
+    p2.ingress = vec![Rule {
+        peers: vec![pods_peer(None, Some(sel(&[("app", "ops")])))],
+        ports: vec![],
+    }];
     let pods = vec![
         pod("a", "db", &[("app", "db")], &[ip(1)]),
         pod("a", "web", &[("app", "web")], &[ip(2)]),
@@ -182,7 +276,13 @@ fn both_selectors_in_one_peer_are_anded_separate_peers_are_ored() {
         pod("dev", "web", &[("app", "web")], &[ip(4)]),
     ];
     let mut p = policy("a", "and", sel(&[("app", "db")]));
-    p.ingress = vec![Rule { peers: vec![pods_peer(Some(sel(&[("env", "prod")])), Some(sel(&[("app", "web")])))], ports: vec![] }];
+    p.ingress = vec![Rule {
+        peers: vec![pods_peer(
+            Some(sel(&[("env", "prod")])),
+            Some(sel(&[("app", "web")])),
+        )],
+        ports: vec![],
+    }];
     let mut c = cluster(pods.clone(), vec![p]);
     add_ns(&mut c, "prod", &[("env", "prod")]);
     add_ns(&mut c, "dev", &[("env", "dev")]);
@@ -193,7 +293,10 @@ fn both_selectors_in_one_peer_are_anded_separate_peers_are_ored() {
 
     let mut p = policy("a", "or", sel(&[("app", "db")]));
     p.ingress = vec![Rule {
-        peers: vec![pods_peer(Some(sel(&[("env", "prod")])), None), pods_peer(None, Some(sel(&[("app", "web")])))],
+        peers: vec![
+            pods_peer(Some(sel(&[("env", "prod")])), None),
+            pods_peer(None, Some(sel(&[("app", "web")]))),
+        ],
         ports: vec![],
     }];
     let mut c = cluster(pods, vec![p]);
@@ -209,7 +312,10 @@ fn both_selectors_in_one_peer_are_anded_separate_peers_are_ored() {
 #[test]
 fn named_port_on_ingress_resolves_on_the_selected_pod() {
     let mut p = policy("a", "http", sel(&[("app", "web")]));
-    p.ingress = vec![Rule { peers: vec![], ports: vec![named("http")] }];
+    p.ingress = vec![Rule {
+        peers: vec![],
+        ports: vec![named("http")],
+    }];
     let pods = vec![
         with_port(pod("a", "w1", &[("app", "web")], &[ip(1)]), "http", 8080),
         with_port(pod("a", "w2", &[("app", "web")], &[ip(2)]), "http", 9090),
@@ -221,9 +327,15 @@ fn named_port_on_ingress_resolves_on_the_selected_pod() {
     assert!(!allowed(&c, &d, ip(9), ip(1), proto::TCP, 9090));
     assert!(allowed(&c, &d, ip(9), ip(2), proto::TCP, 9090));
     assert!(!allowed(&c, &d, ip(9), ip(2), proto::TCP, 8080));
-    assert!(!allowed(&c, &d, ip(9), ip(3), proto::TCP, 8080), "no such port: nothing");
+    assert!(
+        !allowed(&c, &d, ip(9), ip(3), proto::TCP, 8080),
+        "no such port: nothing"
+    );
     // Same labels, same identity: ingress resolution does not need a split.
-    assert_eq!(d.endpoints[&ObjectRef::new("a", "w1")].identity, d.endpoints[&ObjectRef::new("a", "w2")].identity);
+    assert_eq!(
+        d.endpoints[&ObjectRef::new("a", "w1")].identity,
+        d.endpoints[&ObjectRef::new("a", "w2")].identity
+    );
 }
 
 #[test]
@@ -231,7 +343,10 @@ fn named_port_on_egress_resolves_per_destination_pod() {
     let mut p = policy("a", "out", sel(&[("app", "client")]));
     p.isolates_egress = true;
     p.isolates_ingress = false;
-    p.egress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))], ports: vec![named("http")] }];
+    p.egress = vec![Rule {
+        peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))],
+        ports: vec![named("http")],
+    }];
     // Same labels, different numbers for "http": they must get different identities.
     let pods = vec![
         pod("a", "client", &[("app", "client")], &[ip(1)]),
@@ -246,7 +361,10 @@ fn named_port_on_egress_resolves_per_destination_pod() {
     assert!(!allowed(&c, &d, ip(1), ip(3), proto::TCP, 8080));
     assert_ne!(d.ipcache[&IpNet::from(ip(2))], d.ipcache[&IpNet::from(ip(3))]);
     // A named port never matches a non-pod destination.
-    p.egress = vec![Rule { peers: vec![], ports: vec![named("http")] }];
+    p.egress = vec![Rule {
+        peers: vec![],
+        ports: vec![named("http")],
+    }];
     let c = cluster(c.pods.values().cloned().collect(), vec![p]);
     let d = compile(&c);
     assert!(allowed(&c, &d, ip(1), ip(3), proto::TCP, 9090));
@@ -258,21 +376,51 @@ fn end_port_ranges() {
     let mut p = policy("a", "range", sel(&[]));
     p.ingress = vec![Rule {
         peers: vec![],
-        ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(32000)), end_port: Some(32768) }],
+        ports: vec![PortSpec {
+            protocol: Protocol::Tcp,
+            port: Some(PortRef::Number(32000)),
+            end_port: Some(32768),
+        }],
     }];
     let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p]);
     let d = compile(&c);
-    for (port, want) in [(31999, false), (32000, true), (32500, true), (32767, true), (32768, true), (32769, false)] {
-        assert_eq!(allowed(&c, &d, ip(2), ip(1), proto::TCP, port), want, "port {port}");
+    for (port, want) in [
+        (31999, false),
+        (32000, true),
+        (32500, true),
+        (32767, true),
+        (32768, true),
+        (32769, false),
+    ] {
+        assert_eq!(
+            allowed(&c, &d, ip(2), ip(1), proto::TCP, port),
+            want,
+            "port {port}"
+        );
     }
 }
 
 #[test]
 fn policy_keys_are_minimal_aligned_blocks() {
-    let key = |lo, hi, protocol| AllowKey { direction: dir::INGRESS, remote: 300, protocol, port_lo: lo, port_hi: hi };
-    assert_eq!(policy_keys(7, &key(0, 65535, proto::ANY)), vec![(PolicyKey::PREFIX_ANY_PROTO, PolicyKey::new(7, 300, 0, 0, 0))]);
-    assert_eq!(policy_keys(7, &key(0, 65535, proto::TCP)), vec![(PolicyKey::PREFIX_ANY_PORT, PolicyKey::new(7, 300, 0, 6, 0))]);
-    assert_eq!(policy_keys(7, &key(80, 80, proto::TCP)), vec![(96, PolicyKey::new(7, 300, 0, 6, 80))]);
+    let key = |lo, hi, protocol| AllowKey {
+        direction: dir::INGRESS,
+        remote: 300,
+        protocol,
+        port_lo: lo,
+        port_hi: hi,
+    };
+    assert_eq!(
+        policy_keys(7, &key(0, 65535, proto::ANY)),
+        vec![(PolicyKey::PREFIX_ANY_PROTO, PolicyKey::new(7, 300, 0, 0, 0))]
+    );
+    assert_eq!(
+        policy_keys(7, &key(0, 65535, proto::TCP)),
+        vec![(PolicyKey::PREFIX_ANY_PORT, PolicyKey::new(7, 300, 0, 6, 0))]
+    );
+    assert_eq!(
+        policy_keys(7, &key(80, 80, proto::TCP)),
+        vec![(96, PolicyKey::new(7, 300, 0, 6, 80))]
+    );
     // 32000 = 125·2^8, 32256 = 63·2^9: a block of 256, one of 512, then the single port 32768.
     let blocks: Vec<(u32, u16)> = policy_keys(7, &key(32000, 32768, proto::TCP))
         .into_iter()
@@ -280,7 +428,15 @@ fn policy_keys_are_minimal_aligned_blocks() {
         .collect();
     assert_eq!(blocks, vec![(88, 32000), (87, 32256), (96, 32768)]);
     // Exhaustively: the blocks cover exactly the range, do not overlap, and each is aligned.
-    for (lo, hi) in [(1u16, 1u16), (1, 65535), (0, 65534), (80, 1000), (1023, 1025), (65535, 65535), (32000, 32768)] {
+    for (lo, hi) in [
+        (1u16, 1u16),
+        (1, 65535),
+        (0, 65534),
+        (80, 1000),
+        (1023, 1025),
+        (65535, 65535),
+        (32000, 32768),
+    ] {
         let mut covered = 0u32;
         let mut next = u32::from(lo);
         for (plen, k) in policy_keys(1, &key(lo, hi, proto::UDP)) {
@@ -301,7 +457,10 @@ fn policy_keys_are_minimal_aligned_blocks() {
 fn ip_block_with_except_including_pod_addresses() {
     let mut p = policy("a", "cidr", sel(&[("app", "db")]));
     p.ingress = vec![Rule {
-        peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/24"), except: vec![net("10.0.0.128/25"), net("10.0.0.2/32")] }],
+        peers: vec![Peer::IpBlock {
+            cidr: net("10.0.0.0/24"),
+            except: vec![net("10.0.0.128/25"), net("10.0.0.2/32")],
+        }],
         ports: vec![],
     }];
     let pods = vec![
@@ -312,39 +471,93 @@ fn ip_block_with_except_including_pod_addresses() {
     ];
     let c = cluster(pods, vec![p]);
     let d = compile(&c);
-    assert!(allowed(&c, &d, ip(3), ip(1), proto::TCP, 80), "a pod address inside the block");
-    assert!(!allowed(&c, &d, ip(2), ip(1), proto::TCP, 80), "a pod address in an except");
+    assert!(
+        allowed(&c, &d, ip(3), ip(1), proto::TCP, 80),
+        "a pod address inside the block"
+    );
+    assert!(
+        !allowed(&c, &d, ip(2), ip(1), proto::TCP, 80),
+        "a pod address in an except"
+    );
     assert!(!allowed(&c, &d, ip(200), ip(1), proto::TCP, 80));
-    assert!(allowed(&c, &d, ip(100), ip(1), proto::TCP, 80), "a non-pod address in the block");
-    assert!(!allowed(&c, &d, ip(130), ip(1), proto::TCP, 80), "a non-pod address in an except");
-    assert!(!allowed(&c, &d, IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)), ip(1), proto::TCP, 80), "outside");
-    assert_eq!(remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))), identity::WORLD);
+    assert!(
+        allowed(&c, &d, ip(100), ip(1), proto::TCP, 80),
+        "a non-pod address in the block"
+    );
+    assert!(
+        !allowed(&c, &d, ip(130), ip(1), proto::TCP, 80),
+        "a non-pod address in an except"
+    );
+    assert!(
+        !allowed(
+            &c,
+            &d,
+            IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
+            ip(1),
+            proto::TCP,
+            80
+        ),
+        "outside"
+    );
+    assert_eq!(
+        remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))),
+        identity::WORLD
+    );
 }
 
 #[test]
 fn nested_ip_blocks_of_different_policies() {
     // The /26 of another policy is inside this policy's /24 and not excepted: allowed.
     let mut p1 = policy("a", "wide", sel(&[]));
-    p1.ingress =
-        vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/24"), except: vec![net("10.0.0.0/25")] }], ports: vec![] }];
+    p1.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock {
+            cidr: net("10.0.0.0/24"),
+            except: vec![net("10.0.0.0/25")],
+        }],
+        ports: vec![],
+    }];
     let mut p2 = policy("a", "narrow", sel(&[("x", "y")]));
-    p2.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.192/26"), except: vec![] }], ports: vec![] }];
+    p2.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock {
+            cidr: net("10.0.0.192/26"),
+            except: vec![],
+        }],
+        ports: vec![],
+    }];
     let mut p3 = policy("a", "inner", sel(&[("x", "y")]));
-    p3.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/26"), except: vec![] }], ports: vec![] }];
+    p3.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock {
+            cidr: net("10.0.0.0/26"),
+            except: vec![],
+        }],
+        ports: vec![],
+    }];
     let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p1, p2, p3]);
     let d = compile(&c);
     assert!(allowed(&c, &d, ip(200), ip(1), proto::TCP, 80));
     assert!(allowed(&c, &d, ip(130), ip(1), proto::TCP, 80));
-    assert!(!allowed(&c, &d, ip(10), ip(1), proto::TCP, 80), "inside the except, and inside another policy's block");
+    assert!(
+        !allowed(&c, &d, ip(10), ip(1), proto::TCP, 80),
+        "inside the except, and inside another policy's block"
+    );
 }
 
 #[test]
 fn pods_without_labels() {
     let mut p = policy("a", "p", sel(&[("app", "db")]));
-    p.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[])))], ports: vec![] }];
+    p.ingress = vec![Rule {
+        peers: vec![pods_peer(None, Some(sel(&[])))],
+        ports: vec![],
+    }];
     let mut q = policy("a", "q", sel(&[]));
-    q.ingress = vec![Rule { peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))], ports: vec![] }];
-    let pods = vec![pod("a", "db", &[("app", "db")], &[ip(1)]), pod("a", "bare", &[], &[ip(2)])];
+    q.ingress = vec![Rule {
+        peers: vec![pods_peer(None, Some(sel(&[("app", "web")])))],
+        ports: vec![],
+    }];
+    let pods = vec![
+        pod("a", "db", &[("app", "db")], &[ip(1)]),
+        pod("a", "bare", &[], &[ip(2)]),
+    ];
     let c = cluster(pods, vec![p, q]);
     let d = compile(&c);
     // The empty podSelector selects the pod without labels (as peer), and selects it for isolation.
@@ -355,14 +568,24 @@ fn pods_without_labels() {
 
 #[test]
 fn match_expressions() {
-    let req = |op, vals: &[&str]| Requirement { key: "tier".into(), operator: op, values: vals.iter().map(|v| (*v).to_owned()).collect() };
+    let req = |op, vals: &[&str]| Requirement {
+        key: "tier".into(),
+        operator: op,
+        values: vals.iter().map(|v| (*v).to_owned()).collect(),
+    };
     let none = labels(&[]);
     let front = labels(&[("tier", "front")]);
-    let s = |r| LabelSelector { match_labels: Labels::new(), match_expressions: vec![r] };
+    let s = |r| LabelSelector {
+        match_labels: Labels::new(),
+        match_expressions: vec![r],
+    };
     assert!(matches(&s(req(Operator::In, &["front"])), &front));
     assert!(!matches(&s(req(Operator::In, &["front"])), &none));
     assert!(matches(&s(req(Operator::NotIn, &["back"])), &front));
-    assert!(matches(&s(req(Operator::NotIn, &["front"])), &none), "NotIn matches an absent key");
+    assert!(
+        matches(&s(req(Operator::NotIn, &["front"])), &none),
+        "NotIn matches an absent key"
+    );
     assert!(!matches(&s(req(Operator::NotIn, &["front"])), &front));
     assert!(matches(&s(req(Operator::Exists, &[])), &front));
     assert!(matches(&s(req(Operator::DoesNotExist, &[])), &none));
@@ -372,8 +595,14 @@ fn match_expressions() {
 #[test]
 fn relabelled_namespace_is_recompiled() {
     let mut p = policy("a", "p", sel(&[]));
-    p.ingress = vec![Rule { peers: vec![pods_peer(Some(sel(&[("team", "blue")])), None)], ports: vec![] }];
-    let mut c = cluster(vec![pod("a", "x", &[], &[ip(1)]), pod("b", "y", &[], &[ip(2)])], vec![p]);
+    p.ingress = vec![Rule {
+        peers: vec![pods_peer(Some(sel(&[("team", "blue")])), None)],
+        ports: vec![],
+    }];
+    let mut c = cluster(
+        vec![pod("a", "x", &[], &[ip(1)]), pod("b", "y", &[], &[ip(2)])],
+        vec![p],
+    );
     add_ns(&mut c, "b", &[("team", "red")]);
     let mut engine = Engine::new();
     let d = engine.compile(&c);
@@ -381,7 +610,10 @@ fn relabelled_namespace_is_recompiled() {
     add_ns(&mut c, "b", &[("team", "blue")]);
     let d2 = engine.compile(&c);
     assert!(allowed(&c, &d2, ip(2), ip(1), proto::TCP, 80));
-    assert_eq!(d.ipcache, d2.ipcache, "namespace labels are not part of identities");
+    assert_eq!(
+        d.ipcache, d2.ipcache,
+        "namespace labels are not part of identities"
+    );
     // A namespace with no object has no labels.
     c.namespaces.remove("b");
     let d3 = engine.compile(&c);
@@ -439,28 +671,130 @@ fn host_and_host_network_pods() {
 fn dual_stack_pods_have_both_addresses() {
     let v6: IpAddr = "fd00::1".parse().expect("v6");
     let mut p = policy("a", "p", sel(&[("app", "db")]));
-    p.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net("10.0.0.0/24"), except: vec![] }], ports: vec![] }];
-    let pods = vec![pod("a", "db", &[("app", "db")], &[ip(1)]), pod("a", "c", &[], &[ip(2), v6])];
+    p.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock {
+            cidr: net("10.0.0.0/24"),
+            except: vec![],
+        }],
+        ports: vec![],
+    }];
+    let pods = vec![
+        pod("a", "db", &[("app", "db")], &[ip(1)]),
+        pod("a", "c", &[], &[ip(2), v6]),
+    ];
     let c = cluster(pods, vec![p]);
     let d = compile(&c);
     assert!(d.ipcache.contains_key(&net("10.0.0.2/32")) && d.ipcache.contains_key(&net("fd00::1/128")));
     assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80));
     // The v6 address of the same pod is not in the v4 block.
-    assert!(!lookup(&d, v6, ip(1), proto::TCP, 80, &ObjectRef::new("a", "db"), dir::INGRESS));
+    assert!(!lookup(
+        &d,
+        v6,
+        ip(1),
+        proto::TCP,
+        80,
+        &ObjectRef::new("a", "db"),
+        dir::INGRESS
+    ));
     assert_eq!(d.endpoints[&ObjectRef::new("a", "c")].ips.len(), 2);
 }
 
 #[test]
 fn attribution_names_the_first_rule() {
     let mut p = policy("a", "p", sel(&[]));
-    p.ingress = vec![Rule { peers: vec![], ports: vec![tcp(80)] }, Rule { peers: vec![], ports: vec![tcp(80), tcp(443)] }];
+    p.ingress = vec![
+        Rule {
+            peers: vec![],
+            ports: vec![tcp(80)],
+        },
+        Rule {
+            peers: vec![],
+            ports: vec![tcp(80), tcp(443)],
+        },
+    ];
     let c = cluster(vec![pod("a", "x", &[], &[ip(1)])], vec![p]);
     let d = compile(&c);
     let ep = &d.endpoints[&ObjectRef::new("a", "x")];
-    let rule_of = |port| ep.allow.iter().find(|(k, _)| k.port_lo == port).map(|(_, r)| d.rules[r].clone());
+    let rule_of = |port| {
+        ep.allow
+            .iter()
+            .find(|(k, _)| k.port_lo == port)
+            .map(|(_, r)| d.rules[r].clone())
+    };
     assert_eq!(rule_of(80).map(|r| r.index), Some(0));
     assert_eq!(rule_of(443).map(|r| r.index), Some(1));
     assert!(d.rules.keys().all(|r| *r >= 1));
     let ids: BTreeSet<u32> = d.rules.keys().copied().collect();
     assert_eq!(ids.len(), 2);
+}
+
+/// Scale: 50,000 pods and 10,000 policies. Run with
+/// `cargo test --release -p ztrust-agent --lib -- --ignored compile_at_scale --nocapture`.
+#[test]
+#[ignore = "slow in debug builds; a benchmark, not a check"]
+fn compile_at_scale() {
+    let mut c = Cluster::default();
+    for i in 0..50_000u32 {
+        let ns = format!("ns{}", i % 500);
+        let app = format!("app{}", i % 40);
+        let addr = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
+        let mut p = pod(
+            &ns,
+            &format!("pod{i}"),
+            &[("app", &app), ("tier", if i % 2 == 0 { "front" } else { "back" })],
+            &[addr],
+        );
+        p = with_port(p, "http", 8000 + (i % 3) as u16);
+        c.pods.insert(p.object_ref(), p);
+    }
+    for i in 0..500 {
+        add_ns(
+            &mut c,
+            &format!("ns{i}"),
+            &[("team", if i % 2 == 0 { "a" } else { "b" })],
+        );
+    }
+    for i in 0..10_000u32 {
+        let ns = format!("ns{}", i % 500);
+        let mut p = policy(&ns, &format!("np{i}"), sel(&[("app", &format!("app{}", i % 40))]));
+        p.isolates_egress = i % 4 == 0;
+        p.ingress = vec![Rule {
+            peers: vec![
+                pods_peer(None, Some(sel(&[("app", &format!("app{}", (i + 1) % 40))]))),
+                pods_peer(
+                    Some(sel(&[("team", "a")])),
+                    Some(sel(&[("app", &format!("app{}", (i + 2) % 40))])),
+                ),
+            ],
+            ports: vec![tcp(80), named("http")],
+        }];
+        if i % 100 == 0 {
+            p.ingress.push(Rule {
+                peers: vec![Peer::IpBlock {
+                    cidr: net("10.0.0.0/16"),
+                    except: vec![net("10.0.1.0/24")],
+                }],
+                ports: vec![],
+            });
+        }
+        p.egress = vec![Rule {
+            peers: vec![pods_peer(None, None)],
+            ports: vec![named("http")],
+        }];
+        c.policies.insert(p.object_ref(), p);
+    }
+    let mut engine = Engine::new();
+    let started = std::time::Instant::now();
+    let d = engine.compile(&c);
+    let first = started.elapsed();
+    let started = std::time::Instant::now();
+    let d2 = engine.compile(&c);
+    let second = started.elapsed();
+    let entries: usize = d.endpoints.values().map(|e| e.allow.len()).sum();
+    println!(
+        "compile: {first:?} (again: {second:?}); {} endpoints, {} identities, {entries} allow entries",
+        d.endpoints.len(),
+        d.identities.len()
+    );
+    assert_eq!(d, d2);
 }

@@ -44,7 +44,9 @@ pub enum Problem {
     UnsupportedKind { api_version: String, kind: String },
     #[error("does not match the {kind} schema ({message}); object ignored")]
     Schema { kind: &'static str, message: String },
-    #[error("does not match the NetworkPolicy schema ({0}); the policy isolates the pods it selects and allows nothing")]
+    #[error(
+        "does not match the NetworkPolicy schema ({0}); the policy isolates the pods it selects and allows nothing"
+    )]
     PolicySchemaFailClosed(String),
     #[error("required field is missing")]
     Missing,
@@ -58,7 +60,9 @@ pub enum Problem {
     ExceptOutside { cidr: IpNet, except: IpNet },
     #[error("port number {0} is outside 1..=65535")]
     PortRange(i64),
-    #[error("invalid port name {0:?} (IANA_SVC_NAME: at most 15 characters, lowercase letters, digits and '-', at least one letter, no leading, trailing or double '-')")]
+    #[error(
+        "invalid port name {0:?} (IANA_SVC_NAME: at most 15 characters, lowercase letters, digits and '-', at least one letter, no leading, trailing or double '-')"
+    )]
     PortName(String),
     #[error("unsupported protocol {0:?} (TCP, UDP or SCTP)")]
     Protocol(String),
@@ -121,7 +125,13 @@ pub struct ObjectError {
 
 impl ObjectError {
     pub fn in_file(self, file: &str) -> LoadError {
-        LoadError { file: file.to_owned(), object: self.object, field: self.field, problem: self.problem, effect: self.effect }
+        LoadError {
+            file: file.to_owned(),
+            object: self.object,
+            field: self.field,
+            problem: self.problem,
+            effect: self.effect,
+        }
     }
 }
 
@@ -173,7 +183,10 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
         let path = entry.path();
         if entry.file_type()?.is_dir() {
             collect_files(&path, out)?;
-        } else if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
+        } else if matches!(
+            path.extension().and_then(|x| x.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
             out.push(path);
         }
     }
@@ -205,7 +218,11 @@ pub fn parse_str(file: &str, text: &str) -> Loaded {
 
 /// Adds `other` to `into`. An object defined twice keeps the later definition and records an error.
 pub fn merge(into: &mut Loaded, other: Loaded) {
-    let Loaded { cluster, errors, lab_objects } = other;
+    let Loaded {
+        cluster,
+        errors,
+        lab_objects,
+    } = other;
     for (name, ns) in cluster.namespaces {
         if into.cluster.namespaces.insert(name.clone(), ns).is_some() {
             into.errors.push(duplicate("", &format!("Namespace {name}")));
@@ -228,7 +245,11 @@ pub fn merge(into: &mut Loaded, other: Loaded) {
 
 fn duplicate(file: &str, object: &str) -> LoadError {
     LoadError {
-        file: if file.is_empty() { "(merged)".to_owned() } else { file.to_owned() },
+        file: if file.is_empty() {
+            "(merged)".to_owned()
+        } else {
+            file.to_owned()
+        },
         object: object.to_owned(),
         field: String::new(),
         problem: Problem::Duplicate,
@@ -240,8 +261,16 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
     if value.is_null() {
         return; // an empty document (`---` at the end of a file)
     }
-    let api_version = value.get("apiVersion").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
-    let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or_default().to_owned();
+    let api_version = value
+        .get("apiVersion")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_owned();
     let err = |object: String, problem: Problem| LoadError {
         file: file.to_owned(),
         object,
@@ -266,7 +295,13 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
                 Some(_) => {
                     out.errors.push(LoadError {
                         field: "items".into(),
-                        ..err(format!("List in {where_}"), Problem::Schema { kind: "List", message: "items is not a list".into() })
+                        ..err(
+                            format!("List in {where_}"),
+                            Problem::Schema {
+                                kind: "List",
+                                message: "items is not a list".into(),
+                            },
+                        )
                     });
                     return;
                 }
@@ -289,7 +324,13 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
                 }
                 Err(e) => out.errors.push(LoadError {
                     effect: Effect::ObjectDropped,
-                    ..err(object, Problem::Schema { kind: "Namespace", message: e.to_string() })
+                    ..err(
+                        object,
+                        Problem::Schema {
+                            kind: "Namespace",
+                            message: e.to_string(),
+                        },
+                    )
                 }),
             }
         }
@@ -307,7 +348,13 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
                 }
                 Err(e) => out.errors.push(LoadError {
                     effect: Effect::ObjectDropped,
-                    ..err(object, Problem::Schema { kind: "Pod", message: e.to_string() })
+                    ..err(
+                        object,
+                        Problem::Schema {
+                            kind: "Pod",
+                            message: e.to_string(),
+                        },
+                    )
                 }),
             }
         }
@@ -325,7 +372,11 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
             }
         }
         _ => out.errors.push(err(
-            if name.is_empty() { format!("{kind} in {where_}") } else { format!("{kind} {name}") },
+            if name.is_empty() {
+                format!("{kind} in {where_}")
+            } else {
+                format!("{kind} {name}")
+            },
             Problem::UnsupportedKind { api_version, kind },
         )),
     }
@@ -334,20 +385,33 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
 /// `namespace/name` of a raw object, for messages; `default` when the namespace is absent.
 fn describe(value: &serde_json::Value) -> String {
     let meta = value.get("metadata");
-    let name = meta.and_then(|m| m.get("name")).and_then(|v| v.as_str()).unwrap_or("<no name>");
+    let name = meta
+        .and_then(|m| m.get("name"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("<no name>");
     if value.get("kind").and_then(|v| v.as_str()) == Some("Namespace") {
         return name.to_owned();
     }
-    let ns = meta.and_then(|m| m.get("namespace")).and_then(|v| v.as_str()).unwrap_or("default");
+    let ns = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(|v| v.as_str())
+        .unwrap_or("default");
     format!("{ns}/{name}")
 }
 
 /// A NetworkPolicy that does not even decode still selects pods: if its `spec.podSelector` and
 /// `spec.policyTypes` can be read, it becomes a policy with no rules, which isolates the pods it selects
 /// and allows nothing (fail closed; directions it may affect are all isolated).
-fn fail_closed_policy(value: &serde_json::Value, object: &str, message: String) -> Converted<model::NetworkPolicy> {
+fn fail_closed_policy(
+    value: &serde_json::Value,
+    object: &str,
+    message: String,
+) -> Converted<model::NetworkPolicy> {
     let mut errors = Vec::new();
-    let meta = value.get("metadata").cloned().and_then(|m| serde_json::from_value::<ObjectMeta>(m).ok());
+    let meta = value
+        .get("metadata")
+        .cloned()
+        .and_then(|m| serde_json::from_value::<ObjectMeta>(m).ok());
     let spec = value.get("spec");
     let selector = match spec.and_then(|s| s.get("podSelector")) {
         None | Some(serde_json::Value::Null) => Some(LabelSelector::default()),
@@ -358,12 +422,17 @@ fn fail_closed_policy(value: &serde_json::Value, object: &str, message: String) 
         errors.push(ObjectError {
             object: object.to_owned(),
             field: String::new(),
-            problem: Problem::Schema { kind: "NetworkPolicy", message },
+            problem: Problem::Schema {
+                kind: "NetworkPolicy",
+                message,
+            },
             effect: Effect::None,
         });
         return Converted { value: None, errors };
     };
-    let namespace = meta.and_then(|m| m.namespace).unwrap_or_else(|| "default".to_owned());
+    let namespace = meta
+        .and_then(|m| m.namespace)
+        .unwrap_or_else(|| "default".to_owned());
     let pod_selector = match convert_selector(&selector, object, "spec.podSelector") {
         Ok(s) => s,
         Err(mut e) => {
@@ -377,8 +446,9 @@ fn fail_closed_policy(value: &serde_json::Value, object: &str, message: String) 
         problem: Problem::PolicySchemaFailClosed(message),
         effect: Effect::None,
     });
-    let types: Option<Vec<String>> =
-        spec.and_then(|s| s.get("policyTypes")).and_then(|v| serde_json::from_value(v.clone()).ok());
+    let types: Option<Vec<String>> = spec
+        .and_then(|s| s.get("policyTypes"))
+        .and_then(|v| serde_json::from_value(v.clone()).ok());
     let (isolates_ingress, isolates_egress) = match types.as_deref() {
         Some(t) if !t.is_empty() && t.iter().all(|t| t == "Ingress" || t == "Egress") => {
             (t.iter().any(|t| t == "Ingress"), t.iter().any(|t| t == "Egress"))
@@ -435,7 +505,11 @@ pub fn convert_namespace(ns: &Namespace) -> Converted<model::Namespace> {
     let mut labels = labels(&ns.metadata.labels);
     labels.insert(NAMESPACE_NAME_LABEL.to_owned(), name.clone());
     Converted {
-        value: Some(model::Namespace { name, labels, annotations: ns.metadata.annotations.clone().unwrap_or_default() }),
+        value: Some(model::Namespace {
+            name,
+            labels,
+            annotations: ns.metadata.annotations.clone().unwrap_or_default(),
+        }),
         errors: Vec::new(),
     }
 }
@@ -446,18 +520,33 @@ pub fn convert_pod(pod: &Pod) -> Converted<model::Pod> {
     let object = object_name("Pod", &pod.metadata, true);
     let mut errors = Vec::new();
     let Some(name) = pod.metadata.name.clone() else {
-        errors.push(ObjectError { object, field: "metadata.name".into(), problem: Problem::Missing, effect: Effect::ObjectDropped });
+        errors.push(ObjectError {
+            object,
+            field: "metadata.name".into(),
+            problem: Problem::Missing,
+            effect: Effect::ObjectDropped,
+        });
         return Converted { value: None, errors };
     };
-    let namespace = pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let namespace = pod
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
     let mut ips: Vec<IpAddr> = Vec::new();
     if let Some(status) = &pod.status {
         // `podIPs[0]` equals `podIP` when both are set; podIPs is the complete (dual-stack) list.
         let listed: Vec<(String, &str)> = match status.pod_ips.as_deref() {
-            Some(list) if !list.is_empty() => {
-                list.iter().enumerate().map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str())).collect()
-            }
-            _ => status.pod_ip.iter().map(|p| ("status.podIP".to_owned(), p.as_str())).collect(),
+            Some(list) if !list.is_empty() => list
+                .iter()
+                .enumerate()
+                .map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.as_str()))
+                .collect(),
+            _ => status
+                .pod_ip
+                .iter()
+                .map(|p| ("status.podIP".to_owned(), p.as_str()))
+                .collect(),
         };
         for (field, text) in listed {
             match text.parse::<IpAddr>() {
@@ -474,8 +563,13 @@ pub fn convert_pod(pod: &Pod) -> Converted<model::Pod> {
     }
     let mut ports = Vec::new();
     if let Some(spec) = &pod.spec {
-        let lists: [(&str, &[Container]); 2] =
-            [("spec.containers", &spec.containers), ("spec.initContainers", spec.init_containers.as_deref().unwrap_or(&[]))];
+        let lists: [(&str, &[Container]); 2] = [
+            ("spec.containers", &spec.containers),
+            (
+                "spec.initContainers",
+                spec.init_containers.as_deref().unwrap_or(&[]),
+            ),
+        ];
         for (list_name, containers) in lists {
             for (ci, c) in containers.iter().enumerate() {
                 for (pi, p) in c.ports.iter().flatten().enumerate() {
@@ -493,7 +587,10 @@ pub fn convert_pod(pod: &Pod) -> Converted<model::Pod> {
                         continue;
                     };
                     let Some(protocol) = protocol(p.protocol.as_deref()) else {
-                        fail("protocol", Problem::Protocol(p.protocol.clone().unwrap_or_default()));
+                        fail(
+                            "protocol",
+                            Problem::Protocol(p.protocol.clone().unwrap_or_default()),
+                        );
                         continue;
                     };
                     if let Some(n) = &p.name
@@ -502,7 +599,11 @@ pub fn convert_pod(pod: &Pod) -> Converted<model::Pod> {
                         fail("name", Problem::PortName(n.clone()));
                         continue;
                     }
-                    ports.push(model::ContainerPort { name: p.name.clone(), port, protocol });
+                    ports.push(model::ContainerPort {
+                        name: p.name.clone(),
+                        port,
+                        protocol,
+                    });
                 }
             }
         }
@@ -538,7 +639,8 @@ fn protocol(p: Option<&str>) -> Option<model::Protocol> {
 pub fn is_port_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 15
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && s.bytes().any(|b| b.is_ascii_lowercase())
         && !s.starts_with('-')
         && !s.ends_with('-')
@@ -547,9 +649,16 @@ pub fn is_port_name(s: &str) -> bool {
 
 /// Converts a label selector; every invalid requirement is an error (the caller decides what an invalid
 /// selector means: a policy without a valid podSelector is dropped, an invalid peer matches nothing).
-pub fn convert_selector(sel: &LabelSelector, object: &str, field: &str) -> Result<model::LabelSelector, Vec<ObjectError>> {
+pub fn convert_selector(
+    sel: &LabelSelector,
+    object: &str,
+    field: &str,
+) -> Result<model::LabelSelector, Vec<ObjectError>> {
     let mut errors = Vec::new();
-    let mut out = model::LabelSelector { match_labels: labels(&sel.match_labels), match_expressions: Vec::new() };
+    let mut out = model::LabelSelector {
+        match_labels: labels(&sel.match_labels),
+        match_expressions: Vec::new(),
+    };
     for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
         let values: BTreeSet<String> = req.values.iter().flatten().cloned().collect();
         let mut fail = |suffix: &str, problem: Problem| {
@@ -586,7 +695,11 @@ pub fn convert_selector(sel: &LabelSelector, object: &str, field: &str) -> Resul
             fail("key", Problem::Missing);
             continue;
         }
-        out.match_expressions.push(model::Requirement { key: req.key.clone(), operator, values });
+        out.match_expressions.push(model::Requirement {
+            key: req.key.clone(),
+            operator,
+            values,
+        });
     }
     if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
@@ -603,13 +716,26 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
     let object = object_name("NetworkPolicy", &np.metadata, true);
     let mut errors = Vec::new();
     let Some(name) = np.metadata.name.clone() else {
-        errors.push(ObjectError { object, field: "metadata.name".into(), problem: Problem::Missing, effect: Effect::ObjectDropped });
+        errors.push(ObjectError {
+            object,
+            field: "metadata.name".into(),
+            problem: Problem::Missing,
+            effect: Effect::ObjectDropped,
+        });
         return Converted { value: None, errors };
     };
-    let namespace = np.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
+    let namespace = np
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_owned());
     let spec = np.spec.clone().unwrap_or_default();
     // "podSelector ... An empty podSelector selects all pods in this namespace." (optional since 1.33)
-    let pod_selector = match convert_selector(&spec.pod_selector.unwrap_or_default(), &object, "spec.podSelector") {
+    let pod_selector = match convert_selector(
+        &spec.pod_selector.unwrap_or_default(),
+        &object,
+        "spec.podSelector",
+    ) {
         Ok(s) => s,
         Err(mut e) => {
             errors.append(&mut e);
@@ -661,18 +787,40 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            convert_rule(r.from.as_deref(), r.ports.as_deref(), &object, &format!("spec.ingress[{i}]"), "from", &mut errors)
+            convert_rule(
+                r.from.as_deref(),
+                r.ports.as_deref(),
+                &object,
+                &format!("spec.ingress[{i}]"),
+                "from",
+                &mut errors,
+            )
         })
         .collect();
     let egress = egress_rules
         .iter()
         .enumerate()
         .filter_map(|(i, r)| {
-            convert_rule(r.to.as_deref(), r.ports.as_deref(), &object, &format!("spec.egress[{i}]"), "to", &mut errors)
+            convert_rule(
+                r.to.as_deref(),
+                r.ports.as_deref(),
+                &object,
+                &format!("spec.egress[{i}]"),
+                "to",
+                &mut errors,
+            )
         })
         .collect();
     Converted {
-        value: Some(model::NetworkPolicy { namespace, name, pod_selector, isolates_ingress, isolates_egress, ingress, egress }),
+        value: Some(model::NetworkPolicy {
+            namespace,
+            name,
+            pod_selector,
+            isolates_ingress,
+            isolates_egress,
+            ingress,
+            egress,
+        }),
         errors,
     }
 }
@@ -711,50 +859,78 @@ fn convert_rule(
 fn convert_peer(p: &NetworkPolicyPeer, object: &str, field: &str) -> Result<model::Peer, Vec<ObjectError>> {
     let err = |suffix: &str, problem: Problem| ObjectError {
         object: object.to_owned(),
-        field: if suffix.is_empty() { field.to_owned() } else { format!("{field}.{suffix}") },
+        field: if suffix.is_empty() {
+            field.to_owned()
+        } else {
+            format!("{field}.{suffix}")
+        },
         problem,
         effect: Effect::PeerDropped,
     };
     let selectors = p.pod_selector.is_some() || p.namespace_selector.is_some();
     match (&p.ip_block, selectors) {
         (Some(block), false) => {
-            let cidr = parse_cidr(&block.cidr).ok_or_else(|| vec![err("ipBlock.cidr", Problem::BadCidr(block.cidr.clone()))])?;
+            let cidr = parse_cidr(&block.cidr)
+                .ok_or_else(|| vec![err("ipBlock.cidr", Problem::BadCidr(block.cidr.clone()))])?;
             let mut except = Vec::new();
             let mut errors = Vec::new();
             for (i, e) in block.except.iter().flatten().enumerate() {
                 let f = format!("ipBlock.except[{i}]");
                 match parse_cidr(e) {
                     None => errors.push(err(&f, Problem::BadCidr(e.clone()))),
-                    Some(e) if !same_family(&cidr, &e) => errors.push(err(&f, Problem::ExceptFamily { cidr, except: e })),
-                    Some(e) if !cidr.contains(&e) => errors.push(err(&f, Problem::ExceptOutside { cidr, except: e })),
+                    Some(e) if !same_family(&cidr, &e) => {
+                        errors.push(err(&f, Problem::ExceptFamily { cidr, except: e }))
+                    }
+                    Some(e) if !cidr.contains(&e) => {
+                        errors.push(err(&f, Problem::ExceptOutside { cidr, except: e }))
+                    }
                     Some(e) => except.push(e),
                 }
             }
             // An invalid except cannot simply be left out (that would allow what it meant to exclude):
             // the whole peer goes.
-            if errors.is_empty() { Ok(model::Peer::IpBlock { cidr, except }) } else { Err(errors) }
+            if errors.is_empty() {
+                Ok(model::Peer::IpBlock { cidr, except })
+            } else {
+                Err(errors)
+            }
         }
         (None, true) => {
             let mut errors = Vec::new();
             let mut conv = |s: &Option<LabelSelector>, name: &str| {
-                s.as_ref().and_then(|s| match convert_selector(s, object, &format!("{field}.{name}")) {
-                    Ok(s) => Some(s),
-                    Err(e) => {
-                        errors.extend(e.into_iter().map(|e| ObjectError { effect: Effect::PeerDropped, ..e }));
-                        None
-                    }
-                })
+                s.as_ref().and_then(
+                    |s| match convert_selector(s, object, &format!("{field}.{name}")) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            errors.extend(e.into_iter().map(|e| ObjectError {
+                                effect: Effect::PeerDropped,
+                                ..e
+                            }));
+                            None
+                        }
+                    },
+                )
             };
             let pod_selector = conv(&p.pod_selector, "podSelector");
             let namespace_selector = conv(&p.namespace_selector, "namespaceSelector");
-            if errors.is_empty() { Ok(model::Peer::Pods { namespace_selector, pod_selector }) } else { Err(errors) }
+            if errors.is_empty() {
+                Ok(model::Peer::Pods {
+                    namespace_selector,
+                    pod_selector,
+                })
+            } else {
+                Err(errors)
+            }
         }
         _ => Err(vec![err("", Problem::PeerKind)]),
     }
 }
 
 fn same_family(a: &IpNet, b: &IpNet) -> bool {
-    matches!((a, b), (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_)))
+    matches!(
+        (a, b),
+        (IpNet::V4(_), IpNet::V4(_)) | (IpNet::V6(_), IpNet::V6(_))
+    )
 }
 
 /// `address/prefix-length`; host bits are cleared as Go's `net.ParseCIDR` does for the API server.
@@ -769,11 +945,19 @@ fn convert_port(p: &NetworkPolicyPort, object: &str, field: &str) -> Result<mode
         problem,
         effect: Effect::PortDropped,
     };
-    let protocol = protocol(p.protocol.as_deref()).ok_or_else(|| err("protocol", Problem::Protocol(p.protocol.clone().unwrap_or_default())))?;
+    let protocol = protocol(p.protocol.as_deref()).ok_or_else(|| {
+        err(
+            "protocol",
+            Problem::Protocol(p.protocol.clone().unwrap_or_default()),
+        )
+    })?;
     let port = match &p.port {
         None => None,
         Some(IntOrString::Int(n)) => Some(model::PortRef::Number(
-            u16::try_from(*n).ok().filter(|n| *n != 0).ok_or_else(|| err("port", Problem::PortRange((*n).into())))?,
+            u16::try_from(*n)
+                .ok()
+                .filter(|n| *n != 0)
+                .ok_or_else(|| err("port", Problem::PortRange((*n).into())))?,
         )),
         Some(IntOrString::String(s)) if is_port_name(s) => Some(model::PortRef::Name(s.clone())),
         Some(IntOrString::String(s)) => return Err(err("port", Problem::PortName(s.clone()))),
@@ -783,24 +967,36 @@ fn convert_port(p: &NetworkPolicyPort, object: &str, field: &str) -> Result<mode
     let end_port = match (p.end_port, &port) {
         (None, _) => None,
         (Some(end), Some(model::PortRef::Number(start))) => {
-            let end16 = u16::try_from(end).ok().filter(|e| *e != 0).ok_or_else(|| err("endPort", Problem::PortRange(end.into())))?;
+            let end16 = u16::try_from(end)
+                .ok()
+                .filter(|e| *e != 0)
+                .ok_or_else(|| err("endPort", Problem::PortRange(end.into())))?;
             if end16 < *start {
-                return Err(err("endPort", Problem::EndPortBelow { port: *start, end: end.into() }));
+                return Err(err(
+                    "endPort",
+                    Problem::EndPortBelow {
+                        port: *start,
+                        end: end.into(),
+                    },
+                ));
             }
             Some(end16)
         }
         (Some(_), _) => return Err(err("endPort", Problem::EndPortWithoutNumber)),
     };
-    Ok(model::PortSpec { protocol, port, end_port })
+    Ok(model::PortSpec {
+        protocol,
+        port,
+        end_port,
+    })
 }
-
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ObjectRef;
     use crate::model::{Peer, PortRef, Protocol};
     use crate::policy::{Engine, lookup};
-    use crate::model::ObjectRef;
 
     fn policy(yaml: &str) -> (Option<model::NetworkPolicy>, Vec<LoadError>) {
         let l = parse_str("np.yaml", yaml);
@@ -808,7 +1004,9 @@ mod tests {
     }
 
     fn np(spec: &str) -> String {
-        format!("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: prod}}\nspec:\n{spec}")
+        format!(
+            "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: np, namespace: prod}}\nspec:\n{spec}"
+        )
     }
 
     #[test]
@@ -847,29 +1045,51 @@ metadata: {name: s, namespace: prod}
         let l = parse_str("all.yaml", text);
         let ns = &l.cluster.namespaces["prod"];
         assert_eq!(ns.labels.get("team").map(String::as_str), Some("blue"));
-        assert_eq!(ns.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("prod"));
+        assert_eq!(
+            ns.labels.get(NAMESPACE_NAME_LABEL).map(String::as_str),
+            Some("prod")
+        );
         let pod = &l.cluster.pods[&ObjectRef::new("default", "web")];
         assert_eq!(pod.ips.len(), 2);
         assert_eq!(pod.node_name.as_deref(), Some("n1"));
-        assert_eq!(pod.ports[0], model::ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp });
+        assert_eq!(
+            pod.ports[0],
+            model::ContainerPort {
+                name: Some("http".into()),
+                port: 8080,
+                protocol: Protocol::Tcp
+            }
+        );
         assert_eq!(pod.ports[1].protocol, Protocol::Udp);
         assert!(!pod.host_network);
         assert!(l.cluster.policies.contains_key(&ObjectRef::new("prod", "deny")));
         assert_eq!(l.lab_objects.len(), 1);
         assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
         let msg = l.errors[0].to_string();
-        assert!(msg.contains("all.yaml") && msg.contains("Service prod/s") && msg.contains("unsupported kind"), "{msg}");
+        assert!(
+            msg.contains("all.yaml") && msg.contains("Service prod/s") && msg.contains("unsupported kind"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn json_and_syntax_errors() {
-        let l = parse_str("p.json", r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"x","namespace":"a"},"spec":{"containers":[],"hostNetwork":true},"status":{"podIP":"10.0.0.9"}}"#);
+        let l = parse_str(
+            "p.json",
+            r#"{"apiVersion":"v1","kind":"Pod","metadata":{"name":"x","namespace":"a"},"spec":{"containers":[],"hostNetwork":true},"status":{"podIP":"10.0.0.9"}}"#,
+        );
         assert!(l.errors.is_empty(), "{:?}", l.errors);
         let pod = &l.cluster.pods[&ObjectRef::new("a", "x")];
         assert!(pod.host_network);
         assert_eq!(pod.ips, vec!["10.0.0.9".parse::<IpAddr>().expect("ip")]);
         let l = parse_str("bad.yaml", "kind: [unclosed");
-        assert!(l.errors[0].to_string().starts_with("bad.yaml: document #1: cannot parse"), "{}", l.errors[0]);
+        assert!(
+            l.errors[0]
+                .to_string()
+                .starts_with("bad.yaml: document #1: cannot parse"),
+            "{}",
+            l.errors[0]
+        );
     }
 
     #[test]
@@ -891,10 +1111,26 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
         assert_eq!(pod.ports.len(), 1);
         let msgs: Vec<String> = l.errors.iter().map(ToString::to_string).collect();
         assert_eq!(msgs.len(), 4, "{msgs:#?}");
-        assert!(msgs.iter().any(|m| m.contains("pod.yaml: Pod a/web: status.podIPs[0].ip: invalid IP address")), "{msgs:#?}");
-        assert!(msgs.iter().any(|m| m.contains("spec.containers[0].ports[0].containerPort")), "{msgs:#?}");
-        assert!(msgs.iter().any(|m| m.contains("spec.containers[0].ports[1].name")), "{msgs:#?}");
-        assert!(msgs.iter().any(|m| m.contains("spec.containers[0].ports[2].protocol")), "{msgs:#?}");
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("pod.yaml: Pod a/web: status.podIPs[0].ip: invalid IP address")),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("spec.containers[0].ports[0].containerPort")),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("spec.containers[0].ports[1].name")),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs.iter()
+                .any(|m| m.contains("spec.containers[0].ports[2].protocol")),
+            "{msgs:#?}"
+        );
     }
 
     #[test]
@@ -906,15 +1142,26 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
         assert!(p.isolates_ingress && !p.isolates_egress, "Ingress always");
         let (p, _) = policy(&np("  podSelector: {}\n  egress: [{}]\n"));
         let p = p.expect("policy");
-        assert!(p.isolates_ingress && p.isolates_egress, "an egress rule adds Egress");
+        assert!(
+            p.isolates_ingress && p.isolates_egress,
+            "an egress rule adds Egress"
+        );
         let (p, _) = policy(&np("  podSelector: {}\n  egress: []\n"));
-        assert!(!p.expect("policy").isolates_egress, "an empty egress list has no egress rule");
-        let (p, _) = policy(&np("  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n"));
+        assert!(
+            !p.expect("policy").isolates_egress,
+            "an empty egress list has no egress rule"
+        );
+        let (p, _) = policy(&np(
+            "  podSelector: {}\n  policyTypes: [Egress]\n  ingress: [{}]\n",
+        ));
         let p = p.expect("policy");
         assert!(!p.isolates_ingress && p.isolates_egress);
         let (p, e) = policy(&np("  podSelector: {}\n  policyTypes: [Ingres]\n"));
         let p = p.expect("policy");
-        assert!(p.isolates_ingress && p.isolates_egress, "unknown type: isolate both");
+        assert!(
+            p.isolates_ingress && p.isolates_egress,
+            "unknown type: isolate both"
+        );
         assert!(e[0].to_string().contains("spec.policyTypes[0]"));
     }
 
@@ -922,9 +1169,17 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
     fn empty_versus_absent() {
         let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{}]\n"));
         let p = p.expect("policy");
-        assert_eq!(p.ingress, vec![model::Rule::default()], "an empty rule allows everything");
+        assert_eq!(
+            p.ingress,
+            vec![model::Rule::default()],
+            "an empty rule allows everything"
+        );
         let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{from: [], ports: []}]\n"));
-        assert_eq!(p.expect("policy").ingress, vec![model::Rule::default()], "empty lists = absent lists");
+        assert_eq!(
+            p.expect("policy").ingress,
+            vec![model::Rule::default()],
+            "empty lists = absent lists"
+        );
         let (p, _) = policy(&np("  podSelector: {}\n  ingress: []\n"));
         let p = p.expect("policy");
         assert!(p.ingress.is_empty() && p.isolates_ingress, "no rules: deny all");
@@ -948,12 +1203,17 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
 "#));
         assert!(e.is_empty(), "{e:?}");
         let r = &p.expect("policy").ingress[0];
-        assert!(matches!(&r.peers[0], Peer::Pods { namespace_selector: Some(n), pod_selector: Some(_) } if n.match_expressions.len() == 1));
+        assert!(
+            matches!(&r.peers[0], Peer::Pods { namespace_selector: Some(n), pod_selector: Some(_) } if n.match_expressions.len() == 1)
+        );
         assert!(matches!(&r.peers[1], Peer::IpBlock { except, .. } if except.len() == 1));
         assert_eq!(r.ports[0].port, Some(PortRef::Number(5432)));
         assert_eq!(r.ports[0].protocol, Protocol::Tcp, "protocol defaults to TCP");
         assert_eq!(r.ports[1].port, Some(PortRef::Name("http".into())));
-        assert_eq!((r.ports[2].protocol, r.ports[2].end_port), (Protocol::Udp, Some(32768)));
+        assert_eq!(
+            (r.ports[2].protocol, r.ports[2].end_port),
+            (Protocol::Udp, Some(32768))
+        );
         assert_eq!((r.ports[3].protocol, &r.ports[3].port), (Protocol::Sctp, &None));
     }
 
@@ -961,58 +1221,122 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
     #[test]
     fn errors_name_file_object_and_field() {
         let cases = [
-            ("  ingress: [{from: [{podSelector: {}}, {ipBlock: {cidr: 10.0.0.1}}]}]", "spec.ingress[0].from[1].ipBlock.cidr"),
-            ("  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.1.0.0/25]}}]}]", "spec.ingress[0].from[0].ipBlock.except[0]"),
-            ("  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [\"fd00::/120\"]}}]}]", "spec.ingress[0].from[0].ipBlock.except[0]"),
-            ("  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24}, podSelector: {}}]}]", "spec.egress[0].to[0]"),
+            (
+                "  ingress: [{from: [{podSelector: {}}, {ipBlock: {cidr: 10.0.0.1}}]}]",
+                "spec.ingress[0].from[1].ipBlock.cidr",
+            ),
+            (
+                "  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.1.0.0/25]}}]}]",
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+            ),
+            (
+                "  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [\"fd00::/120\"]}}]}]",
+                "spec.ingress[0].from[0].ipBlock.except[0]",
+            ),
+            (
+                "  egress: [{to: [{ipBlock: {cidr: 10.0.0.0/24}, podSelector: {}}]}]",
+                "spec.egress[0].to[0]",
+            ),
             ("  egress: [{to: [{}]}]", "spec.egress[0].to[0]"),
-            ("  ingress: [{ports: [{port: 0}]}]", "spec.ingress[0].ports[0].port"),
-            ("  ingress: [{ports: [{port: 70000}]}]", "spec.ingress[0].ports[0].port"),
-            ("  ingress: [{ports: [{port: \"80\"}]}]", "spec.ingress[0].ports[0].port"),
-            ("  ingress: [{ports: [{port: Http}]}]", "spec.ingress[0].ports[0].port"),
-            ("  ingress: [{ports: [{port: a-very-long-port-name}]}]", "spec.ingress[0].ports[0].port"),
-            ("  ingress: [{ports: [{port: http, endPort: 90}]}]", "spec.ingress[0].ports[0].endPort"),
-            ("  ingress: [{ports: [{endPort: 90}]}]", "spec.ingress[0].ports[0].endPort"),
-            ("  ingress: [{ports: [{port: 100, endPort: 90}]}]", "spec.ingress[0].ports[0].endPort"),
-            ("  ingress: [{ports: [{port: 100, protocol: ICMP}]}]", "spec.ingress[0].ports[0].protocol"),
-            ("  ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]}]", "spec.ingress[0].from[0].podSelector.matchExpressions[0].values"),
-            ("  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}]}]", "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].values"),
-            ("  ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: Equals, values: [x]}]}}]}]", "spec.ingress[0].from[0].podSelector.matchExpressions[0].operator"),
+            (
+                "  ingress: [{ports: [{port: 0}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                "  ingress: [{ports: [{port: 70000}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                "  ingress: [{ports: [{port: \"80\"}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                "  ingress: [{ports: [{port: Http}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                "  ingress: [{ports: [{port: a-very-long-port-name}]}]",
+                "spec.ingress[0].ports[0].port",
+            ),
+            (
+                "  ingress: [{ports: [{port: http, endPort: 90}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                "  ingress: [{ports: [{endPort: 90}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                "  ingress: [{ports: [{port: 100, endPort: 90}]}]",
+                "spec.ingress[0].ports[0].endPort",
+            ),
+            (
+                "  ingress: [{ports: [{port: 100, protocol: ICMP}]}]",
+                "spec.ingress[0].ports[0].protocol",
+            ),
+            (
+                "  ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: In}]}}]}]",
+                "spec.ingress[0].from[0].podSelector.matchExpressions[0].values",
+            ),
+            (
+                "  ingress: [{from: [{namespaceSelector: {matchExpressions: [{key: a, operator: Exists, values: [x]}]}}]}]",
+                "spec.ingress[0].from[0].namespaceSelector.matchExpressions[0].values",
+            ),
+            (
+                "  ingress: [{from: [{podSelector: {matchExpressions: [{key: a, operator: Equals, values: [x]}]}}]}]",
+                "spec.ingress[0].from[0].podSelector.matchExpressions[0].operator",
+            ),
         ];
         for (spec, field) in cases {
             let (p, e) = policy(&np(&format!("  podSelector: {{}}\n{spec}\n")));
             assert!(p.is_some(), "{spec}: the policy is kept");
             assert!(!e.is_empty(), "{spec}: an error");
             let msg = e[0].to_string();
-            assert!(msg.starts_with(&format!("np.yaml: NetworkPolicy prod/np: {field}: ")), "{spec}: {msg}");
+            assert!(
+                msg.starts_with(&format!("np.yaml: NetworkPolicy prod/np: {field}: ")),
+                "{spec}: {msg}"
+            );
         }
     }
 
     #[test]
     fn invalid_peer_or_port_fails_closed() {
         // Only invalid peers: the rule goes (it must not become "from everyone").
-        let (p, e) = policy(&np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}]}]\n"));
+        let (p, e) = policy(&np(
+            "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}]}]\n",
+        ));
         let p = p.expect("policy");
         assert!(p.ingress.is_empty() && p.isolates_ingress);
         assert!(e[0].to_string().contains("fail closed"), "{}", e[0]);
         // A valid and an invalid peer: the valid one stays.
-        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}, {podSelector: {}}]}]\n"));
+        let (p, _) = policy(&np(
+            "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}, {podSelector: {}}]}]\n",
+        ));
         assert_eq!(p.expect("policy").ingress[0].peers.len(), 1);
         // Only invalid ports: the rule goes (it must not become "all ports").
         let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{ports: [{port: 0}]}]\n"));
         assert!(p.expect("policy").ingress.is_empty());
         // An invalid except drops its peer: leaving the except out would allow what it excludes.
-        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.1.0/24]}}]}]\n"));
+        let (p, _) = policy(&np(
+            "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.1.0/24]}}]}]\n",
+        ));
         assert!(p.expect("policy").ingress.is_empty());
         // An invalid podSelector drops the policy.
-        let (p, e) = policy(&np("  podSelector: {matchExpressions: [{key: a, operator: In}]}\n"));
+        let (p, e) = policy(&np(
+            "  podSelector: {matchExpressions: [{key: a, operator: In}]}\n",
+        ));
         assert!(p.is_none());
-        assert!(e.iter().any(|e| e.to_string().contains("spec.podSelector.matchExpressions[0].values")));
+        assert!(e.iter().any(|e| {
+            e.to_string()
+                .contains("spec.podSelector.matchExpressions[0].values")
+        }));
     }
 
     #[test]
     fn undecodable_policy_still_isolates() {
-        let (p, e) = policy(&np("  podSelector: {matchLabels: {app: db}}\n  ingress: [{ports: [{port: [1]}]}]\n"));
+        let (p, e) = policy(&np(
+            "  podSelector: {matchLabels: {app: db}}\n  ingress: [{ports: [{port: [1]}]}]\n",
+        ));
         let p = p.expect("fail-closed policy");
         assert!(p.isolates_ingress && p.isolates_egress && p.ingress.is_empty() && p.egress.is_empty());
         assert!(e[0].to_string().contains("allows nothing"), "{}", e[0]);
@@ -1031,7 +1355,15 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
         let d = Engine::new().compile(&l.cluster);
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
-        assert!(!lookup(&d, b, a, ztrust_common::proto::TCP, 80, &ObjectRef::new("prod", "a"), ztrust_common::dir::INGRESS));
+        assert!(!lookup(
+            &d,
+            b,
+            a,
+            ztrust_common::proto::TCP,
+            80,
+            &ObjectRef::new("prod", "a"),
+            ztrust_common::dir::INGRESS
+        ));
     }
 
     #[test]
@@ -1039,16 +1371,27 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
         let root = std::env::temp_dir().join(format!("ztrust-dir-test-{}", std::process::id()));
         let sub = root.join("sub");
         std::fs::create_dir_all(&sub).expect("mkdir");
-        let pod = |ip: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: []}}\nstatus: {{podIP: {ip}}}\n");
+        let pod = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: p}}\nspec: {{containers: []}}\nstatus: {{podIP: {ip}}}\n"
+            )
+        };
         std::fs::write(root.join("a.yaml"), pod("10.0.0.1")).expect("write");
         std::fs::write(sub.join("b.yml"), pod("10.0.0.2")).expect("write");
         std::fs::write(root.join("ignored.txt"), "not: read").expect("write");
-        std::fs::write(root.join("c.json"), r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default"}}"#).expect("write");
+        std::fs::write(
+            root.join("c.json"),
+            r#"{"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default"}}"#,
+        )
+        .expect("write");
         let l = load_dir(&root);
         let _ = std::fs::remove_dir_all(&root);
         let l = l.expect("load");
         // a.yaml < c.json < sub/b.yml: the later one wins and the duplicate is reported.
-        assert_eq!(l.cluster.pods[&ObjectRef::new("default", "p")].ips, vec!["10.0.0.2".parse::<IpAddr>().expect("ip")]);
+        assert_eq!(
+            l.cluster.pods[&ObjectRef::new("default", "p")].ips,
+            vec!["10.0.0.2".parse::<IpAddr>().expect("ip")]
+        );
         assert!(l.cluster.namespaces.contains_key("default"));
         assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
         assert_eq!(l.errors[0].problem, Problem::Duplicate);
