@@ -52,8 +52,7 @@ pub struct RuleRef {
     pub policy: ObjectRef,
     /// [`ztrust_common::dir`].
     pub direction: u8,
-    /// Index in `spec.ingress` / `spec.egress`, counting the rules the source kept (see
-    /// `crate::source::dir::convert_policy`: a rule that matches nothing is dropped).
+    /// Index in `spec.ingress` / `spec.egress`, as in the object.
     pub index: usize,
 }
 
@@ -70,7 +69,7 @@ pub enum IdentityInfo {
 }
 
 /// The policy state of one endpoint (a pod with an address that is not on the host network).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct EndpointPolicy {
     /// Identity of the pod's first address.
     pub identity: u32,
@@ -85,7 +84,7 @@ pub struct EndpointPolicy {
 }
 
 /// The desired datapath state.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Address prefix → identity: pod addresses (/32, /128), ipBlock cidrs and excepts, host addresses
     /// (node IPs and host-network pods) → [`ztrust_common::identity::HOST`].

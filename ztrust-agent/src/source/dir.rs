@@ -56,7 +56,7 @@ pub enum Problem {
     BadCidr(String),
     #[error("except {except} is not of the same address family as cidr {cidr}")]
     ExceptFamily { cidr: IpNet, except: IpNet },
-    #[error("except {except} is not inside cidr {cidr}")]
+    #[error("except {except} is not a strict subset of cidr {cidr}")]
     ExceptOutside { cidr: IpNet, except: IpNet },
     #[error("port number {0} is outside 1..=65535")]
     PortRange(i64),
@@ -709,8 +709,8 @@ pub fn convert_selector(
 ///
 /// Fail closed: when `spec.podSelector` is valid the policy is kept and isolates what it selects; an
 /// invalid peer or port entry is dropped with an error, and a rule whose every peer (or every port) is
-/// invalid is dropped as a whole, because it matches nothing — it must not turn into "all peers" /
-/// "all ports", which is what an empty list means in the model. Only an invalid `podSelector` drops the
+/// invalid becomes [`matches_nothing`] — it must not turn into "all peers" / "all ports", which is what
+/// an empty list means. Only an invalid `podSelector` drops the
 /// whole policy.
 pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
     let object = object_name("NetworkPolicy", &np.metadata, true);
@@ -786,7 +786,7 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
     let ingress = ingress_rules
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| {
+        .map(|(i, r)| {
             convert_rule(
                 r.from.as_deref(),
                 r.ports.as_deref(),
@@ -800,7 +800,7 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
     let egress = egress_rules
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| {
+        .map(|(i, r)| {
             convert_rule(
                 r.to.as_deref(),
                 r.ports.as_deref(),
@@ -825,7 +825,33 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
     }
 }
 
-/// One rule; `None` when the rule matches nothing because all its peers or all its ports are invalid.
+/// The marker key of [`matches_nothing`].
+pub const MATCHES_NOTHING_KEY: &str = "ztrust.io/invalid-rule";
+
+/// A rule that matches no traffic: its only peer selects pods with a label value in an empty set.
+///
+/// It stands for a rule whose every peer (or every port) is invalid. Leaving such a rule out would
+/// change the index of the rules after it (flows name rules by index), and emptying its lists would make
+/// it match everything (an empty list means "all" in the API), so it is kept, matching nothing.
+pub fn matches_nothing() -> model::Rule {
+    let never = model::LabelSelector {
+        match_labels: model::Labels::new(),
+        match_expressions: vec![model::Requirement {
+            key: MATCHES_NOTHING_KEY.to_owned(),
+            operator: model::Operator::In,
+            values: BTreeSet::new(),
+        }],
+    };
+    model::Rule {
+        peers: vec![model::Peer::Pods {
+            namespace_selector: None,
+            pod_selector: Some(never),
+        }],
+        ports: Vec::new(),
+    }
+}
+
+/// One rule; [`matches_nothing`] when all its peers or all its ports are invalid.
 fn convert_rule(
     peers: Option<&[NetworkPolicyPeer]>,
     ports: Option<&[NetworkPolicyPort]>,
@@ -833,7 +859,7 @@ fn convert_rule(
     field: &str,
     peers_name: &str,
     errors: &mut Vec<ObjectError>,
-) -> Option<model::Rule> {
+) -> model::Rule {
     let peers = peers.unwrap_or(&[]);
     let ports = ports.unwrap_or(&[]);
     let mut rule = model::Rule::default();
@@ -853,7 +879,11 @@ fn convert_rule(
     // but only when the list was empty to begin with, not when we emptied it.
     let peers_lost = !peers.is_empty() && rule.peers.is_empty();
     let ports_lost = !ports.is_empty() && rule.ports.is_empty();
-    (!peers_lost && !ports_lost).then_some(rule)
+    if peers_lost || ports_lost {
+        matches_nothing()
+    } else {
+        rule
+    }
 }
 
 fn convert_peer(p: &NetworkPolicyPeer, object: &str, field: &str) -> Result<model::Peer, Vec<ObjectError>> {
@@ -881,7 +911,8 @@ fn convert_peer(p: &NetworkPolicyPeer, object: &str, field: &str) -> Result<mode
                     Some(e) if !same_family(&cidr, &e) => {
                         errors.push(err(&f, Problem::ExceptFamily { cidr, except: e }))
                     }
-                    Some(e) if !cidr.contains(&e) => {
+                    // ValidateIPBlock: an except "must be a strict subset of `cidr`".
+                    Some(e) if !cidr.contains(&e) || e.prefix_len() <= cidr.prefix_len() => {
                         errors.push(err(&f, Problem::ExceptOutside { cidr, except: e }))
                     }
                     Some(e) => except.push(e),
@@ -1306,7 +1337,12 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
             "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: bogus}}]}]\n",
         ));
         let p = p.expect("policy");
-        assert!(p.ingress.is_empty() && p.isolates_ingress);
+        assert_eq!(
+            p.ingress,
+            vec![matches_nothing()],
+            "the rule is kept (indices), matching nothing"
+        );
+        assert!(p.isolates_ingress);
         assert!(e[0].to_string().contains("fail closed"), "{}", e[0]);
         // A valid and an invalid peer: the valid one stays.
         let (p, _) = policy(&np(
@@ -1314,13 +1350,23 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
         ));
         assert_eq!(p.expect("policy").ingress[0].peers.len(), 1);
         // Only invalid ports: the rule goes (it must not become "all ports").
-        let (p, _) = policy(&np("  podSelector: {}\n  ingress: [{ports: [{port: 0}]}]\n"));
-        assert!(p.expect("policy").ingress.is_empty());
+        let (p, _) = policy(&np(
+            "  podSelector: {}\n  ingress: [{ports: [{port: 0}]}, {ports: [{port: 80}]}]\n",
+        ));
+        let p = p.expect("policy");
+        assert_eq!(p.ingress[0], matches_nothing());
+        assert_eq!(p.ingress[1].ports.len(), 1, "the next rule keeps its index");
         // An invalid except drops its peer: leaving the except out would allow what it excludes.
         let (p, _) = policy(&np(
             "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.1.0/24]}}]}]\n",
         ));
-        assert!(p.expect("policy").ingress.is_empty());
+        assert_eq!(p.expect("policy").ingress, vec![matches_nothing()]);
+        // An except equal to the cidr is not a strict subset.
+        let (p, e) = policy(&np(
+            "  podSelector: {}\n  ingress: [{from: [{ipBlock: {cidr: 10.0.0.0/24, except: [10.0.0.0/24]}}]}]\n",
+        ));
+        assert_eq!(p.expect("policy").ingress, vec![matches_nothing()]);
+        assert!(e[0].to_string().contains("strict subset"), "{}", e[0]);
         // An invalid podSelector drops the policy.
         let (p, e) = policy(&np(
             "  podSelector: {matchExpressions: [{key: a, operator: In}]}\n",
