@@ -60,6 +60,14 @@ pub struct Options {
     pub event_interval: Duration,
     pub flow_log: Option<PathBuf>,
     pub poll: Duration,
+    /// Flows kept in memory for the flow API (`--flow-buffer`).
+    pub flow_buffer: usize,
+    /// Flows queued per API client before it starts losing them (`--client-queue`).
+    pub client_queue: usize,
+    /// The `pod` label on per-flow metrics (`--metrics-pod-label`).
+    pub metrics_pod_label: bool,
+    /// Flow API listeners, `/metrics`, detector.
+    pub observer: crate::observer::tasks::ObserverOptions,
 }
 
 /// Per-file last good parse: a file that stops parsing keeps its previous objects in force, so a typo in
@@ -179,15 +187,21 @@ fn matches_prefix(name: &str, prefixes: &[String]) -> bool {
     prefixes.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()))
 }
 
-/// Writes flows to the flow log (JSON lines) and the log.
+/// Every enriched flow passes here: metrics, the observer hub (flow API, detector), the flow log (JSON
+/// lines) and, for drops, the log. Called from the task that reads the kernel ring buffer: nothing
+/// here waits (the hub never blocks on a client).
 struct FlowSink {
     file: Option<std::fs::File>,
     seen: u64,
+    hub: Arc<crate::observer::Hub>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl FlowSink {
     fn record(&mut self, flow: &Flow) {
         self.seen += 1;
+        self.metrics.observe_flow(flow);
+        self.hub.publish(flow.clone());
         if flow.is_drop() {
             info!(target: "ztrust::flows", "{}", crate::flows::render_line(flow));
         }
@@ -214,6 +228,20 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let view = Arc::new(RwLock::new(View { node: opts.node_name.clone(), ..Default::default() }));
     let ring = dp.events.take().expect("events map taken once");
+    // Observability: flow API, /metrics, detector. `metrics` is also where the reconcile loop reports
+    // (`observe_compile`, `observe_sync`, `set_identities`, `set_map_fill`).
+    let metrics = Arc::new(crate::metrics::Metrics::new(crate::metrics::MetricsOptions {
+        pod_label: opts.metrics_pod_label,
+    }));
+    let hub = Arc::new(crate::observer::Hub::new(crate::observer::HubOptions {
+        node: opts.node_name.clone(),
+        flow_buffer: opts.flow_buffer,
+        client_queue: opts.client_queue,
+        ..Default::default()
+    }));
+    let _observer =
+        crate::observer::tasks::spawn(&opts.observer, hub.clone(), metrics.clone(), view.clone(), opts.pin_dir.clone())
+            .await;
     let sink = FlowSink {
         file: match &opts.flow_log {
             Some(p) => Some(
@@ -226,6 +254,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             None => None,
         },
         seen: 0,
+        hub: hub.clone(),
+        metrics: metrics.clone(),
     };
     let flows_task = tokio::spawn(read_events(ring, view.clone(), sink));
 

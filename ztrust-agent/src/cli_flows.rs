@@ -1,162 +1,438 @@
-//! `ztrust-agent flows`: read the agent's flow log (JSON lines), filter, and print for people or scripts.
+//! `ztrust-agent flows` and `ztrust-agent alerts`: clients of the agent's flow API
+//! (`ztrust.observer.v1`, unix socket by default, TCP with mutual TLS with `--server`). `flows
+//! --flow-log FILE` reads the JSON-lines flow log instead (`run --flow-log`), with the same filters.
 
-use std::io::{BufRead, BufReader, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, IsTerminal as _, Seek, SeekFrom, Write as _};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
+use anyhow::Context as _;
 use clap::{Args, ValueEnum};
+use tokio_stream::StreamExt as _;
+use tonic::transport::Channel;
 
 use crate::flows::{Flow, render_line};
+use crate::observer::client::{self, ClientTls};
+use crate::observer::convert;
+use crate::observer::filters::FlowFilters;
+use crate::observer::proto::observer_client::ObserverClient;
+use crate::observer::proto::{
+    Alert, FlowFilter, GetAlertsRequest, GetFlowsRequest, LostEventSource, LostEvents, ServerStatusRequest,
+    ServerStatusResponse, Verdict, get_alerts_response, get_flows_response,
+};
+use crate::observer::server::DEFAULT_SOCKET;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
+    /// Aligned columns.
     Table,
+    /// One line per flow: `time verdict src -> dst proto reason (...)`.
     Compact,
+    /// A JSON array (one object per flow while following).
     Json,
+    /// One JSON object per line (the flow log format).
     Jsonl,
+}
+
+/// Where the agent's API is.
+#[derive(Args, Debug, Clone)]
+pub struct Connect {
+    /// The agent's unix socket.
+    #[arg(long, env = "ZTRUST_SOCKET", default_value = DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Talk to an agent over TCP with mutual TLS instead (`host:port`); needs --tls-ca, --tls-cert, --tls-key.
+    #[arg(long, env = "ZTRUST_SERVER")]
+    pub server: Option<String>,
+    /// CA certificate (PEM) that signed the agent's certificate.
+    #[arg(long, requires = "server")]
+    pub tls_ca: Option<PathBuf>,
+    /// This client's certificate (PEM).
+    #[arg(long, requires = "server")]
+    pub tls_cert: Option<PathBuf>,
+    /// This client's key (PEM).
+    #[arg(long, requires = "server")]
+    pub tls_key: Option<PathBuf>,
+    /// Name to expect in the agent's certificate (default: the host of --server).
+    #[arg(long, requires = "server")]
+    pub tls_server_name: Option<String>,
+}
+
+impl Connect {
+    pub async fn client(&self) -> anyhow::Result<ObserverClient<Channel>> {
+        match &self.server {
+            None => client::connect_unix(&self.socket)
+                .await
+                .with_context(|| "is the agent running on this node? (`ztrust-agent run`; try --socket)"),
+            Some(addr) => {
+                let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
+                    anyhow::bail!("--server needs --tls-ca, --tls-cert and --tls-key (the agent requires client certificates)");
+                };
+                let tls =
+                    ClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone(), domain: self.tls_server_name.clone() };
+                Ok(client::connect_tls(addr, &tls).await?)
+            }
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct FlowsArgs {
-    /// The agent's flow log (`run --flow-log`).
-    #[arg(long, env = "ZTRUST_FLOW_LOG", default_value = "/var/run/ztrust/flows.jsonl")]
-    pub flow_log: PathBuf,
-    /// Only dropped (and would-drop) flows.
+    #[command(flatten)]
+    pub connect: Connect,
+    /// Read this flow log (JSON lines, `run --flow-log`) instead of asking the agent.
+    #[arg(long)]
+    pub flow_log: Option<PathBuf>,
+    /// Only dropped and would-drop flows.
     #[arg(long)]
     pub denied: bool,
-    /// Only flows with this verdict: forwarded, dropped, would-drop.
-    #[arg(long)]
-    pub verdict: Option<String>,
+    /// Only flows with this verdict: forwarded, dropped, would-drop (comma-separated: any of them).
+    #[arg(long, value_delimiter = ',')]
+    pub verdict: Vec<String>,
     /// Only flows with a source or destination in this namespace.
     #[arg(long)]
     pub namespace: Option<String>,
-    /// Only flows from or to this pod (`namespace/name`).
+    /// Only flows from or to this pod (`namespace/name`; a prefix such as `ns/web-` matches replicas).
     #[arg(long)]
     pub pod: Option<String>,
-    /// Only flows from this pod (`namespace/name`).
+    /// Only flows from this pod (`namespace/name`, prefix allowed).
     #[arg(long)]
     pub from_pod: Option<String>,
-    /// Only flows to this pod (`namespace/name`).
+    /// Only flows to this pod (`namespace/name`, prefix allowed).
     #[arg(long)]
     pub to_pod: Option<String>,
-    /// Only flows to this destination port.
+    /// Only flows from this address or CIDR.
     #[arg(long)]
-    pub port: Option<u16>,
-    /// Only flows of this protocol (TCP, UDP, SCTP, ICMP).
+    pub from_ip: Option<String>,
+    /// Only flows to this address or CIDR.
+    #[arg(long)]
+    pub to_ip: Option<String>,
+    /// Only flows from pods with these labels (`app=web,tier!=db`).
+    #[arg(long)]
+    pub from_label: Option<String>,
+    /// Only flows to pods with these labels.
+    #[arg(long)]
+    pub to_label: Option<String>,
+    /// Only flows to this destination port or range (`5432`, `8000-8080`).
+    #[arg(long)]
+    pub port: Option<String>,
+    /// Only flows of this protocol (TCP, UDP, SCTP, ICMP, ICMPv6).
     #[arg(long)]
     pub protocol: Option<String>,
-    /// Only the last N matching flows (before following).
+    /// Only flows in this direction relative to the judged pod: ingress, egress.
     #[arg(long)]
-    pub last: Option<usize>,
-    /// Keep printing flows as they come.
+    pub direction: Option<String>,
+    /// Only flows with this reason (`policy-denied`, `reply`, ...).
+    #[arg(long)]
+    pub reason: Option<String>,
+    /// Only flows allowed or isolated by this policy (`namespace/name` or `name`).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Only flows since this long ago (`30s`, `5m`, `2h`) or this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only flows before this long ago or this time.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// The last N matching flows (default 20 unless --follow, --since or --all).
+    #[arg(long)]
+    pub last: Option<u64>,
+    /// Every flow the agent still holds.
+    #[arg(long, conflicts_with = "last")]
+    pub all: bool,
+    /// Keep printing flows as they happen.
     #[arg(short, long)]
     pub follow: bool,
-    #[arg(short, long, value_enum, default_value_t = Output::Compact)]
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
 
+/// `30s`/`5m` ago, or an RFC 3339 time.
+fn parse_when(s: &str) -> anyhow::Result<SystemTime> {
+    if let Ok(d) = humantime::parse_duration(s) {
+        return Ok(SystemTime::now() - d);
+    }
+    humantime::parse_rfc3339_weak(s).with_context(|| format!("`{s}` is neither a duration (5m) nor a time (RFC 3339)"))
+}
+
+fn enum_value(field: &str, value: &str, known: i32) -> anyhow::Result<i32> {
+    if known == 0 {
+        anyhow::bail!("unknown {field} `{value}`");
+    }
+    Ok(known)
+}
+
 impl FlowsArgs {
-    pub fn matches(&self, f: &Flow) -> bool {
-        let name = |e: &crate::flows::Endpoint| e.display_name();
-        let in_ns = |ns: &str| {
-            f.source.namespace.as_deref() == Some(ns) || f.destination.namespace.as_deref() == Some(ns)
+    /// The request: one whitelist filter holding every option given (they all must match).
+    pub fn request(&self) -> anyhow::Result<GetFlowsRequest> {
+        let one = |o: &Option<String>| o.iter().cloned().collect::<Vec<_>>();
+        let mut verdict = Vec::new();
+        if self.denied {
+            verdict.extend([Verdict::Dropped as i32, Verdict::WouldDrop as i32]);
+        }
+        for v in &self.verdict {
+            verdict.push(enum_value("verdict", v, convert::verdict_from_str(v) as i32)?);
+        }
+        let direction = match &self.direction {
+            Some(d) => vec![enum_value("direction", d, convert::direction_from_str(d) as i32)?],
+            None => vec![],
         };
-        (!self.denied || f.is_drop())
-            && self.verdict.as_ref().is_none_or(|v| v.eq_ignore_ascii_case(&f.verdict))
-            && self.namespace.as_deref().is_none_or(in_ns)
-            && self.pod.as_ref().is_none_or(|p| &name(&f.source) == p || &name(&f.destination) == p)
-            && self.from_pod.as_ref().is_none_or(|p| &name(&f.source) == p)
-            && self.to_pod.as_ref().is_none_or(|p| &name(&f.destination) == p)
-            && self.port.is_none_or(|p| f.destination.port == Some(p))
-            && self.protocol.as_ref().is_none_or(|p| p.eq_ignore_ascii_case(&f.protocol))
+        let reason = match &self.reason {
+            Some(r) => vec![enum_value("reason", r, convert::reason_from_str(r) as i32)?],
+            None => vec![],
+        };
+        let filter = FlowFilter {
+            verdict,
+            namespace: one(&self.namespace),
+            pod: one(&self.pod),
+            source_pod: one(&self.from_pod),
+            destination_pod: one(&self.to_pod),
+            source_ip: one(&self.from_ip),
+            destination_ip: one(&self.to_ip),
+            source_label: one(&self.from_label),
+            destination_label: one(&self.to_label),
+            destination_port: one(&self.port),
+            protocol: one(&self.protocol),
+            traffic_direction: direction,
+            reason,
+            policy: one(&self.policy),
+            ..Default::default()
+        };
+        // Validate here, for a message naming the option rather than a server error.
+        FlowFilters::new(std::slice::from_ref(&filter), &[])?;
+        let mut since = self.since.as_deref().map(parse_when).transpose()?;
+        let until = self.until.as_deref().map(parse_when).transpose()?;
+        let number = match (self.last, self.all) {
+            (Some(n), _) => n,
+            (None, true) => {
+                if self.follow {
+                    // Everything kept, then follow: ask from the beginning of time.
+                    since = since.or(Some(SystemTime::UNIX_EPOCH));
+                }
+                0
+            }
+            (None, false) if self.follow || since.is_some() => 0,
+            (None, false) => 20,
+        };
+        let is_empty = filter == FlowFilter::default();
+        Ok(GetFlowsRequest {
+            number,
+            follow: self.follow,
+            whitelist: if is_empty { vec![] } else { vec![filter] },
+            blacklist: vec![],
+            since: since.map(convert::timestamp),
+            until: until.map(convert::timestamp),
+        })
     }
 }
 
-fn print(flows: &[Flow], output: Output, header: bool) -> anyhow::Result<()> {
-    match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(flows)?),
-        Output::Jsonl => {
-            for f in flows {
-                println!("{}", serde_json::to_string(f)?);
+/// Prints flows in the chosen format; table columns grow to fit and stay aligned.
+struct Printer {
+    output: Output,
+    colour: bool,
+    widths: [usize; 6],
+    header_done: bool,
+    json_first: bool,
+}
+
+const HEADERS: [&str; 7] = ["TIME", "VERDICT", "SOURCE", "DESTINATION", "PROTO", "REASON", "POLICY"];
+
+fn cells(f: &Flow) -> [String; 7] {
+    let dst = match f.destination.port {
+        Some(p) => format!("{}:{p}", f.destination.display_name()),
+        None => f.destination.display_name(),
+    };
+    // The source port is ephemeral noise almost always; the JSON outputs keep it.
+    let src = f.source.display_name();
+    let why = if f.is_drop() {
+        f.policies.join(",")
+    } else {
+        f.allowed_by.as_ref().map(|a| format!("{} ({} rule {})", a.policy, a.direction, a.rule)).unwrap_or_default()
+    };
+    let flags = if f.tcp_flags.is_empty() { String::new() } else { format!(" {}", f.tcp_flags) };
+    [f.time.clone(), f.verdict.to_uppercase(), src, dst, format!("{}{flags}", f.protocol), f.reason.clone(), why]
+}
+
+fn paint(colour: bool, verdict: &str, padded: String) -> String {
+    if !colour {
+        return padded;
+    }
+    let code = match verdict {
+        "DROPPED" => "31",
+        "WOULD-DROP" => "33",
+        "FORWARDED" => "32",
+        _ => return padded,
+    };
+    format!("\x1b[{code}m{padded}\x1b[0m")
+}
+
+impl Printer {
+    fn new(output: Output) -> Self {
+        let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+        Self { output, colour, widths: [24, 10, 24, 28, 9, 17], header_done: false, json_first: true }
+    }
+
+    /// `batch` is complete (not following): size the columns to it.
+    fn fit(&mut self, batch: &[Flow]) {
+        for f in batch {
+            for (w, c) in self.widths.iter_mut().zip(cells(f)) {
+                *w = (*w).max(c.chars().count());
             }
         }
-        Output::Compact => {
-            for f in flows {
-                println!("{}", render_line(f));
+    }
+
+    fn row(&self, c: &[String; 7]) -> String {
+        let mut line = String::new();
+        for (i, cell) in c.iter().enumerate() {
+            if i < 6 {
+                let padded = format!("{cell:<w$}  ", w = self.widths[i]);
+                line.push_str(&if i == 1 { paint(self.colour, cell, padded) } else { padded });
+            } else {
+                line.push_str(cell);
             }
         }
-        Output::Table => {
-            if header {
-                println!(
-                    "{:<24} {:<10} {:<28} {:<34} {:<6} {:<20} POLICIES",
-                    "TIME", "VERDICT", "SOURCE", "DESTINATION", "PROTO", "REASON"
-                );
+        line.trim_end().to_owned()
+    }
+
+    fn flow(&mut self, out: &mut impl std::io::Write, f: &Flow) -> anyhow::Result<()> {
+        match self.output {
+            Output::Jsonl => writeln!(out, "{}", serde_json::to_string(f)?)?,
+            Output::Json => {
+                let sep = if self.json_first { "[\n" } else { ",\n" };
+                self.json_first = false;
+                write!(out, "{sep}{}", serde_json::to_string_pretty(f)?)?;
             }
-            for f in flows {
-                let dst = match f.destination.port {
-                    Some(p) => format!("{}:{p}", f.destination.display_name()),
-                    None => f.destination.display_name(),
-                };
-                let why = if f.is_drop() {
-                    f.policies.join(",")
+            Output::Compact => {
+                let line = render_line(f);
+                if self.colour && f.is_drop() {
+                    writeln!(out, "\x1b[31m{line}\x1b[0m")?;
                 } else {
-                    f.allowed_by.as_ref().map(|a| format!("{} (rule {})", a.policy, a.rule)).unwrap_or_default()
-                };
-                println!(
-                    "{:<24} {:<10} {:<28} {:<34} {:<6} {:<20} {}",
-                    f.time,
-                    f.verdict,
-                    f.source.display_name(),
-                    dst,
-                    f.protocol,
-                    f.reason,
-                    why
-                );
+                    writeln!(out, "{line}")?;
+                }
+            }
+            Output::Table => {
+                if !self.header_done {
+                    self.header_done = true;
+                    writeln!(out, "{}", self.row(&HEADERS.map(str::to_owned)))?;
+                }
+                let c = cells(f);
+                for (w, cell) in self.widths.iter_mut().zip(&c) {
+                    *w = (*w).max(cell.chars().count());
+                }
+                writeln!(out, "{}", self.row(&c))?;
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    fn finish(&mut self, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+        if self.output == Output::Json {
+            writeln!(out, "{}", if self.json_first { "[]" } else { "\n]" })?;
+        }
+        Ok(())
+    }
 }
 
-pub fn read_flows(path: &std::path::Path) -> std::io::Result<Vec<Flow>> {
-    let file = std::fs::File::open(path)?;
-    Ok(BufReader::new(file).lines().map_while(Result::ok).filter_map(|l| serde_json::from_str(&l).ok()).collect())
+fn report_lost(l: &LostEvents) {
+    let why = match l.source() {
+        LostEventSource::KernelRingBuffer => "the kernel's event ring buffer was full",
+        LostEventSource::AgentRing => "the agent's flow buffer no longer holds them (--flow-buffer)",
+        LostEventSource::SlowClient => "this client read too slowly",
+        LostEventSource::Unknown => "unknown cause",
+    };
+    eprintln!("!! {} flow(s) lost: {why}", l.num_events_lost);
 }
 
 pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    let mut file = std::fs::File::open(&args.flow_log)
-        .with_context(|| format!("opening flow log {} (is the agent running with --flow-log?)", args.flow_log.display()))?;
+    let req = args.request()?;
+    if let Some(path) = &args.flow_log {
+        return run_file(args, &req, path);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut client = args.connect.client().await?;
+        let mut stream = client.get_flows(req).await?.into_inner();
+        let mut printer = Printer::new(args.output);
+        let stdout = std::io::stdout();
+        if !args.follow {
+            // Size the table to the whole answer before printing it.
+            let mut flows = Vec::new();
+            while let Some(r) = stream.next().await {
+                match r?.response_types {
+                    Some(get_flows_response::ResponseTypes::Flow(f)) => flows.push(convert::flow_from_proto(&f)),
+                    Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
+                    None => {}
+                }
+            }
+            printer.fit(&flows);
+            let mut out = stdout.lock();
+            for f in &flows {
+                printer.flow(&mut out, f)?;
+            }
+            return printer.finish(&mut out);
+        }
+        while let Some(r) = stream.next().await {
+            match r?.response_types {
+                Some(get_flows_response::ResponseTypes::Flow(f)) => {
+                    let mut out = stdout.lock();
+                    printer.flow(&mut out, &convert::flow_from_proto(&f))?;
+                    out.flush()?;
+                }
+                Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
+                None => {}
+            }
+        }
+        printer.finish(&mut stdout.lock())
+    })
+}
+
+/// The flow log instead of the agent: same request, applied here.
+fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> anyhow::Result<()> {
+    let filters = FlowFilters::new(&req.whitelist, &req.blacklist)?;
+    let since = req.since.as_ref().map(convert::system_time);
+    let until = req.until.as_ref().map(convert::system_time);
+    let wanted = |f: &Flow| {
+        let t = convert::flow_time(f);
+        since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) && filters.matches(f)
+    };
+    let mut file = std::fs::File::open(path)
+        .with_context(|| format!("opening flow log {} (is the agent running with --flow-log?)", path.display()))?;
     let mut reader = BufReader::new(&mut file);
     let mut flows: Vec<Flow> = Vec::new();
     let mut line = String::new();
     while reader.read_line(&mut line)? > 0 {
         if let Ok(f) = serde_json::from_str::<Flow>(&line)
-            && args.matches(&f)
+            && wanted(&f)
         {
             flows.push(f);
         }
         line.clear();
     }
-    if let Some(n) = args.last {
-        let skip = flows.len().saturating_sub(n);
+    if req.number > 0 {
+        let skip = flows.len().saturating_sub(usize::try_from(req.number).unwrap_or(usize::MAX));
         flows.drain(..skip);
+    } else if args.follow && since.is_none() && !args.all {
+        flows.clear();
     }
-    print(&flows, args.output, true)?;
+    let mut printer = Printer::new(args.output);
+    let stdout = std::io::stdout();
     if !args.follow {
-        return Ok(());
+        printer.fit(&flows);
+    }
+    for f in &flows {
+        printer.flow(&mut stdout.lock(), f)?;
+    }
+    if !args.follow {
+        return printer.finish(&mut stdout.lock());
     }
     let mut pos = reader.stream_position()?;
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let mut f = std::fs::File::open(&args.flow_log)?;
-        let len = f.metadata()?.len();
-        if len < pos {
+        let mut f = std::fs::File::open(path)?;
+        if f.metadata()?.len() < pos {
             pos = 0; // rotated or truncated
         }
         f.seek(SeekFrom::Start(pos))?;
         let mut r = BufReader::new(f);
-        let mut batch = Vec::new();
         loop {
             line.clear();
             let n = r.read_line(&mut line)?;
@@ -165,11 +441,216 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
             }
             pos += n as u64;
             if let Ok(fl) = serde_json::from_str::<Flow>(&line)
-                && args.matches(&fl)
+                && wanted(&fl)
             {
-                batch.push(fl);
+                let mut out = stdout.lock();
+                printer.flow(&mut out, &fl)?;
+                out.flush()?;
             }
         }
-        print(&batch, args.output, false)?;
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AlertsArgs {
+    #[command(flatten)]
+    pub connect: Connect,
+    /// The last N alerts the agent holds (default: all it holds).
+    #[arg(long)]
+    pub last: Option<u64>,
+    /// Keep printing alerts as they are raised.
+    #[arg(short, long)]
+    pub follow: bool,
+    #[arg(short, long, value_enum, default_value_t = Output::Compact)]
+    pub output: Output,
+}
+
+fn alert_json(a: &Alert) -> serde_json::Value {
+    let time = |t: &Option<prost_types::Timestamp>| {
+        t.as_ref().map(|t| humantime::format_rfc3339_millis(convert::system_time(t)).to_string())
+    };
+    serde_json::json!({
+        "time": time(&a.time),
+        "node": a.node_name,
+        "kind": crate::detector::kind_name(a.kind()),
+        "source": a.source,
+        "summary": a.summary,
+        "distinct_destinations": a.distinct_destinations,
+        "denied_flows": a.denied_flows,
+        "window_start": time(&a.window_start),
+        "evidence": a.evidence.iter().map(convert::flow_from_proto).collect::<Vec<_>>(),
+    })
+}
+
+fn print_alert(a: &Alert, output: Output) -> anyhow::Result<()> {
+    let v = alert_json(a);
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
+        Output::Jsonl => println!("{v}"),
+        Output::Compact | Output::Table => {
+            let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+            let head = format!(
+                "{}  {:<15} {}",
+                v["time"].as_str().unwrap_or("-"),
+                v["kind"].as_str().unwrap_or("-").to_uppercase(),
+                a.summary
+            );
+            if colour { println!("\x1b[1;31m{head}\x1b[0m") } else { println!("{head}") }
+            for f in &a.evidence {
+                println!("    {}", render_line(&convert::flow_from_proto(f)));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run_alerts(args: &AlertsArgs) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut client = args.connect.client().await?;
+        let req = GetAlertsRequest { number: args.last.unwrap_or(0), follow: args.follow };
+        let mut stream = client.get_alerts(req).await?.into_inner();
+        while let Some(r) = stream.next().await {
+            match r?.response_types {
+                Some(get_alerts_response::ResponseTypes::Alert(a)) => print_alert(&a, args.output)?,
+                Some(get_alerts_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
+                None => {}
+            }
+        }
+        Ok(())
+    })
+}
+
+/// The running agent's observer counters (for `status --server`).
+pub fn server_status(connect: &Connect) -> anyhow::Result<ServerStatusResponse> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async { Ok(connect.client().await?.server_status(ServerStatusRequest {}).await?.into_inner()) })
+}
+
+pub fn render_server_status(s: &ServerStatusResponse) -> String {
+    let uptime = humantime::format_duration(Duration::from_secs(s.uptime_ns / 1_000_000_000));
+    format!(
+        "Agent {} on node {} (up {uptime})\n\
+         Endpoints enforced:   {}\n\
+         Flows seen:           {}\n\
+         Flow buffer:          {} / {}\n\
+         Lost (kernel ring):   {}\n\
+         Overwritten (buffer): {}\n\
+         Lost (slow clients):  {}\n\
+         API streams open:     {}\n\
+         Alerts raised:        {}\n",
+        s.version,
+        s.node_name,
+        s.endpoints_enforced,
+        s.seen_flows,
+        s.num_flows,
+        s.max_flows,
+        s.lost_kernel_ring_buffer,
+        s.ring_overwritten,
+        s.lost_slow_clients,
+        s.subscribers,
+        s.alerts_raised
+    )
+}
+
+pub fn server_status_json(s: &ServerStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "node": s.node_name,
+        "version": s.version,
+        "uptime_ns": s.uptime_ns,
+        "endpoints_enforced": s.endpoints_enforced,
+        "seen_flows": s.seen_flows,
+        "num_flows": s.num_flows,
+        "max_flows": s.max_flows,
+        "lost_kernel_ring_buffer": s.lost_kernel_ring_buffer,
+        "ring_overwritten": s.ring_overwritten,
+        "lost_slow_clients": s.lost_slow_clients,
+        "subscribers": s.subscribers,
+        "alerts_raised": s.alerts_raised,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        flows: FlowsArgs,
+    }
+
+    fn parse(args: &[&str]) -> FlowsArgs {
+        Cli::try_parse_from(std::iter::once("flows").chain(args.iter().copied())).unwrap().flows
+    }
+
+    #[test]
+    fn options_become_one_and_filter() {
+        let req = parse(&["--denied", "--from-pod", "shop/web", "--port", "5432", "--protocol", "tcp"]).request().unwrap();
+        assert_eq!(req.number, 20);
+        assert!(!req.follow);
+        let f = &req.whitelist[0];
+        assert_eq!(f.verdict, [Verdict::Dropped as i32, Verdict::WouldDrop as i32]);
+        assert_eq!(f.source_pod, ["shop/web"]);
+        assert_eq!(f.destination_port, ["5432"]);
+        assert_eq!(f.protocol, ["tcp"]);
+        assert!(req.blacklist.is_empty());
+    }
+
+    #[test]
+    fn history_defaults() {
+        assert!(parse(&[]).request().unwrap().whitelist.is_empty());
+        assert_eq!(parse(&["-f"]).request().unwrap().number, 0);
+        assert_eq!(parse(&["--last", "5", "-f"]).request().unwrap().number, 5);
+        let r = parse(&["--since", "5m"]).request().unwrap();
+        assert_eq!(r.number, 0);
+        let since = convert::system_time(r.since.as_ref().unwrap());
+        let ago = SystemTime::now().duration_since(since).unwrap();
+        assert!(ago >= Duration::from_secs(299) && ago <= Duration::from_secs(301), "{ago:?}");
+        let r = parse(&["--all", "-f"]).request().unwrap();
+        assert_eq!(r.since, Some(convert::timestamp(SystemTime::UNIX_EPOCH)));
+    }
+
+    #[test]
+    fn invalid_options_are_refused_early() {
+        assert!(parse(&["--verdict", "maybe"]).request().is_err());
+        assert!(parse(&["--to-ip", "10.0.0.0/40"]).request().is_err());
+        assert!(parse(&["--port", "http"]).request().is_err());
+        assert!(parse(&["--since", "yesterday-ish"]).request().is_err());
+        assert!(parse(&["--reason", "because"]).request().is_err());
+        assert_eq!(parse(&["--reason", "policy-denied"]).request().unwrap().whitelist[0].reason, [64]);
+    }
+
+    #[test]
+    fn table_columns_align() {
+        let flows = [crate::observer::filters::testing::denied(), crate::observer::filters::testing::allowed()];
+        let mut p = Printer::new(Output::Table);
+        p.colour = false;
+        p.fit(&flows);
+        let mut out = Vec::new();
+        for f in &flows {
+            p.flow(&mut out, f).unwrap();
+        }
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        let col = |l: &str, name: &str| l.find(name).unwrap();
+        assert_eq!(col(lines[0], "DESTINATION"), col(lines[1], "payments/database-0:5432"), "{text}");
+        assert_eq!(col(lines[0], "DESTINATION"), col(lines[2], "8.8.8.8:53"), "{text}");
+        assert_eq!(col(lines[0], "REASON"), col(lines[2], "allowed-by-policy"), "{text}");
+        assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn jsonl_is_one_flow_per_line() {
+        let mut p = Printer::new(Output::Jsonl);
+        let mut out = Vec::new();
+        p.flow(&mut out, &crate::observer::filters::testing::denied()).unwrap();
+        p.flow(&mut out, &crate::observer::filters::testing::allowed()).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let back: Vec<Flow> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(back.len(), 2);
+        assert_eq!(back[0].destination.port, Some(5432));
     }
 }

@@ -1,6 +1,6 @@
 //! `ztrust-agent`: the node agent and its command line.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -34,9 +34,16 @@ enum Command {
         pin_path: PathBuf,
         #[arg(short, long, value_enum, default_value_t = cli_flows::Output::Table)]
         output: cli_flows::Output,
+        /// Also ask the running agent for its observer counters (flows seen and lost, API clients).
+        #[arg(long)]
+        observer: bool,
+        #[command(flatten)]
+        connect: cli_flows::Connect,
     },
-    /// Show flows from the agent's flow log.
+    /// Show flows the agent observed (from its flow API; `--flow-log FILE` reads a flow log instead).
     Flows(cli_flows::FlowsArgs),
+    /// Show lateral-movement alerts raised by the agent's detector.
+    Alerts(cli_flows::AlertsArgs),
     /// A Kubernetes node made of network namespaces, to try policies on.
     #[command(subcommand)]
     Lab(lab::cli::LabCommand),
@@ -78,6 +85,48 @@ struct RunArgs {
     /// Remove every pinned program, link and map this agent made, and exit.
     #[arg(long)]
     cleanup: bool,
+    /// Unix socket of the flow API (mode 0600). `none` serves no socket.
+    #[arg(long, env = "ZTRUST_SOCKET", default_value = ztrust_agent::observer::server::DEFAULT_SOCKET)]
+    grpc_socket: PathBuf,
+    /// Also serve the flow API on this TCP address, with mutual TLS (needs --tls-cert, --tls-key, --tls-client-ca).
+    #[arg(long, requires_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    grpc_tcp: Option<SocketAddr>,
+    /// Certificate chain (PEM) of the TCP flow API.
+    #[arg(long, requires = "grpc_tcp")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the TCP flow API.
+    #[arg(long, requires = "grpc_tcp")]
+    tls_key: Option<PathBuf>,
+    /// CA (PEM) that client certificates must chain to; clients without one are refused.
+    #[arg(long, requires = "grpc_tcp")]
+    tls_client_ca: Option<PathBuf>,
+    /// Flows kept in memory for `flows` queries.
+    #[arg(long, default_value_t = 65_536)]
+    flow_buffer: usize,
+    /// Flows queued per API client; a client further behind loses flows (and is told how many).
+    #[arg(long, default_value_t = 4_096)]
+    client_queue: usize,
+    /// Address of the Prometheus `/metrics` endpoint. `none` serves no metrics.
+    #[arg(long, default_value = "0.0.0.0:9965")]
+    metrics_addr: String,
+    /// Add a `pod` label to the per-flow metrics (cardinality grows with pod churn).
+    #[arg(long)]
+    metrics_pod_label: bool,
+    /// Do not run the lateral-movement detector.
+    #[arg(long)]
+    no_detector: bool,
+    /// Detector: distinct denied destinations (address, port) from one source within --scan-window that
+    /// make a scan alert.
+    #[arg(long, default_value_t = 10)]
+    scan_threshold: usize,
+    /// Detector: the sliding window of --scan-threshold, and the minimum time between two alerts of one
+    /// kind for one source (`10s`, `1m`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    scan_window: Duration,
+    /// Detector: label selector of the sensitive tier; a denied flow towards it raises an alert.
+    /// Repeatable; `none` for no sensitive tier.
+    #[arg(long, default_values_t = ["tier=database".to_owned()])]
+    sensitive_selector: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -91,7 +140,7 @@ fn main() -> anyhow::Result<()> {
     telemetry::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Status { pin_path, output } => {
+        Command::Status { pin_path, output, observer, connect } => {
             let st = status::read(&pin_path).with_context(|| {
                 format!("reading pinned maps under {} (is the agent installed on this node?)", pin_path.display())
             })?;
@@ -99,9 +148,19 @@ fn main() -> anyhow::Result<()> {
                 cli_flows::Output::Json | cli_flows::Output::Jsonl => println!("{}", serde_json::to_string_pretty(&st)?),
                 _ => print!("{}", status::render(&st)),
             }
+            if observer {
+                let server = cli_flows::server_status(&connect)?;
+                match output {
+                    cli_flows::Output::Json | cli_flows::Output::Jsonl => {
+                        println!("{}", serde_json::to_string_pretty(&cli_flows::server_status_json(&server))?)
+                    }
+                    _ => print!("\n{}", cli_flows::render_server_status(&server)),
+                }
+            }
             Ok(())
         }
         Command::Flows(args) => cli_flows::run(&args),
+        Command::Alerts(args) => cli_flows::run_alerts(&args),
         Command::Lab(cmd) => lab::cli::run(cmd),
     }
 }
@@ -114,6 +173,29 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let source = args.source.context("--source is required (e.g. --source dir:/etc/ztrust/manifests)")?;
+    let none = |s: &str| s.is_empty() || s == "none";
+    let grpc_tcp = match (args.grpc_tcp, args.tls_cert, args.tls_key, args.tls_client_ca) {
+        (Some(addr), Some(cert), Some(key), Some(client_ca)) => {
+            Some((addr, ztrust_agent::observer::TlsFiles { cert, key, client_ca }))
+        }
+        _ => None,
+    };
+    let observer = ztrust_agent::observer::tasks::ObserverOptions {
+        grpc_socket: (!none(&args.grpc_socket.to_string_lossy())).then_some(args.grpc_socket),
+        grpc_tcp,
+        metrics_addr: if none(&args.metrics_addr) {
+            None
+        } else {
+            Some(args.metrics_addr.parse().with_context(|| format!("--metrics-addr {}", args.metrics_addr))?)
+        },
+        detector: (!args.no_detector).then(|| ztrust_agent::detector::DetectorOptions {
+            scan_threshold: args.scan_threshold,
+            window: args.scan_window,
+            sensitive: args.sensitive_selector.into_iter().filter(|s| !none(s)).collect(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let opts = agent::Options {
         source: source.parse()?,
         pin_dir: args.pin_path,
@@ -125,6 +207,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         event_interval: Duration::from_millis(args.event_interval_ms),
         flow_log: args.flow_log,
         poll: Duration::from_millis(args.poll_ms),
+        flow_buffer: args.flow_buffer,
+        client_queue: args.client_queue,
+        metrics_pod_label: args.metrics_pod_label,
+        observer,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(agent::run(opts))

@@ -7,6 +7,7 @@ pub mod convert;
 pub mod filters;
 pub mod hub;
 pub mod server;
+pub mod tasks;
 
 /// Code generated from `proto/observer.proto` (package `ztrust.observer.v1`).
 pub mod proto {

@@ -274,6 +274,13 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
         std::fs::create_dir_all(dir).map_err(err)?;
     }
     match std::fs::symlink_metadata(path) {
+        // A socket someone answers on belongs to a running agent: never steal it.
+        Ok(m) if m.file_type().is_socket() && std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another agent is serving on this socket",
+            )));
+        }
         Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(err)?,
         Ok(_) => {
             return Err(err(std::io::Error::new(
@@ -373,6 +380,7 @@ mod tests {
             // The file stays behind after the listener is gone: a stale socket.
             assert!(path.exists());
             let _l = bind_unix(&path).unwrap();
+            assert!(bind_unix(&path).is_err(), "a live socket is not replaced");
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         });

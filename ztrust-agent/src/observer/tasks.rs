@@ -1,0 +1,152 @@
+//! What `ztrust-agent run` starts for observability, beside enforcement: the flow API (unix socket,
+//! optional mTLS TCP), `/metrics`, the lateral-movement detector, and a housekeeping tick that copies
+//! the kernel's events-lost counter and the number of enforced endpoints into the hub and metrics.
+//!
+//! Observability never stands in the way of enforcement: a listener that cannot be bound is logged as
+//! an error and the agent runs on without it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use aya::maps::{MapData, PerCpuArray};
+use tokio::task::JoinHandle;
+use tracing::{error, warn};
+use ztrust_common::{names, stat};
+
+use crate::detector::{Detector, DetectorOptions};
+use crate::flows::View;
+use crate::metrics::Metrics;
+use crate::observer::server::{self, TlsFiles};
+use crate::observer::Hub;
+
+#[derive(Clone, Debug)]
+pub struct ObserverOptions {
+    /// `--grpc-socket`; `None` serves no socket.
+    pub grpc_socket: Option<PathBuf>,
+    /// `--grpc-tcp` with `--tls-cert/--tls-key/--tls-client-ca`.
+    pub grpc_tcp: Option<(SocketAddr, TlsFiles)>,
+    /// `--metrics-addr`; `None` serves no metrics.
+    pub metrics_addr: Option<SocketAddr>,
+    /// `None` with `--no-detector`.
+    pub detector: Option<DetectorOptions>,
+    /// How often the kernel's counters are read.
+    pub tick: Duration,
+}
+
+impl Default for ObserverOptions {
+    fn default() -> Self {
+        Self {
+            grpc_socket: Some(server::DEFAULT_SOCKET.into()),
+            grpc_tcp: None,
+            metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9965))),
+            detector: Some(DetectorOptions::default()),
+            tick: Duration::from_secs(1),
+        }
+    }
+}
+
+/// The running tasks. Dropping it stops them and removes the socket file.
+pub struct Running {
+    tasks: Vec<JoinHandle<()>>,
+    socket: Option<PathBuf>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Starts everything `opts` asks for. `pin_dir` holds the datapath's pinned maps (for the
+/// events-lost counter); `view` is the agent's enrichment view (for the endpoint count).
+pub async fn spawn(
+    opts: &ObserverOptions,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    view: Arc<RwLock<View>>,
+    pin_dir: PathBuf,
+) -> Running {
+    metrics.attach_hub(hub.clone());
+    let mut running = Running { tasks: Vec::new(), socket: None };
+    let forever = std::future::pending::<()>;
+
+    if let Some(path) = &opts.grpc_socket {
+        match server::bind_unix(path) {
+            Ok(listener) => {
+                running.socket = Some(path.clone());
+                let hub = hub.clone();
+                running.tasks.push(tokio::spawn(async move {
+                    if let Err(e) = server::serve_unix(hub, listener, forever()).await {
+                        error!(error = %e, "flow API (unix socket) stopped");
+                    }
+                }));
+            }
+            Err(e) => error!(error = %e, "flow API not served on the unix socket"),
+        }
+    }
+    if let Some((addr, tls)) = &opts.grpc_tcp {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let (hub, tls) = (hub.clone(), tls.clone());
+                running.tasks.push(tokio::spawn(async move {
+                    if let Err(e) = server::serve_tcp(hub, listener, &tls, forever()).await {
+                        error!(error = %e, "flow API (TCP, mTLS) stopped");
+                    }
+                }));
+            }
+            Err(e) => error!(%addr, error = %e, "flow API not served on TCP"),
+        }
+    }
+    if let Some(addr) = opts.metrics_addr {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(listener) => {
+                let metrics = metrics.clone();
+                running.tasks.push(tokio::spawn(async move {
+                    if let Err(e) = crate::metrics::serve(metrics, listener, forever()).await {
+                        error!(error = %e, "metrics server stopped");
+                    }
+                }));
+            }
+            Err(e) => error!(%addr, error = %e, "metrics not served"),
+        }
+    }
+    if let Some(d) = &opts.detector {
+        match Detector::new(&hub.node, d.clone()) {
+            Ok(det) => running.tasks.push(tokio::spawn(crate::detector::run(hub.clone(), det, Some(metrics.clone())))),
+            Err(e) => error!(error = %e, "lateral-movement detector not started"),
+        }
+    }
+    running.tasks.push(tokio::spawn(housekeeping(hub, metrics, view, pin_dir, opts.tick)));
+    running
+}
+
+async fn housekeeping(hub: Arc<Hub>, metrics: Arc<Metrics>, view: Arc<RwLock<View>>, pin_dir: PathBuf, tick: Duration) {
+    let stats: Option<PerCpuArray<MapData, u64>> =
+        match crate::datapath::loader::open_pinned(&pin_dir, names::STATS) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                warn!(error = %e, "cannot open the stats map; kernel event losses will not be reported");
+                None
+            }
+        };
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let endpoints = view.read().map(|v| v.endpoints.len() as u64).unwrap_or(0);
+        hub.set_endpoints(endpoints);
+        metrics.set_endpoints(endpoints);
+        if let Some(stats) = &stats
+            && let Ok(per_cpu) = stats.get(&stat::EVENTS_LOST, 0)
+        {
+            hub.set_kernel_lost(per_cpu.iter().sum());
+        }
+    }
+}
