@@ -24,7 +24,7 @@ pub mod reference;
 mod selector;
 
 #[cfg(test)]
-mod proptests;
+pub(crate) mod proptests;
 #[cfg(test)]
 mod tests;
 

@@ -122,7 +122,7 @@ fn rule() -> impl Strategy<Value = Rule> {
         .prop_map(|(peers, ports)| Rule { peers, ports })
 }
 
-fn policy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
+pub(crate) fn policy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
     (
         0..NAMESPACES.len(),
         selector(),

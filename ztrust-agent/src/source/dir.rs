@@ -1442,4 +1442,121 @@ status: {podIPs: [{ip: 10.0.0.300}, {ip: 10.0.0.3}]}
         assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
         assert_eq!(l.errors[0].problem, Problem::Duplicate);
     }
+
+    fn k8s_selector(s: &model::LabelSelector) -> LabelSelector {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+        LabelSelector {
+            match_labels: (!s.match_labels.is_empty()).then(|| s.match_labels.clone()),
+            match_expressions: (!s.match_expressions.is_empty()).then(|| {
+                s.match_expressions
+                    .iter()
+                    .map(|r| LabelSelectorRequirement {
+                        key: r.key.clone(),
+                        operator: format!("{:?}", r.operator),
+                        values: (!r.values.is_empty()).then(|| r.values.iter().cloned().collect()),
+                    })
+                    .collect()
+            }),
+        }
+    }
+
+    /// The model policy written as the API object it came from (with explicit policyTypes).
+    fn to_k8s(p: &model::NetworkPolicy) -> NetworkPolicy {
+        use k8s_openapi::api::networking::v1::{
+            IPBlock, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicySpec,
+        };
+        let peer = |peer: &Peer| match peer {
+            Peer::Pods {
+                namespace_selector,
+                pod_selector,
+            } => NetworkPolicyPeer {
+                namespace_selector: namespace_selector.as_ref().map(k8s_selector),
+                pod_selector: pod_selector.as_ref().map(k8s_selector),
+                ip_block: None,
+            },
+            Peer::IpBlock { cidr, except } => NetworkPolicyPeer {
+                ip_block: Some(IPBlock {
+                    cidr: cidr.to_string(),
+                    except: Some(except.iter().map(ToString::to_string).collect()),
+                }),
+                ..Default::default()
+            },
+        };
+        let port = |p: &model::PortSpec| NetworkPolicyPort {
+            protocol: Some(p.protocol.as_str().to_owned()),
+            port: p.port.as_ref().map(|r| match r {
+                PortRef::Number(n) => IntOrString::Int((*n).into()),
+                PortRef::Name(s) => IntOrString::String(s.clone()),
+            }),
+            end_port: p.end_port.map(i32::from),
+        };
+        let mut types = Vec::new();
+        if p.isolates_ingress {
+            types.push("Ingress".to_owned());
+        }
+        if p.isolates_egress {
+            types.push("Egress".to_owned());
+        }
+        NetworkPolicy {
+            metadata: ObjectMeta {
+                name: Some(p.name.clone()),
+                namespace: Some(p.namespace.clone()),
+                ..Default::default()
+            },
+            spec: Some(NetworkPolicySpec {
+                pod_selector: Some(k8s_selector(&p.pod_selector)),
+                policy_types: Some(types),
+                ingress: Some(
+                    p.ingress
+                        .iter()
+                        .map(|r| NetworkPolicyIngressRule {
+                            from: Some(r.peers.iter().map(peer).collect()),
+                            ports: Some(r.ports.iter().map(port).collect()),
+                        })
+                        .collect(),
+                ),
+                egress: Some(
+                    p.egress
+                        .iter()
+                        .map(|r| NetworkPolicyEgressRule {
+                            to: Some(r.peers.iter().map(peer).collect()),
+                            ports: Some(r.ports.iter().map(port).collect()),
+                        })
+                        .collect(),
+                ),
+            }),
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// A valid policy converts back to exactly itself (through JSON, as a file would be read); an
+        /// invalid one converts with errors into a policy that isolates the same pods and in which
+        /// every rule is either unchanged, stripped of invalid entries, or matches nothing.
+        #[test]
+        fn policy_conversion_round_trips(p in crate::policy::proptests::policy(0)) {
+            proptest::prop_assume!(p.isolates_ingress || p.isolates_egress);
+            let json = serde_json::to_value(to_k8s(&p)).expect("serializes");
+            let back: NetworkPolicy = serde_json::from_value(json).expect("deserializes");
+            let c = convert_policy(&back);
+            let Some(got) = c.value else {
+                // Only an invalid podSelector drops the policy.
+                proptest::prop_assert!(c.errors.iter().any(|e| e.field.starts_with("spec.podSelector")));
+                return Ok(());
+            };
+            if c.errors.is_empty() {
+                proptest::prop_assert_eq!(got, p);
+            } else {
+                proptest::prop_assert_eq!((got.isolates_ingress, got.isolates_egress), (p.isolates_ingress, p.isolates_egress));
+                for (mine, orig) in got.ingress.iter().chain(&got.egress).zip(p.ingress.iter().chain(&p.egress)) {
+                    let subset = mine.peers.iter().all(|x| orig.peers.contains(x))
+                        && mine.ports.iter().all(|x| orig.ports.contains(x))
+                        && (mine.peers.is_empty() == orig.peers.is_empty())
+                        && (mine.ports.is_empty() == orig.ports.is_empty());
+                    proptest::prop_assert!(subset || *mine == matches_nothing(), "{:?} from {:?}", mine, orig);
+                }
+            }
+        }
+    }
 }
