@@ -1,0 +1,181 @@
+//! `ztrust-agent lab …`: the lab's command line.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use super::probe::parse_protocol;
+use super::{
+    ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, DownOptions, Family,
+    LabelChange, LabelKind, ProbeOptions, ServeArgs, UpOptions,
+};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct StateDir {
+    /// The lab's state directory (`state.json`, `manifests/` for the agent's `dir:` source, server logs).
+    #[arg(long, env = "ZTRUST_LAB_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum LabCommand {
+    /// Build the node, a network namespace per pod and external host, and a server on every container
+    /// port. Anything an earlier lab left is removed first.
+    Up {
+        /// A manifest file or directory (Namespace, Pod, NetworkPolicy, lab.ztrust.io/v1 ExternalHost).
+        manifests: PathBuf,
+        #[command(flatten)]
+        state: StateDir,
+        /// Network namespaces are `<prefix>-node`, `<prefix>-p<N>`, `<prefix>-x<N>`.
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+        /// Node-side interface of pod N: `<if-prefix><N>`.
+        #[arg(long, default_value = DEFAULT_IF_PREFIX)]
+        if_prefix: String,
+        /// Node-side interface of external host N.
+        #[arg(long, default_value = DEFAULT_EXT_IF_PREFIX)]
+        ext_if_prefix: String,
+    },
+    /// Remove everything the lab made (works without state.json too).
+    Down {
+        #[command(flatten)]
+        state: StateDir,
+        #[arg(long, default_value = DEFAULT_PREFIX)]
+        prefix: String,
+    },
+    /// Add or change objects in the running lab (a file or a directory).
+    Apply {
+        path: PathBuf,
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Remove the objects named in a file or directory from the running lab.
+    Delete {
+        path: PathBuf,
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Set (`key=value`) or remove (`key-`) labels of a pod (`namespace/name`) or namespace.
+    Label {
+        #[arg(value_enum)]
+        kind: LabelKind,
+        target: String,
+        #[arg(required = true)]
+        changes: Vec<String>,
+        #[command(flatten)]
+        state: StateDir,
+    },
+    /// Every pod tries every pod and external host on each port: what is allowed, what is denied.
+    Probe {
+        #[command(flatten)]
+        state: StateDir,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Probe these ports instead of each target's container ports.
+        #[arg(long, value_delimiter = ',')]
+        ports: Option<Vec<u16>>,
+        /// Only these protocols (tcp, udp, sctp); with --ports the default is tcp.
+        #[arg(long, value_delimiter = ',')]
+        protocols: Option<Vec<String>>,
+        /// 4, 6 or both.
+        #[arg(long, default_value = "4")]
+        family: String,
+        /// Timeout of a TCP connect or a UDP reply, in milliseconds.
+        #[arg(long, default_value_t = 500)]
+        timeout_ms: u64,
+        /// Only from these pods (namespace/name).
+        #[arg(long, value_delimiter = ',')]
+        from: Vec<String>,
+        /// Only to these pods (namespace/name) or external hosts (external/<name>).
+        #[arg(long, value_delimiter = ',')]
+        to: Vec<String>,
+    },
+    /// The lab's pods (namespace, labels, addresses, node-side interface) and external hosts.
+    Status {
+        #[command(flatten)]
+        state: StateDir,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// (internal) The server the lab runs in every pod and external host.
+    #[command(hide = true)]
+    Serve(ServeArgs),
+}
+
+pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
+    match cmd {
+        LabCommand::Up { manifests, state, prefix, if_prefix, ext_if_prefix } => {
+            let report = super::up(
+                &manifests,
+                UpOptions { state_dir: state.state_dir, prefix, if_prefix, ext_if_prefix, ..Default::default() },
+            )
+            .with_context(|| format!("bringing the lab up from {}", manifests.display()))?;
+            for w in &report.warnings {
+                eprintln!("warning: {w}");
+            }
+            print!("{}", super::render_status(&report.state));
+        }
+        LabCommand::Down { state, prefix } => {
+            let r = super::down(&DownOptions { state_dir: state.state_dir, prefix })?;
+            eprintln!("stopped {} servers, removed {} network namespaces", r.killed.len(), r.netns_deleted.len());
+        }
+        LabCommand::Apply { path, state } => {
+            let r = super::apply(&path, ApplyOptions { state_dir: state.state_dir, ..Default::default() })
+                .with_context(|| format!("applying {}", path.display()))?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            for c in &r.changed {
+                println!("{c} applied");
+            }
+        }
+        LabCommand::Delete { path, state } => {
+            let r = super::delete(&path, &state.state_dir).with_context(|| format!("deleting {}", path.display()))?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            for c in &r.changed {
+                println!("{c} deleted");
+            }
+        }
+        LabCommand::Label { kind, target, changes, state } => {
+            let changes = changes.iter().map(|c| c.parse::<LabelChange>()).collect::<Result<Vec<_>, _>>()?;
+            super::label(&state.state_dir, kind, &target, &changes)?;
+            println!("{target} labeled");
+        }
+        LabCommand::Probe { state, output, ports, protocols, family, timeout_ms, from, to } => {
+            let protocols = protocols.map(|ps| ps.iter().map(|p| parse_protocol(p)).collect::<Result<Vec<_>, _>>()).transpose()?;
+            let opts = ProbeOptions {
+                ports,
+                protocols,
+                family: family.parse::<Family>()?,
+                timeout: Duration::from_millis(timeout_ms),
+                from,
+                to,
+                ..Default::default()
+            };
+            let m = super::probe(&state.state_dir, &opts)?;
+            match output {
+                Output::Table => print!("{}", m.render_table()),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&m.to_json())?),
+            }
+        }
+        LabCommand::Status { state, output } => {
+            let s = super::status(&state.state_dir)?;
+            match output {
+                Output::Table => print!("{}", super::render_status(&s)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+            }
+        }
+        LabCommand::Serve(args) => super::serve_main(args)?,
+    }
+    Ok(())
+}

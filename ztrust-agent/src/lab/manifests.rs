@@ -1,0 +1,346 @@
+//! Manifests as the lab handles them: raw objects (copied into `manifests/` with pod addresses filled in)
+//! next to their [`crate::model`] conversion (the same one the agent's `dir:` source does).
+//!
+//! The lab's own object, `ExternalHost`, is a host outside the cluster that pods can reach through the
+//! node (a payment gateway, an API on the internet):
+//!
+//! ```yaml
+//! apiVersion: lab.ztrust.io/v1
+//! kind: ExternalHost
+//! metadata: {name: payment-gateway}
+//! spec:
+//!   ip: 203.0.113.10            # or ips: [203.0.113.10, "2001:db8::10"]
+//!   ports: [{port: 443, protocol: TCP}]
+//! ```
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+
+use super::{Error, Result, io_err};
+use crate::model::{self, ContainerPort, Protocol};
+use crate::source::dir;
+
+pub const LAB_API_PREFIX: &str = "lab.ztrust.io/";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    NetworkPolicy,
+    ExternalHost,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Namespace => "Namespace",
+            Kind::Pod => "Pod",
+            Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::ExternalHost => "ExternalHost",
+        }
+    }
+}
+
+/// One object as written in a manifest.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawObject {
+    pub kind: Kind,
+    /// Empty for cluster-scoped objects (Namespace, ExternalHost).
+    pub namespace: String,
+    pub name: String,
+    pub value: Value,
+    pub file: String,
+}
+
+impl RawObject {
+    /// `Kind namespace/name`, for messages.
+    pub fn display(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{} {}", self.kind.as_str(), self.name)
+        } else {
+            format!("{} {}/{}", self.kind.as_str(), self.namespace, self.name)
+        }
+    }
+
+    /// Its file in the lab's `manifests/`: `<kind>-<namespace>-<name>.yaml` (`namespace-<name>.yaml` for a
+    /// Namespace). Kubernetes names are lowercase, so this cannot clash with an uppercase kind.
+    pub fn file_name(&self) -> String {
+        file_name(self.kind, &self.namespace, &self.name)
+    }
+
+    pub fn key(&self) -> (Kind, String, String) {
+        (self.kind, self.namespace.clone(), self.name.clone())
+    }
+}
+
+pub fn file_name(kind: Kind, namespace: &str, name: &str) -> String {
+    let kind = kind.as_str().to_ascii_lowercase();
+    if namespace.is_empty() { format!("{kind}-{name}.yaml") } else { format!("{kind}-{namespace}-{name}.yaml") }
+}
+
+/// What a file or directory holds: the objects the lab knows, and notes about what it skipped.
+#[derive(Clone, Debug, Default)]
+pub struct Read {
+    pub objects: Vec<RawObject>,
+    pub skipped: Vec<String>,
+}
+
+/// Reads a manifest file, or every `*.yaml`/`*.yml`/`*.json` under a directory (recursively, sorted).
+/// Multi-document files and `kind: List` are expanded. A later definition of the same object wins.
+pub fn read_path(path: &Path) -> Result<Read> {
+    let mut files = Vec::new();
+    let meta = std::fs::metadata(path).map_err(io_err(format!("reading {}", path.display())))?;
+    if meta.is_dir() {
+        collect(path, &mut files)?;
+        files.sort();
+    } else {
+        files.push(path.to_owned());
+    }
+    let mut out = Read::default();
+    for file in files {
+        let text = std::fs::read_to_string(&file).map_err(io_err(format!("reading {}", file.display())))?;
+        let read = parse_text(&file.display().to_string(), &text)?;
+        for o in read.objects {
+            out.objects.retain(|x| x.key() != o.key());
+            out.objects.push(o);
+        }
+        out.skipped.extend(read.skipped);
+    }
+    Ok(out)
+}
+
+fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))? {
+        let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
+        let path = entry.path();
+        if path.is_dir() {
+            collect(&path, out)?;
+        } else if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_text(file: &str, text: &str) -> Result<Read> {
+    let mut out = Read::default();
+    for document in serde_yaml::Deserializer::from_str(text) {
+        let value = Value::deserialize(document)
+            .map_err(|e| Error::Parse { file: file.to_owned(), message: e.to_string() })?;
+        add(file, value, &mut out);
+    }
+    Ok(out)
+}
+
+fn add(file: &str, value: Value, out: &mut Read) {
+    if value.is_null() {
+        return; // an empty document (`---` at the end)
+    }
+    let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+    if kind == "List" {
+        if let Some(items) = value.get("items").and_then(Value::as_array) {
+            for item in items.clone() {
+                add(file, item, out);
+            }
+        }
+        return;
+    }
+    let kind = match (api.as_str(), kind.as_str()) {
+        ("v1", "Namespace") => Kind::Namespace,
+        ("v1", "Pod") => Kind::Pod,
+        ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+        (a, "ExternalHost") if a.starts_with(LAB_API_PREFIX) => Kind::ExternalHost,
+        _ => {
+            out.skipped.push(format!("{file}: {api} {kind} is not something the lab runs; skipped"));
+            return;
+        }
+    };
+    let meta = value.get("metadata");
+    let Some(name) = meta.and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned) else {
+        out.skipped.push(format!("{file}: a {} without metadata.name; skipped", kind.as_str()));
+        return;
+    };
+    let namespace = match kind {
+        Kind::Namespace | Kind::ExternalHost => String::new(),
+        _ => meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default").to_owned(),
+    };
+    let mut value = value;
+    if !namespace.is_empty() {
+        // The copy is read without its original context: make the namespace explicit.
+        value["metadata"]["namespace"] = json!(namespace);
+    }
+    out.objects.push(RawObject { kind, namespace, name, value, file: file.to_owned() });
+}
+
+/// The pod as the policy engine sees it (the `dir:` source's conversion), and what was wrong with it.
+pub fn pod_model(obj: &RawObject) -> (Option<model::Pod>, Vec<String>) {
+    let text = serde_json::to_string(&obj.value).expect("a JSON value serializes");
+    let loaded = dir::parse_str(&obj.file, &text);
+    let warnings = loaded.errors.iter().map(ToString::to_string).collect();
+    (loaded.cluster.pods.into_values().next(), warnings)
+}
+
+/// An `ExternalHost` read from its raw object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExternalHost {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+}
+
+pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
+    let invalid = |problem: String| Error::Invalid { object: obj.display(), problem };
+    let spec = obj.value.get("spec").ok_or_else(|| invalid("no spec".into()))?;
+    let mut texts: Vec<&str> = Vec::new();
+    if let Some(ip) = spec.get("ip").and_then(Value::as_str) {
+        texts.push(ip);
+    }
+    for ip in spec.get("ips").and_then(Value::as_array).into_iter().flatten() {
+        texts.push(ip.as_str().ok_or_else(|| invalid("spec.ips holds a non-string".into()))?);
+    }
+    let mut ips = Vec::new();
+    for t in texts {
+        let ip: IpAddr = t.parse().map_err(|_| invalid(format!("spec.ip {t:?} is not an IP address")))?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    if ips.is_empty() {
+        return Err(invalid("needs spec.ip (or spec.ips)".into()));
+    }
+    let mut ports = Vec::new();
+    for (i, p) in spec.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+        let port = p
+            .get("port")
+            .and_then(Value::as_u64)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| *n != 0)
+            .ok_or_else(|| invalid(format!("spec.ports[{i}].port must be 1-65535")))?;
+        let protocol = match p.get("protocol").and_then(Value::as_str) {
+            None | Some("TCP") => Protocol::Tcp,
+            Some("UDP") => Protocol::Udp,
+            Some("SCTP") => Protocol::Sctp,
+            Some(other) => return Err(invalid(format!("spec.ports[{i}].protocol {other:?} is not TCP, UDP or SCTP"))),
+        };
+        let name = p.get("name").and_then(Value::as_str).map(str::to_owned);
+        ports.push(ContainerPort { name, port, protocol });
+    }
+    Ok(ExternalHost { name: obj.name.clone(), ips, ports })
+}
+
+/// Fills `status.podIP` and `status.podIPs` (and `phase: Running`) as the kubelet would report them.
+pub fn set_pod_ips(value: &mut Value, ips: &[IpAddr]) {
+    if !value.get("status").is_some_and(Value::is_object) {
+        value["status"] = json!({});
+    }
+    let status = &mut value["status"];
+    status["phase"] = json!("Running");
+    if let Some(first) = ips.first() {
+        status["podIP"] = json!(first.to_string());
+    }
+    status["podIPs"] = Value::Array(ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect());
+}
+
+/// Sets (`Some`) or removes (`None`) one label.
+pub fn set_label(value: &mut Value, key: &str, new: Option<&str>) {
+    if !value.get("metadata").is_some_and(Value::is_object) {
+        value["metadata"] = json!({});
+    }
+    let meta = &mut value["metadata"];
+    if !meta.get("labels").is_some_and(Value::is_object) {
+        meta["labels"] = json!({});
+    }
+    let labels = meta["labels"].as_object_mut().expect("made an object above");
+    match new {
+        Some(v) => {
+            labels.insert(key.to_owned(), json!(v));
+        }
+        None => {
+            labels.remove(key);
+        }
+    }
+}
+
+/// The object as YAML, for its copy in `manifests/`.
+pub fn to_yaml(value: &Value) -> String {
+    serde_yaml::to_string(value).expect("a JSON value serializes as YAML")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TEXT: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: payments, labels: {kubernetes.io/metadata.name: payments}}
+---
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Pod
+  metadata: {name: web, labels: {app: web}}
+  spec: {containers: [{name: c, image: x, ports: [{containerPort: 80, name: http}, {containerPort: 53, protocol: UDP}]}]}
+---
+apiVersion: lab.ztrust.io/v1
+kind: ExternalHost
+metadata: {name: gw}
+spec: {ip: 203.0.113.10, ports: [{port: 443}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: d}
+---
+"#;
+
+    #[test]
+    fn reads_objects_lists_and_lab_objects() {
+        let read = parse_text("f.yaml", TEXT).unwrap();
+        let names: Vec<String> = read.objects.iter().map(RawObject::display).collect();
+        assert_eq!(names, ["Namespace payments", "Pod default/web", "ExternalHost gw"]);
+        assert_eq!(read.skipped.len(), 1, "{:?}", read.skipped);
+        assert_eq!(read.objects[1].file_name(), "pod-default-web.yaml");
+        assert_eq!(read.objects[0].file_name(), "namespace-payments.yaml");
+        assert_eq!(read.objects[1].value["metadata"]["namespace"], "default");
+    }
+
+    #[test]
+    fn pod_model_has_ports_and_filled_ips() {
+        let read = parse_text("f.yaml", TEXT).unwrap();
+        let mut pod = read.objects[1].clone();
+        set_pod_ips(&mut pod.value, &["10.244.0.10".parse().unwrap(), "fd00:10:244::a".parse().unwrap()]);
+        let (model, warnings) = pod_model(&pod);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let model = model.unwrap();
+        assert_eq!(model.ips.len(), 2);
+        assert_eq!(model.ports.len(), 2);
+        assert_eq!(model.ports[1].protocol, Protocol::Udp);
+        let yaml = to_yaml(&pod.value);
+        assert!(yaml.contains("podIP: 10.244.0.10"), "{yaml}");
+    }
+
+    #[test]
+    fn external_host_spec() {
+        let read = parse_text("f.yaml", TEXT).unwrap();
+        let x = external_host(&read.objects[2]).unwrap();
+        assert_eq!(x.ips, vec!["203.0.113.10".parse::<IpAddr>().unwrap()]);
+        assert_eq!(x.ports, vec![ContainerPort { name: None, port: 443, protocol: Protocol::Tcp }]);
+        let bad = parse_text("f.yaml", "apiVersion: lab.ztrust.io/v1\nkind: ExternalHost\nmetadata: {name: b}\nspec: {ip: nope}\n")
+            .unwrap();
+        assert!(external_host(&bad.objects[0]).is_err());
+    }
+
+    #[test]
+    fn labels_set_and_removed() {
+        let mut v = json!({"metadata": {"name": "x"}});
+        set_label(&mut v, "app", Some("web"));
+        assert_eq!(v["metadata"]["labels"]["app"], "web");
+        set_label(&mut v, "app", None);
+        assert_eq!(v["metadata"]["labels"], json!({}));
+    }
+}

@@ -1,0 +1,672 @@
+//! `up`, `apply`, `delete`, `label`, `down`, `status`: the lab's life cycle.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::alloc::{Allocator, GATEWAY_V4, GATEWAY_V6, NODE_V4, NODE_V6};
+use super::manifests::{self, Kind, RawObject};
+use super::serve::ServeArgs;
+use super::state::{ExternalState, LabState, MANIFESTS_DIR, PodState, write_atomic};
+use super::{
+    DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result, io_err, net,
+};
+use crate::model::{ContainerPort, Protocol};
+
+const LOGS_DIR: &str = "logs";
+const READY_DIR: &str = "ready";
+/// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+pub struct UpOptions<'a> {
+    /// `state.json`, `manifests/` (the agent's source), server logs. Default `/run/ztrust/lab`.
+    pub state_dir: PathBuf,
+    /// Network namespaces are `<prefix>-node`, `<prefix>-p<N>`, `<prefix>-x<N>`; `up` first removes every
+    /// `<prefix>-*` namespace. Use a unique prefix to run labs side by side (tests).
+    pub prefix: String,
+    /// Node-side interface of pod N: `<if_prefix><N>`.
+    pub if_prefix: String,
+    /// Node-side interface of external host N: `<ext_if_prefix><N>`.
+    pub ext_if_prefix: String,
+    /// The binary whose `lab serve` runs in every namespace; default: this executable.
+    pub agent_bin: Option<PathBuf>,
+    /// Called with the new pods' node-side interfaces, created but still down.
+    pub before_link_up: Option<LinkHook<'a>>,
+    /// How long servers may take to bind their ports.
+    pub server_timeout: Duration,
+}
+
+impl Default for UpOptions<'_> {
+    fn default() -> Self {
+        Self {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            prefix: DEFAULT_PREFIX.into(),
+            if_prefix: DEFAULT_IF_PREFIX.into(),
+            ext_if_prefix: DEFAULT_EXT_IF_PREFIX.into(),
+            agent_bin: None,
+            before_link_up: None,
+            server_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct ApplyOptions<'a> {
+    pub state_dir: PathBuf,
+    pub before_link_up: Option<LinkHook<'a>>,
+    pub server_timeout: Duration,
+}
+
+impl Default for ApplyOptions<'_> {
+    fn default() -> Self {
+        Self { state_dir: DEFAULT_STATE_DIR.into(), before_link_up: None, server_timeout: Duration::from_secs(10) }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DownOptions {
+    pub state_dir: PathBuf,
+    /// Namespaces `<prefix>-*` are removed even when `state.json` is gone.
+    pub prefix: String,
+}
+
+impl Default for DownOptions {
+    fn default() -> Self {
+        Self { state_dir: DEFAULT_STATE_DIR.into(), prefix: DEFAULT_PREFIX.into() }
+    }
+}
+
+/// What `up`, `apply` and `delete` did, and what they had to say about the manifests.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    pub state: LabState,
+    /// Objects created or changed (`Pod payments/frontend`).
+    pub changed: Vec<String>,
+    /// Manifests the lab skipped or fixed, problems the agent's source will report too.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct DownReport {
+    pub killed: Vec<u32>,
+    pub netns_deleted: Vec<String>,
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    if p.is_absolute() { p.to_owned() } else { std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_owned()) }
+}
+
+/// Brings the lab up from a manifest file or directory, after removing whatever an earlier lab left.
+pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
+    let state_dir = absolute(&opts.state_dir);
+    for (what, name) in [("if_prefix", &opts.if_prefix), ("ext_if_prefix", &opts.ext_if_prefix)] {
+        if name.is_empty() || name.len() > IFNAME_MAX - 4 || name == "eth" {
+            return Err(Error::BadArgument { what: "interface prefix", value: format!("{what}={name}"), expected: "1 to 11 characters" });
+        }
+    }
+    if opts.prefix.is_empty() || opts.prefix.contains('/') {
+        return Err(Error::BadArgument { what: "netns prefix", value: opts.prefix, expected: "a name without /" });
+    }
+    let read = manifests::read_path(manifests)?;
+    down(&DownOptions { state_dir: state_dir.clone(), prefix: opts.prefix.clone() })?;
+
+    for dir in [MANIFESTS_DIR, LOGS_DIR, READY_DIR] {
+        let d = state_dir.join(dir);
+        std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+    }
+    let agent_bin = match opts.agent_bin {
+        Some(b) => absolute(&b),
+        None => std::env::current_exe().map_err(io_err("finding this executable"))?,
+    };
+    let mut state = LabState {
+        state_dir: state_dir.clone(),
+        prefix: opts.prefix.clone(),
+        if_prefix: opts.if_prefix,
+        ext_if_prefix: opts.ext_if_prefix,
+        agent_bin,
+        node_netns: format!("{}-node", opts.prefix),
+        node_ips: vec![IpAddr::V4(NODE_V4), IpAddr::V6(NODE_V6)],
+        pods: Vec::new(),
+        externals: Vec::new(),
+        next_index: 1,
+    };
+    // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
+    state.save()?;
+    make_node(&state)?;
+    let mut report = Report { warnings: read.skipped, ..Default::default() };
+    add_objects(&mut state, read.objects, opts.before_link_up, opts.server_timeout, &mut report)?;
+    report.state = state;
+    Ok(report)
+}
+
+/// Adds or updates the objects of a manifest file or directory in the running lab.
+pub fn apply(path: &Path, opts: ApplyOptions<'_>) -> Result<Report> {
+    let mut state = LabState::load_running(&absolute(&opts.state_dir))?;
+    let read = manifests::read_path(path)?;
+    let mut report = Report { warnings: read.skipped, ..Default::default() };
+    add_objects(&mut state, read.objects, opts.before_link_up, opts.server_timeout, &mut report)?;
+    report.state = state;
+    Ok(report)
+}
+
+/// Removes the objects named in a manifest file or directory from the running lab (pods lose their
+/// network namespace, servers are stopped). Objects the lab does not have are noted, not an error.
+pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
+    let mut state = LabState::load_running(&absolute(state_dir))?;
+    let read = manifests::read_path(path)?;
+    let mut report = Report { warnings: read.skipped, ..Default::default() };
+    for obj in read.objects {
+        let copy = state.manifests_dir().join(obj.file_name());
+        let had_copy = copy.exists();
+        if had_copy {
+            std::fs::remove_file(&copy).map_err(io_err(format!("removing {}", copy.display())))?;
+        }
+        let removed = match obj.kind {
+            Kind::Pod => {
+                let key = format!("{}/{}", obj.namespace, obj.name);
+                match state.pods.iter().position(|p| p.key() == key) {
+                    Some(i) => {
+                        let pod = state.pods.remove(i);
+                        remove_endpoint(&state, pod.server_pid, (!pod.host_network).then_some(pod.netns.as_str()));
+                        true
+                    }
+                    None => false,
+                }
+            }
+            Kind::ExternalHost => match state.externals.iter().position(|x| x.name == obj.name) {
+                Some(i) => {
+                    let x = state.externals.remove(i);
+                    remove_endpoint(&state, x.server_pid, Some(&x.netns));
+                    true
+                }
+                None => false,
+            },
+            Kind::Namespace | Kind::NetworkPolicy => had_copy,
+        };
+        if removed || had_copy {
+            report.changed.push(obj.display());
+        } else {
+            report.warnings.push(format!("{} is not in the lab", obj.display()));
+        }
+        state.save()?;
+    }
+    report.state = state;
+    Ok(report)
+}
+
+fn remove_endpoint(state: &LabState, pid: Option<u32>, netns: Option<&str>) {
+    if let Some(pid) = pid {
+        net::kill_servers(&[pid], &state.state_dir);
+    }
+    if let Some(ns) = netns {
+        // The veth goes with the namespace, and the node's host routes with the veth.
+        let _ = net::del_netns(ns);
+    }
+}
+
+/// Which object `label` changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LabelKind {
+    Namespace,
+    Pod,
+}
+
+/// `key=value` sets a label, `key-` removes it (as `kubectl label`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LabelChange {
+    pub key: String,
+    pub value: Option<String>,
+}
+
+impl std::str::FromStr for LabelChange {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::BadArgument { what: "label change", value: s.to_owned(), expected: "key=value or key-" };
+        if let Some((k, v)) = s.split_once('=') {
+            if k.is_empty() {
+                return Err(bad());
+            }
+            Ok(Self { key: k.to_owned(), value: Some(v.to_owned()) })
+        } else if let Some(k) = s.strip_suffix('-') {
+            if k.is_empty() {
+                return Err(bad());
+            }
+            Ok(Self { key: k.to_owned(), value: None })
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+/// Changes labels of a Namespace (`name`) or Pod (`namespace/name`) in the running lab by rewriting its
+/// copy in `manifests/` (the agent picks the change up from there).
+pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelChange]) -> Result<()> {
+    let mut state = LabState::load_running(&absolute(state_dir))?;
+    let (file, shown) = match kind {
+        LabelKind::Namespace => (manifests::file_name(Kind::Namespace, "", target), format!("Namespace {target}")),
+        LabelKind::Pod => {
+            let (ns, name) = target.split_once('/').unwrap_or(("default", target));
+            (manifests::file_name(Kind::Pod, ns, name), format!("Pod {ns}/{name}"))
+        }
+    };
+    let path = state.manifests_dir().join(file);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound(shown)),
+        Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+    };
+    let mut value: serde_json::Value = serde_yaml::from_str(&text)
+        .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })?;
+    for c in changes {
+        manifests::set_label(&mut value, &c.key, c.value.as_deref());
+    }
+    write_atomic(&path, manifests::to_yaml(&value).as_bytes())?;
+    if kind == LabelKind::Pod {
+        let key = if target.contains('/') { target.to_owned() } else { format!("default/{target}") };
+        if let Some(pod) = state.pods.iter_mut().find(|p| p.key() == key) {
+            for c in changes {
+                match &c.value {
+                    Some(v) => pod.labels.insert(c.key.clone(), v.clone()),
+                    None => pod.labels.remove(&c.key),
+                };
+            }
+        }
+        state.save()?;
+    }
+    Ok(())
+}
+
+/// Removes everything the lab made: servers, network namespaces (and so every veth and route in them),
+/// the state directory's contents. Works without `state.json`, from `prefix` and the servers' command
+/// lines.
+pub fn down(opts: &DownOptions) -> Result<DownReport> {
+    let state_dir = absolute(&opts.state_dir);
+    // A state file that cannot be read is no reason to leave the rest behind.
+    let state = LabState::load(&state_dir).ok().flatten();
+    let mut pids: Vec<u32> = state.as_ref().map(LabState::all_server_pids).unwrap_or_default();
+    pids.extend(net::lab_servers(&state_dir));
+    pids.sort_unstable();
+    pids.dedup();
+    net::kill_servers(&pids, &state_dir);
+    let mut report = DownReport { killed: pids, ..Default::default() };
+
+    let mut prefixes = vec![opts.prefix.clone()];
+    let mut endpoints = Vec::new();
+    let mut nodes = Vec::new();
+    if let Some(s) = &state {
+        prefixes.push(s.prefix.clone());
+        endpoints.extend(s.endpoint_netns());
+        nodes.push(s.node_netns.clone());
+    }
+    for prefix in &prefixes {
+        for ns in net::list_netns(prefix) {
+            if ns.ends_with("-node") { nodes.push(ns) } else { endpoints.push(ns) }
+        }
+    }
+    // Endpoints first: the node goes last, when nothing routes through it any more.
+    for list in [&mut endpoints, &mut nodes] {
+        list.sort();
+        list.dedup();
+    }
+    for ns in endpoints.iter().chain(nodes.iter()) {
+        if net::netns_path(ns).exists() {
+            net::del_netns(ns)?;
+            report.netns_deleted.push(ns.clone());
+        }
+    }
+    // Only what the lab writes: the state directory may be one the user also keeps other things in.
+    for dir in [MANIFESTS_DIR, LOGS_DIR, READY_DIR] {
+        let d = state_dir.join(dir);
+        if d.exists() {
+            std::fs::remove_dir_all(&d).map_err(io_err(format!("removing {}", d.display())))?;
+        }
+    }
+    let file = LabState::path(&state_dir);
+    if file.exists() {
+        std::fs::remove_file(&file).map_err(io_err(format!("removing {}", file.display())))?;
+    }
+    let _ = std::fs::remove_dir(&state_dir); // only if empty
+    Ok(report)
+}
+
+/// The running lab.
+pub fn status(state_dir: &Path) -> Result<LabState> {
+    LabState::load_running(&absolute(state_dir))
+}
+
+fn make_node(state: &LabState) -> Result<()> {
+    let ns = &state.node_netns;
+    net::add_netns(ns)?;
+    // A router for pods; addresses usable at once (no duplicate address detection delay); replies may leave
+    // by another interface than the request came in (no strict reverse-path filter).
+    net::sysctls(
+        ns,
+        &[
+            ("net.ipv4.ip_forward", "1"),
+            ("net.ipv6.conf.all.forwarding", "1"),
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ],
+    )?;
+    net::ip_batch(
+        ns,
+        &[
+            "link set lo up".into(),
+            format!("addr add {NODE_V4}/32 dev lo"),
+            format!("addr add {NODE_V6}/128 dev lo nodad"),
+        ],
+    )
+}
+
+/// Pod or external-host namespace, its veth (node side left down) and everything inside it.
+fn make_endpoint(state: &LabState, netns: &str, host_if: &str, ips: &[IpAddr]) -> Result<()> {
+    net::add_netns(netns)?;
+    net::sysctls(
+        netns,
+        &[
+            ("net.ipv6.conf.all.accept_dad", "0"),
+            ("net.ipv6.conf.default.accept_dad", "0"),
+            ("net.ipv4.conf.all.rp_filter", "0"),
+            ("net.ipv4.conf.default.rp_filter", "0"),
+        ],
+    )?;
+    net::ip_batch(&state.node_netns, &[format!("link add {host_if} type veth peer name eth0 netns {netns}")])?;
+    let mut pod = vec!["link set lo up".to_owned(), "link set eth0 up".into()];
+    for ip in ips {
+        match ip {
+            IpAddr::V4(v4) => pod.push(format!("addr add {v4}/32 dev eth0")),
+            IpAddr::V6(v6) => pod.push(format!("addr add {v6}/128 dev eth0 nodad")),
+        }
+    }
+    // Calico's routing: a link-local gateway that answers on every node-side interface.
+    if ips.iter().any(IpAddr::is_ipv4) {
+        pod.push(format!("route add {GATEWAY_V4}/32 dev eth0 scope link"));
+        pod.push(format!("route add 0.0.0.0/0 via {GATEWAY_V4} dev eth0 onlink"));
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        pod.push(format!("route add ::/0 via {GATEWAY_V6} dev eth0"));
+    }
+    net::ip_batch(netns, &pod)?;
+    net::ip_batch(
+        &state.node_netns,
+        &[format!("addr add {GATEWAY_V4}/32 dev {host_if}"), format!("addr add {GATEWAY_V6}/64 dev {host_if} nodad")],
+    )
+}
+
+/// Node side up, then the host routes that tell the node (and the agent) which pod is behind it.
+fn link_up(state: &LabState, host_if: &str, ips: &[IpAddr]) -> Result<()> {
+    let mut lines = vec![format!("link set {host_if} up")];
+    for ip in ips {
+        match ip {
+            IpAddr::V4(v4) => lines.push(format!("route add {v4}/32 dev {host_if} src {NODE_V4}")),
+            IpAddr::V6(v6) => lines.push(format!("route add {v6}/128 dev {host_if} src {NODE_V6}")),
+        }
+    }
+    net::ip_batch(&state.node_netns, &lines)
+}
+
+fn serve_args(state: &LabState, name: &str, ports: &[ContainerPort], index: u32) -> ServeArgs {
+    let of = |proto: Protocol| {
+        let mut v: Vec<u16> = ports.iter().filter(|p| p.protocol == proto).map(|p| p.port).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    };
+    ServeArgs {
+        name: name.to_owned(),
+        tcp: of(Protocol::Tcp),
+        udp: of(Protocol::Udp),
+        sctp: of(Protocol::Sctp),
+        ready_file: Some(state.state_dir.join(READY_DIR).join(index.to_string())),
+        lab: Some(state.state_dir.clone()),
+    }
+}
+
+struct Started {
+    name: String,
+    pid: u32,
+    ready: PathBuf,
+    log: PathBuf,
+}
+
+fn start_server(state: &LabState, netns: &str, args: ServeArgs, index: u32) -> Result<Started> {
+    let ready = args.ready_file.clone().expect("serve_args sets it");
+    let _ = std::fs::remove_file(&ready);
+    let log = state.state_dir.join(LOGS_DIR).join(format!("{index}-{}.log", args.name.replace('/', "_")));
+    let pid = net::spawn_in_netns(netns, &state.agent_bin, &args.to_args(), &log)?;
+    Ok(Started { name: args.name, pid, ready, log })
+}
+
+fn wait_ready(started: &[Started], timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for s in started {
+        loop {
+            if s.ready.exists() {
+                break;
+            }
+            let alive = std::fs::read_to_string(format!("/proc/{}/stat", s.pid))
+                .is_ok_and(|st| !st.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
+            if !alive || Instant::now() > deadline {
+                let log = std::fs::read_to_string(&s.log).unwrap_or_default();
+                let why = if alive { "not ready in time" } else { "exited" };
+                return Err(Error::ServerStart { name: s.name.clone(), log: format!("{why}; log: {}", log.trim()) });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    Ok(())
+}
+
+/// The shared part of `up` and `apply`.
+fn add_objects(
+    state: &mut LabState,
+    objects: Vec<RawObject>,
+    hook: Option<LinkHook<'_>>,
+    server_timeout: Duration,
+    report: &mut Report,
+) -> Result<()> {
+    let mut alloc = Allocator::new(state.pods.iter().flat_map(|p| p.ips.clone()));
+    // Addresses the manifests give are taken before any is handed out.
+    let mut models = Vec::new();
+    for obj in &objects {
+        if obj.kind == Kind::Pod {
+            let (model, warnings) = manifests::pod_model(obj);
+            report.warnings.extend(warnings);
+            if let Some(m) = &model
+                && state.pod(&format!("{}/{}", m.namespace, m.name)).is_none()
+            {
+                for ip in &m.ips {
+                    alloc.mark_used(*ip);
+                }
+            }
+            models.push(model);
+        } else {
+            models.push(None);
+        }
+    }
+    let mut new_links: Vec<(String, Vec<IpAddr>, bool)> = Vec::new(); // (host_if, ips, is_pod)
+    let mut to_start: Vec<(String, usize, bool)> = Vec::new(); // (netns, index into pods/externals, is_pod)
+    for (obj, model) in objects.into_iter().zip(models) {
+        match obj.kind {
+            Kind::Namespace | Kind::NetworkPolicy => {
+                write_copy(state, &obj)?;
+                report.changed.push(obj.display());
+            }
+            Kind::Pod => {
+                let Some(model) = model else { continue };
+                let key = format!("{}/{}", model.namespace, model.name);
+                if let Some(i) = state.pods.iter().position(|p| p.key() == key) {
+                    let pod = &mut state.pods[i];
+                    pod.labels = model.labels.clone();
+                    if !model.ips.is_empty() && model.ips != pod.ips {
+                        report.warnings.push(format!(
+                            "Pod {key}: keeps its addresses {:?} (the lab does not re-address a running pod)",
+                            pod.ips
+                        ));
+                    }
+                    if pod.ports != model.ports {
+                        pod.ports = model.ports.clone();
+                        if let Some(pid) = pod.server_pid.take() {
+                            net::kill_servers(&[pid], &state.state_dir);
+                        }
+                        to_start.push((pod.netns.clone(), i, true));
+                    }
+                    let mut obj = obj;
+                    manifests::set_pod_ips(&mut obj.value, &state.pods[i].ips);
+                    write_copy(state, &obj)?;
+                    report.changed.push(obj.display());
+                    continue;
+                }
+                let index = state.next_index;
+                state.next_index += 1;
+                let ips = if model.host_network {
+                    state.node_ips.clone()
+                } else if !model.ips.is_empty() {
+                    if let Some(other) = state.pods.iter().find(|p| !p.host_network && p.ips.iter().any(|ip| model.ips.contains(ip))) {
+                        return Err(Error::Invalid {
+                            object: obj.display(),
+                            problem: format!("its address is already {}'s", other.key()),
+                        });
+                    }
+                    model.ips.clone()
+                } else {
+                    let (v4, v6) = alloc.next_pair().ok_or_else(|| Error::Invalid {
+                        object: obj.display(),
+                        problem: "no free address left in 10.244.0.0/24".into(),
+                    })?;
+                    vec![IpAddr::V4(v4), IpAddr::V6(v6)]
+                };
+                let (netns, host_if) = if model.host_network {
+                    (state.node_netns.clone(), None)
+                } else {
+                    (format!("{}-p{index}", state.prefix), Some(format!("{}{index}", state.if_prefix)))
+                };
+                state.pods.push(PodState {
+                    namespace: model.namespace.clone(),
+                    name: model.name.clone(),
+                    labels: model.labels.clone(),
+                    ips: ips.clone(),
+                    ports: model.ports.clone(),
+                    host_network: model.host_network,
+                    netns: netns.clone(),
+                    host_if: host_if.clone(),
+                    index,
+                    server_pid: None,
+                });
+                state.save()?;
+                if let Some(host_if) = host_if {
+                    make_endpoint(state, &netns, &host_if, &ips)?;
+                    new_links.push((host_if, ips.clone(), true));
+                }
+                to_start.push((netns, state.pods.len() - 1, true));
+                let mut obj = obj;
+                manifests::set_pod_ips(&mut obj.value, &ips);
+                write_copy(state, &obj)?;
+                report.changed.push(obj.display());
+            }
+            Kind::ExternalHost => {
+                let x = manifests::external_host(&obj)?;
+                if let Some(i) = state.externals.iter().position(|e| e.name == x.name) {
+                    if state.externals[i].ips != x.ips {
+                        report.warnings.push(format!("{}: keeps its addresses (the lab does not re-address)", obj.display()));
+                    }
+                    if state.externals[i].ports != x.ports {
+                        state.externals[i].ports = x.ports;
+                        if let Some(pid) = state.externals[i].server_pid.take() {
+                            net::kill_servers(&[pid], &state.state_dir);
+                        }
+                        to_start.push((state.externals[i].netns.clone(), i, false));
+                        report.changed.push(obj.display());
+                    }
+                    continue;
+                }
+                let taken = state.pods.iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter());
+                if let Some(ip) = taken.chain(state.externals.iter().flat_map(|e| e.ips.iter())).find(|ip| x.ips.contains(ip)) {
+                    return Err(Error::Invalid { object: obj.display(), problem: format!("{ip} is already taken") });
+                }
+                let index = state.next_index;
+                state.next_index += 1;
+                let netns = format!("{}-x{index}", state.prefix);
+                let host_if = format!("{}{index}", state.ext_if_prefix);
+                state.externals.push(ExternalState {
+                    name: x.name,
+                    ips: x.ips.clone(),
+                    ports: x.ports,
+                    netns: netns.clone(),
+                    host_if: host_if.clone(),
+                    index,
+                    server_pid: None,
+                });
+                state.save()?;
+                make_endpoint(state, &netns, &host_if, &x.ips)?;
+                new_links.push((host_if, x.ips, false));
+                to_start.push((netns, state.externals.len() - 1, false));
+                report.changed.push(obj.display());
+            }
+        }
+    }
+    let pod_links: Vec<String> = new_links.iter().filter(|l| l.2).map(|l| l.0.clone()).collect();
+    if let Some(hook) = hook
+        && !pod_links.is_empty()
+    {
+        hook(&pod_links).map_err(Error::Hook)?;
+    }
+    for (host_if, ips, _) in &new_links {
+        link_up(state, host_if, ips)?;
+    }
+    let mut started = Vec::new();
+    for (netns, i, is_pod) in to_start {
+        let (name, ports, index) = if is_pod {
+            let p = &state.pods[i];
+            (p.key(), p.ports.clone(), p.index)
+        } else {
+            let x = &state.externals[i];
+            (x.key(), x.ports.clone(), x.index)
+        };
+        let args = serve_args(state, &name, &ports, index);
+        let s = start_server(state, &netns, args, index)?;
+        if is_pod {
+            state.pods[i].server_pid = Some(s.pid);
+        } else {
+            state.externals[i].server_pid = Some(s.pid);
+        }
+        started.push(s);
+    }
+    state.save()?;
+    wait_ready(&started, server_timeout)
+}
+
+fn write_copy(state: &LabState, obj: &RawObject) -> Result<()> {
+    let path = state.manifests_dir().join(obj.file_name());
+    write_atomic(&path, manifests::to_yaml(&obj.value).as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_changes_parse_like_kubectl() {
+        assert_eq!("app=web".parse::<LabelChange>().unwrap(), LabelChange { key: "app".into(), value: Some("web".into()) });
+        assert_eq!("app=".parse::<LabelChange>().unwrap(), LabelChange { key: "app".into(), value: Some(String::new()) });
+        assert_eq!("app-".parse::<LabelChange>().unwrap(), LabelChange { key: "app".into(), value: None });
+        assert!("app".parse::<LabelChange>().is_err());
+        assert!("=x".parse::<LabelChange>().is_err());
+        assert!("-".parse::<LabelChange>().is_err());
+    }
+
+    #[test]
+    fn serve_args_split_protocols() {
+        let state = LabState { state_dir: "/run/x".into(), ..Default::default() };
+        let ports = vec![
+            ContainerPort { name: None, port: 53, protocol: Protocol::Udp },
+            ContainerPort { name: None, port: 53, protocol: Protocol::Tcp },
+            ContainerPort { name: None, port: 9, protocol: Protocol::Sctp },
+        ];
+        let a = serve_args(&state, "kube-system/coredns", &ports, 3);
+        assert_eq!((a.tcp, a.udp, a.sctp), (vec![53], vec![53], vec![9]));
+        assert_eq!(a.ready_file.unwrap(), Path::new("/run/x/ready/3"));
+        assert_eq!(a.lab.unwrap(), Path::new("/run/x"));
+    }
+}

@@ -1,0 +1,735 @@
+//! `lab probe`: every pod tries every pod and external host, on each port, and a [`Matrix`] says what got
+//! through.
+//!
+//! A probe runs on a worker thread that has joined the source pod's network namespace (`setns(2)` moves
+//! only the calling thread, and a socket stays in the namespace it was created in), so hundreds of probes
+//! run at once and a full matrix takes about one timeout, not one timeout per denied probe.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::{ErrorKind, Read as _};
+use std::net::{IpAddr, SocketAddr, TcpStream, UdpSocket};
+use std::os::fd::AsFd as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sched::{CloneFlags, setns};
+use serde::{Deserialize, Serialize};
+
+use super::serve::reply_line;
+use super::state::{LabState, align};
+use super::{Error, Result, net};
+use crate::model::Protocol;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    #[default]
+    V4,
+    V6,
+    Both,
+}
+
+impl Family {
+    fn wants(self, ip: &IpAddr) -> bool {
+        matches!((self, ip), (Family::Both, _) | (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)))
+    }
+}
+
+impl std::str::FromStr for Family {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "4" | "v4" | "ipv4" => Ok(Family::V4),
+            "6" | "v6" | "ipv6" => Ok(Family::V6),
+            "both" | "46" | "dual" => Ok(Family::Both),
+            _ => Err(Error::BadArgument { what: "address family", value: s.to_owned(), expected: "4, 6 or both" }),
+        }
+    }
+}
+
+/// Parses `tcp`, `UDP`, `sctp`.
+pub fn parse_protocol(s: &str) -> Result<Protocol> {
+    match s.to_ascii_uppercase().as_str() {
+        "TCP" => Ok(Protocol::Tcp),
+        "UDP" => Ok(Protocol::Udp),
+        "SCTP" => Ok(Protocol::Sctp),
+        _ => Err(Error::BadArgument { what: "protocol", value: s.to_owned(), expected: "tcp, udp or sctp" }),
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Probe these ports instead of each target's container ports.
+    pub ports: Option<Vec<u16>>,
+    /// Probe only these protocols (with `ports`: these protocols on each port; default TCP).
+    pub protocols: Option<Vec<Protocol>>,
+    pub family: Family,
+    /// Connect (TCP) or reply (UDP, per attempt) timeout.
+    pub timeout: Duration,
+    /// Only from these sources (`ns/pod`); all when empty.
+    pub from: Vec<String>,
+    /// Only to these targets (`ns/pod` or `external/<name>`); all when empty.
+    pub to: Vec<String>,
+    /// Probes in flight at once.
+    pub parallelism: usize,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        Self {
+            ports: None,
+            protocols: None,
+            family: Family::V4,
+            timeout: Duration::from_millis(500),
+            from: Vec::new(),
+            to: Vec::new(),
+            parallelism: 256,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allowed,
+    Denied,
+    /// The lab cannot test it (SCTP: this kernel has no SCTP sockets).
+    Unsupported,
+}
+
+impl Verdict {
+    pub fn symbol(self) -> char {
+        match self {
+            Verdict::Allowed => '✓',
+            Verdict::Denied => '✗',
+            Verdict::Unsupported => '?',
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Denied => "denied",
+            Verdict::Unsupported => "unsupported",
+        })
+    }
+}
+
+mod protocol_upper {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::model::Protocol;
+
+    pub fn serialize<S: Serializer>(p: &Protocol, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(p.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Protocol, D::Error> {
+        let text = String::deserialize(d)?;
+        super::parse_protocol(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// One attempt: `from` → `to` at `to_ip`:`port`/`protocol`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Probe {
+    pub from: String,
+    pub to: String,
+    pub to_ip: IpAddr,
+    pub port: u16,
+    #[serde(with = "protocol_upper")]
+    pub protocol: Protocol,
+    pub result: Verdict,
+    /// Why: `ok`, `timeout`, `refused`, `reset`, `unreachable`, `unexpected reply …`, `no SCTP …`.
+    pub detail: String,
+    pub latency_ms: f64,
+}
+
+impl Probe {
+    fn family(&self) -> u8 {
+        if self.to_ip.is_ipv4() { 4 } else { 6 }
+    }
+
+    /// What makes two probes the same question: the answer's address is left out, so an expected matrix
+    /// need not know which address the lab gave a pod.
+    fn question(&self) -> (String, String, u8, u16, Protocol) {
+        (self.from.clone(), self.to.clone(), self.family(), self.port, self.protocol)
+    }
+}
+
+/// The answers of one `probe`, sorted by (from, to, address, protocol, port).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Matrix {
+    pub probes: Vec<Probe>,
+}
+
+impl Matrix {
+    pub fn new(mut probes: Vec<Probe>) -> Self {
+        probes.sort_by(|a, b| {
+            (&a.from, &a.to, a.to_ip, a.protocol, a.port).cmp(&(&b.from, &b.to, b.to_ip, b.protocol, b.port))
+        });
+        Self { probes }
+    }
+
+    /// The `-o json` form: an array of probe records.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(&self.probes).expect("probes serialize")
+    }
+
+    pub fn from_json(value: serde_json::Value) -> Result<Self, serde_json::Error> {
+        serde_json::from_value(value).map(Self::new)
+    }
+
+    /// The verdict of `from` → `to` on `port`/`protocol` (IPv4 if probed, else IPv6).
+    pub fn verdict(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Option<Verdict> {
+        let mut hits: Vec<&Probe> =
+            self.probes.iter().filter(|p| p.from == from && p.to == to && p.port == port && p.protocol == protocol).collect();
+        hits.sort_by_key(|p| p.family());
+        hits.first().map(|p| p.result)
+    }
+
+    /// The same questions with the answers `expect` gives: how tests write an expected matrix.
+    /// SCTP stays `unsupported` whatever `expect` says, as the lab cannot test it.
+    pub fn expected_with(&self, mut expect: impl FnMut(&Probe) -> Verdict) -> Matrix {
+        let probes = self
+            .probes
+            .iter()
+            .map(|p| {
+                let result = if p.protocol == Protocol::Sctp { Verdict::Unsupported } else { expect(p) };
+                Probe { result, detail: "expected".into(), latency_ms: 0.0, ..p.clone() }
+            })
+            .collect();
+        Matrix::new(probes)
+    }
+
+    /// Counts per verdict.
+    pub fn counts(&self) -> BTreeMap<Verdict, usize> {
+        let mut c = BTreeMap::new();
+        for p in &self.probes {
+            *c.entry(p.result).or_default() += 1;
+        }
+        c
+    }
+
+    /// Where this matrix (actual) differs from `expected`: probes with another verdict, probes one side
+    /// has and the other lacks.
+    pub fn diff(&self, expected: &Matrix) -> MatrixDiff {
+        let actual: HashMap<_, &Probe> = self.probes.iter().map(|p| (p.question(), p)).collect();
+        let wanted: HashMap<_, &Probe> = expected.probes.iter().map(|p| (p.question(), p)).collect();
+        let mut rows = Vec::new();
+        for e in &expected.probes {
+            match actual.get(&e.question()) {
+                Some(a) if a.result == e.result => {}
+                Some(a) => rows.push(Mismatch { probe: (*a).clone(), expected: Some(e.result), actual: Some(a.result) }),
+                None => rows.push(Mismatch { probe: e.clone(), expected: Some(e.result), actual: None }),
+            }
+        }
+        for a in &self.probes {
+            if !wanted.contains_key(&a.question()) {
+                rows.push(Mismatch { probe: a.clone(), expected: None, actual: Some(a.result) });
+            }
+        }
+        rows.sort_by(|a, b| {
+            (&a.probe.from, &a.probe.to, a.probe.to_ip, a.probe.port).cmp(&(&b.probe.from, &b.probe.to, b.probe.to_ip, b.probe.port))
+        });
+        MatrixDiff { mismatches: rows, compared: expected.probes.len() }
+    }
+
+    /// `-o table`: rows are sources, columns targets; a cell is `✓` when every probe was allowed, `✗` when
+    /// every probe was denied, else each port, e.g. `80/TCP✓ 81/TCP✗`. A legend follows.
+    pub fn render_table(&self) -> String {
+        let mut froms: Vec<&str> = Vec::new();
+        let mut tos: Vec<&str> = Vec::new();
+        let mut cells: BTreeMap<(&str, &str), Vec<&Probe>> = BTreeMap::new();
+        for p in &self.probes {
+            if !froms.contains(&p.from.as_str()) {
+                froms.push(&p.from);
+            }
+            if !tos.contains(&p.to.as_str()) {
+                tos.push(&p.to);
+            }
+            cells.entry((&p.from, &p.to)).or_default().push(p);
+        }
+        // Pods first, external hosts last.
+        tos.sort_by_key(|t| (t.starts_with("external/"), *t));
+        froms.sort();
+        let mut rows: Vec<Vec<String>> = Vec::new();
+        let mut header = vec!["FROM \\ TO".to_owned()];
+        header.extend(tos.iter().map(|t| (*t).to_owned()));
+        rows.push(header);
+        for f in &froms {
+            let mut row = vec![(*f).to_owned()];
+            for t in &tos {
+                row.push(cells.get(&(*f, *t)).map(|ps| cell(ps)).unwrap_or_else(|| ".".into()));
+            }
+            rows.push(row);
+        }
+        let mut out = align_rows(&rows);
+        let counts = self.counts();
+        let _ = writeln!(
+            out,
+            "\n✓ allowed  ✗ denied  ? unsupported (no SCTP in this kernel)  . not probed   ({} probes: {} allowed, {} denied, {} unsupported)",
+            self.probes.len(),
+            counts.get(&Verdict::Allowed).unwrap_or(&0),
+            counts.get(&Verdict::Denied).unwrap_or(&0),
+            counts.get(&Verdict::Unsupported).unwrap_or(&0),
+        );
+        out
+    }
+}
+
+/// One cell of the table.
+fn cell(probes: &[&Probe]) -> String {
+    let verdicts: BTreeSet<Verdict> = probes.iter().map(|p| p.result).collect();
+    if verdicts.len() == 1 {
+        return verdicts.first().expect("one").symbol().to_string();
+    }
+    // Per port/protocol; where the families disagree, per family too.
+    let mut per: BTreeMap<(Protocol, u16), BTreeMap<u8, Verdict>> = BTreeMap::new();
+    for p in probes {
+        per.entry((p.protocol, p.port)).or_default().insert(p.family(), p.result);
+    }
+    per.iter()
+        .map(|((proto, port), fams)| {
+            let vs: BTreeSet<Verdict> = fams.values().copied().collect();
+            if vs.len() == 1 {
+                format!("{port}/{proto}{}", vs.first().expect("one").symbol())
+            } else {
+                let each: Vec<String> = fams.iter().map(|(f, v)| format!("v{f}{}", v.symbol())).collect();
+                format!("{port}/{proto}({})", each.join(","))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn align_rows(rows: &[Vec<String>]) -> String {
+    let n = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
+    for row in rows {
+        for (i, c) in row.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, c) in row.iter().enumerate() {
+            line.push_str(c);
+            line.extend(std::iter::repeat_n(' ', widths[i] - c.chars().count() + 2));
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One difference between an actual and an expected matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mismatch {
+    /// The actual probe (or the expected one, when it was not probed).
+    pub probe: Probe,
+    /// `None`: probed but not expected.
+    pub expected: Option<Verdict>,
+    /// `None`: expected but not probed.
+    pub actual: Option<Verdict>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MatrixDiff {
+    pub mismatches: Vec<Mismatch>,
+    pub compared: usize,
+}
+
+impl MatrixDiff {
+    pub fn is_empty(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+
+    pub fn render(&self) -> String {
+        if self.is_empty() {
+            return format!("all {} probes as expected\n", self.compared);
+        }
+        let mut rows = vec![[
+            "FROM".to_owned(),
+            "TO".into(),
+            "ADDRESS".into(),
+            "PORT".into(),
+            "EXPECTED".into(),
+            "ACTUAL".into(),
+            "DETAIL".into(),
+        ]];
+        let show = |v: Option<Verdict>| v.map(|v| v.to_string()).unwrap_or_else(|| "(not probed)".into());
+        for m in &self.mismatches {
+            rows.push([
+                m.probe.from.clone(),
+                m.probe.to.clone(),
+                m.probe.to_ip.to_string(),
+                format!("{}/{}", m.probe.port, m.probe.protocol),
+                show(m.expected),
+                show(m.actual),
+                if m.actual.is_some() { m.probe.detail.clone() } else { String::new() },
+            ]);
+        }
+        format!("{} of {} probes differ from what was expected:\n{}", self.mismatches.len(), self.compared, align(&rows))
+    }
+}
+
+impl std::fmt::Display for MatrixDiff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.render())
+    }
+}
+
+/// One probe to run.
+#[derive(Clone, Debug)]
+struct Job {
+    netns: String,
+    from: String,
+    to: String,
+    to_ip: IpAddr,
+    port: u16,
+    protocol: Protocol,
+}
+
+/// Which probes `opts` asks for in `state`, before running any.
+fn plan(state: &LabState, opts: &ProbeOptions) -> Vec<Job> {
+    struct Target<'a> {
+        key: String,
+        ips: &'a [IpAddr],
+        ports: Vec<(u16, Protocol)>,
+    }
+    let mut targets: Vec<Target> = state
+        .pods
+        .iter()
+        .map(|p| Target { key: p.key(), ips: &p.ips, ports: p.ports.iter().map(|c| (c.port, c.protocol)).collect() })
+        .collect();
+    targets.extend(state.externals.iter().map(|x| Target {
+        key: x.key(),
+        ips: &x.ips,
+        ports: x.ports.iter().map(|c| (c.port, c.protocol)).collect(),
+    }));
+    let mut jobs = Vec::new();
+    for src in &state.pods {
+        if !opts.from.is_empty() && !opts.from.contains(&src.key()) {
+            continue;
+        }
+        for t in &targets {
+            if !opts.to.is_empty() && !opts.to.contains(&t.key) {
+                continue;
+            }
+            let mut ports: Vec<(u16, Protocol)> = match (&opts.ports, &opts.protocols) {
+                (Some(ports), protos) => {
+                    let protos = protos.clone().unwrap_or_else(|| vec![Protocol::Tcp]);
+                    ports.iter().flat_map(|p| protos.iter().map(move |pr| (*p, *pr))).collect()
+                }
+                (None, Some(protos)) => t.ports.iter().copied().filter(|(_, pr)| protos.contains(pr)).collect(),
+                (None, None) => t.ports.clone(),
+            };
+            ports.sort();
+            ports.dedup();
+            for ip in t.ips.iter().filter(|ip| opts.family.wants(ip)) {
+                for (port, protocol) in &ports {
+                    jobs.push(Job {
+                        netns: src.netns.clone(),
+                        from: src.key(),
+                        to: t.key.clone(),
+                        to_ip: *ip,
+                        port: *port,
+                        protocol: *protocol,
+                    });
+                }
+            }
+        }
+    }
+    jobs
+}
+
+/// Probes the running lab in `state_dir`.
+pub fn probe(state_dir: &Path, opts: &ProbeOptions) -> Result<Matrix> {
+    let state = LabState::load_running(state_dir)?;
+    let jobs = plan(&state, opts);
+    let mut fds: HashMap<String, Arc<File>> = HashMap::new();
+    for j in &jobs {
+        if !fds.contains_key(&j.netns) {
+            fds.insert(j.netns.clone(), Arc::new(net::open_netns(&j.netns)?));
+        }
+    }
+    let fds = Arc::new(fds);
+    let queue = Arc::new(Mutex::new(jobs.into_iter().rev().collect::<Vec<_>>()));
+    let results = Arc::new(Mutex::new(Vec::new()));
+    let workers = opts.parallelism.max(1).min(queue.lock().expect("not poisoned").len().max(1));
+    let timeout = opts.timeout;
+    let mut handles = Vec::new();
+    for _ in 0..workers {
+        let (queue, results, fds) = (queue.clone(), results.clone(), fds.clone());
+        handles.push(std::thread::spawn(move || -> Result<()> {
+            let mut current: Option<String> = None;
+            loop {
+                let Some(job) = queue.lock().expect("not poisoned").pop() else { return Ok(()) };
+                if current.as_deref() != Some(job.netns.as_str()) {
+                    setns(fds[&job.netns].as_fd(), CloneFlags::CLONE_NEWNET)
+                        .map_err(|e| super::io_err(format!("joining netns {}", job.netns))(e.into()))?;
+                    current = Some(job.netns.clone());
+                }
+                let probe = run_one(&job, timeout);
+                results.lock().expect("not poisoned").push(probe);
+            }
+        }));
+    }
+    for h in handles {
+        h.join().expect("probe worker does not panic")?;
+    }
+    let probes = std::mem::take(&mut *results.lock().expect("not poisoned"));
+    Ok(Matrix::new(probes))
+}
+
+fn run_one(job: &Job, timeout: Duration) -> Probe {
+    let start = Instant::now();
+    let expected = reply_line(&job.to, job.port, job.protocol);
+    let addr = SocketAddr::new(job.to_ip, job.port);
+    let (result, detail) = match job.protocol {
+        Protocol::Sctp => (Verdict::Unsupported, "no SCTP sockets in this kernel".to_owned()),
+        Protocol::Tcp => tcp(addr, timeout, &expected),
+        Protocol::Udp => udp(addr, timeout, &expected),
+    };
+    Probe {
+        from: job.from.clone(),
+        to: job.to.clone(),
+        to_ip: job.to_ip,
+        port: job.port,
+        protocol: job.protocol,
+        result,
+        detail,
+        latency_ms: (start.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+    }
+}
+
+fn error_detail(e: &std::io::Error) -> String {
+    match e.kind() {
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout".into(),
+        ErrorKind::ConnectionRefused => "refused".into(),
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => "reset".into(),
+        ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable => "unreachable".into(),
+        _ => e.to_string(),
+    }
+}
+
+fn judge(got: &[u8], expected: &str) -> (Verdict, String) {
+    if got == expected.as_bytes() {
+        (Verdict::Allowed, "ok".into())
+    } else if got.is_empty() {
+        // Connected, then closed without a word: not the lab's server.
+        (Verdict::Denied, "closed without reply".into())
+    } else {
+        (Verdict::Denied, format!("unexpected reply {:?}", String::from_utf8_lossy(got).trim_end()))
+    }
+}
+
+fn tcp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String) {
+    let deadline = Instant::now() + timeout;
+    let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(s) => s,
+        Err(e) => return (Verdict::Denied, error_detail(&e)),
+    };
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        let _ = stream.set_read_timeout(Some(left));
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.ends_with(b"\n") || got.len() > 1024 {
+                    break;
+                }
+            }
+            // Connected but the reply never came: the return path is what is blocked.
+            Err(e) => return (Verdict::Denied, format!("connected, then {}", error_detail(&e))),
+        }
+    }
+    judge(&got, expected)
+}
+
+fn udp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String) {
+    let local: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().expect("valid") } else { "[::]:0".parse().expect("valid") };
+    let socket = match UdpSocket::bind(local).and_then(|s| s.connect(addr).map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => return (Verdict::Denied, error_detail(&e)),
+    };
+    let _ = socket.set_read_timeout(Some(timeout));
+    let mut last = String::new();
+    // A datagram may be lost on a first packet (neighbour resolution): one retry.
+    for _attempt in 0..2 {
+        if let Err(e) = socket.send(b"probe\n") {
+            return (Verdict::Denied, error_detail(&e));
+        }
+        let mut buf = [0u8; 1024];
+        match socket.recv(&mut buf) {
+            Ok(n) => return judge(&buf[..n], expected),
+            // ICMP port unreachable, reported on a connected socket.
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return (Verdict::Denied, "refused".into()),
+            Err(e) => last = error_detail(&e),
+        }
+    }
+    (Verdict::Denied, last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(from: &str, to: &str, port: u16, protocol: Protocol, result: Verdict) -> Probe {
+        Probe {
+            from: from.into(),
+            to: to.into(),
+            to_ip: "10.244.0.10".parse().unwrap(),
+            port,
+            protocol,
+            result,
+            detail: if result == Verdict::Allowed { "ok".into() } else { "timeout".into() },
+            latency_ms: 1.5,
+        }
+    }
+
+    fn sample() -> Matrix {
+        use Protocol::*;
+        use Verdict::*;
+        Matrix::new(vec![
+            p("payments/frontend", "payments/backend", 8080, Tcp, Allowed),
+            p("payments/frontend", "payments/database", 5432, Tcp, Denied),
+            p("kube-system/coredns", "payments/backend", 80, Tcp, Allowed),
+            p("kube-system/coredns", "payments/backend", 81, Tcp, Denied),
+            p("payments/frontend", "external/gw", 443, Tcp, Denied),
+            p("payments/frontend", "kube-system/coredns", 53, Udp, Allowed),
+            p("payments/frontend", "kube-system/coredns", 53, Tcp, Allowed),
+        ])
+    }
+
+    #[test]
+    fn json_shape() {
+        let j = sample().to_json();
+        let first = &j.as_array().unwrap()[0];
+        assert_eq!(first["from"], "kube-system/coredns");
+        assert_eq!(first["to"], "payments/backend");
+        assert_eq!(first["to_ip"], "10.244.0.10");
+        assert_eq!(first["port"], 80);
+        assert_eq!(first["protocol"], "TCP");
+        assert_eq!(first["result"], "allowed");
+        assert_eq!(first["detail"], "ok");
+        assert_eq!(first["latency_ms"], 1.5);
+        assert_eq!(Matrix::from_json(j).unwrap(), sample());
+    }
+
+    #[test]
+    fn table_cells_and_legend() {
+        let t = sample().render_table();
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].starts_with("FROM \\ TO"), "{t}");
+        // Pods before external hosts in the columns.
+        assert!(lines[0].find("payments/backend").unwrap() < lines[0].find("external/gw").unwrap(), "{t}");
+        let coredns = lines.iter().find(|l| l.starts_with("kube-system/coredns")).unwrap();
+        assert!(coredns.contains("80/TCP✓ 81/TCP✗"), "{t}");
+        let frontend = lines.iter().find(|l| l.starts_with("payments/frontend")).unwrap();
+        assert!(frontend.contains('✓') && frontend.contains('✗'), "{t}");
+        assert!(coredns.contains('.'), "{t}");
+        assert!(t.contains("✓ allowed  ✗ denied"), "{t}");
+        // Aligned: every column starts at the same character in every row.
+        let header: Vec<char> = lines[0].chars().collect();
+        let starts: Vec<usize> =
+            (1..header.len()).filter(|i| header[*i - 1] == ' ' && header[*i] != ' ' && header[*i - 2] == ' ').collect();
+        assert_eq!(starts.len(), 4, "{t}");
+        for line in &lines[1..3] {
+            let chars: Vec<char> = line.chars().collect();
+            for s in &starts {
+                assert!(chars[*s - 1] == ' ' && chars[*s] != ' ', "column at {s} in {line:?}\n{t}");
+            }
+        }
+    }
+
+    #[test]
+    fn families_that_disagree_show_both() {
+        let mut v6 = p("a/x", "a/y", 80, Protocol::Tcp, Verdict::Denied);
+        v6.to_ip = "fd00:10:244::a".parse().unwrap();
+        let m = Matrix::new(vec![p("a/x", "a/y", 80, Protocol::Tcp, Verdict::Allowed), v6]);
+        assert!(m.render_table().contains("80/TCP(v4✓,v6✗)"), "{}", m.render_table());
+    }
+
+    #[test]
+    fn diff_finds_changed_missing_and_extra() {
+        let actual = sample();
+        let expected = actual.expected_with(|p| p.result);
+        assert!(actual.diff(&expected).is_empty());
+        assert_eq!(actual.diff(&expected).render(), "all 7 probes as expected\n");
+
+        let expected = actual.expected_with(|p| {
+            if p.to == "payments/database" { Verdict::Allowed } else { p.result }
+        });
+        let d = actual.diff(&expected);
+        assert_eq!(d.mismatches.len(), 1);
+        assert_eq!(d.mismatches[0].expected, Some(Verdict::Allowed));
+        assert_eq!(d.mismatches[0].actual, Some(Verdict::Denied));
+        let text = d.render();
+        assert!(text.contains("1 of 7 probes differ"), "{text}");
+        assert!(text.contains("payments/database") && text.contains("5432/TCP") && text.contains("timeout"), "{text}");
+
+        let mut fewer = actual.clone();
+        fewer.probes.pop();
+        let d = fewer.diff(&actual.expected_with(|p| p.result));
+        assert_eq!(d.mismatches.len(), 1);
+        assert_eq!(d.mismatches[0].actual, None);
+        let d = actual.diff(&fewer.expected_with(|p| p.result));
+        assert_eq!(d.mismatches[0].expected, None);
+    }
+
+    #[test]
+    fn sctp_is_expected_unsupported() {
+        let m = Matrix::new(vec![p("a/x", "a/y", 9, Protocol::Sctp, Verdict::Unsupported)]);
+        assert_eq!(m.expected_with(|_| Verdict::Allowed).probes[0].result, Verdict::Unsupported);
+        assert!(m.render_table().contains('?'));
+    }
+
+    #[test]
+    fn verdict_lookup_prefers_v4() {
+        let m = sample();
+        assert_eq!(m.verdict("payments/frontend", "payments/backend", 8080, Protocol::Tcp), Some(Verdict::Allowed));
+        assert_eq!(m.verdict("payments/frontend", "payments/backend", 9, Protocol::Tcp), None);
+    }
+
+    #[test]
+    fn plan_uses_container_ports_and_overrides() {
+        use crate::model::ContainerPort;
+        let pod = |ns: &str, name: &str, ip: &str, ports: Vec<ContainerPort>| super::super::PodState {
+            namespace: ns.into(),
+            name: name.into(),
+            ips: vec![ip.parse().unwrap(), "fd00:10:244::a".parse().unwrap()],
+            ports,
+            netns: format!("t-{name}"),
+            ..Default::default()
+        };
+        let tcp80 = ContainerPort { name: None, port: 80, protocol: Protocol::Tcp };
+        let udp53 = ContainerPort { name: None, port: 53, protocol: Protocol::Udp };
+        let state = LabState {
+            pods: vec![pod("a", "x", "10.244.0.10", vec![tcp80.clone()]), pod("a", "y", "10.244.0.11", vec![tcp80, udp53])],
+            ..Default::default()
+        };
+        let jobs = plan(&state, &ProbeOptions::default());
+        assert_eq!(jobs.len(), 2 + 2 * 2, "x,y each → x (1 port) and y (2 ports), IPv4 only");
+        assert!(jobs.iter().all(|j| j.to_ip.is_ipv4()));
+        let both = plan(&state, &ProbeOptions { family: Family::Both, ..Default::default() });
+        assert_eq!(both.len(), 12);
+        let ports = plan(&state, &ProbeOptions { ports: Some(vec![1, 2]), ..Default::default() });
+        assert_eq!(ports.len(), 2 * 2 * 2);
+        assert!(ports.iter().all(|j| j.protocol == Protocol::Tcp));
+        let udp = plan(&state, &ProbeOptions { protocols: Some(vec![Protocol::Udp]), ..Default::default() });
+        assert_eq!(udp.len(), 2);
+        let from = plan(&state, &ProbeOptions { from: vec!["a/x".into()], ..Default::default() });
+        assert!(from.iter().all(|j| j.from == "a/x" && j.netns == "t-x"));
+    }
+}

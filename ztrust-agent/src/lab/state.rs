@@ -1,0 +1,203 @@
+//! `state.json`: everything a running lab made, so that `probe`, `apply` and `down` know it.
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{Error, Result, io_err};
+use crate::model::{ContainerPort, Labels};
+
+pub const STATE_FILE: &str = "state.json";
+pub const MANIFESTS_DIR: &str = "manifests";
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabState {
+    pub state_dir: PathBuf,
+    /// Network namespace name prefix (`<prefix>-node`, `<prefix>-p<N>`, `<prefix>-x<N>`).
+    pub prefix: String,
+    pub if_prefix: String,
+    pub ext_if_prefix: String,
+    /// The binary that runs `lab serve` in every namespace.
+    pub agent_bin: PathBuf,
+    /// The node's network namespace and its own addresses (the HOST identity).
+    pub node_netns: String,
+    pub node_ips: Vec<IpAddr>,
+    pub pods: Vec<PodState>,
+    pub externals: Vec<ExternalState>,
+    /// Interface/namespace numbers are never reused within a lab.
+    pub next_index: u32,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodState {
+    pub namespace: String,
+    pub name: String,
+    pub labels: Labels,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+    pub host_network: bool,
+    /// The pod's own network namespace; for a hostNetwork pod, the node's.
+    pub netns: String,
+    /// Node-side veth (none for a hostNetwork pod).
+    pub host_if: Option<String>,
+    pub index: u32,
+    pub server_pid: Option<u32>,
+}
+
+impl PodState {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExternalState {
+    pub name: String,
+    pub ips: Vec<IpAddr>,
+    pub ports: Vec<ContainerPort>,
+    pub netns: String,
+    pub host_if: String,
+    pub index: u32,
+    pub server_pid: Option<u32>,
+}
+
+impl ExternalState {
+    /// How probes and servers name it: `external/<name>`.
+    pub fn key(&self) -> String {
+        format!("external/{}", self.name)
+    }
+}
+
+impl LabState {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join(STATE_FILE)
+    }
+
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.state_dir.join(MANIFESTS_DIR)
+    }
+
+    /// `Ok(None)` when there is no state file.
+    pub fn load(state_dir: &Path) -> Result<Option<Self>> {
+        let path = Self::path(state_dir);
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })
+    }
+
+    pub fn load_running(state_dir: &Path) -> Result<Self> {
+        Self::load(state_dir)?.ok_or_else(|| Error::NotUp(state_dir.to_owned()))
+    }
+
+    /// Written atomically (temporary file, then rename), so a reader never sees half a state.
+    pub fn save(&self) -> Result<()> {
+        let text = serde_json::to_string_pretty(self).expect("state serializes");
+        write_atomic(&Self::path(&self.state_dir), text.as_bytes())
+    }
+
+    pub fn pod(&self, key: &str) -> Option<&PodState> {
+        self.pods.iter().find(|p| p.key() == key)
+    }
+
+    pub fn all_server_pids(&self) -> Vec<u32> {
+        self.pods.iter().filter_map(|p| p.server_pid).chain(self.externals.iter().filter_map(|x| x.server_pid)).collect()
+    }
+
+    /// Network namespaces of pods and external hosts (not the node's).
+    pub fn endpoint_netns(&self) -> Vec<String> {
+        let pods = self.pods.iter().filter(|p| !p.host_network).map(|p| p.netns.clone());
+        pods.chain(self.externals.iter().map(|x| x.netns.clone())).collect()
+    }
+}
+
+/// Writes `path` through a temporary file in the same directory and a rename. The temporary name does not
+/// end in `.yaml`, so a directory watcher never reads a half-written manifest.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).map_err(io_err(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {} to {}", tmp.display(), path.display())))
+}
+
+fn labels_text(labels: &Labels) -> String {
+    if labels.is_empty() {
+        return "<none>".to_owned();
+    }
+    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn ips_text(ips: &[IpAddr]) -> String {
+    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn ports_text(ports: &[ContainerPort]) -> String {
+    if ports.is_empty() {
+        return "-".to_owned();
+    }
+    ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>().join(",")
+}
+
+/// `lab status`: pods and external hosts as aligned tables.
+pub fn render_status(state: &LabState) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "node: netns {} addresses {} state {}",
+        state.node_netns,
+        ips_text(&state.node_ips),
+        state.state_dir.display()
+    );
+    let _ = writeln!(out);
+    let mut rows = vec![["POD".to_owned(), "IPS".into(), "INTERFACE".into(), "NETNS".into(), "PORTS".into(), "LABELS".into()]];
+    for p in &state.pods {
+        rows.push([
+            p.key(),
+            ips_text(&p.ips),
+            p.host_if.clone().unwrap_or_else(|| "(hostNetwork)".into()),
+            p.netns.clone(),
+            ports_text(&p.ports),
+            labels_text(&p.labels),
+        ]);
+    }
+    out.push_str(&align(&rows));
+    if !state.externals.is_empty() {
+        let _ = writeln!(out);
+        let mut rows = vec![["EXTERNAL".to_owned(), "IPS".into(), "INTERFACE".into(), "NETNS".into(), "PORTS".into()]];
+        for x in &state.externals {
+            rows.push([x.key(), ips_text(&x.ips), x.host_if.clone(), x.netns.clone(), ports_text(&x.ports)]);
+        }
+        out.push_str(&align(&rows));
+    }
+    out
+}
+
+/// Left-aligned columns, two spaces apart (widths in characters, so `✓` counts as one).
+pub(crate) fn align<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            line.push_str(cell);
+            if i + 1 < N {
+                line.extend(std::iter::repeat_n(' ', widths[i] - cell.chars().count() + 2));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
