@@ -80,6 +80,8 @@ pub enum Problem {
     PeerKind,
     #[error("unknown policy type {0:?} (Ingress or Egress); the policy isolates both directions")]
     PolicyType(String),
+    #[error("invalid selector: the policy cannot tell which pods it selects")]
+    InvalidPodSelector,
     #[error("duplicate object; the one read later replaces the one read earlier")]
     Duplicate,
 }
@@ -742,7 +744,7 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
             errors.push(ObjectError {
                 object,
                 field: "spec.podSelector".into(),
-                problem: Problem::Missing,
+                problem: Problem::InvalidPodSelector,
                 effect: Effect::ObjectDropped,
             });
             return Converted { value: None, errors };
