@@ -728,6 +728,50 @@ fn attribution_names_the_first_rule() {
     assert_eq!(ids.len(), 2);
 }
 
+#[test]
+fn inexact_situations_are_warned_about_and_fail_closed() {
+    // Two node addresses, one inside the block: the single host identity cannot be half allowed.
+    let mut p = policy("a", "out", sel(&[]));
+    p.isolates_ingress = false;
+    p.isolates_egress = true;
+    p.egress = vec![Rule {
+        peers: vec![Peer::IpBlock {
+            cidr: net("10.0.0.0/28"),
+            except: vec![],
+        }],
+        ports: vec![],
+    }];
+    let mut c = cluster(
+        vec![pod("a", "x", &[], &[ip(1)]), pod("a", "twin", &[], &[ip(1)])],
+        vec![p],
+    );
+    c.node_ips = vec![ip(2), ip(200)];
+    let d = compile(&c);
+    assert!(!lookup(
+        &d,
+        ip(1),
+        ip(2),
+        proto::TCP,
+        80,
+        &ObjectRef::new("a", "x"),
+        dir::EGRESS
+    ));
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("a/out") && w.contains("spec.egress[0].to[0].ipBlock")),
+        "{:?}",
+        d.warnings
+    );
+    assert!(
+        d.warnings
+            .iter()
+            .any(|w| w.contains("a/twin") && w.contains("10.0.0.1")),
+        "{:?}",
+        d.warnings
+    );
+}
+
 /// Scale: 50,000 pods and 10,000 policies. Run with
 /// `cargo test --release -p ztrust-agent --lib -- --ignored compile_at_scale --nocapture`.
 #[test]
