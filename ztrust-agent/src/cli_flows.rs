@@ -65,10 +65,16 @@ impl Connect {
                 .with_context(|| "is the agent running on this node? (`ztrust-agent run`; try --socket)"),
             Some(addr) => {
                 let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
-                    anyhow::bail!("--server needs --tls-ca, --tls-cert and --tls-key (the agent requires client certificates)");
+                    anyhow::bail!(
+                        "--server needs --tls-ca, --tls-cert and --tls-key (the agent requires client certificates)"
+                    );
                 };
-                let tls =
-                    ClientTls { ca: ca.clone(), cert: cert.clone(), key: key.clone(), domain: self.tls_server_name.clone() };
+                let tls = ClientTls {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    domain: self.tls_server_name.clone(),
+                };
                 Ok(client::connect_tls(addr, &tls).await?)
             }
         }
@@ -151,7 +157,8 @@ fn parse_when(s: &str) -> anyhow::Result<SystemTime> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(SystemTime::now() - d);
     }
-    humantime::parse_rfc3339_weak(s).with_context(|| format!("`{s}` is neither a duration (5m) nor a time (RFC 3339)"))
+    humantime::parse_rfc3339_weak(s)
+        .with_context(|| format!("`{s}` is neither a duration (5m) nor a time (RFC 3339)"))
 }
 
 fn enum_value(field: &str, value: &str, known: i32) -> anyhow::Result<i32> {
@@ -246,10 +253,21 @@ fn cells(f: &Flow) -> [String; 7] {
     let why = if f.is_drop() {
         f.policies.join(",")
     } else {
-        f.allowed_by.as_ref().map(|a| format!("{} ({} rule {})", a.policy, a.direction, a.rule)).unwrap_or_default()
+        f.allowed_by
+            .as_ref()
+            .map(|a| format!("{} ({} rule {})", a.policy, a.direction, a.rule))
+            .unwrap_or_default()
     };
     let flags = if f.tcp_flags.is_empty() { String::new() } else { format!(" {}", f.tcp_flags) };
-    [f.time.clone(), f.verdict.to_uppercase(), src, dst, format!("{}{flags}", f.protocol), f.reason.clone(), why]
+    [
+        f.time.clone(),
+        f.verdict.to_uppercase(),
+        src,
+        dst,
+        format!("{}{flags}", f.protocol),
+        f.reason.clone(),
+        why,
+    ]
 }
 
 fn paint(colour: bool, verdict: &str, padded: String) -> String {
@@ -358,7 +376,9 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
             let mut flows = Vec::new();
             while let Some(r) = stream.next().await {
                 match r?.response_types {
-                    Some(get_flows_response::ResponseTypes::Flow(f)) => flows.push(convert::flow_from_proto(&f)),
+                    Some(get_flows_response::ResponseTypes::Flow(f)) => {
+                        flows.push(convert::flow_from_proto(&f))
+                    }
                     Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
                     None => {}
                 }
@@ -394,8 +414,9 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
         let t = convert::flow_time(f);
         since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) && filters.matches(f)
     };
-    let mut file = std::fs::File::open(path)
-        .with_context(|| format!("opening flow log {} (is the agent running with --flow-log?)", path.display()))?;
+    let mut file = std::fs::File::open(path).with_context(|| {
+        format!("opening flow log {} (is the agent running with --flow-log?)", path.display())
+    })?;
     let mut reader = BufReader::new(&mut file);
     let mut flows: Vec<Flow> = Vec::new();
     let mut line = String::new();
@@ -495,7 +516,11 @@ fn print_alert(a: &Alert, output: Output) -> anyhow::Result<()> {
                 v["kind"].as_str().unwrap_or("-").to_uppercase(),
                 a.summary
             );
-            if colour { println!("\x1b[1;31m{head}\x1b[0m") } else { println!("{head}") }
+            if colour {
+                println!("\x1b[1;31m{head}\x1b[0m")
+            } else {
+                println!("{head}")
+            }
             for f in &a.evidence {
                 println!("    {}", render_line(&convert::flow_from_proto(f)));
             }
@@ -524,7 +549,9 @@ pub fn run_alerts(args: &AlertsArgs) -> anyhow::Result<()> {
 /// The running agent's observer counters (for `status --server`).
 pub fn server_status(connect: &Connect) -> anyhow::Result<ServerStatusResponse> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async { Ok(connect.client().await?.server_status(ServerStatusRequest {}).await?.into_inner()) })
+    rt.block_on(async {
+        Ok(connect.client().await?.server_status(ServerStatusRequest {}).await?.into_inner())
+    })
 }
 
 pub fn render_server_status(s: &ServerStatusResponse) -> String {
@@ -587,7 +614,9 @@ mod tests {
 
     #[test]
     fn options_become_one_and_filter() {
-        let req = parse(&["--denied", "--from-pod", "shop/web", "--port", "5432", "--protocol", "tcp"]).request().unwrap();
+        let req = parse(&["--denied", "--from-pod", "shop/web", "--port", "5432", "--protocol", "tcp"])
+            .request()
+            .unwrap();
         assert_eq!(req.number, 20);
         assert!(!req.follow);
         let f = &req.whitelist[0];
@@ -624,7 +653,8 @@ mod tests {
 
     #[test]
     fn table_columns_align() {
-        let flows = [crate::observer::filters::testing::denied(), crate::observer::filters::testing::allowed()];
+        let flows =
+            [crate::observer::filters::testing::denied(), crate::observer::filters::testing::allowed()];
         let mut p = Printer::new(Output::Table);
         p.colour = false;
         p.fit(&flows);

@@ -259,7 +259,8 @@ mod tests {
     #[test]
     fn a_host_sweep_is_a_scan_too() {
         let mut d = detector();
-        let alerts: Vec<_> = (1..=20).flat_map(|i| d.observe(&probe(&format!("10.244.3.{i}"), 22), at(i * 100))).collect();
+        let alerts: Vec<_> =
+            (1..=20).flat_map(|i| d.observe(&probe(&format!("10.244.3.{i}"), 22), at(i * 100))).collect();
         assert_eq!(alerts.len(), 1);
     }
 
@@ -326,7 +327,8 @@ mod tests {
 
     #[test]
     fn audit_mode_would_drops_count() {
-        let mut d = Detector::new("lab", DetectorOptions { sensitive: vec![], ..Default::default() }).unwrap();
+        let mut d =
+            Detector::new("lab", DetectorOptions { sensitive: vec![], ..Default::default() }).unwrap();
         let alerts: Vec<_> = (1..=10u16)
             .flat_map(|p| {
                 let mut f = probe("10.244.0.12", p);
@@ -339,7 +341,9 @@ mod tests {
 
     #[test]
     fn sources_are_bounded() {
-        let mut d = Detector::new("lab", DetectorOptions { max_sources: 4, sensitive: vec![], ..Default::default() }).unwrap();
+        let mut d =
+            Detector::new("lab", DetectorOptions { max_sources: 4, sensitive: vec![], ..Default::default() })
+                .unwrap();
         for i in 0..100u64 {
             let mut f = probe("10.244.0.12", 80);
             f.source.pod = Some(format!("p{i}"));
@@ -350,6 +354,9 @@ mod tests {
 
     #[test]
     fn bad_selectors_are_refused() {
-        assert!(Detector::new("lab", DetectorOptions { sensitive: vec!["=x".into()], ..Default::default() }).is_err());
+        assert!(
+            Detector::new("lab", DetectorOptions { sensitive: vec!["=x".into()], ..Default::default() })
+                .is_err()
+        );
     }
 }

@@ -113,7 +113,11 @@ impl Metrics {
             m.ring_overwritten.clone(),
         );
         registry.register("flow_ring_flows", "Flows held in the in-memory flow ring", m.ring_flows.clone());
-        registry.register("flow_ring_capacity", "Capacity of the in-memory flow ring", m.ring_capacity.clone());
+        registry.register(
+            "flow_ring_capacity",
+            "Capacity of the in-memory flow ring",
+            m.ring_capacity.clone(),
+        );
         registry.register("flow_subscribers", "Open GetFlows/GetAlerts streams", m.subscribers.clone());
         registry.register(
             "policy_compile_duration_seconds",
@@ -125,12 +129,20 @@ impl Metrics {
             "Time to write the desired state into the kernel maps",
             m.sync.clone(),
         );
-        registry.register("policy_sync_writes", "Kernel map writes (updates and deletes) done by syncs", m.sync_writes.clone());
+        registry.register(
+            "policy_sync_writes",
+            "Kernel map writes (updates and deletes) done by syncs",
+            m.sync_writes.clone(),
+        );
         registry.register("endpoints", "Endpoints (pods) enforced on this node", m.endpoints.clone());
         registry.register("identities", "Security identities allocated", m.identities.clone());
         registry.register("map_entries", "Entries in a kernel map", m.map_entries.clone());
         registry.register("map_capacity", "Capacity of a kernel map", m.map_capacity.clone());
-        registry.register("alerts", "Lateral-movement alerts raised, by kind (scan, sensitive_tier)", m.alerts.clone());
+        registry.register(
+            "alerts",
+            "Lateral-movement alerts raised, by kind (scan, sensitive_tier)",
+            m.alerts.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -146,7 +158,9 @@ impl Metrics {
         let namespace = judged
             .namespace
             .clone()
-            .or_else(|| f.endpoint.split_once('/').filter(|(ns, _)| *ns != "ifindex").map(|(ns, _)| ns.to_owned()))
+            .or_else(|| {
+                f.endpoint.split_once('/').filter(|(ns, _)| *ns != "ifindex").map(|(ns, _)| ns.to_owned())
+            })
             .unwrap_or_default();
         let mut labels: Labels = vec![
             ("verdict", f.verdict.clone()),
@@ -202,7 +216,8 @@ impl Metrics {
             }
             *last = now;
         };
-        let kernel = self.flows_lost.get_or_create(&vec![("source", "kernel_ring_buffer".to_owned())]).clone();
+        let kernel =
+            self.flows_lost.get_or_create(&vec![("source", "kernel_ring_buffer".to_owned())]).clone();
         let slow = self.flows_lost.get_or_create(&vec![("source", "slow_client".to_owned())]).clone();
         mirror(&kernel, &mut m.lost_kernel, st.lost_kernel_ring_buffer);
         mirror(&slow, &mut m.lost_slow, st.lost_slow_clients);
@@ -236,7 +251,10 @@ pub async fn serve(
             get(move || {
                 let m = metrics.clone();
                 async move {
-                    ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+                    (
+                        [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+                        m.render(),
+                    )
                 }
             }),
         )
@@ -316,7 +334,11 @@ mod tests {
         }
         hub.set_kernel_lost(9);
         let text = m.render();
-        assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#), Some(9.0), "{text}");
+        assert_eq!(
+            sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
+            Some(9.0),
+            "{text}"
+        );
         // Queue of 1: the first flow went in, the 3 others did not.
         assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="slow_client"}"#), Some(3.0));
         assert_eq!(sample(&text, "ztrust_flow_ring_overwritten_total"), Some(2.0));

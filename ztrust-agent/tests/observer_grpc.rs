@@ -110,7 +110,11 @@ async fn number_filters_and_status() {
     // nothing forwarded (blacklist).
     let req = GetFlowsRequest {
         whitelist: vec![
-            FlowFilter { verdict: vec![dropped], source_pod: vec!["shop/web-0".into()], ..Default::default() },
+            FlowFilter {
+                verdict: vec![dropped],
+                source_pod: vec!["shop/web-0".into()],
+                ..Default::default()
+            },
             FlowFilter { source_pod: vec!["shop/web-2".into()], ..Default::default() },
         ],
         blacklist: vec![FlowFilter { verdict: vec![Verdict::Forwarded as i32], ..Default::default() }],
@@ -134,7 +138,7 @@ async fn number_filters_and_status() {
         whitelist: vec![FlowFilter { destination_port: vec!["http".into()], ..Default::default() }],
         ..Default::default()
     };
-    let err = c.get_flows(bad).await.err().expect("invalid filter refused");
+    let Err(err) = c.get_flows(bad).await else { panic!("an invalid filter is refused") };
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     // since / until.
@@ -189,7 +193,10 @@ async fn follow_gets_history_then_new_flows() {
     srv.hub.publish(flow(2, "dropped", 80));
     srv.hub.publish(flow(3, "dropped", 443));
     let second = next(&mut stream).await;
-    assert!(matches!(second.response_types, Some(ResponseTypes::Flow(f)) if f.bytes == 63), "port 80 filtered out");
+    assert!(
+        matches!(second.response_types, Some(ResponseTypes::Flow(f)) if f.bytes == 63),
+        "port 80 filtered out"
+    );
     drop(stream);
     // The server forgets the stream once the client is gone.
     for _ in 0..100 {
@@ -237,13 +244,18 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
-    let (fast_flows, fast_lost) = tokio::time::timeout(Duration::from_secs(60), fast_reader).await.unwrap().unwrap();
+    let (fast_flows, fast_lost) =
+        tokio::time::timeout(Duration::from_secs(60), fast_reader).await.unwrap().unwrap();
     assert_eq!((fast_flows, fast_lost), (u64::from(TOTAL), 0), "the fast client got everything");
 
     // Now the slow client reads: what it got plus what it was told it lost is everything.
     let (mut flows, mut lost, mut last) = (0u64, 0u64, None);
     while flows + lost < u64::from(TOTAL) {
-        let item = tokio::time::timeout(Duration::from_secs(10), slow_stream.next()).await.unwrap().unwrap().unwrap();
+        let item = tokio::time::timeout(Duration::from_secs(10), slow_stream.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         match item.response_types.unwrap() {
             ResponseTypes::Flow(f) => {
                 assert!(last.is_none_or(|l| f.bytes > l), "in order");
@@ -274,11 +286,14 @@ async fn garbage_and_half_open_connections_do_not_hurt_others() {
     let junk: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let _ = noise.write_all(&junk).await;
     let mut bad_frames = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
-    let _ = bad_frames.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff").await;
+    let _ =
+        bad_frames.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff").await;
     let _ = bad_frames.write_all(&junk[..4096]).await;
 
     let mut c = connect_unix(&srv.socket).await.unwrap();
-    let items = tokio::time::timeout(Duration::from_secs(10), collect(&mut c, GetFlowsRequest::default())).await.unwrap();
+    let items = tokio::time::timeout(Duration::from_secs(10), collect(&mut c, GetFlowsRequest::default()))
+        .await
+        .unwrap();
     assert_eq!(bytes_of(&items), [60]);
     let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
     assert_eq!(st.seen_flows, 1);
@@ -288,7 +303,8 @@ async fn garbage_and_half_open_connections_do_not_hurt_others() {
 async fn alerts_stream() {
     let srv = start(opts(100, 64)).await;
     let detector =
-        ztrust_agent::detector::Detector::new("lab", ztrust_agent::detector::DetectorOptions::default()).unwrap();
+        ztrust_agent::detector::Detector::new("lab", ztrust_agent::detector::DetectorOptions::default())
+            .unwrap();
     let metrics = Arc::new(ztrust_agent::metrics::Metrics::default());
     tokio::spawn(ztrust_agent::detector::run(srv.hub.clone(), detector, Some(metrics.clone())));
     while srv.hub.status().subscribers < 1 {

@@ -132,7 +132,10 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         endpoint: p.endpoint.clone(),
         protocol: p.protocol.clone(),
         source: endpoint_from_proto(p.source.as_ref().unwrap_or(&proto::Endpoint::default()), has_ports),
-        destination: endpoint_from_proto(p.destination.as_ref().unwrap_or(&proto::Endpoint::default()), has_ports),
+        destination: endpoint_from_proto(
+            p.destination.as_ref().unwrap_or(&proto::Endpoint::default()),
+            has_ports,
+        ),
         tcp_flags: p.tcp_flags.clone(),
         policies: p.isolating_policies.clone(),
         allowed_by: p.allowed_by.as_ref().map(|a| AllowedBy {

@@ -92,7 +92,10 @@ pub struct Snapshot<T> {
 impl<T: Send + Sync + 'static> Fanout<T> {
     pub fn new(capacity: usize, queue: usize) -> Self {
         Self {
-            state: Mutex::new(State { ring: VecDeque::with_capacity(capacity.min(1 << 16)), subscribers: Vec::new() }),
+            state: Mutex::new(State {
+                ring: VecDeque::with_capacity(capacity.min(1 << 16)),
+                subscribers: Vec::new(),
+            }),
             capacity: capacity.max(1),
             queue: queue.max(1),
             published: AtomicU64::new(0),

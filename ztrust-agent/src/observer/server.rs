@@ -136,7 +136,10 @@ impl Observer for ObserverService {
     type GetFlowsStream = BoxStream<GetFlowsResponse>;
     type GetAlertsStream = BoxStream<GetAlertsResponse>;
 
-    async fn get_flows(&self, request: Request<GetFlowsRequest>) -> Result<Response<Self::GetFlowsStream>, Status> {
+    async fn get_flows(
+        &self,
+        request: Request<GetFlowsRequest>,
+    ) -> Result<Response<Self::GetFlowsStream>, Status> {
         let req = request.into_inner();
         let filters = FlowFilters::new(&req.whitelist, &req.blacklist)
             .map_err(|e| Status::invalid_argument(format!("filter: {e}")))?;
@@ -144,7 +147,8 @@ impl Observer for ObserverService {
         let until = req.until.as_ref().map(convert::system_time);
         let follow = req.follow && until.is_none_or(|u| u > SystemTime::now());
         let snapshot = self.hub.flows.subscribe(follow);
-        let (kept, lost_in_ring) = select_kept(&req, &filters, &snapshot.kept, snapshot.overwritten, since, until);
+        let (kept, lost_in_ring) =
+            select_kept(&req, &filters, &snapshot.kept, snapshot.overwritten, since, until);
         drop(snapshot.kept);
         let mut subscription = snapshot.subscription;
         let node = self.hub.node.clone();
@@ -160,7 +164,9 @@ impl Observer for ObserverService {
             let flow = |o: &Observed| {
                 response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(&o.flow, o.time)))
             };
-            if lost_in_ring > 0 && tx.send(response(lost(LostEventSource::AgentRing, lost_in_ring))).await.is_err() {
+            if lost_in_ring > 0
+                && tx.send(response(lost(LostEventSource::AgentRing, lost_in_ring))).await.is_err()
+            {
                 return;
             }
             for o in &kept {
@@ -196,7 +202,10 @@ impl Observer for ObserverService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn get_alerts(&self, request: Request<GetAlertsRequest>) -> Result<Response<Self::GetAlertsStream>, Status> {
+    async fn get_alerts(
+        &self,
+        request: Request<GetAlertsRequest>,
+    ) -> Result<Response<Self::GetAlertsStream>, Status> {
         let req = request.into_inner();
         let snapshot = self.hub.alerts.subscribe(req.follow);
         let n = usize::try_from(req.number).unwrap_or(usize::MAX);
@@ -206,7 +215,9 @@ impl Observer for ObserverService {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         tokio::spawn(async move {
             let alert = |a: &crate::observer::proto::Alert| {
-                Ok(GetAlertsResponse { response_types: Some(get_alerts_response::ResponseTypes::Alert(a.clone())) })
+                Ok(GetAlertsResponse {
+                    response_types: Some(get_alerts_response::ResponseTypes::Alert(a.clone())),
+                })
             };
             for a in &kept {
                 if tx.send(alert(a)).await.is_err() {
@@ -237,7 +248,10 @@ impl Observer for ObserverService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn server_status(&self, _: Request<ServerStatusRequest>) -> Result<Response<ServerStatusResponse>, Status> {
+    async fn server_status(
+        &self,
+        _: Request<ServerStatusRequest>,
+    ) -> Result<Response<ServerStatusResponse>, Status> {
         let st = self.hub.status();
         Ok(Response::new(ServerStatusResponse {
             node_name: self.hub.node.clone(),
@@ -357,7 +371,10 @@ mod tests {
         let seqs = |v: Vec<Arc<Observed>>| v.iter().map(|o| o.seq).collect::<Vec<_>>();
         assert_eq!(seqs(select_kept(&req(2, false), &f, &kept, 0, None, None).0), [4, 5]);
         assert_eq!(seqs(select_kept(&req(0, false), &f, &kept, 0, None, None).0), [1, 2, 3, 4, 5]);
-        assert!(select_kept(&req(0, true), &f, &kept, 0, None, None).0.is_empty(), "follow alone: only new flows");
+        assert!(
+            select_kept(&req(0, true), &f, &kept, 0, None, None).0.is_empty(),
+            "follow alone: only new flows"
+        );
         let since = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(103));
         let until = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(105));
         assert_eq!(seqs(select_kept(&req(0, false), &f, &kept, 0, since, until).0), [3, 4]);

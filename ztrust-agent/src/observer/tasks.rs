@@ -18,8 +18,8 @@ use ztrust_common::{names, stat};
 use crate::detector::{Detector, DetectorOptions};
 use crate::flows::View;
 use crate::metrics::Metrics;
-use crate::observer::server::{self, TlsFiles};
 use crate::observer::Hub;
+use crate::observer::server::{self, TlsFiles};
 
 #[derive(Clone, Debug)]
 pub struct ObserverOptions {
@@ -119,7 +119,11 @@ pub async fn spawn(
     }
     if let Some(d) = &opts.detector {
         match Detector::new(&hub.node, d.clone()) {
-            Ok(det) => running.tasks.push(tokio::spawn(crate::detector::run(hub.clone(), det, Some(metrics.clone())))),
+            Ok(det) => running.tasks.push(tokio::spawn(crate::detector::run(
+                hub.clone(),
+                det,
+                Some(metrics.clone()),
+            ))),
             Err(e) => error!(error = %e, "lateral-movement detector not started"),
         }
     }
@@ -127,7 +131,13 @@ pub async fn spawn(
     running
 }
 
-async fn housekeeping(hub: Arc<Hub>, metrics: Arc<Metrics>, view: Arc<RwLock<View>>, pin_dir: PathBuf, tick: Duration) {
+async fn housekeeping(
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    view: Arc<RwLock<View>>,
+    pin_dir: PathBuf,
+    tick: Duration,
+) {
     let stats: Option<PerCpuArray<MapData, u64>> =
         match crate::datapath::loader::open_pinned(&pin_dir, names::STATS) {
             Ok(m) => Some(m),

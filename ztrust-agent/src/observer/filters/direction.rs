@@ -8,7 +8,9 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     any(
         &ff.traffic_direction,
         |v| match TrafficDirection::try_from(*v) {
-            Ok(TrafficDirection::Unknown) | Err(_) => Err(Error::Enum { field: "traffic_direction", value: *v }),
+            Ok(TrafficDirection::Unknown) | Err(_) => {
+                Err(Error::Enum { field: "traffic_direction", value: *v })
+            }
             Ok(d) => Ok(convert::direction_str(d)),
         },
         |name: &&'static str, f| f.direction == *name,
@@ -22,10 +24,12 @@ mod tests {
 
     #[test]
     fn matches_the_direction() {
-        let ingress =
-            build(&FlowFilter { traffic_direction: vec![TrafficDirection::Ingress as i32], ..Default::default() })
-                .unwrap()
-                .unwrap();
+        let ingress = build(&FlowFilter {
+            traffic_direction: vec![TrafficDirection::Ingress as i32],
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
         assert!(ingress(&denied()));
         assert!(!ingress(&allowed()));
         assert!(build(&FlowFilter::default()).unwrap().is_none());

@@ -9,7 +9,7 @@ use super::{Error, FilterFn, Result, any};
 use crate::flows::Flow;
 use crate::observer::proto::FlowFilter;
 
-fn parse(s: &String) -> Result<IpNet> {
+fn parse(s: &str) -> Result<IpNet> {
     let s = s.trim();
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
@@ -19,8 +19,8 @@ fn parse(s: &String) -> Result<IpNet> {
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     let preds: Vec<FilterFn> = [
-        any(&ff.source_ip, parse, |n: &IpNet, f: &Flow| n.contains(&f.source.ip))?,
-        any(&ff.destination_ip, parse, |n: &IpNet, f: &Flow| n.contains(&f.destination.ip))?,
+        any(&ff.source_ip, |v: &String| parse(v), |n: &IpNet, f: &Flow| n.contains(&f.source.ip))?,
+        any(&ff.destination_ip, |v: &String| parse(v), |n: &IpNet, f: &Flow| n.contains(&f.destination.ip))?,
     ]
     .into_iter()
     .flatten()
@@ -60,7 +60,10 @@ mod tests {
     #[test]
     fn invalid() {
         for bad in ["", "10.0.0.300", "10.0.0.0/33", "host.example"] {
-            assert!(build(&FlowFilter { source_ip: vec![bad.into()], ..Default::default() }).is_err(), "{bad}");
+            assert!(
+                build(&FlowFilter { source_ip: vec![bad.into()], ..Default::default() }).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -87,9 +87,12 @@ mod tests {
     use crate::observer::filters::testing::{allowed, denied};
 
     fn dst(sel: &[&str]) -> FilterFn {
-        build(&FlowFilter { destination_label: sel.iter().map(|s| s.to_string()).collect(), ..Default::default() })
-            .unwrap()
-            .unwrap()
+        build(&FlowFilter {
+            destination_label: sel.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap()
     }
 
     #[test]
@@ -110,7 +113,9 @@ mod tests {
         assert!(dst(&["app=database,tier=database"])(&denied()));
         assert!(!dst(&["app=database,tier=web"])(&denied()));
         assert!(dst(&["app=web", "app=database"])(&denied()));
-        let src = build(&FlowFilter { source_label: vec!["app=frontend".into()], ..Default::default() }).unwrap().unwrap();
+        let src = build(&FlowFilter { source_label: vec!["app=frontend".into()], ..Default::default() })
+            .unwrap()
+            .unwrap();
         assert!(src(&denied()) && !src(&allowed()));
     }
 

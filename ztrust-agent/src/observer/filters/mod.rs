@@ -139,7 +139,10 @@ pub(crate) mod testing {
                 port: Some(5432),
                 namespace: Some("payments".into()),
                 pod: Some("database-0".into()),
-                labels: BTreeMap::from([("app".into(), "database".into()), ("tier".into(), "database".into())]),
+                labels: BTreeMap::from([
+                    ("app".into(), "database".into()),
+                    ("tier".into(), "database".into()),
+                ]),
                 identity: 301,
             },
             tcp_flags: "SYN".into(),
@@ -178,7 +181,11 @@ pub(crate) mod testing {
             },
             tcp_flags: String::new(),
             policies: vec![],
-            allowed_by: Some(AllowedBy { policy: "shop/allow-dns".into(), direction: "egress".into(), rule: 0 }),
+            allowed_by: Some(AllowedBy {
+                policy: "shop/allow-dns".into(),
+                direction: "egress".into(),
+                rule: 0,
+            }),
             new_connection: true,
             bytes: 70,
         }
@@ -206,7 +213,8 @@ mod tests {
 
     #[test]
     fn fields_of_one_filter_and_together() {
-        let both = FlowFilter { verdict: vec![Verdict::Dropped as i32], protocol: vec!["UDP".into()], ..ff() };
+        let both =
+            FlowFilter { verdict: vec![Verdict::Dropped as i32], protocol: vec!["UDP".into()], ..ff() };
         let f = FlowFilters::new(&[both], &[]).unwrap();
         assert!(!f.matches(&denied()), "dropped but TCP");
         assert!(!f.matches(&allowed()), "UDP but forwarded");

@@ -6,8 +6,8 @@ use super::{Error, FilterFn, Result, any};
 use crate::flows::{Endpoint, Flow};
 use crate::observer::proto::FlowFilter;
 
-fn parse(ns: &String) -> Result<String> {
-    if ns.is_empty() { Err(Error::Empty("namespace")) } else { Ok(ns.clone()) }
+fn parse(ns: &str) -> Result<String> {
+    if ns.is_empty() { Err(Error::Empty("namespace")) } else { Ok(ns.to_owned()) }
 }
 
 fn in_ns(e: &Endpoint, ns: &str) -> bool {
@@ -16,9 +16,17 @@ fn in_ns(e: &Endpoint, ns: &str) -> bool {
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     let preds: Vec<FilterFn> = [
-        any(&ff.source_namespace, parse, |ns: &String, f: &Flow| in_ns(&f.source, ns))?,
-        any(&ff.destination_namespace, parse, |ns: &String, f: &Flow| in_ns(&f.destination, ns))?,
-        any(&ff.namespace, parse, |ns: &String, f: &Flow| in_ns(&f.source, ns) || in_ns(&f.destination, ns))?,
+        any(&ff.source_namespace, |v: &String| parse(v), |ns: &String, f: &Flow| in_ns(&f.source, ns))?,
+        any(
+            &ff.destination_namespace,
+            |v: &String| parse(v),
+            |ns: &String, f: &Flow| in_ns(&f.destination, ns),
+        )?,
+        any(
+            &ff.namespace,
+            |v: &String| parse(v),
+            |ns: &String, f: &Flow| in_ns(&f.source, ns) || in_ns(&f.destination, ns),
+        )?,
     ]
     .into_iter()
     .flatten()
@@ -43,8 +51,11 @@ mod tests {
         assert!(f(FlowFilter { source_namespace: vec!["payments".into()], ..Default::default() })(&denied()));
         assert!(!f(FlowFilter { source_namespace: vec!["shop".into()], ..Default::default() })(&denied()));
         // The destination of `allowed` is outside the cluster: no namespace.
-        assert!(!f(FlowFilter { destination_namespace: vec!["shop".into()], ..Default::default() })(&allowed()));
-        let either = f(FlowFilter { namespace: vec!["shop".into(), "payments".into()], ..Default::default() });
+        assert!(!f(FlowFilter { destination_namespace: vec!["shop".into()], ..Default::default() })(
+            &allowed()
+        ));
+        let either =
+            f(FlowFilter { namespace: vec!["shop".into(), "payments".into()], ..Default::default() });
         assert!(either(&denied()) && either(&allowed()));
         let both = f(FlowFilter {
             source_namespace: vec!["shop".into()],

@@ -6,8 +6,12 @@ use super::{Error, FilterFn, Result, any};
 use crate::flows::{Endpoint, Flow};
 use crate::observer::proto::FlowFilter;
 
-fn parse(p: &String) -> Result<String> {
-    if p.is_empty() || !p.contains('/') { Err(Error::Empty("pod (use namespace/name)")) } else { Ok(p.clone()) }
+fn parse(p: &str) -> Result<String> {
+    if p.is_empty() || !p.contains('/') {
+        Err(Error::Empty("pod (use namespace/name)"))
+    } else {
+        Ok(p.to_owned())
+    }
 }
 
 fn is(e: &Endpoint, prefix: &str) -> bool {
@@ -22,9 +26,13 @@ fn is(e: &Endpoint, prefix: &str) -> bool {
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     let preds: Vec<FilterFn> = [
-        any(&ff.source_pod, parse, |p: &String, f: &Flow| is(&f.source, p))?,
-        any(&ff.destination_pod, parse, |p: &String, f: &Flow| is(&f.destination, p))?,
-        any(&ff.pod, parse, |p: &String, f: &Flow| is(&f.source, p) || is(&f.destination, p))?,
+        any(&ff.source_pod, |v: &String| parse(v), |p: &String, f: &Flow| is(&f.source, p))?,
+        any(&ff.destination_pod, |v: &String| parse(v), |p: &String, f: &Flow| is(&f.destination, p))?,
+        any(
+            &ff.pod,
+            |v: &String| parse(v),
+            |p: &String, f: &Flow| is(&f.source, p) || is(&f.destination, p),
+        )?,
     ]
     .into_iter()
     .flatten()
@@ -46,13 +54,21 @@ mod tests {
 
     #[test]
     fn exact_and_prefix() {
-        assert!(f(FlowFilter { source_pod: vec!["payments/frontend-7d9".into()], ..Default::default() })(&denied()));
-        assert!(f(FlowFilter { source_pod: vec!["payments/frontend".into()], ..Default::default() })(&denied()));
+        assert!(f(FlowFilter { source_pod: vec!["payments/frontend-7d9".into()], ..Default::default() })(
+            &denied()
+        ));
+        assert!(f(FlowFilter { source_pod: vec!["payments/frontend".into()], ..Default::default() })(
+            &denied()
+        ));
         assert!(f(FlowFilter { source_pod: vec!["payments/".into()], ..Default::default() })(&denied()));
-        assert!(!f(FlowFilter { source_pod: vec!["payments/database".into()], ..Default::default() })(&denied()));
+        assert!(!f(FlowFilter { source_pod: vec!["payments/database".into()], ..Default::default() })(
+            &denied()
+        ));
         // The namespace part is never a prefix: `pay/` is not `payments/`.
         assert!(!f(FlowFilter { source_pod: vec!["pay/".into()], ..Default::default() })(&denied()));
-        assert!(f(FlowFilter { destination_pod: vec!["payments/database-0".into()], ..Default::default() })(&denied()));
+        assert!(f(FlowFilter { destination_pod: vec!["payments/database-0".into()], ..Default::default() })(
+            &denied()
+        ));
     }
 
     #[test]

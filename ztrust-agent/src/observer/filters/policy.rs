@@ -29,7 +29,9 @@ mod tests {
     use crate::observer::filters::testing::{allowed, denied};
 
     fn f(p: &[&str]) -> FilterFn {
-        build(&FlowFilter { policy: p.iter().map(|s| s.to_string()).collect(), ..Default::default() }).unwrap().unwrap()
+        build(&FlowFilter { policy: p.iter().map(|s| s.to_string()).collect(), ..Default::default() })
+            .unwrap()
+            .unwrap()
     }
 
     #[test]

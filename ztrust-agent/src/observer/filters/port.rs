@@ -5,8 +5,8 @@ use super::{Error, FilterFn, Result, any};
 use crate::flows::Flow;
 use crate::observer::proto::FlowFilter;
 
-fn parse(s: &String) -> Result<(u16, u16)> {
-    let err = || Error::Port(s.clone());
+fn parse(s: &str) -> Result<(u16, u16)> {
+    let err = || Error::Port(s.to_owned());
     let one = |p: &str| p.trim().parse::<u16>().map_err(|_| err());
     let (lo, hi) = match s.split_once('-') {
         Some((lo, hi)) => (one(lo)?, one(hi)?),
@@ -16,9 +16,11 @@ fn parse(s: &String) -> Result<(u16, u16)> {
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
-    any(&ff.destination_port, parse, |(lo, hi): &(u16, u16), f: &Flow| {
-        f.destination.port.is_some_and(|p| (*lo..=*hi).contains(&p))
-    })
+    any(
+        &ff.destination_port,
+        |v: &String| parse(v),
+        |(lo, hi): &(u16, u16), f: &Flow| f.destination.port.is_some_and(|p| (*lo..=*hi).contains(&p)),
+    )
 }
 
 #[cfg(test)]
@@ -27,9 +29,12 @@ mod tests {
     use crate::observer::filters::testing::{allowed, denied};
 
     fn f(p: &[&str]) -> FilterFn {
-        build(&FlowFilter { destination_port: p.iter().map(|s| s.to_string()).collect(), ..Default::default() })
-            .unwrap()
-            .unwrap()
+        build(&FlowFilter {
+            destination_port: p.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap()
     }
 
     #[test]
@@ -46,7 +51,10 @@ mod tests {
     #[test]
     fn invalid() {
         for bad in ["", "x", "70000", "90-80", "1-2-3"] {
-            assert!(build(&FlowFilter { destination_port: vec![bad.into()], ..Default::default() }).is_err(), "{bad}");
+            assert!(
+                build(&FlowFilter { destination_port: vec![bad.into()], ..Default::default() }).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -24,7 +24,9 @@ mod tests {
         let f = build(&FlowFilter { protocol: vec!["tcp".into()], ..Default::default() }).unwrap().unwrap();
         assert!(f(&denied()));
         assert!(!f(&allowed()));
-        let f = build(&FlowFilter { protocol: vec!["TCP".into(), "Udp".into()], ..Default::default() }).unwrap().unwrap();
+        let f = build(&FlowFilter { protocol: vec!["TCP".into(), "Udp".into()], ..Default::default() })
+            .unwrap()
+            .unwrap();
         assert!(f(&allowed()));
         assert!(build(&FlowFilter { protocol: vec![" ".into()], ..Default::default() }).is_err());
     }

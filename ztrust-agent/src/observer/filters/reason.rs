@@ -23,7 +23,9 @@ mod tests {
     #[test]
     fn matches_the_reason() {
         let f = |r: &[Reason]| {
-            build(&FlowFilter { reason: r.iter().map(|r| *r as i32).collect(), ..Default::default() }).unwrap().unwrap()
+            build(&FlowFilter { reason: r.iter().map(|r| *r as i32).collect(), ..Default::default() })
+                .unwrap()
+                .unwrap()
         };
         assert!(f(&[Reason::PolicyDenied])(&denied()));
         assert!(!f(&[Reason::PolicyDenied])(&allowed()));

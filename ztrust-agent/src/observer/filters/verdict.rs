@@ -21,7 +21,9 @@ mod tests {
     use crate::observer::filters::testing::{allowed, denied};
 
     fn filter(v: &[Verdict]) -> FilterFn {
-        build(&FlowFilter { verdict: v.iter().map(|v| *v as i32).collect(), ..Default::default() }).unwrap().unwrap()
+        build(&FlowFilter { verdict: v.iter().map(|v| *v as i32).collect(), ..Default::default() })
+            .unwrap()
+            .unwrap()
     }
 
     #[test]
