@@ -34,7 +34,8 @@ impl Allocator {
     pub fn next_pair(&mut self) -> Option<(Ipv4Addr, Ipv6Addr)> {
         for host in FIRST_HOST..=LAST_HOST {
             let v4 = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) | host);
-            let v6 = Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0)) | host as u128);
+            let v6 =
+                Ipv6Addr::from(u128::from(Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0)) | host as u128);
             if !self.used.contains(&IpAddr::V4(v4)) && !self.used.contains(&IpAddr::V6(v6)) {
                 self.used.insert(IpAddr::V4(v4));
                 self.used.insert(IpAddr::V6(v6));
@@ -56,8 +57,14 @@ mod tests {
     #[test]
     fn starts_at_ten_with_matching_v6() {
         let mut a = Allocator::new([]);
-        assert_eq!(a.next_pair(), Some((Ipv4Addr::new(10, 244, 0, 10), "fd00:10:244::a".parse().unwrap())));
-        assert_eq!(a.next_pair(), Some((Ipv4Addr::new(10, 244, 0, 11), "fd00:10:244::b".parse().unwrap())));
+        assert_eq!(
+            a.next_pair(),
+            Some((Ipv4Addr::new(10, 244, 0, 10), "fd00:10:244::a".parse().unwrap()))
+        );
+        assert_eq!(
+            a.next_pair(),
+            Some((Ipv4Addr::new(10, 244, 0, 11), "fd00:10:244::b".parse().unwrap()))
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use anyhow::Context as _;
 
 use super::probe::parse_protocol;
 use super::{
-    ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, DownOptions, Family,
-    LabelChange, LabelKind, ProbeOptions, ServeArgs, UpOptions,
+    ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, DownOptions,
+    Family, LabelChange, LabelKind, ProbeOptions, ServeArgs, UpOptions,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -112,10 +112,22 @@ pub enum LabCommand {
 
 pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
     match cmd {
-        LabCommand::Up { manifests, state, prefix, if_prefix, ext_if_prefix } => {
+        LabCommand::Up {
+            manifests,
+            state,
+            prefix,
+            if_prefix,
+            ext_if_prefix,
+        } => {
             let report = super::up(
                 &manifests,
-                UpOptions { state_dir: state.state_dir, prefix, if_prefix, ext_if_prefix, ..Default::default() },
+                UpOptions {
+                    state_dir: state.state_dir,
+                    prefix,
+                    if_prefix,
+                    ext_if_prefix,
+                    ..Default::default()
+                },
             )
             .with_context(|| format!("bringing the lab up from {}", manifests.display()))?;
             for w in &report.warnings {
@@ -124,12 +136,25 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             print!("{}", super::render_status(&report.state));
         }
         LabCommand::Down { state, prefix } => {
-            let r = super::down(&DownOptions { state_dir: state.state_dir, prefix })?;
-            eprintln!("stopped {} servers, removed {} network namespaces", r.killed.len(), r.netns_deleted.len());
+            let r = super::down(&DownOptions {
+                state_dir: state.state_dir,
+                prefix,
+            })?;
+            eprintln!(
+                "stopped {} servers, removed {} network namespaces",
+                r.killed.len(),
+                r.netns_deleted.len()
+            );
         }
         LabCommand::Apply { path, state } => {
-            let r = super::apply(&path, ApplyOptions { state_dir: state.state_dir, ..Default::default() })
-                .with_context(|| format!("applying {}", path.display()))?;
+            let r = super::apply(
+                &path,
+                ApplyOptions {
+                    state_dir: state.state_dir,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("applying {}", path.display()))?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -138,7 +163,8 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             }
         }
         LabCommand::Delete { path, state } => {
-            let r = super::delete(&path, &state.state_dir).with_context(|| format!("deleting {}", path.display()))?;
+            let r = super::delete(&path, &state.state_dir)
+                .with_context(|| format!("deleting {}", path.display()))?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -146,13 +172,36 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                 println!("{c} deleted");
             }
         }
-        LabCommand::Label { kind, target, changes, state } => {
-            let changes = changes.iter().map(|c| c.parse::<LabelChange>()).collect::<Result<Vec<_>, _>>()?;
+        LabCommand::Label {
+            kind,
+            target,
+            changes,
+            state,
+        } => {
+            let changes = changes
+                .iter()
+                .map(|c| c.parse::<LabelChange>())
+                .collect::<Result<Vec<_>, _>>()?;
             super::label(&state.state_dir, kind, &target, &changes)?;
             println!("{target} labeled");
         }
-        LabCommand::Probe { state, output, ports, protocols, family, timeout_ms, from, to } => {
-            let protocols = protocols.map(|ps| ps.iter().map(|p| parse_protocol(p)).collect::<Result<Vec<_>, _>>()).transpose()?;
+        LabCommand::Probe {
+            state,
+            output,
+            ports,
+            protocols,
+            family,
+            timeout_ms,
+            from,
+            to,
+        } => {
+            let protocols = protocols
+                .map(|ps| {
+                    ps.iter()
+                        .map(|p| parse_protocol(p))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?;
             let opts = ProbeOptions {
                 ports,
                 protocols,

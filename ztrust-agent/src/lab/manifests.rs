@@ -78,7 +78,11 @@ impl RawObject {
 
 pub fn file_name(kind: Kind, namespace: &str, name: &str) -> String {
     let kind = kind.as_str().to_ascii_lowercase();
-    if namespace.is_empty() { format!("{kind}-{name}.yaml") } else { format!("{kind}-{namespace}-{name}.yaml") }
+    if namespace.is_empty() {
+        format!("{kind}-{name}.yaml")
+    } else {
+        format!("{kind}-{namespace}-{name}.yaml")
+    }
 }
 
 /// What a file or directory holds: the objects the lab knows, and notes about what it skipped.
@@ -118,7 +122,10 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         let path = entry.path();
         if path.is_dir() {
             collect(&path, out)?;
-        } else if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
+        } else if matches!(
+            path.extension().and_then(|x| x.to_str()),
+            Some("yaml" | "yml" | "json")
+        ) {
             out.push(path);
         }
     }
@@ -128,8 +135,10 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 pub fn parse_text(file: &str, text: &str) -> Result<Read> {
     let mut out = Read::default();
     for document in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(document)
-            .map_err(|e| Error::Parse { file: file.to_owned(), message: e.to_string() })?;
+        let value = Value::deserialize(document).map_err(|e| Error::Parse {
+            file: file.to_owned(),
+            message: e.to_string(),
+        })?;
         add(file, value, &mut out);
     }
     Ok(out)
@@ -139,8 +148,16 @@ fn add(file: &str, value: Value, out: &mut Read) {
     if value.is_null() {
         return; // an empty document (`---` at the end)
     }
-    let api = value.get("apiVersion").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let kind = value.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let api = value
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let kind = value
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
     if kind == "List" {
         if let Some(items) = value.get("items").and_then(Value::as_array) {
             for item in items.clone() {
@@ -155,25 +172,44 @@ fn add(file: &str, value: Value, out: &mut Read) {
         ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
         (a, "ExternalHost") if a.starts_with(LAB_API_PREFIX) => Kind::ExternalHost,
         _ => {
-            out.skipped.push(format!("{file}: {api} {kind} is not something the lab runs; skipped"));
+            out.skipped.push(format!(
+                "{file}: {api} {kind} is not something the lab runs; skipped"
+            ));
             return;
         }
     };
     let meta = value.get("metadata");
-    let Some(name) = meta.and_then(|m| m.get("name")).and_then(Value::as_str).map(str::to_owned) else {
-        out.skipped.push(format!("{file}: a {} without metadata.name; skipped", kind.as_str()));
+    let Some(name) = meta
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+    else {
+        out.skipped.push(format!(
+            "{file}: a {} without metadata.name; skipped",
+            kind.as_str()
+        ));
         return;
     };
     let namespace = match kind {
         Kind::Namespace | Kind::ExternalHost => String::new(),
-        _ => meta.and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default").to_owned(),
+        _ => meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .unwrap_or("default")
+            .to_owned(),
     };
     let mut value = value;
     if !namespace.is_empty() {
         // The copy is read without its original context: make the namespace explicit.
         value["metadata"]["namespace"] = json!(namespace);
     }
-    out.objects.push(RawObject { kind, namespace, name, value, file: file.to_owned() });
+    out.objects.push(RawObject {
+        kind,
+        namespace,
+        name,
+        value,
+        file: file.to_owned(),
+    });
 }
 
 /// The pod as the policy engine sees it (the `dir:` source's conversion), and what was wrong with it.
@@ -193,18 +229,26 @@ pub struct ExternalHost {
 }
 
 pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
-    let invalid = |problem: String| Error::Invalid { object: obj.display(), problem };
+    let invalid = |problem: String| Error::Invalid {
+        object: obj.display(),
+        problem,
+    };
     let spec = obj.value.get("spec").ok_or_else(|| invalid("no spec".into()))?;
     let mut texts: Vec<&str> = Vec::new();
     if let Some(ip) = spec.get("ip").and_then(Value::as_str) {
         texts.push(ip);
     }
     for ip in spec.get("ips").and_then(Value::as_array).into_iter().flatten() {
-        texts.push(ip.as_str().ok_or_else(|| invalid("spec.ips holds a non-string".into()))?);
+        texts.push(
+            ip.as_str()
+                .ok_or_else(|| invalid("spec.ips holds a non-string".into()))?,
+        );
     }
     let mut ips = Vec::new();
     for t in texts {
-        let ip: IpAddr = t.parse().map_err(|_| invalid(format!("spec.ip {t:?} is not an IP address")))?;
+        let ip: IpAddr = t
+            .parse()
+            .map_err(|_| invalid(format!("spec.ip {t:?} is not an IP address")))?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
@@ -213,7 +257,13 @@ pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
         return Err(invalid("needs spec.ip (or spec.ips)".into()));
     }
     let mut ports = Vec::new();
-    for (i, p) in spec.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+    for (i, p) in spec
+        .get("ports")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
         let port = p
             .get("port")
             .and_then(Value::as_u64)
@@ -224,12 +274,20 @@ pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
             None | Some("TCP") => Protocol::Tcp,
             Some("UDP") => Protocol::Udp,
             Some("SCTP") => Protocol::Sctp,
-            Some(other) => return Err(invalid(format!("spec.ports[{i}].protocol {other:?} is not TCP, UDP or SCTP"))),
+            Some(other) => {
+                return Err(invalid(format!(
+                    "spec.ports[{i}].protocol {other:?} is not TCP, UDP or SCTP"
+                )));
+            }
         };
         let name = p.get("name").and_then(Value::as_str).map(str::to_owned);
         ports.push(ContainerPort { name, port, protocol });
     }
-    Ok(ExternalHost { name: obj.name.clone(), ips, ports })
+    Ok(ExternalHost {
+        name: obj.name.clone(),
+        ips,
+        ports,
+    })
 }
 
 /// Fills `status.podIP` and `status.podIPs` (and `phase: Running`) as the kubelet would report them.
@@ -302,7 +360,10 @@ metadata: {name: d}
     fn reads_objects_lists_and_lab_objects() {
         let read = parse_text("f.yaml", TEXT).unwrap();
         let names: Vec<String> = read.objects.iter().map(RawObject::display).collect();
-        assert_eq!(names, ["Namespace payments", "Pod default/web", "ExternalHost gw"]);
+        assert_eq!(
+            names,
+            ["Namespace payments", "Pod default/web", "ExternalHost gw"]
+        );
         assert_eq!(read.skipped.len(), 1, "{:?}", read.skipped);
         assert_eq!(read.objects[1].file_name(), "pod-default-web.yaml");
         assert_eq!(read.objects[0].file_name(), "namespace-payments.yaml");
@@ -313,7 +374,10 @@ metadata: {name: d}
     fn pod_model_has_ports_and_filled_ips() {
         let read = parse_text("f.yaml", TEXT).unwrap();
         let mut pod = read.objects[1].clone();
-        set_pod_ips(&mut pod.value, &["10.244.0.10".parse().unwrap(), "fd00:10:244::a".parse().unwrap()]);
+        set_pod_ips(
+            &mut pod.value,
+            &["10.244.0.10".parse().unwrap(), "fd00:10:244::a".parse().unwrap()],
+        );
         let (model, warnings) = pod_model(&pod);
         assert!(warnings.is_empty(), "{warnings:?}");
         let model = model.unwrap();
@@ -329,9 +393,19 @@ metadata: {name: d}
         let read = parse_text("f.yaml", TEXT).unwrap();
         let x = external_host(&read.objects[2]).unwrap();
         assert_eq!(x.ips, vec!["203.0.113.10".parse::<IpAddr>().unwrap()]);
-        assert_eq!(x.ports, vec![ContainerPort { name: None, port: 443, protocol: Protocol::Tcp }]);
-        let bad = parse_text("f.yaml", "apiVersion: lab.ztrust.io/v1\nkind: ExternalHost\nmetadata: {name: b}\nspec: {ip: nope}\n")
-            .unwrap();
+        assert_eq!(
+            x.ports,
+            vec![ContainerPort {
+                name: None,
+                port: 443,
+                protocol: Protocol::Tcp
+            }]
+        );
+        let bad = parse_text(
+            "f.yaml",
+            "apiVersion: lab.ztrust.io/v1\nkind: ExternalHost\nmetadata: {name: b}\nspec: {ip: nope}\n",
+        )
+        .unwrap();
         assert!(external_host(&bad.objects[0]).is_err());
     }
 

@@ -30,7 +30,8 @@ use std::io;
 use std::path::PathBuf;
 
 pub use ops::{
-    ApplyOptions, DownOptions, LabelChange, LabelKind, UpOptions, apply, delete, down, label, status, up,
+    ApplyOptions, DownOptions, DownReport, LabelChange, LabelKind, Report, UpOptions, apply, delete, down,
+    label, status, up,
 };
 pub use probe::{Family, Matrix, MatrixDiff, Probe, ProbeOptions, Verdict, probe};
 pub use serve::{ServeArgs, serve_main};
@@ -74,7 +75,11 @@ pub enum Error {
     #[error("the before-link-up hook failed: {0}")]
     Hook(#[source] HookError),
     #[error("invalid {what} {value:?}: {expected}")]
-    BadArgument { what: &'static str, value: String, expected: &'static str },
+    BadArgument {
+        what: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

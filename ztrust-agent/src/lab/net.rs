@@ -23,21 +23,31 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 fn run(cmd: &mut Command, stdin: Option<&str>) -> Result<String> {
     let text = format!("{cmd:?}").replace('"', "");
-    cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     let mut child = cmd.spawn().map_err(io_err(format!("running {text}")))?;
     if let Some(input) = stdin {
         let mut pipe = child.stdin.take().expect("stdin is piped");
-        pipe.write_all(input.as_bytes()).map_err(io_err(format!("writing to {text}")))?;
+        pipe.write_all(input.as_bytes())
+            .map_err(io_err(format!("writing to {text}")))?;
     }
-    let out = child.wait_with_output().map_err(io_err(format!("running {text}")))?;
+    let out = child
+        .wait_with_output()
+        .map_err(io_err(format!("running {text}")))?;
     if !out.status.success() {
         let command = match stdin {
             Some(input) => format!("{text} <<< {}", input.trim().replace('\n', "; ")),
             None => text,
         };
-        return Err(Error::Command { command, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(Error::Command {
+            command,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -52,7 +62,11 @@ pub fn ip_batch(netns: &str, lines: &[String]) -> Result<()> {
     if lines.is_empty() {
         return Ok(());
     }
-    run(Command::new("ip").args(["-n", netns, "-batch", "-"]), Some(&(lines.join("\n") + "\n"))).map(drop)
+    run(
+        Command::new("ip").args(["-n", netns, "-batch", "-"]),
+        Some(&(lines.join("\n") + "\n")),
+    )
+    .map(drop)
 }
 
 /// Every network namespace whose name starts with `<prefix>-`.
@@ -90,14 +104,18 @@ pub fn open_netns(name: &str) -> Result<File> {
 /// thread that opens it, so a short-lived thread joins the namespace and writes there.
 pub fn sysctls(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
     let fd = open_netns(netns)?;
-    let settings: Vec<(String, String)> = settings.iter().map(|(k, v)| (k.replace('.', "/"), (*v).to_owned())).collect();
+    let settings: Vec<(String, String)> = settings
+        .iter()
+        .map(|(k, v)| (k.replace('.', "/"), (*v).to_owned()))
+        .collect();
     let netns = netns.to_owned();
     std::thread::spawn(move || -> Result<()> {
         setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
             .map_err(|e| io_err(format!("joining netns {netns}"))(e.into()))?;
         for (key, value) in settings {
             let path = format!("/proc/sys/{key}");
-            std::fs::write(&path, &value).map_err(io_err(format!("writing {value} to {path} in netns {netns}")))?;
+            std::fs::write(&path, &value)
+                .map_err(io_err(format!("writing {value} to {path} in netns {netns}")))?;
         }
         Ok(())
     })
@@ -113,7 +131,9 @@ pub fn spawn_in_netns(netns: &str, program: &Path, args: &[String], log: &Path) 
         .append(true)
         .open(log)
         .map_err(io_err(format!("opening {}", log.display())))?;
-    let err = out.try_clone().map_err(io_err(format!("opening {}", log.display())))?;
+    let err = out
+        .try_clone()
+        .map_err(io_err(format!("opening {}", log.display())))?;
     let mut cmd = Command::new(program);
     cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
     // SAFETY: between fork and exec the child only makes two system calls (async-signal-safe), on a file
@@ -125,7 +145,9 @@ pub fn spawn_in_netns(netns: &str, program: &Path, args: &[String], log: &Path) 
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(io_err(format!("starting {} in netns {netns}", program.display())))?;
+    let child = cmd
+        .spawn()
+        .map_err(io_err(format!("starting {} in netns {netns}", program.display())))?;
     // The child is waited for by `kill_and_wait` (or by init once this process exits).
     Ok(child.id())
 }
@@ -133,7 +155,12 @@ pub fn spawn_in_netns(netns: &str, program: &Path, args: &[String], log: &Path) 
 /// The command line of a process, arguments joined by spaces (empty if it is gone).
 pub fn cmdline(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|b| b.split(|c| *c == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect::<Vec<_>>().join(" "))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .unwrap_or_default()
 }
 
@@ -163,7 +190,10 @@ fn gone(pid: u32) -> bool {
     );
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')).unwrap_or(true),
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(true),
     }
 }
 
@@ -171,16 +201,26 @@ fn gone(pid: u32) -> bool {
 /// wait up to a second, then SIGKILL what is left.
 pub fn kill_servers(pids: &[u32], state_dir: &Path) {
     let tag = format!("--lab {}", state_dir.display());
-    let ours: Vec<u32> = pids.iter().copied().filter(|p| is_lab_server(&cmdline(*p), &tag)).collect();
+    let ours: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|p| is_lab_server(&cmdline(*p), &tag))
+        .collect();
     for pid in &ours {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline && !ours.iter().all(|p| gone(*p)) {
         std::thread::sleep(Duration::from_millis(10));
     }
     for pid in ours.iter().filter(|p| !gone(**p)) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid as i32), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
     }
     let deadline = Instant::now() + Duration::from_secs(1);
     while Instant::now() < deadline && !ours.iter().all(|p| gone(*p)) {
@@ -195,9 +235,18 @@ mod tests {
     #[test]
     fn recognises_only_servers_of_this_lab() {
         let tag = "--lab /run/ztrust/lab";
-        assert!(is_lab_server("/bin/ztrust-agent lab serve --name a/b --tcp 80 --lab /run/ztrust/lab", tag));
-        assert!(is_lab_server("/x lab serve --lab /run/ztrust/lab --name a/b", tag));
-        assert!(!is_lab_server("/x lab serve --name a/b --lab /run/ztrust/lab2", tag));
+        assert!(is_lab_server(
+            "/bin/ztrust-agent lab serve --name a/b --tcp 80 --lab /run/ztrust/lab",
+            tag
+        ));
+        assert!(is_lab_server(
+            "/x lab serve --lab /run/ztrust/lab --name a/b",
+            tag
+        ));
+        assert!(!is_lab_server(
+            "/x lab serve --name a/b --lab /run/ztrust/lab2",
+            tag
+        ));
         assert!(!is_lab_server("/x lab probe --lab /run/ztrust/lab", tag));
     }
 }

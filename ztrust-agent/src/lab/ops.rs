@@ -9,7 +9,8 @@ use super::manifests::{self, Kind, RawObject};
 use super::serve::ServeArgs;
 use super::state::{ExternalState, LabState, MANIFESTS_DIR, PodState, write_atomic};
 use super::{
-    DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result, io_err, net,
+    DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result,
+    io_err, net,
 };
 use crate::model::{ContainerPort, Protocol};
 
@@ -58,7 +59,11 @@ pub struct ApplyOptions<'a> {
 
 impl Default for ApplyOptions<'_> {
     fn default() -> Self {
-        Self { state_dir: DEFAULT_STATE_DIR.into(), before_link_up: None, server_timeout: Duration::from_secs(10) }
+        Self {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            before_link_up: None,
+            server_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -71,7 +76,10 @@ pub struct DownOptions {
 
 impl Default for DownOptions {
     fn default() -> Self {
-        Self { state_dir: DEFAULT_STATE_DIR.into(), prefix: DEFAULT_PREFIX.into() }
+        Self {
+            state_dir: DEFAULT_STATE_DIR.into(),
+            prefix: DEFAULT_PREFIX.into(),
+        }
     }
 }
 
@@ -92,22 +100,42 @@ pub struct DownReport {
 }
 
 fn absolute(p: &Path) -> PathBuf {
-    if p.is_absolute() { p.to_owned() } else { std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_owned()) }
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_owned())
+    }
 }
 
 /// Brings the lab up from a manifest file or directory, after removing whatever an earlier lab left.
 pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
     let state_dir = absolute(&opts.state_dir);
-    for (what, name) in [("if_prefix", &opts.if_prefix), ("ext_if_prefix", &opts.ext_if_prefix)] {
+    for (what, name) in [
+        ("if_prefix", &opts.if_prefix),
+        ("ext_if_prefix", &opts.ext_if_prefix),
+    ] {
         if name.is_empty() || name.len() > IFNAME_MAX - 4 || name == "eth" {
-            return Err(Error::BadArgument { what: "interface prefix", value: format!("{what}={name}"), expected: "1 to 11 characters" });
+            return Err(Error::BadArgument {
+                what: "interface prefix",
+                value: format!("{what}={name}"),
+                expected: "1 to 11 characters",
+            });
         }
     }
     if opts.prefix.is_empty() || opts.prefix.contains('/') {
-        return Err(Error::BadArgument { what: "netns prefix", value: opts.prefix, expected: "a name without /" });
+        return Err(Error::BadArgument {
+            what: "netns prefix",
+            value: opts.prefix,
+            expected: "a name without /",
+        });
     }
     let read = manifests::read_path(manifests)?;
-    down(&DownOptions { state_dir: state_dir.clone(), prefix: opts.prefix.clone() })?;
+    down(&DownOptions {
+        state_dir: state_dir.clone(),
+        prefix: opts.prefix.clone(),
+    })?;
 
     for dir in [MANIFESTS_DIR, LOGS_DIR, READY_DIR] {
         let d = state_dir.join(dir);
@@ -132,8 +160,17 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
     // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
     state.save()?;
     make_node(&state)?;
-    let mut report = Report { warnings: read.skipped, ..Default::default() };
-    add_objects(&mut state, read.objects, opts.before_link_up, opts.server_timeout, &mut report)?;
+    let mut report = Report {
+        warnings: read.skipped,
+        ..Default::default()
+    };
+    add_objects(
+        &mut state,
+        read.objects,
+        opts.before_link_up,
+        opts.server_timeout,
+        &mut report,
+    )?;
     report.state = state;
     Ok(report)
 }
@@ -142,8 +179,17 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
 pub fn apply(path: &Path, opts: ApplyOptions<'_>) -> Result<Report> {
     let mut state = LabState::load_running(&absolute(&opts.state_dir))?;
     let read = manifests::read_path(path)?;
-    let mut report = Report { warnings: read.skipped, ..Default::default() };
-    add_objects(&mut state, read.objects, opts.before_link_up, opts.server_timeout, &mut report)?;
+    let mut report = Report {
+        warnings: read.skipped,
+        ..Default::default()
+    };
+    add_objects(
+        &mut state,
+        read.objects,
+        opts.before_link_up,
+        opts.server_timeout,
+        &mut report,
+    )?;
     report.state = state;
     Ok(report)
 }
@@ -153,7 +199,10 @@ pub fn apply(path: &Path, opts: ApplyOptions<'_>) -> Result<Report> {
 pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
     let mut state = LabState::load_running(&absolute(state_dir))?;
     let read = manifests::read_path(path)?;
-    let mut report = Report { warnings: read.skipped, ..Default::default() };
+    let mut report = Report {
+        warnings: read.skipped,
+        ..Default::default()
+    };
     for obj in read.objects {
         let copy = state.manifests_dir().join(obj.file_name());
         let had_copy = copy.exists();
@@ -166,7 +215,11 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
                 match state.pods.iter().position(|p| p.key() == key) {
                     Some(i) => {
                         let pod = state.pods.remove(i);
-                        remove_endpoint(&state, pod.server_pid, (!pod.host_network).then_some(pod.netns.as_str()));
+                        remove_endpoint(
+                            &state,
+                            pod.server_pid,
+                            (!pod.host_network).then_some(pod.netns.as_str()),
+                        );
                         true
                     }
                     None => false,
@@ -185,7 +238,9 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
         if removed || had_copy {
             report.changed.push(obj.display());
         } else {
-            report.warnings.push(format!("{} is not in the lab", obj.display()));
+            report
+                .warnings
+                .push(format!("{} is not in the lab", obj.display()));
         }
         state.save()?;
     }
@@ -220,17 +275,27 @@ pub struct LabelChange {
 impl std::str::FromStr for LabelChange {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        let bad = || Error::BadArgument { what: "label change", value: s.to_owned(), expected: "key=value or key-" };
+        let bad = || Error::BadArgument {
+            what: "label change",
+            value: s.to_owned(),
+            expected: "key=value or key-",
+        };
         if let Some((k, v)) = s.split_once('=') {
             if k.is_empty() {
                 return Err(bad());
             }
-            Ok(Self { key: k.to_owned(), value: Some(v.to_owned()) })
+            Ok(Self {
+                key: k.to_owned(),
+                value: Some(v.to_owned()),
+            })
         } else if let Some(k) = s.strip_suffix('-') {
             if k.is_empty() {
                 return Err(bad());
             }
-            Ok(Self { key: k.to_owned(), value: None })
+            Ok(Self {
+                key: k.to_owned(),
+                value: None,
+            })
         } else {
             Err(bad())
         }
@@ -242,10 +307,16 @@ impl std::str::FromStr for LabelChange {
 pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelChange]) -> Result<()> {
     let mut state = LabState::load_running(&absolute(state_dir))?;
     let (file, shown) = match kind {
-        LabelKind::Namespace => (manifests::file_name(Kind::Namespace, "", target), format!("Namespace {target}")),
+        LabelKind::Namespace => (
+            manifests::file_name(Kind::Namespace, "", target),
+            format!("Namespace {target}"),
+        ),
         LabelKind::Pod => {
             let (ns, name) = target.split_once('/').unwrap_or(("default", target));
-            (manifests::file_name(Kind::Pod, ns, name), format!("Pod {ns}/{name}"))
+            (
+                manifests::file_name(Kind::Pod, ns, name),
+                format!("Pod {ns}/{name}"),
+            )
         }
     };
     let path = state.manifests_dir().join(file);
@@ -254,14 +325,20 @@ pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelCh
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound(shown)),
         Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     };
-    let mut value: serde_json::Value = serde_yaml::from_str(&text)
-        .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })?;
+    let mut value: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| Error::Parse {
+        file: path.display().to_string(),
+        message: e.to_string(),
+    })?;
     for c in changes {
         manifests::set_label(&mut value, &c.key, c.value.as_deref());
     }
     write_atomic(&path, manifests::to_yaml(&value).as_bytes())?;
     if kind == LabelKind::Pod {
-        let key = if target.contains('/') { target.to_owned() } else { format!("default/{target}") };
+        let key = if target.contains('/') {
+            target.to_owned()
+        } else {
+            format!("default/{target}")
+        };
         if let Some(pod) = state.pods.iter_mut().find(|p| p.key() == key) {
             for c in changes {
                 match &c.value {
@@ -287,7 +364,10 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     pids.sort_unstable();
     pids.dedup();
     net::kill_servers(&pids, &state_dir);
-    let mut report = DownReport { killed: pids, ..Default::default() };
+    let mut report = DownReport {
+        killed: pids,
+        ..Default::default()
+    };
 
     let mut prefixes = vec![opts.prefix.clone()];
     let mut endpoints = Vec::new();
@@ -299,7 +379,11 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     }
     for prefix in &prefixes {
         for ns in net::list_netns(prefix) {
-            if ns.ends_with("-node") { nodes.push(ns) } else { endpoints.push(ns) }
+            if ns.ends_with("-node") {
+                nodes.push(ns)
+            } else {
+                endpoints.push(ns)
+            }
         }
     }
     // Endpoints first: the node goes last, when nothing routes through it any more.
@@ -371,7 +455,12 @@ fn make_endpoint(state: &LabState, netns: &str, host_if: &str, ips: &[IpAddr]) -
             ("net.ipv4.conf.default.rp_filter", "0"),
         ],
     )?;
-    net::ip_batch(&state.node_netns, &[format!("link add {host_if} type veth peer name eth0 netns {netns}")])?;
+    net::ip_batch(
+        &state.node_netns,
+        &[format!(
+            "link add {host_if} type veth peer name eth0 netns {netns}"
+        )],
+    )?;
     let mut pod = vec!["link set lo up".to_owned(), "link set eth0 up".into()];
     for ip in ips {
         match ip {
@@ -390,7 +479,10 @@ fn make_endpoint(state: &LabState, netns: &str, host_if: &str, ips: &[IpAddr]) -
     net::ip_batch(netns, &pod)?;
     net::ip_batch(
         &state.node_netns,
-        &[format!("addr add {GATEWAY_V4}/32 dev {host_if}"), format!("addr add {GATEWAY_V6}/64 dev {host_if} nodad")],
+        &[
+            format!("addr add {GATEWAY_V4}/32 dev {host_if}"),
+            format!("addr add {GATEWAY_V6}/64 dev {host_if} nodad"),
+        ],
     )
 }
 
@@ -408,7 +500,11 @@ fn link_up(state: &LabState, host_if: &str, ips: &[IpAddr]) -> Result<()> {
 
 fn serve_args(state: &LabState, name: &str, ports: &[ContainerPort], index: u32) -> ServeArgs {
     let of = |proto: Protocol| {
-        let mut v: Vec<u16> = ports.iter().filter(|p| p.protocol == proto).map(|p| p.port).collect();
+        let mut v: Vec<u16> = ports
+            .iter()
+            .filter(|p| p.protocol == proto)
+            .map(|p| p.port)
+            .collect();
         v.sort_unstable();
         v.dedup();
         v
@@ -433,9 +529,17 @@ struct Started {
 fn start_server(state: &LabState, netns: &str, args: ServeArgs, index: u32) -> Result<Started> {
     let ready = args.ready_file.clone().expect("serve_args sets it");
     let _ = std::fs::remove_file(&ready);
-    let log = state.state_dir.join(LOGS_DIR).join(format!("{index}-{}.log", args.name.replace('/', "_")));
+    let log = state
+        .state_dir
+        .join(LOGS_DIR)
+        .join(format!("{index}-{}.log", args.name.replace('/', "_")));
     let pid = net::spawn_in_netns(netns, &state.agent_bin, &args.to_args(), &log)?;
-    Ok(Started { name: args.name, pid, ready, log })
+    Ok(Started {
+        name: args.name,
+        pid,
+        ready,
+        log,
+    })
 }
 
 fn wait_ready(started: &[Started], timeout: Duration) -> Result<()> {
@@ -445,12 +549,17 @@ fn wait_ready(started: &[Started], timeout: Duration) -> Result<()> {
             if s.ready.exists() {
                 break;
             }
-            let alive = std::fs::read_to_string(format!("/proc/{}/stat", s.pid))
-                .is_ok_and(|st| !st.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')));
+            let alive = std::fs::read_to_string(format!("/proc/{}/stat", s.pid)).is_ok_and(|st| {
+                !st.rsplit_once(')')
+                    .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+            });
             if !alive || Instant::now() > deadline {
                 let log = std::fs::read_to_string(&s.log).unwrap_or_default();
                 let why = if alive { "not ready in time" } else { "exited" };
-                return Err(Error::ServerStart { name: s.name.clone(), log: format!("{why}; log: {}", log.trim()) });
+                return Err(Error::ServerStart {
+                    name: s.name.clone(),
+                    log: format!("{why}; log: {}", log.trim()),
+                });
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -523,7 +632,11 @@ fn add_objects(
                 let ips = if model.host_network {
                     state.node_ips.clone()
                 } else if !model.ips.is_empty() {
-                    if let Some(other) = state.pods.iter().find(|p| !p.host_network && p.ips.iter().any(|ip| model.ips.contains(ip))) {
+                    if let Some(other) = state
+                        .pods
+                        .iter()
+                        .find(|p| !p.host_network && p.ips.iter().any(|ip| model.ips.contains(ip)))
+                    {
                         return Err(Error::Invalid {
                             object: obj.display(),
                             problem: format!("its address is already {}'s", other.key()),
@@ -540,7 +653,10 @@ fn add_objects(
                 let (netns, host_if) = if model.host_network {
                     (state.node_netns.clone(), None)
                 } else {
-                    (format!("{}-p{index}", state.prefix), Some(format!("{}{index}", state.if_prefix)))
+                    (
+                        format!("{}-p{index}", state.prefix),
+                        Some(format!("{}{index}", state.if_prefix)),
+                    )
                 };
                 state.pods.push(PodState {
                     namespace: model.namespace.clone(),
@@ -569,7 +685,10 @@ fn add_objects(
                 let x = manifests::external_host(&obj)?;
                 if let Some(i) = state.externals.iter().position(|e| e.name == x.name) {
                     if state.externals[i].ips != x.ips {
-                        report.warnings.push(format!("{}: keeps its addresses (the lab does not re-address)", obj.display()));
+                        report.warnings.push(format!(
+                            "{}: keeps its addresses (the lab does not re-address)",
+                            obj.display()
+                        ));
                     }
                     if state.externals[i].ports != x.ports {
                         state.externals[i].ports = x.ports;
@@ -581,9 +700,19 @@ fn add_objects(
                     }
                     continue;
                 }
-                let taken = state.pods.iter().filter(|p| !p.host_network).flat_map(|p| p.ips.iter());
-                if let Some(ip) = taken.chain(state.externals.iter().flat_map(|e| e.ips.iter())).find(|ip| x.ips.contains(ip)) {
-                    return Err(Error::Invalid { object: obj.display(), problem: format!("{ip} is already taken") });
+                let taken = state
+                    .pods
+                    .iter()
+                    .filter(|p| !p.host_network)
+                    .flat_map(|p| p.ips.iter());
+                if let Some(ip) = taken
+                    .chain(state.externals.iter().flat_map(|e| e.ips.iter()))
+                    .find(|ip| x.ips.contains(ip))
+                {
+                    return Err(Error::Invalid {
+                        object: obj.display(),
+                        problem: format!("{ip} is already taken"),
+                    });
                 }
                 let index = state.next_index;
                 state.next_index += 1;
@@ -648,9 +777,27 @@ mod tests {
 
     #[test]
     fn label_changes_parse_like_kubectl() {
-        assert_eq!("app=web".parse::<LabelChange>().unwrap(), LabelChange { key: "app".into(), value: Some("web".into()) });
-        assert_eq!("app=".parse::<LabelChange>().unwrap(), LabelChange { key: "app".into(), value: Some(String::new()) });
-        assert_eq!("app-".parse::<LabelChange>().unwrap(), LabelChange { key: "app".into(), value: None });
+        assert_eq!(
+            "app=web".parse::<LabelChange>().unwrap(),
+            LabelChange {
+                key: "app".into(),
+                value: Some("web".into())
+            }
+        );
+        assert_eq!(
+            "app=".parse::<LabelChange>().unwrap(),
+            LabelChange {
+                key: "app".into(),
+                value: Some(String::new())
+            }
+        );
+        assert_eq!(
+            "app-".parse::<LabelChange>().unwrap(),
+            LabelChange {
+                key: "app".into(),
+                value: None
+            }
+        );
         assert!("app".parse::<LabelChange>().is_err());
         assert!("=x".parse::<LabelChange>().is_err());
         assert!("-".parse::<LabelChange>().is_err());
@@ -658,11 +805,26 @@ mod tests {
 
     #[test]
     fn serve_args_split_protocols() {
-        let state = LabState { state_dir: "/run/x".into(), ..Default::default() };
+        let state = LabState {
+            state_dir: "/run/x".into(),
+            ..Default::default()
+        };
         let ports = vec![
-            ContainerPort { name: None, port: 53, protocol: Protocol::Udp },
-            ContainerPort { name: None, port: 53, protocol: Protocol::Tcp },
-            ContainerPort { name: None, port: 9, protocol: Protocol::Sctp },
+            ContainerPort {
+                name: None,
+                port: 53,
+                protocol: Protocol::Udp,
+            },
+            ContainerPort {
+                name: None,
+                port: 53,
+                protocol: Protocol::Tcp,
+            },
+            ContainerPort {
+                name: None,
+                port: 9,
+                protocol: Protocol::Sctp,
+            },
         ];
         let a = serve_args(&state, "kube-system/coredns", &ports, 3);
         assert_eq!((a.tcp, a.udp, a.sctp), (vec![53], vec![53], vec![9]));

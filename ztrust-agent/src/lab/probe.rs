@@ -33,7 +33,10 @@ pub enum Family {
 
 impl Family {
     fn wants(self, ip: &IpAddr) -> bool {
-        matches!((self, ip), (Family::Both, _) | (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_)))
+        matches!(
+            (self, ip),
+            (Family::Both, _) | (Family::V4, IpAddr::V4(_)) | (Family::V6, IpAddr::V6(_))
+        )
     }
 }
 
@@ -44,7 +47,11 @@ impl std::str::FromStr for Family {
             "4" | "v4" | "ipv4" => Ok(Family::V4),
             "6" | "v6" | "ipv6" => Ok(Family::V6),
             "both" | "46" | "dual" => Ok(Family::Both),
-            _ => Err(Error::BadArgument { what: "address family", value: s.to_owned(), expected: "4, 6 or both" }),
+            _ => Err(Error::BadArgument {
+                what: "address family",
+                value: s.to_owned(),
+                expected: "4, 6 or both",
+            }),
         }
     }
 }
@@ -55,7 +62,11 @@ pub fn parse_protocol(s: &str) -> Result<Protocol> {
         "TCP" => Ok(Protocol::Tcp),
         "UDP" => Ok(Protocol::Udp),
         "SCTP" => Ok(Protocol::Sctp),
-        _ => Err(Error::BadArgument { what: "protocol", value: s.to_owned(), expected: "tcp, udp or sctp" }),
+        _ => Err(Error::BadArgument {
+            what: "protocol",
+            value: s.to_owned(),
+            expected: "tcp, udp or sctp",
+        }),
     }
 }
 
@@ -157,7 +168,13 @@ impl Probe {
     /// What makes two probes the same question: the answer's address is left out, so an expected matrix
     /// need not know which address the lab gave a pod.
     fn question(&self) -> (String, String, u8, u16, Protocol) {
-        (self.from.clone(), self.to.clone(), self.family(), self.port, self.protocol)
+        (
+            self.from.clone(),
+            self.to.clone(),
+            self.family(),
+            self.port,
+            self.protocol,
+        )
     }
 }
 
@@ -187,8 +204,11 @@ impl Matrix {
 
     /// The verdict of `from` → `to` on `port`/`protocol` (IPv4 if probed, else IPv6).
     pub fn verdict(&self, from: &str, to: &str, port: u16, protocol: Protocol) -> Option<Verdict> {
-        let mut hits: Vec<&Probe> =
-            self.probes.iter().filter(|p| p.from == from && p.to == to && p.port == port && p.protocol == protocol).collect();
+        let mut hits: Vec<&Probe> = self
+            .probes
+            .iter()
+            .filter(|p| p.from == from && p.to == to && p.port == port && p.protocol == protocol)
+            .collect();
         hits.sort_by_key(|p| p.family());
         hits.first().map(|p| p.result)
     }
@@ -200,8 +220,17 @@ impl Matrix {
             .probes
             .iter()
             .map(|p| {
-                let result = if p.protocol == Protocol::Sctp { Verdict::Unsupported } else { expect(p) };
-                Probe { result, detail: "expected".into(), latency_ms: 0.0, ..p.clone() }
+                let result = if p.protocol == Protocol::Sctp {
+                    Verdict::Unsupported
+                } else {
+                    expect(p)
+                };
+                Probe {
+                    result,
+                    detail: "expected".into(),
+                    latency_ms: 0.0,
+                    ..p.clone()
+                }
             })
             .collect();
         Matrix::new(probes)
@@ -225,19 +254,39 @@ impl Matrix {
         for e in &expected.probes {
             match actual.get(&e.question()) {
                 Some(a) if a.result == e.result => {}
-                Some(a) => rows.push(Mismatch { probe: (*a).clone(), expected: Some(e.result), actual: Some(a.result) }),
-                None => rows.push(Mismatch { probe: e.clone(), expected: Some(e.result), actual: None }),
+                Some(a) => rows.push(Mismatch {
+                    probe: (*a).clone(),
+                    expected: Some(e.result),
+                    actual: Some(a.result),
+                }),
+                None => rows.push(Mismatch {
+                    probe: e.clone(),
+                    expected: Some(e.result),
+                    actual: None,
+                }),
             }
         }
         for a in &self.probes {
             if !wanted.contains_key(&a.question()) {
-                rows.push(Mismatch { probe: a.clone(), expected: None, actual: Some(a.result) });
+                rows.push(Mismatch {
+                    probe: a.clone(),
+                    expected: None,
+                    actual: Some(a.result),
+                });
             }
         }
         rows.sort_by(|a, b| {
-            (&a.probe.from, &a.probe.to, a.probe.to_ip, a.probe.port).cmp(&(&b.probe.from, &b.probe.to, b.probe.to_ip, b.probe.port))
+            (&a.probe.from, &a.probe.to, a.probe.to_ip, a.probe.port).cmp(&(
+                &b.probe.from,
+                &b.probe.to,
+                b.probe.to_ip,
+                b.probe.port,
+            ))
         });
-        MatrixDiff { mismatches: rows, compared: expected.probes.len() }
+        MatrixDiff {
+            mismatches: rows,
+            compared: expected.probes.len(),
+        }
     }
 
     /// `-o table`: rows are sources, columns targets; a cell is `✓` when every probe was allowed, `✗` when
@@ -265,7 +314,12 @@ impl Matrix {
         for f in &froms {
             let mut row = vec![(*f).to_owned()];
             for t in &tos {
-                row.push(cells.get(&(*f, *t)).map(|ps| cell(ps)).unwrap_or_else(|| ".".into()));
+                row.push(
+                    cells
+                        .get(&(*f, *t))
+                        .map(|ps| cell(ps))
+                        .unwrap_or_else(|| ".".into()),
+                );
             }
             rows.push(row);
         }
@@ -292,7 +346,9 @@ fn cell(probes: &[&Probe]) -> String {
     // Per port/protocol; where the families disagree, per family too.
     let mut per: BTreeMap<(Protocol, u16), BTreeMap<u8, Verdict>> = BTreeMap::new();
     for p in probes {
-        per.entry((p.protocol, p.port)).or_default().insert(p.family(), p.result);
+        per.entry((p.protocol, p.port))
+            .or_default()
+            .insert(p.family(), p.result);
     }
     per.iter()
         .map(|((proto, port), fams)| {
@@ -373,10 +429,19 @@ impl MatrixDiff {
                 format!("{}/{}", m.probe.port, m.probe.protocol),
                 show(m.expected),
                 show(m.actual),
-                if m.actual.is_some() { m.probe.detail.clone() } else { String::new() },
+                if m.actual.is_some() {
+                    m.probe.detail.clone()
+                } else {
+                    String::new()
+                },
             ]);
         }
-        format!("{} of {} probes differ from what was expected:\n{}", self.mismatches.len(), self.compared, align(&rows))
+        format!(
+            "{} of {} probes differ from what was expected:\n{}",
+            self.mismatches.len(),
+            self.compared,
+            align(&rows)
+        )
     }
 }
 
@@ -407,7 +472,11 @@ fn plan(state: &LabState, opts: &ProbeOptions) -> Vec<Job> {
     let mut targets: Vec<Target> = state
         .pods
         .iter()
-        .map(|p| Target { key: p.key(), ips: &p.ips, ports: p.ports.iter().map(|c| (c.port, c.protocol)).collect() })
+        .map(|p| Target {
+            key: p.key(),
+            ips: &p.ips,
+            ports: p.ports.iter().map(|c| (c.port, c.protocol)).collect(),
+        })
         .collect();
     targets.extend(state.externals.iter().map(|x| Target {
         key: x.key(),
@@ -426,9 +495,17 @@ fn plan(state: &LabState, opts: &ProbeOptions) -> Vec<Job> {
             let mut ports: Vec<(u16, Protocol)> = match (&opts.ports, &opts.protocols) {
                 (Some(ports), protos) => {
                     let protos = protos.clone().unwrap_or_else(|| vec![Protocol::Tcp]);
-                    ports.iter().flat_map(|p| protos.iter().map(move |pr| (*p, *pr))).collect()
+                    ports
+                        .iter()
+                        .flat_map(|p| protos.iter().map(move |pr| (*p, *pr)))
+                        .collect()
                 }
-                (None, Some(protos)) => t.ports.iter().copied().filter(|(_, pr)| protos.contains(pr)).collect(),
+                (None, Some(protos)) => t
+                    .ports
+                    .iter()
+                    .copied()
+                    .filter(|(_, pr)| protos.contains(pr))
+                    .collect(),
                 (None, None) => t.ports.clone(),
             };
             ports.sort();
@@ -463,7 +540,10 @@ pub fn probe(state_dir: &Path, opts: &ProbeOptions) -> Result<Matrix> {
     let fds = Arc::new(fds);
     let queue = Arc::new(Mutex::new(jobs.into_iter().rev().collect::<Vec<_>>()));
     let results = Arc::new(Mutex::new(Vec::new()));
-    let workers = opts.parallelism.max(1).min(queue.lock().expect("not poisoned").len().max(1));
+    let workers = opts
+        .parallelism
+        .max(1)
+        .min(queue.lock().expect("not poisoned").len().max(1));
     let timeout = opts.timeout;
     let mut handles = Vec::new();
     for _ in 0..workers {
@@ -471,7 +551,9 @@ pub fn probe(state_dir: &Path, opts: &ProbeOptions) -> Result<Matrix> {
         handles.push(std::thread::spawn(move || -> Result<()> {
             let mut current: Option<String> = None;
             loop {
-                let Some(job) = queue.lock().expect("not poisoned").pop() else { return Ok(()) };
+                let Some(job) = queue.lock().expect("not poisoned").pop() else {
+                    return Ok(());
+                };
                 if current.as_deref() != Some(job.netns.as_str()) {
                     setns(fds[&job.netns].as_fd(), CloneFlags::CLONE_NEWNET)
                         .map_err(|e| super::io_err(format!("joining netns {}", job.netns))(e.into()))?;
@@ -527,7 +609,10 @@ fn judge(got: &[u8], expected: &str) -> (Verdict, String) {
         // Connected, then closed without a word: not the lab's server.
         (Verdict::Denied, "closed without reply".into())
     } else {
-        (Verdict::Denied, format!("unexpected reply {:?}", String::from_utf8_lossy(got).trim_end()))
+        (
+            Verdict::Denied,
+            format!("unexpected reply {:?}", String::from_utf8_lossy(got).trim_end()),
+        )
     }
 }
 
@@ -540,7 +625,9 @@ fn tcp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String)
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(50));
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(50));
         let _ = stream.set_read_timeout(Some(left));
         match stream.read(&mut buf) {
             Ok(0) => break,
@@ -558,7 +645,11 @@ fn tcp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String)
 }
 
 fn udp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String) {
-    let local: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0".parse().expect("valid") } else { "[::]:0".parse().expect("valid") };
+    let local: SocketAddr = if addr.is_ipv4() {
+        "0.0.0.0:0".parse().expect("valid")
+    } else {
+        "[::]:0".parse().expect("valid")
+    };
     let socket = match UdpSocket::bind(local).and_then(|s| s.connect(addr).map(|()| s)) {
         Ok(s) => s,
         Err(e) => return (Verdict::Denied, error_detail(&e)),
@@ -593,7 +684,11 @@ mod tests {
             port,
             protocol,
             result,
-            detail: if result == Verdict::Allowed { "ok".into() } else { "timeout".into() },
+            detail: if result == Verdict::Allowed {
+                "ok".into()
+            } else {
+                "timeout".into()
+            },
             latency_ms: 1.5,
         }
     }
@@ -633,8 +728,14 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert!(lines[0].starts_with("FROM \\ TO"), "{t}");
         // Pods before external hosts in the columns.
-        assert!(lines[0].find("payments/backend").unwrap() < lines[0].find("external/gw").unwrap(), "{t}");
-        let coredns = lines.iter().find(|l| l.starts_with("kube-system/coredns")).unwrap();
+        assert!(
+            lines[0].find("payments/backend").unwrap() < lines[0].find("external/gw").unwrap(),
+            "{t}"
+        );
+        let coredns = lines
+            .iter()
+            .find(|l| l.starts_with("kube-system/coredns"))
+            .unwrap();
         assert!(coredns.contains("80/TCP✓ 81/TCP✗"), "{t}");
         let frontend = lines.iter().find(|l| l.starts_with("payments/frontend")).unwrap();
         assert!(frontend.contains('✓') && frontend.contains('✗'), "{t}");
@@ -642,13 +743,17 @@ mod tests {
         assert!(t.contains("✓ allowed  ✗ denied"), "{t}");
         // Aligned: every column starts at the same character in every row.
         let header: Vec<char> = lines[0].chars().collect();
-        let starts: Vec<usize> =
-            (1..header.len()).filter(|i| header[*i - 1] == ' ' && header[*i] != ' ' && header[*i - 2] == ' ').collect();
+        let starts: Vec<usize> = (1..header.len())
+            .filter(|i| header[*i - 1] == ' ' && header[*i] != ' ' && header[*i - 2] == ' ')
+            .collect();
         assert_eq!(starts.len(), 4, "{t}");
         for line in &lines[1..3] {
             let chars: Vec<char> = line.chars().collect();
             for s in &starts {
-                assert!(chars[*s - 1] == ' ' && chars[*s] != ' ', "column at {s} in {line:?}\n{t}");
+                assert!(
+                    chars[*s - 1] == ' ' && chars[*s] != ' ',
+                    "column at {s} in {line:?}\n{t}"
+                );
             }
         }
     }
@@ -658,7 +763,11 @@ mod tests {
         let mut v6 = p("a/x", "a/y", 80, Protocol::Tcp, Verdict::Denied);
         v6.to_ip = "fd00:10:244::a".parse().unwrap();
         let m = Matrix::new(vec![p("a/x", "a/y", 80, Protocol::Tcp, Verdict::Allowed), v6]);
-        assert!(m.render_table().contains("80/TCP(v4✓,v6✗)"), "{}", m.render_table());
+        assert!(
+            m.render_table().contains("80/TCP(v4✓,v6✗)"),
+            "{}",
+            m.render_table()
+        );
     }
 
     #[test]
@@ -669,7 +778,11 @@ mod tests {
         assert_eq!(actual.diff(&expected).render(), "all 7 probes as expected\n");
 
         let expected = actual.expected_with(|p| {
-            if p.to == "payments/database" { Verdict::Allowed } else { p.result }
+            if p.to == "payments/database" {
+                Verdict::Allowed
+            } else {
+                p.result
+            }
         });
         let d = actual.diff(&expected);
         assert_eq!(d.mismatches.len(), 1);
@@ -677,7 +790,10 @@ mod tests {
         assert_eq!(d.mismatches[0].actual, Some(Verdict::Denied));
         let text = d.render();
         assert!(text.contains("1 of 7 probes differ"), "{text}");
-        assert!(text.contains("payments/database") && text.contains("5432/TCP") && text.contains("timeout"), "{text}");
+        assert!(
+            text.contains("payments/database") && text.contains("5432/TCP") && text.contains("timeout"),
+            "{text}"
+        );
 
         let mut fewer = actual.clone();
         fewer.probes.pop();
@@ -691,15 +807,24 @@ mod tests {
     #[test]
     fn sctp_is_expected_unsupported() {
         let m = Matrix::new(vec![p("a/x", "a/y", 9, Protocol::Sctp, Verdict::Unsupported)]);
-        assert_eq!(m.expected_with(|_| Verdict::Allowed).probes[0].result, Verdict::Unsupported);
+        assert_eq!(
+            m.expected_with(|_| Verdict::Allowed).probes[0].result,
+            Verdict::Unsupported
+        );
         assert!(m.render_table().contains('?'));
     }
 
     #[test]
     fn verdict_lookup_prefers_v4() {
         let m = sample();
-        assert_eq!(m.verdict("payments/frontend", "payments/backend", 8080, Protocol::Tcp), Some(Verdict::Allowed));
-        assert_eq!(m.verdict("payments/frontend", "payments/backend", 9, Protocol::Tcp), None);
+        assert_eq!(
+            m.verdict("payments/frontend", "payments/backend", 8080, Protocol::Tcp),
+            Some(Verdict::Allowed)
+        );
+        assert_eq!(
+            m.verdict("payments/frontend", "payments/backend", 9, Protocol::Tcp),
+            None
+        );
     }
 
     #[test]
@@ -713,23 +838,62 @@ mod tests {
             netns: format!("t-{name}"),
             ..Default::default()
         };
-        let tcp80 = ContainerPort { name: None, port: 80, protocol: Protocol::Tcp };
-        let udp53 = ContainerPort { name: None, port: 53, protocol: Protocol::Udp };
+        let tcp80 = ContainerPort {
+            name: None,
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let udp53 = ContainerPort {
+            name: None,
+            port: 53,
+            protocol: Protocol::Udp,
+        };
         let state = LabState {
-            pods: vec![pod("a", "x", "10.244.0.10", vec![tcp80.clone()]), pod("a", "y", "10.244.0.11", vec![tcp80, udp53])],
+            pods: vec![
+                pod("a", "x", "10.244.0.10", vec![tcp80.clone()]),
+                pod("a", "y", "10.244.0.11", vec![tcp80, udp53]),
+            ],
             ..Default::default()
         };
         let jobs = plan(&state, &ProbeOptions::default());
-        assert_eq!(jobs.len(), 2 + 2 * 2, "x,y each → x (1 port) and y (2 ports), IPv4 only");
+        assert_eq!(
+            jobs.len(),
+            2 + 2 * 2,
+            "x,y each → x (1 port) and y (2 ports), IPv4 only"
+        );
         assert!(jobs.iter().all(|j| j.to_ip.is_ipv4()));
-        let both = plan(&state, &ProbeOptions { family: Family::Both, ..Default::default() });
+        let both = plan(
+            &state,
+            &ProbeOptions {
+                family: Family::Both,
+                ..Default::default()
+            },
+        );
         assert_eq!(both.len(), 12);
-        let ports = plan(&state, &ProbeOptions { ports: Some(vec![1, 2]), ..Default::default() });
+        let ports = plan(
+            &state,
+            &ProbeOptions {
+                ports: Some(vec![1, 2]),
+                ..Default::default()
+            },
+        );
         assert_eq!(ports.len(), 2 * 2 * 2);
         assert!(ports.iter().all(|j| j.protocol == Protocol::Tcp));
-        let udp = plan(&state, &ProbeOptions { protocols: Some(vec![Protocol::Udp]), ..Default::default() });
+        let udp = plan(
+            &state,
+            &ProbeOptions {
+                protocols: Some(vec![Protocol::Udp]),
+                ..Default::default()
+            },
+        );
         assert_eq!(udp.len(), 2);
-        let from = plan(&state, &ProbeOptions { from: vec!["a/x".into()], ..Default::default() });
+        let from = plan(
+            &state,
+            &ProbeOptions {
+                from: vec!["a/x".into()],
+                ..Default::default()
+            },
+        );
         assert!(from.iter().all(|j| j.from == "a/x" && j.netns == "t-x"));
     }
 }

@@ -38,7 +38,12 @@ impl ServeArgs {
     /// The command line after the binary: `lab serve --name … [--tcp …] [--udp …] … --lab <dir>`. `--lab`
     /// comes last, which is how `lab down` recognises its servers.
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec!["lab".to_owned(), "serve".into(), "--name".into(), self.name.clone()];
+        let mut a = vec![
+            "lab".to_owned(),
+            "serve".into(),
+            "--name".into(),
+            self.name.clone(),
+        ];
         let list = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         for (flag, ports) in [("--tcp", &self.tcp), ("--udp", &self.udp), ("--sctp", &self.sctp)] {
             if !ports.is_empty() {
@@ -64,18 +69,25 @@ pub fn reply_line(name: &str, port: u16, protocol: Protocol) -> String {
 }
 
 fn any(port: u16) -> [SocketAddr; 2] {
-    [SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))]
+    [
+        SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+    ]
 }
 
 /// Binds every port, reports readiness, and serves until killed.
 pub fn serve_main(args: ServeArgs) -> Result<()> {
     let mut threads = Vec::new();
-    for port in args.sctp.iter().copied() {
-        eprintln!("{}: SCTP port {port} skipped: this kernel has no SCTP sockets", args.name);
+    for port in &args.sctp {
+        eprintln!(
+            "{}: SCTP port {port} skipped: this kernel has no SCTP sockets",
+            args.name
+        );
     }
     for port in args.tcp.iter().copied() {
         // `[::]` first (both families); `0.0.0.0` where IPv6 is off.
-        let listener = TcpListener::bind(&any(port)[..]).map_err(io_err(format!("binding TCP port {port}")))?;
+        let listener =
+            TcpListener::bind(&any(port)[..]).map_err(io_err(format!("binding TCP port {port}")))?;
         let line = reply_line(&args.name, port, Protocol::Tcp);
         threads.push(std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -156,8 +168,16 @@ mod tests {
     #[test]
     fn serves_tcp_and_udp_on_loopback() {
         // Free ports picked by the kernel, then released for the server to take.
-        let tcp = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let udp = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let tcp = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let udp = UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let dir = tempfile::tempdir().unwrap();
         let ready = dir.path().join("ready");
         let args = ServeArgs {
@@ -177,7 +197,8 @@ mod tests {
         std::io::Read::read_to_string(&mut s, &mut got).unwrap();
         assert_eq!(got, format!("t/p {tcp}/TCP\n"));
         let u = UdpSocket::bind("127.0.0.1:0").unwrap();
-        u.set_read_timeout(Some(std::time::Duration::from_secs(2))).unwrap();
+        u.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+            .unwrap();
         u.send_to(b"x", ("127.0.0.1", udp)).unwrap();
         let mut buf = [0u8; 64];
         let n = u.recv(&mut buf).unwrap();

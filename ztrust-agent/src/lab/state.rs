@@ -87,9 +87,10 @@ impl LabState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Parse { file: path.display().to_string(), message: e.to_string() })
+        serde_json::from_str(&text).map(Some).map_err(|e| Error::Parse {
+            file: path.display().to_string(),
+            message: e.to_string(),
+        })
     }
 
     pub fn load_running(state_dir: &Path) -> Result<Self> {
@@ -107,13 +108,22 @@ impl LabState {
     }
 
     pub fn all_server_pids(&self) -> Vec<u32> {
-        self.pods.iter().filter_map(|p| p.server_pid).chain(self.externals.iter().filter_map(|x| x.server_pid)).collect()
+        self.pods
+            .iter()
+            .filter_map(|p| p.server_pid)
+            .chain(self.externals.iter().filter_map(|x| x.server_pid))
+            .collect()
     }
 
     /// Network namespaces of pods and external hosts (not the node's).
     pub fn endpoint_netns(&self) -> Vec<String> {
-        let pods = self.pods.iter().filter(|p| !p.host_network).map(|p| p.netns.clone());
-        pods.chain(self.externals.iter().map(|x| x.netns.clone())).collect()
+        let pods = self
+            .pods
+            .iter()
+            .filter(|p| !p.host_network)
+            .map(|p| p.netns.clone());
+        pods.chain(self.externals.iter().map(|x| x.netns.clone()))
+            .collect()
     }
 }
 
@@ -121,17 +131,28 @@ impl LabState {
 /// end in `.yaml`, so a directory watcher never reads a half-written manifest.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes).map_err(io_err(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(io_err(format!("renaming {} to {}", tmp.display(), path.display())))
+    std::fs::rename(&tmp, path).map_err(io_err(format!(
+        "renaming {} to {}",
+        tmp.display(),
+        path.display()
+    )))
 }
 
 fn labels_text(labels: &Labels) -> String {
     if labels.is_empty() {
         return "<none>".to_owned();
     }
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn ips_text(ips: &[IpAddr]) -> String {
@@ -142,7 +163,11 @@ fn ports_text(ports: &[ContainerPort]) -> String {
     if ports.is_empty() {
         return "-".to_owned();
     }
-    ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect::<Vec<_>>().join(",")
+    ports
+        .iter()
+        .map(|p| format!("{}/{}", p.port, p.protocol))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// `lab status`: pods and external hosts as aligned tables.
@@ -156,7 +181,14 @@ pub fn render_status(state: &LabState) -> String {
         state.state_dir.display()
     );
     let _ = writeln!(out);
-    let mut rows = vec![["POD".to_owned(), "IPS".into(), "INTERFACE".into(), "NETNS".into(), "PORTS".into(), "LABELS".into()]];
+    let mut rows = vec![[
+        "POD".to_owned(),
+        "IPS".into(),
+        "INTERFACE".into(),
+        "NETNS".into(),
+        "PORTS".into(),
+        "LABELS".into(),
+    ]];
     for p in &state.pods {
         rows.push([
             p.key(),
@@ -170,9 +202,21 @@ pub fn render_status(state: &LabState) -> String {
     out.push_str(&align(&rows));
     if !state.externals.is_empty() {
         let _ = writeln!(out);
-        let mut rows = vec![["EXTERNAL".to_owned(), "IPS".into(), "INTERFACE".into(), "NETNS".into(), "PORTS".into()]];
+        let mut rows = vec![[
+            "EXTERNAL".to_owned(),
+            "IPS".into(),
+            "INTERFACE".into(),
+            "NETNS".into(),
+            "PORTS".into(),
+        ]];
         for x in &state.externals {
-            rows.push([x.key(), ips_text(&x.ips), x.host_if.clone(), x.netns.clone(), ports_text(&x.ports)]);
+            rows.push([
+                x.key(),
+                ips_text(&x.ips),
+                x.host_if.clone(),
+                x.netns.clone(),
+                ports_text(&x.ports),
+            ]);
         }
         out.push_str(&align(&rows));
     }
