@@ -62,7 +62,12 @@ impl Connect {
         match &self.server {
             None => client::connect_unix(&self.socket)
                 .await
-                .with_context(|| "is the agent running on this node? (`ztrust-agent run`; try --socket)"),
+                .with_context(|| {
+                    format!(
+                        "no agent answers on {} (is `ztrust-agent run` running on this node? see --socket)",
+                        self.socket.display()
+                    )
+                }),
             Some(addr) => {
                 let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
                     anyhow::bail!(

@@ -133,5 +133,5 @@ fn a_missing_agent_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("is the agent running"), "{err}");
+    assert!(err.contains("no agent answers on") && err.contains("nobody.sock"), "{err}");
 }

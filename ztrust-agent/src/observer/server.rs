@@ -316,7 +316,8 @@ pub async fn serve_unix(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    info!(socket = ?listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf)), "flow API listening");
+    let socket = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    info!(socket = %socket.as_deref().unwrap_or(Path::new("?")).display(), "flow API listening");
     server()
         .add_service(ObserverService::new(hub).into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
