@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use super::serve::reply_line;
 use super::state::{LabState, align};
 use super::{Error, Result, net};
-use crate::model::Protocol;
+use crate::model::{Cluster, Protocol};
+use crate::policy::reference::reference_allowed;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Family {
@@ -234,6 +235,27 @@ impl Matrix {
             })
             .collect();
         Matrix::new(probes)
+    }
+
+    /// The same questions answered by the policies of `cluster`, through the reference evaluator
+    /// ([`crate::policy::reference::reference_allowed`]): what an enforcing agent should make of this
+    /// matrix. A source's address is its address of the probed family; a pod reaching itself never leaves
+    /// its namespace, so no policy applies to it.
+    pub fn expected_by_reference(&self, state: &LabState, cluster: &Cluster) -> Matrix {
+        self.expected_with(|p| {
+            if p.from == p.to {
+                return Verdict::Allowed;
+            }
+            let src = state
+                .pod(&p.from)
+                .and_then(|s| s.ips.iter().find(|ip| ip.is_ipv4() == p.to_ip.is_ipv4()));
+            match src {
+                Some(src) if reference_allowed(cluster, *src, p.to_ip, p.protocol.number(), p.port) => {
+                    Verdict::Allowed
+                }
+                _ => Verdict::Denied,
+            }
+        })
     }
 
     /// Counts per verdict.
@@ -825,6 +847,106 @@ mod tests {
             m.verdict("payments/frontend", "payments/backend", 9, Protocol::Tcp),
             None
         );
+    }
+
+    /// The payments example, planned and answered by the reference evaluator: the outcomes its README
+    /// promises.
+    #[test]
+    fn payments_example_expectations() {
+        use super::super::alloc::Allocator;
+        use super::super::manifests::{self, Kind};
+        use super::super::state::{ExternalState, PodState};
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments");
+        let read = manifests::read_path(&dir).unwrap();
+        let mut alloc = Allocator::new([]);
+        let mut state = LabState::default();
+        for o in &read.objects {
+            match o.kind {
+                Kind::Pod => {
+                    let pod = manifests::pod_model(o).0.unwrap();
+                    let (v4, v6) = alloc.next_pair().unwrap();
+                    state.pods.push(PodState {
+                        namespace: pod.namespace,
+                        name: pod.name,
+                        labels: pod.labels,
+                        ips: vec![v4.into(), v6.into()],
+                        ports: pod.ports,
+                        netns: "unused".into(),
+                        ..Default::default()
+                    });
+                }
+                Kind::ExternalHost => {
+                    let x = manifests::external_host(o).unwrap();
+                    state.externals.push(ExternalState {
+                        name: x.name,
+                        ips: x.ips,
+                        ports: x.ports,
+                        ..Default::default()
+                    });
+                }
+                _ => {}
+            }
+        }
+        let mut cluster = crate::source::dir::load_dir(&dir).unwrap().cluster;
+        for p in &state.pods {
+            cluster
+                .pods
+                .get_mut(&crate::model::ObjectRef::new(&p.namespace, &p.name))
+                .unwrap()
+                .ips = p.ips.clone();
+        }
+        let questions = Matrix::new(
+            plan(
+                &state,
+                &ProbeOptions {
+                    family: Family::Both,
+                    ..Default::default()
+                },
+            )
+            .into_iter()
+            .map(|j| Probe {
+                from: j.from,
+                to: j.to,
+                to_ip: j.to_ip,
+                port: j.port,
+                protocol: j.protocol,
+                result: Verdict::Allowed,
+                detail: String::new(),
+                latency_ms: 0.0,
+            })
+            .collect(),
+        );
+        let m = questions.expected_by_reference(&state, &cluster);
+        let v = |from: &str, to: &str, port: u16, proto: Protocol| m.verdict(from, to, port, proto).unwrap();
+        use Protocol::*;
+        use Verdict::*;
+        assert_eq!(v("payments/frontend", "payments/backend", 8080, Tcp), Allowed);
+        assert_eq!(v("payments/frontend", "payments/database", 5432, Tcp), Denied);
+        assert_eq!(v("payments/backend", "payments/database", 5432, Tcp), Allowed);
+        assert_eq!(v("payments/database", "payments/frontend", 8080, Tcp), Denied);
+        assert_eq!(
+            v("payments/database", "external/payment-gateway", 443, Tcp),
+            Denied
+        );
+        assert_eq!(v("payments/database", "kube-system/coredns", 53, Udp), Allowed);
+        assert_eq!(v("payments/frontend", "kube-system/coredns", 53, Tcp), Allowed);
+        assert_eq!(v("monitoring/prometheus", "payments/backend", 8080, Tcp), Allowed);
+        assert_eq!(v("monitoring/prometheus", "payments/frontend", 8080, Tcp), Denied);
+        assert_eq!(v("kube-system/coredns", "payments/backend", 8080, Tcp), Denied);
+        assert_eq!(
+            v("kube-system/coredns", "monitoring/prometheus", 9090, Tcp),
+            Allowed
+        );
+        assert_eq!(v("payments/frontend", "payments/frontend", 8080, Tcp), Allowed);
+        // IPv6 answers the same as IPv4 wherever both were probed.
+        for p in m.probes.iter().filter(|p| p.to_ip.is_ipv6()) {
+            let v4 = m.probes.iter().find(|q| {
+                q.to_ip.is_ipv4()
+                    && (&q.from, &q.to, q.port, q.protocol) == (&p.from, &p.to, p.port, p.protocol)
+            });
+            assert_eq!(v4.map(|q| q.result), Some(p.result), "{p:?}");
+        }
+        eprintln!("{}", m.render_table());
     }
 
     #[test]
