@@ -29,7 +29,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
             format!("10.244.0.{}", 10 + i),
             40000 + i,
             "shop",
-            if i % 2 == 0 { "web" } else { "a-much-longer-pod-name" },
+            if i.is_multiple_of(2) { "web" } else { "a-much-longer-pod-name" },
         ),
         destination: ep("10.244.0.99".into(), 5432, "payments", "database"),
         tcp_flags: "SYN".into(),
