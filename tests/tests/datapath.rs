@@ -128,7 +128,8 @@ fn enforcement_conntrack_counters_and_events() {
     enter_netns(&node);
     let mut enf = Enforcer::new(&topo);
     let (a, b, c) = (0, 1, 2);
-    let idx = |i: usize| enf.bindings[&ObjectRef::new("x", ["a", "b", "c"][i])];
+    let ifindexes: Vec<u32> = ["a", "b", "c"].iter().map(|n| enf.bindings[&ObjectRef::new("x", *n)]).collect();
+    let idx = |i: usize| ifindexes[i];
 
     // Attached but no endpoint written yet: fail closed.
     assert!(!topo.tcp(a, b, 80), "an interface with no endpoint entry must drop");
@@ -136,7 +137,10 @@ fn enforcement_conntrack_counters_and_events() {
 
     // No policies: everything reaches everything.
     enf.apply(&cluster(&topo, vec![]));
-    assert!(topo.tcp(a, b, 80) && topo.tcp(c, b, 81) && topo.udp(a, b, 80) && topo.tcp(b, a, 80));
+    assert!(topo.tcp(a, b, 80), "a -> b:80 with no policy");
+    assert!(topo.tcp(c, b, 81), "c -> b:81 with no policy");
+    assert!(topo.udp(a, b, 80), "a -> b:80/UDP with no policy");
+    assert!(topo.tcp(b, a, 80), "b -> a:80 with no policy");
 
     // b accepts only a on TCP 80.
     enf.apply(&cluster(&topo, vec![allow_ingress("b-from-a", "b", "a", 80)]));
@@ -199,5 +203,6 @@ fn enforcement_conntrack_counters_and_events() {
 
     // Removing the policies opens everything again.
     enf.apply(&cluster(&topo, vec![]));
-    assert!(topo.tcp(c, b, 80) && topo.tcp(b, a, 80));
+    assert!(topo.tcp(c, b, 80), "c -> b:80 once the policies are gone");
+    assert!(topo.tcp(b, a, 80), "b -> a:80 once the policies are gone");
 }

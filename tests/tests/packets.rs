@@ -152,7 +152,7 @@ fn every_protocol_through_the_real_programs() {
     );
     let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
 
-    // Before the endpoint is written: everything drops, even ARP.
+    // Before the endpoint is written: IP traffic drops (ARP and neighbour discovery would pass).
     let syn80 = v4(a4, b4, proto::TCP, 0, &l4(proto::TCP, 40000, 80, 0x02));
     assert_eq!(run(&dp, from, ifindex, &syn80), SHOT);
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);

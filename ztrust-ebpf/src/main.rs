@@ -54,18 +54,11 @@ struct Decision {
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
-        // The interface carries the program but the agent has not described the endpoint (yet):
-        // fail closed. Non-IP traffic is dropped too: the pod has no business on the wire yet.
-        count(ifindex, direction, verdict::DROPPED, reason::UNKNOWN_ENDPOINT, ctx.len());
-        return TC_ACT_SHOT as i32;
-    };
-    let ep = *ep;
-    let config = CONFIG.get(0).copied().unwrap_or_default();
-
     let pkt = match parse::parse(ctx) {
         Parsed::Ip(pkt) => pkt,
         Parsed::NotIp => {
+            // ARP and IPv6 neighbour discovery carry no data; they pass even before the endpoint is known,
+            // so that a pod's neighbour cache is not poisoned by the fail-closed window.
             count(ifindex, direction, verdict::FORWARDED, reason::NOT_IP, ctx.len());
             return TC_ACT_OK as i32;
         }
@@ -78,6 +71,14 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
             return TC_ACT_SHOT as i32;
         }
     };
+    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
+        // The interface carries the program but the agent has not described the endpoint (yet): fail
+        // closed.
+        count(ifindex, direction, verdict::DROPPED, reason::UNKNOWN_ENDPOINT, ctx.len());
+        return TC_ACT_SHOT as i32;
+    };
+    let ep = *ep;
+    let config = CONFIG.get(0).copied().unwrap_or_default();
 
     let fwd = ct_key(ifindex, direction, &pkt);
     let d = decide(&fwd, direction, &ep, &pkt);

@@ -60,6 +60,8 @@ impl Topology {
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
         sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // The pods' gateway: a local address of the node, so the node answers ARP for it on every veth.
+        sh(&["ip", "-n", &node, "addr", "add", "169.254.1.1/32", "dev", "lo"]);
         for i in 0..pods {
             let netns = format!("{prefix}p{i}");
             let host_if = format!("{prefix}h{i}");
