@@ -223,6 +223,10 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
     while srv.hub.status().subscribers < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    // The fast client counts what it receives; the publisher waits for it after each batch (smaller
+    // than a client queue), so the fast client can never fall behind, while the slow one never reads.
+    let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let counter = received.clone();
     let fast_reader = tokio::spawn(async move {
         let (mut flows, mut lost) = (0u64, 0u64);
         while flows + lost < u64::from(TOTAL) {
@@ -230,6 +234,7 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
                 ResponseTypes::Flow(_) => flows += 1,
                 ResponseTypes::LostEvents(l) => lost += l.num_events_lost,
             }
+            counter.store(flows + lost, std::sync::atomic::Ordering::Relaxed);
         }
         (flows, lost)
     });
@@ -240,8 +245,12 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
         let mut f = big.clone();
         f.bytes = i;
         srv.hub.publish(f);
-        if i % 50 == 49 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if i % 100 == 99 {
+            let started = std::time::Instant::now();
+            while received.load(std::sync::atomic::Ordering::Relaxed) < u64::from(i + 1) {
+                assert!(started.elapsed() < Duration::from_secs(30), "the fast client is stuck at {i}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
     let (fast_flows, fast_lost) =
