@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, info_span, warn};
-use ztrust_common::{Config, FlowEvent, ep_flags};
+use ztrust_common::{Config, FlowEvent, capacity, ep_flags};
 
 use crate::datapath::loader::Datapath;
 use crate::datapath::sync::{KernelMaps, Syncer};
@@ -300,6 +300,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 compile_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "policy compiled"
             );
+            metrics.observe_compile(started.elapsed().as_secs_f64());
+            metrics.set_identities(desired.identities.len() as u64);
             dirty = true;
         }
 
@@ -363,6 +365,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             let started = Instant::now();
             match syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings) {
                 Ok(stats) => {
+                    metrics.observe_sync(started.elapsed().as_secs_f64(), stats.total() as u64);
+                    metrics.set_map_fill("ZT_POLICY", syncer.policy_entries() as u64, u64::from(capacity::POLICY));
+                    metrics.set_map_fill("ZT_IPCACHE", syncer.ipcache_entries() as u64, u64::from(capacity::IPCACHE));
+                    metrics.set_map_fill("ZT_ENDPOINTS", syncer.endpoint_count() as u64, u64::from(capacity::ENDPOINTS));
                     dirty = false;
                     if stats.total() > 0 {
                         info!(writes = stats.total(), sync_ms = started.elapsed().as_secs_f64() * 1000.0, "synced");
