@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::unix::AsyncFd;
 use tracing::{error, info, info_span, warn};
-use ztrust_common::{Config, FlowEvent, capacity, ep_flags};
+use ztrust_common::{Config, FlowEvent, ep_flags};
 
 use crate::datapath::loader::Datapath;
 use crate::datapath::sync::{KernelMaps, Syncer};
@@ -60,6 +60,8 @@ pub struct Options {
     pub event_interval: Duration,
     pub flow_log: Option<PathBuf>,
     pub poll: Duration,
+    /// Kernel map sizes.
+    pub capacities: crate::datapath::loader::Capacities,
     /// Flows kept in memory for the flow API (`--flow-buffer`).
     pub flow_buffer: usize,
     /// Flows queued per API client before it starts losing them (`--client-queue`).
@@ -215,7 +217,7 @@ impl FlowSink {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let Source::Dir(root) = &opts.source;
-    let mut dp = Datapath::load(&opts.pin_dir)?;
+    let mut dp = Datapath::load_with(&opts.pin_dir, opts.capacities)?;
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
         flags: if opts.audit { ep_flags::AUDIT } else { 0 },
@@ -225,6 +227,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut syncer = Syncer::adopt(&dp.maps);
     // Audit mode is a property of every endpoint entry the sync writes.
     syncer.global_flags = config.flags;
+    syncer.capacities = dp.capacities();
 
     let view = Arc::new(RwLock::new(View { node: opts.node_name.clone(), ..Default::default() }));
     let ring = dp.events.take().expect("events map taken once");
@@ -366,9 +369,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             match syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings) {
                 Ok(stats) => {
                     metrics.observe_sync(started.elapsed().as_secs_f64(), stats.total() as u64);
-                    metrics.set_map_fill("ZT_POLICY", syncer.policy_entries() as u64, u64::from(capacity::POLICY));
-                    metrics.set_map_fill("ZT_IPCACHE", syncer.ipcache_entries() as u64, u64::from(capacity::IPCACHE));
-                    metrics.set_map_fill("ZT_ENDPOINTS", syncer.endpoint_count() as u64, u64::from(capacity::ENDPOINTS));
+                    let caps = syncer.capacities;
+                    metrics.set_map_fill("ZT_POLICY", syncer.policy_entries() as u64, u64::from(caps.policy));
+                    metrics.set_map_fill("ZT_IPCACHE", syncer.ipcache_entries() as u64, u64::from(caps.ipcache));
+                    metrics.set_map_fill("ZT_ENDPOINTS", syncer.endpoint_count() as u64, u64::from(caps.endpoints));
                     dirty = false;
                     if stats.total() > 0 {
                         info!(writes = stats.total(), sync_ms = started.elapsed().as_secs_f64() * 1000.0, "synced");

@@ -51,6 +51,12 @@ enum Command {
 
 #[derive(clap::Args)]
 struct RunArgs {
+    /// Capacity of the policy map (allow entries of all local endpoints).
+    #[arg(long, default_value_t = ztrust_common::capacity::POLICY)]
+    policy_max: u32,
+    /// Capacity of the conntrack table (LRU: the least recently used connection goes when full).
+    #[arg(long, default_value_t = ztrust_common::capacity::CONNTRACK)]
+    conntrack_max: u32,
     /// Where cluster state comes from: `dir:<path>` (Namespace, Pod and NetworkPolicy YAML, re-read on change).
     #[arg(long, env = "ZTRUST_SOURCE")]
     source: Option<String>,
@@ -207,6 +213,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         event_interval: Duration::from_millis(args.event_interval_ms),
         flow_log: args.flow_log,
         poll: Duration::from_millis(args.poll_ms),
+        capacities: datapath::loader::Capacities {
+            policy: args.policy_max,
+            conntrack: args.conntrack_max,
+            ..Default::default()
+        },
         flow_buffer: args.flow_buffer,
         client_queue: args.client_queue,
         metrics_pod_label: args.metrics_pod_label,

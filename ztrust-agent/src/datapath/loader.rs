@@ -18,7 +18,7 @@ use aya::{
 use tracing::{debug, info, warn};
 use ztrust_common::{
     Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
-    PolicyValue, names,
+    PolicyValue, capacity, names,
 };
 
 use super::EBPF_OBJECT;
@@ -74,6 +74,7 @@ pub struct Datapath {
     pub events: Option<RingBuf<MapData>>,
     /// Interfaces the programs are attached to: name → ifindex at attach time.
     attached: BTreeMap<String, u32>,
+    caps: Capacities,
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted yet (a bare node or container).
@@ -97,17 +98,48 @@ where
     T::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
+/// Map sizes, when the defaults ([`ztrust_common::capacity`]) do not fit the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacities {
+    pub endpoints: u32,
+    pub ipcache: u32,
+    pub policy: u32,
+    pub conntrack: u32,
+}
+
+impl Default for Capacities {
+    fn default() -> Self {
+        Self {
+            endpoints: capacity::ENDPOINTS,
+            ipcache: capacity::IPCACHE,
+            policy: capacity::POLICY,
+            conntrack: capacity::CONNTRACK,
+        }
+    }
+}
+
 impl Datapath {
+    /// Loads the programs with the default map sizes.
+    pub fn load(pin_dir: &Path) -> Result<Self> {
+        Self::load_with(pin_dir, Capacities::default())
+    }
+
     /// Loads the programs. Maps already pinned under `pin_dir/maps` (by an earlier agent) are reused with
     /// their content, so enforcement continues across restarts; missing ones are created and pinned.
-    pub fn load(pin_dir: &Path) -> Result<Self> {
+    pub fn load_with(pin_dir: &Path, caps: Capacities) -> Result<Self> {
         ensure_bpffs()?;
         let maps_dir = pin_dir.join("maps");
         let links = pin_dir.join("links");
         for dir in [&maps_dir, &links.join("from-pod"), &links.join("to-pod")] {
             fs::create_dir_all(dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
         }
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&maps_dir).load(EBPF_OBJECT)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .map_max_entries(names::ENDPOINTS, caps.endpoints)
+            .map_max_entries(names::IPCACHE, caps.ipcache)
+            .map_max_entries(names::POLICY, caps.policy)
+            .map_max_entries(names::CONNTRACK, caps.conntrack)
+            .load(EBPF_OBJECT)?;
         for (name, _, _) in HOOKS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -127,7 +159,11 @@ impl Datapath {
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         info!(pin_dir = %pin_dir.display(), "datapath loaded");
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new() })
+        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new(), caps })
+    }
+
+    pub fn capacities(&self) -> Capacities {
+        self.caps
     }
 
     /// A loaded program, e.g. to run it on prepared packets (`BPF_PROG_TEST_RUN`) in tests and benchmarks.

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tracing::{debug, warn};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, capacity, ep_flags};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ep_flags};
 
 use crate::model::ObjectRef;
 use crate::policy::{Desired, policy_keys};
@@ -98,6 +98,8 @@ pub struct Syncer {
     policy_entries: usize,
     /// Global flags OR-ed into every endpoint (audit mode).
     pub global_flags: u32,
+    /// Sizes of the kernel maps: an update that would not fit is refused before any write.
+    pub capacities: super::loader::Capacities,
 }
 
 fn entries_for(ifindex: u32, allow: &BTreeMap<crate::policy::AllowKey, u32>) -> PolicyEntries {
@@ -201,15 +203,16 @@ impl Syncer {
         }
 
         // Capacity, before any write.
+        let caps = self.capacities;
         let policy_needed: usize = next.values().map(|e| e.entries.len()).sum();
-        if policy_needed > capacity::POLICY as usize {
-            return Err(Error::Capacity { map: "policy", needed: policy_needed, capacity: capacity::POLICY });
+        if policy_needed > caps.policy as usize {
+            return Err(Error::Capacity { map: "policy", needed: policy_needed, capacity: caps.policy });
         }
-        if desired.ipcache.len() > capacity::IPCACHE as usize {
-            return Err(Error::Capacity { map: "ipcache", needed: desired.ipcache.len(), capacity: capacity::IPCACHE });
+        if desired.ipcache.len() > caps.ipcache as usize {
+            return Err(Error::Capacity { map: "ipcache", needed: desired.ipcache.len(), capacity: caps.ipcache });
         }
-        if next.len() > capacity::ENDPOINTS as usize {
-            return Err(Error::Capacity { map: "endpoints", needed: next.len(), capacity: capacity::ENDPOINTS });
+        if next.len() > caps.endpoints as usize {
+            return Err(Error::Capacity { map: "endpoints", needed: next.len(), capacity: caps.endpoints });
         }
 
         let mut stats = SyncStats::default();

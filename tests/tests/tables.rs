@@ -1,0 +1,179 @@
+//! Full tables. A full conntrack table evicts (LRU), and eviction never opens anything: a new disallowed
+//! connection is still judged by policy, and an allowed live connection whose entry was evicted is not
+//! cut off (its replies are re-admitted because the policy allows the connection in its opening
+//! direction). A policy map at capacity refuses the update whole and keeps the last good state.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use aya::programs::{TestRun, TestRunOptions};
+use ztrust_agent::datapath::loader::{Capacities, Datapath};
+use ztrust_agent::datapath::sync::{Error as SyncError, KernelMaps, Syncer};
+use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
+use ztrust_agent::policy::Engine;
+use ztrust_common::{CounterKey, CtKey, dir, names, proto, reason, verdict};
+
+const OK: u32 = 0;
+const SHOT: u32 = 2;
+const A: [u8; 4] = [10, 244, 205, 10];
+const B: [u8; 4] = [10, 244, 205, 11];
+
+fn sel(app: &str) -> LabelSelector {
+    LabelSelector { match_labels: [("app".to_owned(), app.to_owned())].into(), ..Default::default() }
+}
+
+/// Pod a may open TCP connections to app=b on `ports`; nothing may connect to a.
+fn cluster(ports: &[(u16, Option<u16>)], peers: usize) -> Cluster {
+    let mut c = Cluster::default();
+    c.namespaces.insert("x".into(), Namespace { name: "x".into(), ..Default::default() });
+    for (name, ip) in [("a", A), ("b", B)] {
+        let pod = Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            ips: vec![IpAddr::from(ip)],
+            ..Default::default()
+        };
+        c.pods.insert(pod.object_ref(), pod);
+    }
+    // More peers with distinct labels: each is an identity, and so allow entries of its own.
+    for i in 0..peers {
+        let pod = Pod {
+            namespace: "x".into(),
+            name: format!("peer{i}"),
+            labels: [("app".to_owned(), "b".to_owned()), ("n".to_owned(), i.to_string())].into(),
+            ips: vec![IpAddr::from([10, 244, 206, i as u8])],
+            ..Default::default()
+        };
+        c.pods.insert(pod.object_ref(), pod);
+    }
+    let pol = NetworkPolicy {
+        namespace: "x".into(),
+        name: "a".into(),
+        pod_selector: sel("a"),
+        isolates_ingress: true,
+        isolates_egress: true,
+        ingress: vec![],
+        egress: vec![Rule {
+            peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(sel("b")) }],
+            ports: ports
+                .iter()
+                .map(|(p, end)| PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(*p)), end_port: *end })
+                .collect(),
+        }],
+    };
+    c.policies.insert(pol.object_ref(), pol);
+    c
+}
+
+fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0, 0, 40, 0, 1, 0, 0, 64, proto::TCP, 0, 0];
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    f
+}
+
+fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &[u8]) -> u32 {
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; pkt.len() + 256];
+    let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+    dp.program(prog).unwrap().test_run(opts).unwrap().return_value
+}
+
+fn counter(dp: &Datapath, ifindex: u32, direction: u8, v: u8, r: u8) -> u64 {
+    let key = CounterKey { ifindex, direction, verdict: v, reason: r, _pad: 0 };
+    dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
+}
+
+fn mapped(ip: [u8; 4]) -> [u8; 16] {
+    std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()
+}
+
+#[test]
+fn conntrack_eviction_never_opens_and_never_cuts() {
+    common::require_root();
+    let topo = common::Topology::new("ztct", 205, 1);
+    common::enter_netns(&topo.node);
+    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let caps = Capacities { conntrack: 64, ..Default::default() };
+    let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
+    let desired = Engine::new().compile(&cluster(&[(80, None)], 0));
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
+
+    // a's connection to b:80, then a flood of other allowed connections that fills the table.
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x02)), OK);
+    let first = CtKey {
+        ifindex,
+        saddr: mapped(A),
+        daddr: mapped(B),
+        sport: 1000u16.to_be(),
+        dport: 80u16.to_be(),
+        protocol: proto::TCP,
+        direction: dir::EGRESS,
+        _pad: [0; 2],
+    };
+    assert!(dp.maps.conntrack.get(&first, 0).is_ok(), "the connection is tracked");
+    for sport in 2000..2600 {
+        assert_eq!(run(&dp, from, ifindex, &tcp(A, B, sport, 80, 0x02)), OK);
+    }
+    assert!(dp.maps.conntrack.get(&first, 0).is_err(), "the flood evicted the first connection's entry");
+    let entries = dp.maps.conntrack.keys().count();
+    assert!(entries <= 64, "the table holds at most its capacity ({entries})");
+
+    // The evicted connection's reply still passes: policy allows a -> b:80, so b:80 -> a:1000 with ACK is
+    // a reply, re-admitted and re-tracked.
+    assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 80, 1000, 0x12)), OK, "SYN-ACK of an evicted allowed connection");
+    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::CT_RECOVERED), 1);
+    assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 80, 1000, 0x10)), OK, "and it is tracked again");
+    assert!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::REPLY) >= 1);
+    // a's own packets of that connection pass too (the policy allows them as they are).
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x10)), OK);
+
+    // Nothing the policy forbids gets in through the full table.
+    assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 81, 1000, 0x10)), SHOT, "ACK from a port a never connected to");
+    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::DROPPED, reason::NO_CT_ENTRY), 1);
+    assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 5555, 80, 0x02)), SHOT, "new connection into a");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 3000, 81, 0x02)), SHOT, "a -> b:81 stays denied");
+}
+
+#[test]
+fn policy_map_at_capacity_refuses_the_update_and_keeps_the_last_state() {
+    common::require_root();
+    let topo = common::Topology::new("ztcap", 206, 1);
+    common::enter_netns(&topo.node);
+    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let caps = Capacities { policy: 16, ..Default::default() };
+    let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    let mut engine = Engine::new();
+    let mut syncer = Syncer::new();
+    syncer.capacities = dp.capacities();
+    let from = names::PROG_FROM_POD;
+
+    let small = engine.compile(&cluster(&[(80, None)], 0));
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &small, &bindings).expect("fits");
+    let before = dp.maps.policy.keys().count();
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x02)), OK);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1001, 443, 0x02)), SHOT);
+
+    // Ports 443 and 1000-1999 towards 20 peer identities: far more than 16 entries.
+    let big = engine.compile(&cluster(&[(443, None), (1000, Some(1999))], 20));
+    match syncer.sync(&mut KernelMaps(&mut dp.maps), &big, &bindings) {
+        Err(SyncError::Capacity { map, needed, capacity }) => {
+            assert_eq!(map, "policy");
+            assert!(needed > 16 && capacity == 16);
+        }
+        other => panic!("the update must be refused for capacity, got {other:?}"),
+    }
+    assert_eq!(dp.maps.policy.keys().count(), before, "nothing was written");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1002, 80, 0x02)), OK, "the last good state enforces");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1003, 443, 0x02)), SHOT, "nothing of the refused update");
+}
