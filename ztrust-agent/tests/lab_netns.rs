@@ -386,3 +386,99 @@ fn apply_label_delete_and_down_without_state() {
     assert!(lab.netns().is_empty(), "left behind: {:?}", lab.netns());
     assert_eq!(lab.servers(), 0);
 }
+
+/// The whole exercise with the real agent enforcing in the node: before any policy everything is allowed;
+/// with the example's policies the matrix is exactly what the reference evaluator says.
+#[test]
+#[ignore = "needs root (network namespaces, eBPF): cargo test -p ztrust-agent --test lab_netns -- --ignored"]
+fn payments_with_the_agent_enforces_the_policies() {
+    assert!(is_root(), "run as root");
+    let lab = Lab::new("c");
+    let pin_dir = lab::ops::default_agent_pin_dir(&lab.prefix);
+    lab::up(
+        &example().join("cluster.yaml"),
+        UpOptions {
+            agent: Some(lab::AgentSpec {
+                bin: Some(AGENT.into()),
+                ..Default::default()
+            }),
+            ..lab.up_opts()
+        },
+    )
+    .unwrap();
+    let state = lab::status(&lab.state_dir).unwrap();
+    let agent = state.agent.clone().expect("the lab records its agent");
+    // `up` returned, so the agent had pinned its links on every pod interface before they came up.
+    for p in &state.pods {
+        let ifname = p.host_if.as_deref().unwrap();
+        assert!(
+            pin_dir.join("links/from-pod").join(ifname).exists(),
+            "{ifname} not attached"
+        );
+    }
+
+    let probe = || lab::probe(&lab.state_dir, &ProbeOptions::default()).unwrap();
+    let m = probe();
+    assert!(
+        m.diff(&m.expected_with(|_| Verdict::Allowed)).is_empty(),
+        "no policy yet:\n{}",
+        m.render_table()
+    );
+
+    lab::apply(
+        &example().join("policies"),
+        ApplyOptions {
+            state_dir: lab.state_dir.clone(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let cluster = ztrust_agent::source::dir::load_dir(&lab.state_dir.join("manifests"))
+        .unwrap()
+        .cluster;
+    // The agent polls its source: give it a few rounds.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let (m, diff) = loop {
+        let m = probe();
+        let diff = m.diff(&m.expected_by_reference(&state, &cluster));
+        if diff.is_empty() || std::time::Instant::now() > deadline {
+            break (m, diff);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+    eprintln!("{}", m.render_table());
+    assert!(diff.is_empty(), "{diff}");
+    use Verdict::*;
+    assert_eq!(
+        m.verdict("payments/frontend", "payments/backend", 8080, Protocol::Tcp),
+        Some(Allowed)
+    );
+    assert_eq!(
+        m.verdict("payments/frontend", "payments/database", 5432, Protocol::Tcp),
+        Some(Denied)
+    );
+    assert_eq!(
+        m.verdict("payments/backend", "payments/database", 5432, Protocol::Tcp),
+        Some(Allowed)
+    );
+    assert_eq!(
+        m.verdict("payments/database", "payments/frontend", 8080, Protocol::Tcp),
+        Some(Denied)
+    );
+    assert_eq!(
+        m.verdict(
+            "payments/database",
+            "external/payment-gateway",
+            443,
+            Protocol::Tcp
+        ),
+        Some(Denied)
+    );
+    let denied = m.probes.iter().find(|p| p.result == Denied).unwrap();
+    assert_eq!(denied.detail, "timeout", "a policy drop is silent: {denied:?}");
+
+    let r = lab.down();
+    assert_eq!(r.agent_killed, [agent.pid]);
+    assert!(!pin_dir.exists(), "the agent's pins are removed");
+    assert!(lab.netns().is_empty(), "left behind: {:?}", lab.netns());
+}

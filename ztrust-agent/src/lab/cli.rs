@@ -7,8 +7,8 @@ use anyhow::Context as _;
 
 use super::probe::parse_protocol;
 use super::{
-    ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, DownOptions,
-    Family, LabelChange, LabelKind, ProbeOptions, ServeArgs, UpOptions,
+    AgentSpec, ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR,
+    DownOptions, Family, LabelChange, LabelKind, ProbeOptions, ServeArgs, UpOptions,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -26,6 +26,7 @@ pub enum Output {
 }
 
 #[derive(Debug, clap::Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once per process; boxing would only obscure clap's derive")]
 pub enum LabCommand {
     /// Build the node, a network namespace per pod and external host, and a server on every container
     /// port. Anything an earlier lab left is removed first.
@@ -43,6 +44,15 @@ pub enum LabCommand {
         /// Node-side interface of external host N.
         #[arg(long, default_value = DEFAULT_EXT_IF_PREFIX)]
         ext_if_prefix: String,
+        /// Do not start an agent in the node (no enforcement: everything reaches everything).
+        #[arg(long)]
+        no_agent: bool,
+        /// The agent's bpffs pin directory (default `/sys/fs/bpf/ztrust-lab-<prefix>`).
+        #[arg(long)]
+        pin_path: Option<PathBuf>,
+        /// An extra argument for `ztrust-agent run` (repeatable: `--agent-arg=--mode --agent-arg=audit`).
+        #[arg(long, allow_hyphen_values = true)]
+        agent_arg: Vec<String>,
     },
     /// Remove everything the lab made (works without state.json too).
     Down {
@@ -104,6 +114,16 @@ pub enum LabCommand {
         state: StateDir,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
+        /// Also the lab agent's drop counters and attached interfaces (from its pinned maps).
+        #[arg(long)]
+        counters: bool,
+    },
+    /// Flows seen by the lab's agent (its flow API socket, or its flow log with `--flow-log`).
+    Flows {
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        flows: crate::cli_flows::FlowsArgs,
     },
     /// (internal) The server the lab runs in every pod and external host.
     #[command(hide = true)]
@@ -118,7 +138,15 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             prefix,
             if_prefix,
             ext_if_prefix,
+            no_agent,
+            pin_path,
+            agent_arg,
         } => {
+            let agent = (!no_agent).then(|| AgentSpec {
+                pin_dir: pin_path,
+                extra_args: agent_arg,
+                ..Default::default()
+            });
             let report = super::up(
                 &manifests,
                 UpOptions {
@@ -126,10 +154,21 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                     prefix,
                     if_prefix,
                     ext_if_prefix,
+                    agent,
                     ..Default::default()
                 },
             )
-            .with_context(|| format!("bringing the lab up from {}", manifests.display()))?;
+            .with_context(|| {
+                format!(
+                    "bringing the lab up from {}{}",
+                    manifests.display(),
+                    if no_agent {
+                        ""
+                    } else {
+                        " (--no-agent runs it without enforcement)"
+                    }
+                )
+            })?;
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -141,8 +180,13 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                 prefix,
             })?;
             eprintln!(
-                "stopped {} servers, removed {} network namespaces",
+                "stopped {} servers{}, removed {} network namespaces",
                 r.killed.len(),
+                if r.agent_killed.is_empty() {
+                    ""
+                } else {
+                    " and the agent"
+                },
                 r.netns_deleted.len()
             );
         }
@@ -217,12 +261,44 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&m.to_json())?),
             }
         }
-        LabCommand::Status { state, output } => {
+        LabCommand::Status {
+            state,
+            output,
+            counters,
+        } => {
             let s = super::status(&state.state_dir)?;
+            let kernel = match (&s.agent, counters) {
+                (Some(a), true) => Some(crate::status::read(&a.pin_dir).with_context(|| {
+                    format!("reading the lab agent's pinned maps in {}", a.pin_dir.display())
+                })?),
+                (None, true) => anyhow::bail!("this lab runs no agent (it was brought up with --no-agent)"),
+                _ => None,
+            };
             match output {
-                Output::Table => print!("{}", super::render_status(&s)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+                Output::Table => {
+                    print!("{}", super::render_status(&s));
+                    if let Some(k) = &kernel {
+                        print!("\n{}", crate::status::render(k));
+                    }
+                }
+                Output::Json => {
+                    let mut v = serde_json::to_value(&s)?;
+                    if let Some(k) = &kernel {
+                        v["kernel"] = serde_json::to_value(k)?;
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
             }
+        }
+        LabCommand::Flows { state, mut flows } => {
+            let s = super::status(&state.state_dir)?;
+            let Some(agent) = &s.agent else {
+                anyhow::bail!("this lab runs no agent (it was brought up with --no-agent)");
+            };
+            if flows.connect.server.is_none() && flows.flow_log.is_none() {
+                flows.connect.socket = agent.socket.clone();
+            }
+            crate::cli_flows::run(&flows)?;
         }
         LabCommand::Serve(args) => super::serve_main(args)?,
     }

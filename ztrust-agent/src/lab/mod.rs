@@ -30,12 +30,12 @@ use std::io;
 use std::path::PathBuf;
 
 pub use ops::{
-    ApplyOptions, DownOptions, DownReport, LabelChange, LabelKind, Report, UpOptions, apply, delete, down,
-    label, status, up,
+    AgentSpec, ApplyOptions, DownOptions, DownReport, LabelChange, LabelKind, Report, UpOptions, apply,
+    delete, down, label, status, up,
 };
 pub use probe::{Family, Matrix, MatrixDiff, Probe, ProbeOptions, Verdict, probe};
 pub use serve::{ServeArgs, serve_main};
-pub use state::{ExternalState, LabState, PodState, render_status};
+pub use state::{AgentState, ExternalState, LabState, PodState, render_status};
 
 /// Where the lab keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/ztrust/lab";
@@ -74,6 +74,12 @@ pub enum Error {
     ServerStart { name: String, log: String },
     #[error("the before-link-up hook failed: {0}")]
     Hook(#[source] HookError),
+    #[error("the agent {problem}; the end of its log ({}):\n{log}", log_path.display())]
+    Agent {
+        problem: String,
+        log_path: PathBuf,
+        log: String,
+    },
     #[error("invalid {what} {value:?}: {expected}")]
     BadArgument {
         what: &'static str,

@@ -123,6 +123,23 @@ pub fn sysctls(netns: &str, settings: &[(&str, &str)]) -> Result<()> {
     .expect("sysctl thread does not panic")
 }
 
+/// Interface indexes of `names` inside `netns` (`None` for a name that does not exist there).
+pub fn ifindexes(netns: &str, names: &[String]) -> Result<Vec<Option<u32>>> {
+    let fd = open_netns(netns)?;
+    let names = names.to_vec();
+    let netns = netns.to_owned();
+    std::thread::spawn(move || -> Result<Vec<Option<u32>>> {
+        setns(fd.as_fd(), CloneFlags::CLONE_NEWNET)
+            .map_err(|e| io_err(format!("joining netns {netns}"))(e.into()))?;
+        Ok(names
+            .iter()
+            .map(|n| nix::net::if_::if_nametoindex(n.as_str()).ok())
+            .collect())
+    })
+    .join()
+    .expect("ifindex thread does not panic")
+}
+
 /// Starts `program args` detached (own session) inside `netns`, output appended to `log`.
 pub fn spawn_in_netns(netns: &str, program: &Path, args: &[String], log: &Path) -> Result<u32> {
     let fd = open_netns(netns)?;
@@ -178,6 +195,51 @@ pub fn lab_servers(state_dir: &Path) -> Vec<u32> {
     pids
 }
 
+/// Processes whose command line contains every one of `needles`.
+pub fn processes_with(needles: &[&str]) -> Vec<u32> {
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .filter(|pid| {
+            let c = cmdline(*pid);
+            !c.is_empty() && needles.iter().all(|n| c.contains(n))
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// SIGTERM the processes, wait up to `grace`, then SIGKILL what is left (and reap our children).
+pub fn terminate(pids: &[u32], grace: Duration) {
+    for pid in pids {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline && !pids.iter().all(|p| gone(*p)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for pid in pids.iter().filter(|p| !gone(**p)) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline && !pids.iter().all(|p| gone(*p)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether the process is gone (or a zombie).
+pub fn is_gone(pid: u32) -> bool {
+    gone(pid)
+}
+
 fn is_lab_server(cmdline: &str, tag: &str) -> bool {
     cmdline.contains(" lab serve ") && (cmdline.ends_with(tag) || cmdline.contains(&format!("{tag} ")))
 }
@@ -206,26 +268,7 @@ pub fn kill_servers(pids: &[u32], state_dir: &Path) {
         .copied()
         .filter(|p| is_lab_server(&cmdline(*p), &tag))
         .collect();
-    for pid in &ours {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline && !ours.iter().all(|p| gone(*p)) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    for pid in ours.iter().filter(|p| !gone(**p)) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(1);
-    while Instant::now() < deadline && !ours.iter().all(|p| gone(*p)) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    terminate(&ours, Duration::from_secs(1));
 }
 
 #[cfg(test)]

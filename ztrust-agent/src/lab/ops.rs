@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::alloc::{Allocator, GATEWAY_V4, GATEWAY_V6, NODE_V4, NODE_V6};
 use super::manifests::{self, Kind, RawObject};
 use super::serve::ServeArgs;
-use super::state::{ExternalState, LabState, MANIFESTS_DIR, PodState, write_atomic};
+use super::state::{AgentState, ExternalState, LabState, MANIFESTS_DIR, PodState, write_atomic};
 use super::{
     DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result,
     io_err, net,
@@ -35,6 +35,45 @@ pub struct UpOptions<'a> {
     pub before_link_up: Option<LinkHook<'a>>,
     /// How long servers may take to bind their ports.
     pub server_timeout: Duration,
+    /// Start an agent in the node's namespace, and bring no pod interface up before it has attached.
+    pub agent: Option<AgentSpec>,
+}
+
+/// An agent the lab starts in the node's namespace as soon as the node exists:
+/// `<bin> run --source dir:<state>/manifests --pin-path <pin_dir> --node-ip <node> --interface-prefix
+/// <if_prefix> --node-name <prefix>-node --flow-log <state>/flows.jsonl --grpc-socket <state>/agent.sock
+/// <extra_args…>`. Each new pod interface is brought up only once the agent has pinned its links there
+/// (`<pin_dir>/links/<hook>/<ifname>`), so no pod ever has a moment without enforcement.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    /// Default: the lab's `agent_bin`.
+    pub bin: Option<PathBuf>,
+    /// Default: `/sys/fs/bpf/ztrust-lab-<prefix>`, apart from a real agent's pins.
+    pub pin_dir: Option<PathBuf>,
+    /// After the lab's own arguments (`--mode`, `audit`, `--log-allowed`, …).
+    pub extra_args: Vec<String>,
+    /// How long the agent may take to attach to a new interface.
+    pub attach_timeout: Duration,
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            bin: None,
+            pin_dir: None,
+            extra_args: Vec::new(),
+            attach_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+pub fn default_agent_pin_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/ztrust-lab-{prefix}"))
+}
+
+/// The part of the agent's command line by which the lab knows it.
+fn agent_tag(state_dir: &Path) -> String {
+    format!("dir:{}", state_dir.join(MANIFESTS_DIR).display())
 }
 
 impl Default for UpOptions<'_> {
@@ -47,6 +86,7 @@ impl Default for UpOptions<'_> {
             agent_bin: None,
             before_link_up: None,
             server_timeout: Duration::from_secs(10),
+            agent: None,
         }
     }
 }
@@ -95,7 +135,10 @@ pub struct Report {
 
 #[derive(Clone, Debug, Default)]
 pub struct DownReport {
+    /// Servers.
     pub killed: Vec<u32>,
+    /// The lab's agent.
+    pub agent_killed: Vec<u32>,
     pub netns_deleted: Vec<String>,
 }
 
@@ -156,10 +199,15 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         pods: Vec::new(),
         externals: Vec::new(),
         next_index: 1,
+        agent: None,
     };
     // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
     state.save()?;
     make_node(&state)?;
+    if let Some(spec) = opts.agent {
+        start_agent(&mut state, spec)?;
+        state.save()?;
+    }
     let mut report = Report {
         warnings: read.skipped,
         ..Default::default()
@@ -359,6 +407,31 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     let state_dir = absolute(&opts.state_dir);
     // A state file that cannot be read is no reason to leave the rest behind.
     let state = LabState::load(&state_dir).ok().flatten();
+    let mut agents = net::processes_with(&[" run ", &agent_tag(&state_dir)]);
+    agents.extend(
+        state
+            .as_ref()
+            .and_then(|s| s.agent.as_ref())
+            .map(|a| a.pid)
+            .filter(|pid| net::cmdline(*pid).contains(&agent_tag(&state_dir))),
+    );
+    agents.sort_unstable();
+    agents.dedup();
+    // The agent first: it must not see the lab come apart, and its pins go once it is gone.
+    net::terminate(&agents, Duration::from_secs(3));
+    let pin_dirs = [
+        state
+            .as_ref()
+            .and_then(|s| s.agent.as_ref())
+            .map(|a| a.pin_dir.clone()),
+        Some(default_agent_pin_dir(&opts.prefix)),
+    ];
+    for pin in pin_dirs.into_iter().flatten() {
+        if pin.exists() {
+            crate::datapath::loader::cleanup(&pin)
+                .map_err(io_err(format!("removing the agent's pins in {}", pin.display())))?;
+        }
+    }
     let mut pids: Vec<u32> = state.as_ref().map(LabState::all_server_pids).unwrap_or_default();
     pids.extend(net::lab_servers(&state_dir));
     pids.sort_unstable();
@@ -366,6 +439,7 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     net::kill_servers(&pids, &state_dir);
     let mut report = DownReport {
         killed: pids,
+        agent_killed: agents,
         ..Default::default()
     };
 
@@ -741,8 +815,14 @@ fn add_objects(
     {
         hook(&pod_links).map_err(Error::Hook)?;
     }
+    if let Some(agent) = &state.agent {
+        wait_attached(agent, &pod_links)?;
+    }
     for (host_if, ips, _) in &new_links {
         link_up(state, host_if, ips)?;
+    }
+    if let Some(agent) = &state.agent {
+        wait_bound(agent, &state.node_netns, &pod_links)?;
     }
     let mut started = Vec::new();
     for (netns, i, is_pod) in to_start {
@@ -764,6 +844,130 @@ fn add_objects(
     }
     state.save()?;
     wait_ready(&started, server_timeout)
+}
+
+fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
+    let bin = spec.bin.unwrap_or_else(|| state.agent_bin.clone());
+    let pin_dir = spec
+        .pin_dir
+        .unwrap_or_else(|| default_agent_pin_dir(&state.prefix));
+    let socket = state.state_dir.join("agent.sock");
+    let flow_log = state.state_dir.join("flows.jsonl");
+    let log = state.state_dir.join(LOGS_DIR).join("agent.log");
+    let node_ips = state
+        .node_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--source".into(),
+        agent_tag(&state.state_dir),
+        "--pin-path".into(),
+        pin_dir.display().to_string(),
+        "--node-ip".into(),
+        node_ips,
+        "--interface-prefix".into(),
+        state.if_prefix.clone(),
+        "--node-name".into(),
+        state.node_netns.clone(),
+        "--flow-log".into(),
+        flow_log.display().to_string(),
+        "--grpc-socket".into(),
+        socket.display().to_string(),
+    ];
+    args.extend(spec.extra_args);
+    let pid = net::spawn_in_netns(&state.node_netns, &bin, &args, &log)?;
+    state.agent = Some(AgentState {
+        pid,
+        pin_dir,
+        socket,
+        flow_log,
+        log,
+        attach_timeout_ms: u64::try_from(spec.attach_timeout.as_millis()).unwrap_or(u64::MAX),
+    });
+    Ok(())
+}
+
+/// Whether the agent has pinned a link on `ifname` for each of its hooks (`<pin>/links/<hook>/<ifname>`).
+fn attached(pin_dir: &Path, ifname: &str) -> bool {
+    let hooks: Vec<PathBuf> = std::fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    !hooks.is_empty() && hooks.iter().all(|h| h.join(ifname).exists())
+}
+
+/// The last `n` lines of a log file.
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn wait_attached(agent: &AgentState, ifnames: &[String]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(agent.attach_timeout_ms);
+    let fail = |problem: String| Error::Agent {
+        problem,
+        log: tail(&agent.log, 20),
+        log_path: agent.log.clone(),
+    };
+    for ifname in ifnames {
+        while !attached(&agent.pin_dir, ifname) {
+            if net::is_gone(agent.pid) {
+                return Err(fail("exited".into()));
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "did not attach to {ifname} within {:?} (no pinned links under {}/links)",
+                    Duration::from_millis(agent.attach_timeout_ms),
+                    agent.pin_dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the agent has bound each interface to its pod (an entry in its endpoint map): until then
+/// the interface is attached but fails closed, and a probe would see drops no policy asked for.
+fn wait_bound(agent: &AgentState, node_netns: &str, ifnames: &[String]) -> Result<()> {
+    if ifnames.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<u32> = net::ifindexes(node_netns, ifnames)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let deadline = Instant::now() + Duration::from_millis(agent.attach_timeout_ms);
+    loop {
+        let bound: Vec<u32> = crate::status::read(&agent.pin_dir)
+            .map(|st| st.endpoints.iter().map(|e| e.ifindex).collect())
+            .unwrap_or_default();
+        if wanted.iter().all(|i| bound.contains(i)) {
+            return Ok(());
+        }
+        if net::is_gone(agent.pid) {
+            return Err(Error::Agent {
+                problem: "exited".into(),
+                log: tail(&agent.log, 20),
+                log_path: agent.log.clone(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Agent {
+                problem: format!("did not bind {} to their pods in time", ifnames.join(", ")),
+                log: tail(&agent.log, 20),
+                log_path: agent.log.clone(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn write_copy(state: &LabState, obj: &RawObject) -> Result<()> {

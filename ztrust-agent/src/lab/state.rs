@@ -28,6 +28,23 @@ pub struct LabState {
     pub externals: Vec<ExternalState>,
     /// Interface/namespace numbers are never reused within a lab.
     pub next_index: u32,
+    /// The agent the lab started in the node's namespace, if any.
+    #[serde(default)]
+    pub agent: Option<AgentState>,
+}
+
+/// An agent enforcing in the lab: `<bin> run --source dir:<state>/manifests …` in the node's namespace.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentState {
+    pub pid: u32,
+    /// Its bpffs pin directory (the lab removes it on `down`).
+    pub pin_dir: PathBuf,
+    /// Its flow API socket and flow log.
+    pub socket: PathBuf,
+    pub flow_log: PathBuf,
+    pub log: PathBuf,
+    #[serde(default)]
+    pub attach_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,6 +197,21 @@ pub fn render_status(state: &LabState) -> String {
         ips_text(&state.node_ips),
         state.state_dir.display()
     );
+    match &state.agent {
+        Some(a) => {
+            let _ = writeln!(
+                out,
+                "agent: pid {} pins {} flow API {} flow log {}",
+                a.pid,
+                a.pin_dir.display(),
+                a.socket.display(),
+                a.flow_log.display()
+            );
+        }
+        None => {
+            let _ = writeln!(out, "agent: none (no enforcement)");
+        }
+    }
     let _ = writeln!(out);
     let mut rows = vec![[
         "POD".to_owned(),
