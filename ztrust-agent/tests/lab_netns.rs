@@ -477,6 +477,28 @@ fn payments_with_the_agent_enforces_the_policies() {
     let denied = m.probes.iter().find(|p| p.result == Denied).unwrap();
     assert_eq!(denied.detail, "timeout", "a policy drop is silent: {denied:?}");
 
+    // Relabelling is policy too: the frontend, labelled as a backend, may now reach the database, at once.
+    lab::label(
+        &lab.state_dir,
+        LabelKind::Pod,
+        "payments/frontend",
+        &["app=backend".parse().unwrap()],
+    )
+    .unwrap();
+    let m = lab::probe(
+        &lab.state_dir,
+        &ProbeOptions {
+            from: vec!["payments/frontend".into()],
+            to: vec!["payments/database".into()],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        m.verdict("payments/frontend", "payments/database", 5432, Protocol::Tcp),
+        Some(Allowed)
+    );
+
     let r = lab.down();
     assert_eq!(r.agent_killed, [agent.pid]);
     assert!(!pin_dir.exists(), "the agent's pins are removed");

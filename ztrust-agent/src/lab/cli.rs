@@ -26,7 +26,10 @@ pub enum Output {
 }
 
 #[derive(Debug, clap::Subcommand)]
-#[expect(clippy::large_enum_variant, reason = "parsed once per process; boxing would only obscure clap's derive")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure clap's derive"
+)]
 pub enum LabCommand {
     /// Build the node, a network namespace per pod and external host, and a server on every container
     /// port. Anything an earlier lab left is removed first.

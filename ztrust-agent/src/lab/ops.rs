@@ -251,6 +251,7 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
         warnings: read.skipped,
         ..Default::default()
     };
+    let log_from = agent_log_len(&state);
     for obj in read.objects {
         let copy = state.manifests_dir().join(obj.file_name());
         let had_copy = copy.exists();
@@ -291,6 +292,11 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
                 .push(format!("{} is not in the lab", obj.display()));
         }
         state.save()?;
+    }
+    if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(&state, log_from)? {
+        report
+            .warnings
+            .push("the agent has not picked up the change yet (see logs/agent.log)".into());
     }
     report.state = state;
     Ok(report)
@@ -380,6 +386,7 @@ pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelCh
     for c in changes {
         manifests::set_label(&mut value, &c.key, c.value.as_deref());
     }
+    let log_from = agent_log_len(&state);
     write_atomic(&path, manifests::to_yaml(&value).as_bytes())?;
     if kind == LabelKind::Pod {
         let key = if target.contains('/') {
@@ -397,6 +404,7 @@ pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelCh
         }
         state.save()?;
     }
+    wait_settled(&state, log_from)?;
     Ok(())
 }
 
@@ -649,6 +657,7 @@ fn add_objects(
     server_timeout: Duration,
     report: &mut Report,
 ) -> Result<()> {
+    let log_from = agent_log_len(state);
     let mut alloc = Allocator::new(state.pods.iter().flat_map(|p| p.ips.clone()));
     // Addresses the manifests give are taken before any is handed out.
     let mut models = Vec::new();
@@ -843,7 +852,13 @@ fn add_objects(
         started.push(s);
     }
     state.save()?;
-    wait_ready(&started, server_timeout)
+    wait_ready(&started, server_timeout)?;
+    if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(state, log_from)? {
+        report
+            .warnings
+            .push("the agent has not picked up the change yet (see logs/agent.log)".into());
+    }
+    Ok(())
 }
 
 fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
@@ -965,6 +980,51 @@ fn wait_bound(agent: &AgentState, node_netns: &str, ifnames: &[String]) -> Resul
                 log: tail(&agent.log, 20),
                 log_path: agent.log.clone(),
             });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn agent_log_len(state: &LabState) -> u64 {
+    state
+        .agent
+        .as_ref()
+        .and_then(|a| std::fs::metadata(&a.log).ok())
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// After manifests changed: waits until the agent has compiled them (its log says `policy compiled` after
+/// offset `from`) and then stayed quiet for a few of its polls, so that a probe right after `apply` sees
+/// the new policies. `Ok(false)` if that did not happen within a few seconds (nothing the agent had to
+/// change, or a slow agent); the caller may say so.
+fn wait_settled(state: &LabState, from: u64) -> Result<bool> {
+    let Some(agent) = &state.agent else {
+        return Ok(true);
+    };
+    const QUIET: Duration = Duration::from_millis(300);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut compiles, mut last_change) = (0usize, None::<Instant>);
+    loop {
+        let text = std::fs::read(&agent.log).unwrap_or_default();
+        let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+        let n = fresh.matches("policy compiled").count();
+        if n > compiles {
+            compiles = n;
+            last_change = Some(Instant::now());
+        }
+        if last_change.is_some_and(|t| t.elapsed() >= QUIET) {
+            return Ok(true);
+        }
+        if net::is_gone(agent.pid) {
+            return Err(Error::Agent {
+                problem: "exited".into(),
+                log: tail(&agent.log, 20),
+                log_path: agent.log.clone(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
