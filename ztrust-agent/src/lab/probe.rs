@@ -532,7 +532,9 @@ fn plan(state: &LabState, opts: &ProbeOptions) -> Vec<Job> {
             };
             ports.sort();
             ports.dedup();
-            for ip in t.ips.iter().filter(|ip| opts.family.wants(ip)) {
+            // A source without an address of the family has no route of it: nothing to learn from a probe.
+            let src_has = |ip: &IpAddr| src.ips.iter().any(|s| s.is_ipv4() == ip.is_ipv4());
+            for ip in t.ips.iter().filter(|ip| opts.family.wants(ip) && src_has(ip)) {
                 for (port, protocol) in &ports {
                     jobs.push(Job {
                         netns: src.netns.clone(),
