@@ -502,5 +502,9 @@ fn payments_with_the_agent_enforces_the_policies() {
     let r = lab.down();
     assert_eq!(r.agent_killed, [agent.pid]);
     assert!(!pin_dir.exists(), "the agent's pins are removed");
+    assert!(
+        !lab.state_dir.exists(),
+        "state, manifests, logs, flow log and socket are removed"
+    );
     assert!(lab.netns().is_empty(), "left behind: {:?}", lab.netns());
 }

@@ -15,6 +15,8 @@ use super::{
 use crate::model::{ContainerPort, Protocol};
 
 const LOGS_DIR: &str = "logs";
+const AGENT_SOCKET: &str = "agent.sock";
+const FLOW_LOG: &str = "flows.jsonl";
 const READY_DIR: &str = "ready";
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
@@ -486,9 +488,14 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
             std::fs::remove_dir_all(&d).map_err(io_err(format!("removing {}", d.display())))?;
         }
     }
-    let file = LabState::path(&state_dir);
-    if file.exists() {
-        std::fs::remove_file(&file).map_err(io_err(format!("removing {}", file.display())))?;
+    for file in [
+        LabState::path(&state_dir),
+        state_dir.join(AGENT_SOCKET),
+        state_dir.join(FLOW_LOG),
+    ] {
+        if file.exists() {
+            std::fs::remove_file(&file).map_err(io_err(format!("removing {}", file.display())))?;
+        }
     }
     let _ = std::fs::remove_dir(&state_dir); // only if empty
     Ok(report)
@@ -866,8 +873,8 @@ fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
     let pin_dir = spec
         .pin_dir
         .unwrap_or_else(|| default_agent_pin_dir(&state.prefix));
-    let socket = state.state_dir.join("agent.sock");
-    let flow_log = state.state_dir.join("flows.jsonl");
+    let socket = state.state_dir.join(AGENT_SOCKET);
+    let flow_log = state.state_dir.join(FLOW_LOG);
     let log = state.state_dir.join(LOGS_DIR).join("agent.log");
     let node_ips = state
         .node_ips
