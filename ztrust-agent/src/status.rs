@@ -53,6 +53,22 @@ fn ifname(index: u32) -> String {
     nix::net::if_::if_indextoname(index).map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("#{index}"))
 }
 
+/// [`read`], with interface names resolved inside the network namespace `netns` (`/run/netns/<name>`),
+/// where the endpoints' interfaces live (the lab's node, for one).
+pub fn read_in_netns(pin_dir: &Path, netns: &str) -> Result<Status> {
+    let path = format!("/run/netns/{netns}");
+    let pin_dir = pin_dir.to_owned();
+    std::thread::spawn(move || {
+        // Only this thread moves; a failure to enter leaves names unresolved (shown as `#ifindex`).
+        if let Ok(f) = std::fs::File::open(&path) {
+            let _ = nix::sched::setns(std::os::fd::AsFd::as_fd(&f), nix::sched::CloneFlags::CLONE_NEWNET);
+        }
+        read(&pin_dir)
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
 pub fn read(pin_dir: &Path) -> Result<Status> {
     let endpoints: HashMap<MapData, u32, EndpointInfo> = open_pinned(pin_dir, names::ENDPOINTS)?;
     let policy: LpmTrie<MapData, PolicyKey, PolicyValue> = open_pinned(pin_dir, names::POLICY)?;
@@ -117,11 +133,11 @@ pub fn render(st: &Status) -> String {
         st.events_lost,
         st.events_rate_limited
     ));
-    out.push_str(&format!("{:<16} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));
+    out.push_str(&format!("{:<30} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));
     for e in &st.endpoints {
         let iso = |b: bool| if b { "isolated" } else { "open" };
         out.push_str(&format!(
-            "{:<16} {:>7} {:>9} {:<8} {:<8} {}\n",
+            "{:<30} {:>7} {:>9} {:<8} {:<8} {}\n",
             e.interface,
             e.ifindex,
             e.identity,
@@ -131,12 +147,12 @@ pub fn render(st: &Status) -> String {
         ));
     }
     out.push_str(&format!(
-        "\n{:<16} {:<8} {:<11} {:<20} {:>10} {:>12}\n",
+        "\n{:<30} {:<8} {:<11} {:<20} {:>10} {:>12}\n",
         "INTERFACE", "DIR", "VERDICT", "REASON", "PACKETS", "BYTES"
     ));
     for c in &st.counters {
         out.push_str(&format!(
-            "{:<16} {:<8} {:<11} {:<20} {:>10} {:>12}\n",
+            "{:<30} {:<8} {:<11} {:<20} {:>10} {:>12}\n",
             c.interface, c.direction, c.verdict, c.reason, c.packets, c.bytes
         ));
     }

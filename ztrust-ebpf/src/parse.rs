@@ -24,10 +24,12 @@ const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO_REQUEST: u8 = 8;
 const ICMPV6_ECHO_REQUEST: u8 = 128;
 const ICMPV6_ECHO_REPLY: u8 = 129;
-/// ICMPv6 neighbour discovery (RFC 4861 §4): router/neighbour solicitation/advertisement and redirect.
-/// Addressing itself needs them, so they are never subject to policy (like ARP for IPv4).
-const ICMPV6_ND_FIRST: u8 = 133;
+/// ICMPv6 link control: multicast listener discovery (RFC 2710 types 130–132, RFC 3810 type 143) and
+/// neighbour discovery (RFC 4861 §4, types 133–137: router/neighbour solicitation/advertisement,
+/// redirect). Addressing itself needs them, so they are never subject to policy (like ARP for IPv4).
+const ICMPV6_MLD_FIRST: u8 = 130;
 const ICMPV6_ND_LAST: u8 = 137;
+const ICMPV6_MLDV2_REPORT: u8 = 143;
 
 pub struct Packet {
     pub family: u8,
@@ -140,7 +142,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
     let mut pkt = Packet { family: 6, protocol: next, saddr, daddr, sport_be: 0, dport_be: 0, tcp_flags: 0 };
     if next == proto::ICMPV6 {
         if let Some(t) = load::<u8>(ctx, off) {
-            if (ICMPV6_ND_FIRST..=ICMPV6_ND_LAST).contains(&t) {
+            if (ICMPV6_MLD_FIRST..=ICMPV6_ND_LAST).contains(&t) || t == ICMPV6_MLDV2_REPORT {
                 return Parsed::NotIp;
             }
         }

@@ -271,9 +271,22 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         } => {
             let s = super::status(&state.state_dir)?;
             let kernel = match (&s.agent, counters) {
-                (Some(a), true) => Some(crate::status::read(&a.pin_dir).with_context(|| {
-                    format!("reading the lab agent's pinned maps in {}", a.pin_dir.display())
-                })?),
+                (Some(a), true) => {
+                    let mut k = crate::status::read_in_netns(&a.pin_dir, &s.node_netns).with_context(|| {
+                        format!("reading the lab agent's pinned maps in {}", a.pin_dir.display())
+                    })?;
+                    // Name the pod behind each interface.
+                    let pods: std::collections::BTreeMap<&str, String> =
+                        s.pods.iter().filter_map(|p| p.host_if.as_deref().map(|i| (i, p.key()))).collect();
+                    let name = |i: &mut String| {
+                        if let Some(pod) = pods.get(i.as_str()) {
+                            *i = format!("{i} {pod}");
+                        }
+                    };
+                    k.endpoints.iter_mut().for_each(|e| name(&mut e.interface));
+                    k.counters.iter_mut().for_each(|c| name(&mut c.interface));
+                    Some(k)
+                }
                 (None, true) => anyhow::bail!("this lab runs no agent (it was brought up with --no-agent)"),
                 _ => None,
             };
