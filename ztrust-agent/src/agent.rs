@@ -217,6 +217,7 @@ impl FlowSink {
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let Source::Dir(root) = &opts.source;
+    let agent_started = Instant::now();
     let mut dp = Datapath::load_with(&opts.pin_dir, opts.capacities)?;
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
@@ -277,6 +278,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let mut first = true;
+    let mut in_sync = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -374,7 +376,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     metrics.set_map_fill("ZT_IPCACHE", syncer.ipcache_entries() as u64, u64::from(caps.ipcache));
                     metrics.set_map_fill("ZT_ENDPOINTS", syncer.endpoint_count() as u64, u64::from(caps.endpoints));
                     dirty = false;
-                    if stats.total() > 0 {
+                    if !in_sync {
+                        // Until here an earlier agent's pinned state enforced; from here, this agent's.
+                        in_sync = true;
+                        info!(
+                            writes = stats.total(),
+                            since_start_ms = agent_started.elapsed().as_secs_f64() * 1000.0,
+                            "in sync with the source"
+                        );
+                    } else if stats.total() > 0 {
                         info!(writes = stats.total(), sync_ms = started.elapsed().as_secs_f64() * 1000.0, "synced");
                     }
                 }

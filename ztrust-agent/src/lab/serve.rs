@@ -1,7 +1,8 @@
 //! `lab serve`: the server in every pod and external host. It answers on each port with one line naming
 //! who answered, `<namespace>/<pod> <port>/<PROTO>\n`, so a probe knows it reached the right place.
 //!
-//! TCP: accept, write the line, close. UDP: answer every datagram with the line. Sockets are bound to
+//! TCP: accept, write the line, then echo every line the client sends until it closes (a probe closes
+//! at once; a long-lived client can check that its connection keeps working). UDP: answer every datagram with the line. Sockets are bound to
 //! `[::]`, which on Linux (`net.ipv6.bindv6only=0`, the default in a new namespace) takes IPv4 too.
 
 use std::io::Write as _;
@@ -76,6 +77,19 @@ fn any(port: u16) -> [SocketAddr; 2] {
 }
 
 /// Binds every port, reports readiness, and serves until killed.
+/// Echoes lines back until the client closes or goes quiet for a minute.
+fn echo(stream: std::net::TcpStream) {
+    use std::io::BufRead as _;
+    let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
+    let Ok(mut writer) = stream.try_clone() else { return };
+    for line in std::io::BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        if writeln!(writer, "{line}").is_err() {
+            return;
+        }
+    }
+}
+
 pub fn serve_main(args: ServeArgs) -> Result<()> {
     let mut threads = Vec::new();
     for port in &args.sctp {
@@ -94,7 +108,10 @@ pub fn serve_main(args: ServeArgs) -> Result<()> {
                 match stream {
                     Ok(mut s) => {
                         // The client may be gone already (a probe that timed out): nothing to do then.
-                        let _ = s.write_all(line.as_bytes());
+                        if s.write_all(line.as_bytes()).is_err() {
+                            continue;
+                        }
+                        std::thread::spawn(move || echo(s));
                     }
                     Err(e) => eprintln!("accept on TCP port {port}: {e}"),
                 }
@@ -192,10 +209,17 @@ mod tests {
         while !ready.exists() && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+        let s = std::net::TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = std::io::BufReader::new(s);
         let mut got = String::new();
-        std::io::Read::read_to_string(&mut s, &mut got).unwrap();
+        std::io::BufRead::read_line(&mut r, &mut got).unwrap();
         assert_eq!(got, format!("t/p {tcp}/TCP\n"));
+        // Then it echoes lines, for clients that keep a connection open.
+        writeln!(w, "still there?").unwrap();
+        got.clear();
+        std::io::BufRead::read_line(&mut r, &mut got).unwrap();
+        assert_eq!(got, "still there?\n");
         let u = UdpSocket::bind("127.0.0.1:0").unwrap();
         u.set_read_timeout(Some(std::time::Duration::from_secs(2)))
             .unwrap();

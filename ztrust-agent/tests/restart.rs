@@ -1,0 +1,203 @@
+//! Restart without a gap (root only; `cargo xtask test` runs it): with denied connection attempts going
+//! on several hundred times a second and long-lived allowed TCP connections exchanging data, the agent is
+//! killed with SIGKILL and started again, then stopped and started from another binary file (an
+//! upgrade: new process, programs loaded again and swapped into the pinned links). Not one denied
+//! connection may get through, no allowed connection may break, and each new agent must be in sync with
+//! the source within a second.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ztrust_agent::lab::{self, ApplyOptions, DownOptions, UpOptions};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
+
+fn payments() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
+}
+
+struct Lab {
+    state_dir: PathBuf,
+    prefix: String,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+fn enter(netns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{netns}")).expect("netns");
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("agent cmdline");
+    raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
+/// Starts the agent again in the node namespace with the same arguments, from `bin`, logging to `log`.
+/// Returns its pid.
+fn respawn(node: &str, bin: &Path, args: &[String], log: &Path) -> u32 {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{node}"))
+        .arg(bin)
+        .args(args)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn agent");
+    child.id()
+}
+
+/// Waits for the agent's "in sync" log line; returns how long it took from `since`.
+fn wait_in_sync(log: &Path, since: Instant) -> Duration {
+    let deadline = since + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(log).unwrap_or_default().contains("in sync with the source") {
+            return since.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the agent did not sync within 10 s:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn restart_and_upgrade_without_a_gap() {
+    assert!(nix::unistd::geteuid().is_root(), "run as root");
+    std::fs::create_dir_all("/run/ztrust").unwrap();
+    let prefix = format!("ztr{}", std::process::id() % 10_000);
+    let lab = Lab { state_dir: PathBuf::from(format!("/run/ztrust/restart-test-{}", std::process::id())), prefix };
+    lab::up(
+        &payments().join("cluster.yaml"),
+        UpOptions {
+            state_dir: lab.state_dir.clone(),
+            prefix: lab.prefix.clone(),
+            if_prefix: format!("{}l", lab.prefix),
+            ext_if_prefix: format!("{}x", lab.prefix),
+            agent_bin: Some(AGENT.into()),
+            agent: Some(lab::AgentSpec {
+                bin: Some(AGENT.into()),
+                extra_args: vec!["--metrics-addr".into(), "none".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .expect("lab up");
+    lab::apply(&payments().join("policies"), ApplyOptions { state_dir: lab.state_dir.clone(), ..Default::default() })
+        .expect("apply policies");
+    let state = lab::status(&lab.state_dir).unwrap();
+    let pod = |name: &str| state.pods.iter().find(|p| p.name == name).expect("pod").clone();
+    let (frontend, backend, database) = (pod("frontend"), pod("backend"), pod("database"));
+    let ip = |p: &lab::PodState| p.ips.iter().find(|a| a.is_ipv4()).copied().unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let denied_attempts = Arc::new(AtomicU64::new(0));
+    let denied_passed = Arc::new(AtomicU64::new(0));
+    let allowed_exchanges = Arc::new(AtomicU64::new(0));
+    let mut threads = Vec::new();
+
+    // Denied: database -> frontend:8080 and frontend -> database:5432, as fast as short timeouts allow.
+    for i in 0..12 {
+        let (from, to, port) = if i % 2 == 0 { (&database, &frontend, 8080) } else { (&frontend, &database, 5432) };
+        let (netns, dst) = (from.netns.clone(), SocketAddr::new(ip(to), port));
+        let (stop, attempts, passed) = (stop.clone(), denied_attempts.clone(), denied_passed.clone());
+        threads.push(std::thread::spawn(move || {
+            enter(&netns);
+            while !stop.load(Ordering::Relaxed) {
+                attempts.fetch_add(1, Ordering::Relaxed);
+                if TcpStream::connect_timeout(&dst, Duration::from_millis(25)).is_ok() {
+                    passed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Ok::<(), String>(())
+        }));
+    }
+    // Allowed, long-lived: frontend -> backend:8080, a line every 10 ms, each echoed back.
+    for c in 0..4 {
+        let (netns, dst) = (frontend.netns.clone(), SocketAddr::new(ip(&backend), 8080));
+        let (stop, exchanges) = (stop.clone(), allowed_exchanges.clone());
+        threads.push(std::thread::spawn(move || {
+            enter(&netns);
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(1)).map_err(|e| format!("connect: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            r.read_line(&mut line).map_err(|e| format!("greeting: {e}"))?;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                writeln!(w, "conn {c} msg {n}").map_err(|e| format!("conn {c} write {n}: {e}"))?;
+                line.clear();
+                r.read_line(&mut line).map_err(|e| format!("conn {c} read {n}: {e}"))?;
+                if line.trim_end() != format!("conn {c} msg {n}") {
+                    return Err(format!("conn {c}: echo {line:?} for message {n}"));
+                }
+                exchanges.fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        }));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+
+    let before = allowed_exchanges.load(Ordering::Relaxed);
+    let agent = state.agent.clone().expect("the lab runs an agent");
+    let args: Vec<String> = cmdline(agent.pid).into_iter().skip(1).collect();
+
+    // 1. SIGKILL, then the same binary again.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let log1 = lab.state_dir.join("agent-restart.log");
+    let started = Instant::now();
+    let pid1 = respawn(&state.node_netns, Path::new(AGENT), &args, &log1);
+    let sync1 = wait_in_sync(&log1, started);
+    std::thread::sleep(Duration::from_millis(500));
+    let after_restart = allowed_exchanges.load(Ordering::Relaxed);
+
+    // 2. Upgrade: stop it, start another binary file (programs loaded anew, swapped into the pinned links).
+    let upgraded = lab.state_dir.join("ztrust-agent-next");
+    std::fs::copy(AGENT, &upgraded).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let log2 = lab.state_dir.join("agent-upgrade.log");
+    let started = Instant::now();
+    let pid2 = respawn(&state.node_netns, &upgraded, &args, &log2);
+    let sync2 = wait_in_sync(&log2, started);
+    std::thread::sleep(Duration::from_millis(500));
+    let after_upgrade = allowed_exchanges.load(Ordering::Relaxed);
+
+    stop.store(true, Ordering::Relaxed);
+    let errors: Vec<String> = threads.into_iter().filter_map(|t| t.join().unwrap().err()).collect();
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid2 as i32), nix::sys::signal::Signal::SIGTERM);
+
+    let attempts = denied_attempts.load(Ordering::Relaxed);
+    let window = 2.5; // seconds of probing, at least
+    eprintln!(
+        "denied attempts {attempts} (≈{:.0}/s), passed {}, allowed exchanges {}, in sync after restart {:?}, after upgrade {:?}",
+        attempts as f64 / window,
+        denied_passed.load(Ordering::Relaxed),
+        allowed_exchanges.load(Ordering::Relaxed),
+        sync1,
+        sync2
+    );
+    assert!(errors.is_empty(), "allowed connections broke: {errors:?}");
+    assert_eq!(denied_passed.load(Ordering::Relaxed), 0, "a denied connection got through");
+    assert!(attempts as f64 / window > 200.0, "too few denied attempts to prove anything: {attempts}");
+    // The long-lived connections kept exchanging data through each phase.
+    assert!(before > 0 && after_restart > before && after_upgrade > after_restart, "{before} {after_restart} {after_upgrade}");
+    assert!(sync1 < Duration::from_secs(1), "restart converged in {sync1:?}");
+    assert!(sync2 < Duration::from_secs(1), "upgrade converged in {sync2:?}");
+}
