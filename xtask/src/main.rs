@@ -187,10 +187,55 @@ fn lab(down: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Passed / failed / ignored tests over every `cargo test` run of this invocation.
+#[derive(Default)]
+struct Tally {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Tally {
+    /// Runs a `cargo test`, echoing its output, adding up its `test result:` lines.
+    fn run(&mut self, mut c: Command) -> anyhow::Result<()> {
+        use std::io::BufRead as _;
+        let shown = format!("{c:?}");
+        let mut child = c.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("starting {shown}"))?;
+        let stdout = child.stdout.take().expect("piped");
+        for line in std::io::BufReader::new(stdout).lines() {
+            let line = line?;
+            println!("{line}");
+            if let Some(rest) = line.strip_prefix("test result: ") {
+                let count = |what: &str| {
+                    rest.split(';')
+                        .find_map(|part| part.trim().strip_suffix(what).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                        .unwrap_or(0)
+                };
+                self.passed += count(" passed");
+                self.failed += count(" failed");
+                self.ignored += count(" ignored");
+            }
+        }
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("{shown} failed: {status}");
+        }
+        Ok(())
+    }
+}
+
 fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
+    let mut tally = Tally::default();
+    let result = test_tiers(unit_only, filter, &mut tally);
+    // One closing line for the whole run, whatever happened.
+    println!("\nall tiers: {} passed, {} failed, {} ignored", tally.passed, tally.failed, tally.ignored);
+    result
+}
+
+fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> anyhow::Result<()> {
     setup()?;
     step("unit tests (no root)");
-    run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
+    tally.run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
     if unit_only {
         return Ok(());
     }
@@ -204,13 +249,13 @@ fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
     if let Some(f) = &filter {
         c.arg(f);
     }
-    run(c)?;
+    tally.run(c)?;
     let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--", "--test-threads=1"]);
     if let Some(f) = &filter {
         c.arg(f);
     }
     c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
-    run(c)
+    tally.run(c)
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
