@@ -295,6 +295,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             cluster = loaded.cluster;
             cluster.node_ips = opts.node_ips.clone();
             desired = engine.compile(&cluster);
+            let audit = crate::datapath::sync::audit_namespaces(&cluster);
+            if audit != syncer.audit_namespaces {
+                info!(namespaces = ?audit, "namespaces in audit mode (annotation {})", crate::datapath::sync::AUDIT_ANNOTATION);
+                syncer.audit_namespaces = audit;
+            }
             for w in &desired.warnings {
                 warn!("{w}");
             }

@@ -100,6 +100,22 @@ pub struct Syncer {
     pub global_flags: u32,
     /// Sizes of the kernel maps: an update that would not fit is refused before any write.
     pub capacities: super::loader::Capacities,
+    /// Namespaces in audit mode (annotation [`AUDIT_ANNOTATION`]): their endpoints never drop.
+    pub audit_namespaces: BTreeSet<String>,
+}
+
+/// Namespace annotation that selects the mode of its pods: `audit` (report what enforcement would drop
+/// as `would-drop`, drop nothing) or `enforce` (the default).
+pub const AUDIT_ANNOTATION: &str = "ztrust.io/mode";
+
+/// The namespaces a cluster puts in audit mode.
+pub fn audit_namespaces(cluster: &crate::model::Cluster) -> BTreeSet<String> {
+    cluster
+        .namespaces
+        .values()
+        .filter(|ns| ns.annotations.get(AUDIT_ANNOTATION).is_some_and(|m| m.eq_ignore_ascii_case("audit")))
+        .map(|ns| ns.name.clone())
+        .collect()
 }
 
 fn entries_for(ifindex: u32, allow: &BTreeMap<crate::policy::AllowKey, u32>) -> PolicyEntries {
@@ -192,6 +208,9 @@ impl Syncer {
         for (pod, ep) in &desired.endpoints {
             let Some(&ifindex) = interfaces.get(pod) else { continue };
             let mut flags = self.global_flags;
+            if self.audit_namespaces.contains(&pod.namespace) {
+                flags |= ep_flags::AUDIT;
+            }
             if ep.isolated_ingress {
                 flags |= ep_flags::ISOLATED_INGRESS;
             }
