@@ -12,6 +12,9 @@ use clap::{Parser, Subcommand};
 /// links against.
 const BUILD_PACKAGES: &[&str] =
     &["rustc-web", "rust-web-src", "llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "util-linux"];
+/// What the privileged tests drive besides the agent: a real port scanner and a real Prometheus server
+/// (with promtool).
+const TEST_PACKAGES: &[&str] = &["nmap", "prometheus"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
 const BPF_TOOLCHAIN: &str = "ztrust-bpf";
@@ -87,10 +90,15 @@ fn is_root() -> bool {
 }
 
 fn setup() -> anyhow::Result<()> {
+    setup_with(&[])
+}
+
+fn setup_with(extra_packages: &[&str]) -> anyhow::Result<()> {
     let started = Instant::now();
     step("setup: build toolchain");
     let missing: Vec<&str> = BUILD_PACKAGES
         .iter()
+        .chain(extra_packages)
         .copied()
         .filter(|p| {
             !output(cmd("dpkg-query", &["-W", "-f=${Status}", p])).is_some_and(|s| s.contains("install ok installed"))
@@ -233,7 +241,7 @@ fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
 }
 
 fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> anyhow::Result<()> {
-    setup()?;
+    setup_with(TEST_PACKAGES)?;
     step("unit tests (no root)");
     tally.run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
     if unit_only {
@@ -245,7 +253,7 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
     run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
     // The lab's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`).
-    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "audit", "--", "--ignored", "--test-threads=1"]);
+    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "audit", "--test", "observer_e2e", "--", "--ignored", "--test-threads=1"]);
     if let Some(f) = &filter {
         c.arg(f);
     }

@@ -236,6 +236,31 @@ impl Metrics {
     }
 }
 
+/// OpenMetrics text → the Prometheus text format (0.0.4), for scrapers that do not ask for OpenMetrics
+/// (`promtool check metrics`, older Prometheus, curl). The two differ where it matters here: a counter's
+/// `# HELP`/`# TYPE` name carries the `_total` suffix its samples have, and there is no `# UNIT` or
+/// `# EOF`.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
+            let rest = line.strip_prefix(tag)?;
+            let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+            counters.contains(name).then(|| format!("{tag}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 /// Serves `/metrics` (and `/healthz`) on `listener` until `shutdown` resolves.
 pub async fn serve(
     metrics: Arc<Metrics>,
@@ -248,13 +273,20 @@ pub async fn serve(
     let app = axum::Router::new()
         .route(
             "/metrics",
-            get(move || {
+            get(move |headers: axum::http::HeaderMap| {
                 let m = metrics.clone();
                 async move {
-                    (
-                        [(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-                        m.render(),
-                    )
+                    // Content negotiation: OpenMetrics for those who ask (Prometheus does), the classic
+                    // text format otherwise.
+                    let wants_openmetrics = headers
+                        .get(axum::http::header::ACCEPT)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.contains("application/openmetrics-text"));
+                    if wants_openmetrics {
+                        ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+                    } else {
+                        ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], to_prometheus_text(&m.render()))
+                    }
                 }
             }),
         )
@@ -274,6 +306,18 @@ mod tests {
             .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
+    }
+
+    #[test]
+    fn prometheus_text_names_counters_with_their_suffix() {
+        let om = "# HELP ztrust_alerts Alerts raised.\n# TYPE ztrust_alerts counter\nztrust_alerts_total{kind=\"scan\"} 1\n\
+                  # HELP ztrust_endpoints Endpoints.\n# TYPE ztrust_endpoints gauge\n# UNIT ztrust_endpoints x\nztrust_endpoints 3\n# EOF\n";
+        let text = to_prometheus_text(om);
+        assert_eq!(
+            text,
+            "# HELP ztrust_alerts_total Alerts raised.\n# TYPE ztrust_alerts_total counter\nztrust_alerts_total{kind=\"scan\"} 1\n\
+             # HELP ztrust_endpoints Endpoints.\n# TYPE ztrust_endpoints gauge\nztrust_endpoints 3\n"
+        );
     }
 
     #[test]

@@ -1,0 +1,213 @@
+//! The observer end to end in the lab (root only; `cargo xtask test` runs it): a real port scanner
+//! (nmap) from a compromised frontend raises a scan alert within two seconds naming the frontend, while
+//! legitimate frontend → backend traffic raises none; a real Prometheus server scrapes the agent and a
+//! PromQL query returns the drop count the agent reported; `promtool check metrics` accepts the
+//! exposition.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ztrust_agent::lab::{self, ApplyOptions, DownOptions, UpOptions};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
+const METRICS: &str = "127.0.0.1:19965";
+const PROMETHEUS: &str = "127.0.0.1:19090";
+
+fn payments() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
+}
+
+struct Lab {
+    state_dir: PathBuf,
+    prefix: String,
+    children: Vec<Child>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Runs `f` on a thread inside a network namespace.
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(path).expect("netns");
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+/// A plain HTTP/1.0 GET; the body.
+fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr.parse().ok()?, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.").then(|| body.to_owned()).filter(|_| head.contains(" 200 "))
+}
+
+fn alerts(socket: &Path) -> Vec<serde_json::Value> {
+    let out = Command::new(AGENT)
+        .args(["alerts", "--socket"])
+        .arg(socket)
+        .args(["-o", "jsonl"])
+        .output()
+        .expect("alerts");
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+}
+
+fn is_scan_from(alert: &serde_json::Value, source: &str) -> bool {
+    alert["source"] == source && alert["kind"].as_str().is_some_and(|k| k.to_ascii_lowercase().contains("scan"))
+}
+
+#[test]
+#[ignore = "needs root: run by `cargo xtask test`"]
+fn scanner_alert_and_prometheus_scrape() {
+    assert!(nix::unistd::geteuid().is_root(), "run as root");
+    for tool in ["nmap", "prometheus", "promtool"] {
+        assert!(
+            Command::new("which").arg(tool).output().is_ok_and(|o| o.status.success()),
+            "{tool} is missing: `cargo xtask setup` installs it"
+        );
+    }
+    std::fs::create_dir_all("/run/ztrust").unwrap();
+    let prefix = format!("zto{}", std::process::id() % 10_000);
+    let mut lab = Lab {
+        state_dir: PathBuf::from(format!("/run/ztrust/observer-test-{}", std::process::id())),
+        prefix,
+        children: Vec::new(),
+    };
+    lab::up(
+        &payments().join("cluster.yaml"),
+        UpOptions {
+            state_dir: lab.state_dir.clone(),
+            prefix: lab.prefix.clone(),
+            if_prefix: format!("{}l", lab.prefix),
+            ext_if_prefix: format!("{}x", lab.prefix),
+            agent_bin: Some(AGENT.into()),
+            agent: Some(lab::AgentSpec {
+                bin: Some(AGENT.into()),
+                extra_args: ["--metrics-addr", METRICS, "--scan-threshold", "10", "--scan-window", "10s", "--sensitive-selector", "none"]
+                    .map(String::from)
+                    .to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .expect("lab up");
+    lab::apply(&payments().join("policies"), ApplyOptions { state_dir: lab.state_dir.clone(), ..Default::default() })
+        .expect("apply");
+    let state = lab::status(&lab.state_dir).unwrap();
+    let agent = state.agent.clone().unwrap();
+    let pod = |name: &str| state.pods.iter().find(|p| p.name == name).unwrap().clone();
+    let (frontend, backend) = (pod("frontend"), pod("backend"));
+    let backend_ip = backend.ips.iter().find(|a| a.is_ipv4()).copied().unwrap();
+
+    // Legitimate traffic: frontend -> backend:8080, many connections. No alert.
+    let ok = in_netns(&frontend.netns, move || {
+        (0..50).filter(|_| TcpStream::connect_timeout(&SocketAddr::new(backend_ip, 8080), Duration::from_millis(500)).is_ok()).count()
+    });
+    assert_eq!(ok, 50, "frontend -> backend is allowed");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(alerts(&agent.socket).is_empty(), "legitimate traffic raised an alert: {:?}", alerts(&agent.socket));
+
+    // The compromised frontend scans the backend's ports.
+    let started = Instant::now();
+    let scan = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", frontend.netns))
+        .args(["nmap", "-sS", "-Pn", "-n", "-T4", "--max-retries", "0", "-p", "1-200"])
+        .arg(backend_ip.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("nmap");
+    let mut scan = scan;
+    let mut fired = None;
+    while started.elapsed() < Duration::from_secs(10) {
+        if let Some(a) = alerts(&agent.socket).into_iter().find(|a| is_scan_from(a, "payments/frontend")) {
+            fired = Some((started.elapsed(), a));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (after, alert) = fired.expect("no scan alert within 10 s");
+    eprintln!("scan alert after {after:?}: {}", alert["summary"]);
+    assert!(after < Duration::from_secs(2), "the alert took {after:?}");
+    assert!(alert["distinct_destinations"].as_u64().unwrap_or(0) >= 10 || alert["distinctDestinations"].as_u64().unwrap_or(0) >= 10, "{alert}");
+
+    // Prometheus scrapes the agent (both in the node's namespace).
+    let dir = lab.state_dir.join("prometheus");
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ztrust\n    static_configs:\n      - targets: ['{METRICS}']\n"),
+    )
+    .unwrap();
+    let prom = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", state.node_netns))
+        .arg("prometheus")
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
+        .arg(format!("--web.listen-address={PROMETHEUS}"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .spawn()
+        .expect("prometheus");
+    lab.children.push(prom);
+
+    // Let the scan finish so the counters settle, then compare what Prometheus says with the flows.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while scan.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "nmap did not finish within a minute");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let node = state.node_netns.clone();
+    let exposition = in_netns(&node, || http_get(METRICS, "/metrics")).expect("/metrics");
+    let mut check = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    check.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(checked.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+
+    let drops_reported = std::fs::read_to_string(&agent.flow_log)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|f| f["verdict"] == "dropped" && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/")))
+        .count() as f64;
+    let query = "/api/v1/query?query=sum(ztrust_drops_total%7Bnamespace%3D%22payments%22%7D)";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = String::new();
+    loop {
+        let node = node.clone();
+        if let Some(body) = in_netns(&node, move || http_get(PROMETHEUS, query)) {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let value = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok());
+            if value == Some(drops_reported) {
+                eprintln!("PromQL sum(ztrust_drops_total{{namespace=\"payments\"}}) = {drops_reported}");
+                break;
+            }
+            last = body;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never returned {drops_reported} drops; last answer: {last}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(drops_reported >= 10.0, "the scan was reported as drops ({drops_reported})");
+}
