@@ -12,9 +12,9 @@ use clap::{Parser, Subcommand};
 /// links against.
 const BUILD_PACKAGES: &[&str] =
     &["rustc-web", "rust-web-src", "llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "util-linux"];
-/// What the privileged tests drive besides the agent: a real port scanner and a real Prometheus server
-/// (with promtool).
-const TEST_PACKAGES: &[&str] = &["nmap", "prometheus"];
+/// What the privileged tests drive besides the agent: a real port scanner, a real Prometheus server
+/// (with promtool), and capsh to run the agent with only the capabilities it needs.
+const TEST_PACKAGES: &[&str] = &["nmap", "prometheus", "libcap2-bin"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
 const BPF_TOOLCHAIN: &str = "ztrust-bpf";
@@ -253,7 +253,7 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
     run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
     // The lab's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`).
-    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "audit", "--test", "observer_e2e", "--", "--ignored", "--test-threads=1"]);
+    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "audit", "--test", "observer_e2e", "--test", "least_privilege", "--", "--ignored", "--test-threads=1"]);
     if let Some(f) = &filter {
         c.arg(f);
     }
