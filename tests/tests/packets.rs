@@ -181,6 +181,12 @@ fn every_protocol_through_the_real_programs() {
         ("ICMP echo (rules with ports allow only their protocols)", from, v4(a4, b4, proto::ICMP, 0, &[8, 0, 0, 0, 0, 7, 0, 1]), SHOT),
         ("a non-first IPv4 fragment", from, v4(a4, b4, proto::UDP, 5, &[0; 16]), SHOT),
         ("a truncated TCP header", from, v4(a4, b4, proto::TCP, 0, &[0x9c, 0x40]), SHOT),
+        (
+            "IPv6 to an IPv4-mapped address (never on the wire; would be judged as IPv4)",
+            from,
+            v6(a6, std::net::Ipv4Addr::from(b4).to_ipv6_mapped().octets(), proto::TCP, &[], &l4(proto::TCP, 40011, 80, 0x02)),
+            SHOT,
+        ),
         ("ARP", from, Pkt(eth(0x0806, &[0; 28])), OK),
         ("IPv6 neighbour solicitation", from, v6(a6, b6, proto::ICMPV6, &[], &[135, 0, 0, 0, 0, 0, 0, 0]), OK),
         // Ingress of a is isolated with no rule: a new connection in is dropped...
@@ -200,7 +206,7 @@ fn every_protocol_through_the_real_programs() {
     }
     assert!(failures.is_empty(), "verdicts differ:\n{}", failures.join("\n"));
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::FRAGMENT) == 1);
-    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::MALFORMED) == 1);
+    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::MALFORMED) == 2);
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) == 2);
     assert!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::REPLY) == 3);
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::ALLOWED_BY_POLICY) == 6);

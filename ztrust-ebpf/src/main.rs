@@ -54,8 +54,9 @@ struct Decision {
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let pkt = match parse::parse(ctx) {
-        Parsed::Ip(pkt) => pkt,
+    let mut pkt = Packet::default();
+    match parse::parse(ctx.skb.skb, &mut pkt) {
+        Parsed::Ip => {}
         Parsed::NotIp => {
             // ARP and IPv6 neighbour discovery carry no data; they pass even before the endpoint is known,
             // so that a pod's neighbour cache is not poisoned by the fail-closed window.
@@ -70,7 +71,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
             count(ifindex, direction, verdict::DROPPED, reason::MALFORMED, ctx.len());
             return TC_ACT_SHOT as i32;
         }
-    };
+    }
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         // The interface carries the program but the agent has not described the endpoint (yet): fail
         // closed.

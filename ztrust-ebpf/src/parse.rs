@@ -3,7 +3,7 @@
 //! Loads go through `bpf_skb_load_bytes`, which checks bounds itself, so a short packet is an error
 //! (→ `Malformed`) rather than a verifier rejection.
 
-use aya_ebpf::programs::TcContext;
+use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use ztrust_common::proto;
 
 const ETH_HLEN: usize = 14;
@@ -31,6 +31,7 @@ const ICMPV6_MLD_FIRST: u8 = 130;
 const ICMPV6_ND_LAST: u8 = 137;
 const ICMPV6_MLDV2_REPORT: u8 = 143;
 
+#[derive(Default)]
 pub struct Packet {
     pub family: u8,
     pub protocol: u8,
@@ -43,7 +44,8 @@ pub struct Packet {
 }
 
 pub enum Parsed {
-    Ip(Packet),
+    /// `Packet` was filled in.
+    Ip,
     NotIp,
     /// A non-first fragment: its transport header (ports) is in another packet.
     Fragment,
@@ -55,14 +57,17 @@ fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
     ctx.load::<T>(off).ok()
 }
 
-#[inline(always)]
-pub fn parse(ctx: &TcContext) -> Parsed {
-    let Some(ethertype) = load::<u16>(ctx, 12) else {
+/// Out of line (a BPF-to-BPF call) so that its temporaries do not share the 512-byte stack frame of the
+/// verdict pipeline. Takes the raw context: a register keeps its pointer type across the call.
+#[inline(never)]
+pub fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Parsed {
+    let ctx = TcContext::new(skb);
+    let Some(ethertype) = load::<u16>(&ctx, 12) else {
         return Parsed::Malformed;
     };
     match u16::from_be(ethertype) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
+        ETH_P_IP => parse_v4(&ctx, pkt),
+        ETH_P_IPV6 => parse_v6(&ctx, pkt),
         _ => Parsed::NotIp,
     }
 }
@@ -73,7 +78,7 @@ fn mapped_v4(addr: [u8; 4]) -> [u8; 16] {
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Parsed {
+fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     let Some(vihl) = load::<u8>(ctx, ETH_HLEN) else { return Parsed::Malformed };
     let ihl = ((vihl & 0x0f) as usize) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
@@ -91,7 +96,7 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
     if u16::from_be(frag) & 0x1fff != 0 {
         return Parsed::Fragment;
     }
-    let mut pkt = Packet {
+    *pkt = Packet {
         family: 4,
         protocol,
         saddr: mapped_v4(saddr),
@@ -100,11 +105,16 @@ fn parse_v4(ctx: &TcContext) -> Parsed {
         dport_be: 0,
         tcp_flags: 0,
     };
-    if l4(ctx, ETH_HLEN + ihl, &mut pkt) { Parsed::Ip(pkt) } else { Parsed::Malformed }
+    if l4(ctx, ETH_HLEN + ihl, pkt) { Parsed::Ip } else { Parsed::Malformed }
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Parsed {
+fn is_v4_mapped(a: &[u8; 16]) -> bool {
+    a[..10].iter().all(|b| *b == 0) && a[10] == 0xff && a[11] == 0xff
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     let (Some(vtc), Some(mut next), Some(saddr), Some(daddr)) = (
         load::<u8>(ctx, ETH_HLEN),
         load::<u8>(ctx, ETH_HLEN + 6),
@@ -113,7 +123,9 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
     ) else {
         return Parsed::Malformed;
     };
-    if vtc >> 4 != 6 {
+    // IPv4-mapped addresses (::ffff:0:0/96) never appear on the wire (RFC 4291 §2.5.5.2); the ipcache
+    // stores IPv4 that way, so such a packet would be judged as IPv4 traffic. It is malformed.
+    if vtc >> 4 != 6 || is_v4_mapped(&saddr) || is_v4_mapped(&daddr) {
         return Parsed::Malformed;
     }
     let mut off = ETH_HLEN + 40;
@@ -139,7 +151,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
             _ => break,
         }
     }
-    let mut pkt = Packet { family: 6, protocol: next, saddr, daddr, sport_be: 0, dport_be: 0, tcp_flags: 0 };
+    *pkt = Packet { family: 6, protocol: next, saddr, daddr, sport_be: 0, dport_be: 0, tcp_flags: 0 };
     if next == proto::ICMPV6 {
         if let Some(t) = load::<u8>(ctx, off) {
             if (ICMPV6_MLD_FIRST..=ICMPV6_ND_LAST).contains(&t) || t == ICMPV6_MLDV2_REPORT {
@@ -147,7 +159,7 @@ fn parse_v6(ctx: &TcContext) -> Parsed {
             }
         }
     }
-    if l4(ctx, off, &mut pkt) { Parsed::Ip(pkt) } else { Parsed::Malformed }
+    if l4(ctx, off, pkt) { Parsed::Ip } else { Parsed::Malformed }
 }
 
 /// Reads the transport header at `off`. Protocols without ports keep 0/0. False when the header of a
