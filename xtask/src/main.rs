@@ -47,6 +47,13 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Fuzz the manifest → policy engine path and the packet parser in the kernel (cargo-fuzz, nightly).
+    /// A short run is part of `test`; `--seconds 3600` for a long one.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 30)]
+        seconds: u32,
+    },
     /// All tests: unit tests, then the privileged integration tests one at a time.
     Test {
         /// Only the unit tests (no root needed).
@@ -279,8 +286,38 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     run(c)
 }
 
+const FUZZ_TARGETS: &[&str] = &["manifest_engine", "packet_datapath"];
+
+fn fuzz(seconds: u32) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the packet target runs the eBPF programs in the kernel: run as root");
+    }
+    let have = output(cmd("cargo", &["fuzz", "--version"])).is_some();
+    if !have {
+        step("installing cargo-fuzz (once)");
+        run(cmd("cargo", &["install", "--locked", "cargo-fuzz"]))?;
+    }
+    step("fuzz: build (nightly, sanitizers)");
+    run(cmd("cargo", &["+nightly", "fuzz", "build", "-O"]))?;
+    for target in FUZZ_TARGETS {
+        step(&format!("fuzz {target} for {seconds} s"));
+        let corpus = root().join("target/fuzz-corpus").join(target);
+        std::fs::create_dir_all(&corpus)?;
+        let mut c = cmd("cargo", &["+nightly", "fuzz", "run", "-O", target]);
+        c.arg(&corpus);
+        // Seeds: the example manifests for the engine (read only; new inputs go to `corpus`).
+        if *target == "manifest_engine" {
+            c.arg(root().join("deploy/examples"));
+        }
+        c.args(["--", &format!("-max_total_time={seconds}"), "-max_len=4096", "-print_final_stats=1"]);
+        run(c)?;
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Bench { args } => bench(&args),
         Cmd::Setup => setup(),
         Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
