@@ -1,0 +1,696 @@
+//! NetworkPolicy v1 conformance through the real datapath: the cases under `tests/conformance/cases/`
+//! (data, not code: see `tests/conformance/README.md`) are applied one after another to ONE lab (the
+//! model of `tests/conformance/cluster.yaml`, the real agent attached in its node namespace), and after
+//! each case and step every pod probes every pod on 80 and 81, TCP and UDP; the matrix must be the one the
+//! case's expectation (written by hand from the API rules) describes.
+//!
+//! Apart from that, each expectation is compared with the project's reference evaluator; a disagreement
+//! is reported as a finding of its own (either the expectation or the evaluator is wrong).
+//!
+//! Root only (network namespaces, eBPF): `cargo xtask test` runs it with `ZTRUST_AGENT_BIN` set.
+//! `ZTRUST_CONFORMANCE_CASES=07,named-port` runs only the cases whose directory name contains one of the
+//! comma-separated words.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use ztrust_agent::lab::manifests::{self, Kind};
+use ztrust_agent::lab::{
+    self, ApplyOptions, DownOptions, LabState, LabelChange, LabelKind, Matrix, Probe, ProbeOptions, UpOptions,
+    Verdict,
+};
+use ztrust_agent::model::Protocol;
+
+fn conformance_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance")
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The expected-matrix format.
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum Word {
+    Allowed,
+    Denied,
+}
+
+impl From<Word> for Verdict {
+    fn from(w: Word) -> Self {
+        match w {
+            Word::Allowed => Verdict::Allowed,
+            Word::Denied => Verdict::Denied,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExpectedFile {
+    default: Word,
+    #[serde(default)]
+    rules: Vec<RuleEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    allowed: Option<String>,
+    denied: Option<String>,
+}
+
+/// `ns/pod` with `*` for any and `a|b` for either.
+#[derive(Clone, Debug)]
+struct Sel {
+    ns: Option<Vec<String>>,
+    pod: Option<Vec<String>>,
+}
+
+impl Sel {
+    fn parse(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text == "*" {
+            return Ok(Sel { ns: None, pod: None });
+        }
+        let (ns, pod) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?}: a pod is `namespace/name` (or `*`)"))?;
+        let part = |s: &str| -> Result<Option<Vec<String>>, String> {
+            let s = s.trim();
+            if s == "*" {
+                return Ok(None);
+            }
+            let names: Vec<String> = s.split('|').map(|n| n.trim().to_owned()).collect();
+            if names.iter().any(|n| n.is_empty() || n.contains('*') || n.contains(' ')) {
+                return Err(format!("{text:?}: each part is `*`, a name or names joined by `|`"));
+            }
+            Ok(Some(names))
+        };
+        Ok(Sel { ns: part(ns)?, pod: part(pod)? })
+    }
+
+    fn matches(&self, key: &str) -> bool {
+        let (ns, pod) = key.split_once('/').unwrap_or(("", key));
+        let ok = |want: &Option<Vec<String>>, have: &str| want.as_ref().is_none_or(|w| w.iter().any(|x| x == have));
+        ok(&self.ns, ns) && ok(&self.pod, pod)
+    }
+}
+
+/// `80/TCP`, `80` (TCP and UDP), `UDP` or `*/UDP` (every port), `*`.
+#[derive(Clone, Debug)]
+struct PortSel {
+    port: Option<u16>,
+    protocol: Option<Protocol>,
+}
+
+impl PortSel {
+    fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        let bad = || format!("{t:?}: a port is `80/TCP`, `80`, `UDP`, `*/UDP` or `*`");
+        let proto = |s: &str| match s.to_ascii_uppercase().as_str() {
+            "TCP" => Ok(Some(Protocol::Tcp)),
+            "UDP" => Ok(Some(Protocol::Udp)),
+            "SCTP" => Ok(Some(Protocol::Sctp)),
+            "*" => Ok(None),
+            _ => Err(bad()),
+        };
+        let port = |s: &str| -> Result<Option<u16>, String> {
+            if s == "*" {
+                Ok(None)
+            } else {
+                s.parse::<u16>().map(Some).map_err(|_| bad())
+            }
+        };
+        match t.split_once('/') {
+            Some((p, pr)) => Ok(PortSel { port: port(p.trim())?, protocol: proto(pr.trim())? }),
+            None if t.chars().all(|c| c.is_ascii_digit()) && !t.is_empty() => {
+                Ok(PortSel { port: port(t)?, protocol: None })
+            }
+            None => Ok(PortSel { port: None, protocol: proto(t)? }),
+        }
+    }
+
+    fn matches(&self, port: u16, protocol: Protocol) -> bool {
+        self.port.is_none_or(|p| p == port) && self.protocol.is_none_or(|p| p == protocol)
+    }
+}
+
+/// `FROM -> TO` or `FROM -> TO: PORT, PORT…`.
+#[derive(Clone, Debug)]
+struct Pattern {
+    from: Sel,
+    to: Sel,
+    ports: Option<Vec<PortSel>>,
+}
+
+impl Pattern {
+    fn parse(text: &str) -> Result<Self, String> {
+        let (from, rest) = text
+            .split_once("->")
+            .ok_or_else(|| format!("{text:?}: a rule is `FROM -> TO` or `FROM -> TO: PORTS`"))?;
+        let (to, ports) = match rest.split_once(':') {
+            Some((to, ports)) => {
+                let ports = ports
+                    .split(',')
+                    .map(PortSel::parse)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| format!("{text:?}: {e}"))?;
+                (to, Some(ports))
+            }
+            None => (rest, None),
+        };
+        Ok(Pattern { from: Sel::parse(from)?, to: Sel::parse(to)?, ports })
+    }
+
+    fn matches(&self, p: &Probe) -> bool {
+        self.from.matches(&p.from)
+            && self.to.matches(&p.to)
+            && self.ports.as_ref().is_none_or(|ps| ps.iter().any(|s| s.matches(p.port, p.protocol)))
+    }
+}
+
+/// An expected matrix: a default, then rules of which the LAST that matches a probe decides. A pod
+/// reaching itself is always allowed (its traffic never leaves its network namespace).
+#[derive(Clone, Debug)]
+struct Expected {
+    default: Verdict,
+    rules: Vec<(Verdict, Pattern)>,
+}
+
+impl Expected {
+    fn from_value(value: serde_yaml::Value, dir: &Path) -> Result<Self, String> {
+        let value = match value {
+            serde_yaml::Value::String(file) => {
+                let path = dir.join(&file);
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+                serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            v => v,
+        };
+        let file: ExpectedFile = serde_yaml::from_value(value).map_err(|e| e.to_string())?;
+        let mut rules = Vec::new();
+        for r in file.rules {
+            let (verdict, text) = match (r.allowed, r.denied) {
+                (Some(t), None) => (Verdict::Allowed, t),
+                (None, Some(t)) => (Verdict::Denied, t),
+                _ => return Err("each rule is either `allowed: PATTERN` or `denied: PATTERN`".into()),
+            };
+            rules.push((verdict, Pattern::parse(&text)?));
+        }
+        Ok(Expected { default: file.default.into(), rules })
+    }
+
+    fn load(path: &Path) -> Result<Self, String> {
+        Self::from_value(serde_yaml::Value::String(path.display().to_string()), Path::new("/"))
+            .map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    fn verdict(&self, p: &Probe) -> Verdict {
+        if p.from == p.to {
+            return Verdict::Allowed;
+        }
+        self.rules
+            .iter()
+            .rev()
+            .find(|(_, pat)| pat.matches(p))
+            .map(|(v, _)| *v)
+            .unwrap_or(self.default)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Cases and steps.
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StepFile {
+    name: String,
+    /// NetworkPolicies to delete, `namespace/name`.
+    #[serde(default)]
+    delete: Vec<String>,
+    /// A manifest file of the case directory to apply (policies, or changed pods and namespaces).
+    apply: Option<String>,
+    #[serde(default)]
+    label: Vec<LabelFile>,
+    expected: serde_yaml::Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelFile {
+    pod: Option<String>,
+    namespace: Option<String>,
+    /// `key=value` sets, `key-` removes (as `kubectl label`).
+    change: Vec<String>,
+}
+
+struct Step {
+    name: String,
+    delete: Vec<String>,
+    apply: Option<PathBuf>,
+    label: Vec<(LabelKind, String, Vec<LabelChange>)>,
+    expected: Expected,
+}
+
+struct Case {
+    name: String,
+    dir: PathBuf,
+    extra: Option<PathBuf>,
+    policies: Option<PathBuf>,
+    expected: Expected,
+    steps: Vec<Step>,
+}
+
+fn has_objects(path: &Path) -> bool {
+    manifests::read_path(path).is_ok_and(|r| !r.objects.is_empty())
+}
+
+fn load_case(dir: &Path) -> Result<Case, String> {
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    let ctx = |e: String| format!("case {name}: {e}");
+    let policies = dir.join("policies.yaml");
+    if !policies.exists() {
+        return Err(ctx("no policies.yaml (an empty one is fine)".into()));
+    }
+    if let Err(e) = manifests::read_path(&policies) {
+        return Err(ctx(e.to_string()));
+    }
+    let extra = dir.join("extra.yaml");
+    if extra.exists() {
+        manifests::read_path(&extra).map_err(|e| ctx(e.to_string()))?;
+    }
+    let expected = Expected::load(&dir.join("expected.yaml")).map_err(ctx)?;
+    let mut steps = Vec::new();
+    let steps_file = dir.join("steps.yaml");
+    if steps_file.exists() {
+        let text = std::fs::read_to_string(&steps_file).map_err(|e| ctx(e.to_string()))?;
+        let files: Vec<StepFile> =
+            serde_yaml::from_str(&text).map_err(|e| ctx(format!("steps.yaml: {e}")))?;
+        for s in files {
+            let sctx = |e: String| ctx(format!("step {:?}: {e}", s.name));
+            let apply = match &s.apply {
+                Some(f) => {
+                    let p = dir.join(f);
+                    manifests::read_path(&p).map_err(|e| sctx(e.to_string()))?;
+                    Some(p)
+                }
+                None => None,
+            };
+            for d in &s.delete {
+                if d.split_once('/').is_none() {
+                    return Err(sctx(format!("delete {d:?}: a policy is `namespace/name`")));
+                }
+            }
+            let mut label = Vec::new();
+            for l in &s.label {
+                let (kind, target) = match (&l.pod, &l.namespace) {
+                    (Some(p), None) => (LabelKind::Pod, p.clone()),
+                    (None, Some(n)) => (LabelKind::Namespace, n.clone()),
+                    _ => return Err(sctx("a label change names either `pod:` or `namespace:`".into())),
+                };
+                let changes = l
+                    .change
+                    .iter()
+                    .map(|c| c.parse::<LabelChange>().map_err(|e| sctx(e.to_string())))
+                    .collect::<Result<Vec<_>, _>>()?;
+                label.push((kind, target, changes));
+            }
+            let expected = Expected::from_value(s.expected.clone(), dir).map_err(sctx)?;
+            steps.push(Step { name: s.name, delete: s.delete, apply, label, expected });
+        }
+    }
+    Ok(Case {
+        name,
+        dir: dir.to_owned(),
+        extra: extra.exists().then_some(extra),
+        policies: has_objects(&policies).then_some(policies),
+        expected,
+        steps,
+    })
+}
+
+fn load_cases() -> Vec<Case> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(conformance_dir().join("cases"))
+        .expect("tests/conformance/cases")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    let mut errors = Vec::new();
+    let mut cases = Vec::new();
+    for d in dirs {
+        match load_case(&d) {
+            Ok(c) => cases.push(c),
+            Err(e) => errors.push(e),
+        }
+    }
+    assert!(errors.is_empty(), "cases that do not parse:\n{}", errors.join("\n"));
+    cases
+}
+
+/// No root needed: every case parses, and the suite is as large as promised.
+#[test]
+fn conformance_cases_parse() {
+    let cases = load_cases();
+    assert!(cases.len() >= 40, "{} cases", cases.len());
+    // Every rule of every expectation is well-formed (parsing proves it) and names pods of the model or
+    // of the case's extra manifest.
+    let mut known: Vec<String> = Vec::new();
+    for o in manifests::read_path(&conformance_dir().join("cluster.yaml")).unwrap().objects {
+        if o.kind == Kind::Pod {
+            known.push(format!("{}/{}", o.namespace, o.name));
+        }
+    }
+    for c in &cases {
+        let mut pods = known.clone();
+        if let Some(e) = &c.extra {
+            for o in manifests::read_path(e).unwrap().objects {
+                if o.kind == Kind::Pod {
+                    pods.push(format!("{}/{}", o.namespace, o.name));
+                }
+            }
+        }
+        for exp in std::iter::once(&c.expected).chain(c.steps.iter().map(|s| &s.expected)) {
+            for (_, pat) in &exp.rules {
+                for sel in [&pat.from, &pat.to] {
+                    for n in sel.ns.iter().flatten() {
+                        assert!(pods.iter().any(|p| p.starts_with(&format!("{n}/"))), "case {}: no namespace {n}", c.name);
+                    }
+                    for n in sel.pod.iter().flatten() {
+                        assert!(pods.iter().any(|p| p.ends_with(&format!("/{n}"))), "case {}: no pod {n}", c.name);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn expected_format_semantics() {
+    let e = Expected::from_value(
+        serde_yaml::from_str(
+            "default: allowed\nrules:\n  - denied: '* -> x/a'\n  - allowed: 'x/b|c -> x/a: 80/TCP, 81'\n  - denied: 'y/* -> */a: UDP'\n",
+        )
+        .unwrap(),
+        Path::new("."),
+    )
+    .unwrap();
+    let p = |from: &str, to: &str, port: u16, protocol: Protocol| Probe {
+        from: from.into(),
+        to: to.into(),
+        to_ip: "10.244.0.10".parse().unwrap(),
+        port,
+        protocol,
+        result: Verdict::Allowed,
+        detail: String::new(),
+        latency_ms: 0.0,
+    };
+    use Protocol::*;
+    assert_eq!(e.verdict(&p("z/a", "x/a", 80, Tcp)), Verdict::Denied);
+    assert_eq!(e.verdict(&p("x/b", "x/a", 80, Tcp)), Verdict::Allowed);
+    assert_eq!(e.verdict(&p("x/c", "x/a", 80, Udp)), Verdict::Denied);
+    assert_eq!(e.verdict(&p("x/c", "x/a", 81, Udp)), Verdict::Allowed);
+    assert_eq!(e.verdict(&p("y/c", "x/a", 81, Udp)), Verdict::Denied);
+    assert_eq!(e.verdict(&p("y/c", "y/a", 81, Tcp)), Verdict::Allowed);
+    assert_eq!(e.verdict(&p("x/a", "x/a", 81, Udp)), Verdict::Allowed, "the diagonal");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The privileged run.
+
+struct Lab {
+    state_dir: PathBuf,
+    prefix: String,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+impl Lab {
+    fn apply(&self, path: &Path) -> Result<(), String> {
+        let r = lab::apply(path, ApplyOptions { state_dir: self.state_dir.clone(), ..Default::default() })
+            .map_err(|e| format!("lab apply {}: {e}", path.display()))?;
+        for w in r.warnings {
+            eprintln!("    lab apply {}: {w}", path.display());
+        }
+        Ok(())
+    }
+
+    fn delete(&self, path: &Path) -> Result<(), String> {
+        let r = lab::delete(path, &self.state_dir).map_err(|e| format!("lab delete {}: {e}", path.display()))?;
+        for w in r.warnings {
+            eprintln!("    lab delete {}: {w}", path.display());
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> LabState {
+        lab::status(&self.state_dir).expect("lab state")
+    }
+
+    /// Writes `yaml` to a scratch file and deletes what it names.
+    fn delete_text(&self, yaml: &str) -> Result<(), String> {
+        let f = self.state_dir.join("conformance-delete.yaml");
+        std::fs::write(&f, yaml).map_err(|e| e.to_string())?;
+        let r = self.delete(&f);
+        let _ = std::fs::remove_file(&f);
+        r
+    }
+}
+
+/// What a case or step found.
+struct Outcome {
+    datapath: Option<String>,
+    reference: Option<String>,
+    attempts: usize,
+    probes: usize,
+}
+
+const ATTEMPTS: usize = 4;
+
+fn check(lab: &Lab, expected: &Expected) -> Result<Outcome, String> {
+    let opts = ProbeOptions { timeout: Duration::from_millis(300), ..Default::default() };
+    let state = lab.state();
+    let per_target: usize = state.pods.iter().map(|p| p.ports.len()).sum();
+    let want = state.pods.len() * per_target;
+    let mut attempts = 0;
+    let (m, diff, exp) = loop {
+        attempts += 1;
+        let m: Matrix = lab::probe(&lab.state_dir, &opts).map_err(|e| format!("lab probe: {e}"))?;
+        if m.probes.len() != want {
+            return Err(format!("the lab probed {} questions, the model has {want}", m.probes.len()));
+        }
+        let exp = m.expected_with(|p| expected.verdict(p));
+        let diff = m.diff(&exp);
+        // An agent that has not finished syncing gets a few more chances (each after a short pause); a
+        // wrong verdict stays wrong.
+        if diff.is_empty() || attempts == ATTEMPTS {
+            break (m, diff, exp);
+        }
+        std::thread::sleep(Duration::from_millis(400));
+    };
+    let cluster = ztrust_agent::source::dir::load_dir(&state.manifests_dir())
+        .map_err(|e| format!("loading the lab's manifests: {e}"))?
+        .cluster;
+    let reference = m.expected_by_reference(&state, &cluster).diff(&exp);
+    Ok(Outcome {
+        datapath: (!diff.is_empty()).then(|| diff.render()),
+        reference: (!reference.is_empty()).then(|| reference.render()),
+        attempts,
+        probes: m.probes.len(),
+    })
+}
+
+/// Leaves the lab as `cluster.yaml` made it: no policy, no extra object, the model's labels.
+fn reset(lab: &Lab, base: &[manifests::RawObject]) -> Result<(), String> {
+    let state = lab.state();
+    let now = manifests::read_path(&state.manifests_dir()).map_err(|e| e.to_string())?;
+    let mut extra_yaml = String::new();
+    let mut relabelled = false;
+    for o in &now.objects {
+        match base.iter().find(|b| b.kind == o.kind && b.namespace == o.namespace && b.name == o.name) {
+            None => {
+                let _ = writeln!(
+                    extra_yaml,
+                    "---\n{}",
+                    manifests::to_yaml(&serde_json::json!({
+                        "apiVersion": o.value["apiVersion"],
+                        "kind": o.kind.as_str(),
+                        "metadata": {"name": o.name, "namespace": o.namespace},
+                    }))
+                );
+            }
+            Some(b) => {
+                if b.value["metadata"]["labels"] != o.value["metadata"]["labels"] {
+                    relabelled = true;
+                }
+            }
+        }
+    }
+    // Policies and pods first, namespaces after their pods.
+    if !extra_yaml.is_empty() {
+        lab.delete_text(&extra_yaml)?;
+    }
+    if relabelled {
+        lab.apply(&conformance_dir().join("cluster.yaml"))?;
+    }
+    Ok(())
+}
+
+fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
+    let record = |step: &str, o: Outcome, report: &mut Report| {
+        let label = format!("{} [{step}]", case.name);
+        if o.attempts > 1 && o.datapath.is_none() {
+            eprintln!("    {label}: as expected after {} probes (the agent was still syncing)", o.attempts);
+        }
+        match &o.datapath {
+            None => eprintln!("  ok    {label}: {} probes", o.probes),
+            Some(d) => {
+                eprintln!("  FAIL  {label}:\n{d}");
+                report.failures.push(format!("case {label} ({}): the datapath differs:\n{d}", case.dir.display()));
+            }
+        }
+        if let Some(r) = o.reference {
+            eprintln!("  NOTE  {label}: the reference evaluator disagrees with the expectation");
+            report.reference.push(format!(
+                "case {label}: the reference evaluator (ACTUAL column) disagrees with the hand-written expectation:\n{r}"
+            ));
+        }
+    };
+    if let Some(e) = &case.extra {
+        lab.apply(e)?;
+    }
+    if let Some(p) = &case.policies {
+        lab.apply(p)?;
+    }
+    record("policies.yaml", check(lab, &case.expected)?, report);
+    for step in &case.steps {
+        if !step.delete.is_empty() {
+            let mut yaml = String::new();
+            for d in &step.delete {
+                let (ns, name) = d.split_once('/').expect("checked when loaded");
+                let _ = writeln!(
+                    yaml,
+                    "---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}"
+                );
+            }
+            lab.delete_text(&yaml)?;
+        }
+        if let Some(a) = &step.apply {
+            lab.apply(a)?;
+        }
+        for (kind, target, changes) in &step.label {
+            lab::label(&lab.state_dir, *kind, target, changes).map_err(|e| format!("lab label {target}: {e}"))?;
+        }
+        record(&step.name, check(lab, &step.expected)?, report);
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Report {
+    failures: Vec<String>,
+    reference: Vec<String>,
+}
+
+#[test]
+fn conformance_matrix_through_the_datapath() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces, eBPF); run by `cargo xtask test`");
+        return;
+    }
+    let agent = std::env::var_os("ZTRUST_AGENT_BIN").map(PathBuf::from).expect(
+        "ZTRUST_AGENT_BIN is not set: it names the ztrust-agent binary the lab runs (`cargo xtask test` sets it; \
+         by hand: cargo build -p ztrust-agent && ZTRUST_AGENT_BIN=$PWD/target/debug/ztrust-agent cargo test -p ztrust-tests --test conformance)",
+    );
+    assert!(agent.exists(), "ZTRUST_AGENT_BIN={} does not exist", agent.display());
+    let mut cases = load_cases();
+    if let Ok(filter) = std::env::var("ZTRUST_CONFORMANCE_CASES") {
+        let words: Vec<&str> = filter.split(',').map(str::trim).filter(|w| !w.is_empty()).collect();
+        cases.retain(|c| words.iter().any(|w| c.name.contains(w)));
+    }
+    let started = Instant::now();
+    std::fs::create_dir_all("/run/ztrust").unwrap();
+    let id = std::process::id() % 10_000;
+    let prefix = format!("ztcf{id}");
+    let lab = Lab { state_dir: PathBuf::from(format!("/run/ztrust/conformance-{}", std::process::id())), prefix };
+    let cluster = conformance_dir().join("cluster.yaml");
+    let up = lab::up(
+        &cluster,
+        UpOptions {
+            state_dir: lab.state_dir.clone(),
+            prefix: lab.prefix.clone(),
+            if_prefix: format!("{}l", lab.prefix),
+            ext_if_prefix: format!("{}x", lab.prefix),
+            agent_bin: Some(agent.clone()),
+            agent: Some(lab::AgentSpec {
+                bin: Some(agent.clone()),
+                extra_args: vec!["--metrics-addr".into(), "none".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+    .expect("lab up");
+    for w in &up.warnings {
+        eprintln!("lab up: {w}");
+    }
+    assert_eq!(up.state.pods.len(), 9, "the model has 9 pods");
+    eprintln!("lab up with the agent in {:.1?}; {} cases", started.elapsed(), cases.len());
+    let base = manifests::read_path(&cluster).unwrap().objects;
+
+    let mut report = Report::default();
+    let mut errors = Vec::new();
+    for case in &cases {
+        let t = Instant::now();
+        if let Err(e) = run_case(&lab, case, &mut report) {
+            eprintln!("  ERROR {}: {e}", case.name);
+            errors.push(format!("case {}: {e}", case.name));
+        }
+        if let Err(e) = reset(&lab, &base) {
+            errors.push(format!("case {}: resetting the lab: {e}", case.name));
+            break;
+        }
+        eprintln!("        ({:.1?})", t.elapsed());
+    }
+    let log = lab.state().agent.map(|a| a.log);
+    eprintln!(
+        "\nconformance: {} cases in {:.1?}: {} datapath failures, {} reference disagreements, {} errors",
+        cases.len(),
+        started.elapsed(),
+        report.failures.len(),
+        report.reference.len(),
+        errors.len()
+    );
+    let mut problems = Vec::new();
+    if !report.failures.is_empty() {
+        problems.push(format!("THE DATAPATH DIFFERS FROM THE API RULES:\n\n{}", report.failures.join("\n")));
+    }
+    if !report.reference.is_empty() {
+        problems.push(format!(
+            "THE REFERENCE EVALUATOR DIFFERS FROM THE HAND-WRITTEN EXPECTATIONS:\n\n{}",
+            report.reference.join("\n")
+        ));
+    }
+    if !errors.is_empty() {
+        problems.push(format!("ERRORS:\n{}", errors.join("\n")));
+    }
+    if let Some(log) = log
+        && !problems.is_empty()
+    {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(15).collect();
+        problems.push(format!(
+            "the end of the agent's log:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ));
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n\n"));
+}
