@@ -1,2 +1,3 @@
 //! Sources of cluster state.
 pub mod dir;
+pub mod kube;

@@ -1,0 +1,410 @@
+//! Kubernetes API source: one reflector (a `watcher` with the default backoff feeding a `Store`) per
+//! kind — Namespaces, Pods and NetworkPolicies, all namespaces — converted into the [`crate::model`] by
+//! the same `convert_*` functions as the directory source.
+//!
+//! - Nothing is reported before all three stores have finished their initial list
+//!   (`Store::wait_until_ready`): a partial cluster (policies without their pods, say) would compile
+//!   into the wrong allow sets.
+//! - The watcher re-lists by itself when the API server answers `410 Gone` (its resourceVersion fell out
+//!   of the watch cache) and re-watches after a dropped connection; the store is swapped atomically at
+//!   the end of a re-list, so a snapshot never shows a half-listed kind.
+//! - While the API server is unreachable the stores keep their last contents: the last snapshot stays in
+//!   force (the agent keeps enforcing it), and the watcher's backoff (0.8 s doubling to 30 s) reconnects.
+//! - All pods are kept, not only this node's: policy peers are cluster-wide. `spec.nodeName` stays in the
+//!   model so the agent can tell its local pods.
+//! - Problems in NetworkPolicies (an invalid peer, port, selector: see [`dir::convert_policy`], which
+//!   fails closed) become Kubernetes Events on the policy, once per distinct set of problems, when
+//!   [`Options::events`] is set.
+//!
+//! Every API call the source makes is listed in [`API_CALLS`]; the deploy tests check that the
+//! ClusterRole in `deploy/base` grants exactly those (plus `get` on what is read).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Debug;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::{FutureExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::model::Cluster;
+use crate::source::dir::{self, LoadError, Loaded};
+
+/// What [`LoadError::file`] says for objects read from the API server.
+pub const FILE: &str = "kube";
+
+/// `reportingController` of the Events the source emits.
+pub const CONTROLLER: &str = "ztrust.io/agent";
+
+/// Default quiet time after a change before a snapshot is taken (a re-list or a rollout is a burst).
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// One kind of API request: verbs on a resource of an API group (`""` is the core group).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiCall {
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// Every API call this source makes, cluster-wide. The reflectors and the event publisher look
+/// themselves up here (so a new call cannot be added without it), and the deploy tests check the
+/// ClusterRole against it.
+pub const API_CALLS: &[ApiCall] = &[
+    ApiCall { group: "", resource: "namespaces", verbs: &["list", "watch"] },
+    ApiCall { group: "", resource: "pods", verbs: &["list", "watch"] },
+    ApiCall { group: "networking.k8s.io", resource: "networkpolicies", verbs: &["list", "watch"] },
+    // Only with `Options::events`. Each distinct problem set is a new Event (create); the source
+    // deduplicates itself, so it never patches an Event series.
+    ApiCall { group: "events.k8s.io", resource: "events", verbs: &["create"] },
+];
+
+/// The [`API_CALLS`] entry of `K`. Panics if there is none: that is a bug caught by the unit tests.
+pub fn api_call<K: Resource<DynamicType = ()>>(verb: &str) -> &'static ApiCall {
+    let (group, resource) = (K::group(&()), K::plural(&()));
+    API_CALLS
+        .iter()
+        .find(|c| c.group == group && c.resource == resource && c.verbs.contains(&verb))
+        .unwrap_or_else(|| panic!("API call {verb} {group}/{resource} is missing from API_CALLS"))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("reading kubeconfig {path}: {source}")]
+    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    #[error("no kubeconfig and not in a pod with a service account: {0}")]
+    Infer(#[from] kube::config::InferConfigError),
+    #[error("creating the Kubernetes API client: {0}")]
+    Client(#[from] kube::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Client configuration: from `kubeconfig` when given (`--kubeconfig PATH`, its current context),
+/// otherwise inferred — `$KUBECONFIG` or `~/.kube/config` if present, else the pod's service account
+/// (in-cluster: `KUBERNETES_SERVICE_HOST` and `/var/run/secrets/kubernetes.io/serviceaccount`).
+pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
+    match kubeconfig {
+        Some(path) => {
+            let err = |source| Error::Kubeconfig { path: path.to_owned(), source };
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(err)
+        }
+        None => Ok(kube::Config::infer().await?),
+    }
+}
+
+/// [`config`] then the client.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client> {
+    Ok(Client::try_from(config(kubeconfig).await?)?)
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// This node's name: the `reportingInstance` of Events (the model keeps every pod's node).
+    pub node_name: Option<String>,
+    /// Emit Kubernetes Events for problems in NetworkPolicies (needs `create` on events.k8s.io events).
+    pub events: bool,
+    /// Quiet time before [`KubeSource::changed`] takes its snapshot.
+    pub debounce: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { node_name: None, events: true, debounce: DEBOUNCE }
+    }
+}
+
+/// The cluster as the API server says it is, kept current by three reflectors.
+///
+/// Dropping it stops the watches.
+pub struct KubeSource {
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    policies: Store<NetworkPolicy>,
+    /// Bumped by the reflector tasks on every change of a store.
+    generation: watch::Receiver<u64>,
+    /// The generation of the last snapshot taken (reported or found unchanged).
+    taken: Option<u64>,
+    /// The last snapshot reported, to skip identical ones (a re-list that changed nothing).
+    last: Option<(Cluster, Vec<LoadError>)>,
+    debounce: Duration,
+    events: Option<mpsc::UnboundedSender<(ObjectReference, String)>>,
+    /// Problems already logged / sent as Events, as (object, message).
+    reported: BTreeSet<(String, String)>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl KubeSource {
+    /// Starts the watches (needs a Tokio runtime), with Events on.
+    pub fn start(client: Client, node_name: Option<String>) -> KubeSource {
+        Self::start_with(client, Options { node_name, ..Options::default() })
+    }
+
+    pub fn start_with(client: Client, options: Options) -> KubeSource {
+        let (tx, generation) = watch::channel(0u64);
+        let (namespaces, t1) = spawn_reflector::<Namespace>(&client, tx.clone());
+        let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone());
+        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx);
+        let mut tasks = vec![t1, t2, t3];
+        let events = options.events.then(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let reporter = Reporter { controller: CONTROLLER.to_owned(), instance: options.node_name.clone() };
+            tasks.push(tokio::spawn(publish_events(client.clone(), reporter, rx)));
+            tx
+        });
+        info!(node = options.node_name.as_deref().unwrap_or("-"), events = options.events, "watching the Kubernetes API");
+        KubeSource {
+            namespaces,
+            pods,
+            policies,
+            generation,
+            taken: None,
+            last: None,
+            debounce: options.debounce,
+            events,
+            reported: BTreeSet::new(),
+            tasks,
+        }
+    }
+
+    /// True once all three kinds have been listed (it stays true: re-lists keep the old contents
+    /// until they complete).
+    pub fn is_ready(&self) -> bool {
+        let ready = |r: Option<Result<(), reflector::store::WriterDropped>>| matches!(r, Some(Ok(())));
+        ready(self.namespaces.wait_until_ready().now_or_never())
+            && ready(self.pods.wait_until_ready().now_or_never())
+            && ready(self.policies.wait_until_ready().now_or_never())
+    }
+
+    /// Waits until all three kinds are listed.
+    pub async fn wait_until_ready(&self) {
+        let (a, b, c) = futures::join!(
+            self.namespaces.wait_until_ready(),
+            self.pods.wait_until_ready(),
+            self.policies.wait_until_ready()
+        );
+        if a.is_err() || b.is_err() || c.is_err() {
+            // A reflector task is gone (the source is being dropped): nothing will ever be ready.
+            std::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits for the next change (the first call: for the initial lists), lets the burst settle for the
+    /// debounce time, and returns the whole converted cluster. A snapshot identical to the last one is
+    /// not returned. Cancel-safe: a change seen by a cancelled call is returned by the next one.
+    pub async fn changed(&mut self) -> Loaded {
+        self.wait_until_ready().await;
+        loop {
+            let current = *self.generation.borrow_and_update();
+            if self.taken != Some(current) {
+                tokio::time::sleep(self.debounce).await;
+                if let Some(loaded) = self.take() {
+                    return loaded;
+                }
+                continue;
+            }
+            if self.generation.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// The snapshot if anything changed since the last one (or it is the first), once all kinds are
+    /// listed; `None` otherwise. For a polling loop (its period is the debounce).
+    pub fn try_snapshot(&mut self) -> Option<Loaded> {
+        if !self.is_ready() || self.taken == Some(*self.generation.borrow()) {
+            return None;
+        }
+        self.take()
+    }
+
+    /// Converts the stores; `None` if the result equals the last one reported.
+    fn take(&mut self) -> Option<Loaded> {
+        self.taken = Some(*self.generation.borrow());
+        let (loaded, policy_refs) = self.convert();
+        let same = self.last.as_ref().is_some_and(|(c, e)| *c == loaded.cluster && *e == loaded.errors);
+        self.report(&loaded.errors, &policy_refs);
+        if same {
+            debug!("re-list or no-op update: cluster unchanged");
+            return None;
+        }
+        self.last = Some((loaded.cluster.clone(), loaded.errors.clone()));
+        Some(loaded)
+    }
+
+    /// The converted cluster, and the references of NetworkPolicies with problems (for Events).
+    fn convert(&self) -> (Loaded, BTreeMap<String, ObjectReference>) {
+        let mut out = Loaded::default();
+        let mut refs = BTreeMap::new();
+        for ns in self.namespaces.state() {
+            let c = dir::convert_namespace(&ns);
+            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(FILE)));
+            if let Some(ns) = c.value {
+                out.cluster.namespaces.insert(ns.name.clone(), ns);
+            }
+        }
+        for pod in self.pods.state() {
+            // A pod that has run to completion has given its addresses back to the node's IPAM, which
+            // may already have handed them to a new pod: it must not claim them.
+            // <https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>
+            if matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+                continue;
+            }
+            let c = dir::convert_pod(&pod);
+            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(FILE)));
+            if let Some(pod) = c.value {
+                out.cluster.pods.insert(pod.object_ref(), pod);
+            }
+        }
+        for np in self.policies.state() {
+            let c = dir::convert_policy(&np);
+            if let Some(first) = c.errors.first() {
+                refs.insert(first.object.clone(), np.object_ref(&()));
+            }
+            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(FILE)));
+            if let Some(p) = c.value {
+                out.cluster.policies.insert(p.object_ref(), p);
+            }
+        }
+        // Stores are hash maps: order the problems so equal clusters compare equal.
+        out.errors.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
+        (out, refs)
+    }
+
+    /// Logs problems not logged before and sends one Event per NetworkPolicy whose set of problems is
+    /// new. A problem that goes away and comes back is reported again.
+    fn report(&mut self, errors: &[LoadError], policy_refs: &BTreeMap<String, ObjectReference>) {
+        let mut by_object: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for e in errors {
+            by_object.entry(e.object.as_str()).or_default().push(e.to_string());
+        }
+        let mut now = BTreeSet::new();
+        for (object, messages) in by_object {
+            let key = (object.to_owned(), messages.join("\n"));
+            if !self.reported.contains(&key) {
+                for m in &messages {
+                    warn!("{m}");
+                }
+                if let (Some(tx), Some(reference)) = (&self.events, policy_refs.get(object)) {
+                    let _ = tx.send((reference.clone(), key.1.clone()));
+                }
+            }
+            now.insert(key);
+        }
+        self.reported = now;
+    }
+}
+
+fn spawn_reflector<K>(client: &Client, changed: watch::Sender<u64>) -> (Store<K>, JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
+    let _ = api_call::<K>("list");
+    let _ = api_call::<K>("watch");
+    let kind = K::kind(&());
+    let (reader, writer) = reflector::store::<K>();
+    let stream = reflector::reflector(
+        writer,
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff(),
+    );
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(item) = stream.next().await {
+            match item {
+                // The store changes on these; `Init`/`InitApply` are buffered until `InitDone`.
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                    if failing {
+                        info!(%kind, "watch resumed");
+                        failing = false;
+                    }
+                    changed.send_modify(|g| *g += 1);
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                Err(e) => {
+                    // 410 Gone lands here too: the watcher re-lists by itself.
+                    if failing {
+                        debug!(%kind, error = %e, "watch still failing");
+                    } else {
+                        warn!(%kind, error = %e, "watch failed; retrying with backoff, the last state stays in force");
+                    }
+                    failing = true;
+                }
+            }
+        }
+    });
+    (reader, task)
+}
+
+/// Events are at most 1 kB of note.
+const NOTE_MAX: usize = 1024;
+
+async fn publish_events(client: Client, reporter: Reporter, mut rx: mpsc::UnboundedReceiver<(ObjectReference, String)>) {
+    let _ = api_call::<k8s_openapi::api::events::v1::Event>("create");
+    while let Some((reference, mut note)) = rx.recv().await {
+        if note.len() > NOTE_MAX {
+            let mut cut = NOTE_MAX - 3;
+            while !note.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            note.truncate(cut);
+            note.push_str("...");
+        }
+        // A new Recorder each time: its own cache would turn a second problem set of the same policy
+        // into a patch of the first Event (keyed without the note), losing the new message. The source
+        // deduplicates before sending here.
+        let recorder = Recorder::new(client.clone(), reporter.clone());
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "PolicyNotFullyEnforced".into(),
+            note: Some(note),
+            action: "Enforce".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            warn!(object = ?reference.name, error = %e, "cannot publish an Event");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_used_is_listed() {
+        for verb in ["list", "watch"] {
+            api_call::<Namespace>(verb);
+            api_call::<Pod>(verb);
+            api_call::<NetworkPolicy>(verb);
+        }
+        api_call::<k8s_openapi::api::events::v1::Event>("create");
+        assert_eq!(API_CALLS.len(), 4, "every entry is used by the code above");
+    }
+
+    #[test]
+    #[should_panic(expected = "missing from API_CALLS")]
+    fn unlisted_call_panics() {
+        api_call::<k8s_openapi::api::core::v1::Secret>("list");
+    }
+}
