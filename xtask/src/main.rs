@@ -41,8 +41,9 @@ enum Cmd {
         #[arg(long)]
         down: bool,
     },
-    /// Benchmarks (not tests): per-packet cost of the real programs as the maps grow. Extra arguments go
-    /// to the benchmark (`-- --help`).
+    /// Benchmarks (not tests): `cargo xtask bench [datapath|throughput|control-plane|flows|all] [--json FILE]`.
+    /// Without a section, all of them (about 12 minutes on 2 cores). Arguments go to the benchmark
+    /// (`cargo xtask bench -- --help`, `cargo xtask bench throughput --help`).
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -275,14 +276,18 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the benchmark loads eBPF programs: run it as root");
+        bail!("the benchmark loads eBPF programs and creates network namespaces: run it as root");
     }
-    setup()?;
-    step("build (release)");
-    run(cmd("cargo", &["build", "--locked", "--release", "-p", "ztrust-tests", "--bin", "ztrust-bench"]))?;
-    step("per-packet datapath cost (BPF_PROG_TEST_RUN)");
+    // What the throughput section compares ztrust with, and its traffic generator.
+    setup_with(&["iperf3", "iptables", "ipset"])?;
+    step("build (release): the benchmark and the agent (the flow section runs the real agent)");
+    run(cmd(
+        "cargo",
+        &["build", "--locked", "--release", "-p", "ztrust-tests", "--bin", "ztrust-bench", "-p", "ztrust-agent", "--bin", "ztrust-agent"],
+    ))?;
+    step("benchmarks");
     let mut c = Command::new(root().join("target/release/ztrust-bench"));
-    c.args(args);
+    c.args(args).env("ZTRUST_AGENT_BIN", root().join("target/release/ztrust-agent"));
     run(c)
 }
 

@@ -1,253 +1,75 @@
-//! `cargo xtask bench`: per-packet cost of the real programs (BPF_PROG_TEST_RUN) as the maps grow.
-//!
-//! For each cell (policies × pods) the maps are filled from scratch: an ipcache with one /32 per pod
-//! (ten pods per identity, as label sets are shared), 100 local endpoints, and per policy the allow
-//! entries of a typical rule (three peer identities on one port, plus a port range) for one local
-//! endpoint. Then prepared packets of the measured endpoint run through the program:
-//! - new allowed TCP SYN, new UDP datagram, new IPv6 SYN: each run a distinct source port, so each is a
-//!   real new flow (conntrack miss, ipcache and policy lookups, conntrack insert); the kernel times each
-//!   run, and the mean over the runs is reported;
-//! - denied SYN and a packet of an established connection: one packet repeated (`repeat`), the kernel's
-//!   mean per run.
+//! `cargo xtask bench [datapath|throughput|control-plane|flows|all] [--json FILE]`: performance of ztrust,
+//! measured side by side. The sections live in `ztrust_tests::bench`; without a section, all run.
+//! Each section prints a table; `--json FILE` writes every result as one JSON object.
 
-use std::collections::BTreeMap;
-use std::io::Write as _;
-use std::os::fd::AsFd;
-use std::process::Command;
-use std::time::Duration;
-
-use aya::maps::lpm_trie::Key;
-use aya::programs::{TestRun, TestRunOptions};
-use clap::Parser;
-use serde::Serialize;
-use ztrust_agent::datapath::loader::{self, Datapath};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto};
+use clap::{Parser, Subcommand};
+use ztrust_tests::bench::{control, datapath, flows, throughput};
 
 #[derive(Parser)]
-struct Args {
-    /// Policy counts (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
-    policies: Vec<u32>,
-    /// Pod counts (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000,100000")]
-    pods: Vec<u32>,
-    /// Repetitions for the repeated-packet cases.
-    #[arg(long, default_value_t = 1_000_000)]
-    repeat: u32,
-    /// Distinct new flows per new-flow case.
-    #[arg(long, default_value_t = 20_000)]
-    flows: u32,
+struct Cli {
+    #[command(subcommand)]
+    section: Option<Section>,
     /// Write the results as JSON here too.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: Option<std::path::PathBuf>,
 }
 
-const CASES: [&str; 5] = ["syn allowed", "syn denied", "established", "udp new", "ipv6 syn"];
-
-#[derive(Serialize)]
-struct Cell {
-    policies: u32,
-    pods: u32,
-    policy_entries: usize,
-    ns_per_packet: BTreeMap<&'static str, f64>,
-}
-
-fn sh(args: &[&str]) {
-    let ok = Command::new(args[0]).args(&args[1..]).status().is_ok_and(|s| s.success());
-    assert!(ok, "{args:?} failed");
-}
-
-/// xorshift: deterministic, no dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn mapped(ip: [u8; 4]) -> [u8; 16] {
-    std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()
-}
-
-fn pod_ip(i: u32) -> [u8; 4] {
-    [10, (i >> 16) as u8, (i >> 8) as u8, i as u8]
-}
-
-fn frame(v6: bool, src: &[u8], dst: &[u8], protocol: u8, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
-    let mut l4 = Vec::new();
-    l4.extend_from_slice(&sport.to_be_bytes());
-    l4.extend_from_slice(&dport.to_be_bytes());
-    if protocol == proto::TCP {
-        l4.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    } else {
-        l4.extend_from_slice(&[0, 8, 0, 0]);
-    }
-    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2];
-    if v6 {
-        f.extend_from_slice(&0x86DDu16.to_be_bytes());
-        f.extend_from_slice(&[0x60, 0, 0, 0]);
-        f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
-        f.extend_from_slice(&[protocol, 64]);
-    } else {
-        f.extend_from_slice(&0x0800u16.to_be_bytes());
-        f.extend_from_slice(&[0x45, 0]);
-        f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
-        f.extend_from_slice(&[0, 1, 0, 0, 64, protocol, 0, 0]);
-    }
-    f.extend_from_slice(src);
-    f.extend_from_slice(dst);
-    f.extend_from_slice(&l4);
-    f
-}
-
-fn skb_ctx(ifindex: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
-
-fn run(dp: &Datapath, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, Duration) {
-    let ctx = skb_ctx(ifindex);
-    let mut out = vec![0u8; pkt.len() + 256];
-    let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat, ..Default::default() };
-    let r = dp.program(names::PROG_FROM_POD).expect("program").test_run(opts).expect("test run");
-    (r.return_value, r.duration)
-}
-
-/// Mean in-kernel time of `flows` distinct new flows (source port varies), in ns.
-fn new_flows(dp: &Datapath, ifindex: u32, flows: u32, make: impl Fn(u16) -> Vec<u8>) -> f64 {
-    let mut total = Duration::ZERO;
-    for i in 0..flows {
-        let (rv, d) = run(dp, ifindex, &make(1024 + (i % 64000) as u16), 1);
-        assert_eq!(rv, 0, "new allowed flow dropped");
-        total += d;
-    }
-    total.as_nanos() as f64 / f64::from(flows)
-}
-
-fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods: u32) -> Cell {
-    let _ = loader::cleanup(pin);
-    let mut dp = Datapath::load(pin).expect("load");
-    let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(policies) << 20 ^ u64::from(pods));
-    let identities = (pods / 10).max(2);
-    for i in 0..pods {
-        let key = Key::new(128, IpcacheKey { addr: mapped(pod_ip(i)) });
-        dp.maps.ipcache.insert(&key, IpcacheValue { identity: 256 + i / 10, _pad: 0 }, 0).expect("ipcache");
-    }
-    // The measured endpoint (ifindex) and 99 others.
-    let endpoints: Vec<u32> = std::iter::once(ifindex).chain((0..99).map(|i| 100_000 + i)).collect();
-    for ep in &endpoints {
-        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags: ep_flags::ISOLATED_EGRESS, _pad: 0 };
-        dp.maps.endpoints.insert(*ep, info, 0).expect("endpoint");
-    }
-    let mut entries = 0usize;
-    for p in 0..policies {
-        let ep = endpoints[rng.below(endpoints.len() as u64) as usize];
-        let port = 1024 + rng.below(20_000) as u16;
-        for _ in 0..3 {
-            let remote = 256 + rng.below(u64::from(identities)) as u32;
-            let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ep, remote, dir::EGRESS, proto::TCP, port));
-            dp.maps.policy.insert(&key, PolicyValue { rule_id: p + 1, _pad: 0 }, 0).expect("policy");
-            entries += 1;
-        }
-        // A range of 32 ports: one aligned block.
-        let remote = 256 + rng.below(u64::from(identities)) as u32;
-        let base = (30_000 + rng.below(1000) as u16) & !31;
-        let key = Key::new(PolicyKey::PREFIX_FULL - 5, PolicyKey::new(ep, remote, dir::EGRESS, proto::UDP, base));
-        dp.maps.policy.insert(&key, PolicyValue { rule_id: p + 1, _pad: 0 }, 0).expect("policy");
-        entries += 1;
-    }
-    // What the measured packets need: the endpoint may reach pod 1's identity on TCP 8080 and UDP 53.
-    let me = pod_ip(0);
-    let peer = pod_ip(1);
-    let peer_id = 256 + 1 / 10;
-    for (protocol, port) in [(proto::TCP, 8080), (proto::UDP, 53)] {
-        let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ifindex, peer_id, dir::EGRESS, protocol, port));
-        dp.maps.policy.insert(&key, PolicyValue { rule_id: 1, _pad: 0 }, 0).expect("policy");
-    }
-    let (me6, peer6) = ([0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    dp.maps.ipcache.insert(&Key::new(128, IpcacheKey { addr: peer6 }), IpcacheValue { identity: peer_id, _pad: 0 }, 0).unwrap();
-    // Events for denied packets are rate-limited per flow; keep that realistic (one per second).
-    dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, flags: 0, log_allowed: 0 }, 0).unwrap();
-
-    let mut ns = BTreeMap::new();
-    ns.insert(CASES[0], new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)));
-    let denied = frame(false, &me, &peer, proto::TCP, 999, 8081, 0x02);
-    let (rv, d) = run(&dp, ifindex, &denied, args.repeat);
-    assert_eq!(rv, 2, "denied SYN passed");
-    ns.insert(CASES[1], d.as_nanos() as f64);
-    let syn = frame(false, &me, &peer, proto::TCP, 998, 8080, 0x02);
-    assert_eq!(run(&dp, ifindex, &syn, 1).0, 0);
-    let ack = frame(false, &me, &peer, proto::TCP, 998, 8080, 0x10);
-    let (rv, d) = run(&dp, ifindex, &ack, args.repeat);
-    assert_eq!(rv, 0);
-    ns.insert(CASES[2], d.as_nanos() as f64);
-    ns.insert(CASES[3], new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::UDP, sp, 53, 0)));
-    ns.insert(CASES[4], new_flows(&dp, ifindex, args.flows, |sp| frame(true, &me6, &peer6, proto::TCP, sp, 8080, 0x02)));
-    drop(dp);
-    let _ = loader::cleanup(pin);
-    Cell { policies, pods, policy_entries: entries + 2, ns_per_packet: ns }
+#[derive(Subcommand)]
+enum Section {
+    /// Per-packet cost of the real programs (BPF_PROG_TEST_RUN) as the maps grow.
+    Datapath(datapath::Args),
+    /// Throughput through a veth pair: none vs ztrust vs iptables vs ipset, at 10/1,000/10,000 rules.
+    Throughput(throughput::Args),
+    /// Cold compile + map sync of synthetic clusters, peak RSS, single-change latency.
+    ControlPlane(control::Args),
+    /// Denied-flow events per second from the kernel ring buffer to a `flows --follow` client.
+    Flows(flows::Args),
+    /// Every section with its defaults.
+    All,
+    /// (internal) One control-plane size in a process of its own, for its peak RSS.
+    #[command(hide = true)]
+    ControlPlaneChild(control::ChildArgs),
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark loads eBPF programs: run as root");
-    let netns = format!("ztbench{}", std::process::id());
-    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{netns}"));
-    sh(&["ip", "netns", "add", &netns]);
-    // A device for the programs to run on: the kernel resolves the context's ifindex in this namespace.
-    // (No dummy driver on every kernel; a veth pair works everywhere.)
-    sh(&["ip", "-n", &netns, "link", "add", "ztb0", "type", "veth", "peer", "name", "ztb1"]);
-    sh(&["ip", "-n", &netns, "link", "set", "ztb0", "up"]);
-    sh(&["ip", "-n", &netns, "link", "set", "ztb1", "up"]);
-    let ns_file = std::fs::File::open(format!("/run/netns/{netns}"))?;
-    nix::sched::setns(ns_file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-    let ifindex = nix::net::if_::if_nametoindex("ztb0")?;
-
-    let mut cells = Vec::new();
-    for &policies in &args.policies {
-        for &pods in &args.pods {
-            eprint!("policies {policies:>6} pods {pods:>7} ... ");
-            let _ = std::io::stderr().flush();
-            let cell = measure(&args, &pin, ifindex, policies, pods);
-            eprintln!("{:.0} ns (syn allowed)", cell.ns_per_packet[CASES[0]]);
-            cells.push(cell);
+    let mut out = serde_json::Map::new();
+    let mut add = |name: &str, v: serde_json::Value| {
+        out.insert(name.to_owned(), v);
+    };
+    match cli.section.unwrap_or(Section::All) {
+        Section::ControlPlaneChild(a) => return control::child(&a),
+        Section::Datapath(a) => add("datapath", serde_json::to_value(datapath::run_section(&a)?)?),
+        Section::Throughput(a) => add("throughput", serde_json::to_value(throughput::run_section(&a)?)?),
+        Section::ControlPlane(a) => add("control_plane", serde_json::to_value(control::run_section(&a)?)?),
+        Section::Flows(a) => add("flows", serde_json::to_value(flows::run_section(&a)?)?),
+        Section::All => {
+            let started = std::time::Instant::now();
+            let parse = |s: &str| -> Section {
+                #[derive(Parser)]
+                struct One {
+                    #[command(subcommand)]
+                    s: Section,
+                }
+                One::parse_from(["ztrust-bench", s]).s
+            };
+            for name in ["datapath", "throughput", "control-plane", "flows"] {
+                eprintln!("\n=== {name} ({:.0}s elapsed)", started.elapsed().as_secs_f64());
+                let v = match parse(name) {
+                    Section::Datapath(a) => serde_json::to_value(datapath::run_section(&a)?)?,
+                    Section::Throughput(a) => serde_json::to_value(throughput::run_section(&a)?)?,
+                    Section::ControlPlane(a) => serde_json::to_value(control::run_section(&a)?)?,
+                    Section::Flows(a) => serde_json::to_value(flows::run_section(&a)?)?,
+                    _ => unreachable!(),
+                };
+                add(&name.replace('-', "_"), v);
+            }
+            eprintln!("\nall sections in {:.0}s", started.elapsed().as_secs_f64());
         }
     }
-    let _ = Command::new("ip").args(["netns", "del", &netns]).status();
-
-    println!("\nPer-packet cost in the kernel (ns/packet; ratio to the smallest cell in brackets)");
-    print!("{:>9} {:>8} {:>8}", "policies", "pods", "entries");
-    for c in CASES {
-        print!(" {:>20}", c);
-    }
-    println!();
-    let base = &cells[0].ns_per_packet;
-    let mut worst: BTreeMap<&str, f64> = BTreeMap::new();
-    for cell in &cells {
-        print!("{:>9} {:>8} {:>8}", cell.policies, cell.pods, cell.policy_entries);
-        for c in CASES {
-            let v = cell.ns_per_packet[c];
-            let ratio = v / base[c];
-            let w = worst.entry(c).or_insert(0.0);
-            *w = w.max(ratio);
-            print!(" {:>12.1} ({:>4.2})", v, ratio);
-        }
-        println!();
-    }
-    print!("{:>27}", "worst ratio");
-    for c in CASES {
-        print!(" {:>20.2}", worst[c]);
-    }
-    println!("\n(target: every ratio <= 1.2, and the established path the cheapest)");
-    if let Some(path) = &args.json {
-        std::fs::write(path, serde_json::to_string_pretty(&cells)?)?;
+    if let Some(path) = &cli.json {
+        std::fs::write(path, serde_json::to_string_pretty(&out)?)?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())

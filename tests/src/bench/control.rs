@@ -1,0 +1,198 @@
+//! Control plane at scale: synthetic clusters ([`super::synth`]) compiled by the real engine and synced
+//! into real kernel maps (loaded with the real programs; local endpoints get fake ifindexes, which the
+//! maps do not check). Measured per size, each in a process of its own so that its peak RSS (VmHWM) is
+//! its own:
+//! - cold: `Engine::compile` of the whole cluster, then the first `Syncer::sync`;
+//! - single changes (pod added, label changed, policy edited, in turn): the time from the changed cluster
+//!   to the kernel maps reflecting it, i.e. what the agent does per change (compile, sync), and the map
+//!   writes each change made. The source's poll interval and YAML parsing are not included.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use ztrust_agent::datapath::loader::{self, Capacities, Datapath};
+use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
+use ztrust_agent::policy::Engine;
+
+use super::synth::Synth;
+use super::{proc_status_kib, quantile};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Sizes as POLICIES:PODS (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1000:5000,10000:50000")]
+    pub sizes: Vec<String>,
+    /// Pods on this node (with an interface, so with endpoint and policy entries in the maps).
+    #[arg(long, default_value_t = 100)]
+    pub local: usize,
+    /// Single changes measured per size.
+    #[arg(long, default_value_t = 200)]
+    pub changes: usize,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct ChildArgs {
+    #[arg(long)]
+    pub policies: usize,
+    #[arg(long)]
+    pub pods: usize,
+    #[arg(long)]
+    pub local: usize,
+    #[arg(long)]
+    pub changes: usize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct ChangeStats {
+    pub count: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    /// Of which the engine (compile) and the map sync, medians.
+    pub compile_p50_ms: f64,
+    pub sync_p50_ms: f64,
+    pub writes_p50: f64,
+    pub writes_max: usize,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct SizeResult {
+    pub policies: usize,
+    pub pods: usize,
+    pub local_endpoints: usize,
+    pub identities: usize,
+    pub ipcache_entries: usize,
+    pub policy_entries: usize,
+    pub cold_compile_ms: f64,
+    pub cold_sync_ms: f64,
+    pub cold_writes: usize,
+    pub cold_total_ms: f64,
+    /// VmHWM after the cold compile and sync, and at the end (after the changes).
+    pub peak_rss_cold_mib: f64,
+    pub peak_rss_mib: f64,
+    /// All changes, then per kind.
+    pub changes: ChangeStats,
+    pub by_kind: BTreeMap<String, ChangeStats>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    sizes: Vec<SizeResult>,
+}
+
+fn stats(samples: &[(f64, f64, f64, usize)]) -> ChangeStats {
+    let sorted = |f: &dyn Fn(&(f64, f64, f64, usize)) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    let total = sorted(&|s| s.0);
+    let writes = sorted(&|s| s.3 as f64);
+    ChangeStats {
+        count: samples.len(),
+        p50_ms: quantile(&total, 0.5),
+        p99_ms: quantile(&total, 0.99),
+        max_ms: total.last().copied().unwrap_or(f64::NAN),
+        compile_p50_ms: quantile(&sorted(&|s| s.1), 0.5),
+        sync_p50_ms: quantile(&sorted(&|s| s.2), 0.5),
+        writes_p50: quantile(&writes, 0.5),
+        writes_max: samples.iter().map(|s| s.3).max().unwrap_or(0),
+    }
+}
+
+/// One size, in this process: prints the result as one JSON line on stdout.
+pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
+    let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/ztbcp{}", std::process::id()));
+    let _ = loader::cleanup(&pin);
+    let caps = Capacities { policy: 1 << 21, ipcache: 1 << 20, ..Capacities::default() };
+    let result = (|| -> anyhow::Result<SizeResult> {
+        let mut dp = Datapath::load_with(&pin, caps)?;
+        let mut synth = Synth::new(a.policies, a.pods, a.local);
+        let mut r = SizeResult { policies: a.policies, pods: a.pods, local_endpoints: synth.interfaces.len(), ..Default::default() };
+        let mut syncer = Syncer::new();
+        syncer.capacities = caps;
+
+        let t0 = Instant::now();
+        let mut engine = Engine::new();
+        let desired = engine.compile(&synth.cluster);
+        let t1 = Instant::now();
+        let s = syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &synth.interfaces)?;
+        let t2 = Instant::now();
+        r.cold_compile_ms = (t1 - t0).as_secs_f64() * 1e3;
+        r.cold_sync_ms = (t2 - t1).as_secs_f64() * 1e3;
+        r.cold_total_ms = (t2 - t0).as_secs_f64() * 1e3;
+        r.cold_writes = s.total();
+        r.identities = desired.identities.len();
+        r.ipcache_entries = syncer.ipcache_entries();
+        r.policy_entries = syncer.policy_entries();
+        r.peak_rss_cold_mib = proc_status_kib("VmHWM") as f64 / 1024.0;
+        drop(desired);
+        eprintln!(
+            "  {} policies / {} pods: cold compile {:.0} ms, sync {:.0} ms ({} writes), peak RSS {:.0} MiB; {} changes ...",
+            a.policies, a.pods, r.cold_compile_ms, r.cold_sync_ms, r.cold_writes, r.peak_rss_cold_mib, a.changes
+        );
+
+        let mut all = Vec::new();
+        let mut kinds: BTreeMap<String, Vec<(f64, f64, f64, usize)>> = BTreeMap::new();
+        for i in 0..a.changes {
+            let kind = synth.change(i);
+            let t0 = Instant::now();
+            let desired = engine.compile(&synth.cluster);
+            let t1 = Instant::now();
+            let s = syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &synth.interfaces)?;
+            let t2 = Instant::now();
+            let sample =
+                ((t2 - t0).as_secs_f64() * 1e3, (t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3, s.total());
+            all.push(sample);
+            kinds.entry(kind.to_owned()).or_default().push(sample);
+        }
+        r.changes = stats(&all);
+        r.by_kind = kinds.iter().map(|(k, v)| (k.clone(), stats(v))).collect();
+        r.peak_rss_mib = proc_status_kib("VmHWM") as f64 / 1024.0;
+        Ok(r)
+    })();
+    let _ = loader::cleanup(&pin);
+    println!("{}", serde_json::to_string(&result?)?);
+    Ok(())
+}
+
+pub fn run_section(args: &Args) -> anyhow::Result<Report> {
+    let exe = std::env::current_exe()?;
+    let mut sizes = Vec::new();
+    for size in &args.sizes {
+        let (p, q) = size.split_once(':').ok_or_else(|| anyhow::anyhow!("size {size}: want POLICIES:PODS"))?;
+        let out = Command::new(&exe)
+            .args(["control-plane-child", "--policies", p, "--pods", q])
+            .args(["--local", &args.local.to_string(), "--changes", &args.changes.to_string()])
+            .stderr(std::process::Stdio::inherit())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "control-plane size {size} failed: {}", out.status);
+        let line = String::from_utf8_lossy(&out.stdout);
+        let r: SizeResult = serde_json::from_str(line.trim().lines().last().unwrap_or_default())?;
+        sizes.push(r);
+    }
+
+    println!("\nControl plane: cold start and single changes (compile of the whole cluster + map sync)");
+    println!(
+        "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>9} {:>8} {:>8} {:>8} | {:>7} | {:>7} {:>8} {:>8} {:>11} {:>7}",
+        "policies", "pods", "local", "ids", "ipcache", "policy", "compile", "sync", "writes", "cold", "RSS MiB", "changes", "p50 ms", "p99 ms", "compile p50", "writes"
+    );
+    for r in &sizes {
+        println!(
+            "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>7.0}ms {:>6.0}ms {:>8} {:>6.0}ms | {:>7.0} | {:>7} {:>8.1} {:>8.1} {:>9.1}ms {:>7.0}",
+            r.policies, r.pods, r.local_endpoints, r.identities, r.ipcache_entries, r.policy_entries, r.cold_compile_ms,
+            r.cold_sync_ms, r.cold_writes, r.cold_total_ms, r.peak_rss_mib, r.changes.count, r.changes.p50_ms,
+            r.changes.p99_ms, r.changes.compile_p50_ms, r.changes.writes_p50
+        );
+        for (kind, s) in &r.by_kind {
+            println!(
+                "{:>30} {:<14} p50 {:>8.1} ms  p99 {:>8.1} ms  sync p50 {:>6.2} ms  writes p50 {:>5.0} max {:>5}",
+                "", kind, s.p50_ms, s.p99_ms, s.sync_p50_ms, s.writes_p50, s.writes_max
+            );
+        }
+    }
+    println!("(targets at the larger size: cold <= 2000 ms, peak RSS <= 256 MiB, single change p99 <= 10 ms)");
+    Ok(Report { sizes })
+}

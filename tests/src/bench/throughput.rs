@@ -1,0 +1,471 @@
+//! Throughput through a veth pair between two pods, routed by a node (2 pod namespaces + a node
+//! namespace, /32 host routes, proxy ARP, a link-local gateway: as a per-pod CNI does), side by side in
+//! one run:
+//! - `none`: no enforcement;
+//! - `ztrust`: the real programs attached to both host-side veths; the server pod isolated for ingress,
+//!   its policy map holding N entries, the measured flows allowed by the last 4 of them;
+//! - `iptables`: the same policy as an iptables-based NetworkPolicy implementation generates it, in the
+//!   node's FORWARD chain: a per-pod chain that accepts established/related connections first (as
+//!   kube-router and Calico do), then one rule per allowed peer address and port, the measured flows
+//!   matched by the LAST rules, then DROP;
+//! - `ipset`: the same per-pod chain with the N (peer address, port) pairs in one `hash:ip,port` set.
+//!
+//! Tests: iperf3 TCP stream, iperf3 UDP at a fixed rate, TCP request/response on one connection (RR:
+//! 64-byte ping-pong, transactions/s) and TCP connect/request/response/close (CRR: a new connection
+//! per transaction, so every transaction is a new flow that walks the rules). Variants are interleaved
+//! (rotating order) over the repetitions; each value is the median, and each is reported as a ratio to
+//! `none` at the same size.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aya::maps::lpm_trie::Key;
+use serde::Serialize;
+use ztrust_agent::datapath::loader::{self, Datapath};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, proto};
+
+use super::{enter_netns, mapped, median, sh, sh_quiet, sh_stdin};
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct Args {
+    /// Rule counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    pub rules: Vec<usize>,
+    /// Seconds per measurement.
+    #[arg(long, default_value_t = 2)]
+    pub seconds: u32,
+    /// Repetitions (variants interleaved, rotating order).
+    #[arg(long, default_value_t = 2)]
+    pub reps: usize,
+    /// Offered rate of the UDP test (iperf3 -b).
+    #[arg(long, default_value = "400M")]
+    pub udp_rate: String,
+    /// Only these tests (tcp,udp,rr,crr).
+    #[arg(long, value_delimiter = ',', default_value = "tcp,udp,rr,crr")]
+    pub tests: Vec<String>,
+}
+
+pub const VARIANTS: [&str; 4] = ["none", "ztrust", "iptables", "ipset"];
+const CLIENT_IP: [u8; 4] = [10, 251, 0, 10];
+const SERVER_IP: [u8; 4] = [10, 251, 0, 11];
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 7000;
+const CRR_PORT: u16 = 7001;
+/// The measured flows: what the policy allows the client to reach on the server.
+const ALLOWED: [(u8, u16); 4] = [(proto::TCP, IPERF_PORT), (proto::UDP, IPERF_PORT), (proto::TCP, RR_PORT), (proto::TCP, CRR_PORT)];
+
+fn proto_name(p: u8) -> &'static str {
+    if p == proto::UDP { "udp" } else { "tcp" }
+}
+const MSG: usize = 64;
+
+fn ip(a: [u8; 4]) -> String {
+    std::net::Ipv4Addr::from(a).to_string()
+}
+
+fn filler_ip(i: usize) -> [u8; 4] {
+    [10, 252, (i >> 8) as u8, i as u8]
+}
+
+fn filler_port(i: usize) -> u16 {
+    10_000 + (i % 50_000) as u16
+}
+
+/// One test's value for one variant: Mbit/s (tcp, udp) or transactions/s (rr, crr).
+#[derive(Serialize, Clone, Debug)]
+pub struct Value {
+    pub median: f64,
+    pub samples: Vec<f64>,
+    pub ratio_to_none: f64,
+    /// UDP only: receiver-side loss, percent (median).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub udp_loss_percent: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct SizeResult {
+    pub rules: usize,
+    /// test → variant → value.
+    pub tests: BTreeMap<String, BTreeMap<String, Value>>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub unit: BTreeMap<&'static str, &'static str>,
+    pub sizes: Vec<SizeResult>,
+}
+
+struct Topo {
+    node: String,
+    client: String,
+    server: String,
+    pin: PathBuf,
+    iperf: Option<Child>,
+}
+
+impl Topo {
+    fn new() -> Self {
+        let id = std::process::id();
+        let t = Topo {
+            node: format!("ztbt{id}n"),
+            client: format!("ztbt{id}c"),
+            server: format!("ztbt{id}s"),
+            pin: PathBuf::from(format!("/sys/fs/bpf/ztbt{id}")),
+            iperf: None,
+        };
+        let node = &t.node;
+        sh(&["ip", "netns", "add", node]);
+        sh(&["ip", "-n", node, "link", "set", "lo", "up"]);
+        sh(&["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // The pods' gateway: a local address of the node, so the node answers ARP for it on every veth.
+        sh(&["ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", "lo"]);
+        for (pod, host_if, addr) in [(&t.client, "ztbhc", CLIENT_IP), (&t.server, "ztbhs", SERVER_IP)] {
+            let a = ip(addr);
+            sh(&["ip", "netns", "add", pod]);
+            sh(&["ip", "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod]);
+            sh(&["ip", "-n", pod, "link", "set", "lo", "up"]);
+            sh(&["ip", "-n", pod, "addr", "add", &format!("{a}/32"), "dev", "eth0"]);
+            sh(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
+            sh(&["ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+            sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
+            sh(&["ip", "-n", node, "link", "set", host_if, "up"]);
+            sh(&["ip", "-n", node, "route", "add", &format!("{a}/32"), "dev", host_if]);
+        }
+        t
+    }
+
+    fn exec(&self, netns: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns]).args(args);
+        c
+    }
+
+    fn start_servers(&mut self) {
+        let child = self
+            .exec(&self.server, &["iperf3", "-s", "-B", &ip(SERVER_IP), "-p", &IPERF_PORT.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("iperf3 -s");
+        self.iperf = Some(child);
+        let netns = self.server.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            enter_netns(&netns);
+            let rr = TcpListener::bind(SocketAddr::from((SERVER_IP, RR_PORT))).expect("bind rr");
+            let crr = TcpListener::bind(SocketAddr::from((SERVER_IP, CRR_PORT))).expect("bind crr");
+            tx.send(()).unwrap();
+            // CRR: one transaction per connection, served on the accepting thread (no thread spawn per
+            // connection in the measured path).
+            std::thread::spawn(move || {
+                let mut buf = [0u8; MSG];
+                for c in crr.incoming() {
+                    let Ok(mut c) = c else { continue };
+                    let _ = c.set_nodelay(true);
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                    if c.read_exact(&mut buf).is_ok() {
+                        let _ = c.write_all(&buf);
+                        // Until the client closes (it resets: no TIME_WAIT on either side).
+                        let _ = c.read(&mut buf);
+                    }
+                }
+            });
+            // RR: long connections, a thread each. (Blocking accept: the thread ends with the process.)
+            for c in rr.incoming() {
+                let Ok(mut c) = c else { continue };
+                let _ = c.set_nodelay(true);
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; MSG];
+                    while c.read_exact(&mut buf).is_ok() {
+                        if c.write_all(&buf).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(5)).expect("rr server up");
+        // iperf3 listening.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.in_client(|| TcpStream::connect_timeout(&SocketAddr::from((SERVER_IP, IPERF_PORT)), Duration::from_millis(200)).is_ok()) {
+            assert!(Instant::now() < deadline, "iperf3 server not reachable");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let netns = self.client.clone();
+        std::thread::spawn(move || {
+            enter_netns(&netns);
+            f()
+        })
+        .join()
+        .expect("client thread")
+    }
+
+    /// iperf3 from the client: (Mbit/s received, loss percent for UDP).
+    fn iperf(&self, udp: Option<&str>, seconds: u32) -> (f64, Option<f64>) {
+        let s = seconds.to_string();
+        let server = ip(SERVER_IP);
+        let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &s, "-J"];
+        if let Some(rate) = udp {
+            args.extend(["-u", "-b", rate, "-l", "1400"]);
+        }
+        let out = self.exec(&self.client, &args).output().expect("iperf3 -c");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let end = &v["end"];
+        if udp.is_some() {
+            let sum = if end["sum_received"].is_object() { &end["sum_received"] } else { &end["sum"] };
+            let bps = sum["bits_per_second"].as_f64().unwrap_or(0.0);
+            let loss = end["sum"]["lost_percent"].as_f64();
+            (bps / 1e6, loss)
+        } else {
+            (end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6, None)
+        }
+    }
+
+    /// Transactions per second: one connection (`new_conn` false) or one per transaction.
+    fn rr(&self, new_conn: bool, seconds: u32) -> f64 {
+        self.in_client(move || {
+            let dst = SocketAddr::from((SERVER_IP, if new_conn { CRR_PORT } else { RR_PORT }));
+            let buf = [7u8; MSG];
+            let mut back = [0u8; MSG];
+            let end = Instant::now() + Duration::from_secs(u64::from(seconds));
+            let start = Instant::now();
+            let mut n = 0u64;
+            let mut conn: Option<TcpStream> = None;
+            while Instant::now() < end {
+                let c = match conn.as_mut() {
+                    Some(c) => c,
+                    None => {
+                        let Ok(c) = TcpStream::connect_timeout(&dst, Duration::from_millis(500)) else { continue };
+                        let _ = c.set_nodelay(true);
+                        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
+                        conn.insert(c)
+                    }
+                };
+                if c.write_all(&buf).is_err() || c.read_exact(&mut back).is_err() {
+                    conn = None;
+                    continue;
+                }
+                n += 1;
+                if new_conn {
+                    // Close with RST (SO_LINGER 0): no TIME_WAIT, so ports never run out.
+                    let c = conn.take().unwrap();
+                    let _ = set_linger_zero(&c);
+                }
+            }
+            n as f64 / start.elapsed().as_secs_f64()
+        })
+    }
+}
+
+fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let l = Linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: valid socket fd and a correctly sized struct linger.
+    let r = unsafe {
+        setsockopt(s.as_raw_fd(), 1 /* SOL_SOCKET */, 13 /* SO_LINGER */, (&l as *const Linger).cast(), 8)
+    };
+    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+#[repr(C)]
+struct Linger {
+    l_onoff: i32,
+    l_linger: i32,
+}
+
+unsafe extern "C" {
+    fn setsockopt(fd: i32, level: i32, name: i32, value: *const std::ffi::c_void, len: u32) -> i32;
+}
+
+impl Drop for Topo {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.iperf.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = loader::cleanup(&self.pin);
+        for n in [&self.client, &self.server, &self.node] {
+            sh_quiet(&["ip", "netns", "del", n]);
+        }
+    }
+}
+
+/// The per-pod chain of the server as iptables rules, the allowed flows last (or in a set).
+fn iptables_rules(n: usize, ipset: bool) -> String {
+    let client = ip(CLIENT_IP);
+    let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ZT-POD-FW-SERVER - [0:0]\n");
+    s += "-A FORWARD -o ztbhs -j ZT-POD-FW-SERVER\n";
+    s += "-A ZT-POD-FW-SERVER -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
+    if ipset {
+        s += "-A ZT-POD-FW-SERVER -m set --match-set ztb-allow src,dst -j ACCEPT\n";
+    } else {
+        for i in 0..n.saturating_sub(ALLOWED.len()) {
+            s += &format!("-A ZT-POD-FW-SERVER -s {}/32 -p tcp -m tcp --dport {} -j ACCEPT\n", ip(filler_ip(i)), filler_port(i));
+        }
+        for (p, port) in ALLOWED {
+            let p = proto_name(p);
+            s += &format!("-A ZT-POD-FW-SERVER -s {client}/32 -p {p} -m {p} --dport {port} -j ACCEPT\n");
+        }
+    }
+    s += "-A ZT-POD-FW-SERVER -j DROP\nCOMMIT\n";
+    s
+}
+
+fn ipset_restore(n: usize) -> String {
+    let client = ip(CLIENT_IP);
+    let mut s = format!("create ztb-allow hash:ip,port family inet hashsize 4096 maxelem {}\n", (n * 2).max(1024));
+    for i in 0..n.saturating_sub(ALLOWED.len()) {
+        s += &format!("add ztb-allow {},tcp:{}\n", ip(filler_ip(i)), filler_port(i));
+    }
+    for (p, port) in ALLOWED {
+        s += &format!("add ztb-allow {client},{}:{port}\n", proto_name(p));
+    }
+    s
+}
+
+const EMPTY_RULES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+
+/// ztrust's maps for size `n`: the server isolated for ingress with n policy entries (n − 4 fillers for
+/// other peers and ports, then the 4 that allow the measured flows), an ipcache entry per peer.
+fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
+    let (client_id, server_id) = (300u32, 301u32);
+    let set_ip = |dp: &mut Datapath, a: [u8; 4], id: u32| {
+        dp.maps.ipcache.insert(&Key::new(128, IpcacheKey { addr: mapped(a) }), IpcacheValue { identity: id, _pad: 0 }, 0).expect("ipcache");
+    };
+    set_ip(dp, CLIENT_IP, client_id);
+    set_ip(dp, SERVER_IP, server_id);
+    let pol = |dp: &mut Datapath, remote: u32, protocol: u8, port: u16, rule: u32| {
+        let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(server_if, remote, dir::INGRESS, protocol, port));
+        dp.maps.policy.insert(&key, PolicyValue { rule_id: rule, _pad: 0 }, 0).expect("policy");
+    };
+    for i in 0..n.saturating_sub(ALLOWED.len()) {
+        set_ip(dp, filler_ip(i), 1000 + i as u32);
+        pol(dp, 1000 + i as u32, proto::TCP, filler_port(i), i as u32 + 1);
+    }
+    for (p, port) in ALLOWED {
+        pol(dp, client_id, p, port, n as u32);
+    }
+    dp.maps.endpoints.insert(server_if, EndpointInfo { endpoint_id: server_if, identity: server_id, flags: ep_flags::ISOLATED_INGRESS, _pad: 0 }, 0).unwrap();
+    dp.maps.endpoints.insert(client_if, EndpointInfo { endpoint_id: client_if, identity: client_id, flags: 0, _pad: 0 }, 0).unwrap();
+}
+
+pub fn run_section(args: &Args) -> anyhow::Result<Report> {
+    let args = args.clone();
+    std::thread::spawn(move || section(&args)).join().map_err(|_| anyhow::anyhow!("throughput section panicked"))?
+}
+
+fn section(args: &Args) -> anyhow::Result<Report> {
+    for tool in ["iperf3", "iptables-restore", "ipset"] {
+        anyhow::ensure!(
+            Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status()?.success(),
+            "{tool} not found (cargo xtask bench installs it)"
+        );
+    }
+    let mut topo = Topo::new();
+    // This thread works in the node: attaching programs, iptables.
+    enter_netns(&topo.node);
+    let client_if = nix::net::if_::if_nametoindex("ztbhc")?;
+    let server_if = nix::net::if_::if_nametoindex("ztbhs")?;
+    topo.start_servers();
+    let node = topo.node.clone();
+    let ipt = |rules: &str| sh_stdin(&["ip", "netns", "exec", &node, "iptables-restore"], rules);
+
+    let mut sizes = Vec::new();
+    for &n in &args.rules {
+        let _ = loader::cleanup(&topo.pin);
+        let mut dp = Datapath::load(&topo.pin)?;
+        fill_maps(&mut dp, n, client_if, server_if);
+        sh_quiet(&["ip", "netns", "exec", &node, "ipset", "destroy", "ztb-allow"]);
+        sh_stdin(&["ip", "netns", "exec", &node, "ipset", "restore"], &ipset_restore(n));
+        let rules = iptables_rules(n, false);
+        let set_rules = iptables_rules(n, true);
+        // test → variant → (samples, udp losses)
+        let mut raw: BTreeMap<String, BTreeMap<&str, (Vec<f64>, Vec<f64>)>> = BTreeMap::new();
+        for rep in 0..args.reps {
+            for k in 0..VARIANTS.len() {
+                let variant = VARIANTS[(k + rep + n) % VARIANTS.len()];
+                match variant {
+                    "ztrust" => {
+                        dp.attach("ztbhc", client_if)?;
+                        dp.attach("ztbhs", server_if)?;
+                    }
+                    "iptables" => ipt(&rules),
+                    "ipset" => ipt(&set_rules),
+                    _ => {}
+                }
+                for test in &args.tests {
+                    let (v, loss) = match test.as_str() {
+                        "tcp" => topo.iperf(None, args.seconds),
+                        "udp" => topo.iperf(Some(&args.udp_rate), args.seconds),
+                        "rr" => (topo.rr(false, args.seconds), None),
+                        "crr" => (topo.rr(true, args.seconds), None),
+                        other => anyhow::bail!("unknown test {other}"),
+                    };
+                    eprintln!("  rules {n:>6} rep {rep} {variant:>8} {test:>4}: {v:.0}{}", loss.map(|l| format!(" (loss {l:.2}%)")).unwrap_or_default());
+                    let e = raw.entry(test.clone()).or_default().entry(variant).or_default();
+                    e.0.push(v);
+                    e.1.extend(loss);
+                }
+                match variant {
+                    "ztrust" => {
+                        dp.detach("ztbhc");
+                        dp.detach("ztbhs");
+                    }
+                    "iptables" | "ipset" => ipt(EMPTY_RULES),
+                    _ => {}
+                }
+            }
+        }
+        drop(dp);
+        let _ = loader::cleanup(&topo.pin);
+        let mut tests = BTreeMap::new();
+        for (test, by_variant) in raw {
+            let none = median(&by_variant["none"].0);
+            let mut out = BTreeMap::new();
+            for (variant, (samples, losses)) in by_variant {
+                let m = median(&samples);
+                out.insert(variant.to_owned(), Value {
+                    median: m,
+                    samples,
+                    ratio_to_none: m / none,
+                    udp_loss_percent: (!losses.is_empty()).then(|| median(&losses)),
+                });
+            }
+            tests.insert(test, out);
+        }
+        sizes.push(SizeResult { rules: n, tests });
+    }
+    sh_quiet(&["ip", "netns", "exec", &node, "ipset", "destroy", "ztb-allow"]);
+    drop(topo);
+
+    println!("\nThroughput through a veth pair (median of {} x {} s; ratio to `none` at the same size in brackets)", args.reps, args.seconds);
+    print!("{:>7} {:>5}", "rules", "test");
+    for v in VARIANTS {
+        print!(" {:>20}", v);
+    }
+    println!();
+    for s in &sizes {
+        for (test, by_variant) in &s.tests {
+            print!("{:>7} {:>5}", s.rules, test);
+            for v in VARIANTS {
+                match by_variant.get(v) {
+                    Some(x) => print!(" {:>12.0} ({:>5.3})", x.median, x.ratio_to_none),
+                    None => print!(" {:>20}", "-"),
+                }
+            }
+            println!();
+        }
+    }
+    println!("(tcp, udp: Mbit/s received; udp offered at {}; rr, crr: transactions/s)", args.udp_rate);
+    println!("(target: ztrust >= 0.95 of none at every size, ahead of iptables at 1,000 and 10,000)");
+    let unit = [("tcp", "Mbit/s"), ("udp", "Mbit/s"), ("rr", "transactions/s"), ("crr", "transactions/s")].into();
+    Ok(Report { unit, sizes })
+}
