@@ -294,19 +294,25 @@ impl KubeSource {
     /// Logs problems not logged before and sends one Event per NetworkPolicy whose set of problems is
     /// new. A problem that goes away and comes back is reported again.
     fn report(&mut self, errors: &[LoadError], policy_refs: &BTreeMap<String, ObjectReference>) {
-        let mut by_object: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        let mut by_object: BTreeMap<&str, Vec<&LoadError>> = BTreeMap::new();
         for e in errors {
-            by_object.entry(e.object.as_str()).or_default().push(e.to_string());
+            by_object.entry(e.object.as_str()).or_default().push(e);
         }
         let mut now = BTreeSet::new();
-        for (object, messages) in by_object {
-            let key = (object.to_owned(), messages.join("\n"));
+        for (object, problems) in by_object {
+            let key = (object.to_owned(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
             if !self.reported.contains(&key) {
-                for m in &messages {
-                    warn!("{m}");
+                for p in &problems {
+                    warn!("{p}");
                 }
                 if let (Some(tx), Some(reference)) = (&self.events, policy_refs.get(object)) {
-                    let _ = tx.send((reference.clone(), key.1.clone()));
+                    // The Event regards the object: its note is the field paths and problems.
+                    let note = problems
+                        .iter()
+                        .map(|p| format!("{}: {}{}", p.field, p.problem, p.effect))
+                        .collect::<Vec<_>>()
+                        .join("\n");
+                    let _ = tx.send((reference.clone(), note));
                 }
             }
             now.insert(key);
