@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use ztrust_agent::lab::manifests::{self, Kind};
 use ztrust_agent::lab::{
-    self, ApplyOptions, DownOptions, LabState, LabelChange, LabelKind, Matrix, Probe, ProbeOptions, UpOptions,
-    Verdict,
+    self, ApplyOptions, DownOptions, LabState, LabelChange, LabelKind, Matrix, Probe, ProbeOptions,
+    UpOptions, Verdict,
 };
 use ztrust_agent::model::Protocol;
 
@@ -83,17 +83,27 @@ impl Sel {
                 return Ok(None);
             }
             let names: Vec<String> = s.split('|').map(|n| n.trim().to_owned()).collect();
-            if names.iter().any(|n| n.is_empty() || n.contains('*') || n.contains(' ')) {
-                return Err(format!("{text:?}: each part is `*`, a name or names joined by `|`"));
+            if names
+                .iter()
+                .any(|n| n.is_empty() || n.contains('*') || n.contains(' '))
+            {
+                return Err(format!(
+                    "{text:?}: each part is `*`, a name or names joined by `|`"
+                ));
             }
             Ok(Some(names))
         };
-        Ok(Sel { ns: part(ns)?, pod: part(pod)? })
+        Ok(Sel {
+            ns: part(ns)?,
+            pod: part(pod)?,
+        })
     }
 
     fn matches(&self, key: &str) -> bool {
         let (ns, pod) = key.split_once('/').unwrap_or(("", key));
-        let ok = |want: &Option<Vec<String>>, have: &str| want.as_ref().is_none_or(|w| w.iter().any(|x| x == have));
+        let ok = |want: &Option<Vec<String>>, have: &str| {
+            want.as_ref().is_none_or(|w| w.iter().any(|x| x == have))
+        };
         ok(&self.ns, ns) && ok(&self.pod, pod)
     }
 }
@@ -124,11 +134,18 @@ impl PortSel {
             }
         };
         match t.split_once('/') {
-            Some((p, pr)) => Ok(PortSel { port: port(p.trim())?, protocol: proto(pr.trim())? }),
-            None if t.chars().all(|c| c.is_ascii_digit()) && !t.is_empty() => {
-                Ok(PortSel { port: port(t)?, protocol: None })
-            }
-            None => Ok(PortSel { port: None, protocol: proto(t)? }),
+            Some((p, pr)) => Ok(PortSel {
+                port: port(p.trim())?,
+                protocol: proto(pr.trim())?,
+            }),
+            None if t.chars().all(|c| c.is_ascii_digit()) && !t.is_empty() => Ok(PortSel {
+                port: port(t)?,
+                protocol: None,
+            }),
+            None => Ok(PortSel {
+                port: None,
+                protocol: proto(t)?,
+            }),
         }
     }
 
@@ -161,13 +178,20 @@ impl Pattern {
             }
             None => (rest, None),
         };
-        Ok(Pattern { from: Sel::parse(from)?, to: Sel::parse(to)?, ports })
+        Ok(Pattern {
+            from: Sel::parse(from)?,
+            to: Sel::parse(to)?,
+            ports,
+        })
     }
 
     fn matches(&self, p: &Probe) -> bool {
         self.from.matches(&p.from)
             && self.to.matches(&p.to)
-            && self.ports.as_ref().is_none_or(|ps| ps.iter().any(|s| s.matches(p.port, p.protocol)))
+            && self
+                .ports
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|s| s.matches(p.port, p.protocol)))
     }
 }
 
@@ -199,12 +223,18 @@ impl Expected {
             };
             rules.push((verdict, Pattern::parse(&text)?));
         }
-        Ok(Expected { default: file.default.into(), rules })
+        Ok(Expected {
+            default: file.default.into(),
+            rules,
+        })
     }
 
     fn load(path: &Path) -> Result<Self, String> {
-        Self::from_value(serde_yaml::Value::String(path.display().to_string()), Path::new("/"))
-            .map_err(|e| format!("{}: {e}", path.display()))
+        Self::from_value(
+            serde_yaml::Value::String(path.display().to_string()),
+            Path::new("/"),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))
     }
 
     fn verdict(&self, p: &Probe) -> Verdict {
@@ -318,7 +348,13 @@ fn load_case(dir: &Path) -> Result<Case, String> {
                 label.push((kind, target, changes));
             }
             let expected = Expected::from_value(s.expected.clone(), dir).map_err(sctx)?;
-            steps.push(Step { name: s.name, delete: s.delete, apply, label, expected });
+            steps.push(Step {
+                name: s.name,
+                delete: s.delete,
+                apply,
+                label,
+                expected,
+            });
         }
     }
     Ok(Case {
@@ -347,7 +383,11 @@ fn load_cases() -> Vec<Case> {
             Err(e) => errors.push(e),
         }
     }
-    assert!(errors.is_empty(), "cases that do not parse:\n{}", errors.join("\n"));
+    assert!(
+        errors.is_empty(),
+        "cases that do not parse:\n{}",
+        errors.join("\n")
+    );
     cases
 }
 
@@ -359,7 +399,10 @@ fn conformance_cases_parse() {
     // Every rule of every expectation is well-formed (parsing proves it) and names pods of the model or
     // of the case's extra manifest.
     let mut known: Vec<String> = Vec::new();
-    for o in manifests::read_path(&conformance_dir().join("cluster.yaml")).unwrap().objects {
+    for o in manifests::read_path(&conformance_dir().join("cluster.yaml"))
+        .unwrap()
+        .objects
+    {
         if o.kind == Kind::Pod {
             known.push(format!("{}/{}", o.namespace, o.name));
         }
@@ -377,10 +420,18 @@ fn conformance_cases_parse() {
             for (_, pat) in &exp.rules {
                 for sel in [&pat.from, &pat.to] {
                     for n in sel.ns.iter().flatten() {
-                        assert!(pods.iter().any(|p| p.starts_with(&format!("{n}/"))), "case {}: no namespace {n}", c.name);
+                        assert!(
+                            pods.iter().any(|p| p.starts_with(&format!("{n}/"))),
+                            "case {}: no namespace {n}",
+                            c.name
+                        );
                     }
                     for n in sel.pod.iter().flatten() {
-                        assert!(pods.iter().any(|p| p.ends_with(&format!("/{n}"))), "case {}: no pod {n}", c.name);
+                        assert!(
+                            pods.iter().any(|p| p.ends_with(&format!("/{n}"))),
+                            "case {}: no pod {n}",
+                            c.name
+                        );
                     }
                 }
             }
@@ -415,7 +466,11 @@ fn expected_format_semantics() {
     assert_eq!(e.verdict(&p("x/c", "x/a", 81, Udp)), Verdict::Allowed);
     assert_eq!(e.verdict(&p("y/c", "x/a", 81, Udp)), Verdict::Denied);
     assert_eq!(e.verdict(&p("y/c", "y/a", 81, Tcp)), Verdict::Allowed);
-    assert_eq!(e.verdict(&p("x/a", "x/a", 81, Udp)), Verdict::Allowed, "the diagonal");
+    assert_eq!(
+        e.verdict(&p("x/a", "x/a", 81, Udp)),
+        Verdict::Allowed,
+        "the diagonal"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -428,15 +483,24 @@ struct Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
+        let _ = lab::down(&DownOptions {
+            state_dir: self.state_dir.clone(),
+            prefix: self.prefix.clone(),
+        });
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
 impl Lab {
     fn apply(&self, path: &Path) -> Result<(), String> {
-        let r = lab::apply(path, ApplyOptions { state_dir: self.state_dir.clone(), ..Default::default() })
-            .map_err(|e| format!("lab apply {}: {e}", path.display()))?;
+        let r = lab::apply(
+            path,
+            ApplyOptions {
+                state_dir: self.state_dir.clone(),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| format!("lab apply {}: {e}", path.display()))?;
         for w in r.warnings {
             eprintln!("    lab apply {}: {w}", path.display());
         }
@@ -444,7 +508,8 @@ impl Lab {
     }
 
     fn delete(&self, path: &Path) -> Result<(), String> {
-        let r = lab::delete(path, &self.state_dir).map_err(|e| format!("lab delete {}: {e}", path.display()))?;
+        let r =
+            lab::delete(path, &self.state_dir).map_err(|e| format!("lab delete {}: {e}", path.display()))?;
         for w in r.warnings {
             eprintln!("    lab delete {}: {w}", path.display());
         }
@@ -506,7 +571,10 @@ struct Outcome {
 const ATTEMPTS: usize = 6;
 
 fn check(lab: &Lab, expected: &Expected) -> Result<Outcome, String> {
-    let opts = ProbeOptions { timeout: Duration::from_millis(300), ..Default::default() };
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
     let state = lab.state();
     let per_target: usize = state.pods.iter().map(|p| p.ports.len()).sum();
     let want = state.pods.len() * per_target;
@@ -516,7 +584,10 @@ fn check(lab: &Lab, expected: &Expected) -> Result<Outcome, String> {
         attempts += 1;
         let m: Matrix = lab::probe(&lab.state_dir, &opts).map_err(|e| format!("lab probe: {e}"))?;
         if m.probes.len() != want {
-            return Err(format!("the lab probed {} questions, the model has {want}", m.probes.len()));
+            return Err(format!(
+                "the lab probed {} questions, the model has {want}",
+                m.probes.len()
+            ));
         }
         let exp = m.expected_with(|p| expected.verdict(p));
         let diff = m.diff(&exp);
@@ -549,7 +620,10 @@ fn reset(lab: &Lab, base: &[manifests::RawObject]) -> Result<(), String> {
     let mut extra_yaml = String::new();
     let mut relabelled = false;
     for o in &now.objects {
-        match base.iter().find(|b| b.kind == o.kind && b.namespace == o.namespace && b.name == o.name) {
+        match base
+            .iter()
+            .find(|b| b.kind == o.kind && b.namespace == o.namespace && b.name == o.name)
+        {
             None => {
                 let _ = writeln!(
                     extra_yaml,
@@ -588,13 +662,20 @@ fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
                 o.attempts,
                 o.earlier.join("")
             );
-            report.late.push(format!("{label}: right at probe {}; before:\n{}", o.attempts, o.earlier.join("")));
+            report.late.push(format!(
+                "{label}: right at probe {}; before:\n{}",
+                o.attempts,
+                o.earlier.join("")
+            ));
         }
         match &o.datapath {
             None => eprintln!("  ok    {label}: {} probes", o.probes),
             Some(d) => {
                 eprintln!("  FAIL  {label}:\n{d}");
-                report.failures.push(format!("case {label} ({}): the datapath differs:\n{d}", case.dir.display()));
+                report.failures.push(format!(
+                    "case {label} ({}): the datapath differs:\n{d}",
+                    case.dir.display()
+                ));
             }
         }
         if let Some(r) = o.reference {
@@ -630,7 +711,8 @@ fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
             lab.apply(a)?;
         }
         for (kind, target, changes) in &step.label {
-            lab::label(&lab.state_dir, *kind, target, changes).map_err(|e| format!("lab label {target}: {e}"))?;
+            lab::label(&lab.state_dir, *kind, target, changes)
+                .map_err(|e| format!("lab label {target}: {e}"))?;
         }
         lab.wait_synced(from);
         record(&step.name, check(lab, &step.expected)?, report);
@@ -656,17 +738,28 @@ fn conformance_matrix_through_the_datapath() {
         "ZTRUST_AGENT_BIN is not set: it names the ztrust-agent binary the lab runs (`cargo xtask test` sets it; \
          by hand: cargo build -p ztrust-agent && ZTRUST_AGENT_BIN=$PWD/target/debug/ztrust-agent cargo test -p ztrust-tests --test conformance)",
     );
-    assert!(agent.exists(), "ZTRUST_AGENT_BIN={} does not exist", agent.display());
+    assert!(
+        agent.exists(),
+        "ZTRUST_AGENT_BIN={} does not exist",
+        agent.display()
+    );
     let mut cases = load_cases();
     if let Ok(filter) = std::env::var("ZTRUST_CONFORMANCE_CASES") {
-        let words: Vec<&str> = filter.split(',').map(str::trim).filter(|w| !w.is_empty()).collect();
+        let words: Vec<&str> = filter
+            .split(',')
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+            .collect();
         cases.retain(|c| words.iter().any(|w| c.name.contains(w)));
     }
     let started = Instant::now();
     std::fs::create_dir_all("/run/ztrust").unwrap();
     let id = std::process::id() % 10_000;
     let prefix = format!("ztcf{id}");
-    let lab = Lab { state_dir: PathBuf::from(format!("/run/ztrust/conformance-{}", std::process::id())), prefix };
+    let lab = Lab {
+        state_dir: PathBuf::from(format!("/run/ztrust/conformance-{}", std::process::id())),
+        prefix,
+    };
     let cluster = conformance_dir().join("cluster.yaml");
     let up = lab::up(
         &cluster,
@@ -689,7 +782,11 @@ fn conformance_matrix_through_the_datapath() {
         eprintln!("lab up: {w}");
     }
     assert_eq!(up.state.pods.len(), 9, "the model has 9 pods");
-    eprintln!("lab up with the agent in {:.1?}; {} cases", started.elapsed(), cases.len());
+    eprintln!(
+        "lab up with the agent in {:.1?}; {} cases",
+        started.elapsed(),
+        cases.len()
+    );
     let base = manifests::read_path(&cluster).unwrap().objects;
 
     let mut report = Report::default();
@@ -718,7 +815,10 @@ fn conformance_matrix_through_the_datapath() {
     );
     let mut problems = Vec::new();
     if !report.failures.is_empty() {
-        problems.push(format!("THE DATAPATH DIFFERS FROM THE API RULES:\n\n{}", report.failures.join("\n")));
+        problems.push(format!(
+            "THE DATAPATH DIFFERS FROM THE API RULES:\n\n{}",
+            report.failures.join("\n")
+        ));
     }
     if !report.reference.is_empty() {
         problems.push(format!(
@@ -742,7 +842,12 @@ fn conformance_matrix_through_the_datapath() {
     {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         let plain = strip_ansi(&text);
-        let tail: Vec<&str> = plain.lines().filter(|l| !l.contains("DROPPED")).rev().take(15).collect();
+        let tail: Vec<&str> = plain
+            .lines()
+            .filter(|l| !l.contains("DROPPED"))
+            .rev()
+            .take(15)
+            .collect();
         problems.push(format!(
             "the end of the agent's log:\n{}",
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
@@ -790,13 +895,20 @@ fn answered(netns: &str, sport: u16, dst: std::net::SocketAddr, tcp: bool) -> bo
             )
             .expect("socket");
             nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::ReuseAddr, &true).unwrap();
-            let std::net::SocketAddr::V4(l) = local else { unreachable!() };
-            nix::sys::socket::bind(std::os::fd::AsRawFd::as_raw_fd(&sock), &nix::sys::socket::SockaddrIn::from(l))
-                .expect("bind");
+            let std::net::SocketAddr::V4(l) = local else {
+                unreachable!()
+            };
+            nix::sys::socket::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                &nix::sys::socket::SockaddrIn::from(l),
+            )
+            .expect("bind");
             let mut stream = std::net::TcpStream::from(sock);
             stream.set_read_timeout(Some(timeout)).unwrap();
             stream.set_write_timeout(Some(timeout)).unwrap();
-            let std::net::SocketAddr::V4(d) = dst else { unreachable!() };
+            let std::net::SocketAddr::V4(d) = dst else {
+                unreachable!()
+            };
             // A blocking connect with SO_SNDTIMEO set gives up after the timeout.
             let sock_fd = std::os::fd::AsRawFd::as_raw_fd(&stream);
             if nix::sys::socket::connect(sock_fd, &nix::sys::socket::SockaddrIn::from(d)).is_err() {
@@ -831,10 +943,15 @@ fn stale_conntrack_entry_admits_a_new_flow() {
         eprintln!("skipped: needs root");
         return;
     }
-    let agent = std::env::var_os("ZTRUST_AGENT_BIN").map(PathBuf::from).expect("ZTRUST_AGENT_BIN is not set");
+    let agent = std::env::var_os("ZTRUST_AGENT_BIN")
+        .map(PathBuf::from)
+        .expect("ZTRUST_AGENT_BIN is not set");
     std::fs::create_dir_all("/run/ztrust").unwrap();
     let prefix = format!("ztcs{}", std::process::id() % 10_000);
-    let lab = Lab { state_dir: PathBuf::from(format!("/run/ztrust/conformance-ct-{}", std::process::id())), prefix };
+    let lab = Lab {
+        state_dir: PathBuf::from(format!("/run/ztrust/conformance-ct-{}", std::process::id())),
+        prefix,
+    };
     let up = lab::up(
         &conformance_dir().join("cluster.yaml"),
         UpOptions {
@@ -858,12 +975,16 @@ fn stale_conntrack_entry_admits_a_new_flow() {
     assert!(answered(&zb, 40001, yb, false), "UDP before any policy");
     assert!(answered(&zb, 40011, yb, true), "TCP before any policy");
     let from = lab.log_len();
-    lab.apply(&conformance_dir().join("cases/48-deny-everything-everywhere/policies.yaml")).unwrap();
+    lab.apply(&conformance_dir().join("cases/48-deny-everything-everywhere/policies.yaml"))
+        .unwrap();
     lab.wait_synced(from);
     std::thread::sleep(Duration::from_secs(1));
     // Fresh source ports: denied, as they should be.
     assert!(!answered(&zb, 40002, yb, false), "a fresh UDP flow is denied");
-    assert!(!answered(&zb, 40012, yb, true), "a fresh TCP connection is denied");
+    assert!(
+        !answered(&zb, 40012, yb, true),
+        "a fresh TCP connection is denied"
+    );
     // The source ports of the earlier, finished flows: new flows all the same, and denied by policy.
     let udp = answered(&zb, 40001, yb, false);
     let tcp = answered(&zb, 40011, yb, true);
