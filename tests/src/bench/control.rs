@@ -30,6 +30,9 @@ pub struct Args {
     /// Single changes measured per size.
     #[arg(long, default_value_t = 200)]
     pub changes: usize,
+    /// Stop measuring changes of one size after this many seconds (the count is reported).
+    #[arg(long, default_value_t = 420)]
+    pub max_seconds: u64,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -42,6 +45,8 @@ pub struct ChildArgs {
     pub local: usize,
     #[arg(long)]
     pub changes: usize,
+    #[arg(long)]
+    pub max_seconds: u64,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -136,7 +141,12 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
 
         let mut all = Vec::new();
         let mut kinds: BTreeMap<String, Vec<(f64, f64, f64, usize)>> = BTreeMap::new();
+        let budget = Instant::now() + std::time::Duration::from_secs(a.max_seconds);
         for i in 0..a.changes {
+            if Instant::now() > budget {
+                eprintln!("  time budget of {} s spent after {i} changes", a.max_seconds);
+                break;
+            }
             let kind = synth.change(i);
             let t0 = Instant::now();
             let desired = engine.compile(&synth.cluster);
@@ -166,6 +176,7 @@ pub fn run_section(args: &Args) -> anyhow::Result<Report> {
         let out = Command::new(&exe)
             .args(["control-plane-child", "--policies", p, "--pods", q])
             .args(["--local", &args.local.to_string(), "--changes", &args.changes.to_string()])
+            .args(["--max-seconds", &args.max_seconds.to_string()])
             .stderr(std::process::Stdio::inherit())
             .output()?;
         anyhow::ensure!(out.status.success(), "control-plane size {size} failed: {}", out.status);

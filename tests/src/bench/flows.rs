@@ -29,7 +29,7 @@ use super::{frame, sh, sh_quiet, skb_ctx};
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
     /// Offered rates, events per second (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "50000,100000,200000,400000,800000")]
+    #[arg(long, value_delimiter = ',', default_value = "50000,100000,150000,200000,300000,500000,1000000")]
     pub rates: Vec<u64>,
     /// Seconds per rate.
     #[arg(long, default_value_t = 3.0)]
@@ -118,9 +118,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     sh(&["ip", "-n", &g.netns, "link", "add", "ztbf0", "type", "veth", "peer", "name", "ztbf1"]);
     sh(&["ip", "-n", &g.netns, "link", "set", "ztbf0", "up"]);
     sh(&["ip", "-n", &g.netns, "link", "set", "ztbf1", "up"]);
-    let child = Command::new("ip")
-        .args(["netns", "exec", &g.netns])
-        .arg(&agent)
+    // Not `ip netns exec`: it would give the agent a mount namespace with a bpffs of its own. A child
+    // inherits the network namespace of the thread that spawns it.
+    super::enter_netns(&g.netns);
+    let child = Command::new(&agent)
         .args(["run", "--source", &format!("dir:{}", manifests.display())])
         .arg("--pin-path")
         .arg(&g.pin)
@@ -137,7 +138,6 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    super::enter_netns(&g.netns);
     let ifindex = nix::net::if_::if_nametoindex("ztbf0")?;
     // The agent's pinned maps: the ring buffer it reads, the config it set (every drop emits).
     let mut dp = Datapath::load_with(&g.pin, loader::Capacities::default())?;
@@ -161,12 +161,14 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     let c = counts.clone();
     let sock = socket.clone();
     rt.spawn(async move {
-        let mut client = ztrust_agent::observer::client::connect_unix(&sock).await.expect("connect to the agent");
-        let mut stream = client
-            .get_flows(GetFlowsRequest { follow: true, ..Default::default() })
-            .await
-            .expect("GetFlows")
-            .into_inner();
+        let mut client = match ztrust_agent::observer::client::connect_unix(&sock).await {
+            Ok(c) => c,
+            Err(e) => return eprintln!("flows client: {e}"),
+        };
+        let mut stream = match client.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => return eprintln!("GetFlows: {e}"),
+        };
         while let Ok(Some(m)) = stream.message().await {
             match m.response_types {
                 Some(ResponseTypes::Flow(_)) => {
@@ -189,7 +191,11 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     // Warm-up: until the client sees events (its subscription is in place).
     let deadline = Instant::now() + Duration::from_secs(10);
     while counts.flows.load(Ordering::Relaxed) == 0 {
-        anyhow::ensure!(Instant::now() < deadline, "the flows client received nothing");
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            anyhow::bail!("the flows client received nothing; the agent's last lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
         fire(1);
         std::thread::sleep(Duration::from_millis(50));
     }
