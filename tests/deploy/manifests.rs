@@ -80,7 +80,10 @@ fn strict<T: DeserializeOwned + Serialize>(rel: &str, doc: &Value) -> T {
     let back = serde_json::to_value(&typed).unwrap();
     let mut lost = Vec::new();
     missing(&normalize(doc), &normalize(&back), "", &mut lost);
-    assert!(lost.is_empty(), "{rel}: fields unknown to the Kubernetes 1.33 schema: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "{rel}: fields unknown to the Kubernetes 1.33 schema: {lost:?}"
+    );
     typed
 }
 
@@ -119,7 +122,14 @@ fn every_manifest_decodes_strictly() {
             kinds.insert(kind);
         }
     }
-    let want = ["ClusterRole", "ClusterRoleBinding", "DaemonSet", "Namespace", "Service", "ServiceAccount"];
+    let want = [
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "DaemonSet",
+        "Namespace",
+        "Service",
+        "ServiceAccount",
+    ];
     assert_eq!(kinds, want.iter().map(|s| s.to_string()).collect());
 }
 
@@ -135,11 +145,19 @@ fn strictness_catches_a_typo() {
 fn granted(role: &ClusterRole) -> BTreeMap<(String, String), BTreeSet<String>> {
     let mut out: BTreeMap<(String, String), BTreeSet<String>> = BTreeMap::new();
     for rule in role.rules.iter().flatten() {
-        assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none(), "{rule:?}");
+        assert!(
+            rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+            "{rule:?}"
+        );
         for g in rule.api_groups.iter().flatten() {
             for r in rule.resources.iter().flatten() {
-                assert!(g != "*" && r != "*" && !rule.verbs.iter().any(|v| v == "*"), "no wildcards: {rule:?}");
-                out.entry((g.clone(), r.clone())).or_default().extend(rule.verbs.iter().cloned());
+                assert!(
+                    g != "*" && r != "*" && !rule.verbs.iter().any(|v| v == "*"),
+                    "no wildcards: {rule:?}"
+                );
+                out.entry((g.clone(), r.clone()))
+                    .or_default()
+                    .extend(rule.verbs.iter().cloned());
             }
         }
     }
@@ -172,7 +190,10 @@ fn cluster_role_grants_every_api_call_and_no_more() {
             .unwrap_or_else(|| panic!("ClusterRole grants {group:?}/{resource}, which the agent never uses"));
         for verb in verbs {
             let read = call.verbs.contains(&"list") && verb == "get";
-            assert!(call.verbs.contains(&verb.as_str()) || read, "{verb} on {group:?}/{resource} is not used");
+            assert!(
+                call.verbs.contains(&verb.as_str()) || read,
+                "{verb} on {group:?}/{resource} is not used"
+            );
         }
     }
     // Bound to the DaemonSet's service account.
@@ -180,15 +201,33 @@ fn cluster_role_grants_every_api_call_and_no_more() {
     let binding: ClusterRoleBinding = strict(&rel, &doc);
     let (_, ds) = base("DaemonSet");
     let ds: DaemonSet = serde_json::from_value(ds).unwrap();
-    let sa = ds.spec.unwrap().template.spec.unwrap().service_account_name.unwrap();
+    let sa = ds
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .service_account_name
+        .unwrap();
     assert_eq!(binding.role_ref.name, role.metadata.name.unwrap());
     let subject = &binding.subjects.as_ref().unwrap()[0];
-    assert_eq!((subject.kind.as_str(), subject.name.as_str()), ("ServiceAccount", sa.as_str()));
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str()),
+        ("ServiceAccount", sa.as_str())
+    );
     assert_eq!(subject.namespace.as_deref(), ds.metadata.namespace.as_deref());
 }
 
 fn agent(ds: &DaemonSet) -> Container {
-    ds.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0].clone()
+    ds.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .clone()
 }
 
 #[test]
@@ -201,7 +240,11 @@ fn daemonset_has_what_the_design_relies_on() {
     assert_ne!(pod.host_pid, Some(true));
     assert_eq!(pod.priority_class_name.as_deref(), Some("system-node-critical"));
     let tolerations = pod.tolerations.as_ref().unwrap();
-    assert!(tolerations.iter().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none()));
+    assert!(
+        tolerations
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none() && t.effect.is_none())
+    );
     let strategy = spec.update_strategy.as_ref().unwrap();
     assert_eq!(strategy.type_.as_deref(), Some("RollingUpdate"));
     assert_eq!(
@@ -217,12 +260,21 @@ fn daemonset_has_what_the_design_relies_on() {
     let caps = sc.capabilities.as_ref().unwrap();
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
-    assert_eq!(added, BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]), "exactly the README's three");
+    assert_eq!(
+        added,
+        BTreeSet::from(["BPF", "NET_ADMIN", "PERFMON"]),
+        "exactly the README's three"
+    );
 
     // The API server refuses Bidirectional propagation in an unprivileged container.
     let mounts = c.volume_mounts.as_ref().unwrap();
     for m in mounts {
-        assert_ne!(m.mount_propagation.as_deref(), Some("Bidirectional"), "{} needs privileged", m.name);
+        assert_ne!(
+            m.mount_propagation.as_deref(),
+            Some("Bidirectional"),
+            "{} needs privileged",
+            m.name
+        );
     }
     let volumes: BTreeMap<&str, &str> = pod
         .volumes
@@ -230,8 +282,15 @@ fn daemonset_has_what_the_design_relies_on() {
         .flatten()
         .filter_map(|v| Some((v.name.as_str(), v.host_path.as_ref()?.path.as_str())))
         .collect();
-    let mounted: BTreeMap<&str, &str> = mounts.iter().map(|m| (m.mount_path.as_str(), m.name.as_str())).collect();
-    for (path, host) in [("/sys/fs/bpf", "/sys/fs/bpf"), ("/sys/fs/cgroup", "/sys/fs/cgroup"), ("/var/run/ztrust", "/var/run/ztrust")] {
+    let mounted: BTreeMap<&str, &str> = mounts
+        .iter()
+        .map(|m| (m.mount_path.as_str(), m.name.as_str()))
+        .collect();
+    for (path, host) in [
+        ("/sys/fs/bpf", "/sys/fs/bpf"),
+        ("/sys/fs/cgroup", "/sys/fs/cgroup"),
+        ("/var/run/ztrust", "/var/run/ztrust"),
+    ] {
         let name = mounted.get(path).unwrap_or_else(|| panic!("{path} not mounted"));
         assert_eq!(volumes.get(name), Some(&host), "{path}");
     }
@@ -248,7 +307,10 @@ fn daemonset_has_what_the_design_relies_on() {
     let args = c.args.clone().unwrap();
     if let Some(i) = args.iter().position(|a| a == "--flow-log") {
         let log = Path::new(&args[i + 1]);
-        assert!(mounted.keys().any(|m| log.starts_with(m)), "--flow-log {log:?} is not on a volume");
+        assert!(
+            mounted.keys().any(|m| log.starts_with(m)),
+            "--flow-log {log:?} is not on a volume"
+        );
     }
 
     // run --source kube --node-name $(NODE_NAME), NODE_NAME from the downward API.
@@ -260,15 +322,27 @@ fn daemonset_has_what_the_design_relies_on() {
         .env
         .iter()
         .flatten()
-        .filter_map(|e| Some((e.name.as_str(), e.value_from.as_ref()?.field_ref.as_ref()?.field_path.as_str())))
+        .filter_map(|e| {
+            Some((
+                e.name.as_str(),
+                e.value_from.as_ref()?.field_ref.as_ref()?.field_path.as_str(),
+            ))
+        })
         .collect();
     assert_eq!(env.get("NODE_NAME"), Some(&"spec.nodeName"));
 
     // Probes and metrics on 9965, the agent's --metrics-addr default.
-    let port = c.ports.iter().flatten().find(|p| p.name.as_deref() == Some("metrics")).unwrap();
+    let port = c
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref() == Some("metrics"))
+        .unwrap();
     assert_eq!(port.container_port, 9965);
     let probe_path = |p: &Option<k8s_openapi::api::core::v1::Probe>| {
-        p.as_ref().and_then(|p| p.http_get.as_ref()).and_then(|h| h.path.clone())
+        p.as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .and_then(|h| h.path.clone())
     };
     assert_eq!(probe_path(&c.liveness_probe).as_deref(), Some("/healthz"));
     assert_eq!(probe_path(&c.readiness_probe).as_deref(), Some("/readyz"));
@@ -295,31 +369,60 @@ fn service_monitor_scrapes_the_metrics_service() {
     assert_eq!(sm["kind"], "ServiceMonitor");
     let (_, svc) = base("Service");
     for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
-        assert_eq!(&svc["metadata"]["labels"][k], v, "the ServiceMonitor selects the Service");
+        assert_eq!(
+            &svc["metadata"]["labels"][k], v,
+            "the ServiceMonitor selects the Service"
+        );
     }
     let port = sm["spec"]["endpoints"][0]["port"].as_str().unwrap();
-    assert!(svc["spec"]["ports"].as_array().unwrap().iter().any(|p| p["name"] == port));
+    assert!(
+        svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == port)
+    );
 }
 
 /// `const NAME: … = "…";` or `&[ "…", … ];` from xtask's source.
 fn xtask_const(name: &str) -> Vec<String> {
     let src = read("xtask/src/main.rs");
-    let start = src.find(&format!("const {name}:")).unwrap_or_else(|| panic!("xtask has no {name}"));
+    let start = src
+        .find(&format!("const {name}:"))
+        .unwrap_or_else(|| panic!("xtask has no {name}"));
     let end = start + src[start..].find(';').unwrap();
-    src[start..end].split('"').skip(1).step_by(2).map(str::to_owned).collect()
+    src[start..end]
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
 fn dockerfile_uses_the_xtask_toolchain() {
     let docker = read("deploy/Dockerfile");
     let arg = |name: &str| {
-        let line = docker.lines().find(|l| l.starts_with(&format!("ARG {name}="))).unwrap();
+        let line = docker
+            .lines()
+            .find(|l| l.starts_with(&format!("ARG {name}=")))
+            .unwrap();
         line.split_once('=').unwrap().1.trim_matches('"').to_owned()
     };
-    let packages: BTreeSet<String> = arg("BUILD_PACKAGES").split_whitespace().map(str::to_owned).collect();
-    assert_eq!(packages, xtask_const("BUILD_PACKAGES").into_iter().collect(), "apt packages");
+    let packages: BTreeSet<String> = arg("BUILD_PACKAGES")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        packages,
+        xtask_const("BUILD_PACKAGES").into_iter().collect(),
+        "apt packages"
+    );
     assert_eq!(vec![arg("BPF_LINKER_VERSION")], xtask_const("BPF_LINKER_VERSION"));
-    assert!(docker.contains(&format!("rustup toolchain link {} /usr", xtask_const("BPF_TOOLCHAIN")[0])));
+    assert!(docker.contains(&format!(
+        "rustup toolchain link {} /usr",
+        xtask_const("BPF_TOOLCHAIN")[0]
+    )));
     assert!(docker.contains("cargo build --release --locked -p ztrust-agent"));
     assert!(docker.contains("FROM debian:bookworm-slim"));
 }

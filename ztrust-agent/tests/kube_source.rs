@@ -22,7 +22,14 @@ fn client(server: &FakeApiServer) -> kube::Client {
 }
 
 fn source(server: &FakeApiServer, events: bool) -> KubeSource {
-    KubeSource::start_with(client(server), Options { node_name: Some("node-a".into()), events, ..Options::default() })
+    KubeSource::start_with(
+        client(server),
+        Options {
+            node_name: Some("node-a".into()),
+            events,
+            ..Options::default()
+        },
+    )
 }
 
 fn namespace(name: &str, labels: Value) -> Value {
@@ -61,9 +68,27 @@ fn allow_frontend() -> Value {
 fn seed(server: &FakeApiServer) {
     server.apply(namespace("payments", json!({ "team": "payments" })));
     server.apply(namespace("monitoring", json!({})));
-    server.apply(pod("payments", "frontend", json!({ "app": "frontend" }), "10.0.1.10", "node-a"));
-    server.apply(pod("payments", "backend", json!({ "app": "backend" }), "10.0.1.11", "node-a"));
-    server.apply(pod("payments", "database", json!({ "app": "database" }), "10.0.2.12", "node-b"));
+    server.apply(pod(
+        "payments",
+        "frontend",
+        json!({ "app": "frontend" }),
+        "10.0.1.10",
+        "node-a",
+    ));
+    server.apply(pod(
+        "payments",
+        "backend",
+        json!({ "app": "backend" }),
+        "10.0.1.11",
+        "node-a",
+    ));
+    server.apply(pod(
+        "payments",
+        "database",
+        json!({ "app": "database" }),
+        "10.0.2.12",
+        "node-b",
+    ));
     server.apply(policy("payments", "backend-from-frontend", allow_frontend()));
 }
 
@@ -101,10 +126,17 @@ async fn initial_list_then_every_change() {
     let c = &loaded.cluster;
     assert_eq!(c.namespaces.len(), 2);
     assert_eq!(c.namespaces["payments"].labels["team"], "payments");
-    assert_eq!(c.namespaces["payments"].labels["kubernetes.io/metadata.name"], "payments", "added as the API server does");
+    assert_eq!(
+        c.namespaces["payments"].labels["kubernetes.io/metadata.name"], "payments",
+        "added as the API server does"
+    );
     assert_eq!(c.pods.len(), 3);
     let db = &c.pods[&pod_ref("payments", "database")];
-    assert_eq!(db.node_name.as_deref(), Some("node-b"), "remote pods are kept, with their node");
+    assert_eq!(
+        db.node_name.as_deref(),
+        Some("node-b"),
+        "remote pods are kept, with their node"
+    );
     assert_eq!(db.ips, vec!["10.0.2.12".parse::<std::net::IpAddr>().unwrap()]);
     assert_eq!(db.ports[0].name.as_deref(), Some("http"));
     let np = &c.policies[&pod_ref("payments", "backend-from-frontend")];
@@ -115,7 +147,13 @@ async fn initial_list_then_every_change() {
     assert!(source.try_snapshot().is_none(), "nothing changed since");
 
     // Create a pod.
-    server.apply(pod("payments", "worker", json!({ "app": "worker" }), "10.0.1.20", "node-a"));
+    server.apply(pod(
+        "payments",
+        "worker",
+        json!({ "app": "worker" }),
+        "10.0.1.20",
+        "node-a",
+    ));
     let (_, took) = wait_for(&mut source, CHANGE_BOUND, "pod created", |l| {
         l.cluster.pods.contains_key(&pod_ref("payments", "worker"))
     })
@@ -123,25 +161,50 @@ async fn initial_list_then_every_change() {
     eprintln!("pod created → snapshot in {took:?}");
 
     // Update it (relabel and new address).
-    server.apply(pod("payments", "worker", json!({ "app": "frontend" }), "10.0.1.21", "node-a"));
+    server.apply(pod(
+        "payments",
+        "worker",
+        json!({ "app": "frontend" }),
+        "10.0.1.21",
+        "node-a",
+    ));
     let (_, took) = wait_for(&mut source, CHANGE_BOUND, "pod updated", |l| {
-        l.cluster.pods.get(&pod_ref("payments", "worker")).is_some_and(|p| {
-            p.labels["app"] == "frontend" && p.ips == vec!["10.0.1.21".parse::<std::net::IpAddr>().unwrap()]
-        })
+        l.cluster
+            .pods
+            .get(&pod_ref("payments", "worker"))
+            .is_some_and(|p| {
+                p.labels["app"] == "frontend"
+                    && p.ips == vec!["10.0.1.21".parse::<std::net::IpAddr>().unwrap()]
+            })
     })
     .await;
     eprintln!("pod updated → snapshot in {took:?}");
 
     // A pod that ran to completion gives its address back: it is not in the cluster any more.
-    let mut done = pod("payments", "worker", json!({ "app": "frontend" }), "10.0.1.21", "node-a");
+    let mut done = pod(
+        "payments",
+        "worker",
+        json!({ "app": "frontend" }),
+        "10.0.1.21",
+        "node-a",
+    );
     done["status"]["phase"] = json!("Succeeded");
     server.apply(done);
     wait_for(&mut source, CHANGE_BOUND, "pod completed", |l| {
         !l.cluster.pods.contains_key(&pod_ref("payments", "worker"))
     })
     .await;
-    server.apply(pod("payments", "worker", json!({ "app": "frontend" }), "10.0.1.21", "node-a"));
-    wait_for(&mut source, CHANGE_BOUND, "pod back", |l| l.cluster.pods.contains_key(&pod_ref("payments", "worker"))).await;
+    server.apply(pod(
+        "payments",
+        "worker",
+        json!({ "app": "frontend" }),
+        "10.0.1.21",
+        "node-a",
+    ));
+    wait_for(&mut source, CHANGE_BOUND, "pod back", |l| {
+        l.cluster.pods.contains_key(&pod_ref("payments", "worker"))
+    })
+    .await;
 
     // Delete it.
     assert!(server.delete("Pod", "payments", "worker"));
@@ -154,7 +217,11 @@ async fn initial_list_then_every_change() {
     // Relabel a namespace.
     server.apply(namespace("monitoring", json!({ "role": "observability" })));
     let (_, took) = wait_for(&mut source, CHANGE_BOUND, "namespace relabelled", |l| {
-        l.cluster.namespaces["monitoring"].labels.get("role").map(String::as_str) == Some("observability")
+        l.cluster.namespaces["monitoring"]
+            .labels
+            .get("role")
+            .map(String::as_str)
+            == Some("observability")
     })
     .await;
     eprintln!("namespace relabelled → snapshot in {took:?}");
@@ -166,13 +233,19 @@ async fn initial_list_then_every_change() {
         json!({ "podSelector": {}, "policyTypes": ["Ingress", "Egress"] }),
     ));
     let (_, took) = wait_for(&mut source, CHANGE_BOUND, "policy added", |l| {
-        l.cluster.policies.get(&pod_ref("payments", "default-deny")).is_some_and(|p| p.isolates_egress)
+        l.cluster
+            .policies
+            .get(&pod_ref("payments", "default-deny"))
+            .is_some_and(|p| p.isolates_egress)
     })
     .await;
     eprintln!("policy added → snapshot in {took:?}");
     assert!(server.delete("NetworkPolicy", "payments", "default-deny"));
     let (_, took) = wait_for(&mut source, CHANGE_BOUND, "policy deleted", |l| {
-        !l.cluster.policies.contains_key(&pod_ref("payments", "default-deny")) && l.cluster.policies.len() == 1
+        !l.cluster
+            .policies
+            .contains_key(&pod_ref("payments", "default-deny"))
+            && l.cluster.policies.len() == 1
     })
     .await;
     eprintln!("policy deleted → snapshot in {took:?}");
@@ -194,7 +267,11 @@ async fn nothing_before_every_kind_is_listed() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!source.is_ready());
     assert!(source.try_snapshot().is_none());
-    assert!(tokio::time::timeout(Duration::from_millis(500), source.changed()).await.is_err());
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), source.changed())
+            .await
+            .is_err()
+    );
     server.restart().await;
     // The first retry comes after the watcher's backoff (0.8 s, doubling, with jitter).
     let (loaded, took) = wait_for(&mut source, Duration::from_secs(15), "first list", |_| true).await;
@@ -205,19 +282,58 @@ async fn nothing_before_every_kind_is_listed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_until_all_three_kinds_are_listed() {
+    let server = FakeApiServer::start().await;
+    seed(&server);
+    // Namespaces and pods list fine; policies cannot be listed (as without RBAC for them).
+    server.fail_kind(Kind::NetworkPolicy, Some(403));
+    let mut source = source(&server, false);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(server.stats().lists.contains_key(&Kind::Pod), "pods were listed");
+    assert!(!source.is_ready(), "not ready without the policies");
+    assert!(
+        source.try_snapshot().is_none(),
+        "pods without their policies would compile wide open"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), source.changed())
+            .await
+            .is_err()
+    );
+    server.fail_kind(Kind::NetworkPolicy, None);
+    let (loaded, took) = wait_for(&mut source, Duration::from_secs(15), "all listed", |_| true).await;
+    eprintln!("snapshot {took:?} after the policies could be listed");
+    assert_eq!(loaded.cluster.policies.len(), 1);
+    assert_eq!(loaded.cluster.pods.len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropped_watches_converge() {
     let server = FakeApiServer::start().await;
     seed(&server);
     let mut source = source(&server, false);
-    wait_for(&mut source, Duration::from_secs(5), "initial list", |l| l.cluster.pods.len() == 3).await;
+    wait_for(&mut source, Duration::from_secs(5), "initial list", |l| {
+        l.cluster.pods.len() == 3
+    })
+    .await;
 
     // A dropped watch connection: the watcher re-watches from its last resourceVersion and gets the
     // change made while it was away from the history.
     let watches_before = server.stats().watches.values().sum::<u64>();
     server.drop_watches();
-    server.apply(pod("payments", "frontend", json!({ "app": "frontend", "v": "2" }), "10.0.1.10", "node-a"));
+    server.apply(pod(
+        "payments",
+        "frontend",
+        json!({ "app": "frontend", "v": "2" }),
+        "10.0.1.10",
+        "node-a",
+    ));
     let (_, took) = wait_for(&mut source, CHANGE_BOUND, "after a dropped watch", |l| {
-        l.cluster.pods[&pod_ref("payments", "frontend")].labels.get("v").map(String::as_str) == Some("2")
+        l.cluster.pods[&pod_ref("payments", "frontend")]
+            .labels
+            .get("v")
+            .map(String::as_str)
+            == Some("2")
     })
     .await;
     eprintln!("dropped watch → converged in {took:?}");
@@ -225,10 +341,18 @@ async fn dropped_watches_converge() {
     assert!(stats.dropped >= 3, "every kind's watch was dropped: {stats:?}");
     let started = Instant::now();
     while server.stats().watches.values().sum::<u64>() < watches_before + 3 {
-        assert!(started.elapsed() < CHANGE_BOUND, "not every kind re-watched: {:?}", server.stats());
+        assert!(
+            started.elapsed() < CHANGE_BOUND,
+            "not every kind re-watched: {:?}",
+            server.stats()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert_eq!(server.stats().lists.values().sum::<u64>(), 3, "a dropped watch needs no re-list");
+    assert_eq!(
+        server.stats().lists.values().sum::<u64>(),
+        3,
+        "a dropped watch needs no re-list"
+    );
 }
 
 // Its own test: the watcher's backoff only resets after 120 s without errors, so a 410 right after the
@@ -238,19 +362,35 @@ async fn gone_relists_and_converges() {
     let server = FakeApiServer::start().await;
     seed(&server);
     let mut source = source(&server, false);
-    wait_for(&mut source, Duration::from_secs(5), "initial list", |l| l.cluster.pods.len() == 3).await;
+    wait_for(&mut source, Duration::from_secs(5), "initial list", |l| {
+        l.cluster.pods.len() == 3
+    })
+    .await;
 
     // 410 Gone: changes made while the history is lost are only seen by listing again.
     server.expire_history_with(vec![
         Change::Delete("Pod", "payments".into(), "database".into()),
-        Change::Apply(pod("payments", "cache", json!({ "app": "cache" }), "10.0.2.30", "node-b")),
-        Change::Apply(namespace("payments", json!({ "team": "payments", "pci": "true" }))),
+        Change::Apply(pod(
+            "payments",
+            "cache",
+            json!({ "app": "cache" }),
+            "10.0.2.30",
+            "node-b",
+        )),
+        Change::Apply(namespace(
+            "payments",
+            json!({ "team": "payments", "pci": "true" }),
+        )),
         Change::Delete("NetworkPolicy", "payments".into(), "backend-from-frontend".into()),
     ]);
     let (loaded, took) = wait_for(&mut source, CHANGE_BOUND, "after 410 Gone", |l| {
         !l.cluster.pods.contains_key(&pod_ref("payments", "database"))
             && l.cluster.pods.contains_key(&pod_ref("payments", "cache"))
-            && l.cluster.namespaces["payments"].labels.get("pci").map(String::as_str) == Some("true")
+            && l.cluster.namespaces["payments"]
+                .labels
+                .get("pci")
+                .map(String::as_str)
+                == Some("true")
             && l.cluster.policies.is_empty()
     })
     .await;
@@ -263,9 +403,19 @@ async fn gone_relists_and_converges() {
     assert_eq!(loaded.cluster.pods.len(), 3);
 
     // And the watches work again after the re-list.
-    server.apply(pod("payments", "cache", json!({ "app": "cache", "v": "3" }), "10.0.2.30", "node-b"));
+    server.apply(pod(
+        "payments",
+        "cache",
+        json!({ "app": "cache", "v": "3" }),
+        "10.0.2.30",
+        "node-b",
+    ));
     wait_for(&mut source, CHANGE_BOUND, "watch after re-list", |l| {
-        l.cluster.pods[&pod_ref("payments", "cache")].labels.get("v").map(String::as_str) == Some("3")
+        l.cluster.pods[&pod_ref("payments", "cache")]
+            .labels
+            .get("v")
+            .map(String::as_str)
+            == Some("3")
     })
     .await;
 }
@@ -275,15 +425,26 @@ async fn server_down_keeps_last_snapshot_then_catches_up() {
     let server = FakeApiServer::start().await;
     seed(&server);
     let mut source = source(&server, false);
-    let (first, _) = wait_for(&mut source, Duration::from_secs(5), "initial list", |l| l.cluster.pods.len() == 3).await;
+    let (first, _) = wait_for(&mut source, Duration::from_secs(5), "initial list", |l| {
+        l.cluster.pods.len() == 3
+    })
+    .await;
 
     server.stop().await;
     // Changes the source cannot see while the server is down (they stay in the history).
-    server.apply(pod("payments", "late", json!({ "app": "late" }), "10.0.1.40", "node-a"));
+    server.apply(pod(
+        "payments",
+        "late",
+        json!({ "app": "late" }),
+        "10.0.1.40",
+        "node-a",
+    ));
     server.delete("NetworkPolicy", "payments", "backend-from-frontend");
     // No snapshot while down: in particular no empty one (the agent keeps enforcing the last one).
     assert!(
-        tokio::time::timeout(Duration::from_secs(2), source.changed()).await.is_err(),
+        tokio::time::timeout(Duration::from_secs(2), source.changed())
+            .await
+            .is_err(),
         "no snapshot while the API server is down"
     );
     assert!(source.try_snapshot().is_none());
@@ -294,9 +455,12 @@ async fn server_down_keeps_last_snapshot_then_catches_up() {
     server.restart().await;
     // The watcher reconnects after its backoff (0.8 s doubling to 30 s, with jitter): after ~2 s down
     // the next attempt is a few seconds away.
-    let (loaded, _) = wait_for(&mut source, Duration::from_secs(20), "caught up after restart", |l| {
-        l.cluster.pods.contains_key(&pod_ref("payments", "late")) && l.cluster.policies.is_empty()
-    })
+    let (loaded, _) = wait_for(
+        &mut source,
+        Duration::from_secs(20),
+        "caught up after restart",
+        |l| l.cluster.pods.contains_key(&pod_ref("payments", "late")) && l.cluster.policies.is_empty(),
+    )
     .await;
     eprintln!("server back → caught up in {:?}", restarted.elapsed());
     assert_eq!(loaded.cluster.pods.len(), 4);
@@ -314,7 +478,11 @@ async fn events_for_policies_that_cannot_be_fully_enforced() {
     server.apply(policy("payments", "database-ingress", bad));
     let mut source = source(&server, true);
     let (loaded, _) = wait_for(&mut source, Duration::from_secs(5), "initial list", |_| true).await;
-    let problems: Vec<_> = loaded.errors.iter().filter(|e| e.object.contains("database-ingress")).collect();
+    let problems: Vec<_> = loaded
+        .errors
+        .iter()
+        .filter(|e| e.object.contains("database-ingress"))
+        .collect();
     assert_eq!(problems.len(), 1, "{:?}", loaded.errors);
     let e = problems[0];
     assert_eq!(e.file, "kube");
@@ -332,11 +500,17 @@ async fn events_for_policies_that_cannot_be_fully_enforced() {
     assert_eq!(event["regarding"]["name"], "database-ingress");
     assert_eq!(event["reportingInstance"], "node-a");
     let note = event["note"].as_str().unwrap();
-    assert!(note.contains("spec.ingress[0].from[0].ipBlock.cidr") && note.contains("10.0.0.0/33"), "{note}");
+    assert!(
+        note.contains("spec.ingress[0].from[0].ipBlock.cidr") && note.contains("10.0.0.0/33"),
+        "{note}"
+    );
 
     // Unrelated changes do not repeat the Event.
     server.apply(pod("payments", "x", json!({ "app": "x" }), "10.0.1.50", "node-a"));
-    wait_for(&mut source, CHANGE_BOUND, "pod x", |l| l.cluster.pods.contains_key(&pod_ref("payments", "x"))).await;
+    wait_for(&mut source, CHANGE_BOUND, "pod x", |l| {
+        l.cluster.pods.contains_key(&pod_ref("payments", "x"))
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(server.events().len(), 1, "deduplicated");
 
@@ -348,9 +522,18 @@ async fn events_for_policies_that_cannot_be_fully_enforced() {
     });
     server.apply(policy("payments", "database-ingress", worse));
     // Events go out when the agent takes the snapshot.
-    wait_for(&mut source, CHANGE_BOUND, "worse policy", |l| l.errors.iter().any(|e| e.field.contains("ports"))).await;
+    wait_for(&mut source, CHANGE_BOUND, "worse policy", |l| {
+        l.errors.iter().any(|e| e.field.contains("ports"))
+    })
+    .await;
     let event = wait_event(&server, 2).await;
-    assert!(event["note"].as_str().unwrap().contains("spec.ingress[0].ports[0].port"), "{event}");
+    assert!(
+        event["note"]
+            .as_str()
+            .unwrap()
+            .contains("spec.ingress[0].ports[0].port"),
+        "{event}"
+    );
     server.apply(policy("payments", "database-ingress", allow_frontend()));
     wait_for(&mut source, CHANGE_BOUND, "policy fixed", |l| l.errors.is_empty()).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -365,7 +548,10 @@ async fn wait_event(server: &FakeApiServer, n: usize) -> Value {
             assert_eq!(events.len(), n, "{events:#?}");
             return events[n - 1].clone();
         }
-        assert!(started.elapsed() < CHANGE_BOUND, "event #{n} not posted: {events:#?}");
+        assert!(
+            started.elapsed() < CHANGE_BOUND,
+            "event #{n} not posted: {events:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -60,12 +60,28 @@ pub struct ApiCall {
 /// themselves up here (so a new call cannot be added without it), and the deploy tests check the
 /// ClusterRole against it.
 pub const API_CALLS: &[ApiCall] = &[
-    ApiCall { group: "", resource: "namespaces", verbs: &["list", "watch"] },
-    ApiCall { group: "", resource: "pods", verbs: &["list", "watch"] },
-    ApiCall { group: "networking.k8s.io", resource: "networkpolicies", verbs: &["list", "watch"] },
+    ApiCall {
+        group: "",
+        resource: "namespaces",
+        verbs: &["list", "watch"],
+    },
+    ApiCall {
+        group: "",
+        resource: "pods",
+        verbs: &["list", "watch"],
+    },
+    ApiCall {
+        group: "networking.k8s.io",
+        resource: "networkpolicies",
+        verbs: &["list", "watch"],
+    },
     // Only with `Options::events`. Each distinct problem set is a new Event (create); the source
     // deduplicates itself, so it never patches an Event series.
-    ApiCall { group: "events.k8s.io", resource: "events", verbs: &["create"] },
+    ApiCall {
+        group: "events.k8s.io",
+        resource: "events",
+        verbs: &["create"],
+    },
 ];
 
 /// The [`API_CALLS`] entry of `K`. Panics if there is none: that is a bug caught by the unit tests.
@@ -80,7 +96,10 @@ pub fn api_call<K: Resource<DynamicType = ()>>(verb: &str) -> &'static ApiCall {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("reading kubeconfig {path}: {source}")]
-    Kubeconfig { path: PathBuf, source: kube::config::KubeconfigError },
+    Kubeconfig {
+        path: PathBuf,
+        source: kube::config::KubeconfigError,
+    },
     #[error("no kubeconfig and not in a pod with a service account: {0}")]
     Infer(#[from] kube::config::InferConfigError),
     #[error("creating the Kubernetes API client: {0}")]
@@ -95,7 +114,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub async fn config(kubeconfig: Option<&Path>) -> Result<kube::Config> {
     match kubeconfig {
         Some(path) => {
-            let err = |source| Error::Kubeconfig { path: path.to_owned(), source };
+            let err = |source| Error::Kubeconfig {
+                path: path.to_owned(),
+                source,
+            };
             let kc = kube::config::Kubeconfig::read_from(path).map_err(err)?;
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await
@@ -122,7 +144,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { node_name: None, events: true, debounce: DEBOUNCE }
+        Self {
+            node_name: None,
+            events: true,
+            debounce: DEBOUNCE,
+        }
     }
 }
 
@@ -157,7 +183,13 @@ impl Drop for KubeSource {
 impl KubeSource {
     /// Starts the watches (needs a Tokio runtime), with Events on.
     pub fn start(client: Client, node_name: Option<String>) -> KubeSource {
-        Self::start_with(client, Options { node_name, ..Options::default() })
+        Self::start_with(
+            client,
+            Options {
+                node_name,
+                ..Options::default()
+            },
+        )
     }
 
     pub fn start_with(client: Client, options: Options) -> KubeSource {
@@ -168,11 +200,18 @@ impl KubeSource {
         let mut tasks = vec![t1, t2, t3];
         let events = options.events.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            let reporter = Reporter { controller: CONTROLLER.to_owned(), instance: options.node_name.clone() };
+            let reporter = Reporter {
+                controller: CONTROLLER.to_owned(),
+                instance: options.node_name.clone(),
+            };
             tasks.push(tokio::spawn(publish_events(client.clone(), reporter, rx)));
             tx
         });
-        info!(node = options.node_name.as_deref().unwrap_or("-"), events = options.events, "watching the Kubernetes API");
+        info!(
+            node = options.node_name.as_deref().unwrap_or("-"),
+            events = options.events,
+            "watching the Kubernetes API"
+        );
         KubeSource {
             namespaces,
             pods,
@@ -242,7 +281,10 @@ impl KubeSource {
     fn take(&mut self) -> Option<Loaded> {
         self.taken = Some(*self.generation.borrow());
         let (loaded, policy_refs) = self.convert();
-        let same = self.last.as_ref().is_some_and(|(c, e)| *c == loaded.cluster && *e == loaded.errors);
+        let same = self
+            .last
+            .as_ref()
+            .is_some_and(|(c, e)| *c == loaded.cluster && *e == loaded.errors);
         self.report(&loaded.errors, &policy_refs);
         if same {
             debug!("re-list or no-op update: cluster unchanged");
@@ -267,7 +309,10 @@ impl KubeSource {
             // A pod that has run to completion has given its addresses back to the node's IPAM, which
             // may already have handed them to a new pod: it must not claim them.
             // <https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>
-            if matches!(pod.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed")) {
+            if matches!(
+                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+                Some("Succeeded" | "Failed")
+            ) {
                 continue;
             }
             let c = dir::convert_pod(&pod);
@@ -287,7 +332,8 @@ impl KubeSource {
             }
         }
         // Stores are hash maps: order the problems so equal clusters compare equal.
-        out.errors.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
+        out.errors
+            .sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
         (out, refs)
     }
 
@@ -300,7 +346,14 @@ impl KubeSource {
         }
         let mut now = BTreeSet::new();
         for (object, problems) in by_object {
-            let key = (object.to_owned(), problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
+            let key = (
+                object.to_owned(),
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
             if !self.reported.contains(&key) {
                 for p in &problems {
                     warn!("{p}");
@@ -365,7 +418,11 @@ where
 /// Events are at most 1 kB of note.
 const NOTE_MAX: usize = 1024;
 
-async fn publish_events(client: Client, reporter: Reporter, mut rx: mpsc::UnboundedReceiver<(ObjectReference, String)>) {
+async fn publish_events(
+    client: Client,
+    reporter: Reporter,
+    mut rx: mpsc::UnboundedReceiver<(ObjectReference, String)>,
+) {
     let _ = api_call::<k8s_openapi::api::events::v1::Event>("create");
     while let Some((reference, mut note)) = rx.recv().await {
         if note.len() > NOTE_MAX {

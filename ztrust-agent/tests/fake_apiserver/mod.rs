@@ -109,6 +109,8 @@ struct State {
     oldest: u64,
     events: Vec<Value>,
     stats: Stats,
+    /// Kinds whose list and watch requests fail with this status code.
+    failing: BTreeMap<Kind, u16>,
 }
 
 struct Shared {
@@ -152,13 +154,18 @@ impl FakeApiServer {
                 oldest: 1,
                 events: Vec::new(),
                 stats: Stats::default(),
+                failing: BTreeMap::new(),
             }),
             live: broadcast::channel(4096).0,
             drop_gen: watch::channel(0).0,
             close_gen: watch::channel(0).0,
         });
         let task = tokio::spawn(serve(listener, shared.clone()));
-        FakeApiServer { shared, addr, serving: Mutex::new(Some(task)) }
+        FakeApiServer {
+            shared,
+            addr,
+            serving: Mutex::new(Some(task)),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -237,6 +244,16 @@ impl FakeApiServer {
         *self.serving.lock().unwrap() = Some(task);
     }
 
+    /// Makes list and watch requests of `kind` fail with `code` (e.g. 403 without RBAC, 503), or
+    /// succeed again with `None`.
+    pub fn fail_kind(&self, kind: Kind, code: Option<u16>) {
+        let mut st = self.shared.state.lock().unwrap();
+        match code {
+            Some(c) => st.failing.insert(kind, c),
+            None => st.failing.remove(&kind),
+        };
+    }
+
     pub fn stats(&self) -> Stats {
         self.shared.state.lock().unwrap().stats.clone()
     }
@@ -276,20 +293,38 @@ impl State {
             None => json!(format!("uid-{}", self.rv)),
         };
         meta.insert("uid".into(), uid);
-        let type_ = if self.objects.insert(key, object.clone()).is_some() { "MODIFIED" } else { "ADDED" };
-        let ev = WatchEvent { rv: self.rv, kind, type_, object };
+        let type_ = if self.objects.insert(key, object.clone()).is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        let ev = WatchEvent {
+            rv: self.rv,
+            kind,
+            type_,
+            object,
+        };
         self.history.push(ev.clone());
         ev
     }
 
     fn delete(&mut self, kind: &str, namespace: &str, name: &str) -> Option<WatchEvent> {
         let kind = Kind::of(&json!({ "kind": kind }));
-        let ns = if kind == Kind::Namespace { String::new() } else { namespace.to_owned() };
+        let ns = if kind == Kind::Namespace {
+            String::new()
+        } else {
+            namespace.to_owned()
+        };
         let mut object = self.objects.remove(&(kind, ns, name.to_owned()))?;
         self.rv += 1;
         // The DELETED event carries the object at the resourceVersion of its deletion.
         object["metadata"]["resourceVersion"] = json!(self.rv.to_string());
-        let ev = WatchEvent { rv: self.rv, kind, type_: "DELETED", object };
+        let ev = WatchEvent {
+            rv: self.rv,
+            kind,
+            type_: "DELETED",
+            object,
+        };
         self.history.push(ev.clone());
         Some(ev)
     }
@@ -319,7 +354,11 @@ fn full(status: StatusCode, body: Value) -> Response<Body> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())).map_err(|e: Infallible| match e {}).boxed())
+        .body(
+            Full::new(Bytes::from(body.to_string()))
+                .map_err(|e: Infallible| match e {})
+                .boxed(),
+        )
         .unwrap()
 }
 
@@ -345,13 +384,28 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         && req.method() == Method::GET
     {
         let q = query(&req);
+        if let Some(code) = shared.state.lock().unwrap().failing.get(&kind).copied() {
+            let status_code = StatusCode::from_u16(code).unwrap();
+            let reason = status_code
+                .canonical_reason()
+                .unwrap_or("Failure")
+                .replace(' ', "");
+            return Ok(full(
+                status_code,
+                status(code, &reason, format!("{} failing on purpose", kind.name())),
+            ));
+        }
         if matches!(q.get("watch").map(String::as_str), Some("true" | "1")) {
             return Ok(watch_response(&shared, kind, &q));
         }
         let mut st = shared.state.lock().unwrap();
         *st.stats.lists.entry(kind).or_default() += 1;
-        let items: Vec<Value> =
-            st.objects.iter().filter(|((k, _, _), _)| *k == kind).map(|(_, v)| v.clone()).collect();
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((k, _, _), _)| *k == kind)
+            .map(|(_, v)| v.clone())
+            .collect();
         return Ok(full(
             StatusCode::OK,
             json!({
@@ -369,10 +423,18 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         let ns = (*ns).to_owned();
         let body = match req.into_body().collect().await {
             Ok(b) => b.to_bytes(),
-            Err(e) => return Ok(full(StatusCode::BAD_REQUEST, status(400, "BadRequest", e.to_string()))),
+            Err(e) => {
+                return Ok(full(
+                    StatusCode::BAD_REQUEST,
+                    status(400, "BadRequest", e.to_string()),
+                ));
+            }
         };
         let Ok(mut event) = serde_json::from_slice::<Value>(&body) else {
-            return Ok(full(StatusCode::BAD_REQUEST, status(400, "BadRequest", "not JSON".into())));
+            return Ok(full(
+                StatusCode::BAD_REQUEST,
+                status(400, "BadRequest", "not JSON".into()),
+            ));
         };
         let mut st = shared.state.lock().unwrap();
         st.rv += 1;
@@ -381,7 +443,14 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
         st.events.push(event.clone());
         return Ok(full(StatusCode::CREATED, event));
     }
-    Ok(full(StatusCode::NOT_FOUND, status(404, "NotFound", format!("{} {path}: not served by the fake", req.method()))))
+    Ok(full(
+        StatusCode::NOT_FOUND,
+        status(
+            404,
+            "NotFound",
+            format!("{} {path}: not served by the fake", req.method()),
+        ),
+    ))
 }
 
 struct WatchStream {
@@ -406,7 +475,10 @@ fn line(type_: &str, object: &Value) -> Bytes {
 
 fn watch_response(shared: &Arc<Shared>, kind: Kind, q: &BTreeMap<String, String>) -> Response<Body> {
     let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let timeout = q.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(1800u64);
+    let timeout = q
+        .get("timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1800u64);
     let mut st = shared.state.lock().unwrap();
     *st.stats.watches.entry(kind).or_default() += 1;
     // Subscribed under the lock: no change falls between the history and the live events.
