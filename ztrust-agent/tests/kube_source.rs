@@ -555,3 +555,77 @@ async fn wait_event(server: &FakeApiServer, n: usize) -> Value {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The paths the agent takes outside tests: a kubeconfig file (`--kubeconfig`) with a CA and a bearer
+/// token, over HTTPS — what the in-cluster service account configuration amounts to — through
+/// `source::kube::client`. Also proves the TLS stack has its crypto provider (rustls with ring).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfig_with_tls_and_a_token() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = leaf
+        .signed_by(&key, &Issuer::from_params(&ca, &ca_key))
+        .unwrap()
+        .pem();
+    let server = FakeApiServer::start_tls(&cert, &key.serialize_pem(), "s3cret").await;
+    seed(&server);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &ca_pem).unwrap();
+    let kubeconfig = |token: &str| {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {url}\n    certificate-authority: {ca}\n\
+             users:\n- name: agent\n  user:\n    token: {token}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: agent\n",
+            url = server.url(),
+            ca = dir.path().join("ca.crt").display(),
+        );
+        let path = dir.path().join(format!("kubeconfig-{token}"));
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+
+    let client = ztrust_agent::source::kube::client(Some(&kubeconfig("s3cret")))
+        .await
+        .unwrap();
+    let mut source = KubeSource::start(client, Some("node-a".into()));
+    let (loaded, _) = wait_for(&mut source, Duration::from_secs(5), "list over TLS", |_| true).await;
+    assert_eq!(loaded.cluster.pods.len(), 3);
+    server.apply(pod(
+        "payments",
+        "tls",
+        json!({ "app": "tls" }),
+        "10.0.1.60",
+        "node-a",
+    ));
+    wait_for(&mut source, CHANGE_BOUND, "watch over TLS", |l| {
+        l.cluster.pods.contains_key(&pod_ref("payments", "tls"))
+    })
+    .await;
+    drop(source);
+
+    // A wrong token: 401 on every list, never a snapshot.
+    let client = ztrust_agent::source::kube::client(Some(&kubeconfig("wrong")))
+        .await
+        .unwrap();
+    let mut source = KubeSource::start(client, None);
+    assert!(
+        tokio::time::timeout(Duration::from_secs(1), source.changed())
+            .await
+            .is_err()
+    );
+    assert!(!source.is_ready());
+
+    // A kubeconfig that does not exist names the file.
+    let Err(err) = ztrust_agent::source::kube::client(Some(&dir.path().join("missing"))).await else {
+        panic!("a missing kubeconfig is an error");
+    };
+    assert!(err.to_string().contains("missing"), "{err}");
+}

@@ -13,6 +13,9 @@
 //!   server does, `200` and one `{"type":"ERROR","object":{"kind":"Status",...,"code":410}}` line.
 //! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events`: stored, `201`.
 //!
+//! With [`FakeApiServer::start_tls`] it speaks HTTPS and requires a bearer token, as the real API server
+//! does for a service account.
+//!
 //! Failures on demand: [`FakeApiServer::drop_watches`] aborts every watch connection mid-stream (no
 //! terminating chunk, as when a load balancer or the server dies); [`FakeApiServer::stop`] closes the
 //! listener and every connection, [`FakeApiServer::restart`] listens again on the same port.
@@ -115,6 +118,9 @@ struct State {
 
 struct Shared {
     state: Mutex<State>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Requests without `Authorization: Bearer <token>` are `401 Unauthorized`.
+    token: Option<String>,
     live: broadcast::Sender<WatchEvent>,
     /// Bumped to abort every watch connection.
     drop_gen: watch::Sender<u64>,
@@ -144,9 +150,32 @@ impl Drop for FakeApiServer {
 
 impl FakeApiServer {
     pub async fn start() -> FakeApiServer {
+        Self::start_with(None, None).await
+    }
+
+    /// HTTPS with this certificate chain and key (PEM), and a bearer token required.
+    pub async fn start_tls(cert_pem: &str, key_pem: &str, token: &str) -> FakeApiServer {
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let mut config = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        Self::start_with(Some(acceptor), Some(token.to_owned())).await
+    }
+
+    async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>, token: Option<String>) -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
+            tls,
+            token,
             state: Mutex::new(State {
                 rv: 1,
                 objects: BTreeMap::new(),
@@ -169,7 +198,12 @@ impl FakeApiServer {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.shared.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// Creates or replaces an object (by kind, namespace, name); returns its new resourceVersion.
@@ -339,15 +373,29 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                 let Ok((stream, _)) = accepted else { continue };
                 let shared = shared.clone();
                 conns.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    match shared.tls.clone() {
+                        Some(acceptor) => {
+                            if let Ok(tls) = acceptor.accept(stream).await {
+                                serve_io(tls, shared).await;
+                            }
+                        }
+                        None => serve_io(stream, shared).await,
+                    }
                 });
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
         }
     }
+}
+
+async fn serve_io<I>(io: I, shared: Arc<Shared>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| handle(shared.clone(), req));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 fn full(status: StatusCode, body: Value) -> Response<Body> {
@@ -380,6 +428,15 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
+    if let Some(token) = &shared.token {
+        let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok());
+        if auth != Some(format!("Bearer {token}").as_str()) {
+            return Ok(full(
+                StatusCode::UNAUTHORIZED,
+                status(401, "Unauthorized", "Unauthorized".into()),
+            ));
+        }
+    }
     if let Some(kind) = Kind::from_path(&path)
         && req.method() == Method::GET
     {
