@@ -177,3 +177,59 @@ fn policy_map_at_capacity_refuses_the_update_and_keeps_the_last_state() {
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1002, 80, 0x02)), OK, "the last good state enforces");
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1003, 443, 0x02)), SHOT, "nothing of the refused update");
 }
+
+fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2, 0x08, 0x00, 0x45, 0, 0, 28, 0, 1, 0, 0, 64, proto::UDP, 0, 0];
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 8, 0, 0]);
+    f
+}
+
+/// After a narrowing update, a datagram flow admitted before is judged again (no stale-open conntrack
+/// entry), an established TCP connection keeps going, and a new TCP connection reusing its ports is
+/// judged as new.
+#[test]
+fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
+    common::require_root();
+    let topo = common::Topology::new("ztrev", 207, 1);
+    common::enter_netns(&topo.node);
+    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    let mut engine = Engine::new();
+    let mut syncer = Syncer::new();
+    let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
+
+    // a may reach b on TCP 80 and UDP 53.
+    let mut open = cluster(&[(80, None)], 0);
+    if let Some(p) = open.policies.values_mut().next() {
+        p.egress[0].ports.push(PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(53)), end_port: None });
+    }
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&open), &bindings).unwrap();
+    assert_eq!(run(&dp, from, ifindex, &udp(A, B, 1000, 53)), OK);
+    assert_eq!(run(&dp, to, ifindex, &udp(B, A, 53, 1000)), OK, "the reply");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 2000, 80, 0x02)), OK);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 2000, 80, 0x10)), OK);
+    let rev_before = dp.maps.revision.get(&0, 0).unwrap();
+
+    // Now a may reach nothing.
+    let mut closed = open.clone();
+    for p in closed.policies.values_mut() {
+        p.egress.clear();
+    }
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&closed), &bindings).unwrap();
+    assert!(dp.maps.revision.get(&0, 0).unwrap() > rev_before, "a narrowing bumps the revision");
+    assert_eq!(run(&dp, from, ifindex, &udp(A, B, 1000, 53)), SHOT, "the old datagram flow is judged again");
+    assert_eq!(run(&dp, to, ifindex, &udp(B, A, 53, 1000)), SHOT, "and so are its replies");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 2000, 80, 0x10)), OK, "an established TCP connection keeps going");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 2000, 80, 0x02)), SHOT, "a new connection on the same ports is new");
+
+    // A pure widening does not bump the revision.
+    let rev = dp.maps.revision.get(&0, 0).unwrap();
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&open), &bindings).unwrap();
+    assert_eq!(dp.maps.revision.get(&0, 0).unwrap(), rev);
+    assert_eq!(run(&dp, from, ifindex, &udp(A, B, 1001, 53)), OK);
+}

@@ -106,6 +106,8 @@ pub mod names {
     pub const EVENT_RATE: &str = "ZT_EVENT_RATE";
     pub const STATS: &str = "ZT_STATS";
     pub const CONFIG: &str = "ZT_CONFIG";
+    /// Single u32: bumped by the agent whenever an update may have narrowed what is allowed.
+    pub const REVISION: &str = "ZT_REVISION";
     pub const PROG_FROM_POD: &str = "zt_from_pod";
     pub const PROG_TO_POD: &str = "zt_to_pod";
 }
@@ -224,9 +226,22 @@ pub struct CtKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
     pub created_ns: u64,
+    /// Refreshed at most once a second; an entry idle for longer than [`ct_timeout`] is stale.
     pub last_seen_ns: u64,
     pub rule_id: u32,
-    pub flags: u32,
+    /// The policy revision ([`names::REVISION`]) the connection was last judged under. Connectionless
+    /// flows (everything but TCP) are judged again after a revision that may have narrowed policy.
+    pub revision: u32,
+}
+
+/// Idle timeouts of conntrack entries, in nanoseconds.
+pub mod ct_timeout {
+    /// An established TCP connection quiet for this long is forgotten (its next segment is judged anew).
+    pub const TCP_NS: u64 = 6 * 3600 * 1_000_000_000;
+    /// UDP, SCTP, ICMP and others.
+    pub const OTHER_NS: u64 = 60 * 1_000_000_000;
+    /// `last_seen_ns` is written at most this often (a write per packet would cost more than the lookup).
+    pub const REFRESH_NS: u64 = 1_000_000_000;
 }
 
 /// Key of the per-CPU counters.

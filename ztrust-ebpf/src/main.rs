@@ -18,12 +18,12 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ztrust_common::{
-    CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, dir,
+    CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, ct_timeout, dir,
     ep_flags, event_flags, identity, proto, reason, stat, verdict,
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, POLICY, STATS},
+    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, POLICY, REVISION, STATS},
     parse::{Packet, Parsed},
 };
 
@@ -171,25 +171,73 @@ fn admits(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16
     policy_lookup(ep, remote, direction, protocol, port).map(|rule| (reason::ALLOWED_BY_POLICY, rule))
 }
 
+/// Whether a conntrack entry still admits its flow. `original_dir` and `port` describe the connection as it
+/// was opened (for re-judging it under a newer policy revision).
+#[inline(always)]
+fn ct_admits(
+    ct: *mut CtValue,
+    ep: &EndpointInfo,
+    pkt: &Packet,
+    remote_addr: &[u8; 16],
+    original_dir: u8,
+    port: u16,
+    now: u64,
+    revision: u32,
+) -> Option<u32> {
+    // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
+    let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
+    let timeout = if pkt.protocol == proto::TCP { ct_timeout::TCP_NS } else { ct_timeout::OTHER_NS };
+    if now.wrapping_sub(last_seen) > timeout {
+        return None;
+    }
+    let mut rule = rule_id;
+    // Connectionless flows have no opening packet that policy could judge again: after a revision that
+    // may have narrowed policy, the flow is judged again (TCP connections keep their admission; a new TCP
+    // connection always starts with a SYN, which is judged).
+    if ct_rev != revision && pkt.protocol != proto::TCP {
+        let remote = remote_identity(remote_addr);
+        let (_, r) = admits(ep, remote, original_dir, pkt.protocol, port)?;
+        rule = r;
+        unsafe {
+            (*ct).revision = revision;
+            (*ct).rule_id = r;
+        }
+    }
+    if now.wrapping_sub(last_seen) > ct_timeout::REFRESH_NS {
+        unsafe { (*ct).last_seen_ns = now };
+    }
+    Some(rule)
+}
+
 #[inline(always)]
 fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decision {
-    if let Some(ct) = CONNTRACK.get_ptr(fwd) {
-        // SAFETY: pointer from a successful lookup; LRU values are plain data.
-        let rule_id = unsafe { (*ct).rule_id };
-        return Decision { verdict: verdict::FORWARDED, reason: reason::ESTABLISHED, remote_identity: 0, rule_id, new_flow: false };
-    }
-    let rev = ct_reply_key(fwd.ifindex, direction, pkt);
-    if let Some(ct) = CONNTRACK.get_ptr(&rev) {
-        let rule_id = unsafe { (*ct).rule_id };
-        return Decision { verdict: verdict::FORWARDED, reason: reason::REPLY, remote_identity: 0, rule_id, new_flow: false };
+    // SAFETY: helper call without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let revision = REVISION.get(0).copied().unwrap_or(0);
+    let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
+    let dport = u16::from_be(pkt.dport_be);
+    let sport = u16::from_be(pkt.sport_be);
+    // A TCP SYN opens a connection: it is judged by policy even if an entry with its tuple exists (a
+    // reused port must not inherit what an earlier connection was allowed).
+    let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !opening_syn {
+        if let Some(ct) = CONNTRACK.get_ptr_mut(fwd)
+            && let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, direction, dport, now, revision)
+        {
+            return Decision { verdict: verdict::FORWARDED, reason: reason::ESTABLISHED, remote_identity: 0, rule_id, new_flow: false };
+        }
+        let rev = ct_reply_key(fwd.ifindex, direction, pkt);
+        if let Some(ct) = CONNTRACK.get_ptr_mut(&rev)
+            && let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opposite(direction), sport, now, revision)
+        {
+            return Decision { verdict: verdict::FORWARDED, reason: reason::REPLY, remote_identity: 0, rule_id, new_flow: false };
+        }
     }
 
-    let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
     let remote = remote_identity(remote_addr);
-    let dport = u16::from_be(pkt.dport_be);
 
     if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
-        ct_create(fwd, rule_id);
+        ct_create(fwd, rule_id, now, revision);
         return Decision { verdict: verdict::FORWARDED, reason: why, remote_identity: remote, rule_id, new_flow: true };
     }
 
@@ -197,10 +245,10 @@ fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decisi
     // evicted from the LRU table. It is re-admitted only if policy allows the connection in the direction
     // that would have opened it (the reverse one), so an eviction never opens anything the policy forbids
     // and never cuts a connection the policy allows.
-    if pkt.protocol == proto::TCP && (pkt.tcp_flags & TCP_SYN == 0 || pkt.tcp_flags & TCP_ACK != 0) {
-        let sport = u16::from_be(pkt.sport_be);
+    if pkt.protocol == proto::TCP && !opening_syn {
         if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
-            ct_create(&rev, rule_id);
+            let rev = ct_reply_key(fwd.ifindex, direction, pkt);
+            ct_create(&rev, rule_id, now, revision);
             return Decision { verdict: verdict::FORWARDED, reason: reason::CT_RECOVERED, remote_identity: remote, rule_id, new_flow: false };
         }
         return Decision { verdict: verdict::DROPPED, reason: reason::NO_CT_ENTRY, remote_identity: remote, rule_id: 0, new_flow: false };
@@ -209,10 +257,8 @@ fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decisi
 }
 
 #[inline(always)]
-fn ct_create(key: &CtKey, rule_id: u32) {
-    // SAFETY: helper call without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let value = CtValue { created_ns: now, last_seen_ns: now, rule_id, flags: 0 };
+fn ct_create(key: &CtKey, rule_id: u32, now: u64, revision: u32) {
+    let value = CtValue { created_ns: now, last_seen_ns: now, rule_id, revision };
     if CONNTRACK.insert(key, &value, 0).is_err() {
         stat_inc(stat::CT_INSERT_FAILED);
     }

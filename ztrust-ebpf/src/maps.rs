@@ -43,3 +43,8 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ztrust_common::stat::CO
 
 #[map(name = "ZT_CONFIG")]
 pub static CONFIG: Array<Config> = Array::pinned(1, 0);
+
+/// Policy revision: bumped by the agent after any update that may have narrowed what is allowed, so that
+/// connectionless flows admitted earlier are judged again (TCP connections keep their admission).
+#[map(name = "ZT_REVISION")]
+pub static REVISION: Array<u32> = Array::pinned(1, 0);

@@ -59,6 +59,7 @@ pub struct Maps {
     pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     pub stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, Config>,
+    pub revision: Array<MapData, u32>,
 }
 
 /// The two hooks of a pod's host-side interface.
@@ -156,6 +157,7 @@ impl Datapath {
             counters: take(&mut ebpf, names::COUNTERS)?,
             stats: take(&mut ebpf, names::STATS)?,
             config: take(&mut ebpf, names::CONFIG)?,
+            revision: take(&mut ebpf, names::REVISION)?,
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         info!(pin_dir = %pin_dir.display(), "datapath loaded");

@@ -10,6 +10,11 @@
 //! 3. widenings: allow entries that are added, then endpoint entries (new endpoints become known only
 //!    once their rules are in place; isolation flags that are cleared).
 //!
+//! When steps 1 or 2 changed anything, the policy revision is bumped before step 3: connectionless flows
+//! (UDP, ICMP, …) that conntrack admitted under the old policy are judged again at their next packet, so a
+//! narrowing never leaves a datagram flow open. TCP connections keep their admission (a new one starts
+//! with a SYN, which is always judged).
+//!
 //! Capacity is checked before anything is written: an update that would not fit is refused whole and the
 //! last applied state stays in force.
 
@@ -41,6 +46,9 @@ pub trait MapOps {
     fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()>;
     fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()>;
     fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()>;
+    /// Tells the datapath that policy may have narrowed: connectionless flows admitted before are judged
+    /// again at their next packet.
+    fn bump_revision(&mut self) -> Result<()>;
 }
 
 /// An ipcache key in the trie's format: IPv4 is stored IPv4-mapped with its prefix length + 96.
@@ -266,18 +274,25 @@ impl Syncer {
             }
         }
 
+        let narrowed_before_ipcache = stats.total();
         // 2. The ipcache.
         for (net, _) in self.ipcache.iter().filter(|(n, _)| !desired.ipcache.contains_key(n)) {
             let (prefix, key) = ipcache_key(net);
             ops.del_ipcache(prefix, &key)?;
             stats.ipcache_writes += 1;
         }
+        // An address that changes identity may lose what it was allowed; a new address cannot.
+        let mut ipcache_changed = stats.ipcache_writes > 0;
         for (net, id) in desired.ipcache.iter().filter(|(n, id)| self.ipcache.get(n) != Some(id)) {
             let (prefix, key) = ipcache_key(net);
             ops.set_ipcache(prefix, &key, &IpcacheValue { identity: *id, _pad: 0 })?;
             stats.ipcache_writes += 1;
+            ipcache_changed |= self.ipcache.contains_key(net);
         }
         self.ipcache = desired.ipcache.clone();
+        if narrowed_before_ipcache > 0 || ipcache_changed {
+            ops.bump_revision()?;
+        }
 
         // 3. Widenings.
         for (ifindex, new) in &next {
@@ -355,6 +370,10 @@ impl MapOps for KernelMaps<'_> {
     }
     fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()> {
         ignore_missing(self.0.policy.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "policy")
+    }
+    fn bump_revision(&mut self) -> Result<()> {
+        let current = self.0.revision.get(&0, 0).map_err(werr("revision"))?;
+        self.0.revision.set(0, current.wrapping_add(1), 0).map_err(werr("revision"))
     }
 }
 
@@ -455,6 +474,10 @@ mod tests {
             self.policy.remove(&(prefix, *key));
             self.log.push("del_policy".into());
             self.snap();
+            Ok(())
+        }
+        fn bump_revision(&mut self) -> Result<()> {
+            self.log.push("bump_revision".into());
             Ok(())
         }
     }
