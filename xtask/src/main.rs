@@ -271,7 +271,12 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
         c.arg(f);
     }
     c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
-    tally.run(c)
+    tally.run(c)?;
+    if filter.is_none() {
+        step("a short fuzz run (cargo xtask fuzz --seconds 3600 for a long one)");
+        fuzz(20)?;
+    }
+    Ok(())
 }
 
 fn bench(args: &[String]) -> anyhow::Result<()> {
@@ -297,13 +302,14 @@ fn fuzz(seconds: u32) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the packet target runs the eBPF programs in the kernel: run as root");
     }
+    if output(cmd("rustup", &["run", "nightly", "rustc", "--version"])).is_none() {
+        bail!("cargo-fuzz needs rustup's nightly toolchain (sanitizers, libFuzzer): rustup toolchain install nightly");
+    }
     let have = output(cmd("cargo", &["fuzz", "--version"])).is_some();
     if !have {
         step("installing cargo-fuzz (once)");
         run(cmd("cargo", &["install", "--locked", "cargo-fuzz"]))?;
     }
-    step("fuzz: build (nightly, sanitizers)");
-    run(cmd("cargo", &["+nightly", "fuzz", "build", "-O"]))?;
     for target in FUZZ_TARGETS {
         step(&format!("fuzz {target} for {seconds} s"));
         let corpus = root().join("target/fuzz-corpus").join(target);

@@ -1,0 +1,205 @@
+//! Random frames through the real programs (BPF_PROG_TEST_RUN; needs root). Never crashes, and never
+//! passes an IP packet the reference evaluator denies.
+//!
+//! The endpoint is pod a, isolated both ways, whose only rule lets it open TCP connections to pod b on
+//! port 80. So a frame the program passes must be: not IP (ARP…), ICMPv6 link control (ND, MLD), a
+//! packet from a that the reference allows (TCP to b:80), or, towards a, the reply direction of such a
+//! connection (the reference allows the reversed packet).
+#![no_main]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::sync::{Mutex, OnceLock};
+
+use aya::programs::{TestRun, TestRunOptions};
+use libfuzzer_sys::fuzz_target;
+use ztrust_agent::datapath::loader::{self, Datapath};
+use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
+use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
+use ztrust_agent::policy::{Engine, reference::reference_allowed};
+use ztrust_common::{names, proto};
+
+const A4: Ipv4Addr = Ipv4Addr::new(10, 244, 250, 10);
+const B4: Ipv4Addr = Ipv4Addr::new(10, 244, 250, 11);
+const A6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0xa);
+const B6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x10, 0x244, 0, 0, 0, 0, 0xb);
+
+struct Fixture {
+    dp: Datapath,
+    ifindex: u32,
+    cluster: Cluster,
+}
+
+fn netns_name() -> String {
+    format!("ztfuzz{}", std::process::id())
+}
+
+extern "C" fn cleanup() {
+    let _ = Command::new("ip").args(["netns", "del", &netns_name()]).status();
+    let _ = loader::cleanup(std::path::Path::new(&format!("/sys/fs/bpf/{}", netns_name())));
+}
+
+fn sel(app: &str) -> LabelSelector {
+    LabelSelector { match_labels: [("app".to_owned(), app.to_owned())].into(), ..Default::default() }
+}
+
+fn cluster() -> Cluster {
+    let mut c = Cluster::default();
+    c.namespaces.insert("x".into(), Namespace { name: "x".into(), ..Default::default() });
+    for (name, ips) in [("a", [IpAddr::V4(A4), IpAddr::V6(A6)]), ("b", [IpAddr::V4(B4), IpAddr::V6(B6)])] {
+        let pod = Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), name.to_owned())].into(),
+            ips: ips.to_vec(),
+            ..Default::default()
+        };
+        c.pods.insert(pod.object_ref(), pod);
+    }
+    let pol = NetworkPolicy {
+        namespace: "x".into(),
+        name: "a".into(),
+        pod_selector: sel("a"),
+        isolates_ingress: true,
+        isolates_egress: true,
+        ingress: vec![],
+        egress: vec![Rule {
+            peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(sel("b")) }],
+            ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None }],
+        }],
+    };
+    c.policies.insert(pol.object_ref(), pol);
+    c
+}
+
+fn fixture() -> &'static Mutex<Fixture> {
+    static F: OnceLock<Mutex<Fixture>> = OnceLock::new();
+    F.get_or_init(|| {
+        let ns = netns_name();
+        let ok = Command::new("ip").args(["netns", "add", &ns]).status().is_ok_and(|s| s.success())
+            && Command::new("ip")
+                .args(["-n", &ns, "link", "add", "ztf0", "type", "veth", "peer", "name", "ztf1"])
+                .status()
+                .is_ok_and(|s| s.success());
+        assert!(ok, "creating the fuzz network namespace (needs root)");
+        // SAFETY: registering a plain extern "C" function.
+        unsafe { libc::atexit(cleanup) };
+        let file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+        // libFuzzer runs the target on this thread; the namespace is where the device lives.
+        nix::sched::setns(file.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let ifindex = nix::net::if_::if_nametoindex("ztf0").unwrap();
+        let mut dp = Datapath::load(std::path::Path::new(&format!("/sys/fs/bpf/{ns}"))).expect("load");
+        let cluster = cluster();
+        let desired = Engine::new().compile(&cluster);
+        let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+        Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+        Mutex::new(Fixture { dp, ifindex, cluster })
+    })
+}
+
+/// What the kernel must have seen in the frame, parsed independently of the eBPF parser.
+enum Seen {
+    NotIp,
+    LinkControl,
+    Ip { src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: u16 },
+    Unparsed,
+}
+
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+fn parse(f: &[u8]) -> Seen {
+    let Some(ethertype) = be16(f, 12) else { return Seen::Unparsed };
+    let ports = |off: usize, protocol: u8| match protocol {
+        proto::TCP | proto::UDP | proto::SCTP => Some((be16(f, off)?, be16(f, off + 2)?)),
+        _ => Some((0, 0)),
+    };
+    match ethertype {
+        0x0800 => {
+            let Some(&vihl) = f.get(14) else { return Seen::Unparsed };
+            let ihl = usize::from(vihl & 0xf) * 4;
+            let (Some(&protocol), Some(src), Some(dst)) = (f.get(23), f.get(26..30), f.get(30..34)) else {
+                return Seen::Unparsed;
+            };
+            let src = IpAddr::from(<[u8; 4]>::try_from(src).unwrap());
+            let dst = IpAddr::from(<[u8; 4]>::try_from(dst).unwrap());
+            match ports(14 + ihl, protocol) {
+                Some((sport, dport)) => Seen::Ip { src, dst, protocol, sport, dport },
+                None => Seen::Unparsed,
+            }
+        }
+        0x86DD => {
+            let (Some(&next), Some(src), Some(dst)) = (f.get(20), f.get(22..38), f.get(38..54)) else {
+                return Seen::Unparsed;
+            };
+            let src = IpAddr::from(<[u8; 16]>::try_from(src).unwrap());
+            let dst = IpAddr::from(<[u8; 16]>::try_from(dst).unwrap());
+            let (mut next, mut off) = (next, 54);
+            for _ in 0..4 {
+                match next {
+                    0 | 43 | 60 => {
+                        let (Some(&n), Some(&len)) = (f.get(off), f.get(off + 1)) else { return Seen::Unparsed };
+                        next = n;
+                        off += (usize::from(len) + 1) * 8;
+                    }
+                    44 => {
+                        let Some(&n) = f.get(off) else { return Seen::Unparsed };
+                        next = n;
+                        off += 8;
+                    }
+                    _ => break,
+                }
+            }
+            if next == proto::ICMPV6 && f.get(off).is_some_and(|t| (130..=137).contains(t) || *t == 143) {
+                return Seen::LinkControl;
+            }
+            match ports(off, next) {
+                Some((sport, dport)) => Seen::Ip { src, dst, protocol: next, sport, dport },
+                None => Seen::Unparsed,
+            }
+        }
+        _ => Seen::NotIp,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    if data.len() < 14 || data.len() > 1500 {
+        return;
+    }
+    let fx = fixture().lock().unwrap();
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&fx.ifindex.to_ne_bytes());
+    for (prog, towards_a) in [(names::PROG_FROM_POD, false), (names::PROG_TO_POD, true)] {
+        let mut out = vec![0u8; data.len() + 256];
+        let opts = TestRunOptions { data_in: Some(data), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+        let result = match fx.dp.program(prog).unwrap().test_run(opts) {
+            Ok(r) => r,
+            // The kernel refuses to build an skb from some frames (an IP ethertype without a whole IP
+            // header): nothing reaches the program, so there is nothing to check.
+            Err(aya::programs::ProgramError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EINVAL) => return,
+            Err(e) => panic!("test run: {e:?}"),
+        };
+        let passed = result.return_value == 0;
+        if !passed {
+            continue;
+        }
+        match parse(data) {
+            Seen::NotIp | Seen::LinkControl => {}
+            Seen::Unparsed => panic!("{prog} passed a frame with cut-off IP headers: {data:02x?}"),
+            Seen::Ip { dst, src, protocol, sport, dport } => {
+                let a = if dst.is_ipv4() || src.is_ipv4() { IpAddr::V4(A4) } else { IpAddr::V6(A6) };
+                // Judged as traffic of endpoint a: from a to the destination, or the reply of a's
+                // connection to the source.
+                let allowed = if towards_a {
+                    reference_allowed(&fx.cluster, a, src, protocol, sport)
+                } else {
+                    reference_allowed(&fx.cluster, a, dst, protocol, dport)
+                };
+                assert!(allowed, "{prog} passed {src}:{sport} -> {dst}:{dport} proto {protocol}, which the reference denies");
+            }
+        }
+    }
+});
