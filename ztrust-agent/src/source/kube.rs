@@ -16,6 +16,15 @@
 //!   fails closed) become Kubernetes Events on the policy, once per distinct set of problems, when
 //!   [`Options::events`] is set.
 //!
+//! - The stores keep a slimmed copy of each object (no `managedFields`, a Pod only with what the model
+//!   reads): the agent holds every pod of the cluster.
+//!
+//! From a polling loop (the agent's): `KubeSource::start(client, Some(node))` once, inside the runtime,
+//! then `try_snapshot()` each tick; `None` until all three kinds are listed and whenever nothing
+//! changed, so the pinned state of an earlier agent keeps enforcing until the first snapshot. From an
+//! event loop: `changed().await` (cancel-safe, so it can sit in a `tokio::select!`). Problems are
+//! logged here, once each; the caller need not log `Loaded::errors` again.
+//!
 //! Every API call the source makes is listed in [`API_CALLS`]; the deploy tests check that the
 //! ClusterRole in `deploy/base` grants exactly those (plus `get` on what is read).
 
@@ -25,8 +34,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{Container, Namespace, ObjectReference, Pod, PodSpec, PodStatus};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -194,9 +204,9 @@ impl KubeSource {
 
     pub fn start_with(client: Client, options: Options) -> KubeSource {
         let (tx, generation) = watch::channel(0u64);
-        let (namespaces, t1) = spawn_reflector::<Namespace>(&client, tx.clone());
-        let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone());
-        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx);
+        let (namespaces, t1) = spawn_reflector::<Namespace>(&client, tx.clone(), slim_namespace);
+        let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone(), slim_pod);
+        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx, slim_policy);
         let mut tasks = vec![t1, t2, t3];
         let events = options.events.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -374,7 +384,11 @@ impl KubeSource {
     }
 }
 
-fn spawn_reflector<K>(client: &Client, changed: watch::Sender<u64>) -> (Store<K>, JoinHandle<()>)
+fn spawn_reflector<K>(
+    client: &Client,
+    changed: watch::Sender<u64>,
+    slim: fn(&mut K),
+) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
@@ -384,7 +398,9 @@ where
     let (reader, writer) = reflector::store::<K>();
     let stream = reflector::reflector(
         writer,
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default()).default_backoff(),
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(slim),
     );
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
@@ -413,6 +429,61 @@ where
         }
     });
     (reader, task)
+}
+
+/// Annotation `kubectl apply` fills with the whole object: never read, often the largest field.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// What every kind keeps of its metadata: the store holds every object of the cluster, and
+/// `managedFields` alone is often most of an object's size.
+fn slim_metadata(meta: &mut ObjectMeta) {
+    meta.managed_fields = None;
+    if let Some(a) = &mut meta.annotations {
+        a.remove(LAST_APPLIED);
+    }
+}
+
+fn slim_namespace(ns: &mut Namespace) {
+    slim_metadata(&mut ns.metadata);
+    ns.spec = None;
+    ns.status = None;
+}
+
+fn slim_policy(np: &mut NetworkPolicy) {
+    slim_metadata(&mut np.metadata);
+}
+
+/// Keeps what [`dir::convert_pod`] and the phase check read: labels, annotations, addresses, phase,
+/// node, host network, container ports. Every pod of the cluster is stored: a full Pod (conditions,
+/// container statuses, volumes, env) is ten times this.
+fn slim_pod(pod: &mut Pod) {
+    slim_metadata(&mut pod.metadata);
+    let ports_only = |c: &mut Container| Container {
+        name: std::mem::take(&mut c.name),
+        ports: c.ports.take(),
+        ..Container::default()
+    };
+    if let Some(spec) = pod.spec.take() {
+        let mut spec = spec;
+        pod.spec = Some(PodSpec {
+            node_name: spec.node_name.take(),
+            host_network: spec.host_network,
+            containers: spec.containers.iter_mut().map(ports_only).collect(),
+            init_containers: spec
+                .init_containers
+                .as_mut()
+                .map(|cs| cs.iter_mut().map(ports_only).collect()),
+            ..PodSpec::default()
+        });
+    }
+    if let Some(status) = pod.status.take() {
+        pod.status = Some(PodStatus {
+            phase: status.phase,
+            pod_ip: status.pod_ip,
+            pod_ips: status.pod_ips,
+            ..PodStatus::default()
+        });
+    }
 }
 
 /// Events are at most 1 kB of note.
@@ -463,6 +534,46 @@ mod tests {
         }
         api_call::<k8s_openapi::api::events::v1::Event>("create");
         assert_eq!(API_CALLS.len(), 4, "every entry is used by the code above");
+    }
+
+    /// Slimming keeps everything the conversion reads.
+    #[test]
+    fn slim_pod_converts_the_same() {
+        let full: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "web", "namespace": "shop", "uid": "u1", "resourceVersion": "7",
+                "labels": { "app": "web" },
+                "annotations": { "ztrust.io/x": "y", LAST_APPLIED: "{...}" },
+                "managedFields": [{ "manager": "kubectl", "operation": "Apply" }],
+            },
+            "spec": {
+                "nodeName": "n1", "hostNetwork": false, "serviceAccountName": "web",
+                "containers": [{ "name": "app", "image": "nginx", "env": [{ "name": "A", "value": "1" }],
+                                 "ports": [{ "name": "http", "containerPort": 80 },
+                                           { "containerPort": 53, "protocol": "UDP" }] }],
+                "initContainers": [{ "name": "init", "image": "busybox",
+                                     "ports": [{ "name": "metrics", "containerPort": 9000 }] }],
+                "volumes": [{ "name": "v", "emptyDir": {} }],
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.5", "podIPs": [{ "ip": "10.0.0.5" }, { "ip": "fd00::5" }],
+                "hostIP": "192.0.2.1", "conditions": [{ "type": "Ready", "status": "True" }],
+            },
+        }))
+        .unwrap();
+        let mut slim = full.clone();
+        slim_pod(&mut slim);
+        let (a, b) = (dir::convert_pod(&full), dir::convert_pod(&slim));
+        assert_eq!(a.errors, b.errors);
+        let (mut a, b) = (a.value.unwrap(), b.value.unwrap());
+        // Only the last-applied annotation differs: nobody reads it.
+        assert_eq!(a.annotations.remove(LAST_APPLIED).as_deref(), Some("{...}"));
+        assert_eq!(a, b);
+        assert_eq!(b.ports.len(), 3);
+        assert_eq!(b.ips.len(), 2);
+        assert!(slim.metadata.managed_fields.is_none());
+        assert!(serde_json::to_string(&slim).unwrap().len() < serde_json::to_string(&full).unwrap().len());
+        assert_eq!(slim.metadata.uid.as_deref(), Some("u1"));
     }
 
     #[test]
