@@ -240,6 +240,22 @@ impl Tally {
     }
 }
 
+/// tests/deploy/test_manifests.py in a virtualenv of its own (PyPI: kubernetes-validate bundles the schemas).
+fn deploy_schema_tests() -> anyhow::Result<()> {
+    let venv = root().join("target/deploy-venv");
+    let python = venv.join("bin/python");
+    if !python.exists() {
+        run(cmd("python3", &["-m", "venv", venv.to_str().expect("utf-8 path")]))?;
+    }
+    let requirements = root().join("tests/deploy/requirements.txt");
+    let mut pip = Command::new(&python);
+    pip.args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&requirements);
+    run(pip)?;
+    let mut t = Command::new(&python);
+    t.args(["-m", "unittest", "discover", "-s", "tests/deploy", "-v"]).current_dir(root());
+    run(t)
+}
+
 fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
     let mut tally = Tally::default();
     let result = test_tiers(unit_only, filter, &mut tally);
@@ -252,6 +268,8 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
     setup_with(TEST_PACKAGES)?;
     step("unit tests (no root)");
     tally.run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
+    step("deploy manifests against the Kubernetes 1.33 schemas (kubernetes-validate, offline)");
+    deploy_schema_tests()?;
     if unit_only {
         return Ok(());
     }

@@ -21,8 +21,10 @@ use crate::source::dir::{self, Loaded};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("unknown source `{0}`: use `dir:<path>` (the Kubernetes API source is not built yet)")]
+    #[error("unknown source `{0}`: use `kube` (the Kubernetes API) or `dir:<path>` (a directory of YAML)")]
     UnknownSource(String),
+    #[error("connecting to the Kubernetes API: {0}")]
+    Kube(String),
     #[error(transparent)]
     Datapath(#[from] crate::datapath::loader::Error),
     #[error("reading {path}: {source}")]
@@ -34,6 +36,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
     Dir(PathBuf),
+    /// The Kubernetes API: in-cluster (service account) or from a kubeconfig.
+    Kube { kubeconfig: Option<PathBuf> },
 }
 
 impl std::str::FromStr for Source {
@@ -41,6 +45,7 @@ impl std::str::FromStr for Source {
     fn from_str(s: &str) -> Result<Self> {
         match s.split_once(':') {
             Some(("dir", path)) if !path.is_empty() => Ok(Source::Dir(PathBuf::from(path))),
+            None if s == "kube" => Ok(Source::Kube { kubeconfig: None }),
             _ => Err(Error::UnknownSource(s.to_owned())),
         }
     }
@@ -153,6 +158,21 @@ impl DirSource {
     }
 }
 
+/// Where snapshots of the cluster come from.
+enum Watched {
+    Dir(DirSource),
+    Kube(crate::source::kube::KubeSource),
+}
+
+impl Watched {
+    fn poll(&mut self) -> Option<Loaded> {
+        match self {
+            Watched::Dir(d) => d.poll(),
+            Watched::Kube(k) => k.try_snapshot(),
+        }
+    }
+}
+
 fn build_view(node: &str, cluster: &Cluster, desired: &Desired, bindings: &BTreeMap<ObjectRef, u32>) -> View {
     let mut view = View { node: node.to_owned(), ..Default::default() };
     for pod in cluster.pods.values() {
@@ -216,7 +236,6 @@ impl FlowSink {
 }
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
-    let Source::Dir(root) = &opts.source;
     let agent_started = Instant::now();
     let mut dp = Datapath::load_with(&opts.pin_dir, opts.capacities)?;
     let config = Config {
@@ -263,7 +282,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     let flows_task = tokio::spawn(read_events(ring, view.clone(), sink));
 
-    let mut source = DirSource::new(root.clone());
+    let mut source = match &opts.source {
+        Source::Dir(root) => Watched::Dir(DirSource::new(root.clone())),
+        Source::Kube { kubeconfig } => {
+            let client =
+                crate::source::kube::client(kubeconfig.as_deref()).await.map_err(|e| Error::Kube(e.to_string()))?;
+            Watched::Kube(crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone())))
+        }
+    };
     let mut engine = Engine::new();
     let mut cluster = Cluster::default();
     let mut desired = Desired::default();
@@ -272,13 +298,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut dirty = true;
     // Adopt the links an earlier agent pinned (they keep enforcing until now).
     let pinned = dp.pinned_interfaces();
-    info!(source = %root.display(), pinned = pinned.len(), "agent running");
+    info!(source = ?opts.source, pinned = pinned.len(), "agent running");
 
     let mut ticker = tokio::time::interval(opts.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown_signal());
     let mut first = true;
     let mut in_sync = false;
+    // Until the source has delivered a whole snapshot, the pinned state of an earlier agent enforces:
+    // syncing an empty cluster would tear it down.
+    let mut have_snapshot = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -291,6 +320,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let _enter = span.enter();
 
         if let Some(loaded) = source.poll() {
+            have_snapshot = true;
             let started = Instant::now();
             cluster = loaded.cluster;
             cluster.node_ips = opts.node_ips.clone();
@@ -333,6 +363,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let routes = HostRoutes::read().unwrap_or_default();
         let mut new_bindings = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
+            // Pods of other nodes are peers here, not endpoints.
+            let elsewhere = cluster
+                .pods
+                .get(pod)
+                .and_then(|p| p.node_name.as_deref())
+                .is_some_and(|n| n != opts.node_name);
+            if elsewhere {
+                continue;
+            }
             let iface = ep.ips.iter().find_map(|ip| routes.interface_of(ip));
             match iface.and_then(|n| ifaces.get(n).map(|i| (n, *i))) {
                 Some((name, index)) => {
@@ -371,7 +410,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         first = false;
 
-        if dirty {
+        if dirty && have_snapshot {
             let started = Instant::now();
             match syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings) {
                 Ok(stats) => {
@@ -384,6 +423,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     if !in_sync {
                         // Until here an earlier agent's pinned state enforced; from here, this agent's.
                         in_sync = true;
+                        metrics.set_ready();
                         info!(
                             writes = stats.total(),
                             since_start_ms = agent_started.elapsed().as_secs_f64() * 1000.0,

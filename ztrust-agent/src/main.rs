@@ -57,9 +57,15 @@ struct RunArgs {
     /// Capacity of the conntrack table (LRU: the least recently used connection goes when full).
     #[arg(long, default_value_t = ztrust_common::capacity::CONNTRACK)]
     conntrack_max: u32,
-    /// Where cluster state comes from: `dir:<path>` (Namespace, Pod and NetworkPolicy YAML, re-read on change).
+    /// Where cluster state comes from: `kube` (the Kubernetes API: in a pod its service account, else
+    /// `--kubeconfig`, $KUBECONFIG or ~/.kube/config) or `dir:<path>` (Namespace, Pod and NetworkPolicy
+    /// YAML, re-read on change).
     #[arg(long, env = "ZTRUST_SOURCE")]
     source: Option<String>,
+    /// Kubeconfig for `--source kube` outside a cluster (default: $KUBECONFIG, then ~/.kube/config, then
+    /// the pod's service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
     /// bpffs directory of the pinned maps and links.
     #[arg(long, default_value = datapath::loader::DEFAULT_PIN_DIR)]
     pin_path: PathBuf,
@@ -203,7 +209,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let opts = agent::Options {
-        source: source.parse()?,
+        source: match source.parse()? {
+            agent::Source::Kube { .. } => agent::Source::Kube { kubeconfig: args.kubeconfig },
+            other => other,
+        },
         pin_dir: args.pin_path,
         interface_prefixes: args.interface_prefix,
         node_name: args.node_name,

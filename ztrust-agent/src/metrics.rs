@@ -57,6 +57,8 @@ pub struct Metrics {
     alerts: Family<Labels, Counter>,
     hub: OnceLock<Arc<Hub>>,
     mirrored: Mutex<Mirrored>,
+    /// Set once the agent's maps are in sync with its source: `/readyz` answers 200 from then on.
+    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -66,10 +68,20 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The agent is in sync with its source (readiness).
+    pub fn set_ready(&self) {
+        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     pub fn new(opts: MetricsOptions) -> Self {
         let mut registry = Registry::with_prefix("ztrust");
         let duration = || Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         let m = Self {
+            ready: std::sync::atomic::AtomicBool::new(false),
             opts,
             flows: Family::default(),
             drops: Family::default(),
@@ -261,7 +273,8 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
-/// Serves `/metrics` (and `/healthz`) on `listener` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz` (the process answers) and `/readyz` (200 once the maps are in sync with
+/// the source, 503 before) on `listener` until `shutdown` resolves.
 pub async fn serve(
     metrics: Arc<Metrics>,
     listener: tokio::net::TcpListener,
@@ -270,6 +283,7 @@ pub async fn serve(
     use axum::http::header::CONTENT_TYPE;
     use axum::routing::get;
     tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
+    let ready_metrics = metrics.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -290,7 +304,20 @@ pub async fn serve(
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }));
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = ready_metrics.is_ready();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not in sync with the source yet\n")
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await
 }
 

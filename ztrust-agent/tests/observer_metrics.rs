@@ -34,8 +34,12 @@ fn drop_in(ns: &str) -> Flow {
 }
 
 async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    get_accepting(addr, path, "*/*").await
+}
+
+async fn get_accepting(addr: std::net::SocketAddr, path: &str, accept: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .unwrap();
     let mut out = String::new();
@@ -68,7 +72,12 @@ async fn scrape() {
     let server = tokio::spawn(metrics::serve(m.clone(), listener, async move {
         let _ = stopped.await;
     }));
-    let response = get(addr, "/metrics").await;
+    // A scraper that asks for OpenMetrics (as Prometheus does) gets it; others get the classic text format,
+    // whose counter HELP/TYPE lines carry the `_total` suffix.
+    let classic = get(addr, "/metrics").await;
+    assert!(classic.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{classic}");
+    assert!(classic.contains("# TYPE ztrust_drops_total counter") && !classic.contains("# EOF"), "{classic}");
+    let response = get_accepting(addr, "/metrics", "application/openmetrics-text;version=1.0.0").await;
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
@@ -84,6 +93,10 @@ async fn scrape() {
     // Every sample carries the prefix.
     assert!(s.iter().all(|(k, _)| k.starts_with("ztrust_")), "{body}");
     assert!(get(addr, "/healthz").await.ends_with("ok\n"));
+    // Not ready until the agent has synced its maps.
+    assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+    m.set_ready();
+    assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
