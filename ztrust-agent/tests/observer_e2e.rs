@@ -147,6 +147,16 @@ fn scanner_alert_and_prometheus_scrape() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (after, alert) = fired.expect("no scan alert within 10 s");
+    // The CLI over the agent's socket shows the scan's denied flows, with their reason and policies.
+    let out = Command::new(AGENT)
+        .args(["flows", "--denied", "--from-pod", "payments/frontend", "--to-pod", "payments/backend", "--last", "500", "-o", "jsonl", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .expect("flows");
+    let flows: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(flows.len() >= 10, "denied scan flows over gRPC: {} ({})", flows.len(), String::from_utf8_lossy(&out.stderr));
+    assert!(flows.iter().all(|f| f.to_string().contains("policy-denied") || f.to_string().contains("POLICY_DENIED")), "{flows:?}");
     eprintln!("scan alert after {after:?}: {}", alert["summary"]);
     assert!(after < Duration::from_secs(2), "the alert took {after:?}");
     assert!(alert["distinct_destinations"].as_u64().unwrap_or(0) >= 10 || alert["distinctDestinations"].as_u64().unwrap_or(0) >= 10, "{alert}");

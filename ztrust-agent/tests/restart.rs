@@ -200,4 +200,12 @@ fn restart_and_upgrade_without_a_gap() {
     assert!(before > 0 && after_restart > before && after_upgrade > after_restart, "{before} {after_restart} {after_upgrade}");
     assert!(sync1 < Duration::from_secs(1), "restart converged in {sync1:?}");
     assert!(sync2 < Duration::from_secs(1), "upgrade converged in {sync2:?}");
+
+    // Uninstall: `run --cleanup` removes every pin it made, so nothing keeps enforcing.
+    std::thread::sleep(Duration::from_millis(300));
+    let pin_dir = agent.pin_dir.clone();
+    assert!(pin_dir.join("maps").exists());
+    let out = Command::new(AGENT).args(["run", "--cleanup", "--pin-path"]).arg(&pin_dir).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!pin_dir.exists(), "every pin removed");
 }
