@@ -308,6 +308,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // Until the source has delivered a whole snapshot, the pinned state of an earlier agent enforces:
     // syncing an empty cluster would tear it down.
     let mut have_snapshot = false;
+    let mut last_sync_error: Option<String> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -321,6 +322,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
         if let Some(loaded) = source.poll() {
             have_snapshot = true;
+            metrics.set_source_errors(loaded.errors.len() as u64);
             let started = Instant::now();
             cluster = loaded.cluster;
             cluster.node_ips = opts.node_ips.clone();
@@ -414,6 +416,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             let started = Instant::now();
             match syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings) {
                 Ok(stats) => {
+                    last_sync_error = None;
                     metrics.observe_sync(started.elapsed().as_secs_f64(), stats.total() as u64);
                     let caps = syncer.capacities;
                     metrics.set_map_fill("ZT_POLICY", syncer.policy_entries() as u64, u64::from(caps.policy));
@@ -433,7 +436,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                         info!(writes = stats.total(), sync_ms = started.elapsed().as_secs_f64() * 1000.0, "synced");
                     }
                 }
-                Err(e) => error!(error = %e, "datapath sync failed; will retry"),
+                Err(e) => {
+                    // Retried every tick; said once per distinct problem.
+                    let msg = e.to_string();
+                    if last_sync_error.as_deref() != Some(msg.as_str()) {
+                        metrics.sync_refused();
+                        error!(error = %msg, "datapath update refused; the last applied state keeps enforcing");
+                        last_sync_error = Some(msg);
+                    }
+                }
             }
             *view.write().expect("view lock") = build_view(&opts.node_name, &cluster, &desired, &bindings);
         }

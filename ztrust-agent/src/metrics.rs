@@ -52,6 +52,8 @@ pub struct Metrics {
     sync_writes: Counter,
     endpoints: U64Gauge,
     identities: U64Gauge,
+    source_errors: U64Gauge,
+    sync_refused: Counter,
     map_entries: Family<Labels, U64Gauge>,
     map_capacity: Family<Labels, U64Gauge>,
     alerts: Family<Labels, Counter>,
@@ -96,6 +98,8 @@ impl Metrics {
             sync_writes: Counter::default(),
             endpoints: U64Gauge::default(),
             identities: U64Gauge::default(),
+            source_errors: U64Gauge::default(),
+            sync_refused: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
             alerts: Family::default(),
@@ -148,6 +152,16 @@ impl Metrics {
         );
         registry.register("endpoints", "Endpoints (pods) enforced on this node", m.endpoints.clone());
         registry.register("identities", "Security identities allocated", m.identities.clone());
+        registry.register(
+            "source_errors",
+            "Problems in the source's objects now (invalid fields, unsupported kinds), each logged naming the object and field",
+            m.source_errors.clone(),
+        );
+        registry.register(
+            "sync_refused",
+            "Map updates refused whole (capacity, write errors); the last applied state kept enforcing",
+            m.sync_refused.clone(),
+        );
         registry.register("map_entries", "Entries in a kernel map", m.map_entries.clone());
         registry.register("map_capacity", "Capacity of a kernel map", m.map_capacity.clone());
         registry.register(
@@ -204,6 +218,14 @@ impl Metrics {
 
     pub fn set_identities(&self, n: u64) {
         self.identities.set(n);
+    }
+
+    pub fn set_source_errors(&self, n: u64) {
+        self.source_errors.set(n);
+    }
+
+    pub fn sync_refused(&self) {
+        self.sync_refused.inc();
     }
 
     /// `map` is the pinned name (`ZT_POLICY`, ...) or any stable short name.
