@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 200)]
     pub changes: usize,
     /// Stop measuring changes of one size after this many seconds (the count is reported).
-    #[arg(long, default_value_t = 420)]
+    #[arg(long, default_value_t = 600)]
     pub max_seconds: u64,
 }
 
