@@ -35,3 +35,30 @@ fn load_pin_adopt_cleanup() {
     loader::cleanup(&topo.pin_dir).unwrap();
     assert!(!topo.pin_dir.exists());
 }
+
+/// Kernels before 6.6 have no TCX: the programs go on a clsact qdisc as BPF filters instead. Forced here,
+/// they filter real traffic (fail closed before the endpoint is known) and detach with the agent.
+#[test]
+fn clsact_fallback_filters_and_detaches() {
+    common::require_root();
+    let mut topo = common::Topology::new("ztcls", 208, 2);
+    topo.serve(1, 80);
+    common::enter_netns(&topo.node);
+    assert!(topo.tcp(0, 1, 80), "no program yet: traffic flows");
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    dp.attach_mode = ztrust_agent::datapath::loader::AttachMode::Clsact;
+    for p in &topo.pods {
+        let index = nix::net::if_::if_nametoindex(p.host_if.as_str()).unwrap();
+        dp.attach(&p.host_if, index).expect("clsact attach");
+    }
+    let filters = std::process::Command::new("tc")
+        .args(["filter", "show", "dev", &topo.pods[0].host_if, "ingress"])
+        .output()
+        .unwrap();
+    let filters = String::from_utf8_lossy(&filters.stdout);
+    assert!(filters.contains("bpf") && filters.contains("zt_from_pod"), "a BPF filter on the clsact qdisc: {filters}");
+    assert!(!topo.tcp(0, 1, 80), "the filter drops traffic of unknown endpoints");
+    assert!(!topo.pin_dir.join(format!("links/from-pod/{}", topo.pods[0].host_if)).exists(), "nothing pinned");
+    drop(dp);
+    assert!(topo.tcp(0, 1, 80), "the filters went with the agent");
+}

@@ -62,6 +62,18 @@ pub struct Maps {
     pub revision: Array<MapData, u32>,
 }
 
+/// How programs are attached to interfaces.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// TCX links (pinned, so enforcement outlives the agent) where the kernel has them (≥ 6.6), else
+    /// clsact.
+    #[default]
+    Auto,
+    /// A clsact qdisc with a BPF filter (netlink), as on kernels before 6.6. These attachments are not
+    /// pinnable: they end with the agent process.
+    Clsact,
+}
+
 /// The two hooks of a pod's host-side interface.
 const HOOKS: [(&str, TcAttachType, &str); 2] = [
     (names::PROG_FROM_POD, TcAttachType::Ingress, "from-pod"),
@@ -76,6 +88,9 @@ pub struct Datapath {
     /// Interfaces the programs are attached to: name → ifindex at attach time.
     attached: BTreeMap<String, u32>,
     caps: Capacities,
+    pub attach_mode: AttachMode,
+    /// clsact attachments (not pinnable): dropping one detaches it.
+    netlink_links: BTreeMap<String, Vec<SchedClassifierLink>>,
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted yet (a bare node or container).
@@ -161,7 +176,7 @@ impl Datapath {
         };
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         info!(pin_dir = %pin_dir.display(), "datapath loaded");
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new(), caps })
+        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new(), caps, attach_mode: AttachMode::Auto, netlink_links: BTreeMap::new() })
     }
 
     pub fn capacities(&self) -> Capacities {
@@ -194,6 +209,11 @@ impl Datapath {
     /// A link pinned by an earlier agent is adopted and switched to this agent's programs atomically
     /// (TCX replaces the program in place: no packet goes unfiltered).
     pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        let tcx = self.attach_mode == AttachMode::Auto
+            && aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0));
+        if !tcx {
+            return self.attach_clsact(ifname, ifindex);
+        }
         for (name, attach_type, hook) in HOOKS {
             let path = self.link_path(ifname, hook);
             let prog: &mut SchedClassifier = self
@@ -246,8 +266,37 @@ impl Datapath {
         Ok(())
     }
 
+    /// The fallback for kernels without TCX: a clsact qdisc and a BPF filter per direction. The
+    /// attachment lives as long as this process (netlink filters cannot be pinned).
+    fn attach_clsact(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
+        if let Err(e) = aya::programs::tc::qdisc_add_clsact(ifname) {
+            // EEXIST: a clsact qdisc is there already (ours from before, or the CNI's).
+            debug!(%ifname, error = %e, "clsact qdisc not added");
+        }
+        let mut links = Vec::new();
+        for (name, attach_type, hook) in HOOKS {
+            let prog: &mut SchedClassifier = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
+                .try_into()
+                .map_err(|source| Error::Program { name, source })?;
+            let options = aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default());
+            let id = prog
+                .attach_with_options(ifname, attach_type, options)
+                .map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?;
+            links.push(prog.take_link(id).map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?);
+        }
+        self.netlink_links.insert(ifname.to_owned(), links);
+        self.attached.insert(ifname.to_owned(), ifindex);
+        warn!(%ifname, ifindex, "programs attached with clsact (no TCX): enforcement on this interface ends with the agent");
+        Ok(())
+    }
+
     /// Detaches from `ifname` by removing its pinned links (the last reference to them).
     pub fn detach(&mut self, ifname: &str) {
+        // clsact filters detach when their link is dropped.
+        self.netlink_links.remove(ifname);
         for (_, _, hook) in HOOKS {
             let path = self.link_path(ifname, hook);
             if let Err(e) = fs::remove_file(&path)
