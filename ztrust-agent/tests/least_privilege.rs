@@ -2,22 +2,19 @@
 //! CAP_NET_ADMIN and CAP_PERFMON (every other capability dropped with capsh), refuses to start with a
 //! clear error when any of the three is missing, and its flow API socket is 0600.
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ztrust_agent::lab::{self, ApplyOptions, DownOptions, ProbeOptions, UpOptions, Verdict};
+use common::{AGENT, PaymentsLab};
+use ztrust_agent::lab::{self, ProbeOptions, Verdict};
 use ztrust_agent::model::Protocol;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
 const NEEDED: [&str; 3] = ["cap_bpf", "cap_net_admin", "cap_perfmon"];
 /// CAP_NET_ADMIN = 12, CAP_PERFMON = 38, CAP_BPF = 39.
 const NEEDED_MASK: u64 = (1 << 12) | (1 << 38) | (1 << 39);
-
-fn payments() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
-}
 
 /// Every capability of this kernel but `keep`, comma-separated, for `capsh --drop`.
 fn all_but(keep: &[&str]) -> String {
@@ -37,18 +34,6 @@ fn wrapper(dir: &Path, keep: &[&str]) -> PathBuf {
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
-}
-
-struct Lab {
-    state_dir: PathBuf,
-    prefix: String,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
 }
 
 fn cap_eff(pid: u32) -> u64 {
@@ -85,30 +70,9 @@ fn enforces_with_three_capabilities_and_no_more() {
     }
 
     // With exactly the three: the payments lab is enforced.
-    let prefix = format!("ztc{}", std::process::id() % 10_000);
-    let lab = Lab { state_dir: scratch.join("lab"), prefix };
     let bin = wrapper(&scratch, &NEEDED);
-    lab::up(
-        &payments().join("cluster.yaml"),
-        UpOptions {
-            state_dir: lab.state_dir.clone(),
-            prefix: lab.prefix.clone(),
-            if_prefix: format!("{}l", lab.prefix),
-            ext_if_prefix: format!("{}x", lab.prefix),
-            agent_bin: Some(AGENT.into()),
-            agent: Some(lab::AgentSpec {
-                bin: Some(bin),
-                extra_args: vec!["--metrics-addr".into(), "none".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .expect("lab up with a least-privilege agent");
-    lab::apply(&payments().join("policies"), ApplyOptions { state_dir: lab.state_dir.clone(), ..Default::default() })
-        .expect("apply");
-    let state = lab::status(&lab.state_dir).unwrap();
-    let agent = state.agent.clone().unwrap();
+    let lab = PaymentsLab::up("ztc", &bin, &["--metrics-addr", "none"]);
+    let agent = lab.agent();
     // The lab started the wrapper; capsh exec'd the agent in the same process.
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(cap_eff(agent.pid), NEEDED_MASK, "the agent holds exactly CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON");

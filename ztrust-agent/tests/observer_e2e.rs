@@ -4,37 +4,28 @@
 //! PromQL query returns the drop count the agent reported; `promtool check metrics` accepts the
 //! exposition.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ztrust_agent::lab::{self, ApplyOptions, DownOptions, UpOptions};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
+use common::{AGENT, PaymentsLab};
 const METRICS: &str = "127.0.0.1:19965";
 const PROMETHEUS: &str = "127.0.0.1:19090";
 
-fn payments() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
-}
+/// Processes the test started (Prometheus), killed when the test ends, before the lab goes down.
+struct Children(Vec<Child>);
 
-struct Lab {
-    state_dir: PathBuf,
-    prefix: String,
-    children: Vec<Child>,
-}
-
-impl Drop for Lab {
+impl Drop for Children {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
-        let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
 
@@ -85,36 +76,14 @@ fn scanner_alert_and_prometheus_scrape() {
             "{tool} is missing: `cargo xtask setup` installs it"
         );
     }
-    std::fs::create_dir_all("/run/ztrust").unwrap();
-    let prefix = format!("zto{}", std::process::id() % 10_000);
-    let mut lab = Lab {
-        state_dir: PathBuf::from(format!("/run/ztrust/observer-test-{}", std::process::id())),
-        prefix,
-        children: Vec::new(),
-    };
-    lab::up(
-        &payments().join("cluster.yaml"),
-        UpOptions {
-            state_dir: lab.state_dir.clone(),
-            prefix: lab.prefix.clone(),
-            if_prefix: format!("{}l", lab.prefix),
-            ext_if_prefix: format!("{}x", lab.prefix),
-            agent_bin: Some(AGENT.into()),
-            agent: Some(lab::AgentSpec {
-                bin: Some(AGENT.into()),
-                extra_args: ["--metrics-addr", METRICS, "--scan-threshold", "10", "--scan-window", "10s", "--sensitive-selector", "none"]
-                    .map(String::from)
-                    .to_vec(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .expect("lab up");
-    lab::apply(&payments().join("policies"), ApplyOptions { state_dir: lab.state_dir.clone(), ..Default::default() })
-        .expect("apply");
-    let state = lab::status(&lab.state_dir).unwrap();
-    let agent = state.agent.clone().unwrap();
+    let lab = PaymentsLab::up(
+        "zto",
+        Path::new(AGENT),
+        &["--metrics-addr", METRICS, "--scan-threshold", "10", "--scan-window", "10s", "--sensitive-selector", "none"],
+    );
+    let mut children = Children(Vec::new());
+    let state = lab.state.clone();
+    let agent = lab.agent();
     let pod = |name: &str| state.pods.iter().find(|p| p.name == name).unwrap().clone();
     let (frontend, backend) = (pod("frontend"), pod("backend"));
     let backend_ip = backend.ips.iter().find(|a| a.is_ipv4()).copied().unwrap();
@@ -180,7 +149,7 @@ fn scanner_alert_and_prometheus_scrape() {
         .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
         .spawn()
         .expect("prometheus");
-    lab.children.push(prom);
+    children.0.push(prom);
 
     // Let the scan finish so the counters settle, then compare what Prometheus says with the flows.
     let deadline = Instant::now() + Duration::from_secs(60);

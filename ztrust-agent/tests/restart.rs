@@ -5,34 +5,19 @@
 //! connection may get through, no allowed connection may break, and each new agent must be in sync with
 //! the source within a second.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ztrust_agent::lab::{self, ApplyOptions, DownOptions, UpOptions};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
-
-fn payments() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
-}
-
-struct Lab {
-    state_dir: PathBuf,
-    prefix: String,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
-        let _ = std::fs::remove_dir_all(&self.state_dir);
-    }
-}
+use common::{AGENT, PaymentsLab};
+use ztrust_agent::lab;
 
 fn enter(netns: &str) {
     let f = std::fs::File::open(format!("/run/netns/{netns}")).expect("netns");
@@ -74,32 +59,9 @@ fn wait_in_sync(log: &Path, since: Instant) -> Duration {
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn restart_and_upgrade_without_a_gap() {
-    assert!(nix::unistd::geteuid().is_root(), "run as root");
-    std::fs::create_dir_all("/run/ztrust").unwrap();
-    let prefix = format!("ztr{}", std::process::id() % 10_000);
-    let lab = Lab { state_dir: PathBuf::from(format!("/run/ztrust/restart-test-{}", std::process::id())), prefix };
-    lab::up(
-        &payments().join("cluster.yaml"),
-        UpOptions {
-            state_dir: lab.state_dir.clone(),
-            prefix: lab.prefix.clone(),
-            if_prefix: format!("{}l", lab.prefix),
-            ext_if_prefix: format!("{}x", lab.prefix),
-            agent_bin: Some(AGENT.into()),
-            agent: Some(lab::AgentSpec {
-                bin: Some(AGENT.into()),
-                extra_args: vec!["--metrics-addr".into(), "none".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    )
-    .expect("lab up");
-    lab::apply(&payments().join("policies"), ApplyOptions { state_dir: lab.state_dir.clone(), ..Default::default() })
-        .expect("apply policies");
-    let state = lab::status(&lab.state_dir).unwrap();
-    let pod = |name: &str| state.pods.iter().find(|p| p.name == name).expect("pod").clone();
-    let (frontend, backend, database) = (pod("frontend"), pod("backend"), pod("database"));
+    let lab = PaymentsLab::up("ztr", Path::new(AGENT), &["--metrics-addr", "none"]);
+    let state = lab.state.clone();
+    let (frontend, backend, database) = (lab.pod("frontend"), lab.pod("backend"), lab.pod("database"));
     let ip = |p: &lab::PodState| p.ips.iter().find(|a| a.is_ipv4()).copied().unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
