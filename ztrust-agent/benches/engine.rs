@@ -20,14 +20,14 @@ mod synth;
 /// xorshift, as `synth` expects beside it.
 pub struct Rng(pub u64);
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
         self.0
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+        self.next_u64() % n
     }
 }
 
@@ -130,6 +130,9 @@ impl MapOps for NoMaps {
     }
     fn del_policy(&mut self, _: u32, _: &PolicyKey) -> SyncResult<()> {
         self.0 += 1;
+        Ok(())
+    }
+    fn bump_revision(&mut self) -> SyncResult<()> {
         Ok(())
     }
 }

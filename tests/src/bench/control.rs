@@ -87,8 +87,11 @@ pub struct Report {
     sizes: Vec<SizeResult>,
 }
 
-fn stats(samples: &[(f64, f64, f64, usize)]) -> ChangeStats {
-    let sorted = |f: &dyn Fn(&(f64, f64, f64, usize)) -> f64| {
+/// One change: total, compile and sync milliseconds, map writes.
+type Sample = (f64, f64, f64, usize);
+
+fn stats(samples: &[Sample]) -> ChangeStats {
+    let sorted = |f: &dyn Fn(&Sample) -> f64| {
         let mut v: Vec<f64> = samples.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         v
@@ -140,7 +143,7 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
         );
 
         let mut all = Vec::new();
-        let mut kinds: BTreeMap<String, Vec<(f64, f64, f64, usize)>> = BTreeMap::new();
+        let mut kinds: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
         let budget = Instant::now() + std::time::Duration::from_secs(a.max_seconds);
         for i in 0..a.changes {
             if Instant::now() > budget {

@@ -112,7 +112,8 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     // What the measured packets need: the endpoint may reach pod 1's identity on TCP 8080 and UDP 53.
     let me = pod_ip(0);
     let peer = pod_ip(1);
-    let peer_id = 256 + 1 / 10;
+    // Pod i has identity 256 + i / 10.
+    let peer_id = 256;
     for (protocol, port) in [(proto::TCP, 8080), (proto::UDP, 53)] {
         let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ifindex, peer_id, dir::EGRESS, protocol, port));
         dp.maps.policy.insert(&key, PolicyValue { rule_id: 1, _pad: 0 }, 0).expect("policy");

@@ -49,6 +49,9 @@ pub struct Args {
     pub tests: Vec<String>,
 }
 
+/// Values and UDP losses of one test and variant over the repetitions.
+type Samples = (Vec<f64>, Vec<f64>);
+
 pub const VARIANTS: [&str; 4] = ["none", "ztrust", "iptables", "ipset"];
 const CLIENT_IP: [u8; 4] = [10, 251, 0, 10];
 const SERVER_IP: [u8; 4] = [10, 251, 0, 11];
@@ -388,7 +391,7 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         let rules = iptables_rules(n, false);
         let set_rules = iptables_rules(n, true);
         // test → variant → (samples, udp losses)
-        let mut raw: BTreeMap<String, BTreeMap<&str, (Vec<f64>, Vec<f64>)>> = BTreeMap::new();
+        let mut raw: BTreeMap<String, BTreeMap<&str, Samples>> = BTreeMap::new();
         for rep in 0..args.reps {
             for k in 0..VARIANTS.len() {
                 let variant = VARIANTS[(k + rep + n) % VARIANTS.len()];
