@@ -260,7 +260,8 @@ fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
     let mut tally = Tally::default();
     let result = test_tiers(unit_only, filter, &mut tally);
     // One closing line for the whole run, whatever happened.
-    println!("\nall tiers: {} passed, {} failed, {} ignored", tally.passed, tally.failed, tally.ignored);
+    println!("\n{} ignored in plain `cargo test` (root-only tests, run above with --ignored; benchmarks)", tally.ignored);
+    println!("summary: {} passed, {} failed", tally.passed, tally.failed);
     result
 }
 
