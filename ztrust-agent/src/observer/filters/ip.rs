@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-use super::{Error, FilterFn, Result, any};
+use super::{Error, FilterFn, Result, all_of, any};
 use crate::flows::Flow;
 use crate::observer::proto::FlowFilter;
 
@@ -18,17 +18,10 @@ fn parse(s: &str) -> Result<IpNet> {
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
-    let preds: Vec<FilterFn> = [
+    Ok(all_of([
         any(&ff.source_ip, |v: &String| parse(v), |n: &IpNet, f: &Flow| n.contains(&f.source.ip))?,
         any(&ff.destination_ip, |v: &String| parse(v), |n: &IpNet, f: &Flow| n.contains(&f.destination.ip))?,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    Ok(match preds.len() {
-        0 => None,
-        _ => Some(Box::new(move |f: &Flow| preds.iter().all(|p| p(f)))),
-    })
+    ]))
 }
 
 #[cfg(test)]

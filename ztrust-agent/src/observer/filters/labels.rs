@@ -4,7 +4,7 @@
 //! `kubectl get -l`): `key=value` (or `key==value`), `key!=value`, `key` (exists), `!key` (absent).
 //! Several strings are alternatives.
 
-use super::{Error, FilterFn, Result, any};
+use super::{Error, FilterFn, Result, all_of, any};
 use crate::flows::Flow;
 use crate::model::Labels;
 use crate::observer::proto::FlowFilter;
@@ -68,17 +68,10 @@ impl Selector {
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     let parse = |s: &String| s.parse::<Selector>();
-    let preds: Vec<FilterFn> = [
+    Ok(all_of([
         any(&ff.source_label, parse, |s: &Selector, f: &Flow| s.matches(&f.source.labels))?,
         any(&ff.destination_label, parse, |s: &Selector, f: &Flow| s.matches(&f.destination.labels))?,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    Ok(match preds.len() {
-        0 => None,
-        _ => Some(Box::new(move |f: &Flow| preds.iter().all(|p| p(f)))),
-    })
+    ]))
 }
 
 #[cfg(test)]

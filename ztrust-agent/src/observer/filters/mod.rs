@@ -110,6 +110,15 @@ where
     Ok(Some(Box::new(move |f: &Flow| parsed.iter().any(|v| test(v, f)))))
 }
 
+/// The AND of the fields a filter sets (`None` when it sets none of them).
+pub(crate) fn all_of(preds: impl IntoIterator<Item = Option<FilterFn>>) -> Option<FilterFn> {
+    let preds: Vec<FilterFn> = preds.into_iter().flatten().collect();
+    match preds.len() {
+        0 => None,
+        _ => Some(Box::new(move |f: &Flow| preds.iter().all(|p| p(f)))),
+    }
+}
+
 #[cfg(test)]
 pub(crate) mod testing {
     use std::collections::BTreeMap;

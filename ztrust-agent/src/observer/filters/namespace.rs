@@ -2,7 +2,7 @@
 //!
 //! Three fields, three predicates: all that are set must hold.
 
-use super::{Error, FilterFn, Result, any};
+use super::{Error, FilterFn, Result, all_of, any};
 use crate::flows::{Endpoint, Flow};
 use crate::observer::proto::FlowFilter;
 
@@ -15,7 +15,7 @@ fn in_ns(e: &Endpoint, ns: &str) -> bool {
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
-    let preds: Vec<FilterFn> = [
+    Ok(all_of([
         any(&ff.source_namespace, |v: &String| parse(v), |ns: &String, f: &Flow| in_ns(&f.source, ns))?,
         any(
             &ff.destination_namespace,
@@ -27,14 +27,7 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
             |v: &String| parse(v),
             |ns: &String, f: &Flow| in_ns(&f.source, ns) || in_ns(&f.destination, ns),
         )?,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    Ok(match preds.len() {
-        0 => None,
-        _ => Some(Box::new(move |f: &Flow| preds.iter().all(|p| p(f)))),
-    })
+    ]))
 }
 
 #[cfg(test)]

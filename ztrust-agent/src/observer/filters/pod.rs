@@ -2,7 +2,7 @@
 //! (`payments/` for the namespace, `payments/web-` for every replica of a Deployment), as Hubble's
 //! pod filter does.
 
-use super::{Error, FilterFn, Result, any};
+use super::{Error, FilterFn, Result, all_of, any};
 use crate::flows::{Endpoint, Flow};
 use crate::observer::proto::FlowFilter;
 
@@ -25,7 +25,7 @@ fn is(e: &Endpoint, prefix: &str) -> bool {
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
-    let preds: Vec<FilterFn> = [
+    Ok(all_of([
         any(&ff.source_pod, |v: &String| parse(v), |p: &String, f: &Flow| is(&f.source, p))?,
         any(&ff.destination_pod, |v: &String| parse(v), |p: &String, f: &Flow| is(&f.destination, p))?,
         any(
@@ -33,14 +33,7 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
             |v: &String| parse(v),
             |p: &String, f: &Flow| is(&f.source, p) || is(&f.destination, p),
         )?,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    Ok(match preds.len() {
-        0 => None,
-        _ => Some(Box::new(move |f: &Flow| preds.iter().all(|p| p(f)))),
-    })
+    ]))
 }
 
 #[cfg(test)]
