@@ -14,7 +14,7 @@ use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
 use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
 use ztrust_agent::policy::Engine;
-use ztrust_common::{CounterKey, FlowEvent, dir, reason, verdict};
+use ztrust_common::{FlowEvent, dir, reason, verdict};
 
 fn labels(app: &str) -> BTreeMap<String, String> {
     [("app".to_owned(), app.to_owned())].into()
@@ -101,8 +101,7 @@ impl Enforcer {
     }
 
     fn counter(&self, host_if_index: u32, direction: u8, v: u8, r: u8) -> u64 {
-        let key = CounterKey { ifindex: host_if_index, direction, verdict: v, reason: r, _pad: 0 };
-        self.dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
+        common::counter(&self.dp, host_if_index, direction, v, r)
     }
 
     fn events(&mut self) -> Vec<FlowEvent> {

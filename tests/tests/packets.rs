@@ -8,12 +8,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
 use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
 use ztrust_agent::policy::Engine;
-use ztrust_common::{CounterKey, dir, names, proto, reason, verdict};
+use ztrust_common::{dir, names, proto, reason, verdict};
 
 const OK: u32 = 0;
 const SHOT: u32 = 2;
@@ -111,24 +110,10 @@ fn v6(src: [u8; 16], dst: [u8; 16], next: u8, ext: &[u8], payload: &[u8]) -> Pkt
     Pkt(eth(0x86DD, &ip))
 }
 
-/// `struct __sk_buff` for the test run: only `ifindex` (offset 40) set, which the kernel uses to pick
-/// the device the packet is on.
-fn skb_ctx(ifindex: u32) -> [u8; 192] {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    ctx
-}
+use common::counter;
 
 fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &Pkt) -> u32 {
-    let ctx = skb_ctx(ifindex);
-    let mut out = vec![0u8; pkt.0.len() + 256];
-    let opts = TestRunOptions { data_in: Some(&pkt.0), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
-    dp.program(prog).expect("program").test_run(opts).expect("test run").return_value
-}
-
-fn counter(dp: &Datapath, ifindex: u32, direction: u8, v: u8, r: u8) -> u64 {
-    let key = CounterKey { ifindex, direction, verdict: v, reason: r, _pad: 0 };
-    dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
+    common::test_run(dp, prog, ifindex, &pkt.0)
 }
 
 #[test]

@@ -8,12 +8,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use aya::programs::{TestRun, TestRunOptions};
 use ztrust_agent::datapath::loader::{Capacities, Datapath};
 use ztrust_agent::datapath::sync::{Error as SyncError, KernelMaps, Syncer};
 use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
 use ztrust_agent::policy::Engine;
-use ztrust_common::{CounterKey, CtKey, dir, names, proto, reason, verdict};
+use ztrust_common::{CtKey, dir, names, proto, reason, verdict};
 
 const OK: u32 = 0;
 const SHOT: u32 = 2;
@@ -78,18 +77,7 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8>
     f
 }
 
-fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &[u8]) -> u32 {
-    let mut ctx = [0u8; 192];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; pkt.len() + 256];
-    let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
-    dp.program(prog).unwrap().test_run(opts).unwrap().return_value
-}
-
-fn counter(dp: &Datapath, ifindex: u32, direction: u8, v: u8, r: u8) -> u64 {
-    let key = CounterKey { ifindex, direction, verdict: v, reason: r, _pad: 0 };
-    dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
-}
+use common::{counter, test_run as run};
 
 fn mapped(ip: [u8; 4]) -> [u8; 16] {
     std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()

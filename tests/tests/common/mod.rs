@@ -180,6 +180,23 @@ impl Drop for Topology {
     }
 }
 
+/// Runs `prog` once on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on interface `ifindex` (the
+/// only field set in the `__sk_buff` context, at offset 40); the program's return value.
+pub fn test_run(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifindex: u32, frame: &[u8]) -> u32 {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut ctx = [0u8; 192];
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
+    dp.program(prog).expect("program").test_run(opts).expect("test run").return_value
+}
+
+/// Packets counted for (interface, direction, verdict, reason), summed over CPUs.
+pub fn counter(dp: &ztrust_agent::datapath::loader::Datapath, ifindex: u32, direction: u8, verdict: u8, reason: u8) -> u64 {
+    let key = ztrust_common::CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
+    dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
+}
+
 pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "privileged test: run as root via `cargo xtask test`");
 }
