@@ -1,15 +1,33 @@
-//! The compiler: identities, ipcache, per-endpoint allow sets.
+//! The compiler: identities, ipcache, per-endpoint allow sets — kept up to date incrementally.
+//!
+//! The engine keeps, between calls, everything it derived from the cluster: the identity of every pod
+//! address, the pods of every (namespace, labels) group, the identities every peer of a compiled rule
+//! matches, and which policies select which endpoint of this node. A change of one object then touches
+//! only what depends on it:
+//!
+//! - a pod: its addresses' identities and ipcache entries; if an identity appears or disappears, the
+//!   peers that match it, the rules that use those peers and the local endpoints those rules apply to;
+//!   if the pod is on this node, its own allow set;
+//! - a namespace's labels: the `namespaceSelector` peers that start or stop matching it;
+//! - a policy: its rule ids, the local endpoints it selected or selects, their allow sets.
+//!
+//! Allow sets are compiled only for the endpoints of this node ([`Engine::for_node`]); the rest of the
+//! cluster contributes identities and ipcache entries (peers). Two kinds of change re-derive everything
+//! ([`Engine::rebuild`]), because they change the identity of addresses anywhere: the set of ipBlock
+//! prefixes or egress named ports that the cluster's policies use, and the set of host addresses (node
+//! IPs, host-network pods).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::IpAddr;
-use std::rc::Rc;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use ztrust_common::{dir, identity, proto};
 
-use super::{AllowKey, Desired, EndpointPolicy, IdentityInfo, RuleRef, matches};
+use super::{AllowKey, Changes, Delta, Desired, EndpointPolicy, IdentityInfo, RuleRef, matches};
 use crate::model::{
-    Cluster, LabelSelector, Labels, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, Protocol, Rule,
+    Cluster, ContainerPort, LabelSelector, Labels, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, Protocol,
+    Rule,
 };
 
 /// A named port as a rule refers to it: the name and the rule's protocol. A container port matches
@@ -38,13 +56,16 @@ enum IdentityKey {
     Cidr(IpNet),
 }
 
-/// Hands out numbers to keys, keeping the number of a key for as long as the key exists. Freed
-/// numbers are reused oldest-first, so that a number means something else as late as possible (flows
-/// in flight and conntrack entries carry numbers).
+/// Hands out numbers to keys, keeping the number of a key for as long as something holds it. Freed
+/// numbers are reused oldest-first, and never within the update that freed them, so that a number
+/// means something else as late as possible (flows in flight and conntrack entries carry numbers).
 #[derive(Debug)]
 struct Allocator<K: Ord> {
-    ids: BTreeMap<K, u32>,
+    /// Key → (number, holders).
+    ids: BTreeMap<K, (u32, usize)>,
     free: VecDeque<u32>,
+    /// Freed during the current update; reusable after [`Allocator::finish`].
+    freed: Vec<u32>,
     next: u32,
 }
 
@@ -53,79 +74,102 @@ impl<K: Ord + Clone> Allocator<K> {
         Self {
             ids: BTreeMap::new(),
             free: VecDeque::new(),
+            freed: Vec::new(),
             next: first,
         }
     }
 
-    /// Keeps the numbers of the keys in `wanted`, frees the others, numbers the new ones (in key order,
-    /// so that the result does not depend on hash order).
-    fn sync(&mut self, wanted: &BTreeSet<K>) {
-        let mut freed = Vec::new();
-        self.ids.retain(|k, id| {
-            let keep = wanted.contains(k);
-            if !keep {
-                freed.push(*id);
-            }
-            keep
-        });
-        freed.sort_unstable();
-        for k in wanted {
-            if !self.ids.contains_key(k) {
-                let id = match self.free.pop_front() {
-                    Some(id) => id,
-                    None => {
-                        let id = self.next;
-                        self.next += 1;
-                        id
-                    }
-                };
-                self.ids.insert(k.clone(), id);
-            }
+    /// One more holder of `k`; its number.
+    fn acquire(&mut self, k: &K) -> u32 {
+        if let Some((id, n)) = self.ids.get_mut(k) {
+            *n += 1;
+            return *id;
         }
-        // Numbers freed now are reused only after those freed earlier.
-        self.free.extend(freed);
+        let id = self.free.pop_front().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        self.ids.insert(k.clone(), (id, 1));
+        id
     }
 
-    fn get(&self, k: &K) -> Option<u32> {
-        self.ids.get(k).copied()
+    /// One holder less; the number when it was the last one.
+    fn release<Q>(&mut self, k: &Q) -> Option<u32>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let (id, n) = self.ids.get_mut(k)?;
+        *n -= 1;
+        if *n > 0 {
+            return None;
+        }
+        let id = *id;
+        self.ids.remove(k);
+        self.freed.push(id);
+        Some(id)
+    }
+
+    fn get<Q>(&self, k: &Q) -> Option<u32>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.ids.get(k).map(|(id, _)| *id)
+    }
+
+    /// Before a rebuild: every key loses its holders but keeps its number until [`Allocator::sweep`].
+    fn forget_holders(&mut self) {
+        for (_, n) in self.ids.values_mut() {
+            *n = 0;
+        }
+    }
+
+    /// After a rebuild: frees the keys nobody holds again.
+    fn sweep(&mut self) {
+        let freed = &mut self.freed;
+        self.ids.retain(|_, (id, n)| {
+            if *n == 0 {
+                freed.push(*id);
+            }
+            *n > 0
+        });
+    }
+
+    /// End of an update: what it freed becomes reusable, after what was freed earlier.
+    fn finish(&mut self) {
+        self.freed.sort_unstable();
+        self.free.extend(self.freed.drain(..));
     }
 }
 
 type RuleKey = (ObjectRef, u8, usize);
 
-/// A `podSelector`/`namespaceSelector` peer; the namespace is the policy's when there is no
-/// namespaceSelector.
-type PodsPeerKey<'a> = (Option<LabelSelector>, Option<LabelSelector>, Option<&'a str>);
-
-/// An `ipBlock` peer (truncated cidr and excepts).
-type BlockKey = (IpNet, Vec<IpNet>);
-
-/// Identities of a peer, shared between the rules that use the same peer.
-type IdSet = Rc<BTreeSet<u32>>;
-
-/// The engine. Its state is the identity and rule-id allocators, so that numbers stay the same across
-/// [`Engine::compile`] calls for whatever did not change.
-#[derive(Debug)]
-pub struct Engine {
-    identities: Allocator<IdentityKey>,
-    rules: Allocator<RuleKey>,
+/// A peer of a rule, as far as which identities it matches goes: rules that use equal peers share it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum PeerKey {
+    /// `podSelector`/`namespaceSelector`; `namespace` is the policy's when there is no
+    /// namespaceSelector (else `None`).
+    Pods {
+        namespace_selector: Option<LabelSelector>,
+        pod_selector: Option<LabelSelector>,
+        namespace: Option<String>,
+    },
+    /// `ipBlock`, cidr and excepts truncated.
+    Block { cidr: IpNet, except: Vec<IpNet> },
 }
 
-impl Default for Engine {
-    fn default() -> Self {
-        Self::new()
-    }
+#[derive(Debug, Default)]
+struct PeerState {
+    ids: BTreeSet<u32>,
+    /// ipBlock: some but not all host addresses are inside (the single host identity cannot say so).
+    partial_host: bool,
+    /// Compiled rules that use this peer.
+    users: BTreeSet<RuleKey>,
 }
 
-/// Pods with equal namespace and labels: selectors cannot tell them apart.
-struct Group<'a> {
-    namespace: &'a str,
-    labels: &'a Labels,
-    /// Identities of the addresses of these pods.
-    identities: BTreeSet<u32>,
-}
-
-/// A rule compiled once, shared by every endpoint the policy selects.
+/// A rule compiled once, shared by every local endpoint the policy selects.
+#[derive(Debug, PartialEq, Eq)]
 struct CompiledRule {
     rule_id: u32,
     /// Entries that do not depend on the endpoint.
@@ -133,26 +177,92 @@ struct CompiledRule {
     /// Ingress named ports resolve against the endpoint's own container ports.
     ingress_named: Vec<NamedPort>,
     /// Remotes for `ingress_named`.
-    remotes: Rc<BTreeSet<u32>>,
+    remotes: BTreeSet<u32>,
+    /// Egress named ports (the rule depends on which identities they resolve on).
+    egress_named: Vec<NamedPort>,
+    peers: Vec<PeerKey>,
+    warnings: Vec<String>,
 }
 
-struct Compiler<'a> {
-    cluster: &'a Cluster,
-    groups: Vec<Group<'a>>,
-    groups_by_ns: BTreeMap<&'a str, Vec<usize>>,
-    /// Pod identity → its signature.
-    pod_ids: HashMap<u32, &'a Signature>,
-    /// ipBlock prefix → pod identities whose address lies inside it.
-    inside: HashMap<IpNet, BTreeSet<u32>>,
-    /// Prefixes with a CIDR identity (sorted, for range queries).
-    cidr_ids: BTreeMap<IpNet, u32>,
-    /// Named port → pod identities where it resolves, with the numbers.
-    named_index: HashMap<NamedPort, Vec<(u32, Vec<u16>)>>,
+/// What the engine keeps of one endpoint pod (any node).
+#[derive(Debug)]
+struct PodState {
+    /// Addresses, without repeats, with their identity key and number.
+    addrs: Vec<(IpAddr, Arc<IdentityKey>, u32)>,
+}
+
+/// An endpoint of this node.
+#[derive(Debug)]
+struct Local {
+    namespace: String,
+    labels: Labels,
+    ips: Vec<IpAddr>,
+    ports: Vec<ContainerPort>,
+    identity: u32,
+    /// Policies that select it (and isolate at least one direction), in policy order.
+    selected_by: BTreeSet<ObjectRef>,
+}
+
+/// Everything derived from the cluster.
+#[derive(Debug, Default)]
+struct State {
+    built: bool,
+    node_ips: Vec<IpAddr>,
+    /// Node IPs and addresses of host-network pods.
     host_addrs: BTreeSet<IpAddr>,
-    peer_cache: HashMap<PodsPeerKey<'a>, IdSet>,
-    block_cache: HashMap<BlockKey, (IdSet, bool)>,
-    select_cache: HashMap<(&'a str, &'a LabelSelector), Rc<Vec<usize>>>,
-    warnings: Vec<String>,
+    host_pods: HashMap<ObjectRef, Vec<IpAddr>>,
+    /// ipBlock prefixes and egress named ports of effective rules, with the number of uses.
+    prefixes: BTreeMap<IpNet, usize>,
+    egress_names: BTreeMap<NamedPort, usize>,
+    lens_v4: BTreeSet<u8>,
+    lens_v6: BTreeSet<u8>,
+    namespaces: HashMap<String, Labels>,
+    policies: BTreeMap<ObjectRef, Arc<NetworkPolicy>>,
+    policies_by_ns: HashMap<String, BTreeSet<ObjectRef>>,
+    pods: HashMap<ObjectRef, PodState>,
+    /// Endpoint pods that claim each address; the first (in object order) owns it.
+    claims: HashMap<IpAddr, BTreeSet<ObjectRef>>,
+    /// Addresses claimed twice, or claimed and a host address (reported as warnings).
+    contested: BTreeSet<IpAddr>,
+    /// Namespace → labels → identity → owned addresses with it. An identity is *live* (peers see it)
+    /// while it has an owned address.
+    groups: HashMap<String, HashMap<Labels, BTreeMap<u32, usize>>>,
+    id_keys: HashMap<u32, Arc<IdentityKey>>,
+    /// ipBlock prefix → live pod identities whose addresses lie inside it.
+    inside: HashMap<IpNet, BTreeSet<u32>>,
+    /// Egress named port → live pod identities where it resolves, with the numbers.
+    named_index: HashMap<NamedPort, BTreeMap<u32, Vec<u16>>>,
+    /// Prefixes with a CIDR identity.
+    cidr_ids: BTreeMap<IpNet, u32>,
+    locals: BTreeMap<ObjectRef, Local>,
+    locals_by_ns: HashMap<String, BTreeSet<ObjectRef>>,
+    /// Policy → the local endpoints it selects (only policies that select some).
+    selected: HashMap<ObjectRef, BTreeSet<ObjectRef>>,
+    compiled: BTreeMap<RuleKey, CompiledRule>,
+    peers: HashMap<PeerKey, PeerState>,
+    // Work of the current update.
+    touched_policies: BTreeSet<ObjectRef>,
+    dirty_rules: BTreeSet<RuleKey>,
+    dirty_endpoints: BTreeSet<ObjectRef>,
+}
+
+/// The engine. See the module documentation.
+#[derive(Debug)]
+pub struct Engine {
+    /// Pods of other nodes are peers only. `None`: every pod is an endpoint (the directory source and
+    /// the lab, where pods have no node).
+    node: Option<String>,
+    identities: Allocator<Arc<IdentityKey>>,
+    rules: Allocator<RuleKey>,
+    st: State,
+    desired: Desired,
+    delta: Delta,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 fn host_net(ip: IpAddr) -> IpNet {
@@ -175,20 +285,105 @@ fn effective(p: &NetworkPolicy) -> impl Iterator<Item = (u8, usize, &Rule)> {
     ingress.chain(egress)
 }
 
+/// The ipBlock prefixes and egress named ports of `p`'s effective rules.
+pub(super) fn facts(p: &NetworkPolicy) -> (Vec<IpNet>, Vec<NamedPort>) {
+    let mut prefixes = Vec::new();
+    let mut names = Vec::new();
+    for (direction, _, rule) in effective(p) {
+        for peer in &rule.peers {
+            if let Peer::IpBlock { cidr, except } = peer {
+                prefixes.push(cidr.trunc());
+                prefixes.extend(except.iter().map(IpNet::trunc));
+            }
+        }
+        if direction == dir::EGRESS {
+            for port in &rule.ports {
+                if let Some(PortRef::Name(n)) = &port.port {
+                    names.push((n.clone(), port.protocol));
+                }
+            }
+        }
+    }
+    (prefixes, names)
+}
+
+fn rule_keys(p: &NetworkPolicy) -> impl Iterator<Item = RuleKey> + '_ {
+    let r = p.object_ref();
+    let r2 = r.clone();
+    (0..p.ingress.len())
+        .map(move |i| (r.clone(), dir::INGRESS, i))
+        .chain((0..p.egress.len()).map(move |i| (r2.clone(), dir::EGRESS, i)))
+}
+
 fn is_endpoint(pod: &Pod) -> bool {
     !pod.host_network && !pod.ips.is_empty()
 }
 
+fn host_ips(pod: Option<&Pod>) -> Vec<IpAddr> {
+    pod.filter(|p| p.host_network)
+        .map(|p| p.ips.clone())
+        .unwrap_or_default()
+}
+
+/// Whether `p` selects pods with `labels` in `namespace` (policies that isolate nothing select nothing).
+fn selects(p: &NetworkPolicy, namespace: &str, labels: &Labels) -> bool {
+    p.namespace == namespace && (p.isolates_ingress || p.isolates_egress) && matches(&p.pod_selector, labels)
+}
+
+fn adjust<K: Ord + Clone>(counts: &mut BTreeMap<K, usize>, keys: &[K], add: bool) {
+    for k in keys {
+        if add {
+            *counts.entry(k.clone()).or_default() += 1;
+        } else if let Some(n) = counts.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(k);
+            }
+        }
+    }
+}
+
 impl Engine {
+    /// An engine for which every pod is an endpoint.
     pub fn new() -> Self {
         Self {
+            node: None,
             identities: Allocator::new(identity::FIRST_DYNAMIC),
             rules: Allocator::new(1),
+            st: State::default(),
+            desired: Desired::default(),
+            delta: Delta::default(),
         }
     }
 
-    /// Compiles `cluster` into the desired datapath state, with exact Kubernetes NetworkPolicy v1
-    /// semantics.
+    /// An engine for node `node`: pods with another `spec.nodeName` are peers, not endpoints (pods
+    /// without a node name are endpoints).
+    pub fn for_node(node: impl Into<String>) -> Self {
+        Self {
+            node: Some(node.into()),
+            ..Self::new()
+        }
+    }
+
+    fn is_local(&self, pod: &Pod) -> bool {
+        match (&self.node, &pod.node_name) {
+            (Some(node), Some(n)) => n == node,
+            _ => true,
+        }
+    }
+
+    /// The desired state as of the last [`Engine::compile`] or [`Engine::update`].
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// What changed in [`Engine::desired`] since the last call (a rebuild says `full`).
+    pub fn take_delta(&mut self) -> Delta {
+        std::mem::take(&mut self.delta)
+    }
+
+    /// Compiles `cluster` from scratch (identity and rule numbers of what still exists are kept) and
+    /// returns the desired state, with exact Kubernetes NetworkPolicy v1 semantics.
     ///
     /// Identities: pod addresses share an identity when they have the same namespace, labels and
     /// [`Signature`] — the ipBlock prefixes that contain the address (so that `ipBlock` rules, which the
@@ -199,122 +394,283 @@ impl Engine {
     /// the most specific prefix that contains it, and a rule's ipBlock allows a CIDR identity iff its
     /// prefix lies inside the cidr and not inside any except.
     pub fn compile(&mut self, cluster: &Cluster) -> Desired {
-        let mut d = Desired::default();
-        let mut warnings = Vec::new();
-        let policies: Vec<&NetworkPolicy> = cluster.policies.values().collect();
+        self.rebuild(cluster);
+        self.desired.clone()
+    }
 
-        // 1. What policies can see about addresses.
-        let mut prefixes: BTreeSet<IpNet> = BTreeSet::new();
-        let mut egress_names: BTreeSet<NamedPort> = BTreeSet::new();
-        for p in &policies {
-            for (direction, _, rule) in effective(p) {
-                for peer in &rule.peers {
-                    if let Peer::IpBlock { cidr, except } = peer {
-                        prefixes.insert(cidr.trunc());
-                        prefixes.extend(except.iter().map(IpNet::trunc));
-                    }
-                }
-                if direction == dir::EGRESS {
-                    for port in &rule.ports {
-                        if let Some(PortRef::Name(n)) = &port.port {
-                            egress_names.insert((n.clone(), port.protocol));
-                        }
-                    }
-                }
+    /// Brings the desired state up to date with `cluster`, where only the objects named in `changes`
+    /// changed since the last call. Falls back to [`Engine::rebuild`] on the first call and for changes
+    /// that re-derive every identity (see the module documentation).
+    pub fn update(&mut self, cluster: &Cluster, changes: &Changes) -> &Desired {
+        if !self.st.built || cluster.node_ips != self.st.node_ips {
+            self.rebuild(cluster);
+            return &self.desired;
+        }
+        // Host addresses, or a pod address equal to an ipBlock prefix (which then has no CIDR identity).
+        let global_pod_change = changes.pods.iter().any(|r| {
+            let new = cluster.pods.get(r);
+            if self.st.host_pods.get(r).cloned().unwrap_or_default() != host_ips(new) {
+                return true;
+            }
+            let old_ips = self
+                .st
+                .pods
+                .get(r)
+                .into_iter()
+                .flat_map(|s| s.addrs.iter().map(|a| a.0));
+            let new_ips = new
+                .filter(|p| is_endpoint(p))
+                .into_iter()
+                .flat_map(|p| p.ips.iter().copied());
+            old_ips
+                .chain(new_ips)
+                .any(|ip| self.st.prefixes.contains_key(&host_net(ip)))
+        });
+        if global_pod_change {
+            self.rebuild(cluster);
+            return &self.desired;
+        }
+        // Prefixes and egress named ports: a change of the sets re-derives every signature.
+        let mut prefixes = self.st.prefixes.clone();
+        let mut names = self.st.egress_names.clone();
+        for r in &changes.policies {
+            if let Some(old) = self.st.policies.get(r) {
+                let (p, n) = facts(old);
+                adjust(&mut prefixes, &p, false);
+                adjust(&mut names, &n, false);
+            }
+            if let Some(new) = cluster.policies.get(r) {
+                let (p, n) = facts(new);
+                adjust(&mut prefixes, &p, true);
+                adjust(&mut names, &n, true);
             }
         }
-        let prefix_set: std::collections::HashSet<IpNet> = prefixes.iter().copied().collect();
-        let lens_v4: BTreeSet<u8> = prefixes
-            .iter()
-            .filter(|p| matches!(p, IpNet::V4(_)))
-            .map(IpNet::prefix_len)
-            .collect();
-        let lens_v6: BTreeSet<u8> = prefixes
-            .iter()
-            .filter(|p| matches!(p, IpNet::V6(_)))
-            .map(IpNet::prefix_len)
-            .collect();
-        let containing = |ip: IpAddr| -> Vec<IpNet> {
-            let lens = if ip.is_ipv4() { &lens_v4 } else { &lens_v6 };
-            let mut v: Vec<IpNet> = lens
-                .iter()
-                .filter_map(|len| IpNet::new(ip, *len).ok().map(|n| n.trunc()))
-                .filter(|n| prefix_set.contains(n))
-                .collect();
-            v.sort();
-            v
-        };
+        if !prefixes.keys().eq(self.st.prefixes.keys()) || !names.keys().eq(self.st.egress_names.keys()) {
+            self.rebuild(cluster);
+            return &self.desired;
+        }
+        self.st.prefixes = prefixes;
+        self.st.egress_names = names;
 
-        // 2. Addresses of the host: node IPs and host-network pods (not endpoints; never blockable on
-        // ingress, as Kubernetes lets no pod block its node).
-        let mut host_addrs: BTreeSet<IpAddr> = cluster.node_ips.iter().copied().collect();
-        for pod in cluster.pods.values().filter(|p| p.host_network) {
-            host_addrs.extend(pod.ips.iter().copied());
+        for ns in &changes.namespaces {
+            self.namespace_changed(ns, cluster.namespaces.get(ns).map(|n| &n.labels));
+        }
+        for r in &changes.policies {
+            self.policy_changed(r, cluster.policies.get(r));
+        }
+        for r in &changes.pods {
+            self.pod_changed(r, cluster.pods.get(r));
+        }
+        self.settle();
+        &self.desired
+    }
+
+    /// Re-derives everything from `cluster`.
+    pub fn rebuild(&mut self, cluster: &Cluster) {
+        self.identities.forget_holders();
+        self.rules.forget_holders();
+        self.st = State {
+            built: true,
+            node_ips: cluster.node_ips.clone(),
+            ..State::default()
+        };
+        self.desired = Desired::default();
+        self.desired
+            .identities
+            .insert(identity::WORLD, IdentityInfo::Reserved { name: "world" });
+        self.desired
+            .identities
+            .insert(identity::HOST, IdentityInfo::Reserved { name: "host" });
+        self.delta = Delta {
+            full: true,
+            ..Delta::default()
+        };
+        let st = &mut self.st;
+
+        // Host addresses: node IPs and host-network pods (not endpoints; never blockable on ingress, as
+        // Kubernetes lets no pod block its node).
+        st.host_addrs = cluster.node_ips.iter().copied().collect();
+        for (r, pod) in cluster
+            .pods
+            .iter()
+            .filter(|(_, p)| p.host_network && !p.ips.is_empty())
+        {
+            st.host_addrs.extend(pod.ips.iter().copied());
+            st.host_pods.insert(r.clone(), pod.ips.clone());
+        }
+        for (name, ns) in &cluster.namespaces {
+            st.namespaces.insert(name.clone(), ns.labels.clone());
         }
 
-        // 3. Pod addresses → identity keys.
-        let endpoints: Vec<&Pod> = cluster.pods.values().filter(|p| is_endpoint(p)).collect();
-        let mut addr_keys: Vec<Vec<IdentityKey>> = Vec::with_capacity(endpoints.len());
-        let mut wanted: BTreeSet<IdentityKey> = BTreeSet::new();
-        for pod in &endpoints {
-            let named: Vec<(NamedPort, Vec<u16>)> = egress_names
-                .iter()
-                .filter_map(|np| {
-                    let nums: BTreeSet<u16> = pod
-                        .ports
-                        .iter()
-                        .filter(|c| c.name.as_deref() == Some(np.0.as_str()) && c.protocol == np.1)
-                        .map(|c| c.port)
-                        .collect();
-                    (!nums.is_empty()).then(|| (np.clone(), nums.into_iter().collect()))
-                })
-                .collect();
-            let keys: Vec<IdentityKey> = pod
-                .ips
-                .iter()
-                .map(|ip| IdentityKey::Pod {
+        // Policies: what they let addresses be told apart by, rule numbers.
+        for (r, p) in &cluster.policies {
+            let (prefixes, names) = facts(p);
+            adjust(&mut st.prefixes, &prefixes, true);
+            adjust(&mut st.egress_names, &names, true);
+            st.policies.insert(r.clone(), Arc::new(p.clone()));
+            st.policies_by_ns
+                .entry(p.namespace.clone())
+                .or_default()
+                .insert(r.clone());
+        }
+        for p in cluster.policies.values() {
+            for key in rule_keys(p) {
+                let id = self.rules.acquire(&key);
+                self.desired.rules.insert(
+                    id,
+                    RuleRef {
+                        policy: key.0,
+                        direction: key.1,
+                        index: key.2,
+                    },
+                );
+            }
+        }
+        let st = &mut self.st;
+        for p in st.prefixes.keys() {
+            match p {
+                IpNet::V4(_) => st.lens_v4.insert(p.prefix_len()),
+                IpNet::V6(_) => st.lens_v6.insert(p.prefix_len()),
+            };
+        }
+
+        // CIDR identities: every prefix that is not exactly an address of a pod or of the host (the /32
+        // or /128 of the address is the more specific entry anyway).
+        let exact: BTreeSet<IpNet> = cluster
+            .pods
+            .values()
+            .filter(|p| is_endpoint(p))
+            .flat_map(|p| p.ips.iter().map(|ip| host_net(*ip)))
+            .chain(st.host_addrs.iter().map(|ip| host_net(*ip)))
+            .collect();
+        let cidrs: Vec<IpNet> = st
+            .prefixes
+            .keys()
+            .filter(|p| !exact.contains(p))
+            .copied()
+            .collect();
+        for p in cidrs {
+            let id = self.identities.acquire(&Arc::new(IdentityKey::Cidr(p)));
+            self.st.cidr_ids.insert(p, id);
+            self.desired.ipcache.insert(p, id);
+            self.desired
+                .identities
+                .insert(id, IdentityInfo::Cidr { prefix: p });
+        }
+        for ip in &self.st.host_addrs {
+            self.desired.ipcache.insert(host_net(*ip), identity::HOST);
+        }
+
+        // Pods, then what this node's endpoints need.
+        for (r, pod) in &cluster.pods {
+            self.pod_changed(r, Some(pod));
+        }
+        self.identities.sweep();
+        self.rules.sweep();
+        self.settle();
+    }
+
+    /// The identity key of each address of `pod` (no repeats).
+    fn pod_keys(&self, pod: &Pod) -> Vec<(IpAddr, IdentityKey)> {
+        let named: Vec<(NamedPort, Vec<u16>)> = self
+            .st
+            .egress_names
+            .keys()
+            .filter_map(|np| {
+                let nums: BTreeSet<u16> = pod
+                    .ports
+                    .iter()
+                    .filter(|c| c.name.as_deref() == Some(np.0.as_str()) && c.protocol == np.1)
+                    .map(|c| c.port)
+                    .collect();
+                (!nums.is_empty()).then(|| (np.clone(), nums.into_iter().collect()))
+            })
+            .collect();
+        let mut seen = BTreeSet::new();
+        pod.ips
+            .iter()
+            .filter(|ip| seen.insert(**ip))
+            .map(|ip| {
+                let lens = if ip.is_ipv4() {
+                    &self.st.lens_v4
+                } else {
+                    &self.st.lens_v6
+                };
+                let prefixes: Vec<IpNet> = lens
+                    .iter()
+                    .filter_map(|len| IpNet::new(*ip, *len).ok().map(|n| n.trunc()))
+                    .filter(|n| self.st.prefixes.contains_key(n))
+                    .collect();
+                let key = IdentityKey::Pod {
                     namespace: pod.namespace.clone(),
                     labels: pod.labels.clone(),
                     sig: Signature {
-                        prefixes: containing(*ip),
+                        prefixes,
                         named: named.clone(),
                     },
-                })
-                .collect();
-            wanted.extend(keys.iter().cloned());
-            addr_keys.push(keys);
-        }
-        let exact: BTreeSet<IpNet> = endpoints
-            .iter()
-            .flat_map(|p| p.ips.iter().map(|ip| host_net(*ip)))
-            .chain(host_addrs.iter().map(|ip| host_net(*ip)))
-            .collect();
-        for p in prefixes.iter().filter(|p| !exact.contains(p)) {
-            wanted.insert(IdentityKey::Cidr(*p));
-        }
-        self.identities.sync(&wanted);
+                };
+                (*ip, key)
+            })
+            .collect()
+    }
 
-        // 4. ipcache and identity display. Longest-prefix match makes the /32 and /128 of a pod win
-        // over any CIDR that contains it.
-        d.identities
-            .insert(identity::WORLD, IdentityInfo::Reserved { name: "world" });
-        d.identities
-            .insert(identity::HOST, IdentityInfo::Reserved { name: "host" });
-        let mut cidr_ids = BTreeMap::new();
-        for key in &wanted {
-            let Some(id) = self.identities.get(key) else {
-                continue;
-            };
-            match key {
-                IdentityKey::Cidr(p) => {
-                    d.ipcache.insert(*p, id);
-                    cidr_ids.insert(*p, id);
-                    d.identities.insert(id, IdentityInfo::Cidr { prefix: *p });
+    fn set_ipcache(&mut self, net: IpNet, id: u32) {
+        if self.desired.ipcache.insert(net, id) != Some(id) {
+            self.delta.ipcache.insert(net);
+        }
+    }
+
+    fn del_ipcache(&mut self, net: IpNet) {
+        if self.desired.ipcache.remove(&net).is_some() {
+            self.delta.ipcache.insert(net);
+        }
+    }
+
+    fn pod_changed(&mut self, r: &ObjectRef, new: Option<&Pod>) {
+        // The old state goes.
+        if let Some(old) = self.st.pods.remove(r) {
+            for (ip, key, id) in &old.addrs {
+                self.unclaim(*ip, r, *id);
+                if let Some(id) = self.identities.release(key.as_ref()) {
+                    self.desired.identities.remove(&id);
+                    self.st.id_keys.remove(&id);
                 }
-                IdentityKey::Pod {
+            }
+        }
+        if let Some(local) = self.st.locals.remove(r) {
+            if let Some(set) = self.st.locals_by_ns.get_mut(&local.namespace) {
+                set.remove(r);
+            }
+            for p in &local.selected_by {
+                if let Some(set) = self.st.selected.get_mut(p) {
+                    set.remove(r);
+                }
+                self.st.touched_policies.insert(p.clone());
+            }
+            self.st.dirty_endpoints.insert(r.clone());
+        }
+        if new.is_none() {
+            self.st.host_pods.remove(r);
+        }
+        let Some(pod) = new.filter(|p| is_endpoint(p)) else {
+            return;
+        };
+
+        // The new one comes.
+        let mut addrs = Vec::new();
+        for (ip, key) in self.pod_keys(pod) {
+            let key = match self.identities.ids.get_key_value(&key) {
+                Some((k, _)) => k.clone(),
+                None => Arc::new(key),
+            };
+            let id = self.identities.acquire(&key);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.st.id_keys.entry(id) {
+                e.insert(key.clone());
+                if let IdentityKey::Pod {
                     namespace, labels, ..
-                } => {
-                    d.identities.insert(
+                } = key.as_ref()
+                {
+                    self.desired.identities.insert(
                         id,
                         IdentityInfo::Pod {
                             namespace: namespace.clone(),
@@ -323,359 +679,604 @@ impl Engine {
                     );
                 }
             }
+            addrs.push((ip, key, id));
         }
-        let mut owner: HashMap<IpAddr, &ObjectRef> = HashMap::new();
-        let mut groups: Vec<Group<'_>> = Vec::new();
-        let mut group_index: HashMap<(&str, &Labels), usize> = HashMap::new();
-        let mut pod_group: Vec<usize> = Vec::with_capacity(endpoints.len());
-        let mut pod_ids: HashMap<u32, &Signature> = HashMap::new();
-        let mut inside: HashMap<IpNet, BTreeSet<u32>> = HashMap::new();
-        let mut named_index: HashMap<NamedPort, Vec<(u32, Vec<u16>)>> = HashMap::new();
-        let pod_refs: Vec<ObjectRef> = endpoints.iter().map(|p| p.object_ref()).collect();
-        for (i, pod) in endpoints.iter().enumerate() {
-            let g = *group_index
-                .entry((pod.namespace.as_str(), &pod.labels))
-                .or_insert_with(|| {
-                    groups.push(Group {
-                        namespace: &pod.namespace,
-                        labels: &pod.labels,
-                        identities: BTreeSet::new(),
-                    });
-                    groups.len() - 1
-                });
-            pod_group.push(g);
-            for (ip, key) in pod.ips.iter().zip(&addr_keys[i]) {
-                let Some(id) = self.identities.get(key) else {
-                    continue;
-                };
-                if let Some(first) = owner.get(ip) {
-                    warnings.push(format!(
-                        "Pod {}: status.podIPs: address {ip} is also the address of Pod {first}; the ipcache maps it to {first}",
-                        pod_refs[i]
-                    ));
-                    continue;
-                }
-                owner.insert(*ip, &pod_refs[i]);
-                if host_addrs.contains(ip) {
-                    warnings.push(format!(
-                        "Pod {}: status.podIPs: address {ip} is an address of the node; traffic from it is treated as the node's",
-                        pod_refs[i]
-                    ));
-                    continue;
-                }
-                d.ipcache.insert(host_net(*ip), id);
-                groups[g].identities.insert(id);
-                if let IdentityKey::Pod { sig, .. } = key
-                    && !pod_ids.contains_key(&id)
-                {
-                    for p in &sig.prefixes {
-                        inside.entry(*p).or_default().insert(id);
-                    }
-                    for (np, nums) in &sig.named {
-                        named_index
-                            .entry(np.clone())
-                            .or_default()
-                            .push((id, nums.clone()));
-                    }
-                    pod_ids.insert(id, sig);
+        let identity = addrs.first().map_or(identity::WORLD, |a| a.2);
+        for (ip, _, id) in &addrs {
+            self.claim(*ip, r, *id);
+        }
+        self.st.pods.insert(r.clone(), PodState { addrs });
+
+        if self.is_local(pod) {
+            let selected_by: BTreeSet<ObjectRef> = self
+                .st
+                .policies_by_ns
+                .get(&pod.namespace)
+                .into_iter()
+                .flatten()
+                .filter(|p| selects(&self.st.policies[*p], &pod.namespace, &pod.labels))
+                .cloned()
+                .collect();
+            for p in &selected_by {
+                self.st.selected.entry(p.clone()).or_default().insert(r.clone());
+                self.st.touched_policies.insert(p.clone());
+            }
+            self.st
+                .locals_by_ns
+                .entry(pod.namespace.clone())
+                .or_default()
+                .insert(r.clone());
+            self.st.locals.insert(
+                r.clone(),
+                Local {
+                    namespace: pod.namespace.clone(),
+                    labels: pod.labels.clone(),
+                    ips: pod.ips.clone(),
+                    ports: pod.ports.clone(),
+                    identity,
+                    selected_by,
+                },
+            );
+            self.st.dirty_endpoints.insert(r.clone());
+        }
+    }
+
+    /// The number of `pod`'s identity for its address `ip`.
+    fn id_of(&self, pod: &ObjectRef, ip: IpAddr) -> Option<u32> {
+        self.st
+            .pods
+            .get(pod)?
+            .addrs
+            .iter()
+            .find(|a| a.0 == ip)
+            .map(|a| a.2)
+    }
+
+    fn update_contested(&mut self, ip: IpAddr) {
+        let n = self.st.claims.get(&ip).map_or(0, BTreeSet::len);
+        if n > 1 || (n == 1 && self.st.host_addrs.contains(&ip)) {
+            self.st.contested.insert(ip);
+        } else {
+            self.st.contested.remove(&ip);
+        }
+    }
+
+    /// `pod` (whose identity for `ip` is `id`) claims `ip`; the first claimant in object order owns it.
+    fn claim(&mut self, ip: IpAddr, pod: &ObjectRef, id: u32) {
+        let set = self.st.claims.entry(ip).or_default();
+        let previous = set.first().cloned();
+        set.insert(pod.clone());
+        let owner_now = set.first() == Some(pod);
+        self.update_contested(ip);
+        if self.st.host_addrs.contains(&ip) || !owner_now {
+            return;
+        }
+        if let Some(prev) = previous
+            && let Some(prev_id) = self.id_of(&prev, ip)
+        {
+            self.group_add(prev_id, false);
+        }
+        self.group_add(id, true);
+        self.set_ipcache(host_net(ip), id);
+    }
+
+    /// `pod` (whose identity for `ip` was `id`; no longer in `st.pods`) gives `ip` up.
+    fn unclaim(&mut self, ip: IpAddr, pod: &ObjectRef, id: u32) {
+        let Some(set) = self.st.claims.get_mut(&ip) else {
+            return;
+        };
+        let was_owner = set.first() == Some(pod);
+        set.remove(pod);
+        let next = set.first().cloned();
+        if set.is_empty() {
+            self.st.claims.remove(&ip);
+        }
+        self.update_contested(ip);
+        if self.st.host_addrs.contains(&ip) || !was_owner {
+            return;
+        }
+        self.group_add(id, false);
+        match next.and_then(|n| self.id_of(&n, ip)) {
+            Some(next_id) => {
+                self.group_add(next_id, true);
+                self.set_ipcache(host_net(ip), next_id);
+            }
+            None => self.del_ipcache(host_net(ip)),
+        }
+    }
+
+    /// One owned address more (`add`) or less with identity `id`; an identity becomes live with its
+    /// first and dead with its last.
+    fn group_add(&mut self, id: u32, add: bool) {
+        let Some(key) = self.st.id_keys.get(&id).cloned() else {
+            return;
+        };
+        let IdentityKey::Pod {
+            namespace,
+            labels,
+            sig,
+        } = key.as_ref()
+        else {
+            return;
+        };
+        let ids = self
+            .st
+            .groups
+            .entry(namespace.clone())
+            .or_default()
+            .entry(labels.clone())
+            .or_default();
+        let n = ids.entry(id).or_default();
+        let transition = if add {
+            *n += 1;
+            *n == 1
+        } else {
+            *n -= 1;
+            *n == 0
+        };
+        if !transition {
+            return;
+        }
+        if !add {
+            ids.remove(&id);
+            if ids.is_empty()
+                && let Some(by_labels) = self.st.groups.get_mut(namespace)
+            {
+                by_labels.remove(labels);
+                if by_labels.is_empty() {
+                    self.st.groups.remove(namespace);
                 }
             }
         }
-        for ip in &host_addrs {
-            d.ipcache.insert(host_net(*ip), identity::HOST);
+        // Indexes and the peers that match it.
+        for p in &sig.prefixes {
+            let set = self.st.inside.entry(*p).or_default();
+            if add {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
         }
-        let mut groups_by_ns: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
-        for (g, group) in groups.iter().enumerate() {
-            groups_by_ns.entry(group.namespace).or_default().push(g);
+        for (np, nums) in &sig.named {
+            let map = self.st.named_index.entry(np.clone()).or_default();
+            if add {
+                map.insert(id, nums.clone());
+            } else {
+                map.remove(&id);
+            }
         }
+        let ns_labels = self.st.namespaces.get(namespace.as_str());
+        for (pk, ps) in &mut self.st.peers {
+            if peer_matches(pk, namespace, labels, sig, ns_labels) {
+                let changed = if add {
+                    ps.ids.insert(id)
+                } else {
+                    ps.ids.remove(&id)
+                };
+                if changed {
+                    self.st.dirty_rules.extend(ps.users.iter().cloned());
+                }
+            }
+        }
+        if !sig.named.is_empty() {
+            for (rk, cr) in &self.st.compiled {
+                if cr
+                    .egress_named
+                    .iter()
+                    .any(|np| sig.named.iter().any(|(n, _)| n == np))
+                {
+                    self.st.dirty_rules.insert(rk.clone());
+                }
+            }
+        }
+    }
 
-        // 5. Rule ids.
-        let rule_keys: BTreeSet<RuleKey> = policies
-            .iter()
-            .flat_map(|p| {
-                let r = p.object_ref();
-                (0..p.ingress.len())
-                    .map(move |i| (r.clone(), dir::INGRESS, i))
-                    .chain((0..p.egress.len()).map({
-                        let r = p.object_ref();
-                        move |i| (r.clone(), dir::EGRESS, i)
-                    }))
-            })
-            .collect();
-        self.rules.sync(&rule_keys);
-        for (key, id) in &self.rules.ids {
-            d.rules.insert(
-                *id,
+    fn namespace_changed(&mut self, name: &str, labels: Option<&Labels>) {
+        let empty = Labels::new();
+        let new = labels.unwrap_or(&empty);
+        let old = self.st.namespaces.get(name).cloned().unwrap_or_default();
+        if &old == new {
+            return;
+        }
+        match labels {
+            Some(l) => self.st.namespaces.insert(name.to_owned(), l.clone()),
+            None => self.st.namespaces.remove(name),
+        };
+        let Some(groups) = self.st.groups.get(name) else {
+            return;
+        };
+        for ps_key in self.st.peers.keys().cloned().collect::<Vec<_>>() {
+            let PeerKey::Pods {
+                namespace_selector: Some(ns_sel),
+                pod_selector,
+                ..
+            } = &ps_key
+            else {
+                continue;
+            };
+            let (was, now) = (matches(ns_sel, &old), matches(ns_sel, new));
+            if was == now {
+                continue;
+            }
+            let ids: Vec<u32> = groups
+                .iter()
+                .filter(|(l, _)| pod_selector.as_ref().is_none_or(|s| matches(s, l)))
+                .flat_map(|(_, ids)| ids.keys().copied())
+                .collect();
+            let ps = self.st.peers.get_mut(&ps_key).expect("peer");
+            for id in ids {
+                if now {
+                    ps.ids.insert(id);
+                } else {
+                    ps.ids.remove(&id);
+                }
+            }
+            self.st.dirty_rules.extend(ps.users.iter().cloned());
+        }
+    }
+
+    fn policy_changed(&mut self, r: &ObjectRef, new: Option<&NetworkPolicy>) {
+        let old = self.st.policies.remove(r);
+        // Rule numbers: kept for the rules that are still there.
+        let old_keys: BTreeSet<RuleKey> = old.iter().flat_map(|p| rule_keys(p)).collect();
+        let new_keys: BTreeSet<RuleKey> = new.iter().flat_map(|p| rule_keys(p)).collect();
+        for k in old_keys.difference(&new_keys) {
+            if let Some(id) = self.rules.release(k) {
+                self.desired.rules.remove(&id);
+            }
+        }
+        for k in new_keys.difference(&old_keys) {
+            let id = self.rules.acquire(k);
+            self.desired.rules.insert(
+                id,
                 RuleRef {
-                    policy: key.0.clone(),
-                    direction: key.1,
-                    index: key.2,
+                    policy: k.0.clone(),
+                    direction: k.1,
+                    index: k.2,
                 },
             );
         }
-
-        let mut c = Compiler {
-            cluster,
-            groups,
-            groups_by_ns,
-            pod_ids,
-            inside,
-            cidr_ids,
-            named_index,
-            host_addrs,
-            peer_cache: HashMap::new(),
-            block_cache: HashMap::new(),
-            select_cache: HashMap::new(),
-            warnings,
-        };
-
-        // 6. Which policies select which group, per direction (in policy order).
-        let mut ingress_of: Vec<Vec<usize>> = vec![Vec::new(); c.groups.len()];
-        let mut egress_of: Vec<Vec<usize>> = vec![Vec::new(); c.groups.len()];
-        for (pi, p) in policies.iter().enumerate() {
-            if !p.isolates_ingress && !p.isolates_egress {
-                continue;
+        // What it selected, and its compiled rules, go.
+        if let Some(old) = &old {
+            if let Some(set) = self.st.policies_by_ns.get_mut(&old.namespace) {
+                set.remove(r);
             }
-            for g in c.select(&p.namespace, &p.pod_selector).iter() {
-                if p.isolates_ingress {
-                    ingress_of[*g].push(pi);
+            for ep in self.st.selected.remove(r).unwrap_or_default() {
+                if let Some(local) = self.st.locals.get_mut(&ep) {
+                    local.selected_by.remove(r);
                 }
-                if p.isolates_egress {
-                    egress_of[*g].push(pi);
+                self.st.dirty_endpoints.insert(ep);
+            }
+            self.drop_rules(r);
+        }
+        let Some(p) = new else {
+            return;
+        };
+        self.st.policies.insert(r.clone(), Arc::new(p.clone()));
+        self.st
+            .policies_by_ns
+            .entry(p.namespace.clone())
+            .or_default()
+            .insert(r.clone());
+        let eps: Vec<ObjectRef> = self
+            .st
+            .locals_by_ns
+            .get(&p.namespace)
+            .into_iter()
+            .flatten()
+            .filter(|ep| {
+                let l = &self.st.locals[*ep];
+                selects(p, &l.namespace, &l.labels)
+            })
+            .cloned()
+            .collect();
+        for ep in &eps {
+            if let Some(local) = self.st.locals.get_mut(ep) {
+                local.selected_by.insert(r.clone());
+            }
+            self.st.dirty_endpoints.insert(ep.clone());
+        }
+        if !eps.is_empty() {
+            self.st.selected.insert(r.clone(), eps.into_iter().collect());
+        }
+        self.st.touched_policies.insert(r.clone());
+    }
+
+    fn drop_rules(&mut self, policy: &ObjectRef) {
+        let keys: Vec<RuleKey> = self
+            .st
+            .compiled
+            .range((policy.clone(), 0, 0)..)
+            .take_while(|(k, _)| &k.0 == policy)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in keys {
+            let cr = self.st.compiled.remove(&k).expect("compiled rule");
+            for pk in &cr.peers {
+                if let Some(ps) = self.st.peers.get_mut(pk) {
+                    ps.users.remove(&k);
+                    if ps.users.is_empty() {
+                        self.st.peers.remove(pk);
+                    }
                 }
             }
         }
+    }
 
-        // 7. Endpoints.
-        let mut compiled: HashMap<(usize, u8, usize), Rc<CompiledRule>> = HashMap::new();
-        for (i, pod) in endpoints.iter().enumerate() {
-            let g = pod_group[i];
-            let mut ep = EndpointPolicy {
-                identity: addr_keys[i]
-                    .first()
-                    .and_then(|k| self.identities.get(k))
-                    .unwrap_or(identity::WORLD),
-                ips: pod.ips.clone(),
-                isolated_ingress: !ingress_of[g].is_empty(),
-                isolated_egress: !egress_of[g].is_empty(),
-                ingress_policies: ingress_of[g]
-                    .iter()
-                    .map(|pi| policies[*pi].object_ref())
-                    .collect(),
-                egress_policies: egress_of[g].iter().map(|pi| policies[*pi].object_ref()).collect(),
-                allow: BTreeMap::new(),
+    /// Compiles what the changes made necessary: rules of policies that now select a local endpoint
+    /// (dropping those that select none), rules whose peers changed, then the allow sets of the local
+    /// endpoints that depend on any of it.
+    fn settle(&mut self) {
+        for p in std::mem::take(&mut self.st.touched_policies) {
+            let active = self.st.selected.get(&p).is_some_and(|s| !s.is_empty());
+            if !active {
+                self.st.selected.remove(&p);
+                self.drop_rules(&p);
+                continue;
+            }
+            let Some(policy) = self.st.policies.get(&p).cloned() else {
+                continue;
             };
-            for (direction, list) in [(dir::INGRESS, &ingress_of[g]), (dir::EGRESS, &egress_of[g])] {
-                for pi in list {
-                    let p = policies[*pi];
-                    let rules = if direction == dir::INGRESS {
-                        &p.ingress
+            let mut added = false;
+            for (direction, index, _) in effective(&policy) {
+                let key = (p.clone(), direction, index);
+                if !self.st.compiled.contains_key(&key) {
+                    self.build_rule(&policy, key);
+                    added = true;
+                }
+            }
+            if added {
+                let eps = self.st.selected[&p].iter().cloned().collect::<Vec<_>>();
+                self.st.dirty_endpoints.extend(eps);
+            }
+        }
+        for key in std::mem::take(&mut self.st.dirty_rules) {
+            if !self.st.compiled.contains_key(&key) {
+                continue;
+            }
+            let Some(policy) = self.st.policies.get(&key.0).cloned() else {
+                continue;
+            };
+            if self.build_rule(&policy, key.clone())
+                && let Some(eps) = self.st.selected.get(&key.0)
+            {
+                self.st.dirty_endpoints.extend(eps.iter().cloned());
+            }
+        }
+        for ep in std::mem::take(&mut self.st.dirty_endpoints) {
+            let new = self.endpoint_policy(&ep);
+            let old = match new {
+                Some(new) => self.desired.endpoints.insert(ep.clone(), new),
+                None => self.desired.endpoints.remove(&ep),
+            };
+            if old.as_ref() != self.desired.endpoints.get(&ep) {
+                self.delta.endpoints.insert(ep);
+            }
+        }
+        self.identities.finish();
+        self.rules.finish();
+        self.desired.warnings = self.warnings();
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for ip in &self.st.contested {
+            let Some(claims) = self.st.claims.get(ip) else {
+                continue;
+            };
+            let first = claims.first().expect("a claim");
+            for pod in claims {
+                if pod == first {
+                    if self.st.host_addrs.contains(ip) {
+                        out.push(format!(
+                            "Pod {pod}: status.podIPs: address {ip} is an address of the node; traffic from it is treated as the node's"
+                        ));
+                    }
+                } else {
+                    out.push(format!(
+                        "Pod {pod}: status.podIPs: address {ip} is also the address of Pod {first}; the ipcache maps it to {first}"
+                    ));
+                }
+            }
+        }
+        out.extend(
+            self.st
+                .compiled
+                .values()
+                .flat_map(|cr| cr.warnings.iter().cloned()),
+        );
+        out
+    }
+
+    /// The allow set and isolation of local endpoint `ep`, from the compiled rules of the policies that
+    /// select it (in policy, then rule order: the first rule that allows an entry names it).
+    fn endpoint_policy(&self, ep: &ObjectRef) -> Option<EndpointPolicy> {
+        let local = self.st.locals.get(ep)?;
+        let of = |direction: u8| -> Vec<&ObjectRef> {
+            local
+                .selected_by
+                .iter()
+                .filter(|p| {
+                    let p = &self.st.policies[*p];
+                    if direction == dir::INGRESS {
+                        p.isolates_ingress
                     } else {
-                        &p.egress
+                        p.isolates_egress
+                    }
+                })
+                .collect()
+        };
+        let (ingress_of, egress_of) = (of(dir::INGRESS), of(dir::EGRESS));
+        let mut out = EndpointPolicy {
+            identity: local.identity,
+            ips: local.ips.clone(),
+            isolated_ingress: !ingress_of.is_empty(),
+            isolated_egress: !egress_of.is_empty(),
+            ingress_policies: ingress_of.iter().map(|p| (*p).clone()).collect(),
+            egress_policies: egress_of.iter().map(|p| (*p).clone()).collect(),
+            allow: BTreeMap::new(),
+        };
+        for (direction, list) in [(dir::INGRESS, &ingress_of), (dir::EGRESS, &egress_of)] {
+            for p in list {
+                let policy = &self.st.policies[*p];
+                let n = if direction == dir::INGRESS {
+                    policy.ingress.len()
+                } else {
+                    policy.egress.len()
+                };
+                for ri in 0..n {
+                    let Some(cr) = self.st.compiled.get(&((*p).clone(), direction, ri)) else {
+                        debug_assert!(false, "rule {p} {direction} {ri} not compiled");
+                        continue;
                     };
-                    for (ri, rule) in rules.iter().enumerate() {
-                        let cr = match compiled.get(&(*pi, direction, ri)) {
-                            Some(cr) => cr.clone(),
-                            None => {
-                                let rule_id = self.rules.get(&(p.object_ref(), direction, ri)).unwrap_or(0);
-                                let cr = Rc::new(c.compile_rule(p, direction, ri, rule, rule_id));
-                                compiled.insert((*pi, direction, ri), cr.clone());
-                                cr
-                            }
-                        };
-                        for k in &cr.keys {
-                            ep.allow.entry(*k).or_insert(cr.rule_id);
-                        }
-                        for (name, protocol) in &cr.ingress_named {
-                            // "If this is a string, it must be a named port on the pod" — the pod
-                            // being the one the policy selects, for ingress.
-                            for port in pod.ports.iter().filter(|c| {
-                                c.name.as_deref() == Some(name.as_str()) && c.protocol == *protocol
-                            }) {
-                                for r in cr.remotes.iter() {
-                                    let k = AllowKey {
-                                        direction,
-                                        remote: *r,
-                                        protocol: protocol.number(),
-                                        port_lo: port.port,
-                                        port_hi: port.port,
-                                    };
-                                    ep.allow.entry(k).or_insert(cr.rule_id);
-                                }
+                    for k in &cr.keys {
+                        out.allow.entry(*k).or_insert(cr.rule_id);
+                    }
+                    for (name, protocol) in &cr.ingress_named {
+                        // "If this is a string, it must be a named port on the pod" — the pod being the
+                        // one the policy selects, for ingress.
+                        for port in local
+                            .ports
+                            .iter()
+                            .filter(|c| c.name.as_deref() == Some(name.as_str()) && c.protocol == *protocol)
+                        {
+                            for r in &cr.remotes {
+                                let k = AllowKey {
+                                    direction,
+                                    remote: *r,
+                                    protocol: protocol.number(),
+                                    port_lo: port.port,
+                                    port_hi: port.port,
+                                };
+                                out.allow.entry(k).or_insert(cr.rule_id);
                             }
                         }
                     }
                 }
             }
-            d.endpoints.insert(pod_refs[i].clone(), ep);
         }
-        d.warnings = c.warnings;
-        d
-    }
-}
-
-impl<'a> Compiler<'a> {
-    /// Groups of `namespace` whose labels `sel` matches.
-    fn select(&mut self, namespace: &'a str, sel: &'a LabelSelector) -> Rc<Vec<usize>> {
-        if let Some(v) = self.select_cache.get(&(namespace, sel)) {
-            return v.clone();
-        }
-        let v: Vec<usize> = self
-            .groups_by_ns
-            .get(namespace)
-            .map(|gs| {
-                gs.iter()
-                    .copied()
-                    .filter(|g| matches(sel, self.groups[*g].labels))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let v = Rc::new(v);
-        self.select_cache.insert((namespace, sel), v.clone());
-        v
+        Some(out)
     }
 
-    fn namespace_labels(&self, ns: &str) -> Labels {
-        // A namespace with no object in the cluster has no labels.
-        self.cluster
-            .namespaces
-            .get(ns)
-            .map(|n| n.labels.clone())
-            .unwrap_or_default()
+    /// The identities `key` matches, computed from the groups and CIDR identities.
+    fn scan_peer(&self, key: &PeerKey) -> PeerState {
+        let mut ps = PeerState::default();
+        match key {
+            PeerKey::Pods {
+                namespace_selector,
+                pod_selector,
+                namespace,
+            } => {
+                let empty = Labels::new();
+                for (ns, groups) in &self.st.groups {
+                    let ns_match = match (namespace_selector, namespace) {
+                        (Some(sel), _) => matches(sel, self.st.namespaces.get(ns).unwrap_or(&empty)),
+                        (None, Some(own)) => own == ns,
+                        (None, None) => false,
+                    };
+                    if !ns_match {
+                        continue;
+                    }
+                    for (labels, ids) in groups {
+                        if pod_selector.as_ref().is_none_or(|s| matches(s, labels)) {
+                            ps.ids.extend(ids.keys().copied());
+                        }
+                    }
+                }
+            }
+            PeerKey::Block { cidr, except } => {
+                // CIDR identities: all addresses that map to prefix p lie in p, so p ⊆ cidr and p ⊄
+                // every except makes all of them match; any other p has none that matches (prefixes
+                // nest or are disjoint, and an except inside p has its own, more specific entry).
+                for (p, id) in self.st.cidr_ids.range(*cidr..) {
+                    if !cidr.contains(p) {
+                        if p.network() > cidr.broadcast() || !same_family(p, cidr) {
+                            break;
+                        }
+                        continue;
+                    }
+                    if !except.iter().any(|e| e.contains(p)) {
+                        ps.ids.insert(*id);
+                    }
+                }
+                // Pod identities: their signature lists every ipBlock prefix containing the address.
+                for id in self.st.inside.get(cidr).into_iter().flatten() {
+                    if let Some(IdentityKey::Pod { sig, .. }) = self.st.id_keys.get(id).map(AsRef::as_ref)
+                        && !except.iter().any(|e| sig.prefixes.contains(e))
+                    {
+                        ps.ids.insert(*id);
+                    }
+                }
+                let in_block = |ip: &IpAddr| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip));
+                let host = &self.st.host_addrs;
+                let n = host.iter().filter(|ip| in_block(ip)).count();
+                if n == host.len() && n > 0 {
+                    ps.ids.insert(identity::HOST);
+                }
+                ps.partial_host = n > 0 && n < host.len();
+            }
+        }
+        ps
     }
 
-    /// Identities a `podSelector`/`namespaceSelector` peer of a policy in `policy_ns` matches:
-    /// "If namespaceSelector is also set, then the NetworkPolicyPeer as a whole selects the pods
-    /// matching podSelector in the Namespaces selected by NamespaceSelector. Otherwise it selects the
-    /// pods matching podSelector in the policy's own namespace."
-    fn pods_peer(
-        &mut self,
-        policy_ns: &'a str,
-        ns_sel: &Option<LabelSelector>,
-        pod_sel: &Option<LabelSelector>,
-    ) -> Rc<BTreeSet<u32>> {
-        let key = (
-            ns_sel.clone(),
-            pod_sel.clone(),
-            if ns_sel.is_none() { Some(policy_ns) } else { None },
-        );
-        if let Some(v) = self.peer_cache.get(&key) {
-            return v.clone();
-        }
-        let namespaces: Vec<&str> = match ns_sel {
-            None => vec![policy_ns],
-            Some(sel) => self
-                .groups_by_ns
-                .keys()
-                .copied()
-                .filter(|ns| matches(sel, &self.namespace_labels(ns)))
-                .collect(),
+    /// Compiles rule `key` of `p` (creating the peers it needs) into `st.compiled`; whether its entries
+    /// changed.
+    fn build_rule(&mut self, p: &NetworkPolicy, key: RuleKey) -> bool {
+        let (direction, index) = (key.1, key.2);
+        let rule = if direction == dir::INGRESS {
+            &p.ingress[index]
+        } else {
+            &p.egress[index]
         };
-        let mut out = BTreeSet::new();
-        for ns in namespaces {
-            for g in self.groups_by_ns.get(ns).into_iter().flatten() {
-                let group = &self.groups[*g];
-                if pod_sel.as_ref().is_none_or(|s| matches(s, group.labels)) {
-                    out.extend(group.identities.iter().copied());
-                }
-            }
-        }
-        let out = Rc::new(out);
-        self.peer_cache.insert(key, out.clone());
-        out
-    }
-
-    /// Identities an `ipBlock` peer matches: every address in `cidr` and in no `except`. Returns
-    /// whether some but not all host addresses match (which the single host identity cannot express).
-    fn block_peer(&mut self, cidr: &IpNet, except: &[IpNet]) -> (Rc<BTreeSet<u32>>, bool) {
-        let cidr = cidr.trunc();
-        let except: Vec<IpNet> = except.iter().map(IpNet::trunc).collect();
-        let key = (cidr, except.clone());
-        if let Some(v) = self.block_cache.get(&key) {
-            return v.clone();
-        }
-        let mut out = BTreeSet::new();
-        // CIDR identities: all addresses that map to prefix p lie in p, so p ⊆ cidr and p ⊄ every
-        // except makes all of them match; any other p has none that matches (prefixes nest or are
-        // disjoint, and an except inside p has its own, more specific entry).
-        for (p, id) in self.cidr_ids.range(cidr..) {
-            if !cidr.contains(p) {
-                if p.network() > cidr.broadcast() || !same_family(p, &cidr) {
-                    break;
-                }
-                continue;
-            }
-            if !except.iter().any(|e| e.contains(p)) {
-                out.insert(*id);
-            }
-        }
-        // Pod identities: their signature lists every ipBlock prefix containing the address.
-        if let Some(ids) = self.inside.get(&cidr) {
-            for id in ids {
-                let sig = self.pod_ids[id];
-                if !except.iter().any(|e| sig.prefixes.contains(e)) {
-                    out.insert(*id);
-                }
-            }
-        }
-        let in_block = |ip: &IpAddr| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip));
-        let n = self.host_addrs.iter().filter(|ip| in_block(ip)).count();
-        if n == self.host_addrs.len() && n > 0 {
-            out.insert(identity::HOST);
-        }
-        let partial = n > 0 && n < self.host_addrs.len();
-        let v = (Rc::new(out), partial);
-        self.block_cache.insert(key, v.clone());
-        v
-    }
-
-    fn compile_rule(
-        &mut self,
-        p: &'a NetworkPolicy,
-        direction: u8,
-        index: usize,
-        rule: &Rule,
-        rule_id: u32,
-    ) -> CompiledRule {
+        let rule_id = self.rules.get(&key).unwrap_or(0);
         let (dir_name, peers_name) = if direction == dir::INGRESS {
             ("ingress", "from")
         } else {
             ("egress", "to")
         };
+        let mut warnings = Vec::new();
         // "If this field is empty or missing, this rule matches all sources/destinations."
         let mut remotes = BTreeSet::new();
         if rule.peers.is_empty() {
             remotes.insert(identity::ANY);
         }
+        let mut peer_keys = Vec::new();
         for (pi, peer) in rule.peers.iter().enumerate() {
-            match peer {
+            let pk = match peer {
                 Peer::Pods {
                     namespace_selector,
                     pod_selector,
-                } => {
-                    remotes.extend(
-                        self.pods_peer(&p.namespace, namespace_selector, pod_selector)
-                            .iter()
-                            .copied(),
-                    );
-                }
-                Peer::IpBlock { cidr, except } => {
-                    let (ids, partial) = self.block_peer(cidr, except);
-                    remotes.extend(ids.iter().copied());
-                    if partial && direction == dir::EGRESS {
-                        self.warnings.push(format!(
-                            "NetworkPolicy {}: spec.{dir_name}[{index}].{peers_name}[{pi}].ipBlock: contains some but not all \
-                             addresses of the host (node IPs, host-network pods); traffic to the host is not allowed by it",
-                            p.object_ref()
-                        ));
-                    }
-                }
+                } => PeerKey::Pods {
+                    namespace_selector: namespace_selector.clone(),
+                    pod_selector: pod_selector.clone(),
+                    namespace: namespace_selector.is_none().then(|| p.namespace.clone()),
+                },
+                Peer::IpBlock { cidr, except } => PeerKey::Block {
+                    cidr: cidr.trunc(),
+                    except: except.iter().map(IpNet::trunc).collect(),
+                },
+            };
+            if !self.st.peers.contains_key(&pk) {
+                let ps = self.scan_peer(&pk);
+                self.st.peers.insert(pk.clone(), ps);
             }
+            let ps = self.st.peers.get_mut(&pk).expect("peer");
+            ps.users.insert(key.clone());
+            remotes.extend(ps.ids.iter().copied());
+            if ps.partial_host && direction == dir::EGRESS {
+                warnings.push(format!(
+                    "NetworkPolicy {}: spec.{dir_name}[{index}].{peers_name}[{pi}].ipBlock: contains some but not all \
+                     addresses of the host (node IPs, host-network pods); traffic to the host is not allowed by it",
+                    p.object_ref()
+                ));
+            }
+            peer_keys.push(pk);
         }
         // "If this field is empty or missing, this rule matches all ports."
         let mut ranges: Vec<(u8, u16, u16)> = Vec::new();
         let mut keys = Vec::new();
         let mut ingress_named = Vec::new();
+        let mut egress_named = Vec::new();
         if rule.ports.is_empty() {
             ranges.push((proto::ANY, 0, u16::MAX));
         }
@@ -686,7 +1287,7 @@ impl<'a> Compiler<'a> {
                 Some(PortRef::Number(n)) => {
                     let end = spec.end_port.unwrap_or(*n);
                     if end < *n {
-                        self.warnings.push(format!(
+                        warnings.push(format!(
                             "NetworkPolicy {}: spec.{dir_name}[{index}].ports[{si}].endPort: {end} < port {n}; the entry allows nothing",
                             p.object_ref()
                         ));
@@ -701,21 +1302,20 @@ impl<'a> Compiler<'a> {
                     // Egress: the name resolves on each destination pod; non-pod destinations have
                     // no named ports, so they match nothing.
                     let np = (name.clone(), spec.protocol);
-                    if let Some(list) = self.named_index.get(&np) {
-                        for (id, nums) in list {
-                            if rule.peers.is_empty() || remotes.contains(id) {
-                                for n in nums {
-                                    keys.push(AllowKey {
-                                        direction,
-                                        remote: *id,
-                                        protocol,
-                                        port_lo: *n,
-                                        port_hi: *n,
-                                    });
-                                }
+                    for (id, nums) in self.st.named_index.get(&np).into_iter().flatten() {
+                        if rule.peers.is_empty() || remotes.contains(id) {
+                            for n in nums {
+                                keys.push(AllowKey {
+                                    direction,
+                                    remote: *id,
+                                    protocol,
+                                    port_lo: *n,
+                                    port_hi: *n,
+                                });
                             }
                         }
                     }
+                    egress_named.push(np);
                 }
             }
         }
@@ -730,11 +1330,44 @@ impl<'a> Compiler<'a> {
                 });
             }
         }
-        CompiledRule {
+        let cr = CompiledRule {
             rule_id,
             keys,
             ingress_named,
-            remotes: Rc::new(remotes),
+            remotes,
+            egress_named,
+            peers: peer_keys,
+            warnings,
+        };
+        let changed = self.st.compiled.get(&key) != Some(&cr);
+        self.st.compiled.insert(key, cr);
+        changed
+    }
+}
+
+/// Whether a live pod identity of (`namespace`, `labels`, `sig`) belongs to peer `pk`.
+fn peer_matches(
+    pk: &PeerKey,
+    namespace: &str,
+    labels: &Labels,
+    sig: &Signature,
+    ns_labels: Option<&Labels>,
+) -> bool {
+    match pk {
+        PeerKey::Pods {
+            namespace_selector,
+            pod_selector,
+            namespace: own,
+        } => {
+            let ns_match = match (namespace_selector, own) {
+                (Some(sel), _) => matches(sel, ns_labels.unwrap_or(&Labels::new())),
+                (None, Some(own)) => own == namespace,
+                (None, None) => false,
+            };
+            ns_match && pod_selector.as_ref().is_none_or(|s| matches(s, labels))
+        }
+        PeerKey::Block { cidr, except } => {
+            sig.prefixes.contains(cidr) && !except.iter().any(|e| sig.prefixes.contains(e))
         }
     }
 }

@@ -10,13 +10,13 @@
 //! (direction, remote identity, protocol, port range). See [`Engine::compile`] for how identities are
 //! chosen so that sharing never changes a verdict.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use serde::Serialize;
 
-use crate::model::{Labels, ObjectRef};
+use crate::model::{Cluster, Labels, ObjectRef};
 
 mod compile;
 mod keys;
@@ -95,4 +95,103 @@ pub struct Desired {
     pub rules: BTreeMap<u32, RuleRef>,
     /// What compiled but cannot be enforced exactly, named by object and field.
     pub warnings: Vec<String>,
+}
+
+/// The objects that differ between two snapshots of a cluster (added, modified or deleted), by key:
+/// what [`Engine::update`] needs to know to touch only what depends on them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub namespaces: BTreeSet<String>,
+    pub pods: BTreeSet<ObjectRef>,
+    pub policies: BTreeSet<ObjectRef>,
+}
+
+/// Keys whose value differs between `old` and `new` (present in one only, or unequal).
+fn changed_keys<K: Ord + Clone, V: PartialEq>(old: &BTreeMap<K, V>, new: &BTreeMap<K, V>) -> BTreeSet<K> {
+    let mut out = BTreeSet::new();
+    let (mut a, mut b) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        match (a.peek(), b.peek()) {
+            (None, None) => break,
+            (Some((k, _)), None) => {
+                out.insert((*k).clone());
+                a.next();
+            }
+            (None, Some((k, _))) => {
+                out.insert((*k).clone());
+                b.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    out.insert((*ka).clone());
+                    a.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    out.insert((*kb).clone());
+                    b.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if va != vb {
+                        out.insert((*ka).clone());
+                    }
+                    a.next();
+                    b.next();
+                }
+            },
+        }
+    }
+    out
+}
+
+impl Changes {
+    /// What differs between `old` and `new` (one ordered walk over each map).
+    pub fn between(old: &Cluster, new: &Cluster) -> Self {
+        Self {
+            namespaces: changed_keys(&old.namespaces, &new.namespaces),
+            pods: changed_keys(&old.pods, &new.pods),
+            policies: changed_keys(&old.policies, &new.policies),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.pods.is_empty() && self.policies.is_empty()
+    }
+}
+
+/// What changed in the [`Desired`] state: the datapath sync rewrites only these (or everything when
+/// `full`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Anything may have changed.
+    pub full: bool,
+    /// ipcache prefixes whose identity changed, appeared or went.
+    pub ipcache: BTreeSet<IpNet>,
+    /// Endpoints whose policy changed, appeared or went.
+    pub endpoints: BTreeSet<ObjectRef>,
+}
+
+impl Delta {
+    /// A delta that says everything may have changed.
+    pub fn full() -> Self {
+        Self {
+            full: true,
+            ..Self::default()
+        }
+    }
+
+    /// Adds what `other` says changed.
+    pub fn merge(&mut self, other: Delta) {
+        self.full |= other.full;
+        if self.full {
+            self.ipcache.clear();
+            self.endpoints.clear();
+        } else {
+            self.ipcache.extend(other.ipcache);
+            self.endpoints.extend(other.endpoints);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.full && self.ipcache.is_empty() && self.endpoints.is_empty()
+    }
 }

@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use ztrust_common::{dir, proto};
 
 use super::reference::{reference_allowed, reference_direction};
-use super::{Engine, lookup};
+use super::{Changes, Engine, lookup};
 use crate::model::{
     Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef,
     PortSpec, Protocol, Requirement, Rule,
@@ -167,11 +167,20 @@ fn pod() -> impl Strategy<Value = (usize, Labels, bool, bool, Vec<ContainerPort>
     )
 }
 
-pub(super) fn cluster() -> impl Strategy<Value = Cluster> {
+pub(crate) fn cluster() -> impl Strategy<Value = Cluster> {
     let namespaces = proptest::collection::vec(proptest::option::of(labels()), NAMESPACES.len());
     let pods = proptest::collection::vec(pod(), 2..=6);
     let addrs = Just((0u8..15).collect::<Vec<_>>()).prop_shuffle();
     let policies = (0usize..=4).prop_flat_map(|n| (0..n).map(policy).collect::<Vec<_>>());
+    cluster_of(namespaces, pods, addrs, policies)
+}
+
+fn cluster_of(
+    namespaces: impl Strategy<Value = Vec<Option<Labels>>>,
+    pods: impl Strategy<Value = Vec<(usize, Labels, bool, bool, Vec<ContainerPort>)>>,
+    addrs: impl Strategy<Value = Vec<u8>>,
+    policies: impl Strategy<Value = Vec<NetworkPolicy>>,
+) -> impl Strategy<Value = Cluster> {
     (namespaces, pods, addrs, policies, any::<bool>()).prop_map(|(ns_labels, pods, addrs, policies, node)| {
         let mut c = Cluster::default();
         for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
@@ -213,7 +222,7 @@ pub(super) fn cluster() -> impl Strategy<Value = Cluster> {
 }
 
 #[derive(Clone, Debug)]
-pub(super) struct Packet {
+pub(crate) struct Packet {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub protocol: u8,
@@ -227,7 +236,7 @@ fn address(c: &Cluster) -> impl Strategy<Value = IpAddr> + use<> {
     prop_oneof![3 => proptest::sample::select(known), 1 => (0u8..20).prop_map(v4), 1 => (0u16..16).prop_map(v6)]
 }
 
-fn packet(c: &Cluster) -> impl Strategy<Value = Packet> + use<> {
+pub(crate) fn packet(c: &Cluster) -> impl Strategy<Value = Packet> + use<> {
     let ports: Vec<(IpAddr, Vec<ContainerPort>)> = c
         .pods
         .values()
@@ -284,6 +293,100 @@ fn packet(c: &Cluster) -> impl Strategy<Value = Packet> + use<> {
                 },
             }
         })
+}
+
+/// The endpoints of `d` with identity and rule numbers replaced by what they stand for (the ipcache
+/// prefixes of an identity, the rule's policy and index): equal for two states that differ only in
+/// numbering.
+fn canonical(d: &super::Desired) -> std::collections::BTreeMap<crate::model::ObjectRef, String> {
+    let mut prefixes: std::collections::BTreeMap<u32, Vec<IpNet>> = std::collections::BTreeMap::new();
+    for (net, id) in &d.ipcache {
+        prefixes.entry(*id).or_default().push(*net);
+    }
+    let name = |id: u32| match id {
+        ztrust_common::identity::ANY => "any".to_owned(),
+        ztrust_common::identity::HOST => "host".to_owned(),
+        _ => format!("{:?}", prefixes.get(&id)),
+    };
+    d.endpoints
+        .iter()
+        .map(|(r, ep)| {
+            let allow: std::collections::BTreeSet<String> = ep
+                .allow
+                .iter()
+                .map(|(k, rule)| {
+                    format!(
+                        "{} {} {} {}-{} by {:?}",
+                        k.direction,
+                        name(k.remote),
+                        k.protocol,
+                        k.port_lo,
+                        k.port_hi,
+                        d.rules.get(rule)
+                    )
+                })
+                .collect();
+            let text = format!(
+                "identity {} in {} eg {} ips {:?} in {:?} eg {:?} allow {:#?}",
+                name(ep.identity),
+                ep.isolated_ingress,
+                ep.isolated_egress,
+                ep.ips,
+                ep.ingress_policies,
+                ep.egress_policies,
+                allow
+            );
+            (r.clone(), text)
+        })
+        .collect()
+}
+
+/// What a step of [`mix`] takes from the second cluster.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Mix {
+    /// Namespaces and pods that are not on the host network in either (policies stay).
+    PodsAndNamespaces,
+    /// Policies with the same ipBlock prefixes and egress named ports in both (pods stay).
+    Policies,
+    /// Any object.
+    All,
+}
+
+/// `a`, with the objects (by key) that `what` allows and bit `i` of `mask` picks taken from `b`: a
+/// cluster that differs from `a` by a random part of their differences.
+pub(crate) fn mix(a: &Cluster, b: &Cluster, mask: u64, what: Mix) -> Cluster {
+    fn pick<K: Ord + Clone, V: Clone>(
+        a: &std::collections::BTreeMap<K, V>,
+        b: &std::collections::BTreeMap<K, V>,
+        mask: u64,
+        salt: u32,
+        allowed: impl Fn(Option<&V>, Option<&V>) -> bool,
+    ) -> std::collections::BTreeMap<K, V> {
+        let keys: std::collections::BTreeSet<&K> = a.keys().chain(b.keys()).collect();
+        keys.into_iter()
+            .enumerate()
+            .filter_map(|(i, k)| {
+                let take_b = mask.rotate_left(salt + i as u32) & 1 == 1 && allowed(a.get(k), b.get(k));
+                (if take_b { b } else { a })
+                    .get(k)
+                    .map(|v| (k.clone(), v.clone()))
+            })
+            .collect()
+    }
+    let pods_too = matches!(what, Mix::PodsAndNamespaces | Mix::All);
+    let policies_too = matches!(what, Mix::Policies | Mix::All);
+    let not_host = |p: Option<&Pod>| p.is_none_or(|p| !p.host_network);
+    let facts = |p: Option<&NetworkPolicy>| p.map(super::compile::facts).unwrap_or_default();
+    Cluster {
+        namespaces: pick(&a.namespaces, &b.namespaces, mask, 0, |_, _| pods_too),
+        pods: pick(&a.pods, &b.pods, mask, 7, |x, y| {
+            matches!(what, Mix::All) || (pods_too && not_host(x) && not_host(y))
+        }),
+        policies: pick(&a.policies, &b.policies, mask, 19, |x, y| {
+            matches!(what, Mix::All) || (policies_too && facts(x) == facts(y))
+        }),
+        node_ips: a.node_ips.clone(),
+    }
 }
 
 /// Compares the engine with the reference for one packet, direction by direction.
@@ -345,6 +448,61 @@ proptest! {
         for p in &packets {
             if let Err(e) = check(&c1, &d1_again, p) {
                 prop_assert!(false, "{}", e);
+            }
+        }
+    }
+
+    /// An engine updated through a sequence of clusters, each step told only which objects changed,
+    /// is as exact as one compiled from scratch, for the endpoints of its node; pods are spread over
+    /// this node, another one and none (local). Steps mix objects of random clusters, so that most are
+    /// incremental (a step that changes the ipBlock prefixes or the host addresses rebuilds).
+    #[test]
+    fn incremental_updates_are_exact((steps, packets) in (cluster(), cluster(), cluster(), proptest::collection::vec(any::<u64>(), 4), proptest::collection::vec(0u8..3, 6))
+        .prop_flat_map(|(a, b, c, masks, nodes)| {
+            let place = |mut c: Cluster| {
+                for (i, pod) in c.pods.values_mut().enumerate() {
+                    pod.node_name = match nodes[i % nodes.len()] {
+                        0 => None,
+                        1 => Some("here".to_owned()),
+                        _ => Some("there".to_owned()),
+                    };
+                }
+                c
+            };
+            let s1 = mix(&a, &b, masks[0], Mix::PodsAndNamespaces);
+            let s2 = mix(&s1, &b, masks[1], Mix::Policies);
+            let s3 = mix(&s2, &c, masks[2], Mix::PodsAndNamespaces);
+            let s4 = mix(&s3, &c, masks[3], Mix::Policies);
+            let s5 = mix(&s4, &a, !masks[0], Mix::PodsAndNamespaces);
+            let s6 = mix(&s5, &b, masks[1] ^ masks[2], Mix::All);
+            let steps: Vec<Cluster> = [a, s1, s2, s3, s4, s5, s6].into_iter().map(place).collect();
+            let packets: Vec<_> = steps.iter().map(|c| proptest::collection::vec(packet(c), 40)).collect();
+            (Just(steps), packets)
+        })) {
+        let mut engine = Engine::for_node("here");
+        let mut previous = Cluster::default();
+        for (c, packets) in steps.iter().zip(&packets) {
+            engine.update(c, &Changes::between(&previous, c));
+            previous = c.clone();
+            let d = engine.desired();
+            let fresh = Engine::for_node("here").compile(c);
+            prop_assert_eq!(d.endpoints.keys().collect::<Vec<_>>(), fresh.endpoints.keys().collect::<Vec<_>>());
+            prop_assert_eq!(d.ipcache.keys().collect::<Vec<_>>(), fresh.ipcache.keys().collect::<Vec<_>>());
+            prop_assert_eq!(canonical(d), canonical(&fresh));
+            let (mut w1, mut w2) = (d.warnings.clone(), fresh.warnings.clone());
+            w1.sort();
+            w2.sort();
+            prop_assert_eq!(w1, w2);
+            let local = |pod: &crate::model::Pod| pod.node_name.as_deref().is_none_or(|n| n == "here");
+            let pod_at = |ip: IpAddr| c.pods.values().find(|x| !x.host_network && x.ips.contains(&ip));
+            for p in packets {
+                for (direction, addr) in [(dir::EGRESS, p.src), (dir::INGRESS, p.dst)] {
+                    if let Some(pod) = pod_at(addr).filter(|pod| local(pod)) {
+                        let want = reference_direction(c, pod, p.src, p.dst, p.protocol, p.dport, direction);
+                        let got = lookup(d, p.src, p.dst, p.protocol, p.dport, &pod.object_ref(), direction);
+                        prop_assert_eq!(want, got, "{:?} at {} direction {}\ncluster: {:#?}\ndesired: {:#?}", p, pod.object_ref(), direction, c, d);
+                    }
+                }
             }
         }
     }
