@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ep_flags};
 
 use crate::model::ObjectRef;
-use crate::policy::{Desired, policy_keys};
+use crate::policy::{Delta, Desired, policy_keys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -202,19 +202,51 @@ impl Syncer {
         self.endpoints.get(&ifindex).map(|e| &e.pod)
     }
 
-    /// Brings the maps to `desired`. `interfaces` binds pods to the ifindex of their host-side interface;
-    /// desired endpoints without an interface are not written (their pods are not on this node, or not
-    /// wired yet).
+    /// Brings the maps to `desired`, looking at everything. `interfaces` binds pods to the ifindex of
+    /// their host-side interface; desired endpoints without an interface are not written (their pods
+    /// are not on this node, or not wired yet).
     pub fn sync(
         &mut self,
         ops: &mut impl MapOps,
         desired: &Desired,
         interfaces: &BTreeMap<ObjectRef, u32>,
     ) -> Result<SyncStats> {
-        // The new per-endpoint state.
+        self.sync_delta(ops, desired, interfaces, &Delta::full())
+    }
+
+    /// Brings the maps to `desired`, looking only at what `delta` says changed since the last successful
+    /// sync (and at pods whose interface binding changed): a change costs what it touches, not the size
+    /// of the cluster. The same order and checks as a full sync.
+    pub fn sync_delta(
+        &mut self,
+        ops: &mut impl MapOps,
+        desired: &Desired,
+        interfaces: &BTreeMap<ObjectRef, u32>,
+        delta: &Delta,
+    ) -> Result<SyncStats> {
+        // The interfaces to look at: all, or those of changed endpoints and changed bindings.
+        let scope: Option<BTreeSet<u32>> = (!delta.full).then(|| {
+            let applied: BTreeMap<&ObjectRef, u32> = self.endpoints.iter().map(|(i, e)| (&e.pod, *i)).collect();
+            let pods: BTreeSet<&ObjectRef> = applied.keys().copied().chain(interfaces.keys()).collect();
+            let mut scope = BTreeSet::new();
+            for pod in pods {
+                let (old, new) = (applied.get(pod).copied(), interfaces.get(pod).copied());
+                if old != new || delta.endpoints.contains(pod) {
+                    scope.extend(old);
+                    scope.extend(new);
+                }
+            }
+            scope
+        });
+        let in_scope = |ifindex: &u32| scope.as_ref().is_none_or(|s| s.contains(ifindex));
+
+        // The new per-endpoint state of the interfaces in scope.
         let mut next: BTreeMap<u32, AppliedEndpoint> = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
             let Some(&ifindex) = interfaces.get(pod) else { continue };
+            if !in_scope(&ifindex) {
+                continue;
+            }
             let mut flags = self.global_flags;
             if self.audit_namespaces.contains(&pod.namespace) {
                 flags |= ep_flags::AUDIT;
@@ -231,22 +263,29 @@ impl Syncer {
 
         // Capacity, before any write.
         let caps = self.capacities;
-        let policy_needed: usize = next.values().map(|e| e.entries.len()).sum();
+        let (old_in_scope, old_entries_in_scope) = self
+            .endpoints
+            .iter()
+            .filter(|(i, _)| in_scope(i))
+            .fold((0, 0), |(n, e), (_, ep)| (n + 1, e + ep.entries.len()));
+        let policy_needed: usize =
+            self.policy_entries - old_entries_in_scope + next.values().map(|e| e.entries.len()).sum::<usize>();
         if policy_needed > caps.policy as usize {
             return Err(Error::Capacity { map: "policy", needed: policy_needed, capacity: caps.policy });
         }
         if desired.ipcache.len() > caps.ipcache as usize {
             return Err(Error::Capacity { map: "ipcache", needed: desired.ipcache.len(), capacity: caps.ipcache });
         }
-        if next.len() > caps.endpoints as usize {
-            return Err(Error::Capacity { map: "endpoints", needed: next.len(), capacity: caps.endpoints });
+        let endpoints_needed = self.endpoints.len() - old_in_scope + next.len();
+        if endpoints_needed > caps.endpoints as usize {
+            return Err(Error::Capacity { map: "endpoints", needed: endpoints_needed, capacity: caps.endpoints });
         }
 
         let mut stats = SyncStats::default();
         let empty = PolicyEntries::new();
 
         // 1. Narrowings.
-        for (ifindex, old) in &self.endpoints {
+        for (ifindex, old) in self.endpoints.iter().filter(|(i, _)| in_scope(i)) {
             match next.get(ifindex) {
                 None => {
                     ops.del_endpoint(*ifindex)?;
@@ -275,21 +314,35 @@ impl Syncer {
         }
 
         let narrowed_before_ipcache = stats.total();
-        // 2. The ipcache.
-        for (net, _) in self.ipcache.iter().filter(|(n, _)| !desired.ipcache.contains_key(n)) {
+        // 2. The ipcache: every prefix, or those the delta names.
+        let nets: Vec<IpNet> = if delta.full {
+            self.ipcache.keys().chain(desired.ipcache.keys()).copied().collect::<BTreeSet<_>>().into_iter().collect()
+        } else {
+            delta.ipcache.iter().copied().collect()
+        };
+        let mut removed = Vec::new();
+        let mut set = Vec::new();
+        for net in nets {
+            match (self.ipcache.get(&net), desired.ipcache.get(&net)) {
+                (Some(_), None) => removed.push(net),
+                (old, Some(new)) if old != Some(new) => set.push((net, *new)),
+                _ => {}
+            }
+        }
+        for net in &removed {
             let (prefix, key) = ipcache_key(net);
             ops.del_ipcache(prefix, &key)?;
             stats.ipcache_writes += 1;
+            self.ipcache.remove(net);
         }
         // An address that changes identity may lose what it was allowed; a new address cannot.
-        let mut ipcache_changed = stats.ipcache_writes > 0;
-        for (net, id) in desired.ipcache.iter().filter(|(n, id)| self.ipcache.get(n) != Some(id)) {
+        let mut ipcache_changed = !removed.is_empty();
+        for (net, id) in &set {
             let (prefix, key) = ipcache_key(net);
             ops.set_ipcache(prefix, &key, &IpcacheValue { identity: *id, _pad: 0 })?;
             stats.ipcache_writes += 1;
-            ipcache_changed |= self.ipcache.contains_key(net);
+            ipcache_changed |= self.ipcache.insert(*net, *id).is_some();
         }
-        self.ipcache = desired.ipcache.clone();
         if narrowed_before_ipcache > 0 || ipcache_changed {
             ops.bump_revision()?;
         }
@@ -310,7 +363,8 @@ impl Syncer {
             }
         }
         self.policy_entries = policy_needed;
-        self.endpoints = next;
+        self.endpoints.retain(|i, _| !in_scope(i));
+        self.endpoints.extend(next);
         debug!(?stats, "maps synced");
         if stats.total() > 0 {
             tracing::info!(
@@ -590,6 +644,45 @@ mod tests {
             let net: IpNet = net.parse().unwrap();
             let (prefix, key) = ipcache_key(&net);
             assert_eq!(ipcache_net(prefix, &key), Some(net));
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+
+        /// Syncing only what the engine's delta names (and changed bindings) leaves the maps exactly as
+        /// a full sync from scratch would, at every step of an evolving cluster; interfaces come and go.
+        #[test]
+        fn delta_sync_writes_what_a_full_sync_writes(steps in crate::policy::proptests::evolution()) {
+            let mut engine = crate::policy::Engine::for_node("here");
+            let mut previous = crate::model::Cluster::default();
+            let mut syncer = Syncer::new();
+            let mut mem = Mem::default();
+            let mut ifindexes: BTreeMap<ObjectRef, u32> = BTreeMap::new();
+            for (k, c) in steps.iter().enumerate() {
+                engine.update(c, &crate::policy::Changes::between(&previous, c));
+                previous = c.clone();
+                let delta = engine.take_delta();
+                let d = engine.desired();
+                let bindings: BTreeMap<ObjectRef, u32> = d
+                    .endpoints
+                    .keys()
+                    .enumerate()
+                    .filter(|(i, _)| (i + k) % 4 != 0)
+                    .map(|(_, pod)| {
+                        let next = ifindexes.len() as u32 + 1;
+                        (pod.clone(), *ifindexes.entry(pod.clone()).or_insert(next))
+                    })
+                    .collect();
+                syncer.sync_delta(&mut mem, d, &bindings, &delta).expect("sync");
+                let mut full = Mem::default();
+                Syncer::new().sync(&mut full, d, &bindings).expect("full sync");
+                proptest::prop_assert_eq!(&mem.endpoints, &full.endpoints, "step {}", k);
+                proptest::prop_assert_eq!(&mem.ipcache, &full.ipcache, "step {}", k);
+                proptest::prop_assert_eq!(&mem.policy, &full.policy, "step {}", k);
+                proptest::prop_assert_eq!(syncer.policy_entries(), full.policy.len());
+                mem.snapshots.clear();
+            }
         }
     }
 }
