@@ -16,7 +16,7 @@ use crate::datapath::sync::{KernelMaps, Syncer};
 use crate::flows::{AllowedBy, EndpointView, Flow, PodView, View};
 use crate::model::{Cluster, ObjectRef};
 use crate::netif::{self, HostRoutes};
-use crate::policy::{Desired, Engine};
+use crate::policy::{Changes, Delta, Desired, Engine};
 use crate::source::dir::{self, Loaded};
 
 #[derive(Debug, thiserror::Error)]
@@ -290,9 +290,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             Watched::Kube(crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone())))
         }
     };
-    let mut engine = Engine::new();
+    // Allow sets are compiled for this node's pods only; the rest of the cluster are peers.
+    let mut engine = Engine::for_node(opts.node_name.clone());
     let mut cluster = Cluster::default();
-    let mut desired = Desired::default();
+    // What changed in the desired state since the last successful sync.
+    let mut pending = Delta::full();
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
     let mut unbound_reported: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut dirty = true;
@@ -324,13 +326,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             have_snapshot = true;
             metrics.set_source_errors(loaded.errors.len() as u64);
             let started = Instant::now();
-            cluster = loaded.cluster;
-            cluster.node_ips = opts.node_ips.clone();
-            desired = engine.compile(&cluster);
+            let mut next = loaded.cluster;
+            next.node_ips = opts.node_ips.clone();
+            let changes = Changes::between(&cluster, &next);
+            cluster = next;
+            engine.update(&cluster, &changes);
+            pending.merge(engine.take_delta());
+            let desired = engine.desired();
             let audit = crate::datapath::sync::audit_namespaces(&cluster);
             if audit != syncer.audit_namespaces {
                 info!(namespaces = ?audit, "namespaces in audit mode (annotation {})", crate::datapath::sync::AUDIT_ANNOTATION);
                 syncer.audit_namespaces = audit;
+                pending.merge(Delta::full());
             }
             for w in &desired.warnings {
                 warn!("{w}");
@@ -339,6 +346,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 pods = cluster.pods.len(),
                 policies = cluster.policies.len(),
                 endpoints = desired.endpoints.len(),
+                changed = changes.namespaces.len() + changes.pods.len() + changes.policies.len(),
                 compile_ms = started.elapsed().as_secs_f64() * 1000.0,
                 "policy compiled"
             );
@@ -363,6 +371,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
         let routes = HostRoutes::read().unwrap_or_default();
+        let desired = engine.desired();
         let mut new_bindings = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
             // Pods of other nodes are peers here, not endpoints.
@@ -414,8 +423,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
         if dirty && have_snapshot {
             let started = Instant::now();
-            match syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings) {
+            match syncer.sync_delta(&mut KernelMaps(&mut dp.maps), desired, &bindings, &pending) {
                 Ok(stats) => {
+                    pending = Delta::default();
                     last_sync_error = None;
                     metrics.observe_sync(started.elapsed().as_secs_f64(), stats.total() as u64);
                     let caps = syncer.capacities;
@@ -446,7 +456,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
-            *view.write().expect("view lock") = build_view(&opts.node_name, &cluster, &desired, &bindings);
+            *view.write().expect("view lock") = build_view(&opts.node_name, &cluster, desired, &bindings);
         }
     }
     flows_task.abort();

@@ -2,10 +2,12 @@
 //! into real kernel maps (loaded with the real programs; local endpoints get fake ifindexes, which the
 //! maps do not check). Measured per size, each in a process of its own so that its peak RSS (VmHWM) is
 //! its own:
-//! - cold: `Engine::compile` of the whole cluster, then the first `Syncer::sync`;
+//! - cold: the engine's first update (a compile of the whole cluster for this node), then the first
+//!   sync;
 //! - single changes (pod added, label changed, policy edited, in turn): the time from the changed cluster
-//!   to the kernel maps reflecting it, i.e. what the agent does per change (compile, sync), and the map
-//!   writes each change made. The source's poll interval and YAML parsing are not included.
+//!   to the kernel maps reflecting it, i.e. what the agent does per change: find what differs from the
+//!   previous snapshot (`Changes::between`), update the engine, sync the delta; and the map writes each
+//!   change made. The source's poll interval and YAML parsing are not included.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -14,7 +16,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use ztrust_agent::datapath::loader::{self, Capacities, Datapath};
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
-use ztrust_agent::policy::Engine;
+use ztrust_agent::policy::{Changes, Engine};
 
 use super::synth::Synth;
 use super::{proc_status_kib, quantile};
@@ -55,7 +57,8 @@ pub struct ChangeStats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
-    /// Of which the engine (compile) and the map sync, medians.
+    /// Of which the snapshot diff, the engine (update) and the map sync, medians.
+    pub diff_p50_ms: f64,
     pub compile_p50_ms: f64,
     pub sync_p50_ms: f64,
     pub writes_p50: f64,
@@ -87,8 +90,8 @@ pub struct Report {
     sizes: Vec<SizeResult>,
 }
 
-/// One change: total, compile and sync milliseconds, map writes.
-type Sample = (f64, f64, f64, usize);
+/// One change: total, engine and sync milliseconds, map writes, diff milliseconds.
+type Sample = (f64, f64, f64, usize, f64);
 
 fn stats(samples: &[Sample]) -> ChangeStats {
     let sorted = |f: &dyn Fn(&Sample) -> f64| {
@@ -103,6 +106,7 @@ fn stats(samples: &[Sample]) -> ChangeStats {
         p50_ms: quantile(&total, 0.5),
         p99_ms: quantile(&total, 0.99),
         max_ms: total.last().copied().unwrap_or(f64::NAN),
+        diff_p50_ms: quantile(&sorted(&|s| s.4), 0.5),
         compile_p50_ms: quantile(&sorted(&|s| s.1), 0.5),
         sync_p50_ms: quantile(&sorted(&|s| s.2), 0.5),
         writes_p50: quantile(&writes, 0.5),
@@ -123,20 +127,20 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
         syncer.capacities = caps;
 
         let t0 = Instant::now();
-        let mut engine = Engine::new();
-        let desired = engine.compile(&synth.cluster);
+        let mut engine = Engine::for_node(super::synth::THIS_NODE);
+        engine.update(&synth.cluster, &Changes::default());
+        let delta = engine.take_delta();
         let t1 = Instant::now();
-        let s = syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &synth.interfaces)?;
+        let s = syncer.sync_delta(&mut KernelMaps(&mut dp.maps), engine.desired(), &synth.interfaces, &delta)?;
         let t2 = Instant::now();
         r.cold_compile_ms = (t1 - t0).as_secs_f64() * 1e3;
         r.cold_sync_ms = (t2 - t1).as_secs_f64() * 1e3;
         r.cold_total_ms = (t2 - t0).as_secs_f64() * 1e3;
         r.cold_writes = s.total();
-        r.identities = desired.identities.len();
+        r.identities = engine.desired().identities.len();
         r.ipcache_entries = syncer.ipcache_entries();
         r.policy_entries = syncer.policy_entries();
         r.peak_rss_cold_mib = proc_status_kib("VmHWM") as f64 / 1024.0;
-        drop(desired);
         eprintln!(
             "  {} policies / {} pods: cold compile {:.0} ms, sync {:.0} ms ({} writes), peak RSS {:.0} MiB; {} changes ...",
             a.policies, a.pods, r.cold_compile_ms, r.cold_sync_ms, r.cold_writes, r.peak_rss_cold_mib, a.changes
@@ -150,14 +154,20 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
                 eprintln!("  time budget of {} s spent after {i} changes", a.max_seconds);
                 break;
             }
+            // The agent holds the previous snapshot and receives the next one: two clusters.
+            let previous = synth.cluster.clone();
             let kind = synth.change(i);
             let t0 = Instant::now();
-            let desired = engine.compile(&synth.cluster);
+            let changes = Changes::between(&previous, &synth.cluster);
+            let td = Instant::now();
+            engine.update(&synth.cluster, &changes);
+            let delta = engine.take_delta();
             let t1 = Instant::now();
-            let s = syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &synth.interfaces)?;
+            let s = syncer.sync_delta(&mut KernelMaps(&mut dp.maps), engine.desired(), &synth.interfaces, &delta)?;
             let t2 = Instant::now();
-            let sample =
-                ((t2 - t0).as_secs_f64() * 1e3, (t1 - t0).as_secs_f64() * 1e3, (t2 - t1).as_secs_f64() * 1e3, s.total());
+            drop(previous);
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            let sample = (ms(t2 - t0), ms(t1 - td), ms(t2 - t1), s.total(), ms(td - t0));
             all.push(sample);
             kinds.entry(kind.to_owned()).or_default().push(sample);
         }
@@ -188,22 +198,22 @@ pub fn run_section(args: &Args) -> anyhow::Result<Report> {
         sizes.push(r);
     }
 
-    println!("\nControl plane: cold start and single changes (compile of the whole cluster + map sync)");
+    println!("\nControl plane: cold start and single changes (snapshot diff + incremental engine update + delta sync)");
     println!(
         "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>9} {:>8} {:>8} {:>8} | {:>7} | {:>7} {:>8} {:>8} {:>11} {:>7}",
-        "policies", "pods", "local", "ids", "ipcache", "policy", "compile", "sync", "writes", "cold", "RSS MiB", "changes", "p50 ms", "p99 ms", "compile p50", "writes"
+        "policies", "pods", "local", "ids", "ipcache", "policy", "compile", "sync", "writes", "cold", "RSS MiB", "changes", "p50 ms", "p99 ms", "engine p50", "writes"
     );
     for r in &sizes {
         println!(
-            "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>7.0}ms {:>6.0}ms {:>8} {:>6.0}ms | {:>7.0} | {:>7} {:>8.1} {:>8.1} {:>9.1}ms {:>7.0}",
+            "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>7.0}ms {:>6.0}ms {:>8} {:>6.0}ms | {:>7.0} | {:>7} {:>8.2} {:>8.2} {:>8.2}ms {:>7.0}",
             r.policies, r.pods, r.local_endpoints, r.identities, r.ipcache_entries, r.policy_entries, r.cold_compile_ms,
             r.cold_sync_ms, r.cold_writes, r.cold_total_ms, r.peak_rss_mib, r.changes.count, r.changes.p50_ms,
             r.changes.p99_ms, r.changes.compile_p50_ms, r.changes.writes_p50
         );
         for (kind, s) in &r.by_kind {
             println!(
-                "{:>30} {:<14} p50 {:>8.1} ms  p99 {:>8.1} ms  sync p50 {:>6.2} ms  writes p50 {:>5.0} max {:>5}",
-                "", kind, s.p50_ms, s.p99_ms, s.sync_p50_ms, s.writes_p50, s.writes_max
+                "{:>30} {:<14} p50 {:>7.2} ms  p99 {:>7.2} ms  diff p50 {:>6.2} ms  engine p50 {:>6.2} ms  sync p50 {:>6.2} ms  writes p50 {:>5.0} max {:>5}",
+                "", kind, s.p50_ms, s.p99_ms, s.diff_p50_ms, s.compile_p50_ms, s.sync_p50_ms, s.writes_p50, s.writes_max
             );
         }
     }
