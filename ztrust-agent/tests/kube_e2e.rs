@@ -70,7 +70,7 @@ struct Lab {
     prefix: String,
     pin_dir: PathBuf,
     state: LabState,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Lab {
@@ -86,9 +86,9 @@ impl Lab {
             pin_dir: lab::ops::default_agent_pin_dir(&prefix),
             prefix: prefix.clone(),
             state: LabState::default(),
-            _dir: dir,
+            dir,
         };
-        let manifests = me._dir.path().join("cluster.yaml");
+        let manifests = me.dir.path().join("cluster.yaml");
         std::fs::write(&manifests, CLUSTER).unwrap();
         let report = lab::up(
             &manifests,
@@ -180,7 +180,7 @@ struct Agent {
 
 impl Agent {
     fn start(lab: &Lab, kubeconfig: &Path, socket: &Path) -> Self {
-        let log = lab._dir.path().join("agent.log");
+        let log = lab.dir.path().join("agent.log");
         let out = std::fs::File::create(&log).unwrap();
         let node_ips: Vec<String> = lab.state.node_ips.iter().map(ToString::to_string).collect();
         // nsenter execs the agent: the child's pid is the agent's.
@@ -400,7 +400,7 @@ fn agent_follows_the_kubernetes_api() {
     // The API server, inside the node's namespace: the agent reaches it as a DaemonSet pod with
     // hostNetwork would reach the cluster's.
     let server = FakeApiServer::start_on(bind_in(&node, "127.0.0.1:0"));
-    let kubeconfig = lab._dir.path().join("kubeconfig");
+    let kubeconfig = lab.dir.path().join("kubeconfig");
     std::fs::write(&kubeconfig, kubeconfig_for(&server)).unwrap();
     server.apply(namespace("shop", json!({ "team": "shop" })));
     server.apply(namespace("ops", json!({})));
@@ -414,7 +414,7 @@ fn agent_follows_the_kubernetes_api() {
     server.apply(pod(API, json!({ "app": "api" }), &api.ips, &node, false));
     // ops/tool is not in the API yet: its interface exists, so it must be held closed.
 
-    let socket = lab._dir.path().join("agent.sock");
+    let socket = lab.dir.path().join("agent.sock");
     let started = Instant::now();
     let mut agent = Agent::start(&lab, &kubeconfig, &socket);
     converge(
