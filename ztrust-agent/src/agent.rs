@@ -205,6 +205,53 @@ fn build_view(node: &str, cluster: &Cluster, desired: &Desired, bindings: &BTree
     view
 }
 
+/// The `reason` of a hostNetwork pod in [`NotEnforced`] (metric label, observer status).
+pub const HOST_NETWORK: &str = "host_network";
+
+/// This node's hostNetwork pods (a pod without `spec.nodeName` counts as local, as for endpoints). They
+/// share the node's network namespace and interfaces, so no hook on a pod interface sees their traffic,
+/// and the engine treats their addresses as the node's: their policies are not enforced.
+fn local_host_network_pods(cluster: &Cluster, node: &str) -> BTreeSet<ObjectRef> {
+    cluster
+        .pods
+        .values()
+        .filter(|p| p.host_network && p.node_name.as_deref().is_none_or(|n| n == node))
+        .map(crate::model::Pod::object_ref)
+        .collect()
+}
+
+/// Local pods ztrust does not enforce, reported rather than silently skipped: a warning once per pod
+/// (again if it goes and comes back), `ztrust_pods_not_enforced{reason}` and the observer's status.
+#[derive(Default)]
+struct NotEnforced {
+    warned: BTreeSet<ObjectRef>,
+}
+
+impl NotEnforced {
+    /// Call with every new snapshot. Returns the pods warned about by this call.
+    fn report(
+        &mut self,
+        cluster: &Cluster,
+        node: &str,
+        metrics: &crate::metrics::Metrics,
+        hub: &crate::observer::Hub,
+    ) -> Vec<ObjectRef> {
+        let now = local_host_network_pods(cluster, node);
+        let new: Vec<ObjectRef> = now.difference(&self.warned).cloned().collect();
+        for pod in &new {
+            warn!(%pod, reason = HOST_NETWORK, "host-network pod: not enforced by ztrust (no cgroup hook yet)");
+        }
+        metrics.set_pods_not_enforced(HOST_NETWORK, now.len() as u64);
+        hub.set_not_enforced(
+            now.iter()
+                .map(|p| (p.to_string(), HOST_NETWORK.to_owned()))
+                .collect(),
+        );
+        self.warned = now;
+        new
+    }
+}
+
 fn matches_prefix(name: &str, prefixes: &[String]) -> bool {
     prefixes.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()))
 }
@@ -297,6 +344,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut pending = Delta::full();
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
     let mut unbound_reported: BTreeSet<ObjectRef> = BTreeSet::new();
+    let mut not_enforced = NotEnforced::default();
     let mut dirty = true;
     // Adopt the links an earlier agent pinned (they keep enforcing until now).
     let pinned = dp.pinned_interfaces();
@@ -353,6 +401,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             metrics.observe_compile(started.elapsed().as_secs_f64());
             metrics.set_identities(desired.identities.len() as u64);
             dirty = true;
+            not_enforced.report(&cluster, &opts.node_name, &metrics, &hub);
         }
 
         // Interfaces: attach to new ones (fail closed), forget vanished ones.
@@ -502,5 +551,83 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwL
         for ev in &batch {
             sink.record(&view.enrich(ev));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Pod;
+
+    fn pod(ns: &str, name: &str, host_network: bool, node: Option<&str>) -> Pod {
+        Pod {
+            namespace: ns.into(),
+            name: name.into(),
+            ips: vec!["10.0.0.5".parse().unwrap()],
+            host_network,
+            node_name: node.map(Into::into),
+            ..Default::default()
+        }
+    }
+
+    fn cluster(pods: Vec<Pod>) -> Cluster {
+        Cluster {
+            pods: pods.into_iter().map(|p| (p.object_ref(), p)).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn local_host_network_pods_are_this_nodes_only() {
+        let c = cluster(vec![
+            pod("kube-system", "node-exporter", true, Some("n1")),
+            pod("kube-system", "kube-proxy", true, Some("n2")),
+            pod("kube-system", "unscheduled", true, None),
+            pod("shop", "web", false, Some("n1")),
+        ]);
+        let local = local_host_network_pods(&c, "n1");
+        assert_eq!(
+            local.into_iter().collect::<Vec<_>>(),
+            [
+                ObjectRef::new("kube-system", "node-exporter"),
+                ObjectRef::new("kube-system", "unscheduled")
+            ]
+        );
+    }
+
+    #[test]
+    fn not_enforced_pods_are_warned_once_and_counted() {
+        let metrics = crate::metrics::Metrics::default();
+        let hub = crate::observer::Hub::new(Default::default());
+        let gauge = |m: &crate::metrics::Metrics| {
+            m.render().lines().find_map(|l| {
+                l.strip_prefix(r#"ztrust_pods_not_enforced{reason="host_network"} "#)
+                    .map(str::to_owned)
+            })
+        };
+        let mut ne = NotEnforced::default();
+        let exporter = ObjectRef::new("kube-system", "node-exporter");
+        let with = cluster(vec![
+            pod("kube-system", "node-exporter", true, Some("n1")),
+            pod("shop", "web", false, Some("n1")),
+        ]);
+        assert_eq!(ne.report(&with, "n1", &metrics, &hub), std::slice::from_ref(&exporter));
+        assert_eq!(gauge(&metrics).as_deref(), Some("1"));
+        assert_eq!(
+            hub.not_enforced(),
+            [("kube-system/node-exporter".to_owned(), "host_network".to_owned())]
+        );
+        // The next snapshot with the same pod: counted, not warned again.
+        assert!(ne.report(&with, "n1", &metrics, &hub).is_empty());
+        assert_eq!(gauge(&metrics).as_deref(), Some("1"));
+        // Gone: back to 0; back again: warned again.
+        let without = cluster(vec![pod("shop", "web", false, Some("n1"))]);
+        assert!(ne.report(&without, "n1", &metrics, &hub).is_empty());
+        assert_eq!(gauge(&metrics).as_deref(), Some("0"));
+        assert!(hub.not_enforced().is_empty());
+        assert_eq!(ne.report(&with, "n1", &metrics, &hub), [exporter]);
+        // Another node's hostNetwork pods are not this agent's to report.
+        assert!(ne.report(&with, "n2", &metrics, &hub).is_empty());
+        assert_eq!(gauge(&metrics).as_deref(), Some("0"));
     }
 }

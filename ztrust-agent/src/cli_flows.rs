@@ -561,7 +561,7 @@ pub fn server_status(connect: &Connect) -> anyhow::Result<ServerStatusResponse> 
 
 pub fn render_server_status(s: &ServerStatusResponse) -> String {
     let uptime = humantime::format_duration(Duration::from_secs(s.uptime_ns / 1_000_000_000));
-    format!(
+    let mut out = format!(
         "Agent {} on node {} (up {uptime})\n\
          Endpoints enforced:   {}\n\
          Flows seen:           {}\n\
@@ -582,7 +582,12 @@ pub fn render_server_status(s: &ServerStatusResponse) -> String {
         s.lost_slow_clients,
         s.subscribers,
         s.alerts_raised
-    )
+    );
+    // Said as loudly as the counters: a pod that is not enforced must not pass for one that is.
+    for p in &s.pods_not_enforced {
+        out.push_str(&format!("Not enforced:         {} ({})\n", p.pod, p.reason));
+    }
+    out
 }
 
 pub fn server_status_json(s: &ServerStatusResponse) -> serde_json::Value {
@@ -599,6 +604,11 @@ pub fn server_status_json(s: &ServerStatusResponse) -> serde_json::Value {
         "lost_slow_clients": s.lost_slow_clients,
         "subscribers": s.subscribers,
         "alerts_raised": s.alerts_raised,
+        "pods_not_enforced": s
+            .pods_not_enforced
+            .iter()
+            .map(|p| serde_json::json!({ "pod": p.pod, "reason": p.reason }))
+            .collect::<Vec<_>>(),
     })
 }
 

@@ -56,6 +56,7 @@ pub struct Metrics {
     sync_refused: Counter,
     map_entries: Family<Labels, U64Gauge>,
     map_capacity: Family<Labels, U64Gauge>,
+    pods_not_enforced: Family<Labels, U64Gauge>,
     alerts: Family<Labels, Counter>,
     hub: OnceLock<Arc<Hub>>,
     mirrored: Mutex<Mirrored>,
@@ -102,6 +103,7 @@ impl Metrics {
             sync_refused: Counter::default(),
             map_entries: Family::default(),
             map_capacity: Family::default(),
+            pods_not_enforced: Family::default(),
             alerts: Family::default(),
             hub: OnceLock::new(),
             mirrored: Mutex::default(),
@@ -164,6 +166,13 @@ impl Metrics {
         );
         registry.register("map_entries", "Entries in a kernel map", m.map_entries.clone());
         registry.register("map_capacity", "Capacity of a kernel map", m.map_capacity.clone());
+        registry.register(
+            "pods_not_enforced",
+            "Pods of this node the datapath does not enforce, by reason (host_network: shares the node's interfaces; no cgroup hook yet)",
+            m.pods_not_enforced.clone(),
+        );
+        // Present (at 0) from the start, so an alert on it needs no `absent()`.
+        m.set_pods_not_enforced("host_network", 0);
         registry.register(
             "alerts",
             "Lateral-movement alerts raised, by kind (scan, sensitive_tier)",
@@ -233,6 +242,13 @@ impl Metrics {
         let labels: Labels = vec![("map", map.to_owned())];
         self.map_entries.get_or_create(&labels).set(used);
         self.map_capacity.get_or_create(&labels).set(capacity);
+    }
+
+    /// `reason`: `host_network`.
+    pub fn set_pods_not_enforced(&self, reason: &str, n: u64) {
+        self.pods_not_enforced
+            .get_or_create(&vec![("reason", reason.to_owned())])
+            .set(n);
     }
 
     /// `kind`: `scan` or `sensitive_tier`.
@@ -405,7 +421,13 @@ mod tests {
         m.set_identities(12);
         m.set_map_fill("ZT_POLICY", 100, 1_048_576);
         m.alert_raised("scan");
+        assert_eq!(
+            sample(&m.render(), r#"ztrust_pods_not_enforced{reason="host_network"}"#),
+            Some(0.0)
+        );
+        m.set_pods_not_enforced("host_network", 2);
         let text = m.render();
+        assert_eq!(sample(&text, r#"ztrust_pods_not_enforced{reason="host_network"}"#), Some(2.0));
         assert_eq!(sample(&text, "ztrust_policy_compile_duration_seconds_count"), Some(1.0), "{text}");
         assert_eq!(sample(&text, "ztrust_policy_sync_duration_seconds_count"), Some(2.0));
         assert_eq!(sample(&text, "ztrust_policy_sync_writes_total"), Some(50.0));

@@ -215,6 +215,8 @@ pub struct Hub {
     seq: AtomicU64,
     kernel_lost: AtomicU64,
     endpoints: AtomicU64,
+    /// (`namespace/name`, reason) of this node's pods the datapath does not enforce.
+    not_enforced: std::sync::Mutex<Vec<(String, String)>>,
 }
 
 /// The observer's counters (`ServerStatus`, metrics).
@@ -242,6 +244,7 @@ impl Hub {
             seq: AtomicU64::new(0),
             kernel_lost: AtomicU64::new(0),
             endpoints: AtomicU64::new(0),
+            not_enforced: std::sync::Mutex::default(),
         }
     }
 
@@ -272,6 +275,18 @@ impl Hub {
 
     pub fn set_endpoints(&self, n: u64) {
         self.endpoints.store(n, Ordering::Relaxed);
+    }
+
+    /// This node's pods the datapath does not enforce, as (`namespace/name`, reason).
+    pub fn set_not_enforced(&self, pods: Vec<(String, String)>) {
+        *self.not_enforced.lock().unwrap_or_else(|e| e.into_inner()) = pods;
+    }
+
+    pub fn not_enforced(&self) -> Vec<(String, String)> {
+        self.not_enforced
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn status(&self) -> HubStatus {

@@ -28,7 +28,7 @@ use crate::observer::hub::{Hub, Item, Observed};
 use crate::observer::proto::observer_server::{Observer, ObserverServer};
 use crate::observer::proto::{
     GetAlertsRequest, GetAlertsResponse, GetFlowsRequest, GetFlowsResponse, LostEventSource, LostEvents,
-    ServerStatusRequest, ServerStatusResponse, get_alerts_response, get_flows_response,
+    PodNotEnforced, ServerStatusRequest, ServerStatusResponse, get_alerts_response, get_flows_response,
 };
 
 /// Where the `flows` command finds the agent.
@@ -266,6 +266,12 @@ impl Observer for ObserverService {
             subscribers: st.subscribers,
             alerts_raised: st.alerts_raised,
             version: env!("CARGO_PKG_VERSION").into(),
+            pods_not_enforced: self
+                .hub
+                .not_enforced()
+                .into_iter()
+                .map(|(pod, reason)| PodNotEnforced { pod, reason })
+                .collect(),
         }))
     }
 }

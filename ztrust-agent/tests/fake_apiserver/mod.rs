@@ -170,8 +170,22 @@ impl FakeApiServer {
         Self::start_with(Some(acceptor), Some(token.to_owned())).await
     }
 
+    /// Plain HTTP on a listener bound by the caller (in another network namespace, say: a socket stays in
+    /// the namespace it was made in). Needs a Tokio runtime.
+    pub fn start_on(listener: std::net::TcpListener) -> FakeApiServer {
+        Self::serve_on(None, None, tokio_listener(listener))
+    }
+
     async fn start_with(tls: Option<tokio_rustls::TlsAcceptor>, token: Option<String>) -> FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0");
+        Self::serve_on(tls, token, listener)
+    }
+
+    fn serve_on(
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        token: Option<String>,
+        listener: TcpListener,
+    ) -> FakeApiServer {
         let addr = listener.local_addr().unwrap();
         let shared = Arc::new(Shared {
             tls,
@@ -278,6 +292,16 @@ impl FakeApiServer {
         *self.serving.lock().unwrap() = Some(task);
     }
 
+    /// Listens again on a listener bound by the caller (see [`FakeApiServer::start_on`]).
+    pub fn restart_on(&self, listener: std::net::TcpListener) {
+        let task = tokio::spawn(serve(tokio_listener(listener), self.shared.clone()));
+        *self.serving.lock().unwrap() = Some(task);
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Makes list and watch requests of `kind` fail with `code` (e.g. 403 without RBAC, 503), or
     /// succeed again with `None`.
     pub fn fail_kind(&self, kind: Kind, code: Option<u16>) {
@@ -300,6 +324,11 @@ impl FakeApiServer {
     pub fn resource_version(&self) -> u64 {
         self.shared.state.lock().unwrap().rv
     }
+}
+
+fn tokio_listener(listener: std::net::TcpListener) -> TcpListener {
+    listener.set_nonblocking(true).expect("non-blocking listener");
+    TcpListener::from_std(listener).expect("listener in the Tokio runtime")
 }
 
 impl State {
