@@ -158,17 +158,34 @@ impl DirSource {
     }
 }
 
-/// Where snapshots of the cluster come from.
+/// Where the cluster comes from. Each keeps the current cluster; a poll says which objects changed.
 enum Watched {
-    Dir(DirSource),
+    /// Files give whole snapshots: the changes are what differs from the previous one.
+    Dir { source: DirSource, cluster: Cluster, node_ips: Vec<std::net::IpAddr> },
+    /// The API's watches name the objects that change.
     Kube(crate::source::kube::KubeSource),
 }
 
 impl Watched {
-    fn poll(&mut self) -> Option<Loaded> {
+    /// What changed since the last call and the source's problems; `None` if nothing did.
+    fn poll(&mut self) -> Option<(Changes, Vec<crate::source::dir::LoadError>)> {
         match self {
-            Watched::Dir(d) => d.poll(),
-            Watched::Kube(k) => k.try_snapshot(),
+            Watched::Dir { source, cluster, node_ips } => {
+                let loaded = source.poll()?;
+                let mut next = loaded.cluster;
+                next.node_ips = node_ips.clone();
+                let changes = Changes::between(cluster, &next);
+                *cluster = next;
+                Some((changes, loaded.errors))
+            }
+            Watched::Kube(k) => k.poll_changes(),
+        }
+    }
+
+    fn cluster(&self) -> &Cluster {
+        match self {
+            Watched::Dir { cluster, .. } => cluster,
+            Watched::Kube(k) => k.cluster(),
         }
     }
 }
@@ -330,16 +347,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let flows_task = tokio::spawn(read_events(ring, view.clone(), sink));
 
     let mut source = match &opts.source {
-        Source::Dir(root) => Watched::Dir(DirSource::new(root.clone())),
+        Source::Dir(root) => Watched::Dir {
+            source: DirSource::new(root.clone()),
+            cluster: Cluster { node_ips: opts.node_ips.clone(), ..Cluster::default() },
+            node_ips: opts.node_ips.clone(),
+        },
         Source::Kube { kubeconfig } => {
             let client =
                 crate::source::kube::client(kubeconfig.as_deref()).await.map_err(|e| Error::Kube(e.to_string()))?;
-            Watched::Kube(crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone())))
+            let mut kube = crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone()));
+            kube.set_node_ips(opts.node_ips.clone());
+            Watched::Kube(kube)
         }
     };
     // Allow sets are compiled for this node's pods only; the rest of the cluster are peers.
     let mut engine = Engine::for_node(opts.node_name.clone());
-    let mut cluster = Cluster::default();
     // What changed in the desired state since the last successful sync.
     let mut pending = Delta::full();
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
@@ -370,18 +392,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let span = info_span!("reconcile");
         let _enter = span.enter();
 
-        if let Some(loaded) = source.poll() {
+        if let Some((changes, errors)) = source.poll() {
             have_snapshot = true;
-            metrics.set_source_errors(loaded.errors.len() as u64);
+            metrics.set_source_errors(errors.len() as u64);
             let started = Instant::now();
-            let mut next = loaded.cluster;
-            next.node_ips = opts.node_ips.clone();
-            let changes = Changes::between(&cluster, &next);
-            cluster = next;
-            engine.update(&cluster, &changes);
+            let cluster = source.cluster();
+            engine.update(cluster, &changes);
             pending.merge(engine.take_delta());
             let desired = engine.desired();
-            let audit = crate::datapath::sync::audit_namespaces(&cluster);
+            let audit = crate::datapath::sync::audit_namespaces(cluster);
             if audit != syncer.audit_namespaces {
                 info!(namespaces = ?audit, "namespaces in audit mode (annotation {})", crate::datapath::sync::AUDIT_ANNOTATION);
                 syncer.audit_namespaces = audit;
@@ -401,7 +420,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             metrics.observe_compile(started.elapsed().as_secs_f64());
             metrics.set_identities(desired.identities.len() as u64);
             dirty = true;
-            not_enforced.report(&cluster, &opts.node_name, &metrics, &hub);
+            not_enforced.report(cluster, &opts.node_name, &metrics, &hub);
         }
 
         // Interfaces: attach to new ones (fail closed), forget vanished ones.
@@ -421,6 +440,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         let routes = HostRoutes::read().unwrap_or_default();
         let desired = engine.desired();
+        let cluster = source.cluster();
         let mut new_bindings = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
             // Pods of other nodes are peers here, not endpoints.
@@ -505,7 +525,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
-            *view.write().expect("view lock") = build_view(&opts.node_name, &cluster, desired, &bindings);
+            *view.write().expect("view lock") = build_view(&opts.node_name, source.cluster(), desired, &bindings);
         }
     }
     flows_task.abort();

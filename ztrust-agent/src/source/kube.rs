@@ -31,6 +31,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
@@ -46,7 +47,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::model::Cluster;
+use crate::model::{self, Cluster};
+use crate::policy::Changes;
 use crate::source::dir::{self, LoadError, Loaded};
 
 /// What [`LoadError::file`] says for objects read from the API server.
@@ -173,8 +175,17 @@ pub struct KubeSource {
     generation: watch::Receiver<u64>,
     /// The generation of the last snapshot taken (reported or found unchanged).
     taken: Option<u64>,
-    /// The last snapshot reported, to skip identical ones (a re-list that changed nothing).
-    last: Option<(Cluster, Vec<LoadError>)>,
+    /// Objects the watches changed since the last snapshot (written by the reflector tasks).
+    touched: Arc<Mutex<Touched>>,
+    /// The converted cluster as of the last snapshot, patched object by object from then on.
+    cluster: Cluster,
+    /// Problems of each object (by kind and key) of `cluster`, and the references of NetworkPolicies
+    /// with problems (for Events).
+    problems: BTreeMap<(&'static str, String), Vec<LoadError>>,
+    policy_refs: BTreeMap<String, ObjectReference>,
+    /// The problems of the last snapshot reported.
+    last_errors: Option<Vec<LoadError>>,
+    node_ips: Vec<std::net::IpAddr>,
     debounce: Duration,
     events: Option<mpsc::UnboundedSender<(ObjectReference, String)>>,
     /// Problems already logged / sent as Events, as (object, message).
@@ -204,9 +215,17 @@ impl KubeSource {
 
     pub fn start_with(client: Client, options: Options) -> KubeSource {
         let (tx, generation) = watch::channel(0u64);
-        let (namespaces, t1) = spawn_reflector::<Namespace>(&client, tx.clone(), slim_namespace);
-        let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone(), slim_pod);
-        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx, slim_policy);
+        let touched = Arc::new(Mutex::new(Touched::default()));
+        let t = touched.clone();
+        let (namespaces, t1) = spawn_reflector::<Namespace>(&client, tx.clone(), t.clone(), slim_namespace, |t, ns| {
+            t.namespaces.insert(ns.metadata.name.clone().unwrap_or_default());
+        });
+        let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone(), t.clone(), slim_pod, |t, pod| {
+            t.pods.insert(key_of(&pod.metadata));
+        });
+        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx, t, slim_policy, |t, np| {
+            t.policies.insert(key_of(&np.metadata));
+        });
         let mut tasks = vec![t1, t2, t3];
         let events = options.events.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
@@ -228,7 +247,12 @@ impl KubeSource {
             policies,
             generation,
             taken: None,
-            last: None,
+            touched,
+            cluster: Cluster::default(),
+            problems: BTreeMap::new(),
+            policy_refs: BTreeMap::new(),
+            last_errors: None,
+            node_ips: Vec::new(),
             debounce: options.debounce,
             events,
             reported: BTreeSet::new(),
@@ -287,64 +311,151 @@ impl KubeSource {
         self.take()
     }
 
-    /// Converts the stores; `None` if the result equals the last one reported.
+    /// Node addresses, set in every cluster the source reports (the API does not say which node the
+    /// agent runs on).
+    pub fn set_node_ips(&mut self, ips: Vec<std::net::IpAddr>) {
+        self.node_ips = ips.clone();
+        self.cluster.node_ips = ips;
+    }
+
+    /// The converted cluster as of the last snapshot or [`KubeSource::poll_changes`].
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// What changed since the last call (the first: everything), once all kinds are listed; `None`
+    /// until then and whenever nothing changed. [`KubeSource::cluster`] is the new state. Between
+    /// re-lists only the objects the watches named are converted again, so a change costs what it
+    /// touches, not the size of the cluster.
+    pub fn poll_changes(&mut self) -> Option<(Changes, Vec<LoadError>)> {
+        if !self.is_ready() || self.taken == Some(*self.generation.borrow()) {
+            return None;
+        }
+        self.take_changes()
+    }
+
     fn take(&mut self) -> Option<Loaded> {
+        let (_, errors) = self.take_changes()?;
+        Some(Loaded {
+            cluster: self.cluster.clone(),
+            errors,
+            lab_objects: Vec::new(),
+        })
+    }
+
+    /// Brings `cluster` up to date with the stores; `None` if nothing changed (objects or problems).
+    fn take_changes(&mut self) -> Option<(Changes, Vec<LoadError>)> {
         self.taken = Some(*self.generation.borrow());
-        let (loaded, policy_refs) = self.convert();
-        let same = self
-            .last
-            .as_ref()
-            .is_some_and(|(c, e)| *c == loaded.cluster && *e == loaded.errors);
-        self.report(&loaded.errors, &policy_refs);
-        if same {
+        let touched = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
+        let changes = if touched.relisted || self.last_errors.is_none() {
+            // A (re-)list replaced a store: compare everything.
+            let (loaded, problems, refs) = self.convert();
+            let mut cluster = loaded.cluster;
+            cluster.node_ips = self.node_ips.clone();
+            let changes = Changes::between(&self.cluster, &cluster);
+            self.cluster = cluster;
+            self.problems = problems;
+            self.policy_refs = refs;
+            changes
+        } else {
+            self.patch(&touched)
+        };
+        let mut errors: Vec<LoadError> = self.problems.values().flatten().cloned().collect();
+        // Stores are hash maps: order the problems so equal clusters compare equal.
+        errors.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
+        let refs = std::mem::take(&mut self.policy_refs);
+        self.report(&errors, &refs);
+        self.policy_refs = refs;
+        if changes.is_empty() && self.last_errors.as_ref() == Some(&errors) {
             debug!("re-list or no-op update: cluster unchanged");
             return None;
         }
-        self.last = Some((loaded.cluster.clone(), loaded.errors.clone()));
-        Some(loaded)
+        self.last_errors = Some(errors.clone());
+        Some((changes, errors))
     }
 
-    /// The converted cluster, and the references of NetworkPolicies with problems (for Events).
-    fn convert(&self) -> (Loaded, BTreeMap<String, ObjectReference>) {
+    /// Converts again only the objects in `touched` (gone from the store: deleted).
+    fn patch(&mut self, touched: &Touched) -> Changes {
+        let mut changes = Changes::default();
+        for name in &touched.namespaces {
+            let converted = self.namespaces.get(&reflector::ObjectRef::new(name)).map(|ns| dir::convert_namespace(&ns));
+            let (value, errors) = split(converted);
+            set_problems(&mut self.problems, ("Namespace", name.clone()), errors);
+            if replace(&mut self.cluster.namespaces, name.clone(), value) {
+                changes.namespaces.insert(name.clone());
+            }
+        }
+        for key in &touched.pods {
+            let r = reflector::ObjectRef::new(&key.name).within(&key.namespace);
+            let converted = self.pods.get(&r).and_then(|pod| convert_pod(&pod));
+            let (value, errors) = split(converted);
+            set_problems(&mut self.problems, ("Pod", key.to_string()), errors);
+            if replace(&mut self.cluster.pods, key.clone(), value) {
+                changes.pods.insert(key.clone());
+            }
+        }
+        for key in &touched.policies {
+            let r = reflector::ObjectRef::new(&key.name).within(&key.namespace);
+            let object = self.policies.get(&r);
+            let converted = object.as_ref().map(|np| dir::convert_policy(np));
+            self.policy_refs.retain(|_, reference| {
+                reference.namespace.as_deref() != Some(key.namespace.as_str())
+                    || reference.name.as_deref() != Some(key.name.as_str())
+            });
+            if let (Some(np), Some(first)) = (&object, converted.as_ref().and_then(|c| c.errors.first())) {
+                self.policy_refs.insert(first.object.clone(), np.object_ref(&()));
+            }
+            let (value, errors) = split(converted);
+            set_problems(&mut self.problems, ("NetworkPolicy", key.to_string()), errors);
+            if replace(&mut self.cluster.policies, key.clone(), value) {
+                changes.policies.insert(key.clone());
+            }
+        }
+        changes
+    }
+
+    /// Converts the stores: the cluster, the problems of each object, the references of NetworkPolicies
+    /// with problems (for Events).
+    #[allow(clippy::type_complexity)]
+    fn convert(
+        &self,
+    ) -> (
+        Loaded,
+        BTreeMap<(&'static str, String), Vec<LoadError>>,
+        BTreeMap<String, ObjectReference>,
+    ) {
         let mut out = Loaded::default();
+        let mut problems = BTreeMap::new();
         let mut refs = BTreeMap::new();
         for ns in self.namespaces.state() {
-            let c = dir::convert_namespace(&ns);
-            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(FILE)));
-            if let Some(ns) = c.value {
+            let key = ns.metadata.name.clone().unwrap_or_default();
+            let (value, errors) = split(Some(dir::convert_namespace(&ns)));
+            set_problems(&mut problems, ("Namespace", key), errors);
+            if let Some(ns) = value {
                 out.cluster.namespaces.insert(ns.name.clone(), ns);
             }
         }
         for pod in self.pods.state() {
-            // A pod that has run to completion has given its addresses back to the node's IPAM, which
-            // may already have handed them to a new pod: it must not claim them.
-            // <https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>
-            if matches!(
-                pod.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            ) {
-                continue;
-            }
-            let c = dir::convert_pod(&pod);
-            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(FILE)));
-            if let Some(pod) = c.value {
+            let key = key_of(&pod.metadata);
+            let (value, errors) = split(convert_pod(&pod));
+            set_problems(&mut problems, ("Pod", key.to_string()), errors);
+            if let Some(pod) = value {
                 out.cluster.pods.insert(pod.object_ref(), pod);
             }
         }
         for np in self.policies.state() {
+            let key = key_of(&np.metadata);
             let c = dir::convert_policy(&np);
             if let Some(first) = c.errors.first() {
                 refs.insert(first.object.clone(), np.object_ref(&()));
             }
-            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(FILE)));
-            if let Some(p) = c.value {
+            let (value, errors) = split(Some(c));
+            set_problems(&mut problems, ("NetworkPolicy", key.to_string()), errors);
+            if let Some(p) = value {
                 out.cluster.policies.insert(p.object_ref(), p);
             }
         }
-        // Stores are hash maps: order the problems so equal clusters compare equal.
-        out.errors
-            .sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
-        (out, refs)
+        (out, problems, refs)
     }
 
     /// Logs problems not logged before and sends one Event per NetworkPolicy whose set of problems is
@@ -384,10 +495,67 @@ impl KubeSource {
     }
 }
 
+/// Keys of the objects the watches changed since the last snapshot; `relisted` when a (re-)list
+/// completed (a store was replaced: everything is compared).
+#[derive(Debug, Default)]
+struct Touched {
+    relisted: bool,
+    namespaces: BTreeSet<String>,
+    pods: BTreeSet<model::ObjectRef>,
+    policies: BTreeSet<model::ObjectRef>,
+}
+
+fn key_of(meta: &ObjectMeta) -> model::ObjectRef {
+    model::ObjectRef::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+/// A pod as the model sees it; `None` for a pod that has run to completion: it has given its addresses
+/// back to the node's IPAM, which may already have handed them to a new pod, so it must not claim them.
+/// <https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>
+fn convert_pod(pod: &Pod) -> Option<dir::Converted<model::Pod>> {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    (!matches!(phase, Some("Succeeded" | "Failed"))).then(|| dir::convert_pod(pod))
+}
+
+fn split<T>(c: Option<dir::Converted<T>>) -> (Option<T>, Vec<LoadError>) {
+    match c {
+        Some(c) => (c.value, c.errors.into_iter().map(|e| e.in_file(FILE)).collect()),
+        None => (None, Vec::new()),
+    }
+}
+
+fn set_problems(
+    problems: &mut BTreeMap<(&'static str, String), Vec<LoadError>>,
+    key: (&'static str, String),
+    errors: Vec<LoadError>,
+) {
+    if errors.is_empty() {
+        problems.remove(&key);
+    } else {
+        problems.insert(key, errors);
+    }
+}
+
+/// Sets or removes `map[key]`; whether that changed anything.
+fn replace<K: Ord, V: PartialEq>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) -> bool {
+    match value {
+        Some(v) => {
+            if map.get(&key) == Some(&v) {
+                return false;
+            }
+            map.insert(key, v);
+            true
+        }
+        None => map.remove(&key).is_some(),
+    }
+}
+
 fn spawn_reflector<K>(
     client: &Client,
     changed: watch::Sender<u64>,
+    touched: Arc<Mutex<Touched>>,
     slim: fn(&mut K),
+    note: fn(&mut Touched, &K),
 ) -> (Store<K>, JoinHandle<()>)
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
@@ -408,10 +576,17 @@ where
         while let Some(item) = stream.next().await {
             match item {
                 // The store changes on these; `Init`/`InitApply` are buffered until `InitDone`.
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                Ok(event @ (watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)) => {
                     if failing {
                         info!(%kind, "watch resumed");
                         failing = false;
+                    }
+                    {
+                        let mut t = touched.lock().expect("touched lock");
+                        match &event {
+                            watcher::Event::Apply(o) | watcher::Event::Delete(o) => note(&mut t, o),
+                            _ => t.relisted = true,
+                        }
                     }
                     changed.send_modify(|g| *g += 1);
                 }
