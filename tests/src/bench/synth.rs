@@ -12,6 +12,8 @@ use ztrust_agent::model::{
     PortSpec, Protocol, Requirement, Rule,
 };
 
+use ztrust_agent::policy::Changes;
+
 use super::Rng;
 
 pub const PODS_PER_NS: usize = 100;
@@ -213,9 +215,10 @@ impl Synth {
         p
     }
 
-    /// One change of kind `kind % 3`: a pod added, a pod's label changed, a policy edited. Returns what
-    /// changed, for display.
-    pub fn change(&mut self, kind: usize) -> &'static str {
+    /// One change of kind `kind % 3`: a pod added, a pod's label changed, a policy edited. Returns the
+    /// kind, for display, and the object changed (what a watch event names).
+    pub fn change(&mut self, kind: usize) -> (&'static str, Changes) {
+        let mut changes = Changes::default();
         let n_ns = self.cluster.namespaces.len();
         match kind % 3 {
             0 => {
@@ -223,8 +226,8 @@ impl Synth {
                 let app = self.rng.below(APPS_PER_NS as u64) as usize;
                 // Half the new pods land on this node.
                 let local = self.rng.below(2) == 0;
-                self.make_pod(ns, app, local);
-                "pod added"
+                changes.pods.insert(self.make_pod(ns, app, local));
+                ("pod added", changes)
             }
             1 => {
                 // A pod of this node half the time (its endpoint's allow set changes), else any pod.
@@ -239,17 +242,19 @@ impl Synth {
                 let tier = pod.labels.get("tier").cloned().unwrap_or_default();
                 let i = TIERS.iter().position(|t| *t == tier).unwrap_or(0);
                 pod.labels.insert("tier".into(), TIERS[(i + 1) % TIERS.len()].into());
-                "label changed"
+                changes.pods.insert(r);
+                ("label changed", changes)
             }
             _ => {
                 let i = self.rng.below(self.cluster.policies.len() as u64) as usize;
-                let p = self.cluster.policies.values_mut().nth(i).unwrap();
+                let (r, p) = self.cluster.policies.iter_mut().nth(i).unwrap();
+                changes.policies.insert(r.clone());
                 let rule = p.ingress.first_mut().or(p.egress.first_mut()).unwrap();
                 match rule.ports.first_mut() {
                     Some(PortSpec { port: Some(PortRef::Number(n)), .. }) => *n = if *n == 9999 { 8080 } else { 9999 },
                     _ => rule.ports.push(tcp(PortRef::Number(9998))),
                 }
-                "policy edited"
+                ("policy edited", changes)
             }
         }
     }
