@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ep_flags};
 
 use crate::model::ObjectRef;
-use crate::policy::{Delta, Desired, policy_keys};
+use crate::policy::{AllowGroup, AllowKey, Delta, Desired, policy_keys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -77,11 +77,36 @@ pub fn ip_to_mapped(ip: IpAddr) -> [u8; 16] {
 
 type PolicyEntries = BTreeMap<(u32, PolicyKey), PolicyValue>;
 
+/// Policy entries by allow group (entries of different groups never share a key).
+type Grouped = BTreeMap<AllowGroup, PolicyEntries>;
+
+fn group_of(key: &PolicyKey) -> AllowGroup {
+    (key.direction, u32::from_be_bytes(key.identity), key.protocol)
+}
+
+fn count(entries: &Grouped) -> usize {
+    entries.values().map(BTreeMap::len).sum()
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct AppliedEndpoint {
     pod: ObjectRef,
     info: EndpointInfo,
-    entries: PolicyEntries,
+    entries: Grouped,
+}
+
+/// The new entries of an endpoint: all of them, or new contents for some groups (the others stay).
+#[derive(Debug)]
+enum NextEntries {
+    All(Grouped),
+    Groups(Grouped),
+}
+
+#[derive(Debug)]
+struct Next {
+    pod: ObjectRef,
+    info: EndpointInfo,
+    entries: NextEntries,
 }
 
 /// What one sync wrote.
@@ -97,6 +122,8 @@ impl SyncStats {
         self.endpoint_writes + self.ipcache_writes + self.policy_writes
     }
 }
+
+static EMPTY_GROUPS: BTreeSet<AllowGroup> = BTreeSet::new();
 
 /// The state last written to the maps.
 #[derive(Debug, Default)]
@@ -126,11 +153,31 @@ pub fn audit_namespaces(cluster: &crate::model::Cluster) -> BTreeSet<String> {
         .collect()
 }
 
-fn entries_for(ifindex: u32, allow: &BTreeMap<crate::policy::AllowKey, u32>) -> PolicyEntries {
-    let mut out = PolicyEntries::new();
-    for (key, rule) in allow {
+/// The policy entries of `allow` for endpoint `ifindex`: all groups, or only `only` (each listed group
+/// present, empty if it has no entries now).
+fn entries_for(ifindex: u32, allow: &BTreeMap<AllowKey, u32>, only: Option<&BTreeSet<AllowGroup>>) -> Grouped {
+    let mut out = Grouped::new();
+    let add = |out: &mut Grouped, key: &AllowKey, rule: u32| {
+        let group = out.entry(key.group()).or_default();
         for (prefix, pk) in policy_keys(ifindex, key) {
-            out.entry((prefix, pk)).or_insert(PolicyValue { rule_id: *rule, _pad: 0 });
+            group.entry((prefix, pk)).or_insert(PolicyValue { rule_id: rule, _pad: 0 });
+        }
+    };
+    match only {
+        None => {
+            for (key, rule) in allow {
+                add(&mut out, key, *rule);
+            }
+        }
+        Some(groups) => {
+            for &(direction, remote, protocol) in groups {
+                out.entry((direction, remote, protocol)).or_default();
+                let lo = AllowKey { direction, remote, protocol, port_lo: 0, port_hi: 0 };
+                let hi = AllowKey { direction, remote, protocol, port_lo: u16::MAX, port_hi: u16::MAX };
+                for (key, rule) in allow.range(lo..=hi) {
+                    add(&mut out, key, *rule);
+                }
+            }
         }
     }
     out
@@ -157,7 +204,7 @@ impl Syncer {
         let mut me = Self::default();
         for (ifindex, info) in maps.endpoints.iter().flatten() {
             let pod = ObjectRef::new("(adopted)", format!("ifindex-{ifindex}"));
-            me.endpoints.insert(ifindex, AppliedEndpoint { pod, info, entries: PolicyEntries::new() });
+            me.endpoints.insert(ifindex, AppliedEndpoint { pod, info, entries: Grouped::new() });
         }
         for (key, value) in maps.policy.iter().flatten() {
             let data = key.data();
@@ -166,9 +213,9 @@ impl Syncer {
                 pod: ObjectRef::new("(adopted)", format!("ifindex-{ifindex}")),
                 // Entries without an endpoint entry are unreachable; keep them to delete them.
                 info: EndpointInfo { endpoint_id: ifindex, ..Default::default() },
-                entries: PolicyEntries::new(),
+                entries: Grouped::new(),
             });
-            ep.entries.insert((key.prefix_len(), data), value);
+            ep.entries.entry(group_of(&data)).or_default().insert((key.prefix_len(), data), value);
             me.policy_entries += 1;
         }
         for (key, value) in maps.ipcache.iter().flatten() {
@@ -231,7 +278,7 @@ impl Syncer {
             let mut scope = BTreeSet::new();
             for pod in pods {
                 let (old, new) = (applied.get(pod).copied(), interfaces.get(pod).copied());
-                if old != new || delta.endpoints.contains(pod) {
+                if old != new || delta.endpoints.contains_key(pod) {
                     scope.extend(old);
                     scope.extend(new);
                 }
@@ -240,8 +287,9 @@ impl Syncer {
         });
         let in_scope = |ifindex: &u32| scope.as_ref().is_none_or(|s| s.contains(ifindex));
 
-        // The new per-endpoint state of the interfaces in scope.
-        let mut next: BTreeMap<u32, AppliedEndpoint> = BTreeMap::new();
+        // The new state of the interfaces in scope: whole, or only the allow groups the delta names
+        // when the endpoint stays where it was.
+        let mut next: BTreeMap<u32, Next> = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
             let Some(&ifindex) = interfaces.get(pod) else { continue };
             if !in_scope(&ifindex) {
@@ -258,25 +306,53 @@ impl Syncer {
                 flags |= ep_flags::ISOLATED_EGRESS;
             }
             let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, _pad: 0 };
-            next.insert(ifindex, AppliedEndpoint { pod: pod.clone(), info, entries: entries_for(ifindex, &ep.allow) });
+            let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
+            let only = match delta.endpoints.get(pod) {
+                Some(Some(groups)) if !delta.full && same_place => Some(groups),
+                // In scope only because of its binding (and the binding is unchanged): nothing changed.
+                None if !delta.full && same_place => Some(&EMPTY_GROUPS),
+                _ => None,
+            };
+            let entries = match only {
+                Some(groups) => NextEntries::Groups(entries_for(ifindex, &ep.allow, Some(groups))),
+                None => NextEntries::All(entries_for(ifindex, &ep.allow, None)),
+            };
+            next.insert(ifindex, Next { pod: pod.clone(), info, entries });
         }
 
         // Capacity, before any write.
         let caps = self.capacities;
-        let (old_in_scope, old_entries_in_scope) = self
-            .endpoints
-            .iter()
-            .filter(|(i, _)| in_scope(i))
-            .fold((0, 0), |(n, e), (_, ep)| (n + 1, e + ep.entries.len()));
-        let policy_needed: usize =
-            self.policy_entries - old_entries_in_scope + next.values().map(|e| e.entries.len()).sum::<usize>();
+        let mut policy_needed = self.policy_entries;
+        let mut endpoints_needed = self.endpoints.len();
+        for (ifindex, old) in self.endpoints.iter().filter(|(i, _)| in_scope(i)) {
+            match next.get(ifindex).map(|n| &n.entries) {
+                None | Some(NextEntries::All(_)) => {
+                    policy_needed -= count(&old.entries);
+                    endpoints_needed -= 1;
+                }
+                Some(NextEntries::Groups(groups)) => {
+                    policy_needed -= groups.keys().filter_map(|g| old.entries.get(g)).map(BTreeMap::len).sum::<usize>();
+                }
+            }
+        }
+        for (ifindex, new) in &next {
+            match &new.entries {
+                NextEntries::All(all) => {
+                    policy_needed += count(all);
+                    endpoints_needed += 1;
+                }
+                NextEntries::Groups(groups) => {
+                    policy_needed += count(groups);
+                    endpoints_needed += usize::from(!self.endpoints.contains_key(ifindex));
+                }
+            }
+        }
         if policy_needed > caps.policy as usize {
             return Err(Error::Capacity { map: "policy", needed: policy_needed, capacity: caps.policy });
         }
         if desired.ipcache.len() > caps.ipcache as usize {
             return Err(Error::Capacity { map: "ipcache", needed: desired.ipcache.len(), capacity: caps.ipcache });
         }
-        let endpoints_needed = self.endpoints.len() - old_in_scope + next.len();
         if endpoints_needed > caps.endpoints as usize {
             return Err(Error::Capacity { map: "endpoints", needed: endpoints_needed, capacity: caps.endpoints });
         }
@@ -286,28 +362,36 @@ impl Syncer {
 
         // 1. Narrowings.
         for (ifindex, old) in self.endpoints.iter().filter(|(i, _)| in_scope(i)) {
-            match next.get(ifindex) {
-                None => {
-                    ops.del_endpoint(*ifindex)?;
+            let Some(new) = next.get(ifindex) else {
+                ops.del_endpoint(*ifindex)?;
+                stats.endpoint_writes += 1;
+                for (prefix, key) in old.entries.values().flat_map(BTreeMap::keys) {
+                    ops.del_policy(*prefix, key)?;
+                    stats.policy_writes += 1;
+                }
+                continue;
+            };
+            if new.info != old.info {
+                let step = narrowest(&old.info, &new.info);
+                if step != old.info {
+                    ops.set_endpoint(*ifindex, &step)?;
                     stats.endpoint_writes += 1;
-                    for (prefix, key) in old.entries.keys() {
+                }
+            }
+            let (groups, whole) = match &new.entries {
+                NextEntries::All(g) => (g, true),
+                NextEntries::Groups(g) => (g, false),
+            };
+            for (group, old_entries) in &old.entries {
+                let new_entries = match groups.get(group) {
+                    Some(e) => e,
+                    None if whole => &empty,
+                    None => continue,
+                };
+                for (prefix, key) in old_entries.keys() {
+                    if !new_entries.contains_key(&(*prefix, *key)) {
                         ops.del_policy(*prefix, key)?;
                         stats.policy_writes += 1;
-                    }
-                }
-                Some(new) => {
-                    if new.info != old.info {
-                        let step = narrowest(&old.info, &new.info);
-                        if step != old.info {
-                            ops.set_endpoint(*ifindex, &step)?;
-                            stats.endpoint_writes += 1;
-                        }
-                    }
-                    for (prefix, key) in old.entries.keys() {
-                        if !new.entries.contains_key(&(*prefix, *key)) {
-                            ops.del_policy(*prefix, key)?;
-                            stats.policy_writes += 1;
-                        }
                     }
                 }
             }
@@ -350,11 +434,16 @@ impl Syncer {
         // 3. Widenings.
         for (ifindex, new) in &next {
             let old = self.endpoints.get(ifindex);
-            let old_entries = old.map_or(&empty, |o| &o.entries);
-            for ((prefix, key), value) in &new.entries {
-                if old_entries.get(&(*prefix, *key)) != Some(value) {
-                    ops.set_policy(*prefix, key, value)?;
-                    stats.policy_writes += 1;
+            let groups = match &new.entries {
+                NextEntries::All(g) | NextEntries::Groups(g) => g,
+            };
+            for (group, entries) in groups {
+                let old_entries = old.and_then(|o| o.entries.get(group)).unwrap_or(&empty);
+                for ((prefix, key), value) in entries {
+                    if old_entries.get(&(*prefix, *key)) != Some(value) {
+                        ops.set_policy(*prefix, key, value)?;
+                        stats.policy_writes += 1;
+                    }
                 }
             }
             if old.map(|o| o.info) != Some(new.info) {
@@ -363,8 +452,27 @@ impl Syncer {
             }
         }
         self.policy_entries = policy_needed;
-        self.endpoints.retain(|i, _| !in_scope(i));
-        self.endpoints.extend(next);
+        self.endpoints.retain(|i, _| !in_scope(i) || next.contains_key(i));
+        for (ifindex, new) in next {
+            match new.entries {
+                NextEntries::All(entries) => {
+                    let entries = entries.into_iter().filter(|(_, e)| !e.is_empty()).collect();
+                    self.endpoints.insert(ifindex, AppliedEndpoint { pod: new.pod, info: new.info, entries });
+                }
+                NextEntries::Groups(groups) => {
+                    let applied = self.endpoints.entry(ifindex).or_default();
+                    applied.pod = new.pod;
+                    applied.info = new.info;
+                    for (group, entries) in groups {
+                        if entries.is_empty() {
+                            applied.entries.remove(&group);
+                        } else {
+                            applied.entries.insert(group, entries);
+                        }
+                    }
+                }
+            }
+        }
         debug!(?stats, "maps synced");
         if stats.total() > 0 {
             tracing::info!(

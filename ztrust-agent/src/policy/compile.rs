@@ -24,7 +24,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use ztrust_common::{dir, identity, proto};
 
-use super::{AllowKey, Changes, Delta, Desired, EndpointPolicy, IdentityInfo, RuleRef, matches};
+use super::{AllowGroup, AllowKey, Changes, Delta, Desired, EndpointPolicy, IdentityInfo, RuleRef, matches};
 use crate::model::{
     Cluster, ContainerPort, LabelSelector, Labels, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, Protocol,
     Rule,
@@ -172,7 +172,7 @@ struct PeerState {
 #[derive(Debug, PartialEq, Eq)]
 struct CompiledRule {
     rule_id: u32,
-    /// Entries that do not depend on the endpoint.
+    /// Entries that do not depend on the endpoint (sorted, no repeats).
     keys: Vec<AllowKey>,
     /// Ingress named ports resolve against the endpoint's own container ports.
     ingress_named: Vec<NamedPort>,
@@ -1030,17 +1030,34 @@ impl Engine {
                 self.st.dirty_endpoints.extend(eps);
             }
         }
+        // Rules whose peers (or named-port identities) changed: all compiled again first, then the
+        // endpoints that use them patched entry by entry (or recompiled whole when a patch cannot say).
+        let mut rebuilt = Vec::new();
         for key in std::mem::take(&mut self.st.dirty_rules) {
-            if !self.st.compiled.contains_key(&key) {
+            let Some(old) = self.st.compiled.remove(&key) else {
                 continue;
-            }
+            };
             let Some(policy) = self.st.policies.get(&key.0).cloned() else {
                 continue;
             };
-            if self.build_rule(&policy, key.clone())
-                && let Some(eps) = self.st.selected.get(&key.0)
-            {
-                self.st.dirty_endpoints.extend(eps.iter().cloned());
+            self.build_rule(&policy, key.clone());
+            if self.st.compiled.get(&key) != Some(&old) {
+                rebuilt.push((key, old));
+            }
+        }
+        for (key, old) in rebuilt {
+            let eps: Vec<ObjectRef> = self.st.selected.get(&key.0).into_iter().flatten().cloned().collect();
+            for ep in eps {
+                if self.st.dirty_endpoints.contains(&ep) {
+                    continue;
+                }
+                match self.patch_endpoint(&ep, &key, &old) {
+                    Some(groups) if groups.is_empty() => {}
+                    Some(groups) => self.delta.endpoint(&ep, Some(groups)),
+                    None => {
+                        self.st.dirty_endpoints.insert(ep);
+                    }
+                }
             }
         }
         for ep in std::mem::take(&mut self.st.dirty_endpoints) {
@@ -1050,7 +1067,7 @@ impl Engine {
                 None => self.desired.endpoints.remove(&ep),
             };
             if old.as_ref() != self.desired.endpoints.get(&ep) {
-                self.delta.endpoints.insert(ep);
+                self.delta.endpoint(&ep, None);
             }
         }
         self.identities.finish();
@@ -1132,22 +1149,9 @@ impl Engine {
                     for k in &cr.keys {
                         out.allow.entry(*k).or_insert(cr.rule_id);
                     }
-                    for (name, protocol) in &cr.ingress_named {
-                        // "If this is a string, it must be a named port on the pod" — the pod being the
-                        // one the policy selects, for ingress.
-                        for port in local
-                            .ports
-                            .iter()
-                            .filter(|c| c.name.as_deref() == Some(name.as_str()) && c.protocol == *protocol)
-                        {
-                            for r in &cr.remotes {
-                                let k = AllowKey {
-                                    direction,
-                                    remote: *r,
-                                    protocol: protocol.number(),
-                                    port_lo: port.port,
-                                    port_hi: port.port,
-                                };
+                    if !cr.ingress_named.is_empty() {
+                        for r in &cr.remotes {
+                            for k in named_keys(cr, local, *r) {
                                 out.allow.entry(k).or_insert(cr.rule_id);
                             }
                         }
@@ -1156,6 +1160,92 @@ impl Engine {
             }
         }
         Some(out)
+    }
+
+    /// Brings local endpoint `ep`'s allow set from rule `key` as `old` to the rule as compiled now, entry
+    /// by entry: what the rule no longer allows goes to the next rule (in policy, then rule order) that
+    /// allows it, if any; what it newly allows is its own unless an earlier rule has it. Returns the
+    /// allow groups that changed, or `None` if the change is not one a patch can make (then the
+    /// endpoint is compiled whole).
+    fn patch_endpoint(&mut self, ep: &ObjectRef, key: &RuleKey, old: &CompiledRule) -> Option<BTreeSet<AllowGroup>> {
+        let new = self.st.compiled.get(key)?;
+        let local = self.st.locals.get(ep)?;
+        if new.rule_id != old.rule_id || new.ingress_named != old.ingress_named || !self.desired.endpoints.contains_key(ep) {
+            return None;
+        }
+        let mut removed = sorted_difference(&old.keys, &new.keys);
+        let mut added = sorted_difference(&new.keys, &old.keys);
+        if !new.ingress_named.is_empty() {
+            let named = |cr: &CompiledRule, remotes: Vec<&u32>| -> Vec<AllowKey> {
+                remotes.into_iter().flat_map(|r| named_keys(cr, local, *r)).collect()
+            };
+            removed.extend(named(old, old.remotes.difference(&new.remotes).collect()));
+            added.extend(named(new, new.remotes.difference(&old.remotes).collect()));
+        }
+        let rule_id = new.rule_id;
+        let mut groups = BTreeSet::new();
+        let mut updates: Vec<(AllowKey, Option<u32>)> = Vec::new();
+        {
+            let allow = &self.desired.endpoints[ep].allow;
+            for k in &removed {
+                if allow.get(k) == Some(&rule_id) {
+                    updates.push((*k, self.first_provider(local, k)));
+                }
+            }
+            for k in &added {
+                match allow.get(k) {
+                    None => updates.push((*k, Some(rule_id))),
+                    Some(current) if *current != rule_id && self.earlier(rule_id, *current) => {
+                        updates.push((*k, Some(rule_id)));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        let allow = &mut self.desired.endpoints.get_mut(ep).expect("endpoint").allow;
+        for (k, value) in updates {
+            let before = match value {
+                Some(id) => allow.insert(k, id),
+                None => allow.remove(&k),
+            };
+            if before != value {
+                groups.insert(k.group());
+            }
+        }
+        Some(groups)
+    }
+
+    /// Whether rule `a` comes before rule `b` (both of one direction of one endpoint): in policy order,
+    /// then rule order.
+    fn earlier(&self, a: u32, b: u32) -> bool {
+        match (self.desired.rules.get(&a), self.desired.rules.get(&b)) {
+            (Some(a), Some(b)) => (&a.policy, a.index) < (&b.policy, b.index),
+            _ => false,
+        }
+    }
+
+    /// The rule id of the first rule (policy, then rule order) that gives `local` the entry `k`.
+    fn first_provider(&self, local: &Local, k: &AllowKey) -> Option<u32> {
+        for p in &local.selected_by {
+            let policy = &self.st.policies[p];
+            let (isolated, n) = if k.direction == dir::INGRESS {
+                (policy.isolates_ingress, policy.ingress.len())
+            } else {
+                (policy.isolates_egress, policy.egress.len())
+            };
+            if !isolated {
+                continue;
+            }
+            for ri in 0..n {
+                let Some(cr) = self.st.compiled.get(&(p.clone(), k.direction, ri)) else {
+                    continue;
+                };
+                if cr.keys.binary_search(k).is_ok() || named_keys(cr, local, k.remote).contains(k) {
+                    return Some(cr.rule_id);
+                }
+            }
+        }
+        None
     }
 
     /// The identities `key` matches, computed from the groups and CIDR identities.
@@ -1330,6 +1420,8 @@ impl Engine {
                 });
             }
         }
+        keys.sort_unstable();
+        keys.dedup();
         let cr = CompiledRule {
             rule_id,
             keys,
@@ -1343,6 +1435,46 @@ impl Engine {
         self.st.compiled.insert(key, cr);
         changed
     }
+}
+
+/// The entries an ingress rule's named ports give endpoint `local` for remote `remote`: "If this is a
+/// string, it must be a named port on the pod" — the pod being the one the policy selects, for ingress.
+fn named_keys(cr: &CompiledRule, local: &Local, remote: u32) -> Vec<AllowKey> {
+    if !cr.remotes.contains(&remote) {
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (name, protocol) in &cr.ingress_named {
+        for port in local
+            .ports
+            .iter()
+            .filter(|c| c.name.as_deref() == Some(name.as_str()) && c.protocol == *protocol)
+        {
+            out.push(AllowKey {
+                direction: dir::INGRESS,
+                remote,
+                protocol: protocol.number(),
+                port_lo: port.port,
+                port_hi: port.port,
+            });
+        }
+    }
+    out
+}
+
+/// The elements of sorted `a` that are not in sorted `b`.
+fn sorted_difference(a: &[AllowKey], b: &[AllowKey]) -> Vec<AllowKey> {
+    let mut out = Vec::new();
+    let mut j = 0;
+    for x in a {
+        while j < b.len() && b[j] < *x {
+            j += 1;
+        }
+        if j >= b.len() || b[j] != *x {
+            out.push(*x);
+        }
+    }
+    out
 }
 
 /// Whether a live pod identity of (`namespace`, `labels`, `sig`) belongs to peer `pk`.

@@ -158,6 +158,16 @@ impl Changes {
     }
 }
 
+/// A part of an endpoint's allow set: the entries of one direction, remote identity and protocol. Entries
+/// of different groups never share a policy-map key, so each group can be written on its own.
+pub type AllowGroup = (u8, u32, u8);
+
+impl AllowKey {
+    pub fn group(&self) -> AllowGroup {
+        (self.direction, self.remote, self.protocol)
+    }
+}
+
 /// What changed in the [`Desired`] state: the datapath sync rewrites only these (or everything when
 /// `full`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -166,8 +176,9 @@ pub struct Delta {
     pub full: bool,
     /// ipcache prefixes whose identity changed, appeared or went.
     pub ipcache: BTreeSet<IpNet>,
-    /// Endpoints whose policy changed, appeared or went.
-    pub endpoints: BTreeSet<ObjectRef>,
+    /// Endpoints whose policy changed, appeared or went, with the allow groups that changed when only
+    /// those did (`None`: anything about the endpoint).
+    pub endpoints: BTreeMap<ObjectRef, Option<BTreeSet<AllowGroup>>>,
 }
 
 impl Delta {
@@ -179,15 +190,28 @@ impl Delta {
         }
     }
 
+    /// Adds that `groups` of endpoint `ep` changed (`None`: anything about it).
+    pub fn endpoint(&mut self, ep: &ObjectRef, groups: Option<BTreeSet<AllowGroup>>) {
+        match (self.endpoints.get_mut(ep), groups) {
+            (None, groups) => {
+                self.endpoints.insert(ep.clone(), groups);
+            }
+            (Some(Some(known)), Some(more)) => known.extend(more),
+            (Some(slot), _) => *slot = None,
+        }
+    }
+
     /// Adds what `other` says changed.
     pub fn merge(&mut self, other: Delta) {
         self.full |= other.full;
         if self.full {
             self.ipcache.clear();
             self.endpoints.clear();
-        } else {
-            self.ipcache.extend(other.ipcache);
-            self.endpoints.extend(other.endpoints);
+            return;
+        }
+        self.ipcache.extend(other.ipcache);
+        for (ep, groups) in other.endpoints {
+            self.endpoint(&ep, groups);
         }
     }
 

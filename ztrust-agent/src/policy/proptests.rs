@@ -521,3 +521,82 @@ proptest! {
         }
     }
 }
+
+/// A namespace relabel moves an identity out of one rule's peer and back while an overlapping later
+/// rule keeps allowing it: the entry must stay (handed to the later rule) and return to the earlier
+/// rule, exactly as a compile from scratch attributes it; a named-port entry of a third rule goes and
+/// comes back with it.
+#[test]
+fn namespace_relabel_hands_entries_between_overlapping_rules() {
+    let labels = |pairs: &[(&str, &str)]| -> Labels { pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect() };
+    let ns = |name: &str, l: Labels| Namespace { name: name.to_owned(), labels: l, annotations: Labels::new() };
+    let pod = |ns: &str, name: &str, app: &str, ip: u8| Pod {
+        namespace: ns.to_owned(),
+        name: name.to_owned(),
+        labels: labels(&[("app", app)]),
+        ips: vec![v4(ip)],
+        ..Pod::default()
+    };
+    let policy = |name: &str, peer: Peer| NetworkPolicy {
+        namespace: "srv".to_owned(),
+        name: name.to_owned(),
+        pod_selector: LabelSelector::default(),
+        isolates_ingress: true,
+        isolates_egress: false,
+        ingress: vec![Rule {
+            peers: vec![peer],
+            ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None }],
+        }],
+        egress: Vec::new(),
+    };
+    let selector = |l: Labels| LabelSelector { match_labels: l, match_expressions: Vec::new() };
+    let with_team = |team: bool| {
+        let mut c = Cluster::default();
+        let cl = if team { labels(&[("name", "cl"), ("team", "x")]) } else { labels(&[("name", "cl")]) };
+        c.namespaces.insert("cl".into(), ns("cl", cl));
+        c.namespaces.insert("srv".into(), ns("srv", labels(&[("name", "srv")])));
+        let mut server = pod("srv", "server", "s", 2);
+        server.ports = vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }];
+        for p in [pod("cl", "client", "c", 1), server] {
+            c.pods.insert(p.object_ref(), p);
+        }
+        for p in [
+            policy("p1", Peer::Pods { namespace_selector: Some(selector(labels(&[("team", "x")]))), pod_selector: None }),
+            policy("p2", Peer::Pods {
+                namespace_selector: Some(selector(labels(&[("name", "cl")]))),
+                pod_selector: Some(selector(labels(&[("app", "c")]))),
+            }),
+            // A named port (resolved on the server) from the namespaces of team x.
+            NetworkPolicy {
+                name: "p3".into(),
+                ingress: vec![Rule {
+                    peers: vec![Peer::Pods { namespace_selector: Some(selector(labels(&[("team", "x")]))), pod_selector: None }],
+                    ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Name("http".into())), end_port: None }],
+                }],
+                ..policy("p3", Peer::Pods { namespace_selector: None, pod_selector: None })
+            },
+        ] {
+            c.policies.insert(p.object_ref(), p);
+        }
+        c
+    };
+    let mut engine = Engine::new();
+    let mut previous = Cluster::default();
+    for (team, by) in [(true, "p1"), (false, "p2"), (true, "p1")] {
+        let c = with_team(team);
+        engine.update(&c, &Changes::between(&previous, &c));
+        previous = c.clone();
+        let d = engine.desired();
+        assert_eq!(canonical(d), canonical(&Engine::new().compile(&c)), "team label {team}");
+        let server = crate::model::ObjectRef::new("srv", "server");
+        let client_id = d.ipcache[&IpNet::from(v4(1))];
+        let rule = d.endpoints[&server]
+            .allow
+            .iter()
+            .find(|(k, _)| k.remote == client_id && k.port_lo == 80)
+            .map(|(_, r)| d.rules[r].policy.name.clone());
+        assert_eq!(rule.as_deref(), Some(by), "team label {team}");
+        let named = d.endpoints[&server].allow.keys().any(|k| k.remote == client_id && k.port_lo == 8080);
+        assert_eq!(named, team, "the named port entry follows the team label");
+    }
+}
