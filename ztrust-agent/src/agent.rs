@@ -472,10 +472,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
         }
         for (name, index) in &ifaces {
-            if matches_prefix(name, &opts.interface_prefixes) && !dp.is_attached(name) {
-                if let Err(e) = dp.attach(name, *index) {
-                    error!(ifname = %name, error = %e, "cannot attach to new interface");
-                }
+            if matches_prefix(name, &opts.interface_prefixes)
+                && !dp.is_attached(name)
+                && let Err(e) = dp.attach(name, *index)
+            {
+                error!(ifname = %name, error = %e, "cannot attach to new interface");
             }
         }
         let gone: Vec<String> =

@@ -41,7 +41,13 @@ fn respawn(node: &str, bin: &Path, args: &[String], log: &Path) -> u32 {
         .stderr(out)
         .spawn()
         .expect("spawn agent");
-    child.id()
+    let pid = child.id();
+    // The lab stops it by pid; reap it when it exits.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    pid
 }
 
 /// Waits for the agent's "in sync" log line; returns how long it took from `since`.
