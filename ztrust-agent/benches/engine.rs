@@ -1,6 +1,7 @@
 //! Micro-benchmarks of the policy engine's hot functions (`cargo bench -p ztrust-agent --bench engine`):
-//! selector matching, a cold compile of synthetic clusters (100 and 1,000 policies), the expansion of
-//! allow entries into policy-map keys, and a sync that finds nothing to change.
+//! selector matching, a cold compile of synthetic clusters (100 and 1,000 policies), an incremental
+//! update for one changed pod (of this node, of another node), the expansion of allow entries into
+//! policy-map keys, and a sync that finds nothing to change.
 //!
 //! The clusters are the ones of `ztrust-bench control-plane` (`tests/src/bench/synth.rs`).
 
@@ -10,7 +11,7 @@ use std::hint::black_box;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ztrust_agent::datapath::sync::{MapOps, Result as SyncResult, Syncer};
 use ztrust_agent::model::{LabelSelector, Labels, Operator, Requirement};
-use ztrust_agent::policy::{AllowKey, Engine, matches, policy_keys};
+use ztrust_agent::policy::{AllowKey, Changes, Engine, matches, policy_keys};
 use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, proto};
 
 #[path = "../../tests/src/bench/synth.rs"]
@@ -89,6 +90,33 @@ fn compile(c: &mut Criterion) {
     g.finish();
 }
 
+/// One pod's `tier` label flipped back and forth, the engine told which pod changed (as a watch event
+/// names it): the cost of an incremental update, for a pod of this node and for one of another node.
+fn update(c: &mut Criterion) {
+    let mut g = c.benchmark_group("update");
+    for (policies, pods) in [(1_000usize, 5_000usize), (10_000, 50_000)] {
+        let mut s = synth::Synth::new(policies, pods, 100);
+        let mut engine = Engine::for_node(synth::THIS_NODE);
+        engine.update(&s.cluster, &Changes::default());
+        let local = s.interfaces.keys().next().expect("a local pod").clone();
+        let remote = s.cluster.pods.keys().find(|p| !s.interfaces.contains_key(*p)).expect("a remote pod").clone();
+        for (name, pod) in [("local_pod_label", local), ("remote_pod_label", remote)] {
+            let changes = Changes { pods: [pod.clone()].into(), ..Changes::default() };
+            let mut flip = false;
+            g.bench_function(BenchmarkId::new(name, format!("{policies}p_{pods}pods")), |b| {
+                b.iter(|| {
+                    flip = !flip;
+                    let tier = if flip { "db" } else { "web" };
+                    s.cluster.pods.get_mut(&pod).expect("pod").labels.insert("tier".into(), tier.into());
+                    engine.update(black_box(&s.cluster), &changes);
+                    engine.take_delta()
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn keys(c: &mut Criterion) {
     let key = |protocol, lo, hi| AllowKey { direction: dir::INGRESS, remote: 300, protocol, port_lo: lo, port_hi: hi };
     let cases = [
@@ -159,5 +187,5 @@ fn sync_unchanged(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, selectors, compile, keys, sync_unchanged);
+criterion_group!(benches, selectors, compile, update, keys, sync_unchanged);
 criterion_main!(benches);
