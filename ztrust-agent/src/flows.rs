@@ -157,12 +157,28 @@ pub struct View {
 
 /// CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads) → wall clock.
 pub fn monotonic_to_system(ts_ns: u64) -> SystemTime {
-    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
-        .unwrap_or_default();
-    let now = SystemTime::now();
-    let age = now_mono.saturating_sub(Duration::from_nanos(ts_ns));
-    now - age
+    Clock::now().system_time(ts_ns)
+}
+
+/// The two clocks read once, to convert the kernel timestamps of a batch of events: an event's age is
+/// the monotonic now minus its timestamp, and its wall-clock time the wall-clock now minus that age.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    mono: Duration,
+    wall: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+            .unwrap_or_default();
+        Self { mono, wall: SystemTime::now() }
+    }
+
+    pub fn system_time(&self, ts_ns: u64) -> SystemTime {
+        self.wall - self.mono.saturating_sub(Duration::from_nanos(ts_ns))
+    }
 }
 
 impl View {
@@ -179,6 +195,11 @@ impl View {
     }
 
     pub fn enrich(&self, ev: &FlowEvent) -> Flow {
+        self.enrich_at(ev, monotonic_to_system(ev.ts_ns))
+    }
+
+    /// [`Self::enrich`] with the event's wall-clock time already known (see [`Clock`]).
+    pub fn enrich_at(&self, ev: &FlowEvent, time: SystemTime) -> Flow {
         let has_ports = matches!(ev.protocol, proto::TCP | proto::UDP | proto::SCTP);
         let src_ip = addr(ev.saddr, ev.family);
         let dst_ip = addr(ev.daddr, ev.family);
@@ -194,7 +215,7 @@ impl View {
             _ => Vec::new(),
         };
         Flow {
-            time: humantime::format_rfc3339_millis(monotonic_to_system(ev.ts_ns)).to_string(),
+            time: humantime::format_rfc3339_millis(time).to_string(),
             node: self.node.clone(),
             verdict: verdict_name(ev.verdict).into(),
             direction: direction_name(ev.direction).into(),
