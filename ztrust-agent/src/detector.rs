@@ -99,7 +99,7 @@ pub struct Detector {
 }
 
 fn counts(f: &Flow) -> bool {
-    f.is_drop() && matches!(f.reason.as_str(), "policy-denied" | "no-conntrack-entry")
+    f.is_drop() && matches!(&*f.reason, "policy-denied" | "no-conntrack-entry")
 }
 
 fn within(last: Option<SystemTime>, now: SystemTime, window: Duration) -> bool {

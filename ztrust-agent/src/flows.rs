@@ -1,6 +1,7 @@
 //! Flow records: kernel events decoded and enriched with what the agent knows (pods, labels, the
 //! policies that isolate an endpoint, the rule that allowed a connection).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, SystemTime};
@@ -42,19 +43,23 @@ pub struct AllowedBy {
     pub rule: usize,
 }
 
+/// A name from a small fixed set (verdict, direction, reason, protocol): borrowed from the constants
+/// for flows the agent makes (no allocation per flow), owned for flows read back from elsewhere.
+pub type Name = Cow<'static, str>;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
     /// RFC 3339, UTC.
     pub time: String,
     pub node: String,
     /// `forwarded`, `dropped` or `would-drop`.
-    pub verdict: String,
+    pub verdict: Name,
     /// Relative to `endpoint`: `ingress` (towards it) or `egress` (from it).
-    pub direction: String,
-    pub reason: String,
+    pub direction: Name,
+    pub reason: Name,
     /// The pod whose hook judged the packet.
     pub endpoint: String,
-    pub protocol: String,
+    pub protocol: Name,
     pub source: Endpoint,
     pub destination: Endpoint,
     #[serde(skip_serializing_if = "String::is_empty", default)]
@@ -107,21 +112,28 @@ pub fn direction_name(d: u8) -> &'static str {
     if d == dir::INGRESS { "ingress" } else { "egress" }
 }
 
-pub fn protocol_name(p: u8) -> String {
+pub fn protocol_name(p: u8) -> Name {
     match p {
         proto::TCP => "TCP".into(),
         proto::UDP => "UDP".into(),
         proto::SCTP => "SCTP".into(),
         proto::ICMP => "ICMP".into(),
         proto::ICMPV6 => "ICMPv6".into(),
-        other => format!("IP/{other}"),
+        other => format!("IP/{other}").into(),
     }
 }
 
 fn tcp_flags_string(f: u8) -> String {
     const NAMES: [(u8, &str); 6] =
         [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
-    NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join("|")
+    let mut out = String::new();
+    for (_, name) in NAMES.iter().filter(|(b, _)| f & b != 0) {
+        if !out.is_empty() {
+            out.push('|');
+        }
+        out.push_str(name);
+    }
+    out
 }
 
 fn addr(bytes: [u8; 16], family: u8) -> IpAddr {
@@ -217,9 +229,9 @@ impl View {
         Flow {
             time: humantime::format_rfc3339_millis(time).to_string(),
             node: self.node.clone(),
-            verdict: verdict_name(ev.verdict).into(),
-            direction: direction_name(ev.direction).into(),
-            reason: reason_name(ev.reason).into(),
+            verdict: Cow::Borrowed(verdict_name(ev.verdict)),
+            direction: Cow::Borrowed(direction_name(ev.direction)),
+            reason: Cow::Borrowed(reason_name(ev.reason)),
             endpoint: ep.map_or_else(|| format!("ifindex/{}", ev.ifindex), |e| e.pod.to_string()),
             protocol: protocol_name(ev.protocol),
             source: self.endpoint(src_ip, has_ports.then_some(ev.sport), src_id),
@@ -245,7 +257,7 @@ pub fn render_line(f: &Flow) -> String {
     } else {
         match &f.allowed_by {
             Some(a) => format!("{} ({} {} rule {})", f.reason, a.policy, a.direction, a.rule),
-            None => f.reason.clone(),
+            None => f.reason.to_string(),
         }
     };
     format!(

@@ -190,19 +190,39 @@ impl Metrics {
             return;
         }
         self.flows_seen.inc_by(flows.len() as u64);
-        // (verdict, direction, reason, namespace, pod) → (flows, drops), borrowed from the batch.
-        let mut counts: std::collections::HashMap<[&str; 5], (u64, u64)> = std::collections::HashMap::new();
+        // (verdict, direction, reason, namespace, pod) → (flows, drops), borrowed from the batch. A
+        // batch has few distinct label sets, mostly in runs: a short list, tried at the last hit
+        // first; with many (the pod label on a busy node), an index.
+        let mut counts: Vec<([&str; 5], (u64, u64))> = Vec::new();
+        let mut index: std::collections::HashMap<[&str; 5], usize> = std::collections::HashMap::new();
+        let mut last = 0;
         for f in flows {
             let judged = if f.direction == "ingress" { &f.destination } else { &f.source };
             let namespace = judged.namespace.as_deref().unwrap_or_else(|| {
                 f.endpoint.split_once('/').filter(|(ns, _)| *ns != "ifindex").map_or("", |(ns, _)| ns)
             });
             let pod = if self.opts.pod_label { judged.pod.as_deref().unwrap_or_default() } else { "" };
-            let key = [f.verdict.as_str(), f.direction.as_str(), f.reason.as_str(), namespace, pod];
-            let drop = u64::from(f.is_drop());
-            let (n, d) = counts.entry(key).or_default();
+            let key = [&*f.verdict, &*f.direction, &*f.reason, namespace, pod];
+            if counts.get(last).is_none_or(|(k, _)| *k != key) {
+                let found = if counts.len() <= 16 {
+                    counts.iter().position(|(k, _)| *k == key)
+                } else {
+                    if index.is_empty() {
+                        index.extend(counts.iter().enumerate().map(|(i, (k, _))| (*k, i)));
+                    }
+                    index.get(&key).copied()
+                };
+                last = found.unwrap_or_else(|| {
+                    counts.push((key, (0, 0)));
+                    if !index.is_empty() {
+                        index.insert(key, counts.len() - 1);
+                    }
+                    counts.len() - 1
+                });
+            }
+            let (n, d) = &mut counts[last].1;
             *n += 1;
-            *d += drop;
+            *d += u64::from(f.is_drop());
         }
         for ([verdict, direction, reason, namespace, pod], (n, drops)) in counts {
             let mut labels: Labels = vec![
@@ -424,6 +444,26 @@ mod tests {
         let drop = r#"{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments"}"#;
         assert_eq!(sample(&text, &format!("ztrust_drops_total{drop}")), Some(3.0), "{text}");
         assert_eq!(sample(&text, "ztrust_flows_seen_total"), Some(4.0));
+    }
+
+    #[test]
+    fn a_batch_with_many_label_sets_counts_each() {
+        let m = Metrics::new(MetricsOptions { pod_label: true });
+        let flows: Vec<Flow> = (0..80)
+            .map(|i| {
+                let mut f = denied();
+                f.destination.pod = Some(format!("db-{}", i % 40));
+                f
+            })
+            .collect();
+        m.observe_flows(flows.iter());
+        let text = m.render();
+        for i in [0, 17, 39] {
+            let series = format!(
+                r#"ztrust_drops_total{{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments",pod="db-{i}"}}"#
+            );
+            assert_eq!(sample(&text, &series), Some(2.0), "{text}");
+        }
     }
 
     #[test]
