@@ -179,13 +179,20 @@ impl<T: Send + Sync + 'static> Fanout<T> {
     }
 
     /// Tells every subscriber that `n` values were lost before reaching the hub. The record is queued
-    /// even when a subscriber's queue is full of values (it is one record per loss report, at most
-    /// once per housekeeping tick), so a slow subscriber still hears of it.
+    /// even when a subscriber's queue is full of values, so a slow subscriber still hears of it; while
+    /// its queue is full, further reports of the same source add up in its last record (a subscriber
+    /// that stopped reading does not collect a record per report).
     pub fn publish_lost(&self, source: LostEventSource, n: u64) {
         let mut st = self.lock();
         st.subscribers.retain(|s| {
             let Some(q) = s.upgrade() else { return false };
-            q.lock().push_back(Item::Lost(source, n));
+            let full = q.pending.load(Ordering::Relaxed) >= self.queue;
+            let mut items = q.lock();
+            match items.back_mut() {
+                Some(Item::Lost(last, total)) if full && *last == source => *total += n,
+                _ => items.push_back(Item::Lost(source, n)),
+            }
+            drop(items);
             q.notify.notify_one();
             true
         });
@@ -470,6 +477,20 @@ mod tests {
             assert!(matches!(sub.next().await, Some(Item::Lost(LostEventSource::KernelRingBuffer, 3))));
             assert!(sub.next().await.is_none(), "the hub is gone");
         });
+    }
+
+    #[test]
+    fn loss_reports_reach_a_full_queue_and_add_up_there() {
+        let f = Fanout::new(10, 2);
+        let mut sub = f.subscribe(true).subscription.unwrap();
+        f.publish_batch(&[Arc::new(1u32), Arc::new(2)]);
+        for _ in 0..3 {
+            f.publish_lost(LostEventSource::KernelRingBuffer, 4);
+        }
+        assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 1));
+        assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 2));
+        assert!(matches!(sub.try_next(), Some(Item::Lost(LostEventSource::KernelRingBuffer, 12))));
+        assert!(sub.try_next().is_none());
     }
 
     #[test]
