@@ -210,7 +210,7 @@ fn matches_prefix(name: &str, prefixes: &[String]) -> bool {
 }
 
 /// Every enriched flow passes here: metrics, the observer hub (flow API, detector), the flow log (JSON
-/// lines) and, for drops, the log (rate-limited: see [`DropLog`]). Called from the task that reads the
+/// lines) and, for drops, the log (rate-limited: see [`crate::flows::DropLog`]). Called from the task that reads the
 /// kernel ring buffer, once per batch of events (what one wake-up found, at most [`MAX_BATCH`]): the
 /// view is locked once per batch, the metric families and the hub once per batch, the clocks read once
 /// per batch. Nothing here waits (the hub never blocks on a client).
@@ -226,7 +226,7 @@ struct Batches {
     sink: FlowSink,
     /// The flow log, written per batch.
     file: Option<std::io::BufWriter<std::fs::File>>,
-    log: DropLog,
+    log: crate::flows::DropLog,
     flows: Vec<(Flow, SystemTime)>,
     published: Vec<Arc<crate::observer::hub::Observed>>,
 }
@@ -237,56 +237,10 @@ struct Batches {
 /// between batches, so a batch must fit in it with room to spare.
 const MAX_BATCH: usize = 256;
 
-/// Drop lines per second in the log. A line per drop costs more than everything else the pipeline
-/// does for a flow (formatting, the write to stderr); at tens of thousands of drops per second it is
-/// also unreadable. Beyond this many in a second, drops are counted and one summary line says how
-/// many were not logged; every flow still reaches the flow API, the flow log and the metrics.
-const DROP_LOG_PER_SECOND: u32 = 20;
-
-struct DropLog {
-    window: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl DropLog {
-    fn new() -> Self {
-        Self { window: Instant::now(), logged: 0, suppressed: 0 }
-    }
-
-    /// Starts a new one-second window once the current one is over, after summing it up.
-    fn roll(&mut self, now: Instant) {
-        if now.duration_since(self.window) < Duration::from_secs(1) {
-            return;
-        }
-        if self.suppressed > 0 {
-            info!(
-                target: "ztrust::flows",
-                suppressed = self.suppressed,
-                "{} more denied flows not logged (at most {DROP_LOG_PER_SECOND} lines per second); \
-                 `ztrust-agent flows --denied` and ztrust_drops_total have them all",
-                self.suppressed
-            );
-        }
-        *self = Self { window: now, logged: 0, suppressed: 0 };
-    }
-
-    /// Whether this drop gets its line.
-    fn admit(&mut self) -> bool {
-        if self.logged < DROP_LOG_PER_SECOND {
-            self.logged += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
-
 impl Batches {
     fn new(mut sink: FlowSink) -> Self {
         let file = sink.file.take().map(std::io::BufWriter::new);
-        Self { sink, file, log: DropLog::new(), flows: Vec::new(), published: Vec::new() }
+        Self { sink, file, log: crate::flows::DropLog::new(), flows: Vec::new(), published: Vec::new() }
     }
 
     fn enrich(&mut self, view: &View, events: &[FlowEvent]) {
@@ -599,21 +553,3 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwL
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn drop_lines_are_limited_per_second_and_the_rest_summed_up() {
-        let start = Instant::now();
-        let mut log = DropLog { window: start, logged: 0, suppressed: 0 };
-        let admitted = (0..1_000).filter(|_| log.admit()).count();
-        assert_eq!(admitted, DROP_LOG_PER_SECOND as usize);
-        assert_eq!(log.suppressed, 1_000 - u64::from(DROP_LOG_PER_SECOND));
-        log.roll(start + Duration::from_millis(999));
-        assert!(!log.admit(), "still the same second");
-        log.roll(start + Duration::from_secs(1));
-        assert_eq!((log.logged, log.suppressed), (0, 0));
-        assert!(log.admit(), "a new second, new lines");
-    }
-}

@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use ztrust_common::{FlowEvent, dir, event_flags, proto, reason, verdict};
@@ -245,6 +245,61 @@ impl View {
     }
 }
 
+/// Drop lines per second in the log. A line per drop costs more than everything else the pipeline
+/// does for a flow (formatting, the write to stderr); at tens of thousands of drops per second it is
+/// also unreadable. Beyond this many in a second, drops are counted and one summary line says how
+/// many were not logged; every flow still reaches the flow API, the flow log and the metrics.
+pub const DROP_LOG_PER_SECOND: u32 = 20;
+
+/// Which drops get a log line: at most [`DROP_LOG_PER_SECOND`] per one-second window, and a summary of
+/// the others when the window ends.
+#[derive(Debug)]
+pub struct DropLog {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for DropLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DropLog {
+    pub fn new() -> Self {
+        Self { window: Instant::now(), logged: 0, suppressed: 0 }
+    }
+
+    /// Starts a new one-second window once the current one is over, after summing it up.
+    pub fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.window) < Duration::from_secs(1) {
+            return;
+        }
+        if self.suppressed > 0 {
+            tracing::info!(
+                target: "ztrust::flows",
+                suppressed = self.suppressed,
+                "{} more denied flows not logged (at most {DROP_LOG_PER_SECOND} lines per second); \
+                 `ztrust-agent flows --denied` and ztrust_drops_total have them all",
+                self.suppressed
+            );
+        }
+        *self = Self { window: now, logged: 0, suppressed: 0 };
+    }
+
+    /// Whether this drop gets its line.
+    pub fn admit(&mut self) -> bool {
+        if self.logged < DROP_LOG_PER_SECOND {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}
+
 /// A one-line, human-readable rendering: `time verdict src -> dst proto/port reason [policies]`.
 pub fn render_line(f: &Flow) -> String {
     let port = f.destination.port.map(|p| format!(":{p}")).unwrap_or_default();
@@ -315,5 +370,19 @@ mod tests {
         assert_eq!(flow.policies.len(), 2);
         let line = render_line(&flow);
         assert!(line.contains("payments/frontend -> payments/database:5432 TCP policy-denied"), "{line}");
+    }
+
+    #[test]
+    fn drop_lines_are_limited_per_second_and_the_rest_summed_up() {
+        let start = Instant::now();
+        let mut log = DropLog { window: start, logged: 0, suppressed: 0 };
+        let admitted = (0..1_000).filter(|_| log.admit()).count();
+        assert_eq!(admitted, DROP_LOG_PER_SECOND as usize);
+        assert_eq!(log.suppressed, 1_000 - u64::from(DROP_LOG_PER_SECOND));
+        log.roll(start + Duration::from_millis(999));
+        assert!(!log.admit(), "still the same second");
+        log.roll(start + Duration::from_secs(1));
+        assert_eq!((log.logged, log.suppressed), (0, 0));
+        assert!(log.admit(), "a new second, new lines");
     }
 }
