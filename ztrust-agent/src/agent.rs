@@ -552,4 +552,3 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwL
         sink.record();
     }
 }
-
