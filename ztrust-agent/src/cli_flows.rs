@@ -270,7 +270,7 @@ fn cells(f: &Flow) -> [String; 7] {
         src,
         dst,
         format!("{}{flags}", f.protocol),
-        f.reason.clone(),
+        f.reason.to_string(),
         why,
     ]
 }

@@ -23,7 +23,7 @@ use crate::flows::Flow;
 use crate::metrics::Metrics;
 use crate::observer::convert;
 use crate::observer::filters::labels::Selector;
-use crate::observer::hub::{Hub, Item};
+use crate::observer::hub::{Hub, Item, Observed};
 use crate::observer::proto::{Alert, AlertKind};
 
 /// Recent drops remembered per source (the sliding window holds at most this many).
@@ -67,7 +67,8 @@ type Dest = (IpAddr, u16);
 struct Source {
     events: VecDeque<(SystemTime, Dest)>,
     distinct: HashMap<Dest, u32>,
-    evidence: VecDeque<Flow>,
+    /// Shared with the hub's ring: keeping a flow as evidence copies nothing.
+    evidence: VecDeque<Arc<Observed>>,
     last_scan_alert: Option<SystemTime>,
     last_sensitive_alert: Option<SystemTime>,
     last_seen: Option<SystemTime>,
@@ -98,7 +99,7 @@ pub struct Detector {
 }
 
 fn counts(f: &Flow) -> bool {
-    f.is_drop() && matches!(f.reason.as_str(), "policy-denied" | "no-conntrack-entry")
+    f.is_drop() && matches!(&*f.reason, "policy-denied" | "no-conntrack-entry")
 }
 
 fn within(last: Option<SystemTime>, now: SystemTime, window: Duration) -> bool {
@@ -113,6 +114,15 @@ impl Detector {
 
     /// Looks at one flow (at `time`); returns the alerts it completes (usually none).
     pub fn observe(&mut self, flow: &Flow, time: SystemTime) -> Vec<Alert> {
+        if !counts(flow) {
+            return Vec::new();
+        }
+        self.observe_shared(&Arc::new(Observed { seq: 0, time, flow: flow.clone() }))
+    }
+
+    /// [`Self::observe`] for a flow as the hub keeps it.
+    pub fn observe_shared(&mut self, observed: &Arc<Observed>) -> Vec<Alert> {
+        let (flow, time) = (&observed.flow, observed.time);
         if !counts(flow) {
             return Vec::new();
         }
@@ -133,7 +143,7 @@ impl Detector {
         src.events.push_back((time, dest));
         *src.distinct.entry(dest).or_default() += 1;
         src.expire(time.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH));
-        src.evidence.push_back(flow.clone());
+        src.evidence.push_back(observed.clone());
         while src.evidence.len() > max_evidence.max(1) {
             src.evidence.pop_front();
         }
@@ -148,7 +158,7 @@ impl Detector {
             distinct_destinations: src.distinct.len() as u32,
             denied_flows: src.events.len() as u64,
             window_start: src.events.front().map(|(t, _)| convert::timestamp(*t)),
-            evidence: src.evidence.iter().map(|f| convert::flow_to_proto(f, convert::flow_time(f))).collect(),
+            evidence: src.evidence.iter().map(|o| convert::flow_to_proto(&o.flow, o.time)).collect(),
         };
         if src.distinct.len() >= self.opts.scan_threshold && !within(src.last_scan_alert, time, window) {
             src.last_scan_alert = Some(time);
@@ -192,14 +202,16 @@ pub fn kind_name(kind: AlertKind) -> &'static str {
 
 /// Follows the hub's flows and publishes alerts until the hub goes away.
 pub async fn run(hub: Arc<Hub>, mut detector: Detector, metrics: Option<Arc<Metrics>>) {
-    let Some(mut sub) = hub.flows.subscribe(true).subscription else { return };
+    let Some(mut sub) = hub.flows.subscribe(true).subscription else {
+        return;
+    };
     while let Some(item) = sub.next().await {
         match item {
             Item::Lost(source, n) => {
                 debug!(lost = n, source = source.as_str_name(), "detector did not see some flows");
             }
             Item::Value(o) => {
-                for alert in detector.observe(&o.flow, o.time) {
+                for alert in detector.observe_shared(&o) {
                     let kind = kind_name(alert.kind());
                     warn!(target: "ztrust::alerts", kind, source = %alert.source, "{}", alert.summary);
                     if let Some(m) = &metrics {

@@ -1,9 +1,10 @@
 //! Flow records: kernel events decoded and enriched with what the agent knows (pods, labels, the
 //! policies that isolate an endpoint, the rule that allowed a connection).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use ztrust_common::{FlowEvent, dir, event_flags, proto, reason, verdict};
@@ -42,19 +43,23 @@ pub struct AllowedBy {
     pub rule: usize,
 }
 
+/// A name from a small fixed set (verdict, direction, reason, protocol): borrowed from the constants
+/// for flows the agent makes (no allocation per flow), owned for flows read back from elsewhere.
+pub type Name = Cow<'static, str>;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
     /// RFC 3339, UTC.
     pub time: String,
     pub node: String,
     /// `forwarded`, `dropped` or `would-drop`.
-    pub verdict: String,
+    pub verdict: Name,
     /// Relative to `endpoint`: `ingress` (towards it) or `egress` (from it).
-    pub direction: String,
-    pub reason: String,
+    pub direction: Name,
+    pub reason: Name,
     /// The pod whose hook judged the packet.
     pub endpoint: String,
-    pub protocol: String,
+    pub protocol: Name,
     pub source: Endpoint,
     pub destination: Endpoint,
     #[serde(skip_serializing_if = "String::is_empty", default)]
@@ -107,21 +112,28 @@ pub fn direction_name(d: u8) -> &'static str {
     if d == dir::INGRESS { "ingress" } else { "egress" }
 }
 
-pub fn protocol_name(p: u8) -> String {
+pub fn protocol_name(p: u8) -> Name {
     match p {
         proto::TCP => "TCP".into(),
         proto::UDP => "UDP".into(),
         proto::SCTP => "SCTP".into(),
         proto::ICMP => "ICMP".into(),
         proto::ICMPV6 => "ICMPv6".into(),
-        other => format!("IP/{other}"),
+        other => format!("IP/{other}").into(),
     }
 }
 
 fn tcp_flags_string(f: u8) -> String {
     const NAMES: [(u8, &str); 6] =
         [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
-    NAMES.iter().filter(|(b, _)| f & b != 0).map(|(_, n)| *n).collect::<Vec<_>>().join("|")
+    let mut out = String::new();
+    for (_, name) in NAMES.iter().filter(|(b, _)| f & b != 0) {
+        if !out.is_empty() {
+            out.push('|');
+        }
+        out.push_str(name);
+    }
+    out
 }
 
 fn addr(bytes: [u8; 16], family: u8) -> IpAddr {
@@ -157,12 +169,28 @@ pub struct View {
 
 /// CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads) → wall clock.
 pub fn monotonic_to_system(ts_ns: u64) -> SystemTime {
-    let now_mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
-        .unwrap_or_default();
-    let now = SystemTime::now();
-    let age = now_mono.saturating_sub(Duration::from_nanos(ts_ns));
-    now - age
+    Clock::now().system_time(ts_ns)
+}
+
+/// The two clocks read once, to convert the kernel timestamps of a batch of events: an event's age is
+/// the monotonic now minus its timestamp, and its wall-clock time the wall-clock now minus that age.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock {
+    mono: Duration,
+    wall: SystemTime,
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
+            .unwrap_or_default();
+        Self { mono, wall: SystemTime::now() }
+    }
+
+    pub fn system_time(&self, ts_ns: u64) -> SystemTime {
+        self.wall - self.mono.saturating_sub(Duration::from_nanos(ts_ns))
+    }
 }
 
 impl View {
@@ -179,6 +207,11 @@ impl View {
     }
 
     pub fn enrich(&self, ev: &FlowEvent) -> Flow {
+        self.enrich_at(ev, monotonic_to_system(ev.ts_ns))
+    }
+
+    /// [`Self::enrich`] with the event's wall-clock time already known (see [`Clock`]).
+    pub fn enrich_at(&self, ev: &FlowEvent, time: SystemTime) -> Flow {
         let has_ports = matches!(ev.protocol, proto::TCP | proto::UDP | proto::SCTP);
         let src_ip = addr(ev.saddr, ev.family);
         let dst_ip = addr(ev.daddr, ev.family);
@@ -194,11 +227,11 @@ impl View {
             _ => Vec::new(),
         };
         Flow {
-            time: humantime::format_rfc3339_millis(monotonic_to_system(ev.ts_ns)).to_string(),
+            time: humantime::format_rfc3339_millis(time).to_string(),
             node: self.node.clone(),
-            verdict: verdict_name(ev.verdict).into(),
-            direction: direction_name(ev.direction).into(),
-            reason: reason_name(ev.reason).into(),
+            verdict: Cow::Borrowed(verdict_name(ev.verdict)),
+            direction: Cow::Borrowed(direction_name(ev.direction)),
+            reason: Cow::Borrowed(reason_name(ev.reason)),
             endpoint: ep.map_or_else(|| format!("ifindex/{}", ev.ifindex), |e| e.pod.to_string()),
             protocol: protocol_name(ev.protocol),
             source: self.endpoint(src_ip, has_ports.then_some(ev.sport), src_id),
@@ -208,6 +241,61 @@ impl View {
             allowed_by: if ev.verdict == verdict::FORWARDED { self.rules.get(&ev.rule_id).cloned() } else { None },
             new_connection: ev.flags & event_flags::NEW_FLOW != 0,
             bytes: ev.pkt_len,
+        }
+    }
+}
+
+/// Drop lines per second in the log. A line per drop costs more than everything else the pipeline
+/// does for a flow (formatting, the write to stderr); at tens of thousands of drops per second it is
+/// also unreadable. Beyond this many in a second, drops are counted and one summary line says how
+/// many were not logged; every flow still reaches the flow API, the flow log and the metrics.
+pub const DROP_LOG_PER_SECOND: u32 = 20;
+
+/// Which drops get a log line: at most [`DROP_LOG_PER_SECOND`] per one-second window, and a summary of
+/// the others when the window ends.
+#[derive(Debug)]
+pub struct DropLog {
+    window: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for DropLog {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DropLog {
+    pub fn new() -> Self {
+        Self { window: Instant::now(), logged: 0, suppressed: 0 }
+    }
+
+    /// Starts a new one-second window once the current one is over, after summing it up.
+    pub fn roll(&mut self, now: Instant) {
+        if now.duration_since(self.window) < Duration::from_secs(1) {
+            return;
+        }
+        if self.suppressed > 0 {
+            tracing::info!(
+                target: "ztrust::flows",
+                suppressed = self.suppressed,
+                "{} more denied flows not logged (at most {DROP_LOG_PER_SECOND} lines per second); \
+                 `ztrust-agent flows --denied` and ztrust_drops_total have them all",
+                self.suppressed
+            );
+        }
+        *self = Self { window: now, logged: 0, suppressed: 0 };
+    }
+
+    /// Whether this drop gets its line.
+    pub fn admit(&mut self) -> bool {
+        if self.logged < DROP_LOG_PER_SECOND {
+            self.logged += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
         }
     }
 }
@@ -224,7 +312,7 @@ pub fn render_line(f: &Flow) -> String {
     } else {
         match &f.allowed_by {
             Some(a) => format!("{} ({} {} rule {})", f.reason, a.policy, a.direction, a.rule),
-            None => f.reason.clone(),
+            None => f.reason.to_string(),
         }
     };
     format!(
@@ -282,5 +370,19 @@ mod tests {
         assert_eq!(flow.policies.len(), 2);
         let line = render_line(&flow);
         assert!(line.contains("payments/frontend -> payments/database:5432 TCP policy-denied"), "{line}");
+    }
+
+    #[test]
+    fn drop_lines_are_limited_per_second_and_the_rest_summed_up() {
+        let start = Instant::now();
+        let mut log = DropLog { window: start, logged: 0, suppressed: 0 };
+        let admitted = (0..1_000).filter(|_| log.admit()).count();
+        assert_eq!(admitted, DROP_LOG_PER_SECOND as usize);
+        assert_eq!(log.suppressed, 1_000 - u64::from(DROP_LOG_PER_SECOND));
+        log.roll(start + Duration::from_millis(999));
+        assert!(!log.admit(), "still the same second");
+        log.roll(start + Duration::from_secs(1));
+        assert_eq!((log.logged, log.suppressed), (0, 0));
+        assert!(log.admit(), "a new second, new lines");
     }
 }

@@ -20,7 +20,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
     Flow {
         time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
         node: "lab".into(),
-        verdict: verdict.into(),
+        verdict: verdict.to_owned().into(),
         direction: "ingress".into(),
         reason: if verdict == "forwarded" { "allowed-by-policy" } else { "policy-denied" }.into(),
         endpoint: "payments/database".into(),

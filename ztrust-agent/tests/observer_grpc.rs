@@ -27,7 +27,7 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
     Flow {
         time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
         node: "lab".into(),
-        verdict: verdict.into(),
+        verdict: verdict.to_owned().into(),
         direction: "ingress".into(),
         reason: if verdict == "forwarded" { "allowed-by-policy" } else { "policy-denied" }.into(),
         endpoint: "payments/database".into(),

@@ -111,6 +111,12 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     };
     let manifests = g.dir.join("manifests");
     std::fs::create_dir_all(&manifests)?;
+    // One object, so that the source has a snapshot to deliver: the agent syncs (and says "in sync")
+    // only after its source's first whole snapshot, and a directory source with no file has none.
+    std::fs::write(
+        manifests.join("namespace.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: bench\n  labels:\n    kubernetes.io/metadata.name: bench\n",
+    )?;
     let socket = g.dir.join("agent.sock");
     let log = g.dir.join("agent.log");
     sh(&["ip", "netns", "add", &g.netns]);

@@ -18,6 +18,13 @@ pub fn verdict_str(v: Verdict) -> &'static str {
 }
 
 pub fn verdict_from_str(s: &str) -> Verdict {
+    // The agent's own names first, without allocating (this runs for every flow sent).
+    match s {
+        "forwarded" => return Verdict::Forwarded,
+        "dropped" => return Verdict::Dropped,
+        "would-drop" => return Verdict::WouldDrop,
+        _ => {}
+    }
     match s.to_ascii_lowercase().replace('_', "-").as_str() {
         "forwarded" => Verdict::Forwarded,
         "dropped" => Verdict::Dropped,
@@ -35,6 +42,11 @@ pub fn direction_str(d: TrafficDirection) -> &'static str {
 }
 
 pub fn direction_from_str(s: &str) -> TrafficDirection {
+    match s {
+        "ingress" => return TrafficDirection::Ingress,
+        "egress" => return TrafficDirection::Egress,
+        _ => {}
+    }
     match s.to_ascii_lowercase().as_str() {
         "ingress" => TrafficDirection::Ingress,
         "egress" => TrafficDirection::Egress,
@@ -48,10 +60,16 @@ pub fn reason_str(r: Reason) -> &'static str {
 }
 
 pub fn reason_from_str(s: &str) -> Reason {
-    (1..=u8::MAX)
-        .find(|n| flows::reason_name(*n) == s)
-        .and_then(|n| Reason::try_from(i32::from(n)).ok())
-        .unwrap_or(Reason::Unknown)
+    // Built once from `flows::reason_name` (this runs for every flow sent).
+    static BY_NAME: std::sync::OnceLock<std::collections::HashMap<&'static str, Reason>> =
+        std::sync::OnceLock::new();
+    let by_name = BY_NAME.get_or_init(|| {
+        (1..=u8::MAX)
+            .filter_map(|n| Some((flows::reason_name(n), Reason::try_from(i32::from(n)).ok()?)))
+            .filter(|(name, _)| *name != "unknown")
+            .collect()
+    });
+    by_name.get(s).copied().unwrap_or(Reason::Unknown)
 }
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -105,7 +123,7 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
         traffic_direction: direction_from_str(&f.direction) as i32,
         reason: reason_from_str(&f.reason) as i32,
         endpoint: f.endpoint.clone(),
-        protocol: f.protocol.clone(),
+        protocol: f.protocol.to_string(),
         source: Some(endpoint_to_proto(&f.source)),
         destination: Some(endpoint_to_proto(&f.destination)),
         tcp_flags: f.tcp_flags.clone(),
@@ -130,7 +148,7 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         direction: direction_str(p.traffic_direction()).into(),
         reason: reason_str(p.reason()).into(),
         endpoint: p.endpoint.clone(),
-        protocol: p.protocol.clone(),
+        protocol: p.protocol.clone().into(),
         source: endpoint_from_proto(p.source.as_ref().unwrap_or(&proto::Endpoint::default()), has_ports),
         destination: endpoint_from_proto(
             p.destination.as_ref().unwrap_or(&proto::Endpoint::default()),

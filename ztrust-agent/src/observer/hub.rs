@@ -1,24 +1,25 @@
 //! The observer hub: the last N flows in memory, and fan-out of new flows (and alerts) to subscribers.
 //!
-//! Publishing is called for every flow by the task that reads the kernel ring buffer, so it must never
-//! wait: it takes one short mutex, pushes into the ring (overwriting the oldest flow when full, as
-//! Hubble's ring does) and `try_send`s an `Arc` into each subscriber's bounded queue. A subscriber whose
-//! queue is full loses that flow; the loss is counted per subscriber and handed to it as a
-//! `LostEvents { SLOW_CLIENT }` record the next time it reads, so neither the publisher nor any other
-//! client is slowed down by one slow reader.
+//! Publishing is called by the task that reads the kernel ring buffer, once per batch of flows (all the
+//! events one wake-up found), so it must never wait and must cost little per flow: it takes the ring's
+//! mutex once, pushes the batch into the ring (overwriting the oldest flows when full, as Hubble's ring
+//! does), and appends the batch to each subscriber's bounded queue under that queue's lock, with one
+//! wake-up per subscriber and batch. A subscriber whose queue is full loses what does not fit; the loss
+//! is counted per subscriber and handed to it as a `LostEvents { SLOW_CLIENT }` record the next time it
+//! reads, so neither the publisher nor any other client is slowed down by one slow reader.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Instant, SystemTime};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::flows::Flow;
 use crate::observer::convert;
 use crate::observer::proto::{Alert, LostEventSource};
 
-/// A flow as the hub keeps it: the record, its time parsed once, and its sequence number.
+/// A flow as the hub keeps it: the record, its time, and its sequence number.
 #[derive(Debug)]
 pub struct Observed {
     pub seq: u64,
@@ -33,14 +34,28 @@ pub enum Item<T> {
     Lost(LostEventSource, u64),
 }
 
-struct Subscriber<T> {
-    tx: mpsc::Sender<Item<T>>,
-    lost: Arc<AtomicU64>,
+/// One subscriber's bounded queue. `pending` counts the values published to it and not yet returned by
+/// [`Subscription::next`] (also those already moved to the subscriber's side), so the bound holds
+/// however the subscriber takes them.
+struct Queue<T> {
+    items: Mutex<VecDeque<Item<T>>>,
+    pending: AtomicUsize,
+    notify: Notify,
+    lost: AtomicU64,
+    /// The hub is gone: nothing more will come.
+    closed: AtomicBool,
+}
+
+impl<T> Queue<T> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Item<T>>> {
+        self.items.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 struct State<T> {
     ring: VecDeque<Arc<T>>,
-    subscribers: Vec<Subscriber<T>>,
+    /// Weak: a dropped [`Subscription`] is forgotten at the next publish.
+    subscribers: Vec<Weak<Queue<T>>>,
 }
 
 /// A ring of the last `capacity` values and a set of subscribers with bounded queues.
@@ -53,30 +68,45 @@ pub struct Fanout<T> {
     lost_slow: AtomicU64,
 }
 
-/// A subscriber's end. Dropping it unsubscribes (the publisher forgets it at the next publish).
+/// A subscriber's end. Dropping it unsubscribes. It takes everything queued at once and hands it out
+/// one by one, so a fast reader locks the queue once per batch, not once per value.
 pub struct Subscription<T> {
-    rx: mpsc::Receiver<Item<T>>,
-    lost: Arc<AtomicU64>,
+    queue: Arc<Queue<T>>,
+    taken: VecDeque<Item<T>>,
 }
 
 impl<T> Subscription<T> {
     /// The next value, or the number of values this subscriber lost since it last read, as soon as it
     /// is known. `None` when the hub is gone.
     pub async fn next(&mut self) -> Option<Item<T>> {
-        let lost = self.lost.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            return Some(Item::Lost(LostEventSource::SlowClient, lost));
+        loop {
+            if let Some(item) = self.try_next() {
+                return Some(item);
+            }
+            if self.queue.closed.load(Ordering::Acquire) {
+                // Whatever was published before the hub went away has been taken above.
+                return self.try_next();
+            }
+            // `notify_one` stores a permit when nobody waits: a batch published between the check
+            // above and this await is not missed.
+            self.queue.notify.notified().await;
         }
-        self.rx.recv().await
     }
 
     /// Non-blocking [`Self::next`], for tests and draining.
     pub fn try_next(&mut self) -> Option<Item<T>> {
-        let lost = self.lost.swap(0, Ordering::Relaxed);
+        let lost = self.queue.lost.swap(0, Ordering::Relaxed);
         if lost > 0 {
             return Some(Item::Lost(LostEventSource::SlowClient, lost));
         }
-        self.rx.try_recv().ok()
+        if self.taken.is_empty() {
+            std::mem::swap(&mut self.taken, &mut *self.queue.lock());
+        }
+        let item = self.taken.pop_front()?;
+        if matches!(item, Item::Value(_)) {
+            self.queue.pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(item)
     }
 }
 
@@ -110,33 +140,61 @@ impl<T: Send + Sync + 'static> Fanout<T> {
     }
 
     pub fn publish(&self, value: Arc<T>) {
-        let mut st = self.lock();
-        if st.ring.len() >= self.capacity {
-            st.ring.pop_front();
-            self.overwritten.fetch_add(1, Ordering::Relaxed);
-        }
-        st.ring.push_back(value.clone());
-        self.published.fetch_add(1, Ordering::Relaxed);
-        self.fan_out(&mut st, true, || Item::Value(value.clone()));
+        self.publish_batch(std::slice::from_ref(&value));
     }
 
-    /// Tells every subscriber that `n` values were lost before reaching the hub.
+    /// Keeps and fans out `values`, oldest first: one lock of the ring and, per subscriber, one lock
+    /// of its queue and one wake-up. A subscriber with room for only some of them gets the oldest.
+    pub fn publish_batch(&self, values: &[Arc<T>]) {
+        if values.is_empty() {
+            return;
+        }
+        let mut st = self.lock();
+        for value in values {
+            if st.ring.len() >= self.capacity {
+                st.ring.pop_front();
+                self.overwritten.fetch_add(1, Ordering::Relaxed);
+            }
+            st.ring.push_back(value.clone());
+        }
+        self.published.fetch_add(values.len() as u64, Ordering::Relaxed);
+        st.subscribers.retain(|s| {
+            let Some(q) = s.upgrade() else { return false };
+            let room = self.queue.saturating_sub(q.pending.load(Ordering::Relaxed));
+            let fit = room.min(values.len());
+            if fit > 0 {
+                q.pending.fetch_add(fit, Ordering::Relaxed);
+                q.lock().extend(values[..fit].iter().map(|v| Item::Value(v.clone())));
+                q.notify.notify_one();
+            }
+            let lost = (values.len() - fit) as u64;
+            if lost > 0 {
+                q.lost.fetch_add(lost, Ordering::Relaxed);
+                self.lost_slow.fetch_add(lost, Ordering::Relaxed);
+                // A subscriber with an empty queue learns of the loss now rather than at the next value.
+                q.notify.notify_one();
+            }
+            true
+        });
+    }
+
+    /// Tells every subscriber that `n` values were lost before reaching the hub. The record is queued
+    /// even when a subscriber's queue is full of values, so a slow subscriber still hears of it; while
+    /// its queue is full, further reports of the same source add up in its last record (a subscriber
+    /// that stopped reading does not collect a record per report).
     pub fn publish_lost(&self, source: LostEventSource, n: u64) {
         let mut st = self.lock();
-        // A subscriber too slow to take this record misses it; it is not counted as a lost value.
-        self.fan_out(&mut st, false, || Item::Lost(source, n));
-    }
-
-    fn fan_out(&self, st: &mut State<T>, count_loss: bool, item: impl Fn() -> Item<T>) {
-        st.subscribers.retain(|s| match s.tx.try_send(item()) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) if !count_loss => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                s.lost.fetch_add(1, Ordering::Relaxed);
-                self.lost_slow.fetch_add(1, Ordering::Relaxed);
-                true
+        st.subscribers.retain(|s| {
+            let Some(q) = s.upgrade() else { return false };
+            let full = q.pending.load(Ordering::Relaxed) >= self.queue;
+            let mut items = q.lock();
+            match items.back_mut() {
+                Some(Item::Lost(last, total)) if full && *last == source => *total += n,
+                _ => items.push_back(Item::Lost(source, n)),
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            drop(items);
+            q.notify.notify_one();
+            true
         });
     }
 
@@ -145,10 +203,15 @@ impl<T: Send + Sync + 'static> Fanout<T> {
     pub fn subscribe(&self, follow: bool) -> Snapshot<T> {
         let mut st = self.lock();
         let subscription = follow.then(|| {
-            let (tx, rx) = mpsc::channel(self.queue);
-            let lost = Arc::new(AtomicU64::new(0));
-            st.subscribers.push(Subscriber { tx, lost: lost.clone() });
-            Subscription { rx, lost }
+            let queue = Arc::new(Queue {
+                items: Mutex::new(VecDeque::new()),
+                pending: AtomicUsize::new(0),
+                notify: Notify::new(),
+                lost: AtomicU64::new(0),
+                closed: AtomicBool::new(false),
+            });
+            st.subscribers.push(Arc::downgrade(&queue));
+            Subscription { queue, taken: VecDeque::new() }
         });
         Snapshot {
             kept: st.ring.iter().cloned().collect(),
@@ -184,8 +247,18 @@ impl<T: Send + Sync + 'static> Fanout<T> {
 
     pub fn subscribers(&self) -> usize {
         let mut st = self.lock();
-        st.subscribers.retain(|s| !s.tx.is_closed());
+        st.subscribers.retain(|s| s.strong_count() > 0);
         st.subscribers.len()
+    }
+}
+
+impl<T> Drop for Fanout<T> {
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        for q in st.subscribers.iter().filter_map(Weak::upgrade) {
+            q.closed.store(true, Ordering::Release);
+            q.notify.notify_one();
+        }
     }
 }
 
@@ -255,8 +328,22 @@ impl Hub {
     }
 
     pub fn publish_at(&self, flow: Flow, time: SystemTime) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
-        self.flows.publish(Arc::new(Observed { seq, time, flow }));
+        self.publish_batch(std::iter::once((flow, time)), &mut Vec::with_capacity(1));
+    }
+
+    /// Keeps and fans out flows, oldest first, each with its time (the time its `time` field says,
+    /// unrounded). `scratch` is the caller's buffer, reused from batch to batch (left empty).
+    pub fn publish_batch(
+        &self,
+        flows: impl ExactSizeIterator<Item = (Flow, SystemTime)>,
+        scratch: &mut Vec<Arc<Observed>>,
+    ) {
+        let n = flows.len() as u64;
+        let first = self.seq.fetch_add(n, Ordering::Relaxed) + 1;
+        scratch.clear();
+        scratch.extend(flows.zip(first..).map(|((flow, time), seq)| Arc::new(Observed { seq, time, flow })));
+        self.flows.publish_batch(scratch);
+        scratch.clear();
     }
 
     pub fn publish_alert(&self, alert: Alert) {
@@ -361,6 +448,64 @@ mod tests {
         // After catching up it gets new values again.
         f.publish(Arc::new(10));
         assert!(matches!(slow.try_next(), Some(Item::Value(v)) if *v == 10));
+    }
+
+    #[test]
+    fn a_batch_goes_out_whole_or_its_oldest_part_and_the_rest_is_counted() {
+        let f = Fanout::new(100, 5);
+        let mut sub = f.subscribe(true).subscription.unwrap();
+        let batch: Vec<_> = (0..3u32).map(Arc::new).collect();
+        f.publish_batch(&batch);
+        // Two taken, one still pending: room for 5 - 1 = 4 of the next 6.
+        assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 0));
+        assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 1));
+        let batch: Vec<_> = (3..9u32).map(Arc::new).collect();
+        f.publish_batch(&batch);
+        let mut got = Vec::new();
+        while let Some(item) = sub.try_next() {
+            got.push(match item {
+                Item::Value(v) => format!("{v}"),
+                Item::Lost(src, n) => format!("lost {} {n}", src.as_str_name()),
+            });
+        }
+        assert_eq!(got, ["lost SLOW_CLIENT 2", "2", "3", "4", "5", "6"]);
+        assert_eq!((f.published(), f.lost_slow()), (9, 2));
+        assert_eq!(values(&f.subscribe(false)), (0..9).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_follower_is_woken_per_batch_and_ends_with_the_hub() {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let f = Arc::new(Fanout::new(10, 100));
+            let mut sub = f.subscribe(true).subscription.unwrap();
+            let publisher = f.clone();
+            let task = tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                publisher.publish_batch(&[Arc::new(1u32), Arc::new(2)]);
+            });
+            assert!(matches!(sub.next().await, Some(Item::Value(v)) if *v == 1));
+            assert!(matches!(sub.next().await, Some(Item::Value(v)) if *v == 2));
+            task.await.unwrap();
+            f.publish_lost(LostEventSource::KernelRingBuffer, 3);
+            drop(f);
+            assert!(matches!(sub.next().await, Some(Item::Lost(LostEventSource::KernelRingBuffer, 3))));
+            assert!(sub.next().await.is_none(), "the hub is gone");
+        });
+    }
+
+    #[test]
+    fn loss_reports_reach_a_full_queue_and_add_up_there() {
+        let f = Fanout::new(10, 2);
+        let mut sub = f.subscribe(true).subscription.unwrap();
+        f.publish_batch(&[Arc::new(1u32), Arc::new(2)]);
+        for _ in 0..3 {
+            f.publish_lost(LostEventSource::KernelRingBuffer, 4);
+        }
+        assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 1));
+        assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 2));
+        assert!(matches!(sub.try_next(), Some(Item::Lost(LostEventSource::KernelRingBuffer, 12))));
+        assert!(sub.try_next().is_none());
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The gRPC service `ztrust.observer.v1.Observer` over a unix socket (always) and TCP with mutual TLS
 //! (optional).
 //!
-//! Each `GetFlows` stream is one task between a hub subscription and tonic's response channel. When
-//! the client reads slowly, the response channel fills, the task stops draining its subscription, the
-//! subscription's bounded queue overflows, and the hub counts the loss for this client only (reported
-//! as `LostEvents { SLOW_CLIENT }`). Malformed bytes or half-open connections stay inside their own
+//! Each `GetFlows` stream is a stream over a hub subscription, polled by tonic on the connection's
+//! task (no task or channel of its own per stream). When the client reads slowly, HTTP/2 flow control
+//! stops the polling, the subscription's bounded queue overflows, and the hub counts the loss for this
+//! client only (reported as `LostEvents { SLOW_CLIENT }`). Malformed bytes or half-open connections stay inside their own
 //! h2 connection task; HTTP/2 keepalive pings reap peers that stopped answering.
 
 use std::net::SocketAddr;
@@ -24,7 +24,7 @@ use tracing::{debug, info};
 
 use crate::observer::convert;
 use crate::observer::filters::FlowFilters;
-use crate::observer::hub::{Hub, Item, Observed};
+use crate::observer::hub::{Hub, Item, Observed, Subscription};
 use crate::observer::proto::observer_server::{Observer, ObserverServer};
 use crate::observer::proto::{
     GetAlertsRequest, GetAlertsResponse, GetFlowsRequest, GetFlowsResponse, LostEventSource, LostEvents,
@@ -131,6 +131,56 @@ fn select_kept(
     (out, lost_in_ring)
 }
 
+/// One `GetFlows` stream: the kept flows it asked for, then (with `follow`) the new ones.
+struct FlowStream {
+    node: String,
+    filters: FlowFilters,
+    since: Option<SystemTime>,
+    until: Option<SystemTime>,
+    lost_in_ring: u64,
+    kept: std::vec::IntoIter<Arc<Observed>>,
+    subscription: Option<Subscription<Observed>>,
+}
+
+impl FlowStream {
+    fn response(&self, r: get_flows_response::ResponseTypes) -> GetFlowsResponse {
+        GetFlowsResponse {
+            response_types: Some(r),
+            node_name: self.node.clone(),
+            time: Some(convert::timestamp(SystemTime::now())),
+        }
+    }
+
+    fn flow(&self, o: &Observed) -> GetFlowsResponse {
+        self.response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(&o.flow, o.time)))
+    }
+
+    /// The next message; `None` at the end of the history without `follow`, at `until`, or when the
+    /// hub is gone.
+    async fn next(&mut self) -> Option<GetFlowsResponse> {
+        if self.lost_in_ring > 0 {
+            let n = std::mem::take(&mut self.lost_in_ring);
+            return Some(self.response(lost(LostEventSource::AgentRing, n)));
+        }
+        if let Some(o) = self.kept.next() {
+            return Some(self.flow(&o));
+        }
+        loop {
+            match self.subscription.as_mut()?.next().await? {
+                Item::Lost(source, n) => return Some(self.response(lost(source, n))),
+                Item::Value(o) => {
+                    if self.until.is_some_and(|u| o.time >= u) {
+                        return None;
+                    }
+                    if self.since.is_none_or(|s| o.time >= s) && self.filters.matches(&o.flow) {
+                        return Some(self.flow(&o));
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl Observer for ObserverService {
     type GetFlowsStream = BoxStream<GetFlowsResponse>;
@@ -149,57 +199,22 @@ impl Observer for ObserverService {
         let snapshot = self.hub.flows.subscribe(follow);
         let (kept, lost_in_ring) =
             select_kept(&req, &filters, &snapshot.kept, snapshot.overwritten, since, until);
-        drop(snapshot.kept);
-        let mut subscription = snapshot.subscription;
-        let node = self.hub.node.clone();
-        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
-        tokio::spawn(async move {
-            let response = |r: get_flows_response::ResponseTypes| {
-                Ok(GetFlowsResponse {
-                    response_types: Some(r),
-                    node_name: node.clone(),
-                    time: Some(convert::timestamp(SystemTime::now())),
-                })
-            };
-            let flow = |o: &Observed| {
-                response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(&o.flow, o.time)))
-            };
-            if lost_in_ring > 0
-                && tx.send(response(lost(LostEventSource::AgentRing, lost_in_ring))).await.is_err()
-            {
-                return;
-            }
-            for o in &kept {
-                if tx.send(flow(o)).await.is_err() {
-                    return;
-                }
-            }
-            drop(kept);
-            let Some(sub) = subscription.as_mut() else { return };
-            loop {
-                let item = tokio::select! {
-                    item = sub.next() => item,
-                    () = tx.closed() => return,
-                };
-                let msg = match item {
-                    None => return,
-                    Some(Item::Lost(source, n)) => response(lost(source, n)),
-                    Some(Item::Value(o)) => {
-                        if until.is_some_and(|u| o.time >= u) {
-                            return;
-                        }
-                        if since.is_some_and(|s| o.time < s) || !filters.matches(&o.flow) {
-                            continue;
-                        }
-                        flow(&o)
-                    }
-                };
-                if tx.send(msg).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The history, then the followed flows. The stream is polled by the connection's task, so the
+        // conversion to protobuf happens there, not on the task that reads the kernel; when the client
+        // reads slowly, HTTP/2 flow control stops the polling and this client's hub queue overflows.
+        let stream = FlowStream {
+            node: self.hub.node.clone(),
+            filters,
+            since,
+            until,
+            lost_in_ring,
+            kept: kept.into_iter(),
+            subscription: snapshot.subscription,
+        };
+        Ok(Response::new(Box::pin(futures::stream::unfold(stream, |mut st| async move {
+            let msg = st.next().await?;
+            Some((Ok(msg), st))
+        }))))
     }
 
     async fn get_alerts(
