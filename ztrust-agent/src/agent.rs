@@ -82,7 +82,9 @@ pub struct Options {
 #[derive(Default)]
 struct DirSource {
     root: PathBuf,
-    fingerprint: Vec<(PathBuf, SystemTime, u64)>,
+    /// The files as of the last poll; `None` before the first (whose snapshot is reported even when
+    /// the directory is empty: an empty directory is an empty cluster, not "nothing yet").
+    fingerprint: Option<Vec<(PathBuf, SystemTime, u64)>>,
     files: BTreeMap<PathBuf, Loaded>,
     reported: BTreeSet<String>,
 }
@@ -114,10 +116,11 @@ impl DirSource {
     /// Re-reads changed files. Returns the merged state when anything changed.
     fn poll(&mut self) -> Option<Loaded> {
         let now = self.scan();
-        if now == self.fingerprint {
+        if self.fingerprint.as_ref() == Some(&now) {
             return None;
         }
-        let old: BTreeMap<_, _> = self.fingerprint.iter().map(|(p, t, l)| (p.clone(), (*t, *l))).collect();
+        let old: BTreeMap<_, _> =
+            self.fingerprint.iter().flatten().map(|(p, t, l)| (p.clone(), (*t, *l))).collect();
         self.files.retain(|p, _| now.iter().any(|(q, _, _)| q == p));
         for (path, mtime, len) in &now {
             if old.get(path) == Some(&(*mtime, *len)) {
@@ -140,7 +143,7 @@ impl DirSource {
             }
             self.files.insert(path.clone(), loaded);
         }
-        self.fingerprint = now;
+        self.fingerprint = Some(now);
         let mut merged = Loaded::default();
         for loaded in self.files.values() {
             dir::merge(&mut merged, loaded.clone());
@@ -637,6 +640,20 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwL
 mod tests {
     use super::*;
     use crate::model::Pod;
+
+    #[test]
+    fn an_empty_directory_is_an_empty_cluster_once() {
+        let dir = std::env::temp_dir().join(format!("ztrust-empty-dir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut source = DirSource::new(dir.clone());
+        let first = source.poll().expect("the first poll reports a snapshot, even of nothing");
+        assert!(first.cluster.pods.is_empty() && first.cluster.policies.is_empty() && first.errors.is_empty());
+        assert!(source.poll().is_none(), "nothing changed since");
+        std::fs::write(dir.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n").unwrap();
+        let second = source.poll().expect("a new file is a change");
+        assert!(second.cluster.namespaces.contains_key("a"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn pod(ns: &str, name: &str, host_network: bool, node: Option<&str>) -> Pod {
         Pod {
