@@ -1,6 +1,6 @@
 //! `ztrust-agent run`: source → engine → datapath sync, and the flow pipeline.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -193,13 +193,33 @@ impl Watched {
     }
 }
 
-fn build_view(node: &str, cluster: &Cluster, desired: &Desired, bindings: &BTreeMap<ObjectRef, u32>) -> View {
-    let mut view = View { node: node.to_owned(), ..Default::default() };
-    for pod in cluster.pods.values() {
-        for ip in &pod.ips {
-            view.pods_by_ip.insert(*ip, PodView { pod: pod.object_ref(), labels: pod.labels.clone() });
+/// Keeps the view's address → pod index current for the pods in `changed` (`addrs` remembers the
+/// addresses each pod had, to take them out when it changes or goes): a change costs what it touches.
+fn update_view_pods(
+    view: &mut View,
+    cluster: &Cluster,
+    changed: &BTreeSet<ObjectRef>,
+    addrs: &mut HashMap<ObjectRef, Vec<std::net::IpAddr>>,
+) {
+    for r in changed {
+        for ip in addrs.remove(r).unwrap_or_default() {
+            if view.pods_by_ip.get(&ip).is_some_and(|p| &p.pod == r) {
+                view.pods_by_ip.remove(&ip);
+            }
+        }
+        if let Some(pod) = cluster.pods.get(r) {
+            for ip in &pod.ips {
+                view.pods_by_ip.insert(*ip, PodView { pod: r.clone(), labels: pod.labels.clone() });
+            }
+            addrs.insert(r.clone(), pod.ips.clone());
         }
     }
+}
+
+/// The view's endpoints (this node's bound pods) and, when `rules` is set, its rule names, from the
+/// desired state.
+fn update_view_policy(view: &mut View, desired: &Desired, bindings: &BTreeMap<ObjectRef, u32>, rules: bool) {
+    view.endpoints.clear();
     for (pod, ifindex) in bindings {
         if let Some(ep) = desired.endpoints.get(pod) {
             view.endpoints.insert(
@@ -212,17 +232,20 @@ fn build_view(node: &str, cluster: &Cluster, desired: &Desired, bindings: &BTree
             );
         }
     }
-    for (id, rule) in &desired.rules {
-        view.rules.insert(
-            *id,
-            AllowedBy {
-                policy: rule.policy.to_string(),
-                direction: crate::flows::direction_name(rule.direction).into(),
-                rule: rule.index,
-            },
-        );
+    if rules {
+        view.rules = desired
+            .rules
+            .iter()
+            .map(|(id, rule)| {
+                let by = AllowedBy {
+                    policy: rule.policy.to_string(),
+                    direction: crate::flows::direction_name(rule.direction).into(),
+                    rule: rule.index,
+                };
+                (*id, by)
+            })
+            .collect();
     }
-    view
 }
 
 /// The `reason` of a hostNetwork pod in [`NotEnforced`] (metric label, observer status).
@@ -409,6 +432,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
     let mut unbound_reported: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut not_enforced = NotEnforced::default();
+    // The flow view: pod addresses as of the last change, rule names to rebuild when policies changed.
+    let mut view_addrs: HashMap<ObjectRef, Vec<std::net::IpAddr>> = HashMap::new();
+    let mut view_rules_stale = true;
     let mut dirty = true;
     // Adopt the links an earlier agent pinned (they keep enforcing until now).
     let pinned = dp.pinned_interfaces();
@@ -441,6 +467,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             let cluster = source.cluster();
             engine.update(cluster, &changes);
             pending.merge(engine.take_delta());
+            update_view_pods(&mut view.write().expect("view lock"), cluster, &changes.pods, &mut view_addrs);
+            view_rules_stale |= !changes.policies.is_empty();
             let desired = engine.desired();
             let audit = crate::datapath::sync::audit_namespaces(cluster);
             if audit != syncer.audit_namespaces {
@@ -568,7 +596,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
-            *view.write().expect("view lock") = build_view(&opts.node_name, source.cluster(), desired, &bindings);
+            update_view_policy(&mut view.write().expect("view lock"), desired, &bindings, view_rules_stale);
+            view_rules_stale = false;
         }
     }
     flows_task.abort();
@@ -640,6 +669,27 @@ async fn read_events(ring: aya::maps::RingBuf<aya::maps::MapData>, view: Arc<RwL
 mod tests {
     use super::*;
     use crate::model::Pod;
+
+    #[test]
+    fn view_follows_changed_pods_only() {
+        let mut view = View::default();
+        let mut addrs = HashMap::new();
+        let web = ObjectRef::new("shop", "web");
+        let mut c = cluster(vec![pod("shop", "web", false, None)]);
+        update_view_pods(&mut view, &c, &[web.clone()].into(), &mut addrs);
+        assert_eq!(view.pods_by_ip[&"10.0.0.5".parse().unwrap()].pod, web);
+        // A new address: the old one goes.
+        c.pods.get_mut(&web).unwrap().ips = vec!["10.0.0.6".parse().unwrap()];
+        update_view_pods(&mut view, &c, &[web.clone()].into(), &mut addrs);
+        assert!(!view.pods_by_ip.contains_key(&"10.0.0.5".parse().unwrap()));
+        assert_eq!(view.pods_by_ip[&"10.0.0.6".parse().unwrap()].pod, web);
+        // Unchanged pods are not looked at; a deleted one goes.
+        c.pods.clear();
+        update_view_pods(&mut view, &c, &BTreeSet::new(), &mut addrs);
+        assert_eq!(view.pods_by_ip.len(), 1);
+        update_view_pods(&mut view, &c, &[web.clone()].into(), &mut addrs);
+        assert!(view.pods_by_ip.is_empty() && addrs.is_empty());
+    }
 
     #[test]
     fn an_empty_directory_is_an_empty_cluster_once() {
