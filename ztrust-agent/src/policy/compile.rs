@@ -1309,9 +1309,8 @@ impl Engine {
         ps
     }
 
-    /// Compiles rule `key` of `p` (creating the peers it needs) into `st.compiled`; whether its entries
-    /// changed.
-    fn build_rule(&mut self, p: &NetworkPolicy, key: RuleKey) -> bool {
+    /// Compiles rule `key` of `p` (creating the peers it needs) into `st.compiled`.
+    fn build_rule(&mut self, p: &NetworkPolicy, key: RuleKey) {
         let (direction, index) = (key.1, key.2);
         let rule = if direction == dir::INGRESS {
             &p.ingress[index]
@@ -1431,9 +1430,7 @@ impl Engine {
             peers: peer_keys,
             warnings,
         };
-        let changed = self.st.compiled.get(&key) != Some(&cr);
         self.st.compiled.insert(key, cr);
-        changed
     }
 }
 
