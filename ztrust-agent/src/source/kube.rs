@@ -20,10 +20,13 @@
 //!   reads): the agent holds every pod of the cluster.
 //!
 //! From a polling loop (the agent's): `KubeSource::start(client, Some(node))` once, inside the runtime,
-//! then `try_snapshot()` each tick; `None` until all three kinds are listed and whenever nothing
-//! changed, so the pinned state of an earlier agent keeps enforcing until the first snapshot. From an
-//! event loop: `changed().await` (cancel-safe, so it can sit in a `tokio::select!`). Problems are
-//! logged here, once each; the caller need not log `Loaded::errors` again.
+//! then `poll_changes()` each tick: `None` until all three kinds are listed and whenever nothing
+//! changed (so the pinned state of an earlier agent keeps enforcing until the first snapshot), else the
+//! keys of the objects that changed, with `cluster()` the new state. Between re-lists only the objects
+//! the watch events name are converted again, so a change costs what it touches, not the size of the
+//! cluster. `try_snapshot()` and, from an event loop, `changed().await` (cancel-safe, so it can sit in a
+//! `tokio::select!`) return whole snapshots instead. Problems are logged here, once each; the caller
+//! need not log `Loaded::errors` again.
 //!
 //! Every API call the source makes is listed in [`API_CALLS`]; the deploy tests check that the
 //! ClusterRole in `deploy/base` grants exactly those (plus `get` on what is read).
