@@ -349,20 +349,19 @@ impl KubeSource {
     /// Brings `cluster` up to date with the stores; `None` if nothing changed (objects or problems).
     fn take_changes(&mut self) -> Option<(Changes, Vec<LoadError>)> {
         self.taken = Some(*self.generation.borrow());
-        let touched = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
-        let changes = if touched.relisted || self.last_errors.is_none() {
-            // A (re-)list replaced a store: compare everything.
-            let (loaded, problems, refs) = self.convert();
-            let mut cluster = loaded.cluster;
-            cluster.node_ips = self.node_ips.clone();
-            let changes = Changes::between(&self.cluster, &cluster);
-            self.cluster = cluster;
-            self.problems = problems;
-            self.policy_refs = refs;
-            changes
-        } else {
-            self.patch(&touched)
-        };
+        let mut touched = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
+        if touched.relisted || self.last_errors.is_none() {
+            // A (re-)list replaced a store: every object is looked at again, those now gone included.
+            touched.namespaces.extend(self.namespaces.state().iter().map(|ns| ns.metadata.name.clone().unwrap_or_default()));
+            touched.namespaces.extend(self.cluster.namespaces.keys().cloned());
+            touched.pods.extend(self.pods.state().iter().map(|pod| key_of(&pod.metadata)));
+            touched.pods.extend(self.cluster.pods.keys().cloned());
+            touched.policies.extend(self.policies.state().iter().map(|np| key_of(&np.metadata)));
+            touched.policies.extend(self.cluster.policies.keys().cloned());
+            self.problems.clear();
+            self.policy_refs.clear();
+        }
+        let changes = self.patch(&touched);
         let mut errors: Vec<LoadError> = self.problems.values().flatten().cloned().collect();
         // Stores are hash maps: order the problems so equal clusters compare equal.
         errors.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
@@ -377,7 +376,8 @@ impl KubeSource {
         Some((changes, errors))
     }
 
-    /// Converts again only the objects in `touched` (gone from the store: deleted).
+    /// Converts again the objects in `touched` (gone from the store: deleted) into `cluster`, with their
+    /// problems; the keys whose converted object changed.
     fn patch(&mut self, touched: &Touched) -> Changes {
         let mut changes = Changes::default();
         for name in &touched.namespaces {
@@ -415,50 +415,6 @@ impl KubeSource {
             }
         }
         changes
-    }
-
-    /// Converts the stores: the cluster, the problems of each object, the references of NetworkPolicies
-    /// with problems (for Events).
-    #[allow(clippy::type_complexity)]
-    fn convert(
-        &self,
-    ) -> (
-        Loaded,
-        BTreeMap<(&'static str, String), Vec<LoadError>>,
-        BTreeMap<String, ObjectReference>,
-    ) {
-        let mut out = Loaded::default();
-        let mut problems = BTreeMap::new();
-        let mut refs = BTreeMap::new();
-        for ns in self.namespaces.state() {
-            let key = ns.metadata.name.clone().unwrap_or_default();
-            let (value, errors) = split(Some(dir::convert_namespace(&ns)));
-            set_problems(&mut problems, ("Namespace", key), errors);
-            if let Some(ns) = value {
-                out.cluster.namespaces.insert(ns.name.clone(), ns);
-            }
-        }
-        for pod in self.pods.state() {
-            let key = key_of(&pod.metadata);
-            let (value, errors) = split(convert_pod(&pod));
-            set_problems(&mut problems, ("Pod", key.to_string()), errors);
-            if let Some(pod) = value {
-                out.cluster.pods.insert(pod.object_ref(), pod);
-            }
-        }
-        for np in self.policies.state() {
-            let key = key_of(&np.metadata);
-            let c = dir::convert_policy(&np);
-            if let Some(first) = c.errors.first() {
-                refs.insert(first.object.clone(), np.object_ref(&()));
-            }
-            let (value, errors) = split(Some(c));
-            set_problems(&mut problems, ("NetworkPolicy", key.to_string()), errors);
-            if let Some(p) = value {
-                out.cluster.policies.insert(p.object_ref(), p);
-            }
-        }
-        (out, problems, refs)
     }
 
     /// Logs problems not logged before and sends one Event per NetworkPolicy whose set of problems is
