@@ -330,15 +330,22 @@ fn selects(p: &NetworkPolicy, namespace: &str, labels: &Labels) -> bool {
     p.namespace == namespace && (p.isolates_ingress || p.isolates_egress) && matches(&p.pod_selector, labels)
 }
 
-fn adjust<K: Ord + Clone>(counts: &mut BTreeMap<K, usize>, keys: &[K], add: bool) {
-    for k in keys {
-        if add {
-            *counts.entry(k.clone()).or_default() += 1;
-        } else if let Some(n) = counts.get_mut(k) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(k);
-            }
+/// Whether adding `delta` to `counts` makes a key appear or disappear.
+fn set_changes<K: Ord>(counts: &BTreeMap<K, usize>, delta: &BTreeMap<K, isize>) -> bool {
+    delta.iter().any(|(k, d)| {
+        let n = counts.get(k).copied().unwrap_or(0) as isize;
+        (n == 0) != (n + d == 0)
+    })
+}
+
+/// Adds `delta` to `counts` (keys that reach 0 go).
+fn apply_counts<K: Ord>(counts: &mut BTreeMap<K, usize>, delta: BTreeMap<K, isize>) {
+    for (k, d) in delta {
+        let n = counts.get(&k).copied().unwrap_or(0) as isize + d;
+        if n > 0 {
+            counts.insert(k, n as usize);
+        } else {
+            counts.remove(&k);
         }
     }
 }
@@ -430,27 +437,25 @@ impl Engine {
             self.rebuild(cluster);
             return &self.desired;
         }
-        // Prefixes and egress named ports: a change of the sets re-derives every signature.
-        let mut prefixes = self.st.prefixes.clone();
-        let mut names = self.st.egress_names.clone();
+        // Prefixes and egress named ports: a change of the sets re-derives every signature. Only the
+        // counts of what the changed policies use are looked at.
+        let mut prefixes: BTreeMap<IpNet, isize> = BTreeMap::new();
+        let mut names: BTreeMap<NamedPort, isize> = BTreeMap::new();
         for r in &changes.policies {
-            if let Some(old) = self.st.policies.get(r) {
-                let (p, n) = facts(old);
-                adjust(&mut prefixes, &p, false);
-                adjust(&mut names, &n, false);
-            }
-            if let Some(new) = cluster.policies.get(r) {
-                let (p, n) = facts(new);
-                adjust(&mut prefixes, &p, true);
-                adjust(&mut names, &n, true);
+            for (policy, step) in [(self.st.policies.get(r).map(AsRef::as_ref), -1), (cluster.policies.get(r), 1)] {
+                if let Some(policy) = policy {
+                    let (p, n) = facts(policy);
+                    p.into_iter().for_each(|k| *prefixes.entry(k).or_default() += step);
+                    n.into_iter().for_each(|k| *names.entry(k).or_default() += step);
+                }
             }
         }
-        if !prefixes.keys().eq(self.st.prefixes.keys()) || !names.keys().eq(self.st.egress_names.keys()) {
+        if set_changes(&self.st.prefixes, &prefixes) || set_changes(&self.st.egress_names, &names) {
             self.rebuild(cluster);
             return &self.desired;
         }
-        self.st.prefixes = prefixes;
-        self.st.egress_names = names;
+        apply_counts(&mut self.st.prefixes, prefixes);
+        apply_counts(&mut self.st.egress_names, names);
 
         for ns in &changes.namespaces {
             self.namespace_changed(ns, cluster.namespaces.get(ns).map(|n| &n.labels));
@@ -505,8 +510,8 @@ impl Engine {
         // Policies: what they let addresses be told apart by, rule numbers.
         for (r, p) in &cluster.policies {
             let (prefixes, names) = facts(p);
-            adjust(&mut st.prefixes, &prefixes, true);
-            adjust(&mut st.egress_names, &names, true);
+            prefixes.into_iter().for_each(|k| *st.prefixes.entry(k).or_default() += 1);
+            names.into_iter().for_each(|k| *st.egress_names.entry(k).or_default() += 1);
             st.policies.insert(r.clone(), Arc::new(p.clone()));
             st.policies_by_ns
                 .entry(p.namespace.clone())
