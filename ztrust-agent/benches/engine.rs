@@ -18,20 +18,6 @@ use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyVal
 #[allow(dead_code, reason = "shared with ztrust-bench, which uses more of it")]
 mod synth;
 
-/// xorshift, as `synth` expects beside it.
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
 fn labels(pairs: &[(&str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
 }

@@ -20,7 +20,8 @@ use serde::Serialize;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto};
 
-use super::{Rng, frame, mapped, sh, skb_ctx};
+use super::synth::Rng;
+use super::{frame, mapped, sh, skb_ctx};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {

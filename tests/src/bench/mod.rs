@@ -55,20 +55,6 @@ pub fn remove_netns_with_prefix(prefix: &str) {
     }
 }
 
-/// xorshift: deterministic, no dependency.
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next_u64() % n
-    }
-}
-
 /// A field of /proc/self/status in KiB (`VmHWM`, `VmRSS`).
 pub fn proc_status_kib(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

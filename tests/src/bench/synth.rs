@@ -14,7 +14,19 @@ use ztrust_agent::model::{
 
 use ztrust_agent::policy::Changes;
 
-use super::Rng;
+/// xorshift: deterministic, no dependency.
+pub struct Rng(pub u64);
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
 
 pub const PODS_PER_NS: usize = 100;
 pub const APPS_PER_NS: usize = 10;
