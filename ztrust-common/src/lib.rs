@@ -225,6 +225,7 @@ pub struct CtKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
+    /// `CLOCK_MONOTONIC` at the last tick (`bpf_ktime_get_coarse_ns`), like `last_seen_ns`.
     pub created_ns: u64,
     /// Refreshed at most once a second; an entry idle for longer than [`ct_timeout`] is stale.
     pub last_seen_ns: u64,

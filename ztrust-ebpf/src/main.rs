@@ -10,9 +10,11 @@
 mod maps;
 mod parse;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -54,9 +56,10 @@ struct Decision {
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let mut pkt = Packet::default();
-    match parse::parse(ctx.skb.skb, &mut pkt) {
-        Parsed::Ip => {}
+    let mut pkt = MaybeUninit::<Packet>::uninit();
+    let pkt = match parse::parse(ctx.skb.skb, &mut pkt) {
+        // SAFETY: `parse` wrote the whole packet.
+        Parsed::Ip => unsafe { pkt.assume_init_ref() },
         Parsed::NotIp => {
             // ARP and IPv6 neighbour discovery carry no data; they pass even before the endpoint is known,
             // so that a pod's neighbour cache is not poisoned by the fail-closed window.
@@ -71,7 +74,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
             count(ifindex, direction, verdict::DROPPED, reason::MALFORMED, ctx.len());
             return TC_ACT_SHOT as i32;
         }
-    }
+    };
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         // The interface carries the program but the agent has not described the endpoint (yet): fail
         // closed.
@@ -81,15 +84,15 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     let ep = *ep;
     let config = CONFIG.get(0).copied().unwrap_or_default();
 
-    let fwd = ct_key(ifindex, direction, &pkt);
-    let d = decide(&fwd, direction, &ep, &pkt);
+    let fwd = ct_key(ifindex, direction, pkt);
+    let d = decide(&fwd, direction, &ep, pkt);
     let mut v = d.verdict;
     if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
         v = verdict::WOULD_DROP;
     }
     count(ifindex, direction, v, d.reason, ctx.len());
     if v != verdict::FORWARDED || (d.new_flow && config.log_allowed != 0) {
-        emit(ctx, &fwd, &ep, &pkt, &d, v, config.event_interval_ns);
+        emit(ctx, &fwd, &ep, pkt, &d, v, config.event_interval_ns);
     }
     if v == verdict::DROPPED { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
 }
@@ -211,8 +214,10 @@ fn ct_admits(
 
 #[inline(always)]
 fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decision {
+    // The coarse clock (the last tick's time): conntrack ages in seconds, and reading the precise clock
+    // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let revision = REVISION.get(0).copied().unwrap_or(0);
     let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
     let dport = u16::from_be(pkt.dport_be);

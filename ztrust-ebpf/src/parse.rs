@@ -3,6 +3,8 @@
 //! Loads go through `bpf_skb_load_bytes`, which checks bounds itself, so a short packet is an error
 //! (→ `Malformed`) rather than a verifier rejection.
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
 use ztrust_common::proto;
 
@@ -31,15 +33,18 @@ const ICMPV6_MLD_FIRST: u8 = 130;
 const ICMPV6_ND_LAST: u8 = 137;
 const ICMPV6_MLDV2_REPORT: u8 = 143;
 
-#[derive(Default)]
+/// What the pipeline needs of a packet. Addresses first and the struct 8-byte aligned, so that they are
+/// copied in words (the BPF backend splits any access it cannot prove aligned into byte or half-word
+/// accesses, and a packet's fields are copied into several map keys per run).
+#[repr(C, align(8))]
 pub struct Packet {
-    pub family: u8,
-    pub protocol: u8,
     pub saddr: [u8; 16],
     pub daddr: [u8; 16],
     /// Network byte order as on the wire.
     pub sport_be: u16,
     pub dport_be: u16,
+    pub family: u8,
+    pub protocol: u8,
     pub tcp_flags: u8,
 }
 
@@ -59,8 +64,11 @@ fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
 
 /// Out of line (a BPF-to-BPF call) so that its temporaries do not share the 512-byte stack frame of the
 /// verdict pipeline. Takes the raw context: a register keeps its pointer type across the call.
+///
+/// `pkt` is written whole when the result is [`Parsed::Ip`] and may be left uninitialised otherwise (no
+/// zeroing on every run: the BPF backend has no memset but a byte loop).
 #[inline(never)]
-pub fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Parsed {
+pub fn parse(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> Parsed {
     let ctx = TcContext::new(skb);
     let Some(ethertype) = load::<u16>(&ctx, 12) else {
         return Parsed::Malformed;
@@ -72,13 +80,16 @@ pub fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Parsed {
     }
 }
 
+/// `::ffff:a.b.c.d`, built from words (a byte array with ten zeros would become a memset loop).
 #[inline(always)]
 fn mapped_v4(addr: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(addr)];
+    // SAFETY: [u32; 4] and [u8; 16] have the same size, and every bit pattern is valid for both.
+    unsafe { core::mem::transmute(words) }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
+fn parse_v4(ctx: &TcContext, pkt: &mut MaybeUninit<Packet>) -> Parsed {
     // The fixed 20 bytes of the header in one helper call (each call costs; a packet is parsed on every
     // hook it crosses).
     let Some(h) = load::<[u8; 20]>(ctx, ETH_HLEN) else { return Parsed::Malformed };
@@ -90,7 +101,7 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
         return Parsed::Fragment;
     }
-    *pkt = Packet {
+    let pkt = pkt.write(Packet {
         family: 4,
         protocol: h[9],
         saddr: mapped_v4([h[12], h[13], h[14], h[15]]),
@@ -98,7 +109,7 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
         sport_be: 0,
         dport_be: 0,
         tcp_flags: 0,
-    };
+    });
     if l4(ctx, ETH_HLEN + ihl, pkt) { Parsed::Ip } else { Parsed::Malformed }
 }
 
@@ -108,7 +119,7 @@ fn is_v4_mapped(a: &[u8; 16]) -> bool {
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
+fn parse_v6(ctx: &TcContext, pkt: &mut MaybeUninit<Packet>) -> Parsed {
     let (Some(vtc), Some(mut next), Some(saddr), Some(daddr)) = (
         load::<u8>(ctx, ETH_HLEN),
         load::<u8>(ctx, ETH_HLEN + 6),
@@ -145,7 +156,7 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
             _ => break,
         }
     }
-    *pkt = Packet { family: 6, protocol: next, saddr, daddr, sport_be: 0, dport_be: 0, tcp_flags: 0 };
+    let pkt = pkt.write(Packet { family: 6, protocol: next, saddr, daddr, sport_be: 0, dport_be: 0, tcp_flags: 0 });
     if next == proto::ICMPV6 {
         if let Some(t) = load::<u8>(ctx, off) {
             if (ICMPV6_MLD_FIRST..=ICMPV6_ND_LAST).contains(&t) || t == ICMPV6_MLDV2_REPORT {
