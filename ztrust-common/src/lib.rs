@@ -4,7 +4,7 @@
 //! compile time: a layout change that would make the kernel and the agent disagree fails the build.
 //! Multi-byte fields of LPM-trie keys are big-endian, because the kernel's trie compares keys bit by bit
 //! from the most significant bit of the first byte.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Direction of a packet relative to the endpoint (pod) whose hook sees it.
 pub mod dir {
@@ -205,9 +205,14 @@ pub struct PolicyValue {
     pub _pad: u32,
 }
 
-/// Conntrack key. The tuple is always in the connection's original direction, and the entry belongs to
-/// the endpoint and direction whose hook admitted the connection: a connection between two local pods has
-/// one entry at the client's egress and one at the server's ingress.
+/// Conntrack key: one entry per connection and endpoint, found by the packets of both directions.
+///
+/// The tuple is in canonical order (the lower of source and destination address/port first, see
+/// [`CtKey::new`]), and `direction` is the direction a packet in that order would have at the hook: a
+/// packet and its reply give the same key, so every packet of a connection costs one lookup. Which way
+/// the connection was opened is in the value ([`CtValue::origin`]). The entry belongs to the endpoint
+/// (`ifindex`) whose hook admitted the connection: a connection between two local pods has one entry at
+/// the client's interface and one at the server's.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct CtKey {
@@ -222,17 +227,67 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
+impl CtKey {
+    /// The key of the connection a packet belongs to, whichever way the packet goes. `swapped` (second)
+    /// says whether the packet runs against the key's order.
+    #[inline(always)]
+    pub fn new(
+        ifindex: u32,
+        direction: u8,
+        saddr: &[u8; 16],
+        daddr: &[u8; 16],
+        sport: u16,
+        dport: u16,
+        protocol: u8,
+    ) -> (CtKey, bool) {
+        let swapped = tuple_greater(saddr, sport, daddr, dport);
+        let key = if swapped {
+            let direction = if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS };
+            CtKey { ifindex, saddr: *daddr, daddr: *saddr, sport: dport, dport: sport, protocol, direction, _pad: [0; 2] }
+        } else {
+            CtKey { ifindex, saddr: *saddr, daddr: *daddr, sport, dport, protocol, direction, _pad: [0; 2] }
+        };
+        (key, swapped)
+    }
+}
+
+/// `(a, a_port) > (b, b_port)` in some fixed total order (compared in words: the kernel programs have no
+/// `memcmp` but a byte loop).
+#[inline(always)]
+fn tuple_greater(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
+    let (a0, a1) = halves(a);
+    let (b0, b1) = halves(b);
+    if a0 != b0 {
+        return a0 > b0;
+    }
+    if a1 != b1 {
+        return a1 > b1;
+    }
+    a_port > b_port
+}
+
+#[inline(always)]
+fn halves(a: &[u8; 16]) -> (u64, u64) {
+    // SAFETY: [u8; 16] and [u64; 2] have the same size and every bit pattern is valid for both; the copy
+    // makes the alignment of `a` irrelevant.
+    let w: [u64; 2] = unsafe { core::mem::transmute(*a) };
+    (w[0], w[1])
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CtValue {
-    /// `CLOCK_MONOTONIC` at the last tick (`bpf_ktime_get_coarse_ns`), like `last_seen_ns`.
-    pub created_ns: u64,
-    /// Refreshed at most once a second; an entry idle for longer than [`ct_timeout`] is stale.
+    /// `CLOCK_MONOTONIC` at the last tick (`bpf_ktime_get_coarse_ns`) when a packet of the connection was
+    /// last seen; refreshed at most once a second. An entry idle for longer than [`ct_timeout`] is stale.
     pub last_seen_ns: u64,
     pub rule_id: u32,
     /// The policy revision ([`names::REVISION`]) the connection was last judged under. Connectionless
     /// flows (everything but TCP) are judged again after a revision that may have narrowed policy.
     pub revision: u32,
+    /// The direction, at this hook, of the packet that opened the connection ([`dir`]): packets going
+    /// that way are the connection's own, the others its replies.
+    pub origin: u8,
+    pub _pad: [u8; 7],
 }
 
 /// Idle timeouts of conntrack entries, in nanoseconds.
@@ -338,4 +393,46 @@ mod user {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v4(a: [u8; 4]) -> [u8; 16] {
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]]
+    }
+
+    #[test]
+    fn a_packet_and_its_reply_share_the_conntrack_key() {
+        let tuples = [
+            (v4([10, 0, 0, 1]), v4([10, 0, 0, 2]), 40000u16, 80u16),
+            (v4([10, 0, 0, 2]), v4([10, 0, 0, 1]), 80, 40000),
+            (v4([10, 0, 0, 1]), v4([10, 0, 0, 1]), 1, 2),
+            (v4([192, 168, 0, 1]), v4([10, 0, 0, 1]), 53, 53),
+            ([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 5, 5),
+        ];
+        for (s, d, sp, dp) in tuples {
+            for direction in [dir::INGRESS, dir::EGRESS] {
+                let reply_dir = if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS };
+                let (k, swapped) = CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP);
+                let (r, reply_swapped) = CtKey::new(7, reply_dir, &d, &s, dp.to_be(), sp.to_be(), proto::TCP);
+                assert_eq!(k, r, "{s:?}:{sp} -> {d:?}:{dp}");
+                assert_ne!(swapped, reply_swapped, "exactly one of the two runs against the key's order");
+                // The other direction at the same hook, or another hook, or protocol, is another connection.
+                assert_ne!(k, CtKey::new(7, reply_dir, &s, &d, sp.to_be(), dp.to_be(), proto::TCP).0);
+                assert_ne!(k, CtKey::new(8, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP).0);
+                assert_ne!(k, CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::UDP).0);
+            }
+        }
+    }
+
+    #[test]
+    fn different_connections_get_different_keys() {
+        let (a, b) = (v4([10, 0, 0, 1]), v4([10, 0, 0, 2]));
+        let k = |s: &[u8; 16], d: &[u8; 16], sp: u16, dp: u16| CtKey::new(1, dir::EGRESS, s, d, sp, dp, proto::UDP).0;
+        assert_ne!(k(&a, &b, 1000, 53), k(&a, &b, 1001, 53));
+        assert_ne!(k(&a, &b, 1000, 53), k(&a, &b, 53, 1000));
+        assert_ne!(k(&a, &b, 1000, 53), k(&b, &a, 1000, 53));
+    }
 }

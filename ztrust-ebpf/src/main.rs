@@ -84,15 +84,14 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     let ep = *ep;
     let config = CONFIG.get(0).copied().unwrap_or_default();
 
-    let fwd = ct_key(ifindex, direction, pkt);
-    let d = decide(&fwd, direction, &ep, pkt);
+    let d = decide(ifindex, direction, &ep, pkt);
     let mut v = d.verdict;
     if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
         v = verdict::WOULD_DROP;
     }
     count(ifindex, direction, v, d.reason, ctx.len());
     if v != verdict::FORWARDED || (d.new_flow && config.log_allowed != 0) {
-        emit(ctx, &fwd, &ep, pkt, &d, v, config.event_interval_ns);
+        emit(ctx, &flow_key(ifindex, direction, pkt), &ep, pkt, &d, v, config.event_interval_ns);
     }
     if v == verdict::DROPPED { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
 }
@@ -102,8 +101,9 @@ fn opposite(direction: u8) -> u8 {
     if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS }
 }
 
+/// The packet's own tuple at this hook (not canonical): what its event and its event rate limit name.
 #[inline(always)]
-fn ct_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
+fn flow_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
     CtKey {
         ifindex,
         saddr: pkt.saddr,
@@ -112,21 +112,6 @@ fn ct_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
         dport: pkt.dport_be,
         protocol: pkt.protocol,
         direction,
-        _pad: [0; 2],
-    }
-}
-
-/// The key of the connection this packet would be a reply to, as its original direction recorded it.
-#[inline(always)]
-fn ct_reply_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
-    CtKey {
-        ifindex,
-        saddr: pkt.daddr,
-        daddr: pkt.saddr,
-        sport: pkt.dport_be,
-        dport: pkt.sport_be,
-        protocol: pkt.protocol,
-        direction: opposite(direction),
         _pad: [0; 2],
     }
 }
@@ -213,7 +198,7 @@ fn ct_admits(
 }
 
 #[inline(always)]
-fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decision {
+fn decide(ifindex: u32, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decision {
     // The coarse clock (the last tick's time): conntrack ages in seconds, and reading the precise clock
     // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
@@ -222,27 +207,27 @@ fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decisi
     let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
     let dport = u16::from_be(pkt.dport_be);
     let sport = u16::from_be(pkt.sport_be);
+    // One key for the packets of both directions: one lookup per packet, whichever way it goes.
+    let (key, _) = CtKey::new(ifindex, direction, &pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, pkt.protocol);
     // A TCP SYN opens a connection: it is judged by policy even if an entry with its tuple exists (a
     // reused port must not inherit what an earlier connection was allowed).
     let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if !opening_syn {
-        if let Some(ct) = CONNTRACK.get_ptr_mut(fwd)
-            && let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, direction, dport, now, revision)
-        {
-            return Decision { verdict: verdict::FORWARDED, reason: reason::ESTABLISHED, remote_identity: 0, rule_id, new_flow: false };
-        }
-        let rev = ct_reply_key(fwd.ifindex, direction, pkt);
-        if let Some(ct) = CONNTRACK.get_ptr_mut(&rev)
-            && let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opposite(direction), sport, now, revision)
-        {
-            return Decision { verdict: verdict::FORWARDED, reason: reason::REPLY, remote_identity: 0, rule_id, new_flow: false };
+    if !opening_syn && let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup.
+        let own = unsafe { (*ct).origin } == direction;
+        // A packet of the connection's own direction is judged (again) as the opening packet was; a reply
+        // as what it replies to.
+        let (opened_dir, port, why) =
+            if own { (direction, dport, reason::ESTABLISHED) } else { (opposite(direction), sport, reason::REPLY) };
+        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now, revision) {
+            return Decision { verdict: verdict::FORWARDED, reason: why, remote_identity: 0, rule_id, new_flow: false };
         }
     }
 
     let remote = remote_identity(remote_addr);
 
     if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
-        ct_create(fwd, rule_id, now, revision);
+        ct_create(&key, direction, rule_id, now, revision);
         return Decision { verdict: verdict::FORWARDED, reason: why, remote_identity: remote, rule_id, new_flow: true };
     }
 
@@ -252,8 +237,7 @@ fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decisi
     // and never cuts a connection the policy allows.
     if pkt.protocol == proto::TCP && !opening_syn {
         if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
-            let rev = ct_reply_key(fwd.ifindex, direction, pkt);
-            ct_create(&rev, rule_id, now, revision);
+            ct_create(&key, opposite(direction), rule_id, now, revision);
             return Decision { verdict: verdict::FORWARDED, reason: reason::CT_RECOVERED, remote_identity: remote, rule_id, new_flow: false };
         }
         return Decision { verdict: verdict::DROPPED, reason: reason::NO_CT_ENTRY, remote_identity: remote, rule_id: 0, new_flow: false };
@@ -262,8 +246,8 @@ fn decide(fwd: &CtKey, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decisi
 }
 
 #[inline(always)]
-fn ct_create(key: &CtKey, rule_id: u32, now: u64, revision: u32) {
-    let value = CtValue { created_ns: now, last_seen_ns: now, rule_id, revision };
+fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32) {
+    let value = CtValue { last_seen_ns: now, rule_id, revision, origin, _pad: [0; 7] };
     if CONNTRACK.insert(key, &value, 0).is_err() {
         stat_inc(stat::CT_INSERT_FAILED);
     }
