@@ -3,8 +3,14 @@
 
 mod common;
 
+use std::collections::BTreeMap;
+
+use aya::maps::lpm_trie::Key;
+use ipnet::IpNet;
 use ztrust_agent::datapath::loader::{self, Datapath};
-use ztrust_common::EndpointInfo;
+use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
+use ztrust_agent::policy::Desired;
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue};
 
 #[test]
 fn load_pin_adopt_cleanup() {
@@ -18,7 +24,7 @@ fn load_pin_adopt_cleanup() {
     first.attach(&host_if, index).expect("attach");
     let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, _pad: 0 };
     first.maps.endpoints.insert(index, info, 0).unwrap();
-    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_IPCACHE", "maps/ZT_CONNTRACK"] {
+    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK"] {
         assert!(topo.pin_dir.join(f).exists(), "{f} pinned");
     }
     assert!(topo.pin_dir.join(format!("links/from-pod/{host_if}")).exists());
@@ -61,4 +67,48 @@ fn clsact_fallback_filters_and_detaches() {
     assert!(!topo.pin_dir.join(format!("links/from-pod/{}", topo.pods[0].host_if)).exists(), "nothing pinned");
     drop(dp);
     assert!(topo.tcp(0, 1, 80), "the filters went with the agent");
+}
+
+/// Single addresses go to the ipcache's hash, prefixes to its trie; a restarted agent adopts both, and an
+/// address an agent from before the split left in the trie is removed when it goes.
+#[test]
+fn ipcache_split_between_hash_and_trie() {
+    common::require_root();
+    let topo = common::Topology::new("ztipc", 209, 1);
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let key = |n: &IpNet| ztrust_agent::datapath::sync::ipcache_key(n);
+    let mut desired = Desired::default();
+    desired.ipcache.insert(net("10.0.0.1/32"), 300);
+    desired.ipcache.insert(net("fd00::1/128"), 301);
+    desired.ipcache.insert(net("192.168.0.0/16"), 302);
+    let bindings = BTreeMap::new();
+    Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    for (n, id) in [("10.0.0.1/32", 300), ("fd00::1/128", 301)] {
+        let (prefix, k) = key(&net(n));
+        assert_eq!(prefix, 128);
+        assert_eq!(dp.maps.ipcache.hosts.get(&k, 0).unwrap().identity, id, "{n} in the hash");
+        assert!(dp.maps.ipcache.prefixes.get(&Key::new(prefix, k), 0).is_err(), "{n} not in the trie");
+    }
+    let (prefix, k) = key(&net("192.168.0.0/16"));
+    assert_eq!(dp.maps.ipcache.prefixes.get(&Key::new(prefix, k), 0).unwrap().identity, 302, "a CIDR in the trie");
+    assert_eq!(dp.maps.ipcache.hosts.keys().count(), 2);
+
+    // As an agent before the split would have left it: a pod address in the trie.
+    let (prefix, old) = key(&net("10.0.0.9/32"));
+    dp.maps.ipcache.prefixes.insert(&Key::new(prefix, old), IpcacheValue { identity: 303, _pad: 0 }, 0).unwrap();
+    drop(dp);
+
+    let mut dp = Datapath::load(&topo.pin_dir).expect("reload");
+    let mut syncer = Syncer::adopt(&dp.maps);
+    assert_eq!(syncer.ipcache_entries(), 4, "adopted from both maps");
+    desired.ipcache.remove(&net("10.0.0.9/32"));
+    desired.ipcache.remove(&net("10.0.0.1/32"));
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    assert!(dp.maps.ipcache.prefixes.get(&Key::new(prefix, old), 0).is_err(), "the old entry left the trie");
+    assert!(dp.maps.ipcache.hosts.get(&key(&net("10.0.0.1/32")).1, 0).is_err(), "a removed pod left the hash");
+    let left: Vec<IpcacheKey> = dp.maps.ipcache.entries().map(|(_, k, _)| k).collect();
+    assert_eq!(left.len(), 2, "{left:?}");
+    drop(dp);
+    loader::cleanup(&topo.pin_dir).unwrap();
 }

@@ -73,6 +73,8 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     let endpoints: HashMap<MapData, u32, EndpointInfo> = open_pinned(pin_dir, names::ENDPOINTS)?;
     let policy: LpmTrie<MapData, PolicyKey, PolicyValue> = open_pinned(pin_dir, names::POLICY)?;
     let ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue> = open_pinned(pin_dir, names::IPCACHE)?;
+    // Absent under pins of an agent from before the ipcache split (all entries in the trie then).
+    let ipcache_hosts: Option<HashMap<MapData, IpcacheKey, IpcacheValue>> = open_pinned(pin_dir, names::IPCACHE_HOSTS).ok();
     let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> = open_pinned(pin_dir, names::COUNTERS)?;
     let stats: PerCpuArray<MapData, u64> = open_pinned(pin_dir, names::STATS)?;
     let sum_stat = |i: u32| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
@@ -81,7 +83,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         policy_capacity: capacity::POLICY,
         ipcache_capacity: capacity::IPCACHE,
         policy_entries: policy.keys().count(),
-        ipcache_entries: ipcache.keys().count(),
+        ipcache_entries: ipcache.keys().count() + ipcache_hosts.map_or(0, |h| h.keys().count()),
         events_lost: sum_stat(stat::EVENTS_LOST),
         events_rate_limited: sum_stat(stat::EVENTS_RATE_LIMITED),
         ct_insert_failed: sum_stat(stat::CT_INSERT_FAILED),

@@ -98,7 +98,10 @@ pub mod event_flags {
 /// Names of the pinned objects under the pin directory (default `/sys/fs/bpf/ztrust`).
 pub mod names {
     pub const ENDPOINTS: &str = "ZT_ENDPOINTS";
+    /// Address prefixes shorter than a single address (LPM trie).
     pub const IPCACHE: &str = "ZT_IPCACHE";
+    /// Single addresses (hash): pods, the node, /32 and /128 ipBlocks.
+    pub const IPCACHE_HOSTS: &str = "ZT_IPCACHE_HOSTS";
     pub const POLICY: &str = "ZT_POLICY";
     pub const CONNTRACK: &str = "ZT_CONNTRACK";
     pub const COUNTERS: &str = "ZT_COUNTERS";

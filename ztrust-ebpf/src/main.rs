@@ -25,7 +25,7 @@ use ztrust_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, POLICY, REVISION, STATS},
+    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, REVISION, STATS},
     parse::{Packet, Parsed},
 };
 
@@ -118,6 +118,10 @@ fn flow_key(ifindex: u32, direction: u8, pkt: &Packet) -> CtKey {
 
 #[inline(always)]
 fn remote_identity(addr: &[u8; 16]) -> u32 {
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { IPCACHE_HOSTS.get(&IpcacheKey { addr: *addr }) } {
+        return v.identity;
+    }
     let key = Key::new(128, IpcacheKey { addr: *addr });
     match IPCACHE.get(&key) {
         Some(v) => v.identity,

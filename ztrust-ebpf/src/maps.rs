@@ -15,7 +15,14 @@ use ztrust_common::{
 #[map(name = "ZT_ENDPOINTS")]
 pub static ENDPOINTS: HashMap<u32, EndpointInfo> = HashMap::pinned(capacity::ENDPOINTS, 0);
 
-/// Address prefix → identity (pods as /32 or /128, ipBlock CIDRs, the node).
+/// Single address → identity (pods, the node, /32 and /128 ipBlocks): one hash lookup, whatever the
+/// number of pods. Allocated as entries come (the agent sizes it like the trie).
+#[map(name = "ZT_IPCACHE_HOSTS")]
+pub static IPCACHE_HOSTS: HashMap<IpcacheKey, IpcacheValue> =
+    HashMap::pinned(capacity::IPCACHE, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Address prefix → identity for prefixes shorter than one address (ipBlock CIDRs), looked up when the
+/// address is not in [`IPCACHE_HOSTS`] (a single address is always the longest matching prefix).
 #[map(name = "ZT_IPCACHE")]
 pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
 

@@ -84,8 +84,8 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(policies) << 20 ^ u64::from(pods));
     let identities = (pods / 10).max(2);
     for i in 0..pods {
-        let key = Key::new(128, IpcacheKey { addr: mapped(pod_ip(i)) });
-        dp.maps.ipcache.insert(&key, IpcacheValue { identity: 256 + i / 10, _pad: 0 }, 0).expect("ipcache");
+        let key = IpcacheKey { addr: mapped(pod_ip(i)) };
+        dp.maps.ipcache.insert(128, &key, &IpcacheValue { identity: 256 + i / 10, _pad: 0 }).expect("ipcache");
     }
     // The measured endpoint (ifindex) and 99 others.
     let endpoints: Vec<u32> = std::iter::once(ifindex).chain((0..99).map(|i| 100_000 + i)).collect();
@@ -120,7 +120,7 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         dp.maps.policy.insert(&key, PolicyValue { rule_id: 1, _pad: 0 }, 0).expect("policy");
     }
     let (me6, peer6) = ([0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    dp.maps.ipcache.insert(&Key::new(128, IpcacheKey { addr: peer6 }), IpcacheValue { identity: peer_id, _pad: 0 }, 0).unwrap();
+    dp.maps.ipcache.insert(128, &IpcacheKey { addr: peer6 }, &IpcacheValue { identity: peer_id, _pad: 0 }).unwrap();
     // Events for denied packets are rate-limited per flow; keep that realistic (one per second).
     dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, flags: 0, log_allowed: 0 }, 0).unwrap();
 

@@ -341,7 +341,7 @@ const EMPTY_RULES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n
 fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     let (client_id, server_id) = (300u32, 301u32);
     let set_ip = |dp: &mut Datapath, a: [u8; 4], id: u32| {
-        dp.maps.ipcache.insert(&Key::new(128, IpcacheKey { addr: mapped(a) }), IpcacheValue { identity: id, _pad: 0 }, 0).expect("ipcache");
+        dp.maps.ipcache.insert(128, &IpcacheKey { addr: mapped(a) }, &IpcacheValue { identity: id, _pad: 0 }).expect("ipcache");
     };
     set_ip(dp, CLIENT_IP, client_id);
     set_ip(dp, SERVER_IP, server_id);

@@ -53,13 +53,54 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// The typed maps the agent writes and reads.
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
-    pub ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+    pub ipcache: Ipcache,
     pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     pub stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, Config>,
     pub revision: Array<MapData, u32>,
+}
+
+/// The ipcache, in two maps: single addresses (pods, the node, /32 and /128 ipBlocks) in a hash map,
+/// found in one hash lookup whatever the number of pods; shorter prefixes (ipBlock CIDRs) in an LPM trie,
+/// looked up only when the address is not in the hash. A single address is always the longest prefix
+/// that contains it, so the split gives the trie's answer.
+pub struct Ipcache {
+    pub hosts: HashMap<MapData, IpcacheKey, IpcacheValue>,
+    pub prefixes: LpmTrie<MapData, IpcacheKey, IpcacheValue>,
+}
+
+/// The prefix length of a single address in ipcache keys (IPv4 is stored IPv4-mapped).
+pub const IPCACHE_HOST_PREFIX: u32 = 128;
+
+impl Ipcache {
+    pub fn insert(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<(), MapError> {
+        if prefix == IPCACHE_HOST_PREFIX {
+            self.hosts.insert(key, value, 0)
+        } else {
+            self.prefixes.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0)
+        }
+    }
+
+    /// Removes the entry; `KeyNotFound` when there is none. A single address is removed from the trie
+    /// as well: an agent before the split kept every entry there.
+    pub fn remove(&mut self, prefix: u32, key: &IpcacheKey) -> Result<(), MapError> {
+        let in_trie = self.prefixes.remove(&aya::maps::lpm_trie::Key::new(prefix, *key));
+        if prefix != IPCACHE_HOST_PREFIX {
+            return in_trie;
+        }
+        match (self.hosts.remove(key), in_trie) {
+            (Ok(()), _) | (_, Ok(())) => Ok(()),
+            (Err(MapError::KeyNotFound), Err(e)) | (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Every entry, as (prefix length, key, value).
+    pub fn entries(&self) -> impl Iterator<Item = (u32, IpcacheKey, IpcacheValue)> + '_ {
+        let hosts = self.hosts.iter().flatten().map(|(k, v)| (IPCACHE_HOST_PREFIX, k, v));
+        hosts.chain(self.prefixes.iter().flatten().map(|(k, v)| (k.prefix_len(), k.data(), v)))
+    }
 }
 
 /// How programs are attached to interfaces.
@@ -153,6 +194,7 @@ impl Datapath {
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ENDPOINTS, caps.endpoints)
             .map_max_entries(names::IPCACHE, caps.ipcache)
+            .map_max_entries(names::IPCACHE_HOSTS, caps.ipcache)
             .map_max_entries(names::POLICY, caps.policy)
             .map_max_entries(names::CONNTRACK, caps.conntrack)
             .load(EBPF_OBJECT)?;
@@ -166,7 +208,10 @@ impl Datapath {
         }
         let maps = Maps {
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
-            ipcache: take(&mut ebpf, names::IPCACHE)?,
+            ipcache: Ipcache {
+                hosts: take(&mut ebpf, names::IPCACHE_HOSTS)?,
+                prefixes: take(&mut ebpf, names::IPCACHE)?,
+            },
             policy: take(&mut ebpf, names::POLICY)?,
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             counters: take(&mut ebpf, names::COUNTERS)?,

@@ -218,8 +218,8 @@ impl Syncer {
             ep.entries.entry(group_of(&data)).or_default().insert((key.prefix_len(), data), value);
             me.policy_entries += 1;
         }
-        for (key, value) in maps.ipcache.iter().flatten() {
-            if let Some(net) = ipcache_net(key.prefix_len(), &key.data()) {
+        for (prefix, key, value) in maps.ipcache.entries() {
+            if let Some(net) = ipcache_net(prefix, &key) {
                 me.ipcache.insert(net, value.identity);
             }
         }
@@ -522,10 +522,10 @@ impl MapOps for KernelMaps<'_> {
         ignore_missing(self.0.endpoints.remove(&ifindex), "endpoints")
     }
     fn set_ipcache(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<()> {
-        self.0.ipcache.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0).map_err(werr("ipcache"))
+        self.0.ipcache.insert(prefix, key, value).map_err(werr("ipcache"))
     }
     fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
-        ignore_missing(self.0.ipcache.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "ipcache")
+        ignore_missing(self.0.ipcache.remove(prefix, key), "ipcache")
     }
     fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
         self.0.policy.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0).map_err(werr("policy"))
