@@ -87,14 +87,20 @@ fn l4(protocol: u8, sport: u16, dport: u16, tcp_flags: u8) -> Vec<u8> {
 }
 
 fn v4(src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, payload: &[u8]) -> Pkt {
-    let len = (20 + payload.len()) as u16;
-    let mut ip = vec![0x45, 0];
+    v4_with(0x45, src, dst, protocol, frag, &[], payload)
+}
+
+/// An IPv4 packet with `options` after the fixed header and the version/IHL byte as given.
+fn v4_with(vihl: u8, src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, options: &[u8], payload: &[u8]) -> Pkt {
+    let len = (20 + options.len() + payload.len()) as u16;
+    let mut ip = vec![vihl, 0];
     ip.extend_from_slice(&len.to_be_bytes());
     ip.extend_from_slice(&[0, 1]);
     ip.extend_from_slice(&frag.to_be_bytes());
     ip.extend_from_slice(&[64, protocol, 0, 0]);
     ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
+    ip.extend_from_slice(options);
     ip.extend_from_slice(payload);
     Pkt(eth(0x0800, &ip))
 }
@@ -166,6 +172,22 @@ fn every_protocol_through_the_real_programs() {
         ("ICMP echo (rules with ports allow only their protocols)", from, v4(a4, b4, proto::ICMP, 0, &[8, 0, 0, 0, 0, 7, 0, 1]), SHOT),
         ("a non-first IPv4 fragment", from, v4(a4, b4, proto::UDP, 5, &[0; 16]), SHOT),
         ("a truncated TCP header", from, v4(a4, b4, proto::TCP, 0, &[0x9c, 0x40]), SHOT),
+        // The ports follow the options (IHL 7: 8 bytes of options, here NOPs then end of list).
+        (
+            "IPv4 with options, TCP SYN to the allowed port",
+            from,
+            v4_with(0x47, a4, b4, proto::TCP, 0, &[1, 1, 1, 1, 1, 1, 1, 0], &l4(proto::TCP, 40012, 80, 0x02)),
+            OK,
+        ),
+        (
+            "IPv4 with options, TCP SYN to another port",
+            from,
+            v4_with(0x47, a4, b4, proto::TCP, 0, &[1, 1, 1, 1, 1, 1, 1, 0], &l4(proto::TCP, 40013, 81, 0x02)),
+            SHOT,
+        ),
+        ("an IPv4 header length below 20 bytes", from, v4_with(0x44, a4, b4, proto::TCP, 0, &[], &l4(proto::TCP, 40014, 80, 0x02)), SHOT),
+        // More fragments follow, offset 0: the first fragment carries the ports and is judged by them.
+        ("a first IPv4 fragment to the allowed port", from, v4(a4, b4, proto::UDP, 0x2000, &l4(proto::UDP, 40015, 53, 0)), OK),
         (
             "IPv6 to an IPv4-mapped address (never on the wire; would be judged as IPv4)",
             from,
@@ -191,8 +213,8 @@ fn every_protocol_through_the_real_programs() {
     }
     assert!(failures.is_empty(), "verdicts differ:\n{}", failures.join("\n"));
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::FRAGMENT) == 1);
-    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::MALFORMED) == 2);
+    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::MALFORMED) == 3);
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) == 2);
     assert!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::REPLY) == 3);
-    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::ALLOWED_BY_POLICY) == 6);
+    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::ALLOWED_BY_POLICY) == 8);
 }

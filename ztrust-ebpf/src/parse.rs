@@ -1,7 +1,9 @@
 //! Header parsing: Ethernet → IPv4 / IPv6 (with extension headers) → TCP, UDP, SCTP, ICMP, ICMPv6.
 //!
-//! Loads go through `bpf_skb_load_bytes`, which checks bounds itself, so a short packet is an error
-//! (→ `Malformed`) rather than a verifier rejection.
+//! The common case (IPv4 with TCP, UDP or SCTP, headers in the linear part of the buffer) is read in
+//! place (direct packet access: no helper call). Everything else goes through `bpf_skb_load_bytes`,
+//! which checks bounds itself, so a short packet is an error (→ `Malformed`) rather than a verifier
+//! rejection; the fast path only ever accepts, and leaves every other decision to that path.
 
 use core::mem::MaybeUninit;
 
@@ -69,6 +71,9 @@ fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
 /// zeroing on every run: the BPF backend has no memset but a byte loop).
 #[inline(never)]
 pub fn parse(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> Parsed {
+    if parse_v4_direct(skb, pkt) {
+        return Parsed::Ip;
+    }
     let ctx = TcContext::new(skb);
     let Some(ethertype) = load::<u16>(&ctx, 12) else {
         return Parsed::Malformed;
@@ -111,6 +116,61 @@ fn parse_v4(ctx: &TcContext, pkt: &mut MaybeUninit<Packet>) -> Parsed {
         tcp_flags: 0,
     });
     if l4(ctx, ETH_HLEN + ihl, pkt) { Parsed::Ip } else { Parsed::Malformed }
+}
+
+/// IPv4 + TCP/UDP/SCTP read in place. True when `pkt` was written; false (nothing decided) when the
+/// packet is anything else, a non-first fragment, or its headers are not all in the linear buffer.
+#[inline(always)]
+fn parse_v4_direct(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> bool {
+    // SAFETY: the context is valid for the run; `data`/`data_end` bound the linear part of the packet,
+    // and every read below is checked against `data_end` first (the verifier enforces it too).
+    unsafe {
+        let data = (*skb).data as usize;
+        let data_end = (*skb).data_end as usize;
+        if data + ETH_HLEN + 20 > data_end {
+            return false;
+        }
+        if u16::from_be(*((data + 12) as *const u16)) != ETH_P_IP {
+            return false;
+        }
+        let ip = data + ETH_HLEN;
+        let vihl = *(ip as *const u8);
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 || u16::from_be(*((ip + 6) as *const u16)) & 0x1fff != 0 {
+            return false;
+        }
+        let protocol = *((ip + 9) as *const u8);
+        let l4 = ip + ihl;
+        let need = match protocol {
+            proto::TCP => 14,
+            proto::UDP | proto::SCTP => 4,
+            _ => return false,
+        };
+        if l4 + need > data_end {
+            return false;
+        }
+        let ports = *(l4 as *const u32);
+        let tcp_flags = if protocol == proto::TCP { *((l4 + 13) as *const u8) } else { 0 };
+        pkt.write(Packet {
+            saddr: mapped_v4_word(*((ip + 12) as *const u32)),
+            daddr: mapped_v4_word(*((ip + 16) as *const u32)),
+            // Ports as on the wire: the first two bytes of the word are the source port.
+            sport_be: ports as u16,
+            dport_be: (ports >> 16) as u16,
+            family: 4,
+            protocol,
+            tcp_flags,
+        });
+        true
+    }
+}
+
+/// `::ffff:a.b.c.d` from the address as read from the wire into a native word.
+#[inline(always)]
+fn mapped_v4_word(addr: u32) -> [u8; 16] {
+    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr];
+    // SAFETY: as in `mapped_v4`.
+    unsafe { core::mem::transmute(words) }
 }
 
 #[inline(always)]
