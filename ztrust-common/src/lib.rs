@@ -44,6 +44,12 @@ pub mod ep_flags {
     pub const ISOLATED_EGRESS: u32 = 1 << 1;
     /// Audit mode: never drop, report `WOULD_DROP` instead.
     pub const AUDIT: u32 = 1 << 2;
+    /// No allow entry of the endpoint's ingress is for any peer ([`identity::ANY`]): the datapath skips
+    /// that lookup. (Set when there is none, rather than when there is one, so that entries written by an
+    /// agent that did not know the flag are always looked up.)
+    pub const NO_ANY_PEER_INGRESS: u32 = 1 << 3;
+    /// The same for egress.
+    pub const NO_ANY_PEER_EGRESS: u32 = 1 << 4;
 }
 
 /// What happened to a packet.

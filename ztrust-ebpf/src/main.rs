@@ -130,12 +130,17 @@ fn remote_identity(addr: &[u8; 16]) -> u32 {
 }
 
 /// Looks up the allow entries of `ep` for traffic with `remote` in `direction` to `port`: first for the
-/// remote's own identity, then for the "any peer" wildcard. Returns the rule id (≥ 1) or 0.
+/// remote's own identity, then for the "any peer" wildcard (unless the endpoint has no such entry in
+/// that direction). Returns the rule id.
 #[inline(always)]
 fn policy_lookup(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
     let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ep.endpoint_id, remote, direction, protocol, port));
     if let Some(v) = POLICY.get(&key) {
         return Some(v.rule_id);
+    }
+    let no_any = if direction == dir::INGRESS { ep_flags::NO_ANY_PEER_INGRESS } else { ep_flags::NO_ANY_PEER_EGRESS };
+    if ep.flags & no_any != 0 {
+        return None;
     }
     let key = Key::new(
         PolicyKey::PREFIX_FULL,

@@ -90,7 +90,10 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     // The measured endpoint (ifindex) and 99 others.
     let endpoints: Vec<u32> = std::iter::once(ifindex).chain((0..99).map(|i| 100_000 + i)).collect();
     for ep in &endpoints {
-        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags: ep_flags::ISOLATED_EGRESS, _pad: 0 };
+        // The flags the agent's sync writes for these entries: isolated for egress, and no entry for any
+        // peer in either direction.
+        let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS;
+        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, _pad: 0 };
         dp.maps.endpoints.insert(*ep, info, 0).expect("endpoint");
     }
     let mut entries = 0usize;

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tracing::{debug, warn};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ep_flags};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, identity};
 
 use crate::model::ObjectRef;
 use crate::policy::{AllowGroup, AllowKey, Delta, Desired, policy_keys};
@@ -185,8 +185,24 @@ fn entries_for(ifindex: u32, allow: &BTreeMap<AllowKey, u32>, only: Option<&BTre
 
 const ISOLATION: u32 = ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS;
 
+/// [`ep_flags::NO_ANY_PEER_INGRESS`] / `_EGRESS` for an allow set (a range query per direction: the
+/// set is ordered by direction, then remote, and [`identity::ANY`] is the lowest remote).
+fn no_any_peer_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
+    let mut flags = 0;
+    for (direction, flag) in [(dir::INGRESS, ep_flags::NO_ANY_PEER_INGRESS), (dir::EGRESS, ep_flags::NO_ANY_PEER_EGRESS)] {
+        let lo = AllowKey { direction, remote: identity::ANY, protocol: 0, port_lo: 0, port_hi: 0 };
+        let hi = AllowKey { direction, remote: identity::ANY, protocol: u8::MAX, port_lo: u16::MAX, port_hi: u16::MAX };
+        if allow.range(lo..=hi).next().is_none() {
+            flags |= flag;
+        }
+    }
+    flags
+}
+
 /// The endpoint entry to write during the narrowing step: isolated wherever the old or the new state is,
-/// in audit mode only where both are (audit never drops, so it is the open side).
+/// in audit mode only where both are (audit never drops, so it is the open side). The "no any-peer
+/// entry" flags too are kept only where both have them: an entry for any peer is still looked up while
+/// it may exist, and the final write sets them once the entries are gone.
 fn narrowest(old: &EndpointInfo, new: &EndpointInfo) -> EndpointInfo {
     let iso = (old.flags | new.flags) & ISOLATION;
     let rest = old.flags & new.flags & !ISOLATION;
@@ -305,6 +321,7 @@ impl Syncer {
             if ep.isolated_egress {
                 flags |= ep_flags::ISOLATED_EGRESS;
             }
+            flags |= no_any_peer_flags(&ep.allow);
             let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, _pad: 0 };
             let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
             let only = match delta.endpoints.get(pod) {
@@ -744,6 +761,21 @@ mod tests {
         let mut syncer = Syncer::new();
         assert!(syncer.sync(&mut mem, &d, &ifs).unwrap().total() > 0);
         assert_eq!(syncer.sync(&mut mem, &d, &ifs).unwrap().total(), 0);
+    }
+
+    #[test]
+    fn the_any_peer_lookup_is_skipped_only_where_no_entry_is_for_any_peer() {
+        let key = |direction, remote| AllowKey { direction, remote, protocol: proto::TCP, port_lo: 80, port_hi: 80 };
+        let both = ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS;
+        assert_eq!(no_any_peer_flags(&BTreeMap::new()), both);
+        let some: BTreeMap<AllowKey, u32> = [(key(dir::INGRESS, 300), 1), (key(dir::EGRESS, 301), 2)].into();
+        assert_eq!(no_any_peer_flags(&some), both, "entries for identities only");
+        let mut any_in = some.clone();
+        any_in.insert(key(dir::INGRESS, identity::ANY), 3);
+        assert_eq!(no_any_peer_flags(&any_in), ep_flags::NO_ANY_PEER_EGRESS);
+        let mut any_out = some;
+        any_out.insert(AllowKey { direction: dir::EGRESS, remote: identity::ANY, protocol: 0, port_lo: 0, port_hi: u16::MAX }, 4);
+        assert_eq!(no_any_peer_flags(&any_out), ep_flags::NO_ANY_PEER_INGRESS);
     }
 
     #[test]
