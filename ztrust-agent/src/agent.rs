@@ -254,13 +254,9 @@ pub const HOST_NETWORK: &str = "host_network";
 /// This node's hostNetwork pods (a pod without `spec.nodeName` counts as local, as for endpoints). They
 /// share the node's network namespace and interfaces, so no hook on a pod interface sees their traffic,
 /// and the engine treats their addresses as the node's: their policies are not enforced.
-fn local_host_network_pods(cluster: &Cluster, node: &str) -> BTreeSet<ObjectRef> {
-    cluster
-        .pods
-        .values()
-        .filter(|p| p.host_network && p.node_name.as_deref().is_none_or(|n| n == node))
-        .map(crate::model::Pod::object_ref)
-        .collect()
+/// A host-network pod of this node (or not yet scheduled): ztrust has no hook on its traffic.
+fn is_local_host_network(pod: &crate::model::Pod, node: &str) -> bool {
+    pod.host_network && pod.node_name.as_deref().is_none_or(|n| n == node)
 }
 
 /// Local pods ztrust does not enforce, reported rather than silently skipped: a warning once per pod
@@ -268,29 +264,38 @@ fn local_host_network_pods(cluster: &Cluster, node: &str) -> BTreeSet<ObjectRef>
 #[derive(Default)]
 struct NotEnforced {
     warned: BTreeSet<ObjectRef>,
+    /// The gauge and the observer status were set once (to 0 if there is nothing to report).
+    reported: bool,
 }
 
 impl NotEnforced {
-    /// Call with every new snapshot. Returns the pods warned about by this call.
+    /// Call with the pods a change touched (all of them for a first snapshot): only those are looked
+    /// at. Returns the pods warned about by this call.
     fn report(
         &mut self,
         cluster: &Cluster,
+        changed: &BTreeSet<ObjectRef>,
         node: &str,
         metrics: &crate::metrics::Metrics,
         hub: &crate::observer::Hub,
     ) -> Vec<ObjectRef> {
-        let now = local_host_network_pods(cluster, node);
-        let new: Vec<ObjectRef> = now.difference(&self.warned).cloned().collect();
-        for pod in &new {
-            warn!(%pod, reason = HOST_NETWORK, "host-network pod: not enforced by ztrust (no cgroup hook yet)");
+        let mut new = Vec::new();
+        let mut gone = false;
+        for key in changed {
+            if cluster.pods.get(key).is_some_and(|p| is_local_host_network(p, node)) {
+                if self.warned.insert(key.clone()) {
+                    warn!(pod = %key, reason = HOST_NETWORK, "host-network pod: not enforced by ztrust (no cgroup hook yet)");
+                    new.push(key.clone());
+                }
+            } else {
+                gone |= self.warned.remove(key);
+            }
         }
-        metrics.set_pods_not_enforced(HOST_NETWORK, now.len() as u64);
-        hub.set_not_enforced(
-            now.iter()
-                .map(|p| (p.to_string(), HOST_NETWORK.to_owned()))
-                .collect(),
-        );
-        self.warned = now;
+        if !new.is_empty() || gone || !self.reported {
+            self.reported = true;
+            metrics.set_pods_not_enforced(HOST_NETWORK, self.warned.len() as u64);
+            hub.set_not_enforced(self.warned.iter().map(|p| (p.to_string(), HOST_NETWORK.to_owned())).collect());
+        }
         new
     }
 }
@@ -364,6 +369,13 @@ impl Batches {
     }
 }
 
+/// The warnings of `current` that were not in force at the last call; `warned` becomes `current`.
+fn fresh_warnings<'a>(warned: &mut BTreeSet<String>, current: &'a [String]) -> Vec<&'a String> {
+    let fresh = current.iter().filter(|w| !warned.contains(*w)).collect();
+    *warned = current.iter().cloned().collect();
+    fresh
+}
+
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let agent_started = Instant::now();
     let mut dp = Datapath::load_with(&opts.pin_dir, opts.capacities)?;
@@ -432,6 +444,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
     let mut unbound_reported: BTreeSet<ObjectRef> = BTreeSet::new();
     let mut not_enforced = NotEnforced::default();
+    let mut warned: BTreeSet<String> = BTreeSet::new();
     // The flow view: pod addresses as of the last change, rule names to rebuild when policies changed.
     let mut view_addrs: HashMap<ObjectRef, Vec<std::net::IpAddr>> = HashMap::new();
     let mut view_rules_stale = true;
@@ -476,7 +489,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 syncer.audit_namespaces = audit;
                 pending.merge(Delta::full());
             }
-            for w in &desired.warnings {
+            // Said once while they hold (a change elsewhere does not repeat them); again if they recur.
+            for w in fresh_warnings(&mut warned, &desired.warnings) {
                 warn!("{w}");
             }
             info!(
@@ -490,7 +504,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             metrics.observe_compile(started.elapsed().as_secs_f64());
             metrics.set_identities(desired.identities.len() as u64);
             dirty = true;
-            not_enforced.report(cluster, &opts.node_name, &metrics, &hub);
+            not_enforced.report(cluster, &changes.pods, &opts.node_name, &metrics, &hub);
         }
 
         // Interfaces: attach to new ones (fail closed), forget vanished ones.
@@ -671,6 +685,17 @@ mod tests {
     use crate::model::Pod;
 
     #[test]
+    fn a_warning_is_said_once_while_it_holds_and_again_when_it_recurs() {
+        let mut warned = BTreeSet::new();
+        let (a, b) = ("policy x/p: ingress[0].from[0].ipBlock.cidr invalid".to_owned(), "port name web unknown".to_owned());
+        assert_eq!(fresh_warnings(&mut warned, &[a.clone()]), vec![&a]);
+        assert!(fresh_warnings(&mut warned, &[a.clone()]).is_empty(), "a change elsewhere does not repeat it");
+        assert_eq!(fresh_warnings(&mut warned, &[a.clone(), b.clone()]), vec![&b]);
+        assert!(fresh_warnings(&mut warned, &[]).is_empty());
+        assert_eq!(fresh_warnings(&mut warned, &[a.clone()]), vec![&a], "fixed, then broken again: said again");
+    }
+
+    #[test]
     fn view_follows_changed_pods_only() {
         let mut view = View::default();
         let mut addrs = HashMap::new();
@@ -731,9 +756,10 @@ mod tests {
             pod("kube-system", "unscheduled", true, None),
             pod("shop", "web", false, Some("n1")),
         ]);
-        let local = local_host_network_pods(&c, "n1");
+        let local: Vec<ObjectRef> =
+            c.pods.values().filter(|p| is_local_host_network(p, "n1")).map(Pod::object_ref).collect();
         assert_eq!(
-            local.into_iter().collect::<Vec<_>>(),
+            local,
             [
                 ObjectRef::new("kube-system", "node-exporter"),
                 ObjectRef::new("kube-system", "unscheduled")
@@ -757,23 +783,29 @@ mod tests {
             pod("kube-system", "node-exporter", true, Some("n1")),
             pod("shop", "web", false, Some("n1")),
         ]);
-        assert_eq!(ne.report(&with, "n1", &metrics, &hub), std::slice::from_ref(&exporter));
+        let all: BTreeSet<ObjectRef> = with.pods.keys().cloned().collect();
+        let report = |ne: &mut NotEnforced, c: &Cluster, node: &str| ne.report(c, &all, node, &metrics, &hub);
+        assert_eq!(report(&mut ne, &with, "n1"), std::slice::from_ref(&exporter));
         assert_eq!(gauge(&metrics).as_deref(), Some("1"));
         assert_eq!(
             hub.not_enforced(),
             [("kube-system/node-exporter".to_owned(), "host_network".to_owned())]
         );
         // The next snapshot with the same pod: counted, not warned again.
-        assert!(ne.report(&with, "n1", &metrics, &hub).is_empty());
+        assert!(report(&mut ne, &with, "n1").is_empty());
+        assert_eq!(gauge(&metrics).as_deref(), Some("1"));
+        // A change that does not name it leaves it alone (only changed pods are looked at).
+        let web_only: BTreeSet<ObjectRef> = [ObjectRef::new("shop", "web")].into();
+        assert!(ne.report(&with, &web_only, "n1", &metrics, &hub).is_empty());
         assert_eq!(gauge(&metrics).as_deref(), Some("1"));
         // Gone: back to 0; back again: warned again.
         let without = cluster(vec![pod("shop", "web", false, Some("n1"))]);
-        assert!(ne.report(&without, "n1", &metrics, &hub).is_empty());
+        assert!(report(&mut ne, &without, "n1").is_empty());
         assert_eq!(gauge(&metrics).as_deref(), Some("0"));
         assert!(hub.not_enforced().is_empty());
-        assert_eq!(ne.report(&with, "n1", &metrics, &hub), [exporter]);
+        assert_eq!(report(&mut ne, &with, "n1"), [exporter]);
         // Another node's hostNetwork pods are not this agent's to report.
-        assert!(ne.report(&with, "n2", &metrics, &hub).is_empty());
+        assert!(report(&mut ne, &with, "n2").is_empty());
         assert_eq!(gauge(&metrics).as_deref(), Some("0"));
     }
 }
