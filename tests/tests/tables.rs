@@ -98,7 +98,7 @@ fn conntrack_eviction_never_opens_and_never_cuts() {
 
     // a's connection to b:80, then a flood of other allowed connections that fills the table.
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x02)), OK);
-    let (first, _) = CtKey::new(ifindex, dir::EGRESS, &mapped(A), &mapped(B), 1000u16.to_be(), 80u16.to_be(), proto::TCP);
+    let first = CtKey::new(ifindex, dir::EGRESS, &mapped(A), &mapped(B), 1000u16.to_be(), 80u16.to_be(), proto::TCP);
     assert!(dp.maps.conntrack.get(&first, 0).is_ok(), "the connection is tracked");
     for sport in 2000..2600 {
         assert_eq!(run(&dp, from, ifindex, &tcp(A, B, sport, 80, 0x02)), OK);

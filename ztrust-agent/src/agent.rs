@@ -251,10 +251,10 @@ fn update_view_policy(view: &mut View, desired: &Desired, bindings: &BTreeMap<Ob
 /// The `reason` of a hostNetwork pod in [`NotEnforced`] (metric label, observer status).
 pub const HOST_NETWORK: &str = "host_network";
 
-/// This node's hostNetwork pods (a pod without `spec.nodeName` counts as local, as for endpoints). They
-/// share the node's network namespace and interfaces, so no hook on a pod interface sees their traffic,
-/// and the engine treats their addresses as the node's: their policies are not enforced.
-/// A host-network pod of this node (or not yet scheduled): ztrust has no hook on its traffic.
+/// Whether `pod` is a hostNetwork pod of this node (a pod without `spec.nodeName` counts as local, as
+/// for endpoints). Such pods share the node's network namespace and interfaces, so no hook on a pod
+/// interface sees their traffic, and the engine treats their addresses as the node's: their policies are
+/// not enforced.
 fn is_local_host_network(pod: &crate::model::Pod, node: &str) -> bool {
     pod.host_network && pod.node_name.as_deref().is_none_or(|n| n == node)
 }

@@ -237,8 +237,7 @@ pub struct CtKey {
 }
 
 impl CtKey {
-    /// The key of the connection a packet belongs to, whichever way the packet goes. `swapped` (second)
-    /// says whether the packet runs against the key's order.
+    /// The key of the connection a packet belongs to, whichever way the packet goes.
     #[inline(always)]
     pub fn new(
         ifindex: u32,
@@ -248,15 +247,13 @@ impl CtKey {
         sport: u16,
         dport: u16,
         protocol: u8,
-    ) -> (CtKey, bool) {
-        let swapped = tuple_greater(saddr, sport, daddr, dport);
-        let key = if swapped {
+    ) -> CtKey {
+        if tuple_greater(saddr, sport, daddr, dport) {
             let direction = if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS };
             CtKey { ifindex, saddr: *daddr, daddr: *saddr, sport: dport, dport: sport, protocol, direction, _pad: [0; 2] }
         } else {
             CtKey { ifindex, saddr: *saddr, daddr: *daddr, sport, dport, protocol, direction, _pad: [0; 2] }
-        };
-        (key, swapped)
+        }
     }
 }
 
@@ -424,14 +421,15 @@ mod tests {
         for (s, d, sp, dp) in tuples {
             for direction in [dir::INGRESS, dir::EGRESS] {
                 let reply_dir = if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS };
-                let (k, swapped) = CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP);
-                let (r, reply_swapped) = CtKey::new(7, reply_dir, &d, &s, dp.to_be(), sp.to_be(), proto::TCP);
+                let k = CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP);
+                let r = CtKey::new(7, reply_dir, &d, &s, dp.to_be(), sp.to_be(), proto::TCP);
                 assert_eq!(k, r, "{s:?}:{sp} -> {d:?}:{dp}");
-                assert_ne!(swapped, reply_swapped, "exactly one of the two runs against the key's order");
+                // Stored in one order: the packet's own, or the reply's.
+                assert!(k.saddr == s && k.sport == sp.to_be() || k.saddr == d && k.sport == dp.to_be());
                 // The other direction at the same hook, or another hook, or protocol, is another connection.
-                assert_ne!(k, CtKey::new(7, reply_dir, &s, &d, sp.to_be(), dp.to_be(), proto::TCP).0);
-                assert_ne!(k, CtKey::new(8, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP).0);
-                assert_ne!(k, CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::UDP).0);
+                assert_ne!(k, CtKey::new(7, reply_dir, &s, &d, sp.to_be(), dp.to_be(), proto::TCP));
+                assert_ne!(k, CtKey::new(8, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP));
+                assert_ne!(k, CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::UDP));
             }
         }
     }
@@ -439,7 +437,7 @@ mod tests {
     #[test]
     fn different_connections_get_different_keys() {
         let (a, b) = (v4([10, 0, 0, 1]), v4([10, 0, 0, 2]));
-        let k = |s: &[u8; 16], d: &[u8; 16], sp: u16, dp: u16| CtKey::new(1, dir::EGRESS, s, d, sp, dp, proto::UDP).0;
+        let k = |s: &[u8; 16], d: &[u8; 16], sp: u16, dp: u16| CtKey::new(1, dir::EGRESS, s, d, sp, dp, proto::UDP);
         assert_ne!(k(&a, &b, 1000, 53), k(&a, &b, 1001, 53));
         assert_ne!(k(&a, &b, 1000, 53), k(&a, &b, 53, 1000));
         assert_ne!(k(&a, &b, 1000, 53), k(&b, &a, 1000, 53));

@@ -217,7 +217,7 @@ fn decide(ifindex: u32, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decis
     let dport = u16::from_be(pkt.dport_be);
     let sport = u16::from_be(pkt.sport_be);
     // One key for the packets of both directions: one lookup per packet, whichever way it goes.
-    let (key, _) = CtKey::new(ifindex, direction, &pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, pkt.protocol);
+    let key = CtKey::new(ifindex, direction, &pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, pkt.protocol);
     // A TCP SYN opens a connection: it is judged by policy even if an entry with its tuple exists (a
     // reused port must not inherit what an earlier connection was allowed).
     let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
