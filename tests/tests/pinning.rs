@@ -112,3 +112,32 @@ fn ipcache_split_between_hash_and_trie() {
     drop(dp);
     loader::cleanup(&topo.pin_dir).unwrap();
 }
+
+/// A map pinned with another capacity keeps it, and the agent plans with it (a pinned map cannot be
+/// resized); one pinned with another layout (an agent of another version) is refused before any program
+/// is loaded, with an error that names the map and the remedy instead of a verifier log.
+#[test]
+fn pinned_maps_keep_their_capacity_and_a_foreign_layout_is_refused() {
+    common::require_root();
+    let topo = common::Topology::new("ztlay", 210, 1);
+    let caps = |policy| loader::Capacities { policy, ..Default::default() };
+    drop(Datapath::load_with(&topo.pin_dir, caps(4096)).expect("load"));
+    let dp = Datapath::load_with(&topo.pin_dir, caps(8192)).expect("reload with a larger capacity asked");
+    assert_eq!(dp.capacities().policy, 4096, "the pinned map's capacity is what the sync plans with");
+    drop(dp);
+
+    // Conntrack values as an agent with a 16-byte value would have pinned them.
+    let ct = topo.pin_dir.join("maps/ZT_CONNTRACK");
+    std::fs::remove_file(&ct).unwrap();
+    let made = std::process::Command::new("bpftool")
+        .args(["map", "create", ct.to_str().unwrap(), "type", "lru_hash", "key", "44", "value", "16"])
+        .args(["entries", "64", "name", "ZT_CONNTRACK"])
+        .status()
+        .expect("bpftool");
+    assert!(made.success(), "bpftool map create");
+    let err = Datapath::load(&topo.pin_dir).err().expect("a foreign layout is refused").to_string();
+    for part in ["ZT_CONNTRACK", "16-byte values", "need 24-byte values", "--cleanup"] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    loader::cleanup(&topo.pin_dir).unwrap();
+}

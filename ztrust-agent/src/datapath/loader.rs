@@ -46,6 +46,13 @@ pub enum Error {
     PinLink { ifname: String, hook: &'static str, path: PathBuf, message: String },
     #[error("adopting pinned link {path}: {source}")]
     AdoptLink { path: PathBuf, source: LinkError },
+    #[error(
+        "map {name} pinned at {path} has {pinned}-byte {what}, this agent's programs need {wanted}-byte {what}: it \
+         was made by an agent with another map layout. The pinned programs keep enforcing with it; to replace it, stop the \
+         agent and remove the pins (`ztrust-agent run --cleanup --pin-path {pin_dir}`: enforcement stops until \
+         the new agent has synced)"
+    )]
+    PinnedLayout { name: &'static str, path: PathBuf, what: &'static str, pinned: u32, wanted: u32, pin_dir: PathBuf },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -155,6 +162,71 @@ where
     T::try_from(map).map_err(|source| Error::Map { name, source })
 }
 
+/// Key and value sizes of the pinned maps whose entries the agent and the programs read and write
+/// field by field; the capacity a map gets from [`Capacities`], if any.
+fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 10] {
+    use std::mem::size_of;
+    [
+        (names::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>(), Some(caps.endpoints)),
+        (names::IPCACHE, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>(), Some(caps.ipcache)),
+        (names::IPCACHE_HOSTS, size_of::<IpcacheKey>(), size_of::<IpcacheValue>(), Some(caps.ipcache)),
+        (names::POLICY, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
+        (names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), Some(caps.conntrack)),
+        (names::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>(), None),
+        (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
+        (names::STATS, size_of::<u32>(), size_of::<u64>(), None),
+        (names::CONFIG, size_of::<u32>(), size_of::<Config>(), None),
+        (names::REVISION, size_of::<u32>(), size_of::<u32>(), None),
+    ]
+}
+
+/// Maps pinned by an earlier agent are adopted as they are (that is what keeps enforcement going across
+/// restarts). Before loading: a map whose key or value size differs from this agent's cannot be used by
+/// its programs, which is said plainly here rather than as a verifier error; a map pinned with another
+/// capacity than asked for keeps its own (a pinned map cannot be resized), and the agent plans with it.
+fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
+    for (name, key_size, value_size, capacity) in pinned_layouts(&caps) {
+        let path = pin_dir.join("maps").join(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+        let layout = |what, pinned: u32, wanted: usize| Error::PinnedLayout {
+            name,
+            path: path.clone(),
+            what,
+            pinned,
+            wanted: wanted as u32,
+            pin_dir: pin_dir.to_owned(),
+        };
+        if info.key_size() as usize != key_size {
+            return Err(layout("keys", info.key_size(), key_size));
+        }
+        if info.value_size() as usize != value_size {
+            return Err(layout("values", info.value_size(), value_size));
+        }
+        if let Some(wanted) = capacity
+            && info.max_entries() != wanted
+        {
+            warn!(
+                map = name,
+                pinned = info.max_entries(),
+                requested = wanted,
+                "the pinned map keeps its capacity (remove the pins to resize it); planning with the pinned one"
+            );
+            let pinned = info.max_entries();
+            match name {
+                n if n == names::ENDPOINTS => caps.endpoints = pinned,
+                n if n == names::POLICY => caps.policy = pinned,
+                n if n == names::CONNTRACK => caps.conntrack = pinned,
+                // The two halves of the ipcache: the smaller bounds what fits.
+                _ => caps.ipcache = caps.ipcache.min(pinned),
+            }
+        }
+    }
+    Ok(caps)
+}
+
 /// Map sizes, when the defaults ([`ztrust_common::capacity`]) do not fit the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacities {
@@ -190,6 +262,7 @@ impl Datapath {
         for dir in [&maps_dir, &links.join("from-pod"), &links.join("to-pod")] {
             fs::create_dir_all(dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
         }
+        let caps = check_pinned(pin_dir, caps)?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ENDPOINTS, caps.endpoints)
