@@ -120,10 +120,11 @@ fn ipcache_split_between_hash_and_trie() {
 fn pinned_maps_keep_their_capacity_and_a_foreign_layout_is_refused() {
     common::require_root();
     let topo = common::Topology::new("ztlay", 210, 1);
-    let caps = |policy| loader::Capacities { policy, ..Default::default() };
+    let caps = |n| loader::Capacities { policy: n, ipcache: n / 2, ..Default::default() };
     drop(Datapath::load_with(&topo.pin_dir, caps(4096)).expect("load"));
     let dp = Datapath::load_with(&topo.pin_dir, caps(8192)).expect("reload with a larger capacity asked");
     assert_eq!(dp.capacities().policy, 4096, "the pinned map's capacity is what the sync plans with");
+    assert_eq!(dp.capacities().ipcache, 2048, "both halves of the ipcache were pinned with 2048");
     drop(dp);
 
     // Conntrack values as an agent with a 16-byte value would have pinned them.

@@ -185,6 +185,7 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
 /// its programs, which is said plainly here rather than as a verifier error; a map pinned with another
 /// capacity than asked for keeps its own (a pinned map cannot be resized), and the agent plans with it.
 fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
+    let mut ipcache: Option<u32> = None;
     for (name, key_size, value_size, capacity) in pinned_layouts(&caps) {
         let path = pin_dir.join("maps").join(name);
         if !path.exists() {
@@ -205,24 +206,30 @@ fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
         if info.value_size() as usize != value_size {
             return Err(layout("values", info.value_size(), value_size));
         }
+        let pinned = info.max_entries();
+        if name == names::IPCACHE || name == names::IPCACHE_HOSTS {
+            // The two halves of the ipcache share one capacity: the smaller pinned one.
+            ipcache = Some(ipcache.map_or(pinned, |c: u32| c.min(pinned)));
+        }
         if let Some(wanted) = capacity
-            && info.max_entries() != wanted
+            && pinned != wanted
         {
             warn!(
                 map = name,
-                pinned = info.max_entries(),
+                pinned,
                 requested = wanted,
                 "the pinned map keeps its capacity (remove the pins to resize it); planning with the pinned one"
             );
-            let pinned = info.max_entries();
             match name {
                 n if n == names::ENDPOINTS => caps.endpoints = pinned,
                 n if n == names::POLICY => caps.policy = pinned,
                 n if n == names::CONNTRACK => caps.conntrack = pinned,
-                // The two halves of the ipcache: the smaller bounds what fits.
-                _ => caps.ipcache = caps.ipcache.min(pinned),
+                _ => {}
             }
         }
+    }
+    if let Some(pinned) = ipcache {
+        caps.ipcache = pinned;
     }
     Ok(caps)
 }
