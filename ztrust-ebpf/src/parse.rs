@@ -85,10 +85,11 @@ pub fn parse(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> Parsed {
     }
 }
 
-/// `::ffff:a.b.c.d`, built from words (a byte array with ten zeros would become a memset loop).
+/// `::ffff:a.b.c.d` from the address as it is on the wire, read into a native word; built from words (a
+/// byte array with ten zeros would become a memset loop).
 #[inline(always)]
-fn mapped_v4(addr: [u8; 4]) -> [u8; 16] {
-    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), u32::from_ne_bytes(addr)];
+fn mapped_v4(addr: u32) -> [u8; 16] {
+    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr];
     // SAFETY: [u32; 4] and [u8; 16] have the same size, and every bit pattern is valid for both.
     unsafe { core::mem::transmute(words) }
 }
@@ -109,8 +110,8 @@ fn parse_v4(ctx: &TcContext, pkt: &mut MaybeUninit<Packet>) -> Parsed {
     let pkt = pkt.write(Packet {
         family: 4,
         protocol: h[9],
-        saddr: mapped_v4([h[12], h[13], h[14], h[15]]),
-        daddr: mapped_v4([h[16], h[17], h[18], h[19]]),
+        saddr: mapped_v4(u32::from_ne_bytes([h[12], h[13], h[14], h[15]])),
+        daddr: mapped_v4(u32::from_ne_bytes([h[16], h[17], h[18], h[19]])),
         sport_be: 0,
         dport_be: 0,
         tcp_flags: 0,
@@ -152,8 +153,8 @@ fn parse_v4_direct(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> bool {
         let ports = *(l4 as *const u32);
         let tcp_flags = if protocol == proto::TCP { *((l4 + 13) as *const u8) } else { 0 };
         pkt.write(Packet {
-            saddr: mapped_v4_word(*((ip + 12) as *const u32)),
-            daddr: mapped_v4_word(*((ip + 16) as *const u32)),
+            saddr: mapped_v4(*((ip + 12) as *const u32)),
+            daddr: mapped_v4(*((ip + 16) as *const u32)),
             // Ports as on the wire: the first two bytes of the word are the source port.
             sport_be: ports as u16,
             dport_be: (ports >> 16) as u16,
@@ -163,14 +164,6 @@ fn parse_v4_direct(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> bool {
         });
         true
     }
-}
-
-/// `::ffff:a.b.c.d` from the address as read from the wire into a native word.
-#[inline(always)]
-fn mapped_v4_word(addr: u32) -> [u8; 16] {
-    let words: [u32; 4] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), addr];
-    // SAFETY: as in `mapped_v4`.
-    unsafe { core::mem::transmute(words) }
 }
 
 #[inline(always)]
