@@ -205,3 +205,69 @@ fn enforcement_conntrack_counters_and_events() {
     assert!(topo.tcp(c, b, 80), "c -> b:80 once the policies are gone");
     assert!(topo.tcp(b, a, 80), "b -> a:80 once the policies are gone");
 }
+
+fn peer_judged(dp: &Datapath) -> u64 {
+    dp.maps.stats.get(&ztrust_common::stat::PEER_JUDGED, 0).map(|v| v.iter().sum()).unwrap_or(0)
+}
+
+/// A TCP connection between two pods of the node that both admit it is judged once: after the SYN, the
+/// receiving pod's interface passes the packets on the sender's peer mark. Counters are as if each
+/// interface had judged; a receiver whose endpoint is gone is not vouched for (it fails closed).
+#[test]
+fn same_node_tcp_is_judged_once() {
+    require_root();
+    let mut topo = Topology::new("ztpj", 211, 2);
+    topo.serve(1, 80);
+    enter_netns(&topo.node);
+    let mut enf = Enforcer::new(&topo);
+    let (a, b) = (0, 1);
+    let (ia, ib) = (enf.bindings[&ObjectRef::new("x", "a")], enf.bindings[&ObjectRef::new("x", "b")]);
+    enf.apply(&cluster(&topo, vec![allow_ingress("b-from-a", "b", "a", 80)]));
+
+    assert_eq!(peer_judged(&enf.dp), 0);
+    for _ in 0..3 {
+        assert!(topo.tcp(a, b, 80), "a -> b:80 is allowed");
+    }
+    let judged = peer_judged(&enf.dp);
+    // Per connection at least the handshake's ACK, the line, its echo and the closing segments.
+    assert!(judged >= 3 * 4, "packets passed on the peer mark: {judged}");
+    // Each packet is counted once for each end, as each end's own hook would count it.
+    let fwd = |i, d, r| enf.counter(i, d, verdict::FORWARDED, r);
+    assert_eq!(fwd(ia, dir::EGRESS, reason::ESTABLISHED), fwd(ib, dir::INGRESS, reason::ESTABLISHED));
+    assert_eq!(fwd(ib, dir::EGRESS, reason::REPLY), fwd(ia, dir::INGRESS, reason::REPLY));
+    assert_eq!(fwd(ib, dir::INGRESS, reason::ALLOWED_BY_POLICY), 3, "every SYN is judged at b itself");
+    assert!(fwd(ib, dir::INGRESS, reason::ESTABLISHED) >= 6);
+
+    // The mark is not a way around b's policy: c -> b is still judged (and denied) at b.
+    assert!(!topo.tcp(a, b, 81), "a -> b:81 is denied at b");
+
+    // An open connection, then b's endpoint disappears from the map (its pod is going): a's interface
+    // no longer vouches for b, and b's interface, which has no endpoint, drops.
+    let dst = SocketAddr::new(topo.pods[b].ip, 80);
+    let (tx, rx) = std::sync::mpsc::channel::<bool>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let netns_a = topo.pods[a].netns.clone();
+    let client = std::thread::spawn(move || {
+        enter_netns(&netns_a);
+        let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
+        let mut w = s.try_clone().unwrap();
+        let mut r = BufReader::new(s);
+        let mut line = String::new();
+        writeln!(w, "one").unwrap();
+        r.read_line(&mut line).unwrap();
+        tx.send(line == "one\n").unwrap();
+        go_rx.recv().unwrap();
+        line.clear();
+        let ok = writeln!(w, "two").is_ok() && r.read_line(&mut line).is_ok() && line == "two\n";
+        tx.send(ok).unwrap();
+    });
+    assert!(rx.recv_timeout(Duration::from_secs(3)).unwrap(), "connected");
+    let judged = peer_judged(&enf.dp);
+    enf.dp.maps.endpoints.remove(&ib).unwrap();
+    go_tx.send(()).unwrap();
+    assert!(!rx.recv_timeout(Duration::from_secs(4)).unwrap(), "nothing reaches an interface without an endpoint");
+    client.join().unwrap();
+    assert!(enf.counter(ib, dir::INGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);
+    assert_eq!(peer_judged(&enf.dp), judged, "no packet passed on the mark after b's endpoint went");
+}

@@ -67,6 +67,8 @@ pub struct Options {
     pub poll: Duration,
     /// Kernel map sizes.
     pub capacities: crate::datapath::loader::Capacities,
+    /// See [`Datapath::load_with_mark`].
+    pub peer_mark: u32,
     /// Flows kept in memory for the flow API (`--flow-buffer`).
     pub flow_buffer: usize,
     /// Flows queued per API client before it starts losing them (`--client-queue`).
@@ -378,7 +380,7 @@ fn fresh_warnings<'a>(warned: &mut BTreeSet<String>, current: &'a [String]) -> V
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let agent_started = Instant::now();
-    let mut dp = Datapath::load_with(&opts.pin_dir, opts.capacities)?;
+    let mut dp = Datapath::load_with_mark(&opts.pin_dir, opts.capacities, opts.peer_mark)?;
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
         flags: if opts.audit { ep_flags::AUDIT } else { 0 },

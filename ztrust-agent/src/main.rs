@@ -57,6 +57,12 @@ struct RunArgs {
     /// Capacity of the conntrack table (LRU: the least recently used connection goes when full).
     #[arg(long, default_value_t = ztrust_common::capacity::CONNTRACK)]
     conntrack_max: u32,
+    /// The packet mark bit (`skb->mark`, e.g. 0x1000) with which the interface of a pod sending on a TCP
+    /// connection that both ends, pods of this node, have admitted tells the receiving pod's interface
+    /// so: the connection is then judged once on the node instead of twice. One bit that nothing else on
+    /// the node uses (the CNI, kube-proxy); 0 turns this off.
+    #[arg(long, default_value = "0x1000", value_parser = parse_mark)]
+    peer_mark: u32,
     /// Where cluster state comes from: `kube` (the Kubernetes API: in a pod its service account, else
     /// `--kubeconfig`, $KUBECONFIG or ~/.kube/config) or `dir:<path>` (Namespace, Pod and NetworkPolicy
     /// YAML, re-read on change).
@@ -222,6 +228,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         event_interval: Duration::from_millis(args.event_interval_ms),
         flow_log: args.flow_log,
         poll: Duration::from_millis(args.poll_ms),
+        peer_mark: args.peer_mark,
         capacities: datapath::loader::Capacities {
             policy: args.policy_max,
             conntrack: args.conntrack_max,
@@ -234,4 +241,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(agent::run(opts))
+}
+
+/// A mark bit: decimal or 0x-hexadecimal, at most one bit set.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))?;
+    if v.count_ones() > 1 {
+        return Err(format!("{s} sets {} bits; the peer mark is one bit (or 0: off)", v.count_ones()));
+    }
+    Ok(v)
 }

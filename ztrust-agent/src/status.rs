@@ -47,6 +47,8 @@ pub struct Status {
     pub events_lost: u64,
     pub events_rate_limited: u64,
     pub ct_insert_failed: u64,
+    /// Packets passed on the peer mark (TCP between two pods of this node, judged once).
+    pub peer_judged: u64,
 }
 
 fn ifname(index: u32) -> String {
@@ -87,6 +89,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         events_lost: sum_stat(stat::EVENTS_LOST),
         events_rate_limited: sum_stat(stat::EVENTS_RATE_LIMITED),
         ct_insert_failed: sum_stat(stat::CT_INSERT_FAILED),
+        peer_judged: sum_stat(stat::PEER_JUDGED),
         ..Default::default()
     };
     for (ifindex, info) in endpoints.iter().flatten() {
@@ -125,7 +128,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
 pub fn render(st: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "endpoints {}/{}   policy entries {}/{}   ipcache {}/{}   events lost {}   rate-limited {}\n\n",
+        "endpoints {}/{}   policy entries {}/{}   ipcache {}/{}   events lost {}   rate-limited {}   judged at the peer {}\n\n",
         st.endpoints.len(),
         st.endpoints_capacity,
         st.policy_entries,
@@ -133,7 +136,8 @@ pub fn render(st: &Status) -> String {
         st.ipcache_entries,
         st.ipcache_capacity,
         st.events_lost,
-        st.events_rate_limited
+        st.events_rate_limited,
+        st.peer_judged
     ));
     out.push_str(&format!("{:<30} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));
     for e in &st.endpoints {

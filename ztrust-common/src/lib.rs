@@ -141,6 +141,9 @@ pub mod stat {
     pub const CT_INSERT_FAILED: u32 = 1;
     /// Events suppressed by the per-flow rate limit.
     pub const EVENTS_RATE_LIMITED: u32 = 2;
+    /// Packets an endpoint's interface passed on the peer mark of the sending endpoint's interface (a TCP
+    /// connection between two endpoints of this node that both have admitted: judged once).
+    pub const PEER_JUDGED: u32 = 3;
     pub const COUNT: u32 = 4;
 }
 
@@ -293,7 +296,13 @@ pub struct CtValue {
     /// The direction, at this hook, of the packet that opened the connection ([`dir`]): packets going
     /// that way are the connection's own, the others its replies.
     pub origin: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// TCP between two endpoints of this node: the host-side interface of the other endpoint, once that
+    /// endpoint has admitted the connection too (0: none). Packets this endpoint sends on the connection
+    /// then carry the agent's peer mark (`skb->mark`), and the other endpoint's interface passes them
+    /// without a second look: judged once. Learned by the receiving interface when it admits the SYN.
+    /// (Written where earlier versions left padding, which they kept zero.)
+    pub peer_ifindex: u32,
 }
 
 /// Idle timeouts of conntrack entries, in nanoseconds.

@@ -32,6 +32,20 @@ use crate::{
 /// TCP flag bits (RFC 9293 §3.1).
 const TCP_SYN: u8 = 0x02;
 const TCP_ACK: u8 = 0x10;
+const TCP_RST: u8 = 0x04;
+
+/// The `skb->mark` bit with which a sending endpoint's interface tells the receiving endpoint's interface
+/// on this node that both have admitted the packet's TCP connection (0: never). Set by the agent when it
+/// loads the programs (`--peer-mark`): a constant to the verifier.
+#[unsafe(no_mangle)]
+static PEER_MARK: u32 = 0;
+
+#[inline(always)]
+fn peer_mark() -> u32 {
+    // SAFETY: a plain read of a static; volatile so that the compiler does not fold the 0 it was built
+    // with (the loader writes the real value into the object's read-only data).
+    unsafe { core::ptr::read_volatile(&PEER_MARK) }
+}
 
 #[classifier]
 pub fn zt_from_pod(ctx: TcContext) -> i32 {
@@ -50,12 +64,39 @@ struct Decision {
     remote_identity: u32,
     rule_id: u32,
     new_flow: bool,
+    /// The receiving endpoint's interface (0: none) when it has admitted the packet's TCP connection too:
+    /// see [`CtValue::peer_ifindex`].
+    peer: u32,
+}
+
+impl Decision {
+    #[inline(always)]
+    fn new(verdict: u8, reason: u8, remote_identity: u32, rule_id: u32, new_flow: bool) -> Decision {
+        Decision { verdict, reason, remote_identity, rule_id, new_flow, peer: 0 }
+    }
 }
 
 #[inline(always)]
 fn handle(ctx: &TcContext, direction: u8) -> i32 {
+    let skb = ctx.skb.skb;
     // SAFETY: the context pointer is valid for the whole program run.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let ifindex = unsafe { (*skb).ifindex };
+    let peer_mark = peer_mark();
+    if peer_mark != 0 {
+        // SAFETY: as above; `mark` is readable and writable by TC programs.
+        let mark = unsafe { (*skb).mark };
+        if mark & peer_mark != 0 {
+            // SAFETY: as above.
+            unsafe { (*skb).mark = mark & !peer_mark };
+            // The sending endpoint's interface judged this packet for this one: both have admitted its
+            // connection. (A pod cannot forge the mark: the kernel clears marks when a packet crosses
+            // into another network namespace, as every packet a pod sends does.)
+            if direction == dir::INGRESS {
+                stat_inc(stat::PEER_JUDGED);
+                return TC_ACT_OK as i32;
+            }
+        }
+    }
     let mut pkt = MaybeUninit::<Packet>::uninit();
     let pkt = match parse::parse(ctx.skb.skb, &mut pkt) {
         // SAFETY: `parse` wrote the whole packet.
@@ -84,12 +125,22 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     let ep = *ep;
     let config = CONFIG.get(0).copied().unwrap_or_default();
 
-    let d = decide(ifindex, direction, &ep, pkt);
+    // SAFETY: the context pointer is valid for the whole program run.
+    let from = unsafe { (*skb).ingress_ifindex };
+    let d = decide(ifindex, direction, from, &ep, pkt);
     let mut v = d.verdict;
     if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
         v = verdict::WOULD_DROP;
     }
     count(ifindex, direction, v, d.reason, ctx.len());
+    // The receiving endpoint is still there (its interface is not gone, its address not yet anyone
+    // else's): it is told that the packet is judged, and the packet is counted for it as its own hook
+    // would have counted it.
+    if d.peer != 0 && v == verdict::FORWARDED && unsafe { ENDPOINTS.get(d.peer) }.is_some() {
+        count(d.peer, dir::INGRESS, v, d.reason, ctx.len());
+        // SAFETY: the context pointer is valid for the whole program run.
+        unsafe { (*skb).mark |= peer_mark };
+    }
     if v != verdict::FORWARDED || (d.new_flow && config.log_allowed != 0) {
         emit(ctx, &flow_key(ifindex, direction, pkt), &ep, pkt, &d, v, config.event_interval_ns);
     }
@@ -206,8 +257,9 @@ fn ct_admits(
     Some(rule)
 }
 
+/// `from` is the interface the packet entered the node on (`ingress_ifindex`).
 #[inline(always)]
-fn decide(ifindex: u32, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decision {
+fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packet) -> Decision {
     // The coarse clock (the last tick's time): conntrack ages in seconds, and reading the precise clock
     // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
@@ -217,7 +269,7 @@ fn decide(ifindex: u32, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decis
     let dport = u16::from_be(pkt.dport_be);
     let sport = u16::from_be(pkt.sport_be);
     // One key for the packets of both directions: one lookup per packet, whichever way it goes.
-    let key = CtKey::new(ifindex, direction, &pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, pkt.protocol);
+    let mut key = CtKey::new(ifindex, direction, &pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, pkt.protocol);
     // A TCP SYN opens a connection: it is judged by policy even if an entry with its tuple exists (a
     // reused port must not inherit what an earlier connection was allowed).
     let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -229,15 +281,30 @@ fn decide(ifindex: u32, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decis
         let (opened_dir, port, why) =
             if own { (direction, dport, reason::ESTABLISHED) } else { (opposite(direction), sport, reason::REPLY) };
         if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now, revision) {
-            return Decision { verdict: verdict::FORWARDED, reason: why, remote_identity: 0, rule_id, new_flow: false };
+            // A TCP connection between two endpoints of this node that both have admitted: the packet
+            // leaving one is judged for the other too. (Only TCP: its admission holds across policy
+            // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
+            let mut d = Decision::new(verdict::FORWARDED, why, 0, rule_id, false);
+            if pkt.protocol == proto::TCP && pkt.tcp_flags & TCP_RST != 0 {
+                // The connection ends here: its entry goes now rather than when the full table evicts it
+                // (eviction costs every new connection more). The RST passes each end's own hook, which
+                // forgets its own entry; a stray segment after it is judged by policy (CT_RECOVERED).
+                let _ = CONNTRACK.remove(&key);
+            } else if direction == dir::EGRESS && pkt.protocol == proto::TCP && peer_mark() != 0 {
+                // SAFETY: pointer from a successful lookup.
+                d.peer = unsafe { (*ct).peer_ifindex };
+            }
+            return d;
         }
     }
 
     let remote = remote_identity(remote_addr);
 
     if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
-        ct_create(&key, direction, rule_id, now, revision);
-        return Decision { verdict: verdict::FORWARDED, reason: why, remote_identity: remote, rule_id, new_flow: true };
+        let peer =
+            if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
+        ct_create(&key, direction, rule_id, now, revision, peer);
+        return Decision::new(verdict::FORWARDED, why, remote, rule_id, true);
     }
 
     // A TCP segment that is not an opening SYN and has no conntrack entry: its entry may have been
@@ -246,17 +313,47 @@ fn decide(ifindex: u32, direction: u8, ep: &EndpointInfo, pkt: &Packet) -> Decis
     // and never cuts a connection the policy allows.
     if pkt.protocol == proto::TCP && !opening_syn {
         if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
-            ct_create(&key, opposite(direction), rule_id, now, revision);
-            return Decision { verdict: verdict::FORWARDED, reason: reason::CT_RECOVERED, remote_identity: remote, rule_id, new_flow: false };
+            ct_create(&key, opposite(direction), rule_id, now, revision, 0);
+            return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, false);
         }
-        return Decision { verdict: verdict::DROPPED, reason: reason::NO_CT_ENTRY, remote_identity: remote, rule_id: 0, new_flow: false };
+        return Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false);
     }
-    Decision { verdict: verdict::DROPPED, reason: reason::POLICY_DENIED, remote_identity: remote, rule_id: 0, new_flow: true }
+    Decision::new(verdict::DROPPED, reason::POLICY_DENIED, remote, 0, true)
+}
+
+/// A TCP connection opened from another endpoint of this node (`from`, the interface the SYN entered on)
+/// and admitted here (`key`, this interface's entry): when the sender's interface admitted it too (its
+/// entry for the connection exists, opened as its egress, written by that SYN), each entry learns the
+/// other's interface. Returns the sender's interface, or 0. A SYN from elsewhere finds no entry under the
+/// interface it entered on.
+#[inline(always)]
+fn link_peer(key: &mut CtKey, from: u32) -> u32 {
+    let ifindex = key.ifindex;
+    if from == 0 || from == ifindex {
+        return 0;
+    }
+    // The sender's key differs from ours in the interface and in the direction the packet had there.
+    // (Changed in place and restored: another key would not fit the stack.)
+    let ours = key.direction;
+    key.ifindex = from;
+    key.direction = opposite(ours);
+    let theirs = CONNTRACK.get_ptr_mut(&*key);
+    key.ifindex = ifindex;
+    key.direction = ours;
+    let Some(theirs) = theirs else { return 0 };
+    // SAFETY: pointer from a successful lookup; plain data written in place.
+    unsafe {
+        if (*theirs).origin != dir::EGRESS {
+            return 0;
+        }
+        (*theirs).peer_ifindex = ifindex;
+    }
+    from
 }
 
 #[inline(always)]
-fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32) {
-    let value = CtValue { last_seen_ns: now, rule_id, revision, origin, _pad: [0; 7] };
+fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32, peer_ifindex: u32) {
+    let value = CtValue { last_seen_ns: now, rule_id, revision, origin, _pad: [0; 3], peer_ifindex };
     if CONNTRACK.insert(key, &value, 0).is_err() {
         stat_inc(stat::CT_INSERT_FAILED);
     }

@@ -12,9 +12,11 @@
 //!
 //! Tests: iperf3 TCP stream, iperf3 UDP at a fixed rate, TCP request/response on one connection (RR:
 //! 64-byte ping-pong, transactions/s) and TCP connect/request/response/close (CRR: a new connection
-//! per transaction, so every transaction is a new flow that walks the rules). Variants are interleaved
-//! (rotating order) over the repetitions; each value is the median, and each is reported as a ratio to
-//! `none` at the same size.
+//! per transaction, so every transaction is a new flow that walks the rules). The measurement goes in
+//! rounds: each round measures one test in every variant back to back (rotating order); a variant's
+//! ratio is the median over the rounds of its sample divided by `none`'s sample of the same round, so
+//! that the machine's slow phases (it is shared) cancel out. A `control` variant measures `none` again:
+//! the spread of its ratios shows how far the machine's noise alone moves a ratio.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -48,12 +50,17 @@ pub struct Args {
     /// Only these tests (tcp,udp,rr,crr).
     #[arg(long, value_delimiter = ',', default_value = "tcp,udp,rr,crr")]
     pub tests: Vec<String>,
+    /// Only these variants (none is always measured: every ratio is to it).
+    #[arg(long, value_delimiter = ',', default_value = "control,ztrust,iptables,ipset")]
+    pub variants: Vec<String>,
 }
 
 /// Values and UDP losses of one test and variant over the repetitions.
 type Samples = (Vec<f64>, Vec<f64>);
 
-pub const VARIANTS: [&str; 4] = ["none", "ztrust", "iptables", "ipset"];
+/// `control` is `none` measured again (nothing attached): its ratio to `none` is what the machine's noise
+/// alone makes of a ratio, the resolution against which the others are read.
+pub const VARIANTS: [&str; 5] = ["none", "control", "ztrust", "iptables", "ipset"];
 const CLIENT_IP: [u8; 4] = [10, 251, 0, 10];
 const SERVER_IP: [u8; 4] = [10, 251, 0, 11];
 const IPERF_PORT: u16 = 5201;
@@ -83,8 +90,13 @@ fn filler_port(i: usize) -> u16 {
 #[derive(Serialize, Clone, Debug)]
 pub struct Value {
     pub median: f64,
+    /// One per round, in round order.
     pub samples: Vec<f64>,
+    /// Median over the rounds of (this variant's sample / `none`'s sample of the same round).
     pub ratio_to_none: f64,
+    /// The lowest and highest of those per-round ratios.
+    pub ratio_min: f64,
+    pub ratio_max: f64,
     /// UDP only: receiver-side loss, percent (median).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub udp_loss_percent: Option<f64>,
@@ -377,6 +389,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             "{tool} not found (cargo xtask bench installs it)"
         );
     }
+    for v in &args.variants {
+        anyhow::ensure!(VARIANTS.contains(&v.as_str()), "unknown variant {v} (known: {})", VARIANTS.join(","));
+    }
+    let variants: Vec<&str> = VARIANTS.iter().copied().filter(|v| *v == "none" || args.variants.iter().any(|a| a == v)).collect();
     let mut topo = Topo::new();
     // This thread works in the node: attaching programs, iptables.
     enter_netns(&topo.node);
@@ -385,9 +401,18 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     topo.start_servers();
     let node = topo.node.clone();
     let ipt = |rules: &str| sh_stdin(&["ip", "netns", "exec", &node, "iptables-restore"], rules);
+    let teardown = |dp: &mut Datapath, variant: &str| match variant {
+        "ztrust" => {
+            dp.detach("ztbhc");
+            dp.detach("ztbhs");
+        }
+        "iptables" | "ipset" => ipt(EMPTY_RULES),
+        _ => {}
+    };
 
     let mut sizes = Vec::new();
     for &n in &args.rules {
+        let variants = &variants;
         let _ = loader::cleanup(&topo.pin);
         let mut dp = Datapath::load(&topo.pin)?;
         fill_maps(&mut dp, n, client_if, server_if);
@@ -397,19 +422,29 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         let set_rules = iptables_rules(n, true);
         // test → variant → (samples, udp losses)
         let mut raw: BTreeMap<String, BTreeMap<&str, Samples>> = BTreeMap::new();
+        // Every round measures each test in every variant back to back (rotating order), so that a slow
+        // phase of the machine falls on all variants of a round alike: each ratio is taken within a round.
+        // What is in place: a variant stays set up while the next measurement is of it too (a TCX link
+        // is released asynchronously after its pin is removed: attaching again at once finds it still
+        // there).
+        let mut active = "none";
         for rep in 0..args.reps {
-            for k in 0..VARIANTS.len() {
-                let variant = VARIANTS[(k + rep + n) % VARIANTS.len()];
-                match variant {
-                    "ztrust" => {
-                        dp.attach("ztbhc", client_if)?;
-                        dp.attach("ztbhs", server_if)?;
+            for (t, test) in args.tests.iter().enumerate() {
+                for k in 0..variants.len() {
+                    let variant = variants[(k + rep + t + n) % variants.len()];
+                    if variant != active {
+                        teardown(&mut dp, active);
+                        match variant {
+                            "ztrust" => {
+                                dp.attach("ztbhc", client_if)?;
+                                dp.attach("ztbhs", server_if)?;
+                            }
+                            "iptables" => ipt(&rules),
+                            "ipset" => ipt(&set_rules),
+                            _ => {}
+                        }
+                        active = variant;
                     }
-                    "iptables" => ipt(&rules),
-                    "ipset" => ipt(&set_rules),
-                    _ => {}
-                }
-                for test in &args.tests {
                     let (v, loss) = match test.as_str() {
                         "tcp" => topo.iperf(None, args.seconds),
                         "udp" => topo.iperf(Some(&args.udp_rate), args.seconds),
@@ -422,28 +457,24 @@ fn section(args: &Args) -> anyhow::Result<Report> {
                     e.0.push(v);
                     e.1.extend(loss);
                 }
-                match variant {
-                    "ztrust" => {
-                        dp.detach("ztbhc");
-                        dp.detach("ztbhs");
-                    }
-                    "iptables" | "ipset" => ipt(EMPTY_RULES),
-                    _ => {}
-                }
             }
         }
+        teardown(&mut dp, active);
         drop(dp);
         let _ = loader::cleanup(&topo.pin);
         let mut tests = BTreeMap::new();
         for (test, by_variant) in raw {
-            let none = median(&by_variant["none"].0);
+            let none = by_variant["none"].0.clone();
             let mut out = BTreeMap::new();
             for (variant, (samples, losses)) in by_variant {
-                let m = median(&samples);
+                // Sample i of every variant is from round i.
+                let ratios: Vec<f64> = samples.iter().zip(&none).map(|(v, base)| v / base).collect();
                 out.insert(variant.to_owned(), Value {
-                    median: m,
+                    median: median(&samples),
+                    ratio_to_none: median(&ratios),
+                    ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                    ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
                     samples,
-                    ratio_to_none: m / none,
                     udp_loss_percent: (!losses.is_empty()).then(|| median(&losses)),
                 });
             }
@@ -454,7 +485,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     sh_quiet(&["ip", "netns", "exec", &node, "ipset", "destroy", "ztb-allow"]);
     drop(topo);
 
-    println!("\nThroughput through a veth pair (median of {} x {} s; ratio to `none` at the same size in brackets)", args.reps, args.seconds);
+    println!(
+        "\nThroughput through a veth pair ({} rounds x {} s; value: median; in brackets: median over the rounds of the ratio to `none` in the same round)",
+        args.reps, args.seconds
+    );
     print!("{:>7} {:>5}", "rules", "test");
     for v in VARIANTS {
         print!(" {:>20}", v);
@@ -466,6 +500,19 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             for v in VARIANTS {
                 match by_variant.get(v) {
                     Some(x) => print!(" {:>12.0} ({:>5.3})", x.median, x.ratio_to_none),
+                    None => print!(" {:>20}", "-"),
+                }
+            }
+            println!();
+        }
+    }
+    println!("Per-round ratios to `none`, lowest-highest (`control` is `none` again: its spread is the noise):");
+    for s in &sizes {
+        for (test, by_variant) in &s.tests {
+            print!("{:>7} {:>5}", s.rules, test);
+            for v in VARIANTS {
+                match by_variant.get(v) {
+                    Some(x) => print!(" {:>20}", format!("{:.3}-{:.3}", x.ratio_min, x.ratio_max)),
                     None => print!(" {:>20}", "-"),
                 }
             }

@@ -24,6 +24,10 @@ use ztrust_common::{
 use super::EBPF_OBJECT;
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztrust";
+
+/// The default peer mark ([`Datapath::load_with_mark`]): bit 12, outside the bits kube-proxy (0x4000,
+/// 0x8000) and Calico (0xffff0000 by default) use.
+pub const DEFAULT_PEER_MARK: u32 = 0x1000;
 const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
@@ -260,9 +264,17 @@ impl Datapath {
         Self::load_with(pin_dir, Capacities::default())
     }
 
+    /// Loads the programs with [`DEFAULT_PEER_MARK`]: see [`Datapath::load_with_mark`].
+    pub fn load_with(pin_dir: &Path, caps: Capacities) -> Result<Self> {
+        Self::load_with_mark(pin_dir, caps, DEFAULT_PEER_MARK)
+    }
+
     /// Loads the programs. Maps already pinned under `pin_dir/maps` (by an earlier agent) are reused with
     /// their content, so enforcement continues across restarts; missing ones are created and pinned.
-    pub fn load_with(pin_dir: &Path, caps: Capacities) -> Result<Self> {
+    /// `peer_mark` is the `skb->mark` bit with which the interface of a pod sending on a TCP connection
+    /// that both ends (pods of this node) have admitted tells the receiving pod's interface so, which
+    /// then passes the packet without judging it again (0: every interface judges every packet).
+    pub fn load_with_mark(pin_dir: &Path, caps: Capacities, peer_mark: u32) -> Result<Self> {
         ensure_bpffs()?;
         let maps_dir = pin_dir.join("maps");
         let links = pin_dir.join("links");
@@ -277,6 +289,7 @@ impl Datapath {
             .map_max_entries(names::IPCACHE_HOSTS, caps.ipcache)
             .map_max_entries(names::POLICY, caps.policy)
             .map_max_entries(names::CONNTRACK, caps.conntrack)
+            .override_global("PEER_MARK", &peer_mark, true)
             .load(EBPF_OBJECT)?;
         for (name, _, _) in HOOKS {
             let prog: &mut SchedClassifier = ebpf
