@@ -212,3 +212,53 @@ fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
     assert_eq!(dp.maps.revision.get(&0, 0).unwrap(), rev);
     assert_eq!(run(&dp, from, ifindex, &udp(A, B, 1001, 53)), OK);
 }
+
+/// One run with `skb->mark` set in the context (offset 8): (return value, mark afterwards).
+fn run_marked(dp: &Datapath, prog: &str, ifindex: u32, frame: &[u8], mark: u32) -> (u32, u32) {
+    use aya::programs::{TestRun, TestRunOptions};
+    let mut ctx = [0u8; 192];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut ctx_out = [0u8; 192];
+    let mut out = vec![0u8; frame.len() + 256];
+    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ctx_out: Some(&mut ctx_out), ..Default::default() };
+    let ret = dp.program(prog).expect("program").test_run(opts).expect("test run").return_value;
+    (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
+}
+
+/// The peer mark (`--peer-mark`) is what a receiving pod's interface trusts without judging, so: the
+/// sending side strips it from whatever a pod sends (leaving other bits alone), and an interface honours
+/// it only when the agent configured it.
+#[test]
+fn the_peer_mark_is_stripped_from_what_pods_send_and_honoured_only_when_configured() {
+    use ztrust_agent::datapath::loader::DEFAULT_PEER_MARK as MARK;
+    common::require_root();
+    let topo = common::Topology::new("ztmk", 212, 1);
+    common::enter_netns(&topo.node);
+    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    let desired = Engine::new().compile(&cluster(&[(80, None)], 0));
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
+    let judged = |dp: &Datapath| -> u64 { dp.maps.stats.get(&ztrust_common::stat::PEER_JUDGED, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+
+    // What a pod sends leaves its interface without the bit (whatever else is marked stays).
+    let (ret, mark) = run_marked(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x02), MARK | 0x4000);
+    assert_eq!((ret, mark), (OK, 0x4000));
+    let (ret, mark) = run_marked(&dp, from, ifindex, &tcp(A, B, 1001, 81, 0x02), MARK);
+    assert_eq!((ret, mark), (SHOT, 0), "a denied packet is dropped, mark or not");
+
+    // Towards a pod, the mark alone passes a packet (only a sending interface on this node sets it), and
+    // is removed before the packet goes on.
+    let denied_in = tcp(B, A, 5555, 80, 0x02);
+    assert_eq!(run_marked(&dp, to, ifindex, &denied_in, 0).0, SHOT, "a's ingress is isolated");
+    assert_eq!(run_marked(&dp, to, ifindex, &denied_in, MARK), (OK, 0));
+    assert_eq!(judged(&dp), 1);
+
+    // Programs loaded without a peer mark honour none.
+    drop(dp);
+    let dp = Datapath::load_with_mark(&topo.pin_dir, Capacities::default(), 0).expect("load without a peer mark");
+    assert_eq!(run_marked(&dp, to, ifindex, &denied_in, MARK).0, SHOT);
+    assert_eq!(judged(&dp), 1);
+}
