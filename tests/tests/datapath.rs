@@ -114,6 +114,52 @@ impl Enforcer {
     }
 }
 
+/// A TCP connection from pod `from` to `to`:`port` (the topology's line echo) that exchanges one line,
+/// then waits until resumed to exchange another.
+struct PausedConnection {
+    done: std::sync::mpsc::Receiver<bool>,
+    go: std::sync::mpsc::Sender<()>,
+    client: std::thread::JoinHandle<()>,
+}
+
+impl PausedConnection {
+    fn open(topo: &Topology, from: usize, to: usize, port: u16, read_timeout: Duration) -> Self {
+        let dst = SocketAddr::new(topo.pods[to].ip, port);
+        let (tx, done) = std::sync::mpsc::channel::<bool>();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let netns = topo.pods[from].netns.clone();
+        let client = std::thread::spawn(move || {
+            enter_netns(&netns);
+            let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500)).expect("connect");
+            s.set_read_timeout(Some(read_timeout)).unwrap();
+            let mut w = s.try_clone().unwrap();
+            let mut r = BufReader::new(s);
+            let mut line = String::new();
+            writeln!(w, "one").unwrap();
+            r.read_line(&mut line).unwrap();
+            tx.send(line == "one\n").unwrap();
+            go_rx.recv().unwrap();
+            line.clear();
+            let ok = writeln!(w, "two").is_ok() && r.read_line(&mut line).is_ok() && line == "two\n";
+            tx.send(ok).unwrap();
+        });
+        PausedConnection { done, go, client }
+    }
+
+    /// Did the first line come back?
+    fn first(&self) -> bool {
+        self.done.recv_timeout(Duration::from_secs(3)).unwrap()
+    }
+
+    /// Sends the second line: did it come back?
+    fn resume(self) -> bool {
+        self.go.send(()).unwrap();
+        let ok = self.done.recv_timeout(Duration::from_secs(4)).unwrap();
+        self.client.join().unwrap();
+        ok
+    }
+}
+
 #[test]
 fn enforcement_conntrack_counters_and_events() {
     require_root();
@@ -173,31 +219,11 @@ fn enforcement_conntrack_counters_and_events() {
     assert!(enf.counter(idx(a), dir::INGRESS, verdict::FORWARDED, reason::REPLY) > 0);
 
     // A policy that denies new connections does not cut an established one.
-    let dst = SocketAddr::new(topo.pods[b].ip, 80);
-    let (tx, rx) = std::sync::mpsc::channel::<bool>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let netns_a = topo.pods[a].netns.clone();
-    let client = std::thread::spawn(move || {
-        enter_netns(&netns_a);
-        let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        writeln!(w, "one").unwrap();
-        r.read_line(&mut line).unwrap();
-        tx.send(line == "one\n").unwrap();
-        go_rx.recv().unwrap();
-        line.clear();
-        let ok = writeln!(w, "two").is_ok() && r.read_line(&mut line).is_ok() && line == "two\n";
-        tx.send(ok).unwrap();
-    });
-    assert!(rx.recv_timeout(Duration::from_secs(3)).unwrap(), "established before the change");
+    let conn = PausedConnection::open(&topo, a, b, 80, Duration::from_secs(2));
+    assert!(conn.first(), "established before the change");
     enf.apply(&cluster(&topo, vec![deny_all_ingress("b-deny", "b"), deny_all_ingress("a-deny", "a")]));
     assert!(!topo.tcp(a, b, 80), "new connections to b are now denied");
-    go_tx.send(()).unwrap();
-    assert!(rx.recv_timeout(Duration::from_secs(4)).unwrap(), "the established connection survives");
-    client.join().unwrap();
+    assert!(conn.resume(), "the established connection survives");
     assert!(enf.counter(idx(b), dir::INGRESS, verdict::FORWARDED, reason::ESTABLISHED) > 0);
 
     // Removing the policies opens everything again.
@@ -238,36 +264,17 @@ fn same_node_tcp_is_judged_once() {
     assert_eq!(fwd(ib, dir::INGRESS, reason::ALLOWED_BY_POLICY), 3, "every SYN is judged at b itself");
     assert!(fwd(ib, dir::INGRESS, reason::ESTABLISHED) >= 6);
 
-    // The mark is not a way around b's policy: c -> b is still judged (and denied) at b.
+    // The mark is not a way around b's policy: a new connection to a port b does not allow is judged
+    // (and denied) at b.
     assert!(!topo.tcp(a, b, 81), "a -> b:81 is denied at b");
 
     // An open connection, then b's endpoint disappears from the map (its pod is going): a's interface
     // no longer vouches for b, and b's interface, which has no endpoint, drops.
-    let dst = SocketAddr::new(topo.pods[b].ip, 80);
-    let (tx, rx) = std::sync::mpsc::channel::<bool>();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let netns_a = topo.pods[a].netns.clone();
-    let client = std::thread::spawn(move || {
-        enter_netns(&netns_a);
-        let s = TcpStream::connect_timeout(&dst, Duration::from_millis(500)).expect("connect");
-        s.set_read_timeout(Some(Duration::from_millis(800))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        let mut r = BufReader::new(s);
-        let mut line = String::new();
-        writeln!(w, "one").unwrap();
-        r.read_line(&mut line).unwrap();
-        tx.send(line == "one\n").unwrap();
-        go_rx.recv().unwrap();
-        line.clear();
-        let ok = writeln!(w, "two").is_ok() && r.read_line(&mut line).is_ok() && line == "two\n";
-        tx.send(ok).unwrap();
-    });
-    assert!(rx.recv_timeout(Duration::from_secs(3)).unwrap(), "connected");
+    let conn = PausedConnection::open(&topo, a, b, 80, Duration::from_millis(800));
+    assert!(conn.first(), "connected");
     let judged = peer_judged(&enf.dp);
     enf.dp.maps.endpoints.remove(&ib).unwrap();
-    go_tx.send(()).unwrap();
-    assert!(!rx.recv_timeout(Duration::from_secs(4)).unwrap(), "nothing reaches an interface without an endpoint");
-    client.join().unwrap();
+    assert!(!conn.resume(), "nothing reaches an interface without an endpoint");
     assert!(enf.counter(ib, dir::INGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);
     assert_eq!(peer_judged(&enf.dp), judged, "no packet passed on the mark after b's endpoint went");
 }

@@ -77,7 +77,7 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8>
     f
 }
 
-use common::{counter, test_run as run};
+use common::{counter, test_run as run, test_run_marked as run_marked};
 
 fn mapped(ip: [u8; 4]) -> [u8; 16] {
     std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()
@@ -211,19 +211,6 @@ fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
     syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&open), &bindings).unwrap();
     assert_eq!(dp.maps.revision.get(&0, 0).unwrap(), rev);
     assert_eq!(run(&dp, from, ifindex, &udp(A, B, 1001, 53)), OK);
-}
-
-/// One run with `skb->mark` set in the context (offset 8): (return value, mark afterwards).
-fn run_marked(dp: &Datapath, prog: &str, ifindex: u32, frame: &[u8], mark: u32) -> (u32, u32) {
-    use aya::programs::{TestRun, TestRunOptions};
-    let mut ctx = [0u8; 192];
-    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut ctx_out = [0u8; 192];
-    let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ctx_out: Some(&mut ctx_out), ..Default::default() };
-    let ret = dp.program(prog).expect("program").test_run(opts).expect("test run").return_value;
-    (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
 }
 
 /// The peer mark (`--peer-mark`) is what a receiving pod's interface trusts without judging, so: the

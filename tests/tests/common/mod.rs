@@ -183,12 +183,20 @@ impl Drop for Topology {
 /// Runs `prog` once on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on interface `ifindex` (the
 /// only field set in the `__sk_buff` context, at offset 40); the program's return value.
 pub fn test_run(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifindex: u32, frame: &[u8]) -> u32 {
+    test_run_marked(dp, prog, ifindex, frame, 0).0
+}
+
+/// As [`test_run`], with `skb->mark` (offset 8) set to `mark`: (return value, mark afterwards).
+pub fn test_run_marked(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifindex: u32, frame: &[u8], mark: u32) -> (u32, u32) {
     use aya::programs::{TestRun, TestRunOptions};
     let mut ctx = [0u8; 192];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    let mut ctx_out = [0u8; 192];
     let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ..Default::default() };
-    dp.program(prog).expect("program").test_run(opts).expect("test run").return_value
+    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ctx_out: Some(&mut ctx_out), ..Default::default() };
+    let ret = dp.program(prog).expect("program").test_run(opts).expect("test run").return_value;
+    (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
 }
 
 /// Packets counted for (interface, direction, verdict, reason), summed over CPUs.
