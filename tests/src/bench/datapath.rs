@@ -200,10 +200,24 @@ pub fn run_section(args: &Args) -> anyhow::Result<Report> {
     std::thread::spawn(move || section(&args)).join().map_err(|_| anyhow::anyhow!("datapath section panicked"))?
 }
 
+/// Removes the section's namespace and pins however it ends (a failed load or assertion included).
+struct Cleanup {
+    netns: String,
+    pin: std::path::PathBuf,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = loader::cleanup(&self.pin);
+        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
 fn section(args: &Args) -> anyhow::Result<Report> {
     let netns = format!("ztbdp{}", std::process::id());
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{netns}"));
     sh(&["ip", "netns", "add", &netns]);
+    let _cleanup = Cleanup { netns: netns.clone(), pin: pin.clone() };
     // A device for the programs to run on: the kernel resolves the context's ifindex in this namespace.
     // (No dummy driver on every kernel; a veth pair works everywhere.)
     sh(&["ip", "-n", &netns, "link", "add", "ztb0", "type", "veth", "peer", "name", "ztb1"]);
@@ -222,8 +236,6 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             cells.push(cell);
         }
     }
-    let _ = std::process::Command::new("ip").args(["netns", "del", &netns]).status();
-
     println!("\nPer-packet cost in the kernel (ns/packet; ratio to the smallest cell in brackets)");
     print!("{:>9} {:>8} {:>8}", "policies", "pods", "entries");
     for c in CASES {
