@@ -124,10 +124,7 @@ fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &Pkt) -> u32 {
 
 #[test]
 fn every_protocol_through_the_real_programs() {
-    common::require_root();
-    let topo = common::Topology::new("ztpk", 204, 1);
-    common::enter_netns(&topo.node);
-    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let (topo, ifindex) = common::node_with_one_pod("ztpk", 204);
     let mut dp = Datapath::load(&topo.pin_dir).expect("load");
 
     let a4 = [10, 244, 204, 10];

@@ -85,10 +85,7 @@ fn mapped(ip: [u8; 4]) -> [u8; 16] {
 
 #[test]
 fn conntrack_eviction_never_opens_and_never_cuts() {
-    common::require_root();
-    let topo = common::Topology::new("ztct", 205, 1);
-    common::enter_netns(&topo.node);
-    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let (topo, ifindex) = common::node_with_one_pod("ztct", 205);
     let caps = Capacities { conntrack: 64, ..Default::default() };
     let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
     let desired = Engine::new().compile(&cluster(&[(80, None)], 0));
@@ -125,10 +122,7 @@ fn conntrack_eviction_never_opens_and_never_cuts() {
 
 #[test]
 fn policy_map_at_capacity_refuses_the_update_and_keeps_the_last_state() {
-    common::require_root();
-    let topo = common::Topology::new("ztcap", 206, 1);
-    common::enter_netns(&topo.node);
-    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let (topo, ifindex) = common::node_with_one_pod("ztcap", 206);
     let caps = Capacities { policy: 16, ..Default::default() };
     let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
     let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
@@ -172,10 +166,7 @@ fn udp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
 /// judged as new.
 #[test]
 fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
-    common::require_root();
-    let topo = common::Topology::new("ztrev", 207, 1);
-    common::enter_netns(&topo.node);
-    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let (topo, ifindex) = common::node_with_one_pod("ztrev", 207);
     let mut dp = Datapath::load(&topo.pin_dir).expect("load");
     let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
     let mut engine = Engine::new();
@@ -219,10 +210,7 @@ fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
 #[test]
 fn the_peer_mark_is_stripped_from_what_pods_send_and_honoured_only_when_configured() {
     use ztrust_agent::datapath::loader::DEFAULT_PEER_MARK as MARK;
-    common::require_root();
-    let topo = common::Topology::new("ztmk", 212, 1);
-    common::enter_netns(&topo.node);
-    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).unwrap();
+    let (topo, ifindex) = common::node_with_one_pod("ztmk", 212);
     let mut dp = Datapath::load(&topo.pin_dir).expect("load");
     let desired = Engine::new().compile(&cluster(&[(80, None)], 0));
     let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();

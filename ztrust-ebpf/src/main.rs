@@ -98,7 +98,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         }
     }
     let mut pkt = MaybeUninit::<Packet>::uninit();
-    let pkt = match parse::parse(ctx.skb.skb, &mut pkt) {
+    let pkt = match parse::parse(skb, &mut pkt) {
         // SAFETY: `parse` wrote the whole packet.
         Parsed::Ip => unsafe { pkt.assume_init_ref() },
         Parsed::NotIp => {

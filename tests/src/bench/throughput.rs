@@ -412,7 +412,6 @@ fn section(args: &Args) -> anyhow::Result<Report> {
 
     let mut sizes = Vec::new();
     for &n in &args.rules {
-        let variants = &variants;
         let _ = loader::cleanup(&topo.pin);
         let mut dp = Datapath::load(&topo.pin)?;
         fill_maps(&mut dp, n, client_if, server_if);

@@ -208,3 +208,13 @@ pub fn counter(dp: &ztrust_agent::datapath::loader::Datapath, ifindex: u32, dire
 pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "privileged test: run as root via `cargo xtask test`");
 }
+
+/// A node with one pod (root required); the calling thread enters the node's namespace. Returns the
+/// topology and the ifindex of the pod's host-side interface.
+pub fn node_with_one_pod(prefix: &str, subnet: u8) -> (Topology, u32) {
+    require_root();
+    let topo = Topology::new(prefix, subnet, 1);
+    enter_netns(&topo.node);
+    let ifindex = nix::net::if_::if_nametoindex(topo.pods[0].host_if.as_str()).expect("ifindex");
+    (topo, ifindex)
+}
