@@ -20,7 +20,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ztrust_common::{
-    CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, ct_timeout, dir,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, ct_timeout, dir,
     ep_flags, event_flags, identity, proto, reason, stat, verdict,
 };
 
@@ -123,12 +123,15 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         return TC_ACT_SHOT as i32;
     };
     let ep = *ep;
-    let config = CONFIG.get(0).copied().unwrap_or_default();
 
     // SAFETY: the context pointer is valid for the whole program run.
     let from = unsafe { (*skb).ingress_ifindex };
     let d = decide(ifindex, direction, from, &ep, pkt);
     let mut v = d.verdict;
+    // The settings matter only for a drop or a new connection: a packet of an established one does not
+    // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches).
+    let config =
+        if v != verdict::FORWARDED || d.new_flow { CONFIG.get(0).copied().unwrap_or_default() } else { Config::default() };
     if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
         v = verdict::WOULD_DROP;
     }
@@ -230,7 +233,6 @@ fn ct_admits(
     original_dir: u8,
     port: u16,
     now: u64,
-    revision: u32,
 ) -> Option<u32> {
     // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
     let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
@@ -242,13 +244,16 @@ fn ct_admits(
     // Connectionless flows have no opening packet that policy could judge again: after a revision that
     // may have narrowed policy, the flow is judged again (TCP connections keep their admission; a new TCP
     // connection always starts with a SYN, which is judged).
-    if ct_rev != revision && pkt.protocol != proto::TCP {
-        let remote = remote_identity(remote_addr);
-        let (_, r) = admits(ep, remote, original_dir, pkt.protocol, port)?;
-        rule = r;
-        unsafe {
-            (*ct).revision = revision;
-            (*ct).rule_id = r;
+    if pkt.protocol != proto::TCP {
+        let revision = current_revision();
+        if ct_rev != revision {
+            let remote = remote_identity(remote_addr);
+            let (_, r) = admits(ep, remote, original_dir, pkt.protocol, port)?;
+            rule = r;
+            unsafe {
+                (*ct).revision = revision;
+                (*ct).rule_id = r;
+            }
         }
     }
     if now.wrapping_sub(last_seen) > ct_timeout::REFRESH_NS {
@@ -264,7 +269,6 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
     // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let revision = REVISION.get(0).copied().unwrap_or(0);
     let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
     let dport = u16::from_be(pkt.dport_be);
     let sport = u16::from_be(pkt.sport_be);
@@ -280,7 +284,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
         // as what it replies to.
         let (opened_dir, port, why) =
             if own { (direction, dport, reason::ESTABLISHED) } else { (opposite(direction), sport, reason::REPLY) };
-        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now, revision) {
+        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now) {
             // A TCP connection between two endpoints of this node that both have admitted: the packet
             // leaving one is judged for the other too. (Only TCP: its admission holds across policy
             // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
@@ -303,7 +307,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
     if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
         let peer =
             if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
-        ct_create(&key, direction, rule_id, now, revision, peer);
+        ct_create(&key, direction, rule_id, now, peer);
         return Decision::new(verdict::FORWARDED, why, remote, rule_id, true);
     }
 
@@ -313,7 +317,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
     // and never cuts a connection the policy allows.
     if pkt.protocol == proto::TCP && !opening_syn {
         if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
-            ct_create(&key, opposite(direction), rule_id, now, revision, 0);
+            ct_create(&key, opposite(direction), rule_id, now, 0);
             return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, false);
         }
         return Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false);
@@ -352,11 +356,18 @@ fn link_peer(key: &mut CtKey, from: u32) -> u32 {
 }
 
 #[inline(always)]
-fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32, peer_ifindex: u32) {
-    let value = CtValue { last_seen_ns: now, rule_id, revision, origin, _pad: [0; 3], peer_ifindex };
+fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, peer_ifindex: u32) {
+    let value = CtValue { last_seen_ns: now, rule_id, revision: current_revision(), origin, _pad: [0; 3], peer_ifindex };
     if CONNTRACK.insert(key, &value, 0).is_err() {
         stat_inc(stat::CT_INSERT_FAILED);
     }
+}
+
+/// The policy revision the agent last published (read only where it matters: a TCP connection keeps its
+/// admission across revisions, so its packets never read it).
+#[inline(always)]
+fn current_revision() -> u32 {
+    REVISION.get(0).copied().unwrap_or(0)
 }
 
 #[inline(always)]

@@ -17,6 +17,12 @@
 //! ratio is the median over the rounds of its sample divided by `none`'s sample of the same round, so
 //! that the machine's slow phases (it is shared) cancel out. A `control` variant measures `none` again:
 //! the spread of its ratios shows how far the machine's noise alone moves a ratio.
+//!
+//! By default the two ends run where the scheduler puts them, as pods' processes do. `--cpu N` runs
+//! both on CPU N, and with them the packets' way through the veths and the node, which the kernel
+//! processes on the sending CPU: the test is then bound by that one CPU, so whatever enforcement costs
+//! comes out of the result in full (none of it is absorbed by another CPU's idle time). A stricter view,
+//! not a quieter one: on this 2-CPU machine the TCP stream's `control` still moved 0.93-1.03 so.
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
@@ -53,6 +59,34 @@ pub struct Args {
     /// Only these variants (none is always measured: every ratio is to it).
     #[arg(long, value_delimiter = ',', default_value = "control,ztrust,iptables,ipset")]
     pub variants: Vec<String>,
+    /// The CPU both ends of every test run on (a number, or `last`); `any` leaves them to the scheduler.
+    #[arg(long, default_value = "any")]
+    pub cpu: String,
+}
+
+impl Args {
+    /// The CPU to pin the tests to, if any.
+    fn cpu(&self) -> anyhow::Result<Option<usize>> {
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        match self.cpu.as_str() {
+            "any" => Ok(None),
+            "last" => Ok(Some(online - 1)),
+            n => {
+                let cpu: usize = n.parse().map_err(|_| anyhow::anyhow!("--cpu {n}: a CPU number, `last` or `any`"))?;
+                anyhow::ensure!(cpu < online, "--cpu {cpu}: this machine has CPUs 0 to {}", online - 1);
+                Ok(Some(cpu))
+            }
+        }
+    }
+}
+
+/// Runs the calling thread (and the threads and processes it starts later) on `cpu` only.
+fn pin_to(cpu: Option<usize>) {
+    if let Some(cpu) = cpu {
+        let mut set = nix::sched::CpuSet::new();
+        set.set(cpu).expect("cpu number in range");
+        nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
+    }
 }
 
 /// Values and UDP losses of one test and variant over the repetitions.
@@ -112,6 +146,8 @@ pub struct SizeResult {
 #[derive(Serialize)]
 pub struct Report {
     pub unit: BTreeMap<&'static str, &'static str>,
+    /// The CPU both ends of every test ran on (none: unpinned).
+    pub cpu: Option<usize>,
     pub sizes: Vec<SizeResult>,
 }
 
@@ -121,10 +157,12 @@ struct Topo {
     server: String,
     pin: PathBuf,
     iperf: Option<Child>,
+    /// The CPU both ends of each test run on.
+    cpu: Option<usize>,
 }
 
 impl Topo {
-    fn new() -> Self {
+    fn new(cpu: Option<usize>) -> Self {
         let id = std::process::id();
         let t = Topo {
             node: format!("ztbt{id}n"),
@@ -132,6 +170,7 @@ impl Topo {
             server: format!("ztbt{id}s"),
             pin: PathBuf::from(format!("/sys/fs/bpf/ztbt{id}")),
             iperf: None,
+            cpu,
         };
         let node = &t.node;
         sh(&["ip", "netns", "add", node]);
@@ -161,18 +200,29 @@ impl Topo {
         c
     }
 
+    /// iperf3's arguments that pin it to the test CPU.
+    fn iperf_affinity(&self) -> Vec<String> {
+        self.cpu.map(|cpu| vec!["-A".to_owned(), cpu.to_string()]).unwrap_or_default()
+    }
+
     fn start_servers(&mut self) {
+        let (addr, port) = (ip(SERVER_IP), IPERF_PORT.to_string());
+        let mut args = vec!["iperf3", "-s", "-B", &addr, "-p", &port];
+        let affinity = self.iperf_affinity();
+        args.extend(affinity.iter().map(String::as_str));
         let child = self
-            .exec(&self.server, &["iperf3", "-s", "-B", &ip(SERVER_IP), "-p", &IPERF_PORT.to_string()])
+            .exec(&self.server, &args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("iperf3 -s");
         self.iperf = Some(child);
-        let netns = self.server.clone();
+        let (netns, cpu) = (self.server.clone(), self.cpu);
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             enter_netns(&netns);
+            // The connection threads below inherit it.
+            pin_to(cpu);
             let rr = TcpListener::bind(SocketAddr::from((SERVER_IP, RR_PORT))).expect("bind rr");
             let crr = TcpListener::bind(SocketAddr::from((SERVER_IP, CRR_PORT))).expect("bind crr");
             tx.send(()).unwrap();
@@ -215,9 +265,10 @@ impl Topo {
     }
 
     fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let netns = self.client.clone();
+        let (netns, cpu) = (self.client.clone(), self.cpu);
         std::thread::spawn(move || {
             enter_netns(&netns);
+            pin_to(cpu);
             f()
         })
         .join()
@@ -229,6 +280,8 @@ impl Topo {
         let s = seconds.to_string();
         let server = ip(SERVER_IP);
         let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &s, "-J"];
+        let affinity = self.iperf_affinity();
+        args.extend(affinity.iter().map(String::as_str));
         if let Some(rate) = udp {
             args.extend(["-u", "-b", rate, "-l", "1400"]);
         }
@@ -393,7 +446,8 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         anyhow::ensure!(VARIANTS.contains(&v.as_str()), "unknown variant {v} (known: {})", VARIANTS.join(","));
     }
     let variants: Vec<&str> = VARIANTS.iter().copied().filter(|v| *v == "none" || args.variants.iter().any(|a| a == v)).collect();
-    let mut topo = Topo::new();
+    let cpu = args.cpu()?;
+    let mut topo = Topo::new(cpu);
     // This thread works in the node: attaching programs, iptables.
     enter_netns(&topo.node);
     let client_if = nix::net::if_::if_nametoindex("ztbhc")?;
@@ -485,8 +539,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     drop(topo);
 
     println!(
-        "\nThroughput through a veth pair ({} rounds x {} s; value: median; in brackets: median over the rounds of the ratio to `none` in the same round)",
-        args.reps, args.seconds
+        "\nThroughput through a veth pair ({} rounds x {} s, {}; value: median; in brackets: median over the rounds of the ratio to `none` in the same round)",
+        args.reps,
+        args.seconds,
+        cpu.map_or_else(|| "both ends unpinned".to_owned(), |c| format!("both ends on CPU {c}"))
     );
     print!("{:>7} {:>5}", "rules", "test");
     for v in VARIANTS {
@@ -521,5 +577,5 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     println!("(tcp, udp: Mbit/s received; udp offered at {}; rr, crr: transactions/s)", args.udp_rate);
     println!("(target: ztrust >= 0.95 of none at every size, ahead of iptables at 1,000 and 10,000)");
     let unit = [("tcp", "Mbit/s"), ("udp", "Mbit/s"), ("rr", "transactions/s"), ("crr", "transactions/s")].into();
-    Ok(Report { unit, sizes })
+    Ok(Report { unit, cpu, sizes })
 }
