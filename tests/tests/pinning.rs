@@ -24,7 +24,7 @@ fn load_pin_adopt_cleanup() {
     first.attach(&host_if, index).expect("attach");
     let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, _pad: 0 };
     first.maps.endpoints.insert(index, info, 0).unwrap();
-    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK"] {
+    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_POLICY_EXACT", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK"] {
         assert!(topo.pin_dir.join(f).exists(), "{f} pinned");
     }
     assert!(topo.pin_dir.join(format!("links/from-pod/{host_if}")).exists());

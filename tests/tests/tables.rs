@@ -133,7 +133,7 @@ fn policy_map_at_capacity_refuses_the_update_and_keeps_the_last_state() {
 
     let small = engine.compile(&cluster(&[(80, None)], 0));
     syncer.sync(&mut KernelMaps(&mut dp.maps), &small, &bindings).expect("fits");
-    let before = dp.maps.policy.keys().count();
+    let before = dp.maps.policy.entries().count();
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x02)), OK);
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1001, 443, 0x02)), SHOT);
 
@@ -146,7 +146,7 @@ fn policy_map_at_capacity_refuses_the_update_and_keeps_the_last_state() {
         }
         other => panic!("the update must be refused for capacity, got {other:?}"),
     }
-    assert_eq!(dp.maps.policy.keys().count(), before, "nothing was written");
+    assert_eq!(dp.maps.policy.entries().count(), before, "nothing was written");
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1002, 80, 0x02)), OK, "the last good state enforces");
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1003, 443, 0x02)), SHOT, "nothing of the refused update");
 }
@@ -236,4 +236,82 @@ fn the_peer_mark_is_stripped_from_what_pods_send_and_honoured_only_when_configur
     let dp = Datapath::load_with_mark(&topo.pin_dir, Capacities::default(), 0).expect("load without a peer mark");
     assert_eq!(run_marked(&dp, to, ifindex, &denied_in, MARK).0, SHOT);
     assert_eq!(judged(&dp), 1);
+}
+
+/// Single-port allow entries go to the exact-port hash, wider ones (ranges) to the trie, and the
+/// endpoint's flags tell the programs which protocols and directions have trie entries at all. Entries
+/// an agent from before the split left in the trie keep enforcing until the new agent has copied them
+/// to the hash, and are removed from the trie after that.
+#[test]
+fn policy_entries_split_between_the_exact_hash_and_the_trie() {
+    use aya::maps::lpm_trie::Key;
+    use ztrust_common::{PolicyKey, PolicyValue, ep_flags};
+
+    let (topo, ifindex) = common::node_with_one_pod("ztpsp", 213);
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    let mut engine = Engine::new();
+    let mut syncer = Syncer::new();
+    let from = names::PROG_FROM_POD;
+    let flags = |dp: &Datapath| dp.maps.endpoints.get(&ifindex, 0).expect("endpoint").flags;
+
+    // Port 80 and the range 1000-1999 (TCP, egress).
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&cluster(&[(80, None), (1000, Some(1999))], 0)), &bindings).unwrap();
+    let exact: Vec<PolicyKey> = dp.maps.policy.exact.keys().map(Result::unwrap).collect();
+    assert_eq!(exact.len(), 1, "the single port is one exact entry: {exact:?}");
+    assert_eq!(u16::from_be_bytes(exact[0].port), 80);
+    let trie: Vec<u32> = dp.maps.policy.prefixes.keys().map(|k| k.unwrap().prefix_len()).collect();
+    assert!(!trie.is_empty() && trie.iter().all(|p| *p < PolicyKey::PREFIX_FULL), "the range is in the trie: {trie:?}");
+    assert_eq!(flags(&dp) & ep_flags::ALL_NO_WIDE, ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_EGRESS_TCP);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x02)), OK, "exact port");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1001, 1500, 0x02)), OK, "in the range");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1002, 2000, 0x02)), SHOT, "past the range");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1003, 443, 0x02)), SHOT, "another port");
+
+    // Without the range, TCP egress has no trie entry: the flag says so, and the trie is not walked.
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&cluster(&[(80, None)], 0)), &bindings).unwrap();
+    assert_eq!(dp.maps.policy.prefixes.keys().count(), 0);
+    assert_eq!(flags(&dp) & ep_flags::ALL_NO_WIDE, ep_flags::ALL_NO_WIDE);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1004, 80, 0x02)), OK);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1005, 1500, 0x02)), SHOT, "the range is gone");
+    // A range entry written behind the flags' back is not looked at while the flag says there is none:
+    // the flag is what makes the denied lookup flat, so it must be what the programs trust.
+    let range = PolicyKey::new(ifindex, exact_identity(&dp, ifindex), dir::EGRESS, proto::TCP, 1024);
+    dp.maps.policy.prefixes.insert(&Key::new(PolicyKey::PREFIX_FULL - 10, range), PolicyValue { rule_id: 9, _pad: 0 }, 0).unwrap();
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1006, 1500, 0x02)), SHOT, "flag set: the trie is not walked");
+    dp.maps.policy.prefixes.remove(&Key::new(PolicyKey::PREFIX_FULL - 10, range)).unwrap();
+
+    // An agent from before the split: its single-port entries are in the trie, its endpoint flags know
+    // nothing of wide entries (so the trie is walked).
+    let key443 = PolicyKey::new(ifindex, exact_identity(&dp, ifindex), dir::EGRESS, proto::TCP, 443);
+    dp.maps.policy.prefixes.insert(&Key::new(PolicyKey::PREFIX_FULL, key443), PolicyValue { rule_id: 7, _pad: 0 }, 0).unwrap();
+    let mut info = dp.maps.endpoints.get(&ifindex, 0).unwrap();
+    info.flags &= !ep_flags::ALL_NO_WIDE;
+    dp.maps.endpoints.insert(ifindex, info, 0).unwrap();
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1007, 443, 0x02)), OK, "the earlier agent's entry, in the trie");
+    drop(dp);
+
+    // The new agent loads: the entry is copied to the hash, listed once, and found there once the flags
+    // say the trie holds nothing wide; after its first sync the trie's copy goes.
+    let mut dp = Datapath::load(&topo.pin_dir).expect("reload");
+    assert!(dp.maps.policy.exact.get(&key443, 0).is_ok(), "copied to the hash");
+    assert_eq!(dp.maps.policy.entries().filter(|(_, k, _)| *k == key443).count(), 1, "listed once");
+    info.flags |= ep_flags::ALL_NO_WIDE;
+    dp.maps.endpoints.insert(ifindex, info, 0).unwrap();
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1008, 443, 0x02)), OK, "found in the hash");
+    assert_eq!(dp.maps.policy.drop_legacy_exact().unwrap(), 1);
+    assert_eq!(dp.maps.policy.prefixes.keys().count(), 0, "the trie's copy is gone");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1009, 443, 0x02)), OK, "still allowed");
+    // And the sync removes it from wherever it is, like any entry the desired state does not have.
+    let mut syncer = Syncer::adopt(&dp.maps);
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&cluster(&[(80, None)], 0)), &bindings).unwrap();
+    assert!(dp.maps.policy.exact.get(&key443, 0).is_err(), "removed by the sync");
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1010, 443, 0x02)), SHOT);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1011, 80, 0x02)), OK);
+}
+
+/// The remote identity of the (single) exact entry of `ifindex`: b's identity, as the engine numbered it.
+fn exact_identity(dp: &Datapath, ifindex: u32) -> u32 {
+    let key = dp.maps.policy.exact.keys().map(Result::unwrap).find(|k| u32::from_be_bytes(k.endpoint) == ifindex).expect("an exact entry");
+    u32::from_be_bytes(key.identity)
 }

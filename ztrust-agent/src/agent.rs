@@ -592,6 +592,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     if !in_sync {
                         // Until here an earlier agent's pinned state enforced; from here, this agent's.
                         in_sync = true;
+                        // This agent's programs are attached and find single-port entries in their own
+                        // map: the copies an earlier agent kept in the trie go.
+                        match dp.maps.policy.drop_legacy_exact() {
+                            Ok(0) => {}
+                            Ok(n) => info!(entries = n, "single-port allow entries of an earlier agent removed from the policy trie"),
+                            Err(e) => warn!(error = %e, "removing an earlier agent's single-port entries from the policy trie"),
+                        }
                         metrics.set_ready();
                         info!(
                             writes = stats.total(),
@@ -690,11 +697,11 @@ mod tests {
     fn a_warning_is_said_once_while_it_holds_and_again_when_it_recurs() {
         let mut warned = BTreeSet::new();
         let (a, b) = ("policy x/p: ingress[0].from[0].ipBlock.cidr invalid".to_owned(), "port name web unknown".to_owned());
-        assert_eq!(fresh_warnings(&mut warned, &[a.clone()]), vec![&a]);
-        assert!(fresh_warnings(&mut warned, &[a.clone()]).is_empty(), "a change elsewhere does not repeat it");
+        assert_eq!(fresh_warnings(&mut warned, std::slice::from_ref(&a)), vec![&a]);
+        assert!(fresh_warnings(&mut warned, std::slice::from_ref(&a)).is_empty(), "a change elsewhere does not repeat it");
         assert_eq!(fresh_warnings(&mut warned, &[a.clone(), b.clone()]), vec![&b]);
         assert!(fresh_warnings(&mut warned, &[]).is_empty());
-        assert_eq!(fresh_warnings(&mut warned, &[a.clone()]), vec![&a], "fixed, then broken again: said again");
+        assert_eq!(fresh_warnings(&mut warned, std::slice::from_ref(&a)), vec![&a], "fixed, then broken again: said again");
     }
 
     #[test]

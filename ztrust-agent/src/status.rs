@@ -74,6 +74,8 @@ pub fn read_in_netns(pin_dir: &Path, netns: &str) -> Result<Status> {
 pub fn read(pin_dir: &Path) -> Result<Status> {
     let endpoints: HashMap<MapData, u32, EndpointInfo> = open_pinned(pin_dir, names::ENDPOINTS)?;
     let policy: LpmTrie<MapData, PolicyKey, PolicyValue> = open_pinned(pin_dir, names::POLICY)?;
+    // Absent under pins of an agent from before the policy split (all entries in the trie then).
+    let policy_exact: Option<HashMap<MapData, PolicyKey, PolicyValue>> = open_pinned(pin_dir, names::POLICY_EXACT).ok();
     let ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue> = open_pinned(pin_dir, names::IPCACHE)?;
     // Absent under pins of an agent from before the ipcache split (all entries in the trie then).
     let ipcache_hosts: Option<HashMap<MapData, IpcacheKey, IpcacheValue>> = open_pinned(pin_dir, names::IPCACHE_HOSTS).ok();
@@ -84,7 +86,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         endpoints_capacity: capacity::ENDPOINTS,
         policy_capacity: capacity::POLICY,
         ipcache_capacity: capacity::IPCACHE,
-        policy_entries: policy.keys().count(),
+        policy_entries: policy.keys().count() + policy_exact.map_or(0, |h| h.keys().count()),
         ipcache_entries: ipcache.keys().count() + ipcache_hosts.map_or(0, |h| h.keys().count()),
         events_lost: sum_stat(stat::EVENTS_LOST),
         events_rate_limited: sum_stat(stat::EVENTS_RATE_LIMITED),

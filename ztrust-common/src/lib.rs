@@ -50,6 +50,44 @@ pub mod ep_flags {
     pub const NO_ANY_PEER_INGRESS: u32 = 1 << 3;
     /// The same for egress.
     pub const NO_ANY_PEER_EGRESS: u32 = 1 << 4;
+    /// No allow entry of the endpoint's ingress for TCP is wider than one port (a port range, any port,
+    /// any protocol): all of them are in the exact-port hash ([`super::names::POLICY_EXACT`]), and the
+    /// datapath does not walk the policy trie for TCP ingress. Set when there is none, as above.
+    pub const NO_WIDE_INGRESS_TCP: u32 = 1 << 5;
+    /// The same for UDP ingress.
+    pub const NO_WIDE_INGRESS_UDP: u32 = 1 << 6;
+    /// The same for ingress of any other protocol.
+    pub const NO_WIDE_INGRESS_OTHER: u32 = 1 << 7;
+    /// The same for TCP egress.
+    pub const NO_WIDE_EGRESS_TCP: u32 = 1 << 8;
+    /// The same for UDP egress.
+    pub const NO_WIDE_EGRESS_UDP: u32 = 1 << 9;
+    /// The same for egress of any other protocol.
+    pub const NO_WIDE_EGRESS_OTHER: u32 = 1 << 10;
+
+    /// Every `NO_WIDE_*` flag.
+    pub const ALL_NO_WIDE: u32 = NO_WIDE_INGRESS_TCP
+        | NO_WIDE_INGRESS_UDP
+        | NO_WIDE_INGRESS_OTHER
+        | NO_WIDE_EGRESS_TCP
+        | NO_WIDE_EGRESS_UDP
+        | NO_WIDE_EGRESS_OTHER;
+
+    /// The `NO_WIDE_*` flag for traffic in `direction` with `protocol`.
+    pub const fn no_wide(direction: u8, protocol: u8) -> u32 {
+        let ingress = direction == super::dir::INGRESS;
+        match protocol {
+            super::proto::TCP => {
+                if ingress { NO_WIDE_INGRESS_TCP } else { NO_WIDE_EGRESS_TCP }
+            }
+            super::proto::UDP => {
+                if ingress { NO_WIDE_INGRESS_UDP } else { NO_WIDE_EGRESS_UDP }
+            }
+            _ => {
+                if ingress { NO_WIDE_INGRESS_OTHER } else { NO_WIDE_EGRESS_OTHER }
+            }
+        }
+    }
 }
 
 /// What happened to a packet.
@@ -108,7 +146,11 @@ pub mod names {
     pub const IPCACHE: &str = "ZT_IPCACHE";
     /// Single addresses (hash): pods, the node, /32 and /128 ipBlocks.
     pub const IPCACHE_HOSTS: &str = "ZT_IPCACHE_HOSTS";
+    /// Allow entries wider than one port (port ranges, any port, any protocol): LPM trie.
     pub const POLICY: &str = "ZT_POLICY";
+    /// Allow entries for one port (prefix [`super::PolicyKey::PREFIX_FULL`]): hash, one lookup whatever
+    /// the number of entries.
+    pub const POLICY_EXACT: &str = "ZT_POLICY_EXACT";
     pub const CONNTRACK: &str = "ZT_CONNTRACK";
     pub const COUNTERS: &str = "ZT_COUNTERS";
     pub const EVENTS: &str = "ZT_EVENTS";

@@ -25,7 +25,7 @@ use ztrust_common::{
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, REVISION, STATS},
+    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION, STATS},
     parse::{Packet, Parsed},
 };
 
@@ -188,19 +188,33 @@ fn remote_identity(addr: &[u8; 16]) -> u32 {
 /// that direction). Returns the rule id.
 #[inline(always)]
 fn policy_lookup(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16) -> Option<u32> {
-    let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ep.endpoint_id, remote, direction, protocol, port));
-    if let Some(v) = POLICY.get(&key) {
-        return Some(v.rule_id);
+    // Entries wider than one port are in the trie; an endpoint without any for this direction and
+    // protocol (the common case: ports are named one by one) never walks it.
+    let wide = ep.flags & ep_flags::no_wide(direction, protocol) == 0;
+    if let Some(rule) = allowed(ep.endpoint_id, remote, direction, protocol, port, wide) {
+        return Some(rule);
     }
     let no_any = if direction == dir::INGRESS { ep_flags::NO_ANY_PEER_INGRESS } else { ep_flags::NO_ANY_PEER_EGRESS };
     if ep.flags & no_any != 0 {
         return None;
     }
-    let key = Key::new(
-        PolicyKey::PREFIX_FULL,
-        PolicyKey::new(ep.endpoint_id, identity::ANY, direction, protocol, port),
-    );
-    POLICY.get(&key).map(|v| v.rule_id)
+    allowed(ep.endpoint_id, identity::ANY, direction, protocol, port, wide)
+}
+
+/// The allow entry for exactly this (endpoint, remote, direction, protocol, port), else (when `wide`)
+/// the longest entry of the trie that contains it. An exact entry is the longest match there can be, so
+/// this is the answer one trie of all entries would give.
+#[inline(always)]
+fn allowed(endpoint: u32, remote: u32, direction: u8, protocol: u8, port: u16, wide: bool) -> Option<u32> {
+    let key = PolicyKey::new(endpoint, remote, direction, protocol, port);
+    // SAFETY: the value is copied out at once.
+    if let Some(v) = unsafe { POLICY_EXACT.get(&key) } {
+        return Some(v.rule_id);
+    }
+    if !wide {
+        return None;
+    }
+    POLICY.get(&Key::new(PolicyKey::PREFIX_FULL, key)).map(|v| v.rule_id)
 }
 
 /// Would `ep` admit a new connection in `direction` with `remote` to `port`?

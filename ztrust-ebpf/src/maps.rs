@@ -26,7 +26,15 @@ pub static IPCACHE_HOSTS: HashMap<IpcacheKey, IpcacheValue> =
 #[map(name = "ZT_IPCACHE")]
 pub static IPCACHE: LpmTrie<IpcacheKey, IpcacheValue> = LpmTrie::pinned(capacity::IPCACHE, 0);
 
-/// Allow entries: (endpoint, remote identity, direction, protocol, port prefix) → rule.
+/// Allow entries for one port: (endpoint, remote identity, direction, protocol, port) → rule. One hash
+/// lookup, whatever the number of entries. Allocated as entries come.
+#[map(name = "ZT_POLICY_EXACT")]
+pub static POLICY_EXACT: HashMap<PolicyKey, PolicyValue> =
+    HashMap::pinned(capacity::POLICY, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Allow entries wider than one port: (endpoint, remote identity, direction, protocol, port prefix) →
+/// rule. Walked only for an endpoint that has such entries for the packet's direction and protocol
+/// (`ep_flags::NO_WIDE_*`).
 #[map(name = "ZT_POLICY")]
 pub static POLICY: LpmTrie<PolicyKey, PolicyValue> = LpmTrie::pinned(capacity::POLICY, 0);
 

@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::time::Duration;
 
-use aya::maps::lpm_trie::Key;
 use aya::programs::{TestRun, TestRunOptions};
 use serde::Serialize;
 use ztrust_agent::datapath::loader::{self, Datapath};
@@ -148,7 +147,8 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     for ep in &endpoints {
         // The flags the agent's sync writes for these entries: isolated for egress, and no entry for any
         // peer in either direction.
-        let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS;
+        // (The endpoints given a port range below lose `NO_WIDE_EGRESS_UDP` there.)
+        let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
         let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, _pad: 0 };
         dp.maps.endpoints.insert(*ep, info, 0).expect("endpoint");
     }
@@ -158,16 +158,22 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         let port = 1024 + rng.below(20_000) as u16;
         for _ in 0..3 {
             let remote = 256 + rng.below(u64::from(identities)) as u32;
-            let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ep, remote, dir::EGRESS, proto::TCP, port));
-            dp.maps.policy.insert(&key, PolicyValue { rule_id: p + 1, _pad: 0 }, 0).expect("policy");
+            let key = PolicyKey::new(ep, remote, dir::EGRESS, proto::TCP, port);
+            dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: p + 1, _pad: 0 }).expect("policy");
             entries += 1;
         }
         // A range of 32 ports: one aligned block.
         let remote = 256 + rng.below(u64::from(identities)) as u32;
         let base = (30_000 + rng.below(1000) as u16) & !31;
-        let key = Key::new(PolicyKey::PREFIX_FULL - 5, PolicyKey::new(ep, remote, dir::EGRESS, proto::UDP, base));
-        dp.maps.policy.insert(&key, PolicyValue { rule_id: p + 1, _pad: 0 }, 0).expect("policy");
+        let key = PolicyKey::new(ep, remote, dir::EGRESS, proto::UDP, base);
+        dp.maps.policy.insert(PolicyKey::PREFIX_FULL - 5, &key, &PolicyValue { rule_id: p + 1, _pad: 0 }).expect("policy");
         entries += 1;
+        // Its UDP egress has a wide entry now: the programs walk the trie for it, as the agent's flags say.
+        let mut info = dp.maps.endpoints.get(&ep, 0).expect("endpoint");
+        if info.flags & ep_flags::NO_WIDE_EGRESS_UDP != 0 {
+            info.flags &= !ep_flags::NO_WIDE_EGRESS_UDP;
+            dp.maps.endpoints.insert(ep, info, 0).expect("endpoint");
+        }
     }
     // What the measured packets need: the endpoint may reach pod 1's identity on TCP 8080 and UDP 53.
     let me = pod_ip(0);
@@ -175,8 +181,8 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     // Pod i has identity 256 + i / 10.
     let peer_id = 256;
     for (protocol, port) in [(proto::TCP, 8080), (proto::UDP, 53)] {
-        let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(ifindex, peer_id, dir::EGRESS, protocol, port));
-        dp.maps.policy.insert(&key, PolicyValue { rule_id: 1, _pad: 0 }, 0).expect("policy");
+        let key = PolicyKey::new(ifindex, peer_id, dir::EGRESS, protocol, port);
+        dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 }).expect("policy");
     }
     let (me6, peer6) = ([0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     dp.maps.ipcache.insert(128, &IpcacheKey { addr: peer6 }, &IpcacheValue { identity: peer_id, _pad: 0 }).unwrap();

@@ -31,7 +31,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aya::maps::lpm_trie::Key;
 use serde::Serialize;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, proto};
@@ -412,8 +411,8 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     set_ip(dp, CLIENT_IP, client_id);
     set_ip(dp, SERVER_IP, server_id);
     let pol = |dp: &mut Datapath, remote: u32, protocol: u8, port: u16, rule: u32| {
-        let key = Key::new(PolicyKey::PREFIX_FULL, PolicyKey::new(server_if, remote, dir::INGRESS, protocol, port));
-        dp.maps.policy.insert(&key, PolicyValue { rule_id: rule, _pad: 0 }, 0).expect("policy");
+        let key = PolicyKey::new(server_if, remote, dir::INGRESS, protocol, port);
+        dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: rule, _pad: 0 }).expect("policy");
     };
     for i in 0..n.saturating_sub(ALLOWED.len()) {
         set_ip(dp, filler_ip(i), 1000 + i as u32);
@@ -423,11 +422,11 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
         pol(dp, client_id, p, port, n as u32);
     }
     // The flags the agent's sync writes: the server isolated for ingress; neither has an entry for any
-    // peer.
-    let no_any = ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS;
-    let server = EndpointInfo { endpoint_id: server_if, identity: server_id, flags: ep_flags::ISOLATED_INGRESS | no_any, _pad: 0 };
+    // peer, nor one wider than a port.
+    let lookups_skipped = ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
+    let server = EndpointInfo { endpoint_id: server_if, identity: server_id, flags: ep_flags::ISOLATED_INGRESS | lookups_skipped, _pad: 0 };
     dp.maps.endpoints.insert(server_if, server, 0).unwrap();
-    dp.maps.endpoints.insert(client_if, EndpointInfo { endpoint_id: client_if, identity: client_id, flags: no_any, _pad: 0 }, 0).unwrap();
+    dp.maps.endpoints.insert(client_if, EndpointInfo { endpoint_id: client_if, identity: client_id, flags: lookups_skipped, _pad: 0 }, 0).unwrap();
 }
 
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {

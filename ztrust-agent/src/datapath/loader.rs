@@ -65,7 +65,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Maps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
     pub ipcache: Ipcache,
-    pub policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    pub policy: Policy,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
     pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     pub stats: PerCpuArray<MapData, u64>,
@@ -111,6 +111,87 @@ impl Ipcache {
     pub fn entries(&self) -> impl Iterator<Item = (u32, IpcacheKey, IpcacheValue)> + '_ {
         let hosts = self.hosts.iter().flatten().map(|(k, v)| (IPCACHE_HOST_PREFIX, k, v));
         hosts.chain(self.prefixes.iter().flatten().map(|(k, v)| (k.prefix_len(), k.data(), v)))
+    }
+}
+
+/// The allow entries, in two maps: those for one port (prefix [`PolicyKey::PREFIX_FULL`]) in a hash map,
+/// found in one lookup whatever their number; wider ones (port ranges, any port, any protocol) in an LPM
+/// trie, which the programs walk only for an endpoint that has such entries for the packet's direction
+/// and protocol (the `ep_flags::NO_WIDE_*` flags of its entry say it has none). An exact entry is the
+/// longest match there can be, so the split gives the answer one trie of all entries gave.
+pub struct Policy {
+    pub exact: HashMap<MapData, PolicyKey, PolicyValue>,
+    pub prefixes: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+impl Policy {
+    pub fn insert(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<(), MapError> {
+        if prefix == PolicyKey::PREFIX_FULL {
+            self.exact.insert(key, value, 0)
+        } else {
+            self.prefixes.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0)
+        }
+    }
+
+    /// Removes the entry; `KeyNotFound` when there is none. An exact entry is removed from the trie as
+    /// well: an agent before the split kept every entry there.
+    pub fn remove(&mut self, prefix: u32, key: &PolicyKey) -> Result<(), MapError> {
+        let in_trie = self.prefixes.remove(&aya::maps::lpm_trie::Key::new(prefix, *key));
+        if prefix != PolicyKey::PREFIX_FULL {
+            return in_trie;
+        }
+        match (self.exact.remove(key), in_trie) {
+            (Ok(()), _) | (_, Ok(())) => Ok(()),
+            (Err(MapError::KeyNotFound), Err(e)) | (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Every entry, as (prefix length, key, value); an exact entry that an agent before the split left
+    /// in the trie too is listed once.
+    pub fn entries(&self) -> impl Iterator<Item = (u32, PolicyKey, PolicyValue)> + '_ {
+        let exact = self.exact.iter().flatten().map(|(k, v)| (PolicyKey::PREFIX_FULL, k, v));
+        let wide = self.prefixes.iter().flatten().map(|(k, v)| (k.prefix_len(), k.data(), v));
+        exact.chain(wide.filter(|(prefix, k, _)| *prefix != PolicyKey::PREFIX_FULL || self.exact.get(k, 0).is_err()))
+    }
+
+    /// The exact entries an agent before the split left in the trie, copied into the hash, where these
+    /// programs look first. The trie keeps them until [`Policy::drop_legacy_exact`]: the programs still
+    /// attached may be the earlier agent's, which look only there. Returns how many were copied.
+    pub fn copy_legacy_exact(&mut self) -> Result<usize, MapError> {
+        let legacy: Vec<(PolicyKey, PolicyValue)> = self
+            .prefixes
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.prefix_len() == PolicyKey::PREFIX_FULL)
+            .map(|(k, v)| (k.data(), v))
+            .collect();
+        for (key, value) in &legacy {
+            self.exact.insert(key, value, 0)?;
+        }
+        Ok(legacy.len())
+    }
+
+    /// Removes from the trie the exact entries an earlier agent left there (once this agent's programs
+    /// are attached: they find them in the hash). Returns how many were removed.
+    pub fn drop_legacy_exact(&mut self) -> Result<usize, MapError> {
+        let legacy: Vec<PolicyKey> = self
+            .prefixes
+            .keys()
+            .flatten()
+            .filter(|k| k.prefix_len() == PolicyKey::PREFIX_FULL)
+            .map(|k| k.data())
+            .collect();
+        for key in &legacy {
+            ignore_not_found(self.prefixes.remove(&aya::maps::lpm_trie::Key::new(PolicyKey::PREFIX_FULL, *key)))?;
+        }
+        Ok(legacy.len())
+    }
+}
+
+fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
     }
 }
 
@@ -168,13 +249,14 @@ where
 
 /// Key and value sizes of the pinned maps whose entries the agent and the programs read and write
 /// field by field; the capacity a map gets from [`Capacities`], if any.
-fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 10] {
+fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 11] {
     use std::mem::size_of;
     [
         (names::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>(), Some(caps.endpoints)),
         (names::IPCACHE, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>(), Some(caps.ipcache)),
         (names::IPCACHE_HOSTS, size_of::<IpcacheKey>(), size_of::<IpcacheValue>(), Some(caps.ipcache)),
         (names::POLICY, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
+        (names::POLICY_EXACT, size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
         (names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), Some(caps.conntrack)),
         (names::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>(), None),
         (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
@@ -190,6 +272,7 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
 /// capacity than asked for keeps its own (a pinned map cannot be resized), and the agent plans with it.
 fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
     let mut ipcache: Option<u32> = None;
+    let mut policy: Option<u32> = None;
     for (name, key_size, value_size, capacity) in pinned_layouts(&caps) {
         let path = pin_dir.join("maps").join(name);
         if !path.exists() {
@@ -215,6 +298,10 @@ fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
             // The two halves of the ipcache share one capacity: the smaller pinned one.
             ipcache = Some(ipcache.map_or(pinned, |c: u32| c.min(pinned)));
         }
+        if name == names::POLICY || name == names::POLICY_EXACT {
+            // So do the two halves of the policy.
+            policy = Some(policy.map_or(pinned, |c: u32| c.min(pinned)));
+        }
         if let Some(wanted) = capacity
             && pinned != wanted
         {
@@ -226,7 +313,6 @@ fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
             );
             match name {
                 n if n == names::ENDPOINTS => caps.endpoints = pinned,
-                n if n == names::POLICY => caps.policy = pinned,
                 n if n == names::CONNTRACK => caps.conntrack = pinned,
                 _ => {}
             }
@@ -234,6 +320,9 @@ fn check_pinned(pin_dir: &Path, mut caps: Capacities) -> Result<Capacities> {
     }
     if let Some(pinned) = ipcache {
         caps.ipcache = pinned;
+    }
+    if let Some(pinned) = policy {
+        caps.policy = pinned;
     }
     Ok(caps)
 }
@@ -288,6 +377,7 @@ impl Datapath {
             .map_max_entries(names::IPCACHE, caps.ipcache)
             .map_max_entries(names::IPCACHE_HOSTS, caps.ipcache)
             .map_max_entries(names::POLICY, caps.policy)
+            .map_max_entries(names::POLICY_EXACT, caps.policy)
             .map_max_entries(names::CONNTRACK, caps.conntrack)
             .override_global("PEER_MARK", &peer_mark, true)
             .load(EBPF_OBJECT)?;
@@ -299,19 +389,23 @@ impl Datapath {
                 .map_err(|source| Error::Program { name, source })?;
             prog.load().map_err(|source| Error::Program { name, source })?;
         }
-        let maps = Maps {
+        let mut maps = Maps {
             endpoints: take(&mut ebpf, names::ENDPOINTS)?,
             ipcache: Ipcache {
                 hosts: take(&mut ebpf, names::IPCACHE_HOSTS)?,
                 prefixes: take(&mut ebpf, names::IPCACHE)?,
             },
-            policy: take(&mut ebpf, names::POLICY)?,
+            policy: Policy { exact: take(&mut ebpf, names::POLICY_EXACT)?, prefixes: take(&mut ebpf, names::POLICY)? },
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             stats: take(&mut ebpf, names::STATS)?,
             config: take(&mut ebpf, names::CONFIG)?,
             revision: take(&mut ebpf, names::REVISION)?,
         };
+        let legacy = maps.policy.copy_legacy_exact().map_err(|source| Error::Map { name: names::POLICY_EXACT, source })?;
+        if legacy > 0 {
+            info!(entries = legacy, "single-port allow entries of an earlier agent copied from the policy trie to the exact-port map");
+        }
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         info!(pin_dir = %pin_dir.display(), "datapath loaded");
         Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new(), caps, attach_mode: AttachMode::Auto, netlink_links: BTreeMap::new() })

@@ -23,7 +23,7 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tracing::{debug, warn};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, identity};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, identity, proto};
 
 use crate::model::ObjectRef;
 use crate::policy::{AllowGroup, AllowKey, Delta, Desired, policy_keys};
@@ -199,6 +199,27 @@ fn no_any_peer_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
     flags
 }
 
+/// Whether `key` is written as entries wider than one port, into the policy trie (see [`policy_keys`]):
+/// any protocol, or more than one port. (An empty range writes nothing; it counts as wide, which only
+/// costs a trie walk.)
+fn is_wide(key: &AllowKey) -> bool {
+    key.protocol == proto::ANY || key.port_lo != key.port_hi
+}
+
+/// The `NO_WIDE_*` flags for an allow set: one for each direction and protocol class (TCP, UDP, any
+/// other) that no wide entry serves. An entry for any protocol serves them all.
+fn no_wide_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
+    let mut wide = 0;
+    for key in allow.keys().filter(|k| is_wide(k)) {
+        wide |= if key.protocol == proto::ANY {
+            [proto::TCP, proto::UDP, proto::ICMP].iter().fold(0, |f, &p| f | ep_flags::no_wide(key.direction, p))
+        } else {
+            ep_flags::no_wide(key.direction, key.protocol)
+        };
+    }
+    ep_flags::ALL_NO_WIDE & !wide
+}
+
 /// The endpoint entry to write during the narrowing step: isolated wherever the old or the new state is,
 /// in audit mode only where both are (audit never drops, so it is the open side). The "no any-peer
 /// entry" flags too are kept only where both have them: an entry for any peer is still looked up while
@@ -222,8 +243,7 @@ impl Syncer {
             let pod = ObjectRef::new("(adopted)", format!("ifindex-{ifindex}"));
             me.endpoints.insert(ifindex, AppliedEndpoint { pod, info, entries: Grouped::new() });
         }
-        for (key, value) in maps.policy.iter().flatten() {
-            let data = key.data();
+        for (prefix, data, value) in maps.policy.entries() {
             let ifindex = u32::from_be_bytes(data.endpoint);
             let ep = me.endpoints.entry(ifindex).or_insert_with(|| AppliedEndpoint {
                 pod: ObjectRef::new("(adopted)", format!("ifindex-{ifindex}")),
@@ -231,7 +251,7 @@ impl Syncer {
                 info: EndpointInfo { endpoint_id: ifindex, ..Default::default() },
                 entries: Grouped::new(),
             });
-            ep.entries.entry(group_of(&data)).or_default().insert((key.prefix_len(), data), value);
+            ep.entries.entry(group_of(&data)).or_default().insert((prefix, data), value);
             me.policy_entries += 1;
         }
         for (prefix, key, value) in maps.ipcache.entries() {
@@ -321,7 +341,7 @@ impl Syncer {
             if ep.isolated_egress {
                 flags |= ep_flags::ISOLATED_EGRESS;
             }
-            flags |= no_any_peer_flags(&ep.allow);
+            flags |= no_any_peer_flags(&ep.allow) | no_wide_flags(&ep.allow);
             let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, _pad: 0 };
             let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
             let only = match delta.endpoints.get(pod) {
@@ -545,10 +565,10 @@ impl MapOps for KernelMaps<'_> {
         ignore_missing(self.0.ipcache.remove(prefix, key), "ipcache")
     }
     fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
-        self.0.policy.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0).map_err(werr("policy"))
+        self.0.policy.insert(prefix, key, value).map_err(werr("policy"))
     }
     fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()> {
-        ignore_missing(self.0.policy.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "policy")
+        ignore_missing(self.0.policy.remove(prefix, key), "policy")
     }
     fn bump_revision(&mut self) -> Result<()> {
         let current = self.0.revision.get(&0, 0).map_err(werr("revision"))?;
@@ -776,6 +796,40 @@ mod tests {
         let mut any_out = some;
         any_out.insert(AllowKey { direction: dir::EGRESS, remote: identity::ANY, protocol: 0, port_lo: 0, port_hi: u16::MAX }, 4);
         assert_eq!(no_any_peer_flags(&any_out), ep_flags::NO_ANY_PEER_INGRESS);
+    }
+
+    #[test]
+    fn the_policy_trie_is_walked_only_for_the_protocols_and_directions_with_wide_entries() {
+        let key = |direction, protocol, port_lo, port_hi| AllowKey { direction, remote: 300, protocol, port_lo, port_hi };
+        assert_eq!(no_wide_flags(&BTreeMap::new()), ep_flags::ALL_NO_WIDE);
+        let exact: BTreeMap<AllowKey, u32> =
+            [(key(dir::INGRESS, proto::TCP, 80, 80), 1), (key(dir::EGRESS, proto::UDP, 53, 53), 2)].into();
+        assert_eq!(no_wide_flags(&exact), ep_flags::ALL_NO_WIDE, "single ports only");
+        let mut range = exact.clone();
+        range.insert(key(dir::EGRESS, proto::UDP, 30000, 30031), 3);
+        assert_eq!(no_wide_flags(&range), ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_EGRESS_UDP);
+        let mut any_port = exact.clone();
+        any_port.insert(key(dir::INGRESS, proto::SCTP, 0, u16::MAX), 4);
+        assert_eq!(no_wide_flags(&any_port), ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_INGRESS_OTHER);
+        let mut any_proto = exact;
+        any_proto.insert(key(dir::INGRESS, proto::ANY, 0, u16::MAX), 5);
+        let ingress = ep_flags::NO_WIDE_INGRESS_TCP | ep_flags::NO_WIDE_INGRESS_UDP | ep_flags::NO_WIDE_INGRESS_OTHER;
+        assert_eq!(no_wide_flags(&any_proto), ep_flags::ALL_NO_WIDE & !ingress);
+    }
+
+    proptest::proptest! {
+        /// `is_wide` says where `policy_keys` writes a key: exact entries (the hash) or the trie.
+        #[test]
+        fn a_key_is_wide_exactly_when_it_is_written_wider_than_one_port(
+            protocol in proptest::sample::select(vec![proto::ANY, proto::TCP, proto::UDP, proto::SCTP]),
+            port_lo in 0u16..=u16::MAX,
+            span in proptest::prop_oneof![proptest::strategy::Just(0u16), 0u16..=u16::MAX],
+        ) {
+            let key = AllowKey { direction: dir::INGRESS, remote: 300, protocol, port_lo, port_hi: port_lo.saturating_add(span) };
+            let written = policy_keys(7, &key);
+            let all_exact = written.iter().all(|(prefix, _)| *prefix == PolicyKey::PREFIX_FULL);
+            proptest::prop_assert_eq!(is_wide(&key), !all_exact, "{:?} -> {:?}", key, written);
+        }
     }
 
     #[test]
