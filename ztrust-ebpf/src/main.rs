@@ -316,12 +316,15 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
         }
     }
 
+    // Read before policy is: an entry admitted under a policy that a concurrent update narrows carries
+    // the revision from before the update, so its flow is judged again at its next packet.
+    let revision = current_revision();
     let remote = remote_identity(remote_addr);
 
     if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
         let peer =
             if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
-        ct_create(&key, direction, rule_id, now, peer);
+        ct_create(&key, direction, rule_id, now, revision, peer);
         return Decision::new(verdict::FORWARDED, why, remote, rule_id, true);
     }
 
@@ -331,7 +334,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
     // and never cuts a connection the policy allows.
     if pkt.protocol == proto::TCP && !opening_syn {
         if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
-            ct_create(&key, opposite(direction), rule_id, now, 0);
+            ct_create(&key, opposite(direction), rule_id, now, revision, 0);
             return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, false);
         }
         return Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false);
@@ -370,15 +373,15 @@ fn link_peer(key: &mut CtKey, from: u32) -> u32 {
 }
 
 #[inline(always)]
-fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, peer_ifindex: u32) {
-    let value = CtValue { last_seen_ns: now, rule_id, revision: current_revision(), origin, _pad: [0; 3], peer_ifindex };
+fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32, peer_ifindex: u32) {
+    let value = CtValue { last_seen_ns: now, rule_id, revision, origin, _pad: [0; 3], peer_ifindex };
     if CONNTRACK.insert(key, &value, 0).is_err() {
         stat_inc(stat::CT_INSERT_FAILED);
     }
 }
 
 /// The policy revision the agent last published (read only where it matters: a TCP connection keeps its
-/// admission across revisions, so its packets never read it).
+/// admission across revisions, so its established packets never read it).
 #[inline(always)]
 fn current_revision() -> u32 {
     REVISION.get(0).copied().unwrap_or(0)

@@ -222,8 +222,9 @@ fn no_wide_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
 
 /// The endpoint entry to write during the narrowing step: isolated wherever the old or the new state is,
 /// in audit mode only where both are (audit never drops, so it is the open side). The "no any-peer
-/// entry" flags too are kept only where both have them: an entry for any peer is still looked up while
-/// it may exist, and the final write sets them once the entries are gone.
+/// entry" and "no wide entry" flags too are kept only where both have them: such an entry is still looked
+/// up while it may exist, and the final write sets them once the entries are gone. (These flags only
+/// skip lookups: a stale one can hide an entry, never open anything.)
 fn narrowest(old: &EndpointInfo, new: &EndpointInfo) -> EndpointInfo {
     let iso = (old.flags | new.flags) & ISOLATION;
     let rest = old.flags & new.flags & !ISOLATION;
