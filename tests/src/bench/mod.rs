@@ -45,15 +45,44 @@ pub fn enter_netns(name: &str) {
     nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
 }
 
-/// Removes every network namespace whose name starts with `prefix` (left over by an interrupted run).
-pub fn remove_netns_with_prefix(prefix: &str) {
+/// The process id in the name of a namespace or pin directory a section made (`ztbt1234n`,
+/// `ztbdp1234`: `ztb`, the section's letters, the id, maybe a suffix).
+fn owner_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("ztb")?.trim_start_matches(|c: char| c.is_ascii_lowercase());
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Removes the network namespaces and pins of benchmark runs that ended without removing them (killed),
+/// leaving those of runs still alive alone. Their servers die with them (`kill_with_parent`).
+pub fn remove_leftovers() {
+    let dead = |name: &str| owner_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
     for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with(prefix) {
+        if dead(&name) {
+            eprintln!("removing network namespace {name}, left by an interrupted benchmark");
             sh_quiet(&["ip", "netns", "del", &name]);
         }
     }
+    for entry in std::fs::read_dir("/sys/fs/bpf").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if dead(&name) {
+            eprintln!("removing pins /sys/fs/bpf/{name}, left by an interrupted benchmark");
+            let _ = ztrust_agent::datapath::loader::cleanup(&entry.path());
+        }
+    }
 }
+
+/// Makes a child process get SIGKILL when the thread that started it ends, the benchmark killed
+/// included (a server left running would hold its namespace).
+pub fn kill_with_parent(c: &mut std::process::Command) -> &mut std::process::Command {
+    use std::os::unix::process::CommandExt as _;
+    // SAFETY: only an async-signal-safe system call between fork and exec.
+    unsafe {
+        c.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from))
+    }
+}
+
 
 /// A field of /proc/self/status in KiB (`VmHWM`, `VmRSS`).
 pub fn proc_status_kib(field: &str) -> u64 {
@@ -120,4 +149,18 @@ pub fn frame(v6: bool, src: &[u8], dst: &[u8], protocol: u8, sport: u16, dport: 
 
 pub fn mapped(ip: [u8; 4]) -> [u8; 16] {
     std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_owner_of_a_leftover_is_read_from_its_name() {
+        assert_eq!(super::owner_pid("ztbt1234n"), Some(1234));
+        assert_eq!(super::owner_pid("ztbt1234"), Some(1234));
+        assert_eq!(super::owner_pid("ztbdp77"), Some(77));
+        assert_eq!(super::owner_pid("ztbfl5"), Some(5));
+        assert_eq!(super::owner_pid("ztlab-node"), None, "not a benchmark's");
+        assert_eq!(super::owner_pid("ztrust"), None);
+        assert_eq!(super::owner_pid("ztbx"), None, "no id: never removed");
+    }
 }

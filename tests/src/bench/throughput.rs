@@ -209,8 +209,7 @@ impl Topo {
         let mut args = vec!["iperf3", "-s", "-B", &addr, "-p", &port];
         let affinity = self.iperf_affinity();
         args.extend(affinity.iter().map(String::as_str));
-        let child = self
-            .exec(&self.server, &args)
+        let child = super::kill_with_parent(&mut self.exec(&self.server, &args))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

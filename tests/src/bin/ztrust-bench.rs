@@ -3,7 +3,7 @@
 //! Each section prints a table; `--json FILE` writes every result as one JSON object.
 
 use clap::{Parser, Subcommand};
-use ztrust_tests::bench::{control, datapath, flows, throughput};
+use ztrust_tests::bench::{self, control, datapath, flows, throughput};
 
 #[derive(Parser)]
 struct Cli {
@@ -34,6 +34,9 @@ enum Section {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark loads eBPF programs: run as root");
+    if !matches!(cli.section, Some(Section::ControlPlaneChild(_))) {
+        bench::remove_leftovers();
+    }
     let mut out = serde_json::Map::new();
     let mut add = |name: &str, v: serde_json::Value| {
         out.insert(name.to_owned(), v);
