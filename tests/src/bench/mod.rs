@@ -83,7 +83,6 @@ pub fn kill_with_parent(c: &mut std::process::Command) -> &mut std::process::Com
     }
 }
 
-
 /// A field of /proc/self/status in KiB (`VmHWM`, `VmRSS`).
 pub fn proc_status_kib(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
