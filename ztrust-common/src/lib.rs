@@ -161,6 +161,8 @@ pub mod names {
     pub const REVISION: &str = "ZT_REVISION";
     pub const PROG_FROM_POD: &str = "zt_from_pod";
     pub const PROG_TO_POD: &str = "zt_to_pod";
+    /// A program that passes every packet, for benchmarks (the cost of the hook alone).
+    pub const PROG_PASS: &str = "zt_pass";
 }
 
 /// Capacities of the maps. The agent refuses updates past them rather than writing half a state.

@@ -57,6 +57,13 @@ pub fn zt_to_pod(ctx: TcContext) -> i32 {
     handle(&ctx, dir::INGRESS)
 }
 
+/// Passes every packet and does nothing else. The agent never attaches it: benchmarks attach it where
+/// the two programs above go, to tell what the hook itself costs from what the pipeline costs.
+#[classifier]
+pub fn zt_pass(_ctx: TcContext) -> i32 {
+    TC_ACT_OK as i32
+}
+
 /// What the pipeline decided about one packet.
 struct Decision {
     verdict: u8,

@@ -2,6 +2,9 @@
 //! namespace, /32 host routes, proxy ARP, a link-local gateway: as a per-pod CNI does), side by side in
 //! one run:
 //! - `none`: no enforcement;
+//! - `hook`: a program that passes every packet, attached where ztrust's go (both hooks of both
+//!   host-side veths): what a TC program costs before it does anything, which any TC-based enforcer
+//!   pays. What separates `ztrust` from it is the cost of ztrust's pipeline;
 //! - `ztrust`: the real programs attached to both host-side veths; the server pod isolated for ingress,
 //!   its policy map holding N entries, the measured flows allowed by the last 4 of them;
 //! - `iptables`: the same policy as an iptables-based NetworkPolicy implementation generates it, in the
@@ -27,13 +30,18 @@
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
+use aya::programs::{SchedClassifier, TcAttachType, tc::SchedClassifierLinkId};
 use serde::Serialize;
-use ztrust_agent::datapath::loader::{self, Datapath};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, proto};
+use ztrust_agent::datapath::{
+    EBPF_OBJECT,
+    loader::{self, Datapath},
+};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto};
 
 use super::{enter_netns, mapped, median, sh, sh_quiet, sh_stdin};
 
@@ -56,7 +64,7 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "tcp,udp,rr,crr")]
     pub tests: Vec<String>,
     /// Only these variants (none is always measured: every ratio is to it).
-    #[arg(long, value_delimiter = ',', default_value = "control,ztrust,iptables,ipset")]
+    #[arg(long, value_delimiter = ',', default_value = "control,hook,ztrust,iptables,ipset")]
     pub variants: Vec<String>,
     /// The CPU both ends of every test run on (a number, or `last`); `any` leaves them to the scheduler.
     #[arg(long, default_value = "any")]
@@ -93,7 +101,7 @@ type Samples = (Vec<f64>, Vec<f64>);
 
 /// `control` is `none` measured again (nothing attached): its ratio to `none` is what the machine's noise
 /// alone makes of a ratio, the resolution against which the others are read.
-pub const VARIANTS: [&str; 5] = ["none", "control", "ztrust", "iptables", "ipset"];
+pub const VARIANTS: [&str; 6] = ["none", "control", "hook", "ztrust", "iptables", "ipset"];
 const CLIENT_IP: [u8; 4] = [10, 251, 0, 10];
 const SERVER_IP: [u8; 4] = [10, 251, 0, 11];
 const IPERF_PORT: u16 = 5201;
@@ -155,6 +163,8 @@ struct Topo {
     client: String,
     server: String,
     pin: PathBuf,
+    /// The `hook` variant's pins (its own copy of the object's maps, unused).
+    pass_pin: PathBuf,
     iperf: Option<Child>,
     /// The CPU both ends of each test run on.
     cpu: Option<usize>,
@@ -168,6 +178,7 @@ impl Topo {
             client: format!("ztbt{id}c"),
             server: format!("ztbt{id}s"),
             pin: PathBuf::from(format!("/sys/fs/bpf/ztbt{id}")),
+            pass_pin: PathBuf::from(format!("/sys/fs/bpf/ztbt{id}p")),
             iperf: None,
             cpu,
         };
@@ -359,8 +370,52 @@ impl Drop for Topo {
             let _ = c.wait();
         }
         let _ = loader::cleanup(&self.pin);
+        let _ = loader::cleanup(&self.pass_pin);
         for n in [&self.client, &self.server, &self.node] {
             sh_quiet(&["ip", "netns", "del", n]);
+        }
+    }
+}
+
+/// The `hook` variant: [`names::PROG_PASS`] on both hooks of both interfaces, attached with TCX as
+/// ztrust's programs are (links held here: dropping them detaches at once).
+struct PassHook {
+    ebpf: aya::Ebpf,
+    links: Vec<SchedClassifierLinkId>,
+}
+
+impl PassHook {
+    fn load(pin: &Path) -> anyhow::Result<Self> {
+        // The object's maps come along (pinned by name); the program uses none.
+        let maps = pin.join("maps");
+        std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
+        let ebpf = aya::EbpfLoader::new().default_map_pin_directory(&maps).load(EBPF_OBJECT)?;
+        let mut hook = PassHook { ebpf, links: Vec::new() };
+        hook.program()?.load().context("loading the pass-through program")?;
+        Ok(hook)
+    }
+
+    fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
+        let prog = self.ebpf.program_mut(names::PROG_PASS).with_context(|| format!("{} not in the object", names::PROG_PASS))?;
+        Ok(prog.try_into()?)
+    }
+
+    fn attach(&mut self, ifnames: &[&str]) -> anyhow::Result<()> {
+        for ifname in ifnames {
+            for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
+                let id = self.program()?.attach(ifname, hook).with_context(|| format!("attaching the pass-through program to {ifname}"))?;
+                self.links.push(id);
+            }
+        }
+        Ok(())
+    }
+
+    fn detach(&mut self) {
+        let links = std::mem::take(&mut self.links);
+        if let Ok(prog) = self.program() {
+            for id in links {
+                let _ = prog.detach(id);
+            }
         }
     }
 }
@@ -453,7 +508,9 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     topo.start_servers();
     let node = topo.node.clone();
     let ipt = |rules: &str| sh_stdin(&["ip", "netns", "exec", &node, "iptables-restore"], rules);
-    let teardown = |dp: &mut Datapath, variant: &str| match variant {
+    let mut pass = PassHook::load(&topo.pass_pin)?;
+    let teardown = |dp: &mut Datapath, pass: &mut PassHook, variant: &str| match variant {
+        "hook" => pass.detach(),
         "ztrust" => {
             dp.detach("ztbhc");
             dp.detach("ztbhs");
@@ -484,8 +541,9 @@ fn section(args: &Args) -> anyhow::Result<Report> {
                 for k in 0..variants.len() {
                     let variant = variants[(k + rep + t + n) % variants.len()];
                     if variant != active {
-                        teardown(&mut dp, active);
+                        teardown(&mut dp, &mut pass, active);
                         match variant {
+                            "hook" => pass.attach(&["ztbhc", "ztbhs"])?,
                             "ztrust" => {
                                 dp.attach("ztbhc", client_if)?;
                                 dp.attach("ztbhs", server_if)?;
@@ -510,7 +568,7 @@ fn section(args: &Args) -> anyhow::Result<Report> {
                 }
             }
         }
-        teardown(&mut dp, active);
+        teardown(&mut dp, &mut pass, active);
         drop(dp);
         let _ = loader::cleanup(&topo.pin);
         let mut tests = BTreeMap::new();
@@ -534,6 +592,7 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         sizes.push(SizeResult { rules: n, tests });
     }
     sh_quiet(&["ip", "netns", "exec", &node, "ipset", "destroy", "ztb-allow"]);
+    drop(pass);
     drop(topo);
 
     println!(
