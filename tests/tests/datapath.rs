@@ -263,6 +263,22 @@ fn same_node_tcp_is_judged_once() {
     assert_eq!(fwd(ib, dir::EGRESS, reason::REPLY), fwd(ia, dir::INGRESS, reason::REPLY));
     assert_eq!(fwd(ib, dir::INGRESS, reason::ALLOWED_BY_POLICY), 3, "every SYN is judged at b itself");
     assert!(fwd(ib, dir::INGRESS, reason::ESTABLISHED) >= 6);
+    // At both ends, in the endpoints' slots: none of them in the hash.
+    let ends = [(ia, dir::EGRESS, reason::ESTABLISHED), (ib, dir::INGRESS, reason::ESTABLISHED), (ib, dir::EGRESS, reason::REPLY), (ia, dir::INGRESS, reason::REPLY)];
+    for (i, d, r) in ends {
+        assert_eq!(common::counter_parts(&enf.dp, i, d, verdict::FORWARDED, r).0, 0, "ifindex {i} direction {d} reason {r}");
+    }
+    // `status`, reading the pins, adds them up the same way.
+    let st = ztrust_agent::status::read(enf.dp.pin_dir()).expect("status");
+    for (i, d, r) in ends {
+        let row = st.counters.iter().find(|c| {
+            c.ifindex == i
+                && c.direction == ztrust_agent::flows::direction_name(d)
+                && c.verdict == "forwarded"
+                && c.reason == ztrust_agent::flows::reason_name(r)
+        });
+        assert_eq!(row.map(|c| c.packets), Some(fwd(i, d, r)), "status row of ifindex {i} direction {d} reason {r}");
+    }
 
     // The mark is not a way around b's policy: a new connection to a port b does not allow is judged
     // (and denied) at b.

@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
 use ztrust_agent::policy::Desired;
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue};
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
+use ztrust_common::{CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, SlotCounters, names};
 
 #[test]
 fn load_pin_adopt_cleanup() {
@@ -22,8 +23,10 @@ fn load_pin_adopt_cleanup() {
 
     let mut first = Datapath::load(&topo.pin_dir).expect("programs load and pass the verifier");
     first.attach(&host_if, index).expect("attach");
-    let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, _pad: 0 };
+    let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, slot: 0 };
     first.maps.endpoints.insert(index, info, 0).unwrap();
+    let written = first.maps.endpoints.get(&index, 0).unwrap();
+    assert_ne!(written.slot, 0, "the endpoint got a counter slot");
     for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_POLICY_EXACT", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK"] {
         assert!(topo.pin_dir.join(f).exists(), "{f} pinned");
     }
@@ -33,13 +36,53 @@ fn load_pin_adopt_cleanup() {
 
     // The agent is gone; the pinned state is still there and a new agent sees it.
     let mut second = Datapath::load(&topo.pin_dir).expect("reload");
-    assert_eq!(second.maps.endpoints.get(&index, 0).unwrap(), info, "map content survives the agent");
+    assert_eq!(second.maps.endpoints.get(&index, 0).unwrap(), written, "map content, the slot with it, survives the agent");
     assert_eq!(second.pinned_interfaces(), vec![host_if.clone()]);
     second.attach(&host_if, index).expect("adopt pinned links");
     drop(second);
 
     loader::cleanup(&topo.pin_dir).unwrap();
     assert!(!topo.pin_dir.exists());
+}
+
+/// Counter slots: an endpoint keeps its slot across agents, an entry an agent from before the slots wrote
+/// gets one at load, and a removed endpoint's slot goes to the next new endpoint zeroed.
+#[test]
+fn counter_slots_adopted_given_and_recycled_zeroed() {
+    common::require_root();
+    let topo = common::Topology::new("ztslot", 214, 1);
+    let caps = loader::Capacities { endpoints: 3, ..Default::default() };
+    let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
+    let ep = |i: u32| EndpointInfo { endpoint_id: i, identity: 300 + i, flags: 0, slot: 0 };
+    let slot = |dp: &Datapath, i: u32| dp.maps.endpoints.get(&i, 0).expect("endpoint").slot;
+    dp.maps.endpoints.insert(1, ep(1), 0).unwrap();
+    dp.maps.endpoints.insert(2, ep(2), 0).unwrap();
+    assert_eq!((slot(&dp, 1), slot(&dp, 2)), (1, 2));
+    // Rewriting an endpoint keeps its slot, whatever slot the caller's entry names.
+    dp.maps.endpoints.insert(1, EndpointInfo { flags: 7, slot: 2, ..ep(1) }, 0).unwrap();
+    assert_eq!(slot(&dp, 1), 1);
+
+    // Counts in slot 2, as the programs would leave them; and an entry as an agent before the slots
+    // wrote it (no slot), straight into the pinned map.
+    let mut slots: PerCpuArray<MapData, SlotCounters> = loader::open_pinned(&topo.pin_dir, names::SLOT_COUNTERS).unwrap();
+    let counted = SlotCounters { egress_established: CounterValue { packets: 5, bytes: 500 }, ..Default::default() };
+    let cpus = aya::util::nr_cpus().unwrap();
+    slots.set(2, PerCpuValues::try_from(vec![counted; cpus]).unwrap(), 0).unwrap();
+    let mut raw: HashMap<MapData, u32, EndpointInfo> = loader::open_pinned(&topo.pin_dir, names::ENDPOINTS).unwrap();
+    raw.insert(3, ep(3), 0).unwrap();
+    drop(dp);
+
+    let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("reload");
+    assert_eq!((slot(&dp, 1), slot(&dp, 2)), (1, 2), "slots survive the agent");
+    assert_eq!(dp.maps.endpoints.slot_counts(2).unwrap().egress_established.packets, 5 * cpus as u64, "with their counts");
+    assert_eq!(slot(&dp, 3), 3, "a slot-less entry gets the free slot at load");
+    // A removed endpoint's slot goes to the next new endpoint, zeroed.
+    dp.maps.endpoints.remove(&2).unwrap();
+    dp.maps.endpoints.insert(5, ep(5), 0).unwrap();
+    assert_eq!(slot(&dp, 5), 2);
+    assert_eq!(dp.maps.endpoints.slot_counts(5).unwrap(), SlotCounters::default(), "the recycled slot starts from zero");
+    drop(dp);
+    loader::cleanup(&topo.pin_dir).unwrap();
 }
 
 /// Kernels before 6.6 have no TCX: the programs go on a clsact qdisc as BPF filters instead. Forced here,

@@ -7,8 +7,8 @@ use std::path::Path;
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap};
 use serde::Serialize;
 use ztrust_common::{
-    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, capacity, ep_flags,
-    names, stat,
+    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, SlotCounters, capacity,
+    ep_flags, names, stat,
 };
 
 use crate::datapath::loader::{Result, open_pinned};
@@ -80,6 +80,8 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     // Absent under pins of an agent from before the ipcache split (all entries in the trie then).
     let ipcache_hosts: Option<HashMap<MapData, IpcacheKey, IpcacheValue>> = open_pinned(pin_dir, names::IPCACHE_HOSTS).ok();
     let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> = open_pinned(pin_dir, names::COUNTERS)?;
+    // Absent under pins of an agent from before the slots (every packet in the hash then).
+    let slot_counters: Option<PerCpuArray<MapData, SlotCounters>> = open_pinned(pin_dir, names::SLOT_COUNTERS).ok();
     let stats: PerCpuArray<MapData, u64> = open_pinned(pin_dir, names::STATS)?;
     let sum_stat = |i: u32| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
     let mut st = Status {
@@ -106,6 +108,20 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     }
     st.endpoints.sort_by_key(|e| e.ifindex);
     let mut agg: BTreeMap<(u32, u8, u8, u8), CounterValue> = BTreeMap::new();
+    // An endpoint's established packets are counted in its slot, everything else in the hash.
+    for (ifindex, info) in endpoints.iter().flatten() {
+        let Some(slots) = slot_counters.as_ref() else { break };
+        let Ok(per_cpu) = slots.get(&info.slot, 0) else { continue };
+        let mut sum = SlotCounters::default();
+        per_cpu.iter().for_each(|c| sum.add(c));
+        for ((direction, verdict, reason), v) in sum.entries() {
+            if v.packets > 0 {
+                let total = agg.entry((ifindex, direction, verdict, reason)).or_default();
+                total.packets += v.packets;
+                total.bytes += v.bytes;
+            }
+        }
+    }
     for (key, values) in counters.iter().flatten() {
         let total = agg.entry((key.ifindex, key.direction, key.verdict, key.reason)).or_default();
         for v in values.iter() {

@@ -153,6 +153,9 @@ pub mod names {
     pub const POLICY_EXACT: &str = "ZT_POLICY_EXACT";
     pub const CONNTRACK: &str = "ZT_CONNTRACK";
     pub const COUNTERS: &str = "ZT_COUNTERS";
+    /// Per-CPU array of [`super::SlotCounters`], indexed by [`super::EndpointInfo::slot`]: the packets
+    /// of established connections, counted without a hash lookup.
+    pub const SLOT_COUNTERS: &str = "ZT_SLOT_COUNTERS";
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const EVENT_RATE: &str = "ZT_EVENT_RATE";
     pub const STATS: &str = "ZT_STATS";
@@ -201,7 +204,9 @@ pub struct EndpointInfo {
     pub identity: u32,
     /// [`ep_flags`] bits.
     pub flags: u32,
-    pub _pad: u32,
+    /// The endpoint's entry in [`names::SLOT_COUNTERS`] (0: none; its packets are all counted in
+    /// [`names::COUNTERS`]). Handed out by the agent, unique among the endpoints.
+    pub slot: u32,
 }
 
 /// Data part of the ipcache LPM-trie key: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`,
@@ -377,6 +382,66 @@ pub struct CounterValue {
     pub bytes: u64,
 }
 
+/// One endpoint's counters of the packets every stream is made of: forwarded as part of an established
+/// connection ([`reason::ESTABLISHED`], [`reason::REPLY`]), per direction. Read by an array index rather
+/// than a hash lookup; what they count is never in [`names::COUNTERS`] too, so the two add up. One cache
+/// line per endpoint and CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotCounters {
+    pub ingress_established: CounterValue,
+    pub ingress_reply: CounterValue,
+    pub egress_established: CounterValue,
+    pub egress_reply: CounterValue,
+}
+
+impl SlotCounters {
+    /// Whether packets with this `verdict` and `reason` are counted here (else in the hash).
+    #[inline(always)]
+    pub const fn counts(verdict: u8, reason: u8) -> bool {
+        verdict == verdict::FORWARDED && (reason == reason::ESTABLISHED || reason == reason::REPLY)
+    }
+
+    /// The counter for packets with this `direction`, `verdict` and `reason`, if they are counted here.
+    #[inline(always)]
+    pub fn get_mut(&mut self, direction: u8, verdict: u8, reason: u8) -> Option<&mut CounterValue> {
+        if !Self::counts(verdict, reason) {
+            return None;
+        }
+        match (direction, reason) {
+            (dir::INGRESS, reason::ESTABLISHED) => Some(&mut self.ingress_established),
+            (dir::INGRESS, reason::REPLY) => Some(&mut self.ingress_reply),
+            (dir::EGRESS, reason::ESTABLISHED) => Some(&mut self.egress_established),
+            (dir::EGRESS, reason::REPLY) => Some(&mut self.egress_reply),
+            _ => None,
+        }
+    }
+
+    /// Adds `other`'s counts (another CPU's) to these.
+    pub fn add(&mut self, other: &SlotCounters) {
+        for (mine, theirs) in [
+            (&mut self.ingress_established, &other.ingress_established),
+            (&mut self.ingress_reply, &other.ingress_reply),
+            (&mut self.egress_established, &other.egress_established),
+            (&mut self.egress_reply, &other.egress_reply),
+        ] {
+            mine.packets += theirs.packets;
+            mine.bytes += theirs.bytes;
+        }
+    }
+
+    /// Each counter with the (direction, verdict, reason) it counts.
+    pub fn entries(&self) -> [((u8, u8, u8), CounterValue); 4] {
+        let fwd = verdict::FORWARDED;
+        [
+            ((dir::INGRESS, fwd, reason::ESTABLISHED), self.ingress_established),
+            ((dir::INGRESS, fwd, reason::REPLY), self.ingress_reply),
+            ((dir::EGRESS, fwd, reason::ESTABLISHED), self.egress_established),
+            ((dir::EGRESS, fwd, reason::REPLY), self.egress_reply),
+        ]
+    }
+}
+
 /// Global settings written by the agent (single-entry array [`names::CONFIG`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -420,6 +485,7 @@ pub struct FlowEvent {
 
 const _: () = {
     assert!(core::mem::size_of::<EndpointInfo>() == 16);
+    assert!(core::mem::size_of::<SlotCounters>() == 64);
     assert!(core::mem::size_of::<IpcacheKey>() == 16);
     assert!(core::mem::size_of::<IpcacheValue>() == 8);
     assert!(core::mem::size_of::<PolicyKey>() * 8 == PolicyKey::PREFIX_FULL as usize);
@@ -450,6 +516,7 @@ mod user {
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for CounterKey {}
     unsafe impl aya::Pod for CounterValue {}
+    unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for FlowEvent {}
 }
@@ -484,6 +551,33 @@ mod tests {
                 assert_ne!(k, CtKey::new(8, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP));
                 assert_ne!(k, CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::UDP));
             }
+        }
+    }
+
+    #[test]
+    fn slot_counters_count_exactly_the_established_forwarded_packets() {
+        let mut c = SlotCounters::default();
+        let mut counted = 0;
+        for direction in [dir::INGRESS, dir::EGRESS] {
+            for v in [verdict::FORWARDED, verdict::DROPPED, verdict::WOULD_DROP] {
+                for r in 0..=u8::MAX {
+                    assert_eq!(c.get_mut(direction, v, r).is_some(), SlotCounters::counts(v, r));
+                    if let Some(x) = c.get_mut(direction, v, r) {
+                        assert_eq!(v, verdict::FORWARDED);
+                        assert!(r == reason::ESTABLISHED || r == reason::REPLY, "reason {r}");
+                        assert_eq!(x.packets, 0, "two kinds share a counter");
+                        x.packets = 1;
+                        x.bytes = u64::from(direction) * 1000 + u64::from(r);
+                        counted += 1;
+                    }
+                }
+            }
+        }
+        assert_eq!(counted, 4);
+        // `entries` names each counter with what `get_mut` counts in it.
+        for ((direction, v, r), value) in c.entries() {
+            assert_eq!(value, CounterValue { packets: 1, bytes: u64::from(direction) * 1000 + u64::from(r) });
+            assert_eq!(v, verdict::FORWARDED);
         }
     }
 

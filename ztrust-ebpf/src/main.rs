@@ -20,12 +20,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, ct_timeout, dir,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, SlotCounters, ct_timeout, dir,
     ep_flags, event_flags, identity, proto, reason, stat, verdict,
 };
 
 use crate::{
-    maps::{CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION, STATS},
+    maps::{
+        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION,
+        SLOT_COUNTERS, STATS,
+    },
     parse::{Packet, Parsed},
 };
 
@@ -111,22 +114,22 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         Parsed::NotIp => {
             // ARP and IPv6 neighbour discovery carry no data; they pass even before the endpoint is known,
             // so that a pod's neighbour cache is not poisoned by the fail-closed window.
-            count(ifindex, direction, verdict::FORWARDED, reason::NOT_IP, ctx.len());
+            count(ifindex, NO_SLOT, direction, verdict::FORWARDED, reason::NOT_IP, ctx.len());
             return TC_ACT_OK as i32;
         }
         Parsed::Fragment => {
-            count(ifindex, direction, verdict::DROPPED, reason::FRAGMENT, ctx.len());
+            count(ifindex, NO_SLOT, direction, verdict::DROPPED, reason::FRAGMENT, ctx.len());
             return TC_ACT_SHOT as i32;
         }
         Parsed::Malformed => {
-            count(ifindex, direction, verdict::DROPPED, reason::MALFORMED, ctx.len());
+            count(ifindex, NO_SLOT, direction, verdict::DROPPED, reason::MALFORMED, ctx.len());
             return TC_ACT_SHOT as i32;
         }
     };
     let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
         // The interface carries the program but the agent has not described the endpoint (yet): fail
         // closed.
-        count(ifindex, direction, verdict::DROPPED, reason::UNKNOWN_ENDPOINT, ctx.len());
+        count(ifindex, NO_SLOT, direction, verdict::DROPPED, reason::UNKNOWN_ENDPOINT, ctx.len());
         return TC_ACT_SHOT as i32;
     };
     let ep = *ep;
@@ -142,12 +145,15 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
         v = verdict::WOULD_DROP;
     }
-    count(ifindex, direction, v, d.reason, ctx.len());
+    count(ifindex, ep.slot, direction, v, d.reason, ctx.len());
     // The receiving endpoint is still there (its interface is not gone, its address not yet anyone
     // else's): it is told that the packet is judged, and the packet is counted for it as its own hook
     // would have counted it.
-    if d.peer != 0 && v == verdict::FORWARDED && unsafe { ENDPOINTS.get(d.peer) }.is_some() {
-        count(d.peer, dir::INGRESS, v, d.reason, ctx.len());
+    if d.peer != 0
+        && v == verdict::FORWARDED
+        && let Some(peer) = unsafe { ENDPOINTS.get(d.peer) }
+    {
+        count(d.peer, peer.slot, dir::INGRESS, v, d.reason, ctx.len());
         // SAFETY: the context pointer is valid for the whole program run.
         unsafe { (*skb).mark |= peer_mark };
     }
@@ -402,8 +408,23 @@ fn stat_inc(index: u32) {
     }
 }
 
+/// [`EndpointInfo::slot`] of no slot: the packet is counted in the hash.
+const NO_SLOT: u32 = 0;
+
+/// Counts a packet for the endpoint of `ifindex`: in its slot when it has one and the packet is of the
+/// kind slots count (forwarded, of an established connection), else in the hash.
 #[inline(always)]
-fn count(ifindex: u32, direction: u8, verdict: u8, reason: u8, len: u32) {
+fn count(ifindex: u32, slot: u32, direction: u8, verdict: u8, reason: u8, len: u32) {
+    if slot != NO_SLOT
+        && SlotCounters::counts(verdict, reason)
+        && let Some(p) = SLOT_COUNTERS.get_ptr_mut(slot)
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        && let Some(c) = unsafe { (*p).get_mut(direction, verdict, reason) }
+    {
+        c.packets += 1;
+        c.bytes += len as u64;
+        return;
+    }
     let key = CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
     if let Some(p) = COUNTERS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use ztrust_common::{
     Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
-    PolicyValue, capacity,
+    PolicyValue, SlotCounters, capacity,
 };
 
 /// Host-side interface index → endpoint. An interface that carries the programs but has no entry here
@@ -45,6 +45,12 @@ pub static CONNTRACK: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(capacity::
 
 #[map(name = "ZT_COUNTERS")]
 pub static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> = PerCpuHashMap::pinned(capacity::COUNTERS, 0);
+
+/// Endpoint slot ([`EndpointInfo::slot`]) → the counters of its established connections' packets:
+/// an index, not a hash lookup, for the packets a stream is made of. Entry 0 is never handed out. Sized
+/// by the agent (one entry more than the endpoint map).
+#[map(name = "ZT_SLOT_COUNTERS")]
+pub static SLOT_COUNTERS: PerCpuArray<SlotCounters> = PerCpuArray::pinned(capacity::ENDPOINTS + 1, 0);
 
 #[map(name = "ZT_EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);

@@ -199,10 +199,26 @@ pub fn test_run_marked(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str
     (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
 }
 
-/// Packets counted for (interface, direction, verdict, reason), summed over CPUs.
+/// Packets counted for (interface, direction, verdict, reason), summed over CPUs: in the hash and in the
+/// endpoint's slot together.
 pub fn counter(dp: &ztrust_agent::datapath::loader::Datapath, ifindex: u32, direction: u8, verdict: u8, reason: u8) -> u64 {
+    let (hashed, slotted) = counter_parts(dp, ifindex, direction, verdict, reason);
+    hashed + slotted
+}
+
+/// [`counter`]'s two parts: (in the hash, in the endpoint's slot).
+pub fn counter_parts(
+    dp: &ztrust_agent::datapath::loader::Datapath,
+    ifindex: u32,
+    direction: u8,
+    verdict: u8,
+    reason: u8,
+) -> (u64, u64) {
     let key = ztrust_common::CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
-    dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0)
+    let hashed = dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0);
+    let slots = dp.maps.endpoints.slot_counts(ifindex).expect("slot counters");
+    let slotted = slots.entries().into_iter().filter(|(k, _)| *k == (direction, verdict, reason)).map(|(_, v)| v.packets).sum();
+    (hashed, slotted)
 }
 
 pub fn require_root() {

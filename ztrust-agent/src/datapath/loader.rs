@@ -1,14 +1,14 @@
 //! Loads the kernel programs, adopts or creates the pinned maps, and attaches programs to interfaces
 //! with pinned links, so that enforcement outlives the agent process.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues, RingBuf},
     programs::{
         ProgramError, SchedClassifier, TcAttachType,
         links::{FdLink, LinkError, PinnedLink},
@@ -18,7 +18,7 @@ use aya::{
 use tracing::{debug, info, warn};
 use ztrust_common::{
     Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
-    PolicyValue, capacity, names,
+    PolicyValue, SlotCounters, capacity, names,
 };
 
 use super::EBPF_OBJECT;
@@ -63,7 +63,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// The typed maps the agent writes and reads.
 pub struct Maps {
-    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    pub endpoints: Endpoints,
     pub ipcache: Ipcache,
     pub policy: Policy,
     pub conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -71,6 +71,94 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, Config>,
     pub revision: Array<MapData, u32>,
+}
+
+/// The endpoint map, and the counter slot each entry names ([`EndpointInfo::slot`]): the programs count
+/// an established connection's packets at that index of [`names::SLOT_COUNTERS`], without the hash
+/// lookup [`names::COUNTERS`] costs. An endpoint keeps its slot while it has an entry; a slot is zeroed
+/// before it is handed out again (a packet judged with the old entry just before may still land in it).
+/// Slots are this wrapper's business: the slot of an `EndpointInfo` given to [`Endpoints::insert`] is
+/// ignored.
+pub struct Endpoints {
+    map: HashMap<MapData, u32, EndpointInfo>,
+    slot_counters: PerCpuArray<MapData, SlotCounters>,
+    /// ifindex → slot, for every entry that has one.
+    slots: BTreeMap<u32, u32>,
+    free: BTreeSet<u32>,
+}
+
+/// [`EndpointInfo::slot`] of an entry without a slot: its packets are all counted in the hash.
+pub const NO_SLOT: u32 = 0;
+
+impl Endpoints {
+    /// Takes over the slots of the entries found (an earlier agent's, with their counts); entries
+    /// without one (an agent from before the slots) get one.
+    fn adopt(map: HashMap<MapData, u32, EndpointInfo>, slot_counters: PerCpuArray<MapData, SlotCounters>) -> Result<Self, MapError> {
+        let mut me = Endpoints { map, free: (1..slot_counters.len()).collect(), slot_counters, slots: BTreeMap::new() };
+        let mut without = Vec::new();
+        for (ifindex, info) in me.map.iter().flatten() {
+            if info.slot != NO_SLOT && me.free.remove(&info.slot) {
+                me.slots.insert(ifindex, info.slot);
+            } else {
+                without.push((ifindex, info));
+            }
+        }
+        for (ifindex, info) in without {
+            me.insert(ifindex, info, 0)?;
+        }
+        Ok(me)
+    }
+
+    /// Writes the endpoint's entry, with its slot (a new endpoint gets a zeroed one; when none is left,
+    /// none: its packets are counted in the hash).
+    pub fn insert(&mut self, ifindex: u32, mut info: EndpointInfo, flags: u64) -> Result<(), MapError> {
+        info.slot = match self.slots.get(&ifindex) {
+            Some(&slot) => slot,
+            None => self.take_slot(ifindex)?,
+        };
+        self.map.insert(ifindex, info, flags)
+    }
+
+    fn take_slot(&mut self, ifindex: u32) -> Result<u32, MapError> {
+        let Some(&slot) = self.free.first() else { return Ok(NO_SLOT) };
+        let possible_cpus = |io_error| MapError::SyscallError(aya::sys::SyscallError { call: "possible CPUs", io_error });
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| possible_cpus(e))?;
+        let zeros = PerCpuValues::try_from(vec![SlotCounters::default(); cpus]).map_err(possible_cpus)?;
+        self.slot_counters.set(slot, zeros, 0)?;
+        self.free.remove(&slot);
+        self.slots.insert(ifindex, slot);
+        Ok(slot)
+    }
+
+    /// Removes the endpoint's entry (`KeyNotFound` when there is none) and frees its slot.
+    pub fn remove(&mut self, ifindex: &u32) -> Result<(), MapError> {
+        let removed = self.map.remove(ifindex);
+        if matches!(removed, Ok(()) | Err(MapError::KeyNotFound))
+            && let Some(slot) = self.slots.remove(ifindex)
+        {
+            self.free.insert(slot);
+        }
+        removed
+    }
+
+    pub fn get(&self, ifindex: &u32, flags: u64) -> Result<EndpointInfo, MapError> {
+        self.map.get(ifindex, flags)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = Result<(u32, EndpointInfo), MapError>> + '_ {
+        self.map.iter()
+    }
+
+    /// The slot counters of the endpoint, summed over the CPUs (zero without a slot).
+    pub fn slot_counts(&self, ifindex: u32) -> Result<SlotCounters, MapError> {
+        let mut total = SlotCounters::default();
+        if let Some(&slot) = self.slots.get(&ifindex) {
+            for per_cpu in self.slot_counters.get(&slot, 0)?.iter() {
+                total.add(per_cpu);
+            }
+        }
+        Ok(total)
+    }
 }
 
 /// The ipcache, in two maps: single addresses (pods, the node, /32 and /128 ipBlocks) in a hash map,
@@ -249,7 +337,7 @@ where
 
 /// Key and value sizes of the pinned maps whose entries the agent and the programs read and write
 /// field by field; the capacity a map gets from [`Capacities`], if any.
-fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 11] {
+fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 12] {
     use std::mem::size_of;
     [
         (names::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>(), Some(caps.endpoints)),
@@ -259,6 +347,7 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
         (names::POLICY_EXACT, size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
         (names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), Some(caps.conntrack)),
         (names::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>(), None),
+        (names::SLOT_COUNTERS, size_of::<u32>(), size_of::<SlotCounters>(), Some(caps.endpoints + 1)),
         (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
         (names::STATS, size_of::<u32>(), size_of::<u64>(), None),
         (names::CONFIG, size_of::<u32>(), size_of::<Config>(), None),
@@ -374,6 +463,7 @@ impl Datapath {
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&maps_dir)
             .map_max_entries(names::ENDPOINTS, caps.endpoints)
+            .map_max_entries(names::SLOT_COUNTERS, caps.endpoints + 1)
             .map_max_entries(names::IPCACHE, caps.ipcache)
             .map_max_entries(names::IPCACHE_HOSTS, caps.ipcache)
             .map_max_entries(names::POLICY, caps.policy)
@@ -390,7 +480,8 @@ impl Datapath {
             prog.load().map_err(|source| Error::Program { name, source })?;
         }
         let mut maps = Maps {
-            endpoints: take(&mut ebpf, names::ENDPOINTS)?,
+            endpoints: Endpoints::adopt(take(&mut ebpf, names::ENDPOINTS)?, take(&mut ebpf, names::SLOT_COUNTERS)?)
+                .map_err(|source| Error::Map { name: names::ENDPOINTS, source })?,
             ipcache: Ipcache {
                 hosts: take(&mut ebpf, names::IPCACHE_HOSTS)?,
                 prefixes: take(&mut ebpf, names::IPCACHE)?,

@@ -242,6 +242,8 @@ impl Syncer {
         let mut me = Self::default();
         for (ifindex, info) in maps.endpoints.iter().flatten() {
             let pod = ObjectRef::new("(adopted)", format!("ifindex-{ifindex}"));
+            // Compared with what this agent computes, which leaves slots to the endpoint map.
+            let info = EndpointInfo { slot: 0, ..info };
             me.endpoints.insert(ifindex, AppliedEndpoint { pod, info, entries: Grouped::new() });
         }
         for (prefix, data, value) in maps.policy.entries() {
@@ -343,7 +345,8 @@ impl Syncer {
                 flags |= ep_flags::ISOLATED_EGRESS;
             }
             flags |= no_any_peer_flags(&ep.allow) | no_wide_flags(&ep.allow);
-            let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, _pad: 0 };
+            // The slot is the endpoint map's to hand out (`loader::Endpoints`).
+            let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, slot: 0 };
             let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
             let only = match delta.endpoints.get(pod) {
                 Some(Some(groups)) if !delta.full && same_place => Some(groups),
@@ -554,7 +557,7 @@ fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>, map: &'static
 
 impl MapOps for KernelMaps<'_> {
     fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()> {
-        self.0.endpoints.insert(ifindex, info, 0).map_err(werr("endpoints"))
+        self.0.endpoints.insert(ifindex, *info, 0).map_err(werr("endpoints"))
     }
     fn del_endpoint(&mut self, ifindex: u32) -> Result<()> {
         ignore_missing(self.0.endpoints.remove(&ifindex), "endpoints")
