@@ -347,7 +347,8 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
         (names::POLICY_EXACT, size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
         (names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), Some(caps.conntrack)),
         (names::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>(), None),
-        (names::SLOT_COUNTERS, size_of::<u32>(), size_of::<SlotCounters>(), Some(caps.endpoints + 1)),
+        // Sized after the endpoint map's pinned capacity (the loader asks for that + 1).
+        (names::SLOT_COUNTERS, size_of::<u32>(), size_of::<SlotCounters>(), None),
         (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
         (names::STATS, size_of::<u32>(), size_of::<u64>(), None),
         (names::CONFIG, size_of::<u32>(), size_of::<Config>(), None),
