@@ -27,7 +27,7 @@ fn load_pin_adopt_cleanup() {
     first.maps.endpoints.insert(index, info, 0).unwrap();
     let written = first.maps.endpoints.get(&index, 0).unwrap();
     assert_ne!(written.slot, 0, "the endpoint got a counter slot");
-    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_POLICY_EXACT", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK"] {
+    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_POLICY_EXACT", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK", "maps/ZT_SLOT_COUNTERS"] {
         assert!(topo.pin_dir.join(f).exists(), "{f} pinned");
     }
     assert!(topo.pin_dir.join(format!("links/from-pod/{host_if}")).exists());
