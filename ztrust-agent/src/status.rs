@@ -96,6 +96,12 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         peer_judged: sum_stat(stat::PEER_JUDGED),
         ..Default::default()
     };
+    let mut agg: BTreeMap<(u32, u8, u8, u8), CounterValue> = BTreeMap::new();
+    let mut add = |key: (u32, u8, u8, u8), v: &CounterValue| {
+        let total = agg.entry(key).or_default();
+        total.packets += v.packets;
+        total.bytes += v.bytes;
+    };
     for (ifindex, info) in endpoints.iter().flatten() {
         st.endpoints.push(EndpointRow {
             ifindex,
@@ -105,28 +111,19 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
             egress_isolated: info.flags & ep_flags::ISOLATED_EGRESS != 0,
             audit: info.flags & ep_flags::AUDIT != 0,
         });
-    }
-    st.endpoints.sort_by_key(|e| e.ifindex);
-    let mut agg: BTreeMap<(u32, u8, u8, u8), CounterValue> = BTreeMap::new();
-    // An endpoint's established packets are counted in its slot, everything else in the hash.
-    for (ifindex, info) in endpoints.iter().flatten() {
-        let Some(slots) = slot_counters.as_ref() else { break };
-        let Ok(per_cpu) = slots.get(&info.slot, 0) else { continue };
-        let mut sum = SlotCounters::default();
-        per_cpu.iter().for_each(|c| sum.add(c));
-        for ((direction, verdict, reason), v) in sum.entries() {
-            if v.packets > 0 {
-                let total = agg.entry((ifindex, direction, verdict, reason)).or_default();
-                total.packets += v.packets;
-                total.bytes += v.bytes;
+        // An endpoint's established packets are counted in its slot, everything else in the hash.
+        if let Some(per_cpu) = slot_counters.as_ref().and_then(|slots| slots.get(&info.slot, 0).ok()) {
+            for ((direction, verdict, reason), v) in SlotCounters::total(per_cpu.iter()).entries() {
+                if v.packets > 0 {
+                    add((ifindex, direction, verdict, reason), &v);
+                }
             }
         }
     }
+    st.endpoints.sort_by_key(|e| e.ifindex);
     for (key, values) in counters.iter().flatten() {
-        let total = agg.entry((key.ifindex, key.direction, key.verdict, key.reason)).or_default();
         for v in values.iter() {
-            total.packets += v.packets;
-            total.bytes += v.bytes;
+            add((key.ifindex, key.direction, key.verdict, key.reason), v);
         }
     }
     for ((ifindex, direction, verdict, reason), v) in agg {

@@ -417,17 +417,21 @@ impl SlotCounters {
         }
     }
 
-    /// Adds `other`'s counts (another CPU's) to these.
-    pub fn add(&mut self, other: &SlotCounters) {
-        for (mine, theirs) in [
-            (&mut self.ingress_established, &other.ingress_established),
-            (&mut self.ingress_reply, &other.ingress_reply),
-            (&mut self.egress_established, &other.egress_established),
-            (&mut self.egress_reply, &other.egress_reply),
-        ] {
-            mine.packets += theirs.packets;
-            mine.bytes += theirs.bytes;
+    /// The sum of the CPUs' counters.
+    pub fn total<'a>(per_cpu: impl IntoIterator<Item = &'a SlotCounters>) -> SlotCounters {
+        let mut sum = SlotCounters::default();
+        for cpu in per_cpu {
+            for (mine, theirs) in [
+                (&mut sum.ingress_established, &cpu.ingress_established),
+                (&mut sum.ingress_reply, &cpu.ingress_reply),
+                (&mut sum.egress_established, &cpu.egress_established),
+                (&mut sum.egress_reply, &cpu.egress_reply),
+            ] {
+                mine.packets += theirs.packets;
+                mine.bytes += theirs.bytes;
+            }
         }
+        sum
     }
 
     /// Each counter with the (direction, verdict, reason) it counts.

@@ -151,13 +151,10 @@ impl Endpoints {
 
     /// The slot counters of the endpoint, summed over the CPUs (zero without a slot).
     pub fn slot_counts(&self, ifindex: u32) -> Result<SlotCounters, MapError> {
-        let mut total = SlotCounters::default();
-        if let Some(&slot) = self.slots.get(&ifindex) {
-            for per_cpu in self.slot_counters.get(&slot, 0)?.iter() {
-                total.add(per_cpu);
-            }
+        match self.slots.get(&ifindex) {
+            Some(slot) => Ok(SlotCounters::total(self.slot_counters.get(slot, 0)?.iter())),
+            None => Ok(SlotCounters::default()),
         }
-        Ok(total)
     }
 }
 
