@@ -106,9 +106,14 @@ fn v4_with(vihl: u8, src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, option
 }
 
 fn v6(src: [u8; 16], dst: [u8; 16], next: u8, ext: &[u8], payload: &[u8]) -> Pkt {
+    v6_hl(64, src, dst, next, ext, payload)
+}
+
+/// [`v6`] with the hop limit given.
+fn v6_hl(hop_limit: u8, src: [u8; 16], dst: [u8; 16], next: u8, ext: &[u8], payload: &[u8]) -> Pkt {
     let mut ip = vec![0x60, 0, 0, 0];
     ip.extend_from_slice(&((ext.len() + payload.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[next, 64]);
+    ip.extend_from_slice(&[next, hop_limit]);
     ip.extend_from_slice(&src);
     ip.extend_from_slice(&dst);
     ip.extend_from_slice(ext);
@@ -117,6 +122,54 @@ fn v6(src: [u8; 16], dst: [u8; 16], next: u8, ext: &[u8], payload: &[u8]) -> Pkt
 }
 
 use common::counter;
+
+/// ARP for IPv4 over Ethernet: operation, sender and target protocol address.
+fn arp(op: u16, sender: [u8; 4], target: [u8; 4]) -> Pkt {
+    let mut a = vec![0, 1, 0x08, 0, 6, 4];
+    a.extend_from_slice(&op.to_be_bytes());
+    a.extend_from_slice(&MAC[6..12]);
+    a.extend_from_slice(&sender);
+    a.extend_from_slice(&[0; 6]);
+    a.extend_from_slice(&target);
+    Pkt(eth(0x0806, &a))
+}
+
+/// `frame` with VLAN tags (outermost first) between the MAC addresses and its ethertype, VID 0.
+fn vlan(frame: &Pkt, tpids: &[u16]) -> Pkt {
+    let mut v = frame.0[..12].to_vec();
+    for t in tpids {
+        v.extend_from_slice(&t.to_be_bytes());
+        v.extend_from_slice(&[0, 0]);
+    }
+    v.extend_from_slice(&frame.0[12..]);
+    Pkt(v)
+}
+
+/// The solicited-node multicast address of `a` (RFC 4291 §2.7.1): ff02::1:ffXX:XXXX.
+fn solicited(a: [u8; 16]) -> [u8; 16] {
+    let mut m = [0u8; 16];
+    m[..2].copy_from_slice(&[0xff, 0x02]);
+    m[11..13].copy_from_slice(&[0x01, 0xff]);
+    m[13..].copy_from_slice(&a[13..]);
+    m
+}
+
+fn link_local(last: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[..2].copy_from_slice(&[0xfe, 0x80]);
+    a[15] = last;
+    a
+}
+
+/// `n` IPv6 destination-options headers (8 bytes each, padding only), the last followed by `last`.
+fn dest_opts(n: usize, last: u8) -> Vec<u8> {
+    let mut v = Vec::new();
+    for i in 0..n {
+        let next = if i + 1 == n { last } else { 60 };
+        v.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
+    }
+    v
+}
 
 fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &Pkt) -> u32 {
     common::test_run(dp, prog, ifindex, &pkt.0)
@@ -140,10 +193,14 @@ fn every_protocol_through_the_real_programs() {
     );
     let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
 
-    // Before the endpoint is written: IP traffic drops (ARP and neighbour discovery would pass).
+    // Before the endpoint is written: IP traffic drops (ARP and neighbour discovery would pass), and so
+    // does anything that is not IP, IPv6 or ARP: an IP packet behind VLAN tags (which the node would strip
+    // and forward) is not "not IP".
     let syn80 = v4(a4, b4, proto::TCP, 0, &l4(proto::TCP, 40000, 80, 0x02));
     assert_eq!(run(&dp, from, ifindex, &syn80), SHOT);
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);
+    assert_eq!(run(&dp, from, ifindex, &vlan(&syn80, &[0x88a8, 0x8100])), SHOT);
+    assert_eq!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::UNSUPPORTED_FRAME), 1);
 
     let desired = Engine::new().compile(&c);
     let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
@@ -191,8 +248,8 @@ fn every_protocol_through_the_real_programs() {
             v6(a6, std::net::Ipv4Addr::from(b4).to_ipv6_mapped().octets(), proto::TCP, &[], &l4(proto::TCP, 40011, 80, 0x02)),
             SHOT,
         ),
-        ("ARP", from, Pkt(eth(0x0806, &[0; 28])), OK),
-        ("IPv6 neighbour solicitation", from, v6(a6, b6, proto::ICMPV6, &[], &[135, 0, 0, 0, 0, 0, 0, 0]), OK),
+        ("ARP", from, arp(1, a4, [169, 254, 1, 1]), OK),
+        ("IPv6 neighbour solicitation", from, v6_hl(255, a6, solicited(b6), proto::ICMPV6, &[], &[135, 0, 0, 0, 0, 0, 0, 0]), OK),
         // Ingress of a is isolated with no rule: a new connection in is dropped...
         ("IPv4 TCP SYN into a", to, v4(b4, a4, proto::TCP, 0, &l4(proto::TCP, 50000, 80, 0x02)), SHOT),
         // ...but the reply of the connection a opened (case 1) passes by conntrack.
@@ -216,3 +273,138 @@ fn every_protocol_through_the_real_programs() {
     assert_eq!(common::counter_parts(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::REPLY), (0, 3));
     assert!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::ALLOWED_BY_POLICY) == 8);
 }
+
+/// One crafted packet and what must become of it: the verdict, and the counter (direction, verdict,
+/// reason) it must add one to.
+struct Crafted {
+    what: &'static str,
+    prog: &'static str,
+    pkt: Pkt,
+    /// `skb->ingress_ifindex`: 0 for a packet the node sent, else the interface it entered on.
+    from: u32,
+    mark: u32,
+    want: u32,
+    counted: (u8, u8, u8),
+}
+
+/// What a pod with CAP_NET_RAW can write, one class at a time (spoofed sources, frames the parser does not
+/// judge, neighbour discovery as a channel, TCP choosing the direction of its judgment, long extension
+/// header chains, the peer mark, the node's address), each beside a positive control: the same packet
+/// built honestly, which passes, so that a drop cannot be a broken packet builder.
+#[test]
+fn crafted_packets_get_nothing_through() {
+    let (topo, ifindex) = common::node_with_one_pod("ztcr", 205);
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    let a4 = [10, 244, 205, 10];
+    let b4 = [10, 244, 205, 11];
+    let node4 = [10, 244, 205, 1];
+    let mut a6 = [0u8; 16];
+    a6[..4].copy_from_slice(&[0xfd, 0, 0, 0x10]);
+    a6[15] = 0x0a;
+    let mut b6 = a6;
+    b6[15] = 0x0b;
+    let mut world6 = [0u8; 16];
+    world6[..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    world6[15] = 1;
+    let mut c = cluster(&[IpAddr::from(a4), IpAddr::from(a6)], &[IpAddr::from(b4), IpAddr::from(b6)]);
+    c.node_ips = vec![IpAddr::from(node4)];
+    let desired = Engine::new().compile(&c);
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+
+    let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
+    let (eg, ing) = (dir::EGRESS, dir::INGRESS);
+    let (fw, dr) = (verdict::FORWARDED, verdict::DROPPED);
+    let tcp = |s: [u8; 4], d: [u8; 4], sp: u16, dp_: u16, flags: u8| v4(s, d, proto::TCP, 0, &l4(proto::TCP, sp, dp_, flags));
+    let udp = |s: [u8; 4], d: [u8; 4], sp: u16, dp_: u16| v4(s, d, proto::UDP, 0, &l4(proto::UDP, sp, dp_, 0));
+    let icmp6 = |hl: u8, s: [u8; 16], d: [u8; 16], t: u8| v6_hl(hl, s, d, proto::ICMPV6, &[], &[t, 0, 0, 0, 0, 0, 0, 0]);
+    // MLDv2 report (RFC 3810 §5.2): hop-by-hop router alert, hop limit 1, to ff02::16.
+    let mut mld_dst = [0u8; 16];
+    mld_dst[..2].copy_from_slice(&[0xff, 0x02]);
+    mld_dst[15] = 0x16;
+    let router_alert = [proto::ICMPV6, 0, 5, 2, 0, 0, 1, 0];
+    let mld = |s: [u8; 16], d: [u8; 16]| v6_hl(1, s, d, 0, &router_alert, &[143, 0, 0, 0, 0, 0, 0, 0]);
+    let mut global_mcast = mld_dst;
+    global_mcast[1] = 0x0e;
+    let case = |what, prog, pkt, want, counted| Crafted { what, prog, pkt, from: 0, mark: 0, want, counted };
+    let spoofed = (eg, dr, reason::SPOOFED_SOURCE);
+    let link = (eg, fw, reason::NOT_IP);
+    let denied_out = (eg, dr, reason::POLICY_DENIED);
+    let cases = vec![
+        // 1. Sources.
+        case("control: UDP from a's own address to b:53", from, udp(a4, b4, 41000, 53), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
+        case("UDP to b:53 from b's address", from, udp(b4, b4, 41001, 53), SHOT, spoofed),
+        case("UDP to b:53 from the node's address", from, udp(node4, b4, 41002, 53), SHOT, spoofed),
+        case("UDP to b:53 from outside the cluster", from, udp([203, 0, 113, 9], b4, 41003, 53), SHOT, spoofed),
+        case("a forged DNS answer to another pod, from b:53", from, udp(b4, [10, 244, 205, 12], 53, 41004), SHOT, spoofed),
+        case("control: IPv6 SYN from a to b:80", from, v6(a6, b6, proto::TCP, &[], &l4(proto::TCP, 41005, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
+        case("IPv6 SYN to b:80 from b's address", from, v6(b6, b6, proto::TCP, &[], &l4(proto::TCP, 41006, 80, 0x02)), SHOT, spoofed),
+        case("IPv6 SYN to b:80 from ::", from, v6([0; 16], b6, proto::TCP, &[], &l4(proto::TCP, 41007, 80, 0x02)), SHOT, spoofed),
+        case("IPv6 SYN to b:80 from a link-local address", from, v6(link_local(9), b6, proto::TCP, &[], &l4(proto::TCP, 41008, 80, 0x02)), SHOT, spoofed),
+        // 2. Frames the parser does not judge.
+        case("an IP packet behind two VLAN tags (VID 0)", from, vlan(&tcp(a4, b4, 41009, 80, 0x02), &[0x8100, 0x8100]), SHOT, (eg, dr, reason::UNSUPPORTED_FRAME)),
+        case("an IP packet behind one 802.1ad tag", from, vlan(&tcp(a4, b4, 41010, 80, 0x02), &[0x88a8]), SHOT, (eg, dr, reason::UNSUPPORTED_FRAME)),
+        case("an unknown ethertype", from, Pkt(eth(0x88b5, &[0; 46])), SHOT, (eg, dr, reason::UNSUPPORTED_FRAME)),
+        case("an ARP-typed frame that is not ARP for IPv4", from, Pkt(eth(0x0806, &[0; 28])), SHOT, (eg, dr, reason::MALFORMED)),
+        case("ARP naming another pod as sender", from, arp(2, b4, [169, 254, 1, 1]), SHOT, spoofed),
+        case("control: ARP request from a", from, arp(1, a4, [169, 254, 1, 1]), OK, link),
+        case("control: ARP probe (no sender address yet)", from, arp(1, [0; 4], a4), OK, link),
+        // 3. Neighbour and listener discovery.
+        case("control: neighbour solicitation to the gateway's solicited-node group", from, icmp6(255, a6, solicited(link_local(1)), 135), OK, link),
+        case("control: neighbour solicitation from link-local to the gateway", from, icmp6(255, link_local(0x0a), link_local(1), 135), OK, link),
+        case("control: DAD solicitation from ::", from, icmp6(255, [0; 16], solicited(a6), 135), OK, link),
+        case("neighbour solicitation to another pod's address (forwarded: judged)", from, icmp6(255, a6, b6, 135), SHOT, denied_out),
+        case("neighbour advertisement to the world (forwarded: judged)", from, icmp6(255, a6, world6, 136), SHOT, denied_out),
+        case("neighbour solicitation with hop limit 64 (not ND: judged)", from, icmp6(64, a6, solicited(b6), 135), SHOT, denied_out),
+        case("a router advertisement from a's global address (not ND from a pod: judged)", from, icmp6(255, a6, link_local(1), 134), SHOT, denied_out),
+        // Link-local sources are for neighbour discovery only.
+        case("a router advertisement from a link-local address", from, icmp6(255, link_local(0x0a), link_local(1), 134), SHOT, spoofed),
+        case("neighbour solicitation naming another pod as sender", from, icmp6(255, b6, solicited(link_local(1)), 135), SHOT, spoofed),
+        case("control: MLDv2 report", from, mld(link_local(0x0a), mld_dst), OK, link),
+        case("an MLD report to a global multicast group", from, mld(link_local(0x0a), global_mcast), SHOT, spoofed),
+        case("an MLD report from a's global address (not MLD: judged)", from, mld(a6, mld_dst), SHOT, denied_out),
+        case("control: neighbour advertisement from the node to a", to, icmp6(255, link_local(1), a6, 136), OK, (ing, fw, reason::NOT_IP)),
+        case("a forwarded neighbour advertisement (hop limit 254) into a", to, icmp6(254, link_local(1), a6, 136), SHOT, (ing, dr, reason::POLICY_DENIED)),
+        // 4. TCP without state is judged in its own direction.
+        case("ACK from b:80 into a, no connection (a may open it the other way)", to, tcp(b4, a4, 80, 41100, 0x10), SHOT, (ing, dr, reason::NO_CT_ENTRY)),
+        case("FIN probe into a", to, tcp(b4, a4, 41101, 22, 0x01), SHOT, (ing, dr, reason::NO_CT_ENTRY)),
+        case("RST into a", to, tcp(b4, a4, 80, 41102, 0x04), SHOT, (ing, dr, reason::NO_CT_ENTRY)),
+        case("ACK|PSH out of a from its port 8080 to b:41103", from, tcp(a4, b4, 8080, 41103, 0x18), SHOT, (eg, dr, reason::NO_CT_ENTRY)),
+        case("control: ACK from a to b:80, no connection (allowed that way)", from, tcp(a4, b4, 41104, 80, 0x10), OK, (eg, fw, reason::CT_RECOVERED)),
+        case("control: b's answer on that tuple", to, tcp(b4, a4, 80, 41104, 0x10), OK, (ing, fw, reason::REPLY)),
+        case("control: RST from a to b:80, no connection (allowed, makes no entry)", from, tcp(a4, b4, 41105, 80, 0x04), OK, (eg, fw, reason::CT_RECOVERED)),
+        case("an answer on the RST's tuple", to, tcp(b4, a4, 80, 41105, 0x10), SHOT, (ing, dr, reason::NO_CT_ENTRY)),
+        // 5. Extension-header chains are walked to the transport header, or dropped.
+        case("control: IPv6 SYN to b:80 behind 7 destination-options headers", from, v6(a6, b6, 60, &dest_opts(7, proto::TCP), &l4(proto::TCP, 41200, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
+        case("IPv6 SYN to b:80 behind 9 destination-options headers", from, v6(a6, b6, 60, &dest_opts(9, proto::TCP), &l4(proto::TCP, 41201, 80, 0x02)), SHOT, (eg, dr, reason::MALFORMED)),
+        case("control: IPv6 SYN to b:80 behind an authentication header", from, v6(a6, b6, 51, &[proto::TCP, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], &l4(proto::TCP, 41202, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
+        case("a non-first IPv6 fragment", from, v6(a6, b6, 44, &[proto::UDP, 0, 0, 8, 0, 0, 0, 1], &[0; 16]), SHOT, (eg, dr, reason::FRAGMENT)),
+        case("a first IPv4 fragment too short for its TCP header", from, v4(a4, b4, proto::TCP, 0x2000, &l4(proto::TCP, 41203, 80, 0x02)[..8]), SHOT, (eg, dr, reason::MALFORMED)),
+        case("IP-in-IP to b (rules with ports allow only their protocols)", from, v4(a4, b4, 4, 0, &[0x45; 20]), SHOT, denied_out),
+        case("GRE to b", from, v4(a4, b4, 47, 0, &[0; 8]), SHOT, denied_out),
+        // 7. The node's address, on a packet the node did not send.
+        case("control: SYN into a from the node (kubelet probe)", to, tcp(node4, a4, 41300, 8080, 0x02), OK, (ing, fw, reason::FROM_HOST)),
+        Crafted { from: 999, ..case("SYN into a with the node's address, entered on another interface", to, tcp(node4, a4, 41301, 8080, 0x02), SHOT, (ing, dr, reason::POLICY_DENIED)) },
+        // 6. The peer mark vouches for nothing it does not match.
+        Crafted { mark: PEER_MARK, from: 7, ..case("a marked SYN into a", to, tcp(b4, a4, 41400, 8080, 0x02), SHOT, (ing, dr, reason::POLICY_DENIED)) },
+        Crafted { mark: PEER_MARK, from: 7, ..case("a marked ACK into a, no connection", to, tcp(b4, a4, 41401, 8080, 0x10), SHOT, (ing, dr, reason::NO_CT_ENTRY)) },
+        Crafted { mark: PEER_MARK, from: 7, ..case("a marked UDP datagram into a", to, udp(b4, a4, 41402, 8080), SHOT, (ing, dr, reason::POLICY_DENIED)) },
+        Crafted { mark: PEER_MARK, from: 7, ..case("control: a marked reply of a's UDP flow (judged as a reply)", to, udp(b4, a4, 53, 41000), OK, (ing, fw, reason::REPLY)) },
+    ];
+    let mut failures = Vec::new();
+    for c in &cases {
+        let (direction, v, r) = c.counted;
+        let before = counter(&dp, ifindex, direction, v, r);
+        let (got, mark_after) = common::test_run_ctx(&dp, c.prog, ifindex, &c.pkt.0, c.mark, c.from);
+        let after = counter(&dp, ifindex, direction, v, r);
+        if got != c.want || after != before + 1 {
+            failures.push(format!("{}: got {got} (counted {}), want {} counted as {:?}", c.what, after - before, c.want, c.counted));
+        }
+        if mark_after & PEER_MARK != 0 && c.mark != 0 {
+            failures.push(format!("{}: the peer mark was left on the packet", c.what));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+}
+
+const PEER_MARK: u32 = ztrust_agent::datapath::loader::DEFAULT_PEER_MARK;

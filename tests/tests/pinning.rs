@@ -23,7 +23,7 @@ fn load_pin_adopt_cleanup() {
 
     let mut first = Datapath::load(&topo.pin_dir).expect("programs load and pass the verifier");
     first.attach(&host_if, index).expect("attach");
-    let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, slot: 0 };
+    let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, ..Default::default() };
     first.maps.endpoints.insert(index, info, 0).unwrap();
     let written = first.maps.endpoints.get(&index, 0).unwrap();
     assert_ne!(written.slot, 0, "the endpoint got a counter slot");
@@ -53,7 +53,7 @@ fn counter_slots_adopted_given_and_recycled_zeroed() {
     let topo = common::Topology::new("ztslot", 214, 1);
     let caps = loader::Capacities { endpoints: 3, ..Default::default() };
     let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
-    let ep = |i: u32| EndpointInfo { endpoint_id: i, identity: 300 + i, flags: 0, slot: 0 };
+    let ep = |i: u32| EndpointInfo { endpoint_id: i, identity: 300 + i, ..Default::default() };
     let slot = |dp: &Datapath, i: u32| dp.maps.endpoints.get(&i, 0).expect("endpoint").slot;
     dp.maps.endpoints.insert(1, ep(1), 0).unwrap();
     dp.maps.endpoints.insert(2, ep(2), 0).unwrap();

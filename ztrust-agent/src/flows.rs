@@ -104,6 +104,8 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::MALFORMED => "malformed-packet",
         reason::NO_CT_ENTRY => "no-conntrack-entry",
         reason::FRAGMENT => "fragment",
+        reason::SPOOFED_SOURCE => "spoofed-source",
+        reason::UNSUPPORTED_FRAME => "unsupported-frame",
         _ => "unknown",
     }
 }

@@ -36,6 +36,16 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
+/// TCP header flag bits (RFC 9293 §3.1), as in [`FlowEvent::tcp_flags`].
+pub mod tcp_flags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const PSH: u8 = 0x08;
+    pub const ACK: u8 = 0x10;
+    pub const URG: u8 = 0x20;
+}
+
 /// Bits of [`EndpointInfo::flags`].
 pub mod ep_flags {
     /// A policy with policyTypes Ingress selects the pod: ingress is default-deny plus allow entries.
@@ -110,10 +120,13 @@ pub mod reason {
     pub const REPLY: u8 = 4;
     /// Forwarded: traffic from the node itself, which Kubernetes never lets a pod block.
     pub const FROM_HOST: u8 = 5;
-    /// Forwarded: not IP (ARP), or IPv6 neighbour discovery, which addressing itself needs.
+    /// Forwarded: link control that addressing itself needs and that never leaves the link: well-formed
+    /// ARP, and ICMPv6 neighbour discovery and multicast listener discovery as RFC 4861 and RFC 3810
+    /// require them (hop limit, link-scope addresses). Anything else is judged, or dropped.
     pub const NOT_IP: u8 = 6;
-    /// Forwarded: a TCP packet of a connection whose conntrack entry was evicted, re-admitted because
-    /// the policy still allows the connection in its original direction.
+    /// Forwarded: a TCP segment other than an opening SYN with no conntrack entry (e.g. evicted), that
+    /// policy allows in the segment's own direction, as it would allow a SYN. (Never judged in the
+    /// reverse direction: a packet does not choose the direction of its own judgment.)
     pub const CT_RECOVERED: u8 = 7;
 
     /// Dropped: the endpoint is isolated in this direction and no allow entry matches.
@@ -123,11 +136,17 @@ pub mod reason {
     pub const UNKNOWN_ENDPOINT: u8 = 65;
     /// Dropped: the packet is too short or its headers are inconsistent.
     pub const MALFORMED: u8 = 66;
-    /// Dropped: a TCP packet that is not a SYN, with no conntrack entry, that no policy allows in either
-    /// direction.
+    /// Dropped: a TCP segment that is not an opening SYN, with no conntrack entry, that policy does not
+    /// allow in its own direction.
     pub const NO_CT_ENTRY: u8 = 67;
     /// Dropped: IP fragment other than the first, whose ports cannot be known.
     pub const FRAGMENT: u8 = 68;
+    /// Dropped: a packet a pod sent from an address that is not its own (another pod's, the node's, any
+    /// other), or link control (ARP, neighbour discovery) naming another sender.
+    pub const SPOOFED_SOURCE: u8 = 69;
+    /// Dropped: a frame the datapath cannot judge: neither IPv4, IPv6 nor ARP (VLAN-tagged frames, other
+    /// ethertypes). What cannot be judged is not passed.
+    pub const UNSUPPORTED_FRAME: u8 = 70;
 
     /// First value meaning "dropped".
     pub const FIRST_DROP: u8 = 64;
@@ -207,6 +226,33 @@ pub struct EndpointInfo {
     /// The endpoint's entry in [`names::SLOT_COUNTERS`] (0: none; its packets are all counted in
     /// [`names::COUNTERS`]). Handed out by the agent, unique among the endpoints.
     pub slot: u32,
+    /// The pod's IPv4 address, IPv4-mapped as in the ipcache; all zeros when it has none (no IPv4 packet
+    /// carries that source: its mapped form is never zero). The only IPv4 source the pod may send from.
+    pub addr4: [u8; 16],
+    /// The pod's IPv6 address; all zeros (`::`, never a valid source of IP traffic) when it has none.
+    pub addr6: [u8; 16],
+}
+
+impl EndpointInfo {
+    /// The pod's addresses in the form [`EndpointInfo::addr4`] and [`EndpointInfo::addr6`] hold them
+    /// (the first of each family; Kubernetes gives a pod at most one per family).
+    #[cfg(feature = "user")]
+    pub fn with_addrs(mut self, ips: &[core::net::IpAddr]) -> Self {
+        use core::net::IpAddr;
+        if let Some(v4) = ips.iter().find_map(|ip| match ip {
+            IpAddr::V4(a) => Some(*a),
+            IpAddr::V6(_) => None,
+        }) {
+            self.addr4 = v4.to_ipv6_mapped().octets();
+        }
+        if let Some(v6) = ips.iter().find_map(|ip| match ip {
+            IpAddr::V6(a) => Some(*a),
+            IpAddr::V4(_) => None,
+        }) {
+            self.addr6 = v6.octets();
+        }
+        self
+    }
 }
 
 /// Data part of the ipcache LPM-trie key: an IPv6 address; IPv4 is stored IPv4-mapped (`::ffff:a.b.c.d`,
@@ -488,7 +534,7 @@ pub struct FlowEvent {
 }
 
 const _: () = {
-    assert!(core::mem::size_of::<EndpointInfo>() == 16);
+    assert!(core::mem::size_of::<EndpointInfo>() == 48);
     assert!(core::mem::size_of::<SlotCounters>() == 64);
     assert!(core::mem::size_of::<IpcacheKey>() == 16);
     assert!(core::mem::size_of::<IpcacheValue>() == 8);

@@ -21,7 +21,9 @@ use aya_ebpf::{
 };
 use ztrust_common::{
     Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, SlotCounters, ct_timeout, dir,
-    ep_flags, event_flags, identity, proto, reason, stat, verdict,
+    ep_flags, event_flags, identity, proto, reason, stat,
+    tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
+    verdict,
 };
 
 use crate::{
@@ -31,11 +33,6 @@ use crate::{
     },
     parse::{Packet, Parsed},
 };
-
-/// TCP flag bits (RFC 9293 §3.1).
-const TCP_SYN: u8 = 0x02;
-const TCP_ACK: u8 = 0x10;
-const TCP_RST: u8 = 0x04;
 
 /// The `skb->mark` bit with which a sending endpoint's interface tells the receiving endpoint's interface
 /// on this node that both have admitted the packet's TCP connection (0: never). Set by the agent when it
@@ -77,12 +74,15 @@ struct Decision {
     /// The receiving endpoint's interface (0: none) when it has admitted the packet's TCP connection too:
     /// see [`CtValue::peer_ifindex`].
     peer: u32,
+    /// The packet carries the peer mark of the sending endpoint's interface, which judged and counted it
+    /// for this one: it passes uncounted.
+    peer_judged: bool,
 }
 
 impl Decision {
     #[inline(always)]
     fn new(verdict: u8, reason: u8, remote_identity: u32, rule_id: u32, new_flow: bool) -> Decision {
-        Decision { verdict, reason, remote_identity, rule_id, new_flow, peer: 0 }
+        Decision { verdict, reason, remote_identity, rule_id, new_flow, peer: 0, peer_judged: false }
     }
 }
 
@@ -92,60 +92,78 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // SAFETY: the context pointer is valid for the whole program run.
     let ifindex = unsafe { (*skb).ifindex };
     let peer_mark = peer_mark();
+    // The mark is taken off whatever follows: it means something only between two of ztrust's hooks, and
+    // only where `decide` finds the connection it vouches for.
+    let mut marked = false;
     if peer_mark != 0 {
         // SAFETY: as above; `mark` is readable and writable by TC programs.
         let mark = unsafe { (*skb).mark };
         if mark & peer_mark != 0 {
             // SAFETY: as above.
             unsafe { (*skb).mark = mark & !peer_mark };
-            // The sending endpoint's interface judged this packet for this one: both have admitted its
-            // connection. (A pod cannot forge the mark: the kernel clears marks when a packet crosses
-            // into another network namespace, as every packet a pod sends does.)
-            if direction == dir::INGRESS {
-                stat_inc(stat::PEER_JUDGED);
-                return TC_ACT_OK as i32;
-            }
+            marked = true;
         }
     }
     let mut pkt = MaybeUninit::<Packet>::uninit();
-    let pkt = match parse::parse(skb, &mut pkt) {
-        // SAFETY: `parse` wrote the whole packet.
-        Parsed::Ip => unsafe { pkt.assume_init_ref() },
-        Parsed::NotIp => {
-            // ARP and IPv6 neighbour discovery carry no data; they pass even before the endpoint is known,
-            // so that a pod's neighbour cache is not poisoned by the fail-closed window.
-            count(ifindex, NO_SLOT, direction, verdict::FORWARDED, reason::NOT_IP, ctx.len());
-            return TC_ACT_OK as i32;
-        }
-        Parsed::Fragment => {
-            count(ifindex, NO_SLOT, direction, verdict::DROPPED, reason::FRAGMENT, ctx.len());
-            return TC_ACT_SHOT as i32;
-        }
-        Parsed::Malformed => {
-            count(ifindex, NO_SLOT, direction, verdict::DROPPED, reason::MALFORMED, ctx.len());
-            return TC_ACT_SHOT as i32;
-        }
-    };
-    let Some(ep) = (unsafe { ENDPOINTS.get(ifindex) }) else {
-        // The interface carries the program but the agent has not described the endpoint (yet): fail
-        // closed.
-        count(ifindex, NO_SLOT, direction, verdict::DROPPED, reason::UNKNOWN_ENDPOINT, ctx.len());
-        return TC_ACT_SHOT as i32;
-    };
-    let ep = *ep;
-
+    let parsed = parse::parse(skb, &mut pkt, direction);
+    // SAFETY: `parse` writes the whole packet, whatever it returns.
+    let pkt = unsafe { pkt.assume_init_ref() };
+    // SAFETY: the value is copied out at once.
+    let ep = unsafe { ENDPOINTS.get(ifindex) }.copied();
     // SAFETY: the context pointer is valid for the whole program run.
     let from = unsafe { (*skb).ingress_ifindex };
-    let d = decide(ifindex, direction, from, &ep, pkt);
+    let d = match (parsed, ep) {
+        (Parsed::Ip, Some(ep)) => {
+            if direction == dir::EGRESS && !own_source(&ep, &pkt.saddr, pkt.family) {
+                Decision::new(verdict::DROPPED, reason::SPOOFED_SOURCE, 0, 0, false)
+            } else {
+                decide(ifindex, direction, from, marked, &ep, pkt)
+            }
+        }
+        // ARP and link-local neighbour discovery carry nothing off the link; they pass even before the
+        // endpoint is known, so that a pod's neighbour cache is not poisoned by the fail-closed window.
+        // Once it is known, a pod names only itself (or nobody yet) as their sender.
+        (Parsed::Link, Some(ep))
+            if direction == dir::EGRESS
+                && !own_source(&ep, &pkt.saddr, pkt.family)
+                && !parse::is_unspecified(&pkt.saddr)
+                && !parse::is_link_local(&pkt.saddr) =>
+        {
+            Decision::new(verdict::DROPPED, reason::SPOOFED_SOURCE, 0, 0, false)
+        }
+        (Parsed::Link, _) => Decision::new(verdict::FORWARDED, reason::NOT_IP, 0, 0, false),
+        (Parsed::Ip, None) => {
+            // The interface carries the program but the agent has not described the endpoint (yet): fail
+            // closed.
+            Decision::new(verdict::DROPPED, reason::UNKNOWN_ENDPOINT, 0, 0, false)
+        }
+        (Parsed::Fragment, _) => Decision::new(verdict::DROPPED, reason::FRAGMENT, 0, 0, false),
+        (Parsed::Malformed, _) => Decision::new(verdict::DROPPED, reason::MALFORMED, 0, 0, false),
+        (Parsed::Unsupported, _) => Decision::new(verdict::DROPPED, reason::UNSUPPORTED_FRAME, 0, 0, false),
+    };
+    if d.peer_judged {
+        // The sending endpoint's interface judged this packet for this one and counted it.
+        stat_inc(stat::PEER_JUDGED);
+        return TC_ACT_OK as i32;
+    }
+    let (ep_identity, slot, ep_flags) = match ep {
+        Some(ep) => (ep.identity, ep.slot, ep.flags),
+        None => (0, NO_SLOT, 0),
+    };
     let mut v = d.verdict;
     // The settings matter only for a drop or a new connection: a packet of an established one does not
     // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches).
     let config =
         if v != verdict::FORWARDED || d.new_flow { CONFIG.get(0).copied().unwrap_or_default() } else { Config::default() };
-    if v == verdict::DROPPED && (ep.flags | config.flags) & ep_flags::AUDIT != 0 {
+    // Audit mode reports what policy would drop; what cannot be judged (malformed, fragments, unknown
+    // endpoints) and forged sources are dropped in every mode.
+    if v == verdict::DROPPED
+        && (d.reason == reason::POLICY_DENIED || d.reason == reason::NO_CT_ENTRY)
+        && (ep_flags | config.flags) & ep_flags::AUDIT != 0
+    {
         v = verdict::WOULD_DROP;
     }
-    count(ifindex, ep.slot, direction, v, d.reason, ctx.len());
+    count(ifindex, slot, direction, v, d.reason, ctx.len());
     // The receiving endpoint is still there (its interface is not gone, its address not yet anyone
     // else's): it is told that the packet is judged, and the packet is counted for it as its own hook
     // would have counted it.
@@ -158,9 +176,22 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         unsafe { (*skb).mark |= peer_mark };
     }
     if v != verdict::FORWARDED || (d.new_flow && config.log_allowed != 0) {
-        emit(ctx, &flow_key(ifindex, direction, pkt), &ep, pkt, &d, v, config.event_interval_ns);
+        emit(ctx, &flow_key(ifindex, direction, pkt), ep_identity, pkt, &d, v, config.event_interval_ns);
     }
     if v == verdict::DROPPED { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
+}
+
+/// Is `saddr` (of a packet of `family`) the endpoint's own address? The agent writes each family's
+/// address, or zeros where the pod has none, which no packet of that family carries as its source
+/// (IPv4 is mapped, so never zero; an IPv6 packet from `::` is not the pod's).
+#[inline(always)]
+fn own_source(ep: &EndpointInfo, saddr: &[u8; 16], family: u8) -> bool {
+    let s = parse::words(saddr);
+    if family == 4 {
+        s == parse::words(&ep.addr4)
+    } else {
+        s == parse::words(&ep.addr6) && (s[0] | s[1]) != 0
+    }
 }
 
 #[inline(always)]
@@ -238,6 +269,12 @@ fn admits(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16
     if direction == dir::INGRESS && remote == identity::HOST {
         return Some((reason::FROM_HOST, 0));
     }
+    admits_peer(ep, remote, direction, protocol, port)
+}
+
+/// [`admits`] without the node's exemption.
+#[inline(always)]
+fn admits_peer(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16) -> Option<(u8, u32)> {
     let isolated = if direction == dir::INGRESS {
         ep.flags & ep_flags::ISOLATED_INGRESS != 0
     } else {
@@ -289,9 +326,10 @@ fn ct_admits(
     Some(rule)
 }
 
-/// `from` is the interface the packet entered the node on (`ingress_ifindex`).
+/// `from` is the interface the packet entered the node on (`ingress_ifindex`, 0 when the node itself
+/// sent it); `marked`, whether it carried the peer mark.
 #[inline(always)]
-fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packet) -> Decision {
+fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInfo, pkt: &Packet) -> Decision {
     // The coarse clock (the last tick's time): conntrack ages in seconds, and reading the precise clock
     // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
@@ -305,6 +343,15 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
     // reused port must not inherit what an earlier connection was allowed).
     let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     if !opening_syn && let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        // The peer mark vouches for a TCP packet only where this endpoint's entry for the connection
+        // names the interface the packet came from as the peer that admitted it with this one: a mark
+        // set by anything else on the node opens nothing.
+        // SAFETY: pointer from a successful lookup.
+        if marked && direction == dir::INGRESS && pkt.protocol == proto::TCP && from != 0 && unsafe { (*ct).peer_ifindex } == from {
+            let mut d = Decision::new(verdict::FORWARDED, reason::ESTABLISHED, 0, 0, false);
+            d.peer_judged = true;
+            return d;
+        }
         // SAFETY: pointer from a successful lookup.
         let own = unsafe { (*ct).origin } == direction;
         // A packet of the connection's own direction is judged (again) as the opening packet was; a reply
@@ -334,25 +381,36 @@ fn decide(ifindex: u32, direction: u8, from: u32, ep: &EndpointInfo, pkt: &Packe
     let revision = current_revision();
     let remote = remote_identity(remote_addr);
 
-    if let Some((why, rule_id)) = admits(ep, remote, direction, pkt.protocol, dport) {
-        let peer =
-            if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
-        ct_create(&key, direction, rule_id, now, revision, peer);
-        return Decision::new(verdict::FORWARDED, why, remote, rule_id, true);
+    let admitted = if direction == dir::INGRESS && remote == identity::HOST && from != 0 {
+        // The node's address on a packet the node did not send (it entered on `from`): forged, or
+        // translated on the way. Not the node: judged by policy as any other peer.
+        admits_peer(ep, remote, direction, pkt.protocol, dport)
+    } else {
+        admits(ep, remote, direction, pkt.protocol, dport)
+    };
+    if !(pkt.protocol == proto::TCP && !opening_syn) {
+        if let Some((why, rule_id)) = admitted {
+            let peer =
+                if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
+            ct_create(&key, direction, rule_id, now, revision, peer);
+            return Decision::new(verdict::FORWARDED, why, remote, rule_id, true);
+        }
+        return Decision::new(verdict::DROPPED, reason::POLICY_DENIED, remote, 0, true);
     }
 
-    // A TCP segment that is not an opening SYN and has no conntrack entry: its entry may have been
-    // evicted from the LRU table. It is re-admitted only if policy allows the connection in the direction
-    // that would have opened it (the reverse one), so an eviction never opens anything the policy forbids
-    // and never cuts a connection the policy allows.
-    if pkt.protocol == proto::TCP && !opening_syn {
-        if let Some((_, rule_id)) = admits(ep, remote, opposite(direction), pkt.protocol, sport) {
-            ct_create(&key, opposite(direction), rule_id, now, revision, 0);
-            return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, false);
+    // A TCP segment that is not an opening SYN and has no conntrack entry (its entry may have been
+    // evicted from the LRU table, or it opens nothing) is judged in its own direction, as a SYN of the
+    // same tuple would be: never in the reverse one, which the packet would choose by its ports. When
+    // policy allows it, the entry is made again (so the other end's segments find it), except for RST and
+    // FIN, which end connections rather than carry them. An evicted connection heals at the next segment
+    // its opening side sends.
+    if let Some((_, rule_id)) = admitted {
+        if pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+            ct_create(&key, direction, rule_id, now, revision, 0);
         }
-        return Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false);
+        return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, false);
     }
-    Decision::new(verdict::DROPPED, reason::POLICY_DENIED, remote, 0, true)
+    Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false)
 }
 
 /// A TCP connection opened from another endpoint of this node (`from`, the interface the SYN entered on)
@@ -440,7 +498,7 @@ fn count(ifindex: u32, slot: u32, direction: u8, verdict: u8, reason: u8, len: u
 /// Sends one event, unless the flow already had one within the configured interval (drops only: new
 /// allowed connections are already once per connection).
 #[inline(always)]
-fn emit(ctx: &TcContext, flow: &CtKey, ep: &EndpointInfo, pkt: &Packet, d: &Decision, v: u8, interval_ns: u64) {
+fn emit(ctx: &TcContext, flow: &CtKey, ep_identity: u32, pkt: &Packet, d: &Decision, v: u8, interval_ns: u64) {
     // SAFETY: helper call without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     if v != verdict::FORWARDED {
@@ -468,7 +526,7 @@ fn emit(ctx: &TcContext, flow: &CtKey, ep: &EndpointInfo, pkt: &Packet, d: &Deci
     unsafe {
         (*e).ts_ns = now;
         (*e).ifindex = flow.ifindex;
-        (*e).endpoint_identity = ep.identity;
+        (*e).endpoint_identity = ep_identity;
         (*e).remote_identity = d.remote_identity;
         (*e).rule_id = d.rule_id;
         (*e).saddr = pkt.saddr;

@@ -167,7 +167,8 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         // peer in either direction.
         // (The endpoints given a port range below lose `NO_WIDE_EGRESS_UDP` there.)
         let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
-        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, slot: 0 };
+        // The measured endpoint sends from pod 0's address (the only source it may use).
+        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, addr4: mapped(pod_ip(0)), ..Default::default() };
         dp.maps.endpoints.insert(*ep, info, 0).expect("endpoint");
     }
     let mut entries = 0usize;
@@ -223,7 +224,7 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     // too, as its interface records when it admits the SYN.
     // (The receiving interface must exist for the test run: the namespace's loopback plays it.)
     let receiver = 1;
-    let info = EndpointInfo { endpoint_id: receiver, identity: 256, flags: ep_flags::ISOLATED_INGRESS, slot: 0 };
+    let info = EndpointInfo { endpoint_id: receiver, identity: 256, flags: ep_flags::ISOLATED_INGRESS, ..Default::default() };
     dp.maps.endpoints.insert(receiver, info, 0).expect("endpoint");
     let ct_key = CtKey::new(ifindex, dir::EGRESS, &mapped(me), &mapped(peer), 998u16.to_be(), 8080u16.to_be(), proto::TCP);
     let mut entry = dp.maps.conntrack.get(&ct_key, 0).expect("the connection's entry");

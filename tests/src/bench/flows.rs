@@ -147,7 +147,13 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     let ifindex = nix::net::if_::if_nametoindex("ztbf0")?;
     // The agent's pinned maps: the ring buffer it reads, the config it set (every drop emits).
     let mut dp = Datapath::load_with(&g.pin, loader::Capacities::default())?;
-    dp.maps.endpoints.insert(ifindex, EndpointInfo { endpoint_id: ifindex, identity: 256, flags: ep_flags::ISOLATED_EGRESS, slot: 0 }, 0)?;
+    dp.maps.endpoints.insert(ifindex, EndpointInfo {
+        endpoint_id: ifindex,
+        identity: 256,
+        flags: ep_flags::ISOLATED_EGRESS,
+        addr4: std::net::Ipv4Addr::new(10, 9, 0, 1).to_ipv6_mapped().octets(),
+        ..Default::default()
+    }, 0)?;
     let cfg = dp.maps.config.get(&0, 0)?;
     anyhow::ensure!(cfg.event_interval_ns == 0, "agent did not set event_interval_ns = 0");
     let pkt = frame(false, &[10, 9, 0, 1], &[10, 9, 0, 2], proto::TCP, 40000, 5432, 0x02);

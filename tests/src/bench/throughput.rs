@@ -478,9 +478,16 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     // The flags the agent's sync writes: the server isolated for ingress; neither has an entry for any
     // peer, nor one wider than a port.
     let lookups_skipped = ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
-    let server = EndpointInfo { endpoint_id: server_if, identity: server_id, flags: ep_flags::ISOLATED_INGRESS | lookups_skipped, slot: 0 };
+    let v4 = |ip: [u8; 4]| std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets();
+    let server = EndpointInfo {
+        endpoint_id: server_if,
+        identity: server_id,
+        flags: ep_flags::ISOLATED_INGRESS | lookups_skipped,
+        addr4: v4(SERVER_IP),
+        ..Default::default()
+    };
     dp.maps.endpoints.insert(server_if, server, 0).unwrap();
-    dp.maps.endpoints.insert(client_if, EndpointInfo { endpoint_id: client_if, identity: client_id, flags: lookups_skipped, slot: 0 }, 0).unwrap();
+    dp.maps.endpoints.insert(client_if, EndpointInfo { endpoint_id: client_if, identity: client_id, flags: lookups_skipped, addr4: v4(CLIENT_IP), ..Default::default() }, 0).unwrap();
 }
 
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {

@@ -188,9 +188,23 @@ pub fn test_run(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifind
 
 /// As [`test_run`], with `skb->mark` (offset 8) set to `mark`: (return value, mark afterwards).
 pub fn test_run_marked(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifindex: u32, frame: &[u8], mark: u32) -> (u32, u32) {
+    test_run_ctx(dp, prog, ifindex, frame, mark, 0)
+}
+
+/// As [`test_run_marked`], with `skb->ingress_ifindex` (offset 36: the interface the packet entered the
+/// node on; 0 for a packet the node itself sent) set to `from`.
+pub fn test_run_ctx(
+    dp: &ztrust_agent::datapath::loader::Datapath,
+    prog: &str,
+    ifindex: u32,
+    frame: &[u8],
+    mark: u32,
+    from: u32,
+) -> (u32, u32) {
     use aya::programs::{TestRun, TestRunOptions};
     let mut ctx = [0u8; 192];
     ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx[36..40].copy_from_slice(&from.to_ne_bytes());
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     let mut ctx_out = [0u8; 192];
     let mut out = vec![0u8; frame.len() + 256];

@@ -346,7 +346,8 @@ impl Syncer {
             }
             flags |= no_any_peer_flags(&ep.allow) | no_wide_flags(&ep.allow);
             // The slot is the endpoint map's to hand out (`loader::Endpoints`).
-            let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, slot: 0 };
+            // The addresses are the only sources the pod may send from.
+            let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, ..Default::default() }.with_addrs(&ep.ips);
             let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
             let only = match delta.endpoints.get(pod) {
                 Some(Some(groups)) if !delta.full && same_place => Some(groups),
