@@ -307,8 +307,8 @@ fn is_v6_extension(next: u8) -> bool {
 ///   link-local or link-scope multicast addresses (its gateway is link-local): one addressed to another
 ///   pod or the world would be forwarded by the node (with hop limit 254) and carry data there. Towards
 ///   the pod, hop limit 255 proves that the node itself sent it (on a pod's veth the node is the only
-///   neighbour), whatever the addresses (neighbour unreachability detection probes the pod's own).
-///   Pods do not advertise routes or send redirects.
+///   neighbour), whatever the addresses (neighbour unreachability detection probes the pod's own;
+///   a node that is not a router solicits routers too). Pods do not advertise routes or send redirects.
 /// - Multicast listener discovery (RFC 3810 §5, RFC 2710 §3): hop limit 1, a link-local or unspecified
 ///   source, a link-scope multicast destination, which no router forwards. Pods report and leave; only
 ///   the node queries.
@@ -319,9 +319,7 @@ fn is_link_control(direction: u8, t: u8, hop_limit: u8, saddr: &[u8; 16], daddr:
         ICMPV6_ROUTER_SOLICIT | ICMPV6_NEIGH_SOLICIT | ICMPV6_NEIGH_ADVERT if from_pod => {
             hop_limit == 255 && (is_link_local(daddr) || is_link_scope_multicast(daddr))
         }
-        ICMPV6_ROUTER_ADVERT | ICMPV6_NEIGH_SOLICIT | ICMPV6_NEIGH_ADVERT | ICMPV6_REDIRECT if !from_pod => {
-            hop_limit == 255
-        }
+        ICMPV6_ROUTER_SOLICIT..=ICMPV6_REDIRECT if !from_pod => hop_limit == 255,
         ICMPV6_MLD_REPORT | ICMPV6_MLD_DONE | ICMPV6_MLDV2_REPORT | ICMPV6_MLD_QUERY => {
             (!from_pod || t != ICMPV6_MLD_QUERY)
                 && hop_limit == 1
