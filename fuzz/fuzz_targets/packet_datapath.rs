@@ -1,13 +1,20 @@
 //! Random frames through the real programs (BPF_PROG_TEST_RUN; needs root). Never crashes, and never
-//! passes an IP packet the reference evaluator denies.
+//! passes what a pod must not get through.
 //!
 //! The endpoint is pod a, isolated both ways, whose only rule lets it open TCP connections to pod b on
-//! port 80. So a frame the program passes must be: not IP (ARP…), ICMPv6 link control (ND, MLD), a
-//! packet from a that the reference allows (TCP to b:80), or, towards a, the reply direction of such a
-//! connection (the reference allows the reversed packet).
+//! port 80. So a frame the program passes must be:
+//! - well-formed ARP (from a: naming a, or nobody, as its sender);
+//! - ICMPv6 neighbour or listener discovery as RFC 4861 / 3810 require it (hop limit, link-scope
+//!   addressing; from a: sent from a's address, `::` or a link-local one);
+//! - from a: an IP packet from a's own address that the reference evaluator allows (TCP to b:80);
+//! - towards a: the reply of a connection a packet from a opened before (tracked here: the programs'
+//!   conntrack learns only from what they passed), never a packet that picked its own direction.
+//!
+//! Anything else passed (another ethertype, VLAN tags, a forged source, a stateless TCP segment into a)
+//! is a finding.
 #![no_main]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsFd;
 use std::process::Command;
@@ -30,6 +37,8 @@ struct Fixture {
     dp: Datapath,
     ifindex: u32,
     cluster: Cluster,
+    /// (protocol, a's address and port, the peer's address and port) of every IP packet passed from a.
+    opened: HashSet<(u8, IpAddr, u16, IpAddr, u16)>,
 }
 
 fn netns_name() -> String {
@@ -95,14 +104,18 @@ fn fixture() -> &'static Mutex<Fixture> {
         let desired = Engine::new().compile(&cluster);
         let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
         Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
-        Mutex::new(Fixture { dp, ifindex, cluster })
+        Mutex::new(Fixture { dp, ifindex, cluster, opened: HashSet::new() })
     })
 }
 
 /// What the kernel must have seen in the frame, parsed independently of the eBPF parser.
 enum Seen {
-    NotIp,
-    LinkControl,
+    /// Not IPv4, IPv6 or ARP: never passed.
+    Other,
+    /// ARP for IPv4 over Ethernet, request or reply, with its sender's protocol address.
+    Arp { sender: Ipv4Addr },
+    /// ICMPv6 of a neighbour or listener discovery type.
+    LinkControl { src: Ipv6Addr, dst: Ipv6Addr, hop_limit: u8, icmp_type: u8 },
     Ip { src: IpAddr, dst: IpAddr, protocol: u8, sport: u16, dport: u16 },
     Unparsed,
 }
@@ -132,18 +145,24 @@ fn parse(f: &[u8]) -> Seen {
             }
         }
         0x86DD => {
-            let (Some(&next), Some(src), Some(dst)) = (f.get(20), f.get(22..38), f.get(38..54)) else {
+            let (Some(&next), Some(&hop_limit), Some(src), Some(dst)) = (f.get(20), f.get(21), f.get(22..38), f.get(38..54))
+            else {
                 return Seen::Unparsed;
             };
-            let src = IpAddr::from(<[u8; 16]>::try_from(src).unwrap());
-            let dst = IpAddr::from(<[u8; 16]>::try_from(dst).unwrap());
+            let src6 = Ipv6Addr::from(<[u8; 16]>::try_from(src).unwrap());
+            let dst6 = Ipv6Addr::from(<[u8; 16]>::try_from(dst).unwrap());
             let (mut next, mut off) = (next, 54);
-            for _ in 0..4 {
+            for _ in 0..8 {
                 match next {
-                    0 | 43 | 60 => {
+                    0 | 43 | 60 | 135 | 139 | 140 => {
                         let (Some(&n), Some(&len)) = (f.get(off), f.get(off + 1)) else { return Seen::Unparsed };
                         next = n;
                         off += (usize::from(len) + 1) * 8;
+                    }
+                    51 => {
+                        let (Some(&n), Some(&len)) = (f.get(off), f.get(off + 1)) else { return Seen::Unparsed };
+                        next = n;
+                        off += (usize::from(len) + 2) * 4;
                     }
                     44 => {
                         let Some(&n) = f.get(off) else { return Seen::Unparsed };
@@ -153,23 +172,53 @@ fn parse(f: &[u8]) -> Seen {
                     _ => break,
                 }
             }
-            if next == proto::ICMPV6 && f.get(off).is_some_and(|t| (130..=137).contains(t) || *t == 143) {
-                return Seen::LinkControl;
+            if next == proto::ICMPV6
+                && let Some(&icmp_type) = f.get(off)
+                && ((130..=137).contains(&icmp_type) || icmp_type == 143)
+            {
+                return Seen::LinkControl { src: src6, dst: dst6, hop_limit, icmp_type };
             }
             match ports(off, next) {
-                Some((sport, dport)) => Seen::Ip { src, dst, protocol: next, sport, dport },
+                Some((sport, dport)) => Seen::Ip { src: IpAddr::V6(src6), dst: IpAddr::V6(dst6), protocol: next, sport, dport },
                 None => Seen::Unparsed,
             }
         }
-        _ => Seen::NotIp,
+        0x0806 => {
+            let Some(a) = f.get(14..42) else { return Seen::Unparsed };
+            let op = u16::from_be_bytes([a[6], a[7]]);
+            if a[..6] != [0, 1, 0x08, 0, 6, 4] || !(op == 1 || op == 2) {
+                return Seen::Unparsed;
+            }
+            Seen::Arp { sender: Ipv4Addr::new(a[14], a[15], a[16], a[17]) }
+        }
+        _ => Seen::Other,
     }
+}
+
+fn link_scope_multicast(a: &Ipv6Addr) -> bool {
+    a.octets()[0] == 0xff && a.octets()[1] & 0x0f == 2
+}
+
+/// May this ICMPv6 message pass as link control (RFC 4861 §6.1/§7.1, RFC 3810 §5)? From a, only from
+/// a's address, `::` or a link-local one.
+fn link_control_ok(towards_a: bool, src: &Ipv6Addr, dst: &Ipv6Addr, hop_limit: u8, t: u8) -> bool {
+    let mld = matches!(t, 130..=132 | 143);
+    let rfc = if mld {
+        hop_limit == 1 && (src.is_unicast_link_local() || src.is_unspecified()) && link_scope_multicast(dst)
+    } else if towards_a {
+        hop_limit == 255
+    } else {
+        hop_limit == 255 && matches!(t, 133 | 135 | 136) && (dst.is_unicast_link_local() || link_scope_multicast(dst))
+    };
+    let sender = towards_a || *src == A6 || src.is_unspecified() || src.is_unicast_link_local();
+    rfc && sender && !(mld && !towards_a && t == 130)
 }
 
 fuzz_target!(|data: &[u8]| {
     if data.len() < 14 || data.len() > 1500 {
         return;
     }
-    let fx = fixture().lock().unwrap();
+    let mut fx = fixture().lock().unwrap();
     let mut ctx = [0u8; 192];
     ctx[40..44].copy_from_slice(&fx.ifindex.to_ne_bytes());
     for (prog, towards_a) in [(names::PROG_FROM_POD, false), (names::PROG_TO_POD, true)] {
@@ -187,18 +236,34 @@ fuzz_target!(|data: &[u8]| {
             continue;
         }
         match parse(data) {
-            Seen::NotIp | Seen::LinkControl => {}
-            Seen::Unparsed => panic!("{prog} passed a frame with cut-off IP headers: {data:02x?}"),
+            Seen::Other => panic!("{prog} passed a frame that is neither IPv4, IPv6 nor ARP: {data:02x?}"),
+            Seen::Unparsed => panic!("{prog} passed a frame with cut-off or invalid headers: {data:02x?}"),
+            Seen::Arp { sender } => {
+                assert!(towards_a || sender == A4 || sender.is_unspecified(), "{prog} passed ARP from a naming {sender}");
+            }
+            Seen::LinkControl { src, dst, hop_limit, icmp_type } => {
+                // What fails the RFCs' conditions is judged as ICMPv6, which a's rules (TCP only) deny.
+                assert!(
+                    link_control_ok(towards_a, &src, &dst, hop_limit, icmp_type),
+                    "{prog} passed ICMPv6 type {icmp_type} {src} -> {dst} hop limit {hop_limit}"
+                );
+            }
             Seen::Ip { dst, src, protocol, sport, dport } => {
-                let a = if dst.is_ipv4() || src.is_ipv4() { IpAddr::V4(A4) } else { IpAddr::V6(A6) };
-                // Judged as traffic of endpoint a: from a to the destination, or the reply of a's
-                // connection to the source.
-                let allowed = if towards_a {
-                    reference_allowed(&fx.cluster, a, src, protocol, sport)
+                if towards_a {
+                    // a's ingress admits nothing: only replies of what a opened pass.
+                    assert!(
+                        fx.opened.contains(&(protocol, dst, dport, src, sport)),
+                        "{prog} passed {src}:{sport} -> {dst}:{dport} proto {protocol}, which replies to nothing a sent"
+                    );
                 } else {
-                    reference_allowed(&fx.cluster, a, dst, protocol, dport)
-                };
-                assert!(allowed, "{prog} passed {src}:{sport} -> {dst}:{dport} proto {protocol}, which the reference denies");
+                    let own = if src.is_ipv4() { IpAddr::V4(A4) } else { IpAddr::V6(A6) };
+                    assert!(src == own, "{prog} passed a packet from {src}, which is not a's address");
+                    assert!(
+                        reference_allowed(&fx.cluster, src, dst, protocol, dport),
+                        "{prog} passed {src}:{sport} -> {dst}:{dport} proto {protocol}, which the reference denies"
+                    );
+                    fx.opened.insert((protocol, src, sport, dst, dport));
+                }
             }
         }
     }
