@@ -104,18 +104,20 @@ fn conntrack_eviction_never_opens_and_never_cuts() {
     let entries = dp.maps.conntrack.keys().count();
     assert!(entries <= 64, "the table holds at most its capacity ({entries})");
 
-    // The evicted connection's reply still passes: policy allows a -> b:80, so b:80 -> a:1000 with ACK is
-    // a reply, re-admitted and re-tracked.
-    assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 80, 1000, 0x12)), OK, "SYN-ACK of an evicted allowed connection");
-    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::CT_RECOVERED), 1);
+    // The evicted connection is not cut: a's next segment is judged in its own direction (a -> b:80 is
+    // allowed, as its SYN was), passes and makes the entry again, and b's answers are replies once more.
+    // b's segment alone, before that, is judged in its own direction too (into a, whose ingress admits
+    // nothing): a packet never picks the reverse direction for its judgment.
+    assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 80, 1000, 0x10)), SHOT, "b's segment of the evicted connection, on its own");
+    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::DROPPED, reason::NO_CT_ENTRY), 1);
+    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x10)), OK, "a's segment of the evicted connection");
+    assert_eq!(counter(&dp, ifindex, dir::EGRESS, verdict::FORWARDED, reason::CT_RECOVERED), 1);
     assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 80, 1000, 0x10)), OK, "and it is tracked again");
     assert!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::REPLY) >= 1);
-    // a's own packets of that connection pass too (the policy allows them as they are).
-    assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 1000, 80, 0x10)), OK);
 
     // Nothing the policy forbids gets in through the full table.
     assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 81, 1000, 0x10)), SHOT, "ACK from a port a never connected to");
-    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::DROPPED, reason::NO_CT_ENTRY), 1);
+    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::DROPPED, reason::NO_CT_ENTRY), 2);
     assert_eq!(run(&dp, to, ifindex, &tcp(B, A, 5555, 80, 0x02)), SHOT, "new connection into a");
     assert_eq!(run(&dp, from, ifindex, &tcp(A, B, 3000, 81, 0x02)), SHOT, "a -> b:81 stays denied");
 }
@@ -206,7 +208,8 @@ fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
 
 /// The peer mark (`--peer-mark`) is what a receiving pod's interface trusts without judging, so: the
 /// sending side strips it from whatever a pod sends (leaving other bits alone), and an interface honours
-/// it only when the agent configured it.
+/// it only when the agent configured it, and then only for a TCP packet of a conntrack entry linked to
+/// the interface the packet came from.
 #[test]
 fn the_peer_mark_is_stripped_from_what_pods_send_and_honoured_only_when_configured() {
     use ztrust_agent::datapath::loader::DEFAULT_PEER_MARK as MARK;
@@ -224,17 +227,39 @@ fn the_peer_mark_is_stripped_from_what_pods_send_and_honoured_only_when_configur
     let (ret, mark) = run_marked(&dp, from, ifindex, &tcp(A, B, 1001, 81, 0x02), MARK);
     assert_eq!((ret, mark), (SHOT, 0), "a denied packet is dropped, mark or not");
 
-    // Towards a pod, the mark alone passes a packet (only a sending interface on this node sets it), and
-    // is removed before the packet goes on.
+    // Towards a pod, the mark alone passes nothing (anything on the node could have set the bit); it is
+    // removed and the packet judged.
     let denied_in = tcp(B, A, 5555, 80, 0x02);
     assert_eq!(run_marked(&dp, to, ifindex, &denied_in, 0).0, SHOT, "a's ingress is isolated");
-    assert_eq!(run_marked(&dp, to, ifindex, &denied_in, MARK), (OK, 0));
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &denied_in, MARK, 7), (SHOT, 0), "a marked SYN");
+    let ack_in = tcp(B, A, 5556, 80, 0x10);
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &ack_in, MARK, 7), (SHOT, 0), "a marked ACK of no connection");
+    assert_eq!(judged(&dp), 0);
+
+    // A connection into a whose entry is linked to the sender's interface 7 (as a's interface records
+    // when it admits a SYN that interface 7 admitted first): the mark is honoured for packets entering
+    // from 7, and from nowhere else (those are judged as any established packet).
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).unwrap();
+    // A second back: the programs read the coarse clock, which lags the precise one by up to a tick.
+    let now_ns = (now.tv_sec() as u64 - 1) * 1_000_000_000 + now.tv_nsec() as u64;
+    let key = CtKey::new(ifindex, dir::INGRESS, &mapped(B), &mapped(A), 5556u16.to_be(), 80u16.to_be(), proto::TCP);
+    let linked = ztrust_common::CtValue { last_seen_ns: now_ns, origin: dir::INGRESS, peer_ifindex: 7, ..Default::default() };
+    dp.maps.conntrack.insert(key, linked, 0).expect("linked entry");
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &ack_in, MARK, 7), (OK, 0), "marked, from the linked interface");
+    assert_eq!(judged(&dp), 1);
+    let established = counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::ESTABLISHED);
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &ack_in, MARK, 8), (OK, 0), "marked, from another interface");
+    assert_eq!(judged(&dp), 1, "not taken at the peer's word");
+    assert_eq!(counter(&dp, ifindex, dir::INGRESS, verdict::FORWARDED, reason::ESTABLISHED), established + 1);
+    let udp_in = udp(B, A, 5557, 80);
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &udp_in, MARK, 7).0, SHOT, "a marked datagram");
     assert_eq!(judged(&dp), 1);
 
     // Programs loaded without a peer mark honour none.
     drop(dp);
     let dp = Datapath::load_with_mark(&topo.pin_dir, Capacities::default(), 0).expect("load without a peer mark");
-    assert_eq!(run_marked(&dp, to, ifindex, &denied_in, MARK).0, SHOT);
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &ack_in, MARK, 7).0, OK, "the linked connection is established");
+    assert_eq!(common::test_run_ctx(&dp, to, ifindex, &denied_in, MARK, 7).0, SHOT);
     assert_eq!(judged(&dp), 1);
 }
 
