@@ -382,6 +382,14 @@ fn crafted_packets_get_nothing_through() {
         case("a first IPv4 fragment too short for its TCP header", from, v4(a4, b4, proto::TCP, 0x2000, &l4(proto::TCP, 41203, 80, 0x02)[..8]), SHOT, (eg, dr, reason::MALFORMED)),
         case("IP-in-IP to b (rules with ports allow only their protocols)", from, v4(a4, b4, 4, 0, &[0x45; 20]), SHOT, denied_out),
         case("GRE to b", from, v4(a4, b4, 47, 0, &[0; 8]), SHOT, denied_out),
+        case("control: an atomic IPv6 fragment, TCP SYN to b:80", from, v6(a6, b6, 44, &[proto::TCP, 0, 0, 0, 0, 0, 0, 2], &l4(proto::TCP, 41204, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
+        case("an atomic IPv6 fragment, TCP SYN to b:81", from, v6(a6, b6, 44, &[proto::TCP, 0, 0, 0, 0, 0, 0, 3], &l4(proto::TCP, 41205, 81, 0x02)), SHOT, denied_out),
+        // ICMP errors are ICMP: they quote a flow but are judged as themselves (rules with ports deny them).
+        case("an ICMP port-unreachable to b quoting a's TCP to b:80", from, v4(a4, b4, proto::ICMP, 0, &[&[3u8, 3, 0, 0, 0, 0, 0, 0][..], &v4(b4, a4, proto::TCP, 0, &l4(proto::TCP, 80, 41000, 0x12)).0[14..42]].concat()), SHOT, denied_out),
+        case("an ICMPv6 packet-too-big to b", from, icmp6(64, a6, b6, 2), SHOT, denied_out),
+        // Source ports choose nothing: policy is about the destination port.
+        case("UDP from port 53 to b:54", from, udp(a4, b4, 53, 54), SHOT, denied_out),
+        case("a TCP SYN from port 80 to b:81", from, tcp(a4, b4, 80, 81, 0x02), SHOT, denied_out),
         // 7. The node's address, on a packet the node did not send.
         case("control: SYN into a from the node (kubelet probe)", to, tcp(node4, a4, 41300, 8080, 0x02), OK, (ing, fw, reason::FROM_HOST)),
         Crafted { from: 999, ..case("SYN into a with the node's address, entered on another interface", to, tcp(node4, a4, 41301, 8080, 0x02), SHOT, (ing, dr, reason::POLICY_DENIED)) },
@@ -405,6 +413,30 @@ fn crafted_packets_get_nothing_through() {
         }
     }
     assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
+
+    // Every drop is a flow: once a's endpoint is gone, an unknown-endpoint drop too.
+    dp.maps.endpoints.remove(&ifindex).expect("remove a");
+    assert_eq!(common::test_run(&dp, from, ifindex, &udp(a4, b4, 41999, 53).0), SHOT);
+    let ring = dp.events.as_mut().expect("ring");
+    let mut reasons = std::collections::BTreeSet::new();
+    while let Some(item) = ring.next() {
+        // SAFETY: the ring carries FlowEvent records only.
+        let e = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ztrust_common::FlowEvent>()) };
+        if e.verdict == verdict::DROPPED {
+            reasons.insert(e.reason);
+        }
+    }
+    for r in [
+        reason::POLICY_DENIED,
+        reason::NO_CT_ENTRY,
+        reason::SPOOFED_SOURCE,
+        reason::UNSUPPORTED_FRAME,
+        reason::MALFORMED,
+        reason::FRAGMENT,
+        reason::UNKNOWN_ENDPOINT,
+    ] {
+        assert!(reasons.contains(&r), "no flow event for a drop with reason {r} (events for {reasons:?})");
+    }
 }
 
 const PEER_MARK: u32 = ztrust_agent::datapath::loader::DEFAULT_PEER_MARK;

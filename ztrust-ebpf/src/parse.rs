@@ -319,7 +319,11 @@ fn is_link_control(direction: u8, t: u8, hop_limit: u8, saddr: &[u8; 16], daddr:
         ICMPV6_ROUTER_SOLICIT | ICMPV6_NEIGH_SOLICIT | ICMPV6_NEIGH_ADVERT if from_pod => {
             hop_limit == 255 && (is_link_local(daddr) || is_link_scope_multicast(daddr))
         }
-        ICMPV6_ROUTER_SOLICIT..=ICMPV6_REDIRECT if !from_pod => hop_limit == 255,
+        ICMPV6_ROUTER_SOLICIT | ICMPV6_ROUTER_ADVERT | ICMPV6_NEIGH_SOLICIT | ICMPV6_NEIGH_ADVERT | ICMPV6_REDIRECT
+            if !from_pod =>
+        {
+            hop_limit == 255
+        }
         ICMPV6_MLD_REPORT | ICMPV6_MLD_DONE | ICMPV6_MLDV2_REPORT | ICMPV6_MLD_QUERY => {
             (!from_pod || t != ICMPV6_MLD_QUERY)
                 && hop_limit == 1
