@@ -11,7 +11,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{error, info, info_span, warn};
 use ztrust_common::{Config, FlowEvent, ep_flags};
 
-use crate::datapath::loader::Datapath;
+use crate::datapath::loader::{Datapath, Released};
 use crate::datapath::sync::{KernelMaps, Syncer};
 use crate::flows::{AllowedBy, EndpointView, Flow, PodView, View};
 use crate::model::{Cluster, ObjectRef};
@@ -29,6 +29,28 @@ pub enum Error {
     Datapath(#[from] crate::datapath::loader::Error),
     #[error("reading {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("listing this network namespace's interfaces: {0}")]
+    Interfaces(std::io::Error),
+    #[error(
+        "pinned links for {} that this network namespace cannot see ({}): is hostNetwork set? (the agent must \
+         run in the network namespace of the pods' host-side interfaces). Enforcement is left as it is; \
+         `ztrust-agent run --cleanup --pin-path {}` removes it", plural(.names.len(), "interface"), list(.names), .pin_dir.display()
+    )]
+    UnseenLinks { names: Vec<String>, pin_dir: PathBuf },
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+}
+
+/// The first names, then how many more.
+fn list(names: &[String]) -> String {
+    const SHOWN: usize = 10;
+    let mut s = names.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    if names.len() > SHOWN {
+        s.push_str(&format!(", and {} more", names.len() - SHOWN));
+    }
+    s
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -380,7 +402,17 @@ fn fresh_warnings<'a>(warned: &mut BTreeSet<String>, current: &'a [String]) -> V
 
 pub async fn run(opts: Options) -> anyhow::Result<()> {
     let agent_started = Instant::now();
+    // Before anything changes: the links an earlier agent pinned must be on interfaces this network
+    // namespace has. An agent started elsewhere (hostNetwork lost, a debug run in a container) sees none
+    // of them, and would otherwise take them for gone.
+    let ifaces = netif::interfaces().map_err(Error::Interfaces)?;
+    let pinned = crate::datapath::loader::survey_pins(&opts.pin_dir, &ifaces);
+    let unseen = crate::datapath::pins::unseen(&pinned);
+    if !unseen.is_empty() {
+        return Err(Error::UnseenLinks { names: unseen, pin_dir: opts.pin_dir.clone() }.into());
+    }
     let mut dp = Datapath::load_with_mark(&opts.pin_dir, opts.capacities, opts.peer_mark)?;
+    crate::datapath::loader::settle_pins(&opts.pin_dir, &pinned);
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
         flags: if opts.audit { ep_flags::AUDIT } else { 0 },
@@ -451,14 +483,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut view_addrs: HashMap<ObjectRef, Vec<std::net::IpAddr>> = HashMap::new();
     let mut view_rules_stale = true;
     let mut dirty = true;
-    // Adopt the links an earlier agent pinned (they keep enforcing until now).
-    let pinned = dp.pinned_interfaces();
-    info!(source = ?opts.source, pinned = pinned.len(), "agent running");
+    // The links an earlier agent pinned keep enforcing until this agent attaches to their interfaces,
+    // which adopts them.
+    let adoptable: BTreeSet<&str> = pinned
+        .iter()
+        .filter(|p| matches!(p.state, crate::datapath::pins::State::Here { .. }))
+        .map(|p| p.ifname.as_str())
+        .collect();
+    info!(source = ?opts.source, pinned = adoptable.len(), "agent running");
 
     let mut ticker = tokio::time::interval(opts.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown_signal());
-    let mut first = true;
     let mut in_sync = false;
     // Until the source has delivered a whole snapshot, the pinned state of an earlier agent enforces:
     // syncing an empty cluster would tear it down.
@@ -517,11 +553,23 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if first {
-            for name in &pinned {
-                if !ifaces.contains_key(name) {
-                    dp.detach(name);
-                }
+        // Attached interfaces not listed under the name and index they had: deleted, renamed or moved to
+        // another namespace. Only the kernel can tell; their pins go only if it detached the links (see
+        // `Datapath::release`). Before attaching: a recreated or renamed interface is attached this tick.
+        let gone: Vec<String> =
+            dp.attached().filter(|(n, i)| ifaces.get(*n) != Some(i)).map(|(n, _)| n.to_owned()).collect();
+        for name in gone {
+            match dp.release(&name, &ifaces) {
+                Released::Gone => info!(ifname = %name, "interface gone"),
+                Released::Renamed(now) => info!(ifname = %name, %now, "interface renamed: its links are pinned under the new name"),
+                Released::Kept(kept) => warn!(
+                    ifname = %name,
+                    kept = ?kept.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>(),
+                    state = ?kept.first().map(|(s, _)| s),
+                    "interface no longer in this network namespace under that name, but its links are still attached \
+                     (moved to another namespace, or renamed to a name whose pins are taken): they keep enforcing \
+                     there, kept aside; `run --cleanup` removes them"
+                ),
             }
         }
         let routes = HostRoutes::read().unwrap_or_default();
@@ -565,17 +613,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 error!(ifname = %name, error = %e, "cannot attach to new interface");
             }
         }
-        let gone: Vec<String> =
-            dp.attached().filter(|(n, i)| ifaces.get(*n) != Some(i)).map(|(n, _)| n.to_owned()).collect();
-        for name in gone {
-            info!(ifname = %name, "interface gone");
-            dp.detach(&name);
-        }
         if new_bindings != bindings {
             bindings = new_bindings;
             dirty = true;
         }
-        first = false;
 
         if dirty && have_snapshot {
             let started = Instant::now();

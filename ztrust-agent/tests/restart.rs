@@ -9,58 +9,14 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AGENT, PaymentsLab};
+use common::{AGENT, PaymentsLab, cmdline, enter, respawn, wait_in_sync};
 use ztrust_agent::lab;
-
-fn enter(netns: &str) {
-    let f = std::fs::File::open(format!("/run/netns/{netns}")).expect("netns");
-    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-}
-
-fn cmdline(pid: u32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("agent cmdline");
-    raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
-}
-
-/// Starts the agent again in the node namespace with the same arguments, from `bin`, logging to `log`.
-/// Returns its pid.
-fn respawn(node: &str, bin: &Path, args: &[String], log: &Path) -> u32 {
-    let out = std::fs::File::create(log).unwrap();
-    let child = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{node}"))
-        .arg(bin)
-        .args(args)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .expect("spawn agent");
-    let pid = child.id();
-    // The lab stops it by pid; reap it when it exits.
-    std::thread::spawn(move || {
-        let mut child = child;
-        let _ = child.wait();
-    });
-    pid
-}
-
-/// Waits for the agent's "in sync" log line; returns how long it took from `since`.
-fn wait_in_sync(log: &Path, since: Instant) -> Duration {
-    let deadline = since + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(log).unwrap_or_default().contains("in sync with the source") {
-            return since.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("the agent did not sync within 10 s:\n{}", std::fs::read_to_string(log).unwrap_or_default());
-}
 
 #[test]
 #[ignore = "needs root: run by `cargo xtask test`"]

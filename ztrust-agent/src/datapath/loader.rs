@@ -21,7 +21,7 @@ use ztrust_common::{
     PolicyValue, SlotCounters, capacity, names,
 };
 
-use super::EBPF_OBJECT;
+use super::{EBPF_OBJECT, pins};
 
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/ztrust";
 
@@ -50,6 +50,8 @@ pub enum Error {
     PinLink { ifname: String, hook: &'static str, path: PathBuf, message: String },
     #[error("adopting pinned link {path}: {source}")]
     AdoptLink { path: PathBuf, source: LinkError },
+    #[error("moving aside pinned link {path}, which is not {ifname}'s: {source}")]
+    KeepLink { path: PathBuf, ifname: String, source: io::Error },
     #[error(
         "map {name} pinned at {path} has {pinned}-byte {what}, this agent's programs need {wanted}-byte {what}: it \
          was made by an agent with another map layout. The pinned programs keep enforcing with it; to replace it, stop the \
@@ -298,6 +300,9 @@ const HOOKS: [(&str, TcAttachType, &str); 2] = [
     (names::PROG_TO_POD, TcAttachType::Egress, "to-pod"),
 ];
 
+/// The hooks' directories under `<pin_dir>/links/`.
+const HOOK_DIRS: [&str; 2] = [HOOKS[0].2, HOOKS[1].2];
+
 pub struct Datapath {
     ebpf: Ebpf,
     pin_dir: PathBuf,
@@ -543,21 +548,51 @@ impl Datapath {
                 .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
                 .try_into()
                 .map_err(|source| Error::Program { name, source })?;
-            let adopted = match PinnedLink::from_pin(&path) {
-                Ok(pinned) => {
+            // Only a link on this very interface is adopted: a pin of that name can hold the link of an
+            // interface deleted since (defunct: removed), or of one renamed or moved to another network
+            // namespace, which still enforces there (moved aside, and kept).
+            let only_this = BTreeMap::from([(ifname.to_owned(), ifindex)]);
+            let mut adoptable = match pins::inspect(&path, ifname, hook, &only_this) {
+                None => false,
+                Some(pins::Pinned { state: pins::State::Here { .. }, .. }) => true,
+                Some(pins::Pinned { state: pins::State::Gone, .. }) => {
+                    // It holds nothing.
+                    debug!(%ifname, hook, "pinned link defunct (its interface was deleted): attaching anew");
+                    let _ = fs::remove_file(&path);
+                    false
+                }
+                Some(other) => {
+                    let to = pins::keep_aside(&self.pin_dir, &other).map_err(|source| Error::KeepLink {
+                        path: path.clone(),
+                        ifname: ifname.into(),
+                        source,
+                    })?;
+                    warn!(%ifname, ifindex, hook, state = ?other.state, kept = %to.display(),
+                        "the link pinned under this interface's name is another interface's; it is kept, and this one gets its own");
+                    false
+                }
+            };
+            if !adoptable && let Some(kept) = pins::kept_here(&self.pin_dir, hook, ifname, ifindex) {
+                // A link kept aside earlier is on this very interface (it came back from another
+                // namespace, or took the name of another): it goes back under the name, and is adopted.
+                adoptable = pins::move_pin(&kept, &path).is_ok();
+                info!(%ifname, ifindex, hook, kept = %kept.display(), adopted = adoptable, "a kept link is on this interface");
+            }
+            let adopted = match adoptable.then(|| PinnedLink::from_pin(&path)) {
+                Some(Ok(pinned)) => {
                     let link = SchedClassifierLink::try_from(FdLink::from(pinned))
                         .map_err(|source| Error::AdoptLink { path: path.clone(), source })?;
                     match prog.attach_to_link(link) {
                         Ok(id) => Some(id),
                         Err(e) => {
-                            // The interface was recreated, or the link is defunct: attach anew below.
+                            // Attach anew below; the pin is replaced only once the new link is attached,
+                            // so the interface is never without a program.
                             debug!(%ifname, hook, error = %e, "pinned link not reusable");
-                            let _ = fs::remove_file(&path);
                             None
                         }
                     }
                 }
-                Err(_) => None,
+                _ => None,
             };
             let id = match adopted {
                 Some(id) => id,
@@ -629,6 +664,52 @@ impl Datapath {
         self.attached.remove(ifname);
     }
 
+    /// For an interface this agent attached to that the namespace no longer lists under that name and
+    /// index. Its pins go only if the kernel detached their links (the interface was deleted). Those of
+    /// a renamed interface are pinned under its new name (an agent attaching to it adopts them). Those of
+    /// an interface moved to another network namespace keep enforcing there: they move to
+    /// [`pins::KEPT_DIR`], freeing the name. The agent stops tracking the interface in every case.
+    pub fn release(&mut self, ifname: &str, ifaces: &BTreeMap<String, u32>) -> Released {
+        self.attached.remove(ifname);
+        if self.netlink_links.remove(ifname).is_some() {
+            // clsact filters: no pins; they go with the interface, or with their link handles here.
+            return Released::Gone;
+        }
+        let mut released = Released::Gone;
+        for hook in HOOK_DIRS {
+            let path = self.link_path(ifname, hook);
+            let Some(pinned) = pins::inspect(&path, ifname, hook, ifaces) else { continue };
+            match &pinned.state {
+                pins::State::Gone => {
+                    if let Err(e) = fs::remove_file(&path)
+                        && e.kind() != io::ErrorKind::NotFound
+                    {
+                        warn!(%ifname, path = %path.display(), error = %e, "removing pinned link");
+                    }
+                }
+                // Pinned again, for the interface of that name now: not this agent's to touch.
+                pins::State::Here { .. } => {}
+                pins::State::Renamed { now, .. } if pins::move_pin(&path, &self.link_path(now, hook)).is_ok() => {
+                    released = Released::Renamed(now.clone());
+                }
+                _ => {
+                    let kept = match pins::keep_aside(&self.pin_dir, &pinned) {
+                        Ok(to) => to,
+                        Err(e) => {
+                            warn!(%ifname, path = %path.display(), error = %e, "moving aside a pinned link that still enforces; left where it is");
+                            path.clone()
+                        }
+                    };
+                    match &mut released {
+                        Released::Kept(k) => k.push((pinned.state.clone(), kept)),
+                        other => *other = Released::Kept(vec![(pinned.state.clone(), kept)]),
+                    }
+                }
+            }
+        }
+        released
+    }
+
     /// Interfaces whose links were pinned by an earlier agent (names from the pin directory).
     pub fn pinned_interfaces(&self) -> Vec<String> {
         let mut names: Vec<String> = HOOKS
@@ -642,13 +723,68 @@ impl Datapath {
     }
 }
 
+/// What [`Datapath::release`] did with the pins of an interface.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Released {
+    /// Removed: the kernel had detached the links (the interface was deleted), or there were none.
+    Gone,
+    /// The interface was renamed to this: its links are pinned under the new name.
+    Renamed(String),
+    /// Still attached to an interface this namespace does not list (moved to another namespace): moved
+    /// aside (where to), and kept.
+    Kept(Vec<(pins::State, PathBuf)>),
+}
+
+/// What the kernel says of every link pinned under `pin_dir` (see [`pins::survey`]), from this network
+/// namespace, whose interfaces are `ifaces`. Reads only.
+pub fn survey_pins(pin_dir: &Path, ifaces: &BTreeMap<String, u32>) -> Vec<pins::Pinned> {
+    pins::survey(pin_dir, &HOOK_DIRS, ifaces)
+}
+
+/// At start, once the agent knows it runs where the pinned links are: removes the pins of links the
+/// kernel detached (their interface was deleted while no agent ran), here and among the kept ones;
+/// pins those of renamed interfaces under the new name (or, if that is taken, moves them aside: they
+/// keep enforcing there); leaves the rest as it is.
+pub fn settle_pins(pin_dir: &Path, survey: &[pins::Pinned]) {
+    for p in survey {
+        match &p.state {
+            pins::State::Here { .. } | pins::State::Unseen { .. } => {}
+            pins::State::Gone => match fs::remove_file(&p.path) {
+                Ok(()) => info!(ifname = %p.ifname, hook = p.hook, "interface gone while no agent ran (the kernel detached its link): pin removed"),
+                Err(e) => warn!(ifname = %p.ifname, path = %p.path.display(), error = %e, "removing the pin of a detached link"),
+            },
+            pins::State::Renamed { ifindex, now } => {
+                let to = pin_dir.join("links").join(p.hook).join(now);
+                match pins::move_pin(&p.path, &to).map(|()| to).or_else(|_| pins::keep_aside(pin_dir, p)) {
+                    Ok(to) => info!(ifname = %p.ifname, %now, ifindex, hook = p.hook, pin = %to.display(),
+                        "interface renamed while no agent ran: its link, still attached, is pinned under the new name"),
+                    Err(e) => warn!(ifname = %p.ifname, %now, error = %e, "moving the pin of a renamed interface's link; left where it is"),
+                }
+            }
+            pins::State::Unreadable(why) => {
+                warn!(ifname = %p.ifname, path = %p.path.display(), reason = %why, "cannot tell what this pinned link is attached to: left as it is (`run --cleanup` removes it)");
+            }
+        }
+    }
+    for (path, info) in pins::kept(pin_dir, &HOOK_DIRS) {
+        if matches!(info, Ok(i) if i.ifindex == 0) {
+            match fs::remove_file(&path) {
+                Ok(()) => info!(path = %path.display(), "kept link detached by the kernel (its interface was deleted): pin removed"),
+                Err(e) => warn!(path = %path.display(), error = %e, "removing the pin of a detached link"),
+            }
+        }
+    }
+}
+
 /// Removes every pin the agent made (links first, so programs detach, then maps).
 pub fn cleanup(pin_dir: &Path) -> io::Result<()> {
     for (_, _, hook) in HOOKS {
-        let dir = pin_dir.join("links").join(hook);
-        if dir.exists() {
-            for e in fs::read_dir(&dir)? {
-                fs::remove_file(e?.path())?;
+        for parent in ["links", pins::KEPT_DIR] {
+            let dir = pin_dir.join(parent).join(hook);
+            if dir.exists() {
+                for e in fs::read_dir(&dir)? {
+                    fs::remove_file(e?.path())?;
+                }
             }
         }
     }

@@ -1,5 +1,6 @@
 //! Loading, attaching and syncing the eBPF datapath.
 pub mod loader;
+pub mod pins;
 pub mod sync;
 
 /// The kernel programs, built by `build.rs` from `ztrust-ebpf`.

@@ -4,7 +4,11 @@
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ztrust_agent::lab::{self, ApplyOptions, DownOptions, LabState, UpOptions};
 
@@ -71,4 +75,70 @@ impl Drop for PaymentsLab {
         let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
+}
+
+/// Joins the network namespace `/run/netns/<netns>` (the calling thread only).
+pub fn enter(netns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{netns}")).expect("netns");
+    nix::sched::setns(f.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+/// Whether a TCP connection from namespace `netns` to `dst` is set up within `timeout`.
+pub fn connects(netns: &str, dst: SocketAddr, timeout: Duration) -> bool {
+    let netns = netns.to_owned();
+    std::thread::spawn(move || {
+        enter(&netns);
+        TcpStream::connect_timeout(&dst, timeout).is_ok()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A process's command line, argument by argument.
+pub fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("agent cmdline");
+    raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+}
+
+/// `kill -9`, and waits until the process is gone.
+pub fn kill9(pid: u32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lab::net::is_gone(pid) {
+        assert!(Instant::now() < deadline, "agent {pid} still there 5 s after SIGKILL");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Starts the agent again in the node namespace with the same arguments, from `bin`, logging to `log`.
+/// Returns its pid.
+pub fn respawn(node: &str, bin: &Path, args: &[String], log: &Path) -> u32 {
+    let out = std::fs::File::create(log).unwrap();
+    let child = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{node}"))
+        .arg(bin)
+        .args(args)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("spawn agent");
+    let pid = child.id();
+    // The lab stops it by pid; reap it when it exits.
+    std::thread::spawn(move || {
+        let mut child = child;
+        let _ = child.wait();
+    });
+    pid
+}
+
+/// Waits for the agent's "in sync" log line; returns how long it took from `since`.
+pub fn wait_in_sync(log: &Path, since: Instant) -> Duration {
+    let deadline = since + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::fs::read_to_string(log).unwrap_or_default().contains("in sync with the source") {
+            return since.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("the agent did not sync within 10 s:\n{}", std::fs::read_to_string(log).unwrap_or_default());
 }
