@@ -440,3 +440,95 @@ fn crafted_packets_get_nothing_through() {
 }
 
 const PEER_MARK: u32 = ztrust_agent::datapath::loader::DEFAULT_PEER_MARK;
+
+/// An endpoint whose only rules are egress to `::/0` and ingress from `::/0`. The kernel keys IPv4 as
+/// `::ffff:a.b.c.d`, which lies inside `::/0`: IPv4 packets to and from the world must still drop (the
+/// ipcache's entry for the IPv4 space, `::ffff:0:0/96`, is their longest match), while IPv6 ones pass —
+/// whatever other ipBlocks exist, and after adopting maps of an earlier agent that lack that entry.
+#[test]
+fn an_ipv6_block_never_matches_ipv4() {
+    let (topo, ifindex) = common::node_with_one_pod("ztfam", 215);
+    let mut dp = Datapath::load(&topo.pin_dir).expect("load");
+    let a4 = [10, 244, 215, 10];
+    let a6: [u8; 16] = "fd00:0:0:215::a".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let world4 = [8, 8, 8, 8];
+    let inside_10 = [10, 1, 2, 3];
+    let world6: [u8; 16] = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets();
+    let block = |cidr: &str| Peer::IpBlock { cidr: cidr.parse().unwrap(), except: vec![] };
+    let cluster_with = |others: &[&str]| {
+        let mut c = Cluster::default();
+        c.namespaces.insert("x".into(), Namespace { name: "x".into(), ..Default::default() });
+        let pod = Pod {
+            namespace: "x".into(),
+            name: "a".into(),
+            labels: [("app".to_owned(), "a".to_owned())].into(),
+            ips: vec![IpAddr::from(a4), IpAddr::from(a6)],
+            ..Default::default()
+        };
+        c.pods.insert(pod.object_ref(), pod);
+        let v6_any = NetworkPolicy {
+            namespace: "x".into(),
+            name: "v6-any".into(),
+            pod_selector: sel("a"),
+            isolates_ingress: true,
+            isolates_egress: true,
+            ingress: vec![Rule { peers: vec![block("::/0")], ports: vec![] }],
+            egress: vec![Rule { peers: vec![block("::/0")], ports: vec![] }],
+        };
+        // Selects no pod; its ipBlocks still give CIDR identities (ipcache entries) of their own.
+        let other = NetworkPolicy {
+            name: "other".into(),
+            pod_selector: sel("nobody"),
+            isolates_egress: false,
+            ingress: vec![Rule { peers: others.iter().map(|c| block(c)).collect(), ports: vec![] }],
+            egress: vec![],
+            ..v6_any.clone()
+        };
+        c.policies.insert(v6_any.object_ref(), v6_any);
+        if !others.is_empty() {
+            c.policies.insert(other.object_ref(), other);
+        }
+        c
+    };
+    let (from, to) = (names::PROG_FROM_POD, names::PROG_TO_POD);
+    let syn = |sport: u16, dport: u16| l4(proto::TCP, sport, dport, 0x02);
+    let bindings: BTreeMap<ObjectRef, u32> = [(ObjectRef::new("x", "a"), ifindex)].into();
+    let mut syncer = Syncer::new();
+    let mut failures = Vec::new();
+    for (n, others) in [&[][..], &["10.0.0.0/8"], &["0.0.0.0/0"], &["10.244.0.0/16", "fd00::/8"]].iter().enumerate() {
+        let desired = Engine::new().compile(&cluster_with(others));
+        syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+        let sport = 41000 + 10 * n as u16;
+        let cases: Vec<(&str, &str, Pkt, u32)> = vec![
+            ("IPv4 SYN to 8.8.8.8", from, v4(a4, world4, proto::TCP, 0, &syn(sport, 443)), SHOT),
+            ("IPv4 SYN to 10.1.2.3", from, v4(a4, inside_10, proto::TCP, 0, &syn(sport + 1, 443)), SHOT),
+            ("IPv4 SYN from 8.8.8.8", to, v4(world4, a4, proto::TCP, 0, &syn(sport + 2, 80)), SHOT),
+            ("IPv6 SYN to 2001:db8::1 (control)", from, v6(a6, world6, proto::TCP, &[], &syn(sport + 3, 443)), OK),
+            ("IPv6 SYN from 2001:db8::1 (control)", to, v6(world6, a6, proto::TCP, &[], &syn(sport + 4, 80)), OK),
+        ];
+        for (what, prog, pkt, want) in &cases {
+            let got = run(&dp, prog, ifindex, pkt);
+            if got != *want {
+                failures.push(format!("{what}, other ipBlocks {others:?}: got {got}, want {want}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "verdicts differ:\n{}", failures.join("\n"));
+    assert!(counter(&dp, ifindex, dir::EGRESS, verdict::DROPPED, reason::POLICY_DENIED) == 8);
+    assert!(counter(&dp, ifindex, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED) == 4);
+
+    // Maps of an earlier agent, which wrote no entry for the IPv4 space: IPv4 world took the identity of
+    // ::/0 (the bug, in the kernel).
+    let desired = Engine::new().compile(&cluster_with(&[]));
+    syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    let (prefix, key) = ztrust_agent::datapath::sync::ipcache_key(&ztrust_agent::policy::v4_space());
+    assert_eq!(prefix, 96);
+    dp.maps.ipcache.remove(prefix, &key).expect("the IPv4 space's entry was written");
+    assert_eq!(run(&dp, from, ifindex, &v4(a4, world4, proto::TCP, 0, &syn(42000, 443))), OK, "without the entry");
+    // A new agent adopts them; its first sync writes the entry.
+    let mut adopted = Syncer::adopt(&dp.maps);
+    adopted.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    assert!(dp.maps.ipcache.prefixes.get(&aya::maps::lpm_trie::Key::new(prefix, key), 0).is_ok(), "written again");
+    assert_eq!(run(&dp, from, ifindex, &v4(a4, world4, proto::TCP, 0, &syn(42001, 443))), SHOT, "after adoption");
+    assert_eq!(run(&dp, from, ifindex, &v6(a6, world6, proto::TCP, &[], &syn(42002, 443))), OK, "IPv6 after adoption");
+}

@@ -19,14 +19,13 @@
 //! last applied state stays in force.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use ipnet::IpNet;
 use tracing::{debug, warn};
 use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, identity, proto};
 
 use crate::model::ObjectRef;
-use crate::policy::{AllowGroup, AllowKey, Delta, Desired, policy_keys};
+use crate::policy::{AllowGroup, AllowKey, Delta, Desired, policy_keys, v4_space};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -51,29 +50,7 @@ pub trait MapOps {
     fn bump_revision(&mut self) -> Result<()>;
 }
 
-/// An ipcache key in the trie's format: IPv4 is stored IPv4-mapped with its prefix length + 96.
-pub fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
-    match net {
-        IpNet::V4(n) => (u32::from(n.prefix_len()) + 96, IpcacheKey { addr: n.network().to_ipv6_mapped().octets() }),
-        IpNet::V6(n) => (u32::from(n.prefix_len()), IpcacheKey { addr: n.network().octets() }),
-    }
-}
-
-/// Inverse of [`ipcache_key`].
-pub fn ipcache_net(prefix: u32, key: &IpcacheKey) -> Option<IpNet> {
-    let v6 = std::net::Ipv6Addr::from(key.addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) if prefix >= 96 => ipnet::Ipv4Net::new(v4, (prefix - 96) as u8).ok().map(IpNet::V4),
-        _ => ipnet::Ipv6Net::new(v6, prefix as u8).ok().map(IpNet::V6),
-    }
-}
-
-pub fn ip_to_mapped(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
+pub use crate::policy::{ip_to_mapped, ipcache_key, ipcache_net};
 
 type PolicyEntries = BTreeMap<(u32, PolicyKey), PolicyValue>;
 
@@ -440,11 +417,13 @@ impl Syncer {
         }
 
         let narrowed_before_ipcache = stats.total();
-        // 2. The ipcache: every prefix, or those the delta names.
+        // 2. The ipcache: every prefix, or those the delta names and the IPv4 space (whose entry keeps
+        // IPv6 prefixes such as ::/0 from matching IPv4 addresses; maps pinned by an earlier agent may
+        // lack it, whatever the first delta says).
         let nets: Vec<IpNet> = if delta.full {
             self.ipcache.keys().chain(desired.ipcache.keys()).copied().collect::<BTreeSet<_>>().into_iter().collect()
         } else {
-            delta.ipcache.iter().copied().collect()
+            delta.ipcache.iter().copied().chain([v4_space()]).collect::<BTreeSet<_>>().into_iter().collect()
         };
         let mut removed = Vec::new();
         let mut set = Vec::new();
@@ -584,6 +563,7 @@ impl MapOps for KernelMaps<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
     use crate::policy::{AllowKey, EndpointPolicy};
     use ztrust_common::{dir, proto};
 
@@ -839,11 +819,129 @@ mod tests {
 
     #[test]
     fn ipcache_keys_round_trip() {
-        for net in ["10.1.0.0/16", "0.0.0.0/0", "fd00::/64", "203.0.113.10/32"] {
+        for net in ["10.1.0.0/16", "0.0.0.0/0", "fd00::/64", "203.0.113.10/32", "::/0", "::/80"] {
             let net: IpNet = net.parse().unwrap();
             let (prefix, key) = ipcache_key(&net);
             assert_eq!(ipcache_net(prefix, &key), Some(net));
         }
+        // IPv6 inside ::ffff:0:0/96 has IPv4's keys: the engine gives it no entry.
+        let mapped: IpNet = "::ffff:0:0/96".parse().unwrap();
+        assert_eq!(ipcache_key(&mapped), ipcache_key(&v4_space()));
+        assert!(crate::policy::keyed_as_ipv4(&mapped));
+    }
+
+    /// The engine's state for endpoint "server" (10.0.0.1, fd00::1; bound to ifindex 7) whose only
+    /// ingress rule is from `::/0`, beside a policy (selecting nothing) with the ipBlocks `others`.
+    fn from_v6_any(others: &[&str]) -> Desired {
+        use crate::model::{Cluster, LabelSelector, NetworkPolicy, Peer, Pod, Rule};
+        let block = |cidr: &str| Peer::IpBlock { cidr: cidr.parse().unwrap(), except: vec![] };
+        let policy = |name: &str, selector: LabelSelector, peers: Vec<Peer>| NetworkPolicy {
+            namespace: "x".into(),
+            name: name.into(),
+            pod_selector: selector,
+            isolates_ingress: true,
+            isolates_egress: false,
+            ingress: vec![Rule { peers, ports: vec![] }],
+            egress: vec![],
+        };
+        let mut c = Cluster::default();
+        let server = Pod {
+            namespace: "x".into(),
+            name: "server".into(),
+            ips: vec![ip(1), "fd00::1".parse().unwrap()],
+            ..Pod::default()
+        };
+        c.pods.insert(server.object_ref(), server);
+        let mut pols = vec![policy("in", LabelSelector::default(), vec![block("::/0")])];
+        if !others.is_empty() {
+            let nothing = LabelSelector { match_labels: [("none".to_owned(), "none".to_owned())].into(), ..Default::default() };
+            pols.push(policy("other", nothing, others.iter().map(|c| block(c)).collect()));
+        }
+        for p in pols {
+            c.policies.insert(p.object_ref(), p);
+        }
+        crate::policy::Engine::new().compile(&c)
+    }
+
+    fn v4_space_key() -> (u32, IpcacheKey) {
+        ipcache_key(&v4_space())
+    }
+
+    const WORLD_V4: [u8; 4] = [8, 8, 8, 8];
+
+    fn world_v6() -> [u8; 16] {
+        "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets()
+    }
+
+    #[test]
+    fn the_ipv4_space_entry_is_written_and_never_removed() {
+        let ifs: BTreeMap<_, _> = [(pod("server"), 7u32)].into();
+        let world = ip_to_mapped(IpAddr::from(WORLD_V4));
+        let mut mem = Mem::default();
+        let mut syncer = Syncer::new();
+        let states = [&[][..], &["0.0.0.0/0"], &["10.0.0.0/8"], &["0.0.0.0/0", "10.0.0.0/8"], &[]];
+        for (i, others) in states.iter().enumerate() {
+            let d = from_v6_any(others);
+            mem.snapshots.clear();
+            syncer.sync(&mut mem, &d, &ifs).unwrap();
+            // From the first sync on, at every write: the entry is there and IPv4 world is not admitted.
+            let during: &[Mem] = if i == 0 { &[] } else { &mem.snapshots };
+            for snap in during.iter().chain([&mem]) {
+                assert!(snap.ipcache.contains_key(&v4_space_key()), "state {i} ({others:?}): {:?}", mem.log);
+                assert!(!snap.allows(7, world, 80), "state {i} ({others:?}) admits IPv4 world: {:?}", mem.log);
+            }
+            let want = d.ipcache[&v4_space()];
+            assert_eq!(mem.ipcache[&v4_space_key()].identity, want, "state {i}");
+            assert_eq!(want == identity::WORLD, !others.contains(&"0.0.0.0/0"), "state {i}");
+            assert!(mem.allows(7, world_v6(), 80), "IPv6 world is admitted by ::/0 (state {i})");
+        }
+    }
+
+    #[test]
+    fn maps_of_an_earlier_agent_without_the_ipv4_space_get_it() {
+        let ifs: BTreeMap<_, _> = [(pod("server"), 7u32)].into();
+        let world = ip_to_mapped(IpAddr::from(WORLD_V4));
+        for full in [true, false] {
+            for others in [&[][..], &["10.0.0.0/8"]] {
+                // What an agent before the fix wrote: no entry for the IPv4 space, so IPv4 world matched
+                // ::/0.
+                let mut legacy = from_v6_any(others);
+                legacy.ipcache.remove(&v4_space());
+                let mut mem = Mem::default();
+                let mut syncer = Syncer::new();
+                syncer.sync(&mut mem, &legacy, &ifs).unwrap();
+                assert!(!mem.ipcache.contains_key(&v4_space_key()));
+                assert!(mem.allows(7, world, 80), "the earlier agent's state admits IPv4 world");
+                // This agent's first sync, whether it looks at everything or at a delta naming nothing.
+                let d = from_v6_any(others);
+                let delta = if full { Delta::full() } else { Delta::default() };
+                let stats = syncer.sync_delta(&mut mem, &d, &ifs, &delta).unwrap();
+                assert_eq!(stats.ipcache_writes, 1, "full {full}, {others:?}");
+                assert_eq!(mem.ipcache[&v4_space_key()].identity, identity::WORLD);
+                assert!(!mem.allows(7, world, 80), "full {full}, {others:?}");
+                assert!(mem.allows(7, world_v6(), 80));
+                assert_eq!(syncer.sync_delta(&mut mem, &d, &ifs, &Delta::default()).unwrap().total(), 0);
+            }
+        }
+    }
+
+    #[test]
+    fn the_ipv4_space_counts_against_the_ipcache_capacity() {
+        let ifs: BTreeMap<_, _> = [(pod("server"), 7u32)].into();
+        let d = from_v6_any(&["10.0.0.0/8"]);
+        // The server's two addresses, ::/0, 10.0.0.0/8 and the IPv4 space.
+        assert_eq!(d.ipcache.len(), 5, "{:?}", d.ipcache);
+        let mut syncer = Syncer::new();
+        syncer.capacities.ipcache = 4;
+        match syncer.sync(&mut Mem::default(), &d, &ifs) {
+            Err(Error::Capacity { map: "ipcache", needed: 5, capacity: 4 }) => {}
+            other => panic!("{other:?}"),
+        }
+        syncer.capacities.ipcache = 5;
+        let mut mem = Mem::default();
+        syncer.sync(&mut mem, &d, &ifs).unwrap();
+        assert_eq!(mem.ipcache.len(), 5);
+        assert_eq!(syncer.ipcache_entries(), 5);
     }
 
     proptest::proptest! {

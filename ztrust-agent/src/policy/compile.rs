@@ -269,6 +269,21 @@ fn host_net(ip: IpAddr) -> IpNet {
     IpNet::from(ip)
 }
 
+/// The IPv4 space, `0.0.0.0/0`: the kernel keys it as `::ffff:0:0/96`, inside every IPv6 prefix shorter
+/// than /96 that contains that /96 (`::/0`, `::/80` …). The ipcache always holds it, with the identity
+/// of an IPv4 address outside every IPv4 CIDR (the CIDR identity of `0.0.0.0/0` if that is an ipBlock,
+/// else [`identity::WORLD`]), so that an IPv4 address never takes an IPv6 prefix's identity.
+pub fn v4_space() -> IpNet {
+    IpNet::V4(ipnet::Ipv4Net::default())
+}
+
+/// Whether `net` is an IPv6 prefix inside `::ffff:0:0/96`, where the kernel keys IPv4: it gets no
+/// ipcache entry (nor CIDR identity). No packet the datapath judges has such an address (an IPv6 packet
+/// with an IPv4-mapped address is dropped as malformed), and an entry would match IPv4 addresses.
+pub fn keyed_as_ipv4(net: &IpNet) -> bool {
+    matches!(net, IpNet::V6(n) if n.prefix_len() >= 96 && n.network().to_ipv4_mapped().is_some())
+}
+
 fn effective(p: &NetworkPolicy) -> impl Iterator<Item = (u8, usize, &Rule)> {
     let ingress = p
         .ingress
@@ -540,7 +555,7 @@ impl Engine {
         }
 
         // CIDR identities: every prefix that is not exactly an address of a pod or of the host (the /32
-        // or /128 of the address is the more specific entry anyway).
+        // or /128 of the address is the more specific entry anyway) nor inside the IPv4-mapped space.
         let exact: BTreeSet<IpNet> = cluster
             .pods
             .values()
@@ -551,7 +566,7 @@ impl Engine {
         let cidrs: Vec<IpNet> = st
             .prefixes
             .keys()
-            .filter(|p| !exact.contains(p))
+            .filter(|p| !exact.contains(p) && !keyed_as_ipv4(p))
             .copied()
             .collect();
         for p in cidrs {
@@ -562,8 +577,11 @@ impl Engine {
                 .identities
                 .insert(id, IdentityInfo::Cidr { prefix: p });
         }
+        self.desired.ipcache.entry(v4_space()).or_insert(identity::WORLD);
         for ip in &self.st.host_addrs {
-            self.desired.ipcache.insert(host_net(*ip), identity::HOST);
+            if !keyed_as_ipv4(&host_net(*ip)) {
+                self.desired.ipcache.insert(host_net(*ip), identity::HOST);
+            }
         }
 
         // Pods, then what this node's endpoints need.
@@ -620,6 +638,9 @@ impl Engine {
     }
 
     fn set_ipcache(&mut self, net: IpNet, id: u32) {
+        if keyed_as_ipv4(&net) {
+            return;
+        }
         if self.desired.ipcache.insert(net, id) != Some(id) {
             self.delta.ipcache.insert(net);
         }
@@ -1283,6 +1304,8 @@ impl Engine {
                 // CIDR identities: all addresses that map to prefix p lie in p, so p ⊆ cidr and p ⊄
                 // every except makes all of them match; any other p has none that matches (prefixes
                 // nest or are disjoint, and an except inside p has its own, more specific entry).
+                // Containment is per family: an IPv4 prefix is never inside an IPv6 one, nor the reverse,
+                // whatever their kernel keys (IPv4 under `::ffff:0:0/96`, which [`v4_space`] holds).
                 for (p, id) in self.st.cidr_ids.range(*cidr..) {
                     if !cidr.contains(p) {
                         if p.network() > cidr.broadcast() || !same_family(p, cidr) {
@@ -1303,7 +1326,9 @@ impl Engine {
                     }
                 }
                 let in_block = |ip: &IpAddr| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip));
-                let host = &self.st.host_addrs;
+                // The host identity stands for the host addresses with an ipcache entry.
+                let host: Vec<&IpAddr> =
+                    self.st.host_addrs.iter().filter(|ip| !keyed_as_ipv4(&host_net(**ip))).collect();
                 let n = host.iter().filter(|ip| in_block(ip)).count();
                 if n == host.len() && n > 0 {
                     ps.ids.insert(identity::HOST);

@@ -1,9 +1,11 @@
-//! Allow entries → policy-map LPM keys, and a simulation of the kernel lookup over them.
+//! Allow entries → policy-map LPM keys, ipcache prefixes → ipcache keys, and a simulation of the kernel's
+//! lookups over them.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use ztrust_common::{PolicyKey, dir, identity, proto};
+use ztrust_common::{IpcacheKey, PolicyKey, dir, identity, proto};
 
 use super::{AllowKey, Desired};
 use crate::model::ObjectRef;
@@ -40,20 +42,48 @@ pub fn policy_keys(endpoint_id: u32, key: &AllowKey) -> Vec<(u32, PolicyKey)> {
     out
 }
 
-/// The identity the kernel finds for `addr`: longest-prefix match in the ipcache, [`identity::WORLD`]
-/// when no entry contains it.
+/// An ipcache key in the trie's format: IPv4 is stored IPv4-mapped with its prefix length + 96.
+pub fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
+    match net {
+        IpNet::V4(n) => (u32::from(n.prefix_len()) + 96, IpcacheKey { addr: n.network().to_ipv6_mapped().octets() }),
+        IpNet::V6(n) => (u32::from(n.prefix_len()), IpcacheKey { addr: n.network().octets() }),
+    }
+}
+
+/// Inverse of [`ipcache_key`].
+pub fn ipcache_net(prefix: u32, key: &IpcacheKey) -> Option<IpNet> {
+    let v6 = std::net::Ipv6Addr::from(key.addr);
+    match v6.to_ipv4_mapped() {
+        Some(v4) if prefix >= 96 => ipnet::Ipv4Net::new(v4, (prefix - 96) as u8).ok().map(IpNet::V4),
+        _ => ipnet::Ipv6Net::new(v6, prefix as u8).ok().map(IpNet::V6),
+    }
+}
+
+/// An address as the datapath keys it: IPv4 IPv4-mapped.
+pub fn ip_to_mapped(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    }
+}
+
+/// The identity the kernel finds for `addr`: the address is keyed as the datapath keys it (IPv4
+/// IPv4-mapped) and matched against the ipcache as the kernel holds it — one value per key, the last one
+/// a full sync writes (ipcache prefixes in order) — taking the longest prefix that contains it over all
+/// 129 lengths of the 128-bit key, whatever family the entry came from (the single addresses of the hash
+/// are the /128s); [`identity::WORLD`] when no entry contains it.
 pub fn remote_identity(desired: &Desired, addr: IpAddr) -> u32 {
-    let max = match addr {
-        IpAddr::V4(_) => 32,
-        IpAddr::V6(_) => 128,
-    };
-    (0..=max)
+    let want = u128::from_be_bytes(ip_to_mapped(addr));
+    let mut kernel: BTreeMap<(u32, u128), u32> = BTreeMap::new();
+    for (net, id) in &desired.ipcache {
+        let (prefix, key) = ipcache_key(net);
+        kernel.insert((prefix, u128::from_be_bytes(key.addr)), *id);
+    }
+    (0..=128u32)
         .rev()
-        .find_map(|len| {
-            IpNet::new(addr, len)
-                .ok()
-                .and_then(|n| desired.ipcache.get(&n.trunc()))
-                .copied()
+        .find_map(|prefix| {
+            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+            kernel.get(&(prefix, want & mask)).copied()
         })
         .unwrap_or(identity::WORLD)
 }
@@ -72,7 +102,8 @@ fn bits(k: &PolicyKey) -> u128 {
 /// `direction`: the remote is `src` on ingress, `dst` on egress. Traffic from the node is always
 /// allowed on ingress; a non-isolated direction allows everything; otherwise the policy LPM trie is
 /// looked up with the remote's identity, then with [`identity::ANY`]. An unknown endpoint is dropped,
-/// as the kernel drops traffic of an interface it has no endpoint entry for.
+/// as the kernel drops traffic of an interface it has no endpoint entry for, and so is an IPv6 packet
+/// with an IPv4-mapped address (the datapath drops it as malformed: it would be judged as IPv4).
 pub fn lookup(
     desired: &Desired,
     src: IpAddr,
@@ -85,6 +116,10 @@ pub fn lookup(
     let Some(ep) = desired.endpoints.get(endpoint) else {
         return false;
     };
+    let mapped = |a: IpAddr| matches!(a, IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+    if mapped(src) || mapped(dst) {
+        return false;
+    }
     let remote = remote_identity(desired, if direction == dir::INGRESS { src } else { dst });
     let isolated = if direction == dir::INGRESS {
         ep.isolated_ingress

@@ -28,8 +28,8 @@ pub(crate) mod proptests;
 #[cfg(test)]
 mod tests;
 
-pub use compile::Engine;
-pub use keys::{lookup, policy_keys, remote_identity};
+pub use compile::{Engine, keyed_as_ipv4, v4_space};
+pub use keys::{ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity};
 pub use selector::matches;
 
 /// One allow entry of an endpoint: traffic in `direction` with a remote of identity `remote`, protocol
@@ -59,7 +59,7 @@ pub struct RuleRef {
 /// What a numeric identity stands for, for display.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum IdentityInfo {
-    /// `world` (no ipcache entry) or `host` (this node).
+    /// `world` (no ipcache entry but the IPv4 space's) or `host` (this node).
     Reserved { name: &'static str },
     /// Pods of `namespace` with exactly these labels. Several identities can share (namespace, labels)
     /// when their addresses are treated differently by some policy (ipBlock, named ports).
@@ -87,7 +87,10 @@ pub struct EndpointPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Address prefix → identity: pod addresses (/32, /128), ipBlock cidrs and excepts, host addresses
-    /// (node IPs and host-network pods) → [`ztrust_common::identity::HOST`].
+    /// (node IPs and host-network pods) → [`ztrust_common::identity::HOST`], and always `0.0.0.0/0` (the
+    /// kernel's `::ffff:0:0/96`, [`ztrust_common::identity::WORLD`] unless it is an ipBlock) so that no
+    /// IPv6 prefix is ever the longest match of an IPv4 address. IPv6 prefixes and addresses inside
+    /// `::ffff:0:0/96` have no entry: the kernel would key them as IPv4.
     pub ipcache: BTreeMap<IpNet, u32>,
     pub identities: BTreeMap<u32, IdentityInfo>,
     pub endpoints: BTreeMap<ObjectRef, EndpointPolicy>,

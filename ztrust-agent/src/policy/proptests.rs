@@ -60,10 +60,38 @@ fn selector() -> impl Strategy<Value = LabelSelector> {
         })
 }
 
+/// An IPv6 address that is IPv4-mapped (`::ffff:10.0.0.last`): in the kernel's 128-bit key space, where
+/// the datapath keeps IPv4.
+fn mapped(last: u8) -> IpAddr {
+    IpAddr::V6(Ipv4Addr::new(10, 0, 0, last).to_ipv6_mapped())
+}
+
+/// Prefixes whose kernel keys meet the other family's: IPv6 prefixes shorter than /96 that contain the
+/// IPv4-mapped space (`::/0` …), that space itself and prefixes inside it, IPv6 prefixes beside it, and
+/// short IPv4 prefixes.
+const CROSS_FAMILY: [&str; 14] = [
+    "::/0",
+    "::/1",
+    "::/64",
+    "::/80",
+    "::/96",
+    "::ffff:0:0/96",
+    "::ffff:10.0.0.0/120",
+    "::ffff:10.0.0.4/126",
+    "::ffff:10.0.0.3/128",
+    "fd00::/8",
+    "0.0.0.0/0",
+    "0.0.0.0/1",
+    "128.0.0.0/1",
+    "10.0.0.0/8",
+];
+
 fn prefix() -> impl Strategy<Value = IpNet> {
+    let cross: Vec<IpNet> = CROSS_FAMILY.iter().map(|p| p.parse().expect("valid")).collect();
     prop_oneof![
         4 => (0u8..20, 26u8..=32).prop_map(|(a, len)| IpNet::new(v4(a), len).expect("valid").trunc()),
         1 => (0u16..4, 124u8..=128).prop_map(|(a, len)| IpNet::new(v6(a), len).expect("valid").trunc()),
+        2 => proptest::sample::select(cross),
     ]
 }
 
@@ -157,11 +185,20 @@ fn container_port() -> impl Strategy<Value = ContainerPort> {
         })
 }
 
-fn pod() -> impl Strategy<Value = (usize, Labels, bool, bool, Vec<ContainerPort>)> {
+/// A pod's second address: none, its IPv6 address, or an IPv4-mapped IPv6 address (which no packet
+/// carries, but which the kernel would key as IPv4).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Second {
+    None,
+    V6,
+    Mapped,
+}
+
+fn pod() -> impl Strategy<Value = (usize, Labels, Second, bool, Vec<ContainerPort>)> {
     (
         0..NAMESPACES.len(),
         labels(),
-        prop::bool::weighted(0.3),
+        prop_oneof![14 => Just(Second::None), 5 => Just(Second::V6), 1 => Just(Second::Mapped)],
         prop::bool::weighted(0.1),
         proptest::collection::vec(container_port(), 0..=3),
     )
@@ -177,11 +214,12 @@ pub(crate) fn cluster() -> impl Strategy<Value = Cluster> {
 
 fn cluster_of(
     namespaces: impl Strategy<Value = Vec<Option<Labels>>>,
-    pods: impl Strategy<Value = Vec<(usize, Labels, bool, bool, Vec<ContainerPort>)>>,
+    pods: impl Strategy<Value = Vec<(usize, Labels, Second, bool, Vec<ContainerPort>)>>,
     addrs: impl Strategy<Value = Vec<u8>>,
     policies: impl Strategy<Value = Vec<NetworkPolicy>>,
 ) -> impl Strategy<Value = Cluster> {
-    (namespaces, pods, addrs, policies, any::<bool>()).prop_map(|(ns_labels, pods, addrs, policies, node)| {
+    let node = (any::<bool>(), prop::bool::weighted(0.1));
+    (namespaces, pods, addrs, policies, node).prop_map(|(ns_labels, pods, addrs, policies, (node, node_mapped))| {
         let mut c = Cluster::default();
         for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
             if let Some(labels) = labels {
@@ -195,10 +233,14 @@ fn cluster_of(
                 );
             }
         }
-        for (i, (ns, labels, dual, host, ports)) in pods.into_iter().enumerate() {
+        for (i, (ns, labels, second, host, ports)) in pods.into_iter().enumerate() {
             let mut ips = vec![if host { NODE_IP } else { v4(addrs[i]) }];
-            if dual && !host {
-                ips.push(v6(u16::from(addrs[i])));
+            match second {
+                _ if host => {}
+                Second::None => {}
+                Second::V6 => ips.push(v6(u16::from(addrs[i]))),
+                // The pod's own IPv4 address, or one no pod has (16..20).
+                Second::Mapped => ips.push(mapped(if i % 2 == 0 { addrs[i] } else { 16 + i as u8 % 4 })),
             }
             let pod = Pod {
                 namespace: NAMESPACES[ns].to_owned(),
@@ -217,6 +259,9 @@ fn cluster_of(
         if node {
             c.node_ips.push(NODE_IP);
         }
+        if node_mapped {
+            c.node_ips.push(mapped(16));
+        }
         c
     })
 }
@@ -229,11 +274,24 @@ pub(crate) struct Packet {
     pub dport: u16,
 }
 
-/// Mostly the addresses of the cluster's pods and node, sometimes any address of the small range.
+/// Addresses outside the small ranges of the generated pods and prefixes (inside the wide prefixes of
+/// [`CROSS_FAMILY`] only).
+const WORLD: [&str; 5] = ["192.0.2.1", "10.1.0.1", "8.8.8.8", "2001:db8::1", "::1"];
+
+/// Mostly the addresses of the cluster's pods and node, sometimes any address of the small range or of
+/// the world. Never an IPv4-mapped IPv6 address: no packet carries one (the datapath drops such IPv6
+/// packets as malformed).
 fn address(c: &Cluster) -> impl Strategy<Value = IpAddr> + use<> {
-    let mut known: Vec<IpAddr> = c.pods.values().flat_map(|p| p.ips.iter().copied()).collect();
+    let is_mapped = |ip: &IpAddr| matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
+    let mut known: Vec<IpAddr> = c.pods.values().flat_map(|p| p.ips.iter().copied()).filter(|ip| !is_mapped(ip)).collect();
     known.push(NODE_IP);
-    prop_oneof![3 => proptest::sample::select(known), 1 => (0u8..20).prop_map(v4), 1 => (0u16..16).prop_map(v6)]
+    let world: Vec<IpAddr> = WORLD.iter().map(|a| a.parse().expect("valid")).collect();
+    prop_oneof![
+        3 => proptest::sample::select(known),
+        1 => (0u8..20).prop_map(v4),
+        1 => (0u16..16).prop_map(v6),
+        1 => proptest::sample::select(world),
+    ]
 }
 
 pub(crate) fn packet(c: &Cluster) -> impl Strategy<Value = Packet> + use<> {
@@ -422,6 +480,22 @@ pub(crate) fn mix(a: &Cluster, b: &Cluster, mask: u64, what: Mix) -> Cluster {
     }
 }
 
+/// The kernel keys of the ipcache are distinct (two prefixes of one key would leave the kernel with
+/// whichever was written last), the IPv4 space is one of them, and nothing is keyed inside it but IPv4.
+pub(super) fn check_kernel_keys(d: &super::Desired) -> Result<(), String> {
+    let keys: std::collections::BTreeSet<_> = d.ipcache.keys().map(super::ipcache_key).collect();
+    if keys.len() != d.ipcache.len() {
+        return Err(format!("two ipcache prefixes share a kernel key: {:?}", d.ipcache));
+    }
+    if !d.ipcache.contains_key(&super::v4_space()) {
+        return Err(format!("no entry for the IPv4 space: {:?}", d.ipcache));
+    }
+    match d.ipcache.keys().find(|n| super::keyed_as_ipv4(n)) {
+        Some(n) => Err(format!("{n} is keyed as IPv4")),
+        None => Ok(()),
+    }
+}
+
 /// Compares the engine with the reference for one packet, direction by direction.
 pub(super) fn check(c: &Cluster, d: &super::Desired, p: &Packet) -> Result<(), String> {
     let pod_at = |ip: IpAddr| c.pods.values().find(|x| !x.host_network && x.ips.contains(&ip));
@@ -454,6 +528,9 @@ proptest! {
         (Just(c), packets)
     })) {
         let d = Engine::new().compile(&c);
+        if let Err(e) = check_kernel_keys(&d) {
+            prop_assert!(false, "{}", e);
+        }
         for p in &packets {
             if let Err(e) = check(&c, &d, p) {
                 prop_assert!(false, "{}", e);
@@ -472,6 +549,9 @@ proptest! {
         let d1 = engine.compile(&c1);
         prop_assert_eq!(&engine.compile(&c1), &d1);
         let d2 = engine.compile(&c2);
+        if let Err(e) = check_kernel_keys(&d2) {
+            prop_assert!(false, "{}", e);
+        }
         for p in &packets {
             if let Err(e) = check(&c2, &d2, p) {
                 prop_assert!(false, "{}", e);
@@ -499,6 +579,9 @@ proptest! {
             engine.update(c, &Changes::between(&previous, c));
             previous = c.clone();
             let d = engine.desired();
+            if let Err(e) = check_kernel_keys(d) {
+                prop_assert!(false, "{}", e);
+            }
             let fresh = Engine::for_node("here").compile(c);
             prop_assert_eq!(d.endpoints.keys().collect::<Vec<_>>(), fresh.endpoints.keys().collect::<Vec<_>>());
             prop_assert_eq!(d.ipcache.keys().collect::<Vec<_>>(), fresh.ipcache.keys().collect::<Vec<_>>());

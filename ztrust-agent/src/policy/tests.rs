@@ -1,7 +1,7 @@
 //! Unit tests: one per semantic rule of NetworkPolicy v1, plus identities, keys and counterexamples.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
 use ztrust_common::{PolicyKey, dir, identity, proto};
@@ -635,7 +635,8 @@ fn identities_are_shared_and_stable() {
     assert_eq!(id(&d1, 1), id(&d1, 2), "same namespace and labels");
     assert_ne!(id(&d1, 1), id(&d1, 3));
     assert_ne!(id(&d1, 1), id(&d1, 4), "namespace is part of the identity");
-    assert!(d1.ipcache.values().all(|i| *i >= identity::FIRST_DYNAMIC));
+    assert_eq!(d1.ipcache[&net("0.0.0.0/0")], identity::WORLD, "the IPv4 space, always there");
+    assert!(d1.ipcache.iter().filter(|(n, _)| n.prefix_len() > 0).all(|(_, i)| *i >= identity::FIRST_DYNAMIC));
     // Adding and removing other things keeps the numbers.
     let extra = pod("c", "new", &[("app", "new")], &[ip(5)]);
     c.pods.insert(extra.object_ref(), extra);
@@ -770,6 +771,220 @@ fn inexact_situations_are_warned_about_and_fail_closed() {
         "{:?}",
         d.warnings
     );
+}
+
+fn v6(s: &str) -> IpAddr {
+    IpAddr::V6(s.parse::<Ipv6Addr>().expect("test IPv6 address"))
+}
+
+/// The other policies a family test runs beside its own: none, or one (selecting no pod) whose ipBlock
+/// gives IPv4 or IPv6 CIDR identities of their own — which of them exist decides which ipcache entry is
+/// the longest match of a world address.
+fn other_blocks() -> Vec<Vec<NetworkPolicy>> {
+    let block = |cidr: &str| {
+        let mut p = policy("elsewhere", cidr, sel(&[("none", "none")]));
+        p.ingress = vec![Rule {
+            peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }],
+            ports: vec![],
+        }];
+        p
+    };
+    let mut out = vec![vec![]];
+    for cidrs in [&["10.0.0.0/8"][..], &["10.0.0.0/24"], &["0.0.0.0/0"], &["::/0"], &["fd00::/8", "192.0.2.0/24"]] {
+        out.push(cidrs.iter().map(|c| block(c)).collect());
+    }
+    out
+}
+
+/// The kernel's keys of the ipcache (IPv4 IPv4-mapped) are all distinct, and the IPv4 space is one.
+fn assert_kernel_keys_distinct(d: &Desired) {
+    let keys: BTreeSet<_> = d.ipcache.keys().map(ipcache_key).collect();
+    assert_eq!(keys.len(), d.ipcache.len(), "two prefixes share a kernel key: {:?}", d.ipcache);
+    let (prefix, key) = ipcache_key(&net("0.0.0.0/0"));
+    assert_eq!((prefix, Ipv6Addr::from(key.addr)), (96, "::ffff:0:0".parse::<Ipv6Addr>().expect("v6")));
+    assert!(d.ipcache.contains_key(&net("0.0.0.0/0")), "the IPv4 space has its entry");
+}
+
+/// Pod x (dual-stack) whose only egress rule is `cidr`, and a dual-stack peer pod y.
+fn egress_only_to(cidr: &str, others: Vec<NetworkPolicy>) -> Cluster {
+    let mut p = policy("a", "out", sel(&[("app", "x")]));
+    p.isolates_ingress = false;
+    p.isolates_egress = true;
+    p.egress = vec![Rule {
+        peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }],
+        ports: vec![],
+    }];
+    let pods = vec![
+        pod("a", "x", &[("app", "x")], &[ip(1), v6("fd00::1")]),
+        pod("a", "y", &[], &[ip(2), v6("fd00::2")]),
+    ];
+    let mut policies = vec![p];
+    policies.extend(others);
+    cluster(pods, policies)
+}
+
+/// Pod x (dual-stack) whose only ingress rule is from `cidr`.
+fn ingress_only_from(cidr: &str, others: Vec<NetworkPolicy>) -> Cluster {
+    let mut p = policy("a", "in", sel(&[("app", "x")]));
+    p.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }],
+        ports: vec![],
+    }];
+    let pods = vec![
+        pod("a", "x", &[("app", "x")], &[ip(1), v6("fd00::1")]),
+        pod("a", "y", &[], &[ip(2), v6("fd00::2")]),
+    ];
+    let mut policies = vec![p];
+    policies.extend(others);
+    cluster(pods, policies)
+}
+
+#[test]
+fn egress_allow_to_v6_any_does_not_allow_ipv4_world() {
+    // The kernel keys IPv4 as ::ffff:a.b.c.d, inside ::/0: without the IPv4 space's entry, an IPv4
+    // address outside every IPv4 CIDR took the identity of ::/0.
+    for others in other_blocks() {
+        let what = format!("with {:?}", others.iter().map(|p| &p.name).collect::<Vec<_>>());
+        let c = egress_only_to("::/0", others);
+        let d = compile(&c);
+        assert_kernel_keys_distinct(&d);
+        for world in [IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), ip(200)] {
+            assert!(!allowed(&c, &d, ip(1), world, proto::TCP, 443), "IPv4 {world} {what}");
+        }
+        assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80), "an IPv4 pod {what}");
+        assert!(allowed(&c, &d, ip(1), v6("2001:db8::1"), proto::TCP, 443), "IPv6 world {what}");
+        assert!(allowed(&c, &d, ip(1), v6("fd00::2"), proto::TCP, 80), "an IPv6 pod {what}");
+        assert!(allowed(&c, &d, ip(1), v6("::1"), proto::UDP, 53), "::1 is inside ::/0 {what}");
+    }
+    // Shorter IPv6 prefixes that contain ::ffff:0:0/96 too.
+    for cidr in ["::/1", "::/64", "::/80"] {
+        for others in other_blocks() {
+            let c = egress_only_to(cidr, others);
+            let d = compile(&c);
+            assert!(!allowed(&c, &d, ip(1), IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), proto::TCP, 443), "{cidr}");
+            assert!(allowed(&c, &d, ip(1), v6("::1"), proto::TCP, 443), "{cidr}");
+        }
+    }
+}
+
+#[test]
+fn ingress_from_v6_any_does_not_admit_an_ipv4_client() {
+    for others in other_blocks() {
+        let what = format!("with {:?}", others.iter().map(|p| &p.name).collect::<Vec<_>>());
+        let c = ingress_only_from("::/0", others);
+        let d = compile(&c);
+        assert_kernel_keys_distinct(&d);
+        for client in [IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), ip(9), ip(2)] {
+            assert!(!allowed(&c, &d, client, ip(1), proto::TCP, 80), "IPv4 client {client} {what}");
+        }
+        assert!(allowed(&c, &d, v6("2001:db8::1"), v6("fd00::1"), proto::TCP, 80), "IPv6 world {what}");
+        assert!(allowed(&c, &d, v6("fd00::2"), v6("fd00::1"), proto::TCP, 80), "an IPv6 pod {what}");
+        assert_ne!(
+            remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))),
+            d.ipcache[&net("::/0")],
+            "an IPv4 address never has the identity of ::/0 {what}"
+        );
+    }
+}
+
+#[test]
+fn ipv4_any_does_not_admit_ipv6() {
+    for others in other_blocks() {
+        let what = format!("with {:?}", others.iter().map(|p| &p.name).collect::<Vec<_>>());
+        let c = ingress_only_from("0.0.0.0/0", others.clone());
+        let d = compile(&c);
+        assert_kernel_keys_distinct(&d);
+        for client in [v6("2001:db8::1"), v6("fd00::2"), v6("::1"), v6("::a00:9")] {
+            assert!(!allowed(&c, &d, client, v6("fd00::1"), proto::TCP, 80), "IPv6 client {client} {what}");
+        }
+        assert!(allowed(&c, &d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), ip(1), proto::TCP, 80), "{what}");
+        assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80), "{what}");
+        let world_v4 = remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)));
+        assert!(
+            matches!(&d.identities[&world_v4], IdentityInfo::Cidr { prefix } if *prefix == net("0.0.0.0/0")),
+            "the IPv4 space holds the CIDR identity of 0.0.0.0/0 {what}"
+        );
+        let c = egress_only_to("0.0.0.0/0", others);
+        let d = compile(&c);
+        assert!(!allowed(&c, &d, v6("fd00::1"), v6("2001:db8::1"), proto::TCP, 443), "{what}");
+        assert!(allowed(&c, &d, v6("fd00::1"), IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), proto::TCP, 443), "{what}");
+    }
+}
+
+#[test]
+fn an_ip_block_of_one_family_never_includes_identities_of_the_other() {
+    // Every family's prefixes, and pods of both families inside them.
+    let cidrs = ["::/0", "::/80", "0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/24", "fd00::/8", "::ffff:0:0/96"];
+    let mut policies: Vec<NetworkPolicy> = Vec::new();
+    for (i, cidr) in cidrs.iter().enumerate() {
+        let mut p = policy("a", &format!("p{i}"), sel(&[("app", "x")]));
+        p.isolates_egress = true;
+        p.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }], ports: vec![tcp(80 + i as u16)] }];
+        p.egress = p.ingress.clone();
+        policies.push(p);
+    }
+    let pods = vec![
+        pod("a", "x", &[("app", "x")], &[ip(1), v6("fd00::1")]),
+        pod("a", "y", &[], &[ip(2), v6("fd00::2")]),
+    ];
+    let mut c = cluster(pods, policies);
+    c.node_ips = vec![ip(100), v6("fd00::100")];
+    let d = compile(&c);
+    assert_kernel_keys_distinct(&d);
+    let family = |id: u32| -> Option<bool> {
+        match d.identities.get(&id)? {
+            IdentityInfo::Cidr { prefix } => Some(prefix.addr().is_ipv4()),
+            _ => {
+                let addrs: BTreeSet<bool> =
+                    d.ipcache.iter().filter(|(_, i)| **i == id).map(|(n, _)| n.addr().is_ipv4()).collect();
+                (addrs.len() == 1).then(|| addrs.contains(&true))
+            }
+        }
+    };
+    let ep = &d.endpoints[&ObjectRef::new("a", "x")];
+    for k in ep.allow.keys() {
+        let cidr = net(cidrs[usize::from(k.port_lo - 80)]);
+        if let Some(v4) = family(k.remote) {
+            assert_eq!(v4, cidr.addr().is_ipv4(), "{cidr} allows identity {} ({:?})", k.remote, d.identities.get(&k.remote));
+        }
+    }
+    assert!(!d.identities.values().any(|i| matches!(i, IdentityInfo::Cidr { prefix } if *prefix == net("::ffff:0:0/96"))));
+}
+
+#[test]
+fn ipv4_mapped_ipv6_prefixes_and_addresses_never_match_ipv4() {
+    // The kernel would key these as IPv4: they get no ipcache entry (no packet carries them).
+    let mut p = policy("a", "p", sel(&[("app", "x")]));
+    p.isolates_egress = true;
+    p.ingress = vec![Rule {
+        peers: vec![Peer::IpBlock { cidr: net("::ffff:10.0.0.0/104"), except: vec![] }],
+        ports: vec![],
+    }];
+    p.egress = vec![Rule {
+        peers: vec![
+            Peer::IpBlock { cidr: net("::ffff:0:0/96"), except: vec![] },
+            Peer::IpBlock { cidr: net("::/0"), except: vec![] },
+        ],
+        ports: vec![],
+    }];
+    let mapped = |last: u8| IpAddr::V6(Ipv4Addr::new(10, 0, 0, last).to_ipv6_mapped());
+    let pods = vec![
+        pod("a", "x", &[("app", "x")], &[ip(1)]),
+        // One address reported in both forms; one IPv4-mapped address that no pod has as IPv4.
+        pod("a", "y", &[], &[ip(2), mapped(2)]),
+        pod("a", "z", &[], &[ip(3), mapped(30)]),
+    ];
+    let mut c = cluster(pods, vec![p]);
+    c.node_ips = vec![mapped(100)];
+    let d = compile(&c);
+    assert_kernel_keys_distinct(&d);
+    assert!(d.ipcache.keys().all(|n| !super::keyed_as_ipv4(n)), "{:?}", d.ipcache);
+    for client in [ip(2), ip(30), ip(100), ip(200)] {
+        assert!(!allowed(&c, &d, client, ip(1), proto::TCP, 80), "IPv4 client {client}");
+        assert!(!allowed(&c, &d, ip(1), client, proto::TCP, 80), "IPv4 destination {client}");
+    }
+    assert!(allowed(&c, &d, ip(1), v6("2001:db8::1"), proto::TCP, 80), "IPv6 world, by ::/0");
+    assert!(!lookup(&d, mapped(2), ip(1), proto::TCP, 80, &ObjectRef::new("a", "x"), dir::INGRESS), "dropped as malformed");
 }
 
 /// Scale: 50,000 pods and 10,000 policies. Run with
