@@ -105,12 +105,7 @@ impl Enforcer {
     }
 
     fn events(&mut self) -> Vec<FlowEvent> {
-        let ring = self.dp.events.as_mut().expect("ring");
-        let mut out = Vec::new();
-        while let Some(item) = ring.next() {
-            out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
-        }
-        out
+        common::events(&mut self.dp)
     }
 }
 

@@ -417,15 +417,8 @@ fn crafted_packets_get_nothing_through() {
     // Every drop is a flow: once a's endpoint is gone, an unknown-endpoint drop too.
     dp.maps.endpoints.remove(&ifindex).expect("remove a");
     assert_eq!(common::test_run(&dp, from, ifindex, &udp(a4, b4, 41999, 53).0), SHOT);
-    let ring = dp.events.as_mut().expect("ring");
-    let mut reasons = std::collections::BTreeSet::new();
-    while let Some(item) = ring.next() {
-        // SAFETY: the ring carries FlowEvent records only.
-        let e = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ztrust_common::FlowEvent>()) };
-        if e.verdict == verdict::DROPPED {
-            reasons.insert(e.reason);
-        }
-    }
+    let reasons: std::collections::BTreeSet<u8> =
+        common::events(&mut dp).iter().filter(|e| e.verdict == verdict::DROPPED).map(|e| e.reason).collect();
     for r in [
         reason::POLICY_DENIED,
         reason::NO_CT_ENTRY,

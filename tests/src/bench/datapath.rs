@@ -75,7 +75,7 @@ fn pod_ip(i: u32) -> [u8; 4] {
 }
 
 fn run(dp: &Datapath, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, Duration) {
-    run_prog(dp, names::PROG_FROM_POD, ifindex, 0, pkt, repeat)
+    run_prog(dp, names::PROG_FROM_POD, ifindex, (0, 0), pkt, repeat)
 }
 
 /// How many times a repeated-packet case is measured (the median is reported).
@@ -95,10 +95,12 @@ fn repeated(dp: &Datapath, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, f64) 
     (verdicts.into_iter().next().unwrap_or_default(), super::median(&ns))
 }
 
-/// `prog` on `pkt` with `skb->mark` = `mark` (offset 8 of the context).
-fn run_prog(dp: &Datapath, prog: &str, ifindex: u32, mark: u32, pkt: &[u8], repeat: u32) -> (u32, Duration) {
+/// `prog` on `pkt` with `skb->mark` (offset 8 of the context) and `skb->ingress_ifindex` (offset 36: the
+/// interface the packet entered the node on) = `mark_from`.
+fn run_prog(dp: &Datapath, prog: &str, ifindex: u32, mark_from: (u32, u32), pkt: &[u8], repeat: u32) -> (u32, Duration) {
     let mut ctx = skb_ctx(ifindex);
-    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    ctx[8..12].copy_from_slice(&mark_from.0.to_ne_bytes());
+    ctx[36..40].copy_from_slice(&mark_from.1.to_ne_bytes());
     let mut out = vec![0u8; pkt.len() + 256];
     let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat, ..Default::default() };
     let r = dp.program(prog).expect("program").test_run(opts).expect("test run");
@@ -106,7 +108,7 @@ fn run_prog(dp: &Datapath, prog: &str, ifindex: u32, mark: u32, pkt: &[u8], repe
 }
 
 /// Mean in-kernel time of `n` single runs of `prog` on `pkt` (which must pass), in ns.
-fn single_runs(dp: &Datapath, prog: &str, ifindex: u32, mark: u32, pkt: &[u8], n: u32) -> f64 {
+fn single_runs(dp: &Datapath, prog: &str, ifindex: u32, mark: (u32, u32), pkt: &[u8], n: u32) -> f64 {
     let mut total = Duration::ZERO;
     for _ in 0..n {
         let (rv, d) = run_prog(dp, prog, ifindex, mark, pkt, 1);
@@ -125,7 +127,7 @@ const COLD_RUNS: u32 = 300;
 /// Median in-kernel time of `n` single runs of `prog` on `pkt` (which must pass), each after
 /// [`COLD_SWEEP`] bytes were written: what a packet costs when the maps it reads are not in the core's
 /// caches.
-fn cold_runs(dp: &Datapath, prog: &str, ifindex: u32, mark: u32, pkt: &[u8], n: u32) -> f64 {
+fn cold_runs(dp: &Datapath, prog: &str, ifindex: u32, mark: (u32, u32), pkt: &[u8], n: u32) -> f64 {
     let mut buf = vec![0u8; COLD_SWEEP];
     let mut v = Vec::new();
     for _ in 0..n {
@@ -230,6 +232,12 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     let mut entry = dp.maps.conntrack.get(&ct_key, 0).expect("the connection's entry");
     entry.peer_ifindex = receiver;
     dp.maps.conntrack.insert(ct_key, entry, 0).expect("link");
+    // The receiver's entry for the connection, linked to the sender's interface (which the marked packet
+    // comes from): what its interface records when it admits the SYN.
+    let peer_key = CtKey::new(receiver, dir::INGRESS, &mapped(me), &mapped(peer), 998u16.to_be(), 8080u16.to_be(), proto::TCP);
+    let peer_entry = ztrust_common::CtValue { origin: dir::INGRESS, peer_ifindex: ifindex, ..entry };
+    dp.maps.conntrack.insert(peer_key, peer_entry, 0).expect("the receiver's entry");
+    let at_peer = (loader::DEFAULT_PEER_MARK, ifindex);
     // Each run marks (or clears the mark of) the packet, which a repeated run would see: these are
     // single runs, the mean over as many as there are new flows, and include the per-run overhead of
     // a test run (hence the established packet measured the same way, which the table prints below).
@@ -240,16 +248,16 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         let mut entry = entry;
         entry.peer_ifindex = 0;
         dp.maps.conntrack.insert(ct_key, entry, 0).expect("unlink");
-        let ns = single_runs(&dp, names::PROG_FROM_POD, ifindex, 0, &ack, args.flows);
-        cold_ns.insert(CASES[2], cold_runs(&dp, names::PROG_FROM_POD, ifindex, 0, &ack, COLD_RUNS));
+        let ns = single_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, args.flows);
+        cold_ns.insert(CASES[2], cold_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, COLD_RUNS));
         entry.peer_ifindex = receiver;
         dp.maps.conntrack.insert(ct_key, entry, 0).expect("link");
         ns
     };
-    ns.insert(CASES[3], single_runs(&dp, names::PROG_FROM_POD, ifindex, 0, &ack, args.flows));
-    ns.insert(CASES[4], single_runs(&dp, names::PROG_TO_POD, receiver, loader::DEFAULT_PEER_MARK, &ack, args.flows));
-    cold_ns.insert(CASES[3], cold_runs(&dp, names::PROG_FROM_POD, ifindex, 0, &ack, COLD_RUNS));
-    cold_ns.insert(CASES[4], cold_runs(&dp, names::PROG_TO_POD, receiver, loader::DEFAULT_PEER_MARK, &ack, COLD_RUNS));
+    ns.insert(CASES[3], single_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, args.flows));
+    ns.insert(CASES[4], single_runs(&dp, names::PROG_TO_POD, receiver, at_peer, &ack, args.flows));
+    cold_ns.insert(CASES[3], cold_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, COLD_RUNS));
+    cold_ns.insert(CASES[4], cold_runs(&dp, names::PROG_TO_POD, receiver, at_peer, &ack, COLD_RUNS));
     ns.insert(CASES[5], new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::UDP, sp, 53, 0)));
     ns.insert(CASES[6], new_flows(&dp, ifindex, args.flows, |sp| frame(true, &me6, &peer6, proto::TCP, sp, 8080, 0x02)));
     drop(dp);

@@ -235,6 +235,17 @@ pub fn counter_parts(
     (hashed, slotted)
 }
 
+/// The flow events waiting in the datapath's ring buffer, taken out of it.
+pub fn events(dp: &mut ztrust_agent::datapath::loader::Datapath) -> Vec<ztrust_common::FlowEvent> {
+    let ring = dp.events.as_mut().expect("ring");
+    let mut out = Vec::new();
+    while let Some(item) = ring.next() {
+        // SAFETY: the ring carries FlowEvent records only; read unaligned from its bytes.
+        out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ztrust_common::FlowEvent>()) });
+    }
+    out
+}
+
 pub fn require_root() {
     assert!(nix::unistd::geteuid().is_root(), "privileged test: run as root via `cargo xtask test`");
 }
