@@ -70,6 +70,9 @@ pub struct Report {
     worst_ratio: BTreeMap<&'static str, f64>,
 }
 
+/// The measured endpoint's IPv6 address (fd00::1); its IPv4 one is pod 0's.
+const ME6: [u8; 16] = [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
 fn pod_ip(i: u32) -> [u8; 4] {
     [10, (i >> 16) as u8, (i >> 8) as u8, i as u8]
 }
@@ -170,7 +173,7 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         // (The endpoints given a port range below lose `NO_WIDE_EGRESS_UDP` there.)
         let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
         // The measured endpoint sends from pod 0's address (the only source it may use).
-        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, addr4: mapped(pod_ip(0)), ..Default::default() };
+        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, addr4: mapped(pod_ip(0)), addr6: ME6, ..Default::default() };
         dp.maps.endpoints.insert(*ep, info, 0).expect("endpoint");
     }
     let mut entries = 0usize;
@@ -205,7 +208,7 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         let key = PolicyKey::new(ifindex, peer_id, dir::EGRESS, protocol, port);
         dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 }).expect("policy");
     }
-    let (me6, peer6) = ([0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+    let (me6, peer6) = (ME6, [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     dp.maps.ipcache.insert(128, &IpcacheKey { addr: peer6 }, &IpcacheValue { identity: peer_id, _pad: 0 }).unwrap();
     // Events for denied packets are rate-limited per flow; keep that realistic (one per second).
     dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, flags: 0, log_allowed: 0 }, 0).unwrap();
