@@ -154,7 +154,7 @@ fn parse(f: &[u8]) -> Seen {
             let (mut next, mut off) = (next, 54);
             for _ in 0..8 {
                 match next {
-                    0 | 43 | 60 | 135 | 139 | 140 => {
+                    0 | 43 | 60 => {
                         let (Some(&n), Some(&len)) = (f.get(off), f.get(off + 1)) else { return Seen::Unparsed };
                         next = n;
                         off += (usize::from(len) + 1) * 8;

@@ -356,6 +356,12 @@ fn vlan_tagged_frames_are_dropped() {
     let before = lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::UNSUPPORTED_FRAME);
     assert!(!received_udp(&lab, C, 7200, b"tagged", || lab.send_from_pod(A, vec![tagged.clone()])), "a VLAN-tagged datagram reached c");
     assert_eq!(lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::UNSUPPORTED_FRAME), before + 1);
+    // One tag: the kernel takes it into the skb's metadata before TC runs, so the program sees the packet
+    // inside; it is still a tagged frame, not judged.
+    let mut one_tag = lab.frame_from(A, 0x0800, &inner);
+    one_tag.splice(12..12, [0x81, 0x00, 0, 0]);
+    assert!(!received_udp(&lab, C, 7200, b"tagged", || lab.send_from_pod(A, vec![one_tag])), "a single-tagged datagram reached c");
+    assert_eq!(lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::UNSUPPORTED_FRAME), before + 2);
     // Positive control: the same packet untagged (c is not isolated).
     let plain = lab.frame_from(A, 0x0800, &inner);
     assert!(received_udp(&lab, C, 7200, b"tagged", || lab.send_from_pod(A, vec![plain])), "control: the untagged datagram did not reach c");
@@ -363,7 +369,7 @@ fn vlan_tagged_frames_are_dropped() {
     // With a's endpoint removed (the fail-closed window), IP is dropped, and tagged frames too.
     lab.dp.maps.endpoints.remove(&lab.ifindex[A]).expect("remove a's endpoint");
     assert!(!received_udp(&lab, C, 7200, b"tagged", || lab.send_from_pod(A, vec![tagged])), "a VLAN-tagged datagram passed the fail-closed window");
-    assert_eq!(lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::UNSUPPORTED_FRAME), before + 2);
+    assert_eq!(lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::UNSUPPORTED_FRAME), before + 3);
 }
 
 /// Class 4: a TCP segment without state is judged in its own direction. Both attacks pick the ports

@@ -108,16 +108,18 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     let parsed = parse::parse(skb, &mut pkt, direction);
     // SAFETY: `parse` writes the whole packet, whatever it returns.
     let pkt = unsafe { pkt.assume_init_ref() };
-    // SAFETY: the value is copied out at once.
-    let ep = unsafe { ENDPOINTS.get(ifindex) }.copied();
+    // Read in place, not copied: an update of the entry replaces the whole element (the hash map's
+    // elements are swapped, never written in place), so what is read here is one version of it.
+    // SAFETY: the reference does not outlive the program run.
+    let ep = unsafe { ENDPOINTS.get(ifindex) };
     // SAFETY: the context pointer is valid for the whole program run.
     let from = unsafe { (*skb).ingress_ifindex };
     let d = match (parsed, ep) {
         (Parsed::Ip, Some(ep)) => {
-            if direction == dir::EGRESS && !own_source(&ep, &pkt.saddr, pkt.family) {
+            if direction == dir::EGRESS && !own_source(ep, &pkt.saddr, pkt.family) {
                 Decision::new(verdict::DROPPED, reason::SPOOFED_SOURCE, 0, 0, false)
             } else {
-                decide(ifindex, direction, from, marked, &ep, pkt)
+                decide(ifindex, direction, from, marked, ep, pkt)
             }
         }
         // ARP and link-local neighbour discovery carry nothing off the link; they pass even before the
@@ -125,7 +127,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         // Once it is known, a pod names only itself (or nobody yet) as their sender.
         (Parsed::Link, Some(ep))
             if direction == dir::EGRESS
-                && !own_source(&ep, &pkt.saddr, pkt.family)
+                && !own_source(ep, &pkt.saddr, pkt.family)
                 && !parse::is_unspecified(&pkt.saddr)
                 && !parse::is_link_local(&pkt.saddr) =>
         {
@@ -272,6 +274,18 @@ fn admits(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16
     admits_peer(ep, remote, direction, protocol, port)
 }
 
+/// [`admits`] for a packet that entered the node on `from` (0: the node sent it). The node's address on
+/// a packet the node did not send is forged, or translated on the way: not the node, so judged by policy
+/// as any other peer.
+#[inline(always)]
+fn admits_from(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16, from: u32) -> Option<(u8, u32)> {
+    if from != 0 && direction == dir::INGRESS && remote == identity::HOST {
+        admits_peer(ep, remote, direction, protocol, port)
+    } else {
+        admits(ep, remote, direction, protocol, port)
+    }
+}
+
 /// [`admits`] without the node's exemption.
 #[inline(always)]
 fn admits_peer(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16) -> Option<(u8, u32)> {
@@ -297,6 +311,7 @@ fn ct_admits(
     original_dir: u8,
     port: u16,
     now: u64,
+    from: u32,
 ) -> Option<u32> {
     // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
     let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
@@ -312,7 +327,7 @@ fn ct_admits(
         let revision = current_revision();
         if ct_rev != revision {
             let remote = remote_identity(remote_addr);
-            let (_, r) = admits(ep, remote, original_dir, pkt.protocol, port)?;
+            let (_, r) = admits_from(ep, remote, original_dir, pkt.protocol, port, from)?;
             rule = r;
             unsafe {
                 (*ct).revision = revision;
@@ -358,7 +373,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
         // as what it replies to.
         let (opened_dir, port, why) =
             if own { (direction, dport, reason::ESTABLISHED) } else { (opposite(direction), sport, reason::REPLY) };
-        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now) {
+        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now, from) {
             // A TCP connection between two endpoints of this node that both have admitted: the packet
             // leaving one is judged for the other too. (Only TCP: its admission holds across policy
             // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
@@ -381,13 +396,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     let revision = current_revision();
     let remote = remote_identity(remote_addr);
 
-    let admitted = if direction == dir::INGRESS && remote == identity::HOST && from != 0 {
-        // The node's address on a packet the node did not send (it entered on `from`): forged, or
-        // translated on the way. Not the node: judged by policy as any other peer.
-        admits_peer(ep, remote, direction, pkt.protocol, dport)
-    } else {
-        admits(ep, remote, direction, pkt.protocol, dport)
-    };
+    let admitted = admits_from(ep, remote, direction, pkt.protocol, dport, from);
     if !(pkt.protocol == proto::TCP && !opening_syn) {
         if let Some((why, rule_id)) = admitted {
             let peer =
@@ -405,10 +414,12 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     // FIN, which end connections rather than carry them. An evicted connection heals at the next segment
     // its opening side sends.
     if let Some((_, rule_id)) = admitted {
-        if pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0 {
+        // Making the entry again opens the connection here as a SYN would: it is reported as new.
+        let opens = pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
+        if opens {
             ct_create(&key, direction, rule_id, now, revision, 0);
         }
-        return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, false);
+        return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens);
     }
     Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false)
 }

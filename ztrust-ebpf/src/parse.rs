@@ -27,17 +27,16 @@ const ARP_HRD_ETHER: u16 = 1;
 const ARP_OP_REQUEST: u16 = 1;
 const ARP_OP_REPLY: u16 = 2;
 
-/// IPv6 extension headers that may precede the transport header (RFC 8200 §4, and the registry of
-/// RFC 7045): all but the fragment header and AH measure their length in 8-octet units.
+/// IPv6 extension headers that may precede the transport header (RFC 8200 §4): all but the fragment
+/// header and AH measure their length in 8-octet units. (Mobility, HIP and Shim6 headers are in the
+/// registry too, but the kernel delivers them as protocols of their own, to raw sockets: so are they
+/// judged here, never walked past as if a TCP header followed.)
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
 /// Authentication header (RFC 4302 §2.2): length in 4-octet units, minus 2.
 const IPV6_AH: u8 = 51;
 const IPV6_DEST_OPTS: u8 = 60;
-const IPV6_MOBILITY: u8 = 135;
-const IPV6_HIP: u8 = 139;
-const IPV6_SHIM6: u8 = 140;
 /// Bounded walk (the verifier needs a fixed loop count). A chain longer than this is dropped as
 /// malformed, never judged as if its last extension header were the transport protocol.
 const IPV6_MAX_EXT: usize = 8;
@@ -110,6 +109,18 @@ fn load<T>(ctx: &TcContext, off: usize) -> Option<T> {
 /// zeros). `direction` decides which link-control messages a pod may send and receive.
 #[inline(never)]
 pub fn parse(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>, direction: u8) -> Parsed {
+    let parsed = parse_frame(skb, pkt, direction);
+    // A frame's outer VLAN tag is taken into the skb's metadata before TC runs: what was parsed is the
+    // packet inside it, which the node would forward once the tag is gone. A tagged frame is not judged.
+    // SAFETY: the context is valid for the whole run; `vlan_present` is readable by TC programs.
+    if unsafe { (*skb).vlan_present } != 0 {
+        return Parsed::Unsupported;
+    }
+    parsed
+}
+
+#[inline(always)]
+fn parse_frame(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>, direction: u8) -> Parsed {
     if parse_v4_direct(skb, pkt) {
         return Parsed::Ip;
     }
@@ -250,7 +261,7 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, direction: u8) -> Parsed {
     let mut off = ETH_HLEN + 40;
     for _ in 0..IPV6_MAX_EXT {
         match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS | IPV6_MOBILITY | IPV6_HIP | IPV6_SHIM6 => {
+            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
                 let (Some(n), Some(len)) = (load::<u8>(ctx, off), load::<u8>(ctx, off + 1)) else {
                     return Parsed::Malformed;
                 };
@@ -295,7 +306,7 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, direction: u8) -> Parsed {
 fn is_v6_extension(next: u8) -> bool {
     matches!(
         next,
-        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AH | IPV6_DEST_OPTS | IPV6_MOBILITY | IPV6_HIP | IPV6_SHIM6
+        IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_FRAGMENT | IPV6_AH | IPV6_DEST_OPTS
     )
 }
 
