@@ -80,7 +80,7 @@ impl Lab {
             bindings.insert(ObjectRef::new("x", ["a", "b", "c"][i]), index);
             ifindex.push(index);
         }
-        dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 0, flags: 0, log_allowed: 0 }, 0).unwrap();
+        dp.maps.config.set(0, ztrust_common::Config::default(), 0).unwrap();
         let desired = Engine::new().compile(&cluster(&topo));
         Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
         let macs = topo.pods.iter().map(|p| (mac(&topo.node, &p.host_if), mac(&p.netns, "eth0"))).collect();

@@ -91,7 +91,7 @@ impl Enforcer {
             dp.attach(&p.host_if, index).expect("attach");
             bindings.insert(ObjectRef::new("x", ["a", "b", "c"][i]), index);
         }
-        dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 0, flags: 0, log_allowed: 1 }, 0).unwrap();
+        dp.maps.config.set(0, ztrust_common::Config { log_allowed: 1, ..Default::default() }, 0).unwrap();
         Enforcer { dp, syncer: Syncer::new(), engine: Engine::new(), bindings }
     }
 

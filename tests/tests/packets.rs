@@ -330,6 +330,7 @@ fn crafted_packets_get_nothing_through() {
     let spoofed = (eg, dr, reason::SPOOFED_SOURCE);
     let link = (eg, fw, reason::NOT_IP);
     let denied_out = (eg, dr, reason::POLICY_DENIED);
+    let encapsulated = (eg, dr, reason::ENCAPSULATED);
     let cases = vec![
         // 1. Sources.
         case("control: UDP from a's own address to b:53", from, udp(a4, b4, 41000, 53), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
@@ -380,8 +381,6 @@ fn crafted_packets_get_nothing_through() {
         case("control: IPv6 SYN to b:80 behind an authentication header", from, v6(a6, b6, 51, &[proto::TCP, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1], &l4(proto::TCP, 41202, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
         case("a non-first IPv6 fragment", from, v6(a6, b6, 44, &[proto::UDP, 0, 0, 8, 0, 0, 0, 1], &[0; 16]), SHOT, (eg, dr, reason::FRAGMENT)),
         case("a first IPv4 fragment too short for its TCP header", from, v4(a4, b4, proto::TCP, 0x2000, &l4(proto::TCP, 41203, 80, 0x02)[..8]), SHOT, (eg, dr, reason::MALFORMED)),
-        case("IP-in-IP to b (rules with ports allow only their protocols)", from, v4(a4, b4, 4, 0, &[0x45; 20]), SHOT, denied_out),
-        case("GRE to b", from, v4(a4, b4, 47, 0, &[0; 8]), SHOT, denied_out),
         case("control: an atomic IPv6 fragment, TCP SYN to b:80", from, v6(a6, b6, 44, &[proto::TCP, 0, 0, 0, 0, 0, 0, 2], &l4(proto::TCP, 41204, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
         case("an atomic IPv6 fragment, TCP SYN to b:81", from, v6(a6, b6, 44, &[proto::TCP, 0, 0, 0, 0, 0, 0, 3], &l4(proto::TCP, 41205, 81, 0x02)), SHOT, denied_out),
         // ICMP errors are ICMP: they quote a flow but are judged as themselves (rules with ports deny them).
@@ -390,6 +389,19 @@ fn crafted_packets_get_nothing_through() {
         // Source ports choose nothing: policy is about the destination port.
         case("UDP from port 53 to b:54", from, udp(a4, b4, 53, 54), SHOT, denied_out),
         case("a TCP SYN from port 80 to b:81", from, tcp(a4, b4, 80, 81, 0x02), SHOT, denied_out),
+        // 8. Packets that carry packets, which a node decapsulates and forwards with the inner source:
+        // dropped whatever policy says of the outer packet.
+        case("IP-in-IP to the node", from, v4(a4, node4, 4, 0, &v4(b4, [10, 244, 205, 12], proto::UDP, 0, &l4(proto::UDP, 1, 7000, 0)).0[14..]), SHOT, encapsulated),
+        case("IPv6 in IPv4 to b", from, v4(a4, b4, 41, 0, &v6(b6, a6, proto::UDP, &[], &l4(proto::UDP, 1, 7000, 0)).0[14..]), SHOT, encapsulated),
+        case("GRE to b", from, v4(a4, b4, 47, 0, &[0, 0, 0x08, 0]), SHOT, encapsulated),
+        case("EtherIP to b", from, v4(a4, b4, 97, 0, &[0x30, 0]), SHOT, encapsulated),
+        case("MPLS in IP to b", from, v4(a4, b4, 137, 0, &[0, 0, 1, 64]), SHOT, encapsulated),
+        case("IPv4 in IPv6 to b", from, v6(a6, b6, 4, &[], &v4(b4, a4, proto::UDP, 0, &l4(proto::UDP, 1, 7000, 0)).0[14..]), SHOT, encapsulated),
+        case("GRE in IPv6 behind a destination-options header", from, v6(a6, b6, 60, &dest_opts(1, 47), &[0, 0, 0x86, 0xdd]), SHOT, encapsulated),
+        case("VXLAN (UDP 4789) to the node", from, udp(a4, node4, 41500, 4789), SHOT, encapsulated),
+        case("VXLAN (UDP 8472) to b", from, udp(a4, b4, 41501, 8472), SHOT, encapsulated),
+        case("Geneve (UDP 6081) to the world over IPv6", from, v6(a6, world6, proto::UDP, &[], &l4(proto::UDP, 41502, 6081, 0)), SHOT, encapsulated),
+        case("control: UDP from port 4789 to b:53 (the destination port says what it carries)", from, udp(a4, b4, 4789, 53), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
         // 7. The node's address, on a packet the node did not send.
         case("control: SYN into a from the node (kubelet probe)", to, tcp(node4, a4, 41300, 8080, 0x02), OK, (ing, fw, reason::FROM_HOST)),
         Crafted { from: 999, ..case("SYN into a with the node's address, entered on another interface", to, tcp(node4, a4, 41301, 8080, 0x02), SHOT, (ing, dr, reason::POLICY_DENIED)) },
@@ -414,6 +426,17 @@ fn crafted_packets_get_nothing_through() {
     }
     assert!(failures.is_empty(), "{} of {} cases differ:\n{}", failures.len(), cases.len(), failures.join("\n"));
 
+    // `--pod-tunnels allow`: encapsulated packets are judged by policy like any other (a's rules to b
+    // allow TCP 80, UDP 53 and SCTP only; its egress to the node has no rule).
+    let allow = ztrust_common::Config { flags: ztrust_common::ep_flags::ALLOW_ENCAPSULATION, ..Default::default() };
+    dp.maps.config.set(0, allow, 0).expect("config");
+    for (what, pkt) in [("IP-in-IP to b", v4(a4, b4, 4, 0, &[0x45; 20])), ("VXLAN to b", udp(a4, b4, 41503, 4789))] {
+        let before = counter(&dp, ifindex, eg, dr, reason::POLICY_DENIED);
+        assert_eq!(run(&dp, from, ifindex, &pkt), SHOT, "{what}, tunnels allowed");
+        assert_eq!(counter(&dp, ifindex, eg, dr, reason::POLICY_DENIED), before + 1, "{what}, tunnels allowed: judged by policy");
+    }
+    dp.maps.config.set(0, ztrust_common::Config::default(), 0).expect("config");
+
     // Every drop is a flow: once a's endpoint is gone, an unknown-endpoint drop too.
     dp.maps.endpoints.remove(&ifindex).expect("remove a");
     assert_eq!(common::test_run(&dp, from, ifindex, &udp(a4, b4, 41999, 53).0), SHOT);
@@ -427,6 +450,7 @@ fn crafted_packets_get_nothing_through() {
         reason::MALFORMED,
         reason::FRAGMENT,
         reason::UNKNOWN_ENDPOINT,
+        reason::ENCAPSULATED,
     ] {
         assert!(reasons.contains(&r), "no flow event for a drop with reason {r} (events for {reasons:?})");
     }

@@ -85,6 +85,10 @@ pub struct Options {
     pub audit: bool,
     pub log_allowed: bool,
     pub event_interval: Duration,
+    /// Events per interface and second (`--event-budget`; 0: no limit).
+    pub event_budget: u32,
+    /// Pods may send encapsulated packets (`--pod-tunnels allow`).
+    pub pod_tunnels: bool,
     pub flow_log: Option<PathBuf>,
     pub poll: Duration,
     /// Kernel map sizes.
@@ -415,8 +419,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     crate::datapath::loader::settle_pins(&opts.pin_dir, &pinned);
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
-        flags: if opts.audit { ep_flags::AUDIT } else { 0 },
+        flags: if opts.audit { ep_flags::AUDIT } else { 0 }
+            | if opts.pod_tunnels { ep_flags::ALLOW_ENCAPSULATION } else { 0 },
         log_allowed: u32::from(opts.log_allowed),
+        event_budget: opts.event_budget,
+        _pad: 0,
     };
     dp.maps.config.set(0, config, 0)?;
     let mut syncer = Syncer::adopt(&dp.maps);

@@ -106,6 +106,7 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::FRAGMENT => "fragment",
         reason::SPOOFED_SOURCE => "spoofed-source",
         reason::UNSUPPORTED_FRAME => "unsupported-frame",
+        reason::ENCAPSULATED => "encapsulated",
         _ => "unknown",
     }
 }
@@ -126,8 +127,8 @@ pub fn protocol_name(p: u8) -> Name {
 }
 
 fn tcp_flags_string(f: u8) -> String {
-    const NAMES: [(u8, &str); 6] =
-        [(0x02, "SYN"), (0x10, "ACK"), (0x01, "FIN"), (0x04, "RST"), (0x08, "PSH"), (0x20, "URG")];
+    use ztrust_common::tcp_flags::{ACK, FIN, PSH, RST, SYN, URG};
+    const NAMES: [(u8, &str); 6] = [(SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"), (PSH, "PSH"), (URG, "URG")];
     let mut out = String::new();
     for (_, name) in NAMES.iter().filter(|(b, _)| f & b != 0) {
         if !out.is_empty() {

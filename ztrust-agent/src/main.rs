@@ -94,6 +94,16 @@ struct RunArgs {
     /// At most one event per flow and this interval (milliseconds) for repeated drops.
     #[arg(long, default_value_t = 1000)]
     event_interval_ms: u64,
+    /// At most this many flow events per pod interface and second (0: no limit), so that one pod's flood
+    /// of distinct denied flows cannot crowd other pods' events out; the packets are still counted, the
+    /// events left out too (`status`: events over budget).
+    #[arg(long, default_value_t = 1000)]
+    event_budget: u32,
+    /// `deny`: a pod may not send packets that carry packets (IP in IP, GRE, VXLAN, Geneve), which a
+    /// node would decapsulate and forward with whatever inner source the pod wrote (`encapsulated`).
+    /// `allow`: judge them by policy like any other packet.
+    #[arg(long, value_enum, default_value_t = PodTunnels::Deny)]
+    pod_tunnels: PodTunnels,
     /// Append every flow as a JSON line to this file.
     #[arg(long)]
     flow_log: Option<PathBuf>,
@@ -151,6 +161,12 @@ struct RunArgs {
 enum Mode {
     Enforce,
     Audit,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PodTunnels {
+    Deny,
+    Allow,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -226,6 +242,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         audit: args.mode == Mode::Audit,
         log_allowed: args.log_allowed,
         event_interval: Duration::from_millis(args.event_interval_ms),
+        event_budget: args.event_budget,
+        pod_tunnels: args.pod_tunnels == PodTunnels::Allow,
         flow_log: args.flow_log,
         poll: Duration::from_millis(args.poll_ms),
         peer_mark: args.peer_mark,

@@ -46,6 +46,8 @@ pub struct Status {
     pub counters: Vec<Counter>,
     pub events_lost: u64,
     pub events_rate_limited: u64,
+    /// Events left out because their interface had used its budget for the second (`--event-budget`).
+    pub events_over_budget: u64,
     pub ct_insert_failed: u64,
     /// Packets passed on the peer mark (TCP between two pods of this node, judged once).
     pub peer_judged: u64,
@@ -92,6 +94,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         ipcache_entries: ipcache.keys().count() + ipcache_hosts.map_or(0, |h| h.keys().count()),
         events_lost: sum_stat(stat::EVENTS_LOST),
         events_rate_limited: sum_stat(stat::EVENTS_RATE_LIMITED),
+        events_over_budget: sum_stat(stat::EVENTS_OVER_BUDGET),
         ct_insert_failed: sum_stat(stat::CT_INSERT_FAILED),
         peer_judged: sum_stat(stat::PEER_JUDGED),
         ..Default::default()
@@ -143,7 +146,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
 pub fn render(st: &Status) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "endpoints {}/{}   policy entries {}/{}   ipcache {}/{}   events lost {}   rate-limited {}   judged at the peer {}\n\n",
+        "endpoints {}/{}   policy entries {}/{}   ipcache {}/{}   events lost {}   rate-limited {}   over budget {}   judged at the peer {}\n\n",
         st.endpoints.len(),
         st.endpoints_capacity,
         st.policy_entries,
@@ -152,6 +155,7 @@ pub fn render(st: &Status) -> String {
         st.ipcache_capacity,
         st.events_lost,
         st.events_rate_limited,
+        st.events_over_budget,
         st.peer_judged
     ));
     out.push_str(&format!("{:<30} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));

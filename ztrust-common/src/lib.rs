@@ -36,6 +36,26 @@ pub mod proto {
     pub const SCTP: u8 = 132;
 }
 
+/// What a pod may not send unless the operator allows it (`run --pod-tunnels allow`): packets that a
+/// node decapsulates and forwards as if they arrived from its tunnel, with whatever inner source the
+/// sender wrote. A cluster's nodes decapsulate from any sender (a Calico IP-in-IP `tunl0`, a flannel or
+/// Calico VXLAN device, a Cilium Geneve device): an inner packet "from" another pod would be judged at
+/// its destination as that pod's.
+pub mod encap {
+    /// Does a packet of `protocol` to `dport` (host order; 0 for protocols without ports) carry a packet?
+    /// IP protocols IPv4 in IP (4), IPv6 in IP (41), GRE (47), EtherIP (97), MPLS in IP (137); UDP to
+    /// VXLAN (IANA 4789, and Linux's historic 8472 that flannel and Cilium use), VXLAN-GPE (4790) and
+    /// Geneve (6081). Other UDP encapsulations (FOU, GUE) use ports the node's owner chooses.
+    #[inline(always)]
+    pub const fn carries_packet(protocol: u8, dport: u16) -> bool {
+        match protocol {
+            4 | 41 | 47 | 97 | 137 => true,
+            super::proto::UDP => matches!(dport, 4789 | 4790 | 6081 | 8472),
+            _ => false,
+        }
+    }
+}
+
 /// TCP header flag bits (RFC 9293 §3.1), as in [`FlowEvent::tcp_flags`].
 pub mod tcp_flags {
     pub const FIN: u8 = 0x01;
@@ -74,6 +94,10 @@ pub mod ep_flags {
     pub const NO_WIDE_EGRESS_UDP: u32 = 1 << 9;
     /// The same for egress of any other protocol.
     pub const NO_WIDE_EGRESS_OTHER: u32 = 1 << 10;
+    /// The endpoint may send encapsulated packets ([`super::encap`]); without it they are dropped as
+    /// [`super::reason::ENCAPSULATED`]. Set for every endpoint by `run --pod-tunnels allow` (in
+    /// [`super::Config::flags`]).
+    pub const ALLOW_ENCAPSULATION: u32 = 1 << 11;
 
     /// Every `NO_WIDE_*` flag.
     pub const ALL_NO_WIDE: u32 = NO_WIDE_INGRESS_TCP
@@ -147,6 +171,9 @@ pub mod reason {
     /// Dropped: a frame the datapath cannot judge: neither IPv4, IPv6 nor ARP (VLAN-tagged frames, other
     /// ethertypes). What cannot be judged is not passed.
     pub const UNSUPPORTED_FRAME: u8 = 70;
+    /// Dropped: a pod sent a packet that carries another packet (IP in IP, GRE, VXLAN, Geneve: see
+    /// [`super::encap`]), which a node would decapsulate and forward with the inner packet's source.
+    pub const ENCAPSULATED: u8 = 71;
 
     /// First value meaning "dropped".
     pub const FIRST_DROP: u8 = 64;
@@ -177,6 +204,8 @@ pub mod names {
     pub const SLOT_COUNTERS: &str = "ZT_SLOT_COUNTERS";
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const EVENT_RATE: &str = "ZT_EVENT_RATE";
+    /// Interface (u32) → [`super::EventWindow`]: the per-interface event budget.
+    pub const EVENT_BUDGET: &str = "ZT_EVENT_BUDGET";
     pub const STATS: &str = "ZT_STATS";
     pub const CONFIG: &str = "ZT_CONFIG";
     /// Single u32: bumped by the agent whenever an update may have narrowed what is allowed.
@@ -210,7 +239,11 @@ pub mod stat {
     /// Packets an endpoint's interface passed on the peer mark of the sending endpoint's interface (a TCP
     /// connection between two endpoints of this node that both have admitted: judged once).
     pub const PEER_JUDGED: u32 = 3;
-    pub const COUNT: u32 = 4;
+    /// Events not sent because their interface had used its budget of events for the second
+    /// ([`super::Config::event_budget`]): one pod's flood of distinct denied flows cannot crowd the other
+    /// pods' events out of the ring buffer. The packets are still counted.
+    pub const EVENTS_OVER_BUDGET: u32 = 4;
+    pub const COUNT: u32 = 5;
 }
 
 /// Value of the endpoint map, keyed by the `ifindex` (u32) of the pod's host-side interface.
@@ -359,8 +392,8 @@ impl CtKey {
 /// `memcmp` but a byte loop).
 #[inline(always)]
 fn tuple_greater(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
-    let (a0, a1) = halves(a);
-    let (b0, b1) = halves(b);
+    let [a0, a1] = addr_words(a);
+    let [b0, b1] = addr_words(b);
     if a0 != b0 {
         return a0 > b0;
     }
@@ -370,12 +403,13 @@ fn tuple_greater(a: &[u8; 16], a_port: u16, b: &[u8; 16], b_port: u16) -> bool {
     a_port > b_port
 }
 
+/// An address as two native words (compared in words: the kernel programs have no `memcmp`, and a
+/// byte-by-byte loop costs sixteen compares).
 #[inline(always)]
-fn halves(a: &[u8; 16]) -> (u64, u64) {
+pub fn addr_words(a: &[u8; 16]) -> [u64; 2] {
     // SAFETY: [u8; 16] and [u64; 2] have the same size and every bit pattern is valid for both; the copy
     // makes the alignment of `a` irrelevant.
-    let w: [u64; 2] = unsafe { core::mem::transmute(*a) };
-    (w[0], w[1])
+    unsafe { core::mem::transmute(*a) }
 }
 
 #[repr(C)]
@@ -502,6 +536,19 @@ pub struct Config {
     pub flags: u32,
     /// Emit events for new allowed connections too (the connection log).
     pub log_allowed: u32,
+    /// At most this many events per interface in any one-second window (0: no limit).
+    pub event_budget: u32,
+    pub _pad: u32,
+}
+
+/// Value of [`names::EVENT_BUDGET`]: the events an interface sent since `start_ns`, the start of its
+/// current one-second window (`bpf_ktime_get_ns`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventWindow {
+    pub start_ns: u64,
+    pub events: u32,
+    pub _pad: u32,
 }
 
 /// One record of the ring buffer: a new allowed connection, or a dropped (or would-drop) packet.
@@ -547,7 +594,8 @@ const _: () = {
     assert!(core::mem::size_of::<CtValue>() == 24);
     assert!(core::mem::size_of::<CounterKey>() == 8);
     assert!(core::mem::size_of::<CounterValue>() == 16);
-    assert!(core::mem::size_of::<Config>() == 16);
+    assert!(core::mem::size_of::<Config>() == 24);
+    assert!(core::mem::size_of::<EventWindow>() == 16);
     assert!(core::mem::size_of::<FlowEvent>() == 72);
 };
 
@@ -568,6 +616,7 @@ mod user {
     unsafe impl aya::Pod for CounterValue {}
     unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for EventWindow {}
     unsafe impl aya::Pod for FlowEvent {}
 }
 

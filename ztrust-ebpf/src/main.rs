@@ -20,15 +20,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, FlowEvent, IpcacheKey, PolicyKey, SlotCounters, ct_timeout, dir,
-    ep_flags, event_flags, identity, proto, reason, stat,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, FlowEvent, IpcacheKey, PolicyKey, SlotCounters,
+    addr_words, ct_timeout, dir, encap, ep_flags, event_flags, identity, proto, reason, stat,
     tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
     verdict,
 };
 
 use crate::{
     maps::{
-        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION,
+        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION,
         SLOT_COUNTERS, STATS,
     },
     parse::{Packet, Parsed},
@@ -118,6 +118,13 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         (Parsed::Ip, Some(ep)) => {
             if direction == dir::EGRESS && !own_source(ep, &pkt.saddr, pkt.family) {
                 Decision::new(verdict::DROPPED, reason::SPOOFED_SOURCE, 0, 0, false)
+            } else if direction == dir::EGRESS
+                && encap::carries_packet(pkt.protocol, u16::from_be(pkt.dport_be))
+                && (ep.flags | CONFIG.get(0).map_or(0, |c| c.flags)) & ep_flags::ALLOW_ENCAPSULATION == 0
+            {
+                // Whatever policy says of the outer packet: the inner one would be judged at its
+                // destination as coming from whoever its source names.
+                Decision::new(verdict::DROPPED, reason::ENCAPSULATED, remote_identity(&pkt.daddr), 0, true)
             } else {
                 decide(ifindex, direction, from, marked, ep, pkt)
             }
@@ -188,11 +195,11 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
 /// (IPv4 is mapped, so never zero; an IPv6 packet from `::` is not the pod's).
 #[inline(always)]
 fn own_source(ep: &EndpointInfo, saddr: &[u8; 16], family: u8) -> bool {
-    let s = parse::words(saddr);
+    let s = addr_words(saddr);
     if family == 4 {
-        s == parse::words(&ep.addr4)
+        s == addr_words(&ep.addr4)
     } else {
-        s == parse::words(&ep.addr6) && (s[0] | s[1]) != 0
+        s == addr_words(&ep.addr6) && (s[0] | s[1]) != 0
     }
 }
 
@@ -527,6 +534,10 @@ fn emit(ctx: &TcContext, flow: &CtKey, ep_identity: u32, pkt: &Packet, d: &Decis
             let _ = EVENT_RATE.insert(flow, &now, 0);
         }
     }
+    if !within_budget(flow.ifindex, now) {
+        stat_inc(stat::EVENTS_OVER_BUDGET);
+        return;
+    }
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         stat_inc(stat::EVENTS_LOST);
         return;
@@ -555,6 +566,35 @@ fn emit(ctx: &TcContext, flow: &CtKey, ep_identity: u32, pkt: &Packet, d: &Decis
         (*e).pkt_len = ctx.len();
     }
     entry.submit(0);
+}
+
+/// Takes one event from the interface's budget for the current one-second window (the configured
+/// number per window; 0: no limit). A flood of distinct denied flows from one pod costs that pod's
+/// budget only. (Updates from two CPUs at once may both count as one: the budget is approximate, never
+/// shared between interfaces.)
+#[inline(always)]
+fn within_budget(ifindex: u32, now: u64) -> bool {
+    let budget = CONFIG.get(0).map_or(0, |c| c.event_budget);
+    if budget == 0 {
+        return true;
+    }
+    if let Some(w) = EVENT_BUDGET.get_ptr_mut(&ifindex) {
+        // SAFETY: pointer from a successful lookup; plain data written in place.
+        unsafe {
+            if now.wrapping_sub((*w).start_ns) >= 1_000_000_000 {
+                (*w).start_ns = now;
+                (*w).events = 1;
+                return true;
+            }
+            if (*w).events >= budget {
+                return false;
+            }
+            (*w).events += 1;
+        }
+        return true;
+    }
+    let _ = EVENT_BUDGET.insert(&ifindex, &EventWindow { start_ns: now, events: 1, _pad: 0 }, 0);
+    true
 }
 
 #[cfg(not(test))]

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, IpcacheKey, IpcacheValue, PolicyKey,
     PolicyValue, SlotCounters, capacity,
 };
 
@@ -58,6 +58,10 @@ pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 /// Last time (ns) an event was emitted for a flow, to rate-limit events per flow.
 #[map(name = "ZT_EVENT_RATE")]
 pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(capacity::EVENT_RATE, 0);
+
+/// Interface → the events it sent in the current one-second window ([`Config::event_budget`]).
+#[map(name = "ZT_EVENT_BUDGET")]
+pub static EVENT_BUDGET: LruHashMap<u32, EventWindow> = LruHashMap::pinned(capacity::ENDPOINTS, 0);
 
 #[map(name = "ZT_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::pinned(ztrust_common::stat::COUNT, 0);

@@ -14,7 +14,7 @@
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{bindings::__sk_buff, programs::TcContext};
-use ztrust_common::{dir, proto};
+use ztrust_common::{addr_words, dir, proto};
 
 const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -361,18 +361,10 @@ fn is_link_scope_multicast(a: &[u8; 16]) -> bool {
 /// `::`, or for IPv4 (mapped) `0.0.0.0`: "no address yet" (duplicate address detection, ARP probes).
 #[inline(always)]
 pub fn is_unspecified(a: &[u8; 16]) -> bool {
-    let w = words(a);
+    let w = addr_words(a);
     w[0] == 0 && (w[1] == 0 || w[1] == u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0]))
 }
 
-/// The address as two native words (compared in words: the kernel programs have no `memcmp` but a byte
-/// loop).
-#[inline(always)]
-pub fn words(a: &[u8; 16]) -> [u64; 2] {
-    // SAFETY: [u8; 16] and [u64; 2] have the same size and every bit pattern is valid for both; the copy
-    // makes the alignment of `a` irrelevant.
-    unsafe { core::mem::transmute(*a) }
-}
 
 /// Reads the transport header at `off`. Protocols without ports keep 0/0. False when the header of a
 /// protocol with ports is cut short.

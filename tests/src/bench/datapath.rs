@@ -211,7 +211,7 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     let (me6, peer6) = (ME6, [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
     dp.maps.ipcache.insert(128, &IpcacheKey { addr: peer6 }, &IpcacheValue { identity: peer_id, _pad: 0 }).unwrap();
     // Events for denied packets are rate-limited per flow; keep that realistic (one per second).
-    dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, flags: 0, log_allowed: 0 }, 0).unwrap();
+    dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, ..Default::default() }, 0).unwrap();
 
     let mut ns = BTreeMap::new();
     ns.insert(CASES[0], new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)));

@@ -17,8 +17,8 @@ use aya::{
 };
 use tracing::{debug, info, warn};
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey,
-    PolicyValue, SlotCounters, capacity, names,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, IpcacheKey, IpcacheValue,
+    PolicyKey, PolicyValue, SlotCounters, capacity, names,
 };
 
 use super::{EBPF_OBJECT, pins};
@@ -339,7 +339,7 @@ where
 
 /// Key and value sizes of the pinned maps whose entries the agent and the programs read and write
 /// field by field; the capacity a map gets from [`Capacities`], if any.
-fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 12] {
+fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 13] {
     use std::mem::size_of;
     [
         (names::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>(), Some(caps.endpoints)),
@@ -352,6 +352,7 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
         // Sized after the endpoint map's pinned capacity (the loader asks for that + 1).
         (names::SLOT_COUNTERS, size_of::<u32>(), size_of::<SlotCounters>(), None),
         (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
+        (names::EVENT_BUDGET, size_of::<u32>(), size_of::<EventWindow>(), None),
         (names::STATS, size_of::<u32>(), size_of::<u64>(), None),
         (names::CONFIG, size_of::<u32>(), size_of::<Config>(), None),
         (names::REVISION, size_of::<u32>(), size_of::<u32>(), None),
