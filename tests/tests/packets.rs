@@ -121,6 +121,7 @@ fn v6_hl(hop_limit: u8, src: [u8; 16], dst: [u8; 16], next: u8, ext: &[u8], payl
     Pkt(eth(0x86DD, &ip))
 }
 
+use common::attack::{DEST_OPTS, ext_headers, link_local, solicited};
 use common::counter;
 
 /// ARP for IPv4 over Ethernet: operation, sender and target protocol address.
@@ -145,30 +146,9 @@ fn vlan(frame: &Pkt, tpids: &[u16]) -> Pkt {
     Pkt(v)
 }
 
-/// The solicited-node multicast address of `a` (RFC 4291 §2.7.1): ff02::1:ffXX:XXXX.
-fn solicited(a: [u8; 16]) -> [u8; 16] {
-    let mut m = [0u8; 16];
-    m[..2].copy_from_slice(&[0xff, 0x02]);
-    m[11..13].copy_from_slice(&[0x01, 0xff]);
-    m[13..].copy_from_slice(&a[13..]);
-    m
-}
-
-fn link_local(last: u8) -> [u8; 16] {
-    let mut a = [0u8; 16];
-    a[..2].copy_from_slice(&[0xfe, 0x80]);
-    a[15] = last;
-    a
-}
-
 /// `n` IPv6 destination-options headers (8 bytes each, padding only), the last followed by `last`.
 fn dest_opts(n: usize, last: u8) -> Vec<u8> {
-    let mut v = Vec::new();
-    for i in 0..n {
-        let next = if i + 1 == n { last } else { 60 };
-        v.extend_from_slice(&[next, 0, 1, 4, 0, 0, 0, 0]);
-    }
-    v
+    ext_headers(&vec![DEST_OPTS; n], last).1
 }
 
 fn run(dp: &Datapath, prog: &str, ifindex: u32, pkt: &Pkt) -> u32 {

@@ -1,11 +1,14 @@
 //! Test topology: a "node" network namespace with one veth pair per "pod" namespace, routed like a
 //! per-pod CNI (Calico style: /32 host routes, proxy ARP, a link-local gateway). Everything is made in
 //! namespaces this test creates and removed by `Drop`, also when the test panics.
+//! [`Topology::dual_stack`] gives every pod an IPv6 address too, routed the same way.
 
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
+pub mod attack;
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,6 +20,11 @@ use std::time::Duration;
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
     assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Sets a sysctl inside network namespace `netns` (`ip netns exec` mounts that namespace's /sys).
+pub fn sysctl(netns: &str, setting: &str) {
+    sh(&["ip", "netns", "exec", netns, "sysctl", "-qw", setting]);
 }
 
 fn sh_quiet(args: &[&str]) {
@@ -33,12 +41,23 @@ pub struct Pod {
     pub netns: String,
     pub host_if: String,
     pub ip: IpAddr,
+    /// The pod's IPv6 address in a [`Topology::dual_stack`] topology.
+    pub ip6: Option<Ipv6Addr>,
+}
+
+impl Pod {
+    /// The pod's addresses: its IPv4 address, then its IPv6 address if it has one.
+    pub fn ips(&self) -> Vec<IpAddr> {
+        std::iter::once(self.ip).chain(self.ip6.map(IpAddr::V6)).collect()
+    }
 }
 
 pub struct Topology {
     pub prefix: String,
     pub node: String,
     pub pods: Vec<Pod>,
+    /// The node's own IPv6 address (on its loopback) in a [`Topology::dual_stack`] topology.
+    pub node_ip6: Option<Ipv6Addr>,
     pub pin_dir: PathBuf,
     stop: Arc<AtomicBool>,
     servers: Vec<JoinHandle<()>>,
@@ -47,11 +66,26 @@ pub struct Topology {
 impl Topology {
     /// `prefix` must be unique per test; pods get 10.244.<subnet>.<10+i>.
     pub fn new(prefix: &str, subnet: u8, pods: usize) -> Self {
+        Self::build(prefix, subnet, pods, false)
+    }
+
+    /// [`Topology::new`], and IPv6 too: pod i gets fd00:10:244:<subnet>::<10+i>/128 on its `eth0` and a
+    /// default route via fe80::1, the link-local address of the node's side of every veth (the node
+    /// answers neighbour discovery for it); the node routes each pod's /128 to its veth and forwards, and
+    /// has fd00:10:244:<subnet>::1 of its own (on its loopback). No duplicate address detection anywhere
+    /// (`nodad`, `accept_dad=0`), so that every address is usable at once.
+    pub fn dual_stack(prefix: &str, subnet: u8, pods: usize) -> Self {
+        Self::build(prefix, subnet, pods, true)
+    }
+
+    fn build(prefix: &str, subnet: u8, pods: usize, v6: bool) -> Self {
         let node = format!("{prefix}n");
+        let node_ip6: Option<Ipv6Addr> = v6.then(|| format!("fd00:10:244:{subnet}::1").parse().unwrap());
         let mut me = Topology {
             prefix: prefix.to_owned(),
             node: node.clone(),
             pods: Vec::new(),
+            node_ip6,
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
@@ -59,24 +93,40 @@ impl Topology {
         me.cleanup();
         sh(&["ip", "netns", "add", &node]);
         sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        sysctl(&node, "net.ipv4.ip_forward=1");
         // The pods' gateway: a local address of the node, so the node answers ARP for it on every veth.
         sh(&["ip", "-n", &node, "addr", "add", "169.254.1.1/32", "dev", "lo"]);
+        if let Some(ip6) = node_ip6 {
+            sysctl(&node, "net.ipv6.conf.all.forwarding=1");
+            sysctl(&node, "net.ipv6.conf.default.accept_dad=0");
+            sh(&["ip", "-n", &node, "addr", "add", &format!("{ip6}/128"), "dev", "lo", "nodad"]);
+        }
         for i in 0..pods {
             let netns = format!("{prefix}p{i}");
             let host_if = format!("{prefix}h{i}");
             let ip: IpAddr = format!("10.244.{subnet}.{}", 10 + i).parse().unwrap();
             sh(&["ip", "netns", "add", &netns]);
             sh(&["ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
+            let ip6: Option<Ipv6Addr> = v6.then(|| format!("fd00:10:244:{subnet}::{}", 10 + i).parse().unwrap());
+            if ip6.is_some() {
+                // Before the link is up: its link-local address is usable at once too.
+                sysctl(&netns, "net.ipv6.conf.eth0.accept_dad=0");
+            }
             sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
             sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
             sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
             sh(&["ip", "-n", &netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
-            sh(&["ip", "netns", "exec", &node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
+            sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp=1"));
             sh(&["ip", "-n", &node, "link", "set", &host_if, "up"]);
             sh(&["ip", "-n", &node, "route", "add", &format!("{ip}/32"), "dev", &host_if]);
-            me.pods.push(Pod { netns, host_if, ip });
+            if let Some(ip6) = ip6 {
+                sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"]);
+                sh(&["ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
+                sh(&["ip", "-n", &node, "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"]);
+                sh(&["ip", "-n", &node, "-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if]);
+            }
+            me.pods.push(Pod { netns, host_if, ip, ip6 });
         }
         me
     }
@@ -91,35 +141,42 @@ impl Topology {
         let _ = ztrust_agent::datapath::loader::cleanup(&self.pin_dir);
     }
 
-    /// A TCP echo server (line by line) and a UDP echo server on `port` inside pod `i`.
+    /// A TCP echo server (line by line) and a UDP echo server on `port` inside pod `i`, on each of its
+    /// addresses.
     pub fn serve(&mut self, i: usize, port: u16) {
         let netns = self.pods[i].netns.clone();
-        let ip = self.pods[i].ip;
+        let ips = self.pods[i].ips();
         let stop = self.stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         self.servers.push(std::thread::spawn(move || {
             enter_netns(&netns);
-            let tcp = TcpListener::bind(SocketAddr::new(ip, port)).expect("bind tcp");
-            tcp.set_nonblocking(true).unwrap();
-            let udp = UdpSocket::bind(SocketAddr::new(ip, port)).expect("bind udp");
-            udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut servers = Vec::new();
+            for ip in ips {
+                let tcp = TcpListener::bind(SocketAddr::new(ip, port)).expect("bind tcp");
+                tcp.set_nonblocking(true).unwrap();
+                let udp = UdpSocket::bind(SocketAddr::new(ip, port)).expect("bind udp");
+                udp.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                servers.push((tcp, udp));
+            }
             tx.send(()).unwrap();
             let mut buf = [0u8; 1500];
             while !stop.load(Ordering::Relaxed) {
-                if let Ok((conn, _)) = tcp.accept() {
-                    conn.set_nonblocking(false).unwrap();
-                    std::thread::spawn(move || {
-                        let mut w = conn.try_clone().unwrap();
-                        for line in BufReader::new(conn).lines() {
-                            let Ok(line) = line else { break };
-                            if writeln!(w, "{line}").is_err() {
-                                break;
+                for (tcp, udp) in &servers {
+                    if let Ok((conn, _)) = tcp.accept() {
+                        conn.set_nonblocking(false).unwrap();
+                        std::thread::spawn(move || {
+                            let mut w = conn.try_clone().unwrap();
+                            for line in BufReader::new(conn).lines() {
+                                let Ok(line) = line else { break };
+                                if writeln!(w, "{line}").is_err() {
+                                    break;
+                                }
                             }
-                        }
-                    });
-                }
-                if let Ok((n, peer)) = udp.recv_from(&mut buf) {
-                    let _ = udp.send_to(&buf[..n], peer);
+                        });
+                    }
+                    if let Ok((n, peer)) = udp.recv_from(&mut buf) {
+                        let _ = udp.send_to(&buf[..n], peer);
+                    }
                 }
             }
         }));
@@ -140,6 +197,12 @@ impl Topology {
     /// Does a TCP connection from pod `from` to pod `to`:`port` get through, with an echoed line?
     pub fn tcp(&self, from: usize, to: usize, port: u16) -> bool {
         let dst = SocketAddr::new(self.pods[to].ip, port);
+        self.in_pod(from, move || tcp_echo(dst))
+    }
+
+    /// [`Topology::tcp`] to pod `to`'s IPv6 address.
+    pub fn tcp6(&self, from: usize, to: usize, port: u16) -> bool {
+        let dst = SocketAddr::new(IpAddr::V6(self.pods[to].ip6.expect("a dual-stack topology")), port);
         self.in_pod(from, move || tcp_echo(dst))
     }
 
@@ -228,10 +291,31 @@ pub fn counter_parts(
     verdict: u8,
     reason: u8,
 ) -> (u64, u64) {
+    let (hashed, slotted) = counter_values(dp, ifindex, direction, verdict, reason);
+    (hashed.packets, slotted.packets)
+}
+
+/// Packets and bytes counted for (interface, direction, verdict, reason), summed over CPUs: (in the
+/// hash, in the endpoint's slot).
+pub fn counter_values(
+    dp: &ztrust_agent::datapath::loader::Datapath,
+    ifindex: u32,
+    direction: u8,
+    verdict: u8,
+    reason: u8,
+) -> (ztrust_common::CounterValue, ztrust_common::CounterValue) {
     let key = ztrust_common::CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
-    let hashed = dp.maps.counters.get(&key, 0).map(|vals| vals.iter().map(|c| c.packets).sum()).unwrap_or(0);
+    let mut hashed = ztrust_common::CounterValue::default();
+    for c in dp.maps.counters.get(&key, 0).iter().flat_map(|vals| vals.iter()) {
+        hashed.packets += c.packets;
+        hashed.bytes += c.bytes;
+    }
     let slots = dp.maps.endpoints.slot_counts(ifindex).expect("slot counters");
-    let slotted = slots.entries().into_iter().filter(|(k, _)| *k == (direction, verdict, reason)).map(|(_, v)| v.packets).sum();
+    let mut slotted = ztrust_common::CounterValue::default();
+    for (_, c) in slots.entries().into_iter().filter(|(k, _)| *k == (direction, verdict, reason)) {
+        slotted.packets += c.packets;
+        slotted.bytes += c.bytes;
+    }
     (hashed, slotted)
 }
 
