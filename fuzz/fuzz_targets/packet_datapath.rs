@@ -1,12 +1,14 @@
 //! Random frames through the real programs (BPF_PROG_TEST_RUN; needs root). Never crashes, and never
 //! passes what a pod must not get through.
 //!
-//! The endpoint is pod a, isolated both ways, whose only rule lets it open TCP connections to pod b on
-//! port 80. So a frame the program passes must be:
+//! The endpoint is pod a, isolated both ways, whose rules let it open TCP connections to pod b on port 80
+//! and send anything to 192.0.2.0/24. So a frame the program passes must be:
 //! - well-formed ARP (from a: naming a, or nobody, as its sender);
 //! - ICMPv6 neighbour or listener discovery as RFC 4861 / 3810 require it (hop limit, link-scope
 //!   addressing; from a: sent from a's address, `::` or a link-local one);
-//! - from a: an IP packet from a's own address that the reference evaluator allows (TCP to b:80);
+//! - from a: an IP packet from a's own address that the reference evaluator allows (TCP to b:80,
+//!   anything to 192.0.2.0/24) and that carries no packet (IP in IP, GRE, VXLAN, Geneve: a node would
+//!   decapsulate it and forward the inner packet with the source it names);
 //! - towards a: the reply of a connection a packet from a opened before (tracked here: the programs'
 //!   conntrack learns only from what they passed), never a packet that picked its own direction.
 //!
@@ -74,10 +76,13 @@ fn cluster() -> Cluster {
         isolates_ingress: true,
         isolates_egress: true,
         ingress: vec![],
-        egress: vec![Rule {
-            peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(sel("b")) }],
-            ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None }],
-        }],
+        egress: vec![
+            Rule {
+                peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(sel("b")) }],
+                ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None }],
+            },
+            Rule { peers: vec![Peer::IpBlock { cidr: "192.0.2.0/24".parse().unwrap(), except: vec![] }], ports: vec![] },
+        ],
     };
     c.policies.insert(pol.object_ref(), pol);
     c
@@ -262,6 +267,10 @@ fuzz_target!(|data: &[u8]| {
                         reference_allowed(&fx.cluster, src, dst, protocol, dport),
                         "{prog} passed {src}:{sport} -> {dst}:{dport} proto {protocol}, which the reference denies"
                     );
+                    // IP in IP (4), IPv6 (41), GRE (47), EtherIP (97), MPLS in IP (137); VXLAN, VXLAN-GPE, Geneve.
+                    let tunnel = matches!(protocol, 4 | 41 | 47 | 97 | 137)
+                        || (protocol == proto::UDP && matches!(dport, 4789 | 4790 | 6081 | 8472));
+                    assert!(!tunnel, "{prog} passed a packet that carries a packet: proto {protocol} to {dst}:{dport}");
                     fx.opened.insert((protocol, src, sport, dst, dport));
                 }
             }
