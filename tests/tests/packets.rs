@@ -369,6 +369,13 @@ fn crafted_packets_get_nothing_through() {
         // Source ports choose nothing: policy is about the destination port.
         case("UDP from port 53 to b:54", from, udp(a4, b4, 53, 54), SHOT, denied_out),
         case("a TCP SYN from port 80 to b:81", from, tcp(a4, b4, 80, 81, 0x02), SHOT, denied_out),
+        // Source routes: the sender picks where the packet goes after the destination it is judged by.
+        case("IPv4 SYN to b:80 with a loose source route via the node", from, v4_with(0x47, a4, b4, proto::TCP, 0, &[1, 131, 7, 4, 10, 244, 205, 12], &l4(proto::TCP, 41210, 80, 0x02)), SHOT, (eg, dr, reason::SOURCE_ROUTED)),
+        case("IPv4 SYN to b:80 with a strict source route", from, v4_with(0x47, a4, b4, proto::TCP, 0, &[137, 7, 4, 10, 244, 205, 12, 0], &l4(proto::TCP, 41211, 80, 0x02)), SHOT, (eg, dr, reason::SOURCE_ROUTED)),
+        case("control: IPv4 SYN to b:80 with a record-route option", from, v4_with(0x47, a4, b4, proto::TCP, 0, &[7, 7, 4, 0, 0, 0, 0, 0], &l4(proto::TCP, 41212, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
+        case("an IPv4 option whose length runs past the header", from, v4_with(0x47, a4, b4, proto::TCP, 0, &[1, 1, 7, 12, 0, 0, 0, 0], &l4(proto::TCP, 41213, 80, 0x02)), SHOT, (eg, dr, reason::MALFORMED)),
+        case("IPv6 SYN to b:80 with a segment routing header, one segment left", from, v6(a6, b6, 43, &[&[proto::TCP, 2, 4, 1, 0, 0, 0, 0][..], &[0u8; 16]].concat(), &l4(proto::TCP, 41214, 80, 0x02)), SHOT, (eg, dr, reason::SOURCE_ROUTED)),
+        case("control: IPv6 SYN to b:80 with a routing header, no segment left", from, v6(a6, b6, 43, &[&[proto::TCP, 2, 4, 0, 0, 0, 0, 0][..], &[0u8; 16]].concat(), &l4(proto::TCP, 41215, 80, 0x02)), OK, (eg, fw, reason::ALLOWED_BY_POLICY)),
         // 8. Packets that carry packets, which a node decapsulates and forwards with the inner source:
         // dropped whatever policy says of the outer packet.
         case("IP-in-IP to the node", from, v4(a4, node4, 4, 0, &v4(b4, [10, 244, 205, 12], proto::UDP, 0, &l4(proto::UDP, 1, 7000, 0)).0[14..]), SHOT, encapsulated),
@@ -431,6 +438,7 @@ fn crafted_packets_get_nothing_through() {
         reason::FRAGMENT,
         reason::UNKNOWN_ENDPOINT,
         reason::ENCAPSULATED,
+        reason::SOURCE_ROUTED,
     ] {
         assert!(reasons.contains(&r), "no flow event for a drop with reason {r} (events for {reasons:?})");
     }

@@ -107,6 +107,7 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::SPOOFED_SOURCE => "spoofed-source",
         reason::UNSUPPORTED_FRAME => "unsupported-frame",
         reason::ENCAPSULATED => "encapsulated",
+        reason::SOURCE_ROUTED => "source-routed",
         _ => "unknown",
     }
 }

@@ -174,6 +174,10 @@ pub mod reason {
     /// Dropped: a pod sent a packet that carries another packet (IP in IP, GRE, VXLAN, Geneve: see
     /// [`super::encap`]), which a node would decapsulate and forward with the inner packet's source.
     pub const ENCAPSULATED: u8 = 71;
+    /// Dropped: the sender chose the packet's route (an IPv4 loose or strict source route option, an
+    /// IPv6 routing header with segments left): a node that honours it forwards the packet to an address
+    /// other than the destination it was judged by.
+    pub const SOURCE_ROUTED: u8 = 72;
 
     /// First value meaning "dropped".
     pub const FIRST_DROP: u8 = 64;

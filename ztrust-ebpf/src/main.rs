@@ -147,6 +147,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
             Decision::new(verdict::DROPPED, reason::UNKNOWN_ENDPOINT, 0, 0, false)
         }
         (Parsed::Fragment, _) => Decision::new(verdict::DROPPED, reason::FRAGMENT, 0, 0, false),
+        (Parsed::SourceRouted, _) => Decision::new(verdict::DROPPED, reason::SOURCE_ROUTED, 0, 0, false),
         (Parsed::Malformed, _) => Decision::new(verdict::DROPPED, reason::MALFORMED, 0, 0, false),
         (Parsed::Unsupported, _) => Decision::new(verdict::DROPPED, reason::UNSUPPORTED_FRAME, 0, 0, false),
     };

@@ -31,6 +31,11 @@ const ARP_OP_REPLY: u16 = 2;
 /// header and AH measure their length in 8-octet units. (Mobility, HIP and Shim6 headers are in the
 /// registry too, but the kernel delivers them as protocols of their own, to raw sockets: so are they
 /// judged here, never walked past as if a TCP header followed.)
+/// IPv4 options (RFC 791 §3.1): end of list, no operation, loose and strict source route.
+const IPOPT_END: u8 = 0;
+const IPOPT_NOP: u8 = 1;
+const IPOPT_LSRR: u8 = 131;
+const IPOPT_SSRR: u8 = 137;
 const IPV6_HOP_BY_HOP: u8 = 0;
 const IPV6_ROUTING: u8 = 43;
 const IPV6_FRAGMENT: u8 = 44;
@@ -92,6 +97,10 @@ pub enum Parsed {
     Link,
     /// A non-first fragment: its transport header (ports) is in another packet.
     Fragment,
+    /// Its sender chose the route: an IPv4 loose or strict source route option, an IPv6 routing header
+    /// with segments left. A node that honours it (`accept_source_route`, `seg6_enabled`) forwards the
+    /// packet to an address the judged destination does not name.
+    SourceRouted,
     Malformed,
     /// Not IPv4, IPv6 or ARP.
     Unsupported,
@@ -184,7 +193,41 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     if u16::from_be_bytes([h[6], h[7]]) & 0x1fff != 0 {
         return Parsed::Fragment;
     }
+    if ihl > 20 {
+        match source_routed_v4(ctx, ihl) {
+            Some(false) => {}
+            Some(true) => return Parsed::SourceRouted,
+            None => return Parsed::Malformed,
+        }
+    }
     if l4(ctx, ETH_HLEN + ihl, pkt) { Parsed::Ip } else { Parsed::Malformed }
+}
+
+/// Does the options part of an IPv4 header of `ihl` bytes carry a loose (131) or strict (137) source
+/// route (RFC 791 §3.1)? `None` when an option's length runs past the header or is below 2.
+#[inline(always)]
+fn source_routed_v4(ctx: &TcContext, ihl: usize) -> Option<bool> {
+    let end = ETH_HLEN + ihl;
+    let mut off = ETH_HLEN + 20;
+    // At most 40 bytes of options: at most 40 options (one byte each at the least).
+    for _ in 0..40 {
+        if off >= end {
+            break;
+        }
+        match load::<u8>(ctx, off)? {
+            IPOPT_END => break,
+            IPOPT_NOP => off += 1,
+            IPOPT_LSRR | IPOPT_SSRR => return Some(true),
+            _ => {
+                let len = load::<u8>(ctx, off + 1)? as usize;
+                if len < 2 || off + len > end {
+                    return None;
+                }
+                off += len;
+            }
+        }
+    }
+    Some(false)
 }
 
 /// IPv4 + TCP/UDP/SCTP read in place. True when `pkt` was written; false (nothing decided) when the
@@ -203,13 +246,12 @@ fn parse_v4_direct(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> bool {
             return false;
         }
         let ip = data + ETH_HLEN;
-        let vihl = *(ip as *const u8);
-        let ihl = ((vihl & 0x0f) as usize) * 4;
-        if vihl >> 4 != 4 || ihl < 20 || u16::from_be(*((ip + 6) as *const u16)) & 0x1fff != 0 {
+        // Options (rare) are read on the slow path, which looks for source routes among them.
+        if *(ip as *const u8) != 0x45 || u16::from_be(*((ip + 6) as *const u16)) & 0x1fff != 0 {
             return false;
         }
         let protocol = *((ip + 9) as *const u8);
-        let l4 = ip + ihl;
+        let l4 = ip + 20;
         let need = match protocol {
             proto::TCP => 14,
             proto::UDP | proto::SCTP => 4,
@@ -261,12 +303,21 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, direction: u8) -> Parsed {
     let mut off = ETH_HLEN + 40;
     for _ in 0..IPV6_MAX_EXT {
         match next {
-            IPV6_HOP_BY_HOP | IPV6_ROUTING | IPV6_DEST_OPTS => {
+            IPV6_HOP_BY_HOP | IPV6_DEST_OPTS => {
                 let (Some(n), Some(len)) = (load::<u8>(ctx, off), load::<u8>(ctx, off + 1)) else {
                     return Parsed::Malformed;
                 };
                 next = n;
                 off += (len as usize + 1) * 8;
+            }
+            IPV6_ROUTING => {
+                // Next header, length, routing type, segments left (RFC 8200 §4.4).
+                let Some(r) = load::<[u8; 4]>(ctx, off) else { return Parsed::Malformed };
+                if r[3] != 0 {
+                    return Parsed::SourceRouted;
+                }
+                next = r[0];
+                off += (r[1] as usize + 1) * 8;
             }
             IPV6_AH => {
                 let (Some(n), Some(len)) = (load::<u8>(ctx, off), load::<u8>(ctx, off + 1)) else {
