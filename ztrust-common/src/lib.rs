@@ -178,6 +178,14 @@ pub mod reason {
     /// IPv6 routing header with segments left): a node that honours it forwards the packet to an address
     /// other than the destination it was judged by.
     pub const SOURCE_ROUTED: u8 = 72;
+    /// Dropped: a new connection from a pod to a Service frontend whose backends policy treats
+    /// differently (some allowed, some not). The pod's interface judges before the node picks the
+    /// backend, so it cannot give the verdict of the one that would be picked; it does not guess.
+    pub const SERVICE_BACKENDS_DIFFER: u8 = 73;
+    /// Dropped: a pod's packet to an address of the Service ranges (`run --service-cidr`) that is no known
+    /// Service frontend, or to a frontend without ready backends: the translation is unknown, so the
+    /// packet cannot be judged by the pod it would reach.
+    pub const UNKNOWN_SERVICE: u8 = 74;
 
     /// First value meaning "dropped".
     pub const FIRST_DROP: u8 = 64;
@@ -208,6 +216,12 @@ pub mod names {
     pub const SLOT_COUNTERS: &str = "ZT_SLOT_COUNTERS";
     pub const EVENTS: &str = "ZT_EVENTS";
     pub const EVENT_RATE: &str = "ZT_EVENT_RATE";
+    /// [`super::ServiceKey`] → [`super::ServiceValue`]: Service frontends (ClusterIPs, external and load
+    /// balancer addresses, this node's addresses with node ports) and their backends' identities.
+    pub const SERVICES: &str = "ZT_SERVICES";
+    /// LPM trie of the Service address ranges (key as the ipcache's, value unused): a pod's new
+    /// connection to an address in them that is no frontend is `UNKNOWN_SERVICE`.
+    pub const SERVICE_RANGES: &str = "ZT_SERVICE_RANGES";
     /// Interface (u32) → [`super::EventWindow`]: the per-interface event budget.
     pub const EVENT_BUDGET: &str = "ZT_EVENT_BUDGET";
     pub const STATS: &str = "ZT_STATS";
@@ -228,6 +242,9 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 262_144;
     pub const COUNTERS: u32 = 65_536;
     pub const EVENT_RATE: u32 = 65_536;
+    /// Service frontends (one per address, port and protocol).
+    pub const SERVICES: u32 = 262_144;
+    pub const SERVICE_RANGES: u32 = 64;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }
@@ -545,6 +562,43 @@ pub struct Config {
     pub _pad: u32,
 }
 
+/// Key of [`names::SERVICES`]: a Service frontend as a pod's packet names it, before the node translates
+/// it (IPv4 mapped, as in the ipcache).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    /// Big-endian, as on the wire.
+    pub port_be: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// The backends of a frontend that policy can tell apart: their identity and the port the node
+/// translates to (a Service's `targetPort`, which differs between backends when it is a named port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendClass {
+    pub identity: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// At most this many [`BackendClass`]es are compared per frontend (a Deployment's pods share one; a
+/// rolling update makes two).
+pub const SERVICE_CLASSES: usize = 4;
+
+/// Value of [`names::SERVICES`]. A new connection to the frontend is judged for each class: allowed when
+/// all are, denied when none is, `SERVICE_BACKENDS_DIFFER` otherwise (and when `classes` is more than
+/// [`SERVICE_CLASSES`]); no ready backend (`classes` 0) is `UNKNOWN_SERVICE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub classes: u32,
+    pub _pad: u32,
+    pub class: [BackendClass; SERVICE_CLASSES],
+}
+
 /// Value of [`names::EVENT_BUDGET`]: the events an interface sent since `start_ns`, the start of its
 /// current one-second window (`bpf_ktime_get_ns`).
 #[repr(C)]
@@ -600,6 +654,9 @@ const _: () = {
     assert!(core::mem::size_of::<CounterValue>() == 16);
     assert!(core::mem::size_of::<Config>() == 24);
     assert!(core::mem::size_of::<EventWindow>() == 16);
+    assert!(core::mem::size_of::<ServiceKey>() == 20);
+    assert!(core::mem::size_of::<BackendClass>() == 8);
+    assert!(core::mem::size_of::<ServiceValue>() == 40);
     assert!(core::mem::size_of::<FlowEvent>() == 72);
 };
 
@@ -621,6 +678,8 @@ mod user {
     unsafe impl aya::Pod for SlotCounters {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for EventWindow {}
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for FlowEvent {}
 }
 

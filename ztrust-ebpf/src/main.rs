@@ -20,15 +20,15 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, FlowEvent, IpcacheKey, PolicyKey, SlotCounters,
-    addr_words, ct_timeout, dir, encap, ep_flags, event_flags, identity, proto, reason, stat,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, FlowEvent, IpcacheKey, PolicyKey, SERVICE_CLASSES,
+    ServiceKey, ServiceValue, SlotCounters, addr_words, ct_timeout, dir, encap, ep_flags, event_flags, identity, proto, reason, stat,
     tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
     verdict,
 };
 
 use crate::{
     maps::{
-        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION,
+        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENT_RATE, EVENTS, SERVICE_RANGES, SERVICES, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION,
         SLOT_COUNTERS, STATS,
     },
     parse::{Packet, Parsed},
@@ -165,10 +165,13 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches).
     let config =
         if v != verdict::FORWARDED || d.new_flow { CONFIG.get(0).copied().unwrap_or_default() } else { Config::default() };
-    // Audit mode reports what policy would drop; what cannot be judged (malformed, fragments, unknown
-    // endpoints) and forged sources are dropped in every mode.
+    // Audit mode reports what policy would drop (Service judgments included); what cannot be judged
+    // (malformed, fragments, unknown endpoints) and forged sources are dropped in every mode.
     if v == verdict::DROPPED
-        && (d.reason == reason::POLICY_DENIED || d.reason == reason::NO_CT_ENTRY)
+        && matches!(
+            d.reason,
+            reason::POLICY_DENIED | reason::NO_CT_ENTRY | reason::SERVICE_BACKENDS_DIFFER | reason::UNKNOWN_SERVICE
+        )
         && (ep_flags | config.flags) & ep_flags::AUDIT != 0
     {
         v = verdict::WOULD_DROP;
@@ -334,8 +337,7 @@ fn ct_admits(
     if pkt.protocol != proto::TCP {
         let revision = current_revision();
         if ct_rev != revision {
-            let remote = remote_identity(remote_addr);
-            let (_, r) = admits_from(ep, remote, original_dir, pkt.protocol, port, from)?;
+            let (_, r, _) = judge(ep, remote_addr, original_dir, pkt.protocol, port, from).ok()?;
             rule = r;
             unsafe {
                 (*ct).revision = revision;
@@ -402,17 +404,17 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     // Read before policy is: an entry admitted under a policy that a concurrent update narrows carries
     // the revision from before the update, so its flow is judged again at its next packet.
     let revision = current_revision();
-    let remote = remote_identity(remote_addr);
-
-    let admitted = admits_from(ep, remote, direction, pkt.protocol, dport, from);
+    let judged = judge(ep, remote_addr, direction, pkt.protocol, dport, from);
     if !(pkt.protocol == proto::TCP && !opening_syn) {
-        if let Some((why, rule_id)) = admitted {
-            let peer =
-                if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
-            ct_create(&key, direction, rule_id, now, revision, peer);
-            return Decision::new(verdict::FORWARDED, why, remote, rule_id, true);
-        }
-        return Decision::new(verdict::DROPPED, reason::POLICY_DENIED, remote, 0, true);
+        return match judged {
+            Ok((why, rule_id, remote)) => {
+                let peer =
+                    if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
+                ct_create(&key, direction, rule_id, now, revision, peer);
+                Decision::new(verdict::FORWARDED, why, remote, rule_id, true)
+            }
+            Err((why, remote)) => Decision::new(verdict::DROPPED, why, remote, 0, true),
+        };
     }
 
     // A TCP segment that is not an opening SYN and has no conntrack entry (its entry may have been
@@ -421,15 +423,78 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     // policy allows it, the entry is made again (so the other end's segments find it), except for RST and
     // FIN, which end connections rather than carry them. An evicted connection heals at the next segment
     // its opening side sends.
-    if let Some((_, rule_id)) = admitted {
-        // Making the entry again opens the connection here as a SYN would: it is reported as new.
-        let opens = pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
-        if opens {
-            ct_create(&key, direction, rule_id, now, revision, 0);
+    match judged {
+        Ok((_, rule_id, remote)) => {
+            // Making the entry again opens the connection here as a SYN would: it is reported as new.
+            let opens = pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
+            if opens {
+                ct_create(&key, direction, rule_id, now, revision, 0);
+            }
+            Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens)
         }
-        return Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens);
+        Err((why, remote)) => {
+            let why = if why == reason::POLICY_DENIED { reason::NO_CT_ENTRY } else { why };
+            Decision::new(verdict::DROPPED, why, remote, 0, false)
+        }
     }
-    Decision::new(verdict::DROPPED, reason::NO_CT_ENTRY, remote, 0, false)
+}
+
+/// The judgment of a new flow in `direction` with the remote end at `remote_addr` and `port` (the
+/// destination port of the flow's opening packet): `Ok((reason, rule id, remote identity))` when it is
+/// admitted, else `Err((reason, remote identity))`.
+///
+/// A pod's egress to a Service frontend is judged by the backends the node will translate it to (this
+/// hook runs before the node's DNAT): admitted when policy admits every class of backend, denied when it
+/// admits none, and not guessed otherwise.
+#[inline(always)]
+fn judge(ep: &EndpointInfo, remote_addr: &[u8; 16], direction: u8, protocol: u8, port: u16, from: u32) -> Result<(u8, u32, u32), (u8, u32)> {
+    if direction == dir::EGRESS {
+        let key = ServiceKey { addr: *remote_addr, port_be: port.to_be(), protocol, _pad: 0 };
+        // SAFETY: the reference does not outlive the program run.
+        if let Some(svc) = unsafe { SERVICES.get(&key) } {
+            let j = judge_service(ep, svc, protocol);
+            let (why, remote) = ((j & 0xff) as u8, svc.class[0].identity);
+            return if j & 0x100 != 0 { Ok((why, (j >> 32) as u32, remote)) } else { Err((why, remote)) };
+        }
+        if SERVICE_RANGES.get(&Key::new(128, IpcacheKey { addr: *remote_addr })).is_some() {
+            return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr)));
+        }
+    }
+    let remote = remote_identity(remote_addr);
+    match admits_from(ep, remote, direction, protocol, port, from) {
+        Some((why, rule)) => Ok((why, rule, remote)),
+        None => Err((reason::POLICY_DENIED, remote)),
+    }
+}
+
+/// The judgment of a new connection to a Service frontend `svc`, packed in one register (a BPF-to-BPF
+/// call cannot return a struct): the rule id in the high 32 bits, 1 in bit 8 when admitted, the reason
+/// in the low 8 bits. Out of line, so that its loop's registers stay out of the verdict pipeline's.
+#[inline(never)]
+fn judge_service(ep: &EndpointInfo, svc: &ServiceValue, protocol: u8) -> u64 {
+    let n = svc.classes as usize;
+    if n == 0 {
+        return u64::from(reason::UNKNOWN_SERVICE);
+    }
+    if n > SERVICE_CLASSES {
+        return u64::from(reason::SERVICE_BACKENDS_DIFFER);
+    }
+    let first = svc.class[0];
+    // Plain values, not an Option kept across the loop: the BPF backend would spill a `None`'s
+    // undefined payload, which the verifier refuses to read.
+    let (admitted, why, rule) = match admits_peer(ep, first.identity, dir::EGRESS, protocol, first.port) {
+        Some((why, rule)) => (true, why, rule),
+        None => (false, reason::POLICY_DENIED, 0),
+    };
+    for i in 1..SERVICE_CLASSES {
+        if i < n {
+            let c = svc.class[i];
+            if admits_peer(ep, c.identity, dir::EGRESS, protocol, c.port).is_some() != admitted {
+                return u64::from(reason::SERVICE_BACKENDS_DIFFER);
+            }
+        }
+    }
+    (u64::from(rule) << 32) | (u64::from(admitted) << 8) | u64::from(why)
 }
 
 /// A TCP connection opened from another endpoint of this node (`from`, the interface the SYN entered on)

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, IpcacheKey, IpcacheValue, PolicyKey,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, ServiceKey, ServiceValue, IpcacheKey, IpcacheValue, PolicyKey,
     PolicyValue, SlotCounters, capacity,
 };
 
@@ -58,6 +58,16 @@ pub static EVENTS: RingBuf = RingBuf::pinned(capacity::EVENTS_BYTES, 0);
 /// Last time (ns) an event was emitted for a flow, to rate-limit events per flow.
 #[map(name = "ZT_EVENT_RATE")]
 pub static EVENT_RATE: LruHashMap<CtKey, u64> = LruHashMap::pinned(capacity::EVENT_RATE, 0);
+
+/// Service frontend → the classes of its backends (identity, translated port): a pod's new connection to
+/// a Service is judged by the pods it can reach, not by the Service's address. Allocated as entries come.
+#[map(name = "ZT_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(capacity::SERVICES, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// The Service address ranges: an address in them that is not in [`SERVICES`] has no known translation.
+#[map(name = "ZT_SERVICE_RANGES")]
+pub static SERVICE_RANGES: LpmTrie<IpcacheKey, u32> = LpmTrie::pinned(capacity::SERVICE_RANGES, 0);
 
 /// Interface → the events it sent in the current one-second window ([`Config::event_budget`]).
 #[map(name = "ZT_EVENT_BUDGET")]
