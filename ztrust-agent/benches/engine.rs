@@ -12,7 +12,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ztrust_agent::datapath::sync::{MapOps, Result as SyncResult, Syncer};
 use ztrust_agent::model::{LabelSelector, Labels, Operator, Requirement};
 use ztrust_agent::policy::{AllowKey, Changes, Engine, matches, policy_keys};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, proto};
+use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, dir, proto};
 
 #[path = "../../tests/src/bench/synth.rs"]
 #[allow(dead_code, reason = "shared with ztrust-bench, which uses more of it")]
@@ -143,6 +143,22 @@ impl MapOps for NoMaps {
         Ok(())
     }
     fn del_policy(&mut self, _: u32, _: &PolicyKey) -> SyncResult<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn set_service(&mut self, _: &ServiceKey, _: &ServiceValue) -> SyncResult<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn del_service(&mut self, _: &ServiceKey) -> SyncResult<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn set_service_range(&mut self, _: u32, _: &IpcacheKey) -> SyncResult<()> {
+        self.0 += 1;
+        Ok(())
+    }
+    fn del_service_range(&mut self, _: u32, _: &IpcacheKey) -> SyncResult<()> {
         self.0 += 1;
         Ok(())
     }

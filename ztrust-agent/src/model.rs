@@ -168,12 +168,78 @@ impl NetworkPolicy {
     }
 }
 
+/// One port of a Service: what a client connects to (`port`, and `node_port` on every node's addresses).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServicePort {
+    /// Matches the EndpointSlice port of the same name (both unnamed for a single-port Service).
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+/// A Service as its clients address it. Where it translates to is in its EndpointSlices.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIPs` (empty for a headless Service or an ExternalName).
+    pub cluster_ips: Vec<IpAddr>,
+    /// `spec.externalIPs` and `status.loadBalancer.ingress[].ip`: the node translates them as it does the
+    /// cluster IPs.
+    pub external_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePort>,
+}
+
+impl Service {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+}
+
+/// One endpoint of an EndpointSlice (`conditions` as the API defines them: `ready` absent means ready).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceEndpoint {
+    pub addresses: Vec<IpAddr>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlicePort {
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An EndpointSlice: backends of the Service named by its `kubernetes.io/service-name` label.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointSlice {
+    pub namespace: String,
+    pub name: String,
+    pub service: String,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+impl EndpointSlice {
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef::new(&self.namespace, &self.name)
+    }
+}
+
 /// Everything the engine compiles from.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Cluster {
     pub namespaces: BTreeMap<String, Namespace>,
     pub pods: BTreeMap<ObjectRef, Pod>,
     pub policies: BTreeMap<ObjectRef, NetworkPolicy>,
+    pub services: BTreeMap<ObjectRef, Service>,
+    pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     /// Addresses of this node: traffic from them is never blocked (Kubernetes lets no pod block its node).
     pub node_ips: Vec<IpAddr>,
+    /// The cluster's Service address ranges (`run --service-cidr`): a pod's connection to an address in
+    /// them that is no known Service frontend has no known translation and is dropped.
+    pub service_cidrs: Vec<IpNet>,
 }

@@ -18,7 +18,7 @@ use aya::{
 use tracing::{debug, info, warn};
 use ztrust_common::{
     Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, IpcacheKey, IpcacheValue,
-    PolicyKey, PolicyValue, SlotCounters, capacity, names,
+    PolicyKey, PolicyValue, ServiceKey, ServiceValue, SlotCounters, capacity, names,
 };
 
 use super::{EBPF_OBJECT, pins};
@@ -73,6 +73,8 @@ pub struct Maps {
     pub stats: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, Config>,
     pub revision: Array<MapData, u32>,
+    pub services: HashMap<MapData, ServiceKey, ServiceValue>,
+    pub service_ranges: LpmTrie<MapData, IpcacheKey, u32>,
 }
 
 /// The endpoint map, and the counter slot each entry names ([`EndpointInfo::slot`]): the programs count
@@ -339,7 +341,7 @@ where
 
 /// Key and value sizes of the pinned maps whose entries the agent and the programs read and write
 /// field by field; the capacity a map gets from [`Capacities`], if any.
-fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 13] {
+fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 15] {
     use std::mem::size_of;
     [
         (names::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>(), Some(caps.endpoints)),
@@ -353,6 +355,8 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
         (names::SLOT_COUNTERS, size_of::<u32>(), size_of::<SlotCounters>(), None),
         (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
         (names::EVENT_BUDGET, size_of::<u32>(), size_of::<EventWindow>(), None),
+        (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), None),
+        (names::SERVICE_RANGES, 4 + size_of::<IpcacheKey>(), size_of::<u32>(), None),
         (names::STATS, size_of::<u32>(), size_of::<u64>(), None),
         (names::CONFIG, size_of::<u32>(), size_of::<Config>(), None),
         (names::REVISION, size_of::<u32>(), size_of::<u32>(), None),
@@ -496,6 +500,8 @@ impl Datapath {
             stats: take(&mut ebpf, names::STATS)?,
             config: take(&mut ebpf, names::CONFIG)?,
             revision: take(&mut ebpf, names::REVISION)?,
+            services: take(&mut ebpf, names::SERVICES)?,
+            service_ranges: take(&mut ebpf, names::SERVICE_RANGES)?,
         };
         let legacy = maps.policy.copy_legacy_exact().map_err(|source| Error::Map { name: names::POLICY_EXACT, source })?;
         if legacy > 0 {

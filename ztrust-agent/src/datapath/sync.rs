@@ -22,10 +22,13 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use ipnet::IpNet;
 use tracing::{debug, warn};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, identity, proto};
+use ztrust_common::{
+    BackendClass, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, SERVICE_CLASSES, ServiceKey, ServiceValue,
+    capacity, dir, ep_flags, identity, proto,
+};
 
 use crate::model::ObjectRef;
-use crate::policy::{AllowGroup, AllowKey, Delta, Desired, policy_keys, v4_space};
+use crate::policy::{AllowGroup, AllowKey, Delta, Desired, Frontend, policy_keys, v4_space};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -45,6 +48,10 @@ pub trait MapOps {
     fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()>;
     fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()>;
     fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()>;
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()>;
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()>;
+    fn set_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()>;
+    fn del_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()>;
     /// Tells the datapath that policy may have narrowed: connectionless flows admitted before are judged
     /// again at their next packet.
     fn bump_revision(&mut self) -> Result<()>;
@@ -92,12 +99,29 @@ pub struct SyncStats {
     pub endpoint_writes: usize,
     pub ipcache_writes: usize,
     pub policy_writes: usize,
+    pub service_writes: usize,
 }
 
 impl SyncStats {
     pub fn total(&self) -> usize {
-        self.endpoint_writes + self.ipcache_writes + self.policy_writes
+        self.endpoint_writes + self.ipcache_writes + self.policy_writes + self.service_writes
     }
+}
+
+/// The kernel's key of a Service frontend.
+pub fn service_key(f: &Frontend) -> ServiceKey {
+    ServiceKey { addr: ip_to_mapped(f.addr), port_be: f.port.to_be(), protocol: f.protocol.number(), _pad: 0 }
+}
+
+/// The kernel's value for a frontend with `classes` (the first [`SERVICE_CLASSES`] of them, and how many
+/// there are).
+pub fn service_value(classes: &[crate::policy::BackendClass]) -> ServiceValue {
+    let mut v = ServiceValue { classes: classes.len() as u32, ..Default::default() };
+    for (slot, (identity, port)) in v.class.iter_mut().zip(classes) {
+        *slot = BackendClass { identity: *identity, port: *port, _pad: 0 };
+    }
+    debug_assert!(SERVICE_CLASSES == v.class.len());
+    v
 }
 
 static EMPTY_GROUPS: BTreeSet<AllowGroup> = BTreeSet::new();
@@ -106,6 +130,8 @@ static EMPTY_GROUPS: BTreeSet<AllowGroup> = BTreeSet::new();
 #[derive(Debug, Default)]
 pub struct Syncer {
     ipcache: BTreeMap<IpNet, u32>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    service_ranges: BTreeSet<IpNet>,
     endpoints: BTreeMap<u32, AppliedEndpoint>,
     policy_entries: usize,
     /// Global flags OR-ed into every endpoint (audit mode).
@@ -237,6 +263,12 @@ impl Syncer {
         for (prefix, key, value) in maps.ipcache.entries() {
             if let Some(net) = ipcache_net(prefix, &key) {
                 me.ipcache.insert(net, value.identity);
+            }
+        }
+        me.services = maps.services.iter().flatten().collect();
+        for (key, _) in maps.service_ranges.iter().flatten() {
+            if let Some(net) = ipcache_net(key.prefix_len(), &key.data()) {
+                me.service_ranges.insert(net);
             }
         }
         tracing::info!(
@@ -375,6 +407,13 @@ impl Syncer {
         if endpoints_needed > caps.endpoints as usize {
             return Err(Error::Capacity { map: "endpoints", needed: endpoints_needed, capacity: caps.endpoints });
         }
+        if desired.services.len() > capacity::SERVICES as usize {
+            return Err(Error::Capacity { map: "services", needed: desired.services.len(), capacity: capacity::SERVICES });
+        }
+        if desired.service_cidrs.len() > capacity::SERVICE_RANGES as usize {
+            let needed = desired.service_cidrs.len();
+            return Err(Error::Capacity { map: "service ranges", needed, capacity: capacity::SERVICE_RANGES });
+        }
 
         let mut stats = SyncStats::default();
         let empty = PolicyEntries::new();
@@ -448,7 +487,10 @@ impl Syncer {
             stats.ipcache_writes += 1;
             ipcache_changed |= self.ipcache.insert(*net, *id).is_some();
         }
-        if narrowed_before_ipcache > 0 || ipcache_changed {
+        // Services after the ipcache (their classes name identities the ipcache now gives), in the same
+        // step: a changed class can narrow what a connectionless flow to the Service was admitted for.
+        let services_changed = if delta.full || delta.services { self.sync_services(ops, desired, &mut stats)? } else { false };
+        if narrowed_before_ipcache > 0 || ipcache_changed || services_changed {
             ops.bump_revision()?;
         }
 
@@ -507,6 +549,40 @@ impl Syncer {
         Ok(stats)
     }
 
+    /// Brings the Service frontends and ranges to `desired`: ranges that are added (a narrowing: unknown
+    /// addresses in them drop), frontends, then ranges that go. Returns whether anything changed.
+    fn sync_services(&mut self, ops: &mut impl MapOps, desired: &Desired, stats: &mut SyncStats) -> Result<bool> {
+        let mut changed = false;
+        for net in desired.service_cidrs.difference(&self.service_ranges.clone()) {
+            let (prefix, key) = ipcache_key(net);
+            ops.set_service_range(prefix, &key)?;
+            self.service_ranges.insert(*net);
+            changed = true;
+        }
+        let next: BTreeMap<ServiceKey, ServiceValue> =
+            desired.services.iter().map(|(f, classes)| (service_key(f), service_value(classes))).collect();
+        for (key, value) in &next {
+            if self.services.get(key) != Some(value) {
+                ops.set_service(key, value)?;
+                stats.service_writes += 1;
+                changed = true;
+            }
+        }
+        for key in self.services.keys().filter(|k| !next.contains_key(k)) {
+            ops.del_service(key)?;
+            stats.service_writes += 1;
+            changed = true;
+        }
+        self.services = next;
+        for net in self.service_ranges.difference(&desired.service_cidrs).copied().collect::<Vec<_>>() {
+            let (prefix, key) = ipcache_key(&net);
+            ops.del_service_range(prefix, &key)?;
+            self.service_ranges.remove(&net);
+            changed = true;
+        }
+        Ok(changed)
+    }
+
     /// Endpoint entries currently applied, for status output.
     pub fn endpoints(&self) -> impl Iterator<Item = (u32, &ObjectRef, &EndpointInfo)> {
         self.endpoints.iter().map(|(i, e)| (*i, &e.pod, &e.info))
@@ -554,6 +630,18 @@ impl MapOps for KernelMaps<'_> {
     fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()> {
         ignore_missing(self.0.policy.remove(prefix, key), "policy")
     }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.0.services.insert(key, value, 0).map_err(werr("services"))
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        ignore_missing(self.0.services.remove(key), "services")
+    }
+    fn set_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+        self.0.service_ranges.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), 0, 0).map_err(werr("service ranges"))
+    }
+    fn del_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+        ignore_missing(self.0.service_ranges.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "service ranges")
+    }
     fn bump_revision(&mut self) -> Result<()> {
         let current = self.0.revision.get(&0, 0).map_err(werr("revision"))?;
         self.0.revision.set(0, current.wrapping_add(1), 0).map_err(werr("revision"))
@@ -574,6 +662,8 @@ mod tests {
         endpoints: BTreeMap<u32, EndpointInfo>,
         ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
         policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+        services: BTreeMap<ServiceKey, ServiceValue>,
+        service_ranges: BTreeSet<(u32, IpcacheKey)>,
         log: Vec<String>,
         snapshots: Vec<Mem>,
     }
@@ -660,10 +750,74 @@ mod tests {
             self.snap();
             Ok(())
         }
+        fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+            self.services.insert(*key, *value);
+            self.log.push(format!("set_service {}", u16::from_be(key.port_be)));
+            Ok(())
+        }
+        fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+            self.services.remove(key);
+            self.log.push(format!("del_service {}", u16::from_be(key.port_be)));
+            Ok(())
+        }
+        fn set_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+            self.service_ranges.insert((prefix, *key));
+            self.log.push(format!("set_service_range /{prefix}"));
+            Ok(())
+        }
+        fn del_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+            self.service_ranges.remove(&(prefix, *key));
+            self.log.push(format!("del_service_range /{prefix}"));
+            Ok(())
+        }
         fn bump_revision(&mut self) -> Result<()> {
             self.log.push("bump_revision".into());
             Ok(())
         }
+    }
+
+    /// Frontends are written after the ipcache and before the revision is bumped (a changed class can
+    /// narrow a datagram flow's admission); new ranges before frontends, old ones after; an unchanged
+    /// frontend is not written again.
+    #[test]
+    fn services_are_written_in_the_ipcache_step() {
+        use crate::model::Protocol;
+        use crate::policy::Frontend;
+        let frontend = |port| Frontend { addr: "10.96.0.20".parse().unwrap(), port, protocol: Protocol::Tcp };
+        let mut desired = Desired::default();
+        desired.services.insert(frontend(80), vec![(300, 8080)]);
+        desired.services.insert(frontend(443), vec![]);
+        desired.service_cidrs.insert("10.96.0.0/16".parse().unwrap());
+        desired.ipcache.insert("10.0.0.11/32".parse().unwrap(), 300);
+        let (mut mem, mut syncer) = (Mem::default(), Syncer::new());
+        syncer.sync(&mut mem, &desired, &BTreeMap::new()).unwrap();
+        let key80 = service_key(&frontend(80));
+        assert_eq!(mem.services[&key80].classes, 1);
+        assert_eq!(mem.services[&key80].class[0], BackendClass { identity: 300, port: 8080, _pad: 0 });
+        assert_eq!(mem.services[&service_key(&frontend(443))].classes, 0);
+        let at = |log: &[String], what: &str| log.iter().position(|l| l.starts_with(what)).unwrap_or_else(|| panic!("no {what} in {log:?}"));
+        assert!(at(&mem.log, "set_ipcache") < at(&mem.log, "set_service_range"));
+        assert!(at(&mem.log, "set_service_range") < at(&mem.log, "set_service "));
+        assert!(at(&mem.log, "set_service ") < at(&mem.log, "bump_revision"));
+
+        // The backends of :80 change identity; :443 goes; the range is replaced.
+        mem.log.clear();
+        desired.services.insert(frontend(80), vec![(301, 8080), (300, 8080)]);
+        desired.services.remove(&frontend(443));
+        desired.service_cidrs = ["10.97.0.0/16".parse().unwrap()].into();
+        let delta = Delta { services: true, ..Delta::default() };
+        syncer.sync_delta(&mut mem, &desired, &BTreeMap::new(), &delta).unwrap();
+        assert_eq!(mem.services[&key80].classes, 2);
+        assert_eq!(mem.services.len(), 1);
+        assert_eq!(mem.service_ranges.len(), 1);
+        let log = mem.log.clone();
+        assert!(at(&log, "set_service_range") < at(&log, "set_service 80"));
+        assert!(at(&log, "del_service 443") < at(&log, "del_service_range"));
+        assert!(at(&log, "del_service_range") < at(&log, "bump_revision"));
+        // Nothing changed: nothing written, no revision.
+        mem.log.clear();
+        syncer.sync_delta(&mut mem, &desired, &BTreeMap::new(), &delta).unwrap();
+        assert!(mem.log.is_empty(), "{:?}", mem.log);
     }
 
     fn pod(name: &str) -> ObjectRef {

@@ -482,7 +482,28 @@ impl Engine {
             self.pod_changed(r, cluster.pods.get(r));
         }
         self.settle();
+        // Backends' identities come from the ipcache: a changed address or identity can change a class.
+        if !changes.services.is_empty()
+            || !changes.endpoint_slices.is_empty()
+            || changes.service_cidrs
+            || !self.delta.ipcache.is_empty()
+            || self.delta.full
+        {
+            self.refresh_services(cluster);
+        }
         &self.desired
+    }
+
+    /// Service frontends and ranges from `cluster` and the current ipcache; the delta says whether they
+    /// changed.
+    fn refresh_services(&mut self, cluster: &Cluster) {
+        let frontends = super::services::frontends(cluster, &self.desired);
+        let cidrs: BTreeSet<IpNet> = cluster.service_cidrs.iter().map(IpNet::trunc).collect();
+        if frontends != self.desired.services || cidrs != self.desired.service_cidrs {
+            self.desired.services = frontends;
+            self.desired.service_cidrs = cidrs;
+            self.delta.services = true;
+        }
     }
 
     /// Re-derives everything from `cluster`.
@@ -591,6 +612,7 @@ impl Engine {
         self.identities.sweep();
         self.rules.sweep();
         self.settle();
+        self.refresh_services(cluster);
     }
 
     /// The identity key of each address of `pod` (no repeats).

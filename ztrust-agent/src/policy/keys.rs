@@ -73,19 +73,33 @@ pub fn ip_to_mapped(ip: IpAddr) -> [u8; 16] {
 /// 129 lengths of the 128-bit key, whatever family the entry came from (the single addresses of the hash
 /// are the /128s); [`identity::WORLD`] when no entry contains it.
 pub fn remote_identity(desired: &Desired, addr: IpAddr) -> u32 {
-    let want = u128::from_be_bytes(ip_to_mapped(addr));
-    let mut kernel: BTreeMap<(u32, u128), u32> = BTreeMap::new();
-    for (net, id) in &desired.ipcache {
-        let (prefix, key) = ipcache_key(net);
-        kernel.insert((prefix, u128::from_be_bytes(key.addr)), *id);
+    IpcacheIndex::new(desired).identity(addr)
+}
+
+/// The ipcache as the kernel keys it, for many lookups: longest-prefix match over the mapped
+/// addresses, [`identity::WORLD`] where nothing matches.
+pub struct IpcacheIndex(BTreeMap<(u32, u128), u32>);
+
+impl IpcacheIndex {
+    pub fn new(desired: &Desired) -> Self {
+        let mut kernel = BTreeMap::new();
+        for (net, id) in &desired.ipcache {
+            let (prefix, key) = ipcache_key(net);
+            kernel.insert((prefix, u128::from_be_bytes(key.addr)), *id);
+        }
+        Self(kernel)
     }
-    (0..=128u32)
-        .rev()
-        .find_map(|prefix| {
-            let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
-            kernel.get(&(prefix, want & mask)).copied()
-        })
-        .unwrap_or(identity::WORLD)
+
+    pub fn identity(&self, addr: IpAddr) -> u32 {
+        let want = u128::from_be_bytes(ip_to_mapped(addr));
+        (0..=128u32)
+            .rev()
+            .find_map(|prefix| {
+                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
+                self.0.get(&(prefix, want & mask)).copied()
+            })
+            .unwrap_or(identity::WORLD)
+    }
 }
 
 fn bits(k: &PolicyKey) -> u128 {

@@ -22,6 +22,7 @@ mod compile;
 mod keys;
 pub mod reference;
 mod selector;
+pub mod services;
 
 #[cfg(test)]
 pub(crate) mod proptests;
@@ -29,7 +30,8 @@ pub(crate) mod proptests;
 mod tests;
 
 pub use compile::{Engine, keyed_as_ipv4, v4_space};
-pub use keys::{ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity};
+pub use keys::{IpcacheIndex, ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity};
+pub use services::{BackendClass, Frontend};
 pub use selector::matches;
 
 /// One allow entry of an endpoint: traffic in `direction` with a remote of identity `remote`, protocol
@@ -98,6 +100,10 @@ pub struct Desired {
     pub rules: BTreeMap<u32, RuleRef>,
     /// What compiled but cannot be enforced exactly, named by object and field.
     pub warnings: Vec<String>,
+    /// Service frontends → the classes of their backends (see [`services`]).
+    pub services: BTreeMap<Frontend, Vec<BackendClass>>,
+    /// The Service address ranges: addresses in them that are no frontend have no known translation.
+    pub service_cidrs: BTreeSet<IpNet>,
 }
 
 /// The objects that differ between two snapshots of a cluster (added, modified or deleted), by key:
@@ -107,6 +113,10 @@ pub struct Changes {
     pub namespaces: BTreeSet<String>,
     pub pods: BTreeSet<ObjectRef>,
     pub policies: BTreeSet<ObjectRef>,
+    pub services: BTreeSet<ObjectRef>,
+    pub endpoint_slices: BTreeSet<ObjectRef>,
+    /// The Service address ranges differ.
+    pub service_cidrs: bool,
 }
 
 /// Keys whose value differs between `old` and `new` (present in one only, or unequal).
@@ -153,11 +163,19 @@ impl Changes {
             namespaces: changed_keys(&old.namespaces, &new.namespaces),
             pods: changed_keys(&old.pods, &new.pods),
             policies: changed_keys(&old.policies, &new.policies),
+            services: changed_keys(&old.services, &new.services),
+            endpoint_slices: changed_keys(&old.endpoint_slices, &new.endpoint_slices),
+            service_cidrs: old.service_cidrs != new.service_cidrs,
         }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.namespaces.is_empty() && self.pods.is_empty() && self.policies.is_empty()
+        self.namespaces.is_empty()
+            && self.pods.is_empty()
+            && self.policies.is_empty()
+            && self.services.is_empty()
+            && self.endpoint_slices.is_empty()
+            && !self.service_cidrs
     }
 }
 
@@ -182,6 +200,8 @@ pub struct Delta {
     /// Endpoints whose policy changed, appeared or went, with the allow groups that changed when only
     /// those did (`None`: anything about the endpoint).
     pub endpoints: BTreeMap<ObjectRef, Option<BTreeSet<AllowGroup>>>,
+    /// The Service frontends or ranges changed.
+    pub services: bool,
 }
 
 impl Delta {
@@ -207,6 +227,7 @@ impl Delta {
     /// Adds what `other` says changed.
     pub fn merge(&mut self, other: Delta) {
         self.full |= other.full;
+        self.services |= other.services;
         if self.full {
             self.ipcache.clear();
             self.endpoints.clear();
@@ -219,6 +240,6 @@ impl Delta {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.full && self.ipcache.is_empty() && self.endpoints.is_empty()
+        !self.full && self.ipcache.is_empty() && self.endpoints.is_empty() && !self.services
     }
 }

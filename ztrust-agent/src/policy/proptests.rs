@@ -477,6 +477,7 @@ pub(crate) fn mix(a: &Cluster, b: &Cluster, mask: u64, what: Mix) -> Cluster {
             matches!(what, Mix::All) || (policies_too && facts(x) == facts(y))
         }),
         node_ips: a.node_ips.clone(),
+        ..Cluster::default()
     }
 }
 

@@ -1,0 +1,193 @@
+//! Service frontends and the backends they translate to, as the datapath judges a pod's egress to them.
+//!
+//! A pod's egress hook runs before the node's DNAT (kube-proxy's iptables, nftables or IPVS rules), so a
+//! packet to a ClusterIP still carries the ClusterIP there. What the connection reaches is one of the
+//! Service's ready backends, which the node picks after the hook. Every backend that policy can tell apart
+//! from the others is a *class*: its identity and the port the node translates to. The datapath admits
+//! a new connection to a frontend when policy admits every class (then whichever backend the node picks,
+//! the verdict is the one the connection to it gets), denies it when policy admits none, and drops it as
+//! `service-backends-differ` otherwise: it does not guess which one the node would pick.
+//!
+//! Frontends are what kube-proxy translates: each ClusterIP, external IP and load-balancer address with
+//! each Service port, and this node's addresses with each node port. A frontend reaches the backends of
+//! its own family (a Service's EndpointSlices are of one address type each). Backends are the ready
+//! endpoints, or, when a port has none, the serving and terminating ones (kube-proxy's fallback).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use crate::model::{Cluster, Protocol, Service, ServicePort};
+
+use super::Desired;
+use super::keys::IpcacheIndex;
+
+/// A Service frontend: what a pod's packet names before the node translates it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+}
+
+/// A class of backends: (identity, translated port).
+pub type BackendClass = (u32, u16);
+
+/// Every frontend of `cluster`'s Services with the classes of its backends (sorted, without repeats;
+/// empty when it has no ready or serving backend), identities as `desired`'s ipcache gives them.
+pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec<BackendClass>> {
+    let index = IpcacheIndex::new(desired);
+    let mut out = BTreeMap::new();
+    for svc in cluster.services.values() {
+        for port in &svc.ports {
+            let backends = backends(cluster, svc, port);
+            let classes = |family_v4: bool| -> Vec<BackendClass> {
+                let set: BTreeSet<BackendClass> = backends
+                    .iter()
+                    .filter(|(ip, _)| ip.is_ipv4() == family_v4)
+                    .map(|(ip, target)| (index.identity(*ip), *target))
+                    .collect();
+                set.into_iter().collect()
+            };
+            let mut add = |addr: IpAddr, port_number: u16| {
+                out.insert(Frontend { addr, port: port_number, protocol: port.protocol }, classes(addr.is_ipv4()));
+            };
+            for ip in svc.cluster_ips.iter().chain(&svc.external_ips) {
+                add(*ip, port.port);
+            }
+            if let Some(node_port) = port.node_port {
+                for ip in &cluster.node_ips {
+                    add(*ip, node_port);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The (address, target port) of every backend of `port` of `svc`: its EndpointSlices' endpoints whose
+/// slice has a port of the same name and protocol; the ready ones, else the serving terminating ones.
+fn backends(cluster: &Cluster, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
+    let slices = cluster
+        .endpoint_slices
+        .values()
+        .filter(|s| s.namespace == svc.namespace && s.service == svc.name);
+    for slice in slices {
+        let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let into = if ep.ready {
+                &mut ready
+            } else if ep.serving && ep.terminating {
+                &mut terminating
+            } else {
+                continue;
+            };
+            into.extend(ep.addresses.iter().map(|a| (*a, target.port)));
+        }
+    }
+    if ready.is_empty() { terminating } else { ready }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{EndpointSlice, Pod, SliceEndpoint, SlicePort};
+    use crate::policy::Engine;
+    use ztrust_common::identity;
+
+    fn pod(name: &str, app: &str, ip: &str) -> Pod {
+        Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            ips: vec![ip.parse().unwrap()],
+            ..Default::default()
+        }
+    }
+
+    fn endpoint(ip: &str, ready: bool, terminating: bool) -> SliceEndpoint {
+        SliceEndpoint { addresses: vec![ip.parse().unwrap()], ready, serving: ready || terminating, terminating }
+    }
+
+    fn cluster() -> Cluster {
+        let mut c = Cluster::default();
+        for p in [pod("b1", "b", "10.0.0.11"), pod("b2", "b", "10.0.0.12"), pod("c", "c", "10.0.0.13")] {
+            c.pods.insert(p.object_ref(), p);
+        }
+        c.node_ips = vec!["192.168.0.5".parse().unwrap()];
+        let svc = Service {
+            namespace: "x".into(),
+            name: "web".into(),
+            cluster_ips: vec!["10.96.0.20".parse().unwrap(), "fd00:96::20".parse().unwrap()],
+            external_ips: vec!["203.0.113.7".parse().unwrap()],
+            ports: vec![
+                ServicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) },
+                ServicePort { name: Some("dns".into()), protocol: Protocol::Udp, port: 53, node_port: None },
+            ],
+        };
+        c.services.insert(svc.object_ref(), svc);
+        let slice = EndpointSlice {
+            namespace: "x".into(),
+            name: "web-1".into(),
+            service: "web".into(),
+            ports: vec![
+                SlicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 8080 },
+                SlicePort { name: Some("dns".into()), protocol: Protocol::Udp, port: 5353 },
+            ],
+            endpoints: vec![endpoint("10.0.0.11", true, false), endpoint("10.0.0.12", true, false)],
+        };
+        c.endpoint_slices.insert(slice.object_ref(), slice);
+        c
+    }
+
+    fn classes(c: &Cluster, addr: &str, port: u16, protocol: Protocol) -> Option<Vec<BackendClass>> {
+        let desired = Engine::new().compile(c);
+        frontends(c, &desired).get(&Frontend { addr: addr.parse().unwrap(), port, protocol }).cloned()
+    }
+
+    #[test]
+    fn every_frontend_reaches_the_classes_of_its_backends() {
+        let c = cluster();
+        let desired = Engine::new().compile(&c);
+        let b = super::super::remote_identity(&desired, "10.0.0.11".parse().unwrap());
+        assert!(b >= identity::FIRST_DYNAMIC);
+        // Two pods with the same labels: one class.
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![(b, 8080)]));
+        assert_eq!(classes(&c, "10.96.0.20", 53, Protocol::Udp), Some(vec![(b, 5353)]));
+        assert_eq!(classes(&c, "203.0.113.7", 80, Protocol::Tcp), Some(vec![(b, 8080)]));
+        // The node port on this node's addresses.
+        assert_eq!(classes(&c, "192.168.0.5", 30080, Protocol::Tcp), Some(vec![(b, 8080)]));
+        assert_eq!(classes(&c, "192.168.0.5", 80, Protocol::Tcp), None);
+        // A frontend of the other family has no IPv4 backend to reach.
+        assert_eq!(classes(&c, "fd00:96::20", 80, Protocol::Tcp), Some(vec![]));
+        // No frontend for a port the Service does not have, nor a protocol.
+        assert_eq!(classes(&c, "10.96.0.20", 8080, Protocol::Tcp), None);
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Udp), None);
+    }
+
+    #[test]
+    fn backends_of_other_labels_are_another_class_and_terminating_ones_only_as_a_fallback() {
+        let mut c = cluster();
+        let r = crate::model::ObjectRef::new("x", "web-1");
+        c.endpoint_slices.get_mut(&r).unwrap().endpoints.push(endpoint("10.0.0.13", true, false));
+        let desired = Engine::new().compile(&c);
+        let id = |ip: &str| super::super::remote_identity(&desired, ip.parse().unwrap());
+        let mut want = vec![(id("10.0.0.11"), 8080), (id("10.0.0.13"), 8080)];
+        want.sort_unstable();
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(want));
+        // c terminating while others are ready: not a backend.
+        c.endpoint_slices.get_mut(&r).unwrap().endpoints[2] = endpoint("10.0.0.13", false, true);
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![(id("10.0.0.11"), 8080)]));
+        // Nothing ready: the serving terminating ones.
+        for e in &mut c.endpoint_slices.get_mut(&r).unwrap().endpoints[..2] {
+            *e = SliceEndpoint { ready: false, serving: false, ..e.clone() };
+        }
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![(id("10.0.0.13"), 8080)]));
+        // A slice of another Service, or without the port's name, adds nothing.
+        c.endpoint_slices.get_mut(&r).unwrap().service = "other".into();
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![]));
+    }
+}
