@@ -240,6 +240,16 @@ pub fn merge(into: &mut Loaded, other: Loaded) {
             into.errors.push(duplicate("", &format!("NetworkPolicy {r}")));
         }
     }
+    for (r, svc) in cluster.services {
+        if into.cluster.services.insert(r.clone(), svc).is_some() {
+            into.errors.push(duplicate("", &format!("Service {r}")));
+        }
+    }
+    for (r, slice) in cluster.endpoint_slices {
+        if into.cluster.endpoint_slices.insert(r.clone(), slice).is_some() {
+            into.errors.push(duplicate("", &format!("EndpointSlice {r}")));
+        }
+    }
     into.cluster.node_ips.extend(cluster.node_ips);
     into.errors.extend(errors);
     into.lab_objects.extend(lab_objects);
@@ -312,53 +322,17 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
                 add_value(out, file, &format!("{where_} items[{i}]"), item);
             }
         }
-        ("v1", "Namespace") => {
-            let object = format!("Namespace {name}");
-            match serde_json::from_value::<Namespace>(value) {
-                Ok(ns) => {
-                    let c = convert_namespace(&ns);
-                    out.errors.extend(c.errors.into_iter().map(|e| e.in_file(file)));
-                    if let Some(ns) = c.value
-                        && out.cluster.namespaces.insert(ns.name.clone(), ns).is_some()
-                    {
-                        out.errors.push(duplicate(file, &object));
-                    }
-                }
-                Err(e) => out.errors.push(LoadError {
-                    effect: Effect::ObjectDropped,
-                    ..err(
-                        object,
-                        Problem::Schema {
-                            kind: "Namespace",
-                            message: e.to_string(),
-                        },
-                    )
-                }),
-            }
-        }
-        ("v1", "Pod") => {
-            let object = format!("Pod {name}");
-            match serde_json::from_value::<Pod>(value) {
-                Ok(pod) => {
-                    let c = convert_pod(&pod);
-                    out.errors.extend(c.errors.into_iter().map(|e| e.in_file(file)));
-                    if let Some(pod) = c.value
-                        && out.cluster.pods.insert(pod.object_ref(), pod).is_some()
-                    {
-                        out.errors.push(duplicate(file, &object));
-                    }
-                }
-                Err(e) => out.errors.push(LoadError {
-                    effect: Effect::ObjectDropped,
-                    ..err(
-                        object,
-                        Problem::Schema {
-                            kind: "Pod",
-                            message: e.to_string(),
-                        },
-                    )
-                }),
-            }
+        ("v1", "Namespace") => add_object(out, file, "Namespace", &name, value, convert_namespace, |c, ns| {
+            c.namespaces.insert(ns.name.clone(), ns).is_some()
+        }),
+        ("v1", "Pod") => add_object(out, file, "Pod", &name, value, convert_pod, |c, pod| c.pods.insert(pod.object_ref(), pod).is_some()),
+        ("v1", "Service") => add_object(out, file, "Service", &name, value, super::services::convert_service, |c, svc| {
+            c.services.insert(svc.object_ref(), svc).is_some()
+        }),
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            add_object(out, file, "EndpointSlice", &name, value, super::services::convert_endpoint_slice, |c, slice| {
+                c.endpoint_slices.insert(slice.object_ref(), slice).is_some()
+            });
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let object = format!("NetworkPolicy {name}");
@@ -381,6 +355,38 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
             },
             Problem::UnsupportedKind { api_version, kind },
         )),
+    }
+}
+
+/// Decodes `value` as a `K`, converts it and inserts it into the cluster (`insert` says whether it
+/// replaced one read before); every problem is an error in `file`.
+fn add_object<K: serde::de::DeserializeOwned, M>(
+    out: &mut Loaded,
+    file: &str,
+    kind: &'static str,
+    name: &str,
+    value: serde_json::Value,
+    convert: fn(&K) -> Converted<M>,
+    insert: impl FnOnce(&mut model::Cluster, M) -> bool,
+) {
+    let object = format!("{kind} {name}");
+    match serde_json::from_value::<K>(value) {
+        Ok(k) => {
+            let c = convert(&k);
+            out.errors.extend(c.errors.into_iter().map(|e| e.in_file(file)));
+            if let Some(m) = c.value
+                && insert(&mut out.cluster, m)
+            {
+                out.errors.push(duplicate(file, &object));
+            }
+        }
+        Err(e) => out.errors.push(LoadError {
+            file: file.to_owned(),
+            object,
+            field: String::new(),
+            problem: Problem::Schema { kind, message: e.to_string() },
+            effect: Effect::ObjectDropped,
+        }),
     }
 }
 
@@ -471,7 +477,7 @@ fn fail_closed_policy(
     }
 }
 
-fn object_name(kind: &str, meta: &ObjectMeta, namespaced: bool) -> String {
+pub(crate) fn object_name(kind: &str, meta: &ObjectMeta, namespaced: bool) -> String {
     let name = meta.name.as_deref().unwrap_or("<no name>");
     if namespaced {
         format!("{kind} {}/{name}", meta.namespace.as_deref().unwrap_or("default"))
@@ -627,7 +633,7 @@ pub fn convert_pod(pod: &Pod) -> Converted<model::Pod> {
 }
 
 /// `protocol` defaults to TCP in both ContainerPort and NetworkPolicyPort.
-fn protocol(p: Option<&str>) -> Option<model::Protocol> {
+pub(crate) fn protocol(p: Option<&str>) -> Option<model::Protocol> {
     match p {
         None | Some("TCP") => Some(model::Protocol::Tcp),
         Some("UDP") => Some(model::Protocol::Udp),
@@ -1070,8 +1076,8 @@ apiVersion: lab.ztrust.io/v1
 kind: Probe
 metadata: {name: p}
 ---
-apiVersion: v1
-kind: Service
+apiVersion: apps/v1
+kind: Deployment
 metadata: {name: s, namespace: prod}
 ---
 "#;
@@ -1100,7 +1106,7 @@ metadata: {name: s, namespace: prod}
         assert_eq!(l.errors.len(), 1, "{:?}", l.errors);
         let msg = l.errors[0].to_string();
         assert!(
-            msg.contains("all.yaml") && msg.contains("Service prod/s") && msg.contains("unsupported kind"),
+            msg.contains("all.yaml") && msg.contains("Deployment prod/s") && msg.contains("unsupported kind"),
             "{msg}"
         );
     }

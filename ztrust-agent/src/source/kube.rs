@@ -1,8 +1,8 @@
 //! Kubernetes API source: one reflector (a `watcher` with the default backoff feeding a `Store`) per
-//! kind — Namespaces, Pods and NetworkPolicies, all namespaces — converted into the [`crate::model`] by
-//! the same `convert_*` functions as the directory source.
+//! kind — Namespaces, Pods, NetworkPolicies, Services and EndpointSlices, all namespaces — converted into
+//! the [`crate::model`] by the same `convert_*` functions as the directory source.
 //!
-//! - Nothing is reported before all three stores have finished their initial list
+//! - Nothing is reported before all the stores have finished their initial list
 //!   (`Store::wait_until_ready`): a partial cluster (policies without their pods, say) would compile
 //!   into the wrong allow sets.
 //! - The watcher re-lists by itself when the API server answers `410 Gone` (its resourceVersion fell out
@@ -38,7 +38,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
-use k8s_openapi::api::core::v1::{Container, Namespace, ObjectReference, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Container, Namespace, ObjectReference, Pod, PodSpec, PodStatus, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -53,6 +54,7 @@ use tracing::{debug, info, warn};
 use crate::model::{self, Cluster};
 use crate::policy::Changes;
 use crate::source::dir::{self, LoadError, Loaded};
+use crate::source::services;
 
 /// What [`LoadError::file`] says for objects read from the API server.
 pub const FILE: &str = "kube";
@@ -88,6 +90,17 @@ pub const API_CALLS: &[ApiCall] = &[
     ApiCall {
         group: "networking.k8s.io",
         resource: "networkpolicies",
+        verbs: &["list", "watch"],
+    },
+    // A pod's connection to a Service is judged by the backends it translates to.
+    ApiCall {
+        group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+    },
+    ApiCall {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
         verbs: &["list", "watch"],
     },
     // Only with `Options::events`. Each distinct problem set is a new Event (create); the source
@@ -174,6 +187,8 @@ pub struct KubeSource {
     namespaces: Store<Namespace>,
     pods: Store<Pod>,
     policies: Store<NetworkPolicy>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
     /// Bumped by the reflector tasks on every change of a store.
     generation: watch::Receiver<u64>,
     /// The generation of the last snapshot taken (reported or found unchanged).
@@ -226,10 +241,16 @@ impl KubeSource {
         let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone(), t.clone(), slim_pod, |t, pod| {
             t.pods.insert(key_of(&pod.metadata));
         });
-        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx, t, slim_policy, |t, np| {
+        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx.clone(), t.clone(), slim_policy, |t, np| {
             t.policies.insert(key_of(&np.metadata));
         });
-        let mut tasks = vec![t1, t2, t3];
+        let (services, t4) = spawn_reflector::<Service>(&client, tx.clone(), t.clone(), |s| slim_metadata(&mut s.metadata), |t, s| {
+            t.services.insert(key_of(&s.metadata));
+        });
+        let (slices, t5) = spawn_reflector::<EndpointSlice>(&client, tx, t, |s| slim_metadata(&mut s.metadata), |t, s| {
+            t.slices.insert(key_of(&s.metadata));
+        });
+        let mut tasks = vec![t1, t2, t3, t4, t5];
         let events = options.events.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let reporter = Reporter {
@@ -248,6 +269,8 @@ impl KubeSource {
             namespaces,
             pods,
             policies,
+            services,
+            slices,
             generation,
             taken: None,
             touched,
@@ -263,23 +286,27 @@ impl KubeSource {
         }
     }
 
-    /// True once all three kinds have been listed (it stays true: re-lists keep the old contents
-    /// until they complete).
+    /// True once every kind has been listed (it stays true: re-lists keep the old contents until they
+    /// complete).
     pub fn is_ready(&self) -> bool {
         let ready = |r: Option<Result<(), reflector::store::WriterDropped>>| matches!(r, Some(Ok(())));
         ready(self.namespaces.wait_until_ready().now_or_never())
             && ready(self.pods.wait_until_ready().now_or_never())
             && ready(self.policies.wait_until_ready().now_or_never())
+            && ready(self.services.wait_until_ready().now_or_never())
+            && ready(self.slices.wait_until_ready().now_or_never())
     }
 
-    /// Waits until all three kinds are listed.
+    /// Waits until every kind is listed.
     pub async fn wait_until_ready(&self) {
-        let (a, b, c) = futures::join!(
+        let (a, b, c, d, e) = futures::join!(
             self.namespaces.wait_until_ready(),
             self.pods.wait_until_ready(),
-            self.policies.wait_until_ready()
+            self.policies.wait_until_ready(),
+            self.services.wait_until_ready(),
+            self.slices.wait_until_ready()
         );
-        if a.is_err() || b.is_err() || c.is_err() {
+        if a.is_err() || b.is_err() || c.is_err() || d.is_err() || e.is_err() {
             // A reflector task is gone (the source is being dropped): nothing will ever be ready.
             std::future::pending::<()>().await;
         }
@@ -358,6 +385,10 @@ impl KubeSource {
             touched.pods.extend(self.cluster.pods.keys().cloned());
             touched.policies.extend(self.policies.state().iter().map(|np| key_of(&np.metadata)));
             touched.policies.extend(self.cluster.policies.keys().cloned());
+            touched.services.extend(self.services.state().iter().map(|s| key_of(&s.metadata)));
+            touched.services.extend(self.cluster.services.keys().cloned());
+            touched.slices.extend(self.slices.state().iter().map(|s| key_of(&s.metadata)));
+            touched.slices.extend(self.cluster.endpoint_slices.keys().cloned());
             self.problems.clear();
             self.policy_refs.clear();
         }
@@ -414,6 +445,22 @@ impl KubeSource {
                 changes.policies.insert(key.clone());
             }
         }
+        for key in &touched.services {
+            let r = reflector::ObjectRef::new(&key.name).within(&key.namespace);
+            let (value, errors) = split(self.services.get(&r).map(|s| services::convert_service(&s)));
+            set_problems(&mut self.problems, ("Service", key.to_string()), errors);
+            if replace(&mut self.cluster.services, key.clone(), value) {
+                changes.services.insert(key.clone());
+            }
+        }
+        for key in &touched.slices {
+            let r = reflector::ObjectRef::new(&key.name).within(&key.namespace);
+            let (value, errors) = split(self.slices.get(&r).map(|s| services::convert_endpoint_slice(&s)));
+            set_problems(&mut self.problems, ("EndpointSlice", key.to_string()), errors);
+            if replace(&mut self.cluster.endpoint_slices, key.clone(), value) {
+                changes.endpoint_slices.insert(key.clone());
+            }
+        }
         changes
     }
 
@@ -462,6 +509,8 @@ struct Touched {
     namespaces: BTreeSet<String>,
     pods: BTreeSet<model::ObjectRef>,
     policies: BTreeSet<model::ObjectRef>,
+    services: BTreeSet<model::ObjectRef>,
+    slices: BTreeSet<model::ObjectRef>,
 }
 
 fn key_of(meta: &ObjectMeta) -> model::ObjectRef {
@@ -665,6 +714,8 @@ mod tests {
             api_call::<Namespace>(verb);
             api_call::<Pod>(verb);
             api_call::<NetworkPolicy>(verb);
+            api_call::<Service>(verb);
+            api_call::<EndpointSlice>(verb);
         }
         api_call::<k8s_openapi::api::events::v1::Event>("create");
         assert_eq!(API_CALLS.len(), 4, "every entry is used by the code above");

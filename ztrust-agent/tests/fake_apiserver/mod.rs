@@ -1,10 +1,12 @@
 //! A fake Kubernetes API server for the Kubernetes source's tests: plain HTTP/1.1 on 127.0.0.1, the
-//! real list/watch protocol for Namespaces, Pods and NetworkPolicies (all namespaces), and Event
+//! real list/watch protocol for Namespaces, Pods, NetworkPolicies, Services and EndpointSlices (all
+//! namespaces), and Event
 //! creation. Unprivileged.
 //!
 //! What it speaks, as the real API server does
 //! (<https://kubernetes.io/docs/reference/using-api/api-concepts/#efficient-detection-of-changes>):
-//! - `GET /api/v1/namespaces`, `/api/v1/pods`, `/apis/networking.k8s.io/v1/networkpolicies`: a `*List`
+//! - `GET /api/v1/namespaces`, `/api/v1/pods`, `/apis/networking.k8s.io/v1/networkpolicies`,
+//!   `/api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`: a `*List`
 //!   with `metadata.resourceVersion` (the global one); `limit`/`continue` are ignored (one page).
 //! - the same with `?watch=true&resourceVersion=N[&allowWatchBookmarks=true][&timeoutSeconds=T]`: a
 //!   chunked stream of JSON lines `{"type":"ADDED|MODIFIED|DELETED|BOOKMARK","object":{...}}` with every
@@ -45,6 +47,8 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    Service,
+    EndpointSlice,
 }
 
 impl Kind {
@@ -53,6 +57,8 @@ impl Kind {
             Some("Namespace") => Kind::Namespace,
             Some("Pod") => Kind::Pod,
             Some("NetworkPolicy") => Kind::NetworkPolicy,
+            Some("Service") => Kind::Service,
+            Some("EndpointSlice") => Kind::EndpointSlice,
             other => panic!("fake API server: unsupported kind {other:?}"),
         }
     }
@@ -62,6 +68,8 @@ impl Kind {
             "/api/v1/namespaces" => Some(Kind::Namespace),
             "/api/v1/pods" => Some(Kind::Pod),
             "/apis/networking.k8s.io/v1/networkpolicies" => Some(Kind::NetworkPolicy),
+            "/api/v1/services" => Some(Kind::Service),
+            "/apis/discovery.k8s.io/v1/endpointslices" => Some(Kind::EndpointSlice),
             _ => None,
         }
     }
@@ -69,6 +77,7 @@ impl Kind {
     fn api_version(self) -> &'static str {
         match self {
             Kind::NetworkPolicy => "networking.k8s.io/v1",
+            Kind::EndpointSlice => "discovery.k8s.io/v1",
             _ => "v1",
         }
     }
@@ -78,6 +87,8 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
         }
     }
 }
