@@ -393,15 +393,17 @@ pub fn icmp6(kind: u8, code: u8, body: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Does `frame` carry an IPv4 packet from `src` to `dst` of `protocol` with these ports?
+/// Does `frame` carry an IPv4 packet from `src` to `dst` of `protocol` with these ports (after whatever
+/// options)?
 pub fn is_tuple(frame: &[u8], src: [u8; 4], dst: [u8; 4], protocol: u8, sport: u16, dport: u16) -> bool {
-    frame.len() >= 38
+    let l4 = 14 + usize::from(frame.get(14).map_or(0, |v| v & 0x0f)) * 4;
+    frame.len() >= 38.max(l4 + 4)
         && frame[12..14] == [0x08, 0x00]
         && frame[23] == protocol
         && frame[26..30] == src
         && frame[30..34] == dst
-        && frame[34..36] == sport.to_be_bytes()
-        && frame[36..38] == dport.to_be_bytes()
+        && frame[l4..l4 + 2] == sport.to_be_bytes()
+        && frame[l4 + 2..l4 + 4] == dport.to_be_bytes()
 }
 
 /// The transport protocol and header of the IPv6 packet in `frame`, past its hop-by-hop, routing and
