@@ -16,8 +16,9 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::attack::{
-    A, B, C, DEST_OPTS, ETH_P_IPV6, FRAGMENT, HOP_BY_HOP, Lab, ROUTING, carries, checksummed6, drops, ext_headers, fragment6, icmp6,
-    ipv6, ipv6_packet, ipv6_with, is_tuple6, l4_of6, link_local, received_udp6, solicited, tcp, udp,
+    A, B, C, DEST_OPTS, ETH_P_IPV6, FRAGMENT, HOP_BY_HOP, Lab, ROUTING, carries, checksummed, checksummed6, drops, ext_headers, fragment,
+    icmp6, ip as ip_packet, ipv6, ipv6_packet, ipv6_with, is_fragment_from, is_tuple6, l4_of6, link_local, received_udp_at, received_udp6,
+    solicited, tcp, udp,
 };
 use common::{enter_netns, sh};
 use ztrust_common::{dir, proto, reason, verdict};
@@ -189,7 +190,7 @@ fn ipv6_extension_headers_hide_nothing() {
         drops(&events, lab.ifindex[B], reason::POLICY_DENIED).any(|e| e.protocol == proto::TCP && e.dport == 22 && e.sport == 46000),
         "no flow event for the SYN to b:22 as TCP"
     );
-    assert!(has_malformed(&events, lab.ifindex[A], a), "no flow event for the chain past the walk");
+    assert!(drops(&events, lab.ifindex[A], reason::MALFORMED).any(|e| e.family == 6 && e.saddr == a), "no flow event for the chain past the walk");
     // Controls: 5 headers, and 8.
     let f = syn(&lab, &[HOP_BY_HOP, DEST_OPTS, ROUTING, FRAGMENT, DEST_OPTS], 46002, 80);
     let n = lab.captured(B, move |fr| is_tuple6(fr, a, b, proto::TCP, 46002, 80), || lab.send_from_pod(A, vec![f]));
@@ -197,10 +198,6 @@ fn ipv6_extension_headers_hide_nothing() {
     let f = syn(&lab, &nine[..8], 46003, 80);
     let n = lab.captured(B, move |fr| is_tuple6(fr, a, b, proto::TCP, 46003, 80), || lab.send_from_pod(A, vec![f]));
     assert_eq!(n, 1, "control: a SYN to b:80 behind 8 extension headers did not arrive");
-}
-
-fn has_malformed(events: &[ztrust_common::FlowEvent], ifindex: u32, src: [u8; 16]) -> bool {
-    drops(events, ifindex, reason::MALFORMED).any(|e| e.family == 6 && e.saddr == src)
 }
 
 /// Class 7, IPv6: fragments. The datapath walks past a fragment header at offset 0 and judges the
@@ -211,80 +208,105 @@ fn has_malformed(events: &[ztrust_common::FlowEvent], ifindex: u32, src: [u8; 16
 /// fragments to c (not isolated) are dropped at a; of a whole datagram in two fragments to c only the
 /// first arrives, so c's socket receives nothing (nor a datagram larger than the MTU that a's kernel
 /// fragments itself); an atomic fragment (offset 0, no more) is judged as the datagram it carries: to
-/// b:7000 dropped, to c delivered. Controls: c's first fragment to b:7000 arrives at b; the same datagram
-/// unfragmented reaches c's socket.
+/// b:7000 dropped, to c delivered. Each drop is a flow event. Controls: c's first fragment to b:7000
+/// arrives at b; the same datagram unfragmented reaches c's socket.
 #[test]
 fn ipv6_fragments() {
+    fragments(true);
+}
+
+/// Class 7, IPv4, as [`ipv6_fragments`]: a first fragment (more fragments, offset 0) is judged by its
+/// ports, a non-zero offset is `fragment`; the tiny first fragments are a UDP header cut after 2 bytes
+/// and a TCP header cut after 8 (ports, no flags: RFC 1858). "Atomic" is a plain packet in IPv4.
+#[test]
+fn ipv4_fragments() {
+    fragments(false);
+}
+
+fn fragments(v6: bool) {
     let mut lab = lab();
-    let (a, b, c) = (lab.ip6(A), lab.ip6(B), lab.ip6(C));
-    let datagram = |src: [u8; 16], dst: [u8; 16], sport: u16, dport: u16, payload: &[u8]| checksummed6(src, dst, proto::UDP, udp(sport, dport, payload));
+    let (a, b, c) = (lab.addr(A, v6), lab.addr(B, v6), lab.addr(C, v6));
+    let family = if v6 { 6 } else { 4 };
+    let datagram = |src: IpAddr, dst: IpAddr, sport: u16, dport: u16, payload: &[u8]| checksummed(src, dst, proto::UDP, udp(sport, dport, payload));
     let payload: &'static [u8] = b"0123456789abcdef0123456789abcdef0123456789abcdef";
-    let is_fragment_from = move |fr: &[u8]| fr.len() >= 54 && fr[20] == FRAGMENT && fr[22..38] == a;
+    let from_a = move |fr: &[u8]| is_fragment_from(fr, a);
     // First fragment to b:7000.
     let d = datagram(a, b, 47000, 7000, payload);
-    let first = lab.frame_from(A, ETH_P_IPV6, &fragment6(a, b, proto::UDP, 0, true, &d[..24]));
+    let first = lab.ip_frame_from(A, &fragment(a, b, proto::UDP, 0, true, &d[..24]));
     let denied_before = lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED);
-    let n = lab.captured(B, is_fragment_from, || lab.send_from_pod(A, vec![first]));
+    let n = lab.captured(B, from_a, || lab.send_from_pod(A, vec![first]));
     assert_eq!(n, 0, "a's first fragment to b:7000 reached b");
     assert_eq!(lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED), denied_before + 1);
     // Tiny first fragments, to c.
     let malformed = |lab: &Lab| lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::MALFORMED);
     let malformed_before = malformed(&lab);
     let d = datagram(a, c, 47001, 7200, payload);
-    let (_, opts) = ext_headers(&[DEST_OPTS], proto::UDP);
-    let tiny = vec![
-        lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, proto::UDP, 0, true, &d[..2])),
-        lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, DEST_OPTS, 0, true, &opts)),
-    ];
-    let n = lab.captured(C, is_fragment_from, || lab.send_from_pod(A, tiny));
+    let second = if v6 {
+        fragment(a, c, DEST_OPTS, 0, true, &ext_headers(&[DEST_OPTS], proto::UDP).1)
+    } else {
+        fragment(a, c, proto::TCP, 0, true, &checksummed(a, c, proto::TCP, tcp(47001, 80, SYN, b""))[..8])
+    };
+    let tiny = vec![lab.ip_frame_from(A, &fragment(a, c, proto::UDP, 0, true, &d[..2])), lab.ip_frame_from(A, &second)];
+    let n = lab.captured(C, from_a, || lab.send_from_pod(A, tiny));
     assert_eq!(n, 0, "a tiny first fragment reached c");
     assert_eq!(malformed(&lab), malformed_before + 2, "the tiny first fragments were not dropped as malformed");
     // Non-first fragments, to c.
-    let fragment = |lab: &Lab| lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::FRAGMENT);
-    let fragment_before = fragment(&lab);
+    let fragment_drops = |lab: &Lab| lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::FRAGMENT);
+    let fragment_before = fragment_drops(&lab);
     let later = vec![
-        lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, proto::UDP, 8, true, &d[8..24])),
-        lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, proto::UDP, 24, false, &d[24..])),
+        lab.ip_frame_from(A, &fragment(a, c, proto::UDP, 8, true, &d[8..24])),
+        lab.ip_frame_from(A, &fragment(a, c, proto::UDP, 24, false, &d[24..])),
     ];
-    let n = lab.captured(C, is_fragment_from, || lab.send_from_pod(A, later));
+    let n = lab.captured(C, from_a, || lab.send_from_pod(A, later));
     assert_eq!(n, 0, "a non-first fragment reached c");
-    assert_eq!(fragment(&lab), fragment_before + 2);
+    assert_eq!(fragment_drops(&lab), fragment_before + 2);
     // The whole datagram in two fragments: the first arrives alone.
     let d = datagram(a, c, 47002, 7201, payload);
     let whole = vec![
-        lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, proto::UDP, 0, true, &d[..32])),
-        lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, proto::UDP, 32, false, &d[32..])),
+        lab.ip_frame_from(A, &fragment(a, c, proto::UDP, 0, true, &d[..32])),
+        lab.ip_frame_from(A, &fragment(a, c, proto::UDP, 32, false, &d[32..])),
     ];
-    let n = lab.captured(C, is_fragment_from, || lab.send_from_pod(A, whole.clone()));
+    let n = lab.captured(C, from_a, || lab.send_from_pod(A, whole.clone()));
     assert_eq!(n, 1, "of a's two fragments to c, not just the first arrived");
-    assert!(!received_udp6(&lab, C, 7201, payload, || lab.send_from_pod(A, whole)), "a fragmented datagram was reassembled at c");
-    assert_eq!(fragment(&lab), fragment_before + 4);
+    assert!(!received_udp_at(&lab, C, SocketAddr::new(c, 7201), payload, || lab.send_from_pod(A, whole)), "a fragmented datagram was reassembled at c");
+    assert_eq!(fragment_drops(&lab), fragment_before + 4);
     // A's kernel fragments a datagram larger than the MTU itself: it never arrives either.
     let big: &'static [u8] = Box::leak(vec![b'x'; 3000].into_boxed_slice());
-    let dst = SocketAddr::new(IpAddr::from(c), 7202);
+    let dst = SocketAddr::new(c, 7202);
     let sent = || {
-        lab.topo.in_pod(A, move || std::net::UdpSocket::bind("[::]:0").unwrap().send_to(big, dst).unwrap());
+        lab.topo.in_pod(A, move || std::net::UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" }).unwrap().send_to(big, dst).unwrap());
     };
-    assert!(!received_udp6(&lab, C, 7202, big, sent), "a datagram larger than the MTU arrived in fragments");
+    assert!(!received_udp_at(&lab, C, dst, big, sent), "a datagram larger than the MTU arrived in fragments");
+    assert!(fragment_drops(&lab) > fragment_before + 4, "the kernel's own fragments were not dropped as fragments");
     // Atomic fragments: judged by their ports.
     let d = datagram(a, b, 47003, 7000, payload);
-    let atomic_b = lab.frame_from(A, ETH_P_IPV6, &fragment6(a, b, proto::UDP, 0, false, &d));
-    assert!(!received_udp6(&lab, B, 7000, payload, || lab.send_from_pod(A, vec![atomic_b])), "a's atomic fragment reached b:7000");
+    let atomic_b = lab.ip_frame_from(A, &fragment(a, b, proto::UDP, 0, false, &d));
+    assert!(!received_udp_at(&lab, B, SocketAddr::new(b, 7000), payload, || lab.send_from_pod(A, vec![atomic_b])), "a's atomic fragment reached b:7000");
     assert_eq!(lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED), denied_before + 2);
     let d = datagram(a, c, 47004, 7203, payload);
-    let atomic_c = lab.frame_from(A, ETH_P_IPV6, &fragment6(a, c, proto::UDP, 0, false, &d));
-    assert!(received_udp6(&lab, C, 7203, payload, || lab.send_from_pod(A, vec![atomic_c])), "a's atomic fragment to c was not delivered");
+    let atomic_c = lab.ip_frame_from(A, &fragment(a, c, proto::UDP, 0, false, &d));
+    assert!(received_udp_at(&lab, C, SocketAddr::new(c, 7203), payload, || lab.send_from_pod(A, vec![atomic_c])), "a's atomic fragment to c was not delivered");
     let events = lab.events();
-    assert!(drops(&events, lab.ifindex[A], reason::FRAGMENT).any(|e| e.family == 6 && e.daddr == c && e.protocol == proto::UDP), "no flow event for the non-first fragments");
-    assert!(has_malformed(&events, lab.ifindex[A], a), "no flow event for the tiny first fragments");
-    assert!(drops(&events, lab.ifindex[B], reason::POLICY_DENIED).any(|e| e.protocol == proto::UDP && e.sport == 47000 && e.dport == 7000), "no flow event for the first fragment to b");
+    let ip = |addr: IpAddr| match addr {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    };
+    assert!(
+        drops(&events, lab.ifindex[A], reason::FRAGMENT).any(|e| e.family == family && e.daddr == ip(c) && e.protocol == proto::UDP),
+        "no flow event for the non-first fragments"
+    );
+    assert!(drops(&events, lab.ifindex[A], reason::MALFORMED).any(|e| e.family == family && e.saddr == ip(a)), "no flow event for the tiny first fragments");
+    assert!(
+        drops(&events, lab.ifindex[B], reason::POLICY_DENIED).any(|e| e.protocol == proto::UDP && e.sport == 47000 && e.dport == 7000),
+        "no flow event for the first fragment to b"
+    );
     // Controls: c's first fragment to b:7000 arrives at b; the datagram unfragmented reaches c.
     let d = datagram(c, b, 47005, 7000, payload);
-    let from_c = lab.frame_from(C, ETH_P_IPV6, &fragment6(c, b, proto::UDP, 0, true, &d[..24]));
-    let n = lab.captured(B, move |fr| fr.len() >= 54 && fr[20] == FRAGMENT && fr[22..38] == c, || lab.send_from_pod(C, vec![from_c]));
+    let from_c = lab.ip_frame_from(C, &fragment(c, b, proto::UDP, 0, true, &d[..24]));
+    let n = lab.captured(B, move |fr| is_fragment_from(fr, c), || lab.send_from_pod(C, vec![from_c]));
     assert_eq!(n, 1, "control: c's first fragment to b:7000 did not arrive");
-    let plain = lab.frame_from(A, ETH_P_IPV6, &ipv6(a, c, proto::UDP, udp(47006, 7204, payload)));
-    assert!(received_udp6(&lab, C, 7204, payload, || lab.send_from_pod(A, vec![plain])), "control: the unfragmented datagram did not reach c");
+    let plain = lab.ip_frame_from(A, &ip_packet(a, c, proto::UDP, udp(47006, 7204, payload)));
+    assert!(received_udp_at(&lab, C, SocketAddr::new(c, 7204), payload, || lab.send_from_pod(A, vec![plain])), "control: the unfragmented datagram did not reach c");
 }
 
 /// Class 8, IPv6: ICMPv6 errors are judged by policy as ICMPv6 (no ports), never as part of the flow they
