@@ -460,7 +460,9 @@ fn segmentation_offload_super_packets_are_judged() {
 
 /// Segment routing (RFC 8754) on the node: b's neighbour solicitation to fe80::1 (link control, passed
 /// unjudged) with a segment routing header whose next segment is c's address. With the node's default
-/// `seg6_enabled=0` the node drops it. Control: the same solicitation without the header is answered.
+/// `seg6_enabled=0` the node drops it; so it does with `all.seg6_enabled=1` while b's veth has its own
+/// at 0 (the kernel takes the lower of the two). Control: the same solicitation without the header is
+/// answered.
 #[test]
 fn ipv6_segment_routing_header_is_dropped_by_the_node() {
     let lab = lab();
@@ -472,6 +474,11 @@ fn ipv6_segment_routing_header_is_dropped_by_the_node() {
     let n = lab.captured(C, |fr| carries(fr, b"srh-exfil"), || lab.send_from_pod(B, vec![f]));
     assert_eq!(n, 0, "b's solicitation with a segment routing header reached c");
     assert!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) > passed, "the solicitation was not passed as link control");
+    assert_eq!(drops_at_b(&lab), dropped, "the solicitation was dropped at b: the node was never tested");
+    common::sysctl(&lab.topo.node, "net.ipv6.conf.all.seg6_enabled=1");
+    let f = lab.frame_from(B, ETH_P_IPV6, &routed_solicitation(&lab, c, b"srh-exfil"));
+    let n = lab.captured(C, |fr| carries(fr, b"srh-exfil"), || lab.send_from_pod(B, vec![f]));
+    assert_eq!(n, 0, "b's solicitation with a segment routing header reached c (seg6_enabled on the node, not on b's veth)");
     assert_eq!(drops_at_b(&lab), dropped, "the solicitation was dropped at b: the node was never tested");
     let plain = lab.frame_from(B, ETH_P_IPV6, &ipv6_with(255, b, gateway, &[], proto::ICMPV6, neighbour_solicitation(gateway, lab.macs[B].1, b"")));
     let n = lab.captured(B, move |fr| is_icmp6(fr, gateway, 136), || lab.send_from_pod(B, vec![plain]));
