@@ -191,7 +191,7 @@ fn honest_traffic_still_flows() {
     assert!(lab.topo.tcp(A, C, 81), "a → c:81 (not isolated) failed");
 }
 
-/// Class 9: IPv4 options hide nothing. A SYN to b:22 (b admits a on 80 only) with a record-route option
+/// IPv4 options hide nothing. A SYN to b:22 (b admits a on 80 only) with a record-route option
 /// is judged by its ports and dropped at b. One with a loose source route (RFC 791) to the node's
 /// address 169.254.1.1 and on to b passes a's interface (a is not isolated; its destination is the
 /// node): the node drops it as it should (`accept_source_route=0`), and where the node honours source
@@ -234,7 +234,7 @@ fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
     s
 }
 
-/// Class 10: SCTP is judged by its ports like TCP and UDP. b admits a on SCTP 7100 only: a's INIT to
+/// SCTP is judged by its ports like TCP and UDP. b admits a on SCTP 7100 only: a's INIT to
 /// b:7101, and c's INIT to b:7100, are dropped at b (policy-denied, reported as protocol 132).
 /// Control: a's INIT to b:7100 arrives.
 #[test]
@@ -256,7 +256,7 @@ fn sctp_is_judged_by_its_port() {
     assert_eq!(n, 1, "control: a's INIT to b:7100 did not arrive");
 }
 
-/// Class 11: a datagram from port 53 is no answer when nobody asked. c's datagram from port 53 to
+/// A datagram from port 53 is no answer when nobody asked. c's datagram from port 53 to
 /// b:41000 (b has sent nothing; b admits c on UDP 7000 only), and a's from port 53 to b:7000, are
 /// dropped at b as policy-denied. Control: c's datagram from port 53 to b:7000 arrives.
 #[test]

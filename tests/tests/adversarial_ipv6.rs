@@ -8,6 +8,9 @@
 //! - b: ingress isolated, allows a on TCP 80, c on UDP 7000 and a on SCTP 7100; egress isolated, allows
 //!   a on TCP 9000.
 //! - a and c: not isolated.
+//!
+//! Fragments are tried in both families (one body); the segmentation-offload test streams over both.
+//! The IPv4 forms of the other classes are in `adversarial.rs`.
 
 mod common;
 
@@ -102,15 +105,16 @@ fn ipv6_spoofed_sources_are_dropped_at_the_sender() {
     }
 }
 
-/// Class 3, IPv6: neighbour and multicast listener discovery pass unjudged only where they cannot leave
+/// IPv6 neighbour and multicast listener discovery pass unjudged only where they cannot leave
 /// the link. b (egress: a on TCP 9000 only) sends a neighbour solicitation and an advertisement with a
 /// payload to c's global address, the solicitation to a world address too, an MLD report with a payload
 /// to c, and a solicitation to fe80::1 with hop limit 64 (not 255): each is judged as ICMPv6 and
 /// dropped at b's interface (policy-denied); a's solicitation with a payload to b's global address is
 /// forwarded by the node (hop limit 254) and dropped at b's ingress. Controls: the same messages from a
 /// (not isolated) to c arrive at c, so the node does forward them; the kernel's own neighbour discovery
-/// works (a TCP connection a → b:80 over IPv6); and b's well-formed solicitation for fe80::1 (hop limit
-/// 255, to its solicited-node multicast address) is answered by the node.
+/// works (a TCP connection a → b:80 over IPv6); b's well-formed solicitation for fe80::1 (hop limit 255,
+/// to its solicited-node multicast address or to itself) is answered by the node; b's well-formed MLD
+/// report (hop limit 1, to ff02::16) passes b's interface, and stays on the link.
 #[test]
 fn ipv6_link_control_is_no_data_channel() {
     let mut lab = lab();
@@ -149,19 +153,30 @@ fn ipv6_link_control_is_no_data_channel() {
         let n = lab.captured(C, move |fr| carries(fr, payload), || lab.send_from_pod(A, vec![f]));
         assert_eq!(n, 1, "control: {what} with a payload from a did not reach c");
     }
-    // The node answers b's well-formed solicitation for the gateway.
+    // The node answers b's well-formed solicitations for the gateway, to its solicited-node multicast
+    // address and to the gateway itself.
     let gateway = link_local(1);
-    let solicit = lab.frame_from(B, ETH_P_IPV6, &ipv6_with(255, b, solicited(gateway), &[], proto::ICMPV6, neighbour_solicitation(gateway, mac_b, b"")));
+    for dst in [solicited(gateway), gateway] {
+        let solicit = lab.frame_from(B, ETH_P_IPV6, &ipv6_with(255, b, dst, &[], proto::ICMPV6, neighbour_solicitation(gateway, mac_b, b"")));
+        let link_before = lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP);
+        let n = lab.captured(B, move |fr| is_icmp6(fr, gateway, 136), || lab.send_from_pod(B, vec![solicit]));
+        assert!(n >= 1, "control: the node did not answer b's solicitation for fe80::1 sent to {}", Ipv6Addr::from(dst));
+        assert!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) > link_before, "b's solicitation was not passed as link control");
+    }
+    // A well-formed MLD report (hop limit 1, link-local source, to ff02::16) with a payload passes b's
+    // interface as link control, and stays on the link.
+    let all_mld_routers = "ff02::16".parse::<Ipv6Addr>().unwrap().octets();
+    let report = lab.frame_from(B, ETH_P_IPV6, &ipv6_with(1, link_local(0x11), all_mld_routers, &[], proto::ICMPV6, mld_report(solicited(c), b"mld-link")));
     let link_before = lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP);
-    let n = lab.captured(B, move |fr| is_icmp6(fr, gateway, 136), || lab.send_from_pod(B, vec![solicit]));
-    assert!(n >= 1, "control: the node did not answer b's solicitation for fe80::1");
-    assert!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) > link_before, "b's solicitation was not passed as link control");
+    let n = lab.captured(C, |fr| carries(fr, b"mld-link"), || lab.send_from_pod(B, vec![report]));
+    assert_eq!(n, 0, "b's link-scope MLD report left the link");
+    assert!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) > link_before, "b's MLD report was not passed as link control");
     lab.topo.serve(B, 80);
     assert!(lab.topo.tcp6(A, B, 80), "control: a → b:80 over IPv6 (allowed) failed");
     assert!(!lab.topo.tcp6(B, C, 80), "b → c:80 over IPv6 (b's egress allows only a:9000) connected");
 }
 
-/// Class 5, IPv6: extension headers hide nothing. A SYN to b:22 (b admits a on 80 only) behind
+/// IPv6 extension headers hide nothing. A SYN to b:22 (b admits a on 80 only) behind
 /// hop-by-hop, destination options and routing headers is judged as TCP (dropped at b, reported with
 /// protocol 6 and port 22, not as the last header's protocol); a SYN behind 9 extension headers, one more
 /// than the datapath walks, is dropped at a as malformed. Controls: the same builder's SYN to b:80
@@ -200,7 +215,7 @@ fn ipv6_extension_headers_hide_nothing() {
     assert_eq!(n, 1, "control: a SYN to b:80 behind 8 extension headers did not arrive");
 }
 
-/// Class 7, IPv6: fragments. The datapath walks past a fragment header at offset 0 and judges the
+/// IPv6 fragments. The datapath walks past a fragment header at offset 0 and judges the
 /// transport header behind it; a non-first fragment (offset ≠ 0) has no ports and is dropped at the
 /// sender as `fragment`, whatever its destination. So: a's first fragment of a datagram to b:7000 (b
 /// admits c there, not a) is dropped at b (policy-denied); a first fragment too short for the UDP
@@ -215,7 +230,7 @@ fn ipv6_fragments() {
     fragments(true);
 }
 
-/// Class 7, IPv4, as [`ipv6_fragments`]: a first fragment (more fragments, offset 0) is judged by its
+/// IPv4 fragments, as [`ipv6_fragments`]: a first fragment (more fragments, offset 0) is judged by its
 /// ports, a non-zero offset is `fragment`; the tiny first fragments are a UDP header cut after 2 bytes
 /// and a TCP header cut after 8 (ports, no flags: RFC 1858). "Atomic" is a plain packet in IPv4.
 #[test]
@@ -309,7 +324,7 @@ fn fragments(v6: bool) {
     assert!(received_udp_at(&lab, C, SocketAddr::new(c, 7204), payload, || lab.send_from_pod(A, vec![plain])), "control: the unfragmented datagram did not reach c");
 }
 
-/// Class 8, IPv6: ICMPv6 errors are judged by policy as ICMPv6 (no ports), never as part of the flow they
+/// ICMPv6 errors are judged by policy as ICMPv6 (no ports), never as part of the flow they
 /// quote. a sends b a packet-too-big, a destination-unreachable and a time-exceeded quoting b → a flows
 /// that do not exist: none reaches b (b admits a on TCP 80 only). Nor does a packet-too-big quoting b's
 /// real connection to a:9000: the datapath has no notion of "related" ICMP (path MTU discovery towards an
