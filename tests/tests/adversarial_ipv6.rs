@@ -66,6 +66,15 @@ fn mld_report(group: [u8; 16], data: &[u8]) -> Vec<u8> {
     icmp6(143, 0, &body)
 }
 
+/// Does the node answer b's neighbour solicitation for fe80::1 (hop limit 255, sent to `dst`) with an
+/// advertisement?
+fn gateway_answers_b(lab: &Lab, dst: [u8; 16]) -> bool {
+    let gateway = link_local(1);
+    let ns = ipv6_with(255, lab.ip6(B), dst, &[], proto::ICMPV6, neighbour_solicitation(gateway, lab.macs[B].1, b""));
+    let f = lab.frame_from(B, ETH_P_IPV6, &ns);
+    lab.captured(B, move |fr| is_icmp6(fr, gateway, 136), || lab.send_from_pod(B, vec![f])) >= 1
+}
+
 /// Is `frame` an ICMPv6 message of type `kind` from `src`?
 fn is_icmp6(frame: &[u8], src: [u8; 16], kind: u8) -> bool {
     frame.len() >= 54 && frame[22..38] == src && l4_of6(frame).is_some_and(|(p, m)| p == proto::ICMPV6 && m.first() == Some(&kind))
@@ -157,10 +166,8 @@ fn ipv6_link_control_is_no_data_channel() {
     // address and to the gateway itself.
     let gateway = link_local(1);
     for dst in [solicited(gateway), gateway] {
-        let solicit = lab.frame_from(B, ETH_P_IPV6, &ipv6_with(255, b, dst, &[], proto::ICMPV6, neighbour_solicitation(gateway, mac_b, b"")));
         let link_before = lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP);
-        let n = lab.captured(B, move |fr| is_icmp6(fr, gateway, 136), || lab.send_from_pod(B, vec![solicit]));
-        assert!(n >= 1, "control: the node did not answer b's solicitation for fe80::1 sent to {}", Ipv6Addr::from(dst));
+        assert!(gateway_answers_b(&lab, dst), "control: the node did not answer b's solicitation for fe80::1 sent to {}", Ipv6Addr::from(dst));
         assert!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) > link_before, "b's solicitation was not passed as link control");
     }
     // A well-formed MLD report (hop limit 1, link-local source, to ff02::16) with a payload passes b's
@@ -481,23 +488,22 @@ fn segmentation_offload_super_packets_are_judged() {
 #[test]
 fn ipv6_segment_routing_header_is_dropped_by_the_node() {
     let lab = lab();
-    let (b, c) = (lab.ip6(B), lab.ip6(C));
-    let gateway = link_local(1);
-    let f = lab.frame_from(B, ETH_P_IPV6, &routed_solicitation(&lab, c, b"srh-exfil"));
     let drops_at_b = |lab: &Lab| [reason::POLICY_DENIED, reason::MALFORMED, reason::SPOOFED_SOURCE].map(|r| lab.counter(B, dir::EGRESS, verdict::DROPPED, r));
     let (passed, dropped) = (lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP), drops_at_b(&lab));
-    let n = lab.captured(C, |fr| carries(fr, b"srh-exfil"), || lab.send_from_pod(B, vec![f]));
-    assert_eq!(n, 0, "b's solicitation with a segment routing header reached c");
+    assert_eq!(routed_to_c(&lab), 0, "b's solicitation with a segment routing header reached c");
     assert!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::NOT_IP) > passed, "the solicitation was not passed as link control");
     assert_eq!(drops_at_b(&lab), dropped, "the solicitation was dropped at b: the node was never tested");
     common::sysctl(&lab.topo.node, "net.ipv6.conf.all.seg6_enabled=1");
-    let f = lab.frame_from(B, ETH_P_IPV6, &routed_solicitation(&lab, c, b"srh-exfil"));
-    let n = lab.captured(C, |fr| carries(fr, b"srh-exfil"), || lab.send_from_pod(B, vec![f]));
-    assert_eq!(n, 0, "b's solicitation with a segment routing header reached c (seg6_enabled on the node, not on b's veth)");
+    assert_eq!(routed_to_c(&lab), 0, "b's solicitation with a segment routing header reached c (seg6_enabled on the node, not on b's veth)");
     assert_eq!(drops_at_b(&lab), dropped, "the solicitation was dropped at b: the node was never tested");
-    let plain = lab.frame_from(B, ETH_P_IPV6, &ipv6_with(255, b, gateway, &[], proto::ICMPV6, neighbour_solicitation(gateway, lab.macs[B].1, b"")));
-    let n = lab.captured(B, move |fr| is_icmp6(fr, gateway, 136), || lab.send_from_pod(B, vec![plain]));
-    assert!(n >= 1, "control: the node did not answer b's solicitation for fe80::1");
+    assert!(gateway_answers_b(&lab, link_local(1)), "control: the node did not answer b's solicitation for fe80::1");
+}
+
+/// Sends b's solicitation for fe80::1 with a payload, behind a segment routing header whose next
+/// segment is c ([`routed_solicitation`]): how many frames with the payload arrived at c.
+fn routed_to_c(lab: &Lab) -> usize {
+    let f = lab.frame_from(B, ETH_P_IPV6, &routed_solicitation(lab, lab.ip6(C), b"srh-exfil"));
+    lab.captured(C, |fr| carries(fr, b"srh-exfil"), || lab.send_from_pod(B, vec![f]))
 }
 
 /// b's neighbour solicitation for fe80::1, hop limit 255, to fe80::1, behind a segment routing header
@@ -522,10 +528,7 @@ fn routed_solicitation(lab: &Lab, next: [u8; 16], data: &[u8]) -> Vec<u8> {
 #[ignore = "bypass: link control behind a segment routing header leaves b through a node with seg6_enabled=1"]
 fn ipv6_segment_routing_header_turns_link_control_into_a_channel() {
     let lab = lab();
-    let c = lab.ip6(C);
     common::sysctl(&lab.topo.node, "net.ipv6.conf.all.seg6_enabled=1");
     common::sysctl(&lab.topo.node, &format!("net.ipv6.conf.{}.seg6_enabled=1", lab.topo.pods[B].host_if));
-    let f = lab.frame_from(B, ETH_P_IPV6, &routed_solicitation(&lab, c, b"srh-exfil"));
-    let n = lab.captured(C, |fr| carries(fr, b"srh-exfil"), || lab.send_from_pod(B, vec![f]));
-    assert_eq!(n, 0, "b's solicitation with a segment routing header reached c through the node");
+    assert_eq!(routed_to_c(&lab), 0, "b's solicitation with a segment routing header reached c through the node");
 }
