@@ -14,9 +14,11 @@ mod common;
 
 use std::time::Instant;
 
-use common::attack::{A, B, C, Lab, has_event, ipv4, is_tuple, raw_send, received_udp, tcp, udp};
+use common::attack::{A, B, C, ETH_P_IP, Lab, checksummed4, drops, has_event, ipv4, ipv4_packet, is_tuple, raw_send, received_udp, tcp, udp};
 use ztrust_agent::datapath::loader::DEFAULT_PEER_MARK;
 use ztrust_common::{dir, proto, reason, verdict};
+
+const SYN: u8 = 0x02;
 
 fn lab() -> Lab {
     Lab::new("ztad", 206)
@@ -187,4 +189,86 @@ fn honest_traffic_still_flows() {
     assert!(lab.topo.tcp(A, B, 80), "a → b:80 (allowed) failed");
     assert!(!lab.topo.tcp(B, C, 81), "b → c:81 (b's egress allows only a:9000) connected");
     assert!(lab.topo.tcp(A, C, 81), "a → c:81 (not isolated) failed");
+}
+
+/// IPv4 options hide nothing. A SYN to b:22 (b admits a on 80 only) with a record-route option
+/// is judged by its ports and dropped at b. One with a loose source route (RFC 791) to the node's
+/// address 169.254.1.1 and on to b — which a node that honours source routes (`accept_source_route=1`,
+/// set here) rewrites to b and forwards — is dropped at a's interface as `source-routed`, to b:22 and to
+/// b:80 alike: its route is not the destination it would be judged by. Control: the same builder's SYN
+/// to b:80 with a record-route option arrives at b.
+#[test]
+fn ipv4_options_hide_nothing() {
+    let mut lab = lab();
+    let (a, b) = (lab.ip(A), lab.ip(B));
+    let record_route = [7, 11, 4, 0, 0, 0, 0, 0, 0, 0, 0];
+    let mut source_route = vec![131, 7, 4];
+    source_route.extend_from_slice(&b);
+    let syn = |lab: &Lab, dst: [u8; 4], options: &[u8], sport: u16, dport: u16| {
+        let segment = checksummed4(a, b, proto::TCP, tcp(sport, dport, SYN, b""));
+        lab.frame_from(A, ETH_P_IP, &ipv4_packet(a, dst, proto::TCP, 0x4000, options, &segment))
+    };
+    let through = |lab: &Lab, f: Vec<u8>, sport: u16, dport: u16| lab.captured(B, move |fr| is_tuple(fr, a, b, proto::TCP, sport, dport), || lab.send_from_pod(A, vec![f]));
+    let denied = |lab: &Lab| lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED);
+    let before = denied(&lab);
+    assert_eq!(through(&lab, syn(&lab, b, &record_route, 49000, 22), 49000, 22), 0, "a SYN to b:22 with a record-route option reached b");
+    assert_eq!(denied(&lab), before + 1);
+    assert_eq!(through(&lab, syn(&lab, b, &record_route, 49001, 80), 49001, 80), 1, "control: a SYN to b:80 with a record-route option did not arrive");
+    common::sysctl(&lab.topo.node, "net.ipv4.conf.all.accept_source_route=1");
+    let routed = |lab: &Lab| lab.counter(A, dir::EGRESS, verdict::DROPPED, reason::SOURCE_ROUTED);
+    let gateway = [169, 254, 1, 1];
+    assert_eq!(through(&lab, syn(&lab, gateway, &source_route, 49003, 22), 49003, 22), 0, "a source-routed SYN to b:22 reached b");
+    assert_eq!(through(&lab, syn(&lab, gateway, &source_route, 49004, 80), 49004, 80), 0, "a source-routed SYN to b:80 reached b");
+    assert_eq!(routed(&lab), 2);
+    let events = lab.events();
+    assert!(drops(&events, lab.ifindex[A], reason::SOURCE_ROUTED).any(|e| e.sport == 49003), "no flow event for the source-routed SYN");
+}
+
+/// An SCTP INIT chunk from `sport` to `dport` (no checksum: nothing here checks it).
+fn sctp_init(sport: u16, dport: u16) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0; 8]);
+    s.extend_from_slice(&[1, 0, 0, 20, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0, 1]);
+    s
+}
+
+/// SCTP is judged by its ports like TCP and UDP. b admits a on SCTP 7100 only: a's INIT to
+/// b:7101, and c's INIT to b:7100, are dropped at b (policy-denied, reported as protocol 132).
+/// Control: a's INIT to b:7100 arrives.
+#[test]
+fn sctp_is_judged_by_its_port() {
+    let mut lab = lab();
+    let (a, b, c) = (lab.ip(A), lab.ip(B), lab.ip(C));
+    let before = lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED);
+    let f = lab.frame_from(A, ETH_P_IP, &ipv4(a, b, proto::SCTP, sctp_init(50000, 7101)));
+    let n = lab.captured(B, move |fr| is_tuple(fr, a, b, proto::SCTP, 50000, 7101), || lab.send_from_pod(A, vec![f]));
+    assert_eq!(n, 0, "a's INIT to b:7101 reached b");
+    let f = lab.frame_from(C, ETH_P_IP, &ipv4(c, b, proto::SCTP, sctp_init(50001, 7100)));
+    let n = lab.captured(B, move |fr| is_tuple(fr, c, b, proto::SCTP, 50001, 7100), || lab.send_from_pod(C, vec![f]));
+    assert_eq!(n, 0, "c's INIT to b:7100 (admitted from a only) reached b");
+    assert_eq!(lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED), before + 2);
+    let events = lab.events();
+    assert_eq!(drops(&events, lab.ifindex[B], reason::POLICY_DENIED).filter(|e| e.protocol == proto::SCTP).count(), 2, "no flow events for the INITs as SCTP");
+    let f = lab.frame_from(A, ETH_P_IP, &ipv4(a, b, proto::SCTP, sctp_init(50002, 7100)));
+    let n = lab.captured(B, move |fr| is_tuple(fr, a, b, proto::SCTP, 50002, 7100), || lab.send_from_pod(A, vec![f]));
+    assert_eq!(n, 1, "control: a's INIT to b:7100 did not arrive");
+}
+
+/// A datagram from port 53 is no answer when nobody asked. c's datagram from port 53 to
+/// b:41000 (b has sent nothing; b admits c on UDP 7000 only), and a's from port 53 to b:7000, are
+/// dropped at b as policy-denied. Control: c's datagram from port 53 to b:7000 arrives.
+#[test]
+fn udp_from_port_53_is_not_a_reply() {
+    let lab = lab();
+    let (a, b, c) = (lab.ip(A), lab.ip(B), lab.ip(C));
+    let before = lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED);
+    let answer = lab.frame_from(C, ETH_P_IP, &ipv4(c, b, proto::UDP, udp(53, 41000, b"answer")));
+    assert!(!received_udp(&lab, B, 41000, b"answer", || lab.send_from_pod(C, vec![answer])), "c's datagram from port 53 reached b:41000");
+    let from_a = lab.frame_from(A, ETH_P_IP, &ipv4(a, b, proto::UDP, udp(53, 7000, b"answer")));
+    assert!(!received_udp(&lab, B, 7000, b"answer", || lab.send_from_pod(A, vec![from_a])), "a's datagram from port 53 reached b:7000");
+    assert_eq!(lab.counter(B, dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED), before + 2);
+    let control = lab.frame_from(C, ETH_P_IP, &ipv4(c, b, proto::UDP, udp(53, 7000, b"answer")));
+    assert!(received_udp(&lab, B, 7000, b"answer", || lab.send_from_pod(C, vec![control])), "control: c's datagram from port 53 to b:7000 did not arrive");
 }

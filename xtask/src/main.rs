@@ -13,8 +13,9 @@ use clap::{Parser, Subcommand};
 const BUILD_PACKAGES: &[&str] =
     &["rustc-web", "rust-web-src", "llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "util-linux"];
 /// What the privileged tests drive besides the agent: a real port scanner, a real Prometheus server
-/// (with promtool), and capsh to run the agent with only the capabilities it needs.
-const TEST_PACKAGES: &[&str] = &["nmap", "prometheus", "libcap2-bin"];
+/// (with promtool), capsh to run the agent with only the capabilities it needs, and ethtool to turn a
+/// veth's segmentation offload and GRO off and on.
+const TEST_PACKAGES: &[&str] = &["nmap", "prometheus", "libcap2-bin", "ethtool"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
 const BPF_TOOLCHAIN: &str = "ztrust-bpf";

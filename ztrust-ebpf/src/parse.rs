@@ -196,7 +196,11 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     if ihl > 20 {
         match source_routed_v4(ctx, ihl) {
             Some(false) => {}
-            Some(true) => return Parsed::SourceRouted,
+            Some(true) => {
+                // Ports too, where they can be read, for the flow that reports the drop.
+                let _ = l4(ctx, ETH_HLEN + ihl, pkt);
+                return Parsed::SourceRouted;
+            }
             None => return Parsed::Malformed,
         }
     }

@@ -118,6 +118,16 @@ impl Lab {
         self.topo.pods[i].ip6.expect("a dual-stack lab").octets()
     }
 
+    /// Pod `i`'s IPv6 address if `v6`, else its IPv4 address.
+    pub fn addr(&self, i: usize, v6: bool) -> IpAddr {
+        if v6 { IpAddr::from(self.ip6(i)) } else { self.topo.pods[i].ip }
+    }
+
+    /// [`Lab::frame_from`] for an IP packet, with the ethertype of its version.
+    pub fn ip_frame_from(&self, i: usize, packet: &[u8]) -> Vec<u8> {
+        self.frame_from(i, if packet[0] >> 4 == 6 { ETH_P_IPV6 } else { ETH_P_IP }, packet)
+    }
+
     /// An Ethernet frame as pod `i` would put it on its `eth0`: to the node's side of its veth.
     pub fn frame_from(&self, i: usize, ethertype: u16, payload: &[u8]) -> Vec<u8> {
         let (node_side, pod_side) = self.macs[i];
@@ -367,6 +377,51 @@ pub fn fragment6(src: [u8; 16], dst: [u8; 16], next: u8, offset: usize, more: bo
     ipv6_packet(64, src, dst, FRAGMENT, &payload)
 }
 
+/// [`ipv4`] or [`ipv6`], as the addresses are.
+pub fn ip(src: IpAddr, dst: IpAddr, protocol: u8, l4: Vec<u8>) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => ipv4(s.octets(), d.octets(), protocol, l4),
+        (IpAddr::V6(s), IpAddr::V6(d)) => ipv6(s.octets(), d.octets(), protocol, l4),
+        _ => panic!("{src} and {dst} are of two families"),
+    }
+}
+
+/// [`checksummed4`] or [`checksummed6`], as the addresses are.
+pub fn checksummed(src: IpAddr, dst: IpAddr, protocol: u8, l4: Vec<u8>) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => checksummed4(s.octets(), d.octets(), protocol, l4),
+        (IpAddr::V6(s), IpAddr::V6(d)) => checksummed6(s.octets(), d.octets(), protocol, l4),
+        _ => panic!("{src} and {dst} are of two families"),
+    }
+}
+
+/// One fragment of a packet of `protocol` whose transport part (from `offset` on, in bytes, a multiple
+/// of 8) is `data`: IPv4 with the fragment offset and more-fragments flag in its header, IPv6 with a
+/// fragment header ([`fragment6`]).
+pub fn fragment(src: IpAddr, dst: IpAddr, protocol: u8, offset: usize, more: bool, data: &[u8]) -> Vec<u8> {
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            assert!(offset.is_multiple_of(8), "fragment offsets count 8-byte units");
+            let frag = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+            ipv4_packet(s.octets(), d.octets(), protocol, frag, &[], data)
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => fragment6(s.octets(), d.octets(), protocol, offset, more, data),
+        _ => panic!("{src} and {dst} are of two families"),
+    }
+}
+
+/// Does `frame` carry a fragment (not an atomic one) from `src`?
+pub fn is_fragment_from(frame: &[u8], src: IpAddr) -> bool {
+    match src {
+        IpAddr::V4(s) => {
+            frame.len() >= 34 && frame[12..14] == [0x08, 0x00] && frame[26..30] == s.octets() && u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0
+        }
+        IpAddr::V6(s) => {
+            frame.len() >= 62 && frame[12..14] == [0x86, 0xdd] && frame[20] == FRAGMENT && frame[22..38] == s.octets() && frame[56..58] != [0, 0]
+        }
+    }
+}
+
 pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut u = Vec::new();
     u.extend_from_slice(&sport.to_be_bytes());
@@ -393,15 +448,17 @@ pub fn icmp6(kind: u8, code: u8, body: &[u8]) -> Vec<u8> {
     m
 }
 
-/// Does `frame` carry an IPv4 packet from `src` to `dst` of `protocol` with these ports?
+/// Does `frame` carry an IPv4 packet from `src` to `dst` of `protocol` with these ports (after whatever
+/// options)?
 pub fn is_tuple(frame: &[u8], src: [u8; 4], dst: [u8; 4], protocol: u8, sport: u16, dport: u16) -> bool {
-    frame.len() >= 38
+    let l4 = 14 + usize::from(frame.get(14).map_or(0, |v| v & 0x0f)) * 4;
+    frame.len() >= 38.max(l4 + 4)
         && frame[12..14] == [0x08, 0x00]
         && frame[23] == protocol
         && frame[26..30] == src
         && frame[30..34] == dst
-        && frame[34..36] == sport.to_be_bytes()
-        && frame[36..38] == dport.to_be_bytes()
+        && frame[l4..l4 + 2] == sport.to_be_bytes()
+        && frame[l4 + 2..l4 + 4] == dport.to_be_bytes()
 }
 
 /// The transport protocol and header of the IPv6 packet in `frame`, past its hop-by-hop, routing and
@@ -476,7 +533,8 @@ pub fn received_udp6(lab: &Lab, i: usize, port: u16, payload: &'static [u8], sen
     received_udp_at(lab, i, SocketAddr::new(IpAddr::from(lab.ip6(i)), port), payload, send)
 }
 
-fn received_udp_at(lab: &Lab, i: usize, at: SocketAddr, payload: &'static [u8], send: impl FnOnce()) -> bool {
+/// [`received_udp`] on `at`, an address of pod `i`.
+pub fn received_udp_at(lab: &Lab, i: usize, at: SocketAddr, payload: &'static [u8], send: impl FnOnce()) -> bool {
     let netns = lab.topo.pods[i].netns.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let listener = std::thread::spawn(move || {
