@@ -16,6 +16,9 @@ use ztrust_agent::source::kube::{KubeSource, Options};
 /// The bound the issue sets for a change to reach a snapshot.
 const CHANGE_BOUND: Duration = Duration::from_secs(2);
 
+/// Every kind the source watches.
+const KINDS: [Kind; 5] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::Service, Kind::EndpointSlice];
+
 fn client(server: &FakeApiServer) -> kube::Client {
     let config = kube::Config::new(server.url().parse().unwrap());
     kube::Client::try_from(config).expect("client for the fake API server")
@@ -252,7 +255,7 @@ async fn initial_list_then_every_change() {
 
     // Each kind was listed once: no spurious re-lists.
     let stats = server.stats();
-    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+    for kind in KINDS {
         assert_eq!(stats.lists.get(&kind), Some(&1), "{kind:?}: {stats:?}");
     }
 }
@@ -338,9 +341,9 @@ async fn dropped_watches_converge() {
     .await;
     eprintln!("dropped watch → converged in {took:?}");
     let stats = server.stats();
-    assert!(stats.dropped >= 3, "every kind's watch was dropped: {stats:?}");
+    assert!(stats.dropped >= KINDS.len() as u64, "every kind's watch was dropped: {stats:?}");
     let started = Instant::now();
-    while server.stats().watches.values().sum::<u64>() < watches_before + 3 {
+    while server.stats().watches.values().sum::<u64>() < watches_before + KINDS.len() as u64 {
         assert!(
             started.elapsed() < CHANGE_BOUND,
             "not every kind re-watched: {:?}",
@@ -350,7 +353,7 @@ async fn dropped_watches_converge() {
     }
     assert_eq!(
         server.stats().lists.values().sum::<u64>(),
-        3,
+        KINDS.len() as u64,
         "a dropped watch needs no re-list"
     );
 }
@@ -396,8 +399,8 @@ async fn gone_relists_and_converges() {
     .await;
     eprintln!("410 Gone → re-listed and converged in {took:?}");
     let stats = server.stats();
-    assert!(stats.gone >= 3, "every kind got a 410: {stats:?}");
-    for kind in [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy] {
+    assert!(stats.gone >= KINDS.len() as u64, "every kind got a 410: {stats:?}");
+    for kind in KINDS {
         assert!(stats.lists[&kind] >= 2, "{kind:?} re-listed: {stats:?}");
     }
     assert_eq!(loaded.cluster.pods.len(), 3);
@@ -628,4 +631,48 @@ async fn kubeconfig_with_tls_and_a_token() {
         panic!("a missing kubeconfig is an error");
     };
     assert!(err.to_string().contains("missing"), "{err}");
+}
+
+/// Services and EndpointSlices are watched like the other kinds: a Service with its slice appears in the
+/// snapshot converted (cluster IP, ports, backends and their conditions), a backend's change follows,
+/// and a deleted Service goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_and_their_endpoint_slices() {
+    let server = FakeApiServer::start().await;
+    seed(&server);
+    let service = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": "backend", "namespace": "payments" },
+        "spec": { "clusterIP": "10.96.0.20", "ports": [{ "name": "http", "port": 80, "targetPort": "http" }] },
+    });
+    let slice = |ready: bool| {
+        json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": { "name": "backend-x1", "namespace": "payments", "labels": { "kubernetes.io/service-name": "backend" } },
+            "addressType": "IPv4",
+            "ports": [{ "name": "http", "port": 8080, "protocol": "TCP" }],
+            "endpoints": [{ "addresses": ["10.0.1.11"], "conditions": { "ready": ready } }],
+        })
+    };
+    server.apply(service);
+    server.apply(slice(true));
+    let mut source = source(&server, false);
+    let r = pod_ref("payments", "backend");
+    let r_slice = pod_ref("payments", "backend-x1");
+    let (loaded, _) = wait_for(&mut source, CHANGE_BOUND, "the Service and its slice", |l| {
+        l.cluster.services.contains_key(&r) && l.cluster.endpoint_slices.contains_key(&r_slice)
+    })
+    .await;
+    let svc = &loaded.cluster.services[&r];
+    assert_eq!(svc.cluster_ips, vec!["10.96.0.20".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(svc.ports[0].port, 80);
+    let s = &loaded.cluster.endpoint_slices[&r_slice];
+    assert_eq!((s.service.as_str(), s.ports[0].port, s.endpoints[0].ready), ("backend", 8080, true));
+    server.apply(slice(false));
+    wait_for(&mut source, CHANGE_BOUND, "the backend no longer ready", |l| {
+        l.cluster.endpoint_slices.get(&r_slice).is_some_and(|s| !s.endpoints[0].ready)
+    })
+    .await;
+    server.delete("Service", "payments", "backend");
+    wait_for(&mut source, CHANGE_BOUND, "the Service deleted", |l| !l.cluster.services.contains_key(&r)).await;
 }
