@@ -82,6 +82,9 @@ pub struct Options {
     pub interface_prefixes: Vec<String>,
     pub node_name: String,
     pub node_ips: Vec<IpAddr>,
+    /// The cluster's Service address ranges (`--service-cidr`): a connection to an address in them that
+    /// is no known Service frontend is dropped as `unknown-service`.
+    pub service_cidrs: Vec<ipnet::IpNet>,
     pub audit: bool,
     pub log_allowed: bool,
     pub event_interval: Duration,
@@ -192,7 +195,7 @@ impl DirSource {
 /// Where the cluster comes from. Each keeps the current cluster; a poll says which objects changed.
 enum Watched {
     /// Files give whole snapshots: the changes are what differs from the previous one.
-    Dir { source: DirSource, cluster: Cluster, node_ips: Vec<std::net::IpAddr> },
+    Dir { source: DirSource, cluster: Cluster, node_ips: Vec<std::net::IpAddr>, service_cidrs: Vec<ipnet::IpNet> },
     /// The API's watches name the objects that change.
     Kube(crate::source::kube::KubeSource),
 }
@@ -201,10 +204,11 @@ impl Watched {
     /// What changed since the last call and the source's problems; `None` if nothing did.
     fn poll(&mut self) -> Option<(Changes, Vec<crate::source::dir::LoadError>)> {
         match self {
-            Watched::Dir { source, cluster, node_ips } => {
+            Watched::Dir { source, cluster, node_ips, service_cidrs } => {
                 let loaded = source.poll()?;
                 let mut next = loaded.cluster;
                 next.node_ips = node_ips.clone();
+                next.service_cidrs = service_cidrs.clone();
                 let changes = Changes::between(cluster, &next);
                 *cluster = next;
                 Some((changes, loaded.errors))
@@ -467,14 +471,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut source = match &opts.source {
         Source::Dir(root) => Watched::Dir {
             source: DirSource::new(root.clone()),
-            cluster: Cluster { node_ips: opts.node_ips.clone(), ..Cluster::default() },
+            cluster: Cluster { node_ips: opts.node_ips.clone(), service_cidrs: opts.service_cidrs.clone(), ..Cluster::default() },
             node_ips: opts.node_ips.clone(),
+            service_cidrs: opts.service_cidrs.clone(),
         },
         Source::Kube { kubeconfig } => {
             let client =
                 crate::source::kube::client(kubeconfig.as_deref()).await.map_err(|e| Error::Kube(e.to_string()))?;
             let mut kube = crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone()));
             kube.set_node_ips(opts.node_ips.clone());
+            kube.set_service_cidrs(opts.service_cidrs.clone());
             Watched::Kube(kube)
         }
     };

@@ -85,6 +85,11 @@ struct RunArgs {
     /// This node's addresses (traffic from them is never blocked, as Kubernetes requires). Comma-separated.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
+    /// The cluster's Service address ranges (the API server's `--service-cluster-ip-range`, e.g.
+    /// 10.96.0.0/12). A pod's connection to an address in them that is no Service the agent knows (yet) is
+    /// dropped as `unknown-service` rather than judged as the address. Comma-separated; none by default.
+    #[arg(long, value_delimiter = ',')]
+    service_cidr: Vec<ipnet::IpNet>,
     /// `audit`: drop nothing, report what enforcement would drop as `would-drop`.
     #[arg(long, value_enum, default_value_t = Mode::Enforce)]
     mode: Mode,
@@ -239,6 +244,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         interface_prefixes: args.interface_prefix,
         node_name: args.node_name,
         node_ips: args.node_ip,
+        service_cidrs: args.service_cidr,
         audit: args.mode == Mode::Audit,
         log_allowed: args.log_allowed,
         event_interval: Duration::from_millis(args.event_interval_ms),

@@ -74,6 +74,7 @@ pub struct Lab {
     pub ifindex: Vec<u32>,
     /// Per pod: (the node side's MAC, the pod side's MAC).
     pub macs: Vec<([u8; 6], [u8; 6])>,
+    syncer: Syncer,
 }
 
 impl Lab {
@@ -92,19 +93,26 @@ impl Lab {
     fn with(topo: Topology) -> Self {
         enter_netns(&topo.node);
         let mut dp = Datapath::load(&topo.pin_dir).expect("load");
-        let mut bindings = BTreeMap::new();
         let mut ifindex = Vec::new();
-        for (p, name) in topo.pods.iter().zip(NAMES) {
+        for p in &topo.pods {
             let index = nix::net::if_::if_nametoindex(p.host_if.as_str()).expect("ifindex");
             dp.attach(&p.host_if, index).expect("attach");
-            bindings.insert(ObjectRef::new("x", name), index);
             ifindex.push(index);
         }
         dp.maps.config.set(0, ztrust_common::Config::default(), 0).unwrap();
-        let desired = Engine::new().compile(&cluster(&topo));
-        Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
         let macs = topo.pods.iter().map(|p| (mac(&topo.node, &p.host_if), mac(&p.netns, "eth0"))).collect();
-        Lab { topo, dp, ifindex, macs }
+        let c = cluster(&topo);
+        let mut lab = Lab { topo, dp, ifindex, macs, syncer: Syncer::new() };
+        lab.apply(&c);
+        lab
+    }
+
+    /// Enforces `cluster` (the three pods' names bound to their interfaces), as the agent would.
+    pub fn apply(&mut self, cluster: &Cluster) {
+        let bindings: BTreeMap<ObjectRef, u32> =
+            NAMES.iter().zip(&self.ifindex).map(|(name, i)| (ObjectRef::new("x", *name), *i)).collect();
+        let desired = Engine::new().compile(cluster);
+        self.syncer.sync(&mut KernelMaps(&mut self.dp.maps), &desired, &bindings).expect("sync");
     }
 
     pub fn ip(&self, i: usize) -> [u8; 4] {

@@ -348,6 +348,12 @@ impl KubeSource {
         self.cluster.node_ips = ips;
     }
 
+    /// The cluster's Service address ranges, set in every cluster the source reports (the API server's
+    /// `--service-cluster-ip-range`, which the agent is told).
+    pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) {
+        self.cluster.service_cidrs = cidrs;
+    }
+
     /// The converted cluster as of the last snapshot or [`KubeSource::poll_changes`].
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
