@@ -248,6 +248,24 @@ fn update_view_pods(
     }
 }
 
+/// The view's Service frontends, each with its Service and backend pods (by address: `pods_by_ip` must
+/// be current).
+fn update_view_services(view: &mut View, cluster: &Cluster) {
+    let mut services = HashMap::new();
+    for (svc, port, f) in crate::policy::services::each_frontend(cluster) {
+        let mut backends: Vec<String> = crate::policy::services::backends(cluster, svc, port)
+            .into_iter()
+            .filter(|(ip, _)| ip.is_ipv4() == f.addr.is_ipv4())
+            .map(|(ip, _)| view.pods_by_ip.get(&ip).map_or_else(|| ip.to_string(), |p| p.pod.to_string()))
+            .collect();
+        backends.sort();
+        backends.dedup();
+        let service = crate::flows::ServiceRef { name: svc.object_ref().to_string(), backends };
+        services.insert((f.addr, f.port, f.protocol.number()), service);
+    }
+    view.services = services;
+}
+
 /// The view's endpoints (this node's bound pods) and, when `rules` is set, its rule names, from the
 /// desired state.
 fn update_view_policy(view: &mut View, desired: &Desired, bindings: &BTreeMap<ObjectRef, u32>, rules: bool) {
@@ -532,6 +550,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             engine.update(cluster, &changes);
             pending.merge(engine.take_delta());
             update_view_pods(&mut view.write().expect("view lock"), cluster, &changes.pods, &mut view_addrs);
+            if !(changes.services.is_empty() && changes.endpoint_slices.is_empty() && changes.pods.is_empty()) {
+                update_view_services(&mut view.write().expect("view lock"), cluster);
+            }
             view_rules_stale |= !changes.policies.is_empty();
             let desired = engine.desired();
             let audit = crate::datapath::sync::audit_namespaces(cluster);

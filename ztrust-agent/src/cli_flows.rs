@@ -111,6 +111,10 @@ pub struct FlowsArgs {
     /// Only flows to this pod (`namespace/name`, prefix allowed).
     #[arg(long)]
     pub to_pod: Option<String>,
+    /// Only connections to this Service (`namespace/name`, prefix allowed): judged by its backends, they
+    /// name the Service and its backend pods.
+    #[arg(long)]
+    pub to_service: Option<String>,
     /// Only flows from this address or CIDR.
     #[arg(long)]
     pub from_ip: Option<String>,
@@ -198,6 +202,7 @@ impl FlowsArgs {
             pod: one(&self.pod),
             source_pod: one(&self.from_pod),
             destination_pod: one(&self.to_pod),
+            destination_service: one(&self.to_service),
             source_ip: one(&self.from_ip),
             destination_ip: one(&self.to_ip),
             source_label: one(&self.from_label),

@@ -72,6 +72,19 @@ pub struct Flow {
     pub allowed_by: Option<AllowedBy>,
     pub new_connection: bool,
     pub bytes: u32,
+    /// A connection to a Service: which one, and its backends (judged by them; the node picks one).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub service: Option<ServiceRef>,
+}
+
+/// The Service a flow addressed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceRef {
+    /// `namespace/name`.
+    pub name: String,
+    /// The backend pods (`namespace/name`), or addresses where no pod has them.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub backends: Vec<String>,
 }
 
 impl Flow {
@@ -169,6 +182,8 @@ pub struct View {
     pub endpoints: HashMap<u32, EndpointView>,
     /// rule id → (policy, direction, index)
     pub rules: BTreeMap<u32, AllowedBy>,
+    /// Service frontends (address, port, protocol number) → the Service.
+    pub services: HashMap<(IpAddr, u16, u8), ServiceRef>,
 }
 
 /// CLOCK_MONOTONIC (what `bpf_ktime_get_ns` reads) → wall clock.
@@ -245,6 +260,13 @@ impl View {
             allowed_by: if ev.verdict == verdict::FORWARDED { self.rules.get(&ev.rule_id).cloned() } else { None },
             new_connection: ev.flags & event_flags::NEW_FLOW != 0,
             bytes: ev.pkt_len,
+            // The pod's end of a Service connection names the frontend: the destination of its own
+            // packets, the source of the answers (after the node's reverse translation).
+            service: if ev.direction == dir::EGRESS {
+                self.services.get(&(dst_ip, ev.dport, ev.protocol)).cloned()
+            } else {
+                self.services.get(&(src_ip, ev.sport, ev.protocol)).cloned()
+            },
         }
     }
 }
@@ -319,13 +341,18 @@ pub fn render_line(f: &Flow) -> String {
             None => f.reason.to_string(),
         }
     };
+    // A connection to a Service: the Service and the pods it translates to.
+    let service = f.service.as_ref().map_or_else(String::new, |s| {
+        if s.backends.is_empty() { format!(" (service {}, no backend)", s.name) } else { format!(" (service {} -> {})", s.name, s.backends.join(", ")) }
+    });
     format!(
-        "{}  {:<10} {} -> {}{} {} {}",
+        "{}  {:<10} {} -> {}{}{} {} {}",
         f.time,
         f.verdict.to_uppercase(),
         f.source.display_name(),
         f.destination.display_name(),
         port,
+        service,
         f.protocol,
         why
     )
@@ -374,6 +401,36 @@ mod tests {
         assert_eq!(flow.policies.len(), 2);
         let line = render_line(&flow);
         assert!(line.contains("payments/frontend -> payments/database:5432 TCP policy-denied"), "{line}");
+    }
+
+    /// A pod's connection to a ClusterIP names the Service and its backends, and so does the answer
+    /// coming back from the ClusterIP.
+    #[test]
+    fn connections_to_a_service_name_it_and_its_backends() {
+        let mut view = View { node: "lab".into(), ..Default::default() };
+        let vip: IpAddr = "10.96.0.20".parse().unwrap();
+        let svc = ServiceRef { name: "payments/backend".into(), backends: vec!["payments/backend-0".into()] };
+        view.services.insert((vip, 80, proto::TCP), svc.clone());
+        let mapped = |ip: &str| ip.parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped().octets();
+        let ev = FlowEvent {
+            saddr: mapped("10.244.0.10"),
+            daddr: mapped("10.96.0.20"),
+            sport: 40000,
+            dport: 80,
+            family: 4,
+            protocol: proto::TCP,
+            direction: dir::EGRESS,
+            verdict: verdict::DROPPED,
+            reason: reason::POLICY_DENIED,
+            ..Default::default()
+        };
+        let flow = view.enrich(&ev);
+        assert_eq!(flow.service.as_ref(), Some(&svc));
+        assert!(render_line(&flow).contains("10.96.0.20:80 (service payments/backend -> payments/backend-0) TCP"), "{}", render_line(&flow));
+        let answer = FlowEvent { saddr: ev.daddr, daddr: ev.saddr, sport: 80, dport: 40000, direction: dir::INGRESS, ..ev };
+        assert_eq!(view.enrich(&answer).service, Some(svc));
+        // Another port of the address is no frontend.
+        assert_eq!(view.enrich(&FlowEvent { dport: 81, ..ev }).service, None);
     }
 
     #[test]

@@ -135,6 +135,8 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
         }),
         new_connection: f.new_connection,
         bytes: f.bytes,
+        service: f.service.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
+        service_backends: f.service.as_ref().map(|s| s.backends.clone()).unwrap_or_default(),
     }
 }
 
@@ -163,6 +165,8 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         }),
         new_connection: p.new_connection,
         bytes: p.bytes,
+        service: (!p.service.is_empty())
+            .then(|| crate::flows::ServiceRef { name: p.service.clone(), backends: p.service_backends.clone() }),
     }
 }
 

@@ -36,37 +36,35 @@ pub type BackendClass = (u32, u16);
 /// empty when it has no ready or serving backend), identities as `desired`'s ipcache gives them.
 pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec<BackendClass>> {
     let index = IpcacheIndex::new(desired);
-    let mut out = BTreeMap::new();
-    for svc in cluster.services.values() {
-        for port in &svc.ports {
-            let backends = backends(cluster, svc, port);
-            let classes = |family_v4: bool| -> Vec<BackendClass> {
-                let set: BTreeSet<BackendClass> = backends
-                    .iter()
-                    .filter(|(ip, _)| ip.is_ipv4() == family_v4)
-                    .map(|(ip, target)| (index.identity(*ip), *target))
-                    .collect();
-                set.into_iter().collect()
-            };
-            let mut add = |addr: IpAddr, port_number: u16| {
-                out.insert(Frontend { addr, port: port_number, protocol: port.protocol }, classes(addr.is_ipv4()));
-            };
-            for ip in svc.cluster_ips.iter().chain(&svc.external_ips) {
-                add(*ip, port.port);
-            }
-            if let Some(node_port) = port.node_port {
-                for ip in &cluster.node_ips {
-                    add(*ip, node_port);
-                }
-            }
-        }
-    }
-    out
+    each_frontend(cluster)
+        .map(|(svc, port, frontend)| {
+            let classes: BTreeSet<BackendClass> = backends(cluster, svc, port)
+                .into_iter()
+                .filter(|(ip, _)| ip.is_ipv4() == frontend.addr.is_ipv4())
+                .map(|(ip, target)| (index.identity(ip), target))
+                .collect();
+            (frontend, classes.into_iter().collect())
+        })
+        .collect()
+}
+
+/// Every frontend of every Service of `cluster`, with the Service and port it belongs to: each cluster,
+/// external and load-balancer address with each port, and this node's addresses with each node port.
+pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &ServicePort, Frontend)> {
+    cluster.services.values().flat_map(move |svc| {
+        svc.ports.iter().flat_map(move |port| {
+            let at_port = svc.cluster_ips.iter().chain(&svc.external_ips).map(|ip| (*ip, port.port));
+            let at_node_port = port.node_port.into_iter().flat_map(|np| cluster.node_ips.iter().map(move |ip| (*ip, np)));
+            at_port
+                .chain(at_node_port)
+                .map(move |(addr, p)| (svc, port, Frontend { addr, port: p, protocol: port.protocol }))
+        })
+    })
 }
 
 /// The (address, target port) of every backend of `port` of `svc`: its EndpointSlices' endpoints whose
 /// slice has a port of the same name and protocol; the ready ones, else the serving terminating ones.
-fn backends(cluster: &Cluster, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
+pub fn backends(cluster: &Cluster, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
     let mut ready = Vec::new();
     let mut terminating = Vec::new();
     let slices = cluster

@@ -724,7 +724,7 @@ mod tests {
             api_call::<EndpointSlice>(verb);
         }
         api_call::<k8s_openapi::api::events::v1::Event>("create");
-        assert_eq!(API_CALLS.len(), 4, "every entry is used by the code above");
+        assert_eq!(API_CALLS.len(), 6, "every entry is used by the code above");
     }
 
     /// Slimming keeps everything the conversion reads.

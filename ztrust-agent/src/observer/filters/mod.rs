@@ -15,6 +15,7 @@ pub mod policy;
 pub mod port;
 pub mod protocol;
 pub mod reason;
+pub mod service;
 pub mod verdict;
 
 use crate::flows::Flow;
@@ -53,6 +54,7 @@ const BUILDERS: &[Builder] = &[
     port::build,
     protocol::build,
     policy::build,
+    service::build,
 ];
 
 /// A compiled [`FlowFilter`]: all predicates must hold.
@@ -159,6 +161,7 @@ pub(crate) mod testing {
             allowed_by: None,
             new_connection: true,
             bytes: 60,
+            service: None,
         }
     }
 
@@ -197,6 +200,7 @@ pub(crate) mod testing {
             }),
             new_connection: true,
             bytes: 70,
+            service: None,
         }
     }
 }

@@ -6,7 +6,7 @@ use super::{Error, FilterFn, Result, all_of, any};
 use crate::flows::{Endpoint, Flow};
 use crate::observer::proto::FlowFilter;
 
-fn parse(p: &str) -> Result<String> {
+pub(super) fn parse(p: &str) -> Result<String> {
     if p.is_empty() || !p.contains('/') {
         Err(Error::Empty("pod (use namespace/name)"))
     } else {
@@ -14,12 +14,15 @@ fn parse(p: &str) -> Result<String> {
     }
 }
 
+/// Does `namespace`/`name` match `prefix` (`namespace/` or `namespace/name-prefix`)?
+pub(super) fn named(namespace: &str, name: &str, prefix: &str) -> bool {
+    let (want_ns, want_name) = prefix.split_once('/').unwrap_or((prefix, ""));
+    namespace == want_ns && name.starts_with(want_name)
+}
+
 fn is(e: &Endpoint, prefix: &str) -> bool {
     match (&e.namespace, &e.pod) {
-        (Some(ns), Some(pod)) => {
-            let (want_ns, want_pod) = prefix.split_once('/').unwrap_or((prefix, ""));
-            ns == want_ns && pod.starts_with(want_pod)
-        }
+        (Some(ns), Some(pod)) => named(ns, pod, prefix),
         _ => false,
     }
 }
