@@ -37,6 +37,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
         allowed_by: None,
         new_connection: true,
         bytes: u32::from(i),
+        service: None,
     }
 }
 

@@ -39,6 +39,7 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
         allowed_by: None,
         new_connection: true,
         bytes: 60 + i,
+        service: None,
     }
 }
 

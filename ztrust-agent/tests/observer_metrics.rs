@@ -30,6 +30,7 @@ fn drop_in(ns: &str) -> Flow {
         allowed_by: None,
         new_connection: true,
         bytes: 60,
+        service: None,
     }
 }
 

@@ -27,7 +27,10 @@ use std::time::Duration;
 use aya::programs::{TestRun, TestRunOptions};
 use serde::Serialize;
 use ztrust_agent::datapath::loader::{self, Datapath};
-use ztrust_common::{CtKey, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto};
+use ztrust_common::{
+    BackendClass, CtKey, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, dir, ep_flags, names,
+    proto,
+};
 
 use super::synth::Rng;
 use super::{frame, mapped, sh, skb_ctx};
@@ -46,6 +49,9 @@ pub struct Args {
     /// Distinct new flows per new-flow case.
     #[arg(long, default_value_t = 20_000)]
     pub flows: u32,
+    /// Service frontend counts for the Service table (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,1000,10000")]
+    pub services: Vec<u32>,
 }
 
 const CASES: [&str; 7] = ["syn allowed", "syn denied", "established", "linked", "at the peer", "udp new", "ipv6 syn"];
@@ -68,6 +74,16 @@ pub struct Cell {
 pub struct Report {
     cells: Vec<Cell>,
     worst_ratio: BTreeMap<&'static str, f64>,
+    services: Vec<ServiceCell>,
+}
+
+/// A new connection straight to a pod and to a Service frontend whose backends are that pod's class,
+/// with `services` frontends in the map (the smallest policy and pod counts).
+#[derive(Serialize)]
+pub struct ServiceCell {
+    services: u32,
+    syn_to_pod_ns: f64,
+    syn_to_service_ns: f64,
 }
 
 /// The measured endpoint's IPv6 address (fd00::1); its IPv4 one is pod 0's.
@@ -268,6 +284,43 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     Cell { policies, pods, policy_entries: entries + 2, ns_per_packet: ns, established_single_runs_ns, cold_ns }
 }
 
+/// The ClusterIP of Service `i`: 10.96.0.0/16 and up.
+fn service_ip(i: u32) -> [u8; 4] {
+    let n = (10 << 24 | 96 << 16) + i;
+    n.to_be_bytes()
+}
+
+/// New SYNs straight to pod 1 and to a Service whose one backend class is pod 1's (target port 8080),
+/// with `services` frontends in the map; each frontend has two classes, as in a rolling update.
+fn measure_services(args: &Args, pin: &std::path::Path, ifindex: u32, services: u32) -> ServiceCell {
+    let _ = loader::cleanup(pin);
+    let mut dp = Datapath::load(pin).expect("load");
+    let (me, peer, peer_id) = (pod_ip(0), pod_ip(1), 256);
+    for (i, id) in [(0, 256), (1, peer_id)] {
+        dp.maps.ipcache.insert(128, &IpcacheKey { addr: mapped(pod_ip(i)) }, &IpcacheValue { identity: id, _pad: 0 }).expect("ipcache");
+    }
+    let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
+    let info = EndpointInfo { endpoint_id: ifindex, identity: 256, flags, addr4: mapped(me), addr6: ME6, ..Default::default() };
+    dp.maps.endpoints.insert(ifindex, info, 0).expect("endpoint");
+    let key = PolicyKey::new(ifindex, peer_id, dir::EGRESS, proto::TCP, 8080);
+    dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 }).expect("policy");
+    let class = |identity, port| BackendClass { identity, port, _pad: 0 };
+    for i in 0..services {
+        let mut value = ServiceValue { classes: 2, ..Default::default() };
+        value.class[0] = class(peer_id, 8080);
+        value.class[1] = class(peer_id, 8080);
+        let key = ServiceKey { addr: mapped(service_ip(i)), port_be: 80u16.to_be(), protocol: proto::TCP, _pad: 0 };
+        dp.maps.services.insert(key, value, 0).expect("service");
+    }
+    dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, ..Default::default() }, 0).unwrap();
+    let vip = service_ip(services / 2);
+    let syn_to_pod_ns = new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02));
+    let syn_to_service_ns = new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &vip, proto::TCP, sp, 80, 0x02));
+    drop(dp);
+    let _ = loader::cleanup(pin);
+    ServiceCell { services, syn_to_pod_ns, syn_to_service_ns }
+}
+
 /// Runs the section on a thread of its own (it enters a network namespace) and prints its table.
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {
     let args = args.clone();
@@ -353,5 +406,27 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         }
         println!();
     }
-    Ok(Report { cells, worst_ratio: worst })
+    let mut services = Vec::new();
+    for &n in &args.services {
+        eprint!("services {n:>6} ... ");
+        let cell = measure_services(args, &pin, ifindex, n);
+        eprintln!("{:.0} ns (syn to a service)", cell.syn_to_service_ns);
+        services.push(cell);
+    }
+    println!("\nA new connection to a Service frontend (two backend classes) beside one straight to its backend (ns/packet; ratio to the smallest count in brackets)");
+    println!("{:>9} {:>20} {:>20}", "services", "syn to the pod", "syn to the service");
+    if let Some(first) = services.first() {
+        let (pod0, svc0) = (first.syn_to_pod_ns, first.syn_to_service_ns);
+        for c in &services {
+            println!(
+                "{:>9} {:>12.1} ({:>4.2}) {:>12.1} ({:>4.2})",
+                c.services,
+                c.syn_to_pod_ns,
+                c.syn_to_pod_ns / pod0,
+                c.syn_to_service_ns,
+                c.syn_to_service_ns / svc0
+            );
+        }
+    }
+    Ok(Report { cells, worst_ratio: worst, services })
 }
