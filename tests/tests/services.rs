@@ -206,3 +206,92 @@ fn through_the_nodes_dnat_in_iptables_and_nftables_modes() {
     assert!(!via(&lab, B, TO_A), "b → a's ClusterIP connected while the agent knew no Service");
     assert!(unknown(&lab) > before, "the connection to an unknown ClusterIP was not dropped as unknown-service");
 }
+
+/// A frame towards pod `to` (from the node's side of its veth) carrying `ip`.
+fn towards(lab: &Lab, to: usize, ip: &[u8]) -> Vec<u8> {
+    let mut f = lab.frame_from(to, ETH_P_IP, ip);
+    let (node_side, pod_side) = lab.macs[to];
+    f[..6].copy_from_slice(&pod_side);
+    f[6..12].copy_from_slice(&node_side);
+    f
+}
+
+/// kube-proxy masquerades a pod's connections to node ports and load-balancer addresses (and hairpin
+/// ones): they reach the backend from the node's address, through the interface of the pod that sent
+/// them. Judged as that pod (whose sources its own interface checked), not as the node and not as
+/// "any node-addressed packet": b admits a on TCP 80, so a SYN from the node's address that entered
+/// through a's interface is admitted at b, the same through c's interface is not, and through an
+/// interface that is no pod's (the uplink) it is judged by policy as the node's address.
+#[test]
+fn masqueraded_connections_are_judged_as_the_pod_they_came_from() {
+    let mut lab = Lab::new("ztmasq", 224);
+    let node = [10, 244, 224, 1];
+    let mut c = cluster(&lab.topo);
+    c.node_ips = vec![IpAddr::from(node)];
+    lab.apply(&c);
+    let syn = |lab: &Lab, sport: u16| towards(lab, B, &ipv4(node, lab.ip(B), proto::TCP, tcp(sport, 80, 0x02, b"")));
+    let through = |lab: &Lab, from: u32, sport: u16| common::test_run_ctx(&lab.dp, names::PROG_TO_POD, lab.ifindex[B], &syn(lab, sport), 0, from).0;
+    assert_eq!(through(&lab, lab.ifindex[A], 47000), 0, "masqueraded SYN from a to b:80 (b admits a)");
+    assert_eq!(through(&lab, lab.ifindex[C], 47001), 2, "masqueraded SYN from c to b:80 (b admits only a on 80)");
+    assert_eq!(through(&lab, 999, 47002), 2, "a SYN with the node's address from outside");
+    assert_eq!(through(&lab, 0, 47003), 0, "control: the node's own SYN (kubelet probe)");
+    assert_eq!(lab.counter(B, dir::INGRESS, verdict::FORWARDED, reason::FROM_HOST), 1);
+}
+
+/// A pod whose egress no policy isolates reaches any Service, however many classes its backends make;
+/// an isolated one cannot be judged for more than the datapath compares.
+#[test]
+fn not_isolated_egress_reaches_any_service() {
+    use ztrust_common::{BackendClass, ServiceKey, ServiceValue};
+    let mut lab = Lab::new("ztsvc5", 225);
+    let c = with_services(&lab);
+    lab.apply(&c);
+    let vip = [10, 96, 0, 50];
+    let mut value = ServiceValue { classes: 5, ..Default::default() };
+    for (i, slot) in value.class.iter_mut().enumerate() {
+        *slot = BackendClass { identity: 1000 + i as u32, port: 9000, _pad: 0 };
+    }
+    let key = ServiceKey { addr: ztrust_agent::policy::ip_to_mapped(IpAddr::from(vip)), port_be: 80u16.to_be(), protocol: proto::TCP, _pad: 0 };
+    lab.dp.maps.services.insert(key, value, 0).expect("service");
+    let syn = |lab: &Lab, i: usize| lab.frame_from(i, ETH_P_IP, &ipv4(lab.ip(i), vip, proto::TCP, tcp(47100, 80, 0x02, b"")));
+    assert_eq!(common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[C], &syn(&lab, C)), 0, "c (not isolated) to a five-class Service");
+    assert_eq!(lab.counter(C, dir::EGRESS, verdict::FORWARDED, reason::NOT_ISOLATED), 1);
+    assert_eq!(common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &syn(&lab, B)), 2, "b (isolated) to a five-class Service");
+    assert_eq!(lab.counter(B, dir::EGRESS, verdict::DROPPED, reason::SERVICE_BACKENDS_DIFFER), 1);
+}
+
+/// A datagram flow to a Service keeps its admission only while its backends would still be admitted:
+/// when the Service's backends change to a pod b may not reach, the flow's next datagram is judged
+/// again (the sync bumps the policy revision) and dropped. b's egress admits a on UDP 53 here.
+#[test]
+fn a_datagram_flow_to_a_service_is_judged_again_when_its_backends_change() {
+    use ztrust_agent::model::{LabelSelector, Peer, PortRef, PortSpec, Rule};
+    let mut lab = Lab::new("ztsvcu", 226);
+    let mut c = with_services(&lab);
+    let b_policy = c.policies.values_mut().next().expect("b's policy");
+    b_policy.egress.push(Rule {
+        peers: vec![Peer::Pods {
+            namespace_selector: None,
+            pod_selector: Some(LabelSelector { match_labels: [("app".to_owned(), "a".to_owned())].into(), ..Default::default() }),
+        }],
+        ports: vec![PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(53)), end_port: None }],
+    });
+    let dns = [10, 96, 0, 14];
+    let udp_service = |c: &mut Cluster, backend: IpAddr| {
+        add_service(c, "dns", dns, 53, 53, &[backend]);
+        let r = ztrust_agent::model::ObjectRef::new("x", "dns");
+        c.services.get_mut(&r).unwrap().ports[0].protocol = Protocol::Udp;
+        c.endpoint_slices.get_mut(&ztrust_agent::model::ObjectRef::new("x", "dns-1")).unwrap().ports[0].protocol = Protocol::Udp;
+    };
+    udp_service(&mut c, lab.topo.pods[A].ip);
+    lab.apply(&c);
+    let datagram = lab.frame_from(B, ETH_P_IP, &ipv4(lab.ip(B), dns, proto::UDP, common::attack::udp(47200, 53, b"q")));
+    let send = |lab: &Lab| common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &datagram);
+    assert_eq!(send(&lab), 0, "b's query to the DNS Service (backend a)");
+    assert_eq!(send(&lab), 0, "b's second query on the flow");
+    assert_eq!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::ESTABLISHED), 1);
+    // The Service now translates to c, which b may not reach.
+    udp_service(&mut c, lab.topo.pods[C].ip);
+    lab.apply(&c);
+    assert_eq!(send(&lab), 2, "b's next query on the flow, the Service's backend now c");
+}

@@ -251,17 +251,21 @@ fn update_view_pods(
 /// The view's Service frontends, each with its Service and backend pods (by address: `pods_by_ip` must
 /// be current).
 fn update_view_services(view: &mut View, cluster: &Cluster) {
-    let mut services = HashMap::new();
+    let mut services: HashMap<(std::net::IpAddr, u16, u8), crate::flows::ServiceRef> = HashMap::new();
+    let slices = crate::policy::services::Slices::new(cluster);
     for (svc, port, f) in crate::policy::services::each_frontend(cluster) {
-        let mut backends: Vec<String> = crate::policy::services::backends(cluster, svc, port)
+        let backends = slices
+            .backends(svc, port)
             .into_iter()
             .filter(|(ip, _)| ip.is_ipv4() == f.addr.is_ipv4())
-            .map(|(ip, _)| view.pods_by_ip.get(&ip).map_or_else(|| ip.to_string(), |p| p.pod.to_string()))
-            .collect();
-        backends.sort();
-        backends.dedup();
-        let service = crate::flows::ServiceRef { name: svc.object_ref().to_string(), backends };
-        services.insert((f.addr, f.port, f.protocol.number()), service);
+            .map(|(ip, _)| view.pods_by_ip.get(&ip).map_or_else(|| ip.to_string(), |p| p.pod.to_string()));
+        // A frontend two Services claim names the first and the backends of both.
+        let entry = services
+            .entry((f.addr, f.port, f.protocol.number()))
+            .or_insert_with(|| crate::flows::ServiceRef { name: svc.object_ref().to_string(), backends: Vec::new() });
+        entry.backends.extend(backends);
+        entry.backends.sort();
+        entry.backends.dedup();
     }
     view.services = services;
 }

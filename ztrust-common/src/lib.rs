@@ -183,8 +183,8 @@ pub mod reason {
     /// backend, so it cannot give the verdict of the one that would be picked; it does not guess.
     pub const SERVICE_BACKENDS_DIFFER: u8 = 73;
     /// Dropped: a pod's packet to an address of the Service ranges (`run --service-cidr`) that is no known
-    /// Service frontend, or to a frontend without ready backends: the translation is unknown, so the
-    /// packet cannot be judged by the pod it would reach.
+    /// Service frontend, or to a frontend without backends (none ready, none serving while terminating):
+    /// the translation is unknown, so the packet cannot be judged by the pod it would reach.
     pub const UNKNOWN_SERVICE: u8 = 74;
 
     /// First value meaning "dropped".
@@ -584,8 +584,9 @@ pub struct BackendClass {
     pub _pad: u16,
 }
 
-/// At most this many [`BackendClass`]es are compared per frontend (a Deployment's pods share one; a
-/// rolling update makes two).
+/// At most this many [`BackendClass`]es are compared per frontend (a Deployment's pods share one, and a
+/// rolling update whose two ReplicaSets' pods differ only in `pod-template-hash` makes two; each pod of
+/// a StatefulSet is a class of its own, by its pod-name label).
 pub const SERVICE_CLASSES: usize = 4;
 
 /// Value of [`names::SERVICES`]. A new connection to the frontend is judged for each class: allowed when

@@ -448,7 +448,9 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
 /// admits none, and not guessed otherwise.
 #[inline(always)]
 fn judge(ep: &EndpointInfo, remote_addr: &[u8; 16], direction: u8, protocol: u8, port: u16, from: u32) -> Result<(u8, u32, u32), (u8, u32)> {
-    if direction == dir::EGRESS {
+    // Not isolated for egress: whatever the destination (a Service and whichever backend the node picks
+    // included), it is admitted.
+    if direction == dir::EGRESS && ep.flags & ep_flags::ISOLATED_EGRESS != 0 {
         let key = ServiceKey { addr: *remote_addr, port_be: port.to_be(), protocol, _pad: 0 };
         // SAFETY: the reference does not outlive the program run.
         if let Some(svc) = unsafe { SERVICES.get(&key) } {
@@ -460,7 +462,16 @@ fn judge(ep: &EndpointInfo, remote_addr: &[u8; 16], direction: u8, protocol: u8,
             return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr)));
         }
     }
-    let remote = remote_identity(remote_addr);
+    let mut remote = remote_identity(remote_addr);
+    if direction == dir::INGRESS && remote == identity::HOST && from != 0 {
+        // The node's address on a packet that entered through one of the node's interfaces: translated on
+        // the way (kube-proxy masquerades a pod's connections to node ports and load-balancer addresses,
+        // and hairpin ones). Through a pod's interface it is that pod's, whose source was checked there.
+        // SAFETY: the value is copied out at once.
+        if let Some(sender) = unsafe { ENDPOINTS.get(from) } {
+            remote = sender.identity;
+        }
+    }
     match admits_from(ep, remote, direction, protocol, port, from) {
         Some((why, rule)) => Ok((why, rule, remote)),
         None => Err((reason::POLICY_DENIED, remote)),
@@ -585,24 +596,32 @@ fn count(ifindex: u32, slot: u32, direction: u8, verdict: u8, reason: u8, len: u
 fn emit(ctx: &TcContext, flow: &CtKey, ep_identity: u32, pkt: &Packet, d: &Decision, v: u8, interval_ns: u64) {
     // SAFETY: helper call without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
+    let mut last = None;
     if v != verdict::FORWARDED {
         // A flood of denied packets costs one lookup each, not an event each.
-        if let Some(last) = EVENT_RATE.get_ptr_mut(flow) {
-            // SAFETY: pointer from a successful lookup.
-            unsafe {
-                if now.wrapping_sub(*last) < interval_ns {
-                    stat_inc(stat::EVENTS_RATE_LIMITED);
-                    return;
-                }
-                *last = now;
-            }
-        } else {
-            let _ = EVENT_RATE.insert(flow, &now, 0);
+        last = EVENT_RATE.get_ptr_mut(flow);
+        // SAFETY: pointer from a successful lookup.
+        if let Some(l) = last
+            && now.wrapping_sub(unsafe { *l }) < interval_ns
+        {
+            stat_inc(stat::EVENTS_RATE_LIMITED);
+            return;
         }
     }
     if !within_budget(flow.ifindex, now) {
         stat_inc(stat::EVENTS_OVER_BUDGET);
         return;
+    }
+    // Stamped only for an event that is sent: one left out for the budget is sent at the flow's next
+    // packet once the budget allows, not an interval later.
+    if v != verdict::FORWARDED {
+        match last {
+            // SAFETY: pointer from a successful lookup; plain data written in place.
+            Some(l) => unsafe { *l = now },
+            None => {
+                let _ = EVENT_RATE.insert(flow, &now, 0);
+            }
+        }
     }
     let Some(mut entry) = EVENTS.reserve::<FlowEvent>(0) else {
         stat_inc(stat::EVENTS_LOST);

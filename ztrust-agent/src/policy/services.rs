@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::model::{Cluster, Protocol, Service, ServicePort};
+use crate::model::{Cluster, EndpointSlice, Protocol, Service, ServicePort};
 
 use super::Desired;
 use super::keys::IpcacheIndex;
@@ -33,19 +33,22 @@ pub struct Frontend {
 pub type BackendClass = (u32, u16);
 
 /// Every frontend of `cluster`'s Services with the classes of its backends (sorted, without repeats;
-/// empty when it has no ready or serving backend), identities as `desired`'s ipcache gives them.
+/// empty when it has no ready or serving backend), identities as `desired`'s ipcache gives them. A
+/// frontend that several Services claim (an external IP that is another Service's address) gets the
+/// classes of all of them: the node may translate it to any.
 pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec<BackendClass>> {
     let index = IpcacheIndex::new(desired);
-    each_frontend(cluster)
-        .map(|(svc, port, frontend)| {
-            let classes: BTreeSet<BackendClass> = backends(cluster, svc, port)
-                .into_iter()
-                .filter(|(ip, _)| ip.is_ipv4() == frontend.addr.is_ipv4())
-                .map(|(ip, target)| (index.identity(ip), target))
-                .collect();
-            (frontend, classes.into_iter().collect())
-        })
-        .collect()
+    let slices = Slices::new(cluster);
+    let mut out: BTreeMap<Frontend, BTreeSet<BackendClass>> = BTreeMap::new();
+    for (svc, port, frontend) in each_frontend(cluster) {
+        let classes = slices
+            .backends(svc, port)
+            .into_iter()
+            .filter(|(ip, _)| ip.is_ipv4() == frontend.addr.is_ipv4())
+            .map(|(ip, target)| (index.identity(ip), target));
+        out.entry(frontend).or_default().extend(classes);
+    }
+    out.into_iter().map(|(f, classes)| (f, classes.into_iter().collect())).collect()
 }
 
 /// Every frontend of every Service of `cluster`, with the Service and port it belongs to: each cluster,
@@ -62,37 +65,48 @@ pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &Serv
     })
 }
 
-/// The (address, target port) of every backend of `port` of `svc`: its EndpointSlices' endpoints whose
-/// slice has a port of the same name and protocol; the ready ones, else the serving terminating ones.
-pub fn backends(cluster: &Cluster, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
-    let mut ready = Vec::new();
-    let mut terminating = Vec::new();
-    let slices = cluster
-        .endpoint_slices
-        .values()
-        .filter(|s| s.namespace == svc.namespace && s.service == svc.name);
-    for slice in slices {
-        let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
-            continue;
-        };
-        for ep in &slice.endpoints {
-            let into = if ep.ready {
-                &mut ready
-            } else if ep.serving && ep.terminating {
-                &mut terminating
-            } else {
+/// A cluster's EndpointSlices by the Service they name (looked up once per Service port).
+pub struct Slices<'a>(BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);
+
+impl<'a> Slices<'a> {
+    pub fn new(cluster: &'a Cluster) -> Self {
+        let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
+        for s in cluster.endpoint_slices.values() {
+            by_service.entry((s.namespace.as_str(), s.service.as_str())).or_default().push(s);
+        }
+        Self(by_service)
+    }
+
+    /// The (address, target port) of every backend of `port` of `svc`: its EndpointSlices' endpoints
+    /// whose slice has a port of the same name and protocol; the ready ones, else the serving
+    /// terminating ones.
+    pub fn backends(&self, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
+        let mut ready = Vec::new();
+        let mut terminating = Vec::new();
+        let slices = self.0.get(&(svc.namespace.as_str(), svc.name.as_str())).into_iter().flatten();
+        for slice in slices {
+            let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
                 continue;
             };
-            into.extend(ep.addresses.iter().map(|a| (*a, target.port)));
+            for ep in &slice.endpoints {
+                let into = if ep.ready {
+                    &mut ready
+                } else if ep.serving && ep.terminating {
+                    &mut terminating
+                } else {
+                    continue;
+                };
+                into.extend(ep.addresses.iter().map(|a| (*a, target.port)));
+            }
         }
+        if ready.is_empty() { terminating } else { ready }
     }
-    if ready.is_empty() { terminating } else { ready }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{EndpointSlice, Pod, SliceEndpoint, SlicePort};
+    use crate::model::{Pod, SliceEndpoint, SlicePort};
     use crate::policy::Engine;
     use ztrust_common::identity;
 
@@ -164,6 +178,34 @@ mod tests {
         // No frontend for a port the Service does not have, nor a protocol.
         assert_eq!(classes(&c, "10.96.0.20", 8080, Protocol::Tcp), None);
         assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Udp), None);
+    }
+
+    /// An external IP that is another Service's ClusterIP: the node may translate it to either's
+    /// backends, so it has the classes of both.
+    #[test]
+    fn a_frontend_two_services_claim_has_the_classes_of_both() {
+        let mut c = cluster();
+        let other = Service {
+            namespace: "y".into(),
+            name: "claim".into(),
+            external_ips: vec!["10.96.0.20".parse().unwrap()],
+            ports: vec![ServicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 80, node_port: None }],
+            ..Default::default()
+        };
+        c.services.insert(other.object_ref(), other);
+        let slice = EndpointSlice {
+            namespace: "y".into(),
+            name: "claim-1".into(),
+            service: "claim".into(),
+            ports: vec![SlicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 9999 }],
+            endpoints: vec![endpoint("10.0.0.13", true, false)],
+        };
+        c.endpoint_slices.insert(slice.object_ref(), slice);
+        let desired = Engine::new().compile(&c);
+        let id = |ip: &str| super::super::remote_identity(&desired, ip.parse().unwrap());
+        let mut want = vec![(id("10.0.0.11"), 8080), (id("10.0.0.13"), 9999)];
+        want.sort_unstable();
+        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(want));
     }
 
     #[test]

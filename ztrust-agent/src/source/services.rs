@@ -14,6 +14,9 @@ use crate::model;
 /// The label of an EndpointSlice that names its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
+/// A Service with this label is left to another proxy: kube-proxy does not translate it.
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+
 struct Errors<'a> {
     object: &'a str,
     list: Vec<ObjectError>,
@@ -49,8 +52,11 @@ impl Errors<'_> {
     }
 }
 
-/// Converts a Service: its cluster IPs (`None` for headless ones), external IPs and load-balancer
-/// ingress addresses, and its ports with their node ports.
+/// Converts a Service: its cluster IPs, external IPs and load-balancer ingress addresses, and its ports
+/// with their node ports — the frontends kube-proxy translates. A Service kube-proxy leaves alone has
+/// none (so its addresses are judged as what they are, never by backends the node does not translate
+/// to): an ExternalName or headless one, one labelled [`SERVICE_PROXY_NAME_LABEL`]; so has a
+/// load-balancer address with `ipMode: Proxy` (the load balancer, not the node, translates it).
 pub fn convert_service(svc: &Service) -> Converted<model::Service> {
     let object = object_name("Service", &svc.metadata, true);
     let mut e = Errors { object: &object, list: Vec::new() };
@@ -60,7 +66,14 @@ pub fn convert_service(svc: &Service) -> Converted<model::Service> {
     };
     let namespace = svc.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned());
     let mut out = model::Service { namespace, name, ..Default::default() };
-    if let Some(spec) = &svc.spec {
+    let other_proxy = svc.metadata.labels.as_ref().is_some_and(|l| l.contains_key(SERVICE_PROXY_NAME_LABEL));
+    let spec = svc.spec.as_ref();
+    let headless = spec.and_then(|s| s.cluster_ip.as_deref()) == Some("None");
+    let external_name = spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName");
+    if other_proxy || headless || external_name {
+        return Converted { value: Some(out), errors: e.list };
+    }
+    if let Some(spec) = spec {
         // `clusterIPs[0]` equals `clusterIP` when both are set.
         let listed: Vec<(String, &str)> = match spec.cluster_ips.as_deref() {
             Some(list) if !list.is_empty() => {
@@ -90,7 +103,7 @@ pub fn convert_service(svc: &Service) -> Converted<model::Service> {
     }
     let ingress = svc.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
-        if let Some(text) = &ing.ip {
+        if let Some(text) = ing.ip.as_ref().filter(|_| ing.ip_mode.as_deref() != Some("Proxy")) {
             out.external_ips.extend(e.ip(format!("status.loadBalancer.ingress[{i}].ip"), text));
         }
     }
@@ -161,10 +174,19 @@ mod tests {
         let fields: Vec<&str> = c.errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(fields, ["spec.externalIPs[1]", "spec.ports[2].port"]);
         assert!(c.errors[0].to_string().contains("Service x/web"), "{}", c.errors[0]);
-        // Headless: no cluster IP.
-        let headless = service("metadata: {name: h, namespace: x}\nspec: {clusterIP: None, ports: [{port: 80}]}\n");
-        assert!(headless.value.unwrap().cluster_ips.is_empty());
-        assert!(headless.errors.is_empty());
+        // What kube-proxy does not translate has no frontend.
+        for (what, yaml) in [
+            ("headless", "metadata: {name: h, namespace: x}\nspec: {clusterIP: None, externalIPs: [203.0.113.8], ports: [{port: 80}]}\n"),
+            ("another proxy's", "metadata: {name: p, namespace: x, labels: {service.kubernetes.io/service-proxy-name: other}}\nspec: {clusterIP: 10.96.0.9, externalIPs: [203.0.113.8], ports: [{port: 80}]}\n"),
+            ("ExternalName", "metadata: {name: n, namespace: x}\nspec: {type: ExternalName, externalName: db.example, externalIPs: [203.0.113.8], ports: [{port: 80}]}\n"),
+        ] {
+            let c = service(yaml);
+            let s = c.value.unwrap();
+            assert!(s.cluster_ips.is_empty() && s.external_ips.is_empty(), "{what}: {s:?}");
+            assert!(c.errors.is_empty());
+        }
+        let proxied = service("metadata: {name: l, namespace: x}\nspec: {type: LoadBalancer, clusterIP: 10.96.0.9, ports: [{port: 80}]}\nstatus: {loadBalancer: {ingress: [{ip: 198.51.100.1, ipMode: Proxy}, {ip: 198.51.100.2, ipMode: VIP}]}}\n");
+        assert_eq!(proxied.value.unwrap().external_ips, vec!["198.51.100.2".parse::<IpAddr>().unwrap()]);
     }
 
     #[test]
