@@ -282,7 +282,7 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
     run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
     // The lab's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`).
-    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "pinned_links", "--test", "audit", "--test", "observer_e2e", "--test", "least_privilege", "--test", "kube_e2e", "--", "--ignored", "--test-threads=1"]);
+    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "pinned_links", "--test", "audit", "--test", "observer_e2e", "--test", "least_privilege", "--test", "kube_e2e", "--test", "services_lab", "--", "--ignored", "--test-threads=1"]);
     if let Some(f) = &filter {
         c.arg(f);
     }

@@ -30,6 +30,7 @@ pub enum Kind {
     Namespace,
     Pod,
     NetworkPolicy,
+    Service,
     ExternalHost,
 }
 
@@ -39,6 +40,7 @@ impl Kind {
             Kind::Namespace => "Namespace",
             Kind::Pod => "Pod",
             Kind::NetworkPolicy => "NetworkPolicy",
+            Kind::Service => "Service",
             Kind::ExternalHost => "ExternalHost",
         }
     }
@@ -170,6 +172,7 @@ fn add(file: &str, value: Value, out: &mut Read) {
         ("v1", "Namespace") => Kind::Namespace,
         ("v1", "Pod") => Kind::Pod,
         ("networking.k8s.io/v1", "NetworkPolicy") => Kind::NetworkPolicy,
+        ("v1", "Service") => Kind::Service,
         (a, "ExternalHost") if a.starts_with(LAB_API_PREFIX) => Kind::ExternalHost,
         _ => {
             out.skipped.push(format!(

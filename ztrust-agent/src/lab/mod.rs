@@ -1,6 +1,6 @@
 //! The lab: a Kubernetes node made of network namespaces.
 //!
-//! `up` turns a directory of manifests (Namespaces, Pods, NetworkPolicies, plus the lab's own
+//! `up` turns a directory of manifests (Namespaces, Pods, NetworkPolicies, Services, plus the lab's own
 //! `lab.ztrust.io/v1` `ExternalHost`) into:
 //!
 //! - a node network namespace (`<prefix>-node`) that routes between pods, with the node's own address on
@@ -12,6 +12,8 @@
 //! - one network namespace per external host (`<prefix>-x<N>`, node side `<ext_if_prefix><N>`);
 //! - a server in each of them answering on every container port, so [`probe`] can tell allowed from
 //!   denied;
+//! - Services as a cluster has them: EndpointSlices from the pods their selectors select, and DNAT rules
+//!   in the node's namespace, as kube-proxy in nftables mode writes them ([`services`]);
 //! - a state directory with `state.json` and `manifests/`, the copy of every object with the pod
 //!   addresses filled in, which an agent watches as its `dir:` source.
 //!
@@ -24,6 +26,7 @@ pub mod net;
 pub mod ops;
 pub mod probe;
 pub mod serve;
+pub mod services;
 pub mod state;
 
 use std::io;

@@ -69,6 +69,11 @@ pub fn ip_batch(netns: &str, lines: &[String]) -> Result<()> {
     .map(drop)
 }
 
+/// `nft -f -` with `script` in network namespace `netns` (one transaction: all of it or nothing).
+pub fn nft(netns: &str, script: &str) -> Result<()> {
+    run(Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]), Some(script)).map(drop)
+}
+
 /// Every network namespace whose name starts with `<prefix>-`.
 pub fn list_netns(prefix: &str) -> Vec<String> {
     let wanted = format!("{prefix}-");

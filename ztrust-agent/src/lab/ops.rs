@@ -284,7 +284,7 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
                 }
                 None => false,
             },
-            Kind::Namespace | Kind::NetworkPolicy => had_copy,
+            Kind::Namespace | Kind::NetworkPolicy | Kind::Service => had_copy,
         };
         if removed || had_copy {
             report.changed.push(obj.display());
@@ -295,6 +295,7 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
         }
         state.save()?;
     }
+    super::services::realise(&state)?;
     if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(&state, log_from)? {
         report
             .warnings
@@ -406,6 +407,7 @@ pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelCh
         }
         state.save()?;
     }
+    super::services::realise(&state)?;
     wait_settled(&state, log_from)?;
     Ok(())
 }
@@ -684,11 +686,37 @@ fn add_objects(
             models.push(None);
         }
     }
+    // Cluster IPs the manifests give are taken before any is handed out.
+    let explicit_ips: Vec<IpAddr> = objects
+        .iter()
+        .filter(|o| o.kind == Kind::Service)
+        .filter_map(|o| o.value["spec"]["clusterIP"].as_str()?.parse().ok())
+        .collect();
     let mut new_links: Vec<(String, Vec<IpAddr>, bool)> = Vec::new(); // (host_if, ips, is_pod)
     let mut to_start: Vec<(String, usize, bool)> = Vec::new(); // (netns, index into pods/externals, is_pod)
     for (obj, model) in objects.into_iter().zip(models) {
         match obj.kind {
             Kind::Namespace | Kind::NetworkPolicy => {
+                write_copy(state, &obj)?;
+                report.changed.push(obj.display());
+            }
+            Kind::Service => {
+                let mut obj = obj;
+                // Its cluster IP: the one it had (a Service keeps it across re-applies), else a new one.
+                let copy = state.manifests_dir().join(obj.file_name());
+                let before = manifests::read_path(&copy).ok().and_then(|r| r.objects.into_iter().next());
+                let kept = before.as_ref().and_then(|b| b.value["spec"]["clusterIP"].as_str().map(str::to_owned));
+                match kept {
+                    Some(ip) if obj.value["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) => {
+                        obj.value["spec"]["clusterIP"] = serde_json::json!(ip);
+                        obj.value["spec"]["clusterIPs"] = serde_json::json!([ip]);
+                    }
+                    _ => {
+                        let mut taken = super::services::cluster_ips(state)?;
+                        taken.extend(&explicit_ips);
+                        let _ = super::services::assign_cluster_ip(&mut obj.value, &taken);
+                    }
+                }
                 write_copy(state, &obj)?;
                 report.changed.push(obj.display());
             }
@@ -860,6 +888,8 @@ fn add_objects(
     }
     state.save()?;
     wait_ready(&started, server_timeout)?;
+    // Services, and pods (new ones, changed labels), change what Services translate to.
+    super::services::realise(state)?;
     if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(state, log_from)? {
         report
             .warnings
@@ -898,6 +928,8 @@ fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
         flow_log.display().to_string(),
         "--grpc-socket".into(),
         socket.display().to_string(),
+        "--service-cidr".into(),
+        super::services::SERVICE_CIDR.into(),
     ];
     args.extend(spec.extra_args);
     let pid = net::spawn_in_netns(&state.node_netns, &bin, &args, &log)?;
