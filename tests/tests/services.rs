@@ -145,7 +145,9 @@ fn through_the_nodes_dnat_in_iptables_and_nftables_modes() {
         let dst = SocketAddr::new(IpAddr::from(vip), 80);
         lab.topo.in_pod(from, move || tcp_echo(dst))
     };
-    let modes: [(&str, Vec<Vec<String>>, Vec<String>); 2] = [
+    // (mode, the commands that write the two rules, the command that removes them)
+    type Mode = (&'static str, Vec<Vec<String>>, Vec<String>);
+    let modes: [Mode; 2] = [
         (
             "iptables",
             [(TO_A, a), (TO_C, cc)]
