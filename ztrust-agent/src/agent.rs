@@ -443,16 +443,6 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     }
     let mut dp = Datapath::load_with_mark(&opts.pin_dir, opts.capacities, opts.peer_mark)?;
     crate::datapath::loader::settle_pins(&opts.pin_dir, &pinned);
-    // The node is every address it has, not only those it was told: a pod reaches node ports (and the
-    // node) at any of them, and the node may send from any.
-    let mut node_ips = opts.node_ips.clone();
-    match netif::local_addresses() {
-        Ok(local) => node_ips.extend(local),
-        Err(e) => warn!(error = %e, "listing this node's addresses; only --node-ip counts as the node"),
-    }
-    node_ips.sort_unstable();
-    node_ips.dedup();
-    info!(addresses = ?node_ips, "this node's addresses (traffic from them is the node's)");
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
         flags: if opts.audit { ep_flags::AUDIT } else { 0 }
@@ -503,15 +493,15 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut source = match &opts.source {
         Source::Dir(root) => Watched::Dir {
             source: DirSource::new(root.clone()),
-            cluster: Cluster { node_ips: node_ips.clone(), service_cidrs: opts.service_cidrs.clone(), ..Cluster::default() },
-            node_ips: node_ips.clone(),
+            cluster: Cluster { node_ips: opts.node_ips.clone(), service_cidrs: opts.service_cidrs.clone(), ..Cluster::default() },
+            node_ips: opts.node_ips.clone(),
             service_cidrs: opts.service_cidrs.clone(),
         },
         Source::Kube { kubeconfig } => {
             let client =
                 crate::source::kube::client(kubeconfig.as_deref()).await.map_err(|e| Error::Kube(e.to_string()))?;
             let mut kube = crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone()));
-            kube.set_node_ips(node_ips.clone());
+            kube.set_node_ips(opts.node_ips.clone());
             kube.set_service_cidrs(opts.service_cidrs.clone());
             Watched::Kube(kube)
         }

@@ -82,8 +82,7 @@ struct RunArgs {
     /// This node's name, for flows.
     #[arg(long, env = "NODE_NAME", default_value = "local")]
     node_name: String,
-    /// This node's addresses (traffic from them is never blocked, as Kubernetes requires), besides the
-    /// addresses of the agent's network namespace's interfaces, which count too. Comma-separated.
+    /// This node's addresses (traffic from them is never blocked, as Kubernetes requires). Comma-separated.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
     /// The cluster's Service address ranges (the API server's `--service-cluster-ip-range`, e.g.

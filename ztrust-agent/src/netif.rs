@@ -15,25 +15,6 @@ pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
     Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
 }
 
-/// The addresses of this network namespace's interfaces at which a pod can reach the node, and from
-/// which the node sends: all but loopback and IPv6 link-local ones (those are per link, and neighbour
-/// discovery is judged as link control). That includes a pod gateway such as Calico's 169.254.1.1, a
-/// bridge's address and the node's secondary ones, where kube-proxy serves node ports too. Sorted,
-/// without repeats.
-pub fn local_addresses() -> io::Result<Vec<IpAddr>> {
-    let mut out: Vec<IpAddr> = nix::ifaddrs::getifaddrs()
-        .map_err(io::Error::from)?
-        .filter_map(|a| a.address)
-        .filter_map(|a| {
-            a.as_sockaddr_in().map(|s| IpAddr::V4(s.ip())).or_else(|| a.as_sockaddr_in6().map(|s| IpAddr::V6(s.ip())))
-        })
-        .filter(|ip| !ip.is_loopback() && !ip.is_unspecified() && !matches!(ip, IpAddr::V6(v6) if v6.is_unicast_link_local()))
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    Ok(out)
-}
-
 /// Host routes (a whole /32 or /128 through an interface, no gateway): address → interface name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HostRoutes(pub BTreeMap<IpAddr, String>);
