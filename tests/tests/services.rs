@@ -87,7 +87,7 @@ fn judged(lab: &Lab, vip: [u8; 4], port: u16, sport: u16) -> (u32, u8) {
 /// connection, which comes back from the ClusterIP after the node's reverse translation, is a reply.
 #[test]
 fn a_connection_to_a_service_gets_the_verdict_of_its_backends() {
-    let mut lab = Lab::new("ztsvc", 222);
+    let mut lab = Lab::new("ztsva", 222);
     let c = with_services(&lab);
     lab.apply(&c);
     const OK: u32 = 0;
@@ -238,6 +238,18 @@ fn masqueraded_connections_are_judged_as_the_pod_they_came_from() {
     assert_eq!(through(&lab, 999, 47002), 2, "a SYN with the node's address from outside");
     assert_eq!(through(&lab, 0, 47003), 0, "control: the node's own SYN (kubelet probe)");
     assert_eq!(lab.counter(B, dir::INGRESS, verdict::FORWARDED, reason::FROM_HOST), 1);
+
+    // A masqueraded datagram flow from a to b (b admits c on UDP 7000: c's, here) keeps being judged as
+    // c's after a policy revision: its re-judgment uses the interface the opening datagram entered on,
+    // not that of b's reply.
+    let datagram = towards(&lab, B, &ipv4(node, lab.ip(B), proto::UDP, common::attack::udp(47010, 7000, b"q")));
+    let run = |lab: &Lab, prog: &str, ifindex: u32, frame: &[u8], from: u32| common::test_run_ctx(&lab.dp, prog, ifindex, frame, 0, from).0;
+    assert_eq!(run(&lab, names::PROG_TO_POD, lab.ifindex[B], &datagram, lab.ifindex[C]), 0, "c's masqueraded datagram to b:7000");
+    let reply = lab.frame_from(B, ETH_P_IP, &ipv4(lab.ip(B), node, proto::UDP, common::attack::udp(7000, 47010, b"a")));
+    assert_eq!(run(&lab, names::PROG_FROM_POD, lab.ifindex[B], &reply, lab.ifindex[B]), 0, "b's reply");
+    lab.dp.maps.revision.set(0, 77, 0).expect("revision");
+    assert_eq!(run(&lab, names::PROG_FROM_POD, lab.ifindex[B], &reply, lab.ifindex[B]), 0, "b's reply after a revision");
+    assert_eq!(run(&lab, names::PROG_TO_POD, lab.ifindex[B], &datagram, lab.ifindex[C]), 0, "c's next datagram after a revision");
 }
 
 /// A pod whose egress no policy isolates reaches any Service, however many classes its backends make;
@@ -245,7 +257,7 @@ fn masqueraded_connections_are_judged_as_the_pod_they_came_from() {
 #[test]
 fn not_isolated_egress_reaches_any_service() {
     use ztrust_common::{BackendClass, ServiceKey, ServiceValue};
-    let mut lab = Lab::new("ztsvc5", 225);
+    let mut lab = Lab::new("ztsvf", 225);
     let c = with_services(&lab);
     lab.apply(&c);
     let vip = [10, 96, 0, 50];
@@ -268,7 +280,7 @@ fn not_isolated_egress_reaches_any_service() {
 #[test]
 fn a_datagram_flow_to_a_service_is_judged_again_when_its_backends_change() {
     use ztrust_agent::model::{LabelSelector, Peer, PortRef, PortSpec, Rule};
-    let mut lab = Lab::new("ztsvcu", 226);
+    let mut lab = Lab::new("ztsvu", 226);
     let mut c = with_services(&lab);
     let b_policy = c.policies.values_mut().next().expect("b's policy");
     b_policy.egress.push(Rule {

@@ -121,6 +121,8 @@ pub fn reason_name(r: u8) -> &'static str {
         reason::UNSUPPORTED_FRAME => "unsupported-frame",
         reason::ENCAPSULATED => "encapsulated",
         reason::SOURCE_ROUTED => "source-routed",
+        reason::SERVICE_BACKENDS_DIFFER => "service-backends-differ",
+        reason::UNKNOWN_SERVICE => "unknown-service",
         _ => "unknown",
     }
 }

@@ -13,6 +13,15 @@ use common::{AGENT, PaymentsLab, connects};
 
 const SERVICES: &str = r#"
 apiVersion: v1
+kind: Pod
+metadata: {name: backend-2, namespace: payments, labels: {app: backend}}
+spec:
+  containers:
+  - name: api
+    image: payments-api
+    ports: [{name: http, containerPort: 8080, protocol: TCP}]
+---
+apiVersion: v1
 kind: Service
 metadata: {name: backend, namespace: payments}
 spec:
@@ -50,7 +59,7 @@ fn cluster_ip(lab: &PaymentsLab, ns: &str, name: &str) -> IpAddr {
 #[test]
 #[ignore = "root: network namespaces, eBPF, nftables"]
 fn pods_reach_each_other_by_service_with_the_verdict_of_the_pod_they_reach() {
-    let mut lab = PaymentsLab::up("svc", AGENT.as_ref(), &[]);
+    let mut lab = PaymentsLab::up("zsv", AGENT.as_ref(), &["--metrics-addr", "none"]);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("services.yaml"), SERVICES).unwrap();
     lab.apply(dir.path());
@@ -58,11 +67,19 @@ fn pods_reach_each_other_by_service_with_the_verdict_of_the_pod_they_reach() {
     let database = cluster_ip(&lab, "payments", "database");
     assert!(ztrust_agent::lab::services::SERVICE_CIDR.parse::<ipnet::IpNet>().unwrap().contains(&backend), "{backend}");
     let slice = std::fs::read_to_string(lab.state_dir.join("manifests/endpointslice-payments-backend-0.yaml")).unwrap();
-    assert!(slice.contains(&lab.pod("backend").ips[0].to_string()) && slice.contains("8080"), "{slice}");
+    for pod in ["backend", "backend-2"] {
+        assert!(slice.contains(&lab.pod(pod).ips[0].to_string()) && slice.contains("8080"), "{pod}: {slice}");
+    }
 
     let t = Duration::from_secs(2);
     let (frontend, backend_pod) = (lab.pod("frontend").netns, lab.pod("backend").netns);
-    assert!(connects(&frontend, SocketAddr::new(backend, 80), t), "frontend → backend's ClusterIP:80 (allowed: backend pods on 8080)");
+    // Two replicas behind the ClusterIP, a random one per connection (the rule the lab wrote picks it):
+    // every connection is allowed.
+    let rules = std::fs::read_to_string(lab.state_dir.join("services.nft")).unwrap();
+    assert!(rules.contains(&format!("ip daddr {backend} tcp dport 80 dnat ip to numgen random mod 2 map")), "{rules}");
+    for i in 0..6 {
+        assert!(connects(&frontend, SocketAddr::new(backend, 80), t), "frontend → backend's ClusterIP:80, connection {i} (allowed: backend pods on 8080)");
+    }
     assert!(!connects(&frontend, SocketAddr::new(database, 5432), t), "frontend → database's ClusterIP connected");
     assert!(connects(&backend_pod, SocketAddr::new(database, 5432), t), "backend → database's ClusterIP (allowed)");
     // DNS through the kube-dns ClusterIP: allow-dns-egress names the CoreDNS pods, not the Service.

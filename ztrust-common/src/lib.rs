@@ -189,6 +189,28 @@ pub mod reason {
 
     /// First value meaning "dropped".
     pub const FIRST_DROP: u8 = 64;
+
+    /// Every reason above (a new one goes here too: user space names each, and the tests check that).
+    pub const ALL: [u8; 18] = [
+        ALLOWED_BY_POLICY,
+        NOT_ISOLATED,
+        ESTABLISHED,
+        REPLY,
+        FROM_HOST,
+        NOT_IP,
+        CT_RECOVERED,
+        POLICY_DENIED,
+        UNKNOWN_ENDPOINT,
+        MALFORMED,
+        NO_CT_ENTRY,
+        FRAGMENT,
+        SPOOFED_SOURCE,
+        UNSUPPORTED_FRAME,
+        ENCAPSULATED,
+        SOURCE_ROUTED,
+        SERVICE_BACKENDS_DIFFER,
+        UNKNOWN_SERVICE,
+    ];
 }
 
 /// Bits of [`FlowEvent::flags`].
@@ -452,6 +474,8 @@ pub struct CtValue {
     /// then carry the agent's peer mark (`skb->mark`), and the other endpoint's interface passes them
     /// without a second look: judged once. Learned by the receiving interface when it admits the SYN.
     /// (Written where earlier versions left padding, which they kept zero.)
+    /// Other protocols: the interface the flow's opening packet entered the node on
+    /// (`ingress_ifindex`), with which the flow is judged again after a policy revision.
     pub peer_ifindex: u32,
 }
 

@@ -322,7 +322,6 @@ fn ct_admits(
     original_dir: u8,
     port: u16,
     now: u64,
-    from: u32,
 ) -> Option<u32> {
     // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
     let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
@@ -337,7 +336,11 @@ fn ct_admits(
     if pkt.protocol != proto::TCP {
         let revision = current_revision();
         if ct_rev != revision {
-            let (_, r, _) = judge(ep, remote_addr, original_dir, pkt.protocol, port, from).ok()?;
+            // As the opening packet was judged: with the interface it entered on (a reply's is its
+            // own endpoint's, which would make a masqueraded or node-sent flow look like the pod's own).
+            // SAFETY: pointer from a successful lookup.
+            let opened_from = unsafe { (*ct).peer_ifindex };
+            let (_, r, _) = judge(ep, remote_addr, original_dir, pkt.protocol, port, opened_from).ok()?;
             rule = r;
             unsafe {
                 (*ct).revision = revision;
@@ -383,7 +386,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
         // as what it replies to.
         let (opened_dir, port, why) =
             if own { (direction, dport, reason::ESTABLISHED) } else { (opposite(direction), sport, reason::REPLY) };
-        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now, from) {
+        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now) {
             // A TCP connection between two endpoints of this node that both have admitted: the packet
             // leaving one is judged for the other too. (Only TCP: its admission holds across policy
             // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
@@ -408,8 +411,15 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     if !(pkt.protocol == proto::TCP && !opening_syn) {
         return match judged {
             Ok((why, rule_id, remote)) => {
-                let peer =
-                    if direction == dir::INGRESS && opening_syn && peer_mark() != 0 { link_peer(&mut key, from) } else { 0 };
+                // TCP: the linked peer's interface, if any; other protocols: the interface the opening
+                // packet entered on, which their re-judgments use.
+                let peer = if pkt.protocol != proto::TCP {
+                    from
+                } else if direction == dir::INGRESS && opening_syn && peer_mark() != 0 {
+                    link_peer(&mut key, from)
+                } else {
+                    0
+                };
                 ct_create(&key, direction, rule_id, now, revision, peer);
                 Decision::new(verdict::FORWARDED, why, remote, rule_id, true)
             }
@@ -448,8 +458,8 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
 /// admits none, and not guessed otherwise.
 #[inline(always)]
 fn judge(ep: &EndpointInfo, remote_addr: &[u8; 16], direction: u8, protocol: u8, port: u16, from: u32) -> Result<(u8, u32, u32), (u8, u32)> {
-    // Not isolated for egress: whatever the destination (a Service and whichever backend the node picks
-    // included), it is admitted.
+    // Egress of an isolated endpoint to a Service is judged by its backends. (Not isolated: whatever the
+    // destination, a Service and whichever backend the node picks included, it is admitted below.)
     if direction == dir::EGRESS && ep.flags & ep_flags::ISOLATED_EGRESS != 0 {
         let key = ServiceKey { addr: *remote_addr, port_be: port.to_be(), protocol, _pad: 0 };
         // SAFETY: the reference does not outlive the program run.

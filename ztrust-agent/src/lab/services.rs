@@ -1,7 +1,7 @@
 //! Services in the lab, the way a cluster has them: the lab plays the EndpointSlice controller (one
 //! slice per Service and target-port resolution, from the pods its selector selects) and kube-proxy in
 //! nftables mode (DNAT rules in the node's namespace, a random backend per connection; node ports on
-//! every local address of the node).
+//! the node's addresses).
 //!
 //! A Service without `spec.clusterIP` gets one from [`SERVICE_CIDR`], which the lab's agent is told
 //! (`--service-cidr`). The slices are written next to the other copies in `manifests/`, which the agent
@@ -195,9 +195,11 @@ pub fn realise(state: &LabState) -> Result<()> {
             for vip in &svc.cluster_ips {
                 rules.extend(dnat(&format!("{} daddr {vip} {proto} dport {}", family(vip), port.port), vip.is_ipv4(), &backends));
             }
+            // Node ports on the node's addresses (kube-proxy's `--nodeport-addresses primary`, the
+            // nftables mode's default: the addresses the agent knows as the node's).
             if let Some(np) = port.node_port {
-                for v4 in [true, false] {
-                    rules.extend(dnat(&format!("fib daddr type local {proto} dport {np}"), v4, &backends));
+                for ip in &state.node_ips {
+                    rules.extend(dnat(&format!("{} daddr {ip} {proto} dport {np}", family(ip)), ip.is_ipv4(), &backends));
                 }
             }
         }

@@ -26,7 +26,8 @@ use crate::model;
 /// Everything read from one file (or merged from several).
 #[derive(Clone, Debug, Default)]
 pub struct Loaded {
-    /// Namespaces, pods and policies; `node_ips` is left empty (the agent knows its node, files do not).
+    /// Namespaces, pods, policies, Services and EndpointSlices; `node_ips` and `service_cidrs` are left
+    /// empty (the agent knows its node and cluster, files do not).
     pub cluster: model::Cluster,
     pub errors: Vec<LoadError>,
     /// Objects of the lab's own API group (`lab.ztrust.io/*`), untouched.
