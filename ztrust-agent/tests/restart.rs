@@ -122,8 +122,11 @@ fn restart_and_upgrade_without_a_gap() {
     assert!(attempts as f64 / window > 200.0, "too few denied attempts to prove anything: {attempts}");
     // The long-lived connections kept exchanging data through each phase.
     assert!(before > 0 && after_restart > before && after_upgrade > after_restart, "{before} {after_restart} {after_upgrade}");
-    assert!(sync1 < Duration::from_secs(1), "restart converged in {sync1:?}");
-    assert!(sync2 < Duration::from_secs(1), "upgrade converged in {sync2:?}");
+    // Convergence includes loading the programs, whose verification takes about 2 s on the 2-core
+    // machines since the Service judgment (four backend classes, each a policy lookup) was added; the
+    // pinned state enforces meanwhile (asserted above: no denied connection passed, none allowed broke).
+    assert!(sync1 < Duration::from_secs(4), "restart converged in {sync1:?}");
+    assert!(sync2 < Duration::from_secs(4), "upgrade converged in {sync2:?}");
 
     // Uninstall: `run --cleanup` removes every pin it made, so nothing keeps enforcing.
     std::thread::sleep(Duration::from_millis(300));
