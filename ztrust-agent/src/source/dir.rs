@@ -226,34 +226,29 @@ pub fn merge(into: &mut Loaded, other: Loaded) {
         errors,
         lab_objects,
     } = other;
-    for (name, ns) in cluster.namespaces {
-        if into.cluster.namespaces.insert(name.clone(), ns).is_some() {
-            into.errors.push(duplicate("", &format!("Namespace {name}")));
-        }
-    }
-    for (r, pod) in cluster.pods {
-        if into.cluster.pods.insert(r.clone(), pod).is_some() {
-            into.errors.push(duplicate("", &format!("Pod {r}")));
-        }
-    }
-    for (r, policy) in cluster.policies {
-        if into.cluster.policies.insert(r.clone(), policy).is_some() {
-            into.errors.push(duplicate("", &format!("NetworkPolicy {r}")));
-        }
-    }
-    for (r, svc) in cluster.services {
-        if into.cluster.services.insert(r.clone(), svc).is_some() {
-            into.errors.push(duplicate("", &format!("Service {r}")));
-        }
-    }
-    for (r, slice) in cluster.endpoint_slices {
-        if into.cluster.endpoint_slices.insert(r.clone(), slice).is_some() {
-            into.errors.push(duplicate("", &format!("EndpointSlice {r}")));
-        }
-    }
+    merge_kind(&mut into.cluster.namespaces, cluster.namespaces, "Namespace", &mut into.errors);
+    merge_kind(&mut into.cluster.pods, cluster.pods, "Pod", &mut into.errors);
+    merge_kind(&mut into.cluster.policies, cluster.policies, "NetworkPolicy", &mut into.errors);
+    merge_kind(&mut into.cluster.services, cluster.services, "Service", &mut into.errors);
+    merge_kind(&mut into.cluster.endpoint_slices, cluster.endpoint_slices, "EndpointSlice", &mut into.errors);
     into.cluster.node_ips.extend(cluster.node_ips);
     into.errors.extend(errors);
     into.lab_objects.extend(lab_objects);
+}
+
+/// Adds the objects of one kind to `into`; one already there is replaced, with a [`Problem::Duplicate`].
+fn merge_kind<K: Ord + fmt::Display, V>(
+    into: &mut BTreeMap<K, V>,
+    other: BTreeMap<K, V>,
+    kind: &str,
+    errors: &mut Vec<LoadError>,
+) {
+    for (key, value) in other {
+        let shown = format!("{kind} {key}");
+        if into.insert(key, value).is_some() {
+            errors.push(duplicate("", &shown));
+        }
+    }
 }
 
 fn duplicate(file: &str, object: &str) -> LoadError {
