@@ -458,6 +458,7 @@ fn expected_format_semantics() {
         result: Verdict::Allowed,
         detail: String::new(),
         latency_ms: 0.0,
+        via: None,
     };
     use Protocol::*;
     assert_eq!(e.verdict(&p("z/a", "x/a", 80, Tcp)), Verdict::Denied);

@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use common::{AGENT, PaymentsLab, connects};
+use ztrust_agent::lab::{ProbeOptions, ProxyMode, Verdict};
+use ztrust_agent::model::Protocol;
 
 const SERVICES: &str = r#"
 apiVersion: v1
@@ -59,7 +61,19 @@ fn cluster_ip(lab: &PaymentsLab, ns: &str, name: &str) -> IpAddr {
 #[test]
 #[ignore = "root: network namespaces, eBPF, nftables"]
 fn pods_reach_each_other_by_service_with_the_verdict_of_the_pod_they_reach() {
-    let mut lab = PaymentsLab::up("zsv", AGENT.as_ref(), &["--metrics-addr", "none"]);
+    by_service(ProxyMode::Nftables, "zsv");
+}
+
+/// The same checks with the node's rules written as kube-proxy's iptables mode writes them (`-m
+/// statistic --mode random`, node ports on any local address).
+#[test]
+#[ignore = "root: network namespaces, eBPF, iptables"]
+fn pods_reach_each_other_by_service_iptables_mode() {
+    by_service(ProxyMode::Iptables, "zsi");
+}
+
+fn by_service(mode: ProxyMode, tag: &str) {
+    let mut lab = PaymentsLab::up_with(tag, AGENT.as_ref(), &["--metrics-addr", "none"], mode);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("services.yaml"), SERVICES).unwrap();
     lab.apply(dir.path());
@@ -75,8 +89,12 @@ fn pods_reach_each_other_by_service_with_the_verdict_of_the_pod_they_reach() {
     let (frontend, backend_pod) = (lab.pod("frontend").netns, lab.pod("backend").netns);
     // Two replicas behind the ClusterIP, a random one per connection (the rule the lab wrote picks it):
     // every connection is allowed.
-    let rules = std::fs::read_to_string(lab.state_dir.join("services.nft")).unwrap();
-    assert!(rules.contains(&format!("ip daddr {backend} tcp dport 80 dnat ip to numgen random mod 2 map")), "{rules}");
+    let rules = std::fs::read_to_string(lab.state_dir.join("services.rules")).unwrap();
+    let random = match mode {
+        ProxyMode::Nftables => format!("ip daddr {backend} tcp dport 80 dnat ip to numgen random mod 2 map"),
+        ProxyMode::Iptables => format!("-d {backend}/32 -p tcp -m tcp --dport 80 -m statistic --mode random --probability 0.5000000000"),
+    };
+    assert!(rules.contains(&random), "{rules}");
     for i in 0..6 {
         assert!(connects(&frontend, SocketAddr::new(backend, 80), t), "frontend → backend's ClusterIP:80, connection {i} (allowed: backend pods on 8080)");
     }
@@ -98,6 +116,20 @@ fn pods_reach_each_other_by_service_with_the_verdict_of_the_pod_they_reach() {
         .unwrap()
     };
     assert!(answered, "frontend's query to the kube-dns ClusterIP got no answer");
+
+    // `lab probe --via-service` from frontend: each answer names the backend that replied, and the
+    // verdicts are those by pod address (frontend → backend pods on 8080 allowed, → database denied).
+    let opts = |via_service| ProbeOptions { from: vec!["payments/frontend".into()], via_service, ..Default::default() };
+    let by_service = ztrust_agent::lab::probe(&lab.state_dir, &opts(true)).expect("probe --via-service");
+    let by_pod = ztrust_agent::lab::probe(&lab.state_dir, &opts(false)).expect("probe");
+    let of = |m: &ztrust_agent::lab::Matrix, to: &str, port: u16| m.verdict("payments/frontend", to, port, Protocol::Tcp);
+    let through = |service: &str| by_service.probes.iter().filter(|p| p.via.as_ref().is_some_and(|v| v.service == service)).collect::<Vec<_>>();
+    let to_backend = through("payments/backend");
+    assert!(!to_backend.is_empty() && to_backend.iter().all(|p| p.result == Verdict::Allowed && p.port == 8080 && p.to.starts_with("payments/backend")), "{to_backend:?}");
+    assert_eq!(of(&by_pod, "payments/backend", 8080), Some(Verdict::Allowed));
+    let to_database = through("payments/database");
+    assert!(!to_database.is_empty() && to_database.iter().all(|p| p.result == Verdict::Denied && p.to == "payments/database"), "{to_database:?}");
+    assert_eq!(of(&by_pod, "payments/database", 5432), Some(Verdict::Denied));
 
     let log = std::fs::read_to_string(lab.state_dir.join("flows.jsonl")).unwrap_or_default();
     let denied = log

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use super::probe::parse_protocol;
 use super::{
     AgentSpec, ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR,
-    DownOptions, Family, LabelChange, LabelKind, ProbeOptions, ServeArgs, UpOptions,
+    DownOptions, Family, LabelChange, LabelKind, ProbeOptions, ProxyMode, ServeArgs, UpOptions,
 };
 
 #[derive(Clone, Debug, clap::Args)]
@@ -56,6 +56,9 @@ pub enum LabCommand {
         /// An extra argument for `ztrust-agent run` (repeatable: `--agent-arg=--mode --agent-arg=audit`).
         #[arg(long, allow_hyphen_values = true)]
         agent_arg: Vec<String>,
+        /// How the node translates Services: the kube-proxy mode the lab plays.
+        #[arg(long, value_enum, default_value_t = ProxyMode::Nftables)]
+        proxy_mode: ProxyMode,
     },
     /// Remove everything the lab made (works without state.json too).
     Down {
@@ -107,9 +110,14 @@ pub enum LabCommand {
         /// Only from these pods (namespace/name).
         #[arg(long, value_delimiter = ',')]
         from: Vec<String>,
-        /// Only to these pods (namespace/name) or external hosts (external/<name>).
+        /// Only to these pods (namespace/name) or external hosts (external/<name>); with --via-service,
+        /// these Services (namespace/name) or the pods behind them.
         #[arg(long, value_delimiter = ',')]
         to: Vec<String>,
+        /// Reach pods through the lab's Services (every cluster IP and port, translated by the node as
+        /// kube-proxy does) instead of by their own addresses; each answer names the pod that replied.
+        #[arg(long)]
+        via_service: bool,
     },
     /// The lab's pods (namespace, labels, addresses, node-side interface) and external hosts.
     Status {
@@ -144,6 +152,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             no_agent,
             pin_path,
             agent_arg,
+            proxy_mode,
         } => {
             let agent = (!no_agent).then(|| AgentSpec {
                 pin_dir: pin_path,
@@ -158,6 +167,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                     if_prefix,
                     ext_if_prefix,
                     agent,
+                    proxy_mode,
                     ..Default::default()
                 },
             )
@@ -241,6 +251,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             timeout_ms,
             from,
             to,
+            via_service,
         } => {
             let protocols = protocols
                 .map(|ps| {
@@ -256,6 +267,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                 timeout: Duration::from_millis(timeout_ms),
                 from,
                 to,
+                via_service,
                 ..Default::default()
             };
             let m = super::probe(&state.state_dir, &opts)?;

@@ -74,6 +74,11 @@ pub fn nft(netns: &str, script: &str) -> Result<()> {
     run(Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]), Some(script)).map(drop)
 }
 
+/// `program args…` in network namespace `netns`, with `stdin`; its standard output.
+pub fn exec_in(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
+    run(Command::new("ip").args(["netns", "exec", netns, program]).args(args), stdin)
+}
+
 /// Every network namespace whose name starts with `<prefix>-`.
 pub fn list_netns(prefix: &str) -> Vec<String> {
     let wanted = format!("{prefix}-");

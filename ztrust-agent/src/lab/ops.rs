@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use super::alloc::{Allocator, GATEWAY_V4, GATEWAY_V6, NODE_V4, NODE_V6};
 use super::manifests::{self, Kind, RawObject};
 use super::serve::ServeArgs;
-use super::state::{AgentState, ExternalState, LabState, MANIFESTS_DIR, PodState, write_atomic};
+use super::state::{AgentState, ExternalState, LabState, MANIFESTS_DIR, PodState, ProxyMode, write_atomic};
 use super::{
     DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result,
     io_err, net,
@@ -39,6 +39,8 @@ pub struct UpOptions<'a> {
     pub server_timeout: Duration,
     /// Start an agent in the node's namespace, and bring no pod interface up before it has attached.
     pub agent: Option<AgentSpec>,
+    /// How the node translates Services.
+    pub proxy_mode: ProxyMode,
 }
 
 /// An agent the lab starts in the node's namespace as soon as the node exists:
@@ -89,6 +91,7 @@ impl Default for UpOptions<'_> {
             before_link_up: None,
             server_timeout: Duration::from_secs(10),
             agent: None,
+            proxy_mode: ProxyMode::default(),
         }
     }
 }
@@ -202,6 +205,7 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         externals: Vec::new(),
         next_index: 1,
         agent: None,
+        proxy_mode: opts.proxy_mode,
     };
     // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
     state.save()?;

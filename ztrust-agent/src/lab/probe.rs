@@ -86,6 +86,10 @@ pub struct ProbeOptions {
     pub to: Vec<String>,
     /// Probes in flight at once.
     pub parallelism: usize,
+    /// Reach the pods through the lab's Services' cluster IPs (the node translates) instead of their own
+    /// addresses. A pod is not probed through a Service it is a backend of (hairpin: kube-proxy
+    /// masquerades it, and NetworkPolicy leaves what applies to it undefined).
+    pub via_service: bool,
 }
 
 impl Default for ProbeOptions {
@@ -98,6 +102,7 @@ impl Default for ProbeOptions {
             from: Vec::new(),
             to: Vec::new(),
             parallelism: 256,
+            via_service: false,
         }
     }
 }
@@ -146,10 +151,14 @@ mod protocol_upper {
     }
 }
 
-/// One attempt: `from` → `to` at `to_ip`:`port`/`protocol`.
+/// One attempt: `from` → `to` at `to_ip`:`port`/`protocol`. Through a Service (`via`), `to`, `to_ip` and
+/// `port` are the backend's (the pod that answered, or the only one), the Service's address and port are
+/// in `via`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Probe {
     pub from: String,
+    /// `namespace/name` of the pod (or `external/<name>`); through a Service whose backend is unknown
+    /// (several, none answered), `service:<namespace>/<name>`.
     pub to: String,
     pub to_ip: IpAddr,
     pub port: u16,
@@ -159,6 +168,17 @@ pub struct Probe {
     /// Why: `ok`, `timeout`, `refused`, `reset`, `unreachable`, `unexpected reply …`, `no SCTP …`.
     pub detail: String,
     pub latency_ms: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Via>,
+}
+
+/// The Service a probe went through: what the source connected to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Via {
+    /// `namespace/name`.
+    pub service: String,
+    pub address: IpAddr,
+    pub port: u16,
 }
 
 impl Probe {
@@ -230,6 +250,7 @@ impl Matrix {
                     result,
                     detail: "expected".into(),
                     latency_ms: 0.0,
+                via: None,
                     ..p.clone()
                 }
             })
@@ -315,30 +336,32 @@ impl Matrix {
     /// every probe was denied, else each port, e.g. `80/TCP✓ 81/TCP✗`. A legend follows.
     pub fn render_table(&self) -> String {
         let mut froms: Vec<&str> = Vec::new();
-        let mut tos: Vec<&str> = Vec::new();
-        let mut cells: BTreeMap<(&str, &str), Vec<&Probe>> = BTreeMap::new();
+        let mut tos: Vec<String> = Vec::new();
+        let mut cells: BTreeMap<(&str, String), Vec<&Probe>> = BTreeMap::new();
         for p in &self.probes {
+            // Through a Service: a column per Service (its backends vary from one connection to the next).
+            let to = p.via.as_ref().map_or_else(|| p.to.clone(), |v| format!("svc {}", v.service));
             if !froms.contains(&p.from.as_str()) {
                 froms.push(&p.from);
             }
-            if !tos.contains(&p.to.as_str()) {
-                tos.push(&p.to);
+            if !tos.contains(&to) {
+                tos.push(to.clone());
             }
-            cells.entry((&p.from, &p.to)).or_default().push(p);
+            cells.entry((&p.from, to)).or_default().push(p);
         }
         // Pods first, external hosts last.
-        tos.sort_by_key(|t| (t.starts_with("external/"), *t));
+        tos.sort_by_key(|t| (t.starts_with("external/"), t.clone()));
         froms.sort();
         let mut rows: Vec<Vec<String>> = Vec::new();
         let mut header = vec!["FROM \\ TO".to_owned()];
-        header.extend(tos.iter().map(|t| (*t).to_owned()));
+        header.extend(tos.iter().cloned());
         rows.push(header);
         for f in &froms {
             let mut row = vec![(*f).to_owned()];
             for t in &tos {
                 row.push(
                     cells
-                        .get(&(*f, *t))
+                        .get(&(*f, t.clone()))
                         .map(|ps| cell(ps))
                         .unwrap_or_else(|| ".".into()),
                 );
@@ -478,14 +501,20 @@ impl std::fmt::Display for MatrixDiff {
 struct Job {
     netns: String,
     from: String,
-    to: String,
+    /// Who may answer: `namespace/name`, address, port (through a Service: its backends).
+    answers: Vec<(String, IpAddr, u16)>,
+    /// The address and port connected to.
     to_ip: IpAddr,
     port: u16,
     protocol: Protocol,
+    via: Option<Via>,
 }
 
 /// Which probes `opts` asks for in `state`, before running any.
-fn plan(state: &LabState, opts: &ProbeOptions) -> Vec<Job> {
+fn plan(state: &LabState, opts: &ProbeOptions) -> Result<Vec<Job>> {
+    if opts.via_service {
+        return plan_services(state, opts);
+    }
     struct Target<'a> {
         key: String,
         ips: &'a [IpAddr],
@@ -539,22 +568,60 @@ fn plan(state: &LabState, opts: &ProbeOptions) -> Vec<Job> {
                     jobs.push(Job {
                         netns: src.netns.clone(),
                         from: src.key(),
-                        to: t.key.clone(),
+                        answers: vec![(t.key.clone(), *ip, *port)],
                         to_ip: *ip,
                         port: *port,
                         protocol: *protocol,
+                        via: None,
                     });
                 }
             }
         }
     }
-    jobs
+    Ok(jobs)
+}
+
+/// The probes through Services: every source pod to every cluster IP and port of the lab's Services
+/// (`opts.ports` and `opts.protocols` filter the Service's ports; `opts.to` names Services or backends).
+fn plan_services(state: &LabState, opts: &ProbeOptions) -> Result<Vec<Job>> {
+    let frontends = super::services::frontends(state)?;
+    let mut jobs = Vec::new();
+    for src in &state.pods {
+        if !opts.from.is_empty() && !opts.from.contains(&src.key()) {
+            continue;
+        }
+        let src_has = |ip: &IpAddr| src.ips.iter().any(|s| s.is_ipv4() == ip.is_ipv4());
+        for f in frontends.iter().filter(|f| !f.node_port && opts.family.wants(&f.ip) && src_has(&f.ip)) {
+            let named = |k: &String| *k == f.service || f.backends.iter().any(|(b, _, _)| b == k);
+            let port_ok = opts.ports.as_ref().is_none_or(|ps| ps.contains(&f.port))
+                && opts.protocols.as_ref().is_none_or(|ps| ps.contains(&f.protocol));
+            // Hairpin (a pod through its own Service) is left out, as `ProbeOptions::via_service` says.
+            let hairpin = f.backends.iter().any(|(b, _, _)| *b == src.key());
+            if (!opts.to.is_empty() && !opts.to.iter().any(named)) || !port_ok || hairpin {
+                continue;
+            }
+            jobs.push(Job {
+                netns: src.netns.clone(),
+                from: src.key(),
+                answers: f.backends.clone(),
+                to_ip: f.ip,
+                port: f.port,
+                protocol: f.protocol,
+                via: Some(Via {
+                    service: f.service.clone(),
+                    address: f.ip,
+                    port: f.port,
+                }),
+            });
+        }
+    }
+    Ok(jobs)
 }
 
 /// Probes the running lab in `state_dir`.
 pub fn probe(state_dir: &Path, opts: &ProbeOptions) -> Result<Matrix> {
     let state = LabState::load_running(state_dir)?;
-    let jobs = plan(&state, opts);
+    let jobs = plan(&state, opts)?;
     let mut fds: HashMap<String, Arc<File>> = HashMap::new();
     for j in &jobs {
         if !fds.contains_key(&j.netns) {
@@ -597,22 +664,33 @@ pub fn probe(state_dir: &Path, opts: &ProbeOptions) -> Result<Matrix> {
 
 fn run_one(job: &Job, timeout: Duration) -> Probe {
     let start = Instant::now();
-    let expected = reply_line(&job.to, job.port, job.protocol);
+    let expected: Vec<String> = job.answers.iter().map(|(key, _, port)| reply_line(key, *port, job.protocol)).collect();
     let addr = SocketAddr::new(job.to_ip, job.port);
-    let (result, detail) = match job.protocol {
-        Protocol::Sctp => (Verdict::Unsupported, "no SCTP sockets in this kernel".to_owned()),
+    let (result, detail, answered) = match job.protocol {
+        Protocol::Sctp => (Verdict::Unsupported, "no SCTP sockets in this kernel".to_owned(), None),
         Protocol::Tcp => tcp(addr, timeout, &expected),
         Protocol::Udp => udp(addr, timeout, &expected),
     };
+    // Who it reached: the one that answered, else the only one it could reach.
+    let (to, to_ip, port) = match (answered, job.answers.as_slice()) {
+        (Some(i), _) => job.answers[i].clone(),
+        (None, [only]) => only.clone(),
+        (None, _) => (
+            format!("service:{}", job.via.as_ref().map_or("", |v| v.service.as_str())),
+            job.to_ip,
+            job.port,
+        ),
+    };
     Probe {
         from: job.from.clone(),
-        to: job.to.clone(),
-        to_ip: job.to_ip,
-        port: job.port,
+        to,
+        to_ip,
+        port,
         protocol: job.protocol,
         result,
         detail,
         latency_ms: (start.elapsed().as_secs_f64() * 1000.0 * 100.0).round() / 100.0,
+        via: job.via.clone(),
     }
 }
 
@@ -626,25 +704,27 @@ fn error_detail(e: &std::io::Error) -> String {
     }
 }
 
-fn judge(got: &[u8], expected: &str) -> (Verdict, String) {
-    if got == expected.as_bytes() {
-        (Verdict::Allowed, "ok".into())
+/// Allowed when `got` is one of the `expected` replies (which one: the index).
+fn judge(got: &[u8], expected: &[String]) -> (Verdict, String, Option<usize>) {
+    if let Some(i) = expected.iter().position(|e| got == e.as_bytes()) {
+        (Verdict::Allowed, "ok".into(), Some(i))
     } else if got.is_empty() {
         // Connected, then closed without a word: not the lab's server.
-        (Verdict::Denied, "closed without reply".into())
+        (Verdict::Denied, "closed without reply".into(), None)
     } else {
         (
             Verdict::Denied,
             format!("unexpected reply {:?}", String::from_utf8_lossy(got).trim_end()),
+            None,
         )
     }
 }
 
-fn tcp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String) {
+fn tcp(addr: SocketAddr, timeout: Duration, expected: &[String]) -> (Verdict, String, Option<usize>) {
     let deadline = Instant::now() + timeout;
     let mut stream = match TcpStream::connect_timeout(&addr, timeout) {
         Ok(s) => s,
-        Err(e) => return (Verdict::Denied, error_detail(&e)),
+        Err(e) => return (Verdict::Denied, error_detail(&e), None),
     };
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
@@ -662,13 +742,13 @@ fn tcp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String)
                 }
             }
             // Connected but the reply never came: the return path is what is blocked.
-            Err(e) => return (Verdict::Denied, format!("connected, then {}", error_detail(&e))),
+            Err(e) => return (Verdict::Denied, format!("connected, then {}", error_detail(&e)), None),
         }
     }
     judge(&got, expected)
 }
 
-fn udp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String) {
+fn udp(addr: SocketAddr, timeout: Duration, expected: &[String]) -> (Verdict, String, Option<usize>) {
     let local: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().expect("valid")
     } else {
@@ -676,24 +756,24 @@ fn udp(addr: SocketAddr, timeout: Duration, expected: &str) -> (Verdict, String)
     };
     let socket = match UdpSocket::bind(local).and_then(|s| s.connect(addr).map(|()| s)) {
         Ok(s) => s,
-        Err(e) => return (Verdict::Denied, error_detail(&e)),
+        Err(e) => return (Verdict::Denied, error_detail(&e), None),
     };
     let _ = socket.set_read_timeout(Some(timeout));
     let mut last = String::new();
     // A datagram may be lost on a first packet (neighbour resolution): one retry.
     for _attempt in 0..2 {
         if let Err(e) = socket.send(b"probe\n") {
-            return (Verdict::Denied, error_detail(&e));
+            return (Verdict::Denied, error_detail(&e), None);
         }
         let mut buf = [0u8; 1024];
         match socket.recv(&mut buf) {
             Ok(n) => return judge(&buf[..n], expected),
             // ICMP port unreachable, reported on a connected socket.
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return (Verdict::Denied, "refused".into()),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return (Verdict::Denied, "refused".into(), None),
             Err(e) => last = error_detail(&e),
         }
     }
-    (Verdict::Denied, last)
+    (Verdict::Denied, last, None)
 }
 
 #[cfg(test)]
@@ -714,6 +794,7 @@ mod tests {
                 "timeout".into()
             },
             latency_ms: 1.5,
+            via: None,
         }
     }
 
@@ -905,16 +986,18 @@ mod tests {
                     ..Default::default()
                 },
             )
+            .unwrap()
             .into_iter()
             .map(|j| Probe {
                 from: j.from,
-                to: j.to,
+                to: j.answers[0].0.clone(),
                 to_ip: j.to_ip,
                 port: j.port,
                 protocol: j.protocol,
                 result: Verdict::Allowed,
                 detail: String::new(),
                 latency_ms: 0.0,
+                via: None,
             })
             .collect(),
         );
@@ -979,7 +1062,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let jobs = plan(&state, &ProbeOptions::default());
+        let jobs = plan(&state, &ProbeOptions::default()).unwrap();
         assert_eq!(
             jobs.len(),
             2 + 2 * 2,
@@ -992,7 +1075,7 @@ mod tests {
                 family: Family::Both,
                 ..Default::default()
             },
-        );
+        ).unwrap();
         assert_eq!(both.len(), 12);
         let ports = plan(
             &state,
@@ -1000,7 +1083,7 @@ mod tests {
                 ports: Some(vec![1, 2]),
                 ..Default::default()
             },
-        );
+        ).unwrap();
         assert_eq!(ports.len(), 2 * 2 * 2);
         assert!(ports.iter().all(|j| j.protocol == Protocol::Tcp));
         let udp = plan(
@@ -1009,7 +1092,7 @@ mod tests {
                 protocols: Some(vec![Protocol::Udp]),
                 ..Default::default()
             },
-        );
+        ).unwrap();
         assert_eq!(udp.len(), 2);
         let from = plan(
             &state,
@@ -1017,7 +1100,7 @@ mod tests {
                 from: vec!["a/x".into()],
                 ..Default::default()
             },
-        );
+        ).unwrap();
         assert!(from.iter().all(|j| j.from == "a/x" && j.netns == "t-x"));
     }
 }

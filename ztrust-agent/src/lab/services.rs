@@ -1,11 +1,12 @@
 //! Services in the lab, the way a cluster has them: the lab plays the EndpointSlice controller (one
 //! slice per Service and target-port resolution, from the pods its selector selects) and kube-proxy in
-//! nftables mode (DNAT rules in the node's namespace, a random backend per connection; node ports on
-//! the node's addresses).
+//! nftables or iptables mode (`lab up --proxy-mode`: DNAT rules in the node's namespace, a random backend
+//! per connection, written as kube-proxy writes them in that mode; node ports on the node's addresses).
 //!
 //! A Service without `spec.clusterIP` gets one from [`SERVICE_CIDR`], which the lab's agent is told
 //! (`--service-cidr`). The slices are written next to the other copies in `manifests/`, which the agent
-//! reads; the rules are rewritten whole (one `nft -f` transaction) after every change of Services or pods.
+//! reads; the rules are rewritten whole (one `nft -f` or `iptables-restore` transaction per family) after every
+//! change of Services or pods.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -13,7 +14,7 @@ use std::net::IpAddr;
 use serde_json::{Value, json};
 
 use super::manifests::{self, Kind};
-use super::state::{LabState, PodState, write_atomic};
+use super::state::{LabState, PodState, ProxyMode, write_atomic};
 use super::{Result, io_err};
 use crate::model::Protocol;
 
@@ -148,13 +149,75 @@ fn slices<'a>(svc: &Svc, pods: &'a [PodState]) -> Vec<(SlicePorts, Vec<&'a PodSt
     by_ports.into_iter().collect()
 }
 
+/// One address and port a Service answers on, and where the node sends it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name` of the Service.
+    pub service: String,
+    pub ip: IpAddr,
+    pub port: u16,
+    pub protocol: Protocol,
+    /// A node port (on every address of the node) rather than a cluster IP.
+    pub node_port: bool,
+    /// The pods it translates to (`namespace/name`, address, target port), of the frontend's family.
+    pub backends: Vec<(String, IpAddr, u16)>,
+}
+
+/// Every frontend of the lab's Services, as the node translates them now (a frontend with no backend of
+/// its family is left out: the node does not translate it).
+pub fn frontends(state: &LabState) -> Result<Vec<Frontend>> {
+    Ok(services(state)?.iter().flat_map(|svc| frontends_of(svc, state)).collect())
+}
+
+fn frontends_of(svc: &Svc, state: &LabState) -> Vec<Frontend> {
+    let slices = slices(svc, &state.pods);
+    let mut out = Vec::new();
+    for (pi, port) in svc.ports.iter().enumerate() {
+        let backends = |v4: bool| -> Vec<(String, IpAddr, u16)> {
+            slices
+                .iter()
+                .flat_map(|(ports, pods)| {
+                    pods.iter().flat_map(move |p| {
+                        p.ips.iter().filter(move |ip| ip.is_ipv4() == v4).map(move |ip| (p.key(), *ip, ports[pi].2))
+                    })
+                })
+                .collect()
+        };
+        let mut add = |ip: IpAddr, port_number: u16, node_port: bool| {
+            let backends = backends(ip.is_ipv4());
+            if !backends.is_empty() {
+                out.push(Frontend {
+                    service: format!("{}/{}", svc.namespace, svc.name),
+                    ip,
+                    port: port_number,
+                    protocol: port.protocol,
+                    node_port,
+                    backends,
+                });
+            }
+        };
+        for vip in &svc.cluster_ips {
+            add(*vip, port.port, false);
+        }
+        // Node ports on the node's addresses (kube-proxy's `--nodeport-addresses primary`, the nftables
+        // mode's default: the addresses the agent knows as the node's; iptables mode's rule takes any
+        // local address, which in the lab's node are these).
+        if let Some(np) = port.node_port {
+            for ip in &state.node_ips {
+                add(*ip, np, true);
+            }
+        }
+    }
+    out
+}
+
 /// Writes every Service's EndpointSlices into `manifests/` (removing those of Services or resolutions
-/// that are gone) and rewrites the node's DNAT rules.
+/// that are gone) and rewrites the node's translation rules.
 pub fn realise(state: &LabState) -> Result<()> {
     let services = services(state)?;
     let dir = state.manifests_dir();
     let mut keep = BTreeSet::new();
-    let mut rules = Vec::new();
+    let mut frontends = Vec::new();
     for svc in &services {
         let slices = slices(svc, &state.pods);
         for (i, (ports, pods)) in slices.iter().enumerate() {
@@ -185,24 +248,7 @@ pub fn realise(state: &LabState) -> Result<()> {
                 keep.insert(file);
             }
         }
-        // The rules: each frontend to a random backend of its port.
-        for (pi, port) in svc.ports.iter().enumerate() {
-            let backends: Vec<(IpAddr, u16)> = slices
-                .iter()
-                .flat_map(|(ports, pods)| pods.iter().flat_map(move |p| p.ips.iter().map(move |ip| (*ip, ports[pi].2))))
-                .collect();
-            let proto = port.protocol.as_str().to_ascii_lowercase();
-            for vip in &svc.cluster_ips {
-                rules.extend(dnat(&format!("{} daddr {vip} {proto} dport {}", family(vip), port.port), vip.is_ipv4(), &backends));
-            }
-            // Node ports on the node's addresses (kube-proxy's `--nodeport-addresses primary`, the
-            // nftables mode's default: the addresses the agent knows as the node's).
-            if let Some(np) = port.node_port {
-                for ip in &state.node_ips {
-                    rules.extend(dnat(&format!("{} daddr {ip} {proto} dport {np}", family(ip)), ip.is_ipv4(), &backends));
-                }
-            }
-        }
+        frontends.extend(frontends_of(svc, state));
     }
     // Slices of what is gone.
     for entry in std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?.flatten() {
@@ -211,61 +257,139 @@ pub fn realise(state: &LabState) -> Result<()> {
             let _ = std::fs::remove_file(entry.path());
         }
     }
-    apply_rules(state, &rules)
+    apply(state, &frontends)
 }
 
 fn family(ip: &IpAddr) -> &'static str {
     if ip.is_ipv4() { "ip" } else { "ip6" }
 }
 
-/// The rule (in the `inet` table's prerouting and output chains) sending what `matches` to a random one
-/// of `backends` of the family (none: no rule, the packet stays untranslated).
-fn dnat(matches: &str, v4: bool, backends: &[(IpAddr, u16)]) -> Option<String> {
-    let of_family: Vec<&(IpAddr, u16)> = backends.iter().filter(|(ip, _)| ip.is_ipv4() == v4).collect();
-    let fam = if v4 { "ip" } else { "ip6" };
-    let addr = |ip: &IpAddr| if v4 { ip.to_string() } else { format!("[{ip}]") };
-    let to = match of_family.as_slice() {
-        [] => return None,
-        [(ip, port)] => format!("{}:{port}", addr(ip)),
+/// `ip:port`, with brackets for IPv6.
+fn socket(ip: &IpAddr, port: u16) -> String {
+    if ip.is_ipv4() { format!("{ip}:{port}") } else { format!("[{ip}]:{port}") }
+}
+
+/// nftables mode: the rule (in the `inet` table's prerouting and output chains) sending `f` to a random
+/// one of its backends.
+fn nft_rule(f: &Frontend) -> String {
+    let fam = family(&f.ip);
+    let proto = f.protocol.as_str().to_ascii_lowercase();
+    let to = match f.backends.as_slice() {
+        [(_, ip, port)] => socket(ip, *port),
         many => {
-            let map: Vec<String> = many.iter().enumerate().map(|(i, (ip, port))| format!("{i} : {ip} . {port}")).collect();
+            let map: Vec<String> = many.iter().enumerate().map(|(i, (_, ip, port))| format!("{i} : {ip} . {port}")).collect();
             format!("numgen random mod {} map {{ {} }}", many.len(), map.join(", "))
         }
     };
-    let proto_guard = format!("meta nfproto {}", if v4 { "ipv4" } else { "ipv6" });
-    Some(format!("{proto_guard} {matches} dnat {fam} to {to}"))
+    let nfproto = if f.ip.is_ipv4() { "ipv4" } else { "ipv6" };
+    format!("meta nfproto {nfproto} {fam} daddr {} {proto} dport {} dnat {fam} to {to}", f.ip, f.port)
 }
 
-/// Where the lab notes that it wrote the table (the script it applied), so that a lab that never had a
-/// Service never needs `nft`.
-const APPLIED: &str = "services.nft";
+/// iptables mode: the rules (in the nat table's [`CHAIN`]) sending `f` to a random one of its backends,
+/// as kube-proxy writes them: backend i of n taken with probability 1/(n-i), the last one always. A node
+/// port matches any local address (`-m addrtype --dst-type LOCAL`, kube-proxy's KUBE-NODEPORTS).
+fn iptables_rules(f: &Frontend) -> Vec<String> {
+    let proto = f.protocol.as_str().to_ascii_lowercase();
+    let dest = if f.node_port {
+        "-m addrtype --dst-type LOCAL".to_owned()
+    } else {
+        format!("-d {}/{}", f.ip, if f.ip.is_ipv4() { 32 } else { 128 })
+    };
+    let n = f.backends.len();
+    f.backends
+        .iter()
+        .enumerate()
+        .map(|(i, (pod, ip, port))| {
+            let pick = if i + 1 < n {
+                format!(" -m statistic --mode random --probability {:.10}", 1.0 / (n - i) as f64)
+            } else {
+                String::new()
+            };
+            format!(
+                "-A {CHAIN} {dest} -p {proto} -m {proto} --dport {}{pick} -m comment --comment \"{} -> {pod}\" -j DNAT --to-destination {}",
+                f.port,
+                f.service,
+                socket(ip, *port)
+            )
+        })
+        .collect()
+}
 
-/// Replaces the lab's nftables table in the node's namespace with `rules` (one transaction); with no
-/// rules, removes the table if the lab ever wrote it.
-fn apply_rules(state: &LabState, rules: &[String]) -> Result<()> {
+/// Where the lab notes that it wrote rules (what it applied), so that a lab that never had a Service
+/// never needs `nft` or `iptables`.
+const APPLIED: &str = "services.rules";
+/// The nat chain (iptables mode) that holds the lab's Service rules, jumped to from PREROUTING and OUTPUT.
+const CHAIN: &str = "ZTLAB-SERVICES";
+
+/// Replaces the node's translation of Services with `frontends` (each family in one transaction); with
+/// none, removes what the lab ever wrote.
+fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
     let applied = state.state_dir.join(APPLIED);
-    if rules.is_empty() {
+    if frontends.is_empty() {
         if applied.exists() {
             clear(state)?;
             let _ = std::fs::remove_file(&applied);
         }
         return Ok(());
     }
-    let mut script = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
-    for chain in [("pre", "prerouting"), ("out", "output")] {
-        // -100: NF_IP_PRI_NAT_DST, where kube-proxy's rules are.
-        script.push_str(&format!("  chain {} {{\n    type nat hook {} priority -100; policy accept;\n", chain.0, chain.1));
-        for r in rules {
-            script.push_str(&format!("    {r}\n"));
+    let written = match state.proxy_mode {
+        ProxyMode::Nftables => {
+            let mut script = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+            for (name, hook) in [("pre", "prerouting"), ("out", "output")] {
+                // -100: NF_IP_PRI_NAT_DST, where kube-proxy's rules are.
+                script.push_str(&format!("  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n"));
+                for f in frontends {
+                    script.push_str(&format!("    {}\n", nft_rule(f)));
+                }
+                script.push_str("  }\n");
+            }
+            script.push_str("}\n");
+            super::net::nft(&state.node_netns, &script)?;
+            script
         }
-        script.push_str("  }\n");
-    }
-    script.push_str("}\n");
-    super::net::nft(&state.node_netns, &script)?;
-    write_atomic(&applied, script.as_bytes())
+        ProxyMode::Iptables => {
+            let mut all = String::new();
+            for (tool, v4) in [("iptables", true), ("ip6tables", false)] {
+                // Declaring the chain in a --noflush restore empties it: the whole family's rules in one
+                // transaction, the other chains untouched.
+                let mut script = format!("*nat\n:{CHAIN} - [0:0]\n");
+                for f in frontends.iter().filter(|f| f.ip.is_ipv4() == v4) {
+                    for rule in iptables_rules(f) {
+                        script.push_str(&rule);
+                        script.push('\n');
+                    }
+                }
+                script.push_str("COMMIT\n");
+                super::net::exec_in(&state.node_netns, &format!("{tool}-restore"), &["--noflush"], Some(&script))?;
+                for hook in ["PREROUTING", "OUTPUT"] {
+                    let jump = ["-t", "nat", "-C", hook, "-j", CHAIN];
+                    if super::net::exec_in(&state.node_netns, tool, &jump, None).is_err() {
+                        super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-I", hook, "1", "-j", CHAIN], None)?;
+                    }
+                }
+                all.push_str(&script);
+            }
+            all
+        }
+    };
+    write_atomic(&applied, written.as_bytes())
 }
 
-/// Removes the lab's table (for `down`; the namespace goes too, this only tidies a running node).
+/// Removes the lab's rules (for `down`; the namespace goes too, this only tidies a running node).
 pub fn clear(state: &LabState) -> Result<()> {
-    super::net::nft(&state.node_netns, &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
+    match state.proxy_mode {
+        ProxyMode::Nftables => {
+            super::net::nft(&state.node_netns, &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
+        }
+        ProxyMode::Iptables => {
+            for tool in ["iptables", "ip6tables"] {
+                for hook in ["PREROUTING", "OUTPUT"] {
+                    let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-D", hook, "-j", CHAIN], None);
+                }
+                let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-F", CHAIN], None);
+                let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-X", CHAIN], None);
+            }
+            Ok(())
+        }
+    }
 }

@@ -31,6 +31,21 @@ pub struct LabState {
     /// The agent the lab started in the node's namespace, if any.
     #[serde(default)]
     pub agent: Option<AgentState>,
+    /// How the node translates Services (the kube-proxy mode the lab plays).
+    #[serde(default)]
+    pub proxy_mode: ProxyMode,
+}
+
+/// The kube-proxy mode the lab plays in the node's namespace: the same translation (a random ready
+/// backend per connection, node ports), written as kube-proxy writes it in that mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyMode {
+    /// One nftables table, `numgen random` maps (kube-proxy's `--proxy-mode nftables`).
+    #[default]
+    Nftables,
+    /// iptables nat rules, `-m statistic --mode random` chains (kube-proxy's default mode).
+    Iptables,
 }
 
 /// An agent enforcing in the lab: `<bin> run --source dir:<state>/manifests …` in the node's namespace.

@@ -29,6 +29,11 @@ impl PaymentsLab {
     /// `tag` (two or three letters) keeps names apart; `agent_bin` runs the agent (a wrapper, or
     /// [`AGENT`]); `extra_args` go to `ztrust-agent run`.
     pub fn up(tag: &str, agent_bin: &Path, extra_args: &[&str]) -> Self {
+        Self::up_with(tag, agent_bin, extra_args, lab::ProxyMode::default())
+    }
+
+    /// [`PaymentsLab::up`] with the node translating Services in `proxy_mode`.
+    pub fn up_with(tag: &str, agent_bin: &Path, extra_args: &[&str], proxy_mode: lab::ProxyMode) -> Self {
         assert!(nix::unistd::geteuid().is_root(), "needs root: run by `cargo xtask test`");
         std::fs::create_dir_all("/run/ztrust").unwrap();
         let prefix = format!("{tag}{}", std::process::id() % 10_000);
@@ -48,6 +53,7 @@ impl PaymentsLab {
                     extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
                     ..Default::default()
                 }),
+                proxy_mode,
                 ..Default::default()
             },
         )
