@@ -183,12 +183,16 @@ fn lab(down: bool) -> anyhow::Result<()> {
     };
     step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
     run(agent_cmd(&["lab", "up", example.join("cluster.yaml").to_str().expect("utf-8 path")]))?;
+    step("the Services (ClusterIPs; the node translates them as kube-proxy's nftables mode does)");
+    run(agent_cmd(&["lab", "apply", example.join("services.yaml").to_str().expect("utf-8 path")]))?;
     step("probe: with no policy, everything reaches everything");
     run(agent_cmd(&["lab", "probe"]))?;
     step("apply the policies in deploy/examples/payments/policies");
     run(agent_cmd(&["lab", "apply", example.join("policies").to_str().expect("utf-8 path")]))?;
     step("probe: default deny, with only the allowed paths open");
     run(agent_cmd(&["lab", "probe"]))?;
+    step("probe by Service (ClusterIP → the pod the node picked): the same verdicts, frontend → backend open");
+    run(agent_cmd(&["lab", "probe", "--via-service"]))?;
     step("denied connections caused by that probe (from the kernel's ring buffer)");
     run(agent_cmd(&["lab", "flows", "--denied", "-o", "table"]))?;
     step("drop counters (per-CPU, from the pinned maps)");
