@@ -571,14 +571,23 @@ struct Outcome {
 /// probe still fails the suite (reported apart, with what the earlier probes saw).
 const ATTEMPTS: usize = 6;
 
-fn check(lab: &Lab, expected: &Expected) -> Result<Outcome, String> {
+/// Probes the lab's matrix (by pod address, or `via_service`: through every pod's own Service) until it
+/// is as `expected` says, or [`ATTEMPTS`] times.
+fn check(lab: &Lab, expected: &Expected, via_service: bool) -> Result<Outcome, String> {
     let opts = ProbeOptions {
         timeout: Duration::from_millis(300),
+        via_service,
         ..Default::default()
     };
     let state = lab.state();
-    let per_target: usize = state.pods.iter().map(|p| p.ports.len()).sum();
-    let want = state.pods.len() * per_target;
+    let want = if via_service {
+        // Every source → every model pod's Service (4 ports) but its own.
+        let served = state.pods.iter().filter(|p| p.labels.contains_key("conformance.ztrust.io/service")).count();
+        state.pods.iter().map(|p| 4 * (served - usize::from(p.labels.contains_key("conformance.ztrust.io/service")))).sum()
+    } else {
+        let per_target: usize = state.pods.iter().map(|p| p.ports.len()).sum();
+        state.pods.len() * per_target
+    };
     let mut attempts = 0;
     let mut earlier = Vec::new();
     let (m, diff, exp) = loop {
@@ -694,7 +703,8 @@ fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
         lab.apply(p)?;
     }
     lab.wait_synced(from);
-    record("policies.yaml", check(lab, &case.expected)?, report);
+    record("policies.yaml", check(lab, &case.expected, false)?, report);
+    record("policies.yaml, by Service", check(lab, &case.expected, true)?, report);
     for step in &case.steps {
         let from = lab.log_len();
         if !step.delete.is_empty() {
@@ -716,7 +726,8 @@ fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
                 .map_err(|e| format!("lab label {target}: {e}"))?;
         }
         lab.wait_synced(from);
-        record(&step.name, check(lab, &step.expected)?, report);
+        record(&step.name, check(lab, &step.expected, false)?, report);
+        record(&format!("{}, by Service", step.name), check(lab, &step.expected, true)?, report);
     }
     Ok(())
 }
