@@ -7,6 +7,8 @@ use std::time::Instant;
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod cluster;
+
 /// Debian packages the build needs. Debian's rustc ships the `core` sources that `-Z build-std=core`
 /// needs for the BPF target (rustup's toolchains here have no `rust-src`); LLVM 22 is what bpf-linker
 /// links against.
@@ -56,6 +58,11 @@ enum Cmd {
         /// Seconds per target.
         #[arg(long, default_value_t = 30)]
         seconds: u32,
+    },
+    /// A one-node Kubernetes cluster built from upstream (tests/cluster): `cargo xtask cluster up`.
+    Cluster {
+        #[command(subcommand)]
+        action: cluster::Action,
     },
     /// All tests: unit tests, then the privileged integration tests one at a time.
     Test {
@@ -372,5 +379,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
         Cmd::Lab { down } => lab(down),
         Cmd::Test { unit, filter } => test(unit, filter),
+        Cmd::Cluster { action } => cluster::run_action(action),
     }
 }
