@@ -4,10 +4,13 @@
 # through CoreDNS and kube-proxy. Leaves nothing behind (namespace ztrust-smoke is deleted).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-kubectl() { target/cluster/bin/kubectl --kubeconfig=/var/lib/ztrust-cluster/pki/admin.kubeconfig "$@"; }
+# Each command is shown as it runs, as in a terminal.
+kubectl() {
+  echo "\$ kubectl $*" >&2
+  target/cluster/bin/kubectl --kubeconfig=/var/lib/ztrust-cluster/pki/admin.kubeconfig "$@"
+}
 ns=ztrust-smoke
 
-set -x
 kubectl version
 kubectl get nodes -o wide
 kubectl create namespace "$ns"
@@ -43,6 +46,19 @@ spec:
     - port: 80
       targetPort: 80
 ---
+# The same pods behind a dual-stack Service, IPv6 first.
+apiVersion: v1
+kind: Service
+metadata:
+  name: web6
+spec:
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv6, IPv4]
+  selector: {app: web}
+  ports:
+    - port: 80
+      targetPort: 80
+---
 apiVersion: apps/v1
 kind: Deployment
 metadata:
@@ -70,7 +86,10 @@ for _ in 1 2 3; do
   kubectl -n "$ns" exec deploy/client -- wget -qO- "http://web.$ns.svc.cluster.local"
 done
 kubectl -n "$ns" exec deploy/client -- wget -qO- "http://web"
+kubectl -n "$ns" exec deploy/client -- ip -6 addr show dev eth0
+kubectl -n "$ns" exec deploy/client -- nslookup -type=AAAA web6.$ns.svc.cluster.local
+ip6=$(kubectl -n "$ns" get service web6 -o jsonpath='{.spec.clusterIPs[0]}')
+kubectl -n "$ns" exec deploy/client -- wget -qO- "http://[$ip6]"
 kubectl -n "$ns" logs deploy/web --tail=5
 kubectl delete namespace "$ns" --wait=true --timeout=120s
-set +x
 echo "smoke: all checks passed"

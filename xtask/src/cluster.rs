@@ -3,17 +3,18 @@
 //! kubelet, kube-proxy and CoreDNS.
 //!
 //! The node is a network namespace of its own, `ztcluster-node`, joined to the host by one veth pair
-//! (`ztcluster0` 10.250.0.1/30 on the host, `eth0` 10.250.0.2/30 in the node; 10.250.0.2 is the node IP
-//! and the apiserver's address). Every component runs in it (`nsenter --net`, not `ip netns exec`,
+//! (`ztcluster0` 10.250.0.1/30 and fd00:10:250::1/126 on the host, `eth0` 10.250.0.2/30 and
+//! fd00:10:250::2/126 in the node; 10.250.0.2 is the node's primary IP and the apiserver's address). Every component runs in it (`nsenter --net`, not `ip netns exec`,
 //! which remounts /sys), so kube-proxy's iptables or nftables rules, the pods' veths and their routes
 //! live there and disappear with it, and nothing the cluster does reaches past the host: the node has
 //! no route but the link to the host, and the host does not forward. On the host, the pod and Service
 //! ranges are routed into the node so that a test on the host reaching a pod or a ClusterIP stays on
 //! this machine.
 //!
-//! Pods get addresses from 10.244.0.0/24 (CNI `ptp` + `host-local`): one veth per pod, `vethXXXXXXXX` on
-//! the node with a /32 route to the pod, `eth0` in the pod. Services are 10.96.0.0/16, the DNS Service
-//! `kube-dns` 10.96.0.10, the domain cluster.local.
+//! Dual stack, IPv4 first. Pods get addresses from 10.244.0.0/24 and fd00:10:244::/64 (CNI `ptp` +
+//! `host-local`): one veth per pod, `vethXXXXXXXX` on the node with a /32 and a /128 route to the pod,
+//! `eth0` in the pod. Services are 10.96.0.0/16 and fd00:10:96::/112 (IPv4 unless a Service asks for
+//! both), the DNS Service `kube-dns` 10.96.0.10, the domain cluster.local.
 //!
 //! This machine's quirks: cgroup v1 only (the kubelet needs `failCgroupV1: false`), no systemd (the
 //! `cgroupfs` driver everywhere), no registry (images are OCI archives written here and imported into
@@ -45,6 +46,14 @@ const LINK_PREFIX_LEN: u8 = 30;
 const CLUSTER_CIDR: &str = "10.244.0.0/16";
 const POD_CIDR: &str = "10.244.0.0/24";
 const SERVICE_CIDR: &str = "10.96.0.0/16";
+// Dual stack, as the lab (fd00:10:244::/64 for the pods). IPv4 is the primary family: the apiserver
+// advertises 10.250.0.2, and Services are IPv4 unless they ask for both.
+const HOST_IP6: &str = "fd00:10:250::1";
+const NODE_IP6: &str = "fd00:10:250::2";
+const LINK_PREFIX_LEN6: u8 = 126;
+const CLUSTER_CIDR6: &str = "fd00:10:244::/56";
+const POD_CIDR6: &str = "fd00:10:244::/64";
+const SERVICE_CIDR6: &str = "fd00:10:96::/112";
 const API_SERVICE_IP: &str = "10.96.0.1";
 const DNS_SERVICE_IP: &str = "10.96.0.10";
 const CLUSTER_DOMAIN: &str = "cluster.local";
@@ -248,15 +257,17 @@ fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
         eprintln!("the cluster is already up");
         return status();
     }
-    if !running.is_empty() || Path::new(&netns_path()).exists() {
+    if !running.is_empty() {
         bail!(
             "a cluster is partly up (running: {}): `cargo xtask cluster down` first",
-            if running.is_empty() {
-                "nothing, but the node's network namespace exists".to_owned()
-            } else {
-                running.join(", ")
-            }
+            running.join(", ")
         );
+    }
+    if Path::new(&netns_path()).exists() || p.state.exists() || p.run.exists() {
+        // Whatever stopped the last cluster (the end of a session ends its processes) left its
+        // namespace, mounts and state behind.
+        eprintln!("nothing runs, but a previous cluster left state behind: cleaning it up first");
+        down()?;
     }
 
     install_packages()?;
@@ -284,6 +295,8 @@ fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
         API_SERVICE_IP,
         "--san",
         HOST_IP,
+        "--san",
+        NODE_IP6,
     ])
     .arg("--dir")
     .arg(p.pki())
@@ -633,14 +646,19 @@ fn create_network() -> Result<()> {
             "link", "add", HOST_IF, "type", "veth", "peer", "name", NODE_IF, "netns", NETNS,
         ],
     ))?;
+    let host6 = format!("{HOST_IP6}/{LINK_PREFIX_LEN6}");
+    let node6 = format!("{NODE_IP6}/{LINK_PREFIX_LEN6}");
     run(cmd("ip", &["addr", "add", &host, "dev", HOST_IF]))?;
+    run(cmd("ip", &["addr", "add", &host6, "dev", HOST_IF, "nodad"]))?;
     run(cmd("ip", &["link", "set", HOST_IF, "up"]))?;
     // Host → pods and Services through the node, never out of the host's own uplink.
-    for range in [CLUSTER_CIDR, SERVICE_CIDR] {
-        run(cmd(
-            "ip",
-            &["route", "add", range, "via", NODE_IP, "dev", HOST_IF],
-        ))?;
+    for (range, via) in [
+        (CLUSTER_CIDR, NODE_IP),
+        (SERVICE_CIDR, NODE_IP),
+        (CLUSTER_CIDR6, NODE_IP6),
+        (SERVICE_CIDR6, NODE_IP6),
+    ] {
+        run(cmd("ip", &["route", "add", range, "via", via, "dev", HOST_IF]))?;
     }
     let ip_n = |args: &[&str]| {
         let mut c = cmd("ip", &["-n", NETNS]);
@@ -649,11 +667,13 @@ fn create_network() -> Result<()> {
     };
     ip_n(&["link", "set", "lo", "up"])?;
     ip_n(&["addr", "add", &node, "dev", NODE_IF])?;
+    ip_n(&["addr", "add", &node6, "dev", NODE_IF, "nodad"])?;
     ip_n(&["link", "set", NODE_IF, "up"])?;
     // A default route, as every node has: the kubelet and kube-proxy pick the node's addresses from it,
     // and the node's own connections to a ClusterIP need a route before kube-proxy's DNAT. It leads to
     // the host, which does not forward (net.ipv4.ip_forward=0 in its namespace), so nothing leaves.
     ip_n(&["route", "add", "default", "via", HOST_IP, "dev", NODE_IF])?;
+    ip_n(&["-6", "route", "add", "default", "via", HOST_IP6, "dev", NODE_IF])?;
     // Per-namespace sysctls, written from inside the node's namespace: routing between pods and
     // Services.
     let mut c = cmd(
@@ -662,6 +682,7 @@ fn create_network() -> Result<()> {
     );
     c.args([
         "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
     ]);
@@ -746,8 +767,8 @@ state = "{run_dir}/containerd"
       "ipam": {{
         "type": "host-local",
         "dataDir": "{state}/cni/ipam",
-        "ranges": [[{{ "subnet": "{POD_CIDR}" }}]],
-        "routes": [{{ "dst": "0.0.0.0/0" }}]
+        "ranges": [[{{ "subnet": "{POD_CIDR}" }}], [{{ "subnet": "{POD_CIDR6}" }}]],
+        "routes": [{{ "dst": "0.0.0.0/0" }}, {{ "dst": "::/0" }}]
       }}
     }},
     {{ "type": "portmap", "capabilities": {{ "portMappings": true }} }}
@@ -813,7 +834,7 @@ kind: KubeProxyConfiguration
 clientConnection:
   kubeconfig: {pki}/kube-proxy.kubeconfig
 mode: {mode}
-clusterCIDR: {CLUSTER_CIDR}
+clusterCIDR: {CLUSTER_CIDR},{CLUSTER_CIDR6}
 hostnameOverride: {NODE_NAME}
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
@@ -872,7 +893,7 @@ fn apiserver_args(p: &Paths) -> Vec<String> {
         format!("--service-account-issuer=https://kubernetes.default.svc.{CLUSTER_DOMAIN}"),
         format!("--service-account-key-file={pki}/sa.pub"),
         format!("--service-account-signing-key-file={pki}/sa.key"),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}"),
         "--authorization-mode=Node,RBAC".into(),
         // The default plugins are on; NodeRestriction as kubeadm adds it (a kubelet edits only its node).
         "--enable-admission-plugins=NodeRestriction".into(),
@@ -908,11 +929,13 @@ fn controller_manager_args(p: &Paths) -> Vec<String> {
         format!("--root-ca-file={pki}/ca.crt"),
         format!("--cluster-signing-cert-file={pki}/ca.crt"),
         format!("--cluster-signing-key-file={pki}/ca.key"),
-        // node.spec.podCIDR = 10.244.0.0/24, the range the CNI configuration hands out.
+        // node.spec.podCIDRs = 10.244.0.0/24 and fd00:10:244::/64, the ranges the CNI configuration
+        // hands out.
         "--allocate-node-cidrs=true".into(),
-        format!("--cluster-cidr={CLUSTER_CIDR}"),
-        "--node-cidr-mask-size=24".into(),
-        format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        format!("--cluster-cidr={CLUSTER_CIDR},{CLUSTER_CIDR6}"),
+        "--node-cidr-mask-size-ipv4=24".into(),
+        "--node-cidr-mask-size-ipv6=64".into(),
+        format!("--service-cluster-ip-range={SERVICE_CIDR},{SERVICE_CIDR6}"),
     ]
 }
 
@@ -932,7 +955,7 @@ fn kubelet_args(p: &Paths) -> Vec<String> {
         format!("--config={}", p.config().join("kubelet.yaml").display()),
         format!("--kubeconfig={}", p.pki().join("kubelet.kubeconfig").display()),
         format!("--root-dir={}", p.kubelet_dir().display()),
-        format!("--node-ip={NODE_IP}"),
+        format!("--node-ip={NODE_IP},{NODE_IP6}"),
         format!("--hostname-override={NODE_NAME}"),
         "--v=1".into(),
     ]
