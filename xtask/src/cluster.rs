@@ -4,12 +4,12 @@
 //!
 //! The node is a network namespace of its own, `ztcluster-node`, joined to the host by one veth pair
 //! (`ztcluster0` 10.250.0.1/30 and fd00:10:250::1/126 on the host, `eth0` 10.250.0.2/30 and
-//! fd00:10:250::2/126 in the node; 10.250.0.2 is the node's primary IP and the apiserver's address). Every component runs in it (`nsenter --net`, not `ip netns exec`,
-//! which remounts /sys), so kube-proxy's iptables or nftables rules, the pods' veths and their routes
-//! live there and disappear with it, and nothing the cluster does reaches past the host: the node has
-//! no route but the link to the host, and the host does not forward. On the host, the pod and Service
-//! ranges are routed into the node so that a test on the host reaching a pod or a ClusterIP stays on
-//! this machine.
+//! fd00:10:250::2/126 in the node; 10.250.0.2 is the node's primary IP and the apiserver's address).
+//! Every component runs in it (`nsenter --net`, not `ip netns exec`, which remounts /sys), so
+//! kube-proxy's iptables or nftables rules, the pods' veths and their routes live there and disappear
+//! with it. Nothing the cluster sends gets past the host: the node's default routes lead to the host,
+//! which does not forward. On the host, the pod and Service ranges are routed into the node, so a test
+//! on the host that reaches a pod or a ClusterIP stays on this machine.
 //!
 //! Dual stack, IPv4 first. Pods get addresses from 10.244.0.0/24 and fd00:10:244::/64 (CNI `ptp` +
 //! `host-local`): one veth per pod, `vethXXXXXXXX` on the node with a /32 and a /128 route to the pod,
@@ -18,10 +18,11 @@
 //!
 //! This machine's quirks: cgroup v1 only (the kubelet needs `failCgroupV1: false`), no systemd (the
 //! `cgroupfs` driver everywhere), no registry (images are OCI archives written here and imported into
-//! containerd). The kubelet runs in a mount namespace of its own where the four kernel tunables it would
-//! otherwise rewrite for the whole machine (kernel.panic, kernel.panic_on_oops, vm.overcommit_memory,
-//! vm.panic_on_oom) read as the values it wants; its root directory is a shared mount so that the
-//! volumes it mounts there reach containerd.
+//! containerd), root without CAP_SYS_RESOURCE (containerd's `restrict_oom_score_adj`). The kubelet runs
+//! in a mount namespace of its own where the kernel tunables it would otherwise rewrite for the whole
+//! machine (kernel.panic=10, kernel.panic_on_oops=1, vm.overcommit_memory=1, …) read as the values it
+//! wants; its root directory is a shared mount so that the volumes it mounts there reach containerd.
+//! tests/cluster/README.md lists every setting this machine needed and why.
 
 use std::fs;
 use std::io::Write as _;
@@ -303,7 +304,7 @@ fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
     .arg("--server")
     .arg(format!("https://{NODE_IP}:6443"));
     run(pki)?;
-    write_configs(&p, proxy_mode, &version.coredns_image)?;
+    write_configs(&p, proxy_mode)?;
 
     step("cluster: control plane");
     start(&p, "etcd", &etcd_args(&p))?;
@@ -444,18 +445,22 @@ fn build_binaries(p: &Paths) -> Result<Versions> {
         kubernetes: kubernetes.clone(),
     };
 
-    let sources = newest_mtime(&p.module)?;
     fs::create_dir_all(&p.bin)?;
-    let stale = |name: &str| {
-        fs::metadata(p.bin.join(name))
+    // A binary is stale when go.mod, go.sum or its own package changed after it was built.
+    let stale = |name: &str| -> Result<bool> {
+        let mut sources = newest_mtime(&p.module.join("cmd").join(name))?;
+        for f in ["go.mod", "go.sum"] {
+            sources = sources.max(fs::metadata(p.module.join(f))?.modified()?);
+        }
+        Ok(fs::metadata(p.bin.join(name))
             .and_then(|m| m.modified())
-            .map_or(true, |t| t < sources)
+            .map_or(true, |t| t < sources))
     };
 
     if output(cmd("go", &["version"])).is_none() {
         bail!("the cluster's components are built with Go (1.26 or later on PATH as `go`)");
     }
-    if stale("ztrust-k8s-tool") || stale("pause") {
+    if stale("ztrust-k8s-tool")? || stale("pause")? {
         step("cluster: build ztrust-k8s-tool and pause (Go)");
         let mut c = Command::new("go");
         c.args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
@@ -465,7 +470,7 @@ fn build_binaries(p: &Paths) -> Result<Versions> {
             .env("CGO_ENABLED", "0");
         run(c)?;
     }
-    if stale("ztrust-k8s") {
+    if stale("ztrust-k8s")? {
         step(&format!(
             "cluster: build ztrust-k8s (Kubernetes {kubernetes}, etcd, CoreDNS {coredns}; the first build takes 10-20 minutes)"
         ));
@@ -510,6 +515,8 @@ fn version_ldflags(kubernetes: &str) -> Result<String> {
             ("gitMajor", major),
             ("gitMinor", minor),
             ("gitTreeState", "clean"),
+            // Upstream's placeholder is "$Format:%H$"; empty says plainly that it is unknown.
+            ("gitCommit", ""),
             ("buildDate", date.trim()),
         ] {
             flags.push_str(&format!(" -X {package}.{var}={value}"));
@@ -711,7 +718,7 @@ fn path_str(p: &Path) -> String {
     p.to_str().expect("utf-8 path").to_owned()
 }
 
-fn write_configs(p: &Paths, proxy_mode: ProxyMode, _coredns_image: &str) -> Result<()> {
+fn write_configs(p: &Paths, proxy_mode: ProxyMode) -> Result<()> {
     let pki = path_str(&p.pki());
     let cfg = p.config();
     let state = path_str(&p.state);
@@ -729,6 +736,10 @@ state = "{run_dir}/containerd"
 
 [grpc]
   address = "{sock}"
+
+# Not /opt/containerd.
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{state}/containerd/opt"
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE_IMAGE}"
@@ -1252,6 +1263,17 @@ fn down() -> Result<()> {
         run(cmd("ip", &["netns", "del", NETNS]))?;
     }
     remove_cgroups();
+    // libcni's cache of our pods' results (containerd 1.6 does not move it from /var/lib/cni): the
+    // network of the configuration and containerd's loopback.
+    if let Ok(entries) = fs::read_dir("/var/lib/cni/results") {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("ztrust-cluster-") || name.starts_with("cni-loopback-") {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
     // The kubelet's links to container logs (its ContainerLogsDir is not configurable).
     if let Ok(entries) = fs::read_dir("/var/log/containers") {
         for e in entries.flatten() {
