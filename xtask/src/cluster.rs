@@ -59,6 +59,18 @@ const API_SERVICE_IP: &str = "10.96.0.1";
 const DNS_SERVICE_IP: &str = "10.96.0.10";
 const CLUSTER_DOMAIN: &str = "cluster.local";
 
+/// "The internet", for the seed's `database → https://example.com` check: a network namespace of its
+/// own behind the node (`ztext0` 192.0.2.1/24 in the node, `eth0` 192.0.2.80/24 in it, TEST-NET-1),
+/// serving HTTP on port 80. CoreDNS answers `example.com` with its address, so a pod that is allowed
+/// out reaches it by that name, and a test can tell "blocked" from "there is nothing out there".
+const EXT_NETNS: &str = "ztcluster-ext";
+const EXT_NODE_IF: &str = "ztext0";
+const EXT_NODE_IP: &str = "192.0.2.1";
+pub const EXT_IP: &str = "192.0.2.80";
+pub const EXT_NAME: &str = "example.com";
+/// The agent DaemonSet's pin directory on the host's bpffs (deploy/base/daemonset.yaml: the default).
+const AGENT_PIN_DIR: &str = "/sys/fs/bpf/ztrust";
+
 /// Etcd data, the PKI, configuration, the kubelet's and containerd's directories: all removed by `down`.
 const STATE_DIR: &str = "/var/lib/ztrust-cluster";
 /// Sockets, containerd's runtime state and the pods' network namespaces (containerd's
@@ -144,7 +156,7 @@ pub enum ProxyMode {
 }
 
 impl ProxyMode {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             ProxyMode::Iptables => "iptables",
             ProxyMode::Nftables => "nftables",
@@ -243,7 +255,7 @@ fn netns_path() -> String {
 
 // ---------------------------------------------------------------------------------------------- up
 
-fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
+pub fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
     if !is_root() {
         bail!("the cluster creates a network namespace, mounts and cgroups: run it as root");
     }
@@ -282,8 +294,9 @@ fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
     step(&format!(
         "cluster: node network namespace {NETNS} (node IP {NODE_IP})"
     ));
-    create_network()?;
     create_dirs(&p)?;
+    create_network()?;
+    mount_bpffs()?;
     step("cluster: PKI and kubeconfigs");
     let mut pki = Command::new(p.bin.join("ztrust-k8s-tool"));
     pki.args([
@@ -588,7 +601,14 @@ fn build_images(p: &Paths, version: &Versions) -> Result<Vec<(String, PathBuf)>>
     fs::write(etc.join("group"), "root:x:0:\nnogroup:x:65534:\n")?;
     args.push(format!("--file={}=/etc/passwd", etc.join("passwd").display()));
     args.push(format!("--file={}=/etc/group", etc.join("group").display()));
-    args.push("--cmd=sh".into());
+    // Like the seed's nginx: serves HTTP on port 80 unless told otherwise; the page names the pod.
+    for word in [
+        "sh",
+        "-c",
+        "echo \"hello from $(hostname)\" > /var/www/index.html && exec httpd -f -v -p 80 -h /var/www",
+    ] {
+        args.push(format!("--cmd={word}"));
+    }
     images.push(image(WORKLOAD_IMAGE, "workload.tar", args)?);
 
     images.push(image(
@@ -693,7 +713,59 @@ fn create_network() -> Result<()> {
         "net.ipv4.conf.all.rp_filter=0",
         "net.ipv4.conf.default.rp_filter=0",
     ]);
-    run(c)
+    run(c)?;
+    create_outside()
+}
+
+/// [`EXT_NETNS`]: a web server outside the cluster, reached through the node as the internet would be.
+fn create_outside() -> Result<()> {
+    run(cmd("ip", &["netns", "add", EXT_NETNS]))?;
+    run(cmd(
+        "ip",
+        &["-n", NETNS, "link", "add", EXT_NODE_IF, "type", "veth", "peer", "name", "eth0", "netns", EXT_NETNS],
+    ))?;
+    let node = format!("{EXT_NODE_IP}/24");
+    let ext = format!("{EXT_IP}/24");
+    for args in [
+        vec!["-n", NETNS, "addr", "add", &node, "dev", EXT_NODE_IF],
+        vec!["-n", NETNS, "link", "set", EXT_NODE_IF, "up"],
+        vec!["-n", EXT_NETNS, "link", "set", "lo", "up"],
+        vec!["-n", EXT_NETNS, "addr", "add", &ext, "dev", "eth0"],
+        vec!["-n", EXT_NETNS, "link", "set", "eth0", "up"],
+        vec!["-n", EXT_NETNS, "route", "add", "default", "via", EXT_NODE_IP],
+    ] {
+        run(cmd("ip", &args))?;
+    }
+    let www = Paths::new().state.join("outside-www");
+    fs::create_dir_all(&www)?;
+    fs::write(www.join("index.html"), format!("hello from {EXT_NAME} (outside the cluster)\n"))?;
+    // busybox httpd puts itself in the background; `down` ends whatever runs in the namespace.
+    run(cmd(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{EXT_NETNS}"),
+            "--",
+            "busybox",
+            "httpd",
+            "-p",
+            &format!("{EXT_IP}:80"),
+            "-h",
+            &path_str(&www),
+        ],
+    ))
+}
+
+/// The host's bpffs at /sys/fs/bpf, as systemd mounts it on a node: the agent (no CAP_SYS_ADMIN in its
+/// DaemonSet) pins there through its hostPath and cannot mount it itself.
+fn mount_bpffs() -> Result<()> {
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    if mounts.lines().any(|l| {
+        let mut f = l.split_whitespace();
+        (f.nth(1), f.next()) == (Some("/sys/fs/bpf"), Some("bpf"))
+    }) {
+        return Ok(());
+    }
+    run(cmd("mount", &["-t", "bpf", "bpffs", "/sys/fs/bpf"]))
 }
 
 fn create_dirs(p: &Paths) -> Result<()> {
@@ -1006,7 +1078,7 @@ subjects:
     namespace: kube-system
 ---
 # kubeadm's Corefile without `forward`: the node has no upstream resolver to reach, so names outside
-# the cluster get SERVFAIL.
+# the cluster get SERVFAIL, but for example.com, the outside namespace's web server.
 apiVersion: v1
 kind: ConfigMap
 metadata:
@@ -1024,6 +1096,10 @@ data:
             pods insecure
             fallthrough in-addr.arpa ip6.arpa
             ttl 30
+        }}
+        hosts {{
+            {EXT_IP} {EXT_NAME}
+            fallthrough
         }}
         prometheus :9153
         cache 30
@@ -1226,7 +1302,7 @@ fn node_ready() -> bool {
 
 // -------------------------------------------------------------------------------------------- down
 
-fn down() -> Result<()> {
+pub fn down() -> Result<()> {
     if !is_root() {
         bail!("run it as root");
     }
@@ -1256,6 +1332,20 @@ fn down() -> Result<()> {
         if !Command::new("umount").arg(m).status().is_ok_and(|s| s.success()) {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
+    }
+    if Path::new(&format!("/run/netns/{EXT_NETNS}")).exists() {
+        if let Some(pids) = output(cmd("ip", &["netns", "pids", EXT_NETNS])) {
+            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+                signal(pid, "KILL");
+            }
+        }
+        run(cmd("ip", &["netns", "del", EXT_NETNS]))?;
+    }
+    // The DaemonSet's agent pinned its programs and maps on the host's bpffs so that they outlive it;
+    // with the node gone they enforce nothing (their interfaces are gone), and the next cluster's agent
+    // must not adopt them.
+    if Path::new(AGENT_PIN_DIR).exists() {
+        fs::remove_dir_all(AGENT_PIN_DIR).with_context(|| format!("removing {AGENT_PIN_DIR}"))?;
     }
     if Path::new(&netns_path()).exists() {
         // Its veths (the host's ztcluster0 with them, and the host routes through it), kube-proxy's
@@ -1466,7 +1556,7 @@ fn remove_cgroups() {
 
 // ------------------------------------------------------------------------------------------ status
 
-fn status() -> Result<()> {
+pub fn status() -> Result<()> {
     let p = Paths::new();
     println!("{:<24} {:<8} STATE", "COMPONENT", "PID");
     for c in COMPONENTS {

@@ -69,6 +69,10 @@ enum Cmd {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit: bool,
+        /// Leave out the cluster tier (a real Kubernetes node: a first build of ~15 minutes, then ~1
+        /// minute to start).
+        #[arg(long)]
+        no_cluster: bool,
         /// Extra filter passed to the privileged test binaries.
         filter: Option<String>,
     },
@@ -269,16 +273,16 @@ fn deploy_schema_tests() -> anyhow::Result<()> {
     run(t)
 }
 
-fn test(unit_only: bool, filter: Option<String>) -> anyhow::Result<()> {
+fn test(unit_only: bool, no_cluster: bool, filter: Option<String>) -> anyhow::Result<()> {
     let mut tally = Tally::default();
-    let result = test_tiers(unit_only, filter, &mut tally);
+    let result = test_tiers(unit_only, no_cluster, filter, &mut tally);
     // One closing line for the whole run, whatever happened.
     println!("\n{} ignored in plain `cargo test` (root-only tests, run above with --ignored; benchmarks)", tally.ignored);
     println!("summary: {} passed, {} failed", tally.passed, tally.failed);
     result
 }
 
-fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> anyhow::Result<()> {
+fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: &mut Tally) -> anyhow::Result<()> {
     setup_with(TEST_PACKAGES)?;
     step("unit tests (no root)");
     tally.run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
@@ -304,9 +308,39 @@ fn test_tiers(unit_only: bool, filter: Option<String>, tally: &mut Tally) -> any
     }
     c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
     tally.run(c)?;
+    if !no_cluster {
+        cluster_tier(filter.as_deref(), tally)?;
+    }
     if filter.is_none() {
         step("a short fuzz run (cargo xtask fuzz --seconds 3600 for a long one)");
         fuzz(20)?;
+    }
+    Ok(())
+}
+
+/// The cluster tier (tests/tests/cluster.rs): a real node in each of kube-proxy's modes, the agent
+/// deployed with `kubectl apply -k deploy/`. The cluster goes down after each mode, also when a test
+/// failed (its logs stay in target/cluster/logs).
+fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
+    for mode in [cluster::ProxyMode::Iptables, cluster::ProxyMode::Nftables] {
+        step(&format!(
+            "cluster tier: a real Kubernetes node (kube-proxy {}), the agent deployed as a user would, the seed's exercise",
+            mode.as_str()
+        ));
+        let result = cluster::up(mode, true).and_then(|()| {
+            let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--test", "cluster", "--", "--ignored", "--test-threads=1"]);
+            if let Some(f) = filter {
+                c.arg(f);
+            }
+            tally.run(c)
+        });
+        if result.is_err() {
+            // What the cluster said, while it is still up.
+            let _ = cluster::status();
+        }
+        let down = cluster::down();
+        result?;
+        down?;
     }
     Ok(())
 }
@@ -378,7 +412,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup(),
         Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
         Cmd::Lab { down } => lab(down),
-        Cmd::Test { unit, filter } => test(unit, filter),
+        Cmd::Test { unit, no_cluster, filter } => test(unit, no_cluster, filter),
         Cmd::Cluster { action } => cluster::run_action(action),
     }
 }

@@ -6,6 +6,7 @@
 #![allow(dead_code, reason = "each test binary uses a different part")]
 
 pub mod attack;
+pub mod cluster;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};

@@ -40,7 +40,7 @@ use std::time::Duration;
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::{Container, Namespace, ObjectReference, Pod, PodSpec, PodStatus, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
+use k8s_openapi::api::networking::v1::{NetworkPolicy, ServiceCIDR};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
@@ -101,6 +101,13 @@ pub const API_CALLS: &[ApiCall] = &[
     ApiCall {
         group: "discovery.k8s.io",
         resource: "endpointslices",
+        verbs: &["list", "watch"],
+    },
+    // The cluster's Service ranges (Kubernetes 1.33 and later): a connection to an address in them that
+    // is no known Service is dropped rather than judged as the address.
+    ApiCall {
+        group: "networking.k8s.io",
+        resource: "servicecidrs",
         verbs: &["list", "watch"],
     },
     // Only with `Options::events`. Each distinct problem set is a new Event (create); the source
@@ -189,6 +196,11 @@ pub struct KubeSource {
     policies: Store<NetworkPolicy>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    /// The ServiceCIDR objects; its writer is dropped when the API server has no such resource (before
+    /// Kubernetes 1.33): then only `--service-cidr` says which ranges are Services'.
+    service_cidr_objects: Store<ServiceCIDR>,
+    /// `--service-cidr`, always part of the ranges.
+    service_cidr_flags: Vec<ipnet::IpNet>,
     /// Bumped by the reflector tasks on every change of a store.
     generation: watch::Receiver<u64>,
     /// The generation of the last snapshot taken (reported or found unchanged).
@@ -247,10 +259,11 @@ impl KubeSource {
         let (services, t4) = spawn_reflector::<Service>(&client, tx.clone(), t.clone(), |s| slim_metadata(&mut s.metadata), |t, s| {
             t.services.insert(key_of(&s.metadata));
         });
-        let (slices, t5) = spawn_reflector::<EndpointSlice>(&client, tx, t, |s| slim_metadata(&mut s.metadata), |t, s| {
+        let (slices, t5) = spawn_reflector::<EndpointSlice>(&client, tx.clone(), t.clone(), |s| slim_metadata(&mut s.metadata), |t, s| {
             t.slices.insert(key_of(&s.metadata));
         });
-        let mut tasks = vec![t1, t2, t3, t4, t5];
+        let (service_cidr_objects, t6) = spawn_service_cidr_reflector(&client, tx, t);
+        let mut tasks = vec![t1, t2, t3, t4, t5, t6];
         let events = options.events.then(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let reporter = Reporter {
@@ -271,6 +284,8 @@ impl KubeSource {
             policies,
             services,
             slices,
+            service_cidr_objects,
+            service_cidr_flags: Vec::new(),
             generation,
             taken: None,
             touched,
@@ -295,16 +310,18 @@ impl KubeSource {
             && ready(self.policies.wait_until_ready().now_or_never())
             && ready(self.services.wait_until_ready().now_or_never())
             && ready(self.slices.wait_until_ready().now_or_never())
+            && !matches!(self.service_cidr_objects.wait_until_ready().now_or_never(), None)
     }
 
     /// Waits until every kind is listed.
     pub async fn wait_until_ready(&self) {
-        let (a, b, c, d, e) = futures::join!(
+        let (a, b, c, d, e, _absent_or_ready) = futures::join!(
             self.namespaces.wait_until_ready(),
             self.pods.wait_until_ready(),
             self.policies.wait_until_ready(),
             self.services.wait_until_ready(),
-            self.slices.wait_until_ready()
+            self.slices.wait_until_ready(),
+            self.service_cidr_objects.wait_until_ready()
         );
         if a.is_err() || b.is_err() || c.is_err() || d.is_err() || e.is_err() {
             // A reflector task is gone (the source is being dropped): nothing will ever be ready.
@@ -348,10 +365,29 @@ impl KubeSource {
         self.cluster.node_ips = ips;
     }
 
-    /// The cluster's Service address ranges, set in every cluster the source reports (the API server's
-    /// `--service-cluster-ip-range`, which the agent is told).
+    /// Service address ranges the agent is told (`--service-cidr`), in every cluster the source reports
+    /// together with those of the cluster's ServiceCIDR objects.
     pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) {
-        self.cluster.service_cidrs = cidrs;
+        self.service_cidr_flags = cidrs;
+        self.cluster.service_cidrs = self.service_cidrs();
+    }
+
+    /// `--service-cidr` and every range of every ServiceCIDR object (the API server's
+    /// `--service-cluster-ip-range` is the one named `kubernetes`), sorted, without duplicates. A range
+    /// being deleted still counts: its addresses may still be in use.
+    fn service_cidrs(&self) -> Vec<ipnet::IpNet> {
+        let mut cidrs: BTreeSet<ipnet::IpNet> = self.service_cidr_flags.iter().map(ipnet::IpNet::trunc).collect();
+        for object in self.service_cidr_objects.state() {
+            for text in object.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
+                match text.parse::<ipnet::IpNet>() {
+                    Ok(net) => {
+                        cidrs.insert(net.trunc());
+                    }
+                    Err(e) => warn!(servicecidr = object.metadata.name.as_deref().unwrap_or(""), cidr = %text, error = %e, "ignoring an invalid ServiceCIDR range"),
+                }
+            }
+        }
+        cidrs.into_iter().collect()
     }
 
     /// The converted cluster as of the last snapshot or [`KubeSource::poll_changes`].
@@ -398,7 +434,13 @@ impl KubeSource {
             self.problems.clear();
             self.policy_refs.clear();
         }
-        let changes = self.patch(&touched);
+        let mut changes = self.patch(&touched);
+        let cidrs = self.service_cidrs();
+        if cidrs != self.cluster.service_cidrs {
+            info!(?cidrs, "Service ranges");
+            self.cluster.service_cidrs = cidrs;
+            changes.service_cidrs = true;
+        }
         let mut errors: Vec<LoadError> = self.problems.values().flatten().cloned().collect();
         // Stores are hash maps: order the problems so equal clusters compare equal.
         errors.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
@@ -574,17 +616,33 @@ fn spawn_reflector<K>(
 where
     K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
 {
+    let (reader, writer) = reflector::store::<K>();
+    let client = client.clone();
+    let task = tokio::spawn(async move { run_reflector(&client, writer, changed, touched, slim, note).await });
+    (reader, task)
+}
+
+/// Lists and watches `K` into `writer` until the source is dropped, noting every change in `touched`.
+async fn run_reflector<K>(
+    client: &Client,
+    writer: reflector::store::Writer<K>,
+    changed: watch::Sender<u64>,
+    touched: Arc<Mutex<Touched>>,
+    slim: fn(&mut K),
+    note: fn(&mut Touched, &K),
+) where
+    K: Resource<DynamicType = ()> + Clone + Debug + DeserializeOwned + Send + Sync + 'static,
+{
     let _ = api_call::<K>("list");
     let _ = api_call::<K>("watch");
     let kind = K::kind(&());
-    let (reader, writer) = reflector::store::<K>();
     let stream = reflector::reflector(
         writer,
         watcher(Api::<K>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .modify(slim),
     );
-    let task = tokio::spawn(async move {
+    {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
         while let Some(item) = stream.next().await {
@@ -616,6 +674,39 @@ where
                 }
             }
         }
+    }
+}
+
+/// The ServiceCIDR reflector, if the API server serves `networking.k8s.io/v1` `servicecidrs`; asked
+/// by discovery (retried until it answers). Without the resource the store's writer is dropped, which
+/// [`KubeSource::is_ready`] reads as "nothing to wait for".
+fn spawn_service_cidr_reflector(
+    client: &Client,
+    changed: watch::Sender<u64>,
+    touched: Arc<Mutex<Touched>>,
+) -> (Store<ServiceCIDR>, JoinHandle<()>) {
+    let (reader, writer) = reflector::store::<ServiceCIDR>();
+    let _ = api_call::<ServiceCIDR>("list");
+    let client = client.clone();
+    let task = tokio::spawn(async move {
+        let mut delay = Duration::from_millis(200);
+        let served = loop {
+            match client.list_api_group_resources("networking.k8s.io/v1").await {
+                Ok(list) => break list.resources.iter().any(|r| r.name == "servicecidrs"),
+                Err(e) => {
+                    warn!(error = %e, "API discovery of networking.k8s.io/v1 failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        };
+        if !served {
+            info!("the API server has no ServiceCIDR objects (Kubernetes before 1.33): Service ranges only from --service-cidr");
+            drop(writer);
+            changed.send_modify(|g| *g += 1);
+            return;
+        }
+        run_reflector(&client, writer, changed, touched, |s: &mut ServiceCIDR| slim_metadata(&mut s.metadata), |_, _| {}).await;
     });
     (reader, task)
 }

@@ -14,6 +14,8 @@
 //! - a watch from an N older than the history ([`FakeApiServer::expire_history_with`]) gets, as the real
 //!   server does, `200` and one `{"type":"ERROR","object":{"kind":"Status",...,"code":410}}` line.
 //! - `POST /apis/events.k8s.io/v1/namespaces/{ns}/events`: stored, `201`.
+//! - `GET /apis/networking.k8s.io/v1`: discovery, as a server before Kubernetes 1.33 (no
+//!   `servicecidrs`; the real cluster tier has them).
 //!
 //! With [`FakeApiServer::start_tls`] it speaks HTTPS and requires a bearer token, as the real API server
 //! does for a service account.
@@ -476,6 +478,19 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
                 status(401, "Unauthorized", "Unauthorized".into()),
             ));
         }
+    }
+    // Discovery of the group, as a server before Kubernetes 1.33 answers it: no ServiceCIDR resource.
+    if path == "/apis/networking.k8s.io/v1" && req.method() == Method::GET {
+        return Ok(full(
+            StatusCode::OK,
+            json!({
+                "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "networking.k8s.io/v1",
+                "resources": [{
+                    "name": "networkpolicies", "singularName": "networkpolicy", "namespaced": true,
+                    "kind": "NetworkPolicy", "verbs": ["get", "list", "watch"],
+                }],
+            }),
+        ));
     }
     if let Some(kind) = Kind::from_path(&path)
         && req.method() == Method::GET

@@ -1,0 +1,185 @@
+//! The real cluster of `cargo xtask cluster up` (xtask/src/cluster.rs): its kubectl with the admin
+//! kubeconfig, and the checks the seed's exercise makes with `kubectl exec … -- wget`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use std::io::Write as _;
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+/// The workload image of the cluster (busybox: httpd on port 80 by default, wget, nc, nslookup).
+pub const WORKLOAD_IMAGE: &str = "ztrust.test/workload:1";
+/// The outside world's web server (xtask/src/cluster.rs, `EXT_*`), answered by CoreDNS for example.com.
+pub const EXT_NAME: &str = "example.com";
+pub const EXT_IP: &str = "192.0.2.80";
+/// The node's network namespace, where the agent, kube-proxy and the pods' host veths are.
+pub const NODE_NETNS: &str = "ztcluster-node";
+
+pub struct Cluster {
+    kubectl: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Cluster {
+    /// The running cluster; panics (never skips) when there is none.
+    pub fn get() -> Self {
+        let kubeconfig = PathBuf::from("/var/lib/ztrust-cluster/pki/admin.kubeconfig");
+        let kubectl = root().join("target/cluster/bin/kubectl");
+        assert!(
+            kubeconfig.exists() && kubectl.exists(),
+            "no cluster ({} or {} is missing): these tests run against `cargo xtask cluster up --agent` \
+             (cargo xtask test starts it)",
+            kubeconfig.display(),
+            kubectl.display()
+        );
+        let c = Cluster { kubectl, kubeconfig };
+        let nodes = c.ok(&["get", "nodes", "-o", "name"]);
+        assert!(nodes.contains("node/"), "the cluster answers but has no node: {nodes}");
+        c
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.kubectl);
+        c.args(args).env("KUBECONFIG", &self.kubeconfig).stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("running kubectl")
+    }
+
+    /// kubectl `args`, which must succeed; its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `kubectl apply -f -` of `yaml`.
+    pub fn apply(&self, yaml: &str) -> String {
+        self.stdin(&["apply", "-f", "-"], yaml)
+    }
+
+    /// kubectl `args` with `input` on stdin, which must succeed.
+    pub fn stdin(&self, args: &[&str], input: &str) -> String {
+        let mut c = self.command(args);
+        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().expect("running kubectl");
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing to kubectl");
+        let out = child.wait_with_output().expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Deletes namespace `ns` if it exists and waits until it is gone, then creates it.
+    pub fn fresh_namespace(&self, ns: &str) {
+        self.run(&["delete", "namespace", ns, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+        self.ok(&["create", "namespace", ns]);
+    }
+
+    /// `kubectl apply -k deploy/` (what a user runs) and the DaemonSet's rollout; its pod's name.
+    pub fn deploy_agent(&self) -> String {
+        let deploy = root().join("deploy");
+        self.ok(&["apply", "-k", deploy.to_str().expect("utf-8")]);
+        self.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+        self.agent_pod()
+    }
+
+    pub fn agent_pod(&self) -> String {
+        self.ok(&[
+            "-n",
+            "ztrust-system",
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=ztrust-agent",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])
+    }
+
+    /// `ztrust-agent ARGS` in the agent's container (`kubectl exec ds/ztrust-agent`).
+    pub fn agent(&self, args: &[&str]) -> String {
+        let mut full = vec!["-n", "ztrust-system", "exec", "ds/ztrust-agent", "--", "ztrust-agent"];
+        full.extend_from_slice(args);
+        self.ok(&full)
+    }
+
+    /// The seed's check: `kubectl exec -n NS deploy/FROM -- wget -qO- URL` (busybox's `wget -T` crashes,
+    /// `timeout` stands in for it). Ok(page) if it answered, Err(what wget said) if not.
+    pub fn wget(&self, ns: &str, from: &str, url: &str) -> Result<String, String> {
+        let target = format!("deploy/{from}");
+        let out = self.run(&["exec", "-n", ns, &target, "--", "timeout", "3", "wget", "-qO-", url]);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "exit {:?}: {}{}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
+    /// [`Self::wget`] until it has the expected outcome (`pass`) twice in a row, or `timeout`: policy
+    /// changes reach the kernel asynchronously. Returns the last outcome.
+    pub fn wget_until(&self, ns: &str, from: &str, url: &str, pass: bool, timeout: Duration) -> Result<String, String> {
+        let started = Instant::now();
+        let mut streak = 0;
+        loop {
+            let r = self.wget(ns, from, url);
+            if r.is_ok() == pass {
+                streak += 1;
+                if streak == 2 {
+                    return r;
+                }
+            } else {
+                streak = 0;
+            }
+            if started.elapsed() > timeout {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// The agent's denied flows as JSON objects (`flows --denied --all -o jsonl`).
+    pub fn denied_flows(&self) -> Vec<serde_json::Value> {
+        self.agent(&["flows", "--denied", "--all", "-o", "jsonl"])
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow line {l:?}: {e}")))
+            .collect()
+    }
+}
+
+/// The seed's Task 2 application with the cluster's local image for nginx:1.27.3 (no registry here);
+/// everything else as the seed writes it.
+pub fn seed_app() -> String {
+    let yaml = std::fs::read_to_string(root().join("tests/cluster/seed/task2-app.yaml")).expect("task2-app.yaml");
+    assert!(yaml.contains("image: nginx:1.27.3"), "the seed's image line");
+    yaml.replace("image: nginx:1.27.3", &format!("image: {WORKLOAD_IMAGE}\n        imagePullPolicy: Never"))
+}
+
+/// The seed's Task 4 policies, exactly.
+pub fn seed_policies() -> String {
+    std::fs::read_to_string(root().join("tests/cluster/seed/task4-policies.yaml")).expect("task4-policies.yaml")
+}
