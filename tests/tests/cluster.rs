@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, EXT_IP, EXT_NAME};
+use common::cluster::{Cluster, EXT_IP, EXT_NAME, Prometheus};
 
 /// Policy changes reach the kernel within this (the agent polls its watches every 200 ms).
 const ENFORCED_WITHIN: Duration = Duration::from_secs(15);
@@ -57,15 +57,23 @@ fn seed_checks(c: &Cluster) {
     }
 }
 
-/// Denied flows from pods whose name starts with `from` to `to` (a pod name prefix or an address).
+/// Denied flows from pods whose name starts with `from` to `to`: a pod name prefix (the pod itself,
+/// or the backend of the Service the connection was to) or an address.
 fn denied<'a>(flows: &'a [serde_json::Value], from: &str, to: &str) -> Vec<&'a serde_json::Value> {
     let pod = |e: &serde_json::Value| {
         format!("{}/{}", e["namespace"].as_str().unwrap_or(""), e["pod"].as_str().unwrap_or(""))
     };
+    let backends = |f: &serde_json::Value| -> Vec<String> {
+        f["service"]["backends"].as_array().into_iter().flatten().filter_map(|b| b.as_str().map(str::to_owned)).collect()
+    };
     flows
         .iter()
         .filter(|f| pod(&f["source"]).starts_with(from))
-        .filter(|f| pod(&f["destination"]).starts_with(to) || f["destination"]["ip"].as_str() == Some(to))
+        .filter(|f| {
+            pod(&f["destination"]).starts_with(to)
+                || backends(f).iter().any(|b| b.starts_with(to))
+                || f["destination"]["ip"].as_str() == Some(to)
+        })
         .collect()
 }
 
@@ -84,7 +92,8 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
     // Visibility: the blocked attempts, named by pod and by the policies that isolate them.
     let flows = c.denied_flows();
     for (from, to, policy) in [
-        ("payments/frontend-", "payments/database-", "database-policy"),
+        // Denied on the way out: frontend's egress policies do not allow database.
+        ("payments/frontend-", "payments/database-", "frontend-policy"),
         ("payments/database-", "payments/frontend-", "database-policy"),
         ("payments/database-", EXT_IP, "database-policy"),
     ] {
@@ -105,10 +114,24 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
         hits.iter().any(|f| f["reason"].as_str() == Some("unknown-service")),
         "frontend → {stray} (Service range, no Service) is dropped as unknown-service: {hits:#?}"
     );
+    // A real Prometheus finds the agent through the metrics Service and sees the drop counters rise by
+    // (at least) the blocked attempts: each is a new connection, so a flow of its own.
+    let prometheus = Prometheus::start();
+    prometheus.wait_for(r#"up{job="ztrust-agent"}"#, Duration::from_secs(60), |v| v == 1.0);
+    let drops = r#"sum(ztrust_drops_total{namespace="payments"})"#;
+    let before = prometheus.wait_for(drops, Duration::from_secs(10), |_| true);
+    let attempts = 5;
+    for _ in 0..attempts {
+        assert!(c.wget("payments", "frontend", &url("database")).is_err(), "frontend → database stays blocked");
+    }
+    let after = prometheus.wait_for(drops, Duration::from_secs(20), |v| v >= before + f64::from(attempts));
+    eprintln!("Prometheus: {drops} {before} → {after} over {attempts} blocked attempts");
+    drop(prometheus);
     // The table an operator reads.
     let table = c.agent(&["flows", "--denied", "--namespace", "payments", "--all"]);
     eprintln!("{table}");
-    assert!(table.contains("payments/frontend-") && table.contains("payments/database-"), "{table}");
+    assert!(table.contains("svc payments/database:80 → payments/database-"), "the Service and its backend: {table}");
+    assert!(table.contains("payments/frontend-policy"), "{table}");
 }
 
 #[test]

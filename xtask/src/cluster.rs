@@ -756,16 +756,20 @@ fn create_outside() -> Result<()> {
 }
 
 /// The host's bpffs at /sys/fs/bpf, as systemd mounts it on a node: the agent (no CAP_SYS_ADMIN in its
-/// DaemonSet) pins there through its hostPath and cannot mount it itself.
+/// DaemonSet) pins there through its hostPath and cannot mount it itself. systemd also makes every
+/// mount shared; here nothing does, and the kubelet refuses a `HostToContainer` hostPath on a private
+/// mount ("is mounted on … but it is not a shared or slave mount"): the DaemonSet's bpffs and cgroup
+/// volumes are made shared, as on any systemd node.
 fn mount_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/self/mounts")?;
-    if mounts.lines().any(|l| {
+    if !mounts.lines().any(|l| {
         let mut f = l.split_whitespace();
         (f.nth(1), f.next()) == (Some("/sys/fs/bpf"), Some("bpf"))
     }) {
-        return Ok(());
+        run(cmd("mount", &["-t", "bpf", "bpffs", "/sys/fs/bpf"]))?;
     }
-    run(cmd("mount", &["-t", "bpf", "bpffs", "/sys/fs/bpf"]))
+    run(cmd("mount", &["--make-shared", "/sys/fs/bpf"]))?;
+    run(cmd("mount", &["--make-rshared", "/sys/fs/cgroup"]))
 }
 
 fn create_dirs(p: &Paths) -> Result<()> {

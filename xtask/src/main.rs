@@ -17,7 +17,7 @@ const BUILD_PACKAGES: &[&str] =
 /// What the privileged tests drive besides the agent: a real port scanner, a real Prometheus server
 /// (with promtool), capsh to run the agent with only the capabilities it needs, and ethtool to turn a
 /// veth's segmentation offload and GRO off and on.
-const TEST_PACKAGES: &[&str] = &["nmap", "prometheus", "libcap2-bin", "ethtool", "iptables", "nftables"];
+const TEST_PACKAGES: &[&str] = &["nmap", "prometheus", "libcap2-bin", "ethtool", "iptables", "nftables", "curl"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
 const BPF_TOOLCHAIN: &str = "ztrust-bpf";

@@ -254,9 +254,15 @@ struct Printer {
 const HEADERS: [&str; 7] = ["TIME", "VERDICT", "SOURCE", "DESTINATION", "PROTO", "REASON", "POLICY"];
 
 fn cells(f: &Flow) -> [String; 7] {
-    let dst = match f.destination.port {
-        Some(p) => format!("{}:{p}", f.destination.display_name()),
-        None => f.destination.display_name(),
+    let port = f.destination.port.map(|p| format!(":{p}")).unwrap_or_default();
+    // A connection to a Service is judged by the backends it reaches: name the Service and them, not
+    // the ClusterIP (the JSON outputs keep the address).
+    let dst = match (&f.service, &f.destination.pod) {
+        (Some(svc), None) => match svc.backends.as_slice() {
+            [one] => format!("svc {}{port} → {one}", svc.name),
+            many => format!("svc {}{port} ({} backends)", svc.name, many.len()),
+        },
+        _ => format!("{}{port}", f.destination.display_name()),
     };
     // The source port is ephemeral noise almost always; the JSON outputs keep it.
     let src = f.source.display_name();
@@ -690,6 +696,19 @@ mod tests {
         assert_eq!(col(lines[0], "DESTINATION"), col(lines[2], "8.8.8.8:53"), "{text}");
         assert_eq!(col(lines[0], "REASON"), col(lines[2], "allowed-by-policy"), "{text}");
         assert!(!text.contains('\x1b'));
+    }
+
+    #[test]
+    fn a_connection_to_a_service_is_shown_by_the_service_and_its_backend() {
+        let mut f = crate::observer::filters::testing::denied();
+        f.destination.namespace = None;
+        f.destination.pod = None;
+        f.destination.ip = "10.96.30.147".parse().unwrap();
+        f.destination.port = Some(80);
+        f.service = Some(crate::flows::ServiceRef { name: "payments/database".into(), backends: vec!["payments/database-0".into()] });
+        assert_eq!(cells(&f)[3], "svc payments/database:80 → payments/database-0");
+        f.service.as_mut().unwrap().backends.push("payments/database-1".into());
+        assert_eq!(cells(&f)[3], "svc payments/database:80 (2 backends)");
     }
 
     #[test]

@@ -183,3 +183,94 @@ pub fn seed_app() -> String {
 pub fn seed_policies() -> String {
     std::fs::read_to_string(root().join("tests/cluster/seed/task4-policies.yaml")).expect("task4-policies.yaml")
 }
+
+/// Debian's Prometheus on the node, discovering the agent through its metrics Service: the headless
+/// Service's DNS records (`dns_sd_configs`, asked of the cluster DNS), scraping every second. Debian
+/// builds Prometheus without `kubernetes_sd_configs`; DNS is what a Service gives any client. Runs in
+/// the node's network namespace with a resolv.conf of its own (cluster DNS), as a pod's would be.
+/// Stopped on drop.
+pub struct Prometheus {
+    child: std::process::Child,
+    dir: PathBuf,
+    pub port: u16,
+}
+
+impl Prometheus {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!("ztrust-cluster-prometheus-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("prometheus dir");
+        let config = r#"global:
+  scrape_interval: 1s
+  scrape_timeout: 1s
+scrape_configs:
+  - job_name: ztrust-agent
+    dns_sd_configs:
+      - names: [ztrust-agent-metrics.ztrust-system.svc.cluster.local]
+        type: A
+        port: 9965
+        refresh_interval: 5s
+"#;
+        std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
+        std::fs::write(dir.join("resolv.conf"), "nameserver 10.96.0.10\noptions ndots:5\n").expect("resolv.conf");
+        let port = 19090;
+        let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus.log");
+        let script = format!(
+            "mount --make-rprivate / && mount --bind {}/resolv.conf /etc/resolv.conf && exec prometheus \
+             --config.file={}/prometheus.yml --storage.tsdb.path={}/data --web.listen-address=127.0.0.1:{port}",
+            dir.display(),
+            dir.display(),
+            dir.display()
+        );
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NODE_NETNS}"))
+            .args(["--", "unshare", "--mount", "--", "sh", "-c", &script])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting prometheus (Debian's package)");
+        Prometheus { child, dir, port }
+    }
+
+    /// An instant query's first value (`None`: no series), through the HTTP API.
+    pub fn query(&self, promql: &str) -> Option<f64> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{NODE_NETNS}"))
+            .args(["--", "curl", "-sf", "--max-time", "3", "--data-urlencode"])
+            .arg(format!("query={promql}"))
+            .arg(format!("http://127.0.0.1:{}/api/v1/query", self.port))
+            .output()
+            .expect("curl");
+        if !out.status.success() {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until `promql` has a value that `ok` accepts; that value.
+    pub fn wait_for(&self, promql: &str, timeout: Duration, ok: impl Fn(f64) -> bool) -> f64 {
+        let started = Instant::now();
+        loop {
+            let v = self.query(promql);
+            if let Some(v) = v.filter(|v| ok(*v)) {
+                return v;
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "Prometheus: {promql} = {v:?} after {timeout:?}; its log: {}",
+                std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
