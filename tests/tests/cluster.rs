@@ -12,7 +12,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, EXT_IP, EXT_NAME, Prometheus};
+use common::cluster::{Cluster, EXT_IP, EXT_NAME, Prometheus, WORKLOAD_IMAGE, attempts, component_pid, ctr, start_attempts};
 
 /// Policy changes reach the kernel within this (the agent polls its watches every 200 ms).
 const ENFORCED_WITHIN: Duration = Duration::from_secs(15);
@@ -160,4 +160,394 @@ fn seed_exercise_with_the_selector_based_dns_rule_of_deploy_examples() {
     // DNS itself: resolved through the kube-dns ClusterIP under default deny.
     let out = c.ok(&["-n", "payments", "exec", "deploy/database", "--", "nslookup", "backend.payments.svc.cluster.local"]);
     assert!(out.contains("Address"), "{out}");
+}
+
+/// A long-lived connection the policies allow: an echo server (busybox `nc -ll -e cat`) and a client that
+/// sends a line every 200 ms over one TCP connection and keeps what comes back in /tmp/echo. If the
+/// connection breaks, nc exits and the file stops growing.
+fn long_lived_connection(c: &Cluster) -> (String, String) {
+    c.fresh_namespace("longlived");
+    c.apply(&format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: echo, namespace: longlived, labels: {{app: echo}}}}
+spec:
+  containers:
+    - {{name: echo, image: {WORKLOAD_IMAGE}, imagePullPolicy: Never, command: ["nc", "-ll", "-p", "9000", "-e", "cat"]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: client, namespace: longlived, labels: {{app: client}}}}
+spec:
+  containers:
+    - {{name: client, image: {WORKLOAD_IMAGE}, imagePullPolicy: Never, command: ["sleep", "100000"]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: default-deny-all, namespace: longlived}}
+spec: {{podSelector: {{}}, policyTypes: [Ingress, Egress]}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: client-to-echo, namespace: longlived}}
+spec:
+  podSelector: {{matchLabels: {{app: echo}}}}
+  policyTypes: [Ingress]
+  ingress: [{{from: [{{podSelector: {{matchLabels: {{app: client}}}}}}], ports: [{{port: 9000}}]}}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {{name: client-egress, namespace: longlived}}
+spec:
+  podSelector: {{matchLabels: {{app: client}}}}
+  policyTypes: [Egress]
+  egress: [{{to: [{{podSelector: {{matchLabels: {{app: echo}}}}}}], ports: [{{port: 9000}}]}}]
+"#
+    ));
+    c.ok(&["-n", "longlived", "wait", "--for=condition=Ready", "pod", "--all", "--timeout=120s"]);
+    let ip = c.ok(&["-n", "longlived", "get", "pod", "echo", "-o", "jsonpath={.status.podIP}"]);
+    c.ok(&[
+        "exec", "-n", "longlived", "client", "--", "sh", "-c",
+        &format!("((while sleep 0.2; do date +%s; done) | nc {ip} 9000 > /tmp/echo 2>&1 &) >/dev/null 2>&1"),
+    ]);
+    (ip, "client".to_owned())
+}
+
+/// Lines the long-lived connection has echoed so far, and the newest timestamp among them.
+fn echoed(c: &Cluster) -> (usize, u64) {
+    let out = c.ok(&["exec", "-n", "longlived", "client", "--", "cat", "/tmp/echo"]);
+    let stamps: Vec<u64> = out.lines().filter_map(|l| l.trim().parse().ok()).collect();
+    (stamps.len(), stamps.iter().copied().max().unwrap_or(0))
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// Asserts that the long-lived connection echoed within the last few seconds (it is alive).
+fn assert_alive(c: &Cluster, what: &str) -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (n, newest) = echoed(c);
+        if n > 0 && newest + 3 >= now_secs() {
+            return n;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: the long-lived connection stopped ({n} lines, newest {newest}, now {})", now_secs());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// Seed app and policies in force, checked.
+fn seed_enforced(c: &Cluster) {
+    seed_app_flat(c);
+    c.apply(&common::cluster::seed_policies());
+    seed_checks(c);
+}
+
+#[test]
+#[ignore = "needs the real cluster: cargo xtask cluster up --agent (cargo xtask test runs it)"]
+fn fault_agent_rollout_restart_and_image_upgrade_under_denied_attempts() {
+    let c = Cluster::get();
+    c.deploy_agent();
+    seed_enforced(&c);
+    long_lived_connection(&c);
+    let before = assert_alive(&c, "before the restart");
+    let frontend = format!("pod/{}", c.pod_of("payments", "frontend"));
+    start_attempts(&c, "payments", &frontend, "denied", &url("database"), 60, 1);
+    start_attempts(&c, "payments", &frontend, "allowed", &url("backend"), 60, 3);
+
+    // A restart of the DaemonSet: the old pod goes, a new one adopts the pinned programs and maps.
+    let old = c.agent_pod();
+    c.ok(&["-n", "ztrust-system", "rollout", "restart", "ds/ztrust-agent"]);
+    c.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+    let restarted = c.agent_pod();
+    assert_ne!(old, restarted, "rollout restart replaced the agent's pod");
+    let after_restart = assert_alive(&c, "after the rollout restart");
+    assert!(after_restart > before);
+
+    // An image upgrade: a new image reference (the same build, tagged anew in containerd).
+    ctr(&["images", "tag", "--force", "ghcr.io/ztrust/ztrust-agent:0.1.0", "ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade"]);
+    c.ok(&["-n", "ztrust-system", "set", "image", "ds/ztrust-agent", "agent=ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade"]);
+    c.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+    let upgraded = c.agent_pod();
+    assert_ne!(restarted, upgraded);
+    let image = c.ok(&["-n", "ztrust-system", "get", "pod", &upgraded, "-o", "jsonpath={.spec.containers[0].image}"]);
+    assert_eq!(image, "ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade");
+    assert_alive(&c, "after the image upgrade");
+
+    // Wait for the attempt loops to finish: not one denied attempt passed, every allowed one did.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let (denied, allowed) = loop {
+        let d = attempts(&c, "payments", &frontend, "denied");
+        let a = attempts(&c, "payments", &frontend, "allowed");
+        if d.2 && a.2 {
+            break (d, a);
+        }
+        assert!(std::time::Instant::now() < deadline, "the attempt loops did not finish: {d:?} {a:?}");
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    eprintln!("during restart and upgrade: denied path {denied:?}, allowed path {allowed:?} (pass, blocked, done)");
+    assert_eq!(denied.0, 0, "frontend → database passed {} times during the restart/upgrade", denied.0);
+    assert!(denied.1 >= 20, "the denied loop ran: {denied:?}");
+    assert!(allowed.0 >= 20, "the allowed loop ran and passed: {allowed:?}");
+    // The pinned programs judge every packet throughout: an allowed attempt that failed is a failure.
+    assert_eq!(allowed.1, 0, "frontend → backend failed {} times during the restart/upgrade", allowed.1);
+
+    // Back to the release image, for the tests after this one.
+    c.ok(&["-n", "ztrust-system", "set", "image", "ds/ztrust-agent", "agent=ghcr.io/ztrust/ztrust-agent:0.1.0"]);
+    c.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+}
+
+#[test]
+#[ignore = "needs the real cluster: cargo xtask cluster up --agent (cargo xtask test runs it)"]
+fn fault_api_server_stopped_enforcement_unchanged_and_changes_after_it_returns_enforced() {
+    let c = Cluster::get();
+    c.deploy_agent();
+    seed_enforced(&c);
+    let frontend = format!("pod/{}", c.pod_of("payments", "frontend"));
+    start_attempts(&c, "payments", &frontend, "denied-apiserver", &url("database"), 25, 1);
+    start_attempts(&c, "payments", &frontend, "allowed-apiserver", &url("backend"), 25, 3);
+    // Frozen, not killed: its connections hang as on a partition, and it comes back with the same
+    // state (SIGCONT) without xtask's help.
+    let apiserver = component_pid("kube-apiserver");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(apiserver), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    std::thread::sleep(Duration::from_secs(20));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(apiserver), nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    // kubectl again (the apiserver answers after a moment).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !c.run(&["get", "--raw", "/readyz"]).status.success() {
+        assert!(std::time::Instant::now() < deadline, "the API server did not come back");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    std::thread::sleep(Duration::from_secs(6));
+    let denied = attempts(&c, "payments", &frontend, "denied-apiserver");
+    let allowed = attempts(&c, "payments", &frontend, "allowed-apiserver");
+    eprintln!("with the API server stopped: denied path {denied:?}, allowed path {allowed:?}");
+    assert_eq!(denied.0, 0, "frontend → database passed while the API server was stopped");
+    assert!(denied.1 >= 5 && allowed.0 >= 5 && allowed.1 == 0, "{denied:?} {allowed:?}");
+    // A change after it returns: frontend may now reach database.
+    c.apply(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend-to-database, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: frontend}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: database}}}], ports: [{port: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: database-from-frontend, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: database}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{port: 80}]}]
+"#,
+    );
+    c.wget_until("payments", "frontend", &url("database"), true, ENFORCED_WITHIN)
+        .unwrap_or_else(|e| panic!("after the API server returned, a new policy is enforced: {e}"));
+}
+
+#[test]
+#[ignore = "needs the real cluster: cargo xtask cluster up --agent (cargo xtask test runs it)"]
+fn fault_cluster_role_binding_removed_a_clear_error_and_nothing_unenforced() {
+    let c = Cluster::get();
+    c.deploy_agent();
+    seed_enforced(&c);
+    c.ok(&["delete", "clusterrolebinding", "ztrust-agent"]);
+    // Watches already open stay open (authorization is checked when a request starts); a new agent
+    // must list. Replace the agent's pod: the new one cannot list anything, must say why, must never
+    // become Ready, and must keep the pinned programs and maps enforcing the last policy.
+    let old = c.agent_pod();
+    c.ok(&["-n", "ztrust-system", "delete", "pod", &old, "--wait=true"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let (new, log) = loop {
+        let new = c.agent_pod();
+        if new != old && !new.is_empty() {
+            let out = c.run(&["-n", "ztrust-system", "logs", &format!("pod/{new}")]);
+            let log = String::from_utf8_lossy(&out.stdout).into_owned();
+            if log.contains("forbidden") {
+                break (new, log);
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the new agent does not say that it is forbidden to list");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    let line = log.lines().find(|l| l.contains("forbidden")).unwrap_or_default();
+    eprintln!("the agent without its ClusterRoleBinding: {line}");
+    assert!(line.contains("ztrust-agent") && line.contains("cannot list"), "the error names who may not do what: {line}");
+    let ready = c.ok(&["-n", "ztrust-system", "get", "pod", &new, "-o", r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#]);
+    assert_eq!(ready, "False", "an agent that cannot read the cluster is not Ready");
+    // Enforcement as before: Task 5 again (kube-proxy, DNS and the pods are untouched).
+    seed_checks(&c);
+    c.deploy_agent();
+}
+
+/// The kernel's view, read from the agent's pinned maps on the host's bpffs (as `ztrust-agent status`
+/// does), with the node's interface names.
+fn maps() -> ztrust_agent::status::Status {
+    ztrust_agent::status::read_in_netns(std::path::Path::new("/sys/fs/bpf/ztrust"), common::cluster::NODE_NETNS)
+        .expect("the agent's pinned maps")
+}
+
+/// Waits (polling the maps every 5 ms) until `ok` holds; the time it took from `since`.
+fn until_maps(what: &str, since: std::time::Instant, ok: impl Fn(&ztrust_agent::status::Status) -> bool) -> Duration {
+    loop {
+        let m = maps();
+        if ok(&m) {
+            return since.elapsed();
+        }
+        assert!(since.elapsed() < Duration::from_secs(30), "{what}: the maps did not follow within 30 s: {m:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn percentiles(mut d: Vec<Duration>) -> String {
+    d.sort();
+    let at = |q: f64| d[((d.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+    format!("n={} p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms", d.len(), at(0.5), at(0.9), at(0.99), at(1.0))
+}
+
+/// The host-side interface of a pod address: the node's route to it (`ip route get`), its index.
+fn host_ifindex(ip: &str) -> u32 {
+    let ip_n = |args: &[&str]| {
+        let out = std::process::Command::new("ip").args(["-n", common::cluster::NODE_NETNS, "-o"]).args(args).output().expect("ip");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let route = ip_n(&["route", "get", ip]);
+    let dev = route.split_whitespace().skip_while(|w| *w != "dev").nth(1).unwrap_or_else(|| panic!("no route to {ip}: {route}")).to_owned();
+    let link = ip_n(&["link", "show", "dev", &dev]);
+    link.split(':').next().and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("ifindex of {dev}: {link}"))
+}
+
+#[test]
+#[ignore = "needs the real cluster: cargo xtask cluster up --agent (cargo xtask test runs it)"]
+fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced() {
+    let c = Cluster::get();
+    c.deploy_agent();
+    seed_enforced(&c);
+    let database_ip = c.ok(&["-n", "payments", "get", "pod", &c.pod_of("payments", "database"), "-o", "jsonpath={.status.podIP}"]);
+    let backend_ip = c.ok(&["-n", "payments", "get", "pod", &c.pod_of("payments", "backend"), "-o", "jsonpath={.status.podIP}"]);
+
+    // New frontend pods whose first instruction is a connection frontend may not make (to database)
+    // and one it may (to backend), in a loop from the container's start: the denied one never passes,
+    // the allowed one does (the positive control: the pod has a network).
+    let mut created_to_enforced = Vec::new();
+    for i in 0..10 {
+        let name = format!("early-{i}");
+        let script = format!(
+            "while true; do \
+               if timeout 1 wget -qO- http://{database_ip}/ >/dev/null 2>&1; then echo pass; else echo blocked; fi >> /tmp/denied; \
+               if timeout 1 wget -qO- http://{backend_ip}/ >/dev/null 2>&1; then echo pass; else echo blocked; fi >> /tmp/allowed; \
+             done"
+        );
+        let pod = format!(
+            r#"{{"apiVersion":"v1","kind":"Pod","metadata":{{"name":"{name}","namespace":"payments","labels":{{"app":"frontend","tier":"frontend"}}}},
+               "spec":{{"terminationGracePeriodSeconds":0,"containers":[{{"name":"early","image":"{WORKLOAD_IMAGE}","imagePullPolicy":"Never","command":["sh","-c",{script:?}]}}]}}}}"#
+        );
+        let t0 = std::time::Instant::now();
+        c.stdin(&["apply", "-f", "-"], &pod);
+        // Enforced: its interface is in the endpoints map with frontend's egress isolation.
+        let ip = loop {
+            let ip = c.ok(&["-n", "payments", "get", "pod", &name, "-o", "jsonpath={.status.podIP}"]);
+            if !ip.is_empty() {
+                break ip;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(60), "{name} got no address");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let ifindex = host_ifindex(&ip);
+        created_to_enforced.push(until_maps(&format!("{name} enforced"), t0, |m| {
+            m.endpoints.iter().any(|e| e.ifindex == ifindex && e.egress_isolated && e.identity != 0)
+        }));
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    for i in 0..10 {
+        let pod = format!("pod/early-{i}");
+        let read = |f: &str| c.ok(&["-n", "payments", "exec", &pod, "--", "sh", "-c", &format!("cat /tmp/{f} 2>/dev/null || true")]);
+        let (denied, allowed) = (read("denied"), read("allowed"));
+        let count = |t: &str, w: &str| t.lines().filter(|l| l.trim() == w).count();
+        assert_eq!(count(&denied, "pass"), 0, "early-{i}: a denied connection passed from its container's start:\n{denied}");
+        assert!(count(&denied, "blocked") >= 2, "early-{i}: its loop ran: {denied}");
+        assert!(count(&allowed, "pass") >= 1, "early-{i}: the allowed connection passed (the pod has a network): {allowed}");
+    }
+    eprintln!("pod created → enforced (its interface in the maps, isolated): {}", percentiles(created_to_enforced));
+    let early: Vec<String> = (0..10).map(|i| format!("early-{i}")).collect();
+    let mut delete = vec!["-n", "payments", "delete", "pod", "--wait=false"];
+    delete.extend(early.iter().map(String::as_str));
+    c.ok(&delete);
+
+    // API write (kubectl returned) → the kernel's maps, for 100 changes of each kind.
+    let entries = || maps().policy_entries;
+    let toggled = |what: &str, on: &dyn Fn(), off: &dyn Fn()| -> Vec<Duration> {
+        let base = entries();
+        let mut lat = Vec::new();
+        for i in 0..100 {
+            let t = std::time::Instant::now();
+            if i % 2 == 0 { on() } else { off() }
+            let up = i % 2 == 0;
+            lat.push(until_maps(what, t, |m| if up { m.policy_entries > base } else { m.policy_entries == base }));
+        }
+        lat
+    };
+    // Policy edits: a rule that lets backend reach database on one more port, added and removed.
+    let policy = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: probe-to-database, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: database}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: backend}}}], ports: [{port: 8080}]}]
+"#;
+    let policy_lat = toggled(
+        "policy edit",
+        &|| {
+            c.apply(policy);
+        },
+        &|| {
+            c.ok(&["-n", "payments", "delete", "networkpolicy", "probe-to-database"]);
+        },
+    );
+    // Pod labels: a policy admits pods labelled probe=yes into database; backend's label toggles.
+    c.apply(
+        r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: probe-label-to-database, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: database}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {probe: "yes"}}}], ports: [{port: 8081}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: probe-namespace-to-database, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: database}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{namespaceSelector: {matchLabels: {probe: "yes"}}}], ports: [{port: 8082}]}]
+"#,
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let backend = format!("pod/{}", c.pod_of("payments", "backend"));
+    let label_lat = toggled(
+        "pod label",
+        &|| {
+            c.ok(&["-n", "payments", "label", &backend, "probe=yes", "--overwrite"]);
+        },
+        &|| {
+            c.ok(&["-n", "payments", "label", &backend, "probe-"]);
+        },
+    );
+    let ns_lat = toggled(
+        "namespace label",
+        &|| {
+            c.ok(&["label", "namespace", "payments", "probe=yes", "--overwrite"]);
+        },
+        &|| {
+            c.ok(&["label", "namespace", "payments", "probe-"]);
+        },
+    );
+    eprintln!("apply → enforced (kubectl returned → policy map): policy edit {}", percentiles(policy_lat));
+    eprintln!("apply → enforced: pod label {}", percentiles(label_lat));
+    eprintln!("apply → enforced: namespace label {}", percentiles(ns_lat));
 }

@@ -217,6 +217,15 @@ impl Watched {
         }
     }
 
+    /// Resolves when the source has news (the API's watches changed a store), after the debounce
+    /// time, so a change is compiled without waiting for the next poll tick. Files are polled only.
+    async fn changed(&mut self) {
+        match self {
+            Watched::Dir { .. } => std::future::pending().await,
+            Watched::Kube(k) => k.wait_changed().await,
+        }
+    }
+
     fn cluster(&self) -> &Cluster {
         match self {
             Watched::Dir { cluster, .. } => cluster,
@@ -535,13 +544,29 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // syncing an empty cluster would tear it down.
     let mut have_snapshot = false;
     let mut last_sync_error: Option<String> = None;
+    let mut links = match netif::LinkEvents::open() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            warn!(error = %e, poll_ms = opts.poll.as_millis() as u64, "no interface announcements (rtnetlink); new pod interfaces are found by polling only");
+            None
+        }
+    };
     loop {
+        let mut links_failed = None;
         tokio::select! {
             _ = ticker.tick() => {}
+            _ = source.changed() => {}
+            r = async { links.as_mut().expect("checked").next().await }, if links.is_some() => {
+                links_failed = r.err();
+            }
             _ = &mut shutdown => {
                 info!("shutting down; pinned programs and maps keep enforcing");
                 break;
             }
+        }
+        if let Some(e) = links_failed {
+            warn!(error = %e, "interface announcements (rtnetlink) failed; polling only from now on");
+            links = None;
         }
         let span = info_span!("reconcile");
         let _enter = span.enter();

@@ -15,6 +15,62 @@ pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
     Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
 }
 
+/// The kernel's announcements of interfaces and routes coming, changing and going (rtnetlink groups
+/// `RTMGRP_LINK`, `RTMGRP_IPV4_ROUTE`, `RTMGRP_IPV6_ROUTE`), so that the agent attaches to a pod's new
+/// interface (closed until its pod is known) within milliseconds of the CNI creating it, before the
+/// pod's containers start, rather than at its next poll. The messages are not parsed: each is only a
+/// reason to look again (the poll stays, for anything a lost announcement would hide).
+pub struct LinkEvents {
+    fd: tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>,
+}
+
+impl LinkEvents {
+    pub fn open() -> io::Result<Self> {
+        use nix::sys::socket::{AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType, bind, socket};
+        const RTMGRP_LINK: u32 = 0x1;
+        const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+        const RTMGRP_IPV6_ROUTE: u32 = 0x400;
+        let fd = socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+            SockProtocol::NetlinkRoute,
+        )
+        .map_err(io::Error::from)?;
+        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
+            .map_err(io::Error::from)?;
+        // SAFETY: the AsyncFd owns the socket, which stays open for as long as it is registered.
+        Ok(Self { fd: unsafe { tokio::io::unix::AsyncFd::register(fd)? } })
+    }
+
+    /// Waits for the next announcement, then takes whatever else is queued with it.
+    pub async fn next(&mut self) -> io::Result<()> {
+        use nix::errno::Errno;
+        use nix::sys::socket::{MsgFlags, recv};
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            let mut guard = self.fd.readable().await?;
+            let mut got = false;
+            loop {
+                match recv(std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                    Ok(_) => got = true,
+                    // The socket's queue overflowed: announcements were lost, which is itself news.
+                    Err(Errno::ENOBUFS) => got = true,
+                    Err(Errno::EAGAIN) => {
+                        guard.clear_ready();
+                        break;
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if got {
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Host routes (a whole /32 or /128 through an interface, no gateway): address → interface name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct HostRoutes(pub BTreeMap<IpAddr, String>);

@@ -102,6 +102,13 @@ impl Cluster {
         self.agent_pod()
     }
 
+    /// The first pod with label `app=APP` in `ns`.
+    pub fn pod_of(&self, ns: &str, app: &str) -> String {
+        let name = self.ok(&["-n", ns, "get", "pods", "-l", &format!("app={app}"), "-o", "jsonpath={.items[0].metadata.name}"]);
+        assert!(!name.is_empty(), "no pod app={app} in {ns}");
+        name
+    }
+
     pub fn agent_pod(&self) -> String {
         self.ok(&[
             "-n",
@@ -273,4 +280,45 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The pid of a running cluster component (`/run/ztrust-cluster/pids/NAME.pid`, written by xtask).
+pub fn component_pid(name: &str) -> i32 {
+    let path = format!("/run/ztrust-cluster/pids/{name}.pid");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// containerd's `ctr` in the cluster's image namespace.
+pub fn ctr(args: &[&str]) -> String {
+    let out = Command::new("ctr")
+        .args(["--address", "/run/ztrust-cluster/containerd.sock", "--namespace", "k8s.io"])
+        .args(args)
+        .output()
+        .expect("ctr");
+    assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loop in pod `pod` that tries `url` (`timeout` seconds each) for `seconds` and writes one line per attempt
+/// to /tmp/NAME in the container: `pass` or `blocked`, then `done`. It runs in the pod (started with
+/// `kubectl exec`, detached), so it keeps going while the API server or the agent is away.
+pub fn start_attempts(c: &Cluster, ns: &str, pod: &str, name: &str, url: &str, seconds: u32, timeout: u32) {
+    let script = format!(
+        "rm -f /tmp/{name}; end=$(( $(date +%s) + {seconds} )); \
+         while [ $(date +%s) -lt $end ]; do \
+           if timeout {timeout} wget -qO- {url} >/dev/null 2>&1; then echo pass >> /tmp/{name}; else echo blocked >> /tmp/{name}; fi; \
+         done; echo done >> /tmp/{name}"
+    );
+    c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
+}
+
+/// The attempts [`start_attempts`] recorded: (passed, blocked, finished).
+pub fn attempts(c: &Cluster, ns: &str, pod: &str, name: &str) -> (usize, usize, bool) {
+    let out = c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("cat /tmp/{name} 2>/dev/null || true")]);
+    let count = |w: &str| out.lines().filter(|l| l.trim() == w).count();
+    (count("pass"), count("blocked"), count("done") > 0)
 }

@@ -349,6 +349,20 @@ impl KubeSource {
         }
     }
 
+    /// Resolves once a store has changed since the last snapshot (at once if one has), after the
+    /// debounce time: a burst (a re-list, a rollout) is taken in one piece. Cancel-safe.
+    pub async fn wait_changed(&mut self) {
+        loop {
+            if self.taken != Some(*self.generation.borrow_and_update()) {
+                tokio::time::sleep(self.debounce).await;
+                return;
+            }
+            if self.generation.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
     /// The snapshot if anything changed since the last one (or it is the first), once all kinds are
     /// listed; `None` otherwise. For a polling loop (its period is the debounce).
     pub fn try_snapshot(&mut self) -> Option<Loaded> {
