@@ -827,9 +827,10 @@ mod tests {
             api_call::<NetworkPolicy>(verb);
             api_call::<Service>(verb);
             api_call::<EndpointSlice>(verb);
+            api_call::<ServiceCIDR>(verb);
         }
         api_call::<k8s_openapi::api::events::v1::Event>("create");
-        assert_eq!(API_CALLS.len(), 6, "every entry is used by the code above");
+        assert_eq!(API_CALLS.len(), 7, "every entry is used by the code above");
     }
 
     /// Slimming keeps everything the conversion reads.
