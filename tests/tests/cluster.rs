@@ -473,9 +473,21 @@ fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced()
     }
     eprintln!("pod created → enforced (its interface in the maps, isolated): {}", percentiles(created_to_enforced));
     let early: Vec<String> = (0..10).map(|i| format!("early-{i}")).collect();
-    let mut delete = vec!["-n", "payments", "delete", "pod", "--wait=false"];
+    let mut delete = vec!["-n", "payments", "delete", "pod", "--wait=true", "--timeout=120s"];
     delete.extend(early.iter().map(String::as_str));
     c.ok(&delete);
+    // Their entries leave the maps too; measure from a settled state.
+    let settled = std::time::Instant::now();
+    let mut last = maps().policy_entries;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = maps().policy_entries;
+        if now == last {
+            break;
+        }
+        last = now;
+        assert!(settled.elapsed() < Duration::from_secs(30), "the maps keep changing");
+    }
 
     // API write (kubectl returned) → the kernel's maps, for 100 changes of each kind.
     let entries = || maps().policy_entries;

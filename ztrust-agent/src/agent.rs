@@ -193,6 +193,9 @@ impl DirSource {
 }
 
 /// Where the cluster comes from. Each keeps the current cluster; a poll says which objects changed.
+/// How long an interface may be held closed with no pod before the agent says so.
+const HELD_CLOSED_WARNING: Duration = Duration::from_secs(10);
+
 enum Watched {
     /// Files give whole snapshots: the changes are what differs from the previous one.
     Dir { source: DirSource, cluster: Cluster, node_ips: Vec<std::net::IpAddr>, service_cidrs: Vec<ipnet::IpNet> },
@@ -521,6 +524,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut pending = Delta::full();
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
     let mut unbound_reported: BTreeSet<ObjectRef> = BTreeSet::new();
+    // Interfaces held closed by --interface-prefix that no pod's host route leads to: since when, and
+    // whether that was said.
+    let mut held_closed: HashMap<String, (Instant, bool)> = HashMap::new();
     let mut not_enforced = NotEnforced::default();
     let mut warned: BTreeSet<String> = BTreeSet::new();
     // The flow view: pod addresses as of the last change, rule names to rebuild when policies changed.
@@ -558,6 +564,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             _ = source.changed() => {}
             r = async { links.as_mut().expect("checked").next().await }, if links.is_some() => {
                 links_failed = r.err();
+                // A CNI's set-up is a handful of announcements (the link, its moves, its routes): take
+                // them together. Also bounds the loop to ~100 wake-ups a second under announcement
+                // churn (a pod flapping its link, a routing daemon).
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
             _ = &mut shutdown => {
                 info!("shutting down; pinned programs and maps keep enforcing");
@@ -674,6 +684,26 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 && let Err(e) = dp.attach(name, *index)
             {
                 error!(ifname = %name, error = %e, "cannot attach to new interface");
+            }
+        }
+        let bound: BTreeSet<u32> = new_bindings.values().copied().collect();
+        held_closed.retain(|name, _| ifaces.contains_key(name));
+        for (name, index) in &ifaces {
+            if !(matches_prefix(name, &opts.interface_prefixes) && dp.is_attached(name)) || bound.contains(index) {
+                held_closed.remove(name);
+                continue;
+            }
+            let (since, said) = held_closed.entry(name.clone()).or_insert((Instant::now(), false));
+            if !*said && since.elapsed() > HELD_CLOSED_WARNING {
+                *said = true;
+                warn!(
+                    ifname = %name,
+                    "interface held closed for {}s: it matches --interface-prefix, but no pod of this node has a host \
+                     route (/32, /128) through it. Either its pod is not in the API yet, or it is no pod's (another \
+                     container runtime's veth), or the CNI bridges pods (flannel, the bridge plugin: not supported, \
+                     every pod stays closed)",
+                    HELD_CLOSED_WARNING.as_secs()
+                );
             }
         }
         if new_bindings != bindings {

@@ -51,7 +51,9 @@ impl LinkEvents {
         loop {
             let mut guard = self.fd.readable().await?;
             let mut got = false;
-            loop {
+            // At most this many at a time: under a flood the caller still gets to run (the socket
+            // stays readable, so the next call returns at once).
+            for _ in 0..256 {
                 match recv(std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()), &mut buf, MsgFlags::MSG_DONTWAIT) {
                     Ok(_) => got = true,
                     // The socket's queue overflowed: announcements were lost, which is itself news.

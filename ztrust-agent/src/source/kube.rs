@@ -353,7 +353,9 @@ impl KubeSource {
     /// debounce time: a burst (a re-list, a rollout) is taken in one piece. Cancel-safe.
     pub async fn wait_changed(&mut self) {
         loop {
-            if self.taken != Some(*self.generation.borrow_and_update()) {
+            // Until every kind is listed there is nothing to take: wait for the next change (each
+            // reflector's first list and the ServiceCIDR verdict are changes too).
+            if self.is_ready() && self.taken != Some(*self.generation.borrow_and_update()) {
                 tokio::time::sleep(self.debounce).await;
                 return;
             }
@@ -450,8 +452,15 @@ impl KubeSource {
         }
         let mut changes = self.patch(&touched);
         let cidrs = self.service_cidrs();
-        if cidrs != self.cluster.service_cidrs {
-            info!(?cidrs, "Service ranges");
+        if cidrs != self.cluster.service_cidrs || self.last_errors.is_none() {
+            if cidrs.is_empty() {
+                warn!(
+                    "no Service ranges (no ServiceCIDR objects, no --service-cidr): a connection to a ClusterIP \
+                     that is no known Service is judged as that address instead of being dropped as unknown-service"
+                );
+            } else {
+                info!(?cidrs, "Service ranges");
+            }
             self.cluster.service_cidrs = cidrs;
             changes.service_cidrs = true;
         }
