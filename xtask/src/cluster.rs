@@ -1343,13 +1343,17 @@ pub fn down() -> Result<()> {
                 signal(pid, "KILL");
             }
         }
-        run(cmd("ip", &["netns", "del", EXT_NETNS]))?;
+        if let Err(e) = run(cmd("ip", &["netns", "del", EXT_NETNS])) {
+            eprintln!("warning: {e:#}; going on");
+        }
     }
     // The DaemonSet's agent pinned its programs and maps on the host's bpffs so that they outlive it;
     // with the node gone they enforce nothing (their interfaces are gone), and the next cluster's agent
     // must not adopt them.
-    if Path::new(AGENT_PIN_DIR).exists() {
-        fs::remove_dir_all(AGENT_PIN_DIR).with_context(|| format!("removing {AGENT_PIN_DIR}"))?;
+    if Path::new(AGENT_PIN_DIR).exists()
+        && let Err(e) = fs::remove_dir_all(AGENT_PIN_DIR)
+    {
+        eprintln!("warning: removing {AGENT_PIN_DIR}: {e}; going on");
     }
     if Path::new(&netns_path()).exists() {
         // Its veths (the host's ztcluster0 with them, and the host routes through it), kube-proxy's
@@ -1387,6 +1391,12 @@ pub fn down() -> Result<()> {
         p.logs.display()
     );
     Ok(())
+}
+
+/// Whether any component of a cluster runs.
+pub fn is_running() -> bool {
+    let p = Paths::new();
+    COMPONENTS.iter().any(|c| running_pid(&p, c).is_some())
 }
 
 /// The pid in `component`'s pid file if that process is alive and still runs the component's program.

@@ -322,6 +322,18 @@ fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: 
 /// deployed with `kubectl apply -k deploy/`. The cluster goes down after each mode, also when a test
 /// failed (its logs stay in target/cluster/logs).
 fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
+    if cluster::is_running() {
+        bail!("a cluster is already up: the cluster tier needs its own (`cargo xtask cluster down` first, or --no-cluster)");
+    }
+    if let Some(f) = filter {
+        // Say so rather than start a node for nothing.
+        let list = output(cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--test", "cluster", "--", "--ignored", "--list", f]))
+            .unwrap_or_default();
+        if !list.lines().any(|l| l.ends_with(": test")) {
+            step(&format!("cluster tier: no cluster test matches {f:?}, not run"));
+            return Ok(());
+        }
+    }
     for mode in [cluster::ProxyMode::Iptables, cluster::ProxyMode::Nftables] {
         step(&format!(
             "cluster tier: a real Kubernetes node (kube-proxy {}), the agent deployed as a user would, the seed's exercise",
@@ -346,6 +358,9 @@ fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
             let _ = cluster::status();
         }
         let down = cluster::down();
+        if let (Err(_), Err(e)) = (&result, &down) {
+            eprintln!("cluster down failed too: {e:#}");
+        }
         result?;
         down?;
     }

@@ -20,6 +20,15 @@ pub const EXT_IP: &str = "192.0.2.80";
 /// The node's network namespace, where the agent, kube-proxy and the pods' host veths are.
 pub const NODE_NETNS: &str = "ztcluster-node";
 
+/// Why a [`Cluster::wget`] got no page.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// No answer within the timeout.
+    Blocked,
+    /// Anything else: the check is broken, not the connection blocked.
+    Broken(String),
+}
+
 pub struct Cluster {
     kubectl: PathBuf,
     kubeconfig: PathBuf,
@@ -109,17 +118,35 @@ impl Cluster {
         name
     }
 
+    /// The agent's pod that is not being deleted (during a rollout the old one lingers for a while);
+    /// panics if there is not exactly one.
     pub fn agent_pod(&self) -> String {
-        self.ok(&[
-            "-n",
-            "ztrust-system",
-            "get",
-            "pods",
-            "-l",
-            "app.kubernetes.io/name=ztrust-agent",
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ])
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let list: serde_json::Value = serde_json::from_str(&self.ok(&[
+                "-n",
+                "ztrust-system",
+                "get",
+                "pods",
+                "-l",
+                "app.kubernetes.io/name=ztrust-agent",
+                "-o",
+                "json",
+            ]))
+            .expect("pod list");
+            let live: Vec<String> = list["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|p| p["metadata"]["deletionTimestamp"].is_null())
+                .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_owned))
+                .collect();
+            if let [one] = live.as_slice() {
+                return one.clone();
+            }
+            assert!(Instant::now() < deadline, "not exactly one live agent pod: {live:?}");
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 
     /// `ztrust-agent ARGS` in the agent's container (`kubectl exec ds/ztrust-agent`).
@@ -130,47 +157,58 @@ impl Cluster {
     }
 
     /// The seed's check: `kubectl exec -n NS deploy/FROM -- wget -qO- URL` (busybox's `wget -T` crashes,
-    /// `timeout` stands in for it). Ok(page) if it answered, Err(what wget said) if not.
-    pub fn wget(&self, ns: &str, from: &str, url: &str) -> Result<String, String> {
-        let target = format!("deploy/{from}");
+    /// `timeout` stands in for it). `Ok(page)` if it answered; [`Failure::Blocked`] if it got no answer
+    /// within 3 s (`timeout` ended it: exit 143), the signature of a dropped SYN; anything else (a DNS
+    /// failure, a refused connection, kubectl's own error) is [`Failure::Broken`], which no test takes
+    /// for "blocked".
+    pub fn wget(&self, ns: &str, from: &str, url: &str) -> Result<String, Failure> {
+        let target = if from.contains('/') { from.to_owned() } else { format!("deploy/{from}") };
         let out = self.run(&["exec", "-n", ns, &target, "--", "timeout", "3", "wget", "-qO-", url]);
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(format!(
-                "exit {:?}: {}{}",
-                out.status.code(),
-                String::from_utf8_lossy(&out.stdout).trim(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
+        let text = || format!("{}{}", String::from_utf8_lossy(&out.stdout).trim(), String::from_utf8_lossy(&out.stderr).trim());
+        match out.status.code() {
+            Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
+            Some(143) => Err(Failure::Blocked),
+            code => Err(Failure::Broken(format!("exit {code:?}: {}", text()))),
         }
     }
 
-    /// [`Self::wget`] until it has the expected outcome (`pass`) twice in a row, or `timeout`: policy
-    /// changes reach the kernel asynchronously. Returns the last outcome.
-    pub fn wget_until(&self, ns: &str, from: &str, url: &str, pass: bool, timeout: Duration) -> Result<String, String> {
+    /// [`Self::wget`] until it has the expected outcome (`pass`: answered; otherwise blocked) twice in a
+    /// row: policy changes reach the kernel asynchronously. Panics with the last outcome if that does
+    /// not happen within `timeout`, or at once on a [`Failure::Broken`] when `pass` is false.
+    pub fn wget_until(&self, ns: &str, from: &str, url: &str, pass: bool, timeout: Duration) -> String {
         let started = Instant::now();
         let mut streak = 0;
         loop {
             let r = self.wget(ns, from, url);
+            if let (false, Err(Failure::Broken(e))) = (pass, &r) {
+                panic!("{from} → {url}: expected blocked, but the check itself failed: {e}");
+            }
             if r.is_ok() == pass {
                 streak += 1;
                 if streak == 2 {
-                    return r;
+                    return r.unwrap_or_default();
                 }
             } else {
                 streak = 0;
             }
-            if started.elapsed() > timeout {
-                return r;
-            }
+            assert!(
+                started.elapsed() < timeout,
+                "{from} → {url}: not {} twice in a row within {timeout:?}; last: {r:?}",
+                if pass { "PASS" } else { "BLOCKED" }
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
 
-    /// The agent's denied flows as JSON objects (`flows --denied --all -o jsonl`).
-    pub fn denied_flows(&self) -> Vec<serde_json::Value> {
-        self.agent(&["flows", "--denied", "--all", "-o", "jsonl"])
+    /// The current time as the cluster's clocks (this machine's) write it, for `flows --since`.
+    pub fn now_rfc3339() -> String {
+        let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().expect("date");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The agent's denied flows since `since` (RFC 3339) as JSON objects (`flows --denied -o jsonl`).
+    pub fn denied_flows(&self, since: &str) -> Vec<serde_json::Value> {
+        self.agent(&["flows", "--denied", "--since", since, "-o", "jsonl"])
             .lines()
             .filter(|l| !l.trim().is_empty())
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("flow line {l:?}: {e}")))
@@ -303,22 +341,48 @@ pub fn ctr(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A loop in pod `pod` that tries `url` (`timeout` seconds each) for `seconds` and writes one line per attempt
-/// to /tmp/NAME in the container: `pass` or `blocked`, then `done`. It runs in the pod (started with
-/// `kubectl exec`, detached), so it keeps going while the API server or the agent is away.
-pub fn start_attempts(c: &Cluster, ns: &str, pod: &str, name: &str, url: &str, seconds: u32, timeout: u32) {
+/// A loop in pod `pod` (`pod/NAME`) that tries `url` (`timeout` seconds each) until
+/// [`stop_attempts`] (or 600 s) and writes one line per attempt to /tmp/NAME in the container: `pass`,
+/// `blocked` (no answer in time: `timeout`'s exit 143) or `error N` (any other exit), then `done`. It runs
+/// in the pod (started with `kubectl exec`, detached), so it keeps going while the API server or the
+/// agent is away.
+pub fn start_attempts(c: &Cluster, ns: &str, pod: &str, name: &str, url: &str, timeout: u32) {
     let script = format!(
-        "rm -f /tmp/{name}; end=$(( $(date +%s) + {seconds} )); \
-         while [ $(date +%s) -lt $end ]; do \
-           if timeout {timeout} wget -qO- {url} >/dev/null 2>&1; then echo pass >> /tmp/{name}; else echo blocked >> /tmp/{name}; fi; \
+        "rm -f /tmp/{name} /tmp/{name}.stop; end=$(( $(date +%s) + 600 )); \
+         while [ ! -e /tmp/{name}.stop ] && [ $(date +%s) -lt $end ]; do \
+           timeout {timeout} wget -qO- {url} >/dev/null 2>&1; rc=$?; \
+           if [ $rc = 0 ]; then echo pass; elif [ $rc = 143 ]; then echo blocked; else echo \"error $rc\"; fi >> /tmp/{name}; \
          done; echo done >> /tmp/{name}"
     );
     c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
 }
 
-/// The attempts [`start_attempts`] recorded: (passed, blocked, finished).
-pub fn attempts(c: &Cluster, ns: &str, pod: &str, name: &str) -> (usize, usize, bool) {
+/// Ends a loop of [`start_attempts`] after its current attempt.
+pub fn stop_attempts(c: &Cluster, ns: &str, pod: &str, name: &str) {
+    c.ok(&["exec", "-n", ns, pod, "--", "touch", &format!("/tmp/{name}.stop")]);
+}
+
+/// What a loop of [`start_attempts`] recorded so far.
+#[derive(Debug, Default)]
+pub struct Attempts {
+    pub passed: usize,
+    pub blocked: usize,
+    pub errors: Vec<String>,
+    pub done: bool,
+}
+
+/// The attempts [`start_attempts`] recorded so far.
+pub fn attempts(c: &Cluster, ns: &str, pod: &str, name: &str) -> Attempts {
     let out = c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("cat /tmp/{name} 2>/dev/null || true")]);
-    let count = |w: &str| out.lines().filter(|l| l.trim() == w).count();
-    (count("pass"), count("blocked"), count("done") > 0)
+    let mut a = Attempts::default();
+    for line in out.lines().map(str::trim) {
+        match line {
+            "pass" => a.passed += 1,
+            "blocked" => a.blocked += 1,
+            "done" => a.done = true,
+            "" => {}
+            other => a.errors.push(other.to_owned()),
+        }
+    }
+    a
 }
