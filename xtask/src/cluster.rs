@@ -445,9 +445,37 @@ fn module_version(go_mod: &str, module: &str) -> Option<String> {
     })
 }
 
+/// Builds the Go binaries in a thread of its own, at the lowest CPU priority (`nice -n 19`), so that
+/// the first build (the whole of Kubernetes, ≈15 minutes on 2 cores) overlaps the privileged tests, which
+/// mostly wait on packets; `up` then finds them built. Join it before `up`: if it failed, `up` builds
+/// again in the foreground and reports.
+pub fn prebuild_in_background() -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(|| build_binaries_with(&Paths::new(), true).map(|_| ()))
+}
+
 /// Builds the Go binaries when a source file of the module is newer than them: the first build takes
 /// long (the whole of Kubernetes), later `up`s reuse it.
 fn build_binaries(p: &Paths) -> Result<Versions> {
+    build_binaries_with(p, false)
+}
+
+fn build_binaries_with(p: &Paths, background: bool) -> Result<Versions> {
+    let go = |background: bool| {
+        if background {
+            let mut c = Command::new("nice");
+            c.args(["-n", "19", "go"]);
+            c
+        } else {
+            Command::new("go")
+        }
+    };
+    let said = |what: &str| {
+        if background {
+            eprintln!("(in the background, nice 19) {what}");
+        } else {
+            step(what);
+        }
+    };
     let go_mod = fs::read_to_string(p.module.join("go.mod")).context("reading tests/cluster/go.mod")?;
     let kubernetes =
         module_version(&go_mod, "k8s.io/kubernetes").context("go.mod requires no k8s.io/kubernetes")?;
@@ -474,8 +502,8 @@ fn build_binaries(p: &Paths) -> Result<Versions> {
         bail!("the cluster's components are built with Go (1.26 or later on PATH as `go`)");
     }
     if stale("ztrust-k8s-tool")? || stale("pause")? {
-        step("cluster: build ztrust-k8s-tool and pause (Go)");
-        let mut c = Command::new("go");
+        said("cluster: build ztrust-k8s-tool and pause (Go)");
+        let mut c = go(background);
         c.args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
             .arg(format!("{}/", p.bin.display()))
             .args(["./cmd/ztrust-k8s-tool", "./cmd/pause"])
@@ -484,11 +512,11 @@ fn build_binaries(p: &Paths) -> Result<Versions> {
         run(c)?;
     }
     if stale("ztrust-k8s")? {
-        step(&format!(
+        said(&format!(
             "cluster: build ztrust-k8s (Kubernetes {kubernetes}, etcd, CoreDNS {coredns}; the first build takes 10-20 minutes)"
         ));
         let t = Instant::now();
-        let mut c = Command::new("go");
+        let mut c = go(background);
         c.args([
             "build",
             "-trimpath",

@@ -294,6 +294,8 @@ fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: 
     if !is_root() {
         bail!("the privileged tests load eBPF programs and create network namespaces: run as root");
     }
+    // The cluster tier's Go build (the first one takes ≈15 minutes) overlaps the privileged tests.
+    let prebuild = (!no_cluster && filter.is_none()).then(cluster::prebuild_in_background);
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
     run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
     // The lab's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`).
@@ -308,6 +310,13 @@ fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: 
     }
     c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
     tally.run(c)?;
+    if let Some(build) = prebuild {
+        match build.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("the background Go build failed ({e:#}); the cluster tier builds again"),
+            Err(_) => eprintln!("the background Go build panicked; the cluster tier builds again"),
+        }
+    }
     if !no_cluster {
         cluster_tier(filter.as_deref(), tally)?;
     }
