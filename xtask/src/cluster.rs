@@ -137,6 +137,15 @@ pub enum Action {
     Down,
     /// Components, the node and the pods.
     Status,
+    /// Stops one component of the running cluster and starts it again with the same flags, then waits
+    /// until the API server answers (and, for the kubelet, the node is Ready): for fault tests.
+    Restart {
+        #[arg(value_parser = clap::builder::PossibleValuesParser::new(COMPONENTS))]
+        component: String,
+        /// SIGKILL instead of SIGTERM: a crash, no graceful shutdown (which waits for its clients).
+        #[arg(long)]
+        kill: bool,
+    },
     /// The admin kubeconfig's path (`--print`: its content).
     Kubeconfig {
         #[arg(long)]
@@ -169,6 +178,7 @@ pub fn run_action(action: Action) -> Result<()> {
         Action::Up { proxy_mode, agent } => up(proxy_mode, agent),
         Action::Down => down(),
         Action::Status => status(),
+        Action::Restart { component, kill } => restart(&component, kill),
         Action::Kubeconfig { print } => {
             let path = admin_kubeconfig();
             if !path.exists() {
@@ -320,11 +330,11 @@ pub fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
     write_configs(&p, proxy_mode)?;
 
     step("cluster: control plane");
-    start(&p, "etcd", &etcd_args(&p))?;
+    start(&p, "etcd", &args_of(&p, "etcd"))?;
     wait_until("etcd", Duration::from_secs(60), &p, "etcd", || {
         Ok(fs::read_to_string(p.log("etcd")).is_ok_and(|l| l.contains("etcd: ready")))
     })?;
-    start(&p, "kube-apiserver", &apiserver_args(&p))?;
+    start(&p, "kube-apiserver", &args_of(&p, "kube-apiserver"))?;
     wait_until(
         "kube-apiserver /readyz",
         Duration::from_secs(120),
@@ -332,18 +342,11 @@ pub fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
         "kube-apiserver",
         || Ok(output(kubectl_cmd(&["get", "--raw", "/readyz"])).is_some_and(|o| o.trim() == "ok")),
     )?;
-    start(&p, "kube-controller-manager", &controller_manager_args(&p))?;
-    start(&p, "kube-scheduler", &scheduler_args(&p))?;
+    start(&p, "kube-controller-manager", &args_of(&p, "kube-controller-manager"))?;
+    start(&p, "kube-scheduler", &args_of(&p, "kube-scheduler"))?;
 
     step("cluster: node (containerd, kubelet, kube-proxy)");
-    start(
-        &p,
-        "containerd",
-        &[
-            "--config".to_owned(),
-            path_str(&p.config().join("containerd.toml")),
-        ],
-    )?;
+    start(&p, "containerd", &args_of(&p, "containerd"))?;
     wait_until("containerd", Duration::from_secs(30), &p, "containerd", || {
         Ok(ctr(&p, &["version"]).output()?.status.success())
     })?;
@@ -359,15 +362,8 @@ pub fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
     let kubelet_dir = path_str(&p.kubelet_dir());
     run(cmd("mount", &["--bind", &kubelet_dir, &kubelet_dir]))?;
     run(cmd("mount", &["--make-rshared", &kubelet_dir]))?;
-    start(&p, "kubelet", &kubelet_args(&p))?;
-    start(
-        &p,
-        "kube-proxy",
-        &[
-            "--config".to_owned(),
-            path_str(&p.config().join("kube-proxy.yaml")),
-        ],
-    )?;
+    start(&p, "kubelet", &args_of(&p, "kubelet"))?;
+    start(&p, "kube-proxy", &args_of(&p, "kube-proxy"))?;
     wait_until(
         &format!("node {NODE_NAME} Ready"),
         Duration::from_secs(120),
@@ -1449,6 +1445,48 @@ fn signal(pid: u32, sig: &str) {
         .args([&format!("-{sig}"), &pid.to_string()])
         .stderr(Stdio::null())
         .status();
+}
+
+/// The flags `up` starts `component` with (its configuration files are written by then).
+fn args_of(p: &Paths, component: &str) -> Vec<String> {
+    match component {
+        "etcd" => etcd_args(p),
+        "kube-apiserver" => apiserver_args(p),
+        "kube-controller-manager" => controller_manager_args(p),
+        "kube-scheduler" => scheduler_args(p),
+        "containerd" => vec!["--config".to_owned(), path_str(&p.config().join("containerd.toml"))],
+        "kubelet" => kubelet_args(p),
+        "kube-proxy" => vec!["--config".to_owned(), path_str(&p.config().join("kube-proxy.yaml"))],
+        other => unreachable!("not a component: {other}"),
+    }
+}
+
+/// `cargo xtask cluster restart COMPONENT`.
+fn restart(component: &str, kill: bool) -> Result<()> {
+    let p = Paths::new();
+    if !is_running() {
+        bail!("no cluster is running (`cargo xtask cluster up`)");
+    }
+    let t = Instant::now();
+    match running_pid(&p, component) {
+        Some(pid) if kill => {
+            signal(pid, "KILL");
+            while running_pid(&p, component).is_some() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            eprintln!("killed {component} (pid {pid})");
+        }
+        _ => stop(&p, component),
+    }
+    start(&p, component, &args_of(&p, component))?;
+    wait_until("kube-apiserver /readyz", Duration::from_secs(120), &p, component, || {
+        Ok(output(kubectl_cmd(&["get", "--raw", "/readyz"])).is_some_and(|o| o.trim() == "ok"))
+    })?;
+    if component == "kubelet" {
+        wait_until(&format!("node {NODE_NAME} Ready"), Duration::from_secs(120), &p, "kubelet", || Ok(node_ready()))?;
+    }
+    eprintln!("restarted {component} in {:.1}s", t.elapsed().as_secs_f64());
+    Ok(())
 }
 
 /// SIGTERM, up to 10 s to exit, then SIGKILL.

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask setup | build | lab | test`.
+//! Project automation: `cargo xtask setup | build | lab | test | bench | fuzz | cluster`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

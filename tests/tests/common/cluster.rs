@@ -342,16 +342,16 @@ pub fn ctr(args: &[&str]) -> String {
 }
 
 /// A loop in pod `pod` (`pod/NAME`) that tries `url` (`timeout` seconds each) until
-/// [`stop_attempts`] (or 600 s) and writes one line per attempt to /tmp/NAME in the container: `pass`,
-/// `blocked` (no answer in time: `timeout`'s exit 143) or `error N` (any other exit), then `done`. It runs
-/// in the pod (started with `kubectl exec`, detached), so it keeps going while the API server or the
-/// agent is away.
+/// [`stop_attempts`] (or 600 s) and writes one line per attempt to /tmp/NAME in the container: `pass T`,
+/// `blocked T` (no answer in time: `timeout`'s exit 143) or `error N T` (any other exit), T the attempt's
+/// start in Unix seconds (the pod's clock is the node's), then `done`. It runs in the pod (started with
+/// `kubectl exec`, detached), so it keeps going while the API server or the agent is away.
 pub fn start_attempts(c: &Cluster, ns: &str, pod: &str, name: &str, url: &str, timeout: u32) {
     let script = format!(
         "rm -f /tmp/{name} /tmp/{name}.stop; end=$(( $(date +%s) + 600 )); \
          while [ ! -e /tmp/{name}.stop ] && [ $(date +%s) -lt $end ]; do \
-           timeout {timeout} wget -qO- {url} >/dev/null 2>&1; rc=$?; \
-           if [ $rc = 0 ]; then echo pass; elif [ $rc = 143 ]; then echo blocked; else echo \"error $rc\"; fi >> /tmp/{name}; \
+           t=$(date +%s); timeout {timeout} wget -qO- {url} >/dev/null 2>&1; rc=$?; \
+           if [ $rc = 0 ]; then echo pass $t; elif [ $rc = 143 ]; then echo blocked $t; else echo \"error $rc $t\"; fi >> /tmp/{name}; \
          done; echo done >> /tmp/{name}"
     );
     c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
@@ -369,20 +369,97 @@ pub struct Attempts {
     pub blocked: usize,
     pub errors: Vec<String>,
     pub done: bool,
+    /// Start of the first and of the last attempt recorded (Unix seconds).
+    pub first: Option<u64>,
+    pub last: Option<u64>,
+}
+
+impl Attempts {
+    /// Attempts recorded, whatever their outcome.
+    pub fn total(&self) -> usize {
+        self.passed + self.blocked + self.errors.len()
+    }
 }
 
 /// The attempts [`start_attempts`] recorded so far.
 pub fn attempts(c: &Cluster, ns: &str, pod: &str, name: &str) -> Attempts {
     let out = c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("cat /tmp/{name} 2>/dev/null || true")]);
     let mut a = Attempts::default();
-    for line in out.lines().map(str::trim) {
-        match line {
+    for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        if line == "done" {
+            a.done = true;
+            continue;
+        }
+        let (outcome, start) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{name}: an attempt line without its time: {line:?}"));
+        let start: u64 = start.parse().unwrap_or_else(|_| panic!("{name}: an attempt line without its time: {line:?}"));
+        a.first.get_or_insert(start);
+        a.last = Some(start);
+        match outcome {
             "pass" => a.passed += 1,
             "blocked" => a.blocked += 1,
-            "done" => a.done = true,
-            "" => {}
-            other => a.errors.push(other.to_owned()),
+            _ => a.errors.push(line.to_owned()),
         }
     }
     a
+}
+
+/// The running agent's process (`ztrust-agent run` in its container, seen from the host's pid
+/// namespace); panics unless there is exactly one.
+pub fn agent_pid() -> i32 {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let mut argv = cmdline.split(|b| *b == 0);
+        let (Some(argv0), Some(argv1)) = (argv.next(), argv.next()) else { continue };
+        if argv0.ends_with(b"ztrust-agent") && argv1 == b"run" {
+            found.push(pid);
+        }
+    }
+    assert_eq!(found.len(), 1, "exactly one `ztrust-agent run` process on the node: {found:?}");
+    found[0]
+}
+
+/// `args` in the node's network namespace (the control plane listens on its loopback); their stdout.
+pub fn in_node(args: &[&str]) -> String {
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{NODE_NETNS}"))
+        .arg("--")
+        .args(args)
+        .output()
+        .expect("nsenter");
+    assert!(out.status.success(), "{args:?} in the node: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A request to etcd's JSON gateway (`/v3/...`) on the node; the answer.
+pub fn etcd(path: &str, body: &serde_json::Value) -> serde_json::Value {
+    let out = in_node(&["curl", "-sS", "--max-time", "10", "-X", "POST", &format!("http://127.0.0.1:2379{path}"), "-d", &body.to_string()]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcd {path}: {e}: {out}"));
+    assert!(v.get("error").is_none() && v.get("code").is_none(), "etcd {path}: {v}");
+    v
+}
+
+/// `cargo xtask cluster restart [--kill] COMPONENT`, with the xtask binary `cargo xtask` built.
+pub fn restart_component(name: &str, kill: bool) {
+    let xtask = root().join("target/debug/xtask");
+    assert!(xtask.exists(), "{} is missing: run the cluster tier with `cargo xtask test`", xtask.display());
+    let mut c = Command::new(&xtask);
+    c.args(["cluster", "restart", name]);
+    if kill {
+        c.arg("--kill");
+    }
+    let out = c.output().expect("xtask");
+    assert!(
+        out.status.success(),
+        "cargo xtask cluster restart {name}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Now, as the RFC 3339 time `kubectl logs --since-time` takes.
+pub fn rfc3339_now() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -21,7 +21,7 @@ use crate::model::{Cluster, Labels, ObjectRef};
 mod compile;
 mod keys;
 pub mod reference;
-mod selector;
+pub(crate) mod selector;
 pub mod services;
 
 #[cfg(test)]

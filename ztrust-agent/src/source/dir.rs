@@ -85,6 +85,13 @@ pub enum Problem {
     InvalidPodSelector,
     #[error("duplicate object; the one read later replaces the one read earlier")]
     Duplicate,
+    /// Not a fault of the object: a limit of where ztrust enforces (reported as an Event, not counted
+    /// as a source error).
+    #[error(
+        "selects host-network pod {pod} on node {node}: its traffic crosses no pod interface, so ztrust does \
+         not enforce this policy for it"
+    )]
+    SelectsHostNetworkPod { pod: String, node: String },
 }
 
 /// Describes what happened to the part of the object that is invalid.

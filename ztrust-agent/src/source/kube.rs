@@ -20,7 +20,7 @@
 //!   reads): the agent holds every pod of the cluster.
 //!
 //! From a polling loop (the agent's): `KubeSource::start(client, Some(node))` once, inside the runtime,
-//! then `poll_changes()` each tick: `None` until all three kinds are listed and whenever nothing
+//! then `poll_changes()` each tick: `None` until every kind is listed and whenever nothing
 //! changed (so the pinned state of an earlier agent keeps enforcing until the first snapshot), else the
 //! keys of the objects that changed, with `cluster()` the new state. Between re-lists only the objects
 //! the watch events name are converted again, so a change costs what it touches, not the size of the
@@ -187,7 +187,8 @@ impl Default for Options {
     }
 }
 
-/// The cluster as the API server says it is, kept current by three reflectors.
+/// The cluster as the API server says it is, kept current by one reflector per kind (Namespace, Pod,
+/// NetworkPolicy, Service, EndpointSlice, ServiceCIDR).
 ///
 /// Dropping it stops the watches.
 pub struct KubeSource {
@@ -220,6 +221,10 @@ pub struct KubeSource {
     events: Option<mpsc::UnboundedSender<(ObjectReference, String)>>,
     /// Problems already logged / sent as Events, as (object, message).
     reported: BTreeSet<(String, String)>,
+    /// This node (Events' instance; whose host-network pods the policies cannot be enforced for).
+    node_name: Option<String>,
+    /// This node's host-network pods, kept as pods change.
+    host_pods: BTreeSet<model::ObjectRef>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -297,6 +302,8 @@ impl KubeSource {
             debounce: options.debounce,
             events,
             reported: BTreeSet::new(),
+            node_name: options.node_name,
+            host_pods: BTreeSet::new(),
             tasks,
         }
     }
@@ -467,9 +474,23 @@ impl KubeSource {
         let mut errors: Vec<LoadError> = self.problems.values().flatten().cloned().collect();
         // Stores are hash maps: order the problems so equal clusters compare equal.
         errors.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
-        let refs = std::mem::take(&mut self.policy_refs);
-        self.report(&errors, &refs);
-        self.policy_refs = refs;
+        // What the policies ask that ztrust does not enforce is reported with the problems (log, Event),
+        // not counted with them.
+        let limits = self.limits();
+        if limits.is_empty() {
+            let refs = std::mem::take(&mut self.policy_refs);
+            self.report(&errors, &refs);
+            self.policy_refs = refs;
+        } else {
+            let mut refs = self.policy_refs.clone();
+            let mut all = errors.clone();
+            for (e, reference) in limits {
+                refs.entry(e.object.clone()).or_insert(reference);
+                all.push(e);
+            }
+            all.sort_by_cached_key(|e| (e.object.clone(), e.field.clone(), e.to_string()));
+            self.report(&all, &refs);
+        }
         if changes.is_empty() && self.last_errors.as_ref() == Some(&errors) {
             debug!("re-list or no-op update: cluster unchanged");
             return None;
@@ -495,6 +516,14 @@ impl KubeSource {
             let converted = self.pods.get(&r).and_then(|pod| convert_pod(&pod));
             let (value, errors) = split(converted);
             set_problems(&mut self.problems, ("Pod", key.to_string()), errors);
+            let local_host = self.node_name.as_deref().is_some_and(|node| {
+                value.as_ref().is_some_and(|p| p.host_network && p.node_name.as_deref().is_none_or(|n| n == node))
+            });
+            if local_host {
+                self.host_pods.insert(key.clone());
+            } else {
+                self.host_pods.remove(key);
+            }
             if replace(&mut self.cluster.pods, key.clone(), value) {
                 changes.pods.insert(key.clone());
             }
@@ -533,6 +562,34 @@ impl KubeSource {
             }
         }
         changes
+    }
+
+    /// Policies that select a host-network pod of this node: valid, but not enforced for that pod (it has
+    /// no interface of its own for the datapath to hook), each with the policy's reference (for its Event).
+    /// Costs the host-network pods of this node and the policies of their namespaces, not the cluster.
+    fn limits(&self) -> Vec<(LoadError, ObjectReference)> {
+        let Some(node) = &self.node_name else { return Vec::new() };
+        let mut out = Vec::new();
+        for key in &self.host_pods {
+            let Some(pod) = self.cluster.pods.get(key) else { continue };
+            let from = model::ObjectRef::new(key.namespace.clone(), String::new());
+            for (pkey, policy) in self.cluster.policies.range(from..).take_while(|(k, _)| k.namespace == key.namespace) {
+                if !crate::policy::selector::matches(&policy.pod_selector, &pod.labels) {
+                    continue;
+                }
+                let r = reflector::ObjectRef::new(&pkey.name).within(&pkey.namespace);
+                let Some(np) = self.policies.get(&r) else { continue };
+                let error = LoadError {
+                    file: FILE.to_owned(),
+                    object: format!("NetworkPolicy {pkey}"),
+                    field: "spec.podSelector".to_owned(),
+                    problem: dir::Problem::SelectsHostNetworkPod { pod: key.to_string(), node: node.clone() },
+                    effect: dir::Effect::None,
+                };
+                out.push((error, np.object_ref(&())));
+            }
+        }
+        out
     }
 
     /// Logs problems not logged before and sends one Event per NetworkPolicy whose set of problems is
@@ -686,8 +743,13 @@ async fn run_reflector<K>(
                     changed.send_modify(|g| *g += 1);
                 }
                 Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => {}
+                // The resourceVersion is no longer served (compacted in etcd, or older than the API
+                // server's watch cache, e.g. after it restarted): the watcher re-lists by itself.
+                Err(watcher::Error::WatchError(e)) if e.code == 410 => {
+                    info!(%kind, error = %e, "watch expired (410 Gone): re-listing; the last state stays in force until the list is complete");
+                    failing = true;
+                }
                 Err(e) => {
-                    // 410 Gone lands here too: the watcher re-lists by itself.
                     if failing {
                         debug!(%kind, error = %e, "watch still failing");
                     } else {
