@@ -331,8 +331,9 @@ fn fault_agent_rollout_restart_and_image_upgrade_under_denied_attempts() {
     let fault_end = now_secs();
     let (denied, allowed) = stop_both(&c, &frontend, "denied", "allowed", fault_end);
     eprintln!("during restart and upgrade ({} s): denied path {denied:?}, allowed path {allowed:?}", fault_end - fault_start);
-    // Both loops ran from before the restart to after the upgrade (stop_both waited for that); the
-    // denied one tries once a second at most, so it made at least one attempt per 2 s of the fault.
+    // Both loops ran from before the restart to after the upgrade (stop_both waited for that). A denied
+    // attempt takes its 1 s timeout and the loop's own overhead (a kubectl-free shell loop: well under
+    // 1 s), so the loop made at least one attempt per 2 s of the fault; fewer means it stalled.
     assert_eq!(denied.passed, 0, "frontend → database passed {} times during the restart/upgrade", denied.passed);
     assert!(denied.errors.is_empty(), "a denied attempt failed other than by timing out: {denied:?}");
     let span = fault_end - fault_start;
@@ -469,6 +470,9 @@ fn fault_etcd_compacted_and_api_server_restarted_410_re_list_enforces_what_chang
     let frozen = std::time::Instant::now();
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP the agent");
     let thawed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        // A write after everything the agent saw (outside the API server's keys): the restarted API
+        // server's watch cache then begins past the agent's resourceVersion, whatever else was written.
+        common::cluster::etcd("/v3/kv/put", &serde_json::json!({"key": "enRydXN0LXRlc3QvYnVtcA==", "value": "MQ=="}));
         let revision = common::cluster::etcd("/v3/kv/range", &serde_json::json!({"key": "AA==", "limit": 1}))["header"]
             ["revision"]
             .as_str()
@@ -503,13 +507,19 @@ spec:
         );
         eprintln!("compacted etcd at revision {revision}, restarted the API server; agent frozen for {:.1}s", frozen.elapsed().as_secs_f64());
     }));
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT the agent");
+    // The kubelet may have killed it meanwhile (the restart count below says so).
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    let freeze = frozen.elapsed();
     if let Err(panic) = thawed {
         std::panic::resume_unwind(panic);
     }
     // The change made meanwhile is enforced, by the same agent process.
     c.wget_until("payments", "frontend", &url("database"), true, ENFORCED_WITHIN);
-    assert_eq!(agent_restarts(&c, &agent), restarts, "the agent's container was restarted: a fresh list, not a re-list");
+    assert_eq!(
+        agent_restarts(&c, &agent),
+        restarts,
+        "the agent's container was restarted (frozen for {freeze:?}; the liveness probe allows ≈20 s): a fresh list, not a re-list"
+    );
     assert_eq!(common::cluster::agent_pid(), pid.as_raw(), "the same agent process");
     // Because of a 410 and a re-list: the agent says so.
     let log = c.ok(&["-n", "ztrust-system", "logs", &format!("pod/{agent}"), &format!("--since-time={since}")]);
@@ -519,8 +529,8 @@ spec:
         .unwrap_or_else(|| panic!("the agent's NetworkPolicy watch got no 410 after the compaction and restart:\n{log}"));
     eprintln!("the agent: {gone}");
     assert!(
-        log.lines().any(|l| l.contains("watch resumed") && l.contains("NetworkPolicy")),
-        "the agent says its NetworkPolicy watch resumed after re-listing:\n{log}"
+        log.lines().any(|l| l.contains("re-listed after 410 Gone") && l.contains("NetworkPolicy")),
+        "the agent says it re-listed NetworkPolicies after the 410:\n{log}"
     );
     // The rest of the policy as before.
     seed_checks_but_frontend_to_database(&c);
@@ -553,13 +563,23 @@ fn before(ip: std::net::IpAddr) -> std::net::IpAddr {
     }
 }
 
+/// How the old pod gives its addresses back.
+#[derive(Clone, Copy, Debug)]
+enum Release {
+    /// Deleted: the object goes, then the kubelet tears the sandbox down.
+    Deleted,
+    /// Finished (`restartPolicy: Never`, its command exits): the sandbox goes, the object stays, with
+    /// phase Succeeded and its addresses still in `status.podIPs`.
+    Completed,
+}
+
 #[test]
 #[ignore = "needs the real cluster: cargo xtask cluster up --agent (cargo xtask test runs it)"]
-fn lifecycle_a_new_pod_given_a_deleted_pods_addresses_never_inherits_its_rules() {
+fn lifecycle_a_new_pod_given_a_deleted_or_finished_pods_addresses_never_inherits_its_rules() {
     let c = Cluster::get();
     c.deploy_agent();
     c.fresh_namespace("reuse");
-    // server admits only app=old; old may reach only server; open is selected by no policy.
+    // server admits only app=old; app=old may reach only server; open is selected by no policy.
     c.apply(&format!(
         r#"apiVersion: v1
 kind: Pod
@@ -571,13 +591,6 @@ spec:
 apiVersion: v1
 kind: Pod
 metadata: {{name: open, namespace: reuse, labels: {{app: open}}}}
-spec:
-  terminationGracePeriodSeconds: 0
-  containers: [{{name: web, image: {WORKLOAD_IMAGE}, imagePullPolicy: Never}}]
----
-apiVersion: v1
-kind: Pod
-metadata: {{name: old, namespace: reuse, labels: {{app: old}}}}
 spec:
   terminationGracePeriodSeconds: 0
   containers: [{{name: web, image: {WORKLOAD_IMAGE}, imagePullPolicy: Never}}]
@@ -602,68 +615,115 @@ spec:
     c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", "pod", "--all", "--timeout=120s"]);
     let server = pod_ips(&c, "reuse", "server")[0];
     let open = pod_ips(&c, "reuse", "open")[0];
-    // The old pod's rules, in force: it reaches server, and nothing else.
-    c.wget_until("reuse", "pod/old", &format!("http://{server}/"), true, ENFORCED_WITHIN);
-    c.wget_until("reuse", "pod/old", &format!("http://{open}/"), false, ENFORCED_WITHIN);
-    let old = pod_ips(&c, "reuse", "old");
-    c.ok(&["-n", "reuse", "delete", "pod", "old", "--wait=true", "--timeout=60s"]);
+    for (round, release) in [Release::Deleted, Release::Completed].into_iter().enumerate() {
+        reuse_round(&c, round, release, server, open);
+    }
+    c.run(&["delete", "namespace", "reuse", "--wait=false"]);
+}
+
+/// One pod with app=old (its rules in force, checked), released as `release`; then a pod with other
+/// labels on the same addresses, which tries, from its container's first instruction, what the old pod
+/// was allowed (server: never for it) and what it was denied (open: its own rules allow it, the
+/// positive control).
+fn reuse_round(c: &Cluster, round: usize, release: Release, server: std::net::IpAddr, open: std::net::IpAddr) {
+    let old = format!("old-{round}");
+    let new = format!("new-{round}");
+    // Completed: the pod proves its rules from inside (server answers once it is enforced, open never),
+    // then exits: the kubelet gives the addresses back once every container is done.
+    let command = match release {
+        Release::Deleted => serde_json::Value::Null,
+        Release::Completed => serde_json::json!(["sh", "-c", format!(
+            "i=0; until timeout 3 wget -qO- http://{server}/ >/dev/null 2>&1; do \
+               i=$((i+1)); [ $i -lt 30 ] || exit 1; sleep 1; done; \
+             timeout 3 wget -qO- http://{open}/ >/dev/null 2>&1; [ $? = 143 ] || exit 2"
+        )]),
+    };
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": old, "namespace": "reuse", "labels": {"app": "old"}},
+        "spec": {"terminationGracePeriodSeconds": 0, "restartPolicy": "Never", "containers": [{
+            "name": "old", "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never",
+        }]},
+    });
+    if !command.is_null() {
+        pod["spec"]["containers"][0]["command"] = command;
+    }
+    c.stdin(&["apply", "-f", "-"], &pod.to_string());
+    let addresses = match release {
+        Release::Deleted => {
+            c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", &format!("pod/{old}"), "--timeout=120s"]);
+            // The old pod's rules, in force: it reaches server, and nothing else.
+            c.wget_until("reuse", &format!("pod/{old}"), &format!("http://{server}/"), true, ENFORCED_WITHIN);
+            c.wget_until("reuse", &format!("pod/{old}"), &format!("http://{open}/"), false, ENFORCED_WITHIN);
+            let addresses = pod_ips(c, "reuse", &old);
+            c.ok(&["-n", "reuse", "delete", "pod", &old, "--wait=true", "--timeout=60s"]);
+            addresses
+        }
+        Release::Completed => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(150);
+            loop {
+                let phase = c.ok(&["-n", "reuse", "get", "pod", &old, "-o", "jsonpath={.status.phase}"]);
+                match phase.as_str() {
+                    "Succeeded" => break,
+                    "Failed" => panic!(
+                        "{old} failed (exit 1: server never answered it, 2: open did): {}",
+                        c.ok(&["-n", "reuse", "get", "pod", &old, "-o", "jsonpath={.status.containerStatuses[0].state}"])
+                    ),
+                    _ => assert!(std::time::Instant::now() < deadline, "{old} still {phase:?} after 150 s"),
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            let addresses = pod_ips(c, "reuse", &old);
+            assert!(!addresses.is_empty(), "a finished pod keeps its addresses in its status");
+            addresses
+        }
+    };
     // host-local releases the addresses (a file per reservation) when the kubelet tears the sandbox
-    // down, after the pod object is gone; the next allocation of each range takes the one after
-    // `last_reserved_ip.N`.
-    for (range, ip) in old.iter().enumerate() {
+    // down; the next allocation of each range takes the one after `last_reserved_ip.N`.
+    for (range, ip) in addresses.iter().enumerate() {
         let reservation = std::path::Path::new(IPAM_DIR).join(ip.to_string());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while reservation.exists() {
-            assert!(std::time::Instant::now() < deadline, "{} still reserved 60 s after its pod was deleted", reservation.display());
+            assert!(std::time::Instant::now() < deadline, "{} still reserved 60 s after its pod was {release:?}", reservation.display());
             std::thread::sleep(Duration::from_millis(200));
         }
         std::fs::write(std::path::Path::new(IPAM_DIR).join(format!("last_reserved_ip.{range}")), before(*ip).to_string())
             .expect("host-local's last reservation");
     }
-    // From its container's first instruction on, the new pod tries what the old one was allowed (server:
-    // never for it) and what the old one was denied (open: its own rules allow it, the positive control).
     let script = format!(
-        "while true; do \
-           if timeout 1 wget -qO- http://{server}/ >/dev/null 2>&1; then echo pass; else echo blocked; fi >> /tmp/server; \
-           if timeout 1 wget -qO- http://{open}/ >/dev/null 2>&1; then echo pass; else echo blocked; fi >> /tmp/open; \
-         done"
+        "({}) & ({}) & wait",
+        common::cluster::attempts_script("server", &format!("http://{server}/"), 3),
+        common::cluster::attempts_script("open", &format!("http://{open}/"), 3)
     );
-    let new = serde_json::json!({
+    let pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": "new", "namespace": "reuse", "labels": {"app": "new"}},
+        "metadata": {"name": new, "namespace": "reuse", "labels": {"app": "new"}},
         "spec": {"terminationGracePeriodSeconds": 0, "containers": [{
             "name": "new", "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never", "command": ["sh", "-c", script],
         }]},
-    })
-    .to_string();
-    c.stdin(&["apply", "-f", "-"], &new);
-    c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", "pod/new", "--timeout=120s"]);
-    assert_eq!(pod_ips(&c, "reuse", "new"), old, "the new pod was given the deleted pod's addresses (else this test shows nothing)");
-    let read = |f: &str| c.ok(&["-n", "reuse", "exec", "pod/new", "--", "sh", "-c", &format!("cat /tmp/{f} 2>/dev/null || true")]);
-    let count = |t: &str, w: &str| t.lines().filter(|l| l.trim() == w).count();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !(count(&read("server"), "blocked") >= 5 && count(&read("open"), "pass") >= 5) {
-        assert!(std::time::Instant::now() < deadline, "the new pod's loops: server {:?}, open {:?}", read("server"), read("open"));
+    });
+    c.stdin(&["apply", "-f", "-"], &pod.to_string());
+    c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", &format!("pod/{new}"), "--timeout=120s"]);
+    assert_eq!(pod_ips(c, "reuse", &new), addresses, "{new} was given {old}'s addresses (else this round shows nothing)");
+    let target = format!("pod/{new}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let (to_server, to_open) = loop {
+        let (s, o) = (attempts(c, "reuse", &target, "server"), attempts(c, "reuse", &target, "open"));
+        if s.blocked >= 4 && o.passed >= 4 {
+            break (s, o);
+        }
+        assert!(std::time::Instant::now() < deadline, "{new}'s loops: server {s:?}, open {o:?}");
         std::thread::sleep(Duration::from_millis(500));
-    }
-    let (to_server, to_open) = (read("server"), read("open"));
-    eprintln!(
-        "new pod on {old:?}: to server {} passed / {} blocked, to open {} passed / {} blocked",
-        count(&to_server, "pass"),
-        count(&to_server, "blocked"),
-        count(&to_open, "pass"),
-        count(&to_open, "blocked")
-    );
-    assert_eq!(count(&to_server, "pass"), 0, "the new pod passed server's ingress rule for the old pod:\n{to_server}");
-    // Once enforced, its own rules (none) hold: the old pod's egress isolation is not its.
-    let tail: Vec<&str> = to_open.lines().rev().take(3).collect();
-    assert!(tail.iter().all(|l| l.trim() == "pass"), "the new pod inherited the old pod's egress isolation:\n{to_open}");
-    // And by the kernel's maps: the new pod's endpoint is not egress-isolated.
-    let ifindex = host_ifindex(&old[0].to_string());
+    };
+    eprintln!("{new} on {release:?} {old}'s {addresses:?}: to server {to_server:?}, to open {to_open:?}");
+    assert_eq!(to_server.passed, 0, "{new} passed server's ingress rule for the old pod: {to_server:?}");
+    assert!(to_server.errors.is_empty() && to_open.errors.is_empty(), "the checks themselves failed: {to_server:?} {to_open:?}");
+    // And by the kernel's maps: the new pod's endpoint is not isolated (the old one's egress was).
+    let ifindex = host_ifindex(&addresses[0].to_string());
     let m = maps();
     let ep = m.endpoints.iter().find(|e| e.ifindex == ifindex).expect("the new pod's endpoint");
-    assert!(!ep.egress_isolated && !ep.ingress_isolated, "the new pod's endpoint: {ep:?}");
-    c.run(&["delete", "namespace", "reuse", "--wait=false"]);
+    assert!(!ep.egress_isolated && !ep.ingress_isolated, "{new}'s endpoint: {ep:?}");
+    c.ok(&["-n", "reuse", "delete", "pod", &new, &old, "--ignore-not-found", "--wait=true", "--timeout=60s"]);
 }
 
 /// The Events (core/v1 view) regarding NetworkPolicy `name` in `ns` with `reason`.
@@ -743,10 +803,13 @@ spec:
     let shown = c.ok(&["-n", "hostnet", "events", "--for", "networkpolicy/default-deny"]);
     eprintln!("kubectl -n hostnet events --for networkpolicy/default-deny:\n{shown}");
     assert!(shown.contains("Warning") && shown.contains("PolicyNotFullyEnforced"), "{shown}");
-    // Both policies were reported in the same pass: by now an Event for web-only would be there.
+    // Both policies were reported in the same pass: by now an Event for web-only would be there, and a
+    // second one for default-deny.
     std::thread::sleep(Duration::from_secs(3));
     let control = policy_events(&c, "hostnet", "web-only", "PolicyNotFullyEnforced");
     assert!(control.is_empty(), "a policy that selects no host-network pod got an Event: {control:?}");
+    let all = policy_events(&c, "hostnet", "default-deny", "PolicyNotFullyEnforced");
+    assert_eq!(all.len(), 1, "one Event, not one per snapshot: {all:?}");
     c.run(&["delete", "namespace", "hostnet", "--wait=false"]);
 }
 

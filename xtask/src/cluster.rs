@@ -1463,6 +1463,9 @@ fn args_of(p: &Paths, component: &str) -> Vec<String> {
 
 /// `cargo xtask cluster restart COMPONENT`.
 fn restart(component: &str, kill: bool) -> Result<()> {
+    if !is_root() {
+        bail!("run it as root");
+    }
     let p = Paths::new();
     if !is_running() {
         bail!("no cluster is running (`cargo xtask cluster up`)");
@@ -1472,6 +1475,9 @@ fn restart(component: &str, kill: bool) -> Result<()> {
         Some(pid) if kill => {
             signal(pid, "KILL");
             while running_pid(&p, component).is_some() {
+                if t.elapsed() > Duration::from_secs(10) {
+                    bail!("{component} (pid {pid}) is still running 10 s after SIGKILL");
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
             eprintln!("killed {component} (pid {pid})");

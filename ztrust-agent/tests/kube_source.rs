@@ -543,6 +543,69 @@ async fn events_for_policies_that_cannot_be_fully_enforced() {
     assert_eq!(server.events().len(), 2);
 }
 
+/// A host-network pod of this node: a pod object as the kubelet reports it (no podIPs of its own).
+fn host_pod(ns: &str, name: &str, labels: Value, node: Option<&str>) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": { "name": name, "namespace": ns, "labels": labels },
+        "spec": { "nodeName": node, "hostNetwork": true, "containers": [{ "name": "app", "image": "app" }] },
+        "status": { "phase": if node.is_some() { "Running" } else { "Pending" } },
+    })
+}
+
+/// A valid policy that selects a host-network pod of this node gets a Warning Event (ztrust cannot
+/// enforce it for that pod), not counted as a source error; one selecting only other pods, or a
+/// host-network pod of another node or of none yet, gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_for_policies_selecting_host_network_pods_of_this_node() {
+    let server = FakeApiServer::start().await;
+    seed(&server);
+    server.apply(host_pod("payments", "node-agent", json!({ "app": "node-agent" }), Some("node-a")));
+    server.apply(host_pod("payments", "elsewhere", json!({ "app": "elsewhere" }), Some("node-b")));
+    server.apply(host_pod("payments", "pending", json!({ "app": "pending" }), None));
+    for app in ["node-agent", "elsewhere", "pending"] {
+        server.apply(policy("payments", &format!("deny-{app}"), json!({ "podSelector": { "matchLabels": { "app": app } } })));
+    }
+    let mut source = source(&server, true);
+    let (loaded, _) = wait_for(&mut source, Duration::from_secs(5), "initial list", |l| {
+        l.cluster.policies.contains_key(&pod_ref("payments", "deny-pending"))
+    })
+    .await;
+    assert!(loaded.errors.is_empty(), "a limit is not a source error: {:?}", loaded.errors);
+    let event = wait_event(&server, 1).await;
+    assert_eq!(event["type"], "Warning");
+    assert_eq!(event["reason"], "PolicyNotFullyEnforced");
+    assert_eq!(event["regarding"]["name"], "deny-node-agent");
+    let note = event["note"].as_str().unwrap();
+    assert!(note.starts_with("spec.podSelector: selects host-network pod payments/node-agent on node node-a"), "{note}");
+
+    // A re-list (410 Gone, with an unrelated change only a list shows) does not repeat it.
+    server.expire_history_with(vec![Change::Apply(pod("payments", "x", json!({ "app": "x" }), "10.0.1.50", "node-a"))]);
+    wait_for(&mut source, CHANGE_BOUND, "re-listed", |l| l.cluster.pods.contains_key(&pod_ref("payments", "x"))).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(server.events().len(), 1, "{:#?}", server.events());
+
+    // The pending pod scheduled here: now its policy is reported too (Events go out when the snapshot
+    // is taken).
+    server.apply(host_pod("payments", "pending", json!({ "app": "pending" }), Some("node-a")));
+    wait_for(&mut source, CHANGE_BOUND, "pending scheduled", |l| {
+        l.cluster.pods.get(&pod_ref("payments", "pending")).is_some_and(|p| p.node_name.as_deref() == Some("node-a"))
+    })
+    .await;
+    let event = wait_event(&server, 2).await;
+    assert_eq!(event["regarding"]["name"], "deny-pending", "{event}");
+    // Gone and back: reported again.
+    server.delete("Pod", "payments", "node-agent");
+    wait_for(&mut source, CHANGE_BOUND, "node-agent deleted", |l| {
+        !l.cluster.pods.contains_key(&pod_ref("payments", "node-agent"))
+    })
+    .await;
+    server.apply(host_pod("payments", "node-agent", json!({ "app": "node-agent" }), Some("node-a")));
+    wait_for(&mut source, CHANGE_BOUND, "node-agent back", |l| l.cluster.pods.contains_key(&pod_ref("payments", "node-agent"))).await;
+    let event = wait_event(&server, 3).await;
+    assert_eq!(event["regarding"]["name"], "deny-node-agent", "{event}");
+}
+
 async fn wait_event(server: &FakeApiServer, n: usize) -> Value {
     let started = Instant::now();
     loop {

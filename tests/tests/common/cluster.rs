@@ -347,14 +347,19 @@ pub fn ctr(args: &[&str]) -> String {
 /// start in Unix seconds (the pod's clock is the node's), then `done`. It runs in the pod (started with
 /// `kubectl exec`, detached), so it keeps going while the API server or the agent is away.
 pub fn start_attempts(c: &Cluster, ns: &str, pod: &str, name: &str, url: &str, timeout: u32) {
-    let script = format!(
+    let script = attempts_script(name, url, timeout);
+    c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
+}
+
+/// The shell loop of [`start_attempts`] (also a container's command, to try from its first instruction).
+pub fn attempts_script(name: &str, url: &str, timeout: u32) -> String {
+    format!(
         "rm -f /tmp/{name} /tmp/{name}.stop; end=$(( $(date +%s) + 600 )); \
          while [ ! -e /tmp/{name}.stop ] && [ $(date +%s) -lt $end ]; do \
            t=$(date +%s); timeout {timeout} wget -qO- {url} >/dev/null 2>&1; rc=$?; \
            if [ $rc = 0 ]; then echo pass $t; elif [ $rc = 143 ]; then echo blocked $t; else echo \"error $rc $t\"; fi >> /tmp/{name}; \
          done; echo done >> /tmp/{name}"
-    );
-    c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
+    )
 }
 
 /// Ends a loop of [`start_attempts`] after its current attempt.
@@ -372,13 +377,6 @@ pub struct Attempts {
     /// Start of the first and of the last attempt recorded (Unix seconds).
     pub first: Option<u64>,
     pub last: Option<u64>,
-}
-
-impl Attempts {
-    /// Attempts recorded, whatever their outcome.
-    pub fn total(&self) -> usize {
-        self.passed + self.blocked + self.errors.len()
-    }
 }
 
 /// The attempts [`start_attempts`] recorded so far.
@@ -404,20 +402,27 @@ pub fn attempts(c: &Cluster, ns: &str, pod: &str, name: &str) -> Attempts {
 }
 
 /// The running agent's process (`ztrust-agent run` in its container, seen from the host's pid
-/// namespace); panics unless there is exactly one.
+/// namespace); panics unless there is exactly one within 60 s (the agent of an earlier rollout may
+/// still be shutting down).
 pub fn agent_pid() -> i32 {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let mut argv = cmdline.split(|b| *b == 0);
-        let (Some(argv0), Some(argv1)) = (argv.next(), argv.next()) else { continue };
-        if argv0.ends_with(b"ztrust-agent") && argv1 == b"run" {
-            found.push(pid);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let mut argv = cmdline.split(|b| *b == 0);
+            let (Some(argv0), Some(argv1)) = (argv.next(), argv.next()) else { continue };
+            if argv0.ends_with(b"ztrust-agent") && argv1 == b"run" {
+                found.push(pid);
+            }
         }
+        if let [pid] = found[..] {
+            return pid;
+        }
+        assert!(Instant::now() < deadline, "not exactly one `ztrust-agent run` process on the node: {found:?}");
+        std::thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(found.len(), 1, "exactly one `ztrust-agent run` process on the node: {found:?}");
-    found[0]
 }
 
 /// `args` in the node's network namespace (the control plane listens on its loopback); their stdout.

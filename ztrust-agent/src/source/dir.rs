@@ -91,7 +91,7 @@ pub enum Problem {
         "selects host-network pod {pod} on node {node}: its traffic crosses no pod interface, so ztrust does \
          not enforce this policy for it"
     )]
-    SelectsHostNetworkPod { pod: String, node: String },
+    SelectsHostNetworkPod { pod: model::ObjectRef, node: String },
 }
 
 /// Describes what happened to the part of the object that is invalid.

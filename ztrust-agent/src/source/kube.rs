@@ -516,9 +516,10 @@ impl KubeSource {
             let converted = self.pods.get(&r).and_then(|pod| convert_pod(&pod));
             let (value, errors) = split(converted);
             set_problems(&mut self.problems, ("Pod", key.to_string()), errors);
-            let local_host = self.node_name.as_deref().is_some_and(|node| {
-                value.as_ref().is_some_and(|p| p.host_network && p.node_name.as_deref().is_none_or(|n| n == node))
-            });
+            // Scheduled here: a pending host-network pod is no node's yet (every agent would report it).
+            let local_host = value
+                .as_ref()
+                .is_some_and(|p| p.host_network && p.node_name.is_some() && p.node_name == self.node_name);
             if local_host {
                 self.host_pods.insert(key.clone());
             } else {
@@ -574,16 +575,17 @@ impl KubeSource {
             let Some(pod) = self.cluster.pods.get(key) else { continue };
             let from = model::ObjectRef::new(key.namespace.clone(), String::new());
             for (pkey, policy) in self.cluster.policies.range(from..).take_while(|(k, _)| k.namespace == key.namespace) {
-                if !crate::policy::selector::matches(&policy.pod_selector, &pod.labels) {
+                let isolates = policy.isolates_ingress || policy.isolates_egress;
+                if !isolates || !crate::policy::selector::matches(&policy.pod_selector, &pod.labels) {
                     continue;
                 }
                 let r = reflector::ObjectRef::new(&pkey.name).within(&pkey.namespace);
                 let Some(np) = self.policies.get(&r) else { continue };
                 let error = LoadError {
                     file: FILE.to_owned(),
-                    object: format!("NetworkPolicy {pkey}"),
+                    object: dir::object_name("NetworkPolicy", &np.metadata, true),
                     field: "spec.podSelector".to_owned(),
-                    problem: dir::Problem::SelectsHostNetworkPod { pod: key.to_string(), node: node.clone() },
+                    problem: dir::Problem::SelectsHostNetworkPod { pod: key.clone(), node: node.clone() },
                     effect: dir::Effect::None,
                 };
                 out.push((error, np.object_ref(&())));
@@ -725,6 +727,8 @@ async fn run_reflector<K>(
     {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
+        // A 410 was answered; the re-list it causes is not complete.
+        let mut expired = false;
         while let Some(item) = stream.next().await {
             match item {
                 // The store changes on these; `Init`/`InitApply` are buffered until `InitDone`.
@@ -732,6 +736,10 @@ async fn run_reflector<K>(
                     if failing {
                         info!(%kind, "watch resumed");
                         failing = false;
+                    }
+                    if expired && matches!(event, watcher::Event::InitDone) {
+                        info!(%kind, "re-listed after 410 Gone; watching from the list's resourceVersion");
+                        expired = false;
                     }
                     {
                         let mut t = touched.lock().expect("touched lock");
@@ -747,7 +755,7 @@ async fn run_reflector<K>(
                 // server's watch cache, e.g. after it restarted): the watcher re-lists by itself.
                 Err(watcher::Error::WatchError(e)) if e.code == 410 => {
                     info!(%kind, error = %e, "watch expired (410 Gone): re-listing; the last state stays in force until the list is complete");
-                    failing = true;
+                    expired = true;
                 }
                 Err(e) => {
                     if failing {
