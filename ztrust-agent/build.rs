@@ -10,8 +10,13 @@ fn main() -> anyhow::Result<()> {
     println!("cargo:rerun-if-env-changed=ZTRUST_BPF_TOOLCHAIN");
     let toolchain = std::env::var("ZTRUST_BPF_TOOLCHAIN").unwrap_or_else(|_| "ztrust-bpf".to_owned());
     let manifest_dir = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
-    let ebpf_dir = manifest_dir.parent().context("workspace root")?.join("ztrust-ebpf");
-    let ebpf_dir = ebpf_dir.to_str().ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
+    let ebpf_dir = manifest_dir
+        .parent()
+        .context("workspace root")?
+        .join("ztrust-ebpf");
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .ok_or_else(|| anyhow!("non-UTF-8 path {}", ebpf_dir.display()))?;
     println!("cargo:rerun-if-changed={ebpf_dir}/src");
     println!("cargo:rerun-if-changed={ebpf_dir}/../ztrust-common/src");
     // A toolchain without the `nightly` channel only builds `core` when told it may use unstable
@@ -20,9 +25,14 @@ fn main() -> anyhow::Result<()> {
         // SAFETY: build scripts are single-threaded at this point.
         unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     }
-    let package = aya_build::Package { name: "ztrust-ebpf", root_dir: ebpf_dir, ..Default::default() };
-    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain))
-        .with_context(|| format!("building the eBPF programs with toolchain `{toolchain}` (run `cargo xtask setup`)"))?;
+    let package = aya_build::Package {
+        name: "ztrust-ebpf",
+        root_dir: ebpf_dir,
+        ..Default::default()
+    };
+    aya_build::build_ebpf([package], aya_build::Toolchain::Custom(&toolchain)).with_context(|| {
+        format!("building the eBPF programs with toolchain `{toolchain}` (run `cargo xtask setup`)")
+    })?;
     compile_protos(&manifest_dir)
 }
 

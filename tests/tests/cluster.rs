@@ -12,7 +12,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::cluster::{Cluster, EXT_IP, EXT_NAME, Failure, Prometheus, WORKLOAD_IMAGE, attempts, component_pid, ctr, start_attempts, stop_attempts};
+use common::cluster::{
+    Cluster, EXT_IP, EXT_NAME, Failure, Prometheus, WORKLOAD_IMAGE, attempts, component_pid, ctr,
+    start_attempts, stop_attempts,
+};
 
 /// Policy changes reach the kernel within this (measured: ≈60 ms; the bound is for a loaded machine).
 const ENFORCED_WITHIN: Duration = Duration::from_secs(15);
@@ -26,12 +29,34 @@ fn url(service: &str) -> String {
 fn seed_app_flat(c: &Cluster) {
     c.fresh_namespace("payments");
     c.apply(&common::cluster::seed_app());
-    c.ok(&["-n", "payments", "wait", "--for=condition=Available", "deployment", "--all", "--timeout=180s"]);
-    for (from, to) in [("frontend", "backend"), ("frontend", "database"), ("backend", "database"), ("database", "frontend")] {
+    c.ok(&[
+        "-n",
+        "payments",
+        "wait",
+        "--for=condition=Available",
+        "deployment",
+        "--all",
+        "--timeout=180s",
+    ]);
+    for (from, to) in [
+        ("frontend", "backend"),
+        ("frontend", "database"),
+        ("backend", "database"),
+        ("database", "frontend"),
+    ] {
         let page = c.wget_until("payments", from, &url(to), true, ENFORCED_WITHIN);
-        assert!(page.contains(&format!("hello from {to}-")), "{from} → {to}: the page names a {to} pod: {page:?}");
+        assert!(
+            page.contains(&format!("hello from {to}-")),
+            "{from} → {to}: the page names a {to} pod: {page:?}"
+        );
     }
-    let page = c.wget_until("payments", "database", &format!("http://{EXT_NAME}"), true, ENFORCED_WITHIN);
+    let page = c.wget_until(
+        "payments",
+        "database",
+        &format!("http://{EXT_NAME}"),
+        true,
+        ENFORCED_WITHIN,
+    );
     assert!(page.contains(EXT_NAME), "the outside server answered: {page:?}");
 }
 
@@ -44,7 +69,10 @@ fn seed_checks(c: &Cluster) {
         (4, "database", url("frontend"), false),
         (5, "database", format!("http://{EXT_NAME}"), false),
     ] {
-        eprintln!("Task 5 test {n}: {from} → {to}: {}", if pass { "PASS" } else { "BLOCKED" });
+        eprintln!(
+            "Task 5 test {n}: {from} → {to}: {}",
+            if pass { "PASS" } else { "BLOCKED" }
+        );
         c.wget_until("payments", from, &to, pass, ENFORCED_WITHIN);
     }
 }
@@ -53,10 +81,19 @@ fn seed_checks(c: &Cluster) {
 /// or the backend of the Service the connection was to) or an address.
 fn denied<'a>(flows: &'a [serde_json::Value], from: &str, to: &str) -> Vec<&'a serde_json::Value> {
     let pod = |e: &serde_json::Value| {
-        format!("{}/{}", e["namespace"].as_str().unwrap_or(""), e["pod"].as_str().unwrap_or(""))
+        format!(
+            "{}/{}",
+            e["namespace"].as_str().unwrap_or(""),
+            e["pod"].as_str().unwrap_or("")
+        )
     };
     let backends = |f: &serde_json::Value| -> Vec<String> {
-        f["service"]["backends"].as_array().into_iter().flatten().filter_map(|b| b.as_str().map(str::to_owned)).collect()
+        f["service"]["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| b.as_str().map(str::to_owned))
+            .collect()
     };
     flows
         .iter()
@@ -93,20 +130,30 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
         ("payments/database-", EXT_IP, "database-policy"),
     ] {
         let hits = denied(&flows, from, to);
-        assert!(!hits.is_empty(), "no denied flow {from}* → {to} among {} denied flows: {flows:#?}", flows.len());
         assert!(
-            hits.iter().any(|f| f["policies"].as_array().is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.ends_with(policy))))),
+            !hits.is_empty(),
+            "no denied flow {from}* → {to} among {} denied flows: {flows:#?}",
+            flows.len()
+        );
+        assert!(
+            hits.iter().any(|f| f["policies"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p.as_str().is_some_and(|p| p.ends_with(policy))))),
             "{from}* → {to}: the flow names {policy}: {hits:#?}"
         );
     }
     // An address in the cluster's Service range (its ServiceCIDR object, read by the agent: deploy/ sets
     // no --service-cidr) that is no Service: dropped as such, not judged as an address.
     let stray = "10.96.200.200";
-    assert_eq!(c.wget("payments", "frontend", &format!("http://{stray}/")), Err(Failure::Blocked));
+    assert_eq!(
+        c.wget("payments", "frontend", &format!("http://{stray}/")),
+        Err(Failure::Blocked)
+    );
     let flows = c.denied_flows(&since);
     let hits = denied(&flows, "payments/frontend-", stray);
     assert!(
-        hits.iter().any(|f| f["reason"].as_str() == Some("unknown-service")),
+        hits.iter()
+            .any(|f| f["reason"].as_str() == Some("unknown-service")),
         "frontend → {stray} (Service range, no Service) is dropped as unknown-service: {hits:#?}"
     );
     // A real Prometheus finds the agent through the metrics Service and sees the drop counters rise by
@@ -117,15 +164,24 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
     let before = prometheus.wait_for(drops, Duration::from_secs(10), |_| true);
     let attempts = 5;
     for _ in 0..attempts {
-        assert_eq!(c.wget("payments", "frontend", &url("database")), Err(Failure::Blocked), "frontend → database stays blocked");
+        assert_eq!(
+            c.wget("payments", "frontend", &url("database")),
+            Err(Failure::Blocked),
+            "frontend → database stays blocked"
+        );
     }
-    let after = prometheus.wait_for(drops, Duration::from_secs(20), |v| v >= before + f64::from(attempts));
+    let after = prometheus.wait_for(drops, Duration::from_secs(20), |v| {
+        v >= before + f64::from(attempts)
+    });
     eprintln!("Prometheus: {drops} {before} → {after} over {attempts} blocked attempts");
     drop(prometheus);
     // The table an operator reads.
     let table = c.agent(&["flows", "--denied", "--namespace", "payments", "--since", &since]);
     eprintln!("{table}");
-    assert!(table.contains("svc payments/database:80 → payments/database-"), "the Service and its backend: {table}");
+    assert!(
+        table.contains("svc payments/database:80 → payments/database-"),
+        "the Service and its backend: {table}"
+    );
     assert!(table.contains("payments/frontend-policy"), "{table}");
 }
 
@@ -138,24 +194,70 @@ fn seed_exercise_with_the_selector_based_dns_rule_of_deploy_examples() {
     // The seed's policies with deploy/examples/payments' DNS rule for its allow-dns: egress to the
     // kube-dns pods of kube-system only, not to any address on port 53. The queries go to the kube-dns
     // ClusterIP; only the Service's translation to the CoreDNS pod lets them through.
-    let dns = std::fs::read_to_string(common::cluster::root().join("deploy/examples/payments/policies/10-allow-dns-egress.yaml"))
-        .expect("10-allow-dns-egress.yaml");
+    let dns = std::fs::read_to_string(
+        common::cluster::root().join("deploy/examples/payments/policies/10-allow-dns-egress.yaml"),
+    )
+    .expect("10-allow-dns-egress.yaml");
     let seed = common::cluster::seed_policies();
-    let without_seed_dns: Vec<&str> = seed.split("\n---").filter(|d| !d.contains("name: allow-dns")).collect();
-    assert_eq!(without_seed_dns.len(), 4, "the seed has five policies, one of them allow-dns");
+    let without_seed_dns: Vec<&str> = seed
+        .split("\n---")
+        .filter(|d| !d.contains("name: allow-dns"))
+        .collect();
+    assert_eq!(
+        without_seed_dns.len(),
+        4,
+        "the seed has five policies, one of them allow-dns"
+    );
     c.apply(&without_seed_dns.join("\n---"));
     c.apply(&dns);
     // The seed's per-tier policies still allow any port 53; remove that path so that only the
     // selector-based rule admits DNS.
     for p in ["frontend-policy", "backend-policy"] {
-        c.ok(&["-n", "payments", "patch", "networkpolicy", p, "--type=json", "-p", r#"[{"op":"remove","path":"/spec/egress/1"}]"#]);
+        c.ok(&[
+            "-n",
+            "payments",
+            "patch",
+            "networkpolicy",
+            p,
+            "--type=json",
+            "-p",
+            r#"[{"op":"remove","path":"/spec/egress/1"}]"#,
+        ]);
     }
-    c.ok(&["-n", "payments", "patch", "networkpolicy", "database-policy", "--type=json", "-p", r#"[{"op":"remove","path":"/spec/egress"}]"#]);
+    c.ok(&[
+        "-n",
+        "payments",
+        "patch",
+        "networkpolicy",
+        "database-policy",
+        "--type=json",
+        "-p",
+        r#"[{"op":"remove","path":"/spec/egress"}]"#,
+    ]);
     seed_checks(&c);
     // DNS itself: resolved through the kube-dns ClusterIP under default deny.
-    let backend_ip = c.ok(&["-n", "payments", "get", "service", "backend", "-o", "jsonpath={.spec.clusterIP}"]);
-    let out = c.ok(&["-n", "payments", "exec", "deploy/database", "--", "nslookup", "backend.payments.svc.cluster.local"]);
-    assert!(out.contains(&backend_ip), "the answer is backend's ClusterIP {backend_ip}: {out}");
+    let backend_ip = c.ok(&[
+        "-n",
+        "payments",
+        "get",
+        "service",
+        "backend",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let out = c.ok(&[
+        "-n",
+        "payments",
+        "exec",
+        "deploy/database",
+        "--",
+        "nslookup",
+        "backend.payments.svc.cluster.local",
+    ]);
+    assert!(
+        out.contains(&backend_ip),
+        "the answer is backend's ClusterIP {backend_ip}: {out}"
+    );
 }
 
 /// A long-lived connection the policies allow: an echo server (busybox `nc -ll -e cat`) and a client that
@@ -200,20 +302,54 @@ spec:
   egress: [{{to: [{{podSelector: {{matchLabels: {{app: echo}}}}}}], ports: [{{port: 9000}}]}}]
 "#
     ));
-    c.ok(&["-n", "longlived", "wait", "--for=condition=Ready", "pod", "--all", "--timeout=120s"]);
-    let ip = c.ok(&["-n", "longlived", "get", "pod", "echo", "-o", "jsonpath={.status.podIP}"]);
+    c.ok(&[
+        "-n",
+        "longlived",
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "--all",
+        "--timeout=120s",
+    ]);
+    let ip = c.ok(&[
+        "-n",
+        "longlived",
+        "get",
+        "pod",
+        "echo",
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
     // Once the policies let a connection through (and the server listens), start the long one.
     let deadline = std::time::Instant::now() + ENFORCED_WITHIN;
     loop {
-        let out = c.run(&["exec", "-n", "longlived", "client", "--", "sh", "-c", &format!("echo ready | timeout 2 nc {ip} 9000")]);
+        let out = c.run(&[
+            "exec",
+            "-n",
+            "longlived",
+            "client",
+            "--",
+            "sh",
+            "-c",
+            &format!("echo ready | timeout 2 nc {ip} 9000"),
+        ]);
         if String::from_utf8_lossy(&out.stdout).contains("ready") {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "client → echo:9000 never answered");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "client → echo:9000 never answered"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     c.ok(&[
-        "exec", "-n", "longlived", "client", "--", "sh", "-c",
+        "exec",
+        "-n",
+        "longlived",
+        "client",
+        "--",
+        "sh",
+        "-c",
         &format!("((while sleep 0.2; do date +%s; done) | nc {ip} 9000 > /tmp/echo 2>&1 &) >/dev/null 2>&1"),
     ]);
     (ip, "client".to_owned())
@@ -235,7 +371,10 @@ fn both_running(c: &Cluster, pod: &str, a: &str, b: &str) -> u64 {
         if let (Some(xa), Some(ya)) = (x.first, y.first) {
             return xa.max(ya);
         }
-        assert!(std::time::Instant::now() < deadline, "the loops did not start: {x:?} {y:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loops did not start: {x:?} {y:?}"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
 }
@@ -243,16 +382,28 @@ fn both_running(c: &Cluster, pod: &str, a: &str, b: &str) -> u64 {
 /// Stops two [`start_attempts`] loops once each has begun an attempt at or after `fault_end` (so the
 /// loops span the whole fault, from `both_running` to `fault_end`; checked that neither ended early) and
 /// returns what each saw once both wrote `done`.
-fn stop_both(c: &Cluster, pod: &str, a: &str, b: &str, fault_end: u64) -> (common::cluster::Attempts, common::cluster::Attempts) {
+fn stop_both(
+    c: &Cluster,
+    pod: &str,
+    a: &str,
+    b: &str,
+    fault_end: u64,
+) -> (common::cluster::Attempts, common::cluster::Attempts) {
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     for name in [a, b] {
         loop {
             let seen = attempts(c, "payments", pod, name);
-            assert!(!seen.done, "the loop {name} ended early (it must span the whole fault): {seen:?}");
+            assert!(
+                !seen.done,
+                "the loop {name} ended early (it must span the whole fault): {seen:?}"
+            );
             if seen.last.is_some_and(|t| t >= fault_end) {
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "the loop {name} began no attempt after the fault: {seen:?}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the loop {name} began no attempt after the fault: {seen:?}"
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
         stop_attempts(c, "payments", pod, name);
@@ -262,13 +413,19 @@ fn stop_both(c: &Cluster, pod: &str, a: &str, b: &str, fault_end: u64) -> (commo
         if x.done && y.done {
             return (x, y);
         }
-        assert!(std::time::Instant::now() < deadline, "the loops did not stop: {x:?} {y:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the loops did not stop: {x:?} {y:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 /// Asserts that the long-lived connection echoed within the last few seconds (it is alive).
@@ -279,7 +436,11 @@ fn assert_alive(c: &Cluster, what: &str) -> usize {
         if n > 0 && newest + 3 >= now_secs() {
             return n;
         }
-        assert!(std::time::Instant::now() < deadline, "{what}: the long-lived connection stopped ({n} lines, newest {newest}, now {})", now_secs());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: the long-lived connection stopped ({n} lines, newest {newest}, now {})",
+            now_secs()
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -302,27 +463,77 @@ fn fault_agent_rollout_restart_and_image_upgrade_under_denied_attempts() {
     let frontend = format!("pod/{}", c.pod_of("payments", "frontend"));
     // The control loop goes to backend's ClusterIP (no DNS in it: a lost DNS reply is no enforcement
     // failure); the denied one by name, as the seed does.
-    let backend_ip = c.ok(&["-n", "payments", "get", "service", "backend", "-o", "jsonpath={.spec.clusterIP}"]);
+    let backend_ip = c.ok(&[
+        "-n",
+        "payments",
+        "get",
+        "service",
+        "backend",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
     start_attempts(&c, "payments", &frontend, "denied", &url("database"), 1);
-    start_attempts(&c, "payments", &frontend, "allowed", &format!("http://{backend_ip}/"), 3);
+    start_attempts(
+        &c,
+        "payments",
+        &frontend,
+        "allowed",
+        &format!("http://{backend_ip}/"),
+        3,
+    );
     let fault_start = both_running(&c, &frontend, "denied", "allowed");
 
     // A restart of the DaemonSet: the old pod goes, a new one adopts the pinned programs and maps.
     let old = c.agent_pod();
     c.ok(&["-n", "ztrust-system", "rollout", "restart", "ds/ztrust-agent"]);
-    c.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "rollout",
+        "status",
+        "ds/ztrust-agent",
+        "--timeout=180s",
+    ]);
     let restarted = c.agent_pod();
     assert_ne!(old, restarted, "rollout restart replaced the agent's pod");
     let after_restart = assert_alive(&c, "after the rollout restart");
     assert!(after_restart > before);
 
     // An image upgrade: a new image reference (the same build, tagged anew in containerd).
-    ctr(&["images", "tag", "--force", "ghcr.io/ztrust/ztrust-agent:0.1.0", "ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade"]);
-    c.ok(&["-n", "ztrust-system", "set", "image", "ds/ztrust-agent", "agent=ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade"]);
-    c.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+    ctr(&[
+        "images",
+        "tag",
+        "--force",
+        "ghcr.io/ztrust/ztrust-agent:0.1.0",
+        "ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade",
+    ]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "set",
+        "image",
+        "ds/ztrust-agent",
+        "agent=ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade",
+    ]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "rollout",
+        "status",
+        "ds/ztrust-agent",
+        "--timeout=180s",
+    ]);
     let upgraded = c.agent_pod();
     assert_ne!(restarted, upgraded);
-    let image = c.ok(&["-n", "ztrust-system", "get", "pod", &upgraded, "-o", "jsonpath={.spec.containers[0].image}"]);
+    let image = c.ok(&[
+        "-n",
+        "ztrust-system",
+        "get",
+        "pod",
+        &upgraded,
+        "-o",
+        "jsonpath={.spec.containers[0].image}",
+    ]);
     assert_eq!(image, "ghcr.io/ztrust/ztrust-agent:0.1.0-upgrade");
     assert_alive(&c, "after the image upgrade");
 
@@ -330,21 +541,52 @@ fn fault_agent_rollout_restart_and_image_upgrade_under_denied_attempts() {
     // one denied attempt passed, every allowed one did.
     let fault_end = now_secs();
     let (denied, allowed) = stop_both(&c, &frontend, "denied", "allowed", fault_end);
-    eprintln!("during restart and upgrade ({} s): denied path {denied:?}, allowed path {allowed:?}", fault_end - fault_start);
+    eprintln!(
+        "during restart and upgrade ({} s): denied path {denied:?}, allowed path {allowed:?}",
+        fault_end - fault_start
+    );
     // Both loops ran from before the restart to after the upgrade (stop_both waited for that). A denied
     // attempt takes its 1 s timeout and the loop's own overhead (a kubectl-free shell loop: well under
     // 1 s), so the loop made at least one attempt per 2 s of the fault; fewer means it stalled.
-    assert_eq!(denied.passed, 0, "frontend → database passed {} times during the restart/upgrade", denied.passed);
-    assert!(denied.errors.is_empty(), "a denied attempt failed other than by timing out: {denied:?}");
+    assert_eq!(
+        denied.passed, 0,
+        "frontend → database passed {} times during the restart/upgrade",
+        denied.passed
+    );
+    assert!(
+        denied.errors.is_empty(),
+        "a denied attempt failed other than by timing out: {denied:?}"
+    );
     let span = fault_end - fault_start;
-    assert!(denied.blocked as u64 >= span / 2, "the denied loop made {} attempts in {span} s: {denied:?}", denied.blocked);
+    assert!(
+        denied.blocked as u64 >= span / 2,
+        "the denied loop made {} attempts in {span} s: {denied:?}",
+        denied.blocked
+    );
     // The pinned programs judge every packet throughout: an allowed attempt that failed is a failure.
-    assert!(allowed.passed as u64 >= span / 2 && allowed.blocked == 0 && allowed.errors.is_empty(), "every allowed attempt passed: {allowed:?}");
+    assert!(
+        allowed.passed as u64 >= span / 2 && allowed.blocked == 0 && allowed.errors.is_empty(),
+        "every allowed attempt passed: {allowed:?}"
+    );
 
     c.run(&["delete", "namespace", "longlived", "--wait=false"]);
     // Back to the release image, for the tests after this one.
-    c.ok(&["-n", "ztrust-system", "set", "image", "ds/ztrust-agent", "agent=ghcr.io/ztrust/ztrust-agent:0.1.0"]);
-    c.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "set",
+        "image",
+        "ds/ztrust-agent",
+        "agent=ghcr.io/ztrust/ztrust-agent:0.1.0",
+    ]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "rollout",
+        "status",
+        "ds/ztrust-agent",
+        "--timeout=180s",
+    ]);
 }
 
 #[test]
@@ -354,27 +596,59 @@ fn fault_api_server_stopped_enforcement_unchanged_and_changes_after_it_returns_e
     c.deploy_agent();
     seed_enforced(&c);
     let frontend = format!("pod/{}", c.pod_of("payments", "frontend"));
-    let backend_ip = c.ok(&["-n", "payments", "get", "service", "backend", "-o", "jsonpath={.spec.clusterIP}"]);
+    let backend_ip = c.ok(&[
+        "-n",
+        "payments",
+        "get",
+        "service",
+        "backend",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
     start_attempts(&c, "payments", &frontend, "denied-apiserver", &url("database"), 1);
-    start_attempts(&c, "payments", &frontend, "allowed-apiserver", &format!("http://{backend_ip}/"), 3);
+    start_attempts(
+        &c,
+        "payments",
+        &frontend,
+        "allowed-apiserver",
+        &format!("http://{backend_ip}/"),
+        3,
+    );
     both_running(&c, &frontend, "denied-apiserver", "allowed-apiserver");
     // Frozen, not killed: its connections hang as on a partition, and it comes back with the same
     // state (SIGCONT) without xtask's help.
     let apiserver = component_pid("kube-apiserver");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(apiserver), nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(apiserver),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .expect("SIGSTOP");
     std::thread::sleep(Duration::from_secs(20));
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(apiserver), nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(apiserver),
+        nix::sys::signal::Signal::SIGCONT,
+    )
+    .expect("SIGCONT");
     // kubectl again (the apiserver answers after a moment).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !c.run(&["get", "--raw", "/readyz"]).status.success() {
-        assert!(std::time::Instant::now() < deadline, "the API server did not come back");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API server did not come back"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     let (denied, allowed) = stop_both(&c, &frontend, "denied-apiserver", "allowed-apiserver", now_secs());
     eprintln!("with the API server stopped: denied path {denied:?}, allowed path {allowed:?}");
-    assert_eq!(denied.passed, 0, "frontend → database passed while the API server was stopped");
+    assert_eq!(
+        denied.passed, 0,
+        "frontend → database passed while the API server was stopped"
+    );
     assert!(denied.blocked >= 5 && denied.errors.is_empty(), "{denied:?}");
-    assert!(allowed.passed >= 5 && allowed.blocked == 0 && allowed.errors.is_empty(), "{allowed:?}");
+    assert!(
+        allowed.passed >= 5 && allowed.blocked == 0 && allowed.errors.is_empty(),
+        "{allowed:?}"
+    );
     // A change after it returns: frontend may now reach database.
     c.apply(
         r#"apiVersion: networking.k8s.io/v1
@@ -420,24 +694,65 @@ fn fault_cluster_role_binding_removed_a_clear_error_and_nothing_unenforced() {
                 break (new, log);
             }
         }
-        assert!(std::time::Instant::now() < deadline, "the new agent does not say that it is forbidden to list");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new agent does not say that it is forbidden to list"
+        );
         std::thread::sleep(Duration::from_secs(1));
     };
     let line = log.lines().find(|l| l.contains("forbidden")).unwrap_or_default();
     eprintln!("the agent without its ClusterRoleBinding: {line}");
-    assert!(line.contains("ztrust-agent") && line.contains("cannot list"), "the error names who may not do what: {line}");
+    assert!(
+        line.contains("ztrust-agent") && line.contains("cannot list"),
+        "the error names who may not do what: {line}"
+    );
     // Not ready, by its own word: /readyz on the metrics port (host network: the node's address) says
     // 503, and the kubelet, after more readiness periods than its failure threshold, agrees.
     let readyz = std::process::Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "3", "http://10.250.0.2:9965/readyz"])
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "3",
+            "http://10.250.0.2:9965/readyz",
+        ])
         .output()
         .expect("curl");
-    assert_eq!(String::from_utf8_lossy(&readyz.stdout), "503", "/readyz of an agent that cannot read the cluster");
+    assert_eq!(
+        String::from_utf8_lossy(&readyz.stdout),
+        "503",
+        "/readyz of an agent that cannot read the cluster"
+    );
     std::thread::sleep(Duration::from_secs(20));
-    let ready = c.ok(&["-n", "ztrust-system", "get", "pod", &new, "-o", r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#]);
-    assert_eq!(ready, "False", "an agent that cannot read the cluster is not Ready");
-    let running = c.ok(&["-n", "ztrust-system", "get", "pod", &new, "-o", "jsonpath={.status.containerStatuses[0].state.running.startedAt}"]);
-    assert!(!running.is_empty(), "it keeps running (and enforcing), it does not crash-loop");
+    let ready = c.ok(&[
+        "-n",
+        "ztrust-system",
+        "get",
+        "pod",
+        &new,
+        "-o",
+        r#"jsonpath={.status.conditions[?(@.type=="Ready")].status}"#,
+    ]);
+    assert_eq!(
+        ready, "False",
+        "an agent that cannot read the cluster is not Ready"
+    );
+    let running = c.ok(&[
+        "-n",
+        "ztrust-system",
+        "get",
+        "pod",
+        &new,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].state.running.startedAt}",
+    ]);
+    assert!(
+        !running.is_empty(),
+        "it keeps running (and enforcing), it does not crash-loop"
+    );
     // Enforcement as before: Task 5 again (kube-proxy, DNS and the pods are untouched).
     seed_checks(&c);
     c.deploy_agent();
@@ -445,10 +760,18 @@ fn fault_cluster_role_binding_removed_a_clear_error_and_nothing_unenforced() {
 
 /// The agent pod's container restarts.
 fn agent_restarts(c: &Cluster, pod: &str) -> u64 {
-    c.ok(&["-n", "ztrust-system", "get", "pod", pod, "-o", "jsonpath={.status.containerStatuses[0].restartCount}"])
-        .trim()
-        .parse()
-        .expect("restartCount")
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "get",
+        "pod",
+        pod,
+        "-o",
+        "jsonpath={.status.containerStatuses[0].restartCount}",
+    ])
+    .trim()
+    .parse()
+    .expect("restartCount")
 }
 
 #[test]
@@ -472,13 +795,19 @@ fn fault_etcd_compacted_and_api_server_restarted_410_re_list_enforces_what_chang
     let thawed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         // A write after everything the agent saw (outside the API server's keys): the restarted API
         // server's watch cache then begins past the agent's resourceVersion, whatever else was written.
-        common::cluster::etcd("/v3/kv/put", &serde_json::json!({"key": "enRydXN0LXRlc3QvYnVtcA==", "value": "MQ=="}));
-        let revision = common::cluster::etcd("/v3/kv/range", &serde_json::json!({"key": "AA==", "limit": 1}))["header"]
-            ["revision"]
+        common::cluster::etcd(
+            "/v3/kv/put",
+            &serde_json::json!({"key": "enRydXN0LXRlc3QvYnVtcA==", "value": "MQ=="}),
+        );
+        let revision = common::cluster::etcd("/v3/kv/range", &serde_json::json!({"key": "AA==", "limit": 1}))
+            ["header"]["revision"]
             .as_str()
             .expect("etcd's revision")
             .to_owned();
-        common::cluster::etcd("/v3/kv/compaction", &serde_json::json!({"revision": revision, "physical": true}));
+        common::cluster::etcd(
+            "/v3/kv/compaction",
+            &serde_json::json!({"revision": revision, "physical": true}),
+        );
         // Killed (a crash): a graceful shutdown would wait for the frozen agent's watches to drain.
         common::cluster::restart_component("kube-apiserver", true);
         c.apply(
@@ -505,7 +834,10 @@ spec:
             Err(Failure::Blocked),
             "frontend → database while the agent that would allow it is frozen"
         );
-        eprintln!("compacted etcd at revision {revision}, restarted the API server; agent frozen for {:.1}s", frozen.elapsed().as_secs_f64());
+        eprintln!(
+            "compacted etcd at revision {revision}, restarted the API server; agent frozen for {:.1}s",
+            frozen.elapsed().as_secs_f64()
+        );
     }));
     // The kubelet may have killed it meanwhile (the restart count below says so).
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
@@ -520,16 +852,31 @@ spec:
         restarts,
         "the agent's container was restarted (frozen for {freeze:?}; the liveness probe allows ≈20 s): a fresh list, not a re-list"
     );
-    assert_eq!(common::cluster::agent_pid(), pid.as_raw(), "the same agent process");
+    assert_eq!(
+        common::cluster::agent_pid(),
+        pid.as_raw(),
+        "the same agent process"
+    );
     // Because of a 410 and a re-list: the agent says so.
-    let log = c.ok(&["-n", "ztrust-system", "logs", &format!("pod/{agent}"), &format!("--since-time={since}")]);
+    let log = c.ok(&[
+        "-n",
+        "ztrust-system",
+        "logs",
+        &format!("pod/{agent}"),
+        &format!("--since-time={since}"),
+    ]);
     let gone = log
         .lines()
-        .find(|l| l.contains("410 Gone") && l.contains("NetworkPolicy") && l.contains("too old resource version"))
-        .unwrap_or_else(|| panic!("the agent's NetworkPolicy watch got no 410 after the compaction and restart:\n{log}"));
+        .find(|l| {
+            l.contains("410 Gone") && l.contains("NetworkPolicy") && l.contains("too old resource version")
+        })
+        .unwrap_or_else(|| {
+            panic!("the agent's NetworkPolicy watch got no 410 after the compaction and restart:\n{log}")
+        });
     eprintln!("the agent: {gone}");
     assert!(
-        log.lines().any(|l| l.contains("re-listed after 410 Gone") && l.contains("NetworkPolicy")),
+        log.lines()
+            .any(|l| l.contains("re-listed after 410 Gone") && l.contains("NetworkPolicy")),
         "the agent says it re-listed NetworkPolicies after the 410:\n{log}"
     );
     // The rest of the policy as before.
@@ -541,7 +888,13 @@ fn seed_checks_but_frontend_to_database(c: &Cluster) {
     c.wget_until("payments", "frontend", &url("backend"), true, ENFORCED_WITHIN);
     c.wget_until("payments", "backend", &url("database"), true, ENFORCED_WITHIN);
     c.wget_until("payments", "database", &url("frontend"), false, ENFORCED_WITHIN);
-    c.wget_until("payments", "database", &format!("http://{EXT_NAME}"), false, ENFORCED_WITHIN);
+    c.wget_until(
+        "payments",
+        "database",
+        &format!("http://{EXT_NAME}"),
+        false,
+        ENFORCED_WITHIN,
+    );
 }
 
 /// host-local's state for the cluster's network (xtask/src/cluster.rs: `{state}/cni/ipam`).
@@ -549,10 +902,18 @@ const IPAM_DIR: &str = "/var/lib/ztrust-cluster/cni/ipam/ztrust-cluster";
 
 /// `status.podIPs` of `ns/pod`.
 fn pod_ips(c: &Cluster, ns: &str, pod: &str) -> Vec<std::net::IpAddr> {
-    c.ok(&["-n", ns, "get", "pod", pod, "-o", "jsonpath={.status.podIPs[*].ip}"])
-        .split_whitespace()
-        .map(|ip| ip.parse().expect("a pod IP"))
-        .collect()
+    c.ok(&[
+        "-n",
+        ns,
+        "get",
+        "pod",
+        pod,
+        "-o",
+        "jsonpath={.status.podIPs[*].ip}",
+    ])
+    .split_whitespace()
+    .map(|ip| ip.parse().expect("a pod IP"))
+    .collect()
 }
 
 /// The address before `ip` (host-local hands out the one after its last reservation).
@@ -612,7 +973,15 @@ spec:
   egress: [{{to: [{{podSelector: {{matchLabels: {{app: server}}}}}}], ports: [{{port: 80}}]}}]
 "#
     ));
-    c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", "pod", "--all", "--timeout=120s"]);
+    c.ok(&[
+        "-n",
+        "reuse",
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "--all",
+        "--timeout=120s",
+    ]);
     let server = pod_ips(&c, "reuse", "server")[0];
     let open = pod_ips(&c, "reuse", "open")[0];
     for (round, release) in [Release::Deleted, Release::Completed].into_iter().enumerate() {
@@ -625,18 +994,28 @@ spec:
 /// labels on the same addresses, which tries, from its container's first instruction, what the old pod
 /// was allowed (server: never for it) and what it was denied (open: its own rules allow it, the
 /// positive control).
-fn reuse_round(c: &Cluster, round: usize, release: Release, server: std::net::IpAddr, open: std::net::IpAddr) {
+fn reuse_round(
+    c: &Cluster,
+    round: usize,
+    release: Release,
+    server: std::net::IpAddr,
+    open: std::net::IpAddr,
+) {
     let old = format!("old-{round}");
     let new = format!("new-{round}");
     // Completed: the pod proves its rules from inside (server answers once it is enforced, open never),
     // then exits: the kubelet gives the addresses back once every container is done.
     let command = match release {
         Release::Deleted => serde_json::Value::Null,
-        Release::Completed => serde_json::json!(["sh", "-c", format!(
-            "i=0; until timeout 3 wget -qO- http://{server}/ >/dev/null 2>&1; do \
+        Release::Completed => serde_json::json!([
+            "sh",
+            "-c",
+            format!(
+                "i=0; until timeout 3 wget -qO- http://{server}/ >/dev/null 2>&1; do \
                i=$((i+1)); [ $i -lt 30 ] || exit 1; sleep 1; done; \
              timeout 3 wget -qO- http://{open}/ >/dev/null 2>&1; [ $? = 143 ] || exit 2"
-        )]),
+            )
+        ]),
     };
     let mut pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
@@ -651,30 +1030,79 @@ fn reuse_round(c: &Cluster, round: usize, release: Release, server: std::net::Ip
     c.stdin(&["apply", "-f", "-"], &pod.to_string());
     let addresses = match release {
         Release::Deleted => {
-            c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", &format!("pod/{old}"), "--timeout=120s"]);
+            c.ok(&[
+                "-n",
+                "reuse",
+                "wait",
+                "--for=condition=Ready",
+                &format!("pod/{old}"),
+                "--timeout=120s",
+            ]);
             // The old pod's rules, in force: it reaches server, and nothing else.
-            c.wget_until("reuse", &format!("pod/{old}"), &format!("http://{server}/"), true, ENFORCED_WITHIN);
-            c.wget_until("reuse", &format!("pod/{old}"), &format!("http://{open}/"), false, ENFORCED_WITHIN);
+            c.wget_until(
+                "reuse",
+                &format!("pod/{old}"),
+                &format!("http://{server}/"),
+                true,
+                ENFORCED_WITHIN,
+            );
+            c.wget_until(
+                "reuse",
+                &format!("pod/{old}"),
+                &format!("http://{open}/"),
+                false,
+                ENFORCED_WITHIN,
+            );
             let addresses = pod_ips(c, "reuse", &old);
-            c.ok(&["-n", "reuse", "delete", "pod", &old, "--wait=true", "--timeout=60s"]);
+            c.ok(&[
+                "-n",
+                "reuse",
+                "delete",
+                "pod",
+                &old,
+                "--wait=true",
+                "--timeout=60s",
+            ]);
             addresses
         }
         Release::Completed => {
             let deadline = std::time::Instant::now() + Duration::from_secs(150);
             loop {
-                let phase = c.ok(&["-n", "reuse", "get", "pod", &old, "-o", "jsonpath={.status.phase}"]);
+                let phase = c.ok(&[
+                    "-n",
+                    "reuse",
+                    "get",
+                    "pod",
+                    &old,
+                    "-o",
+                    "jsonpath={.status.phase}",
+                ]);
                 match phase.as_str() {
                     "Succeeded" => break,
                     "Failed" => panic!(
                         "{old} failed (exit 1: server never answered it, 2: open did): {}",
-                        c.ok(&["-n", "reuse", "get", "pod", &old, "-o", "jsonpath={.status.containerStatuses[0].state}"])
+                        c.ok(&[
+                            "-n",
+                            "reuse",
+                            "get",
+                            "pod",
+                            &old,
+                            "-o",
+                            "jsonpath={.status.containerStatuses[0].state}"
+                        ])
                     ),
-                    _ => assert!(std::time::Instant::now() < deadline, "{old} still {phase:?} after 150 s"),
+                    _ => assert!(
+                        std::time::Instant::now() < deadline,
+                        "{old} still {phase:?} after 150 s"
+                    ),
                 }
                 std::thread::sleep(Duration::from_millis(500));
             }
             let addresses = pod_ips(c, "reuse", &old);
-            assert!(!addresses.is_empty(), "a finished pod keeps its addresses in its status");
+            assert!(
+                !addresses.is_empty(),
+                "a finished pod keeps its addresses in its status"
+            );
             addresses
         }
     };
@@ -684,11 +1112,18 @@ fn reuse_round(c: &Cluster, round: usize, release: Release, server: std::net::Ip
         let reservation = std::path::Path::new(IPAM_DIR).join(ip.to_string());
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while reservation.exists() {
-            assert!(std::time::Instant::now() < deadline, "{} still reserved 60 s after its pod was {release:?}", reservation.display());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} still reserved 60 s after its pod was {release:?}",
+                reservation.display()
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
-        std::fs::write(std::path::Path::new(IPAM_DIR).join(format!("last_reserved_ip.{range}")), before(*ip).to_string())
-            .expect("host-local's last reservation");
+        std::fs::write(
+            std::path::Path::new(IPAM_DIR).join(format!("last_reserved_ip.{range}")),
+            before(*ip).to_string(),
+        )
+        .expect("host-local's last reservation");
     }
     let script = format!(
         "({}) & ({}) & wait",
@@ -703,27 +1138,67 @@ fn reuse_round(c: &Cluster, round: usize, release: Release, server: std::net::Ip
         }]},
     });
     c.stdin(&["apply", "-f", "-"], &pod.to_string());
-    c.ok(&["-n", "reuse", "wait", "--for=condition=Ready", &format!("pod/{new}"), "--timeout=120s"]);
-    assert_eq!(pod_ips(c, "reuse", &new), addresses, "{new} was given {old}'s addresses (else this round shows nothing)");
+    c.ok(&[
+        "-n",
+        "reuse",
+        "wait",
+        "--for=condition=Ready",
+        &format!("pod/{new}"),
+        "--timeout=120s",
+    ]);
+    assert_eq!(
+        pod_ips(c, "reuse", &new),
+        addresses,
+        "{new} was given {old}'s addresses (else this round shows nothing)"
+    );
     let target = format!("pod/{new}");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let (to_server, to_open) = loop {
-        let (s, o) = (attempts(c, "reuse", &target, "server"), attempts(c, "reuse", &target, "open"));
+        let (s, o) = (
+            attempts(c, "reuse", &target, "server"),
+            attempts(c, "reuse", &target, "open"),
+        );
         if s.blocked >= 4 && o.passed >= 4 {
             break (s, o);
         }
-        assert!(std::time::Instant::now() < deadline, "{new}'s loops: server {s:?}, open {o:?}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{new}'s loops: server {s:?}, open {o:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     eprintln!("{new} on {release:?} {old}'s {addresses:?}: to server {to_server:?}, to open {to_open:?}");
-    assert_eq!(to_server.passed, 0, "{new} passed server's ingress rule for the old pod: {to_server:?}");
-    assert!(to_server.errors.is_empty() && to_open.errors.is_empty(), "the checks themselves failed: {to_server:?} {to_open:?}");
+    assert_eq!(
+        to_server.passed, 0,
+        "{new} passed server's ingress rule for the old pod: {to_server:?}"
+    );
+    assert!(
+        to_server.errors.is_empty() && to_open.errors.is_empty(),
+        "the checks themselves failed: {to_server:?} {to_open:?}"
+    );
     // And by the kernel's maps: the new pod's endpoint is not isolated (the old one's egress was).
     let ifindex = host_ifindex(&addresses[0].to_string());
     let m = maps();
-    let ep = m.endpoints.iter().find(|e| e.ifindex == ifindex).expect("the new pod's endpoint");
-    assert!(!ep.egress_isolated && !ep.ingress_isolated, "{new}'s endpoint: {ep:?}");
-    c.ok(&["-n", "reuse", "delete", "pod", &new, &old, "--ignore-not-found", "--wait=true", "--timeout=60s"]);
+    let ep = m
+        .endpoints
+        .iter()
+        .find(|e| e.ifindex == ifindex)
+        .expect("the new pod's endpoint");
+    assert!(
+        !ep.egress_isolated && !ep.ingress_isolated,
+        "{new}'s endpoint: {ep:?}"
+    );
+    c.ok(&[
+        "-n",
+        "reuse",
+        "delete",
+        "pod",
+        &new,
+        &old,
+        "--ignore-not-found",
+        "--wait=true",
+        "--timeout=60s",
+    ]);
 }
 
 /// The Events (core/v1 view) regarding NetworkPolicy `name` in `ns` with `reason`.
@@ -782,13 +1257,24 @@ spec:
   policyTypes: [Ingress]
 "#
     ));
-    c.ok(&["-n", "hostnet", "wait", "--for=condition=Ready", "pod", "--all", "--timeout=120s"]);
+    c.ok(&[
+        "-n",
+        "hostnet",
+        "wait",
+        "--for=condition=Ready",
+        "pod",
+        "--all",
+        "--timeout=120s",
+    ]);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let event = loop {
         if let Some(e) = policy_events(&c, "hostnet", "default-deny", "PolicyNotFullyEnforced").pop() {
             break e;
         }
-        assert!(std::time::Instant::now() < deadline, "no PolicyNotFullyEnforced Event for hostnet/default-deny within 30 s");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no PolicyNotFullyEnforced Event for hostnet/default-deny within 30 s"
+        );
         std::thread::sleep(Duration::from_millis(500));
     };
     let message = event["message"].as_str().unwrap_or_default();
@@ -802,12 +1288,18 @@ spec:
     // fetches none), kubectl events does.
     let shown = c.ok(&["-n", "hostnet", "events", "--for", "networkpolicy/default-deny"]);
     eprintln!("kubectl -n hostnet events --for networkpolicy/default-deny:\n{shown}");
-    assert!(shown.contains("Warning") && shown.contains("PolicyNotFullyEnforced"), "{shown}");
+    assert!(
+        shown.contains("Warning") && shown.contains("PolicyNotFullyEnforced"),
+        "{shown}"
+    );
     // Both policies were reported in the same pass: by now an Event for web-only would be there, and a
     // second one for default-deny.
     std::thread::sleep(Duration::from_secs(3));
     let control = policy_events(&c, "hostnet", "web-only", "PolicyNotFullyEnforced");
-    assert!(control.is_empty(), "a policy that selects no host-network pod got an Event: {control:?}");
+    assert!(
+        control.is_empty(),
+        "a policy that selects no host-network pod got an Event: {control:?}"
+    );
     let all = policy_events(&c, "hostnet", "default-deny", "PolicyNotFullyEnforced");
     assert_eq!(all.len(), 1, "one Event, not one per snapshot: {all:?}");
     c.run(&["delete", "namespace", "hostnet", "--wait=false"]);
@@ -816,18 +1308,28 @@ spec:
 /// The kernel's view, read from the agent's pinned maps on the host's bpffs (as `ztrust-agent status`
 /// does), with the node's interface names.
 fn maps() -> ztrust_agent::status::Status {
-    ztrust_agent::status::read_in_netns(std::path::Path::new("/sys/fs/bpf/ztrust"), common::cluster::NODE_NETNS)
-        .expect("the agent's pinned maps")
+    ztrust_agent::status::read_in_netns(
+        std::path::Path::new("/sys/fs/bpf/ztrust"),
+        common::cluster::NODE_NETNS,
+    )
+    .expect("the agent's pinned maps")
 }
 
 /// Waits (polling the maps every 5 ms) until `ok` holds; the time it took from `since`.
-fn until_maps(what: &str, since: std::time::Instant, ok: impl Fn(&ztrust_agent::status::Status) -> bool) -> Duration {
+fn until_maps(
+    what: &str,
+    since: std::time::Instant,
+    ok: impl Fn(&ztrust_agent::status::Status) -> bool,
+) -> Duration {
     loop {
         let m = maps();
         if ok(&m) {
             return since.elapsed();
         }
-        assert!(since.elapsed() < Duration::from_secs(30), "{what}: the maps did not follow within 30 s: {m:?}");
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{what}: the maps did not follow within 30 s: {m:?}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -835,19 +1337,38 @@ fn until_maps(what: &str, since: std::time::Instant, ok: impl Fn(&ztrust_agent::
 fn percentiles(mut d: Vec<Duration>) -> String {
     d.sort();
     let at = |q: f64| d[((d.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
-    format!("n={} p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms", d.len(), at(0.5), at(0.9), at(0.99), at(1.0))
+    format!(
+        "n={} p50 {:.0} ms, p90 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        d.len(),
+        at(0.5),
+        at(0.9),
+        at(0.99),
+        at(1.0)
+    )
 }
 
 /// The host-side interface of a pod address: the node's route to it (`ip route get`), its index.
 fn host_ifindex(ip: &str) -> u32 {
     let ip_n = |args: &[&str]| {
-        let out = std::process::Command::new("ip").args(["-n", common::cluster::NODE_NETNS, "-o"]).args(args).output().expect("ip");
+        let out = std::process::Command::new("ip")
+            .args(["-n", common::cluster::NODE_NETNS, "-o"])
+            .args(args)
+            .output()
+            .expect("ip");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let route = ip_n(&["route", "get", ip]);
-    let dev = route.split_whitespace().skip_while(|w| *w != "dev").nth(1).unwrap_or_else(|| panic!("no route to {ip}: {route}")).to_owned();
+    let dev = route
+        .split_whitespace()
+        .skip_while(|w| *w != "dev")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no route to {ip}: {route}"))
+        .to_owned();
     let link = ip_n(&["link", "show", "dev", &dev]);
-    link.split(':').next().and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("ifindex of {dev}: {link}"))
+    link.split(':')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("ifindex of {dev}: {link}"))
 }
 
 #[test]
@@ -856,8 +1377,24 @@ fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced()
     let c = Cluster::get();
     c.deploy_agent();
     seed_enforced(&c);
-    let database_ip = c.ok(&["-n", "payments", "get", "pod", &c.pod_of("payments", "database"), "-o", "jsonpath={.status.podIP}"]);
-    let backend_ip = c.ok(&["-n", "payments", "get", "pod", &c.pod_of("payments", "backend"), "-o", "jsonpath={.status.podIP}"]);
+    let database_ip = c.ok(&[
+        "-n",
+        "payments",
+        "get",
+        "pod",
+        &c.pod_of("payments", "database"),
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
+    let backend_ip = c.ok(&[
+        "-n",
+        "payments",
+        "get",
+        "pod",
+        &c.pod_of("payments", "backend"),
+        "-o",
+        "jsonpath={.status.podIP}",
+    ]);
 
     // New frontend pods whose first instruction is a connection frontend may not make (to database)
     // and one it may (to backend), in a loop from the container's start: the denied one never passes,
@@ -883,7 +1420,15 @@ fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced()
         c.stdin(&["apply", "-f", "-"], &pod);
         // Enforced: its interface is in the endpoints map with frontend's egress isolation.
         let ip = loop {
-            let ip = c.ok(&["-n", "payments", "get", "pod", &name, "-o", "jsonpath={.status.podIP}"]);
+            let ip = c.ok(&[
+                "-n",
+                "payments",
+                "get",
+                "pod",
+                &name,
+                "-o",
+                "jsonpath={.status.podIP}",
+            ]);
             if !ip.is_empty() {
                 break ip;
             }
@@ -892,24 +1437,55 @@ fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced()
         };
         let ifindex = host_ifindex(&ip);
         created_to_enforced.push(until_maps(&format!("{name} enforced"), t0, |m| {
-            m.endpoints.iter().any(|e| e.ifindex == ifindex && e.egress_isolated && e.identity != 0)
+            m.endpoints
+                .iter()
+                .any(|e| e.ifindex == ifindex && e.egress_isolated && e.identity != 0)
         }));
     }
     for i in 0..10 {
         let pod = format!("pod/early-{i}");
-        let read = |f: &str| c.ok(&["-n", "payments", "exec", &pod, "--", "sh", "-c", &format!("cat /tmp/{f} 2>/dev/null || true")]);
+        let read = |f: &str| {
+            c.ok(&[
+                "-n",
+                "payments",
+                "exec",
+                &pod,
+                "--",
+                "sh",
+                "-c",
+                &format!("cat /tmp/{f} 2>/dev/null || true"),
+            ])
+        };
         let count = |t: &str, w: &str| t.lines().filter(|l| l.trim() == w).count();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !(count(&read("denied"), "blocked") >= 2 && count(&read("allowed"), "pass") >= 1) {
-            assert!(std::time::Instant::now() < deadline, "early-{i}: its loops did not get going: {} / {}", read("denied"), read("allowed"));
+            assert!(
+                std::time::Instant::now() < deadline,
+                "early-{i}: its loops did not get going: {} / {}",
+                read("denied"),
+                read("allowed")
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
         let (denied, allowed) = (read("denied"), read("allowed"));
-        assert_eq!(count(&denied, "pass"), 0, "early-{i}: a denied connection passed from its container's start:\n{denied}");
-        assert!(count(&denied, "blocked") >= 2, "early-{i}: its loop ran: {denied}");
-        assert!(count(&allowed, "pass") >= 1, "early-{i}: the allowed connection passed (the pod has a network): {allowed}");
+        assert_eq!(
+            count(&denied, "pass"),
+            0,
+            "early-{i}: a denied connection passed from its container's start:\n{denied}"
+        );
+        assert!(
+            count(&denied, "blocked") >= 2,
+            "early-{i}: its loop ran: {denied}"
+        );
+        assert!(
+            count(&allowed, "pass") >= 1,
+            "early-{i}: the allowed connection passed (the pod has a network): {allowed}"
+        );
     }
-    eprintln!("pod created → enforced (its interface in the maps, isolated): {}", percentiles(created_to_enforced));
+    eprintln!(
+        "pod created → enforced (its interface in the maps, isolated): {}",
+        percentiles(created_to_enforced)
+    );
     let early: Vec<String> = (0..10).map(|i| format!("early-{i}")).collect();
     let mut delete = vec!["-n", "payments", "delete", "pod", "--wait=true", "--timeout=120s"];
     delete.extend(early.iter().map(String::as_str));
@@ -924,7 +1500,10 @@ fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced()
             break;
         }
         last = now;
-        assert!(settled.elapsed() < Duration::from_secs(30), "the maps keep changing");
+        assert!(
+            settled.elapsed() < Duration::from_secs(30),
+            "the maps keep changing"
+        );
     }
 
     // API write (kubectl returned) → the kernel's maps, for 100 changes of each kind.
@@ -937,10 +1516,20 @@ fn lifecycle_new_pods_enforced_before_their_first_packet_and_apply_to_enforced()
         let (mut from_start, mut from_ack) = (Vec::new(), Vec::new());
         for i in 0..100 {
             let t = std::time::Instant::now();
-            if i % 2 == 0 { on() } else { off() }
+            if i % 2 == 0 {
+                on()
+            } else {
+                off()
+            }
             let acked = t.elapsed();
             let up = i % 2 == 0;
-            let total = until_maps(what, t, |m| if up { m.policy_entries > base } else { m.policy_entries == base });
+            let total = until_maps(what, t, |m| {
+                if up {
+                    m.policy_entries > base
+                } else {
+                    m.policy_entries == base
+                }
+            });
             from_start.push(total);
             from_ack.push(total.saturating_sub(acked));
         }
@@ -1003,8 +1592,18 @@ spec:
             c.ok(&["label", "namespace", "payments", "probe-"]);
         },
     );
-    for (kind, (from_start, from_ack)) in [("policy edit", policy_lat), ("pod label", label_lat), ("namespace label", ns_lat)] {
-        eprintln!("apply → enforced, {kind}: from kubectl's start {}", percentiles(from_start));
-        eprintln!("apply → enforced, {kind}: from the write acknowledged {}", percentiles(from_ack));
+    for (kind, (from_start, from_ack)) in [
+        ("policy edit", policy_lat),
+        ("pod label", label_lat),
+        ("namespace label", ns_lat),
+    ] {
+        eprintln!(
+            "apply → enforced, {kind}: from kubectl's start {}",
+            percentiles(from_start)
+        );
+        eprintln!(
+            "apply → enforced, {kind}: from the write acknowledged {}",
+            percentiles(from_ack)
+        );
     }
 }

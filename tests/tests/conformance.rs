@@ -582,8 +582,16 @@ fn check(lab: &Lab, expected: &Expected, via_service: bool) -> Result<Outcome, S
     let state = lab.state();
     let want = if via_service {
         // Every source → every model pod's Service (4 ports) but its own.
-        let served = state.pods.iter().filter(|p| p.labels.contains_key("conformance.ztrust.io/service")).count();
-        state.pods.iter().map(|p| 4 * (served - usize::from(p.labels.contains_key("conformance.ztrust.io/service")))).sum()
+        let served = state
+            .pods
+            .iter()
+            .filter(|p| p.labels.contains_key("conformance.ztrust.io/service"))
+            .count();
+        state
+            .pods
+            .iter()
+            .map(|p| 4 * (served - usize::from(p.labels.contains_key("conformance.ztrust.io/service"))))
+            .sum()
     } else {
         let per_target: usize = state.pods.iter().map(|p| p.ports.len()).sum();
         state.pods.len() * per_target
@@ -704,7 +712,11 @@ fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
     }
     lab.wait_synced(from);
     record("policies.yaml", check(lab, &case.expected, false)?, report);
-    record("policies.yaml, by Service", check(lab, &case.expected, true)?, report);
+    record(
+        "policies.yaml, by Service",
+        check(lab, &case.expected, true)?,
+        report,
+    );
     for step in &case.steps {
         let from = lab.log_len();
         if !step.delete.is_empty() {
@@ -727,7 +739,11 @@ fn run_case(lab: &Lab, case: &Case, report: &mut Report) -> Result<(), String> {
         }
         lab.wait_synced(from);
         record(&step.name, check(lab, &step.expected, false)?, report);
-        record(&format!("{}, by Service", step.name), check(lab, &step.expected, true)?, report);
+        record(
+            &format!("{}, by Service", step.name),
+            check(lab, &step.expected, true)?,
+            report,
+        );
     }
     Ok(())
 }
@@ -742,7 +758,10 @@ struct Report {
 
 #[test]
 fn conformance_matrix_through_the_datapath() {
-    assert!(nix::unistd::geteuid().is_root(), "needs root (network namespaces, eBPF): run by `cargo xtask test`");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "needs root (network namespaces, eBPF): run by `cargo xtask test`"
+    );
     let agent = std::env::var_os("ZTRUST_AGENT_BIN").map(PathBuf::from).expect(
         "ZTRUST_AGENT_BIN is not set: it names the ztrust-agent binary the lab runs (`cargo xtask test` sets it; \
          by hand: cargo build -p ztrust-agent && ZTRUST_AGENT_BIN=$PWD/target/debug/ztrust-agent cargo test -p ztrust-tests --test conformance)",
@@ -839,7 +858,10 @@ fn conformance_matrix_through_the_datapath() {
         // The suite waits for the agent to sync before probing, so a matrix that is right only on a later
         // probe is a finding too: an allowed probe where the policy denies, gone a moment later, is what a
         // stale conntrack entry for a reused 5-tuple looks like (see stale_conntrack_entry_admits_a_new_flow).
-        problems.push(format!("CHECKS RIGHT ONLY ON A LATER PROBE OF THE MATRIX:\n\n{}", report.late.join("\n")));
+        problems.push(format!(
+            "CHECKS RIGHT ONLY ON A LATER PROBE OF THE MATRIX:\n\n{}",
+            report.late.join("\n")
+        ));
     }
     if !errors.is_empty() {
         problems.push(format!("ERRORS:\n{}", errors.join("\n")));
@@ -945,7 +967,10 @@ fn answered(netns: &str, sport: u16, dst: std::net::SocketAddr, tcp: bool) -> bo
 /// stale-open".
 #[test]
 fn stale_conntrack_entry_admits_a_new_flow() {
-    assert!(nix::unistd::geteuid().is_root(), "privileged test: run as root via `cargo xtask test`");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged test: run as root via `cargo xtask test`"
+    );
     let agent = std::env::var_os("ZTRUST_AGENT_BIN")
         .map(PathBuf::from)
         .expect("ZTRUST_AGENT_BIN is not set");

@@ -12,7 +12,9 @@ use std::time::Duration;
 use common::{Topology, enter_netns, require_root};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
-use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
+use ztrust_agent::model::{
+    Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule,
+};
 use ztrust_agent::policy::Engine;
 use ztrust_common::{FlowEvent, dir, reason, verdict};
 
@@ -22,7 +24,14 @@ fn labels(app: &str) -> BTreeMap<String, String> {
 
 fn cluster(topo: &Topology, policies: Vec<NetworkPolicy>) -> Cluster {
     let mut c = Cluster::default();
-    c.namespaces.insert("x".into(), Namespace { name: "x".into(), labels: [("ns".to_owned(), "x".to_owned())].into(), ..Default::default() });
+    c.namespaces.insert(
+        "x".into(),
+        Namespace {
+            name: "x".into(),
+            labels: [("ns".to_owned(), "x".to_owned())].into(),
+            ..Default::default()
+        },
+    );
     for (i, p) in topo.pods.iter().enumerate() {
         let name = ["a", "b", "c"][i];
         let pod = Pod {
@@ -42,7 +51,10 @@ fn cluster(topo: &Topology, policies: Vec<NetworkPolicy>) -> Cluster {
 }
 
 fn selector(app: &str) -> LabelSelector {
-    LabelSelector { match_labels: labels(app), ..Default::default() }
+    LabelSelector {
+        match_labels: labels(app),
+        ..Default::default()
+    }
 }
 
 /// Ingress to `app` from `from_app` on TCP `port` (and nothing else).
@@ -54,8 +66,15 @@ fn allow_ingress(name: &str, app: &str, from_app: &str, port: u16) -> NetworkPol
         isolates_ingress: true,
         isolates_egress: false,
         ingress: vec![Rule {
-            peers: vec![Peer::Pods { namespace_selector: None, pod_selector: Some(selector(from_app)) }],
-            ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(port)), end_port: None }],
+            peers: vec![Peer::Pods {
+                namespace_selector: None,
+                pod_selector: Some(selector(from_app)),
+            }],
+            ports: vec![PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(PortRef::Number(port)),
+                end_port: None,
+            }],
         }],
         egress: vec![],
     }
@@ -91,13 +110,30 @@ impl Enforcer {
             dp.attach(&p.host_if, index).expect("attach");
             bindings.insert(ObjectRef::new("x", ["a", "b", "c"][i]), index);
         }
-        dp.maps.config.set(0, ztrust_common::Config { log_allowed: 1, ..Default::default() }, 0).unwrap();
-        Enforcer { dp, syncer: Syncer::new(), engine: Engine::new(), bindings }
+        dp.maps
+            .config
+            .set(
+                0,
+                ztrust_common::Config {
+                    log_allowed: 1,
+                    ..Default::default()
+                },
+                0,
+            )
+            .unwrap();
+        Enforcer {
+            dp,
+            syncer: Syncer::new(),
+            engine: Engine::new(),
+            bindings,
+        }
     }
 
     fn apply(&mut self, c: &Cluster) {
         let desired = self.engine.compile(c);
-        self.syncer.sync(&mut KernelMaps(&mut self.dp.maps), &desired, &self.bindings).expect("sync");
+        self.syncer
+            .sync(&mut KernelMaps(&mut self.dp.maps), &desired, &self.bindings)
+            .expect("sync");
     }
 
     fn counter(&self, host_if_index: u32, direction: u8, v: u8, r: u8) -> u64 {
@@ -168,11 +204,17 @@ fn enforcement_conntrack_counters_and_events() {
     enter_netns(&node);
     let mut enf = Enforcer::new(&topo);
     let (a, b, c) = (0, 1, 2);
-    let ifindexes: Vec<u32> = ["a", "b", "c"].iter().map(|n| enf.bindings[&ObjectRef::new("x", *n)]).collect();
+    let ifindexes: Vec<u32> = ["a", "b", "c"]
+        .iter()
+        .map(|n| enf.bindings[&ObjectRef::new("x", *n)])
+        .collect();
     let idx = |i: usize| ifindexes[i];
 
     // Attached but no endpoint written yet: fail closed.
-    assert!(!topo.tcp(a, b, 80), "an interface with no endpoint entry must drop");
+    assert!(
+        !topo.tcp(a, b, 80),
+        "an interface with no endpoint entry must drop"
+    );
     assert!(enf.counter(idx(a), dir::EGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);
 
     // No policies: everything reaches everything.
@@ -190,33 +232,64 @@ fn enforcement_conntrack_counters_and_events() {
     assert!(!topo.udp(a, b, 80), "a -> b:80/UDP is denied (protocol)");
     assert!(topo.tcp(b, a, 80), "egress of b is not isolated");
     assert!(enf.counter(idx(b), dir::INGRESS, verdict::DROPPED, reason::POLICY_DENIED) > 0);
-    assert!(enf.counter(idx(b), dir::INGRESS, verdict::FORWARDED, reason::ALLOWED_BY_POLICY) > 0);
+    assert!(
+        enf.counter(
+            idx(b),
+            dir::INGRESS,
+            verdict::FORWARDED,
+            reason::ALLOWED_BY_POLICY
+        ) > 0
+    );
 
     // Drop events name the endpoint, the direction and the flow.
     let events = enf.events();
     let c_ip = topo.pods[c].ip;
     let drop = events
         .iter()
-        .find(|e| e.verdict == verdict::DROPPED && e.reason == reason::POLICY_DENIED && e.dport == 80 && e.ifindex == idx(b))
+        .find(|e| {
+            e.verdict == verdict::DROPPED
+                && e.reason == reason::POLICY_DENIED
+                && e.dport == 80
+                && e.ifindex == idx(b)
+        })
         .unwrap_or_else(|| panic!("no drop event for c -> b:80 among {} events", events.len()));
     assert_eq!(drop.direction, dir::INGRESS);
-    let src = std::net::Ipv6Addr::from(drop.saddr).to_ipv4_mapped().map(std::net::IpAddr::V4);
+    let src = std::net::Ipv6Addr::from(drop.saddr)
+        .to_ipv4_mapped()
+        .map(std::net::IpAddr::V4);
     assert_eq!(src, Some(c_ip));
     assert!(drop.rule_id == 0 && drop.remote_identity >= ztrust_common::identity::FIRST_DYNAMIC);
-    let allowed = events.iter().find(|e| e.verdict == verdict::FORWARDED && e.reason == reason::ALLOWED_BY_POLICY);
-    assert!(allowed.is_some_and(|e| e.rule_id > 0), "allowed new connections carry the rule that allowed them");
+    let allowed = events
+        .iter()
+        .find(|e| e.verdict == verdict::FORWARDED && e.reason == reason::ALLOWED_BY_POLICY);
+    assert!(
+        allowed.is_some_and(|e| e.rule_id > 0),
+        "allowed new connections carry the rule that allowed them"
+    );
 
     // Replies pass by conntrack even where the other side is fully isolated: a's ingress denies all,
     // yet a -> b:80 still works (the reply from b is not a new connection into a).
-    enf.apply(&cluster(&topo, vec![allow_ingress("b-from-a", "b", "a", 80), deny_all_ingress("a-deny", "a")]));
-    assert!(topo.tcp(a, b, 80), "replies of an allowed connection pass an isolated endpoint");
+    enf.apply(&cluster(
+        &topo,
+        vec![
+            allow_ingress("b-from-a", "b", "a", 80),
+            deny_all_ingress("a-deny", "a"),
+        ],
+    ));
+    assert!(
+        topo.tcp(a, b, 80),
+        "replies of an allowed connection pass an isolated endpoint"
+    );
     assert!(!topo.tcp(b, a, 80), "but new connections into a are denied");
     assert!(enf.counter(idx(a), dir::INGRESS, verdict::FORWARDED, reason::REPLY) > 0);
 
     // A policy that denies new connections does not cut an established one.
     let conn = PausedConnection::open(&topo, a, b, 80, Duration::from_secs(2));
     assert!(conn.first(), "established before the change");
-    enf.apply(&cluster(&topo, vec![deny_all_ingress("b-deny", "b"), deny_all_ingress("a-deny", "a")]));
+    enf.apply(&cluster(
+        &topo,
+        vec![deny_all_ingress("b-deny", "b"), deny_all_ingress("a-deny", "a")],
+    ));
     assert!(!topo.tcp(a, b, 80), "new connections to b are now denied");
     assert!(conn.resume(), "the established connection survives");
     assert!(enf.counter(idx(b), dir::INGRESS, verdict::FORWARDED, reason::ESTABLISHED) > 0);
@@ -228,7 +301,11 @@ fn enforcement_conntrack_counters_and_events() {
 }
 
 fn peer_judged(dp: &Datapath) -> u64 {
-    dp.maps.stats.get(&ztrust_common::stat::PEER_JUDGED, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    dp.maps
+        .stats
+        .get(&ztrust_common::stat::PEER_JUDGED, 0)
+        .map(|v| v.iter().sum())
+        .unwrap_or(0)
 }
 
 /// A TCP connection between two pods of the node that both admit it is judged once: after the SYN, the
@@ -242,7 +319,10 @@ fn same_node_tcp_is_judged_once() {
     enter_netns(&topo.node);
     let mut enf = Enforcer::new(&topo);
     let (a, b) = (0, 1);
-    let (ia, ib) = (enf.bindings[&ObjectRef::new("x", "a")], enf.bindings[&ObjectRef::new("x", "b")]);
+    let (ia, ib) = (
+        enf.bindings[&ObjectRef::new("x", "a")],
+        enf.bindings[&ObjectRef::new("x", "b")],
+    );
     enf.apply(&cluster(&topo, vec![allow_ingress("b-from-a", "b", "a", 80)]));
 
     assert_eq!(peer_judged(&enf.dp), 0);
@@ -254,14 +334,33 @@ fn same_node_tcp_is_judged_once() {
     assert!(judged >= 3 * 4, "packets passed on the peer mark: {judged}");
     // Each packet is counted once for each end, as each end's own hook would count it.
     let fwd = |i, d, r| enf.counter(i, d, verdict::FORWARDED, r);
-    assert_eq!(fwd(ia, dir::EGRESS, reason::ESTABLISHED), fwd(ib, dir::INGRESS, reason::ESTABLISHED));
-    assert_eq!(fwd(ib, dir::EGRESS, reason::REPLY), fwd(ia, dir::INGRESS, reason::REPLY));
-    assert_eq!(fwd(ib, dir::INGRESS, reason::ALLOWED_BY_POLICY), 3, "every SYN is judged at b itself");
+    assert_eq!(
+        fwd(ia, dir::EGRESS, reason::ESTABLISHED),
+        fwd(ib, dir::INGRESS, reason::ESTABLISHED)
+    );
+    assert_eq!(
+        fwd(ib, dir::EGRESS, reason::REPLY),
+        fwd(ia, dir::INGRESS, reason::REPLY)
+    );
+    assert_eq!(
+        fwd(ib, dir::INGRESS, reason::ALLOWED_BY_POLICY),
+        3,
+        "every SYN is judged at b itself"
+    );
     assert!(fwd(ib, dir::INGRESS, reason::ESTABLISHED) >= 6);
     // At both ends, in the endpoints' slots: none of them in the hash.
-    let ends = [(ia, dir::EGRESS, reason::ESTABLISHED), (ib, dir::INGRESS, reason::ESTABLISHED), (ib, dir::EGRESS, reason::REPLY), (ia, dir::INGRESS, reason::REPLY)];
+    let ends = [
+        (ia, dir::EGRESS, reason::ESTABLISHED),
+        (ib, dir::INGRESS, reason::ESTABLISHED),
+        (ib, dir::EGRESS, reason::REPLY),
+        (ia, dir::INGRESS, reason::REPLY),
+    ];
     for (i, d, r) in ends {
-        assert_eq!(common::counter_parts(&enf.dp, i, d, verdict::FORWARDED, r).0, 0, "ifindex {i} direction {d} reason {r}");
+        assert_eq!(
+            common::counter_parts(&enf.dp, i, d, verdict::FORWARDED, r).0,
+            0,
+            "ifindex {i} direction {d} reason {r}"
+        );
     }
     // `status`, reading the pins, adds them up the same way.
     let st = ztrust_agent::status::read(enf.dp.pin_dir()).expect("status");
@@ -272,7 +371,11 @@ fn same_node_tcp_is_judged_once() {
                 && c.verdict == "forwarded"
                 && c.reason == ztrust_agent::flows::reason_name(r)
         });
-        assert_eq!(row.map(|c| c.packets), Some(fwd(i, d, r)), "status row of ifindex {i} direction {d} reason {r}");
+        assert_eq!(
+            row.map(|c| c.packets),
+            Some(fwd(i, d, r)),
+            "status row of ifindex {i} direction {d} reason {r}"
+        );
     }
 
     // The mark is not a way around b's policy: a new connection to a port b does not allow is judged
@@ -287,5 +390,9 @@ fn same_node_tcp_is_judged_once() {
     enf.dp.maps.endpoints.remove(&ib).unwrap();
     assert!(!conn.resume(), "nothing reaches an interface without an endpoint");
     assert!(enf.counter(ib, dir::INGRESS, verdict::DROPPED, reason::UNKNOWN_ENDPOINT) > 0);
-    assert_eq!(peer_judged(&enf.dp), judged, "no packet passed on the mark after b's endpoint went");
+    assert_eq!(
+        peer_judged(&enf.dp),
+        judged,
+        "no packet passed on the mark after b's endpoint went"
+    );
 }

@@ -6,11 +6,11 @@ mod common;
 use std::collections::BTreeMap;
 
 use aya::maps::lpm_trie::Key;
+use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 use ipnet::IpNet;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
 use ztrust_agent::policy::Desired;
-use aya::maps::{HashMap, MapData, PerCpuArray, PerCpuValues};
 use ztrust_common::{CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, SlotCounters, names};
 
 #[test]
@@ -23,11 +23,24 @@ fn load_pin_adopt_cleanup() {
 
     let mut first = Datapath::load(&topo.pin_dir).expect("programs load and pass the verifier");
     first.attach(&host_if, index).expect("attach");
-    let info = EndpointInfo { endpoint_id: index, identity: 300, flags: 3, ..Default::default() };
+    let info = EndpointInfo {
+        endpoint_id: index,
+        identity: 300,
+        flags: 3,
+        ..Default::default()
+    };
     first.maps.endpoints.insert(index, info, 0).unwrap();
     let written = first.maps.endpoints.get(&index, 0).unwrap();
     assert_ne!(written.slot, 0, "the endpoint got a counter slot");
-    for f in ["maps/ZT_ENDPOINTS", "maps/ZT_POLICY", "maps/ZT_POLICY_EXACT", "maps/ZT_IPCACHE", "maps/ZT_IPCACHE_HOSTS", "maps/ZT_CONNTRACK", "maps/ZT_SLOT_COUNTERS"] {
+    for f in [
+        "maps/ZT_ENDPOINTS",
+        "maps/ZT_POLICY",
+        "maps/ZT_POLICY_EXACT",
+        "maps/ZT_IPCACHE",
+        "maps/ZT_IPCACHE_HOSTS",
+        "maps/ZT_CONNTRACK",
+        "maps/ZT_SLOT_COUNTERS",
+    ] {
         assert!(topo.pin_dir.join(f).exists(), "{f} pinned");
     }
     assert!(topo.pin_dir.join(format!("links/from-pod/{host_if}")).exists());
@@ -36,7 +49,11 @@ fn load_pin_adopt_cleanup() {
 
     // The agent is gone; the pinned state is still there and a new agent sees it.
     let mut second = Datapath::load(&topo.pin_dir).expect("reload");
-    assert_eq!(second.maps.endpoints.get(&index, 0).unwrap(), written, "map content, the slot with it, survives the agent");
+    assert_eq!(
+        second.maps.endpoints.get(&index, 0).unwrap(),
+        written,
+        "map content, the slot with it, survives the agent"
+    );
     assert_eq!(second.pinned_interfaces(), vec![host_if.clone()]);
     second.attach(&host_if, index).expect("adopt pinned links");
     drop(second);
@@ -51,36 +68,77 @@ fn load_pin_adopt_cleanup() {
 fn counter_slots_adopted_given_and_recycled_zeroed() {
     common::require_root();
     let topo = common::Topology::new("ztslot", 214, 1);
-    let caps = loader::Capacities { endpoints: 3, ..Default::default() };
+    let caps = loader::Capacities {
+        endpoints: 3,
+        ..Default::default()
+    };
     let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
-    let ep = |i: u32| EndpointInfo { endpoint_id: i, identity: 300 + i, ..Default::default() };
+    let ep = |i: u32| EndpointInfo {
+        endpoint_id: i,
+        identity: 300 + i,
+        ..Default::default()
+    };
     let slot = |dp: &Datapath, i: u32| dp.maps.endpoints.get(&i, 0).expect("endpoint").slot;
     dp.maps.endpoints.insert(1, ep(1), 0).unwrap();
     dp.maps.endpoints.insert(2, ep(2), 0).unwrap();
     assert_eq!((slot(&dp, 1), slot(&dp, 2)), (1, 2));
     // Rewriting an endpoint keeps its slot, whatever slot the caller's entry names.
-    dp.maps.endpoints.insert(1, EndpointInfo { flags: 7, slot: 2, ..ep(1) }, 0).unwrap();
+    dp.maps
+        .endpoints
+        .insert(
+            1,
+            EndpointInfo {
+                flags: 7,
+                slot: 2,
+                ..ep(1)
+            },
+            0,
+        )
+        .unwrap();
     assert_eq!(slot(&dp, 1), 1);
 
     // Counts in slot 2, as the programs would leave them; and an entry as an agent before the slots
     // wrote it (no slot), straight into the pinned map.
-    let mut slots: PerCpuArray<MapData, SlotCounters> = loader::open_pinned(&topo.pin_dir, names::SLOT_COUNTERS).unwrap();
-    let counted = SlotCounters { egress_established: CounterValue { packets: 5, bytes: 500 }, ..Default::default() };
+    let mut slots: PerCpuArray<MapData, SlotCounters> =
+        loader::open_pinned(&topo.pin_dir, names::SLOT_COUNTERS).unwrap();
+    let counted = SlotCounters {
+        egress_established: CounterValue {
+            packets: 5,
+            bytes: 500,
+        },
+        ..Default::default()
+    };
     let cpus = aya::util::nr_cpus().unwrap();
-    slots.set(2, PerCpuValues::try_from(vec![counted; cpus]).unwrap(), 0).unwrap();
-    let mut raw: HashMap<MapData, u32, EndpointInfo> = loader::open_pinned(&topo.pin_dir, names::ENDPOINTS).unwrap();
+    slots
+        .set(2, PerCpuValues::try_from(vec![counted; cpus]).unwrap(), 0)
+        .unwrap();
+    let mut raw: HashMap<MapData, u32, EndpointInfo> =
+        loader::open_pinned(&topo.pin_dir, names::ENDPOINTS).unwrap();
     raw.insert(3, ep(3), 0).unwrap();
     drop(dp);
 
     let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("reload");
     assert_eq!((slot(&dp, 1), slot(&dp, 2)), (1, 2), "slots survive the agent");
-    assert_eq!(dp.maps.endpoints.slot_counts(2).unwrap().egress_established.packets, 5 * cpus as u64, "with their counts");
+    assert_eq!(
+        dp.maps
+            .endpoints
+            .slot_counts(2)
+            .unwrap()
+            .egress_established
+            .packets,
+        5 * cpus as u64,
+        "with their counts"
+    );
     assert_eq!(slot(&dp, 3), 3, "a slot-less entry gets the free slot at load");
     // A removed endpoint's slot goes to the next new endpoint, zeroed.
     dp.maps.endpoints.remove(&2).unwrap();
     dp.maps.endpoints.insert(5, ep(5), 0).unwrap();
     assert_eq!(slot(&dp, 5), 2);
-    assert_eq!(dp.maps.endpoints.slot_counts(5).unwrap(), SlotCounters::default(), "the recycled slot starts from zero");
+    assert_eq!(
+        dp.maps.endpoints.slot_counts(5).unwrap(),
+        SlotCounters::default(),
+        "the recycled slot starts from zero"
+    );
     drop(dp);
     loader::cleanup(&topo.pin_dir).unwrap();
 }
@@ -105,9 +163,21 @@ fn clsact_fallback_filters_and_detaches() {
         .output()
         .unwrap();
     let filters = String::from_utf8_lossy(&filters.stdout);
-    assert!(filters.contains("bpf") && filters.contains("zt_from_pod"), "a BPF filter on the clsact qdisc: {filters}");
-    assert!(!topo.tcp(0, 1, 80), "the filter drops traffic of unknown endpoints");
-    assert!(!topo.pin_dir.join(format!("links/from-pod/{}", topo.pods[0].host_if)).exists(), "nothing pinned");
+    assert!(
+        filters.contains("bpf") && filters.contains("zt_from_pod"),
+        "a BPF filter on the clsact qdisc: {filters}"
+    );
+    assert!(
+        !topo.tcp(0, 1, 80),
+        "the filter drops traffic of unknown endpoints"
+    );
+    assert!(
+        !topo
+            .pin_dir
+            .join(format!("links/from-pod/{}", topo.pods[0].host_if))
+            .exists(),
+        "nothing pinned"
+    );
     drop(dp);
     assert!(topo.tcp(0, 1, 80), "the filters went with the agent");
 }
@@ -126,20 +196,49 @@ fn ipcache_split_between_hash_and_trie() {
     desired.ipcache.insert(net("fd00::1/128"), 301);
     desired.ipcache.insert(net("192.168.0.0/16"), 302);
     let bindings = BTreeMap::new();
-    Syncer::new().sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
+    Syncer::new()
+        .sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings)
+        .expect("sync");
     for (n, id) in [("10.0.0.1/32", 300), ("fd00::1/128", 301)] {
         let (prefix, k) = key(&net(n));
         assert_eq!(prefix, 128);
-        assert_eq!(dp.maps.ipcache.hosts.get(&k, 0).unwrap().identity, id, "{n} in the hash");
-        assert!(dp.maps.ipcache.prefixes.get(&Key::new(prefix, k), 0).is_err(), "{n} not in the trie");
+        assert_eq!(
+            dp.maps.ipcache.hosts.get(&k, 0).unwrap().identity,
+            id,
+            "{n} in the hash"
+        );
+        assert!(
+            dp.maps.ipcache.prefixes.get(&Key::new(prefix, k), 0).is_err(),
+            "{n} not in the trie"
+        );
     }
     let (prefix, k) = key(&net("192.168.0.0/16"));
-    assert_eq!(dp.maps.ipcache.prefixes.get(&Key::new(prefix, k), 0).unwrap().identity, 302, "a CIDR in the trie");
+    assert_eq!(
+        dp.maps
+            .ipcache
+            .prefixes
+            .get(&Key::new(prefix, k), 0)
+            .unwrap()
+            .identity,
+        302,
+        "a CIDR in the trie"
+    );
     assert_eq!(dp.maps.ipcache.hosts.keys().count(), 2);
 
     // As an agent before the split would have left it: a pod address in the trie.
     let (prefix, old) = key(&net("10.0.0.9/32"));
-    dp.maps.ipcache.prefixes.insert(&Key::new(prefix, old), IpcacheValue { identity: 303, _pad: 0 }, 0).unwrap();
+    dp.maps
+        .ipcache
+        .prefixes
+        .insert(
+            &Key::new(prefix, old),
+            IpcacheValue {
+                identity: 303,
+                _pad: 0,
+            },
+            0,
+        )
+        .unwrap();
     drop(dp);
 
     let mut dp = Datapath::load(&topo.pin_dir).expect("reload");
@@ -147,9 +246,17 @@ fn ipcache_split_between_hash_and_trie() {
     assert_eq!(syncer.ipcache_entries(), 4, "adopted from both maps");
     desired.ipcache.remove(&net("10.0.0.9/32"));
     desired.ipcache.remove(&net("10.0.0.1/32"));
-    syncer.sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings).expect("sync");
-    assert!(dp.maps.ipcache.prefixes.get(&Key::new(prefix, old), 0).is_err(), "the old entry left the trie");
-    assert!(dp.maps.ipcache.hosts.get(&key(&net("10.0.0.1/32")).1, 0).is_err(), "a removed pod left the hash");
+    syncer
+        .sync(&mut KernelMaps(&mut dp.maps), &desired, &bindings)
+        .expect("sync");
+    assert!(
+        dp.maps.ipcache.prefixes.get(&Key::new(prefix, old), 0).is_err(),
+        "the old entry left the trie"
+    );
+    assert!(
+        dp.maps.ipcache.hosts.get(&key(&net("10.0.0.1/32")).1, 0).is_err(),
+        "a removed pod left the hash"
+    );
     let left: Vec<IpcacheKey> = dp.maps.ipcache.entries().map(|(_, k, _)| k).collect();
     assert_eq!(left.len(), 2, "{left:?}");
     drop(dp);
@@ -163,24 +270,54 @@ fn ipcache_split_between_hash_and_trie() {
 fn pinned_maps_keep_their_capacity_and_a_foreign_layout_is_refused() {
     common::require_root();
     let topo = common::Topology::new("ztlay", 210, 1);
-    let caps = |n| loader::Capacities { policy: n, ipcache: n / 2, ..Default::default() };
+    let caps = |n| loader::Capacities {
+        policy: n,
+        ipcache: n / 2,
+        ..Default::default()
+    };
     drop(Datapath::load_with(&topo.pin_dir, caps(4096)).expect("load"));
     let dp = Datapath::load_with(&topo.pin_dir, caps(8192)).expect("reload with a larger capacity asked");
-    assert_eq!(dp.capacities().policy, 4096, "the pinned map's capacity is what the sync plans with");
-    assert_eq!(dp.capacities().ipcache, 2048, "both halves of the ipcache were pinned with 2048");
+    assert_eq!(
+        dp.capacities().policy,
+        4096,
+        "the pinned map's capacity is what the sync plans with"
+    );
+    assert_eq!(
+        dp.capacities().ipcache,
+        2048,
+        "both halves of the ipcache were pinned with 2048"
+    );
     drop(dp);
 
     // Conntrack values as an agent with a 16-byte value would have pinned them.
     let ct = topo.pin_dir.join("maps/ZT_CONNTRACK");
     std::fs::remove_file(&ct).unwrap();
     let made = std::process::Command::new("bpftool")
-        .args(["map", "create", ct.to_str().unwrap(), "type", "lru_hash", "key", "44", "value", "16"])
+        .args([
+            "map",
+            "create",
+            ct.to_str().unwrap(),
+            "type",
+            "lru_hash",
+            "key",
+            "44",
+            "value",
+            "16",
+        ])
         .args(["entries", "64", "name", "ZT_CONNTRACK"])
         .status()
         .expect("bpftool");
     assert!(made.success(), "bpftool map create");
-    let err = Datapath::load(&topo.pin_dir).err().expect("a foreign layout is refused").to_string();
-    for part in ["ZT_CONNTRACK", "16-byte values", "need 24-byte values", "--cleanup"] {
+    let err = Datapath::load(&topo.pin_dir)
+        .err()
+        .expect("a foreign layout is refused")
+        .to_string();
+    for part in [
+        "ZT_CONNTRACK",
+        "16-byte values",
+        "need 24-byte values",
+        "--cleanup",
+    ] {
         assert!(err.contains(part), "{part:?} missing from: {err}");
     }
     loader::cleanup(&topo.pin_dir).unwrap();

@@ -22,7 +22,12 @@ fn add_service(c: &mut Cluster, name: &str, vip: [u8; 4], port: u16, target: u16
         namespace: "x".into(),
         name: name.into(),
         cluster_ips: vec![IpAddr::from(vip)],
-        ports: vec![ServicePort { name: Some("p".into()), protocol: Protocol::Tcp, port, node_port: None }],
+        ports: vec![ServicePort {
+            name: Some("p".into()),
+            protocol: Protocol::Tcp,
+            port,
+            node_port: None,
+        }],
         ..Default::default()
     };
     c.services.insert(svc.object_ref(), svc);
@@ -30,10 +35,19 @@ fn add_service(c: &mut Cluster, name: &str, vip: [u8; 4], port: u16, target: u16
         namespace: "x".into(),
         name: format!("{name}-1"),
         service: name.into(),
-        ports: vec![SlicePort { name: Some("p".into()), protocol: Protocol::Tcp, port: target }],
+        ports: vec![SlicePort {
+            name: Some("p".into()),
+            protocol: Protocol::Tcp,
+            port: target,
+        }],
         endpoints: backends
             .iter()
-            .map(|ip| SliceEndpoint { addresses: vec![*ip], ready: true, serving: true, terminating: false })
+            .map(|ip| SliceEndpoint {
+                addresses: vec![*ip],
+                ready: true,
+                serving: true,
+                terminating: false,
+            })
             .collect(),
     };
     c.endpoint_slices.insert(slice.object_ref(), slice);
@@ -58,24 +72,42 @@ fn with_services(lab: &Lab) -> Cluster {
 }
 
 /// The reasons a connection from b to a Service is counted with.
-const REASONS: [u8; 4] = [reason::ALLOWED_BY_POLICY, reason::POLICY_DENIED, reason::SERVICE_BACKENDS_DIFFER, reason::UNKNOWN_SERVICE];
+const REASONS: [u8; 4] = [
+    reason::ALLOWED_BY_POLICY,
+    reason::POLICY_DENIED,
+    reason::SERVICE_BACKENDS_DIFFER,
+    reason::UNKNOWN_SERVICE,
+];
 
 /// b's egress counters of [`REASONS`] (forwarded and dropped together).
 fn counts(lab: &Lab) -> Vec<u64> {
     REASONS
         .iter()
-        .map(|r| [verdict::FORWARDED, verdict::DROPPED].iter().map(|v| common::counter(&lab.dp, lab.ifindex[B], dir::EGRESS, *v, *r)).sum())
+        .map(|r| {
+            [verdict::FORWARDED, verdict::DROPPED]
+                .iter()
+                .map(|v| common::counter(&lab.dp, lab.ifindex[B], dir::EGRESS, *v, *r))
+                .sum()
+        })
         .collect()
 }
 
 /// b's SYN to `vip`:`port` through its real interface's program (`BPF_PROG_TEST_RUN`): the verdict and
 /// the reason it was counted with (0: none of [`REASONS`]).
 fn judged(lab: &Lab, vip: [u8; 4], port: u16, sport: u16) -> (u32, u8) {
-    let frame = lab.frame_from(B, ETH_P_IP, &ipv4(lab.ip(B), vip, proto::TCP, tcp(sport, port, 0x02, b"")));
+    let frame = lab.frame_from(
+        B,
+        ETH_P_IP,
+        &ipv4(lab.ip(B), vip, proto::TCP, tcp(sport, port, 0x02, b"")),
+    );
     let before = counts(lab);
     let got = common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &frame);
     let after = counts(lab);
-    let counted = REASONS.iter().zip(before.iter().zip(&after)).find(|(_, (x, y))| x != y).map_or(0, |(r, _)| *r);
+    let counted = REASONS
+        .iter()
+        .zip(before.iter().zip(&after))
+        .find(|(_, (x, y))| x != y)
+        .map_or(0, |(r, _)| *r);
     (got, counted)
 }
 
@@ -93,15 +125,69 @@ fn a_connection_to_a_service_gets_the_verdict_of_its_backends() {
     const OK: u32 = 0;
     const SHOT: u32 = 2;
     let cases = [
-        ("to a's Service (b may reach a:9000)", TO_A, 80, OK, reason::ALLOWED_BY_POLICY),
-        ("to c's Service (b may not reach c)", TO_C, 80, SHOT, reason::POLICY_DENIED),
-        ("to a Service whose backends policy treats differently", TO_BOTH, 80, SHOT, reason::SERVICE_BACKENDS_DIFFER),
-        ("to a Service without backends", EMPTY, 80, SHOT, reason::UNKNOWN_SERVICE),
-        ("to a's Service on a port it does not have", TO_A, 81, SHOT, reason::UNKNOWN_SERVICE),
-        ("to an address of the range that is no Service", [10, 96, 7, 7], 80, SHOT, reason::UNKNOWN_SERVICE),
-        ("to a's pod address on the Service's port (the Service's rule does not apply)", lab.ip(A), 80, SHOT, reason::POLICY_DENIED),
-        ("to a's pod address on its own port (control)", lab.ip(A), 9000, OK, reason::ALLOWED_BY_POLICY),
-        ("to an unknown address outside the range", [10, 97, 0, 10], 80, SHOT, reason::POLICY_DENIED),
+        (
+            "to a's Service (b may reach a:9000)",
+            TO_A,
+            80,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "to c's Service (b may not reach c)",
+            TO_C,
+            80,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "to a Service whose backends policy treats differently",
+            TO_BOTH,
+            80,
+            SHOT,
+            reason::SERVICE_BACKENDS_DIFFER,
+        ),
+        (
+            "to a Service without backends",
+            EMPTY,
+            80,
+            SHOT,
+            reason::UNKNOWN_SERVICE,
+        ),
+        (
+            "to a's Service on a port it does not have",
+            TO_A,
+            81,
+            SHOT,
+            reason::UNKNOWN_SERVICE,
+        ),
+        (
+            "to an address of the range that is no Service",
+            [10, 96, 7, 7],
+            80,
+            SHOT,
+            reason::UNKNOWN_SERVICE,
+        ),
+        (
+            "to a's pod address on the Service's port (the Service's rule does not apply)",
+            lab.ip(A),
+            80,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "to a's pod address on its own port (control)",
+            lab.ip(A),
+            9000,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "to an unknown address outside the range",
+            [10, 97, 0, 10],
+            80,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
     ];
     let mut failures = Vec::new();
     for (i, (what, vip, port, want, why)) in cases.iter().enumerate() {
@@ -113,18 +199,45 @@ fn a_connection_to_a_service_gets_the_verdict_of_its_backends() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // The allowed connection's answer, from the ClusterIP (the node translated it back).
     // Towards the pod: from the node's side of the veth.
-    let mut to_b = lab.frame_from(B, ETH_P_IP, &ipv4(TO_A, lab.ip(B), proto::TCP, tcp(80, 46000, 0x12, b"")));
+    let mut to_b = lab.frame_from(
+        B,
+        ETH_P_IP,
+        &ipv4(TO_A, lab.ip(B), proto::TCP, tcp(80, 46000, 0x12, b"")),
+    );
     let (node_side, pod_side) = lab.macs[B];
     to_b[..6].copy_from_slice(&pod_side);
     to_b[6..12].copy_from_slice(&node_side);
-    assert_eq!(common::test_run(&lab.dp, names::PROG_TO_POD, lab.ifindex[B], &to_b), OK, "the answer from the ClusterIP");
-    assert_eq!(common::counter_parts(&lab.dp, lab.ifindex[B], dir::INGRESS, verdict::FORWARDED, reason::REPLY).1, 1);
+    assert_eq!(
+        common::test_run(&lab.dp, names::PROG_TO_POD, lab.ifindex[B], &to_b),
+        OK,
+        "the answer from the ClusterIP"
+    );
+    assert_eq!(
+        common::counter_parts(
+            &lab.dp,
+            lab.ifindex[B],
+            dir::INGRESS,
+            verdict::FORWARDED,
+            reason::REPLY
+        )
+        .1,
+        1
+    );
     // The denied connection's flow names the ClusterIP it went to and the backend's identity.
     let desired = ztrust_agent::policy::Engine::new().compile(&c);
     let c_identity = ztrust_agent::policy::remote_identity(&desired, lab.topo.pods[C].ip);
     let events = lab.events();
-    let e = drops(&events, lab.ifindex[B], reason::POLICY_DENIED).find(|e| e.sport == 46001).expect("no flow event for the denied connection");
-    assert_eq!((e.daddr, e.dport, e.remote_identity), (ztrust_agent::policy::ip_to_mapped(IpAddr::from(TO_C)), 80, c_identity));
+    let e = drops(&events, lab.ifindex[B], reason::POLICY_DENIED)
+        .find(|e| e.sport == 46001)
+        .expect("no flow event for the denied connection");
+    assert_eq!(
+        (e.daddr, e.dport, e.remote_identity),
+        (
+            ztrust_agent::policy::ip_to_mapped(IpAddr::from(TO_C)),
+            80,
+            c_identity
+        )
+    );
 }
 
 /// A kube-proxy-style DNAT in the node's namespace, in iptables mode and in nftables mode: b connects to
@@ -154,27 +267,63 @@ fn through_the_nodes_dnat_in_iptables_and_nftables_modes() {
                 .iter()
                 .map(|(vip, to)| {
                     let vip = IpAddr::from(*vip).to_string();
-                    ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", &vip, "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", &format!("{to}:9000")]
-                        .map(String::from)
-                        .to_vec()
+                    [
+                        "iptables",
+                        "-t",
+                        "nat",
+                        "-A",
+                        "PREROUTING",
+                        "-d",
+                        &vip,
+                        "-p",
+                        "tcp",
+                        "--dport",
+                        "80",
+                        "-j",
+                        "DNAT",
+                        "--to-destination",
+                        &format!("{to}:9000"),
+                    ]
+                    .map(String::from)
+                    .to_vec()
                 })
                 .collect(),
-            ["iptables", "-t", "nat", "-F", "PREROUTING"].map(String::from).to_vec(),
+            ["iptables", "-t", "nat", "-F", "PREROUTING"]
+                .map(String::from)
+                .to_vec(),
         ),
         (
             "nftables",
             {
                 let mut v: Vec<Vec<String>> = vec![
                     ["nft", "add", "table", "ip", "ztkp"].map(String::from).to_vec(),
-                    ["nft", "add", "chain", "ip", "ztkp", "pre", "{ type nat hook prerouting priority -100; }"].map(String::from).to_vec(),
+                    [
+                        "nft",
+                        "add",
+                        "chain",
+                        "ip",
+                        "ztkp",
+                        "pre",
+                        "{ type nat hook prerouting priority -100; }",
+                    ]
+                    .map(String::from)
+                    .to_vec(),
                 ];
                 for (vip, to) in [(TO_A, a), (TO_C, cc)] {
                     let rule = format!("ip daddr {} tcp dport 80 dnat to {to}:9000", IpAddr::from(vip));
-                    v.push(["nft", "add", "rule", "ip", "ztkp", "pre"].map(String::from).into_iter().chain(rule.split(' ').map(String::from)).collect());
+                    v.push(
+                        ["nft", "add", "rule", "ip", "ztkp", "pre"]
+                            .map(String::from)
+                            .into_iter()
+                            .chain(rule.split(' ').map(String::from))
+                            .collect(),
+                    );
                 }
                 v
             },
-            ["nft", "delete", "table", "ip", "ztkp"].map(String::from).to_vec(),
+            ["nft", "delete", "table", "ip", "ztkp"]
+                .map(String::from)
+                .to_vec(),
         ),
     ];
     for (mode, setup, teardown) in &modes {
@@ -185,10 +334,22 @@ fn through_the_nodes_dnat_in_iptables_and_nftables_modes() {
         }
         let denied = |lab: &Lab| lab.counter(B, dir::EGRESS, verdict::DROPPED, reason::POLICY_DENIED);
         let before = denied(&lab);
-        assert!(via(&lab, B, TO_A), "{mode}: b → a's ClusterIP (b may reach a:9000) failed");
-        assert!(!via(&lab, B, TO_C), "{mode}: b → c's ClusterIP (b may not reach c) connected");
-        assert!(denied(&lab) > before, "{mode}: the connection to c's ClusterIP was not dropped by b's policy");
-        assert!(via(&lab, A, TO_C), "{mode}: control: a → c's ClusterIP (a is not isolated) failed: the DNAT rule does not work");
+        assert!(
+            via(&lab, B, TO_A),
+            "{mode}: b → a's ClusterIP (b may reach a:9000) failed"
+        );
+        assert!(
+            !via(&lab, B, TO_C),
+            "{mode}: b → c's ClusterIP (b may not reach c) connected"
+        );
+        assert!(
+            denied(&lab) > before,
+            "{mode}: the connection to c's ClusterIP was not dropped by b's policy"
+        );
+        assert!(
+            via(&lab, A, TO_C),
+            "{mode}: control: a → c's ClusterIP (a is not isolated) failed: the DNAT rule does not work"
+        );
         let mut args: Vec<&str> = vec!["ip", "netns", "exec", &node];
         args.extend(teardown.iter().map(String::as_str));
         sh(&args);
@@ -205,8 +366,14 @@ fn through_the_nodes_dnat_in_iptables_and_nftables_modes() {
     }
     let unknown = |lab: &Lab| lab.counter(B, dir::EGRESS, verdict::DROPPED, reason::UNKNOWN_SERVICE);
     let before = unknown(&lab);
-    assert!(!via(&lab, B, TO_A), "b → a's ClusterIP connected while the agent knew no Service");
-    assert!(unknown(&lab) > before, "the connection to an unknown ClusterIP was not dropped as unknown-service");
+    assert!(
+        !via(&lab, B, TO_A),
+        "b → a's ClusterIP connected while the agent knew no Service"
+    );
+    assert!(
+        unknown(&lab) > before,
+        "the connection to an unknown ClusterIP was not dropped as unknown-service"
+    );
 }
 
 /// A frame towards pod `to` (from the node's side of its veth) carrying `ip`.
@@ -231,25 +398,108 @@ fn masqueraded_connections_are_judged_as_the_pod_they_came_from() {
     let mut c = cluster(&lab.topo);
     c.node_ips = vec![IpAddr::from(node)];
     lab.apply(&c);
-    let syn = |lab: &Lab, sport: u16| towards(lab, B, &ipv4(node, lab.ip(B), proto::TCP, tcp(sport, 80, 0x02, b"")));
-    let through = |lab: &Lab, from: u32, sport: u16| common::test_run_ctx(&lab.dp, names::PROG_TO_POD, lab.ifindex[B], &syn(lab, sport), 0, from).0;
-    assert_eq!(through(&lab, lab.ifindex[A], 47000), 0, "masqueraded SYN from a to b:80 (b admits a)");
-    assert_eq!(through(&lab, lab.ifindex[C], 47001), 2, "masqueraded SYN from c to b:80 (b admits only a on 80)");
-    assert_eq!(through(&lab, 999, 47002), 2, "a SYN with the node's address from outside");
-    assert_eq!(through(&lab, 0, 47003), 0, "control: the node's own SYN (kubelet probe)");
-    assert_eq!(lab.counter(B, dir::INGRESS, verdict::FORWARDED, reason::FROM_HOST), 1);
+    let syn = |lab: &Lab, sport: u16| {
+        towards(
+            lab,
+            B,
+            &ipv4(node, lab.ip(B), proto::TCP, tcp(sport, 80, 0x02, b"")),
+        )
+    };
+    let through = |lab: &Lab, from: u32, sport: u16| {
+        common::test_run_ctx(
+            &lab.dp,
+            names::PROG_TO_POD,
+            lab.ifindex[B],
+            &syn(lab, sport),
+            0,
+            from,
+        )
+        .0
+    };
+    assert_eq!(
+        through(&lab, lab.ifindex[A], 47000),
+        0,
+        "masqueraded SYN from a to b:80 (b admits a)"
+    );
+    assert_eq!(
+        through(&lab, lab.ifindex[C], 47001),
+        2,
+        "masqueraded SYN from c to b:80 (b admits only a on 80)"
+    );
+    assert_eq!(
+        through(&lab, 999, 47002),
+        2,
+        "a SYN with the node's address from outside"
+    );
+    assert_eq!(
+        through(&lab, 0, 47003),
+        0,
+        "control: the node's own SYN (kubelet probe)"
+    );
+    assert_eq!(
+        lab.counter(B, dir::INGRESS, verdict::FORWARDED, reason::FROM_HOST),
+        1
+    );
 
     // A masqueraded datagram flow from a to b (b admits c on UDP 7000: c's, here) keeps being judged as
     // c's after a policy revision: its re-judgment uses the interface the opening datagram entered on,
     // not that of b's reply.
-    let datagram = towards(&lab, B, &ipv4(node, lab.ip(B), proto::UDP, common::attack::udp(47010, 7000, b"q")));
-    let run = |lab: &Lab, prog: &str, ifindex: u32, frame: &[u8], from: u32| common::test_run_ctx(&lab.dp, prog, ifindex, frame, 0, from).0;
-    assert_eq!(run(&lab, names::PROG_TO_POD, lab.ifindex[B], &datagram, lab.ifindex[C]), 0, "c's masqueraded datagram to b:7000");
-    let reply = lab.frame_from(B, ETH_P_IP, &ipv4(lab.ip(B), node, proto::UDP, common::attack::udp(7000, 47010, b"a")));
-    assert_eq!(run(&lab, names::PROG_FROM_POD, lab.ifindex[B], &reply, lab.ifindex[B]), 0, "b's reply");
+    let datagram = towards(
+        &lab,
+        B,
+        &ipv4(
+            node,
+            lab.ip(B),
+            proto::UDP,
+            common::attack::udp(47010, 7000, b"q"),
+        ),
+    );
+    let run = |lab: &Lab, prog: &str, ifindex: u32, frame: &[u8], from: u32| {
+        common::test_run_ctx(&lab.dp, prog, ifindex, frame, 0, from).0
+    };
+    assert_eq!(
+        run(
+            &lab,
+            names::PROG_TO_POD,
+            lab.ifindex[B],
+            &datagram,
+            lab.ifindex[C]
+        ),
+        0,
+        "c's masqueraded datagram to b:7000"
+    );
+    let reply = lab.frame_from(
+        B,
+        ETH_P_IP,
+        &ipv4(
+            lab.ip(B),
+            node,
+            proto::UDP,
+            common::attack::udp(7000, 47010, b"a"),
+        ),
+    );
+    assert_eq!(
+        run(&lab, names::PROG_FROM_POD, lab.ifindex[B], &reply, lab.ifindex[B]),
+        0,
+        "b's reply"
+    );
     lab.dp.maps.revision.set(0, 77, 0).expect("revision");
-    assert_eq!(run(&lab, names::PROG_FROM_POD, lab.ifindex[B], &reply, lab.ifindex[B]), 0, "b's reply after a revision");
-    assert_eq!(run(&lab, names::PROG_TO_POD, lab.ifindex[B], &datagram, lab.ifindex[C]), 0, "c's next datagram after a revision");
+    assert_eq!(
+        run(&lab, names::PROG_FROM_POD, lab.ifindex[B], &reply, lab.ifindex[B]),
+        0,
+        "b's reply after a revision"
+    );
+    assert_eq!(
+        run(
+            &lab,
+            names::PROG_TO_POD,
+            lab.ifindex[B],
+            &datagram,
+            lab.ifindex[C]
+        ),
+        0,
+        "c's next datagram after a revision"
+    );
 }
 
 /// A pod whose egress no policy isolates reaches any Service, however many classes its backends make;
@@ -261,17 +511,49 @@ fn not_isolated_egress_reaches_any_service() {
     let c = with_services(&lab);
     lab.apply(&c);
     let vip = [10, 96, 0, 50];
-    let mut value = ServiceValue { classes: 5, ..Default::default() };
+    let mut value = ServiceValue {
+        classes: 5,
+        ..Default::default()
+    };
     for (i, slot) in value.class.iter_mut().enumerate() {
-        *slot = BackendClass { identity: 1000 + i as u32, port: 9000, _pad: 0 };
+        *slot = BackendClass {
+            identity: 1000 + i as u32,
+            port: 9000,
+            _pad: 0,
+        };
     }
-    let key = ServiceKey { addr: ztrust_agent::policy::ip_to_mapped(IpAddr::from(vip)), port_be: 80u16.to_be(), protocol: proto::TCP, _pad: 0 };
+    let key = ServiceKey {
+        addr: ztrust_agent::policy::ip_to_mapped(IpAddr::from(vip)),
+        port_be: 80u16.to_be(),
+        protocol: proto::TCP,
+        _pad: 0,
+    };
     lab.dp.maps.services.insert(key, value, 0).expect("service");
-    let syn = |lab: &Lab, i: usize| lab.frame_from(i, ETH_P_IP, &ipv4(lab.ip(i), vip, proto::TCP, tcp(47100, 80, 0x02, b"")));
-    assert_eq!(common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[C], &syn(&lab, C)), 0, "c (not isolated) to a five-class Service");
-    assert_eq!(lab.counter(C, dir::EGRESS, verdict::FORWARDED, reason::NOT_ISOLATED), 1);
-    assert_eq!(common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &syn(&lab, B)), 2, "b (isolated) to a five-class Service");
-    assert_eq!(lab.counter(B, dir::EGRESS, verdict::DROPPED, reason::SERVICE_BACKENDS_DIFFER), 1);
+    let syn = |lab: &Lab, i: usize| {
+        lab.frame_from(
+            i,
+            ETH_P_IP,
+            &ipv4(lab.ip(i), vip, proto::TCP, tcp(47100, 80, 0x02, b"")),
+        )
+    };
+    assert_eq!(
+        common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[C], &syn(&lab, C)),
+        0,
+        "c (not isolated) to a five-class Service"
+    );
+    assert_eq!(
+        lab.counter(C, dir::EGRESS, verdict::FORWARDED, reason::NOT_ISOLATED),
+        1
+    );
+    assert_eq!(
+        common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &syn(&lab, B)),
+        2,
+        "b (isolated) to a five-class Service"
+    );
+    assert_eq!(
+        lab.counter(B, dir::EGRESS, verdict::DROPPED, reason::SERVICE_BACKENDS_DIFFER),
+        1
+    );
 }
 
 /// A datagram flow to a Service keeps its admission only while its backends would still be admitted:
@@ -286,26 +568,48 @@ fn a_datagram_flow_to_a_service_is_judged_again_when_its_backends_change() {
     b_policy.egress.push(Rule {
         peers: vec![Peer::Pods {
             namespace_selector: None,
-            pod_selector: Some(LabelSelector { match_labels: [("app".to_owned(), "a".to_owned())].into(), ..Default::default() }),
+            pod_selector: Some(LabelSelector {
+                match_labels: [("app".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            }),
         }],
-        ports: vec![PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(53)), end_port: None }],
+        ports: vec![PortSpec {
+            protocol: Protocol::Udp,
+            port: Some(PortRef::Number(53)),
+            end_port: None,
+        }],
     });
     let dns = [10, 96, 0, 14];
     let udp_service = |c: &mut Cluster, backend: IpAddr| {
         add_service(c, "dns", dns, 53, 53, &[backend]);
         let r = ztrust_agent::model::ObjectRef::new("x", "dns");
         c.services.get_mut(&r).unwrap().ports[0].protocol = Protocol::Udp;
-        c.endpoint_slices.get_mut(&ztrust_agent::model::ObjectRef::new("x", "dns-1")).unwrap().ports[0].protocol = Protocol::Udp;
+        c.endpoint_slices
+            .get_mut(&ztrust_agent::model::ObjectRef::new("x", "dns-1"))
+            .unwrap()
+            .ports[0]
+            .protocol = Protocol::Udp;
     };
     udp_service(&mut c, lab.topo.pods[A].ip);
     lab.apply(&c);
-    let datagram = lab.frame_from(B, ETH_P_IP, &ipv4(lab.ip(B), dns, proto::UDP, common::attack::udp(47200, 53, b"q")));
+    let datagram = lab.frame_from(
+        B,
+        ETH_P_IP,
+        &ipv4(lab.ip(B), dns, proto::UDP, common::attack::udp(47200, 53, b"q")),
+    );
     let send = |lab: &Lab| common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &datagram);
     assert_eq!(send(&lab), 0, "b's query to the DNS Service (backend a)");
     assert_eq!(send(&lab), 0, "b's second query on the flow");
-    assert_eq!(lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::ESTABLISHED), 1);
+    assert_eq!(
+        lab.counter(B, dir::EGRESS, verdict::FORWARDED, reason::ESTABLISHED),
+        1
+    );
     // The Service now translates to c, which b may not reach.
     udp_service(&mut c, lab.topo.pods[C].ip);
     lab.apply(&c);
-    assert_eq!(send(&lab), 2, "b's next query on the flow, the Service's backend now c");
+    assert_eq!(
+        send(&lab),
+        2,
+        "b's next query on the flow, the Service's backend now c"
+    );
 }

@@ -342,7 +342,11 @@ pub fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
         "kube-apiserver",
         || Ok(output(kubectl_cmd(&["get", "--raw", "/readyz"])).is_some_and(|o| o.trim() == "ok")),
     )?;
-    start(&p, "kube-controller-manager", &args_of(&p, "kube-controller-manager"))?;
+    start(
+        &p,
+        "kube-controller-manager",
+        &args_of(&p, "kube-controller-manager"),
+    )?;
     start(&p, "kube-scheduler", &args_of(&p, "kube-scheduler"))?;
 
     step("cluster: node (containerd, kubelet, kube-proxy)");
@@ -746,7 +750,20 @@ fn create_outside() -> Result<()> {
     run(cmd("ip", &["netns", "add", EXT_NETNS]))?;
     run(cmd(
         "ip",
-        &["-n", NETNS, "link", "add", EXT_NODE_IF, "type", "veth", "peer", "name", "eth0", "netns", EXT_NETNS],
+        &[
+            "-n",
+            NETNS,
+            "link",
+            "add",
+            EXT_NODE_IF,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            EXT_NETNS,
+        ],
     ))?;
     let node = format!("{EXT_NODE_IP}/24");
     let ext = format!("{EXT_IP}/24");
@@ -762,7 +779,10 @@ fn create_outside() -> Result<()> {
     }
     let www = Paths::new().state.join("outside-www");
     fs::create_dir_all(&www)?;
-    fs::write(www.join("index.html"), format!("hello from {EXT_NAME} (outside the cluster)\n"))?;
+    fs::write(
+        www.join("index.html"),
+        format!("hello from {EXT_NAME} (outside the cluster)\n"),
+    )?;
     // busybox httpd puts itself in the background; `down` ends whatever runs in the namespace.
     run(cmd(
         "nsenter",
@@ -1241,10 +1261,16 @@ fn start(p: &Paths, component: &str, args: &[String]) -> Result<()> {
     let started = Instant::now();
     while running_pid(p, component).is_none() {
         if let Some(status) = child.try_wait()? {
-            bail!("{component} exited at once ({status}); see {}", p.log(component).display());
+            bail!(
+                "{component} exited at once ({status}); see {}",
+                p.log(component).display()
+            );
         }
         if started.elapsed() > Duration::from_secs(5) {
-            bail!("{component} did not start within 5 s; see {}", p.log(component).display());
+            bail!(
+                "{component} did not start within 5 s; see {}",
+                p.log(component).display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1454,9 +1480,15 @@ fn args_of(p: &Paths, component: &str) -> Vec<String> {
         "kube-apiserver" => apiserver_args(p),
         "kube-controller-manager" => controller_manager_args(p),
         "kube-scheduler" => scheduler_args(p),
-        "containerd" => vec!["--config".to_owned(), path_str(&p.config().join("containerd.toml"))],
+        "containerd" => vec![
+            "--config".to_owned(),
+            path_str(&p.config().join("containerd.toml")),
+        ],
         "kubelet" => kubelet_args(p),
-        "kube-proxy" => vec!["--config".to_owned(), path_str(&p.config().join("kube-proxy.yaml"))],
+        "kube-proxy" => vec![
+            "--config".to_owned(),
+            path_str(&p.config().join("kube-proxy.yaml")),
+        ],
         other => unreachable!("not a component: {other}"),
     }
 }
@@ -1485,11 +1517,21 @@ fn restart(component: &str, kill: bool) -> Result<()> {
         _ => stop(&p, component),
     }
     start(&p, component, &args_of(&p, component))?;
-    wait_until("kube-apiserver /readyz", Duration::from_secs(120), &p, component, || {
-        Ok(output(kubectl_cmd(&["get", "--raw", "/readyz"])).is_some_and(|o| o.trim() == "ok"))
-    })?;
+    wait_until(
+        "kube-apiserver /readyz",
+        Duration::from_secs(120),
+        &p,
+        component,
+        || Ok(output(kubectl_cmd(&["get", "--raw", "/readyz"])).is_some_and(|o| o.trim() == "ok")),
+    )?;
     if component == "kubelet" {
-        wait_until(&format!("node {NODE_NAME} Ready"), Duration::from_secs(120), &p, "kubelet", || Ok(node_ready()))?;
+        wait_until(
+            &format!("node {NODE_NAME} Ready"),
+            Duration::from_secs(120),
+            &p,
+            "kubelet",
+            || Ok(node_ready()),
+        )?;
     }
     eprintln!("restarted {component} in {:.1}s", t.elapsed().as_secs_f64());
     Ok(())

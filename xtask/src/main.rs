@@ -12,12 +12,27 @@ mod cluster;
 /// Debian packages the build needs. Debian's rustc ships the `core` sources that `-Z build-std=core`
 /// needs for the BPF target (rustup's toolchains here have no `rust-src`); LLVM 22 is what bpf-linker
 /// links against.
-const BUILD_PACKAGES: &[&str] =
-    &["rustc-web", "rust-web-src", "llvm-22-dev", "libpolly-22-dev", "bpftool", "iproute2", "util-linux"];
+const BUILD_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "bpftool",
+    "iproute2",
+    "util-linux",
+];
 /// What the privileged tests drive besides the agent: a real port scanner, a real Prometheus server
 /// (with promtool), capsh to run the agent with only the capabilities it needs, and ethtool to turn a
 /// veth's segmentation offload and GRO off and on.
-const TEST_PACKAGES: &[&str] = &["nmap", "prometheus", "libcap2-bin", "ethtool", "iptables", "nftables", "curl"];
+const TEST_PACKAGES: &[&str] = &[
+    "nmap",
+    "prometheus",
+    "libcap2-bin",
+    "ethtool",
+    "iptables",
+    "nftables",
+    "curl",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
 const BPF_TOOLCHAIN: &str = "ztrust-bpf";
@@ -79,7 +94,10 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn cmd(program: &str, args: &[&str]) -> Command {
@@ -99,7 +117,9 @@ fn run(mut c: Command) -> anyhow::Result<()> {
 
 fn output(mut c: Command) -> Option<String> {
     let out = c.output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn step(what: &str) {
@@ -122,7 +142,8 @@ fn setup_with(extra_packages: &[&str]) -> anyhow::Result<()> {
         .chain(extra_packages)
         .copied()
         .filter(|p| {
-            !output(cmd("dpkg-query", &["-W", "-f=${Status}", p])).is_some_and(|s| s.contains("install ok installed"))
+            !output(cmd("dpkg-query", &["-W", "-f=${Status}", p]))
+                .is_some_and(|s| s.contains("install ok installed"))
         })
         .collect();
     if missing.is_empty() {
@@ -130,7 +151,10 @@ fn setup_with(extra_packages: &[&str]) -> anyhow::Result<()> {
     } else {
         eprintln!("apt packages missing: {}", missing.join(" "));
         if !is_root() {
-            bail!("installing packages needs root: sudo apt-get install -y {}", missing.join(" "));
+            bail!(
+                "installing packages needs root: sudo apt-get install -y {}",
+                missing.join(" ")
+            );
         }
         run(cmd("apt-get", &["update", "-q"]))?;
         let mut c = cmd("apt-get", &["install", "-y", "-q", "--no-install-recommends"]);
@@ -138,7 +162,8 @@ fn setup_with(extra_packages: &[&str]) -> anyhow::Result<()> {
         run(c)?;
     }
 
-    let have_linker = output(cmd("bpf-linker", &["--version"])).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
+    let have_linker =
+        output(cmd("bpf-linker", &["--version"])).is_some_and(|v| v.contains(BPF_LINKER_VERSION));
     if have_linker {
         eprintln!("bpf-linker {BPF_LINKER_VERSION}: present");
     } else {
@@ -159,7 +184,8 @@ fn setup_with(extra_packages: &[&str]) -> anyhow::Result<()> {
         run(c)?;
     }
 
-    let linked = output(cmd("rustup", &["toolchain", "list"])).is_some_and(|l| l.lines().any(|t| t.starts_with(BPF_TOOLCHAIN)));
+    let linked = output(cmd("rustup", &["toolchain", "list"]))
+        .is_some_and(|l| l.lines().any(|t| t.starts_with(BPF_TOOLCHAIN)));
     if linked {
         eprintln!("rustup toolchain {BPF_TOOLCHAIN}: linked");
     } else {
@@ -178,7 +204,10 @@ fn build(release: bool) -> anyhow::Result<PathBuf> {
         args.push("--release");
     }
     run(cmd("cargo", &args))?;
-    Ok(root().join("target").join(if release { "release" } else { "debug" }).join("ztrust-agent"))
+    Ok(root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("ztrust-agent"))
 }
 
 fn lab(down: bool) -> anyhow::Result<()> {
@@ -193,16 +222,30 @@ fn lab(down: bool) -> anyhow::Result<()> {
         c
     };
     step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
-    run(agent_cmd(&["lab", "up", example.join("cluster.yaml").to_str().expect("utf-8 path")]))?;
+    run(agent_cmd(&[
+        "lab",
+        "up",
+        example.join("cluster.yaml").to_str().expect("utf-8 path"),
+    ]))?;
     step("the Services (ClusterIPs; the node translates them as kube-proxy's nftables mode does)");
-    run(agent_cmd(&["lab", "apply", example.join("services.yaml").to_str().expect("utf-8 path")]))?;
+    run(agent_cmd(&[
+        "lab",
+        "apply",
+        example.join("services.yaml").to_str().expect("utf-8 path"),
+    ]))?;
     step("probe: with no policy, everything reaches everything");
     run(agent_cmd(&["lab", "probe"]))?;
     step("apply the policies in deploy/examples/payments/policies");
-    run(agent_cmd(&["lab", "apply", example.join("policies").to_str().expect("utf-8 path")]))?;
+    run(agent_cmd(&[
+        "lab",
+        "apply",
+        example.join("policies").to_str().expect("utf-8 path"),
+    ]))?;
     step("probe: default deny, with only the allowed paths open");
     run(agent_cmd(&["lab", "probe"]))?;
-    step("probe by Service (ClusterIP → the pod the node picked): the same verdicts, frontend → backend open");
+    step(
+        "probe by Service (ClusterIP → the pod the node picked): the same verdicts, frontend → backend open",
+    );
     run(agent_cmd(&["lab", "probe", "--via-service"]))?;
     step("denied connections caused by that probe (from the kernel's ring buffer)");
     run(agent_cmd(&["lab", "flows", "--denied", "-o", "table"]))?;
@@ -233,7 +276,10 @@ impl Tally {
     fn run(&mut self, mut c: Command) -> anyhow::Result<()> {
         use std::io::BufRead as _;
         let shown = format!("{c:?}");
-        let mut child = c.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("starting {shown}"))?;
+        let mut child = c
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {shown}"))?;
         let stdout = child.stdout.take().expect("piped");
         for line in std::io::BufReader::new(stdout).lines() {
             let line = line?;
@@ -241,7 +287,11 @@ impl Tally {
             if let Some(rest) = line.strip_prefix("test result: ") {
                 let count = |what: &str| {
                     rest.split(';')
-                        .find_map(|part| part.trim().strip_suffix(what).and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok()))
+                        .find_map(|part| {
+                            part.trim()
+                                .strip_suffix(what)
+                                .and_then(|n| n.trim().rsplit(' ').next()?.parse::<u64>().ok())
+                        })
                         .unwrap_or(0)
                 };
                 self.passed += count(" passed");
@@ -262,14 +312,19 @@ fn deploy_schema_tests() -> anyhow::Result<()> {
     let venv = root().join("target/deploy-venv");
     let python = venv.join("bin/python");
     if !python.exists() {
-        run(cmd("python3", &["-m", "venv", venv.to_str().expect("utf-8 path")]))?;
+        run(cmd(
+            "python3",
+            &["-m", "venv", venv.to_str().expect("utf-8 path")],
+        ))?;
     }
     let requirements = root().join("tests/deploy/requirements.txt");
     let mut pip = Command::new(&python);
-    pip.args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"]).arg(&requirements);
+    pip.args(["-m", "pip", "install", "-q", "--disable-pip-version-check", "-r"])
+        .arg(&requirements);
     run(pip)?;
     let mut t = Command::new(&python);
-    t.args(["-m", "unittest", "discover", "-s", "tests/deploy", "-v"]).current_dir(root());
+    t.args(["-m", "unittest", "discover", "-s", "tests/deploy", "-v"])
+        .current_dir(root());
     run(t)
 }
 
@@ -277,15 +332,34 @@ fn test(unit_only: bool, no_cluster: bool, filter: Option<String>) -> anyhow::Re
     let mut tally = Tally::default();
     let result = test_tiers(unit_only, no_cluster, filter, &mut tally);
     // One closing line for the whole run, whatever happened.
-    println!("\n{} ignored in plain `cargo test` (root-only tests, run above with --ignored; benchmarks)", tally.ignored);
+    println!(
+        "\n{} ignored in plain `cargo test` (root-only tests, run above with --ignored; benchmarks)",
+        tally.ignored
+    );
     println!("summary: {} passed, {} failed", tally.passed, tally.failed);
     result
 }
 
-fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: &mut Tally) -> anyhow::Result<()> {
+fn test_tiers(
+    unit_only: bool,
+    no_cluster: bool,
+    filter: Option<String>,
+    tally: &mut Tally,
+) -> anyhow::Result<()> {
     setup_with(TEST_PACKAGES)?;
     step("unit tests (no root)");
-    tally.run(cmd("cargo", &["test", "--locked", "--workspace", "--exclude", "ztrust-tests", "--exclude", "ztrust-ebpf"]))?;
+    tally.run(cmd(
+        "cargo",
+        &[
+            "test",
+            "--locked",
+            "--workspace",
+            "--exclude",
+            "ztrust-tests",
+            "--exclude",
+            "ztrust-ebpf",
+        ],
+    ))?;
     step("deploy manifests against the Kubernetes 1.33 schemas (kubernetes-validate, offline)");
     deploy_schema_tests()?;
     if unit_only {
@@ -298,13 +372,23 @@ fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: 
     let prebuild = (!no_cluster && filter.is_none()).then(cluster::prebuild_in_background);
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
     run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
-    // The lab's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`).
-    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent", "--test", "lab_netns", "--test", "restart", "--test", "pinned_links", "--test", "audit", "--test", "observer_e2e", "--test", "least_privilege", "--test", "kube_e2e", "--test", "services_lab", "--", "--ignored", "--test-threads=1"]);
+    // The agent's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`): every test
+    // file of ztrust-agent that has one, found rather than listed (a new one cannot be left out).
+    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent"]);
+    let binaries = root_test_binaries(&root().join("ztrust-agent/tests"))?;
+    eprintln!("root-only tests of ztrust-agent in: {}", binaries.join(", "));
+    for b in &binaries {
+        c.args(["--test", b]);
+    }
+    c.args(["--", "--ignored", "--test-threads=1"]);
     if let Some(f) = &filter {
         c.arg(f);
     }
     tally.run(c)?;
-    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--", "--test-threads=1"]);
+    let mut c = cmd(
+        "cargo",
+        &["test", "--locked", "-p", "ztrust-tests", "--", "--test-threads=1"],
+    );
     if let Some(f) = &filter {
         c.arg(f);
     }
@@ -327,17 +411,58 @@ fn test_tiers(unit_only: bool, no_cluster: bool, filter: Option<String>, tally: 
     Ok(())
 }
 
+/// The test binaries (file stems) of an integration-test directory whose files hold an `#[ignore]`d
+/// test, sorted.
+fn root_test_binaries(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        if text.contains("#[ignore") {
+            let stem = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .context("a test file's name")?;
+            found.push(stem.to_owned());
+        }
+    }
+    found.sort();
+    if found.is_empty() {
+        bail!("no root-only tests found in {}", dir.display());
+    }
+    Ok(found)
+}
+
 /// The cluster tier (tests/tests/cluster.rs): a real node in each of kube-proxy's modes, the agent
 /// deployed with `kubectl apply -k deploy/`. The cluster goes down after each mode, also when a test
 /// failed (its logs stay in target/cluster/logs).
 fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
     if cluster::is_running() {
-        bail!("a cluster is already up: the cluster tier needs its own (`cargo xtask cluster down` first, or --no-cluster)");
+        bail!(
+            "a cluster is already up: the cluster tier needs its own (`cargo xtask cluster down` first, or --no-cluster)"
+        );
     }
     if let Some(f) = filter {
         // Say so rather than start a node for nothing.
-        let list = output(cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--test", "cluster", "--", "--ignored", "--list", f]))
-            .unwrap_or_default();
+        let list = output(cmd(
+            "cargo",
+            &[
+                "test",
+                "--locked",
+                "-p",
+                "ztrust-tests",
+                "--test",
+                "cluster",
+                "--",
+                "--ignored",
+                "--list",
+                f,
+            ],
+        ))
+        .unwrap_or_default();
         if !list.lines().any(|l| l.ends_with(": test")) {
             step(&format!("cluster tier: no cluster test matches {f:?}, not run"));
             return Ok(());
@@ -349,7 +474,20 @@ fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
             mode.as_str()
         ));
         let result = cluster::up(mode, true).and_then(|()| {
-            let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-tests", "--test", "cluster", "--", "--ignored", "--test-threads=1"]);
+            let mut c = cmd(
+                "cargo",
+                &[
+                    "test",
+                    "--locked",
+                    "-p",
+                    "ztrust-tests",
+                    "--test",
+                    "cluster",
+                    "--",
+                    "--ignored",
+                    "--test-threads=1",
+                ],
+            );
             // The faults test the agent, not kube-proxy: they run in one mode; the seed's exercise in both.
             match (filter, mode) {
                 (Some(f), _) => {
@@ -385,13 +523,26 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     step("build (release): the benchmark and the agent (the flow section runs the real agent)");
     run(cmd(
         "cargo",
-        &["build", "--locked", "--release", "-p", "ztrust-tests", "--bin", "ztrust-bench", "-p", "ztrust-agent", "--bin", "ztrust-agent"],
+        &[
+            "build",
+            "--locked",
+            "--release",
+            "-p",
+            "ztrust-tests",
+            "--bin",
+            "ztrust-bench",
+            "-p",
+            "ztrust-agent",
+            "--bin",
+            "ztrust-agent",
+        ],
     ))?;
     step("benchmarks");
     let mut c = Command::new(root().join("target/release/ztrust-bench"));
     // `cargo xtask bench flows -- --rates …` reads naturally; the benchmark's own parser would take the
     // `--` as the end of its options.
-    c.args(args.iter().filter(|a| *a != "--")).env("ZTRUST_AGENT_BIN", root().join("target/release/ztrust-agent"));
+    c.args(args.iter().filter(|a| *a != "--"))
+        .env("ZTRUST_AGENT_BIN", root().join("target/release/ztrust-agent"));
     run(c)
 }
 
@@ -410,7 +561,9 @@ fn fuzz(seconds: u32) -> anyhow::Result<()> {
         && output(cmd("rustup", &["run", "nightly", "rustc", "--version"])).is_some();
     let toolchain = if nightly { "+nightly" } else { "+ztrust-bpf" };
     if !nightly {
-        eprintln!("rustup has no nightly toolchain: fuzzing with {BPF_TOOLCHAIN} (Debian's rustc, RUSTC_BOOTSTRAP=1, no sanitizer)");
+        eprintln!(
+            "rustup has no nightly toolchain: fuzzing with {BPF_TOOLCHAIN} (Debian's rustc, RUSTC_BOOTSTRAP=1, no sanitizer)"
+        );
     }
     let have = output(cmd("cargo", &["fuzz", "--version"])).is_some();
     if !have {
@@ -430,7 +583,12 @@ fn fuzz(seconds: u32) -> anyhow::Result<()> {
         if *target == "manifest_engine" {
             c.arg(root().join("deploy/examples"));
         }
-        c.args(["--", &format!("-max_total_time={seconds}"), "-max_len=4096", "-print_final_stats=1"]);
+        c.args([
+            "--",
+            &format!("-max_total_time={seconds}"),
+            "-max_len=4096",
+            "-print_final_stats=1",
+        ]);
         run(c)?;
     }
     Ok(())
@@ -443,7 +601,38 @@ fn main() -> anyhow::Result<()> {
         Cmd::Setup => setup(),
         Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
         Cmd::Lab { down } => lab(down),
-        Cmd::Test { unit, no_cluster, filter } => test(unit, no_cluster, filter),
+        Cmd::Test {
+            unit,
+            no_cluster,
+            filter,
+        } => test(unit, no_cluster, filter),
         Cmd::Cluster { action } => cluster::run_action(action),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every file of ztrust-agent/tests with a root-only test is found, and no other.
+    #[test]
+    fn root_test_binaries_are_found_not_listed() {
+        let found = root_test_binaries(&root().join("ztrust-agent/tests")).unwrap();
+        for known in [
+            "audit",
+            "kube_e2e",
+            "lab_netns",
+            "least_privilege",
+            "observer_e2e",
+            "pinned_links",
+            "restart",
+            "services_lab",
+        ] {
+            assert!(found.iter().any(|f| f == known), "{known} in {found:?}");
+        }
+        assert!(
+            !found.iter().any(|f| f == "kube_source"),
+            "kube_source has no root-only test: {found:?}"
+        );
     }
 }

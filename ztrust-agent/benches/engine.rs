@@ -12,18 +12,27 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use ztrust_agent::datapath::sync::{MapOps, Result as SyncResult, Syncer};
 use ztrust_agent::model::{LabelSelector, Labels, Operator, Requirement};
 use ztrust_agent::policy::{AllowKey, Changes, Engine, matches, policy_keys};
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, dir, proto};
+use ztrust_common::{
+    EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, dir, proto,
+};
 
 #[path = "../../tests/src/bench/synth.rs"]
 #[allow(dead_code, reason = "shared with ztrust-bench, which uses more of it")]
 mod synth;
 
 fn labels(pairs: &[(&str, &str)]) -> Labels {
-    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
 }
 
 fn req(key: &str, operator: Operator, values: &[&str]) -> Requirement {
-    Requirement { key: key.into(), operator, values: values.iter().map(|v| (*v).to_owned()).collect::<BTreeSet<_>>() }
+    Requirement {
+        key: key.into(),
+        operator,
+        values: values.iter().map(|v| (*v).to_owned()).collect::<BTreeSet<_>>(),
+    }
 }
 
 fn selectors(c: &mut Criterion) {
@@ -35,8 +44,20 @@ fn selectors(c: &mut Criterion) {
         ("pod-template-hash", "5d9c7b8f4"),
     ]);
     let cases = [
-        ("match_labels_hit", LabelSelector { match_labels: labels(&[("app", "checkout"), ("tier", "api")]), match_expressions: vec![] }),
-        ("match_labels_miss", LabelSelector { match_labels: labels(&[("app", "billing")]), match_expressions: vec![] }),
+        (
+            "match_labels_hit",
+            LabelSelector {
+                match_labels: labels(&[("app", "checkout"), ("tier", "api")]),
+                match_expressions: vec![],
+            },
+        ),
+        (
+            "match_labels_miss",
+            LabelSelector {
+                match_labels: labels(&[("app", "billing")]),
+                match_expressions: vec![],
+            },
+        ),
         (
             "expressions",
             LabelSelector {
@@ -63,15 +84,19 @@ fn compile(c: &mut Criterion) {
     g.sample_size(10);
     for (policies, pods) in [(100usize, 500usize), (1_000, 5_000)] {
         let s = synth::Synth::new(policies, pods, 100);
-        g.bench_with_input(BenchmarkId::new("cold", format!("{policies}p_{pods}pods")), &s.cluster, |b, cluster| {
-            b.iter(|| Engine::new().compile(black_box(cluster)))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("cold", format!("{policies}p_{pods}pods")),
+            &s.cluster,
+            |b, cluster| b.iter(|| Engine::new().compile(black_box(cluster))),
+        );
         // The engine keeps its identity and rule numbers: a recompile of an unchanged cluster.
         let mut engine = Engine::new();
         engine.compile(&s.cluster);
-        g.bench_with_input(BenchmarkId::new("warm", format!("{policies}p_{pods}pods")), &s.cluster, |b, cluster| {
-            b.iter(|| engine.compile(black_box(cluster)))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("warm", format!("{policies}p_{pods}pods")),
+            &s.cluster,
+            |b, cluster| b.iter(|| engine.compile(black_box(cluster))),
+        );
     }
     g.finish();
 }
@@ -85,15 +110,29 @@ fn update(c: &mut Criterion) {
         let mut engine = Engine::for_node(synth::THIS_NODE);
         engine.update(&s.cluster, &Changes::default());
         let local = s.interfaces.keys().next().expect("a local pod").clone();
-        let remote = s.cluster.pods.keys().find(|p| !s.interfaces.contains_key(*p)).expect("a remote pod").clone();
+        let remote = s
+            .cluster
+            .pods
+            .keys()
+            .find(|p| !s.interfaces.contains_key(*p))
+            .expect("a remote pod")
+            .clone();
         for (name, pod) in [("local_pod_label", local), ("remote_pod_label", remote)] {
-            let changes = Changes { pods: [pod.clone()].into(), ..Changes::default() };
+            let changes = Changes {
+                pods: [pod.clone()].into(),
+                ..Changes::default()
+            };
             let mut flip = false;
             g.bench_function(BenchmarkId::new(name, format!("{policies}p_{pods}pods")), |b| {
                 b.iter(|| {
                     flip = !flip;
                     let tier = if flip { "db" } else { "web" };
-                    s.cluster.pods.get_mut(&pod).expect("pod").labels.insert("tier".into(), tier.into());
+                    s.cluster
+                        .pods
+                        .get_mut(&pod)
+                        .expect("pod")
+                        .labels
+                        .insert("tier".into(), tier.into());
                     engine.update(black_box(&s.cluster), &changes);
                     engine.take_delta()
                 })
@@ -104,7 +143,13 @@ fn update(c: &mut Criterion) {
 }
 
 fn keys(c: &mut Criterion) {
-    let key = |protocol, lo, hi| AllowKey { direction: dir::INGRESS, remote: 300, protocol, port_lo: lo, port_hi: hi };
+    let key = |protocol, lo, hi| AllowKey {
+        direction: dir::INGRESS,
+        remote: 300,
+        protocol,
+        port_lo: lo,
+        port_hi: hi,
+    };
     let cases = [
         ("one_port", key(proto::TCP, 8080, 8080)),
         ("range_30000_30100", key(proto::TCP, 30000, 30100)),
@@ -179,12 +224,17 @@ fn sync_unchanged(c: &mut Criterion) {
         syncer.capacities.ipcache = 1 << 22;
         let mut maps = NoMaps(0);
         syncer.sync(&mut maps, &desired, &interfaces).expect("first sync");
-        g.bench_function(BenchmarkId::from_parameter(format!("{policies}p_{pods}pods")), |b| {
-            b.iter(|| {
-                let stats = syncer.sync(&mut maps, black_box(&desired), &interfaces).expect("sync");
-                assert_eq!(stats.total(), 0);
-            })
-        });
+        g.bench_function(
+            BenchmarkId::from_parameter(format!("{policies}p_{pods}pods")),
+            |b| {
+                b.iter(|| {
+                    let stats = syncer
+                        .sync(&mut maps, black_box(&desired), &interfaces)
+                        .expect("sync");
+                    assert_eq!(stats.total(), 0);
+                })
+            },
+        );
     }
     g.finish();
 }

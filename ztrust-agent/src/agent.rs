@@ -40,13 +40,22 @@ pub enum Error {
 }
 
 fn plural(n: usize, what: &str) -> String {
-    if n == 1 { format!("1 {what}") } else { format!("{n} {what}s") }
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
 }
 
 /// The first names, then how many more.
 fn list(names: &[String]) -> String {
     const SHOWN: usize = 10;
-    let mut s = names.iter().take(SHOWN).map(String::as_str).collect::<Vec<_>>().join(", ");
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
     if names.len() > SHOWN {
         s.push_str(&format!(", and {} more", names.len() - SHOWN));
     }
@@ -59,7 +68,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Source {
     Dir(PathBuf),
     /// The Kubernetes API: in-cluster (service account) or from a kubeconfig.
-    Kube { kubeconfig: Option<PathBuf> },
+    Kube {
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 impl std::str::FromStr for Source {
@@ -122,21 +133,33 @@ struct DirSource {
 
 impl DirSource {
     fn new(root: PathBuf) -> Self {
-        Self { root, ..Default::default() }
+        Self {
+            root,
+            ..Default::default()
+        }
     }
 
     fn scan(&self) -> Vec<(PathBuf, SystemTime, u64)> {
         let mut out = Vec::new();
         let mut stack = vec![self.root.clone()];
         while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
             for e in entries.flatten() {
                 let path = e.path();
                 let Ok(meta) = e.metadata() else { continue };
                 if meta.is_dir() {
                     stack.push(path);
-                } else if matches!(path.extension().and_then(|x| x.to_str()), Some("yaml" | "yml" | "json")) {
-                    out.push((path, meta.modified().unwrap_or(SystemTime::UNIX_EPOCH), meta.len()));
+                } else if matches!(
+                    path.extension().and_then(|x| x.to_str()),
+                    Some("yaml" | "yml" | "json")
+                ) {
+                    out.push((
+                        path,
+                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                        meta.len(),
+                    ));
                 }
             }
         }
@@ -150,8 +173,12 @@ impl DirSource {
         if self.fingerprint.as_ref() == Some(&now) {
             return None;
         }
-        let old: BTreeMap<_, _> =
-            self.fingerprint.iter().flatten().map(|(p, t, l)| (p.clone(), (*t, *l))).collect();
+        let old: BTreeMap<_, _> = self
+            .fingerprint
+            .iter()
+            .flatten()
+            .map(|(p, t, l)| (p.clone(), (*t, *l)))
+            .collect();
         self.files.retain(|p, _| now.iter().any(|(q, _, _)| q == p));
         for (path, mtime, len) in &now {
             if old.get(path) == Some(&(*mtime, *len)) {
@@ -165,7 +192,8 @@ impl DirSource {
                 }
             };
             let loaded = dir::parse_str(&path.display().to_string(), &text);
-            let objects = loaded.cluster.namespaces.len() + loaded.cluster.pods.len() + loaded.cluster.policies.len();
+            let objects =
+                loaded.cluster.namespaces.len() + loaded.cluster.pods.len() + loaded.cluster.policies.len();
             if objects == 0 && !loaded.errors.is_empty() && self.files.contains_key(path) {
                 for e in &loaded.errors {
                     error!("{e} (keeping the objects this file held before)");
@@ -198,7 +226,12 @@ const HELD_CLOSED_WARNING: Duration = Duration::from_secs(10);
 
 enum Watched {
     /// Files give whole snapshots: the changes are what differs from the previous one.
-    Dir { source: DirSource, cluster: Cluster, node_ips: Vec<std::net::IpAddr>, service_cidrs: Vec<ipnet::IpNet> },
+    Dir {
+        source: DirSource,
+        cluster: Cluster,
+        node_ips: Vec<std::net::IpAddr>,
+        service_cidrs: Vec<ipnet::IpNet>,
+    },
     /// The API's watches name the objects that change.
     Kube(crate::source::kube::KubeSource),
 }
@@ -207,7 +240,12 @@ impl Watched {
     /// What changed since the last call and the source's problems; `None` if nothing did.
     fn poll(&mut self) -> Option<(Changes, Vec<crate::source::dir::LoadError>)> {
         match self {
-            Watched::Dir { source, cluster, node_ips, service_cidrs } => {
+            Watched::Dir {
+                source,
+                cluster,
+                node_ips,
+                service_cidrs,
+            } => {
                 let loaded = source.poll()?;
                 let mut next = loaded.cluster;
                 next.node_ips = node_ips.clone();
@@ -253,7 +291,13 @@ fn update_view_pods(
         }
         if let Some(pod) = cluster.pods.get(r) {
             for ip in &pod.ips {
-                view.pods_by_ip.insert(*ip, PodView { pod: r.clone(), labels: pod.labels.clone() });
+                view.pods_by_ip.insert(
+                    *ip,
+                    PodView {
+                        pod: r.clone(),
+                        labels: pod.labels.clone(),
+                    },
+                );
             }
             addrs.insert(r.clone(), pod.ips.clone());
         }
@@ -270,11 +314,18 @@ fn update_view_services(view: &mut View, cluster: &Cluster) {
             .backends(svc, port)
             .into_iter()
             .filter(|(ip, _)| ip.is_ipv4() == f.addr.is_ipv4())
-            .map(|(ip, _)| view.pods_by_ip.get(&ip).map_or_else(|| ip.to_string(), |p| p.pod.to_string()));
+            .map(|(ip, _)| {
+                view.pods_by_ip
+                    .get(&ip)
+                    .map_or_else(|| ip.to_string(), |p| p.pod.to_string())
+            });
         // A frontend two Services claim names the first and the backends of both.
         let entry = services
             .entry((f.addr, f.port, f.protocol.number()))
-            .or_insert_with(|| crate::flows::ServiceRef { name: svc.object_ref().to_string(), backends: Vec::new() });
+            .or_insert_with(|| crate::flows::ServiceRef {
+                name: svc.object_ref().to_string(),
+                backends: Vec::new(),
+            });
         entry.backends.extend(backends);
         entry.backends.sort();
         entry.backends.dedup();
@@ -348,7 +399,11 @@ impl NotEnforced {
         let mut new = Vec::new();
         let mut gone = false;
         for key in changed {
-            if cluster.pods.get(key).is_some_and(|p| is_local_host_network(p, node)) {
+            if cluster
+                .pods
+                .get(key)
+                .is_some_and(|p| is_local_host_network(p, node))
+            {
                 if self.warned.insert(key.clone()) {
                     warn!(pod = %key, reason = HOST_NETWORK, "host-network pod: not enforced by ztrust (no cgroup hook yet)");
                     new.push(key.clone());
@@ -360,14 +415,21 @@ impl NotEnforced {
         if !new.is_empty() || gone || !self.reported {
             self.reported = true;
             metrics.set_pods_not_enforced(HOST_NETWORK, self.warned.len() as u64);
-            hub.set_not_enforced(self.warned.iter().map(|p| (p.to_string(), HOST_NETWORK.to_owned())).collect());
+            hub.set_not_enforced(
+                self.warned
+                    .iter()
+                    .map(|p| (p.to_string(), HOST_NETWORK.to_owned()))
+                    .collect(),
+            );
         }
         new
     }
 }
 
 fn matches_prefix(name: &str, prefixes: &[String]) -> bool {
-    prefixes.iter().any(|p| !p.is_empty() && name.starts_with(p.as_str()))
+    prefixes
+        .iter()
+        .any(|p| !p.is_empty() && name.starts_with(p.as_str()))
 }
 
 /// Every enriched flow passes here: metrics, the observer hub (flow API, detector), the flow log (JSON
@@ -401,7 +463,13 @@ const MAX_BATCH: usize = 256;
 impl Batches {
     fn new(mut sink: FlowSink) -> Self {
         let file = sink.file.take().map(std::io::BufWriter::new);
-        Self { sink, file, log: crate::flows::DropLog::new(), flows: Vec::new(), published: Vec::new() }
+        Self {
+            sink,
+            file,
+            log: crate::flows::DropLog::new(),
+            flows: Vec::new(),
+            published: Vec::new(),
+        }
     }
 
     fn enrich(&mut self, view: &View, events: &[FlowEvent]) {
@@ -431,7 +499,9 @@ impl Batches {
         if let Some(f) = &mut self.file {
             let _ = f.flush();
         }
-        self.sink.hub.publish_batch(self.flows.drain(..), &mut self.published);
+        self.sink
+            .hub
+            .publish_batch(self.flows.drain(..), &mut self.published);
     }
 }
 
@@ -451,14 +521,22 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let pinned = crate::datapath::loader::survey_pins(&opts.pin_dir, &ifaces);
     let unseen = crate::datapath::pins::unseen(&pinned);
     if !unseen.is_empty() {
-        return Err(Error::UnseenLinks { names: unseen, pin_dir: opts.pin_dir.clone() }.into());
+        return Err(Error::UnseenLinks {
+            names: unseen,
+            pin_dir: opts.pin_dir.clone(),
+        }
+        .into());
     }
     let mut dp = Datapath::load_with_mark(&opts.pin_dir, opts.capacities, opts.peer_mark)?;
     crate::datapath::loader::settle_pins(&opts.pin_dir, &pinned);
     let config = Config {
         event_interval_ns: opts.event_interval.as_nanos() as u64,
         flags: if opts.audit { ep_flags::AUDIT } else { 0 }
-            | if opts.pod_tunnels { ep_flags::ALLOW_ENCAPSULATION } else { 0 },
+            | if opts.pod_tunnels {
+                ep_flags::ALLOW_ENCAPSULATION
+            } else {
+                0
+            },
         log_allowed: u32::from(opts.log_allowed),
         event_budget: opts.event_budget,
         _pad: 0,
@@ -469,7 +547,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     syncer.global_flags = config.flags;
     syncer.capacities = dp.capacities();
 
-    let view = Arc::new(RwLock::new(View { node: opts.node_name.clone(), ..Default::default() }));
+    let view = Arc::new(RwLock::new(View {
+        node: opts.node_name.clone(),
+        ..Default::default()
+    }));
     let ring = dp.events.take().expect("events map taken once");
     // Observability: flow API, /metrics, detector. `metrics` is also where the reconcile loop reports
     // (`observe_compile`, `observe_sync`, `set_identities`, `set_map_fill`).
@@ -482,9 +563,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         client_queue: opts.client_queue,
         ..Default::default()
     }));
-    let _observer =
-        crate::observer::tasks::spawn(&opts.observer, hub.clone(), metrics.clone(), view.clone(), opts.pin_dir.clone())
-            .await;
+    let _observer = crate::observer::tasks::spawn(
+        &opts.observer,
+        hub.clone(),
+        metrics.clone(),
+        view.clone(),
+        opts.pin_dir.clone(),
+    )
+    .await;
     let sink = FlowSink {
         file: match &opts.flow_log {
             Some(p) => Some(
@@ -492,7 +578,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     .create(true)
                     .append(true)
                     .open(p)
-                    .map_err(|source| Error::Io { path: p.clone(), source })?,
+                    .map_err(|source| Error::Io {
+                        path: p.clone(),
+                        source,
+                    })?,
             ),
             None => None,
         },
@@ -505,13 +594,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut source = match &opts.source {
         Source::Dir(root) => Watched::Dir {
             source: DirSource::new(root.clone()),
-            cluster: Cluster { node_ips: opts.node_ips.clone(), service_cidrs: opts.service_cidrs.clone(), ..Cluster::default() },
+            cluster: Cluster {
+                node_ips: opts.node_ips.clone(),
+                service_cidrs: opts.service_cidrs.clone(),
+                ..Cluster::default()
+            },
             node_ips: opts.node_ips.clone(),
             service_cidrs: opts.service_cidrs.clone(),
         },
         Source::Kube { kubeconfig } => {
-            let client =
-                crate::source::kube::client(kubeconfig.as_deref()).await.map_err(|e| Error::Kube(e.to_string()))?;
+            let client = crate::source::kube::client(kubeconfig.as_deref())
+                .await
+                .map_err(|e| Error::Kube(e.to_string()))?;
             let mut kube = crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone()));
             kube.set_node_ips(opts.node_ips.clone());
             kube.set_service_cidrs(opts.service_cidrs.clone());
@@ -588,8 +682,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             let cluster = source.cluster();
             engine.update(cluster, &changes);
             pending.merge(engine.take_delta());
-            update_view_pods(&mut view.write().expect("view lock"), cluster, &changes.pods, &mut view_addrs);
-            if !(changes.services.is_empty() && changes.endpoint_slices.is_empty() && changes.pods.is_empty()) {
+            update_view_pods(
+                &mut view.write().expect("view lock"),
+                cluster,
+                &changes.pods,
+                &mut view_addrs,
+            );
+            if !(changes.services.is_empty() && changes.endpoint_slices.is_empty() && changes.pods.is_empty())
+            {
                 update_view_services(&mut view.write().expect("view lock"), cluster);
             }
             view_rules_stale |= !changes.policies.is_empty();
@@ -629,12 +729,17 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         // Attached interfaces not listed under the name and index they had: deleted, renamed or moved to
         // another namespace. Only the kernel can tell; their pins go only if it detached the links (see
         // `Datapath::release`). Before attaching: a recreated or renamed interface is attached this tick.
-        let gone: Vec<String> =
-            dp.attached().filter(|(n, i)| ifaces.get(*n) != Some(i)).map(|(n, _)| n.to_owned()).collect();
+        let gone: Vec<String> = dp
+            .attached()
+            .filter(|(n, i)| ifaces.get(*n) != Some(i))
+            .map(|(n, _)| n.to_owned())
+            .collect();
         for name in gone {
             match dp.release(&name, &ifaces) {
                 Released::Gone => info!(ifname = %name, "interface gone"),
-                Released::Renamed(now) => info!(ifname = %name, %now, "interface renamed: its links are pinned under the new name"),
+                Released::Renamed(now) => {
+                    info!(ifname = %name, %now, "interface renamed: its links are pinned under the new name")
+                }
                 Released::Kept(kept) => warn!(
                     ifname = %name,
                     kept = ?kept.iter().map(|(_, p)| p.display().to_string()).collect::<Vec<_>>(),
@@ -689,7 +794,9 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let bound: BTreeSet<u32> = new_bindings.values().copied().collect();
         held_closed.retain(|name, _| ifaces.contains_key(name));
         for (name, index) in &ifaces {
-            if !(matches_prefix(name, &opts.interface_prefixes) && dp.is_attached(name)) || bound.contains(index) {
+            if !(matches_prefix(name, &opts.interface_prefixes) && dp.is_attached(name))
+                || bound.contains(index)
+            {
                 held_closed.remove(name);
                 continue;
             }
@@ -719,9 +826,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     last_sync_error = None;
                     metrics.observe_sync(started.elapsed().as_secs_f64(), stats.total() as u64);
                     let caps = syncer.capacities;
-                    metrics.set_map_fill("ZT_POLICY", syncer.policy_entries() as u64, u64::from(caps.policy));
-                    metrics.set_map_fill("ZT_IPCACHE", syncer.ipcache_entries() as u64, u64::from(caps.ipcache));
-                    metrics.set_map_fill("ZT_ENDPOINTS", syncer.endpoint_count() as u64, u64::from(caps.endpoints));
+                    metrics.set_map_fill(
+                        "ZT_POLICY",
+                        syncer.policy_entries() as u64,
+                        u64::from(caps.policy),
+                    );
+                    metrics.set_map_fill(
+                        "ZT_IPCACHE",
+                        syncer.ipcache_entries() as u64,
+                        u64::from(caps.ipcache),
+                    );
+                    metrics.set_map_fill(
+                        "ZT_ENDPOINTS",
+                        syncer.endpoint_count() as u64,
+                        u64::from(caps.endpoints),
+                    );
                     dirty = false;
                     if !in_sync {
                         // Until here an earlier agent's pinned state enforced; from here, this agent's.
@@ -730,8 +849,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                         // map: the copies an earlier agent kept in the trie go.
                         match dp.maps.policy.drop_legacy_exact() {
                             Ok(0) => {}
-                            Ok(n) => info!(entries = n, "single-port allow entries of an earlier agent removed from the policy trie"),
-                            Err(e) => warn!(error = %e, "removing an earlier agent's single-port entries from the policy trie"),
+                            Ok(n) => info!(
+                                entries = n,
+                                "single-port allow entries of an earlier agent removed from the policy trie"
+                            ),
+                            Err(e) => {
+                                warn!(error = %e, "removing an earlier agent's single-port entries from the policy trie")
+                            }
                         }
                         metrics.set_ready();
                         info!(
@@ -740,7 +864,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                             "in sync with the source"
                         );
                     } else if stats.total() > 0 {
-                        info!(writes = stats.total(), sync_ms = started.elapsed().as_secs_f64() * 1000.0, "synced");
+                        info!(
+                            writes = stats.total(),
+                            sync_ms = started.elapsed().as_secs_f64() * 1000.0,
+                            "synced"
+                        );
                     }
                 }
                 Err(e) => {
@@ -753,7 +881,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                     }
                 }
             }
-            update_view_policy(&mut view.write().expect("view lock"), desired, &bindings, view_rules_stale);
+            update_view_policy(
+                &mut view.write().expect("view lock"),
+                desired,
+                &bindings,
+                view_rules_stale,
+            );
             view_rules_stale = false;
         }
     }
@@ -762,7 +895,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 }
 
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -830,12 +964,22 @@ mod tests {
     #[test]
     fn a_warning_is_said_once_while_it_holds_and_again_when_it_recurs() {
         let mut warned = BTreeSet::new();
-        let (a, b) = ("policy x/p: ingress[0].from[0].ipBlock.cidr invalid".to_owned(), "port name web unknown".to_owned());
+        let (a, b) = (
+            "policy x/p: ingress[0].from[0].ipBlock.cidr invalid".to_owned(),
+            "port name web unknown".to_owned(),
+        );
         assert_eq!(fresh_warnings(&mut warned, std::slice::from_ref(&a)), vec![&a]);
-        assert!(fresh_warnings(&mut warned, std::slice::from_ref(&a)).is_empty(), "a change elsewhere does not repeat it");
+        assert!(
+            fresh_warnings(&mut warned, std::slice::from_ref(&a)).is_empty(),
+            "a change elsewhere does not repeat it"
+        );
         assert_eq!(fresh_warnings(&mut warned, &[a.clone(), b.clone()]), vec![&b]);
         assert!(fresh_warnings(&mut warned, &[]).is_empty());
-        assert_eq!(fresh_warnings(&mut warned, std::slice::from_ref(&a)), vec![&a], "fixed, then broken again: said again");
+        assert_eq!(
+            fresh_warnings(&mut warned, std::slice::from_ref(&a)),
+            vec![&a],
+            "fixed, then broken again: said again"
+        );
     }
 
     #[test]
@@ -864,10 +1008,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ztrust-empty-dir-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut source = DirSource::new(dir.clone());
-        let first = source.poll().expect("the first poll reports a snapshot, even of nothing");
-        assert!(first.cluster.pods.is_empty() && first.cluster.policies.is_empty() && first.errors.is_empty());
+        let first = source
+            .poll()
+            .expect("the first poll reports a snapshot, even of nothing");
+        assert!(
+            first.cluster.pods.is_empty() && first.cluster.policies.is_empty() && first.errors.is_empty()
+        );
         assert!(source.poll().is_none(), "nothing changed since");
-        std::fs::write(dir.join("ns.yaml"), "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n").unwrap();
+        std::fs::write(
+            dir.join("ns.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n",
+        )
+        .unwrap();
         let second = source.poll().expect("a new file is a change");
         assert!(second.cluster.namespaces.contains_key("a"));
         std::fs::remove_dir_all(&dir).unwrap();
@@ -899,8 +1051,12 @@ mod tests {
             pod("kube-system", "unscheduled", true, None),
             pod("shop", "web", false, Some("n1")),
         ]);
-        let local: Vec<ObjectRef> =
-            c.pods.values().filter(|p| is_local_host_network(p, "n1")).map(Pod::object_ref).collect();
+        let local: Vec<ObjectRef> = c
+            .pods
+            .values()
+            .filter(|p| is_local_host_network(p, "n1"))
+            .map(Pod::object_ref)
+            .collect();
         assert_eq!(
             local,
             [

@@ -60,14 +60,12 @@ pub struct Connect {
 impl Connect {
     pub async fn client(&self) -> anyhow::Result<ObserverClient<Channel>> {
         match &self.server {
-            None => client::connect_unix(&self.socket)
-                .await
-                .with_context(|| {
-                    format!(
-                        "no agent answers on {} (is `ztrust-agent run` running on this node? see --socket)",
-                        self.socket.display()
-                    )
-                }),
+            None => client::connect_unix(&self.socket).await.with_context(|| {
+                format!(
+                    "no agent answers on {} (is `ztrust-agent run` running on this node? see --socket)",
+                    self.socket.display()
+                )
+            }),
             Some(addr) => {
                 let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
                     anyhow::bail!(
@@ -251,7 +249,15 @@ struct Printer {
     json_first: bool,
 }
 
-const HEADERS: [&str; 7] = ["TIME", "VERDICT", "SOURCE", "DESTINATION", "PROTO", "REASON", "POLICY"];
+const HEADERS: [&str; 7] = [
+    "TIME",
+    "VERDICT",
+    "SOURCE",
+    "DESTINATION",
+    "PROTO",
+    "REASON",
+    "POLICY",
+];
 
 fn cells(f: &Flow) -> [String; 7] {
     let port = f.destination.port.map(|p| format!(":{p}")).unwrap_or_default();
@@ -274,7 +280,11 @@ fn cells(f: &Flow) -> [String; 7] {
             .map(|a| format!("{} ({} rule {})", a.policy, a.direction, a.rule))
             .unwrap_or_default()
     };
-    let flags = if f.tcp_flags.is_empty() { String::new() } else { format!(" {}", f.tcp_flags) };
+    let flags = if f.tcp_flags.is_empty() {
+        String::new()
+    } else {
+        format!(" {}", f.tcp_flags)
+    };
     [
         f.time.clone(),
         f.verdict.to_uppercase(),
@@ -302,7 +312,13 @@ fn paint(colour: bool, verdict: &str, padded: String) -> String {
 impl Printer {
     fn new(output: Output) -> Self {
         let colour = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-        Self { output, colour, widths: [24, 10, 24, 28, 9, 17], header_done: false, json_first: true }
+        Self {
+            output,
+            colour,
+            widths: [24, 10, 24, 28, 9, 17],
+            header_done: false,
+            json_first: true,
+        }
     }
 
     /// `batch` is complete (not following): size the columns to it.
@@ -319,7 +335,11 @@ impl Printer {
         for (i, cell) in c.iter().enumerate() {
             if i < 6 {
                 let padded = format!("{cell:<w$}  ", w = self.widths[i]);
-                line.push_str(&if i == 1 { paint(self.colour, cell, padded) } else { padded });
+                line.push_str(&if i == 1 {
+                    paint(self.colour, cell, padded)
+                } else {
+                    padded
+                });
             } else {
                 line.push_str(cell);
             }
@@ -381,7 +401,9 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.flow_log {
         return run_file(args, &req, path);
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut client = args.connect.client().await?;
         let mut stream = client.get_flows(req).await?.into_inner();
@@ -431,7 +453,10 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
         since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) && filters.matches(f)
     };
     let mut file = std::fs::File::open(path).with_context(|| {
-        format!("opening flow log {} (is the agent running with --flow-log?)", path.display())
+        format!(
+            "opening flow log {} (is the agent running with --flow-log?)",
+            path.display()
+        )
     })?;
     let mut reader = BufReader::new(&mut file);
     let mut flows: Vec<Flow> = Vec::new();
@@ -445,7 +470,9 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
         line.clear();
     }
     if req.number > 0 {
-        let skip = flows.len().saturating_sub(usize::try_from(req.number).unwrap_or(usize::MAX));
+        let skip = flows
+            .len()
+            .saturating_sub(usize::try_from(req.number).unwrap_or(usize::MAX));
         flows.drain(..skip);
     } else if args.follow && since.is_none() && !args.all {
         flows.clear();
@@ -504,7 +531,8 @@ pub struct AlertsArgs {
 
 fn alert_json(a: &Alert) -> serde_json::Value {
     let time = |t: &Option<prost_types::Timestamp>| {
-        t.as_ref().map(|t| humantime::format_rfc3339_millis(convert::system_time(t)).to_string())
+        t.as_ref()
+            .map(|t| humantime::format_rfc3339_millis(convert::system_time(t)).to_string())
     };
     serde_json::json!({
         "time": time(&a.time),
@@ -546,10 +574,15 @@ fn print_alert(a: &Alert, output: Output) -> anyhow::Result<()> {
 }
 
 pub fn run_alerts(args: &AlertsArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut client = args.connect.client().await?;
-        let req = GetAlertsRequest { number: args.last.unwrap_or(0), follow: args.follow };
+        let req = GetAlertsRequest {
+            number: args.last.unwrap_or(0),
+            follow: args.follow,
+        };
         let mut stream = client.get_alerts(req).await?.into_inner();
         while let Some(r) = stream.next().await {
             match r?.response_types {
@@ -564,9 +597,16 @@ pub fn run_alerts(args: &AlertsArgs) -> anyhow::Result<()> {
 
 /// The running agent's observer counters (for `status --server`).
 pub fn server_status(connect: &Connect) -> anyhow::Result<ServerStatusResponse> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
-        Ok(connect.client().await?.server_status(ServerStatusRequest {}).await?.into_inner())
+        Ok(connect
+            .client()
+            .await?
+            .server_status(ServerStatusRequest {})
+            .await?
+            .into_inner())
     })
 }
 
@@ -635,14 +675,24 @@ mod tests {
     }
 
     fn parse(args: &[&str]) -> FlowsArgs {
-        Cli::try_parse_from(std::iter::once("flows").chain(args.iter().copied())).unwrap().flows
+        Cli::try_parse_from(std::iter::once("flows").chain(args.iter().copied()))
+            .unwrap()
+            .flows
     }
 
     #[test]
     fn options_become_one_and_filter() {
-        let req = parse(&["--denied", "--from-pod", "shop/web", "--port", "5432", "--protocol", "tcp"])
-            .request()
-            .unwrap();
+        let req = parse(&[
+            "--denied",
+            "--from-pod",
+            "shop/web",
+            "--port",
+            "5432",
+            "--protocol",
+            "tcp",
+        ])
+        .request()
+        .unwrap();
         assert_eq!(req.number, 20);
         assert!(!req.follow);
         let f = &req.whitelist[0];
@@ -662,7 +712,10 @@ mod tests {
         assert_eq!(r.number, 0);
         let since = convert::system_time(r.since.as_ref().unwrap());
         let ago = SystemTime::now().duration_since(since).unwrap();
-        assert!(ago >= Duration::from_secs(299) && ago <= Duration::from_secs(301), "{ago:?}");
+        assert!(
+            ago >= Duration::from_secs(299) && ago <= Duration::from_secs(301),
+            "{ago:?}"
+        );
         let r = parse(&["--all", "-f"]).request().unwrap();
         assert_eq!(r.since, Some(convert::timestamp(SystemTime::UNIX_EPOCH)));
     }
@@ -674,13 +727,18 @@ mod tests {
         assert!(parse(&["--port", "http"]).request().is_err());
         assert!(parse(&["--since", "yesterday-ish"]).request().is_err());
         assert!(parse(&["--reason", "because"]).request().is_err());
-        assert_eq!(parse(&["--reason", "policy-denied"]).request().unwrap().whitelist[0].reason, [64]);
+        assert_eq!(
+            parse(&["--reason", "policy-denied"]).request().unwrap().whitelist[0].reason,
+            [64]
+        );
     }
 
     #[test]
     fn table_columns_align() {
-        let flows =
-            [crate::observer::filters::testing::denied(), crate::observer::filters::testing::allowed()];
+        let flows = [
+            crate::observer::filters::testing::denied(),
+            crate::observer::filters::testing::allowed(),
+        ];
         let mut p = Printer::new(Output::Table);
         p.colour = false;
         p.fit(&flows);
@@ -692,9 +750,21 @@ mod tests {
         let lines: Vec<_> = text.lines().collect();
         assert_eq!(lines.len(), 3, "{text}");
         let col = |l: &str, name: &str| l.find(name).unwrap();
-        assert_eq!(col(lines[0], "DESTINATION"), col(lines[1], "payments/database-0:5432"), "{text}");
-        assert_eq!(col(lines[0], "DESTINATION"), col(lines[2], "8.8.8.8:53"), "{text}");
-        assert_eq!(col(lines[0], "REASON"), col(lines[2], "allowed-by-policy"), "{text}");
+        assert_eq!(
+            col(lines[0], "DESTINATION"),
+            col(lines[1], "payments/database-0:5432"),
+            "{text}"
+        );
+        assert_eq!(
+            col(lines[0], "DESTINATION"),
+            col(lines[2], "8.8.8.8:53"),
+            "{text}"
+        );
+        assert_eq!(
+            col(lines[0], "REASON"),
+            col(lines[2], "allowed-by-policy"),
+            "{text}"
+        );
         assert!(!text.contains('\x1b'));
     }
 
@@ -705,9 +775,16 @@ mod tests {
         f.destination.pod = None;
         f.destination.ip = "10.96.30.147".parse().unwrap();
         f.destination.port = Some(80);
-        f.service = Some(crate::flows::ServiceRef { name: "payments/database".into(), backends: vec!["payments/database-0".into()] });
+        f.service = Some(crate::flows::ServiceRef {
+            name: "payments/database".into(),
+            backends: vec!["payments/database-0".into()],
+        });
         assert_eq!(cells(&f)[3], "svc payments/database:80 → payments/database-0");
-        f.service.as_mut().unwrap().backends.push("payments/database-1".into());
+        f.service
+            .as_mut()
+            .unwrap()
+            .backends
+            .push("payments/database-1".into());
         assert_eq!(cells(&f)[3], "svc payments/database:80 (2 backends)");
     }
 
@@ -715,8 +792,10 @@ mod tests {
     fn jsonl_is_one_flow_per_line() {
         let mut p = Printer::new(Output::Jsonl);
         let mut out = Vec::new();
-        p.flow(&mut out, &crate::observer::filters::testing::denied()).unwrap();
-        p.flow(&mut out, &crate::observer::filters::testing::allowed()).unwrap();
+        p.flow(&mut out, &crate::observer::filters::testing::denied())
+            .unwrap();
+        p.flow(&mut out, &crate::observer::filters::testing::allowed())
+            .unwrap();
         let text = String::from_utf8(out).unwrap();
         let back: Vec<Flow> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(back.len(), 2);

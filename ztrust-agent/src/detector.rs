@@ -108,8 +108,17 @@ fn within(last: Option<SystemTime>, now: SystemTime, window: Duration) -> bool {
 
 impl Detector {
     pub fn new(node: &str, opts: DetectorOptions) -> Result<Self, Error> {
-        let sensitive = opts.sensitive.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
-        Ok(Self { opts, sensitive, node: node.to_owned(), sources: HashMap::new() })
+        let sensitive = opts
+            .sensitive
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            opts,
+            sensitive,
+            node: node.to_owned(),
+            sources: HashMap::new(),
+        })
     }
 
     /// Looks at one flow (at `time`); returns the alerts it completes (usually none).
@@ -117,7 +126,11 @@ impl Detector {
         if !counts(flow) {
             return Vec::new();
         }
-        self.observe_shared(&Arc::new(Observed { seq: 0, time, flow: flow.clone() }))
+        self.observe_shared(&Arc::new(Observed {
+            seq: 0,
+            time,
+            flow: flow.clone(),
+        }))
     }
 
     /// [`Self::observe`] for a flow as the hub keeps it.
@@ -158,7 +171,11 @@ impl Detector {
             distinct_destinations: src.distinct.len() as u32,
             denied_flows: src.events.len() as u64,
             window_start: src.events.front().map(|(t, _)| convert::timestamp(*t)),
-            evidence: src.evidence.iter().map(|o| convert::flow_to_proto(&o.flow, o.time)).collect(),
+            evidence: src
+                .evidence
+                .iter()
+                .map(|o| convert::flow_to_proto(&o.flow, o.time))
+                .collect(),
         };
         if src.distinct.len() >= self.opts.scan_threshold && !within(src.last_scan_alert, time, window) {
             src.last_scan_alert = Some(time);
@@ -208,7 +225,11 @@ pub async fn run(hub: Arc<Hub>, mut detector: Detector, metrics: Option<Arc<Metr
     while let Some(item) = sub.next().await {
         match item {
             Item::Lost(source, n) => {
-                debug!(lost = n, source = source.as_str_name(), "detector did not see some flows");
+                debug!(
+                    lost = n,
+                    source = source.as_str_name(),
+                    "detector did not see some flows"
+                );
             }
             Item::Value(o) => {
                 for alert in detector.observe_shared(&o) {
@@ -259,7 +280,10 @@ mod tests {
         let a = &alerts[0];
         assert_eq!(a.kind(), AlertKind::Scan);
         assert_eq!(a.source, "payments/frontend-7d9");
-        assert_eq!(a.distinct_destinations, 10, "raised as soon as the threshold is reached");
+        assert_eq!(
+            a.distinct_destinations, 10,
+            "raised as soon as the threshold is reached"
+        );
         assert_eq!(a.evidence.len(), 10);
         assert!(a.summary.contains("possible scan"), "{}", a.summary);
         // After the window, a scan still going on raises again.
@@ -271,8 +295,9 @@ mod tests {
     #[test]
     fn a_host_sweep_is_a_scan_too() {
         let mut d = detector();
-        let alerts: Vec<_> =
-            (1..=20).flat_map(|i| d.observe(&probe(&format!("10.244.3.{i}"), 22), at(i * 100))).collect();
+        let alerts: Vec<_> = (1..=20)
+            .flat_map(|i| d.observe(&probe(&format!("10.244.3.{i}"), 22), at(i * 100)))
+            .collect();
         assert_eq!(alerts.len(), 1);
     }
 
@@ -291,7 +316,10 @@ mod tests {
         let mut d = detector();
         // One new port every 2 s: never 10 within 10 s.
         for port in 1..=100u16 {
-            assert!(d.observe(&probe("10.244.0.12", port), at(u64::from(port) * 2_000)).is_empty());
+            assert!(
+                d.observe(&probe("10.244.0.12", port), at(u64::from(port) * 2_000))
+                    .is_empty()
+            );
         }
     }
 
@@ -328,7 +356,11 @@ mod tests {
         let a = d.observe(&denied(), at(0));
         assert_eq!(a.len(), 1);
         assert_eq!(a[0].kind(), AlertKind::SensitiveTier);
-        assert!(a[0].summary.contains("payments/database-0:5432"), "{}", a[0].summary);
+        assert!(
+            a[0].summary.contains("payments/database-0:5432"),
+            "{}",
+            a[0].summary
+        );
         assert!(d.observe(&denied(), at(5_000)).is_empty());
         assert_eq!(d.observe(&denied(), at(10_001)).len(), 1);
         // Another source is another alert.
@@ -339,8 +371,14 @@ mod tests {
 
     #[test]
     fn audit_mode_would_drops_count() {
-        let mut d =
-            Detector::new("lab", DetectorOptions { sensitive: vec![], ..Default::default() }).unwrap();
+        let mut d = Detector::new(
+            "lab",
+            DetectorOptions {
+                sensitive: vec![],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let alerts: Vec<_> = (1..=10u16)
             .flat_map(|p| {
                 let mut f = probe("10.244.0.12", p);
@@ -353,9 +391,15 @@ mod tests {
 
     #[test]
     fn sources_are_bounded() {
-        let mut d =
-            Detector::new("lab", DetectorOptions { max_sources: 4, sensitive: vec![], ..Default::default() })
-                .unwrap();
+        let mut d = Detector::new(
+            "lab",
+            DetectorOptions {
+                max_sources: 4,
+                sensitive: vec![],
+                ..Default::default()
+            },
+        )
+        .unwrap();
         for i in 0..100u64 {
             let mut f = probe("10.244.0.12", 80);
             f.source.pod = Some(format!("p{i}"));
@@ -367,8 +411,14 @@ mod tests {
     #[test]
     fn bad_selectors_are_refused() {
         assert!(
-            Detector::new("lab", DetectorOptions { sensitive: vec!["=x".into()], ..Default::default() })
-                .is_err()
+            Detector::new(
+                "lab",
+                DetectorOptions {
+                    sensitive: vec!["=x".into()],
+                    ..Default::default()
+                }
+            )
+            .is_err()
         );
     }
 }

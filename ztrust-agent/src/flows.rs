@@ -144,7 +144,14 @@ pub fn protocol_name(p: u8) -> Name {
 
 fn tcp_flags_string(f: u8) -> String {
     use ztrust_common::tcp_flags::{ACK, FIN, PSH, RST, SYN, URG};
-    const NAMES: [(u8, &str); 6] = [(SYN, "SYN"), (ACK, "ACK"), (FIN, "FIN"), (RST, "RST"), (PSH, "PSH"), (URG, "URG")];
+    const NAMES: [(u8, &str); 6] = [
+        (SYN, "SYN"),
+        (ACK, "ACK"),
+        (FIN, "FIN"),
+        (RST, "RST"),
+        (PSH, "PSH"),
+        (URG, "URG"),
+    ];
     let mut out = String::new();
     for (_, name) in NAMES.iter().filter(|(b, _)| f & b != 0) {
         if !out.is_empty() {
@@ -206,7 +213,10 @@ impl Clock {
         let mono = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|t| Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32))
             .unwrap_or_default();
-        Self { mono, wall: SystemTime::now() }
+        Self {
+            mono,
+            wall: SystemTime::now(),
+        }
     }
 
     pub fn system_time(&self, ts_ns: u64) -> SystemTime {
@@ -257,9 +267,17 @@ impl View {
             protocol: protocol_name(ev.protocol),
             source: self.endpoint(src_ip, has_ports.then_some(ev.sport), src_id),
             destination: self.endpoint(dst_ip, has_ports.then_some(ev.dport), dst_id),
-            tcp_flags: if ev.protocol == proto::TCP { tcp_flags_string(ev.tcp_flags) } else { String::new() },
+            tcp_flags: if ev.protocol == proto::TCP {
+                tcp_flags_string(ev.tcp_flags)
+            } else {
+                String::new()
+            },
             policies,
-            allowed_by: if ev.verdict == verdict::FORWARDED { self.rules.get(&ev.rule_id).cloned() } else { None },
+            allowed_by: if ev.verdict == verdict::FORWARDED {
+                self.rules.get(&ev.rule_id).cloned()
+            } else {
+                None
+            },
             new_connection: ev.flags & event_flags::NEW_FLOW != 0,
             bytes: ev.pkt_len,
             // The pod's end of a Service connection names the frontend: the destination of its own
@@ -296,7 +314,11 @@ impl Default for DropLog {
 
 impl DropLog {
     pub fn new() -> Self {
-        Self { window: Instant::now(), logged: 0, suppressed: 0 }
+        Self {
+            window: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
     }
 
     /// Starts a new one-second window once the current one is over, after summing it up.
@@ -313,7 +335,11 @@ impl DropLog {
                 self.suppressed
             );
         }
-        *self = Self { window: now, logged: 0, suppressed: 0 };
+        *self = Self {
+            window: now,
+            logged: 0,
+            suppressed: 0,
+        };
     }
 
     /// Whether this drop gets its line.
@@ -335,7 +361,13 @@ pub fn render_line(f: &Flow) -> String {
         if f.policies.is_empty() {
             format!("{} ({} {})", f.reason, f.endpoint, f.direction)
         } else {
-            format!("{} ({} {} isolated by {})", f.reason, f.endpoint, f.direction, f.policies.join(", "))
+            format!(
+                "{} ({} {} isolated by {})",
+                f.reason,
+                f.endpoint,
+                f.direction,
+                f.policies.join(", ")
+            )
         }
     } else {
         match &f.allowed_by {
@@ -345,7 +377,11 @@ pub fn render_line(f: &Flow) -> String {
     };
     // A connection to a Service: the Service and the pods it translates to.
     let service = f.service.as_ref().map_or_else(String::new, |s| {
-        if s.backends.is_empty() { format!(" (service {}, no backend)", s.name) } else { format!(" (service {} -> {})", s.name, s.backends.join(", ")) }
+        if s.backends.is_empty() {
+            format!(" (service {}, no backend)", s.name)
+        } else {
+            format!(" (service {} -> {})", s.name, s.backends.join(", "))
+        }
     });
     format!(
         "{}  {:<10} {} -> {}{}{} {} {}",
@@ -366,23 +402,49 @@ mod tests {
 
     #[test]
     fn drops_name_the_isolating_policies() {
-        let mut view = View { node: "lab".into(), ..Default::default() };
+        let mut view = View {
+            node: "lab".into(),
+            ..Default::default()
+        };
         let db = ObjectRef::new("payments", "database");
         let fe = ObjectRef::new("payments", "frontend");
-        view.pods_by_ip.insert("10.244.0.12".parse().unwrap(), PodView { pod: db.clone(), labels: Labels::new() });
-        view.pods_by_ip.insert("10.244.0.10".parse().unwrap(), PodView { pod: fe, labels: Labels::new() });
+        view.pods_by_ip.insert(
+            "10.244.0.12".parse().unwrap(),
+            PodView {
+                pod: db.clone(),
+                labels: Labels::new(),
+            },
+        );
+        view.pods_by_ip.insert(
+            "10.244.0.10".parse().unwrap(),
+            PodView {
+                pod: fe,
+                labels: Labels::new(),
+            },
+        );
         view.endpoints.insert(
             5,
             EndpointView {
                 pod: db,
-                ingress_policies: vec!["payments/default-deny-all".into(), "payments/backend-to-database".into()],
+                ingress_policies: vec![
+                    "payments/default-deny-all".into(),
+                    "payments/backend-to-database".into(),
+                ],
                 egress_policies: vec![],
             },
         );
         let ev = FlowEvent {
             ifindex: 5,
-            saddr: "10.244.0.10".parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped().octets(),
-            daddr: "10.244.0.12".parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped().octets(),
+            saddr: "10.244.0.10"
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets(),
+            daddr: "10.244.0.12"
+                .parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets(),
             sport: 40000,
             dport: 5432,
             family: 4,
@@ -402,18 +464,32 @@ mod tests {
         assert_eq!(flow.tcp_flags, "SYN");
         assert_eq!(flow.policies.len(), 2);
         let line = render_line(&flow);
-        assert!(line.contains("payments/frontend -> payments/database:5432 TCP policy-denied"), "{line}");
+        assert!(
+            line.contains("payments/frontend -> payments/database:5432 TCP policy-denied"),
+            "{line}"
+        );
     }
 
     /// A pod's connection to a ClusterIP names the Service and its backends, and so does the answer
     /// coming back from the ClusterIP.
     #[test]
     fn connections_to_a_service_name_it_and_its_backends() {
-        let mut view = View { node: "lab".into(), ..Default::default() };
+        let mut view = View {
+            node: "lab".into(),
+            ..Default::default()
+        };
         let vip: IpAddr = "10.96.0.20".parse().unwrap();
-        let svc = ServiceRef { name: "payments/backend".into(), backends: vec!["payments/backend-0".into()] };
+        let svc = ServiceRef {
+            name: "payments/backend".into(),
+            backends: vec!["payments/backend-0".into()],
+        };
         view.services.insert((vip, 80, proto::TCP), svc.clone());
-        let mapped = |ip: &str| ip.parse::<std::net::Ipv4Addr>().unwrap().to_ipv6_mapped().octets();
+        let mapped = |ip: &str| {
+            ip.parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets()
+        };
         let ev = FlowEvent {
             saddr: mapped("10.244.0.10"),
             daddr: mapped("10.96.0.20"),
@@ -428,8 +504,19 @@ mod tests {
         };
         let flow = view.enrich(&ev);
         assert_eq!(flow.service.as_ref(), Some(&svc));
-        assert!(render_line(&flow).contains("10.96.0.20:80 (service payments/backend -> payments/backend-0) TCP"), "{}", render_line(&flow));
-        let answer = FlowEvent { saddr: ev.daddr, daddr: ev.saddr, sport: 80, dport: 40000, direction: dir::INGRESS, ..ev };
+        assert!(
+            render_line(&flow).contains("10.96.0.20:80 (service payments/backend -> payments/backend-0) TCP"),
+            "{}",
+            render_line(&flow)
+        );
+        let answer = FlowEvent {
+            saddr: ev.daddr,
+            daddr: ev.saddr,
+            sport: 80,
+            dport: 40000,
+            direction: dir::INGRESS,
+            ..ev
+        };
         assert_eq!(view.enrich(&answer).service, Some(svc));
         // Another port of the address is no frontend.
         assert_eq!(view.enrich(&FlowEvent { dport: 81, ..ev }).service, None);
@@ -438,7 +525,11 @@ mod tests {
     #[test]
     fn drop_lines_are_limited_per_second_and_the_rest_summed_up() {
         let start = Instant::now();
-        let mut log = DropLog { window: start, logged: 0, suppressed: 0 };
+        let mut log = DropLog {
+            window: start,
+            logged: 0,
+            suppressed: 0,
+        };
         let admitted = (0..1_000).filter(|_| log.admit()).count();
         assert_eq!(admitted, DROP_LOG_PER_SECOND as usize);
         assert_eq!(log.suppressed, 1_000 - u64::from(DROP_LOG_PER_SECOND));

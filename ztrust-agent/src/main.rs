@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use ztrust_agent::{agent, cli_flows, datapath, lab, status, telemetry};
 
 #[derive(Parser)]
-#[command(name = "ztrust-agent", version, about = "eBPF zero-trust enforcement and flow observer for Kubernetes")]
+#[command(
+    name = "ztrust-agent",
+    version,
+    about = "eBPF zero-trust enforcement and flow observer for Kubernetes"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -179,19 +183,32 @@ fn main() -> anyhow::Result<()> {
     telemetry::init(matches!(cli.log_format, LogFormat::Json));
     match cli.command {
         Command::Run(args) => run(args),
-        Command::Status { pin_path, output, observer, connect } => {
+        Command::Status {
+            pin_path,
+            output,
+            observer,
+            connect,
+        } => {
             let st = status::read(&pin_path).with_context(|| {
-                format!("reading pinned maps under {} (is the agent installed on this node?)", pin_path.display())
+                format!(
+                    "reading pinned maps under {} (is the agent installed on this node?)",
+                    pin_path.display()
+                )
             })?;
             match output {
-                cli_flows::Output::Json | cli_flows::Output::Jsonl => println!("{}", serde_json::to_string_pretty(&st)?),
+                cli_flows::Output::Json | cli_flows::Output::Jsonl => {
+                    println!("{}", serde_json::to_string_pretty(&st)?)
+                }
                 _ => print!("{}", status::render(&st)),
             }
             if observer {
                 let server = cli_flows::server_status(&connect)?;
                 match output {
                     cli_flows::Output::Json | cli_flows::Output::Jsonl => {
-                        println!("{}", serde_json::to_string_pretty(&cli_flows::server_status_json(&server))?)
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&cli_flows::server_status_json(&server))?
+                        )
                     }
                     _ => print!("\n{}", cli_flows::render_server_status(&server)),
                 }
@@ -211,7 +228,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("removed every pin under {}", args.pin_path.display());
         return Ok(());
     }
-    let source = args.source.context("--source is required (e.g. --source dir:/etc/ztrust/manifests)")?;
+    let source = args
+        .source
+        .context("--source is required (e.g. --source dir:/etc/ztrust/manifests)")?;
     let none = |s: &str| s.is_empty() || s == "none";
     let grpc_tcp = match (args.grpc_tcp, args.tls_cert, args.tls_key, args.tls_client_ca) {
         (Some(addr), Some(cert), Some(key), Some(client_ca)) => {
@@ -225,7 +244,11 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_addr: if none(&args.metrics_addr) {
             None
         } else {
-            Some(args.metrics_addr.parse().with_context(|| format!("--metrics-addr {}", args.metrics_addr))?)
+            Some(
+                args.metrics_addr
+                    .parse()
+                    .with_context(|| format!("--metrics-addr {}", args.metrics_addr))?,
+            )
         },
         detector: (!args.no_detector).then(|| ztrust_agent::detector::DetectorOptions {
             scan_threshold: args.scan_threshold,
@@ -237,7 +260,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let opts = agent::Options {
         source: match source.parse()? {
-            agent::Source::Kube { .. } => agent::Source::Kube { kubeconfig: args.kubeconfig },
+            agent::Source::Kube { .. } => agent::Source::Kube {
+                kubeconfig: args.kubeconfig,
+            },
             other => other,
         },
         pin_dir: args.pin_path,
@@ -263,7 +288,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         metrics_pod_label: args.metrics_pod_label,
         observer,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(agent::run(opts))
 }
 
@@ -275,7 +303,10 @@ fn parse_mark(s: &str) -> Result<u32, String> {
     }
     .map_err(|e| format!("{s:?} is not a 32-bit number: {e}"))?;
     if v.count_ones() > 1 {
-        return Err(format!("{s} sets {} bits; the peer mark is one bit (or 0: off)", v.count_ones()));
+        return Err(format!(
+            "{s} sets {} bits; the peer mark is one bit (or 0: off)",
+            v.count_ones()
+        ));
     }
     Ok(v)
 }

@@ -119,7 +119,11 @@ impl Metrics {
             "Dropped and would-drop (audit) flows, by verdict, direction, reason and namespace of the judged pod",
             m.drops.clone(),
         );
-        registry.register("flows_seen", "Flows received from the kernel and enriched", m.flows_seen.clone());
+        registry.register(
+            "flows_seen",
+            "Flows received from the kernel and enriched",
+            m.flows_seen.clone(),
+        );
         registry.register(
             "flows_lost",
             "Flows lost: source=kernel_ring_buffer (kernel could not queue the event), slow_client (summed over API clients)",
@@ -130,13 +134,21 @@ impl Metrics {
             "Flows overwritten in the in-memory flow ring (oldest first)",
             m.ring_overwritten.clone(),
         );
-        registry.register("flow_ring_flows", "Flows held in the in-memory flow ring", m.ring_flows.clone());
+        registry.register(
+            "flow_ring_flows",
+            "Flows held in the in-memory flow ring",
+            m.ring_flows.clone(),
+        );
         registry.register(
             "flow_ring_capacity",
             "Capacity of the in-memory flow ring",
             m.ring_capacity.clone(),
         );
-        registry.register("flow_subscribers", "Open GetFlows/GetAlerts streams", m.subscribers.clone());
+        registry.register(
+            "flow_subscribers",
+            "Open GetFlows/GetAlerts streams",
+            m.subscribers.clone(),
+        );
         registry.register(
             "policy_compile_duration_seconds",
             "Time to compile cluster state into the desired datapath state",
@@ -152,8 +164,16 @@ impl Metrics {
             "Kernel map writes (updates and deletes) done by syncs",
             m.sync_writes.clone(),
         );
-        registry.register("endpoints", "Endpoints (pods) enforced on this node", m.endpoints.clone());
-        registry.register("identities", "Security identities allocated", m.identities.clone());
+        registry.register(
+            "endpoints",
+            "Endpoints (pods) enforced on this node",
+            m.endpoints.clone(),
+        );
+        registry.register(
+            "identities",
+            "Security identities allocated",
+            m.identities.clone(),
+        );
         registry.register(
             "source_errors",
             "Problems in the source's objects now (invalid fields, unsupported kinds), each logged naming the object and field",
@@ -206,11 +226,22 @@ impl Metrics {
         let mut index: std::collections::HashMap<[&str; 5], usize> = std::collections::HashMap::new();
         let mut last = 0;
         for f in flows {
-            let judged = if f.direction == "ingress" { &f.destination } else { &f.source };
+            let judged = if f.direction == "ingress" {
+                &f.destination
+            } else {
+                &f.source
+            };
             let namespace = judged.namespace.as_deref().unwrap_or_else(|| {
-                f.endpoint.split_once('/').filter(|(ns, _)| *ns != "ifindex").map_or("", |(ns, _)| ns)
+                f.endpoint
+                    .split_once('/')
+                    .filter(|(ns, _)| *ns != "ifindex")
+                    .map_or("", |(ns, _)| ns)
             });
-            let pod = if self.opts.pod_label { judged.pod.as_deref().unwrap_or_default() } else { "" };
+            let pod = if self.opts.pod_label {
+                judged.pod.as_deref().unwrap_or_default()
+            } else {
+                ""
+            };
             let key = [&*f.verdict, &*f.direction, &*f.reason, namespace, pod];
             if counts.get(last).is_none_or(|(k, _)| !same_labels(k, &key)) {
                 let found = if counts.len() <= 16 {
@@ -304,9 +335,14 @@ impl Metrics {
             }
             *last = now;
         };
-        let kernel =
-            self.flows_lost.get_or_create(&vec![("source", "kernel_ring_buffer".to_owned())]).clone();
-        let slow = self.flows_lost.get_or_create(&vec![("source", "slow_client".to_owned())]).clone();
+        let kernel = self
+            .flows_lost
+            .get_or_create(&vec![("source", "kernel_ring_buffer".to_owned())])
+            .clone();
+        let slow = self
+            .flows_lost
+            .get_or_create(&vec![("source", "slow_client".to_owned())])
+            .clone();
         mirror(&kernel, &mut m.lost_kernel, st.lost_kernel_ring_buffer);
         mirror(&slow, &mut m.lost_slow, st.lost_slow_clients);
         mirror(&self.ring_overwritten, &mut m.overwritten, st.ring_overwritten);
@@ -350,7 +386,9 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
         let renamed = ["# HELP ", "# TYPE "].iter().find_map(|tag| {
             let rest = line.strip_prefix(tag)?;
             let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-            counters.contains(name).then(|| format!("{tag}{name}_total {tail}"))
+            counters
+                .contains(name)
+                .then(|| format!("{tag}{name}_total {tail}"))
         });
         out.push_str(renamed.as_deref().unwrap_or(line));
         out.push('\n');
@@ -382,9 +420,18 @@ pub async fn serve(
                         .and_then(|v| v.to_str().ok())
                         .is_some_and(|v| v.contains("application/openmetrics-text"));
                     if wants_openmetrics {
-                        ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.render())
+                        (
+                            [(
+                                CONTENT_TYPE,
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            m.render(),
+                        )
                     } else {
-                        ([(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], to_prometheus_text(&m.render()))
+                        (
+                            [(CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                            to_prometheus_text(&m.render()),
+                        )
                     }
                 }
             }),
@@ -398,7 +445,10 @@ pub async fn serve(
                     if ready {
                         (axum::http::StatusCode::OK, "ready\n")
                     } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not in sync with the source yet\n")
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "not in sync with the source yet\n",
+                        )
                     }
                 }
             }),
@@ -415,7 +465,10 @@ mod tests {
     /// `name{labels} value` lines → value, for the checks below.
     fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
         text.lines()
-            .find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.strip_prefix(' ')))
+            .find_map(|l| {
+                l.strip_prefix(name_and_labels)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
     }
@@ -440,7 +493,11 @@ mod tests {
         m.observe_flow(&allowed());
         let text = m.render();
         let drop = r#"{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments"}"#;
-        assert_eq!(sample(&text, &format!("ztrust_flows_total{drop}")), Some(2.0), "{text}");
+        assert_eq!(
+            sample(&text, &format!("ztrust_flows_total{drop}")),
+            Some(2.0),
+            "{text}"
+        );
         assert_eq!(sample(&text, &format!("ztrust_drops_total{drop}")), Some(2.0));
         let fwd = r#"{verdict="forwarded",direction="egress",reason="allowed-by-policy",namespace="shop"}"#;
         assert_eq!(sample(&text, &format!("ztrust_flows_total{fwd}")), Some(1.0));
@@ -467,7 +524,11 @@ mod tests {
         assert_eq!(lines(&batch), lines(&single));
         let text = batch.render();
         let drop = r#"{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments"}"#;
-        assert_eq!(sample(&text, &format!("ztrust_drops_total{drop}")), Some(3.0), "{text}");
+        assert_eq!(
+            sample(&text, &format!("ztrust_drops_total{drop}")),
+            Some(3.0),
+            "{text}"
+        );
         assert_eq!(sample(&text, "ztrust_flows_seen_total"), Some(4.0));
     }
 
@@ -496,7 +557,10 @@ mod tests {
         let m = Metrics::new(MetricsOptions { pod_label: true });
         m.observe_flow(&denied());
         let text = m.render();
-        assert!(text.contains(r#"namespace="payments",pod="database-0"}"#), "{text}");
+        assert!(
+            text.contains(r#"namespace="payments",pod="database-0"}"#),
+            "{text}"
+        );
     }
 
     #[test]
@@ -515,21 +579,41 @@ mod tests {
         );
         m.set_pods_not_enforced("host_network", 2);
         let text = m.render();
-        assert_eq!(sample(&text, r#"ztrust_pods_not_enforced{reason="host_network"}"#), Some(2.0));
-        assert_eq!(sample(&text, "ztrust_policy_compile_duration_seconds_count"), Some(1.0), "{text}");
-        assert_eq!(sample(&text, "ztrust_policy_sync_duration_seconds_count"), Some(2.0));
+        assert_eq!(
+            sample(&text, r#"ztrust_pods_not_enforced{reason="host_network"}"#),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&text, "ztrust_policy_compile_duration_seconds_count"),
+            Some(1.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, "ztrust_policy_sync_duration_seconds_count"),
+            Some(2.0)
+        );
         assert_eq!(sample(&text, "ztrust_policy_sync_writes_total"), Some(50.0));
         assert_eq!(sample(&text, "ztrust_endpoints"), Some(7.0));
         assert_eq!(sample(&text, "ztrust_identities"), Some(12.0));
-        assert_eq!(sample(&text, r#"ztrust_map_entries{map="ZT_POLICY"}"#), Some(100.0));
-        assert_eq!(sample(&text, r#"ztrust_map_capacity{map="ZT_POLICY"}"#), Some(1_048_576.0));
+        assert_eq!(
+            sample(&text, r#"ztrust_map_entries{map="ZT_POLICY"}"#),
+            Some(100.0)
+        );
+        assert_eq!(
+            sample(&text, r#"ztrust_map_capacity{map="ZT_POLICY"}"#),
+            Some(1_048_576.0)
+        );
         assert_eq!(sample(&text, r#"ztrust_alerts_total{kind="scan"}"#), Some(1.0));
     }
 
     #[test]
     fn hub_counters_are_mirrored_monotonically() {
         let m = Metrics::default();
-        let hub = Arc::new(Hub::new(HubOptions { flow_buffer: 2, client_queue: 1, ..Default::default() }));
+        let hub = Arc::new(Hub::new(HubOptions {
+            flow_buffer: 2,
+            client_queue: 1,
+            ..Default::default()
+        }));
         m.attach_hub(hub.clone());
         let _slow = hub.flows.subscribe(true);
         for _ in 0..4 {
@@ -543,12 +627,18 @@ mod tests {
             "{text}"
         );
         // Queue of 1: the first flow went in, the 3 others did not.
-        assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="slow_client"}"#), Some(3.0));
+        assert_eq!(
+            sample(&text, r#"ztrust_flows_lost_total{source="slow_client"}"#),
+            Some(3.0)
+        );
         assert_eq!(sample(&text, "ztrust_flow_ring_overwritten_total"), Some(2.0));
         assert_eq!(sample(&text, "ztrust_flow_ring_flows"), Some(2.0));
         assert_eq!(sample(&text, "ztrust_flow_ring_capacity"), Some(2.0));
         // A second scrape does not count again.
         let text = m.render();
-        assert_eq!(sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#), Some(9.0));
+        assert_eq!(
+            sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
+            Some(9.0)
+        );
     }
 }

@@ -21,7 +21,10 @@ pub struct ObjectRef {
 
 impl ObjectRef {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 
@@ -123,8 +126,14 @@ pub struct LabelSelector {
 pub enum Peer {
     /// `podSelector` and/or `namespaceSelector`. `namespace_selector: None` means the policy's own
     /// namespace; `pod_selector: None` means every pod of the selected namespaces.
-    Pods { namespace_selector: Option<LabelSelector>, pod_selector: Option<LabelSelector> },
-    IpBlock { cidr: IpNet, except: Vec<IpNet> },
+    Pods {
+        namespace_selector: Option<LabelSelector>,
+        pod_selector: Option<LabelSelector>,
+    },
+    IpBlock {
+        cidr: IpNet,
+        except: Vec<IpNet>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 /// Interface name → index, as the kernel lists them now.
 pub fn interfaces() -> io::Result<BTreeMap<String, u32>> {
     let list = nix::net::if_::if_nameindex().map_err(io::Error::from)?;
-    Ok(list.iter().map(|i| (i.name().to_string_lossy().into_owned(), i.index())).collect())
+    Ok(list
+        .iter()
+        .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+        .collect())
 }
 
 /// The kernel's announcements of interfaces and routes coming, changing and going (rtnetlink groups
@@ -37,10 +40,15 @@ impl LinkEvents {
             SockProtocol::NetlinkRoute,
         )
         .map_err(io::Error::from)?;
-        bind(std::os::fd::AsRawFd::as_raw_fd(&fd), &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE))
-            .map_err(io::Error::from)?;
+        bind(
+            std::os::fd::AsRawFd::as_raw_fd(&fd),
+            &NetlinkAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE),
+        )
+        .map_err(io::Error::from)?;
         // SAFETY: the AsyncFd owns the socket, which stays open for as long as it is registered.
-        Ok(Self { fd: unsafe { tokio::io::unix::AsyncFd::register(fd)? } })
+        Ok(Self {
+            fd: unsafe { tokio::io::unix::AsyncFd::register(fd)? },
+        })
     }
 
     /// Waits for the next announcement, then takes whatever else is queued with it.
@@ -54,7 +62,11 @@ impl LinkEvents {
             // At most this many at a time: under a flood the caller still gets to run (the socket
             // stays readable, so the next call returns at once).
             for _ in 0..256 {
-                match recv(std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()), &mut buf, MsgFlags::MSG_DONTWAIT) {
+                match recv(
+                    std::os::fd::AsRawFd::as_raw_fd(guard.get_inner()),
+                    &mut buf,
+                    MsgFlags::MSG_DONTWAIT,
+                ) {
                     Ok(_) => got = true,
                     // The socket's queue overflowed: announcements were lost, which is itself news.
                     Err(Errno::ENOBUFS) => got = true,
@@ -101,9 +113,11 @@ fn parse_ipv4(text: &str, out: &mut BTreeMap<IpAddr, String>) {
         if f.len() < 8 {
             continue;
         }
-        let (Ok(dst), Ok(gw), Ok(mask)) =
-            (u32::from_str_radix(f[1], 16), u32::from_str_radix(f[2], 16), u32::from_str_radix(f[7], 16))
-        else {
+        let (Ok(dst), Ok(gw), Ok(mask)) = (
+            u32::from_str_radix(f[1], 16),
+            u32::from_str_radix(f[2], 16),
+            u32::from_str_radix(f[7], 16),
+        ) else {
             continue;
         };
         if mask == u32::MAX && gw == 0 {
@@ -119,7 +133,9 @@ fn parse_ipv6(text: &str, out: &mut BTreeMap<IpAddr, String>) {
         if f.len() < 10 || f[1] != "80" || f[4] != "00000000000000000000000000000000" {
             continue;
         }
-        let Ok(dst) = u128::from_str_radix(f[0], 16) else { continue };
+        let Ok(dst) = u128::from_str_radix(f[0], 16) else {
+            continue;
+        };
         let iface = f[9];
         // Local addresses of the node itself show up as /128 routes through `lo`.
         if iface == "lo" {

@@ -7,8 +7,8 @@ use std::path::Path;
 use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap};
 use serde::Serialize;
 use ztrust_common::{
-    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, SlotCounters, capacity,
-    ep_flags, names, stat,
+    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, SlotCounters,
+    capacity, ep_flags, names, stat,
 };
 
 use crate::datapath::loader::{Result, open_pinned};
@@ -54,7 +54,9 @@ pub struct Status {
 }
 
 fn ifname(index: u32) -> String {
-    nix::net::if_::if_indextoname(index).map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("#{index}"))
+    nix::net::if_::if_indextoname(index)
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| format!("#{index}"))
 }
 
 /// [`read`], with interface names resolved inside the network namespace `netns` (`/run/netns/<name>`),
@@ -77,13 +79,16 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     let endpoints: HashMap<MapData, u32, EndpointInfo> = open_pinned(pin_dir, names::ENDPOINTS)?;
     let policy: LpmTrie<MapData, PolicyKey, PolicyValue> = open_pinned(pin_dir, names::POLICY)?;
     // Absent under pins of an agent from before the policy split (all entries in the trie then).
-    let policy_exact: Option<HashMap<MapData, PolicyKey, PolicyValue>> = open_pinned(pin_dir, names::POLICY_EXACT).ok();
+    let policy_exact: Option<HashMap<MapData, PolicyKey, PolicyValue>> =
+        open_pinned(pin_dir, names::POLICY_EXACT).ok();
     let ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue> = open_pinned(pin_dir, names::IPCACHE)?;
     // Absent under pins of an agent from before the ipcache split (all entries in the trie then).
-    let ipcache_hosts: Option<HashMap<MapData, IpcacheKey, IpcacheValue>> = open_pinned(pin_dir, names::IPCACHE_HOSTS).ok();
+    let ipcache_hosts: Option<HashMap<MapData, IpcacheKey, IpcacheValue>> =
+        open_pinned(pin_dir, names::IPCACHE_HOSTS).ok();
     let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> = open_pinned(pin_dir, names::COUNTERS)?;
     // Absent under pins of an agent from before the slots (every packet in the hash then).
-    let slot_counters: Option<PerCpuArray<MapData, SlotCounters>> = open_pinned(pin_dir, names::SLOT_COUNTERS).ok();
+    let slot_counters: Option<PerCpuArray<MapData, SlotCounters>> =
+        open_pinned(pin_dir, names::SLOT_COUNTERS).ok();
     let stats: PerCpuArray<MapData, u64> = open_pinned(pin_dir, names::STATS)?;
     let sum_stat = |i: u32| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
     let mut st = Status {
@@ -115,7 +120,10 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
             audit: info.flags & ep_flags::AUDIT != 0,
         });
         // An endpoint's established packets are counted in its slot, everything else in the hash.
-        if let Some(per_cpu) = slot_counters.as_ref().and_then(|slots| slots.get(&info.slot, 0).ok()) {
+        if let Some(per_cpu) = slot_counters
+            .as_ref()
+            .and_then(|slots| slots.get(&info.slot, 0).ok())
+        {
             for ((direction, verdict, reason), v) in SlotCounters::total(per_cpu.iter()).entries() {
                 if v.packets > 0 {
                     add((ifindex, direction, verdict, reason), &v);
@@ -158,7 +166,10 @@ pub fn render(st: &Status) -> String {
         st.events_over_budget,
         st.peer_judged
     ));
-    out.push_str(&format!("{:<30} {:>7} {:>9} {:<8} {:<8} {}\n", "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"));
+    out.push_str(&format!(
+        "{:<30} {:>7} {:>9} {:<8} {:<8} {}\n",
+        "INTERFACE", "IFINDEX", "IDENTITY", "INGRESS", "EGRESS", "MODE"
+    ));
     for e in &st.endpoints {
         let iso = |b: bool| if b { "isolated" } else { "open" };
         out.push_str(&format!(

@@ -25,7 +25,10 @@ fn frontend_to_database(m: &Matrix) -> Option<Verdict> {
 #[ignore = "needs root: run by `cargo xtask test`"]
 fn audit_namespace_reports_would_drop_and_switches_back_live() {
     let mut lab = PaymentsLab::up("zta", Path::new(AGENT), &["--metrics-addr", "none"]);
-    let opts = ProbeOptions { timeout: Duration::from_millis(300), ..Default::default() };
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
     let enforced = lab::probe(&lab.state_dir, &opts).unwrap();
     assert_eq!(frontend_to_database(&enforced), Some(Verdict::Denied));
 
@@ -34,7 +37,11 @@ fn audit_namespace_reports_would_drop_and_switches_back_live() {
     std::fs::write(&ns_file, namespace("audit")).unwrap();
     lab.apply(&ns_file);
     let audited = lab::probe(&lab.state_dir, &opts).unwrap();
-    assert_eq!(frontend_to_database(&audited), Some(Verdict::Allowed), "audit mode drops nothing");
+    assert_eq!(
+        frontend_to_database(&audited),
+        Some(Verdict::Allowed),
+        "audit mode drops nothing"
+    );
     let flows = std::fs::read_to_string(&lab.agent().flow_log).unwrap();
     let would_drop = flows
         .lines()
@@ -47,12 +54,23 @@ fn audit_namespace_reports_would_drop_and_switches_back_live() {
         });
     let would_drop = would_drop.expect("a would-drop flow for frontend -> database:5432");
     assert_eq!(would_drop["reason"], "policy-denied");
-    assert!(would_drop["policies"].as_array().is_some_and(|p| !p.is_empty()), "{would_drop}");
+    assert!(
+        would_drop["policies"].as_array().is_some_and(|p| !p.is_empty()),
+        "{would_drop}"
+    );
 
     // Back to enforce, live.
     std::fs::write(&ns_file, namespace("enforce")).unwrap();
     lab.apply(&ns_file);
     let again = lab::probe(&lab.state_dir, &opts).unwrap();
-    assert_eq!(frontend_to_database(&again), Some(Verdict::Denied), "enforcing again without a restart");
-    assert!(again.diff(&enforced).is_empty(), "same matrix as before the audit:\n{}", again.diff(&enforced).render());
+    assert_eq!(
+        frontend_to_database(&again),
+        Some(Verdict::Denied),
+        "enforcing again without a restart"
+    );
+    assert!(
+        again.diff(&enforced).is_empty(),
+        "same matrix as before the audit:\n{}",
+        again.diff(&enforced).render()
+    );
 }

@@ -432,7 +432,10 @@ fn agent_follows_the_kubernetes_api() {
         );
         std::thread::sleep(Duration::from_millis(10));
     };
-    eprintln!("programs loaded and maps pinned {:.1}s after the agent started", loading.elapsed().as_secs_f64());
+    eprintln!(
+        "programs loaded and maps pinned {:.1}s after the agent started",
+        loading.elapsed().as_secs_f64()
+    );
     converge(
         "initial list (from the programs loaded)",
         &lab,

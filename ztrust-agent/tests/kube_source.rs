@@ -17,7 +17,13 @@ use ztrust_agent::source::kube::{KubeSource, Options};
 const CHANGE_BOUND: Duration = Duration::from_secs(2);
 
 /// Every kind the source watches.
-const KINDS: [Kind; 5] = [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::Service, Kind::EndpointSlice];
+const KINDS: [Kind; 5] = [
+    Kind::Namespace,
+    Kind::Pod,
+    Kind::NetworkPolicy,
+    Kind::Service,
+    Kind::EndpointSlice,
+];
 
 fn client(server: &FakeApiServer) -> kube::Client {
     let config = kube::Config::new(server.url().parse().unwrap());
@@ -341,7 +347,10 @@ async fn dropped_watches_converge() {
     .await;
     eprintln!("dropped watch → converged in {took:?}");
     let stats = server.stats();
-    assert!(stats.dropped >= KINDS.len() as u64, "every kind's watch was dropped: {stats:?}");
+    assert!(
+        stats.dropped >= KINDS.len() as u64,
+        "every kind's watch was dropped: {stats:?}"
+    );
     let started = Instant::now();
     while server.stats().watches.values().sum::<u64>() < watches_before + KINDS.len() as u64 {
         assert!(
@@ -399,7 +408,10 @@ async fn gone_relists_and_converges() {
     .await;
     eprintln!("410 Gone → re-listed and converged in {took:?}");
     let stats = server.stats();
-    assert!(stats.gone >= KINDS.len() as u64, "every kind got a 410: {stats:?}");
+    assert!(
+        stats.gone >= KINDS.len() as u64,
+        "every kind got a 410: {stats:?}"
+    );
     for kind in KINDS {
         assert!(stats.lists[&kind] >= 2, "{kind:?} re-listed: {stats:?}");
     }
@@ -560,36 +572,76 @@ fn host_pod(ns: &str, name: &str, labels: Value, node: Option<&str>) -> Value {
 async fn events_for_policies_selecting_host_network_pods_of_this_node() {
     let server = FakeApiServer::start().await;
     seed(&server);
-    server.apply(host_pod("payments", "node-agent", json!({ "app": "node-agent" }), Some("node-a")));
-    server.apply(host_pod("payments", "elsewhere", json!({ "app": "elsewhere" }), Some("node-b")));
+    server.apply(host_pod(
+        "payments",
+        "node-agent",
+        json!({ "app": "node-agent" }),
+        Some("node-a"),
+    ));
+    server.apply(host_pod(
+        "payments",
+        "elsewhere",
+        json!({ "app": "elsewhere" }),
+        Some("node-b"),
+    ));
     server.apply(host_pod("payments", "pending", json!({ "app": "pending" }), None));
     for app in ["node-agent", "elsewhere", "pending"] {
-        server.apply(policy("payments", &format!("deny-{app}"), json!({ "podSelector": { "matchLabels": { "app": app } } })));
+        server.apply(policy(
+            "payments",
+            &format!("deny-{app}"),
+            json!({ "podSelector": { "matchLabels": { "app": app } } }),
+        ));
     }
     let mut source = source(&server, true);
     let (loaded, _) = wait_for(&mut source, Duration::from_secs(5), "initial list", |l| {
-        l.cluster.policies.contains_key(&pod_ref("payments", "deny-pending"))
+        l.cluster
+            .policies
+            .contains_key(&pod_ref("payments", "deny-pending"))
     })
     .await;
-    assert!(loaded.errors.is_empty(), "a limit is not a source error: {:?}", loaded.errors);
+    assert!(
+        loaded.errors.is_empty(),
+        "a limit is not a source error: {:?}",
+        loaded.errors
+    );
     let event = wait_event(&server, 1).await;
     assert_eq!(event["type"], "Warning");
     assert_eq!(event["reason"], "PolicyNotFullyEnforced");
     assert_eq!(event["regarding"]["name"], "deny-node-agent");
     let note = event["note"].as_str().unwrap();
-    assert!(note.starts_with("spec.podSelector: selects host-network pod payments/node-agent on node node-a"), "{note}");
+    assert!(
+        note.starts_with("spec.podSelector: selects host-network pod payments/node-agent on node node-a"),
+        "{note}"
+    );
 
     // A re-list (410 Gone, with an unrelated change only a list shows) does not repeat it.
-    server.expire_history_with(vec![Change::Apply(pod("payments", "x", json!({ "app": "x" }), "10.0.1.50", "node-a"))]);
-    wait_for(&mut source, CHANGE_BOUND, "re-listed", |l| l.cluster.pods.contains_key(&pod_ref("payments", "x"))).await;
+    server.expire_history_with(vec![Change::Apply(pod(
+        "payments",
+        "x",
+        json!({ "app": "x" }),
+        "10.0.1.50",
+        "node-a",
+    ))]);
+    wait_for(&mut source, CHANGE_BOUND, "re-listed", |l| {
+        l.cluster.pods.contains_key(&pod_ref("payments", "x"))
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(server.events().len(), 1, "{:#?}", server.events());
 
     // The pending pod scheduled here: now its policy is reported too (Events go out when the snapshot
     // is taken).
-    server.apply(host_pod("payments", "pending", json!({ "app": "pending" }), Some("node-a")));
+    server.apply(host_pod(
+        "payments",
+        "pending",
+        json!({ "app": "pending" }),
+        Some("node-a"),
+    ));
     wait_for(&mut source, CHANGE_BOUND, "pending scheduled", |l| {
-        l.cluster.pods.get(&pod_ref("payments", "pending")).is_some_and(|p| p.node_name.as_deref() == Some("node-a"))
+        l.cluster
+            .pods
+            .get(&pod_ref("payments", "pending"))
+            .is_some_and(|p| p.node_name.as_deref() == Some("node-a"))
     })
     .await;
     let event = wait_event(&server, 2).await;
@@ -600,8 +652,16 @@ async fn events_for_policies_selecting_host_network_pods_of_this_node() {
         !l.cluster.pods.contains_key(&pod_ref("payments", "node-agent"))
     })
     .await;
-    server.apply(host_pod("payments", "node-agent", json!({ "app": "node-agent" }), Some("node-a")));
-    wait_for(&mut source, CHANGE_BOUND, "node-agent back", |l| l.cluster.pods.contains_key(&pod_ref("payments", "node-agent"))).await;
+    server.apply(host_pod(
+        "payments",
+        "node-agent",
+        json!({ "app": "node-agent" }),
+        Some("node-a"),
+    ));
+    wait_for(&mut source, CHANGE_BOUND, "node-agent back", |l| {
+        l.cluster.pods.contains_key(&pod_ref("payments", "node-agent"))
+    })
+    .await;
     let event = wait_event(&server, 3).await;
     assert_eq!(event["regarding"]["name"], "deny-node-agent", "{event}");
 }
@@ -727,15 +787,27 @@ async fn services_and_their_endpoint_slices() {
     })
     .await;
     let svc = &loaded.cluster.services[&r];
-    assert_eq!(svc.cluster_ips, vec!["10.96.0.20".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        svc.cluster_ips,
+        vec!["10.96.0.20".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(svc.ports[0].port, 80);
     let s = &loaded.cluster.endpoint_slices[&r_slice];
-    assert_eq!((s.service.as_str(), s.ports[0].port, s.endpoints[0].ready), ("backend", 8080, true));
+    assert_eq!(
+        (s.service.as_str(), s.ports[0].port, s.endpoints[0].ready),
+        ("backend", 8080, true)
+    );
     server.apply(slice(false));
     wait_for(&mut source, CHANGE_BOUND, "the backend no longer ready", |l| {
-        l.cluster.endpoint_slices.get(&r_slice).is_some_and(|s| !s.endpoints[0].ready)
+        l.cluster
+            .endpoint_slices
+            .get(&r_slice)
+            .is_some_and(|s| !s.endpoints[0].ready)
     })
     .await;
     server.delete("Service", "payments", "backend");
-    wait_for(&mut source, CHANGE_BOUND, "the Service deleted", |l| !l.cluster.services.contains_key(&r)).await;
+    wait_for(&mut source, CHANGE_BOUND, "the Service deleted", |l| {
+        !l.cluster.services.contains_key(&r)
+    })
+    .await;
 }

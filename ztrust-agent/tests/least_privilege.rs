@@ -18,10 +18,20 @@ const NEEDED_MASK: u64 = (1 << 12) | (1 << 38) | (1 << 39);
 
 /// Every capability of this kernel but `keep`, comma-separated, for `capsh --drop`.
 fn all_but(keep: &[&str]) -> String {
-    let out = Command::new("capsh").arg("--print").output().expect("capsh (libcap2-bin)");
+    let out = Command::new("capsh")
+        .arg("--print")
+        .output()
+        .expect("capsh (libcap2-bin)");
     let text = String::from_utf8_lossy(&out.stdout);
-    let bounding = text.lines().find_map(|l| l.strip_prefix("Bounding set =")).expect("bounding set");
-    bounding.split(',').filter(|c| !keep.contains(c)).collect::<Vec<_>>().join(",")
+    let bounding = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Bounding set ="))
+        .expect("bounding set");
+    bounding
+        .split(',')
+        .filter(|c| !keep.contains(c))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// A wrapper that runs the agent with only `keep` in its bounding set (uid 0 then gets exactly those).
@@ -38,7 +48,11 @@ fn wrapper(dir: &Path, keep: &[&str]) -> PathBuf {
 
 fn cap_eff(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:")).unwrap().trim();
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .unwrap()
+        .trim();
     u64::from_str_radix(hex, 16).unwrap()
 }
 
@@ -58,14 +72,25 @@ fn enforces_with_three_capabilities_and_no_more() {
         let out = Command::new("timeout")
             .arg("10")
             .arg(&bin)
-            .args(["run", "--metrics-addr", "none", "--grpc-socket", "none", "--interface-prefix", "ztnone"])
+            .args([
+                "run",
+                "--metrics-addr",
+                "none",
+                "--grpc-socket",
+                "none",
+                "--interface-prefix",
+                "ztnone",
+            ])
             .arg(format!("--source=dir:{}", src.display()))
             .arg(format!("--pin-path=/sys/fs/bpf/ztcaps{}", std::process::id()))
             .output()
             .unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "the agent ran without {missing}");
-        assert!(err.contains("Error:") && (err.contains("map") || err.contains("program")), "without {missing}: {err}");
+        assert!(
+            err.contains("Error:") && (err.contains("map") || err.contains("program")),
+            "without {missing}: {err}"
+        );
         let _ = std::fs::remove_dir_all(format!("/sys/fs/bpf/ztcaps{}", std::process::id()));
     }
 
@@ -75,12 +100,36 @@ fn enforces_with_three_capabilities_and_no_more() {
     let agent = lab.agent();
     // The lab started the wrapper; capsh exec'd the agent in the same process.
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(cap_eff(agent.pid), NEEDED_MASK, "the agent holds exactly CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON");
-    let m = lab::probe(&lab.state_dir, &ProbeOptions { timeout: Duration::from_millis(300), ..Default::default() }).unwrap();
-    assert_eq!(m.verdict("payments/frontend", "payments/backend", 8080, Protocol::Tcp), Some(Verdict::Allowed));
-    assert_eq!(m.verdict("payments/frontend", "payments/database", 5432, Protocol::Tcp), Some(Verdict::Denied));
-    assert_eq!(m.verdict("payments/backend", "payments/database", 5432, Protocol::Tcp), Some(Verdict::Allowed));
-    let mode = std::fs::metadata(&agent.socket).expect("flow API socket").permissions().mode() & 0o777;
+    assert_eq!(
+        cap_eff(agent.pid),
+        NEEDED_MASK,
+        "the agent holds exactly CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON"
+    );
+    let m = lab::probe(
+        &lab.state_dir,
+        &ProbeOptions {
+            timeout: Duration::from_millis(300),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        m.verdict("payments/frontend", "payments/backend", 8080, Protocol::Tcp),
+        Some(Verdict::Allowed)
+    );
+    assert_eq!(
+        m.verdict("payments/frontend", "payments/database", 5432, Protocol::Tcp),
+        Some(Verdict::Denied)
+    );
+    assert_eq!(
+        m.verdict("payments/backend", "payments/database", 5432, Protocol::Tcp),
+        Some(Verdict::Allowed)
+    );
+    let mode = std::fs::metadata(&agent.socket)
+        .expect("flow API socket")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600, "the flow API socket is private");
     drop(lab);
     let _ = std::fs::remove_dir_all(&scratch);

@@ -22,14 +22,23 @@ fn flow(i: u16, verdict: &str) -> Flow {
         node: "lab".into(),
         verdict: verdict.to_owned().into(),
         direction: "ingress".into(),
-        reason: if verdict == "forwarded" { "allowed-by-policy" } else { "policy-denied" }.into(),
+        reason: if verdict == "forwarded" {
+            "allowed-by-policy"
+        } else {
+            "policy-denied"
+        }
+        .into(),
         endpoint: "payments/database".into(),
         protocol: "TCP".into(),
         source: ep(
             format!("10.244.0.{}", 10 + i),
             40000 + i,
             "shop",
-            if i.is_multiple_of(2) { "web" } else { "a-much-longer-pod-name" },
+            if i.is_multiple_of(2) {
+                "web"
+            } else {
+                "a-much-longer-pod-name"
+            },
         ),
         destination: ep("10.244.0.99".into(), 5432, "payments", "database"),
         tcp_flags: "SYN".into(),
@@ -49,7 +58,11 @@ fn cli(socket: &Path, args: &[&str]) -> String {
         .env_remove("ZTRUST_SERVER")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -57,7 +70,10 @@ fn cli(socket: &Path, args: &[&str]) -> String {
 async fn flows_and_alerts_commands() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agent.sock");
-    let hub = Arc::new(Hub::new(HubOptions { node: "lab".into(), ..Default::default() }));
+    let hub = Arc::new(Hub::new(HubOptions {
+        node: "lab".into(),
+        ..Default::default()
+    }));
     let listener = server::bind_unix(&socket).unwrap();
     tokio::spawn(server::serve_unix(hub.clone(), listener, std::future::pending()));
     for i in 0..6 {
@@ -88,7 +104,11 @@ async fn flows_and_alerts_commands() {
     .unwrap();
 
     let flows: Vec<Flow> = jsonl.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    assert_eq!(flows.iter().map(|f| f.bytes).collect::<Vec<_>>(), [3, 4, 5], "{jsonl}");
+    assert_eq!(
+        flows.iter().map(|f| f.bytes).collect::<Vec<_>>(),
+        [3, 4, 5],
+        "{jsonl}"
+    );
     assert_eq!(flows[0].destination.port, Some(5432));
 
     let lines: Vec<&str> = table.lines().collect();
@@ -96,11 +116,22 @@ async fn flows_and_alerts_commands() {
     assert!(!table.contains('\x1b'), "no colour when stdout is not a terminal");
     let col = |l: &str, s: &str| l.find(s).unwrap_or_else(|| panic!("{s} in {l}"));
     for l in &lines[1..] {
-        assert_eq!(col(l, "payments/database:5432"), col(lines[0], "DESTINATION"), "aligned:\n{table}");
-        assert_eq!(col(l, "policy-denied"), col(lines[0], "REASON"), "aligned:\n{table}");
+        assert_eq!(
+            col(l, "payments/database:5432"),
+            col(lines[0], "DESTINATION"),
+            "aligned:\n{table}"
+        );
+        assert_eq!(
+            col(l, "policy-denied"),
+            col(lines[0], "REASON"),
+            "aligned:\n{table}"
+        );
     }
 
-    let filtered: Vec<Flow> = filtered.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let filtered: Vec<Flow> = filtered
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(filtered.iter().map(|f| f.bytes).collect::<Vec<_>>(), [1, 3]);
     assert!(alerts.is_empty(), "no alerts raised: {alerts}");
 }
@@ -119,8 +150,11 @@ fn flow_log_fallback_uses_the_same_filters() {
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let flows: Vec<Flow> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let flows: Vec<Flow> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(flows.iter().map(|f| f.bytes).collect::<Vec<_>>(), [4, 5]);
 }
 
@@ -134,5 +168,8 @@ fn a_missing_agent_is_a_clear_error() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("no agent answers on") && err.contains("nobody.sock"), "{err}");
+    assert!(
+        err.contains("no agent answers on") && err.contains("nobody.sock"),
+        "{err}"
+    );
 }

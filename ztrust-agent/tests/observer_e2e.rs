@@ -49,7 +49,9 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
     let mut out = String::new();
     s.read_to_string(&mut out).ok()?;
     let (head, body) = out.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.").then(|| body.to_owned()).filter(|_| head.contains(" 200 "))
+    head.starts_with("HTTP/1.")
+        .then(|| body.to_owned())
+        .filter(|_| head.contains(" 200 "))
 }
 
 fn alerts(socket: &Path) -> Vec<serde_json::Value> {
@@ -59,11 +61,17 @@ fn alerts(socket: &Path) -> Vec<serde_json::Value> {
         .args(["-o", "jsonl"])
         .output()
         .expect("alerts");
-    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 fn is_scan_from(alert: &serde_json::Value, source: &str) -> bool {
-    alert["source"] == source && alert["kind"].as_str().is_some_and(|k| k.to_ascii_lowercase().contains("scan"))
+    alert["source"] == source
+        && alert["kind"]
+            .as_str()
+            .is_some_and(|k| k.to_ascii_lowercase().contains("scan"))
 }
 
 #[test]
@@ -72,14 +80,26 @@ fn scanner_alert_and_prometheus_scrape() {
     assert!(nix::unistd::geteuid().is_root(), "run as root");
     for tool in ["nmap", "prometheus", "promtool"] {
         assert!(
-            Command::new("which").arg(tool).output().is_ok_and(|o| o.status.success()),
+            Command::new("which")
+                .arg(tool)
+                .output()
+                .is_ok_and(|o| o.status.success()),
             "{tool} is missing: `cargo xtask setup` installs it"
         );
     }
     let lab = PaymentsLab::up(
         "zto",
         Path::new(AGENT),
-        &["--metrics-addr", METRICS, "--scan-threshold", "10", "--scan-window", "10s", "--sensitive-selector", "none"],
+        &[
+            "--metrics-addr",
+            METRICS,
+            "--scan-threshold",
+            "10",
+            "--scan-window",
+            "10s",
+            "--sensitive-selector",
+            "none",
+        ],
     );
     let mut children = Children(Vec::new());
     let state = lab.state.clone();
@@ -90,17 +110,36 @@ fn scanner_alert_and_prometheus_scrape() {
 
     // Legitimate traffic: frontend -> backend:8080, many connections. No alert.
     let ok = in_netns(&frontend.netns, move || {
-        (0..50).filter(|_| TcpStream::connect_timeout(&SocketAddr::new(backend_ip, 8080), Duration::from_millis(500)).is_ok()).count()
+        (0..50)
+            .filter(|_| {
+                TcpStream::connect_timeout(&SocketAddr::new(backend_ip, 8080), Duration::from_millis(500))
+                    .is_ok()
+            })
+            .count()
     });
     assert_eq!(ok, 50, "frontend -> backend is allowed");
     std::thread::sleep(Duration::from_millis(500));
-    assert!(alerts(&agent.socket).is_empty(), "legitimate traffic raised an alert: {:?}", alerts(&agent.socket));
+    assert!(
+        alerts(&agent.socket).is_empty(),
+        "legitimate traffic raised an alert: {:?}",
+        alerts(&agent.socket)
+    );
 
     // The compromised frontend scans the backend's ports.
     let started = Instant::now();
     let scan = Command::new("nsenter")
         .arg(format!("--net=/run/netns/{}", frontend.netns))
-        .args(["nmap", "-sS", "-Pn", "-n", "-T4", "--max-retries", "0", "-p", "1-200"])
+        .args([
+            "nmap",
+            "-sS",
+            "-Pn",
+            "-n",
+            "-T4",
+            "--max-retries",
+            "0",
+            "-p",
+            "1-200",
+        ])
         .arg(backend_ip.to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -109,7 +148,10 @@ fn scanner_alert_and_prometheus_scrape() {
     let mut scan = scan;
     let mut fired = None;
     while started.elapsed() < Duration::from_secs(10) {
-        if let Some(a) = alerts(&agent.socket).into_iter().find(|a| is_scan_from(a, "payments/frontend")) {
+        if let Some(a) = alerts(&agent.socket)
+            .into_iter()
+            .find(|a| is_scan_from(a, "payments/frontend"))
+        {
             fired = Some((started.elapsed(), a));
             break;
         }
@@ -118,17 +160,45 @@ fn scanner_alert_and_prometheus_scrape() {
     let (after, alert) = fired.expect("no scan alert within 10 s");
     // The CLI over the agent's socket shows the scan's denied flows, with their reason and policies.
     let out = Command::new(AGENT)
-        .args(["flows", "--denied", "--from-pod", "payments/frontend", "--to-pod", "payments/backend", "--last", "500", "-o", "jsonl", "--socket"])
+        .args([
+            "flows",
+            "--denied",
+            "--from-pod",
+            "payments/frontend",
+            "--to-pod",
+            "payments/backend",
+            "--last",
+            "500",
+            "-o",
+            "jsonl",
+            "--socket",
+        ])
         .arg(&agent.socket)
         .output()
         .expect("flows");
-    let flows: Vec<serde_json::Value> =
-        String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
-    assert!(flows.len() >= 10, "denied scan flows over gRPC: {} ({})", flows.len(), String::from_utf8_lossy(&out.stderr));
-    assert!(flows.iter().all(|f| f.to_string().contains("policy-denied") || f.to_string().contains("POLICY_DENIED")), "{flows:?}");
+    let flows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    assert!(
+        flows.len() >= 10,
+        "denied scan flows over gRPC: {} ({})",
+        flows.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        flows
+            .iter()
+            .all(|f| f.to_string().contains("policy-denied") || f.to_string().contains("POLICY_DENIED")),
+        "{flows:?}"
+    );
     eprintln!("scan alert after {after:?}: {}", alert["summary"]);
     assert!(after < Duration::from_secs(2), "the alert took {after:?}");
-    assert!(alert["distinct_destinations"].as_u64().unwrap_or(0) >= 10 || alert["distinctDestinations"].as_u64().unwrap_or(0) >= 10, "{alert}");
+    assert!(
+        alert["distinct_destinations"].as_u64().unwrap_or(0) >= 10
+            || alert["distinctDestinations"].as_u64().unwrap_or(0) >= 10,
+        "{alert}"
+    );
 
     // Prometheus scrapes the agent (both in the node's namespace).
     let dir = lab.state_dir.join("prometheus");
@@ -160,16 +230,34 @@ fn scanner_alert_and_prometheus_scrape() {
     std::thread::sleep(Duration::from_secs(1));
     let node = state.node_netns.clone();
     let exposition = in_netns(&node, || http_get(METRICS, "/metrics")).expect("/metrics");
-    let mut check = Command::new("promtool").args(["check", "metrics"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    check.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
     let checked = check.wait_with_output().unwrap();
-    assert!(checked.status.success(), "promtool check metrics: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     let drops_reported = std::fs::read_to_string(&agent.flow_log)
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|f| f["verdict"] == "dropped" && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/")))
+        .filter(|f| {
+            f["verdict"] == "dropped" && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/"))
+        })
         .count() as f64;
     let query = "/api/v1/query?query=sum(ztrust_drops_total%7Bnamespace%3D%22payments%22%7D)";
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -178,15 +266,23 @@ fn scanner_alert_and_prometheus_scrape() {
         let node = node.clone();
         if let Some(body) = in_netns(&node, move || http_get(PROMETHEUS, query)) {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-            let value = v["data"]["result"][0]["value"][1].as_str().and_then(|s| s.parse::<f64>().ok());
+            let value = v["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|s| s.parse::<f64>().ok());
             if value == Some(drops_reported) {
                 eprintln!("PromQL sum(ztrust_drops_total{{namespace=\"payments\"}}) = {drops_reported}");
                 break;
             }
             last = body;
         }
-        assert!(Instant::now() < deadline, "Prometheus never returned {drops_reported} drops; last answer: {last}");
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never returned {drops_reported} drops; last answer: {last}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
-    assert!(drops_reported >= 10.0, "the scan was reported as drops ({drops_reported})");
+    assert!(
+        drops_reported >= 10.0,
+        "the scan was reported as drops ({drops_reported})"
+    );
 }

@@ -29,13 +29,34 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
         node: "lab".into(),
         verdict: verdict.to_owned().into(),
         direction: "ingress".into(),
-        reason: if verdict == "forwarded" { "allowed-by-policy" } else { "policy-denied" }.into(),
+        reason: if verdict == "forwarded" {
+            "allowed-by-policy"
+        } else {
+            "policy-denied"
+        }
+        .into(),
         endpoint: "payments/database".into(),
         protocol: "TCP".into(),
-        source: ep(format!("10.244.0.{}", 10 + i % 5), 40000, "shop", format!("web-{}", i % 5), "web"),
-        destination: ep("10.244.0.99".into(), dst_port, "payments", "database".into(), "database"),
+        source: ep(
+            format!("10.244.0.{}", 10 + i % 5),
+            40000,
+            "shop",
+            format!("web-{}", i % 5),
+            "web",
+        ),
+        destination: ep(
+            "10.244.0.99".into(),
+            dst_port,
+            "payments",
+            "database".into(),
+            "database",
+        ),
         tcp_flags: "SYN".into(),
-        policies: if verdict == "forwarded" { vec![] } else { vec!["payments/default-deny".into()] },
+        policies: if verdict == "forwarded" {
+            vec![]
+        } else {
+            vec!["payments/default-deny".into()]
+        },
         allowed_by: None,
         new_connection: true,
         bytes: 60 + i,
@@ -67,11 +88,21 @@ async fn start(opts: HubOptions) -> Server {
     tokio::spawn(server::serve_unix(hub.clone(), listener, async move {
         let _ = stopped.await;
     }));
-    Server { _dir: dir, socket, hub, stop: Some(stop) }
+    Server {
+        _dir: dir,
+        socket,
+        hub,
+        stop: Some(stop),
+    }
 }
 
 fn opts(flow_buffer: usize, client_queue: usize) -> HubOptions {
-    HubOptions { node: "lab".into(), flow_buffer, client_queue, alert_buffer: 16 }
+    HubOptions {
+        node: "lab".into(),
+        flow_buffer,
+        client_queue,
+        alert_buffer: 16,
+    }
 }
 
 async fn collect(
@@ -87,21 +118,40 @@ async fn collect(
 }
 
 fn bytes_of(items: &[ResponseTypes]) -> Vec<u32> {
-    items.iter().filter_map(|r| if let ResponseTypes::Flow(f) = r { Some(f.bytes) } else { None }).collect()
+    items
+        .iter()
+        .filter_map(|r| {
+            if let ResponseTypes::Flow(f) = r {
+                Some(f.bytes)
+            } else {
+                None
+            }
+        })
+        .collect()
 }
 
 #[tokio::test]
 async fn number_filters_and_status() {
     let srv = start(opts(100, 64)).await;
     for i in 0..10 {
-        srv.hub.publish(flow(i, if i % 2 == 0 { "dropped" } else { "forwarded" }, 5432));
+        srv.hub
+            .publish(flow(i, if i % 2 == 0 { "dropped" } else { "forwarded" }, 5432));
     }
     let mut c = connect_unix(&srv.socket).await.unwrap();
 
     // Last 3 of everything.
-    let items = collect(&mut c, GetFlowsRequest { number: 3, ..Default::default() }).await;
+    let items = collect(
+        &mut c,
+        GetFlowsRequest {
+            number: 3,
+            ..Default::default()
+        },
+    )
+    .await;
     assert_eq!(bytes_of(&items), [67, 68, 69]);
-    let ResponseTypes::Flow(f) = &items[0] else { panic!() };
+    let ResponseTypes::Flow(f) = &items[0] else {
+        panic!()
+    };
     let dropped = Verdict::Dropped as i32;
     assert_eq!(f.source.as_ref().unwrap().pod_name, "web-2");
     assert_eq!(f.destination.as_ref().unwrap().port, 5432);
@@ -116,9 +166,15 @@ async fn number_filters_and_status() {
                 source_pod: vec!["shop/web-0".into()],
                 ..Default::default()
             },
-            FlowFilter { source_pod: vec!["shop/web-2".into()], ..Default::default() },
+            FlowFilter {
+                source_pod: vec!["shop/web-2".into()],
+                ..Default::default()
+            },
         ],
-        blacklist: vec![FlowFilter { verdict: vec![Verdict::Forwarded as i32], ..Default::default() }],
+        blacklist: vec![FlowFilter {
+            verdict: vec![Verdict::Forwarded as i32],
+            ..Default::default()
+        }],
         ..Default::default()
     };
     assert_eq!(bytes_of(&collect(&mut c, req).await), [60, 62]);
@@ -136,21 +192,40 @@ async fn number_filters_and_status() {
 
     // A bad filter is an error, not an empty answer.
     let bad = GetFlowsRequest {
-        whitelist: vec![FlowFilter { destination_port: vec!["http".into()], ..Default::default() }],
+        whitelist: vec![FlowFilter {
+            destination_port: vec!["http".into()],
+            ..Default::default()
+        }],
         ..Default::default()
     };
-    let Err(err) = c.get_flows(bad).await else { panic!("an invalid filter is refused") };
+    let Err(err) = c.get_flows(bad).await else {
+        panic!("an invalid filter is refused")
+    };
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     // since / until.
     let future = ztrust_agent::observer::convert::timestamp(SystemTime::now() + Duration::from_secs(60));
-    let req = GetFlowsRequest { since: Some(future), ..Default::default() };
+    let req = GetFlowsRequest {
+        since: Some(future),
+        ..Default::default()
+    };
     assert!(collect(&mut c, req).await.is_empty());
     let past = ztrust_agent::observer::convert::timestamp(SystemTime::now() - Duration::from_secs(60));
-    let req = GetFlowsRequest { until: Some(past), follow: true, ..Default::default() };
-    assert!(collect(&mut c, req).await.is_empty(), "until in the past ends even a follow");
+    let req = GetFlowsRequest {
+        until: Some(past),
+        follow: true,
+        ..Default::default()
+    };
+    assert!(
+        collect(&mut c, req).await.is_empty(),
+        "until in the past ends even a follow"
+    );
 
-    let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    let st = c
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!((st.seen_flows, st.num_flows, st.max_flows), (10, 10, 100));
     assert_eq!(st.node_name, "lab");
     assert!(st.uptime_ns > 0);
@@ -163,7 +238,14 @@ async fn ring_overwrites_are_reported() {
         srv.hub.publish(flow(i, "dropped", 80));
     }
     let mut c = connect_unix(&srv.socket).await.unwrap();
-    let items = collect(&mut c, GetFlowsRequest { number: 6, ..Default::default() }).await;
+    let items = collect(
+        &mut c,
+        GetFlowsRequest {
+            number: 6,
+            ..Default::default()
+        },
+    )
+    .await;
     assert!(
         matches!(&items[0], ResponseTypes::LostEvents(l) if l.source() == LostEventSource::AgentRing && l.num_events_lost == 2),
         "{items:?}"
@@ -180,14 +262,21 @@ async fn follow_gets_history_then_new_flows() {
     let req = GetFlowsRequest {
         number: 1,
         follow: true,
-        whitelist: vec![FlowFilter { destination_port: vec!["443".into()], ..Default::default() }],
+        whitelist: vec![FlowFilter {
+            destination_port: vec!["443".into()],
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let mut stream = c.get_flows(req).await.unwrap().into_inner();
     async fn next(
         s: &mut tonic::Streaming<ztrust_agent::observer::proto::GetFlowsResponse>,
     ) -> ztrust_agent::observer::proto::GetFlowsResponse {
-        tokio::time::timeout(Duration::from_secs(10), s.next()).await.expect("timely").unwrap().unwrap()
+        tokio::time::timeout(Duration::from_secs(10), s.next())
+            .await
+            .expect("timely")
+            .unwrap()
+            .unwrap()
     }
     let first = next(&mut stream).await;
     assert!(matches!(first.response_types, Some(ResponseTypes::Flow(f)) if f.bytes == 61));
@@ -215,11 +304,23 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
     const TOTAL: u32 = 6_000;
     let srv = start(opts(100_000, 256)).await;
     let mut slow = connect_unix(&srv.socket).await.unwrap();
-    let mut slow_stream =
-        slow.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+    let mut slow_stream = slow
+        .get_flows(GetFlowsRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     let mut fast = connect_unix(&srv.socket).await.unwrap();
-    let mut fast_stream =
-        fast.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await.unwrap().into_inner();
+    let mut fast_stream = fast
+        .get_flows(GetFlowsRequest {
+            follow: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     // Both subscriptions are registered before anything is published.
     while srv.hub.status().subscribers < 2 {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -241,7 +342,9 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
     });
     // Payload large enough that the slow client's socket and HTTP/2 windows fill quickly.
     let mut big = flow(0, "dropped", 80);
-    big.policies = (0..40).map(|i| format!("payments/policy-with-a-long-name-{i}")).collect();
+    big.policies = (0..40)
+        .map(|i| format!("payments/policy-with-a-long-name-{i}"))
+        .collect();
     for i in 0..TOTAL {
         let mut f = big.clone();
         f.bytes = i;
@@ -249,14 +352,23 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
         if i % 100 == 99 {
             let started = std::time::Instant::now();
             while received.load(std::sync::atomic::Ordering::Relaxed) < u64::from(i + 1) {
-                assert!(started.elapsed() < Duration::from_secs(30), "the fast client is stuck at {i}");
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the fast client is stuck at {i}"
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
     }
-    let (fast_flows, fast_lost) =
-        tokio::time::timeout(Duration::from_secs(60), fast_reader).await.unwrap().unwrap();
-    assert_eq!((fast_flows, fast_lost), (u64::from(TOTAL), 0), "the fast client got everything");
+    let (fast_flows, fast_lost) = tokio::time::timeout(Duration::from_secs(60), fast_reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (fast_flows, fast_lost),
+        (u64::from(TOTAL), 0),
+        "the fast client got everything"
+    );
 
     // Now the slow client reads: what it got plus what it was told it lost is everything.
     let (mut flows, mut lost, mut last) = (0u64, 0u64, None);
@@ -291,21 +403,34 @@ async fn garbage_and_half_open_connections_do_not_hurt_others() {
     // sends random bytes, and one that sends a valid HTTP/2 preface and then garbage frames.
     let _silent = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
     let mut http1 = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
-    http1.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    http1
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut noise = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
-    let junk: Vec<u8> = (0..65_536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let junk: Vec<u8> = (0..65_536u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     let _ = noise.write_all(&junk).await;
     let mut bad_frames = tokio::net::UnixStream::connect(&srv.socket).await.unwrap();
-    let _ =
-        bad_frames.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff").await;
+    let _ = bad_frames
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\xff\xff\xff\xff\xff\xff\xff\xff\xff")
+        .await;
     let _ = bad_frames.write_all(&junk[..4096]).await;
 
     let mut c = connect_unix(&srv.socket).await.unwrap();
-    let items = tokio::time::timeout(Duration::from_secs(10), collect(&mut c, GetFlowsRequest::default()))
-        .await
-        .unwrap();
+    let items = tokio::time::timeout(
+        Duration::from_secs(10),
+        collect(&mut c, GetFlowsRequest::default()),
+    )
+    .await
+    .unwrap();
     assert_eq!(bytes_of(&items), [60]);
-    let st = c.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    let st = c
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.seen_flows, 1);
 }
 
@@ -316,26 +441,50 @@ async fn alerts_stream() {
         ztrust_agent::detector::Detector::new("lab", ztrust_agent::detector::DetectorOptions::default())
             .unwrap();
     let metrics = Arc::new(ztrust_agent::metrics::Metrics::default());
-    tokio::spawn(ztrust_agent::detector::run(srv.hub.clone(), detector, Some(metrics.clone())));
+    tokio::spawn(ztrust_agent::detector::run(
+        srv.hub.clone(),
+        detector,
+        Some(metrics.clone()),
+    ));
     while srv.hub.status().subscribers < 1 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let mut c = connect_unix(&srv.socket).await.unwrap();
-    let mut alerts = c.get_alerts(GetAlertsRequest { follow: true, number: 0 }).await.unwrap().into_inner();
+    let mut alerts = c
+        .get_alerts(GetAlertsRequest {
+            follow: true,
+            number: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     // A scan of 30 ports from one pod towards a pod without sensitive labels.
     for port in 1..=30 {
         let mut f = flow(0, "dropped", port);
         f.destination.labels.clear();
         srv.hub.publish(f);
     }
-    let a = tokio::time::timeout(Duration::from_secs(10), alerts.next()).await.unwrap().unwrap().unwrap();
-    let Some(get_alerts_response::ResponseTypes::Alert(a)) = a.response_types else { panic!("{a:?}") };
+    let a = tokio::time::timeout(Duration::from_secs(10), alerts.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(get_alerts_response::ResponseTypes::Alert(a)) = a.response_types else {
+        panic!("{a:?}")
+    };
     assert_eq!(a.source, "shop/web-0");
     assert_eq!(a.distinct_destinations, 10);
     assert!(!a.evidence.is_empty());
     assert!(metrics.render().contains(r#"ztrust_alerts_total{kind="scan"} 1"#));
     // Kept alerts are replayed to a later client.
-    let mut later = c.get_alerts(GetAlertsRequest { follow: false, number: 5 }).await.unwrap().into_inner();
+    let mut later = c
+        .get_alerts(GetAlertsRequest {
+            follow: false,
+            number: 5,
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(later.next().await.is_some());
     assert!(later.next().await.is_none());
 }

@@ -40,9 +40,11 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
 
 async fn get_accepting(addr: std::net::SocketAddr, path: &str, accept: &str) -> String {
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: {accept}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     out
@@ -76,12 +78,24 @@ async fn scrape() {
     // A scraper that asks for OpenMetrics (as Prometheus does) gets it; others get the classic text format,
     // whose counter HELP/TYPE lines carry the `_total` suffix.
     let classic = get(addr, "/metrics").await;
-    assert!(classic.to_ascii_lowercase().contains("content-type: text/plain; version=0.0.4"), "{classic}");
-    assert!(classic.contains("# TYPE ztrust_drops_total counter") && !classic.contains("# EOF"), "{classic}");
+    assert!(
+        classic
+            .to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{classic}"
+    );
+    assert!(
+        classic.contains("# TYPE ztrust_drops_total counter") && !classic.contains("# EOF"),
+        "{classic}"
+    );
     let response = get_accepting(addr, "/metrics", "application/openmetrics-text;version=1.0.0").await;
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text"),
+        "{head}"
+    );
     let s = samples(body);
     let value = |series: &str| s.iter().find(|(k, _)| k == series).map(|(_, v)| *v);
     let shop = r#"{verdict="dropped",direction="egress",reason="policy-denied",namespace="shop"}"#;

@@ -32,10 +32,16 @@ fn ca() -> Ca {
 fn leaf(ca: &Ca, server: bool) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
-    params.extended_key_usages =
-        vec![if server { ExtendedKeyUsagePurpose::ServerAuth } else { ExtendedKeyUsagePurpose::ClientAuth }];
+    params.extended_key_usages = vec![if server {
+        ExtendedKeyUsagePurpose::ServerAuth
+    } else {
+        ExtendedKeyUsagePurpose::ClientAuth
+    }];
     let issuer = Issuer::from_params(&ca.params, &ca.key);
-    (params.signed_by(&key, &issuer).unwrap().pem(), key.serialize_pem())
+    (
+        params.signed_by(&key, &issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
@@ -57,7 +63,10 @@ async fn client_certificates_are_required() {
         key: write(dir.path(), "server-key.pem", &server_key),
         client_ca: write(dir.path(), "ca.pem", &ca.pem),
     };
-    let hub = Arc::new(Hub::new(HubOptions { node: "tls".into(), ..Default::default() }));
+    let hub = Arc::new(Hub::new(HubOptions {
+        node: "tls".into(),
+        ..Default::default()
+    }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { server::serve_tcp(hub, listener, &files, std::future::pending()).await });
@@ -69,8 +78,14 @@ async fn client_certificates_are_required() {
         domain: Some("localhost".into()),
     };
 
-    let mut good = connect_tls(&addr.to_string(), &tls(&client_cert, &client_key)).await.unwrap();
-    let st = good.server_status(ServerStatusRequest {}).await.unwrap().into_inner();
+    let mut good = connect_tls(&addr.to_string(), &tls(&client_cert, &client_key))
+        .await
+        .unwrap();
+    let st = good
+        .server_status(ServerStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(st.node_name, "tls");
 
     // A certificate from another CA: the handshake (or the first call) fails.
@@ -81,8 +96,9 @@ async fn client_certificates_are_required() {
     assert!(rogue, "a client certificate from another CA is refused");
 
     // No client certificate at all.
-    let config =
-        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&ca.pem)).domain_name("localhost");
+    let config = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&ca.pem))
+        .domain_name("localhost");
     let anonymous = match Endpoint::from_shared(format!("https://{addr}"))
         .unwrap()
         .tls_config(config)
@@ -90,7 +106,10 @@ async fn client_certificates_are_required() {
         .connect()
         .await
     {
-        Ok(ch) => ObserverClient::new(ch).server_status(ServerStatusRequest {}).await.is_err(),
+        Ok(ch) => ObserverClient::new(ch)
+            .server_status(ServerStatusRequest {})
+            .await
+            .is_err(),
         Err(_) => true,
     };
     assert!(anonymous, "a client without a certificate is refused");

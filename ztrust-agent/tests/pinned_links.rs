@@ -21,7 +21,11 @@ const HOOKS: [&str; 2] = ["from-pod", "to-pod"];
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip").args(args).output().unwrap();
-    assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn v4(p: &lab::PodState, port: u16) -> SocketAddr {
@@ -36,7 +40,10 @@ fn pin(pin_dir: &Path, hook: &str, ifname: &str) -> PathBuf {
 fn links(pin_dir: &Path, ifname: &str) -> Vec<LinkInfo> {
     HOOKS
         .iter()
-        .map(|h| pins::link_info(&pin(pin_dir, h, ifname)).unwrap_or_else(|e| panic!("link of {ifname} ({h}): {e}")))
+        .map(|h| {
+            pins::link_info(&pin(pin_dir, h, ifname))
+                .unwrap_or_else(|e| panic!("link of {ifname} ({h}): {e}"))
+        })
         .collect()
 }
 
@@ -65,7 +72,13 @@ fn run_to_exit(netns: Option<&str>, args: &[String]) -> (ExitStatus, String) {
         }
         None => Command::new(AGENT),
     };
-    let mut child = cmd.args(args).env("RUST_BACKTRACE", "0").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = cmd
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     while child.try_wait().unwrap().is_none() {
         if Instant::now() > deadline {
@@ -80,14 +93,25 @@ fn run_to_exit(netns: Option<&str>, args: &[String]) -> (ExitStatus, String) {
         std::thread::sleep(Duration::from_millis(20));
     }
     let out = child.wait_with_output().unwrap();
-    (out.status, format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    (
+        out.status,
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Adds a veth pair in the node's namespace whose node side (`name`) the agent attaches to by prefix;
 /// waits until it has.
 fn spare(node: &str, pin_dir: &Path, name: &str, peer: &str) {
-    ip(&["-n", node, "link", "add", name, "type", "veth", "peer", "name", peer]);
-    eventually(&format!("links pinned for {name}"), || HOOKS.iter().all(|h| pin(pin_dir, h, name).exists()));
+    ip(&[
+        "-n", node, "link", "add", name, "type", "veth", "peer", "name", peer,
+    ]);
+    eventually(&format!("links pinned for {name}"), || {
+        HOOKS.iter().all(|h| pin(pin_dir, h, name).exists())
+    });
 }
 
 #[test]
@@ -114,20 +138,48 @@ fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement
     let elsewhere = format!("{}-elsewhere", lab.prefix);
     ip(&["netns", "add", &elsewhere]);
     let front_if = frontend.host_if.clone().unwrap();
-    let front_index = lab::net::ifindexes(&state.node_netns, std::slice::from_ref(&front_if)).unwrap()[0].unwrap();
+    let front_index =
+        lab::net::ifindexes(&state.node_netns, std::slice::from_ref(&front_if)).unwrap()[0].unwrap();
     let index = front_index.to_string();
     let peer_index = (front_index + 1000).to_string();
     let peer = format!("{}q", lab.prefix);
-    ip(&["-n", &elsewhere, "link", "add", &front_if, "index", &index, "type", "veth", "peer", "name", &peer, "index", &peer_index]);
+    ip(&[
+        "-n",
+        &elsewhere,
+        "link",
+        "add",
+        &front_if,
+        "index",
+        &index,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &peer,
+        "index",
+        &peer_index,
+    ]);
 
     for netns in [Some(elsewhere.as_str()), None] {
         let where_ = netns.unwrap_or("the root namespace");
         let (status, out) = run_to_exit(netns, &args);
-        assert!(!status.success(), "the agent in {where_} must refuse to start:\n{out}");
-        let said = format!("pinned links for {} interfaces that this network namespace cannot see", host_ifs.len());
-        assert!(out.contains(&said) && out.contains("hostNetwork") && out.contains("run --cleanup"), "{where_}:\n{out}");
+        assert!(
+            !status.success(),
+            "the agent in {where_} must refuse to start:\n{out}"
+        );
+        let said = format!(
+            "pinned links for {} interfaces that this network namespace cannot see",
+            host_ifs.len()
+        );
+        assert!(
+            out.contains(&said) && out.contains("hostNetwork") && out.contains("run --cleanup"),
+            "{where_}:\n{out}"
+        );
         for name in &host_ifs {
-            assert!(out.contains(name.as_str()), "{where_}: the message names {name}:\n{out}");
+            assert!(
+                out.contains(name.as_str()),
+                "{where_}: the message names {name}:\n{out}"
+            );
         }
         // Nothing changed: the same links, attached where they were.
         let now: Vec<Vec<LinkInfo>> = host_ifs.iter().map(|i| links(&agent.pin_dir, i)).collect();
@@ -142,7 +194,11 @@ fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement
     respawn(&state.node_netns, Path::new(AGENT), &args, &log);
     wait_in_sync(&log, started);
     for (name, was) in host_ifs.iter().zip(&before) {
-        assert_eq!(ids_and_ifindexes(&links(&agent.pin_dir, name)), ids_and_ifindexes(was), "{name}: adopted, not replaced");
+        assert_eq!(
+            ids_and_ifindexes(&links(&agent.pin_dir, name)),
+            ids_and_ifindexes(was),
+            "{name}: adopted, not replaced"
+        );
     }
     assert!(denied(), "after the restart: frontend -> database:5432 denied");
     assert!(allowed(), "after the restart: frontend -> backend:8080 connects");
@@ -167,7 +223,12 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
     let args: Vec<String> = cmdline(agent.pid).into_iter().skip(1).collect();
     kill9(agent.pid);
     let db_if = database.host_if.clone().unwrap();
-    let kept: Vec<String> = state.pods.iter().filter_map(|p| p.host_if.clone()).filter(|i| *i != db_if).collect();
+    let kept: Vec<String> = state
+        .pods
+        .iter()
+        .filter_map(|p| p.host_if.clone())
+        .filter(|i| *i != db_if)
+        .collect();
     let kept_before: Vec<Vec<LinkInfo>> = kept.iter().map(|i| links(&agent.pin_dir, i)).collect();
     let spare_before = links(&agent.pin_dir, &renamed_from);
 
@@ -180,7 +241,11 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
     });
     // Renamed while no agent runs: the link stays attached to it, under its index.
     ip(&["-n", &node, "link", "set", &renamed_from, "name", &renamed_to]);
-    assert_eq!(links(&agent.pin_dir, &renamed_from), spare_before, "a rename leaves the links attached");
+    assert_eq!(
+        links(&agent.pin_dir, &renamed_from),
+        spare_before,
+        "a rename leaves the links attached"
+    );
 
     let log = lab.state_dir.join("agent-after-delete.log");
     let started = Instant::now();
@@ -188,11 +253,18 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
     wait_in_sync(&log, started);
     let text = std::fs::read_to_string(&log).unwrap();
     for hook in HOOKS {
-        assert!(!pin(&agent.pin_dir, hook, &db_if).exists(), "{db_if} ({hook}): pin removed\n{text}");
-        assert!(!pin(&agent.pin_dir, hook, &renamed_from).exists(), "{renamed_from} ({hook}): pinned under the new name\n{text}");
+        assert!(
+            !pin(&agent.pin_dir, hook, &db_if).exists(),
+            "{db_if} ({hook}): pin removed\n{text}"
+        );
+        assert!(
+            !pin(&agent.pin_dir, hook, &renamed_from).exists(),
+            "{renamed_from} ({hook}): pinned under the new name\n{text}"
+        );
     }
     assert!(
-        text.lines().any(|l| l.contains("interface gone while no agent ran") && l.contains(db_if.as_str())),
+        text.lines()
+            .any(|l| l.contains("interface gone while no agent ran") && l.contains(db_if.as_str())),
         "the removal is logged, naming {db_if}:\n{text}"
     );
     assert_eq!(
@@ -201,7 +273,11 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
         "the renamed interface's links, pinned under its new name"
     );
     for (name, was) in kept.iter().zip(&kept_before) {
-        assert_eq!(ids_and_ifindexes(&links(&agent.pin_dir, name)), ids_and_ifindexes(was), "{name}: its links kept and adopted");
+        assert_eq!(
+            ids_and_ifindexes(&links(&agent.pin_dir, name)),
+            ids_and_ifindexes(was),
+            "{name}: its links kept and adopted"
+        );
     }
     assert!(denied(), "backend -> frontend:8080 still denied");
     assert!(allowed(), "frontend -> backend:8080 still connects");
@@ -222,7 +298,10 @@ fn a_running_agent_keeps_the_links_of_interfaces_renamed_or_moved_away() {
     let name = |n: &str| format!("{}{n}", state.if_prefix);
     let peer = |n: u32| format!("{}q{n}", lab.prefix);
     let (out_of_scope, in_scope, moved, deleted) = (name("s1"), name("s2"), name("s3"), name("s5"));
-    for (i, n) in [&out_of_scope, &in_scope, &moved, &deleted].into_iter().enumerate() {
+    for (i, n) in [&out_of_scope, &in_scope, &moved, &deleted]
+        .into_iter()
+        .enumerate()
+    {
         spare(&node, &agent.pin_dir, n, &peer(i as u32 + 1));
     }
     let before = |n: &str| links(&agent.pin_dir, n);
@@ -238,19 +317,45 @@ fn a_running_agent_keeps_the_links_of_interfaces_renamed_or_moved_away() {
 
     let gone = |n: &str| HOOKS.iter().all(|h| !pin(&agent.pin_dir, h, n).exists());
     eventually("the running agent follows every change", || {
-        [&out_of_scope, &in_scope, &moved, &deleted].iter().all(|n| gone(n))
-            && HOOKS.iter().all(|h| pin(&agent.pin_dir, h, &renamed_out).exists() && pin(&agent.pin_dir, h, &renamed_in).exists())
+        [&out_of_scope, &in_scope, &moved, &deleted]
+            .iter()
+            .all(|n| gone(n))
+            && HOOKS.iter().all(|h| {
+                pin(&agent.pin_dir, h, &renamed_out).exists() && pin(&agent.pin_dir, h, &renamed_in).exists()
+            })
     });
     // Renamed, in the agent's scope or not: the same links, pinned under the new name (and adopted).
-    assert_eq!(ids_and_ifindexes(&links(&agent.pin_dir, &renamed_out)), ids_and_ifindexes(&l_out));
-    assert_eq!(ids_and_ifindexes(&links(&agent.pin_dir, &renamed_in)), ids_and_ifindexes(&l_in));
+    assert_eq!(
+        ids_and_ifindexes(&links(&agent.pin_dir, &renamed_out)),
+        ids_and_ifindexes(&l_out)
+    );
+    assert_eq!(
+        ids_and_ifindexes(&links(&agent.pin_dir, &renamed_in)),
+        ids_and_ifindexes(&l_in)
+    );
     // Moved to another namespace: still attached there, the pins kept aside.
     let kept = pins::kept(&agent.pin_dir, &HOOKS);
-    let kept_ids: Vec<u32> = kept.iter().filter_map(|(_, i)| i.as_ref().ok()).filter(|i| i.ifindex != 0).map(|i| i.id).collect();
+    let kept_ids: Vec<u32> = kept
+        .iter()
+        .filter_map(|(_, i)| i.as_ref().ok())
+        .filter(|i| i.ifindex != 0)
+        .map(|i| i.id)
+        .collect();
     for l in &l_moved {
-        assert!(kept_ids.contains(&l.id), "the moved interface's link {} is kept: {kept:?}", l.id);
+        assert!(
+            kept_ids.contains(&l.id),
+            "the moved interface's link {} is kept: {kept:?}",
+            l.id
+        );
     }
-    assert!(kept.iter().all(|(p, _)| p.file_name().unwrap().to_string_lossy().starts_with(moved.as_str())), "{kept:?}");
+    assert!(
+        kept.iter().all(|(p, _)| p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with(moved.as_str())),
+        "{kept:?}"
+    );
     assert!(denied() && allowed(), "the pods are enforced as before");
 
     // A new agent starts: kept links do not stop it, and stay.
@@ -265,10 +370,20 @@ fn a_running_agent_keeps_the_links_of_interfaces_renamed_or_moved_away() {
 
     // The moved interface comes back: its kept links go back under its name and are adopted.
     ip(&["-n", &elsewhere, "link", "set", &moved, "netns", &node]);
-    eventually("the kept links are adopted again", || HOOKS.iter().all(|h| pin(&agent.pin_dir, h, &moved).exists()));
+    eventually("the kept links are adopted again", || {
+        HOOKS.iter().all(|h| pin(&agent.pin_dir, h, &moved).exists())
+    });
     let link_ids = |l: &[LinkInfo]| l.iter().map(|l| l.id).collect::<Vec<_>>();
-    assert_eq!(link_ids(&links(&agent.pin_dir, &moved)), link_ids(&l_moved), "the same links");
-    assert!(pins::kept(&agent.pin_dir, &HOOKS).is_empty(), "{:?}", pins::kept(&agent.pin_dir, &HOOKS));
+    assert_eq!(
+        link_ids(&links(&agent.pin_dir, &moved)),
+        link_ids(&l_moved),
+        "the same links"
+    );
+    assert!(
+        pins::kept(&agent.pin_dir, &HOOKS).is_empty(),
+        "{:?}",
+        pins::kept(&agent.pin_dir, &HOOKS)
+    );
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(!text.contains("cannot attach"), "{text}");
 }

@@ -34,7 +34,11 @@ fn restart_and_upgrade_without_a_gap() {
 
     // Denied: database -> frontend:8080 and frontend -> database:5432, as fast as short timeouts allow.
     for i in 0..12 {
-        let (from, to, port) = if i % 2 == 0 { (&database, &frontend, 8080) } else { (&frontend, &database, 5432) };
+        let (from, to, port) = if i % 2 == 0 {
+            (&database, &frontend, 8080)
+        } else {
+            (&frontend, &database, 5432)
+        };
         let (netns, dst) = (from.netns.clone(), SocketAddr::new(ip(to), port));
         let (stop, attempts, passed) = (stop.clone(), denied_attempts.clone(), denied_passed.clone());
         threads.push(std::thread::spawn(move || {
@@ -54,7 +58,8 @@ fn restart_and_upgrade_without_a_gap() {
         let (stop, exchanges) = (stop.clone(), allowed_exchanges.clone());
         threads.push(std::thread::spawn(move || {
             enter(&netns);
-            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(1)).map_err(|e| format!("connect: {e}"))?;
+            let s = TcpStream::connect_timeout(&dst, Duration::from_secs(1))
+                .map_err(|e| format!("connect: {e}"))?;
             s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
             let mut w = s.try_clone().unwrap();
             let mut r = BufReader::new(s);
@@ -65,7 +70,8 @@ fn restart_and_upgrade_without_a_gap() {
                 n += 1;
                 writeln!(w, "conn {c} msg {n}").map_err(|e| format!("conn {c} write {n}: {e}"))?;
                 line.clear();
-                r.read_line(&mut line).map_err(|e| format!("conn {c} read {n}: {e}"))?;
+                r.read_line(&mut line)
+                    .map_err(|e| format!("conn {c} read {n}: {e}"))?;
                 if line.trim_end() != format!("conn {c} msg {n}") {
                     return Err(format!("conn {c}: echo {line:?} for message {n}"));
                 }
@@ -82,7 +88,11 @@ fn restart_and_upgrade_without_a_gap() {
     let args: Vec<String> = cmdline(agent.pid).into_iter().skip(1).collect();
 
     // 1. SIGKILL, then the same binary again.
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(agent.pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let log1 = lab.state_dir.join("agent-restart.log");
     let started = Instant::now();
@@ -94,7 +104,11 @@ fn restart_and_upgrade_without_a_gap() {
     // 2. Upgrade: stop it, start another binary file (programs loaded anew, swapped into the pinned links).
     let upgraded = lab.state_dir.join("ztrust-agent-next");
     std::fs::copy(AGENT, &upgraded).unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid1 as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid1 as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let log2 = lab.state_dir.join("agent-upgrade.log");
     let started = Instant::now();
@@ -104,8 +118,14 @@ fn restart_and_upgrade_without_a_gap() {
     let after_upgrade = allowed_exchanges.load(Ordering::Relaxed);
 
     stop.store(true, Ordering::Relaxed);
-    let errors: Vec<String> = threads.into_iter().filter_map(|t| t.join().unwrap().err()).collect();
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid2 as i32), nix::sys::signal::Signal::SIGTERM);
+    let errors: Vec<String> = threads
+        .into_iter()
+        .filter_map(|t| t.join().unwrap().err())
+        .collect();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid2 as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
 
     let attempts = denied_attempts.load(Ordering::Relaxed);
     let window = 2.5; // seconds of probing, at least
@@ -118,10 +138,20 @@ fn restart_and_upgrade_without_a_gap() {
         sync2
     );
     assert!(errors.is_empty(), "allowed connections broke: {errors:?}");
-    assert_eq!(denied_passed.load(Ordering::Relaxed), 0, "a denied connection got through");
-    assert!(attempts as f64 / window > 200.0, "too few denied attempts to prove anything: {attempts}");
+    assert_eq!(
+        denied_passed.load(Ordering::Relaxed),
+        0,
+        "a denied connection got through"
+    );
+    assert!(
+        attempts as f64 / window > 200.0,
+        "too few denied attempts to prove anything: {attempts}"
+    );
     // The long-lived connections kept exchanging data through each phase.
-    assert!(before > 0 && after_restart > before && after_upgrade > after_restart, "{before} {after_restart} {after_upgrade}");
+    assert!(
+        before > 0 && after_restart > before && after_upgrade > after_restart,
+        "{before} {after_restart} {after_upgrade}"
+    );
     // Convergence includes loading the programs, whose verification takes about 2 s on the 2-core
     // machines since the Service judgment (four backend classes, each a policy lookup) was added; the
     // pinned state enforces meanwhile (asserted above: no denied connection passed, none allowed broke).
@@ -132,7 +162,11 @@ fn restart_and_upgrade_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     let pin_dir = agent.pin_dir.clone();
     assert!(pin_dir.join("maps").exists());
-    let out = Command::new(AGENT).args(["run", "--cleanup", "--pin-path"]).arg(&pin_dir).output().unwrap();
+    let out = Command::new(AGENT)
+        .args(["run", "--cleanup", "--pin-path"])
+        .arg(&pin_dir)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!pin_dir.exists(), "every pin removed");
 }

@@ -47,10 +47,17 @@ spec:
 "#;
 
 fn cluster_ip(lab: &PaymentsLab, ns: &str, name: &str) -> IpAddr {
-    let copy = lab.state_dir.join("manifests").join(format!("service-{ns}-{name}.yaml"));
+    let copy = lab
+        .state_dir
+        .join("manifests")
+        .join(format!("service-{ns}-{name}.yaml"));
     let text = std::fs::read_to_string(&copy).expect("the Service's copy");
     let v: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    v["spec"]["clusterIP"].as_str().expect("a cluster IP").parse().unwrap()
+    v["spec"]["clusterIP"]
+        .as_str()
+        .expect("a cluster IP")
+        .parse()
+        .unwrap()
 }
 
 /// frontend → backend by ClusterIP connects (frontend-egress-to-backend names the backend pods and port
@@ -79,10 +86,23 @@ fn by_service(mode: ProxyMode, tag: &str) {
     lab.apply(dir.path());
     let backend = cluster_ip(&lab, "payments", "backend");
     let database = cluster_ip(&lab, "payments", "database");
-    assert!(ztrust_agent::lab::services::SERVICE_CIDR.parse::<ipnet::IpNet>().unwrap().contains(&backend), "{backend}");
-    let slice = std::fs::read_to_string(lab.state_dir.join("manifests/endpointslice-payments-backend-0.yaml")).unwrap();
+    assert!(
+        ztrust_agent::lab::services::SERVICE_CIDR
+            .parse::<ipnet::IpNet>()
+            .unwrap()
+            .contains(&backend),
+        "{backend}"
+    );
+    let slice = std::fs::read_to_string(
+        lab.state_dir
+            .join("manifests/endpointslice-payments-backend-0.yaml"),
+    )
+    .unwrap();
     for pod in ["backend", "backend-2"] {
-        assert!(slice.contains(&lab.pod(pod).ips[0].to_string()) && slice.contains("8080"), "{pod}: {slice}");
+        assert!(
+            slice.contains(&lab.pod(pod).ips[0].to_string()) && slice.contains("8080"),
+            "{pod}: {slice}"
+        );
     }
 
     let t = Duration::from_secs(2);
@@ -92,14 +112,25 @@ fn by_service(mode: ProxyMode, tag: &str) {
     let rules = std::fs::read_to_string(lab.state_dir.join("services.rules")).unwrap();
     let random = match mode {
         ProxyMode::Nftables => format!("ip daddr {backend} tcp dport 80 dnat ip to numgen random mod 2 map"),
-        ProxyMode::Iptables => format!("-d {backend}/32 -p tcp -m tcp --dport 80 -m statistic --mode random --probability 0.5000000000"),
+        ProxyMode::Iptables => format!(
+            "-d {backend}/32 -p tcp -m tcp --dport 80 -m statistic --mode random --probability 0.5000000000"
+        ),
     };
     assert!(rules.contains(&random), "{rules}");
     for i in 0..6 {
-        assert!(connects(&frontend, SocketAddr::new(backend, 80), t), "frontend → backend's ClusterIP:80, connection {i} (allowed: backend pods on 8080)");
+        assert!(
+            connects(&frontend, SocketAddr::new(backend, 80), t),
+            "frontend → backend's ClusterIP:80, connection {i} (allowed: backend pods on 8080)"
+        );
     }
-    assert!(!connects(&frontend, SocketAddr::new(database, 5432), t), "frontend → database's ClusterIP connected");
-    assert!(connects(&backend_pod, SocketAddr::new(database, 5432), t), "backend → database's ClusterIP (allowed)");
+    assert!(
+        !connects(&frontend, SocketAddr::new(database, 5432), t),
+        "frontend → database's ClusterIP connected"
+    );
+    assert!(
+        connects(&backend_pod, SocketAddr::new(database, 5432), t),
+        "backend → database's ClusterIP (allowed)"
+    );
     // DNS through the kube-dns ClusterIP: allow-dns-egress names the CoreDNS pods, not the Service.
     let dns = SocketAddr::new("10.96.0.10".parse().unwrap(), 53);
     let answered = {
@@ -115,20 +146,47 @@ fn by_service(mode: ProxyMode, tag: &str) {
         .join()
         .unwrap()
     };
-    assert!(answered, "frontend's query to the kube-dns ClusterIP got no answer");
+    assert!(
+        answered,
+        "frontend's query to the kube-dns ClusterIP got no answer"
+    );
 
     // `lab probe --via-service` from frontend: each answer names the backend that replied, and the
     // verdicts are those by pod address (frontend → backend pods on 8080 allowed, → database denied).
-    let opts = |via_service| ProbeOptions { from: vec!["payments/frontend".into()], via_service, ..Default::default() };
+    let opts = |via_service| ProbeOptions {
+        from: vec!["payments/frontend".into()],
+        via_service,
+        ..Default::default()
+    };
     let by_service = ztrust_agent::lab::probe(&lab.state_dir, &opts(true)).expect("probe --via-service");
     let by_pod = ztrust_agent::lab::probe(&lab.state_dir, &opts(false)).expect("probe");
-    let of = |m: &ztrust_agent::lab::Matrix, to: &str, port: u16| m.verdict("payments/frontend", to, port, Protocol::Tcp);
-    let through = |service: &str| by_service.probes.iter().filter(|p| p.via.as_ref().is_some_and(|v| v.service == service)).collect::<Vec<_>>();
+    let of = |m: &ztrust_agent::lab::Matrix, to: &str, port: u16| {
+        m.verdict("payments/frontend", to, port, Protocol::Tcp)
+    };
+    let through = |service: &str| {
+        by_service
+            .probes
+            .iter()
+            .filter(|p| p.via.as_ref().is_some_and(|v| v.service == service))
+            .collect::<Vec<_>>()
+    };
     let to_backend = through("payments/backend");
-    assert!(!to_backend.is_empty() && to_backend.iter().all(|p| p.result == Verdict::Allowed && p.port == 8080 && p.to.starts_with("payments/backend")), "{to_backend:?}");
+    assert!(
+        !to_backend.is_empty()
+            && to_backend.iter().all(|p| p.result == Verdict::Allowed
+                && p.port == 8080
+                && p.to.starts_with("payments/backend")),
+        "{to_backend:?}"
+    );
     assert_eq!(of(&by_pod, "payments/backend", 8080), Some(Verdict::Allowed));
     let to_database = through("payments/database");
-    assert!(!to_database.is_empty() && to_database.iter().all(|p| p.result == Verdict::Denied && p.to == "payments/database"), "{to_database:?}");
+    assert!(
+        !to_database.is_empty()
+            && to_database
+                .iter()
+                .all(|p| p.result == Verdict::Denied && p.to == "payments/database"),
+        "{to_database:?}"
+    );
     assert_eq!(of(&by_pod, "payments/database", 5432), Some(Verdict::Denied));
 
     let log = std::fs::read_to_string(lab.state_dir.join("flows.jsonl")).unwrap_or_default();

@@ -112,13 +112,25 @@ pub mod ep_flags {
         let ingress = direction == super::dir::INGRESS;
         match protocol {
             super::proto::TCP => {
-                if ingress { NO_WIDE_INGRESS_TCP } else { NO_WIDE_EGRESS_TCP }
+                if ingress {
+                    NO_WIDE_INGRESS_TCP
+                } else {
+                    NO_WIDE_EGRESS_TCP
+                }
             }
             super::proto::UDP => {
-                if ingress { NO_WIDE_INGRESS_UDP } else { NO_WIDE_EGRESS_UDP }
+                if ingress {
+                    NO_WIDE_INGRESS_UDP
+                } else {
+                    NO_WIDE_EGRESS_UDP
+                }
             }
             _ => {
-                if ingress { NO_WIDE_INGRESS_OTHER } else { NO_WIDE_EGRESS_OTHER }
+                if ingress {
+                    NO_WIDE_INGRESS_OTHER
+                } else {
+                    NO_WIDE_EGRESS_OTHER
+                }
             }
         }
     }
@@ -423,10 +435,32 @@ impl CtKey {
         protocol: u8,
     ) -> CtKey {
         if tuple_greater(saddr, sport, daddr, dport) {
-            let direction = if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS };
-            CtKey { ifindex, saddr: *daddr, daddr: *saddr, sport: dport, dport: sport, protocol, direction, _pad: [0; 2] }
+            let direction = if direction == dir::INGRESS {
+                dir::EGRESS
+            } else {
+                dir::INGRESS
+            };
+            CtKey {
+                ifindex,
+                saddr: *daddr,
+                daddr: *saddr,
+                sport: dport,
+                dport: sport,
+                protocol,
+                direction,
+                _pad: [0; 2],
+            }
         } else {
-            CtKey { ifindex, saddr: *saddr, daddr: *daddr, sport, dport, protocol, direction, _pad: [0; 2] }
+            CtKey {
+                ifindex,
+                saddr: *saddr,
+                daddr: *daddr,
+                sport,
+                dport,
+                protocol,
+                direction,
+                _pad: [0; 2],
+            }
         }
     }
 }
@@ -723,20 +757,38 @@ mod tests {
             (v4([10, 0, 0, 2]), v4([10, 0, 0, 1]), 80, 40000),
             (v4([10, 0, 0, 1]), v4([10, 0, 0, 1]), 1, 2),
             (v4([192, 168, 0, 1]), v4([10, 0, 0, 1]), 53, 53),
-            ([0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1], [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2], 5, 5),
+            (
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1],
+                [0x20, 1, 0xd, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2],
+                5,
+                5,
+            ),
         ];
         for (s, d, sp, dp) in tuples {
             for direction in [dir::INGRESS, dir::EGRESS] {
-                let reply_dir = if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS };
+                let reply_dir = if direction == dir::INGRESS {
+                    dir::EGRESS
+                } else {
+                    dir::INGRESS
+                };
                 let k = CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP);
                 let r = CtKey::new(7, reply_dir, &d, &s, dp.to_be(), sp.to_be(), proto::TCP);
                 assert_eq!(k, r, "{s:?}:{sp} -> {d:?}:{dp}");
                 // Stored in one order: the packet's own, or the reply's.
                 assert!(k.saddr == s && k.sport == sp.to_be() || k.saddr == d && k.sport == dp.to_be());
                 // The other direction at the same hook, or another hook, or protocol, is another connection.
-                assert_ne!(k, CtKey::new(7, reply_dir, &s, &d, sp.to_be(), dp.to_be(), proto::TCP));
-                assert_ne!(k, CtKey::new(8, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP));
-                assert_ne!(k, CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::UDP));
+                assert_ne!(
+                    k,
+                    CtKey::new(7, reply_dir, &s, &d, sp.to_be(), dp.to_be(), proto::TCP)
+                );
+                assert_ne!(
+                    k,
+                    CtKey::new(8, direction, &s, &d, sp.to_be(), dp.to_be(), proto::TCP)
+                );
+                assert_ne!(
+                    k,
+                    CtKey::new(7, direction, &s, &d, sp.to_be(), dp.to_be(), proto::UDP)
+                );
             }
         }
     }
@@ -763,7 +815,13 @@ mod tests {
         assert_eq!(counted, 4);
         // `entries` names each counter with what `get_mut` counts in it.
         for ((direction, v, r), value) in c.entries() {
-            assert_eq!(value, CounterValue { packets: 1, bytes: u64::from(direction) * 1000 + u64::from(r) });
+            assert_eq!(
+                value,
+                CounterValue {
+                    packets: 1,
+                    bytes: u64::from(direction) * 1000 + u64::from(r)
+                }
+            );
             assert_eq!(v, verdict::FORWARDED);
         }
     }
@@ -771,7 +829,9 @@ mod tests {
     #[test]
     fn different_connections_get_different_keys() {
         let (a, b) = (v4([10, 0, 0, 1]), v4([10, 0, 0, 2]));
-        let k = |s: &[u8; 16], d: &[u8; 16], sp: u16, dp: u16| CtKey::new(1, dir::EGRESS, s, d, sp, dp, proto::UDP);
+        let k = |s: &[u8; 16], d: &[u8; 16], sp: u16, dp: u16| {
+            CtKey::new(1, dir::EGRESS, s, d, sp, dp, proto::UDP)
+        };
         assert_ne!(k(&a, &b, 1000, 53), k(&a, &b, 1001, 53));
         assert_ne!(k(&a, &b, 1000, 53), k(&a, &b, 53, 1000));
         assert_ne!(k(&a, &b, 1000, 53), k(&b, &a, 1000, 53));

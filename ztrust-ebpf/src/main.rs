@@ -20,16 +20,17 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, FlowEvent, IpcacheKey, PolicyKey, SERVICE_CLASSES,
-    ServiceKey, ServiceValue, SlotCounters, addr_words, ct_timeout, dir, encap, ep_flags, event_flags, identity, proto, reason, stat,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, FlowEvent, IpcacheKey,
+    PolicyKey, SERVICE_CLASSES, ServiceKey, ServiceValue, SlotCounters, addr_words, ct_timeout, dir, encap,
+    ep_flags, event_flags, identity, proto, reason, stat,
     tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
     verdict,
 };
 
 use crate::{
     maps::{
-        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENT_RATE, EVENTS, SERVICE_RANGES, SERVICES, IPCACHE, IPCACHE_HOSTS, POLICY, POLICY_EXACT, REVISION,
-        SLOT_COUNTERS, STATS,
+        CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS,
+        POLICY, POLICY_EXACT, REVISION, SERVICE_RANGES, SERVICES, SLOT_COUNTERS, STATS,
     },
     parse::{Packet, Parsed},
 };
@@ -82,7 +83,15 @@ struct Decision {
 impl Decision {
     #[inline(always)]
     fn new(verdict: u8, reason: u8, remote_identity: u32, rule_id: u32, new_flow: bool) -> Decision {
-        Decision { verdict, reason, remote_identity, rule_id, new_flow, peer: 0, peer_judged: false }
+        Decision {
+            verdict,
+            reason,
+            remote_identity,
+            rule_id,
+            new_flow,
+            peer: 0,
+            peer_judged: false,
+        }
     }
 }
 
@@ -124,7 +133,13 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
             {
                 // Whatever policy says of the outer packet: the inner one would be judged at its
                 // destination as coming from whoever its source names.
-                Decision::new(verdict::DROPPED, reason::ENCAPSULATED, remote_identity(&pkt.daddr), 0, true)
+                Decision::new(
+                    verdict::DROPPED,
+                    reason::ENCAPSULATED,
+                    remote_identity(&pkt.daddr),
+                    0,
+                    true,
+                )
             } else {
                 decide(ifindex, direction, from, marked, ep, pkt)
             }
@@ -163,14 +178,20 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     let mut v = d.verdict;
     // The settings matter only for a drop or a new connection: a packet of an established one does not
     // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches).
-    let config =
-        if v != verdict::FORWARDED || d.new_flow { CONFIG.get(0).copied().unwrap_or_default() } else { Config::default() };
+    let config = if v != verdict::FORWARDED || d.new_flow {
+        CONFIG.get(0).copied().unwrap_or_default()
+    } else {
+        Config::default()
+    };
     // Audit mode reports what policy would drop (Service judgments included); what cannot be judged
     // (malformed, fragments, unknown endpoints) and forged sources are dropped in every mode.
     if v == verdict::DROPPED
         && matches!(
             d.reason,
-            reason::POLICY_DENIED | reason::NO_CT_ENTRY | reason::SERVICE_BACKENDS_DIFFER | reason::UNKNOWN_SERVICE
+            reason::POLICY_DENIED
+                | reason::NO_CT_ENTRY
+                | reason::SERVICE_BACKENDS_DIFFER
+                | reason::UNKNOWN_SERVICE
         )
         && (ep_flags | config.flags) & ep_flags::AUDIT != 0
     {
@@ -189,9 +210,21 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         unsafe { (*skb).mark |= peer_mark };
     }
     if v != verdict::FORWARDED || (d.new_flow && config.log_allowed != 0) {
-        emit(ctx, &flow_key(ifindex, direction, pkt), ep_identity, pkt, &d, v, config.event_interval_ns);
+        emit(
+            ctx,
+            &flow_key(ifindex, direction, pkt),
+            ep_identity,
+            pkt,
+            &d,
+            v,
+            config.event_interval_ns,
+        );
     }
-    if v == verdict::DROPPED { TC_ACT_SHOT as i32 } else { TC_ACT_OK as i32 }
+    if v == verdict::DROPPED {
+        TC_ACT_SHOT as i32
+    } else {
+        TC_ACT_OK as i32
+    }
 }
 
 /// Is `saddr` (of a packet of `family`) the endpoint's own address? The agent writes each family's
@@ -209,7 +242,11 @@ fn own_source(ep: &EndpointInfo, saddr: &[u8; 16], family: u8) -> bool {
 
 #[inline(always)]
 fn opposite(direction: u8) -> u8 {
-    if direction == dir::INGRESS { dir::EGRESS } else { dir::INGRESS }
+    if direction == dir::INGRESS {
+        dir::EGRESS
+    } else {
+        dir::INGRESS
+    }
 }
 
 /// The packet's own tuple at this hook (not canonical): what its event and its event rate limit name.
@@ -251,7 +288,11 @@ fn policy_lookup(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, po
     if let Some(rule) = allowed(ep.endpoint_id, remote, direction, protocol, port, wide) {
         return Some(rule);
     }
-    let no_any = if direction == dir::INGRESS { ep_flags::NO_ANY_PEER_INGRESS } else { ep_flags::NO_ANY_PEER_EGRESS };
+    let no_any = if direction == dir::INGRESS {
+        ep_flags::NO_ANY_PEER_INGRESS
+    } else {
+        ep_flags::NO_ANY_PEER_EGRESS
+    };
     if ep.flags & no_any != 0 {
         return None;
     }
@@ -271,7 +312,9 @@ fn allowed(endpoint: u32, remote: u32, direction: u8, protocol: u8, port: u16, w
     if !wide {
         return None;
     }
-    POLICY.get(&Key::new(PolicyKey::PREFIX_FULL, key)).map(|v| v.rule_id)
+    POLICY
+        .get(&Key::new(PolicyKey::PREFIX_FULL, key))
+        .map(|v| v.rule_id)
 }
 
 /// Would `ep` admit a new connection in `direction` with `remote` to `port`?
@@ -289,7 +332,14 @@ fn admits(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16
 /// a packet the node did not send is forged, or translated on the way: not the node, so judged by policy
 /// as any other peer.
 #[inline(always)]
-fn admits_from(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port: u16, from: u32) -> Option<(u8, u32)> {
+fn admits_from(
+    ep: &EndpointInfo,
+    remote: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    from: u32,
+) -> Option<(u8, u32)> {
     if from != 0 && direction == dir::INGRESS && remote == identity::HOST {
         admits_peer(ep, remote, direction, protocol, port)
     } else {
@@ -325,7 +375,11 @@ fn ct_admits(
 ) -> Option<u32> {
     // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
     let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
-    let timeout = if pkt.protocol == proto::TCP { ct_timeout::TCP_NS } else { ct_timeout::OTHER_NS };
+    let timeout = if pkt.protocol == proto::TCP {
+        ct_timeout::TCP_NS
+    } else {
+        ct_timeout::OTHER_NS
+    };
     if now.wrapping_sub(last_seen) > timeout {
         return None;
     }
@@ -362,11 +416,23 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
-    let remote_addr = if direction == dir::INGRESS { &pkt.saddr } else { &pkt.daddr };
+    let remote_addr = if direction == dir::INGRESS {
+        &pkt.saddr
+    } else {
+        &pkt.daddr
+    };
     let dport = u16::from_be(pkt.dport_be);
     let sport = u16::from_be(pkt.sport_be);
     // One key for the packets of both directions: one lookup per packet, whichever way it goes.
-    let mut key = CtKey::new(ifindex, direction, &pkt.saddr, &pkt.daddr, pkt.sport_be, pkt.dport_be, pkt.protocol);
+    let mut key = CtKey::new(
+        ifindex,
+        direction,
+        &pkt.saddr,
+        &pkt.daddr,
+        pkt.sport_be,
+        pkt.dport_be,
+        pkt.protocol,
+    );
     // A TCP SYN opens a connection: it is judged by policy even if an entry with its tuple exists (a
     // reused port must not inherit what an earlier connection was allowed).
     let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
@@ -375,7 +441,12 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
         // names the interface the packet came from as the peer that admitted it with this one: a mark
         // set by anything else on the node opens nothing.
         // SAFETY: pointer from a successful lookup.
-        if marked && direction == dir::INGRESS && pkt.protocol == proto::TCP && from != 0 && unsafe { (*ct).peer_ifindex } == from {
+        if marked
+            && direction == dir::INGRESS
+            && pkt.protocol == proto::TCP
+            && from != 0
+            && unsafe { (*ct).peer_ifindex } == from
+        {
             let mut d = Decision::new(verdict::FORWARDED, reason::ESTABLISHED, 0, 0, false);
             d.peer_judged = true;
             return d;
@@ -384,8 +455,11 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
         let own = unsafe { (*ct).origin } == direction;
         // A packet of the connection's own direction is judged (again) as the opening packet was; a reply
         // as what it replies to.
-        let (opened_dir, port, why) =
-            if own { (direction, dport, reason::ESTABLISHED) } else { (opposite(direction), sport, reason::REPLY) };
+        let (opened_dir, port, why) = if own {
+            (direction, dport, reason::ESTABLISHED)
+        } else {
+            (opposite(direction), sport, reason::REPLY)
+        };
         if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now) {
             // A TCP connection between two endpoints of this node that both have admitted: the packet
             // leaving one is judged for the other too. (Only TCP: its admission holds across policy
@@ -443,7 +517,11 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
             Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens)
         }
         Err((why, remote)) => {
-            let why = if why == reason::POLICY_DENIED { reason::NO_CT_ENTRY } else { why };
+            let why = if why == reason::POLICY_DENIED {
+                reason::NO_CT_ENTRY
+            } else {
+                why
+            };
             Decision::new(verdict::DROPPED, why, remote, 0, false)
         }
     }
@@ -457,18 +535,37 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
 /// hook runs before the node's DNAT): admitted when policy admits every class of backend, denied when it
 /// admits none, and not guessed otherwise.
 #[inline(always)]
-fn judge(ep: &EndpointInfo, remote_addr: &[u8; 16], direction: u8, protocol: u8, port: u16, from: u32) -> Result<(u8, u32, u32), (u8, u32)> {
+fn judge(
+    ep: &EndpointInfo,
+    remote_addr: &[u8; 16],
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    from: u32,
+) -> Result<(u8, u32, u32), (u8, u32)> {
     // Egress of an isolated endpoint to a Service is judged by its backends. (Not isolated: whatever the
     // destination, a Service and whichever backend the node picks included, it is admitted below.)
     if direction == dir::EGRESS && ep.flags & ep_flags::ISOLATED_EGRESS != 0 {
-        let key = ServiceKey { addr: *remote_addr, port_be: port.to_be(), protocol, _pad: 0 };
+        let key = ServiceKey {
+            addr: *remote_addr,
+            port_be: port.to_be(),
+            protocol,
+            _pad: 0,
+        };
         // SAFETY: the reference does not outlive the program run.
         if let Some(svc) = unsafe { SERVICES.get(&key) } {
             let j = judge_service(ep, svc, protocol);
             let (why, remote) = ((j & 0xff) as u8, svc.class[0].identity);
-            return if j & 0x100 != 0 { Ok((why, (j >> 32) as u32, remote)) } else { Err((why, remote)) };
+            return if j & 0x100 != 0 {
+                Ok((why, (j >> 32) as u32, remote))
+            } else {
+                Err((why, remote))
+            };
         }
-        if SERVICE_RANGES.get(&Key::new(128, IpcacheKey { addr: *remote_addr })).is_some() {
+        if SERVICE_RANGES
+            .get(&Key::new(128, IpcacheKey { addr: *remote_addr }))
+            .is_some()
+        {
             return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr)));
         }
     }
@@ -550,7 +647,14 @@ fn link_peer(key: &mut CtKey, from: u32) -> u32 {
 
 #[inline(always)]
 fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32, peer_ifindex: u32) {
-    let value = CtValue { last_seen_ns: now, rule_id, revision, origin, _pad: [0; 3], peer_ifindex };
+    let value = CtValue {
+        last_seen_ns: now,
+        rule_id,
+        revision,
+        origin,
+        _pad: [0; 3],
+        peer_ifindex,
+    };
     if CONNTRACK.insert(key, &value, 0).is_err() {
         stat_inc(stat::CT_INSERT_FAILED);
     }
@@ -588,7 +692,13 @@ fn count(ifindex: u32, slot: u32, direction: u8, verdict: u8, reason: u8, len: u
         c.bytes += len as u64;
         return;
     }
-    let key = CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
+    let key = CounterKey {
+        ifindex,
+        direction,
+        verdict,
+        reason,
+        _pad: 0,
+    };
     if let Some(p) = COUNTERS.get_ptr_mut(&key) {
         // SAFETY: per-CPU value, no concurrent writer on this CPU.
         unsafe {
@@ -596,14 +706,29 @@ fn count(ifindex: u32, slot: u32, direction: u8, verdict: u8, reason: u8, len: u
             (*p).bytes += len as u64;
         }
     } else {
-        let _ = COUNTERS.insert(&key, &CounterValue { packets: 1, bytes: len as u64 }, 0);
+        let _ = COUNTERS.insert(
+            &key,
+            &CounterValue {
+                packets: 1,
+                bytes: len as u64,
+            },
+            0,
+        );
     }
 }
 
 /// Sends one event, unless the flow already had one within the configured interval (drops only: new
 /// allowed connections are already once per connection).
 #[inline(always)]
-fn emit(ctx: &TcContext, flow: &CtKey, ep_identity: u32, pkt: &Packet, d: &Decision, v: u8, interval_ns: u64) {
+fn emit(
+    ctx: &TcContext,
+    flow: &CtKey,
+    ep_identity: u32,
+    pkt: &Packet,
+    d: &Decision,
+    v: u8,
+    interval_ns: u64,
+) {
     // SAFETY: helper call without preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let mut last = None;
@@ -688,7 +813,15 @@ fn within_budget(ifindex: u32, now: u64) -> bool {
         }
         return true;
     }
-    let _ = EVENT_BUDGET.insert(&ifindex, &EventWindow { start_ns: now, events: 1, _pad: 0 }, 0);
+    let _ = EVENT_BUDGET.insert(
+        &ifindex,
+        &EventWindow {
+            start_ns: now,
+            events: 1,
+            _pad: 0,
+        },
+        0,
+    );
     true
 }
 

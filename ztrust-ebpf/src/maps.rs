@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use ztrust_common::{
-    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, ServiceKey, ServiceValue, IpcacheKey, IpcacheValue, PolicyKey,
-    PolicyValue, SlotCounters, capacity,
+    Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, IpcacheKey, IpcacheValue,
+    PolicyKey, PolicyValue, ServiceKey, ServiceValue, SlotCounters, capacity,
 };
 
 /// Host-side interface index → endpoint. An interface that carries the programs but has no entry here

@@ -82,8 +82,15 @@ pub struct Packet {
 }
 
 impl Packet {
-    const ZERO: Packet =
-        Packet { saddr: [0; 16], daddr: [0; 16], sport_be: 0, dport_be: 0, family: 0, protocol: 0, tcp_flags: 0 };
+    const ZERO: Packet = Packet {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        sport_be: 0,
+        dport_be: 0,
+        family: 0,
+        protocol: 0,
+        tcp_flags: 0,
+    };
 }
 
 /// What a frame is. `Packet` is written whole whatever the result: for link control it holds the
@@ -152,11 +159,17 @@ fn parse_frame(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>, direction: u8
 fn parse_arp(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     // Fixed part (8 bytes), sender hardware (6) and protocol (4) address, target hardware (6) and
     // protocol (4) address.
-    let Some(a) = load::<[u8; 28]>(ctx, ETH_HLEN) else { return Parsed::Malformed };
+    let Some(a) = load::<[u8; 28]>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
     let hrd = u16::from_be_bytes([a[0], a[1]]);
     let pro = u16::from_be_bytes([a[2], a[3]]);
     let op = u16::from_be_bytes([a[6], a[7]]);
-    if hrd != ARP_HRD_ETHER || pro != ETH_P_IP || a[4] != 6 || a[5] != 4 || (op != ARP_OP_REQUEST && op != ARP_OP_REPLY)
+    if hrd != ARP_HRD_ETHER
+        || pro != ETH_P_IP
+        || a[4] != 6
+        || a[5] != 4
+        || (op != ARP_OP_REQUEST && op != ARP_OP_REPLY)
     {
         return Parsed::Malformed;
     }
@@ -179,7 +192,9 @@ fn mapped_v4(addr: u32) -> [u8; 16] {
 fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
     // The fixed 20 bytes of the header in one helper call (each call costs; a packet is parsed on every
     // hook it crosses).
-    let Some(h) = load::<[u8; 20]>(ctx, ETH_HLEN) else { return Parsed::Malformed };
+    let Some(h) = load::<[u8; 20]>(ctx, ETH_HLEN) else {
+        return Parsed::Malformed;
+    };
     let ihl = ((h[0] & 0x0f) as usize) * 4;
     if h[0] >> 4 != 4 || ihl < 20 {
         return Parsed::Malformed;
@@ -204,7 +219,11 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Parsed {
             None => return Parsed::Malformed,
         }
     }
-    if l4(ctx, ETH_HLEN + ihl, pkt) { Parsed::Ip } else { Parsed::Malformed }
+    if l4(ctx, ETH_HLEN + ihl, pkt) {
+        Parsed::Ip
+    } else {
+        Parsed::Malformed
+    }
 }
 
 /// Does the options part of an IPv4 header of `ihl` bytes carry a loose (131) or strict (137) source
@@ -265,7 +284,11 @@ fn parse_v4_direct(skb: *mut __sk_buff, pkt: &mut MaybeUninit<Packet>) -> bool {
             return false;
         }
         let ports = *(l4 as *const u32);
-        let tcp_flags = if protocol == proto::TCP { *((l4 + 13) as *const u8) } else { 0 };
+        let tcp_flags = if protocol == proto::TCP {
+            *((l4 + 13) as *const u8)
+        } else {
+            0
+        };
         pkt.write(Packet {
             saddr: mapped_v4(*((ip + 12) as *const u32)),
             daddr: mapped_v4(*((ip + 16) as *const u32)),
@@ -316,7 +339,9 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, direction: u8) -> Parsed {
             }
             IPV6_ROUTING => {
                 // Next header, length, routing type, segments left (RFC 8200 §4.4).
-                let Some(r) = load::<[u8; 4]>(ctx, off) else { return Parsed::Malformed };
+                let Some(r) = load::<[u8; 4]>(ctx, off) else {
+                    return Parsed::Malformed;
+                };
                 if r[3] != 0 {
                     return Parsed::SourceRouted;
                 }
@@ -354,7 +379,11 @@ fn parse_v6(ctx: &TcContext, pkt: &mut Packet, direction: u8) -> Parsed {
     {
         return Parsed::Link;
     }
-    if l4(ctx, off, pkt) { Parsed::Ip } else { Parsed::Malformed }
+    if l4(ctx, off, pkt) {
+        Parsed::Ip
+    } else {
+        Parsed::Malformed
+    }
 }
 
 #[inline(always)]
@@ -385,7 +414,11 @@ fn is_link_control(direction: u8, t: u8, hop_limit: u8, saddr: &[u8; 16], daddr:
         ICMPV6_ROUTER_SOLICIT | ICMPV6_NEIGH_SOLICIT | ICMPV6_NEIGH_ADVERT if from_pod => {
             hop_limit == 255 && (is_link_local(daddr) || is_link_scope_multicast(daddr))
         }
-        ICMPV6_ROUTER_SOLICIT | ICMPV6_ROUTER_ADVERT | ICMPV6_NEIGH_SOLICIT | ICMPV6_NEIGH_ADVERT | ICMPV6_REDIRECT
+        ICMPV6_ROUTER_SOLICIT
+        | ICMPV6_ROUTER_ADVERT
+        | ICMPV6_NEIGH_SOLICIT
+        | ICMPV6_NEIGH_ADVERT
+        | ICMPV6_REDIRECT
             if !from_pod =>
         {
             hop_limit == 255
@@ -420,7 +453,6 @@ pub fn is_unspecified(a: &[u8; 16]) -> bool {
     w[0] == 0 && (w[1] == 0 || w[1] == u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0]))
 }
 
-
 /// Reads the transport header at `off`. Protocols without ports keep 0/0. False when the header of a
 /// protocol with ports is cut short.
 #[inline(always)]
@@ -428,27 +460,35 @@ fn l4(ctx: &TcContext, off: usize, pkt: &mut Packet) -> bool {
     match pkt.protocol {
         proto::TCP => {
             // Ports and flags (byte 13) in one call.
-            let Some(t) = load::<[u8; 14]>(ctx, off) else { return false };
+            let Some(t) = load::<[u8; 14]>(ctx, off) else {
+                return false;
+            };
             pkt.sport_be = u16::from_ne_bytes([t[0], t[1]]);
             pkt.dport_be = u16::from_ne_bytes([t[2], t[3]]);
             pkt.tcp_flags = t[13];
             true
         }
         proto::UDP | proto::SCTP => {
-            let Some(t) = load::<[u8; 4]>(ctx, off) else { return false };
+            let Some(t) = load::<[u8; 4]>(ctx, off) else {
+                return false;
+            };
             pkt.sport_be = u16::from_ne_bytes([t[0], t[1]]);
             pkt.dport_be = u16::from_ne_bytes([t[2], t[3]]);
             true
         }
         proto::ICMP | proto::ICMPV6 => {
-            let Some(t) = load::<u8>(ctx, off) else { return false };
+            let Some(t) = load::<u8>(ctx, off) else {
+                return false;
+            };
             let echo = matches!(
                 (pkt.protocol, t),
                 (proto::ICMP, ICMP_ECHO_REQUEST | ICMP_ECHO_REPLY)
                     | (proto::ICMPV6, ICMPV6_ECHO_REQUEST | ICMPV6_ECHO_REPLY)
             );
             if echo {
-                let Some(id) = load::<u16>(ctx, off + 4) else { return false };
+                let Some(id) = load::<u16>(ctx, off + 4) else {
+                    return false;
+                };
                 pkt.sport_be = id;
                 pkt.dport_be = id;
             }

@@ -124,11 +124,20 @@ fn stats(samples: &[Sample]) -> ChangeStats {
 pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/ztbcp{}", std::process::id()));
     let _ = loader::cleanup(&pin);
-    let caps = Capacities { policy: 1 << 21, ipcache: 1 << 20, ..Capacities::default() };
+    let caps = Capacities {
+        policy: 1 << 21,
+        ipcache: 1 << 20,
+        ..Capacities::default()
+    };
     let result = (|| -> anyhow::Result<SizeResult> {
         let mut dp = Datapath::load_with(&pin, caps)?;
         let mut synth = Synth::new(a.policies, a.pods, a.local);
-        let mut r = SizeResult { policies: a.policies, pods: a.pods, local_endpoints: synth.interfaces.len(), ..Default::default() };
+        let mut r = SizeResult {
+            policies: a.policies,
+            pods: a.pods,
+            local_endpoints: synth.interfaces.len(),
+            ..Default::default()
+        };
         let mut syncer = Syncer::new();
         syncer.capacities = caps;
 
@@ -137,7 +146,12 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
         engine.update(&synth.cluster, &Changes::default());
         let delta = engine.take_delta();
         let t1 = Instant::now();
-        let s = syncer.sync_delta(&mut KernelMaps(&mut dp.maps), engine.desired(), &synth.interfaces, &delta)?;
+        let s = syncer.sync_delta(
+            &mut KernelMaps(&mut dp.maps),
+            engine.desired(),
+            &synth.interfaces,
+            &delta,
+        )?;
         let t2 = Instant::now();
         r.cold_compile_ms = (t1 - t0).as_secs_f64() * 1e3;
         r.cold_sync_ms = (t2 - t1).as_secs_f64() * 1e3;
@@ -149,7 +163,13 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
         r.peak_rss_cold_mib = proc_status_kib("VmHWM") as f64 / 1024.0;
         eprintln!(
             "  {} policies / {} pods: cold compile {:.0} ms, sync {:.0} ms ({} writes), peak RSS {:.0} MiB; {} changes ...",
-            a.policies, a.pods, r.cold_compile_ms, r.cold_sync_ms, r.cold_writes, r.peak_rss_cold_mib, a.changes
+            a.policies,
+            a.pods,
+            r.cold_compile_ms,
+            r.cold_sync_ms,
+            r.cold_writes,
+            r.peak_rss_cold_mib,
+            a.changes
         );
 
         let mut all = Vec::new();
@@ -165,7 +185,12 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
             engine.update(&synth.cluster, &changes);
             let delta = engine.take_delta();
             let t1 = Instant::now();
-            let s = syncer.sync_delta(&mut KernelMaps(&mut dp.maps), engine.desired(), &synth.interfaces, &delta)?;
+            let s = syncer.sync_delta(
+                &mut KernelMaps(&mut dp.maps),
+                engine.desired(),
+                &synth.interfaces,
+                &delta,
+            )?;
             let t2 = Instant::now();
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             let sample = (ms(t2 - t0), ms(t1 - t0), ms(t2 - t1), s.total());
@@ -185,7 +210,10 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
             let t0 = Instant::now();
             let found = Changes::between(&previous, &synth.cluster);
             diffs.push(t0.elapsed().as_secs_f64() * 1e3);
-            anyhow::ensure!(found == changes, "the change names {changes:?}, the diff finds {found:?}");
+            anyhow::ensure!(
+                found == changes,
+                "the change names {changes:?}, the diff finds {found:?}"
+            );
         }
         diffs.sort_by(f64::total_cmp);
         r.snapshot_diff_p50_ms = quantile(&diffs, 0.5);
@@ -200,30 +228,71 @@ pub fn run_section(args: &Args) -> anyhow::Result<Report> {
     let exe = std::env::current_exe()?;
     let mut sizes = Vec::new();
     for size in &args.sizes {
-        let (p, q) = size.split_once(':').ok_or_else(|| anyhow::anyhow!("size {size}: want POLICIES:PODS"))?;
+        let (p, q) = size
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("size {size}: want POLICIES:PODS"))?;
         let out = Command::new(&exe)
             .args(["control-plane-child", "--policies", p, "--pods", q])
-            .args(["--local", &args.local.to_string(), "--changes", &args.changes.to_string()])
+            .args([
+                "--local",
+                &args.local.to_string(),
+                "--changes",
+                &args.changes.to_string(),
+            ])
             .args(["--max-seconds", &args.max_seconds.to_string()])
             .stderr(std::process::Stdio::inherit())
             .output()?;
-        anyhow::ensure!(out.status.success(), "control-plane size {size} failed: {}", out.status);
+        anyhow::ensure!(
+            out.status.success(),
+            "control-plane size {size} failed: {}",
+            out.status
+        );
         let line = String::from_utf8_lossy(&out.stdout);
         let r: SizeResult = serde_json::from_str(line.trim().lines().last().unwrap_or_default())?;
         sizes.push(r);
     }
 
-    println!("\nControl plane: cold start, and single changes named by the source (incremental engine update + delta sync)");
+    println!(
+        "\nControl plane: cold start, and single changes named by the source (incremental engine update + delta sync)"
+    );
     println!(
         "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>9} {:>8} {:>8} {:>8} | {:>7} | {:>7} {:>8} {:>8} {:>11} {:>7}",
-        "policies", "pods", "local", "ids", "ipcache", "policy", "compile", "sync", "writes", "cold", "RSS MiB", "changes", "p50 ms", "p99 ms", "diff p50", "writes"
+        "policies",
+        "pods",
+        "local",
+        "ids",
+        "ipcache",
+        "policy",
+        "compile",
+        "sync",
+        "writes",
+        "cold",
+        "RSS MiB",
+        "changes",
+        "p50 ms",
+        "p99 ms",
+        "diff p50",
+        "writes"
     );
     for r in &sizes {
         println!(
             "{:>8} {:>6} {:>6} {:>5} {:>7} {:>7} | {:>7.0}ms {:>6.0}ms {:>8} {:>6.0}ms | {:>7.0} | {:>7} {:>8.2} {:>8.2} {:>7.1}ms {:>7.0}",
-            r.policies, r.pods, r.local_endpoints, r.identities, r.ipcache_entries, r.policy_entries, r.cold_compile_ms,
-            r.cold_sync_ms, r.cold_writes, r.cold_total_ms, r.peak_rss_mib, r.changes.count, r.changes.p50_ms,
-            r.changes.p99_ms, r.snapshot_diff_p50_ms, r.changes.writes_p50
+            r.policies,
+            r.pods,
+            r.local_endpoints,
+            r.identities,
+            r.ipcache_entries,
+            r.policy_entries,
+            r.cold_compile_ms,
+            r.cold_sync_ms,
+            r.cold_writes,
+            r.cold_total_ms,
+            r.peak_rss_mib,
+            r.changes.count,
+            r.changes.p50_ms,
+            r.changes.p99_ms,
+            r.snapshot_diff_p50_ms,
+            r.changes.writes_p50
         );
         for (kind, s) in &r.by_kind {
             println!(
@@ -232,7 +301,9 @@ pub fn run_section(args: &Args) -> anyhow::Result<Report> {
             );
         }
     }
-    println!("(targets at the larger size: cold <= 2000 ms, peak RSS <= 256 MiB, single change p99 <= 10 ms;");
+    println!(
+        "(targets at the larger size: cold <= 2000 ms, peak RSS <= 256 MiB, single change p99 <= 10 ms;"
+    );
     println!(" diff = what a source of whole snapshots adds per change to find it, not in p50/p99)");
     Ok(Report { sizes })
 }

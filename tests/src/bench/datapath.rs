@@ -28,8 +28,8 @@ use aya::programs::{TestRun, TestRunOptions};
 use serde::Serialize;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_common::{
-    BackendClass, CtKey, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, dir, ep_flags, names,
-    proto,
+    BackendClass, CtKey, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey,
+    ServiceValue, dir, ep_flags, names, proto,
 };
 
 use super::synth::Rng;
@@ -54,7 +54,15 @@ pub struct Args {
     pub services: Vec<u32>,
 }
 
-const CASES: [&str; 7] = ["syn allowed", "syn denied", "established", "linked", "at the peer", "udp new", "ipv6 syn"];
+const CASES: [&str; 7] = [
+    "syn allowed",
+    "syn denied",
+    "established",
+    "linked",
+    "at the peer",
+    "udp new",
+    "ipv6 syn",
+];
 
 #[derive(Serialize)]
 pub struct Cell {
@@ -110,19 +118,43 @@ fn repeated(dp: &Datapath, ifindex: u32, pkt: &[u8], repeat: u32) -> (u32, f64) 
         verdicts.insert(rv);
         ns.push(d.as_nanos() as f64);
     }
-    assert_eq!(verdicts.len(), 1, "one packet, repeated, got different verdicts: {verdicts:?}");
-    (verdicts.into_iter().next().unwrap_or_default(), super::median(&ns))
+    assert_eq!(
+        verdicts.len(),
+        1,
+        "one packet, repeated, got different verdicts: {verdicts:?}"
+    );
+    (
+        verdicts.into_iter().next().unwrap_or_default(),
+        super::median(&ns),
+    )
 }
 
 /// `prog` on `pkt` with `skb->mark` (offset 8 of the context) and `skb->ingress_ifindex` (offset 36: the
 /// interface the packet entered the node on) = `mark_from`.
-fn run_prog(dp: &Datapath, prog: &str, ifindex: u32, mark_from: (u32, u32), pkt: &[u8], repeat: u32) -> (u32, Duration) {
+fn run_prog(
+    dp: &Datapath,
+    prog: &str,
+    ifindex: u32,
+    mark_from: (u32, u32),
+    pkt: &[u8],
+    repeat: u32,
+) -> (u32, Duration) {
     let mut ctx = skb_ctx(ifindex);
     ctx[8..12].copy_from_slice(&mark_from.0.to_ne_bytes());
     ctx[36..40].copy_from_slice(&mark_from.1.to_ne_bytes());
     let mut out = vec![0u8; pkt.len() + 256];
-    let opts = TestRunOptions { data_in: Some(pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat, ..Default::default() };
-    let r = dp.program(prog).expect("program").test_run(opts).expect("test run");
+    let opts = TestRunOptions {
+        data_in: Some(pkt),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        repeat,
+        ..Default::default()
+    };
+    let r = dp
+        .program(prog)
+        .expect("program")
+        .test_run(opts)
+        .expect("test run");
     (r.return_value, r.duration)
 }
 
@@ -178,18 +210,42 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ u64::from(policies) << 20 ^ u64::from(pods));
     let identities = (pods / 10).max(2);
     for i in 0..pods {
-        let key = IpcacheKey { addr: mapped(pod_ip(i)) };
-        dp.maps.ipcache.insert(128, &key, &IpcacheValue { identity: 256 + i / 10, _pad: 0 }).expect("ipcache");
+        let key = IpcacheKey {
+            addr: mapped(pod_ip(i)),
+        };
+        dp.maps
+            .ipcache
+            .insert(
+                128,
+                &key,
+                &IpcacheValue {
+                    identity: 256 + i / 10,
+                    _pad: 0,
+                },
+            )
+            .expect("ipcache");
     }
     // The measured endpoint (ifindex) and 99 others.
-    let endpoints: Vec<u32> = std::iter::once(ifindex).chain((0..99).map(|i| 100_000 + i)).collect();
+    let endpoints: Vec<u32> = std::iter::once(ifindex)
+        .chain((0..99).map(|i| 100_000 + i))
+        .collect();
     for ep in &endpoints {
         // The flags the agent's sync writes for these entries: isolated for egress, and no entry for any
         // peer in either direction.
         // (The endpoints given a port range below lose `NO_WIDE_EGRESS_UDP` there.)
-        let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
+        let flags = ep_flags::ISOLATED_EGRESS
+            | ep_flags::NO_ANY_PEER_INGRESS
+            | ep_flags::NO_ANY_PEER_EGRESS
+            | ep_flags::ALL_NO_WIDE;
         // The measured endpoint sends from pod 0's address (the only source it may use).
-        let info = EndpointInfo { endpoint_id: *ep, identity: 256, flags, addr4: mapped(pod_ip(0)), addr6: ME6, ..Default::default() };
+        let info = EndpointInfo {
+            endpoint_id: *ep,
+            identity: 256,
+            flags,
+            addr4: mapped(pod_ip(0)),
+            addr6: ME6,
+            ..Default::default()
+        };
         dp.maps.endpoints.insert(*ep, info, 0).expect("endpoint");
     }
     let mut entries = 0usize;
@@ -199,14 +255,34 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         for _ in 0..3 {
             let remote = 256 + rng.below(u64::from(identities)) as u32;
             let key = PolicyKey::new(ep, remote, dir::EGRESS, proto::TCP, port);
-            dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: p + 1, _pad: 0 }).expect("policy");
+            dp.maps
+                .policy
+                .insert(
+                    PolicyKey::PREFIX_FULL,
+                    &key,
+                    &PolicyValue {
+                        rule_id: p + 1,
+                        _pad: 0,
+                    },
+                )
+                .expect("policy");
             entries += 1;
         }
         // A range of 32 ports: one aligned block.
         let remote = 256 + rng.below(u64::from(identities)) as u32;
         let base = (30_000 + rng.below(1000) as u16) & !31;
         let key = PolicyKey::new(ep, remote, dir::EGRESS, proto::UDP, base);
-        dp.maps.policy.insert(PolicyKey::PREFIX_FULL - 5, &key, &PolicyValue { rule_id: p + 1, _pad: 0 }).expect("policy");
+        dp.maps
+            .policy
+            .insert(
+                PolicyKey::PREFIX_FULL - 5,
+                &key,
+                &PolicyValue {
+                    rule_id: p + 1,
+                    _pad: 0,
+                },
+            )
+            .expect("policy");
         entries += 1;
         // Its UDP egress has a wide entry now: the programs walk the trie for it, as the agent's flags say.
         let mut info = dp.maps.endpoints.get(&ep, 0).expect("endpoint");
@@ -222,15 +298,43 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     let peer_id = 256;
     for (protocol, port) in [(proto::TCP, 8080), (proto::UDP, 53)] {
         let key = PolicyKey::new(ifindex, peer_id, dir::EGRESS, protocol, port);
-        dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 }).expect("policy");
+        dp.maps
+            .policy
+            .insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 })
+            .expect("policy");
     }
     let (me6, peer6) = (ME6, [0xfdu8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
-    dp.maps.ipcache.insert(128, &IpcacheKey { addr: peer6 }, &IpcacheValue { identity: peer_id, _pad: 0 }).unwrap();
+    dp.maps
+        .ipcache
+        .insert(
+            128,
+            &IpcacheKey { addr: peer6 },
+            &IpcacheValue {
+                identity: peer_id,
+                _pad: 0,
+            },
+        )
+        .unwrap();
     // Events for denied packets are rate-limited per flow; keep that realistic (one per second).
-    dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, ..Default::default() }, 0).unwrap();
+    dp.maps
+        .config
+        .set(
+            0,
+            ztrust_common::Config {
+                event_interval_ns: 1_000_000_000,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
 
     let mut ns = BTreeMap::new();
-    ns.insert(CASES[0], new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)));
+    ns.insert(
+        CASES[0],
+        new_flows(&dp, ifindex, args.flows, |sp| {
+            frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)
+        }),
+    );
     let denied = frame(false, &me, &peer, proto::TCP, 999, 8081, 0x02);
     let (rv, d) = repeated(&dp, ifindex, &denied, args.repeat);
     assert_eq!(rv, 2, "denied SYN passed");
@@ -245,17 +349,45 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
     // too, as its interface records when it admits the SYN.
     // (The receiving interface must exist for the test run: the namespace's loopback plays it.)
     let receiver = 1;
-    let info = EndpointInfo { endpoint_id: receiver, identity: 256, flags: ep_flags::ISOLATED_INGRESS, ..Default::default() };
+    let info = EndpointInfo {
+        endpoint_id: receiver,
+        identity: 256,
+        flags: ep_flags::ISOLATED_INGRESS,
+        ..Default::default()
+    };
     dp.maps.endpoints.insert(receiver, info, 0).expect("endpoint");
-    let ct_key = CtKey::new(ifindex, dir::EGRESS, &mapped(me), &mapped(peer), 998u16.to_be(), 8080u16.to_be(), proto::TCP);
+    let ct_key = CtKey::new(
+        ifindex,
+        dir::EGRESS,
+        &mapped(me),
+        &mapped(peer),
+        998u16.to_be(),
+        8080u16.to_be(),
+        proto::TCP,
+    );
     let mut entry = dp.maps.conntrack.get(&ct_key, 0).expect("the connection's entry");
     entry.peer_ifindex = receiver;
     dp.maps.conntrack.insert(ct_key, entry, 0).expect("link");
     // The receiver's entry for the connection, linked to the sender's interface (which the marked packet
     // comes from): what its interface records when it admits the SYN.
-    let peer_key = CtKey::new(receiver, dir::INGRESS, &mapped(me), &mapped(peer), 998u16.to_be(), 8080u16.to_be(), proto::TCP);
-    let peer_entry = ztrust_common::CtValue { origin: dir::INGRESS, peer_ifindex: ifindex, ..entry };
-    dp.maps.conntrack.insert(peer_key, peer_entry, 0).expect("the receiver's entry");
+    let peer_key = CtKey::new(
+        receiver,
+        dir::INGRESS,
+        &mapped(me),
+        &mapped(peer),
+        998u16.to_be(),
+        8080u16.to_be(),
+        proto::TCP,
+    );
+    let peer_entry = ztrust_common::CtValue {
+        origin: dir::INGRESS,
+        peer_ifindex: ifindex,
+        ..entry
+    };
+    dp.maps
+        .conntrack
+        .insert(peer_key, peer_entry, 0)
+        .expect("the receiver's entry");
     let at_peer = (loader::DEFAULT_PEER_MARK, ifindex);
     // Each run marks (or clears the mark of) the packet, which a repeated run would see: these are
     // single runs, the mean over as many as there are new flows, and include the per-run overhead of
@@ -268,20 +400,52 @@ fn measure(args: &Args, pin: &std::path::Path, ifindex: u32, policies: u32, pods
         entry.peer_ifindex = 0;
         dp.maps.conntrack.insert(ct_key, entry, 0).expect("unlink");
         let ns = single_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, args.flows);
-        cold_ns.insert(CASES[2], cold_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, COLD_RUNS));
+        cold_ns.insert(
+            CASES[2],
+            cold_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, COLD_RUNS),
+        );
         entry.peer_ifindex = receiver;
         dp.maps.conntrack.insert(ct_key, entry, 0).expect("link");
         ns
     };
-    ns.insert(CASES[3], single_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, args.flows));
-    ns.insert(CASES[4], single_runs(&dp, names::PROG_TO_POD, receiver, at_peer, &ack, args.flows));
-    cold_ns.insert(CASES[3], cold_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, COLD_RUNS));
-    cold_ns.insert(CASES[4], cold_runs(&dp, names::PROG_TO_POD, receiver, at_peer, &ack, COLD_RUNS));
-    ns.insert(CASES[5], new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::UDP, sp, 53, 0)));
-    ns.insert(CASES[6], new_flows(&dp, ifindex, args.flows, |sp| frame(true, &me6, &peer6, proto::TCP, sp, 8080, 0x02)));
+    ns.insert(
+        CASES[3],
+        single_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, args.flows),
+    );
+    ns.insert(
+        CASES[4],
+        single_runs(&dp, names::PROG_TO_POD, receiver, at_peer, &ack, args.flows),
+    );
+    cold_ns.insert(
+        CASES[3],
+        cold_runs(&dp, names::PROG_FROM_POD, ifindex, (0, 0), &ack, COLD_RUNS),
+    );
+    cold_ns.insert(
+        CASES[4],
+        cold_runs(&dp, names::PROG_TO_POD, receiver, at_peer, &ack, COLD_RUNS),
+    );
+    ns.insert(
+        CASES[5],
+        new_flows(&dp, ifindex, args.flows, |sp| {
+            frame(false, &me, &peer, proto::UDP, sp, 53, 0)
+        }),
+    );
+    ns.insert(
+        CASES[6],
+        new_flows(&dp, ifindex, args.flows, |sp| {
+            frame(true, &me6, &peer6, proto::TCP, sp, 8080, 0x02)
+        }),
+    );
     drop(dp);
     let _ = loader::cleanup(pin);
-    Cell { policies, pods, policy_entries: entries + 2, ns_per_packet: ns, established_single_runs_ns, cold_ns }
+    Cell {
+        policies,
+        pods,
+        policy_entries: entries + 2,
+        ns_per_packet: ns,
+        established_single_runs_ns,
+        cold_ns,
+    }
 }
 
 /// The ClusterIP of Service `i`: 10.96.0.0/16 and up.
@@ -297,34 +461,91 @@ fn measure_services(args: &Args, pin: &std::path::Path, ifindex: u32, services: 
     let mut dp = Datapath::load(pin).expect("load");
     let (me, peer, peer_id) = (pod_ip(0), pod_ip(1), 256);
     for (i, id) in [(0, 256), (1, peer_id)] {
-        dp.maps.ipcache.insert(128, &IpcacheKey { addr: mapped(pod_ip(i)) }, &IpcacheValue { identity: id, _pad: 0 }).expect("ipcache");
+        dp.maps
+            .ipcache
+            .insert(
+                128,
+                &IpcacheKey {
+                    addr: mapped(pod_ip(i)),
+                },
+                &IpcacheValue {
+                    identity: id,
+                    _pad: 0,
+                },
+            )
+            .expect("ipcache");
     }
-    let flags = ep_flags::ISOLATED_EGRESS | ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
-    let info = EndpointInfo { endpoint_id: ifindex, identity: 256, flags, addr4: mapped(me), addr6: ME6, ..Default::default() };
+    let flags = ep_flags::ISOLATED_EGRESS
+        | ep_flags::NO_ANY_PEER_INGRESS
+        | ep_flags::NO_ANY_PEER_EGRESS
+        | ep_flags::ALL_NO_WIDE;
+    let info = EndpointInfo {
+        endpoint_id: ifindex,
+        identity: 256,
+        flags,
+        addr4: mapped(me),
+        addr6: ME6,
+        ..Default::default()
+    };
     dp.maps.endpoints.insert(ifindex, info, 0).expect("endpoint");
     let key = PolicyKey::new(ifindex, peer_id, dir::EGRESS, proto::TCP, 8080);
-    dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 }).expect("policy");
-    let class = |identity, port| BackendClass { identity, port, _pad: 0 };
+    dp.maps
+        .policy
+        .insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: 1, _pad: 0 })
+        .expect("policy");
+    let class = |identity, port| BackendClass {
+        identity,
+        port,
+        _pad: 0,
+    };
     for i in 0..services {
-        let mut value = ServiceValue { classes: 2, ..Default::default() };
+        let mut value = ServiceValue {
+            classes: 2,
+            ..Default::default()
+        };
         value.class[0] = class(peer_id, 8080);
         value.class[1] = class(peer_id, 8080);
-        let key = ServiceKey { addr: mapped(service_ip(i)), port_be: 80u16.to_be(), protocol: proto::TCP, _pad: 0 };
+        let key = ServiceKey {
+            addr: mapped(service_ip(i)),
+            port_be: 80u16.to_be(),
+            protocol: proto::TCP,
+            _pad: 0,
+        };
         dp.maps.services.insert(key, value, 0).expect("service");
     }
-    dp.maps.config.set(0, ztrust_common::Config { event_interval_ns: 1_000_000_000, ..Default::default() }, 0).unwrap();
+    dp.maps
+        .config
+        .set(
+            0,
+            ztrust_common::Config {
+                event_interval_ns: 1_000_000_000,
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
     let vip = service_ip(services / 2);
-    let syn_to_pod_ns = new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02));
-    let syn_to_service_ns = new_flows(&dp, ifindex, args.flows, |sp| frame(false, &me, &vip, proto::TCP, sp, 80, 0x02));
+    let syn_to_pod_ns = new_flows(&dp, ifindex, args.flows, |sp| {
+        frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)
+    });
+    let syn_to_service_ns = new_flows(&dp, ifindex, args.flows, |sp| {
+        frame(false, &me, &vip, proto::TCP, sp, 80, 0x02)
+    });
     drop(dp);
     let _ = loader::cleanup(pin);
-    ServiceCell { services, syn_to_pod_ns, syn_to_service_ns }
+    ServiceCell {
+        services,
+        syn_to_pod_ns,
+        syn_to_service_ns,
+    }
 }
 
 /// Runs the section on a thread of its own (it enters a network namespace) and prints its table.
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {
     let args = args.clone();
-    std::thread::spawn(move || section(&args)).join().map_err(|_| anyhow::anyhow!("datapath section panicked"))?
+    std::thread::spawn(move || section(&args))
+        .join()
+        .map_err(|_| anyhow::anyhow!("datapath section panicked"))?
 }
 
 /// Removes the section's namespace and pins however it ends (a failed load or assertion included).
@@ -336,7 +557,9 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         let _ = loader::cleanup(&self.pin);
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.netns]).status();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
     }
 }
 
@@ -344,10 +567,15 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     let netns = format!("ztbdp{}", std::process::id());
     let pin = std::path::PathBuf::from(format!("/sys/fs/bpf/{netns}"));
     sh(&["ip", "netns", "add", &netns]);
-    let _cleanup = Cleanup { netns: netns.clone(), pin: pin.clone() };
+    let _cleanup = Cleanup {
+        netns: netns.clone(),
+        pin: pin.clone(),
+    };
     // A device for the programs to run on: the kernel resolves the context's ifindex in this namespace.
     // (No dummy driver on every kernel; a veth pair works everywhere.)
-    sh(&["ip", "-n", &netns, "link", "add", "ztb0", "type", "veth", "peer", "name", "ztb1"]);
+    sh(&[
+        "ip", "-n", &netns, "link", "add", "ztb0", "type", "veth", "peer", "name", "ztb1",
+    ]);
     sh(&["ip", "-n", &netns, "link", "set", "ztb0", "up"]);
     sh(&["ip", "-n", &netns, "link", "set", "ztb1", "up"]);
     super::enter_netns(&netns);
@@ -393,7 +621,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         single.iter().copied().fold(0.0, f64::max)
     );
     println!("(target: every ratio <= 1.2, and the established path the cheapest)");
-    println!("\nThe same packets with the core's caches evicted before each single run ({} MiB written; median ns):", COLD_SWEEP >> 20);
+    println!(
+        "\nThe same packets with the core's caches evicted before each single run ({} MiB written; median ns):",
+        COLD_SWEEP >> 20
+    );
     print!("{:>9} {:>8}", "policies", "pods");
     for c in &CASES[2..5] {
         print!(" {:>12}", c);
@@ -413,8 +644,13 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         eprintln!("{:.0} ns (syn to a service)", cell.syn_to_service_ns);
         services.push(cell);
     }
-    println!("\nA new connection to a Service frontend (two backend classes) beside one straight to its backend (ns/packet; ratio to the smallest count in brackets)");
-    println!("{:>9} {:>20} {:>20}", "services", "syn to the pod", "syn to the service");
+    println!(
+        "\nA new connection to a Service frontend (two backend classes) beside one straight to its backend (ns/packet; ratio to the smallest count in brackets)"
+    );
+    println!(
+        "{:>9} {:>20} {:>20}",
+        "services", "syn to the pod", "syn to the service"
+    );
     if let Some(first) = services.first() {
         let (pod0, svc0) = (first.syn_to_pod_ns, first.syn_to_service_ns);
         for c in &services {
@@ -428,5 +664,9 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             );
         }
     }
-    Ok(Report { cells, worst_ratio: worst, services })
+    Ok(Report {
+        cells,
+        worst_ratio: worst,
+        services,
+    })
 }

@@ -29,7 +29,11 @@ use super::{frame, sh, sh_quiet, skb_ctx};
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
     /// Offered rates, events per second (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "50000,100000,150000,200000,300000,500000,1000000")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "50000,100000,150000,200000,300000,500000,1000000"
+    )]
     pub rates: Vec<u64>,
     /// Seconds per rate.
     #[arg(long, default_value_t = 3.0)]
@@ -77,7 +81,10 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         if let Some(mut a) = self.agent.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(a.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let _ = a.wait();
         }
         let _ = loader::cleanup(&self.pin);
@@ -91,13 +98,19 @@ fn agent_bin(args: &Args) -> anyhow::Result<PathBuf> {
         Some(p) => p.clone(),
         None => std::env::current_exe()?.with_file_name("ztrust-agent"),
     };
-    anyhow::ensure!(p.exists(), "agent binary {} not found (build it: cargo build --release -p ztrust-agent)", p.display());
+    anyhow::ensure!(
+        p.exists(),
+        "agent binary {} not found (build it: cargo build --release -p ztrust-agent)",
+        p.display()
+    );
     Ok(p)
 }
 
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {
     let args = args.clone();
-    std::thread::spawn(move || section(&args)).join().map_err(|_| anyhow::anyhow!("flows section panicked"))?
+    std::thread::spawn(move || section(&args))
+        .join()
+        .map_err(|_| anyhow::anyhow!("flows section panicked"))?
 }
 
 fn section(args: &Args) -> anyhow::Result<Report> {
@@ -121,7 +134,9 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     let log = g.dir.join("agent.log");
     sh(&["ip", "netns", "add", &g.netns]);
     sh(&["ip", "-n", &g.netns, "link", "set", "lo", "up"]);
-    sh(&["ip", "-n", &g.netns, "link", "add", "ztbf0", "type", "veth", "peer", "name", "ztbf1"]);
+    sh(&[
+        "ip", "-n", &g.netns, "link", "add", "ztbf0", "type", "veth", "peer", "name", "ztbf1",
+    ]);
     sh(&["ip", "-n", &g.netns, "link", "set", "ztbf0", "up"]);
     sh(&["ip", "-n", &g.netns, "link", "set", "ztbf1", "up"]);
     // Not `ip netns exec`: it would give the agent a mount namespace with a bpffs of its own. A child
@@ -139,37 +154,74 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         .spawn()?;
     g.agent = Some(child);
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("in sync") {
-        anyhow::ensure!(Instant::now() < deadline, "agent not in sync after 30 s; its log: {}", log.display());
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("in sync")
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agent not in sync after 30 s; its log: {}",
+            log.display()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 
     let ifindex = nix::net::if_::if_nametoindex("ztbf0")?;
     // The agent's pinned maps: the ring buffer it reads, the config it set (every drop emits).
     let mut dp = Datapath::load_with(&g.pin, loader::Capacities::default())?;
-    dp.maps.endpoints.insert(ifindex, EndpointInfo {
-        endpoint_id: ifindex,
-        identity: 256,
-        flags: ep_flags::ISOLATED_EGRESS,
-        addr4: std::net::Ipv4Addr::new(10, 9, 0, 1).to_ipv6_mapped().octets(),
-        ..Default::default()
-    }, 0)?;
+    dp.maps.endpoints.insert(
+        ifindex,
+        EndpointInfo {
+            endpoint_id: ifindex,
+            identity: 256,
+            flags: ep_flags::ISOLATED_EGRESS,
+            addr4: std::net::Ipv4Addr::new(10, 9, 0, 1).to_ipv6_mapped().octets(),
+            ..Default::default()
+        },
+        0,
+    )?;
     let cfg = dp.maps.config.get(&0, 0)?;
-    anyhow::ensure!(cfg.event_interval_ns == 0, "agent did not set event_interval_ns = 0");
-    let pkt = frame(false, &[10, 9, 0, 1], &[10, 9, 0, 2], proto::TCP, 40000, 5432, 0x02);
+    anyhow::ensure!(
+        cfg.event_interval_ns == 0,
+        "agent did not set event_interval_ns = 0"
+    );
+    let pkt = frame(
+        false,
+        &[10, 9, 0, 1],
+        &[10, 9, 0, 2],
+        proto::TCP,
+        40000,
+        5432,
+        0x02,
+    );
     let ctx = skb_ctx(ifindex);
     let mut out = vec![0u8; pkt.len() + 256];
     let prog = dp.program(names::PROG_FROM_POD).expect("program");
     let mut fire = |n: u32| {
-        let opts = TestRunOptions { data_in: Some(&pkt), data_out: Some(&mut out), ctx_in: Some(&ctx), repeat: n, ..Default::default() };
+        let opts = TestRunOptions {
+            data_in: Some(&pkt),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat: n,
+            ..Default::default()
+        };
         let r = prog.test_run(opts).expect("test run");
         assert_eq!(r.return_value, 2, "the denied SYN passed");
     };
-    let kernel_lost = || -> u64 { dp.maps.stats.get(&stat::EVENTS_LOST, 0).map(|v| v.iter().sum()).unwrap_or(0) };
+    let kernel_lost = || -> u64 {
+        dp.maps
+            .stats
+            .get(&stat::EVENTS_LOST, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    };
 
     // The client: a tokio runtime of its own, on this thread's namespace-independent unix socket.
     let counts = Arc::new(Counts::default());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
     let c = counts.clone();
     let sock = socket.clone();
     rt.spawn(async move {
@@ -177,7 +229,13 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             Ok(c) => c,
             Err(e) => return eprintln!("flows client: {e}"),
         };
-        let mut stream = match client.get_flows(GetFlowsRequest { follow: true, ..Default::default() }).await {
+        let mut stream = match client
+            .get_flows(GetFlowsRequest {
+                follow: true,
+                ..Default::default()
+            })
+            .await
+        {
             Ok(s) => s.into_inner(),
             Err(e) => return eprintln!("GetFlows: {e}"),
         };
@@ -206,7 +264,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            anyhow::bail!("the flows client received nothing; the agent's last lines:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            anyhow::bail!(
+                "the flows client received nothing; the agent's last lines:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         fire(1);
         std::thread::sleep(Duration::from_millis(50));
@@ -266,16 +327,33 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     drop(dp);
     drop(g);
 
-    println!("\nFlow pipeline: denied-flow events, kernel ring buffer -> agent -> hub -> gRPC `flows --follow` client");
+    println!(
+        "\nFlow pipeline: denied-flow events, kernel ring buffer -> agent -> hub -> gRPC `flows --follow` client"
+    );
     println!(
         "{:>10} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11}",
-        "offered/s", "generated/s", "generated", "delivered", "deliv/s", "kernel lost", "rep kernel", "rep slow", "unaccounted"
+        "offered/s",
+        "generated/s",
+        "generated",
+        "delivered",
+        "deliv/s",
+        "kernel lost",
+        "rep kernel",
+        "rep slow",
+        "unaccounted"
     );
     for s in &steps {
         println!(
             "{:>10} {:>10.0} {:>10} {:>10} {:>10.0} {:>11} {:>11} {:>11} {:>11}",
-            s.offered_per_s, s.generated_per_s, s.generated, s.delivered, s.delivered_per_s, s.kernel_lost,
-            s.reported_kernel_lost, s.reported_slow_client_lost, s.unaccounted
+            s.offered_per_s,
+            s.generated_per_s,
+            s.generated,
+            s.delivered,
+            s.delivered_per_s,
+            s.kernel_lost,
+            s.reported_kernel_lost,
+            s.reported_slow_client_lost,
+            s.unaccounted
         );
     }
     let max_lossless = steps
@@ -283,8 +361,13 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         .filter(|s| s.delivered == s.generated)
         .map(|s| s.generated_per_s)
         .fold(0.0, f64::max);
-    println!("highest rate delivered without loss: {max_lossless:.0}/s (target: >= 200000/s, losses above counted exactly)");
-    Ok(Report { steps, max_lossless_per_s: max_lossless })
+    println!(
+        "highest rate delivered without loss: {max_lossless:.0}/s (target: >= 200000/s, losses above counted exactly)"
+    );
+    Ok(Report {
+        steps,
+        max_lossless_per_s: max_lossless,
+    })
 }
 
 /// Waits until deliveries stop (and the agent's once-a-second loss report had time to come), returns

@@ -16,8 +16,15 @@ use std::process::Command;
 
 /// Runs a command, panicking with its stderr when it fails.
 pub fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a command, ignoring failure (cleanup).
@@ -34,9 +41,18 @@ pub fn sh_stdin(args: &[&str], input: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
     let out = child.wait_with_output().expect("wait");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Moves the calling thread into a network namespace (threads keep their own).
@@ -48,7 +64,9 @@ pub fn enter_netns(name: &str) {
 /// The process id in the name of a namespace or pin directory a section made (`ztbt1234n`,
 /// `ztbdp1234`: `ztb`, the section's letters, the id, maybe a suffix).
 fn owner_pid(name: &str) -> Option<u32> {
-    let rest = name.strip_prefix("ztb")?.trim_start_matches(|c: char| c.is_ascii_lowercase());
+    let rest = name
+        .strip_prefix("ztb")?
+        .trim_start_matches(|c: char| c.is_ascii_lowercase());
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
 }
@@ -56,7 +74,9 @@ fn owner_pid(name: &str) -> Option<u32> {
 /// Removes the network namespaces and pins of benchmark runs that ended without removing them (killed),
 /// leaving those of runs still alive alone. Their servers die with them (`kill_with_parent`).
 pub fn remove_leftovers() {
-    let dead = |name: &str| owner_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let dead = |name: &str| {
+        owner_pid(name).is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
     for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if dead(&name) {
@@ -79,7 +99,9 @@ pub fn kill_with_parent(c: &mut std::process::Command) -> &mut std::process::Com
     use std::os::unix::process::CommandExt as _;
     // SAFETY: only an async-signal-safe system call between fork and exec.
     unsafe {
-        c.pre_exec(|| nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from))
+        c.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        })
     }
 }
 
@@ -87,7 +109,15 @@ pub fn kill_with_parent(c: &mut std::process::Command) -> &mut std::process::Com
 pub fn proc_status_kib(field: &str) -> u64 {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     s.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':')?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .strip_prefix(':')?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
         .unwrap_or(0)
 }
 

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use ztrust_agent::model::{
-    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, ObjectRef, Operator, Peer, Pod, PortRef,
-    PortSpec, Protocol, Requirement, Rule,
+    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, ObjectRef, Operator, Peer, Pod,
+    PortRef, PortSpec, Protocol, Requirement, Rule,
 };
 
 use ztrust_agent::policy::Changes;
@@ -48,11 +48,18 @@ fn labels(pairs: &[(&str, String)]) -> Labels {
 }
 
 fn ml(pairs: &[(&str, String)]) -> LabelSelector {
-    LabelSelector { match_labels: labels(pairs), match_expressions: Vec::new() }
+    LabelSelector {
+        match_labels: labels(pairs),
+        match_expressions: Vec::new(),
+    }
 }
 
 fn expr(key: &str, operator: Operator, values: &[&str]) -> Requirement {
-    Requirement { key: key.to_owned(), operator, values: values.iter().map(|v| (*v).to_owned()).collect::<BTreeSet<_>>() }
+    Requirement {
+        key: key.to_owned(),
+        operator,
+        values: values.iter().map(|v| (*v).to_owned()).collect::<BTreeSet<_>>(),
+    }
 }
 
 pub fn pod_ip(k: u32) -> IpAddr {
@@ -64,7 +71,11 @@ fn ns_name(i: usize) -> String {
 }
 
 fn tcp(port: PortRef) -> PortSpec {
-    PortSpec { protocol: Protocol::Tcp, port: Some(port), end_port: None }
+    PortSpec {
+        protocol: Protocol::Tcp,
+        port: Some(port),
+        end_port: None,
+    }
 }
 
 impl Synth {
@@ -84,11 +95,23 @@ impl Synth {
             annotations: Labels::new(),
             ips: vec![pod_ip(k)],
             ports: vec![
-                ContainerPort { name: Some("http".into()), port: 8080 + (app % 2) as u16, protocol: Protocol::Tcp },
-                ContainerPort { name: Some("metrics".into()), port: 9090, protocol: Protocol::Tcp },
+                ContainerPort {
+                    name: Some("http".into()),
+                    port: 8080 + (app % 2) as u16,
+                    protocol: Protocol::Tcp,
+                },
+                ContainerPort {
+                    name: Some("metrics".into()),
+                    port: 9090,
+                    protocol: Protocol::Tcp,
+                },
             ],
             host_network: false,
-            node_name: Some(if local { THIS_NODE.to_owned() } else { format!("node-{}", k % 50) }),
+            node_name: Some(if local {
+                THIS_NODE.to_owned()
+            } else {
+                format!("node-{}", k % 50)
+            }),
         };
         let r = pod.object_ref();
         self.cluster.pods.insert(r.clone(), pod);
@@ -169,10 +192,14 @@ impl Synth {
                 peers: vec![Peer::Pods {
                     namespace_selector: Some(LabelSelector {
                         match_labels: labels(&[("env", "prod".into())]),
-                        match_expressions: vec![expr("team", Operator::In, &[
-                            &format!("team-{}", (ns + 1) % 20),
-                            &format!("team-{}", (ns + 2) % 20),
-                        ])],
+                        match_expressions: vec![expr(
+                            "team",
+                            Operator::In,
+                            &[
+                                &format!("team-{}", (ns + 1) % 20),
+                                &format!("team-{}", (ns + 2) % 20),
+                            ],
+                        )],
                     }),
                     pod_selector: Some(ml(&[("app", format!("app-{other_app}"))])),
                 }],
@@ -189,8 +216,14 @@ impl Synth {
                         pod_selector: Some(ml(&[("tier", "worker".into())])),
                     },
                     Peer::IpBlock {
-                        cidr: format!("172.{}.0.0/16", 16 + (j / 4) % 16).parse::<IpNet>().unwrap(),
-                        except: vec![format!("172.{}.{}.0/24", 16 + (j / 4) % 16, (j / 64) % 256).parse().unwrap()],
+                        cidr: format!("172.{}.0.0/16", 16 + (j / 4) % 16)
+                            .parse::<IpNet>()
+                            .unwrap(),
+                        except: vec![
+                            format!("172.{}.{}.0/24", 16 + (j / 4) % 16, (j / 64) % 256)
+                                .parse()
+                                .unwrap(),
+                        ],
                     },
                 ],
                 ports: vec![tcp(PortRef::Name("metrics".into())), tcp(PortRef::Number(9443))],
@@ -212,7 +245,11 @@ impl Synth {
                     }],
                     ports: vec![
                         tcp(PortRef::Number(8080)),
-                        PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(30000)), end_port: Some(30100) },
+                        PortSpec {
+                            protocol: Protocol::Tcp,
+                            port: Some(PortRef::Number(30000)),
+                            end_port: Some(30100),
+                        },
                     ],
                 });
                 p.egress.push(Rule {
@@ -220,7 +257,11 @@ impl Synth {
                         namespace_selector: Some(ml(&[("kubernetes.io/metadata.name", ns_name(0))])),
                         pod_selector: Some(ml(&[("app", "app-0".into())])),
                     }],
-                    ports: vec![PortSpec { protocol: Protocol::Udp, port: Some(PortRef::Number(53)), end_port: None }],
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Udp,
+                        port: Some(PortRef::Number(53)),
+                        end_port: None,
+                    }],
                 });
             }
         }
@@ -253,7 +294,8 @@ impl Synth {
                 let pod = self.cluster.pods.get_mut(&r).unwrap();
                 let tier = pod.labels.get("tier").cloned().unwrap_or_default();
                 let i = TIERS.iter().position(|t| *t == tier).unwrap_or(0);
-                pod.labels.insert("tier".into(), TIERS[(i + 1) % TIERS.len()].into());
+                pod.labels
+                    .insert("tier".into(), TIERS[(i + 1) % TIERS.len()].into());
                 changes.pods.insert(r);
                 ("label changed", changes)
             }
@@ -263,7 +305,10 @@ impl Synth {
                 changes.policies.insert(r.clone());
                 let rule = p.ingress.first_mut().or(p.egress.first_mut()).unwrap();
                 match rule.ports.first_mut() {
-                    Some(PortSpec { port: Some(PortRef::Number(n)), .. }) => *n = if *n == 9999 { 8080 } else { 9999 },
+                    Some(PortSpec {
+                        port: Some(PortRef::Number(n)),
+                        ..
+                    }) => *n = if *n == 9999 { 8080 } else { 9999 },
                     _ => rule.ports.push(tcp(PortRef::Number(9998))),
                 }
                 ("policy edited", changes)

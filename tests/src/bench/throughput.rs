@@ -41,7 +41,9 @@ use ztrust_agent::datapath::{
     EBPF_OBJECT,
     loader::{self, Datapath},
 };
-use ztrust_common::{EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto};
+use ztrust_common::{
+    EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto,
+};
 
 use super::{enter_netns, mapped, median, sh, sh_quiet, sh_stdin};
 
@@ -64,7 +66,11 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', default_value = "tcp,udp,rr,crr")]
     pub tests: Vec<String>,
     /// Only these variants (none is always measured: every ratio is to it).
-    #[arg(long, value_delimiter = ',', default_value = "control,hook,ztrust,iptables,ipset")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "control,hook,ztrust,iptables,ipset"
+    )]
     pub variants: Vec<String>,
     /// The CPU both ends of every test run on (a number, or `last`); `any` leaves them to the scheduler.
     #[arg(long, default_value = "any")]
@@ -79,8 +85,14 @@ impl Args {
             "any" => Ok(None),
             "last" => Ok(Some(online - 1)),
             n => {
-                let cpu: usize = n.parse().map_err(|_| anyhow::anyhow!("--cpu {n}: a CPU number, `last` or `any`"))?;
-                anyhow::ensure!(cpu < online, "--cpu {cpu}: this machine has CPUs 0 to {}", online - 1);
+                let cpu: usize = n
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--cpu {n}: a CPU number, `last` or `any`"))?;
+                anyhow::ensure!(
+                    cpu < online,
+                    "--cpu {cpu}: this machine has CPUs 0 to {}",
+                    online - 1
+                );
                 Ok(Some(cpu))
             }
         }
@@ -108,7 +120,12 @@ const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
 const CRR_PORT: u16 = 7001;
 /// The measured flows: what the policy allows the client to reach on the server.
-const ALLOWED: [(u8, u16); 4] = [(proto::TCP, IPERF_PORT), (proto::UDP, IPERF_PORT), (proto::TCP, RR_PORT), (proto::TCP, CRR_PORT)];
+const ALLOWED: [(u8, u16); 4] = [
+    (proto::TCP, IPERF_PORT),
+    (proto::UDP, IPERF_PORT),
+    (proto::TCP, RR_PORT),
+    (proto::TCP, CRR_PORT),
+];
 
 fn proto_name(p: u8) -> &'static str {
     if p == proto::UDP { "udp" } else { "tcp" }
@@ -185,21 +202,71 @@ impl Topo {
         let node = &t.node;
         sh(&["ip", "netns", "add", node]);
         sh(&["ip", "-n", node, "link", "set", "lo", "up"]);
-        sh(&["ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            node,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
         // The pods' gateway: a local address of the node, so the node answers ARP for it on every veth.
         sh(&["ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", "lo"]);
         for (pod, host_if, addr) in [(&t.client, "ztbhc", CLIENT_IP), (&t.server, "ztbhs", SERVER_IP)] {
             let a = ip(addr);
             sh(&["ip", "netns", "add", pod]);
-            sh(&["ip", "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns", pod]);
+            sh(&[
+                "ip", "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                pod,
+            ]);
             sh(&["ip", "-n", pod, "link", "set", "lo", "up"]);
             sh(&["ip", "-n", pod, "addr", "add", &format!("{a}/32"), "dev", "eth0"]);
             sh(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", pod, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-            sh(&["ip", "-n", pod, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
-            sh(&["ip", "netns", "exec", node, "sysctl", "-qw", &format!("net.ipv4.conf.{host_if}.proxy_arp=1")]);
+            sh(&[
+                "ip",
+                "-n",
+                pod,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                pod,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ]);
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                node,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
+            ]);
             sh(&["ip", "-n", node, "link", "set", host_if, "up"]);
-            sh(&["ip", "-n", node, "route", "add", &format!("{a}/32"), "dev", host_if]);
+            sh(&[
+                "ip",
+                "-n",
+                node,
+                "route",
+                "add",
+                &format!("{a}/32"),
+                "dev",
+                host_if,
+            ]);
         }
         t
     }
@@ -212,7 +279,9 @@ impl Topo {
 
     /// iperf3's arguments that pin it to the test CPU.
     fn iperf_affinity(&self) -> Vec<String> {
-        self.cpu.map(|cpu| vec!["-A".to_owned(), cpu.to_string()]).unwrap_or_default()
+        self.cpu
+            .map(|cpu| vec!["-A".to_owned(), cpu.to_string()])
+            .unwrap_or_default()
     }
 
     fn start_servers(&mut self) {
@@ -267,7 +336,13 @@ impl Topo {
         rx.recv_timeout(Duration::from_secs(5)).expect("rr server up");
         // iperf3 listening.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.in_client(|| TcpStream::connect_timeout(&SocketAddr::from((SERVER_IP, IPERF_PORT)), Duration::from_millis(200)).is_ok()) {
+        while !self.in_client(|| {
+            TcpStream::connect_timeout(
+                &SocketAddr::from((SERVER_IP, IPERF_PORT)),
+                Duration::from_millis(200),
+            )
+            .is_ok()
+        }) {
             assert!(Instant::now() < deadline, "iperf3 server not reachable");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -298,12 +373,19 @@ impl Topo {
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
         let end = &v["end"];
         if udp.is_some() {
-            let sum = if end["sum_received"].is_object() { &end["sum_received"] } else { &end["sum"] };
+            let sum = if end["sum_received"].is_object() {
+                &end["sum_received"]
+            } else {
+                &end["sum"]
+            };
             let bps = sum["bits_per_second"].as_f64().unwrap_or(0.0);
             let loss = end["sum"]["lost_percent"].as_f64();
             (bps / 1e6, loss)
         } else {
-            (end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6, None)
+            (
+                end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                None,
+            )
         }
     }
 
@@ -321,7 +403,9 @@ impl Topo {
                 let c = match conn.as_mut() {
                     Some(c) => c,
                     None => {
-                        let Ok(c) = TcpStream::connect_timeout(&dst, Duration::from_millis(500)) else { continue };
+                        let Ok(c) = TcpStream::connect_timeout(&dst, Duration::from_millis(500)) else {
+                            continue;
+                        };
                         let _ = c.set_nodelay(true);
                         let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
                         conn.insert(c)
@@ -345,12 +429,25 @@ impl Topo {
 
 fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
     use std::os::fd::AsRawFd as _;
-    let l = Linger { l_onoff: 1, l_linger: 0 };
+    let l = Linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     // SAFETY: valid socket fd and a correctly sized struct linger.
     let r = unsafe {
-        setsockopt(s.as_raw_fd(), 1 /* SOL_SOCKET */, 13 /* SO_LINGER */, (&l as *const Linger).cast(), 8)
+        setsockopt(
+            s.as_raw_fd(),
+            1,  /* SOL_SOCKET */
+            13, /* SO_LINGER */
+            (&l as *const Linger).cast(),
+            8,
+        )
     };
-    if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[repr(C)]
@@ -389,21 +486,34 @@ impl PassHook {
         // The object's maps come along (pinned by name); the program uses none.
         let maps = pin.join("maps");
         std::fs::create_dir_all(&maps).with_context(|| format!("creating {}", maps.display()))?;
-        let ebpf = aya::EbpfLoader::new().default_map_pin_directory(&maps).load(EBPF_OBJECT)?;
-        let mut hook = PassHook { ebpf, links: Vec::new() };
-        hook.program()?.load().context("loading the pass-through program")?;
+        let ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(&maps)
+            .load(EBPF_OBJECT)?;
+        let mut hook = PassHook {
+            ebpf,
+            links: Vec::new(),
+        };
+        hook.program()?
+            .load()
+            .context("loading the pass-through program")?;
         Ok(hook)
     }
 
     fn program(&mut self) -> anyhow::Result<&mut SchedClassifier> {
-        let prog = self.ebpf.program_mut(names::PROG_PASS).with_context(|| format!("{} not in the object", names::PROG_PASS))?;
+        let prog = self
+            .ebpf
+            .program_mut(names::PROG_PASS)
+            .with_context(|| format!("{} not in the object", names::PROG_PASS))?;
         Ok(prog.try_into()?)
     }
 
     fn attach(&mut self, ifnames: &[&str]) -> anyhow::Result<()> {
         for ifname in ifnames {
             for hook in [TcAttachType::Ingress, TcAttachType::Egress] {
-                let id = self.program()?.attach(ifname, hook).with_context(|| format!("attaching the pass-through program to {ifname}"))?;
+                let id = self
+                    .program()?
+                    .attach(ifname, hook)
+                    .with_context(|| format!("attaching the pass-through program to {ifname}"))?;
                 self.links.push(id);
             }
         }
@@ -423,14 +533,20 @@ impl PassHook {
 /// The per-pod chain of the server as iptables rules, the allowed flows last (or in a set).
 fn iptables_rules(n: usize, ipset: bool) -> String {
     let client = ip(CLIENT_IP);
-    let mut s = String::from("*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ZT-POD-FW-SERVER - [0:0]\n");
+    let mut s = String::from(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ZT-POD-FW-SERVER - [0:0]\n",
+    );
     s += "-A FORWARD -o ztbhs -j ZT-POD-FW-SERVER\n";
     s += "-A ZT-POD-FW-SERVER -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
     if ipset {
         s += "-A ZT-POD-FW-SERVER -m set --match-set ztb-allow src,dst -j ACCEPT\n";
     } else {
         for i in 0..n.saturating_sub(ALLOWED.len()) {
-            s += &format!("-A ZT-POD-FW-SERVER -s {}/32 -p tcp -m tcp --dport {} -j ACCEPT\n", ip(filler_ip(i)), filler_port(i));
+            s += &format!(
+                "-A ZT-POD-FW-SERVER -s {}/32 -p tcp -m tcp --dport {} -j ACCEPT\n",
+                ip(filler_ip(i)),
+                filler_port(i)
+            );
         }
         for (p, port) in ALLOWED {
             let p = proto_name(p);
@@ -443,7 +559,10 @@ fn iptables_rules(n: usize, ipset: bool) -> String {
 
 fn ipset_restore(n: usize) -> String {
     let client = ip(CLIENT_IP);
-    let mut s = format!("create ztb-allow hash:ip,port family inet hashsize 4096 maxelem {}\n", (n * 2).max(1024));
+    let mut s = format!(
+        "create ztb-allow hash:ip,port family inet hashsize 4096 maxelem {}\n",
+        (n * 2).max(1024)
+    );
     for i in 0..n.saturating_sub(ALLOWED.len()) {
         s += &format!("add ztb-allow {},tcp:{}\n", ip(filler_ip(i)), filler_port(i));
     }
@@ -453,20 +572,41 @@ fn ipset_restore(n: usize) -> String {
     s
 }
 
-const EMPTY_RULES: &str = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
+const EMPTY_RULES: &str =
+    "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
 
 /// ztrust's maps for size `n`: the server isolated for ingress with n policy entries (n − 4 fillers for
 /// other peers and ports, then the 4 that allow the measured flows), an ipcache entry per peer.
 fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     let (client_id, server_id) = (300u32, 301u32);
     let set_ip = |dp: &mut Datapath, a: [u8; 4], id: u32| {
-        dp.maps.ipcache.insert(128, &IpcacheKey { addr: mapped(a) }, &IpcacheValue { identity: id, _pad: 0 }).expect("ipcache");
+        dp.maps
+            .ipcache
+            .insert(
+                128,
+                &IpcacheKey { addr: mapped(a) },
+                &IpcacheValue {
+                    identity: id,
+                    _pad: 0,
+                },
+            )
+            .expect("ipcache");
     };
     set_ip(dp, CLIENT_IP, client_id);
     set_ip(dp, SERVER_IP, server_id);
     let pol = |dp: &mut Datapath, remote: u32, protocol: u8, port: u16, rule: u32| {
         let key = PolicyKey::new(server_if, remote, dir::INGRESS, protocol, port);
-        dp.maps.policy.insert(PolicyKey::PREFIX_FULL, &key, &PolicyValue { rule_id: rule, _pad: 0 }).expect("policy");
+        dp.maps
+            .policy
+            .insert(
+                PolicyKey::PREFIX_FULL,
+                &key,
+                &PolicyValue {
+                    rule_id: rule,
+                    _pad: 0,
+                },
+            )
+            .expect("policy");
     };
     for i in 0..n.saturating_sub(ALLOWED.len()) {
         set_ip(dp, filler_ip(i), 1000 + i as u32);
@@ -477,7 +617,8 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     }
     // The flags the agent's sync writes: the server isolated for ingress; neither has an entry for any
     // peer, nor one wider than a port.
-    let lookups_skipped = ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
+    let lookups_skipped =
+        ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS | ep_flags::ALL_NO_WIDE;
     let v4 = |ip: [u8; 4]| std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets();
     let server = EndpointInfo {
         endpoint_id: server_if,
@@ -487,25 +628,52 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
         ..Default::default()
     };
     dp.maps.endpoints.insert(server_if, server, 0).unwrap();
-    dp.maps.endpoints.insert(client_if, EndpointInfo { endpoint_id: client_if, identity: client_id, flags: lookups_skipped, addr4: v4(CLIENT_IP), ..Default::default() }, 0).unwrap();
+    dp.maps
+        .endpoints
+        .insert(
+            client_if,
+            EndpointInfo {
+                endpoint_id: client_if,
+                identity: client_id,
+                flags: lookups_skipped,
+                addr4: v4(CLIENT_IP),
+                ..Default::default()
+            },
+            0,
+        )
+        .unwrap();
 }
 
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {
     let args = args.clone();
-    std::thread::spawn(move || section(&args)).join().map_err(|_| anyhow::anyhow!("throughput section panicked"))?
+    std::thread::spawn(move || section(&args))
+        .join()
+        .map_err(|_| anyhow::anyhow!("throughput section panicked"))?
 }
 
 fn section(args: &Args) -> anyhow::Result<Report> {
     for tool in ["iperf3", "iptables-restore", "ipset"] {
         anyhow::ensure!(
-            Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status()?.success(),
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()?
+                .success(),
             "{tool} not found (cargo xtask bench installs it)"
         );
     }
     for v in &args.variants {
-        anyhow::ensure!(VARIANTS.contains(&v.as_str()), "unknown variant {v} (known: {})", VARIANTS.join(","));
+        anyhow::ensure!(
+            VARIANTS.contains(&v.as_str()),
+            "unknown variant {v} (known: {})",
+            VARIANTS.join(",")
+        );
     }
-    let variants: Vec<&str> = VARIANTS.iter().copied().filter(|v| *v == "none" || args.variants.iter().any(|a| a == v)).collect();
+    let variants: Vec<&str> = VARIANTS
+        .iter()
+        .copied()
+        .filter(|v| *v == "none" || args.variants.iter().any(|a| a == v))
+        .collect();
     let cpu = args.cpu()?;
     let mut topo = Topo::new(cpu);
     // This thread works in the node: attaching programs, iptables.
@@ -532,7 +700,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         let mut dp = Datapath::load(&topo.pin)?;
         fill_maps(&mut dp, n, client_if, server_if);
         sh_quiet(&["ip", "netns", "exec", &node, "ipset", "destroy", "ztb-allow"]);
-        sh_stdin(&["ip", "netns", "exec", &node, "ipset", "restore"], &ipset_restore(n));
+        sh_stdin(
+            &["ip", "netns", "exec", &node, "ipset", "restore"],
+            &ipset_restore(n),
+        );
         let rules = iptables_rules(n, false);
         let set_rules = iptables_rules(n, true);
         // test → variant → (samples, udp losses)
@@ -568,7 +739,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
                         "crr" => (topo.rr(true, args.seconds), None),
                         other => anyhow::bail!("unknown test {other}"),
                     };
-                    eprintln!("  rules {n:>6} rep {rep} {variant:>8} {test:>4}: {v:.0}{}", loss.map(|l| format!(" (loss {l:.2}%)")).unwrap_or_default());
+                    eprintln!(
+                        "  rules {n:>6} rep {rep} {variant:>8} {test:>4}: {v:.0}{}",
+                        loss.map(|l| format!(" (loss {l:.2}%)")).unwrap_or_default()
+                    );
                     let e = raw.entry(test.clone()).or_default().entry(variant).or_default();
                     e.0.push(v);
                     e.1.extend(loss);
@@ -585,14 +759,17 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             for (variant, (samples, losses)) in by_variant {
                 // Sample i of every variant is from round i.
                 let ratios: Vec<f64> = samples.iter().zip(&none).map(|(v, base)| v / base).collect();
-                out.insert(variant.to_owned(), Value {
-                    median: median(&samples),
-                    ratio_to_none: median(&ratios),
-                    ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
-                    ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-                    samples,
-                    udp_loss_percent: (!losses.is_empty()).then(|| median(&losses)),
-                });
+                out.insert(
+                    variant.to_owned(),
+                    Value {
+                        median: median(&samples),
+                        ratio_to_none: median(&ratios),
+                        ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                        ratio_max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                        samples,
+                        udp_loss_percent: (!losses.is_empty()).then(|| median(&losses)),
+                    },
+                );
             }
             tests.insert(test, out);
         }
@@ -606,7 +783,10 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         "\nThroughput through a veth pair ({} rounds x {} s, {}; value: median; in brackets: median over the rounds of the ratio to `none` in the same round)",
         args.reps,
         args.seconds,
-        cpu.map_or_else(|| "both ends unpinned".to_owned(), |c| format!("both ends on CPU {c}"))
+        cpu.map_or_else(
+            || "both ends unpinned".to_owned(),
+            |c| format!("both ends on CPU {c}")
+        )
     );
     print!("{:>7} {:>5}", "rules", "test");
     for v in VARIANTS {
@@ -625,7 +805,9 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             println!();
         }
     }
-    println!("Per-round ratios to `none`, lowest-highest (`control` is `none` again: its spread is the noise):");
+    println!(
+        "Per-round ratios to `none`, lowest-highest (`control` is `none` again: its spread is the noise):"
+    );
     for s in &sizes {
         for (test, by_variant) in &s.tests {
             print!("{:>7} {:>5}", s.rules, test);
@@ -638,8 +820,17 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             println!();
         }
     }
-    println!("(tcp, udp: Mbit/s received; udp offered at {}; rr, crr: transactions/s)", args.udp_rate);
+    println!(
+        "(tcp, udp: Mbit/s received; udp offered at {}; rr, crr: transactions/s)",
+        args.udp_rate
+    );
     println!("(target: ztrust >= 0.95 of none at every size, ahead of iptables at 1,000 and 10,000)");
-    let unit = [("tcp", "Mbit/s"), ("udp", "Mbit/s"), ("rr", "transactions/s"), ("crr", "transactions/s")].into();
+    let unit = [
+        ("tcp", "Mbit/s"),
+        ("udp", "Mbit/s"),
+        ("rr", "transactions/s"),
+        ("crr", "transactions/s"),
+    ]
+    .into();
     Ok(Report { unit, cpu, sizes })
 }

@@ -33,7 +33,10 @@ enum Section {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    anyhow::ensure!(nix::unistd::geteuid().is_root(), "the benchmark loads eBPF programs: run as root");
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "the benchmark loads eBPF programs: run as root"
+    );
     if !matches!(cli.section, Some(Section::ControlPlaneChild(_))) {
         bench::remove_leftovers();
     }

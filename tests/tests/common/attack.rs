@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use super::{Topology, enter_netns, require_root};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
-use ztrust_agent::model::{Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
+use ztrust_agent::model::{
+    Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule,
+};
 use ztrust_agent::policy::Engine;
 use ztrust_common::{FlowEvent, proto, verdict};
 
@@ -38,28 +40,60 @@ fn labels(app: &str) -> BTreeMap<String, String> {
 }
 
 fn peer(app: &str) -> Peer {
-    Peer::Pods { namespace_selector: None, pod_selector: Some(LabelSelector { match_labels: labels(app), ..Default::default() }) }
+    Peer::Pods {
+        namespace_selector: None,
+        pod_selector: Some(LabelSelector {
+            match_labels: labels(app),
+            ..Default::default()
+        }),
+    }
 }
 
 fn rule(app: &str, protocol: Protocol, port: u16) -> Rule {
-    Rule { peers: vec![peer(app)], ports: vec![PortSpec { protocol, port: Some(PortRef::Number(port)), end_port: None }] }
+    Rule {
+        peers: vec![peer(app)],
+        ports: vec![PortSpec {
+            protocol,
+            port: Some(PortRef::Number(port)),
+            end_port: None,
+        }],
+    }
 }
 
 /// The three pods of `topo` (with all their addresses) and b's policy.
 pub fn cluster(topo: &Topology) -> Cluster {
     let mut c = Cluster::default();
-    c.namespaces.insert("x".into(), Namespace { name: "x".into(), ..Default::default() });
+    c.namespaces.insert(
+        "x".into(),
+        Namespace {
+            name: "x".into(),
+            ..Default::default()
+        },
+    );
     for (p, name) in topo.pods.iter().zip(NAMES) {
-        let pod = Pod { namespace: "x".into(), name: name.into(), labels: labels(name), ips: p.ips(), ..Default::default() };
+        let pod = Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: labels(name),
+            ips: p.ips(),
+            ..Default::default()
+        };
         c.pods.insert(pod.object_ref(), pod);
     }
     let b = NetworkPolicy {
         namespace: "x".into(),
         name: "b-locked-down".into(),
-        pod_selector: LabelSelector { match_labels: labels("b"), ..Default::default() },
+        pod_selector: LabelSelector {
+            match_labels: labels("b"),
+            ..Default::default()
+        },
         isolates_ingress: true,
         isolates_egress: true,
-        ingress: vec![rule("a", Protocol::Tcp, 80), rule("c", Protocol::Udp, 7000), rule("a", Protocol::Sctp, 7100)],
+        ingress: vec![
+            rule("a", Protocol::Tcp, 80),
+            rule("c", Protocol::Udp, 7000),
+            rule("a", Protocol::Sctp, 7100),
+        ],
         egress: vec![rule("a", Protocol::Tcp, 9000)],
     };
     c.policies.insert(b.object_ref(), b);
@@ -99,20 +133,38 @@ impl Lab {
             dp.attach(&p.host_if, index).expect("attach");
             ifindex.push(index);
         }
-        dp.maps.config.set(0, ztrust_common::Config::default(), 0).unwrap();
-        let macs = topo.pods.iter().map(|p| (mac(&topo.node, &p.host_if), mac(&p.netns, "eth0"))).collect();
+        dp.maps
+            .config
+            .set(0, ztrust_common::Config::default(), 0)
+            .unwrap();
+        let macs = topo
+            .pods
+            .iter()
+            .map(|p| (mac(&topo.node, &p.host_if), mac(&p.netns, "eth0")))
+            .collect();
         let c = cluster(&topo);
-        let mut lab = Lab { topo, dp, ifindex, macs, syncer: Syncer::new() };
+        let mut lab = Lab {
+            topo,
+            dp,
+            ifindex,
+            macs,
+            syncer: Syncer::new(),
+        };
         lab.apply(&c);
         lab
     }
 
     /// Enforces `cluster` (the three pods' names bound to their interfaces), as the agent would.
     pub fn apply(&mut self, cluster: &Cluster) {
-        let bindings: BTreeMap<ObjectRef, u32> =
-            NAMES.iter().zip(&self.ifindex).map(|(name, i)| (ObjectRef::new("x", *name), *i)).collect();
+        let bindings: BTreeMap<ObjectRef, u32> = NAMES
+            .iter()
+            .zip(&self.ifindex)
+            .map(|(name, i)| (ObjectRef::new("x", *name), *i))
+            .collect();
         let desired = Engine::new().compile(cluster);
-        self.syncer.sync(&mut KernelMaps(&mut self.dp.maps), &desired, &bindings).expect("sync");
+        self.syncer
+            .sync(&mut KernelMaps(&mut self.dp.maps), &desired, &bindings)
+            .expect("sync");
     }
 
     pub fn ip(&self, i: usize) -> [u8; 4] {
@@ -128,7 +180,11 @@ impl Lab {
 
     /// Pod `i`'s IPv6 address if `v6`, else its IPv4 address.
     pub fn addr(&self, i: usize, v6: bool) -> IpAddr {
-        if v6 { IpAddr::from(self.ip6(i)) } else { self.topo.pods[i].ip }
+        if v6 {
+            IpAddr::from(self.ip6(i))
+        } else {
+            self.topo.pods[i].ip
+        }
     }
 
     /// [`Lab::frame_from`] for an IP packet, with the ethertype of its version.
@@ -159,7 +215,12 @@ impl Lab {
 
     /// Runs `send`, and returns how many frames pod `i` received on `eth0` meanwhile that `matches`
     /// accepts (an `AF_PACKET` capture in the pod, up to 300 ms after `send` returns).
-    pub fn captured(&self, i: usize, matches: impl Fn(&[u8]) -> bool + Send + 'static, send: impl FnOnce()) -> usize {
+    pub fn captured(
+        &self,
+        i: usize,
+        matches: impl Fn(&[u8]) -> bool + Send + 'static,
+        send: impl FnOnce(),
+    ) -> usize {
         let netns = self.topo.pods[i].netns.clone();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -206,13 +267,22 @@ impl Lab {
     }
 
     pub fn conntrack_entries(&self, i: usize) -> usize {
-        self.dp.maps.conntrack.keys().filter_map(Result::ok).filter(|k| k.ifindex == self.ifindex[i]).count()
+        self.dp
+            .maps
+            .conntrack
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| k.ifindex == self.ifindex[i])
+            .count()
     }
 }
 
 /// The MAC address of `ifname` in network namespace `netns` (from `ip -j`).
 pub fn mac(netns: &str, ifname: &str) -> [u8; 6] {
-    let out = std::process::Command::new("ip").args(["-n", netns, "-j", "link", "show", "dev", ifname]).output().expect("ip");
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-j", "link", "show", "dev", ifname])
+        .output()
+        .expect("ip");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ip -j");
     let text = v[0]["address"].as_str().expect("address");
     let mut m = [0u8; 6];
@@ -253,7 +323,10 @@ pub fn raw_send(ifname: &str, frames: &[Vec<u8>], mark: u32) {
             let n = libc::send(fd, f.as_ptr().cast(), f.len(), 0);
             // A frame that an egress hook of `ifname` drops is reported to the sender as ENOBUFS.
             let e = std::io::Error::last_os_error();
-            assert!(n == f.len() as isize || e.raw_os_error() == Some(libc::ENOBUFS), "send: {e}");
+            assert!(
+                n == f.len() as isize || e.raw_os_error() == Some(libc::ENOBUFS),
+                "send: {e}"
+            );
         }
         libc::close(fd);
     }
@@ -288,7 +361,14 @@ fn with_checksum(mut pseudo: Vec<u8>, protocol: u8, mut l4: Vec<u8>) -> Vec<u8> 
 /// An IPv4 packet (valid header checksum, TTL 64, don't fragment) carrying `l4`, whose checksum it fills
 /// in for TCP and UDP so that a receiving socket takes it.
 pub fn ipv4(src: [u8; 4], dst: [u8; 4], protocol: u8, l4: Vec<u8>) -> Vec<u8> {
-    ipv4_packet(src, dst, protocol, 0x4000, &[], &checksummed4(src, dst, protocol, l4))
+    ipv4_packet(
+        src,
+        dst,
+        protocol,
+        0x4000,
+        &[],
+        &checksummed4(src, dst, protocol, l4),
+    )
 }
 
 /// `l4` with its checksum over the IPv4 pseudo-header filled in (TCP, UDP).
@@ -303,7 +383,14 @@ pub fn checksummed4(src: [u8; 4], dst: [u8; 4], protocol: u8, l4: Vec<u8>) -> Ve
 
 /// An IPv4 header (TTL 64, valid checksum) with the flags and fragment offset field `frag` and
 /// `options` (padded to 4-byte words), and `payload` after it as is.
-pub fn ipv4_packet(src: [u8; 4], dst: [u8; 4], protocol: u8, frag: u16, options: &[u8], payload: &[u8]) -> Vec<u8> {
+pub fn ipv4_packet(
+    src: [u8; 4],
+    dst: [u8; 4],
+    protocol: u8,
+    frag: u16,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut options = options.to_vec();
     options.resize(options.len().div_ceil(4) * 4, 0);
     let mut h = vec![0x40 | (5 + options.len() / 4) as u8, 0];
@@ -328,7 +415,14 @@ pub fn ipv6(src: [u8; 16], dst: [u8; 16], protocol: u8, l4: Vec<u8>) -> Vec<u8> 
 
 /// [`ipv6`] with the hop limit given, and extension headers of the kinds `ext` (in this order: see
 /// [`ext_headers`]) before the transport header.
-pub fn ipv6_with(hop_limit: u8, src: [u8; 16], dst: [u8; 16], ext: &[u8], protocol: u8, l4: Vec<u8>) -> Vec<u8> {
+pub fn ipv6_with(
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+    ext: &[u8],
+    protocol: u8,
+    l4: Vec<u8>,
+) -> Vec<u8> {
     let (next, mut payload) = ext_headers(ext, protocol);
     payload.extend_from_slice(&checksummed6(src, dst, protocol, l4));
     ipv6_packet(hop_limit, src, dst, next, &payload)
@@ -422,10 +516,17 @@ pub fn fragment(src: IpAddr, dst: IpAddr, protocol: u8, offset: usize, more: boo
 pub fn is_fragment_from(frame: &[u8], src: IpAddr) -> bool {
     match src {
         IpAddr::V4(s) => {
-            frame.len() >= 34 && frame[12..14] == [0x08, 0x00] && frame[26..30] == s.octets() && u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0
+            frame.len() >= 34
+                && frame[12..14] == [0x08, 0x00]
+                && frame[26..30] == s.octets()
+                && u16::from_be_bytes([frame[20], frame[21]]) & 0x3fff != 0
         }
         IpAddr::V6(s) => {
-            frame.len() >= 62 && frame[12..14] == [0x86, 0xdd] && frame[20] == FRAGMENT && frame[22..38] == s.octets() && frame[56..58] != [0, 0]
+            frame.len() >= 62
+                && frame[12..14] == [0x86, 0xdd]
+                && frame[20] == FRAGMENT
+                && frame[22..38] == s.octets()
+                && frame[56..58] != [0, 0]
         }
     }
 }
@@ -504,7 +605,10 @@ pub fn is_tuple6(frame: &[u8], src: [u8; 16], dst: [u8; 16], protocol: u8, sport
         && frame[22..38] == src
         && frame[38..54] == dst
         && l4_of6(frame).is_some_and(|(p, l4)| {
-            p == protocol && l4.len() >= 4 && l4[..2] == sport.to_be_bytes() && l4[2..4] == dport.to_be_bytes()
+            p == protocol
+                && l4.len() >= 4
+                && l4[..2] == sport.to_be_bytes()
+                && l4[2..4] == dport.to_be_bytes()
         })
 }
 
@@ -538,11 +642,23 @@ pub fn received_udp(lab: &Lab, i: usize, port: u16, payload: &'static [u8], send
 
 /// [`received_udp`] on pod `i`'s IPv6 address.
 pub fn received_udp6(lab: &Lab, i: usize, port: u16, payload: &'static [u8], send: impl FnOnce()) -> bool {
-    received_udp_at(lab, i, SocketAddr::new(IpAddr::from(lab.ip6(i)), port), payload, send)
+    received_udp_at(
+        lab,
+        i,
+        SocketAddr::new(IpAddr::from(lab.ip6(i)), port),
+        payload,
+        send,
+    )
 }
 
 /// [`received_udp`] on `at`, an address of pod `i`.
-pub fn received_udp_at(lab: &Lab, i: usize, at: SocketAddr, payload: &'static [u8], send: impl FnOnce()) -> bool {
+pub fn received_udp_at(
+    lab: &Lab,
+    i: usize,
+    at: SocketAddr,
+    payload: &'static [u8],
+    send: impl FnOnce(),
+) -> bool {
     let netns = lab.topo.pods[i].netns.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let listener = std::thread::spawn(move || {
@@ -565,7 +681,9 @@ pub fn received_udp_at(lab: &Lab, i: usize, at: SocketAddr, payload: &'static [u
 
 /// The drop events of interface `ifindex` with reason `r`.
 pub fn drops(events: &[FlowEvent], ifindex: u32, r: u8) -> impl Iterator<Item = &FlowEvent> {
-    events.iter().filter(move |e| e.ifindex == ifindex && e.reason == r && e.verdict == verdict::DROPPED)
+    events
+        .iter()
+        .filter(move |e| e.ifindex == ifindex && e.reason == r && e.verdict == verdict::DROPPED)
 }
 
 pub fn has_event(events: &[FlowEvent], ifindex: u32, r: u8) -> bool {

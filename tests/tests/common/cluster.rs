@@ -9,7 +9,10 @@ use std::io::Write as _;
 
 /// The workspace root.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 /// The workload image of the cluster (busybox: httpd on port 80 by default, wget, nc, nslookup).
@@ -48,13 +51,18 @@ impl Cluster {
         );
         let c = Cluster { kubectl, kubeconfig };
         let nodes = c.ok(&["get", "nodes", "-o", "name"]);
-        assert!(nodes.contains("node/"), "the cluster answers but has no node: {nodes}");
+        assert!(
+            nodes.contains("node/"),
+            "the cluster answers but has no node: {nodes}"
+        );
         c
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.kubectl);
-        c.args(args).env("KUBECONFIG", &self.kubeconfig).stdin(Stdio::null());
+        c.args(args)
+            .env("KUBECONFIG", &self.kubeconfig)
+            .stdin(Stdio::null());
         c
     }
 
@@ -83,9 +91,16 @@ impl Cluster {
     /// kubectl `args` with `input` on stdin, which must succeed.
     pub fn stdin(&self, args: &[&str], input: &str) -> String {
         let mut c = self.command(args);
-        c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = c.spawn().expect("running kubectl");
-        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("writing to kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("writing to kubectl");
         let out = child.wait_with_output().expect("kubectl");
         assert!(
             out.status.success(),
@@ -99,7 +114,14 @@ impl Cluster {
 
     /// Deletes namespace `ns` if it exists and waits until it is gone, then creates it.
     pub fn fresh_namespace(&self, ns: &str) {
-        self.run(&["delete", "namespace", ns, "--ignore-not-found", "--wait=true", "--timeout=120s"]);
+        self.run(&[
+            "delete",
+            "namespace",
+            ns,
+            "--ignore-not-found",
+            "--wait=true",
+            "--timeout=120s",
+        ]);
         self.ok(&["create", "namespace", ns]);
     }
 
@@ -107,13 +129,29 @@ impl Cluster {
     pub fn deploy_agent(&self) -> String {
         let deploy = root().join("deploy");
         self.ok(&["apply", "-k", deploy.to_str().expect("utf-8")]);
-        self.ok(&["-n", "ztrust-system", "rollout", "status", "ds/ztrust-agent", "--timeout=180s"]);
+        self.ok(&[
+            "-n",
+            "ztrust-system",
+            "rollout",
+            "status",
+            "ds/ztrust-agent",
+            "--timeout=180s",
+        ]);
         self.agent_pod()
     }
 
     /// The first pod with label `app=APP` in `ns`.
     pub fn pod_of(&self, ns: &str, app: &str) -> String {
-        let name = self.ok(&["-n", ns, "get", "pods", "-l", &format!("app={app}"), "-o", "jsonpath={.items[0].metadata.name}"]);
+        let name = self.ok(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ]);
         assert!(!name.is_empty(), "no pod app={app} in {ns}");
         name
     }
@@ -144,14 +182,24 @@ impl Cluster {
             if let [one] = live.as_slice() {
                 return one.clone();
             }
-            assert!(Instant::now() < deadline, "not exactly one live agent pod: {live:?}");
+            assert!(
+                Instant::now() < deadline,
+                "not exactly one live agent pod: {live:?}"
+            );
             std::thread::sleep(Duration::from_millis(500));
         }
     }
 
     /// `ztrust-agent ARGS` in the agent's container (`kubectl exec ds/ztrust-agent`).
     pub fn agent(&self, args: &[&str]) -> String {
-        let mut full = vec!["-n", "ztrust-system", "exec", "ds/ztrust-agent", "--", "ztrust-agent"];
+        let mut full = vec![
+            "-n",
+            "ztrust-system",
+            "exec",
+            "ds/ztrust-agent",
+            "--",
+            "ztrust-agent",
+        ];
         full.extend_from_slice(args);
         self.ok(&full)
     }
@@ -162,9 +210,21 @@ impl Cluster {
     /// failure, a refused connection, kubectl's own error) is [`Failure::Broken`], which no test takes
     /// for "blocked".
     pub fn wget(&self, ns: &str, from: &str, url: &str) -> Result<String, Failure> {
-        let target = if from.contains('/') { from.to_owned() } else { format!("deploy/{from}") };
-        let out = self.run(&["exec", "-n", ns, &target, "--", "timeout", "3", "wget", "-qO-", url]);
-        let text = || format!("{}{}", String::from_utf8_lossy(&out.stdout).trim(), String::from_utf8_lossy(&out.stderr).trim());
+        let target = if from.contains('/') {
+            from.to_owned()
+        } else {
+            format!("deploy/{from}")
+        };
+        let out = self.run(&[
+            "exec", "-n", ns, &target, "--", "timeout", "3", "wget", "-qO-", url,
+        ]);
+        let text = || {
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        };
         match out.status.code() {
             Some(0) => Ok(String::from_utf8_lossy(&out.stdout).into_owned()),
             Some(143) => Err(Failure::Blocked),
@@ -202,7 +262,10 @@ impl Cluster {
 
     /// The current time as the cluster's clocks (this machine's) write it, for `flows --since`.
     pub fn now_rfc3339() -> String {
-        let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().expect("date");
+        let out = Command::new("date")
+            .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+            .output()
+            .expect("date");
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
@@ -219,14 +282,19 @@ impl Cluster {
 /// The seed's Task 2 application with the cluster's local image for nginx:1.27.3 (no registry here);
 /// everything else as the seed writes it.
 pub fn seed_app() -> String {
-    let yaml = std::fs::read_to_string(root().join("tests/cluster/seed/task2-app.yaml")).expect("task2-app.yaml");
+    let yaml =
+        std::fs::read_to_string(root().join("tests/cluster/seed/task2-app.yaml")).expect("task2-app.yaml");
     assert!(yaml.contains("image: nginx:1.27.3"), "the seed's image line");
-    yaml.replace("image: nginx:1.27.3", &format!("image: {WORKLOAD_IMAGE}\n        imagePullPolicy: Never"))
+    yaml.replace(
+        "image: nginx:1.27.3",
+        &format!("image: {WORKLOAD_IMAGE}\n        imagePullPolicy: Never"),
+    )
 }
 
 /// The seed's Task 4 policies, exactly.
 pub fn seed_policies() -> String {
-    std::fs::read_to_string(root().join("tests/cluster/seed/task4-policies.yaml")).expect("task4-policies.yaml")
+    std::fs::read_to_string(root().join("tests/cluster/seed/task4-policies.yaml"))
+        .expect("task4-policies.yaml")
 }
 
 /// Debian's Prometheus on the node, discovering the agent through its metrics Service: the headless
@@ -257,7 +325,11 @@ scrape_configs:
         refresh_interval: 5s
 "#;
         std::fs::write(dir.join("prometheus.yml"), config).expect("prometheus.yml");
-        std::fs::write(dir.join("resolv.conf"), "nameserver 10.96.0.10\noptions ndots:5\n").expect("resolv.conf");
+        std::fs::write(
+            dir.join("resolv.conf"),
+            "nameserver 10.96.0.10\noptions ndots:5\n",
+        )
+        .expect("resolv.conf");
         let port = 19090;
         let log = std::fs::File::create(dir.join("prometheus.log")).expect("prometheus.log");
         let script = format!(
@@ -333,11 +405,20 @@ pub fn component_pid(name: &str) -> i32 {
 /// containerd's `ctr` in the cluster's image namespace.
 pub fn ctr(args: &[&str]) -> String {
     let out = Command::new("ctr")
-        .args(["--address", "/run/ztrust-cluster/containerd.sock", "--namespace", "k8s.io"])
+        .args([
+            "--address",
+            "/run/ztrust-cluster/containerd.sock",
+            "--namespace",
+            "k8s.io",
+        ])
         .args(args)
         .output()
         .expect("ctr");
-    assert!(out.status.success(), "ctr {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ctr {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -348,7 +429,16 @@ pub fn ctr(args: &[&str]) -> String {
 /// `kubectl exec`, detached), so it keeps going while the API server or the agent is away.
 pub fn start_attempts(c: &Cluster, ns: &str, pod: &str, name: &str, url: &str, timeout: u32) {
     let script = attempts_script(name, url, timeout);
-    c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("({script}) >/dev/null 2>&1 &")]);
+    c.ok(&[
+        "exec",
+        "-n",
+        ns,
+        pod,
+        "--",
+        "sh",
+        "-c",
+        &format!("({script}) >/dev/null 2>&1 &"),
+    ]);
 }
 
 /// The shell loop of [`start_attempts`] (also a container's command, to try from its first instruction).
@@ -381,15 +471,28 @@ pub struct Attempts {
 
 /// The attempts [`start_attempts`] recorded so far.
 pub fn attempts(c: &Cluster, ns: &str, pod: &str, name: &str) -> Attempts {
-    let out = c.ok(&["exec", "-n", ns, pod, "--", "sh", "-c", &format!("cat /tmp/{name} 2>/dev/null || true")]);
+    let out = c.ok(&[
+        "exec",
+        "-n",
+        ns,
+        pod,
+        "--",
+        "sh",
+        "-c",
+        &format!("cat /tmp/{name} 2>/dev/null || true"),
+    ]);
     let mut a = Attempts::default();
     for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
         if line == "done" {
             a.done = true;
             continue;
         }
-        let (outcome, start) = line.rsplit_once(' ').unwrap_or_else(|| panic!("{name}: an attempt line without its time: {line:?}"));
-        let start: u64 = start.parse().unwrap_or_else(|_| panic!("{name}: an attempt line without its time: {line:?}"));
+        let (outcome, start) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("{name}: an attempt line without its time: {line:?}"));
+        let start: u64 = start
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}: an attempt line without its time: {line:?}"));
         a.first.get_or_insert(start);
         a.last = Some(start);
         match outcome {
@@ -409,10 +512,16 @@ pub fn agent_pid() -> i32 {
     loop {
         let mut found = Vec::new();
         for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+                continue;
+            };
             let mut argv = cmdline.split(|b| *b == 0);
-            let (Some(argv0), Some(argv1)) = (argv.next(), argv.next()) else { continue };
+            let (Some(argv0), Some(argv1)) = (argv.next(), argv.next()) else {
+                continue;
+            };
             if argv0.ends_with(b"ztrust-agent") && argv1 == b"run" {
                 found.push(pid);
             }
@@ -420,7 +529,10 @@ pub fn agent_pid() -> i32 {
         if let [pid] = found[..] {
             return pid;
         }
-        assert!(Instant::now() < deadline, "not exactly one `ztrust-agent run` process on the node: {found:?}");
+        assert!(
+            Instant::now() < deadline,
+            "not exactly one `ztrust-agent run` process on the node: {found:?}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -433,22 +545,44 @@ pub fn in_node(args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("nsenter");
-    assert!(out.status.success(), "{args:?} in the node: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?} in the node: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// A request to etcd's JSON gateway (`/v3/...`) on the node; the answer.
 pub fn etcd(path: &str, body: &serde_json::Value) -> serde_json::Value {
-    let out = in_node(&["curl", "-sS", "--max-time", "10", "-X", "POST", &format!("http://127.0.0.1:2379{path}"), "-d", &body.to_string()]);
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcd {path}: {e}: {out}"));
-    assert!(v.get("error").is_none() && v.get("code").is_none(), "etcd {path}: {v}");
+    let out = in_node(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "10",
+        "-X",
+        "POST",
+        &format!("http://127.0.0.1:2379{path}"),
+        "-d",
+        &body.to_string(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("etcd {path}: {e}: {out}"));
+    assert!(
+        v.get("error").is_none() && v.get("code").is_none(),
+        "etcd {path}: {v}"
+    );
     v
 }
 
 /// `cargo xtask cluster restart [--kill] COMPONENT`, with the xtask binary `cargo xtask` built.
 pub fn restart_component(name: &str, kill: bool) {
     let xtask = root().join("target/debug/xtask");
-    assert!(xtask.exists(), "{} is missing: run the cluster tier with `cargo xtask test`", xtask.display());
+    assert!(
+        xtask.exists(),
+        "{} is missing: run the cluster tier with `cargo xtask test`",
+        xtask.display()
+    );
     let mut c = Command::new(&xtask);
     c.args(["cluster", "restart", name]);
     if kill {
@@ -465,6 +599,9 @@ pub fn restart_component(name: &str, kill: bool) {
 
 /// Now, as the RFC 3339 time `kubectl logs --since-time` takes.
 pub fn rfc3339_now() -> String {
-    let out = Command::new("date").args(["-u", "+%Y-%m-%dT%H:%M:%SZ"]).output().expect("date");
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .expect("date");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }

@@ -13,14 +13,18 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Sets a sysctl inside network namespace `netns` (`ip netns exec` mounts that namespace's /sys).
@@ -100,34 +104,125 @@ impl Topology {
         if let Some(ip6) = node_ip6 {
             sysctl(&node, "net.ipv6.conf.all.forwarding=1");
             sysctl(&node, "net.ipv6.conf.default.accept_dad=0");
-            sh(&["ip", "-n", &node, "addr", "add", &format!("{ip6}/128"), "dev", "lo", "nodad"]);
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("{ip6}/128"),
+                "dev",
+                "lo",
+                "nodad",
+            ]);
         }
         for i in 0..pods {
             let netns = format!("{prefix}p{i}");
             let host_if = format!("{prefix}h{i}");
             let ip: IpAddr = format!("10.244.{subnet}.{}", 10 + i).parse().unwrap();
             sh(&["ip", "netns", "add", &netns]);
-            sh(&["ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns]);
-            let ip6: Option<Ipv6Addr> = v6.then(|| format!("fd00:10:244:{subnet}::{}", 10 + i).parse().unwrap());
+            sh(&[
+                "ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
+                &netns,
+            ]);
+            let ip6: Option<Ipv6Addr> =
+                v6.then(|| format!("fd00:10:244:{subnet}::{}", 10 + i).parse().unwrap());
             if ip6.is_some() {
                 // Before the link is up: its link-local address is usable at once too.
                 sysctl(&netns, "net.ipv6.conf.eth0.accept_dad=0");
             }
             sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-            sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/32"), "dev", "eth0"]);
+            sh(&[
+                "ip",
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                "eth0",
+            ]);
             sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &netns, "route", "add", "169.254.1.1", "dev", "eth0", "scope", "link"]);
-            sh(&["ip", "-n", &netns, "route", "add", "default", "via", "169.254.1.1", "dev", "eth0"]);
+            sh(&[
+                "ip",
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+                "scope",
+                "link",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                "169.254.1.1",
+                "dev",
+                "eth0",
+            ]);
             sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp=1"));
             sh(&["ip", "-n", &node, "link", "set", &host_if, "up"]);
-            sh(&["ip", "-n", &node, "route", "add", &format!("{ip}/32"), "dev", &host_if]);
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "dev",
+                &host_if,
+            ]);
             if let Some(ip6) = ip6 {
-                sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip6}/128"), "dev", "eth0", "nodad"]);
-                sh(&["ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0"]);
-                sh(&["ip", "-n", &node, "addr", "add", "fe80::1/64", "dev", &host_if, "nodad"]);
-                sh(&["ip", "-n", &node, "-6", "route", "add", &format!("{ip6}/128"), "dev", &host_if]);
+                sh(&[
+                    "ip",
+                    "-n",
+                    &netns,
+                    "addr",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ]);
+                sh(&[
+                    "ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
+                ]);
+                sh(&[
+                    "ip",
+                    "-n",
+                    &node,
+                    "addr",
+                    "add",
+                    "fe80::1/64",
+                    "dev",
+                    &host_if,
+                    "nodad",
+                ]);
+                sh(&[
+                    "ip",
+                    "-n",
+                    &node,
+                    "-6",
+                    "route",
+                    "add",
+                    &format!("{ip6}/128"),
+                    "dev",
+                    &host_if,
+                ]);
             }
-            me.pods.push(Pod { netns, host_if, ip, ip6 });
+            me.pods.push(Pod {
+                netns,
+                host_if,
+                ip,
+                ip6,
+            });
         }
         me
     }
@@ -203,7 +298,10 @@ impl Topology {
 
     /// [`Topology::tcp`] to pod `to`'s IPv6 address.
     pub fn tcp6(&self, from: usize, to: usize, port: u16) -> bool {
-        let dst = SocketAddr::new(IpAddr::V6(self.pods[to].ip6.expect("a dual-stack topology")), port);
+        let dst = SocketAddr::new(
+            IpAddr::V6(self.pods[to].ip6.expect("a dual-stack topology")),
+            port,
+        );
         self.in_pod(from, move || tcp_echo(dst))
     }
 
@@ -225,7 +323,9 @@ impl Topology {
 }
 
 pub fn tcp_echo(dst: SocketAddr) -> bool {
-    let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_millis(400)) else { return false };
+    let Ok(mut s) = TcpStream::connect_timeout(&dst, Duration::from_millis(400)) else {
+        return false;
+    };
     s.set_read_timeout(Some(Duration::from_millis(400))).unwrap();
     if s.write_all(b"hello\n").is_err() {
         return false;
@@ -246,12 +346,23 @@ impl Drop for Topology {
 
 /// Runs `prog` once on `frame` with `BPF_PROG_TEST_RUN`, as if it arrived on interface `ifindex` (the
 /// only field set in the `__sk_buff` context, at offset 40); the program's return value.
-pub fn test_run(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifindex: u32, frame: &[u8]) -> u32 {
+pub fn test_run(
+    dp: &ztrust_agent::datapath::loader::Datapath,
+    prog: &str,
+    ifindex: u32,
+    frame: &[u8],
+) -> u32 {
     test_run_marked(dp, prog, ifindex, frame, 0).0
 }
 
 /// As [`test_run`], with `skb->mark` (offset 8) set to `mark`: (return value, mark afterwards).
-pub fn test_run_marked(dp: &ztrust_agent::datapath::loader::Datapath, prog: &str, ifindex: u32, frame: &[u8], mark: u32) -> (u32, u32) {
+pub fn test_run_marked(
+    dp: &ztrust_agent::datapath::loader::Datapath,
+    prog: &str,
+    ifindex: u32,
+    frame: &[u8],
+    mark: u32,
+) -> (u32, u32) {
     test_run_ctx(dp, prog, ifindex, frame, mark, 0)
 }
 
@@ -272,14 +383,31 @@ pub fn test_run_ctx(
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
     let mut ctx_out = [0u8; 192];
     let mut out = vec![0u8; frame.len() + 256];
-    let opts = TestRunOptions { data_in: Some(frame), data_out: Some(&mut out), ctx_in: Some(&ctx), ctx_out: Some(&mut ctx_out), ..Default::default() };
-    let ret = dp.program(prog).expect("program").test_run(opts).expect("test run").return_value;
+    let opts = TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ctx_out: Some(&mut ctx_out),
+        ..Default::default()
+    };
+    let ret = dp
+        .program(prog)
+        .expect("program")
+        .test_run(opts)
+        .expect("test run")
+        .return_value;
     (ret, u32::from_ne_bytes(ctx_out[8..12].try_into().unwrap()))
 }
 
 /// Packets counted for (interface, direction, verdict, reason), summed over CPUs: in the hash and in the
 /// endpoint's slot together.
-pub fn counter(dp: &ztrust_agent::datapath::loader::Datapath, ifindex: u32, direction: u8, verdict: u8, reason: u8) -> u64 {
+pub fn counter(
+    dp: &ztrust_agent::datapath::loader::Datapath,
+    ifindex: u32,
+    direction: u8,
+    verdict: u8,
+    reason: u8,
+) -> u64 {
     let (hashed, slotted) = counter_parts(dp, ifindex, direction, verdict, reason);
     hashed + slotted
 }
@@ -305,7 +433,13 @@ pub fn counter_values(
     verdict: u8,
     reason: u8,
 ) -> (ztrust_common::CounterValue, ztrust_common::CounterValue) {
-    let key = ztrust_common::CounterKey { ifindex, direction, verdict, reason, _pad: 0 };
+    let key = ztrust_common::CounterKey {
+        ifindex,
+        direction,
+        verdict,
+        reason,
+        _pad: 0,
+    };
     let mut hashed = ztrust_common::CounterValue::default();
     for c in dp.maps.counters.get(&key, 0).iter().flat_map(|vals| vals.iter()) {
         hashed.packets += c.packets;
@@ -313,7 +447,11 @@ pub fn counter_values(
     }
     let slots = dp.maps.endpoints.slot_counts(ifindex).expect("slot counters");
     let mut slotted = ztrust_common::CounterValue::default();
-    for (_, c) in slots.entries().into_iter().filter(|(k, _)| *k == (direction, verdict, reason)) {
+    for (_, c) in slots
+        .entries()
+        .into_iter()
+        .filter(|(k, _)| *k == (direction, verdict, reason))
+    {
         slotted.packets += c.packets;
         slotted.bytes += c.bytes;
     }
@@ -332,7 +470,10 @@ pub fn events(dp: &mut ztrust_agent::datapath::loader::Datapath) -> Vec<ztrust_c
 }
 
 pub fn require_root() {
-    assert!(nix::unistd::geteuid().is_root(), "privileged test: run as root via `cargo xtask test`");
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "privileged test: run as root via `cargo xtask test`"
+    );
 }
 
 /// A node with one pod (root required); the calling thread enters the node's namespace. Returns the

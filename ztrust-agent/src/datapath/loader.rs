@@ -39,26 +39,49 @@ pub enum Error {
     #[error("loading the eBPF object: {0}")]
     Load(#[from] aya::EbpfError),
     #[error("program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("map {name}: {source}")]
     Map { name: &'static str, source: MapError },
     #[error("map {0} missing from the eBPF object")]
     MissingMap(&'static str),
     #[error("attaching to {ifname} ({hook}): {source}")]
-    Attach { ifname: String, hook: &'static str, source: ProgramError },
+    Attach {
+        ifname: String,
+        hook: &'static str,
+        source: ProgramError,
+    },
     #[error("pinning link for {ifname} ({hook}) at {path}: {message}")]
-    PinLink { ifname: String, hook: &'static str, path: PathBuf, message: String },
+    PinLink {
+        ifname: String,
+        hook: &'static str,
+        path: PathBuf,
+        message: String,
+    },
     #[error("adopting pinned link {path}: {source}")]
     AdoptLink { path: PathBuf, source: LinkError },
     #[error("moving aside pinned link {path}, which is not {ifname}'s: {source}")]
-    KeepLink { path: PathBuf, ifname: String, source: io::Error },
+    KeepLink {
+        path: PathBuf,
+        ifname: String,
+        source: io::Error,
+    },
     #[error(
         "map {name} pinned at {path} has {pinned}-byte {what}, this agent's programs need {wanted}-byte {what}: it \
          was made by an agent with another map layout. The pinned programs keep enforcing with it; to replace it, stop the \
          agent and remove the pins (`ztrust-agent run --cleanup --pin-path {pin_dir}`: enforcement stops until \
          the new agent has synced)"
     )]
-    PinnedLayout { name: &'static str, path: PathBuf, what: &'static str, pinned: u32, wanted: u32, pin_dir: PathBuf },
+    PinnedLayout {
+        name: &'static str,
+        path: PathBuf,
+        what: &'static str,
+        pinned: u32,
+        wanted: u32,
+        pin_dir: PathBuf,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -97,8 +120,16 @@ pub const NO_SLOT: u32 = 0;
 impl Endpoints {
     /// Takes over the slots of the entries found (an earlier agent's, with their counts); entries
     /// without one (an agent from before the slots) get one.
-    fn adopt(map: HashMap<MapData, u32, EndpointInfo>, slot_counters: PerCpuArray<MapData, SlotCounters>) -> Result<Self, MapError> {
-        let mut me = Endpoints { map, free: (1..slot_counters.len()).collect(), slot_counters, slots: BTreeMap::new() };
+    fn adopt(
+        map: HashMap<MapData, u32, EndpointInfo>,
+        slot_counters: PerCpuArray<MapData, SlotCounters>,
+    ) -> Result<Self, MapError> {
+        let mut me = Endpoints {
+            map,
+            free: (1..slot_counters.len()).collect(),
+            slot_counters,
+            slots: BTreeMap::new(),
+        };
         let mut without = Vec::new();
         for (ifindex, info) in me.map.iter().flatten() {
             if info.slot != NO_SLOT && me.free.remove(&info.slot) {
@@ -124,8 +155,15 @@ impl Endpoints {
     }
 
     fn take_slot(&mut self, ifindex: u32) -> Result<u32, MapError> {
-        let Some(&slot) = self.free.first() else { return Ok(NO_SLOT) };
-        let possible_cpus = |io_error| MapError::SyscallError(aya::sys::SyscallError { call: "possible CPUs", io_error });
+        let Some(&slot) = self.free.first() else {
+            return Ok(NO_SLOT);
+        };
+        let possible_cpus = |io_error| {
+            MapError::SyscallError(aya::sys::SyscallError {
+                call: "possible CPUs",
+                io_error,
+            })
+        };
         let cpus = aya::util::nr_cpus().map_err(|(_, e)| possible_cpus(e))?;
         let zeros = PerCpuValues::try_from(vec![SlotCounters::default(); cpus]).map_err(possible_cpus)?;
         self.slot_counters.set(slot, zeros, 0)?;
@@ -179,7 +217,8 @@ impl Ipcache {
         if prefix == IPCACHE_HOST_PREFIX {
             self.hosts.insert(key, value, 0)
         } else {
-            self.prefixes.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0)
+            self.prefixes
+                .insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0)
         }
     }
 
@@ -198,8 +237,17 @@ impl Ipcache {
 
     /// Every entry, as (prefix length, key, value).
     pub fn entries(&self) -> impl Iterator<Item = (u32, IpcacheKey, IpcacheValue)> + '_ {
-        let hosts = self.hosts.iter().flatten().map(|(k, v)| (IPCACHE_HOST_PREFIX, k, v));
-        hosts.chain(self.prefixes.iter().flatten().map(|(k, v)| (k.prefix_len(), k.data(), v)))
+        let hosts = self
+            .hosts
+            .iter()
+            .flatten()
+            .map(|(k, v)| (IPCACHE_HOST_PREFIX, k, v));
+        hosts.chain(
+            self.prefixes
+                .iter()
+                .flatten()
+                .map(|(k, v)| (k.prefix_len(), k.data(), v)),
+        )
     }
 }
 
@@ -218,7 +266,8 @@ impl Policy {
         if prefix == PolicyKey::PREFIX_FULL {
             self.exact.insert(key, value, 0)
         } else {
-            self.prefixes.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0)
+            self.prefixes
+                .insert(&aya::maps::lpm_trie::Key::new(prefix, *key), value, 0)
         }
     }
 
@@ -238,9 +287,19 @@ impl Policy {
     /// Every entry, as (prefix length, key, value); an exact entry that an agent before the split left
     /// in the trie too is listed once.
     pub fn entries(&self) -> impl Iterator<Item = (u32, PolicyKey, PolicyValue)> + '_ {
-        let exact = self.exact.iter().flatten().map(|(k, v)| (PolicyKey::PREFIX_FULL, k, v));
-        let wide = self.prefixes.iter().flatten().map(|(k, v)| (k.prefix_len(), k.data(), v));
-        exact.chain(wide.filter(|(prefix, k, _)| *prefix != PolicyKey::PREFIX_FULL || self.exact.get(k, 0).is_err()))
+        let exact = self
+            .exact
+            .iter()
+            .flatten()
+            .map(|(k, v)| (PolicyKey::PREFIX_FULL, k, v));
+        let wide = self
+            .prefixes
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.prefix_len(), k.data(), v));
+        exact.chain(
+            wide.filter(|(prefix, k, _)| *prefix != PolicyKey::PREFIX_FULL || self.exact.get(k, 0).is_err()),
+        )
     }
 
     /// The exact entries an agent before the split left in the trie, copied into the hash, where these
@@ -271,7 +330,10 @@ impl Policy {
             .map(|k| k.data())
             .collect();
         for key in &legacy {
-            ignore_not_found(self.prefixes.remove(&aya::maps::lpm_trie::Key::new(PolicyKey::PREFIX_FULL, *key)))?;
+            ignore_not_found(
+                self.prefixes
+                    .remove(&aya::maps::lpm_trie::Key::new(PolicyKey::PREFIX_FULL, *key)),
+            )?;
         }
         Ok(legacy.len())
     }
@@ -321,12 +383,21 @@ pub struct Datapath {
 /// Mounts bpffs at /sys/fs/bpf when it is not mounted yet (a bare node or container).
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| Error::Bpffs(e.to_string()))?;
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
+    {
         return Ok(());
     }
     fs::create_dir_all(BPFFS).map_err(|e| Error::Bpffs(format!("creating {BPFFS}: {e}")))?;
-    nix::mount::mount(Some("bpffs"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .map_err(|e| Error::Bpffs(format!("mounting bpffs at {BPFFS}: {e}")))?;
+    nix::mount::mount(
+        Some("bpffs"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| Error::Bpffs(format!("mounting bpffs at {BPFFS}: {e}")))?;
     info!("mounted bpffs at {BPFFS}");
     Ok(())
 }
@@ -344,19 +415,74 @@ where
 fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 15] {
     use std::mem::size_of;
     [
-        (names::ENDPOINTS, size_of::<u32>(), size_of::<EndpointInfo>(), Some(caps.endpoints)),
-        (names::IPCACHE, 4 + size_of::<IpcacheKey>(), size_of::<IpcacheValue>(), Some(caps.ipcache)),
-        (names::IPCACHE_HOSTS, size_of::<IpcacheKey>(), size_of::<IpcacheValue>(), Some(caps.ipcache)),
-        (names::POLICY, 4 + size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
-        (names::POLICY_EXACT, size_of::<PolicyKey>(), size_of::<PolicyValue>(), Some(caps.policy)),
-        (names::CONNTRACK, size_of::<CtKey>(), size_of::<CtValue>(), Some(caps.conntrack)),
-        (names::COUNTERS, size_of::<CounterKey>(), size_of::<CounterValue>(), None),
+        (
+            names::ENDPOINTS,
+            size_of::<u32>(),
+            size_of::<EndpointInfo>(),
+            Some(caps.endpoints),
+        ),
+        (
+            names::IPCACHE,
+            4 + size_of::<IpcacheKey>(),
+            size_of::<IpcacheValue>(),
+            Some(caps.ipcache),
+        ),
+        (
+            names::IPCACHE_HOSTS,
+            size_of::<IpcacheKey>(),
+            size_of::<IpcacheValue>(),
+            Some(caps.ipcache),
+        ),
+        (
+            names::POLICY,
+            4 + size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+            Some(caps.policy),
+        ),
+        (
+            names::POLICY_EXACT,
+            size_of::<PolicyKey>(),
+            size_of::<PolicyValue>(),
+            Some(caps.policy),
+        ),
+        (
+            names::CONNTRACK,
+            size_of::<CtKey>(),
+            size_of::<CtValue>(),
+            Some(caps.conntrack),
+        ),
+        (
+            names::COUNTERS,
+            size_of::<CounterKey>(),
+            size_of::<CounterValue>(),
+            None,
+        ),
         // Sized after the endpoint map's pinned capacity (the loader asks for that + 1).
-        (names::SLOT_COUNTERS, size_of::<u32>(), size_of::<SlotCounters>(), None),
+        (
+            names::SLOT_COUNTERS,
+            size_of::<u32>(),
+            size_of::<SlotCounters>(),
+            None,
+        ),
         (names::EVENT_RATE, size_of::<CtKey>(), size_of::<u64>(), None),
-        (names::EVENT_BUDGET, size_of::<u32>(), size_of::<EventWindow>(), None),
-        (names::SERVICES, size_of::<ServiceKey>(), size_of::<ServiceValue>(), None),
-        (names::SERVICE_RANGES, 4 + size_of::<IpcacheKey>(), size_of::<u32>(), None),
+        (
+            names::EVENT_BUDGET,
+            size_of::<u32>(),
+            size_of::<EventWindow>(),
+            None,
+        ),
+        (
+            names::SERVICES,
+            size_of::<ServiceKey>(),
+            size_of::<ServiceValue>(),
+            None,
+        ),
+        (
+            names::SERVICE_RANGES,
+            4 + size_of::<IpcacheKey>(),
+            size_of::<u32>(),
+            None,
+        ),
         (names::STATS, size_of::<u32>(), size_of::<u64>(), None),
         (names::CONFIG, size_of::<u32>(), size_of::<Config>(), None),
         (names::REVISION, size_of::<u32>(), size_of::<u32>(), None),
@@ -465,7 +591,10 @@ impl Datapath {
         let maps_dir = pin_dir.join("maps");
         let links = pin_dir.join("links");
         for dir in [&maps_dir, &links.join("from-pod"), &links.join("to-pod")] {
-            fs::create_dir_all(dir).map_err(|source| Error::PinDir { path: dir.clone(), source })?;
+            fs::create_dir_all(dir).map_err(|source| Error::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
         }
         let caps = check_pinned(pin_dir, caps)?;
         let mut ebpf = EbpfLoader::new()
@@ -482,19 +611,31 @@ impl Datapath {
         for (name, _, _) in HOOKS {
             let prog: &mut SchedClassifier = ebpf
                 .program_mut(name)
-                .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
+                .ok_or(Error::Program {
+                    name,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
                 .try_into()
                 .map_err(|source| Error::Program { name, source })?;
             prog.load().map_err(|source| Error::Program { name, source })?;
         }
         let mut maps = Maps {
-            endpoints: Endpoints::adopt(take(&mut ebpf, names::ENDPOINTS)?, take(&mut ebpf, names::SLOT_COUNTERS)?)
-                .map_err(|source| Error::Map { name: names::ENDPOINTS, source })?,
+            endpoints: Endpoints::adopt(
+                take(&mut ebpf, names::ENDPOINTS)?,
+                take(&mut ebpf, names::SLOT_COUNTERS)?,
+            )
+            .map_err(|source| Error::Map {
+                name: names::ENDPOINTS,
+                source,
+            })?,
             ipcache: Ipcache {
                 hosts: take(&mut ebpf, names::IPCACHE_HOSTS)?,
                 prefixes: take(&mut ebpf, names::IPCACHE)?,
             },
-            policy: Policy { exact: take(&mut ebpf, names::POLICY_EXACT)?, prefixes: take(&mut ebpf, names::POLICY)? },
+            policy: Policy {
+                exact: take(&mut ebpf, names::POLICY_EXACT)?,
+                prefixes: take(&mut ebpf, names::POLICY)?,
+            },
             conntrack: take(&mut ebpf, names::CONNTRACK)?,
             counters: take(&mut ebpf, names::COUNTERS)?,
             stats: take(&mut ebpf, names::STATS)?,
@@ -503,13 +644,28 @@ impl Datapath {
             services: take(&mut ebpf, names::SERVICES)?,
             service_ranges: take(&mut ebpf, names::SERVICE_RANGES)?,
         };
-        let legacy = maps.policy.copy_legacy_exact().map_err(|source| Error::Map { name: names::POLICY_EXACT, source })?;
+        let legacy = maps.policy.copy_legacy_exact().map_err(|source| Error::Map {
+            name: names::POLICY_EXACT,
+            source,
+        })?;
         if legacy > 0 {
-            info!(entries = legacy, "single-port allow entries of an earlier agent copied from the policy trie to the exact-port map");
+            info!(
+                entries = legacy,
+                "single-port allow entries of an earlier agent copied from the policy trie to the exact-port map"
+            );
         }
         let events = Some(take(&mut ebpf, names::EVENTS)?);
         info!(pin_dir = %pin_dir.display(), "datapath loaded");
-        Ok(Self { ebpf, pin_dir: pin_dir.to_owned(), maps, events, attached: BTreeMap::new(), caps, attach_mode: AttachMode::Auto, netlink_links: BTreeMap::new() })
+        Ok(Self {
+            ebpf,
+            pin_dir: pin_dir.to_owned(),
+            maps,
+            events,
+            attached: BTreeMap::new(),
+            caps,
+            attach_mode: AttachMode::Auto,
+            netlink_links: BTreeMap::new(),
+        })
     }
 
     pub fn capacities(&self) -> Capacities {
@@ -518,7 +674,9 @@ impl Datapath {
 
     /// A loaded program, e.g. to run it on prepared packets (`BPF_PROG_TEST_RUN`) in tests and benchmarks.
     pub fn program(&self, name: &str) -> Option<&SchedClassifier> {
-        self.ebpf.program(name).and_then(|p| <&SchedClassifier>::try_from(p).ok())
+        self.ebpf
+            .program(name)
+            .and_then(|p| <&SchedClassifier>::try_from(p).ok())
     }
 
     pub fn pin_dir(&self) -> &Path {
@@ -552,7 +710,10 @@ impl Datapath {
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
-                .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
+                .ok_or(Error::Program {
+                    name,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
                 .try_into()
                 .map_err(|source| Error::Program { name, source })?;
             // Only a link on this very interface is adopted: a pin of that name can hold the link of an
@@ -561,8 +722,14 @@ impl Datapath {
             let only_this = BTreeMap::from([(ifname.to_owned(), ifindex)]);
             let mut adoptable = match pins::inspect(&path, ifname, hook, &only_this) {
                 None => false,
-                Some(pins::Pinned { state: pins::State::Here { .. }, .. }) => true,
-                Some(pins::Pinned { state: pins::State::Gone, .. }) => {
+                Some(pins::Pinned {
+                    state: pins::State::Here { .. },
+                    ..
+                }) => true,
+                Some(pins::Pinned {
+                    state: pins::State::Gone,
+                    ..
+                }) => {
                     // It holds nothing.
                     debug!(%ifname, hook, "pinned link defunct (its interface was deleted): attaching anew");
                     let _ = fs::remove_file(&path);
@@ -587,8 +754,12 @@ impl Datapath {
             }
             let adopted = match adoptable.then(|| PinnedLink::from_pin(&path)) {
                 Some(Ok(pinned)) => {
-                    let link = SchedClassifierLink::try_from(FdLink::from(pinned))
-                        .map_err(|source| Error::AdoptLink { path: path.clone(), source })?;
+                    let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|source| {
+                        Error::AdoptLink {
+                            path: path.clone(),
+                            source,
+                        }
+                    })?;
                     match prog.attach_to_link(link) {
                         Ok(id) => Some(id),
                         Err(e) => {
@@ -603,11 +774,17 @@ impl Datapath {
             };
             let id = match adopted {
                 Some(id) => id,
-                None => prog
-                    .attach(ifname, attach_type)
-                    .map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?,
+                None => prog.attach(ifname, attach_type).map_err(|source| Error::Attach {
+                    ifname: ifname.into(),
+                    hook,
+                    source,
+                })?,
             };
-            let link = prog.take_link(id).map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?;
+            let link = prog.take_link(id).map_err(|source| Error::Attach {
+                ifname: ifname.into(),
+                hook,
+                source,
+            })?;
             let fd_link = FdLink::try_from(link).map_err(|e| Error::PinLink {
                 ifname: ifname.into(),
                 hook,
@@ -641,14 +818,26 @@ impl Datapath {
             let prog: &mut SchedClassifier = self
                 .ebpf
                 .program_mut(name)
-                .ok_or(Error::Program { name, source: ProgramError::UnexpectedProgramType })?
+                .ok_or(Error::Program {
+                    name,
+                    source: ProgramError::UnexpectedProgramType,
+                })?
                 .try_into()
                 .map_err(|source| Error::Program { name, source })?;
-            let options = aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default());
+            let options =
+                aya::programs::tc::TcAttachOptions::Netlink(aya::programs::tc::NlOptions::default());
             let id = prog
                 .attach_with_options(ifname, attach_type, options)
-                .map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?;
-            links.push(prog.take_link(id).map_err(|source| Error::Attach { ifname: ifname.into(), hook, source })?);
+                .map_err(|source| Error::Attach {
+                    ifname: ifname.into(),
+                    hook,
+                    source,
+                })?;
+            links.push(prog.take_link(id).map_err(|source| Error::Attach {
+                ifname: ifname.into(),
+                hook,
+                source,
+            })?);
         }
         self.netlink_links.insert(ifname.to_owned(), links);
         self.attached.insert(ifname.to_owned(), ifindex);
@@ -685,7 +874,9 @@ impl Datapath {
         let mut released = Released::Gone;
         for hook in HOOK_DIRS {
             let path = self.link_path(ifname, hook);
-            let Some(pinned) = pins::inspect(&path, ifname, hook, ifaces) else { continue };
+            let Some(pinned) = pins::inspect(&path, ifname, hook, ifaces) else {
+                continue;
+            };
             match &pinned.state {
                 pins::State::Gone => {
                     if let Err(e) = fs::remove_file(&path)
@@ -696,7 +887,9 @@ impl Datapath {
                 }
                 // Pinned again, for the interface of that name now: not this agent's to touch.
                 pins::State::Here { .. } => {}
-                pins::State::Renamed { now, .. } if pins::move_pin(&path, &self.link_path(now, hook)).is_ok() => {
+                pins::State::Renamed { now, .. }
+                    if pins::move_pin(&path, &self.link_path(now, hook)).is_ok() =>
+                {
                     released = Released::Renamed(now.clone());
                 }
                 _ => {
@@ -721,7 +914,12 @@ impl Datapath {
     pub fn pinned_interfaces(&self) -> Vec<String> {
         let mut names: Vec<String> = HOOKS
             .iter()
-            .flat_map(|(_, _, hook)| fs::read_dir(self.pin_dir.join("links").join(hook)).into_iter().flatten().flatten())
+            .flat_map(|(_, _, hook)| {
+                fs::read_dir(self.pin_dir.join("links").join(hook))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+            })
             .filter_map(|e| e.file_name().to_str().map(str::to_owned))
             .collect();
         names.sort();
@@ -757,15 +955,24 @@ pub fn settle_pins(pin_dir: &Path, survey: &[pins::Pinned]) {
         match &p.state {
             pins::State::Here { .. } | pins::State::Unseen { .. } => {}
             pins::State::Gone => match fs::remove_file(&p.path) {
-                Ok(()) => info!(ifname = %p.ifname, hook = p.hook, "interface gone while no agent ran (the kernel detached its link): pin removed"),
-                Err(e) => warn!(ifname = %p.ifname, path = %p.path.display(), error = %e, "removing the pin of a detached link"),
+                Ok(()) => {
+                    info!(ifname = %p.ifname, hook = p.hook, "interface gone while no agent ran (the kernel detached its link): pin removed")
+                }
+                Err(e) => {
+                    warn!(ifname = %p.ifname, path = %p.path.display(), error = %e, "removing the pin of a detached link")
+                }
             },
             pins::State::Renamed { ifindex, now } => {
                 let to = pin_dir.join("links").join(p.hook).join(now);
-                match pins::move_pin(&p.path, &to).map(|()| to).or_else(|_| pins::keep_aside(pin_dir, p)) {
+                match pins::move_pin(&p.path, &to)
+                    .map(|()| to)
+                    .or_else(|_| pins::keep_aside(pin_dir, p))
+                {
                     Ok(to) => info!(ifname = %p.ifname, %now, ifindex, hook = p.hook, pin = %to.display(),
                         "interface renamed while no agent ran: its link, still attached, is pinned under the new name"),
-                    Err(e) => warn!(ifname = %p.ifname, %now, error = %e, "moving the pin of a renamed interface's link; left where it is"),
+                    Err(e) => {
+                        warn!(ifname = %p.ifname, %now, error = %e, "moving the pin of a renamed interface's link; left where it is")
+                    }
                 }
             }
             pins::State::Unreadable(why) => {
@@ -776,7 +983,9 @@ pub fn settle_pins(pin_dir: &Path, survey: &[pins::Pinned]) {
     for (path, info) in pins::kept(pin_dir, &HOOK_DIRS) {
         if matches!(info, Ok(i) if i.ifindex == 0) {
             match fs::remove_file(&path) {
-                Ok(()) => info!(path = %path.display(), "kept link detached by the kernel (its interface was deleted): pin removed"),
+                Ok(()) => {
+                    info!(path = %path.display(), "kept link detached by the kernel (its interface was deleted): pin removed")
+                }
                 Err(e) => warn!(path = %path.display(), error = %e, "removing the pin of a detached link"),
             }
         }

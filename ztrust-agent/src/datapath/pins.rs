@@ -62,8 +62,19 @@ pub struct LinkInfo {
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a `#[repr(C)]` prefix of `union bpf_attr` for `cmd`, zeroed where unused, and
     // lives across the call; the kernel reads and writes at most `size_of::<T>()` bytes of it.
-    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), std::mem::size_of::<T>()) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(ret) }
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            std::ptr::from_mut(attr),
+            std::mem::size_of::<T>(),
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
 }
 
 /// Opens a pinned object (`BPF_OBJ_GET`).
@@ -76,8 +87,15 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         path_fd: i32,
         _pad: u32,
     }
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = Attr { pathname: c.as_ptr() as u64, bpf_fd: 0, file_flags: 0, path_fd: 0, _pad: 0 };
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = Attr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
     let fd = sys_bpf(BPF_OBJ_GET, &mut attr)?;
     // SAFETY: BPF_OBJ_GET returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
@@ -99,7 +117,13 @@ pub fn link_info(path: &Path) -> io::Result<LinkInfo> {
         info: std::ptr::from_mut(&mut raw) as u64,
     };
     sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(LinkInfo { link_type: raw.type_, id: raw.id, prog_id: raw.prog_id, ifindex: raw.ifindex, attach_type: raw.attach_type })
+    Ok(LinkInfo {
+        link_type: raw.type_,
+        id: raw.id,
+        prog_id: raw.prog_id,
+        ifindex: raw.ifindex,
+        attach_type: raw.attach_type,
+    })
 }
 
 /// The ids of the links attached to the TCX hook `attach_type` of interface `ifindex` of this network
@@ -192,7 +216,12 @@ fn listed_here(ifindex: u32, attach_type: u32, id: u32) -> Option<bool> {
 
 /// [`State`] of a link pinned for `ifname` whose info is `info`, with this namespace's interfaces
 /// (`ifaces`, name → index) and `listed` saying whether the kernel lists the link on an index's hook here.
-pub fn classify(ifname: &str, info: &LinkInfo, ifaces: &BTreeMap<String, u32>, listed: impl Fn(u32) -> Option<bool>) -> State {
+pub fn classify(
+    ifname: &str,
+    info: &LinkInfo,
+    ifaces: &BTreeMap<String, u32>,
+    listed: impl Fn(u32) -> Option<bool>,
+) -> State {
     if info.link_type != BPF_LINK_TYPE_TCX {
         return State::Unreadable(format!("not a TCX link (link type {})", info.link_type));
     }
@@ -210,19 +239,34 @@ pub fn classify(ifname: &str, info: &LinkInfo, ifaces: &BTreeMap<String, u32>, l
         };
     }
     match ifaces.iter().find(|(_, i)| **i == ifindex) {
-        Some((now, _)) if listed(ifindex) == Some(true) => State::Renamed { ifindex, now: now.clone() },
+        Some((now, _)) if listed(ifindex) == Some(true) => State::Renamed {
+            ifindex,
+            now: now.clone(),
+        },
         _ => State::Unseen { ifindex },
     }
 }
 
 /// The link pinned at `path` for `ifname`: `None` when there is no pin.
-pub fn inspect(path: &Path, ifname: &str, hook: &'static str, ifaces: &BTreeMap<String, u32>) -> Option<Pinned> {
+pub fn inspect(
+    path: &Path,
+    ifname: &str,
+    hook: &'static str,
+    ifaces: &BTreeMap<String, u32>,
+) -> Option<Pinned> {
     let state = match link_info(path) {
-        Ok(info) => classify(ifname, &info, ifaces, |ifindex| listed_here(ifindex, info.attach_type, info.id)),
+        Ok(info) => classify(ifname, &info, ifaces, |ifindex| {
+            listed_here(ifindex, info.attach_type, info.id)
+        }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
         Err(e) => State::Unreadable(e.to_string()),
     };
-    Some(Pinned { ifname: ifname.to_owned(), hook, path: path.to_owned(), state })
+    Some(Pinned {
+        ifname: ifname.to_owned(),
+        hook,
+        path: path.to_owned(),
+        state,
+    })
 }
 
 /// Every link pinned under `<pin_dir>/links/<hook>/` for `hooks`, by interface name then hook.
@@ -231,7 +275,9 @@ pub fn survey(pin_dir: &Path, hooks: &[&'static str], ifaces: &BTreeMap<String, 
     for hook in hooks {
         let dir = pin_dir.join("links").join(hook);
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
             out.extend(inspect(&entry.path(), &name, hook, ifaces));
         }
     }
@@ -258,7 +304,9 @@ pub fn kept_here(pin_dir: &Path, hook: &'static str, ifname: &str, ifindex: u32)
     let only_this = BTreeMap::from([(ifname.to_owned(), ifindex)]);
     kept(pin_dir, &[hook]).into_iter().find_map(|(path, info)| {
         let info = info.ok()?;
-        let state = classify(ifname, &info, &only_this, |i| listed_here(i, info.attach_type, info.id));
+        let state = classify(ifname, &info, &only_this, |i| {
+            listed_here(i, info.attach_type, info.id)
+        });
         matches!(state, State::Here { .. }).then_some(path)
     })
 }
@@ -266,11 +314,25 @@ pub fn kept_here(pin_dir: &Path, hook: &'static str, ifname: &str, ifindex: u32)
 /// Renames the pin `from` to `to` within bpffs (the link stays pinned all along); `AlreadyExists` if
 /// `to` is taken.
 pub fn move_pin(from: &Path, to: &Path) -> io::Result<()> {
-    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+    let c = |p: &Path| {
+        CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    };
     let (from, to) = (c(from)?, c(to)?);
     // SAFETY: two NUL-terminated paths that outlive the call.
-    let ret = unsafe { libc::renameat2(libc::AT_FDCWD, from.as_ptr(), libc::AT_FDCWD, to.as_ptr(), libc::RENAME_NOREPLACE) };
-    if ret < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    let ret = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
 /// Moves the pin of a link that still enforces somewhere but no longer belongs under its name to
@@ -278,11 +340,15 @@ pub fn move_pin(from: &Path, to: &Path) -> io::Result<()> {
 pub fn keep_aside(pin_dir: &Path, pinned: &Pinned) -> io::Result<PathBuf> {
     let dir = pin_dir.join(KEPT_DIR).join(pinned.hook);
     std::fs::create_dir_all(&dir)?;
-    let id = link_info(&pinned.path).map(|i| i.id.to_string()).unwrap_or_else(|_| "unknown".into());
+    let id = link_info(&pinned.path)
+        .map(|i| i.id.to_string())
+        .unwrap_or_else(|_| "unknown".into());
     let mut to = dir.join(format!("{}-{id}", pinned.ifname));
     for n in 2.. {
         match move_pin(&pinned.path, &to) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => to = dir.join(format!("{}-{id}-{n}", pinned.ifname)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                to = dir.join(format!("{}-{id}-{n}", pinned.ifname))
+            }
             other => return other.map(|()| to),
         }
     }
@@ -291,8 +357,11 @@ pub fn keep_aside(pin_dir: &Path, pinned: &Pinned) -> io::Result<PathBuf> {
 
 /// The interface names of `pins` in state `Unseen`, once each, sorted.
 pub fn unseen(pins: &[Pinned]) -> Vec<String> {
-    let mut names: Vec<String> =
-        pins.iter().filter(|p| matches!(p.state, State::Unseen { .. })).map(|p| p.ifname.clone()).collect();
+    let mut names: Vec<String> = pins
+        .iter()
+        .filter(|p| matches!(p.state, State::Unseen { .. }))
+        .map(|p| p.ifname.clone())
+        .collect();
     names.dedup();
     names
 }
@@ -302,7 +371,13 @@ mod tests {
     use super::*;
 
     fn info(ifindex: u32) -> LinkInfo {
-        LinkInfo { link_type: BPF_LINK_TYPE_TCX, id: 7, prog_id: 3, ifindex, attach_type: 46 }
+        LinkInfo {
+            link_type: BPF_LINK_TYPE_TCX,
+            id: 7,
+            prog_id: 3,
+            ifindex,
+            attach_type: 46,
+        }
     }
 
     fn ifaces(list: &[(&str, u32)]) -> BTreeMap<String, u32> {
@@ -312,11 +387,20 @@ mod tests {
     #[test]
     fn a_link_is_here_only_where_name_index_and_hook_agree() {
         let here = ifaces(&[("lo", 1), ("ztl3", 5), ("ztl9", 8)]);
-        assert_eq!(classify("ztl3", &info(5), &here, |_| Some(true)), State::Here { ifindex: 5 });
+        assert_eq!(
+            classify("ztl3", &info(5), &here, |_| Some(true)),
+            State::Here { ifindex: 5 }
+        );
         // The kernel cannot be asked: the name and index decide.
-        assert_eq!(classify("ztl3", &info(5), &here, |_| None), State::Here { ifindex: 5 });
+        assert_eq!(
+            classify("ztl3", &info(5), &here, |_| None),
+            State::Here { ifindex: 5 }
+        );
         // Same name, same index, but the link is not on that interface's hook: another namespace's.
-        assert_eq!(classify("ztl3", &info(5), &here, |_| Some(false)), State::Unseen { ifindex: 5 });
+        assert_eq!(
+            classify("ztl3", &info(5), &here, |_| Some(false)),
+            State::Unseen { ifindex: 5 }
+        );
         // Deleted: detached by the kernel, whatever is called so here now.
         assert_eq!(classify("ztl3", &info(0), &here, |_| Some(true)), State::Gone);
         assert_eq!(classify("ztl4", &info(0), &here, |_| Some(true)), State::Gone);
@@ -325,25 +409,54 @@ mod tests {
     #[test]
     fn an_index_here_under_another_name_is_a_rename_only_if_the_kernel_lists_the_link_there() {
         let here = ifaces(&[("lo", 1), ("ztl9", 8)]);
-        assert_eq!(classify("ztl3", &info(8), &here, |_| Some(true)), State::Renamed { ifindex: 8, now: "ztl9".into() });
-        assert_eq!(classify("ztl3", &info(8), &here, |_| Some(false)), State::Unseen { ifindex: 8 });
-        assert_eq!(classify("ztl3", &info(8), &here, |_| None), State::Unseen { ifindex: 8 });
+        assert_eq!(
+            classify("ztl3", &info(8), &here, |_| Some(true)),
+            State::Renamed {
+                ifindex: 8,
+                now: "ztl9".into()
+            }
+        );
+        assert_eq!(
+            classify("ztl3", &info(8), &here, |_| Some(false)),
+            State::Unseen { ifindex: 8 }
+        );
+        assert_eq!(
+            classify("ztl3", &info(8), &here, |_| None),
+            State::Unseen { ifindex: 8 }
+        );
         // The wrong namespace: no such index at all (the root namespace, a container's).
-        assert_eq!(classify("ztl3", &info(12), &here, |_| Some(false)), State::Unseen { ifindex: 12 });
+        assert_eq!(
+            classify("ztl3", &info(12), &here, |_| Some(false)),
+            State::Unseen { ifindex: 12 }
+        );
         // The same name with another index.
-        assert_eq!(classify("ztl9", &info(12), &here, |_| Some(false)), State::Unseen { ifindex: 12 });
+        assert_eq!(
+            classify("ztl9", &info(12), &here, |_| Some(false)),
+            State::Unseen { ifindex: 12 }
+        );
     }
 
     #[test]
     fn what_is_not_a_tcx_link_is_left_alone() {
         let here = ifaces(&[("ztl3", 5)]);
-        let other = LinkInfo { link_type: 6, ..info(5) };
-        assert!(matches!(classify("ztl3", &other, &here, |_| Some(true)), State::Unreadable(_)));
+        let other = LinkInfo {
+            link_type: 6,
+            ..info(5)
+        };
+        assert!(matches!(
+            classify("ztl3", &other, &here, |_| Some(true)),
+            State::Unreadable(_)
+        ));
     }
 
     #[test]
     fn unseen_names_are_listed_once() {
-        let pin = |ifname: &str, hook, state| Pinned { ifname: ifname.into(), hook, path: PathBuf::new(), state };
+        let pin = |ifname: &str, hook, state| Pinned {
+            ifname: ifname.into(),
+            hook,
+            path: PathBuf::new(),
+            state,
+        };
         let pins = [
             pin("a", "from-pod", State::Unseen { ifindex: 4 }),
             pin("a", "to-pod", State::Unseen { ifindex: 4 }),

@@ -33,7 +33,11 @@ use crate::policy::{AllowGroup, AllowKey, Delta, Desired, Frontend, policy_keys,
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{map} map would need {needed} entries, capacity is {capacity}; update refused, last state kept")]
-    Capacity { map: &'static str, needed: usize, capacity: u32 },
+    Capacity {
+        map: &'static str,
+        needed: usize,
+        capacity: u32,
+    },
     #[error("writing {map}: {message}")]
     Write { map: &'static str, message: String },
 }
@@ -110,15 +114,27 @@ impl SyncStats {
 
 /// The kernel's key of a Service frontend.
 pub fn service_key(f: &Frontend) -> ServiceKey {
-    ServiceKey { addr: ip_to_mapped(f.addr), port_be: f.port.to_be(), protocol: f.protocol.number(), _pad: 0 }
+    ServiceKey {
+        addr: ip_to_mapped(f.addr),
+        port_be: f.port.to_be(),
+        protocol: f.protocol.number(),
+        _pad: 0,
+    }
 }
 
 /// The kernel's value for a frontend with `classes` (the first [`ztrust_common::SERVICE_CLASSES`] of
 /// them, and how many there are).
 pub fn service_value(classes: &[crate::policy::BackendClass]) -> ServiceValue {
-    let mut v = ServiceValue { classes: classes.len() as u32, ..Default::default() };
+    let mut v = ServiceValue {
+        classes: classes.len() as u32,
+        ..Default::default()
+    };
     for (slot, (identity, port)) in v.class.iter_mut().zip(classes) {
-        *slot = BackendClass { identity: *identity, port: *port, _pad: 0 };
+        *slot = BackendClass {
+            identity: *identity,
+            port: *port,
+            _pad: 0,
+        };
     }
     v
 }
@@ -150,19 +166,30 @@ pub fn audit_namespaces(cluster: &crate::model::Cluster) -> BTreeSet<String> {
     cluster
         .namespaces
         .values()
-        .filter(|ns| ns.annotations.get(AUDIT_ANNOTATION).is_some_and(|m| m.eq_ignore_ascii_case("audit")))
+        .filter(|ns| {
+            ns.annotations
+                .get(AUDIT_ANNOTATION)
+                .is_some_and(|m| m.eq_ignore_ascii_case("audit"))
+        })
         .map(|ns| ns.name.clone())
         .collect()
 }
 
 /// The policy entries of `allow` for endpoint `ifindex`: all groups, or only `only` (each listed group
 /// present, empty if it has no entries now).
-fn entries_for(ifindex: u32, allow: &BTreeMap<AllowKey, u32>, only: Option<&BTreeSet<AllowGroup>>) -> Grouped {
+fn entries_for(
+    ifindex: u32,
+    allow: &BTreeMap<AllowKey, u32>,
+    only: Option<&BTreeSet<AllowGroup>>,
+) -> Grouped {
     let mut out = Grouped::new();
     let add = |out: &mut Grouped, key: &AllowKey, rule: u32| {
         let group = out.entry(key.group()).or_default();
         for (prefix, pk) in policy_keys(ifindex, key) {
-            group.entry((prefix, pk)).or_insert(PolicyValue { rule_id: rule, _pad: 0 });
+            group.entry((prefix, pk)).or_insert(PolicyValue {
+                rule_id: rule,
+                _pad: 0,
+            });
         }
     };
     match only {
@@ -174,8 +201,20 @@ fn entries_for(ifindex: u32, allow: &BTreeMap<AllowKey, u32>, only: Option<&BTre
         Some(groups) => {
             for &(direction, remote, protocol) in groups {
                 out.entry((direction, remote, protocol)).or_default();
-                let lo = AllowKey { direction, remote, protocol, port_lo: 0, port_hi: 0 };
-                let hi = AllowKey { direction, remote, protocol, port_lo: u16::MAX, port_hi: u16::MAX };
+                let lo = AllowKey {
+                    direction,
+                    remote,
+                    protocol,
+                    port_lo: 0,
+                    port_hi: 0,
+                };
+                let hi = AllowKey {
+                    direction,
+                    remote,
+                    protocol,
+                    port_lo: u16::MAX,
+                    port_hi: u16::MAX,
+                };
                 for (key, rule) in allow.range(lo..=hi) {
                     add(&mut out, key, *rule);
                 }
@@ -191,9 +230,24 @@ const ISOLATION: u32 = ep_flags::ISOLATED_INGRESS | ep_flags::ISOLATED_EGRESS;
 /// set is ordered by direction, then remote, and [`identity::ANY`] is the lowest remote).
 fn no_any_peer_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
     let mut flags = 0;
-    for (direction, flag) in [(dir::INGRESS, ep_flags::NO_ANY_PEER_INGRESS), (dir::EGRESS, ep_flags::NO_ANY_PEER_EGRESS)] {
-        let lo = AllowKey { direction, remote: identity::ANY, protocol: 0, port_lo: 0, port_hi: 0 };
-        let hi = AllowKey { direction, remote: identity::ANY, protocol: u8::MAX, port_lo: u16::MAX, port_hi: u16::MAX };
+    for (direction, flag) in [
+        (dir::INGRESS, ep_flags::NO_ANY_PEER_INGRESS),
+        (dir::EGRESS, ep_flags::NO_ANY_PEER_EGRESS),
+    ] {
+        let lo = AllowKey {
+            direction,
+            remote: identity::ANY,
+            protocol: 0,
+            port_lo: 0,
+            port_hi: 0,
+        };
+        let hi = AllowKey {
+            direction,
+            remote: identity::ANY,
+            protocol: u8::MAX,
+            port_lo: u16::MAX,
+            port_hi: u16::MAX,
+        };
         if allow.range(lo..=hi).next().is_none() {
             flags |= flag;
         }
@@ -214,7 +268,9 @@ fn no_wide_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
     let mut wide = 0;
     for key in allow.keys().filter(|k| is_wide(k)) {
         wide |= if key.protocol == proto::ANY {
-            [proto::TCP, proto::UDP, proto::ICMP].iter().fold(0, |f, &p| f | ep_flags::no_wide(key.direction, p))
+            [proto::TCP, proto::UDP, proto::ICMP]
+                .iter()
+                .fold(0, |f, &p| f | ep_flags::no_wide(key.direction, p))
         } else {
             ep_flags::no_wide(key.direction, key.protocol)
         };
@@ -230,7 +286,10 @@ fn no_wide_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
 fn narrowest(old: &EndpointInfo, new: &EndpointInfo) -> EndpointInfo {
     let iso = (old.flags | new.flags) & ISOLATION;
     let rest = old.flags & new.flags & !ISOLATION;
-    EndpointInfo { flags: iso | rest, ..*new }
+    EndpointInfo {
+        flags: iso | rest,
+        ..*new
+    }
 }
 
 impl Syncer {
@@ -246,17 +305,30 @@ impl Syncer {
             let pod = ObjectRef::new("(adopted)", format!("ifindex-{ifindex}"));
             // Compared with what this agent computes, which leaves slots to the endpoint map.
             let info = EndpointInfo { slot: 0, ..info };
-            me.endpoints.insert(ifindex, AppliedEndpoint { pod, info, entries: Grouped::new() });
+            me.endpoints.insert(
+                ifindex,
+                AppliedEndpoint {
+                    pod,
+                    info,
+                    entries: Grouped::new(),
+                },
+            );
         }
         for (prefix, data, value) in maps.policy.entries() {
             let ifindex = u32::from_be_bytes(data.endpoint);
             let ep = me.endpoints.entry(ifindex).or_insert_with(|| AppliedEndpoint {
                 pod: ObjectRef::new("(adopted)", format!("ifindex-{ifindex}")),
                 // Entries without an endpoint entry are unreachable; keep them to delete them.
-                info: EndpointInfo { endpoint_id: ifindex, ..Default::default() },
+                info: EndpointInfo {
+                    endpoint_id: ifindex,
+                    ..Default::default()
+                },
                 entries: Grouped::new(),
             });
-            ep.entries.entry(group_of(&data)).or_default().insert((prefix, data), value);
+            ep.entries
+                .entry(group_of(&data))
+                .or_default()
+                .insert((prefix, data), value);
             me.policy_entries += 1;
         }
         for (prefix, key, value) in maps.ipcache.entries() {
@@ -320,7 +392,8 @@ impl Syncer {
     ) -> Result<SyncStats> {
         // The interfaces to look at: all, or those of changed endpoints and changed bindings.
         let scope: Option<BTreeSet<u32>> = (!delta.full).then(|| {
-            let applied: BTreeMap<&ObjectRef, u32> = self.endpoints.iter().map(|(i, e)| (&e.pod, *i)).collect();
+            let applied: BTreeMap<&ObjectRef, u32> =
+                self.endpoints.iter().map(|(i, e)| (&e.pod, *i)).collect();
             let pods: BTreeSet<&ObjectRef> = applied.keys().copied().chain(interfaces.keys()).collect();
             let mut scope = BTreeSet::new();
             for pod in pods {
@@ -338,7 +411,9 @@ impl Syncer {
         // when the endpoint stays where it was.
         let mut next: BTreeMap<u32, Next> = BTreeMap::new();
         for (pod, ep) in &desired.endpoints {
-            let Some(&ifindex) = interfaces.get(pod) else { continue };
+            let Some(&ifindex) = interfaces.get(pod) else {
+                continue;
+            };
             if !in_scope(&ifindex) {
                 continue;
             }
@@ -355,7 +430,13 @@ impl Syncer {
             flags |= no_any_peer_flags(&ep.allow) | no_wide_flags(&ep.allow);
             // The slot is the endpoint map's to hand out (`loader::Endpoints`).
             // The addresses are the only sources the pod may send from.
-            let info = EndpointInfo { endpoint_id: ifindex, identity: ep.identity, flags, ..Default::default() }.with_addrs(&ep.ips);
+            let info = EndpointInfo {
+                endpoint_id: ifindex,
+                identity: ep.identity,
+                flags,
+                ..Default::default()
+            }
+            .with_addrs(&ep.ips);
             let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
             let only = match delta.endpoints.get(pod) {
                 Some(Some(groups)) if !delta.full && same_place => Some(groups),
@@ -367,7 +448,14 @@ impl Syncer {
                 Some(groups) => NextEntries::Groups(entries_for(ifindex, &ep.allow, Some(groups))),
                 None => NextEntries::All(entries_for(ifindex, &ep.allow, None)),
             };
-            next.insert(ifindex, Next { pod: pod.clone(), info, entries });
+            next.insert(
+                ifindex,
+                Next {
+                    pod: pod.clone(),
+                    info,
+                    entries,
+                },
+            );
         }
 
         // Capacity, before any write.
@@ -381,7 +469,11 @@ impl Syncer {
                     endpoints_needed -= 1;
                 }
                 Some(NextEntries::Groups(groups)) => {
-                    policy_needed -= groups.keys().filter_map(|g| old.entries.get(g)).map(BTreeMap::len).sum::<usize>();
+                    policy_needed -= groups
+                        .keys()
+                        .filter_map(|g| old.entries.get(g))
+                        .map(BTreeMap::len)
+                        .sum::<usize>();
                 }
             }
         }
@@ -398,20 +490,40 @@ impl Syncer {
             }
         }
         if policy_needed > caps.policy as usize {
-            return Err(Error::Capacity { map: "policy", needed: policy_needed, capacity: caps.policy });
+            return Err(Error::Capacity {
+                map: "policy",
+                needed: policy_needed,
+                capacity: caps.policy,
+            });
         }
         if desired.ipcache.len() > caps.ipcache as usize {
-            return Err(Error::Capacity { map: "ipcache", needed: desired.ipcache.len(), capacity: caps.ipcache });
+            return Err(Error::Capacity {
+                map: "ipcache",
+                needed: desired.ipcache.len(),
+                capacity: caps.ipcache,
+            });
         }
         if endpoints_needed > caps.endpoints as usize {
-            return Err(Error::Capacity { map: "endpoints", needed: endpoints_needed, capacity: caps.endpoints });
+            return Err(Error::Capacity {
+                map: "endpoints",
+                needed: endpoints_needed,
+                capacity: caps.endpoints,
+            });
         }
         if desired.services.len() > capacity::SERVICES as usize {
-            return Err(Error::Capacity { map: "services", needed: desired.services.len(), capacity: capacity::SERVICES });
+            return Err(Error::Capacity {
+                map: "services",
+                needed: desired.services.len(),
+                capacity: capacity::SERVICES,
+            });
         }
         if desired.service_cidrs.len() > capacity::SERVICE_RANGES as usize {
             let needed = desired.service_cidrs.len();
-            return Err(Error::Capacity { map: "service ranges", needed, capacity: capacity::SERVICE_RANGES });
+            return Err(Error::Capacity {
+                map: "service ranges",
+                needed,
+                capacity: capacity::SERVICE_RANGES,
+            });
         }
 
         let mut stats = SyncStats::default();
@@ -459,9 +571,22 @@ impl Syncer {
         // IPv6 prefixes such as ::/0 from matching IPv4 addresses; maps pinned by an earlier agent may
         // lack it, whatever the first delta says).
         let nets: Vec<IpNet> = if delta.full {
-            self.ipcache.keys().chain(desired.ipcache.keys()).copied().collect::<BTreeSet<_>>().into_iter().collect()
+            self.ipcache
+                .keys()
+                .chain(desired.ipcache.keys())
+                .copied()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
         } else {
-            delta.ipcache.iter().copied().chain([v4_space()]).collect::<BTreeSet<_>>().into_iter().collect()
+            delta
+                .ipcache
+                .iter()
+                .copied()
+                .chain([v4_space()])
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
         };
         let mut removed = Vec::new();
         let mut set = Vec::new();
@@ -482,13 +607,24 @@ impl Syncer {
         let mut ipcache_changed = !removed.is_empty();
         for (net, id) in &set {
             let (prefix, key) = ipcache_key(net);
-            ops.set_ipcache(prefix, &key, &IpcacheValue { identity: *id, _pad: 0 })?;
+            ops.set_ipcache(
+                prefix,
+                &key,
+                &IpcacheValue {
+                    identity: *id,
+                    _pad: 0,
+                },
+            )?;
             stats.ipcache_writes += 1;
             ipcache_changed |= self.ipcache.insert(*net, *id).is_some();
         }
         // Services after the ipcache (their classes name identities the ipcache now gives), in the same
         // step: a changed class can narrow what a connectionless flow to the Service was admitted for.
-        let services_changed = if delta.full || delta.services { self.sync_services(ops, desired, &mut stats)? } else { false };
+        let services_changed = if delta.full || delta.services {
+            self.sync_services(ops, desired, &mut stats)?
+        } else {
+            false
+        };
         if narrowed_before_ipcache > 0 || ipcache_changed || services_changed {
             ops.bump_revision()?;
         }
@@ -519,7 +655,14 @@ impl Syncer {
             match new.entries {
                 NextEntries::All(entries) => {
                     let entries = entries.into_iter().filter(|(_, e)| !e.is_empty()).collect();
-                    self.endpoints.insert(ifindex, AppliedEndpoint { pod: new.pod, info: new.info, entries });
+                    self.endpoints.insert(
+                        ifindex,
+                        AppliedEndpoint {
+                            pod: new.pod,
+                            info: new.info,
+                            entries,
+                        },
+                    );
                 }
                 NextEntries::Groups(groups) => {
                     let applied = self.endpoints.entry(ifindex).or_default();
@@ -550,7 +693,12 @@ impl Syncer {
 
     /// Brings the Service frontends and ranges to `desired`: ranges that are added (a narrowing: unknown
     /// addresses in them drop), frontends, then ranges that go. Returns whether anything changed.
-    fn sync_services(&mut self, ops: &mut impl MapOps, desired: &Desired, stats: &mut SyncStats) -> Result<bool> {
+    fn sync_services(
+        &mut self,
+        ops: &mut impl MapOps,
+        desired: &Desired,
+        stats: &mut SyncStats,
+    ) -> Result<bool> {
         let mut changed = false;
         for net in desired.service_cidrs.difference(&self.service_ranges.clone()) {
             let (prefix, key) = ipcache_key(net);
@@ -558,8 +706,11 @@ impl Syncer {
             self.service_ranges.insert(*net);
             changed = true;
         }
-        let next: BTreeMap<ServiceKey, ServiceValue> =
-            desired.services.iter().map(|(f, classes)| (service_key(f), service_value(classes))).collect();
+        let next: BTreeMap<ServiceKey, ServiceValue> = desired
+            .services
+            .iter()
+            .map(|(f, classes)| (service_key(f), service_value(classes)))
+            .collect();
         for (key, value) in &next {
             if self.services.get(key) != Some(value) {
                 ops.set_service(key, value)?;
@@ -573,7 +724,12 @@ impl Syncer {
             changed = true;
         }
         self.services = next;
-        for net in self.service_ranges.difference(&desired.service_cidrs).copied().collect::<Vec<_>>() {
+        for net in self
+            .service_ranges
+            .difference(&desired.service_cidrs)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             let (prefix, key) = ipcache_key(&net);
             ops.del_service_range(prefix, &key)?;
             self.service_ranges.remove(&net);
@@ -597,7 +753,10 @@ impl Syncer {
 pub struct KernelMaps<'a>(pub &'a mut super::loader::Maps);
 
 fn werr(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
-    move |e| Error::Write { map, message: e.to_string() }
+    move |e| Error::Write {
+        map,
+        message: e.to_string(),
+    }
 }
 
 fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>, map: &'static str) -> Result<()> {
@@ -605,14 +764,20 @@ fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>, map: &'static
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => {
             warn!(map, error = %e, "delete failed");
-            Err(Error::Write { map, message: e.to_string() })
+            Err(Error::Write {
+                map,
+                message: e.to_string(),
+            })
         }
     }
 }
 
 impl MapOps for KernelMaps<'_> {
     fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()> {
-        self.0.endpoints.insert(ifindex, *info, 0).map_err(werr("endpoints"))
+        self.0
+            .endpoints
+            .insert(ifindex, *info, 0)
+            .map_err(werr("endpoints"))
     }
     fn del_endpoint(&mut self, ifindex: u32) -> Result<()> {
         ignore_missing(self.0.endpoints.remove(&ifindex), "endpoints")
@@ -636,22 +801,33 @@ impl MapOps for KernelMaps<'_> {
         ignore_missing(self.0.services.remove(key), "services")
     }
     fn set_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
-        self.0.service_ranges.insert(&aya::maps::lpm_trie::Key::new(prefix, *key), 0, 0).map_err(werr("service ranges"))
+        self.0
+            .service_ranges
+            .insert(&aya::maps::lpm_trie::Key::new(prefix, *key), 0, 0)
+            .map_err(werr("service ranges"))
     }
     fn del_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
-        ignore_missing(self.0.service_ranges.remove(&aya::maps::lpm_trie::Key::new(prefix, *key)), "service ranges")
+        ignore_missing(
+            self.0
+                .service_ranges
+                .remove(&aya::maps::lpm_trie::Key::new(prefix, *key)),
+            "service ranges",
+        )
     }
     fn bump_revision(&mut self) -> Result<()> {
         let current = self.0.revision.get(&0, 0).map_err(werr("revision"))?;
-        self.0.revision.set(0, current.wrapping_add(1), 0).map_err(werr("revision"))
+        self.0
+            .revision
+            .set(0, current.wrapping_add(1), 0)
+            .map_err(werr("revision"))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::IpAddr;
     use crate::policy::{AllowKey, EndpointPolicy};
+    use std::net::IpAddr;
     use ztrust_common::{dir, proto};
 
     /// Records every write and checks, after each one, that no packet of a fixed probe set is allowed
@@ -677,7 +853,8 @@ mod tests {
             let mut best: Option<(u32, u32)> = None;
             for ((prefix, key), v) in &self.ipcache {
                 let bits = *prefix as usize;
-                let matches = (0..bits).all(|i| (key.addr[i / 8] >> (7 - i % 8)) & 1 == (ip[i / 8] >> (7 - i % 8)) & 1);
+                let matches =
+                    (0..bits).all(|i| (key.addr[i / 8] >> (7 - i % 8)) & 1 == (ip[i / 8] >> (7 - i % 8)) & 1);
                 if matches && best.is_none_or(|(p, _)| *prefix > p) {
                     best = Some((*prefix, v.identity));
                 }
@@ -686,7 +863,9 @@ mod tests {
         }
         /// Ingress verdict at `ifindex` for a TCP packet from `src` to `port`, as the kernel decides it.
         fn allows(&self, ifindex: u32, src: [u8; 16], port: u16) -> bool {
-            let Some(ep) = self.endpoints.get(&ifindex) else { return false };
+            let Some(ep) = self.endpoints.get(&ifindex) else {
+                return false;
+            };
             if ep.flags & ep_flags::ISOLATED_INGRESS == 0 {
                 return true;
             }
@@ -696,7 +875,8 @@ mod tests {
                 self.policy.keys().any(|(prefix, k)| {
                     let a = bytes(k);
                     let b = bytes(&want);
-                    (0..*prefix as usize).all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (b[i / 8] >> (7 - i % 8)) & 1)
+                    (0..*prefix as usize)
+                        .all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (b[i / 8] >> (7 - i % 8)) & 1)
                 })
             })
         }
@@ -715,7 +895,8 @@ mod tests {
     impl MapOps for Mem {
         fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()> {
             self.endpoints.insert(ifindex, *info);
-            self.log.push(format!("set_endpoint {ifindex} flags={}", info.flags));
+            self.log
+                .push(format!("set_endpoint {ifindex} flags={}", info.flags));
             self.snap();
             Ok(())
         }
@@ -751,12 +932,14 @@ mod tests {
         }
         fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
             self.services.insert(*key, *value);
-            self.log.push(format!("set_service {}", u16::from_be(key.port_be)));
+            self.log
+                .push(format!("set_service {}", u16::from_be(key.port_be)));
             Ok(())
         }
         fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
             self.services.remove(key);
-            self.log.push(format!("del_service {}", u16::from_be(key.port_be)));
+            self.log
+                .push(format!("del_service {}", u16::from_be(key.port_be)));
             Ok(())
         }
         fn set_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
@@ -782,7 +965,11 @@ mod tests {
     fn services_are_written_in_the_ipcache_step() {
         use crate::model::Protocol;
         use crate::policy::Frontend;
-        let frontend = |port| Frontend { addr: "10.96.0.20".parse().unwrap(), port, protocol: Protocol::Tcp };
+        let frontend = |port| Frontend {
+            addr: "10.96.0.20".parse().unwrap(),
+            port,
+            protocol: Protocol::Tcp,
+        };
         let mut desired = Desired::default();
         desired.services.insert(frontend(80), vec![(300, 8080)]);
         desired.services.insert(frontend(443), vec![]);
@@ -792,20 +979,38 @@ mod tests {
         syncer.sync(&mut mem, &desired, &BTreeMap::new()).unwrap();
         let key80 = service_key(&frontend(80));
         assert_eq!(mem.services[&key80].classes, 1);
-        assert_eq!(mem.services[&key80].class[0], BackendClass { identity: 300, port: 8080, _pad: 0 });
+        assert_eq!(
+            mem.services[&key80].class[0],
+            BackendClass {
+                identity: 300,
+                port: 8080,
+                _pad: 0
+            }
+        );
         assert_eq!(mem.services[&service_key(&frontend(443))].classes, 0);
-        let at = |log: &[String], what: &str| log.iter().position(|l| l.starts_with(what)).unwrap_or_else(|| panic!("no {what} in {log:?}"));
+        let at = |log: &[String], what: &str| {
+            log.iter()
+                .position(|l| l.starts_with(what))
+                .unwrap_or_else(|| panic!("no {what} in {log:?}"))
+        };
         assert!(at(&mem.log, "set_ipcache") < at(&mem.log, "set_service_range"));
         assert!(at(&mem.log, "set_service_range") < at(&mem.log, "set_service "));
         assert!(at(&mem.log, "set_service ") < at(&mem.log, "bump_revision"));
 
         // The backends of :80 change identity; :443 goes; the range is replaced.
         mem.log.clear();
-        desired.services.insert(frontend(80), vec![(301, 8080), (300, 8080)]);
+        desired
+            .services
+            .insert(frontend(80), vec![(301, 8080), (300, 8080)]);
         desired.services.remove(&frontend(443));
         desired.service_cidrs = ["10.97.0.0/16".parse().unwrap()].into();
-        let delta = Delta { services: true, ..Delta::default() };
-        syncer.sync_delta(&mut mem, &desired, &BTreeMap::new(), &delta).unwrap();
+        let delta = Delta {
+            services: true,
+            ..Delta::default()
+        };
+        syncer
+            .sync_delta(&mut mem, &desired, &BTreeMap::new(), &delta)
+            .unwrap();
         assert_eq!(mem.services[&key80].classes, 2);
         assert_eq!(mem.services.len(), 1);
         assert_eq!(mem.service_ranges.len(), 1);
@@ -815,7 +1020,9 @@ mod tests {
         assert!(at(&log, "del_service_range") < at(&log, "bump_revision"));
         // Nothing changed: nothing written, no revision.
         mem.log.clear();
-        syncer.sync_delta(&mut mem, &desired, &BTreeMap::new(), &delta).unwrap();
+        syncer
+            .sync_delta(&mut mem, &desired, &BTreeMap::new(), &delta)
+            .unwrap();
         assert!(mem.log.is_empty(), "{:?}", mem.log);
     }
 
@@ -834,7 +1041,13 @@ mod tests {
         let mut allow = BTreeMap::new();
         for id in allowed {
             allow.insert(
-                AllowKey { direction: dir::INGRESS, remote: *id, protocol: proto::TCP, port_lo: port, port_hi: port },
+                AllowKey {
+                    direction: dir::INGRESS,
+                    remote: *id,
+                    protocol: proto::TCP,
+                    port_lo: port,
+                    port_hi: port,
+                },
                 1,
             );
         }
@@ -906,7 +1119,11 @@ mod tests {
     fn a_new_endpoint_becomes_known_only_after_its_rules() {
         let new = desired(true, &[400], 80, &[(2, 400)]);
         let mem = check_transition(&Desired::default(), &new);
-        let first_endpoint = mem.log.iter().position(|l| l.starts_with("set_endpoint")).unwrap();
+        let first_endpoint = mem
+            .log
+            .iter()
+            .position(|l| l.starts_with("set_endpoint"))
+            .unwrap();
         let last_policy = mem.log.iter().rposition(|l| l == "set_policy").unwrap();
         assert!(first_endpoint > last_policy, "{:?}", mem.log);
     }
@@ -923,7 +1140,13 @@ mod tests {
 
     #[test]
     fn the_any_peer_lookup_is_skipped_only_where_no_entry_is_for_any_peer() {
-        let key = |direction, remote| AllowKey { direction, remote, protocol: proto::TCP, port_lo: 80, port_hi: 80 };
+        let key = |direction, remote| AllowKey {
+            direction,
+            remote,
+            protocol: proto::TCP,
+            port_lo: 80,
+            port_hi: 80,
+        };
         let both = ep_flags::NO_ANY_PEER_INGRESS | ep_flags::NO_ANY_PEER_EGRESS;
         assert_eq!(no_any_peer_flags(&BTreeMap::new()), both);
         let some: BTreeMap<AllowKey, u32> = [(key(dir::INGRESS, 300), 1), (key(dir::EGRESS, 301), 2)].into();
@@ -932,26 +1155,51 @@ mod tests {
         any_in.insert(key(dir::INGRESS, identity::ANY), 3);
         assert_eq!(no_any_peer_flags(&any_in), ep_flags::NO_ANY_PEER_EGRESS);
         let mut any_out = some;
-        any_out.insert(AllowKey { direction: dir::EGRESS, remote: identity::ANY, protocol: 0, port_lo: 0, port_hi: u16::MAX }, 4);
+        any_out.insert(
+            AllowKey {
+                direction: dir::EGRESS,
+                remote: identity::ANY,
+                protocol: 0,
+                port_lo: 0,
+                port_hi: u16::MAX,
+            },
+            4,
+        );
         assert_eq!(no_any_peer_flags(&any_out), ep_flags::NO_ANY_PEER_INGRESS);
     }
 
     #[test]
     fn the_policy_trie_is_walked_only_for_the_protocols_and_directions_with_wide_entries() {
-        let key = |direction, protocol, port_lo, port_hi| AllowKey { direction, remote: 300, protocol, port_lo, port_hi };
+        let key = |direction, protocol, port_lo, port_hi| AllowKey {
+            direction,
+            remote: 300,
+            protocol,
+            port_lo,
+            port_hi,
+        };
         assert_eq!(no_wide_flags(&BTreeMap::new()), ep_flags::ALL_NO_WIDE);
-        let exact: BTreeMap<AllowKey, u32> =
-            [(key(dir::INGRESS, proto::TCP, 80, 80), 1), (key(dir::EGRESS, proto::UDP, 53, 53), 2)].into();
+        let exact: BTreeMap<AllowKey, u32> = [
+            (key(dir::INGRESS, proto::TCP, 80, 80), 1),
+            (key(dir::EGRESS, proto::UDP, 53, 53), 2),
+        ]
+        .into();
         assert_eq!(no_wide_flags(&exact), ep_flags::ALL_NO_WIDE, "single ports only");
         let mut range = exact.clone();
         range.insert(key(dir::EGRESS, proto::UDP, 30000, 30031), 3);
-        assert_eq!(no_wide_flags(&range), ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_EGRESS_UDP);
+        assert_eq!(
+            no_wide_flags(&range),
+            ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_EGRESS_UDP
+        );
         let mut any_port = exact.clone();
         any_port.insert(key(dir::INGRESS, proto::SCTP, 0, u16::MAX), 4);
-        assert_eq!(no_wide_flags(&any_port), ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_INGRESS_OTHER);
+        assert_eq!(
+            no_wide_flags(&any_port),
+            ep_flags::ALL_NO_WIDE & !ep_flags::NO_WIDE_INGRESS_OTHER
+        );
         let mut any_proto = exact;
         any_proto.insert(key(dir::INGRESS, proto::ANY, 0, u16::MAX), 5);
-        let ingress = ep_flags::NO_WIDE_INGRESS_TCP | ep_flags::NO_WIDE_INGRESS_UDP | ep_flags::NO_WIDE_INGRESS_OTHER;
+        let ingress =
+            ep_flags::NO_WIDE_INGRESS_TCP | ep_flags::NO_WIDE_INGRESS_UDP | ep_flags::NO_WIDE_INGRESS_OTHER;
         assert_eq!(no_wide_flags(&any_proto), ep_flags::ALL_NO_WIDE & !ingress);
     }
 
@@ -972,7 +1220,14 @@ mod tests {
 
     #[test]
     fn ipcache_keys_round_trip() {
-        for net in ["10.1.0.0/16", "0.0.0.0/0", "fd00::/64", "203.0.113.10/32", "::/0", "::/80"] {
+        for net in [
+            "10.1.0.0/16",
+            "0.0.0.0/0",
+            "fd00::/64",
+            "203.0.113.10/32",
+            "::/0",
+            "::/80",
+        ] {
             let net: IpNet = net.parse().unwrap();
             let (prefix, key) = ipcache_key(&net);
             assert_eq!(ipcache_net(prefix, &key), Some(net));
@@ -987,7 +1242,10 @@ mod tests {
     /// ingress rule is from `::/0`, beside a policy (selecting nothing) with the ipBlocks `others`.
     fn from_v6_any(others: &[&str]) -> Desired {
         use crate::model::{Cluster, LabelSelector, NetworkPolicy, Peer, Pod, Rule};
-        let block = |cidr: &str| Peer::IpBlock { cidr: cidr.parse().unwrap(), except: vec![] };
+        let block = |cidr: &str| Peer::IpBlock {
+            cidr: cidr.parse().unwrap(),
+            except: vec![],
+        };
         let policy = |name: &str, selector: LabelSelector, peers: Vec<Peer>| NetworkPolicy {
             namespace: "x".into(),
             name: name.into(),
@@ -1007,8 +1265,15 @@ mod tests {
         c.pods.insert(server.object_ref(), server);
         let mut pols = vec![policy("in", LabelSelector::default(), vec![block("::/0")])];
         if !others.is_empty() {
-            let nothing = LabelSelector { match_labels: [("none".to_owned(), "none".to_owned())].into(), ..Default::default() };
-            pols.push(policy("other", nothing, others.iter().map(|c| block(c)).collect()));
+            let nothing = LabelSelector {
+                match_labels: [("none".to_owned(), "none".to_owned())].into(),
+                ..Default::default()
+            };
+            pols.push(policy(
+                "other",
+                nothing,
+                others.iter().map(|c| block(c)).collect(),
+            ));
         }
         for p in pols {
             c.policies.insert(p.object_ref(), p);
@@ -1032,7 +1297,13 @@ mod tests {
         let world = ip_to_mapped(IpAddr::from(WORLD_V4));
         let mut mem = Mem::default();
         let mut syncer = Syncer::new();
-        let states = [&[][..], &["0.0.0.0/0"], &["10.0.0.0/8"], &["0.0.0.0/0", "10.0.0.0/8"], &[]];
+        let states = [
+            &[][..],
+            &["0.0.0.0/0"],
+            &["10.0.0.0/8"],
+            &["0.0.0.0/0", "10.0.0.0/8"],
+            &[],
+        ];
         for (i, others) in states.iter().enumerate() {
             let d = from_v6_any(others);
             mem.snapshots.clear();
@@ -1040,13 +1311,28 @@ mod tests {
             // From the first sync on, at every write: the entry is there and IPv4 world is not admitted.
             let during: &[Mem] = if i == 0 { &[] } else { &mem.snapshots };
             for snap in during.iter().chain([&mem]) {
-                assert!(snap.ipcache.contains_key(&v4_space_key()), "state {i} ({others:?}): {:?}", mem.log);
-                assert!(!snap.allows(7, world, 80), "state {i} ({others:?}) admits IPv4 world: {:?}", mem.log);
+                assert!(
+                    snap.ipcache.contains_key(&v4_space_key()),
+                    "state {i} ({others:?}): {:?}",
+                    mem.log
+                );
+                assert!(
+                    !snap.allows(7, world, 80),
+                    "state {i} ({others:?}) admits IPv4 world: {:?}",
+                    mem.log
+                );
             }
             let want = d.ipcache[&v4_space()];
             assert_eq!(mem.ipcache[&v4_space_key()].identity, want, "state {i}");
-            assert_eq!(want == identity::WORLD, !others.contains(&"0.0.0.0/0"), "state {i}");
-            assert!(mem.allows(7, world_v6(), 80), "IPv6 world is admitted by ::/0 (state {i})");
+            assert_eq!(
+                want == identity::WORLD,
+                !others.contains(&"0.0.0.0/0"),
+                "state {i}"
+            );
+            assert!(
+                mem.allows(7, world_v6(), 80),
+                "IPv6 world is admitted by ::/0 (state {i})"
+            );
         }
     }
 
@@ -1064,7 +1350,10 @@ mod tests {
                 let mut syncer = Syncer::new();
                 syncer.sync(&mut mem, &legacy, &ifs).unwrap();
                 assert!(!mem.ipcache.contains_key(&v4_space_key()));
-                assert!(mem.allows(7, world, 80), "the earlier agent's state admits IPv4 world");
+                assert!(
+                    mem.allows(7, world, 80),
+                    "the earlier agent's state admits IPv4 world"
+                );
                 // This agent's first sync, whether it looks at everything or at a delta naming nothing.
                 let d = from_v6_any(others);
                 let delta = if full { Delta::full() } else { Delta::default() };
@@ -1073,7 +1362,13 @@ mod tests {
                 assert_eq!(mem.ipcache[&v4_space_key()].identity, identity::WORLD);
                 assert!(!mem.allows(7, world, 80), "full {full}, {others:?}");
                 assert!(mem.allows(7, world_v6(), 80));
-                assert_eq!(syncer.sync_delta(&mut mem, &d, &ifs, &Delta::default()).unwrap().total(), 0);
+                assert_eq!(
+                    syncer
+                        .sync_delta(&mut mem, &d, &ifs, &Delta::default())
+                        .unwrap()
+                        .total(),
+                    0
+                );
             }
         }
     }
@@ -1087,7 +1382,11 @@ mod tests {
         let mut syncer = Syncer::new();
         syncer.capacities.ipcache = 4;
         match syncer.sync(&mut Mem::default(), &d, &ifs) {
-            Err(Error::Capacity { map: "ipcache", needed: 5, capacity: 4 }) => {}
+            Err(Error::Capacity {
+                map: "ipcache",
+                needed: 5,
+                capacity: 4,
+            }) => {}
             other => panic!("{other:?}"),
         }
         syncer.capacities.ipcache = 5;

@@ -284,12 +284,16 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             let s = super::status(&state.state_dir)?;
             let kernel = match (&s.agent, counters) {
                 (Some(a), true) => {
-                    let mut k = crate::status::read_in_netns(&a.pin_dir, &s.node_netns).with_context(|| {
-                        format!("reading the lab agent's pinned maps in {}", a.pin_dir.display())
-                    })?;
+                    let mut k =
+                        crate::status::read_in_netns(&a.pin_dir, &s.node_netns).with_context(|| {
+                            format!("reading the lab agent's pinned maps in {}", a.pin_dir.display())
+                        })?;
                     // Name the pod behind each interface.
-                    let pods: std::collections::BTreeMap<&str, String> =
-                        s.pods.iter().filter_map(|p| p.host_if.as_deref().map(|i| (i, p.key()))).collect();
+                    let pods: std::collections::BTreeMap<&str, String> = s
+                        .pods
+                        .iter()
+                        .filter_map(|p| p.host_if.as_deref().map(|i| (i, p.key())))
+                        .collect();
                     let name = |i: &mut String| {
                         if let Some(pod) = pods.get(i.as_str()) {
                             *i = format!("{i} {pod}");

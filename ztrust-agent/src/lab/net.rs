@@ -71,12 +71,21 @@ pub fn ip_batch(netns: &str, lines: &[String]) -> Result<()> {
 
 /// `nft -f -` with `script` in network namespace `netns` (one transaction: all of it or nothing).
 pub fn nft(netns: &str, script: &str) -> Result<()> {
-    run(Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]), Some(script)).map(drop)
+    run(
+        Command::new("ip").args(["netns", "exec", netns, "nft", "-f", "-"]),
+        Some(script),
+    )
+    .map(drop)
 }
 
 /// `program args…` in network namespace `netns`, with `stdin`; its standard output.
 pub fn exec_in(netns: &str, program: &str, args: &[&str], stdin: Option<&str>) -> Result<String> {
-    run(Command::new("ip").args(["netns", "exec", netns, program]).args(args), stdin)
+    run(
+        Command::new("ip")
+            .args(["netns", "exec", netns, program])
+            .args(args),
+        stdin,
+    )
 }
 
 /// Every network namespace whose name starts with `<prefix>-`.

@@ -708,8 +708,12 @@ fn add_objects(
                 let mut obj = obj;
                 // Its cluster IP: the one it had (a Service keeps it across re-applies), else a new one.
                 let copy = state.manifests_dir().join(obj.file_name());
-                let before = manifests::read_path(&copy).ok().and_then(|r| r.objects.into_iter().next());
-                let kept = before.as_ref().and_then(|b| b.value["spec"]["clusterIP"].as_str().map(str::to_owned));
+                let before = manifests::read_path(&copy)
+                    .ok()
+                    .and_then(|r| r.objects.into_iter().next());
+                let kept = before
+                    .as_ref()
+                    .and_then(|b| b.value["spec"]["clusterIP"].as_str().map(str::to_owned));
                 match kept {
                     Some(ip) if obj.value["spec"]["clusterIP"].as_str().is_none_or(str::is_empty) => {
                         obj.value["spec"]["clusterIP"] = serde_json::json!(ip);

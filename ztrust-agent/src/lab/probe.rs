@@ -250,7 +250,7 @@ impl Matrix {
                     result,
                     detail: "expected".into(),
                     latency_ms: 0.0,
-                via: None,
+                    via: None,
                     ..p.clone()
                 }
             })
@@ -340,7 +340,10 @@ impl Matrix {
         let mut cells: BTreeMap<(&str, String), Vec<&Probe>> = BTreeMap::new();
         for p in &self.probes {
             // Through a Service: a column per Service (its backends vary from one connection to the next).
-            let to = p.via.as_ref().map_or_else(|| p.to.clone(), |v| format!("svc {}", v.service));
+            let to = p
+                .via
+                .as_ref()
+                .map_or_else(|| p.to.clone(), |v| format!("svc {}", v.service));
             if !froms.contains(&p.from.as_str()) {
                 froms.push(&p.from);
             }
@@ -591,7 +594,10 @@ fn plan_services(state: &LabState, opts: &ProbeOptions) -> Result<Vec<Job>> {
             continue;
         }
         let src_has = |ip: &IpAddr| src.ips.iter().any(|s| s.is_ipv4() == ip.is_ipv4());
-        for f in frontends.iter().filter(|f| !f.node_port && opts.family.wants(&f.ip) && src_has(&f.ip)) {
+        for f in frontends
+            .iter()
+            .filter(|f| !f.node_port && opts.family.wants(&f.ip) && src_has(&f.ip))
+        {
             let named = |k: &String| *k == f.service || f.backends.iter().any(|(b, _, _)| b == k);
             let port_ok = opts.ports.as_ref().is_none_or(|ps| ps.contains(&f.port))
                 && opts.protocols.as_ref().is_none_or(|ps| ps.contains(&f.protocol));
@@ -664,10 +670,18 @@ pub fn probe(state_dir: &Path, opts: &ProbeOptions) -> Result<Matrix> {
 
 fn run_one(job: &Job, timeout: Duration) -> Probe {
     let start = Instant::now();
-    let expected: Vec<String> = job.answers.iter().map(|(key, _, port)| reply_line(key, *port, job.protocol)).collect();
+    let expected: Vec<String> = job
+        .answers
+        .iter()
+        .map(|(key, _, port)| reply_line(key, *port, job.protocol))
+        .collect();
     let addr = SocketAddr::new(job.to_ip, job.port);
     let (result, detail, answered) = match job.protocol {
-        Protocol::Sctp => (Verdict::Unsupported, "no SCTP sockets in this kernel".to_owned(), None),
+        Protocol::Sctp => (
+            Verdict::Unsupported,
+            "no SCTP sockets in this kernel".to_owned(),
+            None,
+        ),
         Protocol::Tcp => tcp(addr, timeout, &expected),
         Protocol::Udp => udp(addr, timeout, &expected),
     };
@@ -742,7 +756,13 @@ fn tcp(addr: SocketAddr, timeout: Duration, expected: &[String]) -> (Verdict, St
                 }
             }
             // Connected but the reply never came: the return path is what is blocked.
-            Err(e) => return (Verdict::Denied, format!("connected, then {}", error_detail(&e)), None),
+            Err(e) => {
+                return (
+                    Verdict::Denied,
+                    format!("connected, then {}", error_detail(&e)),
+                    None,
+                );
+            }
         }
     }
     judge(&got, expected)
@@ -769,7 +789,9 @@ fn udp(addr: SocketAddr, timeout: Duration, expected: &[String]) -> (Verdict, St
         match socket.recv(&mut buf) {
             Ok(n) => return judge(&buf[..n], expected),
             // ICMP port unreachable, reported on a connected socket.
-            Err(e) if e.kind() == ErrorKind::ConnectionRefused => return (Verdict::Denied, "refused".into(), None),
+            Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                return (Verdict::Denied, "refused".into(), None);
+            }
             Err(e) => last = error_detail(&e),
         }
     }
@@ -1075,7 +1097,8 @@ mod tests {
                 family: Family::Both,
                 ..Default::default()
             },
-        ).unwrap();
+        )
+        .unwrap();
         assert_eq!(both.len(), 12);
         let ports = plan(
             &state,
@@ -1083,7 +1106,8 @@ mod tests {
                 ports: Some(vec![1, 2]),
                 ..Default::default()
             },
-        ).unwrap();
+        )
+        .unwrap();
         assert_eq!(ports.len(), 2 * 2 * 2);
         assert!(ports.iter().all(|j| j.protocol == Protocol::Tcp));
         let udp = plan(
@@ -1092,7 +1116,8 @@ mod tests {
                 protocols: Some(vec![Protocol::Udp]),
                 ..Default::default()
             },
-        ).unwrap();
+        )
+        .unwrap();
         assert_eq!(udp.len(), 2);
         let from = plan(
             &state,
@@ -1100,7 +1125,8 @@ mod tests {
                 from: vec!["a/x".into()],
                 ..Default::default()
             },
-        ).unwrap();
+        )
+        .unwrap();
         assert!(from.iter().all(|j| j.from == "a/x" && j.netns == "t-x"));
     }
 }

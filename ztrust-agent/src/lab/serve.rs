@@ -81,7 +81,9 @@ fn any(port: u16) -> [SocketAddr; 2] {
 fn echo(stream: std::net::TcpStream) {
     use std::io::BufRead as _;
     let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(60)));
-    let Ok(mut writer) = stream.try_clone() else { return };
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
     for line in std::io::BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         if writeln!(writer, "{line}").is_err() {

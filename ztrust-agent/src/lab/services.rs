@@ -54,16 +54,28 @@ fn parse(value: &Value) -> Option<Svc> {
     let meta = value.get("metadata")?;
     let spec = value.get("spec")?;
     let ips = |v: Option<&Value>| -> Vec<IpAddr> {
-        v.and_then(Value::as_array).into_iter().flatten().filter_map(|x| x.as_str()?.parse().ok()).collect()
+        v.and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str()?.parse().ok())
+            .collect()
     };
     let mut cluster_ips = ips(spec.get("clusterIPs"));
     if cluster_ips.is_empty() {
-        cluster_ips.extend(spec.get("clusterIP").and_then(Value::as_str).and_then(|s| s.parse::<IpAddr>().ok()));
+        cluster_ips.extend(
+            spec.get("clusterIP")
+                .and_then(Value::as_str)
+                .and_then(|s| s.parse::<IpAddr>().ok()),
+        );
     }
     let selector = spec
         .get("selector")
         .and_then(Value::as_object)
-        .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned())))
+                .collect()
+        })
         .unwrap_or_default();
     let ports = spec
         .get("ports")
@@ -75,7 +87,10 @@ fn parse(value: &Value) -> Option<Svc> {
                 name: p.get("name").and_then(Value::as_str).map(str::to_owned),
                 protocol: protocol_of(p)?,
                 port: u16::try_from(p.get("port")?.as_u64()?).ok()?,
-                node_port: p.get("nodePort").and_then(Value::as_u64).and_then(|n| u16::try_from(n).ok()),
+                node_port: p
+                    .get("nodePort")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u16::try_from(n).ok()),
                 target: p.get("targetPort").cloned(),
             })
         })
@@ -96,7 +111,11 @@ fn resolve(port: &Port, pod: &PodState) -> Option<u16> {
         Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
         Some(Value::String(s)) => match s.parse::<u16>() {
             Ok(n) => Some(n),
-            Err(_) => pod.ports.iter().find(|c| c.name.as_deref() == Some(s) && c.protocol == port.protocol).map(|c| c.port),
+            Err(_) => pod
+                .ports
+                .iter()
+                .find(|c| c.name.as_deref() == Some(s) && c.protocol == port.protocol)
+                .map(|c| c.port),
         },
         Some(_) => None,
     }
@@ -106,7 +125,11 @@ fn resolve(port: &Port, pod: &PodState) -> Option<u16> {
 /// `taken`); `None` when it has one already, or is headless.
 pub fn assign_cluster_ip(value: &mut Value, taken: &BTreeSet<IpAddr>) -> Option<IpAddr> {
     let spec = value.get("spec")?;
-    if spec.get("clusterIP").and_then(Value::as_str).is_some_and(|s| !s.is_empty()) {
+    if spec
+        .get("clusterIP")
+        .and_then(Value::as_str)
+        .is_some_and(|s| !s.is_empty())
+    {
         return None;
     }
     let ip = (10..u32::from(u16::MAX))
@@ -125,7 +148,12 @@ pub fn cluster_ips(state: &LabState) -> Result<BTreeSet<IpAddr>> {
 fn services(state: &LabState) -> Result<Vec<Svc>> {
     let dir = state.manifests_dir();
     let read = manifests::read_path(&dir)?;
-    Ok(read.objects.iter().filter(|o| o.kind == Kind::Service).filter_map(|o| parse(&o.value)).collect())
+    Ok(read
+        .objects
+        .iter()
+        .filter(|o| o.kind == Kind::Service)
+        .filter_map(|o| parse(&o.value))
+        .collect())
 }
 
 /// A Service's backends: one EndpointSlice per distinct resolution of its ports (pods whose named
@@ -138,10 +166,15 @@ fn slices<'a>(svc: &Svc, pods: &'a [PodState]) -> Vec<(SlicePorts, Vec<&'a PodSt
         return Vec::new();
     }
     for pod in pods.iter().filter(|p| {
-        p.namespace == svc.namespace && !p.host_network && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+        p.namespace == svc.namespace
+            && !p.host_network
+            && svc.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
     }) {
-        let ports: Option<Vec<_>> =
-            svc.ports.iter().map(|port| resolve(port, pod).map(|n| (port.name.clone(), port.protocol, n))).collect();
+        let ports: Option<Vec<_>> = svc
+            .ports
+            .iter()
+            .map(|port| resolve(port, pod).map(|n| (port.name.clone(), port.protocol, n)))
+            .collect();
         if let Some(ports) = ports {
             by_ports.entry(ports).or_default().push(pod);
         }
@@ -166,7 +199,10 @@ pub struct Frontend {
 /// Every frontend of the lab's Services, as the node translates them now (a frontend with no backend of
 /// its family is left out: the node does not translate it).
 pub fn frontends(state: &LabState) -> Result<Vec<Frontend>> {
-    Ok(services(state)?.iter().flat_map(|svc| frontends_of(svc, state)).collect())
+    Ok(services(state)?
+        .iter()
+        .flat_map(|svc| frontends_of(svc, state))
+        .collect())
 }
 
 fn frontends_of(svc: &Svc, state: &LabState) -> Vec<Frontend> {
@@ -178,7 +214,10 @@ fn frontends_of(svc: &Svc, state: &LabState) -> Vec<Frontend> {
                 .iter()
                 .flat_map(|(ports, pods)| {
                     pods.iter().flat_map(move |p| {
-                        p.ips.iter().filter(move |ip| ip.is_ipv4() == v4).map(move |ip| (p.key(), *ip, ports[pi].2))
+                        p.ips
+                            .iter()
+                            .filter(move |ip| ip.is_ipv4() == v4)
+                            .map(move |ip| (p.key(), *ip, ports[pi].2))
                     })
                 })
                 .collect()
@@ -226,12 +265,21 @@ pub fn realise(state: &LabState) -> Result<()> {
             for family_v4 in [true, false] {
                 let addrs: Vec<String> = pods
                     .iter()
-                    .flat_map(|p| p.ips.iter().filter(|ip| ip.is_ipv4() == family_v4).map(ToString::to_string))
+                    .flat_map(|p| {
+                        p.ips
+                            .iter()
+                            .filter(|ip| ip.is_ipv4() == family_v4)
+                            .map(ToString::to_string)
+                    })
                     .collect();
                 if addrs.is_empty() {
                     continue;
                 }
-                let file = if family_v4 { file.clone() } else { file.replace(".yaml", "-v6.yaml") };
+                let file = if family_v4 {
+                    file.clone()
+                } else {
+                    file.replace(".yaml", "-v6.yaml")
+                };
                 let slice = json!({
                     "apiVersion": "discovery.k8s.io/v1",
                     "kind": "EndpointSlice",
@@ -251,7 +299,10 @@ pub fn realise(state: &LabState) -> Result<()> {
         frontends.extend(frontends_of(svc, state));
     }
     // Slices of what is gone.
-    for entry in std::fs::read_dir(&dir).map_err(io_err(format!("reading {}", dir.display())))?.flatten() {
+    for entry in std::fs::read_dir(&dir)
+        .map_err(io_err(format!("reading {}", dir.display())))?
+        .flatten()
+    {
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with("endpointslice-") && !keep.contains(&name) {
             let _ = std::fs::remove_file(entry.path());
@@ -266,7 +317,11 @@ fn family(ip: &IpAddr) -> &'static str {
 
 /// `ip:port`, with brackets for IPv6.
 fn socket(ip: &IpAddr, port: u16) -> String {
-    if ip.is_ipv4() { format!("{ip}:{port}") } else { format!("[{ip}]:{port}") }
+    if ip.is_ipv4() {
+        format!("{ip}:{port}")
+    } else {
+        format!("[{ip}]:{port}")
+    }
 }
 
 /// nftables mode: the rule (in the `inet` table's prerouting and output chains) sending `f` to a random
@@ -277,12 +332,19 @@ fn nft_rule(f: &Frontend) -> String {
     let to = match f.backends.as_slice() {
         [(_, ip, port)] => socket(ip, *port),
         many => {
-            let map: Vec<String> = many.iter().enumerate().map(|(i, (_, ip, port))| format!("{i} : {ip} . {port}")).collect();
+            let map: Vec<String> = many
+                .iter()
+                .enumerate()
+                .map(|(i, (_, ip, port))| format!("{i} : {ip} . {port}"))
+                .collect();
             format!("numgen random mod {} map {{ {} }}", many.len(), map.join(", "))
         }
     };
     let nfproto = if f.ip.is_ipv4() { "ipv4" } else { "ipv6" };
-    format!("meta nfproto {nfproto} {fam} daddr {} {proto} dport {} dnat {fam} to {to}", f.ip, f.port)
+    format!(
+        "meta nfproto {nfproto} {fam} daddr {} {proto} dport {} dnat {fam} to {to}",
+        f.ip, f.port
+    )
 }
 
 /// iptables mode: the rules (in the nat table's [`CHAIN`]) sending `f` to a random one of its backends,
@@ -334,10 +396,13 @@ fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
     }
     let written = match state.proxy_mode {
         ProxyMode::Nftables => {
-            let mut script = format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
+            let mut script =
+                format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
             for (name, hook) in [("pre", "prerouting"), ("out", "output")] {
                 // -100: NF_IP_PRI_NAT_DST, where kube-proxy's rules are.
-                script.push_str(&format!("  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n"));
+                script.push_str(&format!(
+                    "  chain {name} {{\n    type nat hook {hook} priority -100; policy accept;\n"
+                ));
                 for f in frontends {
                     script.push_str(&format!("    {}\n", nft_rule(f)));
                 }
@@ -360,11 +425,21 @@ fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
                     }
                 }
                 script.push_str("COMMIT\n");
-                super::net::exec_in(&state.node_netns, &format!("{tool}-restore"), &["--noflush"], Some(&script))?;
+                super::net::exec_in(
+                    &state.node_netns,
+                    &format!("{tool}-restore"),
+                    &["--noflush"],
+                    Some(&script),
+                )?;
                 for hook in ["PREROUTING", "OUTPUT"] {
                     let jump = ["-t", "nat", "-C", hook, "-j", CHAIN];
                     if super::net::exec_in(&state.node_netns, tool, &jump, None).is_err() {
-                        super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-I", hook, "1", "-j", CHAIN], None)?;
+                        super::net::exec_in(
+                            &state.node_netns,
+                            tool,
+                            &["-t", "nat", "-I", hook, "1", "-j", CHAIN],
+                            None,
+                        )?;
                     }
                 }
                 all.push_str(&script);
@@ -378,13 +453,19 @@ fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
 /// Removes the lab's rules (for `down`; the namespace goes too, this only tidies a running node).
 pub fn clear(state: &LabState) -> Result<()> {
     match state.proxy_mode {
-        ProxyMode::Nftables => {
-            super::net::nft(&state.node_netns, &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))
-        }
+        ProxyMode::Nftables => super::net::nft(
+            &state.node_netns,
+            &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
+        ),
         ProxyMode::Iptables => {
             for tool in ["iptables", "ip6tables"] {
                 for hook in ["PREROUTING", "OUTPUT"] {
-                    let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-D", hook, "-j", CHAIN], None);
+                    let _ = super::net::exec_in(
+                        &state.node_netns,
+                        tool,
+                        &["-t", "nat", "-D", hook, "-j", CHAIN],
+                        None,
+                    );
                 }
                 let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-F", CHAIN], None);
                 let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-X", CHAIN], None);

@@ -11,7 +11,10 @@ use crate::observer::proto::observer_client::ObserverClient;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("connecting to {target}: {source}")]
-    Connect { target: String, source: tonic::transport::Error },
+    Connect {
+        target: String,
+        source: tonic::transport::Error,
+    },
     #[error("reading {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
     #[error("invalid address {0}")]
@@ -48,8 +51,17 @@ pub struct ClientTls {
 
 /// A client over TCP with mutual TLS; `addr` is `host:port` or `https://host:port`.
 pub async fn connect_tls(addr: &str, tls: &ClientTls) -> Result<ObserverClient<Channel>> {
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| Error::Read { path: p.clone(), source });
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("https://{addr}") };
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|source| Error::Read {
+            path: p.clone(),
+            source,
+        })
+    };
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("https://{addr}")
+    };
     let mut config = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read(&tls.ca)?))
         .identity(Identity::from_pem(read(&tls.cert)?, read(&tls.key)?));
@@ -59,7 +71,10 @@ pub async fn connect_tls(addr: &str, tls: &ClientTls) -> Result<ObserverClient<C
     let endpoint = Endpoint::from_shared(uri.clone()).map_err(|_| Error::Address(addr.to_owned()))?;
     let channel = endpoint
         .tls_config(config)
-        .map_err(|source| Error::Connect { target: uri.clone(), source })?
+        .map_err(|source| Error::Connect {
+            target: uri.clone(),
+            source,
+        })?
         .connect()
         .await
         .map_err(|source| Error::Connect { target: uri, source })?;

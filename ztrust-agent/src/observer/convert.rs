@@ -74,7 +74,10 @@ pub fn reason_from_str(s: &str) -> Reason {
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    prost_types::Timestamp { seconds: d.as_secs() as i64, nanos: d.subsec_nanos() as i32 }
+    prost_types::Timestamp {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
 }
 
 pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
@@ -109,7 +112,10 @@ fn endpoint_from_proto(e: &proto::Endpoint, has_ports: bool) -> Endpoint {
         labels: e
             .labels
             .iter()
-            .map(|kv| kv.split_once('=').map_or((kv.clone(), String::new()), |(k, v)| (k.into(), v.into())))
+            .map(|kv| {
+                kv.split_once('=')
+                    .map_or((kv.clone(), String::new()), |(k, v)| (k.into(), v.into()))
+            })
             .collect(),
         identity: e.identity,
     }
@@ -151,7 +157,10 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         reason: reason_str(p.reason()).into(),
         endpoint: p.endpoint.clone(),
         protocol: p.protocol.clone().into(),
-        source: endpoint_from_proto(p.source.as_ref().unwrap_or(&proto::Endpoint::default()), has_ports),
+        source: endpoint_from_proto(
+            p.source.as_ref().unwrap_or(&proto::Endpoint::default()),
+            has_ports,
+        ),
         destination: endpoint_from_proto(
             p.destination.as_ref().unwrap_or(&proto::Endpoint::default()),
             has_ports,
@@ -165,8 +174,10 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         }),
         new_connection: p.new_connection,
         bytes: p.bytes,
-        service: (!p.service.is_empty())
-            .then(|| crate::flows::ServiceRef { name: p.service.clone(), backends: p.service_backends.clone() }),
+        service: (!p.service.is_empty()).then(|| crate::flows::ServiceRef {
+            name: p.service.clone(),
+            backends: p.service_backends.clone(),
+        }),
     }
 }
 

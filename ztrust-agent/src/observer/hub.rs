@@ -164,7 +164,8 @@ impl<T: Send + Sync + 'static> Fanout<T> {
             let fit = room.min(values.len());
             if fit > 0 {
                 q.pending.fetch_add(fit, Ordering::Relaxed);
-                q.lock().extend(values[..fit].iter().map(|v| Item::Value(v.clone())));
+                q.lock()
+                    .extend(values[..fit].iter().map(|v| Item::Value(v.clone())));
                 q.notify.notify_one();
             }
             let lost = (values.len() - fit) as u64;
@@ -211,7 +212,10 @@ impl<T: Send + Sync + 'static> Fanout<T> {
                 closed: AtomicBool::new(false),
             });
             st.subscribers.push(Arc::downgrade(&queue));
-            Subscription { queue, taken: VecDeque::new() }
+            Subscription {
+                queue,
+                taken: VecDeque::new(),
+            }
         });
         Snapshot {
             kept: st.ring.iter().cloned().collect(),
@@ -275,7 +279,12 @@ pub struct HubOptions {
 
 impl Default for HubOptions {
     fn default() -> Self {
-        Self { node: "local".into(), flow_buffer: 65_536, client_queue: 4_096, alert_buffer: 1_024 }
+        Self {
+            node: "local".into(),
+            flow_buffer: 65_536,
+            client_queue: 4_096,
+            alert_buffer: 1_024,
+        }
     }
 }
 
@@ -341,7 +350,11 @@ impl Hub {
         let n = flows.len() as u64;
         let first = self.seq.fetch_add(n, Ordering::Relaxed) + 1;
         scratch.clear();
-        scratch.extend(flows.zip(first..).map(|((flow, time), seq)| Arc::new(Observed { seq, time, flow })));
+        scratch.extend(
+            flows
+                .zip(first..)
+                .map(|((flow, time), seq)| Arc::new(Observed { seq, time, flow })),
+        );
         self.flows.publish_batch(scratch);
         scratch.clear();
     }
@@ -356,7 +369,8 @@ impl Hub {
     pub fn set_kernel_lost(&self, total: u64) {
         let before = self.kernel_lost.swap(total, Ordering::Relaxed);
         if total > before {
-            self.flows.publish_lost(LostEventSource::KernelRingBuffer, total - before);
+            self.flows
+                .publish_lost(LostEventSource::KernelRingBuffer, total - before);
         }
     }
 
@@ -475,7 +489,10 @@ mod tests {
 
     #[test]
     fn a_follower_is_woken_per_batch_and_ends_with_the_hub() {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             let f = Arc::new(Fanout::new(10, 100));
             let mut sub = f.subscribe(true).subscription.unwrap();
@@ -489,7 +506,10 @@ mod tests {
             task.await.unwrap();
             f.publish_lost(LostEventSource::KernelRingBuffer, 3);
             drop(f);
-            assert!(matches!(sub.next().await, Some(Item::Lost(LostEventSource::KernelRingBuffer, 3))));
+            assert!(matches!(
+                sub.next().await,
+                Some(Item::Lost(LostEventSource::KernelRingBuffer, 3))
+            ));
             assert!(sub.next().await.is_none(), "the hub is gone");
         });
     }
@@ -504,7 +524,10 @@ mod tests {
         }
         assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 1));
         assert!(matches!(sub.try_next(), Some(Item::Value(v)) if *v == 2));
-        assert!(matches!(sub.try_next(), Some(Item::Lost(LostEventSource::KernelRingBuffer, 12))));
+        assert!(matches!(
+            sub.try_next(),
+            Some(Item::Lost(LostEventSource::KernelRingBuffer, 12))
+        ));
         assert!(sub.try_next().is_none());
     }
 
@@ -520,27 +543,43 @@ mod tests {
 
     #[test]
     fn kernel_losses_reach_followers_as_increases() {
-        let hub = Hub::new(HubOptions { flow_buffer: 8, ..Default::default() });
+        let hub = Hub::new(HubOptions {
+            flow_buffer: 8,
+            ..Default::default()
+        });
         let mut sub = hub.flows.subscribe(true).subscription.unwrap();
         hub.set_kernel_lost(0);
         hub.set_kernel_lost(5);
         hub.set_kernel_lost(5);
         hub.set_kernel_lost(7);
-        assert!(matches!(sub.try_next(), Some(Item::Lost(LostEventSource::KernelRingBuffer, 5))));
-        assert!(matches!(sub.try_next(), Some(Item::Lost(LostEventSource::KernelRingBuffer, 2))));
+        assert!(matches!(
+            sub.try_next(),
+            Some(Item::Lost(LostEventSource::KernelRingBuffer, 5))
+        ));
+        assert!(matches!(
+            sub.try_next(),
+            Some(Item::Lost(LostEventSource::KernelRingBuffer, 2))
+        ));
         assert!(sub.try_next().is_none());
         assert_eq!(hub.status().lost_kernel_ring_buffer, 7);
     }
 
     #[test]
     fn hub_status_counts() {
-        let hub = Hub::new(HubOptions { flow_buffer: 2, client_queue: 1, ..Default::default() });
+        let hub = Hub::new(HubOptions {
+            flow_buffer: 2,
+            client_queue: 1,
+            ..Default::default()
+        });
         let _sub = hub.flows.subscribe(true);
         for _ in 0..3 {
             hub.publish(crate::observer::filters::testing::denied());
         }
         let st = hub.status();
-        assert_eq!((st.seen_flows, st.num_flows, st.max_flows, st.ring_overwritten), (3, 2, 2, 1));
+        assert_eq!(
+            (st.seen_flows, st.num_flows, st.max_flows, st.ring_overwritten),
+            (3, 2, 2, 1)
+        );
         assert_eq!(st.lost_slow_clients, 2);
         assert_eq!(st.subscribers, 1);
     }

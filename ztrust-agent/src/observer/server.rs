@@ -65,7 +65,10 @@ pub struct ServeOptions {
 
 impl Default for ServeOptions {
     fn default() -> Self {
-        Self { socket: Some(DEFAULT_SOCKET.into()), tcp: None }
+        Self {
+            socket: Some(DEFAULT_SOCKET.into()),
+            tcp: None,
+        }
     }
 }
 
@@ -90,7 +93,10 @@ impl ObserverService {
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 fn lost(source: LostEventSource, n: u64) -> get_flows_response::ResponseTypes {
-    get_flows_response::ResponseTypes::LostEvents(LostEvents { source: source as i32, num_events_lost: n })
+    get_flows_response::ResponseTypes::LostEvents(LostEvents {
+        source: source as i32,
+        num_events_lost: n,
+    })
 }
 
 /// Which kept flows a request wants, and how many it asked for that the ring no longer holds.
@@ -107,8 +113,11 @@ fn select_kept(
         return (Vec::new(), 0);
     }
     let in_window = |o: &Observed| since.is_none_or(|s| o.time >= s) && until.is_none_or(|u| o.time < u);
-    let mut out: Vec<Arc<Observed>> =
-        kept.iter().filter(|o| in_window(o) && filters.matches(&o.flow)).cloned().collect();
+    let mut out: Vec<Arc<Observed>> = kept
+        .iter()
+        .filter(|o| in_window(o) && filters.matches(&o.flow))
+        .cloned()
+        .collect();
     let mut lost_in_ring = 0;
     if req.number > 0 {
         let n = usize::try_from(req.number).unwrap_or(usize::MAX);
@@ -152,7 +161,9 @@ impl FlowStream {
     }
 
     fn flow(&self, o: &Observed) -> GetFlowsResponse {
-        self.response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(&o.flow, o.time)))
+        self.response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(
+            &o.flow, o.time,
+        )))
     }
 
     /// The next message; `None` at the end of the history without `follow`, at `until`, or when the
@@ -211,10 +222,13 @@ impl Observer for ObserverService {
             kept: kept.into_iter(),
             subscription: snapshot.subscription,
         };
-        Ok(Response::new(Box::pin(futures::stream::unfold(stream, |mut st| async move {
-            let msg = st.next().await?;
-            Some((Ok(msg), st))
-        }))))
+        Ok(Response::new(Box::pin(futures::stream::unfold(
+            stream,
+            |mut st| async move {
+                let msg = st.next().await?;
+                Some((Ok(msg), st))
+            },
+        ))))
     }
 
     async fn get_alerts(
@@ -224,7 +238,11 @@ impl Observer for ObserverService {
         let req = request.into_inner();
         let snapshot = self.hub.alerts.subscribe(req.follow);
         let n = usize::try_from(req.number).unwrap_or(usize::MAX);
-        let skip = if req.number == 0 { 0 } else { snapshot.kept.len().saturating_sub(n) };
+        let skip = if req.number == 0 {
+            0
+        } else {
+            snapshot.kept.len().saturating_sub(n)
+        };
         let kept: Vec<_> = snapshot.kept[skip..].to_vec();
         let mut subscription = snapshot.subscription;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
@@ -302,7 +320,10 @@ fn server() -> Server {
 /// Binds the unix socket: parent directory created (0755), a stale socket file replaced, the socket
 /// made 0600 (only root talks to the agent: flows name pods and policies).
 pub fn bind_unix(path: &Path) -> Result<UnixListener> {
-    let err = |source| Error::Socket { path: path.to_owned(), source };
+    let err = |source| Error::Socket {
+        path: path.to_owned(),
+        source,
+    };
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
     {
@@ -337,7 +358,10 @@ pub async fn serve_unix(
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    let socket = listener.local_addr().ok().and_then(|a| a.as_pathname().map(Path::to_path_buf));
+    let socket = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(Path::to_path_buf));
     info!(socket = %socket.as_deref().unwrap_or(Path::new("?")).display(), "flow API listening");
     server()
         .add_service(ObserverService::new(hub).into_server())
@@ -347,7 +371,12 @@ pub async fn serve_unix(
 }
 
 pub fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
-    let read = |p: &PathBuf| std::fs::read(p).map_err(|source| Error::Read { path: p.clone(), source });
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|source| Error::Read {
+            path: p.clone(),
+            source,
+        })
+    };
     Ok(ServerTlsConfig::new()
         .identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?))
         .client_ca_root(Certificate::from_pem(read(&files.client_ca)?))
@@ -389,17 +418,30 @@ mod tests {
     fn selecting_kept_flows() {
         let kept: Vec<_> = (1..=5).map(|i| observed(i, 100 + i)).collect();
         let f = FlowFilters::default();
-        let req = |number, follow| GetFlowsRequest { number, follow, ..Default::default() };
+        let req = |number, follow| GetFlowsRequest {
+            number,
+            follow,
+            ..Default::default()
+        };
         let seqs = |v: Vec<Arc<Observed>>| v.iter().map(|o| o.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(select_kept(&req(2, false), &f, &kept, 0, None, None).0), [4, 5]);
-        assert_eq!(seqs(select_kept(&req(0, false), &f, &kept, 0, None, None).0), [1, 2, 3, 4, 5]);
+        assert_eq!(
+            seqs(select_kept(&req(2, false), &f, &kept, 0, None, None).0),
+            [4, 5]
+        );
+        assert_eq!(
+            seqs(select_kept(&req(0, false), &f, &kept, 0, None, None).0),
+            [1, 2, 3, 4, 5]
+        );
         assert!(
             select_kept(&req(0, true), &f, &kept, 0, None, None).0.is_empty(),
             "follow alone: only new flows"
         );
         let since = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(103));
         let until = Some(SystemTime::UNIX_EPOCH + Duration::from_secs(105));
-        assert_eq!(seqs(select_kept(&req(0, false), &f, &kept, 0, since, until).0), [3, 4]);
+        assert_eq!(
+            seqs(select_kept(&req(0, false), &f, &kept, 0, since, until).0),
+            [3, 4]
+        );
         // Asked for 10, 5 kept, 7 overwritten: at most 5 of those were wanted.
         assert_eq!(select_kept(&req(10, false), &f, &kept, 7, None, None).1, 5);
         assert_eq!(select_kept(&req(3, false), &f, &kept, 7, None, None).1, 0);
@@ -413,7 +455,10 @@ mod tests {
     fn stale_socket_is_replaced_and_made_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/agent.sock");
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async {
             drop(bind_unix(&path).unwrap());
             // The file stays behind after the listener is gone: a stale socket.

@@ -74,7 +74,10 @@ pub async fn spawn(
     pin_dir: PathBuf,
 ) -> Running {
     metrics.attach_hub(hub.clone());
-    let mut running = Running { tasks: Vec::new(), socket: None };
+    let mut running = Running {
+        tasks: Vec::new(),
+        socket: None,
+    };
     let forever = std::future::pending::<()>;
 
     if let Some(path) = &opts.grpc_socket {
@@ -127,7 +130,9 @@ pub async fn spawn(
             Err(e) => error!(error = %e, "lateral-movement detector not started"),
         }
     }
-    running.tasks.push(tokio::spawn(housekeeping(hub, metrics, view, pin_dir, opts.tick)));
+    running
+        .tasks
+        .push(tokio::spawn(housekeeping(hub, metrics, view, pin_dir, opts.tick)));
     running
 }
 

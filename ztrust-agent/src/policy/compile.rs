@@ -457,10 +457,14 @@ impl Engine {
         let mut prefixes: BTreeMap<IpNet, isize> = BTreeMap::new();
         let mut names: BTreeMap<NamedPort, isize> = BTreeMap::new();
         for r in &changes.policies {
-            for (policy, step) in [(self.st.policies.get(r).map(AsRef::as_ref), -1), (cluster.policies.get(r), 1)] {
+            for (policy, step) in [
+                (self.st.policies.get(r).map(AsRef::as_ref), -1),
+                (cluster.policies.get(r), 1),
+            ] {
                 if let Some(policy) = policy {
                     let (p, n) = facts(policy);
-                    p.into_iter().for_each(|k| *prefixes.entry(k).or_default() += step);
+                    p.into_iter()
+                        .for_each(|k| *prefixes.entry(k).or_default() += step);
                     n.into_iter().for_each(|k| *names.entry(k).or_default() += step);
                 }
             }
@@ -546,8 +550,12 @@ impl Engine {
         // Policies: what they let addresses be told apart by, rule numbers.
         for (r, p) in &cluster.policies {
             let (prefixes, names) = facts(p);
-            prefixes.into_iter().for_each(|k| *st.prefixes.entry(k).or_default() += 1);
-            names.into_iter().for_each(|k| *st.egress_names.entry(k).or_default() += 1);
+            prefixes
+                .into_iter()
+                .for_each(|k| *st.prefixes.entry(k).or_default() += 1);
+            names
+                .into_iter()
+                .for_each(|k| *st.egress_names.entry(k).or_default() += 1);
             st.policies.insert(r.clone(), Arc::new(p.clone()));
             st.policies_by_ns
                 .entry(p.namespace.clone())
@@ -1094,7 +1102,14 @@ impl Engine {
             }
         }
         for (key, old) in rebuilt {
-            let eps: Vec<ObjectRef> = self.st.selected.get(&key.0).into_iter().flatten().cloned().collect();
+            let eps: Vec<ObjectRef> = self
+                .st
+                .selected
+                .get(&key.0)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
             for ep in eps {
                 if self.st.dirty_endpoints.contains(&ep) {
                     continue;
@@ -1215,17 +1230,28 @@ impl Engine {
     /// allows it, if any; what it newly allows is its own unless an earlier rule has it. Returns the
     /// allow groups that changed, or `None` if the change is not one a patch can make (then the
     /// endpoint is compiled whole).
-    fn patch_endpoint(&mut self, ep: &ObjectRef, key: &RuleKey, old: &CompiledRule) -> Option<BTreeSet<AllowGroup>> {
+    fn patch_endpoint(
+        &mut self,
+        ep: &ObjectRef,
+        key: &RuleKey,
+        old: &CompiledRule,
+    ) -> Option<BTreeSet<AllowGroup>> {
         let new = self.st.compiled.get(key)?;
         let local = self.st.locals.get(ep)?;
-        if new.rule_id != old.rule_id || new.ingress_named != old.ingress_named || !self.desired.endpoints.contains_key(ep) {
+        if new.rule_id != old.rule_id
+            || new.ingress_named != old.ingress_named
+            || !self.desired.endpoints.contains_key(ep)
+        {
             return None;
         }
         let mut removed = sorted_difference(&old.keys, &new.keys);
         let mut added = sorted_difference(&new.keys, &old.keys);
         if !new.ingress_named.is_empty() {
             let named = |cr: &CompiledRule, remotes: Vec<&u32>| -> Vec<AllowKey> {
-                remotes.into_iter().flat_map(|r| named_keys(cr, local, *r)).collect()
+                remotes
+                    .into_iter()
+                    .flat_map(|r| named_keys(cr, local, *r))
+                    .collect()
             };
             removed.extend(named(old, old.remotes.difference(&new.remotes).collect()));
             added.extend(named(new, new.remotes.difference(&old.remotes).collect()));
@@ -1349,8 +1375,12 @@ impl Engine {
                 }
                 let in_block = |ip: &IpAddr| cidr.contains(ip) && !except.iter().any(|e| e.contains(ip));
                 // The host identity stands for the host addresses with an ipcache entry.
-                let host: Vec<&IpAddr> =
-                    self.st.host_addrs.iter().filter(|ip| !keyed_as_ipv4(&host_net(**ip))).collect();
+                let host: Vec<&IpAddr> = self
+                    .st
+                    .host_addrs
+                    .iter()
+                    .filter(|ip| !keyed_as_ipv4(&host_net(**ip)))
+                    .collect();
                 let n = host.iter().filter(|ip| in_block(ip)).count();
                 if n == host.len() && n > 0 {
                     ps.ids.insert(identity::HOST);

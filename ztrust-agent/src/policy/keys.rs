@@ -45,8 +45,18 @@ pub fn policy_keys(endpoint_id: u32, key: &AllowKey) -> Vec<(u32, PolicyKey)> {
 /// An ipcache key in the trie's format: IPv4 is stored IPv4-mapped with its prefix length + 96.
 pub fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
     match net {
-        IpNet::V4(n) => (u32::from(n.prefix_len()) + 96, IpcacheKey { addr: n.network().to_ipv6_mapped().octets() }),
-        IpNet::V6(n) => (u32::from(n.prefix_len()), IpcacheKey { addr: n.network().octets() }),
+        IpNet::V4(n) => (
+            u32::from(n.prefix_len()) + 96,
+            IpcacheKey {
+                addr: n.network().to_ipv6_mapped().octets(),
+            },
+        ),
+        IpNet::V6(n) => (
+            u32::from(n.prefix_len()),
+            IpcacheKey {
+                addr: n.network().octets(),
+            },
+        ),
     }
 }
 

@@ -31,8 +31,8 @@ mod tests;
 
 pub use compile::{Engine, keyed_as_ipv4, v4_space};
 pub use keys::{IpcacheIndex, ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity};
-pub use services::{BackendClass, Frontend};
 pub use selector::matches;
+pub use services::{BackendClass, Frontend};
 
 /// One allow entry of an endpoint: traffic in `direction` with a remote of identity `remote`, protocol
 /// `protocol` and destination port in `port_lo..=port_hi` is allowed.

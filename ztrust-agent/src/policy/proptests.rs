@@ -219,51 +219,53 @@ fn cluster_of(
     policies: impl Strategy<Value = Vec<NetworkPolicy>>,
 ) -> impl Strategy<Value = Cluster> {
     let node = (any::<bool>(), prop::bool::weighted(0.1));
-    (namespaces, pods, addrs, policies, node).prop_map(|(ns_labels, pods, addrs, policies, (node, node_mapped))| {
-        let mut c = Cluster::default();
-        for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
-            if let Some(labels) = labels {
-                c.namespaces.insert(
-                    (*name).to_owned(),
-                    Namespace {
-                        name: (*name).to_owned(),
-                        labels,
-                        annotations: Labels::new(),
-                    },
-                );
+    (namespaces, pods, addrs, policies, node).prop_map(
+        |(ns_labels, pods, addrs, policies, (node, node_mapped))| {
+            let mut c = Cluster::default();
+            for (name, labels) in NAMESPACES.iter().zip(ns_labels) {
+                if let Some(labels) = labels {
+                    c.namespaces.insert(
+                        (*name).to_owned(),
+                        Namespace {
+                            name: (*name).to_owned(),
+                            labels,
+                            annotations: Labels::new(),
+                        },
+                    );
+                }
             }
-        }
-        for (i, (ns, labels, second, host, ports)) in pods.into_iter().enumerate() {
-            let mut ips = vec![if host { NODE_IP } else { v4(addrs[i]) }];
-            match second {
-                _ if host => {}
-                Second::None => {}
-                Second::V6 => ips.push(v6(u16::from(addrs[i]))),
-                // The pod's own IPv4 address, or one no pod has (16..20).
-                Second::Mapped => ips.push(mapped(if i % 2 == 0 { addrs[i] } else { 16 + i as u8 % 4 })),
+            for (i, (ns, labels, second, host, ports)) in pods.into_iter().enumerate() {
+                let mut ips = vec![if host { NODE_IP } else { v4(addrs[i]) }];
+                match second {
+                    _ if host => {}
+                    Second::None => {}
+                    Second::V6 => ips.push(v6(u16::from(addrs[i]))),
+                    // The pod's own IPv4 address, or one no pod has (16..20).
+                    Second::Mapped => ips.push(mapped(if i % 2 == 0 { addrs[i] } else { 16 + i as u8 % 4 })),
+                }
+                let pod = Pod {
+                    namespace: NAMESPACES[ns].to_owned(),
+                    name: format!("pod{i}"),
+                    labels,
+                    ips,
+                    ports,
+                    host_network: host,
+                    ..Pod::default()
+                };
+                c.pods.insert(pod.object_ref(), pod);
             }
-            let pod = Pod {
-                namespace: NAMESPACES[ns].to_owned(),
-                name: format!("pod{i}"),
-                labels,
-                ips,
-                ports,
-                host_network: host,
-                ..Pod::default()
-            };
-            c.pods.insert(pod.object_ref(), pod);
-        }
-        for p in policies {
-            c.policies.insert(p.object_ref(), p);
-        }
-        if node {
-            c.node_ips.push(NODE_IP);
-        }
-        if node_mapped {
-            c.node_ips.push(mapped(16));
-        }
-        c
-    })
+            for p in policies {
+                c.policies.insert(p.object_ref(), p);
+            }
+            if node {
+                c.node_ips.push(NODE_IP);
+            }
+            if node_mapped {
+                c.node_ips.push(mapped(16));
+            }
+            c
+        },
+    )
 }
 
 #[derive(Clone, Debug)]
@@ -283,7 +285,12 @@ const WORLD: [&str; 5] = ["192.0.2.1", "10.1.0.1", "8.8.8.8", "2001:db8::1", "::
 /// packets as malformed).
 fn address(c: &Cluster) -> impl Strategy<Value = IpAddr> + use<> {
     let is_mapped = |ip: &IpAddr| matches!(ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_some());
-    let mut known: Vec<IpAddr> = c.pods.values().flat_map(|p| p.ips.iter().copied()).filter(|ip| !is_mapped(ip)).collect();
+    let mut known: Vec<IpAddr> = c
+        .pods
+        .values()
+        .flat_map(|p| p.ips.iter().copied())
+        .filter(|ip| !is_mapped(ip))
+        .collect();
     known.push(NODE_IP);
     let world: Vec<IpAddr> = WORLD.iter().map(|a| a.parse().expect("valid")).collect();
     prop_oneof![
@@ -486,7 +493,10 @@ pub(crate) fn mix(a: &Cluster, b: &Cluster, mask: u64, what: Mix) -> Cluster {
 pub(super) fn check_kernel_keys(d: &super::Desired) -> Result<(), String> {
     let keys: std::collections::BTreeSet<_> = d.ipcache.keys().map(super::ipcache_key).collect();
     if keys.len() != d.ipcache.len() {
-        return Err(format!("two ipcache prefixes share a kernel key: {:?}", d.ipcache));
+        return Err(format!(
+            "two ipcache prefixes share a kernel key: {:?}",
+            d.ipcache
+        ));
     }
     if !d.ipcache.contains_key(&super::v4_space()) {
         return Err(format!("no entry for the IPv4 space: {:?}", d.ipcache));
@@ -612,8 +622,17 @@ proptest! {
 /// comes back with it.
 #[test]
 fn namespace_relabel_hands_entries_between_overlapping_rules() {
-    let labels = |pairs: &[(&str, &str)]| -> Labels { pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect() };
-    let ns = |name: &str, l: Labels| Namespace { name: name.to_owned(), labels: l, annotations: Labels::new() };
+    let labels = |pairs: &[(&str, &str)]| -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    let ns = |name: &str, l: Labels| Namespace {
+        name: name.to_owned(),
+        labels: l,
+        annotations: Labels::new(),
+    };
     let pod = |ns: &str, name: &str, app: &str, ip: u8| Pod {
         namespace: ns.to_owned(),
         name: name.to_owned(),
@@ -629,35 +648,73 @@ fn namespace_relabel_hands_entries_between_overlapping_rules() {
         isolates_egress: false,
         ingress: vec![Rule {
             peers: vec![peer],
-            ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Number(80)), end_port: None }],
+            ports: vec![PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(PortRef::Number(80)),
+                end_port: None,
+            }],
         }],
         egress: Vec::new(),
     };
-    let selector = |l: Labels| LabelSelector { match_labels: l, match_expressions: Vec::new() };
+    let selector = |l: Labels| LabelSelector {
+        match_labels: l,
+        match_expressions: Vec::new(),
+    };
     let with_team = |team: bool| {
         let mut c = Cluster::default();
-        let cl = if team { labels(&[("name", "cl"), ("team", "x")]) } else { labels(&[("name", "cl")]) };
+        let cl = if team {
+            labels(&[("name", "cl"), ("team", "x")])
+        } else {
+            labels(&[("name", "cl")])
+        };
         c.namespaces.insert("cl".into(), ns("cl", cl));
-        c.namespaces.insert("srv".into(), ns("srv", labels(&[("name", "srv")])));
+        c.namespaces
+            .insert("srv".into(), ns("srv", labels(&[("name", "srv")])));
         let mut server = pod("srv", "server", "s", 2);
-        server.ports = vec![ContainerPort { name: Some("http".into()), port: 8080, protocol: Protocol::Tcp }];
+        server.ports = vec![ContainerPort {
+            name: Some("http".into()),
+            port: 8080,
+            protocol: Protocol::Tcp,
+        }];
         for p in [pod("cl", "client", "c", 1), server] {
             c.pods.insert(p.object_ref(), p);
         }
         for p in [
-            policy("p1", Peer::Pods { namespace_selector: Some(selector(labels(&[("team", "x")]))), pod_selector: None }),
-            policy("p2", Peer::Pods {
-                namespace_selector: Some(selector(labels(&[("name", "cl")]))),
-                pod_selector: Some(selector(labels(&[("app", "c")]))),
-            }),
+            policy(
+                "p1",
+                Peer::Pods {
+                    namespace_selector: Some(selector(labels(&[("team", "x")]))),
+                    pod_selector: None,
+                },
+            ),
+            policy(
+                "p2",
+                Peer::Pods {
+                    namespace_selector: Some(selector(labels(&[("name", "cl")]))),
+                    pod_selector: Some(selector(labels(&[("app", "c")]))),
+                },
+            ),
             // A named port (resolved on the server) from the namespaces of team x.
             NetworkPolicy {
                 name: "p3".into(),
                 ingress: vec![Rule {
-                    peers: vec![Peer::Pods { namespace_selector: Some(selector(labels(&[("team", "x")]))), pod_selector: None }],
-                    ports: vec![PortSpec { protocol: Protocol::Tcp, port: Some(PortRef::Name("http".into())), end_port: None }],
+                    peers: vec![Peer::Pods {
+                        namespace_selector: Some(selector(labels(&[("team", "x")]))),
+                        pod_selector: None,
+                    }],
+                    ports: vec![PortSpec {
+                        protocol: Protocol::Tcp,
+                        port: Some(PortRef::Name("http".into())),
+                        end_port: None,
+                    }],
                 }],
-                ..policy("p3", Peer::Pods { namespace_selector: None, pod_selector: None })
+                ..policy(
+                    "p3",
+                    Peer::Pods {
+                        namespace_selector: None,
+                        pod_selector: None,
+                    },
+                )
             },
         ] {
             c.policies.insert(p.object_ref(), p);
@@ -671,7 +728,11 @@ fn namespace_relabel_hands_entries_between_overlapping_rules() {
         engine.update(&c, &Changes::between(&previous, &c));
         previous = c.clone();
         let d = engine.desired();
-        assert_eq!(canonical(d), canonical(&Engine::new().compile(&c)), "team label {team}");
+        assert_eq!(
+            canonical(d),
+            canonical(&Engine::new().compile(&c)),
+            "team label {team}"
+        );
         let server = crate::model::ObjectRef::new("srv", "server");
         let client_id = d.ipcache[&IpNet::from(v4(1))];
         let rule = d.endpoints[&server]
@@ -680,7 +741,10 @@ fn namespace_relabel_hands_entries_between_overlapping_rules() {
             .find(|(k, _)| k.remote == client_id && k.port_lo == 80)
             .map(|(_, r)| d.rules[r].policy.name.clone());
         assert_eq!(rule.as_deref(), Some(by), "team label {team}");
-        let named = d.endpoints[&server].allow.keys().any(|k| k.remote == client_id && k.port_lo == 8080);
+        let named = d.endpoints[&server]
+            .allow
+            .keys()
+            .any(|k| k.remote == client_id && k.port_lo == 8080);
         assert_eq!(named, team, "the named port entry follows the team label");
     }
 }

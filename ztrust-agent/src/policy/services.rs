@@ -48,7 +48,9 @@ pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec
             .map(|(ip, target)| (index.identity(ip), target));
         out.entry(frontend).or_default().extend(classes);
     }
-    out.into_iter().map(|(f, classes)| (f, classes.into_iter().collect())).collect()
+    out.into_iter()
+        .map(|(f, classes)| (f, classes.into_iter().collect()))
+        .collect()
 }
 
 /// Every frontend of every Service of `cluster`, with the Service and port it belongs to: each cluster,
@@ -56,11 +58,26 @@ pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec
 pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &ServicePort, Frontend)> {
     cluster.services.values().flat_map(move |svc| {
         svc.ports.iter().flat_map(move |port| {
-            let at_port = svc.cluster_ips.iter().chain(&svc.external_ips).map(|ip| (*ip, port.port));
-            let at_node_port = port.node_port.into_iter().flat_map(|np| cluster.node_ips.iter().map(move |ip| (*ip, np)));
-            at_port
-                .chain(at_node_port)
-                .map(move |(addr, p)| (svc, port, Frontend { addr, port: p, protocol: port.protocol }))
+            let at_port = svc
+                .cluster_ips
+                .iter()
+                .chain(&svc.external_ips)
+                .map(|ip| (*ip, port.port));
+            let at_node_port = port
+                .node_port
+                .into_iter()
+                .flat_map(|np| cluster.node_ips.iter().map(move |ip| (*ip, np)));
+            at_port.chain(at_node_port).map(move |(addr, p)| {
+                (
+                    svc,
+                    port,
+                    Frontend {
+                        addr,
+                        port: p,
+                        protocol: port.protocol,
+                    },
+                )
+            })
         })
     })
 }
@@ -72,7 +89,10 @@ impl<'a> Slices<'a> {
     pub fn new(cluster: &'a Cluster) -> Self {
         let mut by_service: BTreeMap<(&str, &str), Vec<&EndpointSlice>> = BTreeMap::new();
         for s in cluster.endpoint_slices.values() {
-            by_service.entry((s.namespace.as_str(), s.service.as_str())).or_default().push(s);
+            by_service
+                .entry((s.namespace.as_str(), s.service.as_str()))
+                .or_default()
+                .push(s);
         }
         Self(by_service)
     }
@@ -83,9 +103,17 @@ impl<'a> Slices<'a> {
     pub fn backends(&self, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
         let mut ready = Vec::new();
         let mut terminating = Vec::new();
-        let slices = self.0.get(&(svc.namespace.as_str(), svc.name.as_str())).into_iter().flatten();
+        let slices = self
+            .0
+            .get(&(svc.namespace.as_str(), svc.name.as_str()))
+            .into_iter()
+            .flatten();
         for slice in slices {
-            let Some(target) = slice.ports.iter().find(|p| p.name == port.name && p.protocol == port.protocol) else {
+            let Some(target) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
                 continue;
             };
             for ep in &slice.endpoints {
@@ -121,12 +149,21 @@ mod tests {
     }
 
     fn endpoint(ip: &str, ready: bool, terminating: bool) -> SliceEndpoint {
-        SliceEndpoint { addresses: vec![ip.parse().unwrap()], ready, serving: ready || terminating, terminating }
+        SliceEndpoint {
+            addresses: vec![ip.parse().unwrap()],
+            ready,
+            serving: ready || terminating,
+            terminating,
+        }
     }
 
     fn cluster() -> Cluster {
         let mut c = Cluster::default();
-        for p in [pod("b1", "b", "10.0.0.11"), pod("b2", "b", "10.0.0.12"), pod("c", "c", "10.0.0.13")] {
+        for p in [
+            pod("b1", "b", "10.0.0.11"),
+            pod("b2", "b", "10.0.0.12"),
+            pod("c", "c", "10.0.0.13"),
+        ] {
             c.pods.insert(p.object_ref(), p);
         }
         c.node_ips = vec!["192.168.0.5".parse().unwrap()];
@@ -136,8 +173,18 @@ mod tests {
             cluster_ips: vec!["10.96.0.20".parse().unwrap(), "fd00:96::20".parse().unwrap()],
             external_ips: vec!["203.0.113.7".parse().unwrap()],
             ports: vec![
-                ServicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 80, node_port: Some(30080) },
-                ServicePort { name: Some("dns".into()), protocol: Protocol::Udp, port: 53, node_port: None },
+                ServicePort {
+                    name: Some("http".into()),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: Some(30080),
+                },
+                ServicePort {
+                    name: Some("dns".into()),
+                    protocol: Protocol::Udp,
+                    port: 53,
+                    node_port: None,
+                },
             ],
         };
         c.services.insert(svc.object_ref(), svc);
@@ -146,10 +193,21 @@ mod tests {
             name: "web-1".into(),
             service: "web".into(),
             ports: vec![
-                SlicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 8080 },
-                SlicePort { name: Some("dns".into()), protocol: Protocol::Udp, port: 5353 },
+                SlicePort {
+                    name: Some("http".into()),
+                    protocol: Protocol::Tcp,
+                    port: 8080,
+                },
+                SlicePort {
+                    name: Some("dns".into()),
+                    protocol: Protocol::Udp,
+                    port: 5353,
+                },
             ],
-            endpoints: vec![endpoint("10.0.0.11", true, false), endpoint("10.0.0.12", true, false)],
+            endpoints: vec![
+                endpoint("10.0.0.11", true, false),
+                endpoint("10.0.0.12", true, false),
+            ],
         };
         c.endpoint_slices.insert(slice.object_ref(), slice);
         c
@@ -157,7 +215,13 @@ mod tests {
 
     fn classes(c: &Cluster, addr: &str, port: u16, protocol: Protocol) -> Option<Vec<BackendClass>> {
         let desired = Engine::new().compile(c);
-        frontends(c, &desired).get(&Frontend { addr: addr.parse().unwrap(), port, protocol }).cloned()
+        frontends(c, &desired)
+            .get(&Frontend {
+                addr: addr.parse().unwrap(),
+                port,
+                protocol,
+            })
+            .cloned()
     }
 
     #[test]
@@ -167,11 +231,23 @@ mod tests {
         let b = super::super::remote_identity(&desired, "10.0.0.11".parse().unwrap());
         assert!(b >= identity::FIRST_DYNAMIC);
         // Two pods with the same labels: one class.
-        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![(b, 8080)]));
-        assert_eq!(classes(&c, "10.96.0.20", 53, Protocol::Udp), Some(vec![(b, 5353)]));
-        assert_eq!(classes(&c, "203.0.113.7", 80, Protocol::Tcp), Some(vec![(b, 8080)]));
+        assert_eq!(
+            classes(&c, "10.96.0.20", 80, Protocol::Tcp),
+            Some(vec![(b, 8080)])
+        );
+        assert_eq!(
+            classes(&c, "10.96.0.20", 53, Protocol::Udp),
+            Some(vec![(b, 5353)])
+        );
+        assert_eq!(
+            classes(&c, "203.0.113.7", 80, Protocol::Tcp),
+            Some(vec![(b, 8080)])
+        );
         // The node port on this node's addresses.
-        assert_eq!(classes(&c, "192.168.0.5", 30080, Protocol::Tcp), Some(vec![(b, 8080)]));
+        assert_eq!(
+            classes(&c, "192.168.0.5", 30080, Protocol::Tcp),
+            Some(vec![(b, 8080)])
+        );
         assert_eq!(classes(&c, "192.168.0.5", 80, Protocol::Tcp), None);
         // A frontend of the other family has no IPv4 backend to reach.
         assert_eq!(classes(&c, "fd00:96::20", 80, Protocol::Tcp), Some(vec![]));
@@ -189,7 +265,12 @@ mod tests {
             namespace: "y".into(),
             name: "claim".into(),
             external_ips: vec!["10.96.0.20".parse().unwrap()],
-            ports: vec![ServicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 80, node_port: None }],
+            ports: vec![ServicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
             ..Default::default()
         };
         c.services.insert(other.object_ref(), other);
@@ -197,7 +278,11 @@ mod tests {
             namespace: "y".into(),
             name: "claim-1".into(),
             service: "claim".into(),
-            ports: vec![SlicePort { name: Some("http".into()), protocol: Protocol::Tcp, port: 9999 }],
+            ports: vec![SlicePort {
+                name: Some("http".into()),
+                protocol: Protocol::Tcp,
+                port: 9999,
+            }],
             endpoints: vec![endpoint("10.0.0.13", true, false)],
         };
         c.endpoint_slices.insert(slice.object_ref(), slice);
@@ -212,7 +297,11 @@ mod tests {
     fn backends_of_other_labels_are_another_class_and_terminating_ones_only_as_a_fallback() {
         let mut c = cluster();
         let r = crate::model::ObjectRef::new("x", "web-1");
-        c.endpoint_slices.get_mut(&r).unwrap().endpoints.push(endpoint("10.0.0.13", true, false));
+        c.endpoint_slices
+            .get_mut(&r)
+            .unwrap()
+            .endpoints
+            .push(endpoint("10.0.0.13", true, false));
         let desired = Engine::new().compile(&c);
         let id = |ip: &str| super::super::remote_identity(&desired, ip.parse().unwrap());
         let mut want = vec![(id("10.0.0.11"), 8080), (id("10.0.0.13"), 8080)];
@@ -220,12 +309,22 @@ mod tests {
         assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(want));
         // c terminating while others are ready: not a backend.
         c.endpoint_slices.get_mut(&r).unwrap().endpoints[2] = endpoint("10.0.0.13", false, true);
-        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![(id("10.0.0.11"), 8080)]));
+        assert_eq!(
+            classes(&c, "10.96.0.20", 80, Protocol::Tcp),
+            Some(vec![(id("10.0.0.11"), 8080)])
+        );
         // Nothing ready: the serving terminating ones.
         for e in &mut c.endpoint_slices.get_mut(&r).unwrap().endpoints[..2] {
-            *e = SliceEndpoint { ready: false, serving: false, ..e.clone() };
+            *e = SliceEndpoint {
+                ready: false,
+                serving: false,
+                ..e.clone()
+            };
         }
-        assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![(id("10.0.0.13"), 8080)]));
+        assert_eq!(
+            classes(&c, "10.96.0.20", 80, Protocol::Tcp),
+            Some(vec![(id("10.0.0.13"), 8080)])
+        );
         // A slice of another Service, or without the port's name, adds nothing.
         c.endpoint_slices.get_mut(&r).unwrap().service = "other".into();
         assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![]));

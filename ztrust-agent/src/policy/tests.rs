@@ -635,8 +635,17 @@ fn identities_are_shared_and_stable() {
     assert_eq!(id(&d1, 1), id(&d1, 2), "same namespace and labels");
     assert_ne!(id(&d1, 1), id(&d1, 3));
     assert_ne!(id(&d1, 1), id(&d1, 4), "namespace is part of the identity");
-    assert_eq!(d1.ipcache[&net("0.0.0.0/0")], identity::WORLD, "the IPv4 space, always there");
-    assert!(d1.ipcache.iter().filter(|(n, _)| n.prefix_len() > 0).all(|(_, i)| *i >= identity::FIRST_DYNAMIC));
+    assert_eq!(
+        d1.ipcache[&net("0.0.0.0/0")],
+        identity::WORLD,
+        "the IPv4 space, always there"
+    );
+    assert!(
+        d1.ipcache
+            .iter()
+            .filter(|(n, _)| n.prefix_len() > 0)
+            .all(|(_, i)| *i >= identity::FIRST_DYNAMIC)
+    );
     // Adding and removing other things keeps the numbers.
     let extra = pod("c", "new", &[("app", "new")], &[ip(5)]);
     c.pods.insert(extra.object_ref(), extra);
@@ -784,13 +793,22 @@ fn other_blocks() -> Vec<Vec<NetworkPolicy>> {
     let block = |cidr: &str| {
         let mut p = policy("elsewhere", cidr, sel(&[("none", "none")]));
         p.ingress = vec![Rule {
-            peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }],
+            peers: vec![Peer::IpBlock {
+                cidr: net(cidr),
+                except: vec![],
+            }],
             ports: vec![],
         }];
         p
     };
     let mut out = vec![vec![]];
-    for cidrs in [&["10.0.0.0/8"][..], &["10.0.0.0/24"], &["0.0.0.0/0"], &["::/0"], &["fd00::/8", "192.0.2.0/24"]] {
+    for cidrs in [
+        &["10.0.0.0/8"][..],
+        &["10.0.0.0/24"],
+        &["0.0.0.0/0"],
+        &["::/0"],
+        &["fd00::/8", "192.0.2.0/24"],
+    ] {
         out.push(cidrs.iter().map(|c| block(c)).collect());
     }
     out
@@ -799,10 +817,21 @@ fn other_blocks() -> Vec<Vec<NetworkPolicy>> {
 /// The kernel's keys of the ipcache (IPv4 IPv4-mapped) are all distinct, and the IPv4 space is one.
 fn assert_kernel_keys_distinct(d: &Desired) {
     let keys: BTreeSet<_> = d.ipcache.keys().map(ipcache_key).collect();
-    assert_eq!(keys.len(), d.ipcache.len(), "two prefixes share a kernel key: {:?}", d.ipcache);
+    assert_eq!(
+        keys.len(),
+        d.ipcache.len(),
+        "two prefixes share a kernel key: {:?}",
+        d.ipcache
+    );
     let (prefix, key) = ipcache_key(&net("0.0.0.0/0"));
-    assert_eq!((prefix, Ipv6Addr::from(key.addr)), (96, "::ffff:0:0".parse::<Ipv6Addr>().expect("v6")));
-    assert!(d.ipcache.contains_key(&net("0.0.0.0/0")), "the IPv4 space has its entry");
+    assert_eq!(
+        (prefix, Ipv6Addr::from(key.addr)),
+        (96, "::ffff:0:0".parse::<Ipv6Addr>().expect("v6"))
+    );
+    assert!(
+        d.ipcache.contains_key(&net("0.0.0.0/0")),
+        "the IPv4 space has its entry"
+    );
 }
 
 /// Pod x (dual-stack) whose only egress rule is `cidr`, and a dual-stack peer pod y.
@@ -811,7 +840,10 @@ fn egress_only_to(cidr: &str, others: Vec<NetworkPolicy>) -> Cluster {
     p.isolates_ingress = false;
     p.isolates_egress = true;
     p.egress = vec![Rule {
-        peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }],
+        peers: vec![Peer::IpBlock {
+            cidr: net(cidr),
+            except: vec![],
+        }],
         ports: vec![],
     }];
     let pods = vec![
@@ -827,7 +859,10 @@ fn egress_only_to(cidr: &str, others: Vec<NetworkPolicy>) -> Cluster {
 fn ingress_only_from(cidr: &str, others: Vec<NetworkPolicy>) -> Cluster {
     let mut p = policy("a", "in", sel(&[("app", "x")]));
     p.ingress = vec![Rule {
-        peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }],
+        peers: vec![Peer::IpBlock {
+            cidr: net(cidr),
+            except: vec![],
+        }],
         ports: vec![],
     }];
     let pods = vec![
@@ -848,20 +883,49 @@ fn egress_allow_to_v6_any_does_not_allow_ipv4_world() {
         let c = egress_only_to("::/0", others);
         let d = compile(&c);
         assert_kernel_keys_distinct(&d);
-        for world in [IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)), ip(200)] {
-            assert!(!allowed(&c, &d, ip(1), world, proto::TCP, 443), "IPv4 {world} {what}");
+        for world in [
+            IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
+            IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            ip(200),
+        ] {
+            assert!(
+                !allowed(&c, &d, ip(1), world, proto::TCP, 443),
+                "IPv4 {world} {what}"
+            );
         }
-        assert!(!allowed(&c, &d, ip(1), ip(2), proto::TCP, 80), "an IPv4 pod {what}");
-        assert!(allowed(&c, &d, ip(1), v6("2001:db8::1"), proto::TCP, 443), "IPv6 world {what}");
-        assert!(allowed(&c, &d, ip(1), v6("fd00::2"), proto::TCP, 80), "an IPv6 pod {what}");
-        assert!(allowed(&c, &d, ip(1), v6("::1"), proto::UDP, 53), "::1 is inside ::/0 {what}");
+        assert!(
+            !allowed(&c, &d, ip(1), ip(2), proto::TCP, 80),
+            "an IPv4 pod {what}"
+        );
+        assert!(
+            allowed(&c, &d, ip(1), v6("2001:db8::1"), proto::TCP, 443),
+            "IPv6 world {what}"
+        );
+        assert!(
+            allowed(&c, &d, ip(1), v6("fd00::2"), proto::TCP, 80),
+            "an IPv6 pod {what}"
+        );
+        assert!(
+            allowed(&c, &d, ip(1), v6("::1"), proto::UDP, 53),
+            "::1 is inside ::/0 {what}"
+        );
     }
     // Shorter IPv6 prefixes that contain ::ffff:0:0/96 too.
     for cidr in ["::/1", "::/64", "::/80"] {
         for others in other_blocks() {
             let c = egress_only_to(cidr, others);
             let d = compile(&c);
-            assert!(!allowed(&c, &d, ip(1), IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), proto::TCP, 443), "{cidr}");
+            assert!(
+                !allowed(
+                    &c,
+                    &d,
+                    ip(1),
+                    IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
+                    proto::TCP,
+                    443
+                ),
+                "{cidr}"
+            );
             assert!(allowed(&c, &d, ip(1), v6("::1"), proto::TCP, 443), "{cidr}");
         }
     }
@@ -874,11 +938,25 @@ fn ingress_from_v6_any_does_not_admit_an_ipv4_client() {
         let c = ingress_only_from("::/0", others);
         let d = compile(&c);
         assert_kernel_keys_distinct(&d);
-        for client in [IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)), ip(9), ip(2)] {
-            assert!(!allowed(&c, &d, client, ip(1), proto::TCP, 80), "IPv4 client {client} {what}");
+        for client in [
+            IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)),
+            ip(9),
+            ip(2),
+        ] {
+            assert!(
+                !allowed(&c, &d, client, ip(1), proto::TCP, 80),
+                "IPv4 client {client} {what}"
+            );
         }
-        assert!(allowed(&c, &d, v6("2001:db8::1"), v6("fd00::1"), proto::TCP, 80), "IPv6 world {what}");
-        assert!(allowed(&c, &d, v6("fd00::2"), v6("fd00::1"), proto::TCP, 80), "an IPv6 pod {what}");
+        assert!(
+            allowed(&c, &d, v6("2001:db8::1"), v6("fd00::1"), proto::TCP, 80),
+            "IPv6 world {what}"
+        );
+        assert!(
+            allowed(&c, &d, v6("fd00::2"), v6("fd00::1"), proto::TCP, 80),
+            "an IPv6 pod {what}"
+        );
         assert_ne!(
             remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8))),
             d.ipcache[&net("::/0")],
@@ -895,9 +973,22 @@ fn ipv4_any_does_not_admit_ipv6() {
         let d = compile(&c);
         assert_kernel_keys_distinct(&d);
         for client in [v6("2001:db8::1"), v6("fd00::2"), v6("::1"), v6("::a00:9")] {
-            assert!(!allowed(&c, &d, client, v6("fd00::1"), proto::TCP, 80), "IPv6 client {client} {what}");
+            assert!(
+                !allowed(&c, &d, client, v6("fd00::1"), proto::TCP, 80),
+                "IPv6 client {client} {what}"
+            );
         }
-        assert!(allowed(&c, &d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), ip(1), proto::TCP, 80), "{what}");
+        assert!(
+            allowed(
+                &c,
+                &d,
+                IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
+                ip(1),
+                proto::TCP,
+                80
+            ),
+            "{what}"
+        );
         assert!(allowed(&c, &d, ip(2), ip(1), proto::TCP, 80), "{what}");
         let world_v4 = remote_identity(&d, IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)));
         assert!(
@@ -906,20 +997,47 @@ fn ipv4_any_does_not_admit_ipv6() {
         );
         let c = egress_only_to("0.0.0.0/0", others);
         let d = compile(&c);
-        assert!(!allowed(&c, &d, v6("fd00::1"), v6("2001:db8::1"), proto::TCP, 443), "{what}");
-        assert!(allowed(&c, &d, v6("fd00::1"), IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)), proto::TCP, 443), "{what}");
+        assert!(
+            !allowed(&c, &d, v6("fd00::1"), v6("2001:db8::1"), proto::TCP, 443),
+            "{what}"
+        );
+        assert!(
+            allowed(
+                &c,
+                &d,
+                v6("fd00::1"),
+                IpAddr::V4(Ipv4Addr::new(8, 8, 8, 8)),
+                proto::TCP,
+                443
+            ),
+            "{what}"
+        );
     }
 }
 
 #[test]
 fn an_ip_block_of_one_family_never_includes_identities_of_the_other() {
     // Every family's prefixes, and pods of both families inside them.
-    let cidrs = ["::/0", "::/80", "0.0.0.0/0", "10.0.0.0/8", "10.0.0.0/24", "fd00::/8", "::ffff:0:0/96"];
+    let cidrs = [
+        "::/0",
+        "::/80",
+        "0.0.0.0/0",
+        "10.0.0.0/8",
+        "10.0.0.0/24",
+        "fd00::/8",
+        "::ffff:0:0/96",
+    ];
     let mut policies: Vec<NetworkPolicy> = Vec::new();
     for (i, cidr) in cidrs.iter().enumerate() {
         let mut p = policy("a", &format!("p{i}"), sel(&[("app", "x")]));
         p.isolates_egress = true;
-        p.ingress = vec![Rule { peers: vec![Peer::IpBlock { cidr: net(cidr), except: vec![] }], ports: vec![tcp(80 + i as u16)] }];
+        p.ingress = vec![Rule {
+            peers: vec![Peer::IpBlock {
+                cidr: net(cidr),
+                except: vec![],
+            }],
+            ports: vec![tcp(80 + i as u16)],
+        }];
         p.egress = p.ingress.clone();
         policies.push(p);
     }
@@ -935,8 +1053,12 @@ fn an_ip_block_of_one_family_never_includes_identities_of_the_other() {
         match d.identities.get(&id)? {
             IdentityInfo::Cidr { prefix } => Some(prefix.addr().is_ipv4()),
             _ => {
-                let addrs: BTreeSet<bool> =
-                    d.ipcache.iter().filter(|(_, i)| **i == id).map(|(n, _)| n.addr().is_ipv4()).collect();
+                let addrs: BTreeSet<bool> = d
+                    .ipcache
+                    .iter()
+                    .filter(|(_, i)| **i == id)
+                    .map(|(n, _)| n.addr().is_ipv4())
+                    .collect();
                 (addrs.len() == 1).then(|| addrs.contains(&true))
             }
         }
@@ -945,10 +1067,20 @@ fn an_ip_block_of_one_family_never_includes_identities_of_the_other() {
     for k in ep.allow.keys() {
         let cidr = net(cidrs[usize::from(k.port_lo - 80)]);
         if let Some(v4) = family(k.remote) {
-            assert_eq!(v4, cidr.addr().is_ipv4(), "{cidr} allows identity {} ({:?})", k.remote, d.identities.get(&k.remote));
+            assert_eq!(
+                v4,
+                cidr.addr().is_ipv4(),
+                "{cidr} allows identity {} ({:?})",
+                k.remote,
+                d.identities.get(&k.remote)
+            );
         }
     }
-    assert!(!d.identities.values().any(|i| matches!(i, IdentityInfo::Cidr { prefix } if *prefix == net("::ffff:0:0/96"))));
+    assert!(
+        !d.identities
+            .values()
+            .any(|i| matches!(i, IdentityInfo::Cidr { prefix } if *prefix == net("::ffff:0:0/96")))
+    );
 }
 
 #[test]
@@ -957,13 +1089,22 @@ fn ipv4_mapped_ipv6_prefixes_and_addresses_never_match_ipv4() {
     let mut p = policy("a", "p", sel(&[("app", "x")]));
     p.isolates_egress = true;
     p.ingress = vec![Rule {
-        peers: vec![Peer::IpBlock { cidr: net("::ffff:10.0.0.0/104"), except: vec![] }],
+        peers: vec![Peer::IpBlock {
+            cidr: net("::ffff:10.0.0.0/104"),
+            except: vec![],
+        }],
         ports: vec![],
     }];
     p.egress = vec![Rule {
         peers: vec![
-            Peer::IpBlock { cidr: net("::ffff:0:0/96"), except: vec![] },
-            Peer::IpBlock { cidr: net("::/0"), except: vec![] },
+            Peer::IpBlock {
+                cidr: net("::ffff:0:0/96"),
+                except: vec![],
+            },
+            Peer::IpBlock {
+                cidr: net("::/0"),
+                except: vec![],
+            },
         ],
         ports: vec![],
     }];
@@ -978,13 +1119,37 @@ fn ipv4_mapped_ipv6_prefixes_and_addresses_never_match_ipv4() {
     c.node_ips = vec![mapped(100)];
     let d = compile(&c);
     assert_kernel_keys_distinct(&d);
-    assert!(d.ipcache.keys().all(|n| !super::keyed_as_ipv4(n)), "{:?}", d.ipcache);
+    assert!(
+        d.ipcache.keys().all(|n| !super::keyed_as_ipv4(n)),
+        "{:?}",
+        d.ipcache
+    );
     for client in [ip(2), ip(30), ip(100), ip(200)] {
-        assert!(!allowed(&c, &d, client, ip(1), proto::TCP, 80), "IPv4 client {client}");
-        assert!(!allowed(&c, &d, ip(1), client, proto::TCP, 80), "IPv4 destination {client}");
+        assert!(
+            !allowed(&c, &d, client, ip(1), proto::TCP, 80),
+            "IPv4 client {client}"
+        );
+        assert!(
+            !allowed(&c, &d, ip(1), client, proto::TCP, 80),
+            "IPv4 destination {client}"
+        );
     }
-    assert!(allowed(&c, &d, ip(1), v6("2001:db8::1"), proto::TCP, 80), "IPv6 world, by ::/0");
-    assert!(!lookup(&d, mapped(2), ip(1), proto::TCP, 80, &ObjectRef::new("a", "x"), dir::INGRESS), "dropped as malformed");
+    assert!(
+        allowed(&c, &d, ip(1), v6("2001:db8::1"), proto::TCP, 80),
+        "IPv6 world, by ::/0"
+    );
+    assert!(
+        !lookup(
+            &d,
+            mapped(2),
+            ip(1),
+            proto::TCP,
+            80,
+            &ObjectRef::new("a", "x"),
+            dir::INGRESS
+        ),
+        "dropped as malformed"
+    );
 }
 
 /// Scale: 50,000 pods and 10,000 policies. Run with

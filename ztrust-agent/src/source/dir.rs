@@ -233,11 +233,31 @@ pub fn merge(into: &mut Loaded, other: Loaded) {
         errors,
         lab_objects,
     } = other;
-    merge_kind(&mut into.cluster.namespaces, cluster.namespaces, "Namespace", &mut into.errors);
+    merge_kind(
+        &mut into.cluster.namespaces,
+        cluster.namespaces,
+        "Namespace",
+        &mut into.errors,
+    );
     merge_kind(&mut into.cluster.pods, cluster.pods, "Pod", &mut into.errors);
-    merge_kind(&mut into.cluster.policies, cluster.policies, "NetworkPolicy", &mut into.errors);
-    merge_kind(&mut into.cluster.services, cluster.services, "Service", &mut into.errors);
-    merge_kind(&mut into.cluster.endpoint_slices, cluster.endpoint_slices, "EndpointSlice", &mut into.errors);
+    merge_kind(
+        &mut into.cluster.policies,
+        cluster.policies,
+        "NetworkPolicy",
+        &mut into.errors,
+    );
+    merge_kind(
+        &mut into.cluster.services,
+        cluster.services,
+        "Service",
+        &mut into.errors,
+    );
+    merge_kind(
+        &mut into.cluster.endpoint_slices,
+        cluster.endpoint_slices,
+        "EndpointSlice",
+        &mut into.errors,
+    );
     into.cluster.node_ips.extend(cluster.node_ips);
     into.errors.extend(errors);
     into.lab_objects.extend(lab_objects);
@@ -325,17 +345,37 @@ fn add_value(out: &mut Loaded, file: &str, where_: &str, value: serde_json::Valu
                 add_value(out, file, &format!("{where_} items[{i}]"), item);
             }
         }
-        ("v1", "Namespace") => add_object(out, file, "Namespace", &name, value, convert_namespace, |c, ns| {
-            c.namespaces.insert(ns.name.clone(), ns).is_some()
+        ("v1", "Namespace") => add_object(
+            out,
+            file,
+            "Namespace",
+            &name,
+            value,
+            convert_namespace,
+            |c, ns| c.namespaces.insert(ns.name.clone(), ns).is_some(),
+        ),
+        ("v1", "Pod") => add_object(out, file, "Pod", &name, value, convert_pod, |c, pod| {
+            c.pods.insert(pod.object_ref(), pod).is_some()
         }),
-        ("v1", "Pod") => add_object(out, file, "Pod", &name, value, convert_pod, |c, pod| c.pods.insert(pod.object_ref(), pod).is_some()),
-        ("v1", "Service") => add_object(out, file, "Service", &name, value, super::services::convert_service, |c, svc| {
-            c.services.insert(svc.object_ref(), svc).is_some()
-        }),
+        ("v1", "Service") => add_object(
+            out,
+            file,
+            "Service",
+            &name,
+            value,
+            super::services::convert_service,
+            |c, svc| c.services.insert(svc.object_ref(), svc).is_some(),
+        ),
         ("discovery.k8s.io/v1", "EndpointSlice") => {
-            add_object(out, file, "EndpointSlice", &name, value, super::services::convert_endpoint_slice, |c, slice| {
-                c.endpoint_slices.insert(slice.object_ref(), slice).is_some()
-            });
+            add_object(
+                out,
+                file,
+                "EndpointSlice",
+                &name,
+                value,
+                super::services::convert_endpoint_slice,
+                |c, slice| c.endpoint_slices.insert(slice.object_ref(), slice).is_some(),
+            );
         }
         ("networking.k8s.io/v1", "NetworkPolicy") => {
             let object = format!("NetworkPolicy {name}");
@@ -387,7 +427,10 @@ fn add_object<K: serde::de::DeserializeOwned, M>(
             file: file.to_owned(),
             object,
             field: String::new(),
-            problem: Problem::Schema { kind, message: e.to_string() },
+            problem: Problem::Schema {
+                kind,
+                message: e.to_string(),
+            },
             effect: Effect::ObjectDropped,
         }),
     }

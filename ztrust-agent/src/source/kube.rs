@@ -252,21 +252,35 @@ impl KubeSource {
         let (tx, generation) = watch::channel(0u64);
         let touched = Arc::new(Mutex::new(Touched::default()));
         let t = touched.clone();
-        let (namespaces, t1) = spawn_reflector::<Namespace>(&client, tx.clone(), t.clone(), slim_namespace, |t, ns| {
-            t.namespaces.insert(ns.metadata.name.clone().unwrap_or_default());
-        });
+        let (namespaces, t1) =
+            spawn_reflector::<Namespace>(&client, tx.clone(), t.clone(), slim_namespace, |t, ns| {
+                t.namespaces.insert(ns.metadata.name.clone().unwrap_or_default());
+            });
         let (pods, t2) = spawn_reflector::<Pod>(&client, tx.clone(), t.clone(), slim_pod, |t, pod| {
             t.pods.insert(key_of(&pod.metadata));
         });
-        let (policies, t3) = spawn_reflector::<NetworkPolicy>(&client, tx.clone(), t.clone(), slim_policy, |t, np| {
-            t.policies.insert(key_of(&np.metadata));
-        });
-        let (services, t4) = spawn_reflector::<Service>(&client, tx.clone(), t.clone(), |s| slim_metadata(&mut s.metadata), |t, s| {
-            t.services.insert(key_of(&s.metadata));
-        });
-        let (slices, t5) = spawn_reflector::<EndpointSlice>(&client, tx.clone(), t.clone(), |s| slim_metadata(&mut s.metadata), |t, s| {
-            t.slices.insert(key_of(&s.metadata));
-        });
+        let (policies, t3) =
+            spawn_reflector::<NetworkPolicy>(&client, tx.clone(), t.clone(), slim_policy, |t, np| {
+                t.policies.insert(key_of(&np.metadata));
+            });
+        let (services, t4) = spawn_reflector::<Service>(
+            &client,
+            tx.clone(),
+            t.clone(),
+            |s| slim_metadata(&mut s.metadata),
+            |t, s| {
+                t.services.insert(key_of(&s.metadata));
+            },
+        );
+        let (slices, t5) = spawn_reflector::<EndpointSlice>(
+            &client,
+            tx.clone(),
+            t.clone(),
+            |s| slim_metadata(&mut s.metadata),
+            |t, s| {
+                t.slices.insert(key_of(&s.metadata));
+            },
+        );
         let (service_cidr_objects, t6) = spawn_service_cidr_reflector(&client, tx, t);
         let mut tasks = vec![t1, t2, t3, t4, t5, t6];
         let events = options.events.then(|| {
@@ -399,14 +413,23 @@ impl KubeSource {
     /// `--service-cluster-ip-range` is the one named `kubernetes`), sorted, without duplicates. A range
     /// being deleted still counts: its addresses may still be in use.
     fn service_cidrs(&self) -> Vec<ipnet::IpNet> {
-        let mut cidrs: BTreeSet<ipnet::IpNet> = self.service_cidr_flags.iter().map(ipnet::IpNet::trunc).collect();
+        let mut cidrs: BTreeSet<ipnet::IpNet> =
+            self.service_cidr_flags.iter().map(ipnet::IpNet::trunc).collect();
         for object in self.service_cidr_objects.state() {
-            for text in object.spec.as_ref().and_then(|s| s.cidrs.as_ref()).into_iter().flatten() {
+            for text in object
+                .spec
+                .as_ref()
+                .and_then(|s| s.cidrs.as_ref())
+                .into_iter()
+                .flatten()
+            {
                 match text.parse::<ipnet::IpNet>() {
                     Ok(net) => {
                         cidrs.insert(net.trunc());
                     }
-                    Err(e) => warn!(servicecidr = object.metadata.name.as_deref().unwrap_or(""), cidr = %text, error = %e, "ignoring an invalid ServiceCIDR range"),
+                    Err(e) => {
+                        warn!(servicecidr = object.metadata.name.as_deref().unwrap_or(""), cidr = %text, error = %e, "ignoring an invalid ServiceCIDR range")
+                    }
                 }
             }
         }
@@ -444,16 +467,31 @@ impl KubeSource {
         let mut touched = std::mem::take(&mut *self.touched.lock().expect("touched lock"));
         if touched.relisted || self.last_errors.is_none() {
             // A (re-)list replaced a store: every object is looked at again, those now gone included.
-            touched.namespaces.extend(self.namespaces.state().iter().map(|ns| ns.metadata.name.clone().unwrap_or_default()));
+            touched.namespaces.extend(
+                self.namespaces
+                    .state()
+                    .iter()
+                    .map(|ns| ns.metadata.name.clone().unwrap_or_default()),
+            );
             touched.namespaces.extend(self.cluster.namespaces.keys().cloned());
-            touched.pods.extend(self.pods.state().iter().map(|pod| key_of(&pod.metadata)));
+            touched
+                .pods
+                .extend(self.pods.state().iter().map(|pod| key_of(&pod.metadata)));
             touched.pods.extend(self.cluster.pods.keys().cloned());
-            touched.policies.extend(self.policies.state().iter().map(|np| key_of(&np.metadata)));
+            touched
+                .policies
+                .extend(self.policies.state().iter().map(|np| key_of(&np.metadata)));
             touched.policies.extend(self.cluster.policies.keys().cloned());
-            touched.services.extend(self.services.state().iter().map(|s| key_of(&s.metadata)));
+            touched
+                .services
+                .extend(self.services.state().iter().map(|s| key_of(&s.metadata)));
             touched.services.extend(self.cluster.services.keys().cloned());
-            touched.slices.extend(self.slices.state().iter().map(|s| key_of(&s.metadata)));
-            touched.slices.extend(self.cluster.endpoint_slices.keys().cloned());
+            touched
+                .slices
+                .extend(self.slices.state().iter().map(|s| key_of(&s.metadata)));
+            touched
+                .slices
+                .extend(self.cluster.endpoint_slices.keys().cloned());
             self.problems.clear();
             self.policy_refs.clear();
         }
@@ -504,7 +542,10 @@ impl KubeSource {
     fn patch(&mut self, touched: &Touched) -> Changes {
         let mut changes = Changes::default();
         for name in &touched.namespaces {
-            let converted = self.namespaces.get(&reflector::ObjectRef::new(name)).map(|ns| dir::convert_namespace(&ns));
+            let converted = self
+                .namespaces
+                .get(&reflector::ObjectRef::new(name))
+                .map(|ns| dir::convert_namespace(&ns));
             let (value, errors) = split(converted);
             set_problems(&mut self.problems, ("Namespace", name.clone()), errors);
             if replace(&mut self.cluster.namespaces, name.clone(), value) {
@@ -569,12 +610,21 @@ impl KubeSource {
     /// no interface of its own for the datapath to hook), each with the policy's reference (for its Event).
     /// Costs the host-network pods of this node and the policies of their namespaces, not the cluster.
     fn limits(&self) -> Vec<(LoadError, ObjectReference)> {
-        let Some(node) = &self.node_name else { return Vec::new() };
+        let Some(node) = &self.node_name else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for key in &self.host_pods {
-            let Some(pod) = self.cluster.pods.get(key) else { continue };
+            let Some(pod) = self.cluster.pods.get(key) else {
+                continue;
+            };
             let from = model::ObjectRef::new(key.namespace.clone(), String::new());
-            for (pkey, policy) in self.cluster.policies.range(from..).take_while(|(k, _)| k.namespace == key.namespace) {
+            for (pkey, policy) in self
+                .cluster
+                .policies
+                .range(from..)
+                .take_while(|(k, _)| k.namespace == key.namespace)
+            {
                 let isolates = policy.isolates_ingress || policy.isolates_egress;
                 if !isolates || !crate::policy::selector::matches(&policy.pod_selector, &pod.labels) {
                     continue;
@@ -585,7 +635,10 @@ impl KubeSource {
                     file: FILE.to_owned(),
                     object: dir::object_name("NetworkPolicy", &np.metadata, true),
                     field: "spec.podSelector".to_owned(),
-                    problem: dir::Problem::SelectsHostNetworkPod { pod: key.clone(), node: node.clone() },
+                    problem: dir::Problem::SelectsHostNetworkPod {
+                        pod: key.clone(),
+                        node: node.clone(),
+                    },
                     effect: dir::Effect::None,
                 };
                 out.push((error, np.object_ref(&())));
@@ -644,7 +697,10 @@ struct Touched {
 }
 
 fn key_of(meta: &ObjectMeta) -> model::ObjectRef {
-    model::ObjectRef::new(meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+    model::ObjectRef::new(
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
 }
 
 /// A pod as the model sees it; `None` for a pod that has run to completion: it has given its addresses
@@ -700,7 +756,8 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let client = client.clone();
-    let task = tokio::spawn(async move { run_reflector(&client, writer, changed, touched, slim, note).await });
+    let task =
+        tokio::spawn(async move { run_reflector(&client, writer, changed, touched, slim, note).await });
     (reader, task)
 }
 
@@ -732,7 +789,9 @@ async fn run_reflector<K>(
         while let Some(item) = stream.next().await {
             match item {
                 // The store changes on these; `Init`/`InitApply` are buffered until `InitDone`.
-                Ok(event @ (watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)) => {
+                Ok(
+                    event @ (watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone),
+                ) => {
                     if failing {
                         info!(%kind, "watch resumed");
                         failing = false;
@@ -794,12 +853,22 @@ fn spawn_service_cidr_reflector(
             }
         };
         if !served {
-            info!("the API server has no ServiceCIDR objects (Kubernetes before 1.33): Service ranges only from --service-cidr");
+            info!(
+                "the API server has no ServiceCIDR objects (Kubernetes before 1.33): Service ranges only from --service-cidr"
+            );
             drop(writer);
             changed.send_modify(|g| *g += 1);
             return;
         }
-        run_reflector(&client, writer, changed, touched, |s: &mut ServiceCIDR| slim_metadata(&mut s.metadata), |_, _| {}).await;
+        run_reflector(
+            &client,
+            writer,
+            changed,
+            touched,
+            |s: &mut ServiceCIDR| slim_metadata(&mut s.metadata),
+            |_, _| {},
+        )
+        .await;
     });
     (reader, task)
 }

@@ -34,12 +34,19 @@ impl PaymentsLab {
 
     /// [`PaymentsLab::up`] with the node translating Services in `proxy_mode`.
     pub fn up_with(tag: &str, agent_bin: &Path, extra_args: &[&str], proxy_mode: lab::ProxyMode) -> Self {
-        assert!(nix::unistd::geteuid().is_root(), "needs root: run by `cargo xtask test`");
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "needs root: run by `cargo xtask test`"
+        );
         std::fs::create_dir_all("/run/ztrust").unwrap();
         let prefix = format!("{tag}{}", std::process::id() % 10_000);
         let state_dir = PathBuf::from(format!("/run/ztrust/{tag}-test-{}", std::process::id()));
         // The guard exists before anything is made, so a failing `up` is cleaned up too.
-        let mut me = Self { state_dir: state_dir.clone(), prefix: prefix.clone(), state: LabState::default() };
+        let mut me = Self {
+            state_dir: state_dir.clone(),
+            prefix: prefix.clone(),
+            state: LabState::default(),
+        };
         lab::up(
             &payments().join("cluster.yaml"),
             UpOptions {
@@ -63,12 +70,24 @@ impl PaymentsLab {
     }
 
     pub fn apply(&mut self, path: &Path) {
-        lab::apply(path, ApplyOptions { state_dir: self.state_dir.clone(), ..Default::default() }).expect("lab apply");
+        lab::apply(
+            path,
+            ApplyOptions {
+                state_dir: self.state_dir.clone(),
+                ..Default::default()
+            },
+        )
+        .expect("lab apply");
         self.state = lab::status(&self.state_dir).expect("lab status");
     }
 
     pub fn pod(&self, name: &str) -> lab::PodState {
-        self.state.pods.iter().find(|p| p.name == name).expect("pod").clone()
+        self.state
+            .pods
+            .iter()
+            .find(|p| p.name == name)
+            .expect("pod")
+            .clone()
     }
 
     pub fn agent(&self) -> lab::AgentState {
@@ -78,7 +97,10 @@ impl PaymentsLab {
 
 impl Drop for PaymentsLab {
     fn drop(&mut self) {
-        let _ = lab::down(&DownOptions { state_dir: self.state_dir.clone(), prefix: self.prefix.clone() });
+        let _ = lab::down(&DownOptions {
+            state_dir: self.state_dir.clone(),
+            prefix: self.prefix.clone(),
+        });
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }
@@ -103,15 +125,25 @@ pub fn connects(netns: &str, dst: SocketAddr, timeout: Duration) -> bool {
 /// A process's command line, argument by argument.
 pub fn cmdline(pid: u32) -> Vec<String> {
     let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("agent cmdline");
-    raw.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect()
+    raw.split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
 }
 
 /// `kill -9`, and waits until the process is gone.
 pub fn kill9(pid: u32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !lab::net::is_gone(pid) {
-        assert!(Instant::now() < deadline, "agent {pid} still there 5 s after SIGKILL");
+        assert!(
+            Instant::now() < deadline,
+            "agent {pid} still there 5 s after SIGKILL"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -141,10 +173,16 @@ pub fn respawn(node: &str, bin: &Path, args: &[String], log: &Path) -> u32 {
 pub fn wait_in_sync(log: &Path, since: Instant) -> Duration {
     let deadline = since + Duration::from_secs(10);
     while Instant::now() < deadline {
-        if std::fs::read_to_string(log).unwrap_or_default().contains("in sync with the source") {
+        if std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .contains("in sync with the source")
+        {
             return since.elapsed();
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    panic!("the agent did not sync within 10 s:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+    panic!(
+        "the agent did not sync within 10 s:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
 }

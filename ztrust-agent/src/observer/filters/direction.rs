@@ -8,9 +8,10 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     any(
         &ff.traffic_direction,
         |v| match TrafficDirection::try_from(*v) {
-            Ok(TrafficDirection::Unknown) | Err(_) => {
-                Err(Error::Enum { field: "traffic_direction", value: *v })
-            }
+            Ok(TrafficDirection::Unknown) | Err(_) => Err(Error::Enum {
+                field: "traffic_direction",
+                value: *v,
+            }),
             Ok(d) => Ok(convert::direction_str(d)),
         },
         |name: &&'static str, f| f.direction == *name,
@@ -33,6 +34,12 @@ mod tests {
         assert!(ingress(&denied()));
         assert!(!ingress(&allowed()));
         assert!(build(&FlowFilter::default()).unwrap().is_none());
-        assert!(build(&FlowFilter { traffic_direction: vec![7], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                traffic_direction: vec![7],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

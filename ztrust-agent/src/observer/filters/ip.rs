@@ -14,13 +14,23 @@ fn parse(s: &str) -> Result<IpNet> {
     if let Ok(net) = s.parse::<IpNet>() {
         return Ok(net);
     }
-    s.parse::<IpAddr>().map(IpNet::from).map_err(|_| Error::Ip(s.to_owned()))
+    s.parse::<IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| Error::Ip(s.to_owned()))
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     Ok(all_of([
-        any(&ff.source_ip, |v: &String| parse(v), |n: &IpNet, f: &Flow| n.contains(&f.source.ip))?,
-        any(&ff.destination_ip, |v: &String| parse(v), |n: &IpNet, f: &Flow| n.contains(&f.destination.ip))?,
+        any(
+            &ff.source_ip,
+            |v: &String| parse(v),
+            |n: &IpNet, f: &Flow| n.contains(&f.source.ip),
+        )?,
+        any(
+            &ff.destination_ip,
+            |v: &String| parse(v),
+            |n: &IpNet, f: &Flow| n.contains(&f.destination.ip),
+        )?,
     ]))
 }
 
@@ -47,14 +57,21 @@ mod tests {
         assert!(f(&[], &["0.0.0.0/0"])(&allowed()));
         assert!(!f(&[], &["::/0"])(&allowed()), "an IPv6 CIDR never matches IPv4");
         assert!(f(&[], &["10.0.0.0/8", "8.8.8.8"])(&allowed()));
-        assert!(!f(&["10.244.1.0/24"], &["10.0.0.0/8"])(&allowed()), "source and destination AND together");
+        assert!(
+            !f(&["10.244.1.0/24"], &["10.0.0.0/8"])(&allowed()),
+            "source and destination AND together"
+        );
     }
 
     #[test]
     fn invalid() {
         for bad in ["", "10.0.0.300", "10.0.0.0/33", "host.example"] {
             assert!(
-                build(&FlowFilter { source_ip: vec![bad.into()], ..Default::default() }).is_err(),
+                build(&FlowFilter {
+                    source_ip: vec![bad.into()],
+                    ..Default::default()
+                })
+                .is_err(),
                 "{bad}"
             );
         }

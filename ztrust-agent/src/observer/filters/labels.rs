@@ -22,7 +22,9 @@ enum Requirement {
 pub struct Selector(Vec<Requirement>);
 
 fn valid_key(k: &str) -> bool {
-    !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    !k.is_empty()
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
 impl std::str::FromStr for Selector {
@@ -69,8 +71,12 @@ impl Selector {
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     let parse = |s: &String| s.parse::<Selector>();
     Ok(all_of([
-        any(&ff.source_label, parse, |s: &Selector, f: &Flow| s.matches(&f.source.labels))?,
-        any(&ff.destination_label, parse, |s: &Selector, f: &Flow| s.matches(&f.destination.labels))?,
+        any(&ff.source_label, parse, |s: &Selector, f: &Flow| {
+            s.matches(&f.source.labels)
+        })?,
+        any(&ff.destination_label, parse, |s: &Selector, f: &Flow| {
+            s.matches(&f.destination.labels)
+        })?,
     ]))
 }
 
@@ -106,9 +112,12 @@ mod tests {
         assert!(dst(&["app=database,tier=database"])(&denied()));
         assert!(!dst(&["app=database,tier=web"])(&denied()));
         assert!(dst(&["app=web", "app=database"])(&denied()));
-        let src = build(&FlowFilter { source_label: vec!["app=frontend".into()], ..Default::default() })
-            .unwrap()
-            .unwrap();
+        let src = build(&FlowFilter {
+            source_label: vec!["app=frontend".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
         assert!(src(&denied()) && !src(&allowed()));
     }
 

@@ -157,7 +157,10 @@ pub(crate) mod testing {
                 identity: 301,
             },
             tcp_flags: "SYN".into(),
-            policies: vec!["payments/default-deny-all".into(), "payments/backend-to-database".into()],
+            policies: vec![
+                "payments/default-deny-all".into(),
+                "payments/backend-to-database".into(),
+            ],
             allowed_by: None,
             new_connection: true,
             bytes: 60,
@@ -226,8 +229,11 @@ mod tests {
 
     #[test]
     fn fields_of_one_filter_and_together() {
-        let both =
-            FlowFilter { verdict: vec![Verdict::Dropped as i32], protocol: vec!["UDP".into()], ..ff() };
+        let both = FlowFilter {
+            verdict: vec![Verdict::Dropped as i32],
+            protocol: vec!["UDP".into()],
+            ..ff()
+        };
         let f = FlowFilters::new(&[both], &[]).unwrap();
         assert!(!f.matches(&denied()), "dropped but TCP");
         assert!(!f.matches(&allowed()), "UDP but forwarded");
@@ -235,8 +241,14 @@ mod tests {
 
     #[test]
     fn whitelist_filters_or_together_and_blacklist_wins() {
-        let dropped = FlowFilter { verdict: vec![Verdict::Dropped as i32], ..ff() };
-        let udp = FlowFilter { protocol: vec!["udp".into()], ..ff() };
+        let dropped = FlowFilter {
+            verdict: vec![Verdict::Dropped as i32],
+            ..ff()
+        };
+        let udp = FlowFilter {
+            protocol: vec!["udp".into()],
+            ..ff()
+        };
         let f = FlowFilters::new(&[dropped.clone(), udp.clone()], &[]).unwrap();
         assert!(f.matches(&denied()) && f.matches(&allowed()));
         let f = FlowFilters::new(&[dropped, udp.clone()], &[udp]).unwrap();
@@ -245,9 +257,15 @@ mod tests {
 
     #[test]
     fn invalid_values_are_errors_not_silent_passes() {
-        let bad = FlowFilter { source_ip: vec!["10.0.0.0/99".into()], ..ff() };
+        let bad = FlowFilter {
+            source_ip: vec!["10.0.0.0/99".into()],
+            ..ff()
+        };
         assert!(matches!(FlowFilters::new(&[bad], &[]), Err(Error::Ip(_))));
-        let bad = FlowFilter { verdict: vec![42], ..ff() };
+        let bad = FlowFilter {
+            verdict: vec![42],
+            ..ff()
+        };
         assert!(matches!(FlowFilters::new(&[], &[bad]), Err(Error::Enum { .. })));
     }
 }

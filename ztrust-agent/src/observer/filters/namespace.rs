@@ -7,7 +7,11 @@ use crate::flows::{Endpoint, Flow};
 use crate::observer::proto::FlowFilter;
 
 fn parse(ns: &str) -> Result<String> {
-    if ns.is_empty() { Err(Error::Empty("namespace")) } else { Ok(ns.to_owned()) }
+    if ns.is_empty() {
+        Err(Error::Empty("namespace"))
+    } else {
+        Ok(ns.to_owned())
+    }
 }
 
 fn in_ns(e: &Endpoint, ns: &str) -> bool {
@@ -16,7 +20,11 @@ fn in_ns(e: &Endpoint, ns: &str) -> bool {
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     Ok(all_of([
-        any(&ff.source_namespace, |v: &String| parse(v), |ns: &String, f: &Flow| in_ns(&f.source, ns))?,
+        any(
+            &ff.source_namespace,
+            |v: &String| parse(v),
+            |ns: &String, f: &Flow| in_ns(&f.source, ns),
+        )?,
         any(
             &ff.destination_namespace,
             |v: &String| parse(v),
@@ -41,14 +49,23 @@ mod tests {
 
     #[test]
     fn source_destination_and_either() {
-        assert!(f(FlowFilter { source_namespace: vec!["payments".into()], ..Default::default() })(&denied()));
-        assert!(!f(FlowFilter { source_namespace: vec!["shop".into()], ..Default::default() })(&denied()));
+        assert!(f(FlowFilter {
+            source_namespace: vec!["payments".into()],
+            ..Default::default()
+        })(&denied()));
+        assert!(!f(FlowFilter {
+            source_namespace: vec!["shop".into()],
+            ..Default::default()
+        })(&denied()));
         // The destination of `allowed` is outside the cluster: no namespace.
-        assert!(!f(FlowFilter { destination_namespace: vec!["shop".into()], ..Default::default() })(
-            &allowed()
-        ));
-        let either =
-            f(FlowFilter { namespace: vec!["shop".into(), "payments".into()], ..Default::default() });
+        assert!(!f(FlowFilter {
+            destination_namespace: vec!["shop".into()],
+            ..Default::default()
+        })(&allowed()));
+        let either = f(FlowFilter {
+            namespace: vec!["shop".into(), "payments".into()],
+            ..Default::default()
+        });
         assert!(either(&denied()) && either(&allowed()));
         let both = f(FlowFilter {
             source_namespace: vec!["shop".into()],
@@ -57,6 +74,12 @@ mod tests {
         });
         assert!(!both(&denied()) && !both(&allowed()), "fields AND together");
         assert!(build(&FlowFilter::default()).unwrap().is_none());
-        assert!(build(&FlowFilter { namespace: vec![String::new()], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                namespace: vec![String::new()],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

@@ -29,8 +29,16 @@ fn is(e: &Endpoint, prefix: &str) -> bool {
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     Ok(all_of([
-        any(&ff.source_pod, |v: &String| parse(v), |p: &String, f: &Flow| is(&f.source, p))?,
-        any(&ff.destination_pod, |v: &String| parse(v), |p: &String, f: &Flow| is(&f.destination, p))?,
+        any(
+            &ff.source_pod,
+            |v: &String| parse(v),
+            |p: &String, f: &Flow| is(&f.source, p),
+        )?,
+        any(
+            &ff.destination_pod,
+            |v: &String| parse(v),
+            |p: &String, f: &Flow| is(&f.destination, p),
+        )?,
         any(
             &ff.pod,
             |v: &String| parse(v),
@@ -50,29 +58,51 @@ mod tests {
 
     #[test]
     fn exact_and_prefix() {
-        assert!(f(FlowFilter { source_pod: vec!["payments/frontend-7d9".into()], ..Default::default() })(
-            &denied()
-        ));
-        assert!(f(FlowFilter { source_pod: vec!["payments/frontend".into()], ..Default::default() })(
-            &denied()
-        ));
-        assert!(f(FlowFilter { source_pod: vec!["payments/".into()], ..Default::default() })(&denied()));
-        assert!(!f(FlowFilter { source_pod: vec!["payments/database".into()], ..Default::default() })(
-            &denied()
-        ));
+        assert!(f(FlowFilter {
+            source_pod: vec!["payments/frontend-7d9".into()],
+            ..Default::default()
+        })(&denied()));
+        assert!(f(FlowFilter {
+            source_pod: vec!["payments/frontend".into()],
+            ..Default::default()
+        })(&denied()));
+        assert!(f(FlowFilter {
+            source_pod: vec!["payments/".into()],
+            ..Default::default()
+        })(&denied()));
+        assert!(!f(FlowFilter {
+            source_pod: vec!["payments/database".into()],
+            ..Default::default()
+        })(&denied()));
         // The namespace part is never a prefix: `pay/` is not `payments/`.
-        assert!(!f(FlowFilter { source_pod: vec!["pay/".into()], ..Default::default() })(&denied()));
-        assert!(f(FlowFilter { destination_pod: vec!["payments/database-0".into()], ..Default::default() })(
-            &denied()
-        ));
+        assert!(!f(FlowFilter {
+            source_pod: vec!["pay/".into()],
+            ..Default::default()
+        })(&denied()));
+        assert!(f(FlowFilter {
+            destination_pod: vec!["payments/database-0".into()],
+            ..Default::default()
+        })(&denied()));
     }
 
     #[test]
     fn either_end_and_external_addresses() {
-        let web = f(FlowFilter { pod: vec!["shop/web".into()], ..Default::default() });
+        let web = f(FlowFilter {
+            pod: vec!["shop/web".into()],
+            ..Default::default()
+        });
         assert!(web(&allowed()) && !web(&denied()));
         // 8.8.8.8 is no pod.
-        assert!(!f(FlowFilter { destination_pod: vec!["shop/".into()], ..Default::default() })(&allowed()));
-        assert!(build(&FlowFilter { pod: vec!["no-slash".into()], ..Default::default() }).is_err());
+        assert!(!f(FlowFilter {
+            destination_pod: vec!["shop/".into()],
+            ..Default::default()
+        })(&allowed()));
+        assert!(
+            build(&FlowFilter {
+                pod: vec!["no-slash".into()],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

@@ -16,7 +16,13 @@ fn is(candidate: &str, wanted: &str) -> bool {
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     any(
         &ff.policy,
-        |p: &String| if p.is_empty() { Err(Error::Empty("policy")) } else { Ok(p.clone()) },
+        |p: &String| {
+            if p.is_empty() {
+                Err(Error::Empty("policy"))
+            } else {
+                Ok(p.clone())
+            }
+        },
         |p: &String, f: &Flow| {
             f.policies.iter().any(|c| is(c, p)) || f.allowed_by.as_ref().is_some_and(|a| is(&a.policy, p))
         },
@@ -29,9 +35,12 @@ mod tests {
     use crate::observer::filters::testing::{allowed, denied};
 
     fn f(p: &[&str]) -> FilterFn {
-        build(&FlowFilter { policy: p.iter().map(|s| s.to_string()).collect(), ..Default::default() })
-            .unwrap()
-            .unwrap()
+        build(&FlowFilter {
+            policy: p.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap()
     }
 
     #[test]
@@ -42,6 +51,12 @@ mod tests {
         assert!(f(&["shop/allow-dns"])(&allowed()));
         assert!(f(&["allow-dns"])(&allowed()));
         assert!(!f(&["allow"])(&allowed()), "names are not prefixes");
-        assert!(build(&FlowFilter { policy: vec![String::new()], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                policy: vec![String::new()],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

@@ -52,7 +52,11 @@ mod tests {
     fn invalid() {
         for bad in ["", "x", "70000", "90-80", "1-2-3"] {
             assert!(
-                build(&FlowFilter { destination_port: vec![bad.into()], ..Default::default() }).is_err(),
+                build(&FlowFilter {
+                    destination_port: vec![bad.into()],
+                    ..Default::default()
+                })
+                .is_err(),
                 "{bad}"
             );
         }

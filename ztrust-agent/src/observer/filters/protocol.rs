@@ -8,7 +8,11 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
         &ff.protocol,
         |p: &String| {
             let p = p.trim();
-            if p.is_empty() { Err(Error::Empty("protocol")) } else { Ok(p.to_owned()) }
+            if p.is_empty() {
+                Err(Error::Empty("protocol"))
+            } else {
+                Ok(p.to_owned())
+            }
         },
         |p: &String, f| f.protocol.eq_ignore_ascii_case(p),
     )
@@ -21,13 +25,27 @@ mod tests {
 
     #[test]
     fn matches_case_insensitively() {
-        let f = build(&FlowFilter { protocol: vec!["tcp".into()], ..Default::default() }).unwrap().unwrap();
+        let f = build(&FlowFilter {
+            protocol: vec!["tcp".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
         assert!(f(&denied()));
         assert!(!f(&allowed()));
-        let f = build(&FlowFilter { protocol: vec!["TCP".into(), "Udp".into()], ..Default::default() })
-            .unwrap()
-            .unwrap();
+        let f = build(&FlowFilter {
+            protocol: vec!["TCP".into(), "Udp".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
         assert!(f(&allowed()));
-        assert!(build(&FlowFilter { protocol: vec![" ".into()], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                protocol: vec![" ".into()],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

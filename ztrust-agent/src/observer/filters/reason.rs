@@ -8,7 +8,10 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     any(
         &ff.reason,
         |v| match Reason::try_from(*v) {
-            Ok(Reason::Unknown) | Err(_) => Err(Error::Enum { field: "reason", value: *v }),
+            Ok(Reason::Unknown) | Err(_) => Err(Error::Enum {
+                field: "reason",
+                value: *v,
+            }),
             Ok(r) => Ok(convert::reason_str(r)),
         },
         |name: &&'static str, f| f.reason == *name,
@@ -23,13 +26,22 @@ mod tests {
     #[test]
     fn matches_the_reason() {
         let f = |r: &[Reason]| {
-            build(&FlowFilter { reason: r.iter().map(|r| *r as i32).collect(), ..Default::default() })
-                .unwrap()
-                .unwrap()
+            build(&FlowFilter {
+                reason: r.iter().map(|r| *r as i32).collect(),
+                ..Default::default()
+            })
+            .unwrap()
+            .unwrap()
         };
         assert!(f(&[Reason::PolicyDenied])(&denied()));
         assert!(!f(&[Reason::PolicyDenied])(&allowed()));
         assert!(f(&[Reason::UnknownEndpoint, Reason::AllowedByPolicy])(&allowed()));
-        assert!(build(&FlowFilter { reason: vec![63], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                reason: vec![63],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

@@ -7,11 +7,18 @@ use crate::flows::Flow;
 use crate::observer::proto::FlowFilter;
 
 fn is(f: &Flow, prefix: &str) -> bool {
-    f.service.as_ref().and_then(|s| s.name.split_once('/')).is_some_and(|(ns, name)| named(ns, name, prefix))
+    f.service
+        .as_ref()
+        .and_then(|s| s.name.split_once('/'))
+        .is_some_and(|(ns, name)| named(ns, name, prefix))
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
-    any(&ff.destination_service, |v: &String| parse(v), |p: &String, f: &Flow| is(f, p))
+    any(
+        &ff.destination_service,
+        |v: &String| parse(v),
+        |p: &String, f: &Flow| is(f, p),
+    )
 }
 
 #[cfg(test)]
@@ -22,9 +29,19 @@ mod tests {
 
     #[test]
     fn by_service_name_or_prefix() {
-        let f = |v: &str| build(&FlowFilter { destination_service: vec![v.into()], ..Default::default() }).unwrap().unwrap();
+        let f = |v: &str| {
+            build(&FlowFilter {
+                destination_service: vec![v.into()],
+                ..Default::default()
+            })
+            .unwrap()
+            .unwrap()
+        };
         let mut to_db = denied();
-        to_db.service = Some(ServiceRef { name: "payments/database".into(), backends: vec!["payments/database-0".into()] });
+        to_db.service = Some(ServiceRef {
+            name: "payments/database".into(),
+            backends: vec!["payments/database-0".into()],
+        });
         assert!(f("payments/database")(&to_db));
         assert!(f("payments/")(&to_db));
         assert!(!f("payments/backend")(&to_db));
@@ -32,6 +49,12 @@ mod tests {
         // A flow to a pod address names no Service.
         assert!(!f("payments/")(&denied()));
         assert!(!f("shop/")(&allowed()));
-        assert!(build(&FlowFilter { destination_service: vec!["database".into()], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                destination_service: vec!["database".into()],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }

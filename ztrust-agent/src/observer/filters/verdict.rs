@@ -8,7 +8,10 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
     any(
         &ff.verdict,
         |v| match Verdict::try_from(*v) {
-            Ok(Verdict::Unknown) | Err(_) => Err(Error::Enum { field: "verdict", value: *v }),
+            Ok(Verdict::Unknown) | Err(_) => Err(Error::Enum {
+                field: "verdict",
+                value: *v,
+            }),
             Ok(v) => Ok(convert::verdict_str(v)),
         },
         |name: &&'static str, f| f.verdict == *name,
@@ -21,9 +24,12 @@ mod tests {
     use crate::observer::filters::testing::{allowed, denied};
 
     fn filter(v: &[Verdict]) -> FilterFn {
-        build(&FlowFilter { verdict: v.iter().map(|v| *v as i32).collect(), ..Default::default() })
-            .unwrap()
-            .unwrap()
+        build(&FlowFilter {
+            verdict: v.iter().map(|v| *v as i32).collect(),
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap()
     }
 
     #[test]
@@ -34,13 +40,28 @@ mod tests {
         let mut audit = denied();
         audit.verdict = "would-drop".into();
         assert!(!filter(&[Verdict::Dropped])(&audit));
-        assert!(filter(&[Verdict::Dropped, Verdict::WouldDrop])(&audit), "values OR together");
+        assert!(
+            filter(&[Verdict::Dropped, Verdict::WouldDrop])(&audit),
+            "values OR together"
+        );
     }
 
     #[test]
     fn unset_and_invalid() {
         assert!(build(&FlowFilter::default()).unwrap().is_none());
-        assert!(build(&FlowFilter { verdict: vec![0], ..Default::default() }).is_err());
-        assert!(build(&FlowFilter { verdict: vec![99], ..Default::default() }).is_err());
+        assert!(
+            build(&FlowFilter {
+                verdict: vec![0],
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            build(&FlowFilter {
+                verdict: vec![99],
+                ..Default::default()
+            })
+            .is_err()
+        );
     }
 }
