@@ -347,6 +347,8 @@ fn test_tiers(
     tally: &mut Tally,
 ) -> anyhow::Result<()> {
     setup_with(TEST_PACKAGES)?;
+    step("format (cargo fmt --all --check: rustfmt.toml)");
+    run(cmd("cargo", &["fmt", "--all", "--check"]))?;
     step("unit tests (no root)");
     tally.run(cmd(
         "cargo",
