@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AGENT, PaymentsLab, cmdline, enter, respawn, wait_in_sync};
+use common::{AGENT, PaymentsLab, cmdline, enter, respawn, wait_loaded_and_in_sync};
 use ztrust_agent::lab;
 
 #[test]
@@ -97,7 +97,7 @@ fn restart_and_upgrade_without_a_gap() {
     let log1 = lab.state_dir.join("agent-restart.log");
     let started = Instant::now();
     let pid1 = respawn(&state.node_netns, Path::new(AGENT), &args, &log1);
-    let sync1 = wait_in_sync(&log1, started);
+    let (loaded1, sync1) = wait_loaded_and_in_sync(&log1, started);
     std::thread::sleep(Duration::from_millis(500));
     let after_restart = allowed_exchanges.load(Ordering::Relaxed);
 
@@ -113,7 +113,7 @@ fn restart_and_upgrade_without_a_gap() {
     let log2 = lab.state_dir.join("agent-upgrade.log");
     let started = Instant::now();
     let pid2 = respawn(&state.node_netns, &upgraded, &args, &log2);
-    let sync2 = wait_in_sync(&log2, started);
+    let (loaded2, sync2) = wait_loaded_and_in_sync(&log2, started);
     std::thread::sleep(Duration::from_millis(500));
     let after_upgrade = allowed_exchanges.load(Ordering::Relaxed);
 
@@ -130,12 +130,11 @@ fn restart_and_upgrade_without_a_gap() {
     let attempts = denied_attempts.load(Ordering::Relaxed);
     let window = 2.5; // seconds of probing, at least
     eprintln!(
-        "denied attempts {attempts} (≈{:.0}/s), passed {}, allowed exchanges {}, in sync after restart {:?}, after upgrade {:?}",
+        "denied attempts {attempts} (≈{:.0}/s), passed {}, allowed exchanges {}, \
+         restart: programs loaded after {loaded1:?}, in sync after {sync1:?}; upgrade: {loaded2:?}, {sync2:?}",
         attempts as f64 / window,
         denied_passed.load(Ordering::Relaxed),
         allowed_exchanges.load(Ordering::Relaxed),
-        sync1,
-        sync2
     );
     assert!(errors.is_empty(), "allowed connections broke: {errors:?}");
     assert_eq!(
@@ -152,11 +151,20 @@ fn restart_and_upgrade_without_a_gap() {
         before > 0 && after_restart > before && after_upgrade > after_restart,
         "{before} {after_restart} {after_upgrade}"
     );
-    // Convergence includes loading the programs, whose verification takes about 2 s on the 2-core
-    // machines since the Service judgment (four backend classes, each a policy lookup) was added; the
-    // pinned state enforces meanwhile (asserted above: no denied connection passed, none allowed broke).
-    assert!(sync1 < Duration::from_secs(4), "restart converged in {sync1:?}");
-    assert!(sync2 < Duration::from_secs(4), "upgrade converged in {sync2:?}");
+    // Loading the programs (their verification: about 2 s on the 2-core machines, CPU-bound, longer
+    // when the machine is busy) is not the agent's to speed up; the pinned state enforces meanwhile
+    // (asserted above: no denied connection passed, none allowed broke). From loaded to in sync is the
+    // agent's own work: adopting the pins, reading the source, compiling, syncing the maps.
+    assert!(
+        sync1 - loaded1 < Duration::from_secs(2),
+        "restart: in sync {:?} after its programs loaded",
+        sync1 - loaded1
+    );
+    assert!(
+        sync2 - loaded2 < Duration::from_secs(2),
+        "upgrade: in sync {:?} after its programs loaded",
+        sync2 - loaded2
+    );
 
     // Uninstall: `run --cleanup` removes every pin it made, so nothing keeps enforcing.
     std::thread::sleep(Duration::from_millis(300));

@@ -311,8 +311,8 @@ pub struct EndpointInfo {
     pub identity: u32,
     /// [`ep_flags`] bits.
     pub flags: u32,
-    /// The endpoint's entry in [`names::SLOT_COUNTERS`] (0: none; its packets are all counted in
-    /// [`names::COUNTERS`]). Handed out by the agent, unique among the endpoints.
+    /// The endpoint's entry in [`names::SLOT_COUNTERS`] ([`EndpointInfo::NO_SLOT`]: none; its packets are
+    /// all counted in [`names::COUNTERS`]). Handed out by the agent, unique among the endpoints.
     pub slot: u32,
     /// The pod's IPv4 address, IPv4-mapped as in the ipcache; all zeros when it has none (no IPv4 packet
     /// carries that source: its mapped form is never zero). The only IPv4 source the pod may send from.
@@ -322,6 +322,9 @@ pub struct EndpointInfo {
 }
 
 impl EndpointInfo {
+    /// [`EndpointInfo::slot`] of an endpoint without a slot: its packets are all counted in the hash.
+    pub const NO_SLOT: u32 = 0;
+
     /// The pod's addresses in the form [`EndpointInfo::addr4`] and [`EndpointInfo::addr6`] hold them
     /// (the first of each family; Kubernetes gives a pod at most one per family).
     #[cfg(feature = "user")]

@@ -676,7 +676,7 @@ fn stat_inc(index: u32) {
 }
 
 /// [`EndpointInfo::slot`] of no slot: the packet is counted in the hash.
-const NO_SLOT: u32 = 0;
+const NO_SLOT: u32 = EndpointInfo::NO_SLOT;
 
 /// Counts a packet for the endpoint of `ifindex`: in its slot when it has one and the packet is of the
 /// kind slots count (forwarded, of an established connection), else in the hash.

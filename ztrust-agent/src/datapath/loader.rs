@@ -115,7 +115,7 @@ pub struct Endpoints {
 }
 
 /// [`EndpointInfo::slot`] of an entry without a slot: its packets are all counted in the hash.
-pub const NO_SLOT: u32 = 0;
+pub const NO_SLOT: u32 = EndpointInfo::NO_SLOT;
 
 impl Endpoints {
     /// Takes over the slots of the entries found (an earlier agent's, with their counts); entries

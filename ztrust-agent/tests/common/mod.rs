@@ -171,18 +171,29 @@ pub fn respawn(node: &str, bin: &Path, args: &[String], log: &Path) -> u32 {
 
 /// Waits for the agent's "in sync" log line; returns how long it took from `since`.
 pub fn wait_in_sync(log: &Path, since: Instant) -> Duration {
-    let deadline = since + Duration::from_secs(10);
+    wait_loaded_and_in_sync(log, since).1
+}
+
+/// Waits for the agent's "agent running" log line (its programs loaded and verified, the maps adopted)
+/// and then its "in sync" line; returns when each appeared, from `since`. Loading is CPU-bound (the
+/// verifier) and grows with the machine's load; what follows is the agent's own work.
+pub fn wait_loaded_and_in_sync(log: &Path, since: Instant) -> (Duration, Duration) {
+    let mut loaded = None;
+    let deadline = since + Duration::from_secs(30);
     while Instant::now() < deadline {
-        if std::fs::read_to_string(log)
-            .unwrap_or_default()
-            .contains("in sync with the source")
-        {
-            return since.elapsed();
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if loaded.is_none() && text.contains("agent running") {
+            loaded = Some(since.elapsed());
+        }
+        if text.contains("in sync with the source") {
+            let loaded =
+                loaded.unwrap_or_else(|| panic!("in sync, but no \"agent running\" line before:\n{text}"));
+            return (loaded, since.elapsed());
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     panic!(
-        "the agent did not sync within 10 s:\n{}",
+        "the agent did not sync within 30 s:\n{}",
         std::fs::read_to_string(log).unwrap_or_default()
     );
 }
