@@ -60,6 +60,25 @@ fn seed_app_flat(c: &Cluster) {
     assert!(page.contains(EXT_NAME), "the outside server answered: {page:?}");
 }
 
+/// Two policies that let frontend reach database on port 80 (its egress, database's ingress): a change
+/// the fault tests make and then check enforced.
+const FRONTEND_TO_DATABASE: &str = r#"apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: frontend-to-database, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: frontend}}
+  policyTypes: [Egress]
+  egress: [{to: [{podSelector: {matchLabels: {app: database}}}], ports: [{port: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: database-from-frontend, namespace: payments}
+spec:
+  podSelector: {matchLabels: {app: database}}
+  policyTypes: [Ingress]
+  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{port: 80}]}]
+"#;
+
 /// Task 5's five checks, by Service name as the seed runs them.
 fn seed_checks(c: &Cluster) {
     for (n, from, to, pass) in [
@@ -650,24 +669,7 @@ fn fault_api_server_stopped_enforcement_unchanged_and_changes_after_it_returns_e
         "{allowed:?}"
     );
     // A change after it returns: frontend may now reach database.
-    c.apply(
-        r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: frontend-to-database, namespace: payments}
-spec:
-  podSelector: {matchLabels: {app: frontend}}
-  policyTypes: [Egress]
-  egress: [{to: [{podSelector: {matchLabels: {app: database}}}], ports: [{port: 80}]}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: database-from-frontend, namespace: payments}
-spec:
-  podSelector: {matchLabels: {app: database}}
-  policyTypes: [Ingress]
-  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{port: 80}]}]
-"#,
-    );
+    c.apply(FRONTEND_TO_DATABASE);
     // After the API server returned, a new policy is enforced.
     c.wget_until("payments", "frontend", &url("database"), true, ENFORCED_WITHIN);
 }
@@ -810,24 +812,7 @@ fn fault_etcd_compacted_and_api_server_restarted_410_re_list_enforces_what_chang
         );
         // Killed (a crash): a graceful shutdown would wait for the frozen agent's watches to drain.
         common::cluster::restart_component("kube-apiserver", true);
-        c.apply(
-            r#"apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: frontend-to-database, namespace: payments}
-spec:
-  podSelector: {matchLabels: {app: frontend}}
-  policyTypes: [Egress]
-  egress: [{to: [{podSelector: {matchLabels: {app: database}}}], ports: [{port: 80}]}]
----
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: database-from-frontend, namespace: payments}
-spec:
-  podSelector: {matchLabels: {app: database}}
-  policyTypes: [Ingress]
-  ingress: [{from: [{podSelector: {matchLabels: {app: frontend}}}], ports: [{port: 80}]}]
-"#,
-        );
+        c.apply(FRONTEND_TO_DATABASE);
         // The control: nothing but the agent makes the change, so it is not in force yet.
         assert_eq!(
             c.wget("payments", "frontend", &url("database")),
