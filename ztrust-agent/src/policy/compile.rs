@@ -486,11 +486,14 @@ impl Engine {
             self.pod_changed(r, cluster.pods.get(r));
         }
         self.settle();
-        // Backends' identities come from the ipcache: a changed address or identity can change a class.
+        // Backends' identities come from the ipcache: a changed address or identity can change a class;
+        // which identities are one class comes from the allow sets: a changed endpoint can merge or
+        // split classes.
         if !changes.services.is_empty()
             || !changes.endpoint_slices.is_empty()
             || changes.service_cidrs
             || !self.delta.ipcache.is_empty()
+            || !self.delta.endpoints.is_empty()
             || self.delta.full
         {
             self.refresh_services(cluster);

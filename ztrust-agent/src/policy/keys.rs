@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use ztrust_common::{IpcacheKey, PolicyKey, dir, identity, proto};
 
-use super::{AllowKey, Desired};
+use super::{AllowKey, Desired, EndpointPolicy};
 use crate::model::ObjectRef;
 
 /// The LPM-trie entries `(prefix length, key)` of one allow entry of endpoint `endpoint_id`.
@@ -145,17 +145,27 @@ pub fn lookup(
         return false;
     }
     let remote = remote_identity(desired, if direction == dir::INGRESS { src } else { dst });
+    if direction == dir::INGRESS && remote == identity::HOST {
+        return true;
+    }
+    admits_remote(ep, remote, direction, protocol, dport)
+}
+
+/// Simulates the kernel's `admits_peer`: whether `ep` admits a new connection in `direction` with a
+/// remote of identity `remote` to `port` (a non-isolated direction admits everything; otherwise the
+/// policy entries of `remote`, then of [`identity::ANY`]).
+pub fn admits_remote(ep: &EndpointPolicy, remote: u32, direction: u8, protocol: u8, port: u16) -> bool {
     let isolated = if direction == dir::INGRESS {
         ep.isolated_ingress
     } else {
         ep.isolated_egress
     };
-    if (direction == dir::INGRESS && remote == identity::HOST) || !isolated {
+    if !isolated {
         return true;
     }
     const EP: u32 = 1;
     [remote, identity::ANY].iter().any(|id| {
-        let want = bits(&PolicyKey::new(EP, *id, direction, protocol, dport));
+        let want = bits(&PolicyKey::new(EP, *id, direction, protocol, port));
         ep.allow.keys().flat_map(|k| policy_keys(EP, k)).any(|(plen, k)| {
             let shift = 128 - plen;
             (bits(&k) >> shift) == (want >> shift)

@@ -30,7 +30,9 @@ pub(crate) mod proptests;
 mod tests;
 
 pub use compile::{Engine, keyed_as_ipv4, v4_space};
-pub use keys::{IpcacheIndex, ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity};
+pub use keys::{
+    IpcacheIndex, admits_remote, ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity,
+};
 pub use selector::matches;
 pub use services::{BackendClass, Frontend};
 

@@ -616,6 +616,110 @@ proptest! {
     }
 }
 
+/// A Service in front of every IPv4 pod address of `c` (port 80 → target `target`, all ready), at
+/// 10.96.0.1.
+fn with_service_to_all(c: &Cluster, target: u16) -> Cluster {
+    use crate::model::{EndpointSlice, Service, ServicePort, SliceEndpoint, SlicePort};
+    let mut c = c.clone();
+    let svc = Service {
+        namespace: "a".into(),
+        name: "all".into(),
+        cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))],
+        ports: vec![ServicePort {
+            name: None,
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        }],
+        ..Default::default()
+    };
+    let endpoints = c
+        .pods
+        .values()
+        .filter(|p| !p.host_network)
+        .flat_map(|p| p.ips.iter().filter(|ip| ip.is_ipv4()))
+        .map(|ip| SliceEndpoint {
+            addresses: vec![*ip],
+            ready: true,
+            serving: true,
+            terminating: false,
+        })
+        .collect();
+    let slice = EndpointSlice {
+        namespace: "a".into(),
+        name: "all-1".into(),
+        service: "all".into(),
+        ports: vec![SlicePort {
+            name: None,
+            protocol: Protocol::Tcp,
+            port: target,
+        }],
+        endpoints,
+    };
+    c.services.insert(svc.object_ref(), svc);
+    c.endpoint_slices.insert(slice.object_ref(), slice);
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Merging the classes of a Service's backends never changes a verdict: for every endpoint whose
+    /// egress is isolated, a connection to the Service (judged as the kernel's `judge_service` does,
+    /// over the classes an incrementally updated engine wrote) is admitted iff the reference admits it to
+    /// every backend, denied iff to none, and otherwise not guessed — also after steps that change only
+    /// policies (whose allow sets decide which identities are alike).
+    #[test]
+    fn service_classes_keep_the_verdict_of_every_backend(
+        steps in evolution(),
+        target in prop_oneof![Just(80u16), Just(81), Just(443), Just(1100)],
+    ) {
+        use super::{Frontend, admits_remote, remote_identity};
+        let frontend = Frontend {
+            addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut engine = Engine::for_node("here");
+        let mut previous = Cluster::default();
+        for step in &steps {
+            let c = with_service_to_all(step, target);
+            engine.update(&c, &Changes::between(&previous, &c));
+            // As the agent does after each sync: what the next update changes is its own delta.
+            engine.take_delta();
+            previous = c.clone();
+            let d = engine.desired();
+            let classes = d.services.get(&frontend).cloned().unwrap_or_default();
+            let backends: Vec<IpAddr> = c.endpoint_slices.values().flat_map(|s| &s.endpoints).flat_map(|e| e.addresses.clone()).collect();
+            // The raw classes (one per backend identity) bound the merged ones.
+            let raw: std::collections::BTreeSet<u32> = backends.iter().map(|ip| remote_identity(d, *ip)).collect();
+            prop_assert!(classes.len() <= raw.len().max(1));
+            for (r, ep) in d.endpoints.iter().filter(|(_, ep)| ep.isolated_egress) {
+                let Some(pod) = c.pods.get(r) else { continue };
+                let Some(src) = pod.ips.iter().copied().find(IpAddr::is_ipv4) else { continue };
+                let admitted: Vec<bool> = backends
+                    .iter()
+                    .map(|b| reference_direction(&c, pod, src, *b, proto::TCP, target, dir::EGRESS))
+                    .collect();
+                let got: Vec<bool> = classes
+                    .iter()
+                    .map(|(id, port)| admits_remote(ep, *id, dir::EGRESS, proto::TCP, *port))
+                    .collect();
+                if admitted.is_empty() {
+                    prop_assert!(got.is_empty());
+                } else if admitted.iter().all(|a| *a) {
+                    prop_assert!(got.iter().all(|g| *g), "{} admits every backend, classes {:?} say no", r, classes);
+                } else if admitted.iter().all(|a| !*a) {
+                    prop_assert!(got.iter().all(|g| !*g), "{} admits no backend, classes {:?} say yes", r, classes);
+                } else {
+                    prop_assert!(got.iter().any(|g| *g) && got.iter().any(|g| !*g),
+                        "{} admits some backends: the classes {:?} must differ", r, classes);
+                }
+            }
+        }
+    }
+}
+
 /// A namespace relabel moves an identity out of one rule's peer and back while an overlapping later
 /// rule keeps allowing it: the entry must stay (handed to the later rule) and return to the earlier
 /// rule, exactly as a compile from scratch attributes it; a named-port entry of a third rule goes and

@@ -3,7 +3,10 @@
 //! A pod's egress hook runs before the node's DNAT (kube-proxy's iptables, nftables or IPVS rules), so a
 //! packet to a ClusterIP still carries the ClusterIP there. What the connection reaches is one of the
 //! Service's ready backends, which the node picks after the hook. Every backend that policy can tell apart
-//! from the others is a *class*: its identity and the port the node translates to. The datapath admits
+//! from the others is a *class*: its identity and the port the node translates to. Identities that every
+//! endpoint's egress entries treat alike (the pods of a StatefulSet, whose `pod-name` labels make an
+//! identity each, when no egress rule reads those labels) are one class, named by the smallest of them:
+//! the kernel's lookup with any of them finds the same entries, so the verdict cannot differ. The datapath admits
 //! a new connection to a frontend when policy admits every class (then whichever backend the node picks,
 //! the verdict is the one the connection to it gets), denies it when policy admits none, and drops it as
 //! `service-backends-differ` otherwise: it does not guess which one the node would pick.
@@ -48,9 +51,44 @@ pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec
             .map(|(ip, target)| (index.identity(ip), target));
         out.entry(frontend).or_default().extend(classes);
     }
+    let backends: BTreeSet<u32> = out.values().flatten().map(|c| c.0).collect();
+    let alike = egress_alike(desired, &backends);
     out.into_iter()
-        .map(|(f, classes)| (f, classes.into_iter().collect()))
+        .map(|(f, classes)| {
+            let merged: BTreeSet<BackendClass> = classes
+                .into_iter()
+                .map(|(id, port)| (alike.get(&id).copied().unwrap_or(id), port))
+                .collect();
+            (f, merged.into_iter().collect())
+        })
         .collect()
+}
+
+/// For each of `ids`, the smallest of `ids` that every endpoint's egress entries treat alike: the same
+/// entries (protocol, port range and rule) of the same endpoints name both as their remote. The kernel's
+/// egress lookup (`policy_lookup`: the exact entry, the trie, then the any-peer entry) then gives the
+/// same answer, rule included, for either, whatever the endpoint and port. One walk over the allow sets.
+fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, u32> {
+    type Entry<'a> = (&'a crate::model::ObjectRef, u8, u16, u16, u32);
+    let mut profile: BTreeMap<u32, Vec<Entry<'_>>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+    for (ep, policy) in &desired.endpoints {
+        for (key, rule) in &policy.allow {
+            if key.direction != ztrust_common::dir::EGRESS {
+                continue;
+            }
+            if let Some(entries) = profile.get_mut(&key.remote) {
+                entries.push((ep, key.protocol, key.port_lo, key.port_hi, *rule));
+            }
+        }
+    }
+    // Entries are pushed in (endpoint, key) order, so equal sets are equal vectors.
+    let mut first: BTreeMap<&[Entry<'_>], u32> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (id, entries) in &profile {
+        let rep = *first.entry(entries.as_slice()).or_insert(*id);
+        out.insert(*id, rep);
+    }
+    out
 }
 
 /// Every frontend of every Service of `cluster`, with the Service and port it belongs to: each cluster,
@@ -224,6 +262,31 @@ mod tests {
             .cloned()
     }
 
+    /// A policy whose egress (of pods app=c) admits app=b and not app=c: it tells b's identity from c's.
+    fn tell_b_from_c(c: &mut Cluster) {
+        use crate::model::{LabelSelector, NetworkPolicy, Peer, Rule};
+        let select = |app: &str| LabelSelector {
+            match_labels: [("app".to_owned(), app.to_owned())].into(),
+            match_expressions: vec![],
+        };
+        let p = NetworkPolicy {
+            namespace: "x".into(),
+            name: "c-to-b".into(),
+            pod_selector: select("c"),
+            isolates_ingress: false,
+            isolates_egress: true,
+            ingress: vec![],
+            egress: vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespace_selector: None,
+                    pod_selector: Some(select("b")),
+                }],
+                ports: vec![],
+            }],
+        };
+        c.policies.insert(p.object_ref(), p);
+    }
+
     #[test]
     fn every_frontend_reaches_the_classes_of_its_backends() {
         let c = cluster();
@@ -286,6 +349,7 @@ mod tests {
             endpoints: vec![endpoint("10.0.0.13", true, false)],
         };
         c.endpoint_slices.insert(slice.object_ref(), slice);
+        tell_b_from_c(&mut c);
         let desired = Engine::new().compile(&c);
         let id = |ip: &str| super::super::remote_identity(&desired, ip.parse().unwrap());
         let mut want = vec![(id("10.0.0.11"), 8080), (id("10.0.0.13"), 9999)];
@@ -293,6 +357,8 @@ mod tests {
         assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(want));
     }
 
+    /// Backends that an egress rule tells apart are classes of their own (without the rule, b and c would be
+    /// one class: nothing would treat them differently).
     #[test]
     fn backends_of_other_labels_are_another_class_and_terminating_ones_only_as_a_fallback() {
         let mut c = cluster();
@@ -302,6 +368,7 @@ mod tests {
             .unwrap()
             .endpoints
             .push(endpoint("10.0.0.13", true, false));
+        tell_b_from_c(&mut c);
         let desired = Engine::new().compile(&c);
         let id = |ip: &str| super::super::remote_identity(&desired, ip.parse().unwrap());
         let mut want = vec![(id("10.0.0.11"), 8080), (id("10.0.0.13"), 8080)];
@@ -328,5 +395,106 @@ mod tests {
         // A slice of another Service, or without the port's name, adds nothing.
         c.endpoint_slices.get_mut(&r).unwrap().service = "other".into();
         assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![]));
+    }
+
+    /// The pods of a StatefulSet: each has an identity of its own (its `pod-name` label), and they are
+    /// one class as long as no egress rule tells them apart; one that a rule names is a class of its own.
+    #[test]
+    fn identities_that_egress_rules_treat_alike_are_one_class() {
+        use crate::model::{LabelSelector, NetworkPolicy, Peer, PortRef, PortSpec, Rule};
+        let mut c = cluster();
+        let r = crate::model::ObjectRef::new("x", "web-1");
+        let slice = c.endpoint_slices.get_mut(&r).unwrap();
+        slice.endpoints.clear();
+        for n in 0..6u8 {
+            let name = format!("db-{n}");
+            let ip = format!("10.0.1.{n}");
+            let mut p = pod(&name, "db", &ip);
+            p.labels
+                .insert("statefulset.kubernetes.io/pod-name".into(), name.clone());
+            c.pods.insert(p.object_ref(), p);
+            slice.endpoints.push(endpoint(&ip, true, false));
+        }
+        let select = |pairs: &[(&str, &str)]| LabelSelector {
+            match_labels: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            match_expressions: vec![],
+        };
+        let egress_to = |name: &str, pods: LabelSelector, port: u16| NetworkPolicy {
+            namespace: "x".into(),
+            name: name.into(),
+            pod_selector: select(&[("app", "c")]),
+            isolates_ingress: false,
+            isolates_egress: true,
+            ingress: vec![],
+            egress: vec![Rule {
+                peers: vec![Peer::Pods {
+                    namespace_selector: None,
+                    pod_selector: Some(pods),
+                }],
+                ports: vec![PortSpec {
+                    protocol: Protocol::Tcp,
+                    port: Some(PortRef::Number(port)),
+                    end_port: None,
+                }],
+            }],
+        };
+        let id = |c: &Cluster, ip: &str| {
+            let desired = Engine::new().compile(c);
+            super::super::remote_identity(&desired, ip.parse().unwrap())
+        };
+        // Six identities, no policy: one class.
+        let ids: BTreeSet<u32> = (0..6).map(|n| id(&c, &format!("10.0.1.{n}"))).collect();
+        assert_eq!(ids.len(), 6, "each pod-name label makes an identity");
+        let first = *ids.first().unwrap();
+        assert_eq!(
+            classes(&c, "10.96.0.20", 80, Protocol::Tcp),
+            Some(vec![(first, 8080)])
+        );
+        // c's egress admits app=db: still one class, the same for every endpoint.
+        let p = egress_to("to-db", select(&[("app", "db")]), 8080);
+        c.policies.insert(p.object_ref(), p);
+        assert_eq!(
+            classes(&c, "10.96.0.20", 80, Protocol::Tcp).map(|v| v.len()),
+            Some(1)
+        );
+        // A rule that names db-3 alone (on another port) tells it apart.
+        let p = egress_to(
+            "to-db-3",
+            select(&[("statefulset.kubernetes.io/pod-name", "db-3")]),
+            9999,
+        );
+        c.policies.insert(p.object_ref(), p);
+        let db3 = id(&c, "10.0.1.3");
+        let got = classes(&c, "10.96.0.20", 80, Protocol::Tcp).unwrap();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert!(got.contains(&(db3, 8080)), "{got:?}");
+
+        // The same policy added to an engine that is only told a policy changed (no address, no
+        // identity changes): the classes are merged again from the new allow sets.
+        let mut before = c.clone();
+        before
+            .policies
+            .remove(&crate::model::ObjectRef::new("x", "to-db-3"));
+        let mut engine = Engine::new();
+        engine.update(
+            &before,
+            &crate::policy::Changes::between(&Cluster::default(), &before),
+        );
+        let f = Frontend {
+            addr: "10.96.0.20".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        assert_eq!(engine.desired().services[&f].len(), 1);
+        engine.take_delta();
+        let changes = crate::policy::Changes::between(&before, &c);
+        assert_eq!(changes.policies.len(), 1);
+        assert!(changes.pods.is_empty());
+        engine.update(&c, &changes);
+        assert_eq!(engine.desired().services[&f].len(), 2);
+        assert!(engine.take_delta().services);
     }
 }
