@@ -694,6 +694,7 @@ proptest! {
             // The raw classes (one per backend identity) bound the merged ones.
             let raw: std::collections::BTreeSet<u32> = backends.iter().map(|ip| remote_identity(d, *ip)).collect();
             prop_assert!(classes.len() <= raw.len().max(1));
+            prop_assert!(classes.iter().all(|(id, _)| raw.contains(id)), "a class named by no backend: {:?}", classes);
             for (r, ep) in d.endpoints.iter().filter(|(_, ep)| ep.isolated_egress) {
                 let Some(pod) = c.pods.get(r) else { continue };
                 let Some(src) = pod.ips.iter().copied().find(IpAddr::is_ipv4) else { continue };

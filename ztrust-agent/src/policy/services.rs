@@ -5,7 +5,8 @@
 //! Service's ready backends, which the node picks after the hook. Every backend that policy can tell apart
 //! from the others is a *class*: its identity and the port the node translates to. Identities that every
 //! endpoint's egress entries treat alike (the pods of a StatefulSet, whose `pod-name` labels make an
-//! identity each, when no egress rule reads those labels) are one class, named by the smallest of them:
+//! identity each, when no egress rule reads those labels) are one class, named by the smallest of the
+//! frontend's own identities of that kind:
 //! the kernel's lookup with any of them finds the same entries, so the verdict cannot differ. The datapath admits
 //! a new connection to a frontend when policy admits every class (then whichever backend the node picks,
 //! the verdict is the one the connection to it gets), denies it when policy admits none, and drops it as
@@ -55,20 +56,24 @@ pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec
     let alike = egress_alike(desired, &backends);
     out.into_iter()
         .map(|(f, classes)| {
-            let merged: BTreeSet<BackendClass> = classes
+            // Classes come in (identity, port) order: the first of each kind and port is the smallest of
+            // this frontend's own identities, so flows name one of its backends.
+            let mut seen = BTreeSet::new();
+            let merged = classes
                 .into_iter()
-                .map(|(id, port)| (alike.get(&id).copied().unwrap_or(id), port))
+                .filter(|(id, port)| seen.insert((alike.get(id).copied(), *port)))
                 .collect();
-            (f, merged.into_iter().collect())
+            (f, merged)
         })
         .collect()
 }
 
-/// For each of `ids`, the smallest of `ids` that every endpoint's egress entries treat alike: the same
-/// entries (protocol, port range and rule) of the same endpoints name both as their remote. The kernel's
-/// egress lookup (`policy_lookup`: the exact entry, the trie, then the any-peer entry) then gives the
-/// same answer, rule included, for either, whatever the endpoint and port. One walk over the allow sets.
-fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, u32> {
+/// For each of `ids`, a number that two of them share iff every endpoint's egress entries treat them
+/// alike: the same entries (protocol, port range and rule) of the same endpoints name both as their
+/// remote. The kernel's egress lookup (`policy_lookup`: the exact entry, the trie, then the any-peer
+/// entry) then gives the same answer, rule included, for either, whatever the endpoint and port. One walk
+/// over the allow sets.
+fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, usize> {
     type Entry<'a> = (&'a crate::model::ObjectRef, u8, u16, u16, u32);
     let mut profile: BTreeMap<u32, Vec<Entry<'_>>> = ids.iter().map(|id| (*id, Vec::new())).collect();
     for (ep, policy) in &desired.endpoints {
@@ -82,11 +87,11 @@ fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, u32> {
         }
     }
     // Entries are pushed in (endpoint, key) order, so equal sets are equal vectors.
-    let mut first: BTreeMap<&[Entry<'_>], u32> = BTreeMap::new();
+    let mut kinds: BTreeMap<&[Entry<'_>], usize> = BTreeMap::new();
     let mut out = BTreeMap::new();
     for (id, entries) in &profile {
-        let rep = *first.entry(entries.as_slice()).or_insert(*id);
-        out.insert(*id, rep);
+        let next = kinds.len();
+        out.insert(*id, *kinds.entry(entries.as_slice()).or_insert(next));
     }
     out
 }
@@ -445,7 +450,35 @@ mod tests {
             let desired = Engine::new().compile(c);
             super::super::remote_identity(&desired, ip.parse().unwrap())
         };
-        // Six identities, no policy: one class.
+        // Another Service in front of c, whose identity is older (smaller) than the db pods': it is
+        // treated alike too, but it is no backend of web, so it does not name web's class.
+        let other = Service {
+            namespace: "x".into(),
+            name: "other".into(),
+            cluster_ips: vec!["10.96.0.21".parse().unwrap()],
+            ports: vec![ServicePort {
+                name: None,
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
+            ..Default::default()
+        };
+        c.services.insert(other.object_ref(), other);
+        let slice = EndpointSlice {
+            namespace: "x".into(),
+            name: "other-1".into(),
+            service: "other".into(),
+            ports: vec![SlicePort {
+                name: None,
+                protocol: Protocol::Tcp,
+                port: 80,
+            }],
+            endpoints: vec![endpoint("10.0.0.13", true, false)],
+        };
+        c.endpoint_slices.insert(slice.object_ref(), slice);
+        assert!(id(&c, "10.0.0.13") < id(&c, "10.0.1.0"));
+        // Six identities, no policy: one class, named by a db pod's identity.
         let ids: BTreeSet<u32> = (0..6).map(|n| id(&c, &format!("10.0.1.{n}"))).collect();
         assert_eq!(ids.len(), 6, "each pod-name label makes an identity");
         let first = *ids.first().unwrap();
