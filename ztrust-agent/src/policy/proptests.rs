@@ -619,21 +619,15 @@ proptest! {
 /// A Service in front of every IPv4 pod address of `c` (port 80 → target `target`, all ready), at
 /// 10.96.0.1.
 fn with_service_to_all(c: &Cluster, target: u16) -> Cluster {
-    use crate::model::{EndpointSlice, Service, ServicePort, SliceEndpoint, SlicePort};
+    use crate::model::{ServicePort, SliceEndpoint};
     let mut c = c.clone();
-    let svc = Service {
-        namespace: "a".into(),
-        name: "all".into(),
-        cluster_ips: vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))],
-        ports: vec![ServicePort {
-            name: None,
-            protocol: Protocol::Tcp,
-            port: 80,
-            node_port: None,
-        }],
-        ..Default::default()
+    let port = ServicePort {
+        name: None,
+        protocol: Protocol::Tcp,
+        port: 80,
+        node_port: None,
     };
-    let endpoints = c
+    let backends = c
         .pods
         .values()
         .filter(|p| !p.host_network)
@@ -645,19 +639,8 @@ fn with_service_to_all(c: &Cluster, target: u16) -> Cluster {
             terminating: false,
         })
         .collect();
-    let slice = EndpointSlice {
-        namespace: "a".into(),
-        name: "all-1".into(),
-        service: "all".into(),
-        ports: vec![SlicePort {
-            name: None,
-            protocol: Protocol::Tcp,
-            port: target,
-        }],
-        endpoints,
-    };
-    c.services.insert(svc.object_ref(), svc);
-    c.endpoint_slices.insert(slice.object_ref(), slice);
+    let cluster_ip = vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1))];
+    super::services::add_service(&mut c, "a", "all", cluster_ip, port, target, backends);
     c
 }
 

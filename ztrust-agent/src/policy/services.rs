@@ -174,6 +174,40 @@ impl<'a> Slices<'a> {
     }
 }
 
+/// Adds to `c` a Service of one port with `cluster_ips`, and one EndpointSlice (`NAME-1`) of `backends`
+/// whose port has the Service port's name and protocol and number `target`.
+#[cfg(test)]
+pub(crate) fn add_service(
+    c: &mut Cluster,
+    namespace: &str,
+    name: &str,
+    cluster_ips: Vec<IpAddr>,
+    port: ServicePort,
+    target: u16,
+    backends: Vec<crate::model::SliceEndpoint>,
+) {
+    let slice = EndpointSlice {
+        namespace: namespace.into(),
+        name: format!("{name}-1"),
+        service: name.into(),
+        ports: vec![crate::model::SlicePort {
+            name: port.name.clone(),
+            protocol: port.protocol,
+            port: target,
+        }],
+        endpoints: backends,
+    };
+    let svc = Service {
+        namespace: namespace.into(),
+        name: name.into(),
+        cluster_ips,
+        ports: vec![port],
+        ..Default::default()
+    };
+    c.services.insert(svc.object_ref(), svc);
+    c.endpoint_slices.insert(slice.object_ref(), slice);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,28 +301,43 @@ mod tests {
             .cloned()
     }
 
-    /// A policy whose egress (of pods app=c) admits app=b and not app=c: it tells b's identity from c's.
-    fn tell_b_from_c(c: &mut Cluster) {
-        use crate::model::{LabelSelector, NetworkPolicy, Peer, Rule};
-        let select = |app: &str| LabelSelector {
-            match_labels: [("app".to_owned(), app.to_owned())].into(),
+    fn select(pairs: &[(&str, &str)]) -> crate::model::LabelSelector {
+        crate::model::LabelSelector {
+            match_labels: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
             match_expressions: vec![],
-        };
-        let p = NetworkPolicy {
+        }
+    }
+
+    /// A policy `name` that isolates the egress of pods app=c and admits `pods` on `ports`.
+    fn egress_of_c(
+        name: &str,
+        pods: crate::model::LabelSelector,
+        ports: Vec<crate::model::PortSpec>,
+    ) -> crate::model::NetworkPolicy {
+        use crate::model::{NetworkPolicy, Peer, Rule};
+        NetworkPolicy {
             namespace: "x".into(),
-            name: "c-to-b".into(),
-            pod_selector: select("c"),
+            name: name.into(),
+            pod_selector: select(&[("app", "c")]),
             isolates_ingress: false,
             isolates_egress: true,
             ingress: vec![],
             egress: vec![Rule {
                 peers: vec![Peer::Pods {
                     namespace_selector: None,
-                    pod_selector: Some(select("b")),
+                    pod_selector: Some(pods),
                 }],
-                ports: vec![],
+                ports,
             }],
-        };
+        }
+    }
+
+    /// A policy whose egress (of pods app=c) admits app=b and not app=c: it tells b's identity from c's.
+    fn tell_b_from_c(c: &mut Cluster) {
+        let p = egress_of_c("c-to-b", select(&[("app", "b")]), vec![]);
         c.policies.insert(p.object_ref(), p);
     }
 
@@ -329,31 +378,16 @@ mod tests {
     #[test]
     fn a_frontend_two_services_claim_has_the_classes_of_both() {
         let mut c = cluster();
-        let other = Service {
-            namespace: "y".into(),
-            name: "claim".into(),
-            external_ips: vec!["10.96.0.20".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-            }],
-            ..Default::default()
+        let http = ServicePort {
+            name: Some("http".into()),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
         };
-        c.services.insert(other.object_ref(), other);
-        let slice = EndpointSlice {
-            namespace: "y".into(),
-            name: "claim-1".into(),
-            service: "claim".into(),
-            ports: vec![SlicePort {
-                name: Some("http".into()),
-                protocol: Protocol::Tcp,
-                port: 9999,
-            }],
-            endpoints: vec![endpoint("10.0.0.13", true, false)],
-        };
-        c.endpoint_slices.insert(slice.object_ref(), slice);
+        let backend = vec![endpoint("10.0.0.13", true, false)];
+        add_service(&mut c, "y", "claim", vec![], http, 9999, backend);
+        let claim = crate::model::ObjectRef::new("y", "claim");
+        c.services.get_mut(&claim).unwrap().external_ips = vec!["10.96.0.20".parse().unwrap()];
         tell_b_from_c(&mut c);
         let desired = Engine::new().compile(&c);
         let id = |ip: &str| super::super::remote_identity(&desired, ip.parse().unwrap());
@@ -406,7 +440,7 @@ mod tests {
     /// one class as long as no egress rule tells them apart; one that a rule names is a class of its own.
     #[test]
     fn identities_that_egress_rules_treat_alike_are_one_class() {
-        use crate::model::{LabelSelector, NetworkPolicy, Peer, PortRef, PortSpec, Rule};
+        use crate::model::{PortRef, PortSpec};
         let mut c = cluster();
         let r = crate::model::ObjectRef::new("x", "web-1");
         let slice = c.endpoint_slices.get_mut(&r).unwrap();
@@ -420,31 +454,13 @@ mod tests {
             c.pods.insert(p.object_ref(), p);
             slice.endpoints.push(endpoint(&ip, true, false));
         }
-        let select = |pairs: &[(&str, &str)]| LabelSelector {
-            match_labels: pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-            match_expressions: vec![],
-        };
-        let egress_to = |name: &str, pods: LabelSelector, port: u16| NetworkPolicy {
-            namespace: "x".into(),
-            name: name.into(),
-            pod_selector: select(&[("app", "c")]),
-            isolates_ingress: false,
-            isolates_egress: true,
-            ingress: vec![],
-            egress: vec![Rule {
-                peers: vec![Peer::Pods {
-                    namespace_selector: None,
-                    pod_selector: Some(pods),
-                }],
-                ports: vec![PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: Some(PortRef::Number(port)),
-                    end_port: None,
-                }],
-            }],
+        let egress_to = |name: &str, pods, port| {
+            let tcp = PortSpec {
+                protocol: Protocol::Tcp,
+                port: Some(PortRef::Number(port)),
+                end_port: None,
+            };
+            egress_of_c(name, pods, vec![tcp])
         };
         let id = |c: &Cluster, ip: &str| {
             let desired = Engine::new().compile(c);
@@ -452,31 +468,15 @@ mod tests {
         };
         // Another Service in front of c, whose identity is older (smaller) than the db pods': it is
         // treated alike too, but it is no backend of web, so it does not name web's class.
-        let other = Service {
-            namespace: "x".into(),
-            name: "other".into(),
-            cluster_ips: vec!["10.96.0.21".parse().unwrap()],
-            ports: vec![ServicePort {
-                name: None,
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-            }],
-            ..Default::default()
+        let port = ServicePort {
+            name: None,
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
         };
-        c.services.insert(other.object_ref(), other);
-        let slice = EndpointSlice {
-            namespace: "x".into(),
-            name: "other-1".into(),
-            service: "other".into(),
-            ports: vec![SlicePort {
-                name: None,
-                protocol: Protocol::Tcp,
-                port: 80,
-            }],
-            endpoints: vec![endpoint("10.0.0.13", true, false)],
-        };
-        c.endpoint_slices.insert(slice.object_ref(), slice);
+        let backend = vec![endpoint("10.0.0.13", true, false)];
+        let cluster_ip = vec!["10.96.0.21".parse().unwrap()];
+        add_service(&mut c, "x", "other", cluster_ip, port, 80, backend);
         assert!(id(&c, "10.0.0.13") < id(&c, "10.0.1.0"));
         // Six identities, no policy: one class, named by a db pod's identity.
         let ids: BTreeSet<u32> = (0..6).map(|n| id(&c, &format!("10.0.1.{n}"))).collect();
