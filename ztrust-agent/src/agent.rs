@@ -93,6 +93,9 @@ pub struct Options {
     pub interface_prefixes: Vec<String>,
     pub node_name: String,
     pub node_ips: Vec<IpAddr>,
+    /// Node ports are Service frontends at every local address of the node (`--nodeport-addresses all`),
+    /// not only at `node_ips`.
+    pub node_ports_any_local: bool,
     /// The cluster's Service address ranges (`--service-cidr`): a connection to an address in them that
     /// is no known Service frontend is dropped as `unknown-service`.
     pub service_cidrs: Vec<ipnet::IpNet>,
@@ -230,6 +233,7 @@ enum Watched {
         source: DirSource,
         cluster: Cluster,
         node_ips: Vec<std::net::IpAddr>,
+        node_ports_any_local: bool,
         service_cidrs: Vec<ipnet::IpNet>,
     },
     /// The API's watches name the objects that change.
@@ -244,11 +248,13 @@ impl Watched {
                 source,
                 cluster,
                 node_ips,
+                node_ports_any_local,
                 service_cidrs,
             } => {
                 let loaded = source.poll()?;
                 let mut next = loaded.cluster;
                 next.node_ips = node_ips.clone();
+                next.node_ports_any_local = *node_ports_any_local;
                 next.service_cidrs = service_cidrs.clone();
                 let changes = Changes::between(cluster, &next);
                 *cluster = next;
@@ -539,7 +545,11 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             },
         log_allowed: u32::from(opts.log_allowed),
         event_budget: opts.event_budget,
-        _pad: 0,
+        node_ports: if opts.node_ports_any_local {
+            ztrust_common::node_ports::ANY_LOCAL
+        } else {
+            ztrust_common::node_ports::LISTED
+        },
     };
     dp.maps.config.set(0, config, 0)?;
     let mut syncer = Syncer::adopt(&dp.maps);
@@ -596,10 +606,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             source: DirSource::new(root.clone()),
             cluster: Cluster {
                 node_ips: opts.node_ips.clone(),
+                node_ports_any_local: opts.node_ports_any_local,
                 service_cidrs: opts.service_cidrs.clone(),
                 ..Cluster::default()
             },
             node_ips: opts.node_ips.clone(),
+            node_ports_any_local: opts.node_ports_any_local,
             service_cidrs: opts.service_cidrs.clone(),
         },
         Source::Kube { kubeconfig } => {
@@ -608,6 +620,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 .map_err(|e| Error::Kube(e.to_string()))?;
             let mut kube = crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone()));
             kube.set_node_ips(opts.node_ips.clone());
+            kube.set_node_ports_any_local(opts.node_ports_any_local);
             kube.set_service_cidrs(opts.service_cidrs.clone());
             Watched::Kube(kube)
         }

@@ -89,6 +89,13 @@ struct RunArgs {
     /// This node's addresses (traffic from them is never blocked, as Kubernetes requires). Comma-separated.
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
+    /// Where a pod's connection to a node port is judged as a connection to the Service, as kube-proxy's
+    /// `--nodeport-addresses` says where it translates node ports: `primary`, at the `--node-ip`
+    /// addresses (kube-proxy's `primary`, its nftables-mode default, or a CIDR list: name the node's
+    /// addresses in it with `--node-ip`); `all`, at every address the node's routing calls local
+    /// (kube-proxy in iptables mode without `--nodeport-addresses`).
+    #[arg(long, value_enum, default_value_t = NodePortAddresses::Primary)]
+    nodeport_addresses: NodePortAddresses,
     /// The cluster's Service address ranges (the API server's `--service-cluster-ip-range`, e.g.
     /// 10.96.0.0/12). A pod's connection to an address in them that is no Service the agent knows (yet) is
     /// dropped as `unknown-service` rather than judged as the address. Comma-separated; none by default.
@@ -170,6 +177,12 @@ struct RunArgs {
 enum Mode {
     Enforce,
     Audit,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum NodePortAddresses {
+    Primary,
+    All,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -269,6 +282,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         interface_prefixes: args.interface_prefix,
         node_name: args.node_name,
         node_ips: args.node_ip,
+        node_ports_any_local: args.nodeport_addresses == NodePortAddresses::All,
         service_cidrs: args.service_cidr,
         audit: args.mode == Mode::Audit,
         log_allowed: args.log_allowed,

@@ -248,6 +248,9 @@ pub struct Cluster {
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     /// Addresses of this node: traffic from them is never blocked (Kubernetes lets no pod block its node).
     pub node_ips: Vec<IpAddr>,
+    /// Node ports are frontends at every local address of the node (`run --nodeport-addresses all`), not
+    /// only at `node_ips`.
+    pub node_ports_any_local: bool,
     /// The cluster's Service address ranges (`run --service-cidr`): a pod's connection to an address in
     /// them that is no known Service frontend has no known translation and is dropped.
     pub service_cidrs: Vec<IpNet>,

@@ -199,3 +199,81 @@ fn by_service(mode: ProxyMode, tag: &str) {
     assert_eq!(denied["service"]["name"], "payments/database", "{denied}");
     assert_eq!(denied["endpoint"], "payments/frontend", "{denied}");
 }
+
+const NODE_PORTS: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: backend, namespace: payments}
+spec:
+  type: NodePort
+  selector: {app: backend}
+  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: database, namespace: payments}
+spec:
+  type: NodePort
+  selector: {app: database}
+  ports: [{name: postgres, port: 5432, nodePort: 30432}]
+"#;
+
+/// Node ports at an address of the node that no `--node-ip` names (kube-proxy in iptables mode without
+/// `--nodeport-addresses` translates them at every local address; the lab's iptables rules do too):
+/// with `run --nodeport-addresses all` they are judged by the backends. frontend → a second address of
+/// the node at backend's node port connects (denied as an address: frontend's egress names only the
+/// backend pods); at database's node port it does not, with a `policy-denied` flow naming the
+/// address; backend → the same address at database's node port connects (the control: the
+/// translation and the path work).
+#[test]
+#[ignore = "root: network namespaces, eBPF, iptables"]
+fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
+    let mut lab = PaymentsLab::up_with(
+        "znp",
+        AGENT.as_ref(),
+        &["--metrics-addr", "none", "--nodeport-addresses", "all"],
+        ProxyMode::Iptables,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("services.yaml"), NODE_PORTS).unwrap();
+    lab.apply(dir.path());
+    // A second address of the node (on its loopback: this kernel has no dummy interfaces).
+    let node = format!("{}-node", lab.prefix);
+    let extra: IpAddr = "192.0.2.77".parse().unwrap();
+    for args in [vec!["addr", "add", "192.0.2.77/32", "dev", "lo"]] {
+        let out = std::process::Command::new("ip")
+            .args(["-n", &node])
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    let t = Duration::from_secs(2);
+    let (frontend, backend_pod) = (lab.pod("frontend").netns, lab.pod("backend").netns);
+    for i in 0..3 {
+        assert!(
+            connects(&frontend, SocketAddr::new(extra, 30080), t),
+            "frontend → {extra}:30080 (backend's node port), connection {i}"
+        );
+    }
+    assert!(
+        connects(&backend_pod, SocketAddr::new(extra, 30432), t),
+        "backend → {extra}:30432 (database's node port, allowed)"
+    );
+    assert!(
+        !connects(&frontend, SocketAddr::new(extra, 30432), t),
+        "frontend → {extra}:30432 (database's node port) connected"
+    );
+    let log = std::fs::read_to_string(lab.state_dir.join("flows.jsonl")).unwrap_or_default();
+    let flows: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|f: &serde_json::Value| f["destination"]["ip"] == extra.to_string())
+        .collect();
+    let denied = flows
+        .iter()
+        .find(|f| f["verdict"] == "dropped" && f["endpoint"] == "payments/frontend")
+        .unwrap_or_else(|| panic!("no drop of frontend → {extra}: {flows:?}"));
+    assert_eq!(denied["reason"], "policy-denied", "{denied}");
+    assert_eq!(denied["destination"]["port"], 30432, "{denied}");
+}

@@ -620,7 +620,19 @@ pub struct Config {
     pub log_allowed: u32,
     /// At most this many events per interface in any one-second window (0: no limit).
     pub event_budget: u32,
-    pub _pad: u32,
+    /// Where node ports are frontends: [`node_ports::LISTED`] or [`node_ports::ANY_LOCAL`].
+    pub node_ports: u32,
+}
+
+/// Values of [`Config::node_ports`]: at which of the node's addresses a pod's connection to a node port
+/// is a connection to the Service (kube-proxy's `--nodeport-addresses`).
+pub mod node_ports {
+    /// At the addresses the agent writes frontends for (`run --node-ip`: kube-proxy's `primary`).
+    pub const LISTED: u32 = 0;
+    /// At every address the node's routing calls local (kube-proxy in iptables mode without
+    /// `--nodeport-addresses`): the frontend is written under the unspecified address of its family
+    /// (`0.0.0.0`, mapped, or `::`), looked up when no frontend has the address itself.
+    pub const ANY_LOCAL: u32 = 1;
 }
 
 /// Key of [`names::SERVICES`]: a Service frontend as a pod's packet names it, before the node translates

@@ -13,8 +13,11 @@ mod parse;
 use core::mem::MaybeUninit;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    bindings::{
+        __sk_buff, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_fib_lookup as FibLookup,
+    },
+    helpers::{bpf_fib_lookup, bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::classifier,
     maps::lpm_trie::Key,
     programs::TcContext,
@@ -22,7 +25,7 @@ use aya_ebpf::{
 use ztrust_common::{
     Config, CounterKey, CounterValue, CtKey, CtValue, EndpointInfo, EventWindow, FlowEvent, IpcacheKey,
     PolicyKey, SERVICE_CLASSES, ServiceKey, ServiceValue, SlotCounters, addr_words, ct_timeout, dir, encap,
-    ep_flags, event_flags, identity, proto, reason, stat,
+    ep_flags, event_flags, identity, node_ports, proto, reason, stat,
     tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
     verdict,
 };
@@ -141,7 +144,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
                     true,
                 )
             } else {
-                decide(ifindex, direction, from, marked, ep, pkt)
+                decide(skb, ifindex, direction, from, marked, ep, pkt)
             }
         }
         // ARP and link-local neighbour discovery carry nothing off the link; they pass even before the
@@ -365,6 +368,7 @@ fn admits_peer(ep: &EndpointInfo, remote: u32, direction: u8, protocol: u8, port
 /// was opened (for re-judging it under a newer policy revision).
 #[inline(always)]
 fn ct_admits(
+    skb: *mut __sk_buff,
     ct: *mut CtValue,
     ep: &EndpointInfo,
     pkt: &Packet,
@@ -394,7 +398,16 @@ fn ct_admits(
             // own endpoint's, which would make a masqueraded or node-sent flow look like the pod's own).
             // SAFETY: pointer from a successful lookup.
             let opened_from = unsafe { (*ct).peer_ifindex };
-            let (_, r, _) = judge(ep, remote_addr, original_dir, pkt.protocol, port, opened_from).ok()?;
+            let (_, r, _) = judge(
+                skb,
+                ep,
+                remote_addr,
+                original_dir,
+                pkt.protocol,
+                port,
+                opened_from,
+            )
+            .ok()?;
             rule = r;
             unsafe {
                 (*ct).revision = revision;
@@ -411,7 +424,15 @@ fn ct_admits(
 /// `from` is the interface the packet entered the node on (`ingress_ifindex`, 0 when the node itself
 /// sent it); `marked`, whether it carried the peer mark.
 #[inline(always)]
-fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInfo, pkt: &Packet) -> Decision {
+fn decide(
+    skb: *mut __sk_buff,
+    ifindex: u32,
+    direction: u8,
+    from: u32,
+    marked: bool,
+    ep: &EndpointInfo,
+    pkt: &Packet,
+) -> Decision {
     // The coarse clock (the last tick's time): conntrack ages in seconds, and reading the precise clock
     // costs a clock-source read on every packet.
     // SAFETY: helper call without preconditions.
@@ -460,7 +481,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
         } else {
             (opposite(direction), sport, reason::REPLY)
         };
-        if let Some(rule_id) = ct_admits(ct, ep, pkt, remote_addr, opened_dir, port, now) {
+        if let Some(rule_id) = ct_admits(skb, ct, ep, pkt, remote_addr, opened_dir, port, now) {
             // A TCP connection between two endpoints of this node that both have admitted: the packet
             // leaving one is judged for the other too. (Only TCP: its admission holds across policy
             // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
@@ -481,7 +502,7 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
     // Read before policy is: an entry admitted under a policy that a concurrent update narrows carries
     // the revision from before the update, so its flow is judged again at its next packet.
     let revision = current_revision();
-    let judged = judge(ep, remote_addr, direction, pkt.protocol, dport, from);
+    let judged = judge(skb, ep, remote_addr, direction, pkt.protocol, dport, from);
     if !(pkt.protocol == proto::TCP && !opening_syn) {
         return match judged {
             Ok((why, rule_id, remote)) => {
@@ -533,9 +554,12 @@ fn decide(ifindex: u32, direction: u8, from: u32, marked: bool, ep: &EndpointInf
 ///
 /// A pod's egress to a Service frontend is judged by the backends the node will translate it to (this
 /// hook runs before the node's DNAT): admitted when policy admits every class of backend, denied when it
-/// admits none, and not guessed otherwise.
+/// admits none, and not guessed otherwise. With node ports on every local address
+/// ([`node_ports::ANY_LOCAL`]), a node port at an address the node's routing calls local is such a
+/// frontend too, whichever address it is.
 #[inline(always)]
 fn judge(
+    skb: *mut __sk_buff,
     ep: &EndpointInfo,
     remote_addr: &[u8; 16],
     direction: u8,
@@ -545,8 +569,13 @@ fn judge(
 ) -> Result<(u8, u32, u32), (u8, u32)> {
     // Egress of an isolated endpoint to a Service is judged by its backends. (Not isolated: whatever the
     // destination, a Service and whichever backend the node picks included, it is admitted below.)
-    if direction == dir::EGRESS && ep.flags & ep_flags::ISOLATED_EGRESS != 0 {
-        let key = ServiceKey {
+    // No frontend has the unspecified address (the node drops a packet to it): its key is the one of
+    // node ports on any local address, which is looked up only for local addresses.
+    if direction == dir::EGRESS
+        && ep.flags & ep_flags::ISOLATED_EGRESS != 0
+        && !parse::is_unspecified(remote_addr)
+    {
+        let mut key = ServiceKey {
             addr: *remote_addr,
             port_be: port.to_be(),
             protocol,
@@ -554,13 +583,23 @@ fn judge(
         };
         // SAFETY: the reference does not outlive the program run.
         if let Some(svc) = unsafe { SERVICES.get(&key) } {
-            let j = judge_service(ep, svc, protocol);
-            let (why, remote) = ((j & 0xff) as u8, svc.class[0].identity);
-            return if j & 0x100 != 0 {
-                Ok((why, (j >> 32) as u32, remote))
-            } else {
-                Err((why, remote))
-            };
+            return service_verdict(ep, svc, protocol);
+        }
+        if CONFIG.get(0).map_or(0, |c| c.node_ports) == node_ports::ANY_LOCAL {
+            // The unspecified address of the destination's family (IPv4 mapped: only the mapping prefix).
+            key.addr = [0; 16];
+            if parse::is_mapped(remote_addr) {
+                key.addr[10] = 0xff;
+                key.addr[11] = 0xff;
+            }
+            // SAFETY: as above.
+            if let Some(svc) = unsafe { SERVICES.get(&key) } {
+                match node_local(skb, remote_addr) {
+                    Locality::Local => return service_verdict(ep, svc, protocol),
+                    Locality::Unknown => return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr))),
+                    Locality::Elsewhere => {}
+                }
+            }
         }
         if SERVICE_RANGES
             .get(&Key::new(128, IpcacheKey { addr: *remote_addr }))
@@ -582,6 +621,64 @@ fn judge(
     match admits_from(ep, remote, direction, protocol, port, from) {
         Some((why, rule)) => Ok((why, rule, remote)),
         None => Err((reason::POLICY_DENIED, remote)),
+    }
+}
+
+/// [`judge`]'s answer for a new connection to the Service frontend `svc`.
+#[inline(always)]
+fn service_verdict(ep: &EndpointInfo, svc: &ServiceValue, protocol: u8) -> Result<(u8, u32, u32), (u8, u32)> {
+    let j = judge_service(ep, svc, protocol);
+    let (why, remote) = ((j & 0xff) as u8, svc.class[0].identity);
+    if j & 0x100 != 0 {
+        Ok((why, (j >> 32) as u32, remote))
+    } else {
+        Err((why, remote))
+    }
+}
+
+/// Where the node's routing delivers a packet to `addr` that entered on the packet's interface.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Locality {
+    /// To the node itself: one of its addresses (any interface's, the loopback range, a local route).
+    Local,
+    /// Forwarded, or not delivered at all (no route, a blackhole or prohibit route).
+    Elsewhere,
+    /// The lookup failed: not known.
+    Unknown,
+}
+
+/// Asks the node's routing (the kernel's FIB, as kube-proxy's "destination is a local address" match
+/// does) whether a packet to `addr` entering on the packet's interface is for the node itself. The FIB
+/// lookup answers "not forwarded" for local, broadcast and anycast destinations alike: multicast and the
+/// IPv4 limited broadcast are told apart here, a subnet's broadcast address is not (see the README's
+/// Services section). An interface that does not forward delivers only to the node itself.
+/// Out of line: the lookup's parameters (64 bytes) live in this frame only.
+#[inline(never)]
+fn node_local(skb: *mut __sk_buff, addr: &[u8; 16]) -> Locality {
+    let mapped = parse::is_mapped(addr);
+    if (mapped && (addr[12] & 0xf0 == 0xe0 || addr[12..16] == [0xff; 4])) || (!mapped && addr[0] == 0xff) {
+        return Locality::Elsewhere;
+    }
+    // SAFETY: plain data; all zeros is a valid value of every field.
+    let mut p: FibLookup = unsafe { core::mem::zeroed() };
+    // SAFETY: the context pointer is valid for the whole program run.
+    p.ifindex = unsafe { (*skb).ifindex };
+    if mapped {
+        p.family = 2; // AF_INET
+        p.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    } else {
+        p.family = 10; // AF_INET6
+        let w = |i: usize| u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+        p.__bindgen_anon_4.ipv6_dst = [w(0), w(4), w(8), w(12)];
+    }
+    // SAFETY: `skb` is the program's context, `p` a valid parameter block of the size given.
+    let rc = unsafe { bpf_fib_lookup(skb.cast(), &mut p, core::mem::size_of::<FibLookup>() as i32, 0) };
+    if rc < 0 {
+        Locality::Unknown
+    } else if rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) || rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) {
+        Locality::Local
+    } else {
+        Locality::Elsewhere
     }
 }
 

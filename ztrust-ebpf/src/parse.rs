@@ -446,6 +446,15 @@ fn is_link_scope_multicast(a: &[u8; 16]) -> bool {
     a[0] == 0xff && a[1] & 0x0f == 0x02
 }
 
+/// An IPv4 address as the maps hold it (`::ffff:a.b.c.d`).
+#[inline(always)]
+pub fn is_mapped(a: &[u8; 16]) -> bool {
+    let w = addr_words(a);
+    w[0] == 0
+        && w[1] & u64::from_ne_bytes([0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0])
+            == u64::from_ne_bytes([0, 0, 0xff, 0xff, 0, 0, 0, 0])
+}
+
 /// `::`, or for IPv4 (mapped) `0.0.0.0`: "no address yet" (duplicate address detection, ARP probes).
 #[inline(always)]
 pub fn is_unspecified(a: &[u8; 16]) -> bool {

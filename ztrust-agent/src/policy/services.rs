@@ -98,8 +98,21 @@ fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, usize> 
 
 /// Every frontend of every Service of `cluster`, with the Service and port it belongs to: each cluster,
 /// external and load-balancer address with each port, and this node's addresses with each node port.
+/// With node ports at any local address, each node port also has a frontend at the unspecified address
+/// of each of the Service's families (the kernel's key for "any local address", [`ANY_LOCAL_V4`] and
+/// [`ANY_LOCAL_V6`]).
 pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &ServicePort, Frontend)> {
     cluster.services.values().flat_map(move |svc| {
+        let any_local: &[IpAddr] = match (
+            cluster.node_ports_any_local,
+            svc.cluster_ips.iter().any(IpAddr::is_ipv4),
+            svc.cluster_ips.iter().any(IpAddr::is_ipv6),
+        ) {
+            (false, _, _) | (true, false, false) => &[],
+            (true, true, false) => &[ANY_LOCAL_V4],
+            (true, false, true) => &[ANY_LOCAL_V6],
+            (true, true, true) => &[ANY_LOCAL_V4, ANY_LOCAL_V6],
+        };
         svc.ports.iter().flat_map(move |port| {
             let at_port = svc
                 .cluster_ips
@@ -109,7 +122,7 @@ pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &Serv
             let at_node_port = port
                 .node_port
                 .into_iter()
-                .flat_map(|np| cluster.node_ips.iter().map(move |ip| (*ip, np)));
+                .flat_map(move |np| cluster.node_ips.iter().chain(any_local).map(move |ip| (*ip, np)));
             at_port.chain(at_node_port).map(move |(addr, p)| {
                 (
                     svc,
@@ -124,6 +137,12 @@ pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &Serv
         })
     })
 }
+
+/// The address of IPv4 node-port frontends at any local address of the node (`0.0.0.0`: no frontend has
+/// it, the node drops packets to it).
+pub const ANY_LOCAL_V4: IpAddr = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+/// The same for IPv6 (`::`).
+pub const ANY_LOCAL_V6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
 /// A cluster's EndpointSlices by the Service they name (looked up once per Service port).
 pub struct Slices<'a>(BTreeMap<(&'a str, &'a str), Vec<&'a EndpointSlice>>);

@@ -402,6 +402,12 @@ impl KubeSource {
         self.cluster.node_ips = ips;
     }
 
+    /// Whether node ports are frontends at every local address of the node, in every cluster the source
+    /// reports.
+    pub fn set_node_ports_any_local(&mut self, any_local: bool) {
+        self.cluster.node_ports_any_local = any_local;
+    }
+
     /// Service address ranges the agent is told (`--service-cidr`), in every cluster the source reports
     /// together with those of the cluster's ServiceCIDR objects.
     pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) {
