@@ -613,3 +613,84 @@ fn a_datagram_flow_to_a_service_is_judged_again_when_its_backends_change() {
         "b's next query on the flow, the Service's backend now c"
     );
 }
+
+/// Node ports at any local address (`Config::node_ports` = `ANY_LOCAL`, frontends under `0.0.0.0`,
+/// written by the sync for `Cluster::node_ports_any_local`): b's SYN to an address of the node at a
+/// node port gets the verdict of that Service's backends; the same port at an address the node
+/// forwards to (a's) is judged as that address; the unspecified address itself is no frontend; and
+/// with node ports only at listed addresses the node's address is judged as itself. to-c's node port
+/// is 9000, a port b may reach a on: a's address at it passes only if it is judged as the address,
+/// not by to-c's backend.
+#[test]
+fn node_ports_at_any_local_address_are_judged_by_their_backends() {
+    use ztrust_common::{Config, node_ports};
+    let mut lab = Lab::new("ztsvn", 227);
+    let mut c = with_services(&lab);
+    for (name, node_port) in [("to-a", 30080), ("to-c", 9000)] {
+        let r = ztrust_agent::model::ObjectRef::new("x", name);
+        c.services.get_mut(&r).unwrap().ports[0].node_port = Some(node_port);
+    }
+    c.node_ports_any_local = true;
+    lab.apply(&c);
+    sh(&[
+        "ip",
+        "-n",
+        &lab.topo.node,
+        "addr",
+        "add",
+        "192.0.2.77/32",
+        "dev",
+        "lo",
+    ]);
+    let set = |lab: &mut Lab, mode: u32| {
+        let config = Config {
+            node_ports: mode,
+            ..Default::default()
+        };
+        lab.dp.maps.config.set(0, config, 0).unwrap();
+    };
+    set(&mut lab, node_ports::ANY_LOCAL);
+    let local = [192, 0, 2, 77];
+    let a = lab.ip(A);
+    const OK: u32 = 0;
+    const SHOT: u32 = 2;
+    let cases = [
+        (
+            "the node's address at to-a's node port (a admitted)",
+            local,
+            30080,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "the node's address at to-c's node port (c denied)",
+            local,
+            9000,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "a's address at to-c's node port (forwarded: a:9000 admitted)",
+            a,
+            9000,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "the unspecified address at to-a's node port",
+            [0, 0, 0, 0],
+            30080,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+    ];
+    for (i, (what, to, port, want, why)) in cases.into_iter().enumerate() {
+        assert_eq!(judged(&lab, to, port, 47300 + i as u16), (want, why), "{what}");
+    }
+    set(&mut lab, node_ports::LISTED);
+    assert_eq!(
+        judged(&lab, local, 30080, 47310),
+        (SHOT, reason::POLICY_DENIED),
+        "node ports only at listed addresses: the node's address at to-a's node port"
+    );
+}

@@ -330,6 +330,33 @@ mod tests {
         }
     }
 
+    /// `--nodeport-addresses all`: each node port also has a frontend at the unspecified address of each
+    /// of the Service's families, with the classes of the one at a node address; without it, none.
+    #[test]
+    fn node_ports_at_any_local_address_have_frontends_at_the_unspecified_addresses() {
+        let mut c = cluster();
+        for any in ["0.0.0.0", "::"] {
+            assert_eq!(classes(&c, any, 30080, Protocol::Tcp), None, "{any}");
+        }
+        c.node_ports_any_local = true;
+        let at_node = classes(&c, "192.168.0.5", 30080, Protocol::Tcp).expect("node-ip frontend");
+        assert_eq!(at_node.len(), 1);
+        assert_eq!(classes(&c, "0.0.0.0", 30080, Protocol::Tcp), Some(at_node));
+        // The backends are IPv4 only: the IPv6 one has none, as the IPv6 cluster IP (unknown-service).
+        let v6 = classes(&c, "fd00:96::20", 80, Protocol::Tcp).expect("IPv6 cluster IP frontend");
+        assert_eq!(v6, vec![]);
+        assert_eq!(classes(&c, "::", 30080, Protocol::Tcp), Some(v6));
+        for any in ["0.0.0.0", "::"] {
+            // Only node ports: the Service's own port has no such frontend.
+            assert_eq!(classes(&c, any, 80, Protocol::Tcp), None, "{any}");
+        }
+        // A single-stack IPv4 Service: no IPv6 wildcard.
+        let web = c.services.values_mut().next().unwrap();
+        web.cluster_ips.retain(IpAddr::is_ipv4);
+        assert!(classes(&c, "0.0.0.0", 30080, Protocol::Tcp).is_some());
+        assert_eq!(classes(&c, "::", 30080, Protocol::Tcp), None);
+    }
+
     /// A policy `name` that isolates the egress of pods app=c and admits `pods` on `ports`.
     fn egress_of_c(
         name: &str,
