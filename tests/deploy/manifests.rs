@@ -318,6 +318,12 @@ fn daemonset_has_what_the_design_relies_on() {
     let arg = |flag: &str| args.iter().position(|a| a == flag).map(|i| args[i + 1].as_str());
     assert_eq!(arg("--source"), Some("kube"));
     assert_eq!(arg("--node-name"), Some("$(NODE_NAME)"));
+    // Node ports are judged as Services where the real cluster's kube-proxy translates them.
+    assert_eq!(arg("--nodeport-addresses"), Some("primary"));
+    assert!(
+        read("xtask/src/cluster.rs").contains("nodePortAddresses: [primary]"),
+        "the real cluster's kube-proxy translates node ports where the DaemonSet says"
+    );
     let env: BTreeMap<&str, &str> = c
         .env
         .iter()
