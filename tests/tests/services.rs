@@ -687,6 +687,36 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
     for (i, (what, to, port, want, why)) in cases.into_iter().enumerate() {
         assert_eq!(judged(&lab, to, port, 47300 + i as u16), (want, why), "{what}");
     }
+    // The same SYN to the link-layer broadcast address: flooded on a bridge, not only to the node, so
+    // judged as the address.
+    let mut flooded = lab.frame_from(
+        B,
+        ETH_P_IP,
+        &ipv4(lab.ip(B), local, proto::TCP, tcp(47309, 30080, 0x02, b"")),
+    );
+    flooded[..6].copy_from_slice(&[0xff; 6]);
+    let before = common::counter(
+        &lab.dp,
+        lab.ifindex[B],
+        dir::EGRESS,
+        verdict::DROPPED,
+        reason::POLICY_DENIED,
+    );
+    assert_eq!(
+        common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &flooded),
+        SHOT,
+        "to the node's address at to-a's node port, sent to the broadcast MAC"
+    );
+    assert_eq!(
+        common::counter(
+            &lab.dp,
+            lab.ifindex[B],
+            dir::EGRESS,
+            verdict::DROPPED,
+            reason::POLICY_DENIED
+        ),
+        before + 1
+    );
     set(&mut lab, node_ports::LISTED);
     assert_eq!(
         judged(&lab, local, 30080, 47310),

@@ -639,24 +639,34 @@ fn service_verdict(ep: &EndpointInfo, svc: &ServiceValue, protocol: u8) -> Resul
 /// Where the node's routing delivers a packet to `addr` that entered on the packet's interface.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Locality {
-    /// To the node itself: one of its addresses (any interface's, the loopback range, a local route).
+    /// "Not forwarded": to the node itself (one of its addresses, the loopback range, a local route),
+    /// or nowhere (no route: the node drops it, untranslated), or a broadcast or anycast address.
     Local,
-    /// Forwarded, or not delivered at all (no route, a blackhole or prohibit route).
+    /// Forwarded, or dropped by a blackhole, unreachable or prohibit route; or sent to a link-layer
+    /// broadcast or multicast address.
     Elsewhere,
-    /// The lookup failed: not known.
+    /// The helper failed: not known.
     Unknown,
 }
 
 /// Asks the node's routing (the kernel's FIB, as kube-proxy's "destination is a local address" match
 /// does) whether a packet to `addr` entering on the packet's interface is for the node itself. The FIB
-/// lookup answers "not forwarded" for local, broadcast and anycast destinations alike: multicast and the
-/// IPv4 limited broadcast are told apart here, a subnet's broadcast address is not (see the README's
-/// Services section). An interface that does not forward delivers only to the node itself.
+/// lookup answers "not forwarded" for local, unroutable, broadcast and anycast destinations alike:
+/// multicast, the IPv4 limited broadcast and frames to a link-layer broadcast or multicast address are
+/// told apart here; a subnet's broadcast address sent to the node's own link-layer address is not (see
+/// the README's Services section). Forwarding disabled (IPv4: on the interface; IPv6: on the node)
+/// means the node delivers only to itself.
 /// Out of line: the lookup's parameters (64 bytes) live in this frame only.
 #[inline(never)]
 fn node_local(skb: *mut __sk_buff, addr: &[u8; 16]) -> Locality {
     let mapped = parse::is_mapped(addr);
     if (mapped && (addr[12] & 0xf0 == 0xe0 || addr[12..16] == [0xff; 4])) || (!mapped && addr[0] == 0xff) {
+        return Locality::Elsewhere;
+    }
+    // PACKET_BROADCAST (1), PACKET_MULTICAST (2): flooded on the link, not only to the node.
+    // SAFETY: the context pointer is valid for the whole program run.
+    let pkt_type = unsafe { (*skb).pkt_type };
+    if pkt_type == 1 || pkt_type == 2 {
         return Locality::Elsewhere;
     }
     // SAFETY: plain data; all zeros is a valid value of every field.
