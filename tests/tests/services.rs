@@ -12,7 +12,7 @@ use std::net::{IpAddr, SocketAddr};
 use common::attack::{A, B, C, ETH_P_IP, Lab, cluster, drops, ipv4, tcp};
 use common::{sh, tcp_echo};
 use ztrust_agent::model::{Cluster, EndpointSlice, Protocol, Service, ServicePort, SliceEndpoint, SlicePort};
-use ztrust_common::{dir, names, proto, reason, verdict};
+use ztrust_common::{dir, event_flags, names, proto, reason, verdict};
 
 const RANGE: &str = "10.96.0.0/16";
 
@@ -230,6 +230,11 @@ fn a_connection_to_a_service_gets_the_verdict_of_its_backends() {
     let e = drops(&events, lab.ifindex[B], reason::POLICY_DENIED)
         .find(|e| e.sport == 46001)
         .expect("no flow event for the denied connection");
+    assert_ne!(
+        e.flags & event_flags::SERVICE,
+        0,
+        "judged by the frontend's backends"
+    );
     assert_eq!(
         (e.daddr, e.dport, e.remote_identity),
         (
@@ -717,6 +722,19 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
         ),
         before + 1
     );
+    // The flows say which drops were judged by a node port's backends: the one at the node's address,
+    // not the flooded one (judged as the address), so that the flow names the Service only there.
+    let events = lab.events();
+    let by_it = |sport: u16| {
+        drops(&events, lab.ifindex[B], reason::POLICY_DENIED)
+            .find(|e| e.sport == sport)
+            .unwrap_or_else(|| panic!("no flow event for the drop from port {sport}"))
+            .flags
+            & event_flags::SERVICE
+    };
+    assert_ne!(by_it(47301), 0, "the node's address at to-c's node port");
+    assert_eq!(by_it(47309), 0, "sent to the broadcast MAC");
+    assert_eq!(by_it(47303), 0, "the unspecified address");
     set(&mut lab, node_ports::LISTED);
     assert_eq!(
         judged(&lab, local, 30080, 47310),

@@ -237,6 +237,34 @@ impl View {
         }
     }
 
+    /// The Service of a flow. The pod's end of a Service connection names the frontend: the destination
+    /// of its own packets, the source of the answers (after the node's reverse translation). A node port
+    /// on any local address (`run --nodeport-addresses all`) is named only where the kernel says it judged
+    /// the packet by that frontend ([`event_flags::SERVICE`]): whether an address is the node's is the
+    /// node's routing's answer at that moment, which the event carries.
+    fn service(&self, ev: &FlowEvent, src_ip: IpAddr, dst_ip: IpAddr) -> Option<ServiceRef> {
+        let (ip, port) = if ev.direction == dir::EGRESS {
+            (dst_ip, ev.dport)
+        } else {
+            (src_ip, ev.sport)
+        };
+        if ip.is_unspecified() {
+            return None;
+        }
+        if let Some(s) = self.services.get(&(ip, port, ev.protocol)) {
+            return Some(s.clone());
+        }
+        if ev.direction != dir::EGRESS || ev.flags & event_flags::SERVICE == 0 {
+            return None;
+        }
+        let any_local = if ip.is_ipv4() {
+            crate::policy::services::ANY_LOCAL_V4
+        } else {
+            crate::policy::services::ANY_LOCAL_V6
+        };
+        self.services.get(&(any_local, port, ev.protocol)).cloned()
+    }
+
     pub fn enrich(&self, ev: &FlowEvent) -> Flow {
         self.enrich_at(ev, monotonic_to_system(ev.ts_ns))
     }
@@ -280,13 +308,7 @@ impl View {
             },
             new_connection: ev.flags & event_flags::NEW_FLOW != 0,
             bytes: ev.pkt_len,
-            // The pod's end of a Service connection names the frontend: the destination of its own
-            // packets, the source of the answers (after the node's reverse translation).
-            service: if ev.direction == dir::EGRESS {
-                self.services.get(&(dst_ip, ev.dport, ev.protocol)).cloned()
-            } else {
-                self.services.get(&(src_ip, ev.sport, ev.protocol)).cloned()
-            },
+            service: self.service(ev, src_ip, dst_ip),
         }
     }
 }
@@ -520,6 +542,49 @@ mod tests {
         assert_eq!(view.enrich(&answer).service, Some(svc));
         // Another port of the address is no frontend.
         assert_eq!(view.enrich(&FlowEvent { dport: 81, ..ev }).service, None);
+    }
+
+    /// A node port on every local address is named where the kernel judged the connection by it, and
+    /// only there: the same port at an address the node forwards is that address's.
+    #[test]
+    fn node_ports_at_any_local_address_are_named_where_the_kernel_judged_by_them() {
+        let mut view = View::default();
+        let svc = ServiceRef {
+            name: "payments/backend".into(),
+            backends: vec!["payments/backend-0".into()],
+        };
+        let any_local = crate::policy::services::ANY_LOCAL_V4;
+        view.services.insert((any_local, 30080, proto::TCP), svc.clone());
+        let mapped = |ip: &str| {
+            ip.parse::<std::net::Ipv4Addr>()
+                .unwrap()
+                .to_ipv6_mapped()
+                .octets()
+        };
+        let judged_by_it = FlowEvent {
+            saddr: mapped("10.244.0.10"),
+            daddr: mapped("192.0.2.77"),
+            sport: 40000,
+            dport: 30080,
+            family: 4,
+            protocol: proto::TCP,
+            direction: dir::EGRESS,
+            verdict: verdict::DROPPED,
+            reason: reason::POLICY_DENIED,
+            flags: event_flags::NEW_FLOW | event_flags::SERVICE,
+            ..Default::default()
+        };
+        assert_eq!(view.enrich(&judged_by_it).service, Some(svc));
+        let as_the_address = FlowEvent {
+            flags: event_flags::NEW_FLOW,
+            ..judged_by_it
+        };
+        assert_eq!(view.enrich(&as_the_address).service, None);
+        let to_the_unspecified = FlowEvent {
+            daddr: mapped("0.0.0.0"),
+            ..judged_by_it
+        };
+        assert_eq!(view.enrich(&to_the_unspecified).service, None);
     }
 
     #[test]

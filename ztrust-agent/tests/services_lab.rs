@@ -223,7 +223,7 @@ spec:
 /// with `run --nodeport-addresses all` they are judged by the backends. frontend → a second address of
 /// the node at backend's node port connects (denied as an address: frontend's egress names only the
 /// backend pods); at database's node port it does not, with a `policy-denied` flow naming the
-/// address; backend → the same address at database's node port connects (the control: the
+/// address and the Service; backend → the same address at database's node port connects (the control: the
 /// translation and the path work).
 #[test]
 #[ignore = "root: network namespaces, eBPF, iptables"]
@@ -276,4 +276,6 @@ fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
         .unwrap_or_else(|| panic!("no drop of frontend → {extra}: {flows:?}"));
     assert_eq!(denied["reason"], "policy-denied", "{denied}");
     assert_eq!(denied["destination"]["port"], 30432, "{denied}");
+    // Named by the Service whose backends judged it (the kernel says so: the address alone does not).
+    assert_eq!(denied["service"]["name"], "payments/database", "{denied}");
 }

@@ -229,6 +229,10 @@ pub mod reason {
 pub mod event_flags {
     /// The event is the first packet of a new connection (a SYN, or the first datagram of a flow).
     pub const NEW_FLOW: u8 = 1 << 0;
+    /// The packet was judged by the backends of a Service frontend it is addressed to (not by its
+    /// destination address): the flow names the Service even where its frontend is the node port's on
+    /// any local address, which the destination alone does not tell.
+    pub const SERVICE: u8 = 1 << 1;
 }
 
 /// Names of the pinned objects under the pin directory (default `/sys/fs/bpf/ztrust`).

@@ -81,6 +81,8 @@ struct Decision {
     /// The packet carries the peer mark of the sending endpoint's interface, which judged and counted it
     /// for this one: it passes uncounted.
     peer_judged: bool,
+    /// Judged now by the backends of a Service frontend ([`event_flags::SERVICE`]).
+    via_service: bool,
 }
 
 impl Decision {
@@ -94,6 +96,7 @@ impl Decision {
             new_flow,
             peer: 0,
             peer_judged: false,
+            via_service: false,
         }
     }
 }
@@ -398,6 +401,7 @@ fn ct_admits(
             // own endpoint's, which would make a masqueraded or node-sent flow look like the pod's own).
             // SAFETY: pointer from a successful lookup.
             let opened_from = unsafe { (*ct).peer_ifindex };
+            let mut via_service = false;
             let (_, r, _) = judge(
                 skb,
                 ep,
@@ -406,6 +410,7 @@ fn ct_admits(
                 pkt.protocol,
                 port,
                 opened_from,
+                &mut via_service,
             )
             .ok()?;
             rule = r;
@@ -502,7 +507,36 @@ fn decide(
     // Read before policy is: an entry admitted under a policy that a concurrent update narrows carries
     // the revision from before the update, so its flow is judged again at its next packet.
     let revision = current_revision();
-    let judged = judge(skb, ep, remote_addr, direction, pkt.protocol, dport, from);
+    let mut via_service = false;
+    let judged = judge(
+        skb,
+        ep,
+        remote_addr,
+        direction,
+        pkt.protocol,
+        dport,
+        from,
+        &mut via_service,
+    );
+    let mut d = decided(judged, pkt, opening_syn, &mut key, direction, from, now, revision);
+    d.via_service = via_service;
+    d
+}
+
+/// The decision on a packet without a conntrack entry that admits it, from its judgment; makes the entry
+/// of an admitted one.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn decided(
+    judged: Result<(u8, u32, u32), (u8, u32)>,
+    pkt: &Packet,
+    opening_syn: bool,
+    key: &mut CtKey,
+    direction: u8,
+    from: u32,
+    now: u64,
+    revision: u32,
+) -> Decision {
     if !(pkt.protocol == proto::TCP && !opening_syn) {
         return match judged {
             Ok((why, rule_id, remote)) => {
@@ -511,11 +545,11 @@ fn decide(
                 let peer = if pkt.protocol != proto::TCP {
                     from
                 } else if direction == dir::INGRESS && opening_syn && peer_mark() != 0 {
-                    link_peer(&mut key, from)
+                    link_peer(key, from)
                 } else {
                     0
                 };
-                ct_create(&key, direction, rule_id, now, revision, peer);
+                ct_create(key, direction, rule_id, now, revision, peer);
                 Decision::new(verdict::FORWARDED, why, remote, rule_id, true)
             }
             Err((why, remote)) => Decision::new(verdict::DROPPED, why, remote, 0, true),
@@ -533,7 +567,7 @@ fn decide(
             // Making the entry again opens the connection here as a SYN would: it is reported as new.
             let opens = pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
             if opens {
-                ct_create(&key, direction, rule_id, now, revision, 0);
+                ct_create(key, direction, rule_id, now, revision, 0);
             }
             Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens)
         }
@@ -556,8 +590,9 @@ fn decide(
 /// hook runs before the node's DNAT): admitted when policy admits every class of backend, denied when it
 /// admits none, and not guessed otherwise. With node ports on every local address
 /// ([`node_ports::ANY_LOCAL`]), a node port at an address the node's routing calls local is such a
-/// frontend too, whichever address it is.
+/// frontend too, whichever address it is. `via_service` is set when the judgment is a frontend's.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn judge(
     skb: *mut __sk_buff,
     ep: &EndpointInfo,
@@ -566,6 +601,7 @@ fn judge(
     protocol: u8,
     port: u16,
     from: u32,
+    via_service: &mut bool,
 ) -> Result<(u8, u32, u32), (u8, u32)> {
     // Egress of an isolated endpoint to a Service is judged by its backends. (Not isolated: whatever the
     // destination, a Service and whichever backend the node picks included, it is admitted below.)
@@ -583,6 +619,7 @@ fn judge(
         };
         // SAFETY: the reference does not outlive the program run.
         if let Some(svc) = unsafe { SERVICES.get(&key) } {
+            *via_service = true;
             return service_verdict(ep, svc, protocol);
         }
         if CONFIG.get(0).map_or(0, |c| c.node_ports) == node_ports::ANY_LOCAL {
@@ -595,7 +632,10 @@ fn judge(
             // SAFETY: as above.
             if let Some(svc) = unsafe { SERVICES.get(&key) } {
                 match node_local(skb, remote_addr) {
-                    Locality::Local => return service_verdict(ep, svc, protocol),
+                    Locality::Local => {
+                        *via_service = true;
+                        return service_verdict(ep, svc, protocol);
+                    }
                     Locality::Unknown => return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr))),
                     Locality::Elsewhere => {}
                 }
@@ -888,7 +928,8 @@ fn emit(
         (*e).verdict = v;
         (*e).reason = d.reason;
         (*e).tcp_flags = pkt.tcp_flags;
-        (*e).flags = if d.new_flow { event_flags::NEW_FLOW } else { 0 };
+        (*e).flags = if d.new_flow { event_flags::NEW_FLOW } else { 0 }
+            | if d.via_service { event_flags::SERVICE } else { 0 };
         (*e)._pad = 0;
         (*e).pkt_len = ctx.len();
     }

@@ -29,7 +29,7 @@ use serde::Serialize;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_common::{
     BackendClass, CtKey, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey,
-    ServiceValue, dir, ep_flags, names, proto,
+    ServiceValue, dir, ep_flags, names, node_ports, proto,
 };
 
 use super::synth::Rng;
@@ -92,6 +92,11 @@ pub struct ServiceCell {
     services: u32,
     syn_to_pod_ns: f64,
     syn_to_service_ns: f64,
+    /// With node ports at every local address (`run --nodeport-addresses all`): a SYN straight to the
+    /// pod (an exact frontend miss costs one more lookup, of the wildcard key) and one to a node port at
+    /// a local address of the node that no frontend names (the wildcard hit, then the FIB lookup).
+    any_local_syn_to_pod_ns: f64,
+    any_local_syn_to_node_port_ns: f64,
 }
 
 /// The measured endpoint's IPv6 address (fd00::1); its IPv4 one is pod 0's.
@@ -513,17 +518,28 @@ fn measure_services(args: &Args, pin: &std::path::Path, ifindex: u32, services: 
         };
         dp.maps.services.insert(key, value, 0).expect("service");
     }
-    dp.maps
-        .config
-        .set(
-            0,
-            ztrust_common::Config {
-                event_interval_ns: 1_000_000_000,
-                ..Default::default()
-            },
-            0,
-        )
-        .unwrap();
+    // A node port on every local address: the wildcard frontend 0.0.0.0:30080 (IPv4 mapped).
+    let mut value = ServiceValue {
+        classes: 1,
+        ..Default::default()
+    };
+    value.class[0] = class(peer_id, 8080);
+    let wildcard = ServiceKey {
+        addr: mapped([0; 4]),
+        port_be: NODE_PORT.to_be(),
+        protocol: proto::TCP,
+        _pad: 0,
+    };
+    dp.maps.services.insert(wildcard, value, 0).expect("service");
+    let config = |dp: &mut Datapath, node_ports| {
+        let c = ztrust_common::Config {
+            event_interval_ns: 1_000_000_000,
+            node_ports,
+            ..Default::default()
+        };
+        dp.maps.config.set(0, c, 0).unwrap();
+    };
+    config(&mut dp, node_ports::LISTED);
     let vip = service_ip(services / 2);
     let syn_to_pod_ns = new_flows(&dp, ifindex, args.flows, |sp| {
         frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)
@@ -531,14 +547,30 @@ fn measure_services(args: &Args, pin: &std::path::Path, ifindex: u32, services: 
     let syn_to_service_ns = new_flows(&dp, ifindex, args.flows, |sp| {
         frame(false, &me, &vip, proto::TCP, sp, 80, 0x02)
     });
+    config(&mut dp, node_ports::ANY_LOCAL);
+    let any_local_syn_to_pod_ns = new_flows(&dp, ifindex, args.flows, |sp| {
+        frame(false, &me, &peer, proto::TCP, sp, 8080, 0x02)
+    });
+    // Allowed only as the backend's connection: the node's address itself is not (asserted by
+    // `new_flows`: the wildcard and the FIB's answer are really taken).
+    let any_local_syn_to_node_port_ns = new_flows(&dp, ifindex, args.flows, |sp| {
+        frame(false, &me, &NODE_LOCAL, proto::TCP, sp, NODE_PORT, 0x02)
+    });
     drop(dp);
     let _ = loader::cleanup(pin);
     ServiceCell {
         services,
         syn_to_pod_ns,
         syn_to_service_ns,
+        any_local_syn_to_pod_ns,
+        any_local_syn_to_node_port_ns,
     }
 }
+
+/// The node port of the wildcard frontend, and a local address of the section's namespace (on its
+/// loopback) that no frontend names.
+const NODE_PORT: u16 = 30080;
+const NODE_LOCAL: [u8; 4] = [192, 0, 2, 1];
 
 /// Runs the section on a thread of its own (it enters a network namespace) and prints its table.
 pub fn run_section(args: &Args) -> anyhow::Result<Report> {
@@ -578,6 +610,8 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     ]);
     sh(&["ip", "-n", &netns, "link", "set", "ztb0", "up"]);
     sh(&["ip", "-n", &netns, "link", "set", "ztb1", "up"]);
+    sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+    sh(&["ip", "-n", &netns, "addr", "add", "192.0.2.1/32", "dev", "lo"]);
     super::enter_netns(&netns);
     let ifindex = nix::net::if_::if_nametoindex("ztb0")?;
 
@@ -648,22 +682,29 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         "\nA new connection to a Service frontend (two backend classes) beside one straight to its backend (ns/packet; ratio to the smallest count in brackets)"
     );
     println!(
-        "{:>9} {:>20} {:>20}",
-        "services", "syn to the pod", "syn to the service"
+        "{:>9} {:>20} {:>20} {:>20} {:>20}",
+        "services", "syn to the pod", "syn to the service", "all: syn to the pod", "all: to a node port"
     );
     if let Some(first) = services.first() {
         let (pod0, svc0) = (first.syn_to_pod_ns, first.syn_to_service_ns);
         for c in &services {
             println!(
-                "{:>9} {:>12.1} ({:>4.2}) {:>12.1} ({:>4.2})",
+                "{:>9} {:>12.1} ({:>4.2}) {:>12.1} ({:>4.2}) {:>12.1} ({:>4.2}) {:>12.1} ({:>4.2})",
                 c.services,
                 c.syn_to_pod_ns,
                 c.syn_to_pod_ns / pod0,
                 c.syn_to_service_ns,
-                c.syn_to_service_ns / svc0
+                c.syn_to_service_ns / svc0,
+                c.any_local_syn_to_pod_ns,
+                c.any_local_syn_to_pod_ns / pod0,
+                c.any_local_syn_to_node_port_ns,
+                c.any_local_syn_to_node_port_ns / svc0
             );
         }
     }
+    println!(
+        "(all: `run --nodeport-addresses all`, node ports on every local address; the pod ratios are to the listed mode's smallest count, the node port's to the service's)"
+    );
     Ok(Report {
         cells,
         worst_ratio: worst,

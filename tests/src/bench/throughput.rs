@@ -11,7 +11,16 @@
 //!   node's FORWARD chain: a per-pod chain that accepts established/related connections first (as
 //!   kube-router and Calico do), then one rule per allowed peer address and port, the measured flows
 //!   matched by the LAST rules, then DROP;
-//! - `ipset`: the same per-pod chain with the N (peer address, port) pairs in one `hash:ip,port` set.
+//! - `ipset`: the same per-pod chain with the N (peer address, port) pairs in one `hash:ip,port` set;
+//! - `svc-none`, `svc-ztrust`: the client reaches the server through a ClusterIP, translated by the
+//!   node as kube-proxy in iptables mode does (a DNAT rule in the node's `nat` PREROUTING chain), with
+//!   nothing attached and with ztrust, whose Service table then holds N frontends (one of them the
+//!   measured one, its backend the server's class). ztrust judges the client's egress at the ClusterIP
+//!   by the backend, before the node translates it. Their ratio is `svc-ztrust` to `svc-none` of the
+//!   same round: what ztrust costs on Service traffic, the translation's own cost taken out.
+//!
+//! In the `ztrust` variants both pods are isolated (the client for egress, the server for ingress), as
+//! under a default-deny policy: the measured flows are allowed at both ends.
 //!
 //! Tests: iperf3 TCP stream, iperf3 UDP at a fixed rate, TCP request/response on one connection (RR:
 //! 64-byte ping-pong, transactions/s) and TCP connect/request/response/close (CRR: a new connection
@@ -42,7 +51,8 @@ use ztrust_agent::datapath::{
     loader::{self, Datapath},
 };
 use ztrust_common::{
-    EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, dir, ep_flags, names, proto,
+    BackendClass, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue,
+    dir, ep_flags, names, proto,
 };
 
 use super::{enter_netns, mapped, median, sh, sh_quiet, sh_stdin};
@@ -69,7 +79,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "control,hook,ztrust,iptables,ipset"
+        default_value = "control,hook,ztrust,iptables,ipset,svc-none,svc-ztrust"
     )]
     pub variants: Vec<String>,
     /// The CPU both ends of every test run on (a number, or `last`); `any` leaves them to the scheduler.
@@ -113,9 +123,28 @@ type Samples = (Vec<f64>, Vec<f64>);
 
 /// `control` is `none` measured again (nothing attached): its ratio to `none` is what the machine's noise
 /// alone makes of a ratio, the resolution against which the others are read.
-pub const VARIANTS: [&str; 6] = ["none", "control", "hook", "ztrust", "iptables", "ipset"];
+pub const VARIANTS: [&str; 8] = [
+    "none",
+    "control",
+    "hook",
+    "ztrust",
+    "iptables",
+    "ipset",
+    "svc-none",
+    "svc-ztrust",
+];
+/// The variant a variant's ratio is taken to (within a round).
+fn baseline(variant: &str) -> &'static str {
+    if variant == "svc-ztrust" {
+        "svc-none"
+    } else {
+        "none"
+    }
+}
 const CLIENT_IP: [u8; 4] = [10, 251, 0, 10];
 const SERVER_IP: [u8; 4] = [10, 251, 0, 11];
+/// The server's ClusterIP (`svc-*` variants): every protocol and port translated to the server.
+const SERVICE_IP: [u8; 4] = [10, 96, 0, 10];
 const IPERF_PORT: u16 = 5201;
 const RR_PORT: u16 = 7000;
 const CRR_PORT: u16 = 7001;
@@ -150,7 +179,9 @@ pub struct Value {
     pub median: f64,
     /// One per round, in round order.
     pub samples: Vec<f64>,
-    /// Median over the rounds of (this variant's sample / `none`'s sample of the same round).
+    /// The variant the ratios are to: `none`, or `svc-none` for `svc-ztrust`.
+    pub baseline: &'static str,
+    /// Median over the rounds of (this variant's sample / the baseline's sample of the same round).
     pub ratio_to_none: f64,
     /// The lowest and highest of those per-round ratios.
     pub ratio_min: f64,
@@ -360,9 +391,9 @@ impl Topo {
     }
 
     /// iperf3 from the client: (Mbit/s received, loss percent for UDP).
-    fn iperf(&self, udp: Option<&str>, seconds: u32) -> (f64, Option<f64>) {
+    fn iperf(&self, dst: [u8; 4], udp: Option<&str>, seconds: u32) -> (f64, Option<f64>) {
         let s = seconds.to_string();
-        let server = ip(SERVER_IP);
+        let server = ip(dst);
         let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &s, "-J"];
         let affinity = self.iperf_affinity();
         args.extend(affinity.iter().map(String::as_str));
@@ -390,9 +421,9 @@ impl Topo {
     }
 
     /// Transactions per second: one connection (`new_conn` false) or one per transaction.
-    fn rr(&self, new_conn: bool, seconds: u32) -> f64 {
+    fn rr(&self, dst: [u8; 4], new_conn: bool, seconds: u32) -> f64 {
         self.in_client(move || {
-            let dst = SocketAddr::from((SERVER_IP, if new_conn { CRR_PORT } else { RR_PORT }));
+            let dst = SocketAddr::from((dst, if new_conn { CRR_PORT } else { RR_PORT }));
             let buf = [7u8; MSG];
             let mut back = [0u8; MSG];
             let end = Instant::now() + Duration::from_secs(u64::from(seconds));
@@ -575,8 +606,31 @@ fn ipset_restore(n: usize) -> String {
 const EMPTY_RULES: &str =
     "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n";
 
+/// The ClusterIP's translation, as kube-proxy's iptables mode does it in the node (PREROUTING, `nat`).
+fn service_nat() -> String {
+    format!(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n-A PREROUTING -d {}/32 -j DNAT --to-destination {}\nCOMMIT\n",
+        ip(SERVICE_IP),
+        ip(SERVER_IP)
+    )
+}
+
+const EMPTY_NAT: &str = "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\nCOMMIT\n";
+
+/// The Service frontend of `i`: filler ClusterIPs from 10.97.0.0 up, port 80.
+fn filler_service(i: usize) -> ServiceKey {
+    ServiceKey {
+        addr: mapped([10, 97, (i >> 8) as u8, i as u8]),
+        port_be: 80u16.to_be(),
+        protocol: proto::TCP,
+        _pad: 0,
+    }
+}
+
 /// ztrust's maps for size `n`: the server isolated for ingress with n policy entries (n − 4 fillers for
-/// other peers and ports, then the 4 that allow the measured flows), an ipcache entry per peer.
+/// other peers and ports, then the 4 that allow the measured flows), an ipcache entry per peer; the
+/// client isolated for egress, allowed the measured flows to the server; n Service frontends (n − 4
+/// fillers, then the ClusterIP at the 4 measured ports, the server's class behind it).
 fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     let (client_id, server_id) = (300u32, 301u32);
     let set_ip = |dp: &mut Datapath, a: [u8; 4], id: u32| {
@@ -614,6 +668,46 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     }
     for (p, port) in ALLOWED {
         pol(dp, client_id, p, port, n as u32);
+        let key = PolicyKey::new(client_if, server_id, dir::EGRESS, p, port);
+        dp.maps
+            .policy
+            .insert(
+                PolicyKey::PREFIX_FULL,
+                &key,
+                &PolicyValue {
+                    rule_id: n as u32 + 1,
+                    _pad: 0,
+                },
+            )
+            .expect("policy");
+    }
+    let service = |identity, port| {
+        let mut v = ServiceValue {
+            classes: 1,
+            ..Default::default()
+        };
+        v.class[0] = BackendClass {
+            identity,
+            port,
+            _pad: 0,
+        };
+        v
+    };
+    for i in 0..n.saturating_sub(ALLOWED.len()) {
+        let v = service(1000 + i as u32, filler_port(i));
+        dp.maps.services.insert(filler_service(i), v, 0).expect("service");
+    }
+    for (p, port) in ALLOWED {
+        let key = ServiceKey {
+            addr: mapped(SERVICE_IP),
+            port_be: port.to_be(),
+            protocol: p,
+            _pad: 0,
+        };
+        dp.maps
+            .services
+            .insert(key, service(server_id, port), 0)
+            .expect("service");
     }
     // The flags the agent's sync writes: the server isolated for ingress; neither has an entry for any
     // peer, nor one wider than a port.
@@ -635,7 +729,7 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
             EndpointInfo {
                 endpoint_id: client_if,
                 identity: client_id,
-                flags: lookups_skipped,
+                flags: ep_flags::ISOLATED_EGRESS | lookups_skipped,
                 addr4: v4(CLIENT_IP),
                 ..Default::default()
             },
@@ -691,6 +785,12 @@ fn section(args: &Args) -> anyhow::Result<Report> {
             dp.detach("ztbhs");
         }
         "iptables" | "ipset" => ipt(EMPTY_RULES),
+        "svc-none" => ipt(EMPTY_NAT),
+        "svc-ztrust" => {
+            dp.detach("ztbhc");
+            dp.detach("ztbhs");
+            ipt(EMPTY_NAT);
+        }
         _ => {}
     };
 
@@ -728,15 +828,26 @@ fn section(args: &Args) -> anyhow::Result<Report> {
                             }
                             "iptables" => ipt(&rules),
                             "ipset" => ipt(&set_rules),
+                            "svc-none" => ipt(&service_nat()),
+                            "svc-ztrust" => {
+                                ipt(&service_nat());
+                                dp.attach("ztbhc", client_if)?;
+                                dp.attach("ztbhs", server_if)?;
+                            }
                             _ => {}
                         }
                         active = variant;
                     }
+                    let dst = if variant.starts_with("svc-") {
+                        SERVICE_IP
+                    } else {
+                        SERVER_IP
+                    };
                     let (v, loss) = match test.as_str() {
-                        "tcp" => topo.iperf(None, args.seconds),
-                        "udp" => topo.iperf(Some(&args.udp_rate), args.seconds),
-                        "rr" => (topo.rr(false, args.seconds), None),
-                        "crr" => (topo.rr(true, args.seconds), None),
+                        "tcp" => topo.iperf(dst, None, args.seconds),
+                        "udp" => topo.iperf(dst, Some(&args.udp_rate), args.seconds),
+                        "rr" => (topo.rr(dst, false, args.seconds), None),
+                        "crr" => (topo.rr(dst, true, args.seconds), None),
                         other => anyhow::bail!("unknown test {other}"),
                     };
                     eprintln!(
@@ -754,14 +865,24 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         let _ = loader::cleanup(&topo.pin);
         let mut tests = BTreeMap::new();
         for (test, by_variant) in raw {
-            let none = by_variant["none"].0.clone();
             let mut out = BTreeMap::new();
-            for (variant, (samples, losses)) in by_variant {
-                // Sample i of every variant is from round i.
-                let ratios: Vec<f64> = samples.iter().zip(&none).map(|(v, base)| v / base).collect();
+            for (variant, (samples, losses)) in &by_variant {
+                // Sample i of every variant is from round i. (`svc-ztrust` without `svc-none`: to `none`.)
+                let base = if by_variant.contains_key(baseline(variant)) {
+                    baseline(variant)
+                } else {
+                    "none"
+                };
+                let ratios: Vec<f64> = samples
+                    .iter()
+                    .zip(&by_variant[base].0)
+                    .map(|(v, b)| v / b)
+                    .collect();
+                let (samples, losses) = (samples.clone(), losses.clone());
                 out.insert(
-                    variant.to_owned(),
+                    (*variant).to_owned(),
                     Value {
+                        baseline: base,
                         median: median(&samples),
                         ratio_to_none: median(&ratios),
                         ratio_min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
@@ -780,7 +901,7 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     drop(topo);
 
     println!(
-        "\nThroughput through a veth pair ({} rounds x {} s, {}; value: median; in brackets: median over the rounds of the ratio to `none` in the same round)",
+        "\nThroughput through a veth pair ({} rounds x {} s, {}; rules: policy entries and Service frontends; value: median; in brackets: median over the rounds of the ratio to the baseline in the same round)",
         args.reps,
         args.seconds,
         cpu.map_or_else(
@@ -824,7 +945,12 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         "(tcp, udp: Mbit/s received; udp offered at {}; rr, crr: transactions/s)",
         args.udp_rate
     );
-    println!("(target: ztrust >= 0.95 of none at every size, ahead of iptables at 1,000 and 10,000)");
+    println!(
+        "(svc-none, svc-ztrust: through a ClusterIP DNAT-ed by the node; svc-ztrust's ratio is to svc-none, with N Service frontends in its table)"
+    );
+    println!(
+        "(target: ztrust >= 0.95 of none and svc-ztrust >= 0.95 of svc-none at every size, ahead of iptables at 1,000 and 10,000)"
+    );
     let unit = [
         ("tcp", "Mbit/s"),
         ("udp", "Mbit/s"),
