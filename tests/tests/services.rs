@@ -620,12 +620,15 @@ fn a_datagram_flow_to_a_service_is_judged_again_when_its_backends_change() {
 }
 
 /// Node ports at any local address (`Config::node_ports` = `ANY_LOCAL`, frontends under `0.0.0.0`,
-/// written by the sync for `Cluster::node_ports_any_local`): b's SYN to an address of the node at a
-/// node port gets the verdict of that Service's backends; the same port at an address the node
-/// forwards to (a's) is judged as that address; the unspecified address itself is no frontend; and
-/// with node ports only at listed addresses the node's address is judged as itself. to-c's node port
-/// is 9000, a port b may reach a on: a's address at it passes only if it is judged as the address,
-/// not by to-c's backend.
+/// written by the sync for `Cluster::node_ports_any_local`; the node's local routing table mirrored by
+/// the agent's `node_local`): b's SYN to an address of the node at a node port gets the verdict of
+/// that Service's backends, and so does one inside a local range (an address range on the loopback);
+/// the same port at an address the node forwards to (a's) is judged as that address, and so is the
+/// local range's broadcast address (a broadcast route, longer than the local one: kube-proxy does not
+/// translate it); an address the node got after the mirror was read is `unknown-service` until the next
+/// mirror; the unspecified address itself is no frontend; and with node ports only at listed addresses
+/// the node's address is judged as itself. to-c's node port is 9000, a port b may reach a on: a's
+/// address at it passes only if it is judged as the address, not by to-c's backend.
 #[test]
 fn node_ports_at_any_local_address_are_judged_by_their_backends() {
     use ztrust_common::{Config, node_ports};
@@ -637,16 +640,26 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
     }
     c.node_ports_any_local = true;
     lab.apply(&c);
-    sh(&[
-        "ip",
-        "-n",
-        &lab.topo.node,
-        "addr",
-        "add",
-        "192.0.2.77/32",
-        "dev",
-        "lo",
-    ]);
+    let node = lab.topo.node.clone();
+    for addr in ["192.0.2.77/32", "198.51.100.1/24"] {
+        sh(&["ip", "-n", &node, "addr", "add", addr, "dev", "lo"]);
+    }
+    let mut mirror = ztrust_agent::datapath::node_local::NodeLocal::default();
+    let mirror_routes = |lab: &mut Lab, mirror: &mut ztrust_agent::datapath::node_local::NodeLocal| {
+        let node = lab.topo.node.clone();
+        let routes = std::thread::spawn(move || {
+            common::enter_netns(&node);
+            ztrust_agent::datapath::node_local::local_routes().expect("the node's local routes")
+        })
+        .join()
+        .unwrap();
+        mirror.sync(&mut lab.dp.maps.node_local, &routes).unwrap();
+        routes
+    };
+    let routes = mirror_routes(&mut lab, &mut mirror);
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    assert_eq!(routes.get(&net("192.0.2.77/32")), Some(&true), "{routes:?}");
+    assert_eq!(routes.get(&net("198.51.100.255/32")), Some(&false), "{routes:?}");
     let set = |lab: &mut Lab, mode: u32| {
         let config = Config {
             node_ports: mode,
@@ -684,6 +697,20 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
         (
             "the unspecified address at to-a's node port",
             [0, 0, 0, 0],
+            30080,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "an address of the local range at to-a's node port (a admitted)",
+            [198, 51, 100, 9],
+            30080,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "the local range's broadcast address at to-a's node port (not translated: the address)",
+            [198, 51, 100, 255],
             30080,
             SHOT,
             reason::POLICY_DENIED,
@@ -735,6 +762,21 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
     assert_ne!(by_it(47301), 0, "the node's address at to-c's node port");
     assert_eq!(by_it(47309), 0, "sent to the broadcast MAC");
     assert_eq!(by_it(47303), 0, "the unspecified address");
+    // An address the node got after the mirror was read: the node's routing does not forward it, the
+    // mirror does not know it: not known, denied — until the next mirror.
+    sh(&["ip", "-n", &node, "addr", "add", "203.0.113.5/32", "dev", "lo"]);
+    let later = [203, 0, 113, 5];
+    assert_eq!(
+        judged(&lab, later, 30080, 47311),
+        (SHOT, reason::UNKNOWN_SERVICE),
+        "an address newer than the mirror"
+    );
+    mirror_routes(&mut lab, &mut mirror);
+    assert_eq!(
+        judged(&lab, later, 30080, 47312),
+        (OK, reason::ALLOWED_BY_POLICY),
+        "the same address, mirrored"
+    );
     set(&mut lab, node_ports::LISTED);
     assert_eq!(
         judged(&lab, local, 30080, 47310),

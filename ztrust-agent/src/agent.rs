@@ -552,6 +552,10 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         },
     };
     dp.maps.config.set(0, config, 0)?;
+    // The node's local routes, for node ports on every local address (kept empty otherwise). Until the
+    // first mirror, a node port at a local address is denied as `unknown-service`, never misjudged.
+    let mut node_local = crate::datapath::node_local::NodeLocal::adopt(&dp.maps.node_local);
+    let mut node_local_failed = false;
     let mut syncer = Syncer::adopt(&dp.maps);
     // Audit mode is a property of every endpoint entry the sync writes.
     syncer.global_flags = config.flags;
@@ -687,6 +691,35 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         }
         let span = info_span!("reconcile");
         let _enter = span.enter();
+
+        // Node ports on every local address: the node's `local` routes, mirrored (a route announcement
+        // wakes the loop, the tick catches what one would hide).
+        let local_routes = if opts.node_ports_any_local {
+            crate::datapath::node_local::local_routes()
+        } else {
+            Ok(BTreeMap::new())
+        };
+        match local_routes {
+            Ok(routes) => {
+                node_local_failed = false;
+                match node_local.sync(&mut dp.maps.node_local, &routes) {
+                    Ok(true) => info!(
+                        local_routes = node_local.local(),
+                        "node ports on every local address: the node's local routes mirrored"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        error!(error = %e, "cannot write the node's local routes; node ports at the missing addresses are denied (unknown-service)")
+                    }
+                }
+            }
+            Err(e) => {
+                if !node_local_failed {
+                    error!(error = %e, "cannot read the node's local routes (rtnetlink); node ports at addresses not mirrored are denied (unknown-service)");
+                }
+                node_local_failed = true;
+            }
+        }
 
         if let Some((changes, errors)) = source.poll() {
             have_snapshot = true;

@@ -240,6 +240,14 @@ fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
     // A second address of the node (on its loopback: this kernel has no dummy interfaces).
     let node = format!("{}-node", lab.prefix);
     let extra: IpAddr = "192.0.2.77".parse().unwrap();
+    let log = lab.state_dir.join("logs/agent.log");
+    let mirrored = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .matches("the node's local routes mirrored")
+            .count()
+    };
+    let before = mirrored();
     for args in [vec!["addr", "add", "192.0.2.77/32", "dev", "lo"]] {
         let out = std::process::Command::new("ip")
             .args(["-n", &node])
@@ -247,6 +255,17 @@ fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
             .output()
             .unwrap();
         assert!(out.status.success(), "ip {args:?}: {out:?}");
+    }
+    // The agent mirrors the node's local routes on the announcement of the new one; until then a node
+    // port at the address is denied (`unknown-service`), which is not what this test is about.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while mirrored() == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not mirror the new local route:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
     let t = Duration::from_secs(2);
     let (frontend, backend_pod) = (lab.pod("frontend").netns, lab.pod("backend").netns);

@@ -260,6 +260,9 @@ pub mod names {
     /// LPM trie of the Service address ranges (key as the ipcache's, value unused): a pod's new
     /// connection to an address in them that is no frontend is `UNKNOWN_SERVICE`.
     pub const SERVICE_RANGES: &str = "ZT_SERVICE_RANGES";
+    /// LPM trie of the node's `local` routes (key as the ipcache's, value unused): the addresses at which
+    /// node ports are the Service's in [`super::node_ports::ANY_LOCAL`] mode.
+    pub const NODE_LOCAL: &str = "ZT_NODE_LOCAL";
     /// Interface (u32) → [`super::EventWindow`]: the per-interface event budget.
     pub const EVENT_BUDGET: &str = "ZT_EVENT_BUDGET";
     pub const STATS: &str = "ZT_STATS";
@@ -283,6 +286,8 @@ pub mod capacity {
     /// Service frontends (one per address, port and protocol).
     pub const SERVICES: u32 = 262_144;
     pub const SERVICE_RANGES: u32 = 64;
+    /// The node's `local` routes (its addresses, loopback, AnyIP ranges).
+    pub const NODE_LOCAL: u32 = 4_096;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const EVENTS_BYTES: u32 = 4 << 20;
 }

@@ -33,7 +33,7 @@ use ztrust_common::{
 use crate::{
     maps::{
         CONFIG, CONNTRACK, COUNTERS, ENDPOINTS, EVENT_BUDGET, EVENT_RATE, EVENTS, IPCACHE, IPCACHE_HOSTS,
-        POLICY, POLICY_EXACT, REVISION, SERVICE_RANGES, SERVICES, SLOT_COUNTERS, STATS,
+        NODE_LOCAL, POLICY, POLICY_EXACT, REVISION, SERVICE_RANGES, SERVICES, SLOT_COUNTERS, STATS,
     },
     parse::{Packet, Parsed},
 };
@@ -589,7 +589,7 @@ fn decided(
 /// A pod's egress to a Service frontend is judged by the backends the node will translate it to (this
 /// hook runs before the node's DNAT): admitted when policy admits every class of backend, denied when it
 /// admits none, and not guessed otherwise. With node ports on every local address
-/// ([`node_ports::ANY_LOCAL`]), a node port at an address the node's routing calls local is such a
+/// ([`node_ports::ANY_LOCAL`]), a node port at an address one of the node's `local` routes covers is such a
 /// frontend too, whichever address it is. `via_service` is set when the judgment is a frontend's.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -676,27 +676,28 @@ fn service_verdict(ep: &EndpointInfo, svc: &ServiceValue, protocol: u8) -> Resul
     }
 }
 
-/// Where the node's routing delivers a packet to `addr` that entered on the packet's interface.
+/// Whether a packet to `addr` that entered on the packet's interface is the node's own, as kube-proxy
+/// tells when it translates node ports at every local address.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Locality {
-    /// "Not forwarded": to the node itself (one of its addresses, the loopback range, a local route),
-    /// or nowhere (no route: the node drops it, untranslated), or a broadcast or anycast address.
+    /// The longest route of the node's local table that covers it is a `local` one ([`NODE_LOCAL`],
+    /// mirrored by the agent): kube-proxy's "destination type local".
     Local,
-    /// Forwarded, or dropped by a blackhole, unreachable or prohibit route; or sent to a link-layer
-    /// broadcast or multicast address.
+    /// The longest such route is of another type (broadcast, anycast, multicast); or none covers it and
+    /// the node forwards it (or drops it by a blackhole, unreachable or prohibit route); or it is
+    /// multicast, the limited broadcast, or sent to a link-layer broadcast or multicast address: not
+    /// translated as a node port.
     Elsewhere,
-    /// The helper failed: not known.
+    /// No route of the mirror covers it, yet the node's routing does not forward it (an address added
+    /// since the agent last mirrored the routes; no route; IPv6 link-local) — or the routing could not
+    /// be asked. Not known.
     Unknown,
 }
 
-/// Asks the node's routing (the kernel's FIB, as kube-proxy's "destination is a local address" match
-/// does) whether a packet to `addr` entering on the packet's interface is for the node itself. The FIB
-/// lookup answers "not forwarded" for local, unroutable, broadcast and anycast destinations alike:
-/// multicast, the IPv4 limited broadcast and frames to a link-layer broadcast or multicast address are
-/// told apart here; a subnet's broadcast address sent to the node's own link-layer address is not (see
-/// the README's Services section). Forwarding disabled (IPv4: on the interface; IPv6: on the node)
-/// means the node delivers only to itself.
-/// Out of line: the lookup's parameters (64 bytes) live in this frame only.
+/// Tells [`Locality`] for `addr`: the mirror of the node's local table first, then the node's FIB for
+/// what the mirror does not cover (forwarded: elsewhere; not forwarded: unknown, since only a `local`
+/// route makes kube-proxy translate, and the mirror may be behind). Out of line: the lookup's
+/// parameters (64 bytes) live in this frame only.
 #[inline(never)]
 fn node_local(skb: *mut __sk_buff, addr: &[u8; 16]) -> Locality {
     let mapped = parse::is_mapped(addr);
@@ -708,6 +709,12 @@ fn node_local(skb: *mut __sk_buff, addr: &[u8; 16]) -> Locality {
     let pkt_type = unsafe { (*skb).pkt_type };
     if pkt_type == 1 || pkt_type == 2 {
         return Locality::Elsewhere;
+    }
+    // The longest route of the node's local table that covers the address: of type `local` or not.
+    match NODE_LOCAL.get(&Key::new(128, IpcacheKey { addr: *addr })) {
+        Some(&1) => return Locality::Local,
+        Some(_) => return Locality::Elsewhere,
+        None => {}
     }
     // SAFETY: plain data; all zeros is a valid value of every field.
     let mut p: FibLookup = unsafe { core::mem::zeroed() };
@@ -723,10 +730,9 @@ fn node_local(skb: *mut __sk_buff, addr: &[u8; 16]) -> Locality {
     }
     // SAFETY: `skb` is the program's context, `p` a valid parameter block of the size given.
     let rc = unsafe { bpf_fib_lookup(skb.cast(), &mut p, core::mem::size_of::<FibLookup>() as i32, 0) };
-    if rc < 0 {
+    if rc < 0 || rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) || rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
+    {
         Locality::Unknown
-    } else if rc == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED) || rc == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED) {
-        Locality::Local
     } else {
         Locality::Elsewhere
     }

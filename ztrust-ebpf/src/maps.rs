@@ -69,6 +69,11 @@ pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
 #[map(name = "ZT_SERVICE_RANGES")]
 pub static SERVICE_RANGES: LpmTrie<IpcacheKey, u32> = LpmTrie::pinned(capacity::SERVICE_RANGES, 0);
 
+/// The node's `local` routes, mirrored by the agent: where a node port is the Service's with node ports
+/// on every local address.
+#[map(name = "ZT_NODE_LOCAL")]
+pub static NODE_LOCAL: LpmTrie<IpcacheKey, u32> = LpmTrie::pinned(capacity::NODE_LOCAL, 0);
+
 /// Interface → the events it sent in the current one-second window ([`Config::event_budget`]).
 #[map(name = "ZT_EVENT_BUDGET")]
 pub static EVENT_BUDGET: LruHashMap<u32, EventWindow> = LruHashMap::pinned(capacity::ENDPOINTS, 0);

@@ -98,6 +98,7 @@ pub struct Maps {
     pub revision: Array<MapData, u32>,
     pub services: HashMap<MapData, ServiceKey, ServiceValue>,
     pub service_ranges: LpmTrie<MapData, IpcacheKey, u32>,
+    pub node_local: LpmTrie<MapData, IpcacheKey, u32>,
 }
 
 /// The endpoint map, and the counter slot each entry names ([`EndpointInfo::slot`]): the programs count
@@ -412,7 +413,7 @@ where
 
 /// Key and value sizes of the pinned maps whose entries the agent and the programs read and write
 /// field by field; the capacity a map gets from [`Capacities`], if any.
-fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 15] {
+fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32>); 16] {
     use std::mem::size_of;
     [
         (
@@ -479,6 +480,12 @@ fn pinned_layouts(caps: &Capacities) -> [(&'static str, usize, usize, Option<u32
         ),
         (
             names::SERVICE_RANGES,
+            4 + size_of::<IpcacheKey>(),
+            size_of::<u32>(),
+            None,
+        ),
+        (
+            names::NODE_LOCAL,
             4 + size_of::<IpcacheKey>(),
             size_of::<u32>(),
             None,
@@ -643,6 +650,7 @@ impl Datapath {
             revision: take(&mut ebpf, names::REVISION)?,
             services: take(&mut ebpf, names::SERVICES)?,
             service_ranges: take(&mut ebpf, names::SERVICE_RANGES)?,
+            node_local: take(&mut ebpf, names::NODE_LOCAL)?,
         };
         let legacy = maps.policy.copy_legacy_exact().map_err(|source| Error::Map {
             name: names::POLICY_EXACT,

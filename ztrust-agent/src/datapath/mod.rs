@@ -1,5 +1,6 @@
 //! Loading, attaching and syncing the eBPF datapath.
 pub mod loader;
+pub mod node_local;
 pub mod pins;
 pub mod sync;
 
