@@ -17,11 +17,18 @@ use ztrust_common::{dir, event_flags, names, proto, reason, verdict};
 const RANGE: &str = "10.96.0.0/16";
 
 /// A ClusterIP Service `name` at `vip`, port `port` → `target` on `backends` (ready), and its slice.
-fn add_service(c: &mut Cluster, name: &str, vip: [u8; 4], port: u16, target: u16, backends: &[IpAddr]) {
+fn add_service(
+    c: &mut Cluster,
+    name: &str,
+    vip: impl Into<IpAddr>,
+    port: u16,
+    target: u16,
+    backends: &[IpAddr],
+) {
     let svc = Service {
         namespace: "x".into(),
         name: name.into(),
-        cluster_ips: vec![IpAddr::from(vip)],
+        cluster_ips: vec![vip.into()],
         ports: vec![ServicePort {
             name: Some("p".into()),
             protocol: Protocol::Tcp,
@@ -783,4 +790,152 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
         (SHOT, reason::POLICY_DENIED),
         "node ports only at listed addresses: the node's address at to-a's node port"
     );
+}
+
+/// IPv6 node ports at any local address, as the IPv4 ones above: b's SYN to the node's IPv6 address at
+/// a node port gets the verdict of that Service's backends; a's IPv6 address at to-c's node port (9000)
+/// is judged as the address (forwarded); `::` is no frontend; a subnet-router anycast address of the
+/// node (an anycast route of its local table) is judged as the address; a link-local address of one of
+/// the node's interfaces (local on its own link only: not mirrored) is `unknown-service`.
+#[test]
+fn ipv6_node_ports_at_any_local_address_are_judged_by_their_backends() {
+    use std::net::Ipv6Addr;
+    use ztrust_common::{Config, node_ports};
+    const ETH_P_IPV6: u16 = 0x86dd;
+    let mut lab = Lab::dual_stack("ztsv6", 228);
+    let mut c = cluster(&lab.topo);
+    let (a6, c6) = (lab.topo.pods[A].ip6.unwrap(), lab.topo.pods[C].ip6.unwrap());
+    let vip = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+    add_service(&mut c, "to-a", vip("fd96::a"), 80, 9000, &[a6.into()]);
+    add_service(&mut c, "to-c", vip("fd96::c"), 80, 9000, &[c6.into()]);
+    for (name, node_port) in [("to-a", 30080), ("to-c", 9000)] {
+        let r = ztrust_agent::model::ObjectRef::new("x", name);
+        c.services.get_mut(&r).unwrap().ports[0].node_port = Some(node_port);
+    }
+    c.service_cidrs = vec!["fd96::/112".parse().unwrap()];
+    c.node_ports_any_local = true;
+    lab.apply(&c);
+    let node = lab.topo.node.clone();
+    let a_if = lab.topo.pods[A].host_if.clone();
+    sh(&[
+        "ip",
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "2001:db8:77::1/128",
+        "dev",
+        "lo",
+    ]);
+    // On a's interface of the node (forwarding is on): its subnet-router anycast address comes along.
+    sh(&[
+        "ip",
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "2001:db8:99::1/64",
+        "dev",
+        &a_if,
+        "nodad",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &node,
+        "addr",
+        "add",
+        "fe80::77/64",
+        "dev",
+        &a_if,
+        "nodad",
+    ]);
+    let routes = std::thread::spawn(move || {
+        common::enter_netns(&node);
+        ztrust_agent::datapath::node_local::local_routes().expect("the node's local routes")
+    })
+    .join()
+    .unwrap();
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    assert_eq!(routes.get(&net("2001:db8:77::1/128")), Some(&true), "{routes:?}");
+    assert_eq!(
+        routes.get(&net("2001:db8:99::/128")),
+        Some(&false),
+        "anycast: {routes:?}"
+    );
+    assert_eq!(routes.get(&net("fe80::77/128")), None, "link-local: {routes:?}");
+    ztrust_agent::datapath::node_local::NodeLocal::default()
+        .sync(&mut lab.dp.maps.node_local, &routes)
+        .unwrap();
+    let config = Config {
+        node_ports: node_ports::ANY_LOCAL,
+        ..Default::default()
+    };
+    lab.dp.maps.config.set(0, config, 0).unwrap();
+    let judged6 = |lab: &Lab, to: Ipv6Addr, port: u16, sport: u16| {
+        let frame = lab.frame_from(
+            B,
+            ETH_P_IPV6,
+            &common::attack::ipv6(lab.ip6(B), to.octets(), proto::TCP, tcp(sport, port, 0x02, b"")),
+        );
+        let before = counts(lab);
+        let got = common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &frame);
+        let after = counts(lab);
+        let counted = REASONS
+            .iter()
+            .zip(before.iter().zip(&after))
+            .find(|(_, (x, y))| x != y)
+            .map_or(0, |(r, _)| *r);
+        (got, counted)
+    };
+    const OK: u32 = 0;
+    const SHOT: u32 = 2;
+    let local = vip("2001:db8:77::1");
+    let cases = [
+        (
+            "the node's address at to-a's node port (a admitted)",
+            local,
+            30080,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "the node's address at to-c's node port (c denied)",
+            local,
+            9000,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "a's address at to-c's node port (forwarded: a:9000 admitted)",
+            a6,
+            9000,
+            OK,
+            reason::ALLOWED_BY_POLICY,
+        ),
+        (
+            "the unspecified address at to-a's node port",
+            Ipv6Addr::UNSPECIFIED,
+            30080,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "the anycast address at to-a's node port (the address)",
+            vip("2001:db8:99::"),
+            30080,
+            SHOT,
+            reason::POLICY_DENIED,
+        ),
+        (
+            "a link-local address at to-a's node port (not known)",
+            vip("fe80::77"),
+            30080,
+            SHOT,
+            reason::UNKNOWN_SERVICE,
+        ),
+    ];
+    for (i, (what, to, port, want, why)) in cases.into_iter().enumerate() {
+        assert_eq!(judged6(&lab, to, port, 47400 + i as u16), (want, why), "{what}");
+    }
 }
