@@ -1592,3 +1592,203 @@ spec:
         );
     }
 }
+
+/// Where kube-proxy's configuration lives on the cluster's node (`cargo xtask cluster up` writes it).
+const KUBE_PROXY_CONFIG: &str = "/var/lib/ztrust-cluster/config/kube-proxy.yaml";
+/// The second address of the node (on its loopback) the node ports are probed at.
+const SECOND_NODE_IP: &str = "192.0.2.77";
+
+/// `cargo xtask cluster restart COMPONENT`, as an operator runs it (the xtask binary that command
+/// built: this test runs under `cargo test`, which holds the build directory).
+fn restart_component(component: &str) {
+    let xtask = common::cluster::root().join("target/debug/xtask");
+    let out = std::process::Command::new(&xtask)
+        .args(["cluster", "restart", component])
+        .current_dir(common::cluster::root())
+        .output()
+        .unwrap_or_else(|e| panic!("{} (built by `cargo xtask`): {e}", xtask.display()));
+    assert!(
+        out.status.success(),
+        "restarting {component}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The DaemonSet's `--nodeport-addresses` value set to `mode`, and the rollout waited for.
+fn agent_node_port_addresses(c: &Cluster, mode: &str) {
+    let args: Vec<String> = serde_json::from_str(&c.ok(&[
+        "-n",
+        "ztrust-system",
+        "get",
+        "ds",
+        "ztrust-agent",
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].args}",
+    ]))
+    .expect("the agent's args");
+    let at = args
+        .iter()
+        .position(|a| a == "--nodeport-addresses")
+        .expect("deploy/ passes --nodeport-addresses")
+        + 1;
+    if args[at] == mode {
+        return;
+    }
+    let patch = serde_json::json!([{
+        "op": "replace",
+        "path": format!("/spec/template/spec/containers/0/args/{at}"),
+        "value": mode,
+    }]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "patch",
+        "ds",
+        "ztrust-agent",
+        "--type",
+        "json",
+        "-p",
+        &patch.to_string(),
+    ]);
+    c.ok(&[
+        "-n",
+        "ztrust-system",
+        "rollout",
+        "status",
+        "ds/ztrust-agent",
+        "--timeout=180s",
+    ]);
+}
+
+/// Puts kube-proxy's configuration, the agent's `--nodeport-addresses` and the node's addresses back
+/// however the test ends.
+struct NodePortsRestored {
+    kube_proxy_config: String,
+}
+
+impl Drop for NodePortsRestored {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args([
+                "-n",
+                common::cluster::NODE_NETNS,
+                "addr",
+                "del",
+                &format!("{SECOND_NODE_IP}/32"),
+                "dev",
+                "lo",
+            ])
+            .status();
+        std::fs::write(KUBE_PROXY_CONFIG, &self.kube_proxy_config).expect("kube-proxy's configuration back");
+        restart_component("kube-proxy");
+        agent_node_port_addresses(&Cluster::get(), "primary");
+    }
+}
+
+/// Node ports at every local address on the real node: kube-proxy in iptables mode with its own default
+/// for `nodePortAddresses` (unset: every local address, `-m addrtype --dst-type LOCAL`), a second
+/// address of the node. kube-proxy translates the node ports there (the control: the node's own request
+/// to it is answered). With the agent at `--nodeport-addresses primary` (deploy/'s default) a pod's
+/// connection to that address is judged as the address: frontend → backend's node port is blocked,
+/// though frontend may reach backend. With `all`: frontend → backend's node port answers, backend →
+/// database's node port answers, frontend → database's node port stays blocked, and its flow names the
+/// Service. Afterwards kube-proxy and the agent are set back (also when the test fails).
+#[test]
+#[ignore = "needs the real cluster: cargo xtask cluster up --agent (cargo xtask test runs it)"]
+fn services_node_ports_at_every_local_address_with_kube_proxy_defaults() {
+    let c = Cluster::get();
+    c.deploy_agent();
+    let kube_proxy_config = std::fs::read_to_string(KUBE_PROXY_CONFIG).expect("kube-proxy's configuration");
+    assert!(
+        kube_proxy_config.contains("mode: iptables"),
+        "kube-proxy in iptables mode is what translates node ports at every local address (cargo xtask test runs this test there): {kube_proxy_config}"
+    );
+    let _restore = NodePortsRestored {
+        kube_proxy_config: kube_proxy_config.clone(),
+    };
+    seed_enforced(&c);
+    c.apply(
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: backend-np, namespace: payments}
+spec:
+  type: NodePort
+  selector: {app: backend}
+  ports: [{port: 80, nodePort: 31080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: database-np, namespace: payments}
+spec:
+  type: NodePort
+  selector: {app: database}
+  ports: [{port: 80, nodePort: 31432}]
+"#,
+    );
+    common::cluster::in_node(&["ip", "addr", "add", &format!("{SECOND_NODE_IP}/32"), "dev", "lo"]);
+    let defaults: String = kube_proxy_config
+        .lines()
+        .filter(|l| !l.starts_with("nodePortAddresses:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert_ne!(
+        defaults, kube_proxy_config,
+        "the configuration names nodePortAddresses"
+    );
+    std::fs::write(KUBE_PROXY_CONFIG, defaults).unwrap();
+    restart_component("kube-proxy");
+    let at = |port: u16| format!("http://{SECOND_NODE_IP}:{port}/");
+    // The control: kube-proxy translates the node port at the second address (the node's own request,
+    // which no pod's policy judges).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", common::cluster::NODE_NETNS))
+            .args([
+                "--",
+                "curl",
+                "-sS",
+                "-m",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &at(31080),
+            ])
+            .output()
+            .expect("curl");
+        if String::from_utf8_lossy(&out.stdout) == "200" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "kube-proxy does not translate {}: {}",
+            at(31080),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // `primary`: the second address is judged as the address it is.
+    c.wget_until("payments", "frontend", &at(31080), false, ENFORCED_WITHIN);
+
+    agent_node_port_addresses(&c, "all");
+    let since = Cluster::now_rfc3339();
+    std::thread::sleep(Duration::from_secs(1));
+    for (from, port, pass) in [
+        ("frontend", 31080, true),
+        ("backend", 31432, true),
+        ("frontend", 31432, false),
+    ] {
+        eprintln!("{from} → {}: {}", at(port), if pass { "PASS" } else { "BLOCKED" });
+        c.wget_until("payments", from, &at(port), pass, ENFORCED_WITHIN);
+    }
+    let flows = c.denied_flows(&since);
+    let hits = denied(&flows, "payments/frontend-", SECOND_NODE_IP);
+    assert!(
+        hits.iter().any(|f| f["reason"] == "policy-denied"
+            && f["destination"]["port"] == 31432
+            && f["service"]["name"] == "payments/database-np"),
+        "frontend → {SECOND_NODE_IP}:31432 is denied by database's verdict and names the Service: {hits:#?}"
+    );
+}

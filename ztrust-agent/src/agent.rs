@@ -96,6 +96,8 @@ pub struct Options {
     /// Node ports are Service frontends at every local address of the node (`--nodeport-addresses all`),
     /// not only at `node_ips`.
     pub node_ports_any_local: bool,
+    /// How long a backend a frontend lost still counts as one of its backends (`--service-grace`).
+    pub service_grace: Duration,
     /// The cluster's Service address ranges (`--service-cidr`): a connection to an address in them that
     /// is no known Service frontend is dropped as `unknown-service`.
     pub service_cidrs: Vec<ipnet::IpNet>,
@@ -631,6 +633,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     };
     // Allow sets are compiled for this node's pods only; the rest of the cluster are peers.
     let mut engine = Engine::for_node(opts.node_name.clone());
+    engine.set_service_grace(opts.service_grace);
     // What changed in the desired state since the last successful sync.
     let mut pending = Delta::full();
     let mut bindings: BTreeMap<ObjectRef, u32> = BTreeMap::new();
@@ -762,6 +765,16 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             metrics.set_identities(desired.identities.len() as u64);
             dirty = true;
             not_enforced.report(cluster, &changes.pods, &opts.node_name, &metrics, &hub);
+        }
+        // Backends Services lost whose grace is over (the tick wakes the loop at most a poll late).
+        if have_snapshot && engine.next_service_expiry().is_some_and(|t| t <= Instant::now()) {
+            engine.expire_services(source.cluster(), Instant::now());
+            let delta = engine.take_delta();
+            if delta.services {
+                info!("Service backends past their grace dropped from their frontends");
+                dirty = true;
+            }
+            pending.merge(delta);
         }
 
         // Interfaces: attach to new ones (fail closed), forget vanished ones.

@@ -92,8 +92,8 @@ struct RunArgs {
     /// Where a pod's connection to a node port is judged as a connection to the Service, as kube-proxy's
     /// `--nodeport-addresses` says where it translates node ports: `primary`, at the `--node-ip`
     /// addresses (kube-proxy's `primary`, its nftables-mode default, or a CIDR list: name the node's
-    /// addresses in it with `--node-ip`); `all`, at every address the node's routing calls local
-    /// (kube-proxy in iptables mode without `--nodeport-addresses`).
+    /// addresses in it with `--node-ip`); `all`, at every address of type `local` in the node's local
+    /// routing table (kube-proxy in iptables mode without `--nodeport-addresses`).
     #[arg(long, value_enum, default_value_t = NodePortAddresses::Primary)]
     nodeport_addresses: NodePortAddresses,
     /// The cluster's Service address ranges (the API server's `--service-cluster-ip-range`, e.g.
@@ -101,6 +101,13 @@ struct RunArgs {
     /// dropped as `unknown-service` rather than judged as the address. Comma-separated; none by default.
     #[arg(long, value_delimiter = ',')]
     service_cidr: Vec<ipnet::IpNet>,
+    /// How long a backend a Service frontend lost (an EndpointSlice change) still counts as one of its
+    /// backends: the node's proxy may translate to it until its rules catch up (kube-proxy applies them
+    /// at most once per `minSyncPeriod`, 1 s by default). A new connection whose verdict would differ
+    /// between the backends that stay and the one that left is dropped as `service-backends-differ`
+    /// meanwhile, rather than judged by the backends that stay. `0s`: none.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    service_grace: Duration,
     /// `audit`: drop nothing, report what enforcement would drop as `would-drop`.
     #[arg(long, value_enum, default_value_t = Mode::Enforce)]
     mode: Mode,
@@ -284,6 +291,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         node_ips: args.node_ip,
         node_ports_any_local: args.nodeport_addresses == NodePortAddresses::All,
         service_cidrs: args.service_cidr,
+        service_grace: args.service_grace,
         audit: args.mode == Mode::Audit,
         log_allowed: args.log_allowed,
         event_interval: Duration::from_millis(args.event_interval_ms),

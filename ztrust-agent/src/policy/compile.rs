@@ -257,6 +257,8 @@ pub struct Engine {
     st: State,
     desired: Desired,
     delta: Delta,
+    /// Backends frontends lost within `run --service-grace`.
+    departed: super::services::Departed,
 }
 
 impl Default for Engine {
@@ -375,6 +377,26 @@ impl Engine {
             st: State::default(),
             desired: Desired::default(),
             delta: Delta::default(),
+            departed: super::services::Departed::default(),
+        }
+    }
+
+    /// How long a backend a frontend lost stays one of its backends (see [`super::services`]): the
+    /// node's proxy may translate to it until it has caught up. Zero (the default): not at all.
+    pub fn set_service_grace(&mut self, grace: std::time::Duration) {
+        self.departed.grace = grace;
+    }
+
+    /// When a lost backend's grace ends: [`Engine::expire_services`] is due then.
+    pub fn next_service_expiry(&self) -> Option<std::time::Instant> {
+        self.departed.next_expiry()
+    }
+
+    /// Drops the lost backends whose grace has ended by `now` from their frontends; the delta says
+    /// whether the frontends changed.
+    pub fn expire_services(&mut self, cluster: &Cluster, now: std::time::Instant) {
+        if self.st.built && self.departed.next_expiry().is_some_and(|t| t <= now) {
+            self.refresh_services_at(cluster, now);
         }
     }
 
@@ -504,7 +526,11 @@ impl Engine {
     /// Service frontends and ranges from `cluster` and the current ipcache; the delta says whether they
     /// changed.
     fn refresh_services(&mut self, cluster: &Cluster) {
-        let frontends = super::services::frontends(cluster, &self.desired);
+        self.refresh_services_at(cluster, std::time::Instant::now());
+    }
+
+    fn refresh_services_at(&mut self, cluster: &Cluster, now: std::time::Instant) {
+        let frontends = super::services::frontends_at(cluster, &self.desired, &mut self.departed, now);
         let cidrs: BTreeSet<IpNet> = cluster.service_cidrs.iter().map(IpNet::trunc).collect();
         if frontends != self.desired.services || cidrs != self.desired.service_cidrs {
             self.desired.services = frontends;

@@ -16,9 +16,18 @@
 //! each Service port, and this node's addresses with each node port. A frontend reaches the backends of
 //! its own family (a Service's EndpointSlices are of one address type each). Backends are the ready
 //! endpoints, or, when a port has none, the serving and terminating ones (kube-proxy's fallback).
+//!
+//! The node's proxy follows EndpointSlice changes after the agent does (kube-proxy applies its rules at
+//! most once per `minSyncPeriod`, 1 s by default, and a large rule set takes longer): a backend a
+//! frontend just lost may still be picked for a while. A lost backend therefore stays one of the
+//! frontend's backends for a grace period ([`Departed`], `run --service-grace`), judged by the identity
+//! its address has now (a pod whose labels changed counts as what it is now; an address no pod has
+//! any longer, as that address): a connection whose verdict would differ between the backends that stay
+//! and the one that left is not guessed during it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use crate::model::{Cluster, EndpointSlice, Protocol, Service, ServicePort};
 
@@ -41,16 +50,36 @@ pub type BackendClass = (u32, u16);
 /// frontend that several Services claim (an external IP that is another Service's address) gets the
 /// classes of all of them: the node may translate it to any.
 pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec<BackendClass>> {
+    frontends_at(cluster, desired, &mut Departed::default(), Instant::now())
+}
+
+/// [`frontends`], each frontend's backends joined by those it lost less than `departed`'s grace before
+/// `now` (which `departed` records).
+pub fn frontends_at(
+    cluster: &Cluster,
+    desired: &Desired,
+    departed: &mut Departed,
+    now: Instant,
+) -> BTreeMap<Frontend, Vec<BackendClass>> {
     let index = IpcacheIndex::new(desired);
     let slices = Slices::new(cluster);
-    let mut out: BTreeMap<Frontend, BTreeSet<BackendClass>> = BTreeMap::new();
+    let mut backends: BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
     for (svc, port, frontend) in each_frontend(cluster) {
-        let classes = slices
+        let of_family = slices
             .backends(svc, port)
             .into_iter()
-            .filter(|(ip, _)| ip.is_ipv4() == frontend.addr.is_ipv4())
-            .map(|(ip, target)| (index.identity(ip), target));
-        out.entry(frontend).or_default().extend(classes);
+            .filter(|(ip, _)| ip.is_ipv4() == frontend.addr.is_ipv4());
+        backends.entry(frontend).or_default().extend(of_family);
+    }
+    departed.observe(&backends, now);
+    let mut out: BTreeMap<Frontend, BTreeSet<BackendClass>> = BTreeMap::new();
+    for (frontend, addrs) in &backends {
+        let lingering = departed.of(frontend);
+        let classes = addrs
+            .iter()
+            .chain(lingering)
+            .map(|(ip, target)| (index.identity(*ip), *target));
+        out.entry(*frontend).or_default().extend(classes);
     }
     let backends: BTreeSet<u32> = out.values().flatten().map(|c| c.0).collect();
     let alike = egress_alike(desired, &backends);
@@ -136,6 +165,64 @@ pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &Serv
             })
         })
     })
+}
+
+/// The backends frontends lost within the grace period: the node's proxy may still translate to them.
+/// A grace of zero (the default) keeps none.
+#[derive(Clone, Debug, Default)]
+pub struct Departed {
+    pub grace: Duration,
+    /// Frontend → lost backend (address, target port) → when it stops counting.
+    until: BTreeMap<Frontend, BTreeMap<(IpAddr, u16), Instant>>,
+    /// Each frontend's backends at the last observation.
+    last: BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>>,
+}
+
+impl Departed {
+    pub fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            ..Self::default()
+        }
+    }
+
+    /// Notes each frontend's backends `now`: those gone since the last observation linger until `now` +
+    /// the grace; those back, and those past their time, do not. A frontend that is gone takes its
+    /// lost backends with it (its Service is deleted: the address is no frontend any more, which is
+    /// judged as such).
+    fn observe(&mut self, backends: &BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>>, now: Instant) {
+        if self.grace.is_zero() {
+            self.until.clear();
+            self.last.clear();
+            return;
+        }
+        for (frontend, now_there) in backends {
+            let lost = self
+                .last
+                .get(frontend)
+                .into_iter()
+                .flatten()
+                .filter(|b| !now_there.contains(b));
+            let until = self.until.entry(*frontend).or_default();
+            for b in lost {
+                until.insert(*b, now + self.grace);
+            }
+            until.retain(|b, t| *t > now && !now_there.contains(b));
+        }
+        self.until
+            .retain(|f, lost| backends.contains_key(f) && !lost.is_empty());
+        self.last = backends.clone();
+    }
+
+    /// The backends `frontend` lost within the grace.
+    fn of(&self, frontend: &Frontend) -> impl Iterator<Item = &(IpAddr, u16)> {
+        self.until.get(frontend).into_iter().flat_map(BTreeMap::keys)
+    }
+
+    /// When the next lost backend stops counting.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.until.values().flat_map(BTreeMap::values).min().copied()
+    }
 }
 
 /// The address of IPv4 node-port frontends at any local address of the node (`0.0.0.0`: no frontend has
@@ -385,6 +472,73 @@ mod tests {
     fn tell_b_from_c(c: &mut Cluster) {
         let p = egress_of_c("c-to-b", select(&[("app", "b")]), vec![]);
         c.policies.insert(p.object_ref(), p);
+    }
+
+    /// A backend a frontend lost (the node's proxy may still pick it) counts, by the identity its address
+    /// has now, until its grace ends, whatever else is refreshed meanwhile; back in the slice, it is
+    /// simply a backend again; with no grace it goes at once.
+    #[test]
+    fn a_lost_backend_counts_until_its_grace_ends() {
+        use std::time::{Duration, Instant};
+        let mut c = cluster();
+        tell_b_from_c(&mut c);
+        let web = Frontend {
+            addr: "10.96.0.20".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let slice = crate::model::ObjectRef::new("x", "web-1");
+        let slices_changed = crate::policy::Changes {
+            endpoint_slices: [slice.clone()].into(),
+            ..Default::default()
+        };
+        for grace in [Duration::from_secs(5), Duration::ZERO] {
+            let mut e = Engine::new();
+            e.set_service_grace(grace);
+            e.compile(&c);
+            let id = |e: &Engine, ip: &str| super::super::remote_identity(e.desired(), ip.parse().unwrap());
+            let (b, cc) = (id(&e, "10.0.0.11"), id(&e, "10.0.0.13"));
+            assert_ne!(b, cc, "c's egress tells b from c");
+            let mut moved = c.clone();
+            moved.endpoint_slices.get_mut(&slice).unwrap().endpoints =
+                vec![endpoint("10.0.0.13", true, false)];
+            let lost_at = Instant::now();
+            e.update(&moved, &slices_changed);
+            let classes = |e: &Engine| e.desired().services[&web].clone();
+            if grace.is_zero() {
+                assert_eq!(classes(&e), vec![(cc, 8080)]);
+                assert_eq!(e.next_service_expiry(), None);
+                continue;
+            }
+            assert_eq!(
+                classes(&e),
+                vec![(b, 8080), (cc, 8080)],
+                "b1 and b2 lost, still counted"
+            );
+            let expiry = e.next_service_expiry().expect("a grace running");
+            assert!(expiry >= lost_at + grace && expiry <= Instant::now() + grace);
+            e.take_delta();
+            e.expire_services(&moved, lost_at + grace / 2);
+            assert!(!e.take_delta().services, "within the grace");
+            assert_eq!(classes(&e), vec![(b, 8080), (cc, 8080)]);
+            e.expire_services(&moved, expiry);
+            assert!(e.take_delta().services, "the grace ended");
+            assert_eq!(classes(&e), vec![(cc, 8080)]);
+            assert_eq!(e.next_service_expiry(), None);
+            // Lost (c, when the slice has b1 and b2 again) and back before its grace ends: a backend,
+            // no grace left running.
+            e.update(&c, &slices_changed);
+            assert!(e.next_service_expiry().is_some(), "c lost");
+            let mut all = c.clone();
+            all.endpoint_slices
+                .get_mut(&slice)
+                .unwrap()
+                .endpoints
+                .push(endpoint("10.0.0.13", true, false));
+            e.update(&all, &slices_changed);
+            assert_eq!(e.next_service_expiry(), None, "c is a backend again");
+            assert_eq!(classes(&e), vec![(b, 8080), (cc, 8080)]);
+        }
     }
 
     #[test]
