@@ -237,6 +237,7 @@ enum Watched {
         node_ips: Vec<std::net::IpAddr>,
         node_ports_any_local: bool,
         service_cidrs: Vec<ipnet::IpNet>,
+        host_local_addrs: BTreeSet<std::net::IpAddr>,
     },
     /// The API's watches name the objects that change.
     Kube(crate::source::kube::KubeSource),
@@ -252,18 +253,40 @@ impl Watched {
                 node_ips,
                 node_ports_any_local,
                 service_cidrs,
+                host_local_addrs,
             } => {
                 let loaded = source.poll()?;
                 let mut next = loaded.cluster;
                 next.node_ips = node_ips.clone();
                 next.node_ports_any_local = *node_ports_any_local;
                 next.service_cidrs = service_cidrs.clone();
+                next.host_local_addrs = host_local_addrs.clone();
                 let changes = Changes::between(cluster, &next);
                 *cluster = next;
                 Some((changes, loaded.errors))
             }
             Watched::Kube(k) => k.poll_changes(),
         }
+    }
+
+    /// The node's other local addresses, in the current cluster and every later one. Returns whether
+    /// they changed.
+    fn set_host_local_addrs(&mut self, addrs: BTreeSet<std::net::IpAddr>) -> bool {
+        if self.cluster().host_local_addrs == addrs {
+            return false;
+        }
+        match self {
+            Watched::Dir {
+                cluster,
+                host_local_addrs,
+                ..
+            } => {
+                cluster.host_local_addrs = addrs.clone();
+                *host_local_addrs = addrs;
+            }
+            Watched::Kube(k) => k.set_host_local_addrs(addrs),
+        }
+        true
     }
 
     /// Resolves when the source has news (the API's watches changed a store), after the debounce
@@ -619,6 +642,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             node_ips: opts.node_ips.clone(),
             node_ports_any_local: opts.node_ports_any_local,
             service_cidrs: opts.service_cidrs.clone(),
+            host_local_addrs: BTreeSet::new(),
         },
         Source::Kube { kubeconfig } => {
             let client = crate::source::kube::client(kubeconfig.as_deref())
@@ -695,17 +719,21 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let span = info_span!("reconcile");
         let _enter = span.enter();
 
-        // Node ports on every local address: the node's `local` routes, mirrored (a route announcement
-        // wakes the loop, the tick catches what one would hide).
-        let local_routes = if opts.node_ports_any_local {
-            crate::datapath::node_local::local_routes()
-        } else {
-            Ok(BTreeMap::new())
-        };
-        match local_routes {
+        // The node's local routing table (a route announcement wakes the loop, the tick catches what one
+        // would hide): its addresses are the node's (traffic from them to a pod is the node's), and, with
+        // node ports on every local address, it is mirrored for the kernel.
+        let mut host_addrs_changed = false;
+        match crate::datapath::node_local::local_routes() {
             Ok(routes) => {
                 node_local_failed = false;
-                match node_local.sync(&mut dp.maps.node_local, &routes) {
+                host_addrs_changed =
+                    source.set_host_local_addrs(crate::datapath::node_local::host_addresses(&routes));
+                let mirrored = if opts.node_ports_any_local {
+                    routes
+                } else {
+                    BTreeMap::new()
+                };
+                match node_local.sync(&mut dp.maps.node_local, &mirrored) {
                     Ok(true) => info!(
                         local_routes = node_local.local(),
                         "node ports on every local address: the node's local routes mirrored"
@@ -718,7 +746,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Err(e) => {
                 if !node_local_failed {
-                    error!(error = %e, "cannot read the node's local routes (rtnetlink); node ports at addresses not mirrored are denied (unknown-service)");
+                    error!(error = %e, "cannot read the node's local routes (rtnetlink): traffic from the node's addresses other than --node-ip is judged as those addresses; node ports at addresses not mirrored are denied (unknown-service)");
                 }
                 node_local_failed = true;
             }
@@ -765,6 +793,13 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             metrics.set_identities(desired.identities.len() as u64);
             dirty = true;
             not_enforced.report(cluster, &changes.pods, &opts.node_name, &metrics, &hub);
+        }
+        if host_addrs_changed && have_snapshot {
+            let cluster = source.cluster();
+            info!(addresses = ?cluster.host_local_addrs, "the node's local addresses changed: traffic from them is the node's");
+            engine.update(cluster, &Changes::default());
+            pending.merge(engine.take_delta());
+            dirty = true;
         }
         // Backends Services lost whose grace is over (the tick wakes the loop at most a poll late).
         if have_snapshot && engine.next_service_expiry().is_some_and(|t| t <= Instant::now()) {

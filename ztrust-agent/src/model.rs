@@ -248,6 +248,10 @@ pub struct Cluster {
     pub endpoint_slices: BTreeMap<ObjectRef, EndpointSlice>,
     /// Addresses of this node: traffic from them is never blocked (Kubernetes lets no pod block its node).
     pub node_ips: Vec<IpAddr>,
+    /// The node's other local addresses (its local routing table, read by the agent): the node's
+    /// traffic to a pod may come from any of them — with a point-to-point CNI, from the gateway address
+    /// on the pod's host-side interface — and is the node's as well. Not Service frontends.
+    pub host_local_addrs: std::collections::BTreeSet<IpAddr>,
     /// Node ports are frontends at every local address of the node (`run --nodeport-addresses all`), not
     /// only at `node_ips`.
     pub node_ports_any_local: bool,

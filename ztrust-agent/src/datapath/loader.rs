@@ -381,8 +381,12 @@ pub struct Datapath {
     netlink_links: BTreeMap<String, Vec<SchedClassifierLink>>,
 }
 
-/// Mounts bpffs at /sys/fs/bpf when it is not mounted yet (a bare node or container).
+/// Mounts bpffs at /sys/fs/bpf when it is not mounted yet (a bare node or container). Callers of one
+/// process take turns: two threads that both found it missing would mount it twice, one over the other
+/// (and a kubelet then reads the lower, private one for a DaemonSet's hostPath).
 pub fn ensure_bpffs() -> Result<()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| Error::Bpffs(e.to_string()))?;
     if mounts
         .lines()

@@ -117,6 +117,17 @@ fn local_table_entry(r: &RouteMessage) -> Option<(IpNet, bool)> {
     (!link_local).then(|| (net.trunc(), r.header.kind == RouteType::Local))
 }
 
+/// The single addresses among `routes`' `local` ones, the loopback range's left out: where the node's
+/// own traffic to a pod may come from.
+pub fn host_addresses(routes: &BTreeMap<IpNet, bool>) -> std::collections::BTreeSet<std::net::IpAddr> {
+    routes
+        .iter()
+        .filter(|(net, local)| **local && net.prefix_len() == net.max_prefix_len())
+        .map(|(net, _)| net.addr())
+        .filter(|ip| !ip.is_loopback())
+        .collect()
+}
+
 /// What the map holds, as this agent wrote or adopted it.
 #[derive(Debug, Default)]
 pub struct NodeLocal {
@@ -258,5 +269,26 @@ mod tests {
             None
         );
         assert_eq!(local(v6("fe80::1"), 128), None);
+    }
+
+    #[test]
+    fn the_nodes_addresses_are_its_single_local_routes_but_loopback() {
+        let routes: BTreeMap<IpNet, bool> = [
+            ("127.0.0.0/8", true),
+            ("127.0.0.1/32", true),
+            ("::1/128", true),
+            ("10.244.0.1/32", true),
+            ("198.51.100.0/24", true),
+            ("198.51.100.255/32", false),
+            ("fd00::2/128", true),
+        ]
+        .into_iter()
+        .map(|(n, l)| (n.parse().unwrap(), l))
+        .collect();
+        let want: std::collections::BTreeSet<std::net::IpAddr> = ["10.244.0.1", "fd00::2"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(host_addresses(&routes), want);
     }
 }

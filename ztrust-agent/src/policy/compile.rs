@@ -208,7 +208,8 @@ struct Local {
 struct State {
     built: bool,
     node_ips: Vec<IpAddr>,
-    /// Node IPs and addresses of host-network pods.
+    host_local_addrs: BTreeSet<IpAddr>,
+    /// Node IPs, the node's other local addresses and addresses of host-network pods.
     host_addrs: BTreeSet<IpAddr>,
     host_pods: HashMap<ObjectRef, Vec<IpAddr>>,
     /// ipBlock prefixes and egress named ports of effective rules, with the number of uses.
@@ -446,7 +447,10 @@ impl Engine {
     /// changed since the last call. Falls back to [`Engine::rebuild`] on the first call and for changes
     /// that re-derive every identity (see the module documentation).
     pub fn update(&mut self, cluster: &Cluster, changes: &Changes) -> &Desired {
-        if !self.st.built || cluster.node_ips != self.st.node_ips {
+        if !self.st.built
+            || cluster.node_ips != self.st.node_ips
+            || cluster.host_local_addrs != self.st.host_local_addrs
+        {
             self.rebuild(cluster);
             return &self.desired;
         }
@@ -546,6 +550,7 @@ impl Engine {
         self.st = State {
             built: true,
             node_ips: cluster.node_ips.clone(),
+            host_local_addrs: cluster.host_local_addrs.clone(),
             ..State::default()
         };
         self.desired = Desired::default();
@@ -563,7 +568,12 @@ impl Engine {
 
         // Host addresses: node IPs and host-network pods (not endpoints; never blockable on ingress, as
         // Kubernetes lets no pod block its node).
-        st.host_addrs = cluster.node_ips.iter().copied().collect();
+        st.host_addrs = cluster
+            .node_ips
+            .iter()
+            .chain(&cluster.host_local_addrs)
+            .copied()
+            .collect();
         for (r, pod) in cluster
             .pods
             .iter()

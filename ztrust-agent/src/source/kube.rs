@@ -408,6 +408,11 @@ impl KubeSource {
         self.cluster.node_ports_any_local = any_local;
     }
 
+    /// The node's other local addresses, in every cluster the source reports from now on.
+    pub fn set_host_local_addrs(&mut self, addrs: std::collections::BTreeSet<std::net::IpAddr>) {
+        self.cluster.host_local_addrs = addrs;
+    }
+
     /// Service address ranges the agent is told (`--service-cidr`), in every cluster the source reports
     /// together with those of the cluster's ServiceCIDR objects.
     pub fn set_service_cidrs(&mut self, cidrs: Vec<ipnet::IpNet>) {
