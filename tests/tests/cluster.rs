@@ -1738,8 +1738,24 @@ spec:
     std::fs::write(KUBE_PROXY_CONFIG, defaults).unwrap();
     restart_component("kube-proxy");
     let at = |port: u16| format!("http://{SECOND_NODE_IP}:{port}/");
+    // The node reaches an isolated pod (backend admits frontend only) straight: its request comes from
+    // the gateway address the CNI put on the pod's host-side interface, the node's like its InternalIP
+    // (the kubelet's probes take the same way).
+    let backend_ip = pod_ips(&c, "payments", &c.pod_of("payments", "backend"))[0];
+    let status = common::cluster::in_node(&[
+        "curl",
+        "-sS",
+        "-m",
+        "3",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{backend_ip}/"),
+    ]);
+    assert_eq!(status, "200", "the node → backend {backend_ip} straight");
     // The control: kube-proxy translates the node port at the second address (the node's own request,
-    // which no pod's policy judges).
+    // masqueraded, which backend admits as the node's).
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let out = std::process::Command::new("nsenter")
