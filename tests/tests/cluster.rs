@@ -1601,22 +1601,50 @@ const SECOND_NODE_IP: &str = "192.0.2.77";
 /// `cargo xtask cluster restart COMPONENT`, as an operator runs it (the xtask binary that command
 /// built: this test runs under `cargo test`, which holds the build directory).
 fn restart_component(component: &str) {
+    if let Err(e) = try_restart_component(component) {
+        panic!("{e}");
+    }
+}
+
+/// [`restart_component`] without panicking (for a `Drop` that may run while a test unwinds).
+fn try_restart_component(component: &str) -> Result<(), String> {
     let xtask = common::cluster::root().join("target/debug/xtask");
     let out = std::process::Command::new(&xtask)
         .args(["cluster", "restart", component])
         .current_dir(common::cluster::root())
         .output()
-        .unwrap_or_else(|e| panic!("{} (built by `cargo xtask`): {e}", xtask.display()));
-    assert!(
-        out.status.success(),
-        "restarting {component}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .map_err(|e| format!("{} (built by `cargo xtask`): {e}", xtask.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "restarting {component}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
 }
 
 /// The DaemonSet's `--nodeport-addresses` value set to `mode`, and the rollout waited for.
 fn agent_node_port_addresses(c: &Cluster, mode: &str) {
-    let args: Vec<String> = serde_json::from_str(&c.ok(&[
+    if let Err(e) = try_agent_node_port_addresses(c, mode) {
+        panic!("{e}");
+    }
+}
+
+/// [`agent_node_port_addresses`] without panicking (for a `Drop` that may run while a test unwinds).
+fn try_agent_node_port_addresses(c: &Cluster, mode: &str) -> Result<(), String> {
+    let kubectl = |args: &[&str]| -> Result<String, String> {
+        let out = c.run(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "kubectl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    };
+    let args: Vec<String> = serde_json::from_str(&kubectl(&[
         "-n",
         "ztrust-system",
         "get",
@@ -1624,22 +1652,22 @@ fn agent_node_port_addresses(c: &Cluster, mode: &str) {
         "ztrust-agent",
         "-o",
         "jsonpath={.spec.template.spec.containers[0].args}",
-    ]))
-    .expect("the agent's args");
+    ])?)
+    .map_err(|e| format!("the agent's args: {e}"))?;
     let at = args
         .iter()
         .position(|a| a == "--nodeport-addresses")
-        .expect("deploy/ passes --nodeport-addresses")
+        .ok_or("deploy/ passes no --nodeport-addresses")?
         + 1;
-    if args[at] == mode {
-        return;
+    if args.get(at).map(String::as_str) == Some(mode) {
+        return Ok(());
     }
     let patch = serde_json::json!([{
         "op": "replace",
         "path": format!("/spec/template/spec/containers/0/args/{at}"),
         "value": mode,
     }]);
-    c.ok(&[
+    kubectl(&[
         "-n",
         "ztrust-system",
         "patch",
@@ -1649,19 +1677,21 @@ fn agent_node_port_addresses(c: &Cluster, mode: &str) {
         "json",
         "-p",
         &patch.to_string(),
-    ]);
-    c.ok(&[
+    ])?;
+    kubectl(&[
         "-n",
         "ztrust-system",
         "rollout",
         "status",
         "ds/ztrust-agent",
         "--timeout=180s",
-    ]);
+    ])?;
+    Ok(())
 }
 
-/// Puts kube-proxy's configuration, the agent's `--nodeport-addresses` and the node's addresses back
-/// however the test ends.
+/// Puts kube-proxy's configuration, the agent's `--nodeport-addresses` (as deploy/ has it: `kubectl
+/// apply -k deploy/` would not undo a patch of a field it did not change) and the node's addresses back
+/// however the test ends. Never panics (it may run while the test unwinds): says what it could not do.
 struct NodePortsRestored {
     kube_proxy_config: String,
 }
@@ -1679,9 +1709,25 @@ impl Drop for NodePortsRestored {
                 "lo",
             ])
             .status();
-        std::fs::write(KUBE_PROXY_CONFIG, &self.kube_proxy_config).expect("kube-proxy's configuration back");
-        restart_component("kube-proxy");
-        agent_node_port_addresses(&Cluster::get(), "primary");
+        let c = Cluster::get();
+        let _ = c.run(&[
+            "-n",
+            "payments",
+            "delete",
+            "service",
+            "backend-np",
+            "database-np",
+            "--ignore-not-found",
+        ]);
+        if let Err(e) = std::fs::write(KUBE_PROXY_CONFIG, &self.kube_proxy_config) {
+            eprintln!("RESTORE FAILED: kube-proxy's configuration {KUBE_PROXY_CONFIG}: {e}");
+        }
+        if let Err(e) = try_restart_component("kube-proxy") {
+            eprintln!("RESTORE FAILED: {e}");
+        }
+        if let Err(e) = try_agent_node_port_addresses(&c, "primary") {
+            eprintln!("RESTORE FAILED: the DaemonSet's --nodeport-addresses: {e}");
+        }
     }
 }
 
@@ -1725,7 +1771,14 @@ spec:
   ports: [{port: 80, nodePort: 31432}]
 "#,
     );
-    common::cluster::in_node(&["ip", "addr", "add", &format!("{SECOND_NODE_IP}/32"), "dev", "lo"]);
+    common::cluster::in_node(&[
+        "ip",
+        "addr",
+        "replace",
+        &format!("{SECOND_NODE_IP}/32"),
+        "dev",
+        "lo",
+    ]);
     let defaults: String = kube_proxy_config
         .lines()
         .filter(|l| !l.starts_with("nodePortAddresses:"))

@@ -726,8 +726,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         match crate::datapath::node_local::local_routes() {
             Ok(routes) => {
                 node_local_failed = false;
-                host_addrs_changed =
-                    source.set_host_local_addrs(crate::datapath::node_local::host_addresses(&routes));
+                // Not the Service addresses (IPVS binds every ClusterIP to the node's `kube-ipvs0`):
+                // they are frontends, not the node's traffic.
+                let mut host = crate::datapath::node_local::host_addresses(&routes);
+                let service_cidrs = &source.cluster().service_cidrs;
+                host.retain(|ip| !service_cidrs.iter().any(|n| n.contains(ip)));
+                host_addrs_changed = source.set_host_local_addrs(host);
                 let mirrored = if opts.node_ports_any_local {
                     routes
                 } else {
@@ -746,9 +750,14 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             }
             Err(e) => {
                 if !node_local_failed {
-                    error!(error = %e, "cannot read the node's local routes (rtnetlink): traffic from the node's addresses other than --node-ip is judged as those addresses; node ports at addresses not mirrored are denied (unknown-service)");
+                    error!(error = %e, "cannot read the node's local routes (rtnetlink): the node's addresses stay as last read; node ports at any local address are denied (unknown-service) until they can be read");
                 }
                 node_local_failed = true;
+                // What it held may be stale (an address gone): empty, every node port at an address
+                // other than a frontend's misses and the FIB decides (not forwarded: denied).
+                if let Err(e) = node_local.sync(&mut dp.maps.node_local, &BTreeMap::new()) {
+                    error!(error = %e, "cannot empty the mirror of the node's local routes");
+                }
             }
         }
 

@@ -260,8 +260,9 @@ pub mod names {
     /// LPM trie of the Service address ranges (key as the ipcache's, value unused): a pod's new
     /// connection to an address in them that is no frontend is `UNKNOWN_SERVICE`.
     pub const SERVICE_RANGES: &str = "ZT_SERVICE_RANGES";
-    /// LPM trie of the node's `local` routes (key as the ipcache's, value unused): the addresses at which
-    /// node ports are the Service's in [`super::node_ports::ANY_LOCAL`] mode.
+    /// LPM trie of the routes of the node's local routing table (key as the ipcache's; value 1 for a
+    /// `local` route, 0 for another type): the addresses at which node ports are the Service's in
+    /// [`super::node_ports::ANY_LOCAL`] mode.
     pub const NODE_LOCAL: &str = "ZT_NODE_LOCAL";
     /// Interface (u32) → [`super::EventWindow`]: the per-interface event budget.
     pub const EVENT_BUDGET: &str = "ZT_EVENT_BUDGET";

@@ -24,7 +24,9 @@ use std::io;
 
 use aya::maps::{MapData, lpm_trie::Key, lpm_trie::LpmTrie};
 use ipnet::IpNet;
-use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload};
+use netlink_packet_core::{
+    NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -60,10 +62,12 @@ pub fn local_routes() -> io::Result<BTreeMap<IpNet, bool>> {
     Ok(out)
 }
 
-/// Reads the answers to dump request `seq` until its end.
+/// Reads the answers to dump request `seq` until its end. A dump the kernel says a change interrupted
+/// (`NLM_F_DUMP_INTR`) may miss routes: an error, so that nothing is taken from it.
 fn dump(socket: &Socket, seq: u32, out: &mut BTreeMap<IpNet, bool>) -> io::Result<()> {
     let bad = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("route dump: {what}"));
     let mut buf = vec![0u8; 1 << 16];
+    let mut interrupted = false;
     loop {
         let n = socket.recv(&mut &mut buf[..], 0)?;
         let mut offset = 0;
@@ -78,7 +82,11 @@ fn dump(socket: &Socket, seq: u32, out: &mut BTreeMap<IpNet, bool>) -> io::Resul
             if msg.header.sequence_number != seq {
                 continue;
             }
+            interrupted |= msg.header.flags & NLM_F_DUMP_INTR != 0;
             match msg.payload {
+                NetlinkPayload::Done(_) if interrupted => {
+                    return Err(bad("interrupted by a change (read again)".into()));
+                }
                 NetlinkPayload::Done(_) => return Ok(()),
                 NetlinkPayload::Error(e) => return Err(bad(format!("{e:?}"))),
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
@@ -155,10 +163,11 @@ impl NodeLocal {
         self.written.values().filter(|l| **l).count()
     }
 
-    /// Makes the map hold `desired`: new and changed prefixes first, then the ones that went. Past the
-    /// capacity the rest is left out: an address whose route is left out is judged by the routes that
-    /// are there, or, where none covers it, by the FIB (not forwarded: `unknown-service`, denied).
-    /// Returns whether anything changed.
+    /// Makes the map hold `desired`: the prefixes that went first (a miss meanwhile is decided by the
+    /// FIB: not forwarded is `unknown-service`, denied), then new and changed ones. Past the capacity
+    /// the rest is left out, `local` routes rather than others: a left-out `local` route's addresses
+    /// miss (denied, as above), whereas a left-out broadcast or anycast route inside a local range would
+    /// make its address look local. Returns whether anything changed.
     pub fn sync(
         &mut self,
         map: &mut LpmTrie<MapData, IpcacheKey, u32>,
@@ -167,24 +176,6 @@ impl NodeLocal {
         let mut changed = false;
         let room = capacity::NODE_LOCAL as usize;
         let mut left_out = 0;
-        // Local routes first, so that what is left out past the capacity is of the other types.
-        let ordered = desired
-            .iter()
-            .filter(|(_, l)| **l)
-            .chain(desired.iter().filter(|(_, l)| !**l));
-        for (net, local) in ordered {
-            if self.written.get(net) == Some(local) {
-                continue;
-            }
-            if !self.written.contains_key(net) && self.written.len() >= room {
-                left_out += 1;
-                continue;
-            }
-            let (prefix, key) = ipcache_key(net);
-            map.insert(&Key::new(prefix, key), u32::from(*local), 0)?;
-            self.written.insert(*net, *local);
-            changed = true;
-        }
         let gone: Vec<IpNet> = self
             .written
             .keys()
@@ -198,6 +189,24 @@ impl NodeLocal {
                 Err(e) => return Err(e),
             }
             self.written.remove(&net);
+            changed = true;
+        }
+        // Routes of the other types first, so that what is left out past the capacity is `local`.
+        let ordered = desired
+            .iter()
+            .filter(|(_, l)| !**l)
+            .chain(desired.iter().filter(|(_, l)| **l));
+        for (net, local) in ordered {
+            if self.written.get(net) == Some(local) {
+                continue;
+            }
+            if !self.written.contains_key(net) && self.written.len() >= room {
+                left_out += 1;
+                continue;
+            }
+            let (prefix, key) = ipcache_key(net);
+            map.insert(&Key::new(prefix, key), u32::from(*local), 0)?;
+            self.written.insert(*net, *local);
             changed = true;
         }
         if left_out > 0 && !self.overflowing {

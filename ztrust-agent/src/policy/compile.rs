@@ -566,7 +566,7 @@ impl Engine {
         };
         let st = &mut self.st;
 
-        // Host addresses: node IPs and host-network pods (not endpoints; never blockable on ingress, as
+        // Host addresses: node IPs, the node's other local addresses and host-network pods (not endpoints; never blockable on ingress, as
         // Kubernetes lets no pod block its node).
         st.host_addrs = cluster
             .node_ips

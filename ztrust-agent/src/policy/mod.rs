@@ -91,7 +91,7 @@ pub struct EndpointPolicy {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     /// Address prefix → identity: pod addresses (/32, /128), ipBlock cidrs and excepts, host addresses
-    /// (node IPs and host-network pods) → [`ztrust_common::identity::HOST`], and always `0.0.0.0/0` (the
+    /// (node IPs, the node's other local addresses and host-network pods) → [`ztrust_common::identity::HOST`], and always `0.0.0.0/0` (the
     /// kernel's `::ffff:0:0/96`, [`ztrust_common::identity::WORLD`] unless it is an ipBlock) so that no
     /// IPv6 prefix is ever the longest match of an IPv4 address. IPv6 prefixes and addresses inside
     /// `::ffff:0:0/96` have no entry: the kernel would key them as IPv4.

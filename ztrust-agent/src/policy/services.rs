@@ -73,13 +73,16 @@ pub fn frontends_at(
     }
     departed.observe(&backends, now);
     let mut out: BTreeMap<Frontend, BTreeSet<BackendClass>> = BTreeMap::new();
-    for (frontend, addrs) in &backends {
-        let lingering = departed.of(frontend);
+    let none = BTreeSet::new();
+    let all: BTreeSet<Frontend> = backends.keys().chain(departed.frontends()).copied().collect();
+    for frontend in all {
+        let addrs = backends.get(&frontend).unwrap_or(&none);
+        let lingering = departed.of(&frontend);
         let classes = addrs
             .iter()
             .chain(lingering)
             .map(|(ip, target)| (index.identity(*ip), *target));
-        out.entry(*frontend).or_default().extend(classes);
+        out.entry(frontend).or_default().extend(classes);
     }
     let backends: BTreeSet<u32> = out.values().flatten().map(|c| c.0).collect();
     let alike = egress_alike(desired, &backends);
@@ -187,31 +190,44 @@ impl Departed {
     }
 
     /// Notes each frontend's backends `now`: those gone since the last observation linger until `now` +
-    /// the grace; those back, and those past their time, do not. A frontend that is gone takes its
-    /// lost backends with it (its Service is deleted: the address is no frontend any more, which is
-    /// judged as such).
+    /// the grace; those back, and those past their time, do not. A frontend that is gone lingers with
+    /// the backends it had, for the grace too (the node's proxy removes its rules as late).
     fn observe(&mut self, backends: &BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>>, now: Instant) {
         if self.grace.is_zero() {
             self.until.clear();
             self.last.clear();
             return;
         }
-        for (frontend, now_there) in backends {
+        let none = BTreeSet::new();
+        let frontends: BTreeSet<Frontend> = backends.keys().chain(self.last.keys()).copied().collect();
+        for frontend in frontends {
+            // A frontend that is gone (its Service deleted, a port or node port changed) lost all of
+            // its backends: the node may still translate it to them as well.
+            let now_there = backends.get(&frontend).unwrap_or(&none);
             let lost = self
                 .last
-                .get(frontend)
+                .get(&frontend)
                 .into_iter()
                 .flatten()
                 .filter(|b| !now_there.contains(b));
-            let until = self.until.entry(*frontend).or_default();
+            let until = self.until.entry(frontend).or_default();
             for b in lost {
                 until.insert(*b, now + self.grace);
             }
             until.retain(|b, t| *t > now && !now_there.contains(b));
         }
-        self.until
-            .retain(|f, lost| backends.contains_key(f) && !lost.is_empty());
+        for (frontend, until) in &mut self.until {
+            if !backends.contains_key(frontend) {
+                until.retain(|_, t| *t > now);
+            }
+        }
+        self.until.retain(|_, lost| !lost.is_empty());
         self.last = backends.clone();
+    }
+
+    /// The frontends that lost backends within the grace.
+    fn frontends(&self) -> impl Iterator<Item = &Frontend> {
+        self.until.keys()
     }
 
     /// The backends `frontend` lost within the grace.
@@ -538,6 +554,23 @@ mod tests {
             e.update(&all, &slices_changed);
             assert_eq!(e.next_service_expiry(), None, "c is a backend again");
             assert_eq!(classes(&e), vec![(b, 8080), (cc, 8080)]);
+            // The Service deleted: its frontend lingers with the backends it had, for the grace.
+            let mut deleted = all.clone();
+            deleted.services.clear();
+            let service_gone = crate::policy::Changes {
+                services: all.services.keys().cloned().collect(),
+                ..Default::default()
+            };
+            let gone_at = Instant::now();
+            e.update(&deleted, &service_gone);
+            assert_eq!(
+                classes(&e),
+                vec![(b, 8080), (cc, 8080)],
+                "lingering after the deletion"
+            );
+            e.expire_services(&deleted, gone_at + grace + Duration::from_millis(50));
+            assert!(!e.desired().services.contains_key(&web), "gone after the grace");
+            assert_eq!(e.next_service_expiry(), None);
         }
     }
 
