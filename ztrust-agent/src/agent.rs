@@ -580,7 +580,8 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     // The node's local routes, for node ports on every local address (kept empty otherwise). Until the
     // first mirror, a node port at a local address is denied as `unknown-service`, never misjudged.
     let mut node_local = crate::datapath::node_local::NodeLocal::adopt(&dp.maps.node_local);
-    let mut node_local_failed = false;
+    // Consecutive failed reads of the node's local routes.
+    let mut node_local_failed = 0u32;
     let mut syncer = Syncer::adopt(&dp.maps);
     // Audit mode is a property of every endpoint entry the sync writes.
     syncer.global_flags = config.flags;
@@ -725,7 +726,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         let mut host_addrs_changed = false;
         match crate::datapath::node_local::local_routes() {
             Ok(routes) => {
-                node_local_failed = false;
+                node_local_failed = 0;
                 // Not the Service addresses (IPVS binds every ClusterIP to the node's `kube-ipvs0`):
                 // they are frontends, not the node's traffic.
                 let mut host = crate::datapath::node_local::host_addresses(&routes);
@@ -749,14 +750,18 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 }
             }
             Err(e) => {
-                if !node_local_failed {
+                node_local_failed += 1;
+                // A dump a route change interrupted is read again at the next wake-up; failing three
+                // times in a row, what the mirror holds may be stale (an address gone): emptied, every
+                // node port at an address other than a frontend's then misses and the FIB decides (not
+                // forwarded: denied).
+                if node_local_failed == 3 {
                     error!(error = %e, "cannot read the node's local routes (rtnetlink): the node's addresses stay as last read; node ports at any local address are denied (unknown-service) until they can be read");
-                }
-                node_local_failed = true;
-                // What it held may be stale (an address gone): empty, every node port at an address
-                // other than a frontend's misses and the FIB decides (not forwarded: denied).
-                if let Err(e) = node_local.sync(&mut dp.maps.node_local, &BTreeMap::new()) {
-                    error!(error = %e, "cannot empty the mirror of the node's local routes");
+                    if let Err(e) = node_local.sync(&mut dp.maps.node_local, &BTreeMap::new()) {
+                        error!(error = %e, "cannot empty the mirror of the node's local routes");
+                    }
+                } else if node_local_failed < 3 {
+                    warn!(error = %e, "reading the node's local routes (rtnetlink) failed; reading again");
                 }
             }
         }
