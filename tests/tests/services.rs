@@ -107,8 +107,14 @@ fn judged(lab: &Lab, vip: [u8; 4], port: u16, sport: u16) -> (u32, u8) {
         ETH_P_IP,
         &ipv4(lab.ip(B), vip, proto::TCP, tcp(sport, port, 0x02, b"")),
     );
+    judged_frame(lab, &frame)
+}
+
+/// b's `frame` through its real interface's program: the verdict and the reason it was counted with
+/// (0: none of [`REASONS`]).
+fn judged_frame(lab: &Lab, frame: &[u8]) -> (u32, u8) {
     let before = counts(lab);
-    let got = common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &frame);
+    let got = common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], frame);
     let after = counts(lab);
     let counted = REASONS
         .iter()
@@ -116,6 +122,23 @@ fn judged(lab: &Lab, vip: [u8; 4], port: u16, sport: u16) -> (u32, u8) {
         .find(|(_, (x, y))| x != y)
         .map_or(0, |(r, _)| *r);
     (got, counted)
+}
+
+/// The node's local routes as the agent reads them (from the node's namespace), mirrored into the
+/// lab's map through `mirror`; the routes.
+fn mirror_node_routes(
+    lab: &mut Lab,
+    mirror: &mut ztrust_agent::datapath::node_local::NodeLocal,
+) -> std::collections::BTreeMap<ipnet::IpNet, bool> {
+    let node = lab.topo.node.clone();
+    let routes = std::thread::spawn(move || {
+        common::enter_netns(&node);
+        ztrust_agent::datapath::node_local::local_routes().expect("the node's local routes")
+    })
+    .join()
+    .unwrap();
+    mirror.sync(&mut lab.dp.maps.node_local, &routes).unwrap();
+    routes
 }
 
 /// Every judgment a connection to a Service can get, through the real program: to a Service whose
@@ -652,18 +675,7 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
         sh(&["ip", "-n", &node, "addr", "add", addr, "dev", "lo"]);
     }
     let mut mirror = ztrust_agent::datapath::node_local::NodeLocal::default();
-    let mirror_routes = |lab: &mut Lab, mirror: &mut ztrust_agent::datapath::node_local::NodeLocal| {
-        let node = lab.topo.node.clone();
-        let routes = std::thread::spawn(move || {
-            common::enter_netns(&node);
-            ztrust_agent::datapath::node_local::local_routes().expect("the node's local routes")
-        })
-        .join()
-        .unwrap();
-        mirror.sync(&mut lab.dp.maps.node_local, &routes).unwrap();
-        routes
-    };
-    let routes = mirror_routes(&mut lab, &mut mirror);
+    let routes = mirror_node_routes(&mut lab, &mut mirror);
     let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
     assert_eq!(routes.get(&net("192.0.2.77/32")), Some(&true), "{routes:?}");
     assert_eq!(routes.get(&net("198.51.100.255/32")), Some(&false), "{routes:?}");
@@ -778,7 +790,7 @@ fn node_ports_at_any_local_address_are_judged_by_their_backends() {
         (SHOT, reason::UNKNOWN_SERVICE),
         "an address newer than the mirror"
     );
-    mirror_routes(&mut lab, &mut mirror);
+    mirror_node_routes(&mut lab, &mut mirror);
     assert_eq!(
         judged(&lab, later, 30080, 47312),
         (OK, reason::ALLOWED_BY_POLICY),
@@ -850,12 +862,7 @@ fn ipv6_node_ports_at_any_local_address_are_judged_by_their_backends() {
         &a_if,
         "nodad",
     ]);
-    let routes = std::thread::spawn(move || {
-        common::enter_netns(&node);
-        ztrust_agent::datapath::node_local::local_routes().expect("the node's local routes")
-    })
-    .join()
-    .unwrap();
+    let routes = mirror_node_routes(&mut lab, &mut Default::default());
     let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
     assert_eq!(routes.get(&net("2001:db8:77::1/128")), Some(&true), "{routes:?}");
     assert_eq!(
@@ -864,9 +871,6 @@ fn ipv6_node_ports_at_any_local_address_are_judged_by_their_backends() {
         "anycast: {routes:?}"
     );
     assert_eq!(routes.get(&net("fe80::77/128")), None, "link-local: {routes:?}");
-    ztrust_agent::datapath::node_local::NodeLocal::default()
-        .sync(&mut lab.dp.maps.node_local, &routes)
-        .unwrap();
     let config = Config {
         node_ports: node_ports::ANY_LOCAL,
         ..Default::default()
@@ -878,15 +882,7 @@ fn ipv6_node_ports_at_any_local_address_are_judged_by_their_backends() {
             ETH_P_IPV6,
             &common::attack::ipv6(lab.ip6(B), to.octets(), proto::TCP, tcp(sport, port, 0x02, b"")),
         );
-        let before = counts(lab);
-        let got = common::test_run(&lab.dp, names::PROG_FROM_POD, lab.ifindex[B], &frame);
-        let after = counts(lab);
-        let counted = REASONS
-            .iter()
-            .zip(before.iter().zip(&after))
-            .find(|(_, (x, y))| x != y)
-            .map_or(0, |(r, _)| *r);
-        (got, counted)
+        judged_frame(lab, &frame)
     };
     const OK: u32 = 0;
     const SHOT: u32 = 2;
