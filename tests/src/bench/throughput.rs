@@ -648,8 +648,8 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
     };
     set_ip(dp, CLIENT_IP, client_id);
     set_ip(dp, SERVER_IP, server_id);
-    let pol = |dp: &mut Datapath, remote: u32, protocol: u8, port: u16, rule: u32| {
-        let key = PolicyKey::new(server_if, remote, dir::INGRESS, protocol, port);
+    // An allow entry of `key` (one port) for rule `rule`.
+    let allow = |dp: &mut Datapath, key: PolicyKey, rule: u32| {
         dp.maps
             .policy
             .insert(
@@ -662,24 +662,21 @@ fn fill_maps(dp: &mut Datapath, n: usize, client_if: u32, server_if: u32) {
             )
             .expect("policy");
     };
+    let pol = |dp: &mut Datapath, remote: u32, protocol: u8, port: u16, rule: u32| {
+        allow(
+            dp,
+            PolicyKey::new(server_if, remote, dir::INGRESS, protocol, port),
+            rule,
+        );
+    };
     for i in 0..n.saturating_sub(ALLOWED.len()) {
         set_ip(dp, filler_ip(i), 1000 + i as u32);
         pol(dp, 1000 + i as u32, proto::TCP, filler_port(i), i as u32 + 1);
     }
     for (p, port) in ALLOWED {
         pol(dp, client_id, p, port, n as u32);
-        let key = PolicyKey::new(client_if, server_id, dir::EGRESS, p, port);
-        dp.maps
-            .policy
-            .insert(
-                PolicyKey::PREFIX_FULL,
-                &key,
-                &PolicyValue {
-                    rule_id: n as u32 + 1,
-                    _pad: 0,
-                },
-            )
-            .expect("policy");
+        let egress = PolicyKey::new(client_if, server_id, dir::EGRESS, p, port);
+        allow(dp, egress, n as u32 + 1);
     }
     let service = |identity, port| {
         let mut v = ServiceValue {
