@@ -691,7 +691,34 @@ fn agent_image_args(agent: &Path) -> Result<Vec<String>> {
     Ok(args)
 }
 
+/// Kills what still runs in the named network namespace and deletes it; nothing to do if it is not there.
+fn delete_netns(name: &str) -> Result<()> {
+    if !Path::new(&format!("/run/netns/{name}")).exists() {
+        return Ok(());
+    }
+    if let Some(pids) = output(cmd("ip", &["netns", "pids", name])) {
+        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            signal(pid, "KILL");
+        }
+    }
+    run(cmd("ip", &["netns", "del", name]))
+}
+
+fn link_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).exists()
+}
+
 fn create_network() -> Result<()> {
+    // A previous cluster's link, if its namespace's deferred clean-up has not run yet: give the kernel
+    // a moment, then delete it (a `cluster down` of an older xtask left it to that clean-up).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while link_exists(HOST_IF) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    if link_exists(HOST_IF) {
+        eprintln!("{HOST_IF} of a previous cluster is still there: deleting it");
+        run(cmd("ip", &["link", "del", HOST_IF]))?;
+    }
     let host = format!("{HOST_IP}/{LINK_PREFIX_LEN}");
     let node = format!("{NODE_IP}/{LINK_PREFIX_LEN}");
     run(cmd("ip", &["netns", "add", NETNS]))?;
@@ -1387,15 +1414,8 @@ pub fn down() -> Result<()> {
             let _ = Command::new("umount").args(["-l", m]).status();
         }
     }
-    if Path::new(&format!("/run/netns/{EXT_NETNS}")).exists() {
-        if let Some(pids) = output(cmd("ip", &["netns", "pids", EXT_NETNS])) {
-            for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-                signal(pid, "KILL");
-            }
-        }
-        if let Err(e) = run(cmd("ip", &["netns", "del", EXT_NETNS])) {
-            eprintln!("warning: {e:#}; going on");
-        }
+    if let Err(e) = delete_netns(EXT_NETNS) {
+        eprintln!("warning: {e:#}; going on");
     }
     // The DaemonSet's agent pinned its programs and maps on the host's bpffs so that they outlive it;
     // with the node gone they enforce nothing (their interfaces are gone), and the next cluster's agent
@@ -1405,11 +1425,26 @@ pub fn down() -> Result<()> {
     {
         eprintln!("warning: removing {AGENT_PIN_DIR}: {e}; going on");
     }
+    // The node's sockets: an orphaned TCP connection to a pod that is gone retransmits for minutes and
+    // keeps the namespace, and so its devices, alive after it is deleted.
     if Path::new(&netns_path()).exists() {
-        // Its veths (the host's ztcluster0 with them, and the host routes through it), kube-proxy's
-        // rules and conntrack entries go with it.
-        run(cmd("ip", &["netns", "del", NETNS]))?;
+        let mut ss = cmd(
+            "nsenter",
+            &[&format!("--net={}", netns_path()), "--", "ss", "-K", "-a", "-n"],
+        );
+        ss.stdout(Stdio::null());
+        if let Err(e) = run(ss) {
+            eprintln!("warning: closing the node's sockets: {e:#}; going on");
+        }
     }
+    // The host's end of the node's link first, by itself: deleting a veth takes its peer with it at
+    // once, while a deleted namespace's devices go only when the kernel's deferred clean-up of the
+    // namespace runs, which a `cluster up` right after this one can beat ("File exists").
+    if link_exists(HOST_IF) {
+        run(cmd("ip", &["link", "del", HOST_IF]))?;
+    }
+    // Its other veths, kube-proxy's rules and conntrack entries go with it.
+    delete_netns(NETNS)?;
     remove_cgroups();
     // libcni's cache of our pods' results (containerd 1.6 does not move it from /var/lib/cni): the
     // network of the configuration and containerd's loopback.
