@@ -17,7 +17,8 @@ use crate::flows::{AllowedBy, EndpointView, Flow, PodView, View};
 use crate::model::{Cluster, ObjectRef};
 use crate::netif::{self, HostRoutes};
 use crate::policy::{Changes, Delta, Desired, Engine};
-use crate::source::dir::{self, Loaded};
+use crate::source::LoadError;
+use crate::source::dir::DirWatch;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -124,115 +125,14 @@ pub struct Options {
     pub observer: crate::observer::tasks::ObserverOptions,
 }
 
-/// Per-file last good parse: a file that stops parsing keeps its previous objects in force, so a typo in
-/// one file never lifts the policies it held.
-#[derive(Default)]
-struct DirSource {
-    root: PathBuf,
-    /// The files as of the last poll; `None` before the first (whose snapshot is reported even when
-    /// the directory is empty: an empty directory is an empty cluster, not "nothing yet").
-    fingerprint: Option<Vec<(PathBuf, SystemTime, u64)>>,
-    files: BTreeMap<PathBuf, Loaded>,
-    reported: BTreeSet<String>,
-}
-
-impl DirSource {
-    fn new(root: PathBuf) -> Self {
-        Self {
-            root,
-            ..Default::default()
-        }
-    }
-
-    fn scan(&self) -> Vec<(PathBuf, SystemTime, u64)> {
-        let mut out = Vec::new();
-        let mut stack = vec![self.root.clone()];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let path = e.path();
-                let Ok(meta) = e.metadata() else { continue };
-                if meta.is_dir() {
-                    stack.push(path);
-                } else if matches!(
-                    path.extension().and_then(|x| x.to_str()),
-                    Some("yaml" | "yml" | "json")
-                ) {
-                    out.push((
-                        path,
-                        meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                        meta.len(),
-                    ));
-                }
-            }
-        }
-        out.sort();
-        out
-    }
-
-    /// Re-reads changed files. Returns the merged state when anything changed.
-    fn poll(&mut self) -> Option<Loaded> {
-        let now = self.scan();
-        if self.fingerprint.as_ref() == Some(&now) {
-            return None;
-        }
-        let old: BTreeMap<_, _> = self
-            .fingerprint
-            .iter()
-            .flatten()
-            .map(|(p, t, l)| (p.clone(), (*t, *l)))
-            .collect();
-        self.files.retain(|p, _| now.iter().any(|(q, _, _)| q == p));
-        for (path, mtime, len) in &now {
-            if old.get(path) == Some(&(*mtime, *len)) {
-                continue;
-            }
-            let text = match std::fs::read_to_string(path) {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(file = %path.display(), error = %e, "cannot read manifest; keeping its last good objects");
-                    continue;
-                }
-            };
-            let loaded = dir::parse_str(&path.display().to_string(), &text);
-            let objects =
-                loaded.cluster.namespaces.len() + loaded.cluster.pods.len() + loaded.cluster.policies.len();
-            if objects == 0 && !loaded.errors.is_empty() && self.files.contains_key(path) {
-                for e in &loaded.errors {
-                    error!("{e} (keeping the objects this file held before)");
-                }
-                continue;
-            }
-            self.files.insert(path.clone(), loaded);
-        }
-        self.fingerprint = Some(now);
-        let mut merged = Loaded::default();
-        for loaded in self.files.values() {
-            dir::merge(&mut merged, loaded.clone());
-        }
-        let mut reported = BTreeSet::new();
-        for e in &merged.errors {
-            let msg = e.to_string();
-            if !self.reported.contains(&msg) {
-                error!("{msg}");
-            }
-            reported.insert(msg);
-        }
-        self.reported = reported;
-        Some(merged)
-    }
-}
-
-/// Where the cluster comes from. Each keeps the current cluster; a poll says which objects changed.
 /// How long an interface may be held closed with no pod before the agent says so.
 const HELD_CLOSED_WARNING: Duration = Duration::from_secs(10);
 
+/// Where the cluster comes from. Each keeps the current cluster; a poll says which objects changed.
 enum Watched {
     /// Files give whole snapshots: the changes are what differs from the previous one.
     Dir {
-        source: DirSource,
+        source: DirWatch,
         cluster: Cluster,
         node_ips: Vec<std::net::IpAddr>,
         node_ports_any_local: bool,
@@ -245,7 +145,7 @@ enum Watched {
 
 impl Watched {
     /// What changed since the last call and the source's problems; `None` if nothing did.
-    fn poll(&mut self) -> Option<(Changes, Vec<crate::source::dir::LoadError>)> {
+    fn poll(&mut self) -> Option<(Changes, Vec<LoadError>)> {
         match self {
             Watched::Dir {
                 source,
@@ -633,7 +533,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
 
     let mut source = match &opts.source {
         Source::Dir(root) => Watched::Dir {
-            source: DirSource::new(root.clone()),
+            source: DirWatch::new(root.clone()),
             cluster: Cluster {
                 node_ips: opts.node_ips.clone(),
                 node_ports_any_local: opts.node_ports_any_local,
@@ -1109,28 +1009,6 @@ mod tests {
         assert_eq!(view.pods_by_ip.len(), 1);
         update_view_pods(&mut view, &c, &[web.clone()].into(), &mut addrs);
         assert!(view.pods_by_ip.is_empty() && addrs.is_empty());
-    }
-
-    #[test]
-    fn an_empty_directory_is_an_empty_cluster_once() {
-        let dir = std::env::temp_dir().join(format!("ztrust-empty-dir-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut source = DirSource::new(dir.clone());
-        let first = source
-            .poll()
-            .expect("the first poll reports a snapshot, even of nothing");
-        assert!(
-            first.cluster.pods.is_empty() && first.cluster.policies.is_empty() && first.errors.is_empty()
-        );
-        assert!(source.poll().is_none(), "nothing changed since");
-        std::fs::write(
-            dir.join("ns.yaml"),
-            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: a\n",
-        )
-        .unwrap();
-        let second = source.poll().expect("a new file is a change");
-        assert!(second.cluster.namespaces.contains_key("a"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn pod(ns: &str, name: &str, host_network: bool, node: Option<&str>) -> Pod {

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use fake_apiserver::{Change, FakeApiServer, Kind};
 use serde_json::{Value, json};
 use ztrust_agent::model::ObjectRef;
-use ztrust_agent::source::dir::Loaded;
 use ztrust_agent::source::kube::{KubeSource, Options};
+use ztrust_agent::source::{Loaded, Origin};
 
 /// The bound the issue sets for a change to reach a snapshot.
 const CHANGE_BOUND: Duration = Duration::from_secs(2);
@@ -500,7 +500,7 @@ async fn events_for_policies_that_cannot_be_fully_enforced() {
         .collect();
     assert_eq!(problems.len(), 1, "{:?}", loaded.errors);
     let e = problems[0];
-    assert_eq!(e.file, "kube");
+    assert_eq!(e.origin, Origin::Api);
     assert_eq!(e.object, "NetworkPolicy payments/database-ingress");
     assert_eq!(e.field, "spec.ingress[0].from[0].ipBlock.cidr");
     // Fail closed: the policy is there, with the invalid peer dropped.

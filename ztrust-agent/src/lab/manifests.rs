@@ -14,13 +14,13 @@
 //! ```
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use serde::Deserialize as _;
 use serde_json::{Value, json};
 
 use super::{Error, Result, io_err};
 use crate::model::{self, ContainerPort, Protocol};
+use crate::source::Problem;
 use crate::source::dir;
 
 pub const LAB_API_PREFIX: &str = "lab.ztrust.io/";
@@ -94,19 +94,14 @@ pub struct Read {
     pub skipped: Vec<String>,
 }
 
-/// Reads a manifest file, or every `*.yaml`/`*.yml`/`*.json` under a directory (recursively, sorted).
-/// Multi-document files and `kind: List` are expanded. A later definition of the same object wins.
+/// Reads a manifest file, or every manifest file under a directory ([`dir::manifest_files`]).
+/// Multi-document files and `kind: List` are expanded ([`dir::documents`]). A later definition of the
+/// same object wins.
 pub fn read_path(path: &Path) -> Result<Read> {
-    let mut files = Vec::new();
-    let meta = std::fs::metadata(path).map_err(io_err(format!("reading {}", path.display())))?;
-    if meta.is_dir() {
-        collect(path, &mut files)?;
-        files.sort();
-    } else {
-        files.push(path.to_owned());
-    }
+    let files = dir::manifest_files(path).map_err(io_err(format!("reading {}", path.display())))?;
     let mut out = Read::default();
     for file in files {
+        let file = file.path;
         let text = std::fs::read_to_string(&file).map_err(io_err(format!("reading {}", file.display())))?;
         let read = parse_text(&file.display().to_string(), &text)?;
         for o in read.objects {
@@ -118,38 +113,26 @@ pub fn read_path(path: &Path) -> Result<Read> {
     Ok(out)
 }
 
-fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).map_err(io_err(format!("listing {}", dir.display())))? {
-        let entry = entry.map_err(io_err(format!("listing {}", dir.display())))?;
-        let path = entry.path();
-        if path.is_dir() {
-            collect(&path, out)?;
-        } else if matches!(
-            path.extension().and_then(|x| x.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
+/// The objects of one file's text; a syntax error fails the whole file, a malformed `List` is skipped.
 pub fn parse_text(file: &str, text: &str) -> Result<Read> {
     let mut out = Read::default();
-    for document in serde_yaml::Deserializer::from_str(text) {
-        let value = Value::deserialize(document).map_err(|e| Error::Parse {
-            file: file.to_owned(),
-            message: e.to_string(),
-        })?;
-        add(file, value, &mut out);
+    let (documents, errors) = dir::documents(text);
+    for e in errors {
+        if let Problem::Syntax(message) = e.problem {
+            return Err(Error::Parse {
+                file: file.to_owned(),
+                message,
+            });
+        }
+        out.skipped.push(format!("{file}: {e}; skipped"));
+    }
+    for d in documents {
+        add(file, d.value, &mut out);
     }
     Ok(out)
 }
 
 fn add(file: &str, value: Value, out: &mut Read) {
-    if value.is_null() {
-        return; // an empty document (`---` at the end)
-    }
     let api = value
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -160,14 +143,6 @@ fn add(file: &str, value: Value, out: &mut Read) {
         .and_then(Value::as_str)
         .unwrap_or_default()
         .to_owned();
-    if kind == "List" {
-        if let Some(items) = value.get("items").and_then(Value::as_array) {
-            for item in items.clone() {
-                add(file, item, out);
-            }
-        }
-        return;
-    }
     let kind = match (api.as_str(), kind.as_str()) {
         ("v1", "Namespace") => Kind::Namespace,
         ("v1", "Pod") => Kind::Pod,

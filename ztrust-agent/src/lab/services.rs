@@ -286,7 +286,7 @@ pub fn realise(state: &LabState) -> Result<()> {
                     "metadata": {
                         "name": if family_v4 { name.clone() } else { format!("{name}-v6") },
                         "namespace": svc.namespace,
-                        "labels": { crate::source::services::SERVICE_NAME_LABEL: svc.name },
+                        "labels": { crate::source::convert::services::SERVICE_NAME_LABEL: svc.name },
                     },
                     "addressType": if family_v4 { "IPv4" } else { "IPv6" },
                     "ports": ports.iter().map(|(n, p, port)| json!({ "name": n, "protocol": p.as_str(), "port": port })).collect::<Vec<_>>(),

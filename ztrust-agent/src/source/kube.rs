@@ -12,7 +12,7 @@
 //!   force (the agent keeps enforcing it), and the watcher's backoff (0.8 s doubling to 30 s) reconnects.
 //! - All pods are kept, not only this node's: policy peers are cluster-wide. `spec.nodeName` stays in the
 //!   model so the agent can tell its local pods.
-//! - Problems in NetworkPolicies (an invalid peer, port, selector: see [`dir::convert_policy`], which
+//! - Problems in NetworkPolicies (an invalid peer, port, selector: see [`convert::convert_policy`], which
 //!   fails closed) become Kubernetes Events on the policy, once per distinct set of problems, when
 //!   [`Options::events`] is set.
 //!
@@ -53,11 +53,8 @@ use tracing::{debug, info, warn};
 
 use crate::model::{self, Cluster};
 use crate::policy::Changes;
-use crate::source::dir::{self, LoadError, Loaded};
-use crate::source::services;
-
-/// What [`LoadError::file`] says for objects read from the API server.
-pub const FILE: &str = "kube";
+use crate::source::convert::{self, services};
+use crate::source::{Converted, Effect, LoadError, Loaded, Origin, Problem};
 
 /// `reportingController` of the Events the source emits.
 pub const CONTROLLER: &str = "ztrust.io/agent";
@@ -556,7 +553,7 @@ impl KubeSource {
             let converted = self
                 .namespaces
                 .get(&reflector::ObjectRef::new(name))
-                .map(|ns| dir::convert_namespace(&ns));
+                .map(|ns| convert::convert_namespace(&ns));
             let (value, errors) = split(converted);
             set_problems(&mut self.problems, ("Namespace", name.clone()), errors);
             if replace(&mut self.cluster.namespaces, name.clone(), value) {
@@ -584,7 +581,7 @@ impl KubeSource {
         for key in &touched.policies {
             let r = reflector::ObjectRef::new(&key.name).within(&key.namespace);
             let object = self.policies.get(&r);
-            let converted = object.as_ref().map(|np| dir::convert_policy(np));
+            let converted = object.as_ref().map(|np| convert::convert_policy(np));
             self.policy_refs.retain(|_, reference| {
                 reference.namespace.as_deref() != Some(key.namespace.as_str())
                     || reference.name.as_deref() != Some(key.name.as_str())
@@ -643,14 +640,14 @@ impl KubeSource {
                 let r = reflector::ObjectRef::new(&pkey.name).within(&pkey.namespace);
                 let Some(np) = self.policies.get(&r) else { continue };
                 let error = LoadError {
-                    file: FILE.to_owned(),
-                    object: dir::object_name("NetworkPolicy", &np.metadata, true),
+                    origin: Origin::Api,
+                    object: convert::object_name("NetworkPolicy", &np.metadata, true),
                     field: "spec.podSelector".to_owned(),
-                    problem: dir::Problem::SelectsHostNetworkPod {
+                    problem: Problem::SelectsHostNetworkPod {
                         pod: key.clone(),
                         node: node.clone(),
                     },
-                    effect: dir::Effect::None,
+                    effect: Effect::None,
                 };
                 out.push((error, np.object_ref(&())));
             }
@@ -717,14 +714,17 @@ fn key_of(meta: &ObjectMeta) -> model::ObjectRef {
 /// A pod as the model sees it; `None` for a pod that has run to completion: it has given its addresses
 /// back to the node's IPAM, which may already have handed them to a new pod, so it must not claim them.
 /// <https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/#pod-phase>
-fn convert_pod(pod: &Pod) -> Option<dir::Converted<model::Pod>> {
+fn convert_pod(pod: &Pod) -> Option<Converted<model::Pod>> {
     let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    (!matches!(phase, Some("Succeeded" | "Failed"))).then(|| dir::convert_pod(pod))
+    (!matches!(phase, Some("Succeeded" | "Failed"))).then(|| convert::convert_pod(pod))
 }
 
-fn split<T>(c: Option<dir::Converted<T>>) -> (Option<T>, Vec<LoadError>) {
+fn split<T>(c: Option<Converted<T>>) -> (Option<T>, Vec<LoadError>) {
     match c {
-        Some(c) => (c.value, c.errors.into_iter().map(|e| e.in_file(FILE)).collect()),
+        Some(c) => (
+            c.value,
+            c.errors.into_iter().map(|e| e.at(&Origin::Api)).collect(),
+        ),
         None => (None, Vec::new()),
     }
 }
@@ -906,7 +906,7 @@ fn slim_policy(np: &mut NetworkPolicy) {
     slim_metadata(&mut np.metadata);
 }
 
-/// Keeps what [`dir::convert_pod`] and the phase check read: labels, annotations, addresses, phase,
+/// Keeps what [`convert::convert_pod`] and the phase check read: labels, annotations, addresses, phase,
 /// node, host network, container ports. Every pod of the cluster is stored: a full Pod (conditions,
 /// container statuses, volumes, env) is ten times this.
 fn slim_pod(pod: &mut Pod) {
@@ -1019,7 +1019,7 @@ mod tests {
         .unwrap();
         let mut slim = full.clone();
         slim_pod(&mut slim);
-        let (a, b) = (dir::convert_pod(&full), dir::convert_pod(&slim));
+        let (a, b) = (convert::convert_pod(&full), convert::convert_pod(&slim));
         assert_eq!(a.errors, b.errors);
         let (mut a, b) = (a.value.unwrap(), b.value.unwrap());
         // Only the last-applied annotation differs: nobody reads it.

@@ -8,8 +8,9 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 
-use super::dir::{Converted, Effect, ObjectError, Problem, object_name, protocol};
+use super::{object_name, protocol};
 use crate::model;
+use crate::source::problem::{Converted, Effect, ObjectError, Problem};
 
 /// The label of an EndpointSlice that names its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
