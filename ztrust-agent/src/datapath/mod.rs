@@ -1,4 +1,5 @@
 //! Loading, attaching and syncing the eBPF datapath.
+pub mod bind;
 pub mod loader;
 pub mod node_local;
 pub mod pins;

@@ -222,6 +222,76 @@ impl NodeLocal {
     }
 }
 
+/// The node's local routing table as the agent's loop reads it on every wake-up (a route announcement
+/// wakes the loop, the tick catches what one would hide): the node's addresses, for the engine (its
+/// traffic to a pod may come from any of them), and, with node ports on every local address, the
+/// mirror for the kernel.
+#[derive(Debug)]
+pub struct Mirror {
+    written: NodeLocal,
+    /// Node ports on every local address (`--nodeport-addresses all`): else the map is kept empty.
+    any_local: bool,
+    /// Consecutive failed reads.
+    failed: u32,
+}
+
+impl Mirror {
+    /// Until the first mirror, a node port at a local address is denied as `unknown-service`, never
+    /// misjudged.
+    pub fn adopt(map: &LpmTrie<MapData, IpcacheKey, u32>, any_local: bool) -> Self {
+        Self {
+            written: NodeLocal::adopt(map),
+            any_local,
+            failed: 0,
+        }
+    }
+
+    /// Reads the routes and mirrors them. Returns the node's local addresses but those in
+    /// `service_cidrs` (IPVS binds every ClusterIP to the node's `kube-ipvs0`: they are frontends, not
+    /// the node's traffic), or `None` when the routes could not be read (the addresses stay as last
+    /// read).
+    pub fn refresh(
+        &mut self,
+        map: &mut LpmTrie<MapData, IpcacheKey, u32>,
+        service_cidrs: &[IpNet],
+    ) -> Option<std::collections::BTreeSet<std::net::IpAddr>> {
+        let routes = match local_routes() {
+            Ok(routes) => routes,
+            Err(e) => {
+                self.failed += 1;
+                // A dump a route change interrupted is read again at the next wake-up; failing three
+                // times in a row, what the mirror holds may be stale (an address gone): emptied, every
+                // node port at an address other than a frontend's then misses and the FIB decides (not
+                // forwarded: denied).
+                if self.failed == 3 {
+                    tracing::error!(error = %e, "cannot read the node's local routes (rtnetlink): the node's addresses stay as last read; node ports at any local address are denied (unknown-service) until they can be read");
+                    if let Err(e) = self.written.sync(map, &BTreeMap::new()) {
+                        tracing::error!(error = %e, "cannot empty the mirror of the node's local routes");
+                    }
+                } else if self.failed < 3 {
+                    tracing::warn!(error = %e, "reading the node's local routes (rtnetlink) failed; reading again");
+                }
+                return None;
+            }
+        };
+        self.failed = 0;
+        let mut host = host_addresses(&routes);
+        host.retain(|ip| !service_cidrs.iter().any(|n| n.contains(ip)));
+        let mirrored = if self.any_local { routes } else { BTreeMap::new() };
+        match self.written.sync(map, &mirrored) {
+            Ok(true) => tracing::info!(
+                local_routes = self.written.local(),
+                "node ports on every local address: the node's local routes mirrored"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot write the node's local routes; node ports at the missing addresses are denied (unknown-service)")
+            }
+        }
+        Some(host)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -410,6 +410,11 @@ impl Engine {
         }
     }
 
+    /// The node of [`Engine::for_node`].
+    pub fn node(&self) -> Option<&str> {
+        self.node.as_deref()
+    }
+
     fn is_local(&self, pod: &Pod) -> bool {
         match (&self.node, &pod.node_name) {
             (Some(node), Some(n)) => n == node,

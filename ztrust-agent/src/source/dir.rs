@@ -9,17 +9,20 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
+use tokio::sync::mpsc;
 use tracing::{error, warn};
 
-use super::Loaded;
 use super::convert;
 use super::problem::{Converted, Effect, LoadError, ObjectError, Origin, Problem};
-use crate::model;
+use super::{ClusterSource, Loaded};
+use crate::model::{self, Cluster};
+use crate::policy::Changes;
 
 /// A manifest file: its path, and its modification time and length (to tell when it changed).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -475,6 +478,129 @@ impl DirWatch {
     }
 }
 
+/// Quiet time after a file-system event before [`DirSource::changed`] resolves: an editor's save or a
+/// ConfigMap update is a handful of events.
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// The directory source as the agent runs it: [`DirWatch`] woken by the kernel's file-system events
+/// (inotify, through `notify`), with the node's context, which files cannot say (its addresses, node
+/// ports, the Service ranges), in every cluster it reports.
+pub struct DirSource {
+    watch: DirWatch,
+    /// The cluster as last reported; its node fields are the context every next one gets.
+    cluster: Cluster,
+    /// File-system events under the root; `None` when they cannot be had (no inotify, the directory
+    /// missing): then only the agent's tick finds changes, and each poll tries again.
+    events: Option<Events>,
+}
+
+struct Events {
+    _watcher: notify::RecommendedWatcher,
+    rx: mpsc::Receiver<()>,
+}
+
+impl DirSource {
+    /// `context`: the node's fields ([`Cluster::node_ips`], [`Cluster::node_ports_any_local`],
+    /// [`Cluster::service_cidrs`]); its objects are ignored.
+    pub fn new(root: PathBuf, context: &Cluster) -> Self {
+        let cluster = Cluster {
+            node_ips: context.node_ips.clone(),
+            node_ports_any_local: context.node_ports_any_local,
+            service_cidrs: context.service_cidrs.clone(),
+            host_local_addrs: context.host_local_addrs.clone(),
+            ..Cluster::default()
+        };
+        let mut source = Self {
+            watch: DirWatch::new(root),
+            cluster,
+            events: None,
+        };
+        source.ensure_events();
+        source
+    }
+
+    /// Whether file-system events wake the source (else the agent's tick polls it).
+    pub fn is_event_driven(&self) -> bool {
+        self.events.is_some()
+    }
+
+    fn ensure_events(&mut self) {
+        if self.events.is_some() {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(1);
+        let watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Reading the files is no change (and the poll reads them: waking on that would never
+            // stop); a write ends with a modification, a close after writing, or both.
+            use notify::event::{AccessKind, AccessMode, EventKind};
+            if let Ok(e) = &event
+                && let EventKind::Access(kind) = e.kind
+                && kind != AccessKind::Close(AccessMode::Write)
+            {
+                return;
+            }
+            // One pending wake-up is enough: the poll reads whatever changed.
+            let _ = tx.try_send(());
+        });
+        let root = self.watch.root().to_owned();
+        let watching = watcher.and_then(|mut w| {
+            notify::Watcher::watch(&mut w, &root, notify::RecursiveMode::Recursive).map(|()| w)
+        });
+        match watching {
+            Ok(w) => {
+                self.events = Some(Events { _watcher: w, rx });
+            }
+            Err(e) => {
+                warn!(dir = %root.display(), error = %e, "no file-system events for the manifest directory; its changes are found by polling");
+            }
+        }
+    }
+}
+
+impl ClusterSource for DirSource {
+    fn poll_changes(&mut self) -> Option<(Changes, Vec<LoadError>)> {
+        let loaded = self.watch.poll();
+        if self.watch.listing_error.is_some() {
+            // The directory (and with it its watches) may be gone: watch it again once it is back.
+            self.events = None;
+        } else {
+            self.ensure_events();
+        }
+        let loaded = loaded?;
+        let next = Cluster {
+            node_ips: self.cluster.node_ips.clone(),
+            node_ports_any_local: self.cluster.node_ports_any_local,
+            service_cidrs: self.cluster.service_cidrs.clone(),
+            host_local_addrs: self.cluster.host_local_addrs.clone(),
+            ..loaded.cluster
+        };
+        let changes = Changes::between(&self.cluster, &next);
+        self.cluster = next;
+        Some((changes, loaded.errors))
+    }
+
+    async fn changed(&mut self) {
+        let Some(events) = &mut self.events else {
+            return std::future::pending().await;
+        };
+        if events.rx.recv().await.is_none() {
+            return std::future::pending().await;
+        }
+        tokio::time::sleep(DEBOUNCE).await;
+        while events.rx.try_recv().is_ok() {}
+    }
+
+    fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    fn set_host_local_addrs(&mut self, addrs: BTreeSet<IpAddr>) -> bool {
+        let changed = self.cluster.host_local_addrs != addrs;
+        self.cluster.host_local_addrs = addrs;
+        changed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::IpAddr;
@@ -722,5 +848,37 @@ metadata: {name: s, namespace: prod}
         .unwrap();
         let second = source.poll().expect("a new file is a change");
         assert!(second.cluster.namespaces.contains_key("a"));
+    }
+
+    #[tokio::test]
+    async fn a_file_written_wakes_the_directory_source() {
+        let d = TempDir::new("dir-events");
+        let mut source = DirSource::new(d.0.clone(), &Cluster::default());
+        assert!(source.is_event_driven(), "inotify is available here");
+        let (changes, _) = source.poll_changes().expect("the first snapshot");
+        assert!(changes.namespaces.is_empty());
+        let quiet = Duration::from_millis(300);
+        // Control: with nothing written, nothing wakes it.
+        assert!(tokio::time::timeout(quiet, source.changed()).await.is_err());
+        std::fs::write(d.0.join("ns.yaml"), namespace("prod")).expect("write");
+        tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .expect("woken by the write");
+        let (changes, errors) = source.poll_changes().expect("a change");
+        assert!(errors.is_empty(), "{errors:?}");
+        assert_eq!(changes.namespaces.iter().collect::<Vec<_>>(), ["prod"]);
+        assert!(source.cluster().namespaces.contains_key("prod"));
+        // A new subdirectory is watched too (recursive).
+        std::fs::create_dir(d.0.join("team")).expect("mkdir");
+        tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .expect("woken by the mkdir");
+        let _ = source.poll_changes();
+        std::fs::write(d.0.join("team/ns.yaml"), namespace("team")).expect("write");
+        tokio::time::timeout(Duration::from_secs(5), source.changed())
+            .await
+            .expect("woken by a write in the new directory");
+        let (changes, _) = source.poll_changes().expect("a change");
+        assert_eq!(changes.namespaces.iter().collect::<Vec<_>>(), ["team"]);
     }
 }

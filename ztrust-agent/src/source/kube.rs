@@ -54,7 +54,7 @@ use tracing::{debug, info, warn};
 use crate::model::{self, Cluster};
 use crate::policy::Changes;
 use crate::source::convert::{self, services};
-use crate::source::{Converted, Effect, LoadError, Loaded, Origin, Problem};
+use crate::source::{ClusterSource, Converted, Effect, LoadError, Loaded, Origin, Problem};
 
 /// `reportingController` of the Events the source emits.
 pub const CONTROLLER: &str = "ztrust.io/agent";
@@ -406,9 +406,6 @@ impl KubeSource {
     }
 
     /// The node's other local addresses, in every cluster the source reports from now on.
-    pub fn set_host_local_addrs(&mut self, addrs: std::collections::BTreeSet<std::net::IpAddr>) {
-        self.cluster.host_local_addrs = addrs;
-    }
 
     /// Service address ranges the agent is told (`--service-cidr`), in every cluster the source reports
     /// together with those of the cluster's ServiceCIDR objects.
@@ -689,6 +686,26 @@ impl KubeSource {
             now.insert(key);
         }
         self.reported = now;
+    }
+}
+
+impl ClusterSource for KubeSource {
+    fn poll_changes(&mut self) -> Option<(Changes, Vec<LoadError>)> {
+        KubeSource::poll_changes(self)
+    }
+
+    fn changed(&mut self) -> impl std::future::Future<Output = ()> + Send {
+        self.wait_changed()
+    }
+
+    fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    fn set_host_local_addrs(&mut self, addrs: BTreeSet<std::net::IpAddr>) -> bool {
+        let changed = self.cluster.host_local_addrs != addrs;
+        self.cluster.host_local_addrs = addrs;
+        changed
     }
 }
 
