@@ -34,6 +34,8 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The unused-dependency check of `cargo xtask test` (installed by it, once).
+const MACHETE_VERSION: &str = "0.9.2";
 /// The rustup name under which Debian's toolchain (/usr) is linked for the eBPF build.
 const BPF_TOOLCHAIN: &str = "ztrust-bpf";
 
@@ -349,6 +351,7 @@ fn test_tiers(
     setup_with(TEST_PACKAGES)?;
     step("format (cargo fmt --all --check: rustfmt.toml)");
     run(cmd("cargo", &["fmt", "--all", "--check"]))?;
+    lints()?;
     step("unit tests (no root)");
     tally.run(cmd(
         "cargo",
@@ -411,6 +414,37 @@ fn test_tiers(
         fuzz(20)?;
     }
     Ok(())
+}
+
+/// Clippy with warnings as errors (`[workspace.lints]`, `clippy.toml`) and no declared dependency left
+/// unused. The kernel crate is built for the BPF target only, with a toolchain that has no clippy: its
+/// lints are those of its own build.
+fn lints() -> anyhow::Result<()> {
+    step("lints (cargo clippy -D warnings; cargo machete: no unused dependencies)");
+    run(cmd(
+        "cargo",
+        &[
+            "clippy",
+            "--locked",
+            "--workspace",
+            "--exclude",
+            "ztrust-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    ))?;
+    let have = output(cmd("cargo", &["machete", "--version"])).is_some_and(|v| v.trim() == MACHETE_VERSION);
+    if !have {
+        eprintln!("installing cargo-machete {MACHETE_VERSION} (under a minute, once)");
+        run(cmd(
+            "cargo",
+            &["install", "--locked", &format!("cargo-machete@{MACHETE_VERSION}")],
+        ))?;
+    }
+    // The workspace and, below it, the fuzz crate (its own workspace).
+    run(cmd("cargo", &["machete"]))
 }
 
 /// The test binaries (file stems) of an integration-test directory whose files hold an `#[ignore]`d

@@ -46,9 +46,8 @@ impl LinkEvents {
         )
         .map_err(io::Error::from)?;
         // SAFETY: the AsyncFd owns the socket, which stays open for as long as it is registered.
-        Ok(Self {
-            fd: unsafe { tokio::io::unix::AsyncFd::register(fd)? },
-        })
+        let fd = unsafe { tokio::io::unix::AsyncFd::register(fd)? };
+        Ok(Self { fd })
     }
 
     /// Waits for the next announcement, then takes whatever else is queued with it.

@@ -248,14 +248,9 @@ fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
             .count()
     };
     let before = mirrored();
-    for args in [vec!["addr", "add", "192.0.2.77/32", "dev", "lo"]] {
-        let out = std::process::Command::new("ip")
-            .args(["-n", &node])
-            .args(&args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "ip {args:?}: {out:?}");
-    }
+    let args = ["-n", &node, "addr", "add", "192.0.2.77/32", "dev", "lo"];
+    let out = std::process::Command::new("ip").args(args).output().unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
     // The agent mirrors the node's local routes on the announcement of the new one; until then a node
     // port at the address is denied (`unknown-service`), which is not what this test is about.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);

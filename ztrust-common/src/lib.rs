@@ -748,23 +748,34 @@ const _: () = {
 mod user {
     use super::*;
 
-    // SAFETY: all of these are #[repr(C)], made only of integers and byte arrays, with explicit padding
-    // (checked by the size assertions above), so every bit pattern is valid.
-    unsafe impl aya::Pod for EndpointInfo {}
-    unsafe impl aya::Pod for IpcacheKey {}
-    unsafe impl aya::Pod for IpcacheValue {}
-    unsafe impl aya::Pod for PolicyKey {}
-    unsafe impl aya::Pod for PolicyValue {}
-    unsafe impl aya::Pod for CtKey {}
-    unsafe impl aya::Pod for CtValue {}
-    unsafe impl aya::Pod for CounterKey {}
-    unsafe impl aya::Pod for CounterValue {}
-    unsafe impl aya::Pod for SlotCounters {}
-    unsafe impl aya::Pod for Config {}
-    unsafe impl aya::Pod for EventWindow {}
-    unsafe impl aya::Pod for ServiceKey {}
-    unsafe impl aya::Pod for ServiceValue {}
-    unsafe impl aya::Pod for FlowEvent {}
+    /// `aya::Pod` for map keys and values read and written as raw bytes.
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {
+            $(
+                // SAFETY: every one is #[repr(C)], made only of integers and byte arrays, with explicit
+                // padding (checked by the size assertions above), so every bit pattern is valid.
+                unsafe impl aya::Pod for $t {}
+            )*
+        };
+    }
+
+    pod!(
+        EndpointInfo,
+        IpcacheKey,
+        IpcacheValue,
+        PolicyKey,
+        PolicyValue,
+        CtKey,
+        CtValue,
+        CounterKey,
+        CounterValue,
+        SlotCounters,
+        Config,
+        EventWindow,
+        ServiceKey,
+        ServiceValue,
+        FlowEvent,
+    );
 }
 
 #[cfg(test)]

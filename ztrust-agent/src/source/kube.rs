@@ -328,7 +328,11 @@ impl KubeSource {
             && ready(self.policies.wait_until_ready().now_or_never())
             && ready(self.services.wait_until_ready().now_or_never())
             && ready(self.slices.wait_until_ready().now_or_never())
-            && !matches!(self.service_cidr_objects.wait_until_ready().now_or_never(), None)
+            && self
+                .service_cidr_objects
+                .wait_until_ready()
+                .now_or_never()
+                .is_some()
     }
 
     /// Waits until every kind is listed.
@@ -404,8 +408,6 @@ impl KubeSource {
     pub fn set_node_ports_any_local(&mut self, any_local: bool) {
         self.cluster.node_ports_any_local = any_local;
     }
-
-    /// The node's other local addresses, in every cluster the source reports from now on.
 
     /// Service address ranges the agent is told (`--service-cidr`), in every cluster the source reports
     /// together with those of the cluster's ServiceCIDR objects.
