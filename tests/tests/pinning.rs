@@ -322,3 +322,78 @@ fn pinned_maps_keep_their_capacity_and_a_foreign_layout_is_refused() {
     }
     loader::cleanup(&topo.pin_dir).unwrap();
 }
+
+/// `status` reads the pinned maps through the loader's wrappers: it reports the capacities the maps were
+/// pinned with (not the compile-time defaults) and counts entries as the agent does (an exact entry an
+/// agent before the policy split left in the trie as well is one entry).
+#[test]
+fn status_reports_pinned_capacities_and_counts_entries_as_the_agent_does() {
+    common::require_root();
+    let topo = common::Topology::new("ztsta", 211, 1);
+    let caps = loader::Capacities {
+        endpoints: 64,
+        ipcache: 512,
+        policy: 1024,
+        conntrack: 4096,
+    };
+    let mut dp = Datapath::load_with(&topo.pin_dir, caps).expect("load");
+    let net = |s: &str| s.parse::<IpNet>().unwrap();
+    let mut desired = Desired::default();
+    desired.ipcache.insert(net("10.0.0.1/32"), 300);
+    desired.ipcache.insert(net("192.168.0.0/16"), 302);
+    let mut syncer = Syncer::new();
+    syncer
+        .sync(&mut KernelMaps(&mut dp.maps), &desired, &BTreeMap::new())
+        .expect("sync");
+    dp.maps
+        .endpoints
+        .insert(7, EndpointInfo::default(), 0)
+        .expect("endpoint");
+    let key =
+        ztrust_common::PolicyKey::new(7, 300, ztrust_common::dir::INGRESS, ztrust_common::proto::TCP, 80);
+    let value = ztrust_common::PolicyValue { rule_id: 1, _pad: 0 };
+    let full = ztrust_common::PolicyKey::PREFIX_FULL;
+    dp.maps.policy.insert(full, &key, &value).expect("exact entry");
+    // The same entry in the trie too, as an agent before the split kept it.
+    dp.maps
+        .policy
+        .prefixes
+        .insert(&Key::new(full, key), value, 0)
+        .expect("legacy copy");
+    let wide =
+        ztrust_common::PolicyKey::new(7, 301, ztrust_common::dir::INGRESS, ztrust_common::proto::TCP, 0);
+    dp.maps
+        .policy
+        .insert(full - 16, &wide, &value)
+        .expect("any-port entry");
+
+    let st = ztrust_agent::status::read(&topo.pin_dir).expect("status");
+    assert_eq!(
+        (st.endpoints_capacity, st.ipcache_capacity, st.policy_capacity),
+        (64, 512, 1024),
+        "the pinned capacities"
+    );
+    assert_eq!(st.endpoints.len(), 1);
+    assert_eq!(
+        st.ipcache_entries,
+        syncer.ipcache_entries(),
+        "as the sync counts them"
+    );
+    assert_eq!(st.ipcache_entries, 2);
+    assert_eq!(st.policy_entries, 2, "the legacy copy is not a third entry");
+    assert!(
+        status_line(&st).contains("endpoints 1/64") && status_line(&st).contains("policy entries 2/1024"),
+        "{}",
+        status_line(&st)
+    );
+    drop(dp);
+    loader::cleanup(&topo.pin_dir).unwrap();
+}
+
+fn status_line(st: &ztrust_agent::status::Status) -> String {
+    ztrust_agent::status::render(st)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}

@@ -4,14 +4,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use aya::maps::{HashMap, LpmTrie, MapData, PerCpuArray, PerCpuHashMap};
 use serde::Serialize;
-use ztrust_common::{
-    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, SlotCounters,
-    capacity, ep_flags, names, stat,
-};
+use ztrust_common::{CounterValue, ep_flags, stat};
 
-use crate::datapath::loader::{Result, open_pinned};
+use crate::datapath::loader::{PinnedMaps, Result};
 use crate::flows::{direction_name, reason_name, verdict_name};
 
 #[derive(Debug, Default, Serialize)]
@@ -75,33 +71,21 @@ pub fn read_in_netns(pin_dir: &Path, netns: &str) -> Result<Status> {
     .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// What the pinned maps under `pin_dir` hold, read through the loader's wrappers ([`PinnedMaps`]):
+/// entries counted as the agent counts them, capacities as pinned.
 pub fn read(pin_dir: &Path) -> Result<Status> {
-    let endpoints: HashMap<MapData, u32, EndpointInfo> = open_pinned(pin_dir, names::ENDPOINTS)?;
-    let policy: LpmTrie<MapData, PolicyKey, PolicyValue> = open_pinned(pin_dir, names::POLICY)?;
-    // Absent under pins of an agent from before the policy split (all entries in the trie then).
-    let policy_exact: Option<HashMap<MapData, PolicyKey, PolicyValue>> =
-        open_pinned(pin_dir, names::POLICY_EXACT).ok();
-    let ipcache: LpmTrie<MapData, IpcacheKey, IpcacheValue> = open_pinned(pin_dir, names::IPCACHE)?;
-    // Absent under pins of an agent from before the ipcache split (all entries in the trie then).
-    let ipcache_hosts: Option<HashMap<MapData, IpcacheKey, IpcacheValue>> =
-        open_pinned(pin_dir, names::IPCACHE_HOSTS).ok();
-    let counters: PerCpuHashMap<MapData, CounterKey, CounterValue> = open_pinned(pin_dir, names::COUNTERS)?;
-    // Absent under pins of an agent from before the slots (every packet in the hash then).
-    let slot_counters: Option<PerCpuArray<MapData, SlotCounters>> =
-        open_pinned(pin_dir, names::SLOT_COUNTERS).ok();
-    let stats: PerCpuArray<MapData, u64> = open_pinned(pin_dir, names::STATS)?;
-    let sum_stat = |i: u32| stats.get(&i, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+    let maps = PinnedMaps::open(pin_dir)?;
     let mut st = Status {
-        endpoints_capacity: capacity::ENDPOINTS,
-        policy_capacity: capacity::POLICY,
-        ipcache_capacity: capacity::IPCACHE,
-        policy_entries: policy.keys().count() + policy_exact.map_or(0, |h| h.keys().count()),
-        ipcache_entries: ipcache.keys().count() + ipcache_hosts.map_or(0, |h| h.keys().count()),
-        events_lost: sum_stat(stat::EVENTS_LOST),
-        events_rate_limited: sum_stat(stat::EVENTS_RATE_LIMITED),
-        events_over_budget: sum_stat(stat::EVENTS_OVER_BUDGET),
-        ct_insert_failed: sum_stat(stat::CT_INSERT_FAILED),
-        peer_judged: sum_stat(stat::PEER_JUDGED),
+        endpoints_capacity: maps.capacities.endpoints,
+        policy_capacity: maps.capacities.policy,
+        ipcache_capacity: maps.capacities.ipcache,
+        policy_entries: maps.policy.entries().count(),
+        ipcache_entries: maps.ipcache.entries().count(),
+        events_lost: maps.stat(stat::EVENTS_LOST),
+        events_rate_limited: maps.stat(stat::EVENTS_RATE_LIMITED),
+        events_over_budget: maps.stat(stat::EVENTS_OVER_BUDGET),
+        ct_insert_failed: maps.stat(stat::CT_INSERT_FAILED),
+        peer_judged: maps.stat(stat::PEER_JUDGED),
         ..Default::default()
     };
     let mut agg: BTreeMap<(u32, u8, u8, u8), CounterValue> = BTreeMap::new();
@@ -110,7 +94,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         total.packets += v.packets;
         total.bytes += v.bytes;
     };
-    for (ifindex, info) in endpoints.iter().flatten() {
+    for (ifindex, info) in maps.endpoints.iter().flatten() {
         st.endpoints.push(EndpointRow {
             ifindex,
             interface: ifname(ifindex),
@@ -120,19 +104,14 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
             audit: info.flags & ep_flags::AUDIT != 0,
         });
         // An endpoint's established packets are counted in its slot, everything else in the hash.
-        if let Some(per_cpu) = slot_counters
-            .as_ref()
-            .and_then(|slots| slots.get(&info.slot, 0).ok())
-        {
-            for ((direction, verdict, reason), v) in SlotCounters::total(per_cpu.iter()).entries() {
-                if v.packets > 0 {
-                    add((ifindex, direction, verdict, reason), &v);
-                }
+        for ((direction, verdict, reason), v) in maps.slot_counts(&info).entries() {
+            if v.packets > 0 {
+                add((ifindex, direction, verdict, reason), &v);
             }
         }
     }
     st.endpoints.sort_by_key(|e| e.ifindex);
-    for (key, values) in counters.iter().flatten() {
+    for (key, values) in maps.counters.iter().flatten() {
         for v in values.iter() {
             add((key.ifindex, key.direction, key.verdict, key.reason), v);
         }

@@ -1022,6 +1022,67 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<()> {
     }
 }
 
+/// The maps of a running (or exited) agent, opened from their pins to be read (`status`): through the
+/// wrappers the agent writes with, so that entries are counted as it counts them, with the capacities
+/// the maps were pinned with (which may not be the defaults: `--max-*`, or an earlier agent's).
+pub struct PinnedMaps {
+    pub endpoints: HashMap<MapData, u32, EndpointInfo>,
+    slot_counters: PerCpuArray<MapData, SlotCounters>,
+    pub ipcache: Ipcache,
+    pub policy: Policy,
+    pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    pub stats: PerCpuArray<MapData, u64>,
+    pub capacities: Capacities,
+}
+
+impl PinnedMaps {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        let max_entries = |name: &'static str| -> Result<u32> {
+            let path = pin_dir.join("maps").join(name);
+            let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| Error::Map { name, source })?;
+            Ok(info.max_entries())
+        };
+        // The two halves of the ipcache and of the policy share a capacity: the smaller pinned one.
+        let capacities = Capacities {
+            endpoints: max_entries(names::ENDPOINTS)?,
+            ipcache: max_entries(names::IPCACHE)?.min(max_entries(names::IPCACHE_HOSTS)?),
+            policy: max_entries(names::POLICY)?.min(max_entries(names::POLICY_EXACT)?),
+            conntrack: max_entries(names::CONNTRACK)?,
+        };
+        Ok(Self {
+            endpoints: open_pinned(pin_dir, names::ENDPOINTS)?,
+            slot_counters: open_pinned(pin_dir, names::SLOT_COUNTERS)?,
+            ipcache: Ipcache {
+                hosts: open_pinned(pin_dir, names::IPCACHE_HOSTS)?,
+                prefixes: open_pinned(pin_dir, names::IPCACHE)?,
+            },
+            policy: Policy {
+                exact: open_pinned(pin_dir, names::POLICY_EXACT)?,
+                prefixes: open_pinned(pin_dir, names::POLICY)?,
+            },
+            counters: open_pinned(pin_dir, names::COUNTERS)?,
+            stats: open_pinned(pin_dir, names::STATS)?,
+            capacities,
+        })
+    }
+
+    /// The counters of an endpoint's slot, summed over the CPUs (zero without a slot).
+    pub fn slot_counts(&self, info: &EndpointInfo) -> SlotCounters {
+        if info.slot == NO_SLOT {
+            return SlotCounters::default();
+        }
+        self.slot_counters
+            .get(&info.slot, 0)
+            .map(|per_cpu| SlotCounters::total(per_cpu.iter()))
+            .unwrap_or_default()
+    }
+
+    /// A [`ztrust_common::stat`] counter, summed over the CPUs.
+    pub fn stat(&self, index: u32) -> u64 {
+        self.stats.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
 /// Opens a pinned map of a running (or exited) agent, for `status` and tests.
 pub fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T>
 where
