@@ -537,7 +537,7 @@ fn alert_json(a: &Alert) -> serde_json::Value {
     serde_json::json!({
         "time": time(&a.time),
         "node": a.node_name,
-        "kind": crate::detector::kind_name(a.kind()),
+        "kind": convert::alert_kind_name(a.kind()),
         "source": a.source,
         "summary": a.summary,
         "distinct_destinations": a.distinct_destinations,
@@ -735,10 +735,7 @@ mod tests {
 
     #[test]
     fn table_columns_align() {
-        let flows = [
-            crate::observer::filters::testing::denied(),
-            crate::observer::filters::testing::allowed(),
-        ];
+        let flows = [crate::flows::testing::denied(), crate::flows::testing::allowed()];
         let mut p = Printer::new(Output::Table);
         p.colour = false;
         p.fit(&flows);
@@ -770,7 +767,7 @@ mod tests {
 
     #[test]
     fn a_connection_to_a_service_is_shown_by_the_service_and_its_backend() {
-        let mut f = crate::observer::filters::testing::denied();
+        let mut f = crate::flows::testing::denied();
         f.destination.namespace = None;
         f.destination.pod = None;
         f.destination.ip = "10.96.30.147".parse().unwrap();
@@ -792,10 +789,8 @@ mod tests {
     fn jsonl_is_one_flow_per_line() {
         let mut p = Printer::new(Output::Jsonl);
         let mut out = Vec::new();
-        p.flow(&mut out, &crate::observer::filters::testing::denied())
-            .unwrap();
-        p.flow(&mut out, &crate::observer::filters::testing::allowed())
-            .unwrap();
+        p.flow(&mut out, &crate::flows::testing::denied()).unwrap();
+        p.flow(&mut out, &crate::flows::testing::allowed()).unwrap();
         let text = String::from_utf8(out).unwrap();
         let back: Vec<Flow> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(back.len(), 2);

@@ -17,14 +17,10 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tracing::{debug, warn};
+use tracing::debug;
 
-use crate::flows::Flow;
-use crate::metrics::Metrics;
-use crate::observer::convert;
-use crate::observer::filters::labels::Selector;
-use crate::observer::hub::{Hub, Item, Observed};
-use crate::observer::proto::{Alert, AlertKind};
+use crate::flows::{Flow, Observed};
+use crate::labels::{InvalidSelector, Selector};
 
 /// Recent drops remembered per source (the sliding window holds at most this many).
 const MAX_EVENTS: usize = 4_096;
@@ -58,10 +54,45 @@ impl Default for DetectorOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("sensitive tier selector: {0}")]
-    Selector(#[from] crate::observer::filters::Error),
+    Selector(#[from] InvalidSelector),
 }
 
 type Dest = (IpAddr, u16);
+
+/// What an alert is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    /// Denied towards many distinct destinations within the window.
+    Scan,
+    /// Denied towards a pod of the sensitive tier.
+    SensitiveTier,
+}
+
+impl AlertKind {
+    /// The stable name (metric label, JSON).
+    pub fn name(self) -> &'static str {
+        match self {
+            AlertKind::Scan => "scan",
+            AlertKind::SensitiveTier => "sensitive_tier",
+        }
+    }
+}
+
+/// An alert, with the denied flows that raised it.
+#[derive(Clone, Debug)]
+pub struct Alert {
+    pub time: SystemTime,
+    pub kind: AlertKind,
+    /// The source, as flows name it (`namespace/pod`, or the address).
+    pub source: String,
+    pub summary: String,
+    pub distinct_destinations: u32,
+    pub denied_flows: u64,
+    /// The oldest denied flow of the source within the window.
+    pub window_start: Option<SystemTime>,
+    /// The last flows of the source (at most `max_evidence`), shared with the observer's ring.
+    pub evidence: Vec<Arc<Observed>>,
+}
 
 #[derive(Default)]
 struct Source {
@@ -94,7 +125,6 @@ impl Source {
 pub struct Detector {
     opts: DetectorOptions,
     sensitive: Vec<Selector>,
-    node: String,
     sources: HashMap<String, Source>,
 }
 
@@ -107,7 +137,7 @@ fn within(last: Option<SystemTime>, now: SystemTime, window: Duration) -> bool {
 }
 
 impl Detector {
-    pub fn new(node: &str, opts: DetectorOptions) -> Result<Self, Error> {
+    pub fn new(opts: DetectorOptions) -> Result<Self, Error> {
         let sensitive = opts
             .sensitive
             .iter()
@@ -116,7 +146,6 @@ impl Detector {
         Ok(Self {
             opts,
             sensitive,
-            node: node.to_owned(),
             sources: HashMap::new(),
         })
     }
@@ -163,19 +192,14 @@ impl Detector {
 
         let mut alerts = Vec::new();
         let make = |src: &Source, kind: AlertKind, summary: String| Alert {
-            time: Some(convert::timestamp(time)),
-            node_name: self.node.clone(),
-            kind: kind as i32,
+            time,
+            kind,
             source: key.clone(),
             summary,
             distinct_destinations: src.distinct.len() as u32,
             denied_flows: src.events.len() as u64,
-            window_start: src.events.front().map(|(t, _)| convert::timestamp(*t)),
-            evidence: src
-                .evidence
-                .iter()
-                .map(|o| convert::flow_to_proto(&o.flow, o.time))
-                .collect(),
+            window_start: src.events.front().map(|(t, _)| *t),
+            evidence: src.evidence.iter().cloned().collect(),
         };
         if src.distinct.len() >= self.opts.scan_threshold && !within(src.last_scan_alert, time, window) {
             src.last_scan_alert = Some(time);
@@ -209,46 +233,10 @@ impl Detector {
     }
 }
 
-pub fn kind_name(kind: AlertKind) -> &'static str {
-    match kind {
-        AlertKind::Scan => "scan",
-        AlertKind::SensitiveTier => "sensitive_tier",
-        AlertKind::Unknown => "unknown",
-    }
-}
-
-/// Follows the hub's flows and publishes alerts until the hub goes away.
-pub async fn run(hub: Arc<Hub>, mut detector: Detector, metrics: Option<Arc<Metrics>>) {
-    let Some(mut sub) = hub.flows.subscribe(true).subscription else {
-        return;
-    };
-    while let Some(item) = sub.next().await {
-        match item {
-            Item::Lost(source, n) => {
-                debug!(
-                    lost = n,
-                    source = source.as_str_name(),
-                    "detector did not see some flows"
-                );
-            }
-            Item::Value(o) => {
-                for alert in detector.observe_shared(&o) {
-                    let kind = kind_name(alert.kind());
-                    warn!(target: "ztrust::alerts", kind, source = %alert.source, "{}", alert.summary);
-                    if let Some(m) = &metrics {
-                        m.alert_raised(kind);
-                    }
-                    hub.publish_alert(alert);
-                }
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     fn at(ms: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000) + Duration::from_millis(ms)
@@ -265,7 +253,7 @@ mod tests {
     }
 
     fn detector() -> Detector {
-        Detector::new("lab", DetectorOptions::default()).unwrap()
+        Detector::new(DetectorOptions::default()).unwrap()
     }
 
     #[test]
@@ -278,7 +266,7 @@ mod tests {
         }
         assert_eq!(alerts.len(), 1, "{alerts:#?}");
         let a = &alerts[0];
-        assert_eq!(a.kind(), AlertKind::Scan);
+        assert_eq!(a.kind, AlertKind::Scan);
         assert_eq!(a.source, "payments/frontend-7d9");
         assert_eq!(
             a.distinct_destinations, 10,
@@ -355,7 +343,7 @@ mod tests {
         let mut d = detector();
         let a = d.observe(&denied(), at(0));
         assert_eq!(a.len(), 1);
-        assert_eq!(a[0].kind(), AlertKind::SensitiveTier);
+        assert_eq!(a[0].kind, AlertKind::SensitiveTier);
         assert!(
             a[0].summary.contains("payments/database-0:5432"),
             "{}",
@@ -371,13 +359,10 @@ mod tests {
 
     #[test]
     fn audit_mode_would_drops_count() {
-        let mut d = Detector::new(
-            "lab",
-            DetectorOptions {
-                sensitive: vec![],
-                ..Default::default()
-            },
-        )
+        let mut d = Detector::new(DetectorOptions {
+            sensitive: vec![],
+            ..Default::default()
+        })
         .unwrap();
         let alerts: Vec<_> = (1..=10u16)
             .flat_map(|p| {
@@ -391,14 +376,11 @@ mod tests {
 
     #[test]
     fn sources_are_bounded() {
-        let mut d = Detector::new(
-            "lab",
-            DetectorOptions {
-                max_sources: 4,
-                sensitive: vec![],
-                ..Default::default()
-            },
-        )
+        let mut d = Detector::new(DetectorOptions {
+            max_sources: 4,
+            sensitive: vec![],
+            ..Default::default()
+        })
         .unwrap();
         for i in 0..100u64 {
             let mut f = probe("10.244.0.12", 80);
@@ -411,13 +393,10 @@ mod tests {
     #[test]
     fn bad_selectors_are_refused() {
         assert!(
-            Detector::new(
-                "lab",
-                DetectorOptions {
-                    sensitive: vec!["=x".into()],
-                    ..Default::default()
-                }
-            )
+            Detector::new(DetectorOptions {
+                sensitive: vec!["=x".into()],
+                ..Default::default()
+            })
             .is_err()
         );
     }

@@ -77,6 +77,15 @@ pub struct Flow {
     pub service: Option<ServiceRef>,
 }
 
+/// A flow as the observer keeps it and the detector holds it as evidence (shared, not copied): the
+/// record, its time, and its sequence number in the observer's ring.
+#[derive(Debug)]
+pub struct Observed {
+    pub seq: u64,
+    pub time: SystemTime,
+    pub flow: Flow,
+}
+
 /// The Service a flow addressed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRef {
@@ -605,3 +614,6 @@ mod tests {
         assert!(log.admit(), "a new second, new lines");
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing;

@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 use crate::flows::Flow;
-use crate::observer::Hub;
+use crate::health::Health;
 
 type Labels = Vec<(&'static str, String)>;
 type U64Gauge = Gauge<u64, AtomicU64>;
@@ -28,7 +28,20 @@ pub struct MetricsOptions {
     pub pod_label: bool,
 }
 
-/// Counters the hub owns, mirrored into the registry at each scrape.
+/// The flow API's own counters (kept by the observer's hub), collected at each scrape.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowApiCounters {
+    pub lost_kernel_ring_buffer: u64,
+    pub lost_slow_clients: u64,
+    pub ring_overwritten: u64,
+    pub ring_flows: u64,
+    pub ring_capacity: u64,
+    pub subscribers: u64,
+}
+
+type Collector = Box<dyn Fn() -> FlowApiCounters + Send + Sync>;
+
+/// Counters collected from the flow API, mirrored into the registry at each scrape.
 #[derive(Default)]
 struct Mirrored {
     lost_kernel: u64,
@@ -58,10 +71,8 @@ pub struct Metrics {
     map_capacity: Family<Labels, U64Gauge>,
     pods_not_enforced: Family<Labels, U64Gauge>,
     alerts: Family<Labels, Counter>,
-    hub: OnceLock<Arc<Hub>>,
+    flow_api: OnceLock<Collector>,
     mirrored: Mutex<Mirrored>,
-    /// Set once the agent's maps are in sync with its source: `/readyz` answers 200 from then on.
-    ready: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Metrics {
@@ -71,20 +82,10 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The agent is in sync with its source (readiness).
-    pub fn set_ready(&self) {
-        self.ready.store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
     pub fn new(opts: MetricsOptions) -> Self {
         let mut registry = Registry::with_prefix("ztrust");
         let duration = || Histogram::new(exponential_buckets(0.000_25, 2.0, 16));
         let m = Self {
-            ready: std::sync::atomic::AtomicBool::new(false),
             opts,
             flows: Family::default(),
             drops: Family::default(),
@@ -105,7 +106,7 @@ impl Metrics {
             map_capacity: Family::default(),
             pods_not_enforced: Family::default(),
             alerts: Family::default(),
-            hub: OnceLock::new(),
+            flow_api: OnceLock::new(),
             mirrored: Mutex::default(),
             registry: Registry::default(),
         };
@@ -201,9 +202,9 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Mirrors the hub's counters (flows lost, ring fill, subscribers) at every scrape.
-    pub fn attach_hub(&self, hub: Arc<Hub>) {
-        let _ = self.hub.set(hub);
+    /// Where the flow API's counters (flows lost, ring fill, subscribers) are read at every scrape.
+    pub fn collect_flow_api(&self, collect: impl Fn() -> FlowApiCounters + Send + Sync + 'static) {
+        let _ = self.flow_api.set(Box::new(collect));
     }
 
     /// Called for every flow.
@@ -326,8 +327,10 @@ impl Metrics {
     }
 
     fn refresh(&self) {
-        let Some(hub) = self.hub.get() else { return };
-        let st = hub.status();
+        let Some(collect) = self.flow_api.get() else {
+            return;
+        };
+        let st = collect();
         let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
         let mirror = |counter: &Counter, last: &mut u64, now: u64| {
             if now > *last {
@@ -346,8 +349,8 @@ impl Metrics {
         mirror(&kernel, &mut m.lost_kernel, st.lost_kernel_ring_buffer);
         mirror(&slow, &mut m.lost_slow, st.lost_slow_clients);
         mirror(&self.ring_overwritten, &mut m.overwritten, st.ring_overwritten);
-        self.ring_flows.set(st.num_flows);
-        self.ring_capacity.set(st.max_flows);
+        self.ring_flows.set(st.ring_flows);
+        self.ring_capacity.set(st.ring_capacity);
         self.subscribers.set(st.subscribers);
     }
 
@@ -400,13 +403,13 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 /// the source, 503 before) on `listener` until `shutdown` resolves.
 pub async fn serve(
     metrics: Arc<Metrics>,
+    health: Health,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::http::header::CONTENT_TYPE;
     use axum::routing::get;
     tracing::info!(addr = ?listener.local_addr().ok(), "metrics listening");
-    let ready_metrics = metrics.clone();
     let app = axum::Router::new()
         .route(
             "/metrics",
@@ -440,7 +443,7 @@ pub async fn serve(
         .route(
             "/readyz",
             get(move || {
-                let ready = ready_metrics.is_ready();
+                let ready = health.is_ready();
                 async move {
                     if ready {
                         (axum::http::StatusCode::OK, "ready\n")
@@ -459,8 +462,7 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observer::HubOptions;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     /// `name{labels} value` lines → value, for the checks below.
     fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
@@ -607,26 +609,24 @@ mod tests {
     }
 
     #[test]
-    fn hub_counters_are_mirrored_monotonically() {
+    fn flow_api_counters_are_mirrored_monotonically() {
         let m = Metrics::default();
-        let hub = Arc::new(Hub::new(HubOptions {
-            flow_buffer: 2,
-            client_queue: 1,
-            ..Default::default()
+        let now = Arc::new(Mutex::new(FlowApiCounters {
+            lost_kernel_ring_buffer: 9,
+            lost_slow_clients: 3,
+            ring_overwritten: 2,
+            ring_flows: 2,
+            ring_capacity: 2,
+            subscribers: 1,
         }));
-        m.attach_hub(hub.clone());
-        let _slow = hub.flows.subscribe(true);
-        for _ in 0..4 {
-            hub.publish(denied());
-        }
-        hub.set_kernel_lost(9);
+        let read = now.clone();
+        m.collect_flow_api(move || *read.lock().unwrap());
         let text = m.render();
         assert_eq!(
             sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
             Some(9.0),
             "{text}"
         );
-        // Queue of 1: the first flow went in, the 3 others did not.
         assert_eq!(
             sample(&text, r#"ztrust_flows_lost_total{source="slow_client"}"#),
             Some(3.0)
@@ -634,11 +634,17 @@ mod tests {
         assert_eq!(sample(&text, "ztrust_flow_ring_overwritten_total"), Some(2.0));
         assert_eq!(sample(&text, "ztrust_flow_ring_flows"), Some(2.0));
         assert_eq!(sample(&text, "ztrust_flow_ring_capacity"), Some(2.0));
-        // A second scrape does not count again.
+        // A second scrape does not count again; a counter that went back (a new hub) adds nothing.
         let text = m.render();
         assert_eq!(
             sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
             Some(9.0)
+        );
+        now.lock().unwrap().lost_kernel_ring_buffer = 12;
+        let text = m.render();
+        assert_eq!(
+            sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
+            Some(12.0)
         );
     }
 }

@@ -438,10 +438,9 @@ async fn garbage_and_half_open_connections_do_not_hurt_others() {
 async fn alerts_stream() {
     let srv = start(opts(100, 64)).await;
     let detector =
-        ztrust_agent::detector::Detector::new("lab", ztrust_agent::detector::DetectorOptions::default())
-            .unwrap();
+        ztrust_agent::detector::Detector::new(ztrust_agent::detector::DetectorOptions::default()).unwrap();
     let metrics = Arc::new(ztrust_agent::metrics::Metrics::default());
-    tokio::spawn(ztrust_agent::detector::run(
+    tokio::spawn(ztrust_agent::observer::tasks::run_detector(
         srv.hub.clone(),
         detector,
         Some(metrics.clone()),

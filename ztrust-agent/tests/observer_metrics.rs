@@ -72,7 +72,8 @@ async fn scrape() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(metrics::serve(m.clone(), listener, async move {
+    let health = ztrust_agent::health::Health::default();
+    let server = tokio::spawn(metrics::serve(m.clone(), health.clone(), listener, async move {
         let _ = stopped.await;
     }));
     // A scraper that asks for OpenMetrics (as Prometheus does) gets it; others get the classic text format,
@@ -110,7 +111,7 @@ async fn scrape() {
     assert!(get(addr, "/healthz").await.ends_with("ok\n"));
     // Not ready until the agent has synced its maps.
     assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
-    m.set_ready();
+    health.set_ready();
     assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
     let _ = stop.send(());
     server.await.unwrap().unwrap();

@@ -18,7 +18,7 @@ use tracing::{info, info_span, warn};
 use ztrust_common::{Config, ep_flags};
 
 use self::flows::{FlowSink, read_events};
-use self::reconcile::{Reconciler, Synced};
+use self::reconcile::{Outputs, Reconciler, Synced};
 use crate::datapath::bind::Binder;
 use crate::datapath::loader::Datapath;
 use crate::datapath::node_local::Mirror;
@@ -192,10 +192,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         client_queue: opts.client_queue,
         ..Default::default()
     }));
+    let health = crate::health::Health::default();
     let _observer = crate::observer::tasks::spawn(
         &opts.observer,
         hub.clone(),
         metrics.clone(),
+        health.clone(),
         view.clone(),
         opts.pin_dir.clone(),
     )
@@ -231,6 +233,12 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
     let mut engine = Engine::for_node(opts.node_name.clone());
     engine.set_service_grace(opts.service_grace);
     let binder = Binder::new(opts.interface_prefixes.clone());
+    let out = Outputs {
+        view,
+        metrics,
+        hub,
+        health,
+    };
     let result = match &opts.source {
         Source::Dir(root) => {
             let context = Cluster {
@@ -240,7 +248,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
                 ..Cluster::default()
             };
             let source = DirSource::new(root.clone(), &context);
-            let r = Reconciler::new(source, engine, syncer, binder, view, metrics, hub);
+            let r = Reconciler::new(source, engine, syncer, binder, out);
             reconcile(&opts, &mut dp, node_local, r, agent_started).await
         }
         Source::Kube { kubeconfig } => {
@@ -251,7 +259,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             kube.set_node_ips(opts.node_ips.clone());
             kube.set_node_ports_any_local(opts.node_ports_any_local);
             kube.set_service_cidrs(opts.service_cidrs.clone());
-            let r = Reconciler::new(kube, engine, syncer, binder, view, metrics, hub);
+            let r = Reconciler::new(kube, engine, syncer, binder, out);
             reconcile(&opts, &mut dp, node_local, r, agent_started).await
         }
     };

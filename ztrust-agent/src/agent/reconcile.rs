@@ -15,6 +15,7 @@ use super::view;
 use crate::datapath::bind::{Attach, Binder};
 use crate::datapath::sync::{MapOps, SyncStats, Syncer};
 use crate::flows::View;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::model::{Cluster, ObjectRef};
 use crate::netif::HostRoutes;
@@ -33,6 +34,14 @@ pub enum Synced {
     /// The maps refused the update (capacity, a kernel error): the last applied state keeps enforcing,
     /// and the next pass tries again.
     Refused,
+}
+
+/// Where a pass reports: the flow view, metrics, the observer's status, readiness.
+pub struct Outputs {
+    pub view: Arc<RwLock<View>>,
+    pub metrics: Arc<Metrics>,
+    pub hub: Arc<Hub>,
+    pub health: Health,
 }
 
 /// The loop's state from one pass to the next.
@@ -62,19 +71,12 @@ pub struct Reconciler<S> {
     not_enforced: NotEnforced,
     metrics: Arc<Metrics>,
     hub: Arc<Hub>,
+    health: Health,
 }
 
 impl<S: ClusterSource> Reconciler<S> {
     /// `syncer` knows what the maps hold (adopted from an earlier agent's, or new).
-    pub fn new(
-        source: S,
-        engine: Engine,
-        syncer: Syncer,
-        binder: Binder,
-        view: Arc<RwLock<View>>,
-        metrics: Arc<Metrics>,
-        hub: Arc<Hub>,
-    ) -> Self {
+    pub fn new(source: S, engine: Engine, syncer: Syncer, binder: Binder, out: Outputs) -> Self {
         Self {
             source,
             node_name: engine.node().unwrap_or_default().to_owned(),
@@ -87,13 +89,14 @@ impl<S: ClusterSource> Reconciler<S> {
             in_sync: false,
             attempted: false,
             last_sync_error: None,
-            view,
+            view: out.view,
             view_addrs: HashMap::new(),
             view_rules_stale: true,
             warned: BTreeSet::new(),
             not_enforced: NotEnforced::default(),
-            metrics,
-            hub,
+            metrics: out.metrics,
+            hub: out.hub,
+            health: out.health,
         }
     }
 
@@ -218,7 +221,7 @@ impl<S: ClusterSource> Reconciler<S> {
                 }
                 // Until here an earlier agent's pinned state enforced; from here, this agent's.
                 self.in_sync = true;
-                self.metrics.set_ready();
+                self.health.set_ready();
                 info!(
                     writes = stats.total(),
                     since_start_ms = started_at.elapsed().as_secs_f64() * 1000.0,

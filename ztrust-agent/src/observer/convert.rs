@@ -121,6 +121,41 @@ fn endpoint_from_proto(e: &proto::Endpoint, has_ports: bool) -> Endpoint {
     }
 }
 
+/// A detector's alert as the flow API serves it, raised on `node`.
+pub fn alert_to_proto(a: &crate::detector::Alert, node: &str) -> proto::Alert {
+    proto::Alert {
+        time: Some(timestamp(a.time)),
+        node_name: node.to_owned(),
+        kind: alert_kind_to_proto(a.kind) as i32,
+        source: a.source.clone(),
+        summary: a.summary.clone(),
+        distinct_destinations: a.distinct_destinations,
+        denied_flows: a.denied_flows,
+        window_start: a.window_start.map(timestamp),
+        evidence: a
+            .evidence
+            .iter()
+            .map(|o| flow_to_proto(&o.flow, o.time))
+            .collect(),
+    }
+}
+
+fn alert_kind_to_proto(kind: crate::detector::AlertKind) -> proto::AlertKind {
+    match kind {
+        crate::detector::AlertKind::Scan => proto::AlertKind::Scan,
+        crate::detector::AlertKind::SensitiveTier => proto::AlertKind::SensitiveTier,
+    }
+}
+
+/// The stable name of an alert kind read from the wire (`unknown` for a kind this build does not know).
+pub fn alert_kind_name(kind: proto::AlertKind) -> &'static str {
+    match kind {
+        proto::AlertKind::Scan => crate::detector::AlertKind::Scan.name(),
+        proto::AlertKind::SensitiveTier => crate::detector::AlertKind::SensitiveTier.name(),
+        proto::AlertKind::Unknown => "unknown",
+    }
+}
+
 pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
     proto::Flow {
         time: Some(timestamp(time)),
@@ -184,7 +219,7 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     #[test]
     fn round_trip() {

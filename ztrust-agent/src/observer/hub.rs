@@ -19,13 +19,7 @@ use crate::flows::Flow;
 use crate::observer::convert;
 use crate::observer::proto::{Alert, LostEventSource};
 
-/// A flow as the hub keeps it: the record, its time, and its sequence number.
-#[derive(Debug)]
-pub struct Observed {
-    pub seq: u64,
-    pub time: SystemTime,
-    pub flow: Flow,
-}
+pub use crate::flows::Observed;
 
 /// What a subscriber reads.
 #[derive(Debug)]
@@ -573,7 +567,7 @@ mod tests {
         });
         let _sub = hub.flows.subscribe(true);
         for _ in 0..3 {
-            hub.publish(crate::observer::filters::testing::denied());
+            hub.publish(crate::flows::testing::denied());
         }
         let st = hub.status();
         assert_eq!(

@@ -410,7 +410,7 @@ mod tests {
         Arc::new(Observed {
             seq,
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
-            flow: crate::observer::filters::testing::denied(),
+            flow: crate::flows::testing::denied(),
         })
     }
 

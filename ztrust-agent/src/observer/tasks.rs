@@ -12,13 +12,15 @@ use std::time::Duration;
 
 use aya::maps::{MapData, PerCpuArray};
 use tokio::task::JoinHandle;
-use tracing::{error, warn};
+use tracing::{debug, error, warn};
 use ztrust_common::{names, stat};
 
 use crate::detector::{Detector, DetectorOptions};
 use crate::flows::View;
-use crate::metrics::Metrics;
-use crate::observer::Hub;
+use crate::health::Health;
+use crate::metrics::{FlowApiCounters, Metrics};
+use crate::observer::convert;
+use crate::observer::hub::{Hub, Item};
 use crate::observer::server::{self, TlsFiles};
 
 #[derive(Clone, Debug)]
@@ -64,16 +66,18 @@ impl Drop for Running {
     }
 }
 
-/// Starts everything `opts` asks for. `pin_dir` holds the datapath's pinned maps (for the
+/// Starts everything `opts` asks for. `health` is what `/readyz` answers; `pin_dir` holds the datapath's pinned maps (for the
 /// events-lost counter); `view` is the agent's enrichment view (for the endpoint count).
 pub async fn spawn(
     opts: &ObserverOptions,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    health: Health,
     view: Arc<RwLock<View>>,
     pin_dir: PathBuf,
 ) -> Running {
-    metrics.attach_hub(hub.clone());
+    let counted = hub.clone();
+    metrics.collect_flow_api(move || flow_api_counters(&counted));
     let mut running = Running {
         tasks: Vec::new(),
         socket: None,
@@ -112,7 +116,7 @@ pub async fn spawn(
             Ok(listener) => {
                 let metrics = metrics.clone();
                 running.tasks.push(tokio::spawn(async move {
-                    if let Err(e) = crate::metrics::serve(metrics, listener, forever()).await {
+                    if let Err(e) = crate::metrics::serve(metrics, health, listener, forever()).await {
                         error!(error = %e, "metrics server stopped");
                     }
                 }));
@@ -121,8 +125,8 @@ pub async fn spawn(
         }
     }
     if let Some(d) = &opts.detector {
-        match Detector::new(&hub.node, d.clone()) {
-            Ok(det) => running.tasks.push(tokio::spawn(crate::detector::run(
+        match Detector::new(d.clone()) {
+            Ok(det) => running.tasks.push(tokio::spawn(run_detector(
                 hub.clone(),
                 det,
                 Some(metrics.clone()),
@@ -134,6 +138,48 @@ pub async fn spawn(
         .tasks
         .push(tokio::spawn(housekeeping(hub, metrics, view, pin_dir, opts.tick)));
     running
+}
+
+/// The hub's counters as the metrics mirror them.
+fn flow_api_counters(hub: &Hub) -> FlowApiCounters {
+    let st = hub.status();
+    FlowApiCounters {
+        lost_kernel_ring_buffer: st.lost_kernel_ring_buffer,
+        lost_slow_clients: st.lost_slow_clients,
+        ring_overwritten: st.ring_overwritten,
+        ring_flows: st.num_flows,
+        ring_capacity: st.max_flows,
+        subscribers: st.subscribers,
+    }
+}
+
+/// Follows the hub's flows through the detector and publishes its alerts (flow API, metrics, log)
+/// until the hub goes away.
+pub async fn run_detector(hub: Arc<Hub>, mut detector: Detector, metrics: Option<Arc<Metrics>>) {
+    let Some(mut sub) = hub.flows.subscribe(true).subscription else {
+        return;
+    };
+    while let Some(item) = sub.next().await {
+        match item {
+            Item::Lost(source, n) => {
+                debug!(
+                    lost = n,
+                    source = source.as_str_name(),
+                    "detector did not see some flows"
+                );
+            }
+            Item::Value(o) => {
+                for alert in detector.observe_shared(&o) {
+                    let kind = alert.kind.name();
+                    warn!(target: "ztrust::alerts", kind, source = %alert.source, "{}", alert.summary);
+                    if let Some(m) = &metrics {
+                        m.alert_raised(kind);
+                    }
+                    hub.publish_alert(convert::alert_to_proto(&alert, &hub.node));
+                }
+            }
+        }
+    }
 }
 
 async fn housekeeping(
@@ -163,5 +209,38 @@ async fn housekeeping(
         {
             hub.set_kernel_lost(per_cpu.iter().sum());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::testing::denied;
+    use crate::observer::HubOptions;
+
+    #[test]
+    fn the_hubs_counters_reach_the_metrics() {
+        let hub = Hub::new(HubOptions {
+            flow_buffer: 2,
+            client_queue: 1,
+            ..Default::default()
+        });
+        let _slow = hub.flows.subscribe(true);
+        for _ in 0..4 {
+            hub.publish(denied());
+        }
+        hub.set_kernel_lost(9);
+        // Queue of 1: the first flow went in, the 3 others did not; a ring of 2 overwrote 2.
+        assert_eq!(
+            flow_api_counters(&hub),
+            FlowApiCounters {
+                lost_kernel_ring_buffer: 9,
+                lost_slow_clients: 3,
+                ring_overwritten: 2,
+                ring_flows: 2,
+                ring_capacity: 2,
+                subscribers: 1,
+            }
+        );
     }
 }

@@ -237,16 +237,19 @@ fn a_pass_runs_source_bind_sync_and_report_in_order_without_root() {
     std::fs::create_dir_all(&dir.0).expect("mkdir");
     std::fs::write(dir.0.join("pods.yaml"), PAYMENTS).expect("write");
     std::fs::write(dir.0.join("policy.yaml"), DATABASE_POLICY).expect("write");
-    let metrics = Arc::new(Metrics::default());
+    let health = Health::default();
     let view = Arc::new(RwLock::new(View::default()));
     let mut r = Reconciler::new(
         DirSource::new(dir.0.clone(), &Cluster::default()),
         Engine::for_node("n1"),
         Syncer::new(),
         Binder::new(vec!["veth".into()]),
-        view.clone(),
-        metrics.clone(),
-        Arc::new(Hub::new(Default::default())),
+        Outputs {
+            view: view.clone(),
+            metrics: Arc::new(Metrics::default()),
+            hub: Arc::new(Hub::new(Default::default())),
+            health: health.clone(),
+        },
     );
     let (mut maps, mut links) = (Maps::default(), Links::default());
     let ifaces: BTreeMap<String, u32> = [("veth-backend".into(), 7), ("veth-database".into(), 8)].into();
@@ -263,7 +266,7 @@ fn a_pass_runs_source_bind_sync_and_report_in_order_without_root() {
     r.bind(&mut links, &ifaces, &routes);
     assert_eq!(r.sync(&mut maps, started), Synced::Nothing);
     assert_eq!(maps.writes, 0);
-    assert!(!metrics.is_ready());
+    assert!(!health.is_ready());
 
     // The first pass: both local pods bound (the other node's pod is a peer), written, ready.
     r.apply_source(None, Instant::now());
@@ -280,7 +283,7 @@ fn a_pass_runs_source_bind_sync_and_report_in_order_without_root() {
         isolated(&maps, 8) && !isolated(&maps, 7),
         "the policy isolates the database only"
     );
-    assert!(metrics.is_ready());
+    assert!(health.is_ready());
     r.report();
     let database_view = view
         .read()

@@ -37,7 +37,7 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     fn f(src: &[&str], dst: &[&str]) -> FilterFn {
         build(&FlowFilter {

@@ -41,7 +41,7 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     fn f(ff: FlowFilter) -> FilterFn {
         build(&ff).unwrap().unwrap()

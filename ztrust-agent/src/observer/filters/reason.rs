@@ -21,7 +21,7 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     #[test]
     fn matches_the_reason() {

@@ -25,7 +25,7 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
 mod tests {
     use super::*;
     use crate::flows::ServiceRef;
-    use crate::observer::filters::testing::{allowed, denied};
+    use crate::flows::testing::{allowed, denied};
 
     #[test]
     fn by_service_name_or_prefix() {
