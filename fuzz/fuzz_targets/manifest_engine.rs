@@ -5,7 +5,8 @@
 use std::net::IpAddr;
 
 use libfuzzer_sys::fuzz_target;
-use ztrust_agent::policy::{Engine, lookup, reference::reference_allowed};
+use ztrust_agent::datapath::keys::lookup;
+use ztrust_agent::policy::{Engine, reference::reference_allowed};
 use ztrust_agent::source::dir::parse_str;
 use ztrust_common::{dir, proto};
 

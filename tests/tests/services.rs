@@ -268,7 +268,7 @@ fn a_connection_to_a_service_gets_the_verdict_of_its_backends() {
     assert_eq!(
         (e.daddr, e.dport, e.remote_identity),
         (
-            ztrust_agent::policy::ip_to_mapped(IpAddr::from(TO_C)),
+            ztrust_agent::datapath::keys::ip_to_mapped(IpAddr::from(TO_C)),
             80,
             c_identity
         )
@@ -558,7 +558,7 @@ fn not_isolated_egress_reaches_any_service() {
         };
     }
     let key = ServiceKey {
-        addr: ztrust_agent::policy::ip_to_mapped(IpAddr::from(vip)),
+        addr: ztrust_agent::datapath::keys::ip_to_mapped(IpAddr::from(vip)),
         port_be: 80u16.to_be(),
         protocol: proto::TCP,
         _pad: 0,

@@ -9,9 +9,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use ztrust_agent::datapath::keys::policy_keys;
 use ztrust_agent::datapath::sync::{MapOps, Result as SyncResult, Syncer};
 use ztrust_agent::model::{LabelSelector, Labels, Operator, Requirement};
-use ztrust_agent::policy::{AllowKey, Changes, Engine, matches, policy_keys};
+use ztrust_agent::policy::{AllowKey, Changes, Engine, matches};
 use ztrust_common::{
     EndpointInfo, IpcacheKey, IpcacheValue, PolicyKey, PolicyValue, ServiceKey, ServiceValue, dir, proto,
 };

@@ -4,8 +4,9 @@
 use std::fmt::Write as _;
 use std::net::IpAddr;
 
+use ztrust_agent::datapath::keys::lookup;
 use ztrust_agent::model::ObjectRef;
-use ztrust_agent::policy::{Engine, lookup};
+use ztrust_agent::policy::Engine;
 use ztrust_agent::source::dir::parse_str;
 use ztrust_common::{dir, proto};
 

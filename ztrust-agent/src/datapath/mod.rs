@@ -1,5 +1,6 @@
 //! Loading, attaching and syncing the eBPF datapath.
 pub mod bind;
+pub mod keys;
 pub mod loader;
 pub mod node_local;
 pub mod pins;

@@ -32,7 +32,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use ztrust_common::{IpcacheKey, capacity, names};
 
-use crate::policy::{ipcache_key, ipcache_net};
+use super::keys::{ipcache_key, ipcache_net};
 
 /// The routing table kube-proxy's "destination type" reads.
 const RT_TABLE_LOCAL: u32 = 255;

@@ -27,8 +27,9 @@ use ztrust_common::{
     capacity, dir, ep_flags, identity, proto,
 };
 
+use super::keys::policy_keys;
 use crate::model::ObjectRef;
-use crate::policy::{AllowGroup, AllowKey, Delta, Desired, Frontend, policy_keys, v4_space};
+use crate::policy::{AllowGroup, AllowKey, Delta, Desired, Frontend, v4_space};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -61,7 +62,7 @@ pub trait MapOps {
     fn bump_revision(&mut self) -> Result<()>;
 }
 
-pub use crate::policy::{ip_to_mapped, ipcache_key, ipcache_net};
+pub use super::keys::{ip_to_mapped, ipcache_key, ipcache_net};
 
 type PolicyEntries = BTreeMap<(u32, PolicyKey), PolicyValue>;
 

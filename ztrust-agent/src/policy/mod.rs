@@ -1,8 +1,8 @@
 //! The pure policy engine: a [`Cluster`](crate::model::Cluster) in, the desired datapath state out.
 //!
 //! No BPF, no kube, no I/O. The datapath sync (`crate::datapath::sync`) diffs [`Desired`] against what
-//! it last wrote and writes the maps; [`lookup`] simulates the kernel's lookup over the same state so
-//! the engine can be tested against [`reference::reference_allowed`], an evaluator that reads the
+//! it last wrote and writes the maps; `crate::datapath::keys::lookup` simulates the kernel's lookup over
+//! the same state so the engine can be tested against [`reference::reference_allowed`], an evaluator that reads the
 //! NetworkPolicy objects directly.
 //!
 //! The model is Cilium's: a pod's address maps (ipcache, longest-prefix match) to a numeric *identity*
@@ -19,7 +19,7 @@ use serde::Serialize;
 use crate::model::{Cluster, Labels, ObjectRef};
 
 mod compile;
-mod keys;
+pub mod ipcache;
 pub mod reference;
 pub(crate) mod selector;
 pub mod services;
@@ -30,9 +30,7 @@ pub(crate) mod proptests;
 mod tests;
 
 pub use compile::{Engine, keyed_as_ipv4, v4_space};
-pub use keys::{
-    IpcacheIndex, admits_remote, ip_to_mapped, ipcache_key, ipcache_net, lookup, policy_keys, remote_identity,
-};
+pub use ipcache::{IpcacheIndex, remote_identity};
 pub use selector::matches;
 pub use services::{BackendClass, Frontend};
 

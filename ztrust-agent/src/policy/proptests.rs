@@ -8,7 +8,8 @@ use proptest::prelude::*;
 use ztrust_common::{dir, proto};
 
 use super::reference::{reference_allowed, reference_direction};
-use super::{Changes, Engine, lookup};
+use super::{Changes, Engine};
+use crate::datapath::keys::{ipcache_key, lookup};
 use crate::model::{
     Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef,
     PortSpec, Protocol, Requirement, Rule,
@@ -491,7 +492,7 @@ pub(crate) fn mix(a: &Cluster, b: &Cluster, mask: u64, what: Mix) -> Cluster {
 /// The kernel keys of the ipcache are distinct (two prefixes of one key would leave the kernel with
 /// whichever was written last), the IPv4 space is one of them, and nothing is keyed inside it but IPv4.
 pub(super) fn check_kernel_keys(d: &super::Desired) -> Result<(), String> {
-    let keys: std::collections::BTreeSet<_> = d.ipcache.keys().map(super::ipcache_key).collect();
+    let keys: std::collections::BTreeSet<_> = d.ipcache.keys().map(ipcache_key).collect();
     if keys.len() != d.ipcache.len() {
         return Err(format!(
             "two ipcache prefixes share a kernel key: {:?}",
@@ -657,7 +658,8 @@ proptest! {
         steps in evolution(),
         target in prop_oneof![Just(80u16), Just(81), Just(443), Just(1100)],
     ) {
-        use super::{Frontend, admits_remote, remote_identity};
+        use super::{Frontend, remote_identity};
+        use crate::datapath::keys::admits_remote;
         let frontend = Frontend {
             addr: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 1)),
             port: 80,

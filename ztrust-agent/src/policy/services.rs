@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use crate::model::{Cluster, EndpointSlice, Protocol, Service, ServicePort};
 
 use super::Desired;
-use super::keys::IpcacheIndex;
+use super::ipcache::IpcacheIndex;
 
 /// A Service frontend: what a pod's packet names before the node translates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -8,6 +8,7 @@ use ztrust_common::{PolicyKey, dir, identity, proto};
 
 use super::reference::reference_allowed;
 use super::*;
+use crate::datapath::keys::{ipcache_key, lookup, policy_keys};
 use crate::model::{
     Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, Operator, Peer, Pod, PortRef,
     PortSpec, Protocol, Requirement, Rule,

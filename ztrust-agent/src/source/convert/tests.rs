@@ -3,9 +3,10 @@ use std::net::IpAddr;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::*;
+use crate::datapath::keys::lookup;
 use crate::model::ObjectRef;
 use crate::model::{Peer, PortRef, Protocol};
-use crate::policy::{Engine, lookup};
+use crate::policy::Engine;
 use crate::source::LoadError;
 use crate::source::dir::parse_str;
 

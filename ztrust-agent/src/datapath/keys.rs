@@ -1,14 +1,15 @@
-//! Allow entries → policy-map LPM keys, ipcache prefixes → ipcache keys, and a simulation of the kernel's
-//! lookups over them.
+//! The kernel's key layout: allow entries → policy-map keys (exact or LPM), ipcache prefixes → ipcache
+//! keys (the mapped space of [`crate::policy::ipcache`] as bytes), and a simulation of the kernel's
+//! lookups over a [`Desired`] state, against which the engine is tested.
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 use ztrust_common::{IpcacheKey, PolicyKey, dir, identity, proto};
 
-use super::{AllowKey, Desired, EndpointPolicy};
 use crate::model::ObjectRef;
+use crate::policy::ipcache::{mapped, mapped_net, remote_identity, unmapped_net};
+use crate::policy::{AllowKey, Desired, EndpointPolicy};
 
 /// The LPM-trie entries `(prefix length, key)` of one allow entry of endpoint `endpoint_id`.
 ///
@@ -44,72 +45,23 @@ pub fn policy_keys(endpoint_id: u32, key: &AllowKey) -> Vec<(u32, PolicyKey)> {
 
 /// An ipcache key in the trie's format: IPv4 is stored IPv4-mapped with its prefix length + 96.
 pub fn ipcache_key(net: &IpNet) -> (u32, IpcacheKey) {
-    match net {
-        IpNet::V4(n) => (
-            u32::from(n.prefix_len()) + 96,
-            IpcacheKey {
-                addr: n.network().to_ipv6_mapped().octets(),
-            },
-        ),
-        IpNet::V6(n) => (
-            u32::from(n.prefix_len()),
-            IpcacheKey {
-                addr: n.network().octets(),
-            },
-        ),
-    }
+    let (prefix, network) = mapped_net(net);
+    (
+        prefix,
+        IpcacheKey {
+            addr: network.to_be_bytes(),
+        },
+    )
 }
 
 /// Inverse of [`ipcache_key`].
 pub fn ipcache_net(prefix: u32, key: &IpcacheKey) -> Option<IpNet> {
-    let v6 = std::net::Ipv6Addr::from(key.addr);
-    match v6.to_ipv4_mapped() {
-        Some(v4) if prefix >= 96 => ipnet::Ipv4Net::new(v4, (prefix - 96) as u8).ok().map(IpNet::V4),
-        _ => ipnet::Ipv6Net::new(v6, prefix as u8).ok().map(IpNet::V6),
-    }
+    unmapped_net(prefix, u128::from_be_bytes(key.addr))
 }
 
 /// An address as the datapath keys it: IPv4 IPv4-mapped.
 pub fn ip_to_mapped(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
-        IpAddr::V6(a) => a.octets(),
-    }
-}
-
-/// The identity the kernel finds for `addr`: the address is keyed as the datapath keys it (IPv4
-/// IPv4-mapped) and matched against the ipcache as the kernel holds it — one value per key, the last one
-/// a full sync writes (ipcache prefixes in order) — taking the longest prefix that contains it over all
-/// 129 lengths of the 128-bit key, whatever family the entry came from (the single addresses of the hash
-/// are the /128s); [`identity::WORLD`] when no entry contains it.
-pub fn remote_identity(desired: &Desired, addr: IpAddr) -> u32 {
-    IpcacheIndex::new(desired).identity(addr)
-}
-
-/// The ipcache as the kernel keys it, for many lookups: longest-prefix match over the mapped
-/// addresses, [`identity::WORLD`] where nothing matches.
-pub struct IpcacheIndex(BTreeMap<(u32, u128), u32>);
-
-impl IpcacheIndex {
-    pub fn new(desired: &Desired) -> Self {
-        let mut kernel = BTreeMap::new();
-        for (net, id) in &desired.ipcache {
-            let (prefix, key) = ipcache_key(net);
-            kernel.insert((prefix, u128::from_be_bytes(key.addr)), *id);
-        }
-        Self(kernel)
-    }
-
-    pub fn identity(&self, addr: IpAddr) -> u32 {
-        let want = u128::from_be_bytes(ip_to_mapped(addr));
-        (0..=128u32)
-            .rev()
-            .find_map(|prefix| {
-                let mask = u128::MAX.checked_shl(128 - prefix).unwrap_or(0);
-                self.0.get(&(prefix, want & mask)).copied()
-            })
-            .unwrap_or(identity::WORLD)
-    }
+    mapped(ip).to_be_bytes()
 }
 
 fn bits(k: &PolicyKey) -> u128 {
