@@ -6,7 +6,6 @@ use std::io::{BufRead, BufReader, IsTerminal as _, Seek, SeekFrom, Write as _};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use tokio_stream::StreamExt as _;
 use tonic::transport::Channel;
@@ -21,6 +20,44 @@ use crate::observer::proto::{
     ServerStatusResponse, Verdict, get_alerts_response, get_flows_response,
 };
 use crate::observer::server::DEFAULT_SOCKET;
+
+/// What can go wrong for a client of the flow API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no agent answers on {} (is `ztrust-agent run` running on this node? see --socket)",
+        .socket.display()
+    )]
+    NoAgent {
+        socket: PathBuf,
+        #[source]
+        source: client::Error,
+    },
+    #[error("--server needs --tls-ca, --tls-cert and --tls-key (the agent requires client certificates)")]
+    TlsFilesMissing,
+    #[error(transparent)]
+    Connect(#[from] client::Error),
+    #[error("the agent refused the request")]
+    Rpc(#[from] tonic::Status),
+    #[error("`{0}` is neither a duration (5m) nor a time (RFC 3339)")]
+    When(String),
+    #[error("unknown {field} `{value}`")]
+    UnknownValue { field: &'static str, value: String },
+    #[error(transparent)]
+    Filter(#[from] crate::observer::filters::Error),
+    #[error("opening flow log {} (is the agent running with --flow-log?)", .path.display())]
+    FlowLog {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing the output")]
+    Output(#[from] std::io::Error),
+    #[error("encoding JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Output {
@@ -58,19 +95,17 @@ pub struct Connect {
 }
 
 impl Connect {
-    pub async fn client(&self) -> anyhow::Result<ObserverClient<Channel>> {
+    pub async fn client(&self) -> Result<ObserverClient<Channel>> {
         match &self.server {
-            None => client::connect_unix(&self.socket).await.with_context(|| {
-                format!(
-                    "no agent answers on {} (is `ztrust-agent run` running on this node? see --socket)",
-                    self.socket.display()
-                )
-            }),
+            None => client::connect_unix(&self.socket)
+                .await
+                .map_err(|source| Error::NoAgent {
+                    socket: self.socket.clone(),
+                    source,
+                }),
             Some(addr) => {
                 let (Some(ca), Some(cert), Some(key)) = (&self.tls_ca, &self.tls_cert, &self.tls_key) else {
-                    anyhow::bail!(
-                        "--server needs --tls-ca, --tls-cert and --tls-key (the agent requires client certificates)"
-                    );
+                    return Err(Error::TlsFilesMissing);
                 };
                 let tls = ClientTls {
                     ca: ca.clone(),
@@ -160,24 +195,26 @@ pub struct FlowsArgs {
 }
 
 /// `30s`/`5m` ago, or an RFC 3339 time.
-fn parse_when(s: &str) -> anyhow::Result<SystemTime> {
+fn parse_when(s: &str) -> Result<SystemTime> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(SystemTime::now() - d);
     }
-    humantime::parse_rfc3339_weak(s)
-        .with_context(|| format!("`{s}` is neither a duration (5m) nor a time (RFC 3339)"))
+    humantime::parse_rfc3339_weak(s).map_err(|_| Error::When(s.to_owned()))
 }
 
-fn enum_value(field: &str, value: &str, known: i32) -> anyhow::Result<i32> {
+fn enum_value(field: &'static str, value: &str, known: i32) -> Result<i32> {
     if known == 0 {
-        anyhow::bail!("unknown {field} `{value}`");
+        return Err(Error::UnknownValue {
+            field,
+            value: value.to_owned(),
+        });
     }
     Ok(known)
 }
 
 impl FlowsArgs {
     /// The request: one whitelist filter holding every option given (they all must match).
-    pub fn request(&self) -> anyhow::Result<GetFlowsRequest> {
+    pub fn request(&self) -> Result<GetFlowsRequest> {
         let one = |o: &Option<String>| o.iter().cloned().collect::<Vec<_>>();
         let mut verdict = Vec::new();
         if self.denied {
@@ -347,7 +384,7 @@ impl Printer {
         line.trim_end().to_owned()
     }
 
-    fn flow(&mut self, out: &mut impl std::io::Write, f: &Flow) -> anyhow::Result<()> {
+    fn flow(&mut self, out: &mut impl std::io::Write, f: &Flow) -> Result<()> {
         match self.output {
             Output::Jsonl => writeln!(out, "{}", serde_json::to_string(f)?)?,
             Output::Json => {
@@ -378,7 +415,7 @@ impl Printer {
         Ok(())
     }
 
-    fn finish(&mut self, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+    fn finish(&mut self, out: &mut impl std::io::Write) -> Result<()> {
         if self.output == Output::Json {
             writeln!(out, "{}", if self.json_first { "[]" } else { "\n]" })?;
         }
@@ -396,7 +433,7 @@ fn report_lost(l: &LostEvents) {
     eprintln!("!! {} flow(s) lost: {why}", l.num_events_lost);
 }
 
-pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
+pub fn run(args: &FlowsArgs) -> Result<()> {
     let req = args.request()?;
     if let Some(path) = &args.flow_log {
         return run_file(args, &req, path);
@@ -444,7 +481,7 @@ pub fn run(args: &FlowsArgs) -> anyhow::Result<()> {
 }
 
 /// The flow log instead of the agent: same request, applied here.
-fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> anyhow::Result<()> {
+fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> Result<()> {
     let filters = FlowFilters::new(&req.whitelist, &req.blacklist)?;
     let since = req.since.as_ref().map(convert::system_time);
     let until = req.until.as_ref().map(convert::system_time);
@@ -452,11 +489,9 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
         let t = convert::flow_time(f);
         since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) && filters.matches(f)
     };
-    let mut file = std::fs::File::open(path).with_context(|| {
-        format!(
-            "opening flow log {} (is the agent running with --flow-log?)",
-            path.display()
-        )
+    let mut file = std::fs::File::open(path).map_err(|source| Error::FlowLog {
+        path: path.to_owned(),
+        source,
     })?;
     let mut reader = BufReader::new(&mut file);
     let mut flows: Vec<Flow> = Vec::new();
@@ -547,7 +582,7 @@ fn alert_json(a: &Alert) -> serde_json::Value {
     })
 }
 
-fn print_alert(a: &Alert, output: Output) -> anyhow::Result<()> {
+fn print_alert(a: &Alert, output: Output) -> Result<()> {
     let v = alert_json(a);
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&v)?),
@@ -573,7 +608,7 @@ fn print_alert(a: &Alert, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_alerts(args: &AlertsArgs) -> anyhow::Result<()> {
+pub fn run_alerts(args: &AlertsArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -596,7 +631,7 @@ pub fn run_alerts(args: &AlertsArgs) -> anyhow::Result<()> {
 }
 
 /// The running agent's observer counters (for `status --server`).
-pub fn server_status(connect: &Connect) -> anyhow::Result<ServerStatusResponse> {
+pub fn server_status(connect: &Connect) -> Result<ServerStatusResponse> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

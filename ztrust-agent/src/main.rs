@@ -235,9 +235,9 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Flows(args) => cli_flows::run(&args),
-        Command::Alerts(args) => cli_flows::run_alerts(&args),
-        Command::Lab(cmd) => lab::cli::run(cmd),
+        Command::Flows(args) => Ok(cli_flows::run(&args)?),
+        Command::Alerts(args) => Ok(cli_flows::run_alerts(&args)?),
+        Command::Lab(cmd) => Ok(lab::cli::run(cmd)?),
     }
 }
 
@@ -314,7 +314,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(agent::run(opts))
+    Ok(rt.block_on(agent::run(opts))?)
 }
 
 /// A mark bit: decimal or 0x-hexadecimal, at most one bit set.

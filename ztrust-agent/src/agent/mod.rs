@@ -34,8 +34,10 @@ use crate::source::dir::DirSource;
 pub enum Error {
     #[error("unknown source `{0}`: use `kube` (the Kubernetes API) or `dir:<path>` (a directory of YAML)")]
     UnknownSource(String),
-    #[error("connecting to the Kubernetes API: {0}")]
-    Kube(String),
+    #[error("connecting to the Kubernetes API")]
+    Kube(#[source] crate::source::kube::Error),
+    #[error("writing the datapath's configuration ({map})", map = ztrust_common::names::CONFIG)]
+    Config(#[source] aya::maps::MapError),
     #[error(transparent)]
     Datapath(#[from] crate::datapath::loader::Error),
     #[error("reading {path}: {source}")]
@@ -135,7 +137,7 @@ pub struct Options {
     pub observer: crate::observer::tasks::ObserverOptions,
 }
 
-pub async fn run(opts: Options) -> anyhow::Result<()> {
+pub async fn run(opts: Options) -> Result<()> {
     let agent_started = Instant::now();
     // Before anything changes: the links an earlier agent pinned must be on interfaces this network
     // namespace has. An agent started elsewhere (hostNetwork lost, a debug run in a container) sees none
@@ -147,8 +149,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         return Err(Error::UnseenLinks {
             names: unseen,
             pin_dir: opts.pin_dir.clone(),
-        }
-        .into());
+        });
     }
     let mut dp = Datapath::load_with_mark(&opts.pin_dir, opts.capacities, opts.peer_mark)?;
     crate::datapath::loader::settle_pins(&opts.pin_dir, &pinned);
@@ -168,7 +169,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
             ztrust_common::node_ports::LISTED
         },
     };
-    dp.maps.config.set(0, config, 0)?;
+    dp.maps.config.set(0, config, 0).map_err(Error::Config)?;
     // The node's local routes, for node ports on every local address (kept empty otherwise).
     let node_local = Mirror::adopt(&dp.maps.node_local, opts.node_ports_any_local);
     let mut syncer = Syncer::adopt(&dp.maps);
@@ -254,7 +255,7 @@ pub async fn run(opts: Options) -> anyhow::Result<()> {
         Source::Kube { kubeconfig } => {
             let client = crate::source::kube::client(kubeconfig.as_deref())
                 .await
-                .map_err(|e| Error::Kube(e.to_string()))?;
+                .map_err(Error::Kube)?;
             let mut kube = crate::source::kube::KubeSource::start(client, Some(opts.node_name.clone()));
             kube.set_node_ips(opts.node_ips.clone());
             kube.set_node_ports_any_local(opts.node_ports_any_local);
@@ -275,7 +276,7 @@ async fn reconcile<S: ClusterSource>(
     mut node_local: Mirror,
     mut r: Reconciler<S>,
     agent_started: Instant,
-) -> anyhow::Result<()> {
+) -> Result<()> {
     let mut ticker = tokio::time::interval(opts.poll);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut shutdown = std::pin::pin!(shutdown_signal());

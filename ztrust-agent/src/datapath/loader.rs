@@ -53,12 +53,20 @@ pub enum Error {
         hook: &'static str,
         source: ProgramError,
     },
-    #[error("pinning link for {ifname} ({hook}) at {path}: {message}")]
+    #[error("taking the link for {ifname} ({hook}) as a pinnable link: {source}")]
+    LinkFd {
+        ifname: String,
+        hook: &'static str,
+        #[source]
+        source: LinkError,
+    },
+    #[error("pinning link for {ifname} ({hook}) at {path}: {source}")]
     PinLink {
         ifname: String,
         hook: &'static str,
         path: PathBuf,
-        message: String,
+        #[source]
+        source: aya::pin::PinError,
     },
     #[error("adopting pinned link {path}: {source}")]
     AdoptLink { path: PathBuf, source: LinkError },
@@ -797,18 +805,17 @@ impl Datapath {
                 hook,
                 source,
             })?;
-            let fd_link = FdLink::try_from(link).map_err(|e| Error::PinLink {
+            let fd_link = FdLink::try_from(link).map_err(|source| Error::LinkFd {
                 ifname: ifname.into(),
                 hook,
-                path: path.clone(),
-                message: format!("{e:?}"),
+                source,
             })?;
             let _ = fs::remove_file(&path);
-            let pinned = fd_link.pin(&path).map_err(|e| Error::PinLink {
+            let pinned = fd_link.pin(&path).map_err(|source| Error::PinLink {
                 ifname: ifname.into(),
                 hook,
                 path: path.clone(),
-                message: format!("{e:?}"),
+                source,
             })?;
             // The pin keeps the link (and so the attachment) alive; our descriptor is not needed.
             drop(pinned);

@@ -88,7 +88,7 @@ fn dump(socket: &Socket, seq: u32, out: &mut BTreeMap<IpNet, bool>) -> io::Resul
                     return Err(bad("interrupted by a change (read again)".into()));
                 }
                 NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(e) => return Err(bad(format!("{e:?}"))),
+                NetlinkPayload::Error(e) => return Err(bad(e.to_string())),
                 NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewRoute(r)) => {
                     if let Some((net, local)) = local_table_entry(&r) {
                         // Two routes of one prefix (two interfaces): local if either is.

@@ -39,8 +39,12 @@ pub enum Error {
         needed: usize,
         capacity: u32,
     },
-    #[error("writing {map}: {message}")]
-    Write { map: &'static str, message: String },
+    #[error("writing {map}: {source}")]
+    Write {
+        map: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -754,10 +758,7 @@ impl Syncer {
 pub struct KernelMaps<'a>(pub &'a mut super::loader::Maps);
 
 fn werr(map: &'static str) -> impl Fn(aya::maps::MapError) -> Error {
-    move |e| Error::Write {
-        map,
-        message: e.to_string(),
-    }
+    move |source| Error::Write { map, source }
 }
 
 fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>, map: &'static str) -> Result<()> {
@@ -765,10 +766,7 @@ fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>, map: &'static
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => {
             warn!(map, error = %e, "delete failed");
-            Err(Error::Write {
-                map,
-                message: e.to_string(),
-            })
+            Err(Error::Write { map, source: e })
         }
     }
 }

@@ -3,8 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context as _;
-
 use super::probe::parse_protocol;
 use super::{
     AgentSpec, ApplyOptions, DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR,
@@ -141,7 +139,40 @@ pub enum LabCommand {
     Serve(ServeArgs),
 }
 
-pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
+/// What a `lab` command can fail with: the lab's own errors, said with what the command was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{doing}")]
+    Doing {
+        doing: String,
+        #[source]
+        source: super::Error,
+    },
+    #[error(transparent)]
+    Lab(#[from] super::Error),
+    #[error("this lab runs no agent (it was brought up with --no-agent)")]
+    NoAgent,
+    #[error("reading the lab agent's pinned maps in {}", .pin_dir.display())]
+    Maps {
+        pin_dir: std::path::PathBuf,
+        #[source]
+        source: crate::datapath::loader::Error,
+    },
+    #[error(transparent)]
+    Flows(#[from] crate::cli_flows::Error),
+    #[error("encoding JSON")]
+    Json(#[from] serde_json::Error),
+}
+
+/// [`CliError::Doing`]: the error, with what was being done.
+fn doing(what: impl FnOnce() -> String) -> impl FnOnce(super::Error) -> CliError {
+    move |source| CliError::Doing {
+        doing: what(),
+        source,
+    }
+}
+
+pub fn run(cmd: LabCommand) -> Result<(), CliError> {
     match cmd {
         LabCommand::Up {
             manifests,
@@ -171,7 +202,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )
-            .with_context(|| {
+            .map_err(doing(|| {
                 format!(
                     "bringing the lab up from {}{}",
                     manifests.display(),
@@ -181,7 +212,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                         " (--no-agent runs it without enforcement)"
                     }
                 )
-            })?;
+            }))?;
             for w in &report.warnings {
                 eprintln!("warning: {w}");
             }
@@ -211,7 +242,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                     ..Default::default()
                 },
             )
-            .with_context(|| format!("applying {}", path.display()))?;
+            .map_err(doing(|| format!("applying {}", path.display())))?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -221,7 +252,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         }
         LabCommand::Delete { path, state } => {
             let r = super::delete(&path, &state.state_dir)
-                .with_context(|| format!("deleting {}", path.display()))?;
+                .map_err(doing(|| format!("deleting {}", path.display())))?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -285,8 +316,11 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
             let kernel = match (&s.agent, counters) {
                 (Some(a), true) => {
                     let mut k =
-                        crate::status::read_in_netns(&a.pin_dir, &s.node_netns).with_context(|| {
-                            format!("reading the lab agent's pinned maps in {}", a.pin_dir.display())
+                        crate::status::read_in_netns(&a.pin_dir, &s.node_netns).map_err(|source| {
+                            CliError::Maps {
+                                pin_dir: a.pin_dir.clone(),
+                                source,
+                            }
                         })?;
                     // Name the pod behind each interface.
                     let pods: std::collections::BTreeMap<&str, String> = s
@@ -303,7 +337,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
                     k.counters.iter_mut().for_each(|c| name(&mut c.interface));
                     Some(k)
                 }
-                (None, true) => anyhow::bail!("this lab runs no agent (it was brought up with --no-agent)"),
+                (None, true) => return Err(CliError::NoAgent),
                 _ => None,
             };
             match output {
@@ -325,7 +359,7 @@ pub fn run(cmd: LabCommand) -> anyhow::Result<()> {
         LabCommand::Flows { state, mut flows } => {
             let s = super::status(&state.state_dir)?;
             let Some(agent) = &s.agent else {
-                anyhow::bail!("this lab runs no agent (it was brought up with --no-agent)");
+                return Err(CliError::NoAgent);
             };
             if flows.connect.server.is_none() && flows.flow_log.is_none() {
                 flows.connect.socket = agent.socket.clone();

@@ -127,7 +127,10 @@ impl Maps {
         if self.refuse {
             return Err(SyncError::Write {
                 map: "ZT_POLICY",
-                message: "no space left".into(),
+                source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_update_elem",
+                    io_error: std::io::Error::from_raw_os_error(28),
+                }),
             });
         }
         self.writes += 1;
