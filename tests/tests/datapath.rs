@@ -367,9 +367,9 @@ fn same_node_tcp_is_judged_once() {
     for (i, d, r) in ends {
         let row = st.counters.iter().find(|c| {
             c.ifindex == i
-                && c.direction == ztrust_agent::flows::direction_name(d)
+                && c.direction == ztrust_agent::flows::Direction::from_code(d).name()
                 && c.verdict == "forwarded"
-                && c.reason == ztrust_agent::flows::reason_name(r)
+                && c.reason == ztrust_agent::flows::Reason::from_code(r).name()
         });
         assert_eq!(
             row.map(|c| c.packets),

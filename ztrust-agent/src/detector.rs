@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use tracing::debug;
 
-use crate::flows::{Flow, Observed};
+use crate::flows::{Flow, Observed, Reason};
 use crate::labels::{InvalidSelector, Selector};
 
 /// Recent drops remembered per source (the sliding window holds at most this many).
@@ -129,7 +129,7 @@ pub struct Detector {
 }
 
 fn counts(f: &Flow) -> bool {
-    f.is_drop() && matches!(&*f.reason, "policy-denied" | "no-conntrack-entry")
+    f.is_drop() && matches!(f.reason, Reason::PolicyDenied | Reason::NoCtEntry)
 }
 
 fn within(last: Option<SystemTime>, now: SystemTime, window: Duration) -> bool {
@@ -320,8 +320,8 @@ mod tests {
             assert!(d.observe(&f, at(i)).is_empty());
             // Forwarded flows to the sensitive tier are fine too.
             let mut db = denied();
-            db.verdict = "forwarded".into();
-            db.reason = "allowed-by-policy".into();
+            db.verdict = crate::flows::Verdict::Forwarded;
+            db.reason = crate::flows::Reason::AllowedByPolicy;
             db.destination.port = Some((i % 3000) as u16);
             assert!(d.observe(&db, at(i)).is_empty());
         }
@@ -333,7 +333,7 @@ mod tests {
         let mut d = detector();
         for port in 1..=50u16 {
             let mut f = probe("10.244.0.12", port);
-            f.reason = "unknown-endpoint".into();
+            f.reason = crate::flows::Reason::UnknownEndpoint;
             assert!(d.observe(&f, at(u64::from(port))).is_empty());
         }
     }
@@ -367,7 +367,7 @@ mod tests {
         let alerts: Vec<_> = (1..=10u16)
             .flat_map(|p| {
                 let mut f = probe("10.244.0.12", p);
-                f.verdict = "would-drop".into();
+                f.verdict = crate::flows::Verdict::WouldDrop;
                 d.observe(&f, at(u64::from(p)))
             })
             .collect();

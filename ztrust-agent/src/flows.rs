@@ -7,7 +7,7 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::{Deserialize, Serialize};
-use ztrust_common::{FlowEvent, dir, event_flags, proto, reason, verdict};
+use ztrust_common::{FlowEvent, dir, event_flags, proto, verdict};
 
 use crate::model::{Labels, ObjectRef};
 
@@ -36,37 +36,179 @@ impl Endpoint {
     }
 }
 
+pub use ztrust_common::{Direction, Reason, Verdict};
+
+/// The policy rule that allowed a connection.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllowedBy {
-    pub policy: String,
-    pub direction: String,
+    #[serde(with = "as_string")]
+    pub policy: ObjectRef,
+    #[serde(with = "named")]
+    pub direction: Direction,
     pub rule: usize,
 }
 
-/// A name from a small fixed set (verdict, direction, reason, protocol): borrowed from the constants
-/// for flows the agent makes (no allocation per flow), owned for flows read back from elsewhere.
+/// A protocol name (`TCP`, `UDP`, `IP/47` …): borrowed from the constants for flows the agent makes
+/// (no allocation per flow), owned for flows read back from elsewhere.
 pub type Name = Cow<'static, str>;
+
+/// Where a packet was judged: the pod behind the interface, or the interface when the agent has no pod
+/// for it (shown as `ifindex/N`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum JudgedAt {
+    Pod(ObjectRef),
+    Interface(u32),
+}
+
+impl JudgedAt {
+    pub fn pod(&self) -> Option<&ObjectRef> {
+        match self {
+            JudgedAt::Pod(p) => Some(p),
+            JudgedAt::Interface(_) => None,
+        }
+    }
+}
+
+impl std::fmt::Display for JudgedAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JudgedAt::Pod(p) => write!(f, "{p}"),
+            JudgedAt::Interface(i) => write!(f, "ifindex/{i}"),
+        }
+    }
+}
+
+impl std::str::FromStr for JudgedAt {
+    type Err = crate::model::InvalidObjectRef;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(i) = s.strip_prefix("ifindex/").and_then(|i| i.parse().ok()) {
+            return Ok(JudgedAt::Interface(i));
+        }
+        s.parse().map(JudgedAt::Pod)
+    }
+}
+
+/// Serde for the kernel's named codes: as their stable names.
+mod named {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub trait Named: Sized + Copy {
+        fn name(self) -> &'static str;
+        fn from_name(s: &str) -> Option<Self>;
+    }
+
+    macro_rules! named {
+        ($($t:ty),*) => {$(
+            impl Named for $t {
+                fn name(self) -> &'static str {
+                    <$t>::name(self)
+                }
+                fn from_name(s: &str) -> Option<Self> {
+                    <$t>::from_name(s)
+                }
+            }
+        )*};
+    }
+    named!(super::Verdict, super::Direction, super::Reason);
+
+    pub fn serialize<T: Named, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.name())
+    }
+
+    pub fn deserialize<'de, T: Named, D: Deserializer<'de>>(d: D) -> Result<T, D::Error> {
+        // A name this build does not know (a newer agent's flow log) reads as `unknown`.
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        T::from_name(&s)
+            .or_else(|| T::from_name("unknown"))
+            .ok_or_else(|| D::Error::custom(format!("unknown name `{s}`")))
+    }
+}
+
+/// Serde for values written as their `Display` and read with `FromStr` (object references).
+mod as_string {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<T, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        <std::borrow::Cow<'de, str>>::deserialize(d)?
+            .parse()
+            .map_err(D::Error::custom)
+    }
+}
+
+/// Serde for a list of [`as_string`] values.
+mod as_strings {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _, ser::SerializeSeq as _};
+
+    pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {
+        let mut seq = s.serialize_seq(Some(v.len()))?;
+        for x in v {
+            seq.serialize_element(&x.to_string())?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, T, D>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+        D: Deserializer<'de>,
+    {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| s.parse().map_err(D::Error::custom))
+            .collect()
+    }
+}
+
+/// Serde for a time as RFC 3339 (UTC, milliseconds).
+mod rfc3339 {
+    use std::time::SystemTime;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_millis(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&s).map_err(D::Error::custom)
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Flow {
-    /// RFC 3339, UTC.
-    pub time: String,
+    /// When the kernel saw the packet (RFC 3339, UTC, in JSON).
+    #[serde(with = "rfc3339")]
+    pub time: SystemTime,
     pub node: String,
-    /// `forwarded`, `dropped` or `would-drop`.
-    pub verdict: Name,
+    #[serde(with = "named")]
+    pub verdict: Verdict,
     /// Relative to `endpoint`: `ingress` (towards it) or `egress` (from it).
-    pub direction: Name,
-    pub reason: Name,
+    #[serde(with = "named")]
+    pub direction: Direction,
+    #[serde(with = "named")]
+    pub reason: Reason,
     /// The pod whose hook judged the packet.
-    pub endpoint: String,
+    #[serde(with = "as_string")]
+    pub endpoint: JudgedAt,
     pub protocol: Name,
     pub source: Endpoint,
     pub destination: Endpoint,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub tcp_flags: String,
     /// For drops: the policies that isolate `endpoint` in `direction` (none allowed the packet).
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub policies: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty", default, with = "as_strings")]
+    pub policies: Vec<ObjectRef>,
     /// For allowed new connections: the policy rule that allowed it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub allowed_by: Option<AllowedBy>,
@@ -98,46 +240,8 @@ pub struct ServiceRef {
 
 impl Flow {
     pub fn is_drop(&self) -> bool {
-        self.verdict != "forwarded"
+        self.verdict != Verdict::Forwarded
     }
-}
-
-pub fn verdict_name(v: u8) -> &'static str {
-    match v {
-        verdict::FORWARDED => "forwarded",
-        verdict::DROPPED => "dropped",
-        verdict::WOULD_DROP => "would-drop",
-        _ => "unknown",
-    }
-}
-
-/// Stable names of [`ztrust_common::reason`] values (documented in the README).
-pub fn reason_name(r: u8) -> &'static str {
-    match r {
-        reason::ALLOWED_BY_POLICY => "allowed-by-policy",
-        reason::NOT_ISOLATED => "not-isolated",
-        reason::ESTABLISHED => "established",
-        reason::REPLY => "reply",
-        reason::FROM_HOST => "from-host",
-        reason::NOT_IP => "not-ip",
-        reason::CT_RECOVERED => "conntrack-recovered",
-        reason::POLICY_DENIED => "policy-denied",
-        reason::UNKNOWN_ENDPOINT => "unknown-endpoint",
-        reason::MALFORMED => "malformed-packet",
-        reason::NO_CT_ENTRY => "no-conntrack-entry",
-        reason::FRAGMENT => "fragment",
-        reason::SPOOFED_SOURCE => "spoofed-source",
-        reason::UNSUPPORTED_FRAME => "unsupported-frame",
-        reason::ENCAPSULATED => "encapsulated",
-        reason::SOURCE_ROUTED => "source-routed",
-        reason::SERVICE_BACKENDS_DIFFER => "service-backends-differ",
-        reason::UNKNOWN_SERVICE => "unknown-service",
-        _ => "unknown",
-    }
-}
-
-pub fn direction_name(d: u8) -> &'static str {
-    if d == dir::INGRESS { "ingress" } else { "egress" }
 }
 
 pub fn protocol_name(p: u8) -> Name {
@@ -188,8 +292,8 @@ pub struct PodView {
 #[derive(Clone, Debug, Default)]
 pub struct EndpointView {
     pub pod: ObjectRef,
-    pub ingress_policies: Vec<String>,
-    pub egress_policies: Vec<String>,
+    pub ingress_policies: Vec<ObjectRef>,
+    pub egress_policies: Vec<ObjectRef>,
 }
 
 /// What the agent knows, for enrichment. Rebuilt after every compile.
@@ -295,12 +399,12 @@ impl View {
             _ => Vec::new(),
         };
         Flow {
-            time: humantime::format_rfc3339_millis(time).to_string(),
+            time,
             node: self.node.clone(),
-            verdict: Cow::Borrowed(verdict_name(ev.verdict)),
-            direction: Cow::Borrowed(direction_name(ev.direction)),
-            reason: Cow::Borrowed(reason_name(ev.reason)),
-            endpoint: ep.map_or_else(|| format!("ifindex/{}", ev.ifindex), |e| e.pod.to_string()),
+            verdict: Verdict::from_code(ev.verdict),
+            direction: Direction::from_code(ev.direction),
+            reason: Reason::from_code(ev.reason),
+            endpoint: ep.map_or(JudgedAt::Interface(ev.ifindex), |e| JudgedAt::Pod(e.pod.clone())),
             protocol: protocol_name(ev.protocol),
             source: self.endpoint(src_ip, has_ports.then_some(ev.sport), src_id),
             destination: self.endpoint(dst_ip, has_ports.then_some(ev.dport), dst_id),
@@ -397,7 +501,11 @@ pub fn render_line(f: &Flow) -> String {
                 f.reason,
                 f.endpoint,
                 f.direction,
-                f.policies.join(", ")
+                f.policies
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         }
     } else {
@@ -416,8 +524,8 @@ pub fn render_line(f: &Flow) -> String {
     });
     format!(
         "{}  {:<10} {} -> {}{}{} {} {}",
-        f.time,
-        f.verdict.to_uppercase(),
+        humantime::format_rfc3339_millis(f.time),
+        f.verdict.name().to_uppercase(),
         f.source.display_name(),
         f.destination.display_name(),
         port,
@@ -430,6 +538,36 @@ pub fn render_line(f: &Flow) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Typed in memory, the same strings in JSON (the flow log, `flows -o json`) as ever; a name of a
+    /// newer agent reads as `unknown`.
+    #[test]
+    fn a_flow_is_typed_in_memory_and_named_in_json() {
+        let f = crate::flows::testing::denied();
+        let v = serde_json::to_value(&f).expect("serializes");
+        assert_eq!(v["time"], "2026-01-01T00:00:00.000Z");
+        assert_eq!(v["verdict"], "dropped");
+        assert_eq!(v["direction"], "ingress");
+        assert_eq!(v["reason"], "policy-denied");
+        assert_eq!(v["endpoint"], "payments/database");
+        assert_eq!(
+            v["policies"],
+            serde_json::json!(["payments/default-deny-all", "payments/backend-to-database"])
+        );
+        let back: Flow = serde_json::from_value(v.clone()).expect("deserializes");
+        assert_eq!(back, f);
+        let a = serde_json::to_value(crate::flows::testing::allowed()).expect("serializes");
+        assert_eq!(
+            a["allowed_by"],
+            serde_json::json!({"policy": "shop/allow-dns", "direction": "egress", "rule": 0})
+        );
+        let mut newer = v;
+        newer["reason"] = "a-reason-of-tomorrow".into();
+        newer["endpoint"] = "ifindex/7".into();
+        let read: Flow = serde_json::from_value(newer).expect("still reads");
+        assert_eq!(read.reason, Reason::Unknown);
+        assert_eq!(read.endpoint, JudgedAt::Interface(7));
+    }
 
     #[test]
     fn drops_name_the_isolating_policies() {
@@ -458,8 +596,8 @@ mod tests {
             EndpointView {
                 pod: db,
                 ingress_policies: vec![
-                    "payments/default-deny-all".into(),
-                    "payments/backend-to-database".into(),
+                    ObjectRef::new("payments", "default-deny-all"),
+                    ObjectRef::new("payments", "backend-to-database"),
                 ],
                 egress_policies: vec![],
             },
@@ -482,7 +620,7 @@ mod tests {
             protocol: proto::TCP,
             direction: dir::INGRESS,
             verdict: verdict::DROPPED,
-            reason: reason::POLICY_DENIED,
+            reason: ztrust_common::reason::POLICY_DENIED,
             tcp_flags: 0x02,
             ..Default::default()
         };
@@ -490,8 +628,8 @@ mod tests {
         assert_eq!(flow.source.display_name(), "payments/frontend");
         assert_eq!(flow.destination.display_name(), "payments/database");
         assert_eq!(flow.destination.port, Some(5432));
-        assert_eq!(flow.verdict, "dropped");
-        assert_eq!(flow.reason, "policy-denied");
+        assert_eq!(flow.verdict, crate::flows::Verdict::Dropped);
+        assert_eq!(flow.reason, crate::flows::Reason::PolicyDenied);
         assert_eq!(flow.tcp_flags, "SYN");
         assert_eq!(flow.policies.len(), 2);
         let line = render_line(&flow);
@@ -530,7 +668,7 @@ mod tests {
             protocol: proto::TCP,
             direction: dir::EGRESS,
             verdict: verdict::DROPPED,
-            reason: reason::POLICY_DENIED,
+            reason: ztrust_common::reason::POLICY_DENIED,
             ..Default::default()
         };
         let flow = view.enrich(&ev);
@@ -579,7 +717,7 @@ mod tests {
             protocol: proto::TCP,
             direction: dir::EGRESS,
             verdict: verdict::DROPPED,
-            reason: reason::POLICY_DENIED,
+            reason: ztrust_common::reason::POLICY_DENIED,
             flags: event_flags::NEW_FLOW | event_flags::SERVICE,
             ..Default::default()
         };

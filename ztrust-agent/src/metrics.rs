@@ -227,23 +227,27 @@ impl Metrics {
         let mut index: std::collections::HashMap<[&str; 5], usize> = std::collections::HashMap::new();
         let mut last = 0;
         for f in flows {
-            let judged = if f.direction == "ingress" {
+            let judged = if f.direction == crate::flows::Direction::Ingress {
                 &f.destination
             } else {
                 &f.source
             };
-            let namespace = judged.namespace.as_deref().unwrap_or_else(|| {
-                f.endpoint
-                    .split_once('/')
-                    .filter(|(ns, _)| *ns != "ifindex")
-                    .map_or("", |(ns, _)| ns)
-            });
+            let namespace = judged
+                .namespace
+                .as_deref()
+                .unwrap_or_else(|| f.endpoint.pod().map_or("", |p| p.namespace.as_str()));
             let pod = if self.opts.pod_label {
                 judged.pod.as_deref().unwrap_or_default()
             } else {
                 ""
             };
-            let key = [&*f.verdict, &*f.direction, &*f.reason, namespace, pod];
+            let key = [
+                f.verdict.name(),
+                f.direction.name(),
+                f.reason.name(),
+                namespace,
+                pod,
+            ];
             if counts.get(last).is_none_or(|(k, _)| !same_labels(k, &key)) {
                 let found = if counts.len() <= 16 {
                     counts.iter().position(|(k, _)| same_labels(k, &key))

@@ -28,6 +28,24 @@ impl ObjectRef {
     }
 }
 
+/// `namespace/name`: the form [`ObjectRef`] is displayed in.
+impl std::str::FromStr for ObjectRef {
+    type Err = InvalidObjectRef;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::new(namespace, name))
+            }
+            _ => Err(InvalidObjectRef(s.to_owned())),
+        }
+    }
+}
+
+/// Not `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not namespace/name")]
+pub struct InvalidObjectRef(pub String);
+
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)

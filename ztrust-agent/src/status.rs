@@ -8,7 +8,7 @@ use serde::Serialize;
 use ztrust_common::{CounterValue, ep_flags, stat};
 
 use crate::datapath::loader::{PinnedMaps, Result};
-use crate::flows::{direction_name, reason_name, verdict_name};
+use crate::flows::{Direction, Reason, Verdict};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Counter {
@@ -120,9 +120,9 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         st.counters.push(Counter {
             interface: ifname(ifindex),
             ifindex,
-            direction: direction_name(direction).into(),
-            verdict: verdict_name(verdict).into(),
-            reason: reason_name(reason).into(),
+            direction: Direction::from_code(direction).name().into(),
+            verdict: Verdict::from_code(verdict).name().into(),
+            reason: Reason::from_code(reason).name().into(),
             packets: v.packets,
             bytes: v.bytes,
         });

@@ -18,17 +18,18 @@ fn flow(i: u16, verdict: &str) -> Flow {
         identity: 300,
     };
     Flow {
-        time: humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        time: std::time::SystemTime::now(),
         node: "lab".into(),
-        verdict: verdict.to_owned().into(),
-        direction: "ingress".into(),
+        verdict: ztrust_agent::flows::Verdict::from_name(verdict).expect("a verdict"),
+        direction: ztrust_agent::flows::Direction::Ingress,
         reason: if verdict == "forwarded" {
-            "allowed-by-policy"
+            ztrust_agent::flows::Reason::AllowedByPolicy
         } else {
-            "policy-denied"
-        }
-        .into(),
-        endpoint: "payments/database".into(),
+            ztrust_agent::flows::Reason::PolicyDenied
+        },
+        endpoint: ztrust_agent::flows::JudgedAt::Pod(ztrust_agent::model::ObjectRef::new(
+            "payments", "database",
+        )),
         protocol: "TCP".into(),
         source: ep(
             format!("10.244.0.{}", 10 + i),
@@ -42,7 +43,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
         ),
         destination: ep("10.244.0.99".into(), 5432, "payments", "database"),
         tcp_flags: "SYN".into(),
-        policies: vec!["payments/default-deny".into()],
+        policies: vec![ztrust_agent::model::ObjectRef::new("payments", "default-deny")],
         allowed_by: None,
         new_connection: true,
         bytes: u32::from(i),

@@ -25,17 +25,18 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
         identity: 300,
     };
     Flow {
-        time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        time: SystemTime::now(),
         node: "lab".into(),
-        verdict: verdict.to_owned().into(),
-        direction: "ingress".into(),
+        verdict: ztrust_agent::flows::Verdict::from_name(verdict).expect("a verdict"),
+        direction: ztrust_agent::flows::Direction::Ingress,
         reason: if verdict == "forwarded" {
-            "allowed-by-policy"
+            ztrust_agent::flows::Reason::AllowedByPolicy
         } else {
-            "policy-denied"
-        }
-        .into(),
-        endpoint: "payments/database".into(),
+            ztrust_agent::flows::Reason::PolicyDenied
+        },
+        endpoint: ztrust_agent::flows::JudgedAt::Pod(ztrust_agent::model::ObjectRef::new(
+            "payments", "database",
+        )),
         protocol: "TCP".into(),
         source: ep(
             format!("10.244.0.{}", 10 + i % 5),
@@ -55,7 +56,7 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
         policies: if verdict == "forwarded" {
             vec![]
         } else {
-            vec!["payments/default-deny".into()]
+            vec![ztrust_agent::model::ObjectRef::new("payments", "default-deny")]
         },
         allowed_by: None,
         new_connection: true,
@@ -343,7 +344,7 @@ async fn a_slow_client_loses_flows_is_told_and_does_not_slow_others() {
     // Payload large enough that the slow client's socket and HTTP/2 windows fill quickly.
     let mut big = flow(0, "dropped", 80);
     big.policies = (0..40)
-        .map(|i| format!("payments/policy-with-a-long-name-{i}"))
+        .map(|i| ztrust_agent::model::ObjectRef::new("payments", format!("policy-with-a-long-name-{i}")))
         .collect();
     for i in 0..TOTAL {
         let mut f = big.clone();

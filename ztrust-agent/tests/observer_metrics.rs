@@ -16,12 +16,12 @@ fn drop_in(ns: &str) -> Flow {
         identity: 300,
     };
     Flow {
-        time: "2026-01-01T00:00:00.000Z".into(),
+        time: humantime::parse_rfc3339("2026-01-01T00:00:00.000Z").unwrap(),
         node: "lab".into(),
-        verdict: "dropped".into(),
-        direction: "egress".into(),
-        reason: "policy-denied".into(),
-        endpoint: format!("{ns}/p"),
+        verdict: ztrust_agent::flows::Verdict::Dropped,
+        direction: ztrust_agent::flows::Direction::Egress,
+        reason: ztrust_agent::flows::Reason::PolicyDenied,
+        endpoint: ztrust_agent::flows::JudgedAt::Pod(ztrust_agent::model::ObjectRef::new(ns, "p")),
         protocol: "TCP".into(),
         source: ep("10.0.0.1", ns),
         destination: ep("10.0.0.2", "other"),

@@ -76,8 +76,8 @@ pub fn update_policy(view: &mut View, desired: &Desired, bindings: &BTreeMap<Obj
                 *ifindex,
                 EndpointView {
                     pod: pod.clone(),
-                    ingress_policies: ep.ingress_policies.iter().map(ToString::to_string).collect(),
-                    egress_policies: ep.egress_policies.iter().map(ToString::to_string).collect(),
+                    ingress_policies: ep.ingress_policies.clone(),
+                    egress_policies: ep.egress_policies.clone(),
                 },
             );
         }
@@ -88,8 +88,8 @@ pub fn update_policy(view: &mut View, desired: &Desired, bindings: &BTreeMap<Obj
             .iter()
             .map(|(id, rule)| {
                 let by = AllowedBy {
-                    policy: rule.policy.to_string(),
-                    direction: crate::flows::direction_name(rule.direction).into(),
+                    policy: rule.policy.clone(),
+                    direction: crate::flows::Direction::from_code(rule.direction),
                     rule: rule.index,
                 };
                 (*id, by)

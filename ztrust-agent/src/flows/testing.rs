@@ -3,16 +3,17 @@
 use std::collections::BTreeMap;
 
 use crate::flows::{AllowedBy, Endpoint, Flow};
+use crate::model::ObjectRef;
 
 /// A dropped TCP SYN from payments/frontend to payments/database:5432, isolated by two policies.
 pub fn denied() -> Flow {
     Flow {
-        time: "2026-01-01T00:00:00.000Z".into(),
+        time: humantime::parse_rfc3339("2026-01-01T00:00:00.000Z").unwrap(),
         node: "lab".into(),
-        verdict: "dropped".into(),
-        direction: "ingress".into(),
-        reason: "policy-denied".into(),
-        endpoint: "payments/database".into(),
+        verdict: crate::flows::Verdict::Dropped,
+        direction: crate::flows::Direction::Ingress,
+        reason: crate::flows::Reason::PolicyDenied,
+        endpoint: crate::flows::JudgedAt::Pod(crate::model::ObjectRef::new("payments", "database")),
         protocol: "TCP".into(),
         source: Endpoint {
             ip: "10.244.0.10".parse().unwrap(),
@@ -35,8 +36,8 @@ pub fn denied() -> Flow {
         },
         tcp_flags: "SYN".into(),
         policies: vec![
-            "payments/default-deny-all".into(),
-            "payments/backend-to-database".into(),
+            ObjectRef::new("payments", "default-deny-all"),
+            ObjectRef::new("payments", "backend-to-database"),
         ],
         allowed_by: None,
         new_connection: true,
@@ -48,12 +49,12 @@ pub fn denied() -> Flow {
 /// An allowed UDP flow from shop/web to 8.8.8.8:53 (egress), allowed by shop/allow-dns rule 0.
 pub fn allowed() -> Flow {
     Flow {
-        time: "2026-01-01T00:00:01.000Z".into(),
+        time: humantime::parse_rfc3339("2026-01-01T00:00:01.000Z").unwrap(),
         node: "lab".into(),
-        verdict: "forwarded".into(),
-        direction: "egress".into(),
-        reason: "allowed-by-policy".into(),
-        endpoint: "shop/web".into(),
+        verdict: crate::flows::Verdict::Forwarded,
+        direction: crate::flows::Direction::Egress,
+        reason: crate::flows::Reason::AllowedByPolicy,
+        endpoint: crate::flows::JudgedAt::Pod(crate::model::ObjectRef::new("shop", "web")),
         protocol: "UDP".into(),
         source: Endpoint {
             ip: "10.244.1.5".parse().unwrap(),
@@ -74,8 +75,8 @@ pub fn allowed() -> Flow {
         tcp_flags: String::new(),
         policies: vec![],
         allowed_by: Some(AllowedBy {
-            policy: "shop/allow-dns".into(),
-            direction: "egress".into(),
+            policy: crate::model::ObjectRef::new("shop", "allow-dns"),
+            direction: crate::flows::Direction::Egress,
             rule: 0,
         }),
         new_connection: true,

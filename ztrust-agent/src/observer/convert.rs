@@ -8,68 +8,56 @@ use crate::flows::{self, AllowedBy, Endpoint, Flow};
 use crate::observer::proto;
 use crate::observer::proto::{Reason, TrafficDirection, Verdict};
 
-pub fn verdict_str(v: Verdict) -> &'static str {
-    match v {
-        Verdict::Forwarded => "forwarded",
-        Verdict::Dropped => "dropped",
-        Verdict::WouldDrop => "would-drop",
-        Verdict::Unknown => "unknown",
+/// The proto's verdict numbers are the kernel's codes (0 is unknown).
+pub fn verdict_to_proto(v: flows::Verdict) -> Verdict {
+    Verdict::try_from(i32::from(v.code())).unwrap_or(Verdict::Unknown)
+}
+
+pub fn verdict_from_proto(v: Verdict) -> flows::Verdict {
+    u8::try_from(v as i32).map_or(flows::Verdict::Unknown, flows::Verdict::from_code)
+}
+
+pub fn direction_to_proto(d: flows::Direction) -> TrafficDirection {
+    match d {
+        flows::Direction::Ingress => TrafficDirection::Ingress,
+        flows::Direction::Egress => TrafficDirection::Egress,
+        flows::Direction::Unknown => TrafficDirection::Unknown,
     }
+}
+
+pub fn direction_from_proto(d: TrafficDirection) -> flows::Direction {
+    match d {
+        TrafficDirection::Ingress => flows::Direction::Ingress,
+        TrafficDirection::Egress => flows::Direction::Egress,
+        TrafficDirection::Unknown => flows::Direction::Unknown,
+    }
+}
+
+/// The proto's reason numbers are the kernel's codes (0 is unknown).
+pub fn reason_to_proto(r: flows::Reason) -> Reason {
+    Reason::try_from(i32::from(r.code())).unwrap_or(Reason::Unknown)
+}
+
+pub fn reason_from_proto(r: Reason) -> flows::Reason {
+    u8::try_from(r as i32).map_or(flows::Reason::Unknown, flows::Reason::from_code)
+}
+
+/// A name the CLI was given (`dropped`, `WOULD_DROP`, `Policy-Denied` …), as the proto value; `Unknown`
+/// for a name that is none.
+fn loose_name(s: &str) -> String {
+    s.to_ascii_lowercase().replace('_', "-")
 }
 
 pub fn verdict_from_str(s: &str) -> Verdict {
-    // The agent's own names first, without allocating (this runs for every flow sent).
-    match s {
-        "forwarded" => return Verdict::Forwarded,
-        "dropped" => return Verdict::Dropped,
-        "would-drop" => return Verdict::WouldDrop,
-        _ => {}
-    }
-    match s.to_ascii_lowercase().replace('_', "-").as_str() {
-        "forwarded" => Verdict::Forwarded,
-        "dropped" => Verdict::Dropped,
-        "would-drop" => Verdict::WouldDrop,
-        _ => Verdict::Unknown,
-    }
-}
-
-pub fn direction_str(d: TrafficDirection) -> &'static str {
-    match d {
-        TrafficDirection::Ingress => "ingress",
-        TrafficDirection::Egress => "egress",
-        TrafficDirection::Unknown => "unknown",
-    }
+    flows::Verdict::from_name(&loose_name(s)).map_or(Verdict::Unknown, verdict_to_proto)
 }
 
 pub fn direction_from_str(s: &str) -> TrafficDirection {
-    match s {
-        "ingress" => return TrafficDirection::Ingress,
-        "egress" => return TrafficDirection::Egress,
-        _ => {}
-    }
-    match s.to_ascii_lowercase().as_str() {
-        "ingress" => TrafficDirection::Ingress,
-        "egress" => TrafficDirection::Egress,
-        _ => TrafficDirection::Unknown,
-    }
-}
-
-/// The proto numbers are the kernel's, so the names come from `flows::reason_name`.
-pub fn reason_str(r: Reason) -> &'static str {
-    flows::reason_name(u8::try_from(r as i32).unwrap_or(0))
+    flows::Direction::from_name(&loose_name(s)).map_or(TrafficDirection::Unknown, direction_to_proto)
 }
 
 pub fn reason_from_str(s: &str) -> Reason {
-    // Built once from `flows::reason_name` (this runs for every flow sent).
-    static BY_NAME: std::sync::OnceLock<std::collections::HashMap<&'static str, Reason>> =
-        std::sync::OnceLock::new();
-    let by_name = BY_NAME.get_or_init(|| {
-        (1..=u8::MAX)
-            .filter_map(|n| Some((flows::reason_name(n), Reason::try_from(i32::from(n)).ok()?)))
-            .filter(|(name, _)| *name != "unknown")
-            .collect()
-    });
-    by_name.get(s).copied().unwrap_or(Reason::Unknown)
+    flows::Reason::from_name(&loose_name(s)).map_or(Reason::Unknown, reason_to_proto)
 }
 
 pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
@@ -85,11 +73,6 @@ pub fn system_time(t: &prost_types::Timestamp) -> SystemTime {
         return UNIX_EPOCH;
     }
     UNIX_EPOCH + Duration::new(t.seconds as u64, t.nanos.clamp(0, 999_999_999) as u32)
-}
-
-/// The time of a flow record (RFC 3339); now when it does not parse.
-pub fn flow_time(f: &Flow) -> SystemTime {
-    humantime::parse_rfc3339_weak(&f.time).unwrap_or_else(|_| SystemTime::now())
 }
 
 fn endpoint_to_proto(e: &Endpoint) -> proto::Endpoint {
@@ -160,18 +143,18 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
     proto::Flow {
         time: Some(timestamp(time)),
         node_name: f.node.clone(),
-        verdict: verdict_from_str(&f.verdict) as i32,
-        traffic_direction: direction_from_str(&f.direction) as i32,
-        reason: reason_from_str(&f.reason) as i32,
-        endpoint: f.endpoint.clone(),
+        verdict: verdict_to_proto(f.verdict) as i32,
+        traffic_direction: direction_to_proto(f.direction) as i32,
+        reason: reason_to_proto(f.reason) as i32,
+        endpoint: f.endpoint.to_string(),
         protocol: f.protocol.to_string(),
         source: Some(endpoint_to_proto(&f.source)),
         destination: Some(endpoint_to_proto(&f.destination)),
         tcp_flags: f.tcp_flags.clone(),
-        isolating_policies: f.policies.clone(),
+        isolating_policies: f.policies.iter().map(ToString::to_string).collect(),
         allowed_by: f.allowed_by.as_ref().map(|a| proto::AllowedBy {
-            policy: a.policy.clone(),
-            direction: a.direction.clone(),
+            policy: a.policy.to_string(),
+            direction: a.direction.name().to_owned(),
             rule: u32::try_from(a.rule).unwrap_or(u32::MAX),
         }),
         new_connection: f.new_connection,
@@ -181,16 +164,18 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
     }
 }
 
+/// A flow from the wire. What does not parse is kept as the agent cannot judge it: an unknown verdict,
+/// direction or reason is `Unknown`, an endpoint that is no `namespace/pod` nor `ifindex/N` is
+/// interface 0, and a policy name that is no `namespace/name` is left out of `policies`.
 pub fn flow_from_proto(p: &proto::Flow) -> Flow {
     let has_ports = matches!(p.protocol.as_str(), "TCP" | "UDP" | "SCTP");
-    let time = p.time.as_ref().map_or_else(SystemTime::now, system_time);
     Flow {
-        time: humantime::format_rfc3339_millis(time).to_string(),
+        time: p.time.as_ref().map_or_else(SystemTime::now, system_time),
         node: p.node_name.clone(),
-        verdict: verdict_str(p.verdict()).into(),
-        direction: direction_str(p.traffic_direction()).into(),
-        reason: reason_str(p.reason()).into(),
-        endpoint: p.endpoint.clone(),
+        verdict: verdict_from_proto(p.verdict()),
+        direction: direction_from_proto(p.traffic_direction()),
+        reason: reason_from_proto(p.reason()),
+        endpoint: p.endpoint.parse().unwrap_or(flows::JudgedAt::Interface(0)),
         protocol: p.protocol.clone().into(),
         source: endpoint_from_proto(
             p.source.as_ref().unwrap_or(&proto::Endpoint::default()),
@@ -201,11 +186,17 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
             has_ports,
         ),
         tcp_flags: p.tcp_flags.clone(),
-        policies: p.isolating_policies.clone(),
-        allowed_by: p.allowed_by.as_ref().map(|a| AllowedBy {
-            policy: a.policy.clone(),
-            direction: a.direction.clone(),
-            rule: a.rule as usize,
+        policies: p
+            .isolating_policies
+            .iter()
+            .filter_map(|s| s.parse().ok())
+            .collect(),
+        allowed_by: p.allowed_by.as_ref().and_then(|a| {
+            Some(AllowedBy {
+                policy: a.policy.parse().ok()?,
+                direction: flows::Direction::from_name(&a.direction).unwrap_or(flows::Direction::Unknown),
+                rule: a.rule as usize,
+            })
         }),
         new_connection: p.new_connection,
         bytes: p.bytes,
@@ -224,26 +215,28 @@ mod tests {
     #[test]
     fn round_trip() {
         for f in [denied(), allowed()] {
-            let t = flow_time(&f);
-            let p = flow_to_proto(&f, t);
+            let p = flow_to_proto(&f, f.time);
             assert_eq!(flow_from_proto(&p), f);
         }
     }
 
-    /// Every reason the datapath has gets a name and a proto value, and nothing else does.
+    /// Every reason the datapath has gets a proto value of the same number, and back.
     #[test]
-    fn every_reason_name_has_a_proto_value() {
-        for n in 1..=u8::MAX {
-            let name = flows::reason_name(n);
-            let known = ztrust_common::reason::ALL.contains(&n);
-            assert_eq!(name != "unknown", known, "reason {n} ({name})");
-            if known {
-                let r = reason_from_str(name);
-                assert_eq!(r as i32, i32::from(n), "{name}");
-                assert_eq!(reason_str(r), name);
-            }
+    fn every_reason_has_its_proto_value() {
+        for r in flows::Reason::ALL {
+            let p = reason_to_proto(*r);
+            assert_eq!(p as i32, i32::from(r.code()), "{r}");
+            assert_eq!(reason_from_proto(p), *r);
+            assert_eq!(reason_from_str(r.name()), p);
         }
+        for v in flows::Verdict::ALL {
+            assert_eq!(verdict_from_proto(verdict_to_proto(*v)), *v);
+        }
+        assert_eq!(reason_to_proto(flows::Reason::Unknown), Reason::Unknown);
         assert_eq!(verdict_from_str("would-drop"), Verdict::WouldDrop);
         assert_eq!(verdict_from_str("DROPPED"), Verdict::Dropped);
+        assert_eq!(verdict_from_str("WOULD_DROP"), Verdict::WouldDrop);
+        assert_eq!(direction_from_str("Ingress"), TrafficDirection::Ingress);
+        assert_eq!(verdict_from_str("nonsense"), Verdict::Unknown);
     }
 }

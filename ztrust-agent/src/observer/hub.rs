@@ -16,7 +16,6 @@ use std::time::{Instant, SystemTime};
 use tokio::sync::Notify;
 
 use crate::flows::Flow;
-use crate::observer::convert;
 use crate::observer::proto::{Alert, LostEventSource};
 
 pub use crate::flows::Observed;
@@ -326,7 +325,7 @@ impl Hub {
 
     /// Keeps and fans out one flow. Cheap: never waits for a subscriber.
     pub fn publish(&self, flow: Flow) {
-        let time = convert::flow_time(&flow);
+        let time = flow.time;
         self.publish_at(flow, time);
     }
 

@@ -296,7 +296,10 @@ fn a_pass_runs_source_bind_sync_and_report_in_order_without_root() {
         .cloned()
         .expect("reported");
     assert_eq!(database_view.pod, ObjectRef::new("payments", "database"));
-    assert_eq!(database_view.ingress_policies, ["payments/database"]);
+    assert_eq!(
+        database_view.ingress_policies,
+        [ObjectRef::new("payments", "database")]
+    );
 
     // Nothing changed: nothing written.
     r.apply_source(None, Instant::now());

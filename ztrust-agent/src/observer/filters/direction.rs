@@ -12,9 +12,9 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
                 field: "traffic_direction",
                 value: *v,
             }),
-            Ok(d) => Ok(convert::direction_str(d)),
+            Ok(d) => Ok(convert::direction_from_proto(d)),
         },
-        |name: &&'static str, f| f.direction == *name,
+        |d: &crate::flows::Direction, f| f.direction == *d,
     )
 }
 

@@ -3,13 +3,13 @@
 
 use super::{Error, FilterFn, Result, any};
 use crate::flows::Flow;
+use crate::model::ObjectRef;
 use crate::observer::proto::FlowFilter;
 
-fn is(candidate: &str, wanted: &str) -> bool {
-    if wanted.contains('/') {
-        candidate == wanted
-    } else {
-        candidate.rsplit_once('/').map_or(candidate, |(_, name)| name) == wanted
+fn is(candidate: &ObjectRef, wanted: &str) -> bool {
+    match wanted.split_once('/') {
+        Some((namespace, name)) => candidate.namespace == namespace && candidate.name == name,
+        None => candidate.name == wanted,
     }
 }
 

@@ -12,9 +12,9 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
                 field: "reason",
                 value: *v,
             }),
-            Ok(r) => Ok(convert::reason_str(r)),
+            Ok(r) => Ok(convert::reason_from_proto(r)),
         },
-        |name: &&'static str, f| f.reason == *name,
+        |r: &crate::flows::Reason, f| f.reason == *r,
     )
 }
 

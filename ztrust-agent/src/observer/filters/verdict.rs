@@ -12,9 +12,9 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
                 field: "verdict",
                 value: *v,
             }),
-            Ok(v) => Ok(convert::verdict_str(v)),
+            Ok(v) => Ok(convert::verdict_from_proto(v)),
         },
-        |name: &&'static str, f| f.verdict == *name,
+        |v: &crate::flows::Verdict, f| f.verdict == *v,
     )
 }
 
@@ -38,7 +38,7 @@ mod tests {
         assert!(!filter(&[Verdict::Dropped])(&allowed()));
         assert!(filter(&[Verdict::Forwarded])(&allowed()));
         let mut audit = denied();
-        audit.verdict = "would-drop".into();
+        audit.verdict = crate::flows::Verdict::WouldDrop;
         assert!(!filter(&[Verdict::Dropped])(&audit));
         assert!(
             filter(&[Verdict::Dropped, Verdict::WouldDrop])(&audit),
