@@ -368,6 +368,12 @@ pub struct IpcacheKey {
     pub addr: [u8; 16],
 }
 
+impl IpcacheKey {
+    /// The prefix length of a single address (IPv4 is keyed IPv4-mapped): the ipcache's hash holds
+    /// these, the programs look an address up at it.
+    pub const PREFIX_HOST: u32 = 128;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheValue {

@@ -276,7 +276,7 @@ fn remote_identity(addr: &[u8; 16]) -> u32 {
     if let Some(v) = unsafe { IPCACHE_HOSTS.get(&IpcacheKey { addr: *addr }) } {
         return v.identity;
     }
-    let key = Key::new(128, IpcacheKey { addr: *addr });
+    let key = Key::new(IpcacheKey::PREFIX_HOST, IpcacheKey { addr: *addr });
     match IPCACHE.get(&key) {
         Some(v) => v.identity,
         None => identity::WORLD,
@@ -642,7 +642,10 @@ fn judge(
             }
         }
         if SERVICE_RANGES
-            .get(&Key::new(128, IpcacheKey { addr: *remote_addr }))
+            .get(&Key::new(
+                IpcacheKey::PREFIX_HOST,
+                IpcacheKey { addr: *remote_addr },
+            ))
             .is_some()
         {
             return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr)));
@@ -711,7 +714,7 @@ fn node_local(skb: *mut __sk_buff, addr: &[u8; 16]) -> Locality {
         return Locality::Elsewhere;
     }
     // The longest route of the node's local table that covers the address: of type `local` or not.
-    match NODE_LOCAL.get(&Key::new(128, IpcacheKey { addr: *addr })) {
+    match NODE_LOCAL.get(&Key::new(IpcacheKey::PREFIX_HOST, IpcacheKey { addr: *addr })) {
         Some(&1) => return Locality::Local,
         Some(_) => return Locality::Elsewhere,
         None => {}

@@ -128,7 +128,7 @@ pub struct Ipcache {
 }
 
 /// The prefix length of a single address in ipcache keys (IPv4 is stored IPv4-mapped).
-pub const IPCACHE_HOST_PREFIX: u32 = 128;
+pub const IPCACHE_HOST_PREFIX: u32 = IpcacheKey::PREFIX_HOST;
 
 impl Ipcache {
     pub fn insert(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<(), MapError> {
