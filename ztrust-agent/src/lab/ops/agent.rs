@@ -1,0 +1,175 @@
+//! The lab's agent: started in the node's namespace, and waited for until it has attached to and bound
+//! the lab's interfaces and settled after a change.
+
+use super::*;
+
+pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
+    let bin = spec.bin.unwrap_or_else(|| state.agent_bin.clone());
+    let pin_dir = spec
+        .pin_dir
+        .unwrap_or_else(|| default_agent_pin_dir(&state.prefix));
+    let socket = state.state_dir.join(AGENT_SOCKET);
+    let flow_log = state.state_dir.join(FLOW_LOG);
+    let log = state.state_dir.join(LOGS_DIR).join("agent.log");
+    let node_ips = state
+        .node_ips
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "--source".into(),
+        agent_tag(&state.state_dir),
+        "--pin-path".into(),
+        pin_dir.display().to_string(),
+        "--node-ip".into(),
+        node_ips,
+        "--interface-prefix".into(),
+        state.if_prefix.clone(),
+        "--node-name".into(),
+        state.node_netns.clone(),
+        "--flow-log".into(),
+        flow_log.display().to_string(),
+        "--grpc-socket".into(),
+        socket.display().to_string(),
+        "--service-cidr".into(),
+        crate::lab::services::SERVICE_CIDR.into(),
+    ];
+    args.extend(spec.extra_args);
+    let pid = net::spawn_in_netns(&state.node_netns, &bin, &args, &log)?;
+    state.agent = Some(AgentState {
+        pid,
+        pin_dir,
+        socket,
+        flow_log,
+        log,
+        attach_timeout_ms: u64::try_from(spec.attach_timeout.as_millis()).unwrap_or(u64::MAX),
+    });
+    Ok(())
+}
+
+/// Whether the agent has pinned a link on `ifname` for each of its hooks (`<pin>/links/<hook>/<ifname>`).
+pub(super) fn attached(pin_dir: &Path, ifname: &str) -> bool {
+    let hooks: Vec<PathBuf> = std::fs::read_dir(pin_dir.join("links"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    !hooks.is_empty() && hooks.iter().all(|h| h.join(ifname).exists())
+}
+
+/// The last `n` lines of a log file.
+pub(super) fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+pub(super) fn wait_attached(agent: &AgentState, ifnames: &[String]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(agent.attach_timeout_ms);
+    let fail = |problem: String| Error::Agent {
+        problem,
+        log: tail(&agent.log, 20),
+        log_path: agent.log.clone(),
+    };
+    for ifname in ifnames {
+        while !attached(&agent.pin_dir, ifname) {
+            if net::is_gone(agent.pid) {
+                return Err(fail("exited".into()));
+            }
+            if Instant::now() > deadline {
+                return Err(fail(format!(
+                    "did not attach to {ifname} within {:?} (no pinned links under {}/links)",
+                    Duration::from_millis(agent.attach_timeout_ms),
+                    agent.pin_dir.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
+/// Waits until the agent has bound each interface to its pod (an entry in its endpoint map): until then
+/// the interface is attached but fails closed, and a probe would see drops no policy asked for.
+pub(super) fn wait_bound(agent: &AgentState, node_netns: &str, ifnames: &[String]) -> Result<()> {
+    if ifnames.is_empty() {
+        return Ok(());
+    }
+    let wanted: Vec<u32> = net::ifindexes(node_netns, ifnames)?
+        .into_iter()
+        .flatten()
+        .collect();
+    let deadline = Instant::now() + Duration::from_millis(agent.attach_timeout_ms);
+    loop {
+        let bound: Vec<u32> = crate::status::read(&agent.pin_dir)
+            .map(|st| st.endpoints.iter().map(|e| e.ifindex).collect())
+            .unwrap_or_default();
+        if wanted.iter().all(|i| bound.contains(i)) {
+            return Ok(());
+        }
+        if net::is_gone(agent.pid) {
+            return Err(Error::Agent {
+                problem: "exited".into(),
+                log: tail(&agent.log, 20),
+                log_path: agent.log.clone(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Agent {
+                problem: format!("did not bind {} to their pods in time", ifnames.join(", ")),
+                log: tail(&agent.log, 20),
+                log_path: agent.log.clone(),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub(super) fn agent_log_len(state: &LabState) -> u64 {
+    state
+        .agent
+        .as_ref()
+        .and_then(|a| std::fs::metadata(&a.log).ok())
+        .map(|m| m.len())
+        .unwrap_or(0)
+}
+
+/// After manifests changed: waits until the agent has compiled them (its log says `policy compiled` after
+/// offset `from`) and then stayed quiet for a few of its polls, so that a probe right after `apply` sees
+/// the new policies. `Ok(false)` if that did not happen within a few seconds (nothing the agent had to
+/// change, or a slow agent); the caller may say so.
+pub(super) fn wait_settled(state: &LabState, from: u64) -> Result<bool> {
+    let Some(agent) = &state.agent else {
+        return Ok(true);
+    };
+    const QUIET: Duration = Duration::from_millis(300);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (mut compiles, mut last_change) = (0usize, None::<Instant>);
+    loop {
+        let text = std::fs::read(&agent.log).unwrap_or_default();
+        let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+        let n = fresh.matches("policy compiled").count();
+        if n > compiles {
+            compiles = n;
+            last_change = Some(Instant::now());
+        }
+        if last_change.is_some_and(|t| t.elapsed() >= QUIET) {
+            return Ok(true);
+        }
+        if net::is_gone(agent.pid) {
+            return Err(Error::Agent {
+                problem: "exited".into(),
+                log: tail(&agent.log, 20),
+                log_path: agent.log.clone(),
+            });
+        }
+        if Instant::now() > deadline {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
