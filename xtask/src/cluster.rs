@@ -499,7 +499,16 @@ pub fn down() -> Result<()> {
     if Path::new(&netns_path()).exists() {
         let mut ss = cmd(
             "nsenter",
-            &[&format!("--net={}", netns_path()), "--", "ss", "-K", "-t", "-u", "-a", "-n"],
+            &[
+                &format!("--net={}", netns_path()),
+                "--",
+                "ss",
+                "-K",
+                "-t",
+                "-u",
+                "-a",
+                "-n",
+            ],
         );
         ss.stdout(Stdio::null());
         if let Err(e) = run(ss) {
