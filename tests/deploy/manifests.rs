@@ -321,7 +321,7 @@ fn daemonset_has_what_the_design_relies_on() {
     // Node ports are judged as Services where the real cluster's kube-proxy translates them.
     assert_eq!(arg("--nodeport-addresses"), Some("primary"));
     assert!(
-        read("xtask/src/cluster.rs").contains("nodePortAddresses: [primary]"),
+        read("xtask/src/cluster/config.rs").contains("nodePortAddresses: [primary]"),
         "the real cluster's kube-proxy translates node ports where the DaemonSet says"
     );
     let env: BTreeMap<&str, &str> = c

@@ -882,7 +882,7 @@ fn seed_checks_but_frontend_to_database(c: &Cluster) {
     );
 }
 
-/// host-local's state for the cluster's network (xtask/src/cluster.rs: `{state}/cni/ipam`).
+/// host-local's state for the cluster's network (xtask/src/cluster/config.rs: `{state}/cni/ipam`).
 const IPAM_DIR: &str = "/var/lib/ztrust-cluster/cni/ipam/ztrust-cluster";
 
 /// `status.podIPs` of `ns/pod`.

@@ -386,6 +386,20 @@ fn status_reports_pinned_capacities_and_counts_entries_as_the_agent_does() {
         "{}",
         status_line(&st)
     );
+
+    // Pins as an agent from before the map splits and the counter slots left them: every entry in the
+    // tries, no hash halves, no slots. `status` still reads them.
+    for name in [names::POLICY_EXACT, names::IPCACHE_HOSTS, names::SLOT_COUNTERS] {
+        std::fs::remove_file(topo.pin_dir.join("maps").join(name)).unwrap();
+    }
+    let st = ztrust_agent::status::read(&topo.pin_dir).expect("status of pre-split pins");
+    assert_eq!((st.ipcache_capacity, st.policy_capacity), (512, 1024));
+    assert_eq!(
+        st.policy_entries, 2,
+        "the trie's: the legacy copy and the any-port entry"
+    );
+    assert_eq!(st.ipcache_entries, 1, "the trie's: 192.168.0.0/16");
+    assert_eq!(st.endpoints.len(), 1);
     drop(dp);
     loader::cleanup(&topo.pin_dir).unwrap();
 }

@@ -435,7 +435,14 @@ fn lints() -> anyhow::Result<()> {
             "warnings",
         ],
     ))?;
-    let have = output(cmd("cargo", &["machete", "--version"])).is_some_and(|v| v.trim() == MACHETE_VERSION);
+    // Run as itself, not as `cargo machete`: under `cargo xtask` the environment says it runs as a cargo
+    // subcommand, and it then takes its own name for the directory to analyse.
+    let machete = |args: &[&str]| {
+        let mut c = cmd("cargo-machete", args);
+        c.env_remove("CARGO");
+        c
+    };
+    let have = output(machete(&["--version"])).is_some_and(|v| v.trim() == MACHETE_VERSION);
     if !have {
         eprintln!("installing cargo-machete {MACHETE_VERSION} (under a minute, once)");
         run(cmd(
@@ -444,7 +451,7 @@ fn lints() -> anyhow::Result<()> {
         ))?;
     }
     // The workspace and, below it, the fuzz crate (its own workspace).
-    run(cmd("cargo", &["machete"]))
+    run(machete(&[]))
 }
 
 /// The test binaries (file stems) of an integration-test directory whose files hold an `#[ignore]`d

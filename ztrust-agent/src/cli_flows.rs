@@ -39,8 +39,12 @@ pub enum Error {
     Connect(#[from] client::Error),
     #[error("the agent refused the request")]
     Rpc(#[from] tonic::Status),
-    #[error("`{0}` is neither a duration (5m) nor a time (RFC 3339)")]
-    When(String),
+    #[error("`{value}` is neither a duration (5m) nor a time (RFC 3339)")]
+    When {
+        value: String,
+        #[source]
+        source: humantime::TimestampError,
+    },
     #[error("unknown {field} `{value}`")]
     UnknownValue { field: &'static str, value: String },
     #[error(transparent)]
@@ -199,7 +203,10 @@ fn parse_when(s: &str) -> Result<SystemTime> {
     if let Ok(d) = humantime::parse_duration(s) {
         return Ok(SystemTime::now() - d);
     }
-    humantime::parse_rfc3339_weak(s).map_err(|_| Error::When(s.to_owned()))
+    humantime::parse_rfc3339_weak(s).map_err(|source| Error::When {
+        value: s.to_owned(),
+        source,
+    })
 }
 
 fn enum_value(field: &'static str, value: &str, known: i32) -> Result<i32> {

@@ -32,8 +32,23 @@ impl Attach for Datapath {
     }
 
     fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), String> {
-        Datapath::attach(self, ifname, ifindex).map_err(|e| e.to_string())
+        Datapath::attach(self, ifname, ifindex).map_err(|e| with_sources(&e))
     }
+}
+
+/// The error and its sources (the errno an aya error keeps as its source), each once.
+fn with_sources(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
 }
 
 /// The bindings of this node's pods to interfaces (pod → interface index), and what was said about the
@@ -256,6 +271,21 @@ mod tests {
         assert!(b.bind(&mut dp, &d, &i, &r));
         assert_eq!(b.bindings().get(&ObjectRef::new("shop", "c")), Some(&10));
         assert!(dp.is_attached("veth-c"));
+    }
+
+    #[test]
+    fn an_attach_error_says_its_errno() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("pinning link for veth0 (from-pod)")]
+        struct Outer(#[source] std::io::Error);
+        let e = Outer(std::io::Error::from_raw_os_error(1));
+        assert_eq!(
+            with_sources(&e),
+            format!(
+                "pinning link for veth0 (from-pod): {}",
+                std::io::Error::from_raw_os_error(1)
+            )
+        );
     }
 
     #[test]

@@ -35,30 +35,36 @@ pub struct ManifestFile {
 /// The manifest files at `path`: the file itself, or every `*.yaml`, `*.yml` and `*.json` under the
 /// directory, recursively, sorted by path.
 ///
-/// Entries whose names start with `.` are skipped: a ConfigMap mounted as a volume holds its files
-/// twice, in a hidden timestamped directory and as links to it. Links to files are followed (their
-/// target's time and length are what change when the ConfigMap is updated); links to directories are
-/// not (no loops). An error names the path that could not be listed or examined.
+/// Entries whose names start with `..` are skipped: a ConfigMap mounted as a volume holds its files
+/// twice, in the kubelet's `..<timestamp>` directory (and `..data`) and as links to them. Links to files
+/// are followed (their target's time and length are what change when the ConfigMap is updated); links
+/// to directories are not (no loops). A link to nothing (an editor's lock link) and a file gone between
+/// the listing and its examination are no files. An error names the path that could not be listed or
+/// examined.
 pub fn manifest_files(path: &Path) -> io::Result<Vec<ManifestFile>> {
     let in_context = |what: &str, p: &Path| {
         let what = what.to_owned();
         let p = p.to_owned();
         move |e: io::Error| io::Error::new(e.kind(), format!("{what} {}: {e}", p.display()))
     };
-    let file = |p: PathBuf| -> io::Result<ManifestFile> {
-        let meta = std::fs::metadata(&p).map_err(in_context("examining", &p))?;
-        Ok(ManifestFile {
+    let file = |p: PathBuf| -> io::Result<Option<ManifestFile>> {
+        let meta = match std::fs::metadata(&p) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(in_context("examining", &p)(e)),
+        };
+        Ok(Some(ManifestFile {
             modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
             len: meta.len(),
             path: p,
-        })
+        }))
     };
     let mut out = Vec::new();
     if !std::fs::metadata(path)
         .map_err(in_context("examining", path))?
         .is_dir()
     {
-        out.push(file(path.to_owned())?);
+        out.extend(file(path.to_owned())?);
         return Ok(out);
     }
     let mut stack = vec![path.to_owned()];
@@ -66,7 +72,7 @@ pub fn manifest_files(path: &Path) -> io::Result<Vec<ManifestFile>> {
         for entry in std::fs::read_dir(&dir).map_err(in_context("listing", &dir))? {
             let entry = entry.map_err(in_context("listing", &dir))?;
             let p = entry.path();
-            if entry.file_name().to_string_lossy().starts_with('.') {
+            if entry.file_name().to_string_lossy().starts_with("..") {
                 continue;
             }
             let kind = entry.file_type().map_err(in_context("examining", &p))?;
@@ -76,7 +82,7 @@ pub fn manifest_files(path: &Path) -> io::Result<Vec<ManifestFile>> {
                 p.extension().and_then(|x| x.to_str()),
                 Some("yaml" | "yml" | "json")
             ) {
-                out.push(file(p)?);
+                out.extend(file(p)?);
             }
         }
     }
@@ -388,6 +394,9 @@ pub struct DirWatch {
     reported: BTreeSet<String>,
     /// The listing error logged last, likewise.
     listing_error: Option<String>,
+    /// Files that could not be read, as they were listed then: read again at every poll, said again
+    /// only once they change.
+    unreadable: BTreeMap<PathBuf, ManifestFile>,
 }
 
 impl DirWatch {
@@ -398,6 +407,7 @@ impl DirWatch {
             files: BTreeMap::new(),
             reported: BTreeSet::new(),
             listing_error: None,
+            unreadable: BTreeMap::new(),
         }
     }
 
@@ -415,35 +425,46 @@ impl DirWatch {
             Err(e) => {
                 let msg = e.to_string();
                 if self.listing_error.as_ref() != Some(&msg) {
-                    error!("{msg} (keeping the objects read before)");
+                    if self.seen.is_some() {
+                        error!("{msg} (keeping the objects read before)");
+                    } else {
+                        error!("{msg} (no snapshot yet: what is enforced stays as it is)");
+                    }
                     self.listing_error = Some(msg);
                 }
                 return None;
             }
         };
-        if self.seen.as_ref() == Some(&now) {
+        if self.seen.as_ref() == Some(&now) && self.unreadable.is_empty() {
             return None;
         }
+        let first = self.seen.is_none();
         let old: BTreeMap<&Path, &ManifestFile> = self
             .seen
             .iter()
             .flatten()
             .map(|f| (f.path.as_path(), f))
             .collect();
+        let before = self.files.len();
         self.files.retain(|p, _| now.iter().any(|f| &f.path == p));
-        let mut unread = BTreeSet::new();
+        self.unreadable.retain(|p, _| now.iter().any(|f| &f.path == p));
+        let mut changed = first || self.files.len() != before;
         for file in &now {
-            if old.get(file.path.as_path()) == Some(&file) {
+            if old.get(file.path.as_path()) == Some(&file) && !self.unreadable.contains_key(&file.path) {
                 continue;
             }
             let text = match std::fs::read_to_string(&file.path) {
                 Ok(t) => t,
                 Err(e) => {
-                    warn!(file = %file.path.display(), error = %e, "cannot read manifest; keeping its last good objects");
-                    unread.insert(file.path.clone());
+                    if self.unreadable.get(&file.path) != Some(file) {
+                        warn!(file = %file.path.display(), error = %e, "cannot read manifest; keeping its last good objects, reading it again");
+                        self.unreadable.insert(file.path.clone(), file.clone());
+                    }
                     continue;
                 }
             };
+            self.unreadable.remove(&file.path);
+            changed = true;
             let loaded = parse_str(file.path.clone(), &text);
             let c = &loaded.cluster;
             let objects = c.namespaces.len()
@@ -459,8 +480,17 @@ impl DirWatch {
             }
             self.files.insert(file.path.clone(), loaded);
         }
-        // A file that could not be read is read again at the next poll.
-        self.seen = Some(now.into_iter().filter(|f| !unread.contains(&f.path)).collect());
+        self.seen = Some(now);
+        // The first snapshot waits for every file: one left out would take away, on the first sync, the
+        // state an earlier agent enforced for it.
+        if first && !self.unreadable.is_empty() {
+            self.seen = None;
+            self.files.clear();
+            return None;
+        }
+        if !changed {
+            return None;
+        }
         let mut merged = Loaded::default();
         for loaded in self.files.values() {
             merge(&mut merged, loaded.clone());
@@ -492,6 +522,8 @@ pub struct DirSource {
     /// File-system events under the root; `None` when they cannot be had (no inotify, the directory
     /// missing): then only the agent's tick finds changes, and each poll tries again.
     events: Option<Events>,
+    /// Why there are no events, as last said (said again only when it changes).
+    events_error: Option<String>,
 }
 
 struct Events {
@@ -514,6 +546,7 @@ impl DirSource {
             watch: DirWatch::new(root),
             cluster,
             events: None,
+            events_error: None,
         };
         source.ensure_events();
         source
@@ -549,9 +582,14 @@ impl DirSource {
         match watching {
             Ok(w) => {
                 self.events = Some(Events { _watcher: w, rx });
+                self.events_error = None;
             }
             Err(e) => {
-                warn!(dir = %root.display(), error = %e, "no file-system events for the manifest directory; its changes are found by polling");
+                let msg = e.to_string();
+                if self.events_error.as_ref() != Some(&msg) {
+                    warn!(dir = %root.display(), error = %msg, "no file-system events for the manifest directory; its changes are found by polling");
+                    self.events_error = Some(msg);
+                }
             }
         }
     }

@@ -269,51 +269,102 @@ fn ignore_not_found(r: Result<(), MapError>) -> Result<(), MapError> {
 /// the maps were pinned with (which may not be the defaults: `--max-*`, or an earlier agent's).
 pub struct PinnedMaps {
     pub endpoints: HashMap<MapData, u32, EndpointInfo>,
-    slot_counters: PerCpuArray<MapData, SlotCounters>,
-    pub ipcache: Ipcache,
-    pub policy: Policy,
+    /// `None` under pins of an agent from before the counter slots (every packet in the hash then).
+    slot_counters: Option<PerCpuArray<MapData, SlotCounters>>,
+    ipcache: Split<Ipcache, IpcacheKey, IpcacheValue>,
+    policy: Split<Policy, PolicyKey, PolicyValue>,
     pub counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
     pub stats: PerCpuArray<MapData, u64>,
     pub capacities: Capacities,
 }
 
+/// A map split into a hash and a trie, or only the trie under pins of an agent from before the split
+/// (every entry in the trie then).
+enum Split<W, K, V> {
+    Both(W),
+    TrieOnly(LpmTrie<MapData, K, V>),
+}
+
 impl PinnedMaps {
     pub fn open(pin_dir: &Path) -> Result<Self> {
-        let max_entries = |name: &'static str| -> Result<u32> {
+        let pinned = |name: &str| pin_dir.join("maps").join(name).exists();
+        let required = |name: &'static str| -> Result<u32> {
             let path = pin_dir.join("maps").join(name);
             let info = aya::maps::MapInfo::from_pin(&path).map_err(|source| Error::Map { name, source })?;
             Ok(info.max_entries())
         };
+        let max_entries = |name: &'static str| -> Result<Option<u32>> {
+            if pinned(name) {
+                required(name).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
         // The two halves of the ipcache and of the policy share a capacity: the smaller pinned one.
+        let half = |trie: &'static str, hash: &'static str| -> Result<u32> {
+            let t = required(trie)?;
+            Ok(max_entries(hash)?.map_or(t, |h| h.min(t)))
+        };
         let capacities = Capacities {
-            endpoints: max_entries(names::ENDPOINTS)?,
-            ipcache: max_entries(names::IPCACHE)?.min(max_entries(names::IPCACHE_HOSTS)?),
-            policy: max_entries(names::POLICY)?.min(max_entries(names::POLICY_EXACT)?),
-            conntrack: max_entries(names::CONNTRACK)?,
+            endpoints: required(names::ENDPOINTS)?,
+            ipcache: half(names::IPCACHE, names::IPCACHE_HOSTS)?,
+            policy: half(names::POLICY, names::POLICY_EXACT)?,
+            conntrack: required(names::CONNTRACK)?,
+        };
+        let ipcache = if pinned(names::IPCACHE_HOSTS) {
+            Split::Both(Ipcache {
+                hosts: open_pinned(pin_dir, names::IPCACHE_HOSTS)?,
+                prefixes: open_pinned(pin_dir, names::IPCACHE)?,
+            })
+        } else {
+            Split::TrieOnly(open_pinned(pin_dir, names::IPCACHE)?)
+        };
+        let policy = if pinned(names::POLICY_EXACT) {
+            Split::Both(Policy {
+                exact: open_pinned(pin_dir, names::POLICY_EXACT)?,
+                prefixes: open_pinned(pin_dir, names::POLICY)?,
+            })
+        } else {
+            Split::TrieOnly(open_pinned(pin_dir, names::POLICY)?)
         };
         Ok(Self {
             endpoints: open_pinned(pin_dir, names::ENDPOINTS)?,
-            slot_counters: open_pinned(pin_dir, names::SLOT_COUNTERS)?,
-            ipcache: Ipcache {
-                hosts: open_pinned(pin_dir, names::IPCACHE_HOSTS)?,
-                prefixes: open_pinned(pin_dir, names::IPCACHE)?,
+            slot_counters: if pinned(names::SLOT_COUNTERS) {
+                Some(open_pinned(pin_dir, names::SLOT_COUNTERS)?)
+            } else {
+                None
             },
-            policy: Policy {
-                exact: open_pinned(pin_dir, names::POLICY_EXACT)?,
-                prefixes: open_pinned(pin_dir, names::POLICY)?,
-            },
+            ipcache,
+            policy,
             counters: open_pinned(pin_dir, names::COUNTERS)?,
             stats: open_pinned(pin_dir, names::STATS)?,
             capacities,
         })
     }
 
+    /// The ipcache's entries, counted as the agent counts them ([`Ipcache::entries`]).
+    pub fn ipcache_entries(&self) -> usize {
+        match &self.ipcache {
+            Split::Both(i) => i.entries().count(),
+            Split::TrieOnly(t) => t.keys().count(),
+        }
+    }
+
+    /// The allow entries, counted as the agent counts them ([`Policy::entries`]: an exact entry an
+    /// agent before the split left in the trie too is one).
+    pub fn policy_entries(&self) -> usize {
+        match &self.policy {
+            Split::Both(p) => p.entries().count(),
+            Split::TrieOnly(t) => t.keys().count(),
+        }
+    }
+
     /// The counters of an endpoint's slot, summed over the CPUs (zero without a slot).
     pub fn slot_counts(&self, info: &EndpointInfo) -> SlotCounters {
-        if info.slot == NO_SLOT {
+        let Some(slots) = self.slot_counters.as_ref().filter(|_| info.slot != NO_SLOT) else {
             return SlotCounters::default();
-        }
-        self.slot_counters
+        };
+        slots
             .get(&info.slot, 0)
             .map(|per_cpu| SlotCounters::total(per_cpu.iter()))
             .unwrap_or_default()

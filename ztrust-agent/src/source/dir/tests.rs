@@ -274,3 +274,56 @@ async fn a_file_written_wakes_the_directory_source() {
     let (changes, _) = source.poll_changes().expect("a change");
     assert_eq!(changes.namespaces.iter().collect::<Vec<_>>(), ["team"]);
 }
+
+#[test]
+fn links_to_nothing_are_no_files_and_only_the_kubelets_entries_are_hidden() {
+    let d = TempDir::new("dangling");
+    let root = &d.0;
+    std::fs::write(root.join("ns.yaml"), namespace("a")).expect("write");
+    std::fs::write(root.join(".team.yaml"), namespace("dot")).expect("write");
+    // An editor's lock link and a link whose target went: no files, and nothing else is lost.
+    std::os::unix::fs::symlink("user@host.1234", root.join(".#ns.yaml")).expect("link");
+    std::os::unix::fs::symlink("gone.yaml", root.join("dangling.yaml")).expect("link");
+    let files: Vec<PathBuf> = manifest_files(root)
+        .expect("listed")
+        .into_iter()
+        .map(|f| f.path)
+        .collect();
+    assert_eq!(files, [root.join(".team.yaml"), root.join("ns.yaml")]);
+    let mut watch = DirWatch::new(root.clone());
+    let l = watch.poll().expect("a snapshot");
+    assert_eq!(l.cluster.namespaces.keys().collect::<Vec<_>>(), ["a", "dot"]);
+}
+
+#[test]
+fn a_file_that_cannot_be_read_is_read_again_quietly_and_the_first_snapshot_waits_for_it() {
+    let d = TempDir::new("unreadable");
+    let root = &d.0;
+    std::fs::write(root.join("a.yaml"), namespace("a")).expect("write");
+    // Not UTF-8: the read fails (as root, permissions would not make it fail).
+    std::fs::write(root.join("b.yaml"), [0xff, 0xfe, 0xfd]).expect("write");
+    let mut watch = DirWatch::new(root.clone());
+    assert!(
+        watch.poll().is_none(),
+        "no first snapshot without b.yaml: it would lift what an earlier agent enforced for it"
+    );
+    assert!(watch.poll().is_none(), "still waiting, not a change");
+    std::fs::write(root.join("b.yaml"), namespace("b")).expect("write");
+    let l = watch.poll().expect("the first snapshot");
+    assert_eq!(l.cluster.namespaces.keys().collect::<Vec<_>>(), ["a", "b"]);
+
+    // Later: b.yaml unreadable keeps its objects, and polls that change nothing report nothing.
+    std::fs::write(root.join("b.yaml"), [0xff, 0xfe]).expect("write");
+    assert!(watch.poll().is_none(), "an unreadable file is no change");
+    assert!(watch.poll().is_none(), "and reading it again is none either");
+    std::fs::write(root.join("a.yaml"), namespace("a2")).expect("write");
+    let l = watch.poll().expect("a.yaml changed");
+    assert_eq!(
+        l.cluster.namespaces.keys().collect::<Vec<_>>(),
+        ["a2", "b"],
+        "b's last good objects kept"
+    );
+    std::fs::write(root.join("b.yaml"), namespace("b2")).expect("write");
+    let l = watch.poll().expect("b.yaml readable again");
+    assert_eq!(l.cluster.namespaces.keys().collect::<Vec<_>>(), ["a2", "b2"]);
+}
