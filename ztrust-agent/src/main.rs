@@ -130,7 +130,8 @@ struct RunArgs {
     /// Append every flow as a JSON line to this file.
     #[arg(long)]
     flow_log: Option<PathBuf>,
-    /// How often the source and interfaces are checked (milliseconds).
+    /// The loop runs at least this often (milliseconds); the source, interface and route announcements
+    /// wake it between.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
     /// Remove every pinned program, link and map this agent made, and exit.
