@@ -157,6 +157,18 @@ pub(super) fn running_pid(p: &Paths, component: &str) -> Option<u32> {
     (argv0 == p.program(component).as_os_str().as_encoded_bytes() && !zombie).then_some(pid)
 }
 
+/// Whether `pid` has exited: gone, or a zombie. Not [`running_pid`]'s answer: an exiting process lets
+/// go of its memory (its `/proc/<pid>/cmdline` reads empty) before it closes its files, so a restarted
+/// component could find its port still bound ("address already in use").
+pub(super) fn exited(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
 pub(super) fn signal(pid: u32, sig: &str) {
     let _ = Command::new("kill")
         .args([&format!("-{sig}"), &pid.to_string()])
@@ -197,7 +209,7 @@ pub(super) fn restart(component: &str, kill: bool) -> Result<()> {
     match running_pid(&p, component) {
         Some(pid) if kill => {
             signal(pid, "KILL");
-            while running_pid(&p, component).is_some() {
+            while !exited(pid) {
                 if t.elapsed() > Duration::from_secs(10) {
                     bail!("{component} (pid {pid}) is still running 10 s after SIGKILL");
                 }
@@ -235,13 +247,17 @@ pub(super) fn stop(p: &Paths, component: &str) {
     };
     signal(pid, "TERM");
     let started = Instant::now();
-    while running_pid(p, component).is_some() {
-        if started.elapsed() > Duration::from_secs(10) {
+    let mut killed = false;
+    while !exited(pid) {
+        if !killed && started.elapsed() > Duration::from_secs(10) {
             signal(pid, "KILL");
-            std::thread::sleep(Duration::from_millis(200));
+            killed = true;
+        }
+        if started.elapsed() > Duration::from_secs(20) {
+            eprintln!("warning: {component} (pid {pid}) has not exited 10 s after SIGKILL; going on");
             break;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
     eprintln!("stopped {component} (pid {pid})");
 }
