@@ -309,6 +309,27 @@ impl Tally {
     }
 }
 
+/// One line on the disk: free space where the builds go, and what `target/` holds. A clean
+/// `cargo xtask test` needs several GB; a full disk shows up as a linker's "No space left on device".
+fn disk(when: &str) {
+    let target = root().join("target");
+    let avail = output(cmd(
+        "df",
+        &["-h", "--output=avail", &root().display().to_string()],
+    ))
+    .and_then(|o| o.lines().nth(1).map(|l| l.trim().to_owned()));
+    let used = target
+        .exists()
+        .then(|| output(cmd("du", &["-sh", &target.display().to_string()])))
+        .flatten()
+        .and_then(|o| o.split_whitespace().next().map(str::to_owned));
+    eprintln!(
+        "disk {when}: {} free, target/ {}",
+        avail.as_deref().unwrap_or("?"),
+        used.as_deref().unwrap_or("empty")
+    );
+}
+
 /// tests/deploy/test_manifests.py in a virtualenv of its own (PyPI: kubernetes-validate bundles the schemas).
 fn deploy_schema_tests() -> anyhow::Result<()> {
     let venv = root().join("target/deploy-venv");
@@ -332,10 +353,12 @@ fn deploy_schema_tests() -> anyhow::Result<()> {
 
 fn test(unit_only: bool, no_cluster: bool, filter: Option<String>) -> anyhow::Result<()> {
     let mut tally = Tally::default();
+    disk("at the start");
     let result = test_tiers(unit_only, no_cluster, filter, &mut tally);
+    disk("at the end");
     // One closing line for the whole run, whatever happened.
     println!(
-        "\n{} ignored in plain `cargo test` (root-only tests, run above with --ignored; benchmarks)",
+        "\n{} ignored (the cluster tier's tests where no cluster runs, run in their tier; benchmarks)",
         tally.ignored
     );
     println!("summary: {} passed, {} failed", tally.passed, tally.failed);
@@ -353,17 +376,10 @@ fn test_tiers(
     run(cmd("cargo", &["fmt", "--all", "--check"]))?;
     lints()?;
     step("unit tests (no root)");
+    // The privileged test binary is `test = false`: built and run below, as root.
     tally.run(cmd(
         "cargo",
-        &[
-            "test",
-            "--locked",
-            "--workspace",
-            "--exclude",
-            "ztrust-tests",
-            "--exclude",
-            "ztrust-ebpf",
-        ],
+        &["test", "--locked", "--workspace", "--exclude", "ztrust-ebpf"],
     ))?;
     step("deploy manifests against the Kubernetes 1.33 schemas (kubernetes-validate, offline)");
     deploy_schema_tests()?;
@@ -376,28 +392,23 @@ fn test_tiers(
     // The cluster tier's Go build (the first one takes ≈15 minutes) overlaps the privileged tests.
     let prebuild = (!no_cluster && filter.is_none()).then(cluster::prebuild_in_background);
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
-    run(cmd("cargo", &["build", "--locked", "-p", "ztrust-agent"]))?;
-    // The agent's own privileged tests (root-only, so `#[ignore]`d in plain `cargo test`): every test
-    // file of ztrust-agent that has one, found rather than listed (a new one cannot be left out).
-    let mut c = cmd("cargo", &["test", "--locked", "-p", "ztrust-agent"]);
-    let binaries = root_test_binaries(&root().join("ztrust-agent/tests"))?;
-    eprintln!("root-only tests of ztrust-agent in: {}", binaries.join(", "));
-    for b in &binaries {
-        c.args(["--test", b]);
-    }
-    c.args(["--", "--ignored", "--test-threads=1"]);
-    if let Some(f) = &filter {
-        c.arg(f);
-    }
-    tally.run(c)?;
-    let mut c = cmd(
+    // The same package selection as the unit tier, so the same features: nothing is built twice.
+    run(cmd(
         "cargo",
-        &["test", "--locked", "-p", "ztrust-tests", "--", "--test-threads=1"],
-    );
+        &[
+            "build",
+            "--locked",
+            "--workspace",
+            "--exclude",
+            "ztrust-ebpf",
+            "--bins",
+        ],
+    ))?;
+    let mut c = privileged_tests();
+    c.args(["--", "--test-threads=1"]);
     if let Some(f) = &filter {
         c.arg(f);
     }
-    c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
     tally.run(c)?;
     if let Some(build) = prebuild {
         match build.join() {
@@ -421,20 +432,13 @@ fn test_tiers(
 /// lints are those of its own build.
 fn lints() -> anyhow::Result<()> {
     step("lints (cargo clippy -D warnings; cargo machete: no unused dependencies)");
-    run(cmd(
-        "cargo",
-        &[
-            "clippy",
-            "--locked",
-            "--workspace",
-            "--exclude",
-            "ztrust-ebpf",
-            "--all-targets",
-            "--",
-            "-D",
-            "warnings",
-        ],
-    ))?;
+    // `--all-targets` leaves out the privileged test binary (`test = false`): it is named on its own.
+    for targets in [&["--all-targets"][..], &["--test", "privileged"]] {
+        let mut args = vec!["clippy", "--locked", "--workspace", "--exclude", "ztrust-ebpf"];
+        args.extend_from_slice(targets);
+        args.extend_from_slice(&["--", "-D", "warnings"]);
+        run(cmd("cargo", &args))?;
+    }
     // Run as itself, not as `cargo machete`: under `cargo xtask` the environment says it runs as a cargo
     // subcommand, and it then takes its own name for the directory to analyse.
     let machete = |args: &[&str]| {
@@ -454,32 +458,26 @@ fn lints() -> anyhow::Result<()> {
     run(machete(&[]))
 }
 
-/// The test binaries (file stems) of an integration-test directory whose files hold an `#[ignore]`d
-/// test, sorted.
-fn root_test_binaries(dir: &Path) -> anyhow::Result<Vec<String>> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry?.path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
-        }
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        if text.contains("#[ignore") {
-            let stem = path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .context("a test file's name")?;
-            found.push(stem.to_owned());
-        }
-    }
-    found.sort();
-    if found.is_empty() {
-        bail!("no root-only tests found in {}", dir.display());
-    }
-    Ok(found)
+/// `cargo test` of the privileged test binary (tests/tests/privileged), with the agent binary the
+/// end-to-end tests run; the caller adds the test binary's own arguments.
+fn privileged_tests() -> Command {
+    let mut c = cmd(
+        "cargo",
+        &[
+            "test",
+            "--locked",
+            "--workspace",
+            "--exclude",
+            "ztrust-ebpf",
+            "--test",
+            "privileged",
+        ],
+    );
+    c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
+    c
 }
 
-/// The cluster tier (tests/tests/cluster.rs): a real node in each of kube-proxy's modes, the agent
+/// The cluster tier (tests/tests/privileged/cluster.rs): a real node in each of kube-proxy's modes, the agent
 /// deployed with `kubectl apply -k deploy/`. The cluster goes down after each mode, also when a test
 /// failed (its logs stay in target/cluster/logs).
 fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
@@ -490,23 +488,10 @@ fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
     }
     if let Some(f) = filter {
         // Say so rather than start a node for nothing.
-        let list = output(cmd(
-            "cargo",
-            &[
-                "test",
-                "--locked",
-                "-p",
-                "ztrust-tests",
-                "--test",
-                "cluster",
-                "--",
-                "--ignored",
-                "--list",
-                f,
-            ],
-        ))
-        .unwrap_or_default();
-        if !list.lines().any(|l| l.ends_with(": test")) {
+        let mut c = privileged_tests();
+        c.args(["--", "--ignored", "--list", "cluster::"]);
+        let list = output(c).unwrap_or_default();
+        if !list.lines().any(|l| l.ends_with(": test") && l.contains(f)) {
             step(&format!("cluster tier: no cluster test matches {f:?}, not run"));
             return Ok(());
         }
@@ -517,29 +502,21 @@ fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
             mode.as_str()
         ));
         let result = cluster::up(mode, true).and_then(|()| {
-            let mut c = cmd(
-                "cargo",
-                &[
-                    "test",
-                    "--locked",
-                    "-p",
-                    "ztrust-tests",
-                    "--test",
-                    "cluster",
-                    "--",
-                    "--ignored",
-                    "--test-threads=1",
-                ],
-            );
+            // The cluster's tests are the `#[ignore]`d ones of the privileged binary (they need the node).
+            let mut c = privileged_tests();
+            // (`#[ignore]` is reserved for them, so a user's filter needs no `cluster::` of its own.)
+            c.args(["--", "--ignored", "--test-threads=1"]);
             // The faults test the agent, not kube-proxy: they run in one mode; the seed's exercise in both.
             match (filter, mode) {
                 (Some(f), _) => {
                     c.arg(f);
                 }
                 (None, cluster::ProxyMode::Nftables) => {
-                    c.arg("seed_");
+                    c.arg("cluster::seed_");
                 }
-                (None, cluster::ProxyMode::Iptables) => {}
+                (None, cluster::ProxyMode::Iptables) => {
+                    c.arg("cluster::");
+                }
             }
             tally.run(c)
         });
@@ -657,25 +634,47 @@ fn main() -> anyhow::Result<()> {
 mod tests {
     use super::*;
 
-    /// Every file of ztrust-agent/tests with a root-only test is found, and no other.
+    fn rust_files(dir: &Path) -> Vec<(String, String)> {
+        let mut out: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "rs"))
+            .map(|p| {
+                let stem = p.file_stem().unwrap().to_str().unwrap().to_owned();
+                (stem, std::fs::read_to_string(&p).unwrap())
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// One binary per test directory: a test file not declared in its `main.rs` would never be built,
+    /// silently. And the gates hold: `#[ignore]` only for the cluster tier (the tier runs the ignored
+    /// tests), no root-only test among the unprivileged ones.
     #[test]
-    fn root_test_binaries_are_found_not_listed() {
-        let found = root_test_binaries(&root().join("ztrust-agent/tests")).unwrap();
-        for known in [
-            "audit",
-            "kube_e2e",
-            "lab_netns",
-            "least_privilege",
-            "observer_e2e",
-            "pinned_links",
-            "restart",
-            "services_lab",
-        ] {
-            assert!(found.iter().any(|f| f == known), "{known} in {found:?}");
+    fn every_test_file_is_in_its_binary_and_gated_as_documented() {
+        for dir in ["tests/tests/privileged", "ztrust-agent/tests/integration"] {
+            let dir = root().join(dir);
+            let files = rust_files(&dir);
+            let main = &files.iter().find(|(stem, _)| stem == "main").expect("main.rs").1;
+            assert!(files.len() > 5, "{}: {files:?}", dir.display());
+            for (stem, text) in &files {
+                if stem == "main" {
+                    continue;
+                }
+                assert!(
+                    main.lines().any(|l| l.trim() == format!("mod {stem};")),
+                    "{}/{stem}.rs is not declared in main.rs",
+                    dir.display()
+                );
+                let privileged = dir.ends_with("privileged");
+                assert_eq!(
+                    text.contains("#[ignore"),
+                    privileged && stem == "cluster",
+                    "{}/{stem}.rs: #[ignore] is for the cluster tier only",
+                    dir.display()
+                );
+            }
         }
-        assert!(
-            !found.iter().any(|f| f == "kube_source"),
-            "kube_source has no root-only test: {found:?}"
-        );
     }
 }

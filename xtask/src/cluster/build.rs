@@ -104,6 +104,7 @@ pub(super) fn build_binaries_with(p: &Paths, background: bool) -> Result<Version
         .env("CGO_ENABLED", "0");
         run(c)?;
         eprintln!("built ztrust-k8s in {:.0}s", t.elapsed().as_secs_f64());
+        drop_go_cache_if_disk_is_short(&p.bin);
     }
     for link in LINKS {
         let path = p.bin.join(link);
@@ -112,6 +113,28 @@ pub(super) fn build_binaries_with(p: &Paths, background: bool) -> Result<Version
         }
     }
     Ok(versions)
+}
+
+/// Below this much free space after a Kubernetes build, Go's build cache (≈3 GB for it) goes: the
+/// binaries are built, and the Rust builds and the cluster's images still need room.
+const LOW_DISK_BYTES: u64 = 12 << 30;
+
+fn drop_go_cache_if_disk_is_short(built: &Path) {
+    let avail = output(cmd("df", &["--output=avail", "-B1", &path_str(built)]))
+        .and_then(|o| o.lines().nth(1)?.trim().parse::<u64>().ok());
+    match avail {
+        Some(avail) if avail < LOW_DISK_BYTES => {
+            eprintln!(
+                "{:.1} GiB free: dropping Go's build cache (`go clean -cache`; the next Go build starts cold)",
+                avail as f64 / f64::from(1u32 << 30)
+            );
+            if let Err(e) = run(cmd("go", &["clean", "-cache"])) {
+                eprintln!("go clean -cache failed: {e:#}");
+            }
+        }
+        Some(_) => {}
+        None => eprintln!("could not read the free space under {} (df)", built.display()),
+    }
 }
 
 /// The version stamps upstream's build (hack/lib/version.sh) sets, so that `kubectl version`, the

@@ -4,8 +4,6 @@
 //! PromQL query returns the drop count the agent reported; `promtool check metrics` accepts the
 //! exposition.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
@@ -13,7 +11,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AGENT, PaymentsLab};
+use crate::common::payments::PaymentsLab;
+use crate::common::{agent_bin, require_root};
 const METRICS: &str = "127.0.0.1:19965";
 const PROMETHEUS: &str = "127.0.0.1:19090";
 
@@ -55,7 +54,7 @@ fn http_get(addr: &str, path: &str) -> Option<String> {
 }
 
 fn alerts(socket: &Path) -> Vec<serde_json::Value> {
-    let out = Command::new(AGENT)
+    let out = Command::new(agent_bin())
         .args(["alerts", "--socket"])
         .arg(socket)
         .args(["-o", "jsonl"])
@@ -75,8 +74,8 @@ fn is_scan_from(alert: &serde_json::Value, source: &str) -> bool {
 }
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn scanner_alert_and_prometheus_scrape() {
+    require_root();
     assert!(nix::unistd::geteuid().is_root(), "run as root");
     for tool in ["nmap", "prometheus", "promtool"] {
         assert!(
@@ -89,7 +88,7 @@ fn scanner_alert_and_prometheus_scrape() {
     }
     let lab = PaymentsLab::up(
         "zto",
-        Path::new(AGENT),
+        agent_bin(),
         &[
             "--metrics-addr",
             METRICS,
@@ -159,7 +158,7 @@ fn scanner_alert_and_prometheus_scrape() {
     }
     let (after, alert) = fired.expect("no scan alert within 10 s");
     // The CLI over the agent's socket shows the scan's denied flows, with their reason and policies.
-    let out = Command::new(AGENT)
+    let out = Command::new(agent_bin())
         .args([
             "flows",
             "--denied",

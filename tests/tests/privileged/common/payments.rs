@@ -2,8 +2,6 @@
 //! names of its own (so tests never collide with each other or with a user's lab), policies applied,
 //! and taken down by `Drop` however the test ends.
 
-#![allow(dead_code, reason = "each test binary uses a different part")]
-
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -11,8 +9,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ztrust_agent::lab::{self, ApplyOptions, DownOptions, LabState, UpOptions};
-
-pub const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
 
 pub fn payments() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
@@ -27,17 +23,14 @@ pub struct PaymentsLab {
 
 impl PaymentsLab {
     /// `tag` (two or three letters) keeps names apart; `agent_bin` runs the agent (a wrapper, or
-    /// [`AGENT`]); `extra_args` go to `ztrust-agent run`.
+    /// [`super::agent_bin`]); `extra_args` go to `ztrust-agent run`.
     pub fn up(tag: &str, agent_bin: &Path, extra_args: &[&str]) -> Self {
         Self::up_with(tag, agent_bin, extra_args, lab::ProxyMode::default())
     }
 
     /// [`PaymentsLab::up`] with the node translating Services in `proxy_mode`.
     pub fn up_with(tag: &str, agent_bin: &Path, extra_args: &[&str], proxy_mode: lab::ProxyMode) -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "needs root: run by `cargo xtask test`"
-        );
+        super::require_root();
         std::fs::create_dir_all("/run/ztrust").unwrap();
         let prefix = format!("{tag}{}", std::process::id() % 10_000);
         let state_dir = PathBuf::from(format!("/run/ztrust/{tag}-test-{}", std::process::id()));
@@ -54,7 +47,8 @@ impl PaymentsLab {
                 prefix: prefix.clone(),
                 if_prefix: format!("{prefix}l"),
                 ext_if_prefix: format!("{prefix}x"),
-                agent_bin: Some(AGENT.into()),
+                // The lab's own servers run from the real binary; `agent_bin` (maybe a wrapper) enforces.
+                agent_bin: Some(super::agent_bin().into()),
                 agent: Some(lab::AgentSpec {
                     bin: Some(agent_bin.to_owned()),
                     extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),

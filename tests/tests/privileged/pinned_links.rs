@@ -6,14 +6,13 @@
 //! moved to another namespace. The kernel tells which is which: a TCX link whose interface was deleted
 //! is detached and reports ifindex 0.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{AGENT, PaymentsLab, cmdline, connects, kill9, respawn, wait_in_sync};
+use crate::common::payments::{PaymentsLab, cmdline, connects, kill9, respawn, wait_in_sync};
+use crate::common::{agent_bin, require_root};
 use ztrust_agent::datapath::pins::{self, LinkInfo};
 use ztrust_agent::lab;
 
@@ -67,10 +66,10 @@ fn run_to_exit(netns: Option<&str>, args: &[String]) -> (ExitStatus, String) {
     let mut cmd = match netns {
         Some(ns) => {
             let mut c = Command::new("nsenter");
-            c.arg(format!("--net=/run/netns/{ns}")).arg(AGENT);
+            c.arg(format!("--net=/run/netns/{ns}")).arg(agent_bin());
             c
         }
-        None => Command::new(AGENT),
+        None => Command::new(agent_bin()),
     };
     let mut child = cmd
         .args(args)
@@ -115,9 +114,9 @@ fn spare(node: &str, pin_dir: &Path, name: &str, peer: &str) {
 }
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement_stays() {
-    let lab = PaymentsLab::up("zwn", Path::new(AGENT), &["--metrics-addr", "none"]);
+    require_root();
+    let lab = PaymentsLab::up("zwn", agent_bin(), &["--metrics-addr", "none"]);
     let state = lab.state.clone();
     let (frontend, backend, database) = (lab.pod("frontend"), lab.pod("backend"), lab.pod("database"));
     let allowed = || connects(&frontend.netns, v4(&backend, 8080), Duration::from_secs(2));
@@ -191,7 +190,7 @@ fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement
     // The same command line where it belongs adopts the very same links.
     let log = lab.state_dir.join("agent-right-netns.log");
     let started = Instant::now();
-    respawn(&state.node_netns, Path::new(AGENT), &args, &log);
+    respawn(&state.node_netns, agent_bin(), &args, &log);
     wait_in_sync(&log, started);
     for (name, was) in host_ifs.iter().zip(&before) {
         assert_eq!(
@@ -205,9 +204,9 @@ fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement
 }
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
-    let lab = PaymentsLab::up("zgn", Path::new(AGENT), &["--metrics-addr", "none"]);
+    require_root();
+    let lab = PaymentsLab::up("zgn", agent_bin(), &["--metrics-addr", "none"]);
     let state = lab.state.clone();
     let agent = lab.agent();
     let node = state.node_netns.clone();
@@ -249,7 +248,7 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
 
     let log = lab.state_dir.join("agent-after-delete.log");
     let started = Instant::now();
-    respawn(&node, Path::new(AGENT), &args, &log);
+    respawn(&node, agent_bin(), &args, &log);
     wait_in_sync(&log, started);
     let text = std::fs::read_to_string(&log).unwrap();
     for hook in HOOKS {
@@ -284,9 +283,9 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
 }
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn a_running_agent_keeps_the_links_of_interfaces_renamed_or_moved_away() {
-    let lab = PaymentsLab::up("zrn", Path::new(AGENT), &["--metrics-addr", "none"]);
+    require_root();
+    let lab = PaymentsLab::up("zrn", agent_bin(), &["--metrics-addr", "none"]);
     let state = lab.state.clone();
     let agent = lab.agent();
     let node = state.node_netns.clone();
@@ -363,7 +362,7 @@ fn a_running_agent_keeps_the_links_of_interfaces_renamed_or_moved_away() {
     kill9(agent.pid);
     let log = lab.state_dir.join("agent-after-moves.log");
     let started = Instant::now();
-    respawn(&node, Path::new(AGENT), &args, &log);
+    respawn(&node, agent_bin(), &args, &log);
     wait_in_sync(&log, started);
     assert_eq!(pins::kept(&agent.pin_dir, &HOOKS).len(), kept.len());
     assert!(denied() && allowed(), "the pods are enforced after the restart");

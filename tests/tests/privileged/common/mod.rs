@@ -3,17 +3,17 @@
 //! namespaces this test creates and removed by `Drop`, also when the test panics.
 //! [`Topology::dual_stack`] gives every pod an IPv6 address too, routed the same way.
 
-#![allow(dead_code, reason = "each test binary uses a different part")]
-
 pub mod attack;
 pub mod cluster;
+pub mod payments;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
+use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -469,11 +469,32 @@ pub fn events(dp: &mut ztrust_agent::datapath::loader::Datapath) -> Vec<ztrust_c
     out
 }
 
+/// The gate of every privileged test: it fails, loudly, when not run as root (never a silent skip).
+/// `cargo xtask test` runs this binary as root; by hand: `cargo test -p ztrust-tests --test privileged`.
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "privileged test: run as root via `cargo xtask test`"
+        "privileged test (network namespaces, eBPF): run as root, e.g. by `cargo xtask test`"
     );
+}
+
+/// The `ztrust-agent` binary the end-to-end tests run: `ZTRUST_AGENT_BIN` (`cargo xtask test` sets it
+/// to the one it has just built), else the workspace's debug build, which must exist.
+pub fn agent_bin() -> &'static Path {
+    static BIN: LazyLock<PathBuf> = LazyLock::new(|| {
+        let bin = std::env::var_os("ZTRUST_AGENT_BIN").map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ztrust-agent"),
+            PathBuf::from,
+        );
+        assert!(
+            bin.is_file(),
+            "no agent binary at {} (set ZTRUST_AGENT_BIN, or `cargo build -p ztrust-agent` first; \
+             `cargo xtask test` does both)",
+            bin.display()
+        );
+        bin
+    });
+    &BIN
 }
 
 /// A node with one pod (root required); the calling thread enters the node's namespace. Returns the

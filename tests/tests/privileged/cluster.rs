@@ -3,16 +3,16 @@
 //! host-local), with the agent deployed as a user deploys it: `kubectl apply -k deploy/`, the image built
 //! from the release binary, running under deploy/'s RBAC with its ServiceAccount token.
 //!
-//! Root-only and needs the cluster, so `#[ignore]`d in plain `cargo test`: `cargo xtask test` starts it
-//! (`cargo xtask cluster up --agent`), runs these with `--ignored --test-threads=1`, and stops it. By
-//! hand: `cargo xtask cluster up --agent && cargo test -p ztrust-tests --test cluster -- --ignored
-//! --test-threads=1`.
+//! Root-only and needs the cluster, so `#[ignore]`d (the only ignored tests of the privileged binary):
+//! `cargo xtask test` starts it (`cargo xtask cluster up --agent`), runs these with `--ignored
+//! --test-threads=1`, and stops it. By hand: `cargo xtask cluster up --agent && cargo test -p
+//! ztrust-tests --test privileged -- --ignored --test-threads=1 cluster::`.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::cluster::{
+use crate::common::cluster::{
     Cluster, EXT_IP, EXT_NAME, Failure, Prometheus, WORKLOAD_IMAGE, attempts, component_pid, ctr,
     start_attempts, stop_attempts,
 };

@@ -1,7 +1,7 @@
 //! The programs pass the verifier, maps and links are pinned, a second agent adopts them with their
 //! content, and cleanup removes every pin.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -2,12 +2,10 @@
 //! `ztrust.io/mode: audit` drops nothing and reports what enforcement would drop as `would-drop`;
 //! switching it back to enforce takes effect without restarting anything.
 
-mod common;
-
-use std::path::Path;
 use std::time::Duration;
 
-use common::{AGENT, PaymentsLab};
+use crate::common::payments::PaymentsLab;
+use crate::common::{agent_bin, require_root};
 use ztrust_agent::lab::{self, Matrix, ProbeOptions, Verdict};
 use ztrust_agent::model::Protocol;
 
@@ -22,9 +20,9 @@ fn frontend_to_database(m: &Matrix) -> Option<Verdict> {
 }
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn audit_namespace_reports_would_drop_and_switches_back_live() {
-    let mut lab = PaymentsLab::up("zta", Path::new(AGENT), &["--metrics-addr", "none"]);
+    require_root();
+    let mut lab = PaymentsLab::up("zta", agent_bin(), &["--metrics-addr", "none"]);
     let opts = ProbeOptions {
         timeout: Duration::from_millis(300),
         ..Default::default()

@@ -12,18 +12,18 @@
 //! Fragments are tried in both families (one body); the segmentation-offload test streams over both.
 //! The IPv4 forms of the other classes are in `adversarial.rs`.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::attack::{
+use crate::common::attack::{
     A, B, C, DEST_OPTS, ETH_P_IPV6, FRAGMENT, HOP_BY_HOP, Lab, ROUTING, carries, checksummed, checksummed6,
     drops, ext_headers, fragment, has_event, icmp6, ip as ip_packet, ipv6, ipv6_packet, ipv6_with,
     is_fragment_from, is_tuple6, l4_of6, link_local, received_udp_at, received_udp6, solicited, tcp, udp,
 };
-use common::{enter_netns, sh};
+use crate::common::{enter_netns, sh};
 use ztrust_common::{dir, proto, reason, verdict};
 
 const SYN: u8 = 0x02;

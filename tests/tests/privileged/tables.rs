@@ -3,7 +3,7 @@
 //! cut off (its replies are re-admitted because the policy allows the connection in its opening
 //! direction). A policy map at capacity refuses the update whole and keeps the last good state.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -126,7 +126,7 @@ fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8>
     f
 }
 
-use common::{counter, test_run as run, test_run_marked as run_marked};
+use crate::common::{counter, test_run as run, test_run_marked as run_marked};
 
 fn mapped(ip: [u8; 4]) -> [u8; 16] {
     std::net::Ipv4Addr::from(ip).to_ipv6_mapped().octets()

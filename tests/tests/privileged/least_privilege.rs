@@ -2,14 +2,13 @@
 //! CAP_NET_ADMIN and CAP_PERFMON (every other capability dropped with capsh), refuses to start with a
 //! clear error when any of the three is missing, and its flow API socket is 0600.
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{AGENT, PaymentsLab};
+use crate::common::payments::PaymentsLab;
+use crate::common::{agent_bin, require_root};
 use ztrust_agent::lab::{self, ProbeOptions, Verdict};
 use ztrust_agent::model::Protocol;
 const NEEDED: [&str; 3] = ["cap_bpf", "cap_net_admin", "cap_perfmon"];
@@ -38,8 +37,9 @@ fn all_but(keep: &[&str]) -> String {
 fn wrapper(dir: &Path, keep: &[&str]) -> PathBuf {
     let path = dir.join(format!("agent-{}", keep.join("-")));
     let script = format!(
-        "#!/bin/sh\nexec capsh --drop={} -- -c 'exec \"$0\" \"$@\"' {AGENT} \"$@\"\n",
-        all_but(keep)
+        "#!/bin/sh\nexec capsh --drop={} -- -c 'exec \"$0\" \"$@\"' {} \"$@\"\n",
+        all_but(keep),
+        agent_bin().display()
     );
     std::fs::write(&path, script).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -57,8 +57,8 @@ fn cap_eff(pid: u32) -> u64 {
 }
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn enforces_with_three_capabilities_and_no_more() {
+    require_root();
     assert!(nix::unistd::geteuid().is_root(), "run as root");
     let scratch = PathBuf::from(format!("/run/ztrust/caps-test-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).unwrap();

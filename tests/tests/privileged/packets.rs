@@ -3,7 +3,7 @@
 //! fragments, truncated headers, conntrack replies, and the unknown-endpoint case. SCTP sockets are not
 //! available on every kernel; the parser and the policy lookup for SCTP are proven here instead.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -147,8 +147,8 @@ fn v6_hl(hop_limit: u8, src: [u8; 16], dst: [u8; 16], next: u8, ext: &[u8], payl
     Pkt(eth(0x86DD, &ip))
 }
 
-use common::attack::{DEST_OPTS, ext_headers, link_local, solicited};
-use common::counter;
+use crate::common::attack::{DEST_OPTS, ext_headers, link_local, solicited};
+use crate::common::counter;
 
 /// ARP for IPv4 over Ethernet: operation, sender and target protocol address.
 fn arp(op: u16, sender: [u8; 4], target: [u8; 4]) -> Pkt {

@@ -10,11 +10,11 @@
 //!   a on TCP 9000.
 //! - a and c: not isolated.
 
-mod common;
+use crate::common;
 
 use std::time::Instant;
 
-use common::attack::{
+use crate::common::attack::{
     A, B, C, ETH_P_IP, Lab, checksummed4, drops, has_event, ipv4, ipv4_packet, is_tuple, raw_send,
     received_udp, tcp, udp,
 };

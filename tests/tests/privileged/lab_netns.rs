@@ -3,18 +3,17 @@
 //! Needs root (it creates network namespaces). Each test uses its own namespace prefix and state directory,
 //! so it can run next to another lab, and a guard takes the lab down even when an assertion fails.
 //!
-//! `cargo test -p ztrust-agent --test lab_netns -- --ignored`
+//! `cargo test -p ztrust-tests --test privileged lab_netns::` (root)
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::common::{agent_bin, require_root};
 use ztrust_agent::lab::{
     self, ApplyOptions, DownOptions, Family, LabelChange, LabelKind, ProbeOptions, UpOptions, Verdict,
 };
 use ztrust_agent::model::Protocol;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
@@ -47,7 +46,7 @@ impl Lab {
         UpOptions {
             state_dir: self.state_dir.clone(),
             prefix: self.prefix.clone(),
-            agent_bin: Some(AGENT.into()),
+            agent_bin: Some(agent_bin().into()),
             ..Default::default()
         }
     }
@@ -101,10 +100,6 @@ impl Drop for Lab {
     }
 }
 
-fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
-}
-
 fn ip_n(netns: &str, args: &[&str]) -> String {
     let out = Command::new("ip")
         .args(["-n", netns])
@@ -120,9 +115,8 @@ fn ip_n(netns: &str, args: &[&str]) -> String {
 }
 
 #[test]
-#[ignore = "needs root (creates network namespaces): cargo test -p ztrust-agent --test lab_netns -- --ignored"]
 fn payments_without_enforcement_everything_reaches_everything() {
-    assert!(is_root(), "run as root");
+    require_root();
     let lab = Lab::new("a");
     let node = format!("{}-node", lab.prefix);
     let seen = RefCell::new(Vec::new());
@@ -262,9 +256,8 @@ fn frontend_ref() -> ztrust_agent::model::ObjectRef {
 }
 
 #[test]
-#[ignore = "needs root (creates network namespaces): cargo test -p ztrust-agent --test lab_netns -- --ignored"]
 fn apply_label_delete_and_down_without_state() {
-    assert!(is_root(), "run as root");
+    require_root();
     let lab = Lab::new("b");
     lab::up(&example().join("cluster.yaml"), lab.up_opts()).unwrap();
     // `up` again: the first lab is cleaned away, the same lab comes back.
@@ -390,16 +383,15 @@ fn apply_label_delete_and_down_without_state() {
 /// The whole exercise with the real agent enforcing in the node: before any policy everything is allowed;
 /// with the example's policies the matrix is exactly what the reference evaluator says.
 #[test]
-#[ignore = "needs root (network namespaces, eBPF): cargo test -p ztrust-agent --test lab_netns -- --ignored"]
 fn payments_with_the_agent_enforces_the_policies() {
-    assert!(is_root(), "run as root");
+    require_root();
     let lab = Lab::new("c");
     let pin_dir = lab::ops::default_agent_pin_dir(&lab.prefix);
     lab::up(
         &example().join("cluster.yaml"),
         UpOptions {
             agent: Some(lab::AgentSpec {
-                bin: Some(AGENT.into()),
+                bin: Some(agent_bin().into()),
                 ..Default::default()
             }),
             ..lab.up_opts()

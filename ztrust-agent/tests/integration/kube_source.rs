@@ -3,11 +3,9 @@
 //! API server going away and coming back, and Events for policies that cannot be fully enforced.
 //! Unprivileged.
 
-mod fake_apiserver;
-
 use std::time::{Duration, Instant};
 
-use fake_apiserver::{Change, FakeApiServer, Kind};
+use crate::fake_apiserver::{Change, FakeApiServer, Kind};
 use serde_json::{Value, json};
 use ztrust_agent::model::ObjectRef;
 use ztrust_agent::source::kube::{KubeSource, Options};

@@ -3,13 +3,12 @@
 //!
 //! `cargo test -p ztrust-agent --test node_lab -- --ignored` (root)
 
-mod common;
-
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd as _;
 use std::time::Duration;
 
-use common::{AGENT, PaymentsLab, connects, enter};
+use crate::common::payments::{PaymentsLab, connects, enter};
+use crate::common::{agent_bin, require_root};
 
 /// Whether a TCP connection from `src` in namespace `netns` to `dst` is set up within `timeout`.
 fn connects_from(netns: &str, src: IpAddr, dst: SocketAddr, timeout: Duration) -> bool {
@@ -42,9 +41,9 @@ fn connects_from(netns: &str, src: IpAddr, dst: SocketAddr, timeout: Duration) -
 /// connection to database (its egress is not isolated) is not (the control: database's ingress is
 /// enforced).
 #[test]
-#[ignore = "root: network namespaces, eBPF"]
 fn the_nodes_traffic_from_any_of_its_addresses_reaches_isolated_pods() {
-    let lab = PaymentsLab::up("znd", AGENT.as_ref(), &["--metrics-addr", "none"]);
+    require_root();
+    let lab = PaymentsLab::up("znd", agent_bin(), &["--metrics-addr", "none"]);
     let node = format!("{}-node", lab.prefix);
     let log = lab.state_dir.join("logs/agent.log");
     let noticed = || {

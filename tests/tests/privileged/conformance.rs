@@ -15,6 +15,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::common::{agent_bin, require_root};
 use serde::Deserialize;
 use ztrust_agent::lab::manifests::{self, Kind};
 use ztrust_agent::lab::{
@@ -758,19 +759,8 @@ struct Report {
 
 #[test]
 fn conformance_matrix_through_the_datapath() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root (network namespaces, eBPF): run by `cargo xtask test`"
-    );
-    let agent = std::env::var_os("ZTRUST_AGENT_BIN").map(PathBuf::from).expect(
-        "ZTRUST_AGENT_BIN is not set: it names the ztrust-agent binary the lab runs (`cargo xtask test` sets it; \
-         by hand: cargo build -p ztrust-agent && ZTRUST_AGENT_BIN=$PWD/target/debug/ztrust-agent cargo test -p ztrust-tests --test conformance)",
-    );
-    assert!(
-        agent.exists(),
-        "ZTRUST_AGENT_BIN={} does not exist",
-        agent.display()
-    );
+    require_root();
+    let agent = agent_bin().to_path_buf();
     let mut cases = load_cases();
     if let Ok(filter) = std::env::var("ZTRUST_CONFORMANCE_CASES") {
         let words: Vec<&str> = filter
@@ -967,13 +957,8 @@ fn answered(netns: &str, sport: u16, dst: std::net::SocketAddr, tcp: bool) -> bo
 /// stale-open".
 #[test]
 fn stale_conntrack_entry_admits_a_new_flow() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "privileged test: run as root via `cargo xtask test`"
-    );
-    let agent = std::env::var_os("ZTRUST_AGENT_BIN")
-        .map(PathBuf::from)
-        .expect("ZTRUST_AGENT_BIN is not set");
+    require_root();
+    let agent = agent_bin().to_path_buf();
     std::fs::create_dir_all("/run/ztrust").unwrap();
     let prefix = format!("ztcs{}", std::process::id() % 10_000);
     let lab = Lab {

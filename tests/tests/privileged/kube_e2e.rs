@@ -9,9 +9,7 @@
 //! line); and that enforcement goes on unchanged while the API server is down and follows it again once
 //! it is back.
 //!
-//! `cargo test -p ztrust-agent --test kube_e2e -- --ignored --nocapture` prints the measured latencies.
-
-mod fake_apiserver;
+//! `cargo test -p ztrust-tests --test privileged -- --nocapture kube_e2e::` prints the measured latencies.
 
 use std::io::{Read as _, Write as _};
 use std::net::{IpAddr, TcpStream};
@@ -20,12 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fake_apiserver::FakeApiServer;
+use crate::common::{agent_bin, require_root};
+use crate::fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
 use ztrust_agent::lab::{self, DownOptions, LabState, ProbeOptions, UpOptions, Verdict};
 use ztrust_agent::status::Status;
-
-const AGENT: &str = env!("CARGO_BIN_EXE_ztrust-agent");
 
 /// Every change must show in probes and maps within this time.
 const BOUND: Duration = Duration::from_secs(5);
@@ -97,7 +94,7 @@ impl Lab {
                 prefix: prefix.clone(),
                 if_prefix: format!("{prefix}l"),
                 ext_if_prefix: format!("{prefix}x"),
-                agent_bin: Some(AGENT.into()),
+                agent_bin: Some(agent_bin().into()),
                 // No agent of the lab's: this test starts one with `--source kube`.
                 agent: None,
                 ..Default::default()
@@ -186,7 +183,7 @@ impl Agent {
         // nsenter execs the agent: the child's pid is the agent's.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.node()))
-            .arg(AGENT)
+            .arg(agent_bin())
             .args(["run", "--source", "kube", "--kubeconfig"])
             .arg(kubeconfig)
             .args(["--node-name", lab.node(), "--node-ip", &node_ips.join(",")])
@@ -381,12 +378,8 @@ const ALLOWED: Verdict = Verdict::Allowed;
 const DENIED: Verdict = Verdict::Denied;
 
 #[test]
-#[ignore = "needs root (network namespaces, eBPF): run by `cargo xtask test`"]
 fn agent_follows_the_kubernetes_api() {
-    assert!(
-        nix::unistd::geteuid().is_root(),
-        "needs root: run by `cargo xtask test`"
-    );
+    require_root();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -607,7 +600,7 @@ fn agent_follows_the_kubernetes_api() {
         std::thread::sleep(Duration::from_millis(20));
     }
     eprintln!("host-network pod reported after {:.0} ms", ms(t.elapsed()));
-    let status = Command::new(AGENT)
+    let status = Command::new(agent_bin())
         .args(["status", "--observer", "--pin-path"])
         .arg(&lab.pin_dir)
         .arg("--socket")

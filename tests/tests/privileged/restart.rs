@@ -5,23 +5,21 @@
 //! connection may get through, no allowed connection may break, and each new agent must be in sync with
 //! the source within a second.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{AGENT, PaymentsLab, cmdline, enter, respawn, wait_loaded_and_in_sync};
+use crate::common::payments::{PaymentsLab, cmdline, enter, respawn, wait_loaded_and_in_sync};
+use crate::common::{agent_bin, require_root};
 use ztrust_agent::lab;
 
 #[test]
-#[ignore = "needs root: run by `cargo xtask test`"]
 fn restart_and_upgrade_without_a_gap() {
-    let lab = PaymentsLab::up("ztr", Path::new(AGENT), &["--metrics-addr", "none"]);
+    require_root();
+    let lab = PaymentsLab::up("ztr", agent_bin(), &["--metrics-addr", "none"]);
     let state = lab.state.clone();
     let (frontend, backend, database) = (lab.pod("frontend"), lab.pod("backend"), lab.pod("database"));
     let ip = |p: &lab::PodState| p.ips.iter().find(|a| a.is_ipv4()).copied().unwrap();
@@ -96,14 +94,14 @@ fn restart_and_upgrade_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     let log1 = lab.state_dir.join("agent-restart.log");
     let started = Instant::now();
-    let pid1 = respawn(&state.node_netns, Path::new(AGENT), &args, &log1);
+    let pid1 = respawn(&state.node_netns, agent_bin(), &args, &log1);
     let (loaded1, sync1) = wait_loaded_and_in_sync(&log1, started);
     std::thread::sleep(Duration::from_millis(500));
     let after_restart = allowed_exchanges.load(Ordering::Relaxed);
 
     // 2. Upgrade: stop it, start another binary file (programs loaded anew, swapped into the pinned links).
     let upgraded = lab.state_dir.join("ztrust-agent-next");
-    std::fs::copy(AGENT, &upgraded).unwrap();
+    std::fs::copy(agent_bin(), &upgraded).unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid1 as i32),
         nix::sys::signal::Signal::SIGTERM,
@@ -170,7 +168,7 @@ fn restart_and_upgrade_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     let pin_dir = agent.pin_dir.clone();
     assert!(pin_dir.join("maps").exists());
-    let out = Command::new(AGENT)
+    let out = Command::new(agent_bin())
         .args(["run", "--cleanup", "--pin-path"])
         .arg(&pin_dir)
         .output()

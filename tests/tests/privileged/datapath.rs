@@ -2,14 +2,14 @@
 //! established connections surviving a narrowing policy, fail-closed unknown endpoints, counters and
 //! ring-buffer events.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{Topology, enter_netns, require_root};
+use crate::common::{Topology, enter_netns, require_root};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
 use ztrust_agent::model::{

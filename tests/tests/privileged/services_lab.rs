@@ -2,14 +2,13 @@
 //! kube-proxy-style nftables DNAT rules in the node's namespace; pods reach each other by ClusterIP
 //! with the verdict of the pod they reach (the seed's Task 5 checks, by Service address).
 //!
-//! `cargo test -p ztrust-agent --test services_lab -- --ignored` (root)
-
-mod common;
+//! `cargo test -p ztrust-tests --test privileged services_lab::` (root)
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use common::{AGENT, PaymentsLab, connects};
+use crate::common::payments::{PaymentsLab, connects};
+use crate::common::{agent_bin, require_root};
 use ztrust_agent::lab::{ProbeOptions, ProxyMode, Verdict};
 use ztrust_agent::model::Protocol;
 
@@ -66,21 +65,21 @@ fn cluster_ip(lab: &PaymentsLab, ns: &str, name: &str) -> IpAddr {
 /// connects, through the same rule (the control: the translation works), and DNS to the kube-dns
 /// ClusterIP is answered. The slices the lab derived name the pods.
 #[test]
-#[ignore = "root: network namespaces, eBPF, nftables"]
 fn pods_reach_each_other_by_service_with_the_verdict_of_the_pod_they_reach() {
+    require_root();
     by_service(ProxyMode::Nftables, "zsv");
 }
 
 /// The same checks with the node's rules written as kube-proxy's iptables mode writes them (`-m
 /// statistic --mode random`, node ports on any local address).
 #[test]
-#[ignore = "root: network namespaces, eBPF, iptables"]
 fn pods_reach_each_other_by_service_iptables_mode() {
+    require_root();
     by_service(ProxyMode::Iptables, "zsi");
 }
 
 fn by_service(mode: ProxyMode, tag: &str) {
-    let mut lab = PaymentsLab::up_with(tag, AGENT.as_ref(), &["--metrics-addr", "none"], mode);
+    let mut lab = PaymentsLab::up_with(tag, agent_bin(), &["--metrics-addr", "none"], mode);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("services.yaml"), SERVICES).unwrap();
     lab.apply(dir.path());
@@ -136,7 +135,7 @@ fn by_service(mode: ProxyMode, tag: &str) {
     let answered = {
         let netns = frontend.clone();
         std::thread::spawn(move || {
-            common::enter(&netns);
+            crate::common::payments::enter(&netns);
             let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
             s.connect(dns).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
@@ -226,11 +225,11 @@ spec:
 /// address and the Service; backend → the same address at database's node port connects (the control: the
 /// translation and the path work).
 #[test]
-#[ignore = "root: network namespaces, eBPF, iptables"]
 fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
+    require_root();
     let mut lab = PaymentsLab::up_with(
         "znp",
-        AGENT.as_ref(),
+        agent_bin(),
         &["--metrics-addr", "none", "--nodeport-addresses", "all"],
         ProxyMode::Iptables,
     );
@@ -307,12 +306,12 @@ fn api_service(app: &str, target: u16) -> String {
 /// `service-backends-differ` — not admitted by the new backends alone — and connects once the grace is
 /// over (the agent's loop drops the lost backend without any other change to wake it).
 #[test]
-#[ignore = "root: network namespaces, eBPF, nftables"]
 fn a_backend_a_service_lost_counts_during_the_grace() {
+    require_root();
     let grace = Duration::from_secs(8);
     let mut lab = PaymentsLab::up_with(
         "zgr",
-        AGENT.as_ref(),
+        agent_bin(),
         &["--metrics-addr", "none", "--service-grace", "8s"],
         ProxyMode::Nftables,
     );

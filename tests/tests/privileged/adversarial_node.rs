@@ -3,12 +3,10 @@
 //! node's one event ring shared by every pod. The same three pods and policy as `adversarial.rs`
 //! (see `common/attack.rs`).
 
-mod common;
-
 use std::time::Instant;
 
-use common::attack::{A, B, C, ETH_P_IP, Lab, drops, ipv4, mac, received_udp, tcp, udp};
-use common::sh;
+use crate::common::attack::{A, B, C, ETH_P_IP, Lab, drops, ipv4, mac, received_udp, tcp, udp};
+use crate::common::sh;
 use ztrust_common::{Config, dir, ep_flags, proto, reason, stat, verdict};
 
 /// A VXLAN packet (RFC 7348: flags with the VNI bit, the 24-bit VNI) carrying `inner`, an Ethernet frame.

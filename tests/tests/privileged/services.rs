@@ -5,12 +5,12 @@
 //! The same three pods and policy as the adversarial suites (`common/attack.rs`): b's egress admits a on
 //! TCP 9000 only; a and c are not isolated.
 
-mod common;
+use crate::common;
 
 use std::net::{IpAddr, SocketAddr};
 
-use common::attack::{A, B, C, ETH_P_IP, Lab, cluster, drops, ipv4, tcp};
-use common::{sh, tcp_echo};
+use crate::common::attack::{A, B, C, ETH_P_IP, Lab, cluster, drops, ipv4, tcp};
+use crate::common::{sh, tcp_echo};
 use ztrust_agent::model::{Cluster, EndpointSlice, Protocol, Service, ServicePort, SliceEndpoint, SlicePort};
 use ztrust_common::{dir, event_flags, names, proto, reason, verdict};
 

@@ -1,0 +1,321 @@
+//! The decision on a packet: its conntrack entry, else the judgment of a new flow (by the Service
+//! frontend's backends when it is one), and the entry an admitted flow makes.
+
+use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
+use ztrust_common::{
+    CtKey, CtValue, EndpointInfo, IpcacheKey, ServiceKey, ct_timeout, dir, ep_flags, identity, node_ports,
+    proto, reason,
+    tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
+    verdict,
+};
+
+use crate::{
+    Decision,
+    conntrack::{ct_create, current_revision, link_peer},
+    maps::{CONFIG, CONNTRACK, ENDPOINTS, SERVICE_RANGES, SERVICES},
+    opposite,
+    parse::{self, Packet},
+    peer_mark,
+    policy::{admits_from, remote_identity},
+    services::{Locality, node_local, service_verdict},
+};
+
+/// `from` is the interface the packet entered the node on (`ingress_ifindex`, 0 when the node itself
+/// sent it); `marked`, whether it carried the peer mark.
+#[inline(always)]
+pub(crate) fn decide(
+    skb: *mut __sk_buff,
+    ifindex: u32,
+    direction: u8,
+    from: u32,
+    marked: bool,
+    ep: &EndpointInfo,
+    pkt: &Packet,
+) -> Decision {
+    // The coarse clock (the last tick's time): conntrack ages in seconds, and reading the precise clock
+    // costs a clock-source read on every packet.
+    // SAFETY: helper call without preconditions.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let remote_addr = if direction == dir::INGRESS {
+        &pkt.saddr
+    } else {
+        &pkt.daddr
+    };
+    let dport = u16::from_be(pkt.dport_be);
+    let sport = u16::from_be(pkt.sport_be);
+    // One key for the packets of both directions: one lookup per packet, whichever way it goes.
+    let mut key = CtKey::new(
+        ifindex,
+        direction,
+        &pkt.saddr,
+        &pkt.daddr,
+        pkt.sport_be,
+        pkt.dport_be,
+        pkt.protocol,
+    );
+    // A TCP SYN opens a connection: it is judged by policy even if an entry with its tuple exists (a
+    // reused port must not inherit what an earlier connection was allowed).
+    let opening_syn = pkt.protocol == proto::TCP && pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !opening_syn && let Some(ct) = CONNTRACK.get_ptr_mut(&key) {
+        // The peer mark vouches for a TCP packet only where this endpoint's entry for the connection
+        // names the interface the packet came from as the peer that admitted it with this one: a mark
+        // set by anything else on the node opens nothing.
+        // SAFETY: pointer from a successful lookup.
+        if marked
+            && direction == dir::INGRESS
+            && pkt.protocol == proto::TCP
+            && from != 0
+            && unsafe { (*ct).peer_ifindex } == from
+        {
+            let mut d = Decision::new(verdict::FORWARDED, reason::ESTABLISHED, 0, 0, false);
+            d.peer_judged = true;
+            return d;
+        }
+        // SAFETY: pointer from a successful lookup.
+        let own = unsafe { (*ct).origin } == direction;
+        // A packet of the connection's own direction is judged (again) as the opening packet was; a reply
+        // as what it replies to.
+        let (opened_dir, port, why) = if own {
+            (direction, dport, reason::ESTABLISHED)
+        } else {
+            (opposite(direction), sport, reason::REPLY)
+        };
+        if let Some(rule_id) = ct_admits(skb, ct, ep, pkt, remote_addr, opened_dir, port, now) {
+            // A TCP connection between two endpoints of this node that both have admitted: the packet
+            // leaving one is judged for the other too. (Only TCP: its admission holds across policy
+            // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
+            let mut d = Decision::new(verdict::FORWARDED, why, 0, rule_id, false);
+            if pkt.protocol == proto::TCP && pkt.tcp_flags & TCP_RST != 0 {
+                // The connection ends here: its entry goes now rather than when the full table evicts it
+                // (eviction costs every new connection more). The RST passes each end's own hook, which
+                // forgets its own entry; a stray segment after it is judged by policy (CT_RECOVERED).
+                let _ = CONNTRACK.remove(&key);
+            } else if direction == dir::EGRESS && pkt.protocol == proto::TCP && peer_mark() != 0 {
+                // SAFETY: pointer from a successful lookup.
+                d.peer = unsafe { (*ct).peer_ifindex };
+            }
+            return d;
+        }
+    }
+
+    // Read before policy is: an entry admitted under a policy that a concurrent update narrows carries
+    // the revision from before the update, so its flow is judged again at its next packet.
+    let revision = current_revision();
+    let mut via_service = false;
+    let judged = judge(
+        skb,
+        ep,
+        remote_addr,
+        direction,
+        pkt.protocol,
+        dport,
+        from,
+        &mut via_service,
+    );
+    let mut d = decided(judged, pkt, opening_syn, &mut key, direction, from, now, revision);
+    d.via_service = via_service;
+    d
+}
+
+/// Whether a conntrack entry still admits its flow. `original_dir` and `port` describe the connection as it
+/// was opened (for re-judging it under a newer policy revision).
+#[inline(always)]
+pub(crate) fn ct_admits(
+    skb: *mut __sk_buff,
+    ct: *mut CtValue,
+    ep: &EndpointInfo,
+    pkt: &Packet,
+    remote_addr: &[u8; 16],
+    original_dir: u8,
+    port: u16,
+    now: u64,
+) -> Option<u32> {
+    // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
+    let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
+    let timeout = if pkt.protocol == proto::TCP {
+        ct_timeout::TCP_NS
+    } else {
+        ct_timeout::OTHER_NS
+    };
+    if now.wrapping_sub(last_seen) > timeout {
+        return None;
+    }
+    let mut rule = rule_id;
+    // Connectionless flows have no opening packet that policy could judge again: after a revision that
+    // may have narrowed policy, the flow is judged again (TCP connections keep their admission; a new TCP
+    // connection always starts with a SYN, which is judged).
+    if pkt.protocol != proto::TCP {
+        let revision = current_revision();
+        if ct_rev != revision {
+            // As the opening packet was judged: with the interface it entered on (a reply's is its
+            // own endpoint's, which would make a masqueraded or node-sent flow look like the pod's own).
+            // SAFETY: pointer from a successful lookup.
+            let opened_from = unsafe { (*ct).peer_ifindex };
+            let mut via_service = false;
+            let (_, r, _) = judge(
+                skb,
+                ep,
+                remote_addr,
+                original_dir,
+                pkt.protocol,
+                port,
+                opened_from,
+                &mut via_service,
+            )
+            .ok()?;
+            rule = r;
+            unsafe {
+                (*ct).revision = revision;
+                (*ct).rule_id = r;
+            }
+        }
+    }
+    if now.wrapping_sub(last_seen) > ct_timeout::REFRESH_NS {
+        unsafe { (*ct).last_seen_ns = now };
+    }
+    Some(rule)
+}
+
+/// The decision on a packet without a conntrack entry that admits it, from its judgment; makes the entry
+/// of an admitted one.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decided(
+    judged: Result<(u8, u32, u32), (u8, u32)>,
+    pkt: &Packet,
+    opening_syn: bool,
+    key: &mut CtKey,
+    direction: u8,
+    from: u32,
+    now: u64,
+    revision: u32,
+) -> Decision {
+    if !(pkt.protocol == proto::TCP && !opening_syn) {
+        return match judged {
+            Ok((why, rule_id, remote)) => {
+                // TCP: the linked peer's interface, if any; other protocols: the interface the opening
+                // packet entered on, which their re-judgments use.
+                let peer = if pkt.protocol != proto::TCP {
+                    from
+                } else if direction == dir::INGRESS && opening_syn && peer_mark() != 0 {
+                    link_peer(key, from)
+                } else {
+                    0
+                };
+                ct_create(key, direction, rule_id, now, revision, peer);
+                Decision::new(verdict::FORWARDED, why, remote, rule_id, true)
+            }
+            Err((why, remote)) => Decision::new(verdict::DROPPED, why, remote, 0, true),
+        };
+    }
+
+    // A TCP segment that is not an opening SYN and has no conntrack entry (its entry may have been
+    // evicted from the LRU table, or it opens nothing) is judged in its own direction, as a SYN of the
+    // same tuple would be: never in the reverse one, which the packet would choose by its ports. When
+    // policy allows it, the entry is made again (so the other end's segments find it), except for RST and
+    // FIN, which end connections rather than carry them. An evicted connection heals at the next segment
+    // its opening side sends.
+    match judged {
+        Ok((_, rule_id, remote)) => {
+            // Making the entry again opens the connection here as a SYN would: it is reported as new.
+            let opens = pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
+            if opens {
+                ct_create(key, direction, rule_id, now, revision, 0);
+            }
+            Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens)
+        }
+        Err((why, remote)) => {
+            let why = if why == reason::POLICY_DENIED {
+                reason::NO_CT_ENTRY
+            } else {
+                why
+            };
+            Decision::new(verdict::DROPPED, why, remote, 0, false)
+        }
+    }
+}
+
+/// The judgment of a new flow in `direction` with the remote end at `remote_addr` and `port` (the
+/// destination port of the flow's opening packet): `Ok((reason, rule id, remote identity))` when it is
+/// admitted, else `Err((reason, remote identity))`.
+///
+/// A pod's egress to a Service frontend is judged by the backends the node will translate it to (this
+/// hook runs before the node's DNAT): admitted when policy admits every class of backend, denied when it
+/// admits none, and not guessed otherwise. With node ports on every local address
+/// ([`node_ports::ANY_LOCAL`]), a node port at an address one of the node's `local` routes covers is such a
+/// frontend too, whichever address it is. `via_service` is set when the judgment is a frontend's.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn judge(
+    skb: *mut __sk_buff,
+    ep: &EndpointInfo,
+    remote_addr: &[u8; 16],
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    from: u32,
+    via_service: &mut bool,
+) -> Result<(u8, u32, u32), (u8, u32)> {
+    // Egress of an isolated endpoint to a Service is judged by its backends. (Not isolated: whatever the
+    // destination, a Service and whichever backend the node picks included, it is admitted below.)
+    // No frontend has the unspecified address (the node drops a packet to it): its key is the one of
+    // node ports on any local address, which is looked up only for local addresses.
+    if direction == dir::EGRESS
+        && ep.flags & ep_flags::ISOLATED_EGRESS != 0
+        && !parse::is_unspecified(remote_addr)
+    {
+        let mut key = ServiceKey {
+            addr: *remote_addr,
+            port_be: port.to_be(),
+            protocol,
+            _pad: 0,
+        };
+        // SAFETY: the reference does not outlive the program run.
+        if let Some(svc) = unsafe { SERVICES.get(&key) } {
+            *via_service = true;
+            return service_verdict(ep, svc, protocol);
+        }
+        if CONFIG.get(0).map_or(0, |c| c.node_ports) == node_ports::ANY_LOCAL {
+            // The unspecified address of the destination's family (IPv4 mapped: only the mapping prefix).
+            key.addr = [0; 16];
+            if parse::is_mapped(remote_addr) {
+                key.addr[10] = 0xff;
+                key.addr[11] = 0xff;
+            }
+            // SAFETY: as above.
+            if let Some(svc) = unsafe { SERVICES.get(&key) } {
+                match node_local(skb, remote_addr) {
+                    Locality::Local => {
+                        *via_service = true;
+                        return service_verdict(ep, svc, protocol);
+                    }
+                    Locality::Unknown => return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr))),
+                    Locality::Elsewhere => {}
+                }
+            }
+        }
+        if SERVICE_RANGES
+            .get(&Key::new(
+                IpcacheKey::PREFIX_HOST,
+                IpcacheKey { addr: *remote_addr },
+            ))
+            .is_some()
+        {
+            return Err((reason::UNKNOWN_SERVICE, remote_identity(remote_addr)));
+        }
+    }
+    let mut remote = remote_identity(remote_addr);
+    if direction == dir::INGRESS && remote == identity::HOST && from != 0 {
+        // The node's address on a packet that entered through one of the node's interfaces: translated on
+        // the way (kube-proxy masquerades a pod's connections to node ports and load-balancer addresses,
+        // and hairpin ones). Through a pod's interface it is that pod's, whose source was checked there.
+        // SAFETY: the value is copied out at once.
+        if let Some(sender) = unsafe { ENDPOINTS.get(from) } {
+            remote = sender.identity;
+        }
+    }
+    match admits_from(ep, remote, direction, protocol, port, from) {
+        Some((why, rule)) => Ok((why, rule, remote)),
+        None => Err((reason::POLICY_DENIED, remote)),
+    }
+}
