@@ -65,6 +65,7 @@ pub(crate) fn decide(
             && direction == dir::INGRESS
             && pkt.protocol == proto::TCP
             && from != 0
+            // SAFETY: `ct` is from the successful lookup above; a plain field read.
             && unsafe { (*ct).peer_ifindex } == from
         {
             let mut d = Decision::new(verdict::FORWARDED, reason::ESTABLISHED, 0, 0, false);
@@ -120,6 +121,7 @@ pub(crate) fn decide(
 /// Whether a conntrack entry still admits its flow. `original_dir` and `port` describe the connection as it
 /// was opened (for re-judging it under a newer policy revision).
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn ct_admits(
     skb: *mut __sk_buff,
     ct: *mut CtValue,
@@ -164,6 +166,7 @@ pub(crate) fn ct_admits(
             )
             .ok()?;
             rule = r;
+            // SAFETY: `ct` points at the map value of a successful lookup (the caller's); plain stores.
             unsafe {
                 (*ct).revision = revision;
                 (*ct).rule_id = r;
@@ -171,6 +174,7 @@ pub(crate) fn ct_admits(
         }
     }
     if now.wrapping_sub(last_seen) > ct_timeout::REFRESH_NS {
+        // SAFETY: as above, a plain store into the map value.
         unsafe { (*ct).last_seen_ns = now };
     }
     Some(rule)
@@ -190,7 +194,7 @@ pub(crate) fn decided(
     now: u64,
     revision: u32,
 ) -> Decision {
-    if !(pkt.protocol == proto::TCP && !opening_syn) {
+    if pkt.protocol != proto::TCP || opening_syn {
         return match judged {
             Ok((why, rule_id, remote)) => {
                 // TCP: the linked peer's interface, if any; other protocols: the interface the opening

@@ -81,8 +81,8 @@ pub(crate) fn emit(
     if v != verdict::FORWARDED {
         // A flood of denied packets costs one lookup each, not an event each.
         last = EVENT_RATE.get_ptr_mut(flow);
-        // SAFETY: pointer from a successful lookup.
         if let Some(l) = last
+            // SAFETY: pointer from a successful lookup; a plain read.
             && now.wrapping_sub(unsafe { *l }) < interval_ns
         {
             stat_inc(stat::EVENTS_RATE_LIMITED);
