@@ -296,7 +296,7 @@ pub fn up(proxy_mode: ProxyMode, agent: bool) -> Result<()> {
     install_packages()?;
     let version = build_binaries(&p)?;
     if agent {
-        crate::build(true)?;
+        crate::build_agent(true)?;
     }
     step("cluster: images (OCI archives for containerd)");
     let images = build_images(&p, &version)?;

@@ -50,7 +50,7 @@ struct Cli {
 enum Cmd {
     /// Install everything the build needs (idempotent; seconds when all is there).
     Setup,
-    /// Set up and build the agent (the eBPF object is built and embedded by its build script).
+    /// Set up and build the agent (the eBPF object is built and embedded by its build script) and the lab.
     Build {
         #[arg(long)]
         release: bool,
@@ -198,68 +198,71 @@ fn setup_with(extra_packages: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(release: bool) -> anyhow::Result<PathBuf> {
+/// Builds the agent alone (`target/<profile>/ztrust-agent`), as its image has it: without the lab,
+/// and without the `reference` feature the lab turns on (a build of both in one `cargo build` would
+/// unify it into the agent). Returns the profile's directory.
+fn build_agent(release: bool) -> anyhow::Result<PathBuf> {
     setup()?;
-    step("build");
-    let mut args = vec!["build", "--locked", "-p", "ztrust-agent"];
+    step("build the agent");
+    cargo_build("ztrust-agent", release)
+}
+
+/// The agent, then the lab beside it (`target/<profile>/ztrust-lab`).
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    build_agent(release)?;
+    step("build the lab");
+    cargo_build("ztrust-lab", release)
+}
+
+fn cargo_build(package: &str, release: bool) -> anyhow::Result<PathBuf> {
+    let mut args = vec!["build", "--locked", "-p", package];
     if release {
         args.push("--release");
     }
     run(cmd("cargo", &args))?;
     Ok(root()
         .join("target")
-        .join(if release { "release" } else { "debug" })
-        .join("ztrust-agent"))
+        .join(if release { "release" } else { "debug" }))
 }
 
 fn lab(down: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
     }
-    let agent = build(false)?;
+    // The lab's agent is the `ztrust-agent` beside `ztrust-lab`.
+    let lab = build(false)?.join("ztrust-lab");
     let example = root().join("deploy/examples/payments");
-    let agent_cmd = |args: &[&str]| {
-        let mut c = Command::new(&agent);
+    let lab_cmd = |args: &[&str]| {
+        let mut c = Command::new(&lab);
         c.args(args).current_dir(root());
         c
     };
+    let path = |p: &str| example.join(p).to_str().expect("utf-8 path").to_owned();
     step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
-    run(agent_cmd(&[
-        "lab",
-        "up",
-        example.join("cluster.yaml").to_str().expect("utf-8 path"),
-    ]))?;
+    run(lab_cmd(&["up", &path("cluster.yaml")]))?;
     step("the Services (ClusterIPs; the node translates them as kube-proxy's nftables mode does)");
-    run(agent_cmd(&[
-        "lab",
-        "apply",
-        example.join("services.yaml").to_str().expect("utf-8 path"),
-    ]))?;
+    run(lab_cmd(&["apply", &path("services.yaml")]))?;
     step("probe: with no policy, everything reaches everything");
-    run(agent_cmd(&["lab", "probe"]))?;
+    run(lab_cmd(&["probe"]))?;
     step("apply the policies in deploy/examples/payments/policies");
-    run(agent_cmd(&[
-        "lab",
-        "apply",
-        example.join("policies").to_str().expect("utf-8 path"),
-    ]))?;
+    run(lab_cmd(&["apply", &path("policies")]))?;
     step("probe: default deny, with only the allowed paths open");
-    run(agent_cmd(&["lab", "probe"]))?;
+    run(lab_cmd(&["probe"]))?;
     step(
         "probe by Service (ClusterIP → the pod the node picked): the same verdicts, frontend → backend open",
     );
-    run(agent_cmd(&["lab", "probe", "--via-service"]))?;
+    run(lab_cmd(&["probe", "--via-service"]))?;
     step("denied connections caused by that probe (from the kernel's ring buffer)");
-    run(agent_cmd(&["lab", "flows", "--denied", "-o", "table"]))?;
+    run(lab_cmd(&["flows", "--denied", "-o", "table"]))?;
     step("drop counters (per-CPU, from the pinned maps)");
-    run(agent_cmd(&["lab", "status", "--counters"]))?;
+    run(lab_cmd(&["status", "--counters"]))?;
     if down {
         step("lab down");
-        run(agent_cmd(&["lab", "down"]))?;
+        run(lab_cmd(&["down"]))?;
     } else {
         eprintln!(
-            "\nThe lab is still up. Try:\n  {0} lab probe -o json\n  {0} lab flows --denied --follow\n  {0} lab down",
-            agent.display()
+            "\nThe lab is still up. Try:\n  {0} probe -o json\n  {0} flows --denied --follow\n  {0} down",
+            lab.display()
         );
     }
     Ok(())
@@ -488,7 +491,8 @@ fn privileged_tests() -> Command {
             "privileged",
         ],
     );
-    c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"));
+    c.env("ZTRUST_AGENT_BIN", root().join("target/debug/ztrust-agent"))
+        .env("ZTRUST_LAB_BIN", root().join("target/debug/ztrust-lab"));
     c
 }
 
@@ -634,7 +638,9 @@ fn main() -> anyhow::Result<()> {
         Cmd::Fuzz { seconds } => fuzz(seconds),
         Cmd::Bench { args } => bench(&args),
         Cmd::Setup => setup(),
-        Cmd::Build { release } => build(release).map(|p| eprintln!("built {}", p.display())),
+        Cmd::Build { release } => {
+            build(release).map(|p| eprintln!("built {0}/ztrust-agent and {0}/ztrust-lab", p.display()))
+        }
         Cmd::Lab { down } => lab(down),
         Cmd::Test {
             unit,

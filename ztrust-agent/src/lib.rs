@@ -1,11 +1,11 @@
-//! ztrust agent: sources → pure policy engine → datapath sync, plus the lab.
+//! ztrust agent: sources → pure policy engine → datapath sync, the flow observer and the CLI's clients.
+//! The lab is a crate of its own (`ztrust-lab`), not part of the agent's binary.
 pub mod agent;
 pub mod cli_flows;
 pub mod datapath;
 pub mod detector;
 pub mod flows;
 pub mod health;
-pub mod lab;
 pub mod labels;
 pub mod metrics;
 pub mod model;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use ztrust_agent::{agent, cli_flows, datapath, lab, status, telemetry};
+use ztrust_agent::{agent, cli_flows, datapath, status, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -48,9 +48,6 @@ enum Command {
     Flows(cli_flows::FlowsArgs),
     /// Show lateral-movement alerts raised by the agent's detector.
     Alerts(cli_flows::AlertsArgs),
-    /// A Kubernetes node made of network namespaces, to try policies on.
-    #[command(subcommand)]
-    Lab(lab::cli::LabCommand),
 }
 
 #[derive(clap::Args)]
@@ -238,7 +235,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Flows(args) => Ok(cli_flows::run(&args)?),
         Command::Alerts(args) => Ok(cli_flows::run_alerts(&args)?),
-        Command::Lab(cmd) => Ok(lab::cli::run(cmd)?),
     }
 }
 

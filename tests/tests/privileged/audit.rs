@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use crate::common::payments::PaymentsLab;
 use crate::common::{agent_bin, require_root};
-use ztrust_agent::lab::{self, Matrix, ProbeOptions, Verdict};
 use ztrust_agent::model::Protocol;
+use ztrust_lab::{self as lab, Matrix, ProbeOptions, Verdict};
 
 fn namespace(mode: &str) -> String {
     format!(

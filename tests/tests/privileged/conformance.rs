@@ -15,14 +15,14 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::common::{agent_bin, require_root};
+use crate::common::{agent_bin, lab_bin, require_root};
 use serde::Deserialize;
-use ztrust_agent::lab::manifests::{self, Kind};
-use ztrust_agent::lab::{
-    self, ApplyOptions, DownOptions, LabState, LabelChange, LabelKind, Matrix, Probe, ProbeOptions,
+use ztrust_agent::model::Protocol;
+use ztrust_lab::manifests::{self, Kind};
+use ztrust_lab::{
+    self as lab, ApplyOptions, DownOptions, LabState, LabelChange, LabelKind, Matrix, Probe, ProbeOptions,
     UpOptions, Verdict,
 };
-use ztrust_agent::model::Protocol;
 
 fn conformance_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("conformance")
@@ -786,7 +786,7 @@ fn conformance_matrix_through_the_datapath() {
             prefix: lab.prefix.clone(),
             if_prefix: format!("{}l", lab.prefix),
             ext_if_prefix: format!("{}x", lab.prefix),
-            agent_bin: Some(agent.clone()),
+            lab_bin: Some(lab_bin().into()),
             agent: Some(lab::AgentSpec {
                 bin: Some(agent.clone()),
                 extra_args: vec!["--metrics-addr".into(), "none".into()],
@@ -972,7 +972,7 @@ fn stale_conntrack_entry_admits_a_new_flow() {
             prefix: lab.prefix.clone(),
             if_prefix: format!("{}l", lab.prefix),
             ext_if_prefix: format!("{}x", lab.prefix),
-            agent_bin: Some(agent.clone()),
+            lab_bin: Some(lab_bin().into()),
             agent: Some(lab::AgentSpec {
                 bin: Some(agent),
                 extra_args: vec!["--metrics-addr".into(), "none".into()],

@@ -18,11 +18,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{agent_bin, require_root};
+use crate::common::{agent_bin, lab_bin, require_root};
 use crate::fake_apiserver::FakeApiServer;
 use serde_json::{Value, json};
-use ztrust_agent::lab::{self, DownOptions, LabState, ProbeOptions, UpOptions, Verdict};
 use ztrust_agent::status::Status;
+use ztrust_lab::{self as lab, DownOptions, LabState, ProbeOptions, UpOptions, Verdict};
 
 /// Every change must show in probes and maps within this time.
 const BOUND: Duration = Duration::from_secs(5);
@@ -94,7 +94,7 @@ impl Lab {
                 prefix: prefix.clone(),
                 if_prefix: format!("{prefix}l"),
                 ext_if_prefix: format!("{prefix}x"),
-                agent_bin: Some(agent_bin().into()),
+                lab_bin: Some(lab_bin().into()),
                 // No agent of the lab's: this test starts one with `--source kube`.
                 agent: None,
                 ..Default::default()

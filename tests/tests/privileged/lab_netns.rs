@@ -9,11 +9,11 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{agent_bin, require_root};
-use ztrust_agent::lab::{
-    self, ApplyOptions, DownOptions, Family, LabelChange, LabelKind, ProbeOptions, UpOptions, Verdict,
-};
+use crate::common::{agent_bin, lab_bin, require_root};
 use ztrust_agent::model::Protocol;
+use ztrust_lab::{
+    self as lab, ApplyOptions, DownOptions, Family, LabelChange, LabelKind, ProbeOptions, UpOptions, Verdict,
+};
 
 fn example() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
@@ -46,7 +46,7 @@ impl Lab {
         UpOptions {
             state_dir: self.state_dir.clone(),
             prefix: self.prefix.clone(),
-            agent_bin: Some(agent_bin().into()),
+            lab_bin: Some(lab_bin().into()),
             ..Default::default()
         }
     }

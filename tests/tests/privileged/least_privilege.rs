@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::common::payments::PaymentsLab;
 use crate::common::{agent_bin, require_root};
-use ztrust_agent::lab::{self, ProbeOptions, Verdict};
 use ztrust_agent::model::Protocol;
+use ztrust_lab::{self as lab, ProbeOptions, Verdict};
 const NEEDED: [&str; 3] = ["cap_bpf", "cap_net_admin", "cap_perfmon"];
 /// CAP_NET_ADMIN = 12, CAP_PERFMON = 38, CAP_BPF = 39.
 const NEEDED_MASK: u64 = (1 << 12) | (1 << 38) | (1 << 39);

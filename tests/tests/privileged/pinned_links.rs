@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::common::payments::{PaymentsLab, cmdline, connects, kill9, respawn, wait_in_sync};
 use crate::common::{agent_bin, require_root};
 use ztrust_agent::datapath::pins::{self, LinkInfo};
-use ztrust_agent::lab;
+use ztrust_lab as lab;
 
 const HOOKS: [&str; 2] = ["from-pod", "to-pod"];
 

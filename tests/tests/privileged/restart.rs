@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::payments::{PaymentsLab, cmdline, enter, respawn, wait_loaded_and_in_sync};
 use crate::common::{agent_bin, require_root};
-use ztrust_agent::lab;
+use ztrust_lab as lab;
 
 #[test]
 fn restart_and_upgrade_without_a_gap() {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use crate::common::payments::{PaymentsLab, connects};
 use crate::common::{agent_bin, require_root};
-use ztrust_agent::lab::{ProbeOptions, ProxyMode, Verdict};
 use ztrust_agent::model::Protocol;
+use ztrust_lab::{ProbeOptions, ProxyMode, Verdict};
 
 const SERVICES: &str = r#"
 apiVersion: v1
@@ -86,7 +86,7 @@ fn by_service(mode: ProxyMode, tag: &str) {
     let backend = cluster_ip(&lab, "payments", "backend");
     let database = cluster_ip(&lab, "payments", "database");
     assert!(
-        ztrust_agent::lab::services::SERVICE_CIDR
+        ztrust_lab::services::SERVICE_CIDR
             .parse::<ipnet::IpNet>()
             .unwrap()
             .contains(&backend),
@@ -157,11 +157,10 @@ fn by_service(mode: ProxyMode, tag: &str) {
         via_service,
         ..Default::default()
     };
-    let by_service = ztrust_agent::lab::probe(&lab.state_dir, &opts(true)).expect("probe --via-service");
-    let by_pod = ztrust_agent::lab::probe(&lab.state_dir, &opts(false)).expect("probe");
-    let of = |m: &ztrust_agent::lab::Matrix, to: &str, port: u16| {
-        m.verdict("payments/frontend", to, port, Protocol::Tcp)
-    };
+    let by_service = ztrust_lab::probe(&lab.state_dir, &opts(true)).expect("probe --via-service");
+    let by_pod = ztrust_lab::probe(&lab.state_dir, &opts(false)).expect("probe");
+    let of =
+        |m: &ztrust_lab::Matrix, to: &str, port: u16| m.verdict("payments/frontend", to, port, Protocol::Tcp);
     let through = |service: &str| {
         by_service
             .probes

@@ -20,6 +20,7 @@ use crate::model::{Cluster, Labels, ObjectRef};
 
 mod compile;
 pub mod ipcache;
+#[cfg(any(test, feature = "reference"))]
 pub mod reference;
 pub(crate) mod selector;
 pub mod services;

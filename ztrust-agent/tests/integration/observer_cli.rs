@@ -1,4 +1,5 @@
-//! `ztrust-agent flows` / `alerts` (the real binary) against a flow API served by this test.
+//! `ztrust-agent flows` / `alerts` (the real binary) against a flow API served by this test; what the
+//! binary does not have (the lab).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -173,4 +174,22 @@ fn a_missing_agent_is_a_clear_error() {
         err.contains("no agent answers on") && err.contains("nobody.sock"),
         "{err}"
     );
+}
+
+/// The DaemonSet's binary carries no lab: `lab` is no subcommand of it (the lab is `ztrust-lab`).
+#[test]
+fn the_agent_binary_has_no_lab() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ztrust-agent"))
+        .args(["lab", "up", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("unrecognized subcommand 'lab'"), "{stderr}");
+    // Positive control: a real subcommand of the same binary parses.
+    let help = Command::new(env!("CARGO_BIN_EXE_ztrust-agent"))
+        .args(["flows", "--help"])
+        .output()
+        .unwrap();
+    assert!(help.status.success(), "{}", String::from_utf8_lossy(&help.stderr));
 }

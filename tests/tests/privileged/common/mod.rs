@@ -481,20 +481,32 @@ pub fn require_root() {
 /// The `ztrust-agent` binary the end-to-end tests run: `ZTRUST_AGENT_BIN` (`cargo xtask test` sets it
 /// to the one it has just built), else the workspace's debug build, which must exist.
 pub fn agent_bin() -> &'static Path {
-    static BIN: LazyLock<PathBuf> = LazyLock::new(|| {
-        let bin = std::env::var_os("ZTRUST_AGENT_BIN").map_or_else(
-            || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ztrust-agent"),
-            PathBuf::from,
-        );
-        assert!(
-            bin.is_file(),
-            "no agent binary at {} (set ZTRUST_AGENT_BIN, or `cargo build -p ztrust-agent` first; \
-             `cargo xtask test` does both)",
-            bin.display()
-        );
-        bin
-    });
+    static BIN: LazyLock<PathBuf> = LazyLock::new(|| built("ZTRUST_AGENT_BIN", "ztrust-agent"));
     &BIN
+}
+
+/// The `ztrust-lab` binary whose `serve` runs in the lab's namespaces: `ZTRUST_LAB_BIN`, else the
+/// workspace's debug build.
+pub fn lab_bin() -> &'static Path {
+    static BIN: LazyLock<PathBuf> = LazyLock::new(|| built("ZTRUST_LAB_BIN", "ztrust-lab"));
+    &BIN
+}
+
+fn built(var: &str, name: &str) -> PathBuf {
+    let bin = std::env::var_os(var).map_or_else(
+        || {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/debug")
+                .join(name)
+        },
+        PathBuf::from,
+    );
+    assert!(
+        bin.is_file(),
+        "no {name} binary at {} (set {var}, or `cargo build -p {name}` first; `cargo xtask test` does both)",
+        bin.display()
+    );
+    bin
 }
 
 /// A node with one pod (root required); the calling thread enters the node's namespace. Returns the

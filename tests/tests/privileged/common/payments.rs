@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ztrust_agent::lab::{self, ApplyOptions, DownOptions, LabState, UpOptions};
+use ztrust_lab::{self as lab, ApplyOptions, DownOptions, LabState, UpOptions};
 
 pub fn payments() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples/payments")
@@ -47,8 +47,7 @@ impl PaymentsLab {
                 prefix: prefix.clone(),
                 if_prefix: format!("{prefix}l"),
                 ext_if_prefix: format!("{prefix}x"),
-                // The lab's own servers run from the real binary; `agent_bin` (maybe a wrapper) enforces.
-                agent_bin: Some(super::agent_bin().into()),
+                lab_bin: Some(super::lab_bin().into()),
                 agent: Some(lab::AgentSpec {
                     bin: Some(agent_bin.to_owned()),
                     extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),

@@ -190,11 +190,11 @@ fn payments_example_expectations() {
             _ => {}
         }
     }
-    let mut cluster = crate::source::dir::load_dir(&dir).unwrap().cluster;
+    let mut cluster = ztrust_agent::source::dir::load_dir(&dir).unwrap().cluster;
     for p in &state.pods {
         cluster
             .pods
-            .get_mut(&crate::model::ObjectRef::new(&p.namespace, &p.name))
+            .get_mut(&ztrust_agent::model::ObjectRef::new(&p.namespace, &p.name))
             .unwrap()
             .ips = p.ips.clone();
     }
@@ -255,7 +255,7 @@ fn payments_example_expectations() {
 
 #[test]
 fn plan_uses_container_ports_and_overrides() {
-    use crate::model::ContainerPort;
+    use ztrust_agent::model::ContainerPort;
     let pod = |ns: &str, name: &str, ip: &str, ports: Vec<ContainerPort>| super::super::PodState {
         namespace: ns.into(),
         name: name.into(),

@@ -12,7 +12,7 @@ use super::{
     DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result,
     io_err, net,
 };
-use crate::model::{ContainerPort, Protocol};
+use ztrust_agent::model::{ContainerPort, Protocol};
 
 const LOGS_DIR: &str = "logs";
 const AGENT_SOCKET: &str = "agent.sock";
@@ -31,8 +31,8 @@ pub struct UpOptions<'a> {
     pub if_prefix: String,
     /// Node-side interface of external host N: `<ext_if_prefix><N>`.
     pub ext_if_prefix: String,
-    /// The binary whose `lab serve` runs in every namespace; default: this executable.
-    pub agent_bin: Option<PathBuf>,
+    /// The binary whose `serve` runs in every namespace (`ztrust-lab`); default: this executable.
+    pub lab_bin: Option<PathBuf>,
     /// Called with the new pods' node-side interfaces, created but still down.
     pub before_link_up: Option<LinkHook<'a>>,
     /// How long servers may take to bind their ports.
@@ -50,7 +50,8 @@ pub struct UpOptions<'a> {
 /// (`<pin_dir>/links/<hook>/<ifname>`), so no pod ever has a moment without enforcement.
 #[derive(Clone, Debug)]
 pub struct AgentSpec {
-    /// Default: the lab's `agent_bin`.
+    /// The `ztrust-agent` binary. Default: the one beside the lab's binary (`cargo build` puts both in
+    /// `target/<profile>/`).
     pub bin: Option<PathBuf>,
     /// Default: `/sys/fs/bpf/ztrust-lab-<prefix>`, apart from a real agent's pins.
     pub pin_dir: Option<PathBuf>,
@@ -87,7 +88,7 @@ impl Default for UpOptions<'_> {
             prefix: DEFAULT_PREFIX.into(),
             if_prefix: DEFAULT_IF_PREFIX.into(),
             ext_if_prefix: DEFAULT_EXT_IF_PREFIX.into(),
-            agent_bin: None,
+            lab_bin: None,
             before_link_up: None,
             server_timeout: Duration::from_secs(10),
             agent: None,
@@ -189,7 +190,7 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         let d = state_dir.join(dir);
         std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
     }
-    let agent_bin = match opts.agent_bin {
+    let lab_bin = match opts.lab_bin {
         Some(b) => absolute(&b),
         None => std::env::current_exe().map_err(io_err("finding this executable"))?,
     };
@@ -198,7 +199,7 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         prefix: opts.prefix.clone(),
         if_prefix: opts.if_prefix,
         ext_if_prefix: opts.ext_if_prefix,
-        agent_bin,
+        lab_bin,
         node_netns: format!("{}-node", opts.prefix),
         node_ips: vec![IpAddr::V4(NODE_V4), IpAddr::V6(NODE_V6)],
         pods: Vec::new(),
@@ -444,7 +445,7 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     ];
     for pin in pin_dirs.into_iter().flatten() {
         if pin.exists() {
-            crate::datapath::loader::cleanup(&pin)
+            ztrust_agent::datapath::loader::cleanup(&pin)
                 .map_err(io_err(format!("removing the agent's pins in {}", pin.display())))?;
         }
     }
@@ -628,7 +629,7 @@ fn start_server(state: &LabState, netns: &str, args: ServeArgs, index: u32) -> R
         .state_dir
         .join(LOGS_DIR)
         .join(format!("{index}-{}.log", args.name.replace('/', "_")));
-    let pid = net::spawn_in_netns(netns, &state.agent_bin, &args.to_args(), &log)?;
+    let pid = net::spawn_in_netns(netns, &state.lab_bin, &args.to_args(), &log)?;
     Ok(Started {
         name: args.name,
         pid,

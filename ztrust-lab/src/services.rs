@@ -1,6 +1,6 @@
 //! Services in the lab, the way a cluster has them: the lab plays the EndpointSlice controller (one
 //! slice per Service and target-port resolution, from the pods its selector selects) and kube-proxy in
-//! nftables or iptables mode (`lab up --proxy-mode`: DNAT rules in the node's namespace, a random backend
+//! nftables or iptables mode (`ztrust-lab up --proxy-mode`: DNAT rules in the node's namespace, a random backend
 //! per connection, written as kube-proxy writes them in that mode; node ports on the node's addresses).
 //!
 //! A Service without `spec.clusterIP` gets one from [`SERVICE_CIDR`], which the lab's agent is told
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use super::manifests::{self, Kind};
 use super::state::{LabState, PodState, ProxyMode, write_atomic};
 use super::{Result, io_err};
-use crate::model::Protocol;
+use ztrust_agent::model::Protocol;
 
 /// The lab's Service address range.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
@@ -286,7 +286,7 @@ pub fn realise(state: &LabState) -> Result<()> {
                     "metadata": {
                         "name": if family_v4 { name.clone() } else { format!("{name}-v6") },
                         "namespace": svc.namespace,
-                        "labels": { crate::source::convert::services::SERVICE_NAME_LABEL: svc.name },
+                        "labels": { ztrust_agent::source::convert::services::SERVICE_NAME_LABEL: svc.name },
                     },
                     "addressType": if family_v4 { "IPv4" } else { "IPv6" },
                     "ports": ports.iter().map(|(n, p, port)| json!({ "name": n, "protocol": p.as_str(), "port": port })).collect::<Vec<_>>(),

@@ -1,4 +1,4 @@
-//! `ztrust-agent lab …`: the lab's command line.
+//! `ztrust-lab …`: the lab's command line.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -48,6 +48,9 @@ pub enum LabCommand {
         /// Do not start an agent in the node (no enforcement: everything reaches everything).
         #[arg(long)]
         no_agent: bool,
+        /// The `ztrust-agent` binary that enforces (default: the one beside this binary).
+        #[arg(long, env = "ZTRUST_AGENT_BIN")]
+        agent_bin: Option<PathBuf>,
         /// The agent's bpffs pin directory (default `/sys/fs/bpf/ztrust-lab-<prefix>`).
         #[arg(long)]
         pin_path: Option<PathBuf>,
@@ -132,7 +135,7 @@ pub enum LabCommand {
         #[command(flatten)]
         state: StateDir,
         #[command(flatten)]
-        flows: crate::cli_flows::FlowsArgs,
+        flows: ztrust_agent::cli_flows::FlowsArgs,
     },
     /// (internal) The server the lab runs in every pod and external host.
     #[command(hide = true)]
@@ -156,10 +159,10 @@ pub enum CliError {
     Maps {
         pin_dir: std::path::PathBuf,
         #[source]
-        source: crate::datapath::loader::Error,
+        source: ztrust_agent::datapath::loader::Error,
     },
     #[error(transparent)]
-    Flows(#[from] crate::cli_flows::Error),
+    Flows(#[from] ztrust_agent::cli_flows::Error),
     #[error("encoding JSON")]
     Json(#[from] serde_json::Error),
 }
@@ -181,11 +184,13 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             if_prefix,
             ext_if_prefix,
             no_agent,
+            agent_bin,
             pin_path,
             agent_arg,
             proxy_mode,
         } => {
             let agent = (!no_agent).then(|| AgentSpec {
+                bin: agent_bin,
                 pin_dir: pin_path,
                 extra_args: agent_arg,
                 ..Default::default()
@@ -316,7 +321,7 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             let kernel = match (&s.agent, counters) {
                 (Some(a), true) => {
                     let mut k =
-                        crate::status::read_in_netns(&a.pin_dir, &s.node_netns).map_err(|source| {
+                        ztrust_agent::status::read_in_netns(&a.pin_dir, &s.node_netns).map_err(|source| {
                             CliError::Maps {
                                 pin_dir: a.pin_dir.clone(),
                                 source,
@@ -344,7 +349,7 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                 Output::Table => {
                     print!("{}", super::render_status(&s));
                     if let Some(k) = &kernel {
-                        print!("\n{}", crate::status::render(k));
+                        print!("\n{}", ztrust_agent::status::render(k));
                     }
                 }
                 Output::Json => {
@@ -364,7 +369,7 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             if flows.connect.server.is_none() && flows.flow_log.is_none() {
                 flows.connect.socket = agent.socket.clone();
             }
-            crate::cli_flows::run(&flows)?;
+            ztrust_agent::cli_flows::run(&flows)?;
         }
         LabCommand::Serve(args) => super::serve_main(args)?,
     }

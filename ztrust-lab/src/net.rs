@@ -200,7 +200,7 @@ pub fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
-/// Processes whose command line is a `lab serve` of the lab in `state_dir`.
+/// Processes whose command line is a `serve` of the lab in `state_dir`.
 pub fn lab_servers(state_dir: &Path) -> Vec<u32> {
     let tag = format!("--lab {}", state_dir.display());
     let mut pids: Vec<u32> = std::fs::read_dir("/proc")
@@ -260,7 +260,7 @@ pub fn is_gone(pid: u32) -> bool {
 }
 
 fn is_lab_server(cmdline: &str, tag: &str) -> bool {
-    cmdline.contains(" lab serve ") && (cmdline.ends_with(tag) || cmdline.contains(&format!("{tag} ")))
+    cmdline.contains(" serve --name ") && (cmdline.ends_with(tag) || cmdline.contains(&format!("{tag} ")))
 }
 
 fn gone(pid: u32) -> bool {
@@ -278,7 +278,7 @@ fn gone(pid: u32) -> bool {
     }
 }
 
-/// SIGTERM each process that is still a `lab serve` of this lab (a recorded PID may have been reused),
+/// SIGTERM each process that is still a `serve` of this lab (a recorded PID may have been reused),
 /// wait up to a second, then SIGKILL what is left.
 pub fn kill_servers(pids: &[u32], state_dir: &Path) {
     let tag = format!("--lab {}", state_dir.display());
@@ -298,17 +298,14 @@ mod tests {
     fn recognises_only_servers_of_this_lab() {
         let tag = "--lab /run/ztrust/lab";
         assert!(is_lab_server(
-            "/bin/ztrust-agent lab serve --name a/b --tcp 80 --lab /run/ztrust/lab",
+            "/bin/ztrust-lab serve --name a/b --tcp 80 --lab /run/ztrust/lab",
             tag
         ));
         assert!(is_lab_server(
-            "/x lab serve --lab /run/ztrust/lab --name a/b",
+            "/x serve --name a/b --lab /run/ztrust/lab --tcp 80",
             tag
         ));
-        assert!(!is_lab_server(
-            "/x lab serve --name a/b --lab /run/ztrust/lab2",
-            tag
-        ));
-        assert!(!is_lab_server("/x lab probe --lab /run/ztrust/lab", tag));
+        assert!(!is_lab_server("/x serve --name a/b --lab /run/ztrust/lab2", tag));
+        assert!(!is_lab_server("/x probe --lab /run/ztrust/lab", tag));
     }
 }

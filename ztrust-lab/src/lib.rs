@@ -71,7 +71,7 @@ pub enum Error {
     Invalid { object: String, problem: String },
     #[error("{0} is not in the lab")]
     NotFound(String),
-    #[error("no lab state in {0} (is the lab up? `ztrust-agent lab up <manifests>`)")]
+    #[error("no lab state in {0} (is the lab up? `ztrust-lab up <manifests>`)")]
     NotUp(PathBuf),
     #[error("the server of {name} did not start: {log}")]
     ServerStart { name: String, log: String },

@@ -1,4 +1,4 @@
-//! `lab probe`: every pod tries every pod and external host, on each port, and a [`Matrix`] says what got
+//! `ztrust-lab probe`: every pod tries every pod and external host, on each port, and a [`Matrix`] says what got
 //! through.
 //!
 //! A probe runs on a worker thread that has joined the source pod's network namespace (`setns(2)` moves
@@ -21,8 +21,8 @@ use serde::{Deserialize, Serialize};
 use super::serve::reply_line;
 use super::state::{LabState, align};
 use super::{Error, Result, net};
-use crate::model::{Cluster, Protocol};
-use crate::policy::reference::reference_allowed;
+use ztrust_agent::model::{Cluster, Protocol};
+use ztrust_agent::policy::reference::reference_allowed;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Family {
@@ -139,7 +139,7 @@ impl std::fmt::Display for Verdict {
 mod protocol_upper {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    use crate::model::Protocol;
+    use ztrust_agent::model::Protocol;
 
     pub fn serialize<S: Serializer>(p: &Protocol, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(p.as_str())
@@ -259,7 +259,7 @@ impl Matrix {
     }
 
     /// The same questions answered by the policies of `cluster`, through the reference evaluator
-    /// ([`crate::policy::reference::reference_allowed`]): what an enforcing agent should make of this
+    /// ([`ztrust_agent::policy::reference::reference_allowed`]): what an enforcing agent should make of this
     /// matrix. A source's address is its address of the probed family; a pod reaching itself never leaves
     /// its namespace, so no policy applies to it.
     pub fn expected_by_reference(&self, state: &LabState, cluster: &Cluster) -> Matrix {

@@ -61,9 +61,9 @@ pub(super) fn add_objects(
                         obj.value["spec"]["clusterIPs"] = serde_json::json!([ip]);
                     }
                     _ => {
-                        let mut taken = crate::lab::services::cluster_ips(state)?;
+                        let mut taken = crate::services::cluster_ips(state)?;
                         taken.extend(&explicit_ips);
-                        let _ = crate::lab::services::assign_cluster_ip(&mut obj.value, &taken);
+                        let _ = crate::services::assign_cluster_ip(&mut obj.value, &taken);
                     }
                 }
                 write_copy(state, &obj)?;
@@ -238,7 +238,7 @@ pub(super) fn add_objects(
     state.save()?;
     wait_ready(&started, server_timeout)?;
     // Services, and pods (new ones, changed labels), change what Services translate to.
-    crate::lab::services::realise(state)?;
+    crate::services::realise(state)?;
     if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(state, log_from)? {
         report
             .warnings

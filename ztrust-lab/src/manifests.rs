@@ -1,5 +1,5 @@
 //! Manifests as the lab handles them: raw objects (copied into `manifests/` with pod addresses filled in)
-//! next to their [`crate::model`] conversion (the same one the agent's `dir:` source does).
+//! next to their [`ztrust_agent::model`] conversion (the same one the agent's `dir:` source does).
 //!
 //! The lab's own object, `ExternalHost`, is a host outside the cluster that pods can reach through the
 //! node (a payment gateway, an API on the internet):
@@ -19,9 +19,9 @@ use std::path::Path;
 use serde_json::{Value, json};
 
 use super::{Error, Result, io_err};
-use crate::model::{self, ContainerPort, Protocol};
-use crate::source::Problem;
-use crate::source::dir;
+use ztrust_agent::model::{self, ContainerPort, Protocol};
+use ztrust_agent::source::Problem;
+use ztrust_agent::source::dir;
 
 pub const LAB_API_PREFIX: &str = "lab.ztrust.io/";
 

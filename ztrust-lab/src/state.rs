@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{Error, Result, io_err};
-use crate::model::{ContainerPort, Labels};
+use ztrust_agent::model::{ContainerPort, Labels};
 
 pub const STATE_FILE: &str = "state.json";
 pub const MANIFESTS_DIR: &str = "manifests";
@@ -19,8 +19,9 @@ pub struct LabState {
     pub prefix: String,
     pub if_prefix: String,
     pub ext_if_prefix: String,
-    /// The binary that runs `lab serve` in every namespace.
-    pub agent_bin: PathBuf,
+    /// The binary that runs `serve` in every namespace (`ztrust-lab`).
+    #[serde(alias = "agent_bin")]
+    pub lab_bin: PathBuf,
     /// The node's network namespace and its own addresses (the HOST identity).
     pub node_netns: String,
     pub node_ips: Vec<IpAddr>,
@@ -202,7 +203,7 @@ fn ports_text(ports: &[ContainerPort]) -> String {
         .join(",")
 }
 
-/// `lab status`: pods and external hosts as aligned tables.
+/// `ztrust-lab status`: pods and external hosts as aligned tables.
 pub fn render_status(state: &LabState) -> String {
     let mut out = String::new();
     let _ = writeln!(

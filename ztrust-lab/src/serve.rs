@@ -1,4 +1,4 @@
-//! `lab serve`: the server in every pod and external host. It answers on each port with one line naming
+//! `ztrust-lab serve`: the server in every pod and external host. It answers on each port with one line naming
 //! who answered, `<namespace>/<pod> <port>/<PROTO>\n`, so a probe knows it reached the right place.
 //!
 //! TCP: accept, write the line, then echo every line the client sends until it closes (a probe closes
@@ -10,9 +10,9 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 
 use super::{Result, io_err};
-use crate::model::Protocol;
+use ztrust_agent::model::Protocol;
 
-/// Arguments of `ztrust-agent lab serve`.
+/// Arguments of `ztrust-lab serve`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, clap::Args)]
 pub struct ServeArgs {
     /// Who answers: `namespace/pod`, or `external/<name>`.
@@ -30,21 +30,16 @@ pub struct ServeArgs {
     /// Created once every socket is bound.
     #[arg(long)]
     pub ready_file: Option<PathBuf>,
-    /// The state directory of the lab this server belongs to (so `lab down` can find it without state).
+    /// The state directory of the lab this server belongs to (so `ztrust-lab down` can find it without state).
     #[arg(long)]
     pub lab: Option<PathBuf>,
 }
 
 impl ServeArgs {
-    /// The command line after the binary: `lab serve --name … [--tcp …] [--udp …] … --lab <dir>`. `--lab`
-    /// comes last, which is how `lab down` recognises its servers.
+    /// The command line after the binary (`ztrust-lab`): `serve --name … [--tcp …] [--udp …] … --lab
+    /// <dir>`. `serve --name` comes first and `--lab` last, which is how `down` recognises its servers.
     pub fn to_args(&self) -> Vec<String> {
-        let mut a = vec![
-            "lab".to_owned(),
-            "serve".into(),
-            "--name".into(),
-            self.name.clone(),
-        ];
+        let mut a = vec!["serve".to_owned(), "--name".into(), self.name.clone()];
         let list = |ports: &[u16]| ports.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         for (flag, ports) in [("--tcp", &self.tcp), ("--udp", &self.udp), ("--sctp", &self.sctp)] {
             if !ports.is_empty() {
@@ -173,9 +168,9 @@ mod tests {
             lab: Some("/run/ztrust/lab".into()),
         };
         let argv = args.to_args();
-        assert_eq!(argv[..2], ["lab", "serve"]);
+        assert_eq!(argv[..2], ["serve", "--name"]);
         assert_eq!(argv[argv.len() - 2..], ["--lab", "/run/ztrust/lab"]);
-        let parsed = Cli::parse_from(std::iter::once("x".to_owned()).chain(argv.into_iter().skip(2))).serve;
+        let parsed = Cli::parse_from(std::iter::once("x".to_owned()).chain(argv.into_iter().skip(1))).serve;
         assert_eq!(parsed, args);
     }
 

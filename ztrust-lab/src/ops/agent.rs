@@ -4,7 +4,10 @@
 use super::*;
 
 pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
-    let bin = spec.bin.unwrap_or_else(|| state.agent_bin.clone());
+    let bin = match spec.bin {
+        Some(bin) => bin,
+        None => agent_beside(&state.lab_bin)?,
+    };
     let pin_dir = spec
         .pin_dir
         .unwrap_or_else(|| default_agent_pin_dir(&state.prefix));
@@ -34,7 +37,7 @@ pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
         "--grpc-socket".into(),
         socket.display().to_string(),
         "--service-cidr".into(),
-        crate::lab::services::SERVICE_CIDR.into(),
+        crate::services::SERVICE_CIDR.into(),
     ];
     args.extend(spec.extra_args);
     let pid = net::spawn_in_netns(&state.node_netns, &bin, &args, &log)?;
@@ -105,7 +108,7 @@ pub(super) fn wait_bound(agent: &AgentState, node_netns: &str, ifnames: &[String
         .collect();
     let deadline = Instant::now() + Duration::from_millis(agent.attach_timeout_ms);
     loop {
-        let bound: Vec<u32> = crate::status::read(&agent.pin_dir)
+        let bound: Vec<u32> = ztrust_agent::status::read(&agent.pin_dir)
             .map(|st| st.endpoints.iter().map(|e| e.ifindex).collect())
             .unwrap_or_default();
         if wanted.iter().all(|i| bound.contains(i)) {
@@ -171,5 +174,21 @@ pub(super) fn wait_settled(state: &LabState, from: u64) -> Result<bool> {
             return Ok(false);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `ztrust-agent` in the directory of the lab's binary: where `cargo build` and a release archive put it.
+fn agent_beside(lab_bin: &Path) -> Result<PathBuf> {
+    let bin = lab_bin.with_file_name("ztrust-agent");
+    if bin.is_file() {
+        Ok(bin)
+    } else {
+        Err(Error::Invalid {
+            object: "the agent".into(),
+            problem: format!(
+                "no ztrust-agent beside {} (build it: `cargo build -p ztrust-agent`; or run without enforcement: --no-agent)",
+                lab_bin.display()
+            ),
+        })
     }
 }

@@ -1,0 +1,18 @@
+//! `ztrust-lab`: the payments lab (or any manifests) as network namespaces on this machine, with the
+//! real agent enforcing. A separate binary from the agent: the DaemonSet image carries no lab code.
+
+use clap::Parser;
+use ztrust_lab::cli::{self, LabCommand};
+
+/// A Kubernetes node made of network namespaces, to try policies on (root: it makes namespaces, and
+/// its agent loads eBPF programs).
+#[derive(Parser)]
+#[command(name = "ztrust-lab", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: LabCommand,
+}
+
+fn main() -> anyhow::Result<()> {
+    Ok(cli::run(Cli::parse().command)?)
+}
