@@ -180,6 +180,9 @@ fn a_flood_of_distinct_flows_spends_only_its_interfaces_budget() {
         5000 - at_b,
         "events left out are counted"
     );
+    // The reader the agent gives the observer (from the pins alone) sees the same counter.
+    let stats = ztrust_agent::datapath::loader::Stats::open(&lab.topo.pin_dir).expect("stats from the pins");
+    assert_eq!(stats.get(stat::EVENTS_OVER_BUDGET), over_budget(&lab));
     assert_eq!(
         drops(&events, lab.ifindex[C], reason::SPOOFED_SOURCE).count(),
         1,

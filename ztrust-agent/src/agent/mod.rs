@@ -10,7 +10,7 @@ mod view;
 pub use reconcile::HOST_NETWORK;
 
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -200,7 +200,7 @@ pub async fn run(opts: Options) -> Result<()> {
         metrics.clone(),
         health.clone(),
         view.clone(),
-        opts.pin_dir.clone(),
+        events_lost(&opts.pin_dir),
     )
     .await;
     let sink = FlowSink {
@@ -348,5 +348,16 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+/// The observer's reader of the kernel's events-lost counter, from the pinned stats map.
+fn events_lost(pin_dir: &Path) -> Option<crate::observer::tasks::KernelCounter> {
+    match crate::datapath::loader::Stats::open(pin_dir) {
+        Ok(stats) => Some(Box::new(move || stats.get(ztrust_common::stat::EVENTS_LOST))),
+        Err(e) => {
+            warn!(error = %e, "cannot open the stats map; kernel event losses will not be reported");
+            None
+        }
     }
 }

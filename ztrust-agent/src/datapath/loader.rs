@@ -772,6 +772,21 @@ pub fn cleanup(pin_dir: &Path) -> io::Result<()> {
     }
 }
 
+/// The kernel's statistics (`ZT_STATS`, one counter per CPU and index), opened from the pins on their
+/// own: what the observer's tick reads, without the rest of the maps.
+pub struct Stats(PerCpuArray<MapData, u64>);
+
+impl Stats {
+    pub fn open(pin_dir: &Path) -> Result<Self> {
+        Ok(Self(open_pinned(pin_dir, names::STATS)?))
+    }
+
+    /// The counter `index` (a `ztrust_common::stat` code) summed over the CPUs; 0 if it cannot be read.
+    pub fn get(&self, index: u32) -> u64 {
+        self.0.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    }
+}
+
 /// Opens a pinned map of a running (or exited) agent, for `status` and tests.
 pub fn open_pinned<T>(pin_dir: &Path, name: &'static str) -> Result<T>
 where

@@ -1,6 +1,7 @@
 //! What `ztrust-agent run` starts for observability, beside enforcement: the flow API (unix socket,
 //! optional mTLS TCP), `/metrics`, the lateral-movement detector, and a housekeeping tick that copies
-//! the kernel's events-lost counter and the number of enforced endpoints into the hub and metrics.
+//! the kernel's events-lost counter (read by the agent's [`KernelCounter`]: the observer opens no map)
+//! and the number of enforced endpoints into the hub and metrics.
 //!
 //! Observability never stands in the way of enforcement: a listener that cannot be bound is logged as
 //! an error and the agent runs on without it.
@@ -10,10 +11,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use aya::maps::{MapData, PerCpuArray};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, warn};
-use ztrust_common::{names, stat};
 
 use crate::detector::{Detector, DetectorOptions};
 use crate::flows::View;
@@ -66,15 +65,19 @@ impl Drop for Running {
     }
 }
 
-/// Starts everything `opts` asks for. `health` is what `/readyz` answers; `pin_dir` holds the datapath's pinned maps (for the
-/// events-lost counter); `view` is the agent's enrichment view (for the endpoint count).
+/// A kernel counter the observer reports, read by whoever owns the datapath (the observer opens no map).
+pub type KernelCounter = Box<dyn Fn() -> u64 + Send + Sync>;
+
+/// Starts everything `opts` asks for. `health` is what `/readyz` answers; `events_lost` reads the
+/// kernel's count of flow events its ring buffer had no room for (`None`: not reported); `view` is the
+/// agent's enrichment view (for the endpoint count).
 pub async fn spawn(
     opts: &ObserverOptions,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     health: Health,
     view: Arc<RwLock<View>>,
-    pin_dir: PathBuf,
+    events_lost: Option<KernelCounter>,
 ) -> Running {
     let counted = hub.clone();
     metrics.collect_flow_api(move || flow_api_counters(&counted));
@@ -134,9 +137,13 @@ pub async fn spawn(
             Err(e) => error!(error = %e, "lateral-movement detector not started"),
         }
     }
-    running
-        .tasks
-        .push(tokio::spawn(housekeeping(hub, metrics, view, pin_dir, opts.tick)));
+    running.tasks.push(tokio::spawn(housekeeping(
+        hub,
+        metrics,
+        view,
+        events_lost,
+        opts.tick,
+    )));
     running
 }
 
@@ -186,17 +193,9 @@ async fn housekeeping(
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     view: Arc<RwLock<View>>,
-    pin_dir: PathBuf,
+    events_lost: Option<KernelCounter>,
     tick: Duration,
 ) {
-    let stats: Option<PerCpuArray<MapData, u64>> =
-        match crate::datapath::loader::open_pinned(&pin_dir, names::STATS) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                warn!(error = %e, "cannot open the stats map; kernel event losses will not be reported");
-                None
-            }
-        };
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -204,10 +203,8 @@ async fn housekeeping(
         let endpoints = view.read().map(|v| v.endpoints.len() as u64).unwrap_or(0);
         hub.set_endpoints(endpoints);
         metrics.set_endpoints(endpoints);
-        if let Some(stats) = &stats
-            && let Ok(per_cpu) = stats.get(&stat::EVENTS_LOST, 0)
-        {
-            hub.set_kernel_lost(per_cpu.iter().sum());
+        if let Some(read) = &events_lost {
+            hub.set_kernel_lost(read());
         }
     }
 }
@@ -242,5 +239,38 @@ mod tests {
                 subscribers: 1,
             }
         );
+    }
+
+    /// The tick copies what the agent's counter reads into the hub (and the endpoint count).
+    #[tokio::test]
+    async fn housekeeping_reports_the_kernels_count_of_lost_events() {
+        let hub = Arc::new(Hub::new(HubOptions::default()));
+        let metrics = Arc::new(Metrics::new(Default::default()));
+        let lost = Arc::new(std::sync::atomic::AtomicU64::new(7));
+        let read = lost.clone();
+        let counter: KernelCounter = Box::new(move || read.load(std::sync::atomic::Ordering::Relaxed));
+        let task = tokio::spawn(housekeeping(
+            hub.clone(),
+            metrics,
+            Arc::new(RwLock::new(View::default())),
+            Some(counter),
+            Duration::from_millis(5),
+        ));
+        let until = |want: u64| {
+            let hub = hub.clone();
+            async move {
+                for _ in 0..400 {
+                    if hub.status().lost_kernel_ring_buffer == want {
+                        return true;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                false
+            }
+        };
+        assert!(until(7).await, "first reading");
+        lost.store(9, std::sync::atomic::Ordering::Relaxed);
+        assert!(until(9).await, "a later reading");
+        task.abort();
     }
 }
