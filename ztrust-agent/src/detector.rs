@@ -247,7 +247,6 @@ mod tests {
         f.destination.ip = ip.parse().unwrap();
         f.destination.port = Some(port);
         f.destination.labels.clear();
-        f.destination.namespace = None;
         f.destination.pod = None;
         f
     }
@@ -353,7 +352,7 @@ mod tests {
         assert_eq!(d.observe(&denied(), at(10_001)).len(), 1);
         // Another source is another alert.
         let mut other = denied();
-        other.source.pod = Some("intruder".into());
+        other.source.pod = Some(crate::model::ObjectRef::new("payments", "intruder"));
         assert_eq!(d.observe(&other, at(10_002)).len(), 1);
     }
 
@@ -384,7 +383,7 @@ mod tests {
         .unwrap();
         for i in 0..100u64 {
             let mut f = probe("10.244.0.12", 80);
-            f.source.pod = Some(format!("p{i}"));
+            f.source.pod = Some(crate::model::ObjectRef::new("payments", format!("p{i}")));
             d.observe(&f, at(i * 20_000));
         }
         assert!(d.tracked_sources() <= 4);

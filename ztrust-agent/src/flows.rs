@@ -1,7 +1,6 @@
 //! Flow records: kernel events decoded and enriched with what the agent knows (pods, labels, the
 //! policies that isolate an endpoint, the rule that allowed a connection).
 
-use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant, SystemTime};
@@ -13,15 +12,12 @@ use crate::model::{Labels, ObjectRef};
 
 /// One end of a flow.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "EndpointJson", into = "EndpointJson")]
 pub struct Endpoint {
     pub ip: IpAddr,
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    /// The pod that has the address, if the agent knows one.
+    pub pod: Option<ObjectRef>,
     pub labels: Labels,
     pub identity: u32,
 }
@@ -29,12 +25,111 @@ pub struct Endpoint {
 impl Endpoint {
     /// `ns/pod`, or the address for hosts outside the cluster.
     pub fn display_name(&self) -> String {
-        match (&self.namespace, &self.pod) {
-            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
-            _ => self.ip.to_string(),
+        match &self.pod {
+            Some(pod) => pod.to_string(),
+            None => self.ip.to_string(),
+        }
+    }
+
+    pub fn namespace(&self) -> Option<&str> {
+        self.pod.as_ref().map(|p| p.namespace.as_str())
+    }
+}
+
+/// [`Endpoint`] as JSON has it (flow logs, `flows -o json`): the pod as `namespace` and `pod`.
+#[derive(Serialize, Deserialize)]
+struct EndpointJson {
+    ip: IpAddr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pod: Option<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty", default)]
+    labels: Labels,
+    identity: u32,
+}
+
+impl From<EndpointJson> for Endpoint {
+    fn from(j: EndpointJson) -> Self {
+        Endpoint {
+            ip: j.ip,
+            port: j.port,
+            pod: match (j.namespace, j.pod) {
+                (Some(ns), Some(pod)) => Some(ObjectRef::new(ns, pod)),
+                _ => None,
+            },
+            labels: j.labels,
+            identity: j.identity,
         }
     }
 }
+
+impl From<Endpoint> for EndpointJson {
+    fn from(e: Endpoint) -> Self {
+        let (namespace, pod) = e.pod.map(|p| (p.namespace, p.name)).unzip();
+        EndpointJson {
+            ip: e.ip,
+            port: e.port,
+            namespace,
+            pod,
+            labels: e.labels,
+            identity: e.identity,
+        }
+    }
+}
+
+/// The IP protocol of a flow, by number; shown (and written in JSON) by name: `TCP`, `UDP`, `SCTP`,
+/// `ICMP`, `ICMPv6`, or `IP/<number>` for the others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct IpProtocol(pub u8);
+
+impl IpProtocol {
+    pub const TCP: Self = Self(proto::TCP);
+    pub const UDP: Self = Self(proto::UDP);
+    pub const SCTP: Self = Self(proto::SCTP);
+    const NAMES: [(u8, &'static str); 5] = [
+        (proto::TCP, "TCP"),
+        (proto::UDP, "UDP"),
+        (proto::SCTP, "SCTP"),
+        (proto::ICMP, "ICMP"),
+        (proto::ICMPV6, "ICMPv6"),
+    ];
+
+    /// Whether its packets have ports (and a flow of it a source and destination port).
+    pub fn has_ports(self) -> bool {
+        matches!(self.0, proto::TCP | proto::UDP | proto::SCTP)
+    }
+}
+
+impl std::fmt::Display for IpProtocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match Self::NAMES.iter().find(|(n, _)| *n == self.0) {
+            Some((_, name)) => f.write_str(name),
+            None => write!(f, "IP/{}", self.0),
+        }
+    }
+}
+
+/// A name (any case) or `IP/<number>`.
+impl std::str::FromStr for IpProtocol {
+    type Err = InvalidProtocol;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some((n, _)) = Self::NAMES.iter().find(|(_, name)| name.eq_ignore_ascii_case(s)) {
+            return Ok(Self(*n));
+        }
+        s.get(..3)
+            .filter(|p| p.eq_ignore_ascii_case("ip/"))
+            .and_then(|_| s[3..].parse().ok())
+            .map(Self)
+            .ok_or_else(|| InvalidProtocol(s.to_owned()))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is no IP protocol (TCP, UDP, SCTP, ICMP, ICMPv6 or IP/<number>)")]
+pub struct InvalidProtocol(pub String);
 
 pub use ztrust_common::{Direction, Reason, Verdict};
 
@@ -47,10 +142,6 @@ pub struct AllowedBy {
     pub direction: Direction,
     pub rule: usize,
 }
-
-/// A protocol name (`TCP`, `UDP`, `IP/47` …): borrowed from the constants for flows the agent makes
-/// (no allocation per flow), owned for flows read back from elsewhere.
-pub type Name = Cow<'static, str>;
 
 /// Where a packet was judged: the pod behind the interface, or the interface when the agent has no pod
 /// for it (shown as `ifindex/N`).
@@ -201,11 +292,13 @@ pub struct Flow {
     /// The pod whose hook judged the packet.
     #[serde(with = "as_string")]
     pub endpoint: JudgedAt,
-    pub protocol: Name,
+    #[serde(with = "as_string")]
+    pub protocol: IpProtocol,
     pub source: Endpoint,
     pub destination: Endpoint,
-    #[serde(skip_serializing_if = "String::is_empty", default)]
-    pub tcp_flags: String,
+    /// A TCP packet's flags (none for other protocols); `SYN|ACK` in JSON.
+    #[serde(skip_serializing_if = "TcpFlags::is_empty", default, with = "as_string")]
+    pub tcp_flags: TcpFlags,
     /// For drops: the policies that isolate `endpoint` in `direction` (none allowed the packet).
     #[serde(skip_serializing_if = "Vec::is_empty", default, with = "as_strings")]
     pub policies: Vec<ObjectRef>,
@@ -231,11 +324,39 @@ pub struct Observed {
 /// The Service a flow addressed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceRef {
-    /// `namespace/name`.
-    pub name: String,
-    /// The backend pods (`namespace/name`), or addresses where no pod has them.
-    #[serde(skip_serializing_if = "Vec::is_empty", default)]
-    pub backends: Vec<String>,
+    /// `namespace/name` in JSON.
+    #[serde(with = "as_string")]
+    pub name: ObjectRef,
+    /// Its backends (of the frontend's family).
+    #[serde(skip_serializing_if = "Vec::is_empty", default, with = "as_strings")]
+    pub backends: Vec<Backend>,
+}
+
+/// A backend of a Service: the pod that has the address (`namespace/name`), or the address where no
+/// pod of the cluster has it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Backend {
+    Pod(ObjectRef),
+    Address(IpAddr),
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Pod(p) => write!(f, "{p}"),
+            Backend::Address(a) => write!(f, "{a}"),
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = crate::model::InvalidObjectRef;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.parse() {
+            Ok(a) => Ok(Backend::Address(a)),
+            Err(_) => s.parse().map(Backend::Pod),
+        }
+    }
 }
 
 impl Flow {
@@ -244,36 +365,64 @@ impl Flow {
     }
 }
 
-pub fn protocol_name(p: u8) -> Name {
-    match p {
-        proto::TCP => "TCP".into(),
-        proto::UDP => "UDP".into(),
-        proto::SCTP => "SCTP".into(),
-        proto::ICMP => "ICMP".into(),
-        proto::ICMPV6 => "ICMPv6".into(),
-        other => format!("IP/{other}").into(),
+/// TCP header flags as the kernel reported them; shown as `SYN|ACK` (the six that matter to a
+/// connection's state; others are not shown).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    const NAMES: [(u8, &'static str); 6] = {
+        use ztrust_common::tcp_flags::{ACK, FIN, PSH, RST, SYN, URG};
+        [
+            (SYN, "SYN"),
+            (ACK, "ACK"),
+            (FIN, "FIN"),
+            (RST, "RST"),
+            (PSH, "PSH"),
+            (URG, "URG"),
+        ]
+    };
+
+    /// No flag that is shown.
+    pub fn is_empty(&self) -> bool {
+        Self::NAMES.iter().all(|(bit, _)| self.0 & bit == 0)
     }
 }
 
-fn tcp_flags_string(f: u8) -> String {
-    use ztrust_common::tcp_flags::{ACK, FIN, PSH, RST, SYN, URG};
-    const NAMES: [(u8, &str); 6] = [
-        (SYN, "SYN"),
-        (ACK, "ACK"),
-        (FIN, "FIN"),
-        (RST, "RST"),
-        (PSH, "PSH"),
-        (URG, "URG"),
-    ];
-    let mut out = String::new();
-    for (_, name) in NAMES.iter().filter(|(b, _)| f & b != 0) {
-        if !out.is_empty() {
-            out.push('|');
+impl std::fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for (_, name) in Self::NAMES.iter().filter(|(bit, _)| self.0 & bit != 0) {
+            if !first {
+                f.write_str("|")?;
+            }
+            f.write_str(name)?;
+            first = false;
         }
-        out.push_str(name);
+        Ok(())
     }
-    out
 }
+
+/// `SYN|ACK` (any case), or empty for none.
+impl std::str::FromStr for TcpFlags {
+    type Err = InvalidTcpFlags;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        s.split('|')
+            .filter(|n| !n.is_empty())
+            .try_fold(0u8, |acc, n| {
+                Self::NAMES
+                    .iter()
+                    .find(|(_, name)| name.eq_ignore_ascii_case(n.trim()))
+                    .map(|(bit, _)| acc | bit)
+                    .ok_or_else(|| InvalidTcpFlags(s.to_owned()))
+            })
+            .map(Self)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` are no TCP flags (SYN, ACK, FIN, RST, PSH, URG joined by `|`)")]
+pub struct InvalidTcpFlags(pub String);
 
 fn addr(bytes: [u8; 16], family: u8) -> IpAddr {
     let v6 = Ipv6Addr::from(bytes);
@@ -343,8 +492,7 @@ impl View {
         Endpoint {
             ip,
             port,
-            namespace: pod.map(|p| p.pod.namespace.clone()),
-            pod: pod.map(|p| p.pod.name.clone()),
+            pod: pod.map(|p| p.pod.clone()),
             labels: pod.map(|p| p.labels.clone()).unwrap_or_default(),
             identity,
         }
@@ -384,7 +532,8 @@ impl View {
 
     /// [`Self::enrich`] with the event's wall-clock time already known (see [`Clock`]).
     pub fn enrich_at(&self, ev: &FlowEvent, time: SystemTime) -> Flow {
-        let has_ports = matches!(ev.protocol, proto::TCP | proto::UDP | proto::SCTP);
+        let protocol = IpProtocol(ev.protocol);
+        let has_ports = protocol.has_ports();
         let src_ip = addr(ev.saddr, ev.family);
         let dst_ip = addr(ev.daddr, ev.family);
         let ep = self.endpoints.get(&ev.ifindex);
@@ -405,14 +554,14 @@ impl View {
             direction: Direction::from_code(ev.direction),
             reason: Reason::from_code(ev.reason),
             endpoint: ep.map_or(JudgedAt::Interface(ev.ifindex), |e| JudgedAt::Pod(e.pod.clone())),
-            protocol: protocol_name(ev.protocol),
+            protocol,
             source: self.endpoint(src_ip, has_ports.then_some(ev.sport), src_id),
             destination: self.endpoint(dst_ip, has_ports.then_some(ev.dport), dst_id),
-            tcp_flags: if ev.protocol == proto::TCP {
-                tcp_flags_string(ev.tcp_flags)
+            tcp_flags: TcpFlags(if protocol == IpProtocol::TCP {
+                ev.tcp_flags
             } else {
-                String::new()
-            },
+                0
+            }),
             policies,
             allowed_by: if ev.verdict == verdict::FORWARDED {
                 self.rules.get(&ev.rule_id).cloned()
@@ -519,7 +668,8 @@ pub fn render_line(f: &Flow) -> String {
         if s.backends.is_empty() {
             format!(" (service {}, no backend)", s.name)
         } else {
-            format!(" (service {} -> {})", s.name, s.backends.join(", "))
+            let backends: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
+            format!(" (service {} -> {})", s.name, backends.join(", "))
         }
     });
     format!(
@@ -554,9 +704,31 @@ mod tests {
             v["policies"],
             serde_json::json!(["payments/default-deny-all", "payments/backend-to-database"])
         );
+        assert_eq!(v["protocol"], "TCP");
+        assert_eq!(v["source"]["namespace"], "payments");
+        assert_eq!(v["source"]["pod"], "frontend-7d9");
         let back: Flow = serde_json::from_value(v.clone()).expect("deserializes");
         assert_eq!(back, f);
         let a = serde_json::to_value(crate::flows::testing::allowed()).expect("serializes");
+        // A host outside the cluster has neither namespace nor pod.
+        assert!(a["destination"].get("namespace").is_none() && a["destination"].get("pod").is_none());
+        assert_eq!(a["protocol"], "UDP");
+        let mut s = f.clone();
+        s.protocol = IpProtocol(47);
+        s.service = Some(ServiceRef {
+            name: ObjectRef::new("payments", "db"),
+            backends: vec![
+                Backend::Pod(ObjectRef::new("payments", "db-0")),
+                Backend::Address("192.0.2.7".parse().unwrap()),
+            ],
+        });
+        let sv = serde_json::to_value(&s).expect("serializes");
+        assert_eq!(sv["protocol"], "IP/47");
+        assert_eq!(
+            sv["service"],
+            serde_json::json!({"name": "payments/db", "backends": ["payments/db-0", "192.0.2.7"]})
+        );
+        assert_eq!(serde_json::from_value::<Flow>(sv).expect("deserializes"), s);
         assert_eq!(
             a["allowed_by"],
             serde_json::json!({"policy": "shop/allow-dns", "direction": "egress", "rule": 0})
@@ -567,6 +739,40 @@ mod tests {
         let read: Flow = serde_json::from_value(newer).expect("still reads");
         assert_eq!(read.reason, Reason::Unknown);
         assert_eq!(read.endpoint, JudgedAt::Interface(7));
+    }
+
+    #[test]
+    fn protocols_by_name_and_number() {
+        for (name, n) in [
+            ("TCP", 6),
+            ("udp", 17),
+            ("Sctp", 132),
+            ("ICMP", 1),
+            ("icmpv6", 58),
+            ("IP/47", 47),
+        ] {
+            let p: IpProtocol = name.parse().unwrap();
+            assert_eq!(p, IpProtocol(n), "{name}");
+            assert!(p.to_string().eq_ignore_ascii_case(name), "{name} shown as {p}");
+        }
+        for bad in ["", "TPC", "IP/", "IP/256", "ip/x", "6"] {
+            assert!(bad.parse::<IpProtocol>().is_err(), "{bad:?}");
+        }
+        assert!(IpProtocol::SCTP.has_ports() && !IpProtocol(1).has_ports());
+    }
+
+    #[test]
+    fn tcp_flags_by_name() {
+        use ztrust_common::tcp_flags::{ACK, RST, SYN};
+        let sa = TcpFlags(SYN | ACK);
+        assert_eq!(sa.to_string(), "SYN|ACK");
+        assert_eq!("syn|ack".parse::<TcpFlags>().unwrap(), sa);
+        assert_eq!("RST".parse::<TcpFlags>().unwrap(), TcpFlags(RST));
+        assert_eq!("".parse::<TcpFlags>().unwrap(), TcpFlags(0));
+        assert!(TcpFlags(0).is_empty() && !sa.is_empty());
+        // ECE/CWR are not shown: a flow with only them shows none.
+        assert!(TcpFlags(0xc0).is_empty());
+        assert!("SYN|NOPE".parse::<TcpFlags>().is_err());
     }
 
     #[test]
@@ -630,7 +836,7 @@ mod tests {
         assert_eq!(flow.destination.port, Some(5432));
         assert_eq!(flow.verdict, crate::flows::Verdict::Dropped);
         assert_eq!(flow.reason, crate::flows::Reason::PolicyDenied);
-        assert_eq!(flow.tcp_flags, "SYN");
+        assert_eq!(flow.tcp_flags.to_string(), "SYN");
         assert_eq!(flow.policies.len(), 2);
         let line = render_line(&flow);
         assert!(
@@ -649,8 +855,8 @@ mod tests {
         };
         let vip: IpAddr = "10.96.0.20".parse().unwrap();
         let svc = ServiceRef {
-            name: "payments/backend".into(),
-            backends: vec!["payments/backend-0".into()],
+            name: "payments/backend".parse().unwrap(),
+            backends: vec!["payments/backend-0".parse().unwrap()],
         };
         view.services.insert((vip, 80, proto::TCP), svc.clone());
         let mapped = |ip: &str| {
@@ -697,8 +903,8 @@ mod tests {
     fn node_ports_at_any_local_address_are_named_where_the_kernel_judged_by_them() {
         let mut view = View::default();
         let svc = ServiceRef {
-            name: "payments/backend".into(),
-            backends: vec!["payments/backend-0".into()],
+            name: "payments/backend".parse().unwrap(),
+            backends: vec!["payments/backend-0".parse().unwrap()],
         };
         let any_local = crate::policy::services::ANY_LOCAL_V4;
         view.services.insert((any_local, 30080, proto::TCP), svc.clone());

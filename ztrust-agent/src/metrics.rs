@@ -233,11 +233,10 @@ impl Metrics {
                 &f.source
             };
             let namespace = judged
-                .namespace
-                .as_deref()
+                .namespace()
                 .unwrap_or_else(|| f.endpoint.pod().map_or("", |p| p.namespace.as_str()));
             let pod = if self.opts.pod_label {
-                judged.pod.as_deref().unwrap_or_default()
+                judged.pod.as_ref().map_or("", |p| p.name.as_str())
             } else {
                 ""
             };
@@ -544,7 +543,7 @@ mod tests {
         let flows: Vec<Flow> = (0..80)
             .map(|i| {
                 let mut f = denied();
-                f.destination.pod = Some(format!("db-{}", i % 40));
+                f.destination.pod = Some(crate::model::ObjectRef::new("payments", format!("db-{}", i % 40)));
                 f
             })
             .collect();

@@ -50,13 +50,15 @@ pub fn update_services(view: &mut View, cluster: &Cluster) {
             .map(|(ip, _)| {
                 view.pods_by_ip
                     .get(&ip)
-                    .map_or_else(|| ip.to_string(), |p| p.pod.to_string())
+                    .map_or(crate::flows::Backend::Address(ip), |p| {
+                        crate::flows::Backend::Pod(p.pod.clone())
+                    })
             });
         // A frontend two Services claim names the first and the backends of both.
         let entry = services
             .entry((f.addr, f.port, f.protocol.number()))
             .or_insert_with(|| crate::flows::ServiceRef {
-                name: svc.object_ref().to_string(),
+                name: svc.object_ref(),
                 backends: Vec::new(),
             });
         entry.backends.extend(backends);

@@ -101,20 +101,19 @@ fn table_columns_align() {
 #[test]
 fn a_connection_to_a_service_is_shown_by_the_service_and_its_backend() {
     let mut f = crate::flows::testing::denied();
-    f.destination.namespace = None;
     f.destination.pod = None;
     f.destination.ip = "10.96.30.147".parse().unwrap();
     f.destination.port = Some(80);
     f.service = Some(crate::flows::ServiceRef {
-        name: "payments/database".into(),
-        backends: vec!["payments/database-0".into()],
+        name: "payments/database".parse().unwrap(),
+        backends: vec!["payments/database-0".parse().unwrap()],
     });
     assert_eq!(cells(&f)[3], "svc payments/database:80 → payments/database-0");
     f.service
         .as_mut()
         .unwrap()
         .backends
-        .push("payments/database-1".into());
+        .push("payments/database-1".parse().unwrap());
     assert_eq!(cells(&f)[3], "svc payments/database:80 (2 backends)");
 }
 

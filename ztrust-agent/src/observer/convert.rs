@@ -5,6 +5,7 @@ use std::net::IpAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::flows::{self, AllowedBy, Endpoint, Flow};
+use crate::model::ObjectRef;
 use crate::observer::proto;
 use crate::observer::proto::{Reason, TrafficDirection, Verdict};
 
@@ -79,8 +80,8 @@ fn endpoint_to_proto(e: &Endpoint) -> proto::Endpoint {
     proto::Endpoint {
         ip: e.ip.to_string(),
         port: e.port.map_or(0, u32::from),
-        namespace: e.namespace.clone().unwrap_or_default(),
-        pod_name: e.pod.clone().unwrap_or_default(),
+        namespace: e.pod.as_ref().map(|p| p.namespace.clone()).unwrap_or_default(),
+        pod_name: e.pod.as_ref().map(|p| p.name.clone()).unwrap_or_default(),
         labels: e.labels.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         identity: e.identity,
     }
@@ -90,8 +91,8 @@ fn endpoint_from_proto(e: &proto::Endpoint, has_ports: bool) -> Endpoint {
     Endpoint {
         ip: e.ip.parse().unwrap_or(IpAddr::from([0, 0, 0, 0])),
         port: has_ports.then(|| u16::try_from(e.port).unwrap_or(0)),
-        namespace: (!e.namespace.is_empty()).then(|| e.namespace.clone()),
-        pod: (!e.pod_name.is_empty()).then(|| e.pod_name.clone()),
+        pod: (!e.namespace.is_empty() && !e.pod_name.is_empty())
+            .then(|| ObjectRef::new(&e.namespace, &e.pod_name)),
         labels: e
             .labels
             .iter()
@@ -150,7 +151,7 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
         protocol: f.protocol.to_string(),
         source: Some(endpoint_to_proto(&f.source)),
         destination: Some(endpoint_to_proto(&f.destination)),
-        tcp_flags: f.tcp_flags.clone(),
+        tcp_flags: f.tcp_flags.to_string(),
         isolating_policies: f.policies.iter().map(ToString::to_string).collect(),
         allowed_by: f.allowed_by.as_ref().map(|a| proto::AllowedBy {
             policy: a.policy.to_string(),
@@ -159,16 +160,23 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
         }),
         new_connection: f.new_connection,
         bytes: f.bytes,
-        service: f.service.as_ref().map(|s| s.name.clone()).unwrap_or_default(),
-        service_backends: f.service.as_ref().map(|s| s.backends.clone()).unwrap_or_default(),
+        service: f.service.as_ref().map(|s| s.name.to_string()).unwrap_or_default(),
+        service_backends: f
+            .service
+            .as_ref()
+            .map(|s| s.backends.iter().map(ToString::to_string).collect())
+            .unwrap_or_default(),
     }
 }
 
 /// A flow from the wire. What does not parse is kept as the agent cannot judge it: an unknown verdict,
 /// direction or reason is `Unknown`, an endpoint that is no `namespace/pod` nor `ifindex/N` is
-/// interface 0, and a policy name that is no `namespace/name` is left out of `policies`.
+/// interface 0, a protocol that is no name is `IP/255`, TCP flags that are no names are none, and a policy, Service or backend name that is no
+/// `namespace/name` (a backend: nor an address) is left out.
 pub fn flow_from_proto(p: &proto::Flow) -> Flow {
-    let has_ports = matches!(p.protocol.as_str(), "TCP" | "UDP" | "SCTP");
+    // A protocol that is no name nor `IP/<number>` reads as 255 (reserved): shown, never a real one.
+    let protocol = p.protocol.parse().unwrap_or(flows::IpProtocol(255));
+    let has_ports = protocol.has_ports();
     Flow {
         time: p.time.as_ref().map_or_else(SystemTime::now, system_time),
         node: p.node_name.clone(),
@@ -176,7 +184,7 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         direction: direction_from_proto(p.traffic_direction()),
         reason: reason_from_proto(p.reason()),
         endpoint: p.endpoint.parse().unwrap_or(flows::JudgedAt::Interface(0)),
-        protocol: p.protocol.clone().into(),
+        protocol,
         source: endpoint_from_proto(
             p.source.as_ref().unwrap_or(&proto::Endpoint::default()),
             has_ports,
@@ -185,7 +193,7 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
             p.destination.as_ref().unwrap_or(&proto::Endpoint::default()),
             has_ports,
         ),
-        tcp_flags: p.tcp_flags.clone(),
+        tcp_flags: p.tcp_flags.parse().unwrap_or_default(),
         policies: p
             .isolating_policies
             .iter()
@@ -200,9 +208,10 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         }),
         new_connection: p.new_connection,
         bytes: p.bytes,
-        service: (!p.service.is_empty()).then(|| crate::flows::ServiceRef {
-            name: p.service.clone(),
-            backends: p.service_backends.clone(),
+        // A Service or backend that does not parse is left out, as policies are.
+        service: p.service.parse().ok().map(|name| crate::flows::ServiceRef {
+            name,
+            backends: p.service_backends.iter().filter_map(|b| b.parse().ok()).collect(),
         }),
     }
 }

@@ -13,8 +13,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
     let ep = |ip: String, port, ns: &str, pod: &str| Endpoint {
         ip: ip.parse().unwrap(),
         port: Some(port),
-        namespace: Some(ns.into()),
-        pod: Some(pod.into()),
+        pod: Some(ztrust_agent::model::ObjectRef::new(ns, pod)),
         labels: BTreeMap::from([("app".to_owned(), pod.to_owned())]),
         identity: 300,
     };
@@ -31,7 +30,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
         endpoint: ztrust_agent::flows::JudgedAt::Pod(ztrust_agent::model::ObjectRef::new(
             "payments", "database",
         )),
-        protocol: "TCP".into(),
+        protocol: ztrust_agent::flows::IpProtocol::TCP,
         source: ep(
             format!("10.244.0.{}", 10 + i),
             40000 + i,
@@ -43,7 +42,7 @@ fn flow(i: u16, verdict: &str) -> Flow {
             },
         ),
         destination: ep("10.244.0.99".into(), 5432, "payments", "database"),
-        tcp_flags: "SYN".into(),
+        tcp_flags: ztrust_agent::flows::TcpFlags(ztrust_common::tcp_flags::SYN),
         policies: vec![ztrust_agent::model::ObjectRef::new("payments", "default-deny")],
         allowed_by: None,
         new_connection: true,

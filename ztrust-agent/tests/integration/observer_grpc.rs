@@ -19,8 +19,7 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
     let ep = |ip: String, port, ns: &str, pod: String, app: &str| Endpoint {
         ip: ip.parse().unwrap(),
         port: Some(port),
-        namespace: Some(ns.into()),
-        pod: Some(pod),
+        pod: Some(ztrust_agent::model::ObjectRef::new(ns, pod)),
         labels: BTreeMap::from([("app".to_owned(), app.to_owned())]),
         identity: 300,
     };
@@ -37,7 +36,7 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
         endpoint: ztrust_agent::flows::JudgedAt::Pod(ztrust_agent::model::ObjectRef::new(
             "payments", "database",
         )),
-        protocol: "TCP".into(),
+        protocol: ztrust_agent::flows::IpProtocol::TCP,
         source: ep(
             format!("10.244.0.{}", 10 + i % 5),
             40000,
@@ -52,7 +51,7 @@ fn flow(i: u32, verdict: &str, dst_port: u16) -> Flow {
             "database".into(),
             "database",
         ),
-        tcp_flags: "SYN".into(),
+        tcp_flags: ztrust_agent::flows::TcpFlags(ztrust_common::tcp_flags::SYN),
         policies: if verdict == "forwarded" {
             vec![]
         } else {

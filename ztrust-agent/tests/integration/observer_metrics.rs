@@ -10,8 +10,7 @@ fn drop_in(ns: &str) -> Flow {
     let ep = |ip: &str, ns: &str| Endpoint {
         ip: ip.parse().unwrap(),
         port: Some(80),
-        namespace: Some(ns.into()),
-        pod: Some("p".into()),
+        pod: Some(ztrust_agent::model::ObjectRef::new(ns, "p")),
         labels: Default::default(),
         identity: 300,
     };
@@ -22,10 +21,10 @@ fn drop_in(ns: &str) -> Flow {
         direction: ztrust_agent::flows::Direction::Egress,
         reason: ztrust_agent::flows::Reason::PolicyDenied,
         endpoint: ztrust_agent::flows::JudgedAt::Pod(ztrust_agent::model::ObjectRef::new(ns, "p")),
-        protocol: "TCP".into(),
+        protocol: ztrust_agent::flows::IpProtocol::TCP,
         source: ep("10.0.0.1", ns),
         destination: ep("10.0.0.2", "other"),
-        tcp_flags: "SYN".into(),
+        tcp_flags: ztrust_agent::flows::TcpFlags(ztrust_common::tcp_flags::SYN),
         policies: vec![],
         allowed_by: None,
         new_connection: true,

@@ -36,6 +36,8 @@ pub enum Error {
     Enum { field: &'static str, value: i32 },
     #[error("empty value in `{0}`")]
     Empty(&'static str),
+    #[error(transparent)]
+    Protocol(#[from] crate::flows::InvalidProtocol),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

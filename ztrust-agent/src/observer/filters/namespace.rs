@@ -15,7 +15,7 @@ fn parse(ns: &str) -> Result<String> {
 }
 
 fn in_ns(e: &Endpoint, ns: &str) -> bool {
-    e.namespace.as_deref() == Some(ns)
+    e.namespace() == Some(ns)
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {

@@ -21,10 +21,9 @@ pub(super) fn named(namespace: &str, name: &str, prefix: &str) -> bool {
 }
 
 fn is(e: &Endpoint, prefix: &str) -> bool {
-    match (&e.namespace, &e.pod) {
-        (Some(ns), Some(pod)) => named(ns, pod, prefix),
-        _ => false,
-    }
+    e.pod
+        .as_ref()
+        .is_some_and(|p| named(&p.namespace, &p.name, prefix))
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {

@@ -1,6 +1,7 @@
-//! `protocol`: TCP, UDP, SCTP, ICMP, ICMPv6 (case-insensitive).
+//! `protocol`: TCP, UDP, SCTP, ICMP, ICMPv6 (case-insensitive), or `IP/<number>`.
 
 use super::{Error, FilterFn, Result, any};
+use crate::flows::IpProtocol;
 use crate::observer::proto::FlowFilter;
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
@@ -11,10 +12,10 @@ pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
             if p.is_empty() {
                 Err(Error::Empty("protocol"))
             } else {
-                Ok(p.to_owned())
+                Ok(p.parse::<IpProtocol>()?)
             }
         },
-        |p: &String, f| f.protocol.eq_ignore_ascii_case(p),
+        |p: &IpProtocol, f| f.protocol == *p,
     )
 }
 
@@ -47,5 +48,23 @@ mod tests {
             })
             .is_err()
         );
+        // A name that is no protocol is an error, not a filter that matches nothing.
+        assert!(matches!(
+            build(&FlowFilter {
+                protocol: vec!["TPC".into()],
+                ..Default::default()
+            }),
+            Err(Error::Protocol(_))
+        ));
+        let gre = build(&FlowFilter {
+            protocol: vec!["ip/47".into()],
+            ..Default::default()
+        })
+        .unwrap()
+        .unwrap();
+        let mut f = denied();
+        assert!(!gre(&f));
+        f.protocol = IpProtocol(47);
+        assert!(gre(&f));
     }
 }

@@ -9,8 +9,7 @@ use crate::observer::proto::FlowFilter;
 fn is(f: &Flow, prefix: &str) -> bool {
     f.service
         .as_ref()
-        .and_then(|s| s.name.split_once('/'))
-        .is_some_and(|(ns, name)| named(ns, name, prefix))
+        .is_some_and(|s| named(&s.name.namespace, &s.name.name, prefix))
 }
 
 pub fn build(ff: &FlowFilter) -> Result<Option<FilterFn>> {
@@ -39,8 +38,8 @@ mod tests {
         };
         let mut to_db = denied();
         to_db.service = Some(ServiceRef {
-            name: "payments/database".into(),
-            backends: vec!["payments/database-0".into()],
+            name: "payments/database".parse().unwrap(),
+            backends: vec!["payments/database-0".parse().unwrap()],
         });
         assert!(f("payments/database")(&to_db));
         assert!(f("payments/")(&to_db));
