@@ -157,15 +157,26 @@ pub(super) fn running_pid(p: &Paths, component: &str) -> Option<u32> {
     (argv0 == p.program(component).as_os_str().as_encoded_bytes() && !zombie).then_some(pid)
 }
 
-/// Whether `pid` has exited: gone, or a zombie. Not [`running_pid`]'s answer: an exiting process lets
-/// go of its memory (its `/proc/<pid>/cmdline` reads empty) before it closes its files, so a restarted
-/// component could find its port still bound ("address already in use").
+/// Whether `pid` has exited: gone, or a zombie with every thread gone. Not [`running_pid`]'s answer:
+/// an exiting process lets go of its memory (its `/proc/<pid>/cmdline` reads empty) before it closes
+/// its files, and a multi-threaded one (every Go component) has a zombie leader while its other threads
+/// still exit and still hold its files: a component restarted then finds its port still bound ("address
+/// already in use").
 pub(super) fn exited(pid: u32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let dead = |stat: &Path| match fs::read_to_string(stat) {
         Err(_) => true,
         Ok(stat) => stat
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    };
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    if !dead(&proc.join("stat")) {
+        return false;
+    }
+    // The leader is dead; so must every thread be (a thread that is gone has left the listing).
+    match fs::read_dir(proc.join("task")) {
+        Err(_) => true,
+        Ok(tasks) => tasks.flatten().all(|t| dead(&t.path().join("stat"))),
     }
 }
 
