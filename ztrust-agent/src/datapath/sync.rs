@@ -160,6 +160,26 @@ pub struct Syncer {
     pub capacities: super::loader::Capacities,
     /// Namespaces in audit mode (annotation [`AUDIT_ANNOTATION`]): their endpoints never drop.
     pub audit_namespaces: BTreeSet<String>,
+    /// What a refused sync began to write (see [`Unconfirmed`]).
+    unconfirmed: Unconfirmed,
+}
+
+/// Writes a sync began but did not see through (a later write was refused): the record above does not
+/// have them, and what the kernel holds for them is not known. Each is noted before it is written, and
+/// the next sync looks at them whatever its delta says: what the state still wants is written again,
+/// the rest deleted (deleting what is absent is harmless). Without this, an entry written by a refused
+/// sync and no longer wanted by the next state would stay in the kernel, allowing what no policy does.
+#[derive(Debug, Default)]
+struct Unconfirmed {
+    endpoints: BTreeSet<u32>,
+    policy: BTreeMap<u32, BTreeSet<(u32, PolicyKey)>>,
+    services: BTreeSet<ServiceKey>,
+}
+
+impl Unconfirmed {
+    fn endpoint(&self, ifindex: u32) -> bool {
+        self.endpoints.contains(&ifindex) || self.policy.contains_key(&ifindex)
+    }
 }
 
 /// Namespace annotation that selects the mode of its pods: `audit` (report what enforcement would drop
@@ -408,6 +428,9 @@ impl Syncer {
                     scope.extend(new);
                 }
             }
+            // Whatever a refused sync left unconfirmed, whatever the delta says.
+            scope.extend(self.unconfirmed.endpoints.iter().copied());
+            scope.extend(self.unconfirmed.policy.keys().copied());
             scope
         });
         let in_scope = |ifindex: &u32| scope.as_ref().is_none_or(|s| s.contains(ifindex));
@@ -442,7 +465,8 @@ impl Syncer {
                 ..Default::default()
             }
             .with_addrs(&ep.ips);
-            let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod);
+            let same_place = self.endpoints.get(&ifindex).is_some_and(|old| &old.pod == pod)
+                && !self.unconfirmed.endpoint(ifindex);
             let only = match delta.endpoints.get(pod) {
                 Some(Some(groups)) if !delta.full && same_place => Some(groups),
                 // In scope only because of its binding (and the binding is unchanged): nothing changed.
@@ -534,8 +558,28 @@ impl Syncer {
         let mut stats = SyncStats::default();
         let empty = PolicyEntries::new();
 
-        // 1. Narrowings.
+        // 1. Narrowings. First what a refused sync left: an endpoint the record does not have goes (its
+        // interface drops everything until step 3 writes it again, if it is still wanted), and entries
+        // the new state does not have go.
+        for ifindex in &self.unconfirmed.endpoints {
+            if !self.endpoints.contains_key(ifindex) {
+                ops.del_endpoint(*ifindex)?;
+                stats.endpoint_writes += 1;
+            }
+        }
+        for (ifindex, keys) in &self.unconfirmed.policy {
+            let wanted = next.get(ifindex).map(|n| match &n.entries {
+                NextEntries::All(g) | NextEntries::Groups(g) => g,
+            });
+            for (prefix, key) in keys {
+                if !wanted.is_some_and(|g| g.values().any(|e| e.contains_key(&(*prefix, *key)))) {
+                    ops.del_policy(*prefix, key)?;
+                    stats.policy_writes += 1;
+                }
+            }
+        }
         for (ifindex, old) in self.endpoints.iter().filter(|(i, _)| in_scope(i)) {
+            let unsure = self.unconfirmed.endpoints.contains(ifindex);
             let Some(new) = next.get(ifindex) else {
                 ops.del_endpoint(*ifindex)?;
                 stats.endpoint_writes += 1;
@@ -545,9 +589,11 @@ impl Syncer {
                 }
                 continue;
             };
-            if new.info != old.info {
+            // Unconfirmed, the kernel may hold what the refused sync wrote: the step is written anyway.
+            if new.info != old.info || unsure {
                 let step = narrowest(&old.info, &new.info);
-                if step != old.info {
+                if step != old.info || unsure {
+                    self.unconfirmed.endpoints.insert(*ifindex);
                     ops.set_endpoint(*ifindex, &step)?;
                     stats.endpoint_writes += 1;
                 }
@@ -625,7 +671,7 @@ impl Syncer {
         }
         // Services after the ipcache (their classes name identities the ipcache now gives), in the same
         // step: a changed class can narrow what a connectionless flow to the Service was admitted for.
-        let services_changed = if delta.full || delta.services {
+        let services_changed = if delta.full || delta.services || !self.unconfirmed.services.is_empty() {
             self.sync_services(ops, desired, &mut stats)?
         } else {
             false
@@ -643,17 +689,31 @@ impl Syncer {
             for (group, entries) in groups {
                 let old_entries = old.and_then(|o| o.entries.get(group)).unwrap_or(&empty);
                 for ((prefix, key), value) in entries {
-                    if old_entries.get(&(*prefix, *key)) != Some(value) {
+                    let unsure = self
+                        .unconfirmed
+                        .policy
+                        .get(ifindex)
+                        .is_some_and(|k| k.contains(&(*prefix, *key)));
+                    if old_entries.get(&(*prefix, *key)) != Some(value) || unsure {
+                        self.unconfirmed
+                            .policy
+                            .entry(*ifindex)
+                            .or_default()
+                            .insert((*prefix, *key));
                         ops.set_policy(*prefix, key, value)?;
                         stats.policy_writes += 1;
                     }
                 }
             }
-            if old.map(|o| o.info) != Some(new.info) {
+            if old.map(|o| o.info) != Some(new.info) || self.unconfirmed.endpoints.contains(ifindex) {
+                self.unconfirmed.endpoints.insert(*ifindex);
                 ops.set_endpoint(*ifindex, &new.info)?;
                 stats.endpoint_writes += 1;
             }
         }
+        // Every write of this sync went through: the record below is the kernel's again.
+        self.unconfirmed.endpoints.clear();
+        self.unconfirmed.policy.clear();
         self.policy_entries = policy_needed;
         self.endpoints.retain(|i, _| !in_scope(i) || next.contains_key(i));
         for (ifindex, new) in next {
@@ -717,18 +777,25 @@ impl Syncer {
             .map(|(f, classes)| (service_key(f), service_value(classes)))
             .collect();
         for (key, value) in &next {
-            if self.services.get(key) != Some(value) {
+            if self.services.get(key) != Some(value) || self.unconfirmed.services.contains(key) {
+                self.unconfirmed.services.insert(*key);
                 ops.set_service(key, value)?;
                 stats.service_writes += 1;
                 changed = true;
             }
         }
-        for key in self.services.keys().filter(|k| !next.contains_key(k)) {
+        for key in self
+            .services
+            .keys()
+            .chain(&self.unconfirmed.services)
+            .filter(|k| !next.contains_key(k))
+        {
             ops.del_service(key)?;
             stats.service_writes += 1;
             changed = true;
         }
         self.services = next;
+        self.unconfirmed.services.clear();
         for net in self
             .service_ranges
             .difference(&desired.service_cidrs)

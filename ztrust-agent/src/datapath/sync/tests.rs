@@ -606,3 +606,181 @@ proptest::proptest! {
         }
     }
 }
+
+/// [`Mem`] whose `n`-th write (1-based, any map) is refused as the kernel would refuse it, after the
+/// capacity check: a sync that fails half-way.
+struct FailingAt<'a> {
+    mem: &'a mut Mem,
+    writes: usize,
+    fail_at: usize,
+}
+
+impl FailingAt<'_> {
+    fn next(&mut self) -> Result<()> {
+        self.writes += 1;
+        if self.writes == self.fail_at {
+            return Err(Error::Write {
+                map: "test",
+                source: aya::maps::MapError::KeyNotFound,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl MapOps for FailingAt<'_> {
+    fn set_endpoint(&mut self, ifindex: u32, info: &EndpointInfo) -> Result<()> {
+        self.next()?;
+        self.mem.set_endpoint(ifindex, info)
+    }
+    fn del_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        self.next()?;
+        self.mem.del_endpoint(ifindex)
+    }
+    fn set_ipcache(&mut self, prefix: u32, key: &IpcacheKey, value: &IpcacheValue) -> Result<()> {
+        self.next()?;
+        self.mem.set_ipcache(prefix, key, value)
+    }
+    fn del_ipcache(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+        self.next()?;
+        self.mem.del_ipcache(prefix, key)
+    }
+    fn set_policy(&mut self, prefix: u32, key: &PolicyKey, value: &PolicyValue) -> Result<()> {
+        self.next()?;
+        self.mem.set_policy(prefix, key, value)
+    }
+    fn del_policy(&mut self, prefix: u32, key: &PolicyKey) -> Result<()> {
+        self.next()?;
+        self.mem.del_policy(prefix, key)
+    }
+    fn set_service(&mut self, key: &ServiceKey, value: &ServiceValue) -> Result<()> {
+        self.next()?;
+        self.mem.set_service(key, value)
+    }
+    fn del_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.next()?;
+        self.mem.del_service(key)
+    }
+    fn set_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+        self.next()?;
+        self.mem.set_service_range(prefix, key)
+    }
+    fn del_service_range(&mut self, prefix: u32, key: &IpcacheKey) -> Result<()> {
+        self.next()?;
+        self.mem.del_service_range(prefix, key)
+    }
+    fn bump_revision(&mut self) -> Result<()> {
+        self.next()?;
+        self.mem.bump_revision()
+    }
+}
+
+/// What the maps hold, for comparing two of them.
+#[derive(Debug, PartialEq)]
+struct Contents {
+    endpoints: BTreeMap<u32, EndpointInfo>,
+    ipcache: BTreeMap<(u32, IpcacheKey), IpcacheValue>,
+    policy: BTreeMap<(u32, PolicyKey), PolicyValue>,
+    services: BTreeMap<ServiceKey, ServiceValue>,
+    service_ranges: BTreeSet<(u32, IpcacheKey)>,
+}
+
+fn contents(m: &Mem) -> Contents {
+    Contents {
+        endpoints: m.endpoints.clone(),
+        ipcache: m.ipcache.clone(),
+        policy: m.policy.clone(),
+        services: m.services.clone(),
+        service_ranges: m.service_ranges.clone(),
+    }
+}
+
+/// A sync refused half-way (any of its writes: the kernel refused it after the capacity check passed)
+/// leaves nothing a later sync does not correct: after the next sync that succeeds, the maps are what a
+/// new agent would write for that state — also when that state no longer wants what the failed sync
+/// had begun to write (a policy entry, a new endpoint, a Service frontend left behind would allow what
+/// no policy allows any more).
+#[test]
+fn a_sync_refused_half_way_leaves_nothing_the_next_sync_does_not_correct() {
+    use crate::model::Protocol;
+    use crate::policy::Frontend;
+    let ifs: BTreeMap<_, _> = [(pod("server"), 7u32), (pod("client"), 8u32)].into();
+    let a = desired(true, &[500], 80, &[(2, 400), (3, 500)]);
+    // b: other identities on another port, a new endpoint, a Service frontend and range.
+    let mut b = desired(true, &[400, 600], 81, &[(2, 400), (3, 500), (4, 600)]);
+    let mut client = b.endpoints[&pod("server")].clone();
+    client.ips = vec![ip(9)];
+    client.isolated_ingress = false;
+    b.endpoints.insert(pod("client"), client);
+    b.ipcache.insert(IpNet::from(ip(9)), 301);
+    let frontend = Frontend {
+        addr: "10.96.0.20".parse().unwrap(),
+        port: 80,
+        protocol: Protocol::Tcp,
+    };
+    b.services.insert(frontend, vec![(300, 8080)]);
+    b.service_cidrs.insert("10.96.0.0/16".parse().unwrap());
+    // c: back to a, on port 82 (so that nothing of b is wanted).
+    let c = desired(true, &[500], 82, &[(2, 400), (3, 500)]);
+    let expected = {
+        let (mut mem, mut syncer) = (Mem::default(), Syncer::new());
+        syncer.sync(&mut mem, &c, &ifs).unwrap();
+        contents(&mem)
+    };
+    // Every call the sync from a to b makes, the revision bump included.
+    let writes = {
+        let (mut mem, mut syncer) = (Mem::default(), Syncer::new());
+        syncer.sync(&mut mem, &a, &ifs).unwrap();
+        let mut counting = FailingAt {
+            mem: &mut mem,
+            writes: 0,
+            fail_at: usize::MAX,
+        };
+        syncer.sync(&mut counting, &b, &ifs).unwrap();
+        counting.writes
+    };
+    assert!(writes > 10, "{writes} writes from a to b");
+    for fail_at in 1..=writes {
+        let (mut mem, mut syncer) = (Mem::default(), Syncer::new());
+        syncer.sync(&mut mem, &a, &ifs).unwrap();
+        let refused = syncer.sync(
+            &mut FailingAt {
+                mem: &mut mem,
+                writes: 0,
+                fail_at,
+            },
+            &b,
+            &ifs,
+        );
+        assert!(
+            refused.is_err(),
+            "write {fail_at} was refused, the sync succeeded"
+        );
+        syncer.sync(&mut mem, &c, &ifs).unwrap();
+        assert_eq!(
+            contents(&mem),
+            expected,
+            "after write {fail_at} of {writes} was refused"
+        );
+        // And a retry of b itself, after the refusal, is b.
+        let (mut mem2, mut syncer2) = (Mem::default(), Syncer::new());
+        syncer2.sync(&mut mem2, &a, &ifs).unwrap();
+        let _ = syncer2.sync(
+            &mut FailingAt {
+                mem: &mut mem2,
+                writes: 0,
+                fail_at,
+            },
+            &b,
+            &ifs,
+        );
+        syncer2.sync(&mut mem2, &b, &ifs).unwrap();
+        let (mut fresh, mut s) = (Mem::default(), Syncer::new());
+        s.sync(&mut fresh, &b, &ifs).unwrap();
+        assert_eq!(
+            contents(&mem2),
+            contents(&fresh),
+            "b retried after write {fail_at}"
+        );
+    }
+}
