@@ -395,7 +395,8 @@ fn test_tiers(
     // The cluster tier's Go build (the first one takes ≈15 minutes) overlaps the privileged tests.
     let prebuild = (!no_cluster && filter.is_none()).then(cluster::prebuild_in_background);
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
-    // The same package selection as the unit tier, so the same features: nothing is built twice.
+    // The same package selection as the unit tier, so the libraries' features are the same and the
+    // dependencies are not built a second time.
     run(cmd(
         "cargo",
         &[
@@ -509,7 +510,8 @@ fn cluster_tier(filter: Option<&str>, tally: &mut Tally) -> anyhow::Result<()> {
         // Say so rather than start a node for nothing.
         let mut c = privileged_tests();
         c.args(["--", "--ignored", "--list", "cluster::"]);
-        let list = output(c).unwrap_or_default();
+        let list =
+            output(c).context("listing the cluster tier's tests (does the privileged binary build?)")?;
         if !list.lines().any(|l| l.ends_with(": test") && l.contains(f)) {
             step(&format!("cluster tier: no cluster test matches {f:?}, not run"));
             return Ok(());
@@ -559,7 +561,10 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
     }
     // What the throughput section compares ztrust with, and its traffic generator.
     setup_with(&["iperf3", "iptables", "ipset"])?;
-    step("build (release): the benchmark and the agent (the flow section runs the real agent)");
+    // The agent as its image has it (the flow section runs it), then the benchmark: one `cargo build`
+    // of both would give the agent the features the benchmark's dependencies turn on.
+    build_agent(true)?;
+    step("build (release): the benchmark");
     run(cmd(
         "cargo",
         &[
@@ -570,10 +575,6 @@ fn bench(args: &[String]) -> anyhow::Result<()> {
             "ztrust-tests",
             "--bin",
             "ztrust-bench",
-            "-p",
-            "ztrust-agent",
-            "--bin",
-            "ztrust-agent",
         ],
     ))?;
     step("benchmarks");
@@ -670,8 +671,8 @@ mod tests {
     }
 
     /// One binary per test directory: a test file not declared in its `main.rs` would never be built,
-    /// silently. And the gates hold: `#[ignore]` only for the cluster tier (the tier runs the ignored
-    /// tests), no root-only test among the unprivileged ones.
+    /// silently. And `#[ignore]` is for the cluster tier only (the tier runs the ignored tests; an
+    /// ignored test elsewhere would run nowhere).
     #[test]
     fn every_test_file_is_in_its_binary_and_gated_as_documented() {
         for dir in ["tests/tests/privileged", "ztrust-agent/tests/integration"] {

@@ -182,7 +182,7 @@ fn a_flood_of_distinct_flows_spends_only_its_interfaces_budget() {
     );
     // The reader the agent gives the observer (from the pins alone) sees the same counter.
     let stats = ztrust_agent::datapath::loader::Stats::open(&lab.topo.pin_dir).expect("stats from the pins");
-    assert_eq!(stats.get(stat::EVENTS_OVER_BUDGET), over_budget(&lab));
+    assert_eq!(stats.get(stat::EVENTS_OVER_BUDGET), Some(over_budget(&lab)));
     assert_eq!(
         drops(&events, lab.ifindex[C], reason::SPOOFED_SOURCE).count(),
         1,

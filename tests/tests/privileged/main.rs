@@ -1,9 +1,12 @@
 //! The privileged tests: real eBPF programs in the kernel, network namespaces as pods, real packets
 //! through veth pairs, the real agent binary — one test binary, one harness (`common`), one gate.
 //!
-//! - Every test here needs root and says so by failing (`common::require_root`), not by skipping: it
-//!   is `test = false` in Cargo.toml, so a plain `cargo test --workspace` never builds or runs it;
-//!   `cargo xtask test` runs it as root (`cargo test -p ztrust-tests --test privileged`).
+//! - A test here that needs root says so by failing (`common::require_root`), not by skipping (a few,
+//!   such as `conformance::conformance_cases_parse`, need nothing and run here with the rest). The
+//!   binary is `test = false` in Cargo.toml, so a plain `cargo test --workspace` never builds or runs it;
+//!   `cargo xtask test` builds the agent and the lab and runs it as root. By hand: `cargo xtask build`,
+//!   then `cargo test -p ztrust-tests --test privileged` (the tests run `target/debug/ztrust-agent` and
+//!   `ztrust-lab`, or `ZTRUST_AGENT_BIN` / `ZTRUST_LAB_BIN`; cargo does not rebuild them for this binary).
 //! - The cluster tier (`cluster`) needs a running node as well: its tests are `#[ignore]`d here and run
 //!   by `cargo xtask test` with `--ignored cluster::` once `cargo xtask cluster up --agent` is up.
 //! - Names never collide: each test makes namespaces, interfaces and state directories of its own tag

@@ -1,7 +1,7 @@
 //! The node's own traffic in the payments lab with the real agent: Kubernetes lets no pod block its
 //! node, from whichever of the node's addresses the traffic comes.
 //!
-//! `cargo test -p ztrust-agent --test node_lab -- --ignored` (root)
+//! `cargo test -p ztrust-tests --test privileged node_lab::` (root)
 
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd as _;

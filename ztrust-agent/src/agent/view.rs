@@ -62,7 +62,8 @@ pub fn update_services(view: &mut View, cluster: &Cluster) {
                 backends: Vec::new(),
             });
         entry.backends.extend(backends);
-        entry.backends.sort();
+        // In the order of their names, as flow logs have always listed them.
+        entry.backends.sort_by_cached_key(ToString::to_string);
         entry.backends.dedup();
     }
     view.services = services;

@@ -781,9 +781,10 @@ impl Stats {
         Ok(Self(open_pinned(pin_dir, names::STATS)?))
     }
 
-    /// The counter `index` (a `ztrust_common::stat` code) summed over the CPUs; 0 if it cannot be read.
-    pub fn get(&self, index: u32) -> u64 {
-        self.0.get(&index, 0).map(|v| v.iter().sum()).unwrap_or(0)
+    /// The counter `index` (a `ztrust_common::stat` code) summed over the CPUs; `None` if it cannot be
+    /// read (not 0: a counter that seemed to fall to 0 would be reported again in full at the next read).
+    pub fn get(&self, index: u32) -> Option<u64> {
+        self.0.get(&index, 0).ok().map(|v| v.iter().sum())
     }
 }
 

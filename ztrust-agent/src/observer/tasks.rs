@@ -65,8 +65,9 @@ impl Drop for Running {
     }
 }
 
-/// A kernel counter the observer reports, read by whoever owns the datapath (the observer opens no map).
-pub type KernelCounter = Box<dyn Fn() -> u64 + Send + Sync>;
+/// A kernel counter the observer reports, read by whoever owns the datapath (the observer opens no map);
+/// `None` when it could not be read this time (the tick then reports nothing).
+pub type KernelCounter = Box<dyn Fn() -> Option<u64> + Send + Sync>;
 
 /// Starts everything `opts` asks for. `health` is what `/readyz` answers; `events_lost` reads the
 /// kernel's count of flow events its ring buffer had no room for (`None`: not reported); `view` is the
@@ -203,8 +204,8 @@ async fn housekeeping(
         let endpoints = view.read().map(|v| v.endpoints.len() as u64).unwrap_or(0);
         hub.set_endpoints(endpoints);
         metrics.set_endpoints(endpoints);
-        if let Some(read) = &events_lost {
-            hub.set_kernel_lost(read());
+        if let Some(lost) = events_lost.as_ref().and_then(|read| read()) {
+            hub.set_kernel_lost(lost);
         }
     }
 }
@@ -248,7 +249,10 @@ mod tests {
         let metrics = Arc::new(Metrics::new(Default::default()));
         let lost = Arc::new(std::sync::atomic::AtomicU64::new(7));
         let read = lost.clone();
-        let counter: KernelCounter = Box::new(move || read.load(std::sync::atomic::Ordering::Relaxed));
+        // u64::MAX stands for "could not be read".
+        let counter: KernelCounter = Box::new(move || {
+            Some(read.load(std::sync::atomic::Ordering::Relaxed)).filter(|&n| n != u64::MAX)
+        });
         let task = tokio::spawn(housekeeping(
             hub.clone(),
             metrics,
@@ -269,6 +273,10 @@ mod tests {
             }
         };
         assert!(until(7).await, "first reading");
+        // A reading that fails keeps the last value (it does not fall to 0).
+        lost.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert_eq!(hub.status().lost_kernel_ring_buffer, 7);
         lost.store(9, std::sync::atomic::Ordering::Relaxed);
         assert!(until(9).await, "a later reading");
         task.abort();
