@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 use clap::{Subcommand, ValueEnum};
 
-use crate::{cmd, is_root, output, root, run, step};
+use crate::{cmd, free_bytes, gib, is_root, output, root, run, step};
 
 type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 

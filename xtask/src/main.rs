@@ -316,11 +316,7 @@ impl Tally {
 /// `cargo xtask test` needs several GB; a full disk shows up as a linker's "No space left on device".
 fn disk(when: &str) {
     let target = root().join("target");
-    let avail = output(cmd(
-        "df",
-        &["-h", "--output=avail", &root().display().to_string()],
-    ))
-    .and_then(|o| o.lines().nth(1).map(|l| l.trim().to_owned()));
+    let avail = free_bytes(&root()).map(gib);
     let used = target
         .exists()
         .then(|| output(cmd("du", &["-sh", &target.display().to_string()])))
@@ -331,6 +327,16 @@ fn disk(when: &str) {
         avail.as_deref().unwrap_or("?"),
         used.as_deref().unwrap_or("empty")
     );
+}
+
+/// Free space on the file system that holds `path`, in bytes (`df`).
+fn free_bytes(path: &Path) -> Option<u64> {
+    output(cmd("df", &["--output=avail", "-B1", &path.display().to_string()]))
+        .and_then(|o| o.lines().nth(1)?.trim().parse().ok())
+}
+
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
 
 /// tests/deploy/test_manifests.py in a virtualenv of its own (PyPI: kubernetes-validate bundles the schemas).

@@ -120,13 +120,11 @@ pub(super) fn build_binaries_with(p: &Paths, background: bool) -> Result<Version
 const LOW_DISK_BYTES: u64 = 12 << 30;
 
 fn drop_go_cache_if_disk_is_short(built: &Path) {
-    let avail = output(cmd("df", &["--output=avail", "-B1", &path_str(built)]))
-        .and_then(|o| o.lines().nth(1)?.trim().parse::<u64>().ok());
-    match avail {
+    match free_bytes(built) {
         Some(avail) if avail < LOW_DISK_BYTES => {
             eprintln!(
-                "{:.1} GiB free: dropping Go's build cache (`go clean -cache`; the next Go build starts cold)",
-                avail as f64 / f64::from(1u32 << 30)
+                "{} free: dropping Go's build cache (`go clean -cache`; the next Go build starts cold)",
+                gib(avail)
             );
             if let Err(e) = run(cmd("go", &["clean", "-cache"])) {
                 eprintln!("go clean -cache failed: {e:#}");
