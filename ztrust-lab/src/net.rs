@@ -269,13 +269,20 @@ fn gone(pid: u32) -> bool {
         nix::unistd::Pid::from_raw(pid as i32),
         Some(nix::sys::wait::WaitPidFlag::WNOHANG),
     );
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    let dead = |stat: &std::path::Path| match std::fs::read_to_string(stat) {
         Err(_) => true,
         Ok(stat) => stat
             .rsplit_once(')')
-            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .map(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
             .unwrap_or(true),
-    }
+    };
+    let proc = std::path::PathBuf::from(format!("/proc/{pid}"));
+    // A zombie leader is not enough: the other threads of a multi-threaded process (the servers, the
+    // agent) may still be exiting and still hold its sockets.
+    dead(&proc.join("stat"))
+        && std::fs::read_dir(proc.join("task"))
+            .map(|tasks| tasks.flatten().all(|t| dead(&t.path().join("stat"))))
+            .unwrap_or(true)
 }
 
 /// SIGTERM each process that is still a `serve` of this lab (a recorded PID may have been reused),
