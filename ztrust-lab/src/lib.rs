@@ -23,6 +23,7 @@ pub mod alloc;
 pub mod cli;
 pub mod manifests;
 pub mod net;
+pub mod node;
 pub mod ops;
 pub mod probe;
 pub mod serve;
@@ -30,7 +31,11 @@ pub mod services;
 pub mod state;
 
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
+
+use ztrust_agent::source::{ObjectError, Problem};
 
 pub use ops::{
     AgentSpec, ApplyOptions, DownOptions, DownReport, LabelChange, LabelKind, Report, UpOptions, apply,
@@ -65,21 +70,55 @@ pub enum Error {
     },
     #[error("`{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
-    #[error("{file}: cannot parse: {message}")]
-    Parse { file: String, message: String },
-    #[error("{object}: {problem}")]
-    Invalid { object: String, problem: String },
+    #[error("{}: cannot parse: {source}", file.display())]
+    State {
+        file: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: cannot parse: {source}", file.display())]
+    Yaml {
+        file: PathBuf,
+        #[source]
+        source: serde_yaml::Error,
+    },
+    /// A manifest file that cannot be read as YAML at all.
+    #[error("{file}: {problem}")]
+    Manifest {
+        file: String,
+        #[source]
+        problem: Problem,
+    },
+    /// An object of the lab's own kinds that does not hold what it must (in the agent's vocabulary: the
+    /// object, the field, the problem).
+    #[error(transparent)]
+    Object(#[from] ObjectError),
+    #[error("{object}: {conflict}")]
+    Conflict {
+        object: String,
+        #[source]
+        conflict: Conflict,
+    },
+    #[error(
+        "no ztrust-agent beside {} (build it: `cargo build -p ztrust-agent`; or run without enforcement: --no-agent)",
+        lab_bin.display()
+    )]
+    NoAgent { lab_bin: PathBuf },
     #[error("{0} is not in the lab")]
     NotFound(String),
     #[error("no lab state in {0} (is the lab up? `ztrust-lab up <manifests>`)")]
     NotUp(PathBuf),
-    #[error("the server of {name} did not start: {log}")]
-    ServerStart { name: String, log: String },
+    #[error("the server of {name} {why}; its log: {log}")]
+    ServerStart {
+        name: String,
+        why: &'static str,
+        log: String,
+    },
     #[error("the before-link-up hook failed: {0}")]
     Hook(#[source] HookError),
     #[error("the agent {problem}; the end of its log ({}):\n{log}", log_path.display())]
     Agent {
-        problem: String,
+        problem: AgentProblem,
         log_path: PathBuf,
         log: String,
     },
@@ -89,6 +128,32 @@ pub enum Error {
         value: String,
         expected: &'static str,
     },
+}
+
+/// What the lab's agent failed to do.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentProblem {
+    #[error("exited")]
+    Exited,
+    #[error("did not attach to {ifname} within {within:?} (no pinned links under {}/links)", pin_dir.display())]
+    NotAttached {
+        ifname: String,
+        within: Duration,
+        pin_dir: PathBuf,
+    },
+    #[error("did not bind {} to their pods in time", .0.join(", "))]
+    NotBound(Vec<String>),
+}
+
+/// Why an object cannot join the running lab.
+#[derive(Debug, thiserror::Error)]
+pub enum Conflict {
+    #[error("its address is already {0}'s")]
+    AddressOf(String),
+    #[error("{0} is already taken")]
+    Taken(IpAddr),
+    #[error("no free address left in 10.244.0.0/24")]
+    NoFreeAddress,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

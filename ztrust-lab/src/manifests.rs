@@ -20,8 +20,8 @@ use serde_json::{Value, json};
 
 use super::{Error, Result, io_err};
 use ztrust_agent::model::{self, ContainerPort, Protocol};
-use ztrust_agent::source::Problem;
 use ztrust_agent::source::dir;
+use ztrust_agent::source::{Effect, ObjectError, Problem};
 
 pub const LAB_API_PREFIX: &str = "lab.ztrust.io/";
 
@@ -118,10 +118,10 @@ pub fn parse_text(file: &str, text: &str) -> Result<Read> {
     let mut out = Read::default();
     let (documents, errors) = dir::documents(text);
     for e in errors {
-        if let Problem::Syntax(message) = e.problem {
-            return Err(Error::Parse {
+        if let Problem::Syntax(_) = e.problem {
+            return Err(Error::Manifest {
                 file: file.to_owned(),
-                message,
+                problem: e.problem,
             });
         }
         out.skipped.push(format!("{file}: {e}; skipped"));
@@ -207,32 +207,44 @@ pub struct ExternalHost {
 }
 
 pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
-    let invalid = |problem: String| Error::Invalid {
-        object: obj.display(),
-        problem,
+    let invalid = |field: String, problem: Problem| {
+        Error::Object(ObjectError {
+            object: obj.display(),
+            field,
+            problem,
+            // `up` and `apply` stop at it: nothing is ignored.
+            effect: Effect::None,
+        })
     };
-    let spec = obj.value.get("spec").ok_or_else(|| invalid("no spec".into()))?;
-    let mut texts: Vec<&str> = Vec::new();
-    if let Some(ip) = spec.get("ip").and_then(Value::as_str) {
-        texts.push(ip);
+    let spec = obj
+        .value
+        .get("spec")
+        .ok_or_else(|| invalid("spec".into(), Problem::Missing))?;
+    let mut texts: Vec<(String, &Value)> = Vec::new();
+    if let Some(ip) = spec.get("ip") {
+        texts.push(("spec.ip".into(), ip));
     }
-    for ip in spec.get("ips").and_then(Value::as_array).into_iter().flatten() {
-        texts.push(
-            ip.as_str()
-                .ok_or_else(|| invalid("spec.ips holds a non-string".into()))?,
-        );
+    for (i, ip) in spec
+        .get("ips")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        texts.push((format!("spec.ips[{i}]"), ip));
     }
     let mut ips = Vec::new();
-    for t in texts {
-        let ip: IpAddr = t
-            .parse()
-            .map_err(|_| invalid(format!("spec.ip {t:?} is not an IP address")))?;
+    for (field, value) in texts {
+        let ip: IpAddr = value
+            .as_str()
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| invalid(field, Problem::BadIp(shown(value))))?;
         if !ips.contains(&ip) {
             ips.push(ip);
         }
     }
     if ips.is_empty() {
-        return Err(invalid("needs spec.ip (or spec.ips)".into()));
+        return Err(invalid("spec.ip".into(), Problem::Missing));
     }
     let mut ports = Vec::new();
     for (i, p) in spec
@@ -242,20 +254,35 @@ pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
         .flatten()
         .enumerate()
     {
-        let port = p
+        let field = format!("spec.ports[{i}].port");
+        let number = p
             .get("port")
-            .and_then(Value::as_u64)
+            .ok_or_else(|| invalid(field.clone(), Problem::Missing))?;
+        let port = number
+            .as_u64()
             .and_then(|n| u16::try_from(n).ok())
             .filter(|n| *n != 0)
-            .ok_or_else(|| invalid(format!("spec.ports[{i}].port must be 1-65535")))?;
+            .ok_or_else(|| {
+                invalid(
+                    field,
+                    number.as_i64().map_or_else(
+                        || Problem::Schema {
+                            kind: "ExternalHost",
+                            message: format!("port {} is not a number", shown(number)),
+                        },
+                        Problem::PortRange,
+                    ),
+                )
+            })?;
         let protocol = match p.get("protocol").and_then(Value::as_str) {
             None | Some("TCP") => Protocol::Tcp,
             Some("UDP") => Protocol::Udp,
             Some("SCTP") => Protocol::Sctp,
             Some(other) => {
-                return Err(invalid(format!(
-                    "spec.ports[{i}].protocol {other:?} is not TCP, UDP or SCTP"
-                )));
+                return Err(invalid(
+                    format!("spec.ports[{i}].protocol"),
+                    Problem::Protocol(other.to_owned()),
+                ));
             }
         };
         let name = p.get("name").and_then(Value::as_str).map(str::to_owned);
@@ -266,6 +293,11 @@ pub fn external_host(obj: &RawObject) -> Result<ExternalHost> {
         ips,
         ports,
     })
+}
+
+/// A JSON value as a manifest shows it: a string without quotes, anything else as JSON.
+fn shown(value: &Value) -> String {
+    value.as_str().map_or_else(|| value.to_string(), str::to_owned)
 }
 
 /// Fills `status.podIP` and `status.podIPs` (and `phase: Running`) as the kubelet would report them.
@@ -379,12 +411,59 @@ metadata: {name: d}
                 protocol: Protocol::Tcp
             }]
         );
-        let bad = parse_text(
+        // Each mistake names its field, in the agent's vocabulary of problems.
+        for (spec, field, problem) in [
+            ("{ip: nope}", "spec.ip", Problem::BadIp("nope".into())),
+            (
+                "{ips: [203.0.113.1, 7]}",
+                "spec.ips[1]",
+                Problem::BadIp("7".into()),
+            ),
+            ("{}", "spec.ip", Problem::Missing),
+            (
+                "{ip: 203.0.113.1, ports: [{port: 70000}]}",
+                "spec.ports[0].port",
+                Problem::PortRange(70000),
+            ),
+            (
+                "{ip: 203.0.113.1, ports: [{}]}",
+                "spec.ports[0].port",
+                Problem::Missing,
+            ),
+            (
+                "{ip: 203.0.113.1, ports: [{port: 1, protocol: ICMP}]}",
+                "spec.ports[0].protocol",
+                Problem::Protocol("ICMP".into()),
+            ),
+        ] {
+            let text = format!(
+                "apiVersion: lab.ztrust.io/v1\nkind: ExternalHost\nmetadata: {{name: b}}\nspec: {spec}\n"
+            );
+            let bad = parse_text("f.yaml", &text).unwrap();
+            match external_host(&bad.objects[0]) {
+                Err(Error::Object(e)) => {
+                    assert_eq!((e.field.as_str(), &e.problem), (field, &problem), "{spec}");
+                }
+                other => panic!("{spec}: {other:?}"),
+            }
+        }
+        let no_spec = parse_text(
             "f.yaml",
-            "apiVersion: lab.ztrust.io/v1\nkind: ExternalHost\nmetadata: {name: b}\nspec: {ip: nope}\n",
+            "apiVersion: lab.ztrust.io/v1\nkind: ExternalHost\nmetadata: {name: b}\n",
         )
         .unwrap();
-        assert!(external_host(&bad.objects[0]).is_err());
+        assert!(matches!(external_host(&no_spec.objects[0]), Err(Error::Object(e)) if e.field == "spec"));
+    }
+
+    #[test]
+    fn a_file_that_is_no_yaml_is_refused_whole() {
+        match parse_text("f.yaml", "kind: [unclosed\n") {
+            Err(Error::Manifest {
+                file,
+                problem: Problem::Syntax(_),
+            }) => assert_eq!(file, "f.yaml"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -4,8 +4,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::alloc::{Allocator, GATEWAY_V4, GATEWAY_V6, NODE_V4, NODE_V6};
+use super::alloc::{Allocator, NODE_V4, NODE_V6};
 use super::manifests::{self, Kind, RawObject};
+use super::node::{self, NodeAddrs};
 use super::serve::ServeArgs;
 use super::state::{AgentState, ExternalState, LabState, MANIFESTS_DIR, PodState, ProxyMode, write_atomic};
 use super::{
@@ -18,6 +19,10 @@ const LOGS_DIR: &str = "logs";
 const AGENT_SOCKET: &str = "agent.sock";
 const FLOW_LOG: &str = "flows.jsonl";
 const READY_DIR: &str = "ready";
+const LAB_NODE: NodeAddrs = NodeAddrs {
+    v4: NODE_V4,
+    v6: NODE_V6,
+};
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -201,7 +206,7 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         ext_if_prefix: opts.ext_if_prefix,
         lab_bin,
         node_netns: format!("{}-node", opts.prefix),
-        node_ips: vec![IpAddr::V4(NODE_V4), IpAddr::V6(NODE_V6)],
+        node_ips: LAB_NODE.ips().to_vec(),
         pods: Vec::new(),
         externals: Vec::new(),
         next_index: 1,
@@ -210,7 +215,7 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
     };
     // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
     state.save()?;
-    make_node(&state)?;
+    node::make_node(&state.node_netns, LAB_NODE)?;
     if let Some(spec) = opts.agent {
         start_agent(&mut state, spec)?;
         state.save()?;
@@ -387,9 +392,9 @@ pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelCh
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(Error::NotFound(shown)),
         Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
     };
-    let mut value: serde_json::Value = serde_yaml::from_str(&text).map_err(|e| Error::Parse {
-        file: path.display().to_string(),
-        message: e.to_string(),
+    let mut value: serde_json::Value = serde_yaml::from_str(&text).map_err(|source| Error::Yaml {
+        file: path.clone(),
+        source,
     })?;
     for c in changes {
         manifests::set_label(&mut value, &c.key, c.value.as_deref());
@@ -513,87 +518,6 @@ pub fn status(state_dir: &Path) -> Result<LabState> {
     LabState::load_running(&absolute(state_dir))
 }
 
-fn make_node(state: &LabState) -> Result<()> {
-    let ns = &state.node_netns;
-    net::add_netns(ns)?;
-    // A router for pods; addresses usable at once (no duplicate address detection delay); replies may leave
-    // by another interface than the request came in (no strict reverse-path filter).
-    net::sysctls(
-        ns,
-        &[
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv6.conf.all.accept_dad", "0"),
-            ("net.ipv6.conf.default.accept_dad", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ],
-    )?;
-    net::ip_batch(
-        ns,
-        &[
-            "link set lo up".into(),
-            format!("addr add {NODE_V4}/32 dev lo"),
-            format!("addr add {NODE_V6}/128 dev lo nodad"),
-        ],
-    )
-}
-
-/// Pod or external-host namespace, its veth (node side left down) and everything inside it.
-fn make_endpoint(state: &LabState, netns: &str, host_if: &str, ips: &[IpAddr]) -> Result<()> {
-    net::add_netns(netns)?;
-    net::sysctls(
-        netns,
-        &[
-            ("net.ipv6.conf.all.accept_dad", "0"),
-            ("net.ipv6.conf.default.accept_dad", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ],
-    )?;
-    net::ip_batch(
-        &state.node_netns,
-        &[format!(
-            "link add {host_if} type veth peer name eth0 netns {netns}"
-        )],
-    )?;
-    let mut pod = vec!["link set lo up".to_owned(), "link set eth0 up".into()];
-    for ip in ips {
-        match ip {
-            IpAddr::V4(v4) => pod.push(format!("addr add {v4}/32 dev eth0")),
-            IpAddr::V6(v6) => pod.push(format!("addr add {v6}/128 dev eth0 nodad")),
-        }
-    }
-    // Calico's routing: a link-local gateway that answers on every node-side interface.
-    if ips.iter().any(IpAddr::is_ipv4) {
-        pod.push(format!("route add {GATEWAY_V4}/32 dev eth0 scope link"));
-        pod.push(format!("route add 0.0.0.0/0 via {GATEWAY_V4} dev eth0 onlink"));
-    }
-    if ips.iter().any(IpAddr::is_ipv6) {
-        pod.push(format!("route add ::/0 via {GATEWAY_V6} dev eth0"));
-    }
-    net::ip_batch(netns, &pod)?;
-    net::ip_batch(
-        &state.node_netns,
-        &[
-            format!("addr add {GATEWAY_V4}/32 dev {host_if}"),
-            format!("addr add {GATEWAY_V6}/64 dev {host_if} nodad"),
-        ],
-    )
-}
-
-/// Node side up, then the host routes that tell the node (and the agent) which pod is behind it.
-fn link_up(state: &LabState, host_if: &str, ips: &[IpAddr]) -> Result<()> {
-    let mut lines = vec![format!("link set {host_if} up")];
-    for ip in ips {
-        match ip {
-            IpAddr::V4(v4) => lines.push(format!("route add {v4}/32 dev {host_if} src {NODE_V4}")),
-            IpAddr::V6(v6) => lines.push(format!("route add {v6}/128 dev {host_if} src {NODE_V6}")),
-        }
-    }
-    net::ip_batch(&state.node_netns, &lines)
-}
-
 fn serve_args(state: &LabState, name: &str, ports: &[ContainerPort], index: u32) -> ServeArgs {
     let of = |proto: Protocol| {
         let mut v: Vec<u16> = ports
@@ -651,10 +575,11 @@ fn wait_ready(started: &[Started], timeout: Duration) -> Result<()> {
             });
             if !alive || Instant::now() > deadline {
                 let log = std::fs::read_to_string(&s.log).unwrap_or_default();
-                let why = if alive { "not ready in time" } else { "exited" };
+                let why = if alive { "was not ready in time" } else { "exited" };
                 return Err(Error::ServerStart {
                     name: s.name.clone(),
-                    log: format!("{why}; log: {}", log.trim()),
+                    why,
+                    log: log.trim().to_owned(),
                 });
             }
             std::thread::sleep(Duration::from_millis(10));

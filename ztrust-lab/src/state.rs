@@ -120,10 +120,9 @@ impl LabState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         };
-        serde_json::from_str(&text).map(Some).map_err(|e| Error::Parse {
-            file: path.display().to_string(),
-            message: e.to_string(),
-        })
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| Error::State { file: path, source })
     }
 
     pub fn load_running(state_dir: &Path) -> Result<Self> {

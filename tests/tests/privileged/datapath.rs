@@ -9,87 +9,35 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use crate::common::model;
 use crate::common::{Topology, enter_netns, require_root};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
-use ztrust_agent::model::{
-    Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule,
-};
+use ztrust_agent::model::{Cluster, NetworkPolicy, ObjectRef, Protocol};
 use ztrust_agent::policy::Engine;
 use ztrust_common::{FlowEvent, dir, reason, verdict};
 
-fn labels(app: &str) -> BTreeMap<String, String> {
-    [("app".to_owned(), app.to_owned())].into()
-}
-
 fn cluster(topo: &Topology, policies: Vec<NetworkPolicy>) -> Cluster {
-    let mut c = Cluster::default();
-    c.namespaces.insert(
-        "x".into(),
-        Namespace {
-            name: "x".into(),
-            labels: [("ns".to_owned(), "x".to_owned())].into(),
-            ..Default::default()
-        },
-    );
-    for (i, p) in topo.pods.iter().enumerate() {
-        let name = ["a", "b", "c"][i];
-        let pod = Pod {
-            namespace: "x".into(),
-            name: name.into(),
-            labels: labels(name),
-            ips: vec![p.ip],
-            ports: vec![],
-            ..Default::default()
-        };
-        c.pods.insert(pod.object_ref(), pod);
-    }
-    for p in policies {
-        c.policies.insert(p.object_ref(), p);
-    }
-    c
-}
-
-fn selector(app: &str) -> LabelSelector {
-    LabelSelector {
-        match_labels: labels(app),
-        ..Default::default()
-    }
+    let pods = topo
+        .pods
+        .iter()
+        .zip(["a", "b", "c"])
+        .map(|(p, name)| model::pod(name, vec![p.ip]));
+    model::cluster(pods, policies)
 }
 
 /// Ingress to `app` from `from_app` on TCP `port` (and nothing else).
 fn allow_ingress(name: &str, app: &str, from_app: &str, port: u16) -> NetworkPolicy {
-    NetworkPolicy {
-        namespace: "x".into(),
-        name: name.into(),
-        pod_selector: selector(app),
-        isolates_ingress: true,
-        isolates_egress: false,
-        ingress: vec![Rule {
-            peers: vec![Peer::Pods {
-                namespace_selector: None,
-                pod_selector: Some(selector(from_app)),
-            }],
-            ports: vec![PortSpec {
-                protocol: Protocol::Tcp,
-                port: Some(PortRef::Number(port)),
-                end_port: None,
-            }],
-        }],
-        egress: vec![],
-    }
+    model::policy(
+        name,
+        app,
+        Some(vec![model::rule(from_app, Protocol::Tcp, port)]),
+        None,
+    )
 }
 
 fn deny_all_ingress(name: &str, app: &str) -> NetworkPolicy {
-    NetworkPolicy {
-        namespace: "x".into(),
-        name: name.into(),
-        pod_selector: selector(app),
-        isolates_ingress: true,
-        isolates_egress: false,
-        ingress: vec![],
-        egress: vec![],
-    }
+    model::policy(name, app, Some(vec![]), None)
 }
 
 struct Enforcer {

@@ -8,74 +8,31 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::common::model::{self, peer, port, selector};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
-use ztrust_agent::model::{
-    Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule,
-};
+use ztrust_agent::model::{Cluster, NetworkPolicy, ObjectRef, Peer, Protocol, Rule};
 use ztrust_agent::policy::Engine;
 use ztrust_common::{dir, names, proto, reason, verdict};
 
 const OK: u32 = 0;
 const SHOT: u32 = 2;
 
-fn sel(app: &str) -> LabelSelector {
-    LabelSelector {
-        match_labels: [("app".to_owned(), app.to_owned())].into(),
-        ..Default::default()
-    }
-}
-
-fn port(p: Protocol, n: u16, end: Option<u16>) -> PortSpec {
-    PortSpec {
-        protocol: p,
-        port: Some(PortRef::Number(n)),
-        end_port: end,
-    }
-}
-
 /// Pod a (the endpoint under test) may reach app=b on TCP 80, UDP 53 and SCTP 9000-9010; its ingress is
 /// isolated with no rule (only replies may come in).
 fn cluster(a: &[IpAddr], b: &[IpAddr]) -> Cluster {
-    let mut c = Cluster::default();
-    c.namespaces.insert(
-        "x".into(),
-        Namespace {
-            name: "x".into(),
-            ..Default::default()
-        },
-    );
-    for (name, ips) in [("a", a), ("b", b)] {
-        let pod = Pod {
-            namespace: "x".into(),
-            name: name.into(),
-            labels: [("app".to_owned(), name.to_owned())].into(),
-            ips: ips.to_vec(),
-            ..Default::default()
-        };
-        c.pods.insert(pod.object_ref(), pod);
-    }
-    let pol = NetworkPolicy {
-        namespace: "x".into(),
-        name: "a-egress".into(),
-        pod_selector: sel("a"),
-        isolates_ingress: true,
-        isolates_egress: true,
-        ingress: vec![],
-        egress: vec![Rule {
-            peers: vec![Peer::Pods {
-                namespace_selector: None,
-                pod_selector: Some(sel("b")),
-            }],
-            ports: vec![
-                port(Protocol::Tcp, 80, None),
-                port(Protocol::Udp, 53, None),
-                port(Protocol::Sctp, 9000, Some(9010)),
-            ],
-        }],
+    let egress = Rule {
+        peers: vec![peer("b")],
+        ports: vec![
+            port(Protocol::Tcp, 80, None),
+            port(Protocol::Udp, 53, None),
+            port(Protocol::Sctp, 9000, Some(9010)),
+        ],
     };
-    c.policies.insert(pol.object_ref(), pol);
-    c
+    model::cluster(
+        [model::pod("a", a.to_vec()), model::pod("b", b.to_vec())],
+        [model::policy("a-egress", "a", Some(vec![]), Some(vec![egress]))],
+    )
 }
 
 struct Pkt(Vec<u8>);
@@ -1271,26 +1228,11 @@ fn an_ipv6_block_never_matches_ipv4() {
         except: vec![],
     };
     let cluster_with = |others: &[&str]| {
-        let mut c = Cluster::default();
-        c.namespaces.insert(
-            "x".into(),
-            Namespace {
-                name: "x".into(),
-                ..Default::default()
-            },
-        );
-        let pod = Pod {
-            namespace: "x".into(),
-            name: "a".into(),
-            labels: [("app".to_owned(), "a".to_owned())].into(),
-            ips: vec![IpAddr::from(a4), IpAddr::from(a6)],
-            ..Default::default()
-        };
-        c.pods.insert(pod.object_ref(), pod);
+        let mut c = model::cluster([model::pod("a", vec![IpAddr::from(a4), IpAddr::from(a6)])], []);
         let v6_any = NetworkPolicy {
             namespace: "x".into(),
             name: "v6-any".into(),
-            pod_selector: sel("a"),
+            pod_selector: selector("a"),
             isolates_ingress: true,
             isolates_egress: true,
             ingress: vec![Rule {
@@ -1305,7 +1247,7 @@ fn an_ipv6_block_never_matches_ipv4() {
         // Selects no pod; its ipBlocks still give CIDR identities (ipcache entries) of their own.
         let other = NetworkPolicy {
             name: "other".into(),
-            pod_selector: sel("nobody"),
+            pod_selector: selector("nobody"),
             isolates_egress: false,
             ingress: vec![Rule {
                 peers: others.iter().map(|c| block(c)).collect(),

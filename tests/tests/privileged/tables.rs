@@ -8,11 +8,10 @@ use crate::common;
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
+use crate::common::model;
 use ztrust_agent::datapath::loader::{Capacities, Datapath};
 use ztrust_agent::datapath::sync::{Error as SyncError, KernelMaps, Syncer};
-use ztrust_agent::model::{
-    Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule,
-};
+use ztrust_agent::model::{Cluster, ObjectRef, Protocol, Rule};
 use ztrust_agent::policy::Engine;
 use ztrust_common::{CtKey, dir, names, proto, reason, verdict};
 
@@ -21,72 +20,30 @@ const SHOT: u32 = 2;
 const A: [u8; 4] = [10, 244, 205, 10];
 const B: [u8; 4] = [10, 244, 205, 11];
 
-fn sel(app: &str) -> LabelSelector {
-    LabelSelector {
-        match_labels: [("app".to_owned(), app.to_owned())].into(),
-        ..Default::default()
-    }
-}
-
 /// Pod a may open TCP connections to app=b on `ports`; nothing may connect to a.
 fn cluster(ports: &[(u16, Option<u16>)], peers: usize) -> Cluster {
-    let mut c = Cluster::default();
-    c.namespaces.insert(
-        "x".into(),
-        Namespace {
-            name: "x".into(),
-            ..Default::default()
-        },
-    );
-    for (name, ip) in [("a", A), ("b", B)] {
-        let pod = Pod {
-            namespace: "x".into(),
-            name: name.into(),
-            labels: [("app".to_owned(), name.to_owned())].into(),
-            ips: vec![IpAddr::from(ip)],
-            ..Default::default()
-        };
-        c.pods.insert(pod.object_ref(), pod);
-    }
+    let mut pods = vec![
+        model::pod("a", vec![IpAddr::from(A)]),
+        model::pod("b", vec![IpAddr::from(B)]),
+    ];
     // More peers with distinct labels: each is an identity, and so allow entries of its own.
     for i in 0..peers {
-        let pod = Pod {
-            namespace: "x".into(),
-            name: format!("peer{i}"),
-            labels: [
-                ("app".to_owned(), "b".to_owned()),
-                ("n".to_owned(), i.to_string()),
-            ]
-            .into(),
-            ips: vec![IpAddr::from([10, 244, 206, i as u8])],
-            ..Default::default()
-        };
-        c.pods.insert(pod.object_ref(), pod);
+        let mut p = model::pod(&format!("peer{i}"), vec![IpAddr::from([10, 244, 206, i as u8])]);
+        p.labels = [
+            ("app".to_owned(), "b".to_owned()),
+            ("n".to_owned(), i.to_string()),
+        ]
+        .into();
+        pods.push(p);
     }
-    let pol = NetworkPolicy {
-        namespace: "x".into(),
-        name: "a".into(),
-        pod_selector: sel("a"),
-        isolates_ingress: true,
-        isolates_egress: true,
-        ingress: vec![],
-        egress: vec![Rule {
-            peers: vec![Peer::Pods {
-                namespace_selector: None,
-                pod_selector: Some(sel("b")),
-            }],
-            ports: ports
-                .iter()
-                .map(|(p, end)| PortSpec {
-                    protocol: Protocol::Tcp,
-                    port: Some(PortRef::Number(*p)),
-                    end_port: *end,
-                })
-                .collect(),
-        }],
+    let egress = Rule {
+        peers: vec![model::peer("b")],
+        ports: ports
+            .iter()
+            .map(|(p, end)| model::port(Protocol::Tcp, *p, *end))
+            .collect(),
     };
-    c.policies.insert(pol.object_ref(), pol);
-    c
+    model::cluster(pods, [model::policy("a", "a", Some(vec![]), Some(vec![egress]))])
 }
 
 fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8) -> Vec<u8> {
@@ -329,11 +286,7 @@ fn narrowing_rejudges_datagram_flows_and_reused_tcp_ports() {
     // a may reach b on TCP 80 and UDP 53.
     let mut open = cluster(&[(80, None)], 0);
     if let Some(p) = open.policies.values_mut().next() {
-        p.egress[0].ports.push(PortSpec {
-            protocol: Protocol::Udp,
-            port: Some(PortRef::Number(53)),
-            end_port: None,
-        });
+        p.egress[0].ports.push(model::port(Protocol::Udp, 53, None));
     }
     syncer
         .sync(&mut KernelMaps(&mut dp.maps), &engine.compile(&open), &bindings)

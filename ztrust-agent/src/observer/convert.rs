@@ -7,6 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::flows::{self, AllowedBy, Endpoint, Flow};
 use crate::model::ObjectRef;
 use crate::observer::proto;
+use crate::observer::proto::backend::Kind as BackendKind;
+use crate::observer::proto::flow::JudgedAt;
 use crate::observer::proto::{Reason, TrafficDirection, Verdict};
 
 /// The proto's verdict numbers are the kernel's codes (0 is unknown).
@@ -157,6 +159,8 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
             policy: a.policy.to_string(),
             direction: a.direction.name().to_owned(),
             rule: u32::try_from(a.rule).unwrap_or(u32::MAX),
+            policy_ref: Some(ref_to_proto(&a.policy)),
+            list: direction_to_proto(a.direction) as i32,
         }),
         new_connection: f.new_connection,
         bytes: f.bytes,
@@ -166,16 +170,62 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
             .as_ref()
             .map(|s| s.backends.iter().map(ToString::to_string).collect())
             .unwrap_or_default(),
+        judged_at: Some(match &f.endpoint {
+            flows::JudgedAt::Pod(p) => JudgedAt::JudgedPod(ref_to_proto(p)),
+            flows::JudgedAt::Interface(i) => JudgedAt::JudgedIfindex(*i),
+        }),
+        ip_protocol: Some(u32::from(f.protocol.0)),
+        tcp_flag_bits: Some(u32::from(f.tcp_flags.0)),
+        isolating: f.policies.iter().map(ref_to_proto).collect(),
+        service_ref: f.service.as_ref().map(|s| ref_to_proto(&s.name)),
+        backends: f
+            .service
+            .as_ref()
+            .map(|s| s.backends.iter().map(backend_to_proto).collect())
+            .unwrap_or_default(),
     }
 }
 
-/// A flow from the wire. What does not parse is kept as the agent cannot judge it: an unknown verdict,
+fn ref_to_proto(r: &ObjectRef) -> proto::ObjectRef {
+    proto::ObjectRef {
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+    }
+}
+
+/// `None` for a reference without a namespace or a name: no object has one.
+fn ref_from_proto(r: &proto::ObjectRef) -> Option<ObjectRef> {
+    (!r.namespace.is_empty() && !r.name.is_empty()).then(|| ObjectRef::new(&r.namespace, &r.name))
+}
+
+fn backend_to_proto(b: &flows::Backend) -> proto::Backend {
+    proto::Backend {
+        kind: Some(match b {
+            flows::Backend::Pod(p) => BackendKind::Pod(ref_to_proto(p)),
+            flows::Backend::Address(ip) => BackendKind::Address(ip.to_string()),
+        }),
+    }
+}
+
+fn backend_from_proto(b: &proto::Backend) -> Option<flows::Backend> {
+    match b.kind.as_ref()? {
+        BackendKind::Pod(p) => ref_from_proto(p).map(flows::Backend::Pod),
+        BackendKind::Address(a) => a.parse().ok().map(flows::Backend::Address),
+    }
+}
+
+/// A flow from the wire: its typed fields where the sender set them, else (an agent of the first version
+/// of the API) the text fields. What does not parse is kept as the agent cannot judge it: an unknown verdict,
 /// direction or reason is `Unknown`, an endpoint that is no `namespace/pod` nor `ifindex/N` is
 /// interface 0, a protocol that is no name is `IP/255`, TCP flags that are no names are none, and a policy, Service or backend name that is no
 /// `namespace/name` (a backend: nor an address) is left out.
 pub fn flow_from_proto(p: &proto::Flow) -> Flow {
-    // A protocol that is no name nor `IP/<number>` reads as 255 (reserved): shown, never a real one.
-    let protocol = p.protocol.parse().unwrap_or(flows::IpProtocol(255));
+    // A protocol that is no number of 0-255, or no name nor `IP/<number>`, reads as 255 (reserved):
+    // shown, never a real one.
+    let protocol = match p.ip_protocol {
+        Some(n) => flows::IpProtocol(u8::try_from(n).unwrap_or(255)),
+        None => p.protocol.parse().unwrap_or(flows::IpProtocol(255)),
+    };
     let has_ports = protocol.has_ports();
     Flow {
         time: p.time.as_ref().map_or_else(SystemTime::now, system_time),
@@ -183,7 +233,13 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
         verdict: verdict_from_proto(p.verdict()),
         direction: direction_from_proto(p.traffic_direction()),
         reason: reason_from_proto(p.reason()),
-        endpoint: p.endpoint.parse().unwrap_or(flows::JudgedAt::Interface(0)),
+        endpoint: match &p.judged_at {
+            Some(JudgedAt::JudgedPod(r)) => {
+                ref_from_proto(r).map_or(flows::JudgedAt::Interface(0), flows::JudgedAt::Pod)
+            }
+            Some(JudgedAt::JudgedIfindex(i)) => flows::JudgedAt::Interface(*i),
+            None => p.endpoint.parse().unwrap_or(flows::JudgedAt::Interface(0)),
+        },
         protocol,
         source: endpoint_from_proto(
             p.source.as_ref().unwrap_or(&proto::Endpoint::default()),
@@ -193,26 +249,46 @@ pub fn flow_from_proto(p: &proto::Flow) -> Flow {
             p.destination.as_ref().unwrap_or(&proto::Endpoint::default()),
             has_ports,
         ),
-        tcp_flags: p.tcp_flags.parse().unwrap_or_default(),
-        policies: p
-            .isolating_policies
-            .iter()
-            .filter_map(|s| s.parse().ok())
-            .collect(),
+        // Flag bits beyond the six named ones are not kept.
+        tcp_flags: match p.tcp_flag_bits {
+            Some(bits) => flows::TcpFlags(u8::try_from(bits & 0x3f).unwrap_or(0)),
+            None => p.tcp_flags.parse().unwrap_or_default(),
+        },
+        policies: if p.isolating.is_empty() {
+            p.isolating_policies
+                .iter()
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        } else {
+            p.isolating.iter().filter_map(ref_from_proto).collect()
+        },
         allowed_by: p.allowed_by.as_ref().and_then(|a| {
+            let (policy, direction) = match &a.policy_ref {
+                Some(r) => (ref_from_proto(r)?, direction_from_proto(a.list())),
+                None => (
+                    a.policy.parse().ok()?,
+                    flows::Direction::from_name(&a.direction).unwrap_or(flows::Direction::Unknown),
+                ),
+            };
             Some(AllowedBy {
-                policy: a.policy.parse().ok()?,
-                direction: flows::Direction::from_name(&a.direction).unwrap_or(flows::Direction::Unknown),
+                policy,
+                direction,
                 rule: a.rule as usize,
             })
         }),
         new_connection: p.new_connection,
         bytes: p.bytes,
         // A Service or backend that does not parse is left out, as policies are.
-        service: p.service.parse().ok().map(|name| crate::flows::ServiceRef {
-            name,
-            backends: p.service_backends.iter().filter_map(|b| b.parse().ok()).collect(),
-        }),
+        service: match &p.service_ref {
+            Some(r) => ref_from_proto(r).map(|name| crate::flows::ServiceRef {
+                name,
+                backends: p.backends.iter().filter_map(backend_from_proto).collect(),
+            }),
+            None => p.service.parse().ok().map(|name| crate::flows::ServiceRef {
+                name,
+                backends: p.service_backends.iter().filter_map(|b| b.parse().ok()).collect(),
+            }),
+        },
     }
 }
 
@@ -221,12 +297,76 @@ mod tests {
     use super::*;
     use crate::flows::testing::{allowed, denied};
 
+    /// Flows of every shape: denied with isolating policies, allowed by a rule, to a Service with a pod
+    /// and an address as backends, judged at an unbound interface.
+    fn shapes() -> Vec<Flow> {
+        let mut service = allowed();
+        service.service = Some(flows::ServiceRef {
+            name: ObjectRef::new("shop", "api"),
+            backends: vec![
+                flows::Backend::Pod(ObjectRef::new("shop", "api-0")),
+                flows::Backend::Address("10.9.8.7".parse().unwrap()),
+            ],
+        });
+        let mut unbound = denied();
+        unbound.endpoint = flows::JudgedAt::Interface(7);
+        vec![denied(), allowed(), service, unbound]
+    }
+
     #[test]
     fn round_trip() {
-        for f in [denied(), allowed()] {
+        for f in shapes() {
             let p = flow_to_proto(&f, f.time);
             assert_eq!(flow_from_proto(&p), f);
         }
+    }
+
+    /// A sender of the API's first version set only the text fields: read the same.
+    #[test]
+    fn text_fields_alone_read_the_same() {
+        for f in shapes() {
+            let mut p = flow_to_proto(&f, f.time);
+            p.judged_at = None;
+            p.ip_protocol = None;
+            p.tcp_flag_bits = None;
+            p.isolating.clear();
+            p.service_ref = None;
+            p.backends.clear();
+            if let Some(a) = &mut p.allowed_by {
+                a.policy_ref = None;
+                a.list = 0;
+            }
+            assert_eq!(flow_from_proto(&p), f);
+        }
+    }
+
+    /// The typed fields are what a reader believes; out-of-range or empty ones read as the agent cannot
+    /// judge them, never as another real value.
+    #[test]
+    fn typed_fields_win_and_bad_ones_read_as_unknown() {
+        let f = denied();
+        assert!(!f.policies.is_empty() && f.protocol == flows::IpProtocol::TCP);
+        let mut p = flow_to_proto(&f, f.time);
+        p.protocol = "UDP".into();
+        p.endpoint = "other/pod".into();
+        p.isolating_policies = vec!["other/policy".into()];
+        let read = flow_from_proto(&p);
+        assert_eq!(
+            (read.protocol, read.endpoint.clone()),
+            (f.protocol, f.endpoint.clone())
+        );
+        assert_eq!(read.policies, f.policies);
+
+        p.ip_protocol = Some(300);
+        p.tcp_flag_bits = Some(0x1ff);
+        p.judged_at = Some(JudgedAt::JudgedPod(proto::ObjectRef {
+            namespace: "shop".into(),
+            name: String::new(),
+        }));
+        let read = flow_from_proto(&p);
+        assert_eq!(read.protocol, flows::IpProtocol(255));
+        assert_eq!(read.tcp_flags, flows::TcpFlags(0x3f));
+        assert_eq!(read.endpoint, flows::JudgedAt::Interface(0));
     }
 
     /// Every reason the datapath has gets a proto value of the same number, and back.

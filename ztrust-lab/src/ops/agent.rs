@@ -2,6 +2,7 @@
 //! the lab's interfaces and settled after a change.
 
 use super::*;
+use crate::AgentProblem;
 
 pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
     let bin = match spec.bin {
@@ -73,7 +74,7 @@ pub(super) fn tail(path: &Path, n: usize) -> String {
 
 pub(super) fn wait_attached(agent: &AgentState, ifnames: &[String]) -> Result<()> {
     let deadline = Instant::now() + Duration::from_millis(agent.attach_timeout_ms);
-    let fail = |problem: String| Error::Agent {
+    let fail = |problem: AgentProblem| Error::Agent {
         problem,
         log: tail(&agent.log, 20),
         log_path: agent.log.clone(),
@@ -81,14 +82,14 @@ pub(super) fn wait_attached(agent: &AgentState, ifnames: &[String]) -> Result<()
     for ifname in ifnames {
         while !attached(&agent.pin_dir, ifname) {
             if net::is_gone(agent.pid) {
-                return Err(fail("exited".into()));
+                return Err(fail(AgentProblem::Exited));
             }
             if Instant::now() > deadline {
-                return Err(fail(format!(
-                    "did not attach to {ifname} within {:?} (no pinned links under {}/links)",
-                    Duration::from_millis(agent.attach_timeout_ms),
-                    agent.pin_dir.display()
-                )));
+                return Err(fail(AgentProblem::NotAttached {
+                    ifname: ifname.clone(),
+                    within: Duration::from_millis(agent.attach_timeout_ms),
+                    pin_dir: agent.pin_dir.clone(),
+                }));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -116,14 +117,14 @@ pub(super) fn wait_bound(agent: &AgentState, node_netns: &str, ifnames: &[String
         }
         if net::is_gone(agent.pid) {
             return Err(Error::Agent {
-                problem: "exited".into(),
+                problem: AgentProblem::Exited,
                 log: tail(&agent.log, 20),
                 log_path: agent.log.clone(),
             });
         }
         if Instant::now() > deadline {
             return Err(Error::Agent {
-                problem: format!("did not bind {} to their pods in time", ifnames.join(", ")),
+                problem: AgentProblem::NotBound(ifnames.to_vec()),
                 log: tail(&agent.log, 20),
                 log_path: agent.log.clone(),
             });
@@ -165,7 +166,7 @@ pub(super) fn wait_settled(state: &LabState, from: u64) -> Result<bool> {
         }
         if net::is_gone(agent.pid) {
             return Err(Error::Agent {
-                problem: "exited".into(),
+                problem: AgentProblem::Exited,
                 log: tail(&agent.log, 20),
                 log_path: agent.log.clone(),
             });
@@ -183,12 +184,8 @@ fn agent_beside(lab_bin: &Path) -> Result<PathBuf> {
     if bin.is_file() {
         Ok(bin)
     } else {
-        Err(Error::Invalid {
-            object: "the agent".into(),
-            problem: format!(
-                "no ztrust-agent beside {} (build it: `cargo build -p ztrust-agent`; or run without enforcement: --no-agent)",
-                lab_bin.display()
-            ),
+        Err(Error::NoAgent {
+            lab_bin: lab_bin.to_owned(),
         })
     }
 }

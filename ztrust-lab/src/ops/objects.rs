@@ -2,6 +2,7 @@
 //! external hosts, each copied into the lab's manifests.
 
 use super::*;
+use crate::Conflict;
 
 /// The shared part of `up` and `apply`.
 pub(super) fn add_objects(
@@ -104,16 +105,16 @@ pub(super) fn add_objects(
                         .iter()
                         .find(|p| !p.host_network && p.ips.iter().any(|ip| model.ips.contains(ip)))
                     {
-                        return Err(Error::Invalid {
+                        return Err(Error::Conflict {
                             object: obj.display(),
-                            problem: format!("its address is already {}'s", other.key()),
+                            conflict: Conflict::AddressOf(other.key()),
                         });
                     }
                     model.ips.clone()
                 } else {
-                    let (v4, v6) = alloc.next_pair().ok_or_else(|| Error::Invalid {
+                    let (v4, v6) = alloc.next_pair().ok_or_else(|| Error::Conflict {
                         object: obj.display(),
-                        problem: "no free address left in 10.244.0.0/24".into(),
+                        conflict: Conflict::NoFreeAddress,
                     })?;
                     vec![IpAddr::V4(v4), IpAddr::V6(v6)]
                 };
@@ -139,7 +140,7 @@ pub(super) fn add_objects(
                 });
                 state.save()?;
                 if let Some(host_if) = host_if {
-                    make_endpoint(state, &netns, &host_if, &ips)?;
+                    node::make_endpoint(&state.node_netns, &netns, &host_if, &ips)?;
                     new_links.push((host_if, ips.clone(), true));
                 }
                 to_start.push((netns, state.pods.len() - 1, true));
@@ -176,9 +177,9 @@ pub(super) fn add_objects(
                     .chain(state.externals.iter().flat_map(|e| e.ips.iter()))
                     .find(|ip| x.ips.contains(ip))
                 {
-                    return Err(Error::Invalid {
+                    return Err(Error::Conflict {
                         object: obj.display(),
-                        problem: format!("{ip} is already taken"),
+                        conflict: Conflict::Taken(*ip),
                     });
                 }
                 let index = state.next_index;
@@ -195,7 +196,7 @@ pub(super) fn add_objects(
                     server_pid: None,
                 });
                 state.save()?;
-                make_endpoint(state, &netns, &host_if, &x.ips)?;
+                node::make_endpoint(&state.node_netns, &netns, &host_if, &x.ips)?;
                 new_links.push((host_if, x.ips, false));
                 to_start.push((netns, state.externals.len() - 1, false));
                 report.changed.push(obj.display());
@@ -212,7 +213,7 @@ pub(super) fn add_objects(
         wait_attached(agent, &pod_links)?;
     }
     for (host_if, ips, _) in &new_links {
-        link_up(state, host_if, ips)?;
+        node::link_up(&state.node_netns, host_if, ips, LAB_NODE)?;
     }
     if let Some(agent) = &state.agent {
         wait_bound(agent, &state.node_netns, &pod_links)?;

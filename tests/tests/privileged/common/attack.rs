@@ -12,12 +12,11 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
+use super::model::{self, rule};
 use super::{Topology, enter_netns, require_root};
 use ztrust_agent::datapath::loader::Datapath;
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
-use ztrust_agent::model::{
-    Cluster, LabelSelector, Namespace, NetworkPolicy, ObjectRef, Peer, Pod, PortRef, PortSpec, Protocol, Rule,
-};
+use ztrust_agent::model::{Cluster, ObjectRef, Protocol};
 use ztrust_agent::policy::Engine;
 use ztrust_common::{FlowEvent, proto, verdict};
 
@@ -35,69 +34,24 @@ pub const ROUTING: u8 = 43;
 pub const FRAGMENT: u8 = 44;
 pub const DEST_OPTS: u8 = 60;
 
-fn labels(app: &str) -> BTreeMap<String, String> {
-    [("app".to_owned(), app.to_owned())].into()
-}
-
-fn peer(app: &str) -> Peer {
-    Peer::Pods {
-        namespace_selector: None,
-        pod_selector: Some(LabelSelector {
-            match_labels: labels(app),
-            ..Default::default()
-        }),
-    }
-}
-
-fn rule(app: &str, protocol: Protocol, port: u16) -> Rule {
-    Rule {
-        peers: vec![peer(app)],
-        ports: vec![PortSpec {
-            protocol,
-            port: Some(PortRef::Number(port)),
-            end_port: None,
-        }],
-    }
-}
-
 /// The three pods of `topo` (with all their addresses) and b's policy.
 pub fn cluster(topo: &Topology) -> Cluster {
-    let mut c = Cluster::default();
-    c.namespaces.insert(
-        "x".into(),
-        Namespace {
-            name: "x".into(),
-            ..Default::default()
-        },
-    );
-    for (p, name) in topo.pods.iter().zip(NAMES) {
-        let pod = Pod {
-            namespace: "x".into(),
-            name: name.into(),
-            labels: labels(name),
-            ips: p.ips(),
-            ..Default::default()
-        };
-        c.pods.insert(pod.object_ref(), pod);
-    }
-    let b = NetworkPolicy {
-        namespace: "x".into(),
-        name: "b-locked-down".into(),
-        pod_selector: LabelSelector {
-            match_labels: labels("b"),
-            ..Default::default()
-        },
-        isolates_ingress: true,
-        isolates_egress: true,
-        ingress: vec![
+    let pods = topo
+        .pods
+        .iter()
+        .zip(NAMES)
+        .map(|(p, name)| model::pod(name, p.ips()));
+    let b = model::policy(
+        "b-locked-down",
+        "b",
+        Some(vec![
             rule("a", Protocol::Tcp, 80),
             rule("c", Protocol::Udp, 7000),
             rule("a", Protocol::Sctp, 7100),
-        ],
-        egress: vec![rule("a", Protocol::Tcp, 9000)],
-    };
-    c.policies.insert(b.object_ref(), b);
-    c
+        ]),
+        Some(vec![rule("a", Protocol::Tcp, 9000)]),
+    );
+    model::cluster(pods, [b])
 }
 
 /// The three pods with the programs attached and [`cluster`] enforced. The calling thread is in the

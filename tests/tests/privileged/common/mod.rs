@@ -1,14 +1,16 @@
-//! Test topology: a "node" network namespace with one veth pair per "pod" namespace, routed like a
-//! per-pod CNI (Calico style: /32 host routes, proxy ARP, a link-local gateway). Everything is made in
-//! namespaces this test creates and removed by `Drop`, also when the test panics.
-//! [`Topology::dual_stack`] gives every pod an IPv6 address too, routed the same way.
+//! Test topology: a "node" network namespace with one veth pair per "pod" namespace, wired by the
+//! lab's own code (`ztrust_lab::node`: Calico style, /32 and /128 host routes, a link-local gateway on
+//! every node-side interface, the node's addresses 10.244.<subnet>.1 and fd00:10:244:<subnet>::1 on its
+//! `lo`). Everything is made in namespaces this test creates and removed by `Drop`, also when the test
+//! panics. [`Topology::dual_stack`] gives every pod an IPv6 address too.
 
 pub mod attack;
 pub mod cluster;
+pub mod model;
 pub mod payments;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +19,8 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use ztrust_lab::node::NodeAddrs;
 
 pub fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().expect("spawn");
@@ -27,13 +31,10 @@ pub fn sh(args: &[&str]) {
     );
 }
 
-/// Sets a sysctl inside network namespace `netns` (`ip netns exec` mounts that namespace's /sys).
+/// Sets a sysctl (`key=value`) inside network namespace `netns`.
 pub fn sysctl(netns: &str, setting: &str) {
-    sh(&["ip", "netns", "exec", netns, "sysctl", "-qw", setting]);
-}
-
-fn sh_quiet(args: &[&str]) {
-    let _ = Command::new(args[0]).args(&args[1..]).output();
+    let (key, value) = setting.split_once('=').expect("key=value");
+    ztrust_lab::net::sysctls(netns, &[(key, value)]).expect("sysctl");
 }
 
 /// Moves the calling thread into a network namespace (threads keep their own).
@@ -85,144 +86,38 @@ impl Topology {
 
     fn build(prefix: &str, subnet: u8, pods: usize, v6: bool) -> Self {
         let node = format!("{prefix}n");
-        let node_ip6: Option<Ipv6Addr> = v6.then(|| format!("fd00:10:244:{subnet}::1").parse().unwrap());
+        let addrs = NodeAddrs {
+            v4: Ipv4Addr::new(10, 244, subnet, 1),
+            v6: format!("fd00:10:244:{subnet}::1").parse().unwrap(),
+        };
         let mut me = Topology {
             prefix: prefix.to_owned(),
             node: node.clone(),
             pods: Vec::new(),
-            node_ip6,
+            node_ip6: v6.then_some(addrs.v6),
             pin_dir: PathBuf::from(format!("/sys/fs/bpf/{prefix}")),
             stop: Arc::new(AtomicBool::new(false)),
             servers: Vec::new(),
         };
         me.cleanup();
-        sh(&["ip", "netns", "add", &node]);
-        sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        sysctl(&node, "net.ipv4.ip_forward=1");
-        // The pods' gateway: a local address of the node, so the node answers ARP for it on every veth.
-        sh(&["ip", "-n", &node, "addr", "add", "169.254.1.1/32", "dev", "lo"]);
-        if let Some(ip6) = node_ip6 {
-            sysctl(&node, "net.ipv6.conf.all.forwarding=1");
-            sysctl(&node, "net.ipv6.conf.default.accept_dad=0");
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("{ip6}/128"),
-                "dev",
-                "lo",
-                "nodad",
-            ]);
-        }
+        // The lab's own wiring (`ztrust_lab::node`), so that what these tests prove holds for the lab.
+        ztrust_lab::node::make_node(&node, addrs).expect("node namespace");
         for i in 0..pods {
             let netns = format!("{prefix}p{i}");
             let host_if = format!("{prefix}h{i}");
             let ip: IpAddr = format!("10.244.{subnet}.{}", 10 + i).parse().unwrap();
-            sh(&["ip", "netns", "add", &netns]);
-            sh(&[
-                "ip", "-n", &node, "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns",
-                &netns,
-            ]);
             let ip6: Option<Ipv6Addr> =
                 v6.then(|| format!("fd00:10:244:{subnet}::{}", 10 + i).parse().unwrap());
-            if ip6.is_some() {
-                // Before the link is up: its link-local address is usable at once too.
-                sysctl(&netns, "net.ipv6.conf.eth0.accept_dad=0");
-            }
-            sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &netns,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ]);
-            sysctl(&node, &format!("net.ipv4.conf.{host_if}.proxy_arp=1"));
-            sh(&["ip", "-n", &node, "link", "set", &host_if, "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "dev",
-                &host_if,
-            ]);
-            if let Some(ip6) = ip6 {
-                sh(&[
-                    "ip",
-                    "-n",
-                    &netns,
-                    "addr",
-                    "add",
-                    &format!("{ip6}/128"),
-                    "dev",
-                    "eth0",
-                    "nodad",
-                ]);
-                sh(&[
-                    "ip", "-n", &netns, "-6", "route", "add", "default", "via", "fe80::1", "dev", "eth0",
-                ]);
-                sh(&[
-                    "ip",
-                    "-n",
-                    &node,
-                    "addr",
-                    "add",
-                    "fe80::1/64",
-                    "dev",
-                    &host_if,
-                    "nodad",
-                ]);
-                sh(&[
-                    "ip",
-                    "-n",
-                    &node,
-                    "-6",
-                    "route",
-                    "add",
-                    &format!("{ip6}/128"),
-                    "dev",
-                    &host_if,
-                ]);
-            }
-            me.pods.push(Pod {
+            let pod = Pod {
                 netns,
                 host_if,
                 ip,
                 ip6,
-            });
+            };
+            let ips = pod.ips();
+            ztrust_lab::node::make_endpoint(&node, &pod.netns, &pod.host_if, &ips).expect("pod namespace");
+            ztrust_lab::node::link_up(&node, &pod.host_if, &ips, addrs).expect("pod link up");
+            me.pods.push(pod);
         }
         me
     }
@@ -231,7 +126,7 @@ impl Topology {
         for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name.starts_with(&self.prefix) {
-                sh_quiet(&["ip", "netns", "del", &name]);
+                let _ = ztrust_lab::net::del_netns(&name);
             }
         }
         let _ = ztrust_agent::datapath::loader::cleanup(&self.pin_dir);
