@@ -36,8 +36,12 @@ const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("bpffs: {0}")]
-    Bpffs(String),
+    #[error("bpffs: {doing}: {source}")]
+    Bpffs {
+        doing: &'static str,
+        #[source]
+        source: io::Error,
+    },
     #[error("pin directory {path}: {source}")]
     PinDir { path: PathBuf, source: io::Error },
     #[error("loading the eBPF object: {0}")]
@@ -138,14 +142,20 @@ pub struct Datapath {
 pub fn ensure_bpffs() -> Result<()> {
     static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _turn = TURN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|e| Error::Bpffs(e.to_string()))?;
+    let mounts = fs::read_to_string("/proc/self/mounts").map_err(|source| Error::Bpffs {
+        doing: "reading /proc/self/mounts",
+        source,
+    })?;
     if mounts
         .lines()
         .any(|l| l.split_whitespace().nth(1) == Some(BPFFS) && l.contains(" bpf "))
     {
         return Ok(());
     }
-    fs::create_dir_all(BPFFS).map_err(|e| Error::Bpffs(format!("creating {BPFFS}: {e}")))?;
+    fs::create_dir_all(BPFFS).map_err(|source| Error::Bpffs {
+        doing: "creating /sys/fs/bpf",
+        source,
+    })?;
     nix::mount::mount(
         Some("bpffs"),
         BPFFS,
@@ -153,7 +163,10 @@ pub fn ensure_bpffs() -> Result<()> {
         nix::mount::MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|e| Error::Bpffs(format!("mounting bpffs at {BPFFS}: {e}")))?;
+    .map_err(|errno| Error::Bpffs {
+        doing: "mounting bpffs at /sys/fs/bpf",
+        source: io::Error::from(errno),
+    })?;
     info!("mounted bpffs at {BPFFS}");
     Ok(())
 }
