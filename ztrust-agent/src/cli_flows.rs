@@ -280,6 +280,7 @@ impl FlowsArgs {
             blacklist: vec![],
             since: since.map(convert::timestamp),
             until: until.map(convert::timestamp),
+            typed_only: true,
         })
     }
 }

@@ -235,6 +235,7 @@ fn section(args: &Args) -> anyhow::Result<Report> {
         let mut stream = match client
             .get_flows(GetFlowsRequest {
                 follow: true,
+                typed_only: true,
                 ..Default::default()
             })
             .await

@@ -121,7 +121,7 @@ pub fn alert_to_proto(a: &crate::detector::Alert, node: &str) -> proto::Alert {
         evidence: a
             .evidence
             .iter()
-            .map(|o| flow_to_proto(&o.flow, o.time))
+            .map(|o| flow_to_proto(&o.flow, o.time, Text::Also))
             .collect(),
     }
 }
@@ -142,34 +142,32 @@ pub fn alert_kind_name(kind: proto::AlertKind) -> &'static str {
     }
 }
 
-pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
-    proto::Flow {
+/// What a flow on the wire carries besides its typed fields.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Text {
+    /// The text forms too, for readers of the API's first version.
+    Also,
+    /// Typed fields only (`GetFlowsRequest.typed_only`).
+    Omitted,
+}
+
+pub fn flow_to_proto(f: &Flow, time: SystemTime, text: Text) -> proto::Flow {
+    let mut p = proto::Flow {
         time: Some(timestamp(time)),
         node_name: f.node.clone(),
         verdict: verdict_to_proto(f.verdict) as i32,
         traffic_direction: direction_to_proto(f.direction) as i32,
         reason: reason_to_proto(f.reason) as i32,
-        endpoint: f.endpoint.to_string(),
-        protocol: f.protocol.to_string(),
         source: Some(endpoint_to_proto(&f.source)),
         destination: Some(endpoint_to_proto(&f.destination)),
-        tcp_flags: f.tcp_flags.to_string(),
-        isolating_policies: f.policies.iter().map(ToString::to_string).collect(),
         allowed_by: f.allowed_by.as_ref().map(|a| proto::AllowedBy {
-            policy: a.policy.to_string(),
-            direction: a.direction.name().to_owned(),
             rule: u32::try_from(a.rule).unwrap_or(u32::MAX),
             policy_ref: Some(ref_to_proto(&a.policy)),
             list: direction_to_proto(a.direction) as i32,
+            ..Default::default()
         }),
         new_connection: f.new_connection,
         bytes: f.bytes,
-        service: f.service.as_ref().map(|s| s.name.to_string()).unwrap_or_default(),
-        service_backends: f
-            .service
-            .as_ref()
-            .map(|s| s.backends.iter().map(ToString::to_string).collect())
-            .unwrap_or_default(),
         judged_at: Some(match &f.endpoint {
             flows::JudgedAt::Pod(p) => JudgedAt::JudgedPod(ref_to_proto(p)),
             flows::JudgedAt::Interface(i) => JudgedAt::JudgedIfindex(*i),
@@ -183,7 +181,23 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime) -> proto::Flow {
             .as_ref()
             .map(|s| s.backends.iter().map(backend_to_proto).collect())
             .unwrap_or_default(),
+        ..Default::default()
+    };
+    if text == Text::Also {
+        p.endpoint = f.endpoint.to_string();
+        p.protocol = f.protocol.to_string();
+        p.tcp_flags = f.tcp_flags.to_string();
+        p.isolating_policies = f.policies.iter().map(ToString::to_string).collect();
+        if let (Some(by), Some(a)) = (&mut p.allowed_by, &f.allowed_by) {
+            by.policy = a.policy.to_string();
+            by.direction = a.direction.name().to_owned();
+        }
+        if let Some(s) = &f.service {
+            p.service = s.name.to_string();
+            p.service_backends = s.backends.iter().map(ToString::to_string).collect();
+        }
     }
+    p
 }
 
 fn ref_to_proto(r: &ObjectRef) -> proto::ObjectRef {
@@ -316,16 +330,50 @@ mod tests {
     #[test]
     fn round_trip() {
         for f in shapes() {
-            let p = flow_to_proto(&f, f.time);
-            assert_eq!(flow_from_proto(&p), f);
+            for text in [Text::Also, Text::Omitted] {
+                let p = flow_to_proto(&f, f.time, text);
+                assert_eq!(flow_from_proto(&p), f, "{text:?}");
+            }
         }
+    }
+
+    /// `typed_only` leaves every text form empty; without it each is filled.
+    #[test]
+    fn typed_only_leaves_the_text_forms_empty() {
+        let f = &shapes()[2];
+        let text = |p: &proto::Flow| {
+            let by = p.allowed_by.clone().unwrap_or_default();
+            [
+                p.endpoint.is_empty(),
+                p.protocol.is_empty(),
+                p.tcp_flags.is_empty(),
+                by.policy.is_empty(),
+                by.direction.is_empty(),
+                p.service.is_empty(),
+                p.service_backends.is_empty(),
+            ]
+        };
+        assert_eq!(text(&flow_to_proto(f, f.time, Text::Omitted)), [true; 7]);
+        // The allowed flow has no TCP flags (UDP): its text form is empty either way.
+        assert_eq!(
+            text(&flow_to_proto(f, f.time, Text::Also)),
+            [false, false, true, false, false, false, false]
+        );
+        let d = denied();
+        let p = flow_to_proto(&d, d.time, Text::Omitted);
+        assert!(p.isolating_policies.is_empty() && !p.isolating.is_empty());
+        assert!(
+            !flow_to_proto(&d, d.time, Text::Also)
+                .isolating_policies
+                .is_empty()
+        );
     }
 
     /// A sender of the API's first version set only the text fields: read the same.
     #[test]
     fn text_fields_alone_read_the_same() {
         for f in shapes() {
-            let mut p = flow_to_proto(&f, f.time);
+            let mut p = flow_to_proto(&f, f.time, Text::Also);
             p.judged_at = None;
             p.ip_protocol = None;
             p.tcp_flag_bits = None;
@@ -346,7 +394,7 @@ mod tests {
     fn typed_fields_win_and_bad_ones_read_as_unknown() {
         let f = denied();
         assert!(!f.policies.is_empty() && f.protocol == flows::IpProtocol::TCP);
-        let mut p = flow_to_proto(&f, f.time);
+        let mut p = flow_to_proto(&f, f.time, Text::Also);
         p.protocol = "UDP".into();
         p.endpoint = "other/pod".into();
         p.isolating_policies = vec!["other/policy".into()];

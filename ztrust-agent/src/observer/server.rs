@@ -147,6 +147,7 @@ struct FlowStream {
     since: Option<SystemTime>,
     until: Option<SystemTime>,
     lost_in_ring: u64,
+    text: convert::Text,
     kept: std::vec::IntoIter<Arc<Observed>>,
     subscription: Option<Subscription<Observed>>,
 }
@@ -162,7 +163,7 @@ impl FlowStream {
 
     fn flow(&self, o: &Observed) -> GetFlowsResponse {
         self.response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(
-            &o.flow, o.time,
+            &o.flow, o.time, self.text,
         )))
     }
 
@@ -219,6 +220,11 @@ impl Observer for ObserverService {
             since,
             until,
             lost_in_ring,
+            text: if req.typed_only {
+                convert::Text::Omitted
+            } else {
+                convert::Text::Also
+            },
             kept: kept.into_iter(),
             subscription: snapshot.subscription,
         };

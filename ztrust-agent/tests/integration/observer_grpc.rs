@@ -156,6 +156,30 @@ async fn number_filters_and_status() {
     assert_eq!(f.source.as_ref().unwrap().pod_name, "web-2");
     assert_eq!(f.destination.as_ref().unwrap().port, 5432);
     assert_eq!(f.verdict(), Verdict::Forwarded);
+    // A reader of the first version gets the text forms beside the typed ones; `typed_only` the typed
+    // ones alone, which read back to the same flow.
+    assert!(!f.endpoint.is_empty() && !f.protocol.is_empty());
+    assert!(matches!(
+        f.judged_at,
+        Some(ztrust_agent::observer::proto::flow::JudgedAt::JudgedPod(_))
+    ));
+    let typed = collect(
+        &mut c,
+        GetFlowsRequest {
+            number: 3,
+            typed_only: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let ResponseTypes::Flow(t) = &typed[0] else {
+        panic!()
+    };
+    assert!(t.endpoint.is_empty() && t.protocol.is_empty() && t.ip_protocol.is_some());
+    assert_eq!(
+        ztrust_agent::observer::convert::flow_from_proto(t),
+        ztrust_agent::observer::convert::flow_from_proto(f)
+    );
 
     // Dropped from web-0, or anything from web-2 (whitelist filters OR, fields within one AND), but
     // nothing forwarded (blacklist).
