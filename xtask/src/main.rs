@@ -705,4 +705,46 @@ mod tests {
             }
         }
     }
+    /// The source files of the crates stay readable: none over 800 lines, test modules aside (a file
+    /// named `tests.rs`, `proptests.rs` or `testing.rs`, or under a `tests/` directory).
+    #[test]
+    fn no_source_file_is_over_800_lines() {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if p.extension().is_some_and(|e| e == "rs") {
+                    out.push(p);
+                }
+            }
+        }
+        let mut long = Vec::new();
+        let mut seen = 0;
+        for src in [
+            "ztrust-common/src",
+            "ztrust-ebpf/src",
+            "ztrust-agent/src",
+            "ztrust-lab/src",
+            "xtask/src",
+            "tests/src",
+            "fuzz/fuzz_targets",
+        ] {
+            let src = root().join(src);
+            let mut files = Vec::new();
+            walk(&src, &mut files);
+            for p in files {
+                let inside = p.strip_prefix(&src).unwrap();
+                let test_module = inside.components().any(|c| c.as_os_str() == "tests")
+                    || ["tests", "proptests", "testing"].contains(&p.file_stem().unwrap().to_str().unwrap());
+                seen += 1;
+                let n = std::fs::read_to_string(&p).unwrap().lines().count();
+                if !test_module && n > 800 {
+                    long.push(format!("{} ({n})", p.display()));
+                }
+            }
+        }
+        assert!(seen > 40, "found only {seen} source files");
+        assert!(long.is_empty(), "over 800 lines: {long:?}");
+    }
 }

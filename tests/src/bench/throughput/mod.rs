@@ -1,5 +1,5 @@
 //! Throughput through a veth pair between two pods, routed by a node (2 pod namespaces + a node
-//! namespace, /32 host routes, proxy ARP, a link-local gateway: as a per-pod CNI does), side by side in
+//! namespace wired by `ztrust_lab::node`: host routes, a link-local gateway, as a per-pod CNI does), side by side in
 //! one run:
 //! - `none`: no enforcement;
 //! - `hook`: a program that passes every packet, attached where ztrust's go (both hooks of both
@@ -55,7 +55,11 @@ use ztrust_common::{
     dir, ep_flags, names, proto,
 };
 
-use super::{enter_netns, mapped, median, sh, sh_quiet, sh_stdin};
+use super::{enter_netns, mapped, median, sh_quiet, sh_stdin};
+
+mod topo;
+
+use topo::{CLIENT_IF, SERVER_IF, Topo};
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct Args {
@@ -206,305 +210,6 @@ pub struct Report {
     pub sizes: Vec<SizeResult>,
 }
 
-struct Topo {
-    node: String,
-    client: String,
-    server: String,
-    pin: PathBuf,
-    /// The `hook` variant's pins (its own copy of the object's maps, unused).
-    pass_pin: PathBuf,
-    iperf: Option<Child>,
-    /// The CPU both ends of each test run on.
-    cpu: Option<usize>,
-}
-
-impl Topo {
-    fn new(cpu: Option<usize>) -> Self {
-        let id = std::process::id();
-        let t = Topo {
-            node: format!("ztbt{id}n"),
-            client: format!("ztbt{id}c"),
-            server: format!("ztbt{id}s"),
-            pin: PathBuf::from(format!("/sys/fs/bpf/ztbt{id}")),
-            pass_pin: PathBuf::from(format!("/sys/fs/bpf/ztbt{id}p")),
-            iperf: None,
-            cpu,
-        };
-        let node = &t.node;
-        sh(&["ip", "netns", "add", node]);
-        sh(&["ip", "-n", node, "link", "set", "lo", "up"]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            node,
-            "sysctl",
-            "-qw",
-            "net.ipv4.ip_forward=1",
-        ]);
-        // The pods' gateway: a local address of the node, so the node answers ARP for it on every veth.
-        sh(&["ip", "-n", node, "addr", "add", "169.254.1.1/32", "dev", "lo"]);
-        for (pod, host_if, addr) in [(&t.client, "ztbhc", CLIENT_IP), (&t.server, "ztbhs", SERVER_IP)] {
-            let a = ip(addr);
-            sh(&["ip", "netns", "add", pod]);
-            sh(&[
-                "ip", "-n", node, "link", "add", host_if, "type", "veth", "peer", "name", "eth0", "netns",
-                pod,
-            ]);
-            sh(&["ip", "-n", pod, "link", "set", "lo", "up"]);
-            sh(&["ip", "-n", pod, "addr", "add", &format!("{a}/32"), "dev", "eth0"]);
-            sh(&["ip", "-n", pod, "link", "set", "eth0", "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                pod,
-                "route",
-                "add",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-                "scope",
-                "link",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                pod,
-                "route",
-                "add",
-                "default",
-                "via",
-                "169.254.1.1",
-                "dev",
-                "eth0",
-            ]);
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                node,
-                "sysctl",
-                "-qw",
-                &format!("net.ipv4.conf.{host_if}.proxy_arp=1"),
-            ]);
-            sh(&["ip", "-n", node, "link", "set", host_if, "up"]);
-            sh(&[
-                "ip",
-                "-n",
-                node,
-                "route",
-                "add",
-                &format!("{a}/32"),
-                "dev",
-                host_if,
-            ]);
-        }
-        t
-    }
-
-    fn exec(&self, netns: &str, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", netns]).args(args);
-        c
-    }
-
-    /// iperf3's arguments that pin it to the test CPU.
-    fn iperf_affinity(&self) -> Vec<String> {
-        self.cpu
-            .map(|cpu| vec!["-A".to_owned(), cpu.to_string()])
-            .unwrap_or_default()
-    }
-
-    fn start_servers(&mut self) {
-        let (addr, port) = (ip(SERVER_IP), IPERF_PORT.to_string());
-        let mut args = vec!["iperf3", "-s", "-B", &addr, "-p", &port];
-        let affinity = self.iperf_affinity();
-        args.extend(affinity.iter().map(String::as_str));
-        let child = super::kill_with_parent(&mut self.exec(&self.server, &args))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("iperf3 -s");
-        self.iperf = Some(child);
-        let (netns, cpu) = (self.server.clone(), self.cpu);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            enter_netns(&netns);
-            // The connection threads below inherit it.
-            pin_to(cpu);
-            let rr = TcpListener::bind(SocketAddr::from((SERVER_IP, RR_PORT))).expect("bind rr");
-            let crr = TcpListener::bind(SocketAddr::from((SERVER_IP, CRR_PORT))).expect("bind crr");
-            tx.send(()).unwrap();
-            // CRR: one transaction per connection, served on the accepting thread (no thread spawn per
-            // connection in the measured path).
-            std::thread::spawn(move || {
-                let mut buf = [0u8; MSG];
-                for c in crr.incoming() {
-                    let Ok(mut c) = c else { continue };
-                    let _ = c.set_nodelay(true);
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-                    if c.read_exact(&mut buf).is_ok() {
-                        let _ = c.write_all(&buf);
-                        // Until the client closes (it resets: no TIME_WAIT on either side).
-                        let _ = c.read(&mut buf);
-                    }
-                }
-            });
-            // RR: long connections, a thread each. (Blocking accept: the thread ends with the process.)
-            for c in rr.incoming() {
-                let Ok(mut c) = c else { continue };
-                let _ = c.set_nodelay(true);
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; MSG];
-                    while c.read_exact(&mut buf).is_ok() {
-                        if c.write_all(&buf).is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        rx.recv_timeout(Duration::from_secs(5)).expect("rr server up");
-        // iperf3 listening.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !self.in_client(|| {
-            TcpStream::connect_timeout(
-                &SocketAddr::from((SERVER_IP, IPERF_PORT)),
-                Duration::from_millis(200),
-            )
-            .is_ok()
-        }) {
-            assert!(Instant::now() < deadline, "iperf3 server not reachable");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn in_client<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let (netns, cpu) = (self.client.clone(), self.cpu);
-        std::thread::spawn(move || {
-            enter_netns(&netns);
-            pin_to(cpu);
-            f()
-        })
-        .join()
-        .expect("client thread")
-    }
-
-    /// iperf3 from the client: (Mbit/s received, loss percent for UDP).
-    fn iperf(&self, dst: [u8; 4], udp: Option<&str>, seconds: u32) -> (f64, Option<f64>) {
-        let s = seconds.to_string();
-        let server = ip(dst);
-        let mut args = vec!["iperf3", "-c", &server, "-p", "5201", "-t", &s, "-J"];
-        let affinity = self.iperf_affinity();
-        args.extend(affinity.iter().map(String::as_str));
-        if let Some(rate) = udp {
-            args.extend(["-u", "-b", rate, "-l", "1400"]);
-        }
-        let out = self.exec(&self.client, &args).output().expect("iperf3 -c");
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let end = &v["end"];
-        if udp.is_some() {
-            let sum = if end["sum_received"].is_object() {
-                &end["sum_received"]
-            } else {
-                &end["sum"]
-            };
-            let bps = sum["bits_per_second"].as_f64().unwrap_or(0.0);
-            let loss = end["sum"]["lost_percent"].as_f64();
-            (bps / 1e6, loss)
-        } else {
-            (
-                end["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6,
-                None,
-            )
-        }
-    }
-
-    /// Transactions per second: one connection (`new_conn` false) or one per transaction.
-    fn rr(&self, dst: [u8; 4], new_conn: bool, seconds: u32) -> f64 {
-        self.in_client(move || {
-            let dst = SocketAddr::from((dst, if new_conn { CRR_PORT } else { RR_PORT }));
-            let buf = [7u8; MSG];
-            let mut back = [0u8; MSG];
-            let end = Instant::now() + Duration::from_secs(u64::from(seconds));
-            let start = Instant::now();
-            let mut n = 0u64;
-            let mut conn: Option<TcpStream> = None;
-            while Instant::now() < end {
-                let c = match conn.as_mut() {
-                    Some(c) => c,
-                    None => {
-                        let Ok(c) = TcpStream::connect_timeout(&dst, Duration::from_millis(500)) else {
-                            continue;
-                        };
-                        let _ = c.set_nodelay(true);
-                        let _ = c.set_read_timeout(Some(Duration::from_secs(1)));
-                        conn.insert(c)
-                    }
-                };
-                if c.write_all(&buf).is_err() || c.read_exact(&mut back).is_err() {
-                    conn = None;
-                    continue;
-                }
-                n += 1;
-                if new_conn {
-                    // Close with RST (SO_LINGER 0): no TIME_WAIT, so ports never run out.
-                    let c = conn.take().unwrap();
-                    let _ = set_linger_zero(&c);
-                }
-            }
-            n as f64 / start.elapsed().as_secs_f64()
-        })
-    }
-}
-
-fn set_linger_zero(s: &TcpStream) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let l = Linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: valid socket fd and a correctly sized struct linger.
-    let r = unsafe {
-        setsockopt(
-            s.as_raw_fd(),
-            1,  /* SOL_SOCKET */
-            13, /* SO_LINGER */
-            (&l as *const Linger).cast(),
-            8,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-#[repr(C)]
-struct Linger {
-    l_onoff: i32,
-    l_linger: i32,
-}
-
-unsafe extern "C" {
-    fn setsockopt(fd: i32, level: i32, name: i32, value: *const std::ffi::c_void, len: u32) -> i32;
-}
-
-impl Drop for Topo {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.iperf.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        let _ = loader::cleanup(&self.pin);
-        let _ = loader::cleanup(&self.pass_pin);
-        for n in [&self.client, &self.server, &self.node] {
-            sh_quiet(&["ip", "netns", "del", n]);
-        }
-    }
-}
-
 /// The `hook` variant: [`names::PROG_PASS`] on both hooks of both interfaces, attached with TCX as
 /// ztrust's programs are (links held here: dropping them detaches at once).
 struct PassHook {
@@ -567,7 +272,7 @@ fn iptables_rules(n: usize, ipset: bool) -> String {
     let mut s = String::from(
         "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:ZT-POD-FW-SERVER - [0:0]\n",
     );
-    s += "-A FORWARD -o ztbhs -j ZT-POD-FW-SERVER\n";
+    s += &format!("-A FORWARD -o {SERVER_IF} -j ZT-POD-FW-SERVER\n");
     s += "-A ZT-POD-FW-SERVER -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n";
     if ipset {
         s += "-A ZT-POD-FW-SERVER -m set --match-set ztb-allow src,dst -j ACCEPT\n";
@@ -769,8 +474,8 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     let mut topo = Topo::new(cpu);
     // This thread works in the node: attaching programs, iptables.
     enter_netns(&topo.node);
-    let client_if = nix::net::if_::if_nametoindex("ztbhc")?;
-    let server_if = nix::net::if_::if_nametoindex("ztbhs")?;
+    let client_if = nix::net::if_::if_nametoindex(CLIENT_IF)?;
+    let server_if = nix::net::if_::if_nametoindex(SERVER_IF)?;
     topo.start_servers();
     let node = topo.node.clone();
     let ipt = |rules: &str| sh_stdin(&["ip", "netns", "exec", &node, "iptables-restore"], rules);
@@ -778,14 +483,14 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     let teardown = |dp: &mut Datapath, pass: &mut PassHook, variant: &str| match variant {
         "hook" => pass.detach(),
         "ztrust" => {
-            dp.detach("ztbhc");
-            dp.detach("ztbhs");
+            dp.detach(CLIENT_IF);
+            dp.detach(SERVER_IF);
         }
         "iptables" | "ipset" => ipt(EMPTY_RULES),
         "svc-none" => ipt(EMPTY_NAT),
         "svc-ztrust" => {
-            dp.detach("ztbhc");
-            dp.detach("ztbhs");
+            dp.detach(CLIENT_IF);
+            dp.detach(SERVER_IF);
             ipt(EMPTY_NAT);
         }
         _ => {}
@@ -818,18 +523,18 @@ fn section(args: &Args) -> anyhow::Result<Report> {
                     if variant != active {
                         teardown(&mut dp, &mut pass, active);
                         match variant {
-                            "hook" => pass.attach(&["ztbhc", "ztbhs"])?,
+                            "hook" => pass.attach(&[CLIENT_IF, SERVER_IF])?,
                             "ztrust" => {
-                                dp.attach("ztbhc", client_if)?;
-                                dp.attach("ztbhs", server_if)?;
+                                dp.attach(CLIENT_IF, client_if)?;
+                                dp.attach(SERVER_IF, server_if)?;
                             }
                             "iptables" => ipt(&rules),
                             "ipset" => ipt(&set_rules),
                             "svc-none" => ipt(&service_nat()),
                             "svc-ztrust" => {
                                 ipt(&service_nat());
-                                dp.attach("ztbhc", client_if)?;
-                                dp.attach("ztbhs", server_if)?;
+                                dp.attach(CLIENT_IF, client_if)?;
+                                dp.attach(SERVER_IF, server_if)?;
                             }
                             _ => {}
                         }
