@@ -62,8 +62,8 @@ struct RunArgs {
     /// connection that both ends, pods of this node, have admitted tells the receiving pod's interface
     /// so: the connection is then judged once on the node instead of twice. One bit that nothing else on
     /// the node uses (the CNI, kube-proxy); 0 turns this off.
-    #[arg(long, default_value = "0x1000", value_parser = parse_mark)]
-    peer_mark: u32,
+    #[arg(long, default_value_t = Mark(datapath::loader::DEFAULT_PEER_MARK), value_parser = parse_mark)]
+    peer_mark: Mark,
     /// Where cluster state comes from: `kube` (the Kubernetes API: in a pod its service account, else
     /// `--kubeconfig`, $KUBECONFIG or ~/.kube/config) or `dir:<path>` (Namespace, Pod and NetworkPolicy
     /// YAML, re-read on change).
@@ -296,7 +296,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         pod_tunnels: args.pod_tunnels == PodTunnels::Allow,
         flow_log: args.flow_log,
         poll: Duration::from_millis(args.poll_ms),
-        peer_mark: args.peer_mark,
+        peer_mark: args.peer_mark.0,
         capacities: datapath::loader::Capacities {
             policy: args.policy_max,
             conntrack: args.conntrack_max,
@@ -314,8 +314,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(rt.block_on(agent::run(opts))?)
 }
 
+/// A packet mark, shown in hexadecimal (`--help`'s default reads `0x1000`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Mark(u32);
+
+impl std::fmt::Display for Mark {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}", self.0)
+    }
+}
+
 /// A mark bit: decimal or 0x-hexadecimal, at most one bit set.
-fn parse_mark(s: &str) -> Result<u32, String> {
+fn parse_mark(s: &str) -> Result<Mark, String> {
     let v = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         Some(hex) => u32::from_str_radix(hex, 16),
         None => s.parse(),
@@ -327,5 +337,25 @@ fn parse_mark(s: &str) -> Result<u32, String> {
             v.count_ones()
         ));
     }
-    Ok(v)
+    Ok(Mark(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_mark_is_one_bit_and_shown_in_hex() {
+        assert_eq!(parse_mark("0x1000"), Ok(Mark(0x1000)));
+        assert_eq!(parse_mark("4096"), Ok(Mark(0x1000)));
+        assert_eq!(parse_mark("0"), Ok(Mark(0)));
+        assert!(parse_mark("0x3").unwrap_err().contains("sets 2 bits"));
+        assert!(parse_mark("mark").is_err());
+        assert_eq!(Mark(datapath::loader::DEFAULT_PEER_MARK).to_string(), "0x1000");
+        let args = Cli::try_parse_from(["ztrust-agent", "run", "--source", "dir:/x"]).unwrap();
+        let Command::Run(run) = args.command else {
+            panic!("run");
+        };
+        assert_eq!(run.peer_mark, Mark(datapath::loader::DEFAULT_PEER_MARK));
+    }
 }

@@ -252,6 +252,7 @@ impl Syncer {
     /// Brings the maps to `desired`, looking at everything. `interfaces` binds pods to the ifindex of
     /// their host-side interface; desired endpoints without an interface are not written (their pods
     /// are not on this node, or not wired yet).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn sync(
         &mut self,
         ops: &mut impl MapOps,
@@ -264,6 +265,7 @@ impl Syncer {
     /// Brings the maps to `desired`, looking only at what `delta` says changed since the last successful
     /// sync (and at pods whose interface binding changed): a change costs what it touches, not the size
     /// of the cluster. The same order and checks as a full sync.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn sync_delta(
         &mut self,
         ops: &mut impl MapOps,

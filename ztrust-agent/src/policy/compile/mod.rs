@@ -328,6 +328,7 @@ impl Engine {
     /// Brings the desired state up to date with `cluster`, where only the objects named in `changes`
     /// changed since the last call. Falls back to [`Engine::rebuild`] on the first call and for changes
     /// that re-derive every identity (see the module documentation).
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn update(&mut self, cluster: &Cluster, changes: &Changes) -> &Desired {
         if !self.st.built
             || cluster.node_ips != self.st.node_ips
@@ -426,6 +427,7 @@ impl Engine {
     }
 
     /// Re-derives everything from `cluster`.
+    #[tracing::instrument(level = "debug", skip_all)]
     pub fn rebuild(&mut self, cluster: &Cluster) {
         self.identities.forget_holders();
         self.rules.forget_holders();

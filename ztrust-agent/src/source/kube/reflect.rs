@@ -15,8 +15,11 @@ where
 {
     let (reader, writer) = reflector::store::<K>();
     let client = client.clone();
-    let task =
-        tokio::spawn(async move { run_reflector(&client, writer, changed, touched, slim, note).await });
+    let span = tracing::info_span!("watch", kind = %K::kind(&()));
+    let task = tokio::spawn(tracing::Instrument::instrument(
+        async move { run_reflector(&client, writer, changed, touched, slim, note).await },
+        span,
+    ));
     (reader, task)
 }
 
