@@ -136,7 +136,8 @@ pub struct Syncer {
 }
 
 /// Writes a sync began but did not see through (a later write was refused): the record above does not
-/// have them, and what the kernel holds for them is not known. Each is noted before it is written, and
+/// have them, and what the kernel holds for them is not known. Each is noted before it is written (or
+/// deleted: a next state that wants a deleted entry back must write it, not trust the record), and
 /// the next sync looks at them whatever its delta says: what the state still wants is written again,
 /// the rest deleted (deleting what is absent is harmless). Without this, an entry written by a refused
 /// sync and no longer wanted by the next state would stay in the kernel, allowing what no policy does.
@@ -463,9 +464,13 @@ impl Syncer {
         for (ifindex, old) in self.endpoints.iter().filter(|(i, _)| in_scope(i)) {
             let unsure = self.unconfirmed.endpoints.contains(ifindex);
             let Some(new) = next.get(ifindex) else {
+                // Deletions are noted too: a refused sync leaves the record saying they are there, and
+                // a next state that wants them must write them again.
+                self.unconfirmed.endpoints.insert(*ifindex);
                 ops.del_endpoint(*ifindex)?;
                 stats.endpoint_writes += 1;
                 for (prefix, key) in old.entries.values().flat_map(BTreeMap::keys) {
+                    self.unconfirmed.written.push((*ifindex, *prefix, *key));
                     ops.del_policy(*prefix, key)?;
                     stats.policy_writes += 1;
                 }
@@ -492,6 +497,7 @@ impl Syncer {
                 };
                 for (prefix, key) in old_entries.keys() {
                     if !new_entries.contains_key(&(*prefix, *key)) {
+                        self.unconfirmed.written.push((*ifindex, *prefix, *key));
                         ops.del_policy(*prefix, key)?;
                         stats.policy_writes += 1;
                     }

@@ -782,5 +782,24 @@ fn a_sync_refused_half_way_leaves_nothing_the_next_sync_does_not_correct() {
             contents(&fresh),
             "b retried after write {fail_at}"
         );
+        // And back to a, whose entries the refused sync may have deleted: a again, not less.
+        let (mut mem3, mut syncer3) = (Mem::default(), Syncer::new());
+        syncer3.sync(&mut mem3, &a, &ifs).unwrap();
+        let before = contents(&mem3);
+        let _ = syncer3.sync(
+            &mut FailingAt {
+                mem: &mut mem3,
+                writes: 0,
+                fail_at,
+            },
+            &b,
+            &ifs,
+        );
+        syncer3.sync(&mut mem3, &a, &ifs).unwrap();
+        assert_eq!(
+            contents(&mem3),
+            before,
+            "a again after write {fail_at} of the sync to b was refused"
+        );
     }
 }
