@@ -25,22 +25,23 @@ impl NodeAddrs {
     }
 }
 
-/// The node's namespace `netns`: a router for pods, with `addrs` on its `lo`. Addresses are usable at
-/// once (no duplicate address detection delay); replies may leave by another interface than the
-/// request came in (no strict reverse-path filter).
+/// Every namespace's: addresses usable at once (no duplicate address detection delay), replies free to
+/// leave by another interface than the request came in (no strict reverse-path filter).
+const AT_ONCE: [(&str, &str); 4] = [
+    ("net.ipv6.conf.all.accept_dad", "0"),
+    ("net.ipv6.conf.default.accept_dad", "0"),
+    ("net.ipv4.conf.all.rp_filter", "0"),
+    ("net.ipv4.conf.default.rp_filter", "0"),
+];
+
+/// The node's namespace `netns`: a router for pods, with `addrs` on its `lo` ([`AT_ONCE`] too).
 pub fn make_node(netns: &str, addrs: NodeAddrs) -> Result<()> {
     net::add_netns(netns)?;
-    net::sysctls(
-        netns,
-        &[
-            ("net.ipv4.ip_forward", "1"),
-            ("net.ipv6.conf.all.forwarding", "1"),
-            ("net.ipv6.conf.all.accept_dad", "0"),
-            ("net.ipv6.conf.default.accept_dad", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ],
-    )?;
+    let router = [
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv6.conf.all.forwarding", "1"),
+    ];
+    net::sysctls(netns, &[&router[..], &AT_ONCE[..]].concat())?;
     net::ip_batch(
         netns,
         &[
@@ -56,15 +57,7 @@ pub fn make_node(netns: &str, addrs: NodeAddrs) -> Result<()> {
 /// judge its first packet is attached.
 pub fn make_endpoint(node_netns: &str, netns: &str, host_if: &str, ips: &[IpAddr]) -> Result<()> {
     net::add_netns(netns)?;
-    net::sysctls(
-        netns,
-        &[
-            ("net.ipv6.conf.all.accept_dad", "0"),
-            ("net.ipv6.conf.default.accept_dad", "0"),
-            ("net.ipv4.conf.all.rp_filter", "0"),
-            ("net.ipv4.conf.default.rp_filter", "0"),
-        ],
-    )?;
+    net::sysctls(netns, &AT_ONCE)?;
     net::ip_batch(
         node_netns,
         &[format!(
