@@ -615,7 +615,7 @@ impl DropLog {
                 target: "ztrust::flows",
                 suppressed = self.suppressed,
                 "{} more denied flows not logged (at most {DROP_LOG_PER_SECOND} lines per second); \
-                 `ztrust-agent flows --denied` and ztrust_drops_total have them all",
+                 `ztrust-agent flows --denied` and ztrust_drop_events_total have them all",
                 self.suppressed
             );
         }

@@ -1,11 +1,10 @@
 //! `ztrust-agent status`: what the kernel enforces on this node, read straight from the pinned maps, so
 //! it answers even while no agent runs.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
-use ztrust_common::{CounterValue, ep_flags, stat};
+use ztrust_common::{ep_flags, stat};
 
 use crate::datapath::loader::{PinnedMaps, Result};
 use crate::flows::{Direction, Reason, Verdict};
@@ -88,12 +87,6 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         peer_judged: maps.stat(stat::PEER_JUDGED),
         ..Default::default()
     };
-    let mut agg: BTreeMap<(u32, u8, u8, u8), CounterValue> = BTreeMap::new();
-    let mut add = |key: (u32, u8, u8, u8), v: &CounterValue| {
-        let total = agg.entry(key).or_default();
-        total.packets += v.packets;
-        total.bytes += v.bytes;
-    };
     for (ifindex, info) in maps.endpoints.iter().flatten() {
         st.endpoints.push(EndpointRow {
             ifindex,
@@ -103,26 +96,21 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
             egress_isolated: info.flags & ep_flags::ISOLATED_EGRESS != 0,
             audit: info.flags & ep_flags::AUDIT != 0,
         });
-        // An endpoint's established packets are counted in its slot, everything else in the hash.
-        for ((direction, verdict, reason), v) in maps.slot_counts(&info).entries() {
-            if v.packets > 0 {
-                add((ifindex, direction, verdict, reason), &v);
-            }
-        }
     }
     st.endpoints.sort_by_key(|e| e.ifindex);
-    for (key, values) in maps.counters.iter().flatten() {
-        for v in values.iter() {
-            add((key.ifindex, key.direction, key.verdict, key.reason), v);
-        }
-    }
-    for ((ifindex, direction, verdict, reason), v) in agg {
+    let totals = maps
+        .counter_totals()
+        .map_err(|source| crate::datapath::loader::Error::Map {
+            name: ztrust_common::names::COUNTERS,
+            source,
+        })?;
+    for (key, v) in totals {
         st.counters.push(Counter {
-            interface: ifname(ifindex),
-            ifindex,
-            direction: Direction::from_code(direction).name().into(),
-            verdict: Verdict::from_code(verdict).name().into(),
-            reason: Reason::from_code(reason).name().into(),
+            interface: ifname(key.ifindex),
+            ifindex: key.ifindex,
+            direction: Direction::from_code(key.direction).name().into(),
+            verdict: Verdict::from_code(key.verdict).name().into(),
+            reason: Reason::from_code(key.reason).name().into(),
             packets: v.packets,
             bytes: v.bytes,
         });

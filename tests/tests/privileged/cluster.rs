@@ -179,7 +179,7 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
     // (at least) the blocked attempts: each is a new connection, so a flow of its own.
     let prometheus = Prometheus::start();
     prometheus.wait_for(r#"up{job="ztrust-agent"}"#, Duration::from_secs(60), |v| v == 1.0);
-    let drops = r#"sum(ztrust_drops_total{namespace="payments"})"#;
+    let drops = r#"sum(ztrust_drop_events_total{namespace="payments"})"#;
     let before = prometheus.wait_for(drops, Duration::from_secs(10), |_| true);
     let attempts = 5;
     for _ in 0..attempts {

@@ -2,7 +2,8 @@
 //! (nmap) from a compromised frontend raises a scan alert within two seconds naming the frontend, while
 //! legitimate frontend → backend traffic raises none; a real Prometheus server scrapes the agent and a
 //! PromQL query returns the drop count the agent reported; `promtool check metrics` accepts the
-//! exposition.
+//! exposition; a flood of denied packets on one 5-tuple raises the packet counter Prometheus scrapes by
+//! exactly its size, and the drop events by the kernel's rate-limited few.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -258,7 +259,7 @@ fn scanner_alert_and_prometheus_scrape() {
             f["verdict"] == "dropped" && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/"))
         })
         .count() as f64;
-    let query = "/api/v1/query?query=sum(ztrust_drops_total%7Bnamespace%3D%22payments%22%7D)";
+    let query = "/api/v1/query?query=sum(ztrust_drop_events_total%7Bnamespace%3D%22payments%22%7D)";
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = String::new();
     loop {
@@ -269,7 +270,9 @@ fn scanner_alert_and_prometheus_scrape() {
                 .as_str()
                 .and_then(|s| s.parse::<f64>().ok());
             if value == Some(drops_reported) {
-                eprintln!("PromQL sum(ztrust_drops_total{{namespace=\"payments\"}}) = {drops_reported}");
+                eprintln!(
+                    "PromQL sum(ztrust_drop_events_total{{namespace=\"payments\"}}) = {drops_reported}"
+                );
                 break;
             }
             last = body;
@@ -284,4 +287,91 @@ fn scanner_alert_and_prometheus_scrape() {
         drops_reported >= 10.0,
         "the scan was reported as drops ({drops_reported})"
     );
+
+    // A flood on one 5-tuple: every denied packet is in the packet counter Prometheus scrapes, while
+    // the flow events of it are as few as the kernel's per-flow rate limit lets through.
+    let packets =
+        r#"sum(ztrust_datapath_packets_total{namespace="payments",verdict="dropped",direction="egress"})"#;
+    let events = r#"sum(ztrust_drop_events_total{namespace="payments",direction="egress"})"#;
+    let packets_before = settled(&node, packets);
+    let events_before = settled(&node, events);
+    const FLOOD: usize = 20_000;
+    let started = Instant::now();
+    let sent = in_netns(&frontend.netns, move || {
+        // UDP to a port the frontend's egress does not allow (only backend:8080/TCP and DNS).
+        let socket = std::net::UdpSocket::bind("0.0.0.0:40404").expect("bind");
+        socket.connect(SocketAddr::new(backend_ip, 9)).expect("connect");
+        let mut sent = 0;
+        for i in 0..FLOOD {
+            if socket.send(b"ztrust flood").is_ok() {
+                sent += 1;
+            }
+            if i % 1000 == 999 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        sent
+    });
+    let took = started.elapsed();
+    assert_eq!(sent, FLOOD, "every datagram of the flood was sent");
+    let want = packets_before + FLOOD as f64;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let packets_after = loop {
+        let v = prom_value(&node, packets);
+        if v == Some(want) || Instant::now() > deadline {
+            break v;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(
+        packets_after,
+        Some(want),
+        "PromQL {packets}: {packets_before} before a flood of {FLOOD} denied packets"
+    );
+    // The events of the flood have reached the counter by now (they are read before a scrape).
+    std::thread::sleep(Duration::from_secs(2));
+    let flood_events = settled(&node, events) - events_before;
+    eprintln!(
+        "flood of {FLOOD} denied packets in {took:?}: packet counter +{FLOOD}, drop events +{flood_events}"
+    );
+    // One event per flow and --event-interval (1 s): one per started second of the flood, at least one.
+    let most = took.as_secs_f64().ceil() + 1.0;
+    assert!(
+        (1.0..=most).contains(&flood_events),
+        "drop events of the flood: {flood_events} (expected 1..={most}: the per-flow rate limit)"
+    );
+}
+
+/// A PromQL query's single value, asked of the Prometheus server in the node's namespace.
+fn prom_value(node: &str, query: &str) -> Option<f64> {
+    let encoded: String = query
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '_' | '(' | ')' | '.' => c.to_string(),
+            c => format!("%{:02X}", c as u32),
+        })
+        .collect();
+    let path = format!("/api/v1/query?query={encoded}");
+    let node = node.to_owned();
+    let body = in_netns(&node, move || http_get(PROMETHEUS, &path))?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    v["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+}
+
+/// The query's value once two answers 2 s apart (two scrapes at 1 s) agree.
+fn settled(node: &str, query: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = prom_value(node, query);
+    loop {
+        std::thread::sleep(Duration::from_secs(2));
+        let now = prom_value(node, query);
+        if let Some(v) = now.filter(|_| now == last) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{query} did not settle: {last:?}, then {now:?}"
+        );
+        last = now;
+    }
 }

@@ -11,7 +11,10 @@ use ipnet::IpNet;
 use ztrust_agent::datapath::loader::{self, Datapath};
 use ztrust_agent::datapath::sync::{KernelMaps, Syncer};
 use ztrust_agent::policy::Desired;
-use ztrust_common::{CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, SlotCounters, names};
+use ztrust_common::{
+    CounterKey, CounterValue, EndpointInfo, IpcacheKey, IpcacheValue, SlotCounters, dir, names, reason,
+    verdict,
+};
 
 #[test]
 fn load_pin_adopt_cleanup() {
@@ -138,6 +141,53 @@ fn counter_slots_adopted_given_and_recycled_zeroed() {
         dp.maps.endpoints.slot_counts(5).unwrap(),
         SlotCounters::default(),
         "the recycled slot starts from zero"
+    );
+
+    // The packet counters as /metrics reads them (its own descriptors of the pins): slots and hash
+    // summed over the CPUs, by interface; an interface's hash entries deleted once its counts are
+    // handed on, the others kept.
+    slots
+        .set(1, PerCpuValues::try_from(vec![counted; cpus]).unwrap(), 0)
+        .unwrap();
+    let key = |ifindex| CounterKey {
+        ifindex,
+        direction: dir::INGRESS,
+        verdict: verdict::DROPPED,
+        reason: reason::POLICY_DENIED,
+        _pad: 0,
+    };
+    let per_cpu = |packets: u64| {
+        PerCpuValues::try_from(vec![
+            CounterValue {
+                packets,
+                bytes: packets * 10
+            };
+            cpus
+        ])
+        .unwrap()
+    };
+    dp.maps.counters.insert(key(5), per_cpu(3), 0).unwrap();
+    dp.maps.counters.insert(key(6), per_cpu(4), 0).unwrap();
+    let mut counters = loader::CounterMaps::open(&topo.pin_dir).unwrap();
+    let of = |t: &loader::CounterTotals, ifindex: u32| -> (u64, u64) {
+        t.iter()
+            .filter(|(k, _)| k.ifindex == ifindex)
+            .fold((0, 0), |(p, b), (_, v)| (p + v.packets, b + v.bytes))
+    };
+    let n = cpus as u64;
+    let totals = counters.totals().unwrap();
+    assert_eq!(of(&totals, 1), (5 * n, 500 * n), "endpoint 1's slot");
+    assert_eq!(of(&totals, 5), (3 * n, 30 * n));
+    assert_eq!(of(&totals, 6), (4 * n, 40 * n));
+    assert_eq!(counters.forget(5).unwrap(), 1);
+    let totals = counters.totals().unwrap();
+    assert_eq!(
+        (of(&totals, 5), of(&totals, 6), of(&totals, 1)),
+        ((0, 0), (4 * n, 40 * n), (5 * n, 500 * n))
+    );
+    assert!(
+        dp.maps.counters.get(&key(5), 0).is_err(),
+        "gone from the kernel's map"
     );
     drop(dp);
     loader::cleanup(&topo.pin_dir).unwrap();

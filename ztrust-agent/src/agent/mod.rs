@@ -4,6 +4,7 @@
 //! metrics and logs; [`view`] keeps what enriches them current.
 
 mod flows;
+mod packets;
 pub mod reconcile;
 mod view;
 
@@ -193,6 +194,7 @@ pub async fn run(opts: Options) -> Result<()> {
         client_queue: opts.client_queue,
         ..Default::default()
     }));
+    collect_packets(&metrics, &opts.pin_dir, view.clone());
     let health = crate::health::Health::default();
     let _observer = crate::observer::tasks::spawn(
         &opts.observer,
@@ -349,6 +351,59 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// The datapath's packet counters for `/metrics`, read at each scrape and attributed to the pods the
+/// view binds to their interfaces ([`packets::Attribution`]).
+fn collect_packets(metrics: &crate::metrics::Metrics, pin_dir: &Path, view: Arc<RwLock<View>>) {
+    use crate::datapath::loader::{CounterMaps, CounterTotals};
+    let maps = match CounterMaps::open(pin_dir) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!(error = %e, "cannot open the packet counters; /metrics will have no ztrust_datapath_packets_total");
+            return;
+        }
+    };
+    let state = std::sync::Mutex::new((maps, packets::Attribution::default()));
+    metrics.collect_packets(move || {
+        let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
+        let (maps, attribution) = &mut *guard;
+        // Without a read of both the counters and the interfaces, nothing is retired: each value
+        // stays what it was.
+        let (totals, live) = match (maps.totals(), netif::interfaces()) {
+            (Ok(t), Ok(i)) => (
+                t,
+                Some(i.into_values().collect::<std::collections::HashSet<u32>>()),
+            ),
+            (t, i) => {
+                if let Err(e) = &t {
+                    warn!(error = %e, "reading the packet counters");
+                }
+                if let Err(e) = &i {
+                    warn!(error = %e, "listing interfaces for the packet counters");
+                }
+                (CounterTotals::new(), None)
+            }
+        };
+        let owners: std::collections::HashMap<u32, crate::model::ObjectRef> = view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .endpoints
+            .iter()
+            .map(|(ifindex, ep)| (*ifindex, ep.pod.clone()))
+            .collect();
+        let read = attribution.read(
+            &totals,
+            |ifindex| owners.get(&ifindex).cloned(),
+            |ifindex| live.as_ref().is_none_or(|l| l.contains(&ifindex)),
+        );
+        for ifindex in read.forget {
+            if let Err(e) = maps.forget(ifindex) {
+                warn!(ifindex, error = %e, "deleting a departed interface's packet counters");
+            }
+        }
+        read.series
+    });
 }
 
 /// The observer's reader of the kernel's events-lost counter, from the pinned stats map.

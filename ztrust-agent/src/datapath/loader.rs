@@ -23,9 +23,11 @@ use ztrust_common::{
 
 use super::{EBPF_OBJECT, pins};
 
+mod counters;
 mod layout;
 mod maps;
 
+pub use self::counters::{Counted, CounterMaps, CounterTotals, add_counts};
 pub use self::layout::Capacities;
 use self::layout::check_pinned;
 pub use self::maps::{Endpoints, IPCACHE_HOST_PREFIX, Ipcache, Maps, NO_SLOT, PinnedMaps, Policy};

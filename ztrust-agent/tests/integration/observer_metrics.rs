@@ -85,7 +85,7 @@ async fn scrape() {
         "{classic}"
     );
     assert!(
-        classic.contains("# TYPE ztrust_drops_total counter") && !classic.contains("# EOF"),
+        classic.contains("# TYPE ztrust_drop_events_total counter") && !classic.contains("# EOF"),
         "{classic}"
     );
     let response = get_accepting(addr, "/metrics", "application/openmetrics-text;version=1.0.0").await;
@@ -100,8 +100,12 @@ async fn scrape() {
     let value = |series: &str| s.iter().find(|(k, _)| k == series).map(|(_, v)| *v);
     let shop = r#"{verdict="dropped",direction="egress",reason="policy-denied",namespace="shop"}"#;
     let pay = r#"{verdict="dropped",direction="egress",reason="policy-denied",namespace="payments"}"#;
-    assert_eq!(value(&format!("ztrust_drops_total{shop}")), Some(3.0), "{body}");
-    assert_eq!(value(&format!("ztrust_drops_total{pay}")), Some(1.0));
+    assert_eq!(
+        value(&format!("ztrust_drop_events_total{shop}")),
+        Some(3.0),
+        "{body}"
+    );
+    assert_eq!(value(&format!("ztrust_drop_events_total{pay}")), Some(1.0));
     assert_eq!(value("ztrust_flows_seen_total"), Some(4.0));
     assert_eq!(value("ztrust_policy_sync_writes_total"), Some(10.0));
     assert_eq!(value("ztrust_policy_sync_duration_seconds_count"), Some(1.0));

@@ -359,15 +359,9 @@ impl PinnedMaps {
         }
     }
 
-    /// The counters of an endpoint's slot, summed over the CPUs (zero without a slot).
-    pub fn slot_counts(&self, info: &EndpointInfo) -> SlotCounters {
-        let Some(slots) = self.slot_counters.as_ref().filter(|_| info.slot != NO_SLOT) else {
-            return SlotCounters::default();
-        };
-        slots
-            .get(&info.slot, 0)
-            .map(|per_cpu| SlotCounters::total(per_cpu.iter()))
-            .unwrap_or_default()
+    /// Every packet counter, slots and hash summed over the CPUs ([`super::counters`]).
+    pub fn counter_totals(&self) -> Result<super::CounterTotals, MapError> {
+        super::counters::totals(&self.endpoints, self.slot_counters.as_ref(), &self.counters)
     }
 
     /// A [`ztrust_common::stat`] counter, summed over the CPUs.

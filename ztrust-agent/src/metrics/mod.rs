@@ -5,6 +5,7 @@
 //! only added. Label values come from bounded sets (verdict, direction, reason names, namespaces);
 //! the `pod` label, whose cardinality follows pod churn, is only added with `--metrics-pod-label`.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -41,6 +42,21 @@ pub struct FlowApiCounters {
 
 type Collector = Box<dyn Fn() -> FlowApiCounters + Send + Sync>;
 
+/// One of the datapath's packet counters, attributed to the judged pod (`pod` empty for the packets of
+/// pods that left, `namespace` too for interfaces no pod is bound to): collected at each scrape.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PacketCount {
+    pub direction: &'static str,
+    pub verdict: &'static str,
+    pub reason: &'static str,
+    pub namespace: String,
+    pub pod: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+type PacketCollector = Box<dyn Fn() -> Vec<PacketCount> + Send + Sync>;
+
 /// Counters collected from the flow API, mirrored into the registry at each scrape.
 #[derive(Default)]
 struct Mirrored {
@@ -54,6 +70,8 @@ pub struct Metrics {
     registry: Registry,
     flows: Family<Labels, Counter>,
     drops: Family<Labels, Counter>,
+    packets: Family<Labels, Counter>,
+    bytes: Family<Labels, Counter>,
     flows_seen: Counter,
     flows_lost: Family<Labels, Counter>,
     ring_overwritten: Counter,
@@ -72,6 +90,7 @@ pub struct Metrics {
     pods_not_enforced: Family<Labels, U64Gauge>,
     alerts: Family<Labels, Counter>,
     flow_api: OnceLock<Collector>,
+    datapath: OnceLock<PacketCollector>,
     mirrored: Mutex<Mirrored>,
 }
 
@@ -89,6 +108,8 @@ impl Metrics {
             opts,
             flows: Family::default(),
             drops: Family::default(),
+            packets: Family::default(),
+            bytes: Family::default(),
             flows_seen: Counter::default(),
             flows_lost: Family::default(),
             ring_overwritten: Counter::default(),
@@ -107,17 +128,28 @@ impl Metrics {
             pods_not_enforced: Family::default(),
             alerts: Family::default(),
             flow_api: OnceLock::new(),
+            datapath: OnceLock::new(),
             mirrored: Mutex::default(),
             registry: Registry::default(),
         };
         registry.register(
-            "flows",
-            "Flows reported by the datapath, by verdict, direction, reason and namespace of the judged pod",
+            "datapath_packets",
+            "Packets judged by the datapath (the kernel's counters, read at each scrape), by verdict, direction, reason and namespace of the judged pod",
+            m.packets.clone(),
+        );
+        registry.register(
+            "datapath_bytes",
+            "Bytes of the packets in ztrust_datapath_packets_total, same labels",
+            m.bytes.clone(),
+        );
+        registry.register(
+            "flow_events",
+            "Flow events reported by the datapath (rate-limited per flow: --event-interval, --event-budget), by verdict, direction, reason and namespace of the judged pod",
             m.flows.clone(),
         );
         registry.register(
-            "drops",
-            "Dropped and would-drop (audit) flows, by verdict, direction, reason and namespace of the judged pod",
+            "drop_events",
+            "Flow events of dropped and would-drop (audit) flows (rate-limited per flow; ztrust_datapath_packets_total counts the packets), same labels",
             m.drops.clone(),
         );
         registry.register(
@@ -205,6 +237,11 @@ impl Metrics {
     /// Where the flow API's counters (flows lost, ring fill, subscribers) are read at every scrape.
     pub fn collect_flow_api(&self, collect: impl Fn() -> FlowApiCounters + Send + Sync + 'static) {
         let _ = self.flow_api.set(Box::new(collect));
+    }
+
+    /// Where the datapath's packet counters are read at every scrape.
+    pub fn collect_packets(&self, collect: impl Fn() -> Vec<PacketCount> + Send + Sync + 'static) {
+        let _ = self.datapath.set(Box::new(collect));
     }
 
     /// Called for every flow.
@@ -329,12 +366,46 @@ impl Metrics {
         self.alerts.get_or_create(&vec![("kind", kind.to_owned())]).inc();
     }
 
-    fn refresh(&self) {
+    /// The packet families, rebuilt from what the collector reads (series of departed pods are gone
+    /// from it; it keeps each value from falling). Called with `mirrored` held, so that two scrapes do
+    /// not interleave.
+    fn refresh_packets(&self) {
+        let Some(collect) = self.datapath.get() else {
+            return;
+        };
+        let mut sums: BTreeMap<[&str; 5], (u64, u64)> = BTreeMap::new();
+        let counts = collect();
+        for c in &counts {
+            let pod = if self.opts.pod_label { c.pod.as_str() } else { "" };
+            let sum = sums
+                .entry([c.verdict, c.direction, c.reason, c.namespace.as_str(), pod])
+                .or_default();
+            sum.0 += c.packets;
+            sum.1 += c.bytes;
+        }
+        self.packets.clear();
+        self.bytes.clear();
+        for ([verdict, direction, reason, namespace, pod], (packets, bytes)) in sums {
+            let mut labels: Labels = vec![
+                ("verdict", verdict.to_owned()),
+                ("direction", direction.to_owned()),
+                ("reason", reason.to_owned()),
+                ("namespace", namespace.to_owned()),
+            ];
+            if self.opts.pod_label {
+                labels.push(("pod", pod.to_owned()));
+            }
+            self.packets.get_or_create(&labels).inc_by(packets);
+            self.bytes.get_or_create(&labels).inc_by(bytes);
+        }
+    }
+
+    fn refresh(&self, m: &mut Mirrored) {
+        self.refresh_packets();
         let Some(collect) = self.flow_api.get() else {
             return;
         };
         let st = collect();
-        let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
         let mirror = |counter: &Counter, last: &mut u64, now: u64| {
             if now > *last {
                 counter.inc_by(now - *last);
@@ -359,7 +430,9 @@ impl Metrics {
 
     /// The OpenMetrics text of every metric.
     pub fn render(&self) -> String {
-        self.refresh();
+        // Held while the text is written: a scrape never sees another's half-rebuilt families.
+        let mut m = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        self.refresh(&mut m);
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
@@ -463,191 +536,4 @@ pub async fn serve(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::flows::testing::{allowed, denied};
-
-    /// `name{labels} value` lines → value, for the checks below.
-    fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name_and_labels)
-                    .and_then(|rest| rest.strip_prefix(' '))
-            })
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    }
-
-    #[test]
-    fn prometheus_text_names_counters_with_their_suffix() {
-        let om = "# HELP ztrust_alerts Alerts raised.\n# TYPE ztrust_alerts counter\nztrust_alerts_total{kind=\"scan\"} 1\n\
-                  # HELP ztrust_endpoints Endpoints.\n# TYPE ztrust_endpoints gauge\n# UNIT ztrust_endpoints x\nztrust_endpoints 3\n# EOF\n";
-        let text = to_prometheus_text(om);
-        assert_eq!(
-            text,
-            "# HELP ztrust_alerts_total Alerts raised.\n# TYPE ztrust_alerts_total counter\nztrust_alerts_total{kind=\"scan\"} 1\n\
-             # HELP ztrust_endpoints Endpoints.\n# TYPE ztrust_endpoints gauge\nztrust_endpoints 3\n"
-        );
-    }
-
-    #[test]
-    fn flow_counters_by_verdict_direction_reason_namespace() {
-        let m = Metrics::default();
-        m.observe_flow(&denied());
-        m.observe_flow(&denied());
-        m.observe_flow(&allowed());
-        let text = m.render();
-        let drop = r#"{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments"}"#;
-        assert_eq!(
-            sample(&text, &format!("ztrust_flows_total{drop}")),
-            Some(2.0),
-            "{text}"
-        );
-        assert_eq!(sample(&text, &format!("ztrust_drops_total{drop}")), Some(2.0));
-        let fwd = r#"{verdict="forwarded",direction="egress",reason="allowed-by-policy",namespace="shop"}"#;
-        assert_eq!(sample(&text, &format!("ztrust_flows_total{fwd}")), Some(1.0));
-        assert_eq!(sample(&text, &format!("ztrust_drops_total{fwd}")), None);
-        assert_eq!(sample(&text, "ztrust_flows_seen_total"), Some(3.0));
-        assert!(!text.contains("pod=\""), "no pod label by default");
-        assert!(text.trim_end().ends_with("# EOF"));
-    }
-
-    #[test]
-    fn a_batch_counts_as_its_flows_one_by_one() {
-        let flows = [denied(), allowed(), denied(), denied()];
-        let (batch, single) = (Metrics::default(), Metrics::default());
-        batch.observe_flows(flows.iter());
-        for f in &flows {
-            single.observe_flow(f);
-        }
-        // The same series and values (their order within a family is the family's hash order).
-        let lines = |m: &Metrics| {
-            let mut l: Vec<String> = m.render().lines().map(str::to_owned).collect();
-            l.sort();
-            l
-        };
-        assert_eq!(lines(&batch), lines(&single));
-        let text = batch.render();
-        let drop = r#"{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments"}"#;
-        assert_eq!(
-            sample(&text, &format!("ztrust_drops_total{drop}")),
-            Some(3.0),
-            "{text}"
-        );
-        assert_eq!(sample(&text, "ztrust_flows_seen_total"), Some(4.0));
-    }
-
-    #[test]
-    fn a_batch_with_many_label_sets_counts_each() {
-        let m = Metrics::new(MetricsOptions { pod_label: true });
-        let flows: Vec<Flow> = (0..80)
-            .map(|i| {
-                let mut f = denied();
-                f.destination.pod = Some(crate::model::ObjectRef::new("payments", format!("db-{}", i % 40)));
-                f
-            })
-            .collect();
-        m.observe_flows(flows.iter());
-        let text = m.render();
-        for i in [0, 17, 39] {
-            let series = format!(
-                r#"ztrust_drops_total{{verdict="dropped",direction="ingress",reason="policy-denied",namespace="payments",pod="db-{i}"}}"#
-            );
-            assert_eq!(sample(&text, &series), Some(2.0), "{text}");
-        }
-    }
-
-    #[test]
-    fn pod_label_on_request() {
-        let m = Metrics::new(MetricsOptions { pod_label: true });
-        m.observe_flow(&denied());
-        let text = m.render();
-        assert!(
-            text.contains(r#"namespace="payments",pod="database-0"}"#),
-            "{text}"
-        );
-    }
-
-    #[test]
-    fn agent_facing_setters() {
-        let m = Metrics::default();
-        m.observe_compile(0.003);
-        m.observe_sync(0.010, 42);
-        m.observe_sync(0.020, 8);
-        m.set_endpoints(7);
-        m.set_identities(12);
-        m.set_map_fill("ZT_POLICY", 100, 1_048_576);
-        m.alert_raised("scan");
-        assert_eq!(
-            sample(&m.render(), r#"ztrust_pods_not_enforced{reason="host_network"}"#),
-            Some(0.0)
-        );
-        m.set_pods_not_enforced("host_network", 2);
-        let text = m.render();
-        assert_eq!(
-            sample(&text, r#"ztrust_pods_not_enforced{reason="host_network"}"#),
-            Some(2.0)
-        );
-        assert_eq!(
-            sample(&text, "ztrust_policy_compile_duration_seconds_count"),
-            Some(1.0),
-            "{text}"
-        );
-        assert_eq!(
-            sample(&text, "ztrust_policy_sync_duration_seconds_count"),
-            Some(2.0)
-        );
-        assert_eq!(sample(&text, "ztrust_policy_sync_writes_total"), Some(50.0));
-        assert_eq!(sample(&text, "ztrust_endpoints"), Some(7.0));
-        assert_eq!(sample(&text, "ztrust_identities"), Some(12.0));
-        assert_eq!(
-            sample(&text, r#"ztrust_map_entries{map="ZT_POLICY"}"#),
-            Some(100.0)
-        );
-        assert_eq!(
-            sample(&text, r#"ztrust_map_capacity{map="ZT_POLICY"}"#),
-            Some(1_048_576.0)
-        );
-        assert_eq!(sample(&text, r#"ztrust_alerts_total{kind="scan"}"#), Some(1.0));
-    }
-
-    #[test]
-    fn flow_api_counters_are_mirrored_monotonically() {
-        let m = Metrics::default();
-        let now = Arc::new(Mutex::new(FlowApiCounters {
-            lost_kernel_ring_buffer: 9,
-            lost_slow_clients: 3,
-            ring_overwritten: 2,
-            ring_flows: 2,
-            ring_capacity: 2,
-            subscribers: 1,
-        }));
-        let read = now.clone();
-        m.collect_flow_api(move || *read.lock().unwrap());
-        let text = m.render();
-        assert_eq!(
-            sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
-            Some(9.0),
-            "{text}"
-        );
-        assert_eq!(
-            sample(&text, r#"ztrust_flows_lost_total{source="slow_client"}"#),
-            Some(3.0)
-        );
-        assert_eq!(sample(&text, "ztrust_flow_ring_overwritten_total"), Some(2.0));
-        assert_eq!(sample(&text, "ztrust_flow_ring_flows"), Some(2.0));
-        assert_eq!(sample(&text, "ztrust_flow_ring_capacity"), Some(2.0));
-        // A second scrape does not count again; a counter that went back (a new hub) adds nothing.
-        let text = m.render();
-        assert_eq!(
-            sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
-            Some(9.0)
-        );
-        now.lock().unwrap().lost_kernel_ring_buffer = 12;
-        let text = m.render();
-        assert_eq!(
-            sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
-            Some(12.0)
-        );
-    }
-}
+mod tests;
