@@ -169,18 +169,28 @@ fn counter_slots_adopted_given_and_recycled_zeroed() {
     dp.maps.counters.insert(key(5), per_cpu(3), 0).unwrap();
     dp.maps.counters.insert(key(6), per_cpu(4), 0).unwrap();
     let mut counters = loader::CounterMaps::open(&topo.pin_dir).unwrap();
-    let of = |t: &loader::CounterTotals, ifindex: u32| -> (u64, u64) {
-        t.iter()
-            .filter(|(k, _)| k.ifindex == ifindex)
+    let of = |r: &loader::CounterReading, ifindex: u32| -> (u64, u64) {
+        r.iter()
+            .filter(|((_, k), _)| k.ifindex == ifindex)
             .fold((0, 0), |(p, b), (_, v)| (p + v.packets, b + v.bytes))
     };
     let n = cpus as u64;
-    let totals = counters.totals().unwrap();
-    assert_eq!(of(&totals, 1), (5 * n, 500 * n), "endpoint 1's slot");
-    assert_eq!(of(&totals, 5), (3 * n, 30 * n));
-    assert_eq!(of(&totals, 6), (4 * n, 40 * n));
-    assert_eq!(counters.forget(5).unwrap(), 1);
-    let totals = counters.totals().unwrap();
+    let reading = counters.read().unwrap();
+    assert_eq!(of(&reading, 1), (5 * n, 500 * n), "endpoint 1's slot");
+    assert!(
+        reading
+            .keys()
+            .any(|(o, k)| *o == loader::Origin::Slot(1) && k.ifindex == 1)
+    );
+    assert_eq!(of(&reading, 5), (3 * n, 30 * n));
+    assert_eq!(of(&reading, 6), (4 * n, 40 * n));
+    let of_5: Vec<loader::Counted> = reading
+        .keys()
+        .filter(|(o, k)| *o == loader::Origin::Hash && k.ifindex == 5)
+        .map(|(_, k)| *k)
+        .collect();
+    assert_eq!(counters.forget(&of_5).unwrap(), 1);
+    let totals = counters.read().unwrap();
     assert_eq!(
         (of(&totals, 5), of(&totals, 6), of(&totals, 1)),
         ((0, 0), (4 * n, 40 * n), (5 * n, 500 * n))

@@ -194,8 +194,8 @@ pub async fn run(opts: Options) -> Result<()> {
         client_queue: opts.client_queue,
         ..Default::default()
     }));
-    collect_packets(&metrics, &opts.pin_dir, view.clone());
     let health = crate::health::Health::default();
+    collect_packets(&metrics, &opts.pin_dir, view.clone(), health.clone());
     let _observer = crate::observer::tasks::spawn(
         &opts.observer,
         hub.clone(),
@@ -354,9 +354,15 @@ async fn shutdown_signal() {
 }
 
 /// The datapath's packet counters for `/metrics`, read at each scrape and attributed to the pods the
-/// view binds to their interfaces ([`packets::Attribution`]).
-fn collect_packets(metrics: &crate::metrics::Metrics, pin_dir: &Path, view: Arc<RwLock<View>>) {
-    use crate::datapath::loader::{CounterMaps, CounterTotals};
+/// view binds to their interfaces ([`packets::Attribution`]); nothing before the first sync (the view
+/// names no pod before it).
+fn collect_packets(
+    metrics: &crate::metrics::Metrics,
+    pin_dir: &Path,
+    view: Arc<RwLock<View>>,
+    health: crate::health::Health,
+) {
+    use crate::datapath::loader::CounterMaps;
     let maps = match CounterMaps::open(pin_dir) {
         Ok(m) => m,
         Err(e) => {
@@ -364,27 +370,29 @@ fn collect_packets(metrics: &crate::metrics::Metrics, pin_dir: &Path, view: Arc<
             return;
         }
     };
-    let state = std::sync::Mutex::new((maps, packets::Attribution::default()));
+    // The maps, the attribution, and whether the last read failed (said once per failing stretch).
+    let state = std::sync::Mutex::new((maps, packets::Attribution::default(), false));
     metrics.collect_packets(move || {
+        if !health.is_ready() {
+            return Vec::new();
+        }
         let mut guard = state.lock().unwrap_or_else(|e| e.into_inner());
-        let (maps, attribution) = &mut *guard;
-        // Without a read of both the counters and the interfaces, nothing is retired: each value
-        // stays what it was.
-        let (totals, live) = match (maps.totals(), netif::interfaces()) {
-            (Ok(t), Ok(i)) => (
-                t,
-                Some(i.into_values().collect::<std::collections::HashSet<u32>>()),
-            ),
-            (t, i) => {
-                if let Err(e) = &t {
-                    warn!(error = %e, "reading the packet counters");
+        let (maps, attribution, failing) = &mut *guard;
+        let now = match maps.read() {
+            Ok(now) => now,
+            Err(e) => {
+                if !std::mem::replace(failing, true) {
+                    warn!(error = %e, "reading the packet counters; /metrics repeats the last values until a read succeeds");
                 }
-                if let Err(e) = &i {
-                    warn!(error = %e, "listing interfaces for the packet counters");
-                }
-                (CounterTotals::new(), None)
+                return attribution.series();
             }
         };
+        if std::mem::replace(failing, false) {
+            info!("the packet counters are read again");
+        }
+        // Interfaces that cannot be listed are all taken to be there (nothing is deleted).
+        let live: Option<std::collections::HashSet<u32>> =
+            netif::interfaces().ok().map(|i| i.into_values().collect());
         let owners: std::collections::HashMap<u32, crate::model::ObjectRef> = view
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -392,17 +400,15 @@ fn collect_packets(metrics: &crate::metrics::Metrics, pin_dir: &Path, view: Arc<
             .iter()
             .map(|(ifindex, ep)| (*ifindex, ep.pod.clone()))
             .collect();
-        let read = attribution.read(
-            &totals,
-            |ifindex| owners.get(&ifindex).cloned(),
-            |ifindex| live.as_ref().is_none_or(|l| l.contains(&ifindex)),
-        );
-        for ifindex in read.forget {
-            if let Err(e) = maps.forget(ifindex) {
-                warn!(ifindex, error = %e, "deleting a departed interface's packet counters");
-            }
+        let read = attribution.read(&now, &owners, |ifindex| {
+            live.as_ref().is_none_or(|l| l.contains(&ifindex))
+        });
+        if !read.forget.is_empty()
+            && let Err(e) = maps.forget(&read.forget)
+        {
+            warn!(error = %e, "deleting the packet counters of interfaces that are gone");
         }
-        read.series
+        attribution.series()
     });
 }
 

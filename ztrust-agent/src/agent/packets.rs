@@ -3,24 +3,26 @@
 //! whose interface they are on (the pod an ingress packet goes to, or an egress packet comes from — the
 //! judged pod, as in flows).
 //!
-//! The kernel counts by interface; the metrics are by namespace (and pod). An interface's counts belong
-//! to the pod bound to it when they are read. When that changes — the pod goes, the interface goes, or
-//! an interface first seen without a pod is bound to one — the counts so far are *retired*: added to
-//! a per-namespace sum that only grows (the pod label empty), and the interface's hash entries deleted,
-//! so that the next owner starts from zero and the kernel map holds no entries of interfaces that are
-//! gone. A namespace's series therefore never decreases while the agent runs, and removed pods leave no
-//! series behind. Packets on an interface no pod is bound to (a pod the agent does not know yet, held
-//! closed) are in the series with an empty namespace.
+//! The kernel counts by interface, in a slot of the endpoint's or in a hash entry; the metrics are by
+//! namespace (and pod). Each read measures every kernel counter's increase since the last read and adds
+//! it to the series of the pod bound to the counter's interface at that read: a series only ever
+//! grows, whatever happens to the kernel's counters (a slot handed out again and zeroed, an entry
+//! deleted: a counter below its last value counts from zero). A pod that is bound to no interface
+//! any longer has its series folded into its namespace's with an empty pod label, so that removed pods
+//! leave no series behind and a namespace's sum never falls. Increases on an interface no pod is bound
+//! to (a pod the agent does not know yet, held closed) are in the series with an empty namespace. The
+//! hash entries of interfaces that are gone are deleted, so that the kernel map does not fill with
+//! them; a packet counted between that read and the delete is not counted.
 //!
-//! Each reported value is at least the one reported before: an endpoint's slot counts vanish with its
-//! entry, before the pod leaves the view; the last value read stands for them. A packet counted between
-//! the read that retires an interface and the delete is not counted.
+//! Packets are counted to the pod bound at the read after them, or at the read before when none is
+//! bound any longer (a pod's last packets): around a pod's binding, what its interface counted before
+//! (dropped while the pod was unknown) is counted with it if it came within one scrape interval.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use ztrust_common::CounterValue;
 
-use crate::datapath::loader::{Counted, CounterTotals};
+use crate::datapath::loader::{Counted, CounterReading, Origin, add_counts};
 use crate::flows::{Direction, Reason, Verdict};
 use crate::metrics::PacketCount;
 use crate::model::ObjectRef;
@@ -30,111 +32,99 @@ type Series = BTreeMap<(String, String, u8, u8, u8), CounterValue>;
 
 #[derive(Debug, Default)]
 pub struct Attribution {
-    /// Each interface's owner at the last read (`None`: no pod bound).
-    owners: HashMap<u32, Option<ObjectRef>>,
-    /// The value reported for each counter at the last read.
-    last: CounterTotals,
-    /// Counts of interfaces whose owner changed, by namespace (pod empty).
-    retired: Series,
+    /// Each kernel counter's value at the last read.
+    last: CounterReading,
+    /// The pods bound at the last read: an interface's increase since then is its pod's even when the
+    /// view has let it go meanwhile (its last packets).
+    bound_before: HashMap<u32, ObjectRef>,
+    series: Series,
 }
 
-/// What a read found to do: the series to export, and the interfaces whose hash entries to delete.
+/// What a read found: the hash counters of interfaces that are gone, to delete.
 #[derive(Debug, Default)]
 pub struct Read {
-    pub series: Vec<PacketCount>,
-    pub forget: Vec<u32>,
+    pub forget: Vec<Counted>,
 }
 
-fn max(a: &CounterValue, b: &CounterValue) -> CounterValue {
-    CounterValue {
-        packets: a.packets.max(b.packets),
-        bytes: a.bytes.max(b.bytes),
+/// How much `now` grew since `last` (all of it when it is below: the counter started anew).
+fn increase(now: &CounterValue, last: Option<&CounterValue>) -> CounterValue {
+    match last {
+        Some(l) if now.packets >= l.packets && now.bytes >= l.bytes => CounterValue {
+            packets: now.packets - l.packets,
+            bytes: now.bytes - l.bytes,
+        },
+        _ => *now,
     }
 }
 
 impl Attribution {
-    /// Attributes `now` (the kernel's totals, empty when they could not be read) to the pods
-    /// `owner_of` names, `exists` telling which interfaces are still there.
+    /// Adds what the kernel's counters (`now`, a whole read) counted since the last read to the pods
+    /// `owners` binds to their interfaces; `exists` tells which interfaces are still there.
     pub fn read(
         &mut self,
-        now: &CounterTotals,
-        owner_of: impl Fn(u32) -> Option<ObjectRef>,
+        now: &CounterReading,
+        owners: &HashMap<u32, ObjectRef>,
         exists: impl Fn(u32) -> bool,
     ) -> Read {
-        let mut by_ifindex: BTreeMap<u32, BTreeMap<Counted, CounterValue>> = BTreeMap::new();
-        for (key, v) in now.iter().chain(self.last.iter()) {
-            let seen = by_ifindex
-                .entry(key.ifindex)
-                .or_default()
-                .entry(*key)
-                .or_default();
-            *seen = max(seen, v);
-        }
-        let ifindexes: BTreeSet<u32> = by_ifindex.keys().chain(self.owners.keys()).copied().collect();
         let mut read = Read::default();
-        let mut live = Series::new();
-        self.last.clear();
-        for ifindex in ifindexes {
-            let counts = by_ifindex.remove(&ifindex).unwrap_or_default();
-            let here = exists(ifindex);
-            let owner = if here { owner_of(ifindex) } else { None };
-            let before = self.owners.get(&ifindex).cloned();
-            if !here || before.as_ref().is_some_and(|b| *b != owner) {
-                // Retired under the owner the counts accrued under.
-                let namespace = before.flatten().map(|p| p.namespace).unwrap_or_default();
-                for (key, v) in &counts {
-                    let at = (
-                        namespace.clone(),
-                        String::new(),
-                        key.direction,
-                        key.verdict,
-                        key.reason,
-                    );
-                    crate::datapath::loader::add_counts(self.retired.entry(at).or_default(), v);
-                }
-                if !counts.is_empty() {
-                    read.forget.push(ifindex);
-                }
-                if here {
-                    self.owners.insert(ifindex, owner);
-                } else {
-                    self.owners.remove(&ifindex);
-                }
-                continue;
+        for (source, v) in now {
+            let (origin, key) = source;
+            let grew = increase(v, self.last.get(source));
+            if grew.packets > 0 || grew.bytes > 0 {
+                let (namespace, pod) = owners
+                    .get(&key.ifindex)
+                    .or_else(|| self.bound_before.get(&key.ifindex))
+                    .map(|p| (p.namespace.clone(), p.name.clone()))
+                    .unwrap_or_default();
+                let at = (namespace, pod, key.direction, key.verdict, key.reason);
+                add_counts(self.series.entry(at).or_default(), &grew);
             }
-            let (namespace, pod) = owner
-                .as_ref()
-                .map(|p| (p.namespace.clone(), p.name.clone()))
-                .unwrap_or_default();
-            for (key, v) in counts {
-                let at = (
-                    namespace.clone(),
-                    pod.clone(),
-                    key.direction,
-                    key.verdict,
-                    key.reason,
-                );
-                crate::datapath::loader::add_counts(live.entry(at).or_default(), &v);
-                self.last.insert(key, v);
+            if *origin == Origin::Hash && !exists(key.ifindex) {
+                read.forget.push(*key);
             }
-            self.owners.insert(ifindex, owner);
         }
-        for (at, v) in &self.retired {
-            crate::datapath::loader::add_counts(live.entry(at.clone()).or_default(), v);
+        // A counter missing from this read keeps its last value while its interface is there (a
+        // counter the iteration skipped, or a slot whose entry comes back, is not counted again).
+        let mut last = std::mem::take(&mut self.last);
+        last.retain(|(_, key), _| exists(key.ifindex));
+        last.extend(now.iter().map(|(k, v)| (*k, *v)));
+        self.last = last;
+        self.bound_before = owners.clone();
+        // Pods bound to no interface: into their namespace's series.
+        let bound: BTreeSet<(&str, &str)> = owners
+            .values()
+            .map(|p| (p.namespace.as_str(), p.name.as_str()))
+            .collect();
+        let departed: Vec<_> = self
+            .series
+            .keys()
+            .filter(|(ns, pod, ..)| !pod.is_empty() && !bound.contains(&(ns.as_str(), pod.as_str())))
+            .cloned()
+            .collect();
+        for at in departed {
+            if let Some(v) = self.series.remove(&at) {
+                let (namespace, _, direction, verdict, reason) = at;
+                let folded = (namespace, String::new(), direction, verdict, reason);
+                add_counts(self.series.entry(folded).or_default(), &v);
+            }
         }
-        read.series = live
-            .into_iter()
+        read
+    }
+
+    /// The series, as the metrics take them.
+    pub fn series(&self) -> Vec<PacketCount> {
+        self.series
+            .iter()
             .map(|((namespace, pod, direction, verdict, reason), v)| PacketCount {
-                direction: Direction::from_code(direction).name(),
-                verdict: Verdict::from_code(verdict).name(),
-                reason: Reason::from_code(reason).name(),
-                namespace,
-                pod,
+                direction: Direction::from_code(*direction).name(),
+                verdict: Verdict::from_code(*verdict).name(),
+                reason: Reason::from_code(*reason).name(),
+                namespace: namespace.clone(),
+                pod: pod.clone(),
                 packets: v.packets,
                 bytes: v.bytes,
             })
-            .collect();
-        read
+            .collect()
     }
 }
 
@@ -155,29 +145,32 @@ mod tests {
         }
     }
 
-    fn totals(entries: &[(u32, u64)]) -> CounterTotals {
+    fn value(n: u64) -> CounterValue {
+        CounterValue {
+            packets: n,
+            bytes: n * 100,
+        }
+    }
+
+    /// Hash counters of (interface, packets).
+    fn hash(entries: &[(u32, u64)]) -> CounterReading {
         entries
             .iter()
-            .map(|&(i, n)| {
-                (
-                    drop_key(i),
-                    CounterValue {
-                        packets: n,
-                        bytes: n * 100,
-                    },
-                )
-            })
+            .map(|&(i, n)| ((Origin::Hash, drop_key(i)), value(n)))
             .collect()
     }
 
-    fn pod(ns: &str, name: &str) -> ObjectRef {
-        ObjectRef::new(ns, name)
+    fn owners(entries: &[(u32, &str, &str)]) -> HashMap<u32, ObjectRef> {
+        entries
+            .iter()
+            .map(|(i, ns, name)| (*i, ObjectRef::new(*ns, *name)))
+            .collect()
     }
 
     /// (namespace, pod) → dropped packets.
-    fn dropped(r: &Read) -> BTreeMap<(String, String), u64> {
+    fn dropped(a: &Attribution) -> BTreeMap<(String, String), u64> {
         let mut out = BTreeMap::new();
-        for s in &r.series {
+        for s in a.series() {
             assert_eq!(
                 (s.verdict, s.reason, s.direction),
                 ("dropped", "policy-denied", "ingress")
@@ -196,64 +189,90 @@ mod tests {
     }
 
     #[test]
-    fn counts_are_the_bound_pods_and_a_departed_pods_stay_in_its_namespace() {
-        let mut a = Attribution::default();
-        let owners = |i: u32| match i {
-            IF_A => Some(pod("payments", "database")),
-            IF_B => Some(pod("payments", "backend")),
-            _ => None,
+    fn increases_go_to_the_bound_pods_and_a_departed_pods_stay_in_its_namespace() {
+        let backend = owners(&[(IF_B, "payments", "backend")]);
+        let departed = || {
+            let mut a = Attribution::default();
+            let both = owners(&[(IF_A, "payments", "database"), (IF_B, "payments", "backend")]);
+            let r = a.read(&hash(&[(IF_A, 5), (IF_B, 2)]), &both, |_| true);
+            assert_eq!(
+                dropped(&a),
+                series(&[("payments", "backend", 2), ("payments", "database", 5)])
+            );
+            assert!(r.forget.is_empty());
+            // database's interface goes: its increase is counted, its series folds into the
+            // namespace's, its hash entry is to be deleted.
+            let r = a.read(&hash(&[(IF_A, 6), (IF_B, 3)]), &backend, |i| i != IF_A);
+            assert_eq!(
+                dropped(&a),
+                series(&[("payments", "", 6), ("payments", "backend", 3)])
+            );
+            assert_eq!(r.forget, vec![drop_key(IF_A)]);
+            a
         };
-        let r = a.read(&totals(&[(IF_A, 5), (IF_B, 2)]), owners, |_| true);
-        assert_eq!(
-            dropped(&r),
-            series(&[("payments", "backend", 2), ("payments", "database", 5)])
-        );
-        assert!(r.forget.is_empty());
-
-        // database's interface goes: its 6 packets stay in payments (pod empty), its entries go.
-        let r = a.read(&totals(&[(IF_A, 6), (IF_B, 3)]), owners, |i| i != IF_A);
-        assert_eq!(
-            dropped(&r),
-            series(&[("payments", "", 6), ("payments", "backend", 3)])
-        );
-        assert_eq!(r.forget, vec![IF_A]);
-        // After the delete the kernel has none of IF_A: nothing is counted twice.
-        let r = a.read(&totals(&[(IF_B, 3)]), owners, |i| i != IF_A);
-        assert_eq!(
-            dropped(&r),
-            series(&[("payments", "", 6), ("payments", "backend", 3)])
-        );
-        assert!(r.forget.is_empty());
+        // Deleted, or the delete failed and the entry stays: nothing is counted twice.
+        for leftover in [hash(&[(IF_B, 3)]), hash(&[(IF_A, 6), (IF_B, 3)])] {
+            let mut a = departed();
+            for _ in 0..2 {
+                a.read(&leftover, &backend, |i| i != IF_A);
+                assert_eq!(
+                    dropped(&a),
+                    series(&[("payments", "", 6), ("payments", "backend", 3)])
+                );
+            }
+        }
     }
 
     #[test]
-    fn an_interface_bound_later_starts_from_zero_and_its_earlier_drops_stay_unattributed() {
+    fn counts_before_a_binding_stay_unattributed_and_a_slot_is_not_counted_twice() {
         let mut a = Attribution::default();
-        // Held closed before its pod is known: 4 packets dropped, no namespace.
-        let r = a.read(&totals(&[(IF_A, 4)]), |_| None, |_| true);
-        assert_eq!(dropped(&r), series(&[("", "", 4)]));
-        // The pod is bound: the 4 are retired (still no namespace), the entries deleted.
-        let bound = |i: u32| (i == IF_A).then(|| pod("payments", "frontend"));
-        let r = a.read(&totals(&[(IF_A, 5)]), bound, |_| true);
-        assert_eq!(dropped(&r), series(&[("", "", 5)]));
-        assert_eq!(r.forget, vec![IF_A]);
-        let r = a.read(&totals(&[(IF_A, 2)]), bound, |_| true);
-        assert_eq!(dropped(&r), series(&[("", "", 5), ("payments", "frontend", 2)]));
+        let slot = |n| ((Origin::Slot(4), drop_key(IF_A)), value(n));
+        // The agent's first read, before its view names the pod: 4 in the hash, 10 in the slot.
+        let none = HashMap::new();
+        let mut now = hash(&[(IF_A, 4)]);
+        now.extend([slot(10)]);
+        a.read(&now, &none, |_| true);
+        assert_eq!(dropped(&a), series(&[("", "", 14)]));
+        // The pod is bound: only what came since is its.
+        let bound = owners(&[(IF_A, "payments", "frontend")]);
+        let mut now = hash(&[(IF_A, 5)]);
+        now.extend([slot(12)]);
+        a.read(&now, &bound, |_| true);
+        assert_eq!(dropped(&a), series(&[("", "", 14), ("payments", "frontend", 3)]));
+        // The endpoint's entry (and the slot with it) is gone for a read, then back: not counted again.
+        a.read(&hash(&[(IF_A, 5)]), &bound, |_| true);
+        let mut now = hash(&[(IF_A, 5)]);
+        now.extend([slot(13)]);
+        a.read(&now, &bound, |_| true);
+        assert_eq!(dropped(&a), series(&[("", "", 14), ("payments", "frontend", 4)]));
     }
 
     #[test]
-    fn a_value_never_falls_when_slot_counts_vanish_before_the_pod_leaves() {
+    fn a_counter_that_starts_anew_counts_from_zero_and_a_read_twice_changes_nothing() {
         let mut a = Attribution::default();
-        let owners = |i: u32| (i == IF_A).then(|| pod("payments", "database"));
-        a.read(&totals(&[(IF_A, 10)]), owners, |_| true);
-        // The endpoint's entry (and its slot) went first: fewer packets read, the last value stands.
-        let r = a.read(&totals(&[(IF_A, 3)]), owners, |_| true);
-        assert_eq!(dropped(&r), series(&[("payments", "database", 10)]));
-        // A failed read (nothing) changes nothing either.
-        let r = a.read(&CounterTotals::new(), owners, |_| true);
-        assert_eq!(dropped(&r), series(&[("payments", "database", 10)]));
-        let r = a.read(&totals(&[(IF_A, 12)]), owners, |_| true);
-        assert_eq!(dropped(&r), series(&[("payments", "database", 12)]));
+        let bound = owners(&[(IF_A, "payments", "database")]);
+        a.read(&hash(&[(IF_A, 10)]), &bound, |_| true);
+        // The slot or entry was handed out again, zeroed: 3 new packets.
+        a.read(&hash(&[(IF_A, 3)]), &bound, |_| true);
+        assert_eq!(dropped(&a), series(&[("payments", "database", 13)]));
+        a.read(&hash(&[(IF_A, 3)]), &bound, |_| true);
+        assert_eq!(dropped(&a), series(&[("payments", "database", 13)]));
+        a.read(&hash(&[(IF_A, 5)]), &bound, |_| true);
+        assert_eq!(dropped(&a), series(&[("payments", "database", 15)]));
+    }
+
+    #[test]
+    fn a_gone_interface_whose_entry_stays_is_counted_once() {
+        let mut a = Attribution::default();
+        let bound = owners(&[(IF_A, "payments", "database")]);
+        let slot = |n| -> CounterReading { [((Origin::Slot(2), drop_key(IF_A)), value(n))].into() };
+        a.read(&slot(8), &bound, |_| true);
+        // The interface is gone, the endpoint entry (with its slot) not yet: read again and again.
+        for _ in 0..3 {
+            let r = a.read(&slot(8), &HashMap::new(), |_| false);
+            assert!(r.forget.is_empty(), "a slot goes with its entry, not by a delete");
+        }
+        assert_eq!(dropped(&a), series(&[("payments", "", 8)]));
     }
 
     #[test]
@@ -261,12 +280,13 @@ mod tests {
         let mut a = Attribution::default();
         for round in 0..100u32 {
             let ifindex = 100 + round;
-            let owners = move |i: u32| (i == ifindex).then(|| pod("churn", &format!("pod-{round}")));
-            let r = a.read(&totals(&[(ifindex, 1)]), owners, move |i| i == ifindex);
-            assert!(r.series.len() <= 2, "round {round}: {:?}", r.series);
+            let bound = owners(&[(ifindex, "churn", &format!("pod-{round}"))]);
+            a.read(&hash(&[(ifindex, 1)]), &bound, |i| i == ifindex);
+            assert!(a.series.len() <= 2, "round {round}: {:?}", a.series);
+            assert!(a.last.len() <= 1, "round {round}: {:?}", a.last);
         }
-        assert!(a.owners.len() <= 1 && a.last.len() <= 1);
-        let r = a.read(&CounterTotals::new(), |_| None, |_| false);
-        assert_eq!(dropped(&r), series(&[("churn", "", 100)]));
+        a.read(&CounterReading::new(), &HashMap::new(), |_| false);
+        assert_eq!(dropped(&a), series(&[("churn", "", 100)]));
+        assert!(a.last.is_empty());
     }
 }

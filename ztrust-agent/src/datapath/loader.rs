@@ -27,7 +27,7 @@ mod counters;
 mod layout;
 mod maps;
 
-pub use self::counters::{Counted, CounterMaps, CounterTotals, add_counts};
+pub use self::counters::{Counted, CounterMaps, CounterReading, CounterTotals, Origin, add_counts, sum};
 pub use self::layout::Capacities;
 use self::layout::check_pinned;
 pub use self::maps::{Endpoints, IPCACHE_HOST_PREFIX, Ipcache, Maps, NO_SLOT, PinnedMaps, Policy};

@@ -1,8 +1,9 @@
 //! Prometheus metrics, all in one registry with the `ztrust_` prefix, served at `/metrics`
 //! (`--metrics-addr`, default `0.0.0.0:9965`) in the OpenMetrics text format.
 //!
-//! Names are stable (documented in the README): a metric is never renamed or given another meaning,
-//! only added. Label values come from bounded sets (verdict, direction, reason names, namespaces);
+//! Names are stable (documented in the README): a metric is not given another meaning; one renamed
+//! (`ztrust_flows_total` → `ztrust_flow_events_total`, `ztrust_drops_total` → `ztrust_drop_events_total`,
+//! to say that they count events, not packets) is said in the README. Label values come from bounded sets (verdict, direction, reason names, namespaces);
 //! the `pod` label, whose cardinality follows pod churn, is only added with `--metrics-pod-label`.
 
 use std::collections::BTreeMap;

@@ -1,9 +1,9 @@
 //! The datapath's packet counters as user space reads them: every packet a classifier judges is counted
 //! once, by interface, direction, verdict and reason — in its endpoint's slot
 //! ([`names::SLOT_COUNTERS`]) when it is part of an established stream, else in the hash
-//! ([`names::COUNTERS`]). The two add up; [`totals`] sums them over the CPUs. `status` reads them
-//! through [`PinnedMaps`]; the agent's `/metrics` through [`CounterMaps`], its own descriptors of the
-//! same pins.
+//! ([`names::COUNTERS`]). The two add up; [`read`] reads both, summed over the CPUs. `status` reads
+//! them through [`PinnedMaps`]; the agent's `/metrics` through [`CounterMaps`], its own descriptors
+//! of the same pins.
 
 use super::*;
 
@@ -19,20 +19,42 @@ pub struct Counted {
 /// Every counter with packets, summed over the CPUs.
 pub type CounterTotals = BTreeMap<Counted, CounterValue>;
 
+/// Where a counter is kept: an endpoint's slot (by its index) or the hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Origin {
+    Slot(u32),
+    Hash,
+}
+
+/// Every counter with packets, each where it is kept, summed over the CPUs: what a reader measures
+/// increases against (a slot handed out again, or a hash entry deleted and made again, starts anew).
+pub type CounterReading = BTreeMap<(Origin, Counted), CounterValue>;
+
 /// Adds `v` to `total`.
 pub fn add_counts(total: &mut CounterValue, v: &CounterValue) {
     total.packets += v.packets;
     total.bytes += v.bytes;
 }
 
+/// [`CounterReading`] summed by what is counted, wherever it is kept.
+pub fn sum(reading: &CounterReading) -> CounterTotals {
+    let mut out = CounterTotals::new();
+    for ((_, key), v) in reading {
+        add_counts(out.entry(*key).or_default(), v);
+    }
+    out
+}
+
 /// The counters of the endpoints' slots and of the hash, summed over the CPUs. An endpoint without a
-/// slot (or pins from before the slots: `slots` is `None`) has all its packets in the hash.
-pub(super) fn totals(
+/// slot (or pins from before the slots: `slots` is `None`) has all its packets in the hash. A key the
+/// kernel's iteration visits twice (it starts again when the entry it stood on is deleted meanwhile)
+/// is read twice, not counted twice.
+pub(super) fn read(
     endpoints: &HashMap<MapData, u32, EndpointInfo>,
     slots: Option<&PerCpuArray<MapData, SlotCounters>>,
     counters: &PerCpuHashMap<MapData, CounterKey, CounterValue>,
-) -> Result<CounterTotals, MapError> {
-    let mut out = CounterTotals::new();
+) -> Result<CounterReading, MapError> {
+    let mut out = CounterReading::new();
     if let Some(slots) = slots {
         for entry in endpoints.iter() {
             let (ifindex, info) = entry?;
@@ -48,30 +70,46 @@ pub(super) fn totals(
                         verdict,
                         reason,
                     };
-                    add_counts(out.entry(key).or_default(), &v);
+                    out.insert((Origin::Slot(info.slot), key), v);
                 }
             }
         }
     }
     for entry in counters.iter() {
         let (key, per_cpu) = entry?;
-        let key = Counted {
-            ifindex: key.ifindex,
-            direction: key.direction,
-            verdict: key.verdict,
-            reason: key.reason,
-        };
-        let total = out.entry(key).or_default();
+        let mut total = CounterValue::default();
         for v in per_cpu.iter() {
-            add_counts(total, v);
+            add_counts(&mut total, v);
         }
+        out.insert((Origin::Hash, Counted::of(&key)), total);
     }
     Ok(out)
 }
 
+impl Counted {
+    pub fn of(key: &CounterKey) -> Self {
+        Self {
+            ifindex: key.ifindex,
+            direction: key.direction,
+            verdict: key.verdict,
+            reason: key.reason,
+        }
+    }
+
+    pub fn key(&self) -> CounterKey {
+        CounterKey {
+            ifindex: self.ifindex,
+            direction: self.direction,
+            verdict: self.verdict,
+            reason: self.reason,
+            _pad: 0,
+        }
+    }
+}
+
 /// The packet counters of a running agent's pins, opened on their own descriptors (the reconcile loop
 /// keeps its [`Maps`]): read at every scrape of `/metrics`, and emptied of an interface's entries once
-/// its counts have been handed on ([`CounterMaps::forget`]).
+/// their interface is gone ([`CounterMaps::forget`]).
 pub struct CounterMaps {
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     slots: Option<PerCpuArray<MapData, SlotCounters>>,
@@ -92,23 +130,16 @@ impl CounterMaps {
         })
     }
 
-    pub fn totals(&self) -> Result<CounterTotals, MapError> {
-        totals(&self.endpoints, self.slots.as_ref(), &self.counters)
+    pub fn read(&self) -> Result<CounterReading, MapError> {
+        read(&self.endpoints, self.slots.as_ref(), &self.counters)
     }
 
-    /// Deletes the hash's counters of the interface (the slot of an endpoint goes with its entry, and is
-    /// zeroed before it is handed out again); how many went. A packet counted between the last read and
-    /// the delete is not counted anywhere.
-    pub fn forget(&mut self, ifindex: u32) -> Result<usize, MapError> {
-        let keys: Vec<CounterKey> = self
-            .counters
-            .keys()
-            .filter_map(|k| k.ok())
-            .filter(|k| k.ifindex == ifindex)
-            .collect();
+    /// Deletes these counters from the hash (those of interfaces that are gone); how many went. A
+    /// packet counted between the last read and the delete is not counted anywhere.
+    pub fn forget(&mut self, keys: &[Counted]) -> Result<usize, MapError> {
         let mut gone = 0;
-        for k in &keys {
-            match self.counters.remove(k) {
+        for k in keys {
+            match self.counters.remove(&k.key()) {
                 Ok(()) => gone += 1,
                 Err(MapError::KeyNotFound) => {}
                 Err(e) => return Err(e),

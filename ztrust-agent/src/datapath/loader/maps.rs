@@ -361,7 +361,8 @@ impl PinnedMaps {
 
     /// Every packet counter, slots and hash summed over the CPUs ([`super::counters`]).
     pub fn counter_totals(&self) -> Result<super::CounterTotals, MapError> {
-        super::counters::totals(&self.endpoints, self.slot_counters.as_ref(), &self.counters)
+        super::counters::read(&self.endpoints, self.slot_counters.as_ref(), &self.counters)
+            .map(|r| super::counters::sum(&r))
     }
 
     /// A [`ztrust_common::stat`] counter, summed over the CPUs.
