@@ -84,7 +84,7 @@ fn compile(c: &mut Criterion) {
     let mut g = c.benchmark_group("compile");
     g.sample_size(10);
     for (policies, pods) in [(100usize, 500usize), (1_000, 5_000)] {
-        let s = synth::Synth::new(policies, pods, 100);
+        let s = synth::Synth::new(policies, pods, 100, true);
         g.bench_with_input(
             BenchmarkId::new("cold", format!("{policies}p_{pods}pods")),
             &s.cluster,
@@ -107,7 +107,7 @@ fn compile(c: &mut Criterion) {
 fn update(c: &mut Criterion) {
     let mut g = c.benchmark_group("update");
     for (policies, pods) in [(1_000usize, 5_000usize), (10_000, 50_000)] {
-        let mut s = synth::Synth::new(policies, pods, 100);
+        let mut s = synth::Synth::new(policies, pods, 100, true);
         let mut engine = Engine::for_node(synth::THIS_NODE);
         engine.update(&s.cluster, &Changes::default());
         let local = s.interfaces.keys().next().expect("a local pod").clone();
@@ -217,7 +217,7 @@ fn sync_unchanged(c: &mut Criterion) {
     let mut g = c.benchmark_group("sync_no_change");
     g.sample_size(20);
     for (policies, pods) in [(100usize, 500usize), (1_000, 5_000)] {
-        let s = synth::Synth::new(policies, pods, 100);
+        let s = synth::Synth::new(policies, pods, 100, true);
         let desired = Engine::new().compile(&s.cluster);
         let interfaces: BTreeMap<_, _> = s.interfaces.clone();
         let mut syncer = Syncer::new();

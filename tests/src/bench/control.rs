@@ -37,6 +37,10 @@ pub struct Args {
     /// Stop measuring changes of one size after this many seconds (the count is reported).
     #[arg(long, default_value_t = 600)]
     pub max_seconds: u64,
+    /// A Service per app (ClusterIP, EndpointSlice of its pods); `--services false` for the cluster of
+    /// earlier versions of this benchmark.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub services: bool,
 }
 
 #[derive(clap::Args, Clone, Debug)]
@@ -51,6 +55,8 @@ pub struct ChildArgs {
     pub changes: usize,
     #[arg(long)]
     pub max_seconds: u64,
+    #[arg(long, action = clap::ArgAction::Set)]
+    pub services: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default)]
@@ -141,7 +147,7 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
     };
     let result = (|| -> anyhow::Result<SizeResult> {
         let mut dp = Datapath::load_with(&pin, caps)?;
-        let mut synth = Synth::new(a.policies, a.pods, a.local);
+        let mut synth = Synth::new(a.policies, a.pods, a.local, a.services);
         let mut r = SizeResult {
             policies: a.policies,
             pods: a.pods,
@@ -172,9 +178,10 @@ pub fn child(a: &ChildArgs) -> anyhow::Result<()> {
         r.policy_entries = syncer.policy_entries();
         r.peak_rss_cold_mib = proc_status_kib("VmHWM") as f64 / 1024.0;
         eprintln!(
-            "  {} policies / {} pods: cold compile {:.0} ms, sync {:.0} ms ({} writes), peak RSS {:.0} MiB; {} changes ...",
+            "  {} policies / {} pods / {} Services: cold compile {:.0} ms, sync {:.0} ms ({} writes), peak RSS {:.0} MiB; {} changes ...",
             a.policies,
             a.pods,
+            synth.cluster.services.len(),
             r.cold_compile_ms,
             r.cold_sync_ms,
             r.cold_writes,
@@ -266,6 +273,7 @@ pub fn run_section(args: &Args) -> anyhow::Result<Report> {
                 &args.changes.to_string(),
             ])
             .args(["--max-seconds", &args.max_seconds.to_string()])
+            .args(["--services", &args.services.to_string()])
             .stderr(std::process::Stdio::inherit())
             .output()?;
         anyhow::ensure!(

@@ -2,14 +2,17 @@
 //! replicas with shared label sets (app, tier, version), named container ports, and policies that mix
 //! `matchLabels` and `matchExpressions`, same-namespace and cross-namespace peers, named ports, ipBlocks
 //! with excepts and egress rules. About `local` of the pods are on "this node" and get an interface.
+//! With Services: one per app (a ClusterIP, port `http`), its EndpointSlice listing the app's pods,
+//! kept current as pods are added.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::IpNet;
 use ztrust_agent::model::{
-    Cluster, ContainerPort, LabelSelector, Labels, Namespace, NetworkPolicy, ObjectRef, Operator, Peer, Pod,
-    PortRef, PortSpec, Protocol, Requirement, Rule,
+    Cluster, ContainerPort, EndpointSlice, LabelSelector, Labels, Namespace, NetworkPolicy, ObjectRef,
+    Operator, Peer, Pod, PortRef, PortSpec, Protocol, Requirement, Rule, Service, ServicePort, SliceEndpoint,
+    SlicePort,
 };
 
 use ztrust_agent::policy::Changes;
@@ -41,6 +44,8 @@ pub struct Synth {
     pub next_pod: u32,
     pub next_ifindex: u32,
     pub rng: Rng,
+    /// Whether each app has a Service (and its pods are in its EndpointSlice).
+    pub services: bool,
 }
 
 fn labels(pairs: &[(&str, String)]) -> Labels {
@@ -115,6 +120,9 @@ impl Synth {
         };
         let r = pod.object_ref();
         self.cluster.pods.insert(r.clone(), pod);
+        if self.services {
+            self.serve(ns, app, pod_ip(k));
+        }
         if local {
             self.interfaces.insert(r.clone(), self.next_ifindex);
             self.next_ifindex += 1;
@@ -122,14 +130,66 @@ impl Synth {
         r
     }
 
-    /// `policies` policies over `pods` pods (100 per namespace), `local` of them on this node.
-    pub fn new(policies: usize, pods: usize, local: usize) -> Self {
+    /// The EndpointSlice of app `app`'s Service in namespace `ns`.
+    fn slice_ref(ns: usize, app: usize) -> ObjectRef {
+        ObjectRef::new(ns_name(ns), format!("svc-app-{app}-1"))
+    }
+
+    /// Adds `ip` to the EndpointSlice of the app's Service, creating the Service and the slice first.
+    fn serve(&mut self, ns: usize, app: usize, ip: IpAddr) -> ObjectRef {
+        let slice = Self::slice_ref(ns, app);
+        if !self.cluster.endpoint_slices.contains_key(&slice) {
+            let n = (ns * APPS_PER_NS + app) as u32;
+            let svc = Service {
+                namespace: ns_name(ns),
+                name: format!("svc-app-{app}"),
+                cluster_ips: vec![IpAddr::V4(Ipv4Addr::from(
+                    u32::from(Ipv4Addr::new(10, 96, 0, 0)) + n,
+                ))],
+                external_ips: Vec::new(),
+                ports: vec![ServicePort {
+                    name: Some("http".into()),
+                    protocol: Protocol::Tcp,
+                    port: 80,
+                    node_port: None,
+                }],
+            };
+            self.cluster.services.insert(svc.object_ref(), svc);
+            self.cluster.endpoint_slices.insert(
+                slice.clone(),
+                EndpointSlice {
+                    namespace: ns_name(ns),
+                    name: slice.name.clone(),
+                    service: format!("svc-app-{app}"),
+                    ports: vec![SlicePort {
+                        name: Some("http".into()),
+                        protocol: Protocol::Tcp,
+                        port: 8080 + (app % 2) as u16,
+                    }],
+                    endpoints: Vec::new(),
+                },
+            );
+        }
+        let s = self.cluster.endpoint_slices.get_mut(&slice).expect("made above");
+        s.endpoints.push(SliceEndpoint {
+            addresses: vec![ip],
+            ready: true,
+            serving: true,
+            terminating: false,
+        });
+        slice
+    }
+
+    /// `policies` policies over `pods` pods (100 per namespace), `local` of them on this node; with
+    /// `services`, a Service per app.
+    pub fn new(policies: usize, pods: usize, local: usize, services: bool) -> Self {
         let mut me = Synth {
             cluster: Cluster::default(),
             interfaces: BTreeMap::new(),
             next_pod: 0,
             next_ifindex: 10_000,
             rng: Rng(0x5eed_1234_abcd_ef01 ^ policies as u64),
+            services,
         };
         let n_ns = pods.div_ceil(PODS_PER_NS).max(1);
         for i in 0..n_ns {
@@ -280,6 +340,10 @@ impl Synth {
                 // Half the new pods land on this node.
                 let local = self.rng.below(2) == 0;
                 changes.pods.insert(self.make_pod(ns, app, local));
+                if self.services {
+                    // The EndpointSlice controller's update comes with it.
+                    changes.endpoint_slices.insert(Self::slice_ref(ns, app));
+                }
                 ("pod added", changes)
             }
             1 => {

@@ -334,6 +334,13 @@ fn scanner_alert_and_prometheus_scrape() {
     eprintln!(
         "flood of {FLOOD} denied packets in {took:?}: packet counter +{FLOOD}, drop events +{flood_events}"
     );
+    // Established packets are counted in the endpoints' slots, not the hash: they are exported too (the
+    // 50 connections to the backend at the start: at least their handshakes' last ACKs and FINs).
+    let forwarded = settled(
+        &node,
+        r#"sum(ztrust_datapath_packets_total{namespace="payments",verdict="forwarded",reason="established"})"#,
+    );
+    assert!(forwarded >= 100.0, "established packets exported: {forwarded}");
     // One event per flow and --event-interval (1 s): one per started second of the flood, at least one.
     let most = took.as_secs_f64().ceil() + 1.0;
     assert!(

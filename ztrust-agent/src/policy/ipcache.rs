@@ -52,6 +52,7 @@ pub fn remote_identity(desired: &Desired, addr: IpAddr) -> u32 {
 
 /// The ipcache as the kernel matches it, for many lookups: longest-prefix match over the mapped
 /// addresses, [`identity::WORLD`] where nothing matches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IpcacheIndex(BTreeMap<(u32, u128), u32>);
 
 impl IpcacheIndex {
@@ -63,6 +64,27 @@ impl IpcacheIndex {
                 .map(|(net, id)| (mapped_net(net), *id))
                 .collect(),
         )
+    }
+
+    /// Brings the entries of `changed` (prefixes of `desired`'s ipcache that appeared, went or changed
+    /// identity) up to date: afterwards the index is what [`IpcacheIndex::new`] builds from `desired`.
+    pub fn update<'a>(&mut self, desired: &Desired, changed: impl IntoIterator<Item = &'a IpNet>) {
+        for net in changed {
+            let at = mapped_net(net);
+            // The prefixes that map to `at`: the IPv6 one and, in the IPv4-mapped range, the IPv4 one.
+            // Of two, the index keeps the later in the ipcache's order, the IPv6 one.
+            let v6 = ipnet::Ipv6Net::new(Ipv6Addr::from(at.1), at.0 as u8)
+                .ok()
+                .map(IpNet::V6);
+            let v4 = unmapped_net(at.0, at.1).filter(|n| matches!(n, IpNet::V4(_)));
+            match v6
+                .and_then(|n| desired.ipcache.get(&n))
+                .or_else(|| v4.and_then(|n| desired.ipcache.get(&n)))
+            {
+                Some(id) => self.0.insert(at, *id),
+                None => self.0.remove(&at),
+            };
+        }
     }
 
     pub fn identity(&self, addr: IpAddr) -> u32 {

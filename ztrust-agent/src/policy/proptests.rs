@@ -674,6 +674,8 @@ proptest! {
             engine.take_delta();
             previous = c.clone();
             let d = engine.desired();
+            // Kept between updates, the frontends are what a computation from scratch finds.
+            prop_assert_eq!(&d.services, &super::services::frontends(&c, d));
             let classes = d.services.get(&frontend).cloned().unwrap_or_default();
             let backends: Vec<IpAddr> = c.endpoint_slices.values().flat_map(|s| &s.endpoints).flat_map(|e| e.addresses.clone()).collect();
             // The raw classes (one per backend identity) bound the merged ones.
@@ -836,5 +838,104 @@ fn namespace_relabel_hands_entries_between_overlapping_rules() {
             .keys()
             .any(|k| k.remote == client_id && k.port_lo == 8080);
         assert_eq!(named, team, "the named port entry follows the team label");
+    }
+}
+
+/// Services over `c` chosen by `mask`: up to three, each over the pods its bits pick, one with an
+/// external IP that is another's cluster IP (a frontend two Services claim), a slice that names the
+/// first Service or the second, and node ports at the node's addresses.
+fn with_services(c: &Cluster, mask: u64) -> Cluster {
+    use crate::model::{EndpointSlice, Service, ServicePort, SliceEndpoint, SlicePort};
+    let mut c = c.clone();
+    c.node_ips = vec![IpAddr::V4(Ipv4Addr::new(192, 168, 0, 5))];
+    let addrs: Vec<IpAddr> = c
+        .pods
+        .values()
+        .filter(|p| !p.host_network)
+        .flat_map(|p| p.ips.clone())
+        .collect();
+    for k in 0..3u64 {
+        if mask >> (k * 8) & 1 == 0 {
+            continue;
+        }
+        let name = format!("s{k}");
+        let port = ServicePort {
+            name: Some("p".into()),
+            protocol: Protocol::Tcp,
+            port: 80 + k as u16,
+            node_port: (mask >> (k * 8 + 1) & 1 == 1).then_some(30000 + k as u16),
+        };
+        let svc = Service {
+            namespace: "a".into(),
+            name: name.clone(),
+            cluster_ips: vec![
+                IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10 + k as u8)),
+                IpAddr::V6(Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 10 + k as u16)),
+            ],
+            // s2 is also reached at s0's address (and port 80 is s0's only when s2 has port 80 too).
+            external_ips: if k == 2 {
+                vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10))]
+            } else {
+                Vec::new()
+            },
+            ports: vec![port],
+        };
+        c.services.insert(svc.object_ref(), svc);
+        // The slice of s1 sometimes names s0 instead (its label changed).
+        let service = if k == 1 && mask >> 30 & 1 == 1 {
+            "s0".to_owned()
+        } else {
+            name.clone()
+        };
+        let endpoints = addrs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| mask >> (k * 8 + 2 + (*i as u64 % 6)) & 1 == 1)
+            .map(|(i, ip)| SliceEndpoint {
+                addresses: vec![*ip],
+                ready: i % 5 != 4,
+                serving: true,
+                terminating: i % 5 == 4,
+            })
+            .collect();
+        let slice = EndpointSlice {
+            namespace: "a".into(),
+            name: format!("{name}-1"),
+            service,
+            ports: vec![SlicePort {
+                name: Some("p".into()),
+                protocol: Protocol::Tcp,
+                port: 8000 + k as u16 + (mask >> 40 & 3) as u16,
+            }],
+            endpoints,
+        };
+        c.endpoint_slices.insert(slice.object_ref(), slice);
+    }
+    c
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    /// The frontends kept between updates (each update told only which objects changed) are at every
+    /// step what a computation from scratch finds, while pods, policies, Services and slices change.
+    #[test]
+    fn frontends_kept_between_updates_are_computed_from_scratch(
+        steps in evolution(),
+        masks in proptest::collection::vec(any::<u64>(), 7),
+    ) {
+        let mut engine = Engine::for_node("here");
+        let mut previous = Cluster::default();
+        for (step, mask) in steps.iter().zip(&masks) {
+            let c = with_services(step, *mask);
+            engine.update(&c, &Changes::between(&previous, &c));
+            if mask & (1 << 63) != 0 {
+                // Sometimes the agent syncs (takes the delta) between updates, sometimes not.
+                engine.take_delta();
+            }
+            previous = c.clone();
+            let d = engine.desired();
+            prop_assert_eq!(&d.services, &super::services::frontends(&c, d), "cluster: {:#?}", c);
+        }
     }
 }

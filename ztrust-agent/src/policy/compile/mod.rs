@@ -183,6 +183,7 @@ pub struct Engine {
     delta: Delta,
     /// Backends frontends lost within `run --service-grace`.
     departed: super::services::Departed,
+    frontends: super::services::FrontendCache,
 }
 
 impl Default for Engine {
@@ -256,6 +257,7 @@ impl Engine {
             desired: Desired::default(),
             delta: Delta::default(),
             departed: super::services::Departed::default(),
+            frontends: super::services::FrontendCache::default(),
         }
     }
 
@@ -274,7 +276,7 @@ impl Engine {
     /// whether the frontends changed.
     pub fn expire_services(&mut self, cluster: &Cluster, now: std::time::Instant) {
         if self.st.built && self.departed.next_expiry().is_some_and(|t| t <= now) {
-            self.refresh_services_at(cluster, now);
+            self.refresh_services_at(cluster, &Changes::default(), now);
         }
     }
 
@@ -405,22 +407,35 @@ impl Engine {
             || !self.delta.endpoints.is_empty()
             || self.delta.full
         {
-            self.refresh_services(cluster);
+            self.refresh_services(cluster, changes);
         }
         &self.desired
     }
 
-    /// Service frontends and ranges from `cluster` and the current ipcache; the delta says whether they
-    /// changed.
-    fn refresh_services(&mut self, cluster: &Cluster) {
-        self.refresh_services_at(cluster, std::time::Instant::now());
+    /// Service frontends and ranges from `cluster` and the current ipcache, recomputed where `changes`
+    /// and the delta reach ([`super::services::FrontendCache`]); the delta says whether they changed.
+    fn refresh_services(&mut self, cluster: &Cluster, changes: &Changes) {
+        self.refresh_services_at(cluster, changes, std::time::Instant::now());
     }
 
-    fn refresh_services_at(&mut self, cluster: &Cluster, now: std::time::Instant) {
-        let frontends = super::services::frontends_at(cluster, &self.desired, &mut self.departed, now);
+    fn refresh_services_at(&mut self, cluster: &Cluster, changes: &Changes, now: std::time::Instant) {
+        let updates = self.frontends.refresh(
+            cluster,
+            &self.desired,
+            &self.delta,
+            changes,
+            &mut self.departed,
+            now,
+        );
+        let mut changed = false;
+        for (frontend, classes) in updates {
+            changed |= match classes {
+                Some(c) => self.desired.services.insert(frontend, c.clone()) != Some(c),
+                None => self.desired.services.remove(&frontend).is_some(),
+            };
+        }
         let cidrs: BTreeSet<IpNet> = cluster.service_cidrs.iter().map(IpNet::trunc).collect();
-        if frontends != self.desired.services || cidrs != self.desired.service_cidrs {
-            self.desired.services = frontends;
+        if changed || cidrs != self.desired.service_cidrs {
             self.desired.service_cidrs = cidrs;
             self.delta.services = true;
         }
@@ -543,6 +558,6 @@ impl Engine {
         self.identities.sweep();
         self.rules.sweep();
         self.settle();
-        self.refresh_services(cluster);
+        self.refresh_services(cluster, &Changes::default());
     }
 }

@@ -34,6 +34,9 @@ use crate::model::{Cluster, EndpointSlice, Protocol, Service, ServicePort};
 use super::Desired;
 use super::ipcache::IpcacheIndex;
 
+mod cache;
+pub use cache::FrontendCache;
+
 /// A Service frontend: what a pod's packet names before the node translates it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Frontend {
@@ -48,22 +51,12 @@ pub type BackendClass = (u32, u16);
 /// Every frontend of `cluster`'s Services with the classes of its backends (sorted, without repeats;
 /// empty when it has no ready or serving backend), identities as `desired`'s ipcache gives them. A
 /// frontend that several Services claim (an external IP that is another Service's address) gets the
-/// classes of all of them: the node may translate it to any.
+/// classes of all of them: the node may translate it to any. Computed from scratch, with no grace for
+/// lost backends: what [`FrontendCache`] keeps current between updates.
 pub fn frontends(cluster: &Cluster, desired: &Desired) -> BTreeMap<Frontend, Vec<BackendClass>> {
-    frontends_at(cluster, desired, &mut Departed::default(), Instant::now())
-}
-
-/// [`frontends`], each frontend's backends joined by those it lost less than `departed`'s grace before
-/// `now` (which `departed` records).
-pub fn frontends_at(
-    cluster: &Cluster,
-    desired: &Desired,
-    departed: &mut Departed,
-    now: Instant,
-) -> BTreeMap<Frontend, Vec<BackendClass>> {
     let index = IpcacheIndex::new(desired);
     let slices = Slices::new(cluster);
-    let mut backends: BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>> = BTreeMap::new();
+    let mut backends: BTreeMap<Frontend, BTreeSet<Backend>> = BTreeMap::new();
     for (svc, port, frontend) in each_frontend(cluster) {
         let of_family = slices
             .backends(svc, port)
@@ -71,61 +64,94 @@ pub fn frontends_at(
             .filter(|(ip, _)| ip.is_ipv4() == frontend.addr.is_ipv4());
         backends.entry(frontend).or_default().extend(of_family);
     }
-    departed.observe(&backends, now);
-    let mut out: BTreeMap<Frontend, BTreeSet<BackendClass>> = BTreeMap::new();
-    let none = BTreeSet::new();
-    let all: BTreeSet<Frontend> = backends.keys().chain(departed.frontends()).copied().collect();
-    for frontend in all {
-        let addrs = backends.get(&frontend).unwrap_or(&none);
-        let lingering = departed.of(&frontend);
-        let classes = addrs
-            .iter()
-            .chain(lingering)
-            .map(|(ip, target)| (index.identity(*ip), *target));
-        out.entry(frontend).or_default().extend(classes);
-    }
-    let backends: BTreeSet<u32> = out.values().flatten().map(|c| c.0).collect();
-    let alike = egress_alike(desired, &backends);
-    out.into_iter()
-        .map(|(f, classes)| {
-            // Classes come in (identity, port) order: the first of each kind and port is the smallest of
-            // this frontend's own identities, so flows name one of its backends.
-            let mut seen = BTreeSet::new();
-            let merged = classes
-                .into_iter()
-                .filter(|(id, port)| seen.insert((alike.get(id).copied(), *port)))
-                .collect();
-            (f, merged)
+    let classes: BTreeMap<Frontend, BTreeSet<BackendClass>> = backends
+        .iter()
+        .map(|(f, addrs)| {
+            (
+                *f,
+                addrs.iter().map(|(ip, t)| (index.identity(*ip), *t)).collect(),
+            )
         })
+        .collect();
+    let ids: BTreeSet<u32> = classes.values().flatten().map(|c| c.0).collect();
+    let profiles = egress_profiles(desired, &ids);
+    classes
+        .into_iter()
+        .map(|(f, classes)| (f, merged(classes, &profiles)))
         .collect()
 }
 
-/// For each of `ids`, a number that two of them share iff every endpoint's egress entries treat them
-/// alike: the same entries (protocol, port range and rule) of the same endpoints name both as their
-/// remote. The kernel's egress lookup (`policy_lookup`: the exact entry, the trie, then the any-peer
-/// entry) then gives the same answer, rule included, for either, whatever the endpoint and port. One walk
-/// over the allow sets.
-fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, usize> {
-    type Entry<'a> = (&'a crate::model::ObjectRef, u8, u16, u16, u32);
-    let mut profile: BTreeMap<u32, Vec<Entry<'_>>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+/// A backend: its address and the port the node translates to.
+pub type Backend = (IpAddr, u16);
+
+/// One egress entry naming an identity: the endpoint, protocol, port range and rule.
+type ProfileEntry<'a> = (&'a crate::model::ObjectRef, u8, u16, u16, u32);
+
+/// For each of `ids`, the egress entries of every endpoint that name it as their remote, in
+/// (endpoint, key) order. Two identities with equal profiles are treated alike by every endpoint's
+/// egress: the kernel's egress lookup (`policy_lookup`: the exact entry, the trie, then the any-peer
+/// entry) gives the same answer, rule included, for either, whatever the endpoint and port. One walk
+/// over the allow sets, or, for few identities, a range of each endpoint's allow set per identity.
+pub(super) fn egress_profiles<'a>(
+    desired: &'a Desired,
+    ids: &BTreeSet<u32>,
+) -> BTreeMap<u32, Vec<ProfileEntry<'a>>> {
+    let mut profile: BTreeMap<u32, Vec<ProfileEntry<'a>>> = ids.iter().map(|id| (*id, Vec::new())).collect();
+    if ids.is_empty() {
+        return profile;
+    }
+    let entries: usize = desired.endpoints.values().map(|p| p.allow.len()).sum();
+    let ranged = ids
+        .len()
+        .saturating_mul(desired.endpoints.len())
+        .saturating_mul(16)
+        < entries;
     for (ep, policy) in &desired.endpoints {
-        for (key, rule) in &policy.allow {
-            if key.direction != ztrust_common::dir::EGRESS {
-                continue;
+        if ranged {
+            for (id, into) in profile.iter_mut() {
+                for (key, rule) in policy.allow.range(egress_range(*id)) {
+                    into.push((ep, key.protocol, key.port_lo, key.port_hi, *rule));
+                }
             }
-            if let Some(entries) = profile.get_mut(&key.remote) {
-                entries.push((ep, key.protocol, key.port_lo, key.port_hi, *rule));
+        } else {
+            for (key, rule) in &policy.allow {
+                if key.direction != ztrust_common::dir::EGRESS {
+                    continue;
+                }
+                if let Some(into) = profile.get_mut(&key.remote) {
+                    into.push((ep, key.protocol, key.port_lo, key.port_hi, *rule));
+                }
             }
         }
     }
-    // Entries are pushed in (endpoint, key) order, so equal sets are equal vectors.
-    let mut kinds: BTreeMap<&[Entry<'_>], usize> = BTreeMap::new();
-    let mut out = BTreeMap::new();
-    for (id, entries) in &profile {
-        let next = kinds.len();
-        out.insert(*id, *kinds.entry(entries.as_slice()).or_insert(next));
-    }
-    out
+    profile
+}
+
+/// Every egress allow key with remote `id`.
+fn egress_range(id: u32) -> std::ops::RangeInclusive<super::AllowKey> {
+    let key = |protocol, port| super::AllowKey {
+        direction: ztrust_common::dir::EGRESS,
+        remote: id,
+        protocol,
+        port_lo: port,
+        port_hi: port,
+    };
+    key(0, 0)..=key(u8::MAX, u16::MAX)
+}
+
+/// A frontend's classes with the identities that every endpoint's egress treats alike (equal
+/// `profiles`) merged. Classes come in (identity, port) order: the first of each kind and port is the
+/// smallest of this frontend's own identities of that kind, so flows name one of its backends.
+pub(super) fn merged(
+    classes: BTreeSet<BackendClass>,
+    profiles: &BTreeMap<u32, Vec<ProfileEntry<'_>>>,
+) -> Vec<BackendClass> {
+    let none = Vec::new();
+    let mut seen: BTreeSet<(&[ProfileEntry<'_>], u16)> = BTreeSet::new();
+    classes
+        .into_iter()
+        .filter(|(id, port)| seen.insert((profiles.get(id).unwrap_or(&none).as_slice(), *port)))
+        .collect()
 }
 
 /// Every frontend of every Service of `cluster`, with the Service and port it belongs to: each cluster,
@@ -134,38 +160,46 @@ fn egress_alike(desired: &Desired, ids: &BTreeSet<u32>) -> BTreeMap<u32, usize> 
 /// of each of the Service's families (the kernel's key for "any local address", [`ANY_LOCAL_V4`] and
 /// [`ANY_LOCAL_V6`]).
 pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &ServicePort, Frontend)> {
-    cluster.services.values().flat_map(move |svc| {
-        let any_local: &[IpAddr] = match (
-            cluster.node_ports_any_local,
-            svc.cluster_ips.iter().any(IpAddr::is_ipv4),
-            svc.cluster_ips.iter().any(IpAddr::is_ipv6),
-        ) {
-            (false, _, _) | (true, false, false) => &[],
-            (true, true, false) => &[ANY_LOCAL_V4],
-            (true, false, true) => &[ANY_LOCAL_V6],
-            (true, true, true) => &[ANY_LOCAL_V4, ANY_LOCAL_V6],
-        };
-        svc.ports.iter().flat_map(move |port| {
-            let at_port = svc
-                .cluster_ips
-                .iter()
-                .chain(&svc.external_ips)
-                .map(|ip| (*ip, port.port));
-            let at_node_port = port
-                .node_port
-                .into_iter()
-                .flat_map(move |np| cluster.node_ips.iter().chain(any_local).map(move |ip| (*ip, np)));
-            at_port.chain(at_node_port).map(move |(addr, p)| {
-                (
-                    svc,
-                    port,
-                    Frontend {
-                        addr,
-                        port: p,
-                        protocol: port.protocol,
-                    },
-                )
-            })
+    cluster
+        .services
+        .values()
+        .flat_map(move |svc| frontends_of(cluster, svc).map(move |(port, f)| (svc, port, f)))
+}
+
+/// The frontends of one Service of `cluster` ([`each_frontend`]), with the port each belongs to.
+pub fn frontends_of<'a>(
+    cluster: &'a Cluster,
+    svc: &'a Service,
+) -> impl Iterator<Item = (&'a ServicePort, Frontend)> + 'a {
+    let any_local: &[IpAddr] = match (
+        cluster.node_ports_any_local,
+        svc.cluster_ips.iter().any(IpAddr::is_ipv4),
+        svc.cluster_ips.iter().any(IpAddr::is_ipv6),
+    ) {
+        (false, _, _) | (true, false, false) => &[],
+        (true, true, false) => &[ANY_LOCAL_V4],
+        (true, false, true) => &[ANY_LOCAL_V6],
+        (true, true, true) => &[ANY_LOCAL_V4, ANY_LOCAL_V6],
+    };
+    svc.ports.iter().flat_map(move |port| {
+        let at_port = svc
+            .cluster_ips
+            .iter()
+            .chain(&svc.external_ips)
+            .map(|ip| (*ip, port.port));
+        let at_node_port = port
+            .node_port
+            .into_iter()
+            .flat_map(move |np| cluster.node_ips.iter().chain(any_local).map(move |ip| (*ip, np)));
+        at_port.chain(at_node_port).map(move |(addr, p)| {
+            (
+                port,
+                Frontend {
+                    addr,
+                    port: p,
+                    protocol: port.protocol,
+                },
+            )
         })
     })
 }
@@ -176,9 +210,7 @@ pub fn each_frontend(cluster: &Cluster) -> impl Iterator<Item = (&Service, &Serv
 pub struct Departed {
     pub grace: Duration,
     /// Frontend → lost backend (address, target port) → when it stops counting.
-    until: BTreeMap<Frontend, BTreeMap<(IpAddr, u16), Instant>>,
-    /// Each frontend's backends at the last observation.
-    last: BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>>,
+    until: BTreeMap<Frontend, BTreeMap<Backend, Instant>>,
 }
 
 impl Departed {
@@ -189,49 +221,50 @@ impl Departed {
         }
     }
 
-    /// Notes each frontend's backends `now`: those gone since the last observation linger until `now` +
-    /// the grace; those back, and those past their time, do not. A frontend that is gone lingers with
-    /// the backends it had, for the grace too (the node's proxy removes its rules as late).
-    fn observe(&mut self, backends: &BTreeMap<Frontend, BTreeSet<(IpAddr, u16)>>, now: Instant) {
+    /// Notes that `frontend`'s backends went from `was` to `now_there` at `now`: those gone linger until
+    /// `now` + the grace, those back do not. A frontend that is gone (its Service deleted, a port or node
+    /// port changed) lost all of its backends: the node may still translate it to them as well. Returns
+    /// whether its lingering backends changed.
+    pub(super) fn observe(
+        &mut self,
+        frontend: Frontend,
+        was: &BTreeSet<Backend>,
+        now_there: &BTreeSet<Backend>,
+        now: Instant,
+    ) -> bool {
         if self.grace.is_zero() {
-            self.until.clear();
-            self.last.clear();
-            return;
+            return self.until.remove(&frontend).is_some();
         }
-        let none = BTreeSet::new();
-        let frontends: BTreeSet<Frontend> = backends.keys().chain(self.last.keys()).copied().collect();
-        for frontend in frontends {
-            // A frontend that is gone (its Service deleted, a port or node port changed) lost all of
-            // its backends: the node may still translate it to them as well.
-            let now_there = backends.get(&frontend).unwrap_or(&none);
-            let lost = self
-                .last
-                .get(&frontend)
-                .into_iter()
-                .flatten()
-                .filter(|b| !now_there.contains(b));
-            let until = self.until.entry(frontend).or_default();
-            for b in lost {
-                until.insert(*b, now + self.grace);
-            }
-            until.retain(|b, t| *t > now && !now_there.contains(b));
+        let until = self.until.entry(frontend).or_default();
+        let before = until.len();
+        let mut changed = false;
+        for b in was.difference(now_there) {
+            changed |= until.insert(*b, now + self.grace).is_none();
         }
+        until.retain(|b, _| !now_there.contains(b));
+        changed |= until.len() != before;
+        if until.is_empty() {
+            self.until.remove(&frontend);
+        }
+        changed
+    }
+
+    /// Drops the lost backends whose grace has ended by `now`; the frontends that lost some.
+    pub(super) fn expire(&mut self, now: Instant) -> Vec<Frontend> {
+        let mut changed = Vec::new();
         for (frontend, until) in &mut self.until {
-            if !backends.contains_key(frontend) {
-                until.retain(|_, t| *t > now);
+            let before = until.len();
+            until.retain(|_, t| *t > now);
+            if until.len() != before {
+                changed.push(*frontend);
             }
         }
         self.until.retain(|_, lost| !lost.is_empty());
-        self.last = backends.clone();
-    }
-
-    /// The frontends that lost backends within the grace.
-    fn frontends(&self) -> impl Iterator<Item = &Frontend> {
-        self.until.keys()
+        changed
     }
 
     /// The backends `frontend` lost within the grace.
-    fn of(&self, frontend: &Frontend) -> impl Iterator<Item = &(IpAddr, u16)> {
+    pub(super) fn of(&self, frontend: &Frontend) -> impl Iterator<Item = &Backend> {
         self.until.get(frontend).into_iter().flat_map(BTreeMap::keys)
     }
 
@@ -265,35 +298,46 @@ impl<'a> Slices<'a> {
     /// The (address, target port) of every backend of `port` of `svc`: its EndpointSlices' endpoints
     /// whose slice has a port of the same name and protocol; the ready ones, else the serving
     /// terminating ones.
-    pub fn backends(&self, svc: &Service, port: &ServicePort) -> Vec<(IpAddr, u16)> {
-        let mut ready = Vec::new();
-        let mut terminating = Vec::new();
+    pub fn backends(&self, svc: &Service, port: &ServicePort) -> Vec<Backend> {
         let slices = self
             .0
             .get(&(svc.namespace.as_str(), svc.name.as_str()))
             .into_iter()
-            .flatten();
-        for slice in slices {
-            let Some(target) = slice
-                .ports
-                .iter()
-                .find(|p| p.name == port.name && p.protocol == port.protocol)
-            else {
+            .flatten()
+            .copied();
+        backends_in(slices, port)
+    }
+}
+
+/// The (address, target port) of every backend of `port` in `slices` (a Service's EndpointSlices): their
+/// endpoints whose slice has a port of the same name and protocol; the ready ones, else the serving
+/// terminating ones.
+pub fn backends_in<'a>(
+    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    port: &ServicePort,
+) -> Vec<Backend> {
+    let mut ready = Vec::new();
+    let mut terminating = Vec::new();
+    for slice in slices {
+        let Some(target) = slice
+            .ports
+            .iter()
+            .find(|p| p.name == port.name && p.protocol == port.protocol)
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let into = if ep.ready {
+                &mut ready
+            } else if ep.serving && ep.terminating {
+                &mut terminating
+            } else {
                 continue;
             };
-            for ep in &slice.endpoints {
-                let into = if ep.ready {
-                    &mut ready
-                } else if ep.serving && ep.terminating {
-                    &mut terminating
-                } else {
-                    continue;
-                };
-                into.extend(ep.addresses.iter().map(|a| (*a, target.port)));
-            }
+            into.extend(ep.addresses.iter().map(|a| (*a, target.port)));
         }
-        if ready.is_empty() { terminating } else { ready }
     }
+    if ready.is_empty() { terminating } else { ready }
 }
 
 /// Adds to `c` a Service of one port with `cluster_ips`, and one EndpointSlice (`NAME-1`) of `backends`
@@ -667,6 +711,36 @@ mod tests {
         // A slice of another Service, or without the port's name, adds nothing.
         c.endpoint_slices.get_mut(&r).unwrap().service = "other".into();
         assert_eq!(classes(&c, "10.96.0.20", 80, Protocol::Tcp), Some(vec![]));
+    }
+
+    /// The endpoint whose egress told two backends apart goes: the frontend kept between updates merges
+    /// them again, as one computed from scratch does (nothing about the backends themselves changed).
+    #[test]
+    fn the_classes_merge_again_when_the_endpoint_that_told_them_apart_goes() {
+        let mut c = cluster();
+        let b2 = crate::model::ObjectRef::new("x", "b2");
+        c.pods.get_mut(&b2).unwrap().labels.insert("v".into(), "2".into());
+        let p = egress_of_c("c-to-v2", select(&[("v", "2")]), vec![]);
+        c.policies.insert(p.object_ref(), p);
+        let web = Frontend {
+            addr: "10.96.0.20".parse().unwrap(),
+            port: 80,
+            protocol: Protocol::Tcp,
+        };
+        let mut engine = Engine::new();
+        engine.update(&c, &crate::policy::Changes::between(&Cluster::default(), &c));
+        assert_eq!(
+            engine.desired().services[&web].len(),
+            2,
+            "c's egress tells b1 from b2"
+        );
+        engine.take_delta();
+        let mut without_c = c.clone();
+        without_c.pods.remove(&crate::model::ObjectRef::new("x", "c"));
+        engine.update(&without_c, &crate::policy::Changes::between(&c, &without_c));
+        let d = engine.desired();
+        assert_eq!(d.services[&web].len(), 1, "{:?}", d.services[&web]);
+        assert_eq!(d.services, frontends(&without_c, d));
     }
 
     /// The pods of a StatefulSet: each has an identity of its own (its `pod-name` label), and they are
