@@ -7,6 +7,7 @@ pub mod detector;
 pub mod flows;
 pub mod health;
 pub mod labels;
+pub mod lint;
 pub mod metrics;
 pub mod model;
 pub mod netif;

@@ -48,6 +48,28 @@ enum Command {
     Flows(cli_flows::FlowsArgs),
     /// Show lateral-movement alerts raised by the agent's detector.
     Alerts(cli_flows::AlertsArgs),
+    /// Find the NetworkPolicy traps in a directory of manifests or the live cluster (`--kube`): each
+    /// finding with a stable code, the object and field, why it matters and the fix. Exit status: 0 none
+    /// at or above `--fail-on`, 1 some, 2 the manifests or the cluster could not be read.
+    Lint(LintArgs),
+}
+
+#[derive(clap::Args)]
+struct LintArgs {
+    /// A directory (or file) of manifests: Namespaces, Pods, NetworkPolicies, Services.
+    #[arg(required_unless_present = "kube", conflicts_with = "kube")]
+    path: Option<PathBuf>,
+    /// The live cluster (the Kubernetes API: in a pod its service account, else `--kubeconfig`,
+    /// $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kube: bool,
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    #[arg(short, long, value_enum, default_value_t = cli_flows::Output::Table)]
+    output: cli_flows::Output,
+    /// The lowest level that makes the exit status 1.
+    #[arg(long, value_enum, default_value_t = ztrust_agent::lint::Severity::Warning)]
+    fail_on: ztrust_agent::lint::Severity,
 }
 
 #[derive(clap::Args)]
@@ -235,7 +257,71 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Flows(args) => Ok(cli_flows::run(&args)?),
         Command::Alerts(args) => Ok(cli_flows::run_alerts(&args)?),
+        Command::Lint(args) => lint(args),
     }
+}
+
+fn lint(args: LintArgs) -> anyhow::Result<()> {
+    use ztrust_agent::lint;
+    let loaded = match &args.path {
+        Some(path) => lint::load_dir(path).with_context(|| format!("reading {}", path.display())),
+        None => lint_kube(args.kubeconfig.as_deref()),
+    };
+    let (cluster, errors) = match loaded {
+        Ok((cluster, errors)) => (cluster, errors),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let findings = lint::lint(&cluster, &errors);
+    match args.output {
+        cli_flows::Output::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
+        cli_flows::Output::Jsonl => {
+            for f in &findings {
+                println!("{}", serde_json::to_string(f)?);
+            }
+        }
+        _ => print!("{}", lint::render(&findings)),
+    }
+    if findings.iter().any(|f| f.severity >= args.fail_on) {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// The cluster as the API server has it (one whole snapshot of every watched kind).
+fn lint_kube(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<(ztrust_agent::model::Cluster, Vec<ztrust_agent::source::LoadError>)> {
+    use ztrust_agent::source::kube::{KubeSource, Options};
+    const WAIT: Duration = Duration::from_secs(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = ztrust_agent::source::kube::client(kubeconfig)
+            .await
+            .context("connecting to the Kubernetes API")?;
+        let options = Options {
+            events: false,
+            ..Options::default()
+        };
+        let mut source = KubeSource::start_with(client, options);
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some((_, errors)) = source.poll_changes() {
+                return Ok((source.cluster().clone(), errors));
+            }
+            if tokio::time::timeout_at(deadline, source.changed()).await.is_err() {
+                anyhow::bail!(
+                    "no whole snapshot of the cluster within {} s (can this kubeconfig list namespaces, pods, \
+                     networkpolicies, services and endpointslices?)",
+                    WAIT.as_secs()
+                );
+            }
+        }
+    })
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {

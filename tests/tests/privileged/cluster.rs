@@ -17,6 +17,53 @@ use crate::common::cluster::{
     start_attempts, stop_attempts,
 };
 
+/// `ztrust-agent lint --kube` against the live API server: the seed's DNS rules open port 53 to every
+/// address (ZT004, one per rule, in the field the rule is at), payments has its default deny (no ZT001
+/// for it) while a namespace with pods and no policy is named (kube-system's CoreDNS: the pods were read
+/// too), and the exit status says there are findings.
+fn lint_finds_the_seeds_traps(c: &Cluster) {
+    let out = std::process::Command::new(common::agent_bin())
+        .args(["lint", "--kube", "--kubeconfig"])
+        .arg(c.kubeconfig())
+        .args(["-o", "json"])
+        .output()
+        .expect("ztrust-agent lint");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "lint's exit status: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("lint -o json");
+    let at = |code: &str, object: &str| -> Vec<String> {
+        findings
+            .iter()
+            .filter(|f| f["code"] == code && f["object"] == object)
+            .map(|f| f["field"].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+    for (policy, field) in [
+        ("allow-dns", "spec.egress[0]"),
+        ("frontend-policy", "spec.egress[1]"),
+        ("backend-policy", "spec.egress[1]"),
+        ("database-policy", "spec.egress[0]"),
+    ] {
+        assert_eq!(
+            at("ZT004", &format!("NetworkPolicy payments/{policy}")),
+            vec![field.to_owned()],
+            "{findings:#?}"
+        );
+    }
+    assert!(at("ZT001", "Namespace payments").is_empty(), "{findings:#?}");
+    assert_eq!(
+        at("ZT001", "Namespace kube-system"),
+        vec![String::new()],
+        "{findings:#?}"
+    );
+    eprintln!("lint --kube: {} findings", findings.len());
+}
+
 /// Policy changes reach the kernel within this (measured: ≈60 ms; the bound is for a loaded machine).
 const ENFORCED_WITHIN: Duration = Duration::from_secs(15);
 
@@ -139,6 +186,7 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
     std::thread::sleep(Duration::from_secs(1));
     c.apply(&common::cluster::seed_policies());
     seed_checks(&c);
+    lint_finds_the_seeds_traps(&c);
 
     // Visibility: the blocked attempts, named by pod and by the policies that isolate them.
     let flows = c.denied_flows(&since);

@@ -30,6 +30,7 @@ pub(crate) mod proptests;
 #[cfg(test)]
 mod tests;
 
+pub(crate) use compile::namespace_matches;
 pub use compile::{Engine, keyed_as_ipv4, v4_space};
 pub use ipcache::{IpcacheIndex, remote_identity};
 pub use selector::matches;

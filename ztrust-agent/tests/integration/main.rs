@@ -6,6 +6,7 @@ mod fake_apiserver;
 
 mod adversarial_input;
 mod kube_source;
+mod lint_cli;
 mod observer_cli;
 mod observer_grpc;
 mod observer_metrics;

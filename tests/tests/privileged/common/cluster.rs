@@ -58,6 +58,11 @@ impl Cluster {
         c
     }
 
+    /// The cluster admin's kubeconfig.
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
+    }
+
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(&self.kubectl);
         c.args(args)

@@ -28,6 +28,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use self::allocator::Allocator;
+pub(crate) use self::peers::namespace_matches;
 use self::peers::peer_matches;
 pub(super) use self::rules::facts;
 use self::rules::{effective, rule_keys};
@@ -406,6 +407,7 @@ impl Engine {
             || !self.delta.ipcache.is_empty()
             || !self.delta.endpoints.is_empty()
             || self.delta.full
+            || self.frontends.node_differs(cluster)
         {
             self.refresh_services(cluster, changes);
         }

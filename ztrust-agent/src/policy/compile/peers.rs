@@ -145,7 +145,7 @@ fn same_family(a: &IpNet, b: &IpNet) -> bool {
 /// Whether the pods of `namespace` (whose labels are `ns_labels`; `None`: no such Namespace object, no
 /// labels) can be peers of a `podSelector`/`namespaceSelector` peer: with a namespaceSelector, the
 /// namespace's labels decide; without one, only the policy's own namespace `own` is in scope.
-fn namespace_matches(
+pub(crate) fn namespace_matches(
     namespace_selector: &Option<LabelSelector>,
     own: &Option<String>,
     namespace: &str,

@@ -49,7 +49,8 @@ pub struct FrontendCache {
     named_by: BTreeMap<ObjectRef, BTreeSet<u32>>,
 }
 
-/// The least frontend (for ranges of `by_addr`).
+/// The least frontend (for ranges of `by_addr` and `by_identity`): IPv4 before IPv6, `0.0.0.0`, port
+/// 0, the first protocol (a test holds it to that).
 const LEAST: Frontend = Frontend {
     addr: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
     port: 0,
@@ -75,8 +76,17 @@ fn egress_remotes(desired: &Desired, ep: &ObjectRef) -> BTreeSet<u32> {
 }
 
 impl FrontendCache {
+    /// Whether `cluster`'s node addresses or node-port reach differ from those the frontends were
+    /// computed for (every frontend is recomputed then).
+    pub fn node_differs(&self, cluster: &Cluster) -> bool {
+        self.node_ips != cluster.node_ips || self.node_ports_any_local != cluster.node_ports_any_local
+    }
+
     /// Recomputes the frontends `changes` and `delta` (what changed since the last refresh, or more)
-    /// can reach; returns each recomputed frontend with its classes, `None` for one that is gone.
+    /// can reach; returns each recomputed frontend with its classes, `None` for one that is gone. A
+    /// delta not taken since the last refresh is processed again (harmlessly: what it names is
+    /// recomputed once more; a full one recomputes everything until it is taken, as the agent does
+    /// after each sync).
     pub fn refresh(
         &mut self,
         cluster: &Cluster,
@@ -298,5 +308,30 @@ impl FrontendCache {
         }
         self.used
             .insert(*f, (addrs.into_iter().collect(), ids.into_iter().collect()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    #[test]
+    fn least_is_below_every_frontend() {
+        for protocol in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp] {
+            for addr in [
+                IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            ] {
+                assert!(
+                    LEAST
+                        <= Frontend {
+                            addr,
+                            port: 0,
+                            protocol
+                        }
+                );
+            }
+        }
     }
 }

@@ -1,0 +1,112 @@
+//! `ztrust-agent lint` as CI runs it: the exit status (0 nothing at or above `--fail-on`, 1 findings,
+//! 2 unreadable input) and the JSON.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// A directory of its own with these files.
+fn manifests(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ztrust-lint-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for (file, text) in files {
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+    dir
+}
+
+fn lint(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ztrust-agent"))
+        .arg("lint")
+        .args(args)
+        .output()
+        .expect("ztrust-agent lint")
+}
+
+const SEED_DNS: &str = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-dns, namespace: payments}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+  egress:
+  - ports: [{protocol: TCP, port: 53}, {protocol: UDP, port: 53}]
+"#;
+
+#[test]
+fn findings_exit_1_with_json_naming_code_object_and_field() {
+    let dir = manifests("seed", &[("dns.yaml", SEED_DNS)]);
+    let out = lint(&[dir.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let f = &findings[0];
+    assert_eq!(f["code"], "ZT004");
+    assert_eq!(f["check"], "dns-to-anywhere");
+    assert_eq!(f["severity"], "warning");
+    assert_eq!(f["object"], "NetworkPolicy payments/allow-dns");
+    assert_eq!(f["field"], "spec.egress[0]");
+    assert!(f["fix"].as_str().unwrap().contains("kube-dns"), "{f}");
+    // Only warnings: with --fail-on error the status is 0, the table still says them.
+    let out = lint(&[dir.to_str().unwrap(), "--fail-on", "error"]);
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("ZT004") && table.contains("1 findings: 0 errors, 1 warnings"),
+        "{table}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_clean_directory_exits_0_and_unreadable_input_2() {
+    let clean = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny, namespace: payments}
+spec: {podSelector: {}, policyTypes: [Ingress]}
+"#;
+    let dir = manifests("clean", &[("deny.yaml", clean)]);
+    let out = lint(&[dir.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "no findings\n");
+    std::fs::remove_dir_all(dir).unwrap();
+
+    let out = lint(&["/nonexistent/ztrust-lint"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/ztrust-lint"), "{err}");
+}
+
+#[test]
+fn a_malformed_policy_is_an_error_finding_naming_its_field() {
+    let bad = r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: bad, namespace: payments}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+  ingress:
+  - from: [{ipBlock: {cidr: 10.0.0.0/33}}]
+"#;
+    let dir = manifests("bad", &[("bad.yaml", bad)]);
+    let out = lint(&[dir.to_str().unwrap(), "-o", "json", "--fail-on", "error"]);
+    assert_eq!(out.status.code(), Some(1));
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let f = findings.iter().find(|f| f["code"] == "ZT000").expect("ZT000");
+    assert_eq!(f["severity"], "error");
+    assert!(f["field"].as_str().unwrap().contains("ipBlock"), "{f}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
