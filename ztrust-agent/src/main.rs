@@ -70,6 +70,17 @@ struct LintArgs {
     /// The lowest level that makes the exit status 1.
     #[arg(long, value_enum, default_value_t = ztrust_agent::lint::Severity::Warning)]
     fail_on: ztrust_agent::lint::Severity,
+    /// Say nothing of these namespaces' objects (comma-separated; `--exclude-namespace ''` for none):
+    /// the cluster's own, where a default deny is not the application owner's to add.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
+    exclude_namespace: Vec<String>,
+    /// Leave out these checks (codes, comma-separated: `--skip ZT002,ZT008`).
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -262,27 +273,35 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn lint(args: LintArgs) -> anyhow::Result<()> {
+    use std::io::Write as _;
     use ztrust_agent::lint;
+    let fail = |e: anyhow::Error| -> ! {
+        eprintln!("error: {e:#}");
+        std::process::exit(2)
+    };
     let loaded = match &args.path {
         Some(path) => lint::load_dir(path).with_context(|| format!("reading {}", path.display())),
         None => lint_kube(args.kubeconfig.as_deref()),
     };
-    let (cluster, errors) = match loaded {
-        Ok((cluster, errors)) => (cluster, errors),
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            std::process::exit(2);
-        }
-    };
-    let findings = lint::lint(&cluster, &errors);
-    match args.output {
-        cli_flows::Output::Json => println!("{}", serde_json::to_string_pretty(&findings)?),
-        cli_flows::Output::Jsonl => {
-            for f in &findings {
-                println!("{}", serde_json::to_string(f)?);
-            }
-        }
-        _ => print!("{}", lint::render(&findings)),
+    let (cluster, errors) = loaded.unwrap_or_else(|e| fail(e));
+    let findings: Vec<lint::Finding> = lint::lint(&cluster, &errors)
+        .into_iter()
+        .filter(|f| !args.exclude_namespace.contains(&f.namespace) && !args.skip.iter().any(|c| c == f.code))
+        .collect();
+    let text = match args.output {
+        cli_flows::Output::Json => serde_json::to_string_pretty(&findings).map(|t| t + "\n"),
+        cli_flows::Output::Jsonl => findings
+            .iter()
+            .map(|f| serde_json::to_string(f).map(|t| t + "\n"))
+            .collect(),
+        _ => Ok(lint::render(&findings)),
+    }
+    .unwrap_or_else(|e| fail(e.into()));
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Ok(()) => {}
+        // A reader that stopped early (`| head`) has what it wanted; the status still says.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => fail(anyhow::Error::from(e).context("writing the findings")),
     }
     if findings.iter().any(|f| f.severity >= args.fail_on) {
         std::process::exit(1);
@@ -308,18 +327,14 @@ fn lint_kube(
             ..Options::default()
         };
         let mut source = KubeSource::start_with(client, options);
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            if let Some((_, errors)) = source.poll_changes() {
-                return Ok((source.cluster().clone(), errors));
-            }
-            if tokio::time::timeout_at(deadline, source.changed()).await.is_err() {
-                anyhow::bail!(
-                    "no whole snapshot of the cluster within {} s (can this kubeconfig list namespaces, pods, \
-                     networkpolicies, services and endpointslices?)",
-                    WAIT.as_secs()
-                );
-            }
+        // Resolves with the first whole snapshot (every kind listed), taken once.
+        match tokio::time::timeout(WAIT, source.changed()).await {
+            Ok(loaded) => Ok((loaded.cluster, loaded.errors)),
+            Err(_) => anyhow::bail!(
+                "no whole snapshot of the cluster within {} s (can this kubeconfig list namespaces, pods, \
+                 networkpolicies, services and endpointslices?)",
+                WAIT.as_secs()
+            ),
         }
     })
 }

@@ -18,31 +18,36 @@ use crate::common::cluster::{
 };
 
 /// `ztrust-agent lint --kube` against the live API server: the seed's DNS rules open port 53 to every
-/// address (ZT004, one per rule, in the field the rule is at), payments has its default deny (no ZT001
-/// for it) while a namespace with pods and no policy is named (kube-system's CoreDNS: the pods were read
-/// too), and the exit status says there are findings.
+/// address (ZT004, one per rule, in the field the rule is at) and allow-dns makes the tiers' own DNS
+/// rules redundant (ZT008), payments has its default deny (no ZT001 for it) while a namespace with pods
+/// and no policy is named when asked for (kube-system's CoreDNS: the pods were read too), and the exit
+/// status says there are findings.
 fn lint_finds_the_seeds_traps(c: &Cluster) {
-    let out = std::process::Command::new(common::agent_bin())
-        .args(["lint", "--kube", "--kubeconfig"])
-        .arg(c.kubeconfig())
-        .args(["-o", "json"])
-        .output()
-        .expect("ztrust-agent lint");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "lint's exit status: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let findings: Vec<serde_json::Value> = serde_json::from_str(&stdout).expect("lint -o json");
-    let at = |code: &str, object: &str| -> Vec<String> {
+    let lint = |extra: &[&str]| -> Vec<serde_json::Value> {
+        let out = std::process::Command::new(common::agent_bin())
+            .args(["lint", "--kube", "--kubeconfig"])
+            .arg(c.kubeconfig())
+            .args(["-o", "json"])
+            .args(extra)
+            .output()
+            .expect("ztrust-agent lint");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "lint's exit status: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str(&stdout).expect("lint -o json")
+    };
+    let at = |findings: &[serde_json::Value], code: &str, object: &str| -> Vec<String> {
         findings
             .iter()
             .filter(|f| f["code"] == code && f["object"] == object)
             .map(|f| f["field"].as_str().unwrap_or_default().to_owned())
             .collect()
     };
+    let findings = lint(&[]);
     for (policy, field) in [
         ("allow-dns", "spec.egress[0]"),
         ("frontend-policy", "spec.egress[1]"),
@@ -50,18 +55,44 @@ fn lint_finds_the_seeds_traps(c: &Cluster) {
         ("database-policy", "spec.egress[0]"),
     ] {
         assert_eq!(
-            at("ZT004", &format!("NetworkPolicy payments/{policy}")),
+            at(&findings, "ZT004", &format!("NetworkPolicy payments/{policy}")),
             vec![field.to_owned()],
             "{findings:#?}"
         );
     }
-    assert!(at("ZT001", "Namespace payments").is_empty(), "{findings:#?}");
-    assert_eq!(
-        at("ZT001", "Namespace kube-system"),
-        vec![String::new()],
+    // allow-dns (every pod of payments) covers the three DNS rules of the tiers' policies.
+    for (policy, field) in [
+        ("frontend-policy", "spec.egress[1]"),
+        ("backend-policy", "spec.egress[1]"),
+        ("database-policy", "spec.egress[0]"),
+    ] {
+        assert_eq!(
+            at(&findings, "ZT008", &format!("NetworkPolicy payments/{policy}")),
+            vec![field.to_owned()],
+            "{findings:#?}"
+        );
+    }
+    assert!(
+        at(&findings, "ZT001", "Namespace payments").is_empty(),
         "{findings:#?}"
     );
-    eprintln!("lint --kube: {} findings", findings.len());
+    // The cluster's own namespaces are left out by default; asked for, kube-system (CoreDNS, no
+    // policy) is named: the pods were read too.
+    assert!(
+        findings.iter().all(|f| f["namespace"] != "kube-system"),
+        "{findings:#?}"
+    );
+    let everything = lint(&["--exclude-namespace", ""]);
+    assert_eq!(
+        at(&everything, "ZT001", "Namespace kube-system"),
+        vec![String::new()],
+        "{everything:#?}"
+    );
+    eprintln!(
+        "lint --kube: {} findings ({} with the cluster's own namespaces)",
+        findings.len(),
+        everything.len()
+    );
 }
 
 /// Policy changes reach the kernel within this (measured: ≈60 ms; the bound is for a loaded machine).

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde_json::{Value, json};
 
-use crate::model::Cluster;
+use crate::model::{Cluster, Namespace};
 use crate::source::dir;
 use crate::source::{LoadError, Problem};
 
@@ -27,7 +27,8 @@ const WORKLOADS: &[(&str, &str, &[&str])] = &[
 ];
 
 /// The manifests under `path`, with a pod for each workload; problems as the directory source finds
-/// them, less the kinds it does not read (lint has nothing to say about them).
+/// them, less the kinds it does not read (lint has nothing to say about them: other kinds of policy,
+/// such as Cilium's or Calico's, are not read either).
 pub fn load_dir(path: &Path) -> io::Result<(Cluster, Vec<LoadError>)> {
     let mut loaded = dir::load_dir(path)?;
     for file in dir::manifest_files(path)? {
@@ -39,13 +40,33 @@ pub fn load_dir(path: &Path) -> io::Result<(Cluster, Vec<LoadError>)> {
                 let text = serde_json::to_string(&pod).expect("a JSON value serializes");
                 let pods = dir::parse_str(file.path.clone(), &text);
                 loaded.errors.extend(pods.errors);
-                loaded.cluster.pods.extend(pods.cluster.pods);
+                for (r, pod) in pods.cluster.pods {
+                    // A Pod object of the same name is what it says it is.
+                    loaded.cluster.pods.entry(r).or_insert(pod);
+                }
             }
         }
     }
     loaded
         .errors
         .retain(|e| !matches!(e.problem, Problem::UnsupportedKind { .. }));
+    // A namespace the manifests put objects in but do not define exists in the cluster they are for,
+    // with the label the API server gives every namespace.
+    let c = &mut loaded.cluster;
+    let named: Vec<String> = c
+        .pods
+        .values()
+        .map(|p| p.namespace.clone())
+        .chain(c.policies.values().map(|p| p.namespace.clone()))
+        .chain(c.services.values().map(|s| s.namespace.clone()))
+        .collect();
+    for ns in named {
+        c.namespaces.entry(ns.clone()).or_insert_with(|| Namespace {
+            labels: [("kubernetes.io/metadata.name".to_owned(), ns.clone())].into(),
+            annotations: Default::default(),
+            name: ns,
+        });
+    }
     Ok((loaded.cluster, loaded.errors))
 }
 

@@ -162,6 +162,8 @@ pub struct Finding {
     pub severity: Severity,
     /// `Kind namespace/name` (`Namespace name`).
     pub object: String,
+    /// The namespace the object is in (or is); empty for an object of no namespace.
+    pub namespace: String,
     /// The field path in the object (`spec.egress[1]`); empty for the object as a whole.
     pub field: String,
     /// What was found, in this object's terms.
@@ -171,11 +173,21 @@ pub struct Finding {
 }
 
 fn finding(check: Check, object: String, field: impl Into<String>, message: String) -> Finding {
+    // `Kind namespace/name` or `Namespace name`.
+    let namespace = match object.split_once(' ') {
+        Some(("Namespace", name)) => name.to_owned(),
+        Some((_, rest)) => rest
+            .split_once('/')
+            .map(|(ns, _)| ns.to_owned())
+            .unwrap_or_default(),
+        None => String::new(),
+    };
     Finding {
         code: check.code,
         check: check.name,
         severity: check.severity,
         object,
+        namespace,
         field: field.into(),
         message,
         why: check.why,
@@ -218,7 +230,8 @@ pub fn lint(cluster: &Cluster, errors: &[LoadError]) -> Vec<Finding> {
     }
     l.no_dns(&mut found);
     l.redundant(&mut found);
-    found.sort_by(|a, b| (&a.object, a.code, &a.field).cmp(&(&b.object, b.code, &b.field)));
+    // Stable: within an object and code, the order the checks found them in (rule order).
+    found.sort_by(|a, b| (&a.object, a.code).cmp(&(&b.object, b.code)));
     out.extend(found);
     out
 }
@@ -307,16 +320,17 @@ impl Lint<'_> {
         }
     }
 
-    /// ZT005 (only when the source has pods: a directory of policies alone says nothing).
+    /// ZT005, for namespaces with pods (a namespace whose pods are not in the source, or not created yet,
+    /// says nothing).
     fn selects_no_pod(&self, p: &NetworkPolicy, out: &mut Vec<Finding>) {
-        if self.pods.is_empty() || self.pods.iter().any(|pod| self.selects(p, pod)) {
-            return;
-        }
         let in_ns = self
             .pods
             .iter()
             .filter(|pod| pod.namespace == p.namespace)
             .count();
+        if in_ns == 0 || self.pods.iter().any(|pod| self.selects(p, pod)) {
+            return;
+        }
         let message = format!("no pod of namespace {} ({} pods) matches it", p.namespace, in_ns);
         out.push(finding(
             SELECTS_NO_POD,
@@ -336,7 +350,7 @@ impl Lint<'_> {
                 || rule
                     .peers
                     .iter()
-                    .any(|peer| matches!(peer, Peer::IpBlock { cidr, except } if cidr.prefix_len() == 0 && except.is_empty()));
+                    .any(|peer| matches!(peer, Peer::IpBlock { cidr, .. } if cidr.prefix_len() == 0));
             let dns = !rule.ports.is_empty() && rule.ports.iter().any(|s| covers(s, 53));
             if to_anywhere && dns {
                 let message = "port 53 to any address (no `to`, or an ipBlock of everything)".to_owned();
@@ -371,8 +385,12 @@ impl Lint<'_> {
                     self.pods.clone()
                 } else {
                     let pods = self.pods.iter().copied();
-                    pods.filter(|pod| rule.peers.iter().any(|peer| self.peer_is(p, peer, pod)))
-                        .collect()
+                    pods.filter(|pod| {
+                        rule.peers
+                            .iter()
+                            .any(|peer| self.peer_is(p, peer, pod) || inside(peer, pod))
+                    })
+                    .collect()
                 };
                 for (j, spec) in rule.ports.iter().enumerate() {
                     let Some(PortRef::Name(name)) = &spec.port else {
@@ -384,12 +402,21 @@ impl Lint<'_> {
                             .any(|c| c.name.as_deref() == Some(name.as_str()) && c.protocol == spec.protocol)
                     });
                     if !declared {
-                        let message = format!(
-                            "no pod it applies to ({} pods) declares {}/{}",
-                            targets.len(),
-                            name,
-                            protocol_name(spec.protocol)
-                        );
+                        let message = if targets.is_empty() && direction == "egress" {
+                            format!(
+                                "{}/{}: its peers are no pods (a named port never matches an address outside \
+                                 the cluster)",
+                                name,
+                                protocol_name(spec.protocol)
+                            )
+                        } else {
+                            format!(
+                                "no pod it applies to ({} pods) declares {}/{}",
+                                targets.len(),
+                                name,
+                                protocol_name(spec.protocol)
+                            )
+                        };
                         let field = format!("spec.{direction}[{i}].ports[{j}].port");
                         out.push(finding(UNKNOWN_NAMED_PORT, policy_object(p), field, message));
                     }
@@ -423,8 +450,26 @@ impl Lint<'_> {
                         pods.iter().filter(inside).count(),
                         services.iter().filter(inside).count(),
                     );
-                    if p_in + s_in > 0 {
-                        let message = format!("{cidr} contains {p_in} pod and {s_in} Service addresses");
+                    // The cluster's Service ranges (the live cluster's ServiceCIDRs): overlapping, and
+                    // not carved out whole.
+                    let ranges: Vec<String> = self
+                        .cluster
+                        .service_cidrs
+                        .iter()
+                        .filter(|r| {
+                            (cidr.contains(&r.network()) || r.contains(&cidr.network()))
+                                && !except
+                                    .iter()
+                                    .any(|e| e.contains(&r.network()) && e.prefix_len() <= r.prefix_len())
+                        })
+                        .map(ToString::to_string)
+                        .collect();
+                    if p_in + s_in > 0 || !ranges.is_empty() {
+                        let mut message = format!("{cidr} contains {p_in} pod and {s_in} Service addresses");
+                        if !ranges.is_empty() {
+                            message
+                                .push_str(&format!(", and overlaps the Service range {}", ranges.join(", ")));
+                        }
                         let field = format!("spec.{direction}[{i}].{peers_field}[{j}].ipBlock");
                         out.push(finding(IPBLOCK_COVERS_CLUSTER, policy_object(p), field, message));
                     }
@@ -448,13 +493,9 @@ impl Lint<'_> {
             if isolating.is_empty() {
                 continue;
             }
-            let dns = isolating.iter().flat_map(|p| &p.egress).any(|rule| {
-                rule.ports.is_empty()
-                    || rule
-                        .ports
-                        .iter()
-                        .any(|s| s.protocol == Protocol::Udp && covers(s, 53))
-            });
+            let dns = isolating
+                .iter()
+                .any(|p| p.egress.iter().any(|rule| self.is_dns_path(p, rule)));
             if !dns {
                 let key = isolating
                     .iter()
@@ -483,17 +524,63 @@ impl Lint<'_> {
         }
     }
 
-    /// ZT008: in the policies of one namespace with the same podSelector, a rule that another of the
-    /// same direction covers: an equal rule, or one admitting every peer on every port.
+    /// Whether `rule` (of `p`) can carry DNS: its ports admit UDP 53 (a named port: one a pod declares as
+    /// UDP 53) and its peers can be a DNS server — every address, an ipBlock, pods that declare UDP
+    /// 53, or pods the source does not have (the cluster's DNS pods are seldom in an application's
+    /// manifests). A rule to known pods none of which serves DNS is no DNS path.
+    fn is_dns_path(&self, p: &NetworkPolicy, rule: &Rule) -> bool {
+        let serves_dns = |pod: &Pod| {
+            pod.ports
+                .iter()
+                .any(|c| c.protocol == Protocol::Udp && c.port == 53)
+        };
+        let port_ok = rule.ports.is_empty()
+            || rule.ports.iter().any(|s| {
+                s.protocol == Protocol::Udp
+                    && match &s.port {
+                        Some(PortRef::Name(name)) => self.pods.iter().any(|pod| {
+                            pod.ports.iter().any(|c| {
+                                c.name.as_deref() == Some(name.as_str())
+                                    && c.protocol == Protocol::Udp
+                                    && c.port == 53
+                            })
+                        }),
+                        _ => covers(s, 53),
+                    }
+            });
+        let peer_ok = rule.peers.is_empty()
+            || rule.peers.iter().any(|peer| match peer {
+                Peer::IpBlock { .. } => true,
+                Peer::Pods { .. } => {
+                    let matched: Vec<&&Pod> = self.pods.iter().filter(|pod| self.peer_is(p, peer, pod)).collect();
+                    let placeholder = matches!(peer, Peer::Pods { pod_selector: Some(s), .. }
+                        if s.match_expressions.iter().any(|r| r.key == crate::source::convert::MATCHES_NOTHING_KEY));
+                    !placeholder && (matched.is_empty() || matched.iter().any(|pod| serves_dns(pod)))
+                }
+            });
+        port_ok && peer_ok
+    }
+
+    /// ZT008: a rule another rule of the same direction covers: its policy selects at least the same
+    /// pods (the same podSelector, or `{}` in the namespace) and it admits at least the same peers on
+    /// at least the same ports (every peer or port, or a superset of them, compared as sets). Of two
+    /// equal rules the later is named.
     fn redundant(&self, out: &mut Vec<Finding>) {
-        let mut groups: BTreeMap<(String, String), Vec<&NetworkPolicy>> = BTreeMap::new();
+        type Entry<'a> = (
+            &'a NetworkPolicy,
+            usize,
+            &'a Rule,
+            BTreeSet<String>,
+            BTreeSet<String>,
+        );
+        let mut by_ns: BTreeMap<&str, Vec<&NetworkPolicy>> = BTreeMap::new();
         for p in self.cluster.policies.values() {
-            let selector = format!("{:?}", p.pod_selector);
-            groups.entry((p.namespace.clone(), selector)).or_default().push(p);
+            by_ns.entry(p.namespace.as_str()).or_default().push(p);
         }
-        for policies in groups.values() {
+        let set = |items: Vec<String>| -> BTreeSet<String> { items.into_iter().collect() };
+        for policies in by_ns.values() {
             for direction in ["ingress", "egress"] {
-                let rules: Vec<(&NetworkPolicy, usize, &Rule)> = policies
+                let rules: Vec<Entry<'_>> = policies
                     .iter()
                     .filter(|p| {
                         if direction == "ingress" {
@@ -508,22 +595,26 @@ impl Lint<'_> {
                         } else {
                             &p.egress
                         };
-                        rules.iter().enumerate().map(move |(i, r)| (*p, i, r))
+                        rules.iter().enumerate().map(move |(i, r)| {
+                            let peers = set(r.peers.iter().map(|x| format!("{x:?}")).collect());
+                            let ports = set(r.ports.iter().map(|x| format!("{x:?}")).collect());
+                            (*p, i, r, peers, ports)
+                        })
                     })
                     .collect();
-                let everything = rules
-                    .iter()
-                    .position(|(_, _, r)| r.peers.is_empty() && r.ports.is_empty());
-                let mut seen: BTreeSet<String> = BTreeSet::new();
-                for (k, (p, i, rule)) in rules.iter().enumerate() {
-                    let covered_by = match everything {
-                        Some(e) if e != k => Some(rules[e]),
-                        _ if !seen.insert(format!("{rule:?}")) => {
-                            rules.iter().find(|(_, _, r)| *r == *rule).copied()
-                        }
-                        _ => None,
-                    };
-                    if let Some((q, qi, _)) = covered_by {
+                for (k, (p, i, rule, peers, ports)) in rules.iter().enumerate() {
+                    let covering = rules.iter().enumerate().find(|(j, (q, _, r, q_peers, q_ports))| {
+                        let equal = q_peers == peers
+                            && q_ports == ports
+                            && r.peers.is_empty() == rule.peers.is_empty();
+                        *j != k
+                            && (q.pod_selector == p.pod_selector || is_everything(&q.pod_selector))
+                            && (r.peers.is_empty() || (!rule.peers.is_empty() && q_peers.is_superset(peers)))
+                            && (r.ports.is_empty() || (!rule.ports.is_empty() && q_ports.is_superset(ports)))
+                            // Of two that cover each other, the earlier stays.
+                            && !(equal && q.pod_selector == p.pod_selector && *j > k)
+                    });
+                    if let Some((_, (q, qi, ..))) = covering {
                         let message = format!("covered by {}/{} spec.{direction}[{qi}]", q.namespace, q.name);
                         out.push(finding(
                             REDUNDANT_RULE,
@@ -538,8 +629,24 @@ impl Lint<'_> {
     }
 }
 
+/// Whether a selector selects every pod (`{}`).
+fn is_everything(sel: &crate::model::LabelSelector) -> bool {
+    sel.match_labels.is_empty() && sel.match_expressions.is_empty()
+}
+
 /// The policies isolating some pods' egress, and those pods.
 type Isolated<'a> = (Vec<&'a NetworkPolicy>, Vec<&'a Pod>);
+
+/// Whether `peer` is an ipBlock containing one of `pod`'s addresses (not excepted).
+fn inside(peer: &Peer, pod: &Pod) -> bool {
+    match peer {
+        Peer::IpBlock { cidr, except } => pod
+            .ips
+            .iter()
+            .any(|a| cidr.contains(a) && !except.iter().any(|e| e.contains(a))),
+        Peer::Pods { .. } => false,
+    }
+}
 
 /// Whether a port spec admits `port` (of its protocol).
 fn covers(spec: &PortSpec, port: u16) -> bool {

@@ -31,6 +31,7 @@ spec: {clusterIP: 10.96.0.50, ports: [{port: 80}]}
 "#;
 
 const DEFAULT_DENY: &str = r#"
+---
 apiVersion: networking.k8s.io/v1
 kind: NetworkPolicy
 metadata: {name: default-deny, namespace: shop}
@@ -120,17 +121,50 @@ fn isolated_egress_without_a_dns_rule() {
             "spec.egress".into()
         )]
     );
-    // TCP 53 alone is no DNS path; a rule of every port is.
+    // TCP 53 alone is no DNS path.
     let tcp = policy(
         "tcp-dns",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{protocol: TCP, port: 53}]",
     );
     assert!(codes(&format!("{PODS}{deny}{tcp}")).contains(&"ZT003".to_owned()));
-    let all = policy(
+    // Every port, but only to pods that serve no DNS: no DNS path either.
+    let to_db = policy(
         "all-to-db",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{podSelector: {matchLabels: {app: db}}}]",
     );
-    assert!(!codes(&format!("{PODS}{deny}{all}")).contains(&"ZT003".to_owned()));
+    assert!(codes(&format!("{PODS}{deny}{to_db}")).contains(&"ZT003".to_owned()));
+    // To the cluster's DNS pods (not in these manifests), by a named port too when a pod declares it
+    // as UDP 53.
+    let kube_dns = "    - namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: kube-system}}\n      podSelector: {matchLabels: {k8s-app: kube-dns}}";
+    let by_number = policy(
+        "dns-by-number",
+        &format!(
+            "  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n{kube_dns}\n    ports: [{{protocol: UDP, port: 53}}]"
+        ),
+    );
+    assert!(!codes(&format!("{PODS}{deny}{by_number}")).contains(&"ZT003".to_owned()));
+    let by_name = policy(
+        "dns-by-name",
+        &format!(
+            "  podSelector: {{}}\n  policyTypes: [Egress]\n  egress:\n  - to:\n{kube_dns}\n    ports: [{{protocol: UDP, port: dns}}]"
+        ),
+    );
+    assert!(
+        codes(&format!("{PODS}{deny}{by_name}")).contains(&"ZT003".to_owned()),
+        "no pod declares dns"
+    );
+    let coredns = r#"
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec:
+  containers:
+  - name: coredns
+    ports: [{name: dns, containerPort: 53, protocol: UDP}]
+status: {podIP: 10.244.0.2}
+"#;
+    assert!(!codes(&format!("{PODS}{coredns}{deny}{by_name}")).contains(&"ZT003".to_owned()));
 }
 
 #[test]
@@ -142,12 +176,26 @@ fn dns_to_anywhere_as_the_seeds_allow_dns() {
     let found = run(&format!("{PODS}{DEFAULT_DENY}{seed}"));
     assert_eq!(
         found,
-        vec![(
-            "ZT004".into(),
-            "NetworkPolicy shop/allow-dns".into(),
-            "spec.egress[0]".into()
-        )]
+        vec![
+            (
+                "ZT004".into(),
+                "NetworkPolicy shop/allow-dns".into(),
+                "spec.egress[0]".into()
+            ),
+            // And it covers the rule to the cluster's DNS, which now changes nothing.
+            (
+                "ZT008".into(),
+                "NetworkPolicy shop/dns".into(),
+                "spec.egress[0]".into()
+            ),
+        ]
     );
+    // An except does not make it the cluster's DNS.
+    let carved = policy(
+        "dns-public",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 0.0.0.0/0, except: [10.0.0.0/8]}}]\n    ports: [{protocol: UDP, port: 53}]",
+    );
+    assert!(codes(&format!("{PODS}{DEFAULT_DENY}{carved}")).contains(&"ZT004".to_owned()));
     let everything = policy(
         "dns-ipblock",
         "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 0.0.0.0/0}}]\n    ports: [{protocol: UDP, port: 53}]",
@@ -343,7 +391,32 @@ metadata: {name: settings, namespace: shop}
         "to-api",
         "  podSelector: {matchLabels: {app: api}}\n  policyTypes: [Ingress]\n  ingress:\n  - ports: [{port: grpc}, {port: rest}]",
     );
-    std::fs::write(tmp.join("app.yaml"), deployment).unwrap();
+    let more = r#"
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: pg, namespace: shop}
+spec:
+  template:
+    metadata: {labels: {app: pg}}
+    spec: {containers: [{name: pg, ports: [{name: pg, containerPort: 5432}]}]}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: backup, namespace: shop}
+spec:
+  jobTemplate:
+    spec:
+      template:
+        metadata: {labels: {app: backup}}
+        spec: {containers: [{name: backup}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {namespace: shop}
+spec: {template: {metadata: {labels: {app: nameless}}}}
+"#;
+    std::fs::write(tmp.join("app.yaml"), format!("{deployment}{more}")).unwrap();
     std::fs::write(tmp.join("policies.yaml"), format!("{DEFAULT_DENY}{to_api}")).unwrap();
     let (cluster, errors) = load_dir(&tmp).unwrap();
     std::fs::remove_dir_all(&tmp).unwrap();
@@ -351,7 +424,10 @@ metadata: {name: settings, namespace: shop}
         errors.is_empty(),
         "kinds lint does not read say nothing: {errors:?}"
     );
-    assert_eq!(cluster.pods.len(), 1);
+    // A pod per named workload (the nameless one is none); the namespace they name exists.
+    let names: Vec<&str> = cluster.pods.values().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, vec!["api", "backup", "pg"]);
+    assert!(cluster.namespaces.contains_key("shop"));
     let found: Vec<(String, String)> = lint(&cluster, &errors)
         .into_iter()
         .map(|f| (f.code.to_owned(), f.field))
@@ -368,4 +444,102 @@ fn every_check_has_a_stable_distinct_code() {
     let codes: BTreeSet<&str> = CHECKS.iter().map(|c| c.code).collect();
     assert_eq!(codes.len(), CHECKS.len());
     assert!(CHECKS.windows(2).all(|w| w[0].code < w[1].code));
+}
+
+#[test]
+fn a_namespace_wide_rule_covers_the_same_rule_of_a_narrower_policy_whatever_the_order() {
+    let wide = policy(
+        "dns-all",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{protocol: TCP, port: 53}, {protocol: UDP, port: 53}]",
+    );
+    let narrow = policy(
+        "web-dns",
+        "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - ports: [{protocol: UDP, port: 53}, {protocol: TCP, port: 53}]",
+    );
+    let loaded = dir::parse_str("t.yaml", &format!("{PODS}{DEFAULT_DENY}{wide}{narrow}"));
+    let redundant: Vec<(String, String)> = lint(&loaded.cluster, &loaded.errors)
+        .into_iter()
+        .filter(|f| f.code == "ZT008")
+        .map(|f| (f.object, f.message))
+        .collect();
+    // dns-all covers web-dns (wider selector, same ports in another order) and the rule to kube-dns;
+    // nothing covers dns-all.
+    assert_eq!(
+        redundant,
+        vec![
+            (
+                "NetworkPolicy shop/dns".to_owned(),
+                "covered by shop/dns-all spec.egress[0]".to_owned()
+            ),
+            (
+                "NetworkPolicy shop/web-dns".to_owned(),
+                "covered by shop/dns-all spec.egress[0]".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn named_ports_to_addresses_outside_the_cluster_match_nothing() {
+    let out = policy(
+        "web-out",
+        "  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 203.0.113.0/24}}]\n    ports: [{port: https}]\n  - to: [{ipBlock: {cidr: 10.244.0.0/24}}]\n    ports: [{port: pg}]",
+    );
+    let loaded = dir::parse_str("t.yaml", &format!("{PODS}{DEFAULT_DENY}{out}"));
+    let found: Vec<(String, String)> = lint(&loaded.cluster, &loaded.errors)
+        .into_iter()
+        .filter(|f| f.code == "ZT006")
+        .map(|f| (f.field, f.message))
+        .collect();
+    // The second names pods by address (db declares pg): it resolves, as the engine resolves it.
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].0, "spec.egress[0].ports[0].port");
+    assert!(found[0].1.contains("outside the cluster"), "{}", found[0].1);
+}
+
+#[test]
+fn an_ipblock_over_the_service_range_of_the_live_cluster() {
+    let wide = policy(
+        "wide",
+        "  podSelector: {}\n  policyTypes: [Egress]\n  egress:\n  - to: [{ipBlock: {cidr: 10.64.0.0/10}}]",
+    );
+    // 10.64.0.0/10 holds the Service's address too: without it, only the range says so.
+    let without_svc = PODS.split("\n---\napiVersion: v1\nkind: Service").next().unwrap();
+    let mut loaded = dir::parse_str("t.yaml", &format!("{without_svc}{DEFAULT_DENY}{wide}"));
+    assert!(loaded.cluster.services.is_empty());
+    assert!(!codes(&format!("{without_svc}{DEFAULT_DENY}{wide}")).contains(&"ZT007".to_owned()));
+    loaded.cluster.service_cidrs = vec!["10.96.0.0/12".parse().unwrap()];
+    let f = lint(&loaded.cluster, &loaded.errors);
+    let zt007 = f
+        .iter()
+        .find(|f| f.code == "ZT007")
+        .expect("overlaps 10.96.0.0/12");
+    assert!(zt007.message.contains("10.96.0.0/12"), "{}", zt007.message);
+}
+
+#[test]
+fn a_policy_of_a_namespace_whose_pods_the_source_lacks_says_nothing() {
+    let elsewhere = r#"
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: typo, namespace: other}
+spec: {podSelector: {matchLabels: {app: nothing}}, policyTypes: [Ingress]}
+"#;
+    assert!(!codes(&format!("{PODS}{DEFAULT_DENY}{elsewhere}")).contains(&"ZT005".to_owned()));
+}
+
+#[test]
+fn findings_name_their_namespace_for_exclusion() {
+    let loaded = dir::parse_str("t.yaml", PODS);
+    let f = lint(&loaded.cluster, &loaded.errors);
+    assert!(f.iter().all(|f| f.namespace == "shop"), "{f:?}");
+    let typo = policy(
+        "typo",
+        "  podSelector: {matchLabels: {app: wbe}}\n  policyTypes: [Ingress]",
+    );
+    let loaded = dir::parse_str("t.yaml", &format!("{PODS}{typo}"));
+    let f = lint(&loaded.cluster, &loaded.errors);
+    let zt005 = f.iter().find(|f| f.code == "ZT005").unwrap();
+    assert_eq!(zt005.namespace, "shop");
 }

@@ -110,3 +110,97 @@ spec:
     assert!(f["field"].as_str().unwrap().contains("ipBlock"), "{f}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_clusters_own_namespaces_are_left_out_unless_asked_for() {
+    let coredns = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: coredns, namespace: kube-system, labels: {k8s-app: kube-dns}}
+spec: {containers: [{name: coredns}]}
+"#;
+    let dir = manifests("system", &[("coredns.yaml", coredns)]);
+    let out = lint(&[dir.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = lint(&[dir.to_str().unwrap(), "--exclude-namespace", "", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let codes: Vec<&str> = findings.iter().map(|f| f["code"].as_str().unwrap()).collect();
+    assert_eq!(codes, vec!["ZT001", "ZT002"]);
+    assert!(findings.iter().all(|f| f["namespace"] == "kube-system"));
+    // And a check can be skipped by its code.
+    let out = lint(&[
+        dir.to_str().unwrap(),
+        "--exclude-namespace",
+        "",
+        "--skip",
+        "ZT001,ZT002",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `lint --kube` reads one whole snapshot through the API (the test's fake server here; the cluster
+/// tier does the same against a real kube-apiserver) and exits with its findings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lint_kube_reads_the_api_and_exits_with_its_findings() {
+    use crate::fake_apiserver::FakeApiServer;
+    use serde_json::json;
+    let server = FakeApiServer::start().await;
+    server.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "payments"}}));
+    server.apply(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "frontend", "namespace": "payments", "labels": {"app": "frontend"}},
+        "spec": {"containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": "10.0.1.10", "podIPs": [{"ip": "10.0.1.10"}]},
+    }));
+    server.apply(json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "allow-dns", "namespace": "payments"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"],
+                 "egress": [{"ports": [{"protocol": "UDP", "port": 53}]}]},
+    }));
+    let kubeconfig = std::env::temp_dir().join(format!("ztrust-lint-kubeconfig-{}", std::process::id()));
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: fake, cluster: {{server: '{}'}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: c, context: {{cluster: fake, user: u}}}}]\ncurrent-context: c\n",
+            server.url()
+        ),
+    )
+    .unwrap();
+    let path = kubeconfig.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        lint(&["--kube", "--kubeconfig", path.to_str().unwrap(), "-o", "json"])
+    })
+    .await
+    .unwrap();
+    std::fs::remove_file(&kubeconfig).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let codes: Vec<(&str, &str)> = findings
+        .iter()
+        .map(|f| (f["code"].as_str().unwrap(), f["object"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![("ZT004", "NetworkPolicy payments/allow-dns")],
+        "{findings:#?}"
+    );
+    assert!(
+        server.events().is_empty(),
+        "lint emits no Events: {:?}",
+        server.events()
+    );
+}
