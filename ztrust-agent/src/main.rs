@@ -284,9 +284,23 @@ fn lint(args: LintArgs) -> anyhow::Result<()> {
         None => lint_kube(args.kubeconfig.as_deref()),
     };
     let (cluster, errors) = loaded.unwrap_or_else(|e| fail(e));
+    if let Some(unknown) = args
+        .skip
+        .iter()
+        .find(|c| !lint::CHECKS.iter().any(|k| k.code == c.as_str()))
+    {
+        let codes: Vec<&str> = lint::CHECKS.iter().map(|c| c.code).collect();
+        fail(anyhow::anyhow!(
+            "--skip {unknown}: no such check (the codes: {})",
+            codes.join(", ")
+        ));
+    }
+    // An empty name (`--exclude-namespace ''`) excludes nothing: findings of no namespace (a manifest
+    // that is no YAML) are always said.
+    let excluded: Vec<&String> = args.exclude_namespace.iter().filter(|n| !n.is_empty()).collect();
     let findings: Vec<lint::Finding> = lint::lint(&cluster, &errors)
         .into_iter()
-        .filter(|f| !args.exclude_namespace.contains(&f.namespace) && !args.skip.iter().any(|c| c == f.code))
+        .filter(|f| !excluded.contains(&&f.namespace) && !args.skip.iter().any(|c| c == f.code))
         .collect();
     let text = match args.output {
         cli_flows::Output::Json => serde_json::to_string_pretty(&findings).map(|t| t + "\n"),

@@ -101,7 +101,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     let totals = maps
         .counter_totals()
         .map_err(|source| crate::datapath::loader::Error::Map {
-            name: ztrust_common::names::COUNTERS,
+            name: "packet counters (ZT_ENDPOINTS, ZT_SLOT_COUNTERS, ZT_COUNTERS)",
             source,
         })?;
     for (key, v) in totals {

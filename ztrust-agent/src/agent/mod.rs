@@ -371,7 +371,14 @@ fn collect_packets(
         }
     };
     // The maps, the attribution, and whether the last read failed (said once per failing stretch).
-    let state = std::sync::Mutex::new((maps, packets::Attribution::default(), false));
+    let mut attribution = packets::Attribution::default();
+    match maps.read() {
+        Ok(before) => attribution.baseline(&before),
+        Err(e) => {
+            warn!(error = %e, "reading the packet counters at the start; what they held is counted at the first scrape")
+        }
+    }
+    let state = std::sync::Mutex::new((maps, attribution, false));
     metrics.collect_packets(move || {
         if !health.is_ready() {
             return Vec::new();

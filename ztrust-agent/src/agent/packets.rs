@@ -14,6 +14,9 @@
 //! hash entries of interfaces that are gone are deleted, so that the kernel map does not fill with
 //! them; a packet counted between that read and the delete is not counted.
 //!
+//! The series count from the agent's start: what the pinned counters held then (an earlier agent's
+//! packets) is the baseline ([`Attribution::baseline`]), not counted again.
+//!
 //! Packets are counted to the pod bound at the read after them, or at the read before when none is
 //! bound any longer (a pod's last packets): around a pod's binding, what its interface counted before
 //! (dropped while the pod was unknown) is counted with it if it came within one scrape interval.
@@ -58,6 +61,12 @@ fn increase(now: &CounterValue, last: Option<&CounterValue>) -> CounterValue {
 }
 
 impl Attribution {
+    /// Takes `now` as what was counted before (an earlier agent's packets, in the pinned counters):
+    /// only what the counters add after it is counted.
+    pub fn baseline(&mut self, now: &CounterReading) {
+        self.last = now.clone();
+    }
+
     /// Adds what the kernel's counters (`now`, a whole read) counted since the last read to the pods
     /// `owners` binds to their interfaces; `exists` tells which interfaces are still there.
     pub fn read(
@@ -273,6 +282,15 @@ mod tests {
             assert!(r.forget.is_empty(), "a slot goes with its entry, not by a delete");
         }
         assert_eq!(dropped(&a), series(&[("payments", "", 8)]));
+    }
+
+    #[test]
+    fn what_the_pinned_counters_held_at_the_start_is_not_counted() {
+        let mut a = Attribution::default();
+        a.baseline(&hash(&[(IF_A, 1_000)]));
+        let bound = owners(&[(IF_A, "payments", "database")]);
+        a.read(&hash(&[(IF_A, 1_007)]), &bound, |_| true);
+        assert_eq!(dropped(&a), series(&[("payments", "database", 7)]));
     }
 
     #[test]

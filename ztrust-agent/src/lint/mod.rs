@@ -76,8 +76,8 @@ pub const NO_DNS: Check = Check {
     code: "ZT003",
     name: "egress-without-dns",
     severity: Severity::Error,
-    why: "these pods' egress is isolated and no rule admits DNS (UDP and TCP port 53): name lookups fail, and \
-          with them every connection by name",
+    why: "these pods' egress is isolated and no rule admits DNS (UDP port 53) to a server that can answer: name \
+          lookups fail, and with them every connection by name",
     fix: "add an egress rule to the cluster's DNS pods on UDP and TCP 53 (namespaceSelector \
           kubernetes.io/metadata.name: kube-system, podSelector k8s-app: kube-dns)",
 };

@@ -307,15 +307,7 @@ impl Metrics {
             *d += u64::from(f.is_drop());
         }
         for ([verdict, direction, reason, namespace, pod], (n, drops)) in counts {
-            let mut labels: Labels = vec![
-                ("verdict", verdict.to_owned()),
-                ("direction", direction.to_owned()),
-                ("reason", reason.to_owned()),
-                ("namespace", namespace.to_owned()),
-            ];
-            if self.opts.pod_label {
-                labels.push(("pod", pod.to_owned()));
-            }
+            let labels = self.judged_labels([verdict, direction, reason, namespace, pod]);
             if drops > 0 {
                 self.drops.get_or_create(&labels).inc_by(drops);
             }
@@ -387,18 +379,25 @@ impl Metrics {
         self.packets.clear();
         self.bytes.clear();
         for ([verdict, direction, reason, namespace, pod], (packets, bytes)) in sums {
-            let mut labels: Labels = vec![
-                ("verdict", verdict.to_owned()),
-                ("direction", direction.to_owned()),
-                ("reason", reason.to_owned()),
-                ("namespace", namespace.to_owned()),
-            ];
-            if self.opts.pod_label {
-                labels.push(("pod", pod.to_owned()));
-            }
+            let labels = self.judged_labels([verdict, direction, reason, namespace, pod]);
             self.packets.get_or_create(&labels).inc_by(packets);
             self.bytes.get_or_create(&labels).inc_by(bytes);
         }
+    }
+
+    /// The labels of the per-flow and per-packet families: verdict, direction, reason, namespace, and
+    /// the pod with `--metrics-pod-label`.
+    fn judged_labels(&self, [verdict, direction, reason, namespace, pod]: [&str; 5]) -> Labels {
+        let mut labels: Labels = vec![
+            ("verdict", verdict.to_owned()),
+            ("direction", direction.to_owned()),
+            ("reason", reason.to_owned()),
+            ("namespace", namespace.to_owned()),
+        ];
+        if self.opts.pod_label {
+            labels.push(("pod", pod.to_owned()));
+        }
+        labels
     }
 
     fn refresh(&self, m: &mut Mirrored) {

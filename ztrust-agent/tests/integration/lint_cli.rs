@@ -204,3 +204,28 @@ async fn lint_kube_reads_the_api_and_exits_with_its_findings() {
         server.events()
     );
 }
+
+#[test]
+fn a_manifest_that_is_no_yaml_is_said_whatever_is_excluded_and_a_bad_skip_is_an_error() {
+    let dir = manifests("syntax", &[("broken.yaml", "kind: [unclosed\n")]);
+    for extra in [&[][..], &["--exclude-namespace", ""][..]] {
+        let mut args = vec![dir.to_str().unwrap(), "-o", "json"];
+        args.extend_from_slice(extra);
+        let out = lint(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let findings: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            findings.iter().any(|f| f["code"] == "ZT000"),
+            "{extra:?}: {findings:#?}"
+        );
+    }
+    let out = lint(&[dir.to_str().unwrap(), "--skip", "ZT999"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ZT999"));
+    std::fs::remove_dir_all(dir).unwrap();
+}
