@@ -9,6 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use ipnet::IpNet;
 use serde::Serialize;
 
 use crate::model::{Cluster, NetworkPolicy, Peer, Pod, PortRef, PortSpec, Protocol, Rule};
@@ -407,14 +408,14 @@ impl Lint<'_> {
                                 "{}/{}: its peers are no pods (a named port never matches an address outside \
                                  the cluster)",
                                 name,
-                                protocol_name(spec.protocol)
+                                spec.protocol.as_str()
                             )
                         } else {
                             format!(
                                 "no pod it applies to ({} pods) declares {}/{}",
                                 targets.len(),
                                 name,
-                                protocol_name(spec.protocol)
+                                spec.protocol.as_str()
                             )
                         };
                         let field = format!("spec.{direction}[{i}].ports[{j}].port");
@@ -445,7 +446,7 @@ impl Lint<'_> {
                         // "Everything" is meant to be everything (ZT004 speaks of it for DNS).
                         continue;
                     }
-                    let inside = |a: &&IpAddr| cidr.contains(*a) && !except.iter().any(|e| e.contains(*a));
+                    let inside = |a: &&IpAddr| in_block(cidr, except, a);
                     let (p_in, s_in) = (
                         pods.iter().filter(inside).count(),
                         services.iter().filter(inside).count(),
@@ -637,13 +638,15 @@ fn is_everything(sel: &crate::model::LabelSelector) -> bool {
 /// The policies isolating some pods' egress, and those pods.
 type Isolated<'a> = (Vec<&'a NetworkPolicy>, Vec<&'a Pod>);
 
-/// Whether `peer` is an ipBlock containing one of `pod`'s addresses (not excepted).
+/// Whether the ipBlock `cidr` with `except` contains `addr`.
+fn in_block(cidr: &IpNet, except: &[IpNet], addr: &IpAddr) -> bool {
+    cidr.contains(addr) && !except.iter().any(|e| e.contains(addr))
+}
+
+/// Whether `peer` is an ipBlock containing one of `pod`'s addresses.
 fn inside(peer: &Peer, pod: &Pod) -> bool {
     match peer {
-        Peer::IpBlock { cidr, except } => pod
-            .ips
-            .iter()
-            .any(|a| cidr.contains(a) && !except.iter().any(|e| e.contains(a))),
+        Peer::IpBlock { cidr, except } => pod.ips.iter().any(|a| in_block(cidr, except, a)),
         Peer::Pods { .. } => false,
     }
 }
@@ -655,14 +658,6 @@ fn covers(spec: &PortSpec, port: u16) -> bool {
         (Some(PortRef::Number(n)), None) => *n == port,
         (Some(PortRef::Number(n)), Some(end)) => (*n..=end).contains(&port),
         (Some(PortRef::Name(_)), _) => false,
-    }
-}
-
-fn protocol_name(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
     }
 }
 
