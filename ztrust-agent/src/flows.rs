@@ -180,7 +180,7 @@ impl std::str::FromStr for JudgedAt {
 }
 
 /// Serde for the kernel's named codes: as their stable names.
-mod named {
+pub(crate) mod named {
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
     pub trait Named: Sized + Copy {
@@ -216,7 +216,7 @@ mod named {
 }
 
 /// Serde for values written as their `Display` and read with `FromStr` (object references).
-mod as_string {
+pub(crate) mod as_string {
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
 
     pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
@@ -236,7 +236,7 @@ mod as_string {
 }
 
 /// Serde for a list of [`as_string`] values.
-mod as_strings {
+pub(crate) mod as_strings {
     use serde::{Deserialize, Deserializer, Serializer, de::Error as _, ser::SerializeSeq as _};
 
     pub fn serialize<T: std::fmt::Display, S: Serializer>(v: &[T], s: S) -> Result<S::Ok, S::Error> {

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod cli_flows;
 pub mod datapath;
 pub mod detector;
+pub mod explain;
 pub mod flows;
 pub mod health;
 pub mod labels;

@@ -112,15 +112,32 @@ pub fn admits_remote(ep: &EndpointPolicy, remote: u32, direction: u8, protocol: 
     } else {
         ep.isolated_egress
     };
-    if !isolated {
-        return true;
-    }
+    !isolated || allowing_rule(ep, remote, direction, protocol, port).is_some()
+}
+
+/// The rule id the kernel's lookup finds among `ep`'s allow entries for a new connection in `direction`
+/// with a remote of identity `remote` to `port`: the longest entry for `remote`, else for
+/// [`identity::ANY`]; of equally long entries, the first in allow order (the one the sync writes).
+/// Isolation is the caller's to check.
+pub fn allowing_rule(
+    ep: &EndpointPolicy,
+    remote: u32,
+    direction: u8,
+    protocol: u8,
+    port: u16,
+) -> Option<u32> {
     const EP: u32 = 1;
-    [remote, identity::ANY].iter().any(|id| {
+    [remote, identity::ANY].iter().find_map(|id| {
         let want = bits(&PolicyKey::new(EP, *id, direction, protocol, port));
-        ep.allow.keys().flat_map(|k| policy_keys(EP, k)).any(|(plen, k)| {
-            let shift = 128 - plen;
-            (bits(&k) >> shift) == (want >> shift)
-        })
+        let mut best: Option<(u32, u32)> = None;
+        for (key, rule) in &ep.allow {
+            for (plen, k) in policy_keys(EP, key) {
+                let shift = 128 - plen;
+                if (bits(&k) >> shift) == (want >> shift) && best.is_none_or(|(p, _)| plen > p) {
+                    best = Some((plen, *rule));
+                }
+            }
+        }
+        best.map(|(_, rule)| rule)
     })
 }
