@@ -1,6 +1,7 @@
 //! ztrust agent: sources → pure policy engine → datapath sync, the flow observer and the CLI's clients.
 //! The lab is a crate of its own (`ztrust-lab`), not part of the agent's binary.
 pub mod agent;
+pub mod cli_explain;
 pub mod cli_flows;
 pub mod datapath;
 pub mod detector;

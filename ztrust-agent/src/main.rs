@@ -52,6 +52,11 @@ enum Command {
     /// finding with a stable code, the object and field, why it matters and the fix. Exit status: 0 none
     /// at or above `--fail-on`, 1 some, 2 the manifests or the cluster could not be read.
     Lint(LintArgs),
+    /// The verdict a new connection gets, and why, at each hook that judges it (the source's egress, the
+    /// destination's ingress): the policies that isolate each end, the rule that allows it or why none
+    /// does, from the agent's compiled state and checked against the live kernel maps. Exit status: 0 it
+    /// goes through, 1 it is dropped, 2 an error, 3 the kernel maps differ from the agent's state.
+    Explain(ztrust_agent::cli_explain::ExplainArgs),
 }
 
 #[derive(clap::Args)]
@@ -269,6 +274,13 @@ fn main() -> anyhow::Result<()> {
         Command::Flows(args) => Ok(cli_flows::run(&args)?),
         Command::Alerts(args) => Ok(cli_flows::run_alerts(&args)?),
         Command::Lint(args) => lint(args),
+        Command::Explain(args) => match ztrust_agent::cli_explain::run(&args) {
+            Ok(outcome) => std::process::exit(outcome.exit_code()),
+            Err(e) => {
+                eprintln!("error: {:#}", anyhow::Error::from(e));
+                std::process::exit(2)
+            }
+        },
     }
 }
 

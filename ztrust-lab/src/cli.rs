@@ -137,6 +137,14 @@ pub enum LabCommand {
         #[command(flatten)]
         flows: ztrust_agent::cli_flows::FlowsArgs,
     },
+    /// The verdict a new connection gets and why, at each hook (`ztrust-agent explain`, asked of the lab's
+    /// agent). Exit status: 0 it goes through, 1 it is dropped, 2 an error, 3 the kernel maps differ.
+    Explain {
+        #[command(flatten)]
+        state: StateDir,
+        #[command(flatten)]
+        explain: ztrust_agent::cli_explain::ExplainArgs,
+    },
     /// (internal) The server the lab runs in every pod and external host.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -163,6 +171,11 @@ pub enum CliError {
     },
     #[error(transparent)]
     Flows(#[from] ztrust_agent::cli_flows::Error),
+    #[error(transparent)]
+    Explain(#[from] ztrust_agent::cli_explain::Error),
+    /// The explanation was printed; the exit status says what it found.
+    #[error("the connection is {0}")]
+    Explained(&'static str, i32),
     #[error("encoding JSON")]
     Json(#[from] serde_json::Error),
 }
@@ -370,6 +383,26 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                 flows.connect.socket = agent.socket.clone();
             }
             ztrust_agent::cli_flows::run(&flows)?;
+        }
+        LabCommand::Explain { state, mut explain } => {
+            let s = super::status(&state.state_dir)?;
+            let Some(agent) = &s.agent else {
+                return Err(CliError::NoAgent);
+            };
+            if explain.connect.server.is_none() {
+                explain.connect.socket = agent.socket.clone();
+            }
+            use ztrust_agent::cli_explain::Outcome;
+            match ztrust_agent::cli_explain::run(&explain)? {
+                Outcome::Passes => {}
+                o @ Outcome::Dropped => return Err(CliError::Explained("dropped", o.exit_code())),
+                o @ Outcome::Inconsistent => {
+                    return Err(CliError::Explained(
+                        "judged differently by the kernel maps and the agent",
+                        o.exit_code(),
+                    ));
+                }
+            }
         }
         LabCommand::Serve(args) => super::serve_main(args)?,
     }

@@ -13,6 +13,19 @@ struct Cli {
     command: LabCommand,
 }
 
-fn main() -> anyhow::Result<()> {
-    Ok(cli::run(Cli::parse().command)?)
+fn main() {
+    match cli::run(Cli::parse().command) {
+        Ok(()) => {}
+        // `explain` printed its answer; the status says what it found.
+        Err(cli::CliError::Explained(_, code)) => std::process::exit(code),
+        Err(e) => {
+            let code = if matches!(e, cli::CliError::Explain(_)) {
+                2
+            } else {
+                1
+            };
+            eprintln!("Error: {:#}", anyhow::Error::from(e));
+            std::process::exit(code)
+        }
+    }
 }

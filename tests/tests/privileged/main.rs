@@ -26,6 +26,7 @@ mod audit;
 mod cluster;
 mod conformance;
 mod datapath;
+mod explain;
 mod kube_e2e;
 mod lab_netns;
 mod least_privilege;

@@ -196,6 +196,8 @@ pub async fn run(opts: Options) -> Result<()> {
     }));
     let health = crate::health::Health::default();
     collect_packets(&metrics, &opts.pin_dir, view.clone(), health.clone());
+    // `explain` is answered by the loop, which owns the engine and the maps.
+    let (explainer, explain_calls) = tokio::sync::mpsc::channel(8);
     let _observer = crate::observer::tasks::spawn(
         &opts.observer,
         hub.clone(),
@@ -203,6 +205,7 @@ pub async fn run(opts: Options) -> Result<()> {
         health.clone(),
         view.clone(),
         events_lost(&opts.pin_dir),
+        Some(explainer),
     )
     .await;
     let sink = FlowSink {
@@ -252,7 +255,7 @@ pub async fn run(opts: Options) -> Result<()> {
             };
             let source = DirSource::new(root.clone(), &context);
             let r = Reconciler::new(source, engine, syncer, binder, out);
-            reconcile(&opts, &mut dp, node_local, r, agent_started).await
+            reconcile(&opts, &mut dp, node_local, r, explain_calls, agent_started).await
         }
         Source::Kube { kubeconfig } => {
             let client = crate::source::kube::client(kubeconfig.as_deref())
@@ -263,7 +266,7 @@ pub async fn run(opts: Options) -> Result<()> {
             kube.set_node_ports_any_local(opts.node_ports_any_local);
             kube.set_service_cidrs(opts.service_cidrs.clone());
             let r = Reconciler::new(kube, engine, syncer, binder, out);
-            reconcile(&opts, &mut dp, node_local, r, agent_started).await
+            reconcile(&opts, &mut dp, node_local, r, explain_calls, agent_started).await
         }
     };
     flows_task.abort();
@@ -277,6 +280,7 @@ async fn reconcile<S: ClusterSource>(
     dp: &mut Datapath,
     mut node_local: Mirror,
     mut r: Reconciler<S>,
+    mut explain_calls: tokio::sync::mpsc::Receiver<crate::explain::ExplainCall>,
     agent_started: Instant,
 ) -> Result<()> {
     let mut ticker = tokio::time::interval(opts.poll);
@@ -300,6 +304,11 @@ async fn reconcile<S: ClusterSource>(
                 // them together. Also bounds the loop to ~100 wake-ups a second under announcement
                 // churn (a pod flapping its link, a routing daemon).
                 tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Some(call) = explain_calls.recv() => {
+                // Answered between passes, from the state the last one left (no pass of its own).
+                let _ = call.reply.send(r.explain(&call.query, &dp.maps));
+                continue;
             }
             _ = &mut shutdown => {
                 info!("shutting down; pinned programs and maps keep enforcing");

@@ -112,6 +112,35 @@ impl<S: ClusterSource> Reconciler<S> {
         self.binder.bindings()
     }
 
+    /// `explain`'s answer from the engine's state, each end of this node looked up in `maps`.
+    pub fn explain(
+        &self,
+        query: &crate::explain::Query,
+        maps: &dyn crate::explain::kernel::Lookup,
+    ) -> Result<crate::explain::Explanation, crate::explain::ExplainError> {
+        use crate::explain::{ExplainError, State, explain};
+        if !self.have_snapshot {
+            return Err(ExplainError::NotReady);
+        }
+        let state = State {
+            cluster: self.source.cluster(),
+            desired: self.engine.desired(),
+            node: self.engine.node(),
+            audit_namespaces: &self.syncer.audit_namespaces,
+            audit_all: self.syncer.global_flags & ztrust_common::ep_flags::AUDIT != 0,
+        };
+        let ifindex_of = |p: &ObjectRef| self.binder.bindings().get(p).copied();
+        let mut x = explain(&state, query, Some((maps, &ifindex_of)))?;
+        if self.dirty {
+            x.notes.push(
+                "the agent has changes it has not written to the kernel maps yet (a sync was refused, or is \
+                 under way): where the kernel differs, ask again in a moment"
+                    .into(),
+            );
+        }
+        Ok(x)
+    }
+
     /// Step 1: the node's local addresses (`None`: not read this time, they stay) and what changed in
     /// the source into the engine, and Service backends whose grace is over out of it.
     pub fn apply_source(&mut self, host_addrs: Option<BTreeSet<IpAddr>>, now: Instant) {

@@ -289,6 +289,9 @@ pub(super) fn egress_end(
         port: query.port,
         protocol: query.protocol,
     };
+    if let Some(hop) = service {
+        end.remote = format!("a frontend of Service {}", super::render::list(&hop.services));
+    }
     if let (true, Some(hop)) = (isolated, service) {
         // Judged by the backends the node translates to, before it picks one.
         for b in &hop.backends {

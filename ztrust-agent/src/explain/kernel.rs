@@ -223,16 +223,14 @@ pub fn judge(
             } else {
                 std::net::Ipv6Addr::UNSPECIFIED.into()
             });
-            if let Some(svc) = maps.service(&key)? {
-                match maps.node_local(&addr)? {
-                    Some(1) => {
-                        let (why, rule) = judge_service(maps, &ep, &svc, protocol)?;
-                        return Ok(Some(judged(why, rule, svc.class[0].identity)));
-                    }
-                    // Not in the mirror: the kernel asks the node's routing, which this lookup cannot
-                    // do as the packet would; such an address is not the node's in the agent's view.
-                    Some(_) | None => {}
-                }
+            // An address the mirror of the node's local routes does not cover is taken as not the
+            // node's: the kernel asks the node's routing then, which a lookup from here cannot do as the
+            // packet would (a route added since the agent's last mirror makes the two differ).
+            if let Some(svc) = maps.service(&key)?
+                && maps.node_local(&addr)? == Some(1)
+            {
+                let (why, rule) = judge_service(maps, &ep, &svc, protocol)?;
+                return Ok(Some(judged(why, rule, svc.class[0].identity)));
             }
         }
         if maps.in_service_ranges(&addr)? {

@@ -399,12 +399,14 @@ pub struct ExplainCall {
 /// Where the flow API sends [`ExplainCall`]s.
 pub type Explainer = tokio::sync::mpsc::Sender<ExplainCall>;
 
-/// Explains `query` from `state`; with `kernel`, each end of this node is also looked up in the maps
-/// (`ifindex_of` gives a pod's interface).
+/// The kernel maps to check against, and each pod's host-side interface.
+pub type Kernel<'a> = (&'a dyn kernel::Lookup, &'a dyn Fn(&ObjectRef) -> Option<u32>);
+
+/// Explains `query` from `state`; with `kernel`, each end of this node is also looked up in the maps.
 pub fn explain(
     state: &State<'_>,
     query: &Query,
-    kernel: Option<(&dyn kernel::Lookup, &dyn Fn(&ObjectRef) -> Option<u32>)>,
+    kernel: Option<Kernel<'_>>,
 ) -> Result<Explanation, ExplainError> {
     let index = IpcacheIndex::new(state.desired);
     let (from, to) = judge::resolve(state, query)?;
@@ -416,6 +418,24 @@ pub fn explain(
     let service = judge::service_hop(state, &frontend);
     let mut ends = Vec::new();
     let mut notes = Vec::new();
+    if from.pod.is_some() && from.pod == to.pod {
+        // Never leaves the pod: its own network namespace carries it over loopback.
+        notes.push(format!(
+            "{} connects to itself: the connection stays inside its network namespace, which no hook sees \
+             (NetworkPolicy never applies to a pod's traffic with itself)",
+            to.target
+        ));
+        return Ok(Explanation {
+            from,
+            to,
+            port: query.port,
+            protocol: query.protocol,
+            verdict: Verdict::Forwarded,
+            service,
+            ends,
+            notes,
+        });
+    }
     let source_pod = from.pod.as_ref().and_then(|p| state.cluster.pods.get(p));
     match source_pod {
         Some(pod) => ends.push(judge::egress_end(

@@ -33,7 +33,7 @@ fn kernel(e: &End) -> String {
     }
 }
 
-fn list<T: ToString>(items: &[T]) -> String {
+pub(super) fn list<T: ToString>(items: &[T]) -> String {
     items
         .iter()
         .map(ToString::to_string)
@@ -108,14 +108,19 @@ pub fn render(x: &Explanation) -> String {
             .remote_identity
             .map(|i| format!(", identity {i}"))
             .unwrap_or_default();
-        let _ = writeln!(
-            out,
-            "  remote   {} {}:{} ({}{identity})",
-            e.direction_word(),
-            e.remote_ip,
-            e.port,
-            e.remote
-        );
+        if e.direction == ztrust_common::Direction::Ingress {
+            let _ = writeln!(
+                out,
+                "  remote   from {} ({}{identity}), to port {}",
+                e.remote_ip, e.remote, e.port
+            );
+        } else {
+            let _ = writeln!(
+                out,
+                "  remote   to {}:{} ({}{identity})",
+                e.remote_ip, e.port, e.remote
+            );
+        }
         if let Some(m) = &e.allowed_by {
             let _ = writeln!(
                 out,
@@ -164,14 +169,4 @@ pub fn render(x: &Explanation) -> String {
         }
     }
     out
-}
-
-impl End {
-    fn direction_word(&self) -> &'static str {
-        if self.direction == ztrust_common::Direction::Ingress {
-            "from"
-        } else {
-            "to"
-        }
-    }
 }

@@ -552,3 +552,47 @@ fn a_kernel_map_that_differs_from_the_compiled_state_is_said() {
     let ing = end(&x, "payments/backend", Direction::Ingress);
     assert_eq!(ing.kernel.as_ref().unwrap().reason, Reason::UnknownEndpoint);
 }
+
+#[test]
+fn explanations_cross_the_wire_unchanged() {
+    use crate::observer::explain::{
+        explanation_from_proto, explanation_to_proto, query_from_proto, query_to_proto,
+    };
+    let f = Fixture::new(PAYMENTS);
+    let (mut maps, interfaces) = synced(&f);
+    maps.endpoints
+        .remove(&interfaces[&ObjectRef::new("payments", "database")]);
+    let ifindex_of = |p: &ObjectRef| interfaces.get(p).copied();
+    for (from, to) in [
+        ("payments/frontend", "payments/backend:8080"),
+        ("payments/frontend", "payments/database:5432/tcp"),
+        ("payments/frontend", "10.96.0.21:80"),
+        ("192.168.1.10", "payments/database:5432"),
+        ("payments/backend", "1.1.1.1:53/udp"),
+        ("payments/frontend", "payments/frontend:8080"),
+    ] {
+        let q = Query::parse(from, to).unwrap();
+        assert_eq!(query_from_proto(&query_to_proto(&q)).unwrap(), q);
+        let x = explain(&f.state(), &q, Some((&maps, &ifindex_of))).unwrap();
+        assert_eq!(
+            explanation_from_proto(&explanation_to_proto(&x)).unwrap(),
+            x,
+            "{from} → {to}"
+        );
+    }
+    let mut bad = query_to_proto(&Query::parse("payments/frontend", "payments/backend:8080").unwrap());
+    bad.port = 70_000;
+    assert_eq!(
+        query_from_proto(&bad).unwrap_err().to_string(),
+        "port (1–65535): missing or invalid"
+    );
+    bad.port = 80;
+    bad.ip_protocol = 1;
+    assert!(query_from_proto(&bad).is_err());
+    bad.ip_protocol = 6;
+    bad.from = None;
+    assert_eq!(
+        query_from_proto(&bad).unwrap_err().to_string(),
+        "from: missing or invalid"
+    );
+}

@@ -200,7 +200,7 @@ pub fn flow_to_proto(f: &Flow, time: SystemTime, text: Text) -> proto::Flow {
     p
 }
 
-fn ref_to_proto(r: &ObjectRef) -> proto::ObjectRef {
+pub(crate) fn ref_to_proto(r: &ObjectRef) -> proto::ObjectRef {
     proto::ObjectRef {
         namespace: r.namespace.clone(),
         name: r.name.clone(),
@@ -208,7 +208,7 @@ fn ref_to_proto(r: &ObjectRef) -> proto::ObjectRef {
 }
 
 /// `None` for a reference without a namespace or a name: no object has one.
-fn ref_from_proto(r: &proto::ObjectRef) -> Option<ObjectRef> {
+pub(crate) fn ref_from_proto(r: &proto::ObjectRef) -> Option<ObjectRef> {
     (!r.namespace.is_empty() && !r.name.is_empty()).then(|| ObjectRef::new(&r.namespace, &r.name))
 }
 

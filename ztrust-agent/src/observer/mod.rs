@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod convert;
+pub mod explain;
 pub mod filters;
 pub mod hub;
 pub mod server;

@@ -78,11 +78,19 @@ const RESPONSE_QUEUE: usize = 64;
 #[derive(Clone)]
 pub struct ObserverService {
     hub: Arc<Hub>,
+    /// Where `Explain` is answered (the agent's loop); `None`: it is not served.
+    explainer: Option<crate::explain::Explainer>,
 }
 
 impl ObserverService {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+        Self { hub, explainer: None }
+    }
+
+    /// Serves `Explain` by asking `explainer`.
+    pub fn with_explainer(mut self, explainer: crate::explain::Explainer) -> Self {
+        self.explainer = Some(explainer);
+        self
     }
 
     pub fn into_server(self) -> ObserverServer<Self> {
@@ -287,6 +295,33 @@ impl Observer for ObserverService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    async fn explain(
+        &self,
+        request: Request<crate::observer::proto::ExplainRequest>,
+    ) -> Result<Response<crate::observer::proto::ExplainResponse>, Status> {
+        use crate::explain::{ExplainCall, ExplainError};
+        use crate::observer::explain::{explanation_to_proto, query_from_proto};
+        let query =
+            query_from_proto(request.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let explainer = self.explainer.as_ref().ok_or_else(|| {
+            Status::unimplemented("this server does not explain (it runs without an agent)")
+        })?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || Status::unavailable("the agent is shutting down");
+        explainer
+            .send(ExplainCall { query, reply })
+            .await
+            .map_err(|_| gone())?;
+        match answer.await.map_err(|_| gone())? {
+            Ok(x) => Ok(Response::new(explanation_to_proto(&x))),
+            Err(e @ ExplainError::UnknownPod(_)) => Err(Status::not_found(e.to_string())),
+            Err(e @ ExplainError::NoCommonFamily { .. }) => Err(Status::invalid_argument(e.to_string())),
+            Err(e @ (ExplainError::NoAddress(_) | ExplainError::NotReady)) => {
+                Err(Status::failed_precondition(e.to_string()))
+            }
+        }
+    }
+
     async fn server_status(
         &self,
         _: Request<ServerStatusRequest>,
@@ -360,7 +395,7 @@ pub fn bind_unix(path: &Path) -> Result<UnixListener> {
 
 /// Serves the API on `listener` until `shutdown` resolves.
 pub async fn serve_unix(
-    hub: Arc<Hub>,
+    service: ObserverService,
     listener: UnixListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
@@ -370,7 +405,7 @@ pub async fn serve_unix(
         .and_then(|a| a.as_pathname().map(Path::to_path_buf));
     info!(socket = %socket.as_deref().unwrap_or(Path::new("?")).display(), "flow API listening");
     server()
-        .add_service(ObserverService::new(hub).into_server())
+        .add_service(service.clone().into_server())
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await?;
     Ok(())
@@ -391,7 +426,7 @@ pub fn tls_config(files: &TlsFiles) -> Result<ServerTlsConfig> {
 
 /// Serves the API on TCP with mutual TLS until `shutdown` resolves.
 pub async fn serve_tcp(
-    hub: Arc<Hub>,
+    service: ObserverService,
     listener: tokio::net::TcpListener,
     tls: &TlsFiles,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -400,7 +435,7 @@ pub async fn serve_tcp(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     server()
         .tls_config(tls_config(tls)?)?
-        .add_service(ObserverService::new(hub).into_server())
+        .add_service(service.clone().into_server())
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     debug!("TCP flow API stopped");

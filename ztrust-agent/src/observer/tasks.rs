@@ -72,6 +72,15 @@ pub type KernelCounter = Box<dyn Fn() -> Option<u64> + Send + Sync>;
 /// Starts everything `opts` asks for. `health` is what `/readyz` answers; `events_lost` reads the
 /// kernel's count of flow events its ring buffer had no room for (`None`: not reported); `view` is the
 /// agent's enrichment view (for the endpoint count).
+/// The flow API's service: the hub's flows and alerts, and `Explain` when the agent answers it.
+fn service(hub: &Arc<Hub>, explainer: &Option<crate::explain::Explainer>) -> server::ObserverService {
+    let s = server::ObserverService::new(hub.clone());
+    match explainer {
+        Some(e) => s.with_explainer(e.clone()),
+        None => s,
+    }
+}
+
 pub async fn spawn(
     opts: &ObserverOptions,
     hub: Arc<Hub>,
@@ -79,6 +88,7 @@ pub async fn spawn(
     health: Health,
     view: Arc<RwLock<View>>,
     events_lost: Option<KernelCounter>,
+    explainer: Option<crate::explain::Explainer>,
 ) -> Running {
     let counted = hub.clone();
     metrics.collect_flow_api(move || flow_api_counters(&counted));
@@ -92,9 +102,9 @@ pub async fn spawn(
         match server::bind_unix(path) {
             Ok(listener) => {
                 running.socket = Some(path.clone());
-                let hub = hub.clone();
+                let service = service(&hub, &explainer);
                 running.tasks.push(tokio::spawn(async move {
-                    if let Err(e) = server::serve_unix(hub, listener, forever()).await {
+                    if let Err(e) = server::serve_unix(service, listener, forever()).await {
                         error!(error = %e, "flow API (unix socket) stopped");
                     }
                 }));
@@ -105,9 +115,9 @@ pub async fn spawn(
     if let Some((addr, tls)) = &opts.grpc_tcp {
         match tokio::net::TcpListener::bind(addr).await {
             Ok(listener) => {
-                let (hub, tls) = (hub.clone(), tls.clone());
+                let (service, tls) = (service(&hub, &explainer), tls.clone());
                 running.tasks.push(tokio::spawn(async move {
-                    if let Err(e) = server::serve_tcp(hub, listener, &tls, forever()).await {
+                    if let Err(e) = server::serve_tcp(service, listener, &tls, forever()).await {
                         error!(error = %e, "flow API (TCP, mTLS) stopped");
                     }
                 }));

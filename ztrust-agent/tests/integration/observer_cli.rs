@@ -76,7 +76,11 @@ async fn flows_and_alerts_commands() {
         ..Default::default()
     }));
     let listener = server::bind_unix(&socket).unwrap();
-    tokio::spawn(server::serve_unix(hub.clone(), listener, std::future::pending()));
+    tokio::spawn(server::serve_unix(
+        server::ObserverService::new(hub.clone()),
+        listener,
+        std::future::pending(),
+    ));
     for i in 0..6 {
         hub.publish(flow(i, if i < 4 { "dropped" } else { "forwarded" }));
     }

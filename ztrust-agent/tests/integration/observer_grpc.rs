@@ -85,9 +85,13 @@ async fn start(opts: HubOptions) -> Server {
     let hub = Arc::new(Hub::new(opts));
     let listener = server::bind_unix(&socket).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(server::serve_unix(hub.clone(), listener, async move {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(server::serve_unix(
+        server::ObserverService::new(hub.clone()),
+        listener,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     Server {
         _dir: dir,
         socket,
@@ -510,4 +514,92 @@ async fn alerts_stream() {
         .into_inner();
     assert!(later.next().await.is_some());
     assert!(later.next().await.is_none());
+}
+
+/// `Explain` over the socket: the server hands the query to its explainer (the agent's loop; here a
+/// task answering from a cluster read from manifests) and returns the answer; errors keep their codes.
+#[tokio::test]
+async fn explain_is_answered_by_the_explainer_with_its_status_codes() {
+    use ztrust_agent::explain::{ExplainCall, Query, State, explain};
+    use ztrust_agent::observer::explain::{explanation_from_proto, query_to_proto};
+    const YAML: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, labels: {app: web}}
+status: {podIP: 10.244.0.10}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db, namespace: shop, labels: {app: db}}
+status: {podIP: 10.244.0.11}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: db}}
+  ingress: [{from: [{podSelector: {matchLabels: {app: web}}}], ports: [{port: 5432}]}]
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agent.sock");
+    let (explainer, mut calls) = tokio::sync::mpsc::channel::<ExplainCall>(1);
+    tokio::spawn(async move {
+        let cluster = ztrust_agent::source::dir::parse_str("shop.yaml", YAML).cluster;
+        let desired = ztrust_agent::policy::Engine::new().compile(&cluster);
+        let audit = Default::default();
+        while let Some(call) = calls.recv().await {
+            let state = State {
+                cluster: &cluster,
+                desired: &desired,
+                node: None,
+                audit_namespaces: &audit,
+                audit_all: false,
+            };
+            let _ = call.reply.send(explain(&state, &call.query, None));
+        }
+    });
+    let hub = Arc::new(Hub::new(opts(16, 16)));
+    let listener = server::bind_unix(&socket).unwrap();
+    let service = server::ObserverService::new(hub.clone()).with_explainer(explainer);
+    tokio::spawn(server::serve_unix(service, listener, std::future::pending()));
+    let mut client = connect_unix(&socket).await.unwrap();
+
+    let ask = |from: &str, to: &str| query_to_proto(&Query::parse(from, to).unwrap());
+    let answer = client
+        .explain(ask("shop/web", "shop/db:5432"))
+        .await
+        .unwrap()
+        .into_inner();
+    let x = explanation_from_proto(&answer).unwrap();
+    assert_eq!(x.verdict, ztrust_agent::flows::Verdict::Forwarded);
+    let ingress = x.ends.iter().find(|e| e.pod.to_string() == "shop/db").unwrap();
+    assert_eq!(ingress.allowed_by.as_ref().unwrap().policy.to_string(), "shop/db");
+    let x = explanation_from_proto(
+        &client
+            .explain(ask("shop/web", "shop/db:80"))
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .unwrap();
+    assert_eq!(x.verdict, ztrust_agent::flows::Verdict::Dropped);
+
+    let e = client
+        .explain(ask("shop/nope", "shop/db:5432"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("pod shop/nope"), "{}", e.message());
+    let mut bad = ask("shop/web", "shop/db:5432");
+    bad.port = 0;
+    assert_eq!(
+        client.explain(bad).await.unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
+
+    // A server without an explainer says so.
+    let plain = start(opts(16, 16)).await;
+    let mut client = connect_unix(&plain.socket).await.unwrap();
+    let e = client.explain(ask("shop/web", "shop/db:5432")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unimplemented);
 }

@@ -69,7 +69,15 @@ async fn client_certificates_are_required() {
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move { server::serve_tcp(hub, listener, &files, std::future::pending()).await });
+    tokio::spawn(async move {
+        server::serve_tcp(
+            server::ObserverService::new(hub),
+            listener,
+            &files,
+            std::future::pending(),
+        )
+        .await
+    });
 
     let tls = |cert: &str, key: &str| ClientTls {
         ca: dir.path().join("ca.pem"),

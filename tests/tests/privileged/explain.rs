@@ -1,0 +1,196 @@
+//! `explain` against the payments lab with the real agent: for every probe of the lab's matrix (real
+//! connections, by the pods' own addresses and through the Services' ClusterIPs) the agent's answer is
+//! the outcome of the connection, and the kernel maps agree with it; an allow entry removed from the
+//! kernel behind the agent's back is said (and the real connection is then dropped, as the kernel says).
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use ztrust_agent::cli_explain::{Outcome, ask};
+use ztrust_agent::cli_flows::Connect;
+use ztrust_agent::datapath::loader::open_pinned;
+use ztrust_agent::explain::{Explanation, Query, Target};
+use ztrust_agent::flows::Verdict;
+use ztrust_agent::model::ObjectRef;
+use ztrust_common::{EndpointInfo, PolicyKey, PolicyValue, dir, names};
+use ztrust_lab::probe::{Family, ProbeOptions, Verdict as Probed};
+
+use crate::common::payments::{PaymentsLab, connects};
+use crate::common::{agent_bin, lab_bin};
+
+fn connect(lab: &PaymentsLab) -> Connect {
+    Connect {
+        socket: lab.agent().socket,
+        server: None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_server_name: None,
+    }
+}
+
+fn explain(lab: &PaymentsLab, query: &Query) -> Explanation {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(ask(&connect(lab), query))
+        .unwrap_or_else(|e| panic!("explain {query:?}: {e:#}"))
+}
+
+#[test]
+fn every_probe_is_explained_as_it_went_and_the_kernel_agrees() {
+    let mut lab = PaymentsLab::up("ex", agent_bin(), &[]);
+    lab.apply(&crate::common::payments::payments().join("services.yaml"));
+    let probe = |via_service: bool| {
+        ztrust_lab::probe(
+            &lab.state_dir,
+            &ProbeOptions {
+                family: Family::Both,
+                via_service,
+                ..Default::default()
+            },
+        )
+        .unwrap()
+    };
+    // The agent has applied the policies once explain's answers agree with the kernel on a known pair.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let known = Query::parse("payments/frontend", "payments/database:5432").unwrap();
+    while !(explain(&lab, &known).consistent() && explain(&lab, &known).verdict == Verdict::Dropped) {
+        assert!(Instant::now() < deadline, "the agent never applied the policies");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (mut checked, mut denied, mut via) = (0, 0, 0);
+    for m in [probe(false), probe(true)] {
+        for p in &m.probes {
+            if p.result == Probed::Unsupported {
+                continue;
+            }
+            let (addr, port) = p.via.as_ref().map_or((p.to_ip, p.port), |v| (v.address, v.port));
+            let query = Query {
+                from: Target::Pod(p.from.parse().unwrap()),
+                to: Target::Address(addr),
+                port,
+                protocol: p.protocol,
+            };
+            let x = explain(&lab, &query);
+            let text = ztrust_agent::explain::render(&x);
+            assert!(x.consistent(), "{p:?}\n{text}");
+            assert!(
+                x.ends
+                    .iter()
+                    .filter(|e| e.here)
+                    .all(|e| e.kernel.as_ref().is_some_and(|k| k.agrees)),
+                "{p:?}: every end on the node is checked against the kernel\n{text}"
+            );
+            let want = if p.result == Probed::Allowed {
+                Verdict::Forwarded
+            } else {
+                Verdict::Dropped
+            };
+            assert_eq!(x.verdict, want, "{p:?}\n{text}");
+            checked += 1;
+            denied += usize::from(want == Verdict::Dropped);
+            via += usize::from(p.via.is_some());
+        }
+    }
+    eprintln!("{checked} probes explained as they went ({denied} denied, {via} through Services)");
+    assert!(
+        checked - denied > 20 && denied > 20 && via > 10,
+        "{checked} / {denied} / {via}"
+    );
+}
+
+#[test]
+fn a_kernel_entry_lost_behind_the_agents_back_is_said_and_the_cli_exits_3() {
+    let lab = PaymentsLab::up("ey", agent_bin(), &[]);
+    let backend = lab.pod("backend");
+    let dst = SocketAddr::new(backend.ips[0], 8080);
+    let query = Query::parse("payments/frontend", "payments/backend:8080").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !(explain(&lab, &query).consistent()
+        && connects(&lab.pod("frontend").netns, dst, Duration::from_secs(1)))
+    {
+        assert!(Instant::now() < deadline, "frontend → backend:8080 never allowed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let x = explain(&lab, &query);
+    assert_eq!(x.verdict, Verdict::Forwarded);
+
+    // The backend's ingress allow entries go from the kernel's exact-port map; the agent does not know.
+    let pin_dir = lab.agent().pin_dir;
+    // The backend's interface (in the node's network namespace), as the answer's kernel check names it.
+    let ifindex = x
+        .ends
+        .iter()
+        .find(|e| e.pod == ObjectRef::new("payments", "backend"))
+        .and_then(|e| e.kernel.as_ref())
+        .unwrap()
+        .ifindex;
+    let endpoints: BpfHashMap<MapData, u32, EndpointInfo> = open_pinned(&pin_dir, names::ENDPOINTS).unwrap();
+    let endpoint_id = endpoints.get(&ifindex, 0).unwrap().endpoint_id;
+    let mut exact: BpfHashMap<MapData, PolicyKey, PolicyValue> =
+        open_pinned(&pin_dir, names::POLICY_EXACT).unwrap();
+    let gone: Vec<PolicyKey> = exact
+        .keys()
+        .flatten()
+        .filter(|k| u32::from_be_bytes(k.endpoint) == endpoint_id && k.direction == dir::INGRESS)
+        .collect();
+    assert!(!gone.is_empty(), "the backend has ingress entries to lose");
+    for k in &gone {
+        exact.remove(k).unwrap();
+    }
+
+    let x = explain(&lab, &query);
+    let text = ztrust_agent::explain::render(&x);
+    assert_eq!(Outcome::of(&x), Outcome::Inconsistent, "{text}");
+    let end = x
+        .ends
+        .iter()
+        .find(|e| e.pod == ObjectRef::new("payments", "backend"))
+        .unwrap();
+    let k = end.kernel.as_ref().unwrap();
+    assert_eq!((k.verdict, k.agrees), (Verdict::Dropped, false), "{text}");
+    assert!(text.contains("DIFFERS"), "{text}");
+    // The kernel's word is what happens: the connection is dropped now.
+    assert!(!connects(
+        &lab.pod("frontend").netns,
+        dst,
+        Duration::from_millis(500)
+    ));
+
+    // The CLI says the same, with exit status 3.
+    let out = Command::new(lab_bin())
+        .args(["explain", "--state-dir"])
+        .arg(&lab.state_dir)
+        .args(["payments/frontend", "payments/backend:8080"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("! the kernel maps say dropped (policy-denied)"),
+        "{stdout}"
+    );
+
+    // An unknown pod is an error naming it, exit status 2.
+    let out = Command::new(lab_bin())
+        .args(["explain", "--state-dir"])
+        .arg(&lab.state_dir)
+        .args(["payments/frontend", "payments/nope:80"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("pod payments/nope: no such pod"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
