@@ -7,7 +7,7 @@ use clap::ValueEnum;
 
 use crate::cli_flows::{Connect, Error as FlowsError};
 use crate::explain::{Explanation, Query, QueryError, render};
-use crate::observer::explain::{Invalid, explanation_from_proto, query_to_proto};
+use crate::observer::explain::{Invalid, explanation_from_proto, flow_query_to_proto, query_to_proto};
 use crate::observer::proto::observer_client::ObserverClient;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -21,10 +21,15 @@ pub enum Output {
 #[derive(clap::Args, Debug)]
 pub struct ExplainArgs {
     /// The source: a pod (`namespace/name`) or an address.
-    pub from: String,
+    #[arg(required_unless_present = "flow", requires = "to")]
+    pub from: Option<String>,
     /// The destination and its port: `namespace/name:PORT[/PROTOCOL]`, `ADDRESS:PORT[/PROTOCOL]`
     /// (`[ADDRESS]:PORT` for IPv6; a Service's ClusterIP is judged by its backends). TCP by default.
-    pub to: String,
+    pub to: Option<String>,
+    /// Instead of FROM and TO: the connection of this flow (the ID column of `flows`), from its source
+    /// to its destination's port, while the agent still keeps it.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub flow: Option<u64>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
     #[command(flatten)]
@@ -35,6 +40,8 @@ pub struct ExplainArgs {
 pub enum Error {
     #[error(transparent)]
     Query(#[from] QueryError),
+    #[error("give FROM and TO, or --flow ID")]
+    Usage,
     #[error(transparent)]
     Connect(#[from] FlowsError),
     #[error("{}", .0.message())]
@@ -75,11 +82,22 @@ impl Outcome {
     }
 }
 
+/// What to explain: a connection, or a kept flow's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Ask {
+    Query(Query),
+    Flow(u64),
+}
+
 /// Asks the agent behind `connect`.
-pub async fn ask(connect: &Connect, query: &Query) -> Result<Explanation, Error> {
+pub async fn ask(connect: &Connect, what: &Ask) -> Result<Explanation, Error> {
     let mut client: ObserverClient<_> = connect.client().await?;
+    let request = match what {
+        Ask::Query(q) => query_to_proto(q),
+        Ask::Flow(id) => flow_query_to_proto(*id),
+    };
     let answer = client
-        .explain(query_to_proto(query))
+        .explain(request)
         .await
         .map_err(Error::Refused)?
         .into_inner();
@@ -88,11 +106,16 @@ pub async fn ask(connect: &Connect, query: &Query) -> Result<Explanation, Error>
 
 /// Runs the command: prints the answer, returns what the exit status says.
 pub fn run(args: &ExplainArgs) -> Result<Outcome, Error> {
-    let query = Query::parse(&args.from, &args.to)?;
+    let what = match (&args.flow, &args.from, &args.to) {
+        (Some(id), _, _) => Ask::Flow(*id),
+        (None, Some(from), Some(to)) => Ask::Query(Query::parse(from, to)?),
+        // clap requires FROM and TO without --flow.
+        _ => return Err(Error::Usage),
+    };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let x = rt.block_on(ask(&args.connect, &query))?;
+    let x = rt.block_on(ask(&args.connect, &what))?;
     match args.output {
         Output::Table => print!("{}", render(&x)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&x)?),

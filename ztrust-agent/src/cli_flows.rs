@@ -289,6 +289,9 @@ impl FlowsArgs {
 struct Printer {
     output: Output,
     colour: bool,
+    /// The flows have their agent's numbers (`explain --flow ID`): a first column, a JSON field.
+    ids: bool,
+    id_width: usize,
     widths: [usize; 6],
     header_done: bool,
     json_first: bool,
@@ -364,10 +367,18 @@ impl Printer {
         Self {
             output,
             colour,
+            ids: false,
+            id_width: 4,
             widths: [24, 10, 24, 28, 9, 17],
             header_done: false,
             json_first: true,
         }
+    }
+
+    /// Flows from the agent: their numbers are shown.
+    fn with_ids(mut self) -> Self {
+        self.ids = true;
+        self
     }
 
     /// `batch` is complete (not following): size the columns to it.
@@ -379,8 +390,11 @@ impl Printer {
         }
     }
 
-    fn row(&self, c: &[String; 7]) -> String {
+    fn row(&self, id: &str, c: &[String; 7]) -> String {
         let mut line = String::new();
+        if self.ids {
+            line.push_str(&format!("{id:<w$}  ", w = self.id_width));
+        }
         for (i, cell) in c.iter().enumerate() {
             if i < 6 {
                 let padded = format!("{cell:<w$}  ", w = self.widths[i]);
@@ -396,16 +410,28 @@ impl Printer {
         line.trim_end().to_owned()
     }
 
-    fn flow(&mut self, out: &mut impl std::io::Write, f: &Flow) -> Result<()> {
+    fn flow(&mut self, out: &mut impl std::io::Write, f: &Flow, id: Option<u64>) -> Result<()> {
+        /// A flow with its agent's number, as the JSON outputs write it.
+        #[derive(serde::Serialize)]
+        struct Numbered<'a> {
+            #[serde(skip_serializing_if = "Option::is_none")]
+            id: Option<u64>,
+            #[serde(flatten)]
+            flow: &'a Flow,
+        }
+        let numbered = Numbered { id, flow: f };
         match self.output {
-            Output::Jsonl => writeln!(out, "{}", serde_json::to_string(f)?)?,
+            Output::Jsonl => writeln!(out, "{}", serde_json::to_string(&numbered)?)?,
             Output::Json => {
                 let sep = if self.json_first { "[\n" } else { ",\n" };
                 self.json_first = false;
-                write!(out, "{sep}{}", serde_json::to_string_pretty(f)?)?;
+                write!(out, "{sep}{}", serde_json::to_string_pretty(&numbered)?)?;
             }
             Output::Compact => {
-                let line = render_line(f);
+                let line = match id {
+                    Some(id) => format!("#{id} {}", render_line(f)),
+                    None => render_line(f),
+                };
                 if self.colour && f.is_drop() {
                     writeln!(out, "\x1b[31m{line}\x1b[0m")?;
                 } else {
@@ -413,15 +439,17 @@ impl Printer {
                 }
             }
             Output::Table => {
+                let id = id.map(|i| i.to_string()).unwrap_or_default();
+                self.id_width = self.id_width.max(id.len());
                 if !self.header_done {
                     self.header_done = true;
-                    writeln!(out, "{}", self.row(&HEADERS.map(str::to_owned)))?;
+                    writeln!(out, "{}", self.row("ID", &HEADERS.map(str::to_owned)))?;
                 }
                 let c = cells(f);
                 for (w, cell) in self.widths.iter_mut().zip(&c) {
                     *w = (*w).max(cell.chars().count());
                 }
-                writeln!(out, "{}", self.row(&c))?;
+                writeln!(out, "{}", self.row(&id, &c))?;
             }
         }
         Ok(())
@@ -456,7 +484,7 @@ pub fn run(args: &FlowsArgs) -> Result<()> {
     rt.block_on(async {
         let mut client = args.connect.client().await?;
         let mut stream = client.get_flows(req).await?.into_inner();
-        let mut printer = Printer::new(args.output);
+        let mut printer = Printer::new(args.output).with_ids();
         let stdout = std::io::stdout();
         if !args.follow {
             // Size the table to the whole answer before printing it.
@@ -464,16 +492,20 @@ pub fn run(args: &FlowsArgs) -> Result<()> {
             while let Some(r) = stream.next().await {
                 match r?.response_types {
                     Some(get_flows_response::ResponseTypes::Flow(f)) => {
-                        flows.push(convert::flow_from_proto(&f))
+                        flows.push(((f.id != 0).then_some(f.id), convert::flow_from_proto(&f)))
                     }
                     Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
                     None => {}
                 }
             }
+            if let Some(max) = flows.iter().filter_map(|(id, _)| *id).max() {
+                printer.id_width = printer.id_width.max(max.to_string().len());
+            }
+            let (ids, flows): (Vec<Option<u64>>, Vec<Flow>) = flows.into_iter().unzip();
             printer.fit(&flows);
             let mut out = stdout.lock();
-            for f in &flows {
-                printer.flow(&mut out, f)?;
+            for (f, id) in flows.iter().zip(ids) {
+                printer.flow(&mut out, f, id)?;
             }
             return printer.finish(&mut out);
         }
@@ -481,7 +513,11 @@ pub fn run(args: &FlowsArgs) -> Result<()> {
             match r?.response_types {
                 Some(get_flows_response::ResponseTypes::Flow(f)) => {
                     let mut out = stdout.lock();
-                    printer.flow(&mut out, &convert::flow_from_proto(&f))?;
+                    printer.flow(
+                        &mut out,
+                        &convert::flow_from_proto(&f),
+                        (f.id != 0).then_some(f.id),
+                    )?;
                     out.flush()?;
                 }
                 Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
@@ -530,7 +566,7 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
         printer.fit(&flows);
     }
     for f in &flows {
-        printer.flow(&mut stdout.lock(), f)?;
+        printer.flow(&mut stdout.lock(), f, None)?;
     }
     if !args.follow {
         return printer.finish(&mut stdout.lock());
@@ -555,7 +591,7 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
                 && wanted(&fl)
             {
                 let mut out = stdout.lock();
-                printer.flow(&mut out, &fl)?;
+                printer.flow(&mut out, &fl, None)?;
                 out.flush()?;
             }
         }

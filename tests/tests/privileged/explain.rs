@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
-use ztrust_agent::cli_explain::{Outcome, ask};
+use ztrust_agent::cli_explain::{Ask, Outcome, ask};
 use ztrust_agent::cli_flows::Connect;
 use ztrust_agent::datapath::loader::open_pinned;
 use ztrust_agent::explain::{Explanation, Query, Target};
@@ -36,7 +36,7 @@ fn explain(lab: &PaymentsLab, query: &Query) -> Explanation {
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(ask(&connect(lab), query))
+    rt.block_on(ask(&connect(lab), &Ask::Query(query.clone())))
         .unwrap_or_else(|e| panic!("explain {query:?}: {e:#}"))
 }
 

@@ -74,7 +74,7 @@ fn table_columns_align() {
     p.fit(&flows);
     let mut out = Vec::new();
     for f in &flows {
-        p.flow(&mut out, f).unwrap();
+        p.flow(&mut out, f, None).unwrap();
     }
     let text = String::from_utf8(out).unwrap();
     let lines: Vec<_> = text.lines().collect();
@@ -121,10 +121,29 @@ fn a_connection_to_a_service_is_shown_by_the_service_and_its_backend() {
 fn jsonl_is_one_flow_per_line() {
     let mut p = Printer::new(Output::Jsonl);
     let mut out = Vec::new();
-    p.flow(&mut out, &crate::flows::testing::denied()).unwrap();
-    p.flow(&mut out, &crate::flows::testing::allowed()).unwrap();
+    p.flow(&mut out, &crate::flows::testing::denied(), Some(41))
+        .unwrap();
+    p.flow(&mut out, &crate::flows::testing::allowed(), None).unwrap();
     let text = String::from_utf8(out).unwrap();
     let back: Vec<Flow> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(back.len(), 2);
     assert_eq!(back[0].destination.port, Some(5432));
+    let ids: Vec<Option<u64>> = text
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_u64())
+        .collect();
+    assert_eq!(ids, [Some(41), None], "the agent's number, when known");
+}
+
+#[test]
+fn the_table_numbers_the_agents_flows_for_explain() {
+    let mut p = Printer::new(Output::Table).with_ids();
+    p.colour = false;
+    let mut out = Vec::new();
+    p.flow(&mut out, &crate::flows::testing::denied(), Some(12345))
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<_> = text.lines().collect();
+    assert!(lines[0].starts_with("ID     TIME"), "{text}");
+    assert!(lines[1].starts_with("12345  "), "{text}");
 }

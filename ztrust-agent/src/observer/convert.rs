@@ -121,7 +121,7 @@ pub fn alert_to_proto(a: &crate::detector::Alert, node: &str) -> proto::Alert {
         evidence: a
             .evidence
             .iter()
-            .map(|o| flow_to_proto(&o.flow, o.time, Text::Also))
+            .map(|o| observed_to_proto(o, Text::Also))
             .collect(),
     }
 }
@@ -149,6 +149,14 @@ pub enum Text {
     Also,
     /// Typed fields only (`GetFlowsRequest.typed_only`).
     Omitted,
+}
+
+/// A flow the hub keeps, with its number.
+pub fn observed_to_proto(o: &crate::flows::Observed, text: Text) -> proto::Flow {
+    proto::Flow {
+        id: o.seq,
+        ..flow_to_proto(&o.flow, o.time, text)
+    }
 }
 
 pub fn flow_to_proto(f: &Flow, time: SystemTime, text: Text) -> proto::Flow {

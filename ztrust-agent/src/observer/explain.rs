@@ -50,6 +50,15 @@ pub fn query_to_proto(q: &Query) -> proto::ExplainRequest {
         to: Some(target_to_proto(&q.to)),
         port: u32::from(q.port),
         ip_protocol: u32::from(q.protocol.number()),
+        flow_id: 0,
+    }
+}
+
+/// A request for the connection of the kept flow `id`.
+pub fn flow_query_to_proto(id: u64) -> proto::ExplainRequest {
+    proto::ExplainRequest {
+        flow_id: id,
+        ..Default::default()
     }
 }
 

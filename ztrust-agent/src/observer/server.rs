@@ -93,6 +93,44 @@ impl ObserverService {
         self
     }
 
+    /// The connection of the kept flow `id`: from its source to its destination's port.
+    fn flow_query(&self, id: u64) -> Result<crate::explain::Query, Status> {
+        use crate::explain::{Query, Target};
+        let kept = self.hub.flows.subscribe(false).kept;
+        let o = kept.iter().find(|o| o.seq == id).ok_or_else(|| {
+            Status::not_found(format!(
+                "flow {id} is not in the agent's flow ring (it keeps the last {} flows; `flows` lists them with \
+                 their ids)",
+                self.hub.status().max_flows
+            ))
+        })?;
+        let f = &o.flow;
+        let protocol = [
+            crate::model::Protocol::Tcp,
+            crate::model::Protocol::Udp,
+            crate::model::Protocol::Sctp,
+        ]
+        .into_iter()
+        .find(|p| p.number() == f.protocol.0)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "flow {id} is {}: explain judges connections of TCP, UDP and SCTP, the protocols of NetworkPolicy ports",
+                f.protocol
+            ))
+        })?;
+        let port = f
+            .destination
+            .port
+            .filter(|p| *p != 0)
+            .ok_or_else(|| Status::invalid_argument(format!("flow {id} has no destination port")))?;
+        Ok(Query {
+            from: Target::Address(f.source.ip),
+            to: Target::Address(f.destination.ip),
+            port,
+            protocol,
+        })
+    }
+
     pub fn into_server(self) -> ObserverServer<Self> {
         ObserverServer::new(self)
     }
@@ -170,9 +208,9 @@ impl FlowStream {
     }
 
     fn flow(&self, o: &Observed) -> GetFlowsResponse {
-        self.response(get_flows_response::ResponseTypes::Flow(convert::flow_to_proto(
-            &o.flow, o.time, self.text,
-        )))
+        self.response(get_flows_response::ResponseTypes::Flow(
+            convert::observed_to_proto(o, self.text),
+        ))
     }
 
     /// The next message; `None` at the end of the history without `follow`, at `until`, or when the
@@ -301,8 +339,12 @@ impl Observer for ObserverService {
     ) -> Result<Response<crate::observer::proto::ExplainResponse>, Status> {
         use crate::explain::{ExplainCall, ExplainError};
         use crate::observer::explain::{explanation_to_proto, query_from_proto};
-        let query =
-            query_from_proto(request.get_ref()).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let req = request.into_inner();
+        let query = if req.flow_id != 0 {
+            self.flow_query(req.flow_id)?
+        } else {
+            query_from_proto(&req).map_err(|e| Status::invalid_argument(e.to_string()))?
+        };
         let explainer = self.explainer.as_ref().ok_or_else(|| {
             Status::unimplemented("this server does not explain (it runs without an agent)")
         })?;
