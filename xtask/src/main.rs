@@ -254,6 +254,16 @@ fn lab(down: bool) -> anyhow::Result<()> {
     run(lab_cmd(&["probe", "--via-service"]))?;
     step("denied connections caused by that probe (from the kernel's ring buffer)");
     run(lab_cmd(&["flows", "--denied", "-o", "table"]))?;
+    step(
+        "why frontend → database is dropped: each hook, its isolating policies, why no rule allows it, checked against the kernel maps",
+    );
+    // Exit status 1 is the answer "dropped"; anything else (an error, the kernel differing) fails the lab.
+    let mut explain = lab_cmd(&["explain", "payments/frontend", "payments/database:5432"]);
+    let shown = format!("{explain:?}");
+    let status = explain.status().with_context(|| format!("starting {shown}"))?;
+    if status.code() != Some(1) {
+        bail!("{shown}: expected the connection to be explained as dropped (exit 1), got {status}");
+    }
     step("drop counters (per-CPU, from the pinned maps)");
     run(lab_cmd(&["status", "--counters"]))?;
     if down {
@@ -261,7 +271,7 @@ fn lab(down: bool) -> anyhow::Result<()> {
         run(lab_cmd(&["down"]))?;
     } else {
         eprintln!(
-            "\nThe lab is still up. Try:\n  {0} probe -o json\n  {0} flows --denied --follow\n  {0} down",
+            "\nThe lab is still up. Try:\n  {0} probe -o json\n  {0} flows --denied --follow\n  {0} explain payments/backend payments/database:5432\n  {0} down",
             lab.display()
         );
     }

@@ -294,6 +294,7 @@ pub(super) fn egress_end(
     }
     if let (true, Some(hop)) = (isolated, service) {
         // Judged by the backends the node translates to, before it picks one.
+        let mut misses = Vec::new();
         for b in &hop.backends {
             let backend_pod = b.pod.as_ref().and_then(|p| state.cluster.pods.get(p));
             let r = Remote {
@@ -311,6 +312,14 @@ pub(super) fn egress_end(
                 allowed: !s.matches.is_empty() || s.isolating.is_empty(),
                 allowed_by: s.matches.first().cloned(),
             });
+            let name = b
+                .pod
+                .as_ref()
+                .map_or_else(|| b.ip.to_string(), ToString::to_string);
+            misses.extend(s.misses.into_iter().map(|mut m| {
+                m.why = format!("to backend {name} at port {}: {}", b.port, m.why);
+                m
+            }));
         }
         let objects = classes_reason(end.backends.iter().map(|b| b.allowed));
         let compiled = ep.map(|ep| {
@@ -323,8 +332,11 @@ pub(super) fn egress_end(
             (reason, rules.first().copied().flatten())
         });
         let mut said = said;
-        // Which rule allows is per backend (above); the end names the first backend's, as the kernel does.
+        // Which rule allows, or why none does, is per backend (above); the end names the first backend's
+        // rule, as the kernel does. The frontend's address is no backend's identity.
         said.matches = end.backends.iter().filter_map(|b| b.allowed_by.clone()).collect();
+        said.misses = misses;
+        end.remote_identity = None;
         settle(state, &mut end, said, objects, compiled);
         compiled_isolation(&mut end, ep, dir::EGRESS);
         return end;

@@ -7,8 +7,7 @@ use super::{End, Explanation, Mode, Side};
 
 fn side(s: &Side) -> String {
     match &s.pod {
-        Some(p) if p.to_string() != s.target.to_string() => format!("{} (pod {p}, {})", s.target, s.ip),
-        Some(_) => format!("{} ({})", s.target, s.ip),
+        Some(p) => format!("{p} ({})", s.ip),
         None if s.host => format!("{} (the node's)", s.ip),
         None => s.ip.to_string(),
     }

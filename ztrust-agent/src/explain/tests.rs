@@ -284,6 +284,15 @@ fn a_service_frontend_is_judged_by_its_backends_and_each_backend_at_its_ingress(
     let eg = end(&x, "payments/database", Direction::Egress);
     assert_eq!(eg.reason, Reason::PolicyDenied, "{}", render(&x));
     assert!(!eg.backends[0].allowed);
+    assert!(
+        !eg.not_allowed_by.is_empty()
+            && eg
+                .not_allowed_by
+                .iter()
+                .all(|m| m.why.starts_with("to backend payments/backend at port 8080: ")),
+        "why none allows it is told of the backends, not of the ClusterIP: {:?}",
+        eg.not_allowed_by
+    );
 
     // An address of the Service range that no Service has.
     let x = f.explain("payments/frontend", "10.96.0.99:80");
