@@ -83,6 +83,7 @@ fn cluster() -> Cluster {
             },
             Rule { peers: vec![Peer::IpBlock { cidr: "192.0.2.0/24".parse().unwrap(), except: vec![] }], ports: vec![] },
         ],
+        audit: false,
     };
     c.policies.insert(pol.object_ref(), pol);
     c

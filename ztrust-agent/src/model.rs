@@ -187,6 +187,11 @@ pub struct NetworkPolicy {
     pub isolates_egress: bool,
     pub ingress: Vec<Rule>,
     pub egress: Vec<Rule>,
+    /// The annotation `ztrust.io/mode: audit`: the policy decides a pod's direction only where no enforced
+    /// policy isolates it, and there a denial is reported as would-drop and passes. Where an enforced
+    /// policy isolates the direction, the audited policy is left out (its rules allow nothing more).
+    #[serde(default)]
+    pub audit: bool,
 }
 
 impl NetworkPolicy {

@@ -102,6 +102,21 @@ pub mod ep_flags {
     /// [`super::reason::ENCAPSULATED`]. Set for every endpoint by `run --pod-tunnels allow` (in
     /// [`super::Config::flags`]).
     pub const ALLOW_ENCAPSULATION: u32 = 1 << 11;
+    /// The endpoint's ingress is isolated by audited policies only (`ztrust.io/mode: audit` on each): a
+    /// policy denial there is reported as [`super::verdict::WOULD_DROP`] and passes, as with [`AUDIT`],
+    /// for that direction alone.
+    pub const AUDIT_INGRESS: u32 = 1 << 12;
+    /// The same for egress.
+    pub const AUDIT_EGRESS: u32 = 1 << 13;
+
+    /// The audit flag of `direction`: [`AUDIT_INGRESS`] or [`AUDIT_EGRESS`].
+    pub const fn audit_in(direction: u8) -> u32 {
+        if direction == super::dir::INGRESS {
+            AUDIT_INGRESS
+        } else {
+            AUDIT_EGRESS
+        }
+    }
 
     /// Every `NO_WIDE_*` flag.
     pub const ALL_NO_WIDE: u32 = NO_WIDE_INGRESS_TCP

@@ -188,7 +188,8 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     } else {
         Config::default()
     };
-    // Audit mode reports what policy would drop (Service judgments included); what cannot be judged
+    // Audit mode (everywhere, the namespace's, or this direction's when only audited policies isolate
+    // it) reports what policy would drop (Service judgments included); what cannot be judged
     // (malformed, fragments, unknown endpoints) and forged sources are dropped in every mode.
     if v == verdict::DROPPED
         && matches!(
@@ -198,7 +199,7 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
                 | reason::SERVICE_BACKENDS_DIFFER
                 | reason::UNKNOWN_SERVICE
         )
-        && (ep_flags | config.flags) & ep_flags::AUDIT != 0
+        && (ep_flags | config.flags) & (ep_flags::AUDIT | ep_flags::audit_in(direction)) != 0
     {
         v = verdict::WOULD_DROP;
     }

@@ -234,6 +234,7 @@ impl Synth {
             isolates_egress: false,
             ingress: Vec::new(),
             egress: Vec::new(),
+            audit: false,
         };
         match j % 4 {
             // Same namespace, matchExpressions on tier, numeric port.

@@ -72,3 +72,108 @@ fn audit_namespace_reports_would_drop_and_switches_back_live() {
         again.diff(&enforced).render()
     );
 }
+
+/// A default deny for `monitoring`, audited or enforced.
+fn monitoring_deny_all(mode: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-all\n  namespace: monitoring\n  annotations:\n    ztrust.io/mode: {mode}\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress, Egress]\n"
+    )
+}
+
+fn prometheus_to_backend(m: &Matrix) -> Option<Verdict> {
+    m.verdict("monitoring/prometheus", "payments/backend", 8080, Protocol::Tcp)
+}
+
+/// `ztrust.io/mode: audit` on one NetworkPolicy: where it alone isolates a pod's direction, what it
+/// denies passes as would-drop; where an enforced policy isolates it too, it changes nothing; switched
+/// to enforce, it drops, without a restart.
+#[test]
+fn an_audited_policy_reports_would_drop_where_it_alone_isolates_and_switches_live() {
+    require_root();
+    let mut lab = PaymentsLab::up("ztp", agent_bin(), &["--metrics-addr", "none"]);
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let enforced = lab::probe(&lab.state_dir, &opts).unwrap();
+    assert_eq!(
+        prometheus_to_backend(&enforced),
+        Some(Verdict::Allowed),
+        "the scrape path is open"
+    );
+    assert_eq!(frontend_to_database(&enforced), Some(Verdict::Denied));
+
+    // Audited alone: monitoring's pods isolated by an audited deny-all only.
+    let file = lab.state_dir.join("monitoring-deny-all.yaml");
+    std::fs::write(&file, monitoring_deny_all("audit")).unwrap();
+    lab.apply(&file);
+    let audited = lab::probe(&lab.state_dir, &opts).unwrap();
+    assert!(
+        audited.diff(&enforced).is_empty(),
+        "an audited policy drops nothing:\n{}",
+        audited.diff(&enforced).render()
+    );
+    let flows = std::fs::read_to_string(&lab.agent().flow_log).unwrap();
+    let would_drop = flows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|f| {
+            f["verdict"] == "would-drop"
+                && f["source"]["pod"] == "prometheus"
+                && f["destination"]["pod"] == "backend"
+                && f["direction"] == "egress"
+        })
+        .expect("a would-drop flow for prometheus -> backend at prometheus' egress");
+    assert_eq!(would_drop["reason"], "policy-denied");
+    assert_eq!(
+        would_drop["policies"],
+        serde_json::json!(["monitoring/deny-all"]),
+        "{would_drop}"
+    );
+    let payments_would_drop = flows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|f| f["verdict"] == "would-drop")
+        .filter(|f| f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/")))
+        .count();
+    assert_eq!(
+        payments_would_drop, 0,
+        "payments' enforced policies are not audited"
+    );
+
+    // Beside enforced ones: payments' default deny audited changes nothing, its other policies isolate.
+    let payments_default_deny = std::fs::read_to_string(
+        crate::common::payments::payments().join("policies/00-default-deny-all.yaml"),
+    )
+    .unwrap()
+    .replace(
+        "  namespace: payments\n",
+        "  namespace: payments\n  annotations:\n    ztrust.io/mode: audit\n",
+    );
+    assert!(
+        payments_default_deny.contains("ztrust.io/mode: audit"),
+        "{payments_default_deny}"
+    );
+    let pdd = lab.state_dir.join("payments-default-deny.yaml");
+    std::fs::write(&pdd, &payments_default_deny).unwrap();
+    lab.apply(&pdd);
+    let beside = lab::probe(&lab.state_dir, &opts).unwrap();
+    assert_eq!(
+        frontend_to_database(&beside),
+        Some(Verdict::Denied),
+        "enforced policies still isolate the frontend"
+    );
+
+    // Enforced, live: the deny-all drops prometheus' scrape.
+    std::fs::write(&file, monitoring_deny_all("enforce")).unwrap();
+    lab.apply(&file);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = lab::probe(&lab.state_dir, &opts).unwrap();
+        if prometheus_to_backend(&m) == Some(Verdict::Denied) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "enforce never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

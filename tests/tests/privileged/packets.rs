@@ -1243,6 +1243,7 @@ fn an_ipv6_block_never_matches_ipv4() {
                 peers: vec![block("::/0")],
                 ports: vec![],
             }],
+            audit: false,
         };
         // Selects no pod; its ipBlocks still give CIDR identities (ipcache entries) of their own.
         let other = NetworkPolicy {

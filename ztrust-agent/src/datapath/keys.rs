@@ -74,8 +74,9 @@ fn bits(k: &PolicyKey) -> u128 {
     u128::from_be_bytes(b)
 }
 
-/// Simulates the kernel's verdict for a new connection's first packet at `endpoint`'s hook in
-/// `direction`: the remote is `src` on ingress, `dst` on egress. Traffic from the node is always
+/// Simulates whether the kernel lets a new connection's first packet pass at `endpoint`'s hook in
+/// `direction` (admitted, or a would-drop where only audited policies isolate): the remote is `src` on
+/// ingress, `dst` on egress. Traffic from the node is always
 /// allowed on ingress; a non-isolated direction allows everything; otherwise the policy LPM trie is
 /// looked up with the remote's identity, then with [`identity::ANY`]. An unknown endpoint is dropped,
 /// as the kernel drops traffic of an interface it has no endpoint entry for, and so is an IPv6 packet
@@ -100,7 +101,13 @@ pub fn lookup(
     if direction == dir::INGRESS && remote == identity::HOST {
         return true;
     }
-    admits_remote(ep, remote, direction, protocol, dport)
+    // Isolated by audited policies only: a denial is a would-drop, which passes.
+    let audited = if direction == dir::INGRESS {
+        ep.audit_ingress
+    } else {
+        ep.audit_egress
+    };
+    audited || admits_remote(ep, remote, direction, protocol, dport)
 }
 
 /// Simulates the kernel's `admits_peer`: whether `ep` admits a new connection in `direction` with a

@@ -338,6 +338,12 @@ impl Syncer {
             if ep.isolated_egress {
                 flags |= ep_flags::ISOLATED_EGRESS;
             }
+            if ep.audit_ingress {
+                flags |= ep_flags::AUDIT_INGRESS;
+            }
+            if ep.audit_egress {
+                flags |= ep_flags::AUDIT_EGRESS;
+            }
             flags |= no_any_peer_flags(&ep.allow) | no_wide_flags(&ep.allow);
             // The slot is the endpoint map's to hand out (`loader::Endpoints`).
             // The addresses are the only sources the pod may send from.

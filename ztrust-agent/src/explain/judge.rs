@@ -170,6 +170,9 @@ fn settle(
     objects: Reason,
     compiled: Option<(Reason, Option<u32>)>,
 ) {
+    if said.audited {
+        end.mode = Mode::Audit;
+    }
     end.isolating = said.isolating.clone();
     end.isolated = !said.isolating.is_empty();
     let reason =
@@ -230,11 +233,15 @@ fn settle(
 /// Where this agent enforces the pod: the compiled isolation is the end's, compared with the objects'.
 fn compiled_isolation(end: &mut End, ep: Option<&crate::policy::EndpointPolicy>, direction: u8) {
     let Some(ep) = ep else { return };
-    let (isolated, by) = if direction == dir::INGRESS {
-        (ep.isolated_ingress, &ep.ingress_policies)
+    let (isolated, audited, by) = if direction == dir::INGRESS {
+        (ep.isolated_ingress, ep.audit_ingress, &ep.ingress_policies)
     } else {
-        (ep.isolated_egress, &ep.egress_policies)
+        (ep.isolated_egress, ep.audit_egress, &ep.egress_policies)
     };
+    if audited {
+        end.mode = Mode::Audit;
+        end.verdict = verdict_of(end.reason, end.mode);
+    }
     let mut by = by.clone();
     by.sort();
     if by != end.isolating {

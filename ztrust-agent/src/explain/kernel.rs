@@ -204,7 +204,7 @@ pub fn judge(
         rule_id,
         remote,
         isolated: isolated(&ep, direction),
-        audit: ep.flags & ep_flags::AUDIT != 0,
+        audit: ep.flags & (ep_flags::AUDIT | ep_flags::audit_in(direction)) != 0,
     };
     if direction == dir::EGRESS && isolated(&ep, direction) && !remote_addr.is_unspecified() {
         let mut key = ServiceKey {

@@ -21,6 +21,9 @@ pub struct ObjectsSay {
     pub matches: Vec<RuleMatch>,
     /// Every other rule of them, with why it does not.
     pub misses: Vec<RuleMiss>,
+    /// Only audited policies (`ztrust.io/mode: audit`) isolate the direction: they decide it, and a
+    /// denial is a would-drop. (Where an enforced policy isolates it, the audited ones are left out.)
+    pub audited: bool,
 }
 
 /// The remote end of a hook's judgment: its address, the pod that has it (off the host network), and
@@ -38,15 +41,20 @@ pub struct Remote<'a> {
 pub fn objects_say(cluster: &Cluster, pod: &Pod, direction: u8, remote: &Remote<'_>) -> ObjectsSay {
     let mut out = ObjectsSay::default();
     let ingress = direction == dir::INGRESS;
-    for policy in cluster.policies.values() {
-        let isolates = if ingress {
-            policy.isolates_ingress
-        } else {
-            policy.isolates_egress
-        };
-        if policy.namespace != pod.namespace || !isolates || !matches(&policy.pod_selector, &pod.labels) {
-            continue;
-        }
+    let isolating: Vec<&NetworkPolicy> = cluster
+        .policies
+        .values()
+        .filter(|p| {
+            let isolates = if ingress {
+                p.isolates_ingress
+            } else {
+                p.isolates_egress
+            };
+            p.namespace == pod.namespace && isolates && matches(&p.pod_selector, &pod.labels)
+        })
+        .collect();
+    out.audited = !isolating.is_empty() && isolating.iter().all(|p| p.audit);
+    for policy in isolating.into_iter().filter(|p| p.audit == out.audited) {
         out.isolating.push(policy.object_ref());
         let rules = if ingress { &policy.ingress } else { &policy.egress };
         for (index, rule) in rules.iter().enumerate() {

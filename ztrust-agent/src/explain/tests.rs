@@ -605,3 +605,103 @@ fn explanations_cross_the_wire_unchanged() {
         "from: missing or invalid"
     );
 }
+
+/// The database's ingress policy audited: `annotation` on `database-ingress`, and `default-deny-all`
+/// kept (enforced) or left out.
+fn audited_database(default_deny: bool) -> String {
+    let yaml = PAYMENTS.replace(
+        "metadata: {name: database-ingress, namespace: payments}",
+        "metadata: {name: database-ingress, namespace: payments, annotations: {ztrust.io/mode: audit}}",
+    );
+    if default_deny {
+        return yaml;
+    }
+    yaml.replace(
+        "spec: {podSelector: {}, policyTypes: [Ingress, Egress]}",
+        "spec: {podSelector: {matchLabels: {app: none}}, policyTypes: [Ingress, Egress]}",
+    )
+}
+
+#[test]
+fn a_policy_audited_alone_reports_would_drop_and_the_kernel_entry_says_so() {
+    let f = Fixture::new(&audited_database(false));
+    let ep = &f.desired.endpoints[&ObjectRef::new("payments", "database")];
+    assert!(
+        ep.isolated_ingress && ep.audit_ingress,
+        "isolated by the audited policy alone"
+    );
+    assert!(!ep.audit_egress, "its egress is another matter");
+    let (maps, interfaces) = synced(&f);
+    let ifindex = interfaces[&ObjectRef::new("payments", "database")];
+    assert_ne!(
+        maps.endpoints[&ifindex].flags & ztrust_common::ep_flags::AUDIT_INGRESS,
+        0
+    );
+    assert_eq!(
+        maps.endpoints[&ifindex].flags & ztrust_common::ep_flags::AUDIT_EGRESS,
+        0
+    );
+    let ifindex_of = |p: &ObjectRef| interfaces.get(p).copied();
+    // The frontend's egress to the database is not isolated by the ingress policy; monitoring's pod is
+    // not isolated at all: the database's audited ingress alone judges.
+    let yaml = audited_database(false).replace(
+        "metadata: {name: frontend-egress, namespace: payments}",
+        "metadata: {name: frontend-egress, namespace: payments, annotations: {ztrust.io/mode: enforce}}",
+    );
+    let f2 = Fixture::new(&yaml);
+    assert_eq!(f2.desired, f.desired, "`enforce` is the default");
+    let q = Query::parse("192.168.1.10", "payments/database:5432").unwrap();
+    let x = explain(&f.state(), &q, Some((&maps, &ifindex_of))).unwrap();
+    assert_eq!(
+        x.verdict,
+        Verdict::Forwarded,
+        "the node is let in: {}",
+        render(&x)
+    );
+    let q = Query::parse("payments/backend", "payments/database:5432").unwrap();
+    let x = explain(&f.state(), &q, Some((&maps, &ifindex_of))).unwrap();
+    assert_eq!(x.verdict, Verdict::Forwarded, "{}", render(&x));
+    let q = Query::parse("payments/backend", "payments/database:9999").unwrap();
+    let x = explain(&f.state(), &q, Some((&maps, &ifindex_of))).unwrap();
+    let ing = end(&x, "payments/database", Direction::Ingress);
+    assert_eq!(
+        (ing.verdict, ing.reason, ing.mode),
+        (Verdict::WouldDrop, Reason::PolicyDenied, Mode::Audit),
+        "{}",
+        render(&x)
+    );
+    assert_eq!(ing.isolating, [ObjectRef::new("payments", "database-ingress")]);
+    let k = ing.kernel.as_ref().unwrap();
+    assert!(
+        k.agrees && k.audit && k.verdict == Verdict::WouldDrop,
+        "{}",
+        render(&x)
+    );
+    assert!(x.consistent(), "{}", render(&x));
+}
+
+#[test]
+fn an_audited_policy_beside_an_enforced_one_is_left_out() {
+    // default-deny-all (enforced) isolates the database's ingress: the audited database-ingress, which
+    // would allow the backend, allows nothing, and drops stay drops.
+    let f = Fixture::new(&audited_database(true));
+    let ep = &f.desired.endpoints[&ObjectRef::new("payments", "database")];
+    assert!(ep.isolated_ingress && !ep.audit_ingress);
+    assert_eq!(
+        ep.ingress_policies,
+        [ObjectRef::new("payments", "default-deny-all")]
+    );
+    let (maps, interfaces) = synced(&f);
+    let ifindex_of = |p: &ObjectRef| interfaces.get(p).copied();
+    let q = Query::parse("payments/backend", "payments/database:5432").unwrap();
+    let x = explain(&f.state(), &q, Some((&maps, &ifindex_of))).unwrap();
+    let ing = end(&x, "payments/database", Direction::Ingress);
+    assert_eq!(
+        (ing.verdict, ing.mode),
+        (Verdict::Dropped, Mode::Enforce),
+        "{}",
+        render(&x)
+    );
+    assert_eq!(ing.isolating, [ObjectRef::new("payments", "default-deny-all")]);
+    assert!(x.consistent(), "{}", render(&x));
+}

@@ -80,7 +80,12 @@ pub struct EndpointPolicy {
     pub ips: Vec<IpAddr>,
     pub isolated_ingress: bool,
     pub isolated_egress: bool,
-    /// The policies that isolate the endpoint for ingress (for "why was this dropped").
+    /// Isolated for ingress by audited policies only (`ztrust.io/mode: audit` on each): a denial is a
+    /// would-drop, and passes.
+    pub audit_ingress: bool,
+    pub audit_egress: bool,
+    /// The policies that isolate the endpoint for ingress (for "why was this dropped"): the enforced
+    /// ones, or the audited ones where no enforced policy isolates it.
     pub ingress_policies: Vec<ObjectRef>,
     pub egress_policies: Vec<ObjectRef>,
     /// Allowed traffic → rule id of the first rule (in policy, then rule order) that allows it.

@@ -159,16 +159,21 @@ pub(crate) fn policy(i: usize) -> impl Strategy<Value = NetworkPolicy> {
         any::<bool>(),
         proptest::collection::vec(rule(), 0..=2),
         proptest::collection::vec(rule(), 0..=2),
+        // One policy in four audited (`ztrust.io/mode: audit`).
+        proptest::bool::weighted(0.25),
     )
         .prop_map(
-            move |(ns, pod_selector, isolates_ingress, isolates_egress, ingress, egress)| NetworkPolicy {
-                namespace: NAMESPACES[ns].to_owned(),
-                name: format!("p{i}"),
-                pod_selector,
-                isolates_ingress,
-                isolates_egress,
-                ingress,
-                egress,
+            move |(ns, pod_selector, isolates_ingress, isolates_egress, ingress, egress, audit)| {
+                NetworkPolicy {
+                    namespace: NAMESPACES[ns].to_owned(),
+                    name: format!("p{i}"),
+                    pod_selector,
+                    isolates_ingress,
+                    isolates_egress,
+                    ingress,
+                    egress,
+                    audit,
+                }
             },
         )
 }
@@ -691,7 +696,8 @@ proptest! {
                     .collect();
                 let got: Vec<bool> = classes
                     .iter()
-                    .map(|(id, port)| admits_remote(ep, *id, dir::EGRESS, proto::TCP, *port))
+                    // What passes: admitted, or a would-drop where audited policies alone isolate.
+                    .map(|(id, port)| ep.audit_egress || admits_remote(ep, *id, dir::EGRESS, proto::TCP, *port))
                     .collect();
                 if admitted.is_empty() {
                     prop_assert!(got.is_empty());
@@ -738,6 +744,7 @@ fn namespace_relabel_hands_entries_between_overlapping_rules() {
         pod_selector: LabelSelector::default(),
         isolates_ingress: true,
         isolates_egress: false,
+        audit: false,
         ingress: vec![Rule {
             peers: vec![peer],
             ports: vec![PortSpec {

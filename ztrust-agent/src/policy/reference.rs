@@ -110,7 +110,7 @@ fn rule_matches(
     peer_ok && port_ok
 }
 
-/// The verdict of `endpoint`'s `direction` hook alone.
+/// Whether `endpoint`'s `direction` hook alone lets the connection pass.
 pub fn reference_direction(
     cluster: &Cluster,
     endpoint: &Pod,
@@ -137,6 +137,9 @@ pub fn reference_direction(
             }
         })
         .collect();
+    // `ztrust.io/mode: audit` (not Kubernetes, ztrust's): audited policies are left out where an enforced
+    // one isolates the direction; where none does, whatever they deny is a would-drop, which passes.
+    let selecting: Vec<&NetworkPolicy> = selecting.into_iter().filter(|p| !p.audit).collect();
     if selecting.is_empty() {
         return true;
     }

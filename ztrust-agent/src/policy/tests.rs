@@ -58,6 +58,7 @@ fn policy(ns: &str, name: &str, selector: LabelSelector) -> NetworkPolicy {
         pod_selector: selector,
         isolates_ingress: true,
         isolates_egress: false,
+        audit: false,
         ingress: vec![],
         egress: vec![],
     }

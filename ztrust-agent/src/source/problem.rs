@@ -57,6 +57,8 @@ pub enum Problem {
     PeerKind,
     #[error("unknown policy type {0:?} (Ingress or Egress); the policy isolates both directions")]
     PolicyType(String),
+    #[error("unknown mode {0:?} (audit or enforce); the policy is enforced")]
+    Mode(String),
     #[error("invalid selector: the policy cannot tell which pods it selects")]
     InvalidPodSelector,
     #[error("duplicate object; the one read later replaces the one read earlier")]

@@ -70,6 +70,7 @@ pub fn policy(name: &str, app: &str, ingress: Option<Vec<Rule>>, egress: Option<
         isolates_egress: egress.is_some(),
         ingress: ingress.unwrap_or_default(),
         egress: egress.unwrap_or_default(),
+        audit: false,
     }
 }
 

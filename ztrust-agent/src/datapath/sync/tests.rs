@@ -230,6 +230,8 @@ fn desired(isolated: bool, allowed: &[u32], port: u16, clients: &[(u8, u32)]) ->
             ips: vec![ip(1)],
             isolated_ingress: isolated,
             isolated_egress: false,
+            audit_ingress: false,
+            audit_egress: false,
             ingress_policies: vec![],
             egress_policies: vec![],
             allow,
@@ -424,6 +426,7 @@ fn from_v6_any(others: &[&str]) -> Desired {
         pod_selector: selector,
         isolates_ingress: true,
         isolates_egress: false,
+        audit: false,
         ingress: vec![Rule { peers, ports: vec![] }],
         egress: vec![],
     };

@@ -118,17 +118,11 @@ impl Engine {
     pub(super) fn endpoint_policy(&self, ep: &ObjectRef) -> Option<EndpointPolicy> {
         let local = self.st.locals.get(ep)?;
         let of = |direction: u8| -> Vec<&ObjectRef> {
+            let audited_only = self.audited_only(local, direction);
             local
                 .selected_by
                 .iter()
-                .filter(|p| {
-                    let p = &self.st.policies[*p];
-                    if direction == dir::INGRESS {
-                        p.isolates_ingress
-                    } else {
-                        p.isolates_egress
-                    }
-                })
+                .filter(|p| self.decides(&self.st.policies[*p], direction, audited_only))
                 .collect()
         };
         let (ingress_of, egress_of) = (of(dir::INGRESS), of(dir::EGRESS));
@@ -137,6 +131,8 @@ impl Engine {
             ips: local.ips.clone(),
             isolated_ingress: !ingress_of.is_empty(),
             isolated_egress: !egress_of.is_empty(),
+            audit_ingress: !ingress_of.is_empty() && self.audited_only(local, dir::INGRESS),
+            audit_egress: !egress_of.is_empty() && self.audited_only(local, dir::EGRESS),
             ingress_policies: ingress_of.iter().map(|p| (*p).clone()).collect(),
             egress_policies: egress_of.iter().map(|p| (*p).clone()).collect(),
             allow: BTreeMap::new(),
@@ -183,6 +179,11 @@ impl Engine {
     ) -> Option<BTreeSet<AllowGroup>> {
         let new = self.st.compiled.get(key)?;
         let local = self.st.locals.get(ep)?;
+        // A rule of a policy that does not decide this direction of the endpoint gives it nothing.
+        let policy = self.st.policies.get(&key.0)?;
+        if !self.decides(policy, key.1, self.audited_only(local, key.1)) {
+            return Some(BTreeSet::new());
+        }
         if new.rule_id != old.rule_id
             || new.ingress_named != old.ingress_named
             || !self.desired.endpoints.contains_key(ep)
@@ -243,18 +244,34 @@ impl Engine {
         }
     }
 
+    /// Whether no enforced policy among those selecting `local` isolates `direction`: then audited ones
+    /// decide it (reported, not enforced); otherwise only the enforced ones do.
+    pub(super) fn audited_only(&self, local: &Local, direction: u8) -> bool {
+        !local.selected_by.iter().any(|p| {
+            let p = &self.st.policies[p];
+            !p.audit && isolates(p, direction)
+        })
+    }
+
+    /// Whether `policy` (selecting the endpoint) decides its `direction`: it isolates it, and it is
+    /// enforced, or audited where nothing enforced isolates (`audited_only`).
+    pub(super) fn decides(&self, policy: &NetworkPolicy, direction: u8, audited_only: bool) -> bool {
+        isolates(policy, direction) && policy.audit == audited_only
+    }
+
     /// The rule id of the first rule (policy, then rule order) that gives `local` the entry `k`.
     pub(super) fn first_provider(&self, local: &Local, k: &AllowKey) -> Option<u32> {
+        let audited_only = self.audited_only(local, k.direction);
         for p in &local.selected_by {
             let policy = &self.st.policies[p];
-            let (isolated, n) = if k.direction == dir::INGRESS {
-                (policy.isolates_ingress, policy.ingress.len())
-            } else {
-                (policy.isolates_egress, policy.egress.len())
-            };
-            if !isolated {
+            if !self.decides(policy, k.direction, audited_only) {
                 continue;
             }
+            let n = if k.direction == dir::INGRESS {
+                policy.ingress.len()
+            } else {
+                policy.egress.len()
+            };
             for ri in 0..n {
                 let Some(cr) = self.st.compiled.get(&(p.clone(), k.direction, ri)) else {
                     continue;
@@ -265,6 +282,14 @@ impl Engine {
             }
         }
         None
+    }
+}
+
+fn isolates(p: &NetworkPolicy, direction: u8) -> bool {
+    if direction == dir::INGRESS {
+        p.isolates_ingress
+    } else {
+        p.isolates_egress
     }
 }
 

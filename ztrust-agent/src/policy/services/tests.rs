@@ -139,6 +139,7 @@ fn egress_of_c(
         pod_selector: select(&[("app", "c")]),
         isolates_ingress: false,
         isolates_egress: true,
+        audit: false,
         ingress: vec![],
         egress: vec![Rule {
             peers: vec![Peer::Pods {

@@ -88,6 +88,8 @@ pub fn fail_closed_policy(
             isolates_egress,
             ingress: Vec::new(),
             egress: Vec::new(),
+            // A policy that does not decode is enforced, whatever its annotations say (fail closed).
+            audit: false,
         }),
         errors,
     }
@@ -444,8 +446,29 @@ pub fn convert_policy(np: &NetworkPolicy) -> Converted<model::NetworkPolicy> {
             isolates_egress,
             ingress,
             egress,
+            audit: policy_audit(&np.metadata, &object, &mut errors),
         }),
         errors,
+    }
+}
+
+/// The policy's `ztrust.io/mode` annotation: `audit` (any case), or enforced (absent, `enforce`, or a
+/// value that is neither: an error, and enforced, so that a typo never stops enforcement).
+fn policy_audit(meta: &ObjectMeta, object: &str, errors: &mut Vec<ObjectError>) -> bool {
+    let key = crate::datapath::sync::AUDIT_ANNOTATION;
+    match meta.annotations.as_ref().and_then(|a| a.get(key)) {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case("audit") => true,
+        Some(v) if v.eq_ignore_ascii_case("enforce") => false,
+        Some(v) => {
+            errors.push(ObjectError {
+                object: object.to_owned(),
+                field: format!("metadata.annotations[{key}]"),
+                problem: Problem::Mode(v.clone()),
+                effect: Effect::None,
+            });
+            false
+        }
     }
 }
 

@@ -368,6 +368,9 @@ fn to_k8s(p: &model::NetworkPolicy) -> NetworkPolicy {
         metadata: ObjectMeta {
             name: Some(p.name.clone()),
             namespace: Some(p.namespace.clone()),
+            annotations: p
+                .audit
+                .then(|| [("ztrust.io/mode".to_owned(), "audit".to_owned())].into()),
             ..Default::default()
         },
         spec: Some(NetworkPolicySpec {
@@ -425,4 +428,27 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[test]
+fn the_mode_annotation_audits_a_policy_and_a_value_that_is_no_mode_enforces_it() {
+    let with = |mode: &str| {
+        np("  podSelector: {}\n  policyTypes: [Ingress]\n").replace(
+            "{name: np, namespace: prod}",
+            &format!("{{name: np, namespace: prod, annotations: {{ztrust.io/mode: {mode}}}}}"),
+        )
+    };
+    for (mode, audit) in [("audit", true), ("Audit", true), ("enforce", false)] {
+        let (p, errors) = policy(&with(mode));
+        assert!(errors.is_empty(), "{mode}: {errors:?}");
+        assert_eq!(p.unwrap().audit, audit, "{mode}");
+    }
+    let (p, errors) = policy(&with("audti"));
+    assert!(!p.unwrap().audit, "a typo never stops enforcement");
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].object, "NetworkPolicy prod/np");
+    assert_eq!(errors[0].field, "metadata.annotations[ztrust.io/mode]");
+    assert_eq!(errors[0].problem, Problem::Mode("audti".into()));
+    let (p, _) = policy(&np("  podSelector: {}\n"));
+    assert!(!p.unwrap().audit, "no annotation: enforced");
 }
