@@ -67,6 +67,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// Every protocol NetworkPolicy ports name.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The protocol of IANA number `n`, if NetworkPolicy names it.
+    pub fn from_number(n: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.number() == n)
+    }
+
     /// IANA protocol number, as in the IP header.
     pub fn number(self) -> u8 {
         match self {

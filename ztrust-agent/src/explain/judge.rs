@@ -111,7 +111,7 @@ fn verdict_of(reason: Reason, mode: Mode) -> Verdict {
 
 /// The objects' reason for a hook (no Service): the node's traffic on ingress, not isolated, a rule, none.
 fn objects_reason(state: &State<'_>, said: &ObjectsSay, direction: u8, remote_ip: IpAddr) -> Reason {
-    if direction == dir::INGRESS && state.is_host(remote_ip) {
+    if direction == dir::INGRESS && state.sent_by_node(remote_ip) {
         Reason::FromHost
     } else if said.isolating.is_empty() {
         Reason::NotIsolated
@@ -276,7 +276,7 @@ pub(super) fn egress_end(
         pod: to_pod.filter(|p| !p.host_network),
         port: query.port,
         protocol: query.protocol,
-        port_owner: to_pod,
+        port_owner: to_pod.filter(|p| !p.host_network),
     };
     let said = objects_say(state.cluster, pod, dir::EGRESS, &remote);
     let remote_id = index.identity(to.ip);
@@ -301,7 +301,7 @@ pub(super) fn egress_end(
     }
     if let (true, Some(hop)) = (isolated, service) {
         // Judged by the backends the node translates to, before it picks one.
-        let mut misses = Vec::new();
+        let (mut matches, mut misses) = (Vec::new(), Vec::new());
         for b in &hop.backends {
             let backend_pod = b.pod.as_ref().and_then(|p| state.cluster.pods.get(p));
             let r = Remote {
@@ -319,6 +319,7 @@ pub(super) fn egress_end(
                 allowed: !s.matches.is_empty() || s.isolating.is_empty(),
                 allowed_by: s.matches.first().cloned(),
             });
+            matches.extend(s.matches);
             let name = b
                 .pod
                 .as_ref()
@@ -328,20 +329,33 @@ pub(super) fn egress_end(
                 m
             }));
         }
-        let objects = classes_reason(end.backends.iter().map(|b| b.allowed));
+        let overflow = state
+            .desired
+            .services
+            .get(&frontend)
+            .is_some_and(|c| c.len() > ztrust_common::SERVICE_CLASSES);
+        let objects = if overflow {
+            Reason::ServiceBackendsDiffer
+        } else {
+            classes_reason(end.backends.iter().map(|b| b.allowed))
+        };
         let compiled = ep.map(|ep| {
             let classes = state.desired.services.get(&frontend).cloned().unwrap_or_default();
             let rules: Vec<Option<u32>> = classes
                 .iter()
                 .map(|(id, port)| allowing_rule(ep, *id, dir::EGRESS, proto, *port))
                 .collect();
+            if classes.len() > ztrust_common::SERVICE_CLASSES {
+                // The kernel judges at most this many one by one, and drops the rest (`explain` says so).
+                return (Reason::ServiceBackendsDiffer, None);
+            }
             let reason = classes_reason(rules.iter().map(Option::is_some));
             (reason, rules.first().copied().flatten())
         });
         let mut said = said;
         // Which rule allows, or why none does, is per backend (above); the end names the first backend's
         // rule, as the kernel does. The frontend's address is no backend's identity.
-        said.matches = end.backends.iter().filter_map(|b| b.allowed_by.clone()).collect();
+        said.matches = matches;
         said.misses = misses;
         end.remote_identity = None;
         settle(state, &mut end, said, objects, compiled);
@@ -426,7 +440,7 @@ pub(super) fn ingress_end(
         end.remote_identity = Some(remote_id);
     }
     let compiled = ep.map(|ep| {
-        if remote_id == identity::HOST {
+        if remote_id == identity::HOST && state.sent_by_node(from.ip) {
             (Reason::FromHost, None)
         } else if !isolated_in(ep, dir::INGRESS) {
             (Reason::NotIsolated, None)

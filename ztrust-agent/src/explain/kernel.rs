@@ -184,9 +184,8 @@ fn judge_service(
 }
 
 /// The kernel's judgment at `ifindex`'s hook in `direction` of a new connection with the remote at
-/// `remote_addr` and destination `port`, sent by the node or a pod (not translated on the way: the
-/// node's address is the node's). `None`: the interface has no endpoint entry (the kernel drops as
-/// `unknown-endpoint`).
+/// `remote_addr` and destination `port`, not translated on the way; `node_sent`: the node itself sent it.
+/// `None`: the interface has no endpoint entry (the kernel drops as `unknown-endpoint`).
 pub fn judge(
     maps: &dyn Lookup,
     ifindex: u32,
@@ -194,6 +193,7 @@ pub fn judge(
     remote_addr: std::net::IpAddr,
     protocol: u8,
     port: u16,
+    node_sent: bool,
 ) -> Result<Option<Judged>, MapError> {
     let Some(ep) = maps.endpoint(ifindex)? else {
         return Ok(None);
@@ -242,7 +242,9 @@ pub fn judge(
         }
     }
     let remote = remote_identity(maps, &addr)?;
-    if direction == dir::INGRESS && remote == identity::HOST {
+    // `admits_from`: the node's address is exempt on a packet the node sent (`from` 0); one that entered on
+    // the uplink (another node's host-network pod) is judged by policy.
+    if direction == dir::INGRESS && remote == identity::HOST && node_sent {
         return Ok(Some(judged(Reason::FromHost, 0, remote)));
     }
     Ok(Some(
@@ -259,13 +261,10 @@ pub(super) fn check(
     ifindex_of: &dyn Fn(&ObjectRef) -> Option<u32>,
     end: &mut End,
     protocol: Protocol,
+    node_sent: bool,
 ) {
+    // No interface yet: nothing to look up (the caller says so).
     let Some(ifindex) = ifindex_of(&end.pod) else {
-        end.disagreements.push(format!(
-            "{} has no host-side interface bound yet: no hook judges its traffic until it has (the kernel \
-             drops what an unknown interface of the pod prefixes sends)",
-            end.pod
-        ));
         return;
     };
     let judged = match judge(
@@ -275,6 +274,7 @@ pub(super) fn check(
         end.remote_ip,
         protocol.number(),
         end.port,
+        node_sent,
     ) {
         Ok(j) => j,
         Err(e) => {

@@ -46,12 +46,23 @@ impl fmt::Display for Target {
     }
 }
 
+impl Target {
+    /// An address as a target: not an IPv4-mapped IPv6 address, which no packet carries (the datapath
+    /// drops such a packet as malformed).
+    pub fn address(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => None,
+            ip => Some(Target::Address(ip)),
+        }
+    }
+}
+
 impl std::str::FromStr for Target {
     type Err = QueryError;
     fn from_str(s: &str) -> Result<Self, QueryError> {
         let bare = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(s);
-        if let Ok(ip) = bare.parse() {
-            return Ok(Target::Address(ip));
+        if let Ok(ip) = bare.parse::<IpAddr>() {
+            return Target::address(ip).ok_or_else(|| QueryError::Mapped(s.to_owned()));
         }
         s.parse()
             .map(Target::Pod)
@@ -73,6 +84,11 @@ pub struct Query {
 pub enum QueryError {
     #[error("`{0}` is neither a pod (namespace/name) nor an IPv4 or IPv6 address")]
     Target(String),
+    #[error(
+        "`{0}` is an IPv4-mapped IPv6 address, which no packet carries (the datapath drops it as malformed): \
+         write the IPv4 address"
+    )]
+    Mapped(String),
     #[error(
         "`{0}` has no port: the destination is TARGET:PORT[/PROTOCOL] (payments/database:5432/tcp, \
          10.96.0.10:53/udp, [fd00::5]:80)"
@@ -351,6 +367,21 @@ impl State<'_> {
                 .any(|p| p.host_network && p.ips.contains(&ip))
     }
 
+    /// Whether a packet from `ip` is the node's own, which the kernel lets into every pod (`from-host`):
+    /// the node's addresses and this node's host-network pods'. Another node's host-network pod is the
+    /// `host` identity too, but its packets enter on the uplink and are judged by policy.
+    fn sent_by_node(&self, ip: IpAddr) -> bool {
+        self.cluster.node_ips.contains(&ip)
+            || self.cluster.host_local_addrs.contains(&ip)
+            || self.cluster.pods.values().any(|p| {
+                p.host_network
+                    && p.ips.contains(&ip)
+                    && self
+                        .node
+                        .is_none_or(|n| p.node_name.as_deref().is_none_or(|p| p == n))
+            })
+    }
+
     fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
         self.cluster
             .pods
@@ -436,7 +467,14 @@ pub fn explain(
             notes,
         });
     }
-    let source_pod = from.pod.as_ref().and_then(|p| state.cluster.pods.get(p));
+    // A host-network pod's traffic passes no pod hook (its sockets are the node's).
+    let hooked = |side: &Side| {
+        side.pod
+            .as_ref()
+            .and_then(|p| state.cluster.pods.get(p))
+            .filter(|p| !p.host_network)
+    };
+    let source_pod = hooked(&from);
     match source_pod {
         Some(pod) => ends.push(judge::egress_end(
             state,
@@ -484,7 +522,7 @@ pub fn explain(
                 ));
             }
         }
-        None => match to.pod.as_ref().and_then(|p| state.cluster.pods.get(p)) {
+        None => match hooked(&to) {
             Some(pod) => ends.push(judge::ingress_end(
                 state,
                 &index,
@@ -505,7 +543,40 @@ pub fn explain(
     }
     if let Some((maps, ifindex_of)) = kernel {
         for end in ends.iter_mut().filter(|e| e.here) {
-            kernel::check(maps, ifindex_of, end, query.protocol);
+            let node_sent = end.direction == Direction::Ingress && state.sent_by_node(end.remote_ip);
+            kernel::check(maps, ifindex_of, end, query.protocol, node_sent);
+            if end.kernel.is_none() && end.disagreements.is_empty() {
+                notes.push(format!(
+                    "{} has no host-side interface bound yet (starting?): no hook judges its traffic until it \
+                     has one, and the kernel's answer is not known",
+                    end.pod
+                ));
+            }
+        }
+    }
+    if let Some(classes) = state.desired.services.get(&frontend)
+        && classes.len() > ztrust_common::SERVICE_CLASSES
+    {
+        notes.push(format!(
+            "{} has {} kinds of backend that policy tells apart, more than the kernel judges one by one ({}): \
+             an isolated egress to it is dropped as service-backends-differ",
+            to.ip,
+            classes.len(),
+            ztrust_common::SERVICE_CLASSES
+        ));
+    }
+    if service.is_some() {
+        let ingress: BTreeSet<Verdict> = ends
+            .iter()
+            .filter(|e| e.direction == Direction::Ingress)
+            .map(|e| e.verdict)
+            .collect();
+        if ingress.len() > 1 {
+            notes.push(
+                "the backends' ingress verdicts differ: what the connection gets depends on the backend the node \
+                 picks (the verdict above is the strictest)"
+                    .into(),
+            );
         }
     }
     for end in &ends {

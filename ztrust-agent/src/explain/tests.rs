@@ -705,3 +705,60 @@ fn an_audited_policy_beside_an_enforced_one_is_left_out() {
     assert_eq!(ing.isolating, [ObjectRef::new("payments", "default-deny-all")]);
     assert!(x.consistent(), "{}", render(&x));
 }
+
+#[test]
+fn host_network_pods_pass_no_hook_and_only_this_nodes_are_let_in() {
+    let yaml = format!(
+        "{PAYMENTS}---\napiVersion: v1\nkind: Pod\nmetadata: {{name: exporter, namespace: payments, labels: {{app: exporter}}}}\n\
+         spec: {{hostNetwork: true, nodeName: node-1}}\nstatus: {{podIP: 192.168.1.10}}\n---\napiVersion: v1\nkind: Pod\n\
+         metadata: {{name: exporter-2, namespace: payments, labels: {{app: exporter}}}}\n\
+         spec: {{hostNetwork: true, nodeName: node-2}}\nstatus: {{podIP: 192.168.1.20}}\n"
+    );
+    let loaded = dir::parse_str("payments.yaml", &yaml);
+    assert!(loaded.errors.is_empty(), "{:?}", loaded.errors);
+    let mut cluster = loaded.cluster;
+    cluster.node_ips = vec!["192.168.1.10".parse().unwrap()];
+    let desired = Engine::for_node("node-1").compile(&cluster);
+    let audit = BTreeSet::new();
+    let state = State {
+        cluster: &cluster,
+        desired: &desired,
+        node: Some("node-1"),
+        audit_namespaces: &audit,
+        audit_all: false,
+    };
+    // Named by name, a host-network pod has no egress hook (a namespace-wide default deny selects it
+    // in the objects, yet nothing enforces it).
+    let x = explain(
+        &state,
+        &Query::parse("payments/exporter", "payments/database:5432").unwrap(),
+        None,
+    )
+    .unwrap();
+    assert!(x.ends.iter().all(|e| e.pod.name != "exporter"), "{}", render(&x));
+    assert_eq!(
+        end(&x, "payments/database", Direction::Ingress).reason,
+        Reason::FromHost
+    );
+    // Another node's host-network pod enters on the uplink: judged by policy, and the database's
+    // ingress admits only the backend.
+    let x = explain(
+        &state,
+        &Query::parse("payments/exporter-2", "payments/database:5432").unwrap(),
+        None,
+    )
+    .unwrap();
+    let ing = end(&x, "payments/database", Direction::Ingress);
+    assert_eq!(
+        (ing.verdict, ing.reason),
+        (Verdict::Dropped, Reason::PolicyDenied),
+        "{}",
+        render(&x)
+    );
+    assert!(x.consistent(), "{}", render(&x));
+    // IPv4-mapped IPv6 is no address a packet carries.
+    assert_eq!(
+        Query::parse("[::ffff:10.244.0.10]", "payments/database:5432"),
+        Err(QueryError::Mapped("[::ffff:10.244.0.10]".into()))
+    );
+}

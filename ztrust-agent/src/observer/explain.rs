@@ -1,6 +1,7 @@
 //! [`crate::explain`]'s query and answer ↔ their protobuf messages. A reader takes what it can: an
-//! unknown verdict or reason is `Unknown`; a missing or unreadable address or object is an error naming
-//! the field (an answer that lacks them explains nothing).
+//! unknown verdict or reason is `Unknown`, an unreadable entry of a list of objects is left out; a
+//! missing or unreadable address, port or named object is an error naming the field (an answer that
+//! lacks them explains nothing).
 
 use std::net::IpAddr;
 
@@ -32,16 +33,14 @@ fn target_to_proto(t: &Target) -> proto::Target {
 fn target_from_proto(t: Option<&proto::Target>, field: &str) -> Result<Target, Invalid> {
     match t.and_then(|t| t.kind.as_ref()) {
         Some(proto::target::Kind::Pod(p)) => ref_from_proto(p).map(Target::Pod),
-        Some(proto::target::Kind::Address(a)) => a.parse().ok().map(Target::Address),
+        Some(proto::target::Kind::Address(a)) => a.parse().ok().and_then(Target::address),
         None => None,
     }
     .ok_or_else(|| Invalid(field.to_owned()))
 }
 
 fn protocol_from_number(n: u32) -> Option<Protocol> {
-    [Protocol::Tcp, Protocol::Udp, Protocol::Sctp]
-        .into_iter()
-        .find(|p| u32::from(p.number()) == n)
+    u8::try_from(n).ok().and_then(Protocol::from_number)
 }
 
 pub fn query_to_proto(q: &Query) -> proto::ExplainRequest {
@@ -118,7 +117,7 @@ fn rule_to_proto(m: &RuleMatch) -> proto::ExplainRule {
 
 fn rule_from_proto(m: &proto::ExplainRule) -> Result<RuleMatch, Invalid> {
     Ok(RuleMatch {
-        policy: object(m.policy.as_ref(), "allowed_by.policy")?,
+        policy: object(m.policy.as_ref(), "allowed_by.policy (of an end or a backend)")?,
         index: m.index as usize,
         peer: m.peer.clone(),
         port: m.port.clone(),

@@ -105,14 +105,7 @@ impl ObserverService {
             ))
         })?;
         let f = &o.flow;
-        let protocol = [
-            crate::model::Protocol::Tcp,
-            crate::model::Protocol::Udp,
-            crate::model::Protocol::Sctp,
-        ]
-        .into_iter()
-        .find(|p| p.number() == f.protocol.0)
-        .ok_or_else(|| {
+        let protocol = crate::model::Protocol::from_number(f.protocol.0).ok_or_else(|| {
             Status::invalid_argument(format!(
                 "flow {id} is {}: explain judges connections of TCP, UDP and SCTP, the protocols of NetworkPolicy ports",
                 f.protocol

@@ -69,9 +69,6 @@ impl Drop for Running {
 /// `None` when it could not be read this time (the tick then reports nothing).
 pub type KernelCounter = Box<dyn Fn() -> Option<u64> + Send + Sync>;
 
-/// Starts everything `opts` asks for. `health` is what `/readyz` answers; `events_lost` reads the
-/// kernel's count of flow events its ring buffer had no room for (`None`: not reported); `view` is the
-/// agent's enrichment view (for the endpoint count).
 /// The flow API's service: the hub's flows and alerts, and `Explain` when the agent answers it.
 fn service(hub: &Arc<Hub>, explainer: &Option<crate::explain::Explainer>) -> server::ObserverService {
     let s = server::ObserverService::new(hub.clone());
@@ -81,6 +78,9 @@ fn service(hub: &Arc<Hub>, explainer: &Option<crate::explain::Explainer>) -> ser
     }
 }
 
+/// Starts everything `opts` asks for. `health` is what `/readyz` answers; `events_lost` reads the
+/// kernel's count of flow events its ring buffer had no room for (`None`: not reported); `view` is the
+/// agent's enrichment view (for the endpoint count); `explainer`, where `Explain` is answered (`None`: not served).
 pub async fn spawn(
     opts: &ObserverOptions,
     hub: Arc<Hub>,
