@@ -57,6 +57,43 @@ enum Command {
     /// does, from the agent's compiled state and checked against the live kernel maps. Exit status: 0 it
     /// goes through, 1 it is dropped, 2 an error, 3 the kernel maps differ from the agent's state.
     Explain(ztrust_agent::cli_explain::ExplainArgs),
+    /// Replays recorded flows (the agent's, or a flow log) against the cluster's policies and against them
+    /// with a draft (NetworkPolicies added or changed by `-f`, removed by `--delete`): the connections
+    /// whose verdict the draft changes. Nothing is applied. Exit status: 0 the draft drops no recorded
+    /// connection that goes through now, 1 it does, 2 an error.
+    WhatIf(WhatIfArgs),
+}
+
+#[derive(clap::Args)]
+struct WhatIfArgs {
+    /// The draft: a file or directory of NetworkPolicies (one of the cluster's, by namespace and name, is
+    /// replaced; any other is added).
+    #[arg(short = 'f', long = "filename", required_unless_present = "delete")]
+    draft: Option<PathBuf>,
+    /// A NetworkPolicy (namespace/name) the draft deletes; repeatable.
+    #[arg(long)]
+    delete: Vec<ztrust_agent::model::ObjectRef>,
+    /// The cluster as it is: a directory of manifests (as `run --source dir:`) …
+    #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
+    manifests: Option<PathBuf>,
+    /// … or the live cluster (the Kubernetes API: in a pod its service account, else `--kubeconfig`).
+    #[arg(long)]
+    kube: bool,
+    #[arg(long, requires = "kube")]
+    kubeconfig: Option<PathBuf>,
+    /// The node's addresses (as `run --node-ip`): their traffic into pods is the node's, always let in.
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<std::net::IpAddr>,
+    /// Only flows since this long ago (`1h`) or this time (RFC 3339); default every flow there is.
+    #[arg(long)]
+    since: Option<String>,
+    /// Read the flows from this flow log (`run --flow-log`) instead of the agent.
+    #[arg(long)]
+    flow_log: Option<PathBuf>,
+    #[arg(short, long, value_enum, default_value_t = cli_flows::Output::Table)]
+    output: cli_flows::Output,
+    #[command(flatten)]
+    connect: cli_flows::Connect,
 }
 
 #[derive(clap::Args)]
@@ -274,6 +311,7 @@ fn main() -> anyhow::Result<()> {
         Command::Flows(args) => Ok(cli_flows::run(&args)?),
         Command::Alerts(args) => Ok(cli_flows::run_alerts(&args)?),
         Command::Lint(args) => lint(args),
+        Command::WhatIf(args) => what_if(args),
         Command::Explain(args) => match ztrust_agent::cli_explain::run(&args) {
             Ok(outcome) => std::process::exit(outcome.exit_code()),
             Err(e) => {
@@ -336,6 +374,47 @@ fn lint(args: LintArgs) -> anyhow::Result<()> {
 }
 
 /// The cluster as the API server has it (one whole snapshot of every watched kind).
+fn what_if(args: WhatIfArgs) -> anyhow::Result<()> {
+    use ztrust_agent::whatif;
+    let fail = |e: anyhow::Error| -> ! {
+        eprintln!("error: {e:#}");
+        std::process::exit(2)
+    };
+    let cluster = match &args.manifests {
+        Some(dir) => {
+            let loaded = ztrust_agent::source::dir::load_dir(dir)
+                .with_context(|| format!("reading {}", dir.display()))
+                .unwrap_or_else(|e| fail(e));
+            for e in &loaded.errors {
+                eprintln!("warning: {e}");
+            }
+            loaded.cluster
+        }
+        None => {
+            let (cluster, errors) = lint_kube(args.kubeconfig.as_deref()).unwrap_or_else(|e| fail(e));
+            for e in &errors {
+                eprintln!("warning: {e}");
+            }
+            cluster
+        }
+    };
+    let mut cluster = cluster;
+    cluster.node_ips.extend(args.node_ip.iter().copied());
+    let (after, summary) =
+        whatif::apply_draft(&cluster, args.draft.as_deref(), &args.delete).unwrap_or_else(|e| fail(e.into()));
+    let flows = cli_flows::recorded_flows(&args.connect, args.flow_log.as_deref(), args.since.as_deref())
+        .context("reading the recorded flows")
+        .unwrap_or_else(|e| fail(e));
+    let replay = whatif::replay(&cluster, &after, summary, &flows);
+    match args.output {
+        cli_flows::Output::Json | cli_flows::Output::Jsonl => {
+            println!("{}", serde_json::to_string_pretty(&replay)?)
+        }
+        _ => print!("{}", whatif::render(&replay)),
+    }
+    std::process::exit(i32::from(replay.newly_dropped() > 0))
+}
+
 fn lint_kube(
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<(ztrust_agent::model::Cluster, Vec<ztrust_agent::source::LoadError>)> {

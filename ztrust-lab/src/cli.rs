@@ -145,6 +145,24 @@ pub enum LabCommand {
         #[command(flatten)]
         explain: ztrust_agent::cli_explain::ExplainArgs,
     },
+    /// The lab agent's recorded flows replayed against the lab's policies and against them with a draft
+    /// (`ztrust-agent what-if`): which connections change verdict. Nothing is applied. Exit status: 0 the
+    /// draft drops no recorded connection that goes through now, 1 it does, 2 an error.
+    WhatIf {
+        #[command(flatten)]
+        state: StateDir,
+        /// NetworkPolicies (a file or directory) the draft adds or changes.
+        #[arg(short = 'f', long = "filename", required_unless_present = "delete")]
+        draft: Option<std::path::PathBuf>,
+        /// A NetworkPolicy (namespace/name) the draft deletes; repeatable.
+        #[arg(long)]
+        delete: Vec<ztrust_agent::model::ObjectRef>,
+        /// Only flows since this long ago (`10m`) or this time.
+        #[arg(long)]
+        since: Option<String>,
+        #[arg(short, long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// (internal) The server the lab runs in every pod and external host.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -173,6 +191,14 @@ pub enum CliError {
     Flows(#[from] ztrust_agent::cli_flows::Error),
     #[error(transparent)]
     Explain(#[from] ztrust_agent::cli_explain::Error),
+    #[error("reading the lab's manifests in {}", .path.display())]
+    Manifests {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Draft(#[from] ztrust_agent::whatif::DraftError),
     /// The explanation was printed; the exit status says what it found.
     #[error("the connection is {0}")]
     Explained(&'static str, i32),
@@ -402,6 +428,45 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                         o.exit_code(),
                     ));
                 }
+            }
+        }
+        LabCommand::WhatIf {
+            state,
+            draft,
+            delete,
+            since,
+            output,
+        } => {
+            use ztrust_agent::whatif;
+            let s = super::status(&state.state_dir)?;
+            let Some(agent) = &s.agent else {
+                return Err(CliError::NoAgent);
+            };
+            let manifests = state.state_dir.join("manifests");
+            let mut cluster = ztrust_agent::source::dir::load_dir(&manifests)
+                .map_err(|source| CliError::Manifests {
+                    path: manifests.clone(),
+                    source,
+                })?
+                .cluster;
+            cluster.node_ips = s.node_ips.clone();
+            let (after, summary) = whatif::apply_draft(&cluster, draft.as_deref(), &delete)?;
+            let connect = ztrust_agent::cli_flows::Connect {
+                socket: agent.socket.clone(),
+                server: None,
+                tls_ca: None,
+                tls_cert: None,
+                tls_key: None,
+                tls_server_name: None,
+            };
+            let flows = ztrust_agent::cli_flows::recorded_flows(&connect, None, since.as_deref())?;
+            let replay = whatif::replay(&cluster, &after, summary, &flows);
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&replay)?),
+                Output::Table => print!("{}", whatif::render(&replay)),
+            }
+            if replay.newly_dropped() > 0 {
+                return Err(CliError::Explained("dropped by the draft", 1));
             }
         }
         LabCommand::Serve(args) => super::serve_main(args)?,

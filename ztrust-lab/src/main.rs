@@ -19,7 +19,10 @@ fn main() {
         // `explain` printed its answer; the status says what it found.
         Err(cli::CliError::Explained(_, code)) => std::process::exit(code),
         Err(e) => {
-            let code = if matches!(e, cli::CliError::Explain(_)) {
+            let code = if matches!(
+                e,
+                cli::CliError::Explain(_) | cli::CliError::Draft(_) | cli::CliError::Manifests { .. }
+            ) {
                 2
             } else {
                 1

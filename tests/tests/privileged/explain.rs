@@ -194,3 +194,80 @@ fn a_kernel_entry_lost_behind_the_agents_back_is_said_and_the_cli_exits_3() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `what-if` on the lab's recorded flows (the agent logs allowed connections too): a draft deleting the
+/// frontend → backend policy shows that connection newly dropped, and applies nothing (the real
+/// connection still goes through); a malformed draft is an error naming the object and field.
+#[test]
+fn what_if_shows_the_connections_a_draft_drops_and_changes_nothing() {
+    let lab = PaymentsLab::up("ew", agent_bin(), &["--log-allowed"]);
+    let backend = SocketAddr::new(lab.pod("backend").ips[0], 8080);
+    let frontend_ns = lab.pod("frontend").netns;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !connects(&frontend_ns, backend, Duration::from_secs(1)) {
+        assert!(Instant::now() < deadline, "frontend → backend:8080 never allowed");
+    }
+    ztrust_lab::probe(&lab.state_dir, &ProbeOptions::default()).unwrap();
+    let what_if = |args: &[&str]| {
+        let out = Command::new(lab_bin())
+            .args(["what-if", "--state-dir"])
+            .arg(&lab.state_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The flows reach the agent's ring asynchronously: ask until the connection shows.
+    let (code, out) = loop {
+        let (code, out, err) = what_if(&["--delete", "payments/frontend-to-backend", "-o", "json"]);
+        assert!(matches!(code, Some(0 | 1)), "{out}{err}");
+        if code == Some(1) || Instant::now() > deadline {
+            break (code, out);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert_eq!(code, Some(1), "{out}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        r["draft"]["deleted"],
+        serde_json::json!(["payments/frontend-to-backend"])
+    );
+    assert_eq!(
+        r["recorded_otherwise"], 0,
+        "the recorded verdicts are the current policies': {r}"
+    );
+    let changed = r["changed"].as_array().unwrap();
+    assert!(
+        changed.iter().any(|c| c["from"] == "payments/frontend"
+            && c["to"] == "payments/backend"
+            && c["port"] == 8080
+            && c["before"] == "forwarded"
+            && c["after"] == "dropped"),
+        "{r}"
+    );
+    assert!(
+        changed
+            .iter()
+            .all(|c| c["to"] == "payments/backend" || c["to"] == "10.96.0.21"),
+        "only the backend: {r}"
+    );
+    // Nothing was applied.
+    assert!(connects(&frontend_ns, backend, Duration::from_secs(1)));
+
+    let bad = lab.state_dir.join("bad-draft.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: bad, namespace: payments}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{port: 70000}]}]\n",
+    )
+    .unwrap();
+    let (code, _, err) = what_if(&["-f", bad.to_str().unwrap()]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("NetworkPolicy payments/bad") && err.contains("spec.ingress[0].ports[0]"),
+        "{err}"
+    );
+}

@@ -26,7 +26,7 @@ pub mod kernel;
 mod render;
 pub mod rules;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use render::render;
 

@@ -11,7 +11,7 @@ use crate::policy::Engine;
 use crate::source::dir;
 
 /// The seed's payments exercise: three tiers, DNS, a Service per tier, default deny.
-const PAYMENTS: &str = r#"
+pub(crate) const PAYMENTS: &str = r#"
 apiVersion: v1
 kind: Namespace
 metadata: {name: payments, labels: {kubernetes.io/metadata.name: payments}}
