@@ -239,7 +239,8 @@ fn lab(down: bool) -> anyhow::Result<()> {
     };
     let path = |p: &str| example.join(p).to_str().expect("utf-8 path").to_owned();
     step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
-    run(lab_cmd(&["up", &path("cluster.yaml")]))?;
+    // Allowed connections are logged too, so that `what-if` has them to replay.
+    run(lab_cmd(&["up", &path("cluster.yaml"), "--agent-arg=--log-allowed"]))?;
     step("the Services (ClusterIPs; the node translates them as kube-proxy's nftables mode does)");
     run(lab_cmd(&["apply", &path("services.yaml")]))?;
     step("probe: with no policy, everything reaches everything");
@@ -271,7 +272,7 @@ fn lab(down: bool) -> anyhow::Result<()> {
         run(lab_cmd(&["down"]))?;
     } else {
         eprintln!(
-            "\nThe lab is still up. Try:\n  {0} probe -o json\n  {0} flows --denied --follow\n  {0} explain payments/backend payments/database:5432\n  {0} down",
+            "\nThe lab is still up. Try:\n  {0} probe -o json\n  {0} flows --denied --follow\n  {0} explain payments/backend payments/database:5432\n  {0} what-if --delete payments/frontend-to-backend\n  {0} down",
             lab.display()
         );
     }
