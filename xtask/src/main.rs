@@ -240,7 +240,11 @@ fn lab(down: bool) -> anyhow::Result<()> {
     let path = |p: &str| example.join(p).to_str().expect("utf-8 path").to_owned();
     step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
     // Allowed connections are logged too, so that `what-if` has them to replay.
-    run(lab_cmd(&["up", &path("cluster.yaml"), "--agent-arg=--log-allowed"]))?;
+    run(lab_cmd(&[
+        "up",
+        &path("cluster.yaml"),
+        "--agent-arg=--log-allowed",
+    ]))?;
     step("the Services (ClusterIPs; the node translates them as kube-proxy's nftables mode does)");
     run(lab_cmd(&["apply", &path("services.yaml")]))?;
     step("probe: with no policy, everything reaches everything");

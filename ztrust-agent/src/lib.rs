@@ -17,5 +17,6 @@ pub mod observer;
 pub mod policy;
 pub mod source;
 pub mod status;
+pub mod suggest;
 pub mod telemetry;
 pub mod whatif;

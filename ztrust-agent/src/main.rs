@@ -62,6 +62,10 @@ enum Command {
     /// whose verdict the draft changes. Nothing is applied. Exit status: 0 the draft drops no recorded
     /// connection that goes through now, 1 it does, 2 an error.
     WhatIf(WhatIfArgs),
+    /// Least-privilege NetworkPolicies for a namespace from its recorded connections (allowed and
+    /// would-drop; dropped ones stay out), as YAML on stdout: a default deny, DNS, and one policy per
+    /// workload with its peers by labels. Check it with `what-if -f` and `lint` before applying.
+    Suggest(SuggestArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,6 +77,24 @@ struct WhatIfArgs {
     /// A NetworkPolicy (namespace/name) the draft deletes; repeatable.
     #[arg(long)]
     delete: Vec<ztrust_agent::model::ObjectRef>,
+    #[command(flatten)]
+    recorded: Recorded,
+    #[arg(short, long, value_enum, default_value_t = cli_flows::Output::Table)]
+    output: cli_flows::Output,
+}
+
+#[derive(clap::Args)]
+struct SuggestArgs {
+    /// The namespace to write policies for.
+    #[arg(long, short = 'n')]
+    namespace: String,
+    #[command(flatten)]
+    recorded: Recorded,
+}
+
+/// The cluster and the recorded flows `what-if` and `suggest` read.
+#[derive(clap::Args)]
+struct Recorded {
     /// The cluster as it is: a directory of manifests (as `run --source dir:`) …
     #[arg(long, conflicts_with = "kube", required_unless_present = "kube")]
     manifests: Option<PathBuf>,
@@ -90,10 +112,38 @@ struct WhatIfArgs {
     /// Read the flows from this flow log (`run --flow-log`) instead of the agent.
     #[arg(long)]
     flow_log: Option<PathBuf>,
-    #[arg(short, long, value_enum, default_value_t = cli_flows::Output::Table)]
-    output: cli_flows::Output,
     #[command(flatten)]
     connect: cli_flows::Connect,
+}
+
+/// Says `e` and exits with status 2.
+fn fail(e: anyhow::Error) -> ! {
+    eprintln!("error: {e:#}");
+    std::process::exit(2)
+}
+
+impl Recorded {
+    /// The cluster (its objects' problems said as warnings) and the flows; exits with status 2 when
+    /// either cannot be read.
+    fn load(&self) -> (ztrust_agent::model::Cluster, Vec<ztrust_agent::flows::Flow>) {
+        let (mut cluster, errors) = match &self.manifests {
+            Some(dir) => {
+                let loaded = ztrust_agent::source::dir::load_dir(dir)
+                    .with_context(|| format!("reading {}", dir.display()))
+                    .unwrap_or_else(|e| fail(e));
+                (loaded.cluster, loaded.errors)
+            }
+            None => lint_kube(self.kubeconfig.as_deref()).unwrap_or_else(|e| fail(e)),
+        };
+        for e in &errors {
+            eprintln!("warning: {e}");
+        }
+        cluster.node_ips.extend(self.node_ip.iter().copied());
+        let flows = cli_flows::recorded_flows(&self.connect, self.flow_log.as_deref(), self.since.as_deref())
+            .context("reading the recorded flows")
+            .unwrap_or_else(|e| fail(e));
+        (cluster, flows)
+    }
 }
 
 #[derive(clap::Args)]
@@ -312,6 +362,7 @@ fn main() -> anyhow::Result<()> {
         Command::Alerts(args) => Ok(cli_flows::run_alerts(&args)?),
         Command::Lint(args) => lint(args),
         Command::WhatIf(args) => what_if(args),
+        Command::Suggest(args) => suggest(args),
         Command::Explain(args) => match ztrust_agent::cli_explain::run(&args) {
             Ok(outcome) => std::process::exit(outcome.exit_code()),
             Err(e) => {
@@ -325,10 +376,6 @@ fn main() -> anyhow::Result<()> {
 fn lint(args: LintArgs) -> anyhow::Result<()> {
     use std::io::Write as _;
     use ztrust_agent::lint;
-    let fail = |e: anyhow::Error| -> ! {
-        eprintln!("error: {e:#}");
-        std::process::exit(2)
-    };
     let loaded = match &args.path {
         Some(path) => lint::load_dir(path).with_context(|| format!("reading {}", path.display())),
         None => lint_kube(args.kubeconfig.as_deref()),
@@ -376,35 +423,9 @@ fn lint(args: LintArgs) -> anyhow::Result<()> {
 /// The cluster as the API server has it (one whole snapshot of every watched kind).
 fn what_if(args: WhatIfArgs) -> anyhow::Result<()> {
     use ztrust_agent::whatif;
-    let fail = |e: anyhow::Error| -> ! {
-        eprintln!("error: {e:#}");
-        std::process::exit(2)
-    };
-    let cluster = match &args.manifests {
-        Some(dir) => {
-            let loaded = ztrust_agent::source::dir::load_dir(dir)
-                .with_context(|| format!("reading {}", dir.display()))
-                .unwrap_or_else(|e| fail(e));
-            for e in &loaded.errors {
-                eprintln!("warning: {e}");
-            }
-            loaded.cluster
-        }
-        None => {
-            let (cluster, errors) = lint_kube(args.kubeconfig.as_deref()).unwrap_or_else(|e| fail(e));
-            for e in &errors {
-                eprintln!("warning: {e}");
-            }
-            cluster
-        }
-    };
-    let mut cluster = cluster;
-    cluster.node_ips.extend(args.node_ip.iter().copied());
+    let (cluster, flows) = args.recorded.load();
     let (after, summary) =
         whatif::apply_draft(&cluster, args.draft.as_deref(), &args.delete).unwrap_or_else(|e| fail(e.into()));
-    let flows = cli_flows::recorded_flows(&args.connect, args.flow_log.as_deref(), args.since.as_deref())
-        .context("reading the recorded flows")
-        .unwrap_or_else(|e| fail(e));
     let replay = whatif::replay(&cluster, &after, summary, &flows);
     match args.output {
         cli_flows::Output::Json | cli_flows::Output::Jsonl => {
@@ -413,6 +434,28 @@ fn what_if(args: WhatIfArgs) -> anyhow::Result<()> {
         _ => print!("{}", whatif::render(&replay)),
     }
     std::process::exit(i32::from(replay.newly_dropped() > 0))
+}
+
+fn suggest(args: SuggestArgs) -> anyhow::Result<()> {
+    let (cluster, flows) = args.recorded.load();
+    if !cluster.namespaces.contains_key(&args.namespace)
+        && !cluster.pods.values().any(|p| p.namespace == args.namespace)
+    {
+        fail(anyhow::anyhow!(
+            "--namespace {}: the cluster has no such namespace",
+            args.namespace
+        ));
+    }
+    let s = ztrust_agent::suggest::suggest(&cluster, &args.namespace, &flows);
+    print!("{}", s.to_yaml(&args.namespace)?);
+    if s.connections == 0 {
+        eprintln!(
+            "warning: no recorded connection of {} to learn from (the agent records allowed connections with \
+             `run --log-allowed`): only the default deny and DNS are written",
+            args.namespace
+        );
+    }
+    Ok(())
 }
 
 fn lint_kube(

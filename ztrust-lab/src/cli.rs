@@ -163,6 +163,17 @@ pub enum LabCommand {
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Least-privilege NetworkPolicies for a namespace from the lab agent's recorded connections
+    /// (`ztrust-agent suggest`), as YAML on stdout.
+    Suggest {
+        #[command(flatten)]
+        state: StateDir,
+        #[arg(long, short = 'n')]
+        namespace: String,
+        /// Only flows since this long ago (`10m`) or this time.
+        #[arg(long)]
+        since: Option<String>,
+    },
     /// (internal) The server the lab runs in every pod and external host.
     #[command(hide = true)]
     Serve(ServeArgs),
@@ -204,6 +215,8 @@ pub enum CliError {
     Explained(&'static str, i32),
     #[error("encoding JSON")]
     Json(#[from] serde_json::Error),
+    #[error("encoding YAML")]
+    Yaml(#[from] serde_yaml::Error),
 }
 
 /// [`CliError::Doing`]: the error, with what was being done.
@@ -212,6 +225,35 @@ fn doing(what: impl FnOnce() -> String) -> impl FnOnce(super::Error) -> CliError
         doing: what(),
         source,
     }
+}
+
+/// The lab's cluster (its manifests, its node's addresses) and its agent's recorded flows.
+fn recorded(
+    state: &StateDir,
+    since: Option<&str>,
+) -> Result<(ztrust_agent::model::Cluster, Vec<ztrust_agent::flows::Flow>), CliError> {
+    let s = super::status(&state.state_dir)?;
+    let Some(agent) = &s.agent else {
+        return Err(CliError::NoAgent);
+    };
+    let manifests = state.state_dir.join("manifests");
+    let mut cluster = ztrust_agent::source::dir::load_dir(&manifests)
+        .map_err(|source| CliError::Manifests {
+            path: manifests.clone(),
+            source,
+        })?
+        .cluster;
+    cluster.node_ips = s.node_ips.clone();
+    let connect = ztrust_agent::cli_flows::Connect {
+        socket: agent.socket.clone(),
+        server: None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_server_name: None,
+    };
+    let flows = ztrust_agent::cli_flows::recorded_flows(&connect, None, since)?;
+    Ok((cluster, flows))
 }
 
 pub fn run(cmd: LabCommand) -> Result<(), CliError> {
@@ -430,6 +472,17 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                 }
             }
         }
+        LabCommand::Suggest {
+            state,
+            namespace,
+            since,
+        } => {
+            let (cluster, flows) = recorded(&state, since.as_deref())?;
+            print!(
+                "{}",
+                ztrust_agent::suggest::suggest(&cluster, &namespace, &flows).to_yaml(&namespace)?
+            );
+        }
         LabCommand::WhatIf {
             state,
             draft,
@@ -438,28 +491,8 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             output,
         } => {
             use ztrust_agent::whatif;
-            let s = super::status(&state.state_dir)?;
-            let Some(agent) = &s.agent else {
-                return Err(CliError::NoAgent);
-            };
-            let manifests = state.state_dir.join("manifests");
-            let mut cluster = ztrust_agent::source::dir::load_dir(&manifests)
-                .map_err(|source| CliError::Manifests {
-                    path: manifests.clone(),
-                    source,
-                })?
-                .cluster;
-            cluster.node_ips = s.node_ips.clone();
+            let (cluster, flows) = recorded(&state, since.as_deref())?;
             let (after, summary) = whatif::apply_draft(&cluster, draft.as_deref(), &delete)?;
-            let connect = ztrust_agent::cli_flows::Connect {
-                socket: agent.socket.clone(),
-                server: None,
-                tls_ca: None,
-                tls_cert: None,
-                tls_key: None,
-                tls_server_name: None,
-            };
-            let flows = ztrust_agent::cli_flows::recorded_flows(&connect, None, since.as_deref())?;
             let replay = whatif::replay(&cluster, &after, summary, &flows);
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&replay)?),

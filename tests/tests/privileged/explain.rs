@@ -1,4 +1,6 @@
-//! `explain` against the payments lab with the real agent: for every probe of the lab's matrix (real
+//! The operator's tools against the payments lab with the real agent: `explain`, `what-if`, `suggest`.
+//!
+//! `explain`: for every probe of the lab's matrix (real
 //! connections, by the pods' own addresses and through the Services' ClusterIPs) the agent's answer is
 //! the outcome of the connection, and the kernel maps agree with it; an allow entry removed from the
 //! kernel behind the agent's back is said (and the real connection is then dropped, as the kernel says).
@@ -270,4 +272,84 @@ fn what_if_shows_the_connections_a_draft_drops_and_changes_nothing() {
         err.contains("NetworkPolicy payments/bad") && err.contains("spec.ingress[0].ports[0]"),
         "{err}"
     );
+}
+
+/// `suggest` from the lab's recorded connections: the policies it writes read back, `what-if` of them in
+/// place of the lab's own drops none of the recorded connections, and applied for real (the lab's own
+/// policies deleted) they give the probe matrix the lab's policies gave: everything observed allowed,
+/// nothing more.
+#[test]
+fn suggested_policies_enforce_what_was_observed_and_nothing_more() {
+    let lab = PaymentsLab::up("es", agent_bin(), &["--log-allowed"]);
+    let before = ztrust_lab::probe(&lab.state_dir, &ProbeOptions::default()).unwrap();
+    let lab_cmd = |args: &[&str]| {
+        let out = Command::new(lab_bin())
+            .arg(args[0])
+            .arg("--state-dir")
+            .arg(&lab.state_dir)
+            .args(&args[1..])
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The probe's flows reach the agent's ring asynchronously: the suggestion grows until all are in.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut yaml = String::new();
+    loop {
+        let (code, out, err) = lab_cmd(&["suggest", "--namespace", "payments"]);
+        assert_eq!(code, Some(0), "{err}");
+        if out == yaml || Instant::now() > deadline {
+            break;
+        }
+        yaml = out;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let loaded = ztrust_agent::source::dir::parse_str("suggested.yaml", &yaml);
+    assert!(loaded.errors.is_empty(), "{:?}\n{yaml}", loaded.errors);
+    assert!(loaded.cluster.policies.len() >= 4, "{yaml}");
+    let file = lab.state_dir.join("suggested.yaml");
+    std::fs::write(&file, &yaml).unwrap();
+
+    // What-if: the suggestion in place of the lab's policies drops no recorded connection.
+    let policies = crate::common::payments::payments().join("policies");
+    let mut args = vec![
+        "what-if".to_owned(),
+        "-f".to_owned(),
+        file.to_str().unwrap().to_owned(),
+    ];
+    for p in ztrust_agent::source::dir::load_dir(&policies)
+        .unwrap()
+        .cluster
+        .policies
+        .keys()
+    {
+        args.extend(["--delete".to_owned(), p.to_string()]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, out, err) = lab_cmd(&args);
+    assert_eq!(code, Some(0), "{out}{err}\n{yaml}");
+
+    // For real: the lab's policies out, the suggestion in.
+    let (code, _, err) = lab_cmd(&["delete", policies.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, _, err) = lab_cmd(&["apply", file.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{err}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let after = ztrust_lab::probe(&lab.state_dir, &ProbeOptions::default()).unwrap();
+        let diff = after.diff(&before);
+        if diff.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the suggestion enforces another matrix:\n{}\n{yaml}",
+            diff.render()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
