@@ -537,21 +537,8 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
         let t = f.time;
         since.is_none_or(|s| t >= s) && until.is_none_or(|u| t < u) && filters.matches(f)
     };
-    let mut file = std::fs::File::open(path).map_err(|source| Error::FlowLog {
-        path: path.to_owned(),
-        source,
-    })?;
-    let mut reader = BufReader::new(&mut file);
-    let mut flows: Vec<Flow> = Vec::new();
+    let (mut flows, mut pos) = recorded::read_flow_log(path, wanted)?;
     let mut line = String::new();
-    while reader.read_line(&mut line)? > 0 {
-        if let Ok(f) = serde_json::from_str::<Flow>(&line)
-            && wanted(&f)
-        {
-            flows.push(f);
-        }
-        line.clear();
-    }
     if req.number > 0 {
         let skip = flows
             .len()
@@ -571,7 +558,6 @@ fn run_file(args: &FlowsArgs, req: &GetFlowsRequest, path: &std::path::Path) -> 
     if !args.follow {
         return printer.finish(&mut stdout.lock());
     }
-    let mut pos = reader.stream_position()?;
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let mut f = std::fs::File::open(path)?;

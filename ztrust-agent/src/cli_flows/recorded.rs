@@ -2,8 +2,12 @@
 
 use super::*;
 
-/// The flows of a flow log (JSON lines) that `wanted` keeps; lines that are no flow are skipped.
-fn read_flow_log(path: &std::path::Path, wanted: impl Fn(&Flow) -> bool) -> Result<Vec<Flow>> {
+/// The flows of a flow log (JSON lines) that `wanted` keeps (lines that are no flow are skipped), and
+/// the offset read up to (where following it goes on).
+pub(super) fn read_flow_log(
+    path: &std::path::Path,
+    wanted: impl Fn(&Flow) -> bool,
+) -> Result<(Vec<Flow>, u64)> {
     let mut file = std::fs::File::open(path).map_err(|source| Error::FlowLog {
         path: path.to_owned(),
         source,
@@ -19,7 +23,7 @@ fn read_flow_log(path: &std::path::Path, wanted: impl Fn(&Flow) -> bool) -> Resu
         }
         line.clear();
     }
-    Ok(flows)
+    Ok((flows, reader.stream_position()?))
 }
 
 /// Every flow recorded since `since` (a duration ago or a time; all when `None`): from the flow log at
@@ -31,7 +35,7 @@ pub fn recorded_flows(
 ) -> Result<Vec<Flow>> {
     let since = since.map(parse_when).transpose()?;
     if let Some(path) = flow_log {
-        return read_flow_log(path, |f| since.is_none_or(|s| f.time >= s));
+        return read_flow_log(path, |f| since.is_none_or(|s| f.time >= s)).map(|(flows, _)| flows);
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
