@@ -420,7 +420,6 @@ fn lint(args: LintArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cluster as the API server has it (one whole snapshot of every watched kind).
 fn what_if(args: WhatIfArgs) -> anyhow::Result<()> {
     use ztrust_agent::whatif;
     let (cluster, flows) = args.recorded.load();
@@ -458,6 +457,7 @@ fn suggest(args: SuggestArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cluster as the API server has it (one whole snapshot of every watched kind).
 fn lint_kube(
     kubeconfig: Option<&std::path::Path>,
 ) -> anyhow::Result<(ztrust_agent::model::Cluster, Vec<ztrust_agent::source::LoadError>)> {

@@ -290,3 +290,12 @@ pub struct Cluster {
     /// them that is no known Service frontend has no known translation and is dropped.
     pub service_cidrs: Vec<IpNet>,
 }
+
+impl Cluster {
+    /// The pod (off the host network) that has address `ip`.
+    pub fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
+        self.pods
+            .values()
+            .find(|p| !p.host_network && p.ips.contains(&ip))
+    }
+}

@@ -17,16 +17,20 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::datapath::sync::audit_namespaces;
 use crate::explain::{Query, State, Target, explain};
-use crate::flows::{Flow, Reason, Verdict};
+use crate::flows::{Flow, Verdict};
 use crate::model::{Cluster, Labels, Pod, Protocol};
 use crate::policy::Engine;
 
 /// Labels a controller sets per pod: a workload is its pods' other labels.
-const PER_POD_LABELS: [&str; 4] = [
+const PER_POD_LABELS: [&str; 7] = [
     "pod-template-hash",
     "controller-revision-hash",
     "statefulset.kubernetes.io/pod-name",
     "apps.kubernetes.io/pod-index",
+    // A Job's run.
+    "controller-uid",
+    "batch.kubernetes.io/controller-uid",
+    "batch.kubernetes.io/job-name",
 ];
 
 fn workload_labels(pod: &Pod) -> Labels {
@@ -169,8 +173,15 @@ fn workload_name(labels: &Labels) -> String {
                 '-'
             }
         })
+        .take(50)
         .collect();
-    clean.trim_matches('-').chars().take(50).collect()
+    // A DNS-1123 subdomain: starts and ends with an alphanumeric character.
+    let clean = clean.trim_matches('-');
+    if clean.is_empty() {
+        "workload".to_owned()
+    } else {
+        clean.to_owned()
+    }
 }
 
 /// Policies for `namespace` from `flows`, judged against `cluster` (the pods, the Services and the DNS
@@ -181,101 +192,112 @@ pub fn suggest(cluster: &Cluster, namespace: &str, flows: &[Flow]) -> Suggestion
     let state = State {
         cluster,
         desired: &desired,
-        node: None,
+        node: crate::whatif::node_of(flows),
         audit_namespaces: &audit,
         audit_all: false,
     };
-    let pod_at = |ip: IpAddr| {
-        cluster
-            .pods
-            .values()
-            .find(|p| !p.host_network && p.ips.contains(&ip))
-    };
-    let is_node = |ip: IpAddr| cluster.node_ips.contains(&ip) || cluster.host_local_addrs.contains(&ip);
     let mut out = Suggestion::default();
     let mut skip = |why: &str| *out.left_out.entry(why.to_owned()).or_default() += 1;
     let mut workloads: BTreeMap<Labels, Workload> = BTreeMap::new();
-    let key_of = |f: &Flow| {
-        Some((
-            f.source.ip,
-            f.destination.ip,
-            f.destination.port.filter(|p| *p != 0)?,
-            Protocol::from_number(f.protocol.0)?,
-        ))
+    // Where a connection goes after the node's translation: a Service's backends at the ports they listen
+    // on, else its own destination.
+    let targets = |src: IpAddr, dst: IpAddr, port: u16, protocol: Protocol| -> Vec<(IpAddr, u16)> {
+        let query = Query {
+            from: Target::Address(src),
+            to: Target::Address(dst),
+            port,
+            protocol,
+        };
+        match explain(&state, &query, None).ok().and_then(|x| x.service) {
+            Some(s) => s.backends.iter().map(|b| (b.ip, b.port)).collect(),
+            None => vec![(dst, port)],
+        }
     };
     // A connection passes every hook on its way: one that a hook dropped (its source's egress may have
-    // let it out, and recorded that) was blocked, and stays so.
-    let dropped: BTreeSet<_> = flows
+    // let it out, and recorded that; through a Service, the backend's ingress records the backend) was
+    // blocked, and stays so.
+    let dropped: BTreeSet<(IpAddr, IpAddr, u16, Protocol)> = flows
         .iter()
         .filter(|f| f.verdict == Verdict::Dropped)
-        .filter_map(key_of)
+        .filter_map(crate::whatif::connection)
+        .flat_map(|(src, dst, port, protocol)| {
+            targets(src, dst, port, protocol)
+                .into_iter()
+                .map(move |(ip, port)| (src, ip, port, protocol))
+        })
         .collect();
     let mut seen = BTreeSet::new();
     for f in flows {
-        if matches!(f.reason, Reason::Reply | Reason::Established) {
-            continue;
-        }
-        let Some(key) = key_of(f) else {
-            skip("no port (ICMP and other protocols): a rule with ports cannot name them");
+        let Some(key) = crate::whatif::connection(f) else {
+            if f.new_connection && Protocol::from_number(f.protocol.0).is_none() {
+                skip("no port (ICMP and other protocols): a rule with ports cannot name them");
+            }
             continue;
         };
-        if dropped.contains(&key) {
+        if f.verdict == Verdict::Dropped {
             skip("of connections a hook dropped: what policy blocks now stays blocked");
             continue;
         }
         if !seen.insert(key) {
             continue;
         }
-        let (_, _, port, protocol) = key;
-        let src = pod_at(f.source.ip);
-        // A Service: the backends the node translates to, at the ports they listen on.
-        let query = Query {
-            from: Target::Address(f.source.ip),
-            to: Target::Address(f.destination.ip),
-            port,
-            protocol,
-        };
-        let backends: Vec<(IpAddr, u16)> = match explain(&state, &query, None) {
-            Ok(x) => x
-                .service
-                .map(|s| s.backends.iter().map(|b| (b.ip, b.port)).collect())
-                .unwrap_or_else(|| vec![(f.destination.ip, port)]),
-            Err(_) => vec![(f.destination.ip, port)],
-        };
-        let src_in = src.filter(|p| p.namespace == namespace);
-        let peer_of = |ip: IpAddr| match pod_at(ip) {
-            Some(p) => Peer::Pods {
-                namespace: p.namespace.clone(),
-                labels: workload_labels(p),
-            },
-            None => Peer::Address(ip),
+        let (src_ip, dst_ip, port, protocol) = key;
+        let backends: Vec<(IpAddr, u16)> = targets(src_ip, dst_ip, port, protocol)
+            .into_iter()
+            .filter(|(ip, port)| {
+                let blocked = dropped.contains(&(src_ip, *ip, *port, protocol));
+                if blocked {
+                    skip("of connections a hook dropped: what policy blocks now stays blocked");
+                }
+                !blocked
+            })
+            .collect();
+        let src_in = cluster.pod_at(src_ip).filter(|p| p.namespace == namespace);
+        let peer_of = |ip: IpAddr| match cluster.pod_at(ip) {
+            Some(p) => {
+                let labels = workload_labels(p);
+                // No labels: a selector could only be every pod of the namespace.
+                (!labels.is_empty()).then(|| Peer::Pods {
+                    namespace: p.namespace.clone(),
+                    labels,
+                })
+            }
+            None => Some(Peer::Address(ip)),
         };
         let mut used = false;
         if let Some(s) = src_in {
             for (ip, port) in &backends {
+                let Some(peer) = peer_of(*ip) else {
+                    skip("to pods without labels: no selector names them alone");
+                    continue;
+                };
                 workloads
                     .entry(workload_labels(s))
                     .or_default()
                     .egress
-                    .entry(peer_of(*ip))
+                    .entry(peer)
                     .or_default()
                     .insert((protocol, *port));
                 used = true;
             }
         }
         for (ip, port) in &backends {
-            let Some(d) = pod_at(*ip).filter(|p| p.namespace == namespace) else {
+            let Some(d) = cluster.pod_at(*ip).filter(|p| p.namespace == namespace) else {
                 continue;
             };
-            if is_node(f.source.ip) {
+            if state.sent_by_node(src_ip) {
                 // The node's own traffic is let in whatever policy says.
                 continue;
             }
+            let Some(peer) = peer_of(src_ip) else {
+                skip("from pods without labels: no selector names them alone");
+                continue;
+            };
             workloads
                 .entry(workload_labels(d))
                 .or_default()
                 .ingress
-                .entry(peer_of(f.source.ip))
+                .entry(peer)
                 .or_default()
                 .insert((protocol, *port));
             used = true;
@@ -293,20 +315,22 @@ pub fn suggest(cluster: &Cluster, namespace: &str, flows: &[Flow]) -> Suggestion
         },
     ));
     out.policies.push(dns_policy(cluster, namespace));
-    let mut names = BTreeSet::new();
+    let mut names: BTreeSet<String> = ["default-deny".to_owned(), "allow-dns".to_owned()].into();
     for (labels, w) in &workloads {
         if labels.is_empty() {
             // An empty selector would be every pod of the namespace.
             continue;
         }
-        let mut name = workload_name(labels);
+        let base = workload_name(labels);
+        let mut name = base.clone();
+        let mut n = 1;
         while !names.insert(name.clone()) {
-            name.push('x');
+            n += 1;
+            name = format!("{base}-{n}");
         }
         // DNS is the namespace-wide policy's.
         let dns = |peer: &Peer, set: &BTreeSet<(Protocol, u16)>| {
-            matches!(peer, Peer::Pods { labels, .. } if is_dns(cluster, labels))
-                && set.iter().all(|(_, p)| *p == 53)
+            matches!(peer, Peer::Pods { labels, .. } if is_dns(labels)) && set.iter().all(|(_, p)| *p == 53)
         };
         let egress: Vec<NetworkPolicyEgressRule> = w
             .egress
@@ -350,15 +374,9 @@ pub fn suggest(cluster: &Cluster, namespace: &str, flows: &[Flow]) -> Suggestion
     out
 }
 
-/// Whether pods of `labels` are the cluster's DNS (CoreDNS / kube-dns).
-fn is_dns(cluster: &Cluster, labels: &Labels) -> bool {
+/// Whether pods of `labels` are the cluster's DNS (CoreDNS / kube-dns), which `allow-dns` admits.
+fn is_dns(labels: &Labels) -> bool {
     labels.get("k8s-app").is_some_and(|v| v == "kube-dns")
-        || cluster.pods.values().any(|p| {
-            &workload_labels(p) == labels
-                && p.ports
-                    .iter()
-                    .any(|c| c.port == 53 && c.protocol == Protocol::Udp)
-        })
 }
 
 /// Every pod of `namespace` to the cluster's DNS pods on port 53 (UDP and TCP): the DNS pods as the

@@ -113,8 +113,8 @@ pub struct Replay {
     /// connection, and protocols without ports, are not).
     pub flows_read: usize,
     pub flows_replayed: usize,
-    /// Replayed flows that went through: without them (an agent without `run --log-allowed` records
-    /// drops only) a draft's new drops cannot show.
+    /// Replayed flows that went through (allowed, or would-drop): without them (an agent without `run
+    /// --log-allowed` records drops only) a draft's new drops cannot show.
     pub flows_allowed: usize,
     /// Distinct connections (source address, destination address, port, protocol) replayed.
     pub connections: usize,
@@ -140,14 +140,27 @@ impl Replay {
     }
 }
 
-/// The connection a flow records, if it is one a policy judges as new.
-fn connection(f: &Flow) -> Option<(IpAddr, IpAddr, u16, Protocol)> {
-    if matches!(f.reason, Reason::Reply | Reason::Established) {
+/// The connection a flow records, if it records a connection's opening (allowed, denied or a
+/// would-drop): not a packet of an established connection, a reply, or a segment without a conntrack
+/// entry (the later packets of a would-drop connection are those), nor a protocol without ports.
+pub(crate) fn connection(f: &Flow) -> Option<(IpAddr, IpAddr, u16, Protocol)> {
+    if !f.new_connection
+        || matches!(
+            f.reason,
+            Reason::Reply | Reason::Established | Reason::NoCtEntry | Reason::CtRecovered
+        )
+    {
         return None;
     }
     let protocol = Protocol::from_number(f.protocol.0)?;
     let port = f.destination.port.filter(|p| *p != 0)?;
     Some((f.source.ip, f.destination.ip, port, protocol))
+}
+
+/// The node the flows were recorded on (an agent's flows are its node's): whose host-network pods'
+/// traffic is the node's own.
+pub(crate) fn node_of(flows: &[Flow]) -> Option<&str> {
+    flows.first().map(|f| f.node.as_str()).filter(|n| !n.is_empty())
 }
 
 fn judged(x: &crate::explain::Explanation) -> (Verdict, Reason, Vec<ObjectRef>) {
@@ -171,9 +184,7 @@ fn judged(x: &crate::explain::Explanation) -> (Verdict, Reason, Vec<ObjectRef>) 
 
 fn name(ip: IpAddr, cluster: &Cluster) -> String {
     cluster
-        .pods
-        .values()
-        .find(|p| !p.host_network && p.ips.contains(&ip))
+        .pod_at(ip)
         .map_or_else(|| ip.to_string(), |p| p.object_ref().to_string())
 }
 
@@ -182,10 +193,11 @@ pub fn replay(before: &Cluster, after: &Cluster, draft: DraftSummary, flows: &[F
     let compile = |c: &Cluster| (Engine::new().compile(c), audit_namespaces(c));
     let (desired_before, audit_before) = compile(before);
     let (desired_after, audit_after) = compile(after);
+    let node = node_of(flows);
     let state = |cluster, desired, audit| State {
         cluster,
         desired,
-        node: None,
+        node,
         audit_namespaces: audit,
         audit_all: false,
     };
@@ -201,7 +213,7 @@ pub fn replay(before: &Cluster, after: &Cluster, draft: DraftSummary, flows: &[F
     for f in flows {
         if let Some(c) = connection(f) {
             out.flows_replayed += 1;
-            out.flows_allowed += usize::from(f.verdict == Verdict::Forwarded);
+            out.flows_allowed += usize::from(f.verdict != Verdict::Dropped);
             seen.entry(c).or_default().push(f);
         }
     }

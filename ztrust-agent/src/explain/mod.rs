@@ -370,7 +370,7 @@ impl State<'_> {
     /// Whether a packet from `ip` is the node's own, which the kernel lets into every pod (`from-host`):
     /// the node's addresses and this node's host-network pods'. Another node's host-network pod is the
     /// `host` identity too, but its packets enter on the uplink and are judged by policy.
-    fn sent_by_node(&self, ip: IpAddr) -> bool {
+    pub(crate) fn sent_by_node(&self, ip: IpAddr) -> bool {
         self.cluster.node_ips.contains(&ip)
             || self.cluster.host_local_addrs.contains(&ip)
             || self.cluster.pods.values().any(|p| {
@@ -383,10 +383,7 @@ impl State<'_> {
     }
 
     fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
-        self.cluster
-            .pods
-            .values()
-            .find(|p| !p.host_network && p.ips.contains(&ip))
+        self.cluster.pod_at(ip)
     }
 
     fn here(&self, pod: &Pod) -> bool {

@@ -1,4 +1,5 @@
 use super::*;
+use crate::flows::Reason;
 use crate::flows::testing::denied;
 use crate::model::ObjectRef;
 use crate::source::dir;
@@ -189,4 +190,35 @@ fn a_connection_one_hook_let_out_and_another_dropped_is_not_learned() {
             .collect::<Vec<_>>(),
         ["default-deny", "allow-dns"]
     );
+}
+
+#[test]
+fn replies_and_connections_a_backend_dropped_behind_a_service_are_not_learned() {
+    use ztrust_common::proto::TCP;
+    let cluster = payments();
+    // The database reaches the backend Service: let out at its egress (say, audited), dropped at the
+    // backend's ingress, which records the backend's address and port.
+    let out = flow("10.244.0.12", "10.96.0.21", 80, TCP, Verdict::WouldDrop);
+    let dropped = flow("10.244.0.12", "10.244.0.11", 8080, TCP, Verdict::Dropped);
+    // A would-drop connection's reply: no conntrack entry, judged as a packet of its own.
+    let mut reply = flow("10.244.0.11", "10.244.0.10", 40000, TCP, Verdict::WouldDrop);
+    reply.reason = Reason::NoCtEntry;
+    let s = suggest(&cluster, "payments", &[out, dropped, reply]);
+    let yaml = s.to_yaml("payments").unwrap();
+    assert_eq!(s.connections, 0, "{yaml}");
+    assert!(!yaml.contains("40000") && !yaml.contains("8080"), "{yaml}");
+}
+
+#[test]
+fn generated_names_are_valid_and_distinct() {
+    let l = |pairs: &[(&str, &str)]| -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    };
+    assert_eq!(workload_name(&l(&[("app", "")])), "workload");
+    let long = "x".repeat(49) + "-y";
+    assert!(!workload_name(&l(&[("app", &long)])).ends_with('-'));
+    assert_eq!(workload_name(&l(&[("app", "Web_API")])), "web-api");
 }

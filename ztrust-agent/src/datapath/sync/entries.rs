@@ -134,15 +134,28 @@ pub(super) fn no_wide_flags(allow: &BTreeMap<AllowKey, u32>) -> u32 {
 }
 
 /// The endpoint entry to write during the narrowing step: isolated wherever the old or the new state is,
-/// in audit mode only where both are (audit never drops, so it is the open side). The "no any-peer
+/// in audit mode only where both are (audit never drops, so it is the open side); a direction isolated
+/// by audited policies only (`AUDIT_INGRESS`/`AUDIT_EGRESS`) on one side and not isolated, or audited,
+/// on the other stays audited (both sides pass it). The "no any-peer
 /// entry" and "no wide entry" flags too are kept only where both have them: such an entry is still looked
 /// up while it may exist, and the final write sets them once the entries are gone. (These flags only
 /// skip lookups: a stale one can hide an entry, never open anything.)
 pub(super) fn narrowest(old: &EndpointInfo, new: &EndpointInfo) -> EndpointInfo {
-    let iso = (old.flags | new.flags) & ISOLATION;
-    let rest = old.flags & new.flags & !ISOLATION;
-    EndpointInfo {
-        flags: iso | rest,
-        ..*new
+    let per_direction = ISOLATION | ep_flags::AUDIT_INGRESS | ep_flags::AUDIT_EGRESS;
+    let mut flags = old.flags & new.flags & !per_direction;
+    for (isolated, audit) in [
+        (ep_flags::ISOLATED_INGRESS, ep_flags::AUDIT_INGRESS),
+        (ep_flags::ISOLATED_EGRESS, ep_flags::AUDIT_EGRESS),
+    ] {
+        let enforces = |f: u32| f & isolated != 0 && f & audit == 0;
+        if old.flags & isolated != 0 || new.flags & isolated != 0 {
+            flags |= isolated;
+        }
+        // A direction one side enforces is enforced; one that only audited policies isolate on either
+        // side stays audited (it passes everything on both sides: isolating it for real would drop).
+        if !enforces(old.flags) && !enforces(new.flags) && (old.flags | new.flags) & audit != 0 {
+            flags |= audit;
+        }
     }
+    EndpointInfo { flags, ..*new }
 }

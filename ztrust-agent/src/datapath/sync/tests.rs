@@ -806,3 +806,39 @@ fn a_sync_refused_half_way_leaves_nothing_the_next_sync_does_not_correct() {
         );
     }
 }
+
+#[test]
+fn the_narrowing_step_keeps_a_direction_audited_where_neither_side_enforces_it() {
+    use super::entries::narrowest;
+    let info = |flags| EndpointInfo {
+        flags,
+        ..Default::default()
+    };
+    let (iso, aud) = (ep_flags::ISOLATED_EGRESS, ep_flags::AUDIT_EGRESS);
+    // Not isolated → isolated by audited policies only (and back): both pass it, so does the step.
+    for (a, b) in [(0, iso | aud), (iso | aud, 0), (iso | aud, iso | aud)] {
+        assert_eq!(
+            narrowest(&info(a), &info(b)).flags & (iso | aud),
+            iso | aud,
+            "{a:#x} → {b:#x}"
+        );
+    }
+    // Enforced on one side: enforced in the step.
+    for (a, b) in [(iso, iso | aud), (iso | aud, iso)] {
+        assert_eq!(
+            narrowest(&info(a), &info(b)).flags & (iso | aud),
+            iso,
+            "{a:#x} → {b:#x}"
+        );
+    }
+    // The other direction is not touched by this one's audit.
+    assert_eq!(
+        narrowest(
+            &info(ep_flags::ISOLATED_INGRESS),
+            &info(ep_flags::ISOLATED_INGRESS | iso | aud)
+        )
+        .flags
+            & (ep_flags::ISOLATED_INGRESS | ep_flags::AUDIT_INGRESS),
+        ep_flags::ISOLATED_INGRESS
+    );
+}
