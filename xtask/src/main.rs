@@ -33,6 +33,9 @@ const TEST_PACKAGES: &[&str] = &[
     "nftables",
     "curl",
 ];
+/// What the lab needs beyond the build: its node's Services are nftables DNAT rules (as kube-proxy's
+/// nftables mode writes them).
+const LAB_PACKAGES: &[&str] = &["nftables"];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The unused-dependency check of `cargo xtask test` (installed by it, once).
 const MACHETE_VERSION: &str = "0.9.2";
@@ -229,6 +232,7 @@ fn lab(down: bool) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the lab creates network namespaces and loads eBPF programs: run it as root");
     }
+    setup_with(LAB_PACKAGES)?;
     // The lab's agent is the `ztrust-agent` beside `ztrust-lab`.
     let lab = build(false)?.join("ztrust-lab");
     let example = root().join("deploy/examples/payments");

@@ -458,7 +458,12 @@ pub struct CtValue {
     /// The direction, at this hook, of the packet that opened the connection ([`dir`]): packets going
     /// that way are the connection's own, the others its replies.
     pub origin: u8,
-    pub _pad: [u8; 3],
+    /// [`ct_flags`].
+    pub flags: u8,
+    /// With [`ct_flags::AUDITED`]: the reason enforcement would have dropped the connection's opening
+    /// packet for, which its own packets are reported with.
+    pub audit_reason: u8,
+    pub _pad: u8,
     /// TCP between two endpoints of this node: the host-side interface of the other endpoint, once that
     /// endpoint has admitted the connection too (0: none). Packets this endpoint sends on the connection
     /// then carry the agent's peer mark (`skb->mark`), and the other endpoint's interface passes them
@@ -467,6 +472,15 @@ pub struct CtValue {
     /// Other protocols: the interface the flow's opening packet entered the node on
     /// (`ingress_ifindex`), with which the flow is judged again after a policy revision.
     pub peer_ifindex: u32,
+}
+
+/// What a conntrack entry records of how its connection was admitted ([`CtValue::flags`]; earlier
+/// versions kept the byte zero).
+pub mod ct_flags {
+    /// Policy denies the connection and only audit lets it pass (a would-drop): its packets are reported
+    /// as would-drop, its replies pass as any connection's do, and it is judged again after every policy
+    /// revision, so that enforcement, once it begins, ends it.
+    pub const AUDITED: u8 = 1;
 }
 
 /// Idle timeouts of conntrack entries, in nanoseconds.

@@ -1,7 +1,7 @@
 //! Conntrack entries: making one (with the same-node peer link) and the policy revision they record.
 //! What an existing entry still admits is part of the decision (`judge::ct_admits`).
 
-use ztrust_common::{CtKey, CtValue, dir, stat};
+use ztrust_common::{CtKey, CtValue, ct_flags, dir, stat};
 
 use crate::{
     maps::{CONNTRACK, REVISION},
@@ -39,14 +39,26 @@ pub(crate) fn link_peer(key: &mut CtKey, from: u32) -> u32 {
     from
 }
 
+/// `audit_reason`: 0 for a connection policy admits; for one only audit lets pass, the reason
+/// enforcement would drop it for ([`ct_flags::AUDITED`]).
 #[inline(always)]
-pub(crate) fn ct_create(key: &CtKey, origin: u8, rule_id: u32, now: u64, revision: u32, peer_ifindex: u32) {
+pub(crate) fn ct_create(
+    key: &CtKey,
+    origin: u8,
+    rule_id: u32,
+    now: u64,
+    revision: u32,
+    peer_ifindex: u32,
+    audit_reason: u8,
+) {
     let value = CtValue {
         last_seen_ns: now,
         rule_id,
         revision,
         origin,
-        _pad: [0; 3],
+        flags: if audit_reason != 0 { ct_flags::AUDITED } else { 0 },
+        audit_reason,
+        _pad: 0,
         peer_ifindex,
     };
     if CONNTRACK.insert(key, &value, 0).is_err() {

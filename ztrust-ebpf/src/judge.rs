@@ -3,8 +3,8 @@
 
 use aya_ebpf::{bindings::__sk_buff, helpers::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use ztrust_common::{
-    CtKey, CtValue, EndpointInfo, IpcacheKey, ServiceKey, ct_timeout, dir, ep_flags, identity, node_ports,
-    proto, reason,
+    CtKey, CtValue, EndpointInfo, IpcacheKey, ServiceKey, ct_flags, ct_timeout, dir, ep_flags, identity,
+    node_ports, proto, reason,
     tcp_flags::{ACK as TCP_ACK, FIN as TCP_FIN, RST as TCP_RST, SYN as TCP_SYN},
     verdict,
 };
@@ -82,21 +82,41 @@ pub(crate) fn decide(
             (opposite(direction), sport, reason::REPLY)
         };
         if let Some(rule_id) = ct_admits(skb, ct, ep, pkt, remote_addr, opened_dir, port, now) {
-            // A TCP connection between two endpoints of this node that both have admitted: the packet
-            // leaving one is judged for the other too. (Only TCP: its admission holds across policy
-            // revisions at both ends, so neither end's judgment can go stale while the other's holds.)
-            let mut d = Decision::new(verdict::FORWARDED, why, 0, rule_id, false);
-            if pkt.protocol == proto::TCP && pkt.tcp_flags & TCP_RST != 0 {
+            // SAFETY: pointer from a successful lookup; plain field reads.
+            let (audited, audit_reason) =
+                unsafe { ((*ct).flags & ct_flags::AUDITED != 0, (*ct).audit_reason) };
+            let rst = pkt.protocol == proto::TCP && pkt.tcp_flags & TCP_RST != 0;
+            if rst {
                 // The connection ends here: its entry goes now rather than when the full table evicts it
                 // (eviction costs every new connection more). The RST passes each end's own hook, which
                 // forgets its own entry; a stray segment after it is judged by policy (CT_RECOVERED).
                 let _ = CONNTRACK.remove(&key);
-            } else if direction == dir::EGRESS && pkt.protocol == proto::TCP && peer_mark() != 0 {
+            }
+            if audited && own {
+                // What enforcement would drop, as it would drop the opening packet: reported so.
+                return Decision::new(
+                    verdict::WOULD_DROP,
+                    audit_reason,
+                    remote_identity(remote_addr),
+                    0,
+                    false,
+                );
+            }
+            // A TCP connection between two endpoints of this node that both have admitted: the packet
+            // leaving one is judged for the other too. (Only TCP: its admission holds across policy
+            // revisions at both ends, so neither end's judgment can go stale while the other's holds.
+            // Not one only audit lets pass, which is judged again at each revision.)
+            let mut d = Decision::new(verdict::FORWARDED, why, 0, rule_id, false);
+            if !rst && !audited && direction == dir::EGRESS && pkt.protocol == proto::TCP && peer_mark() != 0
+            {
                 // SAFETY: pointer from a successful lookup.
                 d.peer = unsafe { (*ct).peer_ifindex };
             }
             return d;
         }
+        // Stale, or no longer admitted: the packet is judged as a new one, and the entry is not
+        // looked at again (judged again at every packet) unless the judgment makes it anew.
+        let _ = CONNTRACK.remove(&key);
     }
 
     // Read before policy is: an entry admitted under a policy that a concurrent update narrows carries
@@ -113,7 +133,17 @@ pub(crate) fn decide(
         from,
         &mut via_service,
     );
-    let mut d = decided(judged, pkt, opening_syn, &mut key, direction, from, now, revision);
+    let mut d = decided(
+        judged,
+        pkt,
+        opening_syn,
+        &mut key,
+        ep,
+        direction,
+        from,
+        now,
+        revision,
+    );
     d.via_service = via_service;
     d
 }
@@ -133,7 +163,14 @@ pub(crate) fn ct_admits(
     now: u64,
 ) -> Option<u32> {
     // SAFETY: pointer from a successful lookup; LRU values are plain data and may be written in place.
-    let (last_seen, ct_rev, rule_id) = unsafe { ((*ct).last_seen_ns, (*ct).revision, (*ct).rule_id) };
+    let (last_seen, ct_rev, rule_id, audited) = unsafe {
+        (
+            (*ct).last_seen_ns,
+            (*ct).revision,
+            (*ct).rule_id,
+            (*ct).flags & ct_flags::AUDITED != 0,
+        )
+    };
     let timeout = if pkt.protocol == proto::TCP {
         ct_timeout::TCP_NS
     } else {
@@ -145,8 +182,9 @@ pub(crate) fn ct_admits(
     let mut rule = rule_id;
     // Connectionless flows have no opening packet that policy could judge again: after a revision that
     // may have narrowed policy, the flow is judged again (TCP connections keep their admission; a new TCP
-    // connection always starts with a SYN, which is judged).
-    if pkt.protocol != proto::TCP {
+    // connection always starts with a SYN, which is judged). So is a connection only audit lets pass,
+    // whatever its protocol: enforcement, once it begins, ends it.
+    if pkt.protocol != proto::TCP || audited {
         let revision = current_revision();
         if ct_rev != revision {
             // As the opening packet was judged: with the interface it entered on (a reply's is its
@@ -154,7 +192,7 @@ pub(crate) fn ct_admits(
             // SAFETY: pointer from a successful lookup.
             let opened_from = unsafe { (*ct).peer_ifindex };
             let mut via_service = false;
-            let (_, r, _) = judge(
+            let (r, flags) = match judge(
                 skb,
                 ep,
                 remote_addr,
@@ -163,13 +201,24 @@ pub(crate) fn ct_admits(
                 port,
                 opened_from,
                 &mut via_service,
-            )
-            .ok()?;
+            ) {
+                // Admitted now (an audited connection included: its opening direction now admits it).
+                Ok((_, r, _)) => (r, 0),
+                // Still only audit lets it pass.
+                Err((why, _)) if audited && audits(ep, original_dir, why) => (0, ct_flags::AUDITED),
+                Err(_) => return None,
+            };
             rule = r;
             // SAFETY: `ct` points at the map value of a successful lookup (the caller's); plain stores.
             unsafe {
                 (*ct).revision = revision;
                 (*ct).rule_id = r;
+                (*ct).flags = flags;
+                if audited && flags == 0 && pkt.protocol == proto::TCP {
+                    // An audited TCP connection keeps the interface it entered on here, which for an
+                    // admitted one would name a linked peer: it has none.
+                    (*ct).peer_ifindex = 0;
+                }
             }
         }
     }
@@ -181,7 +230,8 @@ pub(crate) fn ct_admits(
 }
 
 /// The decision on a packet without a conntrack entry that admits it, from its judgment; makes the entry
-/// of an admitted one.
+/// of an admitted one, and of one only audit lets pass (a would-drop): its replies are then the
+/// connection's, as they would be were it admitted, not judged by the other direction's policies.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decided(
@@ -189,54 +239,171 @@ pub(crate) fn decided(
     pkt: &Packet,
     opening_syn: bool,
     key: &mut CtKey,
+    ep: &EndpointInfo,
     direction: u8,
     from: u32,
     now: u64,
     revision: u32,
 ) -> Decision {
-    if pkt.protocol != proto::TCP || opening_syn {
-        return match judged {
-            Ok((why, rule_id, remote)) => {
-                // TCP: the linked peer's interface, if any; other protocols: the interface the opening
-                // packet entered on, which their re-judgments use.
-                let peer = if pkt.protocol != proto::TCP {
-                    from
-                } else if direction == dir::INGRESS && opening_syn && peer_mark() != 0 {
-                    link_peer(key, from)
-                } else {
-                    0
-                };
-                ct_create(key, direction, rule_id, now, revision, peer);
-                Decision::new(verdict::FORWARDED, why, remote, rule_id, true)
-            }
-            Err((why, remote)) => Decision::new(verdict::DROPPED, why, remote, 0, true),
-        };
-    }
-
     // A TCP segment that is not an opening SYN and has no conntrack entry (its entry may have been
     // evicted from the LRU table, or it opens nothing) is judged in its own direction, as a SYN of the
     // same tuple would be: never in the reverse one, which the packet would choose by its ports. When
     // policy allows it, the entry is made again (so the other end's segments find it), except for RST and
     // FIN, which end connections rather than carry them. An evicted connection heals at the next segment
     // its opening side sends.
-    match judged {
-        Ok((_, rule_id, remote)) => {
-            // Making the entry again opens the connection here as a SYN would: it is reported as new.
-            let opens = pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
-            if opens {
-                ct_create(key, direction, rule_id, now, revision, 0);
-            }
-            Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, opens)
+    let opening = pkt.protocol != proto::TCP || opening_syn;
+    let carries = opening || pkt.tcp_flags & (TCP_RST | TCP_FIN) == 0;
+    // The entry to make: (rule id, peer, audit reason).
+    let (d, entry) = match judged {
+        Ok((why, rule_id, remote)) if opening => {
+            // TCP: the linked peer's interface, if any; other protocols: the interface the opening
+            // packet entered on, which their re-judgments use.
+            let peer = if pkt.protocol != proto::TCP {
+                from
+            } else if direction == dir::INGRESS && peer_mark() != 0 {
+                link_peer(key, from)
+            } else {
+                0
+            };
+            (
+                Decision::new(verdict::FORWARDED, why, remote, rule_id, true),
+                Some((rule_id, peer, 0)),
+            )
         }
+        // Making the entry again opens the connection here as a SYN would: it is reported as new.
+        Ok((_, rule_id, remote)) => (
+            Decision::new(verdict::FORWARDED, reason::CT_RECOVERED, remote, rule_id, carries),
+            carries.then_some((rule_id, 0, 0)),
+        ),
         Err((why, remote)) => {
-            let why = if why == reason::POLICY_DENIED {
+            let why = if !opening && why == reason::POLICY_DENIED {
                 reason::NO_CT_ENTRY
             } else {
                 why
             };
-            Decision::new(verdict::DROPPED, why, remote, 0, false)
+            if audits(ep, direction, why) {
+                // Never linked to a peer (each end judges its packets): the interface the opening packet
+                // entered on, which its re-judgments use.
+                (
+                    Decision::new(verdict::WOULD_DROP, why, remote, 0, opening),
+                    carries.then_some((0, from, why)),
+                )
+            } else {
+                (Decision::new(verdict::DROPPED, why, remote, 0, opening), None)
+            }
+        }
+    };
+    if let Some((rule_id, peer, audit_reason)) = entry {
+        ct_create(key, direction, rule_id, now, revision, peer, audit_reason);
+    }
+    d
+}
+
+/// Does audit let pass what enforcement would drop for `why` in `direction` of `ep`: audit mode
+/// everywhere, the endpoint's namespace's, or this direction's when only audited policies isolate it?
+/// Service judgments included; what cannot be judged (malformed, fragments, unknown endpoints) and
+/// forged sources are dropped in every mode.
+#[inline(always)]
+pub(crate) fn audits(ep: &EndpointInfo, direction: u8, why: u8) -> bool {
+    matches!(
+        why,
+        reason::POLICY_DENIED
+            | reason::NO_CT_ENTRY
+            | reason::SERVICE_BACKENDS_DIFFER
+            | reason::UNKNOWN_SERVICE
+    ) && (ep.flags | CONFIG.get(0).map_or(0, |c| c.flags)) & (ep_flags::AUDIT | ep_flags::audit_in(direction))
+        != 0
+}
+
+/// The judgment of a new flow (see [`judge_flow`]), made by the global function [`zt_judge`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn judge(
+    skb: *mut __sk_buff,
+    ep: &EndpointInfo,
+    remote_addr: &[u8; 16],
+    direction: u8,
+    protocol: u8,
+    port: u16,
+    from: u32,
+    via_service: &mut bool,
+) -> Result<(u8, u32, u32), (u8, u32)> {
+    // Denied unless it says otherwise.
+    let mut out = Judged {
+        reason: reason::POLICY_DENIED,
+        ..Judged::default()
+    };
+    let args =
+        u64::from(direction) | (u64::from(protocol) << 8) | (u64::from(port) << 16) | (u64::from(from) << 32);
+    zt_judge(skb, ep, remote_addr, args, &mut out);
+    *via_service = out.via_service != 0;
+    if out.admitted != 0 {
+        Ok((out.reason, out.rule_id, out.remote))
+    } else {
+        Err((out.reason, out.remote))
+    }
+}
+
+/// What [`zt_judge`] found.
+#[repr(C)]
+#[derive(Default)]
+pub struct Judged {
+    rule_id: u32,
+    remote: u32,
+    reason: u8,
+    admitted: u8,
+    via_service: u8,
+    _pad: u8,
+}
+
+/// [`judge_flow`] as a global BPF function: the verifier checks it once, by itself, and its callers
+/// with whatever it may return. (Inlined, each of its outcomes would be explored through the rest of
+/// the pipeline, at each place that judges: the programs would exceed the verifier's budget.) The
+/// linker exports it (`build.rs`), which is what makes it global. `args`: direction, protocol, port and
+/// the interface the packet entered on, packed (a global function takes at most five arguments).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn zt_judge(
+    skb: *mut __sk_buff,
+    ep: *const EndpointInfo,
+    remote_addr: *const [u8; 16],
+    args: u64,
+    out: *mut Judged,
+) -> u32 {
+    // The verifier knows pointer arguments only as possibly null.
+    if ep.is_null() || remote_addr.is_null() || out.is_null() {
+        return 0;
+    }
+    // SAFETY: non-null, and the verifier has checked at the call that each points at memory of its
+    // type's size.
+    let (ep, remote_addr, out) = unsafe { (&*ep, &*remote_addr, &mut *out) };
+    let mut via_service = false;
+    let judged = judge_flow(
+        skb,
+        ep,
+        remote_addr,
+        args as u8,
+        (args >> 8) as u8,
+        (args >> 16) as u16,
+        (args >> 32) as u32,
+        &mut via_service,
+    );
+    out.via_service = u8::from(via_service);
+    match judged {
+        Ok((why, rule, remote)) => {
+            out.admitted = 1;
+            out.reason = why;
+            out.rule_id = rule;
+            out.remote = remote;
+        }
+        Err((why, remote)) => {
+            out.admitted = 0;
+            out.reason = why;
+            out.rule_id = 0;
+            out.remote = remote;
         }
     }
+    0
 }
 
 /// The judgment of a new flow in `direction` with the remote end at `remote_addr` and `port` (the
@@ -250,7 +417,7 @@ pub(crate) fn decided(
 /// frontend too, whichever address it is. `via_service` is set when the judgment is a frontend's.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn judge(
+fn judge_flow(
     skb: *mut __sk_buff,
     ep: &EndpointInfo,
     remote_addr: &[u8; 16],

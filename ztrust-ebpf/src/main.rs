@@ -176,11 +176,12 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
         stat_inc(stat::PEER_JUDGED);
         return TC_ACT_OK as i32;
     }
-    let (ep_identity, slot, ep_flags) = match ep {
-        Some(ep) => (ep.identity, ep.slot, ep.flags),
-        None => (0, NO_SLOT, 0),
+    let (ep_identity, slot) = match ep {
+        Some(ep) => (ep.identity, ep.slot),
+        None => (0, NO_SLOT),
     };
-    let mut v = d.verdict;
+    // Audit (`judge::audits`) has made what policy would drop a would-drop already.
+    let v = d.verdict;
     // The settings matter only for a drop or a new connection: a packet of an established one does not
     // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches).
     let config = if v != verdict::FORWARDED || d.new_flow {
@@ -188,21 +189,6 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     } else {
         Config::default()
     };
-    // Audit mode (everywhere, the namespace's, or this direction's when only audited policies isolate
-    // it) reports what policy would drop (Service judgments included); what cannot be judged
-    // (malformed, fragments, unknown endpoints) and forged sources are dropped in every mode.
-    if v == verdict::DROPPED
-        && matches!(
-            d.reason,
-            reason::POLICY_DENIED
-                | reason::NO_CT_ENTRY
-                | reason::SERVICE_BACKENDS_DIFFER
-                | reason::UNKNOWN_SERVICE
-        )
-        && (ep_flags | config.flags) & (ep_flags::AUDIT | ep_flags::audit_in(direction)) != 0
-    {
-        v = verdict::WOULD_DROP;
-    }
     count(ifindex, slot, direction, v, d.reason, ctx.len());
     // The receiving endpoint is still there (its interface is not gone, its address not yet anyone
     // else's): it is told that the packet is judged, and the packet is counted for it as its own hook

@@ -626,6 +626,23 @@ fn section(args: &Args) -> anyhow::Result<Report> {
     super::enter_netns(&netns);
     let ifindex = nix::net::if_::if_nametoindex("ztb0")?;
 
+    // What the verifier went through to accept each program, against its budget: the headroom a
+    // change of the datapath has before the kernel refuses to load it.
+    let _ = loader::cleanup(&pin);
+    let dp = Datapath::load(&pin).expect("load");
+    println!("\nVerifier: instructions processed to accept each program (the kernel's limit: 1,000,000)");
+    for name in ["zt_from_pod", "zt_to_pod"] {
+        let n = dp
+            .program(name)
+            .and_then(|p| p.info().ok())
+            .and_then(|i| i.verified_instruction_count());
+        match n {
+            Some(n) => println!("{name:>12} {n:>9} ({:.0} %)", f64::from(n) / 1e4),
+            None => println!("{name:>12} (not reported by this kernel)"),
+        }
+    }
+    drop(dp);
+
     let mut cells = Vec::new();
     for &policies in &args.policies {
         for &pods in &args.pods {

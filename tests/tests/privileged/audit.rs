@@ -2,9 +2,11 @@
 //! `ztrust.io/mode: audit` drops nothing and reports what enforcement would drop as `would-drop`;
 //! switching it back to enforce takes effect without restarting anything.
 
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use crate::common::payments::PaymentsLab;
+use crate::common::payments::{PaymentsLab, enter};
 use crate::common::{agent_bin, require_root};
 use ztrust_agent::model::Protocol;
 use ztrust_lab::{self as lab, Matrix, ProbeOptions, Verdict};
@@ -176,4 +178,117 @@ fn an_audited_policy_reports_would_drop_where_it_alone_isolates_and_switches_liv
         assert!(std::time::Instant::now() < deadline, "enforce never took effect");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// monitoring's egress isolated by an audited policy only, its ingress by an enforced one.
+fn monitoring_split(egress_mode: &str) -> String {
+    format!(
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-ingress\n  namespace: monitoring\nspec:\n  podSelector: {{}}\n  policyTypes: [Ingress]\n---\napiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata:\n  name: deny-egress\n  namespace: monitoring\n  annotations:\n    ztrust.io/mode: {egress_mode}\nspec:\n  podSelector: {{}}\n  policyTypes: [Egress]\n"
+    )
+}
+
+/// One line sent on `conn` and read back (the lab's servers echo), within the read timeout.
+fn exchange(conn: &mut (BufReader<TcpStream>, TcpStream), msg: &str) -> Result<(), String> {
+    writeln!(conn.1, "{msg}").map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    conn.0.read_line(&mut line).map_err(|e| format!("read: {e}"))?;
+    if line.trim_end() == msg {
+        Ok(())
+    } else {
+        Err(format!("echo {line:?} for {msg:?}"))
+    }
+}
+
+/// A connection only an audited policy would drop is tracked like an admitted one: its replies reach
+/// the pod through the pod's other direction even where an enforced policy isolates that direction
+/// (they are the connection's, not new flows). When the audited policy is enforced, the connection is
+/// judged again and ends; it does not keep what audit let it have.
+#[test]
+fn a_would_drop_connection_is_tracked_and_ends_when_enforced() {
+    require_root();
+    let mut lab = PaymentsLab::up("ztw", agent_bin(), &["--metrics-addr", "none"]);
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let file = lab.state_dir.join("monitoring-split.yaml");
+    std::fs::write(&file, monitoring_split("audit")).unwrap();
+    lab.apply(&file);
+    let m = lab::probe(&lab.state_dir, &opts).unwrap();
+    assert_eq!(
+        prometheus_to_backend(&m),
+        Some(Verdict::Allowed),
+        "the audited egress lets the scrape through, and its replies pass the enforced ingress"
+    );
+    // Positive control: the ingress is enforced (nothing reaches prometheus).
+    let to_prometheus: Vec<_> = m
+        .probes
+        .iter()
+        .filter(|p| p.to == "monitoring/prometheus" && p.from != p.to)
+        .collect();
+    assert!(!to_prometheus.is_empty(), "the matrix probes prometheus");
+    for p in &to_prometheus {
+        assert_eq!(p.result, Verdict::Denied, "{} -> prometheus:{}", p.from, p.port);
+    }
+
+    // A held connection, opened while audited: data both ways.
+    let (prometheus, backend) = (lab.pod("prometheus"), lab.pod("backend"));
+    let dst = SocketAddr::new(backend.ips.iter().find(|a| a.is_ipv4()).copied().unwrap(), 8080);
+    let netns = prometheus.netns.clone();
+    let (to_conn, conn_rx) = std::sync::mpsc::channel::<String>();
+    let (result_tx, results) = std::sync::mpsc::channel::<Result<(), String>>();
+    let holder = std::thread::spawn(move || {
+        enter(&netns);
+        let s =
+            TcpStream::connect_timeout(&dst, Duration::from_secs(1)).map_err(|e| format!("connect: {e}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut conn = (BufReader::new(s.try_clone().unwrap()), s);
+        let mut greeting = String::new();
+        conn.0
+            .read_line(&mut greeting)
+            .map_err(|e| format!("greeting: {e}"))?;
+        for msg in conn_rx {
+            result_tx.send(exchange(&mut conn, &msg)).unwrap();
+        }
+        Ok::<(), String>(())
+    });
+    to_conn.send("while audited".into()).unwrap();
+    assert_eq!(
+        results.recv().unwrap(),
+        Ok(()),
+        "the audited connection carries data"
+    );
+    let flows = std::fs::read_to_string(&lab.agent().flow_log).unwrap();
+    let reported = flows
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .any(|f| {
+            f["verdict"] == "would-drop"
+                && f["direction"] == "egress"
+                && f["source"]["pod"] == "prometheus"
+                && f["destination"]["pod"] == "backend"
+                && f["destination"]["port"] == 8080
+                && f["policies"] == serde_json::json!(["monitoring/deny-egress"])
+        });
+    assert!(
+        reported,
+        "prometheus -> backend:8080 reported as would-drop by monitoring/deny-egress"
+    );
+
+    // Enforced: new connections are dropped, and so is the held one's next segment.
+    std::fs::write(&file, monitoring_split("enforce")).unwrap();
+    lab.apply(&file);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while prometheus_to_backend(&lab::probe(&lab.state_dir, &opts).unwrap()) != Some(Verdict::Denied) {
+        assert!(std::time::Instant::now() < deadline, "enforce never took effect");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    to_conn.send("once enforced".into()).unwrap();
+    let after = results.recv().unwrap();
+    assert!(
+        after.is_err(),
+        "the connection audit let through outlived enforcement"
+    );
+    drop(to_conn);
+    let _ = holder.join();
 }
