@@ -79,6 +79,8 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         seconds: u32,
     },
+    /// Build the OpenTelemetry Collector the OTLP tests export to (tests/otelcol; `test` builds it too).
+    Otelcol,
     /// A one-node Kubernetes cluster built from upstream (tests/cluster): `cargo xtask cluster up`.
     Cluster {
         #[command(subcommand)]
@@ -103,6 +105,19 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_owned()
+}
+
+/// The OpenTelemetry Collector of the OTLP tests, built from its Go modules (`tests/otelcol`: go.mod
+/// and go.sum pin the release) into `target/otelcol/otelcol`, where the tests look for it. About 1.5
+/// minutes the first time on 2 cores; Go's cache makes it seconds after that.
+fn otelcol() -> anyhow::Result<PathBuf> {
+    step("build the OpenTelemetry Collector (tests/otelcol: core v0.161.0, OTLP receiver, file exporter)");
+    let out = root().join("target/otelcol/otelcol");
+    let out_str = out.to_str().context("non-UTF-8 target path")?.to_owned();
+    let mut c = cmd("go", &["build", "-trimpath", "-o", &out_str, "."]);
+    c.current_dir(root().join("tests/otelcol"));
+    run(c)?;
+    Ok(out)
 }
 
 fn cmd(program: &str, args: &[&str]) -> Command {
@@ -417,6 +432,7 @@ fn test_tiers(
     if !is_root() {
         bail!("the privileged tests load eBPF programs and create network namespaces: run as root");
     }
+    otelcol()?;
     // The cluster tier's Go build (the first one takes ≈15 minutes) overlaps the privileged tests.
     let prebuild = (!no_cluster && filter.is_none()).then(cluster::prebuild_in_background);
     step("privileged integration tests (real programs, real packets through veth pairs), one at a time");
@@ -668,6 +684,7 @@ fn main() -> anyhow::Result<()> {
             build(release).map(|p| eprintln!("built {0}/ztrust-agent and {0}/ztrust-lab", p.display()))
         }
         Cmd::Lab { down } => lab(down),
+        Cmd::Otelcol => otelcol().map(|p| eprintln!("built {}", p.display())),
         Cmd::Test {
             unit,
             no_cluster,

@@ -703,6 +703,12 @@ pub fn render_server_status(s: &ServerStatusResponse) -> String {
         s.subscribers,
         s.alerts_raised
     );
+    if !s.otlp_endpoint.is_empty() {
+        out.push_str(&format!(
+            "OTLP export:          {} ({} exported, lost: {} queue full, {} export failed)\n",
+            s.otlp_endpoint, s.otlp_exported, s.otlp_lost_queue_full, s.otlp_lost_export_failed
+        ));
+    }
     // Said as loudly as the counters: a pod that is not enforced must not pass for one that is.
     for p in &s.pods_not_enforced {
         out.push_str(&format!("Not enforced:         {} ({})\n", p.pod, p.reason));
@@ -724,6 +730,12 @@ pub fn server_status_json(s: &ServerStatusResponse) -> serde_json::Value {
         "lost_slow_clients": s.lost_slow_clients,
         "subscribers": s.subscribers,
         "alerts_raised": s.alerts_raised,
+        "otlp": (!s.otlp_endpoint.is_empty()).then(|| serde_json::json!({
+            "endpoint": s.otlp_endpoint,
+            "exported": s.otlp_exported,
+            "lost_queue_full": s.otlp_lost_queue_full,
+            "lost_export_failed": s.otlp_lost_export_failed,
+        })),
         "pods_not_enforced": s
             .pods_not_enforced
             .iter()

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod netif;
 pub mod observer;
+pub mod otlp;
 pub mod policy;
 pub mod source;
 pub mod status;

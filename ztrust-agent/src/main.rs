@@ -286,6 +286,11 @@ struct RunArgs {
     /// Add a `pod` label to the per-flow metrics (cardinality grows with pod churn).
     #[arg(long)]
     metrics_pod_label: bool,
+    /// Export every flow as an OpenTelemetry log record over OTLP/gRPC to this collector
+    /// (`http://collector:4317`). Its queue is --client-queue flows; what does not fit while the collector
+    /// is slow or down is counted as lost (`status`, `ztrust_otlp_flows_lost_total`).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Do not run the lateral-movement detector.
     #[arg(long)]
     no_detector: bool,
@@ -522,6 +527,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             sensitive: args.sensitive_selector.into_iter().filter(|s| !none(s)).collect(),
             ..Default::default()
         }),
+        otlp: args
+            .otlp_endpoint
+            .map(|endpoint| ztrust_agent::otlp::OtlpOptions {
+                endpoint,
+                node: args.node_name.clone(),
+            }),
         ..Default::default()
     };
     let opts = agent::Options {

@@ -32,6 +32,7 @@ mod lab_netns;
 mod least_privilege;
 mod node_lab;
 mod observer_e2e;
+mod otlp;
 mod packets;
 mod pinned_links;
 mod pinning;

@@ -39,6 +39,8 @@ pub struct FlowApiCounters {
     pub ring_flows: u64,
     pub ring_capacity: u64,
     pub subscribers: u64,
+    /// `Some` while flows are exported over OTLP.
+    pub otlp: Option<crate::otlp::OtlpStatus>,
 }
 
 type Collector = Box<dyn Fn() -> FlowApiCounters + Send + Sync>;
@@ -64,6 +66,7 @@ struct Mirrored {
     lost_kernel: u64,
     lost_slow: u64,
     overwritten: u64,
+    otlp: crate::otlp::OtlpStatus,
 }
 
 pub struct Metrics {
@@ -75,6 +78,8 @@ pub struct Metrics {
     bytes: Family<Labels, Counter>,
     flows_seen: Counter,
     flows_lost: Family<Labels, Counter>,
+    otlp_exported: Counter,
+    otlp_lost: Family<Labels, Counter>,
     ring_overwritten: Counter,
     ring_flows: U64Gauge,
     ring_capacity: U64Gauge,
@@ -113,6 +118,8 @@ impl Metrics {
             bytes: Family::default(),
             flows_seen: Counter::default(),
             flows_lost: Family::default(),
+            otlp_exported: Counter::default(),
+            otlp_lost: Family::default(),
             ring_overwritten: Counter::default(),
             ring_flows: U64Gauge::default(),
             ring_capacity: U64Gauge::default(),
@@ -162,6 +169,16 @@ impl Metrics {
             "flows_lost",
             "Flows lost: source=kernel_ring_buffer (kernel could not queue the event), slow_client (summed over API clients)",
             m.flows_lost.clone(),
+        );
+        registry.register(
+            "otlp_flows_exported",
+            "Flows the OpenTelemetry collector took (run --otlp-endpoint)",
+            m.otlp_exported.clone(),
+        );
+        registry.register(
+            "otlp_flows_lost",
+            "Flows not exported over OTLP: reason=queue_full (the collector was slower than the flows came; also in flows_lost{source=slow_client}), export_failed (requests the collector did not take)",
+            m.otlp_lost.clone(),
         );
         registry.register(
             "flow_ring_overwritten",
@@ -423,6 +440,24 @@ impl Metrics {
         mirror(&kernel, &mut m.lost_kernel, st.lost_kernel_ring_buffer);
         mirror(&slow, &mut m.lost_slow, st.lost_slow_clients);
         mirror(&self.ring_overwritten, &mut m.overwritten, st.ring_overwritten);
+        if let Some(o) = st.otlp {
+            let lost = |reason: &str| {
+                self.otlp_lost
+                    .get_or_create(&vec![("reason", reason.to_owned())])
+                    .clone()
+            };
+            mirror(&self.otlp_exported, &mut m.otlp.exported, o.exported);
+            mirror(
+                &lost("queue_full"),
+                &mut m.otlp.lost_queue_full,
+                o.lost_queue_full,
+            );
+            mirror(
+                &lost("export_failed"),
+                &mut m.otlp.lost_export_failed,
+                o.lost_export_failed,
+            );
+        }
         self.ring_flows.set(st.ring_flows);
         self.ring_capacity.set(st.ring_capacity);
         self.subscribers.set(st.subscribers);

@@ -242,6 +242,7 @@ fn flow_api_counters_are_mirrored_monotonically() {
         ring_flows: 2,
         ring_capacity: 2,
         subscribers: 1,
+        otlp: None,
     }));
     let read = now.clone();
     m.collect_flow_api(move || *read.lock().unwrap());
@@ -269,5 +270,22 @@ fn flow_api_counters_are_mirrored_monotonically() {
     assert_eq!(
         sample(&text, r#"ztrust_flows_lost_total{source="kernel_ring_buffer"}"#),
         Some(12.0)
+    );
+    assert_eq!(sample(&text, "ztrust_otlp_flows_exported_total"), Some(0.0));
+    // Exporting over OTLP: its counters too.
+    now.lock().unwrap().otlp = Some(crate::otlp::OtlpStatus {
+        exported: 40,
+        lost_queue_full: 2,
+        lost_export_failed: 5,
+    });
+    let text = m.render();
+    assert_eq!(sample(&text, "ztrust_otlp_flows_exported_total"), Some(40.0));
+    assert_eq!(
+        sample(&text, r#"ztrust_otlp_flows_lost_total{reason="queue_full"}"#),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(&text, r#"ztrust_otlp_flows_lost_total{reason="export_failed"}"#),
+        Some(5.0)
     );
 }

@@ -292,6 +292,9 @@ pub struct Hub {
     endpoints: AtomicU64,
     /// (`namespace/name`, reason) of this node's pods the datapath does not enforce.
     not_enforced: std::sync::Mutex<Vec<(String, String)>>,
+    /// The OTLP exporter's endpoint, once it follows the hub, and its counters.
+    otlp_endpoint: std::sync::OnceLock<String>,
+    pub otlp: crate::otlp::OtlpCounters,
 }
 
 /// The observer's counters (`ServerStatus`, metrics).
@@ -307,6 +310,8 @@ pub struct HubStatus {
     pub lost_slow_clients: u64,
     pub subscribers: u64,
     pub alerts_raised: u64,
+    /// `Some` while flows are exported over OTLP.
+    pub otlp: Option<crate::otlp::OtlpStatus>,
 }
 
 impl Hub {
@@ -320,6 +325,8 @@ impl Hub {
             kernel_lost: AtomicU64::new(0),
             endpoints: AtomicU64::new(0),
             not_enforced: std::sync::Mutex::default(),
+            otlp_endpoint: std::sync::OnceLock::new(),
+            otlp: crate::otlp::OtlpCounters::default(),
         }
     }
 
@@ -395,7 +402,17 @@ impl Hub {
             lost_slow_clients: self.flows.lost_slow() + self.alerts.lost_slow(),
             subscribers: (self.flows.subscribers() + self.alerts.subscribers()) as u64,
             alerts_raised: self.alerts.published(),
+            otlp: self.otlp_endpoint.get().map(|_| self.otlp.status()),
         }
+    }
+
+    /// Says that flows are exported to `endpoint` (once: the agent has one exporter).
+    pub fn set_otlp_endpoint(&self, endpoint: String) {
+        let _ = self.otlp_endpoint.set(endpoint);
+    }
+
+    pub fn otlp_endpoint(&self) -> Option<&str> {
+        self.otlp_endpoint.get().map(String::as_str)
     }
 }
 

@@ -375,6 +375,10 @@ impl Observer for ObserverService {
             subscribers: st.subscribers,
             alerts_raised: st.alerts_raised,
             version: env!("CARGO_PKG_VERSION").into(),
+            otlp_endpoint: self.hub.otlp_endpoint().unwrap_or_default().to_owned(),
+            otlp_exported: st.otlp.map_or(0, |o| o.exported),
+            otlp_lost_queue_full: st.otlp.map_or(0, |o| o.lost_queue_full),
+            otlp_lost_export_failed: st.otlp.map_or(0, |o| o.lost_export_failed),
             pods_not_enforced: self
                 .hub
                 .not_enforced()

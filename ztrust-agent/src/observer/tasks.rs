@@ -34,6 +34,8 @@ pub struct ObserverOptions {
     pub detector: Option<DetectorOptions>,
     /// How often the kernel's counters are read.
     pub tick: Duration,
+    /// `--otlp-endpoint`: flows exported to an OpenTelemetry collector.
+    pub otlp: Option<crate::otlp::OtlpOptions>,
 }
 
 impl Default for ObserverOptions {
@@ -44,6 +46,7 @@ impl Default for ObserverOptions {
             metrics_addr: Some(SocketAddr::from(([0, 0, 0, 0], 9965))),
             detector: Some(DetectorOptions::default()),
             tick: Duration::from_secs(1),
+            otlp: None,
         }
     }
 }
@@ -148,6 +151,14 @@ pub async fn spawn(
             Err(e) => error!(error = %e, "lateral-movement detector not started"),
         }
     }
+    if let Some(otlp) = &opts.otlp {
+        let (hub, otlp) = (hub.clone(), otlp.clone());
+        running.tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::otlp::export_flows(hub, otlp).await {
+                error!(error = %e, "flows are not exported over OTLP");
+            }
+        }));
+    }
     running.tasks.push(tokio::spawn(housekeeping(
         hub,
         metrics,
@@ -168,6 +179,7 @@ fn flow_api_counters(hub: &Hub) -> FlowApiCounters {
         ring_flows: st.num_flows,
         ring_capacity: st.max_flows,
         subscribers: st.subscribers,
+        otlp: st.otlp,
     }
 }
 
@@ -248,6 +260,7 @@ mod tests {
                 ring_flows: 2,
                 ring_capacity: 2,
                 subscribers: 1,
+                otlp: None,
             }
         );
     }

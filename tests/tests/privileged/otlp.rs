@@ -1,0 +1,320 @@
+//! Flows exported over OTLP to a real OpenTelemetry Collector (root only; `cargo xtask test` builds the
+//! collector from `tests/otelcol` and runs this): every flow of the payments lab arrives exactly once,
+//! as the log record `flows` would print, with the node as a resource attribute; with the collector
+//! stopped, the flows are counted lost (and nothing else suffers: the flow log has them all); restarted,
+//! export resumes. Every flow the agent saw is exported or counted lost, none twice.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ztrust_agent::cli_flows::{Connect, server_status};
+use ztrust_agent::flows::{Flow, render_line};
+use ztrust_lab::ProbeOptions;
+
+use crate::common::payments::PaymentsLab;
+use crate::common::{agent_bin, require_root};
+
+/// The collector `cargo xtask test` builds (`cargo xtask otelcol` builds it alone).
+fn otelcol_bin() -> PathBuf {
+    let path = std::env::var_os("ZTRUST_OTELCOL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/otelcol/otelcol"));
+    assert!(
+        path.exists(),
+        "no OpenTelemetry Collector at {}: build it with `cargo xtask otelcol` (or set ZTRUST_OTELCOL)",
+        path.display()
+    );
+    path
+}
+
+/// A collector in the lab node's network namespace (where the agent runs), receiving OTLP/gRPC on
+/// 127.0.0.1:4317 and writing what it gets to `out` (OTLP JSON, one request per line). Killed on drop.
+struct Collector(Child);
+
+impl Collector {
+    fn start(node_netns: &str, dir: &Path, out: &Path) -> Collector {
+        let config = dir.join("otelcol.yaml");
+        std::fs::write(
+            &config,
+            format!(
+                "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:4317\n\
+                 exporters:\n  file:\n    path: {}\n    flush_interval: 100ms\n\
+                 service:\n  telemetry:\n    metrics:\n      level: none\n  pipelines:\n    logs:\n      receivers: [otlp]\n      exporters: [file]\n",
+                out.display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("otelcol.log")).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{node_netns}"))
+            .arg(otelcol_bin())
+            .arg("--config")
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the collector");
+        let c = Collector(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(dir.join("otelcol.log"))
+            .unwrap_or_default()
+            .contains("Everything is ready")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the collector did not start: see {}",
+                dir.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the collector wrote: each record's flow id, body and attributes, and the resource's.
+#[derive(Debug)]
+struct Received {
+    id: i64,
+    body: String,
+    attributes: BTreeMap<String, serde_json::Value>,
+    node: String,
+}
+
+/// What the collector wrote to `out`, once it holds `n` records (the file exporter flushes every
+/// 100 ms; within 10 s).
+fn received(out: &Path, n: u64) -> Vec<Received> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = read_received(out);
+        if got.len() as u64 >= n || Instant::now() > deadline {
+            return got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_received(out: &Path) -> Vec<Received> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let mut all = Vec::new();
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("OTLP JSON");
+        for rl in v["resourceLogs"].as_array().unwrap() {
+            let node = rl["resource"]["attributes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|a| a["key"] == "k8s.node.name")
+                .map(|a| a["value"]["stringValue"].as_str().unwrap().to_owned())
+                .unwrap_or_default();
+            for sl in rl["scopeLogs"].as_array().unwrap() {
+                for r in sl["logRecords"].as_array().unwrap() {
+                    let attributes: BTreeMap<String, serde_json::Value> = r["attributes"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|a| (a["key"].as_str().unwrap().to_owned(), a["value"].clone()))
+                        .collect();
+                    let id = attributes["ztrust.flow.id"]["intValue"]
+                        .as_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    all.push(Received {
+                        id,
+                        body: r["body"]["stringValue"].as_str().unwrap().to_owned(),
+                        attributes,
+                        node: node.clone(),
+                    });
+                }
+            }
+        }
+    }
+    all
+}
+
+/// The agent's flow log, each flow as `flows` prints it.
+fn logged(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| render_line(&serde_json::from_str::<Flow>(l).expect("flow log line")))
+        .collect()
+}
+
+/// (seen, exported, lost because the queue was full, lost because the export failed), once the
+/// exporter has dealt with every flow the agent saw and no flow came for half a second (within 20 s).
+fn settled(connect: &Connect) -> (u64, u64, u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last_seen = None;
+    loop {
+        let s = server_status(connect).expect("status");
+        let accounted = s.otlp_exported + s.otlp_lost_queue_full + s.otlp_lost_export_failed;
+        if accounted == s.seen_flows && last_seen == Some(s.seen_flows) {
+            return (
+                s.seen_flows,
+                s.otlp_exported,
+                s.otlp_lost_queue_full,
+                s.otlp_lost_export_failed,
+            );
+        }
+        assert!(
+            accounted <= s.seen_flows,
+            "flows exported or lost more than once: {s:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the exporter did not account for every flow: {s:?}"
+        );
+        last_seen = Some(s.seen_flows);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
+    require_root();
+    let mut lab = PaymentsLab::up(
+        "ztl",
+        agent_bin(),
+        &[
+            "--metrics-addr",
+            "none",
+            "--log-allowed",
+            "--otlp-endpoint",
+            "http://127.0.0.1:4317",
+        ],
+    );
+    let node_netns = lab.state.node_netns.clone();
+    let connect = Connect {
+        socket: lab.agent().socket,
+        server: None,
+        tls_ca: None,
+        tls_cert: None,
+        tls_key: None,
+        tls_server_name: None,
+    };
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let dir = lab.state_dir.clone();
+    let first_out = dir.join("otlp-1.jsonl");
+    let collector = Collector::start(&node_netns, &dir, &first_out);
+    // What the agent saw before the collector listened (the lab's start) is accounted for first.
+    let (_, _, _, lost_before) = settled(&connect);
+    let before = server_status(&connect).unwrap().seen_flows;
+
+    // 1. Running: a probe of the whole matrix; every flow arrives, once, as `flows` shows it.
+    ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
+    let (seen, exported, full, failed) = settled(&connect);
+    assert!(seen > before, "the probe made flows");
+    eprintln!("seen {seen} exported {exported} lost before the collector listened {lost_before}");
+    assert_eq!(
+        (full, failed),
+        (0, lost_before),
+        "nothing lost while the collector runs"
+    );
+    let got = received(&first_out, exported);
+    assert_eq!(
+        got.len() as u64,
+        exported,
+        "every exported flow is in the collector's output"
+    );
+    let mut ids: Vec<i64> = got.iter().map(|r| r.id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), got.len(), "no flow arrived twice");
+    let log = logged(&lab.agent().flow_log);
+    let denied_in_log: Vec<&String> = log.iter().filter(|l| l.contains("DROPPED")).collect();
+    assert!(
+        !denied_in_log.is_empty(),
+        "the payments policies deny some of the matrix"
+    );
+    let mut bodies: Vec<&str> = got.iter().map(|r| r.body.as_str()).collect();
+    for line in &denied_in_log {
+        let i = bodies
+            .iter()
+            .position(|b| b == line)
+            .unwrap_or_else(|| panic!("denied flow not at the collector: {line}"));
+        bodies.swap_remove(i);
+    }
+    let database_drop = got
+        .iter()
+        .find(|r| {
+            r.attributes["ztrust.verdict"]["stringValue"] == "dropped"
+                && r.attributes.get("ztrust.source.pod").map(|v| &v["stringValue"])
+                    == Some(&"frontend".into())
+                && r.attributes
+                    .get("ztrust.destination.pod")
+                    .map(|v| &v["stringValue"])
+                    == Some(&"database".into())
+        })
+        .expect("frontend -> database dropped, at the collector");
+    // The lab names its node after the node's network namespace.
+    assert_eq!(database_drop.node, node_netns);
+    assert_eq!(
+        database_drop.attributes["ztrust.reason"]["stringValue"],
+        "policy-denied"
+    );
+    assert_eq!(database_drop.attributes["destination.port"]["intValue"], "5432");
+    assert!(
+        database_drop.attributes["ztrust.policies"]["arrayValue"]["values"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty()),
+        "{database_drop:?}"
+    );
+
+    // 2. Stopped: the flows are counted lost, the flow log still has them.
+    drop(collector);
+    let log_before = logged(&lab.agent().flow_log).len();
+    ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
+    let (seen2, exported2, full2, failed2) = settled(&connect);
+    eprintln!(
+        "collector down: seen {seen2} exported {exported2} lost {}",
+        failed2 + full2
+    );
+    assert_eq!(
+        exported2, exported,
+        "nothing exported while the collector is down"
+    );
+    assert!(failed2 + full2 > failed + full, "the loss is counted");
+    assert_eq!(
+        (failed2 + full2) - (failed + full),
+        seen2 - seen,
+        "every flow of the outage is counted lost"
+    );
+    assert_eq!(
+        logged(&lab.agent().flow_log).len() - log_before,
+        (seen2 - seen) as usize,
+        "the flow log has every flow of the outage"
+    );
+
+    // 3. Restarted: export resumes.
+    let second_out = dir.join("otlp-2.jsonl");
+    let _collector = Collector::start(&node_netns, &dir, &second_out);
+    ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
+    let (seen3, exported3, full3, failed3) = settled(&connect);
+    eprintln!(
+        "collector back: seen {seen3} exported {exported3} lost {}",
+        failed3 + full3
+    );
+    assert!(exported3 > exported2, "export resumed");
+    let got2 = received(&second_out, exported3 - exported2);
+    // Flows sent before the collector listened again (at most the request under way when it came
+    // back) are lost; those after it, exported.
+    assert_eq!(got2.len() as u64, exported3 - exported2);
+    assert_eq!(exported3 + full3 + failed3, seen3);
+    assert!(
+        got2.iter().all(|r| r.id as u64 > seen2),
+        "only flows of after the outage arrive after it"
+    );
+}

@@ -1,0 +1,302 @@
+//! Flows exported as OpenTelemetry log records over OTLP/gRPC (`run --otlp-endpoint URL`), for a
+//! collector that gathers every node's flows in one place.
+//!
+//! The exporter is one more follower of the observer's hub: it reads the hub's flows through a
+//! subscription with a bounded queue (`--client-queue`), so a collector that is slow or down costs the
+//! agent a fixed amount of memory and never makes the datapath, the flow log or the API's clients wait.
+//! What it cannot export is counted, by why ([`OtlpCounters`]: metrics and `status`): flows that did not
+//! fit its queue while an export was under way, and flows of a batch the collector did not take (down,
+//! refused, timed out). A batch is sent once, never again: a flow reaches the collector at most once.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry::{InstrumentationScope, Key, KeyValue};
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider};
+use tracing::{info, warn};
+
+use crate::flows::{Endpoint, Observed};
+use crate::observer::hub::{Hub, Item};
+
+/// Flows per export request at most.
+pub const MAX_BATCH: usize = 512;
+/// How long flows wait for more to fill a request.
+pub const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// How long one export may take before its flows are counted lost.
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct OtlpOptions {
+    /// `http://host:4317` (or `https://`): the collector's OTLP/gRPC receiver.
+    pub endpoint: String,
+    /// This node's name, the flows' resource attribute `k8s.node.name`.
+    pub node: String,
+}
+
+/// What the exporter did, read by `status` and the metrics.
+#[derive(Debug, Default)]
+pub struct OtlpCounters {
+    pub exported: AtomicU64,
+    /// Flows that did not fit the exporter's queue (the collector was slower than the flows came).
+    pub lost_queue_full: AtomicU64,
+    /// Flows of requests the collector did not take (unreachable, refused, timed out).
+    pub lost_export_failed: AtomicU64,
+}
+
+/// [`OtlpCounters`] as read at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OtlpStatus {
+    pub exported: u64,
+    pub lost_queue_full: u64,
+    pub lost_export_failed: u64,
+}
+
+impl OtlpCounters {
+    pub fn status(&self) -> OtlpStatus {
+        OtlpStatus {
+            exported: self.exported.load(Ordering::Relaxed),
+            lost_queue_full: self.lost_queue_full.load(Ordering::Relaxed),
+            lost_export_failed: self.lost_export_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("--otlp-endpoint {endpoint}: {message}")]
+    Exporter { endpoint: String, message: String },
+}
+
+/// The attributes of the agent and node every flow carries.
+pub fn resource(node: &str) -> Resource {
+    Resource::builder_empty()
+        .with_attributes([
+            KeyValue::new("service.name", "ztrust-agent"),
+            KeyValue::new("service.version", env!("CARGO_PKG_VERSION")),
+            KeyValue::new("k8s.node.name", node.to_owned()),
+        ])
+        .build()
+}
+
+/// Exports the hub's flows until the hub goes away. The exporter connects lazily: an unreachable
+/// collector makes requests fail (their flows counted), not this function.
+pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error> {
+    let mut exporter = opentelemetry_otlp::LogExporter::builder()
+        .with_tonic()
+        .with_endpoint(opts.endpoint.clone())
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .map_err(|e| Error::Exporter {
+            endpoint: opts.endpoint.clone(),
+            message: e.to_string(),
+        })?;
+    exporter.set_resource(&resource(&opts.node));
+    // Records are made by a logger of a provider with no processor: the SDK's batching (which drops
+    // what it cannot send without saying how much) is not used; this loop batches and counts.
+    let provider = SdkLoggerProvider::builder().build();
+    let logger = provider.logger("ztrust");
+    let scope = InstrumentationScope::builder("ztrust")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build();
+    let Some(mut sub) = hub.flows.subscribe(true).subscription else {
+        return Ok(());
+    };
+    hub.set_otlp_endpoint(opts.endpoint.clone());
+    let counters = &hub.otlp;
+    info!(endpoint = %opts.endpoint, "exporting flows over OTLP");
+    let mut batch: Vec<Arc<Observed>> = Vec::with_capacity(MAX_BATCH);
+    let mut failing = false;
+    loop {
+        // The first flow of a batch is waited for; the rest only as long as BATCH_DELAY.
+        match sub.next().await {
+            None => return Ok(()),
+            Some(item) => take(item, &mut batch, counters),
+        }
+        let deadline = tokio::time::Instant::now() + BATCH_DELAY;
+        while batch.len() < MAX_BATCH {
+            match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(item)) => take(item, &mut batch, counters),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let records: Vec<SdkLogRecord> = batch.iter().map(|o| record(&logger, o)).collect();
+        let refs: Vec<(&SdkLogRecord, &InstrumentationScope)> = records.iter().map(|r| (r, &scope)).collect();
+        let n = batch.len() as u64;
+        match exporter.export(LogBatch::new(&refs)).await {
+            Ok(()) => {
+                counters.exported.fetch_add(n, Ordering::Relaxed);
+                if failing {
+                    info!(endpoint = %opts.endpoint, "OTLP export works again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                counters.lost_export_failed.fetch_add(n, Ordering::Relaxed);
+                // Once per failing stretch: a collector that is down for an hour says so once.
+                if !failing {
+                    warn!(endpoint = %opts.endpoint, error = %e, lost = n, "OTLP export failed; flows are counted as lost until it works again");
+                    failing = true;
+                }
+            }
+        }
+        batch.clear();
+    }
+}
+
+/// A flow into the batch; a loss of the exporter's own queue counted (losses before the hub, in the
+/// kernel's ring buffer, are the hub's own counter).
+fn take(item: Item<Observed>, batch: &mut Vec<Arc<Observed>>, counters: &OtlpCounters) {
+    match item {
+        Item::Value(o) => batch.push(o),
+        Item::Lost(crate::observer::proto::LostEventSource::SlowClient, n) => {
+            counters.lost_queue_full.fetch_add(n, Ordering::Relaxed);
+        }
+        Item::Lost(..) => {}
+    }
+}
+
+/// One flow as a log record: the line `flows` prints as its body, everything else as attributes.
+pub fn record(logger: &SdkLogger, o: &Observed) -> SdkLogRecord {
+    let f = &o.flow;
+    let mut r = logger.create_log_record();
+    r.set_event_name("ztrust.flow");
+    r.set_timestamp(o.time);
+    r.set_observed_timestamp(SystemTime::now());
+    if f.is_drop() {
+        r.set_severity_number(Severity::Warn);
+        r.set_severity_text("WARN");
+    } else {
+        r.set_severity_number(Severity::Info);
+        r.set_severity_text("INFO");
+    }
+    r.set_body(AnyValue::String(crate::flows::render_line(f).into()));
+    r.add_attributes(attributes(o));
+    r
+}
+
+/// The attributes of a flow's record (OpenTelemetry's `source.*`, `destination.*` and `network.*`
+/// names where they exist; `ztrust.*` for the rest).
+pub fn attributes(o: &Observed) -> Vec<(Key, AnyValue)> {
+    let f = &o.flow;
+    let s = |v: &str| AnyValue::String(v.to_owned().into());
+    let mut a = vec![
+        (Key::new("ztrust.flow.id"), AnyValue::Int(o.seq as i64)),
+        (Key::new("ztrust.verdict"), s(f.verdict.name())),
+        (Key::new("ztrust.reason"), s(f.reason.name())),
+        (Key::new("ztrust.direction"), s(f.direction.name())),
+        (Key::new("ztrust.endpoint"), s(&f.endpoint.to_string())),
+        (Key::new("ztrust.node"), s(&f.node)),
+        (
+            Key::new("network.transport"),
+            s(&f.protocol.to_string().to_lowercase()),
+        ),
+        (
+            Key::new("network.type"),
+            s(if f.source.ip.is_ipv4() { "ipv4" } else { "ipv6" }),
+        ),
+        (
+            Key::new("ztrust.new_connection"),
+            AnyValue::Boolean(f.new_connection),
+        ),
+        (Key::new("ztrust.bytes"), AnyValue::Int(i64::from(f.bytes))),
+    ];
+    end(&mut a, "source", &f.source);
+    end(&mut a, "destination", &f.destination);
+    if !f.tcp_flags.is_empty() {
+        a.push((Key::new("ztrust.tcp_flags"), s(&f.tcp_flags.to_string())));
+    }
+    if !f.policies.is_empty() {
+        let list = f.policies.iter().map(|p| s(&p.to_string())).collect();
+        a.push((Key::new("ztrust.policies"), AnyValue::ListAny(Box::new(list))));
+    }
+    if let Some(by) = &f.allowed_by {
+        a.push((Key::new("ztrust.allowed_by.policy"), s(&by.policy.to_string())));
+        a.push((Key::new("ztrust.allowed_by.rule"), AnyValue::Int(by.rule as i64)));
+    }
+    if let Some(svc) = &f.service {
+        a.push((Key::new("ztrust.service"), s(&svc.name.to_string())));
+    }
+    a
+}
+
+/// `source.address`, `source.port`, and the pod's namespace, name and labels, of one end.
+fn end(a: &mut Vec<(Key, AnyValue)>, side: &'static str, e: &Endpoint) {
+    let s = |v: &str| AnyValue::String(v.to_owned().into());
+    a.push((Key::new(format!("{side}.address")), s(&e.ip.to_string())));
+    if let Some(port) = e.port {
+        a.push((Key::new(format!("{side}.port")), AnyValue::Int(i64::from(port))));
+    }
+    if let Some(pod) = &e.pod {
+        a.push((Key::new(format!("ztrust.{side}.namespace")), s(&pod.namespace)));
+        a.push((Key::new(format!("ztrust.{side}.pod")), s(&pod.name)));
+    }
+    if !e.labels.is_empty() {
+        let labels = e
+            .labels
+            .iter()
+            .map(|(k, v)| (Key::new(k.clone()), s(v)))
+            .collect();
+        a.push((
+            Key::new(format!("ztrust.{side}.labels")),
+            AnyValue::Map(Box::new(labels)),
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flows::testing::denied;
+
+    #[test]
+    fn a_flows_record_says_what_flows_says() {
+        let flow = denied();
+        let o = Observed {
+            seq: 7,
+            time: flow.time,
+            flow: flow.clone(),
+        };
+        let provider = SdkLoggerProvider::builder().build();
+        let r = record(&provider.logger("t"), &o);
+        assert_eq!(r.severity_number(), Some(Severity::Warn));
+        assert_eq!(r.timestamp(), Some(flow.time));
+        assert_eq!(
+            r.body(),
+            Some(&AnyValue::String(crate::flows::render_line(&flow).into()))
+        );
+        let get = |k: &str| {
+            r.attributes_iter()
+                .find(|(key, _)| key.as_str() == k)
+                .map(|(_, v)| v.clone())
+        };
+        let s = |v: &str| Some(AnyValue::String(v.to_owned().into()));
+        assert_eq!(get("ztrust.flow.id"), Some(AnyValue::Int(7)));
+        assert_eq!(get("ztrust.verdict"), s(flow.verdict.name()));
+        assert_eq!(get("ztrust.reason"), s(flow.reason.name()));
+        assert_eq!(get("source.address"), s(&flow.source.ip.to_string()));
+        assert_eq!(
+            get("destination.port"),
+            flow.destination.port.map(|p| AnyValue::Int(i64::from(p)))
+        );
+        let src = flow.source.pod.as_ref().expect("the test flow's source is a pod");
+        assert_eq!(get("ztrust.source.pod"), s(&src.name));
+        assert_eq!(get("ztrust.source.namespace"), s(&src.namespace));
+        assert!(!flow.policies.is_empty(), "the test flow names its policies");
+        assert_eq!(
+            get("ztrust.policies"),
+            Some(AnyValue::ListAny(Box::new(
+                flow.policies
+                    .iter()
+                    .map(|p| AnyValue::String(p.to_string().into()))
+                    .collect()
+            )))
+        );
+    }
+}
