@@ -291,6 +291,9 @@ struct RunArgs {
     /// is slow or down is counted as lost (`status`, `ztrust_otlp_flows_lost_total`).
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// How often the packet counters are pushed to --otlp-endpoint as OTLP metrics.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "otlp_endpoint")]
+    otlp_metrics_interval: Duration,
     /// Do not run the lateral-movement detector.
     #[arg(long)]
     no_detector: bool,
@@ -532,6 +535,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map(|endpoint| ztrust_agent::otlp::OtlpOptions {
                 endpoint,
                 node: args.node_name.clone(),
+                metrics_interval: args.otlp_metrics_interval,
             }),
         ..Default::default()
     };

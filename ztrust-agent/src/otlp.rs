@@ -7,16 +7,19 @@
 //! What it cannot export is counted, by why ([`OtlpCounters`]: metrics and `status`): flows that did not
 //! fit its queue while an export was under way, and flows of a batch the collector did not take (down,
 //! refused, timed out). A batch is sent once, never again: a flow reaches the collector at most once.
+//! The kernel's packet counters go the same way as OTLP metrics ([`export_metrics`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
+use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::{InstrumentationScope, Key, KeyValue};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tracing::{info, warn};
 
 use crate::flows::{Endpoint, Observed};
@@ -35,6 +38,8 @@ pub struct OtlpOptions {
     pub endpoint: String,
     /// This node's name, the flows' resource attribute `k8s.node.name`.
     pub node: String,
+    /// How often the packet counters are pushed (`--otlp-metrics-interval`).
+    pub metrics_interval: Duration,
 }
 
 /// What the exporter did, read by `status` and the metrics.
@@ -148,6 +153,64 @@ pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error>
         }
         batch.clear();
     }
+}
+
+/// The kernel's packet counters as OTLP metrics, pushed every `opts.metrics_interval` on the SDK's
+/// reader thread: `ztrust.datapath.packets` and `ztrust.datapath.bytes`, cumulative sums with the
+/// labels of `ztrust_datapath_packets_total` as attributes (read by the same reader as `/metrics`).
+/// Dropping the provider stops it. Built within the agent's runtime (the gRPC channel runs on it).
+pub fn export_metrics(
+    metrics: Arc<crate::metrics::Metrics>,
+    opts: &OtlpOptions,
+) -> Result<SdkMeterProvider, Error> {
+    let exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_endpoint(opts.endpoint.clone())
+        .with_timeout(EXPORT_TIMEOUT)
+        .build()
+        .map_err(|e| Error::Exporter {
+            endpoint: opts.endpoint.clone(),
+            message: e.to_string(),
+        })?;
+    let reader = PeriodicReader::builder(exporter)
+        .with_interval(opts.metrics_interval)
+        .build();
+    let provider = SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource(&opts.node))
+        .build();
+    let meter = provider.meter("ztrust");
+    type Pick = fn(u64, u64) -> u64;
+    let instruments: [(&'static str, &'static str, &'static str, Pick); 2] = [
+        (
+            "ztrust.datapath.packets",
+            "Packets judged by the datapath, by verdict, direction, reason and namespace of the judged pod",
+            "{packet}",
+            |packets, _| packets,
+        ),
+        (
+            "ztrust.datapath.bytes",
+            "Bytes of the packets judged by the datapath, same attributes",
+            "By",
+            |_, bytes| bytes,
+        ),
+    ];
+    for (name, description, unit, pick) in instruments {
+        let metrics = metrics.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(description)
+            .with_unit(unit)
+            .with_callback(move |observer| {
+                for (labels, packets, bytes) in metrics.packet_series() {
+                    let attributes: Vec<KeyValue> =
+                        labels.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+                    observer.observe(pick(packets, bytes), &attributes);
+                }
+            })
+            .build();
+    }
+    Ok(provider)
 }
 
 /// A flow into the batch; a loss of the exporter's own queue counted (losses before the hub, in the

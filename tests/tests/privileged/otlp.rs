@@ -2,7 +2,8 @@
 //! collector from `tests/otelcol` and runs this): every flow of the payments lab arrives exactly once,
 //! as the log record `flows` would print, with the node as a resource attribute; with the collector
 //! stopped, the flows are counted lost (and nothing else suffers: the flow log has them all); restarted,
-//! export resumes. Every flow the agent saw is exported or counted lost, none twice.
+//! export resumes. Every flow the agent saw is exported or counted lost, none twice. The kernel's
+//! packet counters arrive as OTLP metrics.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,7 @@ impl Collector {
             format!(
                 "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:4317\n\
                  exporters:\n  file:\n    path: {}\n    flush_interval: 100ms\n\
-                 service:\n  telemetry:\n    metrics:\n      level: none\n  pipelines:\n    logs:\n      receivers: [otlp]\n      exporters: [file]\n",
+                 service:\n  telemetry:\n    metrics:\n      level: none\n  pipelines:\n    logs:\n      receivers: [otlp]\n      exporters: [file]\n    metrics:\n      receivers: [otlp]\n      exporters: [file]\n",
                 out.display()
             ),
         )
@@ -107,7 +108,11 @@ fn read_received(out: &Path) -> Vec<Received> {
     let mut all = Vec::new();
     for line in text.lines() {
         let v: serde_json::Value = serde_json::from_str(line).expect("OTLP JSON");
-        for rl in v["resourceLogs"].as_array().unwrap() {
+        // Metrics are in the same file, on lines of their own.
+        let Some(resource_logs) = v["resourceLogs"].as_array() else {
+            continue;
+        };
+        for rl in resource_logs {
             let node = rl["resource"]["attributes"]
                 .as_array()
                 .unwrap()
@@ -139,6 +144,38 @@ fn read_received(out: &Path) -> Vec<Received> {
         }
     }
     all
+}
+
+/// The last value the collector got for the packet counter with these attributes (`None`: none yet).
+fn last_packets(out: &Path, want: &[(&str, &str)]) -> Option<u64> {
+    let text = std::fs::read_to_string(out).unwrap_or_default();
+    let mut last = None;
+    for line in text.lines() {
+        let v: serde_json::Value = serde_json::from_str(line).expect("OTLP JSON");
+        let Some(resource_metrics) = v["resourceMetrics"].as_array() else {
+            continue;
+        };
+        for m in resource_metrics
+            .iter()
+            .flat_map(|rm| rm["scopeMetrics"].as_array().unwrap())
+            .flat_map(|sm| sm["metrics"].as_array().unwrap())
+            .filter(|m| m["name"] == "ztrust.datapath.packets")
+        {
+            assert_eq!(m["sum"]["isMonotonic"], true, "{m}");
+            for p in m["sum"]["dataPoints"].as_array().unwrap() {
+                let attrs = p["attributes"].as_array().unwrap();
+                let has = |k: &str, v: &str| {
+                    attrs
+                        .iter()
+                        .any(|a| a["key"] == k && a["value"]["stringValue"] == v)
+                };
+                if want.iter().all(|(k, v)| has(k, v)) {
+                    last = Some(p["asInt"].as_str().unwrap().parse().unwrap());
+                }
+            }
+        }
+    }
+    last
 }
 
 /// The agent's flow log, each flow as `flows` prints it.
@@ -191,6 +228,8 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
             "--log-allowed",
             "--otlp-endpoint",
             "http://127.0.0.1:4317",
+            "--otlp-metrics-interval",
+            "1s",
         ],
     );
     let node_netns = lab.state.node_netns.clone();
@@ -273,6 +312,41 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
         "{database_drop:?}"
     );
 
+    // The kernel's packet counters as OTLP metrics: at least one dropped packet for each drop event of
+    // payments' pods' egress (events are rate-limited per flow; packets are all counted).
+    let drop_events = std::fs::read_to_string(lab.agent().flow_log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|f| {
+            f["verdict"] == "dropped"
+                && f["direction"] == "egress"
+                && f["reason"] == "policy-denied"
+                && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/"))
+        })
+        .count() as u64;
+    assert!(drop_events > 0);
+    let want = [
+        ("verdict", "dropped"),
+        ("direction", "egress"),
+        ("reason", "policy-denied"),
+        ("namespace", "payments"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let packets = loop {
+        match last_packets(&first_out, &want) {
+            Some(n) if n >= drop_events => break n,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "ztrust.datapath.packets{want:?} = {other:?} at the collector, {drop_events} drop events"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    };
+    eprintln!("dropped egress packets of payments' pods at the collector: {packets} ({drop_events} events)");
+
     // 2. Stopped: the flows are counted lost, the flow log still has them.
     drop(collector);
     let log_before = logged(&lab.agent().flow_log).len();
@@ -317,4 +391,13 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
         got2.iter().all(|r| r.id as u64 > seen2),
         "only flows of after the outage arrive after it"
     );
+    // The counters went on counting while the collector was away.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while last_packets(&second_out, &want).is_none_or(|n| n <= packets) {
+        assert!(
+            Instant::now() < deadline,
+            "the packet counters did not reach the restarted collector higher"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

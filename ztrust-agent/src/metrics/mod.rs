@@ -380,8 +380,19 @@ impl Metrics {
     /// from it; it keeps each value from falling). Called with `mirrored` held, so that two scrapes do
     /// not interleave.
     fn refresh_packets(&self) {
+        self.packets.clear();
+        self.bytes.clear();
+        for (labels, packets, bytes) in self.packet_series() {
+            self.packets.get_or_create(&labels).inc_by(packets);
+            self.bytes.get_or_create(&labels).inc_by(bytes);
+        }
+    }
+
+    /// The datapath's packet and byte counters as read now, one series per label set of
+    /// `ztrust_datapath_packets_total` (also what OTLP exports: [`crate::otlp::export_metrics`]).
+    pub fn packet_series(&self) -> Vec<(Labels, u64, u64)> {
         let Some(collect) = self.datapath.get() else {
-            return;
+            return Vec::new();
         };
         let mut sums: BTreeMap<[&str; 5], (u64, u64)> = BTreeMap::new();
         let counts = collect();
@@ -393,13 +404,9 @@ impl Metrics {
             sum.0 += c.packets;
             sum.1 += c.bytes;
         }
-        self.packets.clear();
-        self.bytes.clear();
-        for ([verdict, direction, reason, namespace, pod], (packets, bytes)) in sums {
-            let labels = self.judged_labels([verdict, direction, reason, namespace, pod]);
-            self.packets.get_or_create(&labels).inc_by(packets);
-            self.bytes.get_or_create(&labels).inc_by(bytes);
-        }
+        sums.into_iter()
+            .map(|(key, (packets, bytes))| (self.judged_labels(key), packets, bytes))
+            .collect()
     }
 
     /// The labels of the per-flow and per-packet families: verdict, direction, reason, namespace, and

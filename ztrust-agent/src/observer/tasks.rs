@@ -55,6 +55,8 @@ impl Default for ObserverOptions {
 pub struct Running {
     tasks: Vec<JoinHandle<()>>,
     socket: Option<PathBuf>,
+    /// The OTLP metrics pipeline (its reader thread stops when it is dropped).
+    meters: Option<opentelemetry_sdk::metrics::SdkMeterProvider>,
 }
 
 impl Drop for Running {
@@ -98,6 +100,7 @@ pub async fn spawn(
     let mut running = Running {
         tasks: Vec::new(),
         socket: None,
+        meters: None,
     };
     let forever = std::future::pending::<()>;
 
@@ -152,6 +155,10 @@ pub async fn spawn(
         }
     }
     if let Some(otlp) = &opts.otlp {
+        match crate::otlp::export_metrics(metrics.clone(), otlp) {
+            Ok(provider) => running.meters = Some(provider),
+            Err(e) => error!(error = %e, "the packet counters are not exported over OTLP"),
+        }
         let (hub, otlp) = (hub.clone(), otlp.clone());
         running.tasks.push(tokio::spawn(async move {
             if let Err(e) = crate::otlp::export_flows(hub, otlp).await {
