@@ -117,6 +117,15 @@ struct Recorded {
 }
 
 /// Says `e` and exits with status 2.
+/// `--otlp-metrics-interval`: a duration of at least a second.
+fn metrics_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))?;
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s}: at least 1s"));
+    }
+    Ok(d)
+}
+
 fn fail(e: anyhow::Error) -> ! {
     eprintln!("error: {e:#}");
     std::process::exit(2)
@@ -289,10 +298,10 @@ struct RunArgs {
     /// Export every flow as an OpenTelemetry log record over OTLP/gRPC to this collector
     /// (`http://collector:4317`). Its queue is --client-queue flows; what does not fit while the collector
     /// is slow or down is counted as lost (`status`, `ztrust_otlp_flows_lost_total`).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", value_parser = ztrust_agent::otlp::parse_endpoint)]
     otlp_endpoint: Option<String>,
     /// How often the packet counters are pushed to --otlp-endpoint as OTLP metrics.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration, requires = "otlp_endpoint")]
+    #[arg(long, default_value = "10s", value_parser = metrics_interval, requires = "otlp_endpoint")]
     otlp_metrics_interval: Duration,
     /// Do not run the lateral-movement detector.
     #[arg(long)]

@@ -6,7 +6,8 @@
 //! agent a fixed amount of memory and never makes the datapath, the flow log or the API's clients wait.
 //! What it cannot export is counted, by why ([`OtlpCounters`]: metrics and `status`): flows that did not
 //! fit its queue while an export was under way, and flows of a batch the collector did not take (down,
-//! refused, timed out). A batch is sent once, never again: a flow reaches the collector at most once.
+//! refused, or unanswered within the timeout: those may have arrived). A batch is sent once, never
+//! again: a flow reaches the collector at most once.
 //! The kernel's packet counters go the same way as OTLP metrics ([`export_metrics`]).
 
 use std::sync::Arc;
@@ -16,11 +17,12 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::{InstrumentationScope, Key, KeyValue};
-use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_otlp::{RetryPolicy, WithExportConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use tracing::{info, warn};
+use ztrust_common::proto;
 
 use crate::flows::{Endpoint, Observed};
 use crate::observer::hub::{Hub, Item};
@@ -87,19 +89,58 @@ pub fn resource(node: &str) -> Resource {
         .build()
 }
 
-/// Exports the hub's flows until the hub goes away. The exporter connects lazily: an unreachable
-/// collector makes requests fail (their flows counted), not this function.
-pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error> {
+/// `--otlp-endpoint`: an `http://` URL with a host (TLS to the collector is not built in: reach it
+/// in the cluster or through a local collector).
+pub fn parse_endpoint(s: &str) -> Result<String, String> {
+    let rest = s.strip_prefix("http://").ok_or_else(|| {
+        format!("{s}: an http:// URL of the collector's OTLP/gRPC receiver, e.g. http://otel-collector:4317")
+    })?;
+    if rest.is_empty() || rest.starts_with('/') || rest.starts_with(':') {
+        return Err(format!("{s}: no host"));
+    }
+    Ok(s.to_owned())
+}
+
+fn exporter_error(endpoint: &str) -> impl FnOnce(opentelemetry_otlp::ExporterBuildError) -> Error + '_ {
+    move |e| Error::Exporter {
+        endpoint: endpoint.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+/// Starts following the hub's flows now (so that no flow published after this goes uncounted) and
+/// returns the loop that exports them, until the hub goes away. Called within the agent's runtime
+/// (the gRPC channel runs on it). The exporter connects lazily: an unreachable collector makes requests
+/// fail (their flows counted), not this function. Flows still queued when the agent stops are neither
+/// exported nor counted.
+pub fn export_flows(
+    hub: Arc<Hub>,
+    opts: OtlpOptions,
+) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Error> {
     let mut exporter = opentelemetry_otlp::LogExporter::builder()
         .with_tonic()
         .with_endpoint(opts.endpoint.clone())
         .with_timeout(EXPORT_TIMEOUT)
+        // Once: a request the collector took but did not answer would arrive twice if sent again.
+        .with_retry_policy(RetryPolicy::disabled())
         .build()
-        .map_err(|e| Error::Exporter {
-            endpoint: opts.endpoint.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(exporter_error(&opts.endpoint))?;
     exporter.set_resource(&resource(&opts.node));
+    let sub = hub.flows.subscribe(true).subscription;
+    hub.set_otlp_endpoint(opts.endpoint.clone());
+    Ok(async move {
+        if let Some(sub) = sub {
+            run_flows(&hub, sub, exporter, &opts.endpoint).await;
+        }
+    })
+}
+
+async fn run_flows(
+    hub: &Hub,
+    mut sub: crate::observer::hub::Subscription<Observed>,
+    exporter: opentelemetry_otlp::LogExporter,
+    endpoint: &str,
+) {
     // Records are made by a logger of a provider with no processor: the SDK's batching (which drops
     // what it cannot send without saying how much) is not used; this loop batches and counts.
     let provider = SdkLoggerProvider::builder().build();
@@ -107,18 +148,14 @@ pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error>
     let scope = InstrumentationScope::builder("ztrust")
         .with_version(env!("CARGO_PKG_VERSION"))
         .build();
-    let Some(mut sub) = hub.flows.subscribe(true).subscription else {
-        return Ok(());
-    };
-    hub.set_otlp_endpoint(opts.endpoint.clone());
     let counters = &hub.otlp;
-    info!(endpoint = %opts.endpoint, "exporting flows over OTLP");
+    info!(endpoint, "exporting flows over OTLP");
     let mut batch: Vec<Arc<Observed>> = Vec::with_capacity(MAX_BATCH);
     let mut failing = false;
     loop {
         // The first flow of a batch is waited for; the rest only as long as BATCH_DELAY.
         match sub.next().await {
-            None => return Ok(()),
+            None => return,
             Some(item) => take(item, &mut batch, counters),
         }
         let deadline = tokio::time::Instant::now() + BATCH_DELAY;
@@ -138,7 +175,7 @@ pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error>
             Ok(()) => {
                 counters.exported.fetch_add(n, Ordering::Relaxed);
                 if failing {
-                    info!(endpoint = %opts.endpoint, "OTLP export works again");
+                    info!(endpoint, "OTLP export works again");
                     failing = false;
                 }
             }
@@ -146,7 +183,7 @@ pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error>
                 counters.lost_export_failed.fetch_add(n, Ordering::Relaxed);
                 // Once per failing stretch: a collector that is down for an hour says so once.
                 if !failing {
-                    warn!(endpoint = %opts.endpoint, error = %e, lost = n, "OTLP export failed; flows are counted as lost until it works again");
+                    warn!(endpoint, error = %e, lost = n, "OTLP export failed; flows are counted as lost until it works again");
                     failing = true;
                 }
             }
@@ -157,7 +194,9 @@ pub async fn export_flows(hub: Arc<Hub>, opts: OtlpOptions) -> Result<(), Error>
 
 /// The kernel's packet counters as OTLP metrics, pushed every `opts.metrics_interval` on the SDK's
 /// reader thread: `ztrust.datapath.packets` and `ztrust.datapath.bytes`, cumulative sums with the
-/// labels of `ztrust_datapath_packets_total` as attributes (read by the same reader as `/metrics`).
+/// labels of `ztrust_datapath_packets_total` as attributes named as the flows' are (`ztrust.verdict`,
+/// `ztrust.direction`, `ztrust.reason`, `k8s.namespace.name`, `k8s.pod.name`), read by the same reader
+/// as `/metrics` (once per instrument and push).
 /// Dropping the provider stops it. Built within the agent's runtime (the gRPC channel runs on it).
 pub fn export_metrics(
     metrics: Arc<crate::metrics::Metrics>,
@@ -167,11 +206,9 @@ pub fn export_metrics(
         .with_tonic()
         .with_endpoint(opts.endpoint.clone())
         .with_timeout(EXPORT_TIMEOUT)
+        .with_retry_policy(RetryPolicy::disabled())
         .build()
-        .map_err(|e| Error::Exporter {
-            endpoint: opts.endpoint.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(exporter_error(&opts.endpoint))?;
     let reader = PeriodicReader::builder(exporter)
         .with_interval(opts.metrics_interval)
         .build();
@@ -203,14 +240,28 @@ pub fn export_metrics(
             .with_unit(unit)
             .with_callback(move |observer| {
                 for (labels, packets, bytes) in metrics.packet_series() {
-                    let attributes: Vec<KeyValue> =
-                        labels.into_iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+                    let attributes: Vec<KeyValue> = labels
+                        .into_iter()
+                        .map(|(k, v)| KeyValue::new(metric_attribute(k), v))
+                        .collect();
                     observer.observe(pick(packets, bytes), &attributes);
                 }
             })
             .build();
     }
     Ok(provider)
+}
+
+/// The OTLP name of a label of `ztrust_datapath_packets_total`: the flows' attribute names.
+fn metric_attribute(label: &'static str) -> &'static str {
+    match label {
+        "verdict" => "ztrust.verdict",
+        "direction" => "ztrust.direction",
+        "reason" => "ztrust.reason",
+        "namespace" => "k8s.namespace.name",
+        "pod" => "k8s.pod.name",
+        other => other,
+    }
 }
 
 /// A flow into the batch; a loss of the exporter's own queue counted (losses before the hub, in the
@@ -270,6 +321,12 @@ pub fn attributes(o: &Observed) -> Vec<(Key, AnyValue)> {
         ),
         (Key::new("ztrust.bytes"), AnyValue::Int(i64::from(f.bytes))),
     ];
+    if matches!(f.protocol.0, proto::TCP | proto::UDP) {
+        a.push((
+            Key::new("network.transport"),
+            s(&f.protocol.to_string().to_lowercase()),
+        ));
+    }
     end(&mut a, "source", &f.source);
     end(&mut a, "destination", &f.destination);
     if !f.tcp_flags.is_empty() {
@@ -317,6 +374,21 @@ fn end(a: &mut Vec<(Key, AnyValue)>, side: &'static str, e: &Endpoint) {
 mod tests {
     use super::*;
     use crate::flows::testing::denied;
+
+    #[test]
+    fn the_endpoint_is_an_http_url_with_a_host() {
+        assert!(parse_endpoint("http://otel-collector:4317").is_ok());
+        assert!(parse_endpoint("http://10.0.0.1:4317").is_ok());
+        for bad in [
+            "otel-collector:4317",
+            "https://c:4317",
+            "http://",
+            "http://:4317",
+            "grpc://c:4317",
+        ] {
+            assert!(parse_endpoint(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_flows_record_says_what_flows_says() {

@@ -11,8 +11,8 @@ use crate::{
 
 /// A TCP connection opened from another endpoint of this node (`from`, the interface the SYN entered on)
 /// and admitted here (`key`, this interface's entry): when the sender's interface admitted it too (its
-/// entry for the connection exists, opened as its egress, written by that SYN), each entry learns the
-/// other's interface. Returns the sender's interface, or 0. A SYN from elsewhere finds no entry under the
+/// entry for the connection exists, opened as its egress, written by that SYN, and not only audited),
+/// each entry learns the other's interface. Returns the sender's interface, or 0. A SYN from elsewhere finds no entry under the
 /// interface it entered on.
 #[inline(always)]
 pub(crate) fn link_peer(key: &mut CtKey, from: u32) -> u32 {
@@ -31,7 +31,9 @@ pub(crate) fn link_peer(key: &mut CtKey, from: u32) -> u32 {
     let Some(theirs) = theirs else { return 0 };
     // SAFETY: pointer from a successful lookup; plain data written in place.
     unsafe {
-        if (*theirs).origin != dir::EGRESS {
+        // A connection the sender only audits is judged by each end (and again at each revision):
+        // never linked.
+        if (*theirs).origin != dir::EGRESS || (*theirs).flags & ct_flags::AUDITED != 0 {
             return 0;
         }
         (*theirs).peer_ifindex = ifindex;

@@ -65,8 +65,10 @@ pub(crate) fn decide(
             && direction == dir::INGRESS
             && pkt.protocol == proto::TCP
             && from != 0
-            // SAFETY: `ct` is from the successful lookup above; a plain field read.
+            // SAFETY: `ct` is from the successful lookup above; plain field reads. (An audited entry
+            // keeps the interface its connection entered on there, which vouches for nothing.)
             && unsafe { (*ct).peer_ifindex } == from
+            && unsafe { (*ct).flags } & ct_flags::AUDITED == 0
         {
             let mut d = Decision::new(verdict::FORWARDED, reason::ESTABLISHED, 0, 0, false);
             d.peer_judged = true;
@@ -192,7 +194,7 @@ pub(crate) fn ct_admits(
             // SAFETY: pointer from a successful lookup.
             let opened_from = unsafe { (*ct).peer_ifindex };
             let mut via_service = false;
-            let (r, flags) = match judge(
+            let (r, flags, why) = match judge(
                 skb,
                 ep,
                 remote_addr,
@@ -203,9 +205,9 @@ pub(crate) fn ct_admits(
                 &mut via_service,
             ) {
                 // Admitted now (an audited connection included: its opening direction now admits it).
-                Ok((_, r, _)) => (r, 0),
-                // Still only audit lets it pass.
-                Err((why, _)) if audited && audits(ep, original_dir, why) => (0, ct_flags::AUDITED),
+                Ok((_, r, _)) => (r, 0, 0),
+                // Still only audit lets it pass, for what is now the reason.
+                Err((why, _)) if audited && audits(ep, original_dir, why) => (0, ct_flags::AUDITED, why),
                 Err(_) => return None,
             };
             rule = r;
@@ -214,6 +216,7 @@ pub(crate) fn ct_admits(
                 (*ct).revision = revision;
                 (*ct).rule_id = r;
                 (*ct).flags = flags;
+                (*ct).audit_reason = why;
                 if audited && flags == 0 && pkt.protocol == proto::TCP {
                     // An audited TCP connection keeps the interface it entered on here, which for an
                     // admitted one would name a linked peer: it has none.
@@ -282,8 +285,8 @@ pub(crate) fn decided(
                 why
             };
             if audits(ep, direction, why) {
-                // Never linked to a peer (each end judges its packets): the interface the opening packet
-                // entered on, which its re-judgments use.
+                // Never linked to a peer (`link_peer` leaves audited entries alone; each end judges
+                // its packets): the interface the opening packet entered on, which its re-judgments use.
                 (
                     Decision::new(verdict::WOULD_DROP, why, remote, 0, opening),
                     carries.then_some((0, from, why)),

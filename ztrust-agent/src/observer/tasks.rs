@@ -159,12 +159,12 @@ pub async fn spawn(
             Ok(provider) => running.meters = Some(provider),
             Err(e) => error!(error = %e, "the packet counters are not exported over OTLP"),
         }
-        let (hub, otlp) = (hub.clone(), otlp.clone());
-        running.tasks.push(tokio::spawn(async move {
-            if let Err(e) = crate::otlp::export_flows(hub, otlp).await {
-                error!(error = %e, "flows are not exported over OTLP");
-            }
-        }));
+        // Subscribed here, before the agent starts reading the kernel's events: every flow is
+        // exported or counted lost.
+        match crate::otlp::export_flows(hub.clone(), otlp.clone()) {
+            Ok(export) => running.tasks.push(tokio::spawn(export)),
+            Err(e) => error!(error = %e, "flows are not exported over OTLP"),
+        }
     }
     running.tasks.push(tokio::spawn(housekeeping(
         hub,
