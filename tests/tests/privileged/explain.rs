@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use ztrust_agent::cli_explain::{Ask, Outcome, ask};
-use ztrust_agent::cli_flows::Connect;
 use ztrust_agent::datapath::loader::open_pinned;
 use ztrust_agent::explain::{Explanation, Query, Target};
 use ztrust_agent::flows::Verdict;
@@ -22,23 +21,12 @@ use ztrust_lab::probe::{Family, ProbeOptions, Verdict as Probed};
 use crate::common::payments::{PaymentsLab, connects};
 use crate::common::{agent_bin, lab_bin};
 
-fn connect(lab: &PaymentsLab) -> Connect {
-    Connect {
-        socket: lab.agent().socket,
-        server: None,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_server_name: None,
-    }
-}
-
 fn explain(lab: &PaymentsLab, query: &Query) -> Explanation {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    rt.block_on(ask(&connect(lab), &Ask::Query(query.clone())))
+    rt.block_on(ask(&lab.connect(), &Ask::Query(query.clone())))
         .unwrap_or_else(|e| panic!("explain {query:?}: {e:#}"))
 }
 

@@ -242,14 +242,7 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
         ],
     );
     let node_netns = lab.state.node_netns.clone();
-    let connect = Connect {
-        socket: lab.agent().socket,
-        server: None,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_server_name: None,
-    };
+    let connect = lab.connect();
     let opts = ProbeOptions {
         timeout: Duration::from_millis(300),
         ..Default::default()

@@ -86,6 +86,18 @@ impl PaymentsLab {
     pub fn agent(&self) -> lab::AgentState {
         self.state.agent.clone().expect("the lab runs an agent")
     }
+
+    /// Where the CLI reaches the lab's agent: its unix socket.
+    pub fn connect(&self) -> ztrust_agent::cli_flows::Connect {
+        ztrust_agent::cli_flows::Connect {
+            socket: self.agent().socket,
+            server: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
+        }
+    }
 }
 
 impl Drop for PaymentsLab {
