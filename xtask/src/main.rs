@@ -112,6 +112,11 @@ fn root() -> PathBuf {
 /// minutes the first time on 2 cores; Go's cache makes it seconds after that.
 fn otelcol() -> anyhow::Result<PathBuf> {
     step("build the OpenTelemetry Collector (tests/otelcol: core v0.161.0, OTLP receiver, file exporter)");
+    if output(cmd("go", &["version"])).is_none() {
+        bail!(
+            "the OTLP test's OpenTelemetry Collector is built with Go (1.26 or later on PATH as `go`, and the Go module proxy)"
+        );
+    }
     let out = root().join("target/otelcol/otelcol");
     let out_str = out.to_str().context("non-UTF-8 target path")?.to_owned();
     let mut c = cmd("go", &["build", "-trimpath", "-o", &out_str, "."]);

@@ -116,7 +116,6 @@ struct Recorded {
     connect: cli_flows::Connect,
 }
 
-/// Says `e` and exits with status 2.
 /// `--otlp-metrics-interval`: a duration of at least a second.
 fn metrics_interval(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| format!("{s}: {e}"))?;
@@ -126,6 +125,7 @@ fn metrics_interval(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Says `e` and exits with status 2.
 fn fail(e: anyhow::Error) -> ! {
     eprintln!("error: {e:#}");
     std::process::exit(2)

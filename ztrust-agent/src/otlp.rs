@@ -36,7 +36,7 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
 pub struct OtlpOptions {
-    /// `http://host:4317` (or `https://`): the collector's OTLP/gRPC receiver.
+    /// `http://host:4317`: the collector's OTLP/gRPC receiver ([`parse_endpoint`]).
     pub endpoint: String,
     /// This node's name, the flows' resource attribute `k8s.node.name`.
     pub node: String,
@@ -92,6 +92,11 @@ pub fn resource(node: &str) -> Resource {
 /// `--otlp-endpoint`: an `http://` URL with a host (TLS to the collector is not built in: reach it
 /// in the cluster or through a local collector).
 pub fn parse_endpoint(s: &str) -> Result<String, String> {
+    if s.starts_with("https://") {
+        return Err(format!(
+            "{s}: TLS to the collector is not supported: export over http:// to a collector in the cluster or on the node, which forwards with TLS"
+        ));
+    }
     let rest = s.strip_prefix("http://").ok_or_else(|| {
         format!("{s}: an http:// URL of the collector's OTLP/gRPC receiver, e.g. http://otel-collector:4317")
     })?;
@@ -306,11 +311,7 @@ pub fn attributes(o: &Observed) -> Vec<(Key, AnyValue)> {
         (Key::new("ztrust.reason"), s(f.reason.name())),
         (Key::new("ztrust.direction"), s(f.direction.name())),
         (Key::new("ztrust.endpoint"), s(&f.endpoint.to_string())),
-        (Key::new("ztrust.node"), s(&f.node)),
-        (
-            Key::new("network.transport"),
-            s(&f.protocol.to_string().to_lowercase()),
-        ),
+        (Key::new("ztrust.protocol"), s(&f.protocol.to_string())),
         (
             Key::new("network.type"),
             s(if f.source.ip.is_ipv4() { "ipv4" } else { "ipv6" }),
@@ -419,6 +420,30 @@ mod tests {
         assert_eq!(
             get("destination.port"),
             flow.destination.port.map(|p| AnyValue::Int(i64::from(p)))
+        );
+        let keys: Vec<&str> = r.attributes_iter().map(|(k, _)| k.as_str()).collect();
+        let mut unique = keys.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), keys.len(), "no attribute twice: {keys:?}");
+        assert_eq!(get("ztrust.protocol"), s(&flow.protocol.to_string()));
+        assert_eq!(
+            get("network.transport"),
+            s(&flow.protocol.to_string().to_lowercase()),
+            "TCP and UDP have OpenTelemetry's transport attribute"
+        );
+        let mut icmp = o.flow.clone();
+        icmp.protocol = crate::flows::IpProtocol(ztrust_common::proto::ICMP);
+        let icmp = Observed {
+            seq: 8,
+            time: icmp.time,
+            flow: icmp,
+        };
+        assert!(
+            attributes(&icmp)
+                .iter()
+                .all(|(k, _)| k.as_str() != "network.transport"),
+            "ICMP is no transport of OpenTelemetry's list"
         );
         let src = flow.source.pod.as_ref().expect("the test flow's source is a pod");
         assert_eq!(get("ztrust.source.pod"), s(&src.name));

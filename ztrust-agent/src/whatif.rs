@@ -141,8 +141,9 @@ impl Replay {
 }
 
 /// The connection a flow records, if it records a connection's opening (allowed, denied or a
-/// would-drop): not a packet of an established connection, a reply, or a segment without a conntrack
-/// entry (the later packets of a would-drop connection are those), nor a protocol without ports.
+/// would-drop): not a packet of an established connection (the later packets of a would-drop
+/// connection, reported as would-drops too, are not new), a reply, or a segment without a conntrack
+/// entry, nor a protocol without ports.
 pub(crate) fn connection(f: &Flow) -> Option<(IpAddr, IpAddr, u16, Protocol)> {
     if !f.new_connection
         || matches!(

@@ -453,7 +453,8 @@ pub struct CtValue {
     pub last_seen_ns: u64,
     pub rule_id: u32,
     /// The policy revision ([`names::REVISION`]) the connection was last judged under. Connectionless
-    /// flows (everything but TCP) are judged again after a revision that may have narrowed policy.
+    /// flows (everything but TCP), and connections only audit lets pass ([`ct_flags::AUDITED`]), are
+    /// judged again after a revision that may have narrowed policy.
     pub revision: u32,
     /// The direction, at this hook, of the packet that opened the connection ([`dir`]): packets going
     /// that way are the connection's own, the others its replies.
@@ -469,7 +470,7 @@ pub struct CtValue {
     /// then carry the agent's peer mark (`skb->mark`), and the other endpoint's interface passes them
     /// without a second look: judged once. Learned by the receiving interface when it admits the SYN.
     /// (Written where earlier versions left padding, which they kept zero.)
-    /// Other protocols: the interface the flow's opening packet entered the node on
+    /// Other protocols, and connections only audit lets pass (never linked): the interface the flow's opening packet entered the node on
     /// (`ingress_ifindex`), with which the flow is judged again after a policy revision.
     pub peer_ifindex: u32,
 }
@@ -477,9 +478,10 @@ pub struct CtValue {
 /// What a conntrack entry records of how its connection was admitted ([`CtValue::flags`]; earlier
 /// versions kept the byte zero).
 pub mod ct_flags {
-    /// Policy denies the connection and only audit lets it pass (a would-drop): its packets are reported
-    /// as would-drop, its replies pass as any connection's do, and it is judged again after every policy
-    /// revision, so that enforcement, once it begins, ends it.
+    /// Policy denies the connection and only audit lets it pass (a would-drop, made only by what opens
+    /// a connection: a TCP SYN, a connectionless flow's first packet): its own packets are reported as
+    /// would-drop, its replies pass as any connection's do, and it is judged again after every policy
+    /// revision, so that enforcement of its opening direction, once it begins, ends it.
     pub const AUDITED: u8 = 1;
 }
 

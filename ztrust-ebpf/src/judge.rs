@@ -67,8 +67,7 @@ pub(crate) fn decide(
             && from != 0
             // SAFETY: `ct` is from the successful lookup above; plain field reads. (An audited entry
             // keeps the interface its connection entered on there, which vouches for nothing.)
-            && unsafe { (*ct).peer_ifindex } == from
-            && unsafe { (*ct).flags } & ct_flags::AUDITED == 0
+            && unsafe { (*ct).peer_ifindex == from && (*ct).flags & ct_flags::AUDITED == 0 }
         {
             let mut d = Decision::new(verdict::FORWARDED, reason::ESTABLISHED, 0, 0, false);
             d.peer_judged = true;
@@ -285,11 +284,14 @@ pub(crate) fn decided(
                 why
             };
             if audits(ep, direction, why) {
+                // Only what opens a connection makes an audited entry: a TCP segment in the middle of
+                // one (its entry gone, or enforcement begun in its own direction) would make the
+                // direction it goes the connection's own, and the enforced side's packets its replies.
                 // Never linked to a peer (`link_peer` leaves audited entries alone; each end judges
                 // its packets): the interface the opening packet entered on, which its re-judgments use.
                 (
                     Decision::new(verdict::WOULD_DROP, why, remote, 0, opening),
-                    carries.then_some((0, from, why)),
+                    opening.then_some((0, from, why)),
                 )
             } else {
                 (Decision::new(verdict::DROPPED, why, remote, 0, opening), None)

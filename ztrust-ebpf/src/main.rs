@@ -183,7 +183,8 @@ fn handle(ctx: &TcContext, direction: u8) -> i32 {
     // Audit (`judge::audits`) has made what policy would drop a would-drop already.
     let v = d.verdict;
     // The settings matter only for a drop or a new connection: a packet of an established one does not
-    // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches).
+    // read them (every map a packet touches is a likely cache miss while a stream sweeps the caches;
+    // those of a connection only audit lets pass do: they are reported).
     let config = if v != verdict::FORWARDED || d.new_flow {
         CONFIG.get(0).copied().unwrap_or_default()
     } else {

@@ -228,7 +228,7 @@ fn settled(connect: &Connect) -> (u64, u64, u64, u64) {
 #[test]
 fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
     require_root();
-    let mut lab = PaymentsLab::up(
+    let lab = PaymentsLab::up(
         "ztl",
         agent_bin(),
         &[

@@ -200,7 +200,8 @@ fn replies_and_connections_a_backend_dropped_behind_a_service_are_not_learned() 
     // backend's ingress, which records the backend's address and port.
     let out = flow("10.244.0.12", "10.96.0.21", 80, TCP, Verdict::WouldDrop);
     let dropped = flow("10.244.0.12", "10.244.0.11", 8080, TCP, Verdict::Dropped);
-    // A would-drop connection's reply: no conntrack entry, judged as a packet of its own.
+    // A segment without a conntrack entry (of a would-drop connection whose entry went), judged as a
+    // packet of its own.
     let mut reply = flow("10.244.0.11", "10.244.0.10", 40000, TCP, Verdict::WouldDrop);
     reply.reason = Reason::NoCtEntry;
     let s = suggest(&cluster, "payments", &[out, dropped, reply]);
