@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use crate::common::payments::{PaymentsLab, enter};
-use crate::common::{agent_bin, require_root};
+use crate::common::{agent_bin, flow_in_log, require_root};
 use ztrust_agent::model::Protocol;
 use ztrust_lab::{self as lab, Matrix, ProbeOptions, Verdict};
 
@@ -42,17 +42,16 @@ fn audit_namespace_reports_would_drop_and_switches_back_live() {
         Some(Verdict::Allowed),
         "audit mode drops nothing"
     );
-    let flows = std::fs::read_to_string(&lab.agent().flow_log).unwrap();
-    let would_drop = flows
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|f| {
+    let (would_drop, _) = flow_in_log(
+        &lab.agent().flow_log,
+        "a would-drop flow for frontend -> database:5432",
+        |f| {
             f["verdict"] == "would-drop"
                 && f["source"]["pod"] == "frontend"
                 && f["destination"]["pod"] == "database"
                 && f["destination"]["port"] == 5432
-        });
-    let would_drop = would_drop.expect("a would-drop flow for frontend -> database:5432");
+        },
+    );
     assert_eq!(would_drop["reason"], "policy-denied");
     assert!(
         would_drop["policies"].as_array().is_some_and(|p| !p.is_empty()),
@@ -115,17 +114,16 @@ fn an_audited_policy_reports_would_drop_where_it_alone_isolates_and_switches_liv
         "an audited policy drops nothing:\n{}",
         audited.diff(&enforced).render()
     );
-    let flows = std::fs::read_to_string(&lab.agent().flow_log).unwrap();
-    let would_drop = flows
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|f| {
+    let (would_drop, flows) = flow_in_log(
+        &lab.agent().flow_log,
+        "a would-drop flow for prometheus -> backend at prometheus' egress",
+        |f| {
             f["verdict"] == "would-drop"
                 && f["source"]["pod"] == "prometheus"
                 && f["destination"]["pod"] == "backend"
                 && f["direction"] == "egress"
-        })
-        .expect("a would-drop flow for prometheus -> backend at prometheus' egress");
+        },
+    );
     assert_eq!(would_drop["reason"], "policy-denied");
     assert_eq!(
         would_drop["policies"],
@@ -133,8 +131,7 @@ fn an_audited_policy_reports_would_drop_where_it_alone_isolates_and_switches_liv
         "{would_drop}"
     );
     let payments_would_drop = flows
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .iter()
         .filter(|f| f["verdict"] == "would-drop")
         .filter(|f| f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/")))
         .count();
@@ -258,21 +255,17 @@ fn a_would_drop_connection_is_tracked_and_ends_when_enforced() {
         Ok(()),
         "the audited connection carries data"
     );
-    let flows = std::fs::read_to_string(&lab.agent().flow_log).unwrap();
-    let reported = flows
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .any(|f| {
+    flow_in_log(
+        &lab.agent().flow_log,
+        "prometheus -> backend:8080 reported as would-drop by monitoring/deny-egress",
+        |f| {
             f["verdict"] == "would-drop"
                 && f["direction"] == "egress"
                 && f["source"]["pod"] == "prometheus"
                 && f["destination"]["pod"] == "backend"
                 && f["destination"]["port"] == 8080
                 && f["policies"] == serde_json::json!(["monitoring/deny-egress"])
-        });
-    assert!(
-        reported,
-        "prometheus -> backend:8080 reported as would-drop by monitoring/deny-egress"
+        },
     );
 
     // Enforced: new connections are dropped, and so is the held one's next segment.

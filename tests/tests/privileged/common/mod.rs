@@ -373,6 +373,35 @@ pub fn require_root() {
     );
 }
 
+/// The agent's flow log (`--flow-log`, JSON lines), read again until a flow `wanted` accepts is in it:
+/// the agent writes a flow a moment after the kernel reported it, so a log read at once after a probe
+/// may lack the probe's last flows. Returns that flow and the whole log as it was then; panics naming
+/// `what` (and what the log held) when it has not come within 10 s.
+pub fn flow_in_log(
+    path: &Path,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows: Vec<serde_json::Value> = std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        if let Some(f) = flows.iter().find(|f| wanted(f)) {
+            return (f.clone(), flows);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not in the flow log {} within 10 s ({} flows there)",
+            path.display(),
+            flows.len()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// The `ztrust-agent` binary the end-to-end tests run: `ZTRUST_AGENT_BIN` (`cargo xtask test` sets it
 /// to the one it has just built), else the workspace's debug build, which must exist.
 pub fn agent_bin() -> &'static Path {
