@@ -292,6 +292,9 @@ struct Printer {
     /// The flows have their agent's numbers (`explain --flow ID`): a first column, a JSON field.
     ids: bool,
     id_width: usize,
+    /// Flows of several nodes: a NODE column (the compact line starts with the node).
+    nodes: bool,
+    node_width: usize,
     widths: [usize; 6],
     header_done: bool,
     json_first: bool,
@@ -369,6 +372,8 @@ impl Printer {
             colour,
             ids: false,
             id_width: 4,
+            nodes: false,
+            node_width: 4,
             widths: [24, 10, 24, 28, 9, 17],
             header_done: false,
             json_first: true,
@@ -384,14 +389,18 @@ impl Printer {
     /// `batch` is complete (not following): size the columns to it.
     fn fit(&mut self, batch: &[Flow]) {
         for f in batch {
+            self.node_width = self.node_width.max(f.node.chars().count());
             for (w, c) in self.widths.iter_mut().zip(cells(f)) {
                 *w = (*w).max(c.chars().count());
             }
         }
     }
 
-    fn row(&self, id: &str, c: &[String; 7]) -> String {
+    fn row(&self, node: &str, id: &str, c: &[String; 7]) -> String {
         let mut line = String::new();
+        if self.nodes {
+            line.push_str(&format!("{node:<w$}  ", w = self.node_width));
+        }
         if self.ids {
             line.push_str(&format!("{id:<w$}  ", w = self.id_width));
         }
@@ -428,10 +437,13 @@ impl Printer {
                 write!(out, "{sep}{}", serde_json::to_string_pretty(&numbered)?)?;
             }
             Output::Compact => {
-                let line = match id {
+                let mut line = match id {
                     Some(id) => format!("#{id} {}", render_line(f)),
                     None => render_line(f),
                 };
+                if self.nodes {
+                    line = format!("{} {line}", f.node);
+                }
                 if self.colour && f.is_drop() {
                     writeln!(out, "\x1b[31m{line}\x1b[0m")?;
                 } else {
@@ -443,13 +455,14 @@ impl Printer {
                 self.id_width = self.id_width.max(id.len());
                 if !self.header_done {
                     self.header_done = true;
-                    writeln!(out, "{}", self.row("ID", &HEADERS.map(str::to_owned)))?;
+                    writeln!(out, "{}", self.row("NODE", "ID", &HEADERS.map(str::to_owned)))?;
                 }
                 let c = cells(f);
                 for (w, cell) in self.widths.iter_mut().zip(&c) {
                     *w = (*w).max(cell.chars().count());
                 }
-                writeln!(out, "{}", self.row(&id, &c))?;
+                self.node_width = self.node_width.max(f.node.chars().count());
+                writeln!(out, "{}", self.row(&f.node, &id, &c))?;
             }
         }
         Ok(())
@@ -744,7 +757,10 @@ pub fn server_status_json(s: &ServerStatusResponse) -> serde_json::Value {
     })
 }
 
+mod nodes;
 mod recorded;
+
+pub use nodes::run_nodes;
 pub use recorded::recorded_flows;
 
 #[cfg(test)]

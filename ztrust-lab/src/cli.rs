@@ -51,15 +51,20 @@ pub enum LabCommand {
         /// The `ztrust-agent` binary that enforces (default: the one beside this binary).
         #[arg(long, env = "ZTRUST_AGENT_BIN")]
         agent_bin: Option<PathBuf>,
-        /// The agent's bpffs pin directory (default `/sys/fs/bpf/ztrust-lab-<prefix>`).
+        /// The agent's bpffs pin directory (default `/sys/fs/bpf/ztrust-lab-<prefix>`; other nodes' end in
+        /// `-node2`, …).
         #[arg(long)]
         pin_path: Option<PathBuf>,
         /// An extra argument for `ztrust-agent run` (repeatable: `--agent-arg=--mode --agent-arg=audit`).
         #[arg(long, allow_hyphen_values = true)]
         agent_arg: Vec<String>,
-        /// How the node translates Services: the kube-proxy mode the lab plays.
+        /// How the nodes translate Services: the kube-proxy mode the lab plays.
         #[arg(long, value_enum, default_value_t = ProxyMode::Nftables)]
         proxy_mode: ProxyMode,
+        /// How many nodes (1 to 16), each with its own agent and pod block, routed to each other. Pods go
+        /// where `spec.nodeName` says (`<prefix>-node`, `<prefix>-node2`, …), else to the nodes in turn.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
     },
     /// Remove everything the lab made (works without state.json too).
     Down {
@@ -126,22 +131,31 @@ pub enum LabCommand {
         state: StateDir,
         #[arg(short, long, value_enum, default_value_t = Output::Table)]
         output: Output,
-        /// Also the lab agent's drop counters and attached interfaces (from its pinned maps).
+        /// Also each node agent's drop counters and attached interfaces (from its pinned maps).
         #[arg(long)]
         counters: bool,
     },
-    /// Flows seen by the lab's agent (its flow API socket, or its flow log with `--flow-log`).
+    /// Flows seen by the lab's agents, every node's in time order with the node that judged them (their
+    /// flow API sockets, or one flow log with `--flow-log`).
     Flows {
         #[command(flatten)]
         state: StateDir,
+        /// Only this node's agent.
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         flows: ztrust_agent::cli_flows::FlowsArgs,
     },
-    /// The verdict a new connection gets and why, at each hook (`ztrust-agent explain`, asked of the lab's
-    /// agent). Exit status: 0 it goes through, 1 it is dropped, 2 an error, 3 the kernel maps differ.
+    /// The verdict a new connection gets and why, at each hook (`ztrust-agent explain`, asked of the agent
+    /// of the source's node and, when the destination is a pod of another node, of that node's too).
+    /// Exit status: 0 it goes through, 1 it is dropped, 2 an error, 3 the kernel maps differ.
     Explain {
         #[command(flatten)]
         state: StateDir,
+        /// Ask only this node's agent (with `--flow ID`: the node whose agent numbered the flow; default
+        /// the first node).
+        #[arg(long)]
+        node: Option<String>,
         #[command(flatten)]
         explain: ztrust_agent::cli_explain::ExplainArgs,
     },
@@ -190,6 +204,8 @@ pub enum CliError {
     },
     #[error(transparent)]
     Lab(#[from] super::Error),
+    #[error("the lab has no node {node} (its nodes: {nodes})")]
+    NoNode { node: String, nodes: String },
     #[error("this lab runs no agent (it was brought up with --no-agent)")]
     NoAgent,
     #[error("reading the lab agent's pinned maps in {}", .pin_dir.display())]
@@ -233,9 +249,7 @@ fn recorded(
     since: Option<&str>,
 ) -> Result<(ztrust_agent::model::Cluster, Vec<ztrust_agent::flows::Flow>), CliError> {
     let s = super::status(&state.state_dir)?;
-    let Some(agent) = &s.agent else {
-        return Err(CliError::NoAgent);
-    };
+    let sockets = sockets(&s, None)?;
     let manifests = state.state_dir.join("manifests");
     let mut cluster = ztrust_agent::source::dir::load_dir(&manifests)
         .map_err(|source| CliError::Manifests {
@@ -243,17 +257,78 @@ fn recorded(
             source,
         })?
         .cluster;
-    cluster.node_ips = s.node_ips.clone();
-    let connect = ztrust_agent::cli_flows::Connect {
-        socket: agent.socket.clone(),
-        server: None,
-        tls_ca: None,
-        tls_cert: None,
-        tls_key: None,
-        tls_server_name: None,
-    };
-    let flows = ztrust_agent::cli_flows::recorded_flows(&connect, None, since)?;
+    cluster.node_ips = s.all_node_ips();
+    let mut flows = Vec::new();
+    for connect in &sockets {
+        flows.extend(ztrust_agent::cli_flows::recorded_flows(connect, None, since)?);
+    }
+    flows.sort_by_key(|f| f.time);
     Ok((cluster, flows))
+}
+
+/// `explain`'s outcome as the command's.
+fn explained(o: ztrust_agent::cli_explain::Outcome) -> Result<(), CliError> {
+    use ztrust_agent::cli_explain::Outcome;
+    match o {
+        Outcome::Passes => Ok(()),
+        Outcome::Dropped => Err(CliError::Explained("dropped", o.exit_code())),
+        Outcome::Inconsistent => Err(CliError::Explained(
+            "judged differently by the kernel maps and the agent",
+            o.exit_code(),
+        )),
+    }
+}
+
+/// The node of the pod `end` names (`ns/name`, an address, either with `:PORT[/PROTO]`), if it is one.
+fn node_of_end(s: &crate::LabState, end: &str) -> Option<String> {
+    let bare = if let Some(v6) = end.strip_prefix('[') {
+        v6.split(']').next().unwrap_or(v6)
+    } else if end.parse::<std::net::IpAddr>().is_ok() {
+        end
+    } else {
+        end.rsplit_once(':').map_or(end, |(e, _)| e)
+    };
+    let pod = match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => s.pods.iter().find(|p| !p.host_network && p.ips.contains(&ip)),
+        Err(_) => s.pod(bare),
+    };
+    pod.map(|p| p.node.clone())
+}
+
+/// How to reach the flow API of each node's agent (only `node`'s, if given).
+fn sockets(
+    s: &crate::LabState,
+    node: Option<&str>,
+) -> Result<Vec<ztrust_agent::cli_flows::Connect>, CliError> {
+    if let Some(n) = node
+        && s.node(n).is_none()
+    {
+        return Err(CliError::NoNode {
+            node: n.to_owned(),
+            nodes: s
+                .nodes
+                .iter()
+                .map(|n| n.name.clone())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    }
+    let out: Vec<_> = s
+        .agents()
+        .filter(|(n, _)| node.is_none_or(|want| n.name == want))
+        .map(|(_, a)| ztrust_agent::cli_flows::Connect {
+            socket: a.socket.clone(),
+            server: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_server_name: None,
+        })
+        .collect();
+    if out.is_empty() {
+        return Err(CliError::NoAgent);
+    }
+    Ok(out)
 }
 
 pub fn run(cmd: LabCommand) -> Result<(), CliError> {
@@ -269,6 +344,7 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             pin_path,
             agent_arg,
             proxy_mode,
+            nodes,
         } => {
             let agent = (!no_agent).then(|| AgentSpec {
                 bin: agent_bin,
@@ -285,6 +361,7 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                     ext_if_prefix,
                     agent,
                     proxy_mode,
+                    nodes,
                     ..Default::default()
                 },
             )
@@ -399,78 +476,103 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             counters,
         } => {
             let s = super::status(&state.state_dir)?;
-            let kernel = match (&s.agent, counters) {
-                (Some(a), true) => {
-                    let mut k =
-                        ztrust_agent::status::read_in_netns(&a.pin_dir, &s.node_netns).map_err(|source| {
-                            CliError::Maps {
-                                pin_dir: a.pin_dir.clone(),
-                                source,
-                            }
-                        })?;
-                    // Name the pod behind each interface.
-                    let pods: std::collections::BTreeMap<&str, String> = s
-                        .pods
-                        .iter()
-                        .filter_map(|p| p.host_if.as_deref().map(|i| (i, p.key())))
-                        .collect();
-                    let name = |i: &mut String| {
-                        if let Some(pod) = pods.get(i.as_str()) {
-                            *i = format!("{i} {pod}");
-                        }
-                    };
-                    k.endpoints.iter_mut().for_each(|e| name(&mut e.interface));
-                    k.counters.iter_mut().for_each(|c| name(&mut c.interface));
-                    Some(k)
-                }
-                (None, true) => return Err(CliError::NoAgent),
-                _ => None,
-            };
+            if counters && s.agents().next().is_none() {
+                return Err(CliError::NoAgent);
+            }
+            // Each node's kernel state, the pod behind each interface named.
+            let mut kernel = Vec::new();
+            for (n, a) in s.agents().filter(|_| counters) {
+                let mut k = ztrust_agent::status::read_in_netns(&a.pin_dir, &n.name).map_err(|source| {
+                    CliError::Maps {
+                        pin_dir: a.pin_dir.clone(),
+                        source,
+                    }
+                })?;
+                let pods: std::collections::BTreeMap<&str, String> = s
+                    .pods
+                    .iter()
+                    .filter(|p| p.node == n.name)
+                    .filter_map(|p| p.host_if.as_deref().map(|i| (i, p.key())))
+                    .collect();
+                let name = |i: &mut String| {
+                    if let Some(pod) = pods.get(i.as_str()) {
+                        *i = format!("{i} {pod}");
+                    }
+                };
+                k.endpoints.iter_mut().for_each(|e| name(&mut e.interface));
+                k.counters.iter_mut().for_each(|c| name(&mut c.interface));
+                kernel.push((n.name.clone(), k));
+            }
             match output {
                 Output::Table => {
                     print!("{}", super::render_status(&s));
-                    if let Some(k) = &kernel {
+                    for (node, k) in &kernel {
+                        if s.nodes.len() > 1 {
+                            print!("\nnode {node}:\n");
+                        }
                         print!("\n{}", ztrust_agent::status::render(k));
                     }
                 }
                 Output::Json => {
                     let mut v = serde_json::to_value(&s)?;
-                    if let Some(k) = &kernel {
-                        v["kernel"] = serde_json::to_value(k)?;
+                    // By node: `kernel.<node>`.
+                    for (node, k) in &kernel {
+                        v["kernel"][node] = serde_json::to_value(k)?;
                     }
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 }
             }
         }
-        LabCommand::Flows { state, mut flows } => {
+        LabCommand::Flows {
+            state,
+            node,
+            mut flows,
+        } => {
             let s = super::status(&state.state_dir)?;
-            let Some(agent) = &s.agent else {
-                return Err(CliError::NoAgent);
-            };
-            if flows.connect.server.is_none() && flows.flow_log.is_none() {
-                flows.connect.socket = agent.socket.clone();
+            let sockets = sockets(&s, node.as_deref())?;
+            if flows.connect.server.is_some() || flows.flow_log.is_some() {
+                ztrust_agent::cli_flows::run(&flows)?;
+            } else {
+                flows.connect.socket = sockets[0].socket.clone();
+                ztrust_agent::cli_flows::run_nodes(&flows, &sockets)?;
             }
-            ztrust_agent::cli_flows::run(&flows)?;
         }
-        LabCommand::Explain { state, mut explain } => {
+        LabCommand::Explain {
+            state,
+            node,
+            mut explain,
+        } => {
             let s = super::status(&state.state_dir)?;
-            let Some(agent) = &s.agent else {
-                return Err(CliError::NoAgent);
-            };
-            if explain.connect.server.is_none() {
-                explain.connect.socket = agent.socket.clone();
+            if explain.connect.server.is_some() {
+                return explained(ztrust_agent::cli_explain::run(&explain)?);
             }
-            use ztrust_agent::cli_explain::Outcome;
-            match ztrust_agent::cli_explain::run(&explain)? {
-                Outcome::Passes => {}
-                o @ Outcome::Dropped => return Err(CliError::Explained("dropped", o.exit_code())),
-                o @ Outcome::Inconsistent => {
-                    return Err(CliError::Explained(
-                        "judged differently by the kernel maps and the agent",
-                        o.exit_code(),
-                    ));
+            // The nodes that judge the connection: the source's (its egress), the destination's (its
+            // ingress), in that order and once each.
+            let mut asked: Vec<String> = match &node {
+                Some(n) => vec![n.clone()],
+                None => [explain.from.as_deref(), explain.to.as_deref()]
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|end| node_of_end(&s, end))
+                    .collect(),
+            };
+            asked.dedup();
+            if asked.is_empty() {
+                asked.push(s.first_node().name.clone());
+            }
+            let mut worst = ztrust_agent::cli_explain::Outcome::Passes;
+            for (i, n) in asked.iter().enumerate() {
+                let connect = sockets(&s, Some(n))?.remove(0);
+                explain.connect.socket = connect.socket;
+                if asked.len() > 1 {
+                    println!("{}node {n}:", if i > 0 { "\n" } else { "" });
+                }
+                let o = ztrust_agent::cli_explain::run(&explain)?;
+                if o.exit_code() > worst.exit_code() {
+                    worst = o;
                 }
             }
+            return explained(worst);
         }
         LabCommand::Suggest {
             state,

@@ -152,8 +152,10 @@ pub enum Conflict {
     AddressOf(String),
     #[error("{0} is already taken")]
     Taken(IpAddr),
-    #[error("no free address left in 10.244.0.0/24")]
-    NoFreeAddress,
+    #[error("no free address left in {0}")]
+    NoFreeAddress(String),
+    #[error("spec.nodeName: the lab has no node {node} (its nodes: {nodes})")]
+    UnknownNode { node: String, nodes: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

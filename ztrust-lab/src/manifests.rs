@@ -313,6 +313,14 @@ pub fn set_pod_ips(value: &mut Value, ips: &[IpAddr]) {
     status["podIPs"] = Value::Array(ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect());
 }
 
+/// `spec.nodeName`: the node the lab put the pod on, as the scheduler writes it.
+pub fn set_pod_node(value: &mut Value, node: &str) {
+    if !value.get("spec").is_some_and(Value::is_object) {
+        value["spec"] = json!({});
+    }
+    value["spec"]["nodeName"] = json!(node);
+}
+
 /// Sets (`Some`) or removes (`None`) one label.
 pub fn set_label(value: &mut Value, key: &str, new: Option<&str>) {
     if !value.get("metadata").is_some_and(Value::is_object) {

@@ -100,3 +100,98 @@ pub fn link_up(node_netns: &str, host_if: &str, ips: &[IpAddr], node: NodeAddrs)
     }
     net::ip_batch(node_netns, &lines)
 }
+
+/// Name of the link to node `block` in every other node's namespace (`tonode1` leads to the first).
+pub const NODE_LINK: &str = "tonode";
+
+pub fn node_link(block: u8) -> String {
+    format!("{NODE_LINK}{}", u16::from(block) + 1)
+}
+
+/// The IPv6 link-local address of node `block` on its links to other nodes (the next hop of routes to
+/// its pods).
+fn link_local(block: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0xffff, u16::from(block) + 1)
+}
+
+/// One node of a multi-node lab, as the wiring between nodes needs it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer<'a> {
+    pub netns: &'a str,
+    pub block: u8,
+}
+
+impl Peer<'_> {
+    fn addrs(self) -> NodeAddrs {
+        let (v4, v6) = super::alloc::node_addrs(self.block);
+        NodeAddrs { v4, v6 }
+    }
+}
+
+/// The link between nodes `a` and `b`, and each one's routes to the other's pod block through it (a
+/// routed CNI's per-node routes: Calico without encapsulation, kube-router, flannel's host-gw). What a
+/// node sends over it leaves from the node's own address.
+pub fn connect_nodes(a: Peer<'_>, b: Peer<'_>) -> Result<()> {
+    net::ip_batch(
+        a.netns,
+        &[format!(
+            "link add {} type veth peer name {} netns {}",
+            node_link(b.block),
+            node_link(a.block),
+            b.netns
+        )],
+    )?;
+    for (me, other) in [(a, b), (b, a)] {
+        let dev = node_link(other.block);
+        let (v4, v6) = super::alloc::block_cidrs(other.block);
+        let (mine, theirs) = (me.addrs(), other.addrs());
+        net::ip_batch(
+            me.netns,
+            &[
+                format!("link set {dev} up"),
+                format!("addr add {}/64 dev {dev} nodad", link_local(me.block)),
+                format!(
+                    "route add {v4} via {} dev {dev} onlink src {}",
+                    theirs.v4, mine.v4
+                ),
+                format!(
+                    "route add {v6} via {} dev {dev} src {}",
+                    link_local(other.block),
+                    mine.v6
+                ),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// At node `at`, host routes to `ips` (a pod's or an external host's, outside the pod block of the node
+/// they are on) through the link to node `on`, as a routed CNI announces an address borrowed from
+/// another node's block.
+pub fn route_via(at: Peer<'_>, on: Peer<'_>, ips: &[IpAddr]) -> Result<()> {
+    let dev = node_link(on.block);
+    let (mine, theirs) = (at.addrs(), on.addrs());
+    let lines: Vec<String> = ips
+        .iter()
+        .map(|ip| match ip {
+            IpAddr::V4(v4) => format!(
+                "route replace {v4}/32 via {} dev {dev} onlink src {}",
+                theirs.v4, mine.v4
+            ),
+            IpAddr::V6(v6) => format!(
+                "route replace {v6}/128 via {} dev {dev} src {}",
+                link_local(on.block),
+                mine.v6
+            ),
+        })
+        .collect();
+    net::ip_batch(at.netns, &lines)
+}
+
+/// Undoes [`route_via`] (what is not there any more is no error).
+pub fn unroute(at: &str, ips: &[IpAddr]) {
+    for ip in ips {
+        let prefix = if ip.is_ipv4() { 32 } else { 128 };
+        let _ = net::ip_batch(at, &[format!("route del {ip}/{prefix}")]);
+    }
+}

@@ -4,11 +4,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::alloc::{Allocator, NODE_V4, NODE_V6};
+use super::alloc::{self, Allocator, MAX_NODES};
 use super::manifests::{self, Kind, RawObject};
 use super::node::{self, NodeAddrs};
 use super::serve::ServeArgs;
-use super::state::{AgentState, ExternalState, LabState, MANIFESTS_DIR, PodState, ProxyMode, write_atomic};
+use super::state::{
+    AgentState, ExternalState, LabState, MANIFESTS_DIR, NodeState, PodState, ProxyMode, write_atomic,
+};
 use super::{
     DEFAULT_EXT_IF_PREFIX, DEFAULT_IF_PREFIX, DEFAULT_PREFIX, DEFAULT_STATE_DIR, Error, LinkHook, Result,
     io_err, net,
@@ -19,10 +21,6 @@ const LOGS_DIR: &str = "logs";
 const AGENT_SOCKET: &str = "agent.sock";
 const FLOW_LOG: &str = "flows.jsonl";
 const READY_DIR: &str = "ready";
-const LAB_NODE: NodeAddrs = NodeAddrs {
-    v4: NODE_V4,
-    v6: NODE_V6,
-};
 /// Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 const IFNAME_MAX: usize = 15;
 
@@ -44,21 +42,25 @@ pub struct UpOptions<'a> {
     pub server_timeout: Duration,
     /// Start an agent in the node's namespace, and bring no pod interface up before it has attached.
     pub agent: Option<AgentSpec>,
-    /// How the node translates Services.
+    /// How the nodes translate Services.
     pub proxy_mode: ProxyMode,
+    /// How many nodes (1 to 16), routed to each other; pods go where their `spec.nodeName` says, else to
+    /// the nodes in turn.
+    pub nodes: usize,
 }
 
-/// An agent the lab starts in the node's namespace as soon as the node exists:
+/// An agent the lab starts in each node's namespace as soon as the node exists:
 /// `<bin> run --source dir:<state>/manifests --pin-path <pin_dir> --node-ip <node> --interface-prefix
-/// <if_prefix> --node-name <prefix>-node --flow-log <state>/flows.jsonl --grpc-socket <state>/agent.sock
-/// <extra_args…>`. Each new pod interface is brought up only once the agent has pinned its links there
+/// <if_prefix> --node-name <node> --flow-log <state>/flows.jsonl --grpc-socket <state>/agent.sock
+/// <extra_args…>` (the second node's files and pins end in `-node2`, and so on). Each new pod interface is brought up only once the agent has pinned its links there
 /// (`<pin_dir>/links/<hook>/<ifname>`), so no pod ever has a moment without enforcement.
 #[derive(Clone, Debug)]
 pub struct AgentSpec {
     /// The `ztrust-agent` binary. Default: the one beside the lab's binary (`cargo build` puts both in
     /// `target/<profile>/`).
     pub bin: Option<PathBuf>,
-    /// Default: `/sys/fs/bpf/ztrust-lab-<prefix>`, apart from a real agent's pins.
+    /// Default: `/sys/fs/bpf/ztrust-lab-<prefix>`, apart from a real agent's pins (the second node's
+    /// with `-node2` after it, and so on).
     pub pin_dir: Option<PathBuf>,
     /// After the lab's own arguments (`--mode`, `audit`, `--log-allowed`, …).
     pub extra_args: Vec<String>,
@@ -81,6 +83,44 @@ pub fn default_agent_pin_dir(prefix: &str) -> PathBuf {
     PathBuf::from(format!("/sys/fs/bpf/ztrust-lab-{prefix}"))
 }
 
+/// What the names of the node at `position` (from 0) end in: nothing for the first, `-node2` for the
+/// second, … (kind names its nodes so too).
+pub(crate) fn node_suffix(position: usize) -> String {
+    if position == 0 {
+        String::new()
+    } else {
+        format!("-node{}", position + 1)
+    }
+}
+
+/// The name (and network namespace) of the node at `position`: `<prefix>-node`, `<prefix>-node2`, …
+fn node_name(prefix: &str, position: usize) -> String {
+    match position {
+        0 => format!("{prefix}-node"),
+        _ => format!("{prefix}{}", node_suffix(position)),
+    }
+}
+
+/// Whether `netns` is a node of the lab with netns prefix `prefix`.
+fn is_node_netns(prefix: &str, netns: &str) -> bool {
+    netns
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix("-node"))
+        .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()))
+}
+
+/// Whether `name` is a file the lab's agents write in the state directory (`agent.sock`,
+/// `agent-node2.sock`, `flows.jsonl`, …).
+fn is_agent_file(name: &str) -> bool {
+    [("agent", ".sock"), ("flows", ".jsonl")]
+        .iter()
+        .any(|(stem, ext)| {
+            name.strip_prefix(stem)
+                .and_then(|r| r.strip_suffix(ext))
+                .is_some_and(|mid| mid.is_empty() || is_node_netns("", mid))
+        })
+}
+
 /// The part of the agent's command line by which the lab knows it.
 fn agent_tag(state_dir: &Path) -> String {
     format!("dir:{}", state_dir.join(MANIFESTS_DIR).display())
@@ -98,6 +138,7 @@ impl Default for UpOptions<'_> {
             server_timeout: Duration::from_secs(10),
             agent: None,
             proxy_mode: ProxyMode::default(),
+            nodes: 1,
         }
     }
 }
@@ -185,6 +226,22 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
             expected: "a name without /",
         });
     }
+    if opts.nodes == 0 || opts.nodes > MAX_NODES {
+        return Err(Error::BadArgument {
+            what: "number of nodes",
+            value: opts.nodes.to_string(),
+            expected: "1 to 16",
+        });
+    }
+    for name in [&opts.if_prefix, &opts.ext_if_prefix] {
+        if name.starts_with(node::NODE_LINK) || node::NODE_LINK.starts_with(name.as_str()) {
+            return Err(Error::BadArgument {
+                what: "interface prefix",
+                value: name.clone(),
+                expected: "a prefix apart from the links between nodes (`tonode<N>`)",
+            });
+        }
+    }
     let read = manifests::read_path(manifests)?;
     down(&DownOptions {
         state_dir: state_dir.clone(),
@@ -199,26 +256,46 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         Some(b) => absolute(&b),
         None => std::env::current_exe().map_err(io_err("finding this executable"))?,
     };
+    let nodes = (0..opts.nodes)
+        .map(|i| {
+            let block = u8::try_from(i).expect("at most 16 nodes");
+            let (v4, v6) = alloc::node_addrs(block);
+            NodeState {
+                name: node_name(&opts.prefix, i),
+                ips: vec![IpAddr::V4(v4), IpAddr::V6(v6)],
+                block,
+                agent: None,
+            }
+        })
+        .collect();
     let mut state = LabState {
         state_dir: state_dir.clone(),
         prefix: opts.prefix.clone(),
         if_prefix: opts.if_prefix,
         ext_if_prefix: opts.ext_if_prefix,
         lab_bin,
-        node_netns: format!("{}-node", opts.prefix),
-        node_ips: LAB_NODE.ips().to_vec(),
+        nodes,
         pods: Vec::new(),
         externals: Vec::new(),
         next_index: 1,
-        agent: None,
+        next_node: 0,
         proxy_mode: opts.proxy_mode,
     };
     // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
     state.save()?;
-    node::make_node(&state.node_netns, LAB_NODE)?;
+    for n in &state.nodes {
+        node::make_node(&n.name, node_addrs(n))?;
+    }
+    for (i, a) in state.nodes.iter().enumerate() {
+        for b in &state.nodes[i + 1..] {
+            node::connect_nodes(peer(a), peer(b))?;
+        }
+    }
     if let Some(spec) = opts.agent {
-        start_agent(&mut state, spec)?;
-        state.save()?;
+        for i in 0..state.nodes.len() {
+            start_agent(&mut state, i, spec.clone())?;
+            state.save()?;
+        }
     }
     let mut report = Report {
         warnings: read.skipped,
@@ -233,6 +310,18 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
     )?;
     report.state = state;
     Ok(report)
+}
+
+pub(crate) fn node_addrs(n: &NodeState) -> NodeAddrs {
+    let (v4, v6) = alloc::node_addrs(n.block);
+    NodeAddrs { v4, v6 }
+}
+
+pub(crate) fn peer(n: &NodeState) -> node::Peer<'_> {
+    node::Peer {
+        netns: &n.name,
+        block: n.block,
+    }
 }
 
 /// Adds or updates the objects of a manifest file or directory in the running lab.
@@ -281,6 +370,11 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
                             pod.server_pid,
                             (!pod.host_network).then_some(pod.netns.as_str()),
                         );
+                        if !pod.host_network {
+                            for n in state.nodes.iter().filter(|n| n.name != pod.node) {
+                                node::unroute(&n.name, &pod.ips);
+                            }
+                        }
                         true
                     }
                     None => false,
@@ -290,6 +384,9 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
                 Some(i) => {
                     let x = state.externals.remove(i);
                     remove_endpoint(&state, x.server_pid, Some(&x.netns));
+                    for n in &state.nodes[1..] {
+                        node::unroute(&n.name, &x.ips);
+                    }
                     true
                 }
                 None => false,
@@ -306,10 +403,10 @@ pub fn delete(path: &Path, state_dir: &Path) -> Result<Report> {
         state.save()?;
     }
     super::services::realise(&state)?;
-    if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(&state, log_from)? {
+    if !report.changed.is_empty() && !wait_settled(&state, &log_from)? {
         report
             .warnings
-            .push("the agent has not picked up the change yet (see logs/agent.log)".into());
+            .push("an agent has not picked up the change yet (see logs/agent*.log)".into());
     }
     report.state = state;
     Ok(report)
@@ -418,7 +515,7 @@ pub fn label(state_dir: &Path, kind: LabelKind, target: &str, changes: &[LabelCh
         state.save()?;
     }
     super::services::realise(&state)?;
-    wait_settled(&state, log_from)?;
+    wait_settled(&state, &log_from)?;
     Ok(())
 }
 
@@ -432,23 +529,29 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     let mut agents = net::processes_with(&[" run ", &agent_tag(&state_dir)]);
     agents.extend(
         state
-            .as_ref()
-            .and_then(|s| s.agent.as_ref())
-            .map(|a| a.pid)
+            .iter()
+            .flat_map(|s| s.agents())
+            .map(|(_, a)| a.pid)
             .filter(|pid| net::cmdline(*pid).contains(&agent_tag(&state_dir))),
     );
     agents.sort_unstable();
     agents.dedup();
-    // The agent first: it must not see the lab come apart, and its pins go once it is gone.
+    // The agents first: they must not see the lab come apart, and their pins go once they are gone.
     net::terminate(&agents, Duration::from_secs(3));
-    let pin_dirs = [
-        state
-            .as_ref()
-            .and_then(|s| s.agent.as_ref())
-            .map(|a| a.pin_dir.clone()),
-        Some(default_agent_pin_dir(&opts.prefix)),
-    ];
-    for pin in pin_dirs.into_iter().flatten() {
+    let mut pin_dirs: Vec<PathBuf> = state
+        .iter()
+        .flat_map(|s| s.agents())
+        .map(|(_, a)| a.pin_dir.clone())
+        .collect();
+    // Without a state file: the default pin directories of every node this prefix may have had.
+    pin_dirs.extend((0..MAX_NODES).map(|i| {
+        let mut pin = default_agent_pin_dir(&opts.prefix).into_os_string();
+        pin.push(node_suffix(i));
+        PathBuf::from(pin)
+    }));
+    pin_dirs.sort();
+    pin_dirs.dedup();
+    for pin in pin_dirs {
         if pin.exists() {
             ztrust_agent::datapath::loader::cleanup(&pin)
                 .map_err(io_err(format!("removing the agent's pins in {}", pin.display())))?;
@@ -471,11 +574,11 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
     if let Some(s) = &state {
         prefixes.push(s.prefix.clone());
         endpoints.extend(s.endpoint_netns());
-        nodes.push(s.node_netns.clone());
+        nodes.extend(s.nodes.iter().map(|n| n.name.clone()));
     }
     for prefix in &prefixes {
         for ns in net::list_netns(prefix) {
-            if ns.ends_with("-node") {
+            if is_node_netns(prefix, &ns) {
                 nodes.push(ns)
             } else {
                 endpoints.push(ns)
@@ -500,11 +603,13 @@ pub fn down(opts: &DownOptions) -> Result<DownReport> {
             std::fs::remove_dir_all(&d).map_err(io_err(format!("removing {}", d.display())))?;
         }
     }
-    for file in [
-        LabState::path(&state_dir),
-        state_dir.join(AGENT_SOCKET),
-        state_dir.join(FLOW_LOG),
-    ] {
+    let agent_files = std::fs::read_dir(&state_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_str().is_some_and(is_agent_file))
+        .map(|e| e.path());
+    for file in std::iter::once(LabState::path(&state_dir)).chain(agent_files) {
         if file.exists() {
             std::fs::remove_file(&file).map_err(io_err(format!("removing {}", file.display())))?;
         }

@@ -194,6 +194,9 @@ pub struct Frontend {
     pub node_port: bool,
     /// The pods it translates to (`namespace/name`, address, target port), of the frontend's family.
     pub backends: Vec<(String, IpAddr, u16)>,
+    /// A node port's node: only that node translates it (kube-proxy translates node ports at its own
+    /// node's addresses). `None` for a cluster IP, which every node translates.
+    pub node: Option<String>,
 }
 
 /// Every frontend of the lab's Services, as the node translates them now (a frontend with no backend of
@@ -222,7 +225,7 @@ fn frontends_of(svc: &Svc, state: &LabState) -> Vec<Frontend> {
                 })
                 .collect()
         };
-        let mut add = |ip: IpAddr, port_number: u16, node_port: bool| {
+        let mut add = |ip: IpAddr, port_number: u16, node: Option<&str>| {
             let backends = backends(ip.is_ipv4());
             if !backends.is_empty() {
                 out.push(Frontend {
@@ -230,20 +233,23 @@ fn frontends_of(svc: &Svc, state: &LabState) -> Vec<Frontend> {
                     ip,
                     port: port_number,
                     protocol: port.protocol,
-                    node_port,
+                    node_port: node.is_some(),
                     backends,
+                    node: node.map(str::to_owned),
                 });
             }
         };
         for vip in &svc.cluster_ips {
-            add(*vip, port.port, false);
+            add(*vip, port.port, None);
         }
-        // Node ports on the node's addresses (kube-proxy's `--nodeport-addresses primary`, the nftables
+        // Node ports on each node's addresses (kube-proxy's `--nodeport-addresses primary`, the nftables
         // mode's default: the addresses the agent knows as the node's; iptables mode's rule takes any
         // local address, which in the lab's node are these).
         if let Some(np) = port.node_port {
-            for ip in &state.node_ips {
-                add(*ip, np, true);
+            for n in &state.nodes {
+                for ip in &n.ips {
+                    add(*ip, np, Some(&n.name));
+                }
             }
         }
     }
@@ -383,8 +389,8 @@ const APPLIED: &str = "services.rules";
 /// The nat chain (iptables mode) that holds the lab's Service rules, jumped to from PREROUTING and OUTPUT.
 const CHAIN: &str = "ZTLAB-SERVICES";
 
-/// Replaces the node's translation of Services with `frontends` (each family in one transaction); with
-/// none, removes what the lab ever wrote.
+/// Replaces each node's translation of Services with `frontends` (each node: the cluster IPs and its own
+/// node ports; each family in one transaction); with none, removes what the lab ever wrote.
 fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
     let applied = state.state_dir.join(APPLIED);
     if frontends.is_empty() {
@@ -394,7 +400,21 @@ fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
         }
         return Ok(());
     }
-    let written = match state.proxy_mode {
+    let mut written = String::new();
+    for n in &state.nodes {
+        let here: Vec<&Frontend> = frontends
+            .iter()
+            .filter(|f| f.node.as_ref().is_none_or(|at| *at == n.name))
+            .collect();
+        written.push_str(&format!("# {}\n", n.name));
+        written.push_str(&apply_at(state.proxy_mode, &n.name, &here)?);
+    }
+    write_atomic(&applied, written.as_bytes())
+}
+
+/// The rules of `frontends` in node `netns`, as `mode` writes them; what was written.
+fn apply_at(mode: ProxyMode, netns: &str, frontends: &[&Frontend]) -> Result<String> {
+    Ok(match mode {
         ProxyMode::Nftables => {
             let mut script =
                 format!("table inet {TABLE}\ndelete table inet {TABLE}\ntable inet {TABLE} {{\n");
@@ -409,7 +429,7 @@ fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
                 script.push_str("  }\n");
             }
             script.push_str("}\n");
-            super::net::nft(&state.node_netns, &script)?;
+            super::net::nft(netns, &script)?;
             script
         }
         ProxyMode::Iptables => {
@@ -425,52 +445,39 @@ fn apply(state: &LabState, frontends: &[Frontend]) -> Result<()> {
                     }
                 }
                 script.push_str("COMMIT\n");
-                super::net::exec_in(
-                    &state.node_netns,
-                    &format!("{tool}-restore"),
-                    &["--noflush"],
-                    Some(&script),
-                )?;
+                super::net::exec_in(netns, &format!("{tool}-restore"), &["--noflush"], Some(&script))?;
                 for hook in ["PREROUTING", "OUTPUT"] {
                     let jump = ["-t", "nat", "-C", hook, "-j", CHAIN];
-                    if super::net::exec_in(&state.node_netns, tool, &jump, None).is_err() {
-                        super::net::exec_in(
-                            &state.node_netns,
-                            tool,
-                            &["-t", "nat", "-I", hook, "1", "-j", CHAIN],
-                            None,
-                        )?;
+                    if super::net::exec_in(netns, tool, &jump, None).is_err() {
+                        super::net::exec_in(netns, tool, &["-t", "nat", "-I", hook, "1", "-j", CHAIN], None)?;
                     }
                 }
                 all.push_str(&script);
             }
             all
         }
-    };
-    write_atomic(&applied, written.as_bytes())
+    })
 }
 
-/// Removes the lab's rules (for `down`; the namespace goes too, this only tidies a running node).
+/// Removes the lab's rules (for `down`; the namespaces go too, this only tidies running nodes).
 pub fn clear(state: &LabState) -> Result<()> {
-    match state.proxy_mode {
-        ProxyMode::Nftables => super::net::nft(
-            &state.node_netns,
-            &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
-        ),
-        ProxyMode::Iptables => {
-            for tool in ["iptables", "ip6tables"] {
-                for hook in ["PREROUTING", "OUTPUT"] {
-                    let _ = super::net::exec_in(
-                        &state.node_netns,
-                        tool,
-                        &["-t", "nat", "-D", hook, "-j", CHAIN],
-                        None,
-                    );
-                }
-                let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-F", CHAIN], None);
-                let _ = super::net::exec_in(&state.node_netns, tool, &["-t", "nat", "-X", CHAIN], None);
+    for n in &state.nodes {
+        let netns = n.name.as_str();
+        match state.proxy_mode {
+            ProxyMode::Nftables => {
+                super::net::nft(netns, &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"))?
             }
-            Ok(())
+            ProxyMode::Iptables => {
+                for tool in ["iptables", "ip6tables"] {
+                    for hook in ["PREROUTING", "OUTPUT"] {
+                        let _ =
+                            super::net::exec_in(netns, tool, &["-t", "nat", "-D", hook, "-j", CHAIN], None);
+                    }
+                    let _ = super::net::exec_in(netns, tool, &["-t", "nat", "-F", CHAIN], None);
+                    let _ = super::net::exec_in(netns, tool, &["-t", "nat", "-X", CHAIN], None);
+                }
+            }
         }
     }
+    Ok(())
 }

@@ -22,16 +22,15 @@ pub struct LabState {
     /// The binary that runs `serve` in every namespace (`ztrust-lab`).
     #[serde(alias = "agent_bin")]
     pub lab_bin: PathBuf,
-    /// The node's network namespace and its own addresses (the HOST identity).
-    pub node_netns: String,
-    pub node_ips: Vec<IpAddr>,
+    /// The nodes, at least one; the first is where external hosts attach.
+    pub nodes: Vec<NodeState>,
     pub pods: Vec<PodState>,
     pub externals: Vec<ExternalState>,
     /// Interface/namespace numbers are never reused within a lab.
     pub next_index: u32,
-    /// The agent the lab started in the node's namespace, if any.
+    /// Pods without `spec.nodeName` go to the nodes in turn: the next one's position in `nodes`.
     #[serde(default)]
-    pub agent: Option<AgentState>,
+    pub next_node: usize,
     /// How the node translates Services (the kube-proxy mode the lab plays).
     #[serde(default)]
     pub proxy_mode: ProxyMode,
@@ -47,6 +46,21 @@ pub enum ProxyMode {
     Nftables,
     /// iptables nat rules, `-m statistic --mode random` chains (kube-proxy's default mode).
     Iptables,
+}
+
+/// A node: its network namespace (named as the node), its own addresses, its pod address block and
+/// its agent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeState {
+    /// The node's name (`spec.nodeName`, the agent's `--node-name`) and its network namespace's.
+    pub name: String,
+    /// Its own addresses, on its `lo`: the HOST identity at its pods, the source of what it sends.
+    pub ips: Vec<IpAddr>,
+    /// Its pod address block: `10.244.<block>.0/24` and `fd00:10:244:<block>::/64`.
+    pub block: u8,
+    /// The agent the lab started in the node's namespace, if any.
+    #[serde(default)]
+    pub agent: Option<AgentState>,
 }
 
 /// An agent enforcing in the lab: `<bin> run --source dir:<state>/manifests …` in the node's namespace.
@@ -71,6 +85,8 @@ pub struct PodState {
     pub ips: Vec<IpAddr>,
     pub ports: Vec<ContainerPort>,
     pub host_network: bool,
+    /// The node it runs on ([`NodeState::name`]).
+    pub node: String,
     /// The pod's own network namespace; for a hostNetwork pod, the node's.
     pub netns: String,
     /// Node-side veth (none for a hostNetwork pod).
@@ -135,6 +151,30 @@ impl LabState {
         write_atomic(&Self::path(&self.state_dir), text.as_bytes())
     }
 
+    /// The first node: the only one of a one-node lab, where external hosts attach.
+    pub fn first_node(&self) -> &NodeState {
+        self.nodes.first().expect("a lab has a node")
+    }
+
+    pub fn node(&self, name: &str) -> Option<&NodeState> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// The node `pod` runs on.
+    pub fn node_of(&self, pod: &PodState) -> &NodeState {
+        self.node(&pod.node).unwrap_or_else(|| self.first_node())
+    }
+
+    /// The nodes' agents, with their nodes.
+    pub fn agents(&self) -> impl Iterator<Item = (&NodeState, &AgentState)> {
+        self.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| (n, a)))
+    }
+
+    /// Every address of every node.
+    pub fn all_node_ips(&self) -> Vec<IpAddr> {
+        self.nodes.iter().flat_map(|n| n.ips.iter().copied()).collect()
+    }
+
     pub fn pod(&self, key: &str) -> Option<&PodState> {
         self.pods.iter().find(|p| p.key() == key)
     }
@@ -187,6 +227,12 @@ fn labels_text(labels: &Labels) -> String {
         .join(",")
 }
 
+/// A node's pod address blocks, as `status` shows them.
+fn node_block(block: u8) -> String {
+    let (v4, v6) = crate::alloc::block_cidrs(block);
+    format!("{v4},{v6}")
+}
+
 fn ips_text(ips: &[IpAddr]) -> String {
     ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
@@ -205,31 +251,35 @@ fn ports_text(ports: &[ContainerPort]) -> String {
 /// `ztrust-lab status`: pods and external hosts as aligned tables.
 pub fn render_status(state: &LabState) -> String {
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "node: netns {} addresses {} state {}",
-        state.node_netns,
-        ips_text(&state.node_ips),
-        state.state_dir.display()
-    );
-    match &state.agent {
-        Some(a) => {
-            let _ = writeln!(
-                out,
-                "agent: pid {} pins {} flow API {} flow log {}",
-                a.pid,
-                a.pin_dir.display(),
-                a.socket.display(),
-                a.flow_log.display()
-            );
-        }
-        None => {
-            let _ = writeln!(out, "agent: none (no enforcement)");
+    let _ = writeln!(out, "state: {}", state.state_dir.display());
+    for n in &state.nodes {
+        let _ = writeln!(
+            out,
+            "node: {} addresses {} pods {}",
+            n.name,
+            ips_text(&n.ips),
+            node_block(n.block)
+        );
+        match &n.agent {
+            Some(a) => {
+                let _ = writeln!(
+                    out,
+                    "  agent: pid {} pins {} flow API {} flow log {}",
+                    a.pid,
+                    a.pin_dir.display(),
+                    a.socket.display(),
+                    a.flow_log.display()
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  agent: none (no enforcement)");
+            }
         }
     }
     let _ = writeln!(out);
     let mut rows = vec![[
         "POD".to_owned(),
+        "NODE".into(),
         "IPS".into(),
         "INTERFACE".into(),
         "NETNS".into(),
@@ -239,6 +289,7 @@ pub fn render_status(state: &LabState) -> String {
     for p in &state.pods {
         rows.push([
             p.key(),
+            p.node.clone(),
             ips_text(&p.ips),
             p.host_if.clone().unwrap_or_else(|| "(hostNetwork)".into()),
             p.netns.clone(),

@@ -519,7 +519,7 @@ impl Lab {
     }
 
     fn agent_log(&self) -> Option<PathBuf> {
-        self.state().agent.map(|a| a.log)
+        self.state().first_node().agent.clone().map(|a| a.log)
     }
 
     fn log_len(&self) -> u64 {
@@ -821,7 +821,7 @@ fn conformance_matrix_through_the_datapath() {
         }
         eprintln!("        ({:.1?})", t.elapsed());
     }
-    let log = lab.state().agent.map(|a| a.log);
+    let log = lab.state().first_node().agent.clone().map(|a| a.log);
     eprintln!(
         "\nconformance: {} cases in {:.1?}: {} datapath failures, {} reference disagreements, {} errors, {} checks right only on a later probe",
         cases.len(),

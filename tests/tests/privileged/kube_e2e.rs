@@ -112,7 +112,7 @@ impl Lab {
     }
 
     fn node(&self) -> &str {
-        &self.state.node_netns
+        &self.state.first_node().name
     }
 
     /// Probes `from` → `to` on TCP 8080 over IPv4 and IPv6; `None` while the two disagree.
@@ -179,7 +179,13 @@ impl Agent {
     fn start(lab: &Lab, kubeconfig: &Path, socket: &Path) -> Self {
         let log = lab.dir.path().join("agent.log");
         let out = std::fs::File::create(&log).unwrap();
-        let node_ips: Vec<String> = lab.state.node_ips.iter().map(ToString::to_string).collect();
+        let node_ips: Vec<String> = lab
+            .state
+            .first_node()
+            .ips
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         // nsenter execs the agent: the child's pid is the agent's.
         let child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", lab.node()))
@@ -579,7 +585,7 @@ fn agent_follows_the_kubernetes_api() {
     server.apply(pod(
         "shop/node-agent",
         json!({ "app": "node-agent" }),
-        &lab.state.node_ips,
+        &lab.state.first_node().ips,
         &node,
         true,
     ));
@@ -629,7 +635,7 @@ fn agent_follows_the_kubernetes_api() {
     server.apply(pod(
         "shop/node-agent",
         json!({ "app": "node-agent", "v": "2" }),
-        &lab.state.node_ips,
+        &lab.state.first_node().ips,
         &node,
         true,
     ));

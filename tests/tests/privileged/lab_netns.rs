@@ -399,7 +399,11 @@ fn payments_with_the_agent_enforces_the_policies() {
     )
     .unwrap();
     let state = lab::status(&lab.state_dir).unwrap();
-    let agent = state.agent.clone().expect("the lab records its agent");
+    let agent = state
+        .first_node()
+        .agent
+        .clone()
+        .expect("the lab records its agent");
     // `up` returned, so the agent had pinned its links on every pod interface before they came up.
     for p in &state.pods {
         let ifname = p.host_if.as_deref().unwrap();

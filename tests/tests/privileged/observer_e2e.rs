@@ -210,7 +210,7 @@ fn scanner_alert_and_prometheus_scrape() {
     )
     .unwrap();
     let prom = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", state.node_netns))
+        .arg(format!("--net=/run/netns/{}", state.first_node().name))
         .arg("prometheus")
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
@@ -228,7 +228,7 @@ fn scanner_alert_and_prometheus_scrape() {
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(1));
-    let node = state.node_netns.clone();
+    let node = state.first_node().name.clone();
     let exposition = in_netns(&node, || http_get(METRICS, "/metrics")).expect("/metrics");
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])

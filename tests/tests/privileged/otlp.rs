@@ -241,7 +241,7 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
             "1s",
         ],
     );
-    let node_netns = lab.state.node_netns.clone();
+    let node_netns = lab.state.first_node().name.clone();
     let connect = lab.connect();
     let opts = ProbeOptions {
         timeout: Duration::from_millis(300),

@@ -138,7 +138,7 @@ fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement
     ip(&["netns", "add", &elsewhere]);
     let front_if = frontend.host_if.clone().unwrap();
     let front_index =
-        lab::net::ifindexes(&state.node_netns, std::slice::from_ref(&front_if)).unwrap()[0].unwrap();
+        lab::net::ifindexes(&state.first_node().name, std::slice::from_ref(&front_if)).unwrap()[0].unwrap();
     let index = front_index.to_string();
     let peer_index = (front_index + 1000).to_string();
     let peer = format!("{}q", lab.prefix);
@@ -190,7 +190,7 @@ fn an_agent_that_cannot_see_the_pods_interfaces_refuses_to_start_and_enforcement
     // The same command line where it belongs adopts the very same links.
     let log = lab.state_dir.join("agent-right-netns.log");
     let started = Instant::now();
-    respawn(&state.node_netns, agent_bin(), &args, &log);
+    respawn(&state.first_node().name, agent_bin(), &args, &log);
     wait_in_sync(&log, started);
     for (name, was) in host_ifs.iter().zip(&before) {
         assert_eq!(
@@ -209,7 +209,7 @@ fn an_interface_deleted_while_no_agent_runs_loses_its_pins_and_only_it() {
     let lab = PaymentsLab::up("zgn", agent_bin(), &["--metrics-addr", "none"]);
     let state = lab.state.clone();
     let agent = lab.agent();
-    let node = state.node_netns.clone();
+    let node = state.first_node().name.clone();
     let (frontend, backend, database) = (lab.pod("frontend"), lab.pod("backend"), lab.pod("database"));
     let allowed = || connects(&frontend.netns, v4(&backend, 8080), Duration::from_secs(2));
     let denied = || !connects(&backend.netns, v4(&frontend, 8080), Duration::from_millis(500));
@@ -288,7 +288,7 @@ fn a_running_agent_keeps_the_links_of_interfaces_renamed_or_moved_away() {
     let lab = PaymentsLab::up("zrn", agent_bin(), &["--metrics-addr", "none"]);
     let state = lab.state.clone();
     let agent = lab.agent();
-    let node = state.node_netns.clone();
+    let node = state.first_node().name.clone();
     let (frontend, backend, database) = (lab.pod("frontend"), lab.pod("backend"), lab.pod("database"));
     let allowed = || connects(&frontend.netns, v4(&backend, 8080), Duration::from_secs(2));
     let denied = || !connects(&frontend.netns, v4(&database, 5432), Duration::from_millis(500));

@@ -82,7 +82,7 @@ fn restart_and_upgrade_without_a_gap() {
     std::thread::sleep(Duration::from_millis(500));
 
     let before = allowed_exchanges.load(Ordering::Relaxed);
-    let agent = state.agent.clone().expect("the lab runs an agent");
+    let agent = state.first_node().agent.clone().expect("the lab runs an agent");
     let args: Vec<String> = cmdline(agent.pid).into_iter().skip(1).collect();
 
     // 1. SIGKILL, then the same binary again.
@@ -94,7 +94,7 @@ fn restart_and_upgrade_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     let log1 = lab.state_dir.join("agent-restart.log");
     let started = Instant::now();
-    let pid1 = respawn(&state.node_netns, agent_bin(), &args, &log1);
+    let pid1 = respawn(&state.first_node().name, agent_bin(), &args, &log1);
     let (loaded1, sync1) = wait_loaded_and_in_sync(&log1, started);
     std::thread::sleep(Duration::from_millis(500));
     let after_restart = allowed_exchanges.load(Ordering::Relaxed);
@@ -110,7 +110,7 @@ fn restart_and_upgrade_without_a_gap() {
     std::thread::sleep(Duration::from_millis(300));
     let log2 = lab.state_dir.join("agent-upgrade.log");
     let started = Instant::now();
-    let pid2 = respawn(&state.node_netns, &upgraded, &args, &log2);
+    let pid2 = respawn(&state.first_node().name, &upgraded, &args, &log2);
     let (loaded2, sync2) = wait_loaded_and_in_sync(&log2, started);
     std::thread::sleep(Duration::from_millis(500));
     let after_upgrade = allowed_exchanges.load(Ordering::Relaxed);

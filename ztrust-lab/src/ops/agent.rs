@@ -1,22 +1,32 @@
-//! The lab's agent: started in the node's namespace, and waited for until it has attached to and bound
-//! the lab's interfaces and settled after a change.
+//! The lab's agents, one in each node's namespace: started, and waited for until they have attached to
+//! and bound their node's interfaces and settled after a change.
 
 use super::*;
 use crate::AgentProblem;
 
-pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
+/// Starts the agent of the node at `position` in `state.nodes`.
+pub(super) fn start_agent(state: &mut LabState, position: usize, spec: AgentSpec) -> Result<()> {
     let bin = match spec.bin {
         Some(bin) => bin,
         None => agent_beside(&state.lab_bin)?,
     };
-    let pin_dir = spec
+    let suffix = node_suffix(position);
+    let mut pin_dir = spec
         .pin_dir
-        .unwrap_or_else(|| default_agent_pin_dir(&state.prefix));
-    let socket = state.state_dir.join(AGENT_SOCKET);
-    let flow_log = state.state_dir.join(FLOW_LOG);
-    let log = state.state_dir.join(LOGS_DIR).join("agent.log");
-    let node_ips = state
-        .node_ips
+        .unwrap_or_else(|| default_agent_pin_dir(&state.prefix))
+        .into_os_string();
+    pin_dir.push(&suffix);
+    let pin_dir = PathBuf::from(pin_dir);
+    let with_suffix = |file: &str| {
+        let (stem, ext) = file.split_once('.').unwrap_or((file, ""));
+        format!("{stem}{suffix}.{ext}")
+    };
+    let socket = state.state_dir.join(with_suffix(AGENT_SOCKET));
+    let flow_log = state.state_dir.join(with_suffix(FLOW_LOG));
+    let log = state.state_dir.join(LOGS_DIR).join(with_suffix("agent.log"));
+    let node = &state.nodes[position];
+    let node_ips = node
+        .ips
         .iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()
@@ -32,7 +42,7 @@ pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
         "--interface-prefix".into(),
         state.if_prefix.clone(),
         "--node-name".into(),
-        state.node_netns.clone(),
+        node.name.clone(),
         "--flow-log".into(),
         flow_log.display().to_string(),
         "--grpc-socket".into(),
@@ -41,8 +51,8 @@ pub(super) fn start_agent(state: &mut LabState, spec: AgentSpec) -> Result<()> {
         crate::services::SERVICE_CIDR.into(),
     ];
     args.extend(spec.extra_args);
-    let pid = net::spawn_in_netns(&state.node_netns, &bin, &args, &log)?;
-    state.agent = Some(AgentState {
+    let pid = net::spawn_in_netns(&node.name, &bin, &args, &log)?;
+    state.nodes[position].agent = Some(AgentState {
         pid,
         pin_dir,
         socket,
@@ -133,43 +143,53 @@ pub(super) fn wait_bound(agent: &AgentState, node_netns: &str, ifnames: &[String
     }
 }
 
-pub(super) fn agent_log_len(state: &LabState) -> u64 {
+/// Where each node's agent log ends now (in the order of `state.nodes`; 0 for a node without agent).
+pub(super) fn agent_log_len(state: &LabState) -> Vec<u64> {
     state
-        .agent
-        .as_ref()
-        .and_then(|a| std::fs::metadata(&a.log).ok())
-        .map(|m| m.len())
-        .unwrap_or(0)
+        .nodes
+        .iter()
+        .map(|n| {
+            n.agent
+                .as_ref()
+                .and_then(|a| std::fs::metadata(&a.log).ok())
+                .map_or(0, |m| m.len())
+        })
+        .collect()
 }
 
-/// After manifests changed: waits until the agent has compiled them (its log says `policy compiled` after
-/// offset `from`) and then stayed quiet for a few of its polls, so that a probe right after `apply` sees
-/// the new policies. `Ok(false)` if that did not happen within a few seconds (nothing the agent had to
-/// change, or a slow agent); the caller may say so.
-pub(super) fn wait_settled(state: &LabState, from: u64) -> Result<bool> {
-    let Some(agent) = &state.agent else {
-        return Ok(true);
-    };
+/// After manifests changed: waits until every agent has compiled them (its log says `policy compiled`
+/// after its offset in `from`, [`agent_log_len`]) and then stayed quiet for a few of its polls, so that
+/// a probe right after `apply` sees the new policies on every node. `Ok(false)` if that did not happen
+/// within a few seconds (nothing an agent had to change, or a slow agent); the caller may say so.
+pub(super) fn wait_settled(state: &LabState, from: &[u64]) -> Result<bool> {
     const QUIET: Duration = Duration::from_millis(300);
     let deadline = Instant::now() + Duration::from_secs(5);
-    let (mut compiles, mut last_change) = (0usize, None::<Instant>);
+    // Per agent: its log offset, the compiles seen after it, when the last one was seen.
+    let mut agents: Vec<(&AgentState, u64, usize, Option<Instant>)> = state
+        .nodes
+        .iter()
+        .zip(from.iter().copied().chain(std::iter::repeat(0)))
+        .filter_map(|(n, from)| n.agent.as_ref().map(|a| (a, from, 0, None)))
+        .collect();
     loop {
-        let text = std::fs::read(&agent.log).unwrap_or_default();
-        let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
-        let n = fresh.matches("policy compiled").count();
-        if n > compiles {
-            compiles = n;
-            last_change = Some(Instant::now());
+        for (agent, from, compiles, last_change) in &mut agents {
+            let text = std::fs::read(&agent.log).unwrap_or_default();
+            let fresh = String::from_utf8_lossy(text.get(*from as usize..).unwrap_or_default()).into_owned();
+            let n = fresh.matches("policy compiled").count();
+            if n > *compiles {
+                *compiles = n;
+                *last_change = Some(Instant::now());
+            }
+            if net::is_gone(agent.pid) {
+                return Err(Error::Agent {
+                    problem: AgentProblem::Exited,
+                    log: tail(&agent.log, 20),
+                    log_path: agent.log.clone(),
+                });
+            }
         }
-        if last_change.is_some_and(|t| t.elapsed() >= QUIET) {
+        if agents.iter().all(|a| a.3.is_some_and(|t| t.elapsed() >= QUIET)) {
             return Ok(true);
-        }
-        if net::is_gone(agent.pid) {
-            return Err(Error::Agent {
-                problem: AgentProblem::Exited,
-                log: tail(&agent.log, 20),
-                log_path: agent.log.clone(),
-            });
         }
         if Instant::now() > deadline {
             return Ok(false);

@@ -13,7 +13,13 @@ pub(super) fn add_objects(
     report: &mut Report,
 ) -> Result<()> {
     let log_from = agent_log_len(state);
-    let mut alloc = Allocator::new(state.pods.iter().flat_map(|p| p.ips.clone()));
+    let mut alloc = Allocator::new(
+        state
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.clone())
+            .chain(state.all_node_ips()),
+    );
     // Addresses the manifests give are taken before any is handed out.
     let mut models = Vec::new();
     for obj in &objects {
@@ -38,7 +44,8 @@ pub(super) fn add_objects(
         .filter(|o| o.kind == Kind::Service)
         .filter_map(|o| o.value["spec"]["clusterIP"].as_str()?.parse().ok())
         .collect();
-    let mut new_links: Vec<(String, Vec<IpAddr>, bool)> = Vec::new(); // (host_if, ips, is_pod)
+    // (node position, host_if, ips, is_pod)
+    let mut new_links: Vec<(usize, String, Vec<IpAddr>, bool)> = Vec::new();
     let mut to_start: Vec<(String, usize, bool)> = Vec::new(); // (netns, index into pods/externals, is_pod)
     for (obj, model) in objects.into_iter().zip(models) {
         match obj.kind {
@@ -76,6 +83,12 @@ pub(super) fn add_objects(
                 if let Some(i) = state.pods.iter().position(|p| p.key() == key) {
                     let pod = &mut state.pods[i];
                     pod.labels = model.labels.clone();
+                    if model.node_name.as_ref().is_some_and(|n| *n != pod.node) {
+                        report.warnings.push(format!(
+                            "Pod {key}: stays on {} (the lab does not move a running pod)",
+                            pod.node
+                        ));
+                    }
                     if !model.ips.is_empty() && model.ips != pod.ips {
                         report.warnings.push(format!(
                             "Pod {key}: keeps its addresses {:?} (the lab does not re-address a running pod)",
@@ -91,14 +104,38 @@ pub(super) fn add_objects(
                     }
                     let mut obj = obj;
                     manifests::set_pod_ips(&mut obj.value, &state.pods[i].ips);
+                    manifests::set_pod_node(&mut obj.value, &state.pods[i].node);
                     write_copy(state, &obj)?;
                     report.changed.push(obj.display());
                     continue;
                 }
+                let at =
+                    match &model.node_name {
+                        Some(name) => state.nodes.iter().position(|n| n.name == *name).ok_or_else(|| {
+                            Error::Conflict {
+                                object: obj.display(),
+                                conflict: Conflict::UnknownNode {
+                                    node: name.clone(),
+                                    nodes: state
+                                        .nodes
+                                        .iter()
+                                        .map(|n| n.name.as_str())
+                                        .collect::<Vec<_>>()
+                                        .join(", "),
+                                },
+                            }
+                        })?,
+                        None => {
+                            let at = state.next_node % state.nodes.len();
+                            state.next_node = at + 1;
+                            at
+                        }
+                    };
+                let node = state.nodes[at].clone();
                 let index = state.next_index;
                 state.next_index += 1;
                 let ips = if model.host_network {
-                    state.node_ips.clone()
+                    node.ips.clone()
                 } else if !model.ips.is_empty() {
                     if let Some(other) = state
                         .pods
@@ -112,14 +149,18 @@ pub(super) fn add_objects(
                     }
                     model.ips.clone()
                 } else {
-                    let (v4, v6) = alloc.next_pair().ok_or_else(|| Error::Conflict {
+                    let (v4, v6) = alloc.next_pair(node.block).ok_or_else(|| Error::Conflict {
                         object: obj.display(),
-                        conflict: Conflict::NoFreeAddress,
+                        conflict: Conflict::NoFreeAddress(format!(
+                            "{}'s {}",
+                            node.name,
+                            crate::alloc::block_cidrs(node.block).0
+                        )),
                     })?;
                     vec![IpAddr::V4(v4), IpAddr::V6(v6)]
                 };
                 let (netns, host_if) = if model.host_network {
-                    (state.node_netns.clone(), None)
+                    (node.name.clone(), None)
                 } else {
                     (
                         format!("{}-p{index}", state.prefix),
@@ -133,6 +174,7 @@ pub(super) fn add_objects(
                     ips: ips.clone(),
                     ports: model.ports.clone(),
                     host_network: model.host_network,
+                    node: node.name.clone(),
                     netns: netns.clone(),
                     host_if: host_if.clone(),
                     index,
@@ -140,12 +182,13 @@ pub(super) fn add_objects(
                 });
                 state.save()?;
                 if let Some(host_if) = host_if {
-                    node::make_endpoint(&state.node_netns, &netns, &host_if, &ips)?;
-                    new_links.push((host_if, ips.clone(), true));
+                    node::make_endpoint(&node.name, &netns, &host_if, &ips)?;
+                    new_links.push((at, host_if, ips.clone(), true));
                 }
                 to_start.push((netns, state.pods.len() - 1, true));
                 let mut obj = obj;
                 manifests::set_pod_ips(&mut obj.value, &ips);
+                manifests::set_pod_node(&mut obj.value, &node.name);
                 write_copy(state, &obj)?;
                 report.changed.push(obj.display());
             }
@@ -196,27 +239,57 @@ pub(super) fn add_objects(
                     server_pid: None,
                 });
                 state.save()?;
-                node::make_endpoint(&state.node_netns, &netns, &host_if, &x.ips)?;
-                new_links.push((host_if, x.ips, false));
+                // External hosts hang off the first node.
+                node::make_endpoint(&state.first_node().name, &netns, &host_if, &x.ips)?;
+                new_links.push((0, host_if, x.ips, false));
                 to_start.push((netns, state.externals.len() - 1, false));
                 report.changed.push(obj.display());
             }
         }
     }
-    let pod_links: Vec<String> = new_links.iter().filter(|l| l.2).map(|l| l.0.clone()).collect();
+    let pod_links: Vec<String> = new_links.iter().filter(|l| l.3).map(|l| l.1.clone()).collect();
     if let Some(hook) = hook
         && !pod_links.is_empty()
     {
         hook(&pod_links).map_err(Error::Hook)?;
     }
-    if let Some(agent) = &state.agent {
-        wait_attached(agent, &pod_links)?;
+    // Per node: its new pod interfaces, attached by its agent before they come up, bound after.
+    let links_of = |at: usize| -> Vec<String> {
+        new_links
+            .iter()
+            .filter(|l| l.0 == at && l.3)
+            .map(|l| l.1.clone())
+            .collect()
+    };
+    for (at, n) in state.nodes.iter().enumerate() {
+        if let Some(agent) = &n.agent {
+            wait_attached(agent, &links_of(at))?;
+        }
     }
-    for (host_if, ips, _) in &new_links {
-        node::link_up(&state.node_netns, host_if, ips, LAB_NODE)?;
+    for (at, host_if, ips, _) in &new_links {
+        let n = &state.nodes[*at];
+        node::link_up(&n.name, host_if, ips, node_addrs(n))?;
+        // The other nodes reach the block of this one through its link; addresses outside the block
+        // (given by the manifest, an external host's) get host routes of their own.
+        let (v4, v6) = crate::alloc::block_cidrs(n.block);
+        let borrowed: Vec<IpAddr> = ips
+            .iter()
+            .copied()
+            .filter(|ip| match ip {
+                IpAddr::V4(a) => !v4.contains(a),
+                IpAddr::V6(a) => !v6.contains(a),
+            })
+            .collect();
+        if !borrowed.is_empty() {
+            for other in state.nodes.iter().filter(|o| o.name != n.name) {
+                node::route_via(peer(other), peer(n), &borrowed)?;
+            }
+        }
     }
-    if let Some(agent) = &state.agent {
-        wait_bound(agent, &state.node_netns, &pod_links)?;
+    for (at, n) in state.nodes.iter().enumerate() {
+        if let Some(agent) = &n.agent {
+            wait_bound(agent, &n.name, &links_of(at))?;
+        }
     }
     let mut started = Vec::new();
     for (netns, i, is_pod) in to_start {
@@ -240,10 +313,10 @@ pub(super) fn add_objects(
     wait_ready(&started, server_timeout)?;
     // Services, and pods (new ones, changed labels), change what Services translate to.
     crate::services::realise(state)?;
-    if state.agent.is_some() && !report.changed.is_empty() && !wait_settled(state, log_from)? {
+    if !report.changed.is_empty() && !wait_settled(state, &log_from)? {
         report
             .warnings
-            .push("the agent has not picked up the change yet (see logs/agent.log)".into());
+            .push("an agent has not picked up the change yet (see logs/agent*.log)".into());
     }
     Ok(())
 }

@@ -167,7 +167,7 @@ fn payments_example_expectations() {
         match o.kind {
             Kind::Pod => {
                 let pod = manifests::pod_model(o).0.unwrap();
-                let (v4, v6) = alloc.next_pair().unwrap();
+                let (v4, v6) = alloc.next_pair(0).unwrap();
                 state.pods.push(PodState {
                     namespace: pod.namespace,
                     name: pod.name,

@@ -84,7 +84,11 @@ impl PaymentsLab {
     }
 
     pub fn agent(&self) -> lab::AgentState {
-        self.state.agent.clone().expect("the lab runs an agent")
+        self.state
+            .first_node()
+            .agent
+            .clone()
+            .expect("the lab runs an agent")
     }
 
     /// Where the CLI reaches the lab's agent: its unix socket.
