@@ -389,10 +389,10 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             eprintln!(
                 "stopped {} servers{}, removed {} network namespaces",
                 r.killed.len(),
-                if r.agent_killed.is_empty() {
-                    ""
-                } else {
-                    " and the agent"
+                match r.agent_killed.len() {
+                    0 => String::new(),
+                    1 => " and the agent".to_owned(),
+                    n => format!(" and {n} agents"),
                 },
                 r.netns_deleted.len()
             );

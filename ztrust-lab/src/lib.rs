@@ -43,7 +43,7 @@ pub use ops::{
 };
 pub use probe::{Family, Matrix, MatrixDiff, Probe, ProbeOptions, Verdict, probe};
 pub use serve::{ServeArgs, serve_main};
-pub use state::{AgentState, ExternalState, LabState, PodState, ProxyMode, render_status};
+pub use state::{AgentState, ExternalState, LabState, NodeState, PodState, ProxyMode, render_status};
 
 /// Where the lab keeps its state unless told otherwise.
 pub const DEFAULT_STATE_DIR: &str = "/run/ztrust/lab";

@@ -518,28 +518,34 @@ impl Lab {
         Ok(())
     }
 
-    fn agent_log(&self) -> Option<PathBuf> {
-        self.state().first_node().agent.clone().map(|a| a.log)
+    /// Every node's agent log.
+    fn agent_logs(&self) -> Vec<PathBuf> {
+        self.state().agents().map(|(_, a)| a.log.clone()).collect()
     }
 
-    fn log_len(&self) -> u64 {
-        self.agent_log()
-            .and_then(|l| std::fs::metadata(l).ok())
-            .map_or(0, |m| m.len())
+    /// Where each agent log ends now.
+    fn log_len(&self) -> Vec<u64> {
+        self.agent_logs()
+            .iter()
+            .map(|l| std::fs::metadata(l).map_or(0, |m| m.len()))
+            .collect()
     }
 
-    /// After a change: the lab has waited for the agent to compile; this also waits until the agent has
-    /// logged `synced` (its maps written) after the last `policy compiled` since log offset `from`.
-    fn wait_synced(&self, from: u64) {
-        let Some(log) = self.agent_log() else { return };
+    /// After a change: the lab has waited for the agents to compile; this also waits until each agent
+    /// has logged `synced` (its maps written) after the last `policy compiled` since its log offset in
+    /// `from`.
+    fn wait_synced(&self, from: Vec<u64>) {
         let deadline = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < deadline {
-            let text = std::fs::read(&log).unwrap_or_default();
-            let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
-            match fresh.rfind("policy compiled") {
-                None => return,
-                Some(i) if fresh[i..].contains("synced") => return,
-                Some(_) => std::thread::sleep(Duration::from_millis(20)),
+        for (log, from) in self.agent_logs().iter().zip(from) {
+            while Instant::now() < deadline {
+                let text = std::fs::read(log).unwrap_or_default();
+                let fresh =
+                    String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+                match fresh.rfind("policy compiled") {
+                    None => break,
+                    Some(i) if fresh[i..].contains("synced") => break,
+                    Some(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
             }
         }
     }
@@ -759,6 +765,18 @@ struct Report {
 
 #[test]
 fn conformance_matrix_through_the_datapath() {
+    conformance_over(1);
+}
+
+/// The same cases and matrices with the model's pods spread over three nodes (their addresses, given by
+/// the model, are all of the first node's block: the other nodes route them as borrowed addresses):
+/// every connection between pods of two nodes judged by two agents.
+#[test]
+fn conformance_matrix_over_three_nodes() {
+    conformance_over(3);
+}
+
+fn conformance_over(nodes: usize) {
     require_root();
     let agent = agent_bin().to_path_buf();
     let mut cases = load_cases();
@@ -773,7 +791,7 @@ fn conformance_matrix_through_the_datapath() {
     let started = Instant::now();
     std::fs::create_dir_all("/run/ztrust").unwrap();
     let id = std::process::id() % 10_000;
-    let prefix = format!("ztcf{id}");
+    let prefix = format!("ztc{nodes}{id}");
     let lab = Lab {
         state_dir: PathBuf::from(format!("/run/ztrust/conformance-{}", std::process::id())),
         prefix,
@@ -792,6 +810,7 @@ fn conformance_matrix_through_the_datapath() {
                 extra_args: vec!["--metrics-addr".into(), "none".into()],
                 ..Default::default()
             }),
+            nodes,
             ..Default::default()
         },
     )
@@ -800,6 +819,8 @@ fn conformance_matrix_through_the_datapath() {
         eprintln!("lab up: {w}");
     }
     assert_eq!(up.state.pods.len(), 9, "the model has 9 pods");
+    let used: std::collections::BTreeSet<&str> = up.state.pods.iter().map(|p| p.node.as_str()).collect();
+    assert_eq!(used.len(), nodes, "the pods are spread over every node");
     eprintln!(
         "lab up with the agent in {:.1?}; {} cases",
         started.elapsed(),
@@ -821,9 +842,9 @@ fn conformance_matrix_through_the_datapath() {
         }
         eprintln!("        ({:.1?})", t.elapsed());
     }
-    let log = lab.state().first_node().agent.clone().map(|a| a.log);
+    let logs = lab.agent_logs();
     eprintln!(
-        "\nconformance: {} cases in {:.1?}: {} datapath failures, {} reference disagreements, {} errors, {} checks right only on a later probe",
+        "\nconformance over {nodes} node(s): {} cases in {:.1?}: {} datapath failures, {} reference disagreements, {} errors, {} checks right only on a later probe",
         cases.len(),
         started.elapsed(),
         report.failures.len(),
@@ -856,10 +877,9 @@ fn conformance_matrix_through_the_datapath() {
     if !errors.is_empty() {
         problems.push(format!("ERRORS:\n{}", errors.join("\n")));
     }
-    if let Some(log) = log
-        && !problems.is_empty()
-    {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let failing = !problems.is_empty();
+    for log in logs.iter().filter(|_| failing) {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
         let plain = strip_ansi(&text);
         let tail: Vec<&str> = plain
             .lines()
@@ -868,7 +888,8 @@ fn conformance_matrix_through_the_datapath() {
             .take(15)
             .collect();
         problems.push(format!(
-            "the end of the agent's log:\n{}",
+            "the end of the agent's log {}:\n{}",
+            log.display(),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         ));
     }

@@ -30,6 +30,7 @@ mod explain;
 mod kube_e2e;
 mod lab_netns;
 mod least_privilege;
+mod multinode;
 mod node_lab;
 mod observer_e2e;
 mod otlp;

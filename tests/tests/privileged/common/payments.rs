@@ -30,6 +30,17 @@ impl PaymentsLab {
 
     /// [`PaymentsLab::up`] with the node translating Services in `proxy_mode`.
     pub fn up_with(tag: &str, agent_bin: &Path, extra_args: &[&str], proxy_mode: lab::ProxyMode) -> Self {
+        Self::up_on(tag, agent_bin, extra_args, proxy_mode, 1)
+    }
+
+    /// [`PaymentsLab::up_with`] over `nodes` nodes, the pods spread over them in turn.
+    pub fn up_on(
+        tag: &str,
+        agent_bin: &Path,
+        extra_args: &[&str],
+        proxy_mode: lab::ProxyMode,
+        nodes: usize,
+    ) -> Self {
         super::require_root();
         std::fs::create_dir_all("/run/ztrust").unwrap();
         let prefix = format!("{tag}{}", std::process::id() % 10_000);
@@ -54,6 +65,7 @@ impl PaymentsLab {
                     ..Default::default()
                 }),
                 proxy_mode,
+                nodes,
                 ..Default::default()
             },
         )
