@@ -533,17 +533,22 @@ impl Lab {
 
     /// After a change: the lab has waited for the agents to compile; this also waits until each agent
     /// has logged `synced` (its maps written) after the last `policy compiled` since its log offset in
-    /// `from`.
+    /// `from`, or has logged nothing for 300 ms after it (a change that wrote nothing in its maps, such
+    /// as another node's pods, is not followed by `synced`).
     fn wait_synced(&self, from: Vec<u64>) {
         let deadline = Instant::now() + Duration::from_secs(3);
         for (log, from) in self.agent_logs().iter().zip(from) {
+            let mut quiet_since = (0usize, Instant::now());
             while Instant::now() < deadline {
                 let text = std::fs::read(log).unwrap_or_default();
-                let fresh =
-                    String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+                let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+                if fresh.len() != quiet_since.0 {
+                    quiet_since = (fresh.len(), Instant::now());
+                }
                 match fresh.rfind("policy compiled") {
                     None => break,
                     Some(i) if fresh[i..].contains("synced") => break,
+                    Some(_) if quiet_since.1.elapsed() >= Duration::from_millis(300) => break,
                     Some(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }
