@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::payments::{PaymentsLab, enter};
 use crate::common::{agent_bin, flow_in_log, require_root};
@@ -36,12 +36,7 @@ fn audit_namespace_reports_would_drop_and_switches_back_live() {
     let ns_file = lab.state_dir.join("payments-ns.yaml");
     std::fs::write(&ns_file, namespace("audit")).unwrap();
     lab.apply(&ns_file);
-    let audited = lab::probe(&lab.state_dir, &opts).unwrap();
-    assert_eq!(
-        frontend_to_database(&audited),
-        Some(Verdict::Allowed),
-        "audit mode drops nothing"
-    );
+    probe_until(&lab, &opts, Verdict::Allowed, "audit mode drops nothing");
     let (would_drop, _) = flow_in_log(
         &lab.agent().flow_log,
         "a would-drop flow for frontend -> database:5432",
@@ -61,17 +56,30 @@ fn audit_namespace_reports_would_drop_and_switches_back_live() {
     // Back to enforce, live.
     std::fs::write(&ns_file, namespace("enforce")).unwrap();
     lab.apply(&ns_file);
-    let again = lab::probe(&lab.state_dir, &opts).unwrap();
-    assert_eq!(
-        frontend_to_database(&again),
-        Some(Verdict::Denied),
-        "enforcing again without a restart"
-    );
+    let again = probe_until(&lab, &opts, Verdict::Denied, "enforcing again without a restart");
     assert!(
         again.diff(&enforced).is_empty(),
         "same matrix as before the audit:\n{}",
         again.diff(&enforced).render()
     );
+}
+
+/// The lab's matrix once frontend → database:5432 gets `want` (probed again for up to 10 s: `apply`
+/// waits for the agent to compile, and the kernel's maps follow a moment later on a loaded machine).
+fn probe_until(lab: &PaymentsLab, opts: &ProbeOptions, want: Verdict, what: &str) -> Matrix {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = lab::probe(&lab.state_dir, opts).unwrap();
+        let got = frontend_to_database(&m);
+        if got == Some(want) {
+            return m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: frontend → database:5432 is {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A default deny for `monitoring`, audited or enforced.

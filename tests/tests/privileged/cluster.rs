@@ -10,7 +10,7 @@
 
 use crate::common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::cluster::{
     Cluster, EXT_IP, EXT_NAME, Failure, Prometheus, WORKLOAD_IMAGE, attempts, component_pid, ctr,
@@ -247,13 +247,23 @@ fn seed_exercise_tasks_2_to_5_by_service_name() {
         c.wget("payments", "frontend", &format!("http://{stray}/")),
         Err(Failure::Blocked)
     );
-    let flows = c.denied_flows(&since);
-    let hits = denied(&flows, "payments/frontend-", stray);
-    assert!(
-        hits.iter()
-            .any(|f| f["reason"].as_str() == Some("unknown-service")),
-        "frontend → {stray} (Service range, no Service) is dropped as unknown-service: {hits:#?}"
-    );
+    // The agent reports the drop a moment after the kernel made it: asked again for a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows = c.denied_flows(&since);
+        let hits = denied(&flows, "payments/frontend-", stray);
+        if hits
+            .iter()
+            .any(|f| f["reason"].as_str() == Some("unknown-service"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "frontend → {stray} (Service range, no Service) is dropped as unknown-service: {hits:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     // A real Prometheus finds the agent through the metrics Service and sees the drop counters rise by
     // (at least) the blocked attempts: each is a new connection, so a flow of its own.
     let prometheus = Prometheus::start();

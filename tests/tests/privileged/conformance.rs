@@ -541,7 +541,8 @@ impl Lab {
             let mut quiet_since = (0usize, Instant::now());
             while Instant::now() < deadline {
                 let text = std::fs::read(log).unwrap_or_default();
-                let fresh = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+                let fresh =
+                    String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
                 if fresh.len() != quiet_since.0 {
                     quiet_since = (fresh.len(), Instant::now());
                 }

@@ -251,18 +251,24 @@ fn scanner_alert_and_prometheus_scrape() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
-    let drops_reported = std::fs::read_to_string(&agent.flow_log)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|f| {
-            f["verdict"] == "dropped" && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/"))
-        })
-        .count() as f64;
+    // The flow log is read again at every try: the agent may still be writing the scan's last flows.
+    let drops_in_log = || {
+        std::fs::read_to_string(&agent.flow_log)
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|f| {
+                f["verdict"] == "dropped"
+                    && f["endpoint"].as_str().is_some_and(|e| e.starts_with("payments/"))
+            })
+            .count() as f64
+    };
     let query = "/api/v1/query?query=sum(ztrust_drop_events_total%7Bnamespace%3D%22payments%22%7D)";
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut last = String::new();
+    let mut drops_reported;
     loop {
+        drops_reported = drops_in_log();
         let node = node.clone();
         if let Some(body) = in_netns(&node, move || http_get(PROMETHEUS, query)) {
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::common::payments::{PaymentsLab, connects};
-use crate::common::{agent_bin, require_root};
+use crate::common::{agent_bin, flow_in_log, require_root};
 use ztrust_agent::model::Protocol;
 use ztrust_lab::{ProbeOptions, ProxyMode, Verdict};
 
@@ -187,12 +187,11 @@ fn by_service(mode: ProxyMode, tag: &str) {
     );
     assert_eq!(of(&by_pod, "payments/database", 5432), Some(Verdict::Denied));
 
-    let log = std::fs::read_to_string(lab.state_dir.join("flows.jsonl")).unwrap_or_default();
-    let denied = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|f| f["destination"]["ip"] == database.to_string() && f["verdict"] == "dropped");
-    let denied = denied.expect("no flow for frontend → database's ClusterIP");
+    let (denied, _) = flow_in_log(
+        &lab.state_dir.join("flows.jsonl"),
+        "a drop of frontend → database's ClusterIP",
+        |f| f["destination"]["ip"] == database.to_string() && f["verdict"] == "dropped",
+    );
     assert_eq!(denied["reason"], "policy-denied", "{denied}");
     assert_eq!(denied["service"]["name"], "payments/database", "{denied}");
     assert_eq!(denied["endpoint"], "payments/frontend", "{denied}");
@@ -276,16 +275,15 @@ fn node_ports_at_any_local_address_get_the_verdict_of_the_backends() {
         !connects(&frontend, SocketAddr::new(extra, 30432), t),
         "frontend → {extra}:30432 (database's node port) connected"
     );
-    let log = std::fs::read_to_string(lab.state_dir.join("flows.jsonl")).unwrap_or_default();
-    let flows: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|f: &serde_json::Value| f["destination"]["ip"] == extra.to_string())
-        .collect();
-    let denied = flows
-        .iter()
-        .find(|f| f["verdict"] == "dropped" && f["endpoint"] == "payments/frontend")
-        .unwrap_or_else(|| panic!("no drop of frontend → {extra}: {flows:?}"));
+    let (denied, _) = flow_in_log(
+        &lab.state_dir.join("flows.jsonl"),
+        &format!("a drop of frontend → {extra}:30432"),
+        |f| {
+            f["destination"]["ip"] == extra.to_string()
+                && f["verdict"] == "dropped"
+                && f["endpoint"] == "payments/frontend"
+        },
+    );
     assert_eq!(denied["reason"], "policy-denied", "{denied}");
     assert_eq!(denied["destination"]["port"], 30432, "{denied}");
     // Named by the Service whose backends judged it (the kernel says so: the address alone does not).
