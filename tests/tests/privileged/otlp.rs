@@ -30,17 +30,17 @@ fn otelcol_bin() -> PathBuf {
     path
 }
 
-/// A collector in the lab node's network namespace (where the agent runs), receiving OTLP/gRPC on
-/// 127.0.0.1:4317 and writing what it gets to `out` (OTLP JSON, one request per line). Killed on drop.
+/// A collector in a lab node's network namespace (where its agent runs), receiving OTLP/gRPC on
+/// `listen` and writing what it gets to `out` (OTLP JSON, one request per line). Killed on drop.
 struct Collector(Child);
 
 impl Collector {
-    fn start(node_netns: &str, dir: &Path, out: &Path) -> Collector {
+    fn start(node_netns: &str, listen: &str, dir: &Path, out: &Path) -> Collector {
         let config = dir.join("otelcol.yaml");
         std::fs::write(
             &config,
             format!(
-                "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: 127.0.0.1:4317\n\
+                "receivers:\n  otlp:\n    protocols:\n      grpc:\n        endpoint: {listen}\n\
                  exporters:\n  file:\n    path: {}\n    flush_interval: 100ms\n\
                  service:\n  telemetry:\n    metrics:\n      level: none\n  pipelines:\n    logs:\n      receivers: [otlp]\n      exporters: [file]\n    metrics:\n      receivers: [otlp]\n      exporters: [file]\n",
                 out.display()
@@ -249,7 +249,7 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
     };
     let dir = lab.state_dir.clone();
     let first_out = dir.join("otlp-1.jsonl");
-    let collector = Collector::start(&node_netns, &dir, &first_out);
+    let collector = Collector::start(&node_netns, "127.0.0.1:4317", &dir, &first_out);
     // What the agent saw before the collector listened (the lab's start) is accounted for first.
     let (_, _, _, lost_before) = settled(&connect);
     let before = server_status(&connect).unwrap().seen_flows;
@@ -382,7 +382,7 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
 
     // 3. Restarted: export resumes.
     let second_out = dir.join("otlp-2.jsonl");
-    let _collector = Collector::start(&node_netns, &dir, &second_out);
+    let _collector = Collector::start(&node_netns, "127.0.0.1:4317", &dir, &second_out);
     ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
     let (seen3, exported3, full3, failed3) = settled(&connect);
     eprintln!(
@@ -416,5 +416,121 @@ fn flows_reach_a_real_collector_exactly_once_and_losses_are_counted() {
             "the packet counters did not reach the restarted collector higher"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Three nodes, three agents, one collector (on the first node's address, which the others reach over
+/// the links between nodes): every denied flow of every node arrives once, with its node; stopped, each
+/// agent counts its loss; restarted, every node's export resumes.
+#[test]
+fn every_denied_flow_of_three_nodes_reaches_one_collector_once_with_its_node() {
+    require_root();
+    let listen = "10.244.0.1:4317";
+    let endpoint = format!("http://{listen}");
+    let lab = PaymentsLab::up_on(
+        "zto",
+        agent_bin(),
+        &["--metrics-addr", "none", "--otlp-endpoint", &endpoint],
+        ztrust_lab::ProxyMode::default(),
+        3,
+    );
+    assert_eq!(
+        lab.state.first_node().ips[0].to_string(),
+        listen.split(':').next().unwrap(),
+        "the collector listens on the first node's address"
+    );
+    // Each node: its name, its agent's socket and flow log.
+    let nodes: Vec<(String, Connect, PathBuf)> = lab
+        .state
+        .agents()
+        .map(|(n, a)| {
+            let mut c = lab.connect();
+            c.socket = a.socket.clone();
+            (n.name.clone(), c, a.flow_log.clone())
+        })
+        .collect();
+    assert_eq!(nodes.len(), 3);
+    let opts = ProbeOptions {
+        timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let dir = lab.state_dir.clone();
+    let out = dir.join("otlp-nodes.jsonl");
+    let collector = Collector::start(&lab.state.first_node().name, listen, &dir, &out);
+    let before: Vec<(u64, u64, u64, u64)> = nodes.iter().map(|(_, c, _)| settled(c)).collect();
+
+    ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
+    let after: Vec<(u64, u64, u64, u64)> = nodes.iter().map(|(_, c, _)| settled(c)).collect();
+    let exported: u64 = after.iter().map(|a| a.1).sum();
+    let got = received(&out, exported);
+    assert_eq!(
+        got.len() as u64,
+        exported,
+        "every exported flow of every node at the collector"
+    );
+    let mut keys: Vec<(&str, i64)> = got.iter().map(|r| (r.node.as_str(), r.id)).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    assert_eq!(keys.len(), got.len(), "no flow arrived twice");
+    for (((node, _, flow_log), b), a) in nodes.iter().zip(&before).zip(&after) {
+        assert_eq!(
+            (a.2, a.3),
+            (b.2, b.3),
+            "{node}: nothing lost while the collector runs"
+        );
+        let mine: Vec<&Received> = got.iter().filter(|r| r.node == *node).collect();
+        assert_eq!(
+            mine.len() as u64,
+            a.1,
+            "{node}: its exported flows, with its name"
+        );
+        let log = logged(flow_log);
+        let denied: Vec<&String> = log[b.0 as usize..]
+            .iter()
+            .filter(|l| l.contains("DROPPED"))
+            .collect();
+        assert!(!denied.is_empty(), "{node} denied some of the matrix");
+        let mut bodies: Vec<&str> = mine.iter().map(|r| r.body.as_str()).collect();
+        for line in &denied {
+            let i = bodies
+                .iter()
+                .position(|b| b == line)
+                .unwrap_or_else(|| panic!("{node}: denied flow not at the collector with its node: {line}"));
+            bodies.swap_remove(i);
+        }
+        eprintln!(
+            "{node}: seen {} exported {} ({} denied)",
+            a.0 - b.0,
+            a.1 - b.1,
+            denied.len()
+        );
+    }
+
+    // Stopped: each agent counts its loss; restarted: every node's export resumes.
+    drop(collector);
+    ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
+    let down: Vec<(u64, u64, u64, u64)> = nodes.iter().map(|(_, c, _)| settled(c)).collect();
+    for (((node, _, _), a), d) in nodes.iter().zip(&after).zip(&down) {
+        assert_eq!(d.1, a.1, "{node}: nothing exported while the collector is down");
+        assert!(d.0 > a.0, "{node}: the probe made flows");
+        assert_eq!(
+            (d.2 + d.3) - (a.2 + a.3),
+            d.0 - a.0,
+            "{node}: every flow of the outage counted lost"
+        );
+    }
+    let out2 = dir.join("otlp-nodes-2.jsonl");
+    let _collector = Collector::start(&lab.state.first_node().name, listen, &dir, &out2);
+    ztrust_lab::probe(&lab.state_dir, &opts).unwrap();
+    let back: Vec<(u64, u64, u64, u64)> = nodes.iter().map(|(_, c, _)| settled(c)).collect();
+    let resumed: u64 = back.iter().zip(&down).map(|(b, d)| b.1 - d.1).sum();
+    let got2 = received(&out2, resumed);
+    for (((node, _, _), d), b) in nodes.iter().zip(&down).zip(&back) {
+        assert!(b.1 > d.1, "{node}: export resumed");
+        assert_eq!(
+            got2.iter().filter(|r| r.node == *node).count() as u64,
+            b.1 - d.1,
+            "{node}: what it exported after the outage, at the collector"
+        );
     }
 }
