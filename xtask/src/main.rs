@@ -262,11 +262,15 @@ fn lab(down: bool) -> anyhow::Result<()> {
         c
     };
     let path = |p: &str| example.join(p).to_str().expect("utf-8 path").to_owned();
-    step("lab up: the payments namespace as network namespaces, with the agent enforcing (no policies yet)");
+    step(
+        "lab up: the payments namespace as network namespaces over three nodes, each with its agent enforcing (no policies yet)",
+    );
     // Allowed connections are logged too, so that `what-if` has them to replay.
     run(lab_cmd(&[
         "up",
         &path("cluster.yaml"),
+        "--nodes",
+        "3",
         "--agent-arg=--log-allowed",
     ]))?;
     step("the Services (ClusterIPs; the node translates them as kube-proxy's nftables mode does)");
@@ -281,10 +285,10 @@ fn lab(down: bool) -> anyhow::Result<()> {
         "probe by Service (ClusterIP → the pod the node picked): the same verdicts, frontend → backend open",
     );
     run(lab_cmd(&["probe", "--via-service"]))?;
-    step("denied connections caused by that probe (from the kernel's ring buffer)");
+    step("denied connections caused by that probe, every node's (from the kernels' ring buffers)");
     run(lab_cmd(&["flows", "--denied", "-o", "table"]))?;
     step(
-        "why frontend → database is dropped: each hook, its isolating policies, why no rule allows it, checked against the kernel maps",
+        "why frontend → database is dropped: each hook, its isolating policies, why no rule allows it, checked against the kernel maps of both nodes",
     );
     // Exit status 1 is the answer "dropped"; anything else (an error, the kernel differing) fails the lab.
     let mut explain = lab_cmd(&["explain", "payments/frontend", "payments/database:5432"]);
@@ -293,7 +297,7 @@ fn lab(down: bool) -> anyhow::Result<()> {
     if status.code() != Some(1) {
         bail!("{shown}: expected the connection to be explained as dropped (exit 1), got {status}");
     }
-    step("drop counters (per-CPU, from the pinned maps)");
+    step("drop counters (per-CPU, from each node's pinned maps)");
     run(lab_cmd(&["status", "--counters"]))?;
     if down {
         step("lab down");

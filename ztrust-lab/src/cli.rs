@@ -608,3 +608,39 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn explain_asks_the_nodes_of_the_pods_it_names() {
+        let pod = |name: &str, ip: &str, node: &str| crate::PodState {
+            namespace: "payments".into(),
+            name: name.into(),
+            ips: vec![ip.parse().unwrap()],
+            node: node.into(),
+            ..Default::default()
+        };
+        let s = crate::LabState {
+            pods: vec![
+                pod("frontend", "10.244.0.10", "n1"),
+                pod("database", "fd00:10:244:2::a", "n3"),
+            ],
+            ..Default::default()
+        };
+        for (end, node) in [
+            ("payments/frontend", Some("n1")),
+            ("payments/database:5432", Some("n3")),
+            ("payments/database:5432/tcp", Some("n3")),
+            ("10.244.0.10", Some("n1")),
+            ("10.244.0.10:80", Some("n1")),
+            ("fd00:10:244:2::a", Some("n3")),
+            ("[fd00:10:244:2::a]:5432", Some("n3")),
+            ("203.0.113.10:443", None),
+            ("payments/nobody", None),
+        ] {
+            assert_eq!(node_of_end(&s, end).as_deref(), node, "{end}");
+        }
+    }
+}

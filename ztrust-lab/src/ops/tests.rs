@@ -56,3 +56,56 @@ fn serve_args_split_protocols() {
     assert_eq!(a.ready_file.unwrap(), Path::new("/run/x/ready/3"));
     assert_eq!(a.lab.unwrap(), Path::new("/run/x"));
 }
+
+#[test]
+fn nodes_are_named_as_kind_names_them_and_their_files_are_found() {
+    assert_eq!(node_name("ztlab", 0), "ztlab-node");
+    assert_eq!(node_name("ztlab", 1), "ztlab-node2");
+    assert_eq!(node_name("ztlab", 15), "ztlab-node16");
+    for (netns, is) in [
+        ("ztlab-node", true),
+        ("ztlab-node2", true),
+        ("ztlab-node12", true),
+        ("ztlab-p3", false),
+        ("ztlab-nodes", false),
+        ("other-node", false),
+    ] {
+        assert_eq!(is_node_netns("ztlab", netns), is, "{netns}");
+    }
+    for (file, is) in [
+        ("agent.sock", true),
+        ("agent-node3.sock", true),
+        ("flows.jsonl", true),
+        ("flows-node2.jsonl", true),
+        ("flows-nodeX.jsonl", false),
+        ("agent.log", false),
+        ("state.json", false),
+        ("notes.txt", false),
+    ] {
+        assert_eq!(is_agent_file(file), is, "{file}");
+    }
+}
+
+#[test]
+fn up_refuses_a_number_of_nodes_it_cannot_make() {
+    for nodes in [0, MAX_NODES + 1] {
+        let err = up(
+            Path::new("/nonexistent"),
+            UpOptions {
+                nodes,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("number of nodes"), "{err}");
+    }
+    let err = up(
+        Path::new("/nonexistent"),
+        UpOptions {
+            if_prefix: "tonode".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("tonode"), "{err}");
+}
