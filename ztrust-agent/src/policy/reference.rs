@@ -36,23 +36,13 @@ fn pod_at(cluster: &Cluster, ip: IpAddr) -> Option<&Pod> {
         .find(|p| !p.host_network && p.ips.contains(&ip))
 }
 
-/// Whether `ip` is the host at `endpoint`: its node's host-network pods, or (none there) the node's IPs.
-fn is_host(cluster: &Cluster, ip: IpAddr, endpoint: &Pod) -> bool {
-    // A host-network pod has its node's address: the host at that node's pods only; at another node's
-    // pods it is an address like any outside the node.
-    let same_node = |p: &Pod| match (&p.node_name, &endpoint.node_name) {
-        (Some(a), Some(b)) => a == b,
-        _ => true,
-    };
-    let host_pods: Vec<&Pod> = cluster
-        .pods
-        .values()
-        .filter(|p| p.host_network && p.ips.contains(&ip))
-        .collect();
-    if !host_pods.is_empty() {
-        return host_pods.into_iter().any(same_node);
-    }
+/// Addresses of the node: its IPs and those of host-network pods.
+fn is_host(cluster: &Cluster, ip: IpAddr) -> bool {
     cluster.node_ips.contains(&ip)
+        || cluster
+            .pods
+            .values()
+            .any(|p| p.host_network && p.ips.contains(&ip))
 }
 
 fn peer_matches(cluster: &Cluster, policy: &NetworkPolicy, peer: &Peer, remote: IpAddr) -> bool {
@@ -131,7 +121,7 @@ pub fn reference_direction(
     direction: u8,
 ) -> bool {
     let ingress = direction == dir::INGRESS;
-    if ingress && is_host(cluster, src, endpoint) {
+    if ingress && is_host(cluster, src) {
         return true;
     }
     let remote = if ingress { src } else { dst };
