@@ -106,6 +106,16 @@ pub async fn ask(connect: &Connect, what: &Ask) -> Result<Explanation, Error> {
 
 /// Runs the command: prints the answer, returns what the exit status says.
 pub fn run(args: &ExplainArgs) -> Result<Outcome, Error> {
+    let x = answer(args)?;
+    match args.output {
+        Output::Table => print!("{}", render(&x)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&x)?),
+    }
+    Ok(Outcome::of(&x))
+}
+
+/// The agent's answer to `args`, not printed.
+pub fn answer(args: &ExplainArgs) -> Result<Explanation, Error> {
     let what = match (&args.flow, &args.from, &args.to) {
         (Some(id), _, _) => Ask::Flow(*id),
         (None, Some(from), Some(to)) => Ask::Query(Query::parse(from, to)?),
@@ -115,10 +125,5 @@ pub fn run(args: &ExplainArgs) -> Result<Outcome, Error> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let x = rt.block_on(ask(&args.connect, &what))?;
-    match args.output {
-        Output::Table => print!("{}", render(&x)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&x)?),
-    }
-    Ok(Outcome::of(&x))
+    rt.block_on(ask(&args.connect, &what))
 }

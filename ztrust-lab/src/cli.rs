@@ -204,6 +204,8 @@ pub enum CliError {
     },
     #[error(transparent)]
     Lab(#[from] super::Error),
+    #[error("a flow's ID is its node's agent's: say which node with --node")]
+    FlowNeedsNode,
     #[error("the lab has no node {node} (its nodes: {nodes})")]
     NoNode { node: String, nodes: String },
     #[error("this lab runs no agent (it was brought up with --no-agent)")]
@@ -515,9 +517,13 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                 }
                 Output::Json => {
                     let mut v = serde_json::to_value(&s)?;
-                    // By node: `kernel.<node>`.
+                    // One node: `kernel`; several: `kernel.<node>`.
                     for (node, k) in &kernel {
-                        v["kernel"][node] = serde_json::to_value(k)?;
+                        if s.nodes.len() == 1 {
+                            v["kernel"] = serde_json::to_value(k)?;
+                        } else {
+                            v["kernel"][node] = serde_json::to_value(k)?;
+                        }
                     }
                     println!("{}", serde_json::to_string_pretty(&v)?);
                 }
@@ -560,17 +566,38 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
             if asked.is_empty() {
                 asked.push(s.first_node().name.clone());
             }
+            if explain.flow.is_some() && node.is_none() && s.nodes.len() > 1 {
+                return Err(CliError::FlowNeedsNode);
+            }
             let mut worst = ztrust_agent::cli_explain::Outcome::Passes;
+            let mut answers = serde_json::Map::new();
             for (i, n) in asked.iter().enumerate() {
                 let connect = sockets(&s, Some(n))?.remove(0);
                 explain.connect.socket = connect.socket;
-                if asked.len() > 1 {
-                    println!("{}node {n}:", if i > 0 { "\n" } else { "" });
+                let x = ztrust_agent::cli_explain::answer(&explain)?;
+                match explain.output {
+                    ztrust_agent::cli_explain::Output::Json => {
+                        answers.insert(n.clone(), serde_json::to_value(&x)?);
+                    }
+                    _ => {
+                        if asked.len() > 1 {
+                            println!("{}node {n}:", if i > 0 { "\n" } else { "" });
+                        }
+                        print!("{}", ztrust_agent::explain::render(&x));
+                    }
                 }
-                let o = ztrust_agent::cli_explain::run(&explain)?;
+                let o = ztrust_agent::cli_explain::Outcome::of(&x);
                 if o.exit_code() > worst.exit_code() {
                     worst = o;
                 }
+            }
+            if explain.output == ztrust_agent::cli_explain::Output::Json {
+                // One document: the answer, or with several nodes each node's under its name.
+                let doc = match answers.len() {
+                    1 => answers.into_iter().next().map(|(_, v)| v).unwrap_or_default(),
+                    _ => serde_json::Value::Object(answers),
+                };
+                println!("{}", serde_json::to_string_pretty(&doc)?);
             }
             return explained(worst);
         }

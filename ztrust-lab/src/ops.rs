@@ -233,7 +233,10 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
             expected: "1 to 16",
         });
     }
-    for name in [&opts.if_prefix, &opts.ext_if_prefix] {
+    for name in [&opts.if_prefix, &opts.ext_if_prefix]
+        .into_iter()
+        .filter(|_| opts.nodes > 1)
+    {
         if name.starts_with(node::NODE_LINK) || node::NODE_LINK.starts_with(name.as_str()) {
             return Err(Error::BadArgument {
                 what: "interface prefix",
@@ -280,6 +283,7 @@ pub fn up(manifests: &Path, opts: UpOptions<'_>) -> Result<Report> {
         next_index: 1,
         next_node: 0,
         proxy_mode: opts.proxy_mode,
+        ..Default::default()
     };
     // Saved before anything exists, so that a crash half-way is cleaned up by the next `up` or `down`.
     state.save()?;

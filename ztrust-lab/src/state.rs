@@ -23,7 +23,16 @@ pub struct LabState {
     #[serde(alias = "agent_bin")]
     pub lab_bin: PathBuf,
     /// The nodes, at least one; the first is where external hosts attach.
+    #[serde(default)]
     pub nodes: Vec<NodeState>,
+    /// A one-node lab's state as it was written before there were nodes (read, never written):
+    /// [`LabState::load`] makes it the first node.
+    #[serde(default, rename = "node_netns", skip_serializing)]
+    pub(crate) legacy_node_netns: Option<String>,
+    #[serde(default, rename = "node_ips", skip_serializing)]
+    pub(crate) legacy_node_ips: Vec<IpAddr>,
+    #[serde(default, rename = "agent", skip_serializing)]
+    pub(crate) legacy_agent: Option<AgentState>,
     pub pods: Vec<PodState>,
     pub externals: Vec<ExternalState>,
     /// Interface/namespace numbers are never reused within a lab.
@@ -57,6 +66,7 @@ pub struct NodeState {
     /// Its own addresses, on its `lo`: the HOST identity at its pods, the source of what it sends.
     pub ips: Vec<IpAddr>,
     /// Its pod address block: `10.244.<block>.0/24` and `fd00:10:244:<block>::/64`.
+    #[serde(default)]
     pub block: u8,
     /// The agent the lab started in the node's namespace, if any.
     #[serde(default)]
@@ -86,6 +96,7 @@ pub struct PodState {
     pub ports: Vec<ContainerPort>,
     pub host_network: bool,
     /// The node it runs on ([`NodeState::name`]).
+    #[serde(default)]
     pub node: String,
     /// The pod's own network namespace; for a hostNetwork pod, the node's.
     pub netns: String,
@@ -136,9 +147,29 @@ impl LabState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| Error::State { file: path, source })
+        let mut state: Self =
+            serde_json::from_str(&text).map_err(|source| Error::State { file: path, source })?;
+        state.migrate();
+        Ok(Some(state))
+    }
+
+    /// A state written before there were nodes: its node, agent and pods on the one node.
+    fn migrate(&mut self) {
+        if self.nodes.is_empty()
+            && let Some(name) = self.legacy_node_netns.take()
+        {
+            self.nodes.push(NodeState {
+                name,
+                ips: std::mem::take(&mut self.legacy_node_ips),
+                block: 0,
+                agent: self.legacy_agent.take(),
+            });
+        }
+        if let Some(first) = self.nodes.first().map(|n| n.name.clone()) {
+            for p in self.pods.iter_mut().filter(|p| p.node.is_empty()) {
+                p.node = first.clone();
+            }
+        }
     }
 
     pub fn load_running(state_dir: &Path) -> Result<Self> {

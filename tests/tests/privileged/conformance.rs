@@ -531,13 +531,15 @@ impl Lab {
             .collect()
     }
 
-    /// After a change: the lab has waited for the agents to compile; this also waits until each agent
-    /// has logged `synced` (its maps written) after the last `policy compiled` since its log offset in
-    /// `from`, or has logged nothing for 300 ms after it (a change that wrote nothing in its maps, such
-    /// as another node's pods, is not followed by `synced`).
+    /// After a change: the lab has waited for the agents to compile; this also waits (up to 3 s each)
+    /// until each agent has logged `synced` (its maps written) after the last `policy compiled` since its
+    /// log offset in `from`. Over several nodes, an agent whose maps the change did not touch logs no
+    /// `synced`: there, 300 ms without a line after the compile is done too (the sync follows the compile
+    /// in the same pass of the agent's loop).
     fn wait_synced(&self, from: Vec<u64>) {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let several = self.state().nodes.len() > 1;
         for (log, from) in self.agent_logs().iter().zip(from) {
+            let deadline = Instant::now() + Duration::from_secs(3);
             let mut quiet_since = (0usize, Instant::now());
             while Instant::now() < deadline {
                 let text = std::fs::read(log).unwrap_or_default();
@@ -549,7 +551,7 @@ impl Lab {
                 match fresh.rfind("policy compiled") {
                     None => break,
                     Some(i) if fresh[i..].contains("synced") => break,
-                    Some(_) if quiet_since.1.elapsed() >= Duration::from_millis(300) => break,
+                    Some(_) if several && quiet_since.1.elapsed() >= Duration::from_millis(300) => break,
                     Some(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
             }

@@ -485,6 +485,7 @@ fn every_denied_flow_of_three_nodes_reaches_one_collector_once_with_its_node() {
             "{node}: its exported flows, with its name"
         );
         let log = logged(flow_log);
+        assert_eq!(log.len() as u64, a.0, "{node}: one line per flow in the flow log");
         let denied: Vec<&String> = log[b.0 as usize..]
             .iter()
             .filter(|l| l.contains("DROPPED"))

@@ -103,9 +103,40 @@ fn up_refuses_a_number_of_nodes_it_cannot_make() {
         Path::new("/nonexistent"),
         UpOptions {
             if_prefix: "tonode".into(),
+            nodes: 2,
             ..Default::default()
         },
     )
     .unwrap_err();
     assert!(err.to_string().contains("tonode"), "{err}");
+}
+
+#[test]
+fn a_state_of_before_nodes_is_read_as_one_node() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("state.json"),
+        r#"{"state_dir": "/run/ztrust/lab", "prefix": "old", "if_prefix": "ztl", "ext_if_prefix": "ztx",
+            "lab_bin": "/bin/ztrust-lab", "node_netns": "old-node", "node_ips": ["10.244.0.1"],
+            "pods": [{"namespace": "a", "name": "p", "labels": {}, "ips": ["10.244.0.10"], "ports": [],
+                      "host_network": false, "netns": "old-p1", "host_if": "ztl1", "index": 1,
+                      "server_pid": null}],
+            "externals": [], "next_index": 2,
+            "agent": {"pid": 1, "pin_dir": "/sys/fs/bpf/custom", "socket": "/s", "flow_log": "/f", "log": "/l"}}"#,
+    )
+    .unwrap();
+    let s = LabState::load(dir.path()).unwrap().unwrap();
+    assert_eq!(s.nodes.len(), 1);
+    assert_eq!(s.first_node().name, "old-node");
+    assert_eq!(
+        s.first_node().agent.as_ref().unwrap().pin_dir,
+        Path::new("/sys/fs/bpf/custom")
+    );
+    assert_eq!(s.pods[0].node, "old-node");
+    // Written again, it is a state of nodes.
+    let text = serde_json::to_string(&s).unwrap();
+    assert!(
+        text.contains("\"nodes\"") && !text.contains("node_netns"),
+        "{text}"
+    );
 }

@@ -382,24 +382,39 @@ pub fn flow_in_log(
     what: &str,
     wanted: impl Fn(&serde_json::Value) -> bool,
 ) -> (serde_json::Value, Vec<serde_json::Value>) {
+    flow_in_log_after(path, 0, what, wanted)
+}
+
+/// [`flow_in_log`] among the flows after the first `skip` of the log.
+pub fn flow_in_log_after(
+    path: &Path,
+    skip: usize,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> (serde_json::Value, Vec<serde_json::Value>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let flows: Vec<serde_json::Value> = std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect();
-        if let Some(f) = flows.iter().find(|f| wanted(f)) {
+        let flows = flow_log(path);
+        if let Some(f) = flows.iter().skip(skip).find(|f| wanted(f)) {
             return (f.clone(), flows);
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "{what}: not in the flow log {} within 10 s ({} flows there)",
+            "{what}: not in the flow log {} within 10 s ({} flows there, {skip} before)",
             path.display(),
             flows.len()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The agent's flow log as it is now, each flow as JSON.
+pub fn flow_log(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// The `ztrust-agent` binary the end-to-end tests run: `ZTRUST_AGENT_BIN` (`cargo xtask test` sets it
