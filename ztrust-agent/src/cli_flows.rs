@@ -491,54 +491,7 @@ pub fn run(args: &FlowsArgs) -> Result<()> {
     if let Some(path) = &args.flow_log {
         return run_file(args, &req, path);
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let mut client = args.connect.client().await?;
-        let mut stream = client.get_flows(req).await?.into_inner();
-        let mut printer = Printer::new(args.output).with_ids();
-        let stdout = std::io::stdout();
-        if !args.follow {
-            // Size the table to the whole answer before printing it.
-            let mut flows = Vec::new();
-            while let Some(r) = stream.next().await {
-                match r?.response_types {
-                    Some(get_flows_response::ResponseTypes::Flow(f)) => {
-                        flows.push(((f.id != 0).then_some(f.id), convert::flow_from_proto(&f)))
-                    }
-                    Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
-                    None => {}
-                }
-            }
-            if let Some(max) = flows.iter().filter_map(|(id, _)| *id).max() {
-                printer.id_width = printer.id_width.max(max.to_string().len());
-            }
-            let (ids, flows): (Vec<Option<u64>>, Vec<Flow>) = flows.into_iter().unzip();
-            printer.fit(&flows);
-            let mut out = stdout.lock();
-            for (f, id) in flows.iter().zip(ids) {
-                printer.flow(&mut out, f, id)?;
-            }
-            return printer.finish(&mut out);
-        }
-        while let Some(r) = stream.next().await {
-            match r?.response_types {
-                Some(get_flows_response::ResponseTypes::Flow(f)) => {
-                    let mut out = stdout.lock();
-                    printer.flow(
-                        &mut out,
-                        &convert::flow_from_proto(&f),
-                        (f.id != 0).then_some(f.id),
-                    )?;
-                    out.flush()?;
-                }
-                Some(get_flows_response::ResponseTypes::LostEvents(l)) => report_lost(&l),
-                None => {}
-            }
-        }
-        printer.finish(&mut stdout.lock())
-    })
+    nodes::stream(args, &req, std::slice::from_ref(&args.connect))
 }
 
 /// The flow log instead of the agent: same request, applied here.

@@ -3,7 +3,7 @@
 
 use futures::StreamExt as _;
 
-use super::{Connect, FlowsArgs, Printer, Result, convert, get_flows_response, report_lost};
+use super::{Connect, FlowsArgs, GetFlowsRequest, Printer, Result, convert, get_flows_response, report_lost};
 use crate::flows::Flow;
 
 /// Asks every agent of `nodes` the same question and prints their flows together: a NODE column (the
@@ -11,26 +11,26 @@ use crate::flows::Flow;
 /// `--follow`, the answers merged by time (`--last N`: the last N of all); with it, flows as they come
 /// from any node. With one node, exactly what [`super::run`] prints.
 pub fn run_nodes(args: &FlowsArgs, nodes: &[Connect]) -> Result<()> {
-    if let [one] = nodes {
-        let mut args = args.clone();
-        args.connect = one.clone();
-        return super::run(&args);
-    }
-    let req = args.request()?;
+    stream(args, &args.request()?, nodes)
+}
+
+/// `req` asked of every agent of `connects`, the answers printed (a NODE column with more than one).
+pub(super) fn stream(args: &FlowsArgs, req: &GetFlowsRequest, connects: &[Connect]) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let mut streams = Vec::new();
-        for c in nodes {
+        for c in connects {
             let mut client = c.client().await?;
             streams.push(client.get_flows(req.clone()).await?.into_inner());
         }
         let mut printer = Printer::new(args.output).with_ids();
-        printer.nodes = true;
+        printer.nodes = connects.len() > 1;
         let stdout = std::io::stdout();
         let mut merged = futures::stream::select_all(streams);
         if !args.follow {
+            // Size the table to the whole answer before printing it.
             let mut flows: Vec<(Option<u64>, Flow)> = Vec::new();
             while let Some(r) = merged.next().await {
                 match r?.response_types {
@@ -41,6 +41,7 @@ pub fn run_nodes(args: &FlowsArgs, nodes: &[Connect]) -> Result<()> {
                     None => {}
                 }
             }
+            // Each agent's answer is in time order; several are merged (a stable sort keeps one's).
             flows.sort_by_key(|(_, f)| f.time);
             if req.number > 0 {
                 let skip = flows
