@@ -152,8 +152,8 @@ pub enum LabCommand {
     Explain {
         #[command(flatten)]
         state: StateDir,
-        /// Ask only this node's agent (with `--flow ID`: the node whose agent numbered the flow; default
-        /// the first node).
+        /// Ask only this node's agent (with `--flow ID` in a lab of several nodes, required: the node
+        /// whose agent numbered the flow).
         #[arg(long)]
         node: Option<String>,
         #[command(flatten)]
@@ -592,10 +592,11 @@ pub fn run(cmd: LabCommand) -> Result<(), CliError> {
                 }
             }
             if explain.output == ztrust_agent::cli_explain::Output::Json {
-                // One document: the answer, or with several nodes each node's under its name.
-                let doc = match answers.len() {
-                    1 => answers.into_iter().next().map(|(_, v)| v).unwrap_or_default(),
-                    _ => serde_json::Value::Object(answers),
+                // One document: the answer; in a lab of several nodes, each asked node's under its name.
+                let doc = if s.nodes.len() == 1 {
+                    answers.into_iter().next().map(|(_, v)| v).unwrap_or_default()
+                } else {
+                    serde_json::Value::Object(answers)
                 };
                 println!("{}", serde_json::to_string_pretty(&doc)?);
             }

@@ -147,9 +147,17 @@ impl LabState {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(format!("reading {}", path.display()))(e)),
         };
-        let mut state: Self =
-            serde_json::from_str(&text).map_err(|source| Error::State { file: path, source })?;
+        let mut state: Self = serde_json::from_str(&text).map_err(|source| Error::State {
+            file: path.clone(),
+            source,
+        })?;
         state.migrate();
+        if state.nodes.is_empty() {
+            return Err(Error::State {
+                file: path,
+                source: serde::de::Error::custom("no nodes"),
+            });
+        }
         Ok(Some(state))
     }
 

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use crate::common::payments::{PaymentsLab, connects, payments};
-use crate::common::{agent_bin, flow_in_log, require_root};
+use crate::common::{agent_bin, flow_in_log, flow_log, require_root};
 use ztrust_agent::model::Protocol;
 use ztrust_lab::{self as lab, LabelChange, LabelKind, ProbeOptions, ProxyMode, Verdict};
 
@@ -19,6 +19,46 @@ fn three_nodes(tag: &str) -> PaymentsLab {
         ProxyMode::default(),
         3,
     )
+}
+
+/// Tries a TCP connection from `netns` to `dst` until it is set up (`want`) or refused, within 10 s:
+/// `apply` and `label` return once every agent has compiled, and a node's kernel maps follow a moment
+/// later.
+fn until_connects(netns: &str, dst: SocketAddr, want: bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let timeout = Duration::from_millis(if want { 2000 } else { 500 });
+    while connects(netns, dst, timeout) != want {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Tries (within 10 s) a connection from `netns` to `dst`, which must fail every time, until the flow log
+/// at `log` has, after its first `skip` flows, a flow `wanted` accepts; returns it.
+fn refused_until_logged(
+    netns: &str,
+    dst: SocketAddr,
+    log: &std::path::Path,
+    skip: usize,
+    what: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            !connects(netns, dst, Duration::from_millis(500)),
+            "{what}: the connection went through"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(f) = flow_log(log).into_iter().skip(skip).find(|f| wanted(f)) {
+            return f;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: no such flow in {}",
+            log.display()
+        );
+    }
 }
 
 fn v4(lab: &PaymentsLab, pod: &str) -> IpAddr {
@@ -112,9 +152,12 @@ fn three_nodes_enforce_the_payments_matrix_and_judge_across_nodes_at_both_ends()
     lab.apply(&open);
     let database = SocketAddr::new(v4(&lab, "database"), 5432);
     let frontend_netns = lab.pod("frontend").netns;
-    assert!(!connects(&frontend_netns, database, Duration::from_millis(500)));
-    let (ingress_drop, _) = flow_in_log(
+    // Until the frontend's node has opened its egress, an attempt is dropped there: tried again.
+    let ingress_drop = refused_until_logged(
+        &frontend_netns,
+        database,
         &db_log,
+        0,
         "frontend → database dropped at the database's ingress",
         |f| {
             f["verdict"] == "dropped"
@@ -164,12 +207,17 @@ fn a_label_changed_on_one_node_reaches_another_nodes_verdicts() {
         .unwrap()
     };
     relabel("intruder");
-    assert!(
-        !connects(&frontend_netns, backend, Duration::from_millis(500)),
-        "the relabelled frontend no longer reaches the backend"
+    until_connects(
+        &frontend_netns,
+        backend,
+        false,
+        "the relabelled frontend still reaches the backend",
     );
-    let (drop, _) = flow_in_log(
+    let drop = refused_until_logged(
+        &frontend_netns,
+        backend,
         &backend_log,
+        0,
         "the relabelled frontend dropped at the backend's ingress",
         |f| {
             f["verdict"] == "dropped"
@@ -181,9 +229,11 @@ fn a_label_changed_on_one_node_reaches_another_nodes_verdicts() {
     );
     assert_eq!(drop["node"], backend_node.as_str(), "{drop}");
     relabel("frontend");
-    assert!(
-        connects(&frontend_netns, backend, Duration::from_secs(2)),
-        "labelled back, the frontend reaches the backend again"
+    until_connects(
+        &frontend_netns,
+        backend,
+        true,
+        "labelled back, the frontend does not reach the backend again",
     );
 }
 
@@ -220,26 +270,29 @@ fn a_remote_node_is_not_from_host() {
         ),
     )
     .unwrap();
-    lab.apply(&exporter);
-    assert_eq!(lab.pod("node-exporter").node, remote);
-    assert!(
-        !connects(&remote, database, Duration::from_millis(500)),
-        "a host-network pod of {remote} is not let in as the host"
-    );
     let db_log = lab
         .state
         .node(&db_node)
         .and_then(|n| n.agent.clone())
         .unwrap()
         .flow_log;
+    let before = flow_log(&db_log).len();
+    lab.apply(&exporter);
+    assert_eq!(lab.pod("node-exporter").node, remote);
+    // Tried until the database's node judges the remote address as the host identity (the pod's, in
+    // its ipcache), and dropped all the same: the kernel lets only the node's own packets in as the host.
     let remote_ip = lab.state.node(&remote).unwrap().ips[0];
-    let (drop, _) = flow_in_log(
+    let drop = refused_until_logged(
+        &remote,
+        database,
         &db_log,
-        "the remote node's connection dropped at the database",
+        before,
+        &format!("a host-network pod of {remote}, let in as the host"),
         |f| {
             f["verdict"] == "dropped"
                 && f["endpoint"] == "payments/database"
                 && f["source"]["ip"] == remote_ip.to_string()
+                && f["source"]["identity"] == ztrust_common::identity::HOST
         },
     );
     assert_eq!(drop["reason"], "policy-denied", "{drop}");

@@ -9,7 +9,7 @@ use crate::flows::Flow;
 /// Asks every agent of `nodes` the same question and prints their flows together: a NODE column (the
 /// compact line starts with the node); the JSON outputs carry `node` as every flow does. Without
 /// `--follow`, the answers merged by time (`--last N`: the last N of all); with it, flows as they come
-/// from any node. With one node, exactly what [`super::run`] prints.
+/// from any node. With one node, what [`super::run`] prints of an agent.
 pub fn run_nodes(args: &FlowsArgs, nodes: &[Connect]) -> Result<()> {
     stream(args, &args.request()?, nodes)
 }
@@ -41,8 +41,10 @@ pub(super) fn stream(args: &FlowsArgs, req: &GetFlowsRequest, connects: &[Connec
                     None => {}
                 }
             }
-            // Each agent's answer is in time order; several are merged (a stable sort keeps one's).
-            flows.sort_by_key(|(_, f)| f.time);
+            // Several agents' answers merged by time (one agent's is printed in its own order).
+            if connects.len() > 1 {
+                flows.sort_by_key(|(_, f)| f.time);
+            }
             if req.number > 0 {
                 let skip = flows
                     .len()

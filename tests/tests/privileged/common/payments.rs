@@ -75,7 +75,7 @@ impl PaymentsLab {
     }
 
     pub fn apply(&mut self, path: &Path) {
-        lab::apply(
+        let report = lab::apply(
             path,
             ApplyOptions {
                 state_dir: self.state_dir.clone(),
@@ -83,6 +83,9 @@ impl PaymentsLab {
             },
         )
         .expect("lab apply");
+        for w in &report.warnings {
+            eprintln!("lab apply {}: {w}", path.display());
+        }
         self.state = lab::status(&self.state_dir).expect("lab status");
     }
 
