@@ -1,6 +1,7 @@
 //! NetworkPolicy v1 conformance through the real datapath: the cases under `tests/conformance/cases/`
 //! (data, not code: see `tests/conformance/README.md`) are applied one after another to ONE lab (the
-//! model of `tests/conformance/cluster.yaml`, the real agent attached in its node namespace), and after
+//! model of `tests/conformance/cluster.yaml`, the real agent attached in its node namespace; a second run
+//! spreads the pods over three nodes, an agent in each), and after
 //! each case and step every pod probes every pod on 80 and 81, TCP and UDP; the matrix must be the one the
 //! case's expectation (written by hand from the API rules) describes.
 //!
