@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 use opentelemetry::logs::{AnyValue, LogRecord as _, Logger as _, LoggerProvider as _, Severity};
 use opentelemetry::metrics::MeterProvider as _;
 use opentelemetry::{InstrumentationScope, Key, KeyValue};
-use opentelemetry_otlp::{RetryPolicy, WithExportConfig as _, WithTonicConfig as _};
+use opentelemetry_otlp::{RetryPolicy, WithExportConfig, WithTonicConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::logs::{LogBatch, LogExporter as _, SdkLogRecord, SdkLogger, SdkLoggerProvider};
 use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
@@ -122,14 +122,12 @@ pub fn export_flows(
     hub: Arc<Hub>,
     opts: OtlpOptions,
 ) -> Result<impl std::future::Future<Output = ()> + Send + 'static, Error> {
-    let mut exporter = opentelemetry_otlp::LogExporter::builder()
-        .with_tonic()
-        .with_endpoint(opts.endpoint.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        // Once: a request the collector took but did not answer would arrive twice if sent again.
-        .with_retry_policy(RetryPolicy::disabled())
-        .build()
-        .map_err(exporter_error(&opts.endpoint))?;
+    let mut exporter = to_collector(
+        opentelemetry_otlp::LogExporter::builder().with_tonic(),
+        &opts.endpoint,
+    )
+    .build()
+    .map_err(exporter_error(&opts.endpoint))?;
     exporter.set_resource(&resource(&opts.node));
     let sub = hub.flows.subscribe(true).subscription;
     hub.set_otlp_endpoint(opts.endpoint.clone());
@@ -197,6 +195,15 @@ async fn run_flows(
     }
 }
 
+/// An OTLP/gRPC exporter's builder (logs or metrics) set for `endpoint`: [`EXPORT_TIMEOUT`] per request,
+/// sent once (a request the collector took but did not answer would arrive twice if sent again).
+fn to_collector<B: WithExportConfig + WithTonicConfig>(builder: B, endpoint: &str) -> B {
+    builder
+        .with_endpoint(endpoint)
+        .with_timeout(EXPORT_TIMEOUT)
+        .with_retry_policy(RetryPolicy::disabled())
+}
+
 /// The kernel's packet counters as OTLP metrics, pushed every `opts.metrics_interval` on the SDK's
 /// reader thread: `ztrust.datapath.packets` and `ztrust.datapath.bytes`, cumulative sums with the
 /// labels of `ztrust_datapath_packets_total` as attributes named as the flows' are (`ztrust.verdict`,
@@ -207,13 +214,12 @@ pub fn export_metrics(
     metrics: Arc<crate::metrics::Metrics>,
     opts: &OtlpOptions,
 ) -> Result<SdkMeterProvider, Error> {
-    let exporter = opentelemetry_otlp::MetricExporter::builder()
-        .with_tonic()
-        .with_endpoint(opts.endpoint.clone())
-        .with_timeout(EXPORT_TIMEOUT)
-        .with_retry_policy(RetryPolicy::disabled())
-        .build()
-        .map_err(exporter_error(&opts.endpoint))?;
+    let exporter = to_collector(
+        opentelemetry_otlp::MetricExporter::builder().with_tonic(),
+        &opts.endpoint,
+    )
+    .build()
+    .map_err(exporter_error(&opts.endpoint))?;
     let reader = PeriodicReader::builder(exporter)
         .with_interval(opts.metrics_interval)
         .build();

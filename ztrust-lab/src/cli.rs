@@ -307,12 +307,7 @@ fn sockets(
     {
         return Err(CliError::NoNode {
             node: n.to_owned(),
-            nodes: s
-                .nodes
-                .iter()
-                .map(|n| n.name.clone())
-                .collect::<Vec<_>>()
-                .join(", "),
+            nodes: s.node_names(),
         });
     }
     let out: Vec<_> = s

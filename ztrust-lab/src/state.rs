@@ -204,6 +204,15 @@ impl LabState {
         self.node(&pod.node).unwrap_or_else(|| self.first_node())
     }
 
+    /// The nodes' names, as errors list them (`a, b, c`).
+    pub fn node_names(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The nodes' agents, with their nodes.
     pub fn agents(&self) -> impl Iterator<Item = (&NodeState, &AgentState)> {
         self.nodes.iter().filter_map(|n| n.agent.as_ref().map(|a| (n, a)))

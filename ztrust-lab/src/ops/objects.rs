@@ -116,12 +116,7 @@ pub(super) fn add_objects(
                                 object: obj.display(),
                                 conflict: Conflict::UnknownNode {
                                     node: name.clone(),
-                                    nodes: state
-                                        .nodes
-                                        .iter()
-                                        .map(|n| n.name.as_str())
-                                        .collect::<Vec<_>>()
-                                        .join(", "),
+                                    nodes: state.node_names(),
                                 },
                             }
                         })?,
